@@ -1,0 +1,56 @@
+"""Atomic outputs: write to a temporary sibling, rename when complete, never clobber silently."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from moeguard.errors import MoeguardError
+
+
+def check_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Fail before any work if ``path`` exists and may not be replaced."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise MoeguardError(f"output {path} already exists", hint="choose another path or pass --overwrite")
+    if not path.parent.exists():
+        raise MoeguardError(f"output folder {path.parent} does not exist", hint=f"create it: mkdir -p {path.parent}")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``path`` only if the block completes."""
+    path = check_output(path, overwrite=overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True) -> Path:
+    path = check_output(path, overwrite=overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,258 @@
+"""Everything that hooks into a live model lives here, and everything is undone in ``finally``.
+
+- :class:`RoutingCapture` records routing statistics while the model runs (REAP-style: hooks on
+  the routers, statistics reduced as they stream so memory does not grow with tokens).
+- :func:`mask_experts` makes routers route only among kept experts without touching weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.routing import pruned_router_params, route_module, router_logits
+
+
+@dataclass
+class LayerStats:
+    """Per-expert sums over the valid (non-padding) tokens one MoE layer saw."""
+
+    layer: int
+    tokens: int = 0
+    counts: torch.Tensor = None           # [E] routing slots received
+    gate_mass: torch.Tensor = None        # [E] sum of the (normalized) top-k gate weights
+    prob_mass: torch.Tensor = None        # [E] sum of the router's full score distribution
+    norm_sum: torch.Tensor | None = None  # [E] sum of ||expert output|| over routed tokens
+    weighted_norm_sum: torch.Tensor | None = None  # [E] sum of gate x ||expert output||
+
+    def to_dict(self) -> dict:
+        out = {"layer": self.layer, "tokens": self.tokens}
+        for name in ("counts", "gate_mass", "prob_mass", "norm_sum", "weighted_norm_sum"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.tolist()
+        return out
+
+
+@dataclass
+class RoutingStats:
+    layers: list[LayerStats]
+    num_experts: int
+    top_k: int
+    # one [num_moe_layers, E] routing histogram (share of the sample's slots) per sample, on request
+    per_sample: list[torch.Tensor] = field(default_factory=list)
+
+    def frequency(self) -> torch.Tensor:
+        """[L, E] share of routing slots each expert received (rows sum to 1)."""
+        counts = torch.stack([l.counts for l in self.layers])
+        return counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+
+    def to_dict(self) -> dict:
+        return {"num_experts": self.num_experts, "top_k": self.top_k,
+                "layers": [l.to_dict() for l in self.layers]}
+
+
+class RoutingCapture(contextlib.AbstractContextManager):
+    """Record routing of every MoE layer while the model runs inside the ``with`` block.
+
+    ``norms=True`` also runs each expert on its own tokens to record its output norm (the
+    experts' forward is replaced by an equivalent per-expert dispatch through transformers'
+    own implementation, so nothing is computed twice). ``per_sample=True`` keeps one routing
+    histogram per batch row, in the order samples were seen. Padding (attention_mask == 0) is
+    excluded throughout.
+    """
+
+    def __init__(self, model: nn.Module, *, norms: bool = False, per_sample: bool = False,
+                 adapter: MoEAdapter | None = None):
+        self.adapter = adapter or MoEAdapter(model)
+        self.model = model
+        self.norms = norms
+        self.per_sample = per_sample
+        self._handles: list = []
+        self._patched: list[tuple[nn.Module, object]] = []
+        self._valid: torch.Tensor | None = None   # [B*T] bool for the current forward
+        self._batch_shape: tuple[int, int] | None = None
+        self._sample_counts: torch.Tensor | None = None
+        E = self.adapter.num_experts
+        self.stats = RoutingStats(
+            layers=[LayerStats(layer=l.index, counts=torch.zeros(E, dtype=torch.float64),
+                               gate_mass=torch.zeros(E, dtype=torch.float64),
+                               prob_mass=torch.zeros(E, dtype=torch.float64),
+                               norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None,
+                               weighted_norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None)
+                    for l in self.adapter.layers],
+            num_experts=E, top_k=self.adapter.top_k)
+
+    # -- model-level hook: learn which flattened tokens are padding -------------------------
+    def _model_pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            self._valid = None
+            return
+        B, T = ref.shape[0], ref.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            valid = torch.ones(B, T, dtype=torch.bool, device=ref.device)
+        else:
+            valid = mask[:, -T:].bool()  # with a KV cache the mask covers past tokens too
+        self._batch_shape = (B, T)
+        self._valid = valid.reshape(-1)
+        if self.per_sample:
+            self._sample_counts = torch.zeros(B, len(self.stats.layers), self.stats.num_experts, dtype=torch.float64)
+
+    def _model_post_hook(self, module, args, kwargs, output):
+        if self.per_sample and self._sample_counts is not None:
+            c = self._sample_counts
+            self.stats.per_sample.extend(list(c / c.sum(dim=-1, keepdim=True).clamp_min(1)))
+            self._sample_counts = None
+
+    def _valid_for(self, n: int, device) -> torch.Tensor:
+        if self._valid is None or self._valid.numel() != n:
+            return torch.ones(n, dtype=torch.bool, device=device)
+        return self._valid.to(device)
+
+    # -- router hook -------------------------------------------------------------------------
+    def _router_hook(self, slot: int):
+        stats = self.stats.layers[slot]
+        spec = self.adapter.family.routing
+
+        def hook(module, args, output):
+            logits, weights, idx = output[0], output[1], output[2]
+            with torch.no_grad():
+                valid = self._valid_for(idx.shape[0], idx.device)
+                sel, w = idx[valid], weights[valid].float()
+                E = stats.counts.numel()
+                stats.tokens += int(valid.sum())
+                stats.counts += torch.bincount(sel.reshape(-1), minlength=E).double().cpu()
+                stats.gate_mass += torch.zeros(E, device=w.device).index_add_(0, sel.reshape(-1), w.reshape(-1)).double().cpu()
+                lv = logits[valid].float()
+                probs = lv.sigmoid() if spec.score == "sigmoid" else torch.softmax(lv, dim=-1)
+                stats.prob_mass += probs.sum(0).double().cpu()
+                if self.per_sample and self._sample_counts is not None and self._batch_shape is not None:
+                    B, T = self._batch_shape
+                    if idx.shape[0] == B * T:
+                        onehot = torch.zeros(idx.shape[0], E, device=idx.device).scatter_add_(
+                            1, idx, torch.ones_like(idx, dtype=torch.float))
+                        onehot = onehot * valid[:, None]
+                        self._sample_counts[:, slot] += onehot.view(B, T, E).sum(1).double().cpu()
+        return hook
+
+    # -- experts patch (norms) ----------------------------------------------------------------
+    def _experts_forward(self, slot: int, original):
+        stats = self.stats.layers[slot]
+
+        def forward(hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            valid = self._valid_for(hidden_states.shape[0], hidden_states.device)
+            for e in torch.unique(top_k_index).tolist():
+                tok, pos = torch.where(top_k_index == e)
+                one_idx = torch.full((tok.numel(), 1), e, dtype=top_k_index.dtype, device=tok.device)
+                ones = torch.ones((tok.numel(), 1), dtype=top_k_weights.dtype, device=tok.device)
+                y = original(hidden_states[tok], one_idx, ones)  # expert e's unweighted output
+                w = top_k_weights[tok, pos]
+                with torch.no_grad():
+                    norm = y.float().norm(dim=-1) * valid[tok]
+                    stats.norm_sum[e] += float(norm.sum())
+                    stats.weighted_norm_sum[e] += float((norm * w.float()).sum())
+                out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
+            return out
+        return forward
+
+    def __enter__(self) -> "RoutingCapture":
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
+            for slot, layer in enumerate(self.adapter.layers):
+                self._handles.append(layer.router.register_forward_hook(self._router_hook(slot)))
+                if self.norms:
+                    original = layer.experts.forward
+                    self._patched.append((layer.experts, original))
+                    layer.experts.forward = self._experts_forward(slot, original)
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for module, _ in self._patched:
+            module.__dict__.pop("forward", None)  # back to the class's forward
+        self._patched.clear()
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+
+def normalize_keep(adapter: MoEAdapter, keep: Mapping) -> dict[int, list[int]]:
+    """Validate a keep map {layer index: expert indices}; layers not named keep every expert."""
+    out: dict[int, list[int]] = {}
+    by_index = {l.index: l for l in adapter.layers}
+    for key, experts in keep.items():
+        try:
+            li = int(key)
+        except (TypeError, ValueError):
+            raise MoeguardError(f"keep map has layer key {key!r}", hint="use decoder-layer indices") from None
+        if li not in by_index:
+            raise MoeguardError(f"keep map names layer {li}, which is not an MoE layer",
+                                hint=f"MoE layers are {sorted(by_index)}")
+        layer = by_index[li]
+        kept = sorted({int(e) for e in experts})
+        if len(kept) != len(list(experts)):
+            raise MoeguardError(f"layer {li}: keep list {list(experts)} repeats an expert", hint="list each expert once")
+        bad = [e for e in kept if not 0 <= e < layer.num_experts]
+        if bad:
+            raise MoeguardError(f"layer {li}: experts {bad} do not exist",
+                                hint=f"expert indices run from 0 to {layer.num_experts - 1}")
+        if len(kept) < adapter.family.min_experts:
+            raise MoeguardError(
+                f"layer {li}: keeping {len(kept)} expert(s) leaves no valid {adapter.family.name} router",
+                hint=f"keep at least {adapter.family.min_experts} experts per layer for this family")
+        out[li] = kept
+    for layer in adapter.layers:
+        out.setdefault(layer.index, list(range(layer.num_experts)))
+    return out
+
+
+@contextlib.contextmanager
+def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None = None) -> Iterator[MoEAdapter]:
+    """Route only among ``keep[layer]`` experts inside the block; weights are not touched.
+
+    The router computes exactly what the physically pruned model's router computes (same
+    clamped top-k, same group handling), then maps indices back to original expert ids.
+    """
+    adapter = adapter or MoEAdapter(model)
+    keep = normalize_keep(adapter, keep)
+    spec = adapter.family.routing
+    patched = []
+    try:
+        for layer in adapter.layers:
+            kept = keep[layer.index]
+            if len(kept) == layer.num_experts:
+                continue
+            params = pruned_router_params(adapter.family, adapter.config, kept, layer.num_experts)
+            router = layer.router
+            kept_t = torch.tensor(kept, device=router.weight.device)
+
+            def forward(hidden_states, _router=router, _kept=kept_t, _params=params):
+                logits = router_logits(_router, hidden_states)
+                weights, sub_idx = route_module(_router, logits, spec, _params, kept=_kept)
+                masked = torch.full_like(logits, float("-inf"))
+                masked[:, _kept] = logits[:, _kept]
+                return masked, weights, _kept[sub_idx]
+
+            router.forward = forward
+            patched.append(router)
+        yield adapter
+    finally:
+        for router in patched:
+            router.__dict__.pop("forward", None)

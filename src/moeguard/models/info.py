@@ -1,0 +1,16 @@
+"""`moeguard info`: a model's MoE facts without reading its weights."""
+
+from __future__ import annotations
+
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.loading import inspect, meta_model
+
+
+def model_info(ref: str | None) -> dict:
+    model_ref, config, family = inspect(ref)
+    adapter = MoEAdapter(meta_model(config), family=family)
+    out = adapter.describe()
+    out["name"] = model_ref.name
+    out["path"] = str(model_ref.path) if model_ref.path else None
+    out["hub_id"] = model_ref.hub_id
+    return out

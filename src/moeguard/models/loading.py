@@ -1,0 +1,141 @@
+"""Resolve and load a model: the embedded default, a local directory, or a hub id.
+
+Everything that can fail cheaply (path, config, family, weight files and their integrity) is
+checked before weights are read. Weights are read only from safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeguard.errors import MoeguardError
+from moeguard.models.families import FamilySpec, family_for_config
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "zoo" / "embedded"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str            # what the user passed (or "embedded")
+    path: Path | None    # local directory, or None for a hub id not yet downloaded
+    hub_id: str | None
+
+
+def resolve(ref: str | None) -> ModelRef:
+    if ref in (None, "", "embedded"):
+        if not (EMBEDDED_MODEL_DIR / "config.json").exists():
+            raise MoeguardError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}",
+                                hint="rebuild it with `moeguard zoo train` or reinstall moeguard")
+        return ModelRef("embedded", EMBEDDED_MODEL_DIR, None)
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise MoeguardError(f"--model {ref} is a file", hint="pass the checkpoint directory holding config.json")
+        return ModelRef(ref, p.resolve(), None)
+    looks_like_path = ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").split("/", 1)[-1] or ref.count("/") != 1
+    if looks_like_path:
+        raise MoeguardError(f"model path {ref} does not exist",
+                            hint="pass an existing checkpoint directory or a hub id like org/name")
+    return ModelRef(ref, None, ref)
+
+
+def load_config(ref: ModelRef):
+    from transformers import AutoConfig
+
+    if ref.path is not None and not (ref.path / "config.json").exists():
+        raise MoeguardError(f"{ref.path} has no config.json", hint="pass a Hugging Face checkpoint directory")
+    try:
+        return AutoConfig.from_pretrained(str(ref.path or ref.hub_id))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        where = ref.path or ref.hub_id
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoeguardError(f"cannot read the config of {where}: {first}",
+                            hint="check the path, or log in / go online for a hub id (`hf auth login`)") from None
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError):
+            raise MoeguardError(f"{index} is not a valid safetensors index", hint="re-download or re-save the checkpoint") from None
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise MoeguardError(f"{path} lacks shards {missing} named in its index", hint="re-download the checkpoint")
+        return files
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise MoeguardError(f"{path} holds only pickle weights (.bin/.pt); moeguard loads safetensors only, "
+                            "because unpickling untrusted files can run code",
+                            hint="convert the checkpoint to safetensors from a trusted environment")
+    raise MoeguardError(f"{path} has no model.safetensors or model.safetensors.index.json",
+                        hint="pass a checkpoint directory saved with safe_serialization")
+
+
+def check_safetensors(file: Path) -> None:
+    """Validate a safetensors file's header against its size (catches truncation and corruption)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length beyond end of file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"file has {size} bytes, its header describes {8 + n + end}")
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise MoeguardError(f"{file} is not a valid safetensors file ({e})",
+                            hint="the file is truncated or corrupt; re-download or re-save it") from None
+
+
+def inspect(ref_str: str | None) -> tuple[ModelRef, object, FamilySpec]:
+    """Everything about a model except its weights: cheap, and fails early."""
+    ref = resolve(ref_str)
+    config = load_config(ref)
+    family = family_for_config(config)
+    if ref.path is not None:
+        for f in safetensors_files(ref.path):
+            check_safetensors(f)
+    return ref, config, family
+
+
+def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_tokenizer: bool = True):
+    """Return ``(model, tokenizer_or_None, ModelRef)`` with the model in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref, config, _ = inspect(ref_str)
+    where = str(ref.path or ref.hub_id)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
+                                                     device_map=device_map)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoeguardError(f"cannot load weights of {where}: {first}",
+                            hint="check the checkpoint files (safetensors only) or your hub access") from None
+    tokenizer = None
+    if with_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+        except (OSError, ValueError) as e:
+            raise MoeguardError(f"cannot load the tokenizer of {where}: {str(e).splitlines()[0]}",
+                                hint="the checkpoint directory needs tokenizer files (tokenizer.json)") from None
+    return model.eval(), tokenizer, ref
+
+
+def meta_model(config):
+    """The model's module tree on the meta device: shapes without memory, for `info`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

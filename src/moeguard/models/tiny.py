@@ -1,0 +1,50 @@
+"""Tiny configs of every supported family, built offline, for tests and benchmarks."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, head_dim=8,
+               tie_word_embeddings=False)
+
+# Per-family settings: 8 experts, top-2, and each family's distinctive routing features on.
+TINY_FAMILY_KWARGS: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32, decoder_sparse_step=1, norm_topk_prob=False),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
+                      norm_topk_prob=True),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16,
+                        n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, kv_lora_rank=16,
+                        q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5,
+                        num_key_value_heads=4,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    kwargs = {**_COMMON, **TINY_FAMILY_KWARGS[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, *, seed: int = 0, **overrides):
+    """A randomly initialized tiny model whose routers are not degenerate."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    # Some families init routers to zeros (all experts tie); spread them so routing is informative.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 1 and p.abs().sum() == 0 and "norm" not in name:
+                p.normal_(0, 0.5)
+            elif name.endswith(("router.weight", "gate.weight")) and p.dim() == 2:
+                p.normal_(0, 0.5)
+    return model.eval()

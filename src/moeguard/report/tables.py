@@ -1,0 +1,51 @@
+"""Rich tables rendered from the JSON documents (results are JSON first, tables from JSON)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.2f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def info_table(d: dict) -> Table:
+    t = Table(title=f"{d['name']} ({d['family']})", show_header=False)
+    p = d["parameters"]
+    rows = [("family / model_type", f"{d['family']} / {d['model_type']}"),
+            ("layers (MoE layers)", f"{d['num_layers']} ({len(d['moe_layers'])}: {d['moe_layers']})"),
+            ("experts per layer", ", ".join(f"{k}:{v}" for k, v in d["experts_per_layer"].items())),
+            ("top-k", str(d["top_k"])),
+            ("shared experts", "none" if not d["shared_experts"] else f"{d['shared_experts'][0]['modules']} in {len(d['shared_experts'])} layers"),
+            ("gate normalization", d["gate_normalization"]),
+            ("parameters total / active", f"{p['total']:,} / {p['active']:,}"),
+            ("per expert", f"{p['per_expert']:,}"),
+            ("path", d.get("path") or d.get("hub_id") or "-")]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def tasks_table(rows: list[dict]) -> Table:
+    t = Table(title="registered tasks")
+    for c in ("name", "kind", "source", "metric"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], r["kind"], r["source"], r["metric"])
+    return t
+
+
+def eval_table(results: dict) -> Table:
+    t = Table(title=f"evaluation of {results['model']}")
+    for c in ("task", "kind", "metric", "score", "baseline", "baseline score", "n"):
+        t.add_column(c, justify="right" if c in ("score", "baseline score", "n") else "left")
+    for name, r in results["tasks"].items():
+        b = r.get("baseline") or {}
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        t.add_row(name, r["kind"], f"{r['metric']} {arrow}", _fmt(r["score"]), b.get("name", "-"),
+                  _fmt(b.get("score")), _fmt(r["n_samples"]))
+    return t

@@ -1,0 +1,372 @@
+"""Read a task's records from the hub, a ``save_to_disk`` folder, local files or the package.
+
+Every source yields raw rows (column -> value); :func:`load_records` then turns them into
+the *normalized* records the evaluators consume:
+
+- language modeling: ``{"text"}``
+- classification: ``{"input", "label"}`` (label as ``str``)
+- summarization: ``{"input", "target", "references", "source_text"}``
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import re
+import string
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from moeguard.errors import MoeguardError
+from moeguard.tasks.base import FILE_FORMATS, Task, TaskKind
+
+ROLES = ("train", "eval")
+# Extensions that map to a format without ``source.format``; anything else (e.g. WikiText's
+# ``.tokens``) needs the format spelled out.
+_EXT_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+# ``train[:90%]``, ``train[100:200]``: the datasets split-slicing syntax, also for local files.
+_SLICE = re.compile(r"^(?P<split>[^\[\]]+)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]$")
+_PARAGRAPH = re.compile(r"\n[ \t]*\n")
+_CHARS_PER_TOKEN = 4
+
+
+def load_records(task: Task, role: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """The normalized records of ``task`` for ``role`` (``train`` or ``eval``).
+
+    ``limit`` keeps the first ``limit`` records (the order of the source is kept, so the
+    same limit always gives the same records).
+    """
+    if role not in ROLES:
+        raise MoeguardError(f"record role '{role}' is not known", hint=f"use one of {', '.join(ROLES)}")
+    if role not in task.splits:
+        raise MoeguardError(f"task '{task.name}' maps no split to role '{role}' (splits: {task.splits})",
+                            hint=f"add '{role}: <split name>' under 'splits:'")
+    if limit is not None and limit < 1:
+        raise MoeguardError(f"record limit is {limit}", hint="pass a positive limit, or none for all records")
+    split = str(task.splits[role])
+    rows, where = _rows(task, split)
+    records = _normalize(task, rows, split, where, limit)
+    if not records:
+        raise MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
+                            f"text{'' if task.kind is TaskKind.LANGUAGE_MODELING else ' or target'})",
+                            hint="point the split at a file or dataset split with data in it")
+    return records
+
+
+# --------------------------------------------------------------------------- sources
+
+def _rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
+    src = task.source
+    if src.type == "hub":
+        return _hub_rows(task, split)
+    if src.type == "disk":
+        return _disk_rows(task, split)
+    base, sliced = _parse_split(split)
+    if src.type == "package":
+        root: Any = resources.files("moeguard.tasks").joinpath("embedded", "data")
+        if src.path:
+            root = root.joinpath(*Path(src.path).parts)
+        label = f"moeguard/tasks/embedded/data/{src.path or ''}"
+    else:
+        if not src.path:
+            raise MoeguardError(f"task '{task.name}' has a local source without 'path'",
+                                hint="set source.path to the folder holding the data files")
+        root = Path(src.path).expanduser()
+        label = str(root)
+        if not root.exists():
+            raise MoeguardError(f"data folder '{root}' of task '{task.name}' does not exist",
+                                hint="fix source.path (relative paths resolve against the YAML file's "
+                                     "folder, then the current directory)")
+    name = src.files.get(base) or (f"{base}.{src.format}" if src.format else None)
+    if name is None:
+        raise MoeguardError(f"task '{task.name}' names no file for split '{base}' (files: {src.files})",
+                            hint=f"add '{base}: <file name>' under source.files")
+    file = root.joinpath(*Path(name).parts) if not Path(name).is_absolute() else Path(name)
+    if not file.is_file():
+        known = ", ".join(sorted(src.files)) or "none"
+        raise MoeguardError(f"data file '{label.rstrip('/')}/{name}' for split '{base}' of task "
+                            f"'{task.name}' does not exist",
+                            hint=f"create it or fix source.files (splits with files: {known})")
+    rows = _read_file(file, src.format, task.max_length * _CHARS_PER_TOKEN)
+    return _slice(rows, sliced), f"{label.rstrip('/')}/{name}"
+
+
+def _hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
+    src = task.source
+    if not src.hub_name:
+        raise MoeguardError(f"task '{task.name}' has a hub source without a dataset name",
+                            hint="set source.hub.name (e.g. nyu-mll/glue)")
+    where = f"hub dataset {src.hub_name}" + (f" ({src.hub_config})" if src.hub_config else "")
+    import datasets  # slow to import: only when a hub task is actually read
+
+    try:
+        config = None if src.hub_config is None else str(src.hub_config)  # YAML may read 1.0 as a float
+        ds = datasets.load_dataset(src.hub_name, config, split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise MoeguardError(f"{where} has no split '{split}' (task '{task.name}')",
+                                hint=f"fix 'splits:'; the dataset says: {_first_line(exc)}") from None
+        raise MoeguardError(f"could not load {where} for task '{task.name}': {_first_line(exc)}",
+                            hint="check source.hub.name and source.hub.config") from None
+    except Exception as exc:  # noqa: BLE001 - network, auth and cache errors share no base class
+        offline = _offline()
+        cause = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else "the hub is unreachable"
+        raise MoeguardError(
+            f"could not load {where} for task '{task.name}': {cause} and it is not cached "
+            f"[{type(exc).__name__}: {_first_line(exc)}]",
+            hint="on a machine with network run datasets.load_dataset(...).save_to_disk(DIR) and use "
+                 "'source: {type: disk, path: DIR}', or use local files ('source.type: local'; see "
+                 "docs/tasks.md)",
+        ) from None
+    return _dataset_rows(ds), f"{where} split '{split}'"
+
+
+def _disk_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
+    src = task.source
+    if not src.path:
+        raise MoeguardError(f"task '{task.name}' has a disk source without 'path'",
+                            hint="set source.path to a folder written by datasets' save_to_disk")
+    root = Path(src.path).expanduser()
+    if not root.is_dir():
+        raise MoeguardError(f"dataset folder '{root}' of task '{task.name}' does not exist",
+                            hint="fix source.path (relative paths resolve against the YAML file's folder)")
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(root))
+    except FileNotFoundError as exc:
+        raise MoeguardError(f"'{root}' is not a folder written by save_to_disk: {_first_line(exc)}",
+                            hint="save it with dataset_dict.save_to_disk(path), or use local files") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise MoeguardError(f"'{root}' holds a single Dataset, not a DatasetDict with splits",
+                            hint="save a DatasetDict({'train': ..., 'validation': ...}) instead")
+    base, sliced = _parse_split(split)
+    if base not in loaded:
+        raise MoeguardError(f"dataset folder '{root}' has no split '{base}' (task '{task.name}')",
+                            hint=f"fix 'splits:'; splits present: {', '.join(loaded)}")
+    ds = loaded[base]
+    start, stop, _ = slice(*_bounds(sliced, len(ds))).indices(len(ds))
+    return _dataset_rows(ds.select(range(start, max(start, stop)))), f"{root} split '{split}'"
+
+
+def _dataset_rows(ds: Any, batch: int = 1000) -> Iterator[dict[str, Any]]:
+    # Lazy, in column-wise batches: far faster than row iteration, and a limited read of a
+    # big split (CNN/DailyMail train) never materializes all of it as Python objects.
+    for begin in range(0, len(ds), batch):
+        columns = ds[begin:begin + batch]
+        names = list(columns)
+        for values in zip(*(columns[n] for n in names)):
+            yield dict(zip(names, values))
+
+
+def _offline() -> bool:
+    true = ("1", "ON", "YES", "TRUE")
+    return any(os.environ.get(v, "").upper() in true for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+# --------------------------------------------------------------------------- files
+
+def _format_of(name: str, given: str | None) -> str:
+    if given is not None:
+        if given not in FILE_FORMATS:
+            raise MoeguardError(f"file format '{given}' is not supported",
+                                hint=f"set source.format to one of {', '.join(FILE_FORMATS)}")
+        return given
+    stem = name[:-3] if name.endswith(".gz") else name
+    fmt = _EXT_FORMATS.get(Path(stem).suffix.lower())
+    if fmt is None:
+        raise MoeguardError(f"cannot tell the format of data file '{name}' from its extension",
+                            hint=f"set source.format to one of {', '.join(FILE_FORMATS)}")
+    return fmt
+
+
+def _open_text(file: Any) -> io.TextIOBase:
+    raw = file.open("rb")
+    if str(file.name).endswith(".gz"):
+        raw = gzip.GzipFile(fileobj=raw)
+    # newline="" lets the csv module see embedded newlines inside quoted cells.
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+
+
+def _read_file(file: Any, fmt: str | None, chunk_chars: int) -> list[dict[str, Any]]:
+    fmt = _format_of(str(file.name), fmt)
+    try:
+        with _open_text(file) as handle:
+            if fmt == "txt":
+                return [{"text": t} for t in _chunk_text(handle.read(), chunk_chars)]
+            if fmt == "jsonl":
+                return list(_jsonl(handle, file))
+            delimiter = "\t" if fmt == "tsv" else ","
+            # SST-2's TSV has unbalanced double quotes: QUOTE_NONE keeps them as text.
+            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+            reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+            if not reader.fieldnames:
+                return []
+            return [_check_width(row, file, reader.line_num) for row in reader]
+    except UnicodeDecodeError as exc:
+        raise MoeguardError(f"data file '{file}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            hint="re-encode it as UTF-8") from None
+    except (OSError, EOFError) as exc:  # e.g. a truncated or mislabelled .gz
+        raise MoeguardError(f"could not read data file '{file}': {_first_line(exc)}",
+                            hint="check the file is complete and matches its extension") from None
+
+
+def _jsonl(handle: Iterable[str], file: Any) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MoeguardError(f"line {number} of '{file}' is not valid JSON ({exc.msg})",
+                                hint="write one JSON object per line (JSON Lines)") from None
+        if not isinstance(row, dict):
+            raise MoeguardError(f"line {number} of '{file}' is a JSON {type(row).__name__}, not an object",
+                                hint="write one JSON object per line, with one key per column")
+        yield row
+
+
+def _check_width(row: dict[str, Any], file: Any, line: int) -> dict[str, Any]:
+    if None in row:  # DictReader files surplus cells under the key None
+        raise MoeguardError(f"line {line} of '{file}' has more cells than the header",
+                            hint="check the delimiter and quoting, or add the missing header names")
+    return row
+
+
+def _chunk_text(text: str, chunk_chars: int) -> list[str]:
+    """Pack blank-line-separated paragraphs into chunks of about ``chunk_chars`` characters.
+
+    Paragraph boundaries keep records readable; packing keeps short paragraphs (headings,
+    verse) from each starting a fresh context, which would inflate perplexity.
+    """
+    chunks, current, size = [], [], 0
+    for para in _PARAGRAPH.split(text.replace("\r\n", "\n")):
+        para = para.strip()
+        if not para:
+            continue
+        current.append(para)
+        size += len(para)
+        if size >= chunk_chars:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+def _parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]:
+    match = _SLICE.match(split)
+    if not match:
+        return split, None
+    return match["split"], (match["start"], match["stop"])
+
+
+def _bounds(sliced: tuple[str | None, str | None] | None, n: int) -> tuple[int | None, int | None]:
+    def index(bound: str | None) -> int | None:
+        if bound is None:
+            return None
+        if bound.endswith("%"):
+            return round(n * int(bound[:-1]) / 100)
+        return int(bound)
+
+    return (None, None) if sliced is None else (index(sliced[0]), index(sliced[1]))
+
+
+def _slice(rows: list[dict[str, Any]], sliced: tuple[str | None, str | None] | None) -> list[dict[str, Any]]:
+    start, stop = _bounds(sliced, len(rows))
+    return rows[start:stop]
+
+
+# --------------------------------------------------------------------------- normalizing
+
+def _normalize(task: Task, rows: Iterable[dict[str, Any]], split: str, where: str,
+               limit: int | None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        if i == 0:
+            _check_columns(task, row, split, where)
+        if limit is not None and len(out) >= limit:
+            break
+        record = _record(task, row, split, where)
+        if record is not None:
+            out.append(record)
+    return out
+
+
+def _needed_columns(task: Task) -> list[str]:
+    needed = [col for key, col in task.fields.items()
+              if key in ("text", "label", "target") or (key == "input" and (task.prompt is None
+                                                                            or task.kind is TaskKind.SUMMARIZATION))]
+    if task.prompt is not None and task.kind is not TaskKind.LANGUAGE_MODELING:
+        for _, name, _, _ in string.Formatter().parse(task.prompt):
+            if name is not None:
+                # "{a.b}"/"{a[0]}" reach into the column "a".
+                needed.append(re.split(r"[.\[]", name, maxsplit=1)[0])
+    return list(dict.fromkeys(n for n in needed if n))
+
+
+def _check_columns(task: Task, row: dict[str, Any], split: str, where: str) -> None:
+    missing = [c for c in _needed_columns(task) if c not in row]
+    if missing:
+        raise MoeguardError(
+            f"split '{split}' of task '{task.name}' ({where}) has no column(s) {missing}; "
+            f"its columns are {sorted(map(str, row))}",
+            hint="fix 'fields:'/'prompt:' to use existing columns" +
+                 (" (txt files have the single column 'text')" if "text" in row and len(row) == 1 else ""),
+        )
+
+
+def _joined(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _render(task: Task, row: dict[str, Any], input_col: str) -> str:
+    if task.prompt is None:
+        return _joined(row[input_col]).strip()
+    # Cells are stripped: TSV/CSV cells often carry stray edge spaces (SST-2 ends every
+    # sentence with one) that would otherwise sit between the text and the prompt's suffix.
+    values = {k: _joined(v).strip() for k, v in row.items()}
+    try:
+        return task.prompt.format(**values)
+    except (IndexError, ValueError) as exc:
+        raise MoeguardError(f"prompt of task '{task.name}' is not a valid format string ({exc})",
+                            hint="write columns as {name}; double literal braces as {{ and }}") from None
+
+
+def _record(task: Task, row: dict[str, Any], split: str, where: str) -> dict[str, Any] | None:
+    fields = task.fields
+    if task.kind is TaskKind.LANGUAGE_MODELING:
+        text = _joined(row[fields["text"]])
+        # Blank rows (WikiText has many) carry no tokens to predict.
+        return {"text": text} if text.strip() else None
+    if task.kind is TaskKind.CLASSIFICATION:
+        label = row[fields["label"]]
+        label = "" if label is None else str(label)
+        known = [str(k) for k in task.labels]
+        if label not in known:
+            raise MoeguardError(
+                f"split '{split}' of task '{task.name}' ({where}) has label '{label}', "
+                f"which has no verbalizer (labels: {known})",
+                hint="add it under 'labels:', or use a labelled split (GLUE test splits carry label -1)",
+            )
+        return {"input": _render(task, row, fields["input"]), "label": label}
+    target = row[fields["target"]]
+    references = [str(t) for t in target] if isinstance(target, (list, tuple)) else [_joined(target)]
+    references = [r for r in references if r.strip()]
+    if not references:
+        return None
+    source_text = _joined(row[fields["input"]]).strip()
+    return {"input": _render(task, row, fields["input"]), "target": references[0],
+            "references": references, "source_text": source_text}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

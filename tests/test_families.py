@@ -1,0 +1,220 @@
+"""The shared matrix: every supported family passes every adapter test.
+
+Adding a family = one row in FAMILY_LAYOUT (the on-disk key its public checkpoints use).
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.families import FAMILIES
+from moeguard.models.hooks import RoutingCapture, mask_experts
+from moeguard.models.prune import prune_model
+from moeguard.models.routing import pruned_router_params, route_module, router_logits
+from moeguard.models.tiny import tiny_model
+
+# family -> (a key of its public checkpoint layout, shared-expert module present)
+FAMILY_LAYOUT = {
+    "mixtral": ("block_sparse_moe.experts.0.w1.weight", False),
+    "qwen2_moe": ("mlp.experts.0.gate_proj.weight", True),
+    "qwen3_moe": ("mlp.experts.0.gate_proj.weight", False),
+    "olmoe": ("mlp.experts.0.gate_proj.weight", False),
+    "deepseek_v3": ("mlp.experts.0.gate_proj.weight", True),
+    "granitemoe": ("block_sparse_moe.input_linear.weight", False),
+    "phimoe": ("block_sparse_moe.experts.0.w1.weight", False),
+    "gpt_oss": ("mlp.experts.gate_up_proj", False),
+}
+KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
+
+
+def test_matrix_covers_every_registered_family():
+    assert set(FAMILY_LAYOUT) == set(FAMILIES)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_LAYOUT))
+def family_model(request):
+    return request.param, tiny_model(request.param)
+
+
+def test_adapter_view(family_model):
+    fam, model = family_model
+    a = MoEAdapter(model)
+    assert a.family.name == fam
+    assert a.num_experts == 8 and a.top_k == 2
+    assert all(l.num_experts == 8 for l in a.layers)
+    assert bool(a.layers[0].shared) == FAMILY_LAYOUT[fam][1]
+    counts = a.parameter_counts()
+    assert counts["active"] < counts["total"]
+    # 6 of 8 experts idle per token
+    assert counts["total"] - counts["active"] == counts["routed_experts"] * 6 // 8
+
+
+def test_route_reproduces_transformers_router(family_model):
+    fam, model = family_model
+    a = MoEAdapter(model)
+    layer = a.layers[0]
+    h = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_w, ref_idx = layer.router(h)
+    params = pruned_router_params(a.family, a.config, list(range(8)), 8)
+    w, idx = route_module(layer.router, router_logits(layer.router, h), a.family.routing, params)
+    order_ref, order = ref_idx.argsort(-1), idx.argsort(-1)
+    assert torch.equal(ref_idx.gather(1, order_ref), idx.gather(1, order))
+    torch.testing.assert_close(ref_w.gather(1, order_ref).float(), w.gather(1, order).float())
+
+
+def test_capture_counts_exclude_padding_and_change_nothing(family_model, token_batch):
+    _, model = family_model
+    ids, mask = token_batch
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    with RoutingCapture(model, norms=True, per_sample=True) as cap:
+        captured = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(plain, captured)
+    valid = int(mask.sum())
+    for layer in cap.stats.layers:
+        assert layer.tokens == valid
+        assert layer.counts.sum() == valid * 2
+        assert torch.all(layer.norm_sum[layer.counts > 0] > 0)
+        assert torch.all(layer.norm_sum[layer.counts == 0] == 0)
+    assert len(cap.stats.per_sample) == 2
+    assert torch.allclose(cap.stats.per_sample[0].sum(-1), torch.ones(len(cap.stats.layers), dtype=torch.float64))
+    # the padded row's routing equals that of the same row without its padding
+    with RoutingCapture(model) as solo:
+        model(input_ids=ids[1:, :8])
+    with RoutingCapture(model) as padded:
+        model(input_ids=ids[1:], attention_mask=mask[1:])
+    for a, b in zip(solo.stats.layers, padded.stats.layers):
+        assert torch.equal(a.counts, b.counts)
+
+
+def test_hooks_are_removed_even_on_error(family_model, token_batch):
+    _, model = family_model
+    ids, _ = token_batch
+    a = MoEAdapter(model)
+    with pytest.raises(RuntimeError):
+        with RoutingCapture(model, norms=True), mask_experts(model, {a.layers[0].index: KEEP4}):
+            raise RuntimeError("boom")
+    for layer in a.layers:
+        assert not layer.router._forward_hooks
+        assert "forward" not in vars(layer.router) and "forward" not in vars(layer.experts)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_masking_equals_physical_pruning_and_vanilla_reload(family_model, token_batch, tmp_path):
+    fam, model = family_model
+    ids, mask = token_batch
+    a = MoEAdapter(model)
+    keep = {l.index: KEEP4 for l in a.layers}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with mask_experts(model, keep):
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    pruned, record = prune_model(model, keep)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "input model modified"
+    physical = pruned(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(masked, physical, rtol=1e-5, atol=1e-5)
+    assert record["keep"] == {str(l.index): KEEP4 for l in a.layers}
+
+    pa = MoEAdapter(pruned)
+    assert pa.num_experts == 4 and all(l.num_experts == 4 for l in pa.layers)
+    full, small = a.parameter_counts(), pa.parameter_counts()
+    assert full["total"] - small["total"] == len(a.layers) * 4 * (full["per_expert"] + model.config.hidden_size
+                                                                    + (1 if fam == "gpt_oss" else 0))  # router bias
+    pruned.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith(FAMILY_LAYOUT[fam][0]) for k in keys), keys[:10]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, physical, rtol=0, atol=0)
+
+
+def test_masking_one_expert_clamps_top_k(family_model, token_batch):
+    fam, model = family_model
+    ids, mask = token_batch
+    a = MoEAdapter(model)
+    keep = {l.index: [3] for l in a.layers}
+    if a.family.min_experts > 1:
+        with pytest.raises(MoeguardError, match="at least 2"):
+            prune_model(model, keep)
+        return
+    with RoutingCapture(model) as cap, mask_experts(model, keep):
+        model(input_ids=ids, attention_mask=mask)
+    for layer in cap.stats.layers:
+        assert layer.counts[3] == layer.tokens and layer.counts.sum() == layer.tokens
+
+
+@pytest.mark.parametrize("keep, message", [
+    ({"0": [0, 0, 1]}, "repeats"), ({"0": [0, 9]}, "do not exist"), ({"7": [0, 1]}, "not an MoE layer"),
+])
+def test_bad_keep_maps_are_refused(keep, message):
+    model = tiny_model("mixtral")
+    with pytest.raises(MoeguardError, match=message):
+        prune_model(model, keep)
+
+
+def test_uneven_physical_keep_is_refused_but_masking_allows_it(token_batch):
+    model = tiny_model("mixtral")
+    ids, mask = token_batch
+    keep = {0: [0, 1, 2], 1: [0, 1, 2, 3]}
+    with pytest.raises(MoeguardError, match="same number of experts"):
+        prune_model(model, keep)
+    with mask_experts(model, keep):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_deepseek_unbalanced_groups_fall_back_to_one_group(token_batch):
+    model = tiny_model("deepseek_v3")
+    ids, mask = token_batch
+    keep = {l.index: [0, 1, 2, 4] for l in MoEAdapter(model).layers}  # 3 in group 0, 1 in group 1
+    with mask_experts(model, keep):
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    pruned, record = prune_model(model, keep)
+    assert record["config_changes"]["n_group"] == 1
+    torch.testing.assert_close(masked, pruned(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_vanilla_transformers_loads_every_pruned_family_without_moeguard(tmp_path, token_batch):
+    """A fresh interpreter that never imports moeguard reproduces the in-memory logits."""
+    ids, mask = token_batch
+    expected = {}
+    for fam in FAMILY_LAYOUT:
+        model = tiny_model(fam)
+        pruned, _ = prune_model(model, {l.index: KEEP4 for l in MoEAdapter(model).layers})
+        pruned.save_pretrained(tmp_path / fam)
+        expected[fam] = pruned(input_ids=ids, attention_mask=mask).logits
+    torch.save({"ids": ids, "mask": mask}, tmp_path / "batch.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+b = torch.load({str(tmp_path / 'batch.pt')!r}, weights_only=True)
+out = {{}}
+for fam in {list(FAMILY_LAYOUT)!r}:
+    m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + '/' + fam).eval()
+    with torch.no_grad():
+        out[fam] = m(input_ids=b['ids'], attention_mask=b['mask']).logits
+torch.save(out, {str(tmp_path / 'out.pt')!r})
+assert 'moeguard' not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    for fam in FAMILY_LAYOUT:
+        torch.testing.assert_close(got[fam], expected[fam], rtol=0, atol=0)
+
+
+def test_info_json_reports_expert_counts(tmp_path, capsys):
+    for fam in FAMILY_LAYOUT:
+        model = tiny_model(fam)
+        pruned, _ = prune_model(model, {l.index: KEEP4 for l in MoEAdapter(model).layers})
+        pruned.save_pretrained(tmp_path / fam)
+        assert main(["info", "--model", str(tmp_path / fam), "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["family"] == fam
+        assert set(data["experts_per_layer"].values()) == {4}
+        assert data["top_k"] == 2
+        assert data["parameters"]["total"] == sum(p.numel() for p in pruned.parameters())

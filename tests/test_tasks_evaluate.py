@@ -1,0 +1,308 @@
+"""evaluate_task end to end on a tiny random Mixtral and a tokenizer trained in the test."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+from moeguard.errors import MoeguardError  # noqa: E402
+from moeguard.tasks import evaluate as E  # noqa: E402
+from moeguard.tasks import metrics as M  # noqa: E402
+from moeguard.tasks.base import SourceSpec, Task, TaskKind  # noqa: E402
+
+CORPUS = [
+    "Review: the movie was great and wonderful\nSentiment: positive",
+    "Review: the film was bad and awful\nSentiment: negative",
+    "Article: the cat sat on the mat. The dog ran in the park.\nSummary: the cat sat",
+    "a positive story, a negative story, the cat and the dog",
+] * 10
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>")
+
+
+def make_model(tok, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return make_model(tok)
+
+
+def bias_head(model, token_ids, value=25.0):
+    """Replace lm_head by a copy with a bias, so the given tokens dominate every position."""
+    old = model.lm_head
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        new.bias.zero_()
+        new.bias[list(token_ids)] = value
+    model.lm_head = new
+    return model
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def lm_task(path, max_length=16):
+    return Task(name="lm", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "text"}, max_length=max_length,
+                source=SourceSpec(type="local", path=str(path), format="jsonl",
+                                  files={"train": "train.jsonl", "test": "test.jsonl"}),
+                splits={"train": "train", "eval": "test"})
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+LM_TEXTS = ["the cat sat on the mat and the dog ran in the park, a long day for both of them",
+            "great", "the film was bad", "a wonderful movie, a positive story about the cat and the dog in the park"]
+
+
+@pytest.fixture
+def lm_dir(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in CORPUS[:4]])
+    write_jsonl(tmp_path / "test.jsonl", [{"text": t} for t in LM_TEXTS])
+    return tmp_path
+
+
+# ------------------------------------------------------------------ language modeling
+
+def test_uniform_model_has_perplexity_equal_to_vocab_size(tok, lm_dir):
+    model = make_model(tok)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # logits all zero: a uniform distribution
+    result = E.evaluate_task(model, tok, lm_task(lm_dir), reference=len(tok) / 2)
+    expected_tokens = sum(len(ids(tok, t)) for t in LM_TEXTS)  # BOS + text, all but BOS predicted
+    assert result.n_tokens == expected_tokens
+    assert result.metrics["perplexity"] == pytest.approx(len(tok), rel=1e-5)
+    assert result.metrics["normalized_perplexity"] == pytest.approx(200.0, rel=1e-5)
+    assert result.metric == "perplexity" and result.higher_is_better is False
+    # The unigram baseline is fit on train tokens and scored on the very same eval tokens.
+    train_tokens = [t for text in CORPUS[:4] for t in ids(tok, text)]
+    eval_tokens = [t for text in LM_TEXTS for t in ids(tok, text)]
+    base_ppl = M.perplexity(M.unigram_nll(train_tokens, eval_tokens, len(tok)), len(eval_tokens))
+    assert result.baseline["name"] == "unigram"
+    assert result.baseline["score"] == pytest.approx(base_ppl)
+    assert result.baseline["score"] < len(tok)  # the corpus is far from uniform
+
+
+def test_windows_and_padding_do_not_change_perplexity(tok, model, lm_dir):
+    runs = [E.evaluate_task(model, tok, lm_task(lm_dir, max_length=m), batch_size=b, baseline=False)
+            for m, b in ((8, 1), (8, 3), (64, 4))]
+    assert runs[0].n_tokens == runs[1].n_tokens == runs[2].n_tokens == sum(len(ids(tok, t)) for t in LM_TEXTS)
+    assert runs[0].score == pytest.approx(runs[1].score, rel=1e-5)  # same windows, other padding
+    assert runs[0].score != pytest.approx(runs[2].score, rel=1e-3)  # shorter context: a different number
+    assert runs[0].baseline is None
+
+
+def test_lm_nll_matches_a_direct_forward(tok, model, lm_dir):
+    result = E.evaluate_task(model, tok, lm_task(lm_dir, max_length=64), baseline=False)
+    nll = 0.0
+    with torch.no_grad():
+        for text in LM_TEXTS:
+            x = torch.tensor([[tok.bos_token_id] + ids(tok, text)])
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+            nll -= logp.gather(-1, x[0, 1:, None]).sum().item()
+    assert result.metrics["loss"] == pytest.approx(nll / result.n_tokens, rel=1e-5)
+
+
+# ------------------------------------------------------------------ classification
+
+def cls_task(path, **over):
+    kw = dict(name="cls", kind=TaskKind.CLASSIFICATION, fields={"input": "sentence", "label": "label"},
+              source=SourceSpec(type="local", path=str(path), format="tsv",
+                                files={"train": "train.tsv", "test": "test.tsv"}),
+              splits={"train": "train", "eval": "test"}, prompt="Review: {sentence}\nSentiment:",
+              labels={0: " negative", 1: " positive"}, max_length=32)
+    kw.update(over)
+    return Task(**kw)
+
+
+@pytest.fixture
+def cls_dir(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nbad\t0\nawful\t0\ngreat\t1\n")
+    (tmp_path / "test.tsv").write_text(
+        "sentence\tlabel\nthe movie was great and wonderful\t1\nwonderful\t1\n"
+        "the cat sat on the mat \" quote\t1\nthe film was bad and awful\t0\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("preferred, expected_acc", [(" positive", 75.0), (" negative", 25.0)])
+def test_classifier_picks_the_label_the_model_is_made_to_prefer(tok, cls_dir, preferred, expected_acc):
+    other = " negative" if preferred == " positive" else " positive"
+    boosted = set(ids(tok, preferred)) - set(ids(tok, other))
+    assert boosted, "verbalizers must differ in at least one token"
+    model = bias_head(make_model(tok), boosted)
+    model.train()
+    result = E.evaluate_task(model, tok, cls_task(cls_dir), batch_size=3)
+    assert model.training, "the caller's train/eval mode must be restored"
+    assert result.metrics["accuracy"] == pytest.approx(expected_acc)
+    # Every prediction is the preferred class: F1 is 0 for the other one.
+    positives = expected_acc / 100 * 4
+    f1 = 2 * positives / (positives + 4)
+    assert result.metrics["macro_f1"] == pytest.approx(100 * f1 / 2)
+    assert result.baseline == {"name": "majority_class", "description": result.baseline["description"],
+                               "metrics": {"accuracy": 25.0, "macro_f1": pytest.approx(100 * (2 / 5) / 2)},
+                               "score": 25.0}
+
+
+def test_loglikelihood_matches_a_direct_forward_and_ignores_batching(tok, model):
+    requests = [("Review: great\nSentiment:", " positive"), ("Review: a much longer review of the film "
+                "and the cat\nSentiment: ", "negative"), ("x", " the cat sat on the mat")]
+    one = E.loglikelihoods(model, tok, requests, max_length=64, batch_size=1)
+    three = E.loglikelihoods(model, tok, requests, max_length=64, batch_size=3)
+    assert one == pytest.approx(three, abs=1e-4)
+    # Trailing context whitespace moves into the continuation, as in lm-evaluation-harness.
+    ctx = [tok.bos_token_id] + ids(tok, "Review: a much longer review of the film and the cat\nSentiment:")
+    cont = ids(tok, " negative")
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
+    direct = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+    assert one[1] == pytest.approx(direct, abs=1e-4)
+
+
+def test_classification_is_the_same_for_any_batch_size(tok, model, cls_dir):
+    a = E.evaluate_task(model, tok, cls_task(cls_dir), batch_size=1)
+    b = E.evaluate_task(model, tok, cls_task(cls_dir), batch_size=4)
+    assert a.metrics == b.metrics and a.n_samples == b.n_samples == 4
+
+
+def test_overlong_context_is_cut_on_the_left(tok, model):
+    long_ctx = ("the cat sat on the mat " * 30).rstrip()
+    scored = E.loglikelihoods(model, tok, [(long_ctx, " positive")], max_length=12)
+    ctx = [tok.bos_token_id] + ids(tok, long_ctx.rstrip())
+    cont = ids(tok, " positive")
+    kept = (ctx + cont)[-13:]  # max_length inputs plus the last target
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([kept[:-1]])).logits[0].float(), -1)
+    direct = sum(logp[12 - len(cont) + i, t].item() for i, t in enumerate(cont))
+    assert scored == [pytest.approx(direct, abs=1e-4)]
+
+
+# ------------------------------------------------------------------ summarization
+
+def sum_task(path, **over):
+    kw = dict(name="summ", kind=TaskKind.SUMMARIZATION, fields={"input": "source", "target": "target"},
+              source=SourceSpec(type="local", path=str(path), format="jsonl",
+                                files={"train": "train.jsonl", "test": "test.jsonl"}),
+              splits={"train": "train", "eval": "test"}, prompt="Article: {source}\nSummary:",
+              max_length=64, max_new_tokens=6)
+    kw.update(over)
+    return Task(**kw)
+
+
+@pytest.fixture
+def sum_dir(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"source": "x", "target": t} for t in ("a b", "a b c", "a b c d")])
+    write_jsonl(tmp_path / "test.jsonl", [
+        {"source": ["the cat sat on the mat.", "The dog ran."], "target": ["the cat sat", "a cat"]},
+        {"source": "the dog ran in the park", "target": "the dog ran in the park"},
+        {"source": "a wonderful movie", "target": "cat"}])
+    return tmp_path
+
+
+def test_summarization_scores_generations_and_lead_k(tok, sum_dir):
+    cat = ids(tok, " cat")
+    assert len(cat) == 1
+    model = bias_head(make_model(tok), cat)  # greedy decoding now says " cat" every step
+    result = E.evaluate_task(model, tok, sum_task(sum_dir), batch_size=2)
+    expected = M.rouge(["cat cat cat cat cat cat"] * 3, [["the cat sat", "a cat"], "the dog ran in the park", "cat"])
+    assert result.metrics == pytest.approx(expected)
+    assert result.metric == "rougeL" and result.score == pytest.approx(expected["rougeL"])
+    # Lead-k: k is the median train target length (3 words), taken from the source text.
+    lead = M.rouge(["the cat sat", "the dog ran", "a wonderful movie"],
+                   [["the cat sat", "a cat"], "the dog ran in the park", "cat"])
+    assert result.baseline["name"] == "lead_3"
+    assert result.baseline["metrics"] == pytest.approx(lead)
+
+
+def test_generation_does_not_depend_on_batching(tok, model, sum_dir, monkeypatch):
+    seen, real = [], M.rouge
+
+    def spy(predictions, references):
+        seen.append(list(predictions))
+        return real(predictions, references)
+
+    monkeypatch.setattr(E.M, "rouge", spy)
+    for batch_size in (1, 3):  # 3 prompts of different lengths: left padding in one batch
+        E.evaluate_task(model, tok, sum_task(sum_dir, max_new_tokens=8), batch_size=batch_size, baseline=False)
+    assert seen[0] == seen[1]
+    assert any(seen[0]), "the random model should generate some text for this check to mean anything"
+
+
+def test_long_prompt_is_fitted_by_cutting_the_source(tok):
+    source = "the cat sat on the mat. " * 40
+    rec = {"input": f"Article: {source}\nSummary:", "source_text": source}
+    fitted = E._fit_prompt(tok, rec, max_length=40)
+    assert len(fitted) <= 40 and fitted[0] == tok.bos_token_id
+    text = tok.decode(fitted[1:])
+    assert text.startswith("Article: the cat sat") and text.endswith("\nSummary:")
+
+
+def test_generated_text_is_cut_at_the_first_newline():
+    assert E._first_line("\n  the cat sat \nmore text") == "the cat sat"
+    assert E._first_line("") == ""
+
+
+# ------------------------------------------------------------------ suite, schema, errors
+
+def test_suite_document_schema_and_progress(tok, model, lm_dir, cls_dir, tmp_path):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    progress = Progress(console=Console(file=io.StringIO()))
+    lm, cls = lm_task(lm_dir), cls_task(cls_dir)
+    doc = E.evaluate_suite(model, tok, [lm, cls], limit=2, batch_size=2, references={"lm": 100.0},
+                           progress=progress, model_name="tiny-mixtral")
+    json.dumps(doc, allow_nan=False)  # strict JSON
+    assert doc["schema_version"] == 1 and doc["model"] == "tiny-mixtral"
+    assert doc["settings"] == {"limit": 2, "batch_size": 2, "baseline": True}
+    assert list(doc["tasks"]) == ["lm", "cls"]
+    entry = doc["tasks"]["cls"]
+    assert set(entry) == {"task", "kind", "metric", "score", "higher_is_better", "metrics", "n_samples", "split",
+                          "n_tokens", "baseline", "elapsed_s"}
+    assert entry["n_samples"] == 2 and entry["n_tokens"] is None and entry["kind"] == "classification"
+    assert doc["tasks"]["lm"]["metrics"]["normalized_perplexity"] == pytest.approx(
+        doc["tasks"]["lm"]["metrics"]["perplexity"])
+    assert [t.completed for t in progress.tasks] == [t.total for t in progress.tasks] and len(progress.tasks) == 2
+
+
+def test_infinite_perplexity_becomes_null():
+    result = E.TaskResult(task="t", kind="language_modeling", metric="perplexity", score=math.inf,
+                          higher_is_better=False, metrics={"perplexity": math.inf}, n_samples=1, split="test")
+    assert result.to_dict()["score"] is None and result.to_dict()["metrics"] == {"perplexity": None}
+
+
+def test_user_errors(tok, model, lm_dir, cls_dir):
+    with pytest.raises(MoeguardError, match="reference perplexity was given for classification"):
+        E.evaluate_task(model, tok, cls_task(cls_dir), reference=10.0)
+    with pytest.raises(MoeguardError, match="asks for metric 'bleu'"):
+        E.evaluate_task(model, tok, cls_task(cls_dir, metric="bleu"))
+    with pytest.raises(MoeguardError, match="no reference perplexity"):
+        E.evaluate_task(model, tok, Task(**{**lm_task(lm_dir).__dict__, "metric": "normalized_perplexity"}))
+    with pytest.raises(MoeguardError, match="not evaluated"):
+        E.evaluate_suite(model, tok, [lm_task(lm_dir)], references={"wikitext": 1.0})
+    with pytest.raises(MoeguardError, match="tokenizes to nothing"):
+        E.evaluate_task(model, tok, cls_task(cls_dir, labels={0: "", 1: " positive"}))

@@ -1,0 +1,247 @@
+"""Loaders: every local format, normalization per kind, and every error path."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from moeguard.errors import MoeguardError
+from moeguard.tasks import loaders
+from moeguard.tasks.base import SourceSpec, Task, TaskKind
+from moeguard.tasks.loaders import load_records
+
+
+def cls_task(path: Path, fmt: str, files: dict, **over) -> Task:
+    kw = dict(name="t", kind=TaskKind.CLASSIFICATION, fields={"input": "sentence", "label": "label"},
+              source=SourceSpec(type="local", path=str(path), format=fmt, files=files),
+              splits={"train": "train", "eval": "test"}, prompt="Review: {sentence}\nSentiment:",
+              labels={0: " negative", 1: " positive"})
+    kw.update(over)
+    return Task(**kw)
+
+
+@pytest.fixture
+def sst(tmp_path):
+    # A stray, unbalanced double quote as in real SST-2 rows, and the trailing space too.
+    (tmp_path / "train.tsv").write_text(
+        'sentence\tlabel\n"the movie \'s opening is great . \t1\nawful , "dull\t0\nfine\t1\n', encoding="utf-8")
+    (tmp_path / "test.tsv").write_text('sentence\tlabel\nbad " film\t0\n', encoding="utf-8")
+    return tmp_path
+
+
+def test_tsv_keeps_stray_quotes_and_renders_prompt(sst):
+    task = cls_task(sst, "tsv", {"train": "train.tsv", "test": "test.tsv"})
+    train = load_records(task, "train")
+    assert [r["label"] for r in train] == ["1", "0", "1"]
+    # Cells are stripped, quotes kept verbatim; a QUOTE_MINIMAL reader would swallow rows here.
+    assert train[0]["input"] == "Review: \"the movie 's opening is great .\nSentiment:"
+    assert train[1]["input"] == 'Review: awful , "dull\nSentiment:'
+    assert load_records(task, "eval") == [{"input": 'Review: bad " film\nSentiment:', "label": "0"}]
+    assert len(load_records(task, "train", limit=2)) == 2
+
+
+def test_csv_with_quoted_commas_and_pair_prompt(tmp_path):
+    (tmp_path / "d.csv").write_text('s1,s2,y\n"a, b",c,yes\nd,"e ""q""",no\n', encoding="utf-8")
+    task = cls_task(tmp_path, None, {"train": "d.csv", "test": "d.csv"}, fields={"input": "s1", "label": "y"},
+                    prompt="{s1} / {s2}?", labels={"yes": " yes", "no": " no"})
+    assert load_records(task, "eval") == [{"input": "a, b / c?", "label": "yes"},
+                                          {"input": 'd / e "q"?', "label": "no"}]
+
+
+def test_label_keys_compare_as_strings(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"sentence": "x", "label": 1}\n{"sentence": "y", "label": "0"}\n')
+    task = cls_task(tmp_path, "jsonl", {"test": "d.jsonl"})
+    assert [r["label"] for r in load_records(task, "eval")] == ["1", "0"]
+
+
+def test_unknown_label_value_is_reported(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"sentence": "x", "label": -1}\n')
+    with pytest.raises(MoeguardError, match="label '-1', which has no verbalizer"):
+        load_records(cls_task(tmp_path, "jsonl", {"test": "d.jsonl"}), "eval")
+
+
+def sum_task(path: Path, files: dict, **over) -> Task:
+    kw = dict(name="s", kind=TaskKind.SUMMARIZATION, fields={"input": "source", "target": "target"},
+              source=SourceSpec(type="local", path=str(path), format="jsonl", files=files),
+              splits={"train": "train", "eval": "test"}, prompt="Abstract: {source}\nTL;DR:")
+    kw.update(over)
+    return Task(**kw)
+
+
+def test_jsonl_list_fields_join_and_keep_all_references(tmp_path):
+    rows = [{"source": ["First sentence.", "Second one."], "target": ["Ref A.", "Ref B."]},
+            {"source": "Plain text.", "target": "Only ref."}]
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    records = load_records(sum_task(tmp_path, {"test": "test.jsonl"}), "eval")
+    assert records[0] == {"input": "Abstract: First sentence. Second one.\nTL;DR:", "target": "Ref A.",
+                          "references": ["Ref A.", "Ref B."], "source_text": "First sentence. Second one."}
+    assert records[1]["references"] == ["Only ref."] and records[1]["source_text"] == "Plain text."
+
+
+def test_gzipped_jsonl_is_read(tmp_path):
+    with gzip.open(tmp_path / "test.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"source": "Zipped.", "target": "Z."}) + "\n")
+    task = sum_task(tmp_path, {"test": "test.jsonl.gz"}, source=SourceSpec(
+        type="local", path=str(tmp_path), files={"test": "test.jsonl.gz"}))  # format from the extension
+    assert load_records(task, "eval")[0]["target"] == "Z."
+
+
+def lm_task(path: Path, files: dict, max_length: int = 10, **over) -> Task:
+    kw = dict(name="lm", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "text"}, max_length=max_length,
+              source=SourceSpec(type="local", path=str(path), format="txt", files=files),
+              splits={"train": "train", "eval": "train"})
+    kw.update(over)
+    return Task(**kw)
+
+
+def test_txt_packs_paragraphs_into_chunks_of_about_max_length_times_4(tmp_path):
+    paragraphs = [f"para {i} " + "w" * 14 for i in range(6)]  # 21 chars each
+    (tmp_path / "a.txt").write_text(" \n" + "\n \n".join(paragraphs) + "\n\n\n", encoding="utf-8")
+    records = load_records(lm_task(tmp_path, {"train": "a.txt"}, max_length=10), "train")
+    # 40-character target: two paragraphs per chunk, never split inside a paragraph.
+    assert [r["text"] for r in records] == ["\n\n".join(paragraphs[i:i + 2]) for i in (0, 2, 4)]
+
+
+def test_split_slicing_on_local_files(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"par{i}" for i in range(10)))
+    task = lm_task(tmp_path, {"train": "a.txt"}, max_length=1, splits={"train": "train[:80%]", "eval": "train[8:]"})
+    assert [r["text"] for r in load_records(task, "train")] == [f"par{i}" for i in range(8)]
+    assert [r["text"] for r in load_records(task, "eval")] == ["par8", "par9"]
+
+
+def test_package_source_reads_embedded_data(tmp_path, monkeypatch):
+    data = tmp_path / "embedded" / "data" / "mini"
+    data.mkdir(parents=True)
+    with gzip.open(data / "e.jsonl.gz", "wt") as f:
+        f.write('{"body": "packaged text"}\n')
+
+    class FakeFiles:  # stands in for importlib.resources.files("moeguard.tasks")
+        def __call__(self, package):
+            assert package == "moeguard.tasks"
+            return tmp_path
+
+    monkeypatch.setattr(loaders.resources, "files", FakeFiles())
+    task = Task(name="p", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "body"},
+                source=SourceSpec(type="package", path="mini", files={"train": "e.jsonl.gz"}))
+    assert load_records(task, "train") == [{"text": "packaged text"}]
+    with pytest.raises(MoeguardError, match="moeguard/tasks/embedded/data/mini/gone.jsonl.gz. for split"):
+        load_records(Task(name="p", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "body"},
+                          splits={"train": "validation"},
+                          source=SourceSpec(type="package", path="mini", files={"validation": "gone.jsonl.gz"})),
+                     "train")
+
+
+def test_disk_source_round_trip(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"t": ["a", "", "b", "c"]})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    task = Task(name="d", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "t"},
+                source=SourceSpec(type="disk", path=str(tmp_path / "dd")), splits={"train": "train", "eval": "train[2:]"})
+    assert [r["text"] for r in load_records(task, "train")] == ["a", "b", "c"]  # blank rows dropped
+    assert [r["text"] for r in load_records(task, "eval")] == ["b", "c"]
+    with pytest.raises(MoeguardError, match="has no split 'test'.*splits present: train"):
+        load_records(Task(name="d", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "t"},
+                          source=SourceSpec(type="disk", path=str(tmp_path / "dd")),
+                          splits={"eval": "test"}), "eval")
+
+
+# ------------------------------------------------------------------ error paths
+
+def test_missing_folder_names_the_path(tmp_path):
+    task = lm_task(tmp_path / "nope", {"train": "a.txt"})
+    with pytest.raises(MoeguardError) as err:
+        load_records(task, "train")
+    assert str(tmp_path / "nope") in err.value.message and "does not exist" in err.value.message
+    assert "relative paths resolve against the YAML file" in err.value.hint
+
+
+def test_missing_file_names_the_path_and_known_splits(tmp_path):
+    task = lm_task(tmp_path, {"train": "a.txt"})
+    with pytest.raises(MoeguardError) as err:
+        load_records(task, "train")
+    assert f"{tmp_path}/a.txt" in err.value.message and "splits with files: train" in err.value.hint
+
+
+def test_split_without_a_file(tmp_path):
+    task = lm_task(tmp_path, {"train": "a.txt"}, splits={"eval": "test"},
+                   source=SourceSpec(type="local", path=str(tmp_path), files={"train": "a.txt"}))
+    with pytest.raises(MoeguardError, match="names no file for split 'test'"):
+        load_records(task, "eval")
+
+
+def test_missing_column_lists_existing_columns(sst):
+    task = cls_task(sst, "tsv", {"test": "test.tsv"}, prompt="{text}")
+    with pytest.raises(MoeguardError, match=r"no column\(s\) \['text'\]; its columns are \['label', 'sentence'\]"):
+        load_records(task, "eval")
+
+
+def test_txt_column_hint(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(MoeguardError) as err:
+        load_records(lm_task(tmp_path, {"train": "a.txt"}, fields={"text": "body"}), "train")
+    assert "single column 'text'" in err.value.hint
+
+
+@pytest.mark.parametrize("content", ["", "   \n\n  \n"])
+def test_empty_split(tmp_path, content):
+    (tmp_path / "a.txt").write_text(content)
+    with pytest.raises(MoeguardError, match="is empty"):
+        load_records(lm_task(tmp_path, {"train": "a.txt"}), "train")
+
+
+def test_header_only_tsv_is_empty(sst):
+    (sst / "test.tsv").write_text("sentence\tlabel\n")
+    with pytest.raises(MoeguardError, match="is empty"):
+        load_records(cls_task(sst, "tsv", {"test": "test.tsv"}), "eval")
+
+
+def test_unknown_format_and_unguessable_extension(tmp_path):
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    with pytest.raises(MoeguardError, match="format 'parquet' is not supported"):
+        load_records(lm_task(tmp_path, {"train": "a.parquet"}, source=SourceSpec(
+            type="local", path=str(tmp_path), format="parquet", files={"train": "a.parquet"})), "train")
+    (tmp_path / "wiki.tokens").write_text("x")
+    with pytest.raises(MoeguardError, match="cannot tell the format of data file 'wiki.tokens'"):
+        load_records(lm_task(tmp_path, {"train": "wiki.tokens"}, source=SourceSpec(
+            type="local", path=str(tmp_path), files={"train": "wiki.tokens"})), "train")
+
+
+def test_bad_json_line_is_located(tmp_path):
+    (tmp_path / "test.jsonl").write_text('{"source": "a", "target": "b"}\n{oops\n')
+    with pytest.raises(MoeguardError, match="line 2 of .* is not valid JSON"):
+        load_records(sum_task(tmp_path, {"test": "test.jsonl"}), "eval")
+
+
+def test_not_utf8_and_corrupt_gzip(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(MoeguardError, match="not UTF-8"):
+        load_records(lm_task(tmp_path, {"train": "a.txt"}), "train")
+    (tmp_path / "b.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(MoeguardError, match="could not read data file"):
+        load_records(lm_task(tmp_path, {"train": "b.jsonl.gz"}, source=SourceSpec(
+            type="local", path=str(tmp_path), files={"train": "b.jsonl.gz"})), "train")
+
+
+def test_surplus_cells_are_reported(tmp_path):
+    (tmp_path / "test.tsv").write_text("sentence\tlabel\nok\t1\textra\n")
+    with pytest.raises(MoeguardError, match="line 2 .* more cells than the header"):
+        load_records(cls_task(tmp_path, "tsv", {"test": "test.tsv"}), "eval")
+
+
+def test_bad_role_and_limit(sst):
+    task = cls_task(sst, "tsv", {"test": "test.tsv"}, splits={"eval": "test"})
+    with pytest.raises(MoeguardError, match="role 'dev'"):
+        load_records(task, "dev")
+    with pytest.raises(MoeguardError, match="maps no split to role 'train'"):
+        load_records(task, "train")
+    with pytest.raises(MoeguardError, match="limit is 0"):
+        load_records(task, "eval", limit=0)
+
+
+def test_hub_source_without_name():
+    task = Task(name="h", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "text"}, source=SourceSpec(type="hub"))
+    with pytest.raises(MoeguardError, match="hub source without a dataset name"):
+        load_records(task, "eval")
