@@ -255,14 +255,24 @@ def test_docstring_paragraphs_drop_doctest_examples() -> None:
 
 def test_arith_compare_needs_a_real_comparison(built: Path) -> None:
     records = [r for split in build.SPLITS for r in read(built, split=split, task="arith-compare")]
-    assert all(len(str(r["a"])) == len(str(r["b"])) and r["a"] != r["b"] for r in records)
+    assert all(10 <= r["a"] <= 999 and 10 <= r["b"] <= 999 and r["a"] != r["b"] for r in records)
     assert all((r["a"] > r["b"]) == (r["label"] == "yes") for r in records)
-    # comparing only the first digit (and answering "yes" on a tie) is far from solving it
-    first_digit = sum((str(r["a"])[0] > str(r["b"])[0] or str(r["a"])[0] == str(r["b"])[0])
-                      == (r["label"] == "yes") for r in records) / len(records)
-    assert first_digit < 0.8
-    close = sum(abs(r["a"] - r["b"]) < 10 for r in records) / len(records)
-    assert close > 0.2
+    same = [r for r in records if len(str(r["a"])) == len(str(r["b"]))]
+    assert all((r["kind"] == "same_length") == (len(str(r["a"])) == len(str(r["b"]))) for r in records)
+    assert 0.55 <= len(same) / len(records) <= 0.65
+    for kind in ("same_length", "different_length"):
+        counts = Counter(r["label"] for r in records if r["kind"] == kind)
+        assert counts["yes"] == counts["no"], (kind, counts)
+
+    def accuracy(guess, rows) -> float:
+        return sum(guess(r) == (r["label"] == "yes") for r in rows) / len(rows)
+
+    # comparing digit counts only (yes on a tie), or the first digit only, is far from solving it
+    assert accuracy(lambda r: len(str(r["a"])) >= len(str(r["b"])), records) < 0.75
+    assert accuracy(lambda r: str(r["a"])[0] >= str(r["b"])[0], records) < 0.8
+    assert accuracy(lambda r: str(r["a"])[0] >= str(r["b"])[0], same) < 0.75
+    # hard negatives: many pairs differ by less than 10
+    assert sum(abs(r["a"] - r["b"]) < 10 for r in same) / len(same) > 0.3
 
 
 def test_lead_k_baselines_do_not_solve_summarization(built: Path) -> None:

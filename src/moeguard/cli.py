@@ -104,6 +104,7 @@ def eval_(model: ModelOpt = None,
     from moeguard.provenance import run_record
     from moeguard.report.tables import eval_table
     from moeguard.tasks.evaluate import evaluate_suite
+    from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import get_task
     from moeguard.zoo.train import embedded_tasks
 
@@ -112,6 +113,8 @@ def eval_(model: ModelOpt = None,
     task_list = [get_task(t.strip()) for t in tasks.split(",") if t.strip()] if tasks else embedded_tasks()
     if not task_list:
         raise MoeguardError(f"--tasks '{tasks}' names no task", hint="see `moeguard tasks` for names")
+    for t in task_list:  # fail on unreadable or empty data before loading any weights
+        load_records(t, "eval", limit=1)
     _seed(seed)
     m, tokenizer, ref = load_model(model)
     with _progress() as progress:

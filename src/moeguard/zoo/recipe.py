@@ -51,7 +51,7 @@ def training_text(task: Task, record: dict) -> str:
 
 
 def train_tokenizer(texts: list[str], *, vocab_size: int):
-    """Byte-level BPE on the suite (deterministic: single-threaded, sorted input)."""
+    """Byte-level BPE with single-digit tokens, trained on the suite (deterministic: no parallelism)."""
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -59,7 +59,10 @@ def train_tokenizer(texts: list[str], *, vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # single digits (as LLaMA does): numbers then share one representation per digit, which is
+    # what lets a tiny model learn the arithmetic comparison task at all
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -347,8 +347,21 @@ def function_source(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionD
     return "\n".join(out) if out else None
 
 
+_SELF_ATTR = re.compile(r"(?:\bself|\bcls|\bsuper\(\))\s*\.\s*$")
+
+
 def _mask_name(code: str, name: str) -> str:
-    return re.sub(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", "_", code)
+    """Replace the function's own name by ``_``: the definition, recursive calls (``name(``,
+    ``self.name``, ``cls.name``, ``super().name``) and mentions in strings and comments.
+    Attributes of other objects keep it (``self.fp.close()`` in ``close``): calling the
+    same-named method of a wrapped object is how a name is recovered from code."""
+    def repl(match: re.Match[str]) -> str:
+        before = code[: match.start()]
+        if before.rstrip().endswith(".") and not _SELF_ATTR.search(before):
+            return match.group(0)
+        return "_"
+
+    return re.sub(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", repl, code)
 
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -596,13 +609,23 @@ def _pair_differing_at(rng: random.Random, digits: int, position: int) -> tuple[
     return int("".join(map(str, first))), int("".join(map(str, second)))
 
 
-def build_arith_compare(seed: int) -> dict[str, list[dict[str, Any]]]:
-    """Balanced yes/no comparisons of two numbers with the same digit count.
+def _pair_of_lengths(rng: random.Random) -> tuple[int, int]:
+    """A 2-digit and a 3-digit number; a quarter of them close across the boundary (93, 104)."""
+    if rng.random() < 0.25:
+        return rng.randint(80, 99), rng.randint(100, 125)
+    return rng.randint(10, 99), rng.randint(100, 999)
 
-    Numbers have 2 digits (40%) or 3 digits (60%); the first differing digit position is
-    uniform over the positions, so two thirds of the 3-digit pairs share a prefix (hard
-    negatives: 'Is 472 greater than 476?') and a heuristic on the first digit is at chance
-    on them.
+
+def build_arith_compare(seed: int) -> dict[str, list[dict[str, Any]]]:
+    """Balanced yes/no comparisons of two 2-3 digit numbers.
+
+    60% of the pairs have the same digit count (2 digits 40%, 3 digits 60%) and a first
+    differing digit position uniform over the positions, so most share a prefix (hard
+    negatives: 'Is 472 greater than 476?') and a first-digit heuristic is at chance on them.
+    40% pair a 2-digit with a 3-digit number (a quarter of them close: 'Is 97 greater than
+    103?'): a tiny model learns those first (from the length), the same-length pairs only
+    with more training; without them it stays at chance for the whole ~10-minute budget.
+    Labels are balanced within both kinds.
     """
     rng = random.Random(f"moeguard-embedded:{seed}:arith-compare")
     seen: set[tuple[int, int]] = set()
@@ -612,15 +635,19 @@ def build_arith_compare(seed: int) -> dict[str, list[dict[str, Any]]]:
         records = []
         for i in range(n):
             answer = "yes" if i % 2 == 0 else "no"
+            same_length = i % 10 >= 4  # 6 of every 10, yes/no alternating within both kinds
             while True:
-                digits = 2 if rng.random() < 0.4 else 3
-                x, y = _pair_differing_at(rng, digits, rng.randrange(digits))
+                if same_length:
+                    digits = 2 if rng.random() < 0.4 else 3
+                    x, y = _pair_differing_at(rng, digits, rng.randrange(digits))
+                else:
+                    x, y = _pair_of_lengths(rng)
                 a, b = (max(x, y), min(x, y)) if answer == "yes" else (min(x, y), max(x, y))
                 if (a, b) not in seen:
                     seen.add((a, b))
                     break
-            records.append({"question": f"Is {a} greater than {b}?", "label": answer,
-                            "a": a, "b": b, "digits": digits})
+            records.append({"question": f"Is {a} greater than {b}?", "label": answer, "a": a, "b": b,
+                            "kind": "same_length" if same_length else "different_length"})
         out[split] = _order(rng, records, split, "label", ["yes", "no"])
     return out
 
@@ -728,8 +755,9 @@ TASK_NOTES = {
     "docstring-topic": ("classification", "Docstring paragraphs labelled with the stdlib area of their "
                         "module: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in TOPICS.items())
                         + ". Balanced by downsampling. " + PSF_NOTE),
-    "arith-compare": ("classification", "Generated 'Is A greater than B?' questions, 2-3 digit numbers "
-                      "with the same digit count, hard negatives sharing a prefix, balanced yes/no. "
+    "arith-compare": ("classification", "Generated 'Is A greater than B?' questions about 2-3 digit "
+                      "numbers: 60% with the same digit count (hard negatives sharing a prefix), 40% a "
+                      "2-digit against a 3-digit number; balanced yes/no within both kinds. "
                       + GENERATED_NOTE),
     "code-naming": ("summarization", "Extreme code summarization (Allamanis et al. 2016): stdlib "
                     "function source with its name replaced by '_' everywhere (recursive calls, "

@@ -1,0 +1,119 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, nothing written."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moeguard.cli import main
+from moeguard.models.tiny import tiny_model
+
+
+def run(args, capsys):
+    capsys.readouterr()  # drop what test set-up printed
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_clean_error(code, err, *needles):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("moeguard: error:")
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixtral")
+    tiny_model("mixtral").save_pretrained(d)
+    return d
+
+
+def test_missing_path(capsys, tmp_path):
+    code, _, err = run(["info", "--model", str(tmp_path / "nope")], capsys)
+    assert_clean_error(code, err, "does not exist")
+
+
+def test_dense_model_is_refused_with_supported_families(capsys, tmp_path):
+    cfg = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    code, _, err = run(["info", "--model", str(tmp_path)], capsys)
+    assert_clean_error(code, err, "dense", "mixtral", "deepseek_v3")
+
+
+def test_unsupported_moe_family(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "granitemoeshared", "num_local_experts": 8}))
+    code, _, err = run(["info", "--model", str(tmp_path)], capsys)
+    assert_clean_error(code, err, "unsupported MoE family", "granitemoe")
+
+
+def test_unknown_task_suggests_names(capsys):
+    code, _, err = run(["eval", "--tasks", "stdlib-doc"], capsys)
+    assert_clean_error(code, err, "stdlib-docs")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(capsys, tmp_path, mixtral_dir, damage):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(mixtral_dir, d)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
+    code, _, err = run(["info", "--model", str(d)], capsys)
+    assert_clean_error(code, err, "not a valid safetensors file")
+
+
+def test_pickle_only_checkpoint_is_refused(capsys, tmp_path, mixtral_dir):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(mixtral_dir, d)
+    (d / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, d / "pytorch_model.bin")
+    code, _, err = run(["info", "--model", str(d)], capsys)
+    assert_clean_error(code, err, "safetensors only")
+
+
+def test_empty_dataset(capsys, tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "eval.jsonl").write_text("")
+    (tmp_path / "t.yaml").write_text(
+        "name: empty-lm\nkind: language_modeling\nsource: {type: local, path: ., format: jsonl, "
+        "files: {train: train.jsonl, validation: eval.jsonl}}\nfields: {text: text}\n")
+    out = tmp_path / "res.json"
+    code, _, err = run(["eval", "--tasks", str(tmp_path / "t.yaml"), "--out", str(out)], capsys)
+    assert_clean_error(code, err, "empty")
+    assert not out.exists()
+
+
+def test_existing_output_is_kept_without_overwrite(capsys, tmp_path):
+    out = tmp_path / "res.json"
+    out.write_text("precious")
+    code, _, err = run(["eval", "--out", str(out), "--limit", "2"], capsys)
+    assert_clean_error(code, err, "already exists", "--overwrite")
+    assert out.read_text() == "precious"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from moeguard.errors import MoeguardError
+
+    with pytest.raises(MoeguardError):
+        main(["--debug", "info", "--model", str(tmp_path / "nope")])
+
+
+def test_tasks_lists_embedded_suite_and_presets(capsys):
+    code, out, _ = run(["tasks", "--json"], capsys)
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    kinds = {rows[n]["kind"] for n in rows if rows[n]["source"].startswith("package:")}
+    assert kinds == {"language_modeling", "classification", "summarization"}
+    assert rows["glue-sst2"]["metric"] == "accuracy" and rows["wikitext-103"]["metric"] == "perplexity"

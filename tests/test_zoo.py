@@ -1,0 +1,53 @@
+"""The embedded model's recipe: packing, mixing, tokenizer, specialization, determinism."""
+
+import hashlib
+
+import pytest
+import torch
+
+from moeguard.models.specialization import task_expert_mutual_information
+from moeguard.zoo.recipe import Recipe, mixture_order, pack_blocks, train_tokenizer
+
+
+def test_pack_blocks_starts_every_block_at_an_example():
+    examples = [[1] * 5, [2] * 4, [3] * 7, [4] * 20]
+    blocks = pack_blocks(examples, context=10, eos_id=0)
+    assert blocks == [[1] * 5 + [0] + [2] * 4, [3] * 7 + [0], [4] * 10]
+
+
+def test_mixture_weights_tasks_equally_and_is_seeded():
+    order = mixture_order({"a": 3, "b": 50}, steps=10, batch_size=4, seed=0)
+    names = [n for n, _ in order]
+    assert names.count("a") == names.count("b") == 20
+    assert all(0 <= i < 3 for n, i in order if n == "a")
+    assert order == mixture_order({"a": 3, "b": 50}, steps=10, batch_size=4, seed=0)
+    assert order != mixture_order({"a": 3, "b": 50}, steps=10, batch_size=4, seed=1)
+
+
+def test_tokenizer_training_is_deterministic_and_round_trips():
+    texts = [f"def f{i}(x):\n    return x + {i}  # café" for i in range(200)]
+    a, b = train_tokenizer(texts, vocab_size=400), train_tokenizer(texts, vocab_size=400)
+    assert a.get_vocab() == b.get_vocab()
+    assert a.decode(a("def g(y): return 'é'")["input_ids"]) == "def g(y): return 'é'"
+
+
+def test_specialization_statistic_bounds():
+    same = torch.tensor([[0.25, 0.25, 0.25, 0.25]])
+    assert task_expert_mutual_information({"a": same, "b": same}) == [0.0]
+    disjoint = {"a": torch.tensor([[0.5, 0.5, 0.0, 0.0]]), "b": torch.tensor([[0.0, 0.0, 0.5, 0.5]])}
+    assert task_expert_mutual_information(disjoint) == [pytest.approx(1.0)]
+
+
+def test_recipe_is_deterministic_end_to_end(tmp_path):
+    """Two trainings with one seed give byte-identical weights (a tiny, short recipe)."""
+    from moeguard.zoo.train import train_embedded
+
+    small = Recipe(steps=3, hidden_size=32, intermediate_size=32, num_layers=2, batch_size=4, context=64,
+                   vocab_size=600)
+    digests = []
+    for name in ("a", "b"):
+        card = train_embedded(tmp_path / name, recipe=small)
+        digests.append(hashlib.sha256((tmp_path / name / "model.safetensors").read_bytes()).hexdigest())
+        assert (tmp_path / name / "tokenizer.json").exists() and (tmp_path / name / "README.md").exists()
+        assert len(card["specialization"]["per_layer"]) == 2
+    assert digests[0] == digests[1]
