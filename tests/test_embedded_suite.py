@@ -219,7 +219,12 @@ def test_code_naming_hides_the_name(built: Path) -> None:
             assert r["code"].lstrip().startswith(("def _(", "async def _(", "@"))
             assert "def _(" in r["code"]
             assert build.name_words(r["function"]) == r["target"].split()
-            assert not re.search(rf"(?<![A-Za-z0-9_]){re.escape(r['function'])}(?![A-Za-z0-9_])", r["code"])
+            # the name survives only as another object's attribute (a wrapped call, `self.fp.close()`)
+            for m in re.finditer(rf"(?<![A-Za-z0-9_]){re.escape(r['function'])}(?![A-Za-z0-9_])", r["code"]):
+                before = r["code"][: m.start()].rstrip()
+                assert before.endswith("."), (r["function"], r["code"])
+                assert not re.search(r"(?:\bself|\bcls|\bsuper\(\))\s*\.$", before), (r["function"], r["code"])
+            assert build.name_recoverable(r["code"], r["target"].split())
             assert not (r["function"].startswith("__") and r["function"].endswith("__"))
             assert not r["function"].lower().startswith("test")
             assert len(r["code"]) <= build.NAMING_MAX_CHARS
@@ -251,6 +256,14 @@ def test_docstring_paragraphs_drop_doctest_examples() -> None:
     assert build.docstring_paragraphs(doc) == ["Add numbers.", "Works on floats too."]
     assert build.name_words("get_close_matches") == ["get", "close", "matches"]
     assert build.name_words("_getHTTPResponse") == ["get", "http", "response"]
+
+
+def test_mask_name_hides_definition_and_recursion_only() -> None:
+    code = ("def close(self):\n    self.fp.close()\n    self.close = 1\n    super().close()\n"
+            "    x = close(y)  # close it\n    return 'close() failed'")
+    assert build._mask_name(code, "close") == (
+        "def _(self):\n    self.fp.close()\n    self._ = 1\n    super()._()\n"
+        "    x = _(y)  # _ it\n    return '_() failed'")
 
 
 def test_arith_compare_needs_a_real_comparison(built: Path) -> None:

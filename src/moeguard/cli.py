@@ -36,7 +36,8 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False)
+    # pipes and CI logs get a readable width instead of rich's 80-column fallback
+    return Console(stderr=False, width=None if sys.stdout.isatty() else 120)
 
 
 def _progress():

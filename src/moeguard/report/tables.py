@@ -42,10 +42,11 @@ def tasks_table(rows: list[dict]) -> Table:
 def eval_table(results: dict) -> Table:
     t = Table(title=f"evaluation of {results['model']}")
     for c in ("task", "kind", "metric", "score", "baseline", "baseline score", "n"):
-        t.add_column(c, justify="right" if c in ("score", "baseline score", "n") else "left")
+        t.add_column(c, justify="right" if c in ("score", "baseline score", "n") else "left", no_wrap=True)
     for name, r in results["tasks"].items():
         b = r.get("baseline") or {}
         arrow = "↑" if r["higher_is_better"] else "↓"
-        t.add_row(name, r["kind"], f"{r['metric']} {arrow}", _fmt(r["score"]), b.get("name", "-"),
+        kind = {"language_modeling": "LM", "classification": "class.", "summarization": "summ."}.get(r["kind"], r["kind"])
+        t.add_row(name, kind, f"{r['metric']} {arrow}", _fmt(r["score"]), b.get("name", "-"),
                   _fmt(b.get("score")), _fmt(r["n_samples"]))
     return t

@@ -760,8 +760,9 @@ TASK_NOTES = {
                       "2-digit against a 3-digit number; balanced yes/no within both kinds. "
                       + GENERATED_NOTE),
     "code-naming": ("summarization", "Extreme code summarization (Allamanis et al. 2016): stdlib "
-                    "function source with its name replaced by '_' everywhere (recursive calls, "
-                    "strings), docstring removed; target is the name split into lower-case words. "
+                    "function source with its name replaced by '_' (definition, recursive calls, "
+                    "self/cls/super() attributes, strings, comments), docstring removed; target is "
+                    "the name split into lower-case words. "
                     "Dunder, test* and short one-word names dropped, and names none of whose words "
                     "(3+ letters) is left in the masked code (not recoverable); at most "
                     f"{NAMING_PER_NAME} functions per name and split. " + PSF_NOTE),
