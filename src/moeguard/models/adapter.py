@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-import torch
 from torch import nn
 
 from moeguard.errors import MoeguardError
@@ -112,7 +111,3 @@ class MoEAdapter:
             "gate_normalization": self.family.routing.describe(self.config),
             "parameters": counts,
         }
-
-
-def tensor_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

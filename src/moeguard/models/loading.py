@@ -7,7 +7,6 @@ checked before weights are read. Weights are read only from safetensors.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,7 @@ def resolve(ref: str | None) -> ModelRef:
         if not p.is_dir():
             raise MoeguardError(f"--model {ref} is a file", hint="pass the checkpoint directory holding config.json")
         return ModelRef(ref, p.resolve(), None)
-    looks_like_path = ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").split("/", 1)[-1] or ref.count("/") != 1
-    if looks_like_path:
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:  # hub ids are exactly org/name
         raise MoeguardError(f"model path {ref} does not exist",
                             hint="pass an existing checkpoint directory or a hub id like org/name")
     return ModelRef(ref, None, ref)
