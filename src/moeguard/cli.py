@@ -129,6 +129,185 @@ def eval_(model: ModelOpt = None,
         typer.echo(f"results written to {out}")
 
 
+def _names(value: str | None, what: str) -> list[str]:
+    names = [x.strip() for x in (value or "").split(",") if x.strip()]
+    if value is not None and not names:
+        raise MoeguardError(f"{what} '{value}' names nothing", hint=f"pass comma-separated {what.lstrip('-')}")
+    return names
+
+
+def _ints(value: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in _names(value, what)]
+    except ValueError:
+        raise MoeguardError(f"{what} '{value}' is not a comma-separated list of integers", hint=f"e.g. {what} 2,4,6") from None
+
+
+@app.command()
+def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAML path")],
+              method: Annotated[str, typer.Option("--method", help="attribution method (see `moeguard methods`)")],
+              out: Annotated[Path, typer.Option("--out", help="scores JSON to write")],
+              model: ModelOpt = None,
+              samples: Annotated[int, typer.Option("--samples", min=1, help="calibration samples from the task's train split")] = 64,
+              reference: Annotated[Optional[str], typer.Option("--reference", help="contrastive: comma-separated reference tasks; default: the rest of the embedded suite")] = None,
+              batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+              overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+    """Score every (layer, expert) for a task with one method; higher = more important."""
+    from moeguard.attribution.base import get_method
+    from moeguard.attribution.run import make_context, score
+    from moeguard.io import check_output, write_json
+    from moeguard.models.loading import inspect, load_model
+    from moeguard.report.tables import scores_table
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.registry import get_task
+
+    check_output(out, overwrite=overwrite)
+    get_method(method)
+    refs = _names(reference, "--reference") if reference is not None else None
+    for t in [task, *(refs or [])]:
+        load_records(get_task(t), "eval", limit=1)
+    inspect(model)
+    _seed(seed)
+    m, tokenizer, ref = load_model(model)
+    with _progress() as progress:
+        ctx = make_context(m, tokenizer, task, samples=samples, batch_size=batch_size, seed=seed,
+                           reference=refs, progress=progress)
+        s = score(ctx, method)
+    doc = s.to_dict()
+    doc["model"] = ref.name
+    doc["run"] = _run({"model": ref.name, "task": task, "method": method, "samples": samples, "seed": seed,
+                       "reference": refs, "batch_size": batch_size})
+    write_json(out, doc, overwrite=overwrite)
+    _console().print(scores_table(doc))
+    typer.echo(f"scores written to {out}")
+
+
+@app.command()
+def methods(as_json: JsonOpt = False) -> None:
+    """Registered attribution methods."""
+    from moeguard.attribution.base import list_methods
+
+    rows = [{"name": m.name, "description": m.description, "needs_reference": m.needs_reference} for m in list_methods()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['name']:<15} {r['description']}")
+
+
+@app.command()
+def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint directory")],
+          model: ModelOpt = None,
+          scores: Annotated[Optional[Path], typer.Option("--scores", help="scores JSON from `moeguard attribute`")] = None,
+          keep: Annotated[Optional[int], typer.Option("--keep", help="experts kept in every layer")] = None,
+          keep_ratio: Annotated[Optional[float], typer.Option("--keep-ratio", help="share of each layer's experts kept")] = None,
+          budget: Annotated[Optional[int], typer.Option("--budget", help="experts kept in total, allocated across layers by score")] = None,
+          plan: Annotated[Optional[Path], typer.Option("--plan", help='explicit plan JSON {"keep": {"<layer>": [experts]}}')] = None,
+          streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", help="default: streaming for a local checkpoint")] = None,
+          plan_only: Annotated[bool, typer.Option("--plan-only", help="write only the plan JSON to --out")] = False,
+          overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+    """Physically remove experts: a smaller checkpoint vanilla transformers loads."""
+    from moeguard.attribution.base import Scores
+    from moeguard.io import check_output, write_json
+    from moeguard.models.loading import inspect
+    from moeguard.pruning.apply import write_pruned
+    from moeguard.pruning.plan import PrunePlan, plan_from_scores
+
+    if (scores is None) == (plan is None):
+        raise MoeguardError("give exactly one of --scores or --plan", hint="e.g. --scores scores.json --keep 4")
+    if plan is not None and any(x is not None for x in (keep, keep_ratio, budget)):
+        raise MoeguardError("--keep/--keep-ratio/--budget go with --scores, not with --plan",
+                            hint="an explicit plan already names the kept experts")
+    check_output(out, overwrite=overwrite)
+    _, config, family = inspect(model)
+    if plan is not None:
+        the_plan = PrunePlan.load(plan)
+    else:
+        s = Scores.load(scores)
+        E = int(getattr(config, family.num_experts_key))
+        if s.num_experts != E:
+            raise MoeguardError(f"{scores} scores {s.num_experts} experts per layer, the model has {E}",
+                                hint="attribute this model: moeguard attribute --model ... --out scores.json")
+        the_plan = plan_from_scores(s, keep=keep, keep_ratio=keep_ratio, budget=budget, min_keep=family.min_experts)
+    if plan_only:
+        write_json(out, the_plan.to_dict(), overwrite=overwrite)
+        typer.echo(f"plan ({the_plan.kept_total} experts kept, {the_plan.rule}) written to {out}")
+        return
+    _seed(seed)
+    with _progress() as progress:
+        record = write_pruned(model, the_plan, out, overwrite=overwrite, streaming=streaming, progress=progress,
+                              settings={"model": model or "embedded", "scores": str(scores) if scores else None,
+                                        "plan": str(plan) if plan else None, "keep": keep, "keep_ratio": keep_ratio,
+                                        "budget": budget, "seed": seed})
+    kept = ", ".join(f"{l}: {v}" for l, v in record["keep"].items())
+    typer.echo(f"pruned {record['original_num_experts']} -> {record['num_experts']} experts per layer "
+               f"({record['method']}); kept {kept}; written to {out}")
+
+
+@app.command()
+def sweep(out: Annotated[Path, typer.Option("--out", help="run directory to create")],
+          model: ModelOpt = None,
+          tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated tasks; default: the embedded suite")] = None,
+          methods: Annotated[Optional[str], typer.Option("--methods", help="comma-separated methods; default: all")] = None,
+          keep: Annotated[Optional[str], typer.Option("--keep", help="keep levels with collateral damage, e.g. 2,4,6; default: N/4, N/2, 3N/4")] = None,
+          samples: Annotated[int, typer.Option("--samples", min=1, help="attribution samples per task")] = 64,
+          eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help="eval samples of the pruned task")] = 64,
+          collateral_limit: Annotated[int, typer.Option("--collateral-limit", min=1, help="eval samples of each other task")] = 32,
+          random_seeds: Annotated[int, typer.Option("--random-seeds", min=0, help="random rankings for the baseline band")] = 5,
+          deletion_curves: Annotated[bool, typer.Option("--deletion-curves/--no-deletion-curves", help="also every keep level from N-1 down to top-k")] = True,
+          physical_checks: Annotated[int, typer.Option("--physical-checks", min=0, help="points re-scored on physically pruned copies")] = 2,
+          overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+    """Knowledge-loss study: retention per task, method and keep level, against random rankings."""
+    from moeguard.attribution.base import get_method, list_methods
+    from moeguard.io import atomic_dir
+    from moeguard.models.loading import inspect, load_model
+    from moeguard.pruning.sweep import SweepConfig, run_sweep
+    from moeguard.report.sweep import sweep_table, write_sweep
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.registry import get_task
+    from moeguard.zoo.train import embedded_tasks
+
+    from moeguard.io import check_output
+
+    check_output(out, overwrite=overwrite)
+    task_list = [get_task(t) for t in _names(tasks, "--tasks")] if tasks else embedded_tasks()
+    method_list = _names(methods, "--methods") if methods else [m.name for m in list_methods()]
+    for m in method_list:
+        get_method(m)
+    for t in task_list:
+        load_records(t, "eval", limit=1)
+    _, config, family = inspect(model)
+    E = int(getattr(config, family.num_experts_key))
+    keeps = _ints(keep, "--keep") if keep else sorted({max(family.min_experts, E // 4), E // 2, 3 * E // 4})
+    bad = [k for k in keeps if not family.min_experts <= k < E]
+    if bad:
+        raise MoeguardError(f"--keep levels {bad} are impossible for {E} experts per layer",
+                            hint=f"use levels from {family.min_experts} to {E - 1}")
+    _seed(seed)
+    m, tokenizer, ref = load_model(model)
+    cfg = SweepConfig(tasks=[t.name for t in task_list], methods=method_list, keeps=keeps, samples=samples,
+                      eval_limit=eval_limit, collateral_limit=collateral_limit, random_seeds=random_seeds,
+                      deletion_curves=deletion_curves, physical_checks=physical_checks, seed=seed)
+    scores: dict[str, dict[str, dict]] = {}
+    with _progress() as progress:
+        doc = run_sweep(m, tokenizer, cfg, progress=progress,
+                        on_scores=lambda t, meth, s: scores.setdefault(t, {}).__setitem__(meth, s.to_dict()))
+    doc["model"]["name"] = ref.name
+    doc["run"] = _run({"model": ref.name, **doc["settings"]})
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_sweep(doc, scores, tmp)
+    _console().print(sweep_table(doc))
+    bad = [c for c in doc["physical_checks"] if c["abs_diff"] > 1e-6 or c["params_physical"] != c["params_expected"]]
+    typer.echo(f"{len(doc['physical_checks'])} physical-pruning checks, {len(bad)} mismatched; "
+               f"{doc['evaluations']['run']} evaluations in {doc['seconds']:.0f} s; written to {out}")
+
+
+def _run(settings: dict) -> dict:
+    from moeguard.provenance import run_record
+
+    return run_record(settings)
+
+
 @zoo_app.command("train")
 def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint directory")] = Path("runs/embedded-model"),
               steps: Annotated[int, typer.Option("--steps", min=1)] = 1000,

@@ -83,6 +83,18 @@ class MoEAdapter:
     def top_k(self) -> int:
         return self.layers[0].top_k
 
+    @cached_property
+    def decoder_layers(self) -> list[nn.Module]:
+        """Every decoder layer, dense ones included, in order."""
+        return list(_get_path(self.model, self.family.layers_path))
+
+    def head(self, hidden):
+        """Logits from the last decoder layer's output: final norm, LM head, family scaling."""
+        logits = self.model.get_output_embeddings()(_get_path(self.model, self.family.final_norm_path)(hidden))
+        if self.family.logits_divisor_key:
+            logits = logits / getattr(self.config, self.family.logits_divisor_key)
+        return logits
+
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters and those active for one token (top-k of the routed experts)."""
         seen: set[int] = set()

@@ -66,6 +66,9 @@ class FamilySpec:
     layers_path: str = "model.layers"
     min_experts: int = 1                  # fewest experts a valid router of this family accepts
     aux_loss_key: str | None = "router_aux_loss_coef"
+    # what runs after the last decoder layer (replaying the model from a cached layer input)
+    final_norm_path: str = "model.norm"
+    logits_divisor_key: str | None = None  # GraniteMoE divides logits by config.logits_scaling
 
 
 FAMILIES: dict[str, FamilySpec] = {}
@@ -101,7 +104,8 @@ register_family(FamilySpec(
     min_experts=2, aux_loss_key=None))
 register_family(FamilySpec(
     name="granitemoe", model_types=("granitemoe",), block_attrs=("block_sparse_moe",), router_attr="router",
-    routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts"))
+    routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
+    logits_divisor_key="logits_scaling"))
 register_family(FamilySpec(
     name="phimoe", model_types=("phimoe",), block_attrs=("mlp", "block_sparse_moe"), router_attr="router",
     # sparsemixer always picks two distinct experts

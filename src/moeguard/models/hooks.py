@@ -256,3 +256,130 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
     finally:
         for router in patched:
             router.__dict__.pop("forward", None)
+
+
+# --------------------------------------------------------------------------- attribution hooks
+
+@contextlib.contextmanager
+def capture_inputs(modules: Mapping[int, nn.Module]) -> Iterator[dict[int, tuple]]:
+    """Record ``(args, kwargs)`` (detached) of each module's latest call inside the block.
+
+    On decoder layers this is what replaying the model from a layer needs: the hidden states
+    plus the exact masks and rotary tables transformers computed for that layer (sliding-window
+    layers get their own mask); on MoE blocks it is the layer-local input.
+    """
+    store: dict[int, tuple] = {}
+    handles = []
+
+    def hook_for(key):
+        def hook(module, args, kwargs):
+            store[key] = (tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
+        return hook
+
+    try:
+        for key, module in modules.items():
+            handles.append(module.register_forward_pre_hook(hook_for(key), with_kwargs=True))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[int], *, rows: int) -> Iterator[None]:
+    """Batched single-expert masks for one layer: the input batch is ``len(drops)`` copies of a
+    ``rows``-token batch, and copy ``c`` routes as if expert ``drops[c]`` were pruned (exactly
+    what :func:`mask_experts` does with every other expert kept)."""
+    layer = adapter.layer(layer_index)
+    router, spec = layer.router, adapter.family.routing
+    E = layer.num_experts
+    plans = []
+    for e in drops:
+        kept = [x for x in range(E) if x != e]
+        plans.append((torch.tensor(kept, device=router.weight.device),
+                      pruned_router_params(adapter.family, adapter.config, kept, E)))
+
+    def forward(hidden_states):
+        logits = router_logits(router, hidden_states)
+        if logits.shape[0] != rows * len(plans):
+            raise RuntimeError(f"expected {rows} x {len(plans)} tokens, got {logits.shape[0]}")
+        masked, weights, index = [], [], []
+        for c, (kept, params) in enumerate(plans):
+            part = logits[c * rows:(c + 1) * rows]
+            w, sub = route_module(router, part, spec, params, kept=kept)
+            m = torch.full_like(part, float("-inf"))
+            m[:, kept] = part[:, kept]
+            masked.append(m), weights.append(w), index.append(kept[sub])
+        return torch.cat(masked), torch.cat(weights), torch.cat(index)
+
+    router.forward = forward
+    try:
+        yield
+    finally:
+        router.__dict__.pop("forward", None)
+
+
+@dataclass
+class ExpertTrace:
+    """What one MoE layer's experts saw and produced in a forward with gradients."""
+
+    hidden: torch.Tensor = None   # [N, H] tokens entering the experts (detached)
+    index: torch.Tensor = None    # [N, k] chosen experts
+    weights: torch.Tensor = None  # [N, k] their gate weights
+    logits: torch.Tensor = None   # [N, E] router logits
+    slot_out: torch.Tensor = None  # [N, k, H] each chosen expert's unweighted output (detached)
+    grad: torch.Tensor = None     # [N, H] d loss / d (weighted experts output), after backward
+
+
+@contextlib.contextmanager
+def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Iterator[dict[int, ExpertTrace]]:
+    """Per MoE layer, record router logits, expert inputs, per-slot outputs and (after the caller's
+    ``backward``) the gradient of the loss at the experts' output. The experts run through their
+    own implementation, one expert at a time, so the forward computes the same function."""
+    adapter = adapter or MoEAdapter(model)
+    traces = {l.index: ExpertTrace() for l in adapter.layers}
+    handles, patched = [], []
+
+    def router_hook(trace):
+        def hook(module, args, output):
+            trace.logits = output[0].detach()
+        return hook
+
+    def experts_forward(trace, original):
+        def forward(hidden_states, top_k_index, top_k_weights):
+            N, k = top_k_index.shape
+            slots = hidden_states.new_zeros(N, k, hidden_states.shape[-1])
+            for e in torch.unique(top_k_index).tolist():
+                tok, pos = torch.where(top_k_index == e)
+                one = torch.full((tok.numel(), 1), e, dtype=top_k_index.dtype, device=tok.device)
+                ones = torch.ones((tok.numel(), 1), dtype=top_k_weights.dtype, device=tok.device)
+                slots = slots.index_put((tok, pos), original(hidden_states[tok], one, ones).to(slots.dtype))
+            out = (slots * top_k_weights[..., None].to(slots.dtype)).sum(1)
+            trace.hidden, trace.index = hidden_states.detach(), top_k_index.detach()
+            trace.weights, trace.slot_out = top_k_weights.detach(), slots.detach()
+            if out.requires_grad:
+                out.register_hook(lambda g: setattr(trace, "grad", g.detach()))
+            return out
+        return forward
+
+    try:
+        for layer in adapter.layers:
+            t = traces[layer.index]
+            handles.append(layer.router.register_forward_hook(router_hook(t)))
+            original = layer.experts.forward
+            patched.append(layer.experts)
+            layer.experts.forward = experts_forward(t, original)
+        yield traces
+    finally:
+        for h in handles:
+            h.remove()
+        for module in patched:
+            module.__dict__.pop("forward", None)

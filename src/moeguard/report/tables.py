@@ -50,3 +50,14 @@ def eval_table(results: dict) -> Table:
         t.add_row(name, kind, f"{r['metric']} {arrow}", _fmt(r["score"]), b.get("name", "-"),
                   _fmt(b.get("score")), _fmt(r["n_samples"]))
     return t
+
+
+def scores_table(doc: dict) -> Table:
+    """Per layer: the experts from most to least important, with their scores."""
+    t = Table(title=f"{doc['method']} scores for '{doc['task']}' ({doc['samples']} samples, {doc['seconds']:.1f} s)")
+    t.add_column("layer", justify="right")
+    t.add_column("experts, most important first (score)")
+    for layer, row in doc["scores"].items():
+        order = sorted(range(len(row)), key=lambda e: (-(row[e] if row[e] is not None else float("-inf")), e))
+        t.add_row(layer, "  ".join(f"{e} ({_fmt(row[e]) if abs(row[e] or 0) >= 0.01 else f'{row[e]:.2e}'})" for e in order))
+    return t

@@ -1,0 +1,40 @@
+"""``ablation``: the exact increase of the task loss when one expert is pruned (the ground truth).
+
+For each (layer, expert): the mean target NLL with that expert masked (its tokens re-routed
+among the rest, as the pruned model would) minus the unmodified model's. Cost is kept to what
+exactness needs: one plain forward records every decoder layer's input, each mask re-runs only
+layers l..end, and ``masks_per_pass`` masks share one batched pass. Total work is
+sum over MoE layers l of E x (layers after l + head), below L x E full forwards.
+"""
+
+import torch
+
+from moeguard.attribution.base import MethodOutput, register_method
+from moeguard.attribution.replay import replay
+from moeguard.models.hooks import capture_inputs, drop_one_per_chunk
+from moeguard.tasks.batches import token_nll
+
+
+@register_method("ablation", "exact increase of the mean target NLL when the expert is masked (its tokens re-routed)",
+                 comparable_across_layers=True)
+def ablation(ctx) -> MethodOutput:
+    adapter, model = ctx.adapter, ctx.model
+    E = adapter.num_experts
+    per_pass = max(1, int(ctx.options.get("masks_per_pass", 4)))
+    deltas = torch.zeros(len(adapter.layers), E, dtype=torch.float64)
+    layers = dict(enumerate(adapter.decoder_layers))
+    with torch.no_grad():
+        for batch in ctx.track(ctx.batches, "ablation"):
+            b = batch.to(ctx.device)
+            with capture_inputs(layers) as inputs:
+                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+            base = token_nll(logits, b.labels).double().sum()
+            tokens = b.input_ids.numel()
+            for row, layer in enumerate(adapter.layers):
+                for first in range(0, E, per_pass):
+                    drops = list(range(first, min(E, first + per_pass)))
+                    with drop_one_per_chunk(adapter, layer.index, drops, rows=tokens):
+                        out = replay(adapter, inputs, layer.index, copies=len(drops))
+                    nll = token_nll(out, b.labels.repeat(len(drops), 1)).double()
+                    deltas[row, drops] += nll.view(len(drops), -1).sum(1).cpu() - float(base)
+    return MethodOutput(scores=deltas / max(1, ctx.n_targets), tokens=ctx.n_targets)

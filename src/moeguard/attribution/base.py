@@ -1,0 +1,136 @@
+"""Attribution scores (one number per (layer, expert) of a task) and the method registry.
+
+A method is a function ``score(ctx) -> MethodOutput`` registered under a name. Higher score =
+more important to the task. The scores file is the only thing pruning reads, so scoring and
+planning stay separate (and a plan can be re-made from saved scores without the model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moeguard.errors import MoeguardError, suggest
+
+SCHEMA = "moeguard.attribution/1"
+
+
+@dataclass(kw_only=True)
+class Scores:
+    method: str
+    task: str
+    model: str
+    samples: int
+    tokens: int                      # target tokens (loss-based methods) or routed tokens seen
+    layers: list[int]                # decoder-layer index of each row
+    num_experts: int
+    top_k: int
+    scores: torch.Tensor             # [L, E] float64, higher = more important
+    # best kept subsets found by a search, by keep count then layer (reconstruction); the
+    # planner uses them for a uniform keep when present
+    subsets: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    description: str = ""
+    # scores in the same unit in every layer (loss increase): a budget can compare them as they
+    # are; otherwise each layer's scores are turned into shares of the layer first
+    comparable_across_layers: bool = False
+
+    def ranking(self, row: int) -> list[int]:
+        """Experts of layer row ``row``, most important first (ties: lower index first)."""
+        s = self.scores[row].tolist()
+        return sorted(range(len(s)), key=lambda e: (-s[e], e))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "method": self.method, "description": self.description, "task": self.task,
+            "model": self.model, "samples": self.samples, "tokens": self.tokens, "num_experts": self.num_experts,
+            "top_k": self.top_k, "layers": self.layers,
+            "scores": {str(l): [_num(v) for v in row] for l, row in zip(self.layers, self.scores.tolist())},
+            "subsets": {str(k): {str(l): v for l, v in m.items()} for k, m in sorted(self.subsets.items())},
+            "comparable_across_layers": self.comparable_across_layers,
+            "settings": self.settings, "seconds": round(self.seconds, 3),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, origin: str = "<scores>") -> "Scores":
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise MoeguardError(f"{origin} is not a moeguard scores file (schema {data.get('schema') if isinstance(data, dict) else None!r})",
+                                hint="make one with: moeguard attribute --model M --task T --method NAME --out scores.json")
+        try:
+            layers = [int(k) for k in data["scores"]]
+            rows = [[float("nan") if v is None else float(v) for v in data["scores"][str(k)]] for k in layers]
+            E = int(data["num_experts"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MoeguardError(f"{origin} is malformed ({exc})", hint="re-run moeguard attribute") from None
+        if any(len(r) != E for r in rows):
+            raise MoeguardError(f"{origin}: a layer's score list does not have {E} entries", hint="re-run moeguard attribute")
+        subsets = {int(k): {int(l): [int(e) for e in v] for l, v in m.items()} for k, m in (data.get("subsets") or {}).items()}
+        return cls(method=data["method"], task=data["task"], model=data.get("model", ""), samples=int(data["samples"]),
+                   tokens=int(data.get("tokens", 0)), layers=layers, num_experts=E, top_k=int(data["top_k"]),
+                   scores=torch.tensor(rows, dtype=torch.float64), subsets=subsets,
+                   settings=dict(data.get("settings") or {}), seconds=float(data.get("seconds", 0.0)),
+                   description=data.get("description", ""),
+                   comparable_across_layers=bool(data.get("comparable_across_layers", False)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Scores":
+        path = Path(path)
+        if not path.is_file():
+            raise MoeguardError(f"scores file {path} does not exist",
+                                hint="make one with: moeguard attribute --model M --task T --method NAME --out scores.json")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MoeguardError(f"scores file {path} is not valid JSON ({exc})", hint="re-run moeguard attribute") from None
+        return cls.from_dict(data, origin=str(path))
+
+
+def _num(v: float):
+    return None if not math.isfinite(v) else round(v, 9)
+
+
+@dataclass
+class MethodOutput:
+    scores: torch.Tensor                          # [L, E]
+    tokens: int
+    subsets: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., MethodOutput]
+    description: str
+    needs_reference: bool = False
+    comparable_across_layers: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, description: str, *, needs_reference: bool = False,
+                    comparable_across_layers: bool = False):
+    def wrap(fn):
+        METHODS[name] = Method(name, fn, description, needs_reference, comparable_across_layers)
+        return fn
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    from moeguard.attribution import registry  # noqa: F401  (imports every method file)
+
+    if name not in METHODS:
+        raise MoeguardError(f"unknown attribution method '{name}'", hint=suggest(name, list(METHODS)))
+    return METHODS[name]
+
+
+def list_methods() -> list[Method]:
+    from moeguard.attribution import registry  # noqa: F401
+
+    return [METHODS[k] for k in sorted(METHODS)]

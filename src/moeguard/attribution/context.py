@@ -1,0 +1,74 @@
+"""What every attribution method receives: the model, its MoE view and the task's batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.hooks import RoutingCapture
+from moeguard.tasks.batches import Batch, token_nll
+
+
+@dataclass(kw_only=True)
+class Context:
+    model: Any
+    tokenizer: Any
+    adapter: MoEAdapter
+    task: Any                      # moeguard.tasks.base.Task
+    batches: list[Batch]
+    reference: list[Batch] = field(default_factory=list)   # contrastive methods' reference corpus
+    seed: int = 0
+    progress: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)    # shared between methods of one run
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_targets(self) -> int:
+        return sum(b.n_targets for b in self.batches)
+
+    def routing_stats(self, *, norms: bool = False, reference: bool = False):
+        """Routing statistics over the task's (or the reference's) batches, computed once per run."""
+        key = f"stats:{'ref' if reference else 'task'}:{norms}"
+        if key not in self.cache:
+            batches = self.reference if reference else self.batches
+            with torch.no_grad(), RoutingCapture(self.model, norms=norms, adapter=self.adapter) as cap:
+                for b in self.track(batches, "routing capture"):
+                    b = b.to(self.device)
+                    self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            self.cache[key] = cap.stats
+            if norms:  # norms=True records everything the plain capture does
+                self.cache.setdefault(f"stats:{'ref' if reference else 'task'}:False", cap.stats)
+        return self.cache[key]
+
+    def task_loss(self) -> float:
+        """Mean target NLL of the unmodified model: the quantity ablation and gradient perturb."""
+        if "loss" not in self.cache:
+            total = 0.0
+            with torch.no_grad():
+                for b in self.batches:
+                    b = b.to(self.device)
+                    logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+                    total += float(token_nll(logits, b.labels).double().sum())
+            self.cache["loss"] = total / max(1, self.n_targets)
+        return self.cache["loss"]
+
+    def track(self, items, description: str):
+        """Iterate with a progress bar when a rich Progress is attached."""
+        items = list(items)
+        if self.progress is None:
+            yield from items
+            return
+        tid = self.progress.add_task(description, total=len(items))
+        try:
+            for item in items:
+                yield item
+                self.progress.advance(tid)
+        finally:
+            self.progress.remove_task(tid)

@@ -1,0 +1,81 @@
+"""``gradient``: an estimate of ``ablation`` from one forward and one backward pass.
+
+Pruning expert e changes layer l's routed output at token t by d_t = sum_j' w'_j' y_j' -
+sum_j w_j y_j (the routing the pruned router computes minus the old top-k). With G_t =
+d loss / d output_t, the first-order change is sum_t G_t . d_t. Removing a busy expert is not a
+small change, and the signed first-order sum alone cancels across tokens (Spearman with the exact
+ablation on the embedded model: 0.41 / 0.16 / 0.43 on arith-compare / stdlib-code /
+docstring-topic). So a second-order term from the empirical Fisher is added, token-diagonal as in
+Optimal Brain Damage: the loss is a mean over N target tokens, so the Fisher of the mean is
+N sum_t G_t G_t^T and 1/2 d^T F d ~ N/2 sum_t (G_t . d_t)^2 (same runs: 0.60 / 0.96 / 0.60).
+The old per-slot outputs y_j come from the forward; the one expert each affected token newly
+reaches is run once more (about one extra MoE forward in all). Only activation gradients are
+computed, never weight gradients.
+"""
+
+import torch
+
+from moeguard.attribution.base import MethodOutput, register_method
+from moeguard.models.hooks import trace_experts
+from moeguard.models.routing import pruned_router_params, route_module
+from moeguard.tasks.batches import token_nll
+
+
+def _layer_delta(adapter, layer, trace, n_targets: int) -> torch.Tensor:
+    E = layer.num_experts
+    out = torch.zeros(E, dtype=torch.float64)
+    if trace.grad is None:
+        return out
+    G = trace.grad.float()
+    s = (trace.slot_out.float() * G[:, None, :]).sum(-1)           # [N, k] G . y_j
+    old = (trace.weights.float() * s).sum(1)                        # [N]
+    device = trace.logits.device
+    for e in range(E):
+        kept = [x for x in range(E) if x != e]
+        params = pruned_router_params(adapter.family, adapter.config, kept, E)
+        kept_t = torch.tensor(kept, device=device)
+        w_new, sub = route_module(layer.router, trace.logits, adapter.family.routing, params, kept=kept_t)
+        idx_new = kept_t[sub]
+        match = idx_new[:, :, None] == trace.index[:, None, :]       # [N, k', k]
+        s_new = (match.float() * s[:, None, :]).sum(-1)
+        rows, cols = torch.where(~match.any(-1))
+        needed = idx_new[rows, cols]
+        for n in torch.unique(needed).tolist():
+            sel = needed == n
+            tok = rows[sel]
+            one = torch.full((tok.numel(), 1), n, dtype=trace.index.dtype, device=device)
+            ones = torch.ones((tok.numel(), 1), dtype=trace.weights.dtype, device=device)
+            y = layer.experts(trace.hidden[tok], one, ones).float()
+            s_new[tok, cols[sel]] = (y * G[tok]).sum(-1)
+        d = ((w_new.float() * s_new).sum(1) - old).double()   # [N] first-order change per token
+        out[e] = float(d.sum() + 0.5 * n_targets * d.pow(2).sum())
+    return out
+
+
+@register_method("gradient", "gradient x change of layer output plus an empirical-Fisher second-order term: estimate of the ablation loss increase",
+                 comparable_across_layers=True)
+def gradient(ctx) -> MethodOutput:
+    adapter, model = ctx.adapter, ctx.model
+    deltas = torch.zeros(len(adapter.layers), adapter.num_experts, dtype=torch.float64)
+    n_targets = max(1, ctx.n_targets)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        embed = model.get_input_embeddings()
+        for batch in ctx.track(ctx.batches, "gradient"):
+            b = batch.to(ctx.device)
+            with torch.enable_grad(), trace_experts(model, adapter=adapter) as traces:
+                x = embed(b.input_ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=x, attention_mask=b.attention_mask, use_cache=False).logits
+                (token_nll(logits, b.labels).sum() / n_targets).backward()
+            with torch.no_grad():
+                for row, layer in enumerate(adapter.layers):
+                    deltas[row] += _layer_delta(adapter, layer, traces[layer.index], n_targets)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return MethodOutput(scores=deltas, tokens=ctx.n_targets)

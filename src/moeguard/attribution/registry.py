@@ -1,0 +1,11 @@
+"""One import per method file: importing registers it (peft-style: one file + one line)."""
+
+from moeguard.attribution import (  # noqa: F401
+    ablation,
+    contrastive,
+    frequency,
+    gate,
+    gradient,
+    reap,
+    reconstruction,
+)

@@ -1,0 +1,45 @@
+"""Run the model from a decoder layer's cached input: the cheap path to exact ablations.
+
+One plain forward records every decoder layer's inputs (:func:`capture_inputs`); masking an
+expert of layer l then only re-runs layers l..end and the head. Several masks run in one
+call by stacking copies of the batch (``copies``), each copy routed with its own mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeguard.models.adapter import MoEAdapter
+
+
+def _tile(value, batch: int, copies: int):
+    if copies == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        # per-sample tensors have the batch on dim 0; broadcast ones (size 1) stay as they are
+        return torch.cat([value] * copies) if value.dim() and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_tile(v, batch, copies) for v in value)
+    return value
+
+
+def replay(adapter: MoEAdapter, inputs: dict[int, tuple], start: int, *, copies: int = 1) -> torch.Tensor:
+    """Logits of the model run from decoder layer ``start`` on its recorded input.
+
+    ``inputs`` comes from ``capture_inputs`` over ``adapter.decoder_layers``; returns
+    [copies * B, T, V] with the batch tiled ``copies`` times (copy-major).
+    """
+    args, kwargs = inputs[start]
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    batch = hidden.shape[0]
+    hidden = torch.cat([hidden] * copies) if copies > 1 else hidden
+    for i in range(start, len(adapter.decoder_layers)):
+        args, kwargs = inputs[i]
+        # no KV cache: a replay must not append to the one the recording forward may have used
+        kwargs = {k: (None if k in ("cache", "past_key_values", "past_key_value") else _tile(v, batch, copies))
+                  for k, v in kwargs.items() if k != "hidden_states"}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        out = adapter.decoder_layers[i](hidden, *[_tile(a, batch, copies) for a in args[1:]], **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return adapter.head(hidden)

@@ -1,0 +1,57 @@
+"""Score a task's experts with one registered method (the ``moeguard attribute`` job)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+
+from moeguard.attribution.base import Scores, get_method
+from moeguard.attribution.context import Context
+from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
+from moeguard.tasks.batches import calibration_batches
+from moeguard.tasks.registry import get_task, list_tasks
+
+
+def default_reference(task_name: str) -> list[str]:
+    """The embedded suite minus the task: general text the model also serves."""
+    names = [t.name for t in list_tasks() if t.source.type == "package" and t.name != task_name]
+    return names
+
+
+def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int = 8, seed: int = 0,
+                 reference: Sequence[str] | None = None, progress: Any = None,
+                 options: dict[str, Any] | None = None) -> Context:
+    task = get_task(task)
+    batches = calibration_batches(tokenizer, task, samples=samples, batch_size=batch_size, seed=seed)
+    ref_batches = []
+    names = list(reference) if reference is not None else default_reference(task.name)
+    per = max(1, samples // max(1, len(names))) if names else 0
+    for name in names:
+        ref_batches += calibration_batches(tokenizer, name, samples=per, batch_size=batch_size, seed=seed)
+    return Context(model=model, tokenizer=tokenizer, adapter=MoEAdapter(model), task=task, batches=batches,
+                   reference=ref_batches, seed=seed, progress=progress, options=dict(options or {}))
+
+
+def score(ctx: Context, method: str) -> Scores:
+    """Run ``method`` on the context's task; the model is left exactly as it was."""
+    m = get_method(method)
+    if m.needs_reference and not ctx.reference:
+        raise MoeguardError(f"method '{method}' needs a reference corpus and none was given",
+                            hint="pass --reference with one or more task names")
+    torch.manual_seed(ctx.seed)
+    started = time.perf_counter()
+    out = m.fn(ctx)
+    a = ctx.adapter
+    if tuple(out.scores.shape) != (len(a.layers), a.num_experts):
+        raise RuntimeError(f"method {method} returned scores of shape {tuple(out.scores.shape)}")
+    settings = {"samples": sum(b.input_ids.shape[0] for b in ctx.batches), "seed": ctx.seed, **ctx.options}
+    if m.needs_reference:
+        settings["reference_samples"] = sum(b.input_ids.shape[0] for b in ctx.reference)
+    return Scores(method=method, description=m.description, task=ctx.task.name,
+                  model=getattr(ctx.model.config, "_name_or_path", "") or type(ctx.model).__name__,
+                  samples=settings["samples"], tokens=out.tokens, layers=[l.index for l in a.layers],
+                  num_experts=a.num_experts, top_k=a.top_k, scores=out.scores.double().cpu(),
+                  subsets=out.subsets, settings=settings, comparable_across_layers=m.comparable_across_layers, seconds=time.perf_counter() - started)

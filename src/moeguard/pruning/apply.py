@@ -1,0 +1,101 @@
+"""PrunePlan -> a physically smaller checkpoint on disk, in memory or by streaming surgery.
+
+Everything checkable is checked before weights are read: the model's config and family, the
+plan against a meta-device copy (layers named, expert indices, router minimums, equal counts
+for a vanilla-loadable config). The output appears only when complete (``atomic_dir``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from moeguard.errors import MoeguardError
+from moeguard.io import atomic_dir, check_output, write_json
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.loading import inspect, meta_model
+from moeguard.pruning.plan import PrunePlan, check_plan
+from moeguard.provenance import run_record
+
+RECORD = "moeguard_pruning.json"
+_NOT_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+# the source's model card describes the unpruned model; a pruned copy must not carry it as its own
+_NOT_CARRIED = ("README.md", "moeguard_card.json", "model.safetensors.index.json", RECORD)
+
+
+def preflight(model_ref: str | None, plan: PrunePlan, out: str | Path, *, overwrite: bool):
+    """Validate everything before any weights are read; returns (ref, config, adapter, keep)."""
+    check_output(out, overwrite=overwrite)
+    ref, config, family = inspect(model_ref)
+    if ref.path is not None and Path(out).resolve() == ref.path.resolve():
+        raise MoeguardError(f"--out {out} is the input checkpoint", hint="write the pruned model to a new directory")
+    adapter = MoEAdapter(meta_model(config))
+    keep = check_plan(plan, adapter)
+    counts = {l: len(v) for l, v in keep.items()}
+    if len(set(counts.values())) != 1:
+        raise MoeguardError(
+            f"the plan keeps different expert counts per layer ({counts}); a {family.name} config holds one "
+            "expert count for every layer, so transformers cannot load such a checkpoint",
+            hint="use --keep K for a checkpoint, or --plan-only to write the non-uniform plan "
+                 "(moeguard sweep and the Python API evaluate it by masking)")
+    return ref, config, adapter, keep
+
+
+def write_pruned(model_ref: str | None, plan: PrunePlan, out: str | Path, *, overwrite: bool = False,
+                 streaming: bool | None = None, progress: Any = None, settings: dict | None = None) -> dict[str, Any]:
+    """Prune ``model_ref`` by ``plan`` into ``out``. ``streaming=None`` picks streaming surgery
+    for a local checkpoint (weights are never loaded) and in-memory pruning for a hub id."""
+    ref, config, adapter, keep = preflight(model_ref, plan, out, overwrite=overwrite)
+    if streaming is None:
+        streaming = ref.path is not None
+    if streaming and ref.path is None:
+        raise MoeguardError(f"--streaming needs a local checkpoint, got hub id {ref.hub_id}",
+                            hint=f"download it first: hf download {ref.hub_id} --local-dir DIR")
+    extra = {"plan": plan.to_dict(), "run": run_record(settings or {})}
+    if streaming:
+        from moeguard.pruning.checkpoint import prune_checkpoint
+
+        record = prune_checkpoint(ref.path, Path(out), keep, overwrite=overwrite, progress=progress)
+        record.update(extra)
+        write_json(Path(out) / RECORD, record)
+        return record
+    return _in_memory(ref, keep, Path(out), overwrite=overwrite, extra=extra)
+
+
+def _in_memory(ref, keep, out: Path, *, overwrite: bool, extra: dict) -> dict[str, Any]:
+    import torch
+
+    from moeguard.models.loading import load_model
+    from moeguard.models.prune import prune_model
+
+    # keep the checkpoint's own dtype: pruning must not up-cast a bf16 model to fp32 on disk
+    dtype = (_dtype_of(ref.path) or torch.float32) if ref.path is not None else "auto"
+    model, tokenizer, _ = load_model(ref.name, dtype=dtype)
+    small, record = prune_model(model, keep)
+    del model
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        small.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if ref.path is not None:  # anything else the owner shipped (licence, card) goes along
+            for f in ref.path.iterdir():
+                if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith(_NOT_WEIGHTS) \
+                        and f.name not in _NOT_CARRIED:
+                    shutil.copy2(f, tmp / f.name)
+        record = {**record, "method": "in_memory", "source": ref.name, **extra}
+        write_json(tmp / RECORD, record)
+    return record
+
+
+def _dtype_of(path: Path):
+    import json
+
+    import torch
+
+    try:
+        name = json.loads((path / "config.json").read_text()).get("dtype") or \
+            json.loads((path / "config.json").read_text()).get("torch_dtype")
+    except (OSError, ValueError):
+        return None
+    return getattr(torch, name, None) if isinstance(name, str) else None

@@ -1,0 +1,153 @@
+"""Scores -> PrunePlan: which original experts each MoE layer keeps, and why.
+
+A plan is plain JSON (``{"keep": {"<layer>": [experts]}}`` plus provenance), so it can be
+written by hand, reviewed, and applied in memory, by streaming surgery or by masking.
+Planning never needs the model's weights; :func:`check_plan` validates a plan against a
+config-only (meta-device) view of the model before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeguard.attribution.base import Scores
+from moeguard.errors import MoeguardError
+
+SCHEMA = "moeguard.plan/1"
+
+
+@dataclass(kw_only=True)
+class PrunePlan:
+    keep: dict[int, list[int]]
+    num_experts: int
+    rule: str                                      # "keep=K" | "keep_ratio=R" | "budget=N" | "explicit"
+    method: str | None = None
+    task: str | None = None
+    scores: dict[int, list[float]] = field(default_factory=dict)   # the scores the choice was made on
+    why: str = ""
+
+    @property
+    def uniform(self) -> bool:
+        return len({len(v) for v in self.keep.values()}) == 1
+
+    @property
+    def kept_total(self) -> int:
+        return sum(len(v) for v in self.keep.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "keep": {str(l): v for l, v in sorted(self.keep.items())},
+                "num_experts": self.num_experts, "rule": self.rule, "method": self.method, "task": self.task,
+                "why": self.why, "kept_total": self.kept_total,
+                "dropped": {str(l): [e for e in range(self.num_experts) if e not in v] for l, v in sorted(self.keep.items())},
+                "scores": {str(l): [round(x, 9) if math.isfinite(x) else None for x in v] for l, v in sorted(self.scores.items())}}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, origin: str = "<plan>") -> "PrunePlan":
+        if not isinstance(data, dict) or not isinstance(data.get("keep"), dict) or not data["keep"]:
+            raise MoeguardError(f"{origin} has no 'keep' map",
+                                hint='write {"keep": {"<layer index>": [expert indices]}}, or the moeguard_pruning.json of an earlier prune')
+        keep: dict[int, list[int]] = {}
+        for layer, experts in data["keep"].items():
+            try:
+                keep[int(layer)] = [int(e) for e in experts]
+            except (TypeError, ValueError):
+                raise MoeguardError(f"{origin}: layer {layer!r} -> {experts!r} is not a list of expert indices",
+                                    hint='write {"keep": {"0": [0, 3, 5, 6]}}') from None
+            if not keep[int(layer)]:
+                raise MoeguardError(f"{origin}: layer {layer} keeps no expert", hint="keep at least one expert per layer")
+        n = data.get("num_experts") or data.get("original_num_experts") or (max(max(v) for v in keep.values()) + 1)
+        return cls(keep=keep, num_experts=int(n), rule=data.get("rule", "explicit"), method=data.get("method"),
+                   task=data.get("task"), why=data.get("why", "named explicitly"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PrunePlan":
+        path = Path(path)
+        if not path.is_file():
+            raise MoeguardError(f"plan file {path} does not exist", hint='write {"keep": {"<layer>": [experts]}} to it')
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MoeguardError(f"plan file {path} is not valid JSON ({exc})", hint="fix the JSON") from None
+        return cls.from_dict(data, origin=str(path))
+
+
+def _check_count(what: str, value: int, E: int, min_keep: int) -> None:
+    if value < min_keep:
+        raise MoeguardError(f"{what} keeps {value} expert(s) per layer; this router needs at least {min_keep}",
+                            hint=f"keep between {min_keep} and {E} experts")
+    if value > E:
+        raise MoeguardError(f"{what} keeps {value} experts per layer but layers have {E}",
+                            hint=f"keep between {min_keep} and {E} experts")
+
+
+def plan_from_scores(scores: Scores, *, keep: int | None = None, keep_ratio: float | None = None,
+                     budget: int | None = None, min_keep: int = 1) -> PrunePlan:
+    """Exactly one of ``keep`` (per layer), ``keep_ratio`` (of each layer) or ``budget`` (in total)."""
+    given = [x is not None for x in (keep, keep_ratio, budget)]
+    if sum(given) != 1:
+        raise MoeguardError("give exactly one of --keep, --keep-ratio, --budget", hint="e.g. --keep 4")
+    E, L = scores.num_experts, len(scores.layers)
+    if not torch.isfinite(scores.scores).all():
+        raise MoeguardError(f"scores of method '{scores.method}' contain NaN or infinite values",
+                            hint="re-run moeguard attribute (more --samples)")
+    raw = {l: scores.scores[i].tolist() for i, l in enumerate(scores.layers)}
+    common = dict(num_experts=E, method=scores.method, task=scores.task, scores=raw)
+    if keep_ratio is not None:
+        if not 0 < keep_ratio <= 1:
+            raise MoeguardError(f"--keep-ratio is {keep_ratio}", hint="pass a ratio in (0, 1], e.g. 0.5")
+        keep = max(1, round(keep_ratio * E))
+        rule = f"keep_ratio={keep_ratio}"
+    if keep is not None:
+        rule = rule if keep_ratio is not None else f"keep={keep}"
+        _check_count("the plan", keep, E, min_keep)
+        if keep in scores.subsets and set(scores.subsets[keep]) == set(scores.layers):
+            chosen = {l: sorted(scores.subsets[keep][l]) for l in scores.layers}
+            why = f"best {keep}-subset per layer found by {scores.method}'s search"
+        else:
+            chosen = {l: sorted(scores.ranking(i)[:keep]) for i, l in enumerate(scores.layers)}
+            why = f"top {keep} experts per layer by {scores.method} score"
+        return PrunePlan(keep=chosen, rule=rule, why=why, **common)
+    if not min_keep * L <= budget <= E * L:
+        raise MoeguardError(f"--budget {budget} cannot be split over {L} layers of {E} experts",
+                            hint=f"pass a budget between {min_keep * L} and {E * L}")
+    return PrunePlan(keep=allocate_budget(scores, budget, min_keep=min_keep), rule=f"budget={budget}",
+                     why=_budget_why(scores), **common)
+
+
+def _budget_why(scores: Scores) -> str:
+    unit = "raw scores (same unit in every layer)" if scores.comparable_across_layers else \
+        "each layer's scores as shares of the layer's total"
+    return f"highest {scores.method} scores across all layers, compared as {unit}, at least the router minimum per layer"
+
+
+def allocate_budget(scores: Scores, budget: int, *, min_keep: int = 1) -> dict[int, list[int]]:
+    """Every layer first keeps its ``min_keep`` best experts; the rest of the budget goes to the
+    highest remaining scores anywhere (non-uniform)."""
+    s = scores.scores.clone()
+    if not scores.comparable_across_layers:
+        s = s / s.abs().sum(dim=1, keepdim=True).clamp_min(1e-12)
+    chosen = {l: scores.ranking(i)[:min_keep] for i, l in enumerate(scores.layers)}
+    rest = [(float(s[i, e]), -i, -e) for i, l in enumerate(scores.layers) for e in range(scores.num_experts)
+            if e not in chosen[l]]
+    rest.sort(reverse=True)
+    for value, neg_i, neg_e in rest[:budget - min_keep * len(scores.layers)]:
+        chosen[scores.layers[-neg_i]].append(-neg_e)
+    return {l: sorted(v) for l, v in chosen.items()}
+
+
+def check_plan(plan: PrunePlan, adapter) -> dict[int, list[int]]:
+    """Validate a plan against the model's MoE layers (a meta-device model is enough)."""
+    from moeguard.models.hooks import normalize_keep
+
+    names = {l.index for l in adapter.layers}
+    missing = sorted(names - set(plan.keep))
+    if missing:
+        raise MoeguardError(f"the plan does not name MoE layers {missing}",
+                            hint=f"name every MoE layer {sorted(names)} (list all experts to keep a layer whole)")
+    return normalize_keep(adapter, plan.keep)

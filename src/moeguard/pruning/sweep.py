@@ -1,0 +1,218 @@
+"""The knowledge-loss study: attribute, prune to each keep level, measure what survives.
+
+For every task, method and keep level: the task's score with only the chosen experts (by
+masking, exact to physical pruning), its retention, the collateral damage on the other tasks,
+and the parameter/memory reduction. Random rankings (``random_seeds`` of them) give the band a
+method must beat; deletion curves over every keep level from N-1 down to top-k give each
+method's area under the curve (AUC) and its Spearman correlation with ``ablation``. A sample of
+points is re-checked on physically pruned models.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from moeguard.attribution.base import Scores
+from moeguard.attribution.run import make_context, score
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.prune import prune_model
+from moeguard.pruning.evaluate import MaskedEvaluator, above_baseline, retention
+from moeguard.pruning.plan import plan_from_scores
+from moeguard.tasks.evaluate import evaluate_task
+from moeguard.tasks.registry import get_task
+
+SCHEMA = "moeguard.sweep/1"
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    tasks: list[str]
+    methods: list[str]
+    keeps: list[int]                     # keep levels with collateral damage measured
+    samples: int = 64                    # attribution calibration samples per task
+    eval_limit: int = 64                 # eval samples for the pruned task
+    collateral_limit: int = 32           # eval samples for each other task
+    random_seeds: int = 5
+    deletion_curves: bool = True         # also every keep level top_k..N-1 on the task itself
+    physical_checks: int = 2
+    batch_size: int = 32
+    seed: int = 0
+    reference: list[str] | None = None   # contrastive's reference tasks (default: the rest of the suite)
+
+
+def random_scores(adapter: MoEAdapter, seed: int, task: str) -> Scores:
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.stack([torch.randperm(adapter.num_experts, generator=gen).double() for _ in adapter.layers])
+    return Scores(method=f"random:{seed}", task=task, model="", samples=0, tokens=0,
+                  layers=[l.index for l in adapter.layers], num_experts=adapter.num_experts, top_k=adapter.top_k,
+                  scores=rows)
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rho with average ranks for ties (scipy's definition), without scipy."""
+    import pandas as pd
+
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def auc(levels: list[int], values: list[float | None]) -> float | None:
+    """Trapezoid area under retention vs keep level, divided by the level range: the curve's
+    mean retention in percent (100 = nothing lost at any level)."""
+    pts = sorted((k, v) for k, v in zip(levels, values) if v is not None)
+    if len(pts) < 2:
+        return pts[0][1] if pts else None
+    xs, ys = zip(*pts)
+    return float(np.trapezoid(ys, xs) / (xs[-1] - xs[0]))
+
+
+def reduction(adapter: MoEAdapter, keep: dict[int, list[int]]) -> dict[str, Any]:
+    """Parameters and bytes after dropping experts (routers lose their rows too)."""
+    total = adapter.parameter_counts()["total"]
+    removed = 0
+    for layer in adapter.layers:
+        dropped = layer.num_experts - len(keep[layer.index])
+        removed += dropped * (layer.expert_param_count() + layer.router_param_count()) // layer.num_experts
+    itemsize = next(adapter.model.parameters()).element_size()
+    return {"params": total - removed, "params_full": total, "param_reduction_pct": 100.0 * removed / total,
+            "memory_bytes": (total - removed) * itemsize, "memory_bytes_full": total * itemsize}
+
+
+def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=None) -> dict[str, Any]:
+    started = time.perf_counter()
+    adapter = MoEAdapter(model)
+    E, k_min = adapter.num_experts, max(1, adapter.family.min_experts)
+    tasks = [get_task(t) for t in cfg.tasks]
+    ev = MaskedEvaluator(model, tokenizer, batch_size=cfg.batch_size, adapter=adapter)
+    levels = sorted(set(cfg.keeps) | (set(range(max(k_min, adapter.top_k), E)) if cfg.deletion_curves else set()))
+
+    full = {}
+    for t in tasks:
+        r = ev(t, None, limit=cfg.eval_limit, baseline=True)
+        rc = ev(t, None, limit=cfg.collateral_limit)
+        full[t.name] = {"metric": r.metric, "higher_is_better": r.higher_is_better, "score": r.score,
+                        "collateral_score": rc.score, "baseline": (r.baseline or {}).get("score"),
+                        "baseline_name": (r.baseline or {}).get("name")}
+
+    def measure(task, keep, k, with_collateral) -> dict[str, Any]:
+        f = full[task.name]
+        r = ev(task, keep, limit=cfg.eval_limit)
+        point = {"keep": k, "score": r.score,
+                 "retention": retention(r.score, f["score"], higher_is_better=f["higher_is_better"]),
+                 "retention_above_baseline": above_baseline(r.score, f["score"], f["baseline"],
+                                                            higher_is_better=f["higher_is_better"])}
+        if with_collateral:
+            coll = {}
+            for other in tasks:
+                if other.name == task.name:
+                    continue
+                fo = full[other.name]
+                ro = ev(other, keep, limit=cfg.collateral_limit)
+                coll[other.name] = {"score": ro.score, "retention": retention(
+                    ro.score, fo["collateral_score"], higher_is_better=fo["higher_is_better"])}
+            point["collateral"] = coll
+            vals = [c["retention"] for c in coll.values() if c["retention"] is not None]
+            point["collateral_mean_retention"] = float(np.mean(vals)) if vals else None
+        return point
+
+    attribution, points, random_points = {}, [], []
+    all_scores: dict[str, dict[str, Scores]] = {}
+    for t in tasks:
+        ctx = make_context(model, tokenizer, t, samples=cfg.samples, seed=cfg.seed, reference=cfg.reference)
+        all_scores[t.name] = {}
+        for m in cfg.methods:
+            s = score(ctx, m)
+            all_scores[t.name][m] = s
+            attribution.setdefault(t.name, {})[m] = {"seconds": round(s.seconds, 3), "samples": s.samples,
+                                                     "tokens": s.tokens}
+            if on_scores is not None:
+                on_scores(t.name, m, s)
+        jobs = [(m, k) for m in cfg.methods for k in levels]
+        randoms = [(seed, k) for seed in range(cfg.random_seeds) for k in levels]
+        tid = progress.add_task(f"sweep {t.name}", total=len(jobs) + len(randoms)) if progress else None
+        for m, k in jobs:
+            plan = plan_from_scores(all_scores[t.name][m], keep=k, min_keep=k_min)
+            p = measure(t, plan.keep, k, k in cfg.keeps)
+            points.append({"task": t.name, "method": m, "plan": {str(l): v for l, v in plan.keep.items()}, **p,
+                           **reduction(adapter, plan.keep)})
+            progress and progress.advance(tid)
+        for seed, k in randoms:
+            plan = plan_from_scores(random_scores(adapter, cfg.seed * 1000 + seed, t.name), keep=k, min_keep=k_min)
+            random_points.append({"task": t.name, "seed": seed, **measure(t, plan.keep, k, False)})
+            progress and progress.advance(tid)
+        progress and progress.remove_task(tid)
+
+    summary = _summaries(cfg, tasks, levels, points, random_points, all_scores)
+    checks = _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter)
+    return {
+        "schema": SCHEMA,
+        "settings": {**asdict(cfg), "levels": levels},
+        "model": {"name": getattr(model.config, "_name_or_path", ""), **adapter.describe()},
+        "full": full, "attribution": attribution, "points": points, "random": random_points,
+        "random_summary": summary["random"], "faithfulness": summary["faithfulness"],
+        "physical_checks": checks,
+        "evaluations": {"run": ev.runs, "reused": ev.hits},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _summaries(cfg, tasks, levels, points, random_points, all_scores) -> dict[str, Any]:
+    rand: dict[str, dict[str, Any]] = {}
+    faith: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        rand[t.name] = {}
+        rand_auc = []
+        for seed in range(cfg.random_seeds):
+            rs = [p for p in random_points if p["task"] == t.name and p["seed"] == seed]
+            rand_auc.append(auc([p["keep"] for p in rs], [p["retention"] for p in rs]))
+        for k in levels:
+            vals = [p["retention"] for p in random_points if p["task"] == t.name and p["keep"] == k
+                    and p["retention"] is not None]
+            if vals:
+                rand[t.name][str(k)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)),
+                                        "min": float(np.min(vals)), "max": float(np.max(vals)), "n": len(vals)}
+        ra = [a for a in rand_auc if a is not None]
+        faith[t.name] = {"random": {"auc_mean": float(np.mean(ra)) if ra else None,
+                                    "auc_std": float(np.std(ra)) if ra else None}}
+        abl = all_scores[t.name].get("ablation")
+        for m in cfg.methods:
+            ps = [p for p in points if p["task"] == t.name and p["method"] == m]
+            beats = {}
+            for p in ps:
+                r = rand[t.name].get(str(p["keep"]))
+                if r and p["retention"] is not None:
+                    beats[str(p["keep"])] = p["retention"] > r["mean"]
+            rho = None
+            if abl is not None:
+                rho = spearman(abl.scores.flatten().tolist(), all_scores[t.name][m].scores.flatten().tolist())
+            faith[t.name][m] = {"auc": auc([p["keep"] for p in ps], [p["retention"] for p in ps]),
+                                "spearman_vs_ablation": rho, "beats_random_mean": beats}
+    return {"random": rand, "faithfulness": faith}
+
+
+def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[dict[str, Any]]:
+    """Re-score a few points on physically pruned copies (the masked numbers must match)."""
+    chosen = [p for p in points if p["keep"] in cfg.keeps]
+    chosen = sorted(chosen, key=lambda p: (p["keep"], p["task"], p["method"]))
+    picks = []
+    if chosen and cfg.physical_checks > 0:
+        step = max(1, len(chosen) // cfg.physical_checks)
+        picks = chosen[::step][:cfg.physical_checks]
+    out = []
+    for p in picks:
+        keep = {int(l): v for l, v in p["plan"].items()}
+        small, _ = prune_model(model, keep)
+        r = evaluate_task(small, tokenizer, p["task"], limit=cfg.eval_limit, batch_size=cfg.batch_size, baseline=False)
+        params = sum(x.numel() for x in {id(q): q for q in small.parameters()}.values())
+        out.append({"task": p["task"], "method": p["method"], "keep": p["keep"], "masked_score": p["score"],
+                    "physical_score": r.score, "abs_diff": abs(r.score - p["score"]),
+                    "params_physical": params, "params_expected": p["params"]})
+        del small
+    return out

@@ -1,0 +1,73 @@
+"""Files of a sweep run, all derived from its JSON: CSV, plots and the summary table."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from moeguard.io import write_json
+from moeguard.report import plots
+
+
+def csv_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (pruned task, method, keep, evaluated task); random rankings as method 'random:<seed>'."""
+    rows = []
+    for p in doc["points"]:
+        base = {"task": p["task"], "method": p["method"], "keep": p["keep"], "params": p["params"],
+                "param_reduction_pct": round(p["param_reduction_pct"], 3), "memory_bytes": p["memory_bytes"]}
+        rows.append({**base, "eval_task": p["task"], "score": p["score"], "retention": p["retention"],
+                     "retention_above_baseline": p["retention_above_baseline"]})
+        for other, c in (p.get("collateral") or {}).items():
+            rows.append({**base, "eval_task": other, "score": c["score"], "retention": c["retention"],
+                         "retention_above_baseline": None})
+    for p in doc["random"]:
+        rows.append({"task": p["task"], "method": f"random:{p['seed']}", "keep": p["keep"], "params": None,
+                     "param_reduction_pct": None, "memory_bytes": None, "eval_task": p["task"], "score": p["score"],
+                     "retention": p["retention"], "retention_above_baseline": p["retention_above_baseline"]})
+    return rows
+
+
+def write_sweep(doc: dict[str, Any], scores: dict[str, dict[str, dict]], run_dir: Path) -> list[Path]:
+    files = [write_json(run_dir / "sweep.json", doc)]
+    for task, by_method in scores.items():
+        for method, s in by_method.items():
+            files.append(write_json(run_dir / "scores" / task / f"{method}.json", s))
+    rows = csv_rows(doc)
+    with open(run_dir / "points.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    files.append(run_dir / "points.csv")
+    for task, by_method in scores.items():
+        files.append(plots.importance_heatmaps(task, by_method, run_dir / "plots" / f"importance_{task}.png"))
+        files.append(plots.retention_curves(doc, task, run_dir / "plots" / f"retention_{task}.png"))
+    if len(scores) > 1:
+        for k in doc["settings"]["keeps"]:
+            files.append(plots.collateral_plot(doc, k, run_dir / "plots" / f"collateral_keep{k}.png"))
+    return files
+
+
+def sweep_table(doc: dict[str, Any]):
+    """Per task and method: retention at each keep level, the random mean beside it, AUC, rho."""
+    from rich.table import Table
+
+    keeps = doc["settings"]["keeps"]
+    t = Table(title="Knowledge-loss sweep: retention % (random-ranking mean)", show_lines=False)
+    for col in ["task", "method", *[f"keep {k}" for k in keeps], "AUC (random)", "ρ vs ablation"]:
+        t.add_column(col, justify="left" if col in ("task", "method") else "right")
+    for task, faith in doc["faithfulness"].items():
+        rand = doc["random_summary"].get(task, {})
+        for m in doc["settings"]["methods"]:
+            cells = []
+            for k in keeps:
+                p = next((p for p in doc["points"] if p["task"] == task and p["method"] == m and p["keep"] == k), None)
+                r = rand.get(str(k))
+                cells.append("-" if p is None or p["retention"] is None else
+                             f"{p['retention']:.1f}" + (f" ({r['mean']:.1f})" if r else ""))
+            f = faith.get(m, {})
+            a, ra = f.get("auc"), faith["random"]["auc_mean"]
+            rho = f.get("spearman_vs_ablation")
+            t.add_row(task, m, *cells, "-" if a is None else f"{a:.1f} ({ra:.1f})" if ra is not None else f"{a:.1f}",
+                      "-" if rho is None else f"{rho:.2f}")
+    return t

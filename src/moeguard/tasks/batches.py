@@ -1,0 +1,112 @@
+"""Token sequences with a loss mask for any task: what attribution and fine-tuning score.
+
+The *task loss* is the mean negative log-likelihood of the tokens a task is about, read the
+way evaluation reads them: every token of a language-modeling window, the gold verbalizer of a
+classification prompt, the reference summary after a summarization prompt. One definition is
+shared by every attribution method (so ``ablation`` and ``gradient`` estimate the same thing)
+and by re-alignment.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from moeguard.errors import MoeguardError
+from moeguard.tasks.base import Task, TaskKind
+from moeguard.tasks.evaluate import _bos, _encode, _fit_prompt, _pad_id
+from moeguard.tasks.loaders import load_records
+from moeguard.tasks.registry import get_task
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: list[int]
+    labels: list[int]  # IGNORE where the token is context, not target
+
+
+def task_sequences(tokenizer, task: Task | str, records: Sequence[dict[str, Any]]) -> list[Example]:
+    """One or more supervised sequences per record (LM texts longer than max_length give several)."""
+    task = get_task(task)
+    bos = _bos(tokenizer)
+    out: list[Example] = []
+    if task.kind is TaskKind.LANGUAGE_MODELING:
+        step = task.max_length - 1
+        for rec in records:
+            ids = bos + _encode(tokenizer, rec["text"])
+            for s in range(0, len(ids) - 1, step):
+                w = ids[s:s + task.max_length]
+                out.append(Example(w, [IGNORE] + w[1:]))
+        return out
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    verbalizers = {str(k): v for k, v in task.labels.items()}
+    for rec in records:
+        if task.kind is TaskKind.CLASSIFICATION:
+            context, target = rec["input"].rstrip(), rec["input"][len(rec["input"].rstrip()):] + verbalizers[str(rec["label"])]
+            cont = _encode(tokenizer, target)
+            ctx = (bos + _encode(tokenizer, context))[-(task.max_length - len(cont)):]
+        else:
+            target = rec["target"] if rec["target"][:1].isspace() else " " + rec["target"]
+            cont = _encode(tokenizer, target)[: max(1, task.max_new_tokens)] + eos
+            ctx = _fit_prompt(tokenizer, rec, max(2, task.max_length - len(cont)))
+        out.append(Example(ctx + cont, [IGNORE] * len(ctx) + cont))
+    return out
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor          # [B, T], IGNORE outside targets; already aligned to input_ids
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def collate(seqs: Sequence[Example], pad_id: int) -> Batch:
+    width = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s.ids)] = torch.tensor(s.ids)
+        mask[row, :len(s.ids)] = 1
+        labels[row, :len(s.labels)] = torch.tensor(s.labels)
+    return Batch(ids, mask, labels)
+
+
+def calibration_batches(tokenizer, task: Task | str, *, samples: int, batch_size: int = 16, seed: int = 0,
+                        role: str | None = None) -> list[Batch]:
+    """``samples`` records of the task (the train split when there is one: the attacker's data,
+    kept apart from the eval split that scores the pruned model), shuffled with ``seed``,
+    turned into padded batches sorted by length (less padding)."""
+    task = get_task(task)
+    if samples < 1:
+        raise MoeguardError(f"samples is {samples}", hint="pass --samples of at least 1")
+    role = role or ("train" if "train" in task.splits else "eval")
+    pool = load_records(task, role, limit=max(samples * 4, samples))
+    if not pool:
+        raise MoeguardError(f"task '{task.name}' has no {role} records", hint="check the task's data files")
+    random.Random(seed).shuffle(pool)
+    seqs = task_sequences(tokenizer, task, pool[:samples])
+    seqs.sort(key=lambda s: -len(s.ids))
+    pad = _pad_id(tokenizer)
+    return [collate(seqs[i:i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] negative log-likelihood of each next token (0 where ignored)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1).clamp_min(0),
+                                            reduction="none").view_as(target)
+    return nll * (target != IGNORE)

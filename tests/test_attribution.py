@@ -1,0 +1,174 @@
+"""Attribution: the shared family x method matrix, and what each method promises."""
+
+import json
+
+import pytest
+import torch
+
+from moeguard.attribution.base import METHODS, Scores, get_method, list_methods
+from moeguard.attribution.context import Context
+from moeguard.attribution.replay import replay
+from moeguard.attribution.run import score
+from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.families import FAMILIES
+from moeguard.models.hooks import capture_inputs, mask_experts
+from moeguard.models.tiny import tiny_model
+from moeguard.tasks.batches import IGNORE, Batch, token_nll
+from moeguard.tasks.registry import get_task
+
+ALL_METHODS = sorted(m.name for m in list_methods())
+
+
+def _batches(seed: int, n: int = 2) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 96, (3, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[2, 7:] = 0                      # right padding never counts
+        labels = ids.clone()
+        labels[:, :3] = IGNORE               # a prompt whose tokens are not targets
+        labels[mask == 0] = IGNORE
+        out.append(Batch(ids, mask, labels))
+    return out
+
+
+def _ctx(model, **options) -> Context:
+    return Context(model=model, tokenizer=None, adapter=MoEAdapter(model), task=get_task("stdlib-code"),
+                   batches=_batches(0), reference=_batches(1), options=options)
+
+
+def _loss(model, batches) -> float:
+    total = n = 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+            total += float(token_nll(logits, b.labels).double().sum())
+            n += b.n_targets
+    return total / n
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def fam_model(request):
+    return request.param, tiny_model(request.param)
+
+
+def test_every_method_is_registered_and_documented():
+    assert set(ALL_METHODS) == {"frequency", "gate", "reap", "reconstruction", "ablation", "gradient", "contrastive"}
+    assert all(m.description for m in list_methods())
+
+
+def test_unknown_method_suggests_a_name():
+    with pytest.raises(MoeguardError, match="did you mean ablation"):
+        get_method("ablaton")
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_matrix_every_family_every_method(fam_model, method):
+    fam, model = fam_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    s = score(_ctx(model, max_subsets=40), method)
+    a = MoEAdapter(model)
+    assert s.scores.shape == (len(a.layers), 8)
+    assert torch.isfinite(s.scores).all()
+    assert s.layers == [l.index for l in a.layers]
+    # the model is exactly as it was: weights, grad flags, and no hook left behind
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in model.modules())
+    # round trip through the scores file
+    again = Scores.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert torch.allclose(again.scores, s.scores, atol=1e-8) and again.subsets == s.subsets
+
+
+def test_replay_from_any_layer_reproduces_the_model(fam_model):
+    fam, model = fam_model
+    a = MoEAdapter(model)
+    b = _batches(0)[0]
+    with torch.no_grad(), capture_inputs(dict(enumerate(a.decoder_layers))) as inputs:
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+    for start in range(len(a.decoder_layers)):
+        with torch.no_grad():
+            again = replay(a, inputs, start, copies=2)
+        assert torch.allclose(again[:3], logits, atol=1e-5) and torch.allclose(again[3:], logits, atol=1e-5)
+
+
+def test_ablation_is_the_exact_loss_increase_of_masking(fam_model):
+    fam, model = fam_model
+    ctx = _ctx(model, masks_per_pass=3)
+    s = score(ctx, "ablation")
+    base = _loss(model, ctx.batches)
+    a = MoEAdapter(model)
+    for row, e in [(0, 1), (len(a.layers) - 1, 6)]:
+        li = a.layers[row].index
+        with mask_experts(model, {li: [x for x in range(8) if x != e]}):
+            exact = _loss(model, ctx.batches) - base
+        assert abs(float(s.scores[row, e]) - exact) < 1e-5, (fam, row, e)
+
+
+def test_frequency_and_gate_are_shares():
+    model = tiny_model("mixtral")
+    ctx = _ctx(model)
+    f = score(ctx, "frequency").scores
+    assert torch.allclose(f.sum(1), torch.ones(f.shape[0], dtype=f.dtype))
+    g = score(ctx, "gate").scores
+    # renormalized top-k weights sum to 1 per token, so the per-token means sum to 1 per layer
+    assert torch.allclose(g.sum(1), torch.ones(g.shape[0], dtype=g.dtype), atol=1e-5)
+
+
+def test_reconstruction_searches_subsets_exhaustively_when_small():
+    model = tiny_model("qwen3_moe")
+    s = score(_ctx(model, max_subsets=1000), "reconstruction")
+    assert sorted(s.subsets) == list(range(1, 8))
+    for row, layer in enumerate(s.layers):
+        # with one expert dropped, the best 7-subset drops the expert whose removal hurts least
+        least = min(range(8), key=lambda e: float(s.scores[row, e]))
+        assert s.subsets[7][layer] == [e for e in range(8) if e != least]
+        assert all(len(s.subsets[k][layer]) == k for k in s.subsets)
+
+
+def test_reconstruction_greedy_when_too_many_subsets_is_nested():
+    s = score(_ctx(tiny_model("mixtral"), max_subsets=1), "reconstruction")
+    for layer in s.layers:
+        for k in range(1, 7):
+            assert set(s.subsets[k][layer]) <= set(s.subsets[k + 1][layer])
+
+
+def test_contrastive_needs_a_reference():
+    model = tiny_model("mixtral")
+    ctx = _ctx(model)
+    ctx.reference = []
+    with pytest.raises(MoeguardError, match="reference"):
+        score(ctx, "contrastive")
+
+
+def test_contrastive_is_zero_when_task_and_reference_route_alike():
+    model = tiny_model("mixtral")
+    ctx = _ctx(model)
+    ctx.reference = ctx.batches
+    assert torch.allclose(score(ctx, "contrastive").scores, torch.zeros(1, dtype=torch.float64), atol=1e-9)
+
+
+def test_gradient_tracks_ablation_on_the_embedded_model():
+    from moeguard.attribution.run import make_context
+    from moeguard.models.loading import load_model
+    from moeguard.pruning.sweep import spearman
+
+    model, tok, _ = load_model(None)
+    ctx = make_context(model, tok, "stdlib-code", samples=16)
+    abl = score(ctx, "ablation").scores.flatten().tolist()
+    grad = score(ctx, "gradient").scores.flatten().tolist()
+    assert spearman(abl, grad) > 0.6
+
+
+def test_scores_file_errors(tmp_path):
+    with pytest.raises(MoeguardError, match="does not exist"):
+        Scores.load(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(MoeguardError, match="not valid JSON"):
+        Scores.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"keep": {}}))
+    with pytest.raises(MoeguardError, match="not a moeguard scores file"):
+        Scores.load(tmp_path / "other.json")
