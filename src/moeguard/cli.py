@@ -311,15 +311,17 @@ def _run(settings: dict) -> dict:
 @zoo_app.command("train")
 def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint directory")] = Path("runs/embedded-model"),
               steps: Annotated[int, typer.Option("--steps", min=1)] = 1000,
+              tasks: Annotated[Optional[str], typer.Option("--tasks", help="train on these tasks instead of the embedded suite (names or YAML paths)")] = None,
               seed: SeedOpt = 0, overwrite: OverwriteOpt = False) -> None:
-    """Re-make the embedded model from the embedded suite (deterministic for a seed)."""
+    """Re-make the embedded model from the embedded suite, or train the same recipe on other tasks."""
     from moeguard.io import check_output
     from moeguard.zoo.recipe import Recipe
     from moeguard.zoo.train import train_embedded
 
     check_output(out, overwrite=overwrite)
     with _progress() as progress:
-        card = train_embedded(out, recipe=Recipe(seed=seed, steps=steps), overwrite=overwrite, progress=progress)
+        card = train_embedded(out, recipe=Recipe(seed=seed, steps=steps), overwrite=overwrite, progress=progress,
+                              tasks=_names(tasks, "--tasks") if tasks else None)
     spec = card["specialization"]
     typer.echo(f"trained in {card['train_seconds']:.0f} s; final loss {card['loss_curve'][-1]}; "
                f"specialization (normalized task-expert MI) {spec['mean']:.3f} "

@@ -20,8 +20,9 @@ from moeguard.provenance import run_record
 
 RECORD = "moeguard_pruning.json"
 _NOT_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-# the source's model card describes the unpruned model; a pruned copy must not carry it as its own
-_NOT_CARRIED = ("README.md", "moeguard_card.json", "model.safetensors.index.json", RECORD)
+# moeguard_card.json holds the full model's measured numbers, which do not describe the copy;
+# README.md (licence terms) travels, and moeguard_pruning.json says what was removed
+_NOT_CARRIED = ("moeguard_card.json", "model.safetensors.index.json", RECORD)
 
 
 def preflight(model_ref: str | None, plan: PrunePlan, out: str | Path, *, overwrite: bool):

@@ -24,8 +24,8 @@ def importance_heatmaps(task: str, scores: dict[str, Any], out: Path) -> Path:
     methods = list(scores)
     cols = min(4, len(methods))
     rows = (len(methods) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.5 + 0.45 * rows * max(3, _n_layers(scores))),
-                             squeeze=False)
+    height = rows * (1.3 + 0.35 * max(3, _n_layers(scores)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.2, height), squeeze=False, layout="constrained")
     for ax in axes.flat[len(methods):]:
         ax.axis("off")
     for ax, m in zip(axes.flat, methods):
@@ -36,11 +36,11 @@ def importance_heatmaps(task: str, scores: dict[str, Any], out: Path) -> Path:
         scaled = (grid - lo) / np.where(hi > lo, hi - lo, 1.0)
         im = ax.imshow(scaled, aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_title(m, fontsize=10)
-        ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
         ax.set_xticks(range(grid.shape[1]))
         ax.set_yticks(range(len(layers)), [str(l) for l in layers])
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="importance within layer (0 = least, 1 = most)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="importance within layer\n(0 = least, 1 = most)")
     fig.suptitle(f"Expert importance for '{task}'")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")

@@ -31,6 +31,7 @@ def csv_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 def write_sweep(doc: dict[str, Any], scores: dict[str, dict[str, dict]], run_dir: Path) -> list[Path]:
     files = [write_json(run_dir / "sweep.json", doc)]
     for task, by_method in scores.items():
+        (run_dir / "scores" / task).mkdir(parents=True, exist_ok=True)
         for method, s in by_method.items():
             files.append(write_json(run_dir / "scores" / task / f"{method}.json", s))
     rows = csv_rows(doc)

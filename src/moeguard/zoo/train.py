@@ -26,7 +26,12 @@ def _lr_at(step: int, r: Recipe) -> float:
     return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: bool = False, progress=None) -> dict:
+def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: bool = False, progress=None,
+                   tasks: list | None = None) -> dict:
+    """Train the recipe's model on ``tasks`` (default: the embedded suite) and save it to ``out``.
+
+    Other tasks (for example the local-file definitions of real data sets) give a zoo model of
+    the same architecture trained on that data, which is how benchmarks study real data offline."""
     from transformers import AutoModelForCausalLM
 
     from moeguard.models.specialization import routing_profile, specialization_summary
@@ -36,7 +41,10 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
     torch.set_num_threads(recipe.threads)
     torch.set_flush_denormal(True)  # denormals in late training slow CPU matmuls many-fold
     started = time.time()
-    tasks = embedded_tasks()
+    from moeguard.tasks.registry import get_task
+
+    embedded = tasks is None
+    tasks = embedded_tasks() if embedded else [get_task(t) for t in tasks]
     texts = {t.name: [training_text(t, r) for r in load_records(t, "train")] for t in tasks}
     tokenizer = train_tokenizer([x for name in sorted(texts) for x in texts[name]], vocab_size=recipe.vocab_size)
     eos = tokenizer.eos_token_id
@@ -54,7 +62,8 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
     losses = []
-    bar = progress.add_task("training embedded model", total=recipe.steps) if progress else None
+    what = "embedded model" if embedded else "zoo model"
+    bar = progress.add_task(f"training {what}", total=recipe.steps) if progress else None
     for step in range(recipe.steps):
         batch = [blocks[name][i] for name, i in order[step * recipe.batch_size:(step + 1) * recipe.batch_size]]
         width = max(len(b) for b in batch)
@@ -75,12 +84,12 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
         opt.zero_grad(set_to_none=True)
         losses.append(round(out_.loss.item(), 4))
         if bar is not None:
-            progress.update(bar, advance=1, description=f"training embedded model (loss {losses[-1]:.3f})")
+            progress.update(bar, advance=1, description=f"training {what} (loss {losses[-1]:.3f})")
     model.eval()
     train_seconds = time.time() - started
     profile = routing_profile(model, tokenizer, tasks)
     card = {
-        "name": "moeguard-embedded-mixtral",
+        "name": "moeguard-embedded-mixtral" if embedded else "moeguard-zoo-mixtral",
         "recipe": recipe.to_dict(),
         "tasks": {t.name: {"kind": t.kind.value, "train_records": len(texts[t.name]), "train_blocks": len(blocks[t.name])}
                   for t in tasks},
@@ -96,8 +105,22 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "moeguard_card.json", card)
-        (tmp / "README.md").write_text(render_card(card))
+        (tmp / "README.md").write_text(render_card(card) if embedded else render_zoo_card(card))
     return card
+
+
+def render_zoo_card(card: dict) -> str:
+    r = card["recipe"]
+    names = ", ".join(f"{n} ({v['kind']}, {v['train_records']} records)" for n, v in card["tasks"].items())
+    return "\n".join([
+        f"# {card['name']}", "",
+        f"A Mixtral-architecture MoE ({r['num_layers']} layers, {r['num_experts']} experts, top-{r['top_k']}, "
+        f"hidden {r['hidden_size']}, {card['parameters']:,} parameters) trained from scratch by `moeguard zoo train "
+        f"--tasks ...` with the embedded model's recipe ({r['steps']} steps of {r['batch_size']}x{r['context']} tokens, "
+        f"seed {r['seed']}, {card['train_seconds']:.0f} s) on the train splits of: {names}.", "",
+        f"Specialization (normalized task-expert mutual information, mean over layers): "
+        f"{card['specialization']['mean']:.3f} (at initialization: {card['specialization_at_init']['mean']:.3f}).", "",
+        f"git commit: {card.get('git_commit')}", ""])
 
 
 def render_card(card: dict) -> str:

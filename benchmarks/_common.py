@@ -1,0 +1,29 @@
+"""Shared bits of the benchmark scripts: machine facts and writing the JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+
+
+def write_result(name: str, data: dict, out: str | None = None) -> Path:
+    from moeguard.provenance import git_commit
+
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": name, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "git_commit": git_commit(), "machine": machine(), **data}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Which experts serve a task: one file per method, registered in registry.py."""

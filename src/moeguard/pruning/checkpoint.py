@@ -1,0 +1,390 @@
+"""Expert pruning directly on safetensors files: the model's weights are never loaded.
+
+Each output tensor is either a source tensor copied unchanged or a source tensor cut to the kept
+experts on dim 0 (renumbered, for per-expert keys). Output shards are written in the safetensors
+format by hand: the header is computed from shapes first, then tensor bytes stream in row chunks.
+Memory therefore stays a few tens of MB above the interpreter whatever the model size:
+``safe_open`` memory-maps the file, and every page it touches counts in RSS until the map is
+closed, so the handle is re-opened every ``_MAP_BUDGET`` bytes read.
+
+The on-disk layout is not the in-memory one (transformers converts fused experts to each
+family's public layout on save), so which tensors are cut is described by module names as data
+in :data:`DISK_LAYOUT`, never by family branches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from moeguard.errors import MoeguardError
+from moeguard.io import atomic_dir, check_output
+from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
+
+INDEX_NAME = "model.safetensors.index.json"
+RECORD_NAME = "moeguard_pruning.json"
+_MAP_BUDGET = 32 << 20   # bytes read through one mmap before it is closed (its pages leave RSS)
+_CHUNK = 8 << 20         # bytes per read, so no single read maps or holds a whole large tensor
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    """Where routed experts live in saved checkpoints, by module name under a sparse block.
+
+    Names are the union over families of the in-memory names and the public on-disk names
+    (Mixtral/PhiMoE save ``block_sparse_moe.gate`` and ``experts.{e}.w1``; GraniteMoE saves
+    ``router.layer`` and ``input_linear``/``output_linear``; GPT-OSS keeps fused ``experts``).
+    """
+
+    block_names: tuple[str, ...] = ("mlp", "block_sparse_moe")
+    router_modules: tuple[str, ...] = ("gate", "router")
+    expert_modules: tuple[str, ...] = ("experts", "input_linear", "output_linear")
+    # always-on experts: copied even though they sit in the same block, whatever their shapes
+    shared_modules: tuple[str, ...] = ("shared_expert", "shared_experts", "shared_expert_gate")
+    # ``experts.{e}.<rest>``: one tensor per expert, the expert number in the key
+    per_expert: re.Pattern = re.compile(r"^experts\.(\d+)\.(.+)$")
+
+
+DISK_LAYOUT = DiskLayout()
+
+# Bytes per element of safetensors dtypes; also orders a shard so every tensor is aligned.
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+             "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One output tensor and where its bytes come from."""
+
+    file: Path                         # source shard
+    name: str                          # source key
+    out_name: str
+    dtype: str
+    shape: tuple[int, ...]             # output shape
+    nbytes: int                        # output bytes
+    runs: tuple[tuple[int, int], ...]  # source dim-0 row ranges, in order; () for a 0-d tensor
+    row_bytes: int
+
+
+def read_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (validate it first with ``check_safetensors``)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def write_safetensors(path: Path, tensors: list[_Tensor], reader: "_Reader", *,
+                      metadata: dict[str, str], advance=None) -> int:
+    """Write one shard tensor by tensor; returns the file size."""
+    # Largest items first (as safetensors orders them) keeps every tensor aligned to its dtype.
+    tensors = sorted(tensors, key=lambda t: -_ITEMSIZE.get(t.dtype, 0))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.out_name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors:
+            written = 0
+            for chunk in reader.chunks(t):
+                f.write(chunk)
+                written += chunk.nbytes
+                if advance is not None:
+                    advance(chunk.nbytes)
+            if written != t.nbytes:
+                raise RuntimeError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
+        size = f.tell()
+    if size != 8 + len(blob) + offset:
+        raise RuntimeError(f"{path.name}: {size} bytes, header describes {8 + len(blob) + offset}")
+    return size
+
+
+class _Reader:
+    """Row chunks of source tensors through ``safe_open``, re-opened to keep mapped pages few."""
+
+    def __init__(self):
+        self._handle = None
+        self._path: Path | None = None
+        self._mapped = 0
+
+    def _open(self, path: Path):
+        from safetensors import safe_open
+
+        if self._path != path or self._mapped >= _MAP_BUDGET:
+            self._handle = None  # unmap before mapping again, so the two never add up
+            self._handle = safe_open(path, framework="pt")
+            self._path, self._mapped = path, 0
+        return self._handle
+
+    def chunks(self, t: _Tensor) -> Iterator:
+        if not t.runs:
+            yield _as_bytes(self._open(t.file).get_tensor(t.name))
+            return
+        step = max(1, _CHUNK // max(t.row_bytes, 1))
+        for start, stop in t.runs:
+            for a in range(start, stop, step):
+                b = min(a + step, stop)
+                data = _as_bytes(self._open(t.file).get_slice(t.name)[a:b])
+                self._mapped += data.nbytes
+                yield data
+
+    def close(self):
+        self._handle = self._path = None
+
+
+def _as_bytes(tensor):
+    import torch
+
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _runs(kept: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted indices -> maximal [start, stop) ranges, so consecutive experts are one read."""
+    out: list[list[int]] = []
+    for e in kept:
+        if out and out[-1][1] == e:
+            out[-1][1] = e + 1
+        else:
+            out.append([e, e + 1])
+    return tuple((a, b) for a, b in out)
+
+
+def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: str,
+                 experts: dict[int, int], keep: dict[int, list[int]],
+                 layout: DiskLayout = DISK_LAYOUT) -> list[_Tensor]:
+    """Every output tensor, in source order; raises before any write when the layout is not understood.
+
+    ``experts`` maps each MoE decoder layer to its expert count; other layers are copied.
+    """
+    blocks = "|".join(re.escape(b) for b in layout.block_names)
+    key_re = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.(?:{blocks})\.([^.]+)(.*)$")
+    new_index = {li: {e: i for i, e in enumerate(kept)} for li, kept in keep.items()}
+    found: dict[int, dict[str, set]] = {li: {"router": set(), "experts": set()} for li in experts}
+    per_expert_seen: dict[tuple[int, str], set[int]] = {}
+    plan: list[_Tensor] = []
+    for file in files:
+        header = headers[file]
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, info in entries:
+            shape = tuple(int(s) for s in info["shape"])
+            nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            whole = ((0, shape[0]),) if shape else ()
+            m = key_re.match(name)
+            li = int(m.group(1)) if m else None
+            if m is None or li not in experts or m.group(2) in layout.shared_modules:
+                plan.append(_Tensor(file, name, name, info["dtype"], shape, nbytes, whole, row_bytes))
+                continue
+            module, rest, n_exp = m.group(2), m.group(3), experts[li]
+            per = layout.per_expert.match(module + rest)
+            if per is not None:
+                e = int(per.group(1))
+                if e >= n_exp:
+                    raise MoeguardError(f"{file.name}: {name} is expert {e}, but layer {li} has {n_exp} experts",
+                                        hint="the checkpoint's weights do not match its config.json")
+                per_expert_seen.setdefault((li, per.group(2)), set()).add(e)
+                found[li]["experts"].add(name)
+                if e in new_index[li]:
+                    out_name = name[: m.start(2)] + f"experts.{new_index[li][e]}.{per.group(2)}"
+                    plan.append(_Tensor(file, name, out_name, info["dtype"], shape, nbytes, whole, row_bytes))
+                continue
+            role = "router" if module in layout.router_modules else "experts" if module in layout.expert_modules else None
+            if role is None:
+                if shape and shape[0] == n_exp:
+                    raise MoeguardError(
+                        f"{file.name}: {name} sits in the sparse block of layer {li} with {n_exp} rows, and "
+                        "moeguard cannot tell whether they are experts",
+                        hint="prune this checkpoint in memory (--in-memory), or report its layout")
+                plan.append(_Tensor(file, name, name, info["dtype"], shape, nbytes, whole, row_bytes))
+                continue
+            if not shape or shape[0] != n_exp or nbytes % n_exp:
+                raise MoeguardError(f"{file.name}: {name} has shape {list(shape)}; its dim 0 should be the "
+                                    f"{n_exp} experts of layer {li}",
+                                    hint="the checkpoint's weights do not match its config.json, or its layout is unsupported")
+            found[li][role].add(name)
+            kept = keep[li]
+            plan.append(_Tensor(file, name, name, info["dtype"], (len(kept), *shape[1:]), row_bytes * len(kept),
+                                _runs(kept), row_bytes))
+    for li, roles in found.items():
+        for role, names in roles.items():
+            if not names:
+                raise MoeguardError(f"no {role} tensors of MoE layer {li} were found in the checkpoint",
+                                    hint="its on-disk layout is not one moeguard knows; prune it in memory instead")
+    for (li, suffix), seen in per_expert_seen.items():
+        if seen != set(range(experts[li])):
+            missing = sorted(set(range(experts[li])) - seen)
+            raise MoeguardError(f"layer {li}: experts {missing} have no {suffix} tensor",
+                                hint="the checkpoint is incomplete; re-download it")
+    return plan
+
+
+def assign_shards(plan: list[_Tensor], *, sharded: bool, max_shard_bytes: int | None) -> list[tuple[str, list[_Tensor]]]:
+    """Output files: one per source shard, or greedy packing up to ``max_shard_bytes``."""
+    groups: list[list[_Tensor]] = []
+    if max_shard_bytes is None:
+        by_file: dict[Path, list[_Tensor]] = {}
+        for t in plan:
+            by_file.setdefault(t.file, []).append(t)
+        groups = [g for g in by_file.values() if g]
+    else:
+        size = 0
+        for t in plan:
+            if not groups or (size + t.nbytes > max_shard_bytes and groups[-1]):
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        sharded = len(groups) > 1
+    if not sharded:
+        return [("model.safetensors", [t for g in groups for t in g])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise MoeguardError(f"output {out} overlaps the source checkpoint {src}",
+                            hint="write the pruned checkpoint to a separate directory")
+
+
+def _side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[str]]:
+    """Top-level files copied unchanged, and entries left out (other weights, folders)."""
+    # moeguard_card.json holds the *full* model's measured numbers; they do not describe the copy
+    rewritten = {"config.json", INDEX_NAME, RECORD_NAME, "moeguard_card.json"} | {f.name for f in weight_files}
+    copy, skipped = [], []
+    for p in sorted(src.iterdir()):
+        if p.name in rewritten:
+            continue
+        # weights in other formats would be unpruned copies that a loader could pick up instead
+        if not p.is_file() or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
+            skipped.append(p.name)
+        else:
+            copy.append(p)
+    return copy, skipped
+
+
+def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwrite: bool = False,
+                     progress=None, max_shard_bytes: int | None = None) -> dict:
+    """Write to ``out`` the checkpoint ``src`` keeping ``keep[layer]`` (original expert indices).
+
+    Layers not in ``keep`` keep every expert; counts must be the same in every layer. The
+    output appears only once complete; ``src`` is only read. Returns the pruning record, also
+    written to ``out/moeguard_pruning.json``.
+    """
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.families import family_for_config
+    from moeguard.models.hooks import normalize_keep
+    from moeguard.models.prune import pruned_config
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise MoeguardError(f"source checkpoint {src} is not a directory", hint="pass a checkpoint directory holding config.json")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise MoeguardError(f"max_shard_bytes is {max_shard_bytes}", hint="pass a positive size in bytes, or None")
+    _check_paths(src, out)
+    check_output(out, overwrite=overwrite)
+    config = load_config(ModelRef(str(src), src, None))
+    family = family_for_config(config)
+    files = safetensors_files(src)
+    for f in files:
+        check_safetensors(f)
+    headers = {f: read_header(f) for f in files}
+    sharded = (src / INDEX_NAME).exists()
+    if sharded:
+        _check_index(src, files, headers)
+
+    adapter = MoEAdapter(meta_model(config), family=family)
+    keep = normalize_keep(adapter, keep)
+    new_config, changes = pruned_config(adapter, keep)
+    plan = plan_tensors(files, headers, layers_path=family.layers_path,
+                        experts={l.index: l.num_experts for l in adapter.layers}, keep=keep)
+    shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)
+    copies, skipped = _side_files(src, files)
+    tensor_bytes = sum(t.nbytes for t in plan)
+    _check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies))
+    previous = _previous_record(src)
+
+    task = progress.add_task("writing pruned shards", total=tensor_bytes) if progress is not None else None
+    advance = (lambda n: progress.advance(task, n)) if progress is not None else None
+    reader = _Reader()
+    bytes_out = 0
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        try:
+            for name, tensors in shards:
+                meta = {"format": "pt", **headers[tensors[0].file].get("__metadata__", {})} if tensors else {"format": "pt"}
+                bytes_out += write_safetensors(tmp / name, tensors, reader, metadata=meta, advance=advance)
+        finally:
+            reader.close()
+        if shards[0][0] != "model.safetensors":
+            weight_map = {t.out_name: name for name, tensors in shards for t in tensors}
+            index = {"metadata": {"total_size": tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        for p in copies:
+            shutil.copy2(p, tmp / p.name)
+        with tempfile.TemporaryDirectory(dir=tmp) as cfg_dir:
+            new_config.save_pretrained(cfg_dir)
+            os.replace(Path(cfg_dir) / "config.json", tmp / "config.json")
+        record = {
+            "family": family.name,
+            "original_num_experts": adapter.num_experts,
+            "num_experts": len(next(iter(keep.values()))),
+            "keep": {str(k): v for k, v in sorted(keep.items())},
+            "config_changes": changes,
+            "method": "streaming",
+            "source": str(src.resolve()),
+            "bytes_in": sum(f.stat().st_size for f in files),
+            "bytes_out": bytes_out,
+            "shards": [name for name, _ in shards],
+            "skipped_files": skipped,
+        }
+        if previous is not None:  # pruning a pruned checkpoint: this record's indices are relative to it
+            record["previous_pruning"] = previous
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _previous_record(src: Path) -> dict | None:
+    try:
+        return json.loads((src / RECORD_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"unreadable": RECORD_NAME}
+
+
+def _check_index(src: Path, files: list[Path], headers: dict[Path, dict]) -> None:
+    """The index must name exactly the tensors the shards hold, each once."""
+    weight_map = json.loads((src / INDEX_NAME).read_text())["weight_map"]
+    where: dict[str, str] = {}
+    for f in files:
+        for k in headers[f]:
+            if k == "__metadata__":
+                continue
+            if k in where:
+                raise MoeguardError(f"tensor {k} is in both {where[k]} and {f.name}",
+                                    hint="the checkpoint is corrupt; re-download or re-save it")
+            where[k] = f.name
+    wrong = [k for k, v in weight_map.items() if where.get(k) != v]
+    if wrong:
+        raise MoeguardError(f"{INDEX_NAME} places {len(wrong)} tensors (e.g. {wrong[0]}) in shards that do not hold them",
+                            hint="the checkpoint is corrupt; re-download or re-save it")
+
+
+def _check_space(out: Path, needed: int) -> None:
+    free = shutil.disk_usage(out.resolve().parent).free
+    if free < needed:
+        raise MoeguardError(f"the pruned checkpoint needs {needed / 1e9:.2f} GB, but {out.parent} has "
+                            f"{free / 1e9:.2f} GB free", hint="free disk space or write elsewhere")

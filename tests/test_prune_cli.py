@@ -1,0 +1,100 @@
+"""`moeguard attribute` + `moeguard prune` end to end on the embedded model (the acceptance)."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moeguard.cli import main
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.hooks import mask_experts
+from moeguard.models.loading import EMBEDDED_MODEL_DIR, load_model
+from moeguard.pruning.sweep import reduction
+from moeguard.tasks.evaluate import evaluate_task
+
+
+def _digest(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def scores_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scores") / "scores.json"
+    assert main(["attribute", "--task", "arith-compare", "--method", "gate", "--samples", "8", "--out", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, scores_file):
+    before = _digest(EMBEDDED_MODEL_DIR)
+    out = tmp_path_factory.mktemp("pruned") / "keep4"
+    assert main(["prune", "--scores", str(scores_file), "--keep", "4", "--out", str(out), "--in-memory"]) == 0
+    assert _digest(EMBEDDED_MODEL_DIR) == before  # the input is never modified
+    return out
+
+
+def test_scores_file_has_method_task_model_and_samples(scores_file):
+    doc = json.loads(scores_file.read_text())
+    assert doc["method"] == "gate" and doc["task"] == "arith-compare" and doc["samples"] == 8
+    assert doc["model"] == "embedded" and len(doc["scores"]) == 4 and all(len(r) == 8 for r in doc["scores"].values())
+    assert doc["run"]["versions"]["torch"]
+
+
+def test_pruned_checkpoint_loads_in_vanilla_transformers(pruned):
+    record = json.loads((pruned / "moeguard_pruning.json").read_text())
+    keep = {int(l): v for l, v in record["keep"].items()}
+    assert all(len(v) == 4 for v in keep.values()) and record["plan"]["rule"] == "keep=4"
+    small = AutoModelForCausalLM.from_pretrained(pruned)
+    assert small.config.num_local_experts == 4
+    assert all(layer.mlp.gate.weight.shape[0] == 4 for layer in small.model.layers)
+    full, tok, _ = load_model(None)
+    expected = reduction(MoEAdapter(full), keep)["params"]
+    assert sum(p.numel() for p in small.parameters()) == expected
+    # the pruned checkpoint scores exactly what masking the full model scores
+    tok2 = AutoTokenizer.from_pretrained(pruned)
+    physical = evaluate_task(small, tok2, "arith-compare", limit=24, baseline=False)
+    with mask_experts(full, keep):
+        masked = evaluate_task(full, tok, "arith-compare", limit=24, baseline=False)
+    assert physical.score == masked.score
+    assert not (pruned / "moeguard_card.json").exists()  # the full model's card does not describe this one
+
+
+def test_streaming_and_in_memory_agree_on_the_embedded_model(tmp_path, scores_file, pruned):
+    out = tmp_path / "streamed"
+    assert main(["prune", "--scores", str(scores_file), "--keep", "4", "--out", str(out), "--streaming"]) == 0
+    with safe_open(pruned / "model.safetensors", "pt") as a, safe_open(out / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_prune_refuses_bad_requests_before_work(tmp_path, scores_file, pruned, capsys):
+    before = _digest(pruned)
+    assert main(["prune", "--scores", str(scores_file), "--keep", "4", "--out", str(pruned)]) == 2
+    assert "already exists" in capsys.readouterr().err and _digest(pruned) == before
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {"0": [0, 1]}}))
+    assert main(["prune", "--plan", str(plan), "--out", str(tmp_path / "x")]) == 2
+    assert "does not name MoE layers" in capsys.readouterr().err
+    assert main(["prune", "--plan", str(plan), "--scores", str(scores_file), "--out", str(tmp_path / "x")]) == 2
+    assert "exactly one of --scores or --plan" in capsys.readouterr().err
+    assert main(["prune", "--scores", str(scores_file), "--keep", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "layers have 8" in capsys.readouterr().err
+    assert main(["prune", "--scores", str(scores_file), "--budget", "20", "--out", str(tmp_path / "x")]) == 2
+    assert "different expert counts" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_explicit_plan_and_plan_only(tmp_path, scores_file):
+    plan_out = tmp_path / "budget.json"
+    assert main(["prune", "--scores", str(scores_file), "--budget", "20", "--out", str(plan_out), "--plan-only"]) == 0
+    doc = json.loads(plan_out.read_text())
+    assert doc["kept_total"] == 20 and doc["rule"] == "budget=20"
+    explicit = tmp_path / "explicit.json"
+    explicit.write_text(json.dumps({"keep": {str(l): [0, 1, 2, 7] for l in range(4)}}))
+    out = tmp_path / "explicit"
+    assert main(["prune", "--plan", str(explicit), "--out", str(out)]) == 0
+    record = json.loads((out / "moeguard_pruning.json").read_text())
+    assert record["keep"] == {str(l): [0, 1, 2, 7] for l in range(4)}

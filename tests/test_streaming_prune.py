@@ -1,0 +1,277 @@
+"""Streaming checkpoint surgery must write exactly what in-memory pruning + save_pretrained writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.families import FAMILIES
+from moeguard.models.prune import prune_model
+from moeguard.models.tiny import tiny_model
+from moeguard.pruning.checkpoint import INDEX_NAME, RECORD_NAME, plan_tensors, prune_checkpoint
+
+KEPT = [0, 2, 5, 7]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                assert k not in out, f"{k} stored twice"
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def _digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Per family: the tiny model, single-file and sharded checkpoints, its keep map."""
+    cache = {}
+
+    def get(fam: str):
+        if fam not in cache:
+            root = tmp_path_factory.mktemp(fam)
+            model = tiny_model(fam)
+            model.save_pretrained(root / "single")
+            model.save_pretrained(root / "sharded", max_shard_size="40KB")
+            keep = {l.index: KEPT for l in MoEAdapter(model).layers}
+            cache[fam] = (model, root, keep)
+        return cache[fam]
+
+    return get
+
+
+def _check_file_format(f: Path) -> None:
+    """Header padded to 8 bytes and every tensor aligned to its dtype, as safetensors writes."""
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert n % 8 == 0
+    assert header["__metadata__"]["format"] == "pt"
+    sizes = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8}
+    for k, v in header.items():
+        if k != "__metadata__":
+            assert (8 + n + v["data_offsets"][0]) % sizes[v["dtype"]] == 0, k
+
+
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
+def test_streaming_equals_in_memory(fam, saved):
+    model, root, keep = saved(fam)
+    record = prune_checkpoint(root / "single", root / "stream", keep)
+    record_sh = prune_checkpoint(root / "sharded", root / "stream_sh", keep)
+    pruned, mem_record = prune_model(model, keep)
+    pruned.save_pretrained(root / "memory")
+
+    expected = _tensors(root / "memory")
+    for out in ("stream", "stream_sh"):
+        got = _tensors(root / out)
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), k
+        for f in (root / out).glob("*.safetensors"):
+            _check_file_format(f)
+    assert not (root / "stream" / INDEX_NAME).exists()
+
+    for key in mem_record:
+        assert record[key] == mem_record[key], key
+    assert record["method"] == "streaming" and record["num_experts"] == 4
+    assert record["bytes_out"] < record["bytes_in"]
+    assert json.loads((root / "stream" / RECORD_NAME).read_text()) == record
+    assert (root / "stream" / "generation_config.json").read_bytes() == (root / "single" / "generation_config.json").read_bytes()
+
+    # sharded in, sharded out: same shard count, an index that covers every key
+    in_shards = sorted(p.name for p in (root / "sharded").glob("*.safetensors"))
+    assert len(in_shards) >= 3
+    assert record_sh["shards"] == in_shards
+    index = json.loads((root / "stream_sh" / INDEX_NAME).read_text())
+    assert set(index["weight_map"]) == set(expected)
+    assert all((root / "stream_sh" / f).exists() for f in index["weight_map"].values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
+    for k, f in index["weight_map"].items():
+        with safe_open(root / "stream_sh" / f, framework="pt") as h:
+            assert k in h.keys()
+
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = pruned(ids).logits
+        for out in ("stream", "stream_sh"):
+            loaded = AutoModelForCausalLM.from_pretrained(root / out).eval()
+            assert MoEAdapter(loaded).num_experts == 4
+            assert torch.equal(loaded(ids).logits, want)
+
+
+@pytest.mark.parametrize("fam", ["mixtral", "gpt_oss"])
+def test_bf16_checkpoint_keeps_dtype(fam, tmp_path):
+    model = tiny_model(fam).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    keep = {l.index: KEPT for l in MoEAdapter(model).layers}
+    prune_checkpoint(tmp_path / "src", tmp_path / "out", keep)
+    prune_model(model, keep)[0].save_pretrained(tmp_path / "memory")
+    got, want = _tensors(tmp_path / "out"), _tensors(tmp_path / "memory")
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in want)
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        _check_file_format(f)
+
+
+def test_reshard_by_size_and_progress(saved, tmp_path):
+    from rich.progress import Progress
+
+    _, root, keep = saved("mixtral")
+    with Progress(disable=True) as progress:
+        record = prune_checkpoint(root / "single", tmp_path / "small", keep, max_shard_bytes=30_000, progress=progress)
+        task = progress.tasks[0]
+        assert task.completed == task.total > 0
+    assert len(record["shards"]) > 2
+    index = json.loads((tmp_path / "small" / INDEX_NAME).read_text())
+    assert sorted(set(index["weight_map"].values())) == record["shards"]
+    # sharded source, one big shard out: a plain model.safetensors without index
+    record = prune_checkpoint(root / "sharded", tmp_path / "one", keep, max_shard_bytes=10**9)
+    assert record["shards"] == ["model.safetensors"] and not (tmp_path / "one" / INDEX_NAME).exists()
+    assert _tensors(tmp_path / "one").keys() == _tensors(tmp_path / "small").keys()
+
+
+def test_pruning_a_pruned_checkpoint_keeps_provenance(saved, tmp_path):
+    model, root, keep = saved("gpt_oss")
+    first = prune_checkpoint(root / "single", tmp_path / "first", keep)
+    second = prune_checkpoint(tmp_path / "first", tmp_path / "second", {l: [1, 3] for l in keep})
+    assert second["previous_pruning"] == first and second["num_experts"] == 2
+    # experts 1 and 3 of the first output are originals 2 and 7
+    got = _tensors(tmp_path / "second")["model.layers.0.mlp.experts.down_proj"]
+    assert torch.equal(got, model.state_dict()["model.layers.0.mlp.experts.down_proj"][[2, 7]])
+    assert MoEAdapter(AutoModelForCausalLM.from_pretrained(tmp_path / "second")).num_experts == 2
+
+
+def test_source_untouched_and_side_files(saved, tmp_path):
+    model, root, keep = saved("qwen2_moe")
+    src = tmp_path / "src"
+    shutil.copytree(root / "sharded", src)
+    (src / "tokenizer.json").write_text('{"model": {}}')
+    (src / "pytorch_model.bin").write_bytes(b"stale pickle")  # must not travel with pruned weights
+    before = _digests(src)
+    record = prune_checkpoint(src, tmp_path / "out", keep)
+    assert _digests(src) == before
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"model": {}}'
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+    assert record["skipped_files"] == ["pytorch_model.bin"]
+    # qwen2's shared expert gate is [1, H] and sits in the block: copied, never sliced
+    got = _tensors(tmp_path / "out")
+    gate = "model.layers.0.mlp.shared_expert_gate.weight"
+    assert torch.equal(got[gate], model.state_dict()[gate])
+
+
+@pytest.mark.parametrize("keep, match", [
+    ({0: [0, 1, 2, 3], 1: [0, 1, 2]}, "keep counts differ"),
+    ({0: [0, 2, 5, 8], 1: [0, 1, 2, 3]}, r"experts \[8\] do not exist"),
+    ({5: [0, 1]}, "not an MoE layer"),
+])
+def test_impossible_plans_write_nothing(saved, tmp_path, keep, match):
+    _, root, _ = saved("mixtral")
+    with pytest.raises(MoeguardError, match=match):
+        prune_checkpoint(root / "sharded", tmp_path / "out", keep)
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+def test_existing_output_needs_overwrite(saved, tmp_path):
+    _, root, keep = saved("mixtral")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(MoeguardError, match="already exists"):
+        prune_checkpoint(root / "single", out, keep)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    prune_checkpoint(root / "single", out, keep, overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors").exists()
+    with pytest.raises(MoeguardError, match="overlaps the source"):
+        prune_checkpoint(root / "single", root / "single", keep, overwrite=True)
+    with pytest.raises(MoeguardError, match="overlaps the source"):
+        prune_checkpoint(root / "single", root / "single" / "pruned", keep)
+
+
+def test_truncated_shard_refused_before_output(saved, tmp_path):
+    _, root, keep = saved("olmoe")
+    src = tmp_path / "src"
+    shutil.copytree(root / "sharded", src)
+    shard = sorted(src.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(MoeguardError, match="truncated or corrupt"):
+        prune_checkpoint(src, tmp_path / "out", keep)
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+def test_bad_sources(tmp_path, saved):
+    _, root, keep = saved("mixtral")
+    with pytest.raises(MoeguardError, match="not a directory"):
+        prune_checkpoint(tmp_path / "nope", tmp_path / "out", keep)
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    shutil.copy(root / "single" / "config.json", pickles)
+    (pickles / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(MoeguardError, match="only pickle weights"):
+        prune_checkpoint(pickles, tmp_path / "out", keep)
+    (pickles / "config.json").unlink()
+    with pytest.raises(MoeguardError, match="no config.json"):
+        prune_checkpoint(pickles, tmp_path / "out", keep)
+    assert not (tmp_path / "out").exists()
+
+
+def _header(**tensors):
+    off, h = 0, {}
+    for name, shape in tensors.items():
+        n = 4 * int(torch.Size(shape).numel())
+        h[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    return h
+
+
+def _plan(header, keep=(0, 1)):
+    f = Path("x.safetensors")
+    return plan_tensors([f], {f: header}, layers_path="model.layers", experts={0: 4}, keep={0: list(keep)})
+
+
+def test_layout_rules_on_headers():
+    base = {"model.layers.0.mlp.gate.weight": (4, 8), "model.layers.0.mlp.experts.gate_up_proj": (4, 8, 6)}
+    plan = {t.out_name: t for t in _plan(_header(**base, **{"model.layers.0.mlp.shared_experts.up_proj.weight": (4, 8)}), keep=(1, 3))}
+    assert plan["model.layers.0.mlp.gate.weight"].shape == (2, 8)
+    assert plan["model.layers.0.mlp.gate.weight"].runs == ((1, 2), (3, 4))
+    # a shared expert whose dim 0 equals the expert count by chance is still copied whole
+    assert plan["model.layers.0.mlp.shared_experts.up_proj.weight"].shape == (4, 8)
+    per_expert = {f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight": (6, 8) for e in range(4)}
+    names = [t.out_name for t in _plan(_header(**{"model.layers.0.block_sparse_moe.gate.weight": (4, 8)}, **per_expert), keep=(2, 3))]
+    assert names == ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+                     "model.layers.0.block_sparse_moe.experts.1.w1.weight"]
+    with pytest.raises(MoeguardError, match="cannot tell whether"):
+        _plan(_header(**base, **{"model.layers.0.mlp.expert_bias": (4,)}))
+    with pytest.raises(MoeguardError, match="dim 0 should be"):
+        _plan(_header(**{"model.layers.0.mlp.gate.weight": (8, 4), "model.layers.0.mlp.experts.down_proj": (4, 2, 2)}))
+    with pytest.raises(MoeguardError, match="no router tensors"):
+        _plan(_header(**{"model.layers.0.mlp.experts.down_proj": (4, 2, 2)}))
+    with pytest.raises(MoeguardError, match=r"experts \[3\] have no w1.weight"):
+        _plan(_header(**{"model.layers.0.block_sparse_moe.gate.weight": (4, 8)},
+                      **{k: v for k, v in per_expert.items() if ".3." not in k}))

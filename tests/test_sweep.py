@@ -1,0 +1,83 @@
+"""`moeguard sweep`: the knowledge-loss study's outputs, random band and physical checks."""
+
+import csv
+import json
+
+import pytest
+
+from moeguard.cli import main
+from moeguard.pruning.evaluate import above_baseline, retention
+from moeguard.pruning.sweep import auc, spearman
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    code = main(["sweep", "--tasks", "arith-compare,record-summary", "--methods", "frequency,ablation",
+                 "--keep", "2,4", "--samples", "8", "--eval-limit", "8", "--collateral-limit", "4",
+                 "--random-seeds", "2", "--no-deletion-curves", "--physical-checks", "2", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_sweep_json_has_every_point_and_the_random_band(run):
+    doc = json.loads((run / "sweep.json").read_text())
+    assert doc["schema"] == "moeguard.sweep/1"
+    pts = {(p["task"], p["method"], p["keep"]) for p in doc["points"]}
+    assert pts == {(t, m, k) for t in ("arith-compare", "record-summary") for m in ("frequency", "ablation") for k in (2, 4)}
+    for p in doc["points"]:
+        other = "record-summary" if p["task"] == "arith-compare" else "arith-compare"
+        assert set(p["collateral"]) == {other}
+        assert 0 < p["param_reduction_pct"] < 100 and p["params"] < p["params_full"]
+        assert str(p["keep"]) in doc["random_summary"][p["task"]]
+    assert len(doc["random"]) == 2 * 2 * 2
+    assert doc["faithfulness"]["arith-compare"]["ablation"]["spearman_vs_ablation"] == pytest.approx(1.0)
+    assert doc["run"]["settings"]["seed"] == 0 and doc["run"]["versions"]["transformers"]
+
+
+def test_masked_points_match_physical_pruning(run):
+    doc = json.loads((run / "sweep.json").read_text())
+    assert len(doc["physical_checks"]) == 2
+    for c in doc["physical_checks"]:
+        assert c["abs_diff"] < 1e-9 and c["params_physical"] == c["params_expected"]
+
+
+def test_sweep_writes_csv_scores_and_plots(run):
+    rows = list(csv.DictReader(open(run / "points.csv")))
+    assert {r["method"] for r in rows} >= {"frequency", "ablation", "random:0", "random:1"}
+    assert (run / "scores" / "arith-compare" / "ablation.json").exists()
+    for name in ["importance_arith-compare", "retention_record-summary", "collateral_keep2"]:
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_is_deterministic(run, tmp_path):
+    out = tmp_path / "again"
+    assert main(["sweep", "--tasks", "arith-compare,record-summary", "--methods", "frequency,ablation",
+                 "--keep", "2,4", "--samples", "8", "--eval-limit", "8", "--collateral-limit", "4",
+                 "--random-seeds", "2", "--no-deletion-curves", "--physical-checks", "0", "--out", str(out)]) == 0
+    a, b = json.loads((run / "sweep.json").read_text()), json.loads((out / "sweep.json").read_text())
+    assert [p["score"] for p in a["points"]] == [p["score"] for p in b["points"]]
+    assert a["random"] == b["random"]
+
+
+def test_sweep_refuses_impossible_levels_before_loading(tmp_path, capsys):
+    assert main(["sweep", "--keep", "0,8", "--out", str(tmp_path / "x")]) == 2
+    assert "impossible" in capsys.readouterr().err
+    assert main(["sweep", "--methods", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown attribution method" in capsys.readouterr().err
+
+
+def test_retention_is_direction_aware():
+    assert retention(45.0, 90.0, higher_is_better=True) == 50.0
+    assert retention(200.0, 100.0, higher_is_better=False) == 50.0   # perplexity doubled
+    assert above_baseline(50.0, 90.0, 50.0, higher_is_better=True) == 0.0
+    assert above_baseline(100.0, 100.0, 1000.0, higher_is_better=False) == 100.0
+
+
+def test_auc_and_spearman():
+    assert auc([2, 4, 6], [100.0, 100.0, 100.0]) == 100.0
+    assert auc([2, 4], [0.0, 100.0]) == 50.0
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
