@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/attribution_cost.py [--task stdlib-code] [--samples 64]
 
 FPE = a method's wall time / the wall time of one plain no-grad forward over the same
-calibration batches, both measured in this run (each method twice, the faster kept, after a
-warm-up). Goals: ``gradient`` at most 3.5 FPE; ``ablation`` as close as possible to the
+calibration batches, both measured in this run (forward: fastest of 5; each method: fastest
+of 3, after a warm-up). Goals: ``gradient`` at most 3.5 FPE; ``ablation`` as close as possible to the
 L x E partial passes it needs (the ideal is printed: sum over MoE layers of E x the share of
 the network after that layer, plus a head per pass).
 """
@@ -37,12 +37,12 @@ def main() -> None:
                 model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
 
     forward_pass()
-    fwd = min(_timed(forward_pass) for _ in range(3))
+    fwd = min(_timed(forward_pass) for _ in range(5))
     L, E = len(ctx.adapter.layers), ctx.adapter.num_experts
     rows = {}
     for m in list_methods():
         best = float("inf")
-        for _ in range(2):
+        for _ in range(3):
             ctx.cache.clear()  # capture-based methods share a pass within a run; time each alone
             t = time.perf_counter()
             score(ctx, m.name)

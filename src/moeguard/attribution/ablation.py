@@ -10,9 +10,9 @@ sum over MoE layers l of E x (layers after l + head), below L x E full forwards.
 import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
-from moeguard.attribution.replay import replay
+from moeguard.attribution.replay import replay_hidden, target_nll
+from moeguard.models.adapter import _get_path
 from moeguard.models.hooks import capture_inputs, drop_one_per_chunk
-from moeguard.tasks.batches import token_nll
 
 
 @register_method("ablation", "exact increase of the mean target NLL when the expert is masked (its tokens re-routed)",
@@ -20,21 +20,23 @@ from moeguard.tasks.batches import token_nll
 def ablation(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model
     E = adapter.num_experts
-    per_pass = max(1, int(ctx.options.get("masks_per_pass", 4)))
     deltas = torch.zeros(len(adapter.layers), E, dtype=torch.float64)
-    layers = dict(enumerate(adapter.decoder_layers))
+    modules = dict(enumerate(adapter.decoder_layers))
+    modules[-1] = _get_path(model, adapter.family.final_norm_path)  # its input: the last hidden states
     with torch.no_grad():
         for batch in ctx.track(ctx.batches, "ablation"):
             b = batch.to(ctx.device)
-            with capture_inputs(layers) as inputs:
-                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-            base = token_nll(logits, b.labels).double().sum()
+            with capture_inputs(modules) as inputs:
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            base = float(target_nll(adapter, inputs.pop(-1)[0][0], b.labels).double().sum())
             tokens = b.input_ids.numel()
+            per_pass = int(ctx.options.get("masks_per_pass") or
+                           max(1, min(E, int(ctx.options.get("tokens_per_pass", 2048)) // tokens)))
             for row, layer in enumerate(adapter.layers):
                 for first in range(0, E, per_pass):
                     drops = list(range(first, min(E, first + per_pass)))
                     with drop_one_per_chunk(adapter, layer.index, drops, rows=tokens):
-                        out = replay(adapter, inputs, layer.index, copies=len(drops))
-                    nll = token_nll(out, b.labels.repeat(len(drops), 1)).double()
-                    deltas[row, drops] += nll.view(len(drops), -1).sum(1).cpu() - float(base)
+                        hidden = replay_hidden(adapter, inputs, layer.index, copies=len(drops))
+                    nll = target_nll(adapter, hidden, b.labels.repeat(len(drops), 1)).double()
+                    deltas[row, drops] += nll.view(len(drops), -1).sum(1).cpu() - base
     return MethodOutput(scores=deltas / max(1, ctx.n_targets), tokens=ctx.n_targets)

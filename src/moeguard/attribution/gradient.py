@@ -21,33 +21,41 @@ from moeguard.models.routing import pruned_router_params, route_module
 from moeguard.tasks.batches import token_nll
 
 
-def _layer_delta(adapter, layer, trace, n_targets: int) -> torch.Tensor:
+def _drop_one_plans(adapter, E: int, device) -> list:
+    """(kept experts, pruned router settings) for each single-expert mask; made once per run."""
+    plans = []
+    for e in range(E):
+        kept = [x for x in range(E) if x != e]
+        plans.append((torch.tensor(kept, device=device), pruned_router_params(adapter.family, adapter.config, kept, E)))
+    return plans
+
+
+def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Tensor:
     E = layer.num_experts
     out = torch.zeros(E, dtype=torch.float64)
     if trace.grad is None:
         return out
     G = trace.grad.float()
+    N = G.shape[0]
     s = (trace.slot_out.float() * G[:, None, :]).sum(-1)           # [N, k] G . y_j
     old = (trace.weights.float() * s).sum(1)                        # [N]
     device = trace.logits.device
-    for e in range(E):
-        kept = [x for x in range(E) if x != e]
-        params = pruned_router_params(adapter.family, adapter.config, kept, E)
-        kept_t = torch.tensor(kept, device=device)
+    # G . y for (token, expert) pairs; the pruned routers reach few pairs beyond the old top-k
+    table = torch.full((N, E), float("nan"), device=device).scatter_(1, trace.index, s)
+    routed = []
+    for kept_t, params in plans:
         w_new, sub = route_module(layer.router, trace.logits, adapter.family.routing, params, kept=kept_t)
-        idx_new = kept_t[sub]
-        match = idx_new[:, :, None] == trace.index[:, None, :]       # [N, k', k]
-        s_new = (match.float() * s[:, None, :]).sum(-1)
-        rows, cols = torch.where(~match.any(-1))
-        needed = idx_new[rows, cols]
-        for n in torch.unique(needed).tolist():
-            sel = needed == n
-            tok = rows[sel]
-            one = torch.full((tok.numel(), 1), n, dtype=trace.index.dtype, device=device)
-            ones = torch.ones((tok.numel(), 1), dtype=trace.weights.dtype, device=device)
-            y = layer.experts(trace.hidden[tok], one, ones).float()
-            s_new[tok, cols[sel]] = (y * G[tok]).sum(-1)
-        d = ((w_new.float() * s_new).sum(1) - old).double()   # [N] first-order change per token
+        routed.append((w_new.float(), kept_t[sub]))
+    need = torch.zeros(N, E, dtype=torch.bool, device=device)
+    for _, idx in routed:
+        need.scatter_(1, idx, True)
+    tok, ex = torch.where(need & table.isnan())
+    if tok.numel():  # one call of the experts' kernel for every newly reached pair
+        ones = torch.ones((tok.numel(), 1), dtype=trace.weights.dtype, device=device)
+        y = layer.experts(trace.hidden[tok], ex[:, None].to(trace.index.dtype), ones).float()
+        table[tok, ex] = (y * G[tok]).sum(-1)
+    for e, (w_new, idx) in enumerate(routed):
+        d = ((w_new * table.gather(1, idx)).sum(1) - old).double()  # [N] first-order change per token
         out[e] = float(d.sum() + 0.5 * n_targets * d.pow(2).sum())
     return out
 
@@ -58,22 +66,21 @@ def gradient(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model
     deltas = torch.zeros(len(adapter.layers), adapter.num_experts, dtype=torch.float64)
     n_targets = max(1, ctx.n_targets)
+    plans = _drop_one_plans(adapter, adapter.num_experts, ctx.device)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     try:
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        embed = model.get_input_embeddings()
         for batch in ctx.track(ctx.batches, "gradient"):
             b = batch.to(ctx.device)
             with torch.enable_grad(), trace_experts(model, adapter=adapter) as traces:
-                x = embed(b.input_ids).detach().requires_grad_(True)
-                logits = model(inputs_embeds=x, attention_mask=b.attention_mask, use_cache=False).logits
+                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
                 (token_nll(logits, b.labels).sum() / n_targets).backward()
             with torch.no_grad():
                 for row, layer in enumerate(adapter.layers):
-                    deltas[row] += _layer_delta(adapter, layer, traces[layer.index], n_targets)
+                    deltas[row] += _layer_delta(adapter, layer, traces[layer.index], n_targets, plans)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -29,6 +29,24 @@ def replay(adapter: MoEAdapter, inputs: dict[int, tuple], start: int, *, copies:
     ``inputs`` comes from ``capture_inputs`` over ``adapter.decoder_layers``; returns
     [copies * B, T, V] with the batch tiled ``copies`` times (copy-major).
     """
+    return adapter.head(replay_hidden(adapter, inputs, start, copies=copies))
+
+
+def target_nll(adapter: MoEAdapter, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL per batch row, with the LM head run only where there is a target.
+
+    A classification prompt has one or two target tokens, so skipping the head elsewhere removes
+    most of its cost (the head is about half of the embedded model's FLOPs)."""
+    sel = labels[:, 1:] != -100                        # [B, T-1]
+    h = hidden[:, :-1][sel]                            # [n, H]
+    logits = adapter.head(h).float()                   # [n, V]
+    nll = torch.nn.functional.cross_entropy(logits, labels[:, 1:][sel], reduction="none")
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(sel)[sel]
+    return torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
+
+
+def replay_hidden(adapter: MoEAdapter, inputs: dict[int, tuple], start: int, *, copies: int = 1) -> torch.Tensor:
+    """The last decoder layer's output [copies * B, T, H] when run from layer ``start``."""
     args, kwargs = inputs[start]
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     batch = hidden.shape[0]
@@ -42,4 +60,4 @@ def replay(adapter: MoEAdapter, inputs: dict[int, tuple], start: int, *, copies:
             kwargs["use_cache"] = False
         out = adapter.decoder_layers[i](hidden, *[_tile(a, batch, copies) for a in args[1:]], **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
-    return adapter.head(hidden)
+    return hidden

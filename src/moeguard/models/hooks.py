@@ -356,16 +356,19 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
     def experts_forward(trace, original):
         def forward(hidden_states, top_k_index, top_k_weights):
             N, k = top_k_index.shape
-            slots = hidden_states.new_zeros(N, k, hidden_states.shape[-1])
-            for e in torch.unique(top_k_index).tolist():
-                tok, pos = torch.where(top_k_index == e)
-                one = torch.full((tok.numel(), 1), e, dtype=top_k_index.dtype, device=tok.device)
-                ones = torch.ones((tok.numel(), 1), dtype=top_k_weights.dtype, device=tok.device)
-                slots = slots.index_put((tok, pos), original(hidden_states[tok], one, ones).to(slots.dtype))
+            # every (token, slot) as its own row with weight 1: one call of the experts'
+            # own kernel gives each chosen expert's unweighted output, at the usual FLOPs
+            flat = hidden_states[:, None, :].expand(N, k, hidden_states.shape[-1]).reshape(N * k, -1)
+            ones = torch.ones((N * k, 1), dtype=top_k_weights.dtype, device=top_k_weights.device)
+            slots = original(flat, top_k_index.reshape(N * k, 1), ones).view(N, k, -1)
             out = (slots * top_k_weights[..., None].to(slots.dtype)).sum(1)
             trace.hidden, trace.index = hidden_states.detach(), top_k_index.detach()
             trace.weights, trace.slot_out = top_k_weights.detach(), slots.detach()
-            if out.requires_grad:
+            if torch.is_grad_enabled():
+                if not out.requires_grad:
+                    # frozen weights and no grad upstream: this output starts the graph, so the
+                    # backward stops here instead of running down to the embeddings for nothing
+                    out.requires_grad_(True)
                 out.register_hook(lambda g: setattr(trace, "grad", g.detach()))
             return out
         return forward
