@@ -105,8 +105,9 @@ def calibration_batches(tokenizer, task: Task | str, *, samples: int, batch_size
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, T-1] negative log-likelihood of each next token (0 where ignored)."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1).clamp_min(0),
-                                            reduction="none").view_as(target)
-    return nll * (target != IGNORE)
+    B, T, V = logits.shape
+    # shift the labels, not the logits: slicing logits would copy the largest tensor of the pass
+    target = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE)], dim=1)
+    nll = torch.nn.functional.cross_entropy(logits.float().reshape(B * T, V), target.reshape(-1),
+                                            ignore_index=IGNORE, reduction="none").view(B, T)
+    return nll[:, :-1]
