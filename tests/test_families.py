@@ -218,3 +218,38 @@ def test_info_json_reports_expert_counts(tmp_path, capsys):
         assert set(data["experts_per_layer"].values()) == {4}
         assert data["top_k"] == 2
         assert data["parameters"]["total"] == sum(p.numel() for p in pruned.parameters())
+
+
+def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_batch, tmp_path):
+    """A non-uniform (--budget) plan: masked == in-memory == streamed == reloaded by moeguard."""
+    from safetensors import safe_open
+
+    from moeguard.models.loading import load_model
+    from moeguard.models.prune import PER_LAYER_KEY
+    from moeguard.pruning.checkpoint import prune_checkpoint
+
+    fam, model = family_model
+    ids, mask = token_batch
+    layers = [l.index for l in MoEAdapter(model).layers]
+    keep = {layers[0]: [0, 1, 2, 5, 6, 7], layers[-1]: [3, 4]}
+    if MoEAdapter(model).family.routing.grouped:  # DeepSeek's groups must match across layers
+        with pytest.raises(MoeguardError, match="group-limited routing"):
+            prune_model(model, keep)
+        return
+    with torch.no_grad(), mask_experts(model, keep):
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    small, record = prune_model(model, keep)
+    assert record["experts_per_layer"] == {str(layers[0]): 6, str(layers[-1]): 2}
+    with torch.no_grad():
+        assert torch.equal(small(input_ids=ids, attention_mask=mask).logits, masked)
+    model.save_pretrained(tmp_path / "src")
+    small.save_pretrained(tmp_path / "mem")
+    prune_checkpoint(tmp_path / "src", tmp_path / "streamed", keep)
+    with safe_open(tmp_path / "mem" / "model.safetensors", "pt") as a, \
+            safe_open(tmp_path / "streamed" / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    reloaded, _, _ = load_model(str(tmp_path / "streamed"), with_tokenizer=False)
+    assert getattr(reloaded.config, PER_LAYER_KEY) == {str(layers[0]): 6, str(layers[-1]): 2}
+    assert [l.router.weight.shape[0] for l in MoEAdapter(reloaded).layers] == [6, 2]
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, masked)

@@ -53,3 +53,24 @@ def test_recipe_is_deterministic_end_to_end(tmp_path):
         assert (tmp_path / name / "tokenizer.json").exists() and (tmp_path / name / "README.md").exists()
         assert len(card["specialization"]["per_layer"]) == 2
     assert digests[0] == digests[1]
+
+
+def test_zoo_recipe_trains_on_named_tasks(tmp_path):
+    """`zoo train --tasks`: the same recipe on other tasks (here a local-file task), with its own card."""
+    import json
+
+    from moeguard.zoo.train import train_embedded
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": f"review {i}: {'good' if i % 2 else 'bad'} film", "label": i % 2} for i in range(60)]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "toy.yaml").write_text(
+        f"name: toy-sentiment\nkind: classification\nsource: {{type: local, path: {data}, format: jsonl, "
+        "files: {train: train.jsonl, test: test.jsonl}}\nsplits: {train: train, eval: test}\n"
+        "fields: {input: text, label: label}\nprompt: \"{text}\\nSentiment:\"\nlabels: {0: ' bad', 1: ' good'}\n")
+    small = Recipe(steps=2, hidden_size=32, intermediate_size=32, num_layers=2, batch_size=4, context=64, vocab_size=400)
+    card = train_embedded(tmp_path / "m", recipe=small, tasks=[str(tmp_path / "toy.yaml")])
+    assert card["name"] == "moeguard-zoo-mixtral" and list(card["tasks"]) == ["toy-sentiment"]
+    assert "toy-sentiment" in (tmp_path / "m" / "README.md").read_text()

@@ -240,8 +240,12 @@ def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
                                         "plan": str(plan) if plan else None, "keep": keep, "keep_ratio": keep_ratio,
                                         "budget": budget, "seed": seed})
     kept = ", ".join(f"{l}: {v}" for l, v in record["keep"].items())
-    typer.echo(f"pruned {record['original_num_experts']} -> {record['num_experts']} experts per layer "
+    counts = sorted({len(v) for v in record["keep"].values()})
+    typer.echo(f"pruned {record['original_num_experts']} -> {'/'.join(map(str, counts))} experts per layer "
                f"({record['method']}); kept {kept}; written to {out}")
+    if len(counts) > 1:
+        typer.echo("note: layers keep different expert counts; load it with moeguard (moeguard.models.loading."
+                   "load_model, or any moeguard command's --model); vanilla transformers configs hold one count")
 
 
 @app.command()

@@ -111,11 +111,14 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moeguard.models.prune import resized_construction
+
     ref, config, _ = inspect(ref_str)
     where = str(ref.path or ref.hub_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
-                                                     device_map=device_map)
+        with resized_construction(config):  # budget-pruned checkpoints keep different counts per layer
+            model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
+                                                         device_map=device_map)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoeguardError(f"cannot load weights of {where}: {first}",
@@ -135,5 +138,9 @@ def meta_model(config):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from moeguard.models.prune import resize_layers
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    resize_layers(model)
+    return model

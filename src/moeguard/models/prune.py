@@ -8,8 +8,9 @@ config, as transformers expects) and receives the kept experts' slices of the ol
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -20,19 +21,31 @@ from moeguard.models.hooks import normalize_keep
 from moeguard.models.routing import pruned_router_params
 
 
+# Config key of a checkpoint whose layers keep different numbers of experts (a --budget plan).
+# transformers configs hold one expert count, so such a checkpoint is built at the largest count
+# and each smaller layer is resized after construction: moeguard's loader does this; vanilla
+# from_pretrained refuses it with a size mismatch.
+PER_LAYER_KEY = "moeguard_experts_per_layer"
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
 def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
     """The config of the pruned model, plus a record of every routing change made."""
-    counts = {len(v) for v in keep.values()}
-    if len(counts) != 1:
-        raise MoeguardError(
-            f"keep counts differ across layers ({ {k: len(v) for k, v in keep.items()} }); a "
-            f"{adapter.family.name} config has one expert count for all layers",
-            hint="keep the same number of experts in every layer for a physical checkpoint "
-                 "(per-layer budgets can still be evaluated with masking)")
-    n = counts.pop()
     family, cfg = adapter.family, copy.deepcopy(adapter.config)
     params = {li: pruned_router_params(family, adapter.config, kept, adapter.layer(li).num_experts)
               for li, kept in keep.items()}
+    counts = {li: len(v) for li, v in keep.items()}
+    n = max(counts.values())
+    if len(set(counts.values())) > 1:
+        if family.routing.grouped:
+            raise MoeguardError(
+                f"keep counts differ across layers ({counts}); {family.name}'s group-limited routing needs the "
+                "same groups in every layer", hint="keep the same number of experts in every layer for this family")
+        top_k = max(p.top_k for p in params.values())
+        setattr(cfg, family.num_experts_key, n)
+        setattr(cfg, family.top_k_key, top_k)
+        setattr(cfg, PER_LAYER_KEY, {str(li): c for li, c in sorted(counts.items())})
+        return cfg, {family.num_experts_key: n, family.top_k_key: top_k, PER_LAYER_KEY: getattr(cfg, PER_LAYER_KEY)}
     first = next(iter(params.values()))
     if any(p != first for p in params.values()):
         raise MoeguardError("the kept experts give different router settings per layer (group-limited routing)",
@@ -45,6 +58,36 @@ def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
         setattr(cfg, family.routing.topk_group_key, first.topk_group)
         changes.update({family.routing.n_group_key: first.n_group, family.routing.topk_group_key: first.topk_group})
     return cfg, changes
+
+
+def resize_layers(model: nn.Module) -> None:
+    """Shrink the MoE layers a per-layer-count config names to their own expert count.
+
+    Works on a freshly built model (meta or real): every router/experts tensor with the
+    config's expert count on dim 0 is replaced by an empty one with the layer's count, and the
+    modules' count and top-k attributes follow (top-k clamped as the pruned router clamps it)."""
+    per_layer = getattr(model.config, PER_LAYER_KEY, None)
+    if not per_layer:
+        return
+    adapter = MoEAdapter(model)
+    top_k = int(getattr(model.config, adapter.family.top_k_key))
+    for layer in adapter.layers:
+        n = int(per_layer.get(str(layer.index), layer.num_experts))
+        if n == layer.num_experts:
+            continue
+        E = layer.num_experts
+        for module in (layer.router, layer.experts):
+            for store in (module._parameters, module._buffers):
+                for name, t in list(store.items()):
+                    if t is not None and t.dim() and t.shape[0] == E:
+                        new = torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                        store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        for module in (layer.block, layer.router, layer.experts):
+            for attr in _COUNT_ATTRS:
+                if getattr(module, attr, None) == E:
+                    setattr(module, attr, n)
+            if isinstance(getattr(module, "top_k", None), int):
+                module.top_k = min(top_k, n)
 
 
 def _sliced_state(adapter: MoEAdapter, keep: dict[int, list[int]]) -> dict[str, torch.Tensor]:
@@ -80,6 +123,7 @@ def prune_model(model: nn.Module, keep: Mapping) -> tuple[nn.Module, dict]:
     state = _sliced_state(adapter, keep)
     with torch.device("meta"):
         new = type(model)(cfg)
+    resize_layers(new)
     missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise RuntimeError(f"pruned model did not take tensors {unexpected[:5]}")
@@ -100,8 +144,33 @@ def prune_model(model: nn.Module, keep: Mapping) -> tuple[nn.Module, dict]:
     record = {
         "family": adapter.family.name,
         "original_num_experts": adapter.num_experts,
-        "num_experts": len(next(iter(keep.values()))),
+        "num_experts": max(len(v) for v in keep.values()),
+        "experts_per_layer": {str(k): len(v) for k, v in sorted(keep.items())},
         "keep": {str(k): v for k, v in sorted(keep.items())},
         "config_changes": changes,
     }
     return new, record
+
+
+@contextlib.contextmanager
+def resized_construction(config) -> Iterator[None]:
+    """Inside the block, building the config's model class shrinks per-layer-count layers right
+    after ``__init__``, so ``from_pretrained`` (with its checkpoint-layout conversions) loads a
+    budget-pruned checkpoint. The class is restored in ``finally``; a uniform config is a no-op."""
+    if not getattr(config, PER_LAYER_KEY, None):
+        yield
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    original = cls.__init__
+
+    def init(self, cfg, *args, **kwargs):
+        original(self, cfg, *args, **kwargs)
+        resize_layers(self)
+
+    cls.__init__ = init
+    try:
+        yield
+    finally:
+        cls.__init__ = original

@@ -33,13 +33,9 @@ def preflight(model_ref: str | None, plan: PrunePlan, out: str | Path, *, overwr
         raise MoeguardError(f"--out {out} is the input checkpoint", hint="write the pruned model to a new directory")
     adapter = MoEAdapter(meta_model(config))
     keep = check_plan(plan, adapter)
-    counts = {l: len(v) for l, v in keep.items()}
-    if len(set(counts.values())) != 1:
-        raise MoeguardError(
-            f"the plan keeps different expert counts per layer ({counts}); a {family.name} config holds one "
-            "expert count for every layer, so transformers cannot load such a checkpoint",
-            hint="use --keep K for a checkpoint, or --plan-only to write the non-uniform plan "
-                 "(moeguard sweep and the Python API evaluate it by masking)")
+    from moeguard.models.prune import pruned_config
+
+    pruned_config(adapter, keep)  # refuses what the family cannot express (e.g. DeepSeek groups)
     return ref, config, adapter, keep
 
 
@@ -53,7 +49,11 @@ def write_pruned(model_ref: str | None, plan: PrunePlan, out: str | Path, *, ove
     if streaming and ref.path is None:
         raise MoeguardError(f"--streaming needs a local checkpoint, got hub id {ref.hub_id}",
                             hint=f"download it first: hf download {ref.hub_id} --local-dir DIR")
-    extra = {"plan": plan.to_dict(), "run": run_record(settings or {})}
+    uniform = len({len(v) for v in keep.values()}) == 1
+    extra = {"plan": plan.to_dict(), "run": run_record(settings or {}),
+             "loadable_by": "transformers" if uniform else
+             "moeguard.models.loading.load_model (per-layer expert counts; vanilla transformers configs "
+             "hold one count and refuse it with a size mismatch)"}
     if streaming:
         from moeguard.pruning.checkpoint import prune_checkpoint
 

@@ -280,7 +280,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
                      progress=None, max_shard_bytes: int | None = None) -> dict:
     """Write to ``out`` the checkpoint ``src`` keeping ``keep[layer]`` (original expert indices).
 
-    Layers not in ``keep`` keep every expert; counts must be the same in every layer. The
+    Layers not in ``keep`` keep every expert; counts may differ per layer (a budget plan; see models.prune.PER_LAYER_KEY). The
     output appears only once complete; ``src`` is only read. Returns the pruning record, also
     written to ``out/moeguard_pruning.json``.
     """
@@ -340,7 +340,8 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
         record = {
             "family": family.name,
             "original_num_experts": adapter.num_experts,
-            "num_experts": len(next(iter(keep.values()))),
+            "num_experts": max(len(v) for v in keep.values()),
+            "experts_per_layer": {str(k): len(v) for k, v in sorted(keep.items())},
             "keep": {str(k): v for k, v in sorted(keep.items())},
             "config_changes": changes,
             "method": "streaming",
