@@ -81,3 +81,24 @@ def test_auc_and_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_sweep_takes_task_files(tmp_path):
+    """Tasks given as YAML paths (local data) work through every stage, physical checks included."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"q": f"Is {a} greater than {b}?", "label": "yes" if a > b else "no"}
+            for a, b in [(12, 7), (3, 30), (55, 54), (8, 80), (91, 19), (4, 40), (70, 7), (2, 20)]]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = tmp_path / "cmp.yaml"
+    task.write_text(f"name: local-compare\nkind: classification\nsource: {{type: local, path: {data}, format: jsonl, "
+                    "files: {train: train.jsonl, test: test.jsonl}}\nsplits: {train: train, eval: test}\n"
+                    "fields: {input: q, label: label}\nprompt: \"{q}\\nAnswer:\"\nlabels: {'yes': ' yes', 'no': ' no'}\n")
+    out = tmp_path / "run"
+    assert main(["sweep", "--tasks", f"{task},arith-compare", "--methods", "frequency", "--keep", "4",
+                 "--samples", "4", "--eval-limit", "8", "--collateral-limit", "4", "--random-seeds", "1",
+                 "--no-deletion-curves", "--physical-checks", "2", "--out", str(out)]) == 0
+    doc = json.loads((out / "sweep.json").read_text())
+    assert set(doc["full"]) == {"local-compare", "arith-compare"}
+    assert all(c["abs_diff"] < 1e-9 for c in doc["physical_checks"])

@@ -289,7 +289,7 @@ def sweep(out: Annotated[Path, typer.Option("--out", help="run directory to crea
                             hint=f"use levels from {family.min_experts} to {E - 1}")
     _seed(seed)
     m, tokenizer, ref = load_model(model)
-    cfg = SweepConfig(tasks=[t.name for t in task_list], methods=method_list, keeps=keeps, samples=samples,
+    cfg = SweepConfig(tasks=_names(tasks, "--tasks") if tasks else [t.name for t in task_list], methods=method_list, keeps=keeps, samples=samples,
                       eval_limit=eval_limit, collateral_limit=collateral_limit, random_seeds=random_seeds,
                       deletion_curves=deletion_curves, physical_checks=physical_checks, seed=seed)
     scores: dict[str, dict[str, dict]] = {}

@@ -31,7 +31,7 @@ SCHEMA = "moeguard.sweep/1"
 
 @dataclass(kw_only=True)
 class SweepConfig:
-    tasks: list[str]
+    tasks: list[str]                     # names or YAML paths, as given
     methods: list[str]
     keeps: list[int]                     # keep levels with collateral damage measured
     samples: int = 64                    # attribution calibration samples per task
@@ -198,6 +198,7 @@ def _summaries(cfg, tasks, levels, points, random_points, all_scores) -> dict[st
 
 
 def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[dict[str, Any]]:
+    by_name = {t.name: t for t in tasks}  # tasks may come from YAML files, unknown to the registry by name
     """Re-score a few points on physically pruned copies (the masked numbers must match)."""
     chosen = [p for p in points if p["keep"] in cfg.keeps]
     chosen = sorted(chosen, key=lambda p: (p["keep"], p["task"], p["method"]))
@@ -209,7 +210,8 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
     for p in picks:
         keep = {int(l): v for l, v in p["plan"].items()}
         small, _ = prune_model(model, keep)
-        r = evaluate_task(small, tokenizer, p["task"], limit=cfg.eval_limit, batch_size=cfg.batch_size, baseline=False)
+        r = evaluate_task(small, tokenizer, by_name[p["task"]], limit=cfg.eval_limit, batch_size=cfg.batch_size,
+                          baseline=False)
         params = sum(x.numel() for x in {id(q): q for q in small.parameters()}.values())
         out.append({"task": p["task"], "method": p["method"], "keep": p["keep"], "masked_score": p["score"],
                     "physical_score": r.score, "abs_diff": abs(r.score - p["score"]),
