@@ -251,7 +251,10 @@ def _classification(model, tokenizer, task, records, train, batch_size, referenc
 
 
 def _summarization(model, tokenizer, task, records, train, batch_size, reference, ticker):
-    prompts = [_fit_prompt(tokenizer, rec, task.max_length) for rec in records]
+    # the prompt leaves room for the generated tokens inside max_length (lm-evaluation-harness'
+    # max_length - max_gen_toks), so generation never runs past the model's context
+    room = max(2, task.max_length - task.max_new_tokens)
+    prompts = [_fit_prompt(tokenizer, rec, room) for rec in records]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     ticker.start(math.ceil(len(prompts) / batch_size))
     device, pad = _device(model), _pad_id(tokenizer)
