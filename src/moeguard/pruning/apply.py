@@ -57,10 +57,7 @@ def write_pruned(model_ref: str | None, plan: PrunePlan, out: str | Path, *, ove
     if streaming:
         from moeguard.pruning.checkpoint import prune_checkpoint
 
-        record = prune_checkpoint(ref.path, Path(out), keep, overwrite=overwrite, progress=progress)
-        record.update(extra)
-        write_json(Path(out) / RECORD, record)
-        return record
+        return prune_checkpoint(ref.path, Path(out), keep, overwrite=overwrite, progress=progress, extra=extra)
     return _in_memory(ref, keep, Path(out), overwrite=overwrite, extra=extra)
 
 

@@ -277,7 +277,7 @@ def _side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[s
 
 
 def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwrite: bool = False,
-                     progress=None, max_shard_bytes: int | None = None) -> dict:
+                     progress=None, max_shard_bytes: int | None = None, extra: dict | None = None) -> dict:
     """Write to ``out`` the checkpoint ``src`` keeping ``keep[layer]`` (original expert indices).
 
     Layers not in ``keep`` keep every expert; counts may differ per layer (a budget plan; see models.prune.PER_LAYER_KEY). The
@@ -353,6 +353,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
         }
         if previous is not None:  # pruning a pruned checkpoint: this record's indices are relative to it
             record["previous_pruning"] = previous
+        record.update(extra or {})  # the caller's plan and provenance, inside the same atomic write
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
