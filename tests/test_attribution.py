@@ -172,3 +172,32 @@ def test_scores_file_errors(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"keep": {}}))
     with pytest.raises(MoeguardError, match="not a moeguard scores file"):
         Scores.load(tmp_path / "other.json")
+
+
+def test_patches_nest_and_restore_what_was_there():
+    """An outer mask (or accelerate's instance forward) survives an inner attribution run."""
+    model = tiny_model("mixtral")
+    a = MoEAdapter(model)
+    router = a.layers[0].router
+    with mask_experts(model, {a.layers[0].index: [0, 1, 2]}):
+        outer = router.__dict__["forward"]
+        score(_ctx(model), "ablation")
+        assert router.__dict__["forward"] is outer
+    assert "forward" not in router.__dict__
+
+
+def test_attribution_refuses_models_with_uneven_layers():
+    from moeguard.models.prune import prune_model
+
+    small, _ = prune_model(tiny_model("mixtral"), {0: [0, 1, 2, 3], 1: [0, 1, 2, 3, 4, 5]})
+    with pytest.raises(MoeguardError, match="different expert counts"):
+        score(_ctx(small), "frequency")
+
+
+def test_reprune_budget_model_to_uniform():
+    from moeguard.models.prune import PER_LAYER_KEY, prune_model
+
+    small, _ = prune_model(tiny_model("mixtral"), {0: [0, 1, 2, 3], 1: [0, 1, 2, 3, 4, 5]})
+    again, _ = prune_model(small, {0: [0, 1], 1: [0, 1]})
+    assert not getattr(again.config, PER_LAYER_KEY, None)
+    assert [l.num_experts for l in MoEAdapter(again).layers] == [2, 2]

@@ -301,8 +301,10 @@ def sweep(out: Annotated[Path, typer.Option("--out", help="run directory to crea
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_sweep(doc, scores, tmp)
     _console().print(sweep_table(doc))
-    bad = [c for c in doc["physical_checks"] if c["abs_diff"] > 1e-6 or c["params_physical"] != c["params_expected"]]
-    typer.echo(f"{len(doc['physical_checks'])} physical-pruning checks, {len(bad)} mismatched; "
+    done = [c for c in doc["physical_checks"] if "skipped" not in c]
+    bad = [c for c in done if c["abs_diff"] > 1e-6 or c["params_physical"] != c["params_expected"]]
+    typer.echo(f"{len(done)} physical-pruning checks, {len(bad)} mismatched, "
+               f"{len(doc['physical_checks']) - len(done)} skipped; "
                f"{doc['evaluations']['run']} evaluations in {doc['seconds']:.0f} s; written to {out}")
 
 

@@ -92,7 +92,7 @@ class Scores:
 
 
 def _num(v: float):
-    return None if not math.isfinite(v) else round(v, 9)
+    return None if not math.isfinite(v) else float(f"{v:.12g}")  # tiny loss deltas keep their digits
 
 
 @dataclass

@@ -41,13 +41,23 @@ def score(ctx: Context, method: str) -> Scores:
     if m.needs_reference and not ctx.reference:
         raise MoeguardError(f"method '{method}' needs a reference corpus and none was given",
                             hint="pass --reference with one or more task names")
+    counts = {l.num_experts for l in ctx.adapter.layers}
+    if len(counts) > 1:
+        raise MoeguardError(f"the model's MoE layers have different expert counts {sorted(counts)} (a budget-pruned "
+                            "checkpoint); attribution scores one count per layer", hint="attribute the unpruned model")
     torch.manual_seed(ctx.seed)
     started = time.perf_counter()
-    out = m.fn(ctx)
+    was_training = ctx.model.training
+    ctx.model.eval()  # router jitter, dropout and sparsemixer's training branch would make scores random
+    try:
+        out = m.fn(ctx)
+    finally:
+        ctx.model.train(was_training)
     a = ctx.adapter
     if tuple(out.scores.shape) != (len(a.layers), a.num_experts):
         raise RuntimeError(f"method {method} returned scores of shape {tuple(out.scores.shape)}")
-    settings = {"samples": sum(b.input_ids.shape[0] for b in ctx.batches), "seed": ctx.seed, **ctx.options}
+    settings = {"samples": sum(b.input_ids.shape[0] for b in ctx.batches), "seed": ctx.seed,
+                "split": "train" if "train" in ctx.task.splits else "eval", **ctx.options}
     if m.needs_reference:
         settings["reference_samples"] = sum(b.input_ids.shape[0] for b in ctx.reference)
     return Scores(method=method, description=m.description, task=ctx.task.name,

@@ -19,6 +19,24 @@ from moeguard.models.adapter import MoEAdapter
 from moeguard.models.routing import pruned_router_params, route_module, router_logits
 
 
+_ABSENT = object()
+
+
+def _set_forward(module: nn.Module, fn) -> object:
+    """Install ``fn`` as the module's instance forward; return what was there (accelerate keeps
+    its device hooks there, and patches nest), for :func:`_restore_forward`."""
+    previous = module.__dict__.get("forward", _ABSENT)
+    module.forward = fn
+    return previous
+
+
+def _restore_forward(module: nn.Module, previous: object) -> None:
+    if previous is _ABSENT:
+        module.__dict__.pop("forward", None)  # back to the class's forward
+    else:
+        module.forward = previous
+
+
 @dataclass
 class LayerStats:
     """Per-expert sums over the valid (non-padding) tokens one MoE layer saw."""
@@ -174,8 +192,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
                 self._handles.append(layer.router.register_forward_hook(self._router_hook(slot)))
                 if self.norms:
                     original = layer.experts.forward
-                    self._patched.append((layer.experts, original))
-                    layer.experts.forward = self._experts_forward(slot, original)
+                    previous = _set_forward(layer.experts, self._experts_forward(slot, original))
+                    self._patched.append((layer.experts, previous))
         except BaseException:
             self._remove()
             raise
@@ -185,8 +203,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module, _ in self._patched:
-            module.__dict__.pop("forward", None)  # back to the class's forward
+        for module, previous in reversed(self._patched):
+            _restore_forward(module, previous)
         self._patched.clear()
 
     def __exit__(self, *exc) -> None:
@@ -250,12 +268,11 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
                 masked[:, _kept] = logits[:, _kept]
                 return masked, weights, _kept[sub_idx]
 
-            router.forward = forward
-            patched.append(router)
+            patched.append((router, _set_forward(router, forward)))
         yield adapter
     finally:
-        for router in patched:
-            router.__dict__.pop("forward", None)
+        for router, previous in reversed(patched):
+            _restore_forward(router, previous)
 
 
 # --------------------------------------------------------------------------- attribution hooks
@@ -320,11 +337,11 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
             masked.append(m), weights.append(w), index.append(kept[sub])
         return torch.cat(masked), torch.cat(weights), torch.cat(index)
 
-    router.forward = forward
+    previous = _set_forward(router, forward)
     try:
         yield
     finally:
-        router.__dict__.pop("forward", None)
+        _restore_forward(router, previous)
 
 
 @dataclass
@@ -378,11 +395,10 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
             t = traces[layer.index]
             handles.append(layer.router.register_forward_hook(router_hook(t)))
             original = layer.experts.forward
-            patched.append(layer.experts)
-            layer.experts.forward = experts_forward(t, original)
+            patched.append((layer.experts, _set_forward(layer.experts, experts_forward(t, original))))
         yield traces
     finally:
         for h in handles:
             h.remove()
-        for module in patched:
-            module.__dict__.pop("forward", None)
+        for module, previous in reversed(patched):
+            _restore_forward(module, previous)

@@ -46,6 +46,7 @@ def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
         setattr(cfg, family.top_k_key, top_k)
         setattr(cfg, PER_LAYER_KEY, {str(li): c for li, c in sorted(counts.items())})
         return cfg, {family.num_experts_key: n, family.top_k_key: top_k, PER_LAYER_KEY: getattr(cfg, PER_LAYER_KEY)}
+    cfg.__dict__.pop(PER_LAYER_KEY, None)  # re-pruning a budget checkpoint to a uniform plan
     first = next(iter(params.values()))
     if any(p != first for p in params.values()):
         raise MoeguardError("the kept experts give different router settings per layer (group-limited routing)",

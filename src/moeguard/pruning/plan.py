@@ -61,7 +61,7 @@ class PrunePlan:
                                     hint='write {"keep": {"0": [0, 3, 5, 6]}}') from None
             if not keep[int(layer)]:
                 raise MoeguardError(f"{origin}: layer {layer} keeps no expert", hint="keep at least one expert per layer")
-        n = data.get("num_experts") or data.get("original_num_experts") or (max(max(v) for v in keep.values()) + 1)
+        n = data.get("original_num_experts") or data.get("num_experts") or (max(max(v) for v in keep.values()) + 1)
         return cls(keep=keep, num_experts=int(n), rule=data.get("rule", "explicit"), method=data.get("method"),
                    task=data.get("task"), why=data.get("why", "named explicitly"))
 

@@ -19,6 +19,7 @@ import torch
 
 from moeguard.attribution.base import Scores
 from moeguard.attribution.run import make_context, score
+from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.prune import prune_model
 from moeguard.pruning.evaluate import MaskedEvaluator, above_baseline, retention
@@ -70,7 +71,8 @@ def auc(levels: list[int], values: list[float | None]) -> float | None:
     if len(pts) < 2:
         return pts[0][1] if pts else None
     xs, ys = zip(*pts)
-    return float(np.trapezoid(ys, xs) / (xs[-1] - xs[0]))
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
+    return float(trapezoid(ys, xs) / (xs[-1] - xs[0]))
 
 
 def reduction(adapter: MoEAdapter, keep: dict[int, list[int]]) -> dict[str, Any]:
@@ -209,7 +211,11 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
     out = []
     for p in picks:
         keep = {int(l): v for l, v in p["plan"].items()}
-        small, _ = prune_model(model, keep)
+        try:
+            small, _ = prune_model(model, keep)
+        except MoeguardError as exc:  # e.g. DeepSeek groups kept unevenly: masking only, say so
+            out.append({"task": p["task"], "method": p["method"], "keep": p["keep"], "skipped": exc.one_line()})
+            continue
         r = evaluate_task(small, tokenizer, by_name[p["task"]], limit=cfg.eval_limit, batch_size=cfg.batch_size,
                           baseline=False)
         params = sum(x.numel() for x in {id(q): q for q in small.parameters()}.values())

@@ -92,7 +92,14 @@ def calibration_batches(tokenizer, task: Task | str, *, samples: int, batch_size
     task = get_task(task)
     if samples < 1:
         raise MoeguardError(f"samples is {samples}", hint="pass --samples of at least 1")
+    # a task without a train split is attributed on its eval records: the caller is warned and
+    # the split is recorded, because the same records may then score the pruned model
     role = role or ("train" if "train" in task.splits else "eval")
+    if role == "eval":
+        import warnings
+
+        warnings.warn(f"task '{task.name}' has no train split; attribution samples come from its eval split",
+                      stacklevel=2)
     pool = load_records(task, role, limit=max(samples * 4, samples))
     if not pool:
         raise MoeguardError(f"task '{task.name}' has no {role} records", hint="check the task's data files")
