@@ -64,7 +64,7 @@ def test_route_reproduces_transformers_router(family_model):
     h = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     ref_logits, ref_w, ref_idx = layer.router(h)
     params = pruned_router_params(a.family, a.config, list(range(8)), 8)
-    w, idx = route_module(layer.router, router_logits(layer.router, h), a.family.routing, params)
+    w, idx = route_module(layer.router, router_logits(layer.router, h, a.family.routing), a.family.routing, params)
     order_ref, order = ref_idx.argsort(-1), idx.argsort(-1)
     assert torch.equal(ref_idx.gather(1, order_ref), idx.gather(1, order))
     torch.testing.assert_close(ref_w.gather(1, order_ref).float(), w.gather(1, order).float())
@@ -243,3 +243,21 @@ def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_bat
     assert [l.router.weight.shape[0] for l in MoEAdapter(reloaded).layers] == [6, 2]
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, masked)
+
+
+def test_route_matches_transformers_router_in_bf16(family_model):
+    """Real checkpoints are bf16: masking must reproduce each router's own dtype arithmetic bit for bit."""
+    import copy
+
+    fam, model = family_model
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    a = MoEAdapter(m16)
+    layer = a.layers[0]
+    h = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    _, ref_w, ref_idx = layer.router(h)
+    params = pruned_router_params(a.family, a.config, list(range(8)), 8)
+    w, idx = route_module(layer.router, router_logits(layer.router, h, a.family.routing), a.family.routing, params)
+    order_ref, order = ref_idx.argsort(-1), idx.argsort(-1)
+    assert torch.equal(ref_idx.gather(1, order_ref), idx.gather(1, order))
+    assert w.dtype == ref_w.dtype, (fam, w.dtype, ref_w.dtype)
+    assert torch.equal(ref_w.gather(1, order_ref), w.gather(1, order))

@@ -33,6 +33,11 @@ class RoutingSpec:
     grouped: bool = False
     correction_bias_attr: str | None = None
     scaling_key: str | None = None
+    # dtype of the arithmetic on real (bf16) checkpoints, as each family's own router does it:
+    # softmax in float32 or in the logits' dtype; weights returned in float32 or cast back
+    softmax_dtype: str = "float32"
+    weights_dtype: str = "logits"
+    logits_fp32: bool = False  # DeepSeek-V3 computes router logits in float32 whatever the weights' dtype
     # Config keys for group-limited routing; read only when grouped.
     n_group_key: str = "n_group"
     topk_group_key: str = "topk_group"
@@ -84,7 +89,7 @@ def register_family(spec: FamilySpec) -> FamilySpec:
 
 register_family(FamilySpec(
     name="mixtral", model_types=("mixtral",), block_attrs=("mlp", "block_sparse_moe"), router_attr="gate",
-    routing=RoutingSpec(score="softmax", renormalize=True), num_experts_key="num_local_experts"))
+    routing=RoutingSpec(score="softmax", renormalize=True, weights_dtype="float32"), num_experts_key="num_local_experts"))
 register_family(FamilySpec(
     name="qwen2_moe", model_types=("qwen2_moe",), block_attrs=("mlp",), router_attr="gate",
     routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts",
@@ -98,7 +103,8 @@ register_family(FamilySpec(
 register_family(FamilySpec(
     name="deepseek_v3", model_types=("deepseek_v3",), block_attrs=("mlp",), router_attr="gate",
     routing=RoutingSpec(score="sigmoid", renormalize="norm_topk_prob", grouped=True,
-                        correction_bias_attr="e_score_correction_bias", scaling_key="routed_scaling_factor"),
+                        correction_bias_attr="e_score_correction_bias", scaling_key="routed_scaling_factor",
+                        logits_fp32=True),
     num_experts_key="n_routed_experts", shared_attrs=("shared_experts",),
     # group scores take the top-2 experts of a group, so fewer than 2 can't route
     min_experts=2, aux_loss_key=None))
@@ -112,7 +118,7 @@ register_family(FamilySpec(
     routing=RoutingSpec(score="sparsemixer"), num_experts_key="num_local_experts", min_experts=2))
 register_family(FamilySpec(
     name="gpt_oss", model_types=("gpt_oss",), block_attrs=("mlp",), router_attr="router",
-    routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts"))
+    routing=RoutingSpec(score="softmax", select_on="logits", softmax_dtype="logits"), num_experts_key="num_local_experts"))
 
 
 def family_for_config(config) -> FamilySpec:

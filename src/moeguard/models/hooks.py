@@ -262,7 +262,7 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
             kept_t = torch.tensor(kept, device=router.weight.device)
 
             def forward(hidden_states, _router=router, _kept=kept_t, _params=params):
-                logits = router_logits(_router, hidden_states)
+                logits = router_logits(_router, hidden_states, spec)
                 weights, sub_idx = route_module(_router, logits, spec, _params, kept=_kept)
                 masked = torch.full_like(logits, float("-inf"))
                 masked[:, _kept] = logits[:, _kept]
@@ -325,7 +325,7 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
                       pruned_router_params(adapter.family, adapter.config, kept, E)))
 
     def forward(hidden_states):
-        logits = router_logits(router, hidden_states)
+        logits = router_logits(router, hidden_states, spec)
         if logits.shape[0] != rows * len(plans):
             raise RuntimeError(f"expected {rows} x {len(plans)} tokens, got {logits.shape[0]}")
         masked, weights, index = [], [], []

@@ -82,14 +82,16 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
         if params.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * params.scaling, idx
+    out_dtype = torch.float32 if spec.weights_dtype == "float32" else logits.dtype
     if spec.select_on == "logits":
         top, idx = torch.topk(logits, k, dim=-1)
-        return F.softmax(top.float(), dim=-1).to(logits.dtype), idx
+        top = top if spec.softmax_dtype == "logits" else top.float()
+        return F.softmax(top, dim=-1).to(out_dtype), idx
     probs = F.softmax(logits.float(), dim=-1)
     top, idx = torch.topk(probs, k, dim=-1)
     if params.renormalize:
         top = top / top.sum(dim=-1, keepdim=True)
-    return top.to(logits.dtype), idx
+    return top.to(out_dtype), idx
 
 
 def route_module(router: torch.nn.Module, logits: torch.Tensor, spec: RoutingSpec, params: RouterParams,
@@ -104,10 +106,12 @@ def route_module(router: torch.nn.Module, logits: torch.Tensor, spec: RoutingSpe
                  jitter_eps=getattr(router, "router_jitter_noise", 0.0))
 
 
-def router_logits(router: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def router_logits(router: torch.nn.Module, hidden: torch.Tensor, spec: RoutingSpec | None = None) -> torch.Tensor:
     """The raw logits every family's router computes: a linear map (GPT-OSS adds a bias)."""
     hidden = hidden.reshape(-1, router.weight.shape[-1])
     weight = router.weight
+    if spec is not None and spec.logits_fp32:
+        return F.linear(hidden.float(), weight.float())
     if weight.dtype == torch.float32 and hidden.dtype != torch.float32:
         hidden = hidden.float()  # DeepSeek-V3 keeps its router in fp32 and casts the input up
     return F.linear(hidden, weight, getattr(router, "bias", None))
