@@ -263,15 +263,13 @@ def sweep(out: Annotated[Path, typer.Option("--out", help="run directory to crea
           overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Knowledge-loss study: retention per task, method and keep level, against random rankings."""
     from moeguard.attribution.base import get_method, list_methods
-    from moeguard.io import atomic_dir
+    from moeguard.io import atomic_dir, check_output
     from moeguard.models.loading import inspect, load_model
     from moeguard.pruning.sweep import SweepConfig, run_sweep
     from moeguard.report.sweep import sweep_table, write_sweep
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import get_task
     from moeguard.zoo.train import embedded_tasks
-
-    from moeguard.io import check_output
 
     check_output(out, overwrite=overwrite)
     task_list = [get_task(t) for t in _names(tasks, "--tasks")] if tasks else embedded_tasks()

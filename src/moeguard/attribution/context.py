@@ -9,7 +9,7 @@ import torch
 
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import RoutingCapture
-from moeguard.tasks.batches import Batch, token_nll
+from moeguard.tasks.batches import Batch
 
 
 @dataclass(kw_only=True)
@@ -46,18 +46,6 @@ class Context:
             if norms:  # norms=True records everything the plain capture does
                 self.cache.setdefault(f"stats:{'ref' if reference else 'task'}:False", cap.stats)
         return self.cache[key]
-
-    def task_loss(self) -> float:
-        """Mean target NLL of the unmodified model: the quantity ablation and gradient perturb."""
-        if "loss" not in self.cache:
-            total = 0.0
-            with torch.no_grad():
-                for b in self.batches:
-                    b = b.to(self.device)
-                    logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-                    total += float(token_nll(logits, b.labels).double().sum())
-            self.cache["loss"] = total / max(1, self.n_targets)
-        return self.cache["loss"]
 
     def track(self, items, description: str):
         """Iterate with a progress bar when a rich Progress is attached."""

@@ -12,13 +12,12 @@ from moeguard.attribution.context import Context
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.tasks.batches import calibration_batches
-from moeguard.tasks.registry import get_task, list_tasks
+from moeguard.tasks.registry import embedded_tasks, get_task
 
 
 def default_reference(task_name: str) -> list[str]:
     """The embedded suite minus the task: general text the model also serves."""
-    names = [t.name for t in list_tasks() if t.source.type == "package" and t.name != task_name]
-    return names
+    return [t.name for t in embedded_tasks() if t.name != task_name]
 
 
 def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int = 8, seed: int = 0,

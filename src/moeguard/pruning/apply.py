@@ -18,11 +18,8 @@ from moeguard.models.loading import inspect, meta_model
 from moeguard.pruning.plan import PrunePlan, check_plan
 from moeguard.provenance import run_record
 
-RECORD = "moeguard_pruning.json"
-_NOT_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-# moeguard_card.json holds the full model's measured numbers, which do not describe the copy;
-# README.md (licence terms) travels, and moeguard_pruning.json says what was removed
-_NOT_CARRIED = ("moeguard_card.json", "model.safetensors.index.json", RECORD)
+from moeguard.pruning.checkpoint import RECORD_NAME as RECORD
+from moeguard.pruning.checkpoint import side_files
 
 
 def preflight(model_ref: str | None, plan: PrunePlan, out: str | Path, *, overwrite: bool):
@@ -76,10 +73,11 @@ def _in_memory(ref, keep, out: Path, *, overwrite: bool, extra: dict) -> dict[st
         small.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if ref.path is not None:  # anything else the owner shipped (licence, card) goes along
-            for f in ref.path.iterdir():
-                if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith(_NOT_WEIGHTS) \
-                        and f.name not in _NOT_CARRIED:
+        if ref.path is not None:  # what else the owner shipped (licence, README) goes along, as streaming does
+            from moeguard.models.loading import safetensors_files
+
+            for f in side_files(ref.path, safetensors_files(ref.path))[0]:
+                if not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
         record = {**record, "method": "in_memory", "source": ref.name, **extra}
         write_json(tmp / RECORD, record)
@@ -92,8 +90,8 @@ def _dtype_of(path: Path):
     import torch
 
     try:
-        name = json.loads((path / "config.json").read_text()).get("dtype") or \
-            json.loads((path / "config.json").read_text()).get("torch_dtype")
+        config = json.loads((path / "config.json").read_text())
+        name = config.get("dtype") or config.get("torch_dtype")
     except (OSError, ValueError):
         return None
     return getattr(torch, name, None) if isinstance(name, str) else None

@@ -260,7 +260,7 @@ def _check_paths(src: Path, out: Path) -> None:
                             hint="write the pruned checkpoint to a separate directory")
 
 
-def _side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[str]]:
+def side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[str]]:
     """Top-level files copied unchanged, and entries left out (other weights, folders)."""
     # moeguard_card.json holds the *full* model's measured numbers; they do not describe the copy
     rewritten = {"config.json", INDEX_NAME, RECORD_NAME, "moeguard_card.json"} | {f.name for f in weight_files}
@@ -312,7 +312,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     plan = plan_tensors(files, headers, layers_path=family.layers_path,
                         experts={l.index: l.num_experts for l in adapter.layers}, keep=keep)
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)
-    copies, skipped = _side_files(src, files)
+    copies, skipped = side_files(src, files)
     tensor_bytes = sum(t.nbytes for t in plan)
     _check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies))
     previous = _previous_record(src)

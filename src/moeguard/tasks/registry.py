@@ -53,6 +53,11 @@ def get_task(name_or_path: str | os.PathLike[str] | Task) -> Task:
     )
 
 
+def embedded_tasks() -> list[Task]:
+    """The embedded suite: the tasks shipped inside the package."""
+    return [t for t in list_tasks() if t.source.type == "package"]
+
+
 def list_tasks() -> list[Task]:
     """Every registered task, sorted by name."""
     _ensure_builtins()

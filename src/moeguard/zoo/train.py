@@ -10,13 +10,8 @@ import torch
 
 from moeguard.io import atomic_dir, write_json
 from moeguard.provenance import run_record
+from moeguard.tasks.registry import embedded_tasks  # noqa: F401  (callers import it from here too)
 from moeguard.zoo.recipe import Recipe, mixture_order, model_config, pack_blocks, train_tokenizer, training_text
-
-
-def embedded_tasks():
-    from moeguard.tasks.registry import list_tasks
-
-    return [t for t in list_tasks() if t.source.type == "package"]
 
 
 def _lr_at(step: int, r: Recipe) -> float:
