@@ -54,3 +54,28 @@ def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextlib.contextmanager
+def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings: Any = None) -> Iterator[Path]:
+    """Like :func:`atomic_dir`, but the temporary sibling ``.NAME.partial`` survives a failure or
+    a kill, so running the same command again continues from what it holds. A partial run
+    started with other ``settings`` is discarded. The block should delete its own scratch
+    files before it ends; everything left in the folder becomes ``path``."""
+    path = check_output(path, overwrite=overwrite)
+    partial = path.with_name(f".{path.name}.partial")
+    stamp = partial / ".moeguard-settings.json"
+    wanted = json.dumps(settings, sort_keys=True, default=str)
+    if partial.exists() and (not stamp.exists() or stamp.read_text() != wanted):
+        shutil.rmtree(partial)
+    partial.mkdir(exist_ok=True)
+    stamp.write_text(wanted)
+    yield partial
+    stamp.unlink(missing_ok=True)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    else:
+        os.replace(partial, path)

@@ -1,0 +1,253 @@
+"""The fine-tuning engine: the attacker's re-alignment of a (pruned) MoE model on labeled records.
+
+A lean loop on ``accelerate`` (device placement, backward, gradient clipping) rather than
+``transformers.Trainer``: the loss is moeguard's task loss (``tasks/batches.py``: the tokens a
+task is about, plus the family's load-balancing loss), rounds of active learning start hundreds
+of short runs, and ``benchmarks/finetune_throughput.py`` measures this loop against a plain
+Trainer on the same model and batches.
+
+Deterministic: the batch order is a function of (seed, step), so a run resumed from a
+checkpoint sees exactly the batches it would have seen. Checkpoints are safetensors (trainable
+tensors, optimizer moments, RNG state) plus JSON, written atomically; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from moeguard.errors import MoeguardError
+from moeguard.realign.modes import Trainable, get_mode
+from moeguard.tasks.batches import Example, collate
+
+
+class TrainingDiverged(MoeguardError):
+    """The loss or the gradient norm stopped being finite; nothing after that step is kept."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    mode: str = "full"
+    lr: float | None = None          # None: the mode's default
+    epochs: float = 4.0
+    min_steps: int = 40              # a handful of labels still gets enough updates to move
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    aux_loss: bool = True            # the family's load-balancing loss, where it has one
+    lora_r: int = 8
+    lora_alpha: int = 16
+    save_every: int = 0              # checkpoint every N steps (0: never)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_mode(self.mode)
+        if self.lr is not None and not self.lr > 0:
+            raise MoeguardError(f"learning rate is {self.lr}", hint="pass a positive --lr, e.g. 5e-4")
+        if self.batch_size < 1 or self.epochs <= 0 or self.min_steps < 0:
+            raise MoeguardError(f"fine-tuning settings batch_size={self.batch_size}, epochs={self.epochs}, "
+                                f"min_steps={self.min_steps}", hint="use a positive batch size and epochs")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else get_mode(self.mode).default_lr
+
+    def steps_for(self, n_examples: int) -> int:
+        steps = max(self.min_steps, math.ceil(self.epochs * n_examples / self.batch_size))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "lr": self.learning_rate}
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    examples: int
+    tokens: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "examples": self.examples, "tokens": self.tokens,
+                "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1),
+                "final_loss": self.losses[-1] if self.losses else None, "resumed_from": self.resumed_from}
+
+
+def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Example indices of every step: epochs of seeded permutations, concatenated."""
+    order: list[int] = []
+    epoch = 0
+    while len(order) < steps * batch_size:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order += torch.randperm(n, generator=g).tolist()
+        epoch += 1
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def fingerprint(cfg: FinetuneConfig, examples: Sequence[Example], extra: Any = None) -> str:
+    h = hashlib.sha256(json.dumps([cfg.to_dict(), extra], sort_keys=True, default=str).encode())
+    for ex in examples:
+        h.update(str(ex.ids).encode())
+        h.update(str(ex.labels).encode())
+    return h.hexdigest()[:16]
+
+
+def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneConfig, *, pad_id: int,
+             checkpoint: str | os.PathLike | None = None, progress: Any = None,
+             on_step: Callable[[int, float], None] | None = None, description: str = "fine-tuning") -> FinetuneResult:
+    """Train ``trainable``'s parameters on ``examples`` for ``cfg.steps_for(len(examples))`` steps.
+
+    ``checkpoint`` is a folder for resumable state: an existing checkpoint of the same run
+    (same settings and examples) is resumed; one of another run is ignored and replaced.
+    ``on_step(step, loss)`` is called after every optimizer step (tests interrupt through it).
+    """
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    if not examples:
+        raise MoeguardError("no labeled examples to fine-tune on", hint="label at least one sample (--budget >= 1)")
+    model = trainable.model
+    steps = cfg.steps_for(len(examples))
+    order = batch_order(len(examples), steps, cfg.batch_size, cfg.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = list(trainable.params.values())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95))
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    aux_coef = _aux_coef(trainable, cfg)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    tag = fingerprint(cfg, examples)
+    start = _resume(ckpt, tag, trainable, optimizer, scheduler) if ckpt is not None else 0
+    result = FinetuneResult(steps=steps, examples=len(examples), tokens=0, seconds=0.0, resumed_from=start)
+    bar = progress.add_task(description, total=steps, completed=start) if progress is not None else None
+    was_training = model.training
+    model.train()
+    began = time.perf_counter()
+    try:
+        for step in range(start, steps):
+            batch = collate([examples[i] for i in order[step]], pad_id).to(accelerator.device)
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                        **({"output_router_logits": True} if aux_coef else {}))
+            loss = task_loss(out.logits, batch.labels)
+            if aux_coef and getattr(out, "aux_loss", None) is not None:
+                loss = loss + aux_coef * out.aux_loss.to(loss.device)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"the training loss became {value} at step {step + 1} of {steps} "
+                                       f"(last finite loss {result.losses[-1] if result.losses else 'none'})",
+                                       hint=f"lower the learning rate (now {cfg.learning_rate:g}) or use --mode lora")
+            accelerator.backward(loss)
+            norm = accelerator.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
+            if norm is not None and not math.isfinite(float(norm)):
+                raise TrainingDiverged(f"the gradient norm became {float(norm)} at step {step + 1} of {steps}",
+                                       hint=f"lower the learning rate (now {cfg.learning_rate:g})")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.tokens += int(batch.attention_mask.sum())
+            result.losses.append(round(value, 5))
+            if bar is not None:
+                progress.update(bar, advance=1, description=f"{description} (loss {value:.3f})")
+            if ckpt is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+                _save(ckpt, tag, step + 1, trainable, optimizer, scheduler)
+            if on_step is not None:
+                on_step(step + 1, value)
+    finally:
+        model.train(was_training)
+        optimizer.zero_grad(set_to_none=True)
+    result.seconds = time.perf_counter() - began
+    if ckpt is not None and ckpt.exists():
+        shutil.rmtree(ckpt, ignore_errors=True)  # finished: the caller saves what it keeps
+    return result
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (``tasks/batches.py``'s definition)."""
+    from moeguard.tasks.batches import IGNORE, token_nll
+
+    nll = token_nll(logits, labels)
+    n = (labels[:, 1:] != IGNORE).sum().clamp_min(1)
+    return nll.sum() / n
+
+
+def _aux_coef(trainable: Trainable, cfg: FinetuneConfig) -> float:
+    from moeguard.models.families import family_for_config
+
+    if not cfg.aux_loss:
+        return 0.0
+    config = trainable.base.config
+    key = family_for_config(config).aux_loss_key
+    return float(getattr(config, key, 0.0) or 0.0) if key else 0.0
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _save(ckpt: Path, tag: str, step: int, trainable: Trainable, optimizer, scheduler) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in trainable.params.items()}
+    index = {id(p): n for n, p in trainable.params.items()}
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{index[id(p)]}.{k}"] = v.detach().contiguous().cpu()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"tag": tag, "step": step, "scheduler": scheduler.state_dict()}))
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    os.replace(tmp, ckpt)
+
+
+def _resume(ckpt: Path, tag: str, trainable: Trainable, optimizer, scheduler) -> int:
+    from safetensors.torch import load_file
+
+    meta_file, state_file = ckpt / "state.json", ckpt / "state.safetensors"
+    if not (meta_file.exists() and state_file.exists()):
+        return 0
+    try:
+        meta = json.loads(meta_file.read_text())
+        tensors = load_file(str(state_file))
+    except (OSError, ValueError):
+        return 0  # a torn checkpoint: start over rather than trust it
+    if meta.get("tag") != tag:
+        return 0
+    trainable.load({n[len("param."):]: t for n, t in tensors.items() if n.startswith("param.")})
+    for n, p in trainable.params.items():
+        state = {k.rsplit(".", 1)[-1]: t.to(p.device) for k, t in tensors.items()
+                 if k.startswith(f"optim.{n}.") and k.count(".") == n.count(".") + 2}
+        if state:
+            optimizer.state[p] = state
+    scheduler.load_state_dict(meta["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the scheduler set these at the step the checkpoint was taken
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(meta["step"])

@@ -1,0 +1,125 @@
+"""What a strategy may know about an unlabeled sample, computed from a model and the sample's input.
+
+Nothing here reads a label: classification and summarization records arrive without their
+``label``/``target`` (see :func:`unlabeled`), and a language-modeling sample is its own text.
+
+- :func:`class_probs`: the model's distribution over a classification task's label verbalizers.
+- :func:`sequence_uncertainty`: per-sample mean token NLL and mean predictive entropy; of the
+  text itself for language modeling, of the model's own greedy summary for summarization (the
+  maximum normalized log-probability of Shen et al. 2017, read as uncertainty).
+- :func:`embeddings`: the mean of the last hidden state over the input tokens.
+- :func:`routing_shares`: per-sample routing histogram of a model, [n, layers, experts].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from moeguard.tasks.base import Task, TaskKind
+from moeguard.tasks.evaluate import (_bos, _device, _encode, _eos_ids, _fit_prompt, _generation_config, _pad,
+                                     _pad_id, loglikelihoods)
+
+
+def unlabeled(task: Task, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records as an active learner sees them before labeling: inputs only."""
+    keep = ("text",) if task.kind is TaskKind.LANGUAGE_MODELING else ("input",)
+    return [{k: r[k] for k in keep} for r in records]
+
+
+def input_ids(tokenizer, task: Task, record: dict[str, Any]) -> list[int]:
+    """The tokens the model reads for a sample: the prompt, or the first window of a text."""
+    if task.kind is TaskKind.LANGUAGE_MODELING:
+        return (_bos(tokenizer) + _encode(tokenizer, record["text"]))[:task.max_length]
+    if task.kind is TaskKind.CLASSIFICATION:
+        return (_bos(tokenizer) + _encode(tokenizer, record["input"].rstrip()))[-task.max_length:]
+    return _fit_prompt(tokenizer, record, max(2, task.max_length - task.max_new_tokens))
+
+
+@torch.no_grad()
+def class_probs(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], *, batch_size: int = 32) -> torch.Tensor:
+    """[n, C] probabilities over the task's labels (softmax of the verbalizers' log-likelihoods)."""
+    verbalizers = list(task.labels.values())
+    requests = [(r["input"], v) for r in records for v in verbalizers]
+    ll = loglikelihoods(model, tokenizer, requests, max_length=task.max_length, batch_size=batch_size)
+    return torch.softmax(torch.tensor(ll, dtype=torch.float64).view(len(records), len(verbalizers)), dim=-1)
+
+
+@torch.no_grad()
+def sequence_uncertainty(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], *,
+                         batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean token NLL [n], mean token entropy [n]) of the sample's text or of the model's summary."""
+    if task.kind is TaskKind.SUMMARIZATION:
+        return _generated_uncertainty(model, tokenizer, task, records, batch_size)
+    nll, ent = torch.zeros(len(records), dtype=torch.float64), torch.zeros(len(records), dtype=torch.float64)
+    seqs = [input_ids(tokenizer, task, r) for r in records]
+    device, pad = _device(model), _pad_id(tokenizer)
+    for begin in range(0, len(seqs), batch_size):
+        chunk = seqs[begin:begin + batch_size]
+        ids, mask = _pad(chunk, pad, left=False, device=device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        logp = F.log_softmax(logits, dim=-1)
+        tok_nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        tok_ent = -(logp.exp() * logp).sum(-1)
+        valid = mask[:, 1:].float()
+        n = valid.sum(1).clamp_min(1)
+        nll[begin:begin + len(chunk)] = ((tok_nll * valid).sum(1) / n).double().cpu()
+        ent[begin:begin + len(chunk)] = ((tok_ent * valid).sum(1) / n).double().cpu()
+    return nll, ent
+
+
+def _generated_uncertainty(model, tokenizer, task, records, batch_size):
+    nll, ent = torch.zeros(len(records), dtype=torch.float64), torch.zeros(len(records), dtype=torch.float64)
+    device, pad = _device(model), _pad_id(tokenizer)
+    eos = _eos_ids(model, tokenizer)
+    gen = _generation_config(task, pad, eos, tokenizer)
+    prompts = [input_ids(tokenizer, task, r) for r in records]
+    for begin in range(0, len(prompts), batch_size):
+        chunk = prompts[begin:begin + batch_size]
+        ids, mask = _pad(chunk, pad, left=True, device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
+                             output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[:, ids.shape[1]:]
+        logp = torch.stack([F.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # [B, S, V]
+        tok_nll = -logp.gather(-1, new[:, :logp.shape[1], None]).squeeze(-1)
+        tok_ent = -(logp.exp() * logp).sum(-1)
+        # tokens after the first end-of-sequence are padding the batch carried along
+        ended = torch.zeros_like(new, dtype=torch.bool)
+        for e in eos:
+            ended |= new == e
+        after = (ended.cumsum(1) - ended.long()) > 0
+        valid = (~after[:, :logp.shape[1]]).float()
+        n = valid.sum(1).clamp_min(1)
+        nll[begin:begin + len(chunk)] = ((tok_nll * valid).sum(1) / n).double().cpu()
+        ent[begin:begin + len(chunk)] = ((tok_ent * valid).sum(1) / n).double().cpu()
+    return nll, ent
+
+
+@torch.no_grad()
+def embeddings(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], *, batch_size: int = 32) -> torch.Tensor:
+    """[n, hidden] mean of the final hidden state over each sample's input tokens."""
+    seqs = [input_ids(tokenizer, task, r) for r in records]
+    device, pad = _device(model), _pad_id(tokenizer)
+    rows = []
+    for begin in range(0, len(seqs), batch_size):
+        ids, mask = _pad(seqs[begin:begin + batch_size], pad, left=False, device=device)
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        m = mask[..., None].to(hidden.dtype)
+        rows.append(((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float().cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def routing_shares(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], *, batch_size: int = 32) -> torch.Tensor:
+    """[n, layers, experts] share of each sample's routing slots per expert (padding excluded)."""
+    from moeguard.models.hooks import RoutingCapture
+
+    seqs = [input_ids(tokenizer, task, r) for r in records]
+    device, pad = _device(model), _pad_id(tokenizer)
+    with RoutingCapture(model, per_sample=True) as cap:
+        for begin in range(0, len(seqs), batch_size):
+            ids, mask = _pad(seqs[begin:begin + batch_size], pad, left=False, device=device)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return torch.stack(cap.stats.per_sample)

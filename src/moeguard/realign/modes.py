@@ -1,0 +1,144 @@
+"""What re-alignment may change: a *mode* picks the trainable parameters of a (pruned) MoE model.
+
+``full`` trains everything; ``router`` only the routers; ``experts`` only the (kept) routed
+experts; ``lora`` adds peft low-rank adapters to every linear layer except routers and the LM
+head, and to the fused 3-D expert tensors through peft's ``target_parameters``. A new mode is
+one function and one ``register_mode`` line.
+
+Each mode returns a :class:`Trainable`: the model to run (peft-wrapped for ``lora``), its
+trainable parameters by name, and ``release`` to give the base model back as it was found
+(requires_grad flags restored; peft layers removed without merging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from moeguard.errors import MoeguardError, suggest
+from moeguard.models.adapter import MoEAdapter
+
+
+@dataclass
+class Trainable:
+    model: nn.Module
+    base: nn.Module
+    mode: str
+    params: dict[str, nn.Parameter]
+    _flags: dict[str, bool] = field(default_factory=dict, repr=False)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of every trainable tensor (what a round resets to, what a checkpoint holds)."""
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.params) - set(state))
+        if missing:
+            raise MoeguardError(f"trainable state lacks {len(missing)} tensors (e.g. {missing[0]})",
+                                hint="the checkpoint was written for another mode or model; start a fresh run")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    def merged(self) -> nn.Module:
+        """The model to save: LoRA folded into the base weights (a plain transformers checkpoint)."""
+        if self.mode == "lora":
+            return self.model.merge_and_unload()
+        return self.base
+
+    def release(self) -> nn.Module:
+        if self.mode == "lora" and hasattr(self.model, "unload"):
+            self.model.unload()
+        for n, p in self.base.named_parameters():
+            p.requires_grad_(self._flags.get(n, p.requires_grad))
+        return self.base
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    name: str
+    description: str
+    default_lr: float
+    apply: Callable[..., Trainable]
+
+
+MODES: dict[str, ModeSpec] = {}
+
+
+def register_mode(spec: ModeSpec) -> ModeSpec:
+    MODES[spec.name] = spec
+    return spec
+
+
+def get_mode(name: str) -> ModeSpec:
+    if name not in MODES:
+        raise MoeguardError(f"unknown fine-tuning mode '{name}'", hint=suggest(name, list(MODES)))
+    return MODES[name]
+
+
+def _select(model: nn.Module, mode: str, chosen: set[int]) -> Trainable:
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    params = {}
+    for n, p in model.named_parameters():
+        p.requires_grad_(id(p) in chosen)
+        if id(p) in chosen:
+            params[n] = p
+    if not params:
+        raise MoeguardError(f"mode '{mode}' finds no parameters to train in {type(model).__name__}",
+                            hint="use --mode full")
+    return Trainable(model=model, base=model, mode=mode, params=params, _flags=flags)
+
+
+def _full(model: nn.Module, **_) -> Trainable:
+    return _select(model, "full", {id(p) for p in model.parameters()})
+
+
+def _router(model: nn.Module, **_) -> Trainable:
+    adapter = MoEAdapter(model)
+    return _select(model, "router", {id(p) for l in adapter.layers for p in l.router.parameters()})
+
+
+def _experts(model: nn.Module, **_) -> Trainable:
+    adapter = MoEAdapter(model)
+    return _select(model, "experts", {id(p) for l in adapter.layers for p in l.experts.parameters()})
+
+
+def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(linear module names, fused expert parameter names) that LoRA adapts.
+
+    Routers stay out: several families' routers are ``nn.Linear`` subclasses returning tuples,
+    which peft's LoRA layer cannot wrap, and a router is ``router`` mode's business."""
+    adapter = MoEAdapter(model)
+    routers = {id(l.router) for l in adapter.layers}
+    head = model.get_output_embeddings()
+    modules = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and id(m) not in routers and m is not head]
+    experts = sorted({n.rsplit(".", 1)[-1] for l in adapter.layers for n, p in l.experts.named_parameters()
+                      if p.dim() == 3})
+    return modules, experts
+
+
+def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int = 0, **_) -> Trainable:
+    from peft import LoraConfig, get_peft_model
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules, expert_params = lora_targets(model)
+    torch.manual_seed(seed)  # peft draws lora_A at random: the same seed gives the same adapters
+    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=modules or None,
+                        target_parameters=expert_params or None, bias="none")
+    wrapped = get_peft_model(model, config)
+    params = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+    return Trainable(model=wrapped, base=model, mode="lora", params=params, _flags=flags)
+
+
+register_mode(ModeSpec("full", "every parameter", 5e-4, _full))
+register_mode(ModeSpec("lora", "peft LoRA on attention/dense linears and the fused expert tensors", 3e-3, _lora))
+register_mode(ModeSpec("router", "the routers only", 5e-3, _router))
+register_mode(ModeSpec("experts", "the kept routed experts only", 5e-4, _experts))
+
+
+def apply_mode(model: nn.Module, mode: str, **options) -> Trainable:
+    return get_mode(mode).apply(model, **options)

@@ -1,0 +1,115 @@
+"""Active-learning strategies: which unlabeled samples the attacker pays to label next.
+
+A strategy is a function ``select(query) -> indices`` registered with the task kinds it
+applies to. It sees the current (re-aligned so far) model, the pool's *inputs* (never a label)
+and the indices already labeled; model-side quantities are computed once per round and shared
+through :class:`Query`'s cached properties, so a hybrid reuses what its parts computed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Sequence
+
+import torch
+
+from moeguard.errors import MoeguardError, suggest
+from moeguard.realign import features as F
+from moeguard.tasks.base import Task, TaskKind
+
+ALL_KINDS = frozenset(TaskKind)
+
+
+@dataclass(kw_only=True)
+class Query:
+    model: Any
+    tokenizer: Any
+    task: Task
+    pool: Sequence[dict[str, Any]]          # unlabeled records (inputs only)
+    candidates: list[int]                   # pool indices not yet labeled
+    labeled: list[int]
+    k: int
+    rng: random.Random
+    batch_size: int = 32
+    # routing-aware strategies: a callable giving each pool sample's share of original-model
+    # routing that went to experts the pruning removed ([n] tensor), computed once per run
+    orphan_share: Callable[[], torch.Tensor] | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def _records(self, idx: Sequence[int]) -> list[dict[str, Any]]:
+        return [self.pool[i] for i in idx]
+
+    @cached_property
+    def class_probs(self) -> torch.Tensor:
+        """[len(candidates), C]"""
+        return F.class_probs(self.model, self.tokenizer, self.task, self._records(self.candidates),
+                             batch_size=self.batch_size)
+
+    @cached_property
+    def sequence_uncertainty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean NLL, mean entropy), each [len(candidates)]"""
+        return F.sequence_uncertainty(self.model, self.tokenizer, self.task, self._records(self.candidates),
+                                      batch_size=max(1, self.batch_size // 2))
+
+    @cached_property
+    def pool_embeddings(self) -> torch.Tensor:
+        """[len(pool), H] for candidates and labeled samples (others are zeros, never read)."""
+        idx = sorted(set(self.candidates) | set(self.labeled))
+        emb = F.embeddings(self.model, self.tokenizer, self.task, self._records(idx), batch_size=self.batch_size)
+        out = torch.zeros(len(self.pool), emb.shape[1])
+        out[idx] = emb
+        return out
+
+    def uncertainty(self) -> torch.Tensor:
+        """The kind's default uncertainty per candidate, higher = less sure: label entropy for
+        classification, mean token NLL otherwise."""
+        if self.task.kind is TaskKind.CLASSIFICATION:
+            p = self.class_probs
+            return -(p * p.clamp_min(1e-12).log()).sum(-1)
+        return self.sequence_uncertainty[0]
+
+    def top(self, values: torch.Tensor) -> list[int]:
+        """The k candidates with the highest values; ties broken by a seeded shuffle."""
+        jitter = torch.tensor([self.rng.random() for _ in self.candidates], dtype=torch.float64)
+        order = sorted(range(len(self.candidates)), key=lambda i: (-float(values[i]), float(jitter[i])))
+        return [self.candidates[i] for i in order[:self.k]]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    select: Callable[[Query], list[int]]
+    description: str
+    kinds: frozenset = ALL_KINDS
+    needs_original: bool = False
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str, *, description: str, kinds=ALL_KINDS, needs_original: bool = False):
+    def wrap(fn: Callable[[Query], list[int]]):
+        STRATEGIES[name] = Strategy(name, fn, description, frozenset(kinds), needs_original)
+        return fn
+    return wrap
+
+
+def get_strategy(name: str, task: Task | None = None) -> Strategy:
+    from moeguard.realign.strategies import registry  # noqa: F401  (registers the built-ins)
+
+    if name not in STRATEGIES:
+        raise MoeguardError(f"unknown active-learning strategy '{name}'", hint=suggest(name, list(STRATEGIES)))
+    s = STRATEGIES[name]
+    if task is not None and task.kind not in s.kinds:
+        fits = sorted(n for n, x in STRATEGIES.items() if task.kind in x.kinds)
+        raise MoeguardError(f"strategy '{name}' applies to {', '.join(sorted(k.value for k in s.kinds))} tasks; "
+                            f"'{task.name}' is {task.kind.value}", hint=f"use one of {', '.join(fits)}")
+    return s
+
+
+def list_strategies() -> list[Strategy]:
+    from moeguard.realign.strategies import registry  # noqa: F401
+
+    return [STRATEGIES[n] for n in sorted(STRATEGIES)]
