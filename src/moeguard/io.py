@@ -30,13 +30,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, path)
+        _move_into_place(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -72,10 +66,15 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
     stamp.write_text(wanted)
     yield partial
     stamp.unlink(missing_ok=True)
+    _move_into_place(partial, path)
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` (allowed by --overwrite) is swapped out first."""
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
-        os.replace(partial, path)
+        os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
-        os.replace(partial, path)
+        os.replace(tmp, path)

@@ -13,7 +13,7 @@ from moeguard.cli import ModelOpt, OverwriteOpt, SeedOpt, _console, _ints, _name
 from moeguard.errors import MoeguardError
 
 ModeOpt = Annotated[str, typer.Option("--mode", help="what fine-tuning may change: full, lora, router, experts")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="learning rate; default: the mode's (full 5e-4, lora 3e-3, router 5e-3, experts 5e-4)")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="learning rate; default: the mode's (full 2e-4, lora 3e-3, router 5e-3, experts 2e-4)")]
 EpochsOpt = Annotated[float, typer.Option("--epochs", help="passes over the labeled set per round")]
 MinStepsOpt = Annotated[int, typer.Option("--min-steps", min=0, help="fewest optimizer steps per round")]
 PoolOpt = Annotated[int, typer.Option("--pool-size", help="unlabeled pool: this many train records")]
@@ -34,10 +34,11 @@ def realign(model: Annotated[str, typer.Option("--model", help="the pruned check
             strategy: Annotated[str, typer.Option("--strategy", help="active-learning strategy (see `moeguard strategies`)")] = "random",
             budget: Annotated[int, typer.Option("--budget", help="labels in total")] = 64,
             query_size: Annotated[int, typer.Option("--query-size", help="labels per round")] = 16,
-            mode: ModeOpt = "full", lr: LrOpt = None, epochs: EpochsOpt = 4.0, min_steps: MinStepsOpt = 40,
+            mode: ModeOpt = "full", lr: LrOpt = None, epochs: EpochsOpt = 4.0, min_steps: MinStepsOpt = 10,
             batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
             pool_size: PoolOpt = 1000, eval_limit: EvalLimitOpt = 200,
             original: Annotated[Optional[str], typer.Option("--original", help="the unpruned model (orphan strategy, retention); default: the source in the pruning record")] = None,
+            full_score: Annotated[Optional[float], typer.Option("--full-score", help="the original model's score on the task (skips evaluating the original)")] = None,
             save_every: Annotated[int, typer.Option("--save-every", min=0, help="checkpoint the running fine-tune every N steps")] = 10,
             overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Fine-tune a pruned model on actively chosen labels; writes the checkpoint and its learning curve.
@@ -61,22 +62,23 @@ def realign(model: Annotated[str, typer.Option("--model", help="the pruned check
     ref, _, _ = inspect(model)
     record = _pruning_record(ref.path)
     original = original or (record or {}).get("source")
-    if strat.needs_original and (original is None or record is None):
-        raise MoeguardError(f"strategy '{strategy}' needs the original model and the pruning plan; {model} has no "
-                            "moeguard_pruning.json" if record is None else f"strategy '{strategy}' needs the original model",
-                            hint="prune with `moeguard prune` (it records both) or pass --original")
-    if original is not None and record is not None:
+    if strat.needs_original and record is None:
+        raise MoeguardError(f"strategy '{strategy}' needs the pruning plan and the original model; {model} has no "
+                            "moeguard_pruning.json", hint="prune with `moeguard prune`, which records both")
+    if original is not None:  # an unreadable original fails here, before the pruned model loads
         inspect(None if original == "embedded" else original)
     _seed(seed)
     cfg = ALConfig(strategy=strategy, schedule=schedule, pool_size=pool_size, eval_limit=eval_limit, seed=seed,
                    finetune=ft)
-    settings = {"model": ref.name, "task": the_task.name, "original": original, **cfg.to_dict()}
+    settings = {"model": ref.name, "task": the_task.name, "original": original, "full_score": full_score,
+                **cfg.to_dict()}
     m, tokenizer, _ = load_model(model)
-    full_score, orphan = None, None
-    if original is not None:
+    orphan = None
+    if original is not None and (full_score is None or strat.needs_original):
         o, otok, _ = load_model(None if original == "embedded" else original)
-        full_score = evaluate_task(o, otok, the_task, limit=eval_limit, batch_size=32, baseline=False).score
-        if record is not None and strat.needs_original:
+        if full_score is None:
+            full_score = evaluate_task(o, otok, the_task, limit=eval_limit, batch_size=32, baseline=False).score
+        if strat.needs_original:
             share = orphan_shares(o, otok, the_task, record["keep"], int(record["original_num_experts"]))
             orphan = lambda: share(pool)  # noqa: E731
     with resumable_dir(out, overwrite=overwrite, settings=settings) as work, _progress() as progress:
@@ -109,13 +111,13 @@ def recovery(task: Annotated[str, typer.Option("--task", help="task name or YAML
              out: Annotated[Path, typer.Option("--out", help="run directory to create")],
              model: ModelOpt = None,
              strategies: Annotated[str, typer.Option("--strategies", help="comma-separated strategies; random is added as the baseline")] = "random,orphan",
-             budgets: Annotated[str, typer.Option("--budgets", help="label counts on the learning curve")] = "8,16,32,64,128,256",
+             budgets: Annotated[str, typer.Option("--budgets", help="label counts on the learning curve")] = "4,8,16,32,64,128,256",
              seeds: Annotated[int, typer.Option("--seeds", help="runs per strategy (seeds --seed, --seed+1, ...)")] = 3,
              method: Annotated[Optional[str], typer.Option("--method", help=f"attribution method; default: the best for the task in --sweep, else ablation")] = None,
              sweep: Annotated[Optional[Path], typer.Option("--sweep", help="sweep.json of `moeguard sweep`: picks the best method")] = None,
              samples: Annotated[int, typer.Option("--samples", min=1, help="attribution samples")] = 64,
              target: Annotated[float, typer.Option("--target", help="percent of the full model's score to reach")] = 95.0,
-             mode: ModeOpt = "full", lr: LrOpt = None, epochs: EpochsOpt = 4.0, min_steps: MinStepsOpt = 40,
+             mode: ModeOpt = "full", lr: LrOpt = None, epochs: EpochsOpt = 4.0, min_steps: MinStepsOpt = 10,
              batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
              pool_size: PoolOpt = 1000, eval_limit: EvalLimitOpt = 200,
              overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
@@ -138,7 +140,7 @@ def recovery(task: Annotated[str, typer.Option("--task", help="task name or YAML
     names = _names(strategies, "--strategies")
     names = names if "random" in names else ["random", *names]
     _, config, family = inspect(model)
-    cfg = RecoveryConfig(task=name, keep=keep, strategies=tuple(names), budgets=tuple(_ints(budgets, "--budgets")),
+    cfg = RecoveryConfig(task=task, keep=keep, strategies=tuple(names), budgets=tuple(_ints(budgets, "--budgets")),
                          seeds=seeds, seed=seed, method=method or DEFAULT_METHOD, samples=samples,
                          pool_size=pool_size, eval_limit=eval_limit, target=target,
                          finetune=_finetune_config(mode, lr, epochs, min_steps, batch_size, seed))

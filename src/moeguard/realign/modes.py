@@ -134,10 +134,10 @@ def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int 
     return Trainable(model=wrapped, base=model, mode="lora", params=params, _flags=flags)
 
 
-register_mode(ModeSpec("full", "every parameter", 5e-4, _full))
+register_mode(ModeSpec("full", "every parameter", 2e-4, _full))
 register_mode(ModeSpec("lora", "peft LoRA on attention/dense linears and the fused expert tensors", 3e-3, _lora))
 register_mode(ModeSpec("router", "the routers only", 5e-3, _router))
-register_mode(ModeSpec("experts", "the kept routed experts only", 5e-4, _experts))
+register_mode(ModeSpec("experts", "the kept routed experts only", 2e-4, _experts))
 
 
 def apply_mode(model: nn.Module, mode: str, **options) -> Trainable:

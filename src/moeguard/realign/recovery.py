@@ -34,10 +34,10 @@ DEFAULT_METHOD = "ablation"  # best mean AUC of the knowledge-loss study (benchm
 
 @dataclass(frozen=True, kw_only=True)
 class RecoveryConfig:
-    task: str
+    task: str                         # a registered name or a task YAML path
     keep: int
     strategies: tuple[str, ...] = ("random", "orphan")
-    budgets: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    budgets: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
     seeds: int = 3
     seed: int = 0
     method: str = DEFAULT_METHOD
@@ -200,8 +200,9 @@ def summarize(curves: list[dict[str, Any]], strategies, *, target: float) -> dic
     for name, s in out["strategies"].items():
         s["savings_vs_random"] = savings(s["labels_to_target"], rnd["labels_to_target"] if rnd else None,
                                          budget=s["labels"][-1]) if name != "random" and rnd else None
+    # best = the largest positive savings; a study where every strategy loses has no best
     ranked = [(s["savings_vs_random"]["percent"], n) for n, s in out["strategies"].items()
-              if s["savings_vs_random"] and s["savings_vs_random"]["percent"] is not None]
+              if s["savings_vs_random"] and (s["savings_vs_random"]["percent"] or 0) > 0]
     out["best"] = max(ranked)[1] if ranked else None
     return out
 

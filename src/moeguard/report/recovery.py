@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 from moeguard.io import write_json
 from moeguard.report.plots import _plt
+from moeguard.report.sweep import write_csv
 
 
 def curve_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -36,7 +36,11 @@ def learning_curves(doc: dict[str, Any], out: Path) -> Path:
             va="bottom", transform=ax.get_yaxis_transform())
     labels = next(iter(summary["strategies"].values()))["labels"]
     ax.set_xscale("symlog", linthresh=min([l for l in labels if l > 0] or [1]))  # 0 labels stays on the axis
-    ax.set_xlabel("labeled samples")
+    ax.set_xlim(left=0, right=max(labels) * 1.05)
+    ax.set_xticks([l for l in labels])
+    ax.set_xticklabels([str(l) for l in labels], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("labeled samples (line: mean over seeds; band: min to max)")
     ax.set_ylabel(f"retention of {doc['metric']} (%)")
     keep = doc.get("settings", {}).get("keep")
     title = f"Recovery of '{doc['task']}'" + (f" after pruning to {keep} experts per layer" if keep else "")
@@ -54,18 +58,15 @@ def _legend(name: str, s: dict[str, Any]) -> str:
     text = f"{name}: {'not reached' if reach is None else f'{reach:.0f} labels'}"
     sv = s.get("savings_vs_random")
     if sv and sv.get("percent") is not None:
-        text += f", {'≥' if sv['bound'] == 'at least' else ''}{sv['percent']:.0f}% saved"
+        pct = sv["percent"]
+        text += (f", {'≥' if sv['bound'] == 'at least' else ''}{pct:.0f}% fewer than random" if pct >= 0
+                 else f", {-pct:.0f}% more than random")
     return text
 
 
 def write_recovery(doc: dict[str, Any], run_dir: Path) -> list[Path]:
     files = [write_json(run_dir / "recovery.json", doc), write_json(run_dir / "plan.json", doc["plan"])]
-    rows = curve_rows(doc)
-    with open(run_dir / "curves.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    files.append(run_dir / "curves.csv")
+    files.append(write_csv(run_dir / "curves.csv", curve_rows(doc)))
     files.append(learning_curves(doc, run_dir / "learning_curves.png"))
     return files
 

@@ -28,18 +28,21 @@ def csv_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def write_sweep(doc: dict[str, Any], scores: dict[str, dict[str, dict]], run_dir: Path) -> list[Path]:
     files = [write_json(run_dir / "sweep.json", doc)]
     for task, by_method in scores.items():
         (run_dir / "scores" / task).mkdir(parents=True, exist_ok=True)
         for method, s in by_method.items():
             files.append(write_json(run_dir / "scores" / task / f"{method}.json", s))
-    rows = csv_rows(doc)
-    with open(run_dir / "points.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    files.append(run_dir / "points.csv")
+    files.append(write_csv(run_dir / "points.csv", csv_rows(doc)))
     for task, by_method in scores.items():
         files.append(plots.importance_heatmaps(task, by_method, run_dir / "plots" / f"importance_{task}.png"))
         files.append(plots.retention_curves(doc, task, run_dir / "plots" / f"retention_{task}.png"))

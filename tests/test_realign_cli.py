@@ -1,0 +1,168 @@
+"""`moeguard realign` and `moeguard recovery` end to end on the embedded model (the acceptance)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moeguard.cli import main
+from moeguard.realign.recovery import curve_auc, labels_to_target, savings, summarize
+
+KEEP2 = {"keep": {str(l): [0, 1] for l in range(4)}}
+FAST = ["--min-steps", "30", "--epochs", "1", "--eval-limit", "32", "--pool-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pruned")
+    plan = d / "plan.json"
+    plan.write_text(json.dumps(KEEP2))
+    assert main(["prune", "--plan", str(plan), "--out", str(d / "keep2")]) == 0
+    return d / "keep2"
+
+
+def realign_args(pruned, out, *extra):
+    return ["realign", "--model", str(pruned), "--task", "arith-compare", "--budget", "24", "--query-size", "8",
+            "--save-every", "5", "--out", str(out), *FAST, *extra]
+
+
+def test_realign_writes_a_loadable_checkpoint_and_its_learning_curve(pruned, tmp_path):
+    out = tmp_path / "run"
+    assert main(realign_args(pruned, out, "--strategy", "orphan")) == 0
+    curve = json.loads((out / "learning_curve.json").read_text())
+    assert [p["labels"] for p in curve["points"]] == [0, 8, 16, 24]
+    picked = [i for p in curve["points"] for i in p["selected"]]
+    assert len(picked) == len(set(picked)) == 24
+    # the original (the pruning record's source) gives retention; orphan needed it too
+    assert curve["full_score"] is not None and all(p["retention"] is not None for p in curve["points"])
+    assert not (out / "state").exists() and (out / "moeguard_pruning.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_local_experts == 2
+    from moeguard.tasks.evaluate import evaluate_task
+    from transformers import AutoTokenizer
+
+    score = evaluate_task(model, AutoTokenizer.from_pretrained(out), "arith-compare", limit=32, baseline=False).score
+    assert score == pytest.approx(curve["points"][-1]["score"])
+
+
+def test_realign_lora_saves_merged_weights(pruned, tmp_path):
+    out = tmp_path / "lora"
+    assert main(realign_args(pruned, out, "--mode", "lora", "--budget", "8")) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any("lora" in k for k in f.keys())
+
+
+def test_killed_realign_resumes_to_the_same_result(pruned, tmp_path):
+    straight = tmp_path / "straight"
+    assert main(realign_args(pruned, straight, "--seed", "5")) == 0
+    out = tmp_path / "killed"
+    code = "import sys; from moeguard.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *realign_args(pruned, out, "--seed", "5")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    state = tmp_path / ".killed.partial" / "state"
+    deadline = time.time() + 300
+    try:
+        # kill inside round 2's fine-tune, after one of its checkpoints
+        while time.time() < deadline and proc.poll() is None:
+            loop = state / "loop.json"
+            if loop.exists() and (state / "finetune" / "state.json").exists():
+                try:
+                    if len(json.loads(loop.read_text())["rounds"]) >= 2:
+                        break
+                except ValueError:
+                    pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists() and state.exists()
+    assert main(realign_args(pruned, out, "--seed", "5")) == 0
+    a = json.loads((straight / "learning_curve.json").read_text())
+    b = json.loads((out / "learning_curve.json").read_text())
+    assert [p["score"] for p in b["points"]] == [p["score"] for p in a["points"]]
+    assert [p["selected"] for p in b["points"]] == [p["selected"] for p in a["points"]]
+    assert any(p.get("finetune", {}).get("resumed_from", 0) > 0 for p in b["points"]), "nothing was resumed"
+
+
+def test_bad_requests_fail_with_one_line_before_work(pruned, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(realign_args(pruned, out, "--budget", "100")) == 2
+    assert "larger than a pool of 64" in capsys.readouterr().err
+    assert main(realign_args(pruned, out, "--query-size", "0")) == 2
+    assert "query size is 0" in capsys.readouterr().err
+    assert main(realign_args(pruned, out, "--strategy", "margin", "--task", "stdlib-docs")) == 2
+    assert "applies to classification" in capsys.readouterr().err
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "v.jsonl").write_text('{"q": "a", "y": "p"}\n{"q": "b", "y": "n"}\n')
+    task = tmp_path / "nolabels.yaml"
+    task.write_text(f"name: nolabels\nkind: classification\nsource: {{type: local, path: {data}, files: {{validation: v.jsonl}}}}\n"
+                    "splits: {eval: validation}\nfields: {input: q, label: y}\nlabels: {p: ' yes', n: ' no'}\n")
+    assert main(realign_args(pruned, out, "--task", str(task))) == 2
+    assert "no train split, so there are no labels" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_recovery_study_json_has_curves_targets_and_savings(tmp_path, capsys):
+    out = tmp_path / "rec"
+    args = ["recovery", "--task", "arith-compare", "--keep", "2", "--strategies", "margin", "--budgets", "8,16",
+            "--seeds", "2", "--samples", "16", "--method", "frequency", "--out", str(out), *FAST]
+    assert main(args) == 0
+    doc = json.loads((out / "recovery.json").read_text())
+    assert doc["schema"] == "moeguard.recovery/1" and set(doc["summary"]["strategies"]) == {"random", "margin"}
+    assert len(doc["curves"]) == 4 and {c["seed"] for c in doc["curves"]} == {0, 1}
+    s = doc["summary"]["strategies"]["margin"]
+    assert s["labels"] == [0, 8, 16] and len(s["mean"]) == 3 and s["savings_vs_random"]["bound"]
+    assert (out / "learning_curves.png").stat().st_size > 1000 and (out / "curves.csv").exists()
+    assert len(list((out / "jobs").glob("*.json"))) == 4
+    # the same study again: every job comes from its saved result, the numbers are the same
+    import moeguard.realign.recovery as rec
+
+    def boom(*a, **k):
+        raise AssertionError("a finished job ran again")
+
+    original = rec.run_active_learning
+    rec.run_active_learning = boom
+    try:
+        partial = tmp_path / ".rec2.partial"
+        partial.mkdir()
+        # a resumed run reads the jobs its partial folder holds
+        import shutil
+
+        shutil.copytree(out / "jobs", partial / "jobs")
+        settings = json.loads((out / "recovery.json").read_text())["run"]["settings"]
+        (partial / ".moeguard-settings.json").write_text(json.dumps(settings, sort_keys=True, default=str))
+        assert main(args[:-len(FAST) - 2] + ["--out", str(tmp_path / "rec2"), *FAST]) == 0
+    finally:
+        rec.run_active_learning = original
+    again = json.loads((tmp_path / "rec2" / "recovery.json").read_text())
+    assert again["summary"]["strategies"] == doc["summary"]["strategies"]
+
+
+def test_labels_to_target_interpolates_and_reports_never():
+    assert labels_to_target([0, 8, 16], [80, 90, 100], 95) == pytest.approx(12.0)
+    assert labels_to_target([0, 8, 16], [96, 90, 100], 95) == 0.0
+    assert labels_to_target([0, 8, 16], [80, 90, 94], 95) is None
+    assert curve_auc([0, 10, 20], [80, 90, 100]) == pytest.approx(90.0)
+
+
+def test_savings_are_exact_bounded_or_losing():
+    assert savings(32, 64, budget=128) == {"percent": 50.0, "bound": "exact"}
+    assert savings(32, None, budget=128)["bound"] == "at least" and savings(32, None, budget=128)["percent"] == 75.0
+    assert savings(None, 64, budget=128)["bound"] == "loses"
+    assert savings(None, None, budget=128)["percent"] is None
+    curves = [{"strategy": s, "seed": 0, "points": [{"labels": x, "retention": y} for x, y in zip([0, 8, 16], ys)]}
+              for s, ys in [("random", [80, 85, 96]), ("orphan", [80, 96, 97]), ("coreset", [80, 81, 82])]]
+    summary = summarize(curves, ["random", "orphan", "coreset"], target=95)
+    assert summary["best"] == "orphan" and summary["strategies"]["coreset"]["savings_vs_random"]["bound"] == "loses"
