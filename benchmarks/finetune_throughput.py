@@ -151,7 +151,7 @@ def main() -> None:
         "model": "embedded", "settings": {**{k: v for k, v in vars(args).items() if k != "out"},
                                            "trainer_optim": optim_used, "load_avg_at_start": load},
         "sides": {"engine": "moeguard.realign.engine.finetune: collates each step's examples itself, accelerate "
-                            "backward + clip, torch AdamW (for-loop), linear schedule",
+                            "backward + clip, fused torch AdamW, linear schedule, loss on target positions only",
                   "trainer": "transformers.Trainer (defaults otherwise), pre-collated batches in the same order, "
                              "model's own causal-LM loss + router aux loss, no eval/logging/saving"},
         "goal": f"engine end-to-end tokens/s >= {GOAL}x Trainer's", "rows": rows,

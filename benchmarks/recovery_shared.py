@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="4,8,16,32,64,128")
     ap.add_argument("--pool-size", type=int, default=300)
     ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--tasks", default=",".join(STRATEGIES), help="a subset of " + ", ".join(STRATEGIES))
     ap.add_argument("--out")
     args = ap.parse_args()
     if not args.shared.is_dir() or not (args.zoo_model / "config.json").exists():
@@ -50,7 +51,8 @@ def main() -> None:
     paths = {p.stem: p for p in shared_tasks(args.shared, args.workdir)}
     model, tok, _ = load_model(str(args.zoo_model))
     cases, started = [], time.perf_counter()
-    for name, strategies in STRATEGIES.items():
+    for name in args.tasks.split(","):
+        strategies = STRATEGIES[name]
         cfg = RecoveryConfig(task=str(paths[name]), keep=args.keep, strategies=tuple(strategies), seeds=args.seeds,
                              budgets=tuple(int(b) for b in args.budgets.split(",")), pool_size=args.pool_size,
                              eval_limit=args.eval_limit)
