@@ -141,7 +141,7 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
                               num_training_steps=steps)
     aux_coef = _aux_coef(trainable, cfg)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    tag = fingerprint(cfg, examples)
+    tag = fingerprint(cfg, examples) if ckpt is not None else None
     start = _resume(ckpt, tag, trainable, optimizer, scheduler) if ckpt is not None else 0
     result = FinetuneResult(steps=steps, examples=len(examples), tokens=0, seconds=0.0, resumed_from=start)
     bar = progress.add_task(description, total=steps, completed=start) if progress is not None else None
@@ -192,10 +192,10 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Only target positions reach the softmax: a classification row has one or two targets among
     dozens of prompt tokens, and padding would otherwise cost a full-vocabulary softmax each."""
-    from moeguard.tasks.batches import IGNORE
+    from moeguard.tasks.batches import IGNORE, next_token_targets
 
     B, T, V = logits.shape
-    target = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE)], dim=1).reshape(-1)
+    target = next_token_targets(labels).reshape(-1)
     keep = (target != IGNORE).nonzero().squeeze(1)
     if keep.numel() == 0:
         return logits.sum() * 0.0

@@ -47,64 +47,59 @@ def class_probs(model, tokenizer, task: Task, records: Sequence[dict[str, Any]],
     return torch.softmax(torch.tensor(ll, dtype=torch.float64).view(len(records), len(verbalizers)), dim=-1)
 
 
+def _batches(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], batch_size: int, *, left: bool = False):
+    """Padded (ids, mask) batches of the samples' input tokens, in record order, on the model's device."""
+    seqs = [input_ids(tokenizer, task, r) for r in records]
+    device, pad = _device(model), _pad_id(tokenizer)
+    for begin in range(0, len(seqs), batch_size):
+        yield _pad(seqs[begin:begin + batch_size], pad, left=left, device=device)
+
+
+def _token_means(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: mean NLL of ``targets`` and mean predictive entropy over the ``valid`` positions.
+    logp [B, S, V], targets [B, S], valid [B, S] float."""
+    tok_nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+    tok_ent = -(logp.exp() * logp).sum(-1)
+    n = valid.sum(1).clamp_min(1)
+    return ((tok_nll * valid).sum(1) / n).double().cpu(), ((tok_ent * valid).sum(1) / n).double().cpu()
+
+
 @torch.no_grad()
 def sequence_uncertainty(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], *,
                          batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean token NLL [n], mean token entropy [n]) of the sample's text or of the model's summary."""
     if task.kind is TaskKind.SUMMARIZATION:
         return _generated_uncertainty(model, tokenizer, task, records, batch_size)
-    nll, ent = torch.zeros(len(records), dtype=torch.float64), torch.zeros(len(records), dtype=torch.float64)
-    seqs = [input_ids(tokenizer, task, r) for r in records]
-    device, pad = _device(model), _pad_id(tokenizer)
-    for begin in range(0, len(seqs), batch_size):
-        chunk = seqs[begin:begin + batch_size]
-        ids, mask = _pad(chunk, pad, left=False, device=device)
+    parts = []
+    for ids, mask in _batches(model, tokenizer, task, records, batch_size):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        logp = F.log_softmax(logits, dim=-1)
-        tok_nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        tok_ent = -(logp.exp() * logp).sum(-1)
-        valid = mask[:, 1:].float()
-        n = valid.sum(1).clamp_min(1)
-        nll[begin:begin + len(chunk)] = ((tok_nll * valid).sum(1) / n).double().cpu()
-        ent[begin:begin + len(chunk)] = ((tok_ent * valid).sum(1) / n).double().cpu()
-    return nll, ent
+        parts.append(_token_means(F.log_softmax(logits, dim=-1), ids[:, 1:], mask[:, 1:].float()))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _generated_uncertainty(model, tokenizer, task, records, batch_size):
-    nll, ent = torch.zeros(len(records), dtype=torch.float64), torch.zeros(len(records), dtype=torch.float64)
-    device, pad = _device(model), _pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
-    gen = _generation_config(task, pad, eos, tokenizer)
-    prompts = [input_ids(tokenizer, task, r) for r in records]
-    for begin in range(0, len(prompts), batch_size):
-        chunk = prompts[begin:begin + batch_size]
-        ids, mask = _pad(chunk, pad, left=True, device=device)
+    gen = _generation_config(task, _pad_id(tokenizer), eos, tokenizer)
+    parts = []
+    for ids, mask in _batches(model, tokenizer, task, records, batch_size, left=True):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
                              output_scores=True, return_dict_in_generate=True)
-        new = out.sequences[:, ids.shape[1]:]
         logp = torch.stack([F.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # [B, S, V]
-        tok_nll = -logp.gather(-1, new[:, :logp.shape[1], None]).squeeze(-1)
-        tok_ent = -(logp.exp() * logp).sum(-1)
+        new = out.sequences[:, ids.shape[1]:][:, :logp.shape[1]]
         # tokens after the first end-of-sequence are padding the batch carried along
         ended = torch.zeros_like(new, dtype=torch.bool)
         for e in eos:
             ended |= new == e
         after = (ended.cumsum(1) - ended.long()) > 0
-        valid = (~after[:, :logp.shape[1]]).float()
-        n = valid.sum(1).clamp_min(1)
-        nll[begin:begin + len(chunk)] = ((tok_nll * valid).sum(1) / n).double().cpu()
-        ent[begin:begin + len(chunk)] = ((tok_ent * valid).sum(1) / n).double().cpu()
-    return nll, ent
+        parts.append(_token_means(logp, new, (~after).float()))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 @torch.no_grad()
 def embeddings(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], *, batch_size: int = 32) -> torch.Tensor:
     """[n, hidden] mean of the final hidden state over each sample's input tokens."""
-    seqs = [input_ids(tokenizer, task, r) for r in records]
-    device, pad = _device(model), _pad_id(tokenizer)
     rows = []
-    for begin in range(0, len(seqs), batch_size):
-        ids, mask = _pad(seqs[begin:begin + batch_size], pad, left=False, device=device)
+    for ids, mask in _batches(model, tokenizer, task, records, batch_size):
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
         m = mask[..., None].to(hidden.dtype)
         rows.append(((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float().cpu())
@@ -116,10 +111,7 @@ def routing_shares(model, tokenizer, task: Task, records: Sequence[dict[str, Any
     """[n, layers, experts] share of each sample's routing slots per expert (padding excluded)."""
     from moeguard.models.hooks import RoutingCapture
 
-    seqs = [input_ids(tokenizer, task, r) for r in records]
-    device, pad = _device(model), _pad_id(tokenizer)
     with RoutingCapture(model, per_sample=True) as cap:
-        for begin in range(0, len(seqs), batch_size):
-            ids, mask = _pad(seqs[begin:begin + batch_size], pad, left=False, device=device)
+        for ids, mask in _batches(model, tokenizer, task, records, batch_size):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     return torch.stack(cap.stats.per_sample)

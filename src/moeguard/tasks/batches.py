@@ -110,11 +110,17 @@ def calibration_batches(tokenizer, task: Task | str, *, samples: int, batch_size
     return [collate(seqs[i:i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] the token each position predicts (IGNORE at the last position).
+
+    The labels are shifted, not the logits: slicing logits would copy the largest tensor of the pass."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, T-1] negative log-likelihood of each next token (0 where ignored)."""
     B, T, V = logits.shape
-    # shift the labels, not the logits: slicing logits would copy the largest tensor of the pass
-    target = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE)], dim=1)
+    target = next_token_targets(labels)
     nll = torch.nn.functional.cross_entropy(logits.float().reshape(B * T, V), target.reshape(-1),
                                             ignore_index=IGNORE, reduction="none").view(B, T)
     return nll[:, :-1]
