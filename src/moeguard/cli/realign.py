@@ -20,11 +20,11 @@ PoolOpt = Annotated[int, typer.Option("--pool-size", help="unlabeled pool: this 
 EvalLimitOpt = Annotated[int, typer.Option("--eval-limit", min=1, help="eval records scored per round")]
 
 
-def _finetune_config(mode, lr, epochs, min_steps, batch_size, seed, save_every=0):
+def _finetune_config(mode, lr, epochs, min_steps, batch_size, seed, save_every=0, only=()):
     from moeguard.realign.engine import FinetuneConfig
 
     return FinetuneConfig(mode=mode, lr=lr, epochs=epochs, min_steps=min_steps, batch_size=batch_size, seed=seed,
-                          save_every=save_every)
+                          save_every=save_every, only=tuple(only))
 
 
 @app.command()
@@ -40,10 +40,12 @@ def realign(model: Annotated[str, typer.Option("--model", help="the pruned check
             original: Annotated[Optional[str], typer.Option("--original", help="the unpruned model (orphan strategy, retention); default: the source in the pruning record")] = None,
             full_score: Annotated[Optional[float], typer.Option("--full-score", help="the original model's score on the task (skips evaluating the original)")] = None,
             save_every: Annotated[int, typer.Option("--save-every", min=0, help="checkpoint the running fine-tune every N steps")] = 10,
+            protocol: Annotated[Optional[Path], typer.Option("--protocol", help="a selective fine-tuning protocol (moeguard_protocol.json): only its modes and parameters are trained")] = None,
             overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Fine-tune a pruned model on actively chosen labels; writes the checkpoint and its learning curve.
 
     A killed run continues from its last checkpoint when started again with the same settings."""
+    from moeguard.defense.protocol import Protocol
     from moeguard.io import check_output, resumable_dir, write_json
     from moeguard.models.loading import inspect, load_model
     from moeguard.realign.loop import ALConfig, label_pool, run_active_learning, schedule_for
@@ -57,7 +59,10 @@ def realign(model: Annotated[str, typer.Option("--model", help="the pruned check
     the_task = get_task(task)
     schedule = schedule_for(budget=budget, query_size=query_size)
     strat = get_strategy(strategy, the_task)
-    ft = _finetune_config(mode, lr, epochs, min_steps, batch_size, seed, save_every)
+    proto = Protocol.load(protocol) if protocol is not None else None
+    if proto is not None:
+        proto.check_mode(mode)
+    ft = _finetune_config(mode, lr, epochs, min_steps, batch_size, seed, save_every, proto.patterns if proto else ())
     pool = label_pool(the_task, pool_size=pool_size, budget=budget, seed=seed)
     ref, _, _ = inspect(model)
     record = _pruning_record(ref.path)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
 from moeguard.realign.modes import Trainable, get_mode
 from moeguard.tasks.batches import Example, collate
 
@@ -49,6 +50,7 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     save_every: int = 0              # checkpoint every N steps (0: never)
+    only: tuple[str, ...] = ()       # a fine-tuning protocol's authorized parameter globs (empty: all)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,7 +70,15 @@ class FinetuneConfig:
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "lr": self.learning_rate}
+        return {**asdict(self), "lr": self.learning_rate, "only": list(self.only)}
+
+    def allowed(self):
+        """The protocol's test on parameter names, or None when nothing is restricted."""
+        if not self.only:
+            return None
+        import fnmatch
+
+        return lambda name: any(fnmatch.fnmatchcase(name, p) for p in self.only)
 
 
 @dataclass
@@ -210,6 +220,10 @@ def _aux_coef(trainable: Trainable, cfg: FinetuneConfig) -> float:
         return 0.0
     config = trainable.base.config
     key = family_for_config(config).aux_loss_key
+    if key and len({l.num_experts for l in MoEAdapter(trainable.base).layers}) > 1:
+        # a budget-pruned model: transformers' load-balancing loss stacks every layer's router
+        # logits into one tensor, which needs one expert count; train without it
+        return 0.0
     return float(getattr(config, key, 0.0) or 0.0) if key else 0.0
 
 

@@ -116,7 +116,7 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
     shares = _cached(orphan_share) if orphan_share is not None else None
 
     trainable = apply_mode(model, cfg.finetune.mode, lora_r=cfg.finetune.lora_r, lora_alpha=cfg.finetune.lora_alpha,
-                           seed=cfg.finetune.seed)
+                           seed=cfg.finetune.seed, only=cfg.finetune.allowed())
     init = trainable.state()
     bar = progress.add_task(f"{strategy.name} seed {cfg.seed}", total=len(schedule) + 1) if progress else None
     try:

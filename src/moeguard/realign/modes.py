@@ -79,53 +79,67 @@ def get_mode(name: str) -> ModeSpec:
     return MODES[name]
 
 
-def _select(model: nn.Module, mode: str, chosen: set[int]) -> Trainable:
+Allowed = Callable[[str], bool] | None  # a fine-tuning protocol's test on parameter names
+
+
+def _select(model: nn.Module, mode: str, chosen: set[int], only: Allowed = None) -> Trainable:
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     params = {}
     for n, p in model.named_parameters():
-        p.requires_grad_(id(p) in chosen)
-        if id(p) in chosen:
+        take = id(p) in chosen and (only is None or only(n))
+        p.requires_grad_(take)
+        if take:
             params[n] = p
     if not params:
-        raise MoeguardError(f"mode '{mode}' finds no parameters to train in {type(model).__name__}",
-                            hint="use --mode full")
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        why = " that the protocol authorizes" if only is not None else ""
+        raise MoeguardError(f"mode '{mode}' finds no parameters{why} to train in {type(model).__name__}",
+                            hint="use a mode the protocol allows" if only is not None else "use --mode full")
     return Trainable(model=model, base=model, mode=mode, params=params, _flags=flags)
 
 
-def _full(model: nn.Module, **_) -> Trainable:
-    return _select(model, "full", {id(p) for p in model.parameters()})
+def _full(model: nn.Module, *, only: Allowed = None, **_) -> Trainable:
+    return _select(model, "full", {id(p) for p in model.parameters()}, only)
 
 
-def _router(model: nn.Module, **_) -> Trainable:
+def _router(model: nn.Module, *, only: Allowed = None, **_) -> Trainable:
     adapter = MoEAdapter(model)
-    return _select(model, "router", {id(p) for l in adapter.layers for p in l.router.parameters()})
+    return _select(model, "router", {id(p) for l in adapter.layers for p in l.router.parameters()}, only)
 
 
-def _experts(model: nn.Module, **_) -> Trainable:
+def _experts(model: nn.Module, *, only: Allowed = None, **_) -> Trainable:
     adapter = MoEAdapter(model)
-    return _select(model, "experts", {id(p) for l in adapter.layers for p in l.experts.parameters()})
+    return _select(model, "experts", {id(p) for l in adapter.layers for p in l.experts.parameters()}, only)
 
 
-def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(linear module names, fused expert parameter names) that LoRA adapts.
+def lora_targets(model: nn.Module, only: Allowed = None) -> tuple[list[str], list[str]]:
+    """(linear module names, fused expert parameter names) that LoRA adapts; with ``only``,
+    those whose weights the protocol authorizes.
 
     Routers stay out: several families' routers are ``nn.Linear`` subclasses returning tuples,
     which peft's LoRA layer cannot wrap, and a router is ``router`` mode's business."""
     adapter = MoEAdapter(model)
     routers = {id(l.router) for l in adapter.layers}
     head = model.get_output_embeddings()
+    ok = only or (lambda name: True)
     modules = [n for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and id(m) not in routers and m is not head]
+               if isinstance(m, nn.Linear) and id(m) not in routers and m is not head and ok(f"{n}.weight")]
+    names = {id(p): n for n, p in model.named_parameters()}
     experts = sorted({n.rsplit(".", 1)[-1] for l in adapter.layers for n, p in l.experts.named_parameters()
-                      if p.dim() == 3})
+                      if p.dim() == 3 and ok(names[id(p)])})
     return modules, experts
 
 
-def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int = 0, **_) -> Trainable:
+def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int = 0, only: Allowed = None,
+          **_) -> Trainable:
     from peft import LoraConfig, get_peft_model
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    modules, expert_params = lora_targets(model)
+    modules, expert_params = lora_targets(model, only)
+    if not modules and not expert_params:
+        raise MoeguardError("LoRA finds no linear module or expert tensor that the protocol authorizes",
+                            hint="use a mode the protocol allows")
     torch.manual_seed(seed)  # peft draws lora_A at random: the same seed gives the same adapters
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=modules or None,
                         target_parameters=expert_params or None, bias="none")

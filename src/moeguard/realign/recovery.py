@@ -134,14 +134,20 @@ def run_recovery(model, tokenizer, cfg: RecoveryConfig, *, progress: Any = None,
 def _job(pruned, tokenizer, task, cfg, name, seed, pool, orphan_share, full_score, initial, job_dir, progress):
     al = ALConfig(strategy=name, schedule=tuple(cfg.budgets), pool_size=cfg.pool_size, eval_limit=cfg.eval_limit,
                   seed=seed, finetune=dataclasses.replace(cfg.finetune, seed=seed))
-    settings = {"study": cfg.to_dict(), "job": al.to_dict()}
     path = job_dir / f"{name}-seed{seed}.json" if job_dir is not None else None
+    return cached_curve(pruned, tokenizer, task, al, settings={"study": cfg.to_dict(), "job": al.to_dict()}, path=path,
+                        pool=pool, orphan_share=orphan_share, full_score=full_score, initial=initial, progress=progress)
+
+
+def cached_curve(model, tokenizer, task, al: ALConfig, *, settings: dict[str, Any], path: Path | None, pool,
+                 orphan_share, full_score, initial, progress) -> dict[str, Any]:
+    """One active-learning run, or its saved result when ``path`` holds one with the same ``settings``."""
     if path is not None and path.exists():
         saved = json.loads(path.read_text())
         if saved.get("settings") == json.loads(json.dumps(settings)):
             return saved["curve"]
-    torch.manual_seed(seed)
-    curve, _ = run_active_learning(pruned, tokenizer, task, al, pool=pool, orphan_share=orphan_share,
+    torch.manual_seed(al.seed)
+    curve, _ = run_active_learning(model, tokenizer, task, al, pool=pool, orphan_share=orphan_share,
                                    full_score=full_score, initial=initial, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,95 @@
+"""The defense study: harden the embedded model, then attack base and hardened with the same harness.
+
+    .venv/bin/python benchmarks/defense_study.py [--methods entangle,selective] [--tasks arith-compare,docstring-topic]
+        [--keeps 4] [--seeds 3] [--budgets 16,64,256] [--work /tmp/moeguard-defense-study]
+
+For each method it runs the CLI exactly as a user would (`moeguard harden`, timed, with the
+peak RSS of the child), then `moeguard defend-eval` against the embedded model (the attack
+harness's full grid: full and LoRA, learning rates 0.1x/1x/10x the mode default, 4 and 16
+epochs, every attribution method, uniform and budgeted plans, 3 seeds, the from-scratch
+baseline), and records utility, the worst-case retention before and after re-alignment, the
+area between the attacker's and the from-scratch curves, the extra labels, the protocol
+measurement and the issue's goals, as defend-eval judged them. Finished steps are skipped
+when the script is re-run with the same --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import write_result
+
+UTILITY = "arith-compare,docstring-topic,record-summary,code-naming,stdlib-docs,stdlib-code"
+
+
+def moeguard(*args: str) -> tuple[float, float]:
+    """Run the CLI; (wall seconds, peak RSS of the children in MB so far)."""
+    exe = str(Path(sys.executable).with_name("moeguard"))
+    t0 = time.perf_counter()
+    subprocess.run([exe, *args], check=True)
+    return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default="entangle,selective")
+    ap.add_argument("--tasks", default="arith-compare,docstring-topic")
+    ap.add_argument("--keeps", default="4")
+    ap.add_argument("--seeds", default="3")
+    ap.add_argument("--budget", default="256")
+    ap.add_argument("--budgets", default="16,64,256")
+    ap.add_argument("--eval-limit", default="200")
+    ap.add_argument("--work", default="/tmp/moeguard-defense-study")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from _common import RESULTS
+
+    previous = Path(args.out) if args.out else RESULTS / "defense_study.json"
+    # methods studied in earlier invocations (with other tasks) are kept beside this one's
+    results = {"methods": json.loads(previous.read_text()).get("methods", {}) if previous.exists() else {}}
+    for method in args.methods.split(","):
+        hardened = work / method
+        timing = work / f"{method}.timing.json"
+        if not (hardened / "moeguard_hardening.json").exists():
+            wall, rss = moeguard("harden", "--method", method, "--out", str(hardened), "--overwrite")
+            timing.write_text(json.dumps({"wall_s": wall, "peak_rss_mb": rss}))
+        h = json.loads((hardened / "moeguard_hardening.json").read_text())
+        ev = work / f"eval-{method}"
+        if not (ev / "defense.json").exists():
+            moeguard("defend-eval", "--hardened", str(hardened), "--tasks", args.tasks, "--utility-tasks", UTILITY,
+                     "--keeps", args.keeps, "--seeds", args.seeds, "--budget", args.budget, "--budgets", args.budgets,
+                     "--eval-limit", args.eval_limit, "--out", str(ev), "--overwrite")
+        d = json.loads((ev / "defense.json").read_text())
+        cells = {}
+        for task, by in d["attacks"].items():
+            for keep, v in by.items():
+                cells[f"{task}@{keep}"] = {
+                    who: {**{k: v[who]["summary"].get(k) for k in (
+                        "pruned_retention", "realigned_retention", "realigned_above_baseline", "labels_to_target",
+                        "auc", "scratch_retention", "scratch_auc", "area_between", "no_better_than_scratch",
+                        "diverged_runs")},
+                          "attacker_pick": {k: v[who]["attribution"]["best"][k] for k in ("method", "plan")},
+                          "worst_case": {k: v[who]["worst_case"][k] for k in ("labels", "retention", "argbest")},
+                          "runs": len(v[who]["runs"])}
+                    for who in ("base", "hardened")} | {"extra_labels": v["extra_labels"]}
+        results["methods"][method] = {
+            "settings": vars(args),
+            "harden": {"seconds_in_loop": h["seconds"], **(json.loads(timing.read_text()) if timing.exists() else {}),
+                       "summary": h["summary"], "config": h["config"]},
+            "utility": d["utility"], "cells": cells, "protocol": d.get("protocol"), "goals": d["goals"],
+            "defend_eval_seconds": d["seconds"],
+        }
+        write_result("defense_study", results, args.out)
+    print(json.dumps({m: v["goals"] for m, v in results["methods"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

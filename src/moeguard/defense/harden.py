@@ -1,0 +1,261 @@
+"""`moeguard harden`: continue training a model with a defense's objective.
+
+One loop serves every defense; a defense (``defense/methods/``) is a set of term weights and,
+for the selective protocol, the authorized parameter groups. Per step, on a batch of one
+owner task (round robin over the tasks):
+
+    L = L_task(full model)                                   utility
+      + balance     * task_balance(routing of this task)      every task spreads over all experts
+      + collapse    * relu(target - L_task(pruned model))     pruning alone hurts (co-dependence)
+      + adversarial * relu(target - L_task(pruned, attacked)) first-order meta-gradient of a
+                                                              simulated prune-and-fine-tune attack
+      + authorized  * L_task(full, adapted on the authorized  the authorized path stays a good
+                              parameters only)                place to adapt (selective protocol)
+
+The pruned model is the attacker's: the task's top-``keep`` experts per layer by routing
+frequency (read from this step's forward pass), or, every other step, a random ``keep``-subset
+(other attributions choose other experts). The simulated attacker fine-tunes every parameter
+for ``inner_steps`` AdamW steps at a learning rate drawn log-uniformly from ``inner_lr``, as
+tamper-resistance training samples attacks. ``docs/defenses.md`` has the derivation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from moeguard.defense.objectives import (Adaptation, collapse, forward_loss, record_routers, simulate_adaptation,
+                                         task_balance, task_shares)
+from moeguard.errors import MoeguardError, suggest
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.hooks import mask_experts
+from moeguard.tasks.batches import Example, collate, task_sequences
+from moeguard.tasks.evaluate import _pad_id
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardenConfig:
+    method: str = "entangle"
+    tasks: tuple[str, ...] = ()           # empty: the embedded suite
+    steps: int = 500
+    batch_size: int = 8
+    context: int = 128                    # tokens per training sequence (longer ones are cut)
+    lr: float = 2e-4
+    keep: int | None = None               # the simulated attacker's experts per layer; None: half
+    target: float | None = None           # collapse target loss; None: 0.75 * ln(vocab)
+    balance: float = 0.0
+    collapse: float = 0.0
+    adversarial: float = 0.0
+    adv_every: int = 1
+    inner_steps: int = 8
+    inner_lr: tuple[float, float] = (1e-4, 3e-3)
+    authorized: float = 0.0
+    authorized_patterns: tuple[str, ...] = ()
+    authorized_lr: float = 1e-3
+    records_per_task: int = 1000
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {**d, "tasks": list(self.tasks), "inner_lr": list(self.inner_lr),
+                "authorized_patterns": list(self.authorized_patterns)}
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    name: str
+    description: str
+    defaults: dict[str, Any]              # HardenConfig fields this defense sets
+    protocol: bool = False                # writes moeguard_protocol.json next to the weights
+
+
+DEFENSES: dict[str, DefenseSpec] = {}
+
+
+def register_defense(spec: DefenseSpec) -> DefenseSpec:
+    DEFENSES[spec.name] = spec
+    return spec
+
+
+def get_defense(name: str) -> DefenseSpec:
+    from moeguard.defense import methods  # noqa: F401  (registers the defenses)
+
+    if name not in DEFENSES:
+        raise MoeguardError(f"unknown hardening method '{name}'", hint=suggest(name, list(DEFENSES)))
+    return DEFENSES[name]
+
+
+def config_for(method: str, **overrides: Any) -> HardenConfig:
+    """The defense's defaults, then the caller's overrides (None means 'keep the default')."""
+    spec = get_defense(method)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return HardenConfig(method=method, **{**spec.defaults, **given})
+
+
+def authorized_names(model, patterns) -> list[str]:
+    return [n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def preflight(model, cfg: HardenConfig) -> dict[str, Any]:
+    """Everything checkable before training: tasks, keep, patterns, step counts."""
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.registry import embedded_tasks, get_task
+
+    adapter = MoEAdapter(model)
+    E = adapter.num_experts
+    keep = cfg.keep if cfg.keep is not None else E // 2
+    if not adapter.family.min_experts <= keep < E:
+        raise MoeguardError(f"--keep {keep} is impossible for {E} experts per layer",
+                            hint=f"use a value from {adapter.family.min_experts} to {E - 1}")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.context < 8:
+        raise MoeguardError(f"steps={cfg.steps}, batch_size={cfg.batch_size}, context={cfg.context}",
+                            hint="use at least 1 step, batch size 1 and a context of 8 tokens")
+    if min(cfg.inner_lr) <= 0 or cfg.inner_lr[0] > cfg.inner_lr[1]:
+        raise MoeguardError(f"inner learning-rate range {list(cfg.inner_lr)}", hint="pass LOW,HIGH with 0 < LOW <= HIGH")
+    tasks = [get_task(t) for t in cfg.tasks] if cfg.tasks else embedded_tasks()
+    for t in tasks:
+        if "train" not in t.splits:
+            raise MoeguardError(f"task '{t.name}' has no train split to harden on",
+                                hint="name tasks with a train split (the owner's training data)")
+        load_records(t, "train", limit=1)
+    names = authorized_names(model, cfg.authorized_patterns)
+    if cfg.authorized and not names:
+        raise MoeguardError(f"authorized patterns {list(cfg.authorized_patterns)} match no parameter",
+                            hint="patterns are fnmatch globs over parameter names, e.g. '*.self_attn.*'")
+    return {"keep": keep, "tasks": tasks, "authorized": names}
+
+
+def _examples(tokenizer, task, cfg: HardenConfig, rng: random.Random) -> list[Example]:
+    from moeguard.tasks.loaders import load_records
+
+    records = load_records(task, "train")
+    rng.shuffle(records)
+    out = []
+    for ex in task_sequences(tokenizer, task, records[:cfg.records_per_task]):
+        ids, labels = ex.ids[:cfg.context], ex.labels[:cfg.context]
+        if any(x != -100 for x in labels[1:]):
+            out.append(Example(ids, labels))
+    return out
+
+
+def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
+           on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place with the defense's objective; returns the training log."""
+    plan = preflight(model, cfg)
+    keep_n, tasks, auth = plan["keep"], plan["tasks"], plan["authorized"]
+    adapter = MoEAdapter(model)
+    E, score = adapter.num_experts, adapter.family.routing.score
+    target = cfg.target if cfg.target is not None else 0.75 * math.log(model.get_input_embeddings().weight.shape[0])
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    data = {t.name: _examples(tokenizer, t, cfg, rng) for t in tasks}
+    empty = [n for n, v in data.items() if not v]
+    if empty:
+        raise MoeguardError(f"tasks {empty} give no training sequences", hint="check their train splits")
+    pad = _pad_id(tokenizer)
+    device = model.get_input_embeddings().weight.device
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    shares: dict[str, torch.Tensor] = {}
+    order = [t.name for t in tasks]
+
+    def draw(task: str) -> Any:
+        rows = [data[task][rng.randrange(len(data[task]))] for _ in range(cfg.batch_size)]
+        return collate(rows, pad).to(device)
+
+    def attacker_keep(task: str, step: int) -> dict[int, list[int]]:
+        if task in shares and step % 2 == 0:
+            return {l.index: torch.argsort(shares[task][i], descending=True)[:keep_n].sort().values.tolist()
+                    for i, l in enumerate(adapter.layers)}
+        return {l.index: sorted(rng.sample(range(E), keep_n)) for l in adapter.layers}
+
+    log: list[dict[str, Any]] = []
+    bar = progress.add_task(f"hardening ({cfg.method})", total=cfg.steps) if progress is not None else None
+    started = time.perf_counter()
+    was_training = model.training
+    model.train()
+    try:
+        for step in range(cfg.steps):
+            task = order[step % len(order)]
+            keep = attacker_keep(task, step)
+            row: dict[str, Any] = {"step": step + 1, "task": task}
+            extra: dict[str, torch.Tensor] = {}
+            if cfg.adversarial and step % cfg.adv_every == 0:
+                lr = math.exp(rng.uniform(math.log(cfg.inner_lr[0]), math.log(cfg.inner_lr[1])))
+                g, pre, post = simulate_adaptation(
+                    model, Adaptation(params=names, keep=keep, steps=cfg.inner_steps, lr=lr), lambda: draw(task),
+                    lambda l: cfg.adversarial * collapse(l, target))
+                _accumulate(extra, g)
+                row.update(attack_lr=lr, attack_before=pre, attack_after=post)
+            if cfg.authorized:
+                g, pre, post = simulate_adaptation(
+                    model, Adaptation(params=auth, keep=None, steps=cfg.inner_steps, lr=cfg.authorized_lr),
+                    lambda: draw(task), lambda l: cfg.authorized * l)
+                _accumulate(extra, g)
+                row.update(authorized_before=pre, authorized_after=post)
+            batch = draw(task)
+            opt.zero_grad(set_to_none=True)
+            with record_routers(model, adapter=adapter) as tape:
+                utility = forward_loss(model, batch)
+            valid = batch.attention_mask.reshape(-1).bool()
+            total = utility
+            row["utility"] = float(utility.detach())
+            if cfg.balance:
+                bal = task_balance(tape, valid, torch.zeros_like(valid, dtype=torch.long), score=score)
+                total = total + cfg.balance * bal
+                row["balance"] = float(bal.detach())
+            shares[task] = task_shares(tape, valid, E)
+            if cfg.collapse:
+                with mask_experts(model, keep, adapter=adapter):
+                    pruned = forward_loss(model, batch)
+                total = total + cfg.collapse * collapse(pruned, target)
+                row["pruned"] = float(pruned.detach())
+            if not math.isfinite(float(total.detach())):
+                raise MoeguardError(f"the hardening loss became {float(total.detach())} at step {step + 1}",
+                                    hint=f"lower --lr (now {cfg.lr:g}) or the term weights")
+            total.backward()
+            for n, p in zip(names, params):
+                if n in extra:
+                    p.grad = extra[n] if p.grad is None else p.grad + extra[n]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            log.append(row)
+            if bar is not None:
+                progress.update(bar, advance=1, description=f"hardening ({cfg.method}): {task} utility "
+                                                            f"{row['utility']:.3f}" + (f", pruned {row['pruned']:.2f}" if "pruned" in row else ""))
+            if on_step is not None:
+                on_step(step + 1, row)
+    finally:
+        opt.zero_grad(set_to_none=True)
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return {"config": cfg.to_dict(), "keep": keep_n, "target": target, "authorized": auth,
+            "seconds": round(time.perf_counter() - started, 1), "log": log, "summary": summarize_log(log)}
+
+
+def _accumulate(into: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+    for n, g in grads.items():
+        into[n] = into[n] + g if n in into else g
+
+
+def summarize_log(log: list[dict[str, Any]], window: int = 20) -> dict[str, dict[str, float]]:
+    """Each logged quantity's mean over the first and the last ``window`` steps that have it."""
+    keys = sorted({k for r in log for k in r if k not in ("step", "task", "attack_lr")})
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in log if k in r]
+        if vals:
+            out[k] = {"first": sum(vals[:window]) / len(vals[:window]), "last": sum(vals[-window:]) / len(vals[-window:])}
+    return out

@@ -1,0 +1,92 @@
+"""The selective fine-tuning protocol: the file's validation, and modes restricted to authorized parameters;
+and the shared matrix every registered defense passes."""
+
+import json
+
+import pytest
+import torch
+
+from moeguard.defense.harden import DEFENSES, config_for, get_defense, harden
+from moeguard.defense.protocol import Protocol
+from moeguard.errors import MoeguardError
+from moeguard.models.tiny import tiny_model
+from moeguard.realign.engine import FinetuneConfig
+from moeguard.realign.modes import apply_mode
+
+ATTN = ("*.self_attn.*",)
+
+
+def test_protocol_round_trips_and_rejects_bad_files(tmp_path):
+    p = Protocol(modes=("lora",), patterns=ATTN, model="m")
+    p.save(tmp_path / "moeguard_protocol.json")
+    assert Protocol.load(tmp_path) == p  # a directory means its moeguard_protocol.json
+    for bad, words in [({"schema": "x"}, "not a moeguard protocol"),
+                       ({"schema": "moeguard.protocol/1", "modes": [], "authorized_parameters": ["a"]}, "'modes'"),
+                       ({"schema": "moeguard.protocol/1", "modes": ["lorra"], "authorized_parameters": ["a"]}, "lora"),
+                       ({"schema": "moeguard.protocol/1", "modes": ["lora"], "authorized_parameters": []}, "authorized")]:
+        with pytest.raises(MoeguardError, match=words):
+            Protocol.from_dict(bad)
+    (tmp_path / "x.json").write_text("{")
+    with pytest.raises(MoeguardError, match="not JSON"):
+        Protocol.load(tmp_path / "x.json")
+    with pytest.raises(MoeguardError, match="does not authorize --mode full"):
+        p.check_mode("full")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_protocol_restricts_every_mode_to_the_authorized_parameters(family, mode):
+    model = tiny_model(family)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    allowed = FinetuneConfig(mode=mode, only=ATTN).allowed()
+    t = apply_mode(model, mode, only=allowed)
+    assert t.params and all("self_attn" in n for n in t.params)
+    with torch.no_grad():
+        for p in t.params.values():
+            p.add_(0.1)
+    merged = t.merged()
+    changed = {n for n, p in merged.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("self_attn" in n for n in changed)
+
+
+def test_a_protocol_that_authorizes_nothing_a_mode_can_train_is_an_error():
+    model = tiny_model("mixtral")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(MoeguardError, match="authorizes"):
+        apply_mode(model, "router", only=FinetuneConfig(only=ATTN).allowed())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_unknown_defense_suggests_names():
+    with pytest.raises(MoeguardError, match="entangle"):
+        get_defense("entangel")
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from moeguard.models.loading import load_model
+
+    m, tok, _ = load_model(None)
+    return m, tok
+
+
+@pytest.mark.parametrize("name", sorted(get_defense("entangle") and DEFENSES))  # importing registers them
+def test_every_defense_trains_each_of_its_terms_and_logs_them(name, embedded):
+    """The shared matrix: a new defense is one file, one registry line and a row here."""
+    import copy
+
+    model, tok = copy.deepcopy(embedded[0]), embedded[1]
+    spec = DEFENSES[name]
+    cfg = config_for(name, steps=2, tasks=("arith-compare", "record-summary"), inner_steps=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    doc = harden(model, tok, cfg)
+    logged = set(doc["log"][0]) | set(doc["log"][1])
+    terms = {"balance": cfg.balance, "pruned": cfg.collapse, "attack_after": cfg.adversarial,
+             "authorized_after": cfg.authorized}
+    expect = {"utility"} | {k for k, w in terms.items() if w}
+    assert expect <= logged
+    assert {r["task"] for r in doc["log"]} == {"arith-compare", "record-summary"}
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert bool(spec.protocol) == bool(cfg.authorized_patterns)
+    json.dumps(doc)  # the log is plain JSON
