@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="arith-compare,docstring-topic")
     ap.add_argument("--keeps", default="4")
     ap.add_argument("--seeds", default="3")
+    ap.add_argument("--modes", default="full,lora", help="the attacker's fine-tuning modes")
     ap.add_argument("--budget", default="256")
     ap.add_argument("--budgets", default="16,64,256")
     ap.add_argument("--eval-limit", default="200")
@@ -65,7 +66,7 @@ def main() -> None:
         ev = work / f"eval-{method}"
         if not (ev / "defense.json").exists():
             moeguard("defend-eval", "--hardened", str(hardened), "--tasks", args.tasks, "--utility-tasks", UTILITY,
-                     "--keeps", args.keeps, "--seeds", args.seeds, "--budget", args.budget, "--budgets", args.budgets,
+                     "--keeps", args.keeps, "--seeds", args.seeds, "--modes", args.modes, "--budget", args.budget, "--budgets", args.budgets,
                      "--eval-limit", args.eval_limit, "--out", str(ev), "--overwrite")
         d = json.loads((ev / "defense.json").read_text())
         cells = {}

@@ -137,10 +137,26 @@ def _names(value: str | None, what: str) -> list[str]:
 
 
 def _ints(value: str, what: str) -> list[int]:
+    return _numbers(value, what, int, "integers", "2,4,6")
+
+
+def _numbers(value: str, what: str, kind, noun: str = "numbers", example: str = "1e-4,1e-3") -> list:
     try:
-        return [int(x) for x in _names(value, what)]
+        return [kind(x) for x in _names(value, what)]
     except ValueError:
-        raise MoeguardError(f"{what} '{value}' is not a comma-separated list of integers", hint=f"e.g. {what} 2,4,6") from None
+        raise MoeguardError(f"{what} '{value}' is not a comma-separated list of {noun}", hint=f"e.g. {what} {example}") from None
+
+
+def _run_study(out: Path, overwrite: bool, settings: dict, model_name: str, run, write) -> dict:
+    """A resumable study: ``run(work, progress)`` in ``.OUT.partial`` (jobs under ``work/jobs``),
+    stamped with the run record, written by ``write(doc, work)``, renamed to ``out`` when done."""
+    from moeguard.io import resumable_dir
+
+    with resumable_dir(out, overwrite=overwrite, settings=settings) as work, _progress() as progress:
+        doc = run(work, progress)
+        doc["model"], doc["run"] = model_name, _run(settings)
+        write(doc, work)
+    return doc
 
 
 @app.command()

@@ -8,17 +8,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli import ModelOpt, OverwriteOpt, SeedOpt, _console, _ints, _names, _progress, _run, _seed, app
+from moeguard.cli import (ModelOpt, OverwriteOpt, SeedOpt, _console, _ints, _names, _numbers, _progress, _run, _run_study,
+                          _seed, app)
 from moeguard.errors import MoeguardError
 
 
-def _floats(value: str | None, what: str) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(x) for x in _names(value, what)]
-    except ValueError:
-        raise MoeguardError(f"{what} '{value}' is not a comma-separated list of numbers", hint=f"e.g. {what} 1e-4,1e-3") from None
+def _floats(value: str, what: str) -> list[float]:
+    return _numbers(value, what, float)
 
 
 @app.command()
@@ -129,7 +125,7 @@ def attack(task: Annotated[str, typer.Option("--task", help="task name or YAML p
            seed: SeedOpt = 0) -> None:
     """The strongest prune-and-re-align attacker: worst case over its settings, and a from-scratch baseline."""
     from moeguard.defense.attack import preflight, run_attack
-    from moeguard.io import check_output, resumable_dir, write_json
+    from moeguard.io import check_output
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import inspect, load_model, meta_model
     from moeguard.report.defense import attack_table, write_attack
@@ -142,11 +138,9 @@ def attack(task: Annotated[str, typer.Option("--task", help="task name or YAML p
     preflight(cfg, a.num_experts, family.min_experts, len(a.layers))
     _seed(seed)
     m, tokenizer, _ = load_model(model)
-    settings = {"model": ref.name, **cfg.to_dict()}
-    with resumable_dir(out, overwrite=overwrite, settings=settings) as work, _progress() as progress:
-        doc = run_attack(m, tokenizer, cfg, progress=progress, job_dir=work / "jobs")
-        doc["model"], doc["run"] = ref.name, _run(settings)
-        write_attack(doc, work)
+    doc = _run_study(out, overwrite, {"model": ref.name, **cfg.to_dict()}, ref.name,
+                     lambda work, progress: run_attack(m, tokenizer, cfg, progress=progress, job_dir=work / "jobs"),
+                     write_attack)
     _console().print(attack_table(doc))
     s = doc["summary"]
     typer.echo(f"attacker keeps {s['pruned_retention']:.1f}% after pruning and {s['realigned_retention']:.1f}% after "

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli import ModelOpt, OverwriteOpt, SeedOpt, _console, _ints, _names, _progress, _run, _seed, app
+from moeguard.cli import ModelOpt, OverwriteOpt, SeedOpt, _console, _ints, _names, _progress, _run, _run_study, _seed, app
 from moeguard.errors import MoeguardError
 
 ModeOpt = Annotated[str, typer.Option("--mode", help="what fine-tuning may change: full, lora, router, experts")]
@@ -127,7 +127,7 @@ def recovery(task: Annotated[str, typer.Option("--task", help="task name or YAML
              pool_size: PoolOpt = 1000, eval_limit: EvalLimitOpt = 200,
              overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Recovery study: labels each strategy needs to re-align a pruned task, against random."""
-    from moeguard.io import check_output, resumable_dir
+    from moeguard.io import check_output
     from moeguard.models.loading import inspect, load_model
     from moeguard.realign.recovery import DEFAULT_METHOD, RecoveryConfig, best_method, preflight, run_recovery
     from moeguard.report.recovery import recovery_table, write_recovery
@@ -152,11 +152,9 @@ def recovery(task: Annotated[str, typer.Option("--task", help="task name or YAML
     preflight(cfg, int(getattr(config, family.num_experts_key)), family.min_experts)
     _seed(seed)
     m, tokenizer, ref = load_model(model)
-    settings = {"model": ref.name, **cfg.to_dict()}
-    with resumable_dir(out, overwrite=overwrite, settings=settings) as work, _progress() as progress:
-        doc = run_recovery(m, tokenizer, cfg, progress=progress, job_dir=work / "jobs")
-        doc["model"], doc["run"] = ref.name, _run(settings)
-        write_recovery(doc, work)
+    doc = _run_study(out, overwrite, {"model": ref.name, **cfg.to_dict()}, ref.name,
+                     lambda work, progress: run_recovery(m, tokenizer, cfg, progress=progress, job_dir=work / "jobs"),
+                     write_recovery)
     _console().print(recovery_table(doc))
     best = doc["summary"]["best"]
     typer.echo(f"{len(doc['curves'])} runs in {doc['seconds']:.0f} s; "

@@ -52,6 +52,9 @@ def draw_attack(ax, doc: dict[str, Any], *, title: str | None = None, runs: bool
     best from-scratch curve (dashed), the target line."""
     full, hib = doc["full"]["score"], doc["higher_is_better"]
     if runs:
+        for mode, color in (("full", "C0"), ("lora", "C2")):
+            if any(r["mode"] == mode for r in doc["runs"]):
+                ax.plot([], [], color=color, lw=0.8, alpha=0.5, label=f"one attacker run ({mode})")
         for r in doc["runs"]:
             if r["points"]:
                 ax.plot([p["labels"] for p in r["points"]],
