@@ -162,9 +162,12 @@ def defend_eval(hardened: Annotated[str, typer.Option("--hardened", help="the ha
                 protocol: Annotated[Optional[Path], typer.Option("--protocol", help="protocol file to measure; default: the hardened model's moeguard_protocol.json, if any")] = None,
                 overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Utility cost of a defense and the attacker's cost against it, base vs hardened, with plots."""
+    import dataclasses
+
+    from moeguard.defense.attack import preflight
     from moeguard.defense.evaluate import DefendEvalConfig, defend_eval as run_eval
     from moeguard.defense.protocol import FILENAME, Protocol
-    from moeguard.io import check_output, resumable_dir
+    from moeguard.io import check_output
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import inspect, load_model, meta_model
     from moeguard.report.defense import defense_table, write_defense
@@ -186,10 +189,6 @@ def defend_eval(hardened: Annotated[str, typer.Option("--hardened", help="the ha
     keep_levels = _ints(keeps, "--keeps") if keeps else [a.num_experts // 2]
     acfg = _attack_config(task_names[0], keep_levels[0], budget, budgets, methods, plans, strategies, modes, lr_scales,
                           epochs, seeds, samples, pool_size, eval_limit, target, scratch, seed)
-    import dataclasses
-
-    from moeguard.defense.attack import preflight
-
     for t in task_names:
         for k in keep_levels:
             preflight(dataclasses.replace(acfg, task=t, keep=k), a.num_experts, family.min_experts, len(a.layers))
@@ -202,10 +201,13 @@ def defend_eval(hardened: Annotated[str, typer.Option("--hardened", help="the ha
     _seed(seed)
     bm, tokenizer, _ = load_model(base)
     hm, _, _ = load_model(hardened)
-    with resumable_dir(out, overwrite=overwrite, settings=settings) as work, _progress() as progress:
+
+    def run(work, progress):
         doc = run_eval(bm, hm, tokenizer, cfg, protocol=proto, progress=progress, job_dir=work / "jobs")
-        doc["base"], doc["hardened"], doc["run"] = bref.name, href.name, _run(settings)
-        write_defense(doc, work)
+        doc["base"], doc["hardened"] = bref.name, href.name
+        return doc
+
+    doc = _run_study(out, overwrite, settings, href.name, run, write_defense)
     _console().print(defense_table(doc))
     met = {k: v["met"] for k, v in doc["goals"].items() if isinstance(v, dict)}
     typer.echo("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()) + f"; written to {out}")

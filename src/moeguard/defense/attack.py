@@ -108,7 +108,8 @@ def preflight(cfg: AttackConfig, num_experts: int, min_keep: int, num_layers: in
 
 
 def attribute_and_prune(model, tokenizer, cfg: AttackConfig, *, progress: Any = None) -> dict[str, Any]:
-    """Every method x plan kind, scored by masking; the attacker's pick is the best retention."""
+    """Every method x plan kind, scored by masking; the attacker's pick is the best retention.
+    ``best_result`` is that plan's eval result (masking scores what physical pruning scores)."""
     from moeguard.attribution.base import list_methods
     from moeguard.attribution.run import make_context, score
     from moeguard.models.adapter import MoEAdapter
@@ -122,7 +123,7 @@ def attribute_and_prune(model, tokenizer, cfg: AttackConfig, *, progress: Any = 
     methods = list(cfg.methods) or [m.name for m in list_methods() if m.name != "random"]
     ctx = make_context(model, tokenizer, task, samples=cfg.samples, batch_size=8, seed=cfg.seed)
     bar = progress.add_task("attacker: attribution and pruning", total=len(methods)) if progress is not None else None
-    candidates = []
+    candidates, results = [], []
     for name in methods:
         s = score(ctx, name)
         for kind in cfg.plans:
@@ -132,10 +133,11 @@ def attribute_and_prune(model, tokenizer, cfg: AttackConfig, *, progress: Any = 
             candidates.append({"method": name, "plan": kind, "keep": {str(k): v for k, v in plan.keep.items()},
                                "score": r.score, "retention": retention(r.score, full.score,
                                                                         higher_is_better=task.higher_is_better)})
+            results.append(r)
         if bar is not None:
             progress.update(bar, advance=1)
-    best = max(candidates, key=lambda c: -1e9 if c["retention"] is None else c["retention"])
-    return {"full": full.to_dict(), "candidates": candidates, "best": best}
+    i = max(range(len(candidates)), key=lambda j: -1e9 if candidates[j]["retention"] is None else candidates[j]["retention"])
+    return {"full": full.to_dict(), "candidates": candidates, "best": candidates[i], "best_result": results[i]}
 
 
 def run_attack(model, tokenizer, cfg: AttackConfig, *, progress: Any = None, job_dir: str | Path | None = None,
@@ -146,7 +148,6 @@ def run_attack(model, tokenizer, cfg: AttackConfig, *, progress: Any = None, job
     from moeguard.models.prune import prune_model
     from moeguard.realign.strategies.base import get_strategy
     from moeguard.realign.strategies.orphan import orphan_shares
-    from moeguard.tasks.evaluate import evaluate_task
 
     started = time.perf_counter()
     task = get_task(cfg.task)
@@ -156,7 +157,7 @@ def run_attack(model, tokenizer, cfg: AttackConfig, *, progress: Any = None, job
     full, base = pick["full"]["score"], (pick["full"].get("baseline") or {}).get("score")
     keep = {int(k): v for k, v in pick["best"]["keep"].items()}
     pruned, record = prune_model(model, keep)
-    initial = evaluate_task(pruned, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False)
+    initial = pick["best_result"]
     job_dir = Path(job_dir) if job_dir is not None else None
     shares = None
     if any(get_strategy(s, task).needs_original for s in cfg.strategies):
@@ -204,7 +205,7 @@ def run_scratch(model, tokenizer, cfg: AttackConfig, *, progress: Any = None, jo
     task = get_task(cfg.task)
     uniform = {l.index: list(range(cfg.keep)) for l in MoEAdapter(model).layers}  # the shape, not which experts
     shaped, _ = prune_model(model, uniform)
-    grid = [g for g in dataclasses.replace(cfg, modes=("full",)).grid()]
+    grid = dataclasses.replace(cfg, modes=("full",)).grid()
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     runs = []
     bar = progress.add_task("from-scratch baseline", total=len(grid) * len(seeds)) if progress is not None else None

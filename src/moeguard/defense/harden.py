@@ -22,7 +22,6 @@ tamper-resistance training samples attacks. ``docs/defenses.md`` has the derivat
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import random
 import time
@@ -36,6 +35,7 @@ from moeguard.defense.objectives import (Adaptation, collapse, forward_loss, rec
 from moeguard.errors import MoeguardError, suggest
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import mask_experts
+from moeguard.realign.modes import matching
 from moeguard.tasks.batches import Example, collate, task_sequences
 from moeguard.tasks.evaluate import _pad_id
 
@@ -100,7 +100,8 @@ def config_for(method: str, **overrides: Any) -> HardenConfig:
 
 
 def authorized_names(model, patterns) -> list[str]:
-    return [n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    ok = matching(patterns)
+    return [n for n, _ in model.named_parameters() if ok(n)]
 
 
 def preflight(model, cfg: HardenConfig) -> dict[str, Any]:

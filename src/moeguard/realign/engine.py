@@ -74,11 +74,9 @@ class FinetuneConfig:
 
     def allowed(self):
         """The protocol's test on parameter names, or None when nothing is restricted."""
-        if not self.only:
-            return None
-        import fnmatch
+        from moeguard.realign.modes import matching
 
-        return lambda name: any(fnmatch.fnmatchcase(name, p) for p in self.only)
+        return matching(self.only) if self.only else None
 
 
 @dataclass

@@ -82,6 +82,13 @@ def get_mode(name: str) -> ModeSpec:
 Allowed = Callable[[str], bool] | None  # a fine-tuning protocol's test on parameter names
 
 
+def matching(patterns) -> Callable[[str], bool]:
+    """True for a parameter name that any of the fnmatch ``patterns`` matches."""
+    import fnmatch
+
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def _select(model: nn.Module, mode: str, chosen: set[int], only: Allowed = None) -> Trainable:
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     params = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moeguard.pruning.evaluate import retention
+
 
 def harden_table(doc: dict[str, Any]):
     """Each objective term at the start and the end of hardening (means over 20 steps)."""
@@ -39,12 +41,6 @@ def attack_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                          "lr": r["lr"], "epochs": r["epochs"], "seed": r["seed"], "labels": p["labels"],
                          "score": p["score"], "retention": retention(p["score"], full, higher_is_better=hib)})
     return rows
-
-
-def retention(score, full, *, higher_is_better):
-    from moeguard.pruning.evaluate import retention as r
-
-    return r(score, full, higher_is_better=higher_is_better)
 
 
 def draw_attack(ax, doc: dict[str, Any], *, title: str | None = None, runs: bool = True) -> None:
