@@ -360,6 +360,7 @@ def zoo_suite(out: Annotated[Path, typer.Option("--out", help="output folder for
     typer.echo(f"suite with {len(manifest.get('tasks', manifest))} tasks written to {out}")
 
 
+from moeguard.cli import audit as _audit  # noqa: E402,F401  (registers its commands on app)
 from moeguard.cli import defense as _defense  # noqa: E402,F401  (registers its commands on app)
 from moeguard.cli import realign as _realign  # noqa: E402,F401  (registers its commands on app)
 

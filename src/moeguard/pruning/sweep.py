@@ -87,11 +87,16 @@ def reduction(adapter: MoEAdapter, keep: dict[int, list[int]]) -> dict[str, Any]
             "memory_bytes": (total - removed) * itemsize, "memory_bytes_full": total * itemsize}
 
 
-def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=None) -> dict[str, Any]:
+def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=None, targets: list[str] | None = None,
+              scores: dict[str, dict[str, Scores]] | None = None) -> dict[str, Any]:
+    """``targets``: the tasks whose experts are chosen and pruned (default: every task; the
+    others still count for collateral damage), so one target per job splits a sweep into
+    independent jobs. ``scores``: attribution already computed, {task: {method: Scores}}."""
     started = time.perf_counter()
     adapter = MoEAdapter(model)
     E, k_min = adapter.num_experts, max(1, adapter.family.min_experts)
     tasks = [get_task(t) for t in cfg.tasks]
+    pruned_tasks = tasks if targets is None else [get_task(t) for t in targets]
     ev = MaskedEvaluator(model, tokenizer, batch_size=cfg.batch_size, adapter=adapter)
     levels = sorted(set(cfg.keeps) | (set(range(max(k_min, adapter.top_k), E)) if cfg.deletion_curves else set()))
 
@@ -126,11 +131,13 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
 
     attribution, points, random_points = {}, [], []
     all_scores: dict[str, dict[str, Scores]] = {}
-    for t in tasks:
-        ctx = make_context(model, tokenizer, t, samples=cfg.samples, seed=cfg.seed, reference=cfg.reference)
+    for t in pruned_tasks:
+        given = (scores or {}).get(t.name, {})
+        ctx = None if all(m in given for m in cfg.methods) else make_context(
+            model, tokenizer, t, samples=cfg.samples, seed=cfg.seed, reference=cfg.reference)
         all_scores[t.name] = {}
         for m in cfg.methods:
-            s = score(ctx, m)
+            s = given[m] if m in given else score(ctx, m)
             all_scores[t.name][m] = s
             attribution.setdefault(t.name, {})[m] = {"seconds": round(s.seconds, 3), "samples": s.samples,
                                                      "tokens": s.tokens}
@@ -151,7 +158,7 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
             progress and progress.advance(tid)
         progress and progress.remove_task(tid)
 
-    summary = _summaries(cfg, tasks, levels, points, random_points, all_scores)
+    summary = _summaries(cfg, pruned_tasks, levels, points, random_points, all_scores)
     checks = _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter)
     return {
         "schema": SCHEMA,
@@ -163,6 +170,22 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
         "evaluations": {"run": ev.runs, "reused": ev.hits},
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def merge_sweeps(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One sweep document from per-target ones (same settings, disjoint targets)."""
+    out = {**docs[0], "points": [], "random": [], "attribution": {}, "random_summary": {}, "faithfulness": {},
+           "physical_checks": [], "evaluations": {"run": 0, "reused": 0}, "seconds": 0.0}
+    for d in docs:
+        out["points"] += d["points"]
+        out["random"] += d["random"]
+        out["physical_checks"] += d["physical_checks"]
+        for k in ("attribution", "random_summary", "faithfulness"):
+            out[k].update(d[k])
+        for k in ("run", "reused"):
+            out["evaluations"][k] += d["evaluations"][k]
+        out["seconds"] = round(out["seconds"] + d["seconds"], 1)
+    return out
 
 
 def _summaries(cfg, tasks, levels, points, random_points, all_scores) -> dict[str, Any]:

@@ -1,0 +1,251 @@
+"""Independent jobs and the backends that run them: in this process, or as Ray tasks.
+
+A :class:`Job` names a function (``module:function``) and JSON arguments; its result is JSON.
+That is all a backend needs, so a job runs the same way in this process, in a local Ray
+worker or on a cluster node, and a finished job is a file ``jobs/<stage>/<key>.json`` whose
+key hashes the function and its arguments: a re-run skips it, a changed argument re-runs it.
+
+Determinism across backends: every job seeds Python, NumPy and torch from its own ``seed``
+argument and runs with the audit's ``threads`` (CPU float sums change with the thread count),
+and the driver reads every result back from its JSON file, so a local and a Ray audit with
+the same settings produce the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from moeguard.errors import MoeguardError, suggest
+from moeguard.io import write_json
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    stage: str
+    name: str                      # what the progress bar and the job file's record show
+    fn: str                        # "module:function"; called as fn(ctx, **args)
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        text = json.dumps({"fn": self.fn, "args": self.args}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def path(self, root: Path) -> Path:
+        return root / self.stage / f"{self.key}.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime:
+    """How jobs load the model and use the machine; the same for every job of an audit."""
+
+    model: str | None
+    dtype: str | None = None
+    device_map: str | None = None
+    threads: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "dtype": self.dtype, "device_map": self.device_map, "threads": self.threads}
+
+
+class Context:
+    """What a job function gets: the model (loaded once per process) and derived copies."""
+
+    _models: dict[str, tuple] = {}
+    _derived: dict[tuple, Any] = {}
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def model(self):
+        """(model, tokenizer) for the audit's checkpoint, loaded once per worker process.
+        Jobs must hand it back unchanged (masking and fine-tuning restore it)."""
+        key = json.dumps(self.runtime.to_dict(), sort_keys=True)
+        if key not in Context._models:
+            import torch
+
+            from moeguard.models.loading import load_model
+
+            dtype = getattr(torch, self.runtime.dtype) if self.runtime.dtype else None
+            m, tok, _ = load_model(self.runtime.model, dtype=dtype, device_map=self.runtime.device_map)
+            Context._models.clear()
+            Context._derived.clear()
+            Context._models[key] = (m, tok)
+        return Context._models[key]
+
+    def derived(self, tag: tuple, make: Callable[[], Any]):
+        """A model derived from the audit's (a pruned copy), built once per process and tag."""
+        if tag not in Context._derived:
+            Context._derived.clear()  # one at a time: pruned copies of a large model are large
+            Context._derived[tag] = make()
+        return Context._derived[tag]
+
+
+def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
+    """Run one job here. Used by both backends (a Ray worker calls this too)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(runtime.threads)
+    seed = int(job.args.get("seed", 0))
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    module, _, name = job.fn.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    result = fn(Context(runtime), **job.args)
+    return json.loads(json.dumps(result))  # exactly what the job file will hold
+
+
+def _record(job: Job, result: dict[str, Any]) -> dict[str, Any]:
+    return {"job": {"stage": job.stage, "name": job.name, "fn": job.fn, "key": job.key}, "args": job.args,
+            "result": result}
+
+
+def load_done(job: Job, root: Path) -> dict[str, Any] | None:
+    path = job.path(root)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:  # a file is only ever renamed into place whole; be safe anyway
+        return None
+    if saved.get("job", {}).get("key") != job.key:
+        return None
+    return saved["result"]
+
+
+def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend", progress: Any = None,
+             label: str = "jobs") -> list[dict[str, Any]]:
+    """Results of ``jobs`` in their order; finished ones are read from ``root``, the rest run
+    on ``backend`` and are saved as each completes (a kill loses only the running ones)."""
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for j in jobs:
+        done = load_done(j, root)
+        if done is None:
+            todo.append(j)
+        else:
+            results[j.key] = done
+    bar = progress.add_task(f"{label} ({len(jobs) - len(todo)} cached)", total=len(jobs),
+                            completed=len(jobs) - len(todo)) if progress is not None else None
+    unique = list({j.key: j for j in todo}.values())
+
+    def finished(job: Job, result: dict[str, Any]) -> None:
+        path = job.path(root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, _record(job, result))
+        results[job.key] = json.loads(path.read_text())["result"]
+        if bar is not None:
+            progress.update(bar, advance=sum(1 for j in todo if j.key == job.key), description=f"{label}: {job.name}")
+
+    backend.run(unique, runtime, finished)
+    if bar is not None:
+        progress.update(bar, description=label)
+    return [results[j.key] for j in jobs]
+
+
+class Backend:
+    name = "base"
+
+    def run(self, jobs: list[Job], runtime: Runtime, finished: Callable[[Job, dict], None]) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name}
+
+    def close(self) -> None:
+        pass
+
+
+class LocalBackend(Backend):
+    """One job after another in this process (the model is loaded once)."""
+
+    name = "local"
+
+    def run(self, jobs, runtime, finished):
+        for job in jobs:
+            finished(job, execute(job, runtime))
+
+
+class RayBackend(Backend):
+    """Each job a Ray task: a local Ray started here, or ``address`` of a running cluster.
+
+    Each task asks for ``runtime.threads`` CPUs and ``gpus`` GPUs, so Ray packs as many jobs
+    per node as its resources allow; workers keep their loaded model between tasks."""
+
+    name = "ray"
+
+    def __init__(self, *, address: str | None = None, gpus: float = 0.0, num_cpus: int | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise MoeguardError("--backend ray needs Ray, which is not installed",
+                                hint="pip install 'moeguard[ray]' (or pip install ray), or use --backend local") from None
+        self.ray, self.address, self.gpus = ray, address, gpus
+        self._started = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                      "configure_logging": False}
+            if address:
+                kwargs["address"] = address
+            else:
+                kwargs["num_cpus"] = num_cpus
+            try:
+                ray.init(**kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise MoeguardError(f"could not start or reach Ray at {address or 'a new local instance'}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                                    hint="check --ray-address (ray://host:10001 or host:6379), or leave it out "
+                                         "for a local Ray") from None
+            self._started = True
+
+    def describe(self):
+        resources = self.ray.cluster_resources()
+        return {"backend": self.name, "address": self.address or "local",
+                "cluster_cpus": resources.get("CPU"), "cluster_gpus": resources.get("GPU", 0)}
+
+    def run(self, jobs, runtime, finished):
+        if not jobs:
+            return
+        ray = self.ray
+        remote = ray.remote(num_cpus=runtime.threads, num_gpus=self.gpus, max_retries=0)(execute)
+        pending = {remote.remote(j, runtime): j for j in jobs}
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:
+                        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                        if isinstance(cause, MoeguardError):
+                            raise cause from None
+                        raise RuntimeError(f"job {job.stage}/{job.name} failed on Ray: {cause!r}") from exc
+                    finished(job, result)
+        finally:
+            for ref in pending:  # interrupted or failed: don't leave work running on the cluster
+                ray.cancel(ref, force=True)
+
+    def close(self):
+        if self._started:
+            self.ray.shutdown()
+
+
+def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, num_cpus: int | None = None) -> Backend:
+    if name == "local":
+        if address:
+            raise MoeguardError("--ray-address goes with --backend ray", hint="add --backend ray, or drop --ray-address")
+        return LocalBackend()
+    if name == "ray":
+        return RayBackend(address=address, gpus=gpus, num_cpus=num_cpus)
+    raise MoeguardError(f"unknown backend '{name}'", hint=suggest(name, list(BACKENDS)))

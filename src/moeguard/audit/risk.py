@@ -1,0 +1,99 @@
+"""The headline: how easily can a task be cut out of the model and kept?
+
+Definitions (also in docs/report.md, "Prunability risk"):
+
+- ``pruned[k]``: the best retention any attribution method reaches when every layer keeps
+  ``k`` of its N experts, by masking, with no fine-tuning. The attacker can measure this on
+  their own data, so the audit takes the best method, not the average.
+- ``attacked``: at the recovery keep (N/4 by default), the better of ``pruned`` and the best
+  strategy's mean retention after the whole label budget of re-alignment.
+- ``labels_to_recover``: the fewest labels any strategy needs (mean curve, interpolated) to
+  reach the target (95% by default); ``None`` when none reaches it within the budget.
+- level:
+    * ``high``: ``attacked`` >= 90 at the recovery keep (a model with a quarter of the
+      experts keeps 90% of the task, after at most the budget's labels),
+    * ``medium``: otherwise, ``pruned[N/2]`` >= 90 (half the experts keep 90% with no
+      fine-tuning at all),
+    * ``low``: neither.
+  Retention is relative to the full model's score (perplexity inverted); for a task the full
+  model barely does better than its trivial baseline, retention says little, so the margin
+  over the baseline is reported beside it (``weak_task`` when under 10% of the full score).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+HIGH, MEDIUM = 90.0, 90.0
+WEAK_MARGIN = 10.0
+
+
+def _best(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int) -> dict[str, Any]:
+    quarter = max(min_keep, num_experts // 4)
+    half = max(min_keep, num_experts // 2)
+    methods = entry["methods"]
+    pruned = {}
+    best_method = {}
+    for k in sorted({quarter, half}):
+        vals = {m: v["retention"].get(str(k)) for m, v in methods.items()}
+        pruned[str(k)] = _best(list(vals.values()))
+        ranked = [m for m, v in vals.items() if v is not None and v == pruned[str(k)]]
+        best_method[str(k)] = ranked[0] if ranked else None
+    above = {str(k): _best([v["retention_above_baseline"].get(str(k)) for v in methods.values()])
+             for k in sorted({quarter, half})}
+    out: dict[str, Any] = {"keep_quarter": quarter, "keep_half": half, "pruned": pruned,
+                           "pruned_above_baseline": above, "best_method": best_method}
+    rec = entry.get("recovery")
+    attacked, labels, recovered, keep = None, None, None, quarter
+    if rec:
+        keep = rec["keep"]
+        finals = {n: s["final"] for n, s in rec["strategies"].items()}
+        recovered = _best(list(finals.values()))
+        reach = [s["labels_to_target"] for s in rec["strategies"].values() if s["labels_to_target"] is not None]
+        labels = min(reach) if reach else None
+        start = _best([v["retention"].get(str(keep)) for v in methods.values()])
+        attacked = _best([start, recovered])
+        out["recovery_budget"] = rec["strategies"]["random"]["labels"][-1] if "random" in rec["strategies"] else None
+        out["random_labels_to_recover"] = rec["strategies"].get("random", {}).get("labels_to_target")
+        out["best_strategy"] = rec["best"]
+    else:
+        attacked = pruned.get(str(quarter))
+    out.update({"attack_keep": keep, "recovered": recovered, "attacked": attacked, "labels_to_recover": labels})
+    if attacked is not None and attacked >= HIGH:
+        level = "high"
+    elif pruned.get(str(half)) is not None and pruned[str(half)] >= MEDIUM:
+        level = "medium"
+    else:
+        level = "low"
+    out["level"] = level
+    full, base = entry["full"]["score"], entry["full"]["baseline"]
+    if full and base is not None:
+        margin = (full - base) / abs(full) * 100 if entry["higher_is_better"] else (base - full) / abs(base) * 100
+        out["margin_over_baseline_pct"] = margin
+        out["weak_task"] = margin < WEAK_MARGIN
+    else:
+        out["margin_over_baseline_pct"], out["weak_task"] = None, None
+    out["reason"] = _reason(level, out)
+    return out
+
+
+def _reason(level: str, r: dict[str, Any]) -> str:
+    fmt = lambda x: "n/a" if x is None else f"{x:.0f}%"  # noqa: E731
+    k, h = r["attack_keep"], r["keep_half"]
+    text = {
+        "high": f"keeping {k} experts per layer retains {fmt(r['attacked'])} after the attack",
+        "medium": f"keeping {h} experts per layer retains {fmt(r['pruned'].get(str(h)))} with no fine-tuning; "
+                  f"{k} per layer: {fmt(r['attacked'])} after the attack",
+        "low": f"{h} experts per layer retain {fmt(r['pruned'].get(str(h)))}; {k} per layer "
+               f"{fmt(r['attacked'])} after the attack",
+    }[level]
+    if r["labels_to_recover"] is not None:
+        text += f"; {r['labels_to_recover']:.0f} labels reach the target"
+    if r.get("weak_task"):
+        text += " (the full model is barely better than the trivial baseline: read with care)"
+    return text

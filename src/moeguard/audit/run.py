@@ -1,0 +1,362 @@
+"""`moeguard audit`: model info -> baseline -> attribution -> pruning sweep -> recovery study
+-> (defense comparison) -> results.json + report, as resumable stages.
+
+Everything that touches the model's weights is a job (:mod:`.work`) run by the chosen
+backend; the driver only plans (picks the best method, builds pruning plans) and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from moeguard.audit.config import AuditConfig, check
+from moeguard.audit.jobs import Backend, Job, Runtime, run_jobs
+from moeguard.audit.stages import StageResult, StageStore, digest
+from moeguard.errors import MoeguardError
+
+SCHEMA = "moeguard.audit/1"
+STAGES = ("model", "baseline", "attribution", "sweep", "recovery", "defense", "report")
+
+
+def resolve(cfg: AuditConfig) -> tuple[AuditConfig, dict[str, Any]]:
+    """Fill the model-dependent defaults and check everything that can be checked before any
+    weights are read; returns the resolved config and the model's facts."""
+    import torch
+
+    from moeguard.attribution.base import get_method, list_methods
+    from moeguard.models.info import model_info
+    from moeguard.models.loading import inspect
+    from moeguard.realign.strategies.base import get_strategy
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.registry import get_task
+    from moeguard.zoo.train import embedded_tasks
+
+    check(cfg)
+    _, _, family = inspect(cfg.model)
+    info = model_info(cfg.model)
+    info["num_experts"] = max(int(v) for v in info["experts_per_layer"].values())
+    E, k_min = int(info["num_experts"]), max(1, family.min_experts, int(info["top_k"]))
+    tasks = [get_task(t).name for t in cfg.tasks] if cfg.tasks else [t.name for t in embedded_tasks()]
+    for t in tasks:
+        load_records(get_task(t), "eval", limit=1)
+    methods = cfg.methods or [m.name for m in list_methods()]
+    for m in methods:
+        get_method(m)
+    keeps = cfg.keeps or sorted({max(k_min, E // 4), max(k_min, E // 2), max(k_min, 3 * E // 4)} - {E})
+    bad = [k for k in keeps if not k_min <= k < E]
+    if bad:
+        raise MoeguardError(f"keep levels {bad} are impossible for {E} experts per layer (top-{info['top_k']})",
+                            hint=f"use levels from {k_min} to {E - 1}")
+    rec_keep = cfg.recovery_keep if cfg.recovery_keep is not None else max(k_min, E // 4)
+    if not k_min <= rec_keep < E:
+        raise MoeguardError(f"recovery_keep {rec_keep} is impossible for {E} experts per layer",
+                            hint=f"use a value from {k_min} to {E - 1}")
+    rec_tasks = [get_task(t).name for t in cfg.recovery_tasks] if cfg.recovery_tasks else tasks
+    missing = [t for t in rec_tasks if t not in tasks]
+    if missing:
+        raise MoeguardError(f"recovery_tasks {missing} are not among the audited tasks {tasks}",
+                            hint="add them to --tasks, or recover a subset of the audited tasks")
+    if cfg.recovery:
+        from moeguard.realign.loop import label_pool
+
+        for t in rec_tasks:
+            for s in cfg.strategies:
+                get_strategy(s, get_task(t))
+            label_pool(get_task(t), pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
+    defense_tasks = cfg.defense_tasks or tasks[:1]
+    if cfg.defense:
+        from moeguard.defense.harden import get_defense
+
+        get_defense(cfg.defense)
+    if cfg.hardened:
+        inspect(cfg.hardened)
+    resolved = replace(cfg, tasks=tasks, methods=methods, keeps=keeps, recovery_keep=rec_keep, recovery_tasks=rec_tasks,
+                       defense_tasks=defense_tasks, threads=cfg.threads or torch.get_num_threads())
+    return resolved, info
+
+
+def _model_identity(model: str | None) -> dict[str, Any]:
+    """What a stage key needs to notice a changed checkpoint: the weight files' names, sizes and times."""
+    from moeguard.models.loading import resolve as resolve_ref
+
+    ref = resolve_ref(model)
+    files = []
+    if ref.path is not None and ref.path.is_dir():
+        for f in sorted(ref.path.glob("*.safetensors")):
+            st = f.stat()
+            files.append([f.name, st.st_size, int(st.st_mtime)])
+    return {"name": ref.name, "files": files}
+
+
+def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, Any], progress: Any = None,
+              command: str | None = None) -> dict[str, Any]:
+    from moeguard.provenance import run_record
+
+    started = time.perf_counter()
+    store = StageStore(out)
+    runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads)
+    ident = {"model": _model_identity(cfg.model), "runtime": runtime.to_dict()}
+    n_stages = 5 + bool(cfg.defense or cfg.hardened)
+    overall = progress.add_task("audit", total=n_stages) if progress is not None else None
+
+    def stage(name, settings, fn, upstream=()):
+        if progress is not None:
+            progress.update(overall, description=f"audit: {name}")
+        r = store.run(name, settings, fn, upstream=list(upstream))
+        if progress is not None:
+            progress.advance(overall)
+        return r
+
+    def jobs(js: list[Job], label: str) -> list[dict[str, Any]]:
+        return run_jobs(js, root=store.jobs, runtime=runtime, backend=backend, progress=progress, label=label)
+
+    from moeguard.io import write_json
+
+    s_model = stage("model", ident, lambda d: write_json(d / "model.json", info))
+
+    limits = sorted({cfg.eval_limit} | ({cfg.recovery_eval_limit} if cfg.recovery else set()))
+    base_settings = {"tasks": cfg.tasks, "limits": limits, "seed": cfg.seed}
+
+    def baseline(d: Path) -> None:
+        res = jobs([Job(stage="baseline", name=t, fn="moeguard.audit.work:baseline_job",
+                        args={"task": t, "limits": limits, "seed": cfg.seed}) for t in cfg.tasks], "baseline")
+        write_json(d / "baseline.json", dict(zip(cfg.tasks, res)))
+
+    s_base = stage("baseline", base_settings, baseline, [s_model])
+
+    attr_settings = {"tasks": cfg.tasks, "methods": cfg.methods, "samples": cfg.samples, "seed": cfg.seed}
+
+    def attribution(d: Path) -> None:
+        res = jobs([Job(stage="attribution", name=t, fn="moeguard.audit.work:attribution_job",
+                        args={"task": t, "methods": cfg.methods, "samples": cfg.samples, "seed": cfg.seed,
+                              "reference": _reference(cfg, t)}) for t in cfg.tasks], "attribution")
+        for t, by_method in zip(cfg.tasks, res):
+            for m, s in by_method.items():
+                (d / "scores" / t).mkdir(parents=True, exist_ok=True)
+                write_json(d / "scores" / t / f"{m}.json", s)
+
+    s_attr = stage("attribution", attr_settings, attribution, [s_model])
+
+    sweep_settings = {"tasks": cfg.tasks, "methods": cfg.methods, "keeps": cfg.keeps, "samples": cfg.samples,
+                      "eval_limit": cfg.eval_limit, "collateral_limit": cfg.collateral_limit,
+                      "random_seeds": cfg.random_seeds, "deletion_curves": cfg.deletion_curves,
+                      "physical_checks": cfg.physical_checks, "seed": cfg.seed}
+
+    def sweep(d: Path) -> None:
+        from moeguard.pruning.sweep import merge_sweeps
+
+        js = [Job(stage="sweep", name=t, fn="moeguard.audit.work:sweep_job",
+                  args={"target": t, "settings": sweep_settings, "seed": cfg.seed,
+                        "scores": {m: s_attr.read(f"scores/{t}/{m}.json") for m in cfg.methods}}) for t in cfg.tasks]
+        doc = merge_sweeps(jobs(js, "pruning sweep"))
+        doc["model"]["name"] = info["name"]
+        write_json(d / "sweep.json", doc)
+
+    s_sweep = stage("sweep", sweep_settings, sweep, [s_attr])
+
+    s_rec = None
+    if cfg.recovery:
+        rec_settings = {"tasks": cfg.recovery_tasks, "keep": cfg.recovery_keep, "strategies": cfg.strategies,
+                        "budgets": cfg.budgets, "seeds": cfg.recovery_seeds, "pool_size": cfg.pool_size,
+                        "eval_limit": cfg.recovery_eval_limit, "target": cfg.target, "seed": cfg.seed}
+        s_rec = stage("recovery", rec_settings, lambda d: _recovery(cfg, d, s_base, s_attr, s_sweep, info, jobs),
+                      [s_base, s_attr, s_sweep])
+
+    s_def = None
+    if cfg.defense or cfg.hardened:
+        def_settings = {"defense": cfg.defense, "hardened": _model_identity(cfg.hardened) if cfg.hardened else None,
+                        "harden_steps": cfg.harden_steps, "tasks": cfg.defense_tasks, "budget": cfg.defense_budget,
+                        "seeds": cfg.defense_seeds, "eval_limit": cfg.recovery_eval_limit, "seed": cfg.seed,
+                        "runtime": runtime.to_dict()}
+        s_def = stage("defense", def_settings, lambda d: _defense(cfg, d, runtime, info, store, progress), [s_model])
+
+    upstream = [s for s in (s_model, s_base, s_attr, s_sweep, s_rec, s_def) if s is not None]
+    doc = assemble(cfg, info, {s.name: s for s in upstream}, backend=backend.describe())
+    doc["stages"] = store.log
+    doc["run"] = run_record(cfg.to_dict())
+    if command:
+        doc["run"]["command"] = command
+    doc["seconds"] = round(time.perf_counter() - started, 1)
+    if progress is not None:
+        progress.update(overall, description="audit: report")
+
+    from moeguard.report.audit import write_report
+
+    write_report(doc, out, {s.name: s.path for s in upstream})
+    if progress is not None:
+        progress.update(overall, completed=n_stages, description="audit: done")
+    return doc
+
+
+def _reference(cfg: AuditConfig, task: str) -> list[str] | None:
+    """Contrastive attribution's reference: the other audited tasks (None: the embedded default)."""
+    others = [t for t in cfg.tasks if t != task]
+    return others or None
+
+
+def _recovery(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: StageResult, s_sweep: StageResult,
+              info: dict[str, Any], jobs) -> None:
+    from moeguard.attribution.base import Scores
+    from moeguard.io import write_json
+    from moeguard.models.loading import inspect
+    from moeguard.pruning.plan import plan_from_scores
+    from moeguard.realign.engine import FinetuneConfig
+    from moeguard.realign.recovery import best_method, summarize
+    from moeguard.tasks.registry import get_task
+
+    _, _, family = inspect(cfg.model)
+    sweep_doc, base = s_sweep.read("sweep.json"), s_base.read("baseline.json")
+    finetune = FinetuneConfig().to_dict()
+    plans, all_jobs = {}, []
+    for t in cfg.recovery_tasks:
+        method = best_method(sweep_doc, t)
+        plan = plan_from_scores(Scores.from_dict(s_attr.read(f"scores/{t}/{method}.json")), keep=cfg.recovery_keep,
+                                min_keep=family.min_experts)
+        keep = {str(l): v for l, v in plan.keep.items()}
+        full = base[t][str(cfg.recovery_eval_limit)]["score"]
+        plans[t] = {"method": method, "plan": plan.to_dict(), "full_score": full}
+        for i in range(cfg.recovery_seeds):
+            for s in cfg.strategies:
+                all_jobs.append(Job(stage="recovery", name=f"{t} {s} seed {cfg.seed + i}",
+                                    fn="moeguard.audit.work:recovery_job",
+                                    args={"task": t, "keep": keep, "strategy": s, "seed": cfg.seed + i,
+                                          "budgets": cfg.budgets, "pool_size": cfg.pool_size,
+                                          "eval_limit": cfg.recovery_eval_limit, "full_score": full,
+                                          "finetune": finetune}))
+    curves = jobs(all_jobs, "recovery")
+    for t in cfg.recovery_tasks:
+        task = get_task(t)
+        cs = [c for j, c in zip(all_jobs, curves) if j.args["task"] == t]
+        doc = {"schema": "moeguard.recovery/1", "task": t, "kind": task.kind.value, "metric": task.primary_metric,
+               "higher_is_better": task.higher_is_better, "attribution": {"method": plans[t]["method"]},
+               "plan": plans[t]["plan"], "full_score": plans[t]["full_score"],
+               "pruned_retention": cs[0]["points"][0]["retention"] if cs else None,
+               "settings": {"keep": cfg.recovery_keep, "strategies": cfg.strategies, "budgets": cfg.budgets,
+                            "seeds": cfg.recovery_seeds, "pool_size": cfg.pool_size,
+                            "eval_limit": cfg.recovery_eval_limit, "target": cfg.target, "finetune": finetune},
+               "curves": cs, "summary": summarize(cs, cfg.strategies, target=cfg.target)}
+        (d / "recovery").mkdir(exist_ok=True)
+        write_json(d / "recovery" / f"{t}.json", doc)
+
+
+def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, info: dict[str, Any], store: StageStore, progress) -> None:
+    """Harden (or take ``cfg.hardened``), then the attack harness on base and hardened.
+    Runs in this process: it trains one model and compares two, nothing to spread."""
+    import torch
+
+    from moeguard.defense.attack import AttackConfig
+    from moeguard.defense.evaluate import DefendEvalConfig, defend_eval
+    from moeguard.defense.harden import config_for, harden
+    from moeguard.defense.protocol import FILENAME, Protocol
+    from moeguard.io import write_json
+    from moeguard.models.loading import load_model
+
+    torch.set_num_threads(runtime.threads)
+    dtype = getattr(torch, runtime.dtype) if runtime.dtype else None
+    base, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
+    proto = None
+    if cfg.defense:
+        torch.manual_seed(cfg.seed)
+        hardened, _, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
+        hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
+        log = harden(hardened, tok, hcfg, progress=progress)
+        hardened.save_pretrained(d / "hardened")
+        tok.save_pretrained(d / "hardened")
+        write_json(d / "hardening.json", {"method": cfg.defense, "config": hcfg.to_dict(), **log})
+        from moeguard.defense.harden import get_defense
+
+        if get_defense(cfg.defense).protocol:
+            proto = Protocol(modes=("lora",), patterns=tuple(hcfg.authorized_patterns), model=str(d / "hardened"))
+    else:
+        hardened, _, _ = load_model(cfg.hardened, dtype=dtype, device_map=runtime.device_map)
+        from moeguard.models.loading import resolve as resolve_ref
+
+        ref = resolve_ref(cfg.hardened)
+        if ref.path is not None and (ref.path / FILENAME).exists():
+            proto = Protocol.load(ref.path / FILENAME)
+    E = int(info["num_experts"])
+    attack = AttackConfig(task=cfg.defense_tasks[0], keep=E // 2, budget=cfg.defense_budget, seeds=cfg.defense_seeds,
+                          seed=cfg.seed, samples=cfg.samples, pool_size=cfg.pool_size,
+                          eval_limit=cfg.recovery_eval_limit, target=cfg.target)
+    dcfg = DefendEvalConfig(tasks=tuple(cfg.defense_tasks), keeps=(E // 2,), attack=attack,
+                            utility_tasks=tuple(cfg.tasks), utility_limit=cfg.eval_limit)
+    doc = defend_eval(base, hardened, tok, dcfg, protocol=proto, progress=progress, job_dir=store.jobs / "defense")
+    doc["base"], doc["hardened"] = info["name"], cfg.defense or cfg.hardened
+    write_json(d / "defense.json", doc)
+
+
+def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResult], *,
+             backend: dict[str, Any]) -> dict[str, Any]:
+    """results.json: everything the report shows, from the stages' files (schema in docs/report.md)."""
+    from moeguard.audit.risk import task_risk
+
+    base = stages["baseline"].read("baseline.json")
+    sweep = stages["sweep"].read("sweep.json")
+    recs = {}
+    if "recovery" in stages:
+        for t in cfg.recovery_tasks:
+            recs[t] = stages["recovery"].read(f"recovery/{t}.json")
+    E = int(info["num_experts"])
+    tasks = {}
+    for t in cfg.tasks:
+        full = sweep["full"][t]
+        methods = {}
+        for m in cfg.methods:
+            pts = sorted((p["keep"], p) for p in sweep["points"] if p["task"] == t and p["method"] == m)
+            methods[m] = {"retention": {str(k): p["retention"] for k, p in pts},
+                          "retention_above_baseline": {str(k): p["retention_above_baseline"] for k, p in pts},
+                          "auc": sweep["faithfulness"][t][m]["auc"],
+                          "spearman_vs_ablation": sweep["faithfulness"][t][m]["spearman_vs_ablation"],
+                          "seconds": sweep["attribution"][t][m]["seconds"]}
+        entry = {"metric": full["metric"], "higher_is_better": full["higher_is_better"],
+                 "full": {"score": full["score"], "baseline": full["baseline"], "baseline_name": full["baseline_name"],
+                          "eval_limit": cfg.eval_limit},
+                 "evaluation": base[t][str(cfg.eval_limit)],
+                 "methods": methods,
+                 "random": sweep["random_summary"].get(t, {}),
+                 "random_auc": sweep["faithfulness"][t]["random"]}
+        if t in recs:
+            r = recs[t]
+            entry["recovery"] = {"keep": r["settings"]["keep"], "method": r["attribution"]["method"],
+                                 "pruned_retention": r["pruned_retention"], "full_score": r["full_score"],
+                                 "target": r["summary"]["target"], "best": r["summary"]["best"],
+                                 "strategies": r["summary"]["strategies"]}
+        entry["risk"] = task_risk(entry, num_experts=E, min_keep=min(cfg.keeps))
+        tasks[t] = entry
+    doc = {"schema": SCHEMA, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": info,
+           "config": cfg.to_dict(), "backend": backend, "tasks": tasks,
+           "physical_checks": sweep["physical_checks"],
+           "collateral": {str(k): _collateral(sweep, k) for k in cfg.keeps}}
+    if "defense" in stages:
+        d = stages["defense"].read("defense.json")
+        doc["defense"] = {"method": cfg.defense, "hardened": cfg.hardened, "utility": d["utility"],
+                          "goals": d["goals"], "extra_labels": {t: {k: v.get("extra_labels") for k, v in c.items()}
+                                                                for t, c in d["attacks"].items()},
+                          "summaries": {t: {k: {"base": v["base"]["summary"], "hardened": v["hardened"]["summary"]}
+                                            for k, v in c.items()} for t, c in d["attacks"].items()}}
+    return doc
+
+
+def _collateral(sweep: dict[str, Any], keep: int) -> dict[str, Any]:
+    out = {}
+    for p in sweep["points"]:
+        if p["keep"] == keep and "collateral" in p:
+            out.setdefault(p["task"], {})[p["method"]] = {"retention": p["retention"],
+                                                          "collateral_mean_retention": p["collateral_mean_retention"]}
+    return out
+
+
+def config_digest(cfg: AuditConfig) -> str:
+    return digest(asdict(cfg))
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != SCHEMA:
+        raise MoeguardError(f"{path} is not an audit results file (schema {data.get('schema')!r})",
+                            hint="point to RUN/results.json written by moeguard audit")
+    return data

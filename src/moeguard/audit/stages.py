@@ -1,0 +1,96 @@
+"""Stages of an audit run that survive kills and config changes.
+
+Each stage writes into a temporary folder ``stages/.NAME.tmp-*`` and, when complete, a
+``done.json`` recording its *key* (a hash of the settings it reads and of the keys of the
+stages it builds on) is written inside it and the folder is renamed to ``stages/NAME``. So:
+
+- a stage folder without a matching ``done.json`` is never trusted (a kill mid-stage leaves
+  only a temporary folder, removed at the next start);
+- re-running the same command skips every stage whose key still matches;
+- a changed setting changes the key of the stages that read it and of those downstream,
+  and only those run again.
+
+Long stages keep their finished jobs under ``jobs/`` (see :mod:`moeguard.audit.jobs`), so
+a stage that was killed half-way resumes from its last finished job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from moeguard.io import _move_into_place, write_json
+
+DONE = "done.json"
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    path: Path
+    cached: bool
+    seconds: float
+
+    def read(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+
+class StageStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.stages = self.root / "stages"
+        self.jobs = self.root / "jobs"
+        self.stages.mkdir(parents=True, exist_ok=True)
+        for stale in self.stages.glob(".*.tmp-*"):  # a stage killed before it completed
+            shutil.rmtree(stale, ignore_errors=True)
+        self.log: list[dict[str, Any]] = []
+
+    def key(self, name: str, settings: Any, upstream: list[StageResult] = ()) -> str:
+        return digest({"stage": name, "settings": settings, "upstream": {u.name: u.key for u in upstream}})
+
+    def done(self, name: str, key: str) -> bool:
+        marker = self.stages / name / DONE
+        if not marker.is_file():
+            return False
+        try:
+            return json.loads(marker.read_text()).get("key") == key
+        except json.JSONDecodeError:
+            return False
+
+    def run(self, name: str, settings: Any, fn: Callable[[Path], None], *,
+            upstream: list[StageResult] = ()) -> StageResult:
+        """``fn(folder)`` writes the stage's files into ``folder``; skipped when already done."""
+        key = self.key(name, settings, list(upstream))
+        final = self.stages / name
+        if self.done(name, key):
+            info = json.loads((final / DONE).read_text())
+            result = StageResult(name, key, final, True, info.get("seconds", 0.0))
+        else:
+            tmp = self.stages / f".{name}.tmp-{key}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            started = time.perf_counter()
+            try:
+                fn(tmp)
+                seconds = round(time.perf_counter() - started, 2)
+                write_json(tmp / DONE, {"stage": name, "key": key, "settings": settings, "seconds": seconds,
+                                        "upstream": {u.name: u.key for u in upstream},
+                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                _move_into_place(tmp, final)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            result = StageResult(name, key, final, False, seconds)
+        self.log.append({"stage": name, "key": key, "cached": result.cached, "seconds": result.seconds})
+        return result
