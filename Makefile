@@ -17,7 +17,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p runs
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/moeguard eval --out runs/demo-eval.json --overwrite
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/moeguard audit --out runs/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q

@@ -18,3 +18,20 @@ def token_batch():
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
     return ids, mask
+
+
+# A small audit of the embedded model shared by the audit, report and browser tests: two
+# tasks, three methods, two label budgets (about half a minute on two cores).
+SMALL_AUDIT = ["--tasks", "arith-compare,docstring-topic", "--methods", "frequency,gate,ablation",
+               "--budgets", "8,16", "--recovery-seeds", "1", "--strategies", "random,orphan", "--random-seeds", "2",
+               "--eval-limit", "32", "--recovery-eval-limit", "48", "--pool-size", "96", "--samples", "16",
+               "--threads", "2"]
+
+
+@pytest.fixture(scope="session")
+def audit_run(tmp_path_factory):
+    from moeguard.cli import main
+
+    out = tmp_path_factory.mktemp("audit") / "run"
+    assert main(["audit", "--out", str(out), *SMALL_AUDIT]) == 0
+    return out

@@ -28,7 +28,7 @@ class AuditConfig:
     samples: int = 64                        # attribution calibration samples per task
     keeps: list[int] | None = None           # None: N/4, N/2, 3N/4
     eval_limit: int = 64                     # eval records of the pruned task (and the baseline)
-    collateral_limit: int = 32
+    collateral_limit: int = 16                # eval records of each other task (collateral damage)
     random_seeds: int = 3
     deletion_curves: bool = True
     physical_checks: int = 1                 # per task
@@ -36,11 +36,11 @@ class AuditConfig:
     recovery: bool = True
     recovery_tasks: list[str] | None = None  # None: every task
     recovery_keep: int | None = None         # None: N/4 (at least the family's minimum)
-    strategies: list[str] = field(default_factory=lambda: ["random", "orphan", "cluster-uncertainty"])
+    strategies: list[str] = field(default_factory=lambda: ["random", "orphan"])  # + cluster-uncertainty: stronger, 2x the cost
     budgets: list[int] = field(default_factory=lambda: [8, 32, 128])
     recovery_seeds: int = 2
-    pool_size: int = 400
-    recovery_eval_limit: int = 100
+    pool_size: int = 256
+    recovery_eval_limit: int = 64          # = eval_limit: one full-model score per task
     target: float = 95.0
     # defense comparison (optional)
     defense: str | None = None               # a defense to harden with (see `moeguard defenses`)

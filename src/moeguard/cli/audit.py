@@ -71,9 +71,9 @@ def audit(out: Annotated[Path, _opt("--out", "run directory (created, or resumed
 
     if cfg.dtype and not isinstance(getattr(torch, cfg.dtype, None), torch.dtype):
         raise MoeguardError(f"--dtype '{cfg.dtype}' is not a torch dtype", hint="e.g. bfloat16, float16, float32")
+    runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MARKER, {"schema": "moeguard.audit-run/1", "config": cfg.to_dict()})
-    runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job)
     command = " ".join(["moeguard", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moeguard") else None
     try:
         with _progress() as progress:

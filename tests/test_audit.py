@@ -1,0 +1,165 @@
+"""`moeguard audit` end to end: outputs, the risk definition, resuming, config changes, kills, Ray."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_AUDIT
+from moeguard.cli import main
+
+# what legitimately differs between two runs with the same seed: wall-clock times and the run record
+TIMINGS = {"seconds", "created_at", "train_s", "select_s", "eval_s", "elapsed_s", "stages", "run", "backend", "files"}
+
+
+def numbers(doc):
+    if isinstance(doc, dict):
+        return {k: numbers(v) for k, v in doc.items() if k not in TIMINGS}
+    if isinstance(doc, list):
+        return [numbers(v) for v in doc]
+    return doc
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def test_audit_writes_the_report_files_and_a_documented_results_schema(audit_run):
+    doc = results(audit_run)
+    assert doc["schema"] == "moeguard.audit/1"
+    assert set(doc["tasks"]) == {"arith-compare", "docstring-topic"}
+    assert [s["stage"] for s in doc["stages"]] == ["model", "baseline", "attribution", "sweep", "recovery"]
+    assert doc["run"]["versions"]["torch"] and "git_commit" in doc["run"] and doc["config"]["seed"] == 0
+    plots = doc["files"]["plots"]
+    for name in [plots["risk"], *plots["importance"].values(), *plots["retention"].values(), *plots["learning"].values()]:
+        assert (audit_run / "plots" / name).stat().st_size > 10_000  # a drawn figure, not an empty file
+    html = (audit_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(list((audit_run / "plots").glob("*.png")))
+    assert "src=\"http" not in html and "<script" not in html  # self-contained: nothing to fetch
+    md = (audit_run / "report.md").read_text()
+    assert "## Task `arith-compare`" in md and "## Task `docstring-topic`" in md and "## Reproduce" in md
+
+
+def test_risk_levels_follow_their_definition(audit_run):
+    doc = results(audit_run)
+    for name, task in doc["tasks"].items():
+        r = task["risk"]
+        q, h = str(r["keep_quarter"]), str(r["keep_half"])
+        best = lambda k: max(v["retention"][k] for v in task["methods"].values())  # noqa: E731
+        assert r["pruned"][q] == pytest.approx(best(q)) and r["pruned"][h] == pytest.approx(best(h))
+        rec = task["recovery"]
+        finals = [s["final"] for s in rec["strategies"].values()]
+        assert r["attacked"] == pytest.approx(max(best(str(rec["keep"])), *finals))
+        expected = "high" if r["attacked"] >= 90 else "medium" if r["pruned"][h] >= 90 else "low"
+        assert r["level"] == expected
+        reached = [s["labels_to_target"] for s in rec["strategies"].values() if s["labels_to_target"] is not None]
+        assert r["labels_to_recover"] == (min(reached) if reached else None)
+
+
+def test_rerunning_the_same_command_skips_every_stage_with_the_same_numbers(audit_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(audit_run, run)
+    before = results(run)
+    assert main(["audit", "--out", str(run), *SMALL_AUDIT]) == 0
+    after = results(run)
+    assert all(s["cached"] for s in after["stages"])
+    assert numbers(after) == numbers(before)
+
+
+def test_a_config_change_reruns_only_the_stages_it_affects(audit_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(audit_run, run)
+    jobs_before = {p.name for p in (run / "jobs" / "recovery").glob("*.json")}
+    args = list(SMALL_AUDIT)
+    args[args.index("--recovery-seeds") + 1] = "2"
+    assert main(["audit", "--out", str(run), *args]) == 0
+    doc = results(run)
+    cached = {s["stage"]: s["cached"] for s in doc["stages"]}
+    assert cached == {"model": True, "baseline": True, "attribution": True, "sweep": True, "recovery": False}
+    jobs_after = {p.name for p in (run / "jobs" / "recovery").glob("*.json")}
+    assert jobs_before < jobs_after  # the first seed's runs were reused, the second seed's added
+    assert len(doc["tasks"]["arith-compare"]["recovery"]["strategies"]["random"]["auc_per_seed"]) == 2
+
+
+def test_a_killed_audit_resumes_to_the_numbers_of_an_uninterrupted_run(audit_run, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moeguard.cli", "audit", "--out", str(run), *SMALL_AUDIT],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    try:  # kill it in the recovery stage, after some of its jobs finished
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((run / "jobs" / "recovery").glob("*.json"))) >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the audit finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run / "stages" / "recovery").exists()  # never marked complete with partial outputs
+    assert not (run / "results.json").exists()
+    survived = {p: p.stat().st_mtime_ns for p in (run / "jobs" / "recovery").glob("*.json")}
+    assert main(["audit", "--out", str(run), *SMALL_AUDIT]) == 0
+    doc = results(run)
+    assert {s["stage"]: s["cached"] for s in doc["stages"]}["sweep"] is True
+    assert all(p.stat().st_mtime_ns == t for p, t in survived.items())  # finished jobs were not redone
+    assert numbers(doc) == numbers(results(audit_run))
+
+
+def test_ray_backend_gives_the_same_numbers_as_the_local_one(audit_run, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'moeguard[ray]')")
+    run = tmp_path / "ray-run"
+    assert main(["audit", "--out", str(run), "--backend", "ray", *SMALL_AUDIT]) == 0
+    doc = results(run)
+    assert doc["backend"]["backend"] == "ray" and doc["backend"]["cluster_cpus"] >= 1
+    assert numbers(doc) == numbers(results(audit_run))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--keeps", "8"], "impossible"),
+    (["--backend", "spark"], "unknown backend"),
+    (["--ray-address", "127.0.0.1:1"], "--ray-address goes with --backend ray"),
+    (["--strategies", "orphan"], "lack 'random'"),
+    (["--recovery-tasks", "stdlib-code"], "not among the audited tasks"),
+    (["--tasks", "no-such-task"], "no-such-task"),
+    (["--budgets", "32,8"], "not increasing"),
+])
+def test_bad_settings_exit_2_with_one_line_before_any_work(tmp_path, capsys, args, needle):
+    out = tmp_path / "run"
+    assert main(["audit", "--out", str(out), "--tasks", "arith-compare", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_config_file_settings_are_checked_and_flags_win(tmp_path, capsys):
+    from moeguard.audit.config import build, load_yaml
+
+    cfg_file = tmp_path / "audit.yaml"
+    cfg_file.write_text("keeps: [2, 4]\nbudgets: 8,16\nrecovery_seeds: 3\nbackend: local\n")
+    cfg = build(load_yaml(cfg_file), {"recovery_seeds": 1, "budgets": None})
+    assert cfg.keeps == [2, 4] and cfg.budgets == [8, 16] and cfg.recovery_seeds == 1
+    cfg_file.write_text("keep: [2]\n")
+    assert main(["audit", "--out", str(tmp_path / "r"), "--config", str(cfg_file)]) == 2
+    assert "did you mean keeps" in capsys.readouterr().err
+    cfg_file.write_text("recovery_seeds: many\n")
+    assert main(["audit", "--out", str(tmp_path / "r"), "--config", str(cfg_file)]) == 2
+    assert "expected int" in capsys.readouterr().err
+
+
+def test_an_existing_folder_that_is_not_an_audit_run_is_left_alone(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        assert main(["audit", "--out", str(out), "--tasks", "arith-compare", *extra]) == 2
+        assert "not an audit run directory" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
