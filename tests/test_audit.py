@@ -163,3 +163,25 @@ def test_an_existing_folder_that_is_not_an_audit_run_is_left_alone(tmp_path, cap
         assert main(["audit", "--out", str(out), "--tasks", "arith-compare", *extra]) == 2
         assert "not an audit run directory" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_audit_with_a_defense_compares_base_and_hardened_in_the_report(tmp_path):
+    hardened = tmp_path / "hardened"
+    assert main(["harden", "--method", "entangle", "--steps", "2", "--tasks", "arith-compare", "--out", str(hardened)]) == 0
+    run = tmp_path / "run"
+    args = ["--tasks", "arith-compare", "--methods", "frequency,gate", "--no-recovery", "--random-seeds", "1",
+            "--eval-limit", "32", "--recovery-eval-limit", "32", "--pool-size", "64", "--samples", "16",
+            "--hardened", str(hardened), "--defense-budget", "8", "--threads", "2"]
+    assert main(["audit", "--out", str(run), *args]) == 0
+    doc = results(run)
+    assert [s["stage"] for s in doc["stages"]] == ["model", "baseline", "attribution", "sweep", "defense"]
+    d = doc["defense"]
+    assert d["hardened"] == str(hardened) and set(d["utility"]) == {"arith-compare"}
+    cell = d["summaries"]["arith-compare"]["4"]
+    assert {"base", "hardened"} <= set(cell) and cell["hardened"]["pruned_retention"] is not None
+    assert "undefended_keeps_90" in d["goals"]
+    html = (run / "report.html").read_text()
+    assert 'id="defense"' in html and 'data-plot="defense_curves.png"' in html and 'data-plot="utility.png"' in html
+    # without recovery the headline falls back to pruning alone
+    r = doc["tasks"]["arith-compare"]["risk"]
+    assert r["attacked"] == r["pruned"][str(r["keep_quarter"])] and r["labels_to_recover"] is None

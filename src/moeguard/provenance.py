@@ -25,7 +25,8 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("moeguard", "torch", "transformers", "datasets", "safetensors", "tokenizers", "rouge-score"):
+    for pkg in ("moeguard", "torch", "transformers", "datasets", "safetensors", "tokenizers", "peft", "accelerate",
+                "rouge-score", "ray"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

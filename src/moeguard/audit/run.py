@@ -74,6 +74,10 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, dict[str, Any]]:
         get_defense(cfg.defense)
     if cfg.hardened:
         inspect(cfg.hardened)
+    missing = [t for t in defense_tasks if get_task(t).name not in tasks]
+    if (cfg.defense or cfg.hardened) and missing:
+        raise MoeguardError(f"defense_tasks {missing} are not among the audited tasks {tasks}",
+                            hint="add them to --tasks, or compare on audited tasks")
     resolved = replace(cfg, tasks=tasks, methods=methods, keeps=keeps, recovery_keep=rec_keep, recovery_tasks=rec_tasks,
                        defense_tasks=defense_tasks, threads=cfg.threads or torch.get_num_threads())
     return resolved, info
@@ -171,6 +175,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
         def_settings = {"defense": cfg.defense, "hardened": _model_identity(cfg.hardened) if cfg.hardened else None,
                         "harden_steps": cfg.harden_steps, "tasks": cfg.defense_tasks, "budget": cfg.defense_budget,
                         "seeds": cfg.defense_seeds, "eval_limit": cfg.recovery_eval_limit, "seed": cfg.seed,
+                        "methods": cfg.methods, "samples": cfg.samples, "pool_size": cfg.pool_size,
+                        "utility_tasks": cfg.tasks, "utility_limit": cfg.eval_limit, "target": cfg.target,
                         "runtime": runtime.to_dict()}
         s_def = stage("defense", def_settings, lambda d: _defense(cfg, d, runtime, info, store, progress), [s_model])
 
@@ -280,6 +286,7 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, info: dict[str, Any], 
             proto = Protocol.load(ref.path / FILENAME)
     E = int(info["num_experts"])
     attack = AttackConfig(task=cfg.defense_tasks[0], keep=E // 2, budget=cfg.defense_budget, seeds=cfg.defense_seeds,
+                          methods=tuple(cfg.methods),
                           seed=cfg.seed, samples=cfg.samples, pool_size=cfg.pool_size,
                           eval_limit=cfg.recovery_eval_limit, target=cfg.target)
     dcfg = DefendEvalConfig(tasks=tuple(cfg.defense_tasks), keeps=(E // 2,), attack=attack,

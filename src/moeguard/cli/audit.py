@@ -44,6 +44,9 @@ def audit(out: Annotated[Path, _opt("--out", "run directory (created, or resumed
           defense: Annotated[Str, _opt("--defense", "also harden with this defense and compare (see `moeguard defenses`)")] = None,
           hardened: Annotated[Str, _opt("--hardened", "or compare this hardened checkpoint with --model")] = None,
           harden_steps: Annotated[Int, _opt("--harden-steps", "training steps of --defense")] = None,
+          defense_tasks: Annotated[Str, _opt("--defense-tasks", "tasks the defense comparison attacks; default: the first")] = None,
+          defense_budget: Annotated[Int, _opt("--defense-budget", "the attack harness's label budget (default 64)")] = None,
+          defense_seeds: Annotated[Int, _opt("--defense-seeds", "seeds per attacker setting in the harness (default 1)")] = None,
           backend: Annotated[Str, _opt("--backend", "local (default) or ray")] = None,
           ray_address: Annotated[Str, _opt("--ray-address", "an existing Ray cluster; default: a local Ray")] = None,
           threads: Annotated[Int, _opt("--threads", "torch threads per job (and CPUs per Ray task)")] = None,
@@ -62,7 +65,8 @@ def audit(out: Annotated[Path, _opt("--out", "run directory (created, or resumed
                  random_seeds=random_seeds, recovery=recovery, recovery_tasks=recovery_tasks,
                  recovery_keep=recovery_keep, strategies=strategies, budgets=budgets, recovery_seeds=recovery_seeds,
                  pool_size=pool_size, recovery_eval_limit=recovery_eval_limit, target=target, defense=defense,
-                 hardened=hardened, harden_steps=harden_steps, backend=backend, ray_address=ray_address,
+                 hardened=hardened, harden_steps=harden_steps, defense_tasks=defense_tasks,
+                 defense_budget=defense_budget, defense_seeds=defense_seeds, backend=backend, ray_address=ray_address,
                  threads=threads, gpus_per_job=gpus_per_job, dtype=dtype, device_map=device_map, seed=seed)
     cfg = build(load_yaml(config) if config is not None else {}, flags)
     _prepare(out, overwrite)

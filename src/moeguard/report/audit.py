@@ -100,7 +100,7 @@ def risk_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
         r = e["risk"]
         h, q = str(r["keep_half"]), str(r["keep_quarter"])
         rows.append({"task": t, "risk": r["level"], "metric": e["metric"],
-                     "full score": _fmt(e["full"]["score"], ".4g") + f" (baseline {_fmt(e['full']['baseline'], '.4g')})",
+                     "full (baseline)": _fmt(e["full"]["score"], ".4g") + f" ({_fmt(e['full']['baseline'], '.4g')})",
                      f"pruned, {h}/layer": _fmt(r["pruned"].get(h)) + "%",
                      f"pruned, {q}/layer": _fmt(r["pruned"].get(q)) + "%",
                      f"after attack, {r['attack_keep']}/layer": _fmt(r["attacked"]) + "%",
