@@ -25,15 +25,9 @@ from _common import write_result  # noqa: E402
 SMALL = ["--tasks", "arith-compare,docstring-topic,record-summary", "--methods", "frequency,gate,reap,ablation",
          "--budgets", "8,32", "--recovery-seeds", "2", "--random-seeds", "2", "--eval-limit", "48",
          "--recovery-eval-limit", "48", "--pool-size", "128", "--samples", "32"]
-TIMINGS = {"seconds", "created_at", "train_s", "select_s", "eval_s", "elapsed_s", "stages", "run", "backend", "files"}
 
 
-def numbers(doc):
-    if isinstance(doc, dict):
-        return {k: numbers(v) for k, v in doc.items() if k not in TIMINGS}
-    if isinstance(doc, list):
-        return [numbers(v) for v in doc]
-    return doc
+from moeguard.audit.run import numbers_only  # noqa: E402
 
 
 def one(backend: str, args: list[str], work: Path, resume_check: bool) -> dict:
@@ -74,7 +68,7 @@ def main() -> None:
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    same = numbers(rows["local"].pop("_doc")) == numbers(rows["ray"].pop("_doc"))
+    same = numbers_only(rows["local"].pop("_doc")) == numbers_only(rows["ray"].pop("_doc"))
     data = {"settings": {"args": args or "defaults (make demo)"}, "backends": rows, "identical_numbers": same,
             "ray_over_local_wall": round(rows["ray"]["wall_seconds"] / rows["local"]["wall_seconds"], 3)}
     path = write_result("audit_backends", data, a.out)

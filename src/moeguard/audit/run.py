@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -357,8 +357,18 @@ def _collateral(sweep: dict[str, Any], keep: int) -> dict[str, Any]:
     return out
 
 
-def config_digest(cfg: AuditConfig) -> str:
-    return digest(asdict(cfg))
+# what legitimately differs between two runs with the same settings: wall-clock times, the run record
+TIMING_KEYS = frozenset({"seconds", "created_at", "train_s", "select_s", "eval_s", "elapsed_s", "stages", "run",
+                         "backend", "files"})
+
+
+def numbers_only(doc: Any) -> Any:
+    """``doc`` without its timing fields: equal for two runs with the same seed and settings."""
+    if isinstance(doc, dict):
+        return {k: numbers_only(v) for k, v in doc.items() if k not in TIMING_KEYS}
+    if isinstance(doc, list):
+        return [numbers_only(v) for v in doc]
+    return doc
 
 
 def load_results(path: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import numpy as np
 from moeguard.io import atomic_dir, write_json, write_text
 from moeguard.report import plots
 from moeguard.report.plots import _plt
+from moeguard.report.recovery import savings_text
 
 LEVEL_COLORS = {"high": "#c0392b", "medium": "#d68910", "low": "#1e8449"}
 
@@ -137,15 +138,8 @@ def recovery_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
         return []
     rows = []
     for n, s in rec["strategies"].items():
-        sv = s.get("savings_vs_random")
-        if n == "random" or not sv:
-            svt = "–"
-        elif sv["percent"] is not None:
-            svt = f"{'≥ ' if sv['bound'] == 'at least' else ''}{sv['percent']:.0f}%"
-        else:
-            svt = sv["bound"]
         rows.append({"strategy": n, "labels to target": "not reached" if s["labels_to_target"] is None
-                     else f"{s['labels_to_target']:.0f}", "savings vs random": svt, "AUC": _fmt(s["auc"]),
+                     else f"{s['labels_to_target']:.0f}", "savings vs random": savings_text(n, s), "AUC": _fmt(s["auc"]),
                      f"retention at {s['labels'][-1]} labels": _fmt(s["final"]) + "%"})
     return rows
 

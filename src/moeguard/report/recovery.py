@@ -82,15 +82,18 @@ def recovery_table(doc: dict[str, Any]):
     for name, r in s["strategies"].items():
         reach = "not reached" if r["labels_to_target"] is None else f"{r['labels_to_target']:.0f}"
         seeds = ", ".join("-" if x is None else f"{x:.0f}" for x in r["labels_to_target_per_seed"])
-        sv = r.get("savings_vs_random")
-        if name == "random" or not sv:
-            sv_text = "-"
-        elif sv["percent"] is not None:
-            sv_text = f"{'≥ ' if sv['bound'] == 'at least' else ''}{sv['percent']:.0f}%"
-        else:
-            sv_text = sv["bound"]
-        t.add_row(name, reach, seeds, sv_text, _fmt(r["auc"]), _fmt(r["final"]))
+        t.add_row(name, reach, seeds, savings_text(name, r), _fmt(r["auc"]), _fmt(r["final"]))
     return t
+
+
+def savings_text(name: str, summary: dict[str, Any]) -> str:
+    """'≥ 40%', '25%', 'loses', ... for one strategy's summary; '-' for random itself."""
+    sv = summary.get("savings_vs_random")
+    if name == "random" or not sv:
+        return "-"
+    if sv["percent"] is not None:
+        return f"{'≥ ' if sv['bound'] == 'at least' else ''}{sv['percent']:.0f}%"
+    return sv["bound"]
 
 
 def realign_table(curve: dict[str, Any]):
