@@ -16,7 +16,6 @@ from moeguard.audit.run import numbers_only
 from moeguard.cli import main
 
 
-
 def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
