@@ -38,8 +38,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
 
 
 def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True) -> Path:
-    path = check_output(path, overwrite=overwrite)
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", overwrite=True)
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", overwrite=overwrite)
 
 
 def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:

@@ -143,7 +143,7 @@ def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend
         path = job.path(root)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, _record(job, result))
-        results[job.key] = json.loads(path.read_text())["result"]
+        results[job.key] = result  # already as JSON holds it (execute round-trips it)
         if bar is not None:
             progress.update(bar, advance=sum(1 for j in todo if j.key == job.key), description=f"{label}: {job.name}")
 

@@ -7,7 +7,6 @@ backend; the driver only plans (picks the best method, builds pruning plans) and
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +14,10 @@ from typing import Any
 
 from moeguard.audit.config import AuditConfig, check
 from moeguard.audit.jobs import Backend, Job, Runtime, run_jobs
-from moeguard.audit.stages import StageResult, StageStore, digest
+from moeguard.audit.stages import StageResult, StageStore
 from moeguard.errors import MoeguardError
 
 SCHEMA = "moeguard.audit/1"
-STAGES = ("model", "baseline", "attribution", "sweep", "recovery", "defense", "report")
 
 
 def resolve(cfg: AuditConfig) -> tuple[AuditConfig, dict[str, Any]]:
@@ -122,7 +120,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
 
     s_model = stage("model", ident, lambda d: write_json(d / "model.json", info))
 
-    limits = sorted({cfg.eval_limit} | ({cfg.recovery_eval_limit} if cfg.recovery else set()))
+    limits = sorted({cfg.eval_limit, cfg.collateral_limit} | ({cfg.recovery_eval_limit} if cfg.recovery else set()))
     base_settings = {"tasks": cfg.tasks, "limits": limits, "seed": cfg.seed}
 
     def baseline(d: Path) -> None:
@@ -151,16 +149,18 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
                       "physical_checks": cfg.physical_checks, "seed": cfg.seed}
 
     def sweep(d: Path) -> None:
-        from moeguard.pruning.sweep import merge_sweeps
+        from moeguard.pruning.sweep import full_scores, merge_sweeps
 
+        base = s_base.read("baseline.json")
+        full = {t: full_scores(base[t][str(cfg.eval_limit)], base[t][str(cfg.collateral_limit)]) for t in cfg.tasks}
         js = [Job(stage="sweep", name=t, fn="moeguard.audit.work:sweep_job",
-                  args={"target": t, "settings": sweep_settings, "seed": cfg.seed,
+                  args={"target": t, "settings": sweep_settings, "seed": cfg.seed, "full": full,
                         "scores": {m: s_attr.read(f"scores/{t}/{m}.json") for m in cfg.methods}}) for t in cfg.tasks]
         doc = merge_sweeps(jobs(js, "pruning sweep"))
         doc["model"]["name"] = info["name"]
         write_json(d / "sweep.json", doc)
 
-    s_sweep = stage("sweep", sweep_settings, sweep, [s_attr])
+    s_sweep = stage("sweep", sweep_settings, sweep, [s_base, s_attr])
 
     s_rec = None
     if cfg.recovery:
@@ -370,10 +370,3 @@ def numbers_only(doc: Any) -> Any:
         return [numbers_only(v) for v in doc]
     return doc
 
-
-def load_results(path: Path) -> dict[str, Any]:
-    data = json.loads(Path(path).read_text())
-    if data.get("schema") != SCHEMA:
-        raise MoeguardError(f"{path} is not an audit results file (schema {data.get('schema')!r})",
-                            hint="point to RUN/results.json written by moeguard audit")
-    return data

@@ -27,15 +27,17 @@ def attribution_job(ctx, *, task: str, methods: list[str], samples: int, seed: i
     return {m: score(c, m).to_dict() for m in methods}
 
 
-def sweep_job(ctx, *, target: str, settings: dict[str, Any], scores: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The knowledge-loss sweep of one task (collateral damage measured on all of them)."""
+def sweep_job(ctx, *, target: str, settings: dict[str, Any], scores: dict[str, Any], full: dict[str, Any],
+              seed: int) -> dict[str, Any]:
+    """The knowledge-loss sweep of one task (collateral damage measured on all of them);
+    ``full``: every task's full-model scores from the baseline stage."""
     from moeguard.attribution.base import Scores
     from moeguard.pruning.sweep import SweepConfig, run_sweep
 
     model, tok = ctx.model()
     cfg = SweepConfig(**settings)
     given = {target: {m: Scores.from_dict(d) for m, d in scores.items()}}
-    return run_sweep(model, tok, cfg, targets=[target], scores=given)
+    return run_sweep(model, tok, cfg, targets=[target], scores=given, full=full)
 
 
 def recovery_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed: int, budgets: list[int],

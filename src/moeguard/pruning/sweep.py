@@ -11,7 +11,7 @@ points is re-checked on physically pruned models.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -87,11 +87,22 @@ def reduction(adapter: MoEAdapter, keep: dict[int, list[int]]) -> dict[str, Any]
             "memory_bytes": (total - removed) * itemsize, "memory_bytes_full": total * itemsize}
 
 
+def full_scores(result: dict[str, Any], collateral: dict[str, Any]) -> dict[str, Any]:
+    """A task's full-model entry of a sweep, from its results (``TaskResult.to_dict()``) at the
+    eval limit (with the trivial baseline) and at the collateral limit."""
+    base = result.get("baseline") or {}
+    return {"metric": result["metric"], "higher_is_better": result["higher_is_better"], "score": result["score"],
+            "collateral_score": collateral["score"], "baseline": base.get("score"), "baseline_name": base.get("name")}
+
+
 def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=None, targets: list[str] | None = None,
-              scores: dict[str, dict[str, Scores]] | None = None) -> dict[str, Any]:
+              scores: dict[str, dict[str, Scores]] | None = None, full: dict[str, dict[str, Any]] | None = None
+              ) -> dict[str, Any]:
     """``targets``: the tasks whose experts are chosen and pruned (default: every task; the
     others still count for collateral damage), so one target per job splits a sweep into
-    independent jobs. ``scores``: attribution already computed, {task: {method: Scores}}."""
+    independent jobs. ``scores``: attribution already computed, {task: {method: Scores}}.
+    ``full``: every task's :func:`full_scores`, already computed (the jobs of a split sweep
+    share them instead of each evaluating the full model on every task)."""
     started = time.perf_counter()
     adapter = MoEAdapter(model)
     E, k_min = adapter.num_experts, max(1, adapter.family.min_experts)
@@ -100,13 +111,9 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
     ev = MaskedEvaluator(model, tokenizer, batch_size=cfg.batch_size, adapter=adapter)
     levels = sorted(set(cfg.keeps) | (set(range(max(k_min, adapter.top_k), E)) if cfg.deletion_curves else set()))
 
-    full = {}
-    for t in tasks:
-        r = ev(t, None, limit=cfg.eval_limit, baseline=True)
-        rc = ev(t, None, limit=cfg.collateral_limit)
-        full[t.name] = {"metric": r.metric, "higher_is_better": r.higher_is_better, "score": r.score,
-                        "collateral_score": rc.score, "baseline": (r.baseline or {}).get("score"),
-                        "baseline_name": (r.baseline or {}).get("name")}
+    if full is None:
+        full = {t.name: full_scores(ev(t, None, limit=cfg.eval_limit, baseline=True).to_dict(),
+                                    ev(t, None, limit=cfg.collateral_limit).to_dict()) for t in tasks}
 
     def measure(task, keep, k, with_collateral) -> dict[str, Any]:
         f = full[task.name]
