@@ -1,26 +1,55 @@
-# Two commands: `make demo` and `make test`. Both create .venv from nothing when needed.
+# Two commands: `make demo` and `make test`. Both create .venv from nothing when needed, installing exactly
+# the versions in requirements.lock (pip-compile output: every package pinned, every file hashed).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+RUNENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the one place the lock's resolution flags live: `make lock` and `make test-latest` read the same extras
+EXTRAS := test,ray
+PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv lock test-latest clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first and pinned: an unpinned resolver would pull a multi-GB CUDA build
-	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	# --require-hashes: every file must match the lock, so a re-run next month installs the same bytes.
+	# torch is locked as 2.13.0+cpu; pip finds that CPU wheel through its find-links or an extra index
+	# (README: Dependencies); a plain PyPI torch would be a multi-GB CUDA build.
+	$(BIN)/pip install --disable-pip-version-check -q --require-hashes --no-deps -r $(LOCK)
+	# the project itself, built with the locked setuptools: nothing unlocked comes in
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p runs
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/moeguard audit --out runs/demo
+	$(RUNENV) $(BIN)/moeguard audit --out runs/demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q
+	$(RUNENV) $(BIN)/python -m pytest -q
+
+# Refresh the lock to the newest versions pyproject.toml's ranges allow (needs the package index).
+# Run `make test-latest` first: raise a range or refresh the lock only when that passes.
+lock:
+	test -x .venv-tools/bin/pip-compile || ($(PYTHON) -m venv .venv-tools && .venv-tools/bin/pip install -q $(PIP_TOOLS))
+	.venv-tools/bin/pip-compile --quiet --upgrade --generate-hashes --allow-unsafe --all-build-deps --strip-extras \
+	  --no-emit-index-url --no-emit-find-links $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra=$(e)) \
+	  -o $(LOCK) pyproject.toml
+
+# The whole suite in a separate venv built from the newest versions the ranges allow (torch stays 2.13.0):
+# the check to run before raising a range or refreshing the lock. It prints what differs from the lock.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --disable-pip-version-check -q torch==2.13.0
+	.venv-latest/bin/pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
+	.venv-latest/bin/python -m moeguard.lockdiff $(LOCK)
+	$(RUNENV) MOEGUARD_UNLOCKED=1 .venv-latest/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-tools runs .pytest_cache
+
+comma := ,

@@ -37,6 +37,17 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_json(path: str | os.PathLike, *, what: str, hint: str) -> Any:
+    """A JSON file the user handed over: a missing or malformed one is a one-line error naming ``what``."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoeguardError(f"{what} {p} does not exist", hint=hint)
+    try:
+        return json.loads(p.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise MoeguardError(f"{what} {p} is not valid JSON ({exc})", hint=hint) from None
+
+
 def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", overwrite=overwrite)
 

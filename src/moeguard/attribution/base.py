@@ -7,7 +7,7 @@ planning stay separate (and a plan can be re-made from saved scores without the 
 
 from __future__ import annotations
 
-import json
+from moeguard.io import read_json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,13 +81,8 @@ class Scores:
     @classmethod
     def load(cls, path: str | Path) -> "Scores":
         path = Path(path)
-        if not path.is_file():
-            raise MoeguardError(f"scores file {path} does not exist",
-                                hint="make one with: moeguard attribute --model M --task T --method NAME --out scores.json")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoeguardError(f"scores file {path} is not valid JSON ({exc})", hint="re-run moeguard attribute") from None
+        data = read_json(path, what="scores file",
+                         hint="make one with: moeguard attribute --model M --task T --method NAME --out scores.json")
         return cls.from_dict(data, origin=str(path))
 
 

@@ -215,9 +215,9 @@ def methods(as_json: JsonOpt = False) -> None:
 def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint directory")],
           model: ModelOpt = None,
           scores: Annotated[Optional[Path], typer.Option("--scores", help="scores JSON from `moeguard attribute`")] = None,
-          keep: Annotated[Optional[int], typer.Option("--keep", help="experts kept in every layer")] = None,
-          keep_ratio: Annotated[Optional[float], typer.Option("--keep-ratio", help="share of each layer's experts kept")] = None,
-          budget: Annotated[Optional[int], typer.Option("--budget", help="experts kept in total, allocated across layers by score")] = None,
+          keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="experts kept in every layer")] = None,
+          keep_ratio: Annotated[Optional[float], typer.Option("--keep-ratio", min=0.0, max=1.0, help="share of each layer's experts kept")] = None,
+          budget: Annotated[Optional[int], typer.Option("--budget", min=1, help="experts kept in total, allocated across layers by score")] = None,
           plan: Annotated[Optional[Path], typer.Option("--plan", help='explicit plan JSON {"keep": {"<layer>": [experts]}}')] = None,
           streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", help="default: streaming for a local checkpoint")] = None,
           plan_only: Annotated[bool, typer.Option("--plan-only", help="write only the plan JSON to --out")] = False,
@@ -366,8 +366,9 @@ from moeguard.cli import realign as _realign  # noqa: E402,F401  (registers its 
 
 
 def main(argv: list[str] | None = None) -> int:
+    _state["debug"] = False  # set by the --debug callback of this call only
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False, prog_name="moeguard")
     except MoeguardError as e:
         if _state["debug"]:
             raise
@@ -376,17 +377,39 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moeguard: interrupted; no output was written", file=sys.stderr)
         return 130
-    except Exception as e:  # click's usage errors
-        import click
+    except Exception as e:
+        if _state["debug"] or not _is_usage_error(e):
+            raise
+        return _report_usage_error(e)
+    return rv if isinstance(rv, int) else 0
 
-        if isinstance(e, click.exceptions.Abort):
-            print("moeguard: aborted", file=sys.stderr)
-            return 130
-        if isinstance(e, click.ClickException):
-            e.show()
-            return 2
-        raise
-    return 0
+
+def _click_names(e: Exception) -> set[str]:
+    """Class names along the MRO that come from click. Matched by name, not by ``isinstance``:
+    typer raises exceptions of click, or of its own vendored copy of click (typer >= 0.26), and
+    these are different classes with the same names, so an ``import click`` check misses one."""
+    return {c.__name__ for c in type(e).__mro__ if "click" in c.__module__}
+
+
+def _is_usage_error(e: Exception) -> bool:
+    return bool(_click_names(e) & {"Abort", "ClickException"})
+
+
+def _report_usage_error(e: Exception) -> int:
+    """One line on stderr for a click usage error (a missing option, a bad value, an unknown command)."""
+    names = _click_names(e)
+    if "Abort" in names:
+        print("moeguard: aborted", file=sys.stderr)
+        return 130
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None and getattr(ctx, "command_path", None) else "moeguard"
+    if "NoArgsIsHelpError" in names or (ctx is not None and not str(e.format_message()).strip()):
+        cmds = sorted(getattr(ctx.command, "commands", {}) or {}) if ctx is not None else []
+        msg = "missing command" + (f"; commands: {', '.join(cmds)}" if cmds else "")
+    else:
+        msg = " ".join(str(e.format_message()).split())
+    print(f"moeguard: error: {msg} (see `{where} --help`)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

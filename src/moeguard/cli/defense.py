@@ -24,7 +24,7 @@ def harden(out: Annotated[Path, typer.Option("--out", help="output directory for
            tasks: Annotated[Optional[str], typer.Option("--tasks", help="the owner's tasks to keep (names or YAML paths); default: the embedded suite")] = None,
            steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="training steps")] = None,
            lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate")] = None,
-           keep: Annotated[Optional[int], typer.Option("--keep", help="experts per layer the simulated attacker keeps; default: half")] = None,
+           keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="experts per layer the simulated attacker keeps; default: half")] = None,
            balance: Annotated[Optional[float], typer.Option("--balance", help="weight of per-task routing balance")] = None,
            collapse: Annotated[Optional[float], typer.Option("--collapse", help="weight of the pruned-model collapse term")] = None,
            adversarial: Annotated[Optional[float], typer.Option("--adversarial", help="weight of the simulated prune-and-fine-tune term")] = None,
@@ -97,7 +97,7 @@ def _attack_config(task, keep, budget, budgets, methods, plans, strategies, mode
                         eval_limit=eval_limit, target=target, scratch=scratch, seed=seed)
 
 
-BudgetOpt = Annotated[int, typer.Option("--budget", help="labels the attacker may use in total")]
+BudgetOpt = Annotated[int, typer.Option("--budget", min=1, help="labels the attacker may use in total")]
 BudgetsOpt = Annotated[Optional[str], typer.Option("--budgets", help="learning-curve points (comma-separated, ending at --budget); default: budget/64, /16, /4, budget")]
 MethodsOpt = Annotated[Optional[str], typer.Option("--methods", help="attribution methods; default: every registered one")]
 PlansOpt = Annotated[str, typer.Option("--plans", help="pruning plans: uniform, budgeted")]
@@ -105,9 +105,9 @@ StrategiesOpt = Annotated[str, typer.Option("--strategies", help="active-learnin
 ModesOpt = Annotated[str, typer.Option("--modes", help="fine-tuning modes the attacker tries")]
 LrScalesOpt = Annotated[str, typer.Option("--lr-scales", help="learning rates tried, as multiples of each mode's default")]
 EpochsGridOpt = Annotated[str, typer.Option("--epochs", help="passes over the labels tried (the attacker's steps)")]
-SeedsOpt = Annotated[int, typer.Option("--seeds", help="seeds per setting (label draws and training)")]
+SeedsOpt = Annotated[int, typer.Option("--seeds", min=1, help="seeds per setting (label draws and training)")]
 SamplesOpt = Annotated[int, typer.Option("--samples", min=1, help="attribution samples")]
-PoolOpt = Annotated[int, typer.Option("--pool-size", help="unlabeled pool: this many train records")]
+PoolOpt = Annotated[int, typer.Option("--pool-size", min=1, help="unlabeled pool: this many train records")]
 EvalLimitOpt = Annotated[int, typer.Option("--eval-limit", min=1, help="eval records per score")]
 TargetOpt = Annotated[float, typer.Option("--target", help="percent of the full model's score the attacker aims at")]
 ScratchOpt = Annotated[bool, typer.Option("--scratch/--no-scratch", help="run the from-scratch baseline")]
@@ -115,7 +115,7 @@ ScratchOpt = Annotated[bool, typer.Option("--scratch/--no-scratch", help="run th
 
 @app.command()
 def attack(task: Annotated[str, typer.Option("--task", help="task name or YAML path")],
-           keep: Annotated[int, typer.Option("--keep", help="experts per layer the attacker keeps")],
+           keep: Annotated[int, typer.Option("--keep", min=1, help="experts per layer the attacker keeps")],
            out: Annotated[Path, typer.Option("--out", help="output directory (attack.json, curves, plot)")],
            model: ModelOpt = None, budget: BudgetOpt = 256, budgets: BudgetsOpt = None, methods: MethodsOpt = None,
            plans: PlansOpt = "uniform,budgeted", strategies: StrategiesOpt = "random", modes: ModesOpt = "full,lora",

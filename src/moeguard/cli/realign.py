@@ -16,7 +16,7 @@ ModeOpt = Annotated[str, typer.Option("--mode", help="what fine-tuning may chang
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="learning rate; default: the mode's (full 2e-4, lora 3e-3, router 5e-3, experts 2e-4)")]
 EpochsOpt = Annotated[float, typer.Option("--epochs", help="passes over the labeled set per round")]
 MinStepsOpt = Annotated[int, typer.Option("--min-steps", min=0, help="fewest optimizer steps per round")]
-PoolOpt = Annotated[int, typer.Option("--pool-size", help="unlabeled pool: this many train records")]
+PoolOpt = Annotated[int, typer.Option("--pool-size", min=1, help="unlabeled pool: this many train records")]
 EvalLimitOpt = Annotated[int, typer.Option("--eval-limit", min=1, help="eval records scored per round")]
 
 
@@ -32,8 +32,8 @@ def realign(model: Annotated[str, typer.Option("--model", help="the pruned check
             task: Annotated[str, typer.Option("--task", help="task name or YAML path (its train split is the pool)")],
             out: Annotated[Path, typer.Option("--out", help="output directory: re-aligned checkpoint + learning curve")],
             strategy: Annotated[str, typer.Option("--strategy", help="active-learning strategy (see `moeguard strategies`)")] = "random",
-            budget: Annotated[int, typer.Option("--budget", help="labels in total")] = 64,
-            query_size: Annotated[int, typer.Option("--query-size", help="labels per round")] = 16,
+            budget: Annotated[int, typer.Option("--budget", min=1, help="labels in total")] = 64,
+            query_size: Annotated[int, typer.Option("--query-size", min=1, help="labels per round")] = 16,
             mode: ModeOpt = "full", lr: LrOpt = None, epochs: EpochsOpt = 4.0, min_steps: MinStepsOpt = 10,
             batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
             pool_size: PoolOpt = 1000, eval_limit: EvalLimitOpt = 200,
@@ -106,18 +106,22 @@ def realign(model: Annotated[str, typer.Option("--model", help="the pruned check
 
 
 def _pruning_record(path: Path | None) -> dict | None:
+    from moeguard.io import read_json
+
     f = path / "moeguard_pruning.json" if path is not None else None
-    return json.loads(f.read_text()) if f is not None and f.exists() else None
+    if f is None or not f.exists():
+        return None
+    return read_json(f, what="pruning record", hint="re-run moeguard prune, or delete the file to re-align without it")
 
 
 @app.command()
 def recovery(task: Annotated[str, typer.Option("--task", help="task name or YAML path")],
-             keep: Annotated[int, typer.Option("--keep", help="experts kept per layer")],
+             keep: Annotated[int, typer.Option("--keep", min=1, help="experts kept per layer")],
              out: Annotated[Path, typer.Option("--out", help="run directory to create")],
              model: ModelOpt = None,
              strategies: Annotated[str, typer.Option("--strategies", help="comma-separated strategies; random is added as the baseline")] = "random,orphan",
              budgets: Annotated[str, typer.Option("--budgets", help="label counts on the learning curve")] = "4,8,16,32,64,128,256",
-             seeds: Annotated[int, typer.Option("--seeds", help="runs per strategy (seeds --seed, --seed+1, ...)")] = 3,
+             seeds: Annotated[int, typer.Option("--seeds", min=1, help="runs per strategy (seeds --seed, --seed+1, ...)")] = 3,
              method: Annotated[Optional[str], typer.Option("--method", help=f"attribution method; default: the best for the task in --sweep, else ablation")] = None,
              sweep: Annotated[Optional[Path], typer.Option("--sweep", help="sweep.json of `moeguard sweep`: picks the best method")] = None,
              samples: Annotated[int, typer.Option("--samples", min=1, help="attribution samples")] = 64,

@@ -10,7 +10,7 @@ pruned copy recovers poorly, and ``defend-eval`` measures both paths.
 
 from __future__ import annotations
 
-import json
+from moeguard.io import read_json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,13 +61,7 @@ class Protocol:
         p = Path(path)
         if p.is_dir():
             p = p / FILENAME
-        if not p.is_file():
-            raise MoeguardError(f"protocol file {p} does not exist",
-                                hint="pass the moeguard_protocol.json shipped with the hardened model")
-        try:
-            data = json.loads(p.read_text())
-        except ValueError as e:
-            raise MoeguardError(f"protocol file {p} is not JSON ({e})", hint="pass the file harden wrote") from None
+        data = read_json(p, what="protocol file", hint="pass the moeguard_protocol.json that harden wrote")
         return cls.from_dict(data, origin=str(p))
 
     def check_mode(self, mode: str) -> None:

@@ -8,7 +8,7 @@ config-only (meta-device) view of the model before anything expensive starts.
 
 from __future__ import annotations
 
-import json
+from moeguard.io import read_json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,12 +68,7 @@ class PrunePlan:
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":
         path = Path(path)
-        if not path.is_file():
-            raise MoeguardError(f"plan file {path} does not exist", hint='write {"keep": {"<layer>": [experts]}} to it')
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoeguardError(f"plan file {path} is not valid JSON ({exc})", hint="fix the JSON") from None
+        data = read_json(path, what="plan file", hint='write {"keep": {"<layer>": [experts]}} to it')
         return cls.from_dict(data, origin=str(path))
 
 

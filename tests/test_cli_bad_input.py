@@ -1,0 +1,165 @@
+"""The bad-input matrix: every command, with a missing required option, a wrong type and an
+out-of-range value, gives one line on stderr, exit code 2, no traceback and writes nothing.
+Then malformed JSON/YAML wherever a file is read (plan, scores, pruning record, config, protocol,
+task, model config).
+
+A new command must add its row: ``test_matrix_covers_every_command`` fails otherwise.
+"""
+
+import json
+
+import pytest
+
+from moeguard.cli import app, main
+
+# command -> {"missing": args lacking a required option, "type": args with a wrongly typed value,
+# "range": args with a value out of range}; "O" stands for a fresh output path. Each entry is
+# (args, text the one-line message must contain). Commands with no required option, or no
+# typed/ranged option, use an unknown option or an extra argument there: still a usage error.
+MATRIX = {
+    "info": {"missing": (["--model"], "requires an argument"), "type": (["--json", "3"], "unexpected extra argument"),
+             "range": (["--model", "O"], "does not exist")},
+    "tasks": {"missing": (["--jsn"], "No such option"), "type": (["--json", "x"], "unexpected extra argument"),
+              "range": (["extra"], "unexpected extra argument")},
+    "methods": {"missing": (["--jsn"], "No such option"), "type": (["--json", "x"], "unexpected extra argument"),
+                "range": (["extra"], "unexpected extra argument")},
+    "strategies": {"missing": (["--jsn"], "No such option"), "type": (["--json", "x"], "unexpected extra argument"),
+                   "range": (["extra"], "unexpected extra argument")},
+    "defenses": {"missing": (["--jsn"], "No such option"), "type": (["--json", "x"], "unexpected extra argument"),
+                 "range": (["extra"], "unexpected extra argument")},
+    "eval": {"missing": (["--tasks"], "requires an argument"), "type": (["--limit", "abc"], "--limit"),
+             "range": (["--limit", "0"], "--limit")},
+    "attribute": {"missing": (["--task", "arith-compare", "--out", "O"], "--method"),
+                  "type": (["--task", "arith-compare", "--method", "gate", "--out", "O", "--samples", "x"], "--samples"),
+                  "range": (["--task", "arith-compare", "--method", "gate", "--out", "O", "--samples", "0"], "--samples")},
+    "prune": {"missing": (["--keep", "2"], "--out"), "type": (["--out", "O", "--keep", "q"], "--keep"),
+              "range": (["--out", "O", "--scores", "S", "--keep", "0"], "--keep")},
+    "sweep": {"missing": (["--tasks", "arith-compare"], "--out"), "type": (["--out", "O", "--samples", "many"], "--samples"),
+              "range": (["--out", "O", "--keep", "0,9"], "--keep")},
+    "realign": {"missing": (["--task", "arith-compare", "--out", "O"], "--model"),
+                "type": (["--model", "M", "--task", "arith-compare", "--out", "O", "--budget", "lots"], "--budget"),
+                "range": (["--model", "M", "--task", "arith-compare", "--out", "O", "--budget", "0"], "--budget")},
+    "recovery": {"missing": (["--task", "arith-compare", "--out", "O"], "--keep"),
+                 "type": (["--task", "arith-compare", "--keep", "two", "--out", "O"], "--keep"),
+                 "range": (["--task", "arith-compare", "--keep", "0", "--out", "O"], "--keep")},
+    "attack": {"missing": (["--task", "arith-compare", "--keep", "2"], "--out"),
+               "type": (["--task", "arith-compare", "--keep", "2", "--out", "O", "--seeds", "x"], "--seeds"),
+               "range": (["--task", "arith-compare", "--keep", "2", "--out", "O", "--seeds", "0"], "--seeds")},
+    "harden": {"missing": (["--method", "entangle"], "--out"), "type": (["--out", "O", "--steps", "x"], "--steps"),
+               "range": (["--out", "O", "--steps", "0"], "--steps")},
+    "defend-eval": {"missing": (["--out", "O"], "--hardened"),
+                    "type": (["--hardened", "M", "--out", "O", "--budget", "x"], "--budget"),
+                    "range": (["--hardened", "M", "--out", "O", "--budget", "0"], "--budget")},
+    "audit": {"missing": (["--tasks", "arith-compare"], "--out"), "type": (["--out", "O", "--samples", "x"], "--samples"),
+              "range": (["--out", "O", "--samples", "0"], "samples")},
+    "zoo train": {"missing": (["--out"], "requires an argument"), "type": (["--out", "O", "--steps", "x"], "--steps"),
+                  "range": (["--out", "O", "--steps", "0"], "--steps")},
+    "zoo suite": {"missing": (["--seed", "1"], "--out"), "type": (["--out", "O", "--seed", "x"], "--seed"),
+                  "range": (["--out", "O", "--seed", "1", "extra"], "unexpected extra argument")},
+}
+CASES = [(cmd, kind) for cmd in MATRIX for kind in ("missing", "type", "range")]
+
+
+def _commands(group, prefix=()):
+    """Every leaf command of the CLI, whatever typer/click version builds it."""
+    import typer
+
+    cmd = typer.main.get_command(group) if prefix == () else group
+    for name, sub in getattr(cmd, "commands", {}).items():
+        if getattr(sub, "commands", None):
+            yield from _commands(sub, (*prefix, name))
+        else:
+            yield " ".join((*prefix, name))
+
+
+def assert_one_line(code, err, needle):
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("moeguard: error:"), lines[0]
+    assert "Traceback" not in err
+    assert needle.lower() in lines[0].lower(), lines[0]
+
+
+def test_matrix_covers_every_command():
+    assert sorted(_commands(app)) == sorted(MATRIX)
+
+
+@pytest.mark.parametrize("cmd, kind", CASES, ids=[f"{c}-{k}" for c, k in CASES])
+def test_bad_input_matrix(cmd, kind, capsys, tmp_path):
+    args, needle = MATRIX[cmd][kind]
+    out = tmp_path / "out"
+    subs = {"O": str(out), "M": str(tmp_path / "model"), "S": str(tmp_path / "scores.json")}
+    args = [subs.get(a, a) for a in args]
+    capsys.readouterr()
+    code = main([*cmd.split(), *args])
+    err = capsys.readouterr().err
+    assert_one_line(code, err, needle)
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "a failed command left output behind"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["nosuch"], "No such command 'nosuch'"),
+    ([], "missing command; commands: attack, attribute, audit"),
+    (["zoo"], "missing command; commands: suite, train"),
+    (["zoo", "nosuch"], "No such command"),
+    (["eval", "--lmit", "3"], "No such option: --lmit"),
+])
+def test_usage_errors(argv, needle, capsys):
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert_one_line(code, err, needle)
+    assert f"(see `moeguard{' zoo' if argv[:1] == ['zoo'] else ''}" in err
+
+
+def test_debug_raises_usage_errors(capsys):
+    with pytest.raises(Exception) as info:
+        main(["--debug", "eval", "--limit", "0"])
+    assert type(info.value).__name__ == "BadParameter"
+    assert capsys.readouterr().err == ""  # the traceback instead of the line, not both
+    assert main(["eval", "--limit", "0"]) == 2  # --debug does not stick to later calls
+
+
+def test_help_is_not_an_error(capsys):
+    assert main(["eval", "--help"]) == 0
+    assert "--limit" in capsys.readouterr().out
+
+
+# Malformed files wherever one is read: (command, file name, content, needle)
+MALFORMED = [
+    ("prune --out O --plan F", "plan.json", "{not json", "plan.json"),
+    ("prune --out O --plan F", "plan.json", '{"keep": "all"}', "plan.json"),
+    ("prune --out O --scores F --keep 2", "scores.json", "[1, 2", "scores.json"),
+    ("prune --out O --scores F --keep 2", "scores.json", '{"scores": "high"}', "scores.json"),
+    ("audit --out O --config F", "audit.yaml", "tasks: [a, b\n", "not valid YAML"),
+    ("audit --out O --config F", "audit.yaml", "- just\n- a list\n", "expected a mapping"),
+    ("eval --tasks F", "task.yaml", "name: x\nkind: [\n", "task.yaml"),
+    ("eval --tasks F", "task.yaml", "just a string\n", "task.yaml"),
+    ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", "{oops", "protocol.json"),
+    ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", '{"modes": 5}', "protocol.json"),
+    ("info --model D", "config.json", "{broken", "config.json"),
+    ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", "{broken", "moeguard_pruning.json"),
+]
+
+
+@pytest.mark.parametrize("cmd, name, content, needle", MALFORMED, ids=[f"{m[1]}-{i}" for i, m in enumerate(MALFORMED)])
+def test_malformed_files(cmd, name, content, needle, capsys, tmp_path):
+    from moeguard.models.loading import resolve
+
+    d = tmp_path / "model"
+    if name in ("config.json", "moeguard_pruning.json"):  # a copy of the embedded model with one bad file
+        import shutil
+
+        shutil.copytree(resolve(None).path, d)
+        (d / name).write_text(content)
+        f = d / name
+    else:
+        f = tmp_path / name
+        f.write_text(content)
+    out = tmp_path / "out"
+    subs = {"O": str(out), "F": str(f), "D": str(d), "E": str(resolve(None).path)}
+    capsys.readouterr()
+    code = main([subs.get(a, a) for a in cmd.split()])
+    assert_one_line(code, capsys.readouterr().err, needle)
+    assert not out.exists()
