@@ -54,6 +54,34 @@ def test_unsupported_moe_family(capsys, tmp_path):
     assert_clean_error(code, err, "unsupported MoE family", "granitemoe")
 
 
+@pytest.mark.parametrize("change, needles", [
+    ({"num_experts_per_tok": 9}, ["num_experts_per_tok is 9", "more than its 8 experts", "at most 8"]),
+    ({"num_experts_per_tok": 0}, ["num_experts_per_tok is 0", "positive integer"]),
+    ({"num_local_experts": "eight"}, ["num_local_experts", "expected int", "fix "]),
+    ({"moeguard_experts_per_layer": {"0": 12}}, ["outside 1..8"]),
+])
+def test_invalid_expert_config_is_refused_before_weights(capsys, tmp_path, mixtral_dir, change, needles):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(mixtral_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **change}))
+    (d / "model.safetensors").write_bytes(b"not read")  # would fail as corrupt if weights were looked at first
+    code, _, err = run(["info", "--model", str(d)], capsys)
+    assert_clean_error(code, err, *needles)
+
+
+def test_missing_tokenizer_is_refused_before_weights(capsys, tmp_path, mixtral_dir, monkeypatch):
+    import transformers
+
+    loaded = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(a))
+    code, _, err = run(["eval", "--model", str(mixtral_dir), "--tasks", "arith-compare", "--limit", "1"], capsys)
+    assert_clean_error(code, err, "cannot load the tokenizer")
+    assert not loaded, "weights were loaded before the tokenizer was checked"
+
+
 def test_unknown_task_suggests_names(capsys):
     code, _, err = run(["eval", "--tasks", "stdlib-doc"], capsys)
     assert_clean_error(code, err, "stdlib-docs")

@@ -48,11 +48,15 @@ def load_config(ref: ModelRef):
         raise MoeguardError(f"{ref.path} has no config.json", hint="pass a Hugging Face checkpoint directory")
     try:
         return AutoConfig.from_pretrained(str(ref.path or ref.hub_id))
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except Exception as e:  # noqa: BLE001  OSError/ValueError, and huggingface_hub's strict-dataclass errors
+        # (a field of the wrong type), which derive from Exception only
+        if not isinstance(e, (OSError, ValueError, TypeError)) and "StrictDataclass" not in type(e).__name__:
+            raise
         where = ref.path or ref.hub_id
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MoeguardError(f"cannot read the config of {where}: {first}",
-                            hint="check the path, or log in / go online for a hub id (`hf auth login`)") from None
+        first = " ".join(str(e).split()) or type(e).__name__
+        hint = (f"fix {ref.path / 'config.json'}" if ref.path is not None
+                else "check the id, or log in / go online for a hub id (`hf auth login`)")
+        raise MoeguardError(f"cannot read the config of {where}: {first}", hint=hint) from None
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -100,10 +104,32 @@ def inspect(ref_str: str | None) -> tuple[ModelRef, object, FamilySpec]:
     ref = resolve(ref_str)
     config = load_config(ref)
     family = family_for_config(config)
+    check_config(config, family, where=str(ref.path or ref.hub_id))
     if ref.path is not None:
         for f in safetensors_files(ref.path):
             check_safetensors(f)
     return ref, config, family
+
+
+def check_config(config, family: FamilySpec, *, where: str) -> None:
+    """Refuse a config no router can run before any weights are read: transformers builds such a
+    model without complaint and fails deep inside the first forward (or silently routes wrong)."""
+    from moeguard.models.prune import PER_LAYER_KEY
+
+    fix = f"fix {where}/config.json"
+    E, k = getattr(config, family.num_experts_key, None), getattr(config, family.top_k_key, None)
+    for key, value in ((family.num_experts_key, E), (family.top_k_key, k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MoeguardError(f"{where}: config {key} is {value!r}, expected a positive integer", hint=fix)
+    if k > E:
+        raise MoeguardError(f"{where}: config {family.top_k_key} is {k}, more than its {E} experts per layer "
+                            f"({family.num_experts_key}); no router can pick {k} of {E}",
+                            hint=f"{fix}: set {family.top_k_key} to at most {E}")
+    per_layer = getattr(config, PER_LAYER_KEY, None) or {}
+    bad = {l: n for l, n in dict(per_layer).items() if not isinstance(n, int) or not 1 <= n <= E}
+    if bad:
+        raise MoeguardError(f"{where}: config {PER_LAYER_KEY} gives layers {bad} expert counts outside 1..{E}",
+                            hint=f"{fix}, or re-prune the model with moeguard prune")
 
 
 def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_tokenizer: bool = True):
@@ -115,6 +141,13 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
 
     ref, config, _ = inspect(ref_str)
     where = str(ref.path or ref.hub_id)
+    tokenizer = None
+    if with_tokenizer:  # before the weights: a missing tokenizer should not cost a full load
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+        except (OSError, ValueError) as e:
+            raise MoeguardError(f"cannot load the tokenizer of {where}: {str(e).splitlines()[0]}",
+                                hint="the checkpoint directory needs tokenizer files (tokenizer.json)") from None
     try:
         with resized_construction(config):  # budget-pruned checkpoints keep different counts per layer
             model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
@@ -123,13 +156,6 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoeguardError(f"cannot load weights of {where}: {first}",
                             hint="check the checkpoint files (safetensors only) or your hub access") from None
-    tokenizer = None
-    if with_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where)
-        except (OSError, ValueError) as e:
-            raise MoeguardError(f"cannot load the tokenizer of {where}: {str(e).splitlines()[0]}",
-                                hint="the checkpoint directory needs tokenizer files (tokenizer.json)") from None
     return model.eval(), tokenizer, ref
 
 
