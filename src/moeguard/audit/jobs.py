@@ -13,6 +13,7 @@ the same settings produce the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -51,9 +52,15 @@ class Runtime:
     dtype: str | None = None
     device_map: str | None = None
     threads: int = 1
+    # tasks defined in the user's YAML files: jobs name their task, and a worker process (a Ray
+    # node included) knows only the built-in names until these are adopted there
+    tasks: tuple = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "dtype": self.dtype, "device_map": self.device_map, "threads": self.threads}
+        d = {"model": self.model, "dtype": self.dtype, "device_map": self.device_map, "threads": self.threads}
+        if self.tasks:  # in the model stage's key, so an edited task file re-runs the stages
+            d["tasks"] = [dataclasses.asdict(t) for t in self.tasks]
+        return d
 
 
 class Context:
@@ -94,6 +101,10 @@ def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from moeguard.tasks.registry import adopt
+
+    for t in runtime.tasks:
+        adopt(t)
     torch.set_num_threads(runtime.threads)
     seed = int(job.args.get("seed", 0))
     random.seed(seed)

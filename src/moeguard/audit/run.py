@@ -30,7 +30,7 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, dict[str, Any]]:
     from moeguard.models.loading import inspect
     from moeguard.realign.strategies.base import get_strategy
     from moeguard.tasks.loaders import load_records
-    from moeguard.tasks.registry import get_task
+    from moeguard.tasks.registry import adopt, get_task
     from moeguard.zoo.train import embedded_tasks
 
     check(cfg)
@@ -38,7 +38,9 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, dict[str, Any]]:
     info = model_info(cfg.model)
     info["num_experts"] = max(int(v) for v in info["experts_per_layer"].values())
     E, k_min = int(info["num_experts"]), max(1, family.min_experts, int(info["top_k"]))
-    tasks = [get_task(t).name for t in cfg.tasks] if cfg.tasks else [t.name for t in embedded_tasks()]
+    # names from here on (stages and jobs key results by them); a task from a YAML file is adopted
+    # under its name here, and in every worker through the runtime (run_audit)
+    tasks = [adopt(get_task(t), origin=str(t)).name for t in cfg.tasks] if cfg.tasks else [t.name for t in embedded_tasks()]
     for t in tasks:
         load_records(get_task(t), "eval", limit=1)
     methods = cfg.methods or [m.name for m in list_methods()]
@@ -65,14 +67,14 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, dict[str, Any]]:
             for s in cfg.strategies:
                 get_strategy(s, get_task(t))
             label_pool(get_task(t), pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
-    defense_tasks = cfg.defense_tasks or tasks[:1]
+    defense_tasks = [get_task(t).name for t in cfg.defense_tasks] if cfg.defense_tasks else tasks[:1]
     if cfg.defense:
         from moeguard.defense.harden import get_defense
 
         get_defense(cfg.defense)
     if cfg.hardened:
         inspect(cfg.hardened)
-    missing = [t for t in defense_tasks if get_task(t).name not in tasks]
+    missing = [t for t in defense_tasks if t not in tasks]
     if (cfg.defense or cfg.hardened) and missing:
         raise MoeguardError(f"defense_tasks {missing} are not among the audited tasks {tasks}",
                             hint="add them to --tasks, or compare on audited tasks")
@@ -100,7 +102,10 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
 
     started = time.perf_counter()
     store = StageStore(out)
-    runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads)
+    from moeguard.tasks.registry import get_task, is_builtin
+
+    runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads,
+                      tasks=tuple(get_task(t) for t in cfg.tasks if not is_builtin(t)))
     ident = {"model": _model_identity(cfg.model), "runtime": runtime.to_dict()}
     n_stages = 5 + bool(cfg.defense or cfg.hardened)
     overall = progress.add_task("audit", total=n_stages) if progress is not None else None

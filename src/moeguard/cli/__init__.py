@@ -136,6 +136,14 @@ def _names(value: str | None, what: str) -> list[str]:
     return names
 
 
+def _task_names(value: str | None, what: str) -> list[str]:
+    """Task names from a comma-separated list of names or YAML paths, resolved once here: a file's
+    task is adopted under its name, so the code below, which carries names, finds it."""
+    from moeguard.tasks.registry import adopt, get_task
+
+    return [adopt(get_task(x), origin=x).name for x in _names(value, what)]
+
+
 def _ints(value: str, what: str) -> list[int]:
     return _numbers(value, what, int, "integers", "2,4,6")
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli import (ModelOpt, OverwriteOpt, SeedOpt, _console, _ints, _names, _numbers, _progress, _run, _run_study,
+from moeguard.cli import (ModelOpt, OverwriteOpt, SeedOpt, _console, _ints, _names, _numbers, _progress, _run, _run_study, _task_names,
                           _seed, app)
 from moeguard.errors import MoeguardError
 
@@ -52,7 +52,9 @@ def harden(out: Annotated[Path, typer.Option("--out", help="output directory for
     settings = {"model": ref.name, **cfg.to_dict()}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         m.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        from moeguard.models.tokenizer_files import save_tokenizer
+
+        save_tokenizer(tokenizer, tmp)
         doc = {"schema": "moeguard.hardening/1", "source": ref.name, "method": method,
                "description": spec.description, **result, "run": _run(settings)}
         write_json(tmp / "moeguard_hardening.json", doc)
@@ -175,8 +177,8 @@ def defend_eval(hardened: Annotated[str, typer.Option("--hardened", help="the ha
     from moeguard.tasks.registry import get_task
 
     check_output(out, overwrite=overwrite)
-    task_names = _names(tasks, "--tasks")
-    extra_tasks = _names(utility_tasks, "--utility-tasks") if utility_tasks else []
+    task_names = _task_names(tasks, "--tasks")
+    extra_tasks = _task_names(utility_tasks, "--utility-tasks") if utility_tasks else []
     for t in task_names + extra_tasks:
         load_records(get_task(t), "eval", limit=1)
     bref, bconfig, family = inspect(base)

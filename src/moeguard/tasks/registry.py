@@ -53,6 +53,27 @@ def get_task(name_or_path: str | os.PathLike[str] | Task) -> Task:
     )
 
 
+def adopt(task: Task, *, origin: str = "<file>") -> Task:
+    """Make a task from a file reachable by its name in this process, for code that carries the
+    name (the audit's stages and jobs key results by it). The same definition again is a no-op;
+    another definition under a taken name is refused, since every later lookup would be ambiguous."""
+    _ensure_builtins()
+    known = _registry.get(task.name)
+    if known is None:
+        _add(task, origin, overwrite=False)
+    elif known != task:
+        raise MoeguardError(f"task '{task.name}' from {origin} differs from the task of that name in "
+                            f"{_origins[task.name]}", hint="give the task in your file another name")
+    return task
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is a task shipped with moeguard (every process knows it by name)."""
+    _ensure_builtins()
+    origin = Path(_origins.get(name, "<none>"))
+    return any(origin.parent == d for d in BUILTIN_DIRS)
+
+
 def embedded_tasks() -> list[Task]:
     """The embedded suite: the tasks shipped inside the package."""
     return [t for t in list_tasks() if t.source.type == "package"]
@@ -82,7 +103,7 @@ def load_task_file(path: str | os.PathLike[str]) -> list[Task]:
         raise MoeguardError(f"task file '{file}' is {what}",
                             hint="pass the path of a .yaml task definition (see docs/tasks.md)")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = yaml.safe_load(file.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is not YAML
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

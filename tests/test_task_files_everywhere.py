@@ -1,0 +1,99 @@
+"""A task given as a YAML path works in every command that takes --task/--tasks, the audit included
+(whose stages and jobs carry task names: the file's task must be known by name in every worker)."""
+
+import json
+import random
+
+import pytest
+
+from moeguard.cli import main
+
+NAME = "my-compare"
+ATTACK = ["--budget", "8", "--budgets", "4,8", "--methods", "gate", "--plans", "uniform", "--modes", "lora",
+          "--lr-scales", "1", "--epochs", "1", "--seeds", "1", "--eval-limit", "8", "--pool-size", "32",
+          "--samples", "4", "--no-scratch"]
+FT = ["--min-steps", "2", "--epochs", "1", "--eval-limit", "8", "--pool-size", "32"]
+
+COMMANDS = {
+    "eval": ["eval", "--tasks", "Y", "--limit", "8", "--out", "O"],
+    "attribute": ["attribute", "--task", "Y", "--method", "gate", "--samples", "4", "--out", "O"],
+    "sweep": ["sweep", "--tasks", "Y,arith-compare", "--methods", "gate", "--keep", "4", "--samples", "4",
+              "--eval-limit", "8", "--collateral-limit", "4", "--random-seeds", "1", "--no-deletion-curves",
+              "--physical-checks", "0", "--out", "O"],
+    "realign": ["realign", "--model", "P", "--task", "Y", "--budget", "8", "--query-size", "8", *FT, "--out", "O"],
+    "recovery": ["recovery", "--task", "Y", "--keep", "4", "--strategies", "random", "--budgets", "4,8", "--seeds", "1",
+                 "--method", "gate", "--samples", "4", *FT, "--out", "O"],
+    "attack": ["attack", "--task", "Y", "--keep", "4", *ATTACK, "--out", "O"],
+    "harden": ["harden", "--tasks", "Y,arith-compare", "--steps", "1", "--out", "O"],
+    "defend-eval": ["defend-eval", "--hardened", "H", "--tasks", "Y", "--keeps", "4", *ATTACK, "--out", "O"],
+    "zoo train": ["zoo", "train", "--tasks", "Y", "--steps", "2", "--out", "O"],
+    "audit": ["audit", "--tasks", "Y,arith-compare", "--methods", "gate", "--keeps", "4", "--budgets", "4,8",
+              "--recovery-seeds", "1", "--strategies", "random", "--random-seeds", "1", "--eval-limit", "8",
+              "--recovery-eval-limit", "8", "--pool-size", "32", "--samples", "4", "--threads", "2", "--out", "O"],
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("taskfile")
+    rng = random.Random(0)
+    for split, n in (("train", 96), ("test", 32)):
+        rows = []
+        for _ in range(n):
+            a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+            rows.append({"q": f"Is {a} greater than {b}?", "label": "yes" if a > b else "no"})
+        (d / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (d / "task.yaml").write_text(
+        f"name: {NAME}\nkind: classification\nsource: {{type: local, path: ., format: jsonl, "
+        "files: {train: train.jsonl, test: test.jsonl}}\nsplits: {train: train, eval: test}\n"
+        "fields: {input: q, label: label}\nprompt: \"{q}\\nAnswer:\"\nlabels: {'yes': ' yes', 'no': ' no'}\n")
+    plan = d / "plan.json"
+    plan.write_text(json.dumps({"keep": {str(l): [0, 1, 2, 3] for l in range(4)}}))
+    assert main(["prune", "--plan", str(plan), "--out", str(d / "pruned")]) == 0
+    assert main(["harden", "--method", "entangle", "--steps", "1", "--tasks", "arith-compare",
+                 "--out", str(d / "hardened")]) == 0
+    return d
+
+
+def _mentions(out, text):
+    found = [out] if out.is_file() else [f for f in out.rglob("*.json")]
+    return [f for f in found if text in f.read_text()]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_yaml_task_path_works(command, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the YAML's relative data path is resolved against its own folder
+    out = tmp_path / "out"
+    subs = {"Y": str(files / "task.yaml"), "Y,arith-compare": f"{files / 'task.yaml'},arith-compare",
+            "O": str(out), "P": str(files / "pruned"), "H": str(files / "hardened")}
+    code = main([subs.get(a, a) for a in COMMANDS[command]])
+    assert code == 0, capsys.readouterr().err
+    assert _mentions(out, NAME), f"{command} wrote nothing that names the task {NAME}"
+    if command == "audit":
+        doc = json.loads((out / "results.json").read_text())
+        assert set(doc["tasks"]) == {NAME, "arith-compare"}
+        assert NAME in (out / "report.md").read_text()
+
+
+def test_every_command_taking_tasks_is_covered(capsys):
+    import re
+
+    from moeguard.cli import app
+    from test_cli_bad_input import _commands
+
+    taking = []
+    for cmd in _commands(app):
+        capsys.readouterr()
+        assert main([*cmd.split(), "--help"]) == 0
+        if re.search(r"--tasks?\b", capsys.readouterr().out):
+            taking.append(cmd)
+    assert sorted(taking) == sorted(COMMANDS)
+
+
+def test_a_file_task_may_not_shadow_another_definition(files, tmp_path, capsys):
+    clash = tmp_path / "clash.yaml"
+    clash.write_text((files / "task.yaml").read_text().replace(f"name: {NAME}", "name: arith-compare")
+                     .replace("path: .", f"path: {files}"))
+    code = main(["audit", "--tasks", str(clash), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "differs from the task of that name" in err and "another name" in err
