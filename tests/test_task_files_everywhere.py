@@ -97,3 +97,29 @@ def test_a_file_task_may_not_shadow_another_definition(files, tmp_path, capsys):
     code = main(["audit", "--tasks", str(clash), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "differs from the task of that name" in err and "another name" in err
+
+
+def test_a_fresh_worker_process_knows_the_file_task_through_the_runtime(files, tmp_path):
+    """What a Ray worker sees: a new interpreter that knows only the built-in names gets the job
+    (which names its task) and the runtime (which carries the file's task)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from moeguard.audit.jobs import Job, Runtime
+    from moeguard.tasks.registry import get_task
+
+    task = get_task(str(files / "task.yaml"))
+    job = Job(stage="baseline", name=NAME, fn="moeguard.audit.work:baseline_job",
+              args={"task": NAME, "limits": [4], "seed": 0})
+    for runtime, expect in ((Runtime(model=None, threads=1, tasks=(task,)), 0), (Runtime(model=None, threads=1), 1)):
+        (tmp_path / "job.pkl").write_bytes(pickle.dumps((job, runtime)))
+        script = ("import pickle, sys, json\nfrom moeguard.audit.jobs import execute\n"
+                  f"job, rt = pickle.loads(open({str(tmp_path / 'job.pkl')!r}, 'rb').read())\n"
+                  "print(json.dumps(execute(job, rt)['4']['task']))")
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert r.returncode == expect, r.stderr[-2000:]
+        if expect == 0:
+            assert json.loads(r.stdout.strip().splitlines()[-1]) == NAME
+        else:
+            assert f"unknown task '{NAME}'" in r.stderr
