@@ -266,6 +266,8 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, info: dict[str, Any], 
     from moeguard.io import write_json
     from moeguard.models.loading import load_model
 
+    from moeguard.models.tokenizer_files import save_tokenizer
+
     torch.set_num_threads(runtime.threads)
     dtype = getattr(torch, runtime.dtype) if runtime.dtype else None
     base, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
@@ -276,7 +278,7 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, info: dict[str, Any], 
         hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
         log = harden(hardened, tok, hcfg, progress=progress)
         hardened.save_pretrained(d / "hardened")
-        tok.save_pretrained(d / "hardened")
+        save_tokenizer(tok, d / "hardened")
         write_json(d / "hardening.json", {"method": cfg.defense, "config": hcfg.to_dict(), **log})
         from moeguard.defense.harden import get_defense
 

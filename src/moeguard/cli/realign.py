@@ -92,7 +92,9 @@ def realign(model: Annotated[str, typer.Option("--model", help="the pruned check
                                                keep_trainable=True)
         final = trainable.merged()
         final.save_pretrained(work)
-        tokenizer.save_pretrained(work)
+        from moeguard.models.tokenizer_files import save_tokenizer
+
+        save_tokenizer(tokenizer, work)
         if record is not None:
             write_json(work / "moeguard_pruning.json", record)
         curve["model"], curve["run"] = ref.name, _run(settings)

@@ -72,7 +72,9 @@ def _in_memory(ref, keep, out: Path, *, overwrite: bool, extra: dict) -> dict[st
     with atomic_dir(out, overwrite=overwrite) as tmp:
         small.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            from moeguard.models.tokenizer_files import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)
         if ref.path is not None:  # what else the owner shipped (licence, README) goes along, as streaming does
             from moeguard.models.loading import safetensors_files
 

@@ -1,0 +1,161 @@
+"""Tokenizer files moeguard ships and writes load in transformers 4.x and 5.x, and tokenize identically.
+
+transformers 5 saves a plain tokenizers-library tokenizer as ``"tokenizer_class": "TokenizersBackend"``
+(plus ``"backend": "tokenizers"``), a class 4.x does not have. With transformers 4.55.4 (tokenizers
+0.21.4), on the shipped zoo tokenizer before the fix::
+
+    >>> AutoTokenizer.from_pretrained("src/moeguard/zoo/embedded")
+    ValueError: Tokenizer class TokenizersBackend does not exist or is not currently imported.
+
+and a 5.x ``extra_special_tokens`` list fails in 4.x with ``AttributeError: 'list' object has no
+attribute 'keys'`` (surfacing from ``from_pretrained`` as a misleading protobuf ImportError). These tests
+run with the suite's transformers (5.x) and check the written files against what 4.x needs; the 4.x side
+was verified by hand in a scratch venv outside the repo::
+
+    python3 -m venv /tmp/tf4 && /tmp/tf4/bin/pip install torch==2.13.0 transformers==4.55.4 safetensors
+    HF_HUB_OFFLINE=1 /tmp/tf4/bin/python ids.py DIR...   # and the same with .venv/bin/python (5.24.0)
+
+where ids.py loads each DIR with ``AutoTokenizer`` and ``PreTrainedTokenizerFast`` and prints input_ids
+(single, batched with padding, ``encode``), decodes, eos/pad tokens and ids, special tokens and ``len``
+for code, prose with unicode/emoji, inline ``<|endoftext|>``/``<pad>``, added special tokens, an empty
+string and two texts longer than the 256-token truncation that tokenizer.json carries. Result, for the
+zoo dir after the fix, a 5.x-loaded tokenizer re-saved with ``save_tokenizer``, a freshly trained
+``train_tokenizer`` saved with it, and one with two added ``additional_special_tokens``: both loaders
+load in 4.55.4 and in 5.24.0 and every field is identical to the 5.x tokenizer read from the original
+files; ``save_pretrained`` output without the helper fails in 4.55.4 as above. The embedded model's
+weights load in 4.55.4 as they are (no missing/unexpected keys; logits equal to 5.24.0's within 5e-6).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from moeguard.cli import main
+from moeguard.models.loading import EMBEDDED_MODEL_DIR
+from moeguard.models.tokenizer_files import TOKENIZER_CONFIG, make_portable, portable_tokenizer_config, save_tokenizer
+
+TEXTS = [
+    "def add(a, b):\n    return a + b  # 12345\n",
+    "The quick brown fox jumps over the lazy dog. Ünïcödé — “quotes” 😀",
+    "<|endoftext|>hello<pad> world<|endoftext|>",
+    "   leading and trailing spaces   ",
+    "",
+    " ".join(f"word{i}" for i in range(300)),  # longer than the 256 tokens of tokenizer.json's truncation
+]
+# what transformers 4.x cannot read: a class it lacks, or extra_special_tokens as a list (4.x wants a dict)
+V5_ONLY_KEYS = {"backend", "is_local", "local_files_only"}
+CLASSES_4X_HAS = {"PreTrainedTokenizerFast"}
+PENDING: set[str] = set()  # tokenizer writers not yet using save_tokenizer
+
+
+def raw_ids(directory: Path, texts=TEXTS) -> list[list[int]]:
+    """The ids tokenizer.json itself defines, whatever tokenizer_config.json says."""
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return [tok.encode(t).ids for t in texts]
+
+
+def assert_portable(directory: Path) -> dict:
+    config = json.loads((directory / TOKENIZER_CONFIG).read_text())
+    assert config["tokenizer_class"] in CLASSES_4X_HAS, config
+    assert not V5_ONLY_KEYS & set(config), config
+    assert not isinstance(config.get("extra_special_tokens"), list), config
+    assert portable_tokenizer_config(config) == config
+    return config
+
+
+def assert_same_tokenization(directory: Path, reference, texts=TEXTS) -> None:
+    """Both loaders 4.x and 5.x have give ``reference``'s ids, special tokens and padding."""
+    for loaded in (AutoTokenizer.from_pretrained(directory), PreTrainedTokenizerFast.from_pretrained(directory)):
+        assert [loaded(t)["input_ids"] for t in texts] == [reference(t)["input_ids"] for t in texts]
+        assert loaded(texts[:4], padding=True)["input_ids"] == reference(texts[:4], padding=True)["input_ids"]
+        assert (loaded.eos_token, loaded.eos_token_id, loaded.pad_token, loaded.pad_token_id) == \
+               (reference.eos_token, reference.eos_token_id, reference.pad_token, reference.pad_token_id)
+        assert loaded.all_special_tokens == reference.all_special_tokens and len(loaded) == len(reference)
+        assert loaded.model_max_length == reference.model_max_length
+        assert [loaded.decode(loaded(t)["input_ids"]) for t in texts[:4]] == texts[:4]
+
+
+@pytest.fixture(scope="module")
+def zoo_tokenizer():
+    return AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+
+
+def test_portable_config_renames_the_5x_class_and_drops_load_state():
+    written_by_5x = {"backend": "tokenizers", "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>",
+                     "is_local": True, "local_files_only": True, "model_max_length": 1000000, "pad_token": "<pad>",
+                     "extra_special_tokens": ["<tool>", "</tool>"], "tokenizer_class": "TokenizersBackend"}
+    portable = portable_tokenizer_config(written_by_5x)
+    assert portable == {"clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>", "model_max_length": 1000000,
+                        "pad_token": "<pad>", "additional_special_tokens": ["<tool>", "</tool>"],
+                        "tokenizer_class": "PreTrainedTokenizerFast"}
+    assert portable_tokenizer_config(portable) == portable
+    # classes both versions know, and 4.x's dict of named extra tokens, are left as they are
+    other = {"tokenizer_class": "LlamaTokenizerFast", "extra_special_tokens": {"image_token": "<image>"}}
+    assert portable_tokenizer_config(other) == other
+
+
+def test_shipped_zoo_tokenizer_is_portable_and_unchanged_in_ids(zoo_tokenizer):
+    config = assert_portable(EMBEDDED_MODEL_DIR)
+    assert (config["eos_token"], config["pad_token"]) == ("<|endoftext|>", "<pad>")
+    assert (zoo_tokenizer.eos_token_id, zoo_tokenizer.pad_token_id) == (0, 1)
+    assert [zoo_tokenizer(t)["input_ids"] for t in TEXTS] == raw_ids(EMBEDDED_MODEL_DIR)
+    assert_same_tokenization(EMBEDDED_MODEL_DIR, zoo_tokenizer)
+
+
+def test_save_tokenizer_after_loading(tmp_path, zoo_tokenizer):
+    """What harden/realign/in-memory prune do: re-save a tokenizer transformers 5 loaded."""
+    save_tokenizer(zoo_tokenizer, tmp_path)
+    assert_portable(tmp_path)
+    # same vocabulary, merges, added tokens and pipeline (truncation/padding are runtime state, re-saved as last used)
+    saved, shipped = (json.loads((d / "tokenizer.json").read_text()) for d in (tmp_path, EMBEDDED_MODEL_DIR))
+    for key in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        assert saved[key] == shipped[key], key
+    assert_same_tokenization(tmp_path, zoo_tokenizer)
+    assert make_portable(tmp_path) is False  # already portable: the file is not rewritten
+
+
+def test_save_tokenizer_keeps_added_special_tokens(tmp_path):
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>"]})
+    save_tokenizer(tok, tmp_path)
+    config = assert_portable(tmp_path)
+    assert config["additional_special_tokens"] == ["<tool>", "</tool>"]
+    texts = TEXTS + ["<tool>call(1)</tool><pad>"]
+    assert_same_tokenization(tmp_path, tok, texts)
+    assert tok("<tool>")["input_ids"] == [tok.convert_tokens_to_ids("<tool>")]
+
+
+def test_save_tokenizer_of_a_freshly_trained_tokenizer(tmp_path):
+    """What `zoo train` saves: a PreTrainedTokenizerFast built around a trained tokenizers.Tokenizer."""
+    from moeguard.zoo.recipe import train_tokenizer
+
+    tok = train_tokenizer([f"def f{i}(x):\n    return x + {i}  # café, the cat" for i in range(200)], vocab_size=400)
+    save_tokenizer(tok, tmp_path)
+    assert_portable(tmp_path)
+    assert_same_tokenization(tmp_path, tok)
+    assert [tok(t)["input_ids"] for t in TEXTS] == raw_ids(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["--in-memory", "--streaming"])
+def test_pruned_checkpoints_carry_portable_tokenizers(tmp_path, mode, zoo_tokenizer):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {str(l): [0, 2, 4, 6] for l in range(4)}}))
+    out = tmp_path / "pruned"
+    assert main(["prune", "--plan", str(plan), "--out", str(out), mode]) == 0
+    assert_portable(out)
+    assert_same_tokenization(out, zoo_tokenizer)
+
+
+def test_every_tokenizer_save_goes_through_the_helper():
+    src = Path(__file__).resolve().parents[1] / "src" / "moeguard"
+    offenders = [f"{p.relative_to(src)}:{i}" for p in sorted(src.rglob("*.py")) if p.name != "tokenizer_files.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"\btok\w*\.save_pretrained\(", line)]
+    # a raw save_pretrained of a tokenizer writes 5.x-only files; a writer not yet converted is named in PENDING
+    assert sorted({o.split(":")[0] for o in offenders}) == sorted(PENDING), offenders
