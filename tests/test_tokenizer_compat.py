@@ -53,10 +53,10 @@ PENDING: set[str] = set()  # tokenizer writers not yet using save_tokenizer
 
 
 def raw_ids(directory: Path, texts=TEXTS) -> list[list[int]]:
-    """The ids tokenizer.json itself defines, whatever tokenizer_config.json says."""
+    """The ids tokenizer.json itself gives to a reader that uses the tokenizers library directly (a
+    serving stack's router): no truncation or padding may be switched on in the file."""
     tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    tok.no_truncation()
-    tok.no_padding()
+    assert tok.truncation is None and tok.padding is None, (tok.truncation, tok.padding)
     return [tok.encode(t).ids for t in texts]
 
 
@@ -112,7 +112,10 @@ def test_save_tokenizer_after_loading(tmp_path, zoo_tokenizer):
     """What harden/realign/in-memory prune do: re-save a tokenizer transformers 5 loaded."""
     save_tokenizer(zoo_tokenizer, tmp_path)
     assert_portable(tmp_path)
-    # same vocabulary, merges, added tokens and pipeline (truncation/padding are runtime state, re-saved as last used)
+    zoo_tokenizer(TEXTS, truncation=True, max_length=16, padding=True)  # leaves call state in the backend
+    save_tokenizer(zoo_tokenizer, tmp_path)
+    assert raw_ids(tmp_path) == raw_ids(EMBEDDED_MODEL_DIR)  # the call state was not written
+    # same vocabulary, merges, added tokens and pipeline
     saved, shipped = (json.loads((d / "tokenizer.json").read_text()) for d in (tmp_path, EMBEDDED_MODEL_DIR))
     for key in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder"):
         assert saved[key] == shipped[key], key

@@ -8,8 +8,11 @@ a name transformers 4.x does not have: ``AutoTokenizer.from_pretrained`` there f
 ``TokenizersBackend``), reading the same ``tokenizer.json``.
 
 Every tokenizer moeguard writes goes through :func:`save_tokenizer`; :func:`portable_tokenizer_config`
-is the one place that says what is rewritten. ``tokenizer.json`` (vocabulary, merges, token ids) is
-never touched. Tokenizer files that moeguard copies from a user's checkpoint (streaming surgery's side
+is the one place that says what is rewritten. In ``tokenizer.json`` the vocabulary, merges and token
+ids are never touched; only the truncation and padding left over from the last call are cleared
+(transformers sets both per call, so they are call state, not the tokenizer's; a serving stack that
+reads ``tokenizer.json`` with the ``tokenizers`` library directly, TGI's router for one, would
+otherwise cut every input at the last call's ``max_length``, 256 for the zoo). Tokenizer files that moeguard copies from a user's checkpoint (streaming surgery's side
 files) stay as their owner wrote them.
 """
 
@@ -58,8 +61,23 @@ def make_portable(directory: str | Path) -> bool:
     return True
 
 
+def clear_call_state(directory: str | Path) -> bool:
+    """Set ``truncation`` and ``padding`` of ``directory/tokenizer.json`` to null; True if it changed."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return False
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("truncation") is None and data.get("padding") is None:
+        return False
+    data["truncation"] = data["padding"] = None
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
 def save_tokenizer(tokenizer, directory: str | Path) -> tuple[str, ...]:
-    """``tokenizer.save_pretrained(directory)``, with a tokenizer_config.json that transformers 4.x loads too."""
+    """``tokenizer.save_pretrained(directory)``, with files that transformers 4.x loads too and that
+    carry no truncation or padding from the last call."""
     files = tokenizer.save_pretrained(directory)
     make_portable(directory)
+    clear_call_state(directory)
     return files
