@@ -227,8 +227,9 @@ def test_not_utf8_and_corrupt_gzip(tmp_path):
 
 def test_surplus_cells_are_reported(tmp_path):
     (tmp_path / "test.tsv").write_text("sentence\tlabel\nok\t1\textra\n")
-    with pytest.raises(MoeguardError, match="line 2 .* more cells than the header"):
+    with pytest.raises(MoeguardError, match="line 2 .* more cells than the header") as err:
         load_records(cls_task(tmp_path, "tsv", {"test": "test.tsv"}), "eval")
+    assert "no header row, name its columns in source.columns" in err.value.hint
 
 
 def test_bad_role_and_limit(sst):

@@ -60,7 +60,7 @@ def test_hub_presets_fail_with_one_clear_line_offline(offline, name):
 
 def test_examples_parse_and_point_at_the_shared_data():
     names = {get_task(str(f)).name for f in EXAMPLES}
-    assert names == {"sst2-local", "wikitext103-local", "shakespeare-local", "scitldr-local"}
+    assert names == {"sst2-local", "wikitext103-local", "shakespeare-local", "scitldr-local", "agnews-local"}
     for file in EXAMPLES:
         assert Path(get_task(str(file)).source.path).resolve().parent == SHARED.resolve()
     assert not {"sst2-local"} & {t.name for t in list_tasks()}  # examples are never built-ins

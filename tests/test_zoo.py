@@ -12,8 +12,9 @@ from moeguard.zoo.recipe import Recipe, mixture_order, pack_blocks, train_tokeni
 def test_pack_blocks_starts_every_block_at_an_example():
     examples = [[1] * 5, [2] * 4, [3] * 7, [4] * 20]
     blocks = pack_blocks(examples, context=10, eos_id=0)
-    # each example carries its EOS; one that does not fit opens a new block
-    assert blocks == [[1] * 5 + [0], [2] * 4 + [0], [3] * 7 + [0], [4] * 10]
+    # each example carries its EOS; one that does not fit opens a new block; one longer than a
+    # block gives all its tokens, in windows that overlap by one token
+    assert blocks == [[1] * 5 + [0], [2] * 4 + [0], [3] * 7 + [0], [4] * 10, [4] * 10, [4] * 2 + [0]]
     assert pack_blocks([[1] * 3, [2] * 3], context=10, eos_id=0) == [[1, 1, 1, 0, 2, 2, 2, 0]]
 
 

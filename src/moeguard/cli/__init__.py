@@ -343,12 +343,14 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
               seed: SeedOpt = 0, overwrite: OverwriteOpt = False) -> None:
     """Re-make the embedded model from the embedded suite, or train the same recipe on other tasks."""
     from moeguard.io import check_output
-    from moeguard.zoo.recipe import Recipe
+    from dataclasses import replace
+
+    from moeguard.zoo.recipe import EMBEDDED_RECIPE, Recipe
     from moeguard.zoo.train import train_embedded
 
     check_output(out, overwrite=overwrite)
     with _progress() as progress:
-        card = train_embedded(out, recipe=Recipe(seed=seed, steps=steps), overwrite=overwrite, progress=progress,
+        card = train_embedded(out, recipe=replace(EMBEDDED_RECIPE if tasks is None else Recipe(), seed=seed, steps=steps), overwrite=overwrite, progress=progress,
                               tasks=_names(tasks, "--tasks") if tasks else None)
     spec = card["specialization"]
     typer.echo(f"trained in {card['train_seconds']:.0f} s; final loss {card['loss_curve'][-1]}; "

@@ -34,6 +34,8 @@ PRIMARY_METRIC: dict[TaskKind, str] = {
 
 SOURCE_TYPES = ("hub", "disk", "local", "package")
 FILE_FORMATS = ("txt", "jsonl", "csv", "tsv")
+# Formats whose files are tables: only these can take their column names from ``columns``.
+TABLE_FORMATS = ("csv", "tsv")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +46,8 @@ class SourceSpec:
     (``datasets.load_from_disk(path)``), ``local`` (files under ``path``) or ``package``
     (files shipped inside moeguard, ``path`` relative to ``moeguard/tasks/embedded/data``).
     files: split name -> file name, for ``local``/``package``.
+    columns: names for the columns of a csv/tsv file that has no header row (AG News, many
+    Kaggle exports); with them the first row is data. ``None``: the first row is the header.
     """
 
     type: str
@@ -52,6 +56,7 @@ class SourceSpec:
     files: dict[str, str] = field(default_factory=dict)
     hub_name: str | None = None
     hub_config: str | None = None
+    columns: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +100,8 @@ class Task:
                 f"task '{self.name}' has source type '{self.source.type}'",
                 hint=f"use one of {', '.join(SOURCE_TYPES)}",
             )
+        if self.source.columns is not None:
+            _check_columns(self.name, self.source)
 
     @property
     def primary_metric(self) -> str:
@@ -122,6 +129,9 @@ class Task:
         source = SourceSpec(
             type=src.get("type", "local"), path=src.get("path"), format=src.get("format"),
             files=dict(src.get("files") or {}), hub_name=hub.get("name"), hub_config=hub.get("config"),
+            # a YAML list becomes a tuple (the spec is frozen and hashable); anything else is
+            # kept as given so the check in __post_init__ can say what it received
+            columns=tuple(src["columns"]) if isinstance(src.get("columns"), list) else src.get("columns"),
         )
         gen = data.get("generation") or {}
         return cls(
@@ -131,3 +141,30 @@ class Task:
             max_length=int(data.get("max_length", 256)), max_new_tokens=int(gen.get("max_new_tokens", 32)),
             description=data.get("description", ""), provenance=data.get("provenance", ""),
         )
+
+
+def _check_columns(task: str, source: SourceSpec) -> None:
+    """``source.columns`` must be unique, non-empty names, on a source whose files are tables."""
+    columns = source.columns
+    example = "columns: [label, title, description]"
+    if not isinstance(columns, (list, tuple)) or not columns:
+        raise MoeguardError(f"task '{task}' has source.columns {columns!r}, not a non-empty list of names",
+                            hint=f"write one name per column of the file, in file order, e.g. '{example}'")
+    bad = [c for c in columns if not isinstance(c, str) or not c.strip()]
+    if bad:
+        what = f"{bad[0]!r} is not a name" if len(bad) == 1 else f"{bad!r} are not names"
+        raise MoeguardError(f"task '{task}' has source.columns {list(columns)!r}: {what}",
+                            hint="give every column a non-empty text name (quote names YAML would read as "
+                                 "numbers or null)")
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    if dupes:
+        raise MoeguardError(f"task '{task}' has source.columns {list(columns)!r}, which names {dupes} more than once",
+                            hint="give every column a distinct name (rename unused ones, e.g. 'unused1', 'unused2')")
+    if source.type not in ("local", "package"):
+        raise MoeguardError(f"task '{task}' sets source.columns on a '{source.type}' source",
+                            hint="columns name the cells of header-less csv/tsv files; "
+                                 "use them with source type local, or drop them")
+    if source.format is not None and source.format not in TABLE_FORMATS:
+        raise MoeguardError(f"task '{task}' sets source.columns for format '{source.format}'",
+                            hint=f"columns only apply to header-less {'/'.join(TABLE_FORMATS)} files; drop them "
+                                 "(jsonl rows name their own keys, txt has the single column 'text')")

@@ -6,14 +6,13 @@ the *normalized* records the evaluators consume:
 - language modeling: ``{"text"}``
 - classification: ``{"input", "label"}`` (label as ``str``)
 - summarization: ``{"input", "target", "references", "source_text"}``
+
+How each local file format becomes rows (byte-order marks, header-less tables, text
+chunking) is in ``formats.py``.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import os
 import re
 import string
@@ -23,15 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError
-from moeguard.tasks.base import FILE_FORMATS, Task, TaskKind
+from moeguard.tasks.base import Task, TaskKind
+from moeguard.tasks.formats import read_file
 
 ROLES = ("train", "eval")
-# Extensions that map to a format without ``source.format``; anything else (e.g. WikiText's
-# ``.tokens``) needs the format spelled out.
-_EXT_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 # ``train[:90%]``, ``train[100:200]``: the datasets split-slicing syntax, also for local files.
 _SLICE = re.compile(r"^(?P<split>[^\[\]]+)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]$")
-_PARAGRAPH = re.compile(r"\n[ \t]*\n")
 _CHARS_PER_TOKEN = 4
 
 
@@ -92,7 +88,7 @@ def _rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
         raise MoeguardError(f"data file '{label.rstrip('/')}/{name}' for split '{base}' of task "
                             f"'{task.name}' does not exist",
                             hint=f"create it or fix source.files (splits with files: {known})")
-    rows = _read_file(file, src.format, task.max_length * _CHARS_PER_TOKEN)
+    rows = read_file(file, src.format, task.max_length * _CHARS_PER_TOKEN, src.columns)
     return _slice(rows, sliced), f"{label.rstrip('/')}/{name}"
 
 
@@ -169,95 +165,7 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").upper() in true for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-# --------------------------------------------------------------------------- files
-
-def _format_of(name: str, given: str | None) -> str:
-    if given is not None:
-        if given not in FILE_FORMATS:
-            raise MoeguardError(f"file format '{given}' is not supported",
-                                hint=f"set source.format to one of {', '.join(FILE_FORMATS)}")
-        return given
-    stem = name[:-3] if name.endswith(".gz") else name
-    fmt = _EXT_FORMATS.get(Path(stem).suffix.lower())
-    if fmt is None:
-        raise MoeguardError(f"cannot tell the format of data file '{name}' from its extension",
-                            hint=f"set source.format to one of {', '.join(FILE_FORMATS)}")
-    return fmt
-
-
-def _open_text(file: Any) -> io.TextIOBase:
-    raw = file.open("rb")
-    if str(file.name).endswith(".gz"):
-        raw = gzip.GzipFile(fileobj=raw)
-    # newline="" lets the csv module see embedded newlines inside quoted cells.
-    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
-
-
-def _read_file(file: Any, fmt: str | None, chunk_chars: int) -> list[dict[str, Any]]:
-    fmt = _format_of(str(file.name), fmt)
-    try:
-        with _open_text(file) as handle:
-            if fmt == "txt":
-                return [{"text": t} for t in _chunk_text(handle.read(), chunk_chars)]
-            if fmt == "jsonl":
-                return list(_jsonl(handle, file))
-            delimiter = "\t" if fmt == "tsv" else ","
-            # SST-2's TSV has unbalanced double quotes: QUOTE_NONE keeps them as text.
-            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-            reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
-            if not reader.fieldnames:
-                return []
-            return [_check_width(row, file, reader.line_num) for row in reader]
-    except UnicodeDecodeError as exc:
-        raise MoeguardError(f"data file '{file}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
-                            hint="re-encode it as UTF-8") from None
-    except (OSError, EOFError) as exc:  # e.g. a truncated or mislabelled .gz
-        raise MoeguardError(f"could not read data file '{file}': {_first_line(exc)}",
-                            hint="check the file is complete and matches its extension") from None
-
-
-def _jsonl(handle: Iterable[str], file: Any) -> Iterator[dict[str, Any]]:
-    for number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MoeguardError(f"line {number} of '{file}' is not valid JSON ({exc.msg})",
-                                hint="write one JSON object per line (JSON Lines)") from None
-        if not isinstance(row, dict):
-            raise MoeguardError(f"line {number} of '{file}' is a JSON {type(row).__name__}, not an object",
-                                hint="write one JSON object per line, with one key per column")
-        yield row
-
-
-def _check_width(row: dict[str, Any], file: Any, line: int) -> dict[str, Any]:
-    if None in row:  # DictReader files surplus cells under the key None
-        raise MoeguardError(f"line {line} of '{file}' has more cells than the header",
-                            hint="check the delimiter and quoting, or add the missing header names")
-    return row
-
-
-def _chunk_text(text: str, chunk_chars: int) -> list[str]:
-    """Pack blank-line-separated paragraphs into chunks of about ``chunk_chars`` characters.
-
-    Paragraph boundaries keep records readable; packing keeps short paragraphs (headings,
-    verse) from each starting a fresh context, which would inflate perplexity.
-    """
-    chunks, current, size = [], [], 0
-    for para in _PARAGRAPH.split(text.replace("\r\n", "\n")):
-        para = para.strip()
-        if not para:
-            continue
-        current.append(para)
-        size += len(para)
-        if size >= chunk_chars:
-            chunks.append("\n\n".join(current))
-            current, size = [], 0
-    if current:
-        chunks.append("\n\n".join(current))
-    return chunks
-
+# --------------------------------------------------------------------------- split slicing
 
 def _parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]:
     match = _SLICE.match(split)

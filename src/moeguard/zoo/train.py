@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ import torch
 from moeguard.io import atomic_dir, write_json
 from moeguard.provenance import run_record
 from moeguard.tasks.registry import embedded_tasks  # noqa: F401  (callers import it from here too)
-from moeguard.zoo.recipe import Recipe, mixture_order, model_config, pack_blocks, train_tokenizer, training_text
+from moeguard.zoo.recipe import (Recipe, few_blocks_warning, mixture_order, model_config, pack_blocks,
+                                  train_tokenizer, training_text)
 
 
 def _lr_at(step: int, r: Recipe) -> float:
@@ -43,8 +45,14 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
     texts = {t.name: [training_text(t, r) for r in load_records(t, "train")] for t in tasks}
     tokenizer = train_tokenizer([x for name in sorted(texts) for x in texts[name]], vocab_size=recipe.vocab_size)
     eos = tokenizer.eos_token_id
-    blocks = {name: pack_blocks(tokenizer(texts[name], add_special_tokens=False)["input_ids"],
-                                context=recipe.context, eos_id=eos) for name in sorted(texts)}
+    token_ids = {name: tokenizer(texts[name], add_special_tokens=False)["input_ids"] for name in sorted(texts)}
+    blocks = {name: pack_blocks(token_ids[name], context=recipe.context, eos_id=eos,
+                                long_examples=recipe.long_examples) for name in sorted(texts)}
+    notes = [few_blocks_warning(t, records=len(texts[t.name]), tokens=sum(map(len, token_ids[t.name])),
+                                blocks=len(blocks[t.name]), recipe=recipe, tasks=len(tasks)) for t in tasks]
+    notes = [n for n in notes if n]
+    for note in notes:  # said now, before the minutes of training, and kept in the card
+        warnings.warn(note, stacklevel=2)
     order = mixture_order({n: len(b) for n, b in blocks.items()}, steps=recipe.steps,
                           batch_size=recipe.batch_size, seed=recipe.seed)
 
@@ -90,6 +98,7 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
                   for t in tasks},
         "loss_curve": losses[:: max(1, recipe.steps // 50)] + [losses[-1]],
         "train_seconds": round(train_seconds, 1),
+        "warnings": notes,
         "specialization": specialization_summary(profile),
         "specialization_at_init": {k: v for k, v in specialization_summary(init_profile).items() if k != "routing"},
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -98,7 +107,9 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
     model.config.output_router_logits = False
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        from moeguard.models.tokenizer_files import save_tokenizer
+
+        save_tokenizer(tokenizer, tmp)
         write_json(tmp / "moeguard_card.json", card)
         (tmp / "README.md").write_text(render_card(card) if embedded else render_zoo_card(card))
     return card
@@ -115,6 +126,7 @@ def render_zoo_card(card: dict) -> str:
         f"seed {r['seed']}, {card['train_seconds']:.0f} s) on the train splits of: {names}.", "",
         f"Specialization (normalized task-expert mutual information, mean over layers): "
         f"{card['specialization']['mean']:.3f} (at initialization: {card['specialization_at_init']['mean']:.3f}).", "",
+        *[f"Warning: {w}\n" for w in card.get("warnings", [])],
         f"git commit: {card.get('git_commit')}", ""])
 
 

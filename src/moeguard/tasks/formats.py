@@ -1,0 +1,192 @@
+"""Local data files as raw rows: txt, jsonl, csv and tsv, any of them gzipped.
+
+Real files come as they were published, not as a loader would like them: GLUE's TSVs start
+with a UTF-8 byte-order mark, AG News' CSV has no header row, Penn Treebank's text has one
+sentence per line and no blank line anywhere. Each of these reads here without hand edits;
+``loaders.py`` picks the file and turns the rows into normalized records.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from moeguard.errors import MoeguardError
+from moeguard.tasks.base import FILE_FORMATS, TABLE_FORMATS
+
+# Extensions that map to a format without ``source.format``; anything else (e.g. WikiText's
+# ``.tokens``) needs the format spelled out.
+EXT_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+_PARAGRAPH = re.compile(r"\n[ \t]*\n")
+_LAST_SPACE = re.compile(r"\s(?=\S*$)")
+
+
+def format_of(name: str, given: str | None) -> str:
+    if given is not None:
+        if given not in FILE_FORMATS:
+            raise MoeguardError(f"file format '{given}' is not supported",
+                                hint=f"set source.format to one of {', '.join(FILE_FORMATS)}")
+        return given
+    stem = name[:-3] if name.endswith(".gz") else name
+    fmt = EXT_FORMATS.get(Path(stem).suffix.lower())
+    if fmt is None:
+        raise MoeguardError(f"cannot tell the format of data file '{name}' from its extension",
+                            hint=f"set source.format to one of {', '.join(FILE_FORMATS)}")
+    return fmt
+
+
+def open_text(file: Any) -> io.TextIOBase:
+    raw = file.open("rb")
+    if str(file.name).endswith(".gz"):
+        raw = gzip.GzipFile(fileobj=raw)
+    # utf-8-sig drops a leading byte-order mark (GLUE's MRPC TSV starts with one, which would
+    # otherwise glue itself to the first column name: '\ufeffQuality') and reads plain UTF-8
+    # unchanged. newline="" lets the csv module see embedded newlines inside quoted cells.
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
+def read_file(file: Any, fmt: str | None, chunk_chars: int,
+              columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The rows of one data file; ``columns`` names the cells of a csv/tsv without a header row."""
+    fmt = format_of(str(file.name), fmt)
+    if columns is not None and fmt not in TABLE_FORMATS:
+        raise MoeguardError(f"source.columns is set, but data file '{file}' is read as {fmt}",
+                            hint=f"columns only apply to header-less {'/'.join(TABLE_FORMATS)} files: drop them, "
+                                 "or set source.format if the file is a table with another extension")
+    try:
+        with open_text(file) as handle:
+            if fmt == "txt":
+                return [{"text": t} for t in chunk_text(handle.read(), chunk_chars)]
+            if fmt == "jsonl":
+                return list(_jsonl(handle, file))
+            delimiter = "\t" if fmt == "tsv" else ","
+            # SST-2's TSV has unbalanced double quotes: QUOTE_NONE keeps them as text.
+            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+            if columns is not None:
+                return list(_headerless(csv.reader(handle, delimiter=delimiter, quoting=quoting), columns, file))
+            reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+            if not reader.fieldnames:
+                return []
+            return [_check_width(row, file, reader.line_num) for row in reader]
+    except UnicodeDecodeError as exc:
+        raise MoeguardError(f"data file '{file}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            hint="re-encode it as UTF-8") from None
+    except (OSError, EOFError) as exc:  # e.g. a truncated or mislabelled .gz
+        raise MoeguardError(f"could not read data file '{file}': {_first_line(exc)}",
+                            hint="check the file is complete and matches its extension") from None
+
+
+def _headerless(reader: Any, columns: Sequence[str], file: Any) -> Iterator[dict[str, Any]]:
+    for cells in reader:
+        if not cells:  # a blank line, skipped as DictReader skips it
+            continue
+        if len(cells) != len(columns):
+            # Too few cells is as wrong as too many here: with named columns a short row would
+            # silently shift every later cell into the wrong field.
+            raise MoeguardError(
+                f"line {reader.line_num} of '{file}' has {len(cells)} cell(s), but source.columns names "
+                f"{len(columns)} ({', '.join(columns)})",
+                hint="list one name per column in source.columns, or check the delimiter and quoting of that line",
+            )
+        yield dict(zip(columns, cells))
+
+
+def _jsonl(handle: Iterable[str], file: Any) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MoeguardError(f"line {number} of '{file}' is not valid JSON ({exc.msg})",
+                                hint="write one JSON object per line (JSON Lines)") from None
+        if not isinstance(row, dict):
+            raise MoeguardError(f"line {number} of '{file}' is a JSON {type(row).__name__}, not an object",
+                                hint="write one JSON object per line, with one key per column")
+        yield row
+
+
+def _check_width(row: dict[str, Any], file: Any, line: int) -> dict[str, Any]:
+    if None in row:  # DictReader files surplus cells under the key None
+        raise MoeguardError(f"line {line} of '{file}' has more cells than the header",
+                            hint="check the delimiter and quoting, add the missing header names, or, if the "
+                                 "file has no header row, name its columns in source.columns")
+    return row
+
+
+def chunk_text(text: str, chunk_chars: int) -> list[str]:
+    """Pack blank-line-separated paragraphs into chunks of about ``chunk_chars`` characters.
+
+    Paragraph boundaries keep records readable; packing keeps short paragraphs (headings,
+    verse) from each starting a fresh context, which would inflate perplexity. A paragraph
+    longer than a chunk (all of a one-sentence-per-line corpus such as Penn Treebank, which
+    has no blank line; a WikiText section) is cut at line ends into chunks of at most
+    ``chunk_chars`` characters. A line is cut inside, at whitespace, only when it is longer
+    than a chunk, or when it does not fit in a chunk that is still less than half full (a
+    heading then keeps the text under it instead of becoming a record of its own).
+    """
+    chunks: list[str] = []
+    buf, size = "", 0  # the open chunk; the characters of its paragraphs, separators not counted
+
+    def flush() -> None:
+        nonlocal buf, size
+        if buf.strip():
+            chunks.append(buf.strip())
+        buf, size = "", 0
+
+    for para in _PARAGRAPH.split(text.replace("\r\n", "\n")):
+        para = para.strip()
+        if not para:
+            continue
+        if len(para) <= chunk_chars:
+            buf = f"{buf}\n\n{para}" if buf else para
+            size += len(para)
+            if size >= chunk_chars:
+                flush()
+            continue
+        sep = "\n\n" if buf else ""
+        for line in para.split("\n"):
+            line = line.rstrip()
+            while line.strip():
+                if not buf:
+                    line, sep = line.lstrip(), ""
+                room = chunk_chars - len(buf) - len(sep)
+                if len(line) <= room:
+                    buf, sep, line = buf + sep + line, "\n", ""
+                    continue
+                if buf and (len(buf) >= chunk_chars / 2 or room <= 1):
+                    flush()  # full enough: the line opens the next chunk
+                    continue
+                head, rest = _cut_at_space(line, room)
+                if not head and buf:
+                    flush()  # no whitespace within the room: the line opens the next chunk
+                    continue
+                if not head:  # a single word longer than a chunk
+                    head, rest = line[:room], line[room:]
+                buf += sep + head
+                flush()
+                line = rest
+        size = len(buf)
+        if size >= chunk_chars:
+            flush()
+    flush()
+    return chunks
+
+
+def _cut_at_space(line: str, room: int) -> tuple[str, str]:
+    """``line`` cut at its last whitespace that leaves at most ``room`` characters before it;
+    ``("", line)`` when there is none."""
+    space = _LAST_SPACE.search(line[:room + 1])
+    head = line[:space.start()].rstrip() if space else ""
+    return (head, line[space.start():].lstrip()) if head else ("", line)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
