@@ -164,3 +164,14 @@ def test_malformed_files(cmd, name, content, needle, capsys, tmp_path):
     code = main([subs.get(a, a) for a in cmd.split()])
     assert_one_line(code, capsys.readouterr().err, needle)
     assert not out.exists()
+
+
+def test_moeguard_warnings_are_one_line_and_others_keep_their_source():
+    from moeguard.cli import _format_warning
+
+    import moeguard.cli as cli
+
+    mine = _format_warning("task 'x' gives only 3 training block(s)", UserWarning, cli.__file__, 10)
+    assert mine == "moeguard: warning: task 'x' gives only 3 training block(s)\n"
+    theirs = _format_warning("deprecated", FutureWarning, "/site-packages/transformers/x.py", 5, "")
+    assert "transformers/x.py:5" in theirs and "FutureWarning" in theirs

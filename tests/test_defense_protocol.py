@@ -27,7 +27,7 @@ def test_protocol_round_trips_and_rejects_bad_files(tmp_path):
         with pytest.raises(MoeguardError, match=words):
             Protocol.from_dict(bad)
     (tmp_path / "x.json").write_text("{")
-    with pytest.raises(MoeguardError, match="not JSON"):
+    with pytest.raises(MoeguardError, match="not valid JSON"):
         Protocol.load(tmp_path / "x.json")
     with pytest.raises(MoeguardError, match="does not authorize --mode full"):
         p.check_mode("full")

@@ -34,7 +34,7 @@ def test_lock_pins_torch_cpu_and_every_direct_import():
                     imported |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     imported.add(node.module.split(".")[0])
-    local = {"moeguard", "_common", "conftest"} | {f.stem for f in (ROOT / "benchmarks").glob("*.py")}
+    local = {"moeguard"} | {f.stem for folder in ("benchmarks", "tests") for f in (ROOT / folder).glob("*.py")}
     third_party = {canonical(DIST.get(m, m)) for m in imported - stdlib - local}
     assert third_party, "found no imports: the scan is broken"
     missing = sorted(third_party - set(lock))

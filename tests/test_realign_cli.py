@@ -100,7 +100,7 @@ def test_bad_requests_fail_with_one_line_before_work(pruned, tmp_path, capsys):
     assert main(realign_args(pruned, out, "--budget", "100")) == 2
     assert "larger than a pool of 64" in capsys.readouterr().err
     assert main(realign_args(pruned, out, "--query-size", "0")) == 2
-    assert "query size is 0" in capsys.readouterr().err
+    assert "Invalid value for '--query-size'" in capsys.readouterr().err
     assert main(realign_args(pruned, out, "--strategy", "margin", "--task", "stdlib-docs")) == 2
     assert "applies to classification" in capsys.readouterr().err
     data = tmp_path / "data"

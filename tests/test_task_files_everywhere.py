@@ -101,7 +101,8 @@ def test_a_file_task_may_not_shadow_another_definition(files, tmp_path, capsys):
 
 def test_a_fresh_worker_process_knows_the_file_task_through_the_runtime(files, tmp_path):
     """What a Ray worker sees: a new interpreter that knows only the built-in names gets the job
-    (which names its task) and the runtime (which carries the file's task)."""
+    (which names its task) and the runtime (which carries the file's task). Without the task in
+    the runtime the same job fails by name, so the check can fail."""
     import pickle
     import subprocess
     import sys
@@ -112,14 +113,22 @@ def test_a_fresh_worker_process_knows_the_file_task_through_the_runtime(files, t
     task = get_task(str(files / "task.yaml"))
     job = Job(stage="baseline", name=NAME, fn="moeguard.audit.work:baseline_job",
               args={"task": NAME, "limits": [4], "seed": 0})
-    for runtime, expect in ((Runtime(model=None, threads=1, tasks=(task,)), 0), (Runtime(model=None, threads=1), 1)):
-        (tmp_path / "job.pkl").write_bytes(pickle.dumps((job, runtime)))
-        script = ("import pickle, sys, json\nfrom moeguard.audit.jobs import execute\n"
-                  f"job, rt = pickle.loads(open({str(tmp_path / 'job.pkl')!r}, 'rb').read())\n"
-                  "print(json.dumps(execute(job, rt)['4']['task']))")
-        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-        assert r.returncode == expect, r.stderr[-2000:]
-        if expect == 0:
-            assert json.loads(r.stdout.strip().splitlines()[-1]) == NAME
-        else:
-            assert f"unknown task '{NAME}'" in r.stderr
+    runtimes = [Runtime(model=None, threads=1), Runtime(model=None, threads=1, tasks=(task,))]
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps((job, runtimes)))
+    script = f"""
+import json, pickle
+from moeguard.audit.jobs import execute
+from moeguard.errors import MoeguardError
+job, (bare, carrying) = pickle.loads(open({str(tmp_path / 'job.pkl')!r}, 'rb').read())
+try:
+    execute(job, bare)
+    print(json.dumps("no error"))
+except MoeguardError as e:
+    print(json.dumps(e.one_line()))
+print(json.dumps(execute(job, carrying)["4"]["task"]))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    without, with_task = [json.loads(line) for line in r.stdout.strip().splitlines()[-2:]]
+    assert f"unknown task '{NAME}'" in without
+    assert with_task == NAME

@@ -7,7 +7,9 @@ the traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +28,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a t
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
 
 _state = {"debug": False}
+_python_format_warning = warnings.formatwarning
 
 
 @app.callback()
@@ -375,8 +378,24 @@ from moeguard.cli import defense as _defense  # noqa: E402,F401  (registers its 
 from moeguard.cli import realign as _realign  # noqa: E402,F401  (registers its commands on app)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """moeguard's own warnings (a task too small to learn from, ...) as one line a user reads;
+    other libraries' warnings keep Python's format, which names their source."""
+    if f"{os.sep}moeguard{os.sep}" in str(filename) and issubclass(category, UserWarning):
+        return f"moeguard: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     _state["debug"] = False  # set by the --debug callback of this call only
+    saved, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = saved
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="moeguard")
     except MoeguardError as e:
