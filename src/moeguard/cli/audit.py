@@ -32,6 +32,7 @@ def audit(out: Annotated[Path, _opt("--out", "run directory (created, or resumed
           samples: Annotated[Int, _opt("--samples", "attribution samples per task")] = None,
           eval_limit: Annotated[Int, _opt("--eval-limit", "eval records per task in the sweep (default 64)")] = None,
           random_seeds: Annotated[Int, _opt("--random-seeds", "random rankings for the baseline band (default 3)")] = None,
+          deletion_curves: Annotated[Optional[bool], _opt("--deletion-curves/--no-deletion-curves", "also every keep level from N-1 down to top-k (default: yes)")] = None,
           recovery: Annotated[Optional[bool], _opt("--recovery/--no-recovery", "run the recovery study (default: yes)")] = None,
           recovery_tasks: Annotated[Str, _opt("--recovery-tasks", "tasks for the recovery study; default: all")] = None,
           recovery_keep: Annotated[Int, _opt("--recovery-keep", "experts per layer the attacker keeps; default N/4")] = None,
@@ -62,7 +63,7 @@ def audit(out: Annotated[Path, _opt("--out", "run directory (created, or resumed
     from moeguard.io import write_json
 
     flags = dict(model=model, tasks=tasks, methods=methods, keeps=keeps, samples=samples, eval_limit=eval_limit,
-                 random_seeds=random_seeds, recovery=recovery, recovery_tasks=recovery_tasks,
+                 random_seeds=random_seeds, deletion_curves=deletion_curves, recovery=recovery, recovery_tasks=recovery_tasks,
                  recovery_keep=recovery_keep, strategies=strategies, budgets=budgets, recovery_seeds=recovery_seeds,
                  pool_size=pool_size, recovery_eval_limit=recovery_eval_limit, target=target, defense=defense,
                  hardened=hardened, harden_steps=harden_steps, defense_tasks=defense_tasks,
