@@ -7,7 +7,6 @@ planning stay separate (and a plan can be re-made from saved scores without the 
 
 from __future__ import annotations
 
-from moeguard.io import read_json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from moeguard.errors import MoeguardError, suggest
+from moeguard.io import read_json
 
 SCHEMA = "moeguard.attribution/1"
 

@@ -265,7 +265,6 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, info: dict[str, Any], 
     from moeguard.defense.protocol import FILENAME, Protocol
     from moeguard.io import write_json
     from moeguard.models.loading import load_model
-
     from moeguard.models.tokenizer_files import save_tokenizer
 
     torch.set_num_threads(runtime.threads)

@@ -345,16 +345,18 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
               tasks: Annotated[Optional[str], typer.Option("--tasks", help="train on these tasks instead of the embedded suite (names or YAML paths)")] = None,
               seed: SeedOpt = 0, overwrite: OverwriteOpt = False) -> None:
     """Re-make the embedded model from the embedded suite, or train the same recipe on other tasks."""
-    from moeguard.io import check_output
     from dataclasses import replace
 
+    from moeguard.io import check_output
     from moeguard.zoo.recipe import EMBEDDED_RECIPE, Recipe
     from moeguard.zoo.train import train_embedded
 
     check_output(out, overwrite=overwrite)
+    # rebuilding the embedded model keeps the recipe its shipped weights were made with
+    recipe = replace(EMBEDDED_RECIPE if tasks is None else Recipe(), seed=seed, steps=steps)
     with _progress() as progress:
-        card = train_embedded(out, recipe=replace(EMBEDDED_RECIPE if tasks is None else Recipe(), seed=seed, steps=steps), overwrite=overwrite, progress=progress,
-                              tasks=_names(tasks, "--tasks") if tasks else None)
+        card = train_embedded(out, recipe=recipe, overwrite=overwrite, progress=progress,
+                              tasks=_task_names(tasks, "--tasks") if tasks else None)
     spec = card["specialization"]
     typer.echo(f"trained in {card['train_seconds']:.0f} s; final loss {card['loss_curve'][-1]}; "
                f"specialization (normalized task-expert MI) {spec['mean']:.3f} "

@@ -10,12 +10,12 @@ pruned copy recovers poorly, and ``defend-eval`` measures both paths.
 
 from __future__ import annotations
 
-from moeguard.io import read_json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError, suggest
+from moeguard.io import read_json
 
 SCHEMA = "moeguard.protocol/1"
 FILENAME = "moeguard_protocol.json"

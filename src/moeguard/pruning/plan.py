@@ -8,7 +8,6 @@ config-only (meta-device) view of the model before anything expensive starts.
 
 from __future__ import annotations
 
-from moeguard.io import read_json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from moeguard.attribution.base import Scores
 from moeguard.errors import MoeguardError
+from moeguard.io import read_json
 
 SCHEMA = "moeguard.plan/1"
 
