@@ -35,7 +35,7 @@ from moeguard.models.loading import load_model
 from moeguard.realign.engine import FinetuneConfig, batch_order, finetune
 from moeguard.realign.modes import apply_mode
 from moeguard.tasks.batches import collate, task_sequences
-from moeguard.tasks.evaluate import _pad_id
+from moeguard.tasks.tokens import pad_id
 from moeguard.tasks.loaders import load_records
 from moeguard.tasks.registry import get_task
 
@@ -103,7 +103,7 @@ def main() -> None:
     load = [round(x, 2) for x in os.getloadavg()]  # other processes skew both sides; recorded to judge
     transformers.set_seed(args.seed)
     base, tokenizer, _ = load_model(None)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     rows, optim_used = [], None
     for task in args.tasks.split(","):
         examples = task_sequences(tokenizer, task, load_records(get_task(task), "train", limit=args.records))

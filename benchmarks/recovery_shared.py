@@ -44,20 +44,23 @@ def main() -> None:
                      args.out)
         return
     torch.set_num_threads(2)
-    from moeguard.models.loading import load_model
-    from moeguard.realign.recovery import RecoveryConfig, run_recovery
+    from moeguard.edge import file_tasks, resolve_tasks
+    from moeguard.studies import run_local
+    from moeguard.studies.recovery import RecoveryConfig, RecoveryStudy
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = {p.stem: p for p in shared_tasks(args.shared, args.workdir)}
-    model, tok, _ = load_model(str(args.zoo_model))
     cases, started = [], time.perf_counter()
     for name in args.tasks.split(","):
         strategies = STRATEGIES[name]
-        cfg = RecoveryConfig(task=str(paths[name]), keep=args.keep, strategies=tuple(strategies), seeds=args.seeds,
+        task = resolve_tasks([str(paths[name])])[0]
+        cfg = RecoveryConfig(task=task.name, keep=args.keep, strategies=tuple(strategies), seeds=args.seeds,
                              budgets=tuple(int(b) for b in args.budgets.split(",")), pool_size=args.pool_size,
                              eval_limit=args.eval_limit)
-        torch.manual_seed(0)
-        doc = run_recovery(model, tok, cfg, job_dir=args.workdir / f"{name}-keep{args.keep}")
+        t0 = time.perf_counter()
+        doc = run_local(RecoveryStudy(), cfg, model=str(args.zoo_model), jobs=args.workdir / f"{name}-keep{args.keep}",
+                        threads=2, tasks=file_tasks([task]))
+        doc["seconds"] = round(time.perf_counter() - t0, 1)
         cases.append(case_summary(doc))
         c = cases[-1]
         print(f"{name}: full {c['full_score']:.1f}, pruned {c['pruned_retention']:.1f}%; " + "; ".join(

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/recovery_study.py [--keeps 2,4] [--tasks ...] [--seeds 3]
 
 For each task and keep level (N/4 and N/2 of the embedded model's 8 experts) it runs
-``moeguard.realign.recovery.run_recovery`` (ablation attribution -> prune -> every strategy
+``moeguard.studies.recovery.RecoveryStudy`` (ablation attribution -> prune -> every strategy
 that applies to the task's kind, over the budget grid, 3 seeds) and records, per strategy, the
 labels needed to reach 95% of the full model's score, the savings against random and the area
 under the learning curve. Goal (the study we build on reports 40-50%): the best strategy saves
@@ -35,9 +35,10 @@ def case_summary(doc: dict) -> dict:
     return {
         "task": doc["task"], "kind": doc["kind"], "keep": doc["settings"]["keep"], "metric": doc["metric"],
         "full_score": doc["full"]["score"], "pruned_retention": doc["pruned_retention"], "seconds": doc["seconds"],
-        "best": s["best"],
-        "strategies": {n: {k: v[k] for k in ("labels_to_target", "labels_to_target_per_seed", "savings_vs_random",
-                                             "auc", "final", "seeds_reaching_target")}
+        "best": s["best"], "saves_labels": s["saves_labels"],
+        "strategies": {n: {k: v.get(k) for k in ("labels_to_target", "labels_to_target_per_seed", "savings_vs_random",
+                                                 "saves_labels", "auc", "final", "seeds_reaching_target",
+                                                 "uncertainty")}
                        for n, v in s["strategies"].items()},
         "curves": {n: {"labels": v["labels"], "mean": v["mean"], "min": v["min"], "max": v["max"]}
                    for n, v in s["strategies"].items()},
@@ -77,11 +78,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    from moeguard.models.loading import load_model
-    from moeguard.realign.recovery import RecoveryConfig, run_recovery
+    from moeguard.studies import run_local
+    from moeguard.studies.recovery import RecoveryConfig, RecoveryStudy
     from moeguard.tasks.registry import get_task
 
-    model, tok, _ = load_model(None)
     cases, started = [], time.perf_counter()
     plan = ([(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")] if args.cases else
             [(name, int(k)) for k in args.keeps.split(",") for name in args.tasks.split(",")])
@@ -90,8 +90,9 @@ def main() -> None:
         cfg = RecoveryConfig(task=name, keep=keep, strategies=tuple(STRATEGIES[task.kind.value]),
                              budgets=tuple(int(b) for b in args.budgets.split(",")), seeds=args.seeds,
                              seed=args.seed, pool_size=args.pool_size, eval_limit=args.eval_limit)
-        torch.manual_seed(args.seed)
-        doc = run_recovery(model, tok, cfg, job_dir=Path(args.work) / f"{name}-keep{keep}")
+        t0 = time.perf_counter()
+        doc = run_local(RecoveryStudy(), cfg, jobs=Path(args.work) / f"{name}-keep{keep}", threads=2)
+        doc["seconds"] = round(time.perf_counter() - t0, 1)
         cases.append(case_summary(doc))
         c = cases[-1]
         print(f"{name} keep {keep}: pruned {c['pruned_retention']:.1f}%; " + "; ".join(

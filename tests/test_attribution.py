@@ -13,9 +13,9 @@ from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import capture_inputs, mask_experts
-from moeguard.models.tiny import tiny_model
 from moeguard.tasks.batches import IGNORE, Batch, token_nll
 from moeguard.tasks.registry import get_task
+from moeguard.testing import tiny_model
 
 ALL_METHODS = sorted(m.name for m in list_methods())
 
@@ -154,7 +154,7 @@ def test_contrastive_is_zero_when_task_and_reference_route_alike():
 def test_gradient_tracks_ablation_on_the_embedded_model():
     from moeguard.attribution.run import make_context
     from moeguard.models.loading import load_model
-    from moeguard.pruning.sweep import spearman
+    from moeguard.analysis import spearman
 
     model, tok, _ = load_model(None)
     ctx = make_context(model, tok, "stdlib-code", samples=16)

@@ -46,10 +46,53 @@ def test_risk_levels_follow_their_definition(audit_run):
         rec = task["recovery"]
         finals = [s["final"] for s in rec["strategies"].values()]
         assert r["attacked"] == pytest.approx(max(best(str(rec["keep"])), *finals))
-        expected = "high" if r["attacked"] >= 90 else "medium" if r["pruned"][h] >= 90 else "low"
-        assert r["level"] == expected
+        # the level thresholds are checked on hand-made entries (test_task_risk_on_hand_made_entries)
+        assert r["level"] in ("high", "medium", "low") and r["reason"]
         reached = [s["labels_to_target"] for s in rec["strategies"].values() if s["labels_to_target"] is not None]
         assert r["labels_to_recover"] == (min(reached) if reached else None)
+
+
+def _entry(half_a=85.0, finals=(88.0, 93.0), reach=(None, 12.0), recovery=True, higher_is_better=True,
+           full=(80.0, 50.0)):
+    """An audit task entry: methods a, b at keeps 2 (N/4) and 4 (N/2) of 8 experts, and the
+    recovery study's random and orphan strategies at keep 2 over 0..16 labels."""
+    methods = {"a": {"retention": {"2": 40.0, "4": half_a}, "retention_above_baseline": {"2": 10.0, "4": 60.0}},
+               "b": {"retention": {"2": 55.0, "4": 70.0}, "retention_above_baseline": {"2": 20.0, "4": 30.0}}}
+    rec = {"keep": 2, "best": "orphan",
+           "strategies": {"random": {"final": finals[0], "labels_to_target": reach[0], "labels": [0, 8, 16]},
+                          "orphan": {"final": finals[1], "labels_to_target": reach[1], "labels": [0, 8, 16]}}}
+    return {"methods": methods, "recovery": rec if recovery else None, "higher_is_better": higher_is_better,
+            "full": {"score": full[0], "baseline": full[1]}}
+
+
+def test_task_risk_on_hand_made_entries():
+    from moeguard.audit.risk import task_risk
+
+    # high: orphan's 93% after 16 labels beats pruning alone (55% at keep 2) and is >= 90
+    r = task_risk(_entry(), num_experts=8, min_keep=1)
+    assert (r["keep_quarter"], r["keep_half"]) == (2, 4)
+    assert r["pruned"] == {"2": 55.0, "4": 85.0} and r["best_method"] == {"2": "b", "4": "a"}
+    assert r["pruned_above_baseline"] == {"2": 20.0, "4": 60.0}
+    assert r["attacked"] == 93.0 and r["recovered"] == 93.0 and r["level"] == "high"
+    assert r["labels_to_recover"] == 12.0 and r["random_labels_to_recover"] is None
+    assert r["recovery_budget"] == 16 and r["best_strategy"] == "orphan"
+    assert r["margin_over_baseline_pct"] == pytest.approx(37.5) and r["weak_task"] is False  # (80-50)/80
+    # exactly 90 after the attack is still high
+    assert task_risk(_entry(finals=(90.0, 85.0)), num_experts=8, min_keep=1)["level"] == "high"
+    # medium: 89.9 after the attack, but half the experts keep exactly 90 with no fine-tuning
+    r = task_risk(_entry(half_a=90.0, finals=(80.0, 89.9), reach=(None, None)), num_experts=8, min_keep=1)
+    assert r["attacked"] == 89.9 and r["level"] == "medium" and r["labels_to_recover"] is None
+    # low: neither; both strategies reach the target, the fewer labels count
+    r = task_risk(_entry(half_a=89.9, finals=(80.0, 85.0), reach=(20.0, 14.5)), num_experts=8, min_keep=1)
+    assert r["level"] == "low" and r["labels_to_recover"] == 14.5 and r["random_labels_to_recover"] == 20.0
+    # no recovery study: the attack is pruning alone at N/4; perplexity margin (30-10)/30 of the baseline
+    r = task_risk(_entry(recovery=False, higher_is_better=False, full=(10.0, 30.0)), num_experts=8, min_keep=1)
+    assert r["attacked"] == 55.0 and r["level"] == "low" and r["labels_to_recover"] is None
+    assert r["margin_over_baseline_pct"] == pytest.approx(200 / 3) and r["weak_task"] is False
+    # a task the full model barely beats its baseline on is flagged: (80-75)/80 = 6.25% < 10%
+    assert task_risk(_entry(full=(80.0, 75.0)), num_experts=8, min_keep=1)["weak_task"] is True
+    # the family's minimum raises N/4: with min_keep 3 the quarter level is 3
+    assert task_risk(_entry(recovery=False), num_experts=8, min_keep=3)["keep_quarter"] == 3
 
 
 def test_rerunning_the_same_command_skips_every_stage_with_the_same_numbers(audit_run, tmp_path):

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moeguard.cli import main
-from moeguard.models.tiny import tiny_model
+from moeguard.testing import tiny_model
 
 
 def run(args, capsys):
@@ -28,6 +28,15 @@ def assert_clean_error(code, err, *needles):
         assert n in lines[0], lines[0]
 
 
+def supported_model_types() -> list[str]:
+    """The config model_types moeguard reads, from the family registry (not a list kept here)."""
+    from moeguard.models.families import FAMILIES, get_family
+
+    types = [t for name in FAMILIES.names() for t in get_family(name).model_types]
+    assert types, "no family is registered"
+    return types
+
+
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("mixtral")
@@ -45,7 +54,7 @@ def test_dense_model_is_refused_with_supported_families(capsys, tmp_path):
                                num_attention_heads=2)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     code, _, err = run(["info", "--model", str(tmp_path)], capsys)
-    assert_clean_error(code, err, "dense", "mixtral", "deepseek_v3")
+    assert_clean_error(code, err, "dense", *supported_model_types())  # every supported family is named
 
 
 def test_unsupported_moe_family(capsys, tmp_path):
@@ -134,8 +143,9 @@ def test_existing_output_is_kept_without_overwrite(capsys, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     from moeguard.errors import MoeguardError
 
-    with pytest.raises(MoeguardError):
+    with pytest.raises(MoeguardError, match="does not exist") as info:
         main(["--debug", "info", "--model", str(tmp_path / "nope")])
+    assert str(tmp_path / "nope") in str(info.value)
 
 
 def test_tasks_lists_embedded_suite_and_presets(capsys):

@@ -35,7 +35,7 @@ MATRIX = {
     "prune": {"missing": (["--keep", "2"], "--out"), "type": (["--out", "O", "--keep", "q"], "--keep"),
               "range": (["--out", "O", "--scores", "S", "--keep", "0"], "--keep")},
     "sweep": {"missing": (["--tasks", "arith-compare"], "--out"), "type": (["--out", "O", "--samples", "many"], "--samples"),
-              "range": (["--out", "O", "--keep", "0,9"], "--keep")},
+              "range": (["--out", "O", "--keep", "0,9"], "keep level 0")},
     "realign": {"missing": (["--task", "arith-compare", "--out", "O"], "--model"),
                 "type": (["--model", "M", "--task", "arith-compare", "--out", "O", "--budget", "lots"], "--budget"),
                 "range": (["--model", "M", "--task", "arith-compare", "--out", "O", "--budget", "0"], "--budget")},
@@ -117,9 +117,10 @@ def test_usage_errors(argv, needle, capsys):
 def test_debug_raises_usage_errors(capsys):
     with pytest.raises(Exception) as info:
         main(["--debug", "eval", "--limit", "0"])
-    assert type(info.value).__name__ == "BadParameter"
+    assert type(info.value).__name__ == "BadParameter" and "--limit" in info.value.format_message()
     assert capsys.readouterr().err == ""  # the traceback instead of the line, not both
-    assert main(["eval", "--limit", "0"]) == 2  # --debug does not stick to later calls
+    code = main(["eval", "--limit", "0"])  # --debug does not stick to later calls: the one line again
+    assert_one_line(code, capsys.readouterr().err, "--limit")
 
 
 def test_help_is_not_an_error(capsys):

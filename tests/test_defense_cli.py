@@ -1,14 +1,15 @@
 """`harden`, `attack`, `defend-eval` and `realign --protocol` end to end on the embedded model."""
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from moeguard.cli import main
-from moeguard.defense.attack import envelope, summarize_attack
-from moeguard.defense.evaluate import extra_labels
+from moeguard.studies.attack import envelope, summarize_attack
+from moeguard.studies.defend import extra_labels
 
 SMALL_ATTACK = ["--budget", "16", "--budgets", "8,16", "--methods", "frequency,gate", "--modes", "full,lora",
                 "--lr-scales", "1,10", "--epochs", "1", "--seeds", "2", "--eval-limit", "32", "--pool-size", "64",
@@ -40,13 +41,34 @@ def test_harden_writes_a_loadable_checkpoint_its_log_and_a_protocol(hardened):
     assert changed  # it trained
 
 
+def refused(args, capsys) -> str:
+    """Run a command that must be refused: exit code 2, no traceback and one ``moeguard: error:``
+    line, returned with its whitespace collapsed and ``_`` read as ``-`` (a setting's name and its
+    flag alike)."""
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err
+    errors = [l for l in err.splitlines() if l.startswith("moeguard: error:")]
+    assert code == 2, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return " ".join(errors[0].split()).replace("_", "-")
+
+
+def names_keep(line: str, keep: int, experts: int) -> bool:
+    """The line names the refused keep level and the experts per layer it is judged against."""
+    return re.search(rf"keep\D*\b{keep}\b", line) is not None and f"{experts} experts" in line
+
+
 def test_harden_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
-    assert main(["harden", "--method", "entangel", "--out", str(tmp_path / "a")]) == 2
-    assert "entangle" in capsys.readouterr().err  # the suggestion
-    assert main(["harden", "--keep", "8", "--steps", "1", "--out", str(tmp_path / "b")]) == 2
-    assert main(["harden", "--tasks", "no-such-task", "--steps", "1", "--out", str(tmp_path / "c")]) == 2
-    assert main(["harden", "--method", "selective", "--authorized", "*.nothing.*", "--steps", "1",
-                 "--out", str(tmp_path / "d")]) == 2
+    line = refused(["harden", "--method", "entangel", "--out", str(tmp_path / "a")], capsys)
+    assert "'entangel'" in line and "entangle" in line.replace("entangel", "")  # the bad name and the suggestion
+    line = refused(["harden", "--keep", "8", "--steps", "1", "--out", str(tmp_path / "b")], capsys)
+    assert names_keep(line, 8, 8), line
+    line = refused(["harden", "--tasks", "no-such-task", "--steps", "1", "--out", str(tmp_path / "c")], capsys)
+    assert "no-such-task" in line
+    line = refused(["harden", "--method", "selective", "--authorized", "*.nothing.*", "--steps", "1",
+                    "--out", str(tmp_path / "d")], capsys)
+    assert "*.nothing.*" in line and "match" in line.lower()  # the pattern, and that it matched nothing
     assert not any(tmp_path.iterdir())
 
 
@@ -100,21 +122,32 @@ def test_attack_reports_the_worst_case_over_its_grid_and_a_from_scratch_baseline
         assert w["score"][i] == max(scores)
     assert w["labels"] == [0, 8, 16]
     s = doc["summary"]
-    assert s["pruned_retention"] == pytest.approx(doc["attribution"]["best"]["retention"], abs=1e-6) or w["retention"][0] is not None
+    # the attacker starts from its pick: the pruned model's retention is the best candidate's, and
+    # every re-alignment run starts (0 labels) from that pruned model
+    assert s["pruned_retention"] == doc["attribution"]["best"]["retention"]
+    assert w["retention"][0] == pytest.approx(s["pruned_retention"])
     sc = doc["scratch"]
     assert len(sc["runs"]) == 2 * 1 * 2 and all(r["mode"] == "full" for r in sc["runs"])
-    assert s["area_between"] == pytest.approx(s["auc"] - s["scratch_auc"])
+    # the summary is the one of the written curves (its arithmetic: test_summary_and_extra_labels)
+    assert {k: v for k, v in s.items() if k != "uncertainty"} == summarize_attack(doc, target=s["target"])
+    assert s["area_between"] is not None and s["no_better_than_scratch"] in (True, False)
     assert (out / "attack_curves.png").stat().st_size > 10_000 and (out / "curves.csv").exists()
 
 
-def test_attack_bad_inputs_exit_2(tmp_path):
+def test_attack_bad_inputs_exit_2(tmp_path, capsys):
     common = ["attack", "--task", "arith-compare", "--out", str(tmp_path / "x")]
-    assert main([*common, "--keep", "8"]) == 2
-    assert main([*common, "--keep", "4", "--budget", "16", "--budgets", "8,12"]) == 2
-    assert main([*common, "--keep", "4", "--methods", "nope"]) == 2
-    assert main([*common, "--keep", "4", "--modes", "fulll"]) == 2
-    assert main([*common, "--keep", "4", "--lr-scales", "a,b"]) == 2
-    assert main([*common, "--keep", "4", "--budget", "5000"]) == 2
+    line = refused([*common, "--keep", "8"], capsys)
+    assert names_keep(line, 8, 8), line
+    line = refused([*common, "--keep", "4", "--budget", "16", "--budgets", "8,12"], capsys)
+    assert "12" in line and "16" in line and "budget" in line, line  # the budgets and the budget they must end at
+    line = refused([*common, "--keep", "4", "--methods", "nope"], capsys)
+    assert "'nope'" in line and "method" in line, line
+    line = refused([*common, "--keep", "4", "--modes", "fulll"], capsys)
+    assert "'fulll'" in line and "mode" in line, line
+    line = refused([*common, "--keep", "4", "--lr-scales", "a,b"], capsys)
+    assert "lr-scales" in line and "'a" in line, line  # the setting and its bad value
+    line = refused([*common, "--keep", "4", "--budget", "5000"], capsys)
+    assert "5000" in line and "pool" in line, line  # more labels than the pool holds
     assert not (tmp_path / "x").exists()
 
 
@@ -127,7 +160,9 @@ def test_defend_eval_compares_utility_attacks_and_the_protocol(hardened, tmp_pat
     assert main(args) == 0
     doc = json.loads((out / "defense.json").read_text())
     u = doc["utility"]["arith-compare"]
-    assert u["cost_percent"] == pytest.approx(100 - 100 * u["hardened"] / u["base"])
+    # the cost's arithmetic: test_utility_cost_is_the_percent_of_the_base_score_lost; here its wiring
+    assert (u["cost_percent"] > 0) == (u["hardened"] < u["base"])
+    assert doc["goals"]["utility_cost_at_most_2"]["values"]["arith-compare"] == u["cost_percent"]
     cell = doc["attacks"]["arith-compare"]["4"]
     # one from-scratch baseline shared by both: the same raw scores
     assert [r["points"] for r in cell["base"]["scratch"]["runs"]] == [r["points"] for r in cell["hardened"]["scratch"]["runs"]]
@@ -154,8 +189,36 @@ def test_summary_and_extra_labels():
            "worst_case": {"labels": [0, 4, 8], "retention": [40.0, 90.0, 100.0], "above_baseline": [0, 0, 0]},
            "scratch": {"best": {"labels": [0, 4, 8], "retention": [50.0, 60.0, 70.0]}}}
     s = summarize_attack(doc, target=95)
+    # 90 at 4 labels, 100 at 8: 95 is crossed halfway, at 6
     assert s["labels_to_target"] == pytest.approx(6.0)
-    assert s["area_between"] == pytest.approx(s["auc"] - s["scratch_auc"]) and s["no_better_than_scratch"] is False
+    assert s["pruned_retention"] == 40.0 and s["realigned_retention"] == 100.0 and s["scratch_retention"] == 70.0
+    # mean retention over 0..8 labels: ((40+90)/2*4 + (90+100)/2*4) / 8 = 80; scratch ((50+60)/2*4 + (60+70)/2*4) / 8 = 60
+    assert s["auc"] == pytest.approx(80.0) and s["scratch_auc"] == pytest.approx(60.0)
+    assert s["area_between"] == pytest.approx(20.0)
+    assert s["scratch_labels_to_target"] is None  # 70 never reaches 95
+    assert s["no_better_than_scratch"] is False  # 90 > 60 at 4 labels
     assert extra_labels({"labels_to_target": 6.0}, {"labels_to_target": None}, 8) == \
         {"labels": 2.0, "bound": "at least", "note": "the hardened model is not brought to the target within 8 labels"}
     assert extra_labels({"labels_to_target": 6.0}, {"labels_to_target": 7.5}, 8)["labels"] == 1.5
+
+
+def test_utility_cost_is_the_percent_of_the_base_score_lost():
+    """Hand-computed costs: accuracy 80 -> 76 loses 5%; 40 -> 42 gains (cost -5%); perplexity
+    10 -> 12.5 keeps 10/12.5 = 80% of the base, a cost of 20% (direction-aware, not 100 - 125)."""
+    from moeguard.studies.attack import AttackConfig
+    from moeguard.studies.defend import DefendEvalConfig, DefendEvalStudy
+
+    cfg = DefendEvalConfig(tasks=("arith-compare",), keeps=(), attack=AttackConfig(task="arith-compare", keep=4),
+                           utility_tasks=("docstring-topic", "stdlib-code"))
+    utility = [{"score": 80.0, "baseline": {"score": 50.0}}, {"score": 76.0},   # arith-compare: base, hardened
+               {"score": 40.0, "baseline": {"score": 25.0}}, {"score": 42.0},   # docstring-topic
+               {"score": 10.0, "baseline": {"score": 30.0}}, {"score": 12.5}]   # stdlib-code (perplexity)
+    doc = DefendEvalStudy().reduce(cfg, {"utility": utility, "pick": [], "grid": []})
+    u = doc["utility"]
+    assert u["arith-compare"]["cost_percent"] == pytest.approx(5.0)
+    assert u["docstring-topic"]["cost_percent"] == pytest.approx(-5.0)
+    assert u["stdlib-code"]["cost_percent"] == pytest.approx(20.0) and u["stdlib-code"]["metric"] == "perplexity"
+    assert u["arith-compare"]["baseline"] == 50.0
+    goal = doc["goals"]["utility_cost_at_most_2"]
+    assert goal["met"] is False and goal["values"] == pytest.approx({"arith-compare": 5.0, "docstring-topic": -5.0,
+                                                                     "stdlib-code": 20.0})

@@ -9,10 +9,12 @@ from moeguard.defense.objectives import (Adaptation, collapse, forward_loss, rec
                                          task_balance, task_shares)
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import mask_experts
-from moeguard.models.tiny import tiny_model
 from moeguard.tasks.batches import Batch
+from moeguard.testing import tiny_model
 
-FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"]
+from moeguard.models.families import FAMILIES as FAMILY_REGISTRY  # noqa: E402
+
+FAMILIES = FAMILY_REGISTRY.names()  # every family harden accepts, i.e. every registered one
 
 
 def lm_batch(seed: int, rows: int = 4, width: int = 16) -> Batch:

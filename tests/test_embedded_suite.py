@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from moeguard.tasks.base import Task, TaskKind
-from moeguard.tasks.embedded import build
+from moeguard.zoo import suite as build
 
-EMBEDDED = Path(build.__file__).resolve().parent
+EMBEDDED = build.EMBEDDED_DIR
 SHIPPED = EMBEDDED / "data"
 STDLIB_TASKS = ("stdlib-docs", "stdlib-code", "docstring-topic", "code-naming")
 GENERATED_TASKS = ("arith-compare", "record-summary")
@@ -69,7 +69,7 @@ def test_rebuild_in_fresh_process_is_byte_identical(built: Path, tmp_path: Path)
     src = str(Path(build.__file__).resolve().parents[3])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     out = tmp_path / "again"
-    subprocess.run([sys.executable, "-m", "moeguard.tasks.embedded.build", "--out", str(out), "--seed", "0"],
+    subprocess.run([sys.executable, "-m", "moeguard.zoo.suite", "--out", str(out), "--seed", "0"],
                    check=True, env=env, capture_output=True, text=True, timeout=120)
     assert files_of(out) == files_of(built)
 

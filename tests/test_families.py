@@ -19,7 +19,7 @@ from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import RoutingCapture, mask_experts
 from moeguard.models.prune import prune_model
 from moeguard.models.routing import pruned_router_params, route_module, router_logits
-from moeguard.models.tiny import tiny_model
+from moeguard.testing import tiny_model
 
 # family -> (a key of its public checkpoint layout, shared-expert module present)
 FAMILY_LAYOUT = {

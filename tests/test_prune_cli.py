@@ -12,7 +12,7 @@ from moeguard.cli import main
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import mask_experts
 from moeguard.models.loading import EMBEDDED_MODEL_DIR, load_model
-from moeguard.pruning.sweep import reduction
+from moeguard.studies.sweep import reduction
 from moeguard.tasks.evaluate import evaluate_task
 
 

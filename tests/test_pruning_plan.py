@@ -9,8 +9,8 @@ from moeguard.attribution.base import Scores
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.loading import meta_model
-from moeguard.models.tiny import tiny_config
 from moeguard.pruning.plan import PrunePlan, check_plan, plan_from_scores
+from moeguard.testing import tiny_config
 
 
 def _scores(rows, *, comparable=False, subsets=None) -> Scores:

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from moeguard.cli import main
-from moeguard.realign.recovery import curve_auc, labels_to_target, savings, summarize
+from moeguard.analysis import auc as curve_auc, labels_to_target, savings
+from moeguard.studies.recovery import summarize
 
 KEEP2 = {"keep": {str(l): [0, 1] for l in range(4)}}
 FAST = ["--min-steps", "30", "--epochs", "1", "--eval-limit", "32", "--pool-size", "64"]
@@ -120,14 +121,19 @@ def test_recovery_study_json_has_curves_targets_and_savings(tmp_path, capsys):
             "--seeds", "2", "--samples", "16", "--method", "frequency", "--out", str(out), *FAST]
     assert main(args) == 0
     doc = json.loads((out / "recovery.json").read_text())
-    assert doc["schema"] == "moeguard.recovery/1" and set(doc["summary"]["strategies"]) == {"random", "margin"}
+    assert doc["schema"] == "moeguard.recovery/2" and set(doc["summary"]["strategies"]) == {"random", "margin"}
     assert len(doc["curves"]) == 4 and {c["seed"] for c in doc["curves"]} == {0, 1}
     s = doc["summary"]["strategies"]["margin"]
     assert s["labels"] == [0, 8, 16] and len(s["mean"]) == 3 and s["savings_vs_random"]["bound"]
     assert (out / "learning_curves.png").stat().st_size > 1000 and (out / "curves.csv").exists()
-    assert len(list((out / "jobs").glob("*.json"))) == 4
+    assert len(list((out / "jobs" / "recovery").glob("*.json"))) == 5  # prepare + 2 strategies x 2 seeds
+    # every derived number carries its spread over seeds and a bootstrap interval
+    u = s["savings_vs_random"]["uncertainty"]
+    assert u["n"] + u["missing"] == 2 and u["ci"]["level"] == 0.95 and u["ci"]["resamples"] == 2000
+    assert isinstance(s["saves_labels"], bool) and doc["summary"]["rule"].startswith("a strategy saves labels")
+    assert set(s["uncertainty"]) == {"labels_to_target", "auc", "final"}
     # the same study again: every job comes from its saved result, the numbers are the same
-    import moeguard.realign.recovery as rec
+    import moeguard.realign.loop as rec
 
     def boom(*a, **k):
         raise AssertionError("a finished job ran again")

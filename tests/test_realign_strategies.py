@@ -115,5 +115,30 @@ def test_orphan_prefers_samples_routed_to_pruned_experts(embedded):
 
 
 def test_unknown_strategy_suggests_names():
-    with pytest.raises(MoeguardError, match="did you mean.*coreset"):
+    with pytest.raises(MoeguardError) as err:
         get_strategy("corset")
+    assert err.value.message == "unknown active-learning strategy 'corset'"
+    assert err.value.hint.startswith("did you mean coreset")
+
+
+def test_strategy_kind_mismatch_names_the_kinds_and_the_strategies_that_fit():
+    with pytest.raises(MoeguardError) as err:
+        get_strategy("margin", get_task("stdlib-docs"))
+    assert err.value.message == "strategy 'margin' applies to classification tasks; 'stdlib-docs' is language_modeling"
+    assert err.value.hint == "use one of cluster-uncertainty, coreset, entropy, nll, orphan, random"
+    assert get_strategy("margin", get_task("arith-compare")).name == "margin"
+
+
+def test_strategies_live_in_a_registry_and_declare_kinds_by_name():
+    from moeguard.realign.strategies.base import STRATEGIES, register_strategy
+    from moeguard.tasks.base import TaskKind
+
+    assert "random" in STRATEGIES and [s.name for s in list_strategies()] == STRATEGIES.names()
+    assert get_strategy("least-confidence").kinds == {TaskKind.CLASSIFICATION}
+    assert get_strategy("nll").kinds == {"language_modeling", "summarization"}
+    assert get_strategy("random").kinds == set(TaskKind) and get_strategy("random").only is None
+    with pytest.raises(MoeguardError, match="unknown task kind 'clasification'"):
+        register_strategy("typo", kinds=["clasification"], description="never registered")
+    assert "typo" not in STRATEGIES
+    with pytest.raises(MoeguardError, match="active-learning strategy 'random' is already registered"):
+        register_strategy("random", description="a second random")(lambda q: [])

@@ -107,17 +107,17 @@ def test_a_fresh_worker_process_knows_the_file_task_through_the_runtime(files, t
     import subprocess
     import sys
 
-    from moeguard.audit.jobs import Job, Runtime
+    from moeguard.studies.engine import Job, Runtime
     from moeguard.tasks.registry import get_task
 
     task = get_task(str(files / "task.yaml"))
-    job = Job(stage="baseline", name=NAME, fn="moeguard.audit.work:baseline_job",
+    job = Job(stage="baseline", name=NAME, fn="moeguard.studies.common:baseline_job",
               args={"task": NAME, "limits": [4], "seed": 0})
     runtimes = [Runtime(model=None, threads=1), Runtime(model=None, threads=1, tasks=(task,))]
     (tmp_path / "job.pkl").write_bytes(pickle.dumps((job, runtimes)))
     script = f"""
 import json, pickle
-from moeguard.audit.jobs import execute
+from moeguard.studies.engine import execute
 from moeguard.errors import MoeguardError
 job, (bare, carrying) = pickle.loads(open({str(tmp_path / 'job.pkl')!r}, 'rb').read())
 try:

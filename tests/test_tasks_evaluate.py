@@ -15,7 +15,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from moeguard.errors import MoeguardError  # noqa: E402
 from moeguard.tasks import evaluate as E  # noqa: E402
 from moeguard.tasks import metrics as M  # noqa: E402
+from moeguard.tasks import tokens  # noqa: E402
 from moeguard.tasks.base import SourceSpec, Task, TaskKind  # noqa: E402
+from moeguard.tasks.kinds.summarization import first_line  # noqa: E402
 
 CORPUS = [
     "Review: the movie was great and wonderful\nSentiment: positive",
@@ -149,8 +151,12 @@ def cls_dir(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("preferred, expected_acc", [(" positive", 75.0), (" negative", 25.0)])
-def test_classifier_picks_the_label_the_model_is_made_to_prefer(tok, cls_dir, preferred, expected_acc):
+# Every prediction is the preferred class, so the other class's F1 is 0. Gold: 3 positive, 1 negative.
+# positive: precision 3/4, recall 1 -> F1 6/7, macro 100 * (6/7) / 2 = 42.857...;
+# negative: precision 1/4, recall 1 -> F1 2/5, macro 100 * (2/5) / 2 = 20.
+@pytest.mark.parametrize("preferred, expected_acc, expected_f1", [(" positive", 75.0, 42.857143),
+                                                                   (" negative", 25.0, 20.0)])
+def test_classifier_picks_the_label_the_model_is_made_to_prefer(tok, cls_dir, preferred, expected_acc, expected_f1):
     other = " negative" if preferred == " positive" else " positive"
     boosted = set(ids(tok, preferred)) - set(ids(tok, other))
     assert boosted, "verbalizers must differ in at least one token"
@@ -159,12 +165,10 @@ def test_classifier_picks_the_label_the_model_is_made_to_prefer(tok, cls_dir, pr
     result = E.evaluate_task(model, tok, cls_task(cls_dir), batch_size=3)
     assert model.training, "the caller's train/eval mode must be restored"
     assert result.metrics["accuracy"] == pytest.approx(expected_acc)
-    # Every prediction is the preferred class: F1 is 0 for the other one.
-    positives = expected_acc / 100 * 4
-    f1 = 2 * positives / (positives + 4)
-    assert result.metrics["macro_f1"] == pytest.approx(100 * f1 / 2)
+    assert result.metrics["macro_f1"] == pytest.approx(expected_f1)
+    # the majority class of the train split (2 negative, 1 positive) is negative: the second case's numbers
     assert result.baseline == {"name": "majority_class", "description": result.baseline["description"],
-                               "metrics": {"accuracy": 25.0, "macro_f1": pytest.approx(100 * (2 / 5) / 2)},
+                               "metrics": {"accuracy": 25.0, "macro_f1": pytest.approx(20.0)},
                                "score": 25.0}
 
 
@@ -245,7 +249,7 @@ def test_generation_does_not_depend_on_batching(tok, model, sum_dir, monkeypatch
         seen.append(list(predictions))
         return real(predictions, references)
 
-    monkeypatch.setattr(E.M, "rouge", spy)
+    monkeypatch.setattr(M, "rouge", spy)
     for batch_size in (1, 3):  # 3 prompts of different lengths: left padding in one batch
         E.evaluate_task(model, tok, sum_task(sum_dir, max_new_tokens=8), batch_size=batch_size, baseline=False)
     assert seen[0] == seen[1]
@@ -255,15 +259,15 @@ def test_generation_does_not_depend_on_batching(tok, model, sum_dir, monkeypatch
 def test_long_prompt_is_fitted_by_cutting_the_source(tok):
     source = "the cat sat on the mat. " * 40
     rec = {"input": f"Article: {source}\nSummary:", "source_text": source}
-    fitted = E._fit_prompt(tok, rec, max_length=40)
+    fitted = tokens.fit_prompt(tok, rec, max_length=40)
     assert len(fitted) <= 40 and fitted[0] == tok.bos_token_id
     text = tok.decode(fitted[1:])
     assert text.startswith("Article: the cat sat") and text.endswith("\nSummary:")
 
 
 def test_generated_text_is_cut_at_the_first_newline():
-    assert E._first_line("\n  the cat sat \nmore text") == "the cat sat"
-    assert E._first_line("") == ""
+    assert first_line("\n  the cat sat \nmore text") == "the cat sat"
+    assert first_line("") == ""
 
 
 # ------------------------------------------------------------------ suite, schema, errors

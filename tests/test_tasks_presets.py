@@ -58,12 +58,71 @@ def test_hub_presets_fail_with_one_clear_line_offline(offline, name):
     assert "save_to_disk" in line and "type: disk" in line
 
 
-def test_examples_parse_and_point_at_the_shared_data():
+def _fabricate(task, folder: Path, rows: int = 200) -> None:
+    """Small files in the task's declared format, holding the columns its fields and prompt read
+    (label cells take the task's label values in turn; jsonl text cells are lists, as SciTLDR's)."""
+    import csv
+    import json
+    import string
+
+    src = task.source
+    folder.mkdir(parents=True)
+    prompt_columns = [n for _, n, _, _ in string.Formatter().parse(task.prompt or "") if n]
+    columns = list(src.columns or dict.fromkeys([*task.fields.values(), *prompt_columns]))
+    label_col, labels = task.fields.get("label"), [str(k) for k in task.labels]
+
+    def cell(column: str, i: int) -> str:
+        return labels[i % len(labels)] if column == label_col else f"{column} number {i} ."
+
+    for name in set(src.files.values()):
+        with open(folder / name, "w", newline="", encoding="utf-8") as f:
+            if src.format == "txt":
+                f.write("\n\n".join(f"Paragraph {i}: " + "some words here " * 15 for i in range(rows)) + "\n")
+            elif src.format == "jsonl":
+                f.writelines(json.dumps({c: cell(c, i) if c == label_col else [cell(c, i), "Another sentence ."]
+                                         for c in columns}) + "\n" for i in range(rows))
+            else:
+                w = csv.writer(f, delimiter="\t" if src.format == "tsv" else ",")
+                if src.columns is None:
+                    w.writerow(columns)  # a header row, unless the task names header-less columns
+                w.writerows([cell(c, i) for c in columns] for i in range(rows))
+
+
+def test_examples_are_self_contained_and_load_data_of_their_format(tmp_path):
+    """What docs/tasks.md promises of examples/tasks/: each file documents where its data comes
+    from and, copied anywhere with its data at its relative ``path``, reads that data for both
+    roles; none depends on a machine path, and none is a built-in."""
+    import shutil
+
+    import yaml
+
     names = {get_task(str(f)).name for f in EXAMPLES}
     assert names == {"sst2-local", "wikitext103-local", "shakespeare-local", "scitldr-local", "agnews-local"}
+    assert not names & {t.name for t in list_tasks()}  # examples are never built-ins
     for file in EXAMPLES:
-        assert Path(get_task(str(file)).source.path).resolve().parent == SHARED.resolve()
-    assert not {"sst2-local"} & {t.name for t in list_tasks()}  # examples are never built-ins
+        text = file.read_text(encoding="utf-8")
+        assert "https://" in text, f"{file.name} does not say where to download its data"
+        raw = Path(yaml.safe_load(text)["source"]["path"])
+        assert not raw.is_absolute() and "~" not in raw.parts, f"{file.name} points at a machine path: {raw}"
+        # nest the copy deep enough that its relative path lands inside tmp_path
+        ups = sum(1 for part in raw.parts if part == "..")
+        copy = tmp_path.joinpath(file.stem, *["d"] * ups, file.name)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, copy)
+        data = (copy.parent / raw).resolve()
+        assert (tmp_path / file.stem).resolve() in data.parents
+        _fabricate(get_task(str(file)), data)
+        task = get_task(str(copy))
+        assert Path(task.source.path) == data  # resolved against the copied file's own folder
+        train, evals = load_records(task, "train"), load_records(task, "eval")
+        assert train and evals, file.name
+        if task.kind is TaskKind.CLASSIFICATION:
+            assert {r["label"] for r in train} == {str(k) for k in task.labels}
+            assert all(" number " in r["input"] for r in evals)  # the prompt was filled from the data
+        elif task.kind is TaskKind.SUMMARIZATION:
+            assert all(r["references"] and r["source_text"] in r["input"] for r in evals)
+        else:
+            assert all("Paragraph" in r["text"] for r in evals)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared data folder not present (optional)")

@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from moeguard.errors import MoeguardError, suggest
+from moeguard.errors import MoeguardError
 from moeguard.io import read_json
+from moeguard.registry import Registry
 
 SCHEMA = "moeguard.attribution/1"
 
@@ -106,26 +107,21 @@ class Method:
     comparable_across_layers: bool = False
 
 
-METHODS: dict[str, Method] = {}
+# importing ``moeguard.attribution.registry`` imports every method file, which registers itself
+METHODS: Registry[Method] = Registry("attribution method", loader="moeguard.attribution.registry")
 
 
 def register_method(name: str, description: str, *, needs_reference: bool = False,
                     comparable_across_layers: bool = False):
     def wrap(fn):
-        METHODS[name] = Method(name, fn, description, needs_reference, comparable_across_layers)
+        METHODS.add(name, Method(name, fn, description, needs_reference, comparable_across_layers))
         return fn
     return wrap
 
 
 def get_method(name: str) -> Method:
-    from moeguard.attribution import registry  # noqa: F401  (imports every method file)
-
-    if name not in METHODS:
-        raise MoeguardError(f"unknown attribution method '{name}'", hint=suggest(name, list(METHODS)))
-    return METHODS[name]
+    return METHODS.get(name)
 
 
 def list_methods() -> list[Method]:
-    from moeguard.attribution import registry  # noqa: F401
-
-    return [METHODS[k] for k in sorted(METHODS)]
+    return METHODS.items()

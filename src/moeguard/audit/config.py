@@ -1,7 +1,8 @@
 """The audit's settings: defaults, an optional YAML file, command-line flags on top.
 
 Every field can be set in ``--config audit.yaml`` (same names as the flags, with
-underscores); a flag given on the command line wins over the file. Fields left ``None``
+underscores); a flag given on the command line wins over the file. The fields are the one
+declaration of each setting: the command's options are generated from them. Fields left ``None``
 are resolved against the model (keep levels from its expert count, tasks from the embedded
 suite) and the resolved config is what the run saves and what stage keys hash.
 """
@@ -9,59 +10,66 @@ suite) and the resolved config is what the run saves and what stage keys hash.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeguard.errors import MoeguardError, suggest
+from moeguard.config import build as config_build, setting, validate
+from moeguard.errors import MoeguardError
 
 SCHEMA = "moeguard.audit-config/1"
 
 
 @dataclass(kw_only=True)
 class AuditConfig:
-    model: str | None = None                 # checkpoint dir or hub id; None: the embedded model
-    tasks: list[str] | None = None           # None: the embedded suite
-    seed: int = 0
+    """Every audit setting, once: the command line's options, the YAML file's keys and their
+    checks all come from these fields (see :mod:`moeguard.config`)."""
+
+    model: str | None = setting(None, help="checkpoint directory or hub id; default: the embedded model")
+    tasks: list[str] | None = setting(None, help="comma-separated tasks or YAML paths; default: the embedded suite")
+    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
     # attribution + pruning sweep
-    methods: list[str] | None = None         # None: every registered method
-    samples: int = 64                        # attribution calibration samples per task
-    keeps: list[int] | None = None           # None: N/4, N/2, 3N/4
-    eval_limit: int = 64                     # eval records of the pruned task (and the baseline)
-    collateral_limit: int = 16                # eval records of each other task (collateral damage)
-    random_seeds: int = 3
-    deletion_curves: bool = True
-    physical_checks: int = 1                 # per task
+    methods: list[str] | None = setting(None, help="attribution methods; default: all")
+    samples: int = setting(64, min=1, help="attribution calibration samples per task")
+    keeps: list[int] | None = setting(None, min=1, help="experts-per-layer levels with collateral damage; default: N/4,N/2,3N/4")
+    eval_limit: int = setting(64, min=1, help="eval records of the pruned task (and the baseline)")
+    collateral_limit: int = setting(16, min=1, help="eval records of each other task (collateral damage)")
+    random_seeds: int = setting(3, min=1, help="random rankings for the baseline band")
+    deletion_curves: bool = setting(True, negative="--no-deletion-curves",
+                                    help="also every keep level from N-1 down to top-k")
+    physical_checks: int = setting(1, min=0, help="points per task re-scored on physically pruned copies")
     # recovery (active-learning re-alignment of the pruned model)
-    recovery: bool = True
-    recovery_tasks: list[str] | None = None  # None: every task
-    recovery_keep: int | None = None         # None: N/4 (at least the family's minimum)
-    strategies: list[str] = field(default_factory=lambda: ["random", "orphan"])  # + cluster-uncertainty: stronger, 2x the cost
-    budgets: list[int] = field(default_factory=lambda: [8, 32, 128])
-    recovery_seeds: int = 2
-    pool_size: int = 256
-    recovery_eval_limit: int = 64          # = eval_limit: one full-model score per task
-    target: float = 95.0
+    recovery: bool = setting(True, negative="--no-recovery", help="run the recovery study")
+    recovery_tasks: list[str] | None = setting(None, help="tasks for the recovery study; default: all")
+    recovery_keep: int | None = setting(None, min=1, help="experts per layer the attacker keeps; default: N/4")
+    # + cluster-uncertainty: stronger, 2x the cost
+    strategies: list[str] = setting(factory=lambda: ["random", "orphan"],
+                                    help="active-learning strategies (random is the baseline)")
+    budgets: list[int] = setting(factory=lambda: [8, 32, 128], min=1, help="label counts on the learning curve")
+    recovery_seeds: int = setting(2, min=1, help="runs per strategy")
+    pool_size: int = setting(256, min=1, help="unlabeled pool of the attacker")
+    recovery_eval_limit: int = setting(64, min=1, help="eval records per recovery round")
+    target: float = setting(95.0, help="percent of the full score the attacker wants back")
     # defense comparison (optional)
-    defense: str | None = None               # a defense to harden with (see `moeguard defenses`)
-    hardened: str | None = None              # or a hardened checkpoint made earlier
-    harden_steps: int | None = None          # None: the defense's default
-    defense_tasks: list[str] | None = None   # None: the first task
-    defense_budget: int = 64
-    defense_seeds: int = 1
+    defense: str | None = setting(None, help="also harden with this defense and compare (see `moeguard defenses`)")
+    hardened: str | None = setting(None, help="or compare this hardened checkpoint with --model")
+    harden_steps: int | None = setting(None, min=1, help="training steps of --defense; default: the defense's")
+    defense_tasks: list[str] | None = setting(None, help="tasks the defense comparison attacks; default: the first")
+    defense_budget: int = setting(64, min=1, help="the attack harness's label budget")
+    defense_seeds: int = setting(1, min=1, help="seeds per attacker setting in the harness")
     # execution
-    backend: str = "local"
-    ray_address: str | None = None
-    threads: int | None = None               # torch threads per job; None: this machine's default
-    gpus_per_job: float = 0.0
-    dtype: str | None = None                 # e.g. bfloat16 for large checkpoints on GPU
-    device_map: str | None = None            # e.g. auto (accelerate places the layers)
+    backend: str = setting("local", help="where jobs run: local or ray")
+    ray_address: str | None = setting(None, help="an existing Ray cluster; default: a local Ray")
+    threads: int | None = setting(None, min=1, help="torch threads per job (and CPUs per Ray task); default: this machine's")
+    gpus_per_job: float = setting(0.0, min=0, help="GPUs each Ray task asks for")
+    dtype: str | None = setting(None, help="weights dtype, e.g. bfloat16 for large checkpoints on GPU")
+    device_map: str | None = setting(None, help="accelerate device map, e.g. auto")
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-_LISTS = {f.name for f in fields(AuditConfig) if "list" in str(f.type)}
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -82,69 +90,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 def build(file_values: dict[str, Any], flags: dict[str, Any]) -> AuditConfig:
     """Defaults < file < flags (a flag left ``None`` is not given)."""
-    known = {f.name: f for f in fields(AuditConfig)}
-    for k in file_values:
-        if k not in known:
-            raise MoeguardError(f"unknown audit setting '{k}'", hint=suggest(k, list(known)))
-    values = {**file_values, **{k: v for k, v in flags.items() if v is not None}}
-    for k, v in list(values.items()):
-        values[k] = _coerce(k, v, known[k])
-    return AuditConfig(**values)
-
-
-def _coerce(name: str, value: Any, f) -> Any:
-    if value is None:
-        return None
-    if name in _LISTS:
-        if isinstance(value, str):
-            value = [x.strip() for x in value.split(",") if x.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise MoeguardError(f"audit setting '{name}' is {value!r}, expected a list",
-                                hint=f"e.g. {name}: [a, b] in YAML, or a comma-separated flag")
-        value = list(value)
-        if "int" in str(f.type):
-            try:
-                value = [int(x) for x in value]
-            except (TypeError, ValueError):
-                raise MoeguardError(f"audit setting '{name}' is {value!r}, expected integers",
-                                    hint=f"e.g. {name}: [2, 4]") from None
-        else:
-            value = [str(x) for x in value]
-        if not value:
-            raise MoeguardError(f"audit setting '{name}' is empty", hint="leave it out for the default")
-        return value
-    expected = str(f.type).split(" ")[0]
-    try:
-        if expected == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "yes", "1")
-            return bool(value)
-        if expected == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if expected == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise MoeguardError(f"audit setting '{name}' is {value!r}, expected {expected}",
-                            hint=f"set {name} to a {expected}") from None
+    return config_build(AuditConfig, flags, what="audit", base=file_values)
 
 
 def check(cfg: AuditConfig) -> None:
     """Value checks that need no model."""
-    positive = ["samples", "eval_limit", "collateral_limit", "physical_checks", "recovery_seeds", "pool_size",
-                "recovery_eval_limit", "defense_budget", "defense_seeds"]
-    for name in positive:
-        if getattr(cfg, name) < (0 if name == "physical_checks" else 1):
-            raise MoeguardError(f"{name} is {getattr(cfg, name)}", hint=f"set {name} to at least 1")
-    if cfg.random_seeds < 1:
-        raise MoeguardError(f"random_seeds is {cfg.random_seeds}; the random band needs at least one ranking",
-                            hint="set random_seeds to at least 1 (3 or more for a band)")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise MoeguardError(f"threads is {cfg.threads}", hint="set threads to at least 1, or leave it out")
     if not 0 < cfg.target <= 100:
         raise MoeguardError(f"target is {cfg.target}", hint="a percentage in (0, 100]")
     if cfg.defense and cfg.hardened:

@@ -13,74 +13,65 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.audit.config import AuditConfig, check
-from moeguard.audit.jobs import Backend, Job, Runtime, run_jobs
 from moeguard.audit.stages import StageResult, StageStore
 from moeguard.errors import MoeguardError
+from moeguard.models.handle import ModelHandle
+from moeguard.studies import run_studies, run_study
+from moeguard.studies.engine import Backend, Job, Runtime, run_jobs
 
 SCHEMA = "moeguard.audit/1"
 
 
-def resolve(cfg: AuditConfig) -> tuple[AuditConfig, dict[str, Any]]:
+def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     """Fill the model-dependent defaults and check everything that can be checked before any
-    weights are read; returns the resolved config and the model's facts."""
+    weights are read; returns the resolved config and the model's handle (inspected once)."""
     import torch
 
     from moeguard.attribution.base import get_method, list_methods
-    from moeguard.models.info import model_info
-    from moeguard.models.loading import inspect
+    from moeguard.edge import embedded_or, resolve_model, resolve_tasks
     from moeguard.realign.strategies.base import get_strategy
-    from moeguard.tasks.loaders import load_records
-    from moeguard.tasks.registry import adopt, get_task
-    from moeguard.zoo.train import embedded_tasks
 
     check(cfg)
-    _, _, family = inspect(cfg.model)
-    info = model_info(cfg.model)
-    info["num_experts"] = max(int(v) for v in info["experts_per_layer"].values())
-    E, k_min = int(info["num_experts"]), max(1, family.min_experts, int(info["top_k"]))
+    model = resolve_model(cfg.model)
     # names from here on (stages and jobs key results by them); a task from a YAML file is adopted
-    # under its name here, and in every worker through the runtime (run_audit)
-    tasks = [adopt(get_task(t), origin=str(t)).name for t in cfg.tasks] if cfg.tasks else [t.name for t in embedded_tasks()]
-    for t in tasks:
-        load_records(get_task(t), "eval", limit=1)
+    # under its name, and reaches every worker through the runtime (run_audit)
+    tasks = embedded_or(cfg.tasks)
+    by_name = {t.name: t for t in tasks}
+    names = list(by_name)
     methods = cfg.methods or [m.name for m in list_methods()]
     for m in methods:
         get_method(m)
-    keeps = cfg.keeps or sorted({max(k_min, E // 4), max(k_min, E // 2), max(k_min, 3 * E // 4)} - {E})
-    bad = [k for k in keeps if not k_min <= k < E]
-    if bad:
-        raise MoeguardError(f"keep levels {bad} are impossible for {E} experts per layer (top-{info['top_k']})",
-                            hint=f"use levels from {k_min} to {E - 1}")
-    rec_keep = cfg.recovery_keep if cfg.recovery_keep is not None else max(k_min, E // 4)
-    if not k_min <= rec_keep < E:
-        raise MoeguardError(f"recovery_keep {rec_keep} is impossible for {E} experts per layer",
-                            hint=f"use a value from {k_min} to {E - 1}")
-    rec_tasks = [get_task(t).name for t in cfg.recovery_tasks] if cfg.recovery_tasks else tasks
-    missing = [t for t in rec_tasks if t not in tasks]
+    keeps = cfg.keeps or model.default_keeps()
+    for k in keeps:
+        model.check_keep(k)
+    rec_keep = model.check_keep(cfg.recovery_keep if cfg.recovery_keep is not None
+                                else max(model.min_keep, model.top_k, model.num_experts // 4))
+    rec_tasks = [t.name for t in resolve_tasks(cfg.recovery_tasks, check=False)] if cfg.recovery_tasks else names
+    missing = [t for t in rec_tasks if t not in by_name]
     if missing:
-        raise MoeguardError(f"recovery_tasks {missing} are not among the audited tasks {tasks}",
+        raise MoeguardError(f"recovery_tasks {missing} are not among the audited tasks {names}",
                             hint="add them to --tasks, or recover a subset of the audited tasks")
     if cfg.recovery:
         from moeguard.realign.loop import label_pool
 
         for t in rec_tasks:
             for s in cfg.strategies:
-                get_strategy(s, get_task(t))
-            label_pool(get_task(t), pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
-    defense_tasks = [get_task(t).name for t in cfg.defense_tasks] if cfg.defense_tasks else tasks[:1]
+                get_strategy(s, by_name[t])
+            label_pool(by_name[t], pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
+    defense_tasks = [t.name for t in resolve_tasks(cfg.defense_tasks, check=False)] if cfg.defense_tasks else names[:1]
     if cfg.defense:
         from moeguard.defense.harden import get_defense
 
         get_defense(cfg.defense)
     if cfg.hardened:
-        inspect(cfg.hardened)
-    missing = [t for t in defense_tasks if t not in tasks]
+        resolve_model(cfg.hardened)
+    missing = [t for t in defense_tasks if t not in by_name]
     if (cfg.defense or cfg.hardened) and missing:
-        raise MoeguardError(f"defense_tasks {missing} are not among the audited tasks {tasks}",
+        raise MoeguardError(f"defense_tasks {missing} are not among the audited tasks {names}",
                             hint="add them to --tasks, or compare on audited tasks")
-    resolved = replace(cfg, tasks=tasks, methods=methods, keeps=keeps, recovery_keep=rec_keep, recovery_tasks=rec_tasks,
+    resolved = replace(cfg, tasks=names, methods=methods, keeps=keeps, recovery_keep=rec_keep, recovery_tasks=rec_tasks,
                        defense_tasks=defense_tasks, threads=cfg.threads or torch.get_num_threads())
-    return resolved, info
+    return resolved, model
 
 
 def _model_identity(model: str | None) -> dict[str, Any]:
@@ -96,16 +87,18 @@ def _model_identity(model: str | None) -> dict[str, Any]:
     return {"name": ref.name, "files": files}
 
 
-def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, Any], progress: Any = None,
+def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHandle, progress: Any = None,
               command: str | None = None) -> dict[str, Any]:
+    """``cfg`` and ``model`` as :func:`resolve` returns them."""
+    from moeguard.edge import file_tasks
     from moeguard.provenance import run_record
+    from moeguard.tasks.registry import get_task
 
     started = time.perf_counter()
     store = StageStore(out)
-    from moeguard.tasks.registry import get_task, is_builtin
-
+    info = {**model.info, "num_experts": model.num_experts}
     runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads,
-                      tasks=tuple(get_task(t) for t in cfg.tasks if not is_builtin(t)))
+                      tasks=file_tasks(get_task(t) for t in cfg.tasks))
     ident = {"model": _model_identity(cfg.model), "runtime": runtime.to_dict()}
     n_stages = 5 + bool(cfg.defense or cfg.hardened)
     overall = progress.add_task("audit", total=n_stages) if progress is not None else None
@@ -121,6 +114,12 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
     def jobs(js: list[Job], label: str) -> list[dict[str, Any]]:
         return run_jobs(js, root=store.jobs, runtime=runtime, backend=backend, progress=progress, label=label)
 
+    def study_run(study, study_cfg):
+        return run_study(study, study_cfg, jobs=store.jobs, runtime=runtime, backend=backend, progress=progress)
+
+    def studies_run(items, label):
+        return run_studies(items, jobs=store.jobs, runtime=runtime, backend=backend, progress=progress, label=label)
+
     from moeguard.io import write_json
 
     s_model = stage("model", ident, lambda d: write_json(d / "model.json", info))
@@ -128,9 +127,10 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
     limits = sorted({cfg.eval_limit, cfg.collateral_limit} | ({cfg.recovery_eval_limit} if cfg.recovery else set()))
     base_settings = {"tasks": cfg.tasks, "limits": limits, "seed": cfg.seed}
 
+    from moeguard.studies.sweep import SweepConfig, SweepStudy, SweepStudyConfig, attribution_phase, baseline_phase
+
     def baseline(d: Path) -> None:
-        res = jobs([Job(stage="baseline", name=t, fn="moeguard.audit.work:baseline_job",
-                        args={"task": t, "limits": limits, "seed": cfg.seed}) for t in cfg.tasks], "baseline")
+        res = jobs(baseline_phase(cfg.tasks, limits, cfg.seed).jobs, "baseline")
         write_json(d / "baseline.json", dict(zip(cfg.tasks, res)))
 
     s_base = stage("baseline", base_settings, baseline, [s_model])
@@ -138,9 +138,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
     attr_settings = {"tasks": cfg.tasks, "methods": cfg.methods, "samples": cfg.samples, "seed": cfg.seed}
 
     def attribution(d: Path) -> None:
-        res = jobs([Job(stage="attribution", name=t, fn="moeguard.audit.work:attribution_job",
-                        args={"task": t, "methods": cfg.methods, "samples": cfg.samples, "seed": cfg.seed,
-                              "reference": _reference(cfg, t)}) for t in cfg.tasks], "attribution")
+        refs = {t: _reference(cfg, t) for t in cfg.tasks}
+        res = jobs(attribution_phase(cfg.tasks, cfg.methods, cfg.samples, cfg.seed, refs).jobs, "attribution")
         for t, by_method in zip(cfg.tasks, res):
             for m, s in by_method.items():
                 (d / "scores" / t).mkdir(parents=True, exist_ok=True)
@@ -154,14 +153,14 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
                       "physical_checks": cfg.physical_checks, "seed": cfg.seed}
 
     def sweep(d: Path) -> None:
-        from moeguard.pruning.sweep import full_scores, merge_sweeps
+        from moeguard.studies.sweep import full_scores
 
         base = s_base.read("baseline.json")
         full = {t: full_scores(base[t][str(cfg.eval_limit)], base[t][str(cfg.collateral_limit)]) for t in cfg.tasks}
-        js = [Job(stage="sweep", name=t, fn="moeguard.audit.work:sweep_job",
-                  args={"target": t, "settings": sweep_settings, "seed": cfg.seed, "full": full,
-                        "scores": {m: s_attr.read(f"scores/{t}/{m}.json") for m in cfg.methods}}) for t in cfg.tasks]
-        doc = merge_sweeps(jobs(js, "pruning sweep"))
+        scores = {t: {m: s_attr.read(f"scores/{t}/{m}.json") for m in cfg.methods} for t in cfg.tasks}
+        study = SweepStudyConfig(sweep=SweepConfig(**sweep_settings), references={}, full=full, scores=scores)
+        doc = study_run(SweepStudy(), study)
+        doc.pop("scores")  # the attribution stage holds them
         doc["model"]["name"] = info["name"]
         write_json(d / "sweep.json", doc)
 
@@ -172,7 +171,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
         rec_settings = {"tasks": cfg.recovery_tasks, "keep": cfg.recovery_keep, "strategies": cfg.strategies,
                         "budgets": cfg.budgets, "seeds": cfg.recovery_seeds, "pool_size": cfg.pool_size,
                         "eval_limit": cfg.recovery_eval_limit, "target": cfg.target, "seed": cfg.seed}
-        s_rec = stage("recovery", rec_settings, lambda d: _recovery(cfg, d, s_base, s_attr, s_sweep, info, jobs),
+        s_rec = stage("recovery", rec_settings, lambda d: _recovery(cfg, d, s_base, s_attr, s_sweep, model, studies_run),
                       [s_base, s_attr, s_sweep])
 
     s_def = None
@@ -183,7 +182,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, info: dict[str, 
                         "methods": cfg.methods, "samples": cfg.samples, "pool_size": cfg.pool_size,
                         "utility_tasks": cfg.tasks, "utility_limit": cfg.eval_limit, "target": cfg.target,
                         "runtime": runtime.to_dict()}
-        s_def = stage("defense", def_settings, lambda d: _defense(cfg, d, runtime, info, store, progress), [s_model])
+        s_def = stage("defense", def_settings, lambda d: _defense(cfg, d, runtime, model, study_run, progress),
+                      [s_model])
 
     upstream = [s for s in (s_model, s_base, s_attr, s_sweep, s_rec, s_def) if s is not None]
     doc = assemble(cfg, info, {s.name: s for s in upstream}, backend=backend.describe())
@@ -210,95 +210,77 @@ def _reference(cfg: AuditConfig, task: str) -> list[str] | None:
 
 
 def _recovery(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: StageResult, s_sweep: StageResult,
-              info: dict[str, Any], jobs) -> None:
+              model: ModelHandle, studies_run) -> None:
+    """The recovery study of every recovery task, on the plan of its best method (by deletion AUC),
+    all tasks' jobs side by side."""
     from moeguard.attribution.base import Scores
     from moeguard.io import write_json
-    from moeguard.models.loading import inspect
     from moeguard.pruning.plan import plan_from_scores
-    from moeguard.realign.engine import FinetuneConfig
-    from moeguard.realign.recovery import best_method, summarize
-    from moeguard.tasks.registry import get_task
+    from moeguard.studies.recovery import RecoveryConfig, RecoveryStudy, best_method
 
-    _, _, family = inspect(cfg.model)
     sweep_doc, base = s_sweep.read("sweep.json"), s_base.read("baseline.json")
-    finetune = FinetuneConfig().to_dict()
-    plans, all_jobs = {}, []
+    items = []
     for t in cfg.recovery_tasks:
         method = best_method(sweep_doc, t)
         plan = plan_from_scores(Scores.from_dict(s_attr.read(f"scores/{t}/{method}.json")), keep=cfg.recovery_keep,
-                                min_keep=family.min_experts)
-        keep = {str(l): v for l, v in plan.keep.items()}
-        full = base[t][str(cfg.recovery_eval_limit)]["score"]
-        plans[t] = {"method": method, "plan": plan.to_dict(), "full_score": full}
-        for i in range(cfg.recovery_seeds):
-            for s in cfg.strategies:
-                all_jobs.append(Job(stage="recovery", name=f"{t} {s} seed {cfg.seed + i}",
-                                    fn="moeguard.audit.work:recovery_job",
-                                    args={"task": t, "keep": keep, "strategy": s, "seed": cfg.seed + i,
-                                          "budgets": cfg.budgets, "pool_size": cfg.pool_size,
-                                          "eval_limit": cfg.recovery_eval_limit, "full_score": full,
-                                          "finetune": finetune}))
-    curves = jobs(all_jobs, "recovery")
-    for t in cfg.recovery_tasks:
-        task = get_task(t)
-        cs = [c for j, c in zip(all_jobs, curves) if j.args["task"] == t]
-        doc = {"schema": "moeguard.recovery/1", "task": t, "kind": task.kind.value, "metric": task.primary_metric,
-               "higher_is_better": task.higher_is_better, "attribution": {"method": plans[t]["method"]},
-               "plan": plans[t]["plan"], "full_score": plans[t]["full_score"],
-               "pruned_retention": cs[0]["points"][0]["retention"] if cs else None,
-               "settings": {"keep": cfg.recovery_keep, "strategies": cfg.strategies, "budgets": cfg.budgets,
-                            "seeds": cfg.recovery_seeds, "pool_size": cfg.pool_size,
-                            "eval_limit": cfg.recovery_eval_limit, "target": cfg.target, "finetune": finetune},
-               "curves": cs, "summary": summarize(cs, cfg.strategies, target=cfg.target)}
-        (d / "recovery").mkdir(exist_ok=True)
-        write_json(d / "recovery" / f"{t}.json", doc)
+                                min_keep=model.family.min_experts)
+        items.append((RecoveryStudy(), RecoveryConfig(
+            task=t, keep=cfg.recovery_keep, strategies=tuple(cfg.strategies), budgets=tuple(cfg.budgets),
+            seeds=cfg.recovery_seeds, seed=cfg.seed, method=method, samples=cfg.samples, pool_size=cfg.pool_size,
+            eval_limit=cfg.recovery_eval_limit, target=cfg.target,
+            given_plan={str(l): v for l, v in plan.keep.items()},
+            given_full=base[t][str(cfg.recovery_eval_limit)]["score"])))
+    (d / "recovery").mkdir(exist_ok=True)
+    for (_, rc), doc in zip(items, studies_run(items, "recovery")):
+        write_json(d / "recovery" / f"{rc.task}.json", doc)
 
 
-def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, info: dict[str, Any], store: StageStore, progress) -> None:
-    """Harden (or take ``cfg.hardened``), then the attack harness on base and hardened.
-    Runs in this process: it trains one model and compares two, nothing to spread."""
+def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, study_run, progress) -> None:
+    """Harden (or take ``cfg.hardened``) in this process, then the defend-eval study on the
+    audit's backend: base and hardened under the same attack harness."""
     import torch
 
-    from moeguard.defense.attack import AttackConfig
-    from moeguard.defense.evaluate import DefendEvalConfig, defend_eval
-    from moeguard.defense.harden import config_for, harden
+    from moeguard.defense.harden import config_for, get_defense, harden
     from moeguard.defense.protocol import FILENAME, Protocol
     from moeguard.io import write_json
     from moeguard.models.loading import load_model
     from moeguard.models.tokenizer_files import save_tokenizer
+    from moeguard.studies.attack import AttackConfig
+    from moeguard.studies.defend import DefendEvalConfig, DefendEvalStudy
 
     torch.set_num_threads(runtime.threads)
     dtype = getattr(torch, runtime.dtype) if runtime.dtype else None
-    base, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
     proto = None
     if cfg.defense:
         torch.manual_seed(cfg.seed)
-        hardened, _, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
+        hardened, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
         hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
         log = harden(hardened, tok, hcfg, progress=progress)
         hardened.save_pretrained(d / "hardened")
         save_tokenizer(tok, d / "hardened")
+        del hardened
         write_json(d / "hardening.json", {"method": cfg.defense, "config": hcfg.to_dict(), **log})
-        from moeguard.defense.harden import get_defense
-
         if get_defense(cfg.defense).protocol:
-            proto = Protocol(modes=("lora",), patterns=tuple(hcfg.authorized_patterns), model=str(d / "hardened"))
+            proto = {"modes": ["lora"], "patterns": list(hcfg.authorized_patterns)}
+        hardened_ref = str(d / "hardened")
     else:
-        hardened, _, _ = load_model(cfg.hardened, dtype=dtype, device_map=runtime.device_map)
         from moeguard.models.loading import resolve as resolve_ref
 
         ref = resolve_ref(cfg.hardened)
         if ref.path is not None and (ref.path / FILENAME).exists():
-            proto = Protocol.load(ref.path / FILENAME)
-    E = int(info["num_experts"])
+            p = Protocol.load(ref.path / FILENAME)
+            proto = {"modes": list(p.modes), "patterns": list(p.patterns)}
+        hardened_ref = cfg.hardened
+    E = model.num_experts
     attack = AttackConfig(task=cfg.defense_tasks[0], keep=E // 2, budget=cfg.defense_budget, seeds=cfg.defense_seeds,
                           methods=tuple(cfg.methods),
                           seed=cfg.seed, samples=cfg.samples, pool_size=cfg.pool_size,
                           eval_limit=cfg.recovery_eval_limit, target=cfg.target)
     dcfg = DefendEvalConfig(tasks=tuple(cfg.defense_tasks), keeps=(E // 2,), attack=attack,
-                            utility_tasks=tuple(cfg.tasks), utility_limit=cfg.eval_limit)
-    doc = defend_eval(base, hardened, tok, dcfg, protocol=proto, progress=progress, job_dir=store.jobs / "defense")
-    doc["base"], doc["hardened"] = info["name"], cfg.defense or cfg.hardened
+                            utility_tasks=tuple(cfg.tasks), utility_limit=cfg.eval_limit, base=cfg.model,
+                            hardened=hardened_ref, protocol=proto, num_experts=E)
+    doc = study_run(DefendEvalStudy(), dcfg)
+    doc["base"], doc["hardened"] = model.name, cfg.defense or cfg.hardened
     write_json(d / "defense.json", doc)
 
 
@@ -337,6 +319,7 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
             entry["recovery"] = {"keep": r["settings"]["keep"], "method": r["attribution"]["method"],
                                  "pruned_retention": r["pruned_retention"], "full_score": r["full_score"],
                                  "target": r["summary"]["target"], "best": r["summary"]["best"],
+                                 "saves_labels": r["summary"]["saves_labels"], "rule": r["summary"]["rule"],
                                  "strategies": r["summary"]["strategies"]}
         entry["risk"] = task_risk(entry, num_experts=E, min_keep=min(cfg.keeps))
         tasks[t] = entry
@@ -365,7 +348,7 @@ def _collateral(sweep: dict[str, Any], keep: int) -> dict[str, Any]:
 
 # what legitimately differs between two runs with the same settings: wall-clock times, the run record
 TIMING_KEYS = frozenset({"seconds", "created_at", "train_s", "select_s", "eval_s", "elapsed_s", "stages", "run",
-                         "backend", "files"})
+                         "backend", "files", "tokens_per_second"})
 
 
 def numbers_only(doc: Any) -> Any:

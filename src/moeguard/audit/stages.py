@@ -10,13 +10,12 @@ stages it builds on) is written inside it and the folder is renamed to ``stages/
 - a changed setting changes the key of the stages that read it and of those downstream,
   and only those run again.
 
-Long stages keep their finished jobs under ``jobs/`` (see :mod:`moeguard.audit.jobs`), so
+Long stages keep their finished jobs under ``jobs/`` (see :mod:`moeguard.studies.engine`), so
 a stage that was killed half-way resumes from its last finished job.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -25,12 +24,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moeguard.io import _move_into_place, write_json
+from moeguard.studies.engine import digest
 
 DONE = "done.json"
-
-
-def digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -32,12 +32,13 @@ import torch
 
 from moeguard.defense.objectives import (Adaptation, collapse, forward_loss, record_routers, simulate_adaptation,
                                          task_balance, task_shares)
-from moeguard.errors import MoeguardError, suggest
+from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import mask_experts
 from moeguard.realign.modes import matching
+from moeguard.registry import Registry
 from moeguard.tasks.batches import Example, collate, task_sequences
-from moeguard.tasks.evaluate import _pad_id
+from moeguard.tasks.tokens import pad_id
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,20 +77,16 @@ class DefenseSpec:
     protocol: bool = False                # writes moeguard_protocol.json next to the weights
 
 
-DEFENSES: dict[str, DefenseSpec] = {}
+# importing ``moeguard.defense.methods`` imports every defense file, which registers itself
+DEFENSES: Registry[DefenseSpec] = Registry("hardening method", loader="moeguard.defense.methods")
 
 
 def register_defense(spec: DefenseSpec) -> DefenseSpec:
-    DEFENSES[spec.name] = spec
-    return spec
+    return DEFENSES.add(spec.name, spec)
 
 
 def get_defense(name: str) -> DefenseSpec:
-    from moeguard.defense import methods  # noqa: F401  (registers the defenses)
-
-    if name not in DEFENSES:
-        raise MoeguardError(f"unknown hardening method '{name}'", hint=suggest(name, list(DEFENSES)))
-    return DEFENSES[name]
+    return DEFENSES.get(name)
 
 
 def config_for(method: str, **overrides: Any) -> HardenConfig:
@@ -160,7 +157,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
     empty = [n for n, v in data.items() if not v]
     if empty:
         raise MoeguardError(f"tasks {empty} give no training sequences", hint="check their train splits")
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     device = model.get_input_embeddings().weight.device
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]

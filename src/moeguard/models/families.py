@@ -3,16 +3,19 @@
 Every family in transformers 5 has the same skeleton: a decoder layer holds a sparse block with
 a *router* module returning ``(router_logits, top_k_weights, top_k_index)`` and a fused
 *experts* module (3-D parameters, expert on dim 0) called as ``experts(hidden, index, weights)``.
-What differs is where those live, which config keys count them and how gate weights are
-normalized; that is all this file records. Adding a family = one ``register_family`` call here
-and one row in ``tests/test_families.py``'s matrix.
+What differs is where those live (in memory and in saved checkpoints), which config keys count
+them and how gate weights are normalized; that is all this file records. Adding a family = one
+``register_family`` call here and one row in ``tests/test_families.py``'s matrix.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Iterable
 
 from moeguard.errors import MoeguardError
+from moeguard.registry import Registry
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +60,39 @@ class RoutingSpec:
         return ", ".join(p for p in parts if p)
 
 
+@dataclass(frozen=True)
+class DiskLayout:
+    """Where routed experts live in a saved checkpoint, by module name under a sparse block.
+
+    The on-disk layout is not the in-memory one (transformers converts fused experts to each
+    family's public layout on save, and back on load), so a family's layout holds both its
+    in-memory names and its public on-disk names (:meth:`FamilySpec.disk_layout`).
+    """
+
+    block_names: tuple[str, ...]
+    router_modules: tuple[str, ...]
+    expert_modules: tuple[str, ...]
+    # always-on experts: copied even though they sit in the same block, whatever their shapes
+    shared_modules: tuple[str, ...] = ()
+    # ``experts.{e}.<rest>``: one tensor per expert, the expert number in the key
+    per_expert: re.Pattern = re.compile(r"^experts\.(\d+)\.(.+)$")
+
+    @classmethod
+    def union(cls, layouts: Iterable["DiskLayout"]) -> "DiskLayout":
+        """Every name of every layout (for a checkpoint whose family is not known)."""
+        layouts = list(layouts)
+        patterns = {l.per_expert.pattern for l in layouts}
+        if len(patterns) != 1:
+            raise ValueError(f"layouts disagree on the per-expert key pattern: {sorted(patterns)}")
+        return cls(**{f: _unique(n for l in layouts for n in getattr(l, f))
+                      for f in ("block_names", "router_modules", "expert_modules", "shared_modules")},
+                   per_expert=layouts[0].per_expert)
+
+
+def _unique(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
 @dataclass(frozen=True, kw_only=True)
 class FamilySpec:
     name: str
@@ -74,22 +110,40 @@ class FamilySpec:
     # what runs after the last decoder layer (replaying the model from a cached layer input)
     final_norm_path: str = "model.norm"
     logits_divisor_key: str | None = None  # GraniteMoE divides logits by config.logits_scaling
+    # Public on-disk names (what save_pretrained writes and hub checkpoints hold) beside the
+    # in-memory ones above: the sparse block, its router and its expert tensors.
+    disk_block_attrs: tuple[str, ...] = ()
+    disk_router_attrs: tuple[str, ...] = ()
+    disk_expert_attrs: tuple[str, ...] = ()
+    disk_per_expert: str = r"^experts\.(\d+)\.(.+)$"  # one tensor per expert, number in the key
+
+    def disk_layout(self) -> DiskLayout:
+        """The module names under which this family's checkpoints hold routers and experts."""
+        return DiskLayout(block_names=_unique(self.block_attrs + self.disk_block_attrs),
+                          router_modules=_unique((self.router_attr, *self.disk_router_attrs)),
+                          expert_modules=_unique((self.experts_attr, *self.disk_expert_attrs)),
+                          shared_modules=self.shared_attrs, per_expert=re.compile(self.disk_per_expert))
 
 
-FAMILIES: dict[str, FamilySpec] = {}
-_BY_MODEL_TYPE: dict[str, FamilySpec] = {}
+FAMILIES: Registry[FamilySpec] = Registry("model family")
+_BY_MODEL_TYPE: Registry[FamilySpec] = Registry("model_type")
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:
-    FAMILIES[spec.name] = spec
+    FAMILIES.add(spec.name, spec)
     for mt in spec.model_types:
-        _BY_MODEL_TYPE[mt] = spec
+        _BY_MODEL_TYPE.add(mt, spec)
     return spec
+
+
+def get_family(name: str) -> FamilySpec:
+    return FAMILIES.get(name)
 
 
 register_family(FamilySpec(
     name="mixtral", model_types=("mixtral",), block_attrs=("mlp", "block_sparse_moe"), router_attr="gate",
-    routing=RoutingSpec(score="softmax", renormalize=True, weights_dtype="float32"), num_experts_key="num_local_experts"))
+    routing=RoutingSpec(score="softmax", renormalize=True, weights_dtype="float32"), num_experts_key="num_local_experts",
+    disk_block_attrs=("block_sparse_moe",)))  # block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1
 register_family(FamilySpec(
     name="qwen2_moe", model_types=("qwen2_moe",), block_attrs=("mlp",), router_attr="gate",
     routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts",
@@ -111,11 +165,14 @@ register_family(FamilySpec(
 register_family(FamilySpec(
     name="granitemoe", model_types=("granitemoe",), block_attrs=("block_sparse_moe",), router_attr="router",
     routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
-    logits_divisor_key="logits_scaling"))
+    logits_divisor_key="logits_scaling",
+    # on disk: block_sparse_moe.router.layer, fused block_sparse_moe.input_linear / output_linear
+    disk_expert_attrs=("input_linear", "output_linear")))
 register_family(FamilySpec(
     name="phimoe", model_types=("phimoe",), block_attrs=("mlp", "block_sparse_moe"), router_attr="router",
     # sparsemixer always picks two distinct experts
-    routing=RoutingSpec(score="sparsemixer"), num_experts_key="num_local_experts", min_experts=2))
+    routing=RoutingSpec(score="sparsemixer"), num_experts_key="num_local_experts", min_experts=2,
+    disk_block_attrs=("block_sparse_moe",), disk_router_attrs=("gate",)))  # block_sparse_moe.gate, experts.{e}.w1
 register_family(FamilySpec(
     name="gpt_oss", model_types=("gpt_oss",), block_attrs=("mlp",), router_attr="router",
     routing=RoutingSpec(score="softmax", select_on="logits", softmax_dtype="logits"), num_experts_key="num_local_experts"))
@@ -124,11 +181,11 @@ register_family(FamilySpec(
 def family_for_config(config) -> FamilySpec:
     """The family of a config, or a clear error naming what is supported."""
     model_type = getattr(config, "model_type", None)
-    spec = _BY_MODEL_TYPE.get(model_type)
-    if spec is not None:
-        return spec
-    supported = ", ".join(sorted(_BY_MODEL_TYPE))
-    looks_dense = not any(k in config.to_dict() for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE.get(model_type)
+    supported = ", ".join(_BY_MODEL_TYPE.names())
+    count_keys = sorted({f.num_experts_key for f in FAMILIES.items()})
+    looks_dense = not any(k in config.to_dict() for k in count_keys)
     what = "a dense (non-MoE) model" if looks_dense else "an unsupported MoE family"
     raise MoeguardError(
         f"model_type '{model_type}' is {what}; moeguard audits Mixture-of-Experts models of the families: {supported}",

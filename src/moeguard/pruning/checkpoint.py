@@ -9,7 +9,8 @@ closed, so the handle is re-opened every ``_MAP_BUDGET`` bytes read.
 
 The on-disk layout is not the in-memory one (transformers converts fused experts to each
 family's public layout on save), so which tensors are cut is described by module names as data
-in :data:`DISK_LAYOUT`, never by family branches.
+in each family's spec (:meth:`moeguard.models.families.FamilySpec.disk_layout`), never by family
+branches.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Iterator
 
 from moeguard.errors import MoeguardError
 from moeguard.io import atomic_dir, check_output
+from moeguard.models.families import FAMILIES, DiskLayout, family_for_config
 from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -33,26 +35,6 @@ RECORD_NAME = "moeguard_pruning.json"
 _MAP_BUDGET = 32 << 20   # bytes read through one mmap before it is closed (its pages leave RSS)
 _CHUNK = 8 << 20         # bytes per read, so no single read maps or holds a whole large tensor
 
-
-@dataclass(frozen=True)
-class DiskLayout:
-    """Where routed experts live in saved checkpoints, by module name under a sparse block.
-
-    Names are the union over families of the in-memory names and the public on-disk names
-    (Mixtral/PhiMoE save ``block_sparse_moe.gate`` and ``experts.{e}.w1``; GraniteMoE saves
-    ``router.layer`` and ``input_linear``/``output_linear``; GPT-OSS keeps fused ``experts``).
-    """
-
-    block_names: tuple[str, ...] = ("mlp", "block_sparse_moe")
-    router_modules: tuple[str, ...] = ("gate", "router")
-    expert_modules: tuple[str, ...] = ("experts", "input_linear", "output_linear")
-    # always-on experts: copied even though they sit in the same block, whatever their shapes
-    shared_modules: tuple[str, ...] = ("shared_expert", "shared_experts", "shared_expert_gate")
-    # ``experts.{e}.<rest>``: one tensor per expert, the expert number in the key
-    per_expert: re.Pattern = re.compile(r"^experts\.(\d+)\.(.+)$")
-
-
-DISK_LAYOUT = DiskLayout()
 
 # Bytes per element of safetensors dtypes; also orders a shard so every tensor is aligned.
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
@@ -163,11 +145,15 @@ def _runs(kept: list[int]) -> tuple[tuple[int, int], ...]:
 
 def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: str,
                  experts: dict[int, int], keep: dict[int, list[int]],
-                 layout: DiskLayout = DISK_LAYOUT) -> list[_Tensor]:
+                 layout: DiskLayout | None = None) -> list[_Tensor]:
     """Every output tensor, in source order; raises before any write when the layout is not understood.
 
     ``experts`` maps each MoE decoder layer to its expert count; other layers are copied.
+    ``layout``: the family's module names (``FamilySpec.disk_layout()``); None for a checkpoint
+    of unknown family, read with every name any registered family uses.
     """
+    if layout is None:
+        layout = DiskLayout.union(f.disk_layout() for f in FAMILIES.items())
     blocks = "|".join(re.escape(b) for b in layout.block_names)
     key_re = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.(?:{blocks})\.([^.]+)(.*)$")
     new_index = {li: {e: i for i, e in enumerate(kept)} for li, kept in keep.items()}
@@ -285,7 +271,6 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     written to ``out/moeguard_pruning.json``.
     """
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.models.families import family_for_config
     from moeguard.models.hooks import normalize_keep
     from moeguard.models.prune import pruned_config
 
@@ -310,7 +295,8 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     keep = normalize_keep(adapter, keep)
     new_config, changes = pruned_config(adapter, keep)
     plan = plan_tensors(files, headers, layers_path=family.layers_path,
-                        experts={l.index: l.num_experts for l in adapter.layers}, keep=keep)
+                        experts={l.index: l.num_experts for l in adapter.layers}, keep=keep,
+                        layout=family.disk_layout())
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)
     copies, skipped = side_files(src, files)
     tensor_bytes = sum(t.nbytes for t in plan)

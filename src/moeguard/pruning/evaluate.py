@@ -13,30 +13,6 @@ from moeguard.models.hooks import mask_experts
 from moeguard.tasks.evaluate import TaskResult, evaluate_task
 
 
-def retention(score: float | None, full: float | None, *, higher_is_better: bool) -> float | None:
-    """Pruned score relative to the full model's, in percent, 100 = unchanged.
-
-    Higher-is-better metrics: 100 * pruned / full. Perplexity: 100 * full / pruned, so that
-    retention falls as perplexity rises (the study's normalized perplexity read as retention)."""
-    if score is None or full is None:
-        return None
-    if higher_is_better:
-        return 100.0 * score / full if full else None
-    return 100.0 * full / score if score else None
-
-
-def above_baseline(score: float | None, full: float | None, base: float | None, *, higher_is_better: bool) -> float | None:
-    """Share of the full model's margin over the trivial baseline that survives, in percent
-    (0 = no better than "knows nothing about the input"; can go negative)."""
-    if score is None or full is None or base is None or full == base:
-        return None
-    if higher_is_better:
-        return 100.0 * (score - base) / (full - base)
-    import math
-    lf, lb, ls = math.log(full), math.log(base), math.log(score)  # perplexities compare in log space
-    return 100.0 * (lb - ls) / (lb - lf)
-
-
 class MaskedEvaluator:
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, adapter: MoEAdapter | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from moeguard.config import setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.realign.modes import Trainable, get_mode
@@ -37,23 +38,25 @@ class TrainingDiverged(MoeguardError):
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    mode: str = "full"
-    lr: float | None = None          # None: the mode's default
-    epochs: float = 4.0
-    min_steps: int = 10              # a handful of labels still gets a few updates
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    aux_loss: bool = True            # the family's load-balancing loss, where it has one
-    lora_r: int = 8
-    lora_alpha: int = 16
-    save_every: int = 0              # checkpoint every N steps (0: never)
-    only: tuple[str, ...] = ()       # a fine-tuning protocol's authorized parameter globs (empty: all)
-    seed: int = 0
+    mode: str = setting("full", help="what fine-tuning may change: full, lora, router, experts")
+    lr: float | None = setting(None, help="learning rate; default: the mode's (full 2e-4, lora 3e-3, router 5e-3, "
+                                          "experts 2e-4)")
+    epochs: float = setting(4.0, help="passes over the labeled set per round")
+    min_steps: int = setting(10, min=0, help="fewest optimizer steps per round")  # a handful of labels still gets a few updates
+    max_steps: int | None = setting(None, min=1, help="most optimizer steps per round")
+    batch_size: int = setting(8, min=1, help="training batch size")
+    grad_clip: float = setting(1.0, help="gradient norm clip")
+    weight_decay: float = setting(0.0, min=0, help="AdamW weight decay")
+    warmup_ratio: float = setting(0.1, min=0, max=1, help="share of steps warming the learning rate up")
+    aux_loss: bool = setting(True, help="add the family's load-balancing loss, where it has one")
+    lora_r: int = setting(8, min=1, help="LoRA rank")
+    lora_alpha: int = setting(16, min=1, help="LoRA alpha")
+    save_every: int = setting(0, min=0, help="checkpoint the running fine-tune every N steps (0: never)")
+    only: tuple[str, ...] = setting((), cli=False, help="a protocol's authorized parameter globs (empty: all)")
+    seed: int = setting(0, help="random seed")
 
     def __post_init__(self) -> None:
+        validate(self)
         get_mode(self.mode)
         if self.lr is not None and not self.lr > 0:
             raise MoeguardError(f"learning rate is {self.lr}", hint="pass a positive --lr, e.g. 5e-4")

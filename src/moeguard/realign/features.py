@@ -18,24 +18,21 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from moeguard.tasks.base import Task, TaskKind
-from moeguard.tasks.evaluate import (_bos, _device, _encode, _eos_ids, _fit_prompt, _generation_config, _pad,
-                                     _pad_id, loglikelihoods)
+from moeguard.tasks import tokens as T
+from moeguard.tasks.base import Task
+from moeguard.tasks.evaluate import loglikelihoods
 
 
 def unlabeled(task: Task, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records as an active learner sees them before labeling: inputs only."""
-    keep = ("text",) if task.kind is TaskKind.LANGUAGE_MODELING else ("input",)
+    """The records as an active learner sees them before labeling: inputs only (the kind's
+    ``unlabeled_fields``)."""
+    keep = task.kind_spec.unlabeled_fields
     return [{k: r[k] for k in keep} for r in records]
 
 
 def input_ids(tokenizer, task: Task, record: dict[str, Any]) -> list[int]:
     """The tokens the model reads for a sample: the prompt, or the first window of a text."""
-    if task.kind is TaskKind.LANGUAGE_MODELING:
-        return (_bos(tokenizer) + _encode(tokenizer, record["text"]))[:task.max_length]
-    if task.kind is TaskKind.CLASSIFICATION:
-        return (_bos(tokenizer) + _encode(tokenizer, record["input"].rstrip()))[-task.max_length:]
-    return _fit_prompt(tokenizer, record, max(2, task.max_length - task.max_new_tokens))
+    return task.kind_spec.input_ids(tokenizer, task, record)
 
 
 @torch.no_grad()
@@ -50,9 +47,9 @@ def class_probs(model, tokenizer, task: Task, records: Sequence[dict[str, Any]],
 def _batches(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], batch_size: int, *, left: bool = False):
     """Padded (ids, mask) batches of the samples' input tokens, in record order, on the model's device."""
     seqs = [input_ids(tokenizer, task, r) for r in records]
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = T.model_device(model), T.pad_id(tokenizer)
     for begin in range(0, len(seqs), batch_size):
-        yield _pad(seqs[begin:begin + batch_size], pad, left=left, device=device)
+        yield T.pad_batch(seqs[begin:begin + batch_size], pad, left=left, device=device)
 
 
 def _token_means(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +64,9 @@ def _token_means(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor)
 @torch.no_grad()
 def sequence_uncertainty(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], *,
                          batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean token NLL [n], mean token entropy [n]) of the sample's text or of the model's summary."""
-    if task.kind is TaskKind.SUMMARIZATION:
+    """(mean token NLL [n], mean token entropy [n]) of the sample's input tokens, or of the model's
+    own greedy generation for a kind that ``generates`` (summarization)."""
+    if task.kind_spec.generates:
         return _generated_uncertainty(model, tokenizer, task, records, batch_size)
     parts = []
     for ids, mask in _batches(model, tokenizer, task, records, batch_size):
@@ -78,8 +76,8 @@ def sequence_uncertainty(model, tokenizer, task: Task, records: Sequence[dict[st
 
 
 def _generated_uncertainty(model, tokenizer, task, records, batch_size):
-    eos = _eos_ids(model, tokenizer)
-    gen = _generation_config(task, _pad_id(tokenizer), eos, tokenizer)
+    eos = T.eos_ids(model, tokenizer)
+    gen = T.generation_config(task, T.pad_id(tokenizer), eos, tokenizer)
     parts = []
     for ids, mask in _batches(model, tokenizer, task, records, batch_size, left=True):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,

@@ -25,16 +25,17 @@ import torch
 
 from moeguard.errors import MoeguardError
 from moeguard.io import write_json
-from moeguard.pruning.evaluate import retention
+from moeguard.analysis import retention
 from moeguard.realign.engine import FinetuneConfig, finetune, fingerprint
 from moeguard.realign.features import unlabeled
 from moeguard.realign.modes import Trainable, apply_mode
 from moeguard.realign.strategies.base import Query, get_strategy
 from moeguard.tasks.base import Task
 from moeguard.tasks.batches import task_sequences
-from moeguard.tasks.evaluate import TaskResult, _pad_id, evaluate_task
+from moeguard.tasks.evaluate import TaskResult, evaluate_task
 from moeguard.tasks.loaders import load_records
 from moeguard.tasks.registry import get_task
+from moeguard.tasks.tokens import pad_id
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +110,7 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
         raise MoeguardError(f"a budget of {schedule[-1]} labels is larger than the pool of {len(pool)}",
                             hint=f"lower the budget to at most {len(pool)}")
     visible = unlabeled(task, pool)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     state_dir = Path(state_dir) if state_dir is not None else None
     tag = fingerprint(cfg.finetune, [], extra=[cfg.to_dict(), task.name, len(pool), pool[0], pool[-1]])
     state = _load_state(state_dir, tag)

@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moeguard.errors import MoeguardError, suggest
+from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
+from moeguard.registry import Registry
 
 
 @dataclass
@@ -65,18 +66,15 @@ class ModeSpec:
     apply: Callable[..., Trainable]
 
 
-MODES: dict[str, ModeSpec] = {}
+MODES: Registry[ModeSpec] = Registry("fine-tuning mode")  # the built-ins register at the end of this file
 
 
 def register_mode(spec: ModeSpec) -> ModeSpec:
-    MODES[spec.name] = spec
-    return spec
+    return MODES.add(spec.name, spec)
 
 
 def get_mode(name: str) -> ModeSpec:
-    if name not in MODES:
-        raise MoeguardError(f"unknown fine-tuning mode '{name}'", hint=suggest(name, list(MODES)))
-    return MODES[name]
+    return MODES.get(name)
 
 
 Allowed = Callable[[str], bool] | None  # a fine-tuning protocol's test on parameter names

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moeguard.pruning.evaluate import retention
+from moeguard.analysis import retention
 
 
 def harden_table(doc: dict[str, Any]):

@@ -77,7 +77,7 @@ def recovery_table(doc: dict[str, Any]):
     s = doc["summary"]
     t = Table(title=f"Recovery of '{doc['task']}' (pruned model: {_fmt(doc['pruned_retention'])}% retained; "
                     f"target {s['target']:g}%)")
-    for col in ["strategy", "labels to target", "per seed", "savings vs random", "AUC", "final"]:
+    for col in ["strategy", "labels to target", "per seed", "savings vs random [95% CI]", "AUC", "final"]:
         t.add_column(col, justify="left" if col == "strategy" else "right")
     for name, r in s["strategies"].items():
         reach = "not reached" if r["labels_to_target"] is None else f"{r['labels_to_target']:.0f}"
@@ -91,9 +91,12 @@ def savings_text(name: str, summary: dict[str, Any]) -> str:
     sv = summary.get("savings_vs_random")
     if name == "random" or not sv:
         return "-"
+    ci = ((sv.get("uncertainty") or {}).get("ci") or {})
+    interval = (f" [{ci['low']:.0f}, {ci['high']:.0f}]" if ci.get("low") is not None and not ci.get("degenerate")
+                else "")
     if sv["percent"] is not None:
-        return f"{'≥ ' if sv['bound'] == 'at least' else ''}{sv['percent']:.0f}%"
-    return sv["bound"]
+        return f"{'≥ ' if sv['bound'] == 'at least' else ''}{sv['percent']:.0f}%{interval}"
+    return sv["bound"] + (interval if sv["bound"] == "loses" else "")
 
 
 def realign_table(curve: dict[str, Any]):

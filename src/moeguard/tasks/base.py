@@ -1,36 +1,70 @@
 """Task definitions: the data every task kind shares, parsed from YAML or built in Python.
 
 A task says *what* to evaluate (records, prompt, labels, metric); loaders say *where* the
-records come from; ``evaluate.py`` says *how* a model is scored on them.
+records come from; the task's kind (``task.kind_spec``, see ``moeguard.tasks.kinds``) says
+*how* a record is read, scored and trained on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from moeguard.errors import MoeguardError
+from moeguard.tasks.kinds.base import KINDS, TaskKindSpec
 
 
-class TaskKind(str, Enum):
-    LANGUAGE_MODELING = "language_modeling"
-    CLASSIFICATION = "classification"
-    SUMMARIZATION = "summarization"
+class _KindNames(type):
+    """Enum-style access, kept from when kinds were an Enum: ``TaskKind.CLASSIFICATION`` is
+    ``TaskKind("classification")`` (for any registered kind), and iterating ``TaskKind`` gives
+    every registered kind."""
+
+    def __getattr__(cls, attr: str) -> "TaskKind":
+        if not attr.startswith("_") and attr.isupper() and attr.lower() in KINDS:
+            return cls(attr.lower())
+        raise AttributeError(f"type object 'TaskKind' has no attribute {attr!r}")
+
+    def __iter__(cls):
+        return iter([cls(name) for name in KINDS.names()])
 
 
-# Which record fields each kind needs (names in the *normalized* record, see loaders).
-REQUIRED_FIELDS: dict[TaskKind, tuple[str, ...]] = {
-    TaskKind.LANGUAGE_MODELING: ("text",),
-    TaskKind.CLASSIFICATION: ("input", "label"),
-    TaskKind.SUMMARIZATION: ("input", "target"),
-}
+class TaskKind(str, metaclass=_KindNames):
+    """The name of a registered task kind, as ``Task.kind`` holds it.
 
-PRIMARY_METRIC: dict[TaskKind, str] = {
-    TaskKind.LANGUAGE_MODELING: "perplexity",
-    TaskKind.CLASSIFICATION: "accuracy",
-    TaskKind.SUMMARIZATION: "rougeL",
-}
+    A ``str`` (it compares equal to ``"classification"``, and JSON and YAML write it as the
+    name), with ``.value`` (the plain name, as the Enum had) and ``.spec`` (the kind object,
+    :class:`~moeguard.tasks.kinds.TaskKindSpec`). There is one instance per name, so ``task.kind
+    is TaskKind.CLASSIFICATION`` holds, also after pickling or copying a task. An unregistered
+    name is refused with the registered ones.
+    """
+
+    __slots__ = ()
+    _interned: dict[str, "TaskKind"] = {}
+
+    def __new__(cls, name: "str | TaskKind") -> "TaskKind":
+        if not isinstance(name, str):
+            raise MoeguardError(f"task kind {name!r} is a {type(name).__name__}, not a name",
+                                hint=f"use one of {', '.join(KINDS.names())}")
+        KINDS.get(str(name))  # unknown kinds: the registry's error, with "did you mean"
+        key = str(name)
+        if key not in cls._interned:
+            cls._interned[key] = super().__new__(cls, key)
+        return cls._interned[key]
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    @property
+    def spec(self) -> TaskKindSpec:
+        return KINDS.get(str(self))
+
+    def __repr__(self) -> str:
+        return f"TaskKind({str(self)!r})"
+
+    def __reduce__(self):
+        return (TaskKind, (str(self),))
+
 
 SOURCE_TYPES = ("hub", "disk", "local", "package")
 FILE_FORMATS = ("txt", "jsonl", "csv", "tsv")
@@ -71,7 +105,7 @@ class Task:
     """
 
     name: str
-    kind: TaskKind
+    kind: TaskKind  # a registered kind's name; a plain str is converted
     source: SourceSpec
     fields: dict[str, str]
     splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "eval": "validation"})
@@ -84,17 +118,15 @@ class Task:
     provenance: str = ""
 
     def __post_init__(self) -> None:
-        missing = [f for f in REQUIRED_FIELDS[self.kind] if f not in self.fields]
+        object.__setattr__(self, "kind", TaskKind(self.kind))
+        spec = self.kind_spec
+        missing = [f for f in spec.required_fields if f not in self.fields]
         if missing:
             raise MoeguardError(
-                f"task '{self.name}' ({self.kind.value}) has no field mapping for {missing}",
-                hint=f"add them under 'fields:'; a {self.kind.value} task needs {list(REQUIRED_FIELDS[self.kind])}",
+                f"task '{self.name}' ({self.kind}) has no field mapping for {missing}",
+                hint=f"add them under 'fields:'; a {self.kind} task needs {list(spec.required_fields)}",
             )
-        if self.kind is TaskKind.CLASSIFICATION and len(self.labels) < 2:
-            raise MoeguardError(
-                f"classification task '{self.name}' defines {len(self.labels)} label verbalizers",
-                hint="add at least two entries under 'labels:' (label value -> verbalizer text)",
-            )
+        spec.validate(self)
         if self.source.type not in SOURCE_TYPES:
             raise MoeguardError(
                 f"task '{self.name}' has source type '{self.source.type}'",
@@ -104,8 +136,13 @@ class Task:
             _check_columns(self.name, self.source)
 
     @property
+    def kind_spec(self) -> TaskKindSpec:
+        """The kind object: how records of this task are read, scored and trained on."""
+        return self.kind.spec
+
+    @property
     def primary_metric(self) -> str:
-        return self.metric or PRIMARY_METRIC[self.kind]
+        return self.metric or self.kind_spec.primary_metric
 
     @property
     def higher_is_better(self) -> bool:
@@ -113,14 +150,13 @@ class Task:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, origin: str = "<dict>") -> "Task":
+        if "kind" not in data:
+            raise MoeguardError(f"task definition {origin} has no 'kind'",
+                                hint=f"set kind to one of {KINDS.names()}")
         try:
             kind = TaskKind(data["kind"])
-        except KeyError:
-            raise MoeguardError(f"task definition {origin} has no 'kind'",
-                                hint=f"set kind to one of {[k.value for k in TaskKind]}") from None
-        except ValueError:
-            raise MoeguardError(f"task definition {origin} has kind '{data['kind']}'",
-                                hint=f"use one of {[k.value for k in TaskKind]}") from None
+        except MoeguardError as err:
+            raise MoeguardError(f"task definition {origin} has kind '{data['kind']}'", hint=err.hint) from None
         src = dict(data.get("source") or {})
         hub = src.pop("hub", None) or {}
         if "name" not in data or "source" not in data or "fields" not in data:

@@ -16,45 +16,24 @@ from typing import Any, Sequence
 import torch
 
 from moeguard.errors import MoeguardError
-from moeguard.tasks.base import Task, TaskKind
-from moeguard.tasks.evaluate import _bos, _encode, _fit_prompt, _pad_id
+from moeguard.tasks import tokens as T
+from moeguard.tasks.base import Task
+from moeguard.tasks.kinds.base import IGNORE, Example
 from moeguard.tasks.loaders import load_records
 from moeguard.tasks.registry import get_task
 
-IGNORE = -100
-
-
-@dataclass(frozen=True)
-class Example:
-    ids: list[int]
-    labels: list[int]  # IGNORE where the token is context, not target
+__all__ = ["IGNORE", "Batch", "Example", "calibration_batches", "collate", "next_token_targets", "task_sequences",
+           "token_nll"]
 
 
 def task_sequences(tokenizer, task: Task | str, records: Sequence[dict[str, Any]]) -> list[Example]:
-    """One or more supervised sequences per record (LM texts longer than max_length give several)."""
+    """One or more supervised sequences per record, in record order (the task's kind turns a
+    record into examples; LM texts longer than max_length give several)."""
     task = get_task(task)
-    bos = _bos(tokenizer)
+    spec = task.kind_spec
     out: list[Example] = []
-    if task.kind is TaskKind.LANGUAGE_MODELING:
-        step = task.max_length - 1
-        for rec in records:
-            ids = bos + _encode(tokenizer, rec["text"])
-            for s in range(0, len(ids) - 1, step):
-                w = ids[s:s + task.max_length]
-                out.append(Example(w, [IGNORE] + w[1:]))
-        return out
-    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    verbalizers = {str(k): v for k, v in task.labels.items()}
     for rec in records:
-        if task.kind is TaskKind.CLASSIFICATION:
-            context, target = rec["input"].rstrip(), rec["input"][len(rec["input"].rstrip()):] + verbalizers[str(rec["label"])]
-            cont = _encode(tokenizer, target)
-            ctx = (bos + _encode(tokenizer, context))[-(task.max_length - len(cont)):]
-        else:
-            target = rec["target"] if rec["target"][:1].isspace() else " " + rec["target"]
-            cont = _encode(tokenizer, target)[: max(1, task.max_new_tokens)] + eos
-            ctx = _fit_prompt(tokenizer, rec, max(2, task.max_length - len(cont)))
-        out.append(Example(ctx + cont, [IGNORE] * len(ctx) + cont))
+        out += spec.examples(tokenizer, task, rec)
     return out
 
 
@@ -106,7 +85,7 @@ def calibration_batches(tokenizer, task: Task | str, *, samples: int, batch_size
     random.Random(seed).shuffle(pool)
     seqs = task_sequences(tokenizer, task, pool[:samples])
     seqs.sort(key=lambda s: -len(s.ids))
-    pad = _pad_id(tokenizer)
+    pad = T.pad_id(tokenizer)
     return [collate(seqs[i:i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
 
 

@@ -1,7 +1,7 @@
 """Read a task's records from the hub, a ``save_to_disk`` folder, local files or the package.
 
 Every source yields raw rows (column -> value); :func:`load_records` then turns them into
-the *normalized* records the evaluators consume:
+the *normalized* records the evaluators consume (each kind's ``record`` method says how):
 
 - language modeling: ``{"text"}``
 - classification: ``{"input", "label"}`` (label as ``str``)
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError
-from moeguard.tasks.base import Task, TaskKind
+from moeguard.tasks.base import Task
 from moeguard.tasks.formats import read_file
 
 ROLES = ("train", "eval")
@@ -49,7 +49,7 @@ def load_records(task: Task, role: str, *, limit: int | None = None) -> list[dic
     records = _normalize(task, rows, split, where, limit)
     if not records:
         raise MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
-                            f"text{'' if task.kind is TaskKind.LANGUAGE_MODELING else ' or target'})",
+                            f"{task.kind_spec.record_needs})",
                             hint="point the split at a file or dataset split with data in it")
     return records
 
@@ -195,22 +195,24 @@ def _slice(rows: list[dict[str, Any]], sliced: tuple[str | None, str | None] | N
 def _normalize(task: Task, rows: Iterable[dict[str, Any]], split: str, where: str,
                limit: int | None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    normalize = task.kind_spec.record
     for i, row in enumerate(rows):
         if i == 0:
             _check_columns(task, row, split, where)
         if limit is not None and len(out) >= limit:
             break
-        record = _record(task, row, split, where)
+        record = normalize(task, row, split, where)
         if record is not None:
             out.append(record)
     return out
 
 
 def _needed_columns(task: Task) -> list[str]:
+    spec = task.kind_spec
     needed = [col for key, col in task.fields.items()
               if key in ("text", "label", "target") or (key == "input" and (task.prompt is None
-                                                                            or task.kind is TaskKind.SUMMARIZATION))]
-    if task.prompt is not None and task.kind is not TaskKind.LANGUAGE_MODELING:
+                                                                            or spec.reads_raw_input))]
+    if task.prompt is not None and spec.prompted:
         for _, name, _, _ in string.Formatter().parse(task.prompt):
             if name is not None:
                 # "{a.b}"/"{a[0]}" reach into the column "a".
@@ -229,50 +231,26 @@ def _check_columns(task: Task, row: dict[str, Any], split: str, where: str) -> N
         )
 
 
-def _joined(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """A cell as text: a list (SciTLDR's list of sentences) joined with spaces, ``None`` as ""."""
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
     return "" if value is None else str(value)
 
 
-def _render(task: Task, row: dict[str, Any], input_col: str) -> str:
+def render_input(task: Task, row: dict[str, Any], input_col: str) -> str:
+    """A row's model input: the task's ``prompt`` filled with the row's (stripped) cells, or
+    the ``input_col`` cell as is when the task has no prompt."""
     if task.prompt is None:
-        return _joined(row[input_col]).strip()
+        return cell_text(row[input_col]).strip()
     # Cells are stripped: TSV/CSV cells often carry stray edge spaces (SST-2 ends every
     # sentence with one) that would otherwise sit between the text and the prompt's suffix.
-    values = {k: _joined(v).strip() for k, v in row.items()}
+    values = {k: cell_text(v).strip() for k, v in row.items()}
     try:
         return task.prompt.format(**values)
     except (IndexError, ValueError) as exc:
         raise MoeguardError(f"prompt of task '{task.name}' is not a valid format string ({exc})",
                             hint="write columns as {name}; double literal braces as {{ and }}") from None
-
-
-def _record(task: Task, row: dict[str, Any], split: str, where: str) -> dict[str, Any] | None:
-    fields = task.fields
-    if task.kind is TaskKind.LANGUAGE_MODELING:
-        text = _joined(row[fields["text"]])
-        # Blank rows (WikiText has many) carry no tokens to predict.
-        return {"text": text} if text.strip() else None
-    if task.kind is TaskKind.CLASSIFICATION:
-        label = row[fields["label"]]
-        label = "" if label is None else str(label)
-        known = [str(k) for k in task.labels]
-        if label not in known:
-            raise MoeguardError(
-                f"split '{split}' of task '{task.name}' ({where}) has label '{label}', "
-                f"which has no verbalizer (labels: {known})",
-                hint="add it under 'labels:', or use a labelled split (GLUE test splits carry label -1)",
-            )
-        return {"input": _render(task, row, fields["input"]), "label": label}
-    target = row[fields["target"]]
-    references = [str(t) for t in target] if isinstance(target, (list, tuple)) else [_joined(target)]
-    references = [r for r in references if r.strip()]
-    if not references:
-        return None
-    source_text = _joined(row[fields["input"]]).strip()
-    return {"input": _render(task, row, fields["input"]), "target": references[0],
-            "references": references, "source_text": source_text}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-from moeguard.tasks.base import Task, TaskKind
+from moeguard.tasks.base import Task
 
 EOS, PAD = "<|endoftext|>", "<pad>"
 LONG_EXAMPLES = ("windows", "truncate")
@@ -55,14 +55,9 @@ EMBEDDED_RECIPE = Recipe(long_examples="truncate")
 
 
 def training_text(task: Task, record: dict) -> str:
-    """The string the model learns from for one record: what evaluation will ask, then the answer."""
-    if task.kind is TaskKind.LANGUAGE_MODELING:
-        return record["text"]
-    if task.kind is TaskKind.CLASSIFICATION:
-        labels = {str(k): v for k, v in task.labels.items()}
-        return record["input"] + labels[record["label"]]
-    target = record["target"]
-    return record["input"] + (target if target[:1].isspace() else " " + target)
+    """The string the model learns from for one record: what evaluation will ask, then the answer
+    (the task's kind says how, ``TaskKindSpec.training_text``)."""
+    return task.kind_spec.training_text(task, record)
 
 
 def train_tokenizer(texts: list[str], *, vocab_size: int):
@@ -135,7 +130,7 @@ def few_blocks_warning(task: Task, *, records: int, tokens: int, blocks: int, re
     src = task.source
     txt = src.format == "txt" or (src.format is None and bool(src.files)
                                   and all(f.endswith((".txt", ".txt.gz")) for f in src.files.values()))
-    if records <= 1 and task.kind is TaskKind.LANGUAGE_MODELING and txt:
+    if records <= 1 and task.kind_spec.running_text and txt:
         cause = ("its txt file is short enough to be a single record (txt files are cut into records of about "
                  f"{task.max_length * 4} characters, max_length x 4, at blank lines and line ends)")
     elif records <= 1:

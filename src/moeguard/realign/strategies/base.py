@@ -1,9 +1,11 @@
 """Active-learning strategies: which unlabeled samples the attacker pays to label next.
 
-A strategy is a function ``select(query) -> indices`` registered with the task kinds it
-applies to. It sees the current (re-aligned so far) model, the pool's *inputs* (never a label)
-and the indices already labeled; model-side quantities are computed once per round and shared
-through :class:`Query`'s cached properties, so a hybrid reuses what its parts computed.
+A strategy is a function ``select(query) -> indices`` registered (in :data:`STRATEGIES`) with
+the task kinds it applies to, or for every kind. It sees the current (re-aligned so far)
+model, the pool's *inputs* (never a label) and the indices already labeled; model-side
+quantities are computed once per round and shared through :class:`Query`'s cached
+properties, so a hybrid reuses what its parts computed. What differs per task kind (the
+default uncertainty, the entropy) is the kind's (``task.kind_spec``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from moeguard.errors import MoeguardError, suggest
+from moeguard.errors import MoeguardError
 from moeguard.realign import features as F
+from moeguard.registry import Registry
 from moeguard.tasks.base import Task, TaskKind
-
-ALL_KINDS = frozenset(TaskKind)
+from moeguard.tasks.kinds import KINDS, get_kind
 
 
 @dataclass(kw_only=True)
@@ -64,11 +66,13 @@ class Query:
 
     def uncertainty(self) -> torch.Tensor:
         """The kind's default uncertainty per candidate, higher = less sure: label entropy for
-        classification, mean token NLL otherwise."""
-        if self.task.kind is TaskKind.CLASSIFICATION:
-            p = self.class_probs
-            return -(p * p.clamp_min(1e-12).log()).sum(-1)
-        return self.sequence_uncertainty[0]
+        classification, mean token NLL otherwise (``task.kind_spec.uncertainty``)."""
+        return self.task.kind_spec.uncertainty(self)
+
+    def entropy(self) -> torch.Tensor:
+        """Predictive entropy per candidate: over the labels for classification, mean next-token
+        entropy otherwise (``task.kind_spec.entropy``)."""
+        return self.task.kind_spec.entropy(self)
 
     def top(self, values: torch.Tensor) -> list[int]:
         """The k candidates with the highest values; ties broken by a seeded shuffle."""
@@ -82,34 +86,44 @@ class Strategy:
     name: str
     select: Callable[[Query], list[int]]
     description: str
-    kinds: frozenset = ALL_KINDS
+    only: frozenset[str] | None = None  # the kind names it is limited to; None: every kind, also later ones
     needs_original: bool = False
 
+    @property
+    def kinds(self) -> frozenset[TaskKind]:
+        """The registered task kinds this strategy applies to."""
+        names = KINDS.names() if self.only is None else [n for n in self.only if n in KINDS]
+        return frozenset(TaskKind(n) for n in names)
 
-STRATEGIES: dict[str, Strategy] = {}
+    def applies_to(self, kind: str) -> bool:
+        return self.only is None or str(kind) in self.only
 
 
-def register_strategy(name: str, *, description: str, kinds=ALL_KINDS, needs_original: bool = False):
+STRATEGIES: Registry[Strategy] = Registry("active-learning strategy", loader="moeguard.realign.strategies.registry",
+                                          hint="see `moeguard strategies`")
+
+
+def register_strategy(name: str, *, description: str, kinds=None, needs_original: bool = False):
+    """Decorator registering ``select(query)`` as strategy ``name``; ``kinds``: the task kind names
+    it is limited to (``None``: every kind)."""
+    only = None if kinds is None else frozenset(get_kind(k).name for k in kinds)
+
     def wrap(fn: Callable[[Query], list[int]]):
-        STRATEGIES[name] = Strategy(name, fn, description, frozenset(kinds), needs_original)
+        STRATEGIES.add(name, Strategy(name, fn, description, only, needs_original))
         return fn
     return wrap
 
 
 def get_strategy(name: str, task: Task | None = None) -> Strategy:
-    from moeguard.realign.strategies import registry  # noqa: F401  (registers the built-ins)
-
-    if name not in STRATEGIES:
-        raise MoeguardError(f"unknown active-learning strategy '{name}'", hint=suggest(name, list(STRATEGIES)))
-    s = STRATEGIES[name]
-    if task is not None and task.kind not in s.kinds:
-        fits = sorted(n for n, x in STRATEGIES.items() if task.kind in x.kinds)
+    """The strategy ``name``; with ``task``, also check that it applies to the task's kind."""
+    s = STRATEGIES.get(name)
+    if task is not None and not s.applies_to(task.kind):
+        fits = [x.name for x in STRATEGIES.items() if x.applies_to(task.kind)]
         raise MoeguardError(f"strategy '{name}' applies to {', '.join(sorted(k.value for k in s.kinds))} tasks; "
                             f"'{task.name}' is {task.kind.value}", hint=f"use one of {', '.join(fits)}")
     return s
 
 
 def list_strategies() -> list[Strategy]:
-    from moeguard.realign.strategies import registry  # noqa: F401
-
-    return [STRATEGIES[n] for n in sorted(STRATEGIES)]
+    """Every registered strategy, sorted by name."""
+    return STRATEGIES.items()

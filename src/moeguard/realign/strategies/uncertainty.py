@@ -8,10 +8,9 @@ maximum normalized log-probability); ``entropy`` there is the mean next-token en
 """
 
 from moeguard.realign.strategies.base import Query, register_strategy
-from moeguard.tasks.base import TaskKind
 
-CLS = {TaskKind.CLASSIFICATION}
-GEN = {TaskKind.LANGUAGE_MODELING, TaskKind.SUMMARIZATION}
+CLS = ("classification",)
+GEN = ("language_modeling", "summarization")
 
 
 @register_strategy("least-confidence", kinds=CLS, description="lowest probability of the predicted label")
@@ -27,9 +26,7 @@ def margin(q: Query) -> list[int]:
 
 @register_strategy("entropy", description="highest predictive entropy (labels; or mean next-token entropy)")
 def entropy(q: Query) -> list[int]:
-    if q.task.kind is TaskKind.CLASSIFICATION:
-        return q.top(q.uncertainty())
-    return q.top(q.sequence_uncertainty[1])
+    return q.top(q.entropy())
 
 
 @register_strategy("nll", kinds=GEN, description="highest mean token NLL of the text, or of the model's own summary")

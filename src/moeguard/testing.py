@@ -1,4 +1,5 @@
-"""Tiny configs of every supported family, built offline, for tests and benchmarks."""
+"""Test scaffolding: tiny configs and models of every supported family, built offline, for tests
+and benchmarks (not used by the runtime package)."""
 
 from __future__ import annotations
 

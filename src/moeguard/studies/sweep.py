@@ -5,7 +5,11 @@ masking, exact to physical pruning), its retention, the collateral damage on the
 and the parameter/memory reduction. Random rankings (``random_seeds`` of them) give the band a
 method must beat; deletion curves over every keep level from N-1 down to top-k give each
 method's area under the curve (AUC) and its Spearman correlation with ``ablation``. A sample of
-points is re-checked on physically pruned models.
+points of each task is re-checked on physically pruned models.
+
+Phases of the study: ``baseline`` (each task's full-model scores), ``attribution`` (each task's
+expert scores by every method) and ``sweep`` (one job per pruned task, collateral damage measured
+on all of them); the audit passes the first two from its own stages.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ from moeguard.attribution.run import make_context, score
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.prune import prune_model
-from moeguard.pruning.evaluate import MaskedEvaluator, above_baseline, retention
+from moeguard.analysis import above_baseline, auc, bootstrap, mean_ci, retention, spearman
+from moeguard.config import setting, validate
+from moeguard.pruning.evaluate import MaskedEvaluator
+from moeguard.studies import Phase
+from moeguard.studies.engine import Job
 from moeguard.pruning.plan import plan_from_scores
 from moeguard.tasks.evaluate import evaluate_task
 from moeguard.tasks.registry import get_task
@@ -32,18 +40,23 @@ SCHEMA = "moeguard.sweep/1"
 
 @dataclass(kw_only=True)
 class SweepConfig:
-    tasks: list[str]                     # names or YAML paths, as given
-    methods: list[str]
-    keeps: list[int]                     # keep levels with collateral damage measured
-    samples: int = 64                    # attribution calibration samples per task
-    eval_limit: int = 64                 # eval samples for the pruned task
-    collateral_limit: int = 32           # eval samples for each other task
-    random_seeds: int = 5
-    deletion_curves: bool = True         # also every keep level top_k..N-1 on the task itself
-    physical_checks: int = 2
-    batch_size: int = 32
-    seed: int = 0
-    reference: list[str] | None = None   # contrastive's reference tasks (default: the rest of the suite)
+    tasks: list[str] = setting(help="comma-separated tasks or YAML paths; default: the embedded suite")
+    methods: list[str] = setting(help="comma-separated attribution methods; default: all")
+    keeps: list[int] = setting(flag="--keep", min=1,
+                               help="keep levels with collateral damage, e.g. 2,4,6; default: N/4, N/2, 3N/4")
+    samples: int = setting(64, min=1, help="attribution calibration samples per task")
+    eval_limit: int = setting(64, min=1, help="eval samples of the pruned task")
+    collateral_limit: int = setting(32, min=1, help="eval samples of each other task")
+    random_seeds: int = setting(5, min=0, help="random rankings for the baseline band")
+    deletion_curves: bool = setting(True, negative="--no-deletion-curves",
+                                    help="also every keep level from N-1 down to top-k")
+    physical_checks: int = setting(2, min=0, help="points of each task re-scored on physically pruned copies")
+    batch_size: int = setting(32, min=1, cli=False, help="eval batch size")
+    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
+    reference: list[str] | None = setting(None, cli=False, help="contrastive's reference tasks (default: the rest of the suite)")
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def random_scores(adapter: MoEAdapter, seed: int, task: str) -> Scores:
@@ -52,27 +65,6 @@ def random_scores(adapter: MoEAdapter, seed: int, task: str) -> Scores:
     return Scores(method=f"random:{seed}", task=task, model="", samples=0, tokens=0,
                   layers=[l.index for l in adapter.layers], num_experts=adapter.num_experts, top_k=adapter.top_k,
                   scores=rows)
-
-
-def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman's rho with average ranks for ties (scipy's definition), without scipy."""
-    import pandas as pd
-
-    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def auc(levels: list[int], values: list[float | None]) -> float | None:
-    """Trapezoid area under retention vs keep level, divided by the level range: the curve's
-    mean retention in percent (100 = nothing lost at any level)."""
-    pts = sorted((k, v) for k, v in zip(levels, values) if v is not None)
-    if len(pts) < 2:
-        return pts[0][1] if pts else None
-    xs, ys = zip(*pts)
-    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
-    return float(trapezoid(ys, xs) / (xs[-1] - xs[0]))
 
 
 def reduction(adapter: MoEAdapter, keep: dict[int, list[int]]) -> dict[str, Any]:
@@ -209,10 +201,12 @@ def _summaries(cfg, tasks, levels, points, random_points, all_scores) -> dict[st
                     and p["retention"] is not None]
             if vals:
                 rand[t.name][str(k)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)),
-                                        "min": float(np.min(vals)), "max": float(np.max(vals)), "n": len(vals)}
+                                        "min": float(np.min(vals)), "max": float(np.max(vals)), "n": len(vals),
+                                        "ci": mean_ci(vals, seed=cfg.seed)["ci"]}
         ra = [a for a in rand_auc if a is not None]
         faith[t.name] = {"random": {"auc_mean": float(np.mean(ra)) if ra else None,
-                                    "auc_std": float(np.std(ra)) if ra else None}}
+                                    "auc_std": float(np.std(ra)) if ra else None,
+                                    "uncertainty": mean_ci(ra, seed=cfg.seed)}}
         abl = all_scores[t.name].get("ablation")
         for m in cfg.methods:
             ps = [p for p in points if p["task"] == t.name and p["method"] == m]
@@ -224,14 +218,26 @@ def _summaries(cfg, tasks, levels, points, random_points, all_scores) -> dict[st
             rho = None
             if abl is not None:
                 rho = spearman(abl.scores.flatten().tolist(), all_scores[t.name][m].scores.flatten().tolist())
-            faith[t.name][m] = {"auc": auc([p["keep"] for p in ps], [p["retention"] for p in ps]),
-                                "spearman_vs_ablation": rho, "beats_random_mean": beats}
+            m_auc = auc([p["keep"] for p in ps], [p["retention"] for p in ps])
+            faith[t.name][m] = {"auc": m_auc, "spearman_vs_ablation": rho, "beats_random_mean": beats,
+                                "auc_vs_random": _against_random(m_auc, ra, cfg.seed)}
     return {"random": rand, "faithfulness": faith}
 
 
+def _against_random(value: float | None, randoms: list[float], seed: int) -> dict[str, Any] | None:
+    """A method's AUC minus the random rankings' mean AUC, with a bootstrap interval over the
+    random seeds (the method's own AUC is one deterministic ranking): above zero = beats random."""
+    if value is None or not randoms:
+        return None
+    r = np.array(randoms, float)
+    ci = bootstrap(len(r), lambda i: float(value - r[i].mean()), seed=seed)
+    return {"difference": float(value - r.mean()), "ci": ci,
+            "beats_random": bool(not ci["degenerate"] and ci["low"] is not None and ci["low"] > 0)}
+
+
 def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[dict[str, Any]]:
-    by_name = {t.name: t for t in tasks}  # tasks may come from YAML files, unknown to the registry by name
     """Re-score a few points on physically pruned copies (the masked numbers must match)."""
+    by_name = {t.name: t for t in tasks}
     chosen = [p for p in points if p["keep"] in cfg.keeps]
     chosen = sorted(chosen, key=lambda p: (p["keep"], p["task"], p["method"]))
     picks = []
@@ -254,3 +260,62 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
                     "params_physical": params, "params_expected": p["params"]})
         del small
     return out
+
+
+# --------------------------------------------------------------------------- the study
+
+@dataclass(frozen=True, kw_only=True)
+class SweepStudyConfig:
+    sweep: SweepConfig
+    references: dict[str, list[str] | None]        # contrastive's reference tasks, per task
+    full: dict[str, dict[str, Any]] | None = None   # given by the audit's baseline stage
+    scores: dict[str, dict[str, Any]] | None = None  # {task: {method: Scores dict}}, given by the audit
+
+
+def target_job(ctx, *, target: str, settings: dict[str, Any], scores: dict[str, Any], full: dict[str, Any],
+               seed: int) -> dict[str, Any]:
+    """The knowledge-loss sweep of one task (collateral damage measured on all of them);
+    ``full``: every task's full-model scores from the baseline phase."""
+    model, tok = ctx.model()
+    cfg = SweepConfig(**settings)
+    given = {target: {m: Scores.from_dict(d) for m, d in scores.items()}}
+    return run_sweep(model, tok, cfg, targets=[target], scores=given, full=full)
+
+
+def baseline_phase(tasks: list[str], limits: list[int], seed: int) -> Phase:
+    return Phase("baseline", [Job(stage="baseline", name=t, fn="moeguard.studies.common:baseline_job",
+                                  args={"task": t, "limits": limits, "seed": seed}) for t in tasks], label="baseline")
+
+
+def attribution_phase(tasks: list[str], methods: list[str], samples: int, seed: int,
+                      references: dict[str, list[str] | None]) -> Phase:
+    return Phase("attribution", [Job(stage="attribution", name=t, fn="moeguard.studies.common:attribution_job",
+                                     args={"task": t, "methods": methods, "samples": samples, "seed": seed,
+                                           "reference": references.get(t)}) for t in tasks], label="attribution")
+
+
+class SweepStudy:
+    name = "sweep"
+    schema = SCHEMA
+
+    def plan(self, c: SweepStudyConfig):
+        s = c.sweep
+        full = c.full
+        if full is None:
+            base = yield baseline_phase(s.tasks, sorted({s.eval_limit, s.collateral_limit}), s.seed)
+            full = {t: full_scores(b[str(s.eval_limit)], b[str(s.collateral_limit)]) for t, b in zip(s.tasks, base)}
+        scores = c.scores
+        if scores is None:
+            res = yield attribution_phase(s.tasks, s.methods, s.samples, s.seed, c.references)
+            scores = dict(zip(s.tasks, res))
+        settings = asdict(s)
+        yield Phase("sweep", [Job(stage="sweep", name=t, fn="moeguard.studies.sweep:target_job",
+                                  args={"target": t, "settings": settings, "seed": s.seed, "full": full,
+                                        "scores": scores[t]}) for t in s.tasks], label="pruning sweep")
+
+    def reduce(self, c: SweepStudyConfig, results: dict[str, list]) -> dict[str, Any]:
+        """The merged sweep; ``scores`` ({task: {method: Scores dict}}) are written beside it as
+        files (``scores/<task>/<method>.json``), not inside sweep.json."""
+        doc = merge_sweeps(results["sweep"])
+        doc["scores"] = c.scores if c.scores is not None else dict(zip(c.sweep.tasks, results["attribution"]))
+        return doc

@@ -1,4 +1,4 @@
-"""Independent jobs and the backends that run them: in this process, or as Ray tasks.
+"""The study engine's jobs and the backends that run them: in this process, or as Ray tasks.
 
 A :class:`Job` names a function (``module:function``) and JSON arguments; its result is JSON.
 That is all a backend needs, so a job runs the same way in this process, in a local Ray
@@ -26,6 +26,11 @@ from moeguard.errors import MoeguardError, suggest
 from moeguard.io import write_json
 
 BACKENDS = ("local", "ray")
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value (job keys, stage keys, derived-model tags)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,32 +69,38 @@ class Runtime:
 
 
 class Context:
-    """What a job function gets: the model (loaded once per process) and derived copies."""
+    """What a job function gets: the study's models (each loaded once per process) and copies
+    derived from them (a pruned model), built once per process and tag."""
 
     _models: dict[str, tuple] = {}
     _derived: dict[tuple, Any] = {}
+    # two: defend-eval alternates a base model and its hardened version; more would only hold memory
+    MAX_MODELS = 2
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
 
-    def model(self):
-        """(model, tokenizer) for the audit's checkpoint, loaded once per worker process.
+    def model(self, ref: str | None = "", /):
+        """(model, tokenizer) of ``ref`` (a checkpoint path or hub id; default: the runtime's model).
         Jobs must hand it back unchanged (masking and fine-tuning restore it)."""
-        key = json.dumps(self.runtime.to_dict(), sort_keys=True)
+        ref = self.runtime.model if ref == "" else ref
+        key = json.dumps({**self.runtime.to_dict(), "model": ref}, sort_keys=True)
         if key not in Context._models:
             import torch
 
             from moeguard.models.loading import load_model
 
             dtype = getattr(torch, self.runtime.dtype) if self.runtime.dtype else None
-            m, tok, _ = load_model(self.runtime.model, dtype=dtype, device_map=self.runtime.device_map)
-            Context._models.clear()
+            m, tok, _ = load_model(ref, dtype=dtype, device_map=self.runtime.device_map)
+            while len(Context._models) >= self.MAX_MODELS:
+                Context._models.pop(next(iter(Context._models)))
             Context._derived.clear()
             Context._models[key] = (m, tok)
         return Context._models[key]
 
     def derived(self, tag: tuple, make: Callable[[], Any]):
-        """A model derived from the audit's (a pruned copy), built once per process and tag."""
+        """A model derived from one of the study's (a pruned copy), built once per process and
+        ``tag`` (which must name the source model and everything the copy depends on)."""
         if tag not in Context._derived:
             Context._derived.clear()  # one at a time: pruned copies of a large model are large
             Context._derived[tag] = make()

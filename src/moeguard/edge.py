@@ -1,0 +1,52 @@
+"""Resolve once, at the edge: what the user named (a model, tasks) becomes objects here, is
+checked here before any weights are read, and is passed down as objects.
+
+- :func:`resolve_model` gives a :class:`~moeguard.models.handle.ModelHandle` (config, family,
+  MoE shape, the one keep rule);
+- :func:`resolve_tasks` gives :class:`~moeguard.tasks.base.Task` objects, each readable (its
+  first eval record is loaded here, so unreadable data fails before model work). A task from a
+  YAML file is adopted under its name, so jobs (which carry names, being JSON) find it, and the
+  runtime carries it to worker processes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from moeguard.errors import MoeguardError
+from moeguard.models.handle import ModelHandle, resolve_model
+
+
+def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None, check: bool = True) -> list:
+    """Tasks from names, YAML paths or Task objects (``default``: a callable giving the tasks
+    when ``values`` is None); each is adopted and, with ``check``, its eval data read once."""
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.registry import adopt, get_task
+
+    if values is None:
+        tasks = list(default()) if default is not None else []
+    else:
+        tasks = [adopt(get_task(v), origin=str(v)) for v in values]
+        if not tasks:
+            raise MoeguardError(f"{what} name no task", hint="see `moeguard tasks` for names")
+    if check:
+        for t in tasks:
+            load_records(t, "eval", limit=1)
+    return tasks
+
+
+def embedded_or(values: Iterable | None, *, what: str = "tasks", check: bool = True) -> list:
+    """:func:`resolve_tasks` with the embedded suite as the default."""
+    from moeguard.zoo.train import embedded_tasks
+
+    return resolve_tasks(values, what=what, default=embedded_tasks, check=check)
+
+
+def file_tasks(tasks: Iterable) -> tuple:
+    """The tasks a worker process cannot know by name (they came from the user's files)."""
+    from moeguard.tasks.registry import is_builtin
+
+    return tuple(t for t in tasks if not is_builtin(t.name))
+
+
+__all__ = ["ModelHandle", "resolve_model", "resolve_tasks", "embedded_or", "file_tasks"]

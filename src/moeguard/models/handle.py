@@ -1,0 +1,83 @@
+"""A model resolved once at the edge: reference, config, family and MoE shape, without weights.
+
+Commands and the audit make one :class:`ModelHandle` from ``--model`` and pass it down; nothing
+below inspects the checkpoint again. Its :meth:`ModelHandle.check_keep` is the one rule for
+how many experts per layer a plan may keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeguard.errors import MoeguardError
+from moeguard.models.families import FamilySpec
+from moeguard.models.loading import ModelRef
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelHandle:
+    ref: ModelRef
+    config: Any
+    family: FamilySpec
+    info: dict[str, Any] = field(repr=False)   # the `moeguard info` facts (from the meta model)
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @property
+    def arg(self) -> str | None:
+        """What ``load_model`` and a job's runtime take: the path or hub id, None for the embedded model."""
+        return None if self.ref.name == "embedded" else self.ref.name
+
+    @property
+    def num_experts(self) -> int:
+        """The most experts any MoE layer has (pruned checkpoints may differ per layer)."""
+        return max(int(v) for v in self.info["experts_per_layer"].values())
+
+    @property
+    def top_k(self) -> int:
+        return int(self.info["top_k"])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.info["experts_per_layer"])
+
+    @property
+    def min_keep(self) -> int:
+        """Fewest experts per layer the family's router accepts (a plan may keep fewer than top-k:
+        pruning lowers top-k to the experts left)."""
+        return max(1, self.family.min_experts)
+
+    def check_keep(self, keep: int, *, what: str = "keep level") -> int:
+        """The one keep rule: from the family's minimum to one fewer than the layer's experts."""
+        lo, hi = self.min_keep, self.num_experts - 1
+        if isinstance(keep, bool) or not isinstance(keep, int) or not lo <= keep <= hi:
+            raise MoeguardError(f"{what} {keep!r} is impossible for {self.num_experts} experts per layer "
+                                f"({self.family.name}, top-{self.top_k})",
+                                hint=f"keep from {lo} to {hi} experts per layer" if lo <= hi else
+                                "this model has too few experts to prune")
+        return keep
+
+    def default_keeps(self) -> list[int]:
+        """N/4, N/2 and 3N/4 experts per layer, at least top-k (and the family's minimum)."""
+        E, k_min = self.num_experts, max(self.min_keep, self.top_k)
+        return sorted({max(k_min, E // 4), max(k_min, E // 2), max(k_min, 3 * E // 4)} - {E})
+
+    def load(self, *, dtype=None, device_map=None):
+        from moeguard.models.loading import load_model
+
+        return load_model(self.arg, dtype=dtype, device_map=device_map)
+
+
+def resolve_model(model: str | None) -> ModelHandle:
+    """Inspect ``model`` (path, hub id or None for the embedded model) once: config, family and
+    the checks that need no weights."""
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.loading import inspect, meta_model
+
+    ref, config, family = inspect(model)
+    info = MoEAdapter(meta_model(config), family=family).describe()
+    info.update(name=ref.name, path=str(ref.path) if ref.path else None, hub_id=ref.hub_id)
+    return ModelHandle(ref=ref, config=config, family=family, info=info)

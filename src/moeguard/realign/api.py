@@ -1,0 +1,76 @@
+"""The re-alignment attack as one Python call: what `moeguard realign` runs.
+
+:func:`realign_checkpoint` fine-tunes a pruned checkpoint on actively chosen labels and writes
+the re-aligned checkpoint with its learning curve; a killed call resumes from its last saved
+state when called again with the same settings.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from moeguard.errors import MoeguardError
+
+
+def pruning_record(path: Path | None) -> dict | None:
+    """The ``moeguard_pruning.json`` beside a pruned checkpoint, if any."""
+    from moeguard.io import read_json
+
+    f = path / "moeguard_pruning.json" if path is not None else None
+    if f is None or not f.exists():
+        return None
+    return read_json(f, what="pruning record", hint="re-run moeguard prune, or delete the file to re-align without it")
+
+
+def realign_checkpoint(*, model, task, out: Path, al, original: str | None = None, full_score: float | None = None,
+                       overwrite: bool = False, progress: Any = None, run: dict | None = None) -> dict[str, Any]:
+    """Re-align ``model`` (a resolved :class:`~moeguard.models.handle.ModelHandle` of a pruned
+    checkpoint) on ``task`` with the :class:`~moeguard.realign.loop.ALConfig` ``al``; writes the
+    checkpoint, its tokenizer, the pruning record and ``learning_curve.json`` into ``out``.
+
+    ``original``: the unpruned model (the orphan strategy and retention need it); default: the
+    source named in the pruning record. ``full_score``: the original's score, if known."""
+    from moeguard.edge import resolve_model
+    from moeguard.io import resumable_dir, write_json
+    from moeguard.models.tokenizer_files import save_tokenizer
+    from moeguard.realign.loop import label_pool, run_active_learning
+    from moeguard.realign.strategies.base import get_strategy
+    from moeguard.realign.strategies.orphan import orphan_shares
+    from moeguard.tasks.evaluate import evaluate_task
+
+    strat = get_strategy(al.strategy, task)
+    pool = label_pool(task, pool_size=al.pool_size, budget=al.schedule[-1], seed=al.seed)
+    record = pruning_record(model.ref.path)
+    original = original or (record or {}).get("source")
+    if strat.needs_original and record is None:
+        raise MoeguardError(f"strategy '{al.strategy}' needs the pruning plan and the original model; {model.name} "
+                            "has no moeguard_pruning.json", hint="prune with `moeguard prune`, which records both")
+    orig = None
+    if original is not None:  # an unreadable original fails here, before the pruned model loads
+        orig = resolve_model(None if original == "embedded" else original)
+    settings = {"model": model.name, "task": task.name, "original": original, "full_score": full_score, **al.to_dict()}
+    m, tokenizer, _ = model.load()
+    orphan = None
+    if orig is not None and (full_score is None or strat.needs_original):
+        o, otok, _ = orig.load()
+        if full_score is None:
+            full_score = evaluate_task(o, otok, task, limit=al.eval_limit, batch_size=32, baseline=False).score
+        if strat.needs_original:
+            share = orphan_shares(o, otok, task, record["keep"], int(record["original_num_experts"]))
+            orphan = lambda: share(pool)  # noqa: E731
+    with resumable_dir(out, overwrite=overwrite, settings=settings) as work:
+        curve, trainable = run_active_learning(m, tokenizer, task, al, pool=pool, orphan_share=orphan,
+                                               full_score=full_score, state_dir=work / "state", progress=progress,
+                                               keep_trainable=True)
+        trainable.merged().save_pretrained(work)
+        save_tokenizer(tokenizer, work)
+        if record is not None:
+            write_json(work / "moeguard_pruning.json", record)
+        curve["model"] = model.name
+        if run is not None:
+            curve["run"] = run
+        write_json(work / "learning_curve.json", curve)
+        shutil.rmtree(work / "state")
+    return curve

@@ -1,0 +1,108 @@
+"""One study engine: every study declares ``plan(config) -> jobs`` and ``reduce(results) -> document``.
+
+A study's ``plan`` is a generator of :class:`Phase` objects. Each phase is a list of
+independent :class:`~moeguard.studies.engine.Job` s; the runner executes them on the chosen
+backend (this process or Ray), caches every finished job as a file and sends the results back
+into the generator, which plans the next phase from them (the attacker's re-alignment grid
+needs the pruning plan the first phase chose). ``reduce(config, results)`` then builds the
+study's document from every phase's results, keyed by phase name: no model, no side effect,
+so a study is reduced the same way whether its jobs ran here, on Ray, or in an earlier run.
+
+Adding a study: one module with a config dataclass, its job functions, ``plan`` and
+``reduce``, and one line in :mod:`moeguard.studies.builtin`. The CLI command and the audit
+stage both call :func:`run_study`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generator, Protocol
+
+from moeguard.registry import Registry
+from moeguard.studies.engine import Backend, Job, Runtime, run_jobs
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str                        # key of its results in ``reduce``
+    jobs: list[Job] = field(default_factory=list)
+    label: str | None = None         # progress-bar text (default: the name)
+
+
+Plan = Generator[Phase, list, None]
+
+
+class Study(Protocol):
+    name: str
+    schema: str
+
+    def plan(self, cfg: Any) -> Plan: ...
+
+    def reduce(self, cfg: Any, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]: ...
+
+
+STUDIES: Registry[Study] = Registry("study", loader="moeguard.studies.builtin")
+
+
+def get_study(name: str) -> Study:
+    return STUDIES.get(name)
+
+
+def run_study(study: Study, cfg: Any, *, jobs: Path, runtime: Runtime, backend: Backend,
+              progress: Any = None) -> dict[str, Any]:
+    """Plan, run and reduce ``study`` for ``cfg``; finished jobs are kept under ``jobs`` so a
+    killed or repeated run re-runs only what is missing."""
+    return run_studies([(study, cfg)], jobs=jobs, runtime=runtime, backend=backend, progress=progress)[0]
+
+
+def run_local(study: Study, cfg: Any, *, model: str | None = None, jobs: Path | None = None,
+              threads: int | None = None, tasks: tuple = (), progress: Any = None) -> dict[str, Any]:
+    """The Python API's one call: ``study`` on ``model`` (a path or hub id; None: the embedded
+    model) in this process. ``jobs``: where finished jobs are kept (None: a temporary folder,
+    so nothing resumes)."""
+    import tempfile
+
+    import torch
+
+    from moeguard.studies.engine import LocalBackend
+
+    runtime = Runtime(model=model, threads=threads or torch.get_num_threads(), tasks=tuple(tasks))
+    if jobs is not None:
+        return run_study(study, cfg, jobs=Path(jobs), runtime=runtime, backend=LocalBackend(), progress=progress)
+    with tempfile.TemporaryDirectory(prefix="moeguard-jobs-") as tmp:
+        return run_study(study, cfg, jobs=Path(tmp), runtime=runtime, backend=LocalBackend(), progress=progress)
+
+
+def run_studies(items: list[tuple[Study, Any]], *, jobs: Path, runtime: Runtime, backend: Backend,
+                progress: Any = None, label: str | None = None) -> list[dict[str, Any]]:
+    """Several studies side by side (the recovery study of every task): their plans advance
+    together and each round's phases run as one batch, so a Ray backend runs them all at once."""
+    plans = [study.plan(cfg) for study, cfg in items]
+    results: list[dict[str, list]] = [{} for _ in items]
+    current: dict[int, Phase] = {}
+    for i, p in enumerate(plans):
+        try:
+            current[i] = next(p)
+        except StopIteration:
+            pass
+    while current:
+        batch = [j for ph in current.values() for j in ph.jobs]
+        names = {ph.label or ph.name for ph in current.values()}
+        done = run_jobs(batch, root=jobs, runtime=runtime, backend=backend, progress=progress,
+                        label=label or ", ".join(sorted(names))) if batch else []
+        at = 0
+        for i in list(current):
+            ph = current[i]
+            res, at = done[at:at + len(ph.jobs)], at + len(ph.jobs)
+            if ph.name in results[i]:
+                raise ValueError(f"phase '{ph.name}' planned twice")
+            results[i][ph.name] = res
+            try:
+                current[i] = plans[i].send(res)
+            except StopIteration:
+                del current[i]
+    return [study.reduce(cfg, r) for (study, cfg), r in zip(items, results)]
+
+
+__all__ = ["run_local", "run_studies", "Phase", "Study", "STUDIES", "get_study", "run_study", "Job", "Runtime", "Backend"]

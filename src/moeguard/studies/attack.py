@@ -1,0 +1,364 @@
+"""The attack harness: the strongest prune-and-re-align attacker moeguard knows, as a yardstick.
+
+1. **Attribution and pruning.** Every attribution method scores the task's experts; each gives
+   a uniform plan (``keep`` per layer) and a budgeted one (``keep * layers`` in total, spread
+   where the scores are highest). Every plan is scored by masking; the attacker takes the plan
+   with the highest retention (*before re-alignment*).
+2. **Re-alignment sweep.** That pruned model is fine-tuned along the label budgets by every
+   (strategy, mode, learning rate, epochs, seed) in the grid. Learning rates are the mode's
+   default times ``lr_scales`` (default 0.1, 1, 10: two orders of magnitude).
+3. **Worst case for the defender.** At every budget, the *maximum* score over the whole grid
+   (never the mean: tamper-resistance evaluations that averaged attacks overstated their
+   defenses). Labels-to-target and the area under the learning curve come from this envelope.
+4. **From-scratch baseline.** The same pruned-size architecture, randomly initialized, trained
+   with the same labels (the ``random`` strategy's picks for the same seeds) over the same
+   ``full``-mode grid; its best curve. The area between the attacker's envelope and this curve
+   is what the stolen experts are worth to the attacker (in retention points).
+
+Phases of the study: ``pick`` (one job: attribution, every candidate plan scored by masking),
+then ``grid`` (one job per attacker cell and per from-scratch cell, on any backend); ``reduce``
+takes the envelope and adds, beside each derived number, its spread over seeds and a bootstrap
+95% interval (each seed's own worst case over the grid, seeds resampled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moeguard.analysis import above_baseline, auc, bootstrap, labels_to_target, mean_ci, retention, spread
+from moeguard.config import setting, validate
+from moeguard.errors import MoeguardError
+from moeguard.realign.engine import FinetuneConfig, TrainingDiverged
+from moeguard.realign.loop import ALConfig, check_schedule, label_pool
+from moeguard.studies import Phase
+from moeguard.studies.engine import Job
+from moeguard.tasks.registry import get_task
+
+SCHEMA = "moeguard.attack/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackConfig:
+    task: str = setting(help="task name or YAML path")
+    keep: int = setting(min=1, help="experts per layer the attacker keeps")
+    budget: int = setting(256, min=1, help="labels the attacker may use in total")
+    budgets: tuple[int, ...] = setting((), min=1, help="learning-curve points (comma-separated, ending at --budget); "
+                                                        "default: budget/64, /16, /4, budget")
+    methods: tuple[str, ...] = setting((), help="attribution methods; default: every registered one")
+    plans: tuple[str, ...] = setting(("uniform", "budgeted"), choices=("uniform", "budgeted"),
+                                     help="pruning plans: uniform, budgeted")
+    strategies: tuple[str, ...] = setting(("random",), help="active-learning strategies the attacker tries")
+    modes: tuple[str, ...] = setting(("full", "lora"), help="fine-tuning modes the attacker tries")
+    lr_scales: tuple[float, ...] = setting((0.1, 1.0, 10.0), help="learning rates tried, as multiples of each mode's default")
+    epochs: tuple[float, ...] = setting((4.0, 16.0), help="passes over the labels tried (the attacker's steps)")
+    seeds: int = setting(3, min=1, help="seeds per setting (label draws and training)")
+    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
+    samples: int = setting(64, min=1, help="attribution samples")
+    pool_size: int = setting(1000, min=1, help="unlabeled pool: this many train records")
+    eval_limit: int = setting(200, min=1, help="eval records per score")
+    target: float = setting(95.0, help="percent of the full model's score the attacker aims at")
+    scratch: bool = setting(True, negative="--no-scratch", help="run the from-scratch baseline")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        if self.budgets:
+            return tuple(self.budgets)
+        return tuple(sorted({max(1, self.budget // d) for d in (64, 16, 4)} | {self.budget}))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}, "schedule": list(self.schedule)}
+
+    def grid(self) -> list[dict[str, Any]]:
+        from moeguard.realign.modes import get_mode
+
+        return [{"mode": m, "lr": get_mode(m).default_lr * s, "lr_scale": s, "epochs": e}
+                for m in self.modes for s in self.lr_scales for e in self.epochs]
+
+
+def preflight(cfg: AttackConfig, model) -> None:
+    """Every setting checked before model work; ``model``: the resolved :class:`~moeguard.models.handle.ModelHandle`."""
+    from moeguard.attribution.base import get_method
+    from moeguard.realign.modes import get_mode
+    from moeguard.realign.strategies.base import get_strategy
+
+    task = get_task(cfg.task)
+    model.check_keep(cfg.keep)
+    for m in cfg.methods:
+        get_method(m)
+    bad = [p for p in cfg.plans if p not in ("uniform", "budgeted")]
+    if bad or not cfg.plans:
+        raise MoeguardError(f"attack plans {list(cfg.plans)} are not known", hint="use uniform, budgeted or both")
+    for s in cfg.strategies:
+        get_strategy(s, task)
+    for m in cfg.modes:
+        get_mode(m)
+    if not cfg.strategies or not cfg.modes or not cfg.lr_scales or not cfg.epochs:
+        raise MoeguardError("the attacker grid is empty", hint="give at least one strategy, mode, lr scale and epochs")
+    if any(s <= 0 for s in cfg.lr_scales) or any(e <= 0 for e in cfg.epochs):
+        raise MoeguardError(f"lr scales {list(cfg.lr_scales)} / epochs {list(cfg.epochs)}", hint="use positive values")
+    if cfg.seeds < 1:
+        raise MoeguardError(f"the attack's seeds are {cfg.seeds}", hint="use at least 1 seed")
+    check_schedule(cfg.schedule)
+    if cfg.schedule[-1] != cfg.budget:
+        raise MoeguardError(f"label budgets {list(cfg.schedule)} do not end at the attack's budget {cfg.budget}",
+                            hint=f"end the budgets with {cfg.budget}")
+    label_pool(task, pool_size=cfg.pool_size, budget=cfg.budget, seed=cfg.seed)
+
+
+# --------------------------------------------------------------------------- jobs
+
+def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str], samples: int, eval_limit: int,
+             seed: int, model: str | None = "") -> dict[str, Any]:
+    """Every method x plan kind, scored by masking; the attacker's pick is the best retention.
+    ``best_result`` is that plan's eval result (masking scores what physical pruning scores)."""
+    from moeguard.attribution.base import list_methods
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.pruning.evaluate import MaskedEvaluator
+    from moeguard.pruning.plan import plan_from_scores
+
+    m, tok = ctx.model(model)
+    t = get_task(task)
+    adapter = MoEAdapter(m)
+    ev = MaskedEvaluator(m, tok, adapter=adapter)
+    full = ev(t, None, limit=eval_limit, baseline=True)
+    names = list(methods) or [x.name for x in list_methods() if x.name != "random"]
+    c = make_context(m, tok, t, samples=samples, batch_size=8, seed=seed)
+    candidates, results = [], []
+    for name in names:
+        s = score(c, name)
+        for kind in plans:
+            args = {"keep": keep} if kind == "uniform" else {"budget": keep * len(adapter.layers)}
+            plan = plan_from_scores(s, min_keep=adapter.family.min_experts, **args)
+            r = ev(t, plan.keep, limit=eval_limit)
+            candidates.append({"method": name, "plan": kind, "keep": {str(k): v for k, v in plan.keep.items()},
+                               "score": r.score, "retention": retention(r.score, full.score,
+                                                                        higher_is_better=t.higher_is_better)})
+            results.append(r)
+    i = max(range(len(candidates)), key=lambda j: -1e9 if candidates[j]["retention"] is None else candidates[j]["retention"])
+    from moeguard.models.prune import prune_model
+
+    pruned, record = prune_model(m, {int(k): v for k, v in candidates[i]["keep"].items()})
+    del pruned  # the record (what was kept, the new shapes) is the document's; the cells prune their own copy
+    return {"full": full.to_dict(), "candidates": candidates, "best": candidates[i],
+            "best_result": results[i].to_dict(), "record": record}
+
+
+def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid: dict[str, Any], seed: int,
+             schedule: list[int], pool_size: int, eval_limit: int, full: float, initial: dict[str, Any],
+             model: str | None = "") -> dict[str, Any]:
+    """One attacker setting: re-align the pruned model along the budgets."""
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.prune import prune_model
+    from moeguard.realign.strategies.base import get_strategy
+    from moeguard.realign.strategies.orphan import orphan_shares
+    from moeguard.studies.engine import digest
+    from moeguard.tasks.evaluate import TaskResult
+
+    m, tok = ctx.model(model)
+    t = get_task(task)
+    plan = {int(l): list(v) for l, v in keep.items()}
+    pruned = ctx.derived(("pruned", model, ctx.runtime.model, digest(keep)), lambda: prune_model(m, plan)[0])
+    pool = label_pool(t, pool_size=pool_size, budget=schedule[-1], seed=seed)
+    orphan = None
+    if get_strategy(strategy, t).needs_original:
+        shares = orphan_shares(m, tok, t, plan, MoEAdapter(m).num_experts)
+        orphan = lambda: shares(pool)  # noqa: E731
+    return _cell(pruned, tok, t, strategy, grid, seed, schedule, pool, pool_size, eval_limit, orphan, full,
+                 TaskResult(**initial), "attack")
+
+
+def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, schedule: list[int], pool_size: int,
+                eval_limit: int) -> dict[str, Any]:
+    """One from-scratch setting: the pruned-size architecture from random initialization (seeded
+    by ``10000 + seed``, the same for every cell of a seed), trained on the random strategy's labels."""
+    from transformers import AutoModelForCausalLM
+
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.prune import prune_model
+    from moeguard.tasks.evaluate import evaluate_task
+
+    m, tok = ctx.model()
+    t = get_task(task)
+
+    def make():
+        uniform = {l.index: list(range(keep)) for l in MoEAdapter(m).layers}  # the shape, not which experts
+        shaped, _ = prune_model(m, uniform)
+        torch.manual_seed(10_000 + seed)
+        fresh = AutoModelForCausalLM.from_config(shaped.config).train()
+        initial = evaluate_task(fresh, tok, t, limit=eval_limit, batch_size=32, baseline=False)
+        return fresh, initial, sum(p.numel() for p in shaped.parameters()), len(uniform)
+
+    fresh, initial, params, layers = ctx.derived(("scratch", ctx.runtime.model, task, keep, seed, eval_limit), make)
+    pool = label_pool(t, pool_size=pool_size, budget=schedule[-1], seed=seed)
+    cell = _cell(fresh, tok, t, "random", grid, seed, schedule, pool, pool_size, eval_limit, None, None, initial,
+                 "scratch")
+    return {**cell, "architecture": {"num_experts": keep, "layers": layers, "parameters": params}}
+
+
+def _cell(model, tok, task, strategy, g, seed, schedule, pool, pool_size, eval_limit, orphan, full, initial, kind):
+    from moeguard.realign.loop import run_active_learning
+
+    ft = FinetuneConfig(mode=g["mode"], lr=g["lr"], epochs=g["epochs"], seed=seed)
+    al = ALConfig(strategy=strategy, schedule=tuple(schedule), pool_size=pool_size, eval_limit=eval_limit,
+                  seed=seed, finetune=ft)
+    cell = {"kind": kind, "strategy": strategy, "seed": seed, **g}
+    try:
+        torch.manual_seed(al.seed)
+        curve, _ = run_active_learning(model, tok, task, al, pool=pool, orphan_share=orphan, full_score=full,
+                                       initial=initial)
+    except TrainingDiverged as e:  # a setting that blows up is one the attacker would not use
+        return {**cell, "diverged": e.one_line(), "points": []}
+    return {**cell, "points": [{"labels": p["labels"], "score": p["score"]} for p in curve["points"]]}
+
+
+# --------------------------------------------------------------------------- the study
+
+def pick_phase_job(cfg: AttackConfig, *, model: str | None = "", who: str = "") -> Job:
+    return Job(stage="attack", name=f"{who}{cfg.task} keep {cfg.keep}: attribution and pruning",
+               fn="moeguard.studies.attack:pick_job",
+               args={"task": cfg.task, "keep": cfg.keep, "methods": list(cfg.methods), "plans": list(cfg.plans),
+                     "samples": cfg.samples, "eval_limit": cfg.eval_limit, "seed": cfg.seed, "model": model})
+
+
+def grid_jobs(cfg: AttackConfig, pick: dict[str, Any], *, model: str | None = "", who: str = "") -> list[Job]:
+    """The attacker's cells: for each seed, strategy and (mode, lr, epochs)."""
+    full = pick["full"]["score"]
+    return [Job(stage="attack", name=f"{who}{cfg.task} {s} {g['mode']} lr {g['lr']:.0e} ep {g['epochs']:g} seed {seed}",
+                fn="moeguard.studies.attack:cell_job",
+                args={"task": cfg.task, "keep": pick["best"]["keep"], "strategy": s, "grid": g, "seed": seed,
+                      "schedule": list(cfg.schedule), "pool_size": cfg.pool_size, "eval_limit": cfg.eval_limit,
+                      "full": full, "initial": pick["best_result"], "model": model})
+            for seed in _seeds(cfg) for s in cfg.strategies for g in cfg.grid()]
+
+
+def scratch_jobs(cfg: AttackConfig) -> list[Job]:
+    grid = dataclasses.replace(cfg, modes=("full",)).grid()
+    return [Job(stage="scratch", name=f"{cfg.task} keep {cfg.keep} {g['mode']} lr {g['lr']:.0e} ep {g['epochs']:g} seed {seed}",
+                fn="moeguard.studies.attack:scratch_job",
+                args={"task": cfg.task, "keep": cfg.keep, "grid": g, "seed": seed, "schedule": list(cfg.schedule),
+                      "pool_size": cfg.pool_size, "eval_limit": cfg.eval_limit})
+            for seed in _seeds(cfg) for g in grid]
+
+
+def _seeds(cfg: AttackConfig) -> list[int]:
+    return [cfg.seed + i for i in range(cfg.seeds)]
+
+
+class AttackStudy:
+    name = "attack"
+    schema = SCHEMA
+
+    def plan(self, cfg: AttackConfig):
+        pick = (yield Phase("pick", [pick_phase_job(cfg)], label="attacker: attribution and pruning"))[0]
+        yield Phase("grid", grid_jobs(cfg, pick), label="attacker: re-alignment grid")
+        if cfg.scratch:
+            yield Phase("scratch", scratch_jobs(cfg), label="from-scratch baseline")
+
+    def reduce(self, cfg: AttackConfig, results: dict[str, list]) -> dict[str, Any]:
+        return attack_doc(cfg, results["pick"][0], results["grid"], results.get("scratch"))
+
+
+def attack_doc(cfg: AttackConfig, pick: dict[str, Any], runs: list[dict[str, Any]],
+               scratch_runs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The attack document from the pick, the attacker's cells and (optionally) the scratch cells."""
+    task = get_task(cfg.task)
+    full, base = pick["full"]["score"], (pick["full"].get("baseline") or {}).get("score")
+    doc = {
+        "schema": SCHEMA, "task": task.name, "kind": task.kind.value, "metric": task.primary_metric,
+        "higher_is_better": task.higher_is_better, "keep": cfg.keep, "budget": cfg.budget,
+        "full": pick["full"], "baseline_score": base,
+        "attribution": {"candidates": pick["candidates"], "best": pick["best"]},
+        "pruned": pick["best_result"], "record": pick["record"], "settings": cfg.to_dict(), "runs": runs,
+    }
+    doc["worst_case"] = envelope(runs, task.higher_is_better, full, base)
+    doc["scratch"] = None
+    if scratch_runs is not None:
+        arch = scratch_runs[0]["architecture"] if scratch_runs else None
+        sruns = [{k: v for k, v in r.items() if k != "architecture"} for r in scratch_runs]
+        doc["scratch"] = {"architecture": arch, "runs": sruns,
+                          "best": envelope(sruns, task.higher_is_better, full, base)}
+    doc["summary"] = summarize_attack(doc, target=cfg.target)
+    doc["summary"]["uncertainty"] = attack_uncertainty(doc, target=cfg.target, seed=cfg.seed)
+    return doc
+
+
+def attack_uncertainty(doc: dict[str, Any], *, target: float, seed: int = 0) -> dict[str, Any]:
+    """Each seed's own worst case (the best cell of that seed's grid), its spread over seeds and a
+    bootstrap 95% interval (seeds resampled) of the mean: for the re-aligned retention at the
+    budget, labels-to-target and the area under the envelope."""
+    hib = doc["higher_is_better"]
+    full, base = doc["full"]["score"], doc["baseline_score"]
+    seeds = sorted({r["seed"] for r in doc["runs"]})
+    per: dict[str, list] = {"realigned_retention": [], "labels_to_target": [], "auc": []}
+    for s in seeds:
+        env = envelope([r for r in doc["runs"] if r["seed"] == s], hib, full, base)
+        at_budget = env["retention"][env["labels"].index(doc["budget"])] if doc["budget"] in env["labels"] else None
+        per["realigned_retention"].append(at_budget)
+        per["labels_to_target"].append(labels_to_target(env["labels"], env["retention"], target))
+        per["auc"].append(auc(env["labels"], env["retention"]))
+    out = {"seeds": seeds, "note": "per seed: that seed's worst case over the grid; the reported worst case is "
+                                   "the envelope over every seed, so it is at least each seed's"}
+    for k, v in per.items():
+        out[k] = {"per_seed": v, **(mean_ci(v, seed=seed) if k != "labels_to_target" else
+                                    {**spread(v), "ci": bootstrap(len(v), lambda i, v=v: _mean_or_none(v, i), seed=seed)})}
+    return out
+
+
+def _mean_or_none(values: list, idx) -> float | None:
+    picked = [values[i] for i in idx]
+    return None if any(x is None for x in picked) else float(np.mean(picked))
+
+
+
+def envelope(runs: list[dict[str, Any]], higher_is_better: bool, full: float, base: float | None) -> dict[str, Any]:
+    """Per label count, the best score over every run (max, or min for perplexity) and the run that got it."""
+    by: dict[int, list[tuple[float, int]]] = {}
+    for i, r in enumerate(runs):
+        for p in r["points"]:
+            if p["score"] is not None and np.isfinite(p["score"]):
+                by.setdefault(p["labels"], []).append((p["score"], i))
+    labels = sorted(by)
+    pick = max if higher_is_better else min
+    best = [pick(by[x]) for x in labels]
+    scores = [b[0] for b in best]
+    return {"labels": labels, "score": scores,
+            "retention": [retention(s, full, higher_is_better=higher_is_better) for s in scores],
+            "above_baseline": [above_baseline(s, full, base, higher_is_better=higher_is_better) for s in scores],
+            "argbest": [{k: runs[b[1]][k] for k in ("strategy", "mode", "lr", "epochs", "seed")} for b in best]}
+
+
+def summarize_attack(doc: dict[str, Any], *, target: float) -> dict[str, Any]:
+    w = doc["worst_case"]
+    at = lambda env, x: env["retention"][env["labels"].index(x)] if env and x in env["labels"] else None  # noqa: E731
+    s = {
+        "pruned_retention": doc["attribution"]["best"]["retention"],
+        "realigned_retention": at(w, doc["budget"]),
+        "realigned_above_baseline": w["above_baseline"][-1] if w["labels"] and w["labels"][-1] == doc["budget"] else None,
+        "labels_to_target": labels_to_target(w["labels"], w["retention"], target),
+        "target": target,
+        "auc": auc(w["labels"], w["retention"]),
+        "diverged_runs": sum(1 for r in doc["runs"] if r.get("diverged")),
+    }
+    sc = doc.get("scratch")
+    if sc:
+        b = sc["best"]
+        s["scratch_retention"] = at(b, doc["budget"])
+        s["scratch_auc"] = auc(b["labels"], b["retention"])
+        s["scratch_labels_to_target"] = labels_to_target(b["labels"], b["retention"], target)
+        # the experts' worth to the attacker: mean retention gained over training from scratch
+        s["area_between"] = None if s["auc"] is None or s["scratch_auc"] is None else s["auc"] - s["scratch_auc"]
+        common = [x for x in w["labels"] if x in b["labels"] and x > 0]
+        s["no_better_than_scratch"] = all(at(w, x) <= at(b, x) + 1e-9 for x in common) if common else None
+    return s

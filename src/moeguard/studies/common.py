@@ -1,0 +1,27 @@
+"""Jobs several studies share: pure functions of JSON arguments returning JSON.
+
+Each takes the worker's :class:`~moeguard.studies.engine.Context` first; the model it gets is
+shared with the other jobs of the process and is handed back unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def baseline_job(ctx, *, task: str, limits: list[int], seed: int) -> dict[str, Any]:
+    """The full model's score on ``task`` at each eval limit, with the trivial baseline."""
+    from moeguard.tasks.evaluate import evaluate_task
+
+    model, tok = ctx.model()
+    return {str(n): evaluate_task(model, tok, task, limit=n, batch_size=32, baseline=True).to_dict() for n in limits}
+
+
+def attribution_job(ctx, *, task: str, methods: list[str], samples: int, seed: int,
+                    reference: list[str] | None = None) -> dict[str, Any]:
+    """Every method's expert scores for one task (one calibration context shared by all)."""
+    from moeguard.attribution.run import make_context, score
+
+    model, tok = ctx.model()
+    c = make_context(model, tok, task, samples=samples, seed=seed, reference=reference)
+    return {m: score(c, m).to_dict() for m in methods}

@@ -1,0 +1,293 @@
+"""The recovery study: how many labels does an attacker need to get a pruned task back?
+
+Phases:
+
+1. ``prepare`` (one job): the full model's score, attribution with one method, the pruning
+   plan (``keep`` experts per layer), the pruned model's score and size. Skipped parts when the
+   caller already has them (the audit passes its own plan and full score).
+2. ``curves``: one job per (seed, strategy), the active-learning loop over the budget grid on
+   the pruned model.
+
+``reduce``: per strategy the mean learning curve with its spread, labels-to-target, savings
+against ``random`` and the area under the curve, each with its spread over seeds and a
+bootstrap 95% interval (seeds resampled, paired: a strategy and random share each seed's pool).
+A strategy *saves labels* only when its savings interval lies above zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moeguard.analysis import (auc, bootstrap, censored_savings, excludes_zero, labels_to_target, mean_ci, savings,
+                               spread)
+from moeguard.config import setting, validate
+from moeguard.errors import MoeguardError
+from moeguard.realign.engine import FinetuneConfig
+from moeguard.studies import Phase
+from moeguard.studies.engine import Job
+
+SCHEMA = "moeguard.recovery/2"
+DEFAULT_METHOD = "ablation"  # best mean AUC of the knowledge-loss study (benchmarks/results/knowledge_loss.json)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecoveryConfig:
+    task: str = setting(help="task name or YAML path")  # a name once resolved at the edge
+    keep: int = setting(min=1, help="experts kept per layer")
+    strategies: tuple[str, ...] = setting(("random", "orphan"),
+                                          help="comma-separated strategies; random is added as the baseline")
+    budgets: tuple[int, ...] = setting((4, 8, 16, 32, 64, 128, 256), min=1, help="label counts on the learning curve")
+    seeds: int = setting(3, min=1, help="runs per strategy (seeds --seed, --seed+1, ...)")
+    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
+    method: str = setting(DEFAULT_METHOD, help="attribution method; default: the best for the task in --sweep, "
+                                               "else ablation")
+    samples: int = setting(64, min=1, help="attribution samples")
+    pool_size: int = setting(1000, min=1, help="unlabeled pool: this many train records")
+    eval_limit: int = setting(200, min=1, help="eval records scored per round")
+    target: float = setting(95.0, help="percent of the full model's score to reach")
+    finetune: FinetuneConfig = setting(factory=FinetuneConfig, cli=False, help="how each round fine-tunes")
+    # what the caller already knows (the audit): the plan {layer: experts} and the full score
+    given_plan: dict[str, list[int]] | None = setting(None, cli=False, help="a plan chosen by the caller")
+    given_full: float | None = setting(None, cli=False, help="the full model's score, known to the caller")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {**dataclasses.asdict(self), "strategies": list(self.strategies), "budgets": list(self.budgets),
+             "finetune": self.finetune.to_dict()}
+        for k in ("given_plan", "given_full"):  # not settings of the study, inputs from its caller
+            if d[k] is None:
+                d.pop(k)
+        return d
+
+
+def best_method(sweep: dict[str, Any], task: str) -> str:
+    """The method with the highest deletion-curve AUC for ``task`` in a sweep document."""
+    faith = sweep.get("faithfulness", {}).get(task)
+    if not faith:
+        raise MoeguardError(f"the sweep has no results for task '{task}' (it has {sorted(sweep.get('faithfulness', {}))})",
+                            hint="run the sweep on this task, or pass --method")
+    ranked = sorted(((v["auc"], m) for m, v in faith.items() if m != "random" and v.get("auc") is not None), reverse=True)
+    if not ranked:
+        raise MoeguardError(f"the sweep has no method AUCs for task '{task}'", hint="pass --method")
+    return ranked[0][1]
+
+
+def preflight(cfg: RecoveryConfig, model) -> None:
+    """Everything that can be wrong with the settings, checked before any model work.
+    ``model``: the resolved :class:`~moeguard.models.handle.ModelHandle`."""
+    from moeguard.attribution.base import get_method
+    from moeguard.realign.loop import check_schedule, label_pool
+    from moeguard.realign.strategies.base import get_strategy
+    from moeguard.tasks.registry import get_task
+
+    task = get_task(cfg.task)
+    get_method(cfg.method)
+    check_schedule(cfg.budgets)
+    model.check_keep(cfg.keep)
+    if cfg.seeds < 1:
+        raise MoeguardError(f"the recovery study's seeds are {cfg.seeds}", hint="use at least 1 seed")
+    if not cfg.strategies:
+        raise MoeguardError("no strategies given", hint="e.g. random,orphan")
+    if "random" not in cfg.strategies:
+        raise MoeguardError(f"strategies {list(cfg.strategies)} lack 'random', the baseline every strategy is "
+                            "compared with", hint="add random")
+    for s in cfg.strategies:
+        get_strategy(s, task)
+    if not 0 < cfg.target <= 100:
+        raise MoeguardError(f"the target is {cfg.target}", hint="a percentage in (0, 100]")
+    label_pool(task, pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
+
+
+# --------------------------------------------------------------------------- jobs
+
+def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_limit: int, seed: int,
+                plan: dict[str, list[int]] | None = None, full: float | None = None) -> dict[str, Any]:
+    """Full score, attribution and plan (unless given), the pruned model's score and size."""
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.prune import prune_model
+    from moeguard.pruning.plan import plan_from_scores
+    from moeguard.studies.sweep import reduction
+    from moeguard.tasks.evaluate import evaluate_task
+    from moeguard.tasks.registry import get_task
+
+    model, tok = ctx.model()
+    t = get_task(task)
+    adapter = MoEAdapter(model)
+    full_result = None
+    if full is None:
+        full_result = evaluate_task(model, tok, t, limit=eval_limit, batch_size=32).to_dict()
+        full = full_result["score"]
+    if plan is None:
+        c = make_context(model, tok, t, samples=samples, batch_size=8, seed=seed)
+        p = plan_from_scores(score(c, method), keep=keep, min_keep=adapter.family.min_experts)
+        plan_doc = p.to_dict()
+        keep_map = p.keep
+    else:
+        keep_map = {int(l): list(v) for l, v in plan.items()}
+        plan_doc = {"keep": {str(l): v for l, v in keep_map.items()}, "rule": "given"}
+    pruned, record = prune_model(model, keep_map)
+    initial = evaluate_task(pruned, tok, t, limit=eval_limit, batch_size=32, baseline=False)
+    return {"full": full_result, "full_score": full, "plan": plan_doc, "record": record,
+            "reduction": reduction(adapter, keep_map), "initial": initial.to_dict()}
+
+
+def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed: int, budgets: list[int],
+              pool_size: int, eval_limit: int, full_score: float | None, finetune: dict[str, Any],
+              initial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One active-learning re-alignment of ``task`` on the model pruned to ``keep``."""
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.prune import prune_model
+    from moeguard.realign.loop import ALConfig, label_pool, run_active_learning
+    from moeguard.realign.strategies.base import get_strategy
+    from moeguard.realign.strategies.orphan import orphan_shares
+    from moeguard.studies.engine import digest
+    from moeguard.tasks.evaluate import TaskResult
+    from moeguard.tasks.registry import get_task
+
+    model, tok = ctx.model()
+    plan = {int(l): list(v) for l, v in keep.items()}
+    pruned = ctx.derived(("pruned", ctx.runtime.model, digest(keep)), lambda: prune_model(model, plan)[0])
+    t = get_task(task)
+    ft = FinetuneConfig(**{**finetune, "seed": seed, "only": tuple(finetune.get("only", ()))})
+    al = ALConfig(strategy=strategy, schedule=tuple(budgets), pool_size=pool_size, eval_limit=eval_limit, seed=seed,
+                  finetune=ft)
+    pool = label_pool(t, pool_size=pool_size, budget=budgets[-1], seed=seed)
+    share = None
+    if get_strategy(strategy, t).needs_original:
+        shares = orphan_shares(model, tok, t, plan, MoEAdapter(model).num_experts)
+        share = lambda: shares(pool)  # noqa: E731
+    start = TaskResult(**initial) if initial is not None else None
+    curve, _ = run_active_learning(pruned, tok, t, al, pool=pool, orphan_share=share, full_score=full_score,
+                                   initial=start)
+    return curve
+
+
+# --------------------------------------------------------------------------- the study
+
+class RecoveryStudy:
+    name = "recovery"
+    schema = SCHEMA
+
+    def plan(self, cfg: RecoveryConfig):
+        prep = (yield Phase("prepare", [Job(
+            stage="recovery", name=f"{cfg.task} prepare", fn="moeguard.studies.recovery:prepare_job",
+            args={"task": cfg.task, "keep": cfg.keep, "method": cfg.method, "samples": cfg.samples,
+                  "eval_limit": cfg.eval_limit, "seed": cfg.seed, "plan": cfg.given_plan, "full": cfg.given_full})],
+            label=f"recovery {cfg.task}: prune"))[0]
+        finetune = cfg.finetune.to_dict()
+        jobs = [Job(stage="recovery", name=f"{cfg.task} {s} seed {seed}", fn="moeguard.studies.recovery:curve_job",
+                    args={"task": cfg.task, "keep": prep["plan"]["keep"], "strategy": s, "seed": seed,
+                          "budgets": list(cfg.budgets), "pool_size": cfg.pool_size, "eval_limit": cfg.eval_limit,
+                          "full_score": prep["full_score"], "finetune": finetune, "initial": prep["initial"]})
+                for seed in seeds_of(cfg) for s in cfg.strategies]
+        yield Phase("curves", jobs, label=f"recovery {cfg.task}")
+
+    def reduce(self, cfg: RecoveryConfig, results: dict[str, list]) -> dict[str, Any]:
+        from moeguard.tasks.registry import get_task
+
+        task = get_task(cfg.task)
+        prep, curves = results["prepare"][0], results["curves"]
+        return {
+            "schema": SCHEMA,
+            "task": task.name, "kind": task.kind.value, "metric": task.primary_metric,
+            "higher_is_better": task.higher_is_better,
+            "full": prep["full"], "full_score": prep["full_score"], "pruned": prep["initial"],
+            "pruned_retention": curves[0]["points"][0]["retention"] if curves else None,
+            "attribution": {"method": cfg.method, "samples": cfg.samples},
+            "plan": prep["plan"], "reduction": prep["reduction"], "record": prep["record"],
+            "settings": cfg.to_dict(), "seeds": seeds_of(cfg),
+            "curves": curves,
+            "summary": summarize(curves, cfg.strategies, target=cfg.target, seed=cfg.seed),
+        }
+
+
+def seeds_of(cfg: RecoveryConfig) -> list[int]:
+    return [cfg.seed + i for i in range(cfg.seeds)]
+
+
+# --------------------------------------------------------------------------- summaries
+
+def _matrix(runs: list[dict[str, Any]]) -> np.ndarray:
+    return np.array([[np.nan if p["retention"] is None else p["retention"] for p in c["points"]] for c in runs])
+
+
+def _mean_curve(vals: np.ndarray) -> list[float]:
+    return np.nanmean(vals, axis=0).tolist()
+
+
+def _l2t(labels, vals: np.ndarray, target: float) -> float | None:
+    return labels_to_target(labels, _mean_curve(vals), target)
+
+
+def summarize(curves: list[dict[str, Any]], strategies, *, target: float, seed: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {"target": target, "strategies": {}}
+    mats: dict[str, np.ndarray] = {}
+    for name in strategies:
+        runs = [c for c in curves if c["strategy"] == name]
+        if not runs:
+            continue
+        labels = [p["labels"] for p in runs[0]["points"]]
+        vals = mats[name] = _matrix(runs)
+        mean = np.nanmean(vals, axis=0)
+        per_seed = [labels_to_target(labels, list(v), target) for v in vals]
+        reached = [x for x in per_seed if x is not None]
+        auc_per_seed = [auc(labels, list(v)) for v in vals]
+        out["strategies"][name] = {
+            "labels": labels,
+            "mean": mean.tolist(), "std": np.nanstd(vals, axis=0).tolist(),
+            "min": np.nanmin(vals, axis=0).tolist(), "max": np.nanmax(vals, axis=0).tolist(),
+            "labels_to_target": labels_to_target(labels, mean.tolist(), target),
+            "labels_to_target_per_seed": per_seed,
+            "seeds_reaching_target": len(reached),
+            "auc": auc(labels, mean.tolist()),
+            "auc_per_seed": auc_per_seed,
+            "final": float(mean[-1]),
+            # uncertainty: spread over seeds and a bootstrap interval over resampled seeds
+            "uncertainty": {
+                "labels_to_target": {**spread(per_seed),
+                                     "ci": bootstrap(len(vals), lambda i, v=vals, x=labels: _l2t(x, v[i], target),
+                                                     seed=seed)},
+                "auc": mean_ci(auc_per_seed, seed=seed),
+                "final": mean_ci(list(vals[:, -1]), seed=seed),
+            },
+        }
+    rnd = out["strategies"].get("random")
+    for name, s in out["strategies"].items():
+        if name == "random" or not rnd:
+            s["savings_vs_random"] = None
+            continue
+        s["savings_vs_random"] = savings(s["labels_to_target"], rnd["labels_to_target"], budget=s["labels"][-1])
+        s["savings_vs_random"]["uncertainty"] = _savings_uncertainty(mats[name], mats["random"], s["labels"], target,
+                                                                     seed)
+        s["saves_labels"] = excludes_zero(s["savings_vs_random"]["uncertainty"]["ci"])
+    # best = the largest point saving (kept as before); a claim needs the interval: saves_labels
+    ranked = [(s["savings_vs_random"]["percent"], n) for n, s in out["strategies"].items()
+              if s["savings_vs_random"] and (s["savings_vs_random"]["percent"] or 0) > 0]
+    out["best"] = max(ranked)[1] if ranked else None
+    significant = [(s["savings_vs_random"]["percent"] or 0, n) for n, s in out["strategies"].items()
+                   if s.get("saves_labels")]
+    out["saves_labels"] = max(significant)[1] if significant else None
+    out["rule"] = ("a strategy saves labels only when the bootstrap 95% interval of its savings against random, "
+                   "seeds resampled in pairs, lies above zero")
+    return out
+
+
+def _savings_uncertainty(strat: np.ndarray, rnd: np.ndarray, labels, target: float, seed: int) -> dict[str, Any]:
+    """Savings per seed (the seed's own curves) and a paired bootstrap of the mean-curve savings;
+    a curve that never reaches the target counts at the budget (censored)."""
+    budget = labels[-1]
+    n = min(len(strat), len(rnd))
+    per_seed = [censored_savings(labels_to_target(labels, list(strat[i]), target),
+                                 labels_to_target(labels, list(rnd[i]), target), budget=budget) for i in range(n)]
+
+    def stat(i):
+        return censored_savings(_l2t(labels, strat[i], target), _l2t(labels, rnd[i], target), budget=budget)
+
+    return {"per_seed": per_seed, **spread(per_seed), "ci": bootstrap(n, stat, seed=seed), "censored_at": budget}

@@ -1,0 +1,96 @@
+"""``classification``: the label whose verbalizer the model finds most likely after the prompt.
+
+Each verbalizer's summed log-likelihood given the prompt is scored the lm-evaluation-harness
+way (see :func:`moeguard.tasks.evaluate.loglikelihoods`); the highest wins, ties go to the
+first label. Baseline: always the most frequent label of the train split.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moeguard.errors import MoeguardError
+from moeguard.tasks import metrics as M
+from moeguard.tasks import tokens as T
+from moeguard.tasks.kinds.base import IGNORE, Example, TaskKindSpec, register_kind
+from moeguard.tasks.loaders import render_input
+
+
+class Classification(TaskKindSpec):
+    name = "classification"
+    description = "pick the label whose verbalizer is most likely after the prompt"
+    required_fields = ("input", "label")
+    metrics = ("accuracy", "macro_f1")
+    primary_metric = "accuracy"
+    baseline = "majority_class"
+
+    def validate(self, task):
+        if len(task.labels) < 2:
+            raise MoeguardError(
+                f"classification task '{task.name}' defines {len(task.labels)} label verbalizers",
+                hint="add at least two entries under 'labels:' (label value -> verbalizer text)",
+            )
+
+    def record(self, task, row, split, where):
+        label = row[task.fields["label"]]
+        label = "" if label is None else str(label)
+        known = [str(k) for k in task.labels]
+        if label not in known:
+            raise MoeguardError(
+                f"split '{split}' of task '{task.name}' ({where}) has label '{label}', "
+                f"which has no verbalizer (labels: {known})",
+                hint="add it under 'labels:', or use a labelled split (GLUE test splits carry label -1)",
+            )
+        return {"input": render_input(task, row, task.fields["input"]), "label": label}
+
+    def evaluate(self, model, tokenizer, task, records, train, batch_size, reference, ticker):
+        from moeguard.tasks.evaluate import loglikelihoods
+
+        labels = [(str(k), v) for k, v in task.labels.items()]
+        requests = [(rec["input"], verbalizer) for rec in records for _, verbalizer in labels]
+        ticker.start(math.ceil(len(requests) / batch_size))
+        scores = loglikelihoods(model, tokenizer, requests, max_length=task.max_length,
+                                batch_size=batch_size, ticker=ticker)
+        golds = [rec["label"] for rec in records]
+        preds = []
+        for i in range(len(records)):
+            row = scores[i * len(labels):(i + 1) * len(labels)]
+            preds.append(labels[max(range(len(labels)), key=row.__getitem__)][0])  # ties: first label
+        metrics = {"accuracy": M.accuracy(preds, golds), "macro_f1": M.macro_f1(preds, golds)}
+        base = None
+        if train is not None:
+            majority = M.majority_label(rec["label"] for rec in train)
+            constant = [majority] * len(golds)
+            base = {"name": "majority_class", "description": f"always label {majority!r}, the most frequent "
+                    f"in the train split ({len(train)} records)",
+                    "metrics": {"accuracy": M.accuracy(constant, golds), "macro_f1": M.macro_f1(constant, golds)}}
+        return metrics, None, base
+
+    def examples(self, tokenizer, task, record):
+        # the gold verbalizer after the prompt; trailing prompt whitespace moves into the target,
+        # as in evaluation, and an over-long prompt loses tokens on the left
+        verbalizers = {str(k): v for k, v in task.labels.items()}
+        context = record["input"].rstrip()
+        target = record["input"][len(context):] + verbalizers[str(record["label"])]
+        cont = T.encode(tokenizer, target)
+        ctx = (T.bos_ids(tokenizer) + T.encode(tokenizer, context))[-(task.max_length - len(cont)):]
+        return [Example(ctx + cont, [IGNORE] * len(ctx) + cont)]
+
+    def training_text(self, task, record):
+        labels = {str(k): v for k, v in task.labels.items()}
+        return record["input"] + labels[record["label"]]
+
+    def input_ids(self, tokenizer, task, record):
+        return (T.bos_ids(tokenizer) + T.encode(tokenizer, record["input"].rstrip()))[-task.max_length:]
+
+    def uncertainty(self, q):
+        """The entropy of the model's distribution over the label verbalizers."""
+        p = q.class_probs
+        return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+    def entropy(self, q):
+        return self.uncertainty(q)
+
+
+CLASSIFICATION = register_kind(Classification())
+

@@ -1,0 +1,94 @@
+"""``summarization``: ROUGE of the model's greedy continuation of the prompt.
+
+Greedy decoding with left padding; the output is cut at the first EOS and then at its first
+newline. Prompts longer than ``max_length - max_new_tokens`` lose the *end* of the source
+text (the instruction after it survives). Baseline: Lead-k, the first k words of the source
+text, k the median target length in words on the train split.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moeguard.tasks import metrics as M
+from moeguard.tasks import tokens as T
+from moeguard.tasks.kinds.base import IGNORE, Example, TaskKindSpec, register_kind
+from moeguard.tasks.loaders import cell_text, render_input
+
+
+class Summarization(TaskKindSpec):
+    name = "summarization"
+    description = "ROUGE of the model's greedy summary against the reference(s)"
+    required_fields = ("input", "target")
+    metrics = M.ROUGE_TYPES
+    primary_metric = "rougeL"
+    baseline = "lead_k"
+    reads_raw_input = True
+    generates = True
+
+    def record(self, task, row, split, where):
+        fields = task.fields
+        target = row[fields["target"]]
+        references = [str(t) for t in target] if isinstance(target, (list, tuple)) else [cell_text(target)]
+        references = [r for r in references if r.strip()]
+        if not references:
+            return None
+        source_text = cell_text(row[fields["input"]]).strip()
+        return {"input": render_input(task, row, fields["input"]), "target": references[0],
+                "references": references, "source_text": source_text}
+
+    def evaluate(self, model, tokenizer, task, records, train, batch_size, reference, ticker):
+        # the prompt leaves room for the generated tokens inside max_length (lm-evaluation-harness'
+        # max_length - max_gen_toks), so generation never runs past the model's context
+        room = max(2, task.max_length - task.max_new_tokens)
+        prompts = [T.fit_prompt(tokenizer, rec, room) for rec in records]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        ticker.start(math.ceil(len(prompts) / batch_size))
+        device, pad = T.model_device(model), T.pad_id(tokenizer)
+        eos = T.eos_ids(model, tokenizer)
+        config = T.generation_config(task, pad, eos, tokenizer)
+        outputs = [""] * len(prompts)
+        for begin in range(0, len(order), batch_size):
+            idx = order[begin:begin + batch_size]
+            ids, mask = T.pad_batch([prompts[i] for i in idx], pad, left=True, device=device)
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for row, i in enumerate(idx):
+                new = generated[row, ids.shape[1]:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in eos), len(new))
+                outputs[i] = first_line(tokenizer.decode(new[:cut], skip_special_tokens=True))
+            ticker.advance()
+        refs = [rec["references"] for rec in records]
+        metrics = M.rouge(outputs, refs)
+        base = None
+        if train is not None:
+            k = M.median_words(rec["target"] for rec in train)
+            lead = [M.lead_words(rec["source_text"], k) for rec in records]
+            base = {"name": f"lead_{k}", "description": f"the first {k} words of the source text; {k} is the "
+                    f"median target length in words on the train split ({len(train)} records)",
+                    "metrics": M.rouge(lead, refs)}
+        return metrics, None, base
+
+    def examples(self, tokenizer, task, record):
+        # the reference summary (at most max_new_tokens tokens, then EOS) after the fitted prompt
+        eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+        target = record["target"] if record["target"][:1].isspace() else " " + record["target"]
+        cont = T.encode(tokenizer, target)[: max(1, task.max_new_tokens)] + eos
+        ctx = T.fit_prompt(tokenizer, record, max(2, task.max_length - len(cont)))
+        return [Example(ctx + cont, [IGNORE] * len(ctx) + cont)]
+
+    def training_text(self, task, record):
+        target = record["target"]
+        return record["input"] + (target if target[:1].isspace() else " " + target)
+
+    def input_ids(self, tokenizer, task, record):
+        return T.fit_prompt(tokenizer, record, max(2, task.max_length - task.max_new_tokens))
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of a generation, stripped (leading blank lines are skipped:
+    "Summary:\\n<text>" is a common completion shape)."""
+    stripped = text.lstrip()
+    return stripped.split("\n", 1)[0].strip()
+
+
+SUMMARIZATION = register_kind(Summarization())

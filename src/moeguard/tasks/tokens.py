@@ -1,0 +1,125 @@
+"""Tokenization and padding helpers shared by evaluation, training examples and active learning.
+
+Every part of moeguard that turns a task record into token ids goes through these functions,
+so evaluation, fine-tuning and the active learner read a record the same way: text is encoded
+without special tokens, and the tokenizer's BOS token (when it has one) is prepended by the
+caller with :func:`bos_ids`.
+
+torch is imported only by the functions that build tensors, so task definitions and kinds
+can use this module without paying for torch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from moeguard.tasks.base import Task
+
+
+# Each (tokenizer, text) is tokenized once: a sweep scores the same eval records under dozens of
+# pruning plans, and a recovery study under every round; the ids are a pure function of both.
+_CACHE_SIZE = 100_000
+_cache: "weakref.WeakKeyDictionary[Any, OrderedDict[str, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """The token ids of ``text``, without special tokens (memoized per tokenizer, LRU)."""
+    try:
+        memo = _cache.get(tokenizer)
+        if memo is None:
+            memo = _cache[tokenizer] = OrderedDict()
+    except TypeError:  # not weak-referenceable: no memo
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = memo.get(text)
+    if ids is None:
+        ids = memo[text] = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(memo) > _CACHE_SIZE:
+            memo.popitem(last=False)
+    else:
+        memo.move_to_end(text)
+    return list(ids)
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """``[bos_token_id]``, or ``[]`` for a tokenizer without a BOS token."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the pad token, else EOS, else 0 (padding is always masked out)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # always masked out, so any valid id will do
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a generation: the tokenizer's EOS and the model's generation-config EOS
+    (an int or a list), deduplicated in that order."""
+    ids = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, config_eos):
+        ids += value if isinstance(value, list) else ([] if value is None else [value])
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def model_device(model) -> "torch.device":
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def pad_batch(seqs: Sequence[list[int]], pad: int, *, left: bool,
+              device) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(input_ids, attention_mask)`` [B, longest] of ``seqs`` padded with ``pad`` on the right,
+    or on the ``left`` (for generation), moved to ``device``."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def fit_prompt(tokenizer, rec: dict[str, Any], max_length: int) -> list[int]:
+    """Prompt ids (BOS + ``rec["input"]``) of at most ``max_length`` tokens.
+
+    Cuts the end of the source text (``rec["source_text"]``) rather than the prompt's edges:
+    the article's start carries most of a news summary and the instruction at the end must
+    survive.
+    """
+    bos = bos_ids(tokenizer)
+    ids = bos + encode(tokenizer, rec["input"])
+    excess = len(ids) - max_length
+    source = rec.get("source_text") or ""
+    if excess > 0 and source and source in rec["input"]:
+        src_ids = encode(tokenizer, source)
+        keep = max(0, len(src_ids) - excess - 8)  # slack: re-tokenizing the cut may differ a little
+        shorter = rec["input"].replace(source, tokenizer.decode(src_ids[:keep]), 1)
+        ids = bos + encode(tokenizer, shorter)
+    if len(ids) > max_length:  # fallback: keep the end, where the instruction is
+        ids = bos + ids[len(bos):][-(max_length - len(bos)):]
+    return ids
+
+
+def generation_config(task: "Task", pad: int, eos: list[int], tokenizer) -> Any:
+    """Greedy decoding of at most ``task.max_new_tokens`` tokens, as a fresh ``GenerationConfig``."""
+    from transformers import GenerationConfig
+
+    # A fresh config: a checkpoint's own sampling defaults (temperature, top_p) must not leak in.
+    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=task.max_new_tokens,
+                            pad_token_id=pad, eos_token_id=eos or None, bos_token_id=tokenizer.bos_token_id)
