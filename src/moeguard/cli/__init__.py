@@ -109,22 +109,19 @@ def eval_(model: ModelOpt = None,
           out: Annotated[Optional[Path], typer.Option("--out", help="write results JSON here")] = None,
           overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Per-task metrics with the trivial baseline beside each."""
+    from moeguard.edge import embedded_or
     from moeguard.io import check_output, write_json
     from moeguard.models.loading import load_model
     from moeguard.provenance import run_record
     from moeguard.report.tables import eval_table
     from moeguard.tasks.evaluate import evaluate_suite
-    from moeguard.tasks.loaders import load_records
-    from moeguard.tasks.registry import get_task
-    from moeguard.zoo.train import embedded_tasks
 
     if out is not None:
         check_output(out, overwrite=overwrite)
-    task_list = [get_task(t.strip()) for t in tasks.split(",") if t.strip()] if tasks else embedded_tasks()
-    if not task_list:
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    if names == []:
         raise MoeguardError(f"--tasks '{tasks}' names no task", hint="see `moeguard tasks` for names")
-    for t in task_list:  # fail on unreadable or empty data before loading any weights
-        load_records(t, "eval", limit=1)
+    task_list = embedded_or(names, what="--tasks")  # fails on unreadable or empty data before any weights load
     _seed(seed)
     m, tokenizer, ref = load_model(model)
     with _progress() as progress:
@@ -148,9 +145,9 @@ def _names(value: str | None, what: str) -> list[str]:
 def _task_names(value: str | None, what: str) -> list[str]:
     """Task names from a comma-separated list of names or YAML paths, resolved once here: a file's
     task is adopted under its name, so the code below, which carries names, finds it."""
-    from moeguard.tasks.registry import adopt, get_task
+    from moeguard.edge import resolve_tasks
 
-    return [adopt(get_task(x), origin=x).name for x in _names(value, what)]
+    return [t.name for t in resolve_tasks(_names(value, what), what=what, check=False)]
 
 
 def _ints(value: str, what: str) -> list[int]:
@@ -218,20 +215,17 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     """Score every (layer, expert) for a task with one method; higher = more important."""
     from moeguard.attribution.base import get_method
     from moeguard.attribution.run import make_context, score
+    from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output, write_json
-    from moeguard.models.loading import inspect, load_model
     from moeguard.report.tables import scores_table
-    from moeguard.tasks.loaders import load_records
-    from moeguard.tasks.registry import get_task
 
     check_output(out, overwrite=overwrite)
     get_method(method)
     refs = _names(reference, "--reference") if reference is not None else None
-    for t in [task, *(refs or [])]:
-        load_records(get_task(t), "eval", limit=1)
-    inspect(model)
+    resolve_tasks([task, *(refs or [])], what="--task")  # unreadable data fails before any weights load
+    handle = resolve_model(model)
     _seed(seed)
-    m, tokenizer, ref = load_model(model)
+    m, tokenizer, ref = handle.load()
     with _progress() as progress:
         ctx = make_context(m, tokenizer, task, samples=samples, batch_size=batch_size, seed=seed,
                            reference=refs, progress=progress)

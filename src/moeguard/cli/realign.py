@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli import (ModelOpt, OverwriteOpt, SeedOpt, _config_command, _console, _names, _progress, _run, _run_study,
+from moeguard.cli import (OverwriteOpt, SeedOpt, _config_command, _console, _names, _progress, _run, _run_study,
                           _seed, app)
 from moeguard.errors import MoeguardError
 

@@ -24,9 +24,7 @@ takes the envelope and adds, beside each derived number, its spread over seeds a
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
