@@ -88,9 +88,8 @@ def _attack_config(flags: dict, **fixed):
     from moeguard.config import build
     from moeguard.studies.attack import AttackConfig
 
-    names = {"budget", "budgets", "methods", "plans", "strategies", "modes", "lr_scales", "epochs", "seeds", "samples",
-             "pool_size", "eval_limit", "target", "scratch", "seed"}
-    return build(AttackConfig, {k: v for k, v in flags.items() if k in names}, what="attack", **fixed)
+    # build() reads only AttackConfig's fields from the flags; task and keep come resolved in ``fixed``
+    return build(AttackConfig, {k: v for k, v in flags.items() if k not in fixed}, what="attack", **fixed)
 
 
 def _attack_params():
