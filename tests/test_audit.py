@@ -1,12 +1,7 @@
 """`moeguard audit` end to end: outputs, the risk definition, resuming, config changes, kills, Ray."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +9,7 @@ import pytest
 from conftest import SMALL_AUDIT
 from moeguard.audit.run import numbers_only
 from moeguard.cli import main
+from moeguard.testing import kill_cli_when
 
 
 def results(run: Path) -> dict:
@@ -122,21 +118,9 @@ def test_a_config_change_reruns_only_the_stages_it_affects(audit_run, tmp_path):
 
 def test_a_killed_audit_resumes_to_the_numbers_of_an_uninterrupted_run(audit_run, tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "moeguard.cli", "audit", "--out", str(run), *SMALL_AUDIT],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 240
-    try:  # kill it in the recovery stage, after some of its jobs finished
-        while time.time() < deadline and proc.poll() is None:
-            if len(list((run / "jobs" / "recovery").glob("*.json"))) >= 1:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the audit finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # kill it in the recovery stage, after some of its jobs finished
+    kill_cli_when(["audit", "--out", str(run), *SMALL_AUDIT],
+                  lambda: len(list((run / "jobs" / "recovery").glob("*.json"))) >= 1, timeout=240, poll=0.2)
     assert not (run / "stages" / "recovery").exists()  # never marked complete with partial outputs
     assert not (run / "results.json").exists()
     survived = {p: p.stat().st_mtime_ns for p in (run / "jobs" / "recovery").glob("*.json")}

@@ -1,15 +1,11 @@
 """`moeguard realign` and `moeguard recovery` end to end on the embedded model (the acceptance)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from moeguard.cli import main
+from moeguard.testing import kill_cli_when
 from moeguard.analysis import auc as curve_auc, labels_to_target, savings
 from moeguard.studies.recovery import summarize
 
@@ -65,28 +61,18 @@ def test_killed_realign_resumes_to_the_same_result(pruned, tmp_path):
     straight = tmp_path / "straight"
     assert main(realign_args(pruned, straight, "--seed", "5")) == 0
     out = tmp_path / "killed"
-    code = "import sys; from moeguard.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *realign_args(pruned, out, "--seed", "5")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     state = tmp_path / ".killed.partial" / "state"
-    deadline = time.time() + 300
-    try:
-        # kill inside round 2's fine-tune, after one of its checkpoints
-        while time.time() < deadline and proc.poll() is None:
-            loop = state / "loop.json"
-            if loop.exists() and (state / "finetune" / "state.json").exists():
-                try:
-                    if len(json.loads(loop.read_text())["rounds"]) >= 2:
-                        break
-                except ValueError:
-                    pass
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def in_round_two() -> bool:  # inside round 2's fine-tune, after one of its checkpoints
+        loop = state / "loop.json"
+        if not (loop.exists() and (state / "finetune" / "state.json").exists()):
+            return False
+        try:
+            return len(json.loads(loop.read_text())["rounds"]) >= 2
+        except ValueError:
+            return False
+
+    kill_cli_when(realign_args(pruned, out, "--seed", "5"), in_round_two)
     assert not out.exists() and state.exists()
     assert main(realign_args(pruned, out, "--seed", "5")) == 0
     a = json.loads((straight / "learning_curve.json").read_text())

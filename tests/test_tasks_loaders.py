@@ -246,3 +246,21 @@ def test_hub_source_without_name():
     task = Task(name="h", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "text"}, source=SourceSpec(type="hub"))
     with pytest.raises(MoeguardError, match="hub source without a dataset name"):
         load_records(task, "eval")
+
+
+def test_records_are_read_once_per_limit_and_again_when_the_file_changes(sst, monkeypatch):
+    import os
+
+    task = cls_task(sst, "tsv", {"train": "train.tsv", "test": "test.tsv"})
+    reads = []
+    real = loaders.read_file
+    monkeypatch.setattr(loaders, "read_file", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    first = load_records(task, "train", limit=2)
+    first[0]["label"] = "mutated"  # a caller's change does not reach the memo
+    again = load_records(task, "train", limit=2)
+    assert len(reads) == 1 and [r["label"] for r in again] == ["1", "0"]
+    assert len(load_records(task, "train")) == 3 and len(reads) == 2  # another limit is another read
+    f = sst / "train.tsv"
+    f.write_text("sentence\tlabel\nnew row\t0\n", encoding="utf-8")
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # a coarse clock still sees the edit
+    assert [r["label"] for r in load_records(task, "train", limit=2)] == ["0"] and len(reads) == 3

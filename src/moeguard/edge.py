@@ -3,6 +3,7 @@ checked here before any weights are read, and is passed down as objects.
 
 - :func:`resolve_model` gives a :class:`~moeguard.models.handle.ModelHandle` (config, family,
   MoE shape, the one keep rule);
+- :func:`resolve_grid` gives a study's tasks x methods x keep levels, checked;
 - :func:`resolve_tasks` gives :class:`~moeguard.tasks.base.Task` objects, each readable (its
   first eval record is loaded here, so unreadable data fails before model work). A task from a
   YAML file is adopted under its name, so jobs (which carry names, being JSON) find it, and the
@@ -42,6 +43,21 @@ def embedded_or(values: Iterable | None, *, what: str = "tasks", check: bool = T
     return resolve_tasks(values, what=what, default=embedded_tasks, check=check)
 
 
+def resolve_grid(model: ModelHandle, *, tasks: Iterable | None = None, methods: Iterable[str] | None = None,
+                 keeps: Iterable[int] | None = None) -> tuple[list, list[str], list[int]]:
+    """A study grid of tasks x attribution methods x keep levels, each checked (tasks readable,
+    methods registered, keeps within the model's one keep rule). Defaults: the embedded suite,
+    every registered method, the model's :meth:`~ModelHandle.default_keeps`."""
+    from moeguard.attribution.base import get_method, list_methods
+
+    task_list = embedded_or(tasks)
+    names = list(methods) if methods else [m.name for m in list_methods()]
+    for m in names:
+        get_method(m)
+    levels = [model.check_keep(k) for k in keeps] if keeps else model.default_keeps()
+    return task_list, names, levels
+
+
 def file_tasks(tasks: Iterable) -> tuple:
     """The tasks a worker process cannot know by name (they came from the user's files)."""
     from moeguard.tasks.registry import is_builtin
@@ -49,4 +65,4 @@ def file_tasks(tasks: Iterable) -> tuple:
     return tuple(t for t in tasks if not is_builtin(t.name))
 
 
-__all__ = ["ModelHandle", "resolve_model", "resolve_tasks", "embedded_or", "file_tasks"]
+__all__ = ["ModelHandle", "resolve_model", "resolve_tasks", "embedded_or", "resolve_grid", "file_tasks"]

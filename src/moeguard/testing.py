@@ -49,3 +49,27 @@ def tiny_model(model_type: str, *, seed: int = 0, **overrides):
             elif name.endswith(("router.weight", "gate.weight")) and p.dim() == 2:
                 p.normal_(0, 0.5)
     return model.eval()
+
+
+def kill_cli_when(args: list[str], ready, *, timeout: float = 300.0, poll: float = 0.05) -> None:
+    """Run ``moeguard ARGS`` in a subprocess and SIGKILL it as soon as ``ready()`` is true (the
+    resume tests' way of interrupting a run at a chosen point). Fails when the run ends first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "moeguard.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(poll)
+        if proc.poll() is not None:
+            raise AssertionError(f"`moeguard {' '.join(args[:1])}` ended (exit {proc.returncode}) before it could be killed")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -7,6 +7,7 @@ backend; the driver only plans (picks the best method, builds pruning plans) and
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from moeguard.studies import run_studies, run_study
 from moeguard.studies.engine import Backend, Job, Runtime, run_jobs
 
 SCHEMA = "moeguard.audit/1"
+MARKER = "audit.json"  # marks a folder as an audit run: resumed, or emptied with overwrite
 
 
 def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
@@ -27,23 +29,18 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     weights are read; returns the resolved config and the model's handle (inspected once)."""
     import torch
 
-    from moeguard.attribution.base import get_method, list_methods
-    from moeguard.edge import embedded_or, resolve_model, resolve_tasks
+    from moeguard.edge import resolve_grid, resolve_model, resolve_tasks
     from moeguard.realign.strategies.base import get_strategy
 
     check(cfg)
+    if cfg.dtype and not isinstance(getattr(torch, cfg.dtype, None), torch.dtype):
+        raise MoeguardError(f"dtype '{cfg.dtype}' is not a torch dtype", hint="e.g. bfloat16, float16, float32")
     model = resolve_model(cfg.model)
     # names from here on (stages and jobs key results by them); a task from a YAML file is adopted
     # under its name, and reaches every worker through the runtime (run_audit)
-    tasks = embedded_or(cfg.tasks)
+    tasks, methods, keeps = resolve_grid(model, tasks=cfg.tasks, methods=cfg.methods, keeps=cfg.keeps)
     by_name = {t.name: t for t in tasks}
     names = list(by_name)
-    methods = cfg.methods or [m.name for m in list_methods()]
-    for m in methods:
-        get_method(m)
-    keeps = cfg.keeps or model.default_keeps()
-    for k in keeps:
-        model.check_keep(k)
     rec_keep = model.check_keep(cfg.recovery_keep if cfg.recovery_keep is not None
                                 else max(model.min_keep, model.top_k, model.num_experts // 4))
     rec_tasks = [t.name for t in resolve_tasks(cfg.recovery_tasks, check=False)] if cfg.recovery_tasks else names
@@ -72,6 +69,33 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     resolved = replace(cfg, tasks=names, methods=methods, keeps=keeps, recovery_keep=rec_keep, recovery_tasks=rec_tasks,
                        defense_tasks=defense_tasks, threads=cfg.threads or torch.get_num_threads())
     return resolved, model
+
+
+def prepare_run_dir(out: Path, *, overwrite: bool) -> None:
+    """A new folder, or an audit run folder (resumed, or emptied with --overwrite); nothing else."""
+    if not out.parent.exists():
+        raise MoeguardError(f"output folder {out.parent} does not exist", hint=f"create it: mkdir -p {out.parent}")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MoeguardError(f"output {out} is a file", hint="choose a directory path for the run")
+    is_run = (out / MARKER).is_file()
+    if not is_run and any(out.iterdir()):
+        raise MoeguardError(f"output {out} exists and is not an audit run directory",
+                            hint="choose a new folder; moeguard only resumes or replaces its own runs")
+    if is_run and overwrite:
+        for name in ("stages", "jobs", "plots"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("results.json", "report.md", "report.html", MARKER):
+            (out / name).unlink(missing_ok=True)
+
+
+def mark_run_dir(out: Path, cfg: AuditConfig) -> None:
+    """Make ``out`` an audit run directory (what :func:`prepare_run_dir` resumes), with its config."""
+    from moeguard.io import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MARKER, {"schema": "moeguard.audit-run/1", "config": cfg.to_dict()})
 
 
 def _model_identity(model: str | None) -> dict[str, Any]:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli import _console, _progress, app
-from moeguard.errors import MoeguardError
-
-MARKER = "audit.json"
+from moeguard.cli.app import _console, _progress, app
 
 
 def _audit_params():
@@ -44,20 +40,14 @@ def _audit_command():
 
 def run(*, out: Path, config: Optional[Path], overwrite: bool, flags: dict) -> None:
     from moeguard.audit.config import build, load_yaml
-    from moeguard.audit.run import resolve, run_audit
-    from moeguard.io import write_json
+    from moeguard.audit.run import mark_run_dir, prepare_run_dir, resolve, run_audit
     from moeguard.studies.engine import make_backend
 
     cfg = build(load_yaml(config) if config is not None else {}, flags)
-    _prepare(out, overwrite)
+    prepare_run_dir(out, overwrite=overwrite)
     cfg, handle = resolve(cfg)
-    import torch
-
-    if cfg.dtype and not isinstance(getattr(torch, cfg.dtype, None), torch.dtype):
-        raise MoeguardError(f"dtype '{cfg.dtype}' is not a torch dtype", hint="e.g. bfloat16, float16, float32")
     runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / MARKER, {"schema": "moeguard.audit-run/1", "config": cfg.to_dict()})
+    mark_run_dir(out, cfg)
     command = " ".join(["moeguard", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moeguard") else None
     try:
         with _progress() as progress:
@@ -72,25 +62,6 @@ def run(*, out: Path, config: Optional[Path], overwrite: bool, flags: dict) -> N
 
 
 app.command("audit")(_audit_command())
-
-
-def _prepare(out: Path, overwrite: bool) -> None:
-    """A new folder, or an audit run folder (resumed, or emptied with --overwrite); nothing else."""
-    if not out.parent.exists():
-        raise MoeguardError(f"output folder {out.parent} does not exist", hint=f"create it: mkdir -p {out.parent}")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise MoeguardError(f"--out {out} is a file", hint="choose a directory path for the run")
-    is_run = (out / MARKER).is_file()
-    if not is_run and any(out.iterdir()):
-        raise MoeguardError(f"--out {out} exists and is not an audit run directory",
-                            hint="choose a new folder; moeguard only resumes or replaces its own runs")
-    if is_run and overwrite:
-        for name in ("stages", "jobs", "plots"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("results.json", "report.md", "report.html", MARKER):
-            (out / name).unlink(missing_ok=True)
 
 
 def _summary(doc: dict, out: Path) -> None:

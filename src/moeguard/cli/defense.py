@@ -8,57 +8,51 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli import (ModelOpt, OverwriteOpt, SeedOpt, _config_command, _console, _ints, _names, _progress, _run,
-                          _run_study, _seed, app)
-from moeguard.errors import MoeguardError
+from moeguard.cli.app import (ModelOpt, OverwriteOpt, _config_command, _console, _ints, _names, _progress, _run,
+                              _run_study, _seed, app)
+
+
+def _harden_params():
+    from moeguard.cli.app import _out, _param
+    from dataclasses import fields
+
+    from moeguard.config import meta, options
+    from moeguard.defense.harden import HardenConfig
+
+    # None = not given: the defense's own defaults (`moeguard defenses`) decide the weights
+    theirs = {f.name: {"default": None, "help": f"{meta(f)['help']}; default: the defense's (see `moeguard defenses`)"}
+              for f in fields(HardenConfig) if f.name in ("balance", "collapse", "adversarial", "authorized_patterns")}
+    return [_out("output directory for the hardened checkpoint"), _param("model", ModelOpt, None),
+            *options(HardenConfig, only=["method"]),
+            *options(HardenConfig, exclude=("method", "seed"), unset=True, overrides=theirs),
+            _param("overwrite", OverwriteOpt, False), *options(HardenConfig, only=["seed"])]
 
 
 @app.command()
-def harden(out: Annotated[Path, typer.Option("--out", help="output directory for the hardened checkpoint")],
-           model: ModelOpt = None,
-           method: Annotated[str, typer.Option("--method", help="defense (see `moeguard defenses`)")] = "entangle",
-           tasks: Annotated[Optional[str], typer.Option("--tasks", help="the owner's tasks to keep (names or YAML paths); default: the embedded suite")] = None,
-           steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="training steps")] = None,
-           lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate")] = None,
-           keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="experts per layer the simulated attacker keeps; default: half")] = None,
-           balance: Annotated[Optional[float], typer.Option("--balance", help="weight of per-task routing balance")] = None,
-           collapse: Annotated[Optional[float], typer.Option("--collapse", help="weight of the pruned-model collapse term")] = None,
-           adversarial: Annotated[Optional[float], typer.Option("--adversarial", help="weight of the simulated prune-and-fine-tune term")] = None,
-           inner_steps: Annotated[Optional[int], typer.Option("--inner-steps", min=1, help="simulated attacker's fine-tuning steps")] = None,
-           authorized: Annotated[Optional[str], typer.Option("--authorized", help="selective: comma-separated parameter globs users may adapt")] = None,
-           overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+@_config_command(_harden_params)
+def harden(*, out: Path, model: Optional[str], overwrite: bool, **flags) -> None:
     """Continue training a model so that pruning its experts, then fine-tuning, recovers poorly."""
-    from moeguard.defense.harden import config_for, get_defense, harden as run_harden, preflight
-    from moeguard.defense.protocol import FILENAME, Protocol
-    from moeguard.io import atomic_dir, check_output, write_json
-    from moeguard.models.loading import inspect, load_model
+    from moeguard.config import coerce
+    from moeguard.defense.harden import HardenConfig, config_for, harden as run_harden, preflight, save_hardened
+    from moeguard.edge import resolve_model
+    from moeguard.io import check_output
     from moeguard.report.defense import harden_table
 
     check_output(out, overwrite=overwrite)
-    spec = get_defense(method)
-    cfg = config_for(method, tasks=tuple(_names(tasks, "--tasks")) if tasks else None, steps=steps, lr=lr, keep=keep,
-                     balance=balance, collapse=collapse, adversarial=adversarial, inner_steps=inner_steps,
-                     authorized_patterns=tuple(_names(authorized, "--authorized")) if authorized else None, seed=seed)
-    ref, _, _ = inspect(model)
-    _seed(seed)
-    m, tokenizer, _ = load_model(model)
+    given = {k: coerce(HardenConfig, k, v) for k, v in flags.items() if v is not None}
+    cfg = config_for(given.pop("method"), **given)
+    handle = resolve_model(model)
+    if cfg.keep is not None:  # before the weights load
+        handle.check_keep(cfg.keep, what="--keep")
+    _seed(cfg.seed)
+    m, tokenizer, _ = handle.load()
     preflight(m, cfg)
     with _progress() as progress:
         result = run_harden(m, tokenizer, cfg, progress=progress)
-    settings = {"model": ref.name, **cfg.to_dict()}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        m.save_pretrained(tmp)
-        from moeguard.models.tokenizer_files import save_tokenizer
-
-        save_tokenizer(tokenizer, tmp)
-        doc = {"schema": "moeguard.hardening/1", "source": ref.name, "method": method,
-               "description": spec.description, **result, "run": _run(settings)}
-        write_json(tmp / "moeguard_hardening.json", doc)
-        if spec.protocol:
-            Protocol(modes=("lora",), patterns=tuple(cfg.authorized_patterns), model=str(out),
-                     note=f"issued by moeguard harden --method {method}: adapt with LoRA on these parameters only").save(tmp / FILENAME)
+    doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
+                        run=_run({"model": handle.name, **cfg.to_dict()}))
     _console().print(harden_table(doc))
-    typer.echo(f"hardened with '{method}' in {result['seconds']:.0f} s; written to {out}")
+    typer.echo(f"hardened with '{cfg.method}' in {result['seconds']:.0f} s; written to {out}")
 
 
 @app.command("defenses")
@@ -93,7 +87,7 @@ def _attack_config(flags: dict, **fixed):
 
 
 def _attack_params():
-    from moeguard.cli import _common, _out
+    from moeguard.cli.app import _common, _out
     from moeguard.config import options
     from moeguard.studies.attack import AttackConfig
 
@@ -127,7 +121,7 @@ def attack(*, out: Path, model: Optional[str], backend: str, ray_address: Option
 
 
 def _defend_params():
-    from moeguard.cli import _common, _out, _param
+    from moeguard.cli.app import _common, _out, _param
     from moeguard.config import options
     from moeguard.studies.attack import AttackConfig
 
@@ -148,34 +142,18 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
                 keeps: Optional[str], protocol: Optional[Path], backend: str, ray_address: Optional[str],
                 overwrite: bool, **flags) -> None:
     """Utility cost of a defense and the attacker's cost against it, base vs hardened, with plots."""
-    import dataclasses
-
-    from moeguard.defense.protocol import FILENAME, Protocol
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output
     from moeguard.report.defense import defense_table, write_defense
-    from moeguard.studies.attack import preflight
-    from moeguard.studies.defend import DefendEvalConfig, DefendEvalStudy
+    from moeguard.studies.defend import DefendEvalStudy, resolve
 
     check_output(out, overwrite=overwrite)
     task_list = resolve_tasks(_names(tasks, "--tasks"), what="--tasks")
     extra = resolve_tasks(_names(utility_tasks, "--utility-tasks"), what="--utility-tasks") if utility_tasks else []
     b, h = resolve_model(base), resolve_model(hardened)
-    if (h.num_experts, h.num_layers) != (b.num_experts, b.num_layers):
-        raise MoeguardError(f"--hardened has {h.num_layers} MoE layers of {h.num_experts} experts, --base "
-                            f"{b.num_layers} of {b.num_experts}", hint="compare a model with its own hardened version")
-    keep_levels = _ints(keeps, "--keeps") if keeps else [b.num_experts // 2]
-    acfg = _attack_config(flags, task=task_list[0].name, keep=b.check_keep(keep_levels[0]))
-    for t in task_list:
-        for k in keep_levels:
-            preflight(dataclasses.replace(acfg, task=t.name, keep=k), b)
-    proto_path = protocol or (h.ref.path / FILENAME if h.ref.path is not None and (h.ref.path / FILENAME).exists()
-                              else None)
-    proto = Protocol.load(proto_path) if proto_path is not None else None
-    cfg = DefendEvalConfig(tasks=tuple(t.name for t in task_list), keeps=tuple(keep_levels), attack=acfg,
-                           utility_tasks=tuple(t.name for t in extra), base=b.arg, hardened=h.arg,
-                           protocol={"modes": list(proto.modes), "patterns": list(proto.patterns)} if proto else None,
-                           num_experts=b.num_experts)
+    cfg, proto_path = resolve(base=b, hardened=h, tasks=task_list, utility_tasks=extra,
+                              keeps=_ints(keeps, "--keeps") if keeps else None,
+                              attack=_attack_config(flags, task=task_list[0].name, keep=1), protocol=protocol)
     settings = {"base": b.name, "hardened": h.name, "protocol": str(proto_path) if proto_path else None,
                 **cfg.to_dict()}
 

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli import (OverwriteOpt, SeedOpt, _config_command, _console, _names, _progress, _run, _run_study,
-                          _seed, app)
+from moeguard.cli.app import (OverwriteOpt, SeedOpt, _config_command, _console, _names, _progress, _run, _run_study,
+                              _seed, app)
 from moeguard.errors import MoeguardError
 
 PoolOpt = Annotated[int, typer.Option("--pool-size", min=1, help="unlabeled pool: this many train records")]
@@ -17,7 +17,7 @@ EvalLimitOpt = Annotated[int, typer.Option("--eval-limit", min=1, help="eval rec
 
 
 def _realign_params():
-    from moeguard.cli import _param
+    from moeguard.cli.app import _param
     from moeguard.config import options
     from moeguard.realign.engine import FinetuneConfig
 
@@ -77,7 +77,7 @@ def realign(*, model: str, task: str, out: Path, strategy: str, budget: int, que
 
 
 def _recovery_params():
-    from moeguard.cli import _common, _out, _param
+    from moeguard.cli.app import _common, _out, _param
     from moeguard.config import options
     from moeguard.realign.engine import FinetuneConfig
     from moeguard.studies.recovery import RecoveryConfig

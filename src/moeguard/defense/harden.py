@@ -32,8 +32,10 @@ import torch
 
 from moeguard.defense.objectives import (Adaptation, collapse, forward_loss, record_routers, simulate_adaptation,
                                          task_balance, task_shares)
+from moeguard.config import setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
+from moeguard.models.handle import check_keep
 from moeguard.models.hooks import mask_experts
 from moeguard.realign.modes import matching
 from moeguard.registry import Registry
@@ -43,25 +45,29 @@ from moeguard.tasks.tokens import pad_id
 
 @dataclass(frozen=True, kw_only=True)
 class HardenConfig:
-    method: str = "entangle"
-    tasks: tuple[str, ...] = ()           # empty: the embedded suite
-    steps: int = 500
-    batch_size: int = 8
-    context: int = 128                    # tokens per training sequence (longer ones are cut)
-    lr: float = 2e-4
-    keep: int | None = None               # the simulated attacker's experts per layer; None: half
-    target: float | None = None           # collapse target loss; None: 0.75 * ln(vocab)
-    balance: float = 0.0
-    collapse: float = 0.0
-    adversarial: float = 0.0
-    adv_every: int = 1
-    inner_steps: int = 8
-    inner_lr: tuple[float, float] = (1e-4, 3e-3)
-    authorized: float = 0.0
-    authorized_patterns: tuple[str, ...] = ()
-    authorized_lr: float = 1e-3
-    records_per_task: int = 1000
-    seed: int = 0
+    method: str = setting("entangle", help="defense (see `moeguard defenses`)")
+    tasks: tuple[str, ...] = setting((), help="the owner's tasks to keep (names or YAML paths); default: the embedded suite")
+    steps: int = setting(500, min=1, help="training steps")
+    batch_size: int = setting(8, min=1, cli=False, help="sequences per training step")
+    context: int = setting(128, min=8, cli=False, help="tokens per training sequence (longer ones are cut)")
+    lr: float = setting(2e-4, help="learning rate")
+    keep: int | None = setting(None, min=1, help="experts per layer the simulated attacker keeps; default: half")
+    target: float | None = setting(None, cli=False, help="collapse target loss; default: 0.75 * ln(vocab)")
+    balance: float = setting(0.0, help="weight of per-task routing balance")
+    collapse: float = setting(0.0, help="weight of the pruned-model collapse term")
+    adversarial: float = setting(0.0, help="weight of the simulated prune-and-fine-tune term")
+    adv_every: int = setting(1, min=1, cli=False, help="steps between simulated attacks")
+    inner_steps: int = setting(8, min=1, help="simulated attacker's fine-tuning steps")
+    inner_lr: tuple[float, float] = setting((1e-4, 3e-3), cli=False, help="simulated attacker's learning-rate range")
+    authorized: float = setting(0.0, cli=False, help="weight of the authorized-adaptation term")
+    authorized_patterns: tuple[str, ...] = setting((), flag="--authorized",
+                                                   help="selective: comma-separated parameter globs users may adapt")
+    authorized_lr: float = setting(1e-3, cli=False, help="learning rate of the authorized adaptation")
+    records_per_task: int = setting(1000, min=1, cli=False, help="train records read per task")
+    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -108,10 +114,8 @@ def preflight(model, cfg: HardenConfig) -> dict[str, Any]:
 
     adapter = MoEAdapter(model)
     E = adapter.num_experts
-    keep = cfg.keep if cfg.keep is not None else E // 2
-    if not adapter.family.min_experts <= keep < E:
-        raise MoeguardError(f"--keep {keep} is impossible for {E} experts per layer",
-                            hint=f"use a value from {adapter.family.min_experts} to {E - 1}")
+    keep = check_keep(cfg.keep if cfg.keep is not None else E // 2, num_experts=E, family=adapter.family,
+                      top_k=adapter.top_k, what="the simulated attacker's keep")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.context < 8:
         raise MoeguardError(f"steps={cfg.steps}, batch_size={cfg.batch_size}, context={cfg.context}",
                             hint="use at least 1 step, batch size 1 and a context of 8 tokens")
@@ -241,6 +245,29 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
         model.train(was_training)
     return {"config": cfg.to_dict(), "keep": keep_n, "target": target, "authorized": auth,
             "seconds": round(time.perf_counter() - started, 1), "log": log, "summary": summarize_log(log)}
+
+
+def save_hardened(out, model, tokenizer, cfg: HardenConfig, result: dict[str, Any], *, source: str,
+                  overwrite: bool = False, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the hardened checkpoint atomically: weights, tokenizer, ``moeguard_hardening.json``
+    (the training log), and, for a defense with a protocol, the ``moeguard_protocol.json`` users
+    adapt under. Returns the hardening record."""
+    from moeguard.defense.protocol import FILENAME, Protocol
+    from moeguard.io import atomic_dir, write_json
+    from moeguard.models.tokenizer_files import save_tokenizer
+
+    spec = get_defense(cfg.method)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+        doc = {"schema": "moeguard.hardening/1", "source": source, "method": cfg.method,
+               "description": spec.description, **result, "run": run or {}}
+        write_json(tmp / "moeguard_hardening.json", doc)
+        if spec.protocol:
+            Protocol(modes=("lora",), patterns=tuple(cfg.authorized_patterns), model=str(out),
+                     note=f"issued by moeguard harden --method {cfg.method}: adapt with LoRA on these parameters "
+                          "only").save(tmp / FILENAME)
+    return doc
 
 
 def _accumulate(into: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:

@@ -15,6 +15,18 @@ from moeguard.models.families import FamilySpec
 from moeguard.models.loading import ModelRef
 
 
+def check_keep(keep: int, *, num_experts: int, family: FamilySpec, top_k: int, what: str = "keep level") -> int:
+    """The one keep rule: from the family's minimum to one fewer than the layer's experts. Used by
+    :meth:`ModelHandle.check_keep` and by code that holds a loaded model instead of a handle."""
+    lo, hi = max(1, family.min_experts), num_experts - 1
+    if isinstance(keep, bool) or not isinstance(keep, int) or not lo <= keep <= hi:
+        raise MoeguardError(f"{what} {keep!r} is impossible for {num_experts} experts per layer "
+                            f"({family.name}, top-{top_k})",
+                            hint=f"keep from {lo} to {hi} experts per layer" if lo <= hi else
+                            "this model has too few experts to prune")
+    return keep
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelHandle:
     ref: ModelRef
@@ -51,14 +63,8 @@ class ModelHandle:
         return max(1, self.family.min_experts)
 
     def check_keep(self, keep: int, *, what: str = "keep level") -> int:
-        """The one keep rule: from the family's minimum to one fewer than the layer's experts."""
-        lo, hi = self.min_keep, self.num_experts - 1
-        if isinstance(keep, bool) or not isinstance(keep, int) or not lo <= keep <= hi:
-            raise MoeguardError(f"{what} {keep!r} is impossible for {self.num_experts} experts per layer "
-                                f"({self.family.name}, top-{self.top_k})",
-                                hint=f"keep from {lo} to {hi} experts per layer" if lo <= hi else
-                                "this model has too few experts to prune")
-        return keep
+        """The one keep rule (:func:`check_keep`) for this model."""
+        return check_keep(keep, num_experts=self.num_experts, family=self.family, top_k=self.top_k, what=what)
 
     def default_keeps(self) -> list[int]:
         """N/4, N/2 and 3N/4 experts per layer, at least top-k (and the family's minimum)."""

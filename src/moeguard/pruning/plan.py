@@ -115,6 +115,26 @@ def plan_from_scores(scores: Scores, *, keep: int | None = None, keep_ratio: flo
                      why=_budget_why(scores), **common)
 
 
+def plan_for(model: Any, *, scores: str | Path | None = None, plan: str | Path | None = None,
+             keep: int | None = None, keep_ratio: float | None = None, budget: int | None = None) -> PrunePlan:
+    """The plan to prune ``model`` (a resolved :class:`~moeguard.models.handle.ModelHandle`)
+    with: an explicit ``plan`` file, or a ``scores`` file (of ``moeguard attribute``) and exactly
+    one of ``keep``, ``keep_ratio`` or ``budget``. Checked against the model before any weights
+    are read."""
+    if (scores is None) == (plan is None):
+        raise MoeguardError("give exactly one of --scores or --plan", hint="e.g. --scores scores.json --keep 4")
+    if plan is not None:
+        if any(x is not None for x in (keep, keep_ratio, budget)):
+            raise MoeguardError("--keep/--keep-ratio/--budget go with --scores, not with --plan",
+                                hint="an explicit plan already names the kept experts")
+        return PrunePlan.load(plan)
+    s = Scores.load(scores)
+    if s.num_experts != model.num_experts:
+        raise MoeguardError(f"{scores} scores {s.num_experts} experts per layer, the model has {model.num_experts}",
+                            hint="attribute this model: moeguard attribute --model ... --out scores.json")
+    return plan_from_scores(s, keep=keep, keep_ratio=keep_ratio, budget=budget, min_keep=model.min_keep)
+
+
 def _budget_why(scores: Scores) -> str:
     unit = "raw scores (same unit in every layer)" if scores.comparable_across_layers else \
         "each layer's scores as shares of the layer's total"

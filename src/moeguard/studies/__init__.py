@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Protocol
+from typing import Any, Callable, Generator, Iterable, Protocol
 
 from moeguard.registry import Registry
 from moeguard.studies.engine import Backend, Job, Runtime, run_jobs
@@ -105,4 +105,36 @@ def run_studies(items: list[tuple[Study, Any]], *, jobs: Path, runtime: Runtime,
     return [study.reduce(cfg, r) for (study, cfg), r in zip(items, results)]
 
 
-__all__ = ["run_local", "run_studies", "Phase", "Study", "STUDIES", "get_study", "run_study", "Job", "Runtime", "Backend"]
+def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[str, Any],
+               write: Callable[[dict[str, Any], Path], None], backend: str = "local",
+               ray_address: str | None = None, tasks: Iterable = (), overwrite: bool = False,
+               progress: Any = None) -> dict[str, Any]:
+    """A study run as a command runs it: resumable, into a folder. Its jobs run on ``backend``
+    and are kept under ``.OUT.partial/jobs`` (a killed run with the same ``settings`` resumes);
+    the document is stamped with the model's name and the run record (``settings``, versions,
+    commit), written by ``write(doc, folder)`` and renamed to ``out`` when done.
+    ``model``: the resolved :class:`~moeguard.models.handle.ModelHandle`."""
+    import torch
+
+    from moeguard.edge import file_tasks
+    from moeguard.io import resumable_dir
+    from moeguard.provenance import run_record
+    from moeguard.studies.engine import make_backend
+
+    runner = make_backend(backend, address=ray_address)
+    runtime = Runtime(model=model.arg, threads=torch.get_num_threads(), tasks=file_tasks(tasks))
+    try:
+        with resumable_dir(out, overwrite=overwrite, settings=settings) as work:
+            doc = run_study(study, cfg, jobs=work / "jobs", runtime=runtime, backend=runner, progress=progress)
+            if isinstance(doc.get("model"), dict):  # a sweep's model facts: name them
+                doc["model"]["name"] = model.name
+            else:
+                doc["model"] = model.name
+            doc["run"] = run_record(settings)
+            write(doc, work)
+    finally:
+        runner.close()
+    return doc
+
+
+__all__ = ["run_to_dir", "run_local", "run_studies", "Phase", "Study", "STUDIES", "get_study", "run_study", "Job", "Runtime", "Backend"]

@@ -55,6 +55,35 @@ class DefendEvalConfig:
                 "protocol": self.protocol}
 
 
+def resolve(*, base: Any, hardened: Any, tasks: list, utility_tasks: list, keeps: list[int] | None,
+            attack: AttackConfig, protocol: Any = None) -> tuple[DefendEvalConfig, Any]:
+    """The study's config from resolved inputs (model handles, Task objects), checked before any
+    weights are read. ``attack``: the attacker's settings (its task and keep are filled per cell);
+    ``protocol``: a protocol file, default: the hardened checkpoint's own, if it ships one.
+    Returns the config and the protocol file used (or None)."""
+    from moeguard.defense.protocol import FILENAME, Protocol
+    from moeguard.errors import MoeguardError
+    from moeguard.studies.attack import preflight
+
+    if (hardened.num_experts, hardened.num_layers) != (base.num_experts, base.num_layers):
+        raise MoeguardError(f"the hardened model has {hardened.num_layers} MoE layers of {hardened.num_experts} "
+                            f"experts, the base {base.num_layers} of {base.num_experts}",
+                            hint="compare a model with its own hardened version")
+    levels = [base.check_keep(k) for k in keeps] if keeps else [base.check_keep(base.num_experts // 2)]
+    for t in tasks:
+        for k in levels:
+            preflight(dataclasses.replace(attack, task=t.name, keep=k), base)
+    own = hardened.ref.path / FILENAME if hardened.ref.path is not None else None
+    path = protocol or (own if own is not None and own.exists() else None)
+    proto = Protocol.load(path) if path is not None else None
+    cfg = DefendEvalConfig(tasks=tuple(t.name for t in tasks), keeps=tuple(levels),
+                           attack=dataclasses.replace(attack, task=tasks[0].name, keep=levels[0]),
+                           utility_tasks=tuple(t.name for t in utility_tasks), base=base.arg, hardened=hardened.arg,
+                           protocol={"modes": list(proto.modes), "patterns": list(proto.patterns)} if proto else None,
+                           num_experts=base.num_experts)
+    return cfg, path
+
+
 def utility_job(ctx, *, task: str, limit: int | None, model: str | None, baseline: bool, seed: int) -> dict[str, Any]:
     from moeguard.tasks.evaluate import evaluate_task
 

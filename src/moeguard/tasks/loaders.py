@@ -29,6 +29,9 @@ ROLES = ("train", "eval")
 # ``train[:90%]``, ``train[100:200]``: the datasets split-slicing syntax, also for local files.
 _SLICE = re.compile(r"^(?P<split>[^\[\]]+)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]$")
 _CHARS_PER_TOKEN = 4
+_READ: dict[tuple, list[dict[str, Any]]] = {}   # load_records' memo, oldest first
+_READ_MAX = 64
+_READ_MAX_RECORDS = 20_000
 
 
 def load_records(task: Task, role: str, *, limit: int | None = None) -> list[dict[str, Any]]:
@@ -45,13 +48,22 @@ def load_records(task: Task, role: str, *, limit: int | None = None) -> list[dic
     if limit is not None and limit < 1:
         raise MoeguardError(f"record limit is {limit}", hint="pass a positive limit, or none for all records")
     split = str(task.splits[role])
-    rows, where = _rows(task, split)
-    records = _normalize(task, rows, split, where, limit)
-    if not records:
-        raise MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
-                            f"{task.kind_spec.record_needs})",
-                            hint="point the split at a file or dataset split with data in it")
-    return records
+    # read and normalized once per (task, role, limit) while the data is unchanged: a sweep scores
+    # the same eval records for every plan; callers get their own list and dicts
+    key = (repr(task), role, limit, _stamp(task, split))
+    records = _READ.get(key)
+    if records is None:
+        rows, where = _rows(task, split)
+        records = _normalize(task, rows, split, where, limit)
+        if not records:
+            raise MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
+                                f"{task.kind_spec.record_needs})",
+                                hint="point the split at a file or dataset split with data in it")
+        if len(records) <= _READ_MAX_RECORDS:  # a whole large corpus is not worth holding
+            _READ[key] = records
+            while len(_READ) > _READ_MAX:
+                _READ.pop(next(iter(_READ)))
+    return [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in records]
 
 
 # --------------------------------------------------------------------------- sources
@@ -62,6 +74,14 @@ def _rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
         return _hub_rows(task, split)
     if src.type == "disk":
         return _disk_rows(task, split)
+    file, label, sliced = _data_file(task, split)
+    rows = read_file(file, src.format, task.max_length * _CHARS_PER_TOKEN, src.columns)
+    return _slice(rows, sliced), label
+
+
+def _data_file(task: Task, split: str) -> tuple[Any, str, tuple]:
+    """The file of a local or package task's ``split``, its label for messages, and the slice."""
+    src = task.source
     base, sliced = _parse_split(split)
     if src.type == "package":
         root: Any = resources.files("moeguard.tasks").joinpath("embedded", "data")
@@ -88,8 +108,20 @@ def _rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
         raise MoeguardError(f"data file '{label.rstrip('/')}/{name}' for split '{base}' of task "
                             f"'{task.name}' does not exist",
                             hint=f"create it or fix source.files (splits with files: {known})")
-    rows = read_file(file, src.format, task.max_length * _CHARS_PER_TOKEN, src.columns)
-    return _slice(rows, sliced), f"{label.rstrip('/')}/{name}"
+    return file, f"{label.rstrip('/')}/{name}", sliced
+
+
+def _stamp(task: Task, split: str) -> Any:
+    """What says a cached read is still current: a local file's size and time, a save_to_disk
+    folder's time; the package's files and a hub dataset (cached by ``datasets`` itself) do not
+    change while moeguard runs."""
+    src = task.source
+    if src.type == "local":
+        st = Path(_data_file(task, split)[0]).stat()
+        return st.st_size, st.st_mtime_ns
+    if src.type == "disk" and src.path:
+        return Path(src.path).expanduser().stat().st_mtime_ns
+    return None
 
 
 def _hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:

@@ -1,0 +1,201 @@
+"""What every command shares: the typer app, common options, the console and progress bar,
+list parsing, options generated from config dataclasses, and the error handling of ``main``.
+
+Each area's commands live in their own module (:mod:`moeguard.cli.models`, ``pruning``,
+``realign``, ``defense``, ``audit``, ``zoo``) and hold no logic: they parse, call the Python API
+and print. Bad input (a :class:`MoeguardError`) is one line on stderr and exit code 2; ``--debug`` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from moeguard.errors import MoeguardError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Audit and harden Mixture-of-Experts LLMs against unauthorized expert pruning.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Build the embedded model and suite.")
+app.add_typer(zoo_app, name="zoo")
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="checkpoint directory or hub id; default: the embedded model")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="random seed; the same seed gives the same numbers")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
+
+_state = {"debug": False}
+_python_format_warning = warnings.formatwarning
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _console():
+    from rich.console import Console
+
+    # pipes and CI logs get a readable width instead of rich's 80-column fallback
+    return Console(stderr=False, width=None if sys.stdout.isatty() else 120)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), transient=False, console=_console())
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _names(value: str | None, what: str) -> list[str]:
+    names = [x.strip() for x in (value or "").split(",") if x.strip()]
+    if value is not None and not names:
+        raise MoeguardError(f"{what} '{value}' names nothing", hint=f"pass comma-separated {what.lstrip('-')}")
+    return names
+
+
+def _task_names(value: str | None, what: str) -> list[str]:
+    """Task names from a comma-separated list of names or YAML paths, resolved once here: a file's
+    task is adopted under its name, so the code below, which carries names, finds it."""
+    from moeguard.edge import resolve_tasks
+
+    return [t.name for t in resolve_tasks(_names(value, what), what=what, check=False)]
+
+
+def _ints(value: str, what: str) -> list[int]:
+    return _numbers(value, what, int, "integers", "2,4,6")
+
+
+def _numbers(value: str, what: str, kind, noun: str = "numbers", example: str = "1e-4,1e-3") -> list:
+    try:
+        return [kind(x) for x in _names(value, what)]
+    except ValueError:
+        raise MoeguardError(f"{what} '{value}' is not a comma-separated list of {noun}", hint=f"e.g. {what} {example}") from None
+
+
+BackendOpt = Annotated[str, typer.Option("--backend", help="where jobs run: local (this process) or ray")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="an existing Ray cluster; default: a local Ray")]
+
+
+def _config_command(params: Callable[[], list]):
+    """The command's signature is ``params()``: options generated from its config dataclass
+    (see :mod:`moeguard.config`), so the command restates no default."""
+    def wrap(fn):
+        from moeguard.config import command
+
+        return command(params())(fn)
+    return wrap
+
+
+def _run_study(out: Path, overwrite: bool, settings: dict, model, study, cfg, write, *, backend: str = "local",
+               ray_address: str | None = None, tasks=()) -> dict:
+    """:func:`moeguard.studies.run_to_dir` with the command's progress bar."""
+    from moeguard.studies import run_to_dir
+
+    with _progress() as progress:
+        return run_to_dir(study, cfg, out=out, model=model, settings=settings, write=write, backend=backend,
+                          ray_address=ray_address, tasks=tasks, overwrite=overwrite, progress=progress)
+
+
+def _param(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+def _common(*, model: bool = True, backend: bool = True) -> list[inspect.Parameter]:
+    """Options every study command has beside its config's: model, backend, overwrite."""
+    ps = [_param("model", ModelOpt, None)] if model else []
+    if backend:
+        ps += [_param("backend", BackendOpt, "local"), _param("ray_address", RayAddressOpt, None)]
+    return ps + [_param("overwrite", OverwriteOpt, False)]
+
+
+def _out(help_text: str) -> inspect.Parameter:
+    return _param("out", Annotated[Path, typer.Option("--out", help=help_text)])
+
+
+def _run(settings: dict) -> dict:
+    from moeguard.provenance import run_record
+
+    return run_record(settings)
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """moeguard's own warnings (a task too small to learn from, ...) as one line a user reads;
+    other libraries' warnings keep Python's format, which names their source."""
+    if f"{os.sep}moeguard{os.sep}" in str(filename) and issubclass(category, UserWarning):
+        return f"moeguard: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _state["debug"] = False  # set by the --debug callback of this call only
+    saved, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = saved
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="moeguard")
+    except MoeguardError as e:
+        if _state["debug"]:
+            raise
+        print(f"moeguard: error: {e.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moeguard: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _state["debug"] or not _is_usage_error(e):
+            raise
+        return _report_usage_error(e)
+    return rv if isinstance(rv, int) else 0
+
+
+def _click_names(e: Exception) -> set[str]:
+    """Class names along the MRO that come from click. Matched by name, not by ``isinstance``:
+    typer raises exceptions of click, or of its own vendored copy of click (typer >= 0.26), and
+    these are different classes with the same names, so an ``import click`` check misses one."""
+    return {c.__name__ for c in type(e).__mro__ if "click" in c.__module__}
+
+
+def _is_usage_error(e: Exception) -> bool:
+    return bool(_click_names(e) & {"Abort", "ClickException"})
+
+
+def _report_usage_error(e: Exception) -> int:
+    """One line on stderr for a click usage error (a missing option, a bad value, an unknown command)."""
+    names = _click_names(e)
+    if "Abort" in names:
+        print("moeguard: aborted", file=sys.stderr)
+        return 130
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None and getattr(ctx, "command_path", None) else "moeguard"
+    if "NoArgsIsHelpError" in names or (ctx is not None and not str(e.format_message()).strip()):
+        cmds = sorted(getattr(ctx.command, "commands", {}) or {}) if ctx is not None else []
+        msg = "missing command" + (f"; commands: {', '.join(cmds)}" if cmds else "")
+    else:
+        msg = " ".join(str(e.format_message()).split())
+    print(f"moeguard: error: {msg} (see `{where} --help`)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

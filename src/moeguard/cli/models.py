@@ -1,0 +1,84 @@
+"""`moeguard info`, `tasks` and `eval`: what a model is, which tasks exist, and how it scores on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, _seed, app
+from moeguard.errors import MoeguardError
+
+
+@app.command()
+def info(model: ModelOpt = None, as_json: JsonOpt = False) -> None:
+    """Family, layers, experts per layer, top-k, shared experts and parameter counts."""
+    from moeguard.models.info import model_info
+
+    data = model_info(model)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    from moeguard.report.tables import info_table
+
+    _console().print(info_table(data))
+
+
+@app.command()
+def tasks(as_json: JsonOpt = False) -> None:
+    """Registered tasks: name, kind, source and metric."""
+    from moeguard.tasks.registry import list_tasks
+
+    rows = [{"name": t.name, "kind": t.kind.value, "source": _source_text(t), "metric": t.primary_metric,
+             "description": t.description} for t in list_tasks()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from moeguard.report.tables import tasks_table
+
+    _console().print(tasks_table(rows))
+
+
+def _source_text(task) -> str:
+    s = task.source
+    if s.type == "hub":
+        return f"hub:{s.hub_name}" + (f"/{s.hub_config}" if s.hub_config else "")
+    return f"{s.type}:{s.path}"
+
+
+@app.command("eval")
+def eval_(model: ModelOpt = None,
+          tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated task names or YAML paths; default: the embedded suite")] = None,
+          limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="evaluate at most N samples per task")] = None,
+          batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+          out: Annotated[Optional[Path], typer.Option("--out", help="write results JSON here")] = None,
+          overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+    """Per-task metrics with the trivial baseline beside each."""
+    from moeguard.edge import embedded_or
+    from moeguard.io import check_output, write_json
+    from moeguard.models.loading import load_model
+    from moeguard.provenance import run_record
+    from moeguard.report.tables import eval_table
+    from moeguard.tasks.evaluate import evaluate_suite
+
+    if out is not None:
+        check_output(out, overwrite=overwrite)
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    if names == []:
+        raise MoeguardError(f"--tasks '{tasks}' names no task", hint="see `moeguard tasks` for names")
+    task_list = embedded_or(names, what="--tasks")  # fails on unreadable or empty data before any weights load
+    _seed(seed)
+    m, tokenizer, ref = load_model(model)
+    with _progress() as progress:
+        results = evaluate_suite(m, tokenizer, task_list, limit=limit, batch_size=batch_size,
+                                 progress=progress, model_name=ref.name)
+    results["run"] = run_record({"model": ref.name, "tasks": [t.name for t in task_list], "limit": limit,
+                                 "batch_size": batch_size, "seed": seed})
+    _console().print(eval_table(results))
+    if out is not None:
+        write_json(out, results, overwrite=overwrite)
+        typer.echo(f"results written to {out}")
+
+

@@ -1,0 +1,147 @@
+"""`moeguard attribute`, `methods`, `prune` and `sweep`: the attribution and pruning half of the attack."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moeguard.cli.app import (JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints, _names,
+                              _out, _progress, _run, _run_study, _seed, app)
+
+
+@app.command()
+def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAML path")],
+              method: Annotated[str, typer.Option("--method", help="attribution method (see `moeguard methods`)")],
+              out: Annotated[Path, typer.Option("--out", help="scores JSON to write")],
+              model: ModelOpt = None,
+              samples: Annotated[int, typer.Option("--samples", min=1, help="calibration samples from the task's train split")] = 64,
+              reference: Annotated[Optional[str], typer.Option("--reference", help="contrastive: comma-separated reference tasks; default: the rest of the embedded suite")] = None,
+              batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+              overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+    """Score every (layer, expert) for a task with one method; higher = more important."""
+    from moeguard.attribution.base import get_method
+    from moeguard.attribution.run import make_context, score
+    from moeguard.edge import resolve_model, resolve_tasks
+    from moeguard.io import check_output, write_json
+    from moeguard.report.tables import scores_table
+
+    check_output(out, overwrite=overwrite)
+    get_method(method)
+    refs = _names(reference, "--reference") if reference is not None else None
+    resolve_tasks([task, *(refs or [])], what="--task")  # unreadable data fails before any weights load
+    handle = resolve_model(model)
+    _seed(seed)
+    m, tokenizer, ref = handle.load()
+    with _progress() as progress:
+        ctx = make_context(m, tokenizer, task, samples=samples, batch_size=batch_size, seed=seed,
+                           reference=refs, progress=progress)
+        s = score(ctx, method)
+    doc = s.to_dict()
+    doc["model"] = ref.name
+    doc["run"] = _run({"model": ref.name, "task": task, "method": method, "samples": samples, "seed": seed,
+                       "reference": refs, "batch_size": batch_size})
+    write_json(out, doc, overwrite=overwrite)
+    _console().print(scores_table(doc))
+    typer.echo(f"scores written to {out}")
+
+
+@app.command()
+def methods(as_json: JsonOpt = False) -> None:
+    """Registered attribution methods."""
+    from moeguard.attribution.base import list_methods
+
+    rows = [{"name": m.name, "description": m.description, "needs_reference": m.needs_reference} for m in list_methods()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['name']:<15} {r['description']}")
+
+
+@app.command()
+def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint directory")],
+          model: ModelOpt = None,
+          scores: Annotated[Optional[Path], typer.Option("--scores", help="scores JSON from `moeguard attribute`")] = None,
+          keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="experts kept in every layer")] = None,
+          keep_ratio: Annotated[Optional[float], typer.Option("--keep-ratio", min=0.0, max=1.0, help="share of each layer's experts kept")] = None,
+          budget: Annotated[Optional[int], typer.Option("--budget", min=1, help="experts kept in total, allocated across layers by score")] = None,
+          plan: Annotated[Optional[Path], typer.Option("--plan", help='explicit plan JSON {"keep": {"<layer>": [experts]}}')] = None,
+          streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", help="default: streaming for a local checkpoint")] = None,
+          plan_only: Annotated[bool, typer.Option("--plan-only", help="write only the plan JSON to --out")] = False,
+          overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+    """Physically remove experts: a smaller checkpoint vanilla transformers loads."""
+    from moeguard.edge import resolve_model
+    from moeguard.io import check_output, write_json
+    from moeguard.pruning.apply import write_pruned
+    from moeguard.pruning.plan import plan_for
+
+    check_output(out, overwrite=overwrite)
+    the_plan = plan_for(resolve_model(model), scores=scores, plan=plan, keep=keep, keep_ratio=keep_ratio, budget=budget)
+    if plan_only:
+        write_json(out, the_plan.to_dict(), overwrite=overwrite)
+        typer.echo(f"plan ({the_plan.kept_total} experts kept, {the_plan.rule}) written to {out}")
+        return
+    _seed(seed)
+    with _progress() as progress:
+        record = write_pruned(model, the_plan, out, overwrite=overwrite, streaming=streaming, progress=progress,
+                              settings={"model": model or "embedded", "scores": str(scores) if scores else None,
+                                        "plan": str(plan) if plan else None, "keep": keep, "keep_ratio": keep_ratio,
+                                        "budget": budget, "seed": seed})
+    kept = ", ".join(f"{l}: {v}" for l, v in record["keep"].items())
+    counts = sorted({len(v) for v in record["keep"].values()})
+    typer.echo(f"pruned {record['original_num_experts']} -> {'/'.join(map(str, counts))} experts per layer "
+               f"({record['method']}); kept {kept}; written to {out}")
+    if len(counts) > 1:
+        typer.echo("note: layers keep different expert counts; load it with moeguard (moeguard.models.loading."
+                   "load_model, or any moeguard command's --model); vanilla transformers configs hold one count")
+
+
+def _sweep_params():
+    from moeguard.config import options
+    from moeguard.studies.sweep import SweepConfig
+
+    none = {"default": None}
+    return [_out("run directory to create"), *_common(),
+            *options(SweepConfig, overrides={"tasks": none, "methods": none, "keeps": none})]
+
+
+@app.command()
+@_config_command(_sweep_params)
+def sweep(*, out: Path, model: Optional[str], backend: str, ray_address: Optional[str], overwrite: bool,
+          **flags) -> None:
+    """Knowledge-loss study: retention per task, method and keep level, against random rankings."""
+    from moeguard.config import build
+    from moeguard.edge import resolve_grid, resolve_model
+    from moeguard.io import check_output
+    from moeguard.report.sweep import sweep_table, write_sweep
+    from moeguard.studies.sweep import SweepConfig, SweepStudy, SweepStudyConfig
+
+    check_output(out, overwrite=overwrite)
+    handle = resolve_model(model)
+    grid = {k: flags.pop(k) for k in ("tasks", "methods", "keeps")}
+    task_list, methods, keeps = resolve_grid(
+        handle, tasks=_names(grid["tasks"], "--tasks") if grid["tasks"] else None,
+        methods=_names(grid["methods"], "--methods") if grid["methods"] else None,
+        keeps=_ints(grid["keeps"], "--keep") if grid["keeps"] else None)
+    names = [t.name for t in task_list]
+    cfg = build(SweepConfig, flags, what="sweep", tasks=names, methods=methods, keeps=keeps)
+    settings = {"model": handle.name, **dataclasses.asdict(cfg)}
+
+    def write(doc, work):
+        write_sweep(doc, doc.pop("scores"), work)
+
+    study = SweepStudyConfig(sweep=cfg, references={t: None for t in names})
+    doc = _run_study(out, overwrite, settings, handle, SweepStudy(), study, write, backend=backend,
+                     ray_address=ray_address, tasks=task_list)
+    _console().print(sweep_table(doc))
+    done = [c for c in doc["physical_checks"] if "skipped" not in c]
+    bad = [c for c in done if c["abs_diff"] > 1e-6 or c["params_physical"] != c["params_expected"]]
+    typer.echo(f"{len(done)} physical-pruning checks, {len(bad)} mismatched, "
+               f"{len(doc['physical_checks']) - len(done)} skipped; "
+               f"{doc['evaluations']['run']} evaluations in {doc['seconds']:.0f} s; written to {out}")
+
+

@@ -1,0 +1,47 @@
+"""`moeguard zoo train` and `zoo suite`: rebuild the embedded model and its task suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+from moeguard.cli.app import OverwriteOpt, SeedOpt, _progress, _task_names, zoo_app
+import typer
+
+
+@zoo_app.command("train")
+def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint directory")] = Path("runs/embedded-model"),
+              steps: Annotated[int, typer.Option("--steps", min=1)] = 1000,
+              tasks: Annotated[Optional[str], typer.Option("--tasks", help="train on these tasks instead of the embedded suite (names or YAML paths)")] = None,
+              seed: SeedOpt = 0, overwrite: OverwriteOpt = False) -> None:
+    """Re-make the embedded model from the embedded suite, or train the same recipe on other tasks."""
+    from dataclasses import replace
+
+    from moeguard.io import check_output
+    from moeguard.zoo.recipe import EMBEDDED_RECIPE, Recipe
+    from moeguard.zoo.train import train_embedded
+
+    check_output(out, overwrite=overwrite)
+    # rebuilding the embedded model keeps the recipe its shipped weights were made with
+    recipe = replace(EMBEDDED_RECIPE if tasks is None else Recipe(), seed=seed, steps=steps)
+    with _progress() as progress:
+        card = train_embedded(out, recipe=recipe, overwrite=overwrite, progress=progress,
+                              tasks=_task_names(tasks, "--tasks") if tasks else None)
+    spec = card["specialization"]
+    typer.echo(f"trained in {card['train_seconds']:.0f} s; final loss {card['loss_curve'][-1]}; "
+               f"specialization (normalized task-expert MI) {spec['mean']:.3f} "
+               f"vs {card['specialization_at_init']['mean']:.3f} at init; written to {out}")
+
+
+@zoo_app.command("suite")
+def zoo_suite(out: Annotated[Path, typer.Option("--out", help="output folder for the suite's data")],
+              seed: SeedOpt = 0, overwrite: OverwriteOpt = False) -> None:
+    """Rebuild the embedded suite's data from this interpreter's standard library."""
+    from moeguard.io import atomic_dir
+    from moeguard.zoo.suite import build_suite
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        manifest = build_suite(tmp, seed=seed)
+    typer.echo(f"suite with {len(manifest.get('tasks', manifest))} tasks written to {out}")
+
+
