@@ -18,6 +18,7 @@ from moeguard.audit.stages import StageResult, StageStore
 from moeguard.errors import MoeguardError
 from moeguard.models.handle import ModelHandle
 from moeguard.studies import run_studies, run_study
+from moeguard.models.loading import weights_identity
 from moeguard.studies.engine import Backend, Job, Runtime, run_jobs
 
 SCHEMA = "moeguard.audit/1"
@@ -98,19 +99,6 @@ def mark_run_dir(out: Path, cfg: AuditConfig) -> None:
     write_json(out / MARKER, {"schema": "moeguard.audit-run/1", "config": cfg.to_dict()})
 
 
-def _model_identity(model: str | None) -> dict[str, Any]:
-    """What a stage key needs to notice a changed checkpoint: the weight files' names, sizes and times."""
-    from moeguard.models.loading import resolve as resolve_ref
-
-    ref = resolve_ref(model)
-    files = []
-    if ref.path is not None and ref.path.is_dir():
-        for f in sorted(ref.path.glob("*.safetensors")):
-            st = f.stat()
-            files.append([f.name, st.st_size, int(st.st_mtime)])
-    return {"name": ref.name, "files": files}
-
-
 def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHandle, progress: Any = None,
               command: str | None = None) -> dict[str, Any]:
     """``cfg`` and ``model`` as :func:`resolve` returns them."""
@@ -123,7 +111,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
     info = {**model.info, "num_experts": model.num_experts}
     runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads,
                       tasks=file_tasks(get_task(t) for t in cfg.tasks))
-    ident = {"model": _model_identity(cfg.model), "runtime": runtime.to_dict()}
+    ident = {"model": weights_identity(cfg.model), "runtime": runtime.to_dict()}
     n_stages = 5 + bool(cfg.defense or cfg.hardened)
     overall = progress.add_task("audit", total=n_stages) if progress is not None else None
 
@@ -200,7 +188,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
 
     s_def = None
     if cfg.defense or cfg.hardened:
-        def_settings = {"defense": cfg.defense, "hardened": _model_identity(cfg.hardened) if cfg.hardened else None,
+        def_settings = {"defense": cfg.defense, "hardened": weights_identity(cfg.hardened) if cfg.hardened else None,
                         "harden_steps": cfg.harden_steps, "tasks": cfg.defense_tasks, "budget": cfg.defense_budget,
                         "seeds": cfg.defense_seeds, "eval_limit": cfg.recovery_eval_limit, "seed": cfg.seed,
                         "methods": cfg.methods, "samples": cfg.samples, "pool_size": cfg.pool_size,

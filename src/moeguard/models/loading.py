@@ -10,6 +10,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moeguard.errors import MoeguardError
 from moeguard.models.families import FamilySpec, family_for_config
@@ -170,3 +171,14 @@ def meta_model(config):
         model = AutoModelForCausalLM.from_config(config)
     resize_layers(model)
     return model
+
+
+def weights_identity(ref_str: str | None) -> dict[str, Any]:
+    """What notices a changed checkpoint without reading it: the weight files' names, sizes and times."""
+    ref = resolve(ref_str)
+    files = []
+    if ref.path is not None and ref.path.is_dir():
+        for f in sorted(ref.path.glob("*.safetensors")):
+            st = f.stat()
+            files.append([f.name, st.st_size, int(st.st_mtime)])
+    return {"name": ref.name, "files": files}

@@ -67,6 +67,17 @@ class Runtime:
             d["tasks"] = [dataclasses.asdict(t) for t in self.tasks]
         return d
 
+    def scope(self) -> str:
+        """What a finished job's result depends on besides its arguments: the model (and its weight
+        files' sizes and times), dtype, device map and the user's task definitions. A job file
+        from another scope is not reused (a resumed folder pointed at other weights re-runs)."""
+        from moeguard.models.loading import weights_identity
+
+        d = self.to_dict()
+        d.pop("threads")  # how many cores, not what is computed
+        d["weights"] = weights_identity(self.model)
+        return digest(d)
+
 
 class Context:
     """What a job function gets: the study's models (each loaded once per process) and copies
@@ -127,12 +138,12 @@ def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
     return json.loads(json.dumps(result))  # exactly what the job file will hold
 
 
-def _record(job: Job, result: dict[str, Any]) -> dict[str, Any]:
-    return {"job": {"stage": job.stage, "name": job.name, "fn": job.fn, "key": job.key}, "args": job.args,
-            "result": result}
+def _record(job: Job, result: dict[str, Any], scope: str | None = None) -> dict[str, Any]:
+    return {"job": {"stage": job.stage, "name": job.name, "fn": job.fn, "key": job.key}, "scope": scope,
+            "args": job.args, "result": result}
 
 
-def load_done(job: Job, root: Path) -> dict[str, Any] | None:
+def load_done(job: Job, root: Path, scope: str | None = None) -> dict[str, Any] | None:
     path = job.path(root)
     if not path.is_file():
         return None
@@ -140,7 +151,7 @@ def load_done(job: Job, root: Path) -> dict[str, Any] | None:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError:  # a file is only ever renamed into place whole; be safe anyway
         return None
-    if saved.get("job", {}).get("key") != job.key:
+    if saved.get("job", {}).get("key") != job.key or saved.get("scope") != scope:
         return None
     return saved["result"]
 
@@ -151,8 +162,9 @@ def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend
     on ``backend`` and are saved as each completes (a kill loses only the running ones)."""
     results: dict[str, dict[str, Any]] = {}
     todo = []
+    scope = runtime.scope()
     for j in jobs:
-        done = load_done(j, root)
+        done = load_done(j, root, scope)
         if done is None:
             todo.append(j)
         else:
@@ -164,7 +176,7 @@ def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend
     def finished(job: Job, result: dict[str, Any]) -> None:
         path = job.path(root)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, _record(job, result))
+        write_json(path, _record(job, result, scope))
         results[job.key] = result  # already as JSON holds it (execute round-trips it)
         if bar is not None:
             progress.update(bar, advance=sum(1 for j in todo if j.key == job.key), description=f"{label}: {job.name}")
