@@ -116,6 +116,9 @@ class FamilySpec:
     disk_router_attrs: tuple[str, ...] = ()
     disk_expert_attrs: tuple[str, ...] = ()
     disk_per_expert: str = r"^experts\.(\d+)\.(.+)$"  # one tensor per expert, number in the key
+    # In memory, fused experts: "gate_up" = gate_up_proj [E, 2I, d] (gate rows, then up rows) and
+    # down_proj [E, d, I]; "gate_up_interleaved_t" = gpt-oss's [E, d, 2I] (gate even, up odd) and [E, I, d].
+    expert_layout: str = "gate_up"
 
     def disk_layout(self) -> DiskLayout:
         """The module names under which this family's checkpoints hold routers and experts."""
@@ -175,7 +178,8 @@ register_family(FamilySpec(
     disk_block_attrs=("block_sparse_moe",), disk_router_attrs=("gate",)))  # block_sparse_moe.gate, experts.{e}.w1
 register_family(FamilySpec(
     name="gpt_oss", model_types=("gpt_oss",), block_attrs=("mlp",), router_attr="router",
-    routing=RoutingSpec(score="softmax", select_on="logits", softmax_dtype="logits"), num_experts_key="num_local_experts"))
+    routing=RoutingSpec(score="softmax", select_on="logits", softmax_dtype="logits"), num_experts_key="num_local_experts",
+    expert_layout="gate_up_interleaved_t"))
 
 
 def family_for_config(config) -> FamilySpec:

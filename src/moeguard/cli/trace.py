@@ -1,0 +1,59 @@
+"""`moeguard fingerprint` and `trace`: after theft, prove a suspect was cut from your model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, app
+
+
+@app.command()
+def fingerprint(out: Annotated[Path, typer.Option("--out", help="fingerprint folder to create")],
+                model: ModelOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+    """A compact, permutation-invariant signature of every expert (at most 1% of the checkpoint)."""
+    from moeguard.io import check_output
+    from moeguard.trace import fingerprint as make
+    from moeguard.trace.fingerprint import digest
+
+    check_output(out, overwrite=overwrite)
+    fp = make(model, seed=seed)
+    fp.save(out, overwrite=overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    typer.echo(f"fingerprint of {fp.meta['model']} ({len(fp.layers)} MoE layers, {fp.H.size} hidden dimensions "
+               f"sampled): {size / 1e3:.0f} kB, {100 * size / fp.meta['checkpoint_bytes']:.2f}% of the checkpoint; "
+               f"sha256 {digest(out)}; written to {out}")
+
+
+@app.command()
+def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkpoint directory, hub id or .gguf file")],
+          original: Annotated[Optional[str], typer.Option("--original", help="your fingerprint folder, or your checkpoint; default: the embedded model")] = None,
+          out: Annotated[Optional[Path], typer.Option("--out", help="folder for trace.json, trace.md and the mapping plot")] = None,
+          overwrite: OverwriteOpt = False, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
+    """Was the suspect cut from the original? A p-value, the experts it kept, and how it was changed."""
+    from moeguard.io import atomic_dir, check_output
+    from moeguard.report.trace import p_text, summary_rows, write_trace
+    from moeguard.trace import trace as run
+
+    if out is not None:
+        check_output(out, overwrite=overwrite)
+    doc = run(original, suspect, seed=seed)
+    if out is not None:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            write_trace(doc, tmp)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"trace of {doc['suspect']}")
+    for c in ("layer", "experts", "p", "kept original experts", "merged"):
+        t.add_column(c, justify="left" if c.startswith("kept") else "right")
+    for r in summary_rows(doc):
+        t.add_row(*r)
+    _console().print(t)
+    typer.echo(f"verdict: {doc['verdict']} (p = {p_text(doc['p_value'])}, derived when p <= {doc['alpha']})"
+               + (f"; written to {out}" if out is not None else ""))

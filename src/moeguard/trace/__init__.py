@@ -1,0 +1,51 @@
+"""Forensics: prove that a suspect checkpoint was cut from the owner's MoE, and name the experts
+it kept (``docs/trace.md``).
+
+- :func:`fingerprint` makes the owner's compact, permutation-invariant signature of every
+  expert (``fingerprint.py``), at most 1% of the checkpoint;
+- :func:`trace` tests a suspect against it: a p-value from an expert-relabeling test whose null
+  comes from the model itself (``stats.py``), the expert mapping per layer with merges
+  (``api.py``), and the transformations it found;
+- ``evasion.py`` holds the function-preserving rewrites an attacker can apply, each checked to
+  keep the model's logits, for tests and the provenance benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeguard.trace.fingerprint import Fingerprint, is_fingerprint
+
+
+def fingerprint(model: str | None, *, seed: int = 0) -> Fingerprint:
+    """The fingerprint of a checkpoint (path, hub id, or None for the embedded model)."""
+    from moeguard.provenance import run_record
+    from moeguard.trace.fingerprint import build, checkpoint_bytes
+    from moeguard.trace.weights import load
+
+    size = checkpoint_bytes(model)
+    w = load(model)
+    return build(w, checkpoint_bytes=size, seed=seed, source={"run": run_record({"model": w.name, "seed": seed})})
+
+
+def trace(original: str | None, suspect: str, *, seed: int = 0) -> dict[str, Any]:
+    """Trace ``suspect`` (a checkpoint directory, hub id or ``.gguf`` file) against ``original``
+    (a fingerprint folder, or a checkpoint whose fingerprint is made on the fly)."""
+    from pathlib import Path
+
+    from moeguard.trace.api import trace as run
+    from moeguard.trace.weights import load
+
+    from moeguard.edge import resolve_model
+    from moeguard.trace.api import check_shape
+
+    gguf = str(suspect).endswith(".gguf")
+    if gguf and not Path(suspect).is_file():
+        from moeguard.errors import MoeguardError
+
+        raise MoeguardError(f"GGUF file {suspect} does not exist", hint="pass the path of the suspect's .gguf file")
+    handle = None if gguf else resolve_model(suspect)  # a missing or unreadable suspect fails before any weights load
+    fp = Fingerprint.load(Path(original)) if is_fingerprint(original) else fingerprint(original, seed=seed)
+    if handle is not None:  # another width or depth is refused from its config, before its weights are read
+        check_shape(fp.meta, hidden=int(handle.config.hidden_size), layers=handle.num_layers)
+    return run(fp, load(suspect), seed=seed)

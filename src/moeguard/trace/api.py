@@ -1,0 +1,157 @@
+"""``trace``: test a suspect checkpoint against the owner's fingerprint, and name what it kept.
+
+The verdict is the combined p-value of ``stats.py`` (``derived`` when p <= ALPHA). The expert
+mapping, the merges and the transformations are descriptions built on top of it and carry no
+extra test: thresholds named below only decide how each suspect expert is *labelled*.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+from moeguard.trace.align import align
+from moeguard.trace.features import cosine, features
+from moeguard.trace.fingerprint import Fingerprint
+from moeguard.trace.stats import layer_test, product_tail
+from moeguard.trace.weights import LayerWeights, ModelWeights
+
+SCHEMA = "moeguard.trace/1"
+ALPHA = 0.01
+KEPT_SIMILARITY = 0.5     # label "kept": both views at least this similar to one owner expert ...
+KEPT_MARGIN = 0.2         # ... and that far ahead of the next owner expert
+MERGE_SHARE = 0.1         # an owner expert is in a merge when its NNLS weight is >= this share of the largest
+MERGE_GAIN = 0.05         # ... and the merge explains the gate sums this much better than one expert
+
+
+def _in_frame(layer: LayerWeights, frame) -> LayerWeights:
+    return LayerWeights(index=layer.index, router=frame.inputs(layer.router), gate=frame.inputs(layer.gate),
+                        up=frame.inputs(layer.up), down=frame.outputs(layer.down, axis=1))
+
+
+def _r2(y: np.ndarray, fit: np.ndarray) -> float:
+    return 1.0 - float(np.sum((y - fit) ** 2)) / max(float(np.sum(y ** 2)), 1e-30)
+
+
+def merge_sources(v_own: np.ndarray, v: np.ndarray) -> dict[str, Any]:
+    """Nonnegative least squares of a suspect expert's gate sum on the owner's: which owner
+    experts it is made of (a merge is a weighted average, exactly linear in gate sums)."""
+    from scipy.optimize import nnls
+
+    beta, _ = nnls(v_own.T, v)
+    best = int(np.argmax(beta)) if beta.max() > 0 else int(np.argmax(v_own @ v))
+    single = v_own[best] * max(float(v_own[best] @ v) / max(float(v_own[best] @ v_own[best]), 1e-30), 0.0)
+    r2_all, r2_one = _r2(v, beta @ v_own), _r2(v, single)
+    support = [int(i) for i in np.flatnonzero(beta >= MERGE_SHARE * beta.max())] if beta.max() > 0 else []
+    total = float(beta.sum())
+    return {"weights": {str(i): round(float(beta[i] / total), 4) for i in support} if total > 0 else {},
+            "r2": round(r2_all, 4), "r2_single": round(r2_one, 4), "sum": round(total, 4),
+            "merged": len(support) >= 2 and r2_all - r2_one >= MERGE_GAIN}
+
+
+def _neurons_in_order(own_rows: np.ndarray, sus_gate: np.ndarray, H: np.ndarray) -> float:
+    """Mean cosine of the owner expert's first gate rows with the suspect's rows of the same index."""
+    a = own_rows
+    b = sus_gate[: a.shape[0], H]
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30
+    return float(np.mean(num / den))
+
+
+def quantization(w: ModelWeights) -> dict[str, Any]:
+    """Whether the suspect's expert weights sit on a quantization grid: per block of 32 values,
+    the distinct values are equally spaced with few levels (any scale and zero point)."""
+    stored = w.source.get("quantization")
+    g = w.layers[0].gate[0]
+    blocks = g.reshape(-1, 32)[:256] if g.size % 32 == 0 else g.reshape(1, -1)
+    levels = []
+    for x in blocks:
+        u = np.unique(x)
+        if len(u) < 2:
+            continue
+        step = np.min(np.diff(u))
+        span = (u[-1] - u[0]) / step
+        on_grid = np.allclose((u - u[0]) / step, np.round((u - u[0]) / step), atol=1e-2)
+        levels.append(span if on_grid and span < 256 else math.inf)
+    grid = bool(levels) and np.mean(np.isfinite(levels)) > 0.9
+    if not grid:
+        return {"detected": stored is not None, "bits": None, "stored": stored}
+    bits = int(math.ceil(math.log2(np.percentile([l for l in levels if np.isfinite(l)], 99) + 1)))
+    return {"detected": True, "bits": bits, "stored": stored}
+
+
+def check_shape(meta: dict, *, hidden: int, layers: int, intermediate: int | None = None) -> None:
+    if hidden != meta["hidden"]:
+        raise MoeguardError(f"the suspect's hidden size is {hidden}, the original's {meta['hidden']}: "
+                            "an unrelated architecture", hint="trace compares models of the same width")
+    if layers != len(meta["layers"]):
+        raise MoeguardError(f"the suspect has {layers} MoE layers, the original {len(meta['layers'])}: "
+                            "an unrelated architecture", hint="trace compares models of the same depth")
+    if intermediate is not None and intermediate != meta["intermediate"]:
+        raise MoeguardError(f"the suspect's experts have {intermediate} neurons, the original's "
+                            f"{meta['intermediate']}: an unrelated architecture",
+                            hint="trace compares experts of the same size")
+
+
+def trace(fp: Fingerprint, suspect: ModelWeights, *, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    meta, H = fp.meta, fp.H
+    check_shape(meta, hidden=suspect.hidden, layers=len(suspect.layers), intermediate=suspect.intermediate)
+    own_layers = [l["index"] for l in meta["layers"]]
+    frame = align(fp.tensors["anchors"].astype(np.float64), meta["anchor_tokens"], suspect.embed, suspect.tokens)
+    layers, ps, grids = [], [], []
+    for own_index, sus in zip(own_layers, suspect.layers):
+        own = fp.layer(own_index)
+        mine = _in_frame(sus, frame)
+        f = features(mine, H)
+        s_a, s_b = cosine(own["a"], f["a"], own["mu_a"]), cosine(own["b"], f["b"], own["mu_b"])
+        test = layer_test(s_a, s_b, rng=rng)
+        ps.append(test["p"])
+        grids.append(test["N"])
+        S = (s_a + s_b) / 2
+        experts = []
+        for j, i in enumerate(test["sigma"]):
+            others = np.delete(S[:, j], i)
+            merge = merge_sources(own["v"], f["v"][j])
+            sim = float(min(s_a[i, j], s_b[i, j]))
+            margin = float(S[i, j] - others.max()) if len(others) else float(S[i, j])
+            if merge["merged"]:
+                label = "merged"
+            elif sim >= KEPT_SIMILARITY and margin >= KEPT_MARGIN:
+                label = "kept"
+            else:
+                label = "unmatched"
+            experts.append({"expert": j, "original": int(i), "label": label,
+                            "similarity": {"gate": round(float(s_a[i, j]), 4), "up_down": round(float(s_b[i, j]), 4)},
+                            "margin": round(margin, 4), "drift": round(1.0 - float(S[i, j]), 4),
+                            "neurons_in_order": round(_neurons_in_order(own["rows"][i], mine.gate[j], H), 4),
+                            "merge": merge})
+        kept = [e["original"] for e in experts if e["label"] == "kept"]
+        layers.append({"layer": own_index, "suspect_layer": sus.index, "experts_original": int(own["a"].shape[0]),
+                       "experts_suspect": sus.num_experts, "p": test["p"], "null_size": test["N"],
+                       "exact": test["exact"], "statistic": round(test["statistic"], 4),
+                       "null_mean": round(test["null_mean"], 4), "null_sd": round(test["null_sd"], 4),
+                       "kept": sorted(kept), "experts": experts})
+    p, method = product_tail(ps, grids)
+    return {"schema": SCHEMA, "original": meta["model"], "suspect": suspect.name,
+            "verdict": "derived" if p <= ALPHA else "independent", "p_value": p, "alpha": ALPHA,
+            "combination": method, "test": "expert relabeling (view A chooses, view B scores), layers combined "
+            "by the exact product-of-uniforms tail", "frame": frame.to_dict(),
+            "transformations": _transformations(layers, frame, suspect), "layers": layers}
+
+
+def _transformations(layers: list[dict], frame, suspect: ModelWeights) -> dict[str, Any]:
+    kept = [e for l in layers for e in l["experts"] if e["label"] == "kept"]
+    reordered = any([e["original"] for e in l["experts"] if e["label"] == "kept"] !=
+                    sorted(e["original"] for e in l["experts"] if e["label"] == "kept") for l in layers)
+    order = [e["neurons_in_order"] for e in kept]
+    return {"experts_reordered": reordered,
+            "experts_dropped": any(l["experts_suspect"] < l["experts_original"] for l in layers),
+            "hidden_permuted": frame.permuted, "hidden_sign_flips": frame.flipped,
+            "neurons_permuted": bool(order) and float(np.median(order)) < 0.5,
+            "merged_experts": sum(e["label"] == "merged" for l in layers for e in l["experts"]),
+            "drift_median": round(float(np.median([e["drift"] for e in kept])), 4) if kept else None,
+            "quantization": quantization(suspect)}

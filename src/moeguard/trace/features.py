@@ -1,0 +1,78 @@
+"""Per-expert features that survive the function-preserving changes an attacker can make for free.
+
+For one expert with gate G [I, d], up U [I, d] and down D [d, I], on a subset H of m hidden
+dimensions (owner frame, see ``align.py``):
+
+- **view A, gate Gram** ``K_A = G[:, H]^T G[:, H]`` (m x m): a sum over neurons, so the order of
+  the neurons does not matter; the up/down rescaling below does not touch the gate.
+- **view B, up-down operator** ``K_B = D[H, :] U[:, H]`` (m x m) = sum_n D[:, n] U[n, :]:
+  invariant to permuting neurons *and* to rescaling a neuron's up row by c and its down column
+  by 1/c (sign included), which leaves a gated MLP's function unchanged.
+- **gate sum** ``v = G^T 1`` (d): linear in the weights and blind to neuron order, so an expert
+  made by averaging others (a merge) has the weighted sum of their ``v``s (``merge.py``).
+
+Each view is normalized per layer by the layer's median scale per hidden dimension, so a
+per-dimension rescaling of a norm's gain (as activation-aware quantizers do) cancels, and the
+owner layer's common direction (what every expert of the layer shares) is projected out on both
+sides: the similarity then measures what makes *this* expert itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moeguard.trace.weights import LayerWeights
+
+
+def _grams(layer: LayerWeights, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    g = layer.gate[:, :, H]                                  # [E, I, m]
+    ka = np.einsum("eim,ein->emn", g, g)                     # [E, m, m]
+    kb = np.einsum("emi,ein->emn", layer.down[:, H, :], layer.up[:, :, H])  # [E, m, m]
+    return ka, kb
+
+
+def _scales(ka: np.ndarray, kb: np.ndarray) -> dict[str, np.ndarray]:
+    """A layer's per-dimension scales: medians over its experts (each side uses its own, so a
+    rescaled norm gain, which every expert of the layer reads, cancels)."""
+    diag = np.einsum("emm->em", ka)
+    return {"a": np.sqrt(np.maximum(np.median(diag, axis=0), 1e-30)),
+            "b_rows": np.maximum(np.median(np.linalg.norm(kb, axis=2), axis=0), 1e-30),
+            "b_cols": np.maximum(np.median(np.linalg.norm(kb, axis=1), axis=0), 1e-30)}
+
+
+def _center(k: np.ndarray) -> np.ndarray:
+    """Unbiased HSIC centering of each Gram in [E, m, m] (diagonal zeroed), as in unbiased CKA."""
+    m = k.shape[-1]
+    k = k.copy()
+    idx = np.arange(m)
+    k[:, idx, idx] = 0.0
+    mu = k.sum(axis=2) / (m - 2)                               # [E, m]
+    mu = mu - (mu.sum(axis=1, keepdims=True) / (2 * (m - 1)))
+    k = k - mu[:, :, None] - mu[:, None, :]
+    k[:, idx, idx] = 0.0
+    return k
+
+
+def features(layer: LayerWeights, H: np.ndarray) -> dict[str, np.ndarray]:
+    """(view A [E, m*m], view B [E, m*m], gate sums [E, d]) of every expert, not yet projected."""
+    ka, kb = _grams(layer, H)
+    sc = _scales(ka, kb)
+    ka = ka / sc["a"][None, :, None] / sc["a"][None, None, :]
+    kb = kb / sc["b_rows"][None, :, None] / sc["b_cols"][None, None, :]
+    E = ka.shape[0]
+    return {"a": _center(ka).reshape(E, -1), "b": kb.reshape(E, -1), "v": layer.gate.sum(axis=1)}
+
+
+def common(x: np.ndarray) -> np.ndarray:
+    """The owner layer's common direction (unit mean of its experts' feature rows)."""
+    mu = x.mean(axis=0)
+    return mu / max(float(np.linalg.norm(mu)), 1e-30)
+
+
+def cosine(own: np.ndarray, sus: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """[E_owner, E_suspect] cosine similarities after projecting ``mu`` out of both sides."""
+    own = own - np.outer(own @ mu, mu)
+    sus = sus - np.outer(sus @ mu, mu)
+    own = own / np.maximum(np.linalg.norm(own, axis=1, keepdims=True), 1e-30)
+    sus = sus / np.maximum(np.linalg.norm(sus, axis=1, keepdims=True), 1e-30)
+    return own @ sus.T

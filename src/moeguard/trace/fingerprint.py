@@ -1,0 +1,161 @@
+"""The owner's fingerprint: what ``trace`` needs of the original model, at most 1% of its size.
+
+A folder (written atomically) with ``fingerprint.json`` (schema ``moeguard.fingerprint/1``: the
+model's shape, the hidden-dimension subset H, the anchor tokens' strings, provenance) and
+``fingerprint.safetensors`` (float16):
+
+- ``anchors`` [T, d]: the embedding rows of T anchor tokens (``align.py``);
+- per MoE layer ``l``: ``l.a`` and ``l.b`` [E, m*m] (the two views of ``features.py``),
+  ``l.v`` [E, d] (gate sums, for merges), ``l.router`` [E, d], ``l.mu_a``/``l.mu_b`` (the
+  layer's common directions) and ``l.rows`` [E, k, m] (each expert's first k gate rows on H:
+  whether a suspect kept the neuron order).
+
+m (the size of H) is the largest that fits the 1% budget, at most 64 and half the width. An
+owner keeps the fingerprint private, or publishes only its SHA-256 as a commitment: it is what
+an attacker would test evasions against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+from moeguard.trace.features import common, features
+from moeguard.trace.weights import ModelWeights
+
+SCHEMA = "moeguard.fingerprint/1"
+META = "fingerprint.json"
+TENSORS = "fingerprint.safetensors"
+BUDGET = 0.01          # of the checkpoint's bytes
+ROWS = 4               # gate rows kept per expert for the neuron-order check
+M_MAX = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fingerprint:
+    meta: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def H(self) -> np.ndarray:
+        return np.asarray(self.meta["H"], dtype=int)
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        return self.meta["layers"]
+
+    def layer(self, index: int) -> dict[str, np.ndarray]:
+        return {k.split(".", 1)[1]: v.astype(np.float64) for k, v in self.tensors.items()
+                if k.startswith(f"{index}.")}
+
+    def save(self, out: Path, *, overwrite: bool = False) -> None:
+        from safetensors.numpy import save_file
+
+        from moeguard.io import atomic_dir
+
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            save_file({k: np.ascontiguousarray(v.astype(np.float16)) for k, v in self.tensors.items()},
+                      str(tmp / TENSORS))
+            (tmp / META).write_text(json.dumps(self.meta, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "Fingerprint":
+        from safetensors.numpy import load_file
+
+        meta_file = path / META
+        if not meta_file.is_file() or not (path / TENSORS).is_file():
+            raise MoeguardError(f"{path} is not a fingerprint folder (no {META} and {TENSORS})",
+                                hint="make one with `moeguard fingerprint --model M --out FP`")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise MoeguardError(f"{meta_file} is not valid JSON ({exc.msg})", hint="re-make the fingerprint") from None
+        if meta.get("schema") != SCHEMA:
+            raise MoeguardError(f"{meta_file} has schema {meta.get('schema')!r}, expected {SCHEMA}",
+                                hint="re-make the fingerprint with this moeguard")
+        try:
+            tensors = load_file(str(path / TENSORS))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for truncated files
+            raise MoeguardError(f"{path / TENSORS} cannot be read ({type(exc).__name__}: {exc})",
+                                hint="the file is truncated or damaged; re-make the fingerprint") from None
+        return cls(meta=meta, tensors=tensors)
+
+
+def is_fingerprint(path: str | None) -> bool:
+    return path is not None and (Path(path) / META).is_file()
+
+
+def _size(T: int, d: int, m: int, experts: list[int]) -> int:
+    per_expert = 2 * m * m + 2 * d + ROWS * m
+    return 2 * (T * d + sum(E * per_expert + 2 * m * m for E in experts))
+
+
+def choose(d: int, experts: list[int], budget_bytes: float, vocab: int) -> tuple[int, int]:
+    """(m, T): the most hidden dimensions (and anchors) the budget allows."""
+    T = min(vocab, max(128, 2 * d))
+    for m in range(min(M_MAX, d // 2), 7, -1):
+        if _size(T, d, m, experts) + 8192 <= budget_bytes:
+            return m, T
+    raise MoeguardError(f"a fingerprint of this model does not fit in {BUDGET:.0%} of its size "
+                        f"({budget_bytes / 1e3:.0f} kB)", hint="the model is too small to fingerprint")
+
+
+def _outliers(embed: np.ndarray) -> np.ndarray:
+    """Hidden dimensions with an outsized embedding norm: 'massive' dimensions that independent
+    models share, kept out of H so they cannot make unrelated experts look alike."""
+    norms = np.linalg.norm(embed, axis=0)
+    med = np.median(norms)
+    mad = np.median(np.abs(norms - med)) * 1.4826 + 1e-12
+    return (norms - med) / mad > 6.0
+
+
+def build(w: ModelWeights, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None) -> Fingerprint:
+    rng = np.random.default_rng(seed)
+    d = w.hidden
+    experts = [l.num_experts for l in w.layers]
+    m, T = choose(d, experts, BUDGET * checkpoint_bytes, len(w.embed))
+    candidates = np.flatnonzero(~_outliers(w.embed))
+    H = np.sort(rng.choice(candidates, size=m, replace=False))
+    named = [i for i, t in enumerate(w.tokens) if t]
+    if len(named) < T:
+        T = len(named)
+    anchors = np.sort(rng.choice(named, size=T, replace=False))
+    tensors: dict[str, np.ndarray] = {"anchors": w.embed[anchors]}
+    for layer in w.layers:
+        f = features(layer, H)
+        tensors.update({f"{layer.index}.a": f["a"], f"{layer.index}.b": f["b"], f"{layer.index}.v": f["v"],
+                        f"{layer.index}.router": layer.router, f"{layer.index}.mu_a": common(f["a"]),
+                        f"{layer.index}.mu_b": common(f["b"]),
+                        f"{layer.index}.rows": layer.gate[:, :ROWS, :][:, :, H]})
+    meta = {"schema": SCHEMA, "model": w.name, "family": w.family, "hidden": d, "intermediate": w.intermediate,
+            "layers": [{"index": l.index, "experts": l.num_experts} for l in w.layers],
+            "H": H.tolist(), "anchor_tokens": [w.tokens[i] for i in anchors], "seed": seed,
+            "checkpoint_bytes": checkpoint_bytes, "source": source or {}}
+    return Fingerprint(meta=meta, tensors=tensors)
+
+
+def checkpoint_bytes(ref: str | None) -> int:
+    """Bytes of a checkpoint's weight files (what the 1% budget is of)."""
+    from moeguard.models.loading import resolve
+
+    r = resolve(ref)
+    if r.path is None:
+        raise MoeguardError(f"{r.name} is not downloaded", hint=f"download it first: hf download {r.hub_id} --local-dir DIR")
+    files = list(r.path.glob("*.safetensors"))
+    if not files:
+        raise MoeguardError(f"{r.path} holds no .safetensors weights", hint="moeguard reads safetensors only")
+    return sum(f.stat().st_size for f in files)
+
+
+def digest(path: Path) -> str:
+    """SHA-256 of a fingerprint's files: the commitment an owner can publish."""
+    h = hashlib.sha256()
+    for name in (META, TENSORS):
+        h.update((path / name).read_bytes())
+    return h.hexdigest()

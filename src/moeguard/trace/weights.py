@@ -1,0 +1,115 @@
+"""The tensors a trace reads from a model: token embeddings (with each id's token string), and per
+MoE layer the router and every routed expert's gate, up and down projections.
+
+Each expert is a gated MLP ``down( act(gate x) * (up x) )``: ``gate`` and ``up`` are [I, d]
+(one row per neuron, reading the hidden state), ``down`` is [d, I] (one column per neuron,
+writing it). In memory, transformers holds a layer's experts fused: ``gate_up_proj`` [E, 2I, d]
+(gate rows first, then up rows) and ``down_proj`` [E, d, I]; gpt-oss stores them transposed
+and interleaved (``FamilySpec.expert_layout``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerWeights:
+    index: int                 # decoder-layer index
+    router: np.ndarray         # [E, d]
+    gate: np.ndarray           # [E, I, d]
+    up: np.ndarray             # [E, I, d]
+    down: np.ndarray           # [E, d, I]
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.gate.shape[0])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelWeights:
+    name: str
+    family: str
+    embed: np.ndarray          # [V, d]
+    tokens: list[str]          # token string of each embedding row (id order)
+    layers: list[LayerWeights]
+    source: dict[str, Any] = field(default_factory=dict)   # format, quantization as stored, ...
+
+    @property
+    def hidden(self) -> int:
+        return int(self.embed.shape[1])
+
+    @property
+    def intermediate(self) -> int:
+        return int(self.layers[0].gate.shape[1])
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy().astype(np.float64, copy=False)
+
+
+def split_experts(family, experts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gate [E,I,d], up [E,I,d], down [E,d,I]) of one layer's fused expert module."""
+    layout = getattr(family, "expert_layout", "gate_up")
+    gu = getattr(experts, "gate_up_proj", None)
+    dn = getattr(experts, "down_proj", None)
+    if gu is None or dn is None or not hasattr(gu, "shape"):
+        raise MoeguardError(f"the experts of family '{family.name}' are not fused gate_up_proj/down_proj tensors",
+                            hint="trace supports the fused expert layout of transformers 5; report this family")
+    gu, dn = _np(gu), _np(dn)
+    if layout == "gate_up":
+        I = gu.shape[1] // 2
+        return gu[:, :I, :], gu[:, I:, :], dn
+    if layout == "gate_up_interleaved_t":  # gpt-oss: [E, d, 2I], gate = even columns; down [E, I, d]
+        g, u = gu[:, :, ::2], gu[:, :, 1::2]
+        return g.transpose(0, 2, 1), u.transpose(0, 2, 1), dn.transpose(0, 2, 1)
+    raise MoeguardError(f"unknown expert layout '{layout}' of family '{family.name}'",
+                        hint="use 'gate_up' or 'gate_up_interleaved_t'")
+
+
+def from_model(model, tokenizer, *, name: str) -> ModelWeights:
+    """The trace's view of a loaded model (any supported family)."""
+    from moeguard.models.adapter import MoEAdapter
+
+    adapter = MoEAdapter(model)
+    layers = []
+    for layer in adapter.layers:
+        g, u, d = split_experts(adapter.family, layer.experts)
+        layers.append(LayerWeights(index=layer.index, router=_np(layer.router.weight), gate=g, up=u, down=d))
+    embed = _np(model.get_input_embeddings().weight)
+    return ModelWeights(name=name, family=adapter.family.name, embed=embed, tokens=token_strings(tokenizer, len(embed)),
+                        layers=layers, source={"format": "safetensors"})
+
+
+def token_strings(tokenizer, n: int) -> list[str]:
+    """The token string of ids 0..n-1 (ids the tokenizer does not know are empty: never anchors)."""
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    out = [""] * n
+    for s, i in vocab.items():
+        if 0 <= i < n:
+            out[i] = s
+    return out
+
+
+def load(ref: str | None) -> ModelWeights:
+    """A checkpoint directory, hub id or None (the embedded model), or a ``.gguf`` file."""
+    from pathlib import Path
+
+    if ref is not None and str(ref).endswith(".gguf"):
+        from moeguard.trace.gguf import load_gguf
+
+        return load_gguf(Path(ref))
+    import torch
+
+    from moeguard.models.loading import load_model
+
+    with torch.no_grad():
+        model, tokenizer, r = load_model(ref)
+        if tokenizer is None:
+            raise MoeguardError(f"{r.name} has no tokenizer", hint="trace maps hidden dimensions through token strings")
+        return from_model(model, tokenizer, name=r.name)

@@ -1,0 +1,168 @@
+"""Trace: features invariant to the attacker's free rewrites, an exact test, derivatives found
+with their kept experts, independent models not, and one-line errors for unusable input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.models.loading import load_model
+from moeguard.models.prune import prune_model
+from moeguard.trace import evasion
+from moeguard.trace.api import trace as run_trace
+from moeguard.trace.features import features
+from moeguard.trace.fingerprint import BUDGET, build, checkpoint_bytes
+from moeguard.trace.stats import fisher, layer_test, product_tail
+from moeguard.trace.weights import LayerWeights, from_model
+
+KEEP = {0: [1, 4], 1: [0, 6], 2: [2, 3], 3: [5, 7]}
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    m, tok, _ = load_model(None)
+    return m, tok
+
+
+@pytest.fixture(scope="module")
+def fp(embedded):
+    m, tok = embedded
+    return build(from_model(m, tok, name="embedded"), checkpoint_bytes=checkpoint_bytes(None), seed=0)
+
+
+def weights(model, tok, name="suspect"):
+    return from_model(model, tok, name=name)
+
+
+def test_features_ignore_neuron_order_and_up_down_rescaling(embedded):
+    m, tok = embedded
+    layer = weights(m, tok).layers[0]
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(layer.gate.shape[1])
+    c = rng.choice([-3.0, -0.5, 0.25, 2.0], size=layer.gate.shape[1])    # any nonzero scale, sign included
+    moved = LayerWeights(index=0, router=layer.router, gate=layer.gate[:, perm], up=layer.up[:, perm] * c[perm, None],
+                         down=layer.down[:, :, perm] / c[perm])
+    H = np.arange(0, 128, 4)
+    a, b = features(layer, H), features(moved, H)
+    for k in ("a", "b", "v"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-8, atol=1e-10)
+
+
+def test_evasions_keep_the_function_and_really_move_the_weights(embedded):
+    m, _ = embedded
+    shuffled, orders = evasion.shuffle_experts(m, seed=1)
+    assert any(o != sorted(o) for o in orders.values())
+    hidden = evasion.permute_hidden(m, seed=2, flip_signs=True)
+    a, b = m.model.layers[0].mlp.gate.weight, hidden.model.layers[0].mlp.gate.weight
+    assert not torch.allclose(a, b)   # scrambled, yet the same logits (checked inside permute_hidden)
+    assert evasion.permute_neurons(m, seed=3) is not m
+
+
+def test_layer_test_enumerates_every_injection_and_counts_ties_against_the_owner():
+    rng = np.random.default_rng(0)
+    s_a = np.eye(4)[:, :2]                     # view A picks owner experts 0 and 1
+    s_b = rng.normal(size=(4, 2))
+    r = layer_test(s_a, s_b, rng=rng)
+    assert r["exact"] and r["N"] == 4 * 3 and r["sigma"] == [0, 1]
+    brute = [s_b[i, 0] + s_b[j, 1] for i, j in itertools.permutations(range(4), 2)]
+    assert r["p"] == sum(x >= s_b[0, 0] + s_b[1, 1] - 1e-12 for x in brute) / 12
+    flat = layer_test(s_a, np.zeros((4, 2)), rng=rng)
+    assert flat["p"] == 1.0                    # all tied: no evidence
+
+
+def test_product_tail_is_the_counted_probability_and_never_above_fisher():
+    ps, grids = [0.3, 0.7, 0.2], [10, 10, 10]
+    count = sum(1 for t in itertools.product(range(1, 11), repeat=3) if math.prod(t) / 1000 <= 0.042 + 1e-12)
+    p, how = product_tail(ps, grids)
+    assert how == "exact" and p == count / 1000 and p <= fisher(ps)
+    assert product_tail([1 / 56] * 4, [56] * 4)[0] == pytest.approx(56.0 ** -4)
+
+
+def test_fingerprint_fits_one_percent_and_round_trips(fp, tmp_path):
+    fp.save(tmp_path / "fp")
+    size = sum(f.stat().st_size for f in (tmp_path / "fp").iterdir())
+    assert size <= BUDGET * checkpoint_bytes(None), size
+    back = type(fp).load(tmp_path / "fp")
+    assert back.meta == json.loads(json.dumps(fp.meta)) and set(back.tensors) == set(fp.tensors)
+
+
+def test_a_pruned_shuffled_permuted_derivative_is_found_with_its_kept_experts(embedded, fp):
+    m, tok = embedded
+    pruned, _ = prune_model(m, KEEP)
+    s, _ = evasion.shuffle_experts(pruned, seed=5)
+    s = evasion.permute_neurons(s, seed=6)
+    s = evasion.permute_hidden(s, seed=7, flip_signs=True)
+    doc = run_trace(fp, weights(s, tok))
+    assert doc["verdict"] == "derived" and doc["p_value"] <= 1e-4, doc["p_value"]
+    assert {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
+    t = doc["transformations"]
+    assert t["hidden_permuted"] and t["hidden_sign_flips"] > 0 and t["neurons_permuted"] and t["experts_dropped"]
+
+
+def test_merged_experts_name_their_sources(embedded, fp):
+    m, tok = embedded
+    clusters = {l: [[0, 1], [2], [3, 4, 5], [6], [7]] for l in range(4)}
+    merged, record = evasion.merge_experts(m, clusters)
+    doc = run_trace(fp, weights(merged, tok))
+    assert doc["verdict"] == "derived"
+    for layer in doc["layers"]:
+        found = {e["expert"]: sorted(int(i) for i in e["merge"]["weights"]) for e in layer["experts"]
+                 if e["label"] == "merged"}
+        truth = {g["expert"]: sorted(g["from"]) for g in record["merges"][str(layer["layer"])] if len(g["from"]) > 1}
+        assert found == truth
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_an_independent_model_of_the_same_architecture_is_not_called_derived(embedded, fp, seed):
+    m, tok = embedded
+    torch.manual_seed(seed)
+    other = type(m)(m.config).eval()   # same shapes and vocabulary, its own initialization
+    doc = run_trace(fp, weights(other, tok))
+    assert doc["verdict"] == "independent" and doc["p_value"] >= 0.01, doc["p_value"]
+
+
+def test_cli_fingerprint_then_trace_writes_the_report(embedded, tmp_path, capsys):
+    m, tok = embedded
+    pruned, _ = prune_model(m, KEEP)
+    pruned.save_pretrained(tmp_path / "suspect")
+    tok.save_pretrained(tmp_path / "suspect")
+    assert main(["fingerprint", "--out", str(tmp_path / "fp")]) == 0
+    assert "% of the checkpoint" in capsys.readouterr().out
+    assert main(["trace", "--original", str(tmp_path / "fp"), "--suspect", str(tmp_path / "suspect"),
+                 "--out", str(tmp_path / "t")]) == 0
+    assert "verdict: derived" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "t" / "trace.json").read_text())
+    assert doc["schema"] == "moeguard.trace/1" and {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
+    assert (tmp_path / "t" / "trace_mapping.png").stat().st_size > 0 and "Verdict: derived" in \
+        (tmp_path / "t" / "trace.md").read_text()
+
+
+def test_unusable_inputs_are_one_line_errors(embedded, fp, tmp_path, capsys):
+    from moeguard.testing import tiny_model
+
+    m, tok = embedded
+    narrow = tiny_model("mixtral")
+    narrow.save_pretrained(tmp_path / "narrow")
+    tok.save_pretrained(tmp_path / "narrow")
+    fp.save(tmp_path / "fp")
+    capsys.readouterr()
+    code = main(["trace", "--original", str(tmp_path / "fp"), "--suspect", str(tmp_path / "narrow")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines() == [
+        "moeguard: error: the suspect's hidden size is 32, the original's 128: an unrelated architecture "
+        "Fix: trace compares models of the same width"]
+    (tmp_path / "fp" / "fingerprint.safetensors").write_bytes(b"\x00" * 10)   # truncated
+    code = main(["trace", "--original", str(tmp_path / "fp"), "--suspect", str(tmp_path / "narrow")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "cannot be read" in err and "truncated" in err, err
+    with pytest.raises(MoeguardError, match="anchor tokens"):
+        w = weights(m, tok)
+        run_trace(fp, type(w)(name="x", family=w.family, embed=w.embed, tokens=[""] * len(w.tokens), layers=w.layers))
