@@ -23,7 +23,7 @@ SCHEMA = "moeguard.trace/1"
 ALPHA = 0.01
 KEPT_SIMILARITY = 0.5     # label "kept": both views at least this similar to one owner expert ...
 KEPT_MARGIN = 0.2         # ... and that far ahead of the next owner expert
-MERGE_SHARE = 0.1         # an owner expert is in a merge when its NNLS weight is >= this share of the largest
+MERGE_SHARE = 0.02        # an owner expert is in a merge when its NNLS weight is >= this share of the total
 MERGE_GAIN = 0.05         # ... and the merge explains the gate sums this much better than one expert
 
 
@@ -45,8 +45,8 @@ def merge_sources(v_own: np.ndarray, v: np.ndarray) -> dict[str, Any]:
     best = int(np.argmax(beta)) if beta.max() > 0 else int(np.argmax(v_own @ v))
     single = v_own[best] * max(float(v_own[best] @ v) / max(float(v_own[best] @ v_own[best]), 1e-30), 0.0)
     r2_all, r2_one = _r2(v, beta @ v_own), _r2(v, single)
-    support = [int(i) for i in np.flatnonzero(beta >= MERGE_SHARE * beta.max())] if beta.max() > 0 else []
     total = float(beta.sum())
+    support = [int(i) for i in np.flatnonzero(beta >= MERGE_SHARE * total)] if total > 0 else []
     return {"weights": {str(i): round(float(beta[i] / total), 4) for i in support} if total > 0 else {},
             "r2": round(r2_all, 4), "r2_single": round(r2_one, 4), "sum": round(total, 4),
             "merged": len(support) >= 2 and r2_all - r2_one >= MERGE_GAIN}

@@ -1,0 +1,260 @@
+"""Provenance benchmark: trace the embedded model's derivatives, made by moeguard's own attack
+code, and independently trained models of the same architecture.
+
+    .venv/bin/python benchmarks/provenance.py [--negative-steps 200] [--negatives 5] [--workdir DIR] [--out JSON]
+
+Derivatives (each traced against the embedded model's fingerprint):
+- pruning: keep 2, 4, 6 per layer (uniform) and a budget of 4 per layer on average, by three
+  attribution methods on arith-compare;
+- pruning + re-alignment: keep 4, then the attack grid's most weight-moving cell (256 labels,
+  16 epochs, 10x each mode's default learning rate), full and LoRA; and one long full fine-tune
+  of 10x that many steps at that learning rate;
+- merging: each layer's 8 experts clustered into 4 by agglomerative clustering of their gate
+  sums, averaged uniformly (HC-SMoE) and weighted by routing frequency (M-SMoE);
+- quantization: Q8_0 and Q4_0 (ggml's formats, by the gguf package) round trips, and the GGUF
+  files themselves;
+- evasion: expert shuffling, neuron permutation, hidden-dimension permutation with sign flips,
+  and all of them on top of pruning.
+Negatives: ``--negatives`` models trained by the zoo recipe with other seeds (``--negative-steps``
+steps each, against the embedded model's 1000: shorter to fit the machine, recorded), one trained
+on other data (the stdlib text tasks only), and a pruned derivative of that one.
+
+Models are cached under ``--workdir``; a second run only traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import write_result
+
+TASK = "arith-compare"
+METHODS = ("frequency", "gate", "reap")
+KEEP_REALIGN = 4
+
+
+def _trace(fp, model, tok, name):
+    from moeguard.trace.api import trace
+    from moeguard.trace.weights import from_model
+
+    t0 = time.perf_counter()
+    doc = trace(fp, from_model(model, tok, name=name))
+    return doc, time.perf_counter() - t0
+
+
+def _row(name, category, doc, seconds, *, keep=None, merges=None, derived=True, extra=None):
+    row = {"name": name, "category": category, "derived": derived, "p_value": doc["p_value"],
+           "verdict": doc["verdict"], "combination": doc["combination"], "trace_s": round(seconds, 3),
+           "layer_p": [l["p"] for l in doc["layers"]], "transformations": doc["transformations"], **(extra or {})}
+    if keep is not None:
+        found = {str(l["layer"]): sorted(l["kept"]) for l in doc["layers"]}
+        row["kept_exact"] = found == {str(k): sorted(v) for k, v in keep.items()}
+        row["kept_found"] = found
+    if merges is not None:
+        truth = {(li, g["expert"]): sorted(g["from"]) for li, gs in merges.items() for g in gs if len(g["from"]) > 1}
+        found = {(str(l["layer"]), e["expert"]): sorted(int(i) for i in e["merge"]["weights"])
+                 for l in doc["layers"] for e in l["experts"] if e["label"] == "merged"}
+        row["merges_true"] = len(truth)
+        row["merges_recovered"] = sum(found.get(k) == v for k, v in truth.items())
+        row["merges_spurious"] = sum(1 for k in found if k not in truth)
+    print(f"{name:34s} p={doc['p_value']:.3g} {doc['verdict']}"
+          + (f" kept_exact={row['kept_exact']}" if keep is not None else "")
+          + (f" merges {row['merges_recovered']}/{row['merges_true']}" if merges is not None else ""), flush=True)
+    return row
+
+
+def _quantized(model, qtype):
+    """The model with every expert, attention and embedding matrix quantized to ``qtype`` and back."""
+    import copy
+
+    import gguf
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in q.named_parameters():
+            if p.dim() >= 2 and p.shape[-1] % block == 0 and ".gate.weight" not in name:
+                x = p.detach().float().numpy()
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x, kind), kind)).reshape(p.shape))
+    return q
+
+
+def _clusters(scores_v: np.ndarray, k: int) -> list[list[int]]:
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    z = linkage(scores_v, method="average", metric="cosine")
+    labels = fcluster(z, t=k, criterion="maxclust")
+    groups = [sorted(np.flatnonzero(labels == c).tolist()) for c in sorted(set(labels))]
+    return sorted(groups)
+
+
+def _realigned(model, tok, mode, epochs, lr_scale, seed=0):
+    from moeguard.realign.engine import FinetuneConfig
+    from moeguard.realign.loop import ALConfig, label_pool, run_active_learning
+
+    base = {"full": 2e-4, "lora": 3e-3}[mode]
+    ft = FinetuneConfig(mode=mode, lr=base * lr_scale, epochs=epochs, seed=seed)
+    al = ALConfig(strategy="random", schedule=(256,), pool_size=1000, eval_limit=64, seed=seed, finetune=ft)
+    pool = label_pool(TASK, pool_size=1000, budget=256, seed=seed)
+    t0 = time.perf_counter()
+    curve, trainable = run_active_learning(model, tok, TASK, al, pool=pool, keep_trainable=True)
+    merged = trainable.merged()
+    trainable.release()
+    return merged, {"score": curve["points"][-1]["score"], "steps": curve["points"][-1].get("steps"),
+                    "train_s": round(time.perf_counter() - t0, 1), "lr": base * lr_scale, "epochs": epochs}
+
+
+def _train(out: Path, seed: int, steps: int, tasks=None):
+    from moeguard.zoo.recipe import EMBEDDED_RECIPE
+    from moeguard.zoo.train import train_embedded
+
+    if not (out / "model.safetensors").exists():
+        train_embedded(out, recipe=dataclasses.replace(EMBEDDED_RECIPE, seed=seed, steps=steps), tasks=tasks)
+    from moeguard.models.loading import load_model
+
+    m, tok, _ = load_model(str(out))
+    return m, tok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--negatives", type=int, default=5)
+    ap.add_argument("--negative-steps", type=int, default=200)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moeguard-provenance")
+    ap.add_argument("--skip-realign", action="store_true", help="leave out the fine-tuned derivatives (quick runs)")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.loading import load_model
+    from moeguard.models.prune import prune_model
+    from moeguard.pruning.plan import plan_from_scores
+    from moeguard.trace import evasion
+    from moeguard.trace.fingerprint import build, checkpoint_bytes
+    from moeguard.trace.gguf import export_gguf, load_gguf
+    from moeguard.trace.weights import from_model
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    m, tok, _ = load_model(None)
+    size = checkpoint_bytes(None)
+    t0 = time.perf_counter()
+    fp = build(from_model(m, tok, name="embedded"), checkpoint_bytes=size, seed=0)
+    fp_s = time.perf_counter() - t0
+    fp.save(args.workdir / "fp", overwrite=True)
+    fp_bytes = sum(f.stat().st_size for f in (args.workdir / "fp").iterdir())
+    rows = []
+
+    with torch.no_grad():
+        ctx = make_context(m, tok, TASK, samples=32, batch_size=8, seed=0)
+        scores = {meth: score(ctx, meth) for meth in METHODS}
+    # pruning
+    for meth, s in scores.items():
+        for k in (2, 4, 6):
+            plan = plan_from_scores(s, keep=k, min_keep=1)
+            pm, _ = prune_model(m, plan.keep)
+            rows.append(_row(f"prune {meth} keep {k}", "pruning", *_trace(fp, pm, tok, "p"), keep=plan.keep))
+        plan = plan_from_scores(s, budget=16, min_keep=1)
+        pm, _ = prune_model(m, plan.keep)
+        rows.append(_row(f"prune {meth} budget 16", "pruning", *_trace(fp, pm, tok, "p"), keep=plan.keep))
+    base_plan = plan_from_scores(scores["frequency"], keep=KEEP_REALIGN, min_keep=1)
+    pruned, _ = prune_model(m, base_plan.keep)
+    # pruning + re-alignment
+    if not args.skip_realign:
+        for mode, epochs, name in (("full", 16.0, "full"), ("lora", 16.0, "lora"), ("full", 160.0, "long full (10x steps)")):
+            rm, info = _realigned(pruned, tok, mode, epochs, 10.0)
+            rows.append(_row(f"prune keep 4 + {name} fine-tune", "pruning+realign", *_trace(fp, rm, tok, "r"),
+                             keep=base_plan.keep, extra={"finetune": info}))
+    # merging
+    freq = scores["frequency"].scores.numpy()
+    v = {l.index: l.gate.sum(axis=1) for l in from_model(m, tok, name="e").layers}
+    clusters = {li: _clusters(v[li], 4) for li in v}
+    for name, weights in (("uniform (HC-SMoE)", None),
+                          ("frequency-weighted (M-SMoE)", {li: [[max(float(freq[i][e]), 1e-6) for e in g] for g in gs]
+                                                           for i, (li, gs) in enumerate(clusters.items())})):
+        mm, rec = evasion.merge_experts(m, clusters, weights)
+        rows.append(_row(f"merge 8->4 {name}", "merging", *_trace(fp, mm, tok, "m"), merges=rec["merges"],
+                         extra={"clusters": {str(k): v for k, v in clusters.items()}}))
+    # quantization
+    for q in ("Q8_0", "Q4_0"):
+        rows.append(_row(f"quantized {q} (round trip)", "quantization", *_trace(fp, _quantized(m, q), tok, "q")))
+        path = args.workdir / f"pruned4_{q}.gguf"
+        export_gguf(pruned, tok, path, qtype=q)
+        t0 = time.perf_counter()
+        from moeguard.trace.api import trace as run_trace
+
+        doc = run_trace(fp, load_gguf(path))
+        rows.append(_row(f"prune keep 4 -> GGUF {q}", "quantization", doc, time.perf_counter() - t0,
+                         keep=base_plan.keep, extra={"gguf_bytes": path.stat().st_size}))
+    # evasion
+    shuffled, orders = evasion.shuffle_experts(pruned, seed=1)
+    shuffled_keep = {li: base_plan.keep[li] for li in base_plan.keep}
+    rows.append(_row("prune 4 + shuffled experts", "evasion", *_trace(fp, shuffled, tok, "e"), keep=shuffled_keep))
+    rows.append(_row("permuted neurons", "evasion", *_trace(fp, evasion.permute_neurons(m, seed=2), tok, "e"),
+                     keep={l: list(range(8)) for l in range(4)}))
+    rows.append(_row("permuted hidden + sign flips", "evasion",
+                     *_trace(fp, evasion.permute_hidden(m, seed=3, flip_signs=True), tok, "e"),
+                     keep={l: list(range(8)) for l in range(4)}))
+    allof = evasion.permute_hidden(evasion.permute_neurons(shuffled, seed=4), seed=5, flip_signs=True)
+    rows.append(_row("prune 4 + all evasions", "evasion", *_trace(fp, allof, tok, "e"), keep=shuffled_keep))
+    q4 = _quantized(allof, "Q4_0")
+    rows.append(_row("prune 4 + all evasions + Q4_0", "evasion", *_trace(fp, q4, tok, "e"), keep=shuffled_keep))
+    # negatives
+    train_s = {}
+    for seed in range(1, args.negatives + 1):
+        t0 = time.perf_counter()
+        nm, ntok = _train(args.workdir / f"zoo-seed{seed}-{args.negative_steps}", seed, args.negative_steps)
+        train_s[f"seed{seed}"] = round(time.perf_counter() - t0, 1)
+        rows.append(_row(f"independent zoo seed {seed} ({args.negative_steps} steps)", "independent",
+                         *_trace(fp, nm, ntok, "n"), derived=False))
+    other = ["stdlib-docs", "stdlib-code"]
+    om, otok = _train(args.workdir / f"zoo-other-{args.negative_steps}", 11, args.negative_steps, tasks=other)
+    rows.append(_row(f"independent, other data ({'+'.join(other)})", "independent", *_trace(fp, om, otok, "o"),
+                     derived=False))
+    opm, _ = prune_model(om, {l: [0, 2, 4, 6] for l in range(4)})
+    rows.append(_row("pruned derivative of the other-data model", "independent", *_trace(fp, opm, otok, "o"),
+                     derived=False))
+
+    pos = [r for r in rows if r["derived"]]
+    neg = [r for r in rows if not r["derived"]]
+    ranks = sorted([(r["p_value"], r["derived"]) for r in rows])
+    # AUC of -log p separating derivatives from independents (ties count half)
+    auc = np.mean([1.0 if a["p_value"] < b["p_value"] else 0.5 if a["p_value"] == b["p_value"] else 0.0
+                   for a in pos for b in neg]) if pos and neg else None
+    kept = [r for r in pos if "kept_exact" in r]
+    merges = [r for r in pos if "merges_true" in r]
+    summary = {
+        "auc": auc, "derivatives": len(pos), "independent": len(neg),
+        "derivatives_p_le_1e-4": sum(r["p_value"] <= 1e-4 for r in pos),
+        "independent_p_ge_0.01": sum(r["p_value"] >= 0.01 for r in neg),
+        "largest_derivative_p": max(r["p_value"] for r in pos), "smallest_independent_p": min(r["p_value"] for r in neg),
+        "kept_exact": f"{sum(r['kept_exact'] for r in kept)}/{len(kept)}",
+        "merges_recovered": f"{sum(r['merges_recovered'] for r in merges)}/{sum(r['merges_true'] for r in merges)}",
+        "merges_spurious": sum(r["merges_spurious"] for r in merges),
+        "misses": [r["name"] for r in pos if r["p_value"] > 1e-4] + [r["name"] for r in neg if r["p_value"] < 0.01],
+        "kept_wrong": [r["name"] for r in kept if not r["kept_exact"]]}
+    auc = float(auc) if auc is not None else None
+    goals = {"auc_1": auc == 1.0, "every_derivative_p_le_1e-4": summary["derivatives_p_le_1e-4"] == len(pos),
+             "every_independent_p_ge_0.01": summary["independent_p_ge_0.01"] == len(neg),
+             "kept_exact_100pct": all(r["kept_exact"] for r in kept),
+             "merges_95pct": sum(r["merges_recovered"] for r in merges) >= 0.95 * sum(r["merges_true"] for r in merges)}
+    goals = {k: bool(v) for k, v in goals.items()}
+    path = write_result("provenance", {
+        "fingerprint": {"bytes": fp_bytes, "checkpoint_bytes": size, "share": fp_bytes / size, "m": int(fp.H.size),
+                        "anchors": int(fp.tensors["anchors"].shape[0]), "build_s": round(fp_s, 3)},
+        "negative_training": {"steps": args.negative_steps, "embedded_steps": 1000, "seconds": train_s},
+        "summary": summary, "goals": goals, "rows": rows, "ranks": ranks,
+        "seconds": round(time.perf_counter() - started, 1)}, args.out)
+    print(summary, goals, f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""GGUF, the format quantized models are most often redistributed in (llama.cpp's): read a suspect
+from it (dequantized), and export a model to it (the provenance benchmark's quantized derivatives).
+
+Tensor names follow llama.cpp's MoE convention: ``token_embd``, ``blk.N.ffn_gate_inp`` (router),
+``blk.N.ffn_{gate,up,down}_exps`` (experts, 3-D), ``blk.N.attn_{q,k,v,output}``, norms. The
+token strings come from ``tokenizer.ggml.tokens``. Quantization and dequantization are the
+``gguf`` package's implementations of ggml's formats (Q8_0, Q4_0, Q4_K, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+from moeguard.trace.weights import LayerWeights, ModelWeights
+
+_LAYER = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+          "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+          "mlp.gate.weight": "ffn_gate_inp.weight"}
+
+
+def export_gguf(model, tokenizer, path: Path, *, qtype: str = "Q8_0") -> dict[str, Any]:
+    """Write a Mixtral-layout model as GGUF with its matrices quantized to ``qtype`` (norms and
+    the router stay float32, as llama.cpp's converters keep them). Returns what was written."""
+    import gguf
+    import torch
+
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.trace.weights import split_experts, token_strings
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype, None)
+    if kind is None:
+        raise MoeguardError(f"GGUF type '{qtype}' is not known", hint="e.g. Q8_0, Q4_0, Q4_K, F16")
+    adapter = MoEAdapter(model)
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_expert_count(adapter.num_experts)
+    w.add_expert_used_count(adapter.top_k)
+    w.add_token_list(token_strings(tokenizer, cfg.vocab_size))
+    written = {"qtype": qtype, "tensors": 0}
+
+    def put(name: str, x: np.ndarray, *, quantize: bool = True) -> None:
+        x = np.ascontiguousarray(x.astype(np.float32))
+        block = gguf.GGML_QUANT_SIZES[kind][0]
+        if quantize and x.ndim >= 2 and x.shape[-1] % block == 0 and kind != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(x, kind), raw_dtype=kind)
+        else:  # a vector, or rows shorter than the format's block: kept in float32, as llama.cpp does
+            w.add_tensor(name, x)
+            written["float32"] = written.get("float32", 0) + (x.ndim >= 2)
+        written["tensors"] += 1
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    put("token_embd.weight", sd["model.embed_tokens.weight"])
+    put("output_norm.weight", sd["model.norm.weight"], quantize=False)
+    if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
+        put("output.weight", sd["lm_head.weight"])
+    experts = {l.index: l for l in adapter.layers}
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in _LAYER.items():
+            key = f"model.layers.{i}.{hf}"
+            if key in sd:
+                put(f"blk.{i}.{name}", sd[key], quantize=not ("norm" in hf or hf.startswith("mlp.gate")))
+        if i in experts:
+            with torch.no_grad():
+                g, u, d = split_experts(adapter.family, experts[i].experts)
+            put(f"blk.{i}.ffn_gate_exps.weight", g)
+            put(f"blk.{i}.ffn_up_exps.weight", u)
+            put(f"blk.{i}.ffn_down_exps.weight", d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def _tokens(reader) -> list[str]:
+    field = reader.get_field("tokenizer.ggml.tokens")
+    if field is None:
+        return []
+    return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+
+
+def load_gguf(path: Path) -> ModelWeights:
+    """A suspect from a GGUF file: embeddings, routers and experts, dequantized to float."""
+    import gguf
+
+    if not path.is_file():
+        raise MoeguardError(f"GGUF file {path} does not exist", hint="pass the path of the suspect's .gguf file")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - the reader raises ValueError/IndexError/struct errors on damage
+        raise MoeguardError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})",
+                            hint="the file is truncated or not GGUF; download it again") from None
+    tensors = {t.name: t for t in reader.tensors}
+    types: set[str] = set()
+
+    def get(name: str) -> np.ndarray:
+        t = tensors[name]
+        types.add(t.tensor_type.name)
+        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+
+    if "token_embd.weight" not in tensors:
+        raise MoeguardError(f"{path} has no token_embd.weight", hint="trace needs the token embeddings")
+    layers = []
+    for i in range(10_000):
+        if f"blk.{i}.attn_norm.weight" not in tensors and f"blk.{i}.ffn_gate_inp.weight" not in tensors:
+            break
+        if f"blk.{i}.ffn_gate_exps.weight" not in tensors:
+            continue  # a dense layer
+        layers.append(LayerWeights(index=i, router=get(f"blk.{i}.ffn_gate_inp.weight"),
+                                   gate=get(f"blk.{i}.ffn_gate_exps.weight"), up=get(f"blk.{i}.ffn_up_exps.weight"),
+                                   down=get(f"blk.{i}.ffn_down_exps.weight")))
+    if not layers:
+        raise MoeguardError(f"{path} has no MoE layer (no blk.N.ffn_gate_exps tensors)",
+                            hint="trace reads MoE models in llama.cpp's naming")
+    embed = get("token_embd.weight")
+    arch = reader.get_field("general.architecture")
+    family = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else "gguf"
+    return ModelWeights(name=str(path), family=family, embed=embed, tokens=_tokens(reader), layers=layers,
+                        source={"format": "gguf", "quantization": sorted(types - {"F32"}) or None})
