@@ -6,9 +6,10 @@ code, and independently trained models of the same architecture.
 Derivatives (each traced against the embedded model's fingerprint):
 - pruning: keep 2, 4, 6 per layer (uniform) and a budget of 4 per layer on average, by three
   attribution methods on arith-compare;
-- pruning + re-alignment: keep 4, then the attack grid's most weight-moving cell (256 labels,
-  16 epochs, 10x each mode's default learning rate), full and LoRA; and one long full fine-tune
-  of 10x that many steps at that learning rate;
+- pruning + re-alignment: keep 4, then every cell of the attack grid (full and LoRA; 0.1x, 1x and
+  10x each mode's default learning rate; 4 and 16 epochs over 256 labels), the strongest cell per
+  mode (best fine-tuned score) marked; and one long full fine-tune of 10x the grid's largest
+  number of steps (160 epochs) at its highest learning rate;
 - merging: each layer's 8 experts clustered into 4 by agglomerative clustering of their gate
   sums, averaged uniformly (HC-SMoE) and weighted by routing frequency (M-SMoE);
 - quantization: Q8_0 and Q4_0 (ggml's formats, by the gguf package) round trips, and the GGUF
@@ -97,6 +98,9 @@ def _clusters(scores_v: np.ndarray, k: int) -> list[list[int]]:
 
 
 def _realigned(model, tok, mode, epochs, lr_scale, seed=0):
+    """A fine-tuned copy of ``model`` (full fine-tuning trains in place, so the input is copied)."""
+    import copy
+
     from moeguard.realign.engine import FinetuneConfig
     from moeguard.realign.loop import ALConfig, label_pool, run_active_learning
 
@@ -105,7 +109,7 @@ def _realigned(model, tok, mode, epochs, lr_scale, seed=0):
     al = ALConfig(strategy="random", schedule=(256,), pool_size=1000, eval_limit=64, seed=seed, finetune=ft)
     pool = label_pool(TASK, pool_size=1000, budget=256, seed=seed)
     t0 = time.perf_counter()
-    curve, trainable = run_active_learning(model, tok, TASK, al, pool=pool, keep_trainable=True)
+    curve, trainable = run_active_learning(copy.deepcopy(model), tok, TASK, al, pool=pool, keep_trainable=True)
     merged = trainable.merged()
     trainable.release()
     return merged, {"score": curve["points"][-1]["score"], "steps": curve["points"][-1].get("steps"),
@@ -167,12 +171,28 @@ def main() -> None:
         rows.append(_row(f"prune {meth} budget 16", "pruning", *_trace(fp, pm, tok, "p"), keep=plan.keep))
     base_plan = plan_from_scores(scores["frequency"], keep=KEEP_REALIGN, min_keep=1)
     pruned, _ = prune_model(m, base_plan.keep)
-    # pruning + re-alignment
+    from moeguard.tasks.evaluate import evaluate_task
+
+    scores_ref = {"full": evaluate_task(m, tok, TASK, limit=64, batch_size=32).score,
+                  "pruned_keep_4": evaluate_task(pruned, tok, TASK, limit=64, batch_size=32).score}
+    # pruning + re-alignment: the attack grid (its default modes, learning-rate scales and epochs), each
+    # cell traced; the strongest cell per mode is the one whose fine-tuned model scores best
     if not args.skip_realign:
-        for mode, epochs, name in (("full", 16.0, "full"), ("lora", 16.0, "lora"), ("full", 160.0, "long full (10x steps)")):
-            rm, info = _realigned(pruned, tok, mode, epochs, 10.0)
-            rows.append(_row(f"prune keep 4 + {name} fine-tune", "pruning+realign", *_trace(fp, rm, tok, "r"),
-                             keep=base_plan.keep, extra={"finetune": info}))
+        cells = []
+        for mode in ("full", "lora"):
+            for lr_scale in (0.1, 1.0, 10.0):
+                for epochs in (4.0, 16.0):
+                    rm, info = _realigned(pruned, tok, mode, epochs, lr_scale)
+                    info["mode"], info["lr_scale"] = mode, lr_scale
+                    cells.append(_row(f"prune keep 4 + {mode} x{lr_scale:g} lr, {epochs:g} epochs", "pruning+realign",
+                                      *_trace(fp, rm, tok, "r"), keep=base_plan.keep, extra={"finetune": info}))
+        for mode in ("full", "lora"):
+            best = max((c for c in cells if c["finetune"]["mode"] == mode), key=lambda c: c["finetune"]["score"])
+            best["strongest_cell"] = True
+        rows.extend(cells)
+        rm, info = _realigned(pruned, tok, "full", 160.0, 10.0)
+        rows.append(_row("prune keep 4 + long full fine-tune (10x the grid's steps, its highest lr)", "pruning+realign",
+                         *_trace(fp, rm, tok, "r"), keep=base_plan.keep, extra={"finetune": info}))
     # merging
     freq = scores["frequency"].scores.numpy()
     v = {l.index: l.gate.sum(axis=1) for l in from_model(m, tok, name="e").layers}
@@ -250,6 +270,7 @@ def main() -> None:
     path = write_result("provenance", {
         "fingerprint": {"bytes": fp_bytes, "checkpoint_bytes": size, "share": fp_bytes / size, "m": int(fp.H.size),
                         "anchors": int(fp.tensors["anchors"].shape[0]), "build_s": round(fp_s, 3)},
+        "task_scores": {"task": TASK, "eval_limit": 64, **scores_ref},
         "negative_training": {"steps": args.negative_steps, "embedded_steps": 1000, "seconds": train_s},
         "summary": summary, "goals": goals, "rows": rows, "ranks": ranks,
         "seconds": round(time.perf_counter() - started, 1)}, args.out)

@@ -32,6 +32,17 @@ def test_audit_writes_the_report_files_and_a_documented_results_schema(audit_run
     assert "## Task `arith-compare`" in md and "## Task `docstring-topic`" in md and "## Reproduce" in md
 
 
+def test_the_best_stolen_model_of_each_task_is_traced(audit_run):
+    doc = results(audit_run)
+    md = (audit_run / "report.md").read_text()
+    for t, e in doc["tasks"].items():
+        d = e["recovery"]["detectability"]
+        keep = e["recovery"]["keep"]
+        assert d["verdict"] == "derived" and d["p_value"] <= 1e-4, (t, d)
+        assert d["kept_total"] == keep * 4 and d["kept_identified"] == d["kept_total"], (t, d)
+        assert f"identifying {d['kept_identified']} of {d['kept_total']} kept experts" in md
+
+
 def test_risk_levels_follow_their_definition(audit_run):
     doc = results(audit_run)
     for name, task in doc["tasks"].items():

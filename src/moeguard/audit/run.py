@@ -332,7 +332,8 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
                                  "pruned_retention": r["pruned_retention"], "full_score": r["full_score"],
                                  "target": r["summary"]["target"], "best": r["summary"]["best"],
                                  "saves_labels": r["summary"]["saves_labels"], "rule": r["summary"]["rule"],
-                                 "strategies": r["summary"]["strategies"]}
+                                 "strategies": r["summary"]["strategies"],
+                                 "detectability": r.get("detectability")}
         entry["risk"] = task_risk(entry, num_experts=E, min_keep=min(cfg.keeps))
         tasks[t] = entry
     doc = {"schema": SCHEMA, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": info,

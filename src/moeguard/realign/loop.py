@@ -94,11 +94,14 @@ def label_pool(task: Task | str, *, pool_size: int, budget: int, seed: int) -> l
 def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, pool: list[dict[str, Any]] | None = None,
                         orphan_share: Callable[[], torch.Tensor] | None = None, full_score: float | None = None,
                         initial: TaskResult | None = None, state_dir: str | Path | None = None, progress: Any = None,
-                        keep_trainable: bool = False) -> tuple[dict[str, Any], Trainable | None]:
+                        keep_trainable: bool = False,
+                        after: Callable[[Any], dict[str, Any]] | None = None) -> tuple[dict[str, Any], Trainable | None]:
     """Run the loop on ``model`` (the pruned model); returns (curve document, trainable).
 
     ``model`` is given back unchanged unless ``keep_trainable`` (then the caller owns the
-    returned :class:`Trainable` with the last round's weights and must ``release`` it)."""
+    returned :class:`Trainable` with the last round's weights and must ``release`` it).
+    ``after(trained)``: called with the last round's model (LoRA folded into a copy) before it
+    is restored; what it returns is the curve's ``after`` entry (the audit traces it)."""
     task = get_task(task)
     schedule = check_schedule(cfg.schedule)
     strategy = get_strategy(cfg.strategy, task)
@@ -166,6 +169,11 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
     curve = {"strategy": strategy.name, "seed": cfg.seed, "task": task.name, "metric": task.primary_metric,
              "higher_is_better": task.higher_is_better, "full_score": full_score, "pool_size": len(pool),
              "schedule": list(schedule), "points": state["rounds"], "settings": cfg.to_dict()}
+    if after is not None:
+        import copy
+
+        trained = copy.deepcopy(trainable.model).merge_and_unload() if trainable.mode == "lora" else trainable.base
+        curve["after"] = after(trained)
     if keep_trainable:
         return curve, trainable
     trainable.load(init)

@@ -144,6 +144,20 @@ def recovery_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
     return rows
 
 
+def detect_text(rec: dict[str, Any]) -> str | None:
+    """The detectability sentence of a task: its best stolen model, traced (docs/trace.md)."""
+    d = rec.get("detectability")
+    if not d:
+        return None
+    from moeguard.report.trace import p_text
+
+    return (f"Detectability: if the attacker's best re-aligned model ({d['strategy']}, {d['labels']} labels, "
+            f"{d['retention']:.1f}% retained) were stolen, `moeguard trace` would find it with p = "
+            f"{p_text(d['p_value'])} ({d['verdict']}), identifying {d['kept_identified']} of {d['kept_total']} "
+            f"kept experts; every re-aligned run traced as derived: {'yes' if d['all_derived'] else 'no'} "
+            f"(largest p {p_text(d['largest_p'])}).")
+
+
 def defense_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
     d = doc.get("defense")
     if not d:
@@ -224,6 +238,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
             rec = doc["tasks"][t]["recovery"]
             parts += [f"\nRecovery at {rec['keep']} experts/layer (experts chosen by `{rec['method']}`):\n",
                       f"\n![learning](plots/{f['learning'][t]})\n", "\n" + _md_table(recovery_rows(doc, t))]
+            if detect_text(rec):
+                parts += ["\n" + detect_text(rec) + "\n"]
     if f.get("collateral"):
         parts += ["\n## Collateral damage\n", f"\n![collateral](plots/{f['collateral']})\n"]
     if doc.get("defense"):
@@ -327,6 +343,8 @@ def render_html(doc: dict[str, Any], folder: Path) -> str:
             out += [f"<h3>Recovery at {rec['keep']} experts per layer (experts chosen by {html.escape(rec['method'])})</h3>",
                     _img(folder, f["learning"][t], f"Labels an attacker needs to re-align '{t}', per strategy"),
                     _html_table(recovery_rows(doc, t), cls="recovery")]
+            if detect_text(rec):
+                out += [f'<p class="detect">{html.escape(detect_text(rec))}</p>']
     if f.get("collateral"):
         out += ['<h2 id="collateral">Collateral damage</h2>',
                 _img(folder, f["collateral"], "Targeted pruning: the chosen task against the others")]

@@ -17,6 +17,7 @@ A strategy *saves labels* only when its savings interval lies above zero.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +151,7 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
     from moeguard.studies.engine import digest
     from moeguard.tasks.evaluate import TaskResult
     from moeguard.tasks.registry import get_task
+    from moeguard.trace.api import detectability, fingerprint_in_memory
 
     model, tok = ctx.model()
     plan = {int(l): list(v) for l, v in keep.items()}
@@ -164,8 +166,9 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
         shares = orphan_shares(model, tok, t, plan, MoEAdapter(model).num_experts)
         share = lambda: shares(pool)  # noqa: E731
     start = TaskResult(**initial) if initial is not None else None
+    fp = fingerprint_in_memory(model, tok, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype]))
     curve, _ = run_active_learning(pruned, tok, t, al, pool=pool, orphan_share=share, full_score=full_score,
-                                   initial=start)
+                                   initial=start, after=lambda stolen: {"trace": detectability(fp, stolen, tok, plan)})
     return curve
 
 
@@ -205,7 +208,22 @@ class RecoveryStudy:
             "settings": cfg.to_dict(), "seeds": seeds_of(cfg),
             "curves": curves,
             "summary": summarize(curves, cfg.strategies, target=cfg.target, seed=cfg.seed),
+            "detectability": detectability_of(curves),
         }
+
+
+def detectability_of(curves: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """If the attacker's best re-aligned model (the run with the highest final retention) were
+    stolen: the trace's p-value and how many of its kept experts the trace names (docs/trace.md).
+    None when the runs were made before trace existed (cached job files)."""
+    traced = [c for c in curves if c.get("after", {}).get("trace") is not None and c["points"][-1]["retention"] is not None]
+    if not traced:
+        return None
+    best = max(traced, key=lambda c: c["points"][-1]["retention"])
+    return {"strategy": best["strategy"], "seed": best["seed"], "labels": best["points"][-1]["labels"],
+            "retention": best["points"][-1]["retention"], **best["after"]["trace"],
+            "all_derived": all(c["after"]["trace"]["verdict"] == "derived" for c in traced),
+            "largest_p": max(c["after"]["trace"]["p_value"] for c in traced)}
 
 
 def seeds_of(cfg: RecoveryConfig) -> list[int]:

@@ -155,3 +155,34 @@ def _transformations(layers: list[dict], frame, suspect: ModelWeights) -> dict[s
             "merged_experts": sum(e["label"] == "merged" for l in layers for e in l["experts"]),
             "drift_median": round(float(np.median([e["drift"] for e in kept])), 4) if kept else None,
             "quantization": quantization(suspect)}
+
+
+_FINGERPRINTS: dict[str, Fingerprint] = {}
+
+
+def fingerprint_in_memory(model, tokenizer, *, key: str, seed: int = 0) -> Fingerprint:
+    """The fingerprint of a loaded model (its budget: 1% of its parameters' bytes), built once per
+    process and ``key``."""
+    from moeguard.trace.fingerprint import build
+    from moeguard.trace.weights import from_model
+
+    if key not in _FINGERPRINTS:
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        _FINGERPRINTS.clear()
+        _FINGERPRINTS[key] = build(from_model(model, tokenizer, name=key), checkpoint_bytes=size, seed=seed)
+    return _FINGERPRINTS[key]
+
+
+def detectability(fp: Fingerprint, stolen, tokenizer, keep: dict[int, list[int]]) -> dict[str, Any]:
+    """Trace a stolen model whose kept experts are known (``keep``: layer -> original experts, in
+    the stolen model's order): the p-value, and how many kept experts the trace names correctly."""
+    import torch
+
+    from moeguard.trace.weights import from_model
+
+    with torch.no_grad():
+        doc = trace(fp, from_model(stolen, tokenizer, name="stolen"))
+    right = sum(1 for l in doc["layers"] for e in l["experts"]
+                if e["label"] == "kept" and e["original"] == keep[l["layer"]][e["expert"]])
+    return {"p_value": doc["p_value"], "verdict": doc["verdict"], "kept_identified": right,
+            "kept_total": sum(len(v) for v in keep.values()), "combination": doc["combination"]}
