@@ -17,8 +17,10 @@ Derivatives (each traced against the embedded model's fingerprint):
 - evasion: expert shuffling, neuron permutation, hidden-dimension permutation with sign flips,
   and all of them on top of pruning.
 Negatives: ``--negatives`` models trained by the zoo recipe with other seeds (``--negative-steps``
-steps each, against the embedded model's 1000: shorter to fit the machine, recorded), one trained
-on other data (the stdlib text tasks only), and a pruned derivative of that one.
+steps each, against the embedded model's 1000: shorter to fit the machine, recorded), each also
+pruned to 2 and 4 random experts per layer; one trained on other data (the stdlib text tasks
+only), and a pruned derivative of that one. Pruned copies of one model are not independent
+samples of the null; they test the case of fewer suspect experts than the owner's.
 
 Models are cached under ``--workdir``; a second run only traces.
 """
@@ -52,6 +54,7 @@ def _trace(fp, model, tok, name):
 
 def _row(name, category, doc, seconds, *, keep=None, merges=None, derived=True, extra=None):
     row = {"name": name, "category": category, "derived": derived, "p_value": doc["p_value"],
+           "p_any_dependence": doc.get("p_any_dependence"),
            "verdict": doc["verdict"], "combination": doc["combination"], "trace_s": round(seconds, 3),
            "layer_p": [l["p"] for l in doc["layers"]], "transformations": doc["transformations"], **(extra or {})}
     if keep is not None:
@@ -235,6 +238,12 @@ def main() -> None:
         train_s[f"seed{seed}"] = round(time.perf_counter() - t0, 1)
         rows.append(_row(f"independent zoo seed {seed} ({args.negative_steps} steps)", "independent",
                          *_trace(fp, nm, ntok, "n"), derived=False))
+        # the same model pruned: fewer suspect experts than the owner's is where a row effect would show
+        rng = np.random.default_rng(seed)
+        for k in (2, 4):
+            keep = {l: sorted(rng.choice(8, size=k, replace=False).tolist()) for l in range(4)}
+            rows.append(_row(f"independent zoo seed {seed}, pruned to {k}", "independent",
+                             *_trace(fp, prune_model(nm, keep)[0], ntok, "n"), derived=False))
     other = ["stdlib-docs", "stdlib-code"]
     om, otok = _train(args.workdir / f"zoo-other-{args.negative_steps}", 11, args.negative_steps, tasks=other)
     rows.append(_row(f"independent, other data ({'+'.join(other)})", "independent", *_trace(fp, om, otok, "o"),

@@ -66,7 +66,7 @@ def main() -> None:
         print(f"{name}: full {c['full_score']:.1f}, pruned {c['pruned_retention']:.1f}%; " + "; ".join(
             f"{n} {v['labels_to_target']}" for n, v in c["strategies"].items()), flush=True)
         write_result("recovery_shared", {"settings": {k: str(v) for k, v in vars(args).items()},
-                                         "cases": cases, "goals": goals(cases),
+                                         "cases": cases, "goals": goals(cases, args.seeds),
                                          "seconds": round(time.perf_counter() - started, 1)}, args.out)
 
 

@@ -55,14 +55,23 @@ def test_features_ignore_neuron_order_and_up_down_rescaling(embedded):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-8, atol=1e-10)
 
 
-def test_evasions_keep_the_function_and_really_move_the_weights(embedded):
-    m, _ = embedded
+def test_evasions_keep_the_function_and_the_frame_is_recovered_exactly(embedded, fp):
+    from moeguard.trace.align import align
+
+    m, tok = embedded
     shuffled, orders = evasion.shuffle_experts(m, seed=1)
     assert any(o != sorted(o) for o in orders.values())
-    hidden = evasion.permute_hidden(m, seed=2, flip_signs=True)
-    a, b = m.model.layers[0].mlp.gate.weight, hidden.model.layers[0].mlp.gate.weight
-    assert not torch.allclose(a, b)   # scrambled, yet the same logits (checked inside permute_hidden)
-    assert evasion.permute_neurons(m, seed=3) is not m
+    assert torch.equal(shuffled.model.layers[0].mlp.experts.down_proj[0], m.model.layers[0].mlp.experts.down_proj[orders[0][0]])
+    moved = evasion.permute_neurons(m, seed=3)
+    assert not torch.equal(moved.model.layers[0].mlp.experts.down_proj, m.model.layers[0].mlp.experts.down_proj)
+    hidden = evasion.permute_hidden(m, seed=2, flip_signs=True)   # same logits: checked inside
+    old, new = m.get_input_embeddings().weight.detach(), hidden.get_input_embeddings().weight.detach()
+    # ground truth from the weights themselves: suspect column c is +-owner column k
+    truth = [next(c for c in range(128) if torch.equal(new[:, c].abs(), old[:, k].abs())) for k in range(128)]
+    signs = [float(torch.sign(new[0, truth[k]] * old[0, k])) for k in range(128)]
+    w = weights(hidden, tok)
+    frame = align(fp.tensors["anchors"].astype(np.float64), fp.meta["anchor_tokens"], w.embed, w.tokens)
+    assert frame.cols.tolist() == truth and frame.signs.tolist() == signs and frame.flipped > 0
 
 
 def test_layer_test_enumerates_every_injection_and_counts_ties_against_the_owner():
@@ -75,6 +84,22 @@ def test_layer_test_enumerates_every_injection_and_counts_ties_against_the_owner
     assert r["p"] == sum(x >= s_b[0, 0] + s_b[1, 1] - 1e-12 for x in brute) / 12
     flat = layer_test(s_a, np.zeros((4, 2)), rng=rng)
     assert flat["p"] == 1.0                    # all tied: no evidence
+
+
+def test_layer_p_values_are_uniform_when_the_views_are_independent():
+    rng = np.random.default_rng(0)
+    ps = np.array([layer_test(rng.normal(size=(6, 3)), rng.normal(size=(6, 3)), rng=rng)["p"] for _ in range(400)])
+    for alpha in (0.05, 0.2, 0.5):   # P(p <= alpha) <= alpha, within binomial noise (4 sd)
+        assert (ps <= alpha).mean() <= alpha + 4 * math.sqrt(alpha * (1 - alpha) / 400), alpha
+    assert (ps <= 0.5).mean() >= 0.5 - 4 * math.sqrt(0.25 / 400)   # not trivially conservative either
+
+
+def test_large_layers_use_monte_carlo_with_the_observed_choice_counted():
+    rng = np.random.default_rng(1)
+    s = np.zeros((12, 10))
+    s[np.arange(10), np.arange(10)] = 1.0          # a perfect match: nothing in the null reaches it
+    r = layer_test(s, s, rng=rng)
+    assert not r["exact"] and r["N"] == 10_000 and r["p"] == 1 / 10_000
 
 
 def test_product_tail_is_the_counted_probability_and_never_above_fisher():
@@ -96,12 +121,16 @@ def test_fingerprint_fits_one_percent_and_round_trips(fp, tmp_path):
 def test_a_pruned_shuffled_permuted_derivative_is_found_with_its_kept_experts(embedded, fp):
     m, tok = embedded
     pruned, _ = prune_model(m, KEEP)
-    s, _ = evasion.shuffle_experts(pruned, seed=5)
+    s, orders = evasion.shuffle_experts(pruned, seed=5)
     s = evasion.permute_neurons(s, seed=6)
     s = evasion.permute_hidden(s, seed=7, flip_signs=True)
     doc = run_trace(fp, weights(s, tok))
     assert doc["verdict"] == "derived" and doc["p_value"] <= 1e-4, doc["p_value"]
     assert {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
+    for layer in doc["layers"]:   # each suspect expert named: the kept expert the shuffle put there
+        li = layer["layer"]
+        assert [e["original"] for e in layer["experts"]] == [KEEP[li][o] for o in orders[li]]
+    assert doc["transformations"]["experts_reordered"]
     t = doc["transformations"]
     assert t["hidden_permuted"] and t["hidden_sign_flips"] > 0 and t["neurons_permuted"] and t["experts_dropped"]
 
@@ -166,3 +195,32 @@ def test_unusable_inputs_are_one_line_errors(embedded, fp, tmp_path, capsys):
     with pytest.raises(MoeguardError, match="anchor tokens"):
         w = weights(m, tok)
         run_trace(fp, type(w)(name="x", family=w.family, embed=w.embed, tokens=[""] * len(w.tokens), layers=w.layers))
+
+
+def test_a_damaged_fingerprint_or_gguf_is_a_one_line_error(fp, tmp_path):
+    from moeguard.trace.fingerprint import Fingerprint
+    from moeguard.trace.gguf import load_gguf
+
+    fp.save(tmp_path / "fp")
+    meta = json.loads((tmp_path / "fp" / "fingerprint.json").read_text())
+    del meta["H"]
+    (tmp_path / "fp" / "fingerprint.json").write_text(json.dumps(meta))
+    with pytest.raises(MoeguardError, match="no valid 'H'"):
+        Fingerprint.load(tmp_path / "fp")
+    with pytest.raises(MoeguardError, match="does not exist"):
+        load_gguf(tmp_path / "missing.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 20)
+    with pytest.raises(MoeguardError, match="not a readable GGUF"):
+        load_gguf(tmp_path / "bad.gguf")
+
+
+def test_a_gguf_export_traces_to_its_source_and_says_how_it_was_quantized(embedded, fp, tmp_path):
+    from moeguard.trace.gguf import export_gguf, load_gguf
+
+    m, tok = embedded
+    pruned, _ = prune_model(m, KEEP)
+    export_gguf(pruned, tok, tmp_path / "s.gguf", qtype="Q4_0")
+    doc = run_trace(fp, load_gguf(tmp_path / "s.gguf"))
+    assert doc["p_value"] <= 1e-4 and {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
+    q = doc["transformations"]["quantization"]
+    assert q["stored"] == ["Q4_0"] and q["bits"] == 4

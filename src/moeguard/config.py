@@ -39,6 +39,16 @@ def setting(default: Any = MISSING, *, help: str, flag: str | None = None, min: 
     return field(default=default, metadata=md)
 
 
+def like(cls: type, name: str, default: Any = MISSING, **changes: Any) -> Any:
+    """Field ``name`` of ``cls`` declared again for another config (the audit's sweep settings are
+    the sweep's): the same help, flag and bounds; ``default`` and ``changes`` (help, min, ...) differ."""
+    f = next(x for x in fields(cls) if x.name == name)
+    md = {KEY: {**meta(f), **changes}}
+    if default is MISSING and f.default_factory is not MISSING:  # type: ignore[misc]
+        return field(default_factory=f.default_factory, metadata=md)  # type: ignore[misc]
+    return field(default=f.default if default is MISSING else default, metadata=md)
+
+
 def meta(f: dataclasses.Field) -> dict[str, Any]:
     return f.metadata.get(KEY, {})
 

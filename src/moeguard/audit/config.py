@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeguard.config import build as config_build, setting, validate
+from moeguard.config import build as config_build, like, setting, validate
 from moeguard.errors import MoeguardError
+from moeguard.studies.sweep import SweepConfig
 
 SCHEMA = "moeguard.audit-config/1"
 
@@ -30,14 +31,14 @@ class AuditConfig:
     seed: int = setting(0, help="random seed; the same seed gives the same numbers")
     # attribution + pruning sweep
     methods: list[str] | None = setting(None, help="attribution methods; default: all")
-    samples: int = setting(64, min=1, help="attribution calibration samples per task")
+    samples: int = like(SweepConfig, "samples")
     keeps: list[int] | None = setting(None, min=1, help="experts-per-layer levels with collateral damage; default: N/4,N/2,3N/4")
-    eval_limit: int = setting(64, min=1, help="eval records of the pruned task (and the baseline)")
-    collateral_limit: int = setting(16, min=1, help="eval records of each other task (collateral damage)")
-    random_seeds: int = setting(3, min=1, help="random rankings for the baseline band")
-    deletion_curves: bool = setting(True, negative="--no-deletion-curves",
-                                    help="also every keep level from N-1 down to top-k")
-    physical_checks: int = setting(1, min=0, help="points per task re-scored on physically pruned copies")
+    eval_limit: int = like(SweepConfig, "eval_limit", help="eval records of the pruned task (and the baseline)")
+    # the audit's sweep is a cheaper pass than the command's: fewer collateral records, rankings, checks
+    collateral_limit: int = like(SweepConfig, "collateral_limit", 16)
+    random_seeds: int = like(SweepConfig, "random_seeds", 3, min=1)
+    deletion_curves: bool = like(SweepConfig, "deletion_curves")
+    physical_checks: int = like(SweepConfig, "physical_checks", 1, help="points per task re-scored on physically pruned copies")
     # recovery (active-learning re-alignment of the pruned model)
     recovery: bool = setting(True, negative="--no-recovery", help="run the recovery study")
     recovery_tasks: list[str] | None = setting(None, help="tasks for the recovery study; default: all")

@@ -170,15 +170,29 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
              "higher_is_better": task.higher_is_better, "full_score": full_score, "pool_size": len(pool),
              "schedule": list(schedule), "points": state["rounds"], "settings": cfg.to_dict()}
     if after is not None:
-        import copy
-
-        trained = copy.deepcopy(trainable.model).merge_and_unload() if trainable.mode == "lora" else trainable.base
-        curve["after"] = after(trained)
+        try:
+            curve["after"] = _after(after, trainable)
+        except BaseException:  # an interrupt: restore the model as on any other way out
+            trainable.load(init)
+            trainable.release()
+            raise
     if keep_trainable:
         return curve, trainable
     trainable.load(init)
     trainable.release()
     return curve, None
+
+
+def _after(after: Callable[[Any], dict[str, Any]], trainable: Trainable) -> dict[str, Any]:
+    """``after(trained model)``; LoRA is folded into a copy, so the model itself is restored as
+    usual. A failure is recorded, not raised: the curve is finished and worth keeping."""
+    import copy
+
+    try:
+        trained = copy.deepcopy(trainable.model).merge_and_unload() if trainable.mode == "lora" else trainable.base
+        return after(trained)
+    except Exception as exc:  # noqa: BLE001 - whatever the inspection hits, the curve stands
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 
 
 def _select(strategy, model, tokenizer, task, visible, labeled, k, rng, cfg, shares) -> list[int]:

@@ -42,9 +42,10 @@ def merge_sources(v_own: np.ndarray, v: np.ndarray) -> dict[str, Any]:
     from scipy.optimize import nnls
 
     beta, _ = nnls(v_own.T, v)
-    best = int(np.argmax(beta)) if beta.max() > 0 else int(np.argmax(v_own @ v))
-    single = v_own[best] * max(float(v_own[best] @ v) / max(float(v_own[best] @ v_own[best]), 1e-30), 0.0)
-    r2_all, r2_one = _r2(v, beta @ v_own), _r2(v, single)
+    # the best fit by one owner expert alone (nonnegative scale), against which a merge must win
+    scale = np.maximum(v_own @ v, 0.0) / np.maximum(np.einsum("ed,ed->e", v_own, v_own), 1e-30)
+    r2_one = max(_r2(v, c * row) for c, row in zip(scale, v_own))
+    r2_all = _r2(v, beta @ v_own)
     total = float(beta.sum())
     support = [int(i) for i in np.flatnonzero(beta >= MERGE_SHARE * total)] if total > 0 else []
     return {"weights": {str(i): round(float(beta[i] / total), 4) for i in support} if total > 0 else {},
@@ -138,7 +139,7 @@ def trace(fp: Fingerprint, suspect: ModelWeights, *, seed: int = 0) -> dict[str,
     p, method = product_tail(ps, grids)
     return {"schema": SCHEMA, "original": meta["model"], "suspect": suspect.name,
             "verdict": "derived" if p <= ALPHA else "independent", "p_value": p, "alpha": ALPHA,
-            "combination": method, "test": "expert relabeling (view A chooses, view B scores), layers combined "
+            "combination": method, "p_any_dependence": min(1.0, len(ps) * min(ps)), "test": "expert relabeling (view A chooses, view B scores), layers combined "
             "by the exact product-of-uniforms tail", "frame": frame.to_dict(),
             "transformations": _transformations(layers, frame, suspect), "layers": layers}
 
@@ -183,6 +184,6 @@ def detectability(fp: Fingerprint, stolen, tokenizer, keep: dict[int, list[int]]
     with torch.no_grad():
         doc = trace(fp, from_model(stolen, tokenizer, name="stolen"))
     right = sum(1 for l in doc["layers"] for e in l["experts"]
-                if e["label"] == "kept" and e["original"] == keep[l["layer"]][e["expert"]])
+                if e["label"] == "kept" and e["original"] == sorted(keep[l["layer"]])[e["expert"]])
     return {"p_value": doc["p_value"], "verdict": doc["verdict"], "kept_identified": right,
             "kept_total": sum(len(v) for v in keep.values()), "combination": doc["combination"]}

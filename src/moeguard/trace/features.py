@@ -70,9 +70,16 @@ def common(x: np.ndarray) -> np.ndarray:
 
 
 def cosine(own: np.ndarray, sus: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    """[E_owner, E_suspect] cosine similarities after projecting ``mu`` out of both sides."""
+    """[E_owner, E_suspect] cosine similarities. The owner layer's common direction ``mu`` is
+    projected out of both sides, and the suspect layer's own common direction out of its side
+    (when it has two experts or more): what a layer's experts share would otherwise give every
+    owner expert a similarity offset to the whole suspect layer, the same in both views, which
+    the relabeling test would mistake for a match (a row effect)."""
     own = own - np.outer(own @ mu, mu)
     sus = sus - np.outer(sus @ mu, mu)
+    if len(sus) >= 2:
+        mu_s = common(sus)
+        sus = sus - np.outer(sus @ mu_s, mu_s)
     own = own / np.maximum(np.linalg.norm(own, axis=1, keepdims=True), 1e-30)
     sus = sus / np.maximum(np.linalg.norm(sus, axis=1, keepdims=True), 1e-30)
     return own @ sus.T

@@ -6,7 +6,7 @@ model's shape, the hidden-dimension subset H, the anchor tokens' strings, proven
 
 - ``anchors`` [T, d]: the embedding rows of T anchor tokens (``align.py``);
 - per MoE layer ``l``: ``l.a`` and ``l.b`` [E, m*m] (the two views of ``features.py``),
-  ``l.v`` [E, d] (gate sums, for merges), ``l.router`` [E, d], ``l.mu_a``/``l.mu_b`` (the
+  ``l.v`` [E, d] (gate sums, for merges), ``l.mu_a``/``l.mu_b`` (the
   layer's common directions) and ``l.rows`` [E, k, m] (each expert's first k gate rows on H:
   whether a suspect kept the neuron order).
 
@@ -84,7 +84,36 @@ class Fingerprint:
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for truncated files
             raise MoeguardError(f"{path / TENSORS} cannot be read ({type(exc).__name__}: {exc})",
                                 hint="the file is truncated or damaged; re-make the fingerprint") from None
+        _check(meta, tensors, path)
         return cls(meta=meta, tensors=tensors)
+
+
+_KEYS = {"model": str, "family": str, "hidden": int, "intermediate": int, "layers": list, "H": list,
+         "anchor_tokens": list}
+_PER_LAYER = ("a", "b", "v", "mu_a", "mu_b", "rows")
+
+
+def _check(meta: Any, tensors: dict[str, np.ndarray], path: Path) -> None:
+    """A fingerprint folder as :meth:`Fingerprint.save` writes it, or a one-line error."""
+    fix = "re-make the fingerprint with `moeguard fingerprint --model M --out FP`"
+    if not isinstance(meta, dict):
+        raise MoeguardError(f"{path / META} holds a {type(meta).__name__}, expected a mapping", hint=fix)
+    for key, kind in _KEYS.items():
+        if not isinstance(meta.get(key), kind):
+            raise MoeguardError(f"{path / META} has no valid '{key}' (expected {kind.__name__})", hint=fix)
+    d, m = meta["hidden"], len(meta["H"])
+    if not all(isinstance(h, int) and 0 <= h < d for h in meta["H"]) or m < 8:
+        raise MoeguardError(f"{path / META}: 'H' must list at least 8 hidden dimensions below {d}", hint=fix)
+    need = ["anchors"] + [f"{l.get('index')}.{k}" for l in meta["layers"] for k in _PER_LAYER]
+    missing = [n for n in need if n not in tensors]
+    if missing:
+        raise MoeguardError(f"{path / TENSORS} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}", hint=fix)
+    if tensors["anchors"].shape != (len(meta["anchor_tokens"]), d):
+        raise MoeguardError(f"{path / TENSORS}: anchors have shape {list(tensors['anchors'].shape)}, expected "
+                            f"[{len(meta['anchor_tokens'])}, {d}]", hint=fix)
+    bad = [n for n in need if not np.isfinite(tensors[n]).all()]
+    if bad:
+        raise MoeguardError(f"{path / TENSORS}: {bad[0]} holds NaN or infinite values", hint=fix)
 
 
 def is_fingerprint(path: str | None) -> bool:
@@ -130,7 +159,7 @@ def build(w: ModelWeights, *, checkpoint_bytes: int, seed: int = 0, source: dict
     for layer in w.layers:
         f = features(layer, H)
         tensors.update({f"{layer.index}.a": f["a"], f"{layer.index}.b": f["b"], f"{layer.index}.v": f["v"],
-                        f"{layer.index}.router": layer.router, f"{layer.index}.mu_a": common(f["a"]),
+                        f"{layer.index}.mu_a": common(f["a"]),
                         f"{layer.index}.mu_b": common(f["b"]),
                         f"{layer.index}.rows": layer.gate[:, :ROWS, :][:, :, H]})
     meta = {"schema": SCHEMA, "model": w.name, "family": w.family, "hidden": d, "intermediate": w.intermediate,

@@ -101,9 +101,17 @@ def load_gguf(path: Path) -> ModelWeights:
     types: set[str] = set()
 
     def get(name: str) -> np.ndarray:
-        t = tensors[name]
+        t = tensors.get(name)
+        if t is None:
+            raise MoeguardError(f"{path} has no tensor {name}", hint="the file is incomplete, or not an MoE in "
+                                "llama.cpp's naming (blk.N.ffn_gate_inp, blk.N.ffn_{gate,up,down}_exps)")
         types.add(t.tensor_type.name)
-        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+        try:
+            return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+        except NotImplementedError:
+            raise MoeguardError(f"{path}: tensor {name} is {t.tensor_type.name}, which the gguf package cannot "
+                                "dequantize", hint="convert the file to a type it reads (Q8_0, Q4_0, Q4_K, F16, ...) "
+                                "with llama.cpp's llama-quantize") from None
 
     if "token_embd.weight" not in tensors:
         raise MoeguardError(f"{path} has no token_embd.weight", hint="trace needs the token embeddings")
@@ -120,7 +128,11 @@ def load_gguf(path: Path) -> ModelWeights:
         raise MoeguardError(f"{path} has no MoE layer (no blk.N.ffn_gate_exps tensors)",
                             hint="trace reads MoE models in llama.cpp's naming")
     embed = get("token_embd.weight")
+    tokens = _tokens(reader)
+    if not tokens:
+        raise MoeguardError(f"{path} has no token list (tokenizer.ggml.tokens)",
+                            hint="trace aligns hidden dimensions through token strings; use a GGUF with its tokenizer")
     arch = reader.get_field("general.architecture")
     family = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else "gguf"
-    return ModelWeights(name=str(path), family=family, embed=embed, tokens=_tokens(reader), layers=layers,
+    return ModelWeights(name=str(path), family=family, embed=embed, tokens=tokens, layers=layers,
                         source={"format": "gguf", "quantization": sorted(types - {"F32"}) or None})
