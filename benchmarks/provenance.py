@@ -52,7 +52,8 @@ def _trace(fp, model, tok, name):
     return doc, time.perf_counter() - t0
 
 
-def _row(name, category, doc, seconds, *, keep=None, merges=None, derived=True, extra=None):
+def _row(name, category, doc, seconds, *, keep=None, merges=None, derived=True, extra=None, order=None):
+    """``order``: layer -> the position in the sorted keep of each suspect expert ({} when unshuffled)."""
     row = {"name": name, "category": category, "derived": derived, "p_value": doc["p_value"],
            "p_any_dependence": doc.get("p_any_dependence"),
            "verdict": doc["verdict"], "combination": doc["combination"], "trace_s": round(seconds, 3),
@@ -61,12 +62,23 @@ def _row(name, category, doc, seconds, *, keep=None, merges=None, derived=True, 
         found = {str(l["layer"]): sorted(l["kept"]) for l in doc["layers"]}
         row["kept_exact"] = found == {str(k): sorted(v) for k, v in keep.items()}
         row["kept_found"] = found
+        if order is not None:  # the mapping itself, whatever the labels: suspect expert j <- original
+            truth = {l: [sorted(keep[l])[o] for o in order.get(l, range(len(keep[l])))] for l in keep}
+            row["mapping_correct"] = sum(e["original"] == truth[l["layer"]][e["expert"]]
+                                         for l in doc["layers"] for e in l["experts"])
+            row["mapping_total"] = sum(len(v) for v in keep.values())
     if merges is not None:
         truth = {(li, g["expert"]): sorted(g["from"]) for li, gs in merges.items() for g in gs if len(g["from"]) > 1}
         found = {(str(l["layer"]), e["expert"]): sorted(int(i) for i in e["merge"]["weights"])
                  for l in doc["layers"] for e in l["experts"] if e["label"] == "merged"}
         row["merges_true"] = len(truth)
         row["merges_recovered"] = sum(found.get(k) == v for k, v in truth.items())
+        # members folded in with under 2% of the weight leave (almost) nothing of themselves to find
+        present = {(li, g["expert"]): sorted(e for e, w in zip(g["from"], g["weights"]) if w >= 0.02)
+                   for li, gs in merges.items() for g in gs if len(g["from"]) > 1}
+        row["merges_recovered_members_over_2pct"] = sum(found.get(k) == v for k, v in present.items()
+                                                        if len(v) > 1)
+        row["merges_true_members_over_2pct"] = sum(1 for v in present.values() if len(v) > 1)
         row["merges_spurious"] = sum(1 for k in found if k not in truth)
     print(f"{name:34s} p={doc['p_value']:.3g} {doc['verdict']}"
           + (f" kept_exact={row['kept_exact']}" if keep is not None else "")
@@ -168,10 +180,10 @@ def main() -> None:
         for k in (2, 4, 6):
             plan = plan_from_scores(s, keep=k, min_keep=1)
             pm, _ = prune_model(m, plan.keep)
-            rows.append(_row(f"prune {meth} keep {k}", "pruning", *_trace(fp, pm, tok, "p"), keep=plan.keep))
+            rows.append(_row(f"prune {meth} keep {k}", "pruning", *_trace(fp, pm, tok, "p"), keep=plan.keep, order={}))
         plan = plan_from_scores(s, budget=16, min_keep=1)
         pm, _ = prune_model(m, plan.keep)
-        rows.append(_row(f"prune {meth} budget 16", "pruning", *_trace(fp, pm, tok, "p"), keep=plan.keep))
+        rows.append(_row(f"prune {meth} budget 16", "pruning", *_trace(fp, pm, tok, "p"), keep=plan.keep, order={}))
     base_plan = plan_from_scores(scores["frequency"], keep=KEEP_REALIGN, min_keep=1)
     pruned, _ = prune_model(m, base_plan.keep)
     from moeguard.tasks.evaluate import evaluate_task
@@ -188,14 +200,14 @@ def main() -> None:
                     rm, info = _realigned(pruned, tok, mode, epochs, lr_scale)
                     info["mode"], info["lr_scale"] = mode, lr_scale
                     cells.append(_row(f"prune keep 4 + {mode} x{lr_scale:g} lr, {epochs:g} epochs", "pruning+realign",
-                                      *_trace(fp, rm, tok, "r"), keep=base_plan.keep, extra={"finetune": info}))
+                                      *_trace(fp, rm, tok, "r"), keep=base_plan.keep, extra={"finetune": info}, order={}))
         for mode in ("full", "lora"):
             best = max((c for c in cells if c["finetune"]["mode"] == mode), key=lambda c: c["finetune"]["score"])
             best["strongest_cell"] = True
         rows.extend(cells)
         rm, info = _realigned(pruned, tok, "full", 160.0, 10.0)
         rows.append(_row("prune keep 4 + long full fine-tune (10x the grid's steps, its highest lr)", "pruning+realign",
-                         *_trace(fp, rm, tok, "r"), keep=base_plan.keep, extra={"finetune": info}))
+                         *_trace(fp, rm, tok, "r"), keep=base_plan.keep, extra={"finetune": info}, order={}))
     # merging
     freq = scores["frequency"].scores.numpy()
     v = {l.index: l.gate.sum(axis=1) for l in from_model(m, tok, name="e").layers}
@@ -216,20 +228,23 @@ def main() -> None:
 
         doc = run_trace(fp, load_gguf(path))
         rows.append(_row(f"prune keep 4 -> GGUF {q}", "quantization", doc, time.perf_counter() - t0,
-                         keep=base_plan.keep, extra={"gguf_bytes": path.stat().st_size}))
+                         keep=base_plan.keep, extra={"gguf_bytes": path.stat().st_size}, order={}))
     # evasion
     shuffled, orders = evasion.shuffle_experts(pruned, seed=1)
     shuffled_keep = {li: base_plan.keep[li] for li in base_plan.keep}
-    rows.append(_row("prune 4 + shuffled experts", "evasion", *_trace(fp, shuffled, tok, "e"), keep=shuffled_keep))
+    rows.append(_row("prune 4 + shuffled experts", "evasion", *_trace(fp, shuffled, tok, "e"), keep=shuffled_keep,
+                     order=orders))
     rows.append(_row("permuted neurons", "evasion", *_trace(fp, evasion.permute_neurons(m, seed=2), tok, "e"),
-                     keep={l: list(range(8)) for l in range(4)}))
+                     keep={l: list(range(8)) for l in range(4)}, order={}))
     rows.append(_row("permuted hidden + sign flips", "evasion",
                      *_trace(fp, evasion.permute_hidden(m, seed=3, flip_signs=True), tok, "e"),
-                     keep={l: list(range(8)) for l in range(4)}))
+                     keep={l: list(range(8)) for l in range(4)}, order={}))
     allof = evasion.permute_hidden(evasion.permute_neurons(shuffled, seed=4), seed=5, flip_signs=True)
-    rows.append(_row("prune 4 + all evasions", "evasion", *_trace(fp, allof, tok, "e"), keep=shuffled_keep))
+    rows.append(_row("prune 4 + all evasions", "evasion", *_trace(fp, allof, tok, "e"), keep=shuffled_keep,
+                     order=orders))
     q4 = _quantized(allof, "Q4_0")
-    rows.append(_row("prune 4 + all evasions + Q4_0", "evasion", *_trace(fp, q4, tok, "e"), keep=shuffled_keep))
+    rows.append(_row("prune 4 + all evasions + Q4_0", "evasion", *_trace(fp, q4, tok, "e"), keep=shuffled_keep,
+                     order=orders))
     # negatives
     train_s = {}
     for seed in range(1, args.negatives + 1):
@@ -268,6 +283,9 @@ def main() -> None:
         "kept_exact": f"{sum(r['kept_exact'] for r in kept)}/{len(kept)}",
         "merges_recovered": f"{sum(r['merges_recovered'] for r in merges)}/{sum(r['merges_true'] for r in merges)}",
         "merges_spurious": sum(r["merges_spurious"] for r in merges),
+        "merges_recovered_members_over_2pct": f"{sum(r['merges_recovered_members_over_2pct'] for r in merges)}/"
+                                              f"{sum(r['merges_true_members_over_2pct'] for r in merges)}",
+        "mapping_correct": f"{sum(r.get('mapping_correct', 0) for r in pos)}/{sum(r.get('mapping_total', 0) for r in pos)}",
         "misses": [r["name"] for r in pos if r["p_value"] > 1e-4] + [r["name"] for r in neg if r["p_value"] < 0.01],
         "kept_wrong": [r["name"] for r in kept if not r["kept_exact"]]}
     auc = float(auc) if auc is not None else None
