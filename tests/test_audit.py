@@ -199,7 +199,8 @@ def test_audit_with_a_defense_compares_base_and_hardened_in_the_report(tmp_path)
     run = tmp_path / "run"
     args = ["--tasks", "arith-compare", "--methods", "frequency,gate", "--no-recovery", "--random-seeds", "1",
             "--eval-limit", "32", "--recovery-eval-limit", "32", "--pool-size", "64", "--samples", "16",
-            "--hardened", str(hardened), "--defense-budget", "8", "--threads", "2"]
+            "--hardened", str(hardened), "--defense-budget", "8", "--threads", "2",
+            "--defense-modes", "full,lora", "--defense-lr-scales", "1", "--defense-epochs", "4"]
     assert main(["audit", "--out", str(run), *args]) == 0
     doc = results(run)
     assert [s["stage"] for s in doc["stages"]] == ["model", "baseline", "attribution", "sweep", "defense"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from moeguard.config import build as config_build, like, setting, validate
 from moeguard.errors import MoeguardError
+from moeguard.studies.attack import AttackConfig
 from moeguard.studies.sweep import SweepConfig
 
 SCHEMA = "moeguard.audit-config/1"
@@ -58,6 +59,10 @@ class AuditConfig:
     defense_tasks: list[str] | None = setting(None, help="tasks the defense comparison attacks; default: the first")
     defense_budget: int = setting(64, min=1, help="the attack harness's label budget")
     defense_seeds: int = setting(1, min=1, help="seeds per attacker setting in the harness")
+    # the harness's grid, as `moeguard attack` takes it
+    defense_modes: tuple[str, ...] = like(AttackConfig, "modes")
+    defense_lr_scales: tuple[float, ...] = like(AttackConfig, "lr_scales")
+    defense_epochs: tuple[float, ...] = like(AttackConfig, "epochs")
     # execution
     backend: str = setting("local", help="where jobs run: local or ray")
     ray_address: str | None = setting(None, help="an existing Ray cluster; default: a local Ray")

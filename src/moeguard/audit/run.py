@@ -191,6 +191,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         def_settings = {"defense": cfg.defense, "hardened": weights_identity(cfg.hardened) if cfg.hardened else None,
                         "harden_steps": cfg.harden_steps, "tasks": cfg.defense_tasks, "budget": cfg.defense_budget,
                         "seeds": cfg.defense_seeds, "eval_limit": cfg.recovery_eval_limit, "seed": cfg.seed,
+                        "grid": [list(cfg.defense_modes), list(cfg.defense_lr_scales), list(cfg.defense_epochs)],
                         "methods": cfg.methods, "samples": cfg.samples, "pool_size": cfg.pool_size,
                         "utility_tasks": cfg.tasks, "utility_limit": cfg.eval_limit, "target": cfg.target,
                         "runtime": runtime.to_dict()}
@@ -285,7 +286,8 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, st
         hardened_ref = cfg.hardened
     E = model.num_experts
     attack = AttackConfig(task=cfg.defense_tasks[0], keep=E // 2, budget=cfg.defense_budget, seeds=cfg.defense_seeds,
-                          methods=tuple(cfg.methods),
+                          methods=tuple(cfg.methods), modes=tuple(cfg.defense_modes),
+                          lr_scales=tuple(cfg.defense_lr_scales), epochs=tuple(cfg.defense_epochs),
                           seed=cfg.seed, samples=cfg.samples, pool_size=cfg.pool_size,
                           eval_limit=cfg.recovery_eval_limit, target=cfg.target)
     dcfg = DefendEvalConfig(tasks=tuple(cfg.defense_tasks), keeps=(E // 2,), attack=attack,
