@@ -92,25 +92,26 @@ def _distinct_values(rng: random.Random, n: int, low: int, high: int) -> list[in
             return values
 
 
+# A station's readings over consecutive periods: (periods, label prefix, range, record line, summary line).
+# The random draws are the same for each kind and in the same order, so the shipped data is unchanged.
+_SERIES = {
+    "weather": (_DAYS, "Station", (1, 39), "{p0} {v}C", "{who} was warmest on {p1} at {v} degrees"),
+    "rain": (_MONTHS, "Gauge", (10, 199), "{p0} {v}mm", "{who} was wettest in {p1} with {v} mm"),
+}
+
+
 def _record(rng: random.Random) -> tuple[str, str, str]:
     kind = rng.choice(("weather", "rain", "rounds"))
     n = rng.randint(3, 5)
-    if kind == "weather":
+    if kind in _SERIES:
+        periods, prefix, (low, high), reading, line = _SERIES[kind]
         city = rng.choice(_CITIES)
-        start = rng.randrange(7)
-        days = [_DAYS[(start + i) % 7] for i in range(n)]
-        temps = _distinct_values(rng, n, 1, 39)
-        best = temps.index(max(temps))
-        record = f"Station {city}: " + ", ".join(f"{d[0]} {t}C" for d, t in zip(days, temps)) + "."
-        summary = f"{city} was warmest on {days[best][1]} at {temps[best]} degrees"
-    elif kind == "rain":
-        city = rng.choice(_CITIES)
-        start = rng.randrange(12)
-        months = [_MONTHS[(start + i) % 12] for i in range(n)]
-        rain = _distinct_values(rng, n, 10, 199)
-        best = rain.index(max(rain))
-        record = f"Gauge {city}: " + ", ".join(f"{m[0]} {r}mm" for m, r in zip(months, rain)) + "."
-        summary = f"{city} was wettest in {months[best][1]} with {rain[best]} mm"
+        start = rng.randrange(len(periods))
+        names = [periods[(start + i) % len(periods)] for i in range(n)]
+        values = _distinct_values(rng, n, low, high)
+        best = values.index(max(values))
+        record = f"{prefix} {city}: " + ", ".join(reading.format(p0=p[0], v=v) for p, v in zip(names, values)) + "."
+        summary = line.format(who=city, p1=names[best][1], v=values[best])
     else:
         team = rng.choice(_TEAMS)
         points = _distinct_values(rng, n, 10, 99)

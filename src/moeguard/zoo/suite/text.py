@@ -42,46 +42,49 @@ def docstring_paragraphs(doc: str) -> list[str]:
     return [p for p in paragraphs if p]
 
 
+def _pack(units: list[tuple[str, bool]], limit: int) -> list[str]:
+    """Join units greedily with spaces into pieces of at most ``limit`` characters; a unit marked
+    alone ends the current piece and stands as a piece of its own."""
+    pieces, current = [], ""
+    for text, alone in units:
+        if alone:
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(text)
+        elif current and len(current) + 1 + len(text) > limit:
+            pieces.append(current)
+            current = text
+        else:
+            current = f"{current} {text}".strip()
+    if current:
+        pieces.append(current)
+    return pieces
+
+
 def _split_long(text: str, limit: int) -> list[str]:
     """Split text longer than ``limit`` at sentence ends, else at spaces."""
     if len(text) <= limit:
         return [text]
-    pieces, current = [], ""
+    units: list[tuple[str, bool]] = []
     for sentence in _SENTENCE_END.split(text):
         while len(sentence) > limit:  # one huge "sentence": cut at the last space before limit
             cut = sentence.rfind(" ", 0, limit)
             cut = cut if cut > 0 else limit
-            if current:
-                pieces.append(current)
-                current = ""
-            pieces.append(sentence[:cut].strip())
+            units.append((sentence[:cut].strip(), True))
             sentence = sentence[cut:].strip()
-        if current and len(current) + 1 + len(sentence) > limit:
-            pieces.append(current)
-            current = sentence
-        else:
-            current = f"{current} {sentence}".strip()
-    if current:
-        pieces.append(current)
-    return [p for p in pieces if p]
+        units.append((sentence, False))
+    return [p for p in _pack(units, limit) if p]
 
 
 def doc_chunks(paragraphs: list[str]) -> list[str]:
     """Pack paragraphs into chunks of DOC_MIN_CHARS..DOC_MAX_CHARS characters (single line)."""
-    units = [u for p in paragraphs for u in _split_long(p, DOC_MAX_CHARS)]
-    chunks: list[str] = []
-    current = ""
-    for unit in units:
-        if current and len(current) + 1 + len(unit) > DOC_MAX_CHARS:
-            chunks.append(current)
-            current = unit
-        else:
-            current = f"{current} {unit}".strip()
-    if current:
-        if len(current) < DOC_MIN_CHARS and chunks and len(chunks[-1]) + 1 + len(current) <= DOC_MAX_CHARS * 1.3:
-            chunks[-1] = f"{chunks[-1]} {current}"
-        else:
-            chunks.append(current)
+    units = [(u, False) for p in paragraphs for u in _split_long(p, DOC_MAX_CHARS)]
+    chunks = _pack(units, DOC_MAX_CHARS)
+    # a short tail joins the chunk before it when that stays within 1.3x the limit
+    if len(chunks) >= 2 and len(chunks[-1]) < DOC_MIN_CHARS and \
+            len(chunks[-2]) + 1 + len(chunks[-1]) <= DOC_MAX_CHARS * 1.3:
+        chunks[-2:] = [f"{chunks[-2]} {chunks[-1]}"]
     return [c for c in chunks if len(c) >= DOC_MIN_CHARS]
 
 
