@@ -3,9 +3,14 @@ each layer's experts, permute the neurons inside every expert, permute (and flip
 hidden dimension through the whole model. Each returns a new model and checks that its logits
 equal the input's, so the evasion itself is verified before anything is traced against it.
 
-Supported: the families whose experts are fused ``gate_up_proj``/``down_proj`` with gate rows
-then up rows (all but gpt-oss), with attention projections named ``q_proj``/``k_proj``/
-``v_proj``/``o_proj``.
+Merging (``merge_experts``, from :mod:`moeguard.pruning.merge`) is not function-preserving: it
+is compression, re-exported here for the benchmark's merged derivatives.
+
+Verified on the Mixtral layout (the embedded model and its family): fused ``gate_up_proj``/
+``down_proj`` experts and attention projections named ``q_proj``/``k_proj``/``v_proj``/``o_proj``.
+Elsewhere a rewrite that does not keep the logits is refused with a one-line error (DeepSeek-V3's
+low-rank attention projections are not permuted; PhiMoE's LayerNorm subtracts the mean, so sign
+flips change it).
 """
 
 from __future__ import annotations
@@ -117,49 +122,13 @@ def permute_hidden(model: nn.Module, *, seed: int, flip_signs: bool = False) -> 
                 rows(module.weight, 0)
                 if module.bias is not None:
                     module.bias.copy_(module.bias[perm] * sign)
-            elif (leaf.endswith("layernorm") or leaf == "norm") and getattr(module, "weight", None) is not None:
+            elif (leaf.endswith("layernorm") or leaf == "norm") and getattr(module, "weight", None) is not None \
+                    and tuple(module.weight.shape) == (d,):
                 module.weight.copy_(module.weight[perm])  # a gain per dimension: permuted, never flipped
     _check_same_function(model, new, "permuting the hidden dimension")
     return new
 
 
-def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
-                  weights: dict[int, list[list[float]]] | None = None) -> tuple[nn.Module, dict]:
-    """Merge each layer's clusters of experts into one expert each (weighted average of gate, up
-    and down, and of the router rows), as HC-SMoE / M-SMoE do without neuron alignment; the
-    model keeps one expert per cluster. Returns the model and the record of what went where.
-    Not function-preserving: this is compression."""
-    from moeguard.models.prune import prune_model
+from moeguard.pruning.merge import merge_experts  # noqa: E402  (the benchmark's merges; one copy, in pruning/)
 
-    work = copy.deepcopy(model)
-    keep: dict[int, list[int]] = {}
-    record: dict[str, list[dict]] = {}
-    with torch.no_grad():
-        for layer in MoEAdapter(work).layers:
-            groups = clusters.get(layer.index)
-            if groups is None:
-                continue
-            flat = sorted(e for g in groups for e in g)
-            if flat != list(range(layer.num_experts)):
-                raise MoeguardError(f"layer {layer.index}: clusters {groups} do not split its {layer.num_experts} "
-                                    "experts", hint="every expert goes to exactly one cluster")
-            centres = []
-            for ci, g in enumerate(groups):
-                w = torch.tensor((weights or {}).get(layer.index, [[1.0] * len(x) for x in groups])[ci],
-                                 dtype=torch.float64)
-                w = w / w.sum()
-                centre = g[0]
-                for p in [*layer.experts.parameters(recurse=False), layer.router.weight]:
-                    avg = sum(float(wk) * p[e].double() for wk, e in zip(w, g))
-                    p[centre] = avg.to(p.dtype)
-                centres.append(centre)
-                record.setdefault(str(layer.index), []).append(
-                    {"into": centre, "from": list(g), "weights": [round(float(x), 6) for x in w]})
-            keep[layer.index] = sorted(centres)
-    merged, prune_record = prune_model(work, keep)
-    # the merged expert of a cluster sits at the rank of its centre among the kept ones
-    for li, groups in record.items():
-        order = keep[int(li)]
-        for g in groups:
-            g["expert"] = order.index(g["into"])
-    return merged, {"merges": record, "keep": {str(k): v for k, v in keep.items()}, "pruning": prune_record}
+__all__ = ["shuffle_experts", "permute_neurons", "permute_hidden", "merge_experts"]
