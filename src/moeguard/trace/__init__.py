@@ -30,22 +30,20 @@ def fingerprint(model: str | None, *, seed: int = 0) -> Fingerprint:
 
 def trace(original: str | None, suspect: str, *, seed: int = 0) -> dict[str, Any]:
     """Trace ``suspect`` (a checkpoint directory, hub id or ``.gguf`` file) against ``original``
-    (a fingerprint folder, or a checkpoint whose fingerprint is made on the fly)."""
+    (a fingerprint folder, or a checkpoint whose fingerprint is made on the fly). An unusable
+    suspect fails before the original is read."""
     from pathlib import Path
 
-    from moeguard.trace.api import trace as run
+    from moeguard.edge import resolve_model
+    from moeguard.trace.api import check_shape, trace as run
     from moeguard.trace.weights import load
 
-    from moeguard.edge import resolve_model
-    from moeguard.trace.api import check_shape
-
-    gguf = str(suspect).endswith(".gguf")
-    if gguf and not Path(suspect).is_file():
-        from moeguard.errors import MoeguardError
-
-        raise MoeguardError(f"GGUF file {suspect} does not exist", hint="pass the path of the suspect's .gguf file")
-    handle = None if gguf else resolve_model(suspect)  # a missing or unreadable suspect fails before any weights load
+    if str(suspect).endswith(".gguf"):
+        weights, handle = load(suspect), None  # reading a GGUF file is its check (load_gguf)
+    else:
+        weights, handle = None, resolve_model(suspect)  # a missing or unreadable checkpoint fails here
     fp = Fingerprint.load(Path(original)) if is_fingerprint(original) else fingerprint(original, seed=seed)
     if handle is not None:  # another width or depth is refused from its config, before its weights are read
         check_shape(fp.meta, hidden=int(handle.config.hidden_size), layers=handle.num_layers)
-    return run(fp, load(suspect), seed=seed)
+        weights = load(suspect)
+    return run(fp, weights, seed=seed)
