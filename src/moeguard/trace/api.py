@@ -145,14 +145,15 @@ def trace(fp: Fingerprint, suspect: ModelWeights, *, seed: int = 0) -> dict[str,
 
 
 def _transformations(layers: list[dict], frame, suspect: ModelWeights) -> dict[str, Any]:
-    kept = [e for l in layers for e in l["experts"] if e["label"] == "kept"]
-    reordered = any([e["original"] for e in l["experts"] if e["label"] == "kept"] !=
-                    sorted(e["original"] for e in l["experts"] if e["label"] == "kept") for l in layers)
-    order = [e["neurons_in_order"] for e in kept]
+    per_layer = [[e for e in l["experts"] if e["label"] == "kept"] for l in layers]
+    kept = [e for es in per_layer for e in es]
+    order = [[e["original"] for e in es] for es in per_layer]
+    reordered = any(o != sorted(o) for o in order)
+    in_order = [e["neurons_in_order"] for e in kept]
     return {"experts_reordered": reordered,
             "experts_dropped": any(l["experts_suspect"] < l["experts_original"] for l in layers),
             "hidden_permuted": frame.permuted, "hidden_sign_flips": frame.flipped,
-            "neurons_permuted": bool(order) and float(np.median(order)) < 0.5,
+            "neurons_permuted": bool(in_order) and float(np.median(in_order)) < 0.5,
             "merged_experts": sum(e["label"] == "merged" for l in layers for e in l["experts"]),
             "drift_median": round(float(np.median([e["drift"] for e in kept])), 4) if kept else None,
             "quantization": quantization(suspect)}
