@@ -17,7 +17,9 @@ from moeguard.models.loading import load_model
 from moeguard.models.prune import prune_model
 from moeguard.trace import evasion
 from moeguard.trace.api import trace as run_trace
-from moeguard.trace.features import features
+from moeguard.models.families import FAMILIES
+from moeguard.trace.align import Frame, align, identity
+from moeguard.trace.features import features, sketch_layer
 from moeguard.trace.fingerprint import BUDGET, build, checkpoint_bytes
 from moeguard.trace.stats import fisher, layer_test, product_tail
 from moeguard.trace.weights import LayerWeights, from_model
@@ -50,14 +52,12 @@ def test_features_ignore_neuron_order_and_up_down_rescaling(embedded):
     moved = LayerWeights(index=0, router=layer.router, gate=layer.gate[:, perm], up=layer.up[:, perm] * c[perm, None],
                          down=layer.down[:, :, perm] / c[perm])
     H = np.arange(0, 128, 4)
-    a, b = features(layer, H), features(moved, H)
+    a, b = features(sketch_layer(layer, H, identity(128))), features(sketch_layer(moved, H, identity(128)))
     for k in ("a", "b", "v"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-8, atol=1e-10)
 
 
 def test_evasions_keep_the_function_and_the_frame_is_recovered_exactly(embedded, fp):
-    from moeguard.trace.align import align
-
     m, tok = embedded
     shuffled, orders = evasion.shuffle_experts(m, seed=1)
     assert any(o != sorted(o) for o in orders.values())
@@ -70,7 +70,7 @@ def test_evasions_keep_the_function_and_the_frame_is_recovered_exactly(embedded,
     truth = [next(c for c in range(128) if torch.equal(new[:, c].abs(), old[:, k].abs())) for k in range(128)]
     signs = [float(torch.sign(new[0, truth[k]] * old[0, k])) for k in range(128)]
     w = weights(hidden, tok)
-    frame = align(fp.tensors["anchors"].astype(np.float64), fp.meta["anchor_tokens"], w.embed, w.tokens)
+    frame = align(fp.tensors["anchors"].astype(np.float64), fp.meta["anchor_tokens"], w)
     assert frame.cols.tolist() == truth and frame.signs.tolist() == signs and frame.flipped > 0
 
 
@@ -224,3 +224,88 @@ def test_a_gguf_export_traces_to_its_source_and_says_how_it_was_quantized(embedd
     assert doc["p_value"] <= 1e-4 and {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
     q = doc["transformations"]["quantization"]
     assert q["stored"] == ["Q4_0"] and q["bits"] == 4
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES.names()))
+def test_streaming_reads_what_memory_holds_for_every_family(family, embedded, tmp_path, monkeypatch):
+    """The shared family matrix for trace's reader: the on-disk names are each family's data
+    (FamilySpec.disk_expert_tensors), so a wrong row shows up here as a wrong sketch."""
+    from moeguard.io import ShardReader
+    from moeguard.testing import tiny_model
+    from moeguard.trace import stream
+
+    _, tok = embedded
+    m = tiny_model(family)
+    m.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    mem = from_model(m, tok, name="x")
+    reads, real = [], ShardReader.read
+
+    def spy(self, file, name, index=None):
+        t = real(self, file, name, index)
+        reads.append(t.numel())
+        return t
+
+    monkeypatch.setattr(ShardReader, "read", spy)
+    monkeypatch.setattr(stream, "CHUNK", 5 * 4 * 32)  # 5 rows of 32: chunks straddle the gate/up boundary
+    disk = stream.StreamedCheckpoint.open(str(tmp_path))
+    assert (disk.hidden, disk.intermediate, disk.experts, disk.tokens) == \
+        (mem.hidden, mem.intermediate, mem.experts, mem.tokens)
+    rng = np.random.default_rng(0)
+    d = mem.hidden
+    frame = Frame(cols=rng.permutation(d), signs=rng.choice([-1.0, 1.0], d), cosine=np.ones(d), anchors=0)
+    H = np.sort(rng.choice(d, 12, replace=False))
+    for position in range(mem.num_layers):
+        a, b = mem.sketch(position, H, frame), disk.sketch(position, H, frame)
+        assert b.index == a.index
+        for k in ("ka", "kb", "v", "rows"):
+            np.testing.assert_allclose(getattr(b, k), getattr(a, k), rtol=1e-10, atol=1e-12, err_msg=k)
+    np.testing.assert_array_equal(disk.embed_rows([5, 1, 40]), mem.embed_rows([5, 1, 40]))
+    np.testing.assert_allclose(disk.embed_norms(), mem.embed_norms(), rtol=1e-12)
+    assert reads and max(reads) * 4 <= stream.CHUNK    # no read holds more than a chunk
+
+
+def test_the_streamed_fingerprint_equals_the_in_memory_one(fp):
+    from moeguard.trace import fingerprint
+
+    disk = fingerprint(None, seed=0)
+    assert disk.meta["H"] == fp.meta["H"] and disk.meta["anchor_tokens"] == fp.meta["anchor_tokens"]
+    assert set(disk.tensors) == set(fp.tensors)
+    for k, v in fp.tensors.items():
+        np.testing.assert_allclose(disk.tensors[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+def test_a_budget_checkpoint_streams_with_its_per_layer_expert_counts(embedded, fp, tmp_path):
+    from moeguard.trace.weights import load
+
+    m, tok = embedded
+    keep = {0: [1, 4, 6], 1: [3], 2: [2, 3], 3: [0, 5, 7]}
+    pruned, _ = prune_model(m, keep)
+    pruned.save_pretrained(tmp_path / "s")
+    tok.save_pretrained(tmp_path / "s")
+    w = load(str(tmp_path / "s"))
+    assert w.source["streamed"] and w.experts == [3, 1, 2, 3]
+    doc = run_trace(fp, w)
+    assert doc["p_value"] <= 1e-4 and {l["layer"]: l["kept"] for l in doc["layers"]} == keep
+
+
+def test_a_suspect_without_tokenizer_or_in_quantized_storage_is_refused_before_the_original_is_read(
+        embedded, tmp_path, capsys, monkeypatch):
+    import moeguard.trace as api
+    from safetensors.torch import load_file, save_file
+
+    m, tok = embedded
+    m.save_pretrained(tmp_path / "s")
+    monkeypatch.setattr(api, "fingerprint", lambda *a, **k: pytest.fail("the original was read"))
+    capsys.readouterr()
+    assert main(["trace", "--suspect", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "cannot load the tokenizer" in err and "token strings" in err, err
+    tok.save_pretrained(tmp_path / "s")
+    sd = load_file(tmp_path / "s" / "model.safetensors")
+    key = next(k for k in sd if "experts" in k)
+    sd[key] = sd[key].to(torch.float8_e4m3fn)
+    save_file(sd, tmp_path / "s" / "model.safetensors", metadata={"format": "pt"})
+    assert main(["trace", "--suspect", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "stores quantized weights (F8_E4M3)" in err and "GGUF" in err, err

@@ -1,4 +1,5 @@
-"""Atomic outputs: write to a temporary sibling, rename when complete, never clobber silently."""
+"""Atomic outputs (write to a temporary sibling, rename when complete, never clobber silently),
+and bounded-memory reads of safetensors shards."""
 
 from __future__ import annotations
 
@@ -101,3 +102,46 @@ def _move_into_place(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         os.replace(tmp, path)
+
+
+def read_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (validate it first with ``models.loading.check_safetensors``)."""
+    import struct
+
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+class ShardReader:
+    """Slices of safetensors tensors through ``safe_open``, with the resident memory bounded.
+
+    ``safe_open`` memory-maps the file, and every page a read touches counts in RSS until the map
+    is closed, so the handle is re-opened every ``map_budget`` bytes read: streaming a checkpoint
+    of any size stays a few tens of MB above the interpreter (pruning's surgery, trace's reads).
+    """
+
+    def __init__(self, *, map_budget: int = 32 << 20):
+        self._handle = None
+        self._path: Path | None = None
+        self._mapped = 0
+        self._budget = map_budget
+
+    def _open(self, path: Path):
+        from safetensors import safe_open
+
+        if self._path != path or self._mapped >= self._budget:
+            self._handle = None  # unmap before mapping again, so the two never add up
+            self._handle = safe_open(path, framework="pt")
+            self._path, self._mapped = path, 0
+        return self._handle
+
+    def read(self, file: Path, name: str, index=None):
+        """``name[index]`` from ``file`` as a torch tensor (the whole tensor when ``index`` is None)."""
+        handle = self._open(file)
+        t = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+        self._mapped += t.numel() * t.element_size()
+        return t
+
+    def close(self) -> None:
+        self._handle = self._path = None

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, app
+from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, app
 
 
 @app.command()
@@ -20,7 +20,8 @@ def fingerprint(out: Annotated[Path, typer.Option("--out", help="fingerprint fol
     from moeguard.trace.fingerprint import digest
 
     check_output(out, overwrite=overwrite)
-    fp = make(model, seed=seed)
+    with _progress() as progress:
+        fp = make(model, seed=seed, progress=progress)
     fp.save(out, overwrite=overwrite)
     size = sum(f.stat().st_size for f in out.iterdir())
     typer.echo(f"fingerprint of {fp.meta['model']} ({len(fp.layers)} MoE layers, {fp.H.size} hidden dimensions "
@@ -40,7 +41,11 @@ def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkp
 
     if out is not None:
         check_output(out, overwrite=overwrite)
-    doc = run(original, suspect, seed=seed)
+    if as_json:  # stdout is the JSON document alone
+        doc = run(original, suspect, seed=seed)
+    else:
+        with _progress() as progress:
+            doc = run(original, suspect, seed=seed, progress=progress)
     if out is not None:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             write_trace(doc, tmp)

@@ -119,6 +119,12 @@ class FamilySpec:
     # In memory, fused experts: "gate_up" = gate_up_proj [E, 2I, d] (gate rows, then up rows) and
     # down_proj [E, d, I]; "gate_up_interleaved_t" = gpt-oss's [E, d, 2I] (gate even, up odd) and [E, I, d].
     expert_layout: str = "gate_up"
+    # On disk (what trace streams): each routed expert's gate, up and down tensors. Three names
+    # under ``experts.{e}.`` (gate [I, d], up [I, d], down [d, I]), or two fused names under the
+    # sparse block (every expert's gate-up and down, in ``expert_layout``). And the router's
+    # weight, under its module.
+    disk_expert_tensors: tuple[str, ...] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    disk_router_weight: str = "weight"
 
     def disk_layout(self) -> DiskLayout:
         """The module names under which this family's checkpoints hold routers and experts."""
@@ -146,7 +152,8 @@ def get_family(name: str) -> FamilySpec:
 register_family(FamilySpec(
     name="mixtral", model_types=("mixtral",), block_attrs=("mlp", "block_sparse_moe"), router_attr="gate",
     routing=RoutingSpec(score="softmax", renormalize=True, weights_dtype="float32"), num_experts_key="num_local_experts",
-    disk_block_attrs=("block_sparse_moe",)))  # block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1
+    disk_block_attrs=("block_sparse_moe",),  # block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1
+    disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
 register_family(FamilySpec(
     name="qwen2_moe", model_types=("qwen2_moe",), block_attrs=("mlp",), router_attr="gate",
     routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts",
@@ -170,16 +177,18 @@ register_family(FamilySpec(
     routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
     logits_divisor_key="logits_scaling",
     # on disk: block_sparse_moe.router.layer, fused block_sparse_moe.input_linear / output_linear
-    disk_expert_attrs=("input_linear", "output_linear")))
+    disk_expert_attrs=("input_linear", "output_linear"),
+    disk_expert_tensors=("input_linear.weight", "output_linear.weight"), disk_router_weight="layer.weight"))
 register_family(FamilySpec(
     name="phimoe", model_types=("phimoe",), block_attrs=("mlp", "block_sparse_moe"), router_attr="router",
     # sparsemixer always picks two distinct experts
     routing=RoutingSpec(score="sparsemixer"), num_experts_key="num_local_experts", min_experts=2,
-    disk_block_attrs=("block_sparse_moe",), disk_router_attrs=("gate",)))  # block_sparse_moe.gate, experts.{e}.w1
+    disk_block_attrs=("block_sparse_moe",), disk_router_attrs=("gate",),  # block_sparse_moe.gate, experts.{e}.w1
+    disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
 register_family(FamilySpec(
     name="gpt_oss", model_types=("gpt_oss",), block_attrs=("mlp",), router_attr="router",
     routing=RoutingSpec(score="softmax", select_on="logits", softmax_dtype="logits"), num_experts_key="num_local_experts",
-    expert_layout="gate_up_interleaved_t"))
+    expert_layout="gate_up_interleaved_t", disk_expert_tensors=("experts.gate_up_proj", "experts.down_proj")))
 
 
 def family_for_config(config) -> FamilySpec:

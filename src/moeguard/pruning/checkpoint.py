@@ -3,9 +3,8 @@
 Each output tensor is either a source tensor copied unchanged or a source tensor cut to the kept
 experts on dim 0 (renumbered, for per-expert keys). Output shards are written in the safetensors
 format by hand: the header is computed from shapes first, then tensor bytes stream in row chunks.
-Memory therefore stays a few tens of MB above the interpreter whatever the model size:
-``safe_open`` memory-maps the file, and every page it touches counts in RSS until the map is
-closed, so the handle is re-opened every ``_MAP_BUDGET`` bytes read.
+Memory therefore stays a few tens of MB above the interpreter whatever the model size
+(:class:`moeguard.io.ShardReader`).
 
 The on-disk layout is not the in-memory one (transformers converts fused experts to each
 family's public layout on save), so which tensors are cut is described by module names as data
@@ -26,13 +25,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moeguard.errors import MoeguardError
-from moeguard.io import atomic_dir, check_output
+from moeguard.io import ShardReader, atomic_dir, check_output, read_header
 from moeguard.models.families import FAMILIES, DiskLayout, family_for_config
 from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
 
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_NAME = "moeguard_pruning.json"
-_MAP_BUDGET = 32 << 20   # bytes read through one mmap before it is closed (its pages leave RSS)
 _CHUNK = 8 << 20         # bytes per read, so no single read maps or holds a whole large tensor
 
 
@@ -54,13 +52,6 @@ class _Tensor:
     nbytes: int                        # output bytes
     runs: tuple[tuple[int, int], ...]  # source dim-0 row ranges, in order; () for a 0-d tensor
     row_bytes: int
-
-
-def read_header(file: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (validate it first with ``check_safetensors``)."""
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
 
 
 def write_safetensors(path: Path, tensors: list[_Tensor], reader: "_Reader", *,
@@ -93,37 +84,17 @@ def write_safetensors(path: Path, tensors: list[_Tensor], reader: "_Reader", *,
     return size
 
 
-class _Reader:
-    """Row chunks of source tensors through ``safe_open``, re-opened to keep mapped pages few."""
-
-    def __init__(self):
-        self._handle = None
-        self._path: Path | None = None
-        self._mapped = 0
-
-    def _open(self, path: Path):
-        from safetensors import safe_open
-
-        if self._path != path or self._mapped >= _MAP_BUDGET:
-            self._handle = None  # unmap before mapping again, so the two never add up
-            self._handle = safe_open(path, framework="pt")
-            self._path, self._mapped = path, 0
-        return self._handle
+class _Reader(ShardReader):
+    """Row chunks of planned tensors, as bytes."""
 
     def chunks(self, t: _Tensor) -> Iterator:
         if not t.runs:
-            yield _as_bytes(self._open(t.file).get_tensor(t.name))
+            yield _as_bytes(self.read(t.file, t.name))
             return
         step = max(1, _CHUNK // max(t.row_bytes, 1))
         for start, stop in t.runs:
             for a in range(start, stop, step):
-                b = min(a + step, stop)
-                data = _as_bytes(self._open(t.file).get_slice(t.name)[a:b])
-                self._mapped += data.nbytes
-                yield data
-
-    def close(self):
-        self._handle = self._path = None
+                yield _as_bytes(self.read(t.file, t.name, slice(a, min(a + step, stop))))
 
 
 def _as_bytes(tensor):

@@ -17,33 +17,30 @@ from typing import Any
 from moeguard.trace.fingerprint import Fingerprint, is_fingerprint
 
 
-def fingerprint(model: str | None, *, seed: int = 0) -> Fingerprint:
-    """The fingerprint of a checkpoint (path, hub id, or None for the embedded model)."""
+def fingerprint(model: str | None, *, seed: int = 0, progress=None) -> Fingerprint:
+    """The fingerprint of a checkpoint (path, hub id, or None for the embedded model), streamed
+    from its safetensors files. ``progress``: a rich Progress, advanced per MoE layer."""
     from moeguard.provenance import run_record
     from moeguard.trace.fingerprint import build, checkpoint_bytes
     from moeguard.trace.weights import load
 
     size = checkpoint_bytes(model)
     w = load(model)
-    return build(w, checkpoint_bytes=size, seed=seed, source={"run": run_record({"model": w.name, "seed": seed})})
+    return build(w, checkpoint_bytes=size, seed=seed, progress=progress,
+                 source={"run": run_record({"model": w.name, "seed": seed})})
 
 
-def trace(original: str | None, suspect: str, *, seed: int = 0) -> dict[str, Any]:
+def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -> dict[str, Any]:
     """Trace ``suspect`` (a checkpoint directory, hub id or ``.gguf`` file) against ``original``
     (a fingerprint folder, or a checkpoint whose fingerprint is made on the fly). An unusable
-    suspect fails before the original is read."""
+    suspect fails before the original is read, and one of another width, depth or expert size
+    before any of its tensors is."""
     from pathlib import Path
 
-    from moeguard.edge import resolve_model
-    from moeguard.trace.api import check_shape, trace as run
+    from moeguard.trace.api import trace as run
     from moeguard.trace.weights import load
 
-    if str(suspect).endswith(".gguf"):
-        weights, handle = load(suspect), None  # reading a GGUF file is its check (load_gguf)
-    else:
-        weights, handle = None, resolve_model(suspect)  # a missing or unreadable checkpoint fails here
-    fp = Fingerprint.load(Path(original)) if is_fingerprint(original) else fingerprint(original, seed=seed)
-    if handle is not None:  # another width or depth is refused from its config, before its weights are read
-        check_shape(fp.meta, hidden=int(handle.config.hidden_size), layers=handle.num_layers)
-        weights = load(suspect)
-    return run(fp, weights, seed=seed)
+    weights = load(suspect)  # opening checks config, headers, layout and tokenizer; reads no tensor
+    fp = Fingerprint.load(Path(original)) if is_fingerprint(original) else fingerprint(original, seed=seed,
+                                                                                      progress=progress)
+    return run(fp, weights, seed=seed, progress=progress)

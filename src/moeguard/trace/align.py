@@ -62,13 +62,19 @@ def columns_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a.T @ b
 
 
-def align(anchor_rows: np.ndarray, anchor_tokens: list[str], embed: np.ndarray, tokens: list[str]) -> Frame:
-    """The frame mapping a suspect (``embed`` [V', d], ``tokens``) onto the owner's anchors."""
+def identity(d: int) -> Frame:
+    """The owner's own frame (for its fingerprint)."""
+    return Frame(cols=np.arange(d), signs=np.ones(d), cosine=np.ones(d), anchors=0)
+
+
+def align(anchor_rows: np.ndarray, anchor_tokens: list[str], suspect) -> Frame:
+    """The frame mapping a suspect (a trace source: ``tokens``, ``hidden``, ``embed_rows``) onto
+    the owner's anchors. Only the anchors' embedding rows are read."""
     from scipy.optimize import linear_sum_assignment
 
-    where = {t: i for i, t in enumerate(tokens) if t}
+    where = {t: i for i, t in enumerate(suspect.tokens) if t}
     pairs = [(k, where[t]) for k, t in enumerate(anchor_tokens) if t in where]
-    d, d_s = anchor_rows.shape[1], embed.shape[1]
+    d, d_s = anchor_rows.shape[1], suspect.hidden
     if d != d_s:
         raise MoeguardError(f"the suspect's hidden size is {d_s}, the original's {d}: an unrelated architecture",
                             hint="trace compares models of the same width; a narrower derivative is not supported yet")
@@ -77,7 +83,7 @@ def align(anchor_rows: np.ndarray, anchor_tokens: list[str], embed: np.ndarray, 
                             "suspect's vocabulary", hint="trace needs a shared vocabulary to align hidden dimensions "
                             f"(at least {MIN_ANCHORS} anchors)")
     own = anchor_rows[[k for k, _ in pairs]]
-    sus = embed[[i for _, i in pairs]]
+    sus = suspect.embed_rows([i for _, i in pairs])
     c = columns_cosine(own, sus)                                  # [d owner, d suspect]
     rows, cols = linear_sum_assignment(-np.abs(c))
     order = np.argsort(rows)

@@ -17,7 +17,6 @@ from moeguard.trace.align import align
 from moeguard.trace.features import cosine, features
 from moeguard.trace.fingerprint import Fingerprint
 from moeguard.trace.stats import layer_test, product_tail
-from moeguard.trace.weights import LayerWeights, ModelWeights
 
 SCHEMA = "moeguard.trace/1"
 ALPHA = 0.01
@@ -25,11 +24,6 @@ KEPT_SIMILARITY = 0.5     # label "kept": both views at least this similar to on
 KEPT_MARGIN = 0.2         # ... and that far ahead of the next owner expert
 MERGE_SHARE = 0.02        # an owner expert is in a merge when its NNLS weight is >= this share of the total
 MERGE_GAIN = 0.05         # ... and the merge explains the gate sums this much better than one expert
-
-
-def _in_frame(layer: LayerWeights, frame) -> LayerWeights:
-    return LayerWeights(index=layer.index, router=frame.inputs(layer.router), gate=frame.inputs(layer.gate),
-                        up=frame.inputs(layer.up), down=frame.outputs(layer.down, axis=1))
 
 
 def _r2(y: np.ndarray, fit: np.ndarray) -> float:
@@ -53,20 +47,21 @@ def merge_sources(v_own: np.ndarray, v: np.ndarray) -> dict[str, Any]:
             "merged": len(support) >= 2 and r2_all - r2_one >= MERGE_GAIN}
 
 
-def _neurons_in_order(own_rows: np.ndarray, sus_gate: np.ndarray, H: np.ndarray) -> float:
-    """Mean cosine of the owner expert's first gate rows with the suspect's rows of the same index."""
+def _neurons_in_order(own_rows: np.ndarray, sus_rows: np.ndarray) -> float:
+    """Mean cosine of the owner expert's first gate rows with the suspect's rows of the same index
+    (both on H, in the owner's frame)."""
     a = own_rows
-    b = sus_gate[: a.shape[0], H]
+    b = sus_rows[: a.shape[0]]
     num = (a * b).sum(axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30
     return float(np.mean(num / den))
 
 
-def quantization(w: ModelWeights) -> dict[str, Any]:
+def quantization(w) -> dict[str, Any]:
     """Whether the suspect's expert weights sit on a quantization grid: per block of 32 values,
     the distinct values are equally spaced with few levels (any scale and zero point)."""
     stored = w.source.get("quantization")
-    g = w.layers[0].gate[0]
+    g = w.quant_sample()
     blocks = g.reshape(-1, 32)[:256] if g.size % 32 == 0 else g.reshape(1, -1)
     levels = []
     for x in blocks:
@@ -97,17 +92,20 @@ def check_shape(meta: dict, *, hidden: int, layers: int, intermediate: int | Non
                             hint="trace compares experts of the same size")
 
 
-def trace(fp: Fingerprint, suspect: ModelWeights, *, seed: int = 0) -> dict[str, Any]:
+def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None) -> dict[str, Any]:
+    """Test ``suspect`` (a trace source, ``weights.py``) against ``fp``. ``progress``: a rich
+    Progress to advance once per MoE layer."""
     rng = np.random.default_rng(seed)
     meta, H = fp.meta, fp.H
-    check_shape(meta, hidden=suspect.hidden, layers=len(suspect.layers), intermediate=suspect.intermediate)
+    check_shape(meta, hidden=suspect.hidden, layers=suspect.num_layers, intermediate=suspect.intermediate)
     own_layers = [l["index"] for l in meta["layers"]]
-    frame = align(fp.tensors["anchors"].astype(np.float64), meta["anchor_tokens"], suspect.embed, suspect.tokens)
+    frame = align(fp.tensors["anchors"].astype(np.float64), meta["anchor_tokens"], suspect)
+    task = progress.add_task("tracing MoE layers", total=len(own_layers)) if progress is not None else None
     layers, ps, grids = [], [], []
-    for own_index, sus in zip(own_layers, suspect.layers):
+    for position, own_index in enumerate(own_layers):
         own = fp.layer(own_index)
-        mine = _in_frame(sus, frame)
-        f = features(mine, H)
+        sk = suspect.sketch(position, H, frame)
+        f = features(sk)
         s_a, s_b = cosine(own["a"], f["a"], own["mu_a"]), cosine(own["b"], f["b"], own["mu_b"])
         test = layer_test(s_a, s_b, rng=rng)
         ps.append(test["p"])
@@ -128,11 +126,13 @@ def trace(fp: Fingerprint, suspect: ModelWeights, *, seed: int = 0) -> dict[str,
             experts.append({"expert": j, "original": int(i), "label": label,
                             "similarity": {"gate": round(float(s_a[i, j]), 4), "up_down": round(float(s_b[i, j]), 4)},
                             "margin": round(margin, 4), "drift": round(1.0 - float(S[i, j]), 4),
-                            "neurons_in_order": round(_neurons_in_order(own["rows"][i], mine.gate[j], H), 4),
+                            "neurons_in_order": round(_neurons_in_order(own["rows"][i], sk.rows[j]), 4),
                             "merge": merge})
+        if task is not None:
+            progress.advance(task)
         kept = [e["original"] for e in experts if e["label"] == "kept"]
-        layers.append({"layer": own_index, "suspect_layer": sus.index, "experts_original": int(own["a"].shape[0]),
-                       "experts_suspect": sus.num_experts, "p": test["p"], "null_size": test["N"],
+        layers.append({"layer": own_index, "suspect_layer": sk.index, "experts_original": int(own["a"].shape[0]),
+                       "experts_suspect": sk.num_experts, "p": test["p"], "null_size": test["N"],
                        "exact": test["exact"], "statistic": round(test["statistic"], 4),
                        "null_mean": round(test["null_mean"], 4), "null_sd": round(test["null_sd"], 4),
                        "kept": sorted(kept), "experts": experts})
@@ -144,7 +144,7 @@ def trace(fp: Fingerprint, suspect: ModelWeights, *, seed: int = 0) -> dict[str,
             "transformations": _transformations(layers, frame, suspect), "layers": layers}
 
 
-def _transformations(layers: list[dict], frame, suspect: ModelWeights) -> dict[str, Any]:
+def _transformations(layers: list[dict], frame, suspect) -> dict[str, Any]:
     per_layer = [[e for e in l["experts"] if e["label"] == "kept"] for l in layers]
     kept = [e for es in per_layer for e in es]
     order = [[e["original"] for e in es] for es in per_layer]

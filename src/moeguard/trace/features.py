@@ -19,16 +19,39 @@ sides: the similarity then measures what makes *this* expert itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from moeguard.trace.weights import LayerWeights
+ROWS = 4               # gate rows kept per expert for the neuron-order check
 
 
-def _grams(layer: LayerWeights, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    g = layer.gate[:, :, H]                                  # [E, I, m]
-    ka = np.einsum("eim,ein->emn", g, g)                     # [E, m, m]
-    kb = np.einsum("emi,ein->emn", layer.down[:, H, :], layer.up[:, :, H])  # [E, m, m]
-    return ka, kb
+@dataclass(frozen=True, kw_only=True)
+class Sketch:
+    """All a trace reads of one MoE layer, in the owner's frame: a few MB whatever the expert
+    size, so a checkpoint is streamed into sketches and never held whole (``stream.py``)."""
+
+    index: int                 # decoder-layer index
+    ka: np.ndarray             # [E, m, m] gate Grams on H (view A, raw)
+    kb: np.ndarray             # [E, m, m] up-down operators on H (view B, raw)
+    v: np.ndarray              # [E, d] gate sums
+    rows: np.ndarray           # [E, ROWS, m] each expert's first gate rows on H
+    intermediate: int          # I, neurons per expert
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.ka.shape[0])
+
+
+def sketch_layer(layer, H: np.ndarray, frame) -> Sketch:
+    """The sketch of an in-memory layer (``weights.LayerWeights``), read in ``frame`` (``align.Frame``)."""
+    C, s = frame.cols[H], frame.signs[H]
+    g = layer.gate[:, :, C] * s                               # [E, I, m]
+    u = layer.up[:, :, C] * s                                 # [E, I, m]
+    dn = layer.down[:, C, :] * s[None, :, None]               # [E, m, I]
+    return Sketch(index=layer.index, ka=np.einsum("eim,ein->emn", g, g), kb=np.einsum("emi,ein->emn", dn, u),
+                  v=layer.gate.sum(axis=1)[:, frame.cols] * frame.signs, rows=g[:, :ROWS, :],
+                  intermediate=int(layer.gate.shape[1]))
 
 
 def _scales(ka: np.ndarray, kb: np.ndarray) -> dict[str, np.ndarray]:
@@ -53,14 +76,13 @@ def _center(k: np.ndarray) -> np.ndarray:
     return k
 
 
-def features(layer: LayerWeights, H: np.ndarray) -> dict[str, np.ndarray]:
+def features(sk: Sketch) -> dict[str, np.ndarray]:
     """(view A [E, m*m], view B [E, m*m], gate sums [E, d]) of every expert, not yet projected."""
-    ka, kb = _grams(layer, H)
-    sc = _scales(ka, kb)
-    ka = ka / sc["a"][None, :, None] / sc["a"][None, None, :]
-    kb = kb / sc["b_rows"][None, :, None] / sc["b_cols"][None, None, :]
+    sc = _scales(sk.ka, sk.kb)
+    ka = sk.ka / sc["a"][None, :, None] / sc["a"][None, None, :]
+    kb = sk.kb / sc["b_rows"][None, :, None] / sc["b_cols"][None, None, :]
     E = ka.shape[0]
-    return {"a": _center(ka).reshape(E, -1), "b": kb.reshape(E, -1), "v": layer.gate.sum(axis=1)}
+    return {"a": _center(ka).reshape(E, -1), "b": kb.reshape(E, -1), "v": sk.v}
 
 
 def common(x: np.ndarray) -> np.ndarray:

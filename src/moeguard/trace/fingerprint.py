@@ -26,14 +26,12 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
-from moeguard.trace.features import common, features
-from moeguard.trace.weights import ModelWeights
+from moeguard.trace.features import ROWS, common, features
 
 SCHEMA = "moeguard.fingerprint/1"
 META = "fingerprint.json"
 TENSORS = "fingerprint.safetensors"
 BUDGET = 0.01          # of the checkpoint's bytes
-ROWS = 4               # gate rows kept per expert for the neuron-order check
 M_MAX = 64
 
 
@@ -135,35 +133,44 @@ def choose(d: int, experts: list[int], budget_bytes: float, vocab: int) -> tuple
                         f"({budget_bytes / 1e3:.0f} kB)", hint="the model is too small to fingerprint")
 
 
-def _outliers(embed: np.ndarray) -> np.ndarray:
-    """Hidden dimensions with an outsized embedding norm: 'massive' dimensions that independent
-    models share, kept out of H so they cannot make unrelated experts look alike."""
-    norms = np.linalg.norm(embed, axis=0)
+def _outliers(norms: np.ndarray) -> np.ndarray:
+    """Hidden dimensions with an outsized embedding norm (``norms`` [d], over the vocabulary):
+    'massive' dimensions that independent models share, kept out of H so they cannot make
+    unrelated experts look alike."""
     med = np.median(norms)
     mad = np.median(np.abs(norms - med)) * 1.4826 + 1e-12
     return (norms - med) / mad > 6.0
 
 
-def build(w: ModelWeights, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None) -> Fingerprint:
+def build(w, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None, progress=None) -> Fingerprint:
+    """The fingerprint of ``w`` (a trace source, ``weights.py``). ``progress``: a rich Progress
+    to advance once per MoE layer."""
+    from moeguard.trace.align import identity
+
     rng = np.random.default_rng(seed)
     d = w.hidden
-    experts = [l.num_experts for l in w.layers]
-    m, T = choose(d, experts, BUDGET * checkpoint_bytes, len(w.embed))
-    candidates = np.flatnonzero(~_outliers(w.embed))
+    m, T = choose(d, w.experts, BUDGET * checkpoint_bytes, w.vocab)
+    candidates = np.flatnonzero(~_outliers(w.embed_norms()))
     H = np.sort(rng.choice(candidates, size=m, replace=False))
     named = [i for i, t in enumerate(w.tokens) if t]
     if len(named) < T:
         T = len(named)
     anchors = np.sort(rng.choice(named, size=T, replace=False))
-    tensors: dict[str, np.ndarray] = {"anchors": w.embed[anchors]}
-    for layer in w.layers:
-        f = features(layer, H)
-        tensors.update({f"{layer.index}.a": f["a"], f"{layer.index}.b": f["b"], f"{layer.index}.v": f["v"],
-                        f"{layer.index}.mu_a": common(f["a"]),
-                        f"{layer.index}.mu_b": common(f["b"]),
-                        f"{layer.index}.rows": layer.gate[:, :ROWS, :][:, :, H]})
+    tensors: dict[str, np.ndarray] = {"anchors": w.embed_rows(anchors)}
+    frame = identity(d)
+    task = progress.add_task("fingerprinting MoE layers", total=w.num_layers) if progress is not None else None
+    layers = []
+    for position in range(w.num_layers):
+        sk = w.sketch(position, H, frame)
+        f = features(sk)
+        tensors.update({f"{sk.index}.a": f["a"], f"{sk.index}.b": f["b"], f"{sk.index}.v": f["v"],
+                        f"{sk.index}.mu_a": common(f["a"]), f"{sk.index}.mu_b": common(f["b"]),
+                        f"{sk.index}.rows": sk.rows})
+        layers.append({"index": sk.index, "experts": sk.num_experts})
+        if task is not None:
+            progress.advance(task)
     meta = {"schema": SCHEMA, "model": w.name, "family": w.family, "hidden": d, "intermediate": w.intermediate,
-            "layers": [{"index": l.index, "experts": l.num_experts} for l in w.layers],
+            "layers": layers,
             "H": H.tolist(), "anchor_tokens": [w.tokens[i] for i in anchors], "seed": seed,
             "checkpoint_bytes": checkpoint_bytes, "source": source or {}}
     return Fingerprint(meta=meta, tensors=tensors)

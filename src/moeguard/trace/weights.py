@@ -1,6 +1,12 @@
 """The tensors a trace reads from a model: token embeddings (with each id's token string), and per
 MoE layer the router and every routed expert's gate, up and down projections.
 
+A trace reads a model through four questions (the *source* interface, which
+:class:`ModelWeights` answers from arrays in memory and ``stream.StreamedCheckpoint`` from
+safetensors files, a tensor at a time): ``tokens``, ``embed_rows(ids)``, ``embed_norms()`` and
+``sketch(position, H, frame)`` (``features.Sketch``), with ``hidden``, ``intermediate``,
+``num_layers`` and ``quant_sample()`` beside them.
+
 Each expert is a gated MLP ``down( act(gate x) * (up x) )``: ``gate`` and ``up`` are [I, d]
 (one row per neuron, reading the hidden state), ``down`` is [d, I] (one column per neuron,
 writing it). In memory, transformers holds a layer's experts fused: ``gate_up_proj`` [E, 2I, d]
@@ -47,6 +53,33 @@ class ModelWeights:
     @property
     def intermediate(self) -> int:
         return int(self.layers[0].gate.shape[1])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def experts(self) -> list[int]:
+        return [l.num_experts for l in self.layers]
+
+    @property
+    def vocab(self) -> int:
+        return int(self.embed.shape[0])
+
+    def embed_rows(self, ids) -> np.ndarray:
+        return self.embed[np.asarray(ids, dtype=int)]
+
+    def embed_norms(self) -> np.ndarray:
+        return np.linalg.norm(self.embed, axis=0)
+
+    def sketch(self, position: int, H: np.ndarray, frame, progress=None):
+        from moeguard.trace.features import sketch_layer
+
+        return sketch_layer(self.layers[position], H, frame)
+
+    def quant_sample(self) -> np.ndarray:
+        """Stored values of the first expert's gate, for the quantization-grid check."""
+        return self.layers[0].gate[0].reshape(-1)[:8192]
 
 
 def _np(t) -> np.ndarray:
@@ -96,20 +129,24 @@ def token_strings(tokenizer, n: int) -> list[str]:
     return out
 
 
-def load(ref: str | None) -> ModelWeights:
-    """A checkpoint directory, hub id or None (the embedded model), or a ``.gguf`` file."""
+def load(ref: str | None):
+    """A trace source: a ``.gguf`` file (read whole, dequantized), or a checkpoint directory, hub
+    id or None (the embedded model), streamed from its safetensors files."""
     from pathlib import Path
 
     if ref is not None and str(ref).endswith(".gguf"):
         from moeguard.trace.gguf import load_gguf
 
         return load_gguf(Path(ref))
-    import torch
+    from moeguard.models.loading import resolve
+    from moeguard.trace.stream import StreamedCheckpoint
+
+    if resolve(ref).path is not None:
+        return StreamedCheckpoint.open(ref)
+    import torch  # a hub id not downloaded: transformers fetches and loads it (the user's hub access)
 
     from moeguard.models.loading import load_model
 
     with torch.no_grad():
         model, tokenizer, r = load_model(ref)
-        if tokenizer is None:
-            raise MoeguardError(f"{r.name} has no tokenizer", hint="trace maps hidden dimensions through token strings")
         return from_model(model, tokenizer, name=r.name)

@@ -1,0 +1,297 @@
+"""A trace source read straight from a checkpoint's safetensors files, a slice at a time.
+
+A trace needs little of a model (``features.Sketch``): the anchors' embedding rows, and per
+expert its gate and up columns on the m sampled hidden dimensions H, its down rows on H, and its
+gate sums. So a checkpoint is never loaded: the gate and up tensors are read once in row chunks
+of ``CHUNK`` bytes (their columns on H, and the gate's row sums), the down tensor only on its m
+rows, the embedding only on the anchors' rows (the owner's fingerprint also sums its squares in
+chunks). Reads go through :class:`moeguard.io.ShardReader`, which unmaps pages every 32 MB, so
+resident memory stays near the interpreter plus one layer's sketch, whatever the model size.
+
+Where each tensor sits on disk is the family's data (``FamilySpec.disk_expert_tensors``,
+``disk_layout()``, ``expert_layout``), never a family branch here. Values are read in the stored
+dtype and widened to float64 per chunk, so a bf16 checkpoint gives exactly the float64 numbers the
+in-memory path gives (up to summation order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+from moeguard.trace.features import ROWS, Sketch
+
+CHUNK = 8 << 20              # bytes per read of a gate/up tensor
+_FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class _Layer:
+    index: int
+    num_experts: int
+    # per expert (gate, up, down) keys, or one fused (gate_up, down) pair for the whole layer
+    tensors: list[tuple[str, ...]]
+    fused: bool
+
+
+def _float(x) -> np.ndarray:
+    import torch
+
+    return x.to(torch.float64).numpy()
+
+
+@dataclass(kw_only=True)
+class StreamedCheckpoint:
+    """A trace source (``weights.py``) over a checkpoint directory; nothing is read until asked."""
+
+    name: str
+    family: str
+    layout: str                      # FamilySpec.expert_layout: how a fused pair is arranged
+    where: dict[str, Path]           # tensor key -> shard
+    shapes: dict[str, tuple[int, ...]]
+    embed_key: str
+    layers: list[_Layer]
+    tokens: list[str]
+    hidden: int
+    intermediate: int
+    source: dict[str, Any] = field(default_factory=dict)
+
+    # --- opening: every check that needs no tensor data -------------------------------------
+    @classmethod
+    def open(cls, ref: str | None) -> "StreamedCheckpoint":
+        from moeguard.io import read_header
+        from moeguard.models.adapter import MoEAdapter
+        from moeguard.models.loading import inspect, meta_model, safetensors_files
+
+        r, config, family = inspect(ref)  # config and family checked, every shard's header validated
+        files = safetensors_files(r.path)
+        where: dict[str, Path] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        dtypes: set[str] = set()
+        for f in files:
+            for key, info in read_header(f).items():
+                if key != "__metadata__":
+                    where[key], shapes[key] = f, tuple(int(s) for s in info["shape"])
+                    dtypes.add(info["dtype"])
+        model = meta_model(config)
+        adapter = MoEAdapter(model, family=family)
+        emb = model.get_input_embeddings().weight
+        embed_key = next(n for n, p in model.named_parameters() if p is emb)
+        if embed_key not in where:
+            raise MoeguardError(f"{r.path} has no tensor {embed_key} (the token embeddings)",
+                                hint="the checkpoint is incomplete; re-download it")
+        hidden = shapes[embed_key][1]
+        lay = family.disk_layout()
+        names = family.disk_expert_tensors
+        layers, inter = [], None
+        for l in adapter.layers:
+            layer, I = cls._find_layer(l.index, l.num_experts, family, lay.block_names, names, where, shapes,
+                                       hidden=hidden, path=r.path)
+            if inter is not None and I != inter:
+                raise MoeguardError(f"{r.path}: layer {l.index}'s experts have {I} neurons, layer "
+                                    f"{layers[0].index}'s {inter}", hint="trace reads models with one expert size")
+            inter = I
+            layers.append(layer)
+        if not layers:
+            raise MoeguardError(f"{r.path} has no MoE layer", hint="trace reads Mixture-of-Experts checkpoints")
+        unusual = dtypes - _FLOATS
+        if any(k.endswith("_scale_inv") or k.endswith(".scales") for k in where) or any(
+                t.startswith(("F8", "I8", "U8")) for t in unusual):
+            raise MoeguardError(f"{r.path} stores quantized weights ({', '.join(sorted(unusual)) or 'with scale tensors'})",
+                                hint="trace streams float checkpoints (F32, F16, BF16); dequantize it first, or "
+                                     "pass its GGUF export")
+        tokens = cls._tokens(r.path, shapes[embed_key][0])
+        return cls(name=r.name, family=family.name, layout=family.expert_layout, where=where, shapes=shapes,
+                   embed_key=embed_key, layers=layers, tokens=tokens, hidden=hidden, intermediate=int(inter),
+                   source={"format": "safetensors", "streamed": True, "dtypes": sorted(dtypes), "quantization": None})
+
+    @staticmethod
+    def _find_layer(index, E, family, blocks, names, where, shapes, *, hidden, path) -> tuple[_Layer, int]:
+        """The layer's expert tensors, with their shapes checked; returns (layer, neurons per expert)."""
+        fix = "the checkpoint's weights do not match its config.json, or it is incomplete; re-download it"
+        prefixes = [f"{family.layers_path}.{index}.{b}." for b in blocks]
+        if len(names) == 3:
+            found = [p for p in prefixes if f"{p}experts.0.{names[0]}" in where]
+            if not found:
+                raise MoeguardError(f"{path}: no expert tensors of MoE layer {index} (looked for "
+                                    f"{prefixes[0]}experts.0.{names[0]})", hint=fix)
+            keys = [tuple(f"{found[0]}experts.{e}.{n}" for n in names) for e in range(E)]
+            for ks in keys:
+                missing = [k for k in ks if k not in where]
+                if missing:
+                    raise MoeguardError(f"{path} lacks tensor {missing[0]}", hint=fix)
+            I = shapes[keys[0][0]][0]
+            want = [(I, hidden), (I, hidden), (hidden, I)]
+            for ks in keys:
+                for k, w in zip(ks, want):
+                    if shapes[k] != w:
+                        raise MoeguardError(f"{path}: {k} has shape {list(shapes[k])}, expected {list(w)}", hint=fix)
+            return _Layer(index, E, keys, fused=False), I
+        found = [p for p in prefixes if f"{p}{names[0]}" in where]
+        if not found:
+            raise MoeguardError(f"{path}: no expert tensors of MoE layer {index} (looked for {prefixes[0]}{names[0]})",
+                                hint=fix)
+        gu, dn = (f"{found[0]}{n}" for n in names)
+        if dn not in where:
+            raise MoeguardError(f"{path} lacks tensor {dn}", hint=fix)
+        if family.expert_layout == "gate_up":
+            I = shapes[gu][1] // 2
+            want = [(E, 2 * I, hidden), (E, hidden, I)]
+        else:  # gate_up_interleaved_t
+            I = shapes[gu][2] // 2
+            want = [(E, hidden, 2 * I), (E, I, hidden)]
+        for k, w in zip((gu, dn), want):
+            if shapes[k] != w:
+                raise MoeguardError(f"{path}: {k} has shape {list(shapes[k])}, expected {list(w)}", hint=fix)
+        return _Layer(index, E, [(gu, dn)], fused=True), I
+
+    @staticmethod
+    def _tokens(path: Path, vocab: int) -> list[str]:
+        from transformers import AutoTokenizer
+
+        from moeguard.trace.weights import token_strings
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as e:
+            raise MoeguardError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}",
+                                hint="trace aligns hidden dimensions through token strings; the checkpoint "
+                                     "directory needs its tokenizer files (tokenizer.json)") from None
+        return token_strings(tok, vocab)
+
+    # --- the source interface -----------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def experts(self) -> list[int]:
+        return [l.num_experts for l in self.layers]
+
+    @property
+    def vocab(self) -> int:
+        return self.shapes[self.embed_key][0]
+
+    def embed_rows(self, ids) -> np.ndarray:
+        from moeguard.io import ShardReader
+
+        ids = np.asarray(ids, dtype=int)
+        out = np.empty((len(ids), self.hidden))
+        reader = ShardReader()
+        try:
+            for k in np.argsort(ids, kind="stable"):  # file order
+                out[k] = _float(reader.read(self.where[self.embed_key], self.embed_key, slice(ids[k], ids[k] + 1)))[0]
+        finally:
+            reader.close()
+        return out
+
+    def embed_norms(self) -> np.ndarray:
+        import torch
+
+        from moeguard.io import ShardReader
+
+        sq = np.zeros(self.hidden)
+        reader = ShardReader()
+        try:
+            for _, _, x in self._chunks(reader, self.embed_key, ()):
+                sq += x.to(torch.float64).square().sum(0).numpy()
+        finally:
+            reader.close()
+        return np.sqrt(sq)
+
+    def quant_sample(self) -> np.ndarray:
+        from moeguard.io import ShardReader
+
+        layer = self.layers[0]
+        key = layer.tensors[0][0]
+        rows = -(-8192 // self.hidden) if self.layout == "gate_up" or not layer.fused else -(-8192 // (2 * self.intermediate))
+        lead = (0,) if layer.fused else ()
+        reader = ShardReader()
+        try:
+            x = _float(reader.read(self.where[key], key, (*lead, slice(0, rows))))
+        finally:
+            reader.close()
+        if layer.fused and self.layout != "gate_up":
+            x = x[..., 0::2]
+        return x.reshape(-1)[:8192]
+
+    def sketch(self, position: int, H: np.ndarray, frame) -> Sketch:
+        from moeguard.io import ShardReader
+
+        layer = self.layers[position]
+        C, s = frame.cols[H], frame.signs[H]
+        E, I, m = layer.num_experts, self.intermediate, len(H)
+        ka, kb = np.empty((E, m, m)), np.empty((E, m, m))
+        v, rows = np.empty((E, self.hidden)), np.empty((E, ROWS, m))
+        reader = ShardReader()
+        try:
+            for e in range(E):
+                g, u, dn, v_raw = self._expert(reader, layer, e, C, I)
+                g, u, dn = g * s, u * s, dn * s[:, None]          # [I, m], [I, m], [m, I]
+                ka[e], kb[e] = g.T @ g, dn @ u
+                v[e] = v_raw[frame.cols] * frame.signs
+                rows[e] = g[:ROWS]
+        finally:
+            reader.close()
+        return Sketch(index=layer.index, ka=ka, kb=kb, v=v, rows=rows, intermediate=I)
+
+    # --- reads ------------------------------------------------------------------------------
+    def _chunks(self, reader, key: str, lead: tuple):
+        """(start, stop, rows) over the axis after ``lead`` of tensor ``key``, CHUNK bytes at a time."""
+        shape = self.shapes[key][len(lead):]
+        row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * 4)
+        step = max(1, CHUNK // row_bytes)
+        for a in range(0, shape[0], step):
+            b = min(a + step, shape[0])
+            yield a, b, reader.read(self.where[key], key, (*lead, slice(a, b)))
+
+    def _rows(self, reader, key: str, lead: tuple, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (of the axis after ``lead``) of tensor ``key``, in ``idx``'s order."""
+        out = [None] * len(idx)
+        for k in np.argsort(idx, kind="stable"):
+            out[k] = _float(reader.read(self.where[key], key, (*lead, slice(int(idx[k]), int(idx[k]) + 1))))[0]
+        return np.stack(out)
+
+    def _expert(self, reader, layer: _Layer, e: int, C: np.ndarray, I: int):
+        """Expert ``e``'s gate and up columns C [I, m], down rows C [m, I] and gate sums [d]
+        (suspect frame)."""
+        import torch
+
+        Ct = torch.as_tensor(C)
+        g, u = np.empty((I, len(C))), np.empty((I, len(C)))
+        v = np.zeros(self.hidden)
+        if not layer.fused or self.layout == "gate_up":
+            if layer.fused:
+                gu, dn = layer.tensors[0]
+                parts, lead = [(gu, 0)], (e,)                  # rows [0, I) gate, [I, 2I) up
+            else:
+                gk, uk, dn = layer.tensors[e]
+                parts, lead = [(gk, 0), (uk, I)], ()
+            for key, offset in parts:
+                for a, b, x in self._chunks(reader, key, lead):
+                    cols = _float(x[:, Ct])
+                    a, b = a + offset, b + offset
+                    if a < I:  # gate rows
+                        n = min(b, I) - a
+                        g[a:a + n] = cols[:n]
+                        v += x[:n].sum(0, dtype=torch.float64).numpy()
+                    if b > I:  # up rows
+                        lo = max(a, I)
+                        u[lo - I:b - I] = cols[lo - a:]
+            return g, u, self._rows(reader, dn, lead, C), v
+        gu, dn = layer.tensors[0]                                # [E, d, 2I], [E, I, d]
+        picked = np.empty((len(C), 2 * I))                       # rows C of gate-up, in one pass
+        for a, b, x in self._chunks(reader, gu, (e,)):
+            v[a:b] = x[:, 0::2].sum(1, dtype=torch.float64).numpy()
+            sel = np.flatnonzero((C >= a) & (C < b))
+            if sel.size:
+                picked[sel] = _float(x[torch.as_tensor(C[sel] - a)])
+        g, u = picked[:, 0::2].T.copy(), picked[:, 1::2].T.copy()
+        d_rows = np.empty((len(C), I))
+        for a, b, x in self._chunks(reader, dn, (e,)):
+            d_rows[:, a:b] = _float(x[:, Ct]).T
+        return g, u, d_rows, v
