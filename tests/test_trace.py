@@ -258,8 +258,10 @@ def test_streaming_reads_what_memory_holds_for_every_family(family, embedded, tm
     for position in range(mem.num_layers):
         a, b = mem.sketch(position, H, frame), disk.sketch(position, H, frame)
         assert b.index == a.index
-        for k in ("ka", "kb", "v", "rows"):
+        for k in ("ka", "kb", "rows"):
             np.testing.assert_allclose(getattr(b, k), getattr(a, k), rtol=1e-10, atol=1e-12, err_msg=k)
+        # float32 partial sums (_column_sums), far below the fingerprint's float16
+        np.testing.assert_allclose(b.v, a.v, rtol=0, atol=1e-7 * np.abs(a.v).max())
     np.testing.assert_array_equal(disk.embed_rows([5, 1, 40]), mem.embed_rows([5, 1, 40]))
     np.testing.assert_allclose(disk.embed_norms(), mem.embed_norms(), rtol=1e-12)
     assert reads and max(reads) * 4 <= stream.CHUNK    # no read holds more than a chunk
@@ -272,7 +274,8 @@ def test_the_streamed_fingerprint_equals_the_in_memory_one(fp):
     assert disk.meta["H"] == fp.meta["H"] and disk.meta["anchor_tokens"] == fp.meta["anchor_tokens"]
     assert set(disk.tensors) == set(fp.tensors)
     for k, v in fp.tensors.items():
-        np.testing.assert_allclose(disk.tensors[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+        tol = dict(rtol=0, atol=1e-7 * np.abs(v).max()) if k.endswith(".v") else dict(rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(disk.tensors[k], v, err_msg=k, **tol)
 
 
 def test_a_budget_checkpoint_streams_with_its_per_layer_expert_counts(embedded, fp, tmp_path):
