@@ -13,7 +13,11 @@ Derivatives (each traced against the embedded model's fingerprint):
 - merging: each layer's 8 experts clustered into 4 by agglomerative clustering of their gate
   sums, averaged uniformly (HC-SMoE) and weighted by routing frequency (M-SMoE);
 - quantization: Q8_0 and Q4_0 (ggml's formats, by the gguf package) round trips, and the GGUF
-  files themselves;
+  files themselves; int8 and int4 by PyTorch's own quantization ops (``torch.quantize_per_channel``
+  to qint8, per output row, as dynamic int8 quantization of a Linear does; and
+  ``torch.fake_quantize_per_channel_affine`` to 4 bits in groups of 32 input values with a zero
+  point, the round-to-nearest int4 weight-only scheme of torchao and GPTQ/AWQ checkpoints before
+  calibration);
 - evasion: expert shuffling, neuron permutation, hidden-dimension permutation with sign flips,
   and all of them on top of pruning.
 Negatives: ``--negatives`` models trained by the zoo recipe with other seeds (``--negative-steps``
@@ -31,6 +35,7 @@ import argparse
 import dataclasses
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +105,33 @@ def _quantized(model, qtype):
             if p.dim() >= 2 and p.shape[-1] % block == 0 and ".gate.weight" not in name:
                 x = p.detach().float().numpy()
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x, kind), kind)).reshape(p.shape))
+    return q
+
+
+def _torch_quantized(model, bits: int, group: int = 32):
+    """The model with every matrix (router, norms and vectors aside) quantized by PyTorch's own
+    ops and dequantized: int8 symmetric per output row (qint8 tensors), or int4 asymmetric per
+    group of ``group`` input values (fake-quant to [0, 15] with a zero point)."""
+    import copy
+
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in q.named_parameters():
+            if p.dim() < 2 or ".gate.weight" in name or p.shape[-1] % group:
+                continue
+            x = p.detach().float().reshape(-1, p.shape[-1])                 # [rows, in]
+            if bits == 8:  # PyTorch deprecates its quantized tensors for torchao; the numbers are the same
+                warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")
+                scale = (x.abs().amax(1) / 127).clamp_min(1e-12).double()
+                y = torch.quantize_per_channel(x, scale, torch.zeros(len(x), dtype=torch.long), 0, torch.qint8)
+                p.copy_(y.dequantize().reshape(p.shape))
+                continue
+            g = x.reshape(-1, group)                                       # [rows * in / group, group]
+            lo, hi = g.amin(1).clamp_max(0), g.amax(1).clamp_min(0)
+            scale = ((hi - lo) / 15).clamp_min(1e-12)
+            zero = torch.round(-lo / scale).clamp(0, 15).to(torch.int32)
+            y = torch.fake_quantize_per_channel_affine(g, scale, zero, 0, 0, 15)
+            p.copy_(y.reshape(p.shape))
     return q
 
 
@@ -229,6 +261,10 @@ def main() -> None:
         doc = run_trace(fp, load_gguf(path))
         rows.append(_row(f"prune keep 4 -> GGUF {q}", "quantization", doc, time.perf_counter() - t0,
                          keep=base_plan.keep, extra={"gguf_bytes": path.stat().st_size}, order={}))
+    for bits in (8, 4):
+        what = "int8 per row (torch qint8)" if bits == 8 else "int4 per group of 32 (torch fake-quant)"
+        rows.append(_row(f"prune keep 4 -> {what}", "quantization", *_trace(fp, _torch_quantized(pruned, bits), tok, "q"),
+                         keep=base_plan.keep, order={}))
     # evasion
     shuffled, orders = evasion.shuffle_experts(pruned, seed=1)
     shuffled_keep = {li: base_plan.keep[li] for li in base_plan.keep}
