@@ -209,6 +209,15 @@ def test_audit_with_a_defense_compares_base_and_hardened_in_the_report(tmp_path)
     cell = d["summaries"]["arith-compare"]["4"]
     assert {"base", "hardened"} <= set(cell) and cell["hardened"]["pruned_retention"] is not None
     assert "undefended_keeps_90" in d["goals"]
+    # the attacker's best model of each side, traced against the model it was cut from
+    det = d["detectability"]["arith-compare"]["4"]
+    for side in ("base", "hardened"):
+        x = det[side]
+        assert x["verdict"] == "derived" and x["p_value"] <= 1e-4 and x["kept_total"] == 16, (side, x)
+        assert x["traced_runs"] == 2 and x["mode"] in ("full", "lora"), (side, x)
+    md = (run / "report.md").read_text()
+    assert (f"cut from the hardened release ({det['hardened']['mode']}, 8 labels) were stolen, `moeguard trace` "
+            f"would find it") in md and f"identifying {det['hardened']['kept_identified']} of 16 kept experts" in md
     html = (run / "report.html").read_text()
     assert 'id="defense"' in html and 'data-plot="defense_curves.png"' in html and 'data-plot="utility.png"' in html
     # without recovery the headline falls back to pruning alone

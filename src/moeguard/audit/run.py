@@ -348,7 +348,11 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
                           "goals": d["goals"], "extra_labels": {t: {k: v.get("extra_labels") for k, v in c.items()}
                                                                 for t, c in d["attacks"].items()},
                           "summaries": {t: {k: {"base": v["base"]["summary"], "hardened": v["hardened"]["summary"]}
-                                            for k, v in c.items()} for t, c in d["attacks"].items()}}
+                                            for k, v in c.items()} for t, c in d["attacks"].items()},
+                          # the attacker's best model of each side, traced against the model it was cut from
+                          "detectability": {t: {k: {"base": v["base"].get("detectability"),
+                                                    "hardened": v["hardened"].get("detectability")}
+                                                for k, v in c.items()} for t, c in d["attacks"].items()}}
     return doc
 
 

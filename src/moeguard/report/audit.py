@@ -158,6 +158,24 @@ def detect_text(rec: dict[str, Any]) -> str | None:
             f"(largest p {p_text(d['largest_p'])}).")
 
 
+def defense_detect_text(doc: dict[str, Any]) -> list[str]:
+    """Per task and keep: the attacker's best model of the hardened release, traced against it."""
+    from moeguard.report.trace import p_text
+
+    out = []
+    for t, by_keep in ((doc.get("defense") or {}).get("detectability") or {}).items():
+        for k, sides in by_keep.items():
+            d = sides.get("hardened")
+            if not d:
+                continue
+            out.append(f"Detectability, `{t}` at {k} experts: if the attacker's best model cut from the hardened "
+                       f"release ({d.get('mode', '?')}, {d['labels']} labels) were stolen, `moeguard trace` would "
+                       f"find it with p = {p_text(d['p_value'])} ({d['verdict']}), identifying {d['kept_identified']} "
+                       f"of {d['kept_total']} kept experts; all {d['traced_runs']} attack runs traced as derived: "
+                       f"{'yes' if d['all_derived'] else 'no'} (largest p {p_text(d['largest_p'])}).")
+    return out
+
+
 def defense_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
     d = doc.get("defense")
     if not d:
@@ -245,6 +263,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if doc.get("defense"):
         parts += ["\n## Defense comparison\n", _md_table(defense_rows(doc))]
         parts += [f"\n![defense](plots/{p})\n" for p in f["defense"]]
+        parts += ["\n" + line + "\n" for line in defense_detect_text(doc)]
         parts += ["\nGoals: " + ", ".join(f"{k}: {'met' if v['met'] else 'missed'}" for k, v in doc["defense"]["goals"].items()
                                          if isinstance(v, dict)) + "\n"]
     parts += ["\n## Model card\n", _md_table(card_rows(doc)), "\n## Reproduce\n", _md_table(repro_rows(doc)),
@@ -351,6 +370,7 @@ def render_html(doc: dict[str, Any], folder: Path) -> str:
     if doc.get("defense"):
         out += ['<h2 id="defense">Defense comparison</h2>', _html_table(defense_rows(doc), cls="defense")]
         out += [_img(folder, p, "Defense: base against hardened") for p in f["defense"]]
+        out += [f'<p class="detect">{html.escape(line)}</p>' for line in defense_detect_text(doc)]
         goals = doc["defense"]["goals"]
         out += ['<p class="note">Goals: ' + html.escape(", ".join(
             f"{k}: {'met' if v['met'] else 'missed'}" for k, v in goals.items() if isinstance(v, dict))) + "</p>"]

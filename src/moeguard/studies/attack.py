@@ -23,6 +23,8 @@ takes the envelope and adds, beside each derived number, its spread over seeds a
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -164,17 +166,21 @@ def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid:
     from moeguard.studies.engine import digest
     from moeguard.tasks.evaluate import TaskResult
 
+    from moeguard.trace.api import detectability, fingerprint_in_memory
+
     m, tok = ctx.model(model)
     t = get_task(task)
     plan = {int(l): list(v) for l, v in keep.items()}
     pruned = ctx.derived(("pruned", model, ctx.runtime.model, digest(keep)), lambda: prune_model(m, plan)[0])
+    # the model attacked is the one the attacker stole from (base or hardened): its fingerprint
+    fp = fingerprint_in_memory(m, tok, key=json.dumps([model, ctx.runtime.model, ctx.runtime.dtype]))
     pool = label_pool(t, pool_size=pool_size, budget=schedule[-1], seed=seed)
     orphan = None
     if get_strategy(strategy, t).needs_original:
         shares = orphan_shares(m, tok, t, plan, MoEAdapter(m).num_experts)
         orphan = lambda: shares(pool)  # noqa: E731
     return _cell(pruned, tok, t, strategy, grid, seed, schedule, pool, pool_size, eval_limit, orphan, full,
-                 TaskResult(**initial), "attack")
+                 TaskResult(**initial), "attack", after=lambda stolen: {"trace": detectability(fp, stolen, tok, plan)})
 
 
 def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, schedule: list[int], pool_size: int,
@@ -205,7 +211,9 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
     return {**cell, "architecture": {"num_experts": keep, "layers": layers, "parameters": params}}
 
 
-def _cell(model, tok, task, strategy, g, seed, schedule, pool, pool_size, eval_limit, orphan, full, initial, kind):
+def _cell(model, tok, task, strategy, g, seed, schedule, pool, pool_size, eval_limit, orphan, full, initial, kind,
+          after=None):
+    """``after(stolen)``: what to record of the cell's last model (the attack cells trace it)."""
     from moeguard.realign.loop import run_active_learning
 
     ft = FinetuneConfig(mode=g["mode"], lr=g["lr"], epochs=g["epochs"], seed=seed)
@@ -215,10 +223,13 @@ def _cell(model, tok, task, strategy, g, seed, schedule, pool, pool_size, eval_l
     try:
         torch.manual_seed(al.seed)
         curve, _ = run_active_learning(model, tok, task, al, pool=pool, orphan_share=orphan, full_score=full,
-                                       initial=initial)
+                                       initial=initial, after=after)
     except TrainingDiverged as e:  # a setting that blows up is one the attacker would not use
         return {**cell, "diverged": e.one_line(), "points": []}
-    return {**cell, "points": [{"labels": p["labels"], "score": p["score"]} for p in curve["points"]]}
+    out = {**cell, "points": [{"labels": p["labels"], "score": p["score"]} for p in curve["points"]]}
+    if "after" in curve:
+        out["after"] = curve["after"]
+    return out
 
 
 # --------------------------------------------------------------------------- the study
@@ -287,9 +298,24 @@ def attack_doc(cfg: AttackConfig, pick: dict[str, Any], runs: list[dict[str, Any
         sruns = [{k: v for k, v in r.items() if k != "architecture"} for r in scratch_runs]
         doc["scratch"] = {"architecture": arch, "runs": sruns,
                           "best": envelope(sruns, task.higher_is_better, full, base)}
+    doc["detectability"] = attack_detectability(runs, task.higher_is_better)
     doc["summary"] = summarize_attack(doc, target=cfg.target)
     doc["summary"]["uncertainty"] = attack_uncertainty(doc, target=cfg.target, seed=cfg.seed)
     return doc
+
+
+def attack_detectability(runs: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any] | None:
+    """The attacker's best cell (best final score), traced against the model it attacked."""
+    from moeguard.studies.common import detectability_of
+
+    sign = 1.0 if higher_is_better else -1.0
+    d = detectability_of([r for r in runs if r.get("kind") == "attack"],
+                         score=lambda r: None if r["points"][-1]["score"] is None else sign * r["points"][-1]["score"])
+    if d is None:
+        return None
+    best = next(r for r in runs if r.get("kind") == "attack" and r["strategy"] == d["strategy"]
+                and r["seed"] == d["seed"] and r.get("after", {}).get("trace", {}).get("p_value") == d["p_value"])
+    return {**d, "score": best["points"][-1]["score"], **{k: best[k] for k in ("mode", "lr", "epochs") if k in best}}
 
 
 def attack_uncertainty(doc: dict[str, Any], *, target: float, seed: int = 0) -> dict[str, Any]:

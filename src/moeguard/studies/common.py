@@ -25,3 +25,19 @@ def attribution_job(ctx, *, task: str, methods: list[str], samples: int, seed: i
     model, tok = ctx.model()
     c = make_context(model, tok, task, samples=samples, seed=seed, reference=reference)
     return {m: score(c, m).to_dict() for m in methods}
+
+
+def detectability_of(runs: list[dict[str, Any]], *, score) -> dict[str, Any] | None:
+    """If the attacker's best model (the run with the highest ``score(run)``, its final point)
+    were stolen: its trace p-value and how many of its kept experts the trace names
+    (docs/trace.md), with every traced run's verdicts. None when no run was traced (job files
+    cached before trace existed, or every run diverged)."""
+    traced = [r for r in runs if (r.get("after") or {}).get("trace") is not None and r.get("points")
+              and score(r) is not None]
+    if not traced:
+        return None
+    best = max(traced, key=score)
+    return {"strategy": best["strategy"], "seed": best["seed"], "labels": best["points"][-1]["labels"],
+            **best["after"]["trace"],
+            "all_derived": all(r["after"]["trace"]["verdict"] == "derived" for r in traced),
+            "largest_p": max(r["after"]["trace"]["p_value"] for r in traced), "traced_runs": len(traced)}

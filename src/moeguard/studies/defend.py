@@ -164,7 +164,8 @@ class DefendEvalStudy:
                 docs[who] = attack_doc(a, pick, runs, scratch)
             attacks.setdefault(a.task, {})[str(a.keep)] = {
                 who: {k: d[k] for k in ("full", "baseline_score", "attribution", "worst_case", "scratch", "summary",
-                                        "runs", "metric", "higher_is_better", "task", "keep", "budget", "settings")}
+                                        "runs", "metric", "higher_is_better", "task", "keep", "budget", "settings",
+                                        "detectability")}
                 for who, d in docs.items()}
             cell = attacks[a.task][str(a.keep)]
             cell["extra_labels"] = extra_labels(docs["base"]["summary"], docs["hardened"]["summary"], a.budget)

@@ -213,17 +213,14 @@ class RecoveryStudy:
 
 
 def detectability_of(curves: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """If the attacker's best re-aligned model (the run with the highest final retention) were
-    stolen: the trace's p-value and how many of its kept experts the trace names (docs/trace.md).
-    None when the runs were made before trace existed (cached job files)."""
-    traced = [c for c in curves if c.get("after", {}).get("trace") is not None and c["points"][-1]["retention"] is not None]
-    if not traced:
+    """The best re-aligned model (highest final retention), traced (``studies.common.detectability_of``)."""
+    from moeguard.studies.common import detectability_of as best_traced
+
+    d = best_traced(curves, score=lambda c: c["points"][-1]["retention"])
+    if d is None:
         return None
-    best = max(traced, key=lambda c: c["points"][-1]["retention"])
-    return {"strategy": best["strategy"], "seed": best["seed"], "labels": best["points"][-1]["labels"],
-            "retention": best["points"][-1]["retention"], **best["after"]["trace"],
-            "all_derived": all(c["after"]["trace"]["verdict"] == "derived" for c in traced),
-            "largest_p": max(c["after"]["trace"]["p_value"] for c in traced)}
+    best = next(c for c in curves if c["strategy"] == d["strategy"] and c["seed"] == d["seed"])
+    return {**d, "retention": best["points"][-1]["retention"]}
 
 
 def seeds_of(cfg: RecoveryConfig) -> list[int]:
