@@ -71,7 +71,7 @@ def quantization(w) -> dict[str, Any]:
         step = np.min(np.diff(u))
         span = (u[-1] - u[0]) / step
         on_grid = np.allclose((u - u[0]) / step, np.round((u - u[0]) / step), atol=1e-2)
-        levels.append(span if on_grid and span < 256 else math.inf)
+        levels.append(round(span) if on_grid and span < 256 else math.inf)  # 15.000007 is 16 levels
     grid = bool(levels) and np.mean(np.isfinite(levels)) > 0.9
     if not grid:
         return {"detected": stored is not None, "bits": None, "stored": stored}

@@ -1,0 +1,140 @@
+"""`moeguard route-attack`: how hijackable each expert's routing is (routing security)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, app
+
+
+@app.command("route-attack")
+def route_attack(
+        out: Annotated[Path, typer.Option("--out", help="folder for route_attack.json (and the heat map with several targets)")],
+        layer: Annotated[Optional[str], typer.Option("--layer", help="MoE layer index(es), comma-separated, or 'all'; default: all")] = None,
+        expert: Annotated[Optional[int], typer.Option("--expert", help="the expert the router should pick")] = None,
+        every: Annotated[bool, typer.Option("--all", help="every expert of the layer(s)")] = False,
+        task: Annotated[Optional[str], typer.Option("--task", help="task whose inputs follow the prefix; default: the embedded suite's first")] = None,
+        prefix_tokens: Annotated[int, typer.Option("--prefix-tokens", help="length of the crafted prefix, in tokens")] = 20,
+        steps: Annotated[int, typer.Option("--steps", help="GCG steps per target")] = 80,
+        candidates: Annotated[int, typer.Option("--candidates", help="substitutions evaluated per step")] = 96,
+        model: ModelOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
+    """Craft a prefix that makes a layer's router send the following tokens to a chosen expert (GCG)."""
+    from moeguard.cli.app import _ints, _seed
+    from moeguard.edge import embedded_or, resolve_model
+    from moeguard.errors import MoeguardError
+    from moeguard.io import check_output
+    from moeguard.monitor.hijack import HijackConfig
+    from moeguard.monitor.routeattack import run, targets
+
+    for name, value, least in (("--prefix-tokens", prefix_tokens, 1), ("--steps", steps, 0), ("--candidates", candidates, 1)):
+        if value < least:
+            raise MoeguardError(f"{name} is {value}", hint=f"pass {name} of at least {least}")
+    check_output(out, overwrite=overwrite)
+    handle = resolve_model(model)
+    layers = None if layer in (None, "all") else _ints(layer, "--layer")
+    pairs = targets(handle, layers, expert, every)
+    t = embedded_or([task] if task else None, what="--task")[0]
+    _seed(seed)
+    cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=prefix_tokens, steps=steps,
+                       candidates=candidates, seed=seed)
+    with _progress() as progress:
+        doc = run(handle, t, pairs, cfg, out=out, overwrite=overwrite, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    from rich.table import Table
+
+    tab = Table(title=f"route-attack on {doc['model']} (task {doc['task']}, prefix {prefix_tokens} tokens)")
+    for c in ("layer", "expert", "success", "without prefix", "max load (normal)", "task score with prefix"):
+        tab.add_column(c, justify="right")
+    for r in doc["targets"]:
+        m = r["measured"]
+        tab.add_row(str(r["layer"]), str(r["expert"]), f"{100 * m['success']:.0f}%", f"{100 * m['success_without_prefix']:.0f}%",
+                    f"{100 * m['load_max']:.0f}% ({100 * m['normal_load_mean']:.0f}%)",
+                    f"{m['task']['with_prefix']:.4g} ({m['task']['score']:.4g})")
+    _console().print(tab)
+    for l, s in doc["summary"]["layers"].items():
+        typer.echo(f"layer {l}: hijacked (>= 90%) {s['hijacked']}, resist {s['resist']}")
+    typer.echo(f"written to {out}")
+
+
+monitor_app = typer.Typer(no_args_is_help=True, help="Routing monitor: a benign profile, then score logged traffic.")
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("profile")
+def monitor_profile(
+        out: Annotated[Path, typer.Option("--out", help="profile file to write (JSON)")],
+        tasks: Annotated[Optional[str], typer.Option("--tasks", help="benign traffic: comma-separated tasks; default: the embedded suite")] = None,
+        limit: Annotated[int, typer.Option("--limit", help="inputs per task (eval split), half to fit, half to calibrate")] = 200,
+        window: Annotated[int, typer.Option("--window", help="requests per client window the profile calibrates")] = 16,
+        model: ModelOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+    """The reference routing profile of benign traffic, with calibrated null distributions."""
+    from moeguard.cli.app import _seed
+    from moeguard.edge import embedded_or, resolve_model
+    from moeguard.errors import MoeguardError
+    from moeguard.io import check_output, write_json
+    from moeguard.monitor.profile import build
+    from moeguard.tasks.loaders import load_records
+
+    if limit < 8:
+        raise MoeguardError(f"--limit is {limit}", hint="pass --limit of at least 8 inputs per task")
+    if window < 1:
+        raise MoeguardError(f"--window is {window}", hint="pass --window of at least 1 request")
+    check_output(out, overwrite=overwrite)
+    handle = resolve_model(model)
+    ts = embedded_or(_task_list(tasks), what="--tasks")
+    prompts = {t.name: [r["input"] for r in load_records(t, "eval", limit=limit) if r["input"]] for t in ts}
+    _seed(seed)
+    m, tok, _ = handle.load()
+    prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name)
+    write_json(out, prof.to_dict(), overwrite=overwrite)
+    r = prof.meta["requests"]
+    typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
+               f"calibrating, windows of {window}; written to {out}")
+
+
+@monitor_app.command("score")
+def monitor_score(
+        profile: Annotated[Path, typer.Option("--profile", help="profile from `moeguard monitor profile`")],
+        log: Annotated[Path, typer.Option("--log", help="requests, JSON Lines: {id, client, time, prompt}")],
+        out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, alerts.jsonl and summary.json")],
+        window: Annotated[Optional[int], typer.Option("--window", help="requests per client window; default: the profile's")] = None,
+        alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
+        log_prompts: Annotated[bool, typer.Option("--log-prompts", help="write prompts into the outputs (off: routing can reveal what users typed)")] = False,
+        model: ModelOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Replay logged requests through the model; alert on requests and client windows unlike the profile."""
+    from moeguard.edge import resolve_model
+    from moeguard.io import atomic_dir, check_output, read_json
+    from moeguard.monitor.profile import Profile
+    from moeguard.monitor.score import read_log, score
+
+    check_output(out, overwrite=overwrite)
+    prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
+                             where=str(profile))
+    records = read_log(log)
+    handle = resolve_model(model)
+    if handle.name != prof.meta.get("model"):
+        from moeguard.errors import MoeguardError
+
+        raise MoeguardError(f"the profile was made for {prof.meta.get('model')}, not {handle.name}",
+                            hint="score with the profiled model (--model), or profile this one")
+    m, tok, _ = handle.load()
+    scores, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha, log_prompts=log_prompts)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+        (tmp / "alerts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alerts))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
+               f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts "
+               f"(p <= {alpha}); written to {out}")
+
+
+def _task_list(value: str | None) -> list[str] | None:
+    from moeguard.cli.app import _names
+
+    return _names(value, "--tasks") if value is not None else None

@@ -1,0 +1,300 @@
+"""Routing manipulation: a short prefix that makes one MoE layer's router send the tokens after
+it to a chosen expert (``moeguard route-attack``; docs/routing-security.md).
+
+The search is GCG (Zou et al., 2023, "Universal and transferable adversarial attacks"), with the
+router's logits as the objective instead of the next-token loss:
+
+- **the attack** is ``n`` token ids placed after BOS, then a newline, then the task's input: text a
+  user could send. Candidates whose text does not re-tokenize to the same ids are refused;
+- **the objective**, on the *input's* tokens only (not the prefix's own): the cross-entropy of the
+  layer's router softmax toward expert E, a smooth stand-in for "E is among the top-k", averaged
+  over ``train_inputs`` inputs of the task's train split (one universal prefix for them all);
+- **each step**: the gradient of the objective with respect to the prefix's one-hot tokens gives
+  each position's ``topk`` most promising substitutes; ``candidates`` random single-token
+  substitutions are evaluated exactly and the best (routing success first, objective second)
+  becomes the prefix (GCG moves even when no candidate improves; the best prefix seen is kept);
+- forward passes stop at the target layer's router (a hook raises there): nothing after it can
+  change the objective, so a hijack of layer 0 costs an embedding and one attention block.
+
+Reported on held-out inputs (the task's eval split), tokenized from the text:
+- **success**: the share of input tokens routed to E (E among the layer's top-k);
+- **load**: E's share of one request's routing assignments (prefix tokens included), the largest
+  over requests, against E's share of the same inputs sent without the prefix (its normal share);
+- **task effect**: the task's score with the prefix prepended, against without.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from moeguard.errors import MoeguardError
+from moeguard.tasks.base import Task
+
+SEPARATOR = "\n"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HijackConfig:
+    layer: int                   # decoder-layer index of an MoE layer
+    expert: int
+    prefix_tokens: int = 20
+    steps: int = 80
+    candidates: int = 96         # single-token substitutions evaluated per step
+    topk: int = 32               # substitutes per position, from the gradient
+    train_inputs: int = 8        # inputs the universal prefix is optimized on (train split)
+    eval_inputs: int = 32        # held-out inputs it is measured on (eval split)
+    max_input_tokens: int = 48   # inputs are cut to this many tokens while searching
+    eval_limit: int = 64         # records for the task-effect evaluation
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Stop(Exception):
+    """Raised by the router hook: the rest of the forward cannot change the objective."""
+
+
+class RouterTap:
+    """Layer ``slot``'s router logits and top-k selection for the next forward; with
+    ``stop=True`` the forward ends there. The hook is removed on exit, whatever happens."""
+
+    def __init__(self, adapter, slot: int, *, stop: bool = True):
+        self.router = adapter.layers[slot].router
+        self.stop = stop
+        self.logits: torch.Tensor | None = None      # [B*T, E]
+        self.index: torch.Tensor | None = None       # [B*T, k]
+        self._handle = None
+
+    def _hook(self, module, args, output):
+        self.logits, self.index = output[0], output[2]
+        if self.stop:
+            raise _Stop
+
+    def __enter__(self) -> "RouterTap":
+        self._handle = self.router.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def run(self, model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            model(**inputs)
+        except _Stop:
+            pass
+        return self.logits, self.index
+
+
+def check_target(adapter, layer: int, expert: int) -> int:
+    """The slot of MoE layer ``layer``, or a one-line error listing what exists."""
+    layers = [l.index for l in adapter.layers]
+    if layer not in layers:
+        raise MoeguardError(f"layer {layer} is not an MoE layer of this model (its MoE layers: {layers})",
+                            hint=f"pass --layer with one of {layers}")
+    slot = layers.index(layer)
+    E = adapter.layers[slot].num_experts
+    if not 0 <= expert < E:
+        raise MoeguardError(f"expert {expert} does not exist in layer {layer} ({E} experts: 0..{E - 1})",
+                            hint=f"pass --expert between 0 and {E - 1}, or --all")
+    return slot
+
+
+def allowed_tokens(tokenizer, vocab: int) -> np.ndarray:
+    """Ids a prefix may use: not special, decoding to visible text that re-tokenizes to the same id."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ok = []
+    for i in range(vocab):
+        if i in special:
+            continue
+        text = tokenizer.decode([i])
+        if text.strip() and SEPARATOR not in text and tokenizer.encode(text, add_special_tokens=False) == [i]:
+            ok.append(i)
+    if not ok:
+        raise MoeguardError("no token of the vocabulary re-tokenizes to itself", hint="route-attack needs a usable vocabulary")
+    return np.asarray(ok)
+
+
+def _inputs(task: Task, role: str, n: int, tokenizer, max_tokens: int | None) -> list[list[int]]:
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.tokens import encode
+
+    recs = load_records(task, role, limit=n)
+    ids = [encode(tokenizer, r["input"]) for r in recs]
+    return [x[:max_tokens] if max_tokens else x for x in ids if x]
+
+
+class _Batch:
+    """bos + prefix + separator + input, right-padded; which positions are the input's."""
+
+    def __init__(self, tokenizer, inputs: list[list[int]]):
+        from moeguard.tasks.tokens import bos_ids, encode, pad_id
+
+        self.head = bos_ids(tokenizer)
+        self.sep = encode(tokenizer, SEPARATOR)
+        self.inputs = inputs
+        self.pad = pad_id(tokenizer)
+
+    def build(self, prefixes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [B, T], attention mask [B, T], target mask [B, T]) for every prefix x input."""
+        seqs, starts = [], []
+        for p in prefixes:
+            for x in self.inputs:
+                lead = self.head + list(p) + self.sep
+                seqs.append(lead + x)
+                starts.append(len(lead))
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        target = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for r, (s, a) in enumerate(zip(seqs, starts)):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+            target[r, a:len(s)] = True
+        return ids, mask, target
+
+
+def _objective(logits: torch.Tensor, expert: int) -> torch.Tensor:
+    """Per token: the cross-entropy of the router softmax toward expert E. (A softplus hinge on
+    the top-k rule itself did no better: 0.69 against 0.67 held-out success on one layer-0
+    target, 0.65 against 0.72 on one layer-3 target, 40 steps each.)"""
+    return -torch.log_softmax(logits.float(), dim=-1)[:, expert]
+
+
+def _scores(logits, index, target, expert, per: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of ``per`` rows (one prefix): (success share, mean objective)."""
+    B = target.shape[0]
+    t = target.reshape(-1)
+    hit = (index == expert).any(dim=-1).float() * t
+    ce = _objective(logits, expert) * t
+    n = t.float().reshape(B, -1).sum(1).reshape(-1, per).sum(1)
+    success = hit.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n
+    return success.numpy(), (ce.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n).numpy()
+
+
+def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed: np.ndarray,
+           progress=None) -> dict[str, Any]:
+    """The GCG search for one (layer, expert); returns the best prefix and its training curve."""
+    slot = check_target(adapter, cfg.layer, cfg.expert)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = _Batch(tokenizer, _inputs(task, "train", cfg.train_inputs, tokenizer, cfg.max_input_tokens))
+    P = len(batch.inputs)
+    embed = model.get_input_embeddings()
+    W = embed.weight.detach()
+    banned = torch.ones(W.shape[0], dtype=torch.bool)
+    banned[torch.as_tensor(allowed)] = False
+    prefix = [int(t) for t in rng.choice(allowed, size=cfg.prefix_tokens)]
+    n = cfg.prefix_tokens
+    best = {"prefix": list(prefix), "success": -1.0, "loss": float("inf"), "step": 0}
+    curve = []
+    task_id = progress.add_task(f"hijack layer {cfg.layer} expert {cfg.expert}", total=cfg.steps) if progress else None
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(cfg.steps + 1):
+            # 1. the gradient w.r.t. the prefix's one-hot tokens (the forward stops at the router)
+            ids, mask, target = batch.build([prefix])
+            onehot = torch.zeros(n, W.shape[0], dtype=W.dtype)
+            onehot[torch.arange(n), torch.tensor(prefix)] = 1.0
+            onehot.requires_grad_(True)
+            x = embed(ids).detach()
+            lead = len(batch.head)
+            x = torch.cat([x[:, :lead], (onehot @ W).expand(P, n, -1), x[:, lead + n:]], dim=1)
+            with RouterTap(adapter, slot) as tap:
+                logits, index = tap.run(model, inputs_embeds=x, attention_mask=mask)
+            succ, ce = _scores(logits.detach(), index, target, cfg.expert, P)
+            t = target.reshape(-1)
+            loss = (_objective(logits, cfg.expert) * t).sum() / t.sum()
+            (grad,) = torch.autograd.grad(loss, onehot)
+            curve.append({"step": step, "success": round(float(succ[0]), 4), "loss": round(float(ce[0]), 4)})
+            if (succ[0], -ce[0]) > (best["success"], -best["loss"]):
+                best = {"prefix": list(prefix), "success": float(succ[0]), "loss": float(ce[0]), "step": step}
+            if step == cfg.steps or best["success"] >= 1.0:
+                break
+            # 2. candidates: random single-token substitutions among each position's top-k
+            grad[:, banned] = float("inf")
+            top = (-grad).topk(cfg.topk, dim=1).indices                       # [n, topk]
+            pos = torch.randint(0, n, (cfg.candidates,), generator=gen)
+            pick = top[pos, torch.randint(0, cfg.topk, (cfg.candidates,), generator=gen)]
+            cands, seen = [], set()
+            for p_, t_ in zip(pos.tolist(), pick.tolist()):
+                c = list(prefix)
+                c[p_] = t_
+                key = tuple(c)
+                if key in seen or key == tuple(prefix):
+                    continue
+                seen.add(key)
+                if tokenizer.encode(tokenizer.decode(c), add_special_tokens=False) == c:  # sendable as text
+                    cands.append(c)
+            if not cands:
+                continue
+            # 3. evaluate them exactly, in chunks of rows
+            succ_all, ce_all = [], []
+            per_chunk = max(1, 512 // P)
+            with torch.no_grad():
+                for i in range(0, len(cands), per_chunk):
+                    ids, mask, target = batch.build(cands[i:i + per_chunk])
+                    with RouterTap(adapter, slot) as tap:
+                        logits, index = tap.run(model, input_ids=ids, attention_mask=mask)
+                    s_, c_ = _scores(logits, index, target, cfg.expert, P)
+                    succ_all.append(s_)
+                    ce_all.append(c_)
+            s_, c_ = np.concatenate(succ_all), np.concatenate(ce_all)
+            j = int(np.lexsort((c_, -s_))[0])                                  # most success, then least loss
+            prefix = cands[j]
+            if task_id is not None:
+                progress.advance(task_id)
+    finally:
+        model.train(was_training)
+        if task_id is not None:
+            progress.update(task_id, completed=cfg.steps)
+    return {"prefix_ids": best["prefix"], "prefix_text": tokenizer.decode(best["prefix"]),
+            "train_success": round(best["success"], 4), "train_loss": round(best["loss"], 4),
+            "best_step": best["step"], "steps_run": len(curve) - 1, "curve": curve}
+
+
+def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_text: str) -> dict[str, Any]:
+    """Success and load on held-out inputs, sent as text with and without the prefix, and the
+    task's score with the prefix prepended against without."""
+    from moeguard.tasks.evaluate import evaluate_task
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.tokens import bos_ids, encode
+
+    slot = check_target(adapter, cfg.layer, cfg.expert)
+    k = adapter.top_k
+    head, sep = bos_ids(tokenizer), encode(tokenizer, SEPARATOR)
+    p_ids = encode(tokenizer, prefix_text)
+    rows = {"attacked": [], "normal": []}
+    exact = 0
+    recs = [r for r in load_records(task, "eval", limit=cfg.eval_inputs) if r["input"]]
+    with torch.no_grad():
+        for r in recs:
+            x = encode(tokenizer, r["input"])
+            full = encode(tokenizer, prefix_text + SEPARATOR + r["input"])
+            exact += full == p_ids + sep + x
+            for kind, ids, start in (("attacked", head + full, len(head) + len(p_ids) + len(sep)),
+                                     ("normal", head + x, len(head))):
+                with RouterTap(adapter, slot) as tap:
+                    _, index = tap.run(model, input_ids=torch.tensor([ids]))
+                hit = (index == cfg.expert).any(dim=-1)
+                rows[kind].append({"success": float(hit[start:].float().mean()),
+                                   "load": float((index == cfg.expert).sum()) / (k * index.shape[0])})
+    full_score = evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False)
+    hit_score = evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False,
+                              input_prefix=prefix_text + SEPARATOR)
+    a, nrm = rows["attacked"], rows["normal"]
+    return {"success": round(float(np.mean([r["success"] for r in a])), 4),
+            "success_without_prefix": round(float(np.mean([r["success"] for r in nrm])), 4),
+            "success_min": round(float(np.min([r["success"] for r in a])), 4),
+            "load_max": round(max(r["load"] for r in a), 4), "load_mean": round(float(np.mean([r["load"] for r in a])), 4),
+            "normal_load_mean": round(float(np.mean([r["load"] for r in nrm])), 4),
+            "normal_load_max": round(max(r["load"] for r in nrm), 4),
+            "uniform_load": round(1.0 / adapter.layers[slot].num_experts, 4),
+            "inputs": len(recs), "tokenization_exact": exact / max(1, len(recs)),
+            "task": {"metric": full_score.metric, "score": full_score.score, "with_prefix": hit_score.score,
+                     "higher_is_better": full_score.higher_is_better, "limit": cfg.eval_limit}}

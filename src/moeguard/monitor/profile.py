@@ -1,0 +1,166 @@
+"""The reference routing profile of benign traffic, and the statistics a request or a client's
+window of requests is scored by (``moeguard monitor profile`` / ``score``; docs/routing-security.md).
+
+A request's **routing histogram** is, per MoE layer, the share of its routing assignments each
+expert received ([L, E], rows sum to 1; padding excluded). From benign requests (the given tasks'
+inputs), split in two halves by a seeded shuffle:
+
+- the **fit half** gives per (layer, expert) the mean and spread of a request's share, and each
+  task's mean histogram (the benign *topics*);
+- the **calibration half** gives the null distribution of every statistic below, so a score is
+  turned into an empirical p-value, ``(1 + #{benign >= s}) / (n + 1)``: calibrated on held-out
+  benign traffic, never on a tuned threshold.
+
+Statistics (larger = more anomalous), each with where it points:
+
+- ``load``: the largest standardized share, max over (layer, expert) of (share - mean) / sd:
+  one expert forced to take a request (routing hijack, expert saturation);
+- ``atypical``: the Jensen-Shannon divergence from the nearest benign topic, averaged over
+  layers: routing unlike any benign use (random-token probing, crafted inputs);
+- windows of a client's ``window`` requests get the same two statistics on their mean histogram,
+  calibrated on benign windows drawn from the calibration half: one from a single topic per
+  window (a benign single-topic user, the hard negative) or mixed, alternately.
+
+A request's p-value is the smaller of its statistics' p-values times their number (Bonferroni).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+
+SCHEMA = "moeguard.routing-profile/1"
+STATISTICS = ("load", "atypical")
+
+
+def histograms(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_length: int = 256,
+               adapter=None) -> np.ndarray:
+    """[N, L, E] routing histograms of ``prompts`` (padding excluded)."""
+    import torch
+
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.hooks import RoutingCapture
+    from moeguard.tasks.tokens import bos_ids, encode, pad_batch, pad_id
+
+    adapter = adapter or MoEAdapter(model)
+    out = []
+    head = bos_ids(tokenizer)
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            seqs = [(head + encode(tokenizer, p))[:max_length] for p in prompts[i:i + batch_size]]
+            ids, mask = pad_batch(seqs, pad_id(tokenizer), left=False, device="cpu")
+            with RoutingCapture(model, per_sample=True, adapter=adapter) as cap:
+                model(input_ids=ids, attention_mask=mask)
+            out.extend(h.numpy() for h in cap.stats.per_sample)
+    return np.stack(out) if out else np.zeros((0, len(adapter.layers), adapter.num_experts))
+
+
+def _js(h: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence (nats) of histograms h [..., L, E] from ref [L, E], mean over layers."""
+    m = (h + ref) / 2
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * np.log(a / np.maximum(b, 1e-12)), 0.0).sum(-1)
+    return ((kl(h, m) + kl(ref, m)) / 2).mean(-1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    meta: dict[str, Any]             # model, tasks, sizes, window, seed
+    mean: np.ndarray                 # [L, E] mean share per request
+    sd: np.ndarray                   # [L, E] its spread (floored)
+    topics: dict[str, np.ndarray]    # task -> [L, E] mean histogram
+    null: dict[str, np.ndarray]      # "request.load", "window.atypical", ... -> sorted benign values
+
+    # --- statistics --------------------------------------------------------------------------
+    def statistics(self, h: np.ndarray) -> dict[str, np.ndarray]:
+        """``h`` [N, L, E] -> each statistic [N], with where ``load`` points ([N] flat (l, e) index)."""
+        z = (h - self.mean) / self.sd
+        flat = z.reshape(len(h), -1)
+        js = np.stack([_js(h, t) for t in self.topics.values()], axis=1)     # [N, topics]
+        return {"load": flat.max(1), "load_at": flat.argmax(1), "atypical": js.min(1),
+                "nearest_topic": js.argmin(1)}
+
+    def p_values(self, stats: dict[str, np.ndarray], level: str) -> dict[str, np.ndarray]:
+        out = {}
+        for s in STATISTICS:
+            null = self.null[f"{level}.{s}"]
+            above = len(null) - np.searchsorted(null, stats[s], side="left")
+            out[s] = (1 + above) / (len(null) + 1)
+        out["combined"] = np.minimum(1.0, len(STATISTICS) * np.minimum(*[out[s] for s in STATISTICS]))
+        return out
+
+    # --- storage -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **self.meta, "mean": self.mean.tolist(), "sd": self.sd.tolist(),
+                "topics": {k: v.tolist() for k, v in self.topics.items()},
+                "null": {k: v.tolist() for k, v in self.null.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Any, *, where: str) -> "Profile":
+        fix = "make it with `moeguard monitor profile --out P`"
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            got = d.get("schema") if isinstance(d, dict) else type(d).__name__
+            raise MoeguardError(f"{where} is not a routing profile (schema {got!r}, expected {SCHEMA})", hint=fix)
+        try:
+            mean, sd = np.asarray(d["mean"], dtype=float), np.asarray(d["sd"], dtype=float)
+            topics = {k: np.asarray(v, dtype=float) for k, v in d["topics"].items()}
+            null = {k: np.sort(np.asarray(v, dtype=float)) for k, v in d["null"].items()}
+            meta = {k: v for k, v in d.items() if k not in ("schema", "mean", "sd", "topics", "null")}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MoeguardError(f"{where} is a damaged routing profile ({type(e).__name__}: {e})", hint=fix) from None
+        if mean.ndim != 2 or sd.shape != mean.shape or not topics or any(t.shape != mean.shape for t in topics.values()) \
+                or any(f"{lv}.{s}" not in null for lv in ("request", "window") for s in STATISTICS):
+            raise MoeguardError(f"{where} is a damaged routing profile (shapes or null samples missing)", hint=fix)
+        return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null)
+
+
+def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int = 400,
+          seed: int = 0, name: str = "") -> Profile:
+    """The profile of benign ``prompts`` (task -> inputs); see the module docstring."""
+    from moeguard.models.adapter import MoEAdapter
+
+    if window < 1:
+        raise MoeguardError(f"window is {window}", hint="pass a window of at least 1 request")
+    rng = np.random.default_rng(seed)
+    adapter = MoEAdapter(model)
+    fit, cal, cal_topic = [], [], []
+    topics = {}
+    for t, ps in prompts.items():
+        if len(ps) < 4:
+            raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
+        h = histograms(model, tokenizer, ps, adapter=adapter)
+        order = rng.permutation(len(h))
+        half = len(h) // 2
+        fit.append(h[order[:half]])
+        cal.append(h[order[half:]])
+        cal_topic += [t] * (len(h) - half)
+        topics[t] = h[order[:half]].mean(0)
+    F = np.concatenate(fit)
+    C = np.concatenate(cal)
+    mean = F.mean(0)
+    sd = np.maximum(F.std(0), 0.5 / math.sqrt(max(1, len(F))) * np.maximum(mean, 1e-3) + 1e-3)
+    prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null={})
+    null = {}
+    s = prof.statistics(C)
+    for k in STATISTICS:
+        null[f"request.{k}"] = np.sort(s[k])
+    # benign windows: alternately one topic (a single-topic user) and a mix of topics
+    by_topic = {t: np.flatnonzero(np.asarray(cal_topic) == t) for t in topics}
+    wins = []
+    for i in range(windows):
+        pool = by_topic[list(topics)[i // 2 % len(topics)]] if i % 2 == 0 else np.arange(len(C))
+        wins.append(C[rng.choice(pool, size=window, replace=len(pool) < window)].mean(0))
+    ws = prof.statistics(np.stack(wins))
+    for k in STATISTICS:
+        null[f"window.{k}"] = np.sort(ws[k])
+    meta = {"model": name, "tasks": list(prompts), "requests": {"fit": int(len(F)), "calibration": int(len(C))},
+            "window": window, "benign_windows": windows, "seed": seed,
+            "layers": [l.index for l in adapter.layers], "num_experts": adapter.num_experts, "top_k": adapter.top_k}
+    return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null)

@@ -1,0 +1,98 @@
+"""``moeguard route-attack``: hijack searches over chosen (layer, expert) targets into one
+resumable folder: ``route_attack.json`` (schema ``moeguard.route-attack/1``), one file per target
+as it finishes (so an interrupted run continues where it stopped), and with several targets a
+heat map of how hijackable each expert is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from moeguard.errors import MoeguardError
+from moeguard.monitor.hijack import HijackConfig, allowed_tokens, measure, search
+
+SCHEMA = "moeguard.route-attack/1"
+GOAL_SUCCESS = 0.9      # the issue's bar: >= 90% routing success ...
+GOAL_SHARE = 0.5        # ... on at least half of each layer's experts, prefix <= 20 tokens
+
+
+def targets(handle, layers: list[int] | None, expert: int | None, every: bool) -> list[tuple[int, int]]:
+    """(layer, expert) pairs, checked against the model's config before any weight is read."""
+    moe = handle.info["moe_layers"]
+    counts = {int(k): v for k, v in handle.info["experts_per_layer"].items()}
+    layers = moe if layers is None else layers
+    bad = [l for l in layers if l not in moe]
+    if bad:
+        raise MoeguardError(f"layer {bad[0]} is not an MoE layer of {handle.name} (its MoE layers: {moe})",
+                            hint=f"pass --layer with one of {moe}, or 'all'")
+    if every:
+        if expert is not None:
+            raise MoeguardError("--all and --expert were both given", hint="pass --expert E for one expert, or --all for every expert")
+        return [(l, e) for l in layers for e in range(counts[l])]
+    if expert is None:
+        raise MoeguardError("no target expert", hint="pass --expert E, or --all for every expert of the layer")
+    for l in layers:
+        if not 0 <= expert < counts[l]:
+            raise MoeguardError(f"expert {expert} does not exist in layer {l} ({counts[l]} experts: 0..{counts[l] - 1})",
+                                hint=f"pass --expert between 0 and {counts[l] - 1}, or --all")
+    return [(l, expert) for l in layers]
+
+
+def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: Path, overwrite: bool = False,
+        progress=None) -> dict[str, Any]:
+    """Search and measure every target into ``out`` (resumable); returns the document."""
+    from moeguard.io import resumable_dir, write_json
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.provenance import run_record
+
+    settings = {"model": handle.name, "task": task.name, "config": cfg.to_dict(), "targets": pairs}
+    with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
+        model, tok, _ = handle.load()
+        adapter = MoEAdapter(model)
+        allowed = allowed_tokens(tok, model.get_input_embeddings().weight.shape[0])
+        overall = progress.add_task("route-attack targets", total=len(pairs)) if progress is not None else None
+        results = []
+        for layer, expert in pairs:
+            done = tmp / f"target-{layer}-{expert}.json"
+            if done.exists():  # finished before an interruption
+                results.append(json.loads(done.read_text()))
+            else:
+                c = replace(cfg, layer=layer, expert=expert)
+                found = search(model, tok, adapter, task, c, allowed=allowed, progress=progress)
+                r = {"layer": layer, "expert": expert, **found,
+                     "measured": measure(model, tok, adapter, task, c, found["prefix_text"])}
+                write_json(done, r)
+                results.append(r)
+            if overall is not None:
+                progress.advance(overall)
+        doc = {"schema": SCHEMA, "model": handle.name, "task": task.name, "config": cfg.to_dict(),
+               "top_k": adapter.top_k, "targets": results, "summary": summary(results, cfg),
+               "run": run_record(settings)}
+        for f in tmp.glob("target-*.json"):
+            f.unlink()
+        write_json(tmp / "route_attack.json", doc)
+        if len(results) > 1:
+            from moeguard.report.routing import hijack_heatmap
+
+            hijack_heatmap(doc, tmp / "route_attack_heatmap.png")
+    return doc
+
+
+def summary(results: list[dict[str, Any]], cfg: HijackConfig) -> dict[str, Any]:
+    """Per layer: experts hijacked at >= 90% held-out success, the ones that resist, and the goal."""
+    layers: dict[int, dict[str, Any]] = {}
+    for r in results:
+        layers.setdefault(r["layer"], {"experts": [], "hijacked": [], "resist": []})
+        L = layers[r["layer"]]
+        L["experts"].append(r["expert"])
+        (L["hijacked"] if r["measured"]["success"] >= GOAL_SUCCESS else L["resist"]).append(r["expert"])
+    out = {str(l): {**v, "share_hijacked": round(len(v["hijacked"]) / len(v["experts"]), 4)} for l, v in layers.items()}
+    complete = all(len(v["experts"]) >= 2 for v in layers.values())
+    return {"layers": out, "prefix_tokens": cfg.prefix_tokens,
+            "goal": {"rule": f">= {GOAL_SUCCESS:.0%} success on >= {GOAL_SHARE:.0%} of each layer's experts, "
+                             f"prefix <= 20 tokens",
+                     "met": (complete and cfg.prefix_tokens <= 20
+                             and all(v["share_hijacked"] >= GOAL_SHARE for v in out.values())) if complete else None}}

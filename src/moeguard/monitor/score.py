@@ -1,0 +1,133 @@
+"""Score logged requests against a routing profile (``moeguard monitor score``).
+
+A log is JSON Lines, one request per line: ``{"id": ..., "client": ..., "time": ..., "prompt": ...}``
+(``id`` and ``client`` strings or integers, ``time`` a number or an ISO-8601 string). Each request
+is replayed through the model; its routing histogram is scored (``profile.py``), and so is each
+client's consecutive, non-overlapping window of ``window`` requests (in time order). An alert is
+written for every score with p <= ``alpha``, with its reason: the statistic, the layer and
+experts it points at, the value and the calibrated p-value. Prompts are never written unless
+``log_prompts`` is set: routing traces can reveal what users typed.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+from moeguard.monitor.profile import Profile, histograms
+
+MAX_PROMPT_CHARS = 100_000
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The log's records, checked line by line (one-line errors naming the line)."""
+    if not path.is_file():
+        raise MoeguardError(f"request log {path} does not exist", hint="pass a JSON Lines file of {id, client, time, prompt}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoeguardError(f"{where} is not valid JSON ({e.msg})", hint="one JSON object per line") from None
+            if not isinstance(r, dict):
+                raise MoeguardError(f"{where} holds a {type(r).__name__}, expected an object", hint="one JSON object per line")
+            missing = [k for k in ("id", "client", "time", "prompt") if k not in r]
+            if missing:
+                raise MoeguardError(f"{where} lacks {missing}", hint="each record needs id, client, time and prompt")
+            if not isinstance(r["prompt"], str) or len(r["prompt"]) > MAX_PROMPT_CHARS:
+                raise MoeguardError(f"{where}: prompt must be a string of at most {MAX_PROMPT_CHARS} characters",
+                                    hint="fix or drop that record")
+            for k in ("id", "client"):
+                if isinstance(r[k], bool) or not isinstance(r[k], (str, int)):
+                    raise MoeguardError(f"{where}: {k} is {type(r[k]).__name__}, expected a string or integer",
+                                        hint="fix that record")
+            out.append({**r, "_t": _time(r["time"], where)})
+    if not out:
+        raise MoeguardError(f"request log {path} holds no request", hint="pass a JSON Lines file of {id, client, time, prompt}")
+    return out
+
+
+def _time(t: Any, where: str) -> float:
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return float(t)
+    if isinstance(t, str):
+        try:
+            return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    raise MoeguardError(f"{where}: time {t!r} is neither a number nor an ISO-8601 string", hint="fix that record")
+
+
+def _reason(prof: Profile, stats: dict[str, np.ndarray], ps: dict[str, np.ndarray], i: int, h: np.ndarray) -> dict[str, Any]:
+    """The statistic with the smaller p-value, and the layer and experts it points at."""
+    layers, E = prof.meta["layers"], prof.mean.shape[1]
+    which = min(("load", "atypical"), key=lambda s: ps[s][i])
+    if which == "load":
+        l, e = divmod(int(stats["load_at"][i]), E)
+        experts = [e]
+        detail = f"expert {e} took {100 * h[l, e]:.0f}% of the routing at layer {layers[l]} (benign {100 * prof.mean[l, e]:.0f}%)"
+    else:
+        topic = list(prof.topics)[int(stats["nearest_topic"][i])]
+        diff = h - prof.topics[topic]
+        l = int(np.abs(diff).sum(1).argmax())
+        experts = [int(x) for x in np.argsort(-diff[l])[:2]]
+        detail = f"routing unlike any benign topic (nearest: {topic}); layer {layers[l]} favours experts {experts}"
+    return {"statistic": which, "layer": layers[l], "experts": experts, "value": round(float(stats[which][i]), 4),
+            "p": float(ps[which][i]), "p_combined": float(ps["combined"][i]), "detail": detail}
+
+
+def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
+          alpha: float = 0.01, log_prompts: bool = False) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(per-request scores, alerts, summary)."""
+    window = window or int(prof.meta["window"])
+    if window != prof.meta["window"]:
+        raise MoeguardError(f"the profile's windows were calibrated at {prof.meta['window']} requests, not {window}",
+                            hint=f"pass --window {prof.meta['window']}, or rebuild the profile with --window {window}")
+    if not 0 < alpha < 1:
+        raise MoeguardError(f"alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
+    H = histograms(model, tokenizer, [r["prompt"] for r in records])
+    stats = prof.statistics(H)
+    ps = prof.p_values(stats, "request")
+    scores, alerts = [], []
+    for i, r in enumerate(records):
+        row = {"id": r["id"], "client": r["client"], "time": r["time"], "p": float(ps["combined"][i]),
+               "load": round(float(stats["load"][i]), 4), "atypical": round(float(stats["atypical"][i]), 4)}
+        if log_prompts:
+            row["prompt"] = r["prompt"]
+        scores.append(row)
+        if ps["combined"][i] <= alpha:
+            alerts.append({"kind": "request", "id": r["id"], "client": r["client"], "time": r["time"],
+                           **_reason(prof, stats, ps, i, H[i]), **({"prompt": r["prompt"]} if log_prompts else {})})
+    by_client: dict[Any, list[int]] = {}
+    for i, r in enumerate(records):
+        by_client.setdefault(r["client"], []).append(i)
+    wins, members = [], []
+    for c, idx in by_client.items():
+        idx = sorted(idx, key=lambda i: records[i]["_t"])
+        for a in range(0, len(idx) - window + 1, window):
+            members.append((c, idx[a:a + window]))
+            wins.append(H[idx[a:a + window]].mean(0))
+    if wins:
+        W = np.stack(wins)
+        ws = prof.statistics(W)
+        wp = prof.p_values(ws, "window")
+        for j, (c, idx) in enumerate(members):
+            if wp["combined"][j] <= alpha:
+                alerts.append({"kind": "window", "client": c, "requests": [records[i]["id"] for i in idx],
+                               "time": records[idx[-1]]["time"], **_reason(prof, ws, wp, j, W[j])})
+    summary = {"requests": len(records), "clients": len(by_client), "windows": len(wins), "window": window,
+               "alpha": alpha, "alerts": {"request": sum(a["kind"] == "request" for a in alerts),
+                                          "window": sum(a["kind"] == "window" for a in alerts)},
+               "prompts_logged": log_prompts,
+               # the smallest p-value each level can give: below alpha, or nothing can alert there
+               "p_floor": {lv: min(1.0, 2 * 1 / (len(prof.null[f"{lv}.load"]) + 1)) for lv in ("request", "window")}}
+    return scores, alerts, summary

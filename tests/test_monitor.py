@@ -1,0 +1,153 @@
+"""Routing security: the hijack search (route-attack) finds prefixes that move routing, measures
+them on held-out inputs sent as text, resumes, and refuses bad targets with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.loading import load_model
+from moeguard.monitor.hijack import HijackConfig, RouterTap, allowed_tokens, check_target, measure, search
+from moeguard.tasks.registry import get_task
+
+FAST = dict(prefix_tokens=6, steps=12, candidates=32, topk=16, train_inputs=4, eval_inputs=8, eval_limit=16)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    m, tok, _ = load_model(None)
+    return m, tok, MoEAdapter(m)
+
+
+def test_the_router_tap_stops_the_forward_and_always_removes_its_hook(embedded):
+    m, tok, adapter = embedded
+    router = adapter.layers[1].router
+    ids = torch.tensor([tok.encode("a b c d")])
+    with RouterTap(adapter, 1) as tap:
+        logits, index = tap.run(m, input_ids=ids)
+    assert logits.shape == (ids.shape[1], adapter.num_experts) and index.shape == (ids.shape[1], adapter.top_k)
+    assert not router._forward_hooks
+    with pytest.raises(RuntimeError):
+        with RouterTap(adapter, 1):
+            raise RuntimeError("boom")
+    assert not router._forward_hooks
+
+
+def test_targets_are_checked_with_what_exists(embedded):
+    _, _, adapter = embedded
+    with pytest.raises(MoeguardError, match=r"layer 9 is not an MoE layer of this model \(its MoE layers: \[0, 1, 2, 3\]\)"):
+        check_target(adapter, 9, 0)
+    with pytest.raises(MoeguardError, match=r"expert 8 does not exist in layer 0 \(8 experts: 0..7\)"):
+        check_target(adapter, 0, 8)
+
+
+def test_the_search_moves_routing_to_the_target_and_the_text_attack_measures_it(embedded):
+    m, tok, adapter = embedded
+    task = get_task("arith-compare")
+    allowed = allowed_tokens(tok, m.get_input_embeddings().weight.shape[0])
+    cfg = HijackConfig(layer=0, expert=0, seed=0, **FAST)
+    plain = measure(m, tok, adapter, task, cfg, prefix_text="")
+    found = search(m, tok, adapter, task, cfg, allowed=allowed)
+    assert len(found["prefix_ids"]) == 6 and tok.encode(found["prefix_text"], add_special_tokens=False) == found["prefix_ids"]
+    assert found["curve"][0]["step"] == 0 and found["train_success"] >= found["curve"][0]["success"]
+    got = measure(m, tok, adapter, task, cfg, found["prefix_text"])
+    assert got["tokenization_exact"] == 1.0
+    assert got["success"] > plain["success_without_prefix"] + 0.05, (got, plain)   # 12 steps move routing
+    assert got["load_max"] >= got["normal_load_mean"] and got["task"]["metric"] == "accuracy"
+
+
+def test_cli_runs_targets_resumably_and_draws_the_heat_map(tmp_path, capsys, monkeypatch):
+    import moeguard.monitor.routeattack as ra
+
+    out = tmp_path / "ra"
+    args = ["route-attack", "--out", str(out), "--layer", "0", "--all", "--prefix-tokens", "3", "--steps", "1",
+            "--candidates", "4"]
+    calls, real = [], ra.measure
+
+    def flaky(*a, **k):
+        calls.append(a[4].expert)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ra, "measure", flaky)
+    assert main(args) == 130 and not out.exists()
+    assert len(list((tmp_path / ".ra.partial").glob("target-*.json"))) == 2
+    monkeypatch.setattr(ra, "measure", lambda *a, **k: (calls.append(a[4].expert), real(*a, **k))[1])
+    capsys.readouterr()
+    assert main(args) == 0
+    assert calls[3:] == [2, 3, 4, 5, 6, 7]    # experts 0 and 1 were not searched again
+    doc = json.loads((out / "route_attack.json").read_text())
+    assert doc["schema"] == "moeguard.route-attack/1" and [t["expert"] for t in doc["targets"]] == list(range(8))
+    assert (out / "route_attack_heatmap.png").stat().st_size > 5000 and not list(out.glob("target-*.json"))
+    text = capsys.readouterr().out
+    assert "layer 0: hijacked (>= 90%)" in text and "written to" in text
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_conflicting_or_missing_targets_are_one_line_errors(tmp_path, capsys):
+    for extra, needle in ((["--all", "--expert", "1"], "--all and --expert were both given"),
+                          ([], "no target expert"), (["--expert", "12"], "expert 12 does not exist in layer 0")):
+        capsys.readouterr()
+        assert main(["route-attack", "--out", str(tmp_path / "x"), "--layer", "0", *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def _log(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_path, capsys):
+    import random
+
+    from moeguard.tasks.loaders import load_records
+
+    prof = tmp_path / "profile.json"
+    assert main(["monitor", "profile", "--out", str(prof), "--tasks", "arith-compare,docstring-topic", "--limit", "100",
+                 "--window", "8"]) == 0
+    assert "windows of 8" in capsys.readouterr().out
+    doc = json.loads(prof.read_text())
+    assert doc["schema"] == "moeguard.routing-profile/1" and doc["requests"] == {"fit": 100, "calibration": 100}
+    # benign: later eval records of the profiled tasks, two single-topic clients; probing: random tokens
+    rows, rng = [], random.Random(0)
+    for c, t in (("alice", "arith-compare"), ("bob", "docstring-topic")):
+        for i, r in enumerate(load_records(get_task(t), "eval", limit=116)[100:116]):
+            rows.append({"id": f"{c}-{i}", "client": c, "time": i, "prompt": r["input"]})
+    for i in range(16):
+        junk = " ".join(rng.choice(["zq", "xv", "##", "}{", "0x9f", "@@", "~~", "%%", "qqq", "lorem"]) for _ in range(40))
+        rows.append({"id": f"eve-{i}", "client": "eve", "time": f"2026-12-01T00:00:{i:02d}Z", "prompt": junk})
+    log = _log(tmp_path / "log.jsonl", rows)
+    out = tmp_path / "scored"
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(out)]) == 0
+    assert "48 requests from 3 clients, 6 windows" in capsys.readouterr().out
+    scores = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
+    alerts = [json.loads(l) for l in (out / "alerts.jsonl").read_text().splitlines()]
+    benign = [s["p"] for s in scores if s["client"] != "eve"]
+    probing = [s["p"] for s in scores if s["client"] == "eve"]
+    floor = json.loads((out / "summary.json").read_text())["p_floor"]["request"]
+    assert floor == 2 / 101 and all(p == floor for p in probing) and sorted(benign)[16] > 0.1, (probing, benign)
+    eve = [a for a in alerts if a["kind"] == "window" and a["client"] == "eve"]
+    assert len(eve) == 2 and all(a["p"] <= 0.01 and a["layer"] in (0, 1, 2, 3) and a["experts"] for a in eve), eve
+    assert not [a for a in alerts if a["kind"] == "window" and a["client"] != "eve"]   # single-topic users pass
+    assert "prompt" not in (out / "scores.jsonl").read_text() and "lorem" not in (out / "alerts.jsonl").read_text()
+    # prompts only on request; a broken line is one error naming it
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "p"),
+                 "--log-prompts"]) == 0
+    assert "lorem" in (tmp_path / "p" / "scores.jsonl").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    capsys.readouterr()
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(bad), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"{bad}:2 is not valid JSON" in err and not (tmp_path / "b").exists()
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "w"),
+                 "--window", "16"]) == 2
+    assert "calibrated at 8 requests, not 16" in capsys.readouterr().err
