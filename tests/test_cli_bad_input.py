@@ -63,6 +63,8 @@ MATRIX = {
     "monitor score": {"missing": (["--log", "O"], "--profile"),
                       "type": (["--profile", "O", "--log", "O", "--out", "O", "--alpha", "x"], "--alpha"),
                       "range": (["--profile", "O", "--log", "O", "--out", "O"], "does not exist")},
+    "serve": {"missing": (["--port", "9"], "--profile"), "type": (["--profile", "O", "--port", "x"], "--port"),
+              "range": (["--profile", "O", "--port", "0"], "--port")},
     "zoo train": {"missing": (["--out"], "requires an argument"), "type": (["--out", "O", "--steps", "x"], "--steps"),
                   "range": (["--out", "O", "--steps", "0"], "--steps")},
     "zoo suite": {"missing": (["--seed", "1"], "--out"), "type": (["--out", "O", "--seed", "x"], "--seed"),

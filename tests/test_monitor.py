@@ -134,6 +134,8 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     probing = [s["p"] for s in scores if s["client"] == "eve"]
     floor = json.loads((out / "summary.json").read_text())["p_floor"]["request"]
     assert floor == 2 / 101 and all(p == floor for p in probing) and sorted(benign)[16] > 0.1, (probing, benign)
+    windows = [json.loads(l) for l in (out / "windows.jsonl").read_text().splitlines()]
+    assert len(windows) == 6 and all((w["p"] <= 0.01) == (w["client"] == "eve") for w in windows), windows
     eve = [a for a in alerts if a["kind"] == "window" and a["client"] == "eve"]
     assert len(eve) == 2 and all(a["p"] <= 0.01 and a["layer"] in (0, 1, 2, 3) and a["experts"] for a in eve), eve
     assert not [a for a in alerts if a["kind"] == "window" and a["client"] != "eve"]   # single-topic users pass

@@ -265,6 +265,8 @@ def test_streaming_reads_what_memory_holds_for_every_family(family, embedded, tm
     np.testing.assert_array_equal(disk.embed_rows([5, 1, 40]), mem.embed_rows([5, 1, 40]))
     np.testing.assert_allclose(disk.embed_norms(), mem.embed_norms(), rtol=1e-12)
     assert reads and max(reads) * 4 <= stream.CHUNK    # no read holds more than a chunk
+    # (the quantization sample is one small read of 8192 values)
+    np.testing.assert_array_equal(disk.quant_sample(), mem.quant_sample())   # gate rows, whatever the layout
 
 
 def test_the_streamed_fingerprint_equals_the_in_memory_one(fp):

@@ -102,7 +102,7 @@ def monitor_profile(
 def monitor_score(
         profile: Annotated[Path, typer.Option("--profile", help="profile from `moeguard monitor profile`")],
         log: Annotated[Path, typer.Option("--log", help="requests, JSON Lines: {id, client, time, prompt}")],
-        out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, alerts.jsonl and summary.json")],
+        out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, windows.jsonl, alerts.jsonl and summary.json")],
         window: Annotated[Optional[int], typer.Option("--window", help="requests per client window; default: the profile's")] = None,
         alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
         log_prompts: Annotated[bool, typer.Option("--log-prompts", help="write prompts into the outputs (off: routing can reveal what users typed)")] = False,
@@ -116,6 +116,9 @@ def monitor_score(
     check_output(out, overwrite=overwrite)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))
+    from moeguard.monitor.score import check_settings
+
+    window = check_settings(prof, window=window, alpha=alpha)
     records = read_log(log)
     handle = resolve_model(model)
     if handle.name != prof.meta.get("model"):
@@ -124,9 +127,10 @@ def monitor_score(
         raise MoeguardError(f"the profile was made for {prof.meta.get('model')}, not {handle.name}",
                             hint="score with the profiled model (--model), or profile this one")
     m, tok, _ = handle.load()
-    scores, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha, log_prompts=log_prompts)
+    scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha, log_prompts=log_prompts)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+        (tmp / "windows.jsonl").write_text("".join(json.dumps(w) + "\n" for w in windows))
         (tmp / "alerts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alerts))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
@@ -138,3 +142,57 @@ def _task_list(value: str | None) -> list[str] | None:
     from moeguard.cli.app import _names
 
     return _names(value, "--tasks") if value is not None else None
+
+
+@app.command("serve")
+def serve(
+        profile: Annotated[Path, typer.Option("--profile", help="profile from `moeguard monitor profile`")],
+        host: Annotated[str, typer.Option("--host", help="address to bind; default localhost only")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="TCP port")] = 8000,
+        alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
+        alerts: Annotated[Optional[Path], typer.Option("--alerts", help="append alerts here (JSON Lines, no prompts)")] = None,
+        max_clients: Annotated[int, typer.Option("--max-clients", help="clients whose windows are tracked (least recent evicted)")] = 1000,
+        model: ModelOpt = None) -> None:
+    """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
+    from moeguard.edge import resolve_model
+    from moeguard.errors import MoeguardError
+    from moeguard.io import read_json
+    from moeguard.monitor.online import RoutingMonitor
+    from moeguard.monitor.profile import Profile
+    from moeguard.monitor.serve import create_app
+
+    if not 0 < port < 65536:
+        raise MoeguardError(f"--port is {port}", hint="pass a TCP port between 1 and 65535")
+    if not 0 < alpha < 1:
+        raise MoeguardError(f"--alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
+    if max_clients < 1:
+        raise MoeguardError(f"--max-clients is {max_clients}", hint="pass at least 1")
+    if alerts is not None and not alerts.parent.is_dir():
+        raise MoeguardError(f"folder {alerts.parent} for --alerts does not exist", hint=f"create it: mkdir -p {alerts.parent}")
+    prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
+                             where=str(profile))
+    handle = resolve_model(model)
+    m, tok, _ = handle.load()
+    mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients)
+    on_result = _alert_writer(alerts) if alerts is not None else None
+    import uvicorn
+
+    app_ = create_app(m, tok, mon, name=handle.name, on_result=on_result)
+    typer.echo(f"serving {handle.name} on http://{host}:{port}/v1/completions (metrics: /metrics)")
+    with mon:
+        uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+
+
+def _alert_writer(path: Path):
+    """Append each request's and window's alert to ``path`` (JSON Lines; never the prompt)."""
+    import threading
+
+    lock = threading.Lock()
+
+    def write(client, result):
+        rows = [a for a in (result.get("alert"), (result.get("window") or {}).get("alert")) if a]
+        if rows:
+            with lock, open(path, "a", encoding="utf-8") as f:
+                for a in rows:
+                    f.write(json.dumps({"client": client, **a}) + "\n")
+    return write

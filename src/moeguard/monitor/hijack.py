@@ -184,6 +184,9 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = _Batch(tokenizer, _inputs(task, "train", cfg.train_inputs, tokenizer, cfg.max_input_tokens))
     P = len(batch.inputs)
+    if P == 0:
+        raise MoeguardError(f"task '{task.name}' has no non-empty train input to craft a prefix on",
+                            hint="pass --task with a task whose records have inputs")
     embed = model.get_input_embeddings()
     W = embed.weight.detach()
     banned = torch.ones(W.shape[0], dtype=torch.bool)
@@ -272,6 +275,9 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
     rows = {"attacked": [], "normal": []}
     exact = 0
     recs = [r for r in load_records(task, "eval", limit=cfg.eval_inputs) if r["input"]]
+    if not recs:
+        raise MoeguardError(f"task '{task.name}' has no non-empty eval input to measure the prefix on",
+                            hint="pass --task with a task whose records have inputs")
     with torch.no_grad():
         for r in recs:
             x = encode(tokenizer, r["input"])

@@ -118,6 +118,9 @@ class Profile:
         if mean.ndim != 2 or sd.shape != mean.shape or not topics or any(t.shape != mean.shape for t in topics.values()) \
                 or any(f"{lv}.{s}" not in null for lv in ("request", "window") for s in STATISTICS):
             raise MoeguardError(f"{where} is a damaged routing profile (shapes or null samples missing)", hint=fix)
+        if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
+                or len(meta["layers"]) != mean.shape[0]:
+            raise MoeguardError(f"{where} is a damaged routing profile (window or layers missing)", hint=fix)
         return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null)
 
 

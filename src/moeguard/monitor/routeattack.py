@@ -71,13 +71,13 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
         doc = {"schema": SCHEMA, "model": handle.name, "task": task.name, "config": cfg.to_dict(),
                "top_k": adapter.top_k, "targets": results, "summary": summary(results, cfg),
                "run": run_record(settings)}
-        for f in tmp.glob("target-*.json"):
-            f.unlink()
         write_json(tmp / "route_attack.json", doc)
         if len(results) > 1:
             from moeguard.report.routing import hijack_heatmap
 
             hijack_heatmap(doc, tmp / "route_attack_heatmap.png")
+        for f in tmp.glob("target-*.json"):  # last: a failure above keeps every finished search
+            f.unlink()
     return doc
 
 

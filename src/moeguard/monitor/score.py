@@ -43,8 +43,8 @@ def read_log(path: Path) -> list[dict[str, Any]]:
             missing = [k for k in ("id", "client", "time", "prompt") if k not in r]
             if missing:
                 raise MoeguardError(f"{where} lacks {missing}", hint="each record needs id, client, time and prompt")
-            if not isinstance(r["prompt"], str) or len(r["prompt"]) > MAX_PROMPT_CHARS:
-                raise MoeguardError(f"{where}: prompt must be a string of at most {MAX_PROMPT_CHARS} characters",
+            if not isinstance(r["prompt"], str) or not r["prompt"].strip() or len(r["prompt"]) > MAX_PROMPT_CHARS:
+                raise MoeguardError(f"{where}: prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters",
                                     hint="fix or drop that record")
             for k in ("id", "client"):
                 if isinstance(r[k], bool) or not isinstance(r[k], (str, int)):
@@ -85,15 +85,30 @@ def _reason(prof: Profile, stats: dict[str, np.ndarray], ps: dict[str, np.ndarra
             "p": float(ps[which][i]), "p_combined": float(ps["combined"][i]), "detail": detail}
 
 
-def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
-          alpha: float = 0.01, log_prompts: bool = False) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(per-request scores, alerts, summary)."""
-    window = window or int(prof.meta["window"])
+def check_settings(prof: Profile, *, window: int | None, alpha: float) -> int:
+    """The window to score with, checked against the profile (before any model is loaded);
+    warns when the profile's resolution cannot reach ``alpha``."""
+    import warnings
+
+    if window is None:
+        window = int(prof.meta["window"])
     if window != prof.meta["window"]:
         raise MoeguardError(f"the profile's windows were calibrated at {prof.meta['window']} requests, not {window}",
                             hint=f"pass --window {prof.meta['window']}, or rebuild the profile with --window {window}")
     if not 0 < alpha < 1:
         raise MoeguardError(f"alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
+    for level in ("request", "window"):
+        floor = 2 / (len(prof.null[f"{level}.load"]) + 1)
+        if floor > alpha:
+            warnings.warn(f"the profile's smallest {level} p-value is {floor:.3g}, above alpha {alpha}: no {level} can "
+                          f"alert; profile more benign inputs (--limit) or raise --alpha")
+    return window
+
+
+def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
+          alpha: float = 0.01, log_prompts: bool = False) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+    """(per-request scores, per-window scores, alerts, summary)."""
+    window = check_settings(prof, window=window, alpha=alpha)
     H = histograms(model, tokenizer, [r["prompt"] for r in records])
     stats = prof.statistics(H)
     ps = prof.p_values(stats, "request")
@@ -116,11 +131,14 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
         for a in range(0, len(idx) - window + 1, window):
             members.append((c, idx[a:a + window]))
             wins.append(H[idx[a:a + window]].mean(0))
+    windows = []
     if wins:
         W = np.stack(wins)
         ws = prof.statistics(W)
         wp = prof.p_values(ws, "window")
         for j, (c, idx) in enumerate(members):
+            windows.append({"client": c, "requests": [records[i]["id"] for i in idx], "p": float(wp["combined"][j]),
+                            "load": round(float(ws["load"][j]), 4), "atypical": round(float(ws["atypical"][j]), 4)})
             if wp["combined"][j] <= alpha:
                 alerts.append({"kind": "window", "client": c, "requests": [records[i]["id"] for i in idx],
                                "time": records[idx[-1]]["time"], **_reason(prof, ws, wp, j, W[j])})
@@ -130,4 +148,4 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                "prompts_logged": log_prompts,
                # the smallest p-value each level can give: below alpha, or nothing can alert there
                "p_floor": {lv: min(1.0, 2 * 1 / (len(prof.null[f"{lv}.load"]) + 1)) for lv in ("request", "window")}}
-    return scores, alerts, summary
+    return scores, windows, alerts, summary

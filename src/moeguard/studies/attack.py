@@ -309,12 +309,11 @@ def attack_detectability(runs: list[dict[str, Any]], higher_is_better: bool) -> 
     from moeguard.studies.common import detectability_of
 
     sign = 1.0 if higher_is_better else -1.0
-    d = detectability_of([r for r in runs if r.get("kind") == "attack"],
-                         score=lambda r: None if r["points"][-1]["score"] is None else sign * r["points"][-1]["score"])
+    attacks = [r for r in runs if r.get("kind") == "attack"]
+    d = detectability_of(attacks, score=lambda r: None if r["points"][-1]["score"] is None else sign * r["points"][-1]["score"])
     if d is None:
         return None
-    best = next(r for r in runs if r.get("kind") == "attack" and r["strategy"] == d["strategy"]
-                and r["seed"] == d["seed"] and r.get("after", {}).get("trace", {}).get("p_value") == d["p_value"])
+    best = attacks[d.pop("run")]
     return {**d, "score": best["points"][-1]["score"], **{k: best[k] for k in ("mode", "lr", "epochs") if k in best}}
 
 

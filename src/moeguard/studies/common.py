@@ -37,7 +37,8 @@ def detectability_of(runs: list[dict[str, Any]], *, score) -> dict[str, Any] | N
     if not traced:
         return None
     best = max(traced, key=score)
-    return {"strategy": best["strategy"], "seed": best["seed"], "labels": best["points"][-1]["labels"],
+    return {"run": next(i for i, r in enumerate(runs) if r is best),   # index in ``runs``
+            "strategy": best["strategy"], "seed": best["seed"], "labels": best["points"][-1]["labels"],
             **best["after"]["trace"],
             "all_derived": all(r["after"]["trace"]["verdict"] == "derived" for r in traced),
             "largest_p": max(r["after"]["trace"]["p_value"] for r in traced), "traced_runs": len(traced)}

@@ -219,7 +219,7 @@ def detectability_of(curves: list[dict[str, Any]]) -> dict[str, Any] | None:
     d = best_traced(curves, score=lambda c: c["points"][-1]["retention"])
     if d is None:
         return None
-    best = next(c for c in curves if c["strategy"] == d["strategy"] and c["seed"] == d["seed"])
+    best = curves[d.pop("run")]
     return {**d, "retention": best["points"][-1]["retention"]}
 
 

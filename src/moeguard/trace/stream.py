@@ -113,6 +113,12 @@ class StreamedCheckpoint:
             raise MoeguardError(f"{r.path} has no tensor {embed_key} (the token embeddings)",
                                 hint="the checkpoint is incomplete; re-download it")
         hidden = shapes[embed_key][1]
+        unusual = dtypes - _FLOATS
+        if any(k.endswith(("_scale_inv", ".scales", "_scales", "_blocks")) for k in where) or any(
+                t.startswith(("F8", "I8", "U8")) for t in unusual):
+            raise MoeguardError(f"{r.path} stores quantized weights ({', '.join(sorted(unusual)) or 'with scale tensors'})",
+                                hint="trace streams float checkpoints (F32, F16, BF16); dequantize it first, or "
+                                     "pass its GGUF export")
         lay = family.disk_layout()
         names = family.disk_expert_tensors
         layers, inter = [], None
@@ -126,12 +132,6 @@ class StreamedCheckpoint:
             layers.append(layer)
         if not layers:
             raise MoeguardError(f"{r.path} has no MoE layer", hint="trace reads Mixture-of-Experts checkpoints")
-        unusual = dtypes - _FLOATS
-        if any(k.endswith("_scale_inv") or k.endswith(".scales") for k in where) or any(
-                t.startswith(("F8", "I8", "U8")) for t in unusual):
-            raise MoeguardError(f"{r.path} stores quantized weights ({', '.join(sorted(unusual)) or 'with scale tensors'})",
-                                hint="trace streams float checkpoints (F32, F16, BF16); dequantize it first, or "
-                                     "pass its GGUF export")
         tokens = cls._tokens(r.path, shapes[embed_key][0])
         return cls(name=r.name, family=family.name, layout=family.expert_layout, where=where, shapes=shapes, spans=spans,
                    embed_key=embed_key, layers=layers, tokens=tokens, hidden=hidden, intermediate=int(inter),
@@ -232,15 +232,17 @@ class StreamedCheckpoint:
 
         layer = self.layers[0]
         key = layer.tensors[0][0]
-        rows = -(-8192 // self.hidden) if self.layout == "gate_up" or not layer.fused else -(-8192 // (2 * self.intermediate))
         lead = (0,) if layer.fused else ()
         reader = ShardReader()
         try:
-            x = _float(reader.read(self.where[key], key, (*lead, slice(0, rows))))
+            if layer.fused and self.layout != "gate_up":  # gpt-oss [E, d, 2I]: gate rows G[n, :] are columns here
+                r = min(-(-8192 // self.hidden), self.intermediate)
+                x = _float(reader.read(self.where[key], key, (0, slice(None), slice(0, 2 * r))))[:, 0::2].T
+            else:  # gate rows [., d] in storage order (a fused gate-up tensor holds its up rows after row I)
+                r = min(-(-8192 // self.hidden), self.intermediate)
+                x = _float(reader.read(self.where[key], key, (*lead, slice(0, r))))
         finally:
             reader.close()
-        if layer.fused and self.layout != "gate_up":
-            x = x[..., 0::2]
         return x.reshape(-1)[:8192]
 
     def sketch(self, position: int, H: np.ndarray, frame) -> Sketch:
@@ -250,7 +252,7 @@ class StreamedCheckpoint:
         C, s = frame.cols[H], frame.signs[H]
         E, I, m = layer.num_experts, self.intermediate, len(H)
         ka, kb = np.empty((E, m, m)), np.empty((E, m, m))
-        v, rows = np.empty((E, self.hidden)), np.empty((E, ROWS, m))
+        v, rows = np.empty((E, self.hidden)), np.empty((E, min(ROWS, I), m))
         reader = ShardReader()
         try:
             self._prefetch(layer, 0)

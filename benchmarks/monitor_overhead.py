@@ -1,0 +1,68 @@
+"""Online monitor overhead: one request's forward with :class:`RoutingMonitor` (hooks, scoring,
+metrics) against the plain forward, side by side in one run, as ``capture_overhead.py`` does.
+
+    .venv/bin/python benchmarks/monitor_overhead.py [--repeats 30] [--seq 128] [--batch 1]
+
+Plain and monitored forwards alternate so drift hits both alike; the ratio of medians is the
+goal's number (<= 1.05). A served request is one prompt, so batch 1 is the case that matters
+and the hardest for the ratio (the forward is shortest); batch 8 is measured beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from _common import write_result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    from moeguard.models.loading import load_model
+    from moeguard.monitor.online import RoutingMonitor
+    from moeguard.monitor.profile import build
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.registry import get_task
+
+    torch.manual_seed(0)
+    model, tok, _ = load_model(None)
+    prompts = {t: [r["input"] for r in load_records(get_task(t), "eval", limit=100)] for t in ("arith-compare", "docstring-topic")}
+    prof = build(model, tok, prompts, window=16, seed=0, name="embedded")
+    mon = RoutingMonitor(model, prof)
+    out = {}
+    with torch.no_grad():
+        for batch in (1, 8):
+            ids = torch.randint(0, model.config.vocab_size, (batch, args.seq))
+            times = {"plain": [], "monitored": []}
+            for _ in range(3):
+                model(input_ids=ids, use_cache=False)
+            for i in range(args.repeats):
+                for name in (("plain", "monitored") if i % 2 == 0 else ("monitored", "plain")):
+                    t = time.perf_counter()
+                    if name == "plain":
+                        model(input_ids=ids, use_cache=False)
+                    else:
+                        with mon, mon.request(f"client-{i % 4}"):
+                            model(input_ids=ids, use_cache=False)
+                    times[name].append(time.perf_counter() - t)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            out[f"batch_{batch}"] = {"median_seconds": med, "ratio": med["monitored"] / med["plain"]}
+    ratio = out["batch_1"]["ratio"]
+    path = write_result("monitor_overhead", {"model": "embedded", "seq": args.seq, "repeats": args.repeats, **out,
+                                             "goal": "monitored <= 1.05x plain (batch 1, one served request)",
+                                             "goal_met": ratio <= 1.05}, args.out)
+    for k, v in out.items():
+        print(f"{k}: plain {v['median_seconds']['plain'] * 1e3:.2f} ms, monitored {v['median_seconds']['monitored'] * 1e3:.2f} ms "
+              f"({v['ratio']:.3f}x)")
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Routing monitor on synthetic traffic: benign clients (mixed and single-topic users of the embedded
+suite and, when ``../shared/data`` is present, real text) against attack clients; AUROC per attack type,
+per request and per window, and the false-positive rate at 90% detection.
+
+    .venv/bin/python benchmarks/routing_monitor.py [--route-attack benchmarks/results/route_attack.json] [--out JSON]
+
+- **Profile**: ``moeguard.monitor.profile.build`` on 200 inputs per topic (the embedded tasks' train
+  records; 200 items of each real-text source), window 16.
+- **Benign test clients** (held-out items only): 24 mixed users (each request from a random topic)
+  and 24 single-topic users (the hard negatives), 32 requests each.
+- **Attack clients**, 32 requests each:
+  - ``hijack``: a route-attack prefix (held-out success >= 90%, from ``--route-attack``) before benign
+    task inputs, one prefix per client;
+  - ``extraction``: one task's inputs sampled at random, as the attack harness's attribution does;
+  - ``saturation``: 40 tokens drawn from those whose own embedding routes most strongly to one expert
+    of layer 0 (the cheapest load attack, needing no search);
+  - ``random``: 40 random vocabulary tokens per request.
+- Scores: a request's combined calibrated p-value (lower = more anomalous; ties count half in the
+  AUROC), and the same for each client's windows of 16 consecutive requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import write_result
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+WINDOW = 16
+PER_CLIENT = 32
+
+
+def real_text(n_profile: int, n_test: int, rng: random.Random) -> dict[str, tuple[list[str], list[str]]]:
+    """topic -> (profile items, held-out items) from ../shared/data, when present."""
+    out = {}
+    if not SHARED.is_dir():
+        return out
+
+    def split(items):
+        items = [x for x in items if len(x.split()) >= 5]
+        rng.shuffle(items)
+        return items[:n_profile], items[n_profile:n_profile + n_test]
+
+    f = SHARED / "sst2" / "test.tsv"
+    if f.exists():
+        out["sst2"] = split([l.split("\t")[0] for l in f.read_text().splitlines()[1:]])
+    f = SHARED / "wikitext-103" / "wiki.valid.tokens"
+    if f.exists():
+        paras = [l.strip() for l in f.read_text().splitlines() if l.strip() and not l.strip().startswith("=")]
+        out["wikitext"] = split([" ".join(p.split()[:60]) for p in paras])
+    f = SHARED / "tinyshakespeare" / "input.txt"
+    if f.exists():
+        lines = [l for l in f.read_text().splitlines() if l.strip()]
+        out["shakespeare"] = split([" ".join(lines[i:i + 4]) for i in range(0, len(lines) - 4, 4)])
+    f = SHARED / "scitldr" / "dev.jsonl"
+    if f.exists():
+        out["scitldr"] = split([" ".join(json.loads(l)["source"])[:400] for l in f.read_text().splitlines()])
+    return out
+
+
+def auroc(benign: list[float], attack: list[float]) -> float:
+    """P(attack score < benign score) for p-values (lower = more anomalous), ties half."""
+    b, a = np.asarray(benign), np.asarray(attack)
+    less = (a[:, None] < b[None, :]).mean()
+    ties = (a[:, None] == b[None, :]).mean()
+    return float(less + ties / 2)
+
+
+def fpr_at_detection(benign: list[float], attack: list[float], detection: float = 0.9) -> float:
+    """False-positive rate at the threshold that flags ``detection`` of the attack scores."""
+    t = float(np.quantile(np.asarray(attack), detection, method="higher"))
+    return float(np.mean(np.asarray(benign) <= t))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--route-attack", default=str(Path(__file__).parent / "results" / "route_attack.json"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.loading import load_model
+    from moeguard.monitor.hijack import SEPARATOR, allowed_tokens
+    from moeguard.monitor.profile import build
+    from moeguard.monitor.score import score
+    from moeguard.tasks.loaders import load_records
+    from moeguard.zoo.train import embedded_tasks
+
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    m, tok, _ = load_model(None)
+    adapter = MoEAdapter(m)
+    topics: dict[str, tuple[list[str], list[str]]] = {}
+    for t in embedded_tasks():  # profile from the train split, test clients from the eval split: disjoint
+        def texts(role):
+            return [x for r in load_records(t, role) if (x := (r.get("input") or r.get("text") or "")[:1200].strip())]
+        topics[t.name] = (texts("train")[:200], texts("eval"))
+    topics.update(real_text(200, 400, rng))
+    prof = build(m, tok, {k: v[0] for k, v in topics.items()}, window=WINDOW, seed=args.seed, name="embedded")
+    held = {k: v[1] for k, v in topics.items()}
+    task_topics = [t for t in held if t not in ("sst2", "wikitext", "shakespeare", "scitldr")]
+
+    clients: list[tuple[str, str, list[str]]] = []           # (kind, client id, prompts)
+    for i in range(24):
+        clients.append(("benign-mixed", f"mixed-{i}", [rng.choice(held[rng.choice(list(held))]) for _ in range(PER_CLIENT)]))
+    for i in range(24):
+        t = list(held)[i % len(held)]
+        clients.append(("benign-single-topic", f"single-{i}", [rng.choice(held[t]) for _ in range(PER_CLIENT)]))
+    ra_path = Path(args.route_attack)
+    prefixes = []
+    if ra_path.exists():
+        doc = json.loads(ra_path.read_text())
+        doc = doc.get("route_attack", doc)
+        prefixes = [t["prefix_text"] for t in doc["targets"] if t["measured"]["success"] >= 0.9]
+    for i, p in enumerate(prefixes):
+        clients.append(("hijack", f"hijack-{i}", [p + SEPARATOR + rng.choice(held[rng.choice(task_topics)])
+                                                  for _ in range(PER_CLIENT)]))
+    for i in range(12):
+        t = task_topics[i % len(task_topics)]
+        clients.append(("extraction", f"extract-{i}", [rng.choice(held[t]) for _ in range(PER_CLIENT)]))
+    # saturation: tokens whose embedding alone routes most strongly to expert e of layer 0
+    allowed = allowed_tokens(tok, m.get_input_embeddings().weight.shape[0])
+    with torch.no_grad():
+        router = adapter.layers[0].router
+        logits = torch.nn.functional.linear(m.get_input_embeddings().weight[torch.as_tensor(allowed)], router.weight)
+    for e in range(adapter.num_experts):
+        best = allowed[logits[:, e].topk(64).indices.numpy()]
+        clients.append(("saturation", f"saturate-{e}", [tok.decode(rng.choices(list(best), k=40)) for _ in range(PER_CLIENT)]))
+    for i in range(12):
+        clients.append(("random", f"random-{i}", [tok.decode(rng.choices(list(allowed), k=40)) for _ in range(PER_CLIENT)]))
+
+    records, kind_of = [], {}
+    for kind, cid, prompts in clients:
+        kind_of[cid] = kind
+        for j, p in enumerate(prompts):
+            records.append({"id": f"{cid}-{j}", "client": cid, "time": j, "prompt": p, "_t": float(j)})
+    scores, windows, _, summary = score(m, tok, prof, records, alpha=0.01)
+    benign_kinds = ("benign-mixed", "benign-single-topic")
+    attack_kinds = sorted({k for k in kind_of.values() if k not in benign_kinds})
+    result = {"per_request": {}, "per_window": {}}
+    for level, rows in (("per_request", scores), ("per_window", windows)):
+        b = [r["p"] for r in rows if kind_of[r["client"]] in benign_kinds]
+        b_single = [r["p"] for r in rows if kind_of[r["client"]] == "benign-single-topic"]
+        for k in attack_kinds:
+            a = [r["p"] for r in rows if kind_of[r["client"]] == k]
+            if not a:
+                continue
+            result[level][k] = {"n_attack": len(a), "n_benign": len(b), "auroc": round(auroc(b, a), 4),
+                                "auroc_vs_single_topic": round(auroc(b_single, a), 4),
+                                "fpr_at_90pct_detection": round(fpr_at_detection(b, a), 4)}
+        result[level]["benign_alert_rate_at_0.01"] = round(float(np.mean(np.asarray(b) <= 0.01)), 4)
+    goals = {
+        "window_auroc_0.97_each": {k: v["auroc"] >= 0.97 for k, v in result["per_window"].items() if isinstance(v, dict)},
+        "window_fpr_1pct_at_90pct": {k: v["fpr_at_90pct_detection"] <= 0.01 for k, v in result["per_window"].items()
+                                     if isinstance(v, dict)},
+        "request_hijack_auroc_0.95": (result["per_request"].get("hijack", {}).get("auroc", 0) >= 0.95) if prefixes else None}
+    path = write_result("routing_monitor", {
+        "profile": {"topics": list(topics), "requests": prof.meta["requests"], "window": WINDOW,
+                    "real_text": sorted(k for k in topics if k in ("sst2", "wikitext", "shakespeare", "scitldr"))},
+        "clients": {k: sum(1 for v in kind_of.values() if v == k) for k in sorted(set(kind_of.values()))},
+        "hijack_prefixes": len(prefixes), "p_floor": summary["p_floor"], "results": result, "goals": goals,
+        "seconds": round(time.perf_counter() - t0, 1)}, args.out)
+    for level in ("per_request", "per_window"):
+        for k, v in result[level].items():
+            if isinstance(v, dict):
+                print(f"{level:12s} {k:12s} AUROC {v['auroc']:.3f} (vs single-topic {v['auroc_vs_single_topic']:.3f}) "
+                      f"FPR@90% {v['fpr_at_90pct_detection']:.3f}")
+    print(json.dumps(goals), f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
