@@ -9,8 +9,8 @@ exports Prometheus metrics.
         r.result                                   # {"p": ..., "alert": {...} | None, "window": {...} | None}
 
 Only the request's **prefill** is counted (the profile is of prompts; generated tokens would
-shift it). Per client the monitor keeps one running sum of routing histograms ([L, E] floats)
-and a count: bounded memory whatever the traffic, and no prompt is stored. Clients beyond
+shift it). Per client the monitor keeps one running sum of routing histograms ([L, E] floats),
+a running sum of -log p and a count: bounded memory whatever the traffic, and no prompt is stored. Clients beyond
 ``max_clients`` evict the least recently seen (its window restarts when it returns).
 
 Metrics (``prometheus-client``, in ``registry``):
@@ -60,7 +60,7 @@ class RoutingMonitor:
 
             raise MoeguardError(f"the profile has {profile.mean.shape[0]} MoE layers x {profile.mean.shape[1]} experts, "
                                 f"the model {L} x {E}", hint="use the profile made for this model")
-        self._counts = torch.zeros(L, E, dtype=torch.float64)
+        self._counts = torch.zeros(L, E, dtype=torch.int64)
         self._active = False          # inside a request, before its prefill has been counted
         self._prefill_seen: set[int] = set()
         self._clients: OrderedDict[str, list] = OrderedDict()   # client -> [sum [L, E], n]
@@ -76,7 +76,9 @@ class RoutingMonitor:
                                            buckets=(0.5, 1, 1.5, 2, 2.5, 3, 4, 5), registry=r)
         self.m_client = Gauge("moeguard_client_anomaly", "-log10 p of the client's last complete window", ["client"],
                               registry=r)
-        self._layer_labels = [str(l.index) for l in self.adapter.layers]
+        # the per-expert counters, looked up once: a label lookup per expert per request is most of
+        # the monitor's own cost at batch 1 (benchmarks/monitor_overhead.py)
+        self._load = [[self.m_load.labels(str(l.index), str(e)) for e in range(E)] for l in self.adapter.layers]
 
     # --- hooks -------------------------------------------------------------------------------
     def _hook(self, slot: int):
@@ -84,7 +86,7 @@ class RoutingMonitor:
             if not self._active or slot in self._prefill_seen:
                 return
             idx = output[2]
-            self._counts[slot] += torch.bincount(idx.reshape(-1), minlength=self._counts.shape[1]).double().cpu()
+            self._counts[slot] += torch.bincount(idx.reshape(-1), minlength=self._counts.shape[1]).to(self._counts.device)
             self._prefill_seen.add(slot)
         return hook
 
@@ -113,7 +115,7 @@ class RoutingMonitor:
             yield out
         finally:
             self._active = False
-        counts = self._counts.numpy().copy()
+        counts = self._counts.numpy().astype(np.float64)
         if counts.sum() == 0:
             return                      # nothing ran through the model (a failed request)
         out.result = self._score(out.client, counts)
@@ -127,29 +129,29 @@ class RoutingMonitor:
         with self._lock:
             self.m_requests.inc()
             self.m_request_anomaly.observe(-math.log10(p))
-            for l, row in enumerate(counts):
-                for e, n in enumerate(row):
-                    if n:
-                        self.m_load.labels(self._layer_labels[l], str(e)).inc(float(n))
+            for l, e in zip(*np.nonzero(counts)):
+                self._load[l][e].inc(float(counts[l, e]))
             if p <= self.alpha:
                 which = min(("load", "atypical"), key=lambda s: ps[s][0])
                 res["alert"] = {"kind": "request", "statistic": which, "p": p}
                 self.m_alerts.labels("request", which).inc()
-            state = self._clients.pop(client, None) or [np.zeros_like(h), 0]
+            state = self._clients.pop(client, None) or [np.zeros_like(h), 0, 0.0]   # sum of h, n, sum of -log p
             state[0] += h
             state[1] += 1
+            state[2] += -math.log(p)
             if state[1] == self.window:          # a complete window: score it, start the next
                 w = state[0] / state[1]
                 ws = self.profile.statistics(w[None])
+                ws["evidence"] = np.array([state[2] / state[1]])
                 wp = self.profile.p_values(ws, "window")
                 pw = float(wp["combined"][0])
                 res["window"] = {"p": pw}
                 self.m_client.labels(client).set(-math.log10(pw))
                 if pw <= self.alpha:
-                    which = min(("load", "atypical"), key=lambda s: wp[s][0])
+                    which = min(("load", "atypical", "evidence"), key=lambda s: wp[s][0])
                     res["window"]["alert"] = {"kind": "window", "statistic": which, "p": pw}
                     self.m_alerts.labels("window", which).inc()
-                state = [np.zeros_like(h), 0]
+                state = [np.zeros_like(h), 0, 0.0]
             self._clients[client] = state
             while len(self._clients) > self.max_clients:
                 old, _ = self._clients.popitem(last=False)

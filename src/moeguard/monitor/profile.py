@@ -18,10 +18,12 @@ Statistics (larger = more anomalous), each with where it points:
 - ``atypical``: the Jensen-Shannon divergence from the nearest benign topic, averaged over
   layers: routing unlike any benign use (random-token probing, crafted inputs);
 - windows of a client's ``window`` requests get the same two statistics on their mean histogram,
-  calibrated on benign windows drawn from the calibration half: one from a single topic per
-  window (a benign single-topic user, the hard negative) or mixed, alternately.
+  and ``evidence``, the mean of -log p of their requests; all calibrated on benign windows drawn
+  from the calibration half: one from a single topic per window (a benign single-topic user,
+  the hard negative) or mixed, alternately. (The calibration requests' own p-values are
+  in-sample, so ``evidence``'s null is slightly optimistic about benign windows.)
 
-A request's p-value is the smaller of its statistics' p-values times their number (Bonferroni).
+A p-value is the smallest of its statistics' p-values times their number (Bonferroni).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import numpy as np
 from moeguard.errors import MoeguardError
 
 SCHEMA = "moeguard.routing-profile/1"
-STATISTICS = ("load", "atypical")
+STATISTICS = ("load", "atypical")                        # of a request
+WINDOW_STATISTICS = ("load", "atypical", "evidence")     # of a client's window
 
 
 def histograms(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_length: int = 256,
@@ -89,11 +92,20 @@ class Profile:
 
     def p_values(self, stats: dict[str, np.ndarray], level: str) -> dict[str, np.ndarray]:
         out = {}
-        for s in STATISTICS:
+        names = STATISTICS if level == "request" else WINDOW_STATISTICS
+        for s in names:
             null = self.null[f"{level}.{s}"]
             above = len(null) - np.searchsorted(null, stats[s], side="left")
             out[s] = (1 + above) / (len(null) + 1)
-        out["combined"] = np.minimum(1.0, len(STATISTICS) * np.minimum(*[out[s] for s in STATISTICS]))
+        out["combined"] = np.minimum(1.0, len(names) * np.min(np.stack([out[s] for s in names]), axis=0))
+        return out
+
+    def window_statistics(self, h: np.ndarray, request_p: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Windows' statistics: ``h`` [N, L, E] their mean histograms, ``request_p`` each window's
+        requests' combined p-values. ``evidence`` is the mean of -log p over the window: requests
+        each only somewhat unusual add up (Fisher's idea, calibrated on benign windows)."""
+        out = self.statistics(h)
+        out["evidence"] = np.array([float(np.mean(-np.log(p))) for p in request_p])
         return out
 
     # --- storage -------------------------------------------------------------------------------
@@ -116,7 +128,8 @@ class Profile:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MoeguardError(f"{where} is a damaged routing profile ({type(e).__name__}: {e})", hint=fix) from None
         if mean.ndim != 2 or sd.shape != mean.shape or not topics or any(t.shape != mean.shape for t in topics.values()) \
-                or any(f"{lv}.{s}" not in null for lv in ("request", "window") for s in STATISTICS):
+                or any(f"request.{s}" not in null for s in STATISTICS) \
+                or any(f"window.{s}" not in null for s in WINDOW_STATISTICS):
             raise MoeguardError(f"{where} is a damaged routing profile (shapes or null samples missing)", hint=fix)
         if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
                 or len(meta["layers"]) != mean.shape[0]:
@@ -156,12 +169,16 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         null[f"request.{k}"] = np.sort(s[k])
     # benign windows: alternately one topic (a single-topic user) and a mix of topics
     by_topic = {t: np.flatnonzero(np.asarray(cal_topic) == t) for t in topics}
-    wins = []
+    prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null=dict(null))
+    req_p = prof.p_values(s, "request")["combined"]   # the calibration requests' own p-values
+    wins, wps = [], []
     for i in range(windows):
         pool = by_topic[list(topics)[i // 2 % len(topics)]] if i % 2 == 0 else np.arange(len(C))
-        wins.append(C[rng.choice(pool, size=window, replace=len(pool) < window)].mean(0))
-    ws = prof.statistics(np.stack(wins))
-    for k in STATISTICS:
+        pick = rng.choice(pool, size=window, replace=len(pool) < window)
+        wins.append(C[pick].mean(0))
+        wps.append(req_p[pick])
+    ws = prof.window_statistics(np.stack(wins), wps)
+    for k in WINDOW_STATISTICS:
         null[f"window.{k}"] = np.sort(ws[k])
     meta = {"model": name, "tasks": list(prompts), "requests": {"fit": int(len(F)), "calibration": int(len(C))},
             "window": window, "benign_windows": windows, "seed": seed,

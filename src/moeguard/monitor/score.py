@@ -70,8 +70,13 @@ def _time(t: Any, where: str) -> float:
 def _reason(prof: Profile, stats: dict[str, np.ndarray], ps: dict[str, np.ndarray], i: int, h: np.ndarray) -> dict[str, Any]:
     """The statistic with the smaller p-value, and the layer and experts it points at."""
     layers, E = prof.meta["layers"], prof.mean.shape[1]
-    which = min(("load", "atypical"), key=lambda s: ps[s][i])
-    if which == "load":
+    which = min([k for k in ("load", "atypical", "evidence") if k in ps], key=lambda s: ps[s][i])
+    if which == "evidence":  # point at the window's most displaced (layer, expert), as load does
+        l, e = divmod(int(stats["load_at"][i]), E)
+        experts = [e]
+        detail = (f"its requests were jointly unlikely (mean -log p {stats['evidence'][i]:.2f}); most displaced: "
+                  f"expert {e} at layer {layers[l]}, {100 * h[l, e]:.0f}% (benign {100 * prof.mean[l, e]:.0f}%)")
+    elif which == "load":
         l, e = divmod(int(stats["load_at"][i]), E)
         experts = [e]
         detail = f"expert {e} took {100 * h[l, e]:.0f}% of the routing at layer {layers[l]} (benign {100 * prof.mean[l, e]:.0f}%)"
@@ -134,11 +139,12 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     windows = []
     if wins:
         W = np.stack(wins)
-        ws = prof.statistics(W)
+        ws = prof.window_statistics(W, [ps["combined"][idx] for _, idx in members])
         wp = prof.p_values(ws, "window")
         for j, (c, idx) in enumerate(members):
             windows.append({"client": c, "requests": [records[i]["id"] for i in idx], "p": float(wp["combined"][j]),
-                            "load": round(float(ws["load"][j]), 4), "atypical": round(float(ws["atypical"][j]), 4)})
+                            "load": round(float(ws["load"][j]), 4), "atypical": round(float(ws["atypical"][j]), 4),
+                            "evidence": round(float(ws["evidence"][j]), 4)})
             if wp["combined"][j] <= alpha:
                 alerts.append({"kind": "window", "client": c, "requests": [records[i]["id"] for i in idx],
                                "time": records[idx[-1]]["time"], **_reason(prof, ws, wp, j, W[j])})
