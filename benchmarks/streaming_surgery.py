@@ -103,6 +103,15 @@ def disk_layout(config) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def sized_config(size_gb: float):
+    """(config, on-disk layout) of the synthetic Mixtral with as many layers as ``size_gb`` needs (bf16)."""
+    per_layer = disk_layout(mixtral_config(1))
+    layer_bytes = sum(torch.Size(s).numel() * 2 for n, s in per_layer if ".layers." in n)
+    other_bytes = sum(torch.Size(s).numel() * 2 for n, s in per_layer if ".layers." not in n)
+    config = mixtral_config(max(1, -(-int(size_gb * 1e9 - other_bytes) // layer_bytes)))
+    return config, disk_layout(config)
+
+
 def verify_layout(tmp: Path) -> None:
     """The derived layout must be exactly what save_pretrained writes, or the benchmark measures a fiction."""
     from safetensors import safe_open
@@ -196,12 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/streaming_surgery.json"))
     args = ap.parse_args(argv)
 
-    per_layer = disk_layout(mixtral_config(1))
-    layer_bytes = sum(torch.Size(s).numel() * 2 for n, s in per_layer if ".layers." in n)
-    other_bytes = sum(torch.Size(s).numel() * 2 for n, s in per_layer if ".layers." not in n)
-    num_layers = max(1, -(-int(args.size_gb * 1e9 - other_bytes) // layer_bytes))
-    config = mixtral_config(num_layers)
-    layout = disk_layout(config)
+    config, layout = sized_config(args.size_gb)
+    num_layers = config.num_hidden_layers
     expected = sum(torch.Size(s).numel() * 2 for _, s in layout)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="moeguard-surgery-", dir="/tmp"))

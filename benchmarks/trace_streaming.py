@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from _common import write_result  # noqa: E402
-from streaming_surgery import KEEP, disk_layout, mixtral_config, write_checkpoint  # noqa: E402
+from streaming_surgery import KEEP, sized_config, write_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 MB = 1 << 20
@@ -125,12 +125,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from moeguard.pruning.checkpoint import prune_checkpoint
 
-    per_layer = disk_layout(mixtral_config(1))
-    layer_bytes = sum(torch.Size(s).numel() * 2 for n, s in per_layer if ".layers." in n)
-    other_bytes = sum(torch.Size(s).numel() * 2 for n, s in per_layer if ".layers." not in n)
-    num_layers = max(1, -(-int(args.size_gb * 1e9 - other_bytes) // layer_bytes))
-    config = mixtral_config(num_layers)
-    layout = disk_layout(config)
+    config, layout = sized_config(args.size_gb)
+    num_layers = config.num_hidden_layers
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="moeguard-trace-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     src, sus, fp = workdir / "original", workdir / "suspect", workdir / "fp"

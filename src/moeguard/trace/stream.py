@@ -24,6 +24,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.trace.features import ROWS, Sketch
+from moeguard.trace.weights import LayerCounts
 
 CHUNK = 1 << 20              # bytes per read: its float temporaries stay small, so glibc's
                              # heap reuses them (8 MB chunks raised peak RSS by 100-250 MB)
@@ -67,7 +68,7 @@ def _column_sums(x) -> np.ndarray:
 
 
 @dataclass(kw_only=True)
-class StreamedCheckpoint:
+class StreamedCheckpoint(LayerCounts):
     """A trace source (``weights.py``) over a checkpoint directory; nothing is read until asked."""
 
     name: str
@@ -192,14 +193,6 @@ class StreamedCheckpoint:
         return token_strings(tok, vocab)
 
     # --- the source interface -----------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def experts(self) -> list[int]:
-        return [l.num_experts for l in self.layers]
-
     @property
     def vocab(self) -> int:
         return self.shapes[self.embed_key][0]

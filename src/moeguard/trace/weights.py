@@ -37,8 +37,22 @@ class LayerWeights:
         return int(self.gate.shape[0])
 
 
+class LayerCounts:
+    """``num_layers`` and ``experts`` of a source whose ``layers`` have ``num_experts``."""
+
+    layers: list
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def experts(self) -> list[int]:
+        return [l.num_experts for l in self.layers]
+
+
 @dataclass(frozen=True, kw_only=True)
-class ModelWeights:
+class ModelWeights(LayerCounts):
     name: str
     family: str
     embed: np.ndarray          # [V, d]
@@ -53,14 +67,6 @@ class ModelWeights:
     @property
     def intermediate(self) -> int:
         return int(self.layers[0].gate.shape[1])
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def experts(self) -> list[int]:
-        return [l.num_experts for l in self.layers]
 
     @property
     def vocab(self) -> int:
