@@ -153,3 +153,21 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "w"),
                  "--window", "16"]) == 2
     assert "calibrated at 8 requests, not 16" in capsys.readouterr().err
+
+
+def test_a_payload_after_the_model_positions_is_still_routed_and_counted(embedded):
+    import numpy as np
+
+    from moeguard.monitor.profile import histograms
+
+    m, tok, adapter = embedded
+    benign = " ".join(["Is 41 greater than 17?"] * 60)            # well over 256 tokens
+    payload = " ".join(["zq ~~ %%"] * 40)
+    ids = tok(benign + " " + payload, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 300
+    h_long = histograms(m, tok, [benign + " " + payload])[0]
+    head = tok.decode(ids[:200])
+    h_head = histograms(m, tok, [head])[0]
+    assert h_long.shape == (4, 8) and np.allclose(h_long.sum(-1), 1.0)
+    # cut at 256 tokens this would be 0.09 from the head alone; the payload beyond moves it by ~1.4
+    assert np.abs(h_long - h_head).sum() > 0.5

@@ -41,9 +41,12 @@ STATISTICS = ("load", "atypical")                        # of a request
 WINDOW_STATISTICS = ("load", "atypical", "evidence")     # of a client's window
 
 
-def histograms(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_length: int = 256,
+def histograms(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_length: int | None = None,
                adapter=None) -> np.ndarray:
-    """[N, L, E] routing histograms of ``prompts`` (padding excluded)."""
+    """[N, L, E] routing histograms of ``prompts`` (padding excluded). A prompt longer than
+    ``max_length`` tokens (default: the model's positions, at most 4096) is routed as consecutive
+    chunks of that length and their assignments summed: a payload placed after a long benign
+    opening is still seen."""
     import torch
 
     from moeguard.models.adapter import MoEAdapter
@@ -51,16 +54,25 @@ def histograms(model, tokenizer, prompts: list[str], *, batch_size: int = 16, ma
     from moeguard.tasks.tokens import bos_ids, encode, pad_batch, pad_id
 
     adapter = adapter or MoEAdapter(model)
-    out = []
+    if max_length is None:
+        max_length = min(int(getattr(model.config, "max_position_embeddings", 4096) or 4096), 4096)
     head = bos_ids(tokenizer)
+    rows, owner = [], []                      # token chunks, and the prompt each belongs to
+    for n, p in enumerate(prompts):
+        ids = head + encode(tokenizer, p)
+        for a in range(0, max(len(ids), 1), max_length):
+            rows.append(ids[a:a + max_length])
+            owner.append(n)
+    counts = np.zeros((len(prompts), len(adapter.layers), adapter.num_experts))
     with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            seqs = [(head + encode(tokenizer, p))[:max_length] for p in prompts[i:i + batch_size]]
+        for i in range(0, len(rows), batch_size):
+            seqs = rows[i:i + batch_size]
             ids, mask = pad_batch(seqs, pad_id(tokenizer), left=False, device="cpu")
             with RoutingCapture(model, per_sample=True, adapter=adapter) as cap:
                 model(input_ids=ids, attention_mask=mask)
-            out.extend(h.numpy() for h in cap.stats.per_sample)
-    return np.stack(out) if out else np.zeros((0, len(adapter.layers), adapter.num_experts))
+            for j, h in enumerate(cap.stats.per_sample):  # each row's shares, weighted by its tokens
+                counts[owner[i + j]] += h.numpy() * len(seqs[j])
+    return counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12)
 
 
 def _js(h: np.ndarray, ref: np.ndarray) -> np.ndarray:
