@@ -112,3 +112,4 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
             t.join(timeout=10)
     rows = [json.loads(l) for l in alerts.read_text().splitlines()] if alerts.exists() else []
     assert rows and all(r["client"] == "eve" for r in rows) and "prompt" not in alerts.read_text()
+    assert all(r["layer"] in (0, 1, 2, 3) and r["experts"] and r["detail"] for r in rows), rows   # reasons, as offline

@@ -90,18 +90,25 @@ class RouterTap:
         return self.logits, self.index
 
 
-def check_target(adapter, layer: int, expert: int) -> int:
-    """The slot of MoE layer ``layer``, or a one-line error listing what exists."""
-    layers = [l.index for l in adapter.layers]
-    if layer not in layers:
-        raise MoeguardError(f"layer {layer} is not an MoE layer of this model (its MoE layers: {layers})",
-                            hint=f"pass --layer with one of {layers}")
-    slot = layers.index(layer)
-    E = adapter.layers[slot].num_experts
-    if not 0 <= expert < E:
+def check_pair(moe: list[int], counts: dict[int, int], layer: int, expert: int | None, *,
+               name: str = "this model") -> None:
+    """A one-line error, listing what exists, unless ``layer`` is one of the MoE layers ``moe``
+    and ``expert`` (when given) one of its ``counts[layer]`` experts. The command checks from the
+    config before loading; the library from the loaded model: the same rule and words."""
+    if layer not in moe:
+        raise MoeguardError(f"layer {layer} is not an MoE layer of {name} (its MoE layers: {moe})",
+                            hint=f"pass --layer with one of {moe}, or 'all'")
+    if expert is not None and not 0 <= expert < counts[layer]:
+        E = counts[layer]
         raise MoeguardError(f"expert {expert} does not exist in layer {layer} ({E} experts: 0..{E - 1})",
                             hint=f"pass --expert between 0 and {E - 1}, or --all")
-    return slot
+
+
+def check_target(adapter, layer: int, expert: int) -> int:
+    """The slot of MoE layer ``layer`` of a loaded model (``check_pair``'s rule)."""
+    layers = [l.index for l in adapter.layers]
+    check_pair(layers, {l.index: l.num_experts for l in adapter.layers}, layer, expert)
+    return layers.index(layer)
 
 
 def allowed_tokens(tokenizer, vocab: int) -> np.ndarray:
@@ -261,9 +268,11 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             "best_step": best["step"], "steps_run": len(curve) - 1, "curve": curve}
 
 
-def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_text: str) -> dict[str, Any]:
+def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_text: str, *,
+            plain=None) -> dict[str, Any]:
     """Success and load on held-out inputs, sent as text with and without the prefix, and the
-    task's score with the prefix prepended against without."""
+    task's score with the prefix prepended against without (``plain``: that score's
+    ``TaskResult`` when already known: it is the same for every target of a run)."""
     from moeguard.tasks.evaluate import evaluate_task
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.tokens import bos_ids, encode
@@ -290,7 +299,7 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
                 hit = (index == cfg.expert).any(dim=-1)
                 rows[kind].append({"success": float(hit[start:].float().mean()),
                                    "load": float((index == cfg.expert).sum()) / (k * index.shape[0])})
-    full_score = evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False)
+    full_score = plain or evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False)
     hit_score = evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False,
                               input_prefix=prefix_text + SEPARATOR)
     a, nrm = rows["attacked"], rows["normal"]

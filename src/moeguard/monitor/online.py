@@ -132,9 +132,8 @@ class RoutingMonitor:
             for l, e in zip(*np.nonzero(counts)):
                 self._load[l][e].inc(float(counts[l, e]))
             if p <= self.alpha:
-                which = min(("load", "atypical"), key=lambda s: ps[s][0])
-                res["alert"] = {"kind": "request", "statistic": which, "p": p}
-                self.m_alerts.labels("request", which).inc()
+                res["alert"] = {"kind": "request", **self.profile.reason(stats, ps, 0, h)}
+                self.m_alerts.labels("request", res["alert"]["statistic"]).inc()
             state = self._clients.pop(client, None) or [np.zeros_like(h), 0, 0.0]   # sum of h, n, sum of -log p
             state[0] += h
             state[1] += 1
@@ -148,9 +147,8 @@ class RoutingMonitor:
                 res["window"] = {"p": pw}
                 self.m_client.labels(client).set(-math.log10(pw))
                 if pw <= self.alpha:
-                    which = min(("load", "atypical", "evidence"), key=lambda s: wp[s][0])
-                    res["window"]["alert"] = {"kind": "window", "statistic": which, "p": pw}
-                    self.m_alerts.labels("window", which).inc()
+                    res["window"]["alert"] = {"kind": "window", **self.profile.reason(ws, wp, 0, w)}
+                    self.m_alerts.labels("window", res["window"]["alert"]["statistic"]).inc()
                 state = [np.zeros_like(h), 0, 0.0]
             self._clients[client] = state
             while len(self._clients) > self.max_clients:

@@ -120,6 +120,29 @@ class Profile:
         out["evidence"] = np.array([float(np.mean(-np.log(p))) for p in request_p])
         return out
 
+    def reason(self, stats: dict[str, np.ndarray], ps: dict[str, np.ndarray], i: int, h: np.ndarray) -> dict[str, Any]:
+        """Row ``i``'s alert reason: the statistic with the smallest p-value, and the layer and
+        experts it points at (``h`` [L, E] its histogram). Offline scoring and the online hook share it."""
+        layers, E = self.meta["layers"], self.mean.shape[1]
+        which = min([k for k in ("load", "atypical", "evidence") if k in ps], key=lambda s: ps[s][i])
+        if which == "evidence":  # point at the window's most displaced (layer, expert), as load does
+            l, e = divmod(int(stats["load_at"][i]), E)
+            experts = [e]
+            detail = (f"its requests were jointly unlikely (mean -log p {stats['evidence'][i]:.2f}); most displaced: "
+                      f"expert {e} at layer {layers[l]}, {100 * h[l, e]:.0f}% (benign {100 * self.mean[l, e]:.0f}%)")
+        elif which == "load":
+            l, e = divmod(int(stats["load_at"][i]), E)
+            experts = [e]
+            detail = f"expert {e} took {100 * h[l, e]:.0f}% of the routing at layer {layers[l]} (benign {100 * self.mean[l, e]:.0f}%)"
+        else:
+            topic = list(self.topics)[int(stats["nearest_topic"][i])]
+            diff = h - self.topics[topic]
+            l = int(np.abs(diff).sum(1).argmax())
+            experts = [int(x) for x in np.argsort(-diff[l])[:2]]
+            detail = f"routing unlike any benign topic (nearest: {topic}); layer {layers[l]} favours experts {experts}"
+        return {"statistic": which, "layer": layers[l], "experts": experts, "value": round(float(stats[which][i]), 4),
+                "p": float(ps[which][i]), "p_combined": float(ps["combined"][i]), "detail": detail}
+
     # --- storage -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **self.meta, "mean": self.mean.tolist(), "sd": self.sd.tolist(),
@@ -174,14 +197,13 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     C = np.concatenate(cal)
     mean = F.mean(0)
     sd = np.maximum(F.std(0), 0.5 / math.sqrt(max(1, len(F))) * np.maximum(mean, 1e-3) + 1e-3)
-    prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null={})
-    null = {}
+    null: dict[str, np.ndarray] = {}
+    prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null=null)   # null is filled below, in place
     s = prof.statistics(C)
     for k in STATISTICS:
         null[f"request.{k}"] = np.sort(s[k])
     # benign windows: alternately one topic (a single-topic user) and a mix of topics
     by_topic = {t: np.flatnonzero(np.asarray(cal_topic) == t) for t in topics}
-    prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null=dict(null))
     req_p = prof.p_values(s, "request")["combined"]   # the calibration requests' own p-values
     wins, wps = [], []
     for i in range(windows):

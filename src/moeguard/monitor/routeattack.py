@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError
-from moeguard.monitor.hijack import HijackConfig, allowed_tokens, measure, search
+from moeguard.monitor.hijack import HijackConfig, allowed_tokens, check_pair, measure, search
 
 SCHEMA = "moeguard.route-attack/1"
 GOAL_SUCCESS = 0.9      # the bar: >= 90% routing success ...
@@ -24,10 +24,8 @@ def targets(handle, layers: list[int] | None, expert: int | None, every: bool) -
     moe = handle.info["moe_layers"]
     counts = {int(k): v for k, v in handle.info["experts_per_layer"].items()}
     layers = moe if layers is None else layers
-    bad = [l for l in layers if l not in moe]
-    if bad:
-        raise MoeguardError(f"layer {bad[0]} is not an MoE layer of {handle.name} (its MoE layers: {moe})",
-                            hint=f"pass --layer with one of {moe}, or 'all'")
+    for l in layers:
+        check_pair(moe, counts, l, None, name=handle.name)
     if every:
         if expert is not None:
             raise MoeguardError("--all and --expert were both given", hint="pass --expert E for one expert, or --all for every expert")
@@ -35,9 +33,7 @@ def targets(handle, layers: list[int] | None, expert: int | None, every: bool) -
     if expert is None:
         raise MoeguardError("no target expert", hint="pass --expert E, or --all for every expert of the layer")
     for l in layers:
-        if not 0 <= expert < counts[l]:
-            raise MoeguardError(f"expert {expert} does not exist in layer {l} ({counts[l]} experts: 0..{counts[l] - 1})",
-                                hint=f"pass --expert between 0 and {counts[l] - 1}, or --all")
+        check_pair(moe, counts, l, expert, name=handle.name)
     return [(l, expert) for l in layers]
 
 
@@ -53,6 +49,7 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
         model, tok, _ = handle.load()
         adapter = MoEAdapter(model)
         allowed = allowed_tokens(tok, model.get_input_embeddings().weight.shape[0])
+        plain = None   # the task's score without a prefix: the same for every target, computed once
         overall = progress.add_task("route-attack targets", total=len(pairs)) if progress is not None else None
         results = []
         for layer, expert in pairs:
@@ -62,8 +59,12 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
             else:
                 c = replace(cfg, layer=layer, expert=expert)
                 found = search(model, tok, adapter, task, c, allowed=allowed, progress=progress)
+                if plain is None:
+                    from moeguard.tasks.evaluate import evaluate_task
+
+                    plain = evaluate_task(model, tok, task, limit=c.eval_limit, batch_size=32, baseline=False)
                 r = {"layer": layer, "expert": expert, **found,
-                     "measured": measure(model, tok, adapter, task, c, found["prefix_text"])}
+                     "measured": measure(model, tok, adapter, task, c, found["prefix_text"], plain=plain)}
                 write_json(done, r)
                 results.append(r)
             if overall is not None:

@@ -67,29 +67,6 @@ def _time(t: Any, where: str) -> float:
     raise MoeguardError(f"{where}: time {t!r} is neither a number nor an ISO-8601 string", hint="fix that record")
 
 
-def _reason(prof: Profile, stats: dict[str, np.ndarray], ps: dict[str, np.ndarray], i: int, h: np.ndarray) -> dict[str, Any]:
-    """The statistic with the smaller p-value, and the layer and experts it points at."""
-    layers, E = prof.meta["layers"], prof.mean.shape[1]
-    which = min([k for k in ("load", "atypical", "evidence") if k in ps], key=lambda s: ps[s][i])
-    if which == "evidence":  # point at the window's most displaced (layer, expert), as load does
-        l, e = divmod(int(stats["load_at"][i]), E)
-        experts = [e]
-        detail = (f"its requests were jointly unlikely (mean -log p {stats['evidence'][i]:.2f}); most displaced: "
-                  f"expert {e} at layer {layers[l]}, {100 * h[l, e]:.0f}% (benign {100 * prof.mean[l, e]:.0f}%)")
-    elif which == "load":
-        l, e = divmod(int(stats["load_at"][i]), E)
-        experts = [e]
-        detail = f"expert {e} took {100 * h[l, e]:.0f}% of the routing at layer {layers[l]} (benign {100 * prof.mean[l, e]:.0f}%)"
-    else:
-        topic = list(prof.topics)[int(stats["nearest_topic"][i])]
-        diff = h - prof.topics[topic]
-        l = int(np.abs(diff).sum(1).argmax())
-        experts = [int(x) for x in np.argsort(-diff[l])[:2]]
-        detail = f"routing unlike any benign topic (nearest: {topic}); layer {layers[l]} favours experts {experts}"
-    return {"statistic": which, "layer": layers[l], "experts": experts, "value": round(float(stats[which][i]), 4),
-            "p": float(ps[which][i]), "p_combined": float(ps["combined"][i]), "detail": detail}
-
-
 def check_settings(prof: Profile, *, window: int | None, alpha: float) -> int:
     """The window to score with, checked against the profile (before any model is loaded);
     warns when the profile's resolution cannot reach ``alpha``."""
@@ -126,7 +103,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
         scores.append(row)
         if ps["combined"][i] <= alpha:
             alerts.append({"kind": "request", "id": r["id"], "client": r["client"], "time": r["time"],
-                           **_reason(prof, stats, ps, i, H[i]), **({"prompt": r["prompt"]} if log_prompts else {})})
+                           **prof.reason(stats, ps, i, H[i]), **({"prompt": r["prompt"]} if log_prompts else {})})
     by_client: dict[Any, list[int]] = {}
     for i, r in enumerate(records):
         by_client.setdefault(r["client"], []).append(i)
@@ -147,7 +124,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                             "evidence": round(float(ws["evidence"][j]), 4)})
             if wp["combined"][j] <= alpha:
                 alerts.append({"kind": "window", "client": c, "requests": [records[i]["id"] for i in idx],
-                               "time": records[idx[-1]]["time"], **_reason(prof, ws, wp, j, W[j])})
+                               "time": records[idx[-1]]["time"], **prof.reason(ws, wp, j, W[j])})
     summary = {"requests": len(records), "clients": len(by_client), "windows": len(wins), "window": window,
                "alpha": alpha, "alerts": {"request": sum(a["kind"] == "request" for a in alerts),
                                           "window": sum(a["kind"] == "window" for a in alerts)},

@@ -226,13 +226,12 @@ class StreamedCheckpoint(LayerCounts):
         layer = self.layers[0]
         key = layer.tensors[0][0]
         lead = (0,) if layer.fused else ()
+        r = min(-(-8192 // self.hidden), self.intermediate)       # gate rows holding 8192 values
         reader = ShardReader()
         try:
             if layer.fused and self.layout != "gate_up":  # gpt-oss [E, d, 2I]: gate rows G[n, :] are columns here
-                r = min(-(-8192 // self.hidden), self.intermediate)
                 x = _float(reader.read(self.where[key], key, (0, slice(None), slice(0, 2 * r))))[:, 0::2].T
             else:  # gate rows [., d] in storage order (a fused gate-up tensor holds its up rows after row I)
-                r = min(-(-8192 // self.hidden), self.intermediate)
                 x = _float(reader.read(self.where[key], key, (*lead, slice(0, r))))
         finally:
             reader.close()
