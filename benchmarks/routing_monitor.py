@@ -11,7 +11,11 @@ per request and per window, and the false-positive rate at 90% detection.
 - **Attack clients**, 32 requests each:
   - ``hijack``: a route-attack prefix (held-out success >= 90%, from ``--route-attack``) before benign
     task inputs, one prefix per client;
-  - ``extraction``: one task's inputs sampled at random, as the attack harness's attribution does;
+  - ``extraction``: one task's inputs sampled at random, as the attack harness's attribution does
+    (by construction the same stream as a benign single-topic user of that task);
+  - ``extraction-coreset`` / ``extraction-entropy``: 32 of a pool of 160 of the task's inputs chosen
+    by the harness's active-learning strategies (k-center diversity; highest predictive entropy),
+    as an attacker labelling through the API picks what to send;
   - ``saturation``: 40 tokens drawn from those whose own embedding routes most strongly to one expert
     of layer 0 (the cheapest load attack, needing no search);
   - ``random``: 40 random vocabulary tokens per request.
@@ -88,7 +92,7 @@ def main() -> None:
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import load_model
     from moeguard.monitor.hijack import SEPARATOR, allowed_tokens
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, build
     from moeguard.monitor.score import score
     from moeguard.tasks.loaders import load_records
     from moeguard.zoo.train import embedded_tasks
@@ -99,9 +103,12 @@ def main() -> None:
     m, tok, _ = load_model(None)
     adapter = MoEAdapter(m)
     topics: dict[str, tuple[list[str], list[str]]] = {}
+    def prompt_of(r):
+        return (r.get("input") or r.get("text") or "")[:1200].strip()
+
     for t in embedded_tasks():  # profile from the train split, test clients from the eval split: disjoint
         def texts(role):
-            return [x for r in load_records(t, role) if (x := (r.get("input") or r.get("text") or "")[:1200].strip())]
+            return [x for r in load_records(t, role) if (x := prompt_of(r))]
         topics[t.name] = (texts("train")[:200], texts("eval"))
     topics.update(real_text(200, 400, rng))
     prof = build(m, tok, {k: v[0] for k, v in topics.items()}, window=WINDOW, seed=args.seed, name="embedded")
@@ -127,6 +134,21 @@ def main() -> None:
     for i in range(12):
         t = task_topics[i % len(task_topics)]
         clients.append(("extraction", f"extract-{i}", [rng.choice(held[t]) for _ in range(PER_CLIENT)]))
+    # extraction by active learning: the attack harness's own selection (realign/strategies) picks
+    # which of a pool of the task's inputs to send, as an attacker labelling through the API would
+    from moeguard.realign.strategies.base import Query, get_strategy
+
+    by_name = {t.name: t for t in embedded_tasks()}
+    for name in ("coreset", "entropy"):
+        for i in range(12):
+            t = by_name[task_topics[i % len(task_topics)]]
+            pool = [r for r in load_records(t, "eval") if prompt_of(r)]
+            pool = rng.sample(pool, min(len(pool), 160))
+            q = Query(model=m, tokenizer=tok, task=t, pool=pool, candidates=list(range(len(pool))), labeled=[],
+                      k=PER_CLIENT, rng=random.Random(args.seed * 1000 + i))
+            picked = [prompt_of(pool[j]) for j in get_strategy(name, t).select(q)]
+            rng.shuffle(picked)
+            clients.append((f"extraction-{name}", f"extract-{name}-{i}", picked))
     # saturation: tokens whose embedding alone routes most strongly to expert e of layer 0
     allowed = allowed_tokens(tok, m.get_input_embeddings().weight.shape[0])
     with torch.no_grad():
@@ -154,9 +176,14 @@ def main() -> None:
             a = [r["p"] for r in rows if kind_of[r["client"]] == k]
             if not a:
                 continue
+            names = STATISTICS if level == "per_request" else WINDOW_STATISTICS
+            # each statistic alone (its raw value, higher = more anomalous): which one sees the attack
+            by_stat = {n: round(auroc([-r[n] for r in rows if kind_of[r["client"]] in benign_kinds],
+                                      [-r[n] for r in rows if kind_of[r["client"]] == k]), 4) for n in names}
             result[level][k] = {"n_attack": len(a), "n_benign": len(b), "auroc": round(auroc(b, a), 4),
                                 "auroc_vs_single_topic": round(auroc(b_single, a), 4),
-                                "fpr_at_90pct_detection": round(fpr_at_detection(b, a), 4)}
+                                "fpr_at_90pct_detection": round(fpr_at_detection(b, a), 4),
+                                "auroc_by_statistic": by_stat}
         result[level]["benign_alert_rate_at_0.01"] = round(float(np.mean(np.asarray(b) <= 0.01)), 4)
         # each hijack client apart: which targets the monitor sees, against how much benign traffic already goes there
         result[level]["hijack_by_target"] = [

@@ -115,7 +115,7 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
                  "--window", "8"]) == 0
     assert "windows of 8" in capsys.readouterr().out
     doc = json.loads(prof.read_text())
-    assert doc["schema"] == "moeguard.routing-profile/1" and doc["requests"] == {"fit": 100, "calibration": 100}
+    assert doc["schema"] == "moeguard.routing-profile/2" and doc["requests"] == {"fit": 100, "calibration": 100}
     # benign: later eval records of the profiled tasks, two single-topic clients; probing: random tokens
     rows, rng = [], random.Random(0)
     for c, t in (("alice", "arith-compare"), ("bob", "docstring-topic")):
@@ -133,7 +133,7 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     benign = [s["p"] for s in scores if s["client"] != "eve"]
     probing = [s["p"] for s in scores if s["client"] == "eve"]
     floor = json.loads((out / "summary.json").read_text())["p_floor"]["request"]
-    assert floor == 2 / 101 and all(p == floor for p in probing) and sorted(benign)[16] > 0.1, (probing, benign)
+    assert floor == 3 / 101 and all(p == floor for p in probing) and sorted(benign)[16] > 0.1, (probing, benign)
     windows = [json.loads(l) for l in (out / "windows.jsonl").read_text().splitlines()]
     assert len(windows) == 6 and all((w["p"] <= 0.01) == (w["client"] == "eve") for w in windows), windows
     eve = [a for a in alerts if a["kind"] == "window" and a["client"] == "eve"]
@@ -171,3 +171,46 @@ def test_a_payload_after_the_model_positions_is_still_routed_and_counted(embedde
     assert h_long.shape == (4, 8) and np.allclose(h_long.sum(-1), 1.0)
     # cut at 256 tokens this would be 0.09 from the head alone; the payload beyond moves it by ~1.4
     assert np.abs(h_long - h_head).sum() > 0.5
+
+
+def test_drift_stays_near_zero_for_benign_topic_mixes_and_rises_for_a_selected_stream():
+    import numpy as np
+
+    from moeguard.monitor.embed import KernelReference
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((2, 8))
+
+    def draw(c, n, spread=0.6):
+        x = c + spread * rng.standard_normal((n, 8))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    ref = KernelReference.fit({"a": draw(centres[0], 300), "b": draw(centres[1], 300)})
+    single = [ref.drift(draw(centres[0], 16)) for _ in range(200)]
+    mixed = [ref.drift(np.concatenate([draw(centres[0], 8), draw(centres[1], 8)])) for _ in range(200)]
+    # a stream from one corner of topic a (selected, not sampled): the same topic, another distribution
+    corner = centres[0] + 0.8 * rng.standard_normal(8)
+    selected = [ref.drift(draw(corner, 16, spread=0.3)) for _ in range(50)]
+    null = np.quantile(single + mixed, 0.99)
+    assert abs(np.mean(single)) < 0.02 and abs(np.mean(mixed)) < 0.02, (np.mean(single), np.mean(mixed))
+    assert np.mean(np.asarray(selected) > null) > 0.9, (null, selected[:5])
+
+
+def test_a_prompt_embeds_the_same_alone_or_padded_in_a_batch(embedded):
+    import numpy as np
+
+    from moeguard.monitor.profile import observe
+
+    m, tok, adapter = embedded
+    prompts = ["Is 41 greater than 17?", "def add(a, b):\n    return a + b  # a longer prompt, so the first is padded"]
+    h1, s1, n1 = observe(m, tok, prompts[:1], adapter=adapter)
+    h2, s2, n2 = observe(m, tok, prompts, batch_size=2, adapter=adapter)
+    assert n1[0] == n2[0] < n2[1]
+    assert np.allclose(s1[0], s2[0], atol=1e-3) and np.allclose(h1[0], h2[0])
+
+
+def test_a_profile_of_the_earlier_schema_is_refused_with_the_fix(tmp_path):
+    from moeguard.monitor.profile import Profile
+
+    with pytest.raises(MoeguardError, match=r"not a routing profile of this version \(schema 'moeguard.routing-profile/1'"):
+        Profile.from_dict({"schema": "moeguard.routing-profile/1"}, where="old.json")

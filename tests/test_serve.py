@@ -40,16 +40,31 @@ def test_the_hook_scores_a_request_as_the_offline_scorer_does_and_is_removed(ser
             ids += tok(prompt, add_special_tokens=False)["input_ids"]
             m.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert r.result["p"] == pytest.approx(offline[0]["p"]) and r.result["window"] is None
-    assert all(not l.router._forward_hooks for l in mon.adapter.layers)
+    for k in ("load", "atypical", "unfamiliar"):   # the same routing and the same prompt embedding
+        assert r.result["statistics"][k] == pytest.approx(offline[0][k], abs=1e-3), k
+    assert all(not l.router._forward_hooks for l in mon.adapter.layers) and not mon._pooled.module._forward_hooks
+    # a full window (2 requests, as profiled) gets the offline window's statistics and p-value
+    second = load_records(get_task("docstring-topic"), "eval", limit=150)[141]["input"]
+    recs = [{"id": i, "client": "w", "time": i, "prompt": p, "_t": float(i)} for i, p in enumerate((prompt, second))]
+    _, windows, _, _ = score(m, tok, prof, recs)
+    with mon:
+        for p_ in (prompt, second):
+            with mon.request("w") as r:
+                m(input_ids=torch.tensor([([tok.bos_token_id] if tok.bos_token_id is not None else [])
+                                          + tok(p_, add_special_tokens=False)["input_ids"]]))
+    assert r.result["window"]["p"] == pytest.approx(windows[0]["p"])
+    for k in ("load", "atypical", "evidence", "drift"):
+        assert r.result["window"]["statistics"][k] == pytest.approx(windows[0][k], abs=1e-3), k
+    mon._clients.clear()
     # bounded: a third client evicts the least recent one, and its gauge goes with it
     with mon:
         for c in ("a", "b", "b", "c"):
             with mon.request(c):
                 m(input_ids=torch.tensor([ids]))
-    assert list(mon._clients) == ["b", "c"] and mon._clients["b"][1] == 0     # b's window of 2 completed
+    assert list(mon._clients) == ["b", "c"] and mon._clients["b"][1] == []    # b's window of 2 completed
     text = __import__("prometheus_client").generate_latest(mon.registry).decode()
     assert 'moeguard_client_anomaly{client="b"}' in text and 'client="a"' not in text
-    assert "moeguard_requests_total 5.0" in text
+    assert "moeguard_requests_total 7.0" in text
 
 
 def _free_port() -> int:

@@ -6,11 +6,12 @@ exports Prometheus metrics.
     with monitor:                                  # hooks on every router; removed on exit
         with monitor.request(client="alice") as r: # one request: its prompt's forward pass(es)
             model.generate(...)
-        r.result                                   # {"p": ..., "alert": {...} | None, "window": {...} | None}
+        r.result                                   # {"p", "alert": {...} | None, "window": {...} | None, "statistics"}
 
 Only the request's **prefill** is counted (the profile is of prompts; generated tokens would
 shift it). Per client the monitor keeps one running sum of routing histograms ([L, E] floats),
-a running sum of -log p and a count: bounded memory whatever the traffic, and no prompt is stored. Clients beyond
+and the current window's p-values and prompt embeddings (``window`` x 64 floats, ``embed.py``):
+bounded memory whatever the traffic, and no prompt is stored. Clients beyond
 ``max_clients`` evict the least recently seen (its window restarts when it returns).
 
 Metrics (``prometheus-client``, in ``registry``):
@@ -35,7 +36,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from moeguard.monitor.profile import Profile
+from moeguard.monitor.embed import PooledHidden
+from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile
 
 
 @dataclass
@@ -60,40 +62,48 @@ class RoutingMonitor:
 
             raise MoeguardError(f"the profile has {profile.mean.shape[0]} MoE layers x {profile.mean.shape[1]} experts, "
                                 f"the model {L} x {E}", hint="use the profile made for this model")
-        self._counts = torch.zeros(L, E, dtype=torch.int64)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if hidden is not None and hidden != profile.space.hidden:
+            from moeguard.errors import MoeguardError
+
+            raise MoeguardError(f"the profile was made for hidden size {profile.space.hidden}, the model has {hidden}",
+                                hint="use the profile made for this model")
+        self._E = E
+        self._pooled = PooledHidden(self.adapter)                 # the prompt's final hidden states
+        self._pooled.limit, self._pooled.enabled = 1, False
+        self._offsets = (torch.arange(L) * E)[:, None]         # [L, 1]
+        self._routed: list[torch.Tensor | None] = [None] * L   # this request's prefill top-k ids per layer
         self._active = False          # inside a request, before its prefill has been counted
-        self._prefill_seen: set[int] = set()
-        self._clients: OrderedDict[str, list] = OrderedDict()   # client -> [sum [L, E], n]
+        self._clients: OrderedDict[str, list] = OrderedDict()   # client -> [sum [L, E], n, sum of -log p]
         self._lock = threading.Lock()
         self._handles: list = []
+        self._assigned = np.zeros((L, E))            # routing assignments per expert, read at scrape time
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.m_requests = Counter("moeguard_requests", "requests scored", registry=r)
         self.m_alerts = Counter("moeguard_alerts", "alerts raised", ["kind", "statistic"], registry=r)
-        self.m_load = Counter("moeguard_expert_assignments", "routing assignments per expert (prefill tokens x top-k)",
-                              ["layer", "expert"], registry=r)
+        # per-expert load is exported by a collector over one array: incrementing L x E labelled
+        # counters per request was most of the monitor's own cost at batch 1
+        r.register(_LoadCollector(self))
         self.m_request_anomaly = Histogram("moeguard_request_anomaly", "-log10 p of each request",
                                            buckets=(0.5, 1, 1.5, 2, 2.5, 3, 4, 5), registry=r)
         self.m_client = Gauge("moeguard_client_anomaly", "-log10 p of the client's last complete window", ["client"],
                               registry=r)
-        # the per-expert counters, looked up once: a label lookup per expert per request is most of
-        # the monitor's own cost at batch 1 (benchmarks/monitor_overhead.py)
-        self._load = [[self.m_load.labels(str(l.index), str(e)) for e in range(E)] for l in self.adapter.layers]
 
     # --- hooks -------------------------------------------------------------------------------
     def _hook(self, slot: int):
         def hook(module, args, output):
-            if not self._active or slot in self._prefill_seen:
-                return
-            idx = output[2]
-            self._counts[slot] += torch.bincount(idx.reshape(-1), minlength=self._counts.shape[1]).to(self._counts.device)
-            self._prefill_seen.add(slot)
+            # keep a reference only (counted once, at the request's end): the first call per
+            # layer is the prefill; decoding steps after it are not the prompt's routing
+            if self._active and self._routed[slot] is None:
+                self._routed[slot] = output[2]
         return hook
 
     def __enter__(self) -> "RoutingMonitor":
         try:
             for slot, layer in enumerate(self.adapter.layers):
                 self._handles.append(layer.router.register_forward_hook(self._hook(slot)))
+            self._handles.append(self._pooled.__enter__())
         except BaseException:
             self.__exit__()
             raise
@@ -101,58 +111,90 @@ class RoutingMonitor:
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
-            h.remove()
+            if isinstance(h, PooledHidden):
+                h.__exit__()
+            else:
+                h.remove()
         self._handles.clear()
 
     # --- one request ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def request(self, client: str) -> Iterator[RequestResult]:
         out = RequestResult(client=str(client))
-        self._counts.zero_()
-        self._prefill_seen.clear()
-        self._active = True
+        self._routed = [None] * len(self._routed)
+        self._pooled.sums, self._pooled.mask = [], None
+        self._active = self._pooled.enabled = True
         try:
             yield out
         finally:
-            self._active = False
-        counts = self._counts.numpy().astype(np.float64)
-        if counts.sum() == 0:
-            return                      # nothing ran through the model (a failed request)
-        out.result = self._score(out.client, counts)
+            self._active = self._pooled.enabled = False
+        if any(x is None for x in self._routed) or not self._pooled.sums:
+            return                      # nothing (or not every layer) ran: a failed request
+        L, E = len(self._routed), self._E
+        tokens = float(self._routed[0].shape[0])        # the prefill's tokens (rows x positions)
+        # one bincount over every layer: each layer's ids shifted into its own block of E bins
+        flat = (torch.stack(self._routed).reshape(L, -1).cpu() + self._offsets).reshape(-1)
+        self._routed = [None] * L
+        counts = torch.bincount(flat, minlength=L * E).reshape(L, E).numpy().astype(np.float64)
+        prefill = self._pooled.sums[0].sum(0, keepdims=True)    # [1, hidden]: the first call is the prompt's
+        self._pooled.sums = []
+        x = self.profile.space(prefill, np.array([tokens]))[0]
+        out.result = self._score(out.client, counts, x)
 
-    def _score(self, client: str, counts: np.ndarray) -> dict[str, Any]:
+    def _score(self, client: str, counts: np.ndarray, x: np.ndarray) -> dict[str, Any]:
         h = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-        stats = self.profile.statistics(h[None])
+        stats = self.profile.statistics(h[None], x[None])
         ps = self.profile.p_values(stats, "request")
         p = float(ps["combined"][0])
-        res: dict[str, Any] = {"p": p, "alert": None, "window": None}
+        res: dict[str, Any] = {"p": p, "alert": None, "window": None,
+                               "statistics": {k: float(stats[k][0]) for k in STATISTICS}}
         with self._lock:
             self.m_requests.inc()
             self.m_request_anomaly.observe(-math.log10(p))
-            for l, e in zip(*np.nonzero(counts)):
-                self._load[l][e].inc(float(counts[l, e]))
+            self._assigned += counts
             if p <= self.alpha:
                 res["alert"] = {"kind": "request", **self.profile.reason(stats, ps, 0, h)}
                 self.m_alerts.labels("request", res["alert"]["statistic"]).inc()
-            state = self._clients.pop(client, None) or [np.zeros_like(h), 0, 0.0]   # sum of h, n, sum of -log p
+            # the window so far: sum of h, and its requests' p-values and embeddings (at most
+            # `window` of each: bounded, and no prompt)
+            state = self._clients.pop(client, None) or [np.zeros_like(h), [], []]
             state[0] += h
-            state[1] += 1
-            state[2] += -math.log(p)
-            if state[1] == self.window:          # a complete window: score it, start the next
-                w = state[0] / state[1]
-                ws = self.profile.statistics(w[None])
-                ws["evidence"] = np.array([state[2] / state[1]])
+            state[1].append(p)
+            state[2].append(x)
+            if len(state[1]) == self.window:     # a complete window: score it as `score` does, start the next
+                w = state[0] / self.window
+                ws = self.profile.window_statistics(w[None], [np.array(state[1])], [np.stack(state[2])])
                 wp = self.profile.p_values(ws, "window")
                 pw = float(wp["combined"][0])
-                res["window"] = {"p": pw}
+                res["window"] = {"p": pw, "statistics": {k: float(ws[k][0]) for k in WINDOW_STATISTICS}}
                 self.m_client.labels(client).set(-math.log10(pw))
                 if pw <= self.alpha:
                     res["window"]["alert"] = {"kind": "window", **self.profile.reason(ws, wp, 0, w)}
                     self.m_alerts.labels("window", res["window"]["alert"]["statistic"]).inc()
-                state = [np.zeros_like(h), 0, 0.0]
+                state = [np.zeros_like(h), [], []]
             self._clients[client] = state
             while len(self._clients) > self.max_clients:
                 old, _ = self._clients.popitem(last=False)
                 with contextlib.suppress(KeyError):
                     self.m_client.remove(old)
         return res
+
+
+class _LoadCollector:
+    """``moeguard_expert_assignments_total{layer, expert}`` from the monitor's running array."""
+
+    def __init__(self, monitor: RoutingMonitor):
+        self.monitor = monitor
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        m = self.monitor
+        fam = CounterMetricFamily("moeguard_expert_assignments", "routing assignments per expert (prefill tokens x top-k)",
+                                  labels=["layer", "expert"])
+        with m._lock:
+            a = m._assigned.copy()
+        for slot, layer in enumerate(m.adapter.layers):
+            for e in range(a.shape[1]):
+                fam.add_metric([str(layer.index), str(e)], float(a[slot, e]))
+        yield fam

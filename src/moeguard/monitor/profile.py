@@ -5,8 +5,9 @@ A request's **routing histogram** is, per MoE layer, the share of its routing as
 expert received ([L, E], rows sum to 1; padding excluded). From benign requests (the given tasks'
 inputs), split in two halves by a seeded shuffle:
 
-- the **fit half** gives per (layer, expert) the mean and spread of a request's share, and each
-  task's mean histogram (the benign *topics*);
+- the **fit half** gives per (layer, expert) the mean and spread of a request's share, each
+  task's mean histogram (the benign *topics*), and each topic's reference embeddings
+  (``embed.py``: the model's final hidden state, pooled and projected);
 - the **calibration half** gives the null distribution of every statistic below, so a score is
   turned into an empirical p-value, ``(1 + #{benign >= s}) / (n + 1)``: calibrated on held-out
   benign traffic, never on a tuned threshold.
@@ -17,8 +18,11 @@ Statistics (larger = more anomalous), each with where it points:
   one expert forced to take a request (routing hijack, expert saturation);
 - ``atypical``: the Jensen-Shannon divergence from the nearest benign topic, averaged over
   layers: routing unlike any benign use (random-token probing, crafted inputs);
-- windows of a client's ``window`` requests get the same two statistics on their mean histogram,
-  and ``evidence``, the mean of -log p of their requests; all calibrated on benign windows drawn
+- ``unfamiliar``: -log of the request's embedding density under its nearest benign topic: a
+  prompt unlike any benign one, even where it routes like one (``embed.py``);
+- windows of a client's ``window`` requests get ``load`` and ``atypical`` on their mean histogram,
+  ``evidence``, the mean of -log p of their requests, and ``drift``, the MMD between their
+  embeddings and benign references of the same topic mix (``embed.py``); all calibrated on benign windows drawn
   from the calibration half: one from a single topic per window (a benign single-topic user,
   the hard negative) or mixed, alternately. (The calibration requests' own p-values are
   in-sample, so ``evidence``'s null is slightly optimistic about benign windows.)
@@ -30,27 +34,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from moeguard.errors import MoeguardError
+from moeguard.monitor.embed import Embedding, KernelReference
 
-SCHEMA = "moeguard.routing-profile/1"
-STATISTICS = ("load", "atypical")                        # of a request
-WINDOW_STATISTICS = ("load", "atypical", "evidence")     # of a client's window
+SCHEMA = "moeguard.routing-profile/2"                     # /2: with the embedding statistics
+STATISTICS = ("load", "atypical", "unfamiliar")                     # of a request
+WINDOW_STATISTICS = ("load", "atypical", "evidence", "drift")       # of a client's window
 
 
-def histograms(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_length: int | None = None,
-               adapter=None) -> np.ndarray:
-    """[N, L, E] routing histograms of ``prompts`` (padding excluded). A prompt longer than
-    ``max_length`` tokens (default: the model's positions, at most 4096) is routed as consecutive
-    chunks of that length and their assignments summed: a payload placed after a long benign
-    opening is still seen."""
+def histograms(model, tokenizer, prompts: list[str], **kw) -> np.ndarray:
+    """[N, L, E] routing histograms of ``prompts`` (``observe``'s first part)."""
+    return observe(model, tokenizer, prompts, **kw)[0]
+
+
+def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_length: int | None = None,
+            adapter=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per prompt, from one forward: its routing histogram [N, L, E] (padding excluded), the sum of
+    its final hidden states [N, hidden] and its token count [N] (``embed.py``). A prompt longer
+    than ``max_length`` tokens (default: the model's positions, at most 4096) is routed as
+    consecutive chunks of that length and their assignments summed: a payload placed after a
+    long benign opening is still seen."""
     import torch
 
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.hooks import RoutingCapture
+    from moeguard.monitor.embed import PooledHidden
     from moeguard.tasks.tokens import bos_ids, encode, pad_batch, pad_id
 
     adapter = adapter or MoEAdapter(model)
@@ -64,19 +77,30 @@ def histograms(model, tokenizer, prompts: list[str], *, batch_size: int = 16, ma
             rows.append(ids[a:a + max_length])
             owner.append(n)
     counts = np.zeros((len(prompts), len(adapter.layers), adapter.num_experts))
-    with torch.no_grad():
+    sums: np.ndarray | None = None
+    tokens = np.zeros(len(prompts))
+    with torch.no_grad(), PooledHidden(adapter) as pooled:
         for i in range(0, len(rows), batch_size):
             seqs = rows[i:i + batch_size]
             ids, mask = pad_batch(seqs, pad_id(tokenizer), left=False, device="cpu")
+            pooled.mask, pooled.sums = mask, []
             with RoutingCapture(model, per_sample=True, adapter=adapter) as cap:
                 model(input_ids=ids, attention_mask=mask)
+            hidden = pooled.sums[0]                     # [B, hidden]
+            if sums is None:
+                sums = np.zeros((len(prompts), hidden.shape[1]))
             for j, h in enumerate(cap.stats.per_sample):  # each row's shares, weighted by its tokens
                 counts[owner[i + j]] += h.numpy() * len(seqs[j])
-    return counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12)
+                sums[owner[i + j]] += hidden[j]
+                tokens[owner[i + j]] += len(seqs[j])
+    if sums is None:
+        sums = np.zeros((0, 1))
+    return counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12), sums, tokens
 
 
 def _js(h: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon divergence (nats) of histograms h [..., L, E] from ref [L, E], mean over layers."""
+    """Jensen-Shannon divergence (nats) of histograms h [..., L, E] from ref [..., L, E] (broadcast),
+    mean over layers."""
     m = (h + ref) / 2
 
     def kl(a, b):
@@ -92,15 +116,30 @@ class Profile:
     sd: np.ndarray                   # [L, E] its spread (floored)
     topics: dict[str, np.ndarray]    # task -> [L, E] mean histogram
     null: dict[str, np.ndarray]      # "request.load", "window.atypical", ... -> sorted benign values
+    space: Embedding                 # hidden sums -> unit embeddings (embed.py)
+    kernel: KernelReference          # benign embeddings per topic; unfamiliar and drift
+
+    @cached_property
+    def _topic_stack(self) -> np.ndarray:
+        """[topics, L, E]: the topics' histograms, stacked once (the online hook scores per request)."""
+        return np.stack(list(self.topics.values()))
 
     # --- statistics --------------------------------------------------------------------------
-    def statistics(self, h: np.ndarray) -> dict[str, np.ndarray]:
-        """``h`` [N, L, E] -> each statistic [N], with where ``load`` points ([N] flat (l, e) index)."""
+    def statistics(self, h: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
+        """``h`` [N, L, E] histograms and ``x`` [N, dim] embeddings -> each statistic [N], with
+        where ``load`` points ([N] flat (l, e) index) and the nearest topics."""
         z = (h - self.mean) / self.sd
         flat = z.reshape(len(h), -1)
-        js = np.stack([_js(h, t) for t in self.topics.values()], axis=1)     # [N, topics]
+        js = _js(h[:, None], self._topic_stack)                                # [N, topics]
+        unfamiliar, near = self.kernel.unfamiliar(x)
         return {"load": flat.max(1), "load_at": flat.argmax(1), "atypical": js.min(1),
-                "nearest_topic": js.argmin(1)}
+                "nearest_topic": js.argmin(1), "unfamiliar": unfamiliar, "nearest_embedded": near}
+
+    def p_floor(self, level: str) -> float:
+        """The smallest combined p-value ``level`` ("request" or "window") can give: with fewer
+        benign calibration samples than (statistics / alpha), nothing there can alert at alpha."""
+        names = STATISTICS if level == "request" else WINDOW_STATISTICS
+        return min(1.0, len(names) / (len(self.null[f"{level}.load"]) + 1))
 
     def p_values(self, stats: dict[str, np.ndarray], level: str) -> dict[str, np.ndarray]:
         out = {}
@@ -112,27 +151,34 @@ class Profile:
         out["combined"] = np.minimum(1.0, len(names) * np.min(np.stack([out[s] for s in names]), axis=0))
         return out
 
-    def window_statistics(self, h: np.ndarray, request_p: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Windows' statistics: ``h`` [N, L, E] their mean histograms, ``request_p`` each window's
-        requests' combined p-values. ``evidence`` is the mean of -log p over the window: requests
-        each only somewhat unusual add up (Fisher's idea, calibrated on benign windows)."""
-        out = self.statistics(h)
+    def window_statistics(self, h: np.ndarray, request_p: list[np.ndarray], xs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Windows' statistics: ``h`` [W, L, E] their mean histograms, ``request_p`` each window's
+        requests' combined p-values, ``xs`` each window's embeddings [n, dim]. ``evidence`` is the
+        mean of -log p over the window: requests each only somewhat unusual add up (Fisher's idea,
+        calibrated on benign windows); ``drift`` the window's MMD from benign use of its topics."""
+        out = self.statistics(h, np.stack([x.mean(0) for x in xs]))
         out["evidence"] = np.array([float(np.mean(-np.log(p))) for p in request_p])
+        out["drift"] = np.array([self.kernel.drift(x) for x in xs])
         return out
 
     def reason(self, stats: dict[str, np.ndarray], ps: dict[str, np.ndarray], i: int, h: np.ndarray) -> dict[str, Any]:
         """Row ``i``'s alert reason: the statistic with the smallest p-value, and the layer and
         experts it points at (``h`` [L, E] its histogram). Offline scoring and the online hook share it."""
         layers, E = self.meta["layers"], self.mean.shape[1]
-        which = min([k for k in ("load", "atypical", "evidence") if k in ps], key=lambda s: ps[s][i])
+        which = min([k for k in ("load", "atypical", "unfamiliar", "evidence", "drift") if k in ps], key=lambda s: ps[s][i])
+        l, e = divmod(int(stats["load_at"][i]), E)
+        experts = [e]
+        displaced = f"most displaced: expert {e} at layer {layers[l]}, {100 * h[l, e]:.0f}% (benign {100 * self.mean[l, e]:.0f}%)"
         if which == "evidence":  # point at the window's most displaced (layer, expert), as load does
-            l, e = divmod(int(stats["load_at"][i]), E)
-            experts = [e]
-            detail = (f"its requests were jointly unlikely (mean -log p {stats['evidence'][i]:.2f}); most displaced: "
-                      f"expert {e} at layer {layers[l]}, {100 * h[l, e]:.0f}% (benign {100 * self.mean[l, e]:.0f}%)")
+            detail = f"its requests were jointly unlikely (mean -log p {stats['evidence'][i]:.2f}); {displaced}"
+        elif which == "drift":
+            detail = (f"its prompts are distributed unlike benign use of the same topics (MMD^2 {stats['drift'][i]:.3f} in "
+                      f"the model's representation; a selected, spread or synthetic query stream); {displaced}")
+        elif which == "unfamiliar":
+            topic = self.kernel.names[int(stats["nearest_embedded"][i])]
+            detail = (f"its prompt is unlike every benign one in the model's representation (nearest: {topic}, "
+                      f"-log density {stats['unfamiliar'][i]:.2f}); {displaced}")
         elif which == "load":
-            l, e = divmod(int(stats["load_at"][i]), E)
-            experts = [e]
             detail = f"expert {e} took {100 * h[l, e]:.0f}% of the routing at layer {layers[l]} (benign {100 * self.mean[l, e]:.0f}%)"
         else:
             topic = list(self.topics)[int(stats["nearest_topic"][i])]
@@ -147,29 +193,34 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **self.meta, "mean": self.mean.tolist(), "sd": self.sd.tolist(),
                 "topics": {k: v.tolist() for k, v in self.topics.items()},
-                "null": {k: v.tolist() for k, v in self.null.items()}}
+                "null": {k: v.tolist() for k, v in self.null.items()},
+                "embedding": self.space.to_dict(), "kernel": self.kernel.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str) -> "Profile":
         fix = "make it with `moeguard monitor profile --out P`"
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             got = d.get("schema") if isinstance(d, dict) else type(d).__name__
-            raise MoeguardError(f"{where} is not a routing profile (schema {got!r}, expected {SCHEMA})", hint=fix)
+            raise MoeguardError(f"{where} is not a routing profile of this version (schema {got!r}, expected {SCHEMA})",
+                                hint=fix)
         try:
             mean, sd = np.asarray(d["mean"], dtype=float), np.asarray(d["sd"], dtype=float)
             topics = {k: np.asarray(v, dtype=float) for k, v in d["topics"].items()}
             null = {k: np.sort(np.asarray(v, dtype=float)) for k, v in d["null"].items()}
-            meta = {k: v for k, v in d.items() if k not in ("schema", "mean", "sd", "topics", "null")}
+            space, kernel = Embedding.from_dict(d["embedding"]), KernelReference.from_dict(d["kernel"])
+            meta = {k: v for k, v in d.items() if k not in ("schema", "mean", "sd", "topics", "null", "embedding", "kernel")}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MoeguardError(f"{where} is a damaged routing profile ({type(e).__name__}: {e})", hint=fix) from None
         if mean.ndim != 2 or sd.shape != mean.shape or not topics or any(t.shape != mean.shape for t in topics.values()) \
                 or any(f"request.{s}" not in null for s in STATISTICS) \
-                or any(f"window.{s}" not in null for s in WINDOW_STATISTICS):
+                or any(f"window.{s}" not in null for s in WINDOW_STATISTICS) \
+                or space.centre is None or space.centre.shape != (space.dim,) \
+                or any(r.ndim != 2 or r.shape[1] != space.dim or len(r) < 2 for r in kernel.refs):
             raise MoeguardError(f"{where} is a damaged routing profile (shapes or null samples missing)", hint=fix)
         if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
                 or len(meta["layers"]) != mean.shape[0]:
             raise MoeguardError(f"{where} is a damaged routing profile (window or layers missing)", hint=fix)
-        return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null)
+        return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel)
 
 
 def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int = 400,
@@ -182,39 +233,46 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     rng = np.random.default_rng(seed)
     adapter = MoEAdapter(model)
     fit, cal, cal_topic = [], [], []
+    fit_hidden, cal_hidden = [], []           # (hidden sums, token counts) of each half
     topics = {}
     for t, ps in prompts.items():
         if len(ps) < 4:
             raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
-        h = histograms(model, tokenizer, ps, adapter=adapter)
+        h, sums, tokens = observe(model, tokenizer, ps, adapter=adapter)
         order = rng.permutation(len(h))
         half = len(h) // 2
         fit.append(h[order[:half]])
         cal.append(h[order[half:]])
+        fit_hidden.append((sums[order[:half]], tokens[order[:half]]))
+        cal_hidden.append((sums[order[half:]], tokens[order[half:]]))
         cal_topic += [t] * (len(h) - half)
         topics[t] = h[order[:half]].mean(0)
     F = np.concatenate(fit)
     C = np.concatenate(cal)
     mean = F.mean(0)
     sd = np.maximum(F.std(0), 0.5 / math.sqrt(max(1, len(F))) * np.maximum(mean, 1e-3) + 1e-3)
+    space = Embedding.fit(np.concatenate([a for a, _ in fit_hidden]), np.concatenate([b for _, b in fit_hidden]), seed=seed)
+    kernel = KernelReference.fit({t: space(a, b) for t, (a, b) in zip(topics, fit_hidden)}, seed=seed)
+    XC = space(np.concatenate([a for a, _ in cal_hidden]), np.concatenate([b for _, b in cal_hidden]))
     null: dict[str, np.ndarray] = {}
-    prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null=null)   # null is filled below, in place
-    s = prof.statistics(C)
+    prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel)  # null: filled below
+    s = prof.statistics(C, XC)
     for k in STATISTICS:
         null[f"request.{k}"] = np.sort(s[k])
     # benign windows: alternately one topic (a single-topic user) and a mix of topics
     by_topic = {t: np.flatnonzero(np.asarray(cal_topic) == t) for t in topics}
     req_p = prof.p_values(s, "request")["combined"]   # the calibration requests' own p-values
-    wins, wps = [], []
+    wins, wps, wxs = [], [], []
     for i in range(windows):
         pool = by_topic[list(topics)[i // 2 % len(topics)]] if i % 2 == 0 else np.arange(len(C))
         pick = rng.choice(pool, size=window, replace=len(pool) < window)
         wins.append(C[pick].mean(0))
         wps.append(req_p[pick])
-    ws = prof.window_statistics(np.stack(wins), wps)
+        wxs.append(XC[pick])
+    ws = prof.window_statistics(np.stack(wins), wps, wxs)
     for k in WINDOW_STATISTICS:
         null[f"window.{k}"] = np.sort(ws[k])
     meta = {"model": name, "tasks": list(prompts), "requests": {"fit": int(len(F)), "calibration": int(len(C))},
             "window": window, "benign_windows": windows, "seed": seed,
             "layers": [l.index for l in adapter.layers], "num_experts": adapter.num_experts, "top_k": adapter.top_k}
-    return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null)
+    return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
-from moeguard.monitor.profile import Profile, histograms
+from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile, observe
 
 MAX_PROMPT_CHARS = 100_000
 
@@ -80,7 +80,7 @@ def check_settings(prof: Profile, *, window: int | None, alpha: float) -> int:
     if not 0 < alpha < 1:
         raise MoeguardError(f"alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
     for level in ("request", "window"):
-        floor = 2 / (len(prof.null[f"{level}.load"]) + 1)
+        floor = prof.p_floor(level)
         if floor > alpha:
             warnings.warn(f"the profile's smallest {level} p-value is {floor:.3g}, above alpha {alpha}: no {level} can "
                           f"alert; profile more benign inputs (--limit) or raise --alpha")
@@ -91,13 +91,17 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
           alpha: float = 0.01, log_prompts: bool = False) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """(per-request scores, per-window scores, alerts, summary)."""
     window = check_settings(prof, window=window, alpha=alpha)
-    H = histograms(model, tokenizer, [r["prompt"] for r in records])
-    stats = prof.statistics(H)
+    H, sums, tokens = observe(model, tokenizer, [r["prompt"] for r in records])
+    if sums.shape[1] != prof.space.hidden:
+        raise MoeguardError(f"the profile was made for hidden size {prof.space.hidden}, the model has {sums.shape[1]}",
+                            hint="use the profile made for this model")
+    X = prof.space(sums, tokens)
+    stats = prof.statistics(H, X)
     ps = prof.p_values(stats, "request")
     scores, alerts = [], []
     for i, r in enumerate(records):
         row = {"id": r["id"], "client": r["client"], "time": r["time"], "p": float(ps["combined"][i]),
-               "load": round(float(stats["load"][i]), 4), "atypical": round(float(stats["atypical"][i]), 4)}
+               **{k: round(float(stats[k][i]), 4) for k in STATISTICS}}
         if log_prompts:
             row["prompt"] = r["prompt"]
         scores.append(row)
@@ -116,12 +120,11 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     windows = []
     if wins:
         W = np.stack(wins)
-        ws = prof.window_statistics(W, [ps["combined"][idx] for _, idx in members])
+        ws = prof.window_statistics(W, [ps["combined"][idx] for _, idx in members], [X[idx] for _, idx in members])
         wp = prof.p_values(ws, "window")
         for j, (c, idx) in enumerate(members):
             windows.append({"client": c, "requests": [records[i]["id"] for i in idx], "p": float(wp["combined"][j]),
-                            "load": round(float(ws["load"][j]), 4), "atypical": round(float(ws["atypical"][j]), 4),
-                            "evidence": round(float(ws["evidence"][j]), 4)})
+                            **{k: round(float(ws[k][j]), 4) for k in WINDOW_STATISTICS}})
             if wp["combined"][j] <= alpha:
                 alerts.append({"kind": "window", "client": c, "requests": [records[i]["id"] for i in idx],
                                "time": records[idx[-1]]["time"], **prof.reason(ws, wp, j, W[j])})
@@ -130,5 +133,5 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                           "window": sum(a["kind"] == "window" for a in alerts)},
                "prompts_logged": log_prompts,
                # the smallest p-value each level can give: below alpha, or nothing can alert there
-               "p_floor": {lv: min(1.0, 2 * 1 / (len(prof.null[f"{lv}.load"]) + 1)) for lv in ("request", "window")}}
+               "p_floor": {lv: prof.p_floor(lv) for lv in ("request", "window")}}
     return scores, windows, alerts, summary

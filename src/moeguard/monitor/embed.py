@@ -1,0 +1,171 @@
+"""What a request *says*, beside where it is routed: the model's own representation of the prompt,
+and two statistics on it (docs/routing-security.md).
+
+Routing alone cannot tell a task-extraction stream from a benign single-topic user when both send
+the task's inputs, nor a crafted prefix that routes where benign traffic already goes. The MMD
+query-stream detector for extraction (the issue's anchor) compares a client's queries with benign
+ones in an embedding space; here the space is the monitored model's own:
+
+- **embedding**: the final norm's output (the last hidden state the LM head reads), mean-pooled
+  over the prompt's tokens, projected to ``dim`` dimensions by a seeded Gaussian matrix
+  (Johnson-Lindenstrauss: distances kept, profiles small for a 4096-wide model), centred on the
+  benign mean and scaled to unit length. It comes from the same forward as the routing: no extra
+  pass;
+- a Gaussian kernel ``k(a, b) = exp(-|a - b|^2 / bandwidth)``, bandwidth the median squared
+  distance between benign references (the usual median heuristic);
+- per benign topic, a reference sample ``R_t`` (the profile's fit half);
+- **``unfamiliar``** (a request): ``-log`` of its kernel density under its nearest topic,
+  ``max_t mean_j k(x, R_tj)``: a prompt unlike any benign one (crafted prefixes, random tokens);
+- **``drift``** (a window of a client's requests): the squared MMD between the window and the
+  benign references *of the same topics in the same proportions* (each request is assigned to
+  its nearest topic; composition ``c``):
+  ``mean_{i != j} k(x_i, x_j) + c'Kc - 2 mean_i sum_t c_t mean_j k(x_i, R_tj)``, with
+  ``K[t, u] = mean k(R_t, R_u)`` (self-pairs excluded). Benign windows of any topic mix have
+  ``drift`` near 0; a stream drawn unlike benign users of its topics (selected by active
+  learning, spread for coverage, synthetic) does not. A stream drawn *like* them (a random sample
+  of the task's inputs) is, by construction, a benign single-topic user, and nothing here can
+  tell it apart.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+DIM = 64            # projected dimensions (at most the model's hidden size)
+REFERENCES = 128    # reference requests kept per topic
+
+
+def projection(hidden: int, dim: int, seed: int) -> np.ndarray:
+    """[hidden, dim] seeded Gaussian projection (the same on every machine: torch's CPU generator)."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+    return (torch.randn(hidden, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)).numpy()
+
+
+class PooledHidden:
+    """Per row of the next forwards: the sum over its real tokens of the final norm's output
+    ([rows, hidden]) and its token count. Hook on the final norm (not the LM head, which a
+    generating model feeds its last position only); removed on exit whatever happens."""
+
+    def __init__(self, adapter):
+        from moeguard.models.adapter import _get_path
+
+        self.module = _get_path(adapter.model, adapter.family.final_norm_path)
+        self.mask = None               # [B, T] attention mask of the next forward, set by the caller
+        self.sums: list[np.ndarray] = []
+        self._handle = None
+        self.enabled = True
+        self.limit: int | None = None   # calls kept (the online monitor keeps the prefill only)
+
+    def _hook(self, module, args, output):
+        if not self.enabled or (self.limit is not None and len(self.sums) >= self.limit):
+            return
+        h = output[0] if isinstance(output, tuple) else output        # [B, T, D]
+        if self.mask is not None and self.mask.shape == h.shape[:2]:
+            h = h * self.mask[..., None].to(h.dtype)
+        self.sums.append(h.detach().float().sum(1).cpu().double().numpy())
+
+    def __enter__(self) -> "PooledHidden":
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def embed(sums: np.ndarray, tokens: np.ndarray, proj: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
+    """[N, dim] unit embeddings from per-request hidden sums [N, hidden] and token counts [N]."""
+    x = (sums / np.maximum(tokens, 1)[:, None]) @ proj
+    if centre is not None:
+        x = x - centre
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class KernelReference:
+    """The benign references per topic and the two statistics (module docstring)."""
+
+    def __init__(self, *, refs: dict[str, np.ndarray], bandwidth: float):
+        self.names = list(refs)
+        self.refs = [np.asarray(r, dtype=np.float64) for r in refs.values()]
+        self.bandwidth = float(bandwidth)
+        T = len(self.refs)
+        self.K = np.zeros((T, T))
+        for a in range(T):
+            for b in range(T):
+                k = self._k(self.refs[a], self.refs[b])
+                if a == b:
+                    n = len(k)
+                    self.K[a, b] = (k.sum() - np.trace(k)) / max(1, n * (n - 1))
+                else:
+                    self.K[a, b] = k.mean()
+
+    @classmethod
+    def fit(cls, refs: dict[str, np.ndarray], *, seed: int = 0) -> "KernelReference":
+        """References capped at ``REFERENCES`` per topic; the median-heuristic bandwidth."""
+        rng = np.random.default_rng(seed)
+        kept = {t: r[rng.permutation(len(r))[:REFERENCES]] for t, r in refs.items()}
+        allr = np.concatenate(list(kept.values()))
+        d = _sq(allr, allr)[np.triu_indices(len(allr), 1)]
+        return cls(refs=kept, bandwidth=max(float(np.median(d)), 1e-6))
+
+    def _k(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.exp(-_sq(a, b) / self.bandwidth)
+
+    def means(self, x: np.ndarray) -> np.ndarray:
+        """[N, topics]: mean kernel of each embedding to each topic's references."""
+        return np.stack([self._k(x, r).mean(1) for r in self.refs], axis=1)
+
+    def unfamiliar(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(-log density under the nearest topic [N], nearest topic [N])."""
+        mu = self.means(x)
+        return -np.log(mu.max(1) + 1e-300), mu.argmax(1)
+
+    def drift(self, x: np.ndarray, mu: np.ndarray | None = None) -> float:
+        """Squared MMD of one window [n, dim] against the references of its own topic mix."""
+        mu = self.means(x) if mu is None else mu
+        n = len(x)
+        c = np.bincount(mu.argmax(1), minlength=len(self.refs)) / n
+        kx = self._k(x, x)
+        within = (kx.sum() - np.trace(kx)) / max(1, n * (n - 1))
+        return float(within + c @ self.K @ c - 2 * (mu @ c).mean())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bandwidth": self.bandwidth, "refs": {t: r.round(6).tolist() for t, r in zip(self.names, self.refs)}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KernelReference":
+        return cls(refs={t: np.asarray(r, dtype=np.float64) for t, r in d["refs"].items()}, bandwidth=float(d["bandwidth"]))
+
+
+def _sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[len(a), len(b)] squared Euclidean distances."""
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0.0)
+
+
+class Embedding:
+    """The projection and centring that turn hidden sums into unit embeddings (``embed``)."""
+
+    def __init__(self, *, hidden: int, dim: int, seed: int, centre: np.ndarray | None = None):
+        self.hidden, self.dim, self.seed = int(hidden), int(dim), int(seed)
+        self.proj = projection(self.hidden, self.dim, self.seed)
+        self.centre = None if centre is None else np.asarray(centre, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, sums: np.ndarray, tokens: np.ndarray, *, seed: int) -> "Embedding":
+        e = cls(hidden=sums.shape[1], dim=min(DIM, sums.shape[1]), seed=seed)
+        e.centre = ((sums / np.maximum(tokens, 1)[:, None]) @ e.proj).mean(0)
+        return e
+
+    def __call__(self, sums: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        return embed(sums, tokens, self.proj, self.centre)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "dim": self.dim, "seed": self.seed, "centre": self.centre.round(8).tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Embedding":
+        return cls(hidden=int(d["hidden"]), dim=int(d["dim"]), seed=int(d["seed"]), centre=np.asarray(d["centre"], dtype=float))
