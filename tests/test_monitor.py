@@ -133,7 +133,7 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     benign = [s["p"] for s in scores if s["client"] != "eve"]
     probing = [s["p"] for s in scores if s["client"] == "eve"]
     floor = json.loads((out / "summary.json").read_text())["p_floor"]["request"]
-    assert floor == 3 / 101 and all(p == floor for p in probing) and sorted(benign)[16] > 0.1, (probing, benign)
+    assert floor == 4 / 101 and all(p == floor for p in probing) and sorted(benign)[16] > 0.1, (probing, benign)
     windows = [json.loads(l) for l in (out / "windows.jsonl").read_text().splitlines()]
     assert len(windows) == 6 and all((w["p"] <= 0.01) == (w["client"] == "eve") for w in windows), windows
     eve = [a for a in alerts if a["kind"] == "window" and a["client"] == "eve"]
@@ -203,8 +203,8 @@ def test_a_prompt_embeds_the_same_alone_or_padded_in_a_batch(embedded):
 
     m, tok, adapter = embedded
     prompts = ["Is 41 greater than 17?", "def add(a, b):\n    return a + b  # a longer prompt, so the first is padded"]
-    h1, s1, n1 = observe(m, tok, prompts[:1], adapter=adapter)
-    h2, s2, n2 = observe(m, tok, prompts, batch_size=2, adapter=adapter)
+    h1, s1, n1, _ = observe(m, tok, prompts[:1], adapter=adapter)
+    h2, s2, n2, _ = observe(m, tok, prompts, batch_size=2, adapter=adapter)
     assert n1[0] == n2[0] < n2[1]
     assert np.allclose(s1[0], s2[0], atol=1e-3) and np.allclose(h1[0], h2[0])
 

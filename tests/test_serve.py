@@ -40,7 +40,7 @@ def test_the_hook_scores_a_request_as_the_offline_scorer_does_and_is_removed(ser
             ids += tok(prompt, add_special_tokens=False)["input_ids"]
             m.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert r.result["p"] == pytest.approx(offline[0]["p"]) and r.result["window"] is None
-    for k in ("load", "atypical", "unfamiliar"):   # the same routing and the same prompt embedding
+    for k in ("load", "atypical", "unfamiliar", "surprise"):   # the same routing, embedding and token table
         assert r.result["statistics"][k] == pytest.approx(offline[0][k], abs=1e-3), k
     assert all(not l.router._forward_hooks for l in mon.adapter.layers) and not mon._pooled.module._forward_hooks
     # a full window (2 requests, as profiled) gets the offline window's statistics and p-value

@@ -56,7 +56,7 @@ class PooledHidden:
 
         self.module = _get_path(adapter.model, adapter.family.final_norm_path)
         self.mask = None               # [B, T] attention mask of the next forward, set by the caller
-        self.sums: list[np.ndarray] = []
+        self.sums: list = []           # [B, hidden] float32 tensors, one per call
         self._handle = None
         self.enabled = True
         self.limit: int | None = None   # calls kept (the online monitor keeps the prefill only)
@@ -67,7 +67,7 @@ class PooledHidden:
         h = output[0] if isinstance(output, tuple) else output        # [B, T, D]
         if self.mask is not None and self.mask.shape == h.shape[:2]:
             h = h * self.mask[..., None].to(h.dtype)
-        self.sums.append(h.detach().float().sum(1).cpu().double().numpy())
+        self.sums.append(h.detach().float().sum(1).cpu())       # [B, D] tensor; numpy at the end
 
     def __enter__(self) -> "PooledHidden":
         self._handle = self.module.register_forward_hook(self._hook)
@@ -93,6 +93,9 @@ class KernelReference:
         self.refs = [np.asarray(r, dtype=np.float64) for r in refs.values()]
         self.bandwidth = float(bandwidth)
         T = len(self.refs)
+        self._all = np.concatenate(self.refs)                              # [sum n_t, dim]
+        self._sizes = np.array([len(r) for r in self.refs], dtype=np.float64)
+        self._starts = np.concatenate([[0], np.cumsum(self._sizes)[:-1]]).astype(np.int64)
         self.K = np.zeros((T, T))
         for a in range(T):
             for b in range(T):
@@ -116,8 +119,9 @@ class KernelReference:
         return np.exp(-_sq(a, b) / self.bandwidth)
 
     def means(self, x: np.ndarray) -> np.ndarray:
-        """[N, topics]: mean kernel of each embedding to each topic's references."""
-        return np.stack([self._k(x, r).mean(1) for r in self.refs], axis=1)
+        """[N, topics]: mean kernel of each embedding to each topic's references (one kernel
+        block over every reference: the online hook calls this per request)."""
+        return np.add.reduceat(self._k(x, self._all), self._starts, axis=1) / self._sizes
 
     def unfamiliar(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(-log density under the nearest topic [N], nearest topic [N])."""

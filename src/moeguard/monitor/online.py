@@ -71,7 +71,7 @@ class RoutingMonitor:
         self._E = E
         self._pooled = PooledHidden(self.adapter)                 # the prompt's final hidden states
         self._pooled.limit, self._pooled.enabled = 1, False
-        self._offsets = (torch.arange(L) * E)[:, None]         # [L, 1]
+        self._ids = None                                          # the prompt's token ids (prefill)
         self._routed: list[torch.Tensor | None] = [None] * L   # this request's prefill top-k ids per layer
         self._active = False          # inside a request, before its prefill has been counted
         self._clients: OrderedDict[str, list] = OrderedDict()   # client -> [sum [L, E], n, sum of -log p]
@@ -99,11 +99,16 @@ class RoutingMonitor:
                 self._routed[slot] = output[2]
         return hook
 
+    def _ids_hook(self, module, args):
+        if self._active and self._ids is None and args:
+            self._ids = args[0]
+
     def __enter__(self) -> "RoutingMonitor":
         try:
             for slot, layer in enumerate(self.adapter.layers):
                 self._handles.append(layer.router.register_forward_hook(self._hook(slot)))
             self._handles.append(self._pooled.__enter__())
+            self._handles.append(self.model.get_input_embeddings().register_forward_pre_hook(self._ids_hook))
         except BaseException:
             self.__exit__()
             raise
@@ -122,6 +127,7 @@ class RoutingMonitor:
     def request(self, client: str) -> Iterator[RequestResult]:
         out = RequestResult(client=str(client))
         self._routed = [None] * len(self._routed)
+        self._ids = None
         self._pooled.sums, self._pooled.mask = [], None
         self._active = self._pooled.enabled = True
         try:
@@ -130,20 +136,29 @@ class RoutingMonitor:
             self._active = self._pooled.enabled = False
         if any(x is None for x in self._routed) or not self._pooled.sums:
             return                      # nothing (or not every layer) ran: a failed request
-        L, E = len(self._routed), self._E
-        tokens = float(self._routed[0].shape[0])        # the prefill's tokens (rows x positions)
-        # one bincount over every layer: each layer's ids shifted into its own block of E bins
-        flat = (torch.stack(self._routed).reshape(L, -1).cpu() + self._offsets).reshape(-1)
-        self._routed = [None] * L
-        counts = torch.bincount(flat, minlength=L * E).reshape(L, E).numpy().astype(np.float64)
-        prefill = self._pooled.sums[0].sum(0, keepdims=True)    # [1, hidden]: the first call is the prompt's
+        E = self._E
+        # numpy from here: per call it costs a fraction of torch's dispatch on these tiny arrays
+        routed = np.stack([x.detach().cpu().numpy() for x in self._routed])   # [L, tokens, k]
+        tokens = float(routed.shape[1])                   # the prefill's tokens (rows x positions)
+        self._routed = [None] * len(self._routed)
+        counts = np.stack([np.bincount(x.ravel(), minlength=E) for x in routed]).astype(np.float64)
+        # surprise per row of the prompt's ids (a request is one prompt; several rows: the largest)
+        ids = self._ids.detach().cpu().numpy() if self._ids is not None else None
+        self._ids = None
+        if ids is None or ids.size != routed.shape[1]:
+            surprise = 0.0              # called with embeddings, not ids: this statistic has nothing to read
+        else:
+            ids = ids.reshape(-1, ids.shape[-1])
+            T = ids.shape[1]
+            surprise = max(self.profile.tokens.surprise(ids[b], routed[:, b * T:(b + 1) * T]) for b in range(len(ids)))
+        prefill = self._pooled.sums[0].numpy().sum(0, keepdims=True, dtype=np.float64)   # [1, hidden]: the prompt's
         self._pooled.sums = []
         x = self.profile.space(prefill, np.array([tokens]))[0]
-        out.result = self._score(out.client, counts, x)
+        out.result = self._score(out.client, counts, x, surprise)
 
-    def _score(self, client: str, counts: np.ndarray, x: np.ndarray) -> dict[str, Any]:
+    def _score(self, client: str, counts: np.ndarray, x: np.ndarray, surprise: float) -> dict[str, Any]:
         h = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-        stats = self.profile.statistics(h[None], x[None])
+        stats = self.profile.statistics(h[None], x[None], np.array([surprise]))
         ps = self.profile.p_values(stats, "request")
         p = float(ps["combined"][0])
         res: dict[str, Any] = {"p": p, "alert": None, "window": None,

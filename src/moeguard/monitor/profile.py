@@ -20,6 +20,8 @@ Statistics (larger = more anomalous), each with where it points:
   layers: routing unlike any benign use (random-token probing, crafted inputs);
 - ``unfamiliar``: -log of the request's embedding density under its nearest benign topic: a
   prompt unlike any benign one, even where it routes like one (``embed.py``);
+- ``surprise``: the largest mean, over 16 consecutive tokens, of how unlikely each token's experts
+  are *for that token* under benign routing: the tokens a crafted prefix moves (``tokens.py``);
 - windows of a client's ``window`` requests get ``load`` and ``atypical`` on their mean histogram,
   ``evidence``, the mean of -log p of their requests, and ``drift``, the MMD between their
   embeddings and benign references of the same topic mix (``embed.py``); all calibrated on benign windows drawn
@@ -41,9 +43,10 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.monitor.embed import Embedding, KernelReference
+from moeguard.monitor.tokens import SEGMENT, RoutedIds, TokenRouting, TokenRoutingCounts
 
-SCHEMA = "moeguard.routing-profile/2"                     # /2: with the embedding statistics
-STATISTICS = ("load", "atypical", "unfamiliar")                     # of a request
+SCHEMA = "moeguard.routing-profile/2"      # /2: with the embedding and token statistics
+STATISTICS = ("load", "atypical", "unfamiliar", "surprise")         # of a request
 WINDOW_STATISTICS = ("load", "atypical", "evidence", "drift")       # of a client's window
 
 
@@ -53,12 +56,15 @@ def histograms(model, tokenizer, prompts: list[str], **kw) -> np.ndarray:
 
 
 def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_length: int | None = None,
-            adapter=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            adapter=None, tokens: TokenRoutingCounts | TokenRouting | None = None,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Per prompt, from one forward: its routing histogram [N, L, E] (padding excluded), the sum of
-    its final hidden states [N, hidden] and its token count [N] (``embed.py``). A prompt longer
-    than ``max_length`` tokens (default: the model's positions, at most 4096) is routed as
-    consecutive chunks of that length and their assignments summed: a payload placed after a
-    long benign opening is still seen."""
+    its final hidden states [N, hidden], its token count [N] (``embed.py``), and with a token
+    table its ``surprise`` [N] (``tokens.py``; with counts instead, the prompts' routing is added
+    to them and ``None`` returned). A prompt longer than ``max_length`` tokens (default: the
+    model's positions, at most 4096) is routed as consecutive chunks of that length and their
+    assignments summed (surprise: the largest of its chunks'): a payload placed after a long
+    benign opening is still seen."""
     import torch
 
     from moeguard.models.adapter import MoEAdapter
@@ -78,24 +84,33 @@ def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_l
             owner.append(n)
     counts = np.zeros((len(prompts), len(adapter.layers), adapter.num_experts))
     sums: np.ndarray | None = None
-    tokens = np.zeros(len(prompts))
-    with torch.no_grad(), PooledHidden(adapter) as pooled:
+    ntok = np.zeros(len(prompts))
+    surprise = np.zeros(len(prompts)) if isinstance(tokens, TokenRouting) else None
+    with torch.no_grad(), PooledHidden(adapter) as pooled, RoutedIds(adapter) as routed:
         for i in range(0, len(rows), batch_size):
             seqs = rows[i:i + batch_size]
             ids, mask = pad_batch(seqs, pad_id(tokenizer), left=False, device="cpu")
             pooled.mask, pooled.sums = mask, []
             with RoutingCapture(model, per_sample=True, adapter=adapter) as cap:
                 model(input_ids=ids, attention_mask=mask)
-            hidden = pooled.sums[0]                     # [B, hidden]
+            hidden = pooled.sums[0].double().numpy()      # [B, hidden]
+            per_token = routed.rows(len(seqs)) if tokens is not None else None   # [L, B, T, k]
             if sums is None:
                 sums = np.zeros((len(prompts), hidden.shape[1]))
             for j, h in enumerate(cap.stats.per_sample):  # each row's shares, weighted by its tokens
-                counts[owner[i + j]] += h.numpy() * len(seqs[j])
-                sums[owner[i + j]] += hidden[j]
-                tokens[owner[i + j]] += len(seqs[j])
+                o, n = owner[i + j], len(seqs[j])
+                counts[o] += h.numpy() * n
+                sums[o] += hidden[j]
+                ntok[o] += n
+                if per_token is not None:
+                    r = per_token[:, j, :n]
+                    if surprise is None:
+                        tokens.add(np.asarray(seqs[j]), r)
+                    else:
+                        surprise[o] = max(surprise[o], tokens.surprise(np.asarray(seqs[j]), r))
     if sums is None:
         sums = np.zeros((0, 1))
-    return counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12), sums, tokens
+    return counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12), sums, ntok, surprise
 
 
 def _js(h: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -103,9 +118,8 @@ def _js(h: np.ndarray, ref: np.ndarray) -> np.ndarray:
     mean over layers."""
     m = (h + ref) / 2
 
-    def kl(a, b):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(a > 0, a * np.log(a / np.maximum(b, 1e-12)), 0.0).sum(-1)
+    def kl(a, b):   # 0 log 0 = 0; b >= a / 2 > 0 wherever a > 0, so nothing divides by zero
+        return (a * np.log(np.where(a > 0, a, 1.0) / np.maximum(b, 1e-12))).sum(-1)
     return ((kl(h, m) + kl(ref, m)) / 2).mean(-1)
 
 
@@ -118,6 +132,7 @@ class Profile:
     null: dict[str, np.ndarray]      # "request.load", "window.atypical", ... -> sorted benign values
     space: Embedding                 # hidden sums -> unit embeddings (embed.py)
     kernel: KernelReference          # benign embeddings per topic; unfamiliar and drift
+    tokens: TokenRouting             # benign routing per token; surprise
 
     @cached_property
     def _topic_stack(self) -> np.ndarray:
@@ -125,15 +140,19 @@ class Profile:
         return np.stack(list(self.topics.values()))
 
     # --- statistics --------------------------------------------------------------------------
-    def statistics(self, h: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
-        """``h`` [N, L, E] histograms and ``x`` [N, dim] embeddings -> each statistic [N], with
-        where ``load`` points ([N] flat (l, e) index) and the nearest topics."""
+    def statistics(self, h: np.ndarray, x: np.ndarray, surprise: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``h`` [N, L, E] histograms, ``x`` [N, dim] embeddings and (requests) ``surprise`` [N]
+        from ``observe`` -> each statistic [N], with where ``load`` points ([N] flat (l, e) index)
+        and the nearest topics."""
         z = (h - self.mean) / self.sd
         flat = z.reshape(len(h), -1)
         js = _js(h[:, None], self._topic_stack)                                # [N, topics]
         unfamiliar, near = self.kernel.unfamiliar(x)
-        return {"load": flat.max(1), "load_at": flat.argmax(1), "atypical": js.min(1),
-                "nearest_topic": js.argmin(1), "unfamiliar": unfamiliar, "nearest_embedded": near}
+        out = {"load": flat.max(1), "load_at": flat.argmax(1), "atypical": js.min(1),
+               "nearest_topic": js.argmin(1), "unfamiliar": unfamiliar, "nearest_embedded": near}
+        if surprise is not None:
+            out["surprise"] = np.asarray(surprise, dtype=np.float64)
+        return out
 
     def p_floor(self, level: str) -> float:
         """The smallest combined p-value ``level`` ("request" or "window") can give: with fewer
@@ -165,7 +184,8 @@ class Profile:
         """Row ``i``'s alert reason: the statistic with the smallest p-value, and the layer and
         experts it points at (``h`` [L, E] its histogram). Offline scoring and the online hook share it."""
         layers, E = self.meta["layers"], self.mean.shape[1]
-        which = min([k for k in ("load", "atypical", "unfamiliar", "evidence", "drift") if k in ps], key=lambda s: ps[s][i])
+        which = min([k for k in ("load", "atypical", "unfamiliar", "surprise", "evidence", "drift") if k in ps],
+                    key=lambda s: ps[s][i])
         l, e = divmod(int(stats["load_at"][i]), E)
         experts = [e]
         displaced = f"most displaced: expert {e} at layer {layers[l]}, {100 * h[l, e]:.0f}% (benign {100 * self.mean[l, e]:.0f}%)"
@@ -174,6 +194,9 @@ class Profile:
         elif which == "drift":
             detail = (f"its prompts are distributed unlike benign use of the same topics (MMD^2 {stats['drift'][i]:.3f} in "
                       f"the model's representation; a selected, spread or synthetic query stream); {displaced}")
+        elif which == "surprise":
+            detail = (f"a stretch of its tokens was routed where benign traffic does not route those tokens (mean "
+                      f"-log p {stats['surprise'][i]:.2f} over {SEGMENT} tokens: a routing hijack's signature); {displaced}")
         elif which == "unfamiliar":
             topic = self.kernel.names[int(stats["nearest_embedded"][i])]
             detail = (f"its prompt is unlike every benign one in the model's representation (nearest: {topic}, "
@@ -194,7 +217,7 @@ class Profile:
         return {"schema": SCHEMA, **self.meta, "mean": self.mean.tolist(), "sd": self.sd.tolist(),
                 "topics": {k: v.tolist() for k, v in self.topics.items()},
                 "null": {k: v.tolist() for k, v in self.null.items()},
-                "embedding": self.space.to_dict(), "kernel": self.kernel.to_dict()}
+                "embedding": self.space.to_dict(), "kernel": self.kernel.to_dict(), "token_routing": self.tokens.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str) -> "Profile":
@@ -208,19 +231,22 @@ class Profile:
             topics = {k: np.asarray(v, dtype=float) for k, v in d["topics"].items()}
             null = {k: np.sort(np.asarray(v, dtype=float)) for k, v in d["null"].items()}
             space, kernel = Embedding.from_dict(d["embedding"]), KernelReference.from_dict(d["kernel"])
-            meta = {k: v for k, v in d.items() if k not in ("schema", "mean", "sd", "topics", "null", "embedding", "kernel")}
+            tokens = TokenRouting.from_dict(d["token_routing"])
+            meta = {k: v for k, v in d.items()
+                    if k not in ("schema", "mean", "sd", "topics", "null", "embedding", "kernel", "token_routing")}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MoeguardError(f"{where} is a damaged routing profile ({type(e).__name__}: {e})", hint=fix) from None
         if mean.ndim != 2 or sd.shape != mean.shape or not topics or any(t.shape != mean.shape for t in topics.values()) \
                 or any(f"request.{s}" not in null for s in STATISTICS) \
                 or any(f"window.{s}" not in null for s in WINDOW_STATISTICS) \
                 or space.centre is None or space.centre.shape != (space.dim,) \
-                or any(r.ndim != 2 or r.shape[1] != space.dim or len(r) < 2 for r in kernel.refs):
+                or any(r.ndim != 2 or r.shape[1] != space.dim or len(r) < 2 for r in kernel.refs) \
+                or tokens.counts.shape[1:] != mean.shape or tokens.marginal.shape != mean.shape:
             raise MoeguardError(f"{where} is a damaged routing profile (shapes or null samples missing)", hint=fix)
         if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
                 or len(meta["layers"]) != mean.shape[0]:
             raise MoeguardError(f"{where} is a damaged routing profile (window or layers missing)", hint=fix)
-        return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel)
+        return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=tokens)
 
 
 def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int = 400,
@@ -234,19 +260,27 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     adapter = MoEAdapter(model)
     fit, cal, cal_topic = [], [], []
     fit_hidden, cal_hidden = [], []           # (hidden sums, token counts) of each half
-    topics = {}
-    for t, ps in prompts.items():
+    topics, held = {}, {}
+    counts = TokenRoutingCounts(vocab=int(model.get_input_embeddings().weight.shape[0]), layers=len(adapter.layers),
+                                experts=adapter.num_experts)
+    for t, ps in prompts.items():             # the fit half: statistics' parameters, and the token table
         if len(ps) < 4:
             raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
-        h, sums, tokens = observe(model, tokenizer, ps, adapter=adapter)
-        order = rng.permutation(len(h))
-        half = len(h) // 2
-        fit.append(h[order[:half]])
-        cal.append(h[order[half:]])
-        fit_hidden.append((sums[order[:half]], tokens[order[:half]]))
-        cal_hidden.append((sums[order[half:]], tokens[order[half:]]))
-        cal_topic += [t] * (len(h) - half)
-        topics[t] = h[order[:half]].mean(0)
+        order = rng.permutation(len(ps))
+        half = len(ps) // 2
+        h, sums, ntok, _ = observe(model, tokenizer, [ps[i] for i in order[:half]], adapter=adapter, tokens=counts)
+        fit.append(h)
+        fit_hidden.append((sums, ntok))
+        topics[t] = h.mean(0)
+        held[t] = [ps[i] for i in order[half:]]
+    table = counts.table(adapter.top_k, getattr(tokenizer, "bos_token_id", None))
+    cal_surprise = []
+    for t, ps in held.items():                # the calibration half: every statistic's null
+        h, sums, ntok, sp = observe(model, tokenizer, ps, adapter=adapter, tokens=table)
+        cal.append(h)
+        cal_hidden.append((sums, ntok))
+        cal_surprise.append(sp)
+        cal_topic += [t] * len(ps)
     F = np.concatenate(fit)
     C = np.concatenate(cal)
     mean = F.mean(0)
@@ -255,8 +289,9 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     kernel = KernelReference.fit({t: space(a, b) for t, (a, b) in zip(topics, fit_hidden)}, seed=seed)
     XC = space(np.concatenate([a for a, _ in cal_hidden]), np.concatenate([b for _, b in cal_hidden]))
     null: dict[str, np.ndarray] = {}
-    prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel)  # null: filled below
-    s = prof.statistics(C, XC)
+    prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel,
+                   tokens=table)                                          # null: filled below
+    s = prof.statistics(C, XC, np.concatenate(cal_surprise))
     for k in STATISTICS:
         null[f"request.{k}"] = np.sort(s[k])
     # benign windows: alternately one topic (a single-topic user) and a mix of topics
@@ -275,4 +310,4 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     meta = {"model": name, "tasks": list(prompts), "requests": {"fit": int(len(F)), "calibration": int(len(C))},
             "window": window, "benign_windows": windows, "seed": seed,
             "layers": [l.index for l in adapter.layers], "num_experts": adapter.num_experts, "top_k": adapter.top_k}
-    return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel)
+    return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=table)

@@ -1,0 +1,154 @@
+"""Token-conditional routing surprise: where benign traffic routes *this token*, against where this
+request routed it (docs/routing-security.md).
+
+A routing hijack does not need to move a request's overall expert shares far: it moves the
+routing of the tokens after the crafted text. Benign traffic routes a given token at a given layer
+to a few experts, consistently; a hijacked input token goes to the target expert instead. So per
+token ``t`` and MoE layer ``l``, the profile keeps how often benign traffic routed ``t`` to each
+expert, and a request's token is scored by
+
+    s(token) = sum over layers l, over its top-k experts e of  -log p(e | t, l),
+    p(e | t, l) = (count(t, l, e) + k * marginal(l, e)) / (count(t, l) + k)
+
+(add-k smoothing toward the layer's marginal: a token benign traffic never showed is scored against
+the layer's overall routing). The request's statistic **``surprise``** is the largest mean of ``s``
+over ``SEGMENT`` consecutive tokens: a crafted prefix and the tokens it moves form a contiguous
+stretch, which a mean over the whole prompt would dilute.
+
+The table is bounded: it keeps the most frequent benign tokens, at most ``MAX_CELLS`` counts in
+all (tokens x layers x experts); other tokens fall back to the marginal.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+
+SEGMENT = 16            # tokens per stretch the statistic averages over
+MAX_CELLS = 4_194_304   # table counts kept (float32: 16 MB), most frequent tokens first
+
+
+class TokenRoutingCounts:
+    """Accumulates benign (token, layer, expert) counts while the profile's fit half is observed:
+    one [L, E] row per token seen (not per vocabulary entry: a 150k vocabulary stays cheap)."""
+
+    def __init__(self, *, vocab: int, layers: int, experts: int):
+        self.vocab = vocab
+        self.rows: dict[int, int] = {}
+        self.counts = np.zeros((256, layers, experts), dtype=np.float32)
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        for t in np.unique(ids).tolist():
+            if t not in self.rows:
+                self.rows[t] = len(self.rows)
+        if len(self.rows) > len(self.counts):       # grow by doubling
+            grown = np.zeros((2 * len(self.rows),) + self.counts.shape[1:], dtype=np.float32)
+            grown[:len(self.counts)] = self.counts
+            self.counts = grown
+        return np.array([self.rows[t] for t in ids.tolist()], dtype=np.int64)
+
+    def add(self, ids: np.ndarray, routed: np.ndarray) -> None:
+        """ids [T] token ids; routed [L, T, k] the experts each token went to."""
+        L, T, k = routed.shape
+        rows = np.repeat(self._rows(ids), k)
+        for l in range(L):
+            np.add.at(self.counts, (rows, l, routed[l].reshape(-1)), 1.0)
+
+    def table(self, top_k: int, bos: int | None) -> "TokenRouting":
+        n = len(self.rows)
+        counts = self.counts[:n].astype(np.float64)
+        tokens = np.array(list(self.rows), dtype=np.int64)          # row order
+        cells = counts.shape[1] * counts.shape[2]
+        keep = np.argsort(-counts.sum((1, 2)), kind="stable")[:max(1, MAX_CELLS // cells)]
+        keep = keep[np.argsort(tokens[keep])]
+        marginal = counts.sum(0)
+        marginal = marginal / np.maximum(marginal.sum(-1, keepdims=True), 1e-12)
+        return TokenRouting(tokens=tokens[keep], counts=counts[keep], marginal=marginal, top_k=top_k, vocab=self.vocab,
+                            bos=bos)
+
+
+class TokenRouting:
+    """The benign table and the statistic (module docstring)."""
+
+    def __init__(self, *, tokens: np.ndarray, counts: np.ndarray, marginal: np.ndarray, top_k: int, vocab: int,
+                 bos: int | None):
+        self.tokens = np.asarray(tokens, dtype=np.int64)             # [N] token ids kept
+        self.counts = np.asarray(counts, dtype=np.float64)           # [N, L, E]
+        self.marginal = np.asarray(marginal, dtype=np.float64)       # [L, E]
+        self.top_k, self.vocab = int(top_k), int(vocab)
+        self.bos = None if bos is None else int(bos)                 # a leading BOS is not the user's text
+        k = self.top_k
+        # -log p per (kept token, layer, expert), and last the fallback row (count 0: p = the
+        # marginal): looked up with one gather per request, never recomputed
+        nll = -np.log((self.counts + k * self.marginal) / (self.counts.sum(-1, keepdims=True) + k))
+        self._nll = np.concatenate([nll, -np.log(np.maximum(self.marginal, 1e-12))[None]])   # [N + 1, L, E]
+        self._row = np.full(self.vocab + 1, len(self.tokens), dtype=np.int64)                # unknown -> fallback
+        self._row[self.tokens] = np.arange(len(self.tokens))
+        self._layers = np.arange(self.marginal.shape[0])[None, :, None]
+
+    def token_scores(self, ids: np.ndarray, routed: np.ndarray) -> np.ndarray:
+        """[T] s(token) for ids [T] and routed [L, T, k]."""
+        rows = self._row[np.clip(ids, 0, self.vocab)]
+        picked = self._nll[rows[:, None, None], self._layers, routed.transpose(1, 0, 2)]     # [T, L, k]
+        return picked.sum((1, 2))
+
+    def surprise(self, ids: np.ndarray, routed: np.ndarray) -> float:
+        """The largest mean token score over ``SEGMENT`` consecutive tokens (a leading BOS excluded)."""
+        s = self.token_scores(ids, routed)
+        if len(ids) and self.bos is not None and int(ids[0]) == self.bos:
+            s = s[1:]
+        if len(s) == 0:
+            return 0.0
+        if len(s) <= SEGMENT:
+            return float(s.mean())
+        c = np.concatenate([[0.0], np.cumsum(s)])
+        return float(((c[SEGMENT:] - c[:-SEGMENT]) / SEGMENT).max())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "vocab": self.vocab, "bos": self.bos, "shape": list(self.counts.shape),
+                "tokens": self.tokens.tolist(), "marginal": self.marginal.tolist(),
+                "counts_f32_b64": base64.b64encode(self.counts.astype("<f4").tobytes()).decode()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TokenRouting":
+        shape = tuple(int(x) for x in d["shape"])
+        counts = np.frombuffer(base64.b64decode(d["counts_f32_b64"]), dtype="<f4").astype(np.float64)
+        if counts.size != int(np.prod(shape)) or len(shape) != 3 or len(d["tokens"]) != shape[0]:
+            raise ValueError("token table size does not match its shape")
+        return cls(tokens=np.asarray(d["tokens"]), counts=counts.reshape(shape), marginal=np.asarray(d["marginal"]),
+                   top_k=int(d["top_k"]), vocab=int(d["vocab"]), bos=d["bos"])
+
+
+class RoutedIds:
+    """Each MoE layer's top-k expert ids ([rows * T, k]) of the next forward, from hooks on the
+    routers; removed on exit whatever happens."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.ids: list = [None] * len(adapter.layers)
+        self._handles: list = []
+
+    def __enter__(self) -> "RoutedIds":
+        try:
+            for slot, layer in enumerate(self.adapter.layers):
+                self._handles.append(layer.router.register_forward_hook(self._hook(slot)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _hook(self, slot: int):
+        def hook(module, args, output):
+            self.ids[slot] = output[2]
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def rows(self, B: int) -> np.ndarray:
+        """[L, B, T, k] as numpy."""
+        return np.stack([x.detach().cpu().numpy().reshape(B, -1, x.shape[-1]) for x in self.ids])
