@@ -214,3 +214,37 @@ def test_a_profile_of_the_earlier_schema_is_refused_with_the_fix(tmp_path):
 
     with pytest.raises(MoeguardError, match=r"not a routing profile of this version \(schema 'moeguard.routing-profile/1'"):
         Profile.from_dict({"schema": "moeguard.routing-profile/1"}, where="old.json")
+
+
+def test_token_surprise_sees_tokens_routed_where_benign_traffic_never_sends_them(monkeypatch):
+    import numpy as np
+
+    from moeguard.monitor import tokens as T
+
+    rng = np.random.default_rng(0)
+    L, E, k, V = 2, 8, 2, 50
+    home = rng.integers(0, E - 2, size=(V, L))            # benign: token t at layer l goes to home, home + 1
+    counts = T.TokenRoutingCounts(vocab=V, layers=L, experts=E)
+
+    def route(ids, hijack=None):
+        r = np.stack([np.stack([home[ids, l], home[ids, l] + 1], 1) for l in range(L)])   # [L, T, k]
+        if hijack is not None:
+            r[0, hijack, 0] = E - 1                         # the hijacked stretch: expert 7 at layer 0
+        return r
+
+    for _ in range(200):
+        ids = rng.integers(0, V, size=40)
+        counts.add(ids, route(ids))
+    table = counts.table(k, bos=None)
+    ids = rng.integers(0, V, size=60)
+    benign = table.surprise(ids, route(ids))
+    hijacked = table.surprise(ids, route(ids, hijack=slice(20, 40)))
+    assert hijacked > benign + 3, (benign, hijacked)
+    again = T.TokenRouting.from_dict(table.to_dict())   # stored and read back: the same scores
+    assert again.surprise(ids, route(ids, hijack=slice(20, 40))) == pytest.approx(hijacked)
+    # the table is bounded: with room for 10 tokens it keeps the 10 most frequent; the rest fall back
+    monkeypatch.setattr(T, "MAX_CELLS", 10 * L * E)
+    small = counts.table(k, bos=None)
+    freq = counts.counts[:len(counts.rows)].sum((1, 2))
+    top = sorted(np.array(list(counts.rows))[np.argsort(-freq, kind="stable")[:10]].tolist())
+    assert small.tokens.tolist() == top

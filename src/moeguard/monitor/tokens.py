@@ -8,10 +8,11 @@ token ``t`` and MoE layer ``l``, the profile keeps how often benign traffic rout
 expert, and a request's token is scored by
 
     s(token) = sum over layers l, over its top-k experts e of  -log p(e | t, l),
-    p(e | t, l) = (count(t, l, e) + k * marginal(l, e)) / (count(t, l) + k)
+    p(e | t, l) = (count(t, l, e) + k * prior(l, e)) / (count(t, l) + k)
 
-(add-k smoothing toward the layer's marginal: a token benign traffic never showed is scored against
-the layer's overall routing). The request's statistic **``surprise``** is the largest mean of ``s``
+(add-k smoothing toward the layer's marginal, ``prior``, which keeps 1e-3 of uniform mass so an
+expert benign traffic never used scores high, not infinite: a token benign traffic never showed
+is scored against the layer's overall routing). The request's statistic **``surprise``** is the largest mean of ``s``
 over ``SEGMENT`` consecutive tokens: a crafted prefix and the tokens it moves form a contiguous
 stretch, which a mean over the whole prompt would dilute.
 
@@ -82,8 +83,12 @@ class TokenRouting:
         k = self.top_k
         # -log p per (kept token, layer, expert), and last the fallback row (count 0: p = the
         # marginal): looked up with one gather per request, never recomputed
-        nll = -np.log((self.counts + k * self.marginal) / (self.counts.sum(-1, keepdims=True) + k))
-        self._nll = np.concatenate([nll, -np.log(np.maximum(self.marginal, 1e-12))[None]])   # [N + 1, L, E]
+        # an expert benign traffic never used at a layer still gets a little mass (1e-3 of uniform):
+        # its tokens score high, not infinite (a sum of infinities has no largest stretch)
+        E = self.marginal.shape[1]
+        prior = (self.marginal + 1e-3 / E) / (1 + 1e-3)
+        nll = -np.log((self.counts + k * prior) / (self.counts.sum(-1, keepdims=True) + k))
+        self._nll = np.concatenate([nll, -np.log(prior)[None]])                             # [N + 1, L, E]
         self._row = np.full(self.vocab + 1, len(self.tokens), dtype=np.int64)                # unknown -> fallback
         self._row[self.tokens] = np.arange(len(self.tokens))
         self._layers = np.arange(self.marginal.shape[0])[None, :, None]
