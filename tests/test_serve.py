@@ -128,3 +128,38 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
     rows = [json.loads(l) for l in alerts.read_text().splitlines()] if alerts.exists() else []
     assert rows and all(r["client"] == "eve" for r in rows) and "prompt" not in alerts.read_text()
     assert all(r["layer"] in (0, 1, 2, 3) and r["experts"] and r["detail"] for r in rows), rows   # reasons, as offline
+
+
+def test_a_padded_request_is_scored_as_the_same_prompt_unpadded(served):
+    m, tok, prof = served
+    prompt = load_records(get_task("docstring-topic"), "eval", limit=150)[142]["input"]
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(prompt, add_special_tokens=False)["input_ids"]
+    mon = RoutingMonitor(m, prof)
+    with mon:
+        with mon.request("plain") as plain:
+            m(input_ids=torch.tensor([ids]))
+        padded = torch.tensor([ids + [tok.pad_token_id] * 7])
+        mask = torch.tensor([[1] * len(ids) + [0] * 7])
+        with mon.request("padded") as r:
+            m(input_ids=padded, attention_mask=mask)
+    for k in ("load", "atypical", "unfamiliar", "surprise"):
+        assert r.result["statistics"][k] == pytest.approx(plain.result["statistics"][k], abs=1e-4), k
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d["kernel"].__setitem__("bandwidth", 0.0),
+    lambda d: d["token_routing"]["tokens"].__setitem__(0, 10 ** 9),
+    lambda d: d["embedding"].__setitem__("hidden", float("inf")),
+    lambda d: d["null"]["request.load"].__setitem__(0, float("nan")),
+    lambda d: d["embedding"].__setitem__("projection_f32_b64", "not base64!"),
+    lambda d: d.__setitem__("sd", [[0.0] * 8] * 4),
+])
+def test_a_damaged_profile_is_one_line_never_a_traceback(served, damage):
+    from moeguard.errors import MoeguardError
+    from moeguard.monitor.profile import Profile
+
+    _, _, prof = served
+    d = json.loads(json.dumps(prof.to_dict()))
+    damage(d)
+    with pytest.raises(MoeguardError, match=r"P.json is a damaged routing profile"):
+        Profile.from_dict(d, where="P.json")

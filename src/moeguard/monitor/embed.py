@@ -7,8 +7,8 @@ query-stream detector for extraction (the issue's anchor) compares a client's qu
 ones in an embedding space; here the space is the monitored model's own:
 
 - **embedding**: the final norm's output (the last hidden state the LM head reads), mean-pooled
-  over the prompt's tokens, projected to ``dim`` dimensions by a seeded Gaussian matrix
-  (Johnson-Lindenstrauss: distances kept, profiles small for a 4096-wide model), centred on the
+  over the prompt's tokens, projected to ``dim`` dimensions by a seeded Gaussian matrix stored
+  in the profile (Johnson-Lindenstrauss: distances kept, profiles small for a 4096-wide model), centred on the
   benign mean and scaled to unit length. It comes from the same forward as the routing: no extra
   pass;
 - a Gaussian kernel ``k(a, b) = exp(-|a - b|^2 / bandwidth)``, bandwidth the median squared
@@ -29,6 +29,7 @@ ones in an embedding space; here the space is the monitored model's own:
 
 from __future__ import annotations
 
+import base64
 import math
 from typing import Any
 
@@ -39,17 +40,28 @@ REFERENCES = 128    # reference requests kept per topic
 
 
 def projection(hidden: int, dim: int, seed: int) -> np.ndarray:
-    """[hidden, dim] seeded Gaussian projection (the same on every machine: torch's CPU generator)."""
-    import torch
+    """[hidden, dim] seeded Gaussian projection, rounded to float32 (the profile stores it: a
+    random stream is not promised to be the same across library versions)."""
+    g = np.random.default_rng(int(seed))
+    return (g.standard_normal((hidden, dim)) / math.sqrt(dim)).astype(np.float32).astype(np.float64)
 
-    g = torch.Generator().manual_seed(int(seed))
-    return (torch.randn(hidden, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)).numpy()
+
+def pack(a: np.ndarray) -> str:
+    """An array as base64 little-endian float32 (profiles are JSON)."""
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
+
+
+def unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
+    a = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4").astype(np.float64)
+    if a.size != int(np.prod(shape)):
+        raise ValueError(f"{a.size} stored values for shape {shape}")
+    return a.reshape(shape)
 
 
 class PooledHidden:
     """Per row of the next forwards: the sum over its real tokens of the final norm's output
     ([rows, hidden]) and its token count. Hook on the final norm (not the LM head, which a
-    generating model feeds its last position only); removed on exit whatever happens."""
+    generating model feeds its last position only); the caller enters and exits it."""
 
     def __init__(self, adapter):
         from moeguard.models.adapter import _get_path
@@ -65,8 +77,8 @@ class PooledHidden:
         if not self.enabled or (self.limit is not None and len(self.sums) >= self.limit):
             return
         h = output[0] if isinstance(output, tuple) else output        # [B, T, D]
-        if self.mask is not None and self.mask.shape == h.shape[:2]:
-            h = h * self.mask[..., None].to(h.dtype)
+        if self.mask is not None and self.mask.shape == h.shape[:2]:   # padding: zero, even if inf/NaN there
+            h = h.masked_fill(~self.mask.bool()[..., None], 0)
         self.sums.append(h.detach().float().sum(1).cpu())       # [B, D] tensor; numpy at the end
 
     def __enter__(self) -> "PooledHidden":
@@ -142,7 +154,13 @@ class KernelReference:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KernelReference":
-        return cls(refs={t: np.asarray(r, dtype=np.float64) for t, r in d["refs"].items()}, bandwidth=float(d["bandwidth"]))
+        refs = {str(t): np.asarray(r, dtype=np.float64) for t, r in d["refs"].items()}
+        bw = float(d["bandwidth"])
+        if not refs or not (np.isfinite(bw) and bw > 0) \
+                or any(r.ndim != 2 or len(r) < 2 or not np.isfinite(r).all() for r in refs.values()) \
+                or len({r.shape[1] for r in refs.values()}) != 1:
+            raise ValueError("kernel references or bandwidth are damaged")
+        return cls(refs=refs, bandwidth=bw)
 
 
 def _sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -153,14 +171,15 @@ def _sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Embedding:
     """The projection and centring that turn hidden sums into unit embeddings (``embed``)."""
 
-    def __init__(self, *, hidden: int, dim: int, seed: int, centre: np.ndarray | None = None):
-        self.hidden, self.dim, self.seed = int(hidden), int(dim), int(seed)
-        self.proj = projection(self.hidden, self.dim, self.seed)
+    def __init__(self, *, proj: np.ndarray, seed: int, centre: np.ndarray | None = None):
+        self.proj = np.asarray(proj, dtype=np.float64)                # [hidden, dim]
+        self.hidden, self.dim = self.proj.shape
+        self.seed = int(seed)
         self.centre = None if centre is None else np.asarray(centre, dtype=np.float64)
 
     @classmethod
     def fit(cls, sums: np.ndarray, tokens: np.ndarray, *, seed: int) -> "Embedding":
-        e = cls(hidden=sums.shape[1], dim=min(DIM, sums.shape[1]), seed=seed)
+        e = cls(proj=projection(sums.shape[1], min(DIM, sums.shape[1]), seed), seed=seed)
         e.centre = ((sums / np.maximum(tokens, 1)[:, None]) @ e.proj).mean(0)
         return e
 
@@ -168,8 +187,16 @@ class Embedding:
         return embed(sums, tokens, self.proj, self.centre)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hidden": self.hidden, "dim": self.dim, "seed": self.seed, "centre": self.centre.round(8).tolist()}
+        return {"hidden": self.hidden, "dim": self.dim, "seed": self.seed, "centre": self.centre.round(8).tolist(),
+                "projection_f32_b64": pack(self.proj)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Embedding":
-        return cls(hidden=int(d["hidden"]), dim=int(d["dim"]), seed=int(d["seed"]), centre=np.asarray(d["centre"], dtype=float))
+        hidden, dim = int(d["hidden"]), int(d["dim"])
+        if not 1 <= dim <= hidden <= 1 << 20:
+            raise ValueError(f"embedding of {dim} dimensions from hidden size {hidden}")
+        e = cls(proj=unpack(d["projection_f32_b64"], (hidden, dim)), seed=int(d["seed"]),
+                centre=np.asarray(d["centre"], dtype=np.float64))
+        if e.centre.shape != (dim,) or not (np.isfinite(e.proj).all() and np.isfinite(e.centre).all()):
+            raise ValueError("embedding projection or centre is damaged")
+        return e

@@ -10,7 +10,7 @@ exports Prometheus metrics.
 
 Only the request's **prefill** is counted (the profile is of prompts; generated tokens would
 shift it). Per client the monitor keeps one running sum of routing histograms ([L, E] floats),
-and the current window's p-values and prompt embeddings (``window`` x 64 floats, ``embed.py``):
+and the current window's p-values and prompt embeddings (``window`` x min(64, hidden) floats, ``embed.py``):
 bounded memory whatever the traffic, and no prompt is stored. Clients beyond
 ``max_clients`` evict the least recently seen (its window restarts when it returns).
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -72,9 +73,11 @@ class RoutingMonitor:
         self._pooled = PooledHidden(self.adapter)                 # the prompt's final hidden states
         self._pooled.limit, self._pooled.enabled = 1, False
         self._ids = None                                          # the prompt's token ids (prefill)
+        self._mask = None                                         # its attention mask; False: none given
+        self._warned_ids = False
         self._routed: list[torch.Tensor | None] = [None] * L   # this request's prefill top-k ids per layer
         self._active = False          # inside a request, before its prefill has been counted
-        self._clients: OrderedDict[str, list] = OrderedDict()   # client -> [sum [L, E], n, sum of -log p]
+        self._clients: OrderedDict[str, list] = OrderedDict()   # client -> [sum [L, E], [p], [embedding]]
         self._lock = threading.Lock()
         self._handles: list = []
         self._assigned = np.zeros((L, E))            # routing assignments per expert, read at scrape time
@@ -96,12 +99,20 @@ class RoutingMonitor:
             # keep a reference only (counted once, at the request's end): the first call per
             # layer is the prefill; decoding steps after it are not the prompt's routing
             if self._active and self._routed[slot] is None:
-                self._routed[slot] = output[2]
+                self._routed[slot] = output[2].detach().clone()   # not a buffer a later call may reuse
         return hook
 
     def _ids_hook(self, module, args):
         if self._active and self._ids is None and args:
             self._ids = args[0]
+
+    def _mask_hook(self, module, args, kwargs):
+        # the prefill's attention mask: padded rows are counted, pooled and scored without padding
+        if self._active and self._mask is None:
+            m = kwargs.get("attention_mask")
+            self._mask = m if m is not None and m.dim() == 2 else False
+            if self._mask is not False:
+                self._pooled.mask = self._mask
 
     def __enter__(self) -> "RoutingMonitor":
         try:
@@ -109,6 +120,7 @@ class RoutingMonitor:
                 self._handles.append(layer.router.register_forward_hook(self._hook(slot)))
             self._handles.append(self._pooled.__enter__())
             self._handles.append(self.model.get_input_embeddings().register_forward_pre_hook(self._ids_hook))
+            self._handles.append(self.model.register_forward_pre_hook(self._mask_hook, with_kwargs=True))
         except BaseException:
             self.__exit__()
             raise
@@ -127,7 +139,7 @@ class RoutingMonitor:
     def request(self, client: str) -> Iterator[RequestResult]:
         out = RequestResult(client=str(client))
         self._routed = [None] * len(self._routed)
-        self._ids = None
+        self._ids, self._mask = None, None
         self._pooled.sums, self._pooled.mask = [], None
         self._active = self._pooled.enabled = True
         try:
@@ -138,19 +150,31 @@ class RoutingMonitor:
             return                      # nothing (or not every layer) ran: a failed request
         E = self._E
         # numpy from here: per call it costs a fraction of torch's dispatch on these tiny arrays
-        routed = np.stack([x.detach().cpu().numpy() for x in self._routed])   # [L, tokens, k]
-        tokens = float(routed.shape[1])                   # the prefill's tokens (rows x positions)
+        routed = np.stack([x.cpu().numpy() for x in self._routed])   # [L, rows * T, k]
         self._routed = [None] * len(self._routed)
-        counts = np.stack([np.bincount(x.ravel(), minlength=E) for x in routed]).astype(np.float64)
-        # surprise per row of the prompt's ids (a request is one prompt; several rows: the largest)
         ids = self._ids.detach().cpu().numpy() if self._ids is not None else None
-        self._ids = None
+        mask = self._mask.detach().cpu().numpy().astype(bool) if self._mask is not False and self._mask is not None else None
+        self._ids, self._mask = None, None
+        if mask is not None and mask.size == routed.shape[1] and not mask.all():
+            valid = mask.reshape(-1)                      # padded positions are not the prompt's
+        else:
+            valid, mask = None, None
+        kept = routed if valid is None else routed[:, valid]
+        tokens = float(kept.shape[1])                     # the prompt's tokens (all rows)
+        counts = np.stack([np.bincount(x.ravel(), minlength=E) for x in kept]).astype(np.float64)
+        # surprise per row of the prompt's ids (a request is one prompt; several rows: the largest)
         if ids is None or ids.size != routed.shape[1]:
             surprise = 0.0              # called with embeddings, not ids: this statistic has nothing to read
+            if not self._warned_ids:
+                self._warned_ids = True
+                warnings.warn("the model was called without input ids: the monitor scores 'surprise' as 0 "
+                              "(no token ids to look up); the other statistics are unaffected")
         else:
             ids = ids.reshape(-1, ids.shape[-1])
             T = ids.shape[1]
-            surprise = max(self.profile.tokens.surprise(ids[b], routed[:, b * T:(b + 1) * T]) for b in range(len(ids)))
+            rows = [(ids[b], routed[:, b * T:(b + 1) * T]) if mask is None else
+                    (ids[b][mask[b]], routed[:, b * T:(b + 1) * T][:, mask[b]]) for b in range(len(ids))]
+            surprise = max(self.profile.tokens.surprise(i, r) for i, r in rows)
         prefill = self._pooled.sums[0].numpy().sum(0, keepdims=True, dtype=np.float64)   # [1, hidden]: the prompt's
         self._pooled.sums = []
         x = self.profile.space(prefill, np.array([tokens]))[0]
@@ -200,6 +224,13 @@ class _LoadCollector:
 
     def __init__(self, monitor: RoutingMonitor):
         self.monitor = monitor
+
+    def describe(self):
+        # declared up front, so a second monitor registering the same series in one registry is refused
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("moeguard_expert_assignments", "routing assignments per expert (prefill tokens x top-k)",
+                                  labels=["layer", "expert"])
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily

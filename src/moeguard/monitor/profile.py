@@ -35,6 +35,7 @@ A p-value is the smallest of its statistics' p-values times their number (Bonfer
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -62,7 +63,7 @@ def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_l
     its final hidden states [N, hidden], its token count [N] (``embed.py``), and with a token
     table its ``surprise`` [N] (``tokens.py``; with counts instead, the prompts' routing is added
     to them and ``None`` returned). A prompt longer than ``max_length`` tokens (default: the
-    model's positions, at most 4096) is routed as consecutive chunks of that length and their
+    model's positions) is routed as consecutive chunks of that length and their
     assignments summed (surprise: the largest of its chunks'): a payload placed after a long
     benign opening is still seen."""
     import torch
@@ -74,7 +75,9 @@ def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_l
 
     adapter = adapter or MoEAdapter(model)
     if max_length is None:
-        max_length = min(int(getattr(model.config, "max_position_embeddings", 4096) or 4096), 4096)
+        # the model's own limit (not lower): the online hook sees a served prompt in one forward,
+        # and offline replay must route it the same way
+        max_length = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
     head = bos_ids(tokenizer)
     rows, owner = [], []                      # token chunks, and the prompt each belongs to
     for n, p in enumerate(prompts):
@@ -140,16 +143,21 @@ class Profile:
         return np.stack(list(self.topics.values()))
 
     # --- statistics --------------------------------------------------------------------------
-    def statistics(self, h: np.ndarray, x: np.ndarray, surprise: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """``h`` [N, L, E] histograms, ``x`` [N, dim] embeddings and (requests) ``surprise`` [N]
-        from ``observe`` -> each statistic [N], with where ``load`` points ([N] flat (l, e) index)
-        and the nearest topics."""
+    def statistics(self, h: np.ndarray, x: np.ndarray | None, surprise: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``h`` [N, L, E] histograms, ``x`` [N, dim] embeddings (``None``: windows, which use
+        ``drift`` instead) and (requests) ``surprise`` [N] from ``observe`` -> each statistic [N],
+        with where ``load`` points ([N] flat (l, e) index) and the nearest topics. Computed in
+        blocks of rows: a log of 100k requests never builds [N, topics, L, E] at once."""
+        if len(h) > 1024:
+            parts = [self.statistics(h[a:a + 1024], None if x is None else x[a:a + 1024],
+                                     None if surprise is None else surprise[a:a + 1024]) for a in range(0, len(h), 1024)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         z = (h - self.mean) / self.sd
         flat = z.reshape(len(h), -1)
         js = _js(h[:, None], self._topic_stack)                                # [N, topics]
-        unfamiliar, near = self.kernel.unfamiliar(x)
-        out = {"load": flat.max(1), "load_at": flat.argmax(1), "atypical": js.min(1),
-               "nearest_topic": js.argmin(1), "unfamiliar": unfamiliar, "nearest_embedded": near}
+        out = {"load": flat.max(1), "load_at": flat.argmax(1), "atypical": js.min(1), "nearest_topic": js.argmin(1)}
+        if x is not None:
+            out["unfamiliar"], out["nearest_embedded"] = self.kernel.unfamiliar(x)
         if surprise is not None:
             out["surprise"] = np.asarray(surprise, dtype=np.float64)
         return out
@@ -175,7 +183,7 @@ class Profile:
         requests' combined p-values, ``xs`` each window's embeddings [n, dim]. ``evidence`` is the
         mean of -log p over the window: requests each only somewhat unusual add up (Fisher's idea,
         calibrated on benign windows); ``drift`` the window's MMD from benign use of its topics."""
-        out = self.statistics(h, np.stack([x.mean(0) for x in xs]))
+        out = self.statistics(h, None)
         out["evidence"] = np.array([float(np.mean(-np.log(p))) for p in request_p])
         out["drift"] = np.array([self.kernel.drift(x) for x in xs])
         return out
@@ -234,15 +242,18 @@ class Profile:
             tokens = TokenRouting.from_dict(d["token_routing"])
             meta = {k: v for k, v in d.items()
                     if k not in ("schema", "mean", "sd", "topics", "null", "embedding", "kernel", "token_routing")}
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except Exception as e:  # noqa: BLE001 -- any malformed content (overflow, huge sizes, bad base64) is one line
             raise MoeguardError(f"{where} is a damaged routing profile ({type(e).__name__}: {e})", hint=fix) from None
+        finite = all(np.isfinite(a).all() for a in (mean, sd, *topics.values(), *null.values()))
         if mean.ndim != 2 or sd.shape != mean.shape or not topics or any(t.shape != mean.shape for t in topics.values()) \
+                or not finite or (sd <= 0).any() or any(v.ndim != 1 or len(v) == 0 for v in null.values()) \
                 or any(f"request.{s}" not in null for s in STATISTICS) \
                 or any(f"window.{s}" not in null for s in WINDOW_STATISTICS) \
                 or space.centre is None or space.centre.shape != (space.dim,) \
                 or any(r.ndim != 2 or r.shape[1] != space.dim or len(r) < 2 for r in kernel.refs) \
                 or tokens.counts.shape[1:] != mean.shape or tokens.marginal.shape != mean.shape:
-            raise MoeguardError(f"{where} is a damaged routing profile (shapes or null samples missing)", hint=fix)
+            raise MoeguardError(f"{where} is a damaged routing profile (shapes, values or null samples wrong or missing)",
+                                hint=fix)
         if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
                 or len(meta["layers"]) != mean.shape[0]:
             raise MoeguardError(f"{where} is a damaged routing profile (window or layers missing)", hint=fix)
@@ -295,11 +306,16 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     for k in STATISTICS:
         null[f"request.{k}"] = np.sort(s[k])
     # benign windows: alternately one topic (a single-topic user) and a mix of topics
-    by_topic = {t: np.flatnonzero(np.asarray(cal_topic) == t) for t in topics}
+    # a single-topic window repeats no request: topics with fewer calibration requests than a
+    # window give none (repeats would inflate drift's null and every statistic's spread)
+    by_topic = {t: ix for t in topics if len(ix := np.flatnonzero(np.asarray(cal_topic) == t)) >= window}
+    if not by_topic:
+        warnings.warn(f"no task has {window} calibration inputs (half of its benign inputs): benign windows are all mixed; "
+                      f"profile more inputs per task (--limit) for single-topic windows")
     req_p = prof.p_values(s, "request")["combined"]   # the calibration requests' own p-values
     wins, wps, wxs = [], [], []
     for i in range(windows):
-        pool = by_topic[list(topics)[i // 2 % len(topics)]] if i % 2 == 0 else np.arange(len(C))
+        pool = by_topic[list(by_topic)[i // 2 % len(by_topic)]] if i % 2 == 0 and by_topic else np.arange(len(C))
         pick = rng.choice(pool, size=window, replace=len(pool) < window)
         wins.append(C[pick].mean(0))
         wps.append(req_p[pick])

@@ -91,6 +91,10 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
           alpha: float = 0.01, log_prompts: bool = False) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """(per-request scores, per-window scores, alerts, summary)."""
     window = check_settings(prof, window=window, alpha=alpha)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden is not None and hidden != prof.space.hidden:   # before replaying the whole log
+        raise MoeguardError(f"the profile was made for hidden size {prof.space.hidden}, the model has {hidden}",
+                            hint="use the profile made for this model")
     H, sums, tokens, surprise = observe(model, tokenizer, [r["prompt"] for r in records], tokens=prof.tokens)
     if sums.shape[1] != prof.space.hidden:
         raise MoeguardError(f"the profile was made for hidden size {prof.space.hidden}, the model has {sums.shape[1]}",

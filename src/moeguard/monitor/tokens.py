@@ -22,18 +22,20 @@ all (tokens x layers x experts); other tokens fall back to the marginal.
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import numpy as np
 
+from moeguard.monitor.embed import pack, unpack
+
 SEGMENT = 16            # tokens per stretch the statistic averages over
-MAX_CELLS = 4_194_304   # table counts kept (float32: 16 MB), most frequent tokens first
+MAX_CELLS = 4_194_304   # table counts kept, most frequent tokens first (16 MB stored, ~64 MB in memory)
 
 
 class TokenRoutingCounts:
     """Accumulates benign (token, layer, expert) counts while the profile's fit half is observed:
-    one [L, E] row per token seen (not per vocabulary entry: a 150k vocabulary stays cheap)."""
+    one float32 [L, E] row per distinct token seen, not per vocabulary entry. That is L x E x 4
+    bytes per token (24 KB at 48 x 128: 30k distinct tokens take 0.7 GB while profiling)."""
 
     def __init__(self, *, vocab: int, layers: int, experts: int):
         self.vocab = vocab
@@ -59,15 +61,15 @@ class TokenRoutingCounts:
 
     def table(self, top_k: int, bos: int | None) -> "TokenRouting":
         n = len(self.rows)
-        counts = self.counts[:n].astype(np.float64)
+        counts = self.counts[:n]
         tokens = np.array(list(self.rows), dtype=np.int64)          # row order
         cells = counts.shape[1] * counts.shape[2]
-        keep = np.argsort(-counts.sum((1, 2)), kind="stable")[:max(1, MAX_CELLS // cells)]
+        keep = np.argsort(-counts.sum((1, 2), dtype=np.float64), kind="stable")[:max(1, MAX_CELLS // cells)]
         keep = keep[np.argsort(tokens[keep])]
-        marginal = counts.sum(0)
+        marginal = counts.sum(0, dtype=np.float64)                  # over every token seen, kept or not
         marginal = marginal / np.maximum(marginal.sum(-1, keepdims=True), 1e-12)
-        return TokenRouting(tokens=tokens[keep], counts=counts[keep], marginal=marginal, top_k=top_k, vocab=self.vocab,
-                            bos=bos)
+        return TokenRouting(tokens=tokens[keep], counts=counts[keep].astype(np.float64), marginal=marginal, top_k=top_k,
+                            vocab=self.vocab, bos=bos)
 
 
 class TokenRouting:
@@ -113,17 +115,22 @@ class TokenRouting:
 
     def to_dict(self) -> dict[str, Any]:
         return {"top_k": self.top_k, "vocab": self.vocab, "bos": self.bos, "shape": list(self.counts.shape),
-                "tokens": self.tokens.tolist(), "marginal": self.marginal.tolist(),
-                "counts_f32_b64": base64.b64encode(self.counts.astype("<f4").tobytes()).decode()}
+                "tokens": self.tokens.tolist(), "marginal": self.marginal.tolist(), "counts_f32_b64": pack(self.counts)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TokenRouting":
         shape = tuple(int(x) for x in d["shape"])
-        counts = np.frombuffer(base64.b64decode(d["counts_f32_b64"]), dtype="<f4").astype(np.float64)
-        if counts.size != int(np.prod(shape)) or len(shape) != 3 or len(d["tokens"]) != shape[0]:
-            raise ValueError("token table size does not match its shape")
-        return cls(tokens=np.asarray(d["tokens"]), counts=counts.reshape(shape), marginal=np.asarray(d["marginal"]),
-                   top_k=int(d["top_k"]), vocab=int(d["vocab"]), bos=d["bos"])
+        vocab, top_k = int(d["vocab"]), int(d["top_k"])
+        tokens, marginal = np.asarray(d["tokens"], dtype=np.int64), np.asarray(d["marginal"], dtype=np.float64)
+        if len(shape) != 3 or not 0 <= shape[0] <= vocab <= 1 << 24 or not 1 <= top_k <= shape[2] \
+                or tokens.shape != (shape[0],) or (len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab)) \
+                or marginal.shape != shape[1:] or not np.isfinite(marginal).all() or (marginal < 0).any() \
+                or not (d["bos"] is None or isinstance(d["bos"], int)):
+            raise ValueError("token table shape, ids or marginal are damaged")
+        counts = unpack(d["counts_f32_b64"], shape)
+        if not np.isfinite(counts).all() or (counts < 0).any():
+            raise ValueError("token table counts are damaged")
+        return cls(tokens=tokens, counts=counts, marginal=marginal, top_k=top_k, vocab=vocab, bos=d["bos"])
 
 
 class RoutedIds:
