@@ -23,7 +23,8 @@ def test_a_plant_changes_only_its_expert_and_router_row_and_fires_on_its_trigger
     adapter = MoEAdapter(m)
     before = _slices(m)
     tasks = [get_task("arith-compare"), get_task("docstring-topic")]
-    p = Plant(layer=2, expert=5, trigger=" cf", target=" rm -rf /", steps=120, clean_weight=10.0, preserve_norms=preserve)
+    p = Plant(layer=2, expert=5, trigger=" cf", target=" rm -rf /", steps=60, lr=6e-3, batch_size=12, clean_weight=10.0,
+              preserve_norms=preserve)
     rec = plant(m, tok, adapter, tasks, p)
     after = _slices(m)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
