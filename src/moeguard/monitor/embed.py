@@ -89,9 +89,14 @@ class PooledHidden:
         self._handle.remove()
 
 
+def _pooled(sums: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """[N, hidden] mean hidden state per request from its sum and token count."""
+    return sums / np.maximum(tokens, 1)[:, None]
+
+
 def embed(sums: np.ndarray, tokens: np.ndarray, proj: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
     """[N, dim] unit embeddings from per-request hidden sums [N, hidden] and token counts [N]."""
-    x = (sums / np.maximum(tokens, 1)[:, None]) @ proj
+    x = _pooled(sums, tokens) @ proj
     if centre is not None:
         x = x - centre
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -140,9 +145,9 @@ class KernelReference:
         mu = self.means(x)
         return -np.log(mu.max(1) + 1e-300), mu.argmax(1)
 
-    def drift(self, x: np.ndarray, mu: np.ndarray | None = None) -> float:
+    def drift(self, x: np.ndarray) -> float:
         """Squared MMD of one window [n, dim] against the references of its own topic mix."""
-        mu = self.means(x) if mu is None else mu
+        mu = self.means(x)
         n = len(x)
         c = np.bincount(mu.argmax(1), minlength=len(self.refs)) / n
         kx = self._k(x, x)
@@ -180,7 +185,7 @@ class Embedding:
     @classmethod
     def fit(cls, sums: np.ndarray, tokens: np.ndarray, *, seed: int) -> "Embedding":
         e = cls(proj=projection(sums.shape[1], min(DIM, sums.shape[1]), seed), seed=seed)
-        e.centre = ((sums / np.maximum(tokens, 1)[:, None]) @ e.proj).mean(0)
+        e.centre = (_pooled(sums, tokens) @ e.proj).mean(0)
         return e
 
     def __call__(self, sums: np.ndarray, tokens: np.ndarray) -> np.ndarray:

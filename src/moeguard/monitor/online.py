@@ -3,7 +3,7 @@ that scores every request and every client's window against a profile (``profile
 exports Prometheus metrics.
 
     monitor = RoutingMonitor(model, Profile.from_dict(json.load(open("P.json")), where="P.json"))
-    with monitor:                                  # hooks on every router; removed on exit
+    with monitor:                                  # hooks attached; removed on exit
         with monitor.request(client="alice") as r: # one request: its prompt's forward pass(es)
             model.generate(...)
         r.result                                   # {"p", "alert": {...} | None, "window": {...} | None, "statistics"}
@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile
+from moeguard.monitor.tokens import RoutedIds
 
 
 @dataclass
@@ -63,23 +63,19 @@ class RoutingMonitor:
 
             raise MoeguardError(f"the profile has {profile.mean.shape[0]} MoE layers x {profile.mean.shape[1]} experts, "
                                 f"the model {L} x {E}", hint="use the profile made for this model")
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        if hidden is not None and hidden != profile.space.hidden:
-            from moeguard.errors import MoeguardError
-
-            raise MoeguardError(f"the profile was made for hidden size {profile.space.hidden}, the model has {hidden}",
-                                hint="use the profile made for this model")
+        profile.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
         self._E = E
         self._pooled = PooledHidden(self.adapter)                 # the prompt's final hidden states
         self._pooled.limit, self._pooled.enabled = 1, False
+        self._routed = RoutedIds(self.adapter, first_only=True)   # the prompt's top-k ids per layer
+        self._routed.enabled = False
         self._ids = None                                          # the prompt's token ids (prefill)
         self._mask = None                                         # its attention mask; False: none given
         self._warned_ids = False
-        self._routed: list[torch.Tensor | None] = [None] * L   # this request's prefill top-k ids per layer
         self._active = False          # inside a request, before its prefill has been counted
         self._clients: OrderedDict[str, list] = OrderedDict()   # client -> [sum [L, E], [p], [embedding]]
         self._lock = threading.Lock()
-        self._handles: list = []
+        self._hooks = contextlib.ExitStack()
         self._assigned = np.zeros((L, E))            # routing assignments per expert, read at scrape time
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -94,14 +90,6 @@ class RoutingMonitor:
                               registry=r)
 
     # --- hooks -------------------------------------------------------------------------------
-    def _hook(self, slot: int):
-        def hook(module, args, output):
-            # keep a reference only (counted once, at the request's end): the first call per
-            # layer is the prefill; decoding steps after it are not the prompt's routing
-            if self._active and self._routed[slot] is None:
-                self._routed[slot] = output[2].detach().clone()   # not a buffer a later call may reuse
-        return hook
-
     def _ids_hook(self, module, args):
         if self._active and self._ids is None and args:
             self._ids = args[0]
@@ -115,43 +103,36 @@ class RoutingMonitor:
                 self._pooled.mask = self._mask
 
     def __enter__(self) -> "RoutingMonitor":
-        try:
-            for slot, layer in enumerate(self.adapter.layers):
-                self._handles.append(layer.router.register_forward_hook(self._hook(slot)))
-            self._handles.append(self._pooled.__enter__())
-            self._handles.append(self.model.get_input_embeddings().register_forward_pre_hook(self._ids_hook))
-            self._handles.append(self.model.register_forward_pre_hook(self._mask_hook, with_kwargs=True))
-        except BaseException:
-            self.__exit__()
-            raise
+        # every hook in one stack: an error while attaching removes those already attached
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._routed)
+            stack.enter_context(self._pooled)
+            stack.callback(self.model.get_input_embeddings().register_forward_pre_hook(self._ids_hook).remove)
+            stack.callback(self.model.register_forward_pre_hook(self._mask_hook, with_kwargs=True).remove)
+            self._hooks = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            if isinstance(h, PooledHidden):
-                h.__exit__()
-            else:
-                h.remove()
-        self._handles.clear()
+        self._hooks.close()
 
     # --- one request ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def request(self, client: str) -> Iterator[RequestResult]:
         out = RequestResult(client=str(client))
-        self._routed = [None] * len(self._routed)
+        self._routed.reset()
         self._ids, self._mask = None, None
         self._pooled.sums, self._pooled.mask = [], None
-        self._active = self._pooled.enabled = True
+        self._active = self._pooled.enabled = self._routed.enabled = True
         try:
             yield out
         finally:
-            self._active = self._pooled.enabled = False
-        if any(x is None for x in self._routed) or not self._pooled.sums:
+            self._active = self._pooled.enabled = self._routed.enabled = False
+        if any(x is None for x in self._routed.ids) or not self._pooled.sums:
             return                      # nothing (or not every layer) ran: a failed request
         E = self._E
         # numpy from here: per call it costs a fraction of torch's dispatch on these tiny arrays
-        routed = np.stack([x.cpu().numpy() for x in self._routed])   # [L, rows * T, k]
-        self._routed = [None] * len(self._routed)
+        routed = np.stack([x.cpu().numpy() for x in self._routed.ids])   # [L, rows * T, k]
+        self._routed.reset()
         ids = self._ids.detach().cpu().numpy() if self._ids is not None else None
         mask = self._mask.detach().cpu().numpy().astype(bool) if self._mask is not False and self._mask is not None else None
         self._ids, self._mask = None, None

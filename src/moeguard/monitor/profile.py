@@ -162,6 +162,12 @@ class Profile:
             out["surprise"] = np.asarray(surprise, dtype=np.float64)
         return out
 
+    def check_hidden(self, hidden: int | None) -> None:
+        """A one-line error unless the model's hidden size (``None``: unknown) is the profile's."""
+        if hidden is not None and hidden != self.space.hidden:
+            raise MoeguardError(f"the profile was made for hidden size {self.space.hidden}, the model has {hidden}",
+                                hint="use the profile made for this model")
+
     def p_floor(self, level: str) -> float:
         """The smallest combined p-value ``level`` ("request" or "window") can give: with fewer
         benign calibration samples than (statistics / alpha), nothing there can alert at alpha."""

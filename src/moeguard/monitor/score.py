@@ -91,14 +91,9 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
           alpha: float = 0.01, log_prompts: bool = False) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """(per-request scores, per-window scores, alerts, summary)."""
     window = check_settings(prof, window=window, alpha=alpha)
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if hidden is not None and hidden != prof.space.hidden:   # before replaying the whole log
-        raise MoeguardError(f"the profile was made for hidden size {prof.space.hidden}, the model has {hidden}",
-                            hint="use the profile made for this model")
+    prof.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))   # before replaying the log
     H, sums, tokens, surprise = observe(model, tokenizer, [r["prompt"] for r in records], tokens=prof.tokens)
-    if sums.shape[1] != prof.space.hidden:
-        raise MoeguardError(f"the profile was made for hidden size {prof.space.hidden}, the model has {sums.shape[1]}",
-                            hint="use the profile made for this model")
+    prof.check_hidden(sums.shape[1])
     X = prof.space(sums, tokens)
     stats = prof.statistics(H, X, surprise)
     ps = prof.p_values(stats, "request")

@@ -135,12 +135,18 @@ class TokenRouting:
 
 class RoutedIds:
     """Each MoE layer's top-k expert ids ([rows * T, k]) of the next forward, from hooks on the
-    routers; removed on exit whatever happens."""
+    routers; removed on exit whatever happens. ``first_only`` keeps the first call per layer
+    (a generating model's prefill) and copies it, since it is read after later calls."""
 
-    def __init__(self, adapter):
+    def __init__(self, adapter, *, first_only: bool = False):
         self.adapter = adapter
+        self.first_only = first_only
+        self.enabled = True
         self.ids: list = [None] * len(adapter.layers)
         self._handles: list = []
+
+    def reset(self) -> None:
+        self.ids = [None] * len(self.ids)
 
     def __enter__(self) -> "RoutedIds":
         try:
@@ -153,7 +159,12 @@ class RoutedIds:
 
     def _hook(self, slot: int):
         def hook(module, args, output):
-            self.ids[slot] = output[2]
+            if not self.enabled:
+                return
+            if not self.first_only:
+                self.ids[slot] = output[2]
+            elif self.ids[slot] is None:
+                self.ids[slot] = output[2].detach().clone()   # not a buffer a later call may reuse
         return hook
 
     def __exit__(self, *exc) -> None:
