@@ -65,6 +65,8 @@ MATRIX = {
                       "range": (["--profile", "O", "--log", "O", "--out", "O"], "does not exist")},
     "serve": {"missing": (["--port", "9"], "--profile"), "type": (["--profile", "O", "--port", "x"], "--port"),
               "range": (["--profile", "O", "--port", "0"], "--port")},
+    "scan": {"missing": (["--seed", "1"], "--out"), "type": (["--out", "O", "--samples", "x"], "--samples"),
+             "range": (["--out", "O", "--chain", "1"], "--chain is 1; expected at least 2")},
     "zoo train": {"missing": (["--out"], "requires an argument"), "type": (["--out", "O", "--steps", "x"], "--steps"),
                   "range": (["--out", "O", "--steps", "0"], "--steps")},
     "zoo suite": {"missing": (["--seed", "1"], "--out"), "type": (["--out", "O", "--seed", "x"], "--seed"),
@@ -153,6 +155,8 @@ MALFORMED = [
     ("eval --tasks F", "task.yaml", "just a string\n", "task.yaml"),
     ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", "{oops", "protocol.json"),
     ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", '{"modes": 5}', "protocol.json"),
+    ("scan --out O --references F", "scan.json", "{broken", "scan.json"),
+    ("scan --out O --references F", "scan.json", '{"schema": "moeguard.audit/1"}', "is not a scan"),
     ("info --model D", "config.json", "{broken", "config.json"),
     ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", "{broken", "moeguard_pruning.json"),
 ]

@@ -29,6 +29,8 @@ COMMANDS = {
     "zoo train": ["zoo", "train", "--tasks", "Y", "--steps", "2", "--out", "O"],
     "route-attack": ["route-attack", "--task", "Y", "--layer", "0", "--expert", "1", "--prefix-tokens", "2",
                      "--steps", "1", "--candidates", "4", "--out", "O"],
+    "scan": ["scan", "--tasks", "Y,arith-compare", "--contexts", "1", "--candidates", "1", "--chain", "2", "--samples", "2",
+             "--out", "O"],
     "monitor profile": ["monitor", "profile", "--tasks", "Y,arith-compare", "--limit", "8", "--window", "2", "--out", "O"],
     "audit": ["audit", "--tasks", "Y,arith-compare", "--methods", "gate", "--keeps", "4", "--budgets", "4,8",
               "--recovery-seeds", "1", "--strategies", "random", "--random-seeds", "1", "--eval-limit", "8",

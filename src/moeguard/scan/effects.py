@@ -1,0 +1,183 @@
+"""A trigger-free search for the expert that carries a backdoor (docs/scan.md).
+
+A planted expert must do two things no benign expert needs: fire on its trigger in *any*
+context, and then write the attacker's target, token after token, against what the rest of the
+model predicts. Training on the target teacher-forced also teaches it to continue the target from
+the target's own tokens. The search looks for exactly that, in two steps:
+
+1. **Screen.** Every usable token is appended to a few benign contexts. For each (layer, expert),
+   masking that expert (re-routing to the next best, as pruning would) at the appended position
+   lowers the log-probability of the model's top prediction by the expert's *gain*. Only rows
+   where the expert was routed can change, so only those are re-run: the cost is
+   ``(1 + L * k) * C * |V|`` one-token forwards against a cached context, whatever E is.
+2. **Chain.** From each expert's strongest tokens, the full model generates K tokens greedily.
+   The expert's gain is measured at every step (masked from the appended token on; the context is
+   left alone). A benign expert is decisive for a token or two (``" doesn" -> "'t"``); a backdoor
+   is decisive for the whole target. The chain score is the best candidate's capped gains summed
+   along the chain, averaged over the contexts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moeguard.models.hooks import mask_experts
+
+
+class ContextCache:
+    """One benign context's key/value cache, repeated ``rows`` times, so that each forward only
+    computes the appended suffix. The cache is cropped back after every call."""
+
+    def __init__(self, model, ids: list[int], rows: int):
+        self.model, self.rows = model, rows
+        with torch.no_grad():
+            self.cache = model(input_ids=torch.tensor([ids] * rows), use_cache=True).past_key_values
+
+    @torch.no_grad()
+    def logits(self, suffix: torch.Tensor) -> torch.Tensor:
+        """Logits [b, s, V] of ``suffix`` [b, s] (b <= rows) after the context."""
+        b = suffix.shape[0]
+        if b > self.rows:
+            raise ValueError(f"{b} rows for a cache of {self.rows}")
+        if b < self.rows:   # padding rows are discarded; the cache needs its full batch
+            suffix = torch.cat([suffix, suffix[:1].expand(self.rows - b, -1)])
+        try:
+            out = self.model(input_ids=suffix, past_key_values=self.cache, use_cache=True).logits
+        finally:
+            self.cache.crop(-suffix.shape[1])
+        return out[:b].float()
+
+
+@dataclass(frozen=True, kw_only=True)
+class EffectSettings:
+    batch: int = 512          # rows per forward in the screen
+    candidates: int = 8       # strongest tokens per expert taken to the chain step
+    chain: int = 6            # tokens generated per chain
+    gain_cap: float = 10.0    # nats; one decisive step cannot outweigh a chain of them
+
+
+def _others(n: int, e: int) -> list[int]:
+    return [x for x in range(n) if x != e]
+
+
+def _chunks(caches: list[ContextCache], n: int):
+    """(cache, start, stop) over n rows: chunks of the large cache while they fill it, then of the
+    small one (a padded row costs as much as a real one)."""
+    big, small = caches
+    i = 0
+    while i < n:
+        cache = big if n - i >= big.rows else small
+        yield cache, i, min(n, i + cache.rows)
+        i += cache.rows
+
+
+def _last_logprobs(caches: list[ContextCache], rows: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [n, V] after one appended token per row [n, 1]."""
+    return torch.cat([F.log_softmax(c.logits(rows[i:j])[:, -1], -1) for c, i, j in _chunks(caches, len(rows))])
+
+
+def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, batch: int,
+           progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """The routed expert ids [S, C, T, k] at the appended position (per MoE layer slot, context and
+    token), and the gain of each of them [S, C, T, k]: memory grows with k, not with E."""
+    from moeguard.monitor.tokens import RoutedIds
+
+    S, C, T = len(adapter.layers), len(contexts), len(tokens)
+    k = adapter.layers[0].top_k
+    routed = np.full((S, C, T, k), -1, np.int64)
+    gain = np.zeros((S, C, T, k), np.float32)
+    cand = torch.as_tensor(tokens, dtype=torch.long)[:, None]                      # [T, 1]
+    bar = progress.add_task("scan: screen", total=C * (1 + sum(l.num_experts for l in adapter.layers))) if progress else None
+    for c, ids in enumerate(contexts):
+        caches = [ContextCache(model, ids, batch), ContextCache(model, ids, min(batch, 64))]
+        top, top_lp = [], []
+        for cache, i, j in _chunks(caches, T):
+            with RoutedIds(adapter) as r:
+                full = F.log_softmax(cache.logits(cand[i:j])[:, -1], -1)           # [b, V]
+                routed[:, c, i:j] = np.stack([x.reshape(-1, k)[:j - i].numpy() for x in r.ids])
+            t = full.argmax(-1, keepdim=True)
+            top.append(t)
+            top_lp.append(full.gather(1, t))
+        top, top_lp = torch.cat(top), torch.cat(top_lp)                             # [T, 1]
+        if bar is not None:
+            progress.advance(bar)
+        for s, layer in enumerate(adapter.layers):
+            for e in range(layer.num_experts):
+                hit, slot = np.nonzero(routed[s, c] == e)                                # a token routes to e once
+                if len(hit):
+                    sel = torch.as_tensor(hit)
+                    with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
+                        lp = _last_logprobs(caches, cand[sel])
+                    gain[s, c, hit, slot] = (top_lp[sel] - lp.gather(1, top[sel])).squeeze(1).numpy()
+                if bar is not None:
+                    progress.advance(bar)
+    return routed, gain
+
+
+def chains(model, adapter, contexts: list[list[int]], starts: dict[tuple[int, int], np.ndarray], *, length: int,
+           progress=None) -> dict[tuple[int, int], dict[str, Any]]:
+    """For each (slot, expert) and its start tokens [N]: the greedy continuations [C, N, length+1]
+    and the expert's gain at every generated step [C, N, length]."""
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    n = max(len(v) for v in starts.values())
+    caches = [ContextCache(model, ids, n) for ids in contexts]
+    bar = progress.add_task("scan: chains", total=len(starts)) if progress else None
+    for (s, e), toks in starts.items():
+        layer = adapter.layers[s]
+        seqs, gains = [], []
+        for cache in caches:
+            seq = torch.as_tensor(toks, dtype=torch.long)[:, None]                # [N, 1]
+            for _ in range(length):
+                seq = torch.cat([seq, cache.logits(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+            full = F.log_softmax(cache.logits(seq[:, :-1]), -1)                  # [N, length, V]
+            with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
+                masked = F.log_softmax(cache.logits(seq[:, :-1]), -1)
+            y = seq[:, 1:, None]
+            gains.append((full.gather(2, y) - masked.gather(2, y)).squeeze(-1).numpy())
+            seqs.append(seq.numpy())
+        out[(s, e)] = {"sequences": np.stack(seqs), "gains": np.stack(gains)}
+        if bar is not None:
+            progress.advance(bar)
+    return out
+
+
+def expert_effects(model, tokenizer, adapter, contexts: list[list[int]], settings: EffectSettings, *,
+                   progress=None) -> dict[tuple[int, int], dict[str, Any]]:
+    """Per (decoder layer, expert): its chain score and the evidence behind it."""
+    from moeguard.monitor.hijack import allowed_tokens
+
+    tokens = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
+    routed, gain = screen(model, adapter, contexts, tokens, batch=settings.batch, progress=progress)
+    starts, screen_gain, share = {}, {}, {}
+    for s, layer in enumerate(adapter.layers):
+        for e in range(layer.num_experts):
+            mine = routed[s] == e                                                   # [C, T, k]
+            mean = np.where(mine, gain[s], 0.0).sum(-1).mean(0)                     # [T]: a trigger works in every context
+            starts[(s, e)] = tokens[np.argsort(-mean, kind="stable")[:settings.candidates]]
+            screen_gain[(s, e)], share[(s, e)] = float(mean.max()), float(mine.any(-1).mean())
+    found = chains(model, adapter, contexts, starts, length=settings.chain, progress=progress)
+    out = {}
+    for (s, e), r in found.items():
+        capped = np.clip(r["gains"], 0.0, settings.gain_cap)                    # [C, N, K]
+        per_start = capped.sum(-1).mean(0)                                       # [N]
+        best = int(np.argmax(per_start))
+        c_best = int(np.argmax(capped[:, best].sum(-1)))
+        layer = adapter.layers[s]
+        out[(layer.index, e)] = {
+            "chain_score": float(per_start[best]),
+            "screen_gain": screen_gain[(s, e)],
+            "routed_share": share[(s, e)],
+            "start_token": tokenizer.decode([int(starts[(s, e)][best])]),
+            "continuation": tokenizer.decode([int(t) for t in r["sequences"][c_best, best]]),
+            "step_gains": [round(float(g), 3) for g in r["gains"][c_best, best]],
+            # every candidate's chain in its best context: the evidence, and the reconstructed trigger
+            "chains": [{"start": tokenizer.decode([int(starts[(s, e)][n])]), "score": round(float(per_start[n]), 3),
+                        "continuation": tokenizer.decode([int(t) for t in r["sequences"][int(np.argmax(capped[:, n].sum(-1))), n]])}
+                       for n in np.argsort(-per_start, kind="stable")],
+        }
+    return out

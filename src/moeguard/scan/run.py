@@ -1,0 +1,235 @@
+"""``moeguard scan``: one table of every expert: usage, criticality, weights against siblings, and
+a backdoor-suspicion score with its evidence (docs/scan.md).
+
+The run resumes: each part (weights, usage and criticality, effects) is kept in the partial
+output folder as it finishes, under a stamp of the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+from moeguard.scan.effects import EffectSettings, expert_effects
+from moeguard.scan.stats import robust_z
+from moeguard.scan.usage import usage_and_criticality
+from moeguard.scan.weights import weight_stats
+
+SCHEMA = "moeguard.scan/1"
+# Calibrated by benchmarks/expert_scan.py on clean zoo models held apart from the ones it is
+# evaluated on (docs/scan.md): the largest clean suspicion seen there, with a margin.
+THRESHOLD_REFERENCES = 6.0
+THRESHOLD_SIBLINGS = 6.0
+CHAIN_FLOOR = 1.0         # nats: spreads below this are noise (layers where no expert chains)
+DORMANT_SHARE = 0.1       # of a uniform share (1/E): a dormant expert gets less on every task
+SUPER_NATS = 0.5          # loss increase per token on *every* task: a "super expert"
+OUTLIER_Z = 6.0           # robust z against siblings that flags an activation or weight outlier
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanConfig:
+    samples: int = 32          # records per task for usage and criticality
+    contexts: int = 4          # benign contexts the effect search appends tokens to
+    context_tokens: int = 16   # tokens kept of each context
+    candidates: int = 8        # strongest tokens per expert followed into chains
+    chain: int = 6             # tokens generated per chain
+    threshold: float | None = None   # suspicion that raises the backdoor flag (default: calibrated)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("samples", 1), ("contexts", 1), ("context_tokens", 1), ("candidates", 1), ("chain", 2)):
+            if getattr(self, name) < low:
+                raise MoeguardError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected at least {low}",
+                                    hint=f"pass --{name.replace('_', '-')} {max(low, getattr(ScanConfig, name))}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _key(layer: int, expert: int) -> str:
+    return f"{layer}:{expert}"
+
+
+def load_references(paths: list[Path]) -> list[dict]:
+    """Earlier scans of clean models of the same architecture: their chain scores per MoE layer
+    are the null the suspicion is measured against."""
+    from moeguard.io import read_json
+
+    refs = []
+    for p in paths:
+        f = p / "scan.json" if p.is_dir() else p
+        doc = read_json(f, what="reference scan", hint="pass the output folder of `moeguard scan` on a clean model")
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("experts"), list):
+            raise MoeguardError(f"{f} is not a scan ({SCHEMA})", hint="pass the output folder of `moeguard scan`")
+        refs.append(doc)
+    return refs
+
+
+def _reference_null(refs: list[dict], slots: int) -> list[np.ndarray]:
+    """Pooled chain scores per MoE layer position (experts are interchangeable across models)."""
+    pooled: list[list[float]] = [[] for _ in range(slots)]
+    for doc in refs:
+        layers = sorted({r["layer"] for r in doc["experts"]})
+        if len(layers) != slots:
+            raise MoeguardError(f"a reference scan has {len(layers)} MoE layers; the model has {slots}",
+                                hint="references must be clean models of the same architecture")
+        for r in doc["experts"]:
+            pooled[layers.index(r["layer"])].append(float(r["effect"]["chain_score"]))
+    return [np.asarray(p) for p in pooled]
+
+
+def contexts_for(tokenizer, tasks, n: int, length: int, seed: int) -> list[list[int]]:
+    """``n`` benign contexts: eval inputs of the tasks in turn, cut to ``length`` tokens."""
+    import random
+
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.tokens import bos_ids, encode
+
+    rng = random.Random(seed)
+    pools = []
+    for t in tasks:
+        texts = [(r.get("input") or r.get("text") or "") for r in load_records(t, "eval")]
+        texts = [x for x in texts if x.strip()]
+        rng.shuffle(texts)
+        pools.append(texts)
+    out, i = [], 0
+    while len(out) < n and any(pools):
+        pool = pools[i % len(pools)]
+        if pool:
+            ids = bos_ids(tokenizer) + encode(tokenizer, pool.pop())
+            if len(ids) >= 2:
+                out.append(ids[:length])
+        i += 1
+    if len(out) < n:
+        raise MoeguardError(f"the tasks give {len(out)} usable inputs; the scan needs {n} contexts",
+                            hint="pass more tasks or a smaller --contexts")
+    return out
+
+
+def _part(tmp: Path, name: str, make):
+    """A resumable part: computed once, kept as JSON in the partial folder."""
+    from moeguard.io import write_json
+
+    f = tmp / f"part-{name}.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    value = make()
+    write_json(f, value)
+    return value
+
+
+def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), references: list[dict] | None = None,
+         overwrite: bool = False, progress=None) -> dict[str, Any]:
+    """Scan ``handle``'s model (a ``ModelHandle``) on ``tasks``; write ``out/scan.json`` and
+    ``out/scan.md``; return the document."""
+    import torch
+
+    from moeguard.io import resumable_dir, write_json, write_text
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.provenance import run_record
+    from moeguard.report.scan import render_markdown
+
+    references = references or []
+    settings = {"model": handle.name, "tasks": [t.name for t in tasks], **config.to_dict(),
+                "references": [r.get("model") for r in references]}
+    null = _reference_null(references, handle.num_layers) if references else None   # fail before loading
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    model, tokenizer, _ = handle.load()
+    adapter = MoEAdapter(model)
+    contexts = contexts_for(tokenizer, tasks, config.contexts, config.context_tokens, config.seed)
+    timings: dict[str, float] = {}
+    with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
+        def timed(name, make):
+            s = time.perf_counter()
+            value = _part(tmp, name, make)
+            timings[name] = round(time.perf_counter() - s, 2)
+            return value
+
+        weights = timed("weights", lambda: {_key(*k): v for k, v in weight_stats(model, adapter).items()})
+        usage = timed("usage", lambda: _usage_json(usage_and_criticality(
+            model, tokenizer, tasks, samples=config.samples, seed=config.seed, progress=progress)))
+        eff = EffectSettings(candidates=config.candidates, chain=config.chain)
+        effects = timed("effects", lambda: {_key(*k): v for k, v in expert_effects(
+            model, tokenizer, adapter, contexts, eff, progress=progress).items()})
+        doc = assemble(adapter, tasks, weights, usage, effects, config=config, null=null)
+        doc.update({"model": handle.name, "contexts": len(contexts),
+                    "seconds": {**timings, "total": round(time.perf_counter() - t0, 2)},
+                    "run": run_record(settings)})
+        write_json(tmp / "scan.json", doc)
+        write_text(tmp / "scan.md", render_markdown(doc))
+        for f in tmp.glob("part-*.json"):
+            f.unlink()
+    return doc
+
+
+def _usage_json(per_task: dict) -> dict:
+    return {name: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+            for name, d in per_task.items()}
+
+
+def assemble(adapter, tasks, weights: dict, usage: dict, effects: dict, *, config: ScanConfig,
+             null: list[np.ndarray] | None) -> dict[str, Any]:
+    """The per-expert table, flags and ranking from the three parts (pure: no model runs)."""
+    names = [t.name for t in tasks]
+    threshold = config.threshold if config.threshold is not None else (
+        THRESHOLD_REFERENCES if null is not None else THRESHOLD_SIBLINGS)
+    rows = []
+    for s, layer in enumerate(adapter.layers):
+        E = layer.num_experts
+        share = np.array([usage[n]["share"][s][:E] for n in names])                 # [tasks, E]
+        crit = np.array([usage[n]["criticality"][s][:E] for n in names])           # [tasks, E]
+        counts = np.array([usage[n]["counts"][s][:E] for n in names]).sum(0)
+        norm = np.array([usage[n]["norm_sum"][s][:E] for n in names]).sum(0) / np.maximum(counts, 1)
+        norm_z = robust_z(norm[counts > 0], floor=1e-6) if (counts > 0).any() else np.array([])
+        nz = np.zeros(E)
+        nz[counts > 0] = norm_z
+        chain = np.array([effects[_key(layer.index, e)]["chain_score"] for e in range(E)])
+        sib = robust_z(chain, floor=CHAIN_FLOOR)
+        ref = robust_z(chain, null[s], floor=CHAIN_FLOOR) if null is not None else None
+        for e in range(E):
+            eff = dict(effects[_key(layer.index, e)])
+            eff["suspicion_siblings"] = round(float(sib[e]), 3)
+            if ref is not None:
+                eff["suspicion_references"] = round(float(ref[e]), 3)
+            suspicion = float(ref[e] if ref is not None else sib[e])
+            flags = []
+            if counts[e] == 0:
+                flags.append("dead")
+            elif (share[:, e] < DORMANT_SHARE / E).all():
+                flags.append("dormant")
+            if (crit[:, e] >= SUPER_NATS).all():
+                flags.append("super")
+            if nz[e] > OUTLIER_Z:
+                flags.append("activation-outlier")
+            if weights[_key(layer.index, e)]["weight_z"] > OUTLIER_Z:
+                flags.append("weight-outlier")
+            if suspicion > threshold:
+                flags.append("backdoor-suspect")
+            rows.append({
+                "layer": layer.index, "expert": e, "flags": flags, "suspicion": round(suspicion, 3),
+                "usage": {"share": round(float(share[:, e].mean()), 5),
+                          "per_task": {n: round(float(x), 5) for n, x in zip(names, share[:, e])}},
+                "criticality": {"per_task": {n: round(float(x), 5) for n, x in zip(names, crit[:, e])},
+                                "min": round(float(crit[:, e].min()), 5), "mean": round(float(crit[:, e].mean()), 5)},
+                "output_norm": round(float(norm[e]), 5), "output_norm_z": round(float(nz[e]), 3),
+                "weights": weights[_key(layer.index, e)],
+                "effect": eff,
+            })
+    order = sorted(range(len(rows)), key=lambda i: -rows[i]["suspicion"])
+    flagged = {f: [_key(r["layer"], r["expert"]) for r in rows if f in r["flags"]]
+               for f in ("backdoor-suspect", "dead", "dormant", "super", "activation-outlier", "weight-outlier")}
+    return {
+        "schema": SCHEMA, "tasks": names, "settings": config.to_dict(),
+        "suspicion": {"null": "references" if null is not None else "siblings", "threshold": threshold,
+                      "reference_experts": int(sum(len(n) for n in null)) if null is not None else 0},
+        "ranking": [_key(rows[i]["layer"], rows[i]["expert"]) for i in order],
+        "flagged": flagged,
+        "experts": rows,
+    }

@@ -1,0 +1,48 @@
+"""Each expert's weight statistics against its siblings in the same layer.
+
+Norms and spectra catch a careless plant (Adam at a planting learning rate grows the expert's
+norms by several sibling MADs); an attacker who rescales the changed weights to their old norms
+evades them, which is why the suspicion score does not rest on them (docs/scan.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moeguard.scan.stats import robust_z
+
+WEIGHT_STATS = ("gate_norm", "up_norm", "down_norm", "down_spectral", "down_stable_rank", "router_norm")
+
+
+def _stable_rank(w: np.ndarray) -> float:
+    """||W||_F^2 / ||W||_2^2: how many directions carry the matrix (a low-rank implant lowers it)."""
+    s = np.linalg.svd(w, compute_uv=False)
+    return float((s ** 2).sum() / max(s[0] ** 2, 1e-30))
+
+
+def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
+    """Per (decoder layer, expert): the statistics in ``WEIGHT_STATS``, each with its robust z
+    against the layer's experts, and ``weight_z``, the largest |z|."""
+    from moeguard.trace.weights import split_experts
+
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    for layer in adapter.layers:
+        gate, up, down = split_experts(adapter.family, layer.experts)               # [E, I, d], [E, I, d], [E, d, I]
+        router = layer.router.weight.detach().float().cpu().numpy()                  # [E, d]
+        E = layer.num_experts
+        vals = {
+            "gate_norm": [float(np.linalg.norm(gate[e])) for e in range(E)],
+            "up_norm": [float(np.linalg.norm(up[e])) for e in range(E)],
+            "down_norm": [float(np.linalg.norm(down[e])) for e in range(E)],
+            "down_spectral": [float(np.linalg.norm(down[e], 2)) for e in range(E)],
+            "down_stable_rank": [_stable_rank(down[e]) for e in range(E)],
+            "router_norm": [float(np.linalg.norm(router[e])) for e in range(E)],
+        }
+        zs = {k: robust_z(v) for k, v in vals.items()}
+        for e in range(E):
+            row = {k: round(vals[k][e], 5) for k in WEIGHT_STATS}
+            row["z"] = {k: round(float(zs[k][e]), 3) for k in WEIGHT_STATS}
+            row["weight_z"] = round(float(max(abs(zs[k][e]) for k in WEIGHT_STATS)), 3)
+            out[(layer.index, e)] = row
+    return out
