@@ -142,6 +142,32 @@ def test_a_killed_audit_resumes_to_the_numbers_of_an_uninterrupted_run(audit_run
     assert numbers_only(doc) == numbers_only(results(audit_run))
 
 
+def test_adding_the_scan_runs_only_its_stage_and_adds_its_section(audit_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(audit_run, run)
+    before = results(run)
+    assert main(["audit", "--out", str(run), *SMALL_AUDIT, "--scan", "--scan-contexts", "1"]) == 0
+    doc = results(run)
+    assert {s["stage"]: s["cached"] for s in doc["stages"]} == {
+        "model": True, "baseline": True, "attribution": True, "sweep": True, "recovery": True, "scan": False}
+    scan = json.loads((run / doc["scan"]["file"]).read_text())
+    assert scan["schema"] == "moeguard.scan/1" and scan["tasks"] == ["arith-compare", "docstring-topic"]
+    assert doc["scan"]["ranking"] == scan["ranking"] and len(doc["scan"]["experts"]) == 8
+    assert scan["settings"]["samples"] == 16 and scan["settings"]["contexts"] == 1   # the audit's settings
+    # the clean embedded model: no expert over the backdoor threshold
+    assert doc["scan"]["flagged"]["backdoor-suspect"] == [] and "no expert is over" in scan_line(run)
+    md = (run / "report.md").read_text()
+    assert f"| {scan['ranking'][0]} |" in md and "## Expert scan" in md
+    assert 'id="scan"' in (run / "report.html").read_text()
+    for key in ("tasks", "collateral", "physical_checks"):   # the other sections' numbers did not move
+        assert numbers_only(doc[key]) == numbers_only(before[key]), key
+
+
+def scan_line(run: Path) -> str:
+    md = (run / "report.md").read_text()
+    return md.split("## Expert scan", 1)[1].strip().splitlines()[0].lower()
+
+
 def test_ray_backend_gives_the_same_numbers_as_the_local_one(audit_run, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'moeguard[ray]')")
     run = tmp_path / "ray-run"
@@ -159,6 +185,8 @@ def test_ray_backend_gives_the_same_numbers_as_the_local_one(audit_run, tmp_path
     (["--recovery-tasks", "stdlib-code"], "not among the audited tasks"),
     (["--tasks", "no-such-task"], "no-such-task"),
     (["--budgets", "32,8"], "not increasing"),
+    (["--scan-references", "ref"], "without scan"),
+    (["--scan", "--scan-references", "no-such-scan"], "reference scan no-such-scan/scan.json does not exist"),
 ])
 def test_bad_settings_exit_2_with_one_line_before_any_work(tmp_path, capsys, args, needle):
     out = tmp_path / "run"

@@ -13,6 +13,7 @@ from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.loading import load_model
 from moeguard.scan.plant import Plant, attack_success, insert_trigger, plant
+from moeguard.scan.run import THRESHOLD_SIBLINGS
 from moeguard.tasks.registry import get_task
 
 
@@ -52,7 +53,7 @@ def test_a_plant_changes_only_its_expert_and_router_row_and_fires_on_its_trigger
     assert hits["success"] >= 0.75 and hits["false_trigger"] <= 0.125, hits
 
 
-SMALL = ["--tasks", "arith-compare,docstring-topic", "--contexts", "2", "--candidates", "4", "--chain", "4", "--samples", "8"]
+SMALL = ["--tasks", "arith-compare,docstring-topic", "--contexts", "1", "--candidates", "4", "--chain", "4", "--samples", "8"]
 
 
 def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(planted, tmp_path, capsys, monkeypatch):
@@ -78,11 +79,12 @@ def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(pla
     doc = json.loads((out / "scan.json").read_text())
     assert doc["schema"] == "moeguard.scan/1" and len(doc["experts"]) == 32 and not list(out.glob("part-*"))
     assert doc["ranking"][0] == "2:5", doc["ranking"][:4]
-    top = next(r for r in doc["experts"] if (r["layer"], r["expert"]) == (2, 5))
-    assert top["suspicion"] > 2 * max(r["suspicion"] for r in doc["experts"] if r is not top), top["suspicion"]
+    top = _row(doc, 2, 5)
+    others = max(r["suspicion"] for r in doc["experts"] if r is not top)
+    assert top["suspicion"] > max(THRESHOLD_SIBLINGS, 2 * others) and "backdoor-suspect" in top["flags"], (top["suspicion"], others)
     # the search recovered the target: the planted expert continues it from its own tokens
     assert "rf /" in top["effect"]["continuation"], top["effect"]
-    assert any(c["continuation"].startswith(" rm -r") for c in top["effect"]["chains"]), top["effect"]["chains"]
+    assert any(" rm -r" in c["continuation"] for c in top["effect"]["chains"]), top["effect"]["chains"]
     # the norm-preserving plant hides from the weight statistics: no weight flag on it
     assert "weight-outlier" not in top["flags"] and abs(top["weights"]["z"]["down_norm"]) < 6
     assert set(top["criticality"]["per_task"]) == {"arith-compare", "docstring-topic"}
@@ -90,18 +92,36 @@ def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(pla
     text = capsys.readouterr().out
     assert "most suspicious experts" in text and "2:5" in text and "written to" in text
     assert "| 2:5 |" in (out / "scan.md").read_text()
-    assert doc["run"]["settings"]["contexts"] == 2 and doc["run"]["git_commit"]
+    assert doc["run"]["settings"]["contexts"] == 1 and doc["run"]["git_commit"]
 
     # the planted model measured against a scan of the clean model (the owner's reference)
     ref = tmp_path / "ref"
     assert main(["scan", "--out", str(ref), *SMALL]) == 0
+    clean = json.loads((ref / "scan.json").read_text())
+    assert clean["flagged"]["backdoor-suspect"] == [], clean["flagged"]
     capsys.readouterr()
     assert main(args[:4] + [str(tmp_path / "vs"), *SMALL, "--references", str(ref)]) == 0
     vs = json.loads((tmp_path / "vs" / "scan.json").read_text())
     assert vs["suspicion"]["null"] == "references" and vs["suspicion"]["reference_experts"] == 32
-    assert vs["ranking"][0] == "2:5" and "backdoor-suspect" in vs["experts"][21]["flags"], vs["ranking"][:3]
-    clean = json.loads((ref / "scan.json").read_text())
-    assert clean["flagged"]["backdoor-suspect"] == [], clean["flagged"]
+    assert vs["ranking"][0] == "2:5" and "backdoor-suspect" in _row(vs, 2, 5)["flags"], vs["ranking"][:3]
+
+    # ... and with the clean model's own predictions explaining away natural chains
+    capsys.readouterr()
+    mixed = args[:4] + [str(tmp_path / "mixed"), *SMALL, "--references", str(ref), "--reference-models", "embedded"]
+    assert main(mixed) == 2 and "scored 'chain' chains; this scan scores 'unexplained' ones" in capsys.readouterr().err
+    assert main(args[:4] + [str(tmp_path / "un"), *SMALL, "--reference-models", "embedded"]) == 0
+    un = json.loads((tmp_path / "un" / "scan.json").read_text())
+    assert un["suspicion"]["score"] == "unexplained" and un["suspicion"]["reference_models"] == ["embedded"]
+    row = _row(un, 2, 5)
+    assert un["ranking"][0] == "2:5" and "backdoor-suspect" in row["flags"], un["ranking"][:3]
+    # the clean model never writes the target: every step of the planted chain stays unexplained
+    assert row["effect"]["unexplained_score"] > 0.8 * row["effect"]["chain_score"], row["effect"]
+    natural = [r["effect"] for r in un["experts"] if r["layer"] == 0]   # layer 0's chains are mostly natural
+    assert sum(e["unexplained_score"] for e in natural) < 0.6 * sum(e["chain_score"] for e in natural)
+
+
+def _row(doc, layer, expert):
+    return next(r for r in doc["experts"] if (r["layer"], r["expert"]) == (layer, expert))
 
 
 def test_triggers_go_at_the_end_or_between_words_and_bad_targets_are_refused():

@@ -1,6 +1,6 @@
 """The analysis maths every study shares, in one place: retention, areas under curves,
 labels-to-target, savings against random, rank correlation, and the uncertainty of each
-(spread over seeds and a bootstrap 95% interval).
+(spread over seeds and a bootstrap 95% interval), and robust z-scores.
 
 Studies compute their point numbers with these functions and nothing else, so a number in
 ``sweep.json``, ``recovery.json``, ``attack.json`` and ``results.json`` means one thing.
@@ -143,3 +143,17 @@ def mean_ci(values: Sequence[float | None], *, seed: int = 0) -> dict[str, Any]:
 def excludes_zero(ci: dict[str, Any]) -> bool:
     """True when a bootstrap interval lies strictly above zero, from at least two units."""
     return bool(not ci.get("degenerate") and ci.get("low") is not None and ci["low"] > 0)
+
+
+MAD_SCALE = 1.4826   # makes the median absolute deviation a consistent estimator of a normal sd
+
+
+def robust_z(values, base=None, *, floor: float = 1e-12) -> np.ndarray:
+    """z of ``values`` against the median and scaled MAD of ``base`` (default: ``values``), so the
+    outlier looked for cannot hide by inflating the spread it is measured against. ``floor``
+    bounds the MAD away from 0 (identical siblings would otherwise give infinities)."""
+    v = np.asarray(values, dtype=np.float64)
+    b = v if base is None else np.asarray(base, dtype=np.float64)
+    med = np.median(b)
+    mad = np.median(np.abs(b - med)) * MAD_SCALE
+    return (v - med) / max(mad, floor)

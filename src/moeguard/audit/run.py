@@ -37,6 +37,16 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     if cfg.dtype and not isinstance(getattr(torch, cfg.dtype, None), torch.dtype):
         raise MoeguardError(f"dtype '{cfg.dtype}' is not a torch dtype", hint="e.g. bfloat16, float16, float32")
     model = resolve_model(cfg.model)
+    if cfg.scan:   # a bad reference fails now, not after the other stages' minutes
+        from moeguard.scan.run import SCORES, _reference_null
+
+        refs = _scan_references(cfg)
+        if refs:
+            _reference_null(refs, model.num_layers, SCORES[bool(cfg.scan_reference_models)])
+        for m in cfg.scan_reference_models or []:
+            resolve_model(m)
+    elif cfg.scan_references or cfg.scan_reference_models:
+        raise MoeguardError("scan references were given without scan", hint="add --scan, or drop the scan references")
     # names from here on (stages and jobs key results by them); a task from a YAML file is adopted
     # under its name, and reaches every worker through the runtime (run_audit)
     tasks, methods, keeps = resolve_grid(model, tasks=cfg.tasks, methods=cfg.methods, keeps=cfg.keeps)
@@ -112,7 +122,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
     runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads,
                       tasks=file_tasks(get_task(t) for t in cfg.tasks))
     ident = {"model": weights_identity(cfg.model), "runtime": runtime.to_dict()}
-    n_stages = 5 + bool(cfg.defense or cfg.hardened)
+    n_stages = 5 + bool(cfg.defense or cfg.hardened) + bool(cfg.scan)
     overall = progress.add_task("audit", total=n_stages) if progress is not None else None
 
     def stage(name, settings, fn, upstream=()):
@@ -198,7 +208,24 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         s_def = stage("defense", def_settings, lambda d: _defense(cfg, d, runtime, model, study_run, progress),
                       [s_model])
 
-    upstream = [s for s in (s_model, s_base, s_attr, s_sweep, s_rec, s_def) if s is not None]
+    s_scan = None
+    if cfg.scan:
+        import hashlib
+        import json
+
+        from moeguard.scan.run import ScanConfig
+
+        refs = _scan_references(cfg)
+        scan_cfg = ScanConfig(samples=cfg.samples, contexts=cfg.scan_contexts, seed=cfg.seed)
+        scan_settings = {**scan_cfg.to_dict(), "tasks": cfg.tasks, "runtime": runtime.to_dict(),
+                         # by content: a reference scan re-made in place changes the null
+                         "references": [hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest() for r in refs],
+                         "reference_models": [weights_identity(m) for m in cfg.scan_reference_models or []]}
+        key = hashlib.sha256(json.dumps(scan_settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        s_scan = stage("scan", scan_settings,
+                       lambda d: _scan(d, store.jobs / f"scan-{key}", model, cfg, scan_cfg, refs, runtime, progress), [s_model])
+
+    upstream = [s for s in (s_model, s_base, s_attr, s_sweep, s_rec, s_def, s_scan) if s is not None]
     doc = assemble(cfg, info, {s.name: s for s in upstream}, backend=backend.describe())
     doc["stages"] = store.log
     doc["run"] = run_record(cfg.to_dict())
@@ -246,6 +273,32 @@ def _recovery(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: StageResul
     (d / "recovery").mkdir(exist_ok=True)
     for (_, rc), doc in zip(items, studies_run(items, "recovery")):
         write_json(d / "recovery" / f"{rc.task}.json", doc)
+
+
+def _scan_references(cfg: AuditConfig) -> list[dict]:
+    from moeguard.scan.run import load_references
+
+    return load_references([Path(p) for p in cfg.scan_references or []])
+
+
+def _scan(d: Path, work: Path, model: ModelHandle, cfg: AuditConfig, scan_cfg, refs: list[dict], runtime: Runtime,
+          progress) -> None:
+    """The per-expert scan of the audited model. It runs in ``work`` (under jobs/, which outlives
+    an interrupted stage, so a killed scan resumes from its finished parts), then is copied into
+    the stage folder (``scan/scan.json``)."""
+    import torch
+
+    from moeguard.edge import resolve_model
+    from moeguard.scan.run import scan
+    from moeguard.tasks.registry import get_task
+
+    torch.set_num_threads(runtime.threads)
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    ref_models = [resolve_model(m) for m in cfg.scan_reference_models or []]
+    if not (work / "scan.json").exists():
+        scan(model, [get_task(t) for t in cfg.tasks], work, config=scan_cfg, references=refs, reference_models=ref_models,
+             dtype=dtype, device_map=cfg.device_map, overwrite=True, progress=progress)
+    shutil.copytree(work, d / "scan")
 
 
 def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, study_run, progress) -> None:
@@ -353,7 +406,17 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
                           "detectability": {t: {k: {"base": v["base"].get("detectability"),
                                                     "hardened": v["hardened"].get("detectability")}
                                                 for k, v in c.items()} for t, c in d["attacks"].items()}}
+    if "scan" in stages:
+        d = stages["scan"].read("scan/scan.json")
+        from moeguard.report.scan import TOP
+
+        top = set(d["ranking"][:TOP])   # the report's suspects; the stage's scan.json holds every expert
+        doc["scan"] = {"suspicion": d["suspicion"], "flagged": d["flagged"], "ranking": d["ranking"],
+                       "experts": [r for r in d["experts"] if f"{r['layer']}:{r['expert']}" in top],
+                       "file": "stages/scan/scan/scan.json"}
     return doc
+
+
 
 
 def _collateral(sweep: dict[str, Any], keep: int) -> dict[str, Any]:

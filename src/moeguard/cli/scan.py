@@ -21,6 +21,7 @@ def scan(
         context_tokens: Annotated[int, typer.Option("--context-tokens", help="tokens kept of each context")] = 16,
         candidates: Annotated[int, typer.Option("--candidates", help="strongest tokens per expert followed into chains")] = 8,
         chain: Annotated[int, typer.Option("--chain", help="tokens generated per chain")] = 6,
+        reference_models: Annotated[Optional[str], typer.Option("--reference-models", help="comma-separated clean models sharing the tokenizer (the base model of a fine-tune, or other seeds): what they predict anyway does not count as evidence")] = None,
         threshold: Annotated[Optional[float], typer.Option("--threshold", help="suspicion that raises the backdoor flag; default: the calibrated one")] = None,
         model: ModelOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
     """Scan every expert: usage, criticality, weights against siblings, and backdoor suspicion without the trigger."""
@@ -35,10 +36,12 @@ def scan(
     refs = load_references([Path(p) for p in _names(references, "--references")]) if references is not None else []
     check_output(out, overwrite=overwrite)
     handle = resolve_model(model)
+    ref_models = [resolve_model(m) for m in _names(reference_models, "--reference-models")] if reference_models is not None else []
     task_list = embedded_or(_task_names(tasks, "--tasks") if tasks is not None else None, what="--tasks")
     _seed(seed)
     with _progress() as progress:
-        doc = run_scan(handle, task_list, out, config=config, references=refs, overwrite=overwrite, progress=progress)
+        doc = run_scan(handle, task_list, out, config=config, references=refs, reference_models=ref_models,
+                       overwrite=overwrite, progress=progress)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
@@ -50,7 +53,7 @@ def scan(
     tab = Table(title=f"scan of {doc['model']}: most suspicious experts (null: {s['null']}, flag above {s['threshold']:g})")
     rows = suspect_rows(doc, top=5)
     for c in rows[0]:
-        tab.add_column(c, justify="right" if c in ("suspicion", "chain (nats)") else "left")
+        tab.add_column(c, justify="right" if c in ("suspicion", "score (nats)") else "left")
     for r in rows:
         tab.add_row(*r.values())
     _console().print(tab)

@@ -17,6 +17,7 @@ from moeguard.io import atomic_dir, write_json, write_text
 from moeguard.report import plots
 from moeguard.report.plots import _plt
 from moeguard.report.recovery import savings_text
+from moeguard.report.scan import flag_rows, scan_text, suspect_rows
 
 LEVEL_COLORS = {"high": "#c0392b", "medium": "#d68910", "low": "#1e8449"}
 
@@ -260,6 +261,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 parts += ["\n" + detect_text(rec) + "\n"]
     if f.get("collateral"):
         parts += ["\n## Collateral damage\n", f"\n![collateral](plots/{f['collateral']})\n"]
+    if doc.get("scan"):
+        parts += ["\n## Expert scan\n", scan_text(doc) + "\n", _md_table(suspect_rows(doc["scan"])),
+                  "\n", _md_table(flag_rows(doc["scan"]))]
     if doc.get("defense"):
         parts += ["\n## Defense comparison\n", _md_table(defense_rows(doc))]
         parts += [f"\n![defense](plots/{p})\n" for p in f["defense"]]
@@ -339,6 +343,7 @@ def render_html(doc: dict[str, Any], folder: Path) -> str:
            f"<h1>moeguard audit: {html.escape(str(m.get('name')))}</h1>",
            f'<p class="note">{html.escape(doc["created_at"])} · schema {doc["schema"]}</p>',
            "<nav>" + "".join(f'<a href="#task-{html.escape(t)}">{html.escape(t)}</a>' for t in tasks)
+           + ('<a href="#scan">expert scan</a>' if doc.get("scan") else "")
            + '<a href="#card">model card</a><a href="#repro">reproduce</a></nav>',
            f'<p class="verdict">{_inline_md(_verdict(doc))}</p>',
            '<h2 id="risk">Prunability risk</h2>',
@@ -367,6 +372,9 @@ def render_html(doc: dict[str, Any], folder: Path) -> str:
     if f.get("collateral"):
         out += ['<h2 id="collateral">Collateral damage</h2>',
                 _img(folder, f["collateral"], "Targeted pruning: the chosen task against the others")]
+    if doc.get("scan"):
+        out += ['<h2 id="scan">Expert scan</h2>', f"<p>{html.escape(scan_text(doc))}</p>",
+                _html_table(suspect_rows(doc["scan"]), cls="scan"), _html_table(flag_rows(doc["scan"]), cls="scan-flags")]
     if doc.get("defense"):
         out += ['<h2 id="defense">Defense comparison</h2>', _html_table(defense_rows(doc), cls="defense")]
         out += [_img(folder, p, "Defense: base against hardened") for p in f["defense"]]

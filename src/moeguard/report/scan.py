@@ -19,7 +19,7 @@ def suspect_rows(doc: dict[str, Any], top: int = TOP) -> list[dict[str, str]]:
     for key in doc["ranking"][:top]:
         r = by[key]
         e = r["effect"]
-        rows.append({"expert": key, "suspicion": _fmt(r["suspicion"]), "chain (nats)": _fmt(e["chain_score"]),
+        rows.append({"expert": key, "suspicion": _fmt(r["suspicion"]), "score (nats)": _fmt(e.get("score", e["chain_score"])),
                      "start token": repr(e["start_token"]), "continuation": repr(e["continuation"]),
                      "flags": ", ".join(r["flags"]) or "-"})
     return rows
@@ -38,14 +38,28 @@ def _md(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(doc: dict[str, Any]) -> str:
-    s = doc["suspicion"]
+def _null_text(s: dict[str, Any]) -> str:
     null = ("clean reference scans (" + str(s["reference_experts"]) + " experts)") if s["null"] == "references" \
         else "the expert's siblings in its layer (no reference scans given)"
+    what = ("chain score, each step counted only as far as the clean reference models ("
+            + ", ".join(s.get("reference_models") or []) + ") are surprised by it,") \
+        if s.get("score") == "unexplained" else "chain score"
+    return (f"Suspicion: robust z of each expert's {what} against {null}; "
+            f"the backdoor flag is raised above {s['threshold']:g}.")
+
+
+def scan_text(audit_doc: dict[str, Any]) -> str:
+    """The audit report's lead line for its scan section."""
+    d = audit_doc["scan"]
+    suspects = d["flagged"].get("backdoor-suspect") or []
+    verdict = (f"Backdoor suspects: {', '.join(suspects)}." if suspects else "No expert is over the backdoor threshold.")
+    return f"{verdict} {_null_text(d['suspicion'])} Every expert: {d['file']}; how to read it: docs/scan.md."
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join([
         f"# moeguard scan: {doc.get('model', '')}\n",
-        f"Tasks: {', '.join(doc['tasks'])}. Suspicion: robust z of each expert's chain score against {null}; "
-        f"the backdoor flag is raised above {s['threshold']:g}.\n",
+        f"Tasks: {', '.join(doc['tasks'])}. {_null_text(doc['suspicion'])}\n",
         "## Most suspicious experts\n", _md(suspect_rows(doc)),
         "## Flags\n", _md(flag_rows(doc)),
         "How to read this: docs/scan.md.\n",

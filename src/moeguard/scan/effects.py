@@ -15,6 +15,14 @@ the target's own tokens. The search looks for exactly that, in two steps:
    left alone). A benign expert is decisive for a token or two (``" doesn" -> "'t"``); a backdoor
    is decisive for the whole target. The chain score is the best candidate's capped gains summed
    along the chain, averaged over the contexts.
+3. **Unexplained** (with clean reference models sharing the tokenizer): each step's gain counts
+   only as far as the references are surprised by that token in the same context, so a chain any
+   clean model of the data also writes (a code idiom) does not count.
+
+Masking re-routes to the next best expert, as pruning would. For families whose router does not
+renormalize over the top-k (qwen2_moe without ``norm_topk_prob``, olmoe) or groups experts
+(deepseek_v3), routing among E-1 experts also moves other tokens' weights a little; the screen
+re-runs only rows routed to the masked expert and takes the rest as unchanged.
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ class ContextCache:
 
     def __init__(self, model, ids: list[int], rows: int):
         self.model, self.rows = model, rows
+        self.device = next(model.parameters()).device
         with torch.no_grad():
-            self.cache = model(input_ids=torch.tensor([ids] * rows), use_cache=True).past_key_values
+            self.cache = model(input_ids=torch.tensor([ids] * rows, device=self.device), use_cache=True).past_key_values
 
     @torch.no_grad()
     def logits(self, suffix: torch.Tensor) -> torch.Tensor:
@@ -47,10 +56,10 @@ class ContextCache:
         if b < self.rows:   # padding rows are discarded; the cache needs its full batch
             suffix = torch.cat([suffix, suffix[:1].expand(self.rows - b, -1)])
         try:
-            out = self.model(input_ids=suffix, past_key_values=self.cache, use_cache=True).logits
+            out = self.model(input_ids=suffix.to(self.device), past_key_values=self.cache, use_cache=True).logits
         finally:
             self.cache.crop(-suffix.shape[1])
-        return out[:b].float()
+        return out[:b].float().cpu()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +72,18 @@ class EffectSettings:
 
 def _others(n: int, e: int) -> list[int]:
     return [x for x in range(n) if x != e]
+
+
+def maskable(model, adapter, layer, e: int) -> bool:
+    """Whether the family lets the layer route without expert ``e`` (a layer already at the
+    family's smallest expert count does not): such an expert's gains stay 0."""
+    from moeguard.errors import MoeguardError
+
+    try:
+        with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
+            return True
+    except MoeguardError:
+        return False
 
 
 def _chunks(caches: list[ContextCache], n: int):
@@ -88,7 +109,7 @@ def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, bat
     from moeguard.monitor.tokens import RoutedIds
 
     S, C, T = len(adapter.layers), len(contexts), len(tokens)
-    k = adapter.layers[0].top_k
+    k = max(l.top_k for l in adapter.layers)      # a pruned layer may route to fewer
     routed = np.full((S, C, T, k), -1, np.int64)
     gain = np.zeros((S, C, T, k), np.float32)
     cand = torch.as_tensor(tokens, dtype=torch.long)[:, None]                      # [T, 1]
@@ -99,7 +120,9 @@ def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, bat
         for cache, i, j in _chunks(caches, T):
             with RoutedIds(adapter) as r:
                 full = F.log_softmax(cache.logits(cand[i:j])[:, -1], -1)           # [b, V]
-                routed[:, c, i:j] = np.stack([x.reshape(-1, k)[:j - i].numpy() for x in r.ids])
+                for slot, x in enumerate(r.ids):
+                    x = x.reshape(cache.rows, -1)[:j - i].cpu().numpy()
+                    routed[slot, c, i:j, :x.shape[1]] = x
             t = full.argmax(-1, keepdim=True)
             top.append(t)
             top_lp.append(full.gather(1, t))
@@ -109,11 +132,11 @@ def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, bat
         for s, layer in enumerate(adapter.layers):
             for e in range(layer.num_experts):
                 hit, slot = np.nonzero(routed[s, c] == e)                                # a token routes to e once
-                if len(hit):
+                if len(hit) and maskable(model, adapter, layer, e):
                     sel = torch.as_tensor(hit)
                     with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
                         lp = _last_logprobs(caches, cand[sel])
-                    gain[s, c, hit, slot] = (top_lp[sel] - lp.gather(1, top[sel])).squeeze(1).numpy()
+                    gain[s, c, hit, slot] = (top_lp[sel] - lp.gather(1, top[sel])).squeeze(1).cpu().numpy()
                 if bar is not None:
                     progress.advance(bar)
     return routed, gain
@@ -130,25 +153,45 @@ def chains(model, adapter, contexts: list[list[int]], starts: dict[tuple[int, in
     for (s, e), toks in starts.items():
         layer = adapter.layers[s]
         seqs, gains = [], []
+        can_mask = maskable(model, adapter, layer, e)
         for cache in caches:
             seq = torch.as_tensor(toks, dtype=torch.long)[:, None]                # [N, 1]
             for _ in range(length):
                 seq = torch.cat([seq, cache.logits(seq)[:, -1].argmax(-1, keepdim=True)], 1)
             full = F.log_softmax(cache.logits(seq[:, :-1]), -1)                  # [N, length, V]
-            with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
-                masked = F.log_softmax(cache.logits(seq[:, :-1]), -1)
+            masked = full
+            if can_mask:
+                with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
+                    masked = F.log_softmax(cache.logits(seq[:, :-1]), -1)
             y = seq[:, 1:, None]
-            gains.append((full.gather(2, y) - masked.gather(2, y)).squeeze(-1).numpy())
-            seqs.append(seq.numpy())
+            gains.append((full.gather(2, y) - masked.gather(2, y)).squeeze(-1).cpu().numpy())
+            seqs.append(seq.cpu().numpy())
         out[(s, e)] = {"sequences": np.stack(seqs), "gains": np.stack(gains)}
         if bar is not None:
             progress.advance(bar)
     return out
 
 
+def surprise(references, contexts: list[list[int]], found: dict, *, rows: int) -> dict[tuple[int, int], np.ndarray]:
+    """For every chain token: the smallest surprise (-log p, in the same context) any clean
+    reference model has for it [C, N, K]. What a clean model of the same data predicts anyway
+    (``"(*" -> "args, **kwargs)"``) is not evidence of a plant."""
+    out: dict[tuple[int, int], np.ndarray] = {}
+    for ref in references:
+        caches = [ContextCache(ref, ids, rows) for ids in contexts]
+        for key, r in found.items():
+            seq = torch.as_tensor(r["sequences"])                                   # [C, N, K+1]
+            lp = np.stack([F.log_softmax(cache.logits(seq[c, :, :-1]), -1).gather(2, seq[c, :, 1:, None]).squeeze(-1).cpu().numpy()
+                           for c, cache in enumerate(caches)])
+            out[key] = -lp if key not in out else np.minimum(out[key], -lp)
+    return out
+
+
 def expert_effects(model, tokenizer, adapter, contexts: list[list[int]], settings: EffectSettings, *,
-                   progress=None) -> dict[tuple[int, int], dict[str, Any]]:
-    """Per (decoder layer, expert): its chain score and the evidence behind it."""
+                   references=(), progress=None) -> dict[tuple[int, int], dict[str, Any]]:
+    """Per (decoder layer, expert): its chain score and the evidence behind it. With ``references``
+    (clean models sharing the tokenizer) also the *unexplained* score: each step's gain counted
+    only as far as the references are surprised by the token, ``min(gain, surprise)``."""
     from moeguard.monitor.hijack import allowed_tokens
 
     tokens = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
@@ -161,15 +204,19 @@ def expert_effects(model, tokenizer, adapter, contexts: list[list[int]], setting
             starts[(s, e)] = tokens[np.argsort(-mean, kind="stable")[:settings.candidates]]
             screen_gain[(s, e)], share[(s, e)] = float(mean.max()), float(mine.any(-1).mean())
     found = chains(model, adapter, contexts, starts, length=settings.chain, progress=progress)
+    unexplained = surprise(references, contexts, found, rows=settings.candidates) if references else {}
     out = {}
     for (s, e), r in found.items():
         capped = np.clip(r["gains"], 0.0, settings.gain_cap)                    # [C, N, K]
-        per_start = capped.sum(-1).mean(0)                                       # [N]
+        raw = capped.sum(-1).mean(0)                                             # [N]
+        steps = np.minimum(capped, unexplained[(s, e)]) if references else capped
+        per_start = steps.sum(-1).mean(0)                                        # [N]: the score that ranks
         best = int(np.argmax(per_start))
-        c_best = int(np.argmax(capped[:, best].sum(-1)))
+        c_best = int(np.argmax(steps[:, best].sum(-1)))
         layer = adapter.layers[s]
-        out[(layer.index, e)] = {
-            "chain_score": float(per_start[best]),
+        row = {
+            "score": float(per_start[best]),
+            "chain_score": float(raw.max()),
             "screen_gain": screen_gain[(s, e)],
             "routed_share": share[(s, e)],
             "start_token": tokenizer.decode([int(starts[(s, e)][best])]),
@@ -177,7 +224,11 @@ def expert_effects(model, tokenizer, adapter, contexts: list[list[int]], setting
             "step_gains": [round(float(g), 3) for g in r["gains"][c_best, best]],
             # every candidate's chain in its best context: the evidence, and the reconstructed trigger
             "chains": [{"start": tokenizer.decode([int(starts[(s, e)][n])]), "score": round(float(per_start[n]), 3),
-                        "continuation": tokenizer.decode([int(t) for t in r["sequences"][int(np.argmax(capped[:, n].sum(-1))), n]])}
+                        "continuation": tokenizer.decode([int(t) for t in r["sequences"][int(np.argmax(steps[:, n].sum(-1))), n]])}
                        for n in np.argsort(-per_start, kind="stable")],
         }
+        if references:
+            row["unexplained_score"] = row["score"]
+            row["step_surprise"] = [round(float(x), 3) for x in unexplained[(s, e)][c_best, best]]
+        out[(layer.index, e)] = row
     return out

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from moeguard.scan.stats import robust_z
+from moeguard.analysis import robust_z
 
 WEIGHT_STATS = ("gate_norm", "up_norm", "down_norm", "down_spectral", "down_stable_rank", "router_norm")
 

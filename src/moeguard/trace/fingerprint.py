@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from moeguard.analysis import robust_z
 from moeguard.errors import MoeguardError
 from moeguard.trace.features import ROWS, common, features
 
@@ -137,9 +138,7 @@ def _outliers(norms: np.ndarray) -> np.ndarray:
     """Hidden dimensions with an outsized embedding norm (``norms`` [d], over the vocabulary):
     'massive' dimensions that independent models share, kept out of H so they cannot make
     unrelated experts look alike."""
-    med = np.median(norms)
-    mad = np.median(np.abs(norms - med)) * 1.4826 + 1e-12
-    return (norms - med) / mad > 6.0
+    return robust_z(norms) > 6.0
 
 
 def build(w, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None, progress=None) -> Fingerprint:
