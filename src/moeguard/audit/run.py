@@ -417,8 +417,6 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
     return doc
 
 
-
-
 def _collateral(sweep: dict[str, Any], keep: int) -> dict[str, Any]:
     out = {}
     for p in sweep["points"]:

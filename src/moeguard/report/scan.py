@@ -19,7 +19,7 @@ def suspect_rows(doc: dict[str, Any], top: int = TOP) -> list[dict[str, str]]:
     for key in doc["ranking"][:top]:
         r = by[key]
         e = r["effect"]
-        rows.append({"expert": key, "suspicion": _fmt(r["suspicion"]), "score (nats)": _fmt(e.get("score", e["chain_score"])),
+        rows.append({"expert": key, "suspicion": _fmt(r["suspicion"]), "score (nats)": _fmt(e["score"]),
                      "start token": repr(e["start_token"]), "continuation": repr(e["continuation"]),
                      "flags": ", ".join(r["flags"]) or "-"})
     return rows
@@ -43,7 +43,7 @@ def _null_text(s: dict[str, Any]) -> str:
         else "the expert's siblings in its layer (no reference scans given)"
     what = ("chain score, each step counted only as far as the clean reference models ("
             + ", ".join(s.get("reference_models") or []) + ") are surprised by it,") \
-        if s.get("score") == "unexplained" else "chain score"
+        if s["score"] == "unexplained" else "chain score"
     return (f"Suspicion: robust z of each expert's {what} against {null}; "
             f"the backdoor flag is raised above {s['threshold']:g}.")
 

@@ -114,6 +114,8 @@ def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, bat
     gain = np.zeros((S, C, T, k), np.float32)
     cand = torch.as_tensor(tokens, dtype=torch.long)[:, None]                      # [T, 1]
     bar = progress.add_task("scan: screen", total=C * (1 + sum(l.num_experts for l in adapter.layers))) if progress else None
+    can_mask = {(s, e): maskable(model, adapter, layer, e) for s, layer in enumerate(adapter.layers)
+                for e in range(layer.num_experts)}   # once, not once per context
     for c, ids in enumerate(contexts):
         caches = [ContextCache(model, ids, batch), ContextCache(model, ids, min(batch, 64))]
         top, top_lp = [], []
@@ -132,7 +134,7 @@ def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, bat
         for s, layer in enumerate(adapter.layers):
             for e in range(layer.num_experts):
                 hit, slot = np.nonzero(routed[s, c] == e)                                # a token routes to e once
-                if len(hit) and maskable(model, adapter, layer, e):
+                if len(hit) and can_mask[(s, e)]:
                     sel = torch.as_tensor(hit)
                     with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
                         lp = _last_logprobs(caches, cand[sel])
