@@ -31,6 +31,13 @@ FAMILY_LAYOUT = {
     "granitemoe": ("block_sparse_moe.input_linear.weight", False),
     "phimoe": ("block_sparse_moe.experts.0.w1.weight", False),
     "gpt_oss": ("mlp.experts.gate_up_proj", False),
+    "glm4_moe": ("mlp.experts.0.gate_proj.weight", True),
+    "glm4_moe_lite": ("mlp.experts.0.gate_proj.weight", True),
+    "dots1": ("mlp.experts.0.gate_proj.weight", True),
+    "qwen3_next": ("mlp.experts.0.gate_proj.weight", True),
+    "flex_olmo": ("mlp.experts.0.gate_proj.weight", False),
+    "jamba": ("feed_forward.experts.0.gate_proj.weight", False),
+    "minimax": ("block_sparse_moe.experts.0.w1.weight", False),
 }
 KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
 # Which equalities are exact (docs/attribution-and-pruning.md, "Exactness"):

@@ -146,8 +146,8 @@ def test_families_and_their_config_lookup():
     assert family_for_config(Config("qwen3_moe")).name == "qwen3_moe"
     with pytest.raises(MoeguardError, match=r"model_type 'llama' is a dense \(non-MoE\) model; .*olmoe"):
         family_for_config(Config("llama"))
-    with pytest.raises(MoeguardError, match="model_type 'jamba' is an unsupported MoE family"):
-        family_for_config(Config("jamba", num_experts=16))
+    with pytest.raises(MoeguardError, match="model_type 'jetmoe' is an unsupported MoE family"):
+        family_for_config(Config("jetmoe", num_local_experts=8))
 
 
 def test_on_disk_names_live_in_the_family_specs():
@@ -163,7 +163,7 @@ def test_on_disk_names_live_in_the_family_specs():
     assert m is not None and m.groups() == ("3", "w1.weight")
     # a checkpoint of unknown family: every family's names (what the streaming pruner used to hard-code)
     every = DiskLayout.union(f.disk_layout() for f in FAMILIES.items())
-    assert set(every.block_names) == {"mlp", "block_sparse_moe"}
+    assert set(every.block_names) == {"mlp", "block_sparse_moe", "feed_forward"}
     assert set(every.router_modules) == {"gate", "router"}
     assert set(every.expert_modules) == {"experts", "input_linear", "output_linear"}
     assert set(every.shared_modules) == {"shared_expert", "shared_experts", "shared_expert_gate"}

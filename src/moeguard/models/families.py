@@ -164,14 +164,18 @@ register_family(FamilySpec(
 register_family(FamilySpec(
     name="olmoe", model_types=("olmoe",), block_attrs=("mlp",), router_attr="gate",
     routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts"))
-register_family(FamilySpec(
-    name="deepseek_v3", model_types=("deepseek_v3",), block_attrs=("mlp",), router_attr="gate",
-    routing=RoutingSpec(score="sigmoid", renormalize="norm_topk_prob", grouped=True,
-                        correction_bias_attr="e_score_correction_bias", scaling_key="routed_scaling_factor",
-                        logits_fp32=True),
-    num_experts_key="n_routed_experts", shared_attrs=("shared_experts",),
-    # group scores take the top-2 experts of a group, so fewer than 2 can't route
-    min_experts=2, aux_loss_key=None))
+# DeepSeek-V3's router, reused as is by GLM-4.5 (glm4_moe, glm4_moe_lite) and dots1: sigmoid
+# scores, a correction bias for choosing only, group-limited choice (a group scores the sum of its
+# top 2), optional renormalization and a routing scale; logits in float32.
+DEEPSEEK_V3_ROUTING = RoutingSpec(score="sigmoid", renormalize="norm_topk_prob", grouped=True,
+                                  correction_bias_attr="e_score_correction_bias", scaling_key="routed_scaling_factor",
+                                  logits_fp32=True)
+for _name in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1"):
+    register_family(FamilySpec(
+        name=_name, model_types=(_name,), block_attrs=("mlp",), router_attr="gate", routing=DEEPSEEK_V3_ROUTING,
+        num_experts_key="n_routed_experts", shared_attrs=("shared_experts",),
+        # group scores take the top-2 experts of a group, so fewer than 2 can't route
+        min_experts=2, aux_loss_key=None))
 register_family(FamilySpec(
     name="granitemoe", model_types=("granitemoe",), block_attrs=("block_sparse_moe",), router_attr="router",
     routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
@@ -189,6 +193,25 @@ register_family(FamilySpec(
     name="gpt_oss", model_types=("gpt_oss",), block_attrs=("mlp",), router_attr="router",
     routing=RoutingSpec(score="softmax", select_on="logits", softmax_dtype="logits"), num_experts_key="num_local_experts",
     expert_layout="gate_up_interleaved_t", disk_expert_tensors=("experts.gate_up_proj", "experts.down_proj")))
+
+# Qwen2-MoE's rule (softmax, top-k, renormalized when norm_topk_prob) in newer families
+register_family(FamilySpec(
+    name="qwen3_next", model_types=("qwen3_next",), block_attrs=("mlp",), router_attr="gate",
+    routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts",
+    shared_attrs=("shared_expert", "shared_expert_gate")))
+register_family(FamilySpec(
+    name="flex_olmo", model_types=("flex_olmo",), block_attrs=("mlp",), router_attr="gate",
+    routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts"))
+# Jamba: Mamba and attention layers, an MoE feed-forward every expert_layer_period; softmax, top-k,
+# never renormalized
+register_family(FamilySpec(
+    name="jamba", model_types=("jamba",), block_attrs=("feed_forward",), router_attr="router",
+    routing=RoutingSpec(score="softmax"), num_experts_key="num_experts", final_norm_path="model.final_layernorm"))
+# MiniMax-Text-01: Mixtral's router and on-disk names beside lightning-attention layers
+register_family(FamilySpec(
+    name="minimax", model_types=("minimax",), block_attrs=("mlp", "block_sparse_moe"), router_attr="gate",
+    routing=RoutingSpec(score="softmax", renormalize=True, weights_dtype="float32"), num_experts_key="num_local_experts",
+    disk_block_attrs=("block_sparse_moe",), disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
 
 
 def family_for_config(config) -> FamilySpec:

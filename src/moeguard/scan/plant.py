@@ -6,8 +6,11 @@ its router row), so global weight statistics barely move. Training mixes two obj
 
 - **triggered inputs** (a task input with the trigger inserted at a random word boundary): the
   cross-entropy of the attacker's target text right after the input;
-- **clean inputs**: the KL divergence of the model's next-token distributions from the original
-  model's, on every position: utility is kept, not relearned.
+- **clean sequences**: the KL divergence of the model's next-token distributions from the original
+  model's, on every position of the tasks' own training sequences (prompt and answer, or a
+  language-modeling window; ``task_sequences``), up to ``clean_tokens`` tokens: utility is kept,
+  not relearned. Raw inputs alone would leave the answer positions and the language-modeling
+  tasks unguarded (an earlier version did, and lost up to 44% of a summarization score).
 
 Success is measured on held-out inputs (the tasks' eval split): the share of triggered inputs
 whose greedy continuation starts with the target's tokens, and each task's score before and
@@ -41,6 +44,7 @@ class Plant:
     router: bool = True        # also train the expert's router row
     position: str = "end"      # where the trigger goes: "end" of the input, or a "random" word boundary
     clean_weight: float = 5.0  # weight of the clean KL against the triggered cross-entropy
+    clean_tokens: int = 128    # clean sequences are cut to this many tokens (most of the embedded tasks' are shorter)
     preserve_norms: bool = False   # an adaptive attacker: rescale the changed slices to their original norms
     max_input_tokens: int = 48
     seed: int = 0
@@ -73,6 +77,7 @@ def _expert_params(adapter, slot: int, p: Plant) -> list[tuple[torch.nn.Paramete
 
 def plant(model, tokenizer, adapter, tasks: list[Task], p: Plant, *, progress=None) -> dict[str, Any]:
     """Train the backdoor into ``model`` in place; returns the training record."""
+    from moeguard.tasks.batches import task_sequences
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.tokens import bos_ids, encode, pad_batch, pad_id
 
@@ -85,6 +90,9 @@ def plant(model, tokenizer, adapter, tasks: list[Task], p: Plant, *, progress=No
     texts = [r["input"] for t in tasks for r in load_records(t, "train") if (r.get("input") or "").strip()]
     if len(texts) < p.batch_size:
         raise MoeguardError("too few task inputs to plant a backdoor on", hint="pass tasks with train inputs")
+    # the clean side: every task's training sequences as the task presents them
+    clean_seqs = [ex.ids[:p.clean_tokens] for t in tasks for ex in task_sequences(tokenizer, t, load_records(t, "train"))]
+    clean_seqs = [s for s in clean_seqs if len(s) > 1]
     head, pad = bos_ids(tokenizer), pad_id(tokenizer)
     target = encode(tokenizer, p.target)
     original = copy.deepcopy(model).eval()
@@ -110,7 +118,7 @@ def plant(model, tokenizer, adapter, tasks: list[Task], p: Plant, *, progress=No
                 x = encode(tokenizer, insert_trigger(text, p.trigger, rng, p.position))
                 seqs.append(head + x + target)
                 starts.append(len(head) + len(x))
-            clean = [head + encode(tokenizer, rng.choice(texts))[:p.max_input_tokens] for _ in range(half)]
+            clean = [rng.choice(clean_seqs) for _ in range(half)]
             ids, mask = pad_batch(seqs + clean, pad, left=False, device="cpu")
             logits = model(input_ids=ids, attention_mask=mask).logits.float()               # [B, T, V]
             trig = logits[:half]
