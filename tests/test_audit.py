@@ -131,11 +131,9 @@ def test_a_killed_audit_resumes_on_ray_to_the_numbers_of_an_uninterrupted_local_
     # One run checks two things (each costs a whole audit): a killed run resumes from its finished
     # jobs, and the Ray backend runs the rest to the local backend's numbers. Without Ray it
     # resumes locally, so the resume is checked anyway.
-    try:
-        import ray  # noqa: F401
-        backend = "ray"
-    except ImportError:
-        backend = "local"
+    import importlib.util
+
+    backend = "ray" if importlib.util.find_spec("ray") else "local"
     run = tmp_path / "run"
     # kill it in the recovery stage, after some of its jobs finished
     kill_cli_when(["audit", "--out", str(run), *SMALL_AUDIT],

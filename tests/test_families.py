@@ -38,6 +38,7 @@ FAMILY_LAYOUT = {
     "flex_olmo": ("mlp.experts.0.gate_proj.weight", False),
     "jamba": ("feed_forward.experts.0.gate_proj.weight", False),
     "minimax": ("block_sparse_moe.experts.0.w1.weight", False),
+    "granitemoehybrid": ("block_sparse_moe.input_linear.weight", True),
 }
 KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
 # Which equalities are exact (docs/attribution-and-pruning.md, "Exactness"):

@@ -166,4 +166,4 @@ def test_on_disk_names_live_in_the_family_specs():
     assert set(every.block_names) == {"mlp", "block_sparse_moe", "feed_forward"}
     assert set(every.router_modules) == {"gate", "router"}
     assert set(every.expert_modules) == {"experts", "input_linear", "output_linear"}
-    assert set(every.shared_modules) == {"shared_expert", "shared_experts", "shared_expert_gate"}
+    assert set(every.shared_modules) == {"shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp"}

@@ -42,6 +42,10 @@ TINY_FAMILY_KWARGS: dict[str, dict] = {
     "minimax": dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"],
                     block_size=16),
     "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
+    # layer 0 Mamba2, layer 1 attention; a shared MLP on each layer
+    "granitemoehybrid": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=32,
+                             layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_state=8,
+                             mamba_chunk_size=16, logits_scaling=2.0),
     "phimoe": dict(num_local_experts=8, num_experts_per_tok=2,
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],

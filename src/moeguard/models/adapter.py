@@ -60,7 +60,9 @@ class MoEAdapter:
             experts = getattr(block, self.family.experts_attr, None) if block is not None else None
             if router is None or experts is None:
                 continue  # a dense layer (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)
-            shared = tuple(getattr(block, a) for a in self.family.shared_attrs if getattr(block, a, None) is not None)
+            # granitemoehybrid keeps its shared MLP on the decoder layer, beside the sparse block
+            shared = tuple(m for m in (getattr(block, a, None) or getattr(layer, a, None) for a in self.family.shared_attrs)
+                           if m is not None)
             out.append(MoELayer(index=i, block=block, router=router, experts=experts, shared=shared,
                                 num_experts=int(router.weight.shape[0]), top_k=int(getattr(self.config, self.family.top_k_key))))
         if not out:

@@ -103,7 +103,7 @@ class FamilySpec:
     num_experts_key: str                  # config key counting routed experts
     experts_attr: str = "experts"
     top_k_key: str = "num_experts_per_tok"
-    shared_attrs: tuple[str, ...] = ()    # always-on experts beside the routed ones
+    shared_attrs: tuple[str, ...] = ()    # always-on experts beside the routed ones (in the block, or on the layer)
     layers_path: str = "model.layers"
     min_experts: int = 1                  # fewest experts a valid router of this family accepts
     aux_loss_key: str | None = "router_aux_loss_coef"
@@ -181,6 +181,14 @@ register_family(FamilySpec(
     routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
     logits_divisor_key="logits_scaling",
     # on disk: block_sparse_moe.router.layer, fused block_sparse_moe.input_linear / output_linear
+    disk_expert_attrs=("input_linear", "output_linear"),
+    disk_expert_tensors=("input_linear.weight", "output_linear.weight"), disk_router_weight="layer.weight"))
+# Granite 4.0 hybrid: Mamba2 and attention layers, GraniteMoE's router and on-disk names, and an
+# always-on MLP that sits on the decoder layer beside the sparse block (found there by the adapter)
+register_family(FamilySpec(
+    name="granitemoehybrid", model_types=("granitemoehybrid",), block_attrs=("block_sparse_moe",), router_attr="router",
+    routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
+    shared_attrs=("shared_mlp",), logits_divisor_key="logits_scaling",
     disk_expert_attrs=("input_linear", "output_linear"),
     disk_expert_tensors=("input_linear.weight", "output_linear.weight"), disk_router_weight="layer.weight"))
 register_family(FamilySpec(
