@@ -154,16 +154,13 @@ register_family(FamilySpec(
     routing=RoutingSpec(score="softmax", renormalize=True, weights_dtype="float32"), num_experts_key="num_local_experts",
     disk_block_attrs=("block_sparse_moe",),  # block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1
     disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
-register_family(FamilySpec(
-    name="qwen2_moe", model_types=("qwen2_moe",), block_attrs=("mlp",), router_attr="gate",
-    routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts",
-    shared_attrs=("shared_expert", "shared_expert_gate")))
-register_family(FamilySpec(
-    name="qwen3_moe", model_types=("qwen3_moe",), block_attrs=("mlp",), router_attr="gate",
-    routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts"))
-register_family(FamilySpec(
-    name="olmoe", model_types=("olmoe",), block_attrs=("mlp",), router_attr="gate",
-    routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts"))
+# Qwen2-MoE's router (softmax, top-k, renormalized when norm_topk_prob) as the mlp block's gate,
+# in Qwen2/3-MoE, OLMoE, Qwen3-Next (hybrid linear attention) and FlexOlmo
+QWEN2_ROUTING = RoutingSpec(score="softmax", renormalize="norm_topk_prob")
+for _name, _shared in (("qwen2_moe", ("shared_expert", "shared_expert_gate")), ("qwen3_moe", ()), ("olmoe", ()),
+                       ("qwen3_next", ("shared_expert", "shared_expert_gate")), ("flex_olmo", ())):
+    register_family(FamilySpec(name=_name, model_types=(_name,), block_attrs=("mlp",), router_attr="gate",
+                               routing=QWEN2_ROUTING, num_experts_key="num_experts", shared_attrs=_shared))
 # DeepSeek-V3's router, reused as is by GLM-4.5 (glm4_moe, glm4_moe_lite) and dots1: sigmoid
 # scores, a correction bias for choosing only, group-limited choice (a group scores the sum of its
 # top 2), optional renormalization and a routing scale; logits in float32.
@@ -202,14 +199,6 @@ register_family(FamilySpec(
     routing=RoutingSpec(score="softmax", select_on="logits", softmax_dtype="logits"), num_experts_key="num_local_experts",
     expert_layout="gate_up_interleaved_t", disk_expert_tensors=("experts.gate_up_proj", "experts.down_proj")))
 
-# Qwen2-MoE's rule (softmax, top-k, renormalized when norm_topk_prob) in newer families
-register_family(FamilySpec(
-    name="qwen3_next", model_types=("qwen3_next",), block_attrs=("mlp",), router_attr="gate",
-    routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts",
-    shared_attrs=("shared_expert", "shared_expert_gate")))
-register_family(FamilySpec(
-    name="flex_olmo", model_types=("flex_olmo",), block_attrs=("mlp",), router_attr="gate",
-    routing=RoutingSpec(score="softmax", renormalize="norm_topk_prob"), num_experts_key="num_experts"))
 # Jamba: Mamba and attention layers, an MoE feed-forward every expert_layer_period; softmax, top-k,
 # never renormalized
 register_family(FamilySpec(
