@@ -39,6 +39,7 @@ FAMILY_LAYOUT = {
     "jamba": ("feed_forward.experts.0.gate_proj.weight", False),
     "minimax": ("block_sparse_moe.experts.0.w1.weight", False),
     "granitemoehybrid": ("block_sparse_moe.input_linear.weight", True),
+    "deepseek_v2": ("mlp.experts.0.gate_proj.weight", True),
 }
 KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
 # Which equalities are exact (docs/attribution-and-pruning.md, "Exactness"):
@@ -183,6 +184,33 @@ def test_deepseek_unbalanced_groups_fall_back_to_one_group(token_batch):
         masked = model(input_ids=ids, attention_mask=mask).logits
     pruned, record = prune_model(model, keep)
     assert record["config_changes"]["n_group"] == 1
+    torch.testing.assert_close(masked, pruned(input_ids=ids, attention_mask=mask).logits, **ACROSS_SHAPES)
+
+
+@pytest.mark.parametrize("method, grouped", [("group_limited_greedy", True), ("greedy", False)])
+def test_deepseek_v2_groups_only_in_its_group_limited_mode(method, grouped, token_batch):
+    """DeepSeek-V2's topk_method switches group-limited choice (a group scores its best expert) on
+    or off; route() follows the config, and a pruned greedy model never has groups to keep."""
+    model = tiny_model("deepseek_v2", topk_method=method)
+    a = MoEAdapter(model)
+    assert ("group-limited" in a.describe()["gate_normalization"]) is grouped
+    h = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    layer = a.layers[0]
+    ref_logits, ref_w, ref_idx = layer.router(h)
+    params = pruned_router_params(a.family, a.config, list(range(8)), 8)
+    assert (params.n_group == 2) is grouped
+    w, idx = route_module(layer.router, router_logits(layer.router, h, a.family.routing), a.family.routing, params)
+    o_ref, o = ref_idx.argsort(-1), idx.argsort(-1)
+    assert torch.equal(ref_idx.gather(1, o_ref), idx.gather(1, o))
+    torch.testing.assert_close(ref_w.gather(1, o_ref), w.gather(1, o))
+    if grouped:   # with one group of 4 chosen, both experts of every token come from the same group
+        assert torch.equal(idx[:, 0] // 4, idx[:, 1] // 4)
+    ids, mask = token_batch
+    keep = {l.index: [0, 1, 2, 4] for l in a.layers}   # unbalanced groups
+    with mask_experts(model, keep):
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    pruned, record = prune_model(model, keep)
+    assert ("n_group" in record["config_changes"]) is grouped
     torch.testing.assert_close(masked, pruned(input_ids=ids, attention_mask=mask).logits, **ACROSS_SHAPES)
 
 

@@ -41,6 +41,11 @@ TINY_FAMILY_KWARGS: dict[str, dict] = {
                   attn_layer_period=2, attn_layer_offset=1, use_mamba_kernels=False, mamba_d_state=4, mamba_dt_rank=4),
     "minimax": dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"],
                     block_size=16),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                        topk_method="group_limited_greedy", moe_intermediate_size=16, n_shared_experts=1,
+                        first_k_dense_replace=1, num_hidden_layers=3, kv_lora_rank=16, q_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5,
+                        num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
     # layer 0 Mamba2, layer 1 attention; a shared MLP on each layer
     "granitemoehybrid": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=32,

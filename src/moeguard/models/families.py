@@ -26,8 +26,10 @@ class RoutingSpec:
     select_on:  ``probs``: top-k over the scores (softmax before top-k);
                 ``logits``: top-k over raw logits, then softmax over the k chosen (softmax after top-k)
     renormalize: True/False, or the config key holding it (``norm_topk_prob``)
-    grouped:    DeepSeek-V3 group-limited routing (config ``n_group``/``topk_group``, a score
-                correction bias used only for *choosing* experts, ``routed_scaling_factor``)
+    grouped:    group-limited routing (config ``n_group``/``topk_group``): DeepSeek-V3 scores a
+                group by the sum of its top 2 (``group_score="top2_sum"``) and adds a score
+                correction bias used only for *choosing* experts; DeepSeek-V2 scores it by its
+                best expert (``"max"``), and only when ``group_method_key`` names ``group_method``
     """
 
     score: str
@@ -44,6 +46,14 @@ class RoutingSpec:
     # Config keys for group-limited routing; read only when grouped.
     n_group_key: str = "n_group"
     topk_group_key: str = "topk_group"
+    group_score: str = "top2_sum"
+    group_method_key: str | None = None   # DeepSeek-V2: groups apply only when config.topk_method says so
+    group_method: str = ""
+
+    def groups_on(self, config) -> bool:
+        """Whether this config routes group-limited (DeepSeek-V2's greedy mode does not)."""
+        return self.grouped and (self.group_method_key is None
+                                 or getattr(config, self.group_method_key, None) == self.group_method)
 
     def describe(self, config) -> str:
         renorm = self.renormalize if isinstance(self.renormalize, bool) else bool(getattr(config, self.renormalize, False))
@@ -51,9 +61,10 @@ class RoutingSpec:
             return "sparsemixer (PhiMoE): masked softmax per choice, top-2"
         order = f"{self.score} before top-k" if self.select_on == "probs" else "top-k on logits, softmax after top-k"
         parts = [order, "renormalized top-k" if renorm and self.select_on == "probs" else None]
-        if self.grouped:
+        if self.groups_on(config):
             parts.append(f"group-limited ({getattr(config, self.n_group_key, 1)} groups, "
                          f"top {getattr(config, self.topk_group_key, 1)} groups)")
+        if self.correction_bias_attr:
             parts.append("score-correction bias for selection")
         if self.scaling_key and getattr(config, self.scaling_key, 1.0) != 1.0:
             parts.append(f"scaled by {getattr(config, self.scaling_key)}")
@@ -173,6 +184,13 @@ for _name in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1"):
         num_experts_key="n_routed_experts", shared_attrs=("shared_experts",),
         # group scores take the top-2 experts of a group, so fewer than 2 can't route
         min_experts=2, aux_loss_key=None))
+# DeepSeek-V2: softmax scores, group-limited greedy choice when topk_method says so (a group scores
+# its best expert), never renormalized (the router drops norm_topk_prob), scaled; logits in float32
+register_family(FamilySpec(
+    name="deepseek_v2", model_types=("deepseek_v2",), block_attrs=("mlp",), router_attr="gate",
+    routing=RoutingSpec(score="softmax", grouped=True, group_score="max", group_method_key="topk_method",
+                        group_method="group_limited_greedy", scaling_key="routed_scaling_factor", logits_fp32=True),
+    num_experts_key="n_routed_experts", shared_attrs=("shared_experts",), aux_loss_key=None))
 register_family(FamilySpec(
     name="granitemoe", model_types=("granitemoe",), block_attrs=("block_sparse_moe",), router_attr="router",
     routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",

@@ -37,7 +37,7 @@ def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
     counts = {li: len(v) for li, v in keep.items()}
     n = max(counts.values())
     if len(set(counts.values())) > 1:
-        if family.routing.grouped:
+        if family.routing.groups_on(adapter.config):
             raise MoeguardError(
                 f"keep counts differ across layers ({counts}); {family.name}'s group-limited routing needs the "
                 "same groups in every layer", hint="keep the same number of experts in every layer for this family")
@@ -54,7 +54,7 @@ def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
     setattr(cfg, family.num_experts_key, n)
     setattr(cfg, family.top_k_key, first.top_k)
     changes = {family.num_experts_key: n, family.top_k_key: first.top_k}
-    if family.routing.grouped:
+    if family.routing.groups_on(adapter.config):
         setattr(cfg, family.routing.n_group_key, first.n_group)
         setattr(cfg, family.routing.topk_group_key, first.topk_group)
         changes.update({family.routing.n_group_key: first.n_group, family.routing.topk_group_key: first.topk_group})

@@ -44,7 +44,7 @@ def pruned_router_params(family: FamilySpec, config, kept: list[int], num_expert
     top_k = min(int(getattr(config, family.top_k_key)), n)
     scaling = float(getattr(config, spec.scaling_key, 1.0)) if spec.scaling_key else 1.0
     n_group, topk_group = 1, 1
-    if spec.grouped:
+    if spec.groups_on(config):
         n_group = int(getattr(config, spec.n_group_key, 1) or 1)
         topk_group = int(getattr(config, spec.topk_group_key, 1) or 1)
         size = num_experts // n_group
@@ -56,6 +56,17 @@ def pruned_router_params(family: FamilySpec, config, kept: list[int], num_expert
             n_group, topk_group = 1, 1
     return RouterParams(top_k=top_k, renormalize=_renorm_flag(spec, config), n_group=n_group,
                         topk_group=topk_group, scaling=scaling)
+
+
+def _group_mask(scores: torch.Tensor, params: RouterParams, how: str) -> torch.Tensor:
+    """[tokens, experts] True inside the ``topk_group`` best groups; a group scores the sum of its
+    top 2 (``top2_sum``, DeepSeek-V3) or its best expert (``max``, DeepSeek-V2)."""
+    n, g = scores.shape[-1], params.n_group
+    grouped = scores.view(-1, g, n // g)
+    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if how == "top2_sum" else grouped.max(dim=-1).values
+    group_idx = torch.topk(group_scores, k=params.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    return group_mask.unsqueeze(-1).expand(-1, g, n // g).reshape(-1, n).bool()
 
 
 def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
@@ -71,17 +82,17 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
         scores = logits.float().sigmoid()
         choice = scores if correction_bias is None else scores + correction_bias
         if params.n_group > 1:
-            n, g = choice.shape[-1], params.n_group
-            group_scores = choice.view(-1, g, n // g).topk(2, dim=-1)[0].sum(dim=-1)
-            group_idx = torch.topk(group_scores, k=params.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-            score_mask = group_mask.unsqueeze(-1).expand(-1, g, n // g).reshape(-1, n)
-            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+            choice = choice.masked_fill(~_group_mask(choice, params, spec.group_score), float("-inf"))
         idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, idx)
         if params.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * params.scaling, idx
+    if params.n_group > 1:   # DeepSeek-V2: softmax scores, masked to 0 outside the chosen groups
+        probs = F.softmax(logits.float(), dim=-1)
+        top, idx = torch.topk(probs.masked_fill(~_group_mask(probs, params, spec.group_score), 0.0), k=k, dim=-1,
+                              sorted=False)
+        return top * params.scaling, idx
     out_dtype = torch.float32 if spec.weights_dtype == "float32" else logits.dtype
     if spec.select_on == "logits":
         top, idx = torch.topk(logits, k, dim=-1)
@@ -91,7 +102,7 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
     top, idx = torch.topk(probs, k, dim=-1)
     if params.renormalize:
         top = top / top.sum(dim=-1, keepdim=True)
-    return top.to(out_dtype), idx
+    return (top * params.scaling).to(out_dtype) if params.scaling != 1.0 else top.to(out_dtype), idx
 
 
 def route_module(router: torch.nn.Module, logits: torch.Tensor, spec: RoutingSpec, params: RouterParams,
