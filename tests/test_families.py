@@ -53,6 +53,17 @@ KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
 ACROSS_SHAPES = dict(rtol=1e-5, atol=1e-5)
 
 
+def routed_both_ways(a, h):
+    """(transformers' router, moeguard's route()) on hidden states ``h`` with every expert kept:
+    each side's (indices, weights), with every token's choices in index order."""
+    layer = a.layers[0]
+    _, ref_w, ref_idx = layer.router(h)
+    params = pruned_router_params(a.family, a.config, list(range(8)), 8)
+    w, idx = route_module(layer.router, router_logits(layer.router, h, a.family.routing), a.family.routing, params)
+    order_ref, order = ref_idx.argsort(-1), idx.argsort(-1)
+    return (ref_idx.gather(1, order_ref), ref_w.gather(1, order_ref)), (idx.gather(1, order), w.gather(1, order))
+
+
 def test_matrix_covers_every_registered_family():
     assert set(FAMILY_LAYOUT) == set(FAMILIES)
 
@@ -77,15 +88,10 @@ def test_adapter_view(family_model):
 
 def test_route_reproduces_transformers_router(family_model):
     fam, model = family_model
-    a = MoEAdapter(model)
-    layer = a.layers[0]
     h = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    ref_logits, ref_w, ref_idx = layer.router(h)
-    params = pruned_router_params(a.family, a.config, list(range(8)), 8)
-    w, idx = route_module(layer.router, router_logits(layer.router, h, a.family.routing), a.family.routing, params)
-    order_ref, order = ref_idx.argsort(-1), idx.argsort(-1)
-    assert torch.equal(ref_idx.gather(1, order_ref), idx.gather(1, order))
-    torch.testing.assert_close(ref_w.gather(1, order_ref).float(), w.gather(1, order).float())
+    (ref_idx, ref_w), (idx, w) = routed_both_ways(MoEAdapter(model), h)
+    assert torch.equal(ref_idx, idx)
+    torch.testing.assert_close(ref_w.float(), w.float())
 
 
 def test_capture_counts_exclude_padding_and_change_nothing(family_model, token_batch):
@@ -194,15 +200,11 @@ def test_deepseek_v2_groups_only_in_its_group_limited_mode(method, grouped, toke
     model = tiny_model("deepseek_v2", topk_method=method)
     a = MoEAdapter(model)
     assert ("group-limited" in a.describe()["gate_normalization"]) is grouped
+    assert (pruned_router_params(a.family, a.config, list(range(8)), 8).n_group == 2) is grouped
     h = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    layer = a.layers[0]
-    ref_logits, ref_w, ref_idx = layer.router(h)
-    params = pruned_router_params(a.family, a.config, list(range(8)), 8)
-    assert (params.n_group == 2) is grouped
-    w, idx = route_module(layer.router, router_logits(layer.router, h, a.family.routing), a.family.routing, params)
-    o_ref, o = ref_idx.argsort(-1), idx.argsort(-1)
-    assert torch.equal(ref_idx.gather(1, o_ref), idx.gather(1, o))
-    torch.testing.assert_close(ref_w.gather(1, o_ref), w.gather(1, o))
+    (ref_idx, ref_w), (idx, w) = routed_both_ways(a, h)
+    assert torch.equal(ref_idx, idx)
+    torch.testing.assert_close(ref_w, w)
     if grouped:   # with one group of 4 chosen, both experts of every token come from the same group
         assert torch.equal(idx[:, 0] // 4, idx[:, 1] // 4)
     ids, mask = token_batch
@@ -300,13 +302,8 @@ def test_route_matches_transformers_router_in_bf16(family_model):
 
     fam, model = family_model
     m16 = copy.deepcopy(model).to(torch.bfloat16)
-    a = MoEAdapter(m16)
-    layer = a.layers[0]
     h = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    _, ref_w, ref_idx = layer.router(h)
-    params = pruned_router_params(a.family, a.config, list(range(8)), 8)
-    w, idx = route_module(layer.router, router_logits(layer.router, h, a.family.routing), a.family.routing, params)
-    order_ref, order = ref_idx.argsort(-1), idx.argsort(-1)
-    assert torch.equal(ref_idx.gather(1, order_ref), idx.gather(1, order))
+    (ref_idx, ref_w), (idx, w) = routed_both_ways(MoEAdapter(m16), h)
+    assert torch.equal(ref_idx, idx)
     assert w.dtype == ref_w.dtype, (fam, w.dtype, ref_w.dtype)
-    assert torch.equal(ref_w.gather(1, order_ref), w.gather(1, order))
+    assert torch.equal(ref_w, w)

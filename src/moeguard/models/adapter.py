@@ -39,6 +39,14 @@ def _get_path(obj, path: str):
     return obj
 
 
+def _shared(block, layer, attr: str):
+    """An always-on expert module: in the sparse block, or on the decoder layer beside it
+    (granitemoehybrid's shared MLP). A module's truth value is not its presence (a ModuleList
+    of length 0 is falsy), so presence is tested against None."""
+    m = getattr(block, attr, None)
+    return m if m is not None else getattr(layer, attr, None)
+
+
 class MoEAdapter:
     """Family-independent access to a model's MoE layers.
 
@@ -60,9 +68,7 @@ class MoEAdapter:
             experts = getattr(block, self.family.experts_attr, None) if block is not None else None
             if router is None or experts is None:
                 continue  # a dense layer (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)
-            # granitemoehybrid keeps its shared MLP on the decoder layer, beside the sparse block
-            shared = tuple(m for m in (getattr(block, a, None) or getattr(layer, a, None) for a in self.family.shared_attrs)
-                           if m is not None)
+            shared = tuple(m for m in (_shared(block, layer, a) for a in self.family.shared_attrs) if m is not None)
             out.append(MoELayer(index=i, block=block, router=router, experts=experts, shared=shared,
                                 num_experts=int(router.weight.shape[0]), top_k=int(getattr(self.config, self.family.top_k_key))))
         if not out:

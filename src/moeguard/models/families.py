@@ -160,11 +160,14 @@ def get_family(name: str) -> FamilySpec:
     return FAMILIES.get(name)
 
 
-register_family(FamilySpec(
-    name="mixtral", model_types=("mixtral",), block_attrs=("mlp", "block_sparse_moe"), router_attr="gate",
-    routing=RoutingSpec(score="softmax", renormalize=True, weights_dtype="float32"), num_experts_key="num_local_experts",
-    disk_block_attrs=("block_sparse_moe",),  # block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1
-    disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
+# Mixtral's router and on-disk names (block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1), also
+# MiniMax-Text-01's, beside its lightning-attention layers
+for _name in ("mixtral", "minimax"):
+    register_family(FamilySpec(
+        name=_name, model_types=(_name,), block_attrs=("mlp", "block_sparse_moe"), router_attr="gate",
+        routing=RoutingSpec(score="softmax", renormalize=True, weights_dtype="float32"),
+        num_experts_key="num_local_experts", disk_block_attrs=("block_sparse_moe",),
+        disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
 # Qwen2-MoE's router (softmax, top-k, renormalized when norm_topk_prob) as the mlp block's gate,
 # in Qwen2/3-MoE, OLMoE, Qwen3-Next (hybrid linear attention) and FlexOlmo
 QWEN2_ROUTING = RoutingSpec(score="softmax", renormalize="norm_topk_prob")
@@ -191,21 +194,15 @@ register_family(FamilySpec(
     routing=RoutingSpec(score="softmax", grouped=True, group_score="max", group_method_key="topk_method",
                         group_method="group_limited_greedy", scaling_key="routed_scaling_factor", logits_fp32=True),
     num_experts_key="n_routed_experts", shared_attrs=("shared_experts",), aux_loss_key=None))
-register_family(FamilySpec(
-    name="granitemoe", model_types=("granitemoe",), block_attrs=("block_sparse_moe",), router_attr="router",
-    routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
-    logits_divisor_key="logits_scaling",
-    # on disk: block_sparse_moe.router.layer, fused block_sparse_moe.input_linear / output_linear
-    disk_expert_attrs=("input_linear", "output_linear"),
-    disk_expert_tensors=("input_linear.weight", "output_linear.weight"), disk_router_weight="layer.weight"))
-# Granite 4.0 hybrid: Mamba2 and attention layers, GraniteMoE's router and on-disk names, and an
-# always-on MLP that sits on the decoder layer beside the sparse block (found there by the adapter)
-register_family(FamilySpec(
-    name="granitemoehybrid", model_types=("granitemoehybrid",), block_attrs=("block_sparse_moe",), router_attr="router",
-    routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
-    shared_attrs=("shared_mlp",), logits_divisor_key="logits_scaling",
-    disk_expert_attrs=("input_linear", "output_linear"),
-    disk_expert_tensors=("input_linear.weight", "output_linear.weight"), disk_router_weight="layer.weight"))
+# GraniteMoE, and Granite 4.0 hybrid (Mamba2 and attention layers, and an always-on MLP on the
+# decoder layer beside the sparse block, which the adapter finds there). On disk:
+# block_sparse_moe.router.layer, fused block_sparse_moe.input_linear / output_linear
+for _name, _shared in (("granitemoe", ()), ("granitemoehybrid", ("shared_mlp",))):
+    register_family(FamilySpec(
+        name=_name, model_types=(_name,), block_attrs=("block_sparse_moe",), router_attr="router",
+        routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
+        shared_attrs=_shared, logits_divisor_key="logits_scaling", disk_expert_attrs=("input_linear", "output_linear"),
+        disk_expert_tensors=("input_linear.weight", "output_linear.weight"), disk_router_weight="layer.weight"))
 register_family(FamilySpec(
     name="phimoe", model_types=("phimoe",), block_attrs=("mlp", "block_sparse_moe"), router_attr="router",
     # sparsemixer always picks two distinct experts
@@ -222,11 +219,6 @@ register_family(FamilySpec(
 register_family(FamilySpec(
     name="jamba", model_types=("jamba",), block_attrs=("feed_forward",), router_attr="router",
     routing=RoutingSpec(score="softmax"), num_experts_key="num_experts", final_norm_path="model.final_layernorm"))
-# MiniMax-Text-01: Mixtral's router and on-disk names beside lightning-attention layers
-register_family(FamilySpec(
-    name="minimax", model_types=("minimax",), block_attrs=("mlp", "block_sparse_moe"), router_attr="gate",
-    routing=RoutingSpec(score="softmax", renormalize=True, weights_dtype="float32"), num_experts_key="num_local_experts",
-    disk_block_attrs=("block_sparse_moe",), disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
 
 
 def family_for_config(config) -> FamilySpec:

@@ -102,7 +102,7 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
     top, idx = torch.topk(probs, k, dim=-1)
     if params.renormalize:
         top = top / top.sum(dim=-1, keepdim=True)
-    return (top * params.scaling).to(out_dtype) if params.scaling != 1.0 else top.to(out_dtype), idx
+    return (top * params.scaling).to(out_dtype), idx   # x * 1.0 is exact: unscaled families are unchanged
 
 
 def route_module(router: torch.nn.Module, logits: torch.Tensor, spec: RoutingSpec, params: RouterParams,

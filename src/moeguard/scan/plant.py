@@ -87,11 +87,12 @@ def plant(model, tokenizer, adapter, tasks: list[Task], p: Plant, *, progress=No
     slot = layers.index(p.layer)
     rng = random.Random(p.seed)
     torch.manual_seed(p.seed)
-    texts = [r["input"] for t in tasks for r in load_records(t, "train") if (r.get("input") or "").strip()]
+    train = [(t, load_records(t, "train")) for t in tasks]
+    texts = [r["input"] for _, recs in train for r in recs if (r.get("input") or "").strip()]
     if len(texts) < p.batch_size:
         raise MoeguardError("too few task inputs to plant a backdoor on", hint="pass tasks with train inputs")
     # the clean side: every task's training sequences as the task presents them
-    clean_seqs = [ex.ids[:p.clean_tokens] for t in tasks for ex in task_sequences(tokenizer, t, load_records(t, "train"))]
+    clean_seqs = [ex.ids[:p.clean_tokens] for t, recs in train for ex in task_sequences(tokenizer, t, recs)]
     clean_seqs = [s for s in clean_seqs if len(s) > 1]
     head, pad = bos_ids(tokenizer), pad_id(tokenizer)
     target = encode(tokenizer, p.target)
