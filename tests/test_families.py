@@ -18,7 +18,7 @@ from moeguard.models.adapter import MoEAdapter
 from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import RoutingCapture, mask_experts
 from moeguard.models.prune import prune_model
-from moeguard.models.routing import pruned_router_params, route_module, router_logits
+from moeguard.models.routing import pruned_router_params, route, route_module, router_logits
 from moeguard.testing import tiny_model
 
 # family -> (a key of its public checkpoint layout, shared-expert module present)
@@ -40,6 +40,17 @@ FAMILY_LAYOUT = {
     "minimax": ("block_sparse_moe.experts.0.w1.weight", False),
     "granitemoehybrid": ("block_sparse_moe.input_linear.weight", True),
     "deepseek_v2": ("mlp.experts.0.gate_proj.weight", True),
+    "granitemoeshared": ("block_sparse_moe.input_linear.weight", True),
+    "granitemoe_swa": ("block_sparse_moe.experts.gate_up_proj", True),
+    "ernie4_5_moe": ("mlp.moe_statics.e_score_correction_bias", True),
+    "minimax_m2": ("block_sparse_moe.e_score_correction_bias", False),
+    "lfm2_moe": ("feed_forward.experts.0.w1.weight", False),
+    "hunyuan_v1_moe": ("mlp.gate.wg.weight", True),
+    "qwen3_5_moe": ("mlp.experts.0.gate_proj.weight", True),
+    "mellum": ("mlp.experts.0.gate_proj.weight", False),
+    "exaone_moe": ("mlp.e_score_correction_bias", True),
+    "solar_open": ("mlp.experts.0.gate_proj.weight", True),
+    "mimo_v2_flash": ("mlp.experts.0.gate_proj.weight", False),
 }
 KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
 # Which equalities are exact (docs/attribution-and-pruning.md, "Exactness"):
@@ -57,9 +68,11 @@ def routed_both_ways(a, h):
     """(transformers' router, moeguard's route()) on hidden states ``h`` with every expert kept:
     each side's (indices, weights), with every token's choices in index order."""
     layer = a.layers[0]
-    _, ref_w, ref_idx = layer.router(h)
+    block_bias = "." not in (a.family.routing.correction_bias or ".")   # MiniMax-M2, LFM2: the block passes it
+    _, ref_w, ref_idx = layer.router(h, layer.correction_bias) if block_bias else layer.router(h)
     params = pruned_router_params(a.family, a.config, list(range(8)), 8)
-    w, idx = route_module(layer.router, router_logits(layer.router, h, a.family.routing), a.family.routing, params)
+    w, idx = route_module(layer, router_logits(layer, h, a.family.routing), a.family.routing, params,
+                          input_dtype=h.dtype)
     order_ref, order = ref_idx.argsort(-1), idx.argsort(-1)
     return (ref_idx.gather(1, order_ref), ref_w.gather(1, order_ref)), (idx.gather(1, order), w.gather(1, order))
 
@@ -89,9 +102,15 @@ def test_adapter_view(family_model):
 def test_route_reproduces_transformers_router(family_model):
     fam, model = family_model
     h = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    (ref_idx, ref_w), (idx, w) = routed_both_ways(MoEAdapter(model), h)
+    a = MoEAdapter(model)
+    (ref_idx, ref_w), (idx, w) = routed_both_ways(a, h)
     assert torch.equal(ref_idx, idx)
     torch.testing.assert_close(ref_w.float(), w.float())
+    layer = a.layers[0]
+    if layer.correction_bias is not None:   # the equality above holds with a bias that moves choices
+        params = pruned_router_params(a.family, model.config, list(range(8)), 8)
+        _, unbiased = route(router_logits(layer, h, a.family.routing), a.family.routing, params)
+        assert not torch.equal(unbiased.sort(-1).values, idx), f"{fam}: the selection bias changed no choice"
 
 
 def test_capture_counts_exclude_padding_and_change_nothing(family_model, token_batch):
@@ -148,8 +167,10 @@ def test_masking_equals_physical_pruning_and_vanilla_reload(family_model, token_
     pa = MoEAdapter(pruned)
     assert pa.num_experts == 4 and all(l.num_experts == 4 for l in pa.layers)
     full, small = a.parameter_counts(), pa.parameter_counts()
-    assert full["total"] - small["total"] == len(a.layers) * 4 * (full["per_expert"] + model.config.hidden_size
-                                                                    + (1 if fam == "gpt_oss" else 0))  # router bias
+    # each dropped expert takes its weights, its router row and any router bias or selection-bias entry
+    per_expert = sum(t.numel() // 8 for _, _, t, _ in a.layers[0].expert_tensors() if isinstance(t, torch.nn.Parameter))
+    assert per_expert >= full["per_expert"] + model.config.hidden_size
+    assert full["total"] - small["total"] == len(a.layers) * 4 * per_expert
     pruned.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -291,7 +312,7 @@ def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_bat
         assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     reloaded, _, _ = load_model(str(tmp_path / "streamed"), with_tokenizer=False)
     assert getattr(reloaded.config, PER_LAYER_KEY) == {str(layers[0]): 6, str(layers[-1]): 2}
-    assert [l.router.weight.shape[0] for l in MoEAdapter(reloaded).layers] == [6, 2]
+    assert [l.router_weight.shape[0] for l in MoEAdapter(reloaded).layers] == [6, 2]
     with torch.no_grad():  # same weights, same shapes, same kernels: exact by construction
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)
 

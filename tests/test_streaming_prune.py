@@ -266,7 +266,7 @@ def test_layout_rules_on_headers():
     assert names == ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.0.block_sparse_moe.experts.0.w1.weight",
                      "model.layers.0.block_sparse_moe.experts.1.w1.weight"]
     with pytest.raises(MoeguardError, match="cannot tell whether"):
-        _plan(_header(**base, **{"model.layers.0.mlp.expert_bias": (4,)}))
+        _plan(_header(**base, **{"model.layers.0.mlp.expert_scale": (4,)}))
     with pytest.raises(MoeguardError, match="dim 0 should be"):
         _plan(_header(**{"model.layers.0.mlp.gate.weight": (8, 4), "model.layers.0.mlp.experts.down_proj": (4, 2, 2)}))
     with pytest.raises(MoeguardError, match="no router tensors"):

@@ -55,27 +55,66 @@ TINY_FAMILY_KWARGS: dict[str, dict] = {
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "granitemoeshared": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=32),
+    "granitemoe_swa": dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=32,
+                           layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+    # layer 0 dense, layers 1-2 sparse; 2 shared experts
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=2,
+                         moe_layer_start_index=1, moe_layer_end_index=2, num_hidden_layers=3),
+    "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2),
+    # layer 0 dense, layer 1 short convolution, layer 2 attention
+    "lfm2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_dense_layers=1,
+                     num_hidden_layers=3, use_expert_bias=True, routed_scaling_factor=1.5, norm_topk_prob=True,
+                     layer_types=["conv", "conv", "full_attention"]),
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, num_local_experts=8, num_shared_expert=1),
+    "qwen3_5_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                             shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"],
+                             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                             linear_value_head_dim=8),
+    "mellum": dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                   layer_types=["full_attention"] * 2, mlp_layer_types=["sparse"] * 2),
+    "exaone_moe": dict(num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16,
+                       num_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, routed_scaling_factor=2.5,
+                       norm_topk_prob=True, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                       mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=4),
+    "solar_open": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16,
+                       n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True),
+    "mimo_v2_flash": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16,
+                          routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+                          layer_types=["full_attention", "sliding_attention", "full_attention"],
+                          mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=4),
 }
 
 
-def tiny_config(model_type: str, **overrides):
-    kwargs = {**_COMMON, **TINY_FAMILY_KWARGS[model_type], **overrides}
+def tiny_config(family: str, **overrides):
+    """A tiny config of ``family`` (a family name; its first model type is built)."""
+    from moeguard.models.families import FAMILIES
+
+    kwargs = {**_COMMON, **TINY_FAMILY_KWARGS[family], **overrides}
+    model_type = FAMILIES.get(family).model_types[0] if family in FAMILIES else family
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def tiny_model(model_type: str, *, seed: int = 0, **overrides):
+def tiny_model(family: str, *, seed: int = 0, **overrides):
     """A randomly initialized tiny model whose routers are not degenerate."""
     import torch
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     # Some families init routers to zeros (all experts tie); spread them so routing is informative.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 1 and p.abs().sum() == 0 and "norm" not in name:
                 p.normal_(0, 0.5)
-            elif name.endswith(("router.weight", "gate.weight")) and p.dim() == 2:
+            elif name.endswith(("router.weight", "gate.weight", "gate.wg.weight")) and p.dim() == 2:
                 p.normal_(0, 0.5)
+        # selection biases start at 0 (buffers); trained ones are not, and routing must honour them
+        from moeguard.models.adapter import MoEAdapter
+
+        for layer in MoEAdapter(model).layers:
+            bias = layer.correction_bias
+            if bias is not None and not bias.abs().sum():
+                bias.normal_(0, 0.5)
     return model.eval()
 
 

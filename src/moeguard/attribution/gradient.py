@@ -44,7 +44,7 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
     table = torch.full((N, E), float("nan"), device=device).scatter_(1, trace.index, s)
     routed = []
     for kept_t, params in plans:
-        w_new, sub = route_module(layer.router, trace.logits, adapter.family.routing, params, kept=kept_t)
+        w_new, sub = route_module(layer, trace.logits, adapter.family.routing, params, kept=kept_t)
         routed.append((w_new.float(), kept_t[sub]))
     need = torch.zeros(N, E, dtype=torch.bool, device=device)
     for _, idx in routed:

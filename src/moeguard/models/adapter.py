@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import torch
 from torch import nn
 
 from moeguard.errors import MoeguardError
@@ -22,6 +23,62 @@ class MoELayer:
     shared: tuple[nn.Module, ...]
     num_experts: int
     top_k: int
+    router_weight_attr: str = "weight"       # FamilySpec.router_weight_attr
+    correction_bias_path: str | None = None  # RoutingSpec.correction_bias, under the block
+
+    # Resolved on each access, never cached: moving or re-assigning a module replaces tensors.
+    @property
+    def router_weight(self) -> nn.Parameter:
+        """The router's [E, d] weight."""
+        return _get_path(self.router, self.router_weight_attr)
+
+    @property
+    def router_bias(self):
+        """The bias of the router's linear map (GPT-OSS), or None."""
+        owner, _, _ = self.router_weight_attr.rpartition(".")
+        return getattr(_get_path(self.router, owner) if owner else self.router, "bias", None)
+
+    @property
+    def correction_bias(self):
+        """The per-expert selection bias (any shape ending in E), or None (also where the
+        config turns it off: LFM2's ``use_expert_bias``)."""
+        if not self.correction_bias_path:
+            return None
+        obj = self.block
+        for part in self.correction_bias_path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj
+
+    def expert_tensors(self) -> list[tuple[nn.Module, str, torch.Tensor, int]]:
+        """Every tensor with one slice per expert, as (owner module, name, tensor, expert axis):
+        the router's and the experts' parameters and buffers (nested ones too), and a selection
+        bias held on the block. The expert axis is 0, or the last when every other dim is 1
+        (ERNIE's [1, E] bias). A tensor with no expert axis there is an unknown layout: an error."""
+        out, seen = [], set()
+
+        def add(owner: nn.Module, name: str, t) -> None:
+            if t is None or not t.dim() or id(t) in seen:
+                return
+            axis = expert_axis(t, self.num_experts)
+            if axis is None:
+                raise MoeguardError(f"layer {self.index}: {type(owner).__name__}.{name} has shape {list(t.shape)}, "
+                                    f"with no axis of its {self.num_experts} experts",
+                                    hint="this family's expert layout is not one moeguard knows; report it")
+            seen.add(id(t))
+            out.append((owner, name, t, axis))
+
+        for module in (self.router, self.experts):
+            for owner in module.modules():
+                for store in (owner._parameters, owner._buffers):
+                    for name, t in store.items():
+                        add(owner, name, t)
+        if self.correction_bias is not None:
+            owner_path, _, name = self.correction_bias_path.rpartition(".")
+            owner = _get_path(self.block, owner_path) if owner_path else self.block
+            add(owner, name, getattr(owner, name))
+        return out
 
     def expert_param_count(self) -> int:
         return sum(p.numel() for p in self.experts.parameters())
@@ -31,6 +88,15 @@ class MoELayer:
 
     def shared_param_count(self) -> int:
         return sum(p.numel() for m in self.shared for p in m.parameters())
+
+
+def expert_axis(t: torch.Tensor, num_experts: int) -> int | None:
+    """The axis of ``t`` that indexes experts: 0, or the last when every other dim is 1."""
+    if t.shape[0] == num_experts:
+        return 0
+    if t.shape[-1] == num_experts and all(s == 1 for s in t.shape[:-1]):
+        return t.dim() - 1
+    return None
 
 
 def _get_path(obj, path: str):
@@ -69,8 +135,11 @@ class MoEAdapter:
             if router is None or experts is None:
                 continue  # a dense layer (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)
             shared = tuple(m for m in (_shared(block, layer, a) for a in self.family.shared_attrs) if m is not None)
+            weight = _get_path(router, self.family.router_weight_attr)
             out.append(MoELayer(index=i, block=block, router=router, experts=experts, shared=shared,
-                                num_experts=int(router.weight.shape[0]), top_k=int(getattr(self.config, self.family.top_k_key))))
+                                num_experts=int(weight.shape[0]), top_k=int(getattr(self.config, self.family.top_k_key)),
+                                router_weight_attr=self.family.router_weight_attr,
+                                correction_bias_path=self.family.routing.correction_bias))
         if not out:
             raise MoeguardError(f"model of type '{self.config.model_type}' has no sparse MoE layer",
                                 hint="check the config's expert settings (e.g. decoder_sparse_step, mlp_only_layers)")

@@ -27,20 +27,27 @@ class RoutingSpec:
                 ``logits``: top-k over raw logits, then softmax over the k chosen (softmax after top-k)
     renormalize: True/False, or the config key holding it (``norm_topk_prob``)
     grouped:    group-limited routing (config ``n_group``/``topk_group``): DeepSeek-V3 scores a
-                group by the sum of its top 2 (``group_score="top2_sum"``) and adds a score
-                correction bias used only for *choosing* experts; DeepSeek-V2 scores it by its
-                best expert (``"max"``), and only when ``group_method_key`` names ``group_method``
+                group by the sum of its top 2 (``group_score="top2_sum"``); DeepSeek-V2 scores it by
+                its best expert (``"max"``), and only when ``group_method_key`` names ``group_method``
+    correction_bias: path, under the sparse block, of a per-expert bias added to the scores for
+                *choosing* experts only (DeepSeek-V3 ``gate.e_score_correction_bias``, ERNIE-4.5
+                ``gate.moe_statics.e_score_correction_bias`` [1, E], MiniMax-M2 and LFM2 hold it on
+                the block and pass it to the router). Its expert axis is its last.
     """
 
     score: str
     select_on: str = "probs"
     renormalize: bool | str = False
     grouped: bool = False
-    correction_bias_attr: str | None = None
+    correction_bias: str | None = None
     scaling_key: str | None = None
+    # renormalized weights: w / (sum + renorm_eps), or w / max(sum, config[renorm_min_key]) (ERNIE)
+    renorm_eps: float = 0.0
+    renorm_min_key: str | None = None
     # dtype of the arithmetic on real (bf16) checkpoints, as each family's own router does it:
-    # softmax in float32 or in the logits' dtype; weights returned in float32 or cast back
-    softmax_dtype: str = "float32"
+    # scores (softmax or sigmoid) in float32 or in the logits' dtype; weights returned in float32,
+    # in the logits' dtype or in the router input's dtype
+    score_dtype: str = "float32"
     weights_dtype: str = "logits"
     logits_fp32: bool = False  # DeepSeek-V3 computes router logits in float32 whatever the weights' dtype
     # Config keys for group-limited routing; read only when grouped.
@@ -64,7 +71,7 @@ class RoutingSpec:
         if self.groups_on(config):
             parts.append(f"group-limited ({getattr(config, self.n_group_key, 1)} groups, "
                          f"top {getattr(config, self.topk_group_key, 1)} groups)")
-        if self.correction_bias_attr:
+        if self.correction_bias:
             parts.append("score-correction bias for selection")
         if self.scaling_key and getattr(config, self.scaling_key, 1.0) != 1.0:
             parts.append(f"scaled by {getattr(config, self.scaling_key)}")
@@ -118,6 +125,9 @@ class FamilySpec:
     layers_path: str = "model.layers"
     min_experts: int = 1                  # fewest experts a valid router of this family accepts
     aux_loss_key: str | None = "router_aux_loss_coef"
+    # the router's [E, d] weight under the router module (HunYuan nests it in a Linear: ``wg.weight``);
+    # a bias beside it (GPT-OSS) is read from the same module
+    router_weight_attr: str = "weight"
     # what runs after the last decoder layer (replaying the model from a cached layer input)
     final_norm_path: str = "model.norm"
     logits_divisor_key: str | None = None  # GraniteMoE divides logits by config.logits_scaling
@@ -139,8 +149,10 @@ class FamilySpec:
 
     def disk_layout(self) -> DiskLayout:
         """The module names under which this family's checkpoints hold routers and experts."""
+        bias = self.routing.correction_bias
+        block_held = (bias,) if bias and "." not in bias else ()   # a bias on the block, not in its router
         return DiskLayout(block_names=_unique(self.block_attrs + self.disk_block_attrs),
-                          router_modules=_unique((self.router_attr, *self.disk_router_attrs)),
+                          router_modules=_unique((self.router_attr, *self.disk_router_attrs, *block_held)),
                           expert_modules=_unique((self.experts_attr, *self.disk_expert_attrs)),
                           shared_modules=self.shared_attrs, per_expert=re.compile(self.disk_per_expert))
 
@@ -179,12 +191,18 @@ for _name, _shared in (("qwen2_moe", ("shared_expert", "shared_expert_gate")), (
 # scores, a correction bias for choosing only, group-limited choice (a group scores the sum of its
 # top 2), optional renormalization and a routing scale; logits in float32.
 DEEPSEEK_V3_ROUTING = RoutingSpec(score="sigmoid", renormalize="norm_topk_prob", grouped=True,
-                                  correction_bias_attr="e_score_correction_bias", scaling_key="routed_scaling_factor",
-                                  logits_fp32=True)
-for _name in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1"):
+                                  correction_bias="gate.e_score_correction_bias", scaling_key="routed_scaling_factor",
+                                  renorm_eps=1e-20, logits_fp32=True)
+# Also EXAONE-MoE (its checkpoints hold the bias on the block: mlp.e_score_correction_bias), Solar
+# Open and MiMo-V2-Flash (no shared experts).
+for _name, _count, _shared, _disk_router in (
+        ("deepseek_v3", "n_routed_experts", ("shared_experts",), ()), ("glm4_moe", "n_routed_experts", ("shared_experts",), ()),
+        ("glm4_moe_lite", "n_routed_experts", ("shared_experts",), ()), ("dots1", "n_routed_experts", ("shared_experts",), ()),
+        ("exaone_moe", "num_experts", ("shared_experts",), ("e_score_correction_bias",)),
+        ("solar_open", "n_routed_experts", ("shared_experts",), ()), ("mimo_v2_flash", "n_routed_experts", (), ())):
     register_family(FamilySpec(
         name=_name, model_types=(_name,), block_attrs=("mlp",), router_attr="gate", routing=DEEPSEEK_V3_ROUTING,
-        num_experts_key="n_routed_experts", shared_attrs=("shared_experts",),
+        num_experts_key=_count, shared_attrs=_shared, disk_router_attrs=_disk_router,
         # group scores take the top-2 experts of a group, so fewer than 2 can't route
         min_experts=2, aux_loss_key=None))
 # DeepSeek-V2: softmax scores, group-limited greedy choice when topk_method says so (a group scores
@@ -194,15 +212,21 @@ register_family(FamilySpec(
     routing=RoutingSpec(score="softmax", grouped=True, group_score="max", group_method_key="topk_method",
                         group_method="group_limited_greedy", scaling_key="routed_scaling_factor", logits_fp32=True),
     num_experts_key="n_routed_experts", shared_attrs=("shared_experts",), aux_loss_key=None))
-# GraniteMoE, and Granite 4.0 hybrid (Mamba2 and attention layers, and an always-on MLP on the
-# decoder layer beside the sparse block, which the adapter finds there). On disk:
-# block_sparse_moe.router.layer, fused block_sparse_moe.input_linear / output_linear
-for _name, _shared in (("granitemoe", ()), ("granitemoehybrid", ("shared_mlp",))):
+# GraniteMoE, and Granite 4.0 hybrid (Mamba2 and attention layers) and GraniteMoE-Shared, with an
+# always-on MLP on the decoder layer beside the sparse block (the adapter finds it there). On
+# disk: block_sparse_moe.router.layer, fused block_sparse_moe.input_linear / output_linear;
+# GraniteMoE-SWA (sliding-window layers) saves its in-memory names.
+GRANITE_ROUTING = RoutingSpec(score="softmax", select_on="logits")
+for _name, _shared in (("granitemoe", ()), ("granitemoehybrid", ("shared_mlp",)), ("granitemoeshared", ("shared_mlp",))):
     register_family(FamilySpec(
         name=_name, model_types=(_name,), block_attrs=("block_sparse_moe",), router_attr="router",
-        routing=RoutingSpec(score="softmax", select_on="logits"), num_experts_key="num_local_experts",
+        routing=GRANITE_ROUTING, num_experts_key="num_local_experts",
         shared_attrs=_shared, logits_divisor_key="logits_scaling", disk_expert_attrs=("input_linear", "output_linear"),
         disk_expert_tensors=("input_linear.weight", "output_linear.weight"), disk_router_weight="layer.weight"))
+register_family(FamilySpec(
+    name="granitemoe_swa", model_types=("granitemoe_swa",), block_attrs=("block_sparse_moe",), router_attr="router",
+    routing=GRANITE_ROUTING, num_experts_key="num_local_experts", shared_attrs=("shared_mlp",),
+    logits_divisor_key="logits_scaling", disk_expert_tensors=("experts.gate_up_proj", "experts.down_proj")))
 register_family(FamilySpec(
     name="phimoe", model_types=("phimoe",), block_attrs=("mlp", "block_sparse_moe"), router_attr="router",
     # sparsemixer always picks two distinct experts
@@ -211,7 +235,7 @@ register_family(FamilySpec(
     disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
 register_family(FamilySpec(
     name="gpt_oss", model_types=("gpt_oss",), block_attrs=("mlp",), router_attr="router",
-    routing=RoutingSpec(score="softmax", select_on="logits", softmax_dtype="logits"), num_experts_key="num_local_experts",
+    routing=RoutingSpec(score="softmax", select_on="logits", score_dtype="logits"), num_experts_key="num_local_experts",
     expert_layout="gate_up_interleaved_t", disk_expert_tensors=("experts.gate_up_proj", "experts.down_proj")))
 
 # Jamba: Mamba and attention layers, an MoE feed-forward every expert_layer_period; softmax, top-k,
@@ -219,6 +243,46 @@ register_family(FamilySpec(
 register_family(FamilySpec(
     name="jamba", model_types=("jamba",), block_attrs=("feed_forward",), router_attr="router",
     routing=RoutingSpec(score="softmax"), num_experts_key="num_experts", final_norm_path="model.final_layernorm"))
+
+
+# ERNIE-4.5-MoE: float32 softmax; experts chosen on the probabilities plus a [1, E] bias
+# (gate.moe_statics; on disk mlp.moe_statics); weights renormalized by max(sum, moe_norm_min),
+# returned in the input's dtype
+register_family(FamilySpec(
+    name="ernie4_5_moe", model_types=("ernie4_5_moe",), block_attrs=("mlp",), router_attr="gate",
+    routing=RoutingSpec(score="softmax", renormalize=True, renorm_min_key="moe_norm_min", logits_fp32=True,
+                        correction_bias="gate.moe_statics.e_score_correction_bias", weights_dtype="input"),
+    num_experts_key="moe_num_experts", top_k_key="moe_k", shared_attrs=("shared_experts",),
+    disk_router_attrs=("moe_statics",)))
+# MiniMax-M2: sigmoid scores, a selection bias held by the block and passed to the router,
+# renormalized; Mixtral's names on disk
+register_family(FamilySpec(
+    name="minimax_m2", model_types=("minimax_m2",), block_attrs=("mlp",), router_attr="gate",
+    routing=RoutingSpec(score="sigmoid", renormalize=True, correction_bias="e_score_correction_bias"),
+    num_experts_key="num_local_experts", disk_block_attrs=("block_sparse_moe",),
+    disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
+# LFM2-MoE (short convolutions and attention): sigmoid in the logits' dtype, an optional selection
+# bias on the block (use_expert_bias), renormalized with eps 1e-6, scaled; w1/w3/w2 on disk
+register_family(FamilySpec(
+    name="lfm2_moe", model_types=("lfm2_moe",), block_attrs=("feed_forward",), router_attr="gate",
+    routing=RoutingSpec(score="sigmoid", score_dtype="logits", renormalize="norm_topk_prob", renorm_eps=1e-6,
+                        correction_bias="expert_bias", scaling_key="routed_scaling_factor"),
+    num_experts_key="num_experts", final_norm_path="model.embedding_norm", aux_loss_key=None,
+    disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
+# HunYuan-MoE: Qwen's softmax router with its weight nested in a Linear (gate.wg), always
+# renormalized; an always-on MLP in the block
+register_family(FamilySpec(
+    name="hunyuan_v1_moe", model_types=("hunyuan_v1_moe",), block_attrs=("mlp",), router_attr="gate",
+    routing=RoutingSpec(score="softmax", renormalize=True), num_experts_key="num_experts", top_k_key="moe_topk",
+    shared_attrs=("shared_mlp",), router_weight_attr="wg.weight", disk_router_weight="wg.weight", aux_loss_key=None))
+# Qwen3.5-MoE's language model (hybrid Gated DeltaNet and attention) and Mellum: Qwen's router;
+# Qwen3.5 always renormalizes
+register_family(FamilySpec(
+    name="qwen3_5_moe", model_types=("qwen3_5_moe_text",), block_attrs=("mlp",), router_attr="gate",
+    routing=RoutingSpec(score="softmax", renormalize=True), num_experts_key="num_experts",
+    shared_attrs=("shared_expert", "shared_expert_gate")))
+register_family(FamilySpec(name="mellum", model_types=("mellum",), block_attrs=("mlp",), router_attr="gate",
+                           routing=QWEN2_ROUTING, num_experts_key="num_local_experts"))
 
 
 def family_for_config(config) -> FamilySpec:

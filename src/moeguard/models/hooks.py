@@ -262,11 +262,14 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
                 continue
             params = pruned_router_params(adapter.family, adapter.config, kept, layer.num_experts)
             router = layer.router
-            kept_t = torch.tensor(kept, device=router.weight.device)
+            kept_t = torch.tensor(kept, device=layer.router_weight.device)
 
-            def forward(hidden_states, _router=router, _kept=kept_t, _params=params):
-                logits = router_logits(_router, hidden_states, spec)
-                weights, sub_idx = route_module(_router, logits, spec, _params, kept=_kept)
+            # *args: a router may take the block's selection bias too (MiniMax-M2, LFM2); the layer
+            # reads that same tensor itself
+            def forward(hidden_states, *args, _layer=layer, _kept=kept_t, _params=params):
+                logits = router_logits(_layer, hidden_states, spec)
+                weights, sub_idx = route_module(_layer, logits, spec, _params, kept=_kept,
+                                                input_dtype=hidden_states.dtype)
                 masked = torch.full_like(logits, float("-inf"))
                 masked[:, _kept] = logits[:, _kept]
                 return masked, weights, _kept[sub_idx]
@@ -324,17 +327,17 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
     plans = []
     for e in drops:
         kept = [x for x in range(E) if x != e]
-        plans.append((torch.tensor(kept, device=router.weight.device),
+        plans.append((torch.tensor(kept, device=layer.router_weight.device),
                       pruned_router_params(adapter.family, adapter.config, kept, E)))
 
-    def forward(hidden_states):
-        logits = router_logits(router, hidden_states, spec)
+    def forward(hidden_states, *args):
+        logits = router_logits(layer, hidden_states, spec)
         if logits.shape[0] != rows * len(plans):
             raise RuntimeError(f"expected {rows} x {len(plans)} tokens, got {logits.shape[0]}")
         masked, weights, index = [], [], []
         for c, (kept, params) in enumerate(plans):
             part = logits[c * rows:(c + 1) * rows]
-            w, sub = route_module(router, part, spec, params, kept=kept)
+            w, sub = route_module(layer, part, spec, params, kept=kept, input_dtype=hidden_states.dtype)
             m = torch.full_like(part, float("-inf"))
             m[:, kept] = part[:, kept]
             masked.append(m), weights.append(w), index.append(kept[sub])

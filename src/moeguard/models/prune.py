@@ -64,9 +64,10 @@ def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
 def resize_layers(model: nn.Module) -> None:
     """Shrink the MoE layers a per-layer-count config names to their own expert count.
 
-    Works on a freshly built model (meta or real): every router/experts tensor with the
-    config's expert count on dim 0 is replaced by an empty one with the layer's count, and the
-    modules' count and top-k attributes follow (top-k clamped as the pruned router clamps it)."""
+    Works on a freshly built model (meta or real): every per-expert tensor
+    (:meth:`MoELayer.expert_tensors`) is replaced by an empty one with the layer's count on its
+    expert axis, and the modules' count and top-k attributes follow (top-k clamped as the pruned
+    router clamps it)."""
     per_layer = getattr(model.config, PER_LAYER_KEY, None)
     if not per_layer:
         return
@@ -77,12 +78,12 @@ def resize_layers(model: nn.Module) -> None:
         if n == layer.num_experts:
             continue
         E = layer.num_experts
-        for module in (layer.router, layer.experts):
-            for store in (module._parameters, module._buffers):
-                for name, t in list(store.items()):
-                    if t is not None and t.dim() and t.shape[0] == E:
-                        new = torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device)
-                        store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        for owner, name, t, axis in layer.expert_tensors():
+            shape = list(t.shape)
+            shape[axis] = n
+            new = torch.empty(shape, dtype=t.dtype, device=t.device)
+            store = owner._parameters if name in owner._parameters else owner._buffers
+            store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
         for module in (layer.block, layer.router, layer.experts):
             for attr in _COUNT_ATTRS:
                 if getattr(module, attr, None) == E:
@@ -92,22 +93,20 @@ def resize_layers(model: nn.Module) -> None:
 
 
 def _sliced_state(adapter: MoEAdapter, keep: dict[int, list[int]]) -> dict[str, torch.Tensor]:
-    """State dict with every router/expert tensor of an MoE layer cut to the kept experts on dim 0."""
+    """State dict with every per-expert tensor of an MoE layer cut to the kept experts on its
+    expert axis (:meth:`MoELayer.expert_tensors`)."""
     model = adapter.model
-    owners: dict[int, list[int]] = {}
+    owners: dict[int, tuple[list[int], int]] = {}
     for layer in adapter.layers:
-        for module in (layer.router, layer.experts):
-            for t in list(module.parameters()) + list(module.buffers()):
-                owners[id(t)] = keep[layer.index]
+        for _, _, t, axis in layer.expert_tensors():
+            owners[id(t)] = (keep[layer.index], axis)
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        kept = owners.get(id(t))
+        cut = owners.get(id(t))
         t = t.detach()
-        if kept is not None:
-            if t.shape[0] < max(kept) + 1:
-                raise MoeguardError(f"tensor {name} has {t.shape[0]} rows, fewer than the experts to keep",
-                                    hint="this checkpoint's expert layout is not the family's")
-            t = t.index_select(0, torch.tensor(kept, device=t.device))
+        if cut is not None:
+            kept, axis = cut
+            t = t.index_select(axis, torch.tensor(kept, device=t.device))
         out[name] = t.clone()
     return out
 

@@ -24,6 +24,7 @@ class RouterParams:
     n_group: int = 1
     topk_group: int = 1
     scaling: float = 1.0
+    renorm_min: float = 0.0   # ERNIE divides by max(sum, moe_norm_min)
 
 
 def _renorm_flag(spec: RoutingSpec, config) -> bool:
@@ -54,8 +55,9 @@ def pruned_router_params(family: FamilySpec, config, kept: list[int], num_expert
             top_k = min(top_k, topk_group * per_group[0])
         else:
             n_group, topk_group = 1, 1
+    renorm_min = float(getattr(config, spec.renorm_min_key)) if spec.renorm_min_key else 0.0
     return RouterParams(top_k=top_k, renormalize=_renorm_flag(spec, config), n_group=n_group,
-                        topk_group=topk_group, scaling=scaling)
+                        topk_group=topk_group, scaling=scaling, renorm_min=renorm_min)
 
 
 def _group_mask(scores: torch.Tensor, params: RouterParams, how: str) -> torch.Tensor:
@@ -69,60 +71,78 @@ def _group_mask(scores: torch.Tensor, params: RouterParams, how: str) -> torch.T
     return group_mask.unsqueeze(-1).expand(-1, g, n // g).reshape(-1, n).bool()
 
 
+def _scores(logits: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    x = logits if spec.score_dtype == "logits" else logits.float()
+    return x.sigmoid() if spec.score == "sigmoid" else F.softmax(x, dim=-1)
+
+
+def _renorm(w: torch.Tensor, spec: RoutingSpec, params: RouterParams) -> torch.Tensor:
+    total = w.sum(dim=-1, keepdim=True)
+    if params.renorm_min:
+        return w / total.clamp(min=params.renorm_min)
+    return w / (total + spec.renorm_eps) if spec.renorm_eps else w / total
+
+
 def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
           correction_bias: torch.Tensor | None = None, training: bool = False,
-          jitter_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k weights and indices for ``logits`` [tokens, experts] (indices into these experts)."""
+          jitter_eps: float = 0.0, input_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k weights and indices for ``logits`` [tokens, experts] (indices into these experts).
+
+    ``correction_bias`` (any shape ending in the experts) moves the choice, never the weights;
+    ``input_dtype`` is the router input's dtype (ERNIE returns its weights in it)."""
     k = params.top_k
     if spec.score == "sparsemixer":
         from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
         return sparsemixer(logits, jitter_eps=jitter_eps, training=training, top_k=k)
-    if spec.score == "sigmoid":
-        scores = logits.float().sigmoid()
-        choice = scores if correction_bias is None else scores + correction_bias
-        if params.n_group > 1:
-            choice = choice.masked_fill(~_group_mask(choice, params, spec.group_score), float("-inf"))
-        idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, idx)
-        if params.renormalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * params.scaling, idx
-    if params.n_group > 1:   # DeepSeek-V2: softmax scores, masked to 0 outside the chosen groups
-        probs = F.softmax(logits.float(), dim=-1)
-        top, idx = torch.topk(probs.masked_fill(~_group_mask(probs, params, spec.group_score), 0.0), k=k, dim=-1,
-                              sorted=False)
-        return top * params.scaling, idx
-    out_dtype = torch.float32 if spec.weights_dtype == "float32" else logits.dtype
+    out_dtype = {"float32": torch.float32, "logits": logits.dtype,
+                 "input": input_dtype or logits.dtype}[spec.weights_dtype]
     if spec.select_on == "logits":
         top, idx = torch.topk(logits, k, dim=-1)
-        top = top if spec.softmax_dtype == "logits" else top.float()
+        top = top if spec.score_dtype == "logits" else top.float()
         return F.softmax(top, dim=-1).to(out_dtype), idx
-    probs = F.softmax(logits.float(), dim=-1)
-    top, idx = torch.topk(probs, k, dim=-1)
+    scores = _scores(logits, spec)                                   # [T, E]
+    if spec.score == "softmax" and correction_bias is None and params.n_group == 1:
+        top, idx = torch.topk(scores, k, dim=-1)
+    else:
+        choice = scores if correction_bias is None else scores + correction_bias
+        if params.n_group > 1:
+            inside = _group_mask(choice, params, spec.group_score)
+            if spec.score == "sigmoid":   # DeepSeek-V3: groups limit the choice only
+                choice = choice.masked_fill(~inside, float("-inf"))
+            else:                         # DeepSeek-V2: scores outside the groups are 0, weights too
+                scores = scores.masked_fill(~inside, 0.0)
+                choice = choice.masked_fill(~inside, 0.0)
+        idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+        top = scores.gather(1, idx)
     if params.renormalize:
-        top = top / top.sum(dim=-1, keepdim=True)
+        top = _renorm(top, spec, params)
+    if spec.score == "sigmoid":   # sigmoid routers return their scores' dtype
+        return top * params.scaling, idx
     return (top * params.scaling).to(out_dtype), idx   # x * 1.0 is exact: unscaled families are unchanged
 
 
-def route_module(router: torch.nn.Module, logits: torch.Tensor, spec: RoutingSpec, params: RouterParams,
-                 kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`route` with the router module's own extras (correction bias, jitter, train mode),
-    on the experts ``kept`` (a tensor of indices into ``logits``' columns) or on all of them."""
-    bias = getattr(router, spec.correction_bias_attr, None) if spec.correction_bias_attr else None
+def route_module(layer, logits: torch.Tensor, spec: RoutingSpec, params: RouterParams,
+                 kept: torch.Tensor | None = None, *, input_dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` with an MoE layer's own extras (correction bias, jitter, train mode), on the
+    experts ``kept`` (a tensor of indices into ``logits``' columns) or on all of them."""
+    bias = layer.correction_bias
     if kept is not None:
         logits = logits[:, kept]
-        bias = None if bias is None else bias[kept]
+        bias = None if bias is None else bias[..., kept]
+    router = layer.router
     return route(logits, spec, params, correction_bias=bias, training=router.training,
-                 jitter_eps=getattr(router, "router_jitter_noise", 0.0))
+                 jitter_eps=getattr(router, "router_jitter_noise", 0.0), input_dtype=input_dtype)
 
 
-def router_logits(router: torch.nn.Module, hidden: torch.Tensor, spec: RoutingSpec | None = None) -> torch.Tensor:
-    """The raw logits every family's router computes: a linear map (GPT-OSS adds a bias)."""
-    hidden = hidden.reshape(-1, router.weight.shape[-1])
-    weight = router.weight
+def router_logits(layer, hidden: torch.Tensor, spec: RoutingSpec | None = None) -> torch.Tensor:
+    """The raw logits every family's router computes from an MoE layer's input: a linear map
+    (GPT-OSS adds a bias)."""
+    weight = layer.router_weight
+    hidden = hidden.reshape(-1, weight.shape[-1])
     if spec is not None and spec.logits_fp32:
         return F.linear(hidden.float(), weight.float())
     if weight.dtype == torch.float32 and hidden.dtype != torch.float32:
-        hidden = hidden.float()  # DeepSeek-V3 keeps its router in fp32 and casts the input up
-    return F.linear(hidden, weight, getattr(router, "bias", None))
+        hidden = hidden.float()  # DeepSeek-V3 and HunYuan keep routers in fp32 and cast the input up
+    return F.linear(hidden, weight, layer.router_bias)

@@ -52,6 +52,7 @@ class _Tensor:
     nbytes: int                        # output bytes
     runs: tuple[tuple[int, int], ...]  # source dim-0 row ranges, in order; () for a 0-d tensor
     row_bytes: int
+    flat: bool = False                 # experts on the last axis of a [1, ..., E] tensor: runs index elements
 
 
 def write_safetensors(path: Path, tensors: list[_Tensor], reader: "_Reader", *,
@@ -90,6 +91,11 @@ class _Reader(ShardReader):
     def chunks(self, t: _Tensor) -> Iterator:
         if not t.runs:
             yield _as_bytes(self.read(t.file, t.name))
+            return
+        if t.flat:   # a [1, ..., E] vector: small, read whole and cut
+            flat = self.read(t.file, t.name).reshape(-1)
+            for start, stop in t.runs:
+                yield _as_bytes(flat[start:stop])
             return
         step = max(1, _CHUNK // max(t.row_bytes, 1))
         for start, stop in t.runs:
@@ -166,12 +172,17 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
                         hint="prune this checkpoint in memory (--in-memory), or report its layout")
                 plan.append(_Tensor(file, name, name, info["dtype"], shape, nbytes, whole, row_bytes))
                 continue
+            kept = keep[li]
+            if shape and len(shape) > 1 and shape[-1] == n_exp and all(s == 1 for s in shape[:-1]):
+                found[li][role].add(name)   # ERNIE's [1, E] selection bias: experts on the last axis
+                plan.append(_Tensor(file, name, name, info["dtype"], (*shape[:-1], len(kept)),
+                                    nbytes // n_exp * len(kept), _runs(kept), nbytes // n_exp, flat=True))
+                continue
             if not shape or shape[0] != n_exp or nbytes % n_exp:
                 raise MoeguardError(f"{file.name}: {name} has shape {list(shape)}; its dim 0 should be the "
                                     f"{n_exp} experts of layer {li}",
                                     hint="the checkpoint's weights do not match its config.json, or its layout is unsupported")
             found[li][role].add(name)
-            kept = keep[li]
             plan.append(_Tensor(file, name, name, info["dtype"], (len(kept), *shape[1:]), row_bytes * len(kept),
                                 _runs(kept), row_bytes))
     for li, roles in found.items():

@@ -43,7 +43,7 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
                                  dtype=torch.float64)
                 w = w / w.sum()
                 centre = g[0]
-                for p in [*layer.experts.parameters(recurse=False), layer.router.weight]:
+                for p in [*layer.experts.parameters(recurse=False), layer.router_weight]:
                     avg = sum(float(wk) * p[e].double() for wk, e in zip(w, g))
                     p[centre] = avg.to(p.dtype)
                 centres.append(centre)

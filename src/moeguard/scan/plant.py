@@ -71,7 +71,7 @@ def _expert_params(adapter, slot: int, p: Plant) -> list[tuple[torch.nn.Paramete
     if not out:   # one module per expert
         out = [(param, -1) for param in experts[p.expert].parameters()]
     if p.router:
-        out.append((layer.router.weight, p.expert))
+        out.append((layer.router_weight, p.expert))
     return out
 
 

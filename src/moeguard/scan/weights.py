@@ -29,7 +29,7 @@ def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
     out: dict[tuple[int, int], dict[str, Any]] = {}
     for layer in adapter.layers:
         gate, up, down = split_experts(adapter.family, layer.experts)               # [E, I, d], [E, I, d], [E, d, I]
-        router = layer.router.weight.detach().float().cpu().numpy()                  # [E, d]
+        router = layer.router_weight.detach().float().cpu().numpy()                  # [E, d]
         E = layer.num_experts
         vals = {
             "gate_norm": [float(np.linalg.norm(gate[e])) for e in range(E)],

@@ -54,14 +54,8 @@ def shuffle_experts(model: nn.Module, *, seed: int) -> tuple[nn.Module, dict[int
     with torch.no_grad():
         for layer in _experts(new).layers:
             perm = torch.randperm(layer.num_experts, generator=gen)
-            layer.router.weight.copy_(layer.router.weight[perm])
-            if getattr(layer.router, "bias", None) is not None:
-                layer.router.bias.copy_(layer.router.bias[perm])
-            for p in layer.experts.parameters(recurse=False):
-                p.copy_(p[perm])
-            for name, buf in layer.router.named_buffers(recurse=False):  # DeepSeek's correction bias
-                if buf.shape[:1] == perm.shape:
-                    buf.copy_(buf[perm])
+            for _, _, t, axis in layer.expert_tensors():   # router rows, biases, experts
+                t.copy_(t.index_select(axis, perm))
             orders[layer.index] = perm.tolist()
     _check_same_function(model, new, "shuffling experts")
     return new, orders

@@ -119,7 +119,7 @@ def from_model(model, tokenizer, *, name: str) -> ModelWeights:
     layers = []
     for layer in adapter.layers:
         g, u, d = split_experts(adapter.family, layer.experts)
-        layers.append(LayerWeights(index=layer.index, router=_np(layer.router.weight), gate=g, up=u, down=d))
+        layers.append(LayerWeights(index=layer.index, router=_np(layer.router_weight), gate=g, up=u, down=d))
     embed = _np(model.get_input_embeddings().weight)
     return ModelWeights(name=name, family=adapter.family.name, embed=embed, tokens=token_strings(tokenizer, len(embed)),
                         layers=layers, source={"format": "safetensors"})
