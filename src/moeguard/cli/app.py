@@ -35,8 +35,14 @@ _python_format_warning = warnings.formatwarning
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+          trust_inferred_family: Annotated[bool, typer.Option(
+              "--trust-inferred-family", help="use a family spec moeguard inferred but could not verify against "
+                                              "the model's own router (see `moeguard families`)")] = False) -> None:
+    from moeguard.models.families import trust_inferred_families
+
     _state["debug"] = debug
+    trust_inferred_families(trust_inferred_family)
 
 
 def _console():
@@ -143,12 +149,15 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moeguard.models.families import trust_inferred_families
+
     _state["debug"] = False  # set by the --debug callback of this call only
     saved, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return _main(argv)
     finally:
         warnings.formatwarning = saved
+        trust_inferred_families(False)   # a flag of this call only
 
 
 def _main(argv: list[str] | None) -> int:

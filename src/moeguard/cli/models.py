@@ -27,6 +27,40 @@ def info(model: ModelOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def families(as_json: JsonOpt = False,
+             model_types: Annotated[Optional[str], typer.Option(
+                 "--model-types", help="comma-separated model types to check; default: every MoE type in the "
+                                       "installed transformers")] = None) -> None:
+    """Built-in family specs, and whether each MoE model type of the installed transformers is
+    built in, inferred and verified against its own router, or unsupported (and why)."""
+    from moeguard.models.catalog import catalog
+
+    types = [t.strip() for t in model_types.split(",") if t.strip()] if model_types is not None else None
+    if types == []:
+        raise MoeguardError(f"--model-types '{model_types}' names no model type", hint="pass e.g. --model-types flint")
+    if types is not None:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        import difflib
+
+        unknown = [t for t in types if t not in CONFIG_MAPPING_NAMES]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(CONFIG_MAPPING_NAMES), n=3, cutoff=0.6)
+            raise MoeguardError(f"--model-types names {unknown}, which the installed transformers does not know",
+                                hint=(f"did you mean {', '.join(close)}? " if close else "")
+                                + "`moeguard families` lists every MoE model type")
+    if as_json:
+        typer.echo(json.dumps(catalog(types), indent=2))
+        return
+    with _progress() as progress:
+        data = catalog(types, progress=progress)
+    from moeguard.report.tables import families_tables
+
+    for table in families_tables(data):
+        _console().print(table)
+
+
+@app.command()
 def tasks(as_json: JsonOpt = False) -> None:
     """Registered tasks: name, kind, source and metric."""
     from moeguard.tasks.registry import list_tasks

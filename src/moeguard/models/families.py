@@ -24,7 +24,11 @@ class RoutingSpec:
 
     score:      ``softmax`` | ``sigmoid`` | ``sparsemixer`` (PhiMoE's top-2 sparse mixer)
     select_on:  ``probs``: top-k over the scores (softmax before top-k);
-                ``logits``: top-k over raw logits, then softmax over the k chosen (softmax after top-k)
+                ``logits``: top-k over raw logits (plus a selection bias, Kolibri), then the score of
+                the k chosen (softmax over them, or each one's sigmoid)
+    sorted_choice: a biased or group-limited choice takes the top-k sorted by score (AFMoE, Beam);
+                DeepSeek-V3 and MiniMax-M2 take them unsorted. Only the order of the k weights
+                differs, so only a renormalized sum's last bit does
     renormalize: True/False, or the config key holding it (``norm_topk_prob``)
     grouped:    group-limited routing (config ``n_group``/``topk_group``): DeepSeek-V3 scores a
                 group by the sum of its top 2 (``group_score="top2_sum"``); DeepSeek-V2 scores it by
@@ -56,6 +60,7 @@ class RoutingSpec:
     group_score: str = "top2_sum"
     group_method_key: str | None = None   # DeepSeek-V2: groups apply only when config.topk_method says so
     group_method: str = ""
+    sorted_choice: bool = False
 
     def groups_on(self, config) -> bool:
         """Whether this config routes group-limited (DeepSeek-V2's greedy mode does not)."""
@@ -285,16 +290,40 @@ register_family(FamilySpec(name="mellum", model_types=("mellum",), block_attrs=(
                            routing=QWEN2_ROUTING, num_experts_key="num_local_experts"))
 
 
+# Whether commands use an inferred spec that moeguard could not verify (the CLI's
+# --trust-inferred-family sets it for one invocation; library users call trust_inferred_families).
+_POLICY = {"trust_inferred": False}
+
+
+def trust_inferred_families(trust: bool) -> None:
+    """Accept (or stop accepting) inferred family specs that failed verification."""
+    _POLICY["trust_inferred"] = bool(trust)
+
+
 def family_for_config(config) -> FamilySpec:
-    """The family of a config, or a clear error naming what is supported."""
+    """The family of a config: built in, else inferred from the module tree (:mod:`moeguard.models.infer`)
+    and used when it reproduces the model's own router, or when the user trusts it; else a clear
+    error naming what is supported and why this one is not."""
     model_type = getattr(config, "model_type", None)
     if model_type in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE.get(model_type)
+    from moeguard.models.infer import infer_family
+
+    found = infer_family(config)
+    if found.spec is not None and (found.status in ("built-in", "verified") or _POLICY["trust_inferred"]):
+        return found.spec
     supported = ", ".join(_BY_MODEL_TYPE.names())
+    why = "; ".join(found.reasons)
+    if found.status == "unverified":
+        raise MoeguardError(
+            f"model_type '{model_type}' has no built-in spec, and the spec moeguard inferred for it is not verified: "
+            f"{why}", hint="pass --trust-inferred-family to use it anyway (`moeguard info --model M "
+                           "--trust-inferred-family` shows it), or add a spec (docs/families.md)")
     count_keys = sorted({f.num_experts_key for f in FAMILIES.items()})
-    looks_dense = not any(k in config.to_dict() for k in count_keys)
-    what = "a dense (non-MoE) model" if looks_dense else "an unsupported MoE family"
+    looks_dense = found.status == "dense" or not any(k in config.to_dict() for k in count_keys)
+    what = "a dense (non-MoE) model" if looks_dense else f"an unsupported MoE family ({why})"
     raise MoeguardError(
         f"model_type '{model_type}' is {what}; moeguard audits Mixture-of-Experts models of the families: {supported}",
-        hint="pass a checkpoint of one of these families (e.g. mistralai/Mixtral-8x7B-v0.1)",
+        hint="pass a checkpoint of one of these families (e.g. mistralai/Mixtral-8x7B-v0.1), or one of the model "
+             "types `moeguard families` lists as verified",
     )

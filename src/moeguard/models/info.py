@@ -10,6 +10,14 @@ def model_info(ref: str | None) -> dict:
     model_ref, config, family = inspect(ref)
     adapter = MoEAdapter(meta_model(config), family=family)
     out = adapter.describe()
+    from moeguard.models.infer import infer_family
+
+    found = infer_family(config)
+    out["family_spec"] = {"status": found.status, "reasons": list(found.reasons)}
+    if found.status != "built-in":
+        from moeguard.models.infer import spec_summary
+
+        out["family_spec"]["spec"] = spec_summary(family)
     out["name"] = model_ref.name
     out["path"] = str(model_ref.path) if model_ref.path else None
     out["hub_id"] = model_ref.hub_id

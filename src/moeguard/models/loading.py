@@ -118,6 +118,11 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
     from moeguard.models.prune import PER_LAYER_KEY
 
     fix = f"fix {where}/config.json"
+    if hasattr(config, "get_text_config"):   # a multimodal wrapper: its language model's keys
+        try:
+            config = config.get_text_config()
+        except ValueError:   # several text configs (encoder-decoder): keep the top level
+            pass
     E, k = getattr(config, family.num_experts_key, None), getattr(config, family.top_k_key, None)
     for key, value in ((family.num_experts_key, E), (family.top_k_key, k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -98,11 +98,18 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
     out_dtype = {"float32": torch.float32, "logits": logits.dtype,
                  "input": input_dtype or logits.dtype}[spec.weights_dtype]
     if spec.select_on == "logits":
-        top, idx = torch.topk(logits, k, dim=-1)
+        if correction_bias is None:
+            top, idx = torch.topk(logits, k, dim=-1)
+        else:
+            idx = torch.topk(logits + correction_bias, k, dim=-1, sorted=spec.sorted_choice)[1]
+            top = logits.gather(1, idx)
         top = top if spec.score_dtype == "logits" else top.float()
+        if spec.score == "sigmoid":
+            top = top.sigmoid()
+            return (_renorm(top, spec, params) if params.renormalize else top) * params.scaling, idx
         return F.softmax(top, dim=-1).to(out_dtype), idx
     scores = _scores(logits, spec)                                   # [T, E]
-    if spec.score == "softmax" and correction_bias is None and params.n_group == 1:
+    if correction_bias is None and params.n_group == 1:   # sorted, as such routers take it (the sum order follows)
         top, idx = torch.topk(scores, k, dim=-1)
     else:
         choice = scores if correction_bias is None else scores + correction_bias
@@ -113,12 +120,13 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
             else:                         # DeepSeek-V2: scores outside the groups are 0, weights too
                 scores = scores.masked_fill(~inside, 0.0)
                 choice = choice.masked_fill(~inside, 0.0)
-        idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+        idx = torch.topk(choice, k=k, dim=-1, sorted=spec.sorted_choice)[1]
         top = scores.gather(1, idx)
     if params.renormalize:
         top = _renorm(top, spec, params)
-    if spec.score == "sigmoid":   # sigmoid routers return their scores' dtype
-        return top * params.scaling, idx
+    if spec.score == "sigmoid":   # sigmoid routers return their scores' dtype, or cast to the input's (Laguna)
+        top = top * params.scaling
+        return (top.to(out_dtype) if spec.weights_dtype == "input" else top), idx
     return (top * params.scaling).to(out_dtype), idx   # x * 1.0 is exact: unscaled families are unchanged
 
 

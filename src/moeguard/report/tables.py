@@ -22,12 +22,32 @@ def info_table(d: dict) -> Table:
             ("top-k", str(d["top_k"])),
             ("shared experts", "none" if not d["shared_experts"] else f"{d['shared_experts'][0]['modules']} in {len(d['shared_experts'])} layers"),
             ("gate normalization", d["gate_normalization"]),
+            ("family spec", d.get("family_spec", {}).get("status", "built-in")
+             + (f": {'; '.join(d['family_spec']['reasons'])}" if d.get("family_spec", {}).get("reasons") else "")),
             ("parameters total / active", f"{p['total']:,} / {p['active']:,}"),
             ("per expert", f"{p['per_expert']:,}"),
             ("path", d.get("path") or d.get("hub_id") or "-")]
     for k, v in rows:
         t.add_row(k, v)
     return t
+
+
+def families_tables(data: dict) -> list[Table]:
+    """The built-in families, then the installed MoE model types by status."""
+    t = Table(title=f"built-in families ({len(data['builtin'])})")
+    for c in ("family", "model types", "router", "shared experts", "routing"):
+        t.add_column(c, overflow="fold")
+    for r in data["builtin"]:
+        t.add_row(r["family"], ", ".join(r["model_types"]), f"{r['block']}.{r['router']}",
+                  ", ".join(r["shared"]) or "-", r["routing"])
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items()))
+    u = Table(title=f"MoE model types in transformers {data['transformers']} ({counts})")
+    for c in ("model type", "status", "why"):
+        u.add_column(c, overflow="fold")
+    order = {"built-in": 0, "verified": 1, "unverified": 2, "unsupported": 3, "dense": 4}
+    for r in sorted(data["installed"], key=lambda r: (order.get(r["status"], 9), r["model_type"])):
+        u.add_row(r["model_type"], r["status"], "; ".join(r["reasons"]) or "-")
+    return [t, u]
 
 
 def tasks_table(rows: list[dict]) -> Table:

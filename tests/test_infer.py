@@ -1,0 +1,150 @@
+"""Automatic family mapping: the inferred spec of a model type with no built-in one, verified
+against that type's own router, and what commands do with verified and unverified specs."""
+
+import json
+from contextlib import nullcontext
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moeguard.cli import main
+from moeguard.models import infer
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.families import FAMILIES
+from moeguard.models.hooks import mask_experts
+from moeguard.models.prune import prune_model
+from moeguard.testing import _COMMON, tiny_config
+
+# Model types moeguard has no spec for, as tiny configs (8 experts, top-2, every routing feature on)
+TINY_INFERRED = {
+    # sigmoid scores, a selection bias chosen on sorted scores, renormalized: verified
+    "laguna": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32),
+    # top-k on logits then softmax, an always-on shared expert: verified
+    "cohere2_moe": dict(num_experts=8, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=16),
+}
+# a routing switch no rule of moeguard's has (Laguna's tanh soft-cap on the logits): unverified
+SOFTCAPPED = dict(TINY_INFERRED["laguna"], moe_router_logit_softcapping=2.0)
+# Built-in families inference cannot re-derive, and why
+NOT_INFERRED = {"gpt_oss": "is_transposed", "phimoe": "none of the"}
+# constants the checks cannot tell apart (x + 1e-20 == x, max(x, 1e-12) == x for sums of order 1)
+INDISTINGUISHABLE = {"renorm_eps": 0.0, "renorm_min_key": None}
+
+
+def _tiny(model_type, **kw):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**_COMMON, **kw}))
+    with torch.no_grad():
+        # routers and selection biases away from their zero init (the spec even when unverified)
+        for layer in MoEAdapter(model, family=infer.infer_family(model.config).spec).layers:
+            layer.router_weight.normal_(0, 0.5)
+            if layer.correction_bias is not None:
+                layer.correction_bias.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES.names()))
+def test_inference_rederives_every_builtin_family(family):
+    """With the built-in spec hidden, inference finds the same pieces and a rule that reproduces
+    the family's router exactly; the built-ins it cannot re-derive fail for a stated reason."""
+    config = tiny_config(family)
+    model = infer._meta(config)
+    if family in NOT_INFERRED:
+        with pytest.raises(infer._NotSkeleton, match="is_transposed") if family == "gpt_oss" else nullcontext():
+            found = infer._structure(model, config)
+            spec, reasons, _ = infer._verify(config, found)
+            assert reasons and NOT_INFERRED[family] in reasons[0]
+        return
+    found = infer._structure(model, config)
+    spec, reasons, checks = infer._verify(config, found)
+    assert reasons == [], reasons
+    built = FAMILIES.get(family)
+    assert spec.layers_path == built.layers_path and spec.block_attrs[0] in built.block_attrs
+    assert (spec.router_attr, spec.router_weight_attr) == (built.router_attr, built.router_weight_attr)
+    # the same config values (a key may be the other's attribute_map alias)
+    for key, built_key in ((spec.num_experts_key, built.num_experts_key), (spec.top_k_key, built.top_k_key)):
+        assert getattr(config, key) == getattr(config, built_key)
+    assert spec.final_norm_path == built.final_norm_path
+    # shared experts in the block are found; one on the decoder layer (Granite hybrid) is not looked for
+    assert set(spec.shared_attrs) <= set(built.shared_attrs)
+    assert replace(spec.routing, **INDISTINGUISHABLE) == replace(built.routing, **INDISTINGUISHABLE)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_INFERRED))
+def test_an_inferred_family_masks_prunes_streams_and_reloads_like_a_builtin(model_type, token_batch, tmp_path):
+    from moeguard.pruning.checkpoint import prune_checkpoint
+
+    model = _tiny(model_type, **TINY_INFERRED[model_type])
+    a = MoEAdapter(model)
+    assert a.family.name == model_type and model_type not in FAMILIES.names()
+    assert infer.infer_family(model.config).status == "verified"
+    ids, mask = token_batch
+    keep = {l.index: [0, 2, 5, 7] for l in a.layers}
+    with torch.no_grad(), mask_experts(model, keep):
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    pruned, record = prune_model(model, keep)
+    with torch.no_grad():
+        physical = pruned(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(masked, physical, rtol=1e-5, atol=1e-5)
+    assert record["family"] == model_type
+    model.save_pretrained(tmp_path / "src")
+    pruned.save_pretrained(tmp_path / "mem")
+    prune_checkpoint(tmp_path / "src", tmp_path / "streamed", keep)
+    with safe_open(tmp_path / "mem" / "model.safetensors", "pt") as x, \
+            safe_open(tmp_path / "streamed" / "model.safetensors", "pt") as y:
+        assert set(x.keys()) == set(y.keys()) and all(torch.equal(x.get_tensor(k), y.get_tensor(k)) for k in x.keys())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)
+
+
+def _saved(tmp_path, model_type, kw):
+    d = tmp_path / model_type
+    _tiny(model_type, **kw).save_pretrained(d)
+    return d
+
+
+def test_info_says_how_the_family_spec_was_found(tmp_path, capsys):
+    d = _saved(tmp_path, "cohere2_moe", TINY_INFERRED["cohere2_moe"])
+    assert main(["info", "--model", str(d), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["family"] == "cohere2_moe" and data["family_spec"]["status"] == "verified"
+    assert data["family_spec"]["spec"]["routing"]["select_on"] == "logits"
+    assert data["family_spec"]["spec"]["shared"] == ["shared_experts"]
+
+
+def test_an_unverified_spec_is_refused_unless_trusted(tmp_path, capsys):
+    d = _saved(tmp_path, "laguna", SOFTCAPPED)
+    capsys.readouterr()   # drop what saving printed
+    assert main(["info", "--model", str(d)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no built-in spec" in err[0] and "not verified" in err[0]
+    assert "routing rules" in err[0] and "--trust-inferred-family" in err[0]
+    assert main(["--trust-inferred-family", "info", "--model", str(d), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["family"] == "laguna" and data["family_spec"]["status"] == "unverified"
+    # the flag holds for that call only
+    assert main(["info", "--model", str(d)]) == 2
+    capsys.readouterr()
+
+
+def test_families_lists_builtins_and_why_each_type_is_or_is_not_supported(capsys):
+    types = "mixtral,cohere2_moe,llama4_text,jetmoe,switch_transformers"
+    assert main(["families", "--json", "--model-types", types]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["family"] for r in data["builtin"]] == FAMILIES.names()
+    assert all(r["routing"] for r in data["builtin"])
+    rows = {r["model_type"]: r for r in data["installed"]}
+    assert rows["mixtral"]["status"] == "built-in" and rows["cohere2_moe"]["status"] == "verified"
+    assert rows["llama4_text"]["status"] == "unsupported" and "returns 2 value(s)" in rows["llama4_text"]["reasons"][0]
+    assert rows["jetmoe"]["status"] == "unsupported" and "no fused experts" in rows["jetmoe"]["reasons"][0]
+    assert "no causal-LM class" in rows["switch_transformers"]["reasons"][0]
+    assert data["counts"] == {"built-in": 1, "verified": 1, "unsupported": 3}
+    assert main(["families", "--model-types", "cohere2_moe"]) == 0
+    out = capsys.readouterr().out
+    assert "built-in families" in out and "cohere2_moe" in out and "verified" in out
+    assert main(["families", "--model-types", "mixtrl"]) == 2
+    err = capsys.readouterr().err
+    assert "does not know" in err and "did you mean mixtral" in err
