@@ -41,7 +41,7 @@ def moe_model_types() -> list[str]:
             config = AutoConfig.for_model(model_type)
         except Exception:
             continue
-        if any(_experts(c) for c in _sub_configs(config)):
+        if model_type in _BY_MODEL_TYPE or any(_experts(c) for c in _sub_configs(config)):
             out.append(model_type)
     return out
 
