@@ -40,15 +40,19 @@ def test_protocol_round_trips_and_rejects_bad_files(tmp_path):
 def test_a_protocol_restricts_every_mode_to_the_authorized_parameters(family, mode):
     model = tiny_model(family)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    allowed = FinetuneConfig(mode=mode, only=ATTN).allowed()
+    allowed = FinetuneConfig(mode=mode, only=ATTN + tuple(f"*.mixer.{p}_proj.*" for p in "qkvo")).allowed()
     t = apply_mode(model, mode, only=allowed)
-    assert t.params and all("self_attn" in n for n in t.params)
+    assert t.params and all(_attention(n) for n in t.params)
     with torch.no_grad():
         for p in t.params.values():
             p.add_(0.1)
     merged = t.merged()
     changed = {n for n, p in merged.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all("self_attn" in n for n in changed)
+    assert changed and all(_attention(n) for n in changed)
+
+
+def _attention(name: str) -> bool:
+    return "self_attn" in name or any(f"mixer.{p}_proj" in name for p in "qkvo")  # Nemotron-H: attention is a mixer
 
 
 def test_a_protocol_that_authorizes_nothing_a_mode_can_train_is_an_error():

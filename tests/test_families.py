@@ -51,6 +51,7 @@ FAMILY_LAYOUT = {
     "exaone_moe": ("mlp.e_score_correction_bias", True),
     "solar_open": ("mlp.experts.0.gate_proj.weight", True),
     "mimo_v2_flash": ("mlp.experts.0.gate_proj.weight", False),
+    "nemotron_h": ("mixer.experts.0.up_proj.weight", True),
 }
 KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
 # Which equalities are exact (docs/attribution-and-pruning.md, "Exactness"):

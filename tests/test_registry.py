@@ -163,7 +163,7 @@ def test_on_disk_names_live_in_the_family_specs():
     assert m is not None and m.groups() == ("3", "w1.weight")
     # a checkpoint of unknown family: every family's names (what the streaming pruner used to hard-code)
     every = DiskLayout.union(f.disk_layout() for f in FAMILIES.items())
-    assert set(every.block_names) == {"mlp", "block_sparse_moe", "feed_forward"}
+    assert set(every.block_names) == {"mlp", "block_sparse_moe", "feed_forward", "mixer"}
     # routers, and selection biases saved beside them on the block (MiniMax-M2, LFM2, EXAONE, ERNIE)
     assert set(every.router_modules) == {"gate", "router", "e_score_correction_bias", "expert_bias", "moe_statics"}
     assert set(every.expert_modules) == {"experts", "input_linear", "output_linear"}

@@ -143,14 +143,25 @@ class FamilySpec:
     disk_expert_attrs: tuple[str, ...] = ()
     disk_per_expert: str = r"^experts\.(\d+)\.(.+)$"  # one tensor per expert, number in the key
     # In memory, fused experts: "gate_up" = gate_up_proj [E, 2I, d] (gate rows, then up rows) and
-    # down_proj [E, d, I]; "gate_up_interleaved_t" = gpt-oss's [E, d, 2I] (gate even, up odd) and [E, I, d].
+    # down_proj [E, d, I]; "gate_up_interleaved_t" = gpt-oss's [E, d, 2I] (gate even, up odd) and [E, I, d];
+    # "up" = ungated experts (Nemotron-H): up_proj [E, I, d] and down_proj [E, d, I].
     expert_layout: str = "gate_up"
+    # Where checkpoints keep the decoder layers when not where memory does (Nemotron-H saves its
+    # base model as ``backbone``): the prefix of layers_path is swapped for on-disk names.
+    disk_layers_path: str | None = None
     # On disk (what trace streams): each routed expert's gate, up and down tensors. Three names
     # under ``experts.{e}.`` (gate [I, d], up [I, d], down [d, I]), or two fused names under the
     # sparse block (every expert's gate-up and down, in ``expert_layout``). And the router's
     # weight, under its module.
     disk_expert_tensors: tuple[str, ...] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
     disk_router_weight: str = "weight"
+
+    def disk_name(self, name: str) -> str:
+        """The on-disk name of an in-memory parameter name (they differ only in the base-model prefix)."""
+        if not self.disk_layers_path:
+            return name
+        mem, disk = self.layers_path.rpartition(".")[0] + ".", self.disk_layers_path.rpartition(".")[0] + "."
+        return disk + name[len(mem):] if name.startswith(mem) else name
 
     def disk_layout(self) -> DiskLayout:
         """The module names under which this family's checkpoints hold routers and experts."""
@@ -242,6 +253,16 @@ register_family(FamilySpec(
     name="gpt_oss", model_types=("gpt_oss",), block_attrs=("mlp",), router_attr="router",
     routing=RoutingSpec(score="softmax", select_on="logits", score_dtype="logits"), num_experts_key="num_local_experts",
     expert_layout="gate_up_interleaved_t", disk_expert_tensors=("experts.gate_up_proj", "experts.down_proj")))
+
+# Nemotron-H: Mamba2, attention and MoE layers (the MoE layer's block is its ``mixer``);
+# DeepSeek-V3's router; ungated relu² experts; checkpoints call the base model ``backbone``
+register_family(FamilySpec(
+    name="nemotron_h", model_types=("nemotron_h",), block_attrs=("mixer",), router_attr="gate",
+    routing=DEEPSEEK_V3_ROUTING, num_experts_key="n_routed_experts", shared_attrs=("shared_experts",),
+    min_experts=2, aux_loss_key=None, final_norm_path="model.norm_f", expert_layout="up",
+    disk_layers_path="backbone.layers",
+    # per expert: up and down on disk; the up projection stands in for the gate where a reader wants one
+    disk_expert_tensors=("up_proj.weight", "up_proj.weight", "down_proj.weight")))
 
 # Jamba: Mamba and attention layers, an MoE feed-forward every expert_layer_period; softmax, top-k,
 # never renormalized

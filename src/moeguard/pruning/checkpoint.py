@@ -276,7 +276,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     adapter = MoEAdapter(meta_model(config), family=family)
     keep = normalize_keep(adapter, keep)
     new_config, changes = pruned_config(adapter, keep)
-    plan = plan_tensors(files, headers, layers_path=family.layers_path,
+    plan = plan_tensors(files, headers, layers_path=family.disk_layers_path or family.layers_path,
                         experts={l.index: l.num_experts for l in adapter.layers}, keep=keep,
                         layout=family.disk_layout())
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)

@@ -118,18 +118,27 @@ def _experts(model: nn.Module, *, only: Allowed = None, **_) -> Trainable:
     return _select(model, "experts", {id(p) for l in adapter.layers for p in l.experts.parameters()}, only)
 
 
+# peft (tuners_utils._check_lora_target_modules_mamba) refuses LoRA on these leaf modules of these
+# model types; moeguard leaves them out rather than fail
+_PEFT_MAMBA_TYPES = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"}
+_PEFT_MAMBA_REFUSED = {"out_proj", "conv1d"}
+
+
 def lora_targets(model: nn.Module, only: Allowed = None) -> tuple[list[str], list[str]]:
     """(linear module names, fused expert parameter names) that LoRA adapts; with ``only``,
     those whose weights the protocol authorizes.
 
     Routers stay out: several families' routers are ``nn.Linear`` subclasses returning tuples,
-    which peft's LoRA layer cannot wrap, and a router is ``router`` mode's business."""
+    which peft's LoRA layer cannot wrap, and a router is ``router`` mode's business. So do the
+    Mamba mixers' projections peft refuses to wrap in the model types it knows as Mamba-based."""
     adapter = MoEAdapter(model)
     routers = {id(l.router) for l in adapter.layers}
     head = model.get_output_embeddings()
     ok = only or (lambda name: True)
+    mamba = getattr(model.config, "model_type", None) in _PEFT_MAMBA_TYPES
     modules = [n for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and id(m) not in routers and m is not head and ok(f"{n}.weight")]
+               if isinstance(m, nn.Linear) and id(m) not in routers and m is not head and ok(f"{n}.weight")
+               and not (mamba and n.rsplit(".", 1)[-1] in _PEFT_MAMBA_REFUSED)]
     names = {id(p): n for n, p in model.named_parameters()}
     experts = sorted({n.rsplit(".", 1)[-1] for l in adapter.layers for n, p in l.experts.named_parameters()
                       if p.dim() == 3 and ok(names[id(p)])})

@@ -109,7 +109,7 @@ class StreamedCheckpoint(LayerCounts):
         model = meta_model(config)
         adapter = MoEAdapter(model, family=family)
         emb = model.get_input_embeddings().weight
-        embed_key = next(n for n, p in model.named_parameters() if p is emb)
+        embed_key = family.disk_name(next(n for n, p in model.named_parameters() if p is emb))
         if embed_key not in where:
             raise MoeguardError(f"{r.path} has no tensor {embed_key} (the token embeddings)",
                                 hint="the checkpoint is incomplete; re-download it")
@@ -142,7 +142,7 @@ class StreamedCheckpoint(LayerCounts):
     def _find_layer(index, E, family, blocks, names, where, shapes, *, hidden, path) -> tuple[_Layer, int]:
         """The layer's expert tensors, with their shapes checked; returns (layer, neurons per expert)."""
         fix = "the checkpoint's weights do not match its config.json, or it is incomplete; re-download it"
-        prefixes = [f"{family.layers_path}.{index}.{b}." for b in blocks]
+        prefixes = [f"{family.disk_layers_path or family.layers_path}.{index}.{b}." for b in blocks]
         if len(names) == 3:
             found = [p for p in prefixes if f"{p}experts.0.{names[0]}" in where]
             if not found:

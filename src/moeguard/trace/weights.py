@@ -95,6 +95,12 @@ def _np(t) -> np.ndarray:
 def split_experts(family, experts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gate [E,I,d], up [E,I,d], down [E,d,I]) of one layer's fused expert module."""
     layout = getattr(family, "expert_layout", "gate_up")
+    if layout == "up":   # ungated experts (Nemotron-H): the up projection stands in for the gate
+        up, dn = getattr(experts, "up_proj", None), getattr(experts, "down_proj", None)
+        if up is None or dn is None:
+            raise MoeguardError(f"the experts of family '{family.name}' are not fused up_proj/down_proj tensors",
+                                hint="trace supports the fused expert layout of transformers 5; report this family")
+        return _np(up), _np(up), _np(dn)
     gu = getattr(experts, "gate_up_proj", None)
     dn = getattr(experts, "down_proj", None)
     if gu is None or dn is None or not hasattr(gu, "shape"):
@@ -108,7 +114,7 @@ def split_experts(family, experts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         g, u = gu[:, :, ::2], gu[:, :, 1::2]
         return g.transpose(0, 2, 1), u.transpose(0, 2, 1), dn.transpose(0, 2, 1)
     raise MoeguardError(f"unknown expert layout '{layout}' of family '{family.name}'",
-                        hint="use 'gate_up' or 'gate_up_interleaved_t'")
+                        hint="use 'gate_up', 'gate_up_interleaved_t' or 'up'")
 
 
 def from_model(model, tokenizer, *, name: str) -> ModelWeights:
