@@ -58,7 +58,7 @@ def main() -> None:
         try:
             model = build(family)
 
-            def fwd():
+            def fwd(model=model):
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
 
             with torch.no_grad():

@@ -19,6 +19,8 @@ from moeguard.cli import app, main
 MATRIX = {
     "info": {"missing": (["--model"], "requires an argument"), "type": (["--json", "3"], "unexpected extra argument"),
              "range": (["--model", "O"], "does not exist")},
+    "families": {"missing": (["--model-types"], "requires an argument"), "type": (["--json", "x"], "unexpected extra argument"),
+                 "range": (["--model-types", "mixtrl"], "does not know")},
     "tasks": {"missing": (["--jsn"], "No such option"), "type": (["--json", "x"], "unexpected extra argument"),
               "range": (["extra"], "unexpected extra argument")},
     "methods": {"missing": (["--jsn"], "No such option"), "type": (["--json", "x"], "unexpected extra argument"),

@@ -18,7 +18,7 @@ from moeguard.models.adapter import MoEAdapter
 from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import RoutingCapture, mask_experts
 from moeguard.models.prune import prune_model
-from moeguard.models.routing import pruned_router_params, route, route_module, router_logits
+from moeguard.models.routing import pruned_router_params, route, route_module, router_logits, unpack_router_output
 from moeguard.testing import tiny_model
 
 # family -> (a key of its public checkpoint layout, shared-expert module present)
@@ -52,6 +52,7 @@ FAMILY_LAYOUT = {
     "solar_open": ("mlp.experts.0.gate_proj.weight", True),
     "mimo_v2_flash": ("mlp.experts.0.gate_proj.weight", False),
     "nemotron_h": ("mixer.experts.0.up_proj.weight", True),
+    "llama4": ("feed_forward.experts.gate_up_proj", True),
 }
 KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
 # Which equalities are exact (docs/attribution-and-pruning.md, "Exactness"):
@@ -70,7 +71,8 @@ def routed_both_ways(a, h):
     each side's (indices, weights), with every token's choices in index order."""
     layer = a.layers[0]
     block_bias = "." not in (a.family.routing.correction_bias or ".")   # MiniMax-M2, LFM2: the block passes it
-    _, ref_w, ref_idx = layer.router(h, layer.correction_bias) if block_bias else layer.router(h)
+    out = layer.router(h, layer.correction_bias) if block_bias else layer.router(h)
+    _, ref_w, ref_idx = unpack_router_output(a.family.call, out, a.top_k)   # Llama-4's (scores, logits) too
     params = pruned_router_params(a.family, a.config, list(range(8)), 8)
     w, idx = route_module(layer, router_logits(layer, h, a.family.routing), a.family.routing, params,
                           input_dtype=h.dtype)
@@ -329,3 +331,36 @@ def test_route_matches_transformers_router_in_bf16(family_model):
     assert torch.equal(ref_idx, idx)
     assert w.dtype == ref_w.dtype, (fam, w.dtype, ref_w.dtype)
     assert torch.equal(ref_w, w)
+
+
+def test_llama4_traces_and_captures_what_each_expert_adds(token_batch):
+    """Llama-4 scales an expert's input by its score: a traced slot times its gate is exactly the
+    expert's contribution, the slots sum to the block's routed output, the one-call helper
+    reproduces a slot, and the capture's norms are the contributions' norms."""
+    from moeguard.models.hooks import expert_outputs, trace_experts
+
+    model = tiny_model("llama4")
+    a = MoEAdapter(model)
+    layer = a.layers[0]
+    ids, mask = token_batch
+    seen = {}
+    handle = layer.experts.register_forward_hook(lambda m, args, out: seen.update(out=out.detach()))
+    try:
+        with torch.no_grad(), trace_experts(model, adapter=a) as traces:
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    t = traces[layer.index]
+    rows = seen["out"].view(8, -1, model.config.hidden_size)                    # [E, N, d]
+    torch.testing.assert_close((t.slot_out * t.weights[..., None]).sum(1), rows.sum(0), rtol=1e-5, atol=1e-6)
+    first = expert_outputs(a, layer, t.hidden, t.index[:, 0], t.weights[:, 0])
+    torch.testing.assert_close(first, t.slot_out[:, 0] * t.weights[:, :1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), RoutingCapture(model, norms=True, adapter=a) as cap:
+        model(input_ids=ids[:1], attention_mask=mask[:1])
+    norms = rows.new_zeros(8)
+    with torch.no_grad(), trace_experts(model, adapter=a) as traces:
+        model(input_ids=ids[:1], attention_mask=mask[:1])
+    t = traces[layer.index]
+    contrib = (t.slot_out * t.weights[..., None]).norm(dim=-1)                  # [N, k]
+    norms.index_add_(0, t.index.reshape(-1), contrib.reshape(-1))
+    torch.testing.assert_close(cap.stats.layers[0].weighted_norm_sum.float(), norms, rtol=1e-4, atol=1e-5)

@@ -84,6 +84,9 @@ TINY_FAMILY_KWARGS: dict[str, dict] = {
                        moe_shared_expert_intermediate_size=32, num_hidden_layers=4, routed_scaling_factor=2.5,
                        layers_block_type=["linear_attention", "moe", "full_attention", "moe"], mamba_num_heads=4,
                        mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=16),
+    # layer 0 dense, layers 1-2 MoE
+    "llama4": dict(num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=3, moe_layers=[1, 2],
+                   intermediate_size_mlp=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "mimo_v2_flash": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16,
                           routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
                           layer_types=["full_attention", "sliding_attention", "full_attention"],

@@ -16,7 +16,7 @@ computed, never weight gradients.
 import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
-from moeguard.models.hooks import trace_experts
+from moeguard.models.hooks import expert_outputs, trace_experts
 from moeguard.models.routing import pruned_router_params, route_module
 from moeguard.tasks.batches import token_nll
 
@@ -50,7 +50,16 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
     for _, idx in routed:
         need.scatter_(1, idx, True)
     tok, ex = torch.where(need & table.isnan())
-    if tok.numel():  # one call of the experts' kernel for every newly reached pair
+    if tok.numel() and adapter.family.call == "scaled_input":
+        # Llama-4: a pair's gate is its own sigmoid whatever else is dropped; its output per unit
+        # of that gate is exact there
+        gates = torch.zeros(N, E, device=device)
+        for w_new, idx in routed:
+            gates.scatter_(1, idx, w_new)
+        w = gates[tok, ex].clamp_min(torch.finfo(torch.float32).tiny)
+        y = expert_outputs(adapter, layer, trace.hidden[tok], ex.to(trace.index.dtype), w).float() / w[:, None]
+        table[tok, ex] = (y * G[tok]).sum(-1)
+    elif tok.numel():  # one call of the experts' kernel for every newly reached pair
         ones = torch.ones((tok.numel(), 1), dtype=trace.weights.dtype, device=device)
         y = layer.experts(trace.hidden[tok], ex[:, None].to(trace.index.dtype), ones).float()
         table[tok, ex] = (y * G[tok]).sum(-1)

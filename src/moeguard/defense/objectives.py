@@ -28,6 +28,7 @@ from torch import nn
 
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import mask_experts
+from moeguard.models.routing import unpack_router_output
 from moeguard.realign.engine import task_loss
 from moeguard.tasks.batches import Batch
 
@@ -48,8 +49,9 @@ def record_routers(model: nn.Module, *, adapter: MoEAdapter | None = None) -> It
     handles = []
 
     def hook(module, args, output):
-        tape.logits.append(output[0])
-        tape.index.append(output[2].detach())
+        logits, _, index = unpack_router_output(adapter.family.call, output, adapter.top_k)
+        tape.logits.append(logits)
+        tape.index.append(index.detach())
 
     try:
         for layer in adapter.layers:

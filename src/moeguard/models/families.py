@@ -144,8 +144,14 @@ class FamilySpec:
     disk_per_expert: str = r"^experts\.(\d+)\.(.+)$"  # one tensor per expert, number in the key
     # In memory, fused experts: "gate_up" = gate_up_proj [E, 2I, d] (gate rows, then up rows) and
     # down_proj [E, d, I]; "gate_up_interleaved_t" = gpt-oss's [E, d, 2I] (gate even, up odd) and [E, I, d];
-    # "up" = ungated experts (Nemotron-H): up_proj [E, I, d] and down_proj [E, d, I].
+    # "up" = ungated experts (Nemotron-H): up_proj [E, I, d] and down_proj [E, d, I];
+    # "gate_up_t" = Llama-4's [E, d, 2I] (gate columns, then up) and [E, I, d].
     expert_layout: str = "gate_up"
+    # How the block calls its router and experts. "standard": the router returns (logits, weights,
+    # index) and the experts are called as experts(hidden, index, weights), scaling their outputs.
+    # "scaled_input" (Llama-4): the router returns (scores [T, E], logits), zero for experts not
+    # chosen, and every expert runs on every token's input scaled by its score (experts([E*T, d])).
+    call: str = "standard"
     # Where checkpoints keep the decoder layers when not where memory does (Nemotron-H saves its
     # base model as ``backbone``): the prefix of layers_path is swapped for on-disk names.
     disk_layers_path: str | None = None
@@ -263,6 +269,14 @@ register_family(FamilySpec(
     disk_layers_path="backbone.layers",
     # per expert: up and down on disk; the up projection stands in for the gate where a reader wants one
     disk_expert_tensors=("up_proj.weight", "up_proj.weight", "down_proj.weight")))
+
+# Llama-4 (text model; the multimodal wrapper resolves to it): top-k on logits, each chosen expert's
+# sigmoid, never renormalized; the score scales the expert's *input*; transposed fused experts
+register_family(FamilySpec(
+    name="llama4", model_types=("llama4_text",), block_attrs=("feed_forward",), router_attr="router",
+    routing=RoutingSpec(score="sigmoid", select_on="logits"), num_experts_key="num_local_experts",
+    shared_attrs=("shared_expert",), expert_layout="gate_up_t", call="scaled_input",
+    disk_expert_tensors=("experts.gate_up_proj", "experts.down_proj")))
 
 # Jamba: Mamba and attention layers, an MoE feed-forward every expert_layer_period; softmax, top-k,
 # never renormalized

@@ -19,7 +19,8 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.routing import pruned_router_params, route_module, router_logits
+from moeguard.models.routing import (pack_router_output, pruned_router_params, route_module, router_logits,
+                                     unpack_router_output)
 
 
 _ABSENT = object()
@@ -100,6 +101,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         self._valid: torch.Tensor | None = None   # [B*T] bool for the current forward
         self._batch_shape: tuple[int, int] | None = None
         self._sample_counts: torch.Tensor | None = None
+        self._routed: dict[int, tuple] = {}
         E = self.adapter.num_experts
         self.stats = RoutingStats(
             layers=[LayerStats(layer=l.index, counts=torch.zeros(E, dtype=torch.float64),
@@ -143,10 +145,11 @@ class RoutingCapture(contextlib.AbstractContextManager):
     # -- router hook -------------------------------------------------------------------------
     def _router_hook(self, slot: int):
         stats = self.stats.layers[slot]
-        spec = self.adapter.family.routing
+        spec, call, top_k = self.adapter.family.routing, self.adapter.family.call, self.adapter.top_k
 
         def hook(module, args, output):
-            logits, weights, idx = output[0], output[1], output[2]
+            logits, weights, idx = unpack_router_output(call, output, top_k)
+            self._routed[slot] = (idx, weights)   # for an input-scaled experts patch (Llama-4)
             with torch.no_grad():
                 valid = self._valid_for(idx.shape[0], idx.device)
                 sel, w = idx[valid], weights[valid].float()
@@ -167,8 +170,30 @@ class RoutingCapture(contextlib.AbstractContextManager):
         return hook
 
     # -- experts patch (norms) ----------------------------------------------------------------
+    def _scaled_experts_forward(self, slot: int, original):
+        """Llama-4: every expert runs on every token's score-scaled input ([E*T, d] rows). An
+        expert's gate is inside it, so both norm sums record the norm of what it adds."""
+        stats = self.stats.layers[slot]
+
+        def forward(routed_in):
+            out = original(routed_in)
+            idx, _ = self._routed[slot]
+            E = stats.counts.numel()
+            T = out.shape[0] // E
+            with torch.no_grad():
+                norms = out.view(E, T, -1).float().norm(dim=-1).t()            # [T, E]
+                picked = norms.gather(1, idx) * self._valid_for(T, idx.device)[:, None]
+                add = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.reshape(-1).cpu(),
+                                                                     picked.reshape(-1).double().cpu())
+                stats.norm_sum += add
+                stats.weighted_norm_sum += add
+            return out
+        return forward
+
     def _experts_forward(self, slot: int, original):
         stats = self.stats.layers[slot]
+        if self.adapter.family.call == "scaled_input":
+            return self._scaled_experts_forward(slot, original)
 
         def forward(hidden_states, top_k_index, top_k_weights):
             out = torch.zeros_like(hidden_states)
@@ -253,7 +278,7 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
     """
     adapter = adapter or MoEAdapter(model)
     keep = normalize_keep(adapter, keep)
-    spec = adapter.family.routing
+    spec, call = adapter.family.routing, adapter.family.call
     patched = []
     try:
         for layer in adapter.layers:
@@ -272,7 +297,7 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
                                                 input_dtype=hidden_states.dtype)
                 masked = torch.full_like(logits, float("-inf"))
                 masked[:, _kept] = logits[:, _kept]
-                return masked, weights, _kept[sub_idx]
+                return pack_router_output(call, masked, weights, _kept[sub_idx])
 
             patched.append((router, _set_forward(router, forward)))
         yield adapter
@@ -341,7 +366,7 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
             m = torch.full_like(part, float("-inf"))
             m[:, kept] = part[:, kept]
             masked.append(m), weights.append(w), index.append(kept[sub])
-        return torch.cat(masked), torch.cat(weights), torch.cat(index)
+        return pack_router_output(adapter.family.call, torch.cat(masked), torch.cat(weights), torch.cat(index))
 
     previous = _set_forward(router, forward)
     try:
@@ -371,10 +396,39 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
     traces = {l.index: ExpertTrace() for l in adapter.layers}
     handles, patched = [], []
 
+    call, top_k = adapter.family.call, adapter.top_k
+
     def router_hook(trace):
         def hook(module, args, output):
-            trace.logits = output[0].detach()
+            logits, weights, index = unpack_router_output(call, output, top_k)
+            trace.logits = logits.detach()
+            if call == "scaled_input":   # the experts' patch below sees only their scaled inputs
+                trace.index, trace.weights = index.detach(), weights.detach()
         return hook
+
+    def block_hook(trace):
+        def hook(module, args):
+            trace.hidden = args[0].reshape(-1, args[0].shape[-1]).detach()
+        return hook
+
+    def scaled_experts_forward(trace, original, E):
+        """Llama-4: every expert on every token's score-scaled input ([E*N, d] rows). A slot's
+        output is its contribution per unit of gate, exact at the gate it has (w * y_j is what
+        the expert adds)."""
+        def forward(routed_in):
+            out = original(routed_in)
+            N = out.shape[0] // E
+            y = out.view(E, N, -1).transpose(0, 1)                                   # [N, E, d]
+            slots = y.gather(1, trace.index[..., None].expand(-1, -1, y.shape[-1]))  # [N, k, d]
+            w = trace.weights[..., None].to(slots.dtype)
+            trace.slot_out = torch.where(w > 0, slots / w.clamp_min(torch.finfo(w.dtype).tiny), 0).detach()
+            if torch.is_grad_enabled():
+                if not out.requires_grad:
+                    out.requires_grad_(True)
+                # the block sums the experts' rows: each row's gradient is the summed output's
+                out.register_hook(lambda g: setattr(trace, "grad", g.view(E, N, -1)[0].detach()))
+            return out
+        return forward
 
     def experts_forward(trace, original):
         def forward(hidden_states, top_k_index, top_k_weights):
@@ -401,10 +455,30 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
             t = traces[layer.index]
             handles.append(layer.router.register_forward_hook(router_hook(t)))
             original = layer.experts.forward
-            patched.append((layer.experts, _set_forward(layer.experts, experts_forward(t, original))))
+            if call == "scaled_input":
+                handles.append(layer.block.register_forward_pre_hook(block_hook(t)))
+                forward = scaled_experts_forward(t, original, layer.num_experts)
+            else:
+                forward = experts_forward(t, original)
+            patched.append((layer.experts, _set_forward(layer.experts, forward)))
         yield traces
     finally:
         for h in handles:
             h.remove()
         for module, previous in reversed(patched):
             _restore_forward(module, previous)
+
+
+def expert_outputs(adapter: MoEAdapter, layer, hidden: torch.Tensor, experts: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """[n, d]: what expert ``experts[j]`` adds for token ``hidden[j]`` at gate ``weights[j]``,
+    through the experts' own kernel (one call). Experts that scale their output are run at
+    gate 1 and scaled; Llama-4's, which scale their input, run on the scaled input."""
+    if adapter.family.call != "scaled_input":
+        ones = torch.ones((len(experts), 1), dtype=weights.dtype, device=hidden.device)
+        return layer.experts(hidden, experts[:, None], ones) * weights[:, None].to(hidden.dtype)
+    E, n = layer.num_experts, len(experts)
+    routed_in = torch.zeros(E, n, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    rows = torch.arange(n, device=hidden.device)
+    routed_in[experts, rows] = hidden * weights[:, None].to(hidden.dtype)
+    return layer.experts(routed_in.reshape(E * n, -1)).view(E, n, -1)[experts, rows]

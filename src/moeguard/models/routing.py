@@ -104,9 +104,9 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
             idx = torch.topk(logits + correction_bias, k, dim=-1, sorted=spec.sorted_choice)[1]
             top = logits.gather(1, idx)
         top = top if spec.score_dtype == "logits" else top.float()
-        if spec.score == "sigmoid":
+        if spec.score == "sigmoid":   # in the scores' dtype, returned in the logits' (Llama-4)
             top = top.sigmoid()
-            return (_renorm(top, spec, params) if params.renormalize else top) * params.scaling, idx
+            return ((_renorm(top, spec, params) if params.renormalize else top) * params.scaling).to(out_dtype), idx
         return F.softmax(top, dim=-1).to(out_dtype), idx
     scores = _scores(logits, spec)                                   # [T, E]
     if correction_bias is None and params.n_group == 1:   # sorted, as such routers take it (the sum order follows)
@@ -154,3 +154,23 @@ def router_logits(layer, hidden: torch.Tensor, spec: RoutingSpec | None = None) 
     if weight.dtype == torch.float32 and hidden.dtype != torch.float32:
         hidden = hidden.float()  # DeepSeek-V3 and HunYuan keep routers in fp32 and cast the input up
     return F.linear(hidden, weight, layer.router_bias)
+
+
+def unpack_router_output(call: str, output, top_k: int):
+    """(logits [T, E], weights [T, k], index [T, k]) from what a family's router returns: the
+    standard triple, or Llama-4's (scores [T, E], logits) with the chosen experts the top-k logits
+    (masked routers give -inf to dropped experts, so k is clamped to the experts left)."""
+    if call != "scaled_input":
+        return output[0], output[1], output[2]
+    scores, logits = output[0], output[1]
+    k = min(top_k, int(torch.isfinite(logits).sum(-1).min()) if logits.numel() else top_k)
+    idx = torch.topk(logits, k, dim=-1).indices
+    return logits, scores.gather(1, idx), idx
+
+
+def pack_router_output(call: str, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor):
+    """What the family's router returns, from (logits, weights, index): the inverse of
+    :func:`unpack_router_output` (Llama-4's scores are 0 for experts not chosen)."""
+    if call != "scaled_input":
+        return logits, weights, index
+    return torch.zeros_like(logits).scatter_(1, index, weights.to(logits.dtype)), logits

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from moeguard.errors import MoeguardError
+from moeguard.models.routing import unpack_router_output
 from moeguard.tasks.base import Task
 
 SEPARATOR = "\n"
@@ -65,13 +66,14 @@ class RouterTap:
 
     def __init__(self, adapter, slot: int, *, stop: bool = True):
         self.router = adapter.layers[slot].router
+        self.call, self.top_k = adapter.family.call, adapter.top_k
         self.stop = stop
         self.logits: torch.Tensor | None = None      # [B*T, E]
         self.index: torch.Tensor | None = None       # [B*T, k]
         self._handle = None
 
     def _hook(self, module, args, output):
-        self.logits, self.index = output[0], output[2]
+        self.logits, _, self.index = unpack_router_output(self.call, output, self.top_k)
         if self.stop:
             raise _Stop
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from moeguard.models.routing import unpack_router_output
 from moeguard.monitor.embed import pack, unpack
 
 SEGMENT = 16            # tokens per stretch the statistic averages over
@@ -161,10 +162,11 @@ class RoutedIds:
         def hook(module, args, output):
             if not self.enabled:
                 return
+            index = unpack_router_output(self.adapter.family.call, output, self.adapter.top_k)[2]
             if not self.first_only:
-                self.ids[slot] = output[2]
+                self.ids[slot] = index
             elif self.ids[slot] is None:
-                self.ids[slot] = output[2].detach().clone()   # not a buffer a later call may reuse
+                self.ids[slot] = index.detach().clone()   # not a buffer a later call may reuse
         return hook
 
     def __exit__(self, *exc) -> None:

@@ -170,7 +170,7 @@ class StreamedCheckpoint(LayerCounts):
         if family.expert_layout == "gate_up":
             I = shapes[gu][1] // 2
             want = [(E, 2 * I, hidden), (E, hidden, I)]
-        else:  # gate_up_interleaved_t
+        else:  # gate_up_t, gate_up_interleaved_t: [E, d, 2I] and [E, I, d]
             I = shapes[gu][2] // 2
             want = [(E, hidden, 2 * I), (E, I, hidden)]
         for k, w in zip((gu, dn), want):
@@ -229,8 +229,9 @@ class StreamedCheckpoint(LayerCounts):
         r = min(-(-8192 // self.hidden), self.intermediate)       # gate rows holding 8192 values
         reader = ShardReader()
         try:
-            if layer.fused and self.layout != "gate_up":  # gpt-oss [E, d, 2I]: gate rows G[n, :] are columns here
-                x = _float(reader.read(self.where[key], key, (0, slice(None), slice(0, 2 * r))))[:, 0::2].T
+            if layer.fused and self.layout != "gate_up":  # [E, d, 2I]: gate rows G[n, :] are columns here
+                x = _float(reader.read(self.where[key], key, (0, slice(None), slice(0, 2 * r))))
+                x = (x[:, 0::2] if self.layout == "gate_up_interleaved_t" else x[:, :r]).T  # gpt-oss / Llama-4
             else:  # gate rows [., d] in storage order (a fused gate-up tensor holds its up rows after row I)
                 x = _float(reader.read(self.where[key], key, (*lead, slice(0, r))))
         finally:
@@ -339,13 +340,15 @@ class StreamedCheckpoint(LayerCounts):
                         u[lo - I:b - I] = cols[lo - a:]
             return g, u, self._rows(reader, dn, lead, C), v
         gu, dn = layer.tensors[0]                                # [E, d, 2I], [E, I, d]
+        gate = slice(0, None, 2) if self.layout == "gate_up_interleaved_t" else slice(0, I)  # gpt-oss / Llama-4
+        up = slice(1, None, 2) if self.layout == "gate_up_interleaved_t" else slice(I, 2 * I)
         picked = np.empty((len(C), 2 * I))                       # rows C of gate-up, in one pass
         for a, b, x in self._chunks(reader, gu, (e,)):
-            v[a:b] = x[:, 0::2].sum(1, dtype=torch.float64).numpy()
+            v[a:b] = x[:, gate].sum(1, dtype=torch.float64).numpy()
             sel = np.flatnonzero((C >= a) & (C < b))
             if sel.size:
                 picked[sel] = _float(x[torch.as_tensor(C[sel] - a)])
-        g, u = picked[:, 0::2].T.copy(), picked[:, 1::2].T.copy()
+        g, u = picked[:, gate].T.copy(), picked[:, up].T.copy()
         d_rows = np.empty((len(C), I))
         for a, b, x in self._chunks(reader, dn, (e,)):
             d_rows[:, a:b] = _columns(x, C).T

@@ -110,11 +110,14 @@ def split_experts(family, experts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if layout == "gate_up":
         I = gu.shape[1] // 2
         return gu[:, :I, :], gu[:, I:, :], dn
+    if layout == "gate_up_t":  # Llama-4: [E, d, 2I], gate = the first I columns; down [E, I, d]
+        I = gu.shape[2] // 2
+        return gu[:, :, :I].transpose(0, 2, 1), gu[:, :, I:].transpose(0, 2, 1), dn.transpose(0, 2, 1)
     if layout == "gate_up_interleaved_t":  # gpt-oss: [E, d, 2I], gate = even columns; down [E, I, d]
         g, u = gu[:, :, ::2], gu[:, :, 1::2]
         return g.transpose(0, 2, 1), u.transpose(0, 2, 1), dn.transpose(0, 2, 1)
     raise MoeguardError(f"unknown expert layout '{layout}' of family '{family.name}'",
-                        hint="use 'gate_up', 'gate_up_interleaved_t' or 'up'")
+                        hint="use 'gate_up', 'gate_up_t', 'gate_up_interleaved_t' or 'up'")
 
 
 def from_model(model, tokenizer, *, name: str) -> ModelWeights:
