@@ -27,3 +27,18 @@ def write_result(name: str, data: dict, out: str | None = None) -> Path:
            "git_commit": git_commit(), "machine": machine(), **data}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def alternating_medians(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each named callable, the callables taking turns ``repeats`` times so
+    drift (thermal, other load) hits each alike: timing ratios side by side in one run."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}

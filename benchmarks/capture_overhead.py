@@ -10,12 +10,10 @@ experts one by one to read their output norms) is measured beside it for referen
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from _common import write_result
+from _common import alternating_medians, write_result
 from moeguard.models.hooks import RoutingCapture
 from moeguard.models.loading import load_model
 
@@ -36,20 +34,17 @@ def main() -> None:
     def fwd():
         model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    times = {"plain": [], "capture": [], "capture_norms": []}
+    def captured(norms: bool):
+        def run():
+            with RoutingCapture(model, norms=norms):
+                fwd()
+        return run
+
     with torch.no_grad():
         for _ in range(3):
             fwd()
-        for _ in range(args.repeats):
-            for name in times:
-                t = time.perf_counter()
-                if name == "plain":
-                    fwd()
-                else:
-                    with RoutingCapture(model, norms=name == "capture_norms"):
-                        fwd()
-                times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med = alternating_medians({"plain": fwd, "capture": captured(False), "capture_norms": captured(True)},
+                                  args.repeats)
     ratio = med["capture"] / med["plain"]
     result = {"model": "embedded", "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
               "median_seconds": med, "ratio_capture_vs_plain": ratio,

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from _common import write_result
+from _common import alternating_medians, write_result
 from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import RoutingCapture
 from moeguard.testing import TINY_FAMILY_KWARGS, tiny_model
@@ -71,18 +70,12 @@ def main() -> None:
             rows[family] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
             print(f"{family:18s} cannot build: {rows[family]['error']}", flush=True)
             continue
-        times = {"plain": [], "capture": []}
+        def captured(model=model, fwd=fwd):
+            with RoutingCapture(model):
+                fwd()
+
         with torch.no_grad():
-            for _ in range(args.repeats):
-                for name in times:
-                    t = time.perf_counter()
-                    if name == "plain":
-                        fwd()
-                    else:
-                        with RoutingCapture(model):
-                            fwd()
-                    times[name].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in times.items()}
+            med = alternating_medians({"plain": fwd, "capture": captured}, args.repeats)
         ratio = med["capture"] / med["plain"]
         rows[family] = {"params": sum(p.numel() for p in model.parameters()), "median_seconds": med,
                         "ratio_capture_vs_plain": ratio}

@@ -19,7 +19,7 @@ from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import RoutingCapture, mask_experts
 from moeguard.models.prune import prune_model
 from moeguard.models.routing import pruned_router_params, route, route_module, router_logits, unpack_router_output
-from moeguard.testing import tiny_model
+from moeguard.testing import assert_same_safetensors, tiny_model
 
 # family -> (a key of its public checkpoint layout, shared-expert module present)
 FAMILY_LAYOUT = {
@@ -283,8 +283,6 @@ def test_info_json_reports_expert_counts(tmp_path, capsys):
 
 def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_batch, tmp_path):
     """A non-uniform (--budget) plan: masked == in-memory == streamed == reloaded by moeguard."""
-    from safetensors import safe_open
-
     from moeguard.models.loading import load_model
     from moeguard.models.prune import PER_LAYER_KEY
     from moeguard.pruning.checkpoint import prune_checkpoint
@@ -310,9 +308,7 @@ def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_bat
     model.save_pretrained(tmp_path / "src")
     small.save_pretrained(tmp_path / "mem")
     prune_checkpoint(tmp_path / "src", tmp_path / "streamed", keep)
-    with safe_open(tmp_path / "mem" / "model.safetensors", "pt") as a, \
-            safe_open(tmp_path / "streamed" / "model.safetensors", "pt") as b:
-        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    assert_same_safetensors(tmp_path / "mem", tmp_path / "streamed")
     reloaded, _, _ = load_model(str(tmp_path / "streamed"), with_tokenizer=False)
     assert getattr(reloaded.config, PER_LAYER_KEY) == {str(layers[0]): 6, str(layers[-1]): 2}
     assert [l.router_weight.shape[0] for l in MoEAdapter(reloaded).layers] == [6, 2]

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moeguard.cli import main
@@ -16,7 +15,7 @@ from moeguard.models.adapter import MoEAdapter
 from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import mask_experts
 from moeguard.models.prune import prune_model
-from moeguard.testing import _COMMON, tiny_config
+from moeguard.testing import _COMMON, assert_same_safetensors, tiny_config
 
 # Model types moeguard has no spec for, as tiny configs (8 experts, top-2, every routing feature on)
 TINY_INFERRED = {
@@ -93,9 +92,7 @@ def test_an_inferred_family_masks_prunes_streams_and_reloads_like_a_builtin(mode
     model.save_pretrained(tmp_path / "src")
     pruned.save_pretrained(tmp_path / "mem")
     prune_checkpoint(tmp_path / "src", tmp_path / "streamed", keep)
-    with safe_open(tmp_path / "mem" / "model.safetensors", "pt") as x, \
-            safe_open(tmp_path / "streamed" / "model.safetensors", "pt") as y:
-        assert set(x.keys()) == set(y.keys()) and all(torch.equal(x.get_tensor(k), y.get_tensor(k)) for k in x.keys())
+    assert_same_safetensors(tmp_path / "mem", tmp_path / "streamed")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)

@@ -148,3 +148,17 @@ def kill_cli_when(args: list[str], ready, *, timeout: float = 300.0, poll: float
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def assert_same_safetensors(a, b) -> None:
+    """Two checkpoint directories hold the same tensors under the same names, bit for bit (the
+    streamed pruner's output against a pruned model's save_pretrained)."""
+    from pathlib import Path
+
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(Path(a) / "model.safetensors", "pt") as x, safe_open(Path(b) / "model.safetensors", "pt") as y:
+        assert set(x.keys()) == set(y.keys()), sorted(set(x.keys()) ^ set(y.keys()))[:5]
+        different = [k for k in x.keys() if not torch.equal(x.get_tensor(k), y.get_tensor(k))]
+        assert not different, different[:5]
