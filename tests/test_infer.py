@@ -23,11 +23,13 @@ TINY_INFERRED = {
     "laguna": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32),
     # top-k on logits then softmax, an always-on shared expert: verified
     "cohere2_moe": dict(num_experts=8, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=16),
+    # transposed fused experts [E, d, 2I] (Aria's language model): verified, the gate_up_t layout
+    "aria_text": dict(moe_num_experts=8, moe_topk=2, moe_intermediate_size=16, moe_num_shared_experts=1),
 }
 # a routing switch no rule of moeguard's has (Laguna's tanh soft-cap on the logits): unverified
 SOFTCAPPED = dict(TINY_INFERRED["laguna"], moe_router_logit_softcapping=2.0)
 # Built-in families inference cannot re-derive, and why
-NOT_INFERRED = {"gpt_oss": "is_transposed", "phimoe": "none of the", "nemotron_h": "no fused experts",
+NOT_INFERRED = {"gpt_oss": "has_bias", "phimoe": "none of the", "nemotron_h": "no fused experts",
                 "llama4": "returns 2 value"}
 # constants the checks cannot tell apart (x + 1e-20 == x, max(x, 1e-12) == x for sums of order 1)
 INDISTINGUISHABLE = {"renorm_eps": 0.0, "renorm_min_key": None}
@@ -129,14 +131,14 @@ def test_an_unverified_spec_is_refused_unless_trusted(tmp_path, capsys):
 
 
 def test_families_lists_builtins_and_why_each_type_is_or_is_not_supported(capsys):
-    types = "mixtral,cohere2_moe,aria_text,jetmoe,switch_transformers"
+    types = "mixtral,cohere2_moe,longcat_flash,jetmoe,switch_transformers"
     assert main(["families", "--json", "--model-types", types]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [r["family"] for r in data["builtin"]] == FAMILIES.names()
     assert all(r["routing"] for r in data["builtin"])
     rows = {r["model_type"]: r for r in data["installed"]}
     assert rows["mixtral"]["status"] == "built-in" and rows["cohere2_moe"]["status"] == "verified"
-    assert rows["aria_text"]["status"] == "unsupported" and "is_transposed" in rows["aria_text"]["reasons"][0]
+    assert rows["longcat_flash"]["status"] == "unsupported" and "no config key" in rows["longcat_flash"]["reasons"][0]
     assert rows["jetmoe"]["status"] == "unsupported" and "no fused experts" in rows["jetmoe"]["reasons"][0]
     assert "no causal-LM class" in rows["switch_transformers"]["reasons"][0]
     assert data["counts"] == {"built-in": 1, "verified": 1, "unsupported": 3}

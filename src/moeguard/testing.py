@@ -162,3 +162,23 @@ def assert_same_safetensors(a, b) -> None:
         assert set(x.keys()) == set(y.keys()), sorted(set(x.keys()) ^ set(y.keys()))[:5]
         different = [k for k in x.keys() if not torch.equal(x.get_tensor(k), y.get_tensor(k))]
         assert not different, different[:5]
+
+
+def as_loaded_in(model, dtype):
+    """A copy of ``model`` in ``dtype`` the way ``from_pretrained(dtype=...)`` leaves it: the
+    tensors the model class keeps in float32 (``_keep_in_fp32_modules[_strict]``, e.g.
+    DeepSeek-V3's router weight and correction bias) stay float32."""
+    import copy
+
+    import torch
+
+    keep = list(getattr(type(model), "_keep_in_fp32_modules_strict", None) or []) + \
+        list(getattr(type(model), "_keep_in_fp32_modules", None) or [])
+    out = copy.deepcopy(model).to(dtype)
+    if keep:
+        originals = dict(model.named_parameters()) | dict(model.named_buffers())
+        with torch.no_grad():
+            for name, t in list(out.named_parameters()) + list(out.named_buffers()):
+                if t.is_floating_point() and any(k in name for k in keep):
+                    t.data = originals[name].detach().to(torch.float32).clone()
+    return out

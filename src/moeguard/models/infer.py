@@ -148,6 +148,9 @@ class _Found:
     router: object                 # a meta router module (its class is rebuilt for the checks)
     layer_index: int
     bias_shape: tuple[int, ...] | None
+    expert_layout: str = "gate_up"
+    module_path: str = ""            # the block's full name, for the class's keep-in-float32 patterns
+    keep_fp32: tuple[str, ...] = ()
 
 
 def _structure(model, config) -> _Found:
@@ -174,15 +177,27 @@ def _structure(model, config) -> _Found:
     flags = {f: getattr(ex, f, d) for f, d in (("is_transposed", False), ("is_concatenated", True),
                                                  ("has_bias", False), ("has_gate", True),
                                                  ("has_post_expert_norm", False))}
-    odd = {f: v for f, v in flags.items() if v != dict(is_concatenated=True, has_gate=True).get(f, False)}
+    odd = {f: v for f, v in flags.items()
+           if f != "is_transposed" and v != dict(is_concatenated=True, has_gate=True).get(f, False)}
     if odd:
-        raise _NotSkeleton(f"experts layout {odd} is not gate_up [E, 2I, d] + down [E, d, I]")
+        raise _NotSkeleton(f"experts layout {odd} is not gate_up [E, 2I, d] + down [E, d, I] (or transposed)")
     # (an experts class's own activation, _apply_gate, changes nothing here: moeguard runs experts
     # through their own forward and reads their weights, never re-implements them)
     E = int(ex.gate_up_proj.shape[0])
     layer = _get(model, layers_path)[index]
     block = getattr(layer, block_attr)
     hidden = int(config.get_text_config().hidden_size)
+    gu, dn = tuple(ex.gate_up_proj.shape[1:]), tuple(ex.down_proj.shape[1:])
+    # the layout from the shapes, the decorator's flag deciding when 2I == d makes both fit
+    fits = {"gate_up": gu[1] == hidden and dn[0] == hidden, "gate_up_t": gu[0] == hidden and dn[1] == hidden}
+    layouts = [k for k, ok in fits.items() if ok]
+    if len(layouts) == 2:
+        layouts = ["gate_up_t" if flags["is_transposed"] else "gate_up"]
+    if not layouts:
+        raise _NotSkeleton(f"experts of shapes gate_up {list(gu)}, down {list(dn)} fit neither [2I, d] + [d, I] "
+                           f"nor [d, 2I] + [I, d] with d = {hidden}")
+    keep = tuple(getattr(type(model), "_keep_in_fp32_modules_strict", None) or ()) + \
+        tuple(getattr(type(model), "_keep_in_fp32_modules", None) or ())
     router_attr, weight_attr = None, None
     for cname, child in block.named_children():
         if cname == "experts":
@@ -236,7 +251,8 @@ def _structure(model, config) -> _Found:
     return _Found(layers_path=layers_path, block=block_attr, router_attr=router_attr, router_weight_attr=weight_attr,
                   num_experts=E, count_key=count_key, top_k=int(d[top_k_key]), top_k_key=top_k_key, shared=shared,
                   bias_path=bias_path, bias_passed=bias_passed, final_norm=final, router=router, layer_index=index,
-                  bias_shape=bias_shape)
+                  bias_shape=bias_shape, expert_layout=layouts[0],
+                  module_path=f"{layers_path}.{index}.{block_attr}", keep_fp32=keep)
 
 
 def _get(obj, path: str, *default):
@@ -354,14 +370,23 @@ class _Case:
     correction_bias: object = None
 
 
+def _kept_fp32(found: _Found, name: str) -> bool:
+    """Whether loading in bf16 keeps the block's tensor ``name`` in float32 (the class says so)."""
+    full = f"{found.module_path}.{name}"
+    return any(k in full for k in found.keep_fp32)
+
+
 def _cases(config, found: _Found) -> dict:
-    """{dtype: [_Case per config variant]}, float32 and bfloat16, each with the router's own output."""
+    """{"fp32" | "bf16" | "bf16_cast": [_Case per config variant]}, each with the router's own output.
+    "bf16" is a bf16 model as ``from_pretrained(dtype=bfloat16)`` loads it (the tensors the class
+    keeps in float32 stay so); "bf16_cast" one cast whole with ``.to``, left out when the router
+    itself cannot run that way (Inkling's wants its float32 weight)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     hidden = int(config.get_text_config().hidden_size)
     inner = found.bias_path.partition(".")[2] if found.bias_path and not found.bias_passed else None
-    out = {torch.float32: [], torch.bfloat16: []}
+    out: dict[str, list] = {"fp32": [], "bf16": [], "bf16_cast": []}
     for cfg in _variants(config, found):
         router = _build_router(cfg, found)
         with torch.no_grad():
@@ -372,13 +397,28 @@ def _cases(config, found: _Found) -> dict:
                 bias = _get(router, inner) if inner else torch.zeros(found.bias_shape)
                 bias.copy_(torch.randn(bias.shape, generator=gen) * 0.1)    # enough to move some choices
         h = torch.randn(_TOKENS, hidden, generator=gen)
-        for dtype in out:
-            r = router if dtype == torch.float32 else copy.deepcopy(router).to(dtype)
-            b = None if bias is None else (_get(r, inner) if inner else bias.to(dtype))
+        for kind in list(out):
+            dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+            r = router if kind == "fp32" else copy.deepcopy(router).to(dtype)
+            if kind == "bf16":
+                with torch.no_grad():
+                    for name, t in list(r.named_parameters()) + list(r.named_buffers()):
+                        if t.is_floating_point() and _kept_fp32(found, f"{found.router_attr}.{name}"):
+                            t.data = _get(router, name).detach().float().clone()
+            b = None if bias is None else _get(r, inner) if inner else \
+                bias if kind == "bf16" and _kept_fp32(found, found.bias_path) else bias.to(dtype)
             x = h.to(dtype)
-            res = _call_router(r, x, b if found.bias_passed else None, found.bias_passed)
-            out[dtype].append(_Case(config=cfg, router=r, bias=b, hidden=x, weights=res[1], index=res[2],
-                                    _weight_attr=found.router_weight_attr))
+            try:
+                res = _call_router(r, x, b if found.bias_passed else None, found.bias_passed)
+            except _NotSkeleton:
+                raise
+            except Exception:
+                if kind != "bf16_cast":
+                    raise
+                out.pop("bf16_cast")
+                continue
+            out[kind].append(_Case(config=cfg, router=r, bias=b, hidden=x, weights=res[1], index=res[2],
+                                   _weight_attr=found.router_weight_attr))
     return out
 
 
@@ -420,8 +460,6 @@ def _matches(spec: FamilySpec, cases: list[_Case], num_experts: int) -> bool:
 
 
 def _verify(config, found: _Found) -> tuple[FamilySpec | None, list[str], dict]:
-    import torch
-
     rules = list(_rules(config, found))
     checks = {"rules": len(rules), "tokens": _TOKENS}
     try:
@@ -431,14 +469,15 @@ def _verify(config, found: _Found) -> tuple[FamilySpec | None, list[str], dict]:
     except Exception as e:
         return _spec(config, found, rules[0]), [f"cannot run this model type's router alone ({type(e).__name__}: "
                                                 f"{_first_line(e)})"], checks
-    checks["config_variants"] = len(cases[torch.float32])
+    checks["config_variants"] = len(cases["fp32"])
+    checks["bf16"] = sorted(k for k in cases if k != "fp32")
     for n, rule in enumerate(rules, 1):
-        if not _matches(_spec(config, found, rule), cases[torch.float32], found.num_experts):
+        if not _matches(_spec(config, found, rule), cases["fp32"], found.num_experts):
             continue
         checks["rules_tried"] = n
         for dt in _DTYPES:
             spec = _spec(config, found, replace(rule, **dt))
-            if all(_matches(spec, cases[d], found.num_experts) for d in (torch.float32, torch.bfloat16)):
+            if all(_matches(spec, c, found.num_experts) for c in cases.values()):
                 return spec, [], checks
         return _spec(config, found, rule), ["its routing rule matches in float32, but no dtype handling moeguard "
                                             "knows reproduces it bit for bit in bfloat16"], checks
@@ -464,5 +503,6 @@ def _spec(config, found: _Found, rule: RoutingSpec) -> FamilySpec:
         name=model_type, model_types=(model_type,), block_attrs=(found.block,), router_attr=found.router_attr,
         routing=rule, num_experts_key=found.count_key, top_k_key=found.top_k_key, shared_attrs=found.shared,
         layers_path=found.layers_path, final_norm_path=found.final_norm, router_weight_attr=found.router_weight_attr,
+        expert_layout=found.expert_layout,
         min_experts=2 if rule.grouped and rule.group_score == "top2_sum" else 1,
         aux_loss_key="router_aux_loss_coef" if "router_aux_loss_coef" in d else None, **disk)
