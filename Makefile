@@ -17,7 +17,11 @@ $(STAMP): $(LOCK) pyproject.toml
 	# --require-hashes: every file must match the lock, so a re-run next month installs the same bytes.
 	# torch is locked as 2.13.0+cpu; pip finds that CPU wheel through its find-links or an extra index
 	# (README: Dependencies); a plain PyPI torch would be a multi-GB CUDA build.
-	$(BIN)/pip install --disable-pip-version-check -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --disable-pip-version-check -q --no-compile --require-hashes --no-deps -r $(LOCK)
+	# pip compiles bytecode one file at a time (a minute here); compileall uses every core. Compiled
+	# ahead because PYTHONDONTWRITEBYTECODE, where set, stops imports from caching it. Like pip, a
+	# package's file that does not compile (test data, other Python versions) is not an error.
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	# the project itself, built with the locked setuptools: nothing unlocked comes in
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
