@@ -39,8 +39,10 @@ def _tiny(model_type, **kw):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**_COMMON, **kw}))
     with torch.no_grad():
-        # routers and selection biases away from their zero init (the spec even when unverified)
-        for layer in MoEAdapter(model, family=infer.infer_family(model.config).spec).layers:
+        # routers and selection biases away from their zero init (the spec even when unverified;
+        # none when nothing could be inferred)
+        spec = infer.infer_family(model.config).spec
+        for layer in MoEAdapter(model, family=spec).layers if spec is not None else ():
             layer.router_weight.normal_(0, 0.5)
             if layer.correction_bias is not None:
                 layer.correction_bias.normal_(0, 0.5)
@@ -111,22 +113,37 @@ def test_info_says_how_the_family_spec_was_found(tmp_path, capsys):
     assert main(["info", "--model", str(d), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["family"] == "cohere2_moe" and data["family_spec"]["status"] == "verified"
-    assert data["family_spec"]["spec"]["routing"]["select_on"] == "logits"
-    assert data["family_spec"]["spec"]["shared"] == ["shared_experts"]
+    spec = data["family_spec"]["spec"]   # every FamilySpec field, to copy into a built-in spec
+    assert spec["routing"]["select_on"] == "logits" and spec["shared_attrs"] == ["shared_experts"]
+    assert spec["expert_layout"] == "gate_up" and spec["num_experts_key"] == "num_experts"
 
 
-def test_an_unverified_spec_is_refused_unless_trusted(tmp_path, capsys):
+def test_a_router_no_rule_reproduces_is_refused_even_when_trusted(tmp_path, capsys):
     d = _saved(tmp_path, "laguna", SOFTCAPPED)
     capsys.readouterr()   # drop what saving printed
+    for argv in (["info", "--model", str(d)], ["--trust-inferred-family", "info", "--model", str(d)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "could not infer one" in err[0] and "routing rules" in err[0], err
+        assert "no checked rule to trust" in err[0]
+
+
+def test_a_spec_right_in_fp32_only_is_refused_unless_trusted(tmp_path, capsys, monkeypatch):
+    """A rule that matches in float32 but not bit for bit in bfloat16 is unverified: refused, or
+    used with --trust-inferred-family for that call only (no dtype handling at all stands in for
+    a bf16 mismatch here)."""
+    d = _saved(tmp_path, "laguna", TINY_INFERRED["laguna"])
+    monkeypatch.setattr(infer, "_DTYPES", [])
+    monkeypatch.setattr(infer, "_CACHE", {})
+    capsys.readouterr()
     assert main(["info", "--model", str(d)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no built-in spec" in err[0] and "not verified" in err[0]
-    assert "routing rules" in err[0] and "--trust-inferred-family" in err[0]
+    assert len(err) == 1 and "not verified" in err[0] and "bit for bit in bfloat16" in err[0]
+    assert "--trust-inferred-family before the command" in err[0]
     assert main(["--trust-inferred-family", "info", "--model", str(d), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["family"] == "laguna" and data["family_spec"]["status"] == "unverified"
-    # the flag holds for that call only
-    assert main(["info", "--model", str(d)]) == 2
+    assert main(["info", "--model", str(d)]) == 2   # the flag holds for that call only
     capsys.readouterr()
 
 

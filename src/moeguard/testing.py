@@ -166,14 +166,14 @@ def assert_same_safetensors(a, b) -> None:
 
 def as_loaded_in(model, dtype):
     """A copy of ``model`` in ``dtype`` the way ``from_pretrained(dtype=...)`` leaves it: the
-    tensors the model class keeps in float32 (``_keep_in_fp32_modules[_strict]``, e.g.
-    DeepSeek-V3's router weight and correction bias) stay float32."""
+    tensors the model keeps in float32 (``_keep_in_fp32_modules_strict``, e.g. DeepSeek-V3's
+    router weight and correction bias) stay float32."""
     import copy
 
     import torch
 
-    keep = list(getattr(type(model), "_keep_in_fp32_modules_strict", None) or []) + \
-        list(getattr(type(model), "_keep_in_fp32_modules", None) or [])
+    # the instance's strict list (merged from its submodules); the plain one applies to fp16 only
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     out = copy.deepcopy(model).to(dtype)
     if keep:
         originals = dict(model.named_parameters()) | dict(model.named_buffers())

@@ -77,9 +77,13 @@ def installed_rows(model_types: list[str] | None = None, *, progress=None) -> li
                    "reasons": ["transformers has no causal-LM class for it (a multimodal wrapper or an "
                                "encoder-decoder model)"]}
         else:
-            found = infer_family(AutoConfig.for_model(model_type))
-            row = {"model_type": model_type, "status": found.status,
-                   "family": found.spec.name if found.spec is not None else None, "reasons": list(found.reasons)}
+            try:
+                found = infer_family(AutoConfig.for_model(model_type))
+                row = {"model_type": model_type, "status": found.status,
+                       "family": found.spec.name if found.spec is not None else None, "reasons": list(found.reasons)}
+            except Exception as e:   # one type's failure is that type's row, never the whole listing
+                row = {"model_type": model_type, "status": "unsupported", "family": None,
+                       "reasons": [f"inference failed ({type(e).__name__}: {str(e).strip()[:160]})"]}
         rows.append(row)
         if task is not None:
             progress.advance(task)

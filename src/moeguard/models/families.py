@@ -71,7 +71,7 @@ class RoutingSpec:
         renorm = self.renormalize if isinstance(self.renormalize, bool) else bool(getattr(config, self.renormalize, False))
         if self.score == "sparsemixer":
             return "sparsemixer (PhiMoE): masked softmax per choice, top-2"
-        order = f"{self.score} before top-k" if self.select_on == "probs" else "top-k on logits, softmax after top-k"
+        order = f"{self.score} before top-k" if self.select_on == "probs" else f"top-k on logits, {self.score} after top-k"
         parts = [order, "renormalized top-k" if renorm and self.select_on == "probs" else None]
         if self.groups_on(config):
             parts.append(f"group-limited ({getattr(config, self.n_group_key, 1)} groups, "
@@ -291,7 +291,8 @@ register_family(FamilySpec(
 register_family(FamilySpec(
     name="ernie4_5_moe", model_types=("ernie4_5_moe",), block_attrs=("mlp",), router_attr="gate",
     routing=RoutingSpec(score="softmax", renormalize=True, renorm_min_key="moe_norm_min", logits_fp32=True,
-                        correction_bias="gate.moe_statics.e_score_correction_bias", weights_dtype="input"),
+                        correction_bias="gate.moe_statics.e_score_correction_bias", weights_dtype="input",
+                        sorted_choice=True),
     num_experts_key="moe_num_experts", top_k_key="moe_k", shared_attrs=("shared_experts",),
     disk_router_attrs=("moe_statics",)))
 # MiniMax-M2: sigmoid scores, a selection bias held by the block and passed to the router,
@@ -306,7 +307,7 @@ register_family(FamilySpec(
 register_family(FamilySpec(
     name="lfm2_moe", model_types=("lfm2_moe",), block_attrs=("feed_forward",), router_attr="gate",
     routing=RoutingSpec(score="sigmoid", score_dtype="logits", renormalize="norm_topk_prob", renorm_eps=1e-6,
-                        correction_bias="expert_bias", scaling_key="routed_scaling_factor"),
+                        correction_bias="expert_bias", scaling_key="routed_scaling_factor", sorted_choice=True),
     num_experts_key="num_experts", final_norm_path="model.embedding_norm", aux_loss_key=None,
     disk_expert_tensors=("w1.weight", "w3.weight", "w2.weight")))
 # HunYuan-MoE: Qwen's softmax router with its weight nested in a Linear (gate.wg), always
@@ -349,13 +350,17 @@ def family_for_config(config) -> FamilySpec:
         return found.spec
     supported = ", ".join(_BY_MODEL_TYPE.names())
     why = "; ".join(found.reasons)
+    if found.status == "unverified" and found.spec is None:
+        raise MoeguardError(f"model_type '{model_type}' has no built-in spec, and moeguard could not infer one: {why}",
+                            hint="add a spec for it (docs/families.md says how)")
     if found.status == "unverified":
         raise MoeguardError(
             f"model_type '{model_type}' has no built-in spec, and the spec moeguard inferred for it is not verified: "
-            f"{why}", hint="pass --trust-inferred-family to use it anyway (`moeguard info --model M "
-                           "--trust-inferred-family` shows it), or add a spec (docs/families.md)")
+            f"{why}", hint="pass --trust-inferred-family before the command to use it anyway (`moeguard "
+                           "--trust-inferred-family info --model M` shows it), or add a spec (docs/families.md)")
     count_keys = sorted({f.num_experts_key for f in FAMILIES.items()})
-    looks_dense = found.status == "dense" or not any(k in config.to_dict() for k in count_keys)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    looks_dense = found.status == "dense" or not any(k in c.to_dict() for c in (config, text) for k in count_keys)
     what = "a dense (non-MoE) model" if looks_dense else f"an unsupported MoE family ({why})"
     raise MoeguardError(
         f"model_type '{model_type}' is {what}; moeguard audits Mixture-of-Experts models of the families: {supported}",

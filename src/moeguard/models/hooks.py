@@ -149,7 +149,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
 
         def hook(module, args, output):
             logits, weights, idx = unpack_router_output(call, output, top_k)
-            self._routed[slot] = (idx, weights)   # for an input-scaled experts patch (Llama-4)
+            if call == "scaled_input" and self.norms:   # for the input-scaled experts patch (Llama-4)
+                self._routed[slot] = (idx.detach(), weights.detach())
             with torch.no_grad():
                 valid = self._valid_for(idx.shape[0], idx.device)
                 sel, w = idx[valid], weights[valid].float()
@@ -231,6 +232,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._routed.clear()
         for module, previous in reversed(self._patched):
             _restore_forward(module, previous)
         self._patched.clear()

@@ -59,14 +59,11 @@ class _NotSkeleton(Exception):
 
 
 def spec_summary(spec: FamilySpec) -> dict:
-    r = spec.routing
-    routing = {k: getattr(r, k) for k in ("score", "select_on", "renormalize", "renorm_eps", "renorm_min_key",
-                                          "correction_bias", "scaling_key", "grouped", "group_score",
-                                          "score_dtype", "weights_dtype", "logits_fp32")}
-    return {"name": spec.name, "layers": spec.layers_path, "block": spec.block_attrs[0], "router": spec.router_attr,
-            "router_weight": spec.router_weight_attr, "experts": spec.experts_attr, "count_key": spec.num_experts_key,
-            "top_k_key": spec.top_k_key, "shared": list(spec.shared_attrs), "final_norm": spec.final_norm_path,
-            "routing": routing}
+    """Every field of the spec, named as ``FamilySpec(...)`` and ``RoutingSpec(...)`` take them
+    (what docs/families.md says to copy into a built-in spec)."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(spec)))   # tuples as lists: JSON's own shape
 
 
 def infer_family(config) -> Inference:
@@ -120,8 +117,8 @@ def _meta(config):
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):   # a copy: from_config sets dtype and implementations on the config it gets
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
 
 
 def _looks_moe(model) -> bool:
@@ -196,8 +193,9 @@ def _structure(model, config) -> _Found:
     if not layouts:
         raise _NotSkeleton(f"experts of shapes gate_up {list(gu)}, down {list(dn)} fit neither [2I, d] + [d, I] "
                            f"nor [d, 2I] + [I, d] with d = {hidden}")
-    keep = tuple(getattr(type(model), "_keep_in_fp32_modules_strict", None) or ()) + \
-        tuple(getattr(type(model), "_keep_in_fp32_modules", None) or ())
+    # what from_pretrained(dtype=bf16) keeps in float32: the instance's strict list, merged from
+    # its submodules at post_init (the plain list applies to fp16 only)
+    keep = tuple(sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or ()))
     router_attr, weight_attr = None, None
     for cname, child in block.named_children():
         if cname == "experts":
@@ -303,17 +301,22 @@ _DTYPES = [dict(score_dtype=s, weights_dtype=w, logits_fp32=f)
 
 
 def _variants(config, found: _Found) -> list:
-    """Configs that flip every routing switch the config has, so a rule matches all of them."""
+    """The config as given, then configs that flip every routing switch it has, so a rule matches
+    all of them: each scaling key its own value (the one the router reads is the one that
+    matches), another top-k (so the top-k key is checked, and so is the order the k weights are
+    summed in when renormalized), groups on and off."""
     d = _settings(config)
     flips = [{}]
     if "norm_topk_prob" in d:
         flips = [{"norm_topk_prob": True}, {"norm_topk_prob": False}]
-    out = []
+    k_alt = 4 if found.top_k != 4 else 3
+    out = [copy.deepcopy(config)]
     for flip in flips:
         extra = dict(flip)
-        for k in _SCALING_KEYS:
-            if isinstance(d.get(k), (int, float)):
-                extra[k] = 2.5
+        if found.num_experts >= 2 * k_alt:
+            extra[found.top_k_key] = k_alt
+        for n, k in enumerate(k for k in _SCALING_KEYS if isinstance(d.get(k), (int, float))):
+            extra[k] = 2.5 + n
         if "n_group" in d and "topk_group" in d and found.num_experts % 2 == 0:
             extra.update(n_group=2, topk_group=1)
             if "topk_method" in d:
@@ -466,11 +469,12 @@ def _verify(config, found: _Found) -> tuple[FamilySpec | None, list[str], dict]:
         cases = _cases(config, found)
     except _NotSkeleton:
         raise
-    except Exception as e:
-        return _spec(config, found, rules[0]), [f"cannot run this model type's router alone ({type(e).__name__}: "
-                                                f"{_first_line(e)})"], checks
+    except Exception as e:   # no rule was checked: there is no spec to trust
+        return None, [f"cannot run this model type's router alone ({type(e).__name__}: {_first_line(e)}); "
+                      "there is no checked rule to trust"], checks
     checks["config_variants"] = len(cases["fp32"])
     checks["bf16"] = sorted(k for k in cases if k != "fp32")
+    fp32_only = None
     for n, rule in enumerate(rules, 1):
         if not _matches(_spec(config, found, rule), cases["fp32"], found.num_experts):
             continue
@@ -479,10 +483,12 @@ def _verify(config, found: _Found) -> tuple[FamilySpec | None, list[str], dict]:
             spec = _spec(config, found, replace(rule, **dt))
             if all(_matches(spec, c, found.num_experts) for c in cases.values()):
                 return spec, [], checks
-        return _spec(config, found, rule), ["its routing rule matches in float32, but no dtype handling moeguard "
-                                            "knows reproduces it bit for bit in bfloat16"], checks
-    return _spec(config, found, rules[0]), [f"none of the {len(rules)} routing rules moeguard knows reproduces its "
-                                            "router"], checks
+        fp32_only = fp32_only or rule
+    if fp32_only is not None:   # trustable: right in float32, off by rounding in bfloat16
+        return _spec(config, found, fp32_only), ["a routing rule matches it in float32, but no dtype handling "
+                                                 "moeguard knows reproduces it bit for bit in bfloat16"], checks
+    return None, [f"none of the {len(rules)} routing rules moeguard knows reproduces its router; there is no "
+                  "checked rule to trust"], checks
 
 
 def _spec(config, found: _Found, rule: RoutingSpec) -> FamilySpec:
