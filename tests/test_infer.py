@@ -144,6 +144,14 @@ def test_a_spec_right_in_fp32_only_is_refused_unless_trusted(tmp_path, capsys, m
     data = json.loads(capsys.readouterr().out)
     assert data["family"] == "laguna" and data["family_spec"]["status"] == "unverified"
     assert main(["info", "--model", str(d)]) == 2   # the flag holds for that call only
+    # a library caller's own setting: not used by a CLI call without the flag, and left as it was
+    from moeguard.models.families import _POLICY, trust_inferred_families
+
+    trust_inferred_families(True)
+    try:
+        assert main(["info", "--model", str(d)]) == 2 and _POLICY["trust_inferred"] is True
+    finally:
+        trust_inferred_families(False)
     capsys.readouterr()
 
 

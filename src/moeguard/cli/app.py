@@ -153,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _state["debug"] = False  # set by the --debug callback of this call only
     saved, warnings.formatwarning = warnings.formatwarning, _format_warning
+    trusted = trust_inferred_families(False)   # the flag holds for this call only
     try:
         return _main(argv)
     finally:
         warnings.formatwarning = saved
-        trust_inferred_families(False)   # a flag of this call only
+        trust_inferred_families(trusted)   # a library caller's own setting, as it was
 
 
 def _main(argv: list[str] | None) -> int:

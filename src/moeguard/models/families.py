@@ -331,9 +331,11 @@ register_family(FamilySpec(name="mellum", model_types=("mellum",), block_attrs=(
 _POLICY = {"trust_inferred": False}
 
 
-def trust_inferred_families(trust: bool) -> None:
-    """Accept (or stop accepting) inferred family specs that failed verification."""
-    _POLICY["trust_inferred"] = bool(trust)
+def trust_inferred_families(trust: bool) -> bool:
+    """Accept (or stop accepting) inferred family specs that failed verification; returns the
+    setting it replaces."""
+    previous, _POLICY["trust_inferred"] = _POLICY["trust_inferred"], bool(trust)
+    return previous
 
 
 def family_for_config(config) -> FamilySpec:
