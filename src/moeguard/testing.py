@@ -170,15 +170,9 @@ def as_loaded_in(model, dtype):
     router weight and correction bias) stay float32."""
     import copy
 
-    import torch
+    from moeguard.models.loading import keep_fp32_as_loaded
 
-    # the instance's strict list (merged from its submodules); the plain one applies to fp16 only
-    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     out = copy.deepcopy(model).to(dtype)
-    if keep:
-        originals = dict(model.named_parameters()) | dict(model.named_buffers())
-        with torch.no_grad():
-            for name, t in list(out.named_parameters()) + list(out.named_buffers()):
-                if t.is_floating_point() and any(k in name for k in keep):
-                    t.data = originals[name].detach().to(torch.float32).clone()
+    # the instance's strict list (merged from its submodules); the plain one applies to fp16 only
+    keep_fp32_as_loaded(out, model, getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     return out

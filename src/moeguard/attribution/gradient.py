@@ -50,18 +50,17 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
     for _, idx in routed:
         need.scatter_(1, idx, True)
     tok, ex = torch.where(need & table.isnan())
-    if tok.numel() and adapter.family.call == "scaled_input":
-        # Llama-4: a pair's gate is its own sigmoid whatever else is dropped; its output per unit
-        # of that gate is exact there
-        gates = torch.zeros(N, E, device=device)
-        for w_new, idx in routed:
-            gates.scatter_(1, idx, w_new)
-        w = gates[tok, ex].clamp_min(torch.finfo(torch.float32).tiny)
+    if tok.numel():  # one call of the experts' kernel for every newly reached pair, per unit of gate
+        if adapter.family.call == "scaled_input":
+            # Llama-4: a pair's gate is its own sigmoid whatever else is dropped, and the expert
+            # sees it in its input: run it at that gate (exact there)
+            gates = torch.zeros(N, E, device=device)
+            for w_new, idx in routed:
+                gates.scatter_(1, idx, w_new)
+            w = gates[tok, ex].clamp_min(torch.finfo(torch.float32).tiny)
+        else:   # the gate scales the output: gate 1 (x * 1 and x / 1 are exact)
+            w = torch.ones(tok.numel(), dtype=trace.weights.dtype, device=device)
         y = expert_outputs(adapter, layer, trace.hidden[tok], ex.to(trace.index.dtype), w).float() / w[:, None]
-        table[tok, ex] = (y * G[tok]).sum(-1)
-    elif tok.numel():  # one call of the experts' kernel for every newly reached pair
-        ones = torch.ones((tok.numel(), 1), dtype=trace.weights.dtype, device=device)
-        y = layer.experts(trace.hidden[tok], ex[:, None].to(trace.index.dtype), ones).float()
         table[tok, ex] = (y * G[tok]).sum(-1)
     for e, (w_new, idx) in enumerate(routed):
         d = ((w_new * table.gather(1, idx)).sum(1) - old).double()  # [N] first-order change per token

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moeguard.errors import MoeguardError
-from moeguard.models.families import FamilySpec, family_for_config
+from moeguard.models.families import FamilySpec, expert_axis, family_for_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,21 +35,13 @@ class MoELayer:
     @property
     def router_bias(self):
         """The bias of the router's linear map (GPT-OSS), or None."""
-        owner, _, _ = self.router_weight_attr.rpartition(".")
-        return getattr(_get_path(self.router, owner) if owner else self.router, "bias", None)
+        return linear_bias(self.router, self.router_weight_attr)
 
     @property
     def correction_bias(self):
         """The per-expert selection bias (any shape ending in E), or None (also where the
         config turns it off: LFM2's ``use_expert_bias``)."""
-        if not self.correction_bias_path:
-            return None
-        obj = self.block
-        for part in self.correction_bias_path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                return None
-        return obj
+        return _get_path(self.block, self.correction_bias_path, None) if self.correction_bias_path else None
 
     def expert_tensors(self) -> list[tuple[nn.Module, str, torch.Tensor, int]]:
         """Every tensor with one slice per expert, as (owner module, name, tensor, expert axis):
@@ -61,7 +53,7 @@ class MoELayer:
         def add(owner: nn.Module, name: str, t) -> None:
             if t is None or not t.dim() or id(t) in seen:
                 return
-            axis = expert_axis(t, self.num_experts)
+            axis = expert_axis(tuple(t.shape), self.num_experts)
             if axis is None:
                 raise MoeguardError(f"layer {self.index}: {type(owner).__name__}.{name} has shape {list(t.shape)}, "
                                     f"with no axis of its {self.num_experts} experts",
@@ -90,19 +82,19 @@ class MoELayer:
         return sum(p.numel() for m in self.shared for p in m.parameters())
 
 
-def expert_axis(t: torch.Tensor, num_experts: int) -> int | None:
-    """The axis of ``t`` that indexes experts: 0, or the last when every other dim is 1."""
-    if t.shape[0] == num_experts:
-        return 0
-    if t.shape[-1] == num_experts and all(s == 1 for s in t.shape[:-1]):
-        return t.dim() - 1
-    return None
-
-
-def _get_path(obj, path: str):
+def _get_path(obj, path: str, *default):
+    """``obj.a.b.c`` for ``path`` "a.b.c"; ``default`` (when given) where a part is missing or None."""
     for part in path.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None) if default else getattr(obj, part)
+        if obj is None and default:
+            return default[0]
     return obj
+
+
+def linear_bias(router: nn.Module, weight_attr: str):
+    """The bias beside a router's [E, d] weight at ``weight_attr`` (GPT-OSS has one), or None."""
+    owner = weight_attr.rpartition(".")[0]
+    return getattr(_get_path(router, owner) if owner else router, "bias", None)
 
 
 def _shared(block, layer, attr: str):

@@ -112,6 +112,16 @@ class DiskLayout:
                    per_expert=layouts[0].per_expert)
 
 
+def expert_axis(shape: tuple[int, ...], num_experts: int) -> int | None:
+    """The axis of a per-expert tensor of ``shape`` that indexes experts: 0, or the last when
+    every other dim is 1 (ERNIE's [1, E] bias); None when neither holds. In memory and on disk."""
+    if shape and shape[0] == num_experts:
+        return 0
+    if shape and shape[-1] == num_experts and all(s == 1 for s in shape[:-1]):
+        return len(shape) - 1
+    return None
+
+
 def _unique(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
@@ -161,6 +171,11 @@ class FamilySpec:
     # weight, under its module.
     disk_expert_tensors: tuple[str, ...] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
     disk_router_weight: str = "weight"
+
+    @property
+    def disk_layers(self) -> str:
+        """Where checkpoints keep the decoder layers."""
+        return self.disk_layers_path or self.layers_path
 
     def disk_name(self, name: str) -> str:
         """The on-disk name of an in-memory parameter name (they differ only in the base-model prefix)."""

@@ -180,10 +180,9 @@ class RoutingCapture(contextlib.AbstractContextManager):
             out = original(routed_in)
             idx, _ = self._routed[slot]
             E = stats.counts.numel()
-            T = out.shape[0] // E
             with torch.no_grad():
-                norms = out.view(E, T, -1).float().norm(dim=-1).t()            # [T, E]
-                picked = norms.gather(1, idx) * self._valid_for(T, idx.device)[:, None]
+                slots = chosen_rows(out, idx, E)                                 # [T, k, d]
+                picked = slots.float().norm(dim=-1) * self._valid_for(idx.shape[0], idx.device)[:, None]
                 add = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.reshape(-1).cpu(),
                                                                      picked.reshape(-1).double().cpu())
                 stats.norm_sum += add
@@ -420,8 +419,7 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
         def forward(routed_in):
             out = original(routed_in)
             N = out.shape[0] // E
-            y = out.view(E, N, -1).transpose(0, 1)                                   # [N, E, d]
-            slots = y.gather(1, trace.index[..., None].expand(-1, -1, y.shape[-1]))  # [N, k, d]
+            slots = chosen_rows(out, trace.index, E)                                 # [N, k, d]
             w = trace.weights[..., None].to(slots.dtype)
             trace.slot_out = torch.where(w > 0, slots / w.clamp_min(torch.finfo(w.dtype).tiny), 0).detach()
             if torch.is_grad_enabled():
@@ -469,6 +467,13 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
             h.remove()
         for module, previous in reversed(patched):
             _restore_forward(module, previous)
+
+
+def chosen_rows(out: torch.Tensor, index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N, k, d]: from input-scaled experts' output ``out`` [E*N, d] (every expert on every token,
+    Llama-4), the rows of each token's chosen experts ``index`` [N, k]."""
+    y = out.view(num_experts, -1, out.shape[-1]).transpose(0, 1)                # [N, E, d]
+    return y.gather(1, index[..., None].expand(-1, -1, y.shape[-1]))
 
 
 def expert_outputs(adapter: MoEAdapter, layer, hidden: torch.Tensor, experts: torch.Tensor,

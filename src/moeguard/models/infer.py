@@ -25,7 +25,9 @@ import itertools
 import re
 from dataclasses import dataclass, field, replace
 
+from moeguard.models.adapter import _get_path, linear_bias
 from moeguard.models.families import FAMILIES, FamilySpec, RoutingSpec
+from moeguard.models.loading import kept_in_fp32, keep_fp32_as_loaded
 
 _COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k", "num_experts_per_token", "moe_top_k",
@@ -181,7 +183,7 @@ def _structure(model, config) -> _Found:
     # (an experts class's own activation, _apply_gate, changes nothing here: moeguard runs experts
     # through their own forward and reads their weights, never re-implements them)
     E = int(ex.gate_up_proj.shape[0])
-    layer = _get(model, layers_path)[index]
+    layer = _get_path(model, layers_path)[index]
     block = getattr(layer, block_attr)
     hidden = int(config.get_text_config().hidden_size)
     gu, dn = tuple(ex.gate_up_proj.shape[1:]), tuple(ex.down_proj.shape[1:])
@@ -201,7 +203,7 @@ def _structure(model, config) -> _Found:
         if cname == "experts":
             continue
         for wname in ("weight",) + tuple(f"{g}.weight" for g, _ in child.named_children()):
-            w = _get(child, wname, None)
+            w = _get_path(child, wname, None)
             if isinstance(w, torch.Tensor) and tuple(w.shape) == (E, hidden):
                 router_attr, weight_attr = cname, wname
                 break
@@ -210,17 +212,14 @@ def _structure(model, config) -> _Found:
     if router_attr is None:
         raise _NotSkeleton(f"no router with an [{E}, {hidden}] weight beside the experts in '{block_attr}'")
     router = getattr(block, router_attr)
-    owner = weight_attr.rpartition(".")[0]
-    linear_bias = _get(router, f"{owner}.bias" if owner else "bias", None)
+    own_bias = linear_bias(router, weight_attr)
     shared = tuple(c for c, m in block.named_children()
                    if c not in ("experts", router_attr) and any(True for _ in m.parameters()))
     bias_path, bias_shape = None, None
-    for prefix, mod in ((f"{router_attr}.", router), ("", block)):
-        tensors = list(mod.named_parameters()) + list(mod.named_buffers())
-        if mod is block:   # only the block's own tensors (its children were searched above)
-            tensors = list(block.named_parameters(recurse=False)) + list(block.named_buffers(recurse=False))
-        for tname, t in tensors:
-            if t is linear_bias or tname.endswith("weight") or "bias" not in tname:
+    # in the router, nested or not; then the block's own tensors (its children are searched above)
+    for prefix, mod, recurse in ((f"{router_attr}.", router, True), ("", block, False)):
+        for tname, t in list(mod.named_parameters(recurse=recurse)) + list(mod.named_buffers(recurse=recurse)):
+            if t is own_bias or tname.endswith("weight") or "bias" not in tname:
                 continue
             if t.dim() and t.shape[-1] == E and all(s == 1 for s in t.shape[:-1]):
                 bias_path, bias_shape = prefix + tname, tuple(t.shape)
@@ -242,7 +241,7 @@ def _structure(model, config) -> _Found:
     if top_k_key is None:
         raise _NotSkeleton(f"no config key ({', '.join(_TOP_K_KEYS)}) holds the router's top-k")
     base = layers_path.rpartition(".")[0]
-    final = next((f"{base}.{n}" if base else n for n in _FINAL_NORMS if _get(model, f"{base}.{n}" if base else n, None)
+    final = next((f"{base}.{n}" if base else n for n in _FINAL_NORMS if _get_path(model, f"{base}.{n}" if base else n, None)
                   is not None), None)
     if final is None:
         raise _NotSkeleton(f"no final norm ({', '.join(_FINAL_NORMS)}) after the decoder layers under '{base}'")
@@ -251,17 +250,6 @@ def _structure(model, config) -> _Found:
                   bias_path=bias_path, bias_passed=bias_passed, final_norm=final, router=router, layer_index=index,
                   bias_shape=bias_shape, expert_layout=layouts[0],
                   module_path=f"{layers_path}.{index}.{block_attr}", keep_fp32=keep)
-
-
-def _get(obj, path: str, *default):
-    try:
-        for part in path.split("."):
-            obj = getattr(obj, part)
-        return obj
-    except AttributeError:
-        if default:
-            return default[0]
-        raise
 
 
 # --------------------------------------------------------------------------- verification
@@ -362,21 +350,14 @@ class _Case:
 
     @property
     def router_weight(self):   # what routing.router_logits / route_module read of an MoE layer
-        return _get(self.router, self._weight_attr)
+        return _get_path(self.router, self._weight_attr)
 
     @property
     def router_bias(self):
-        owner = self._weight_attr.rpartition(".")[0]
-        return getattr(_get(self.router, owner) if owner else self.router, "bias", None)
+        return linear_bias(self.router, self._weight_attr)
 
     _weight_attr: str = "weight"
     correction_bias: object = None
-
-
-def _kept_fp32(found: _Found, name: str) -> bool:
-    """Whether loading in bf16 keeps the block's tensor ``name`` in float32 (the class says so)."""
-    full = f"{found.module_path}.{name}"
-    return any(k in full for k in found.keep_fp32)
 
 
 def _cases(config, found: _Found) -> dict:
@@ -393,23 +374,20 @@ def _cases(config, found: _Found) -> dict:
     for cfg in _variants(config, found):
         router = _build_router(cfg, found)
         with torch.no_grad():
-            w = _get(router, found.router_weight_attr)
+            w = _get_path(router, found.router_weight_attr)
             w.copy_(torch.randn(w.shape, generator=gen) / hidden ** 0.5)   # logits of order 1
             bias = None
             if found.bias_path:
-                bias = _get(router, inner) if inner else torch.zeros(found.bias_shape)
+                bias = _get_path(router, inner) if inner else torch.zeros(found.bias_shape)
                 bias.copy_(torch.randn(bias.shape, generator=gen) * 0.1)    # enough to move some choices
         h = torch.randn(_TOKENS, hidden, generator=gen)
         for kind in list(out):
             dtype = torch.float32 if kind == "fp32" else torch.bfloat16
             r = router if kind == "fp32" else copy.deepcopy(router).to(dtype)
             if kind == "bf16":
-                with torch.no_grad():
-                    for name, t in list(r.named_parameters()) + list(r.named_buffers()):
-                        if t.is_floating_point() and _kept_fp32(found, f"{found.router_attr}.{name}"):
-                            t.data = _get(router, name).detach().float().clone()
-            b = None if bias is None else _get(r, inner) if inner else \
-                bias if kind == "bf16" and _kept_fp32(found, found.bias_path) else bias.to(dtype)
+                keep_fp32_as_loaded(r, router, found.keep_fp32, prefix=f"{found.module_path}.{found.router_attr}.")
+            held = kind == "bf16" and kept_in_fp32(f"{found.module_path}.{found.bias_path}", found.keep_fp32)
+            b = None if bias is None else _get_path(r, inner) if inner else bias if held else bias.to(dtype)
             x = h.to(dtype)
             try:
                 res = _call_router(r, x, b if found.bias_passed else None, found.bias_passed)

@@ -165,6 +165,29 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     return model.eval(), tokenizer, ref
 
 
+def kept_in_fp32(name: str, patterns) -> bool:
+    """Whether ``from_pretrained(dtype=bfloat16)`` keeps the tensor ``name`` in float32: it names
+    one of the model's ``_keep_in_fp32_modules_strict`` patterns."""
+    return any(k in name for k in patterns)
+
+
+def keep_fp32_as_loaded(module, original, patterns, *, prefix: str = "") -> None:
+    """Put back in float32, from ``original``, the tensors of ``module`` (a copy cast to a lower
+    precision) that loading in that precision keeps in float32; ``prefix`` is the module's name
+    in its model, for the patterns."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.is_floating_point() and kept_in_fp32(prefix + name, patterns):
+                t.data = _get_module_tensor(original, name).detach().to(torch.float32).clone()
+
+
+def _get_module_tensor(module, name: str):
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+
 def meta_model(config):
     """The model's module tree on the meta device: shapes without memory, for `info`."""
     import torch

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from moeguard.errors import MoeguardError
 from moeguard.io import ShardReader, atomic_dir, check_output, read_header
-from moeguard.models.families import FAMILIES, DiskLayout, family_for_config
+from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
 from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -173,7 +173,7 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
                 plan.append(_Tensor(file, name, name, info["dtype"], shape, nbytes, whole, row_bytes))
                 continue
             kept = keep[li]
-            if shape and len(shape) > 1 and shape[-1] == n_exp and all(s == 1 for s in shape[:-1]):
+            if (expert_axis(shape, n_exp) or 0) > 0:
                 found[li][role].add(name)   # ERNIE's [1, E] selection bias: experts on the last axis
                 plan.append(_Tensor(file, name, name, info["dtype"], (*shape[:-1], len(kept)),
                                     nbytes // n_exp * len(kept), _runs(kept), nbytes // n_exp, flat=True))
@@ -276,7 +276,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     adapter = MoEAdapter(meta_model(config), family=family)
     keep = normalize_keep(adapter, keep)
     new_config, changes = pruned_config(adapter, keep)
-    plan = plan_tensors(files, headers, layers_path=family.disk_layers_path or family.layers_path,
+    plan = plan_tensors(files, headers, layers_path=family.disk_layers,
                         experts={l.index: l.num_experts for l in adapter.layers}, keep=keep,
                         layout=family.disk_layout())
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)

@@ -142,7 +142,7 @@ class StreamedCheckpoint(LayerCounts):
     def _find_layer(index, E, family, blocks, names, where, shapes, *, hidden, path) -> tuple[_Layer, int]:
         """The layer's expert tensors, with their shapes checked; returns (layer, neurons per expert)."""
         fix = "the checkpoint's weights do not match its config.json, or it is incomplete; re-download it"
-        prefixes = [f"{family.disk_layers_path or family.layers_path}.{index}.{b}." for b in blocks]
+        prefixes = [f"{family.disk_layers}.{index}.{b}." for b in blocks]
         if len(names) == 3:
             found = [p for p in prefixes if f"{p}experts.0.{names[0]}" in where]
             if not found:
