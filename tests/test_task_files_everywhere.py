@@ -27,6 +27,8 @@ COMMANDS = {
     "harden": ["harden", "--tasks", "Y,arith-compare", "--steps", "1", "--out", "O"],
     "defend-eval": ["defend-eval", "--hardened", "H", "--tasks", "Y", "--keeps", "4", *ATTACK, "--out", "O"],
     "zoo train": ["zoo", "train", "--tasks", "Y", "--steps", "2", "--out", "O"],
+    "merge": ["merge", "--plan", "PL", "--method", "frequency-weighted", "--task", "Y", "--samples", "4",
+              "--tokens", "8", "--out", "O"],
     "route-attack": ["route-attack", "--task", "Y", "--layer", "0", "--expert", "1", "--prefix-tokens", "2",
                      "--steps", "1", "--candidates", "4", "--out", "O"],
     "scan": ["scan", "--tasks", "Y,arith-compare", "--contexts", "1", "--candidates", "1", "--chain", "2", "--samples", "2",
@@ -70,7 +72,8 @@ def test_yaml_task_path_works(command, files, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the YAML's relative data path is resolved against its own folder
     out = tmp_path / "out"
     subs = {"Y": str(files / "task.yaml"), "Y,arith-compare": f"{files / 'task.yaml'},arith-compare",
-            "O": str(out), "P": str(files / "pruned"), "H": str(files / "hardened")}
+            "O": str(out), "P": str(files / "pruned"), "H": str(files / "hardened"),
+            "PL": str(files / "plan.json")}
     code = main([subs.get(a, a) for a in COMMANDS[command]])
     assert code == 0, capsys.readouterr().err
     assert _mentions(out, NAME), f"{command} wrote nothing that names the task {NAME}"

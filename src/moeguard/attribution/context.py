@@ -49,14 +49,19 @@ class Context:
 
     def track(self, items, description: str):
         """Iterate with a progress bar when a rich Progress is attached."""
-        items = list(items)
-        if self.progress is None:
-            yield from items
-            return
-        tid = self.progress.add_task(description, total=len(items))
-        try:
-            for item in items:
-                yield item
-                self.progress.advance(tid)
-        finally:
-            self.progress.remove_task(tid)
+        return track(self.progress, items, description)
+
+
+def track(progress, items, description: str):
+    """Iterate ``items`` with a bar on ``progress`` (a rich Progress, or None for none)."""
+    items = list(items)
+    if progress is None:
+        yield from items
+        return
+    tid = progress.add_task(description, total=len(items))
+    try:
+        for item in items:
+            yield item
+            progress.advance(tid)
+    finally:
+        progress.remove_task(tid)

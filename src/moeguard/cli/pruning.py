@@ -145,3 +145,49 @@ def sweep(*, out: Path, model: Optional[str], backend: str, ray_address: Optiona
                f"{doc['evaluations']['run']} evaluations in {doc['seconds']:.0f} s; written to {out}")
 
 
+
+
+@app.command()
+def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint directory")],
+          method: Annotated[str, typer.Option("--method", help="merge method (see `moeguard merge-methods`)")],
+          model: ModelOpt = None,
+          scores: Annotated[Optional[Path], typer.Option("--scores", help="scores JSON from `moeguard attribute`: the centres")] = None,
+          keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="experts per layer after merging")] = None,
+          plan: Annotated[Optional[Path], typer.Option("--plan", help='merge plan {"clusters": {"<layer>": [[centre, ...], ...]}} or a pruning plan (its kept experts are the centres)')] = None,
+          task: Annotated[Optional[str], typer.Option("--task", help="calibration task (default: the scores' task)")] = None,
+          samples: Annotated[int, typer.Option("--samples", min=1, help="calibration samples from the task's train split")] = 64,
+          tokens: Annotated[int, typer.Option("--tokens", min=1, help="tokens per layer every expert is run on (output similarity)")] = 256,
+          gate: Annotated[str, typer.Option("--gate", help="router-weighted: 'applied' (the block's weights) or 'raw' (score before renormalization)")] = "applied",
+          batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+          overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+    """Merge experts instead of dropping them: each layer's experts clustered and averaged into K."""
+    from moeguard.edge import resolve_model
+    from moeguard.pruning.merging.write import write_merged
+    from moeguard.report.tables import merge_table
+
+    handle = resolve_model(model)
+    _seed(seed)
+    settings = {"model": handle.name, "method": method, "scores": str(scores) if scores else None,
+                "plan": str(plan) if plan else None, "keep": keep, "task": task, "samples": samples, "tokens": tokens,
+                "gate": gate, "batch_size": batch_size, "seed": seed}
+    with _progress() as progress:
+        record = write_merged(handle, out, method=method, keep=keep, scores=scores, plan=plan, task=task,
+                              samples=samples, batch_size=batch_size, tokens=tokens, gate=gate, seed=seed,
+                              overwrite=overwrite, progress=progress, settings=settings)
+    _console().print(merge_table(record))
+    counts = sorted({len(v) for v in record["keep"].values()})
+    typer.echo(f"merged {record['pruning']['original_num_experts']} -> {'/'.join(map(str, counts))} experts per layer "
+               f"({record['plan']['why']}); written to {out}")
+
+
+@app.command("merge-methods")
+def merge_methods(as_json: JsonOpt = False) -> None:
+    """Registered merge methods."""
+    from moeguard.pruning.merging.base import MERGE_METHODS
+
+    rows = [{"name": m.name, "description": m.description, "uses_gate": m.uses_gate} for m in MERGE_METHODS.items()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['name']:<20} {r['description']}")

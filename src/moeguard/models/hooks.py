@@ -49,6 +49,7 @@ class LayerStats:
     tokens: int = 0
     counts: torch.Tensor = None           # [E] routing slots received
     gate_mass: torch.Tensor = None        # [E] sum of the (normalized) top-k gate weights
+    raw_gate_mass: torch.Tensor = None    # [E] sum of the router's raw score (before top-k renormalization) where chosen
     prob_mass: torch.Tensor = None        # [E] sum of the router's full score distribution
     norm_sum: torch.Tensor | None = None  # [E] sum of ||expert output|| over routed tokens
     weighted_norm_sum: torch.Tensor | None = None  # [E] sum of gate x ||expert output||
@@ -106,6 +107,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         self.stats = RoutingStats(
             layers=[LayerStats(layer=l.index, counts=torch.zeros(E, dtype=torch.float64),
                                gate_mass=torch.zeros(E, dtype=torch.float64),
+                               raw_gate_mass=torch.zeros(E, dtype=torch.float64),
                                prob_mass=torch.zeros(E, dtype=torch.float64),
                                norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None,
                                weighted_norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None)
@@ -161,6 +163,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
                 lv = logits[valid].float()
                 probs = lv.sigmoid() if spec.score == "sigmoid" else torch.softmax(lv, dim=-1)
                 stats.prob_mass += probs.sum(0).double().cpu()
+                stats.raw_gate_mass += torch.zeros(E, device=probs.device).index_add_(
+                    0, sel.reshape(-1), probs.gather(1, sel).reshape(-1)).double().cpu()
                 if self.per_sample and self._sample_counts is not None and self._batch_shape is not None:
                     B, T = self._batch_shape
                     if idx.shape[0] == B * T:
@@ -328,6 +332,30 @@ def capture_inputs(modules: Mapping[int, nn.Module]) -> Iterator[dict[int, tuple
     try:
         for key, module in modules.items():
             handles.append(module.register_forward_pre_hook(hook_for(key), with_kwargs=True))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def expert_inputs(adapter: MoEAdapter) -> Iterator[dict[int, torch.Tensor]]:
+    """Per MoE layer slot, the [N, H] tokens (N = B*T, flattened) that entered its experts in the
+    latest forward: the experts' own input, or the block's input where the experts take a
+    score-scaled input (Llama-4). What running an expert on the layer's real tokens needs."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(slot):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            store[slot] = h.reshape(-1, h.shape[-1]).detach()
+        return hook
+
+    try:
+        for slot, layer in enumerate(adapter.layers):
+            module = layer.block if adapter.family.call == "scaled_input" else layer.experts
+            handles.append(module.register_forward_pre_hook(hook_for(slot), with_kwargs=True))
         yield store
     finally:
         for h in handles:

@@ -59,18 +59,23 @@ def write_pruned(model_ref: str | None, plan: PrunePlan, out: str | Path, *, ove
 
 
 def _in_memory(ref, keep, out: Path, *, overwrite: bool, extra: dict) -> dict[str, Any]:
-    import torch
-
     from moeguard.models.loading import load_model
     from moeguard.models.prune import prune_model
 
-    # keep the checkpoint's own dtype: pruning must not up-cast a bf16 model to fp32 on disk
-    dtype = (_dtype_of(ref.path) or torch.float32) if ref.path is not None else "auto"
-    model, tokenizer, _ = load_model(ref.name, dtype=dtype)
+    model, tokenizer, _ = load_model(ref.name, dtype=checkpoint_dtype(ref))
     small, record = prune_model(model, keep)
     del model
+    record = {**record, "method": "in_memory", "source": ref.name, **extra}
+    save_checkpoint(small, tokenizer, ref, out, overwrite=overwrite, records={RECORD: record})
+    return record
+
+
+def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, records: dict[str, dict]) -> None:
+    """A model made in memory from ``ref`` (pruned or merged) into ``out``, atomically: its
+    weights, the tokenizer, what else the owner shipped beside the weights, and ``records``
+    (file name -> JSON)."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        small.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         if tokenizer is not None:
             from moeguard.models.tokenizer_files import save_tokenizer
 
@@ -81,9 +86,16 @@ def _in_memory(ref, keep, out: Path, *, overwrite: bool, extra: dict) -> dict[st
             for f in side_files(ref.path, safetensors_files(ref.path))[0]:
                 if not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
-        record = {**record, "method": "in_memory", "source": ref.name, **extra}
-        write_json(tmp / RECORD, record)
-    return record
+        for name, doc in records.items():
+            write_json(tmp / name, doc)
+
+
+def checkpoint_dtype(ref):
+    """The dtype to load ``ref`` in so that a model rewritten from it keeps its own on disk
+    (pruning or merging must not up-cast a bf16 model to fp32); "auto" for a hub id."""
+    import torch
+
+    return (_dtype_of(ref.path) or torch.float32) if ref.path is not None else "auto"
 
 
 def _dtype_of(path: Path):

@@ -72,6 +72,20 @@ def eval_table(results: dict) -> Table:
     return t
 
 
+def merge_table(record: dict) -> Table:
+    """Per layer: each merged expert, the originals averaged into it and their weights."""
+    plan = record["plan"]
+    t = Table(title=f"merge ({plan['method']}{', gate ' + plan['gate'] if plan.get('gate') else ''}"
+                    f"{', task ' + plan['task'] if plan.get('task') else ''})")
+    t.add_column("layer", justify="right")
+    t.add_column("merged expert <- originals (weights)")
+    for layer, groups in record["merges"].items():
+        t.add_row(layer, "  ".join(f"{g['expert']} <- {'+'.join(map(str, g['from']))}"
+                                   + (f" ({'/'.join(f'{w:.2f}' for w in g['weights'])})" if len(g["from"]) > 1 else "")
+                                   for g in sorted(groups, key=lambda g: g["expert"])))
+    return t
+
+
 def scores_table(doc: dict) -> Table:
     """Per layer: the experts from most to least important, with their scores."""
     t = Table(title=f"{doc['method']} scores for '{doc['task']}' ({doc['samples']} samples, {doc['seconds']:.1f} s)")

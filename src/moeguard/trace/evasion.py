@@ -3,7 +3,7 @@ each layer's experts, permute the neurons inside every expert, permute (and flip
 hidden dimension through the whole model. Each returns a new model and checks that its logits
 equal the input's, so the evasion itself is verified before anything is traced against it.
 
-Merging (``merge_experts``, from :mod:`moeguard.pruning.merge`) is not function-preserving: it
+Merging (``merge_experts``, from :mod:`moeguard.pruning.merging.operation`) is not function-preserving: it
 is compression, re-exported here for the benchmark's merged derivatives.
 
 Verified on the Mixtral layout (the embedded model and its family): fused ``gate_up_proj``/
@@ -123,6 +123,6 @@ def permute_hidden(model: nn.Module, *, seed: int, flip_signs: bool = False) -> 
     return new
 
 
-from moeguard.pruning.merge import merge_experts  # noqa: E402  (the benchmark's merges; one copy, in pruning/)
+from moeguard.pruning.merging.operation import merge_experts  # noqa: E402  (the benchmark's merges; one copy, in pruning/)
 
 __all__ = ["shuffle_experts", "permute_neurons", "permute_hidden", "merge_experts"]

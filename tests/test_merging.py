@@ -1,0 +1,214 @@
+"""Expert merging (issue 20): the shared operation on every family, each method's clusters and
+weights, the calibration statistics, and `moeguard merge` end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moeguard.attribution.base import Scores
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.families import FAMILIES
+from moeguard.models.prune import prune_model
+from moeguard.pruning.merging.base import MERGE_METHODS
+from moeguard.pruning.merging.calibrate import LayerProfile, calibrate
+from moeguard.pruning.merging.merge import merge_model, prepare
+from moeguard.pruning.merging.operation import merge_experts
+from moeguard.tasks.batches import Batch
+from moeguard.testing import tiny_model
+
+# centre first; within halves 0-3 and 4-7, so group-limited routers (DeepSeek's n_group=2) can express it
+CLUSTERS = [[0, 1], [2, 3], [5, 4], [7, 6]]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from moeguard.models.loading import load_model
+
+    m, tok, _ = load_model(None)
+    return m, tok
+
+
+def _batches(vocab: int = 96, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(0, vocab, (3, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[2, 6:] = 0
+        out.append(Batch(ids, mask, ids.clone()))
+    return out
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
+def test_every_family_merges_each_tensor_to_its_weighted_average(fam):
+    model = tiny_model(fam)
+    before = _state(model)
+    adapter = MoEAdapter(model)
+    plan = {"clusters": {str(l.index): CLUSTERS for l in adapter.layers}}
+    prepared = prepare(adapter, method="router-weighted", plan=plan)
+    assert prepared["needs_data"]   # explicit clusters, weights from the data
+    merged, record = merge_model(model, prepared, batches=_batches(), tokens=12, task="t")
+
+    # the input model is untouched
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    new = MoEAdapter(merged)
+    assert [l.num_experts for l in new.layers] == [4] * len(adapter.layers)
+    for old_layer, new_layer in zip(adapter.layers, new.layers):
+        groups = record["merges"][str(old_layer.index)]
+        old_t, new_t = old_layer.expert_tensors(), new_layer.expert_tensors()
+        assert len(old_t) == len(new_t) > 0
+        for (_, name, o, axis), (_, _, n, _) in zip(old_t, new_t):
+            ov = o if axis == 0 else o.movedim(-1, 0)
+            nv = n if axis == 0 else n.movedim(-1, 0)
+            for g in groups:
+                want = sum(w * ov[e].double() for w, e in zip(g["weights"], g["from"])).to(o.dtype)
+                torch.testing.assert_close(nv[g["expert"]], want, rtol=1e-5, atol=1e-6, msg=f"{fam} {name}")
+        # router-weighted: each member's share of its cluster's applied gate mass
+        assert all(abs(sum(g["weights"]) - 1) < 1e-5 for g in groups)
+    assert record["calibration"]["sampled_tokens"] == 12 and record["plan"]["gate"] == "applied"
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.randint(0, 96, (2, 7))).logits).all()
+
+
+def test_experts_with_equal_weights_and_router_rows_merge_exactly_into_one(embedded):
+    m, _ = embedded
+    dup = copy.deepcopy(m)
+    with torch.no_grad():
+        for layer in MoEAdapter(dup).layers:
+            for _, _, t, axis in layer.expert_tensors():
+                t[3] = t[6]
+    clusters = {l.index: [[3, 6], [0], [1], [2], [4], [5], [7]] for l in MoEAdapter(dup).layers}
+    weights = {l: [[0.3, 0.7], *[[1.0]] * 6] for l in clusters}
+    merged, _ = merge_experts(dup, clusters, weights)
+    pruned, _ = prune_model(dup, {l: [0, 1, 2, 3, 4, 5, 7] for l in clusters})
+    a, b = merged.state_dict(), pruned.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _profile(outputs: torch.Tensor, counts) -> LayerProfile:
+    c = torch.tensor(counts, dtype=torch.float64)
+    return LayerProfile(layer=0, counts=c, gate_mass=c / 2, raw_gate_mass=c / 3, outputs=outputs)
+
+
+def test_each_method_groups_and_weighs_as_documented():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, 5, generator=g)
+    # experts 4..7 are near copies of 0..3: output similarity must pair them
+    outputs = torch.cat([base, base + 0.01 * torch.randn(4, 6, 5, generator=g)])
+    p = _profile(outputs, [10, 0, 30, 5, 1, 2, 3, 40])
+    scores = [8.0, 7.0, 6.0, 5.0, 1.0, 2.0, 3.0, 4.0]
+    M = MERGE_METHODS
+    assert M.names() == ["average", "frequency-weighted", "hc-smoe", "router-weighted"]
+    pairs = [[0, 4], [1, 5], [2, 6], [3, 7]]
+    for name in M.names():
+        assert M[name].group(p, scores, 4) == pairs, name
+    assert M["average"].weigh(p, [0, 4], "applied") == [0.5, 0.5]
+    assert M["frequency-weighted"].weigh(p, [0, 4], "applied") == pytest.approx([10 / 11, 1 / 11])
+    assert M["frequency-weighted"].weigh(p, [1, 5], "applied") == pytest.approx([0.0, 1.0])   # never routed: no weight
+    assert M["router-weighted"].weigh(p, [2, 6], "raw") == pytest.approx([30 / 33, 3 / 33])
+    # hc-smoe: the best-scored member is the centre, whatever the index order
+    assert M["hc-smoe"].group(p, [0, 0, 0, 9, 0, 0, 0, 0], 4)[3] == [3, 7]
+    # fewer clusters: exactly K, every expert once
+    for name in M.names():
+        groups = M[name].group(p, scores, 3)
+        assert len(groups) == 3 and sorted(e for gr in groups for e in gr) == list(range(8)), name
+
+
+def test_calibration_counts_gate_mass_and_runs_every_expert_on_the_sampled_tokens(embedded):
+    m, _ = embedded
+    adapter = MoEAdapter(m)
+    batches = _batches(vocab=4096)
+    valid = sum(int(b.attention_mask.sum()) for b in batches)
+    profiles, cost = calibrate(m, adapter, batches, tokens=16, seed=0)
+    assert cost["sampled_tokens"] == 16 and cost["calibration_tokens"] == valid
+    for p in profiles:
+        assert p.outputs.shape == (8, 16, 128)
+        assert float(p.counts.sum()) == 2 * valid                       # top-2 slots of every valid token
+        assert float(p.gate_mass.sum()) == pytest.approx(valid)         # Mixtral renormalizes: 1 per token
+        assert (p.raw_gate_mass <= p.gate_mass + 1e-9).all() and float(p.raw_gate_mass.sum()) < valid
+    # the same seed samples the same tokens
+    again, _ = calibrate(m, adapter, batches, tokens=16, seed=0)
+    assert torch.equal(again[0].outputs, profiles[0].outputs)
+
+
+def test_bad_requests_fail_before_calibration(embedded):
+    m, _ = embedded
+    a = MoEAdapter(m)
+    with pytest.raises(MoeguardError, match="unknown merge method 'avrage'.*average"):
+        prepare(a, method="avrage", plan={"clusters": {}})
+    with pytest.raises(MoeguardError, match="--gate 'soft' is not one of"):
+        prepare(a, method="average", gate="soft", plan={"clusters": {}})
+    with pytest.raises(MoeguardError, match=r"layer 0: clusters \[\[0, 1\], \[1, 2\]\] do not split its 8 experts"):
+        prepare(a, method="average", plan={"clusters": {str(l): [[0, 1], [1, 2]] for l in range(4)}})
+    with pytest.raises(MoeguardError, match=r"names layers \[0\]; the model's MoE layers are \[0, 1, 2, 3\]"):
+        prepare(a, method="average", plan={"clusters": {"0": CLUSTERS}})
+    with pytest.raises(MoeguardError, match="'hc-smoe' clusters on its own"):
+        prepare(a, method="hc-smoe", plan={"keep": {str(l): [0, 1, 2, 3] for l in range(4)}})
+    scores = Scores(method="frequency", task="t", model="m", samples=1, tokens=1, layers=[0, 1, 2, 3], num_experts=8,
+                    top_k=2, scores=torch.rand(4, 8, dtype=torch.float64))
+    with pytest.raises(MoeguardError, match="merging to 8 is impossible for 8 experts per layer"):
+        prepare(a, method="average", scores=scores, keep=8)
+    with pytest.raises(MoeguardError, match="--scores needs --keep"):
+        prepare(a, method="average", scores=scores)
+    with pytest.raises(MoeguardError, match="needs calibration data and none was given"):
+        merge_model(m, prepare(a, method="frequency-weighted", plan={"clusters": {str(l): CLUSTERS for l in range(4)}}))
+    # explicit clusters averaged uniformly need no data at all
+    merged, record = merge_model(m, prepare(a, method="average", plan={"clusters": {str(l): CLUSTERS for l in range(4)}}))
+    assert record["calibration"] == {"forward_passes": 0} and MoEAdapter(merged).num_experts == 4
+
+
+def test_cli_merge_writes_a_checkpoint_vanilla_transformers_loads(tmp_path, capsys):
+    scores = tmp_path / "scores.json"
+    assert main(["attribute", "--task", "arith-compare", "--method", "frequency", "--samples", "8",
+                 "--out", str(scores)]) == 0
+    before = scores.read_bytes()
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(["merge", "--scores", str(scores), "--keep", "4", "--method", "router-weighted", "--gate", "raw",
+                 "--samples", "8", "--tokens", "32", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "merged 8 -> 4 experts per layer (router-weighted: clusters from frequency scores" in text
+    assert scores.read_bytes() == before
+    record = json.loads((out / "moeguard_merging.json").read_text())
+    assert record["schema"] == "moeguard.merging/1" and record["loadable_by"] == "transformers"
+    assert record["plan"]["gate"] == "raw" and record["plan"]["task"] == "arith-compare"
+    assert record["run"]["settings"]["method"] == "router-weighted"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert MoEAdapter(model).num_experts == 4
+    for layer, groups in record["merges"].items():
+        assert sorted(e for g in groups for e in g["from"]) == list(range(8))
+        assert sorted(g["expert"] for g in groups) == [0, 1, 2, 3]
+
+    # the plan it wrote merges the same way again, without scores
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(record["plan"]))
+    again = tmp_path / "again"
+    assert main(["merge", "--plan", str(plan), "--method", "router-weighted", "--gate", "raw", "--samples", "8",
+                 "--tokens", "32", "--out", str(again)]) == 0
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+    # no overwrite without --overwrite; one line, exit 2
+    capsys.readouterr()
+    assert main(["merge", "--plan", str(plan), "--method", "average", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "already exists" in err and "--overwrite" in err
+
+
+def test_merge_methods_lists_every_method(capsys):
+    assert main(["merge-methods", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["average", "frequency-weighted", "hc-smoe", "router-weighted"]
+    assert [r["uses_gate"] for r in rows] == [False, False, False, True]
