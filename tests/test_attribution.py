@@ -55,7 +55,8 @@ def fam_model(request):
 
 
 def test_every_method_is_registered_and_documented():
-    assert set(ALL_METHODS) == {"frequency", "gate", "reap", "reconstruction", "ablation", "gradient", "contrastive"}
+    assert set(ALL_METHODS) == {"frequency", "gate", "reap", "reap-raw", "reconstruction", "ablation", "gradient",
+                                "contrastive"}
     assert all(m.description for m in list_methods())
 
 
@@ -106,6 +107,33 @@ def test_ablation_is_the_exact_loss_increase_of_masking(fam_model):
         with mask_experts(model, {li: [x for x in range(8) if x != e]}):
             exact = _loss(model, ctx.batches) - base
         assert abs(float(s.scores[row, e]) - exact) < 1e-5, (fam, row, e)
+
+
+@pytest.mark.parametrize("fam", ["mixtral", "qwen2_moe"])
+def test_reap_raw_is_reap_with_the_routers_score_before_renormalization(fam):
+    from moeguard.models.hooks import trace_experts
+
+    model = tiny_model(fam, **({"norm_topk_prob": False} if fam == "qwen2_moe" else {}))
+    ctx = _ctx(model)
+    raw, applied = score(ctx, "reap-raw").scores, score(ctx, "reap").scores
+    a = MoEAdapter(model)
+    num = torch.zeros(len(a.layers), 8, dtype=torch.float64)
+    den = torch.zeros_like(num)
+    for b in ctx.batches:   # from scratch: softmax of the logits at each chosen expert x its output's norm
+        with torch.no_grad(), trace_experts(model, adapter=a) as traces:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+        valid = b.attention_mask.reshape(-1).bool()
+        for row, layer in enumerate(a.layers):
+            t = traces[layer.index]
+            p = torch.softmax(t.logits.float(), -1).gather(1, t.index)[valid].double()
+            n = t.slot_out.float().norm(dim=-1)[valid].double()
+            num[row].index_add_(0, t.index[valid].reshape(-1), (p * n).reshape(-1))
+            den[row].index_add_(0, t.index[valid].reshape(-1), torch.ones_like(p).reshape(-1))
+    assert torch.allclose(raw, num / den.clamp_min(1), rtol=1e-4, atol=1e-6)
+    if fam == "mixtral":   # renormalizing over the top-2 raises every gate: reap >= reap-raw
+        assert (applied >= raw).all() and (applied > raw).any()
+    else:                  # no renormalization: the same scores
+        assert torch.allclose(raw, applied, rtol=1e-5)
 
 
 def test_frequency_and_gate_are_shares():

@@ -20,9 +20,21 @@ def run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def routes_run(tmp_path_factory):
+    """Both routes; classification tasks only, whose evaluation is cheap (merged models are not cached)."""
+    out = tmp_path_factory.mktemp("sweep") / "routes"
+    assert main(["sweep", "--tasks", "arith-compare,docstring-topic", "--methods", "frequency,gate", "--keep", "2,4",
+                 "--samples", "8", "--eval-limit", "8", "--collateral-limit", "4", "--random-seeds", "2",
+                 "--no-deletion-curves", "--physical-checks", "0", "--route", "prune,merge",
+                 "--merge-methods", "average,router-weighted", "--merge-tokens", "16", "--out", str(out)]) == 0
+    return out
+
+
 def test_sweep_json_has_every_point_and_the_random_band(run):
     doc = json.loads((run / "sweep.json").read_text())
     assert doc["schema"] == "moeguard.sweep/1"
+    assert "merge" not in doc and "routes" not in doc and doc["settings"]["routes"] == ["prune"]   # the default
     pts = {(p["task"], p["method"], p["keep"]) for p in doc["points"]}
     assert pts == {(t, m, k) for t in ("arith-compare", "record-summary") for m in ("frequency", "ablation") for k in (2, 4)}
     for p in doc["points"]:
@@ -33,6 +45,40 @@ def test_sweep_json_has_every_point_and_the_random_band(run):
     assert len(doc["random"]) == 2 * 2 * 2
     assert doc["faithfulness"]["arith-compare"]["ablation"]["spearman_vs_ablation"] == pytest.approx(1.0)
     assert doc["run"]["settings"]["seed"] == 0 and doc["run"]["versions"]["transformers"]
+
+
+def test_the_merge_route_scores_every_merge_and_names_the_stronger_route(routes_run, tmp_path):
+    run = routes_run
+    doc = json.loads((run / "sweep.json").read_text())
+    merge = doc["merge"]
+    pts = {(p["task"], p["method"], p["merge_method"], p["keep"]) for p in merge["points"]}
+    assert pts == {(t, m, mm, k) for t in ("arith-compare", "docstring-topic") for m in ("frequency", "gate")
+                   for mm in ("average", "router-weighted") for k in (2, 4)}
+    assert len(merge["random"]) == 2 * 2 * 2 * 2   # tasks x seeds x merge methods x keeps
+    assert merge["calibration"]["arith-compare"]["sampled_tokens"] == 16
+    for task, by_keep in doc["routes"].items():
+        for k, row in by_keep.items():
+            best = {r: max(p["retention"] for p in pts_ if p["task"] == task and p["keep"] == int(k))
+                    for r, pts_ in (("prune", doc["points"]), ("merge", merge["points"]))}
+            assert row["prune"]["retention"] == best["prune"] and row["merge"]["retention"] == best["merge"]
+            # the attacker's envelope: never below either route
+            assert row["envelope"] == max(best.values()) >= best["prune"]
+            assert row["winner"] == ("merge" if best["merge"] > best["prune"] else
+                                     "prune" if best["merge"] < best["prune"] else "tie")
+    rows = list(csv.DictReader(open(run / "points.csv")))
+    assert {r["method"] for r in rows} >= {"merge:average:frequency", "merge:router-weighted:random:1"}
+
+    # the sweep's merge is the command's merge: the same checkpoint scores the same
+    p = next(p for p in merge["points"] if p["task"] == "arith-compare" and p["method"] == "frequency"
+             and p["merge_method"] == "router-weighted" and p["keep"] == 2)
+    out = tmp_path / "merged"
+    assert main(["merge", "--scores", str(run / "scores" / "arith-compare" / "frequency.json"), "--keep", "2",
+                 "--method", "router-weighted", "--samples", "8", "--tokens", "16", "--out", str(out)]) == 0
+    rec = json.loads((out / "moeguard_merging.json").read_text())
+    assert {li: [g["from"] for g in gs] for li, gs in rec["merges"].items()} == p["merges"]
+    res = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--tasks", "arith-compare", "--limit", "8", "--out", str(res)]) == 0
+    assert json.loads(res.read_text())["tasks"]["arith-compare"]["score"] == pytest.approx(p["score"])
 
 
 def test_masked_points_match_physical_pruning(run):

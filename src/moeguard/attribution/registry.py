@@ -7,5 +7,6 @@ from moeguard.attribution import (  # noqa: F401
     gate,
     gradient,
     reap,
+    reap_raw,
     reconstruction,
 )

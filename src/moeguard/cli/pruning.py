@@ -138,6 +138,10 @@ def sweep(*, out: Path, model: Optional[str], backend: str, ray_address: Optiona
     doc = _run_study(out, overwrite, settings, handle, SweepStudy(), study, write, backend=backend,
                      ray_address=ray_address, tasks=task_list)
     _console().print(sweep_table(doc))
+    if doc.get("routes"):
+        from moeguard.report.sweep import routes_table
+
+        _console().print(routes_table(doc))
     done = [c for c in doc["physical_checks"] if "skipped" not in c]
     bad = [c for c in done if c["abs_diff"] > 1e-6 or c["params_physical"] != c["params_expected"]]
     typer.echo(f"{len(done)} physical-pruning checks, {len(bad)} mismatched, "

@@ -53,6 +53,7 @@ class LayerStats:
     prob_mass: torch.Tensor = None        # [E] sum of the router's full score distribution
     norm_sum: torch.Tensor | None = None  # [E] sum of ||expert output|| over routed tokens
     weighted_norm_sum: torch.Tensor | None = None  # [E] sum of gate x ||expert output||
+    raw_weighted_norm_sum: torch.Tensor | None = None  # [E] the same with the raw score as the gate
 
     def to_dict(self) -> dict:
         out = {"layer": self.layer, "tokens": self.tokens}
@@ -103,6 +104,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         self._batch_shape: tuple[int, int] | None = None
         self._sample_counts: torch.Tensor | None = None
         self._routed: dict[int, tuple] = {}
+        self._raw: dict[int, torch.Tensor] = {}    # slot -> [N, k] raw scores of the chosen experts (norms)
         E = self.adapter.num_experts
         self.stats = RoutingStats(
             layers=[LayerStats(layer=l.index, counts=torch.zeros(E, dtype=torch.float64),
@@ -110,7 +112,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
                                raw_gate_mass=torch.zeros(E, dtype=torch.float64),
                                prob_mass=torch.zeros(E, dtype=torch.float64),
                                norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None,
-                               weighted_norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None)
+                               weighted_norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None,
+                               raw_weighted_norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None)
                     for l in self.adapter.layers],
             num_experts=E, top_k=self.adapter.top_k)
 
@@ -160,9 +163,12 @@ class RoutingCapture(contextlib.AbstractContextManager):
                 stats.tokens += int(valid.sum())
                 stats.counts += torch.bincount(sel.reshape(-1), minlength=E).double().cpu()
                 stats.gate_mass += torch.zeros(E, device=w.device).index_add_(0, sel.reshape(-1), w.reshape(-1)).double().cpu()
-                lv = logits[valid].float()
-                probs = lv.sigmoid() if spec.score == "sigmoid" else torch.softmax(lv, dim=-1)
+                lf = logits.float()
+                every = lf.sigmoid() if spec.score == "sigmoid" else torch.softmax(lf, dim=-1)
+                probs = every[valid]
                 stats.prob_mass += probs.sum(0).double().cpu()
+                if self.norms:
+                    self._raw[slot] = every.gather(1, idx)
                 stats.raw_gate_mass += torch.zeros(E, device=probs.device).index_add_(
                     0, sel.reshape(-1), probs.gather(1, sel).reshape(-1)).double().cpu()
                 if self.per_sample and self._sample_counts is not None and self._batch_shape is not None:
@@ -190,7 +196,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
                 add = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.reshape(-1).cpu(),
                                                                      picked.reshape(-1).double().cpu())
                 stats.norm_sum += add
-                stats.weighted_norm_sum += add
+                stats.weighted_norm_sum += add       # the score is inside: raw (sigmoid, not renormalized)
+                stats.raw_weighted_norm_sum += add
             return out
         return forward
 
@@ -212,6 +219,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
                     norm = y.float().norm(dim=-1) * valid[tok]
                     stats.norm_sum[e] += float(norm.sum())
                     stats.weighted_norm_sum[e] += float((norm * w.float()).sum())
+                    stats.raw_weighted_norm_sum[e] += float((norm * self._raw[slot][tok, pos]).sum())
                 out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
             return out
         return forward
@@ -236,6 +244,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
             h.remove()
         self._handles.clear()
         self._routed.clear()
+        self._raw.clear()
         for module, previous in reversed(self._patched):
             _restore_forward(module, previous)
         self._patched.clear()

@@ -25,6 +25,20 @@ def csv_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"task": p["task"], "method": f"random:{p['seed']}", "keep": p["keep"], "params": None,
                      "param_reduction_pct": None, "memory_bytes": None, "eval_task": p["task"], "score": p["score"],
                      "retention": p["retention"], "retention_above_baseline": p["retention_above_baseline"]})
+    merge = doc.get("merge") or {}
+    for p in merge.get("points", []):   # the merge route: method "merge:<merge method>:<attribution method>"
+        base = {"task": p["task"], "method": f"merge:{p['merge_method']}:{p['method']}", "keep": p["keep"],
+                "params": None, "param_reduction_pct": None, "memory_bytes": None}
+        rows.append({**base, "eval_task": p["task"], "score": p["score"], "retention": p["retention"],
+                     "retention_above_baseline": p["retention_above_baseline"]})
+        for other, c in (p.get("collateral") or {}).items():
+            rows.append({**base, "eval_task": other, "score": c["score"], "retention": c["retention"],
+                         "retention_above_baseline": None})
+    for p in merge.get("random", []):
+        rows.append({"task": p["task"], "method": f"merge:{p['merge_method']}:random:{p['seed']}", "keep": p["keep"],
+                     "params": None, "param_reduction_pct": None, "memory_bytes": None, "eval_task": p["task"],
+                     "score": p["score"], "retention": p["retention"],
+                     "retention_above_baseline": p["retention_above_baseline"]})
     return rows
 
 
@@ -74,4 +88,27 @@ def sweep_table(doc: dict[str, Any]):
             rho = f.get("spearman_vs_ablation")
             t.add_row(task, m, *cells, "-" if a is None else f"{a:.1f} ({ra:.1f})" if ra is not None else f"{a:.1f}",
                       "-" if rho is None else f"{rho:.2f}")
+    return t
+
+
+def routes_table(doc: dict[str, Any]):
+    """Per task and keep level: the best retention by pruning and by merging (each with its
+    route's random mean), and which route keeps more: the attacker takes the stronger."""
+    from rich.table import Table
+
+    t = Table(title="Compression routes: best retention % (random mean), the stronger route")
+    for col in ("task", "keep", "prune: best (random)", "merge: best (random)", "stronger"):
+        t.add_column(col, justify="left" if col in ("task", "stronger") else "right")
+
+    def cell(r):
+        if r is None:
+            return "-"
+        rm = "" if r["random_mean"] is None else f" ({r['random_mean']:.1f})"
+        how = r["method"] + (f" + {r['merge_method']}" if r.get("merge_method") else "")
+        return f"{r['retention']:.1f}{rm} {how}"
+
+    for task, by_keep in doc.get("routes", {}).items():
+        for k, row in by_keep.items():
+            t.add_row(task, k, cell(row["prune"]), cell(row["merge"]),
+                      row.get("winner", "-") + (f" ({row['margin']:+.1f})" if "margin" in row else ""))
     return t

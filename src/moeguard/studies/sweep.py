@@ -36,6 +36,7 @@ from moeguard.tasks.evaluate import evaluate_task
 from moeguard.tasks.registry import get_task
 
 SCHEMA = "moeguard.sweep/1"
+ROUTES = ("prune", "merge")
 
 
 @dataclass(kw_only=True)
@@ -54,9 +55,22 @@ class SweepConfig:
     batch_size: int = setting(32, min=1, cli=False, help="eval batch size")
     seed: int = setting(0, help="random seed; the same seed gives the same numbers")
     reference: list[str] | None = setting(None, cli=False, help="contrastive's reference tasks (default: the rest of the suite)")
+    routes: list[str] = setting(factory=lambda: ["prune"], flag="--route", choices=ROUTES,
+                                help="compression routes: prune, or prune,merge (merging at the --keep levels)")
+    merge_methods: list[str] = setting(factory=lambda: ["router-weighted"],
+                                       help="merge methods of the merge route (see `moeguard merge-methods`)")
+    merge_tokens: int = setting(256, min=1, help="merge route: tokens per layer every expert is run on")
 
     def __post_init__(self) -> None:
         validate(self)
+        if "prune" not in self.routes:
+            raise MoeguardError(f"routes are {list(self.routes)}; pruning is the sweep's base route",
+                                hint="pass --route prune or --route prune,merge")
+        if "merge" in self.routes:
+            from moeguard.pruning.merging.base import get_merge_method
+
+            for m in self.merge_methods:
+                get_merge_method(m)
 
 
 def random_scores(adapter: MoEAdapter, seed: int, task: str) -> Scores:
@@ -129,6 +143,7 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
         return point
 
     attribution, points, random_points = {}, [], []
+    merge: dict[str, list] = {"points": [], "random": [], "calibration": []}
     all_scores: dict[str, dict[str, Scores]] = {}
     for t in pruned_tasks:
         given = (scores or {}).get(t.name, {})
@@ -156,6 +171,13 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
             random_points.append({"task": t.name, "seed": seed, **measure(t, plan.keep, k, False)})
             progress and progress.advance(tid)
         progress and progress.remove_task(tid)
+        if "merge" in cfg.routes:
+            from moeguard.studies.merge_route import merge_points
+
+            found = merge_points(model, tokenizer, cfg, t, tasks, full, all_scores[t.name],
+                                 lambda seed, _t=t.name: random_scores(adapter, seed, _t), progress=progress)
+            for key in merge:
+                merge[key] += found[key] if key != "calibration" else [found[key]]
 
     summary = _summaries(cfg, pruned_tasks, levels, points, random_points, all_scores)
     checks = _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter)
@@ -166,9 +188,18 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
         "full": full, "attribution": attribution, "points": points, "random": random_points,
         "random_summary": summary["random"], "faithfulness": summary["faithfulness"],
         "physical_checks": checks,
+        **(_routes(cfg, pruned_tasks, points, random_points, merge) if "merge" in cfg.routes else {}),
         "evaluations": {"run": ev.runs, "reused": ev.hits},
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _routes(cfg, tasks, points, random_points, merge) -> dict[str, Any]:
+    from moeguard.studies.merge_route import stronger_route
+
+    calibration = {k: v for c in merge["calibration"] for k, v in c.items()}
+    merge = {"points": merge["points"], "random": merge["random"], "calibration": calibration}
+    return {"merge": merge, "routes": stronger_route(cfg, tasks, points, random_points, merge)}
 
 
 def merge_sweeps(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -183,6 +214,13 @@ def merge_sweeps(docs: list[dict[str, Any]]) -> dict[str, Any]:
             out[k].update(d[k])
         for k in ("run", "reused"):
             out["evaluations"][k] += d["evaluations"][k]
+        if "merge" in d:   # the merge route's points and per-task calibration, and its route summary
+            if d is docs[0]:
+                out["merge"], out["routes"] = {"points": [], "random": [], "calibration": {}}, {}
+            out["merge"]["points"] += d["merge"]["points"]
+            out["merge"]["random"] += d["merge"]["random"]
+            out["merge"]["calibration"].update(d["merge"]["calibration"])
+            out["routes"].update(d["routes"])
         out["seconds"] = round(out["seconds"] + d["seconds"], 1)
     return out
 

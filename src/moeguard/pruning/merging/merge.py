@@ -67,34 +67,44 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
             "needs_data": needs_data}
 
 
-def merge_model(model: nn.Module, prepared: dict[str, Any], *, batches: list | None = None, tokens: int = 256,
-                seed: int = 0, task: str | None = None, scores_method: str | None = None,
-                progress=None) -> tuple[nn.Module, dict[str, Any]]:
-    """The merged model (``model`` untouched) and its record: the plan, the merges and the cost."""
-    m, gate = prepared["method"], prepared["gate"]
-    adapter = MoEAdapter(model)
-    profiles, cost = {}, {"forward_passes": 0}
-    if prepared["needs_data"]:
-        if not batches:
-            raise MoeguardError(f"merge method '{m.name}' needs calibration data and none was given",
-                                hint="pass --task (default: the scores' task)")
-        from moeguard.pruning.merging.calibrate import calibrate
+def profile_model(model: nn.Module, batches: list, *, tokens: int = 256, seed: int = 0, progress=None,
+                  adapter: MoEAdapter | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
+    """Calibration profiles by MoE layer index, and their cost; in eval mode, the mode restored.
+    Computed once, they serve every method, keep level and set of centres of one model and task."""
+    from moeguard.pruning.merging.calibrate import calibrate
 
-        was_training = model.training
-        model.eval()
-        try:
-            found, cost = calibrate(model, adapter, batches, tokens=tokens, seed=seed, progress=progress)
-        finally:
-            model.train(was_training)
-        profiles = {p.layer: p for p in found}
-    clusters = prepared["clusters"] or {l: m.group(profiles[l], prepared["rows"][l], k)
+    was_training = model.training
+    model.eval()
+    try:
+        found, cost = calibrate(model, adapter or MoEAdapter(model), batches, tokens=tokens, seed=seed,
+                                progress=progress)
+    finally:
+        model.train(was_training)
+    return {p.layer: p for p in found}, cost
+
+
+def merge_model(model: nn.Module, prepared: dict[str, Any], *, batches: list | None = None, tokens: int = 256,
+                seed: int = 0, task: str | None = None, scores_method: str | None = None, progress=None,
+                profiles: tuple[dict[int, Any], dict[str, Any]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The merged model (``model`` untouched) and its record: the plan, the merges and the cost.
+    ``profiles``: :func:`profile_model`'s result, when already computed (then ``batches`` is not used)."""
+    m, gate = prepared["method"], prepared["gate"]
+    found, cost = {}, {"forward_passes": 0}
+    if prepared["needs_data"]:
+        if profiles is None:
+            if not batches:
+                raise MoeguardError(f"merge method '{m.name}' needs calibration data and none was given",
+                                    hint="pass --task (default: the scores' task)")
+            profiles = profile_model(model, batches, tokens=tokens, seed=seed, progress=progress)
+        found, cost = profiles
+    clusters = prepared["clusters"] or {l: m.group(found[l], prepared["rows"][l], k)
                                         for l, k in prepared["counts"].items()}
-    weights = prepared["weights"] or {l: [m.weigh(profiles.get(l), g, gate) for g in gs] for l, gs in clusters.items()}
+    weights = prepared["weights"] or {l: [m.weigh(found.get(l), g, gate) for g in gs] for l, gs in clusters.items()}
     merged, record = merge_experts(model, clusters, weights)
     how = "explicit clusters" if prepared["clusters"] else (
         f"{m.name}: clusters from {scores_method} scores and output similarity" if m.sets_centres and scores_method else
         f"{m.name}: clusters around the plan's centres by output similarity" if m.sets_centres else
         f"{m.name}: hierarchical clustering of expert outputs")
-    plan = MergePlan(clusters=clusters, weights=weights, num_experts=adapter.num_experts, method=m.name,
+    plan = MergePlan(clusters=clusters, weights=weights, num_experts=MoEAdapter(model).num_experts, method=m.name,
                      gate=gate if m.uses_gate else None, task=task, scores_method=scores_method, why=how)
     return merged, {**record, "plan": plan.to_dict(), "calibration": cost}

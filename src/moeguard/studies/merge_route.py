@@ -1,0 +1,97 @@
+"""The merge route of the knowledge-loss sweep (``moeguard sweep --route prune,merge``): for every
+task, attribution method, keep level and merge method, the task's experts are merged down to K
+per layer (centres by the method's scores) and the merged model is scored on the task and, for
+collateral damage, on the others. Random centres merged the same way give the route's own random
+band. Then, per task and keep level, the stronger route: the best retention either reaches.
+
+Calibration (routing statistics and every expert's outputs on the task's tokens) runs once per
+task and serves every method, keep and merge method (:func:`profile_model`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moeguard.analysis import above_baseline, retention
+from moeguard.models.adapter import MoEAdapter
+from moeguard.pruning.merging.merge import merge_model, prepare, profile_model
+from moeguard.tasks.batches import calibration_batches
+from moeguard.tasks.evaluate import evaluate_task
+
+
+def merge_points(model, tokenizer, cfg, task, tasks: list, full: dict[str, dict[str, Any]], scores: dict,
+                 random_scores, *, progress=None) -> dict[str, Any]:
+    """``scores``: {method: Scores} of ``task``; ``random_scores(seed)``: a random Scores of the
+    same shape. Returns {"points", "random", "calibration"} for ``task``."""
+    adapter = MoEAdapter(model)
+    batches = calibration_batches(tokenizer, task, samples=cfg.samples, batch_size=8, seed=cfg.seed)
+    profiles = profile_model(model, batches, tokens=cfg.merge_tokens, seed=cfg.seed, adapter=adapter)
+    f = full[task.name]
+
+    def measure(s, mm: str, k: int, with_collateral: bool) -> dict[str, Any]:
+        merged, record = merge_model(model, prepare(adapter, method=mm, scores=s, keep=k), profiles=profiles,
+                                     task=task.name, scores_method=s.method)
+        r = evaluate_task(merged, tokenizer, task, limit=cfg.eval_limit, batch_size=cfg.batch_size)
+        point = {"keep": k, "merge_method": mm, "score": r.score,
+                 "retention": retention(r.score, f["score"], higher_is_better=f["higher_is_better"]),
+                 "retention_above_baseline": above_baseline(r.score, f["score"], f["baseline"],
+                                                            higher_is_better=f["higher_is_better"])}
+        if with_collateral:
+            coll = {}
+            for other in tasks:
+                if other.name != task.name:
+                    fo = full[other.name]
+                    ro = evaluate_task(merged, tokenizer, other, limit=cfg.collateral_limit, batch_size=cfg.batch_size)
+                    coll[other.name] = {"score": ro.score, "retention": retention(
+                        ro.score, fo["collateral_score"], higher_is_better=fo["higher_is_better"])}
+            point["collateral"] = coll
+            vals = [c["retention"] for c in coll.values() if c["retention"] is not None]
+            point["collateral_mean_retention"] = float(np.mean(vals)) if vals else None
+            point["merges"] = {li: [g["from"] for g in gs] for li, gs in record["merges"].items()}
+        return point
+
+    jobs = [(m, mm, k) for m in cfg.methods for mm in cfg.merge_methods for k in cfg.keeps]
+    randoms = [(seed, mm, k) for seed in range(cfg.random_seeds) for mm in cfg.merge_methods for k in cfg.keeps]
+    tid = progress.add_task(f"merge route {task.name}", total=len(jobs) + len(randoms)) if progress else None
+    points, random_points = [], []
+    for m, mm, k in jobs:
+        points.append({"task": task.name, "route": "merge", "method": m, **measure(scores[m], mm, k, True)})
+        progress and progress.advance(tid)
+    for seed, mm, k in randoms:
+        random_points.append({"task": task.name, "route": "merge", "seed": seed,
+                              **measure(random_scores(cfg.seed * 1000 + seed), mm, k, False)})
+        progress and progress.advance(tid)
+    progress and progress.remove_task(tid)
+    return {"points": points, "random": random_points, "calibration": {task.name: profiles[1]}}
+
+
+def stronger_route(cfg, tasks: list, prune_points: list[dict], prune_random: list[dict],
+                   merge: dict[str, Any]) -> dict[str, Any]:
+    """Per task and keep level: the best retention by pruning and by merging (over attribution
+    methods, and merge methods), each route's random mean, and which route keeps more. The
+    attacker takes the stronger one, so the envelope is their maximum."""
+    out: dict[str, Any] = {}
+    for t in tasks:
+        by_keep = {}
+        for k in cfg.keeps:
+            row: dict[str, Any] = {}
+            for route, pts, rnd in (("prune", prune_points, prune_random),
+                                    ("merge", merge["points"], merge["random"])):
+                mine = [p for p in pts if p["task"] == t.name and p["keep"] == k and p["retention"] is not None]
+                rand = [p["retention"] for p in rnd if p["task"] == t.name and p["keep"] == k
+                        and p["retention"] is not None]
+                best = max(mine, key=lambda p: p["retention"], default=None)
+                row[route] = None if best is None else {
+                    "retention": best["retention"], "method": best["method"],
+                    "merge_method": best.get("merge_method"), "random_mean": float(np.mean(rand)) if rand else None}
+            p_, m_ = row["prune"], row["merge"]
+            if p_ and m_:
+                d = m_["retention"] - p_["retention"]
+                row["winner"] = "merge" if d > 0 else "prune" if d < 0 else "tie"
+                row["envelope"] = max(p_["retention"], m_["retention"])
+                row["margin"] = m_["retention"] - p_["retention"]
+            by_keep[str(k)] = row
+        out[t.name] = by_keep
+    return out
