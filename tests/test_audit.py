@@ -98,6 +98,30 @@ def test_task_risk_on_hand_made_entries():
     assert r["margin_over_baseline_pct"] == pytest.approx(200 / 3) and r["weak_task"] is False
     # a task the full model barely beats its baseline on is flagged: (80-75)/80 = 6.25% < 10%
     assert task_risk(_entry(full=(80.0, 75.0)), num_experts=8, min_keep=1)["weak_task"] is True
+
+
+@pytest.mark.parametrize("merged", [(50.0, 92.0), (60.0, 80.0), (95.0, 70.0), (None, None)])
+def test_adding_the_merge_route_never_lowers_a_risk_number(merged):
+    from moeguard.audit.risk import task_risk
+
+    for recovery in (True, False):
+        base = task_risk(_entry(recovery=recovery), num_experts=8, min_keep=1)
+        e = _entry(recovery=recovery)
+        e["routes"] = {k: {"merge": None if v is None else {"retention": v, "method": "b", "merge_method": "hc-smoe"}}
+                       for k, v in zip(("2", "4"), merged)}
+        r = task_risk(e, num_experts=8, min_keep=1)
+        for k in ("2", "4"):
+            assert r["pruned"][k] >= base["pruned"][k]
+            assert r["pruned"][k] == max(base["pruned"][k], merged[int(k) // 2 - 1] or 0)
+            assert r["route"][k] == ("merge" if (merged[int(k) // 2 - 1] or 0) > base["pruned"][k] else "prune")
+        assert r["attacked"] >= base["attacked"]
+        assert ["low", "medium", "high"].index(r["level"]) >= ["low", "medium", "high"].index(base["level"])
+    # merging keeps 92% of the task with half the experts and no fine-tuning: medium, and the reason says merging won
+    r = task_risk({**_entry(recovery=False), "routes": {"4": {"merge": {"retention": 92.0, "method": "b",
+                                                                     "merge_method": "hc-smoe"}}}},
+                  num_experts=8, min_keep=1)
+    assert r["level"] == "medium" and r["best_method"]["4"] == "b + hc-smoe merge"
+    assert "merging beats pruning at 4 per layer" in r["reason"]
     # the family's minimum raises N/4: with min_keep 3 the quarter level is 3
     assert task_risk(_entry(recovery=False), num_experts=8, min_keep=3)["keep_quarter"] == 3
 

@@ -134,6 +134,35 @@ def test_attack_reports_the_worst_case_over_its_grid_and_a_from_scratch_baseline
     assert (out / "attack_curves.png").stat().st_size > 10_000 and (out / "curves.csv").exists()
 
 
+def test_attack_on_both_routes_takes_the_envelope_over_pruning_and_merging(tmp_path):
+    out = tmp_path / "attack"
+    assert main(["attack", "--task", "arith-compare", "--keep", "2", "--out", str(out), "--budget", "8",
+                 "--budgets", "8", "--methods", "frequency", "--plans", "uniform", "--modes", "lora", "--lr-scales", "1",
+                 "--epochs", "1", "--seeds", "1", "--eval-limit", "8", "--pool-size", "32", "--samples", "8",
+                 "--no-scratch", "--routes", "prune,merge", "--merge-methods", "average,hc-smoe"]) == 0
+    doc = json.loads((out / "attack.json").read_text())
+    cands = doc["attribution"]["candidates"]
+    assert {(c.get("route", "prune"), c.get("merge_method")) for c in cands} == {
+        ("prune", None), ("merge", "average"), ("merge", "hc-smoe")}
+    assert set(doc["routes"]) == {"prune", "merge"}
+    merge_pick = doc["routes"]["merge"]["pick"]
+    assert merge_pick["retention"] == max(c["retention"] for c in cands if c.get("route") == "merge")
+    # one cell per route (1 strategy x 1 mode x 1 lr x 1 epochs x 1 seed); the merge cell starts from the merged model
+    assert sorted(r.get("route", "prune") for r in doc["runs"]) == ["merge", "prune"]
+    cell = next(r for r in doc["runs"] if r.get("route") == "merge")
+    assert cell["points"][0]["score"] == pytest.approx(merge_pick["score"])
+    # the worst case is the envelope over both routes, never below either
+    w = doc["worst_case"]
+    for route in ("prune", "merge"):
+        rw = doc["routes"][route]["worst_case"]
+        for x, v in zip(rw["labels"], rw["retention"]):
+            assert w["retention"][w["labels"].index(x)] >= v
+    by = doc["summary"]["realigned_retention_by_route"]
+    assert doc["summary"]["realigned_retention"] == max(by.values())
+    assert doc["summary"]["stronger_route"] == max(by, key=by.get)
+    assert doc["attribution"]["best"]["retention"] == max(c["retention"] for c in cands)
+
+
 def test_attack_bad_inputs_exit_2(tmp_path, capsys):
     common = ["attack", "--task", "arith-compare", "--out", str(tmp_path / "x")]
     line = refused([*common, "--keep", "8"], capsys)
@@ -146,6 +175,10 @@ def test_attack_bad_inputs_exit_2(tmp_path, capsys):
     assert "'fulll'" in line and "mode" in line, line
     line = refused([*common, "--keep", "4", "--lr-scales", "a,b"], capsys)
     assert "lr-scales" in line and "'a" in line, line  # the setting and its bad value
+    line = refused([*common, "--keep", "4", "--routes", "merge", "--merge-methods", "avg"], capsys)
+    assert "'avg'" in line and "merge method" in line and "average" in line, line
+    line = refused([*common, "--keep", "4", "--routes", "prune,melt"], capsys)
+    assert "'melt'" in line and "merge" in line, line
     line = refused([*common, "--keep", "4", "--budget", "5000"], capsys)
     assert "5000" in line and "pool" in line, line  # more labels than the pool holds
     assert not (tmp_path / "x").exists()

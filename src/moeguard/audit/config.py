@@ -40,6 +40,9 @@ class AuditConfig:
     random_seeds: int = like(SweepConfig, "random_seeds", 3, min=1)
     deletion_curves: bool = like(SweepConfig, "deletion_curves")
     physical_checks: int = like(SweepConfig, "physical_checks", 1, help="points per task re-scored on physically pruned copies")
+    # the second compression route: the risk takes the stronger of pruning and merging per task
+    routes: list[str] = like(SweepConfig, "routes")
+    merge_methods: list[str] = like(SweepConfig, "merge_methods")
     # recovery (active-learning re-alignment of the pruned model)
     recovery: bool = setting(True, negative="--no-recovery", help="run the recovery study")
     recovery_tasks: list[str] | None = setting(None, help="tasks for the recovery study; default: all")

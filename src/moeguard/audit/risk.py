@@ -5,6 +5,9 @@ Definitions (also in docs/report.md, "Prunability risk"):
 - ``pruned[k]``: the best retention any attribution method reaches when every layer keeps
   ``k`` of its N experts, by masking, with no fine-tuning. The attacker can measure this on
   their own data, so the audit takes the best method, not the average.
+- with the merge route (``--route prune,merge``), ``pruned[k]`` is the better of the two
+  routes at ``k`` (the attacker takes the stronger; ``route[k]`` names it), so adding a route
+  never lowers a number.
 - ``attacked``: at the recovery keep (N/4 by default), the better of ``pruned`` and the best
   strategy's mean retention after the whole label budget of re-alignment.
 - ``labels_to_recover``: the fewest labels any strategy needs (mean curve, interpolated) to
@@ -46,8 +49,14 @@ def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int) -> dict
         best_method[str(k)] = ranked[0] if ranked else None
     above = {str(k): _best([v["retention_above_baseline"].get(str(k)) for v in methods.values()])
              for k in sorted({quarter, half})}
+    route = {str(k): "prune" for k in pruned}
+    for k, row in (entry.get("routes") or {}).items():
+        merged = (row.get("merge") or {}).get("retention")
+        if k in pruned and merged is not None and (pruned[k] is None or merged > pruned[k]):
+            pruned[k], route[k] = merged, "merge"
+            best_method[k] = f"{row['merge']['method']} + {row['merge']['merge_method']} merge"
     out: dict[str, Any] = {"keep_quarter": quarter, "keep_half": half, "pruned": pruned,
-                           "pruned_above_baseline": above, "best_method": best_method}
+                           "pruned_above_baseline": above, "best_method": best_method, "route": route}
     rec = entry.get("recovery")
     attacked, labels, recovered, keep = None, None, None, quarter
     if rec:
@@ -56,7 +65,8 @@ def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int) -> dict
         recovered = _best(list(finals.values()))
         reach = [s["labels_to_target"] for s in rec["strategies"].values() if s["labels_to_target"] is not None]
         labels = min(reach) if reach else None
-        start = _best([v["retention"].get(str(keep)) for v in methods.values()])
+        start = _best([v["retention"].get(str(keep)) for v in methods.values()]
+                      + [((entry.get("routes") or {}).get(str(keep), {}).get("merge") or {}).get("retention")])
         attacked = _best([start, recovered])
         out["recovery_budget"] = rec["strategies"]["random"]["labels"][-1] if "random" in rec["strategies"] else None
         out["random_labels_to_recover"] = rec["strategies"].get("random", {}).get("labels_to_target")
@@ -94,6 +104,9 @@ def _reason(level: str, r: dict[str, Any]) -> str:
     }[level]
     if r["labels_to_recover"] is not None:
         text += f"; {r['labels_to_recover']:.0f} labels reach the target"
+    merged = sorted(int(k) for k, v in r.get("route", {}).items() if v == "merge")
+    if merged:
+        text += f" (merging beats pruning at {', '.join(map(str, merged))} per layer)"
     if r.get("weak_task"):
         text += " (the full model is barely better than the trivial baseline: read with care)"
     return text

@@ -173,6 +173,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
                       "eval_limit": cfg.eval_limit, "collateral_limit": cfg.collateral_limit,
                       "random_seeds": cfg.random_seeds, "deletion_curves": cfg.deletion_curves,
                       "physical_checks": cfg.physical_checks, "seed": cfg.seed}
+    if "merge" in cfg.routes:   # only then: a prune-only audit keeps its stage key (and its cached sweep)
+        sweep_settings.update(routes=cfg.routes, merge_methods=cfg.merge_methods)
 
     def sweep(d: Path) -> None:
         from moeguard.studies.sweep import full_scores
@@ -381,6 +383,8 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
                  "methods": methods,
                  "random": sweep["random_summary"].get(t, {}),
                  "random_auc": sweep["faithfulness"][t]["random"]}
+        if sweep.get("routes"):
+            entry["routes"] = sweep["routes"][t]
         if t in recs:
             r = recs[t]
             entry["recovery"] = {"keep": r["settings"]["keep"], "method": r["attribution"]["method"],

@@ -103,13 +103,17 @@ def risk_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
         h, q = str(r["keep_half"]), str(r["keep_quarter"])
         rows.append({"task": t, "risk": r["level"], "metric": e["metric"],
                      "full (baseline)": _fmt(e["full"]["score"], ".4g") + f" ({_fmt(e['full']['baseline'], '.4g')})",
-                     f"pruned, {h}/layer": _fmt(r["pruned"].get(h)) + "%",
-                     f"pruned, {q}/layer": _fmt(r["pruned"].get(q)) + "%",
+                     f"pruned, {h}/layer": _fmt(r["pruned"].get(h)) + "%" + _by_merge(r, h),
+                     f"pruned, {q}/layer": _fmt(r["pruned"].get(q)) + "%" + _by_merge(r, q),
                      f"after attack, {r['attack_keep']}/layer": _fmt(r["attacked"]) + "%",
                      "labels to target": "not reached" if r["labels_to_recover"] is None and e.get("recovery")
                      else _fmt(r["labels_to_recover"], ".0f"),
                      "best strategy": r.get("best_strategy") or ("none beats random" if e.get("recovery") else "–")})
     return rows
+
+
+def _by_merge(risk: dict[str, Any], k: str) -> str:
+    return " (by merging)" if risk.get("route", {}).get(k) == "merge" else ""
 
 
 def method_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
@@ -130,6 +134,14 @@ def method_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
                                                 if k in e["random"] else "–" for k in keeps},
                  "AUC": _fmt(ra.get("auc_mean")) + (f" ± {ra['auc_std']:.1f}" if ra.get("auc_std") is not None else ""),
                  "ρ vs ablation": "–", "seconds": "–"})
+    routes = e.get("routes") or {}
+    if routes:   # the merge route: its best per keep (which centres and merge method), its own random band
+        cell = lambda r: "–" if not r else (_fmt(r["retention"]) + f" ({r['method']} + {r['merge_method']}"  # noqa: E731
+                                           + (f", rand {r['random_mean']:.1f})" if r.get("random_mean") is not None else ")"))
+        rows.append({"method": "merge route (best)", **{f"keep {k}": cell((routes.get(k) or {}).get("merge")) for k in keeps},
+                     "AUC": "–", "ρ vs ablation": "–", "seconds": "–"})
+        rows.append({"method": "stronger route", **{f"keep {k}": (routes.get(k) or {}).get("winner", "–") for k in keeps},
+                     "AUC": "–", "ρ vs ablation": "–", "seconds": "–"})
     return rows
 
 

@@ -109,20 +109,25 @@ def attack_table(doc: dict[str, Any]):
 
     s = doc["summary"]
     best = doc["attribution"]["best"]
-    t = Table(title=f"Attack on '{doc['task']}' at keep {doc['keep']}: pruning by {best['method']} ({best['plan']}), "
-                    f"{len(doc['runs'])} re-alignment runs")
+    how = (f"merging by {best['method']} + {best['merge_method']}" if best.get("route") == "merge"
+           else f"pruning by {best['method']} ({best['plan']})")
+    t = Table(title=f"Attack on '{doc['task']}' at keep {doc['keep']}: {how}, {len(doc['runs'])} re-alignment runs"
+                    + (f" over routes {', '.join(doc['routes'])}" if doc.get("routes") else ""))
     for c in ("labels", "worst case retention %", "above baseline %", "best setting", "from scratch %"):
         t.add_column(c, justify="right")
     w = doc["worst_case"]
     sc = (doc.get("scratch") or {}).get("best")
     for i, x in enumerate(w["labels"]):
         a = w["argbest"][i]
-        setting = "-" if x == 0 else f"{a['strategy']} {a['mode']} lr {a['lr']:.0e} x{a['epochs']:g}"
+        setting = "-" if x == 0 else f"{a['strategy']} {a['mode']} lr {a['lr']:.0e} x{a['epochs']:g}" + (
+            f" ({a['route']})" if a.get("route") else "")
         scr = sc["retention"][sc["labels"].index(x)] if sc and x in sc["labels"] else None
         t.add_row(str(x), _fmt(w["retention"][i]), _fmt(w["above_baseline"][i]), setting, _fmt(scr))
     t.caption = (f"labels to {s['target']:g}%: {_fmt(s['labels_to_target'], '.0f')}; AUC {_fmt(s['auc'])}"
                  + (f"; from scratch AUC {_fmt(s.get('scratch_auc'))}; area between {_fmt(s.get('area_between'))}"
-                    if doc.get("scratch") else ""))
+                    if doc.get("scratch") else "")
+                 + (f"; after re-alignment by route: {', '.join(f'{r} {_fmt(v)}' for r, v in s['realigned_retention_by_route'].items())}"
+                    f" (stronger: {s['stronger_route']})" if s.get("realigned_retention_by_route") else ""))
     return t
 
 

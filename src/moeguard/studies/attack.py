@@ -65,6 +65,11 @@ class AttackConfig:
     eval_limit: int = setting(200, min=1, help="eval records per score")
     target: float = setting(95.0, help="percent of the full model's score the attacker aims at")
     scratch: bool = setting(True, negative="--no-scratch", help="run the from-scratch baseline")
+    routes: tuple[str, ...] = setting(("prune",), choices=("prune", "merge"),
+                                      help="compression routes the attacker tries: prune, merge or both; the worst "
+                                           "case is the envelope over every route and the whole grid")
+    merge_methods: tuple[str, ...] = setting(("router-weighted",),
+                                             help="merge methods the attacker tries on the merge route")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -96,6 +101,15 @@ def preflight(cfg: AttackConfig, model) -> None:
     model.check_keep(cfg.keep)
     for m in cfg.methods:
         get_method(m)
+    if not cfg.routes:
+        raise MoeguardError("the attack has no route", hint="pass --routes prune, merge or prune,merge")
+    if "merge" in cfg.routes:
+        from moeguard.pruning.merging.base import get_merge_method
+
+        for m in cfg.merge_methods:
+            get_merge_method(m)
+        if not cfg.merge_methods:
+            raise MoeguardError("the merge route has no merge method", hint="pass --merge-methods, e.g. router-weighted")
     bad = [p for p in cfg.plans if p not in ("uniform", "budgeted")]
     if bad or not cfg.plans:
         raise MoeguardError(f"attack plans {list(cfg.plans)} are not known", hint="use uniform, budgeted or both")
@@ -119,9 +133,12 @@ def preflight(cfg: AttackConfig, model) -> None:
 # --------------------------------------------------------------------------- jobs
 
 def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str], samples: int, eval_limit: int,
-             seed: int, model: str | None = "") -> dict[str, Any]:
+             seed: int, model: str | None = "", routes: tuple[str, ...] = ("prune",),
+             merge_methods: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every method x plan kind, scored by masking; the attacker's pick is the best retention.
-    ``best_result`` is that plan's eval result (masking scores what physical pruning scores)."""
+    ``best_result`` is that plan's eval result (masking scores what physical pruning scores).
+    With the merge route, every method x merge method is merged and scored too, and ``picks``
+    holds each route's best: the grid re-aligns both."""
     from moeguard.attribution.base import list_methods
     from moeguard.attribution.run import make_context, score
     from moeguard.models.adapter import MoEAdapter
@@ -135,10 +152,10 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
     full = ev(t, None, limit=eval_limit, baseline=True)
     names = list(methods) or [x.name for x in list_methods() if x.name != "random"]
     c = make_context(m, tok, t, samples=samples, batch_size=8, seed=seed)
-    candidates, results = [], []
+    candidates, results, all_scores = [], [], {}
     for name in names:
-        s = score(c, name)
-        for kind in plans:
+        s = all_scores[name] = score(c, name)
+        for kind in (plans if "prune" in routes else ()):
             args = {"keep": keep} if kind == "uniform" else {"budget": keep * len(adapter.layers)}
             plan = plan_from_scores(s, min_keep=adapter.family.min_experts, **args)
             r = ev(t, plan.keep, limit=eval_limit)
@@ -146,19 +163,34 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
                                "score": r.score, "retention": retention(r.score, full.score,
                                                                         higher_is_better=t.higher_is_better)})
             results.append(r)
-    i = max(range(len(candidates)), key=lambda j: -1e9 if candidates[j]["retention"] is None else candidates[j]["retention"])
+    if "merge" in routes:
+        from moeguard.studies.merge_route import attack_candidates
+
+        for cand, r in attack_candidates(m, tok, t, all_scores, keep=keep, merge_methods=merge_methods,
+                                         samples=samples, eval_limit=eval_limit, seed=seed, full_score=full.score):
+            candidates.append(cand)
+            results.append(r)
+    value = lambda j: -1e9 if candidates[j]["retention"] is None else candidates[j]["retention"]  # noqa: E731
+    i = max(range(len(candidates)), key=value)
     from moeguard.models.prune import prune_model
 
     pruned, record = prune_model(m, {int(k): v for k, v in candidates[i]["keep"].items()})
     del pruned  # the record (what was kept, the new shapes) is the document's; the cells prune their own copy
-    return {"full": full.to_dict(), "candidates": candidates, "best": candidates[i],
-            "best_result": results[i].to_dict(), "record": record}
+    out = {"full": full.to_dict(), "candidates": candidates, "best": candidates[i],
+           "best_result": results[i].to_dict(), "record": record}
+    if "merge" in routes:
+        out["picks"] = {}
+        for route in routes:
+            mine = [j for j, cand in enumerate(candidates) if cand.get("route", "prune") == route]
+            j = max(mine, key=value)
+            out["picks"][route] = {"best": candidates[j], "result": results[j].to_dict()}
+    return out
 
 
 def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid: dict[str, Any], seed: int,
              schedule: list[int], pool_size: int, eval_limit: int, full: float, initial: dict[str, Any],
-             model: str | None = "") -> dict[str, Any]:
-    """One attacker setting: re-align the pruned model along the budgets."""
+             model: str | None = "", merge: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One attacker setting: re-align the pruned (or, with ``merge``, the merged) model along the budgets."""
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.prune import prune_model
     from moeguard.realign.strategies.base import get_strategy
@@ -171,7 +203,12 @@ def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid:
     m, tok = ctx.model(model)
     t = get_task(task)
     plan = {int(l): list(v) for l, v in keep.items()}
-    pruned = ctx.derived(("pruned", model, ctx.runtime.model, digest(keep)), lambda: prune_model(m, plan)[0])
+    if merge is None:
+        pruned = ctx.derived(("pruned", model, ctx.runtime.model, digest(keep)), lambda: prune_model(m, plan)[0])
+    else:
+        from moeguard.studies.merge_route import merged_from
+
+        pruned = ctx.derived(("merged", model, ctx.runtime.model, digest(merge)), lambda: merged_from(m, merge))
     # the model attacked is the one the attacker stole from (base or hardened): its fingerprint
     fp = fingerprint_in_memory(m, tok, key=json.dumps([model, ctx.runtime.model, ctx.runtime.dtype]))
     pool = label_pool(t, pool_size=pool_size, budget=schedule[-1], seed=seed)
@@ -179,8 +216,9 @@ def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid:
     if get_strategy(strategy, t).needs_original:
         shares = orphan_shares(m, tok, t, plan, MoEAdapter(m).num_experts)
         orphan = lambda: shares(pool)  # noqa: E731
-    return _cell(pruned, tok, t, strategy, grid, seed, schedule, pool, pool_size, eval_limit, orphan, full,
+    cell = _cell(pruned, tok, t, strategy, grid, seed, schedule, pool, pool_size, eval_limit, orphan, full,
                  TaskResult(**initial), "attack", after=lambda stolen: {"trace": detectability(fp, stolen, tok, plan)})
+    return cell if merge is None else {**cell, "route": "merge"}
 
 
 def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, schedule: list[int], pool_size: int,
@@ -235,21 +273,29 @@ def _cell(model, tok, task, strategy, g, seed, schedule, pool, pool_size, eval_l
 # --------------------------------------------------------------------------- the study
 
 def pick_phase_job(cfg: AttackConfig, *, model: str | None = "", who: str = "") -> Job:
+    # a prune-only attack keeps its job's arguments (and so its cache key) as before the merge route
+    routes = {} if "merge" not in cfg.routes else {"routes": list(cfg.routes), "merge_methods": list(cfg.merge_methods)}
     return Job(stage="attack", name=f"{who}{cfg.task} keep {cfg.keep}: attribution and pruning",
                fn="moeguard.studies.attack:pick_job",
                args={"task": cfg.task, "keep": cfg.keep, "methods": list(cfg.methods), "plans": list(cfg.plans),
-                     "samples": cfg.samples, "eval_limit": cfg.eval_limit, "seed": cfg.seed, "model": model})
+                     "samples": cfg.samples, "eval_limit": cfg.eval_limit, "seed": cfg.seed, "model": model, **routes})
 
 
 def grid_jobs(cfg: AttackConfig, pick: dict[str, Any], *, model: str | None = "", who: str = "") -> list[Job]:
-    """The attacker's cells: for each seed, strategy and (mode, lr, epochs)."""
+    """The attacker's cells: for each route's pick, seed, strategy and (mode, lr, epochs)."""
     full = pick["full"]["score"]
-    return [Job(stage="attack", name=f"{who}{cfg.task} {s} {g['mode']} lr {g['lr']:.0e} ep {g['epochs']:g} seed {seed}",
-                fn="moeguard.studies.attack:cell_job",
-                args={"task": cfg.task, "keep": pick["best"]["keep"], "strategy": s, "grid": g, "seed": seed,
-                      "schedule": list(cfg.schedule), "pool_size": cfg.pool_size, "eval_limit": cfg.eval_limit,
-                      "full": full, "initial": pick["best_result"], "model": model})
-            for seed in _seeds(cfg) for s in cfg.strategies for g in cfg.grid()]
+    picks = pick.get("picks") or {"prune": {"best": pick["best"], "result": pick["best_result"]}}
+    jobs = []
+    for route, p in picks.items():
+        extra = {} if route == "prune" else {"merge": p["best"]["merge"]}
+        tag = "" if route == "prune" else "merge: "
+        jobs += [Job(stage="attack", name=f"{who}{tag}{cfg.task} {s} {g['mode']} lr {g['lr']:.0e} ep {g['epochs']:g} seed {seed}",
+                     fn="moeguard.studies.attack:cell_job",
+                     args={"task": cfg.task, "keep": p["best"]["keep"], "strategy": s, "grid": g, "seed": seed,
+                           "schedule": list(cfg.schedule), "pool_size": cfg.pool_size, "eval_limit": cfg.eval_limit,
+                           "full": full, "initial": p["result"], "model": model, **extra})
+                 for seed in _seeds(cfg) for s in cfg.strategies for g in cfg.grid()]
+    return jobs
 
 
 def scratch_jobs(cfg: AttackConfig) -> list[Job]:
@@ -292,6 +338,10 @@ def attack_doc(cfg: AttackConfig, pick: dict[str, Any], runs: list[dict[str, Any
         "pruned": pick["best_result"], "record": pick["record"], "settings": cfg.to_dict(), "runs": runs,
     }
     doc["worst_case"] = envelope(runs, task.higher_is_better, full, base)
+    if pick.get("picks"):   # each route's pick and its own envelope; the worst case above is over both
+        doc["routes"] = {route: {"pick": p["best"], "worst_case": envelope(
+            [r for r in runs if r.get("route", "prune") == route], task.higher_is_better, full, base)}
+            for route, p in pick["picks"].items()}
     doc["scratch"] = None
     if scratch_runs is not None:
         arch = scratch_runs[0]["architecture"] if scratch_runs else None
@@ -300,6 +350,13 @@ def attack_doc(cfg: AttackConfig, pick: dict[str, Any], runs: list[dict[str, Any
                           "best": envelope(sruns, task.higher_is_better, full, base)}
     doc["detectability"] = attack_detectability(runs, task.higher_is_better)
     doc["summary"] = summarize_attack(doc, target=cfg.target)
+    if "routes" in doc:
+        s = doc["summary"]
+        at = {route: v["worst_case"]["retention"][v["worst_case"]["labels"].index(cfg.budget)]
+              if cfg.budget in v["worst_case"]["labels"] else None for route, v in doc["routes"].items()}
+        s["realigned_retention_by_route"] = at
+        known = {r: v for r, v in at.items() if v is not None}
+        s["stronger_route"] = max(known, key=known.get) if known else None
     doc["summary"]["uncertainty"] = attack_uncertainty(doc, target=cfg.target, seed=cfg.seed)
     return doc
 
@@ -359,7 +416,8 @@ def envelope(runs: list[dict[str, Any]], higher_is_better: bool, full: float, ba
     return {"labels": labels, "score": scores,
             "retention": [retention(s, full, higher_is_better=higher_is_better) for s in scores],
             "above_baseline": [above_baseline(s, full, base, higher_is_better=higher_is_better) for s in scores],
-            "argbest": [{k: runs[b[1]][k] for k in ("strategy", "mode", "lr", "epochs", "seed")} for b in best]}
+            "argbest": [{k: runs[b[1]][k] for k in ("strategy", "mode", "lr", "epochs", "seed", "route") if k in runs[b[1]]}
+                        for b in best]}
 
 
 def summarize_attack(doc: dict[str, Any], *, target: float) -> dict[str, Any]:

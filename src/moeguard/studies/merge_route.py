@@ -95,3 +95,36 @@ def stronger_route(cfg, tasks: list, prune_points: list[dict], prune_random: lis
             by_keep[str(k)] = row
         out[t.name] = by_keep
     return out
+
+
+# --------------------------------------------------------------------------- the attack harness's merge route
+
+def attack_candidates(model, tokenizer, task, scores: dict, *, keep: int, merge_methods, samples: int, eval_limit: int,
+                      seed: int, full_score: float) -> list[tuple[dict[str, Any], Any]]:
+    """The attack harness's merge candidates: every attribution method's scores x merge method,
+    merged to ``keep`` per layer and scored on the task; (candidate, TaskResult) pairs. The
+    candidate carries its merge plan (clusters and weights), so a cell rebuilds the same model
+    without calibrating again."""
+    adapter = MoEAdapter(model)
+    batches = calibration_batches(tokenizer, task, samples=samples, batch_size=8, seed=seed)
+    profiles = profile_model(model, batches, seed=seed, adapter=adapter)
+    out = []
+    for name, s in scores.items():
+        for mm in merge_methods:
+            merged, rec = merge_model(model, prepare(adapter, method=mm, scores=s, keep=keep), profiles=profiles,
+                                      task=task.name, scores_method=name)
+            r = evaluate_task(merged, tokenizer, task, limit=eval_limit, batch_size=32, baseline=False)
+            out.append(({"route": "merge", "method": name, "merge_method": mm, "plan": "uniform", "keep": rec["keep"],
+                         "merge": {"clusters": rec["plan"]["clusters"], "weights": rec["plan"]["weights"]},
+                         "score": r.score, "retention": retention(r.score, full_score,
+                                                                  higher_is_better=task.higher_is_better)}, r))
+            del merged
+    return out
+
+
+def merged_from(model, merge: dict[str, Any]):
+    """The merged model a candidate's plan describes (exactly the one it was scored on)."""
+    from moeguard.pruning.merging.operation import merge_experts
+
+    return merge_experts(model, {int(l): g for l, g in merge["clusters"].items()},
+                         {int(l): w for l, w in merge["weights"].items()})[0]

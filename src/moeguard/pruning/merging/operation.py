@@ -11,8 +11,6 @@ exactly into either of them (a test checks it).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -31,38 +29,45 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
                   weights: dict[int, list[list[float]]] | None = None) -> tuple[nn.Module, dict]:
     """Merge each named layer's clusters (centre first) into one expert each, weighted by
     ``weights`` (uniform where not given); ``model`` is left untouched. Returns the merged model
-    and the record of what went where (``expert``: the merged expert's index in the new model)."""
+    and the record of what went where (``expert``: the merged expert's index in the new model).
+
+    One copy of the weights: the model is pruned to the centres (``prune_model`` slices new
+    tensors), then each centre's slices are overwritten with its cluster's average, read from
+    the untouched original."""
     from moeguard.models.prune import prune_model
 
-    work = copy.deepcopy(model)
+    adapter = MoEAdapter(model)
     keep: dict[int, list[int]] = {}
+    plan: dict[int, list[tuple[int, list[int], torch.Tensor]]] = {}
     record: dict[str, list[dict]] = {}
+    for layer in adapter.layers:
+        groups = clusters.get(layer.index)
+        if groups is None:
+            continue
+        check_clusters(layer.index, layer.num_experts, groups)
+        given = (weights or {}).get(layer.index)
+        plan[layer.index] = []
+        for ci, g in enumerate(groups):
+            w = torch.tensor(given[ci] if given is not None else [1.0] * len(g), dtype=torch.float64)
+            if len(w) != len(g) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise MoeguardError(f"layer {layer.index}: cluster {g} has weights {w.tolist()}",
+                                    hint="give one non-negative weight per member, not all zero")
+            plan[layer.index].append((g[0], list(g), w / w.sum()))
+        keep[layer.index] = sorted(g[0] for g in groups)
+    merged, prune_record = prune_model(model, keep)
     with torch.no_grad():
-        for layer in MoEAdapter(work).layers:
-            groups = clusters.get(layer.index)
-            if groups is None:
+        for old, new in zip(adapter.layers, MoEAdapter(merged).layers):
+            if old.index not in plan:
                 continue
-            check_clusters(layer.index, layer.num_experts, groups)
-            given = (weights or {}).get(layer.index)
-            tensors = layer.expert_tensors()
-            for ci, g in enumerate(groups):
-                w = torch.tensor(given[ci] if given is not None else [1.0] * len(g), dtype=torch.float64)
-                if len(w) != len(g) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-                    raise MoeguardError(f"layer {layer.index}: cluster {g} has weights {w.tolist()}",
-                                        hint="give one non-negative weight per member, not all zero")
-                w = w / w.sum()
-                centre = g[0]
-                for _, _, t, axis in tensors:
-                    view = t if axis == 0 else t.movedim(-1, 0)
-                    avg = sum(float(wk) * view[e].double() for wk, e in zip(w, g))
-                    view[centre] = avg.to(t.dtype)
-                record.setdefault(str(layer.index), []).append(
-                    {"into": centre, "from": list(g), "weights": [round(float(x), 6) for x in w]})
-            keep[layer.index] = sorted(g[0] for g in groups)
-    merged, prune_record = prune_model(work, keep)
-    del work
-    for li, groups in record.items():   # the merged expert sits at its centre's rank among the kept
-        order = keep[int(li)]
-        for g in groups:
-            g["expert"] = order.index(g["into"])
+            order = keep[old.index]
+            pairs = list(zip(old.expert_tensors(), new.expert_tensors()))
+            for (_, name, t, axis), (_, new_name, nt, new_axis) in pairs:
+                if name != new_name or axis != new_axis:
+                    raise RuntimeError(f"layer {old.index}: merged tensor {new_name} does not match {name}")
+                view = t if axis == 0 else t.movedim(-1, 0)
+                out = nt if axis == 0 else nt.movedim(-1, 0)
+                for centre, g, w in plan[old.index]:
+                    out[order.index(centre)] = sum(float(wk) * view[e].double() for wk, e in zip(w, g)).to(t.dtype)
+            record[str(old.index)] = [{"into": c, "from": g, "weights": [round(float(x), 6) for x in w],
+                                       "expert": order.index(c)} for c, g, w in plan[old.index]]
     return merged, {"merges": record, "keep": {str(k): v for k, v in keep.items()}, "pruning": prune_record}

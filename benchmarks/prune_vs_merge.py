@@ -1,0 +1,170 @@
+"""The two compression routes side by side: pruning against each merging method, at keep 2/4/6.
+
+    .venv/bin/python benchmarks/prune_vs_merge.py [--shared ../shared/data] [--zoo-model DIR] [--skip-shared]
+
+Part 1, the embedded model and suite: ``moeguard sweep --route prune,merge`` with every merge
+method, centres (and pruning plans) by ``reap``, ``reap-raw`` and ``frequency``. For every task
+and keep level it records each route's best retention, each merge method's, the random bands,
+and which route wins; then the wins are counted per task kind (classification, language
+modeling, summarization).
+
+Part 2, when ``../shared/data`` is present: the same on SST-2, WikiText-103 and SciTLDR, with the
+zoo model trained on them (cached in ``--zoo-model``; ``benchmarks/knowledge_loss.py`` trains
+the same one).
+
+Part 3, the cost of merging: calibration plus the merge, in plain forward passes over the same
+calibration batches (the callables alternate, medians of ``--repeats``).
+
+Re-alignment after merging (the attack harness's ``--routes``) is not measured here yet.
+Run it alone: it uses both cores for about 25 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import alternating_medians, write_result
+from knowledge_loss import moeguard, shared_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGE_METHODS = ["average", "frequency-weighted", "hc-smoe", "router-weighted"]
+METHODS = ["reap", "reap-raw", "frequency"]
+KEEPS = [2, 4, 6]
+
+
+def sweep(out: Path, extra: list[str]) -> dict:
+    started = time.perf_counter()
+    moeguard("sweep", "--out", str(out), "--overwrite", "--route", "prune,merge", "--merge-methods",
+             ",".join(MERGE_METHODS), "--methods", ",".join(METHODS), "--keep", ",".join(map(str, KEEPS)),
+             "--no-deletion-curves", "--physical-checks", "0", *extra)
+    doc = json.loads((out / "sweep.json").read_text())
+    doc["_wall_seconds"] = round(time.perf_counter() - started, 1)
+    return doc
+
+
+def summarize(doc: dict, kinds: dict[str, str]) -> dict:
+    """Per task and keep: each route's best (and each merge method's best), the random means and
+    the winner; then wins per task kind, and how reap and reap-raw compare as pruning plans."""
+    tasks = {}
+    for task, by_keep in doc["routes"].items():
+        rows = {}
+        for k, row in by_keep.items():
+            per_mm = {}
+            for mm in MERGE_METHODS:
+                pts = [p for p in doc["merge"]["points"] if p["task"] == task and p["keep"] == int(k)
+                       and p["merge_method"] == mm and p["retention"] is not None]
+                rnd = [p["retention"] for p in doc["merge"]["random"] if p["task"] == task and p["keep"] == int(k)
+                       and p["merge_method"] == mm and p["retention"] is not None]
+                best = max(pts, key=lambda p: p["retention"], default=None)
+                per_mm[mm] = None if best is None else {
+                    "best": round(best["retention"], 2), "by": best["method"],
+                    "collateral": best.get("collateral_mean_retention"),
+                    "random_mean": round(sum(rnd) / len(rnd), 2) if rnd else None}
+            prune = {m: next((round(p["retention"], 2) for p in doc["points"] if p["task"] == task
+                              and p["keep"] == int(k) and p["method"] == m), None) for m in METHODS}
+            rows[k] = {**row, "prune_by_method": prune, "merge_by_method": per_mm}
+        tasks[task] = {"kind": kinds.get(task), "keeps": rows}
+    by_kind: dict[str, dict[str, int]] = {}
+    for task, t in tasks.items():
+        for k, row in t["keeps"].items():
+            w = by_kind.setdefault(t["kind"], {"prune": 0, "merge": 0, "tie": 0})
+            w[row.get("winner", "tie")] += 1
+    reap = {"reap_higher": 0, "reap_raw_higher": 0, "equal": 0}
+    for t in tasks.values():
+        for row in t["keeps"].values():
+            a, b = row["prune_by_method"]["reap"], row["prune_by_method"]["reap-raw"]
+            if a is not None and b is not None:
+                reap["reap_higher" if a > b else "reap_raw_higher" if b > a else "equal"] += 1
+    return {"tasks": tasks, "wins_by_kind": by_kind, "reap_vs_reap_raw_pruning": reap,
+            "full": doc["full"], "seconds": doc["seconds"], "wall_seconds": doc["_wall_seconds"]}
+
+
+def task_kinds(names: list[str]) -> dict[str, str]:
+    from moeguard.tasks.registry import get_task
+
+    return {n: getattr(get_task(n).kind, "value", get_task(n).kind) for n in names}
+
+
+def merge_cost(repeats: int, samples: int = 32) -> dict:
+    """Calibration + merge against plain forwards over the same batches (keep 4, reap centres)."""
+    import torch
+
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.loading import load_model
+    from moeguard.pruning.merging.merge import merge_model, prepare
+    from moeguard.tasks.batches import calibration_batches
+
+    m, tok, _ = load_model(None)
+    a = MoEAdapter(m)
+    batches = calibration_batches(tok, "arith-compare", samples=samples, batch_size=8, seed=0)
+    s = score(make_context(m, tok, "arith-compare", samples=samples, seed=0), "reap")
+
+    def forward():
+        with torch.no_grad():
+            for b in batches:
+                m(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+
+    runs = {"forward": forward}
+    for mm in MERGE_METHODS:
+        runs[mm] = lambda mm=mm: merge_model(m, prepare(a, method=mm, scores=s, keep=4), batches=batches, tokens=256)
+    med = alternating_medians(runs, repeats)
+    return {"samples": samples, "tokens_per_layer": 256, "repeats": repeats,
+            "forward_seconds": round(med["forward"], 4),
+            "forward_equivalents": {mm: round(med[mm] / med["forward"], 2) for mm in MERGE_METHODS}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--zoo-model", type=Path, default=Path(tempfile.gettempdir()) / "moeguard-zoo-shared")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moeguard-prune-vs-merge")
+    ap.add_argument("--skip-shared", action="store_true")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    common = ["--samples", "32", "--eval-limit", "64", "--collateral-limit", "32", "--random-seeds", "2"]
+
+    result = {"settings": {"merge_methods": MERGE_METHODS, "methods": METHODS, "keeps": KEEPS, "sweep_flags": common}}
+    result["cost"] = merge_cost(args.repeats)
+    print("merge cost (forward-pass equivalents):", result["cost"]["forward_equivalents"], flush=True)
+    emb = sweep(args.workdir / "embedded", common)
+    result["embedded"] = summarize(emb, task_kinds(list(emb["routes"])))
+    if args.skip_shared:
+        result["shared"] = {"skipped": "--skip-shared"}
+    elif not args.shared.is_dir():
+        result["shared"] = {"skipped": f"{args.shared} not present"}
+    else:
+        paths = shared_tasks(args.shared, args.workdir)
+        if not (args.zoo_model / "config.json").exists():
+            moeguard("zoo", "train", "--tasks", ",".join(map(str, paths)), "--out", str(args.zoo_model))
+        doc = sweep(args.workdir / "shared", ["--model", str(args.zoo_model), "--tasks", ",".join(map(str, paths)),
+                                              *common])
+        from moeguard.tasks.registry import adopt, get_task
+
+        kinds = {}
+        for p in paths:
+            t = adopt(get_task(str(p)), origin=str(p))
+            kinds[t.name] = getattr(t.kind, "value", t.kind)
+        result["shared"] = summarize(doc, kinds)
+    path = write_result("prune_vs_merge", result, args.out)
+    for part in ("embedded", "shared"):
+        for task, t in result[part].get("tasks", {}).items():
+            for k, row in t["keeps"].items():
+                p, m = row["prune"], row["merge"]
+                print(f"{part:9} {task:18} keep {k}: prune {p['retention']:.1f} ({p['method']}) "
+                      f"merge {m['retention']:.1f} ({m['method']}+{m['merge_method']}) -> {row['winner']}")
+        if "wins_by_kind" in result[part]:
+            print(part, "wins by kind:", result[part]["wins_by_kind"])
+    print(path)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
