@@ -24,8 +24,8 @@ def run(tmp_path_factory):
 def routes_run(tmp_path_factory):
     """Both routes; classification tasks only, whose evaluation is cheap (merged models are not cached)."""
     out = tmp_path_factory.mktemp("sweep") / "routes"
-    assert main(["sweep", "--tasks", "arith-compare,docstring-topic", "--methods", "frequency,gate", "--keep", "2,4",
-                 "--samples", "8", "--eval-limit", "8", "--collateral-limit", "4", "--random-seeds", "2",
+    assert main(["sweep", "--tasks", "arith-compare,docstring-topic", "--methods", "frequency", "--keep", "2,4",
+                 "--samples", "8", "--eval-limit", "8", "--collateral-limit", "4", "--random-seeds", "1",
                  "--no-deletion-curves", "--physical-checks", "0", "--route", "prune,merge",
                  "--merge-methods", "average,router-weighted", "--merge-tokens", "16", "--out", str(out)]) == 0
     return out
@@ -52,9 +52,9 @@ def test_the_merge_route_scores_every_merge_and_names_the_stronger_route(routes_
     doc = json.loads((run / "sweep.json").read_text())
     merge = doc["merge"]
     pts = {(p["task"], p["method"], p["merge_method"], p["keep"]) for p in merge["points"]}
-    assert pts == {(t, m, mm, k) for t in ("arith-compare", "docstring-topic") for m in ("frequency", "gate")
+    assert pts == {(t, "frequency", mm, k) for t in ("arith-compare", "docstring-topic")
                    for mm in ("average", "router-weighted") for k in (2, 4)}
-    assert len(merge["random"]) == 2 * 2 * 2 * 2   # tasks x seeds x merge methods x keeps
+    assert len(merge["random"]) == 2 * 1 * 2 * 2   # tasks x seeds x merge methods x keeps
     assert merge["calibration"]["arith-compare"]["sampled_tokens"] == 16
     for task, by_keep in doc["routes"].items():
         for k, row in by_keep.items():
@@ -66,7 +66,7 @@ def test_the_merge_route_scores_every_merge_and_names_the_stronger_route(routes_
             assert row["winner"] == ("merge" if best["merge"] > best["prune"] else
                                      "prune" if best["merge"] < best["prune"] else "tie")
     rows = list(csv.DictReader(open(run / "points.csv")))
-    assert {r["method"] for r in rows} >= {"merge:average:frequency", "merge:router-weighted:random:1"}
+    assert {r["method"] for r in rows} >= {"merge:average:frequency", "merge:router-weighted:random:0"}
 
     # the sweep's merge is the command's merge: the same checkpoint scores the same
     p = next(p for p in merge["points"] if p["task"] == "arith-compare" and p["method"] == "frequency"
