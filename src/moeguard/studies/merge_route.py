@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from moeguard.analysis import above_baseline, retention
+from moeguard.analysis import retention
 from moeguard.models.adapter import MoEAdapter
 from moeguard.pruning.merging.merge import merge_model, prepare, profile_model
 from moeguard.tasks.batches import calibration_batches
@@ -28,27 +28,16 @@ def merge_points(model, tokenizer, cfg, task, tasks: list, full: dict[str, dict[
     adapter = MoEAdapter(model)
     batches = calibration_batches(tokenizer, task, samples=cfg.samples, batch_size=8, seed=cfg.seed)
     profiles = profile_model(model, batches, tokens=cfg.merge_tokens, seed=cfg.seed, adapter=adapter)
-    f = full[task.name]
 
     def measure(s, mm: str, k: int, with_collateral: bool) -> dict[str, Any]:
+        from moeguard.studies.sweep import score_point
+
         merged, record = merge_model(model, prepare(adapter, method=mm, scores=s, keep=k), profiles=profiles,
                                      task=task.name, scores_method=s.method)
-        r = evaluate_task(merged, tokenizer, task, limit=cfg.eval_limit, batch_size=cfg.batch_size)
-        point = {"keep": k, "merge_method": mm, "score": r.score,
-                 "retention": retention(r.score, f["score"], higher_is_better=f["higher_is_better"]),
-                 "retention_above_baseline": above_baseline(r.score, f["score"], f["baseline"],
-                                                            higher_is_better=f["higher_is_better"])}
+        point = {"merge_method": mm, **score_point(
+            cfg, full, task, tasks if with_collateral else None, k,
+            lambda t, limit: evaluate_task(merged, tokenizer, t, limit=limit, batch_size=cfg.batch_size))}
         if with_collateral:
-            coll = {}
-            for other in tasks:
-                if other.name != task.name:
-                    fo = full[other.name]
-                    ro = evaluate_task(merged, tokenizer, other, limit=cfg.collateral_limit, batch_size=cfg.batch_size)
-                    coll[other.name] = {"score": ro.score, "retention": retention(
-                        ro.score, fo["collateral_score"], higher_is_better=fo["higher_is_better"])}
-            point["collateral"] = coll
-            vals = [c["retention"] for c in coll.values() if c["retention"] is not None]
-            point["collateral_mean_retention"] = float(np.mean(vals)) if vals else None
             point["merges"] = {li: [g["from"] for g in gs] for li, gs in record["merges"].items()}
         return point
 

@@ -122,25 +122,8 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
                                     ev(t, None, limit=cfg.collateral_limit).to_dict()) for t in tasks}
 
     def measure(task, keep, k, with_collateral) -> dict[str, Any]:
-        f = full[task.name]
-        r = ev(task, keep, limit=cfg.eval_limit)
-        point = {"keep": k, "score": r.score,
-                 "retention": retention(r.score, f["score"], higher_is_better=f["higher_is_better"]),
-                 "retention_above_baseline": above_baseline(r.score, f["score"], f["baseline"],
-                                                            higher_is_better=f["higher_is_better"])}
-        if with_collateral:
-            coll = {}
-            for other in tasks:
-                if other.name == task.name:
-                    continue
-                fo = full[other.name]
-                ro = ev(other, keep, limit=cfg.collateral_limit)
-                coll[other.name] = {"score": ro.score, "retention": retention(
-                    ro.score, fo["collateral_score"], higher_is_better=fo["higher_is_better"])}
-            point["collateral"] = coll
-            vals = [c["retention"] for c in coll.values() if c["retention"] is not None]
-            point["collateral_mean_retention"] = float(np.mean(vals)) if vals else None
-        return point
+        return score_point(cfg, full, task, tasks if with_collateral else None, k,
+                           lambda t, limit: ev(t, keep, limit=limit))
 
     attribution, points, random_points = {}, [], []
     merge: dict[str, list] = {"points": [], "random": [], "calibration": []}
@@ -192,6 +175,32 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
         "evaluations": {"run": ev.runs, "reused": ev.hits},
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def score_point(cfg: SweepConfig, full: dict[str, dict[str, Any]], task, others: list | None, k: int,
+                evaluate) -> dict[str, Any]:
+    """One point of either route: the compressed model's score on ``task`` and its retention; with
+    ``others``, the collateral damage on each other task. ``evaluate(task, limit)`` scores the
+    compressed model (masked or merged) on a task."""
+    f = full[task.name]
+    r = evaluate(task, cfg.eval_limit)
+    point = {"keep": k, "score": r.score,
+             "retention": retention(r.score, f["score"], higher_is_better=f["higher_is_better"]),
+             "retention_above_baseline": above_baseline(r.score, f["score"], f["baseline"],
+                                                        higher_is_better=f["higher_is_better"])}
+    if others is not None:
+        coll = {}
+        for other in others:
+            if other.name == task.name:
+                continue
+            fo = full[other.name]
+            ro = evaluate(other, cfg.collateral_limit)
+            coll[other.name] = {"score": ro.score, "retention": retention(
+                ro.score, fo["collateral_score"], higher_is_better=fo["higher_is_better"])}
+        point["collateral"] = coll
+        vals = [c["retention"] for c in coll.values() if c["retention"] is not None]
+        point["collateral_mean_retention"] = float(np.mean(vals)) if vals else None
+    return point
 
 
 def _routes(cfg, tasks, points, random_points, merge) -> dict[str, Any]:
