@@ -15,8 +15,11 @@ the same one).
 Part 3, the cost of merging: calibration plus the merge, in plain forward passes over the same
 calibration batches (the callables alternate, medians of ``--repeats``).
 
-Re-alignment after merging (the attack harness's ``--routes``) is not measured here yet.
-Run it alone: it uses both cores for about 25 minutes.
+Part 4, re-alignment (``--realign``): ``moeguard attack --routes prune,merge`` on one task of
+each kind at keep 2 and 4, the same labels and the same grid for both routes: each route's best
+pick before re-alignment, after it, and the stronger route. Cached per attack in ``--workdir``.
+
+Run it alone: it uses both cores for about 25 minutes (part 4: about 10 more).
 """
 
 from __future__ import annotations
@@ -119,6 +122,30 @@ def merge_cost(repeats: int, samples: int = 32) -> dict:
             "forward_equivalents": {mm: round(med[mm] / med["forward"], 2) for mm in MERGE_METHODS}}
 
 
+REALIGN_TASKS = ["arith-compare", "stdlib-code", "record-summary"]   # classification, LM, summarization
+ATTACK = ["--budget", "64", "--budgets", "16,64", "--methods", "reap,reap-raw,frequency", "--plans", "uniform",
+          "--modes", "full,lora", "--lr-scales", "1", "--epochs", "4", "--seeds", "1", "--eval-limit", "64",
+          "--pool-size", "256", "--samples", "32", "--no-scratch", "--routes", "prune,merge",
+          "--merge-methods", "frequency-weighted,router-weighted"]
+
+
+def realign(workdir: Path) -> dict:
+    out = {"tasks": REALIGN_TASKS, "keeps": [2, 4], "flags": ATTACK, "runs": {}}
+    for task in REALIGN_TASKS:
+        for keep in (2, 4):
+            run = workdir / f"attack-{task}-{keep}"
+            if not (run / "attack.json").exists():
+                moeguard("attack", "--task", task, "--keep", str(keep), "--out", str(run), *ATTACK)
+            doc = json.loads((run / "attack.json").read_text())
+            s = doc["summary"]
+            routes = {r: {"pick": {k: v["pick"].get(k) for k in ("method", "merge_method", "retention")},
+                          "after": s["realigned_retention_by_route"][r]} for r, v in doc["routes"].items()}
+            out["runs"][f"{task} keep {keep}"] = {"routes": routes, "stronger_before": max(
+                routes, key=lambda r: routes[r]["pick"]["retention"]), "stronger_after": s["stronger_route"],
+                "envelope_after": s["realigned_retention"], "cells": len(doc["runs"])}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
@@ -126,8 +153,24 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moeguard-prune-vs-merge")
     ap.add_argument("--skip-shared", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--realign", action="store_true", help="also part 4 (re-alignment after either route)")
+    ap.add_argument("--realign-only", action="store_true",
+                    help="run part 4 and add it to the existing results file, keeping parts 1-3 as they are")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.realign_only:
+        path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "prune_vs_merge.json"
+        old = json.loads(path.read_text())
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        old["realign"] = realign(args.workdir)
+        # parts 1-3 keep the provenance of the run that made them
+        old.setdefault("parts_1_3", {"created_at": old.get("created_at"), "git_commit": old.get("git_commit")})
+        for k in ("benchmark", "created_at", "git_commit", "machine"):
+            old.pop(k, None)
+        write_result("prune_vs_merge", old, args.out)
+        for name, r in old["realign"]["runs"].items():
+            print(name, {k: (v["pick"]["retention"], v["after"]) for k, v in r["routes"].items()}, "->", r["stronger_after"])
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     common = ["--samples", "32", "--eval-limit", "64", "--collateral-limit", "32", "--random-seeds", "2"]
 
@@ -153,6 +196,8 @@ def main() -> None:
             t = adopt(get_task(str(p)), origin=str(p))
             kinds[t.name] = getattr(t.kind, "value", t.kind)
         result["shared"] = summarize(doc, kinds)
+    if args.realign:
+        result["realign"] = realign(args.workdir)
     path = write_result("prune_vs_merge", result, args.out)
     for part in ("embedded", "shared"):
         for task, t in result[part].get("tasks", {}).items():

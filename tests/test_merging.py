@@ -198,13 +198,72 @@ def test_cli_merge_writes_a_checkpoint_vanilla_transformers_loads(tmp_path, caps
     again = tmp_path / "again"
     assert main(["merge", "--plan", str(plan), "--method", "router-weighted", "--gate", "raw", "--samples", "8",
                  "--tokens", "32", "--out", str(again)]) == 0
-    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # explicit weights need no data: streamed from the safetensors files, equal to the in-memory merge
+    assert "explicit clusters, streaming" in capsys.readouterr().out
+    a, b = _tensors(again), _tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((again / "moeguard_merging.json").read_text())["merges"] == record["merges"]
+
+    # a plan that needs calibration cannot stream: one line, before any weights load
+    capsys.readouterr()
+    assert main(["merge", "--scores", str(scores), "--keep", "4", "--method", "router-weighted", "--streaming",
+                 "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--streaming cannot merge here" in err and "calibration" in err
+    assert not (tmp_path / "s").exists()
 
     # no overwrite without --overwrite; one line, exit 2
     capsys.readouterr()
     assert main(["merge", "--plan", str(plan), "--method", "average", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "already exists" in err and "--overwrite" in err
+
+
+def _tensors(ckpt) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
+def test_streamed_merge_equals_the_in_memory_merge_on_every_family(fam, tmp_path):
+    from moeguard.edge import resolve_model
+    from moeguard.pruning.merging.write import write_merged
+
+    model = tiny_model(fam).to(torch.bfloat16) if fam == "mixtral" else tiny_model(fam)
+    src = tmp_path / "src"
+    model.save_pretrained(src, **({"max_shard_size": "40KB"} if fam in ("mixtral", "deepseek_v3") else {}))
+    layers = [l.index for l in MoEAdapter(model).layers]
+    g = torch.Generator().manual_seed(0)
+    weights = {l: [torch.rand(len(c), generator=g, dtype=torch.float64).add(0.1).tolist() for c in CLUSTERS]
+               for l in layers}
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"clusters": {str(l): CLUSTERS for l in layers},
+                                "weights": {str(l): w for l, w in weights.items()}}))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    record = write_merged(resolve_model(str(src)), tmp_path / "out", method="average", plan=plan)
+    assert record["pruning"]["method"] == "streaming"
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before      # the input is only read
+    merged, mem = merge_experts(model, {l: CLUSTERS for l in layers}, weights)
+    assert record["merges"] == mem["merges"]
+    merged.save_pretrained(tmp_path / "memory")
+    want, got = _tensors(tmp_path / "memory"), _tensors(tmp_path / "out")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert json.loads((tmp_path / "out" / "moeguard_merging.json").read_text())["merges"] == mem["merges"]
+    # vanilla transformers loads it, and runs it as it runs the in-memory merge saved (bf16: buffers as loaded)
+    dtype = next(merged.parameters()).dtype
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype).eval()
+    ids = torch.randint(0, 96, (2, 9), generator=g)
+    with torch.no_grad():
+        want = (merged if dtype == torch.float32 else
+                AutoModelForCausalLM.from_pretrained(tmp_path / "memory", dtype=dtype)).eval()(ids).logits
+        assert MoEAdapter(loaded).num_experts == 4 and torch.equal(loaded(ids).logits, want)
 
 
 def test_merge_methods_lists_every_method(capsys):

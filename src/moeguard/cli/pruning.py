@@ -163,6 +163,7 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
           tokens: Annotated[int, typer.Option("--tokens", min=1, help="tokens per layer every expert is run on (output similarity)")] = 256,
           gate: Annotated[str, typer.Option("--gate", help="router-weighted: 'applied' (the block's weights) or 'raw' (score before renormalization)")] = "applied",
           batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+          streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", help="default: streaming when the plan needs no data and the checkpoint is local")] = None,
           overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Merge experts instead of dropping them: each layer's experts clustered and averaged into K."""
     from moeguard.edge import resolve_model
@@ -177,11 +178,12 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     with _progress() as progress:
         record = write_merged(handle, out, method=method, keep=keep, scores=scores, plan=plan, task=task,
                               samples=samples, batch_size=batch_size, tokens=tokens, gate=gate, seed=seed,
-                              overwrite=overwrite, progress=progress, settings=settings)
+                              overwrite=overwrite, progress=progress, settings=settings, streaming=streaming)
     _console().print(merge_table(record))
     counts = sorted({len(v) for v in record["keep"].values()})
+    how = "streaming" if record["pruning"].get("method") == "streaming" else "in memory"
     typer.echo(f"merged {record['pruning']['original_num_experts']} -> {'/'.join(map(str, counts))} experts per layer "
-               f"({record['plan']['why']}); written to {out}")
+               f"({record['plan']['why']}, {how}); written to {out}")
 
 
 @app.command("merge-methods")

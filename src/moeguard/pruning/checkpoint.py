@@ -31,6 +31,7 @@ from moeguard.models.loading import ModelRef, check_safetensors, load_config, me
 
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_NAME = "moeguard_pruning.json"
+MERGE_RECORD_NAME = "moeguard_merging.json"
 _CHUNK = 8 << 20         # bytes per read, so no single read maps or holds a whole large tensor
 
 
@@ -53,6 +54,10 @@ class _Tensor:
     runs: tuple[tuple[int, int], ...]  # source dim-0 row ranges, in order; () for a 0-d tensor
     row_bytes: int
     flat: bool = False                 # experts on the last axis of a [1, ..., E] tensor: runs index elements
+    # a merge: per-expert keys, ((file, key, weight), ...) of the members; fused or flat, per output
+    # expert ((source expert, weight), ...) of its members. None: a plain copy of ``runs``
+    mix: tuple | None = None
+    keyed: bool = False                # ``mix`` names member keys (a per-expert layout), not rows of ``name``
 
 
 def write_safetensors(path: Path, tensors: list[_Tensor], reader: "_Reader", *,
@@ -89,6 +94,9 @@ class _Reader(ShardReader):
     """Row chunks of planned tensors, as bytes."""
 
     def chunks(self, t: _Tensor) -> Iterator:
+        if t.mix is not None:
+            yield from self._mixed(t)
+            return
         if not t.runs:
             yield _as_bytes(self.read(t.file, t.name))
             return
@@ -101,6 +109,30 @@ class _Reader(ShardReader):
         for start, stop in t.runs:
             for a in range(start, stop, step):
                 yield _as_bytes(self.read(t.file, t.name, slice(a, min(a + step, stop))))
+
+
+    def _mixed(self, t: _Tensor) -> Iterator:
+        """A merged tensor's bytes: every merged expert the weighted sum of its members, in
+        float64 and in cluster order as in memory (``weighted_sum``), so the two are bit-identical.
+        Per-expert keys are summed in row chunks; a fused tensor one expert row at a time."""
+        from moeguard.pruning.merging.operation import weighted_sum
+
+        if t.keyed:   # per-expert keys: the members are whole tensors of the same shape
+            rows = t.shape[0] if t.shape else 0
+            step = max(1, _CHUNK // max(t.row_bytes, 1))
+            for a in (range(0, rows, step) if rows else [None]):
+                index = None if a is None else slice(a, min(a + step, rows))
+                parts = [self.read(f, n, index) for f, n, _ in t.mix]
+                yield _as_bytes(weighted_sum(parts, [w for _, _, w in t.mix]).to(parts[0].dtype))
+            return
+        if t.flat:
+            flat = self.read(t.file, t.name).reshape(-1)
+            for members in t.mix:
+                yield _as_bytes(weighted_sum([flat[e:e + 1] for e, _ in members], [w for _, w in members]).to(flat.dtype))
+            return
+        for members in t.mix:
+            parts = [self.read(t.file, t.name, slice(e, e + 1)) for e, _ in members]
+            yield _as_bytes(weighted_sum(parts, [w for _, w in members]).to(parts[0].dtype))
 
 
 def _as_bytes(tensor):
@@ -122,12 +154,14 @@ def _runs(kept: list[int]) -> tuple[tuple[int, int], ...]:
 
 def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: str,
                  experts: dict[int, int], keep: dict[int, list[int]],
-                 layout: DiskLayout | None = None) -> list[_Tensor]:
+                 layout: DiskLayout | None = None, merge: dict[int, list] | None = None) -> list[_Tensor]:
     """Every output tensor, in source order; raises before any write when the layout is not understood.
 
     ``experts`` maps each MoE decoder layer to its expert count; other layers are copied.
     ``layout``: the family's module names (``FamilySpec.disk_layout()``); None for a checkpoint
-    of unknown family, read with every name any registered family uses.
+    of unknown family, read with every name any registered family uses. ``merge``: per layer,
+    (centre, members, weights) of each cluster (``operation.cluster_weights``); the centres are
+    ``keep``, and each kept expert's slice becomes its cluster's weighted average.
     """
     if layout is None:
         layout = DiskLayout.union(f.disk_layout() for f in FAMILIES.items())
@@ -136,6 +170,8 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
     new_index = {li: {e: i for i, e in enumerate(kept)} for li, kept in keep.items()}
     found: dict[int, dict[str, set]] = {li: {"router": set(), "experts": set()} for li in experts}
     per_expert_seen: dict[tuple[int, str], set[int]] = {}
+    mixes = {li: {c: (g, [float(x) for x in w]) for c, g, w in clusters} for li, clusters in (merge or {}).items()}
+    where = _per_expert_keys(files, headers, key_re, layout) if merge else {}
     plan: list[_Tensor] = []
     for file in files:
         header = headers[file]
@@ -161,7 +197,17 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
                 found[li]["experts"].add(name)
                 if e in new_index[li]:
                     out_name = name[: m.start(2)] + f"experts.{new_index[li][e]}.{per.group(2)}"
-                    plan.append(_Tensor(file, name, out_name, info["dtype"], shape, nbytes, whole, row_bytes))
+                    if li in mixes:   # the centre's key: the weighted sum of its members' keys
+                        g, w = mixes[li][e]
+                        try:
+                            mix = tuple((*where[(li, per.group(2), j)], wj) for j, wj in zip(g, w))
+                        except KeyError as exc:
+                            raise MoeguardError(f"layer {li}: expert {exc.args[0][2]} has no {per.group(2)} tensor",
+                                                hint="the checkpoint is incomplete; re-download it") from None
+                        plan.append(_Tensor(file, name, out_name, info["dtype"], shape, nbytes, whole, row_bytes,
+                                            mix=mix, keyed=True))
+                    else:
+                        plan.append(_Tensor(file, name, out_name, info["dtype"], shape, nbytes, whole, row_bytes))
                 continue
             role = "router" if module in layout.router_modules else "experts" if module in layout.expert_modules else None
             if role is None:
@@ -176,7 +222,8 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
             if (expert_axis(shape, n_exp) or 0) > 0:
                 found[li][role].add(name)   # ERNIE's [1, E] selection bias: experts on the last axis
                 plan.append(_Tensor(file, name, name, info["dtype"], (*shape[:-1], len(kept)),
-                                    nbytes // n_exp * len(kept), _runs(kept), nbytes // n_exp, flat=True))
+                                    nbytes // n_exp * len(kept), _runs(kept), nbytes // n_exp, flat=True,
+                                    mix=_rows_mix(mixes.get(li), kept)))
                 continue
             if not shape or shape[0] != n_exp or nbytes % n_exp:
                 raise MoeguardError(f"{file.name}: {name} has shape {list(shape)}; its dim 0 should be the "
@@ -184,7 +231,7 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
                                     hint="the checkpoint's weights do not match its config.json, or its layout is unsupported")
             found[li][role].add(name)
             plan.append(_Tensor(file, name, name, info["dtype"], (len(kept), *shape[1:]), row_bytes * len(kept),
-                                _runs(kept), row_bytes))
+                                _runs(kept), row_bytes, mix=_rows_mix(mixes.get(li), kept)))
     for li, roles in found.items():
         for role, names in roles.items():
             if not names:
@@ -196,6 +243,26 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
             raise MoeguardError(f"layer {li}: experts {missing} have no {suffix} tensor",
                                 hint="the checkpoint is incomplete; re-download it")
     return plan
+
+
+def _rows_mix(clusters: dict | None, kept: list[int]) -> tuple | None:
+    """Per kept expert, in output order: its members and their weights (a fused or flat tensor)."""
+    if clusters is None:
+        return None
+    return tuple(tuple(zip(clusters[c][0], clusters[c][1])) for c in kept)
+
+
+def _per_expert_keys(files, headers, key_re, layout) -> dict[tuple[int, str, int], tuple[Path, str]]:
+    """(layer, suffix, expert) -> (file, key) of every per-expert tensor: a merged key reads its
+    members wherever the shards put them."""
+    out = {}
+    for file in files:
+        for name in headers[file]:
+            m = key_re.match(name)
+            per = layout.per_expert.match(m.group(2) + m.group(3)) if m else None
+            if per is not None:
+                out[(int(m.group(1)), per.group(2), int(per.group(1)))] = (file, name)
+    return out
 
 
 def assign_shards(plan: list[_Tensor], *, sharded: bool, max_shard_bytes: int | None) -> list[tuple[str, list[_Tensor]]]:
@@ -231,7 +298,7 @@ def _check_paths(src: Path, out: Path) -> None:
 def side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[str]]:
     """Top-level files copied unchanged, and entries left out (other weights, folders)."""
     # moeguard_card.json holds the *full* model's measured numbers; they do not describe the copy
-    rewritten = {"config.json", INDEX_NAME, RECORD_NAME, "moeguard_card.json"} | {f.name for f in weight_files}
+    rewritten = {"config.json", INDEX_NAME, RECORD_NAME, MERGE_RECORD_NAME, "moeguard_card.json"} | {f.name for f in weight_files}
     copy, skipped = [], []
     for p in sorted(src.iterdir()):
         if p.name in rewritten:
@@ -245,8 +312,11 @@ def side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[st
 
 
 def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwrite: bool = False,
-                     progress=None, max_shard_bytes: int | None = None, extra: dict | None = None) -> dict:
+                     progress=None, max_shard_bytes: int | None = None, extra: dict | None = None,
+                     merge: dict[int, list] | None = None) -> dict:
     """Write to ``out`` the checkpoint ``src`` keeping ``keep[layer]`` (original expert indices).
+    With ``merge`` (per layer, ``operation.cluster_weights``; the centres are ``keep``), each kept
+    expert is its cluster's weighted average and the record is ``moeguard_merging.json``.
 
     Layers not in ``keep`` keep every expert; counts may differ per layer (a budget plan; see models.prune.PER_LAYER_KEY). The
     output appears only once complete; ``src`` is only read. Returns the pruning record, also
@@ -278,14 +348,15 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     new_config, changes = pruned_config(adapter, keep)
     plan = plan_tensors(files, headers, layers_path=family.disk_layers,
                         experts={l.index: l.num_experts for l in adapter.layers}, keep=keep,
-                        layout=family.disk_layout())
+                        layout=family.disk_layout(), merge=merge)
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)
     copies, skipped = side_files(src, files)
     tensor_bytes = sum(t.nbytes for t in plan)
     _check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies))
     previous = _previous_record(src)
 
-    task = progress.add_task("writing pruned shards", total=tensor_bytes) if progress is not None else None
+    task = progress.add_task(f"writing {'merged' if merge else 'pruned'} shards", total=tensor_bytes) \
+        if progress is not None else None
     advance = (lambda n: progress.advance(task, n)) if progress is not None else None
     reader = _Reader()
     bytes_out = 0
@@ -322,7 +393,9 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
         if previous is not None:  # pruning a pruned checkpoint: this record's indices are relative to it
             record["previous_pruning"] = previous
         record.update(extra or {})  # the caller's plan and provenance, inside the same atomic write
-        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        if merge:   # the merging record holds this surgery's facts as its "pruning" part
+            record = {**(extra or {}), "pruning": {k: v for k, v in record.items() if k not in (extra or {})}}
+        (tmp / (MERGE_RECORD_NAME if merge else RECORD_NAME)).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

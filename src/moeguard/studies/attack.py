@@ -55,7 +55,9 @@ class AttackConfig:
     plans: tuple[str, ...] = setting(("uniform", "budgeted"), choices=("uniform", "budgeted"),
                                      help="pruning plans: uniform, budgeted")
     strategies: tuple[str, ...] = setting(("random",), help="active-learning strategies the attacker tries")
-    modes: tuple[str, ...] = setting(("full", "lora"), help="fine-tuning modes the attacker tries")
+    # router: re-calibrating only the router rows, the cheapest recovery the literature reports after
+    # either route (Router-KD, 2603.02217)
+    modes: tuple[str, ...] = setting(("full", "lora", "router"), help="fine-tuning modes the attacker tries")
     lr_scales: tuple[float, ...] = setting((0.1, 1.0, 10.0), help="learning rates tried, as multiples of each mode's default")
     epochs: tuple[float, ...] = setting((4.0, 16.0), help="passes over the labels tried (the attacker's steps)")
     seeds: int = setting(3, min=1, help="seeds per setting (label draws and training)")

@@ -45,14 +45,7 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
         if groups is None:
             continue
         check_clusters(layer.index, layer.num_experts, groups)
-        given = (weights or {}).get(layer.index)
-        plan[layer.index] = []
-        for ci, g in enumerate(groups):
-            w = torch.tensor(given[ci] if given is not None else [1.0] * len(g), dtype=torch.float64)
-            if len(w) != len(g) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-                raise MoeguardError(f"layer {layer.index}: cluster {g} has weights {w.tolist()}",
-                                    hint="give one non-negative weight per member, not all zero")
-            plan[layer.index].append((g[0], list(g), w / w.sum()))
+        plan[layer.index] = cluster_weights(layer.index, groups, (weights or {}).get(layer.index))
         keep[layer.index] = sorted(g[0] for g in groups)
     merged, prune_record = prune_model(model, keep)
     with torch.no_grad():
@@ -67,7 +60,30 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
                 view = t if axis == 0 else t.movedim(-1, 0)
                 out = nt if axis == 0 else nt.movedim(-1, 0)
                 for centre, g, w in plan[old.index]:
-                    out[order.index(centre)] = sum(float(wk) * view[e].double() for wk, e in zip(w, g)).to(t.dtype)
-            record[str(old.index)] = [{"into": c, "from": g, "weights": [round(float(x), 6) for x in w],
-                                       "expert": order.index(c)} for c, g, w in plan[old.index]]
+                    out[order.index(centre)] = weighted_sum([view[e] for e in g], w).to(t.dtype)
+            record[str(old.index)] = merges_record(plan[old.index], order)
     return merged, {"merges": record, "keep": {str(k): v for k, v in keep.items()}, "pruning": prune_record}
+
+
+def cluster_weights(layer_index: int, groups, given) -> list[tuple[int, list[int], torch.Tensor]]:
+    """(centre, members, normalized float64 weights) per cluster: the one rule for in-memory and
+    streamed merges, so both compute bit-identical averages."""
+    out = []
+    for ci, g in enumerate(groups):
+        w = torch.tensor(given[ci] if given is not None else [1.0] * len(g), dtype=torch.float64)
+        if len(w) != len(g) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise MoeguardError(f"layer {layer_index}: cluster {g} has weights {w.tolist()}",
+                                hint="give one non-negative weight per member, not all zero")
+        out.append((g[0], list(g), w / w.sum()))
+    return out
+
+
+def weighted_sum(slices, w) -> torch.Tensor:
+    """sum_j w_j x_j in float64, members in cluster order (the same float operations wherever it runs)."""
+    return sum(float(wk) * x.double() for wk, x in zip(w, slices))
+
+
+def merges_record(clusters: list[tuple[int, list[int], torch.Tensor]], order: list[int]) -> list[dict]:
+    """What went where in one layer: ``expert`` is the merged expert's index in the new model."""
+    return [{"into": c, "from": g, "weights": [round(float(x), 6) for x in w], "expert": order.index(c)}
+            for c, g, w in clusters]

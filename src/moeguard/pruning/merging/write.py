@@ -3,8 +3,9 @@ input is never modified, the output appears only when complete, a uniform K load
 transformers, and ``moeguard_merging.json`` records which experts went into which merged expert
 (trace's ground truth). Everything is checked against the config before any weights load.
 
-The model is merged in memory (calibration needs it loaded); streaming for checkpoints larger
-than memory is not built yet (docs/merging.md).
+A plan that needs no data (explicit clusters with explicit weights, or ``average``) is applied by
+streaming surgery on a local checkpoint's safetensors files, the weights never loaded (a
+checkpoint larger than memory); one that needs calibration loads the model and merges in memory.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ SCHEMA = "moeguard.merging/1"
 def write_merged(handle, out: Path, *, method: str, keep: int | None = None, scores: Path | None = None,
                  plan: Path | None = None, task=None, samples: int = 64, batch_size: int = 8, tokens: int = 256,
                  gate: str = "applied", seed: int = 0, overwrite: bool = False, progress=None,
-                 settings: dict | None = None) -> dict[str, Any]:
-    """Merge ``handle``'s model (a resolved ModelHandle) into ``out``; returns the record."""
+                 settings: dict | None = None, streaming: bool | None = None) -> dict[str, Any]:
+    """Merge ``handle``'s model (a resolved ModelHandle) into ``out``; returns the record.
+    ``streaming=None``: streaming surgery when the plan needs no data and the checkpoint is local."""
     from moeguard.attribution.base import Scores
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import meta_model
@@ -39,6 +41,15 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
     plan_data = read_plan(plan) if plan is not None else None
     prepared = prepare(MoEAdapter(meta_model(handle.config), family=handle.family), method=method, gate=gate,
                        keep=keep, scores=s, plan=plan_data, plan_origin=str(plan))
+    can_stream = not prepared["needs_data"] and ref.path is not None
+    if streaming and not can_stream:
+        why = (f"hub id {ref.hub_id} is not a local checkpoint" if ref.path is None else
+               f"merge method '{method}' needs calibration data, which loads the model")
+        raise MoeguardError(f"--streaming cannot merge here: {why}",
+                            hint="give a merge plan with explicit clusters and weights (a record's 'plan') on a local "
+                                 "checkpoint, or merge --in-memory")
+    if can_stream if streaming is None else streaming:
+        return _streamed(handle, Path(out), prepared, overwrite=overwrite, progress=progress, settings=settings)
     task_obj = None
     if prepared["needs_data"]:
         from moeguard.edge import resolve_tasks
@@ -65,3 +76,27 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
               "run": run_record(settings or {})}
     save_checkpoint(merged, tokenizer, ref, Path(out), overwrite=overwrite, records={RECORD_NAME: record})
     return record
+
+
+def _streamed(handle, out: Path, prepared: dict, *, overwrite: bool, progress, settings: dict | None) -> dict:
+    """Explicit clusters (and weights, or uniform ones) applied to the safetensors files."""
+    from moeguard.pruning.checkpoint import prune_checkpoint
+    from moeguard.pruning.merging.operation import cluster_weights, merges_record
+    from moeguard.pruning.merging.plan import MergePlan
+    from moeguard.provenance import run_record
+
+    clusters = prepared["clusters"]
+    plan = {l: cluster_weights(l, gs, (prepared["weights"] or {}).get(l)) for l, gs in clusters.items()}
+    keep = {l: sorted(g[0] for g in gs) for l, gs in clusters.items()}
+    weights = {l: [[float(x) for x in w] for _, _, w in p] for l, p in plan.items()}
+    merge_plan = MergePlan(clusters=clusters, weights=weights, num_experts=handle.num_experts,
+                           method=prepared["method"].name, why="explicit clusters")
+    uniform = len({len(v) for v in keep.values()}) == 1
+    extra = {"schema": SCHEMA, "source": handle.ref.name,
+             "merges": {str(l): merges_record(p, keep[l]) for l, p in sorted(plan.items())},
+             "keep": {str(l): v for l, v in sorted(keep.items())}, "plan": merge_plan.to_dict(),
+             "calibration": {"forward_passes": 0},
+             "loadable_by": "transformers" if uniform else
+             "moeguard.models.loading.load_model (per-layer expert counts; vanilla transformers configs hold one count)",
+             "run": run_record(settings or {})}
+    return prune_checkpoint(handle.ref.path, out, keep, overwrite=overwrite, progress=progress, extra=extra, merge=plan)
