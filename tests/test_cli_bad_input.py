@@ -159,6 +159,7 @@ MALFORMED = [
     ("merge --out O --method average --plan F", "plan.json", "{not json", "plan.json"),
     ("merge --out O --method average --plan F", "plan.json", '{"clusters": {"0": "all"}}', "not a list of expert clusters"),
     ("merge --out O --method hc-smoe --scores F --keep 2", "scores.json", '{"scores": "high"}', "scores.json"),
+    ("merge --out O --method average --plan F", "plan.json", '{"clusters": null, "keep": {"0": [0]}}', "plan.json"),
     ("audit --out O --config F", "audit.yaml", "tasks: [a, b\n", "not valid YAML"),
     ("audit --out O --config F", "audit.yaml", "- just\n- a list\n", "expected a mapping"),
     ("eval --tasks F", "task.yaml", "name: x\nkind: [\n", "task.yaml"),

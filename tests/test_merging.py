@@ -100,7 +100,7 @@ def test_experts_with_equal_weights_and_router_rows_merge_exactly_into_one(embed
 
 def _profile(outputs: torch.Tensor, counts) -> LayerProfile:
     c = torch.tensor(counts, dtype=torch.float64)
-    return LayerProfile(layer=0, counts=c, gate_mass=c / 2, raw_gate_mass=c / 3, outputs=outputs)
+    return LayerProfile.from_outputs(layer=0, counts=c, gate_mass=c / 2, raw_gate_mass=c / 3, outputs=outputs)
 
 
 def test_each_method_groups_and_weighs_as_documented():
@@ -135,13 +135,14 @@ def test_calibration_counts_gate_mass_and_runs_every_expert_on_the_sampled_token
     profiles, cost = calibrate(m, adapter, batches, tokens=16, seed=0)
     assert cost["sampled_tokens"] == 16 and cost["calibration_tokens"] == valid
     for p in profiles:
-        assert p.outputs.shape == (8, 16, 128)
+        assert p.similarity.shape == (8, 8) and p.mean_output.shape == (8, 128)
+        assert torch.allclose(p.similarity.diagonal(), torch.ones(8, dtype=torch.float64))
         assert float(p.counts.sum()) == 2 * valid                       # top-2 slots of every valid token
         assert float(p.gate_mass.sum()) == pytest.approx(valid)         # Mixtral renormalizes: 1 per token
         assert (p.raw_gate_mass <= p.gate_mass + 1e-9).all() and float(p.raw_gate_mass.sum()) < valid
     # the same seed samples the same tokens
     again, _ = calibrate(m, adapter, batches, tokens=16, seed=0)
-    assert torch.equal(again[0].outputs, profiles[0].outputs)
+    assert torch.equal(again[0].similarity, profiles[0].similarity)
 
 
 def test_bad_requests_fail_before_calibration(embedded):
@@ -264,6 +265,34 @@ def test_streamed_merge_equals_the_in_memory_merge_on_every_family(fam, tmp_path
         want = (merged if dtype == torch.float32 else
                 AutoModelForCausalLM.from_pretrained(tmp_path / "memory", dtype=dtype)).eval()(ids).logits
         assert MoEAdapter(loaded).num_experts == 4 and torch.equal(loaded(ids).logits, want)
+
+
+def test_quantized_experts_are_refused_before_anything_is_written(tmp_path):
+    from moeguard.edge import resolve_model
+    from moeguard.pruning.merging.write import write_merged
+
+    model = tiny_model("mixtral")
+    layer = MoEAdapter(model).layers[0]
+    layer.experts.down_proj.data = layer.experts.down_proj.data.to(torch.float8_e4m3fn)
+    clusters = {l.index: CLUSTERS for l in MoEAdapter(model).layers}
+    with pytest.raises(MoeguardError, match=r"down_proj is torch.float8_e4m3fn \(quantized\).*dequantize|load or convert"):
+        merge_experts(model, clusters)
+    model.save_pretrained(tmp_path / "src")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"clusters": {str(l): g for l, g in clusters.items()}}))
+    with pytest.raises(MoeguardError, match=r"stored as F8_E4M3 \(quantized\)"):
+        write_merged(resolve_model(str(tmp_path / "src")), tmp_path / "out", method="average", plan=plan)
+    assert not (tmp_path / "out").exists()
+
+
+def test_route_settings_are_checked_before_any_stage(tmp_path, capsys):
+    for args, needle in ((["--route", "merge"], "pruning is the sweep's base route"),
+                         (["--route", "prune,merge", "--merge-methods", "avg"], "unknown merge method 'avg'")):
+        capsys.readouterr()
+        assert main(["audit", *args, "--out", str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err
+        assert not (tmp_path / "a").exists()
 
 
 def test_merge_methods_lists_every_method(capsys):

@@ -81,6 +81,10 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        # the merge route's settings, checked here (before any stage runs) with the sweep's own rule
+        from moeguard.studies.sweep import check_routes
+
+        check_routes(self.routes, self.merge_methods)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

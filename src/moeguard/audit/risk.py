@@ -55,6 +55,7 @@ def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int) -> dict
         if k in pruned and merged is not None and (pruned[k] is None or merged > pruned[k]):
             pruned[k], route[k] = merged, "merge"
             best_method[k] = f"{row['merge']['method']} + {row['merge']['merge_method']} merge"
+            above[k] = _best([above[k], row["merge"].get("above_baseline")])
     out: dict[str, Any] = {"keep_quarter": quarter, "keep_half": half, "pruned": pruned,
                            "pruned_above_baseline": above, "best_method": best_method, "route": route}
     rec = entry.get("recovery")

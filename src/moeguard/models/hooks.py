@@ -526,3 +526,16 @@ def expert_outputs(adapter: MoEAdapter, layer, hidden: torch.Tensor, experts: to
     rows = torch.arange(n, device=hidden.device)
     routed_in[experts, rows] = hidden * weights[:, None].to(hidden.dtype)
     return layer.experts(routed_in.reshape(E * n, -1)).view(E, n, -1)[experts, rows]
+
+
+def every_expert_output(adapter: MoEAdapter, layer, hidden: torch.Tensor) -> torch.Tensor:
+    """[E, N, d]: every expert of ``layer`` on every token of ``hidden`` [N, d] at gate 1, in one
+    call of the experts' own kernel (E x N rows; Llama-4's input-scaled experts take the rows
+    grouped by expert as they are, with nothing routed elsewhere)."""
+    E, N = layer.num_experts, hidden.shape[0]
+    rows = hidden.repeat(E, 1)                                                    # [E*N, d]
+    if adapter.family.call == "scaled_input":
+        return layer.experts(rows).view(E, N, -1)
+    index = torch.arange(E, device=hidden.device).repeat_interleave(N)[:, None]
+    ones = torch.ones((E * N, 1), dtype=hidden.dtype, device=hidden.device)
+    return layer.experts(rows, index, ones).view(E, N, -1)

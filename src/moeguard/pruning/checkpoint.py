@@ -171,6 +171,8 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
     found: dict[int, dict[str, set]] = {li: {"router": set(), "experts": set()} for li in experts}
     per_expert_seen: dict[tuple[int, str], set[int]] = {}
     mixes = {li: {c: (g, [float(x) for x in w]) for c, g, w in clusters} for li, clusters in (merge or {}).items()}
+    if merge:
+        _check_mergeable(files, headers, key_re, set(mixes))
     where = _per_expert_keys(files, headers, key_re, layout) if merge else {}
     plan: list[_Tensor] = []
     for file in files:
@@ -243,6 +245,22 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
             raise MoeguardError(f"layer {li}: experts {missing} have no {suffix} tensor",
                                 hint="the checkpoint is incomplete; re-download it")
     return plan
+
+
+_FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+def _check_mergeable(files, headers, key_re, layers: set[int]) -> None:
+    """Averaging needs float values: fp8 codes, packed blocks and their scales are not numbers
+    that average (the sum of two codes is not the code of the mean). Refused before any write."""
+    for file in files:
+        for name, info in headers[file].items():
+            m = key_re.match(name) if name != "__metadata__" else None
+            if m and int(m.group(1)) in layers and (info["dtype"] not in _FLOATS or name.endswith(
+                    ("_scale_inv", "_scale", "_blocks", "_scales", ".qweight", ".qzeros"))):
+                raise MoeguardError(f"{file.name}: {name} is stored as {info['dtype']} (quantized); merging averages "
+                                    "expert weights, which quantized storage cannot do",
+                                    hint="dequantize the checkpoint to bf16/fp16/fp32 first, then merge it")
 
 
 def _rows_mix(clusters: dict | None, kept: list[int]) -> tuple | None:

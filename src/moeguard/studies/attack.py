@@ -277,9 +277,14 @@ def _cell(model, tok, task, strategy, g, seed, schedule, pool, pool_size, eval_l
 def pick_phase_job(cfg: AttackConfig, *, model: str | None = "", who: str = "") -> Job:
     # a prune-only attack keeps its job's arguments (and so its cache key) as before the merge route
     routes = {} if "merge" not in cfg.routes else {"routes": list(cfg.routes), "merge_methods": list(cfg.merge_methods)}
+    from moeguard.attribution.base import list_methods
+
+    # the methods by name, never "all": a newly registered method changes the job's key, so a cached
+    # pick made without it is not reused
+    methods = list(cfg.methods) or [x.name for x in list_methods() if x.name != "random"]
     return Job(stage="attack", name=f"{who}{cfg.task} keep {cfg.keep}: attribution and pruning",
                fn="moeguard.studies.attack:pick_job",
-               args={"task": cfg.task, "keep": cfg.keep, "methods": list(cfg.methods), "plans": list(cfg.plans),
+               args={"task": cfg.task, "keep": cfg.keep, "methods": methods, "plans": list(cfg.plans),
                      "samples": cfg.samples, "eval_limit": cfg.eval_limit, "seed": cfg.seed, "model": model, **routes})
 
 

@@ -73,7 +73,8 @@ def stronger_route(cfg, tasks: list, prune_points: list[dict], prune_random: lis
                         and p["retention"] is not None]
                 best = max(mine, key=lambda p: p["retention"], default=None)
                 row[route] = None if best is None else {
-                    "retention": best["retention"], "method": best["method"],
+                    "retention": best["retention"], "above_baseline": best["retention_above_baseline"],
+                    "method": best["method"],
                     "merge_method": best.get("merge_method"), "random_mean": float(np.mean(rand)) if rand else None}
             p_, m_ = row["prune"], row["merge"]
             if p_ and m_:

@@ -63,14 +63,21 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        if "prune" not in self.routes:
-            raise MoeguardError(f"routes are {list(self.routes)}; pruning is the sweep's base route",
-                                hint="pass --route prune or --route prune,merge")
-        if "merge" in self.routes:
-            from moeguard.pruning.merging.base import get_merge_method
+        check_routes(self.routes, self.merge_methods)
 
-            for m in self.merge_methods:
-                get_merge_method(m)
+
+def check_routes(routes, merge_methods) -> None:
+    """The sweep's (and the audit's) route rule: pruning is the base route; merging's methods exist."""
+    if "prune" not in routes:
+        raise MoeguardError(f"routes are {list(routes)}; pruning is the sweep's base route",
+                            hint="pass --route prune or --route prune,merge")
+    if "merge" in routes:
+        from moeguard.pruning.merging.base import get_merge_method
+
+        if not merge_methods:
+            raise MoeguardError("the merge route has no merge method", hint="pass --merge-methods, e.g. router-weighted")
+        for m in merge_methods:
+            get_merge_method(m)
 
 
 def random_scores(adapter: MoEAdapter, seed: int, task: str) -> Scores:
@@ -356,6 +363,9 @@ class SweepStudy:
             res = yield attribution_phase(s.tasks, s.methods, s.samples, s.seed, c.references)
             scores = dict(zip(s.tasks, res))
         settings = asdict(s)
+        if "merge" not in s.routes:   # a prune-only sweep keeps its jobs' keys (and cached jobs) as before the route
+            for k in ("routes", "merge_methods", "merge_tokens"):
+                settings.pop(k)
         yield Phase("sweep", [Job(stage="sweep", name=t, fn="moeguard.studies.sweep:target_job",
                                   args={"target": t, "settings": settings, "seed": s.seed, "full": full,
                                         "scores": scores[t]}) for t in s.tasks], label="pruning sweep")

@@ -3,12 +3,13 @@
 - per expert, routing slots (``counts``), applied gate mass (the weights the block uses) and raw
   gate mass (the router's score before top-k renormalization), from :class:`RoutingCapture`;
 - per layer, ``tokens`` of the task's tokens sampled uniformly at random (seeded), on which every
-  expert is then run: ``outputs`` [E, N, H], the basis of output similarity (HC-SMoE clusters on
-  it) and of centre assignment.
+  expert is then run; what is kept of those outputs is the [E, E] cosine similarity of the
+  experts' outputs (centre assignment) and each expert's mean output [E, H] (HC-SMoE's clusters).
 
 Cost: one plain forward over the calibration batches, plus E x N expert evaluations per layer
 (against k x T in the forward: E·N / (k·T) of the forward's expert compute, stated in the record).
-Memory: E x N x H floats per layer, which ``tokens`` bounds.
+Memory: the sampled inputs (N x H per layer) through the forward, then one layer's E x N x H
+outputs at a time; the profiles keep E x (E + H) numbers per layer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from moeguard.attribution.context import track
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.hooks import RoutingCapture, expert_inputs, expert_outputs
+from moeguard.models.hooks import RoutingCapture, every_expert_output, expert_inputs
 
 
 @dataclass(kw_only=True)
@@ -29,17 +30,20 @@ class LayerProfile:
     counts: torch.Tensor          # [E] routing slots received
     gate_mass: torch.Tensor       # [E] applied gate weights summed
     raw_gate_mass: torch.Tensor   # [E] raw router scores at the chosen experts summed
-    outputs: torch.Tensor         # [E, N, H] each expert's output (gate 1) on the sampled tokens
+    similarity: torch.Tensor      # [E, E] cosine similarity of the experts' outputs on the same tokens
+    mean_output: torch.Tensor     # [E, H] each expert's mean output (gate 1) over the sampled tokens
+
+    @classmethod
+    def from_outputs(cls, *, layer: int, counts, gate_mass, raw_gate_mass, outputs: torch.Tensor) -> "LayerProfile":
+        """From every expert's outputs [E, N, H] on the same N tokens (gate 1)."""
+        flat = outputs.reshape(outputs.shape[0], -1).double()
+        flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return cls(layer=layer, counts=counts, gate_mass=gate_mass, raw_gate_mass=raw_gate_mass,
+                   similarity=flat @ flat.T, mean_output=outputs.double().mean(dim=1))
 
     @property
     def num_experts(self) -> int:
         return int(self.counts.numel())
-
-    def similarity(self) -> torch.Tensor:
-        """[E, E] cosine similarity of the experts' outputs on the same tokens (flattened)."""
-        flat = self.outputs.reshape(self.num_experts, -1).double()
-        flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return flat @ flat.T
 
     def gate(self, which: str) -> torch.Tensor:
         return self.raw_gate_mass if which == "raw" else self.gate_mass
@@ -73,15 +77,13 @@ def calibrate(model, adapter: MoEAdapter, batches: list, *, tokens: int = 256, s
     profiles = []
     for slot, layer in enumerate(adapter.layers):
         h = torch.cat(picked[slot])                                        # [N, H]
-        E = layer.num_experts
-        experts = torch.arange(E, device=h.device).repeat_interleave(h.shape[0])
         with torch.no_grad():
-            y = expert_outputs(adapter, layer, h.repeat(E, 1), experts,
-                               torch.ones(len(experts), device=h.device, dtype=torch.float32))
+            y = every_expert_output(adapter, layer, h).float()             # [E, N, H], one layer at a time
         s = cap.stats.layers[slot]
-        profiles.append(LayerProfile(layer=layer.index, counts=s.counts.clone(), gate_mass=s.gate_mass.clone(),
-                                     raw_gate_mass=s.raw_gate_mass.clone(),
-                                     outputs=y.float().reshape(E, h.shape[0], -1).cpu()))
+        profiles.append(LayerProfile.from_outputs(layer=layer.index, counts=s.counts.clone(),
+                                                  gate_mass=s.gate_mass.clone(), raw_gate_mass=s.raw_gate_mass.clone(),
+                                                  outputs=y.cpu()))
+        del y
     k = adapter.top_k
     cost = {"calibration_tokens": valid_total, "sampled_tokens": n, "forward_passes": 1,
             "expert_evaluations_per_layer": adapter.num_experts * n,

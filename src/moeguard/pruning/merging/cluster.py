@@ -19,7 +19,7 @@ def around_centres(profile: LayerProfile, scores: list[float], keep: int) -> lis
     outputs on the calibration tokens are most similar to its own (cosine)."""
     order = _by_score(scores)
     centres = order[:keep]
-    sim = profile.similarity()
+    sim = profile.similarity
     groups = {c: [c] for c in centres}
     for e in order[keep:]:
         best = max(centres, key=lambda c: (float(sim[e, c]), -centres.index(c)))
@@ -30,21 +30,26 @@ def around_centres(profile: LayerProfile, scores: list[float], keep: int) -> lis
 def hierarchical(profile: LayerProfile, scores: list[float], keep: int) -> list[list[int]]:
     """Average-linkage agglomerative clustering (HC-SMoE) on the cosine distance between the
     experts' mean outputs over the calibration tokens, merged until ``keep`` clusters remain;
-    the best-scored member of each is its centre. Exactly ``keep`` clusters, deterministic."""
-    mean = profile.outputs.double().mean(dim=1)                                   # [E, H]
+    the best-scored member of each is its centre. Exactly ``keep`` clusters, deterministic (ties:
+    the first pair in row order). Cluster distances are updated by Lance-Williams (average
+    linkage: size-weighted means), so E - K merges cost O(E^2) each."""
+    mean = profile.mean_output.double()                                           # [E, H]
     mean = mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    E = profile.num_experts
     dist = (1.0 - mean @ mean.T).clamp_min(0.0)
-    clusters = [[e] for e in range(profile.num_experts)]
-    while len(clusters) > keep:
-        best = None
-        for i in range(len(clusters)):
-            for j in range(i + 1, len(clusters)):
-                d = float(dist[clusters[i]][:, clusters[j]].mean())
-                if best is None or d < best[0]:
-                    best = (d, i, j)
-        _, i, j = best
+    dist.fill_diagonal_(float("inf"))
+    clusters: list[list[int] | None] = [[e] for e in range(E)]
+    for _ in range(E - keep):
+        flat = int(torch.argmin(dist))
+        i, j = sorted(divmod(flat, E))
+        ni, nj = len(clusters[i]), len(clusters[j])
+        row = (ni * dist[i] + nj * dist[j]) / (ni + nj)
+        dist[i], dist[:, i] = row, row
+        dist[i, i] = float("inf")
+        dist[j], dist[:, j] = float("inf"), float("inf")
         clusters[i] = sorted(clusters[i] + clusters[j])
-        del clusters[j]
+        clusters[j] = None
+    clusters = [c for c in clusters if c is not None]
     out = []
     for g in clusters:
         centre = min(g, key=lambda e: (-scores[e], e))

@@ -36,7 +36,7 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
 
     rows: dict[int, list[float]] = {}
     fixed = weights = None
-    if plan is not None and "clusters" in plan:
+    if plan is not None and isinstance(plan.get("clusters"), dict):
         fixed, weights = explicit_clusters(plan, origin=plan_origin, layers=layers)
         counts = {l: len(g) for l, g in fixed.items()}
     elif plan is not None:

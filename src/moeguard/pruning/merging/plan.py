@@ -44,7 +44,8 @@ def read_plan(path: str | Path) -> dict[str, Any]:
     """A merge plan's or a pruning plan's JSON (which one is told by its keys)."""
     data = read_json(Path(path), what="plan file",
                      hint='write {"clusters": {"<layer>": [[centre, member, ...], ...]}} or a pruning plan {"keep": ...}')
-    if not isinstance(data, dict) or not (isinstance(data.get("clusters"), dict) or isinstance(data.get("keep"), dict)):
+    if not isinstance(data, dict) or not (isinstance(data.get("clusters"), dict) or isinstance(data.get("keep"), dict)) \
+            or ("clusters" in data and not isinstance(data["clusters"], dict)):
         raise MoeguardError(f"{path} has neither a 'clusters' nor a 'keep' map",
                             hint='write {"clusters": {"0": [[0, 1], [2, 3]]}}, or a pruning plan {"keep": {"0": [0, 2]}}')
     return data
@@ -71,11 +72,14 @@ def explicit_clusters(data: dict[str, Any], *, origin: str, layers: dict[int, in
         except (TypeError, ValueError, AttributeError):
             raise MoeguardError(f"{origin}: 'weights' is not a map of per-cluster weight lists",
                                 hint="give one list of weights per cluster, or leave 'weights' out") from None
+        from moeguard.pruning.merging.operation import cluster_weights
+
         for li, groups in clusters.items():
             ws = weights.get(li)
             if ws is None or [len(w) for w in ws] != [len(g) for g in groups]:
                 raise MoeguardError(f"{origin}: layer {li}'s weights {ws} do not match its clusters {groups}",
                                     hint="one weight per member of every cluster, or leave 'weights' out")
+            cluster_weights(li, groups, ws)   # negative, NaN or all-zero weights: refused before any weights load
     return clusters, weights
 
 
