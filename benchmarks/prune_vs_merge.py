@@ -93,8 +93,10 @@ def task_kinds(names: list[str]) -> dict[str, str]:
     return {n: getattr(get_task(n).kind, "value", get_task(n).kind) for n in names}
 
 
-def merge_cost(repeats: int, samples: int = 32) -> dict:
-    """Calibration + merge against plain forwards over the same batches (keep 4, reap centres)."""
+def merge_cost(repeats: int, samples: int = 32, tokens: int = 256) -> dict:
+    """Calibration + merge against plain forwards over the same batches (keep 4, reap centres).
+    ``tokens``: per layer, the tokens every expert runs on (the part of the cost above one forward
+    that grows with E x tokens)."""
     import torch
 
     from moeguard.attribution.run import make_context, score
@@ -115,9 +117,13 @@ def merge_cost(repeats: int, samples: int = 32) -> dict:
 
     runs = {"forward": forward}
     for mm in MERGE_METHODS:
-        runs[mm] = lambda mm=mm: merge_model(m, prepare(a, method=mm, scores=s, keep=4), batches=batches, tokens=256)
+        runs[mm] = lambda mm=mm: merge_model(m, prepare(a, method=mm, scores=s, keep=4), batches=batches, tokens=tokens)
     med = alternating_medians(runs, repeats)
-    return {"samples": samples, "tokens_per_layer": 256, "repeats": repeats,
+    calibration_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    return {"samples": samples, "tokens_per_layer": tokens, "calibration_tokens": calibration_tokens,
+            "expert_compute_vs_forward": round(a.num_experts * min(tokens, calibration_tokens)
+                                               / (a.top_k * calibration_tokens), 3),
+            "repeats": repeats,
             "forward_seconds": round(med["forward"], 4),
             "forward_equivalents": {mm: round(med[mm] / med["forward"], 2) for mm in MERGE_METHODS}}
 
@@ -156,8 +162,21 @@ def main() -> None:
     ap.add_argument("--realign", action="store_true", help="also part 4 (re-alignment after either route)")
     ap.add_argument("--realign-only", action="store_true",
                     help="run part 4 and add it to the existing results file, keeping parts 1-3 as they are")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="re-measure part 3 at 64 and 256 tokens per layer into the existing results file")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.cost_only:
+        path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "prune_vs_merge.json"
+        old = json.loads(path.read_text())
+        old.setdefault("parts_1_3", {"created_at": old.get("created_at"), "git_commit": old.get("git_commit")})
+        old["cost"] = {"by_tokens": [merge_cost(args.repeats, tokens=n) for n in (64, 256)]}
+        for k in ("benchmark", "created_at", "git_commit", "machine"):
+            old.pop(k, None)
+        write_result("prune_vs_merge", old, args.out)
+        for c in old["cost"]["by_tokens"]:
+            print(c["tokens_per_layer"], c["expert_compute_vs_forward"], c["forward_equivalents"])
+        return
     if args.realign_only:
         path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "prune_vs_merge.json"
         old = json.loads(path.read_text())
