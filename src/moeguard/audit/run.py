@@ -204,6 +204,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
                         "harden_steps": cfg.harden_steps, "tasks": cfg.defense_tasks, "budget": cfg.defense_budget,
                         "seeds": cfg.defense_seeds, "eval_limit": cfg.recovery_eval_limit, "seed": cfg.seed,
                         "grid": [list(cfg.defense_modes), list(cfg.defense_lr_scales), list(cfg.defense_epochs)],
+                        **({"routes": cfg.routes, "merge_methods": cfg.merge_methods} if "merge" in cfg.routes else {}),
                         "methods": cfg.methods, "samples": cfg.samples, "pool_size": cfg.pool_size,
                         "utility_tasks": cfg.tasks, "utility_limit": cfg.eval_limit, "target": cfg.target,
                         "runtime": runtime.to_dict()}
@@ -344,7 +345,9 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, st
                           methods=tuple(cfg.methods), modes=tuple(cfg.defense_modes),
                           lr_scales=tuple(cfg.defense_lr_scales), epochs=tuple(cfg.defense_epochs),
                           seed=cfg.seed, samples=cfg.samples, pool_size=cfg.pool_size,
-                          eval_limit=cfg.recovery_eval_limit, target=cfg.target)
+                          eval_limit=cfg.recovery_eval_limit, target=cfg.target,
+                          # the audit's routes: with merging, the harness attacks base and hardened by both
+                          routes=tuple(cfg.routes), merge_methods=tuple(cfg.merge_methods))
     dcfg = DefendEvalConfig(tasks=tuple(cfg.defense_tasks), keeps=(E // 2,), attack=attack,
                             utility_tasks=tuple(cfg.tasks), utility_limit=cfg.eval_limit, base=cfg.model,
                             hardened=hardened_ref, protocol=proto, num_experts=E)

@@ -165,7 +165,7 @@ class DefendEvalStudy:
             attacks.setdefault(a.task, {})[str(a.keep)] = {
                 who: {k: d[k] for k in ("full", "baseline_score", "attribution", "worst_case", "scratch", "summary",
                                         "runs", "metric", "higher_is_better", "task", "keep", "budget", "settings",
-                                        "detectability")}
+                                        "detectability")} | ({"routes": d["routes"]} if "routes" in d else {})
                 for who, d in docs.items()}
             cell = attacks[a.task][str(a.keep)]
             cell["extra_labels"] = extra_labels(docs["base"]["summary"], docs["hardened"]["summary"], a.budget)
