@@ -85,6 +85,22 @@ def shared_tasks(shared: Path, workdir: Path) -> list[Path]:
     return paths
 
 
+def shared_setup(shared: Path, workdir: Path, zoo_model: Path, *, skip: bool) -> tuple[list[Path] | None, str | None, float | None]:
+    """The ``../shared/data`` tasks and the zoo model trained on them (cached in ``zoo_model``):
+    (task paths, why the part is skipped, training seconds of this run)."""
+    if skip:
+        return None, "--skip-shared", None
+    if not shared.is_dir():
+        return None, f"{shared} not present", None
+    paths = shared_tasks(shared, workdir)
+    train_s = None
+    if not (zoo_model / "config.json").exists():
+        t = time.perf_counter()
+        moeguard("zoo", "train", "--tasks", ",".join(map(str, paths)), "--out", str(zoo_model))
+        train_s = time.perf_counter() - t
+    return paths, None, train_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--from-run", type=Path, help="summarize this sweep run instead of running the embedded sweep")
@@ -105,18 +121,10 @@ def main() -> None:
                            "physical_checks": emb["physical_checks"], "tasks": summarize(emb)}}
     result["embedded"]["goal_met_all_tasks"] = all(t["goal_met"] for t in result["embedded"]["tasks"].values())
 
-    if args.skip_shared:
-        result["shared"] = {"skipped": "--skip-shared"}
-    elif not args.shared.is_dir():
-        result["shared"] = {"skipped": f"{args.shared} not present"}
+    tasks, skipped, train_s = shared_setup(args.shared, args.workdir, args.zoo_model, skip=args.skip_shared)
+    if skipped:
+        result["shared"] = {"skipped": skipped}
     else:
-        tasks = shared_tasks(args.shared, args.workdir)
-        if not (args.zoo_model / "config.json").exists():
-            t = time.perf_counter()
-            moeguard("zoo", "train", "--tasks", ",".join(map(str, tasks)), "--out", str(args.zoo_model))
-            train_s = time.perf_counter() - t
-        else:
-            train_s = None
         card = json.loads((args.zoo_model / "moeguard_card.json").read_text())
         doc = run_sweep(args.workdir / "shared", ["--model", str(args.zoo_model), "--tasks", ",".join(map(str, tasks))])
         result["shared"] = {"model": {"train_seconds_this_run": train_s, "card_train_seconds": card["train_seconds"],

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from _common import alternating_medians, write_result
-from knowledge_loss import moeguard, shared_tasks
+from knowledge_loss import moeguard, shared_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGE_METHODS = ["average", "frequency-weighted", "hc-smoe", "router-weighted"]
@@ -198,14 +198,10 @@ def main() -> None:
     print("merge cost (forward-pass equivalents):", result["cost"]["forward_equivalents"], flush=True)
     emb = sweep(args.workdir / "embedded", common)
     result["embedded"] = summarize(emb, task_kinds(list(emb["routes"])))
-    if args.skip_shared:
-        result["shared"] = {"skipped": "--skip-shared"}
-    elif not args.shared.is_dir():
-        result["shared"] = {"skipped": f"{args.shared} not present"}
+    paths, skipped, _ = shared_setup(args.shared, args.workdir, args.zoo_model, skip=args.skip_shared)
+    if skipped:
+        result["shared"] = {"skipped": skipped}
     else:
-        paths = shared_tasks(args.shared, args.workdir)
-        if not (args.zoo_model / "config.json").exists():
-            moeguard("zoo", "train", "--tasks", ",".join(map(str, paths)), "--out", str(args.zoo_model))
         doc = sweep(args.workdir / "shared", ["--model", str(args.zoo_model), "--tasks", ",".join(map(str, paths)),
                                               *common])
         from moeguard.tasks.registry import adopt, get_task
