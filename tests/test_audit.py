@@ -159,6 +159,13 @@ def test_a_killed_audit_resumes_on_ray_to_the_numbers_of_an_uninterrupted_local_
 
     backend = "ray" if importlib.util.find_spec("ray") else "local"
     run = tmp_path / "run"
+    # the stages before recovery as the uninterrupted run left them (their caching is tested
+    # below and in test_a_config_change_reruns_only_the_stages_it_affects): the killed process
+    # goes straight to the recovery stage instead of recomputing them
+    shutil.copytree(audit_run, run)
+    for leftover in ("stages/recovery", "jobs/recovery", "results.json", "report.md", "report.html", "plots"):
+        path = run / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     # kill it in the recovery stage, after some of its jobs finished
     kill_cli_when(["audit", "--out", str(run), *SMALL_AUDIT],
                   lambda: len(list((run / "jobs" / "recovery").glob("*.json"))) >= 1, timeout=240, poll=0.2)
