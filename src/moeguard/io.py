@@ -13,6 +13,11 @@ from typing import Any, Iterator
 
 from moeguard.errors import MoeguardError
 
+# safetensors dtypes that hold plain float values, and the key suffixes of quantization scales and
+# packed blocks: what readers that need real numbers (trace, merging) refuse otherwise
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+SCALE_SUFFIXES = ("_scale_inv", ".scales", "_scales", "_blocks")
+
 
 def check_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
     """Fail before any work if ``path`` exists and may not be replaced."""

@@ -46,11 +46,7 @@ def write_pruned(model_ref: str | None, plan: PrunePlan, out: str | Path, *, ove
     if streaming and ref.path is None:
         raise MoeguardError(f"--streaming needs a local checkpoint, got hub id {ref.hub_id}",
                             hint=f"download it first: hf download {ref.hub_id} --local-dir DIR")
-    uniform = len({len(v) for v in keep.values()}) == 1
-    extra = {"plan": plan.to_dict(), "run": run_record(settings or {}),
-             "loadable_by": "transformers" if uniform else
-             "moeguard.models.loading.load_model (per-layer expert counts; vanilla transformers configs "
-             "hold one count and refuse it with a size mismatch)"}
+    extra = {"plan": plan.to_dict(), "run": run_record(settings or {}), "loadable_by": loadable_by(keep)}
     if streaming:
         from moeguard.pruning.checkpoint import prune_checkpoint
 
@@ -68,6 +64,15 @@ def _in_memory(ref, keep, out: Path, *, overwrite: bool, extra: dict) -> dict[st
     record = {**record, "method": "in_memory", "source": ref.name, **extra}
     save_checkpoint(small, tokenizer, ref, out, overwrite=overwrite, records={RECORD: record})
     return record
+
+
+def loadable_by(keep: dict) -> str:
+    """Who loads a checkpoint cut to ``keep`` (layer -> kept or centre experts): vanilla transformers
+    when every layer keeps the same count."""
+    if len({len(v) for v in keep.values()}) == 1:
+        return "transformers"
+    return ("moeguard.models.loading.load_model (per-layer expert counts; vanilla transformers configs "
+            "hold one count and refuse it with a size mismatch)")
 
 
 def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, records: dict[str, dict]) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moeguard.errors import MoeguardError
-from moeguard.io import ShardReader, atomic_dir, check_output, read_header
+from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, ShardReader, atomic_dir, check_output, read_header
 from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
 from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
 
@@ -247,17 +247,14 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
     return plan
 
 
-_FLOATS = {"F64", "F32", "F16", "BF16"}
-
-
 def _check_mergeable(files, headers, key_re, layers: set[int]) -> None:
     """Averaging needs float values: fp8 codes, packed blocks and their scales are not numbers
     that average (the sum of two codes is not the code of the mean). Refused before any write."""
     for file in files:
         for name, info in headers[file].items():
             m = key_re.match(name) if name != "__metadata__" else None
-            if m and int(m.group(1)) in layers and (info["dtype"] not in _FLOATS or name.endswith(
-                    ("_scale_inv", "_scale", "_blocks", "_scales", ".qweight", ".qzeros"))):
+            if m and int(m.group(1)) in layers and (info["dtype"] not in FLOAT_DTYPES or name.endswith(
+                    (*SCALE_SUFFIXES, "_scale", ".qweight", ".qzeros"))):
                 raise MoeguardError(f"{file.name}: {name} is stored as {info['dtype']} (quantized); merging averages "
                                     "expert weights, which quantized storage cannot do",
                                     hint="dequantize the checkpoint to bf16/fp16/fp32 first, then merge it")
@@ -410,9 +407,11 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
         }
         if previous is not None:  # pruning a pruned checkpoint: this record's indices are relative to it
             record["previous_pruning"] = previous
-        record.update(extra or {})  # the caller's plan and provenance, inside the same atomic write
-        if merge:   # the merging record holds this surgery's facts as its "pruning" part
-            record = {**(extra or {}), "pruning": {k: v for k, v in record.items() if k not in (extra or {})}}
+        extra = extra or {}   # the caller's plan and provenance, inside the same atomic write
+        if merge:   # the merging record holds this surgery's facts (those the caller does not give) as its "pruning" part
+            record = {**extra, "pruning": {k: v for k, v in record.items() if k not in extra}}
+        else:
+            record.update(extra)
         (tmp / (MERGE_RECORD_NAME if merge else RECORD_NAME)).write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -106,12 +106,9 @@ def preflight(cfg: AttackConfig, model) -> None:
     if not cfg.routes:
         raise MoeguardError("the attack has no route", hint="pass --routes prune, merge or prune,merge")
     if "merge" in cfg.routes:
-        from moeguard.pruning.merging.base import get_merge_method
+        from moeguard.pruning.merging.base import check_merge_methods
 
-        for m in cfg.merge_methods:
-            get_merge_method(m)
-        if not cfg.merge_methods:
-            raise MoeguardError("the merge route has no merge method", hint="pass --merge-methods, e.g. router-weighted")
+        check_merge_methods(cfg.merge_methods)
     bad = [p for p in cfg.plans if p not in ("uniform", "budgeted")]
     if bad or not cfg.plans:
         raise MoeguardError(f"attack plans {list(cfg.plans)} are not known", hint="use uniform, budgeted or both")

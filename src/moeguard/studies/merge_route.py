@@ -81,7 +81,7 @@ def stronger_route(cfg, tasks: list, prune_points: list[dict], prune_random: lis
                 d = m_["retention"] - p_["retention"]
                 row["winner"] = "merge" if d > 0 else "prune" if d < 0 else "tie"
                 row["envelope"] = max(p_["retention"], m_["retention"])
-                row["margin"] = m_["retention"] - p_["retention"]
+                row["margin"] = d
             by_keep[str(k)] = row
         out[t.name] = by_keep
     return out

@@ -31,6 +31,7 @@ from moeguard.config import setting, validate
 from moeguard.pruning.evaluate import MaskedEvaluator
 from moeguard.studies import Phase
 from moeguard.studies.engine import Job
+from moeguard.studies.merge_route import merge_points, stronger_route
 from moeguard.pruning.plan import plan_from_scores
 from moeguard.tasks.evaluate import evaluate_task
 from moeguard.tasks.registry import get_task
@@ -72,12 +73,9 @@ def check_routes(routes, merge_methods) -> None:
         raise MoeguardError(f"routes are {list(routes)}; pruning is the sweep's base route",
                             hint="pass --route prune or --route prune,merge")
     if "merge" in routes:
-        from moeguard.pruning.merging.base import get_merge_method
+        from moeguard.pruning.merging.base import check_merge_methods
 
-        if not merge_methods:
-            raise MoeguardError("the merge route has no merge method", hint="pass --merge-methods, e.g. router-weighted")
-        for m in merge_methods:
-            get_merge_method(m)
+        check_merge_methods(merge_methods)
 
 
 def random_scores(adapter: MoEAdapter, seed: int, task: str) -> Scores:
@@ -133,7 +131,7 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
                            lambda t, limit: ev(t, keep, limit=limit))
 
     attribution, points, random_points = {}, [], []
-    merge: dict[str, list] = {"points": [], "random": [], "calibration": []}
+    merge: dict[str, Any] = {"points": [], "random": [], "calibration": {}}
     all_scores: dict[str, dict[str, Scores]] = {}
     for t in pruned_tasks:
         given = (scores or {}).get(t.name, {})
@@ -162,12 +160,12 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
             progress and progress.advance(tid)
         progress and progress.remove_task(tid)
         if "merge" in cfg.routes:
-            from moeguard.studies.merge_route import merge_points
 
             found = merge_points(model, tokenizer, cfg, t, tasks, full, all_scores[t.name],
                                  lambda seed, _t=t.name: random_scores(adapter, seed, _t), progress=progress)
-            for key in merge:
-                merge[key] += found[key] if key != "calibration" else [found[key]]
+            merge["points"] += found["points"]
+            merge["random"] += found["random"]
+            merge["calibration"].update(found["calibration"])
 
     summary = _summaries(cfg, pruned_tasks, levels, points, random_points, all_scores)
     checks = _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter)
@@ -178,7 +176,8 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
         "full": full, "attribution": attribution, "points": points, "random": random_points,
         "random_summary": summary["random"], "faithfulness": summary["faithfulness"],
         "physical_checks": checks,
-        **(_routes(cfg, pruned_tasks, points, random_points, merge) if "merge" in cfg.routes else {}),
+        **({"merge": merge, "routes": stronger_route(cfg, pruned_tasks, points, random_points, merge)}
+           if "merge" in cfg.routes else {}),
         "evaluations": {"run": ev.runs, "reused": ev.hits},
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -208,14 +207,6 @@ def score_point(cfg: SweepConfig, full: dict[str, dict[str, Any]], task, others:
         vals = [c["retention"] for c in coll.values() if c["retention"] is not None]
         point["collateral_mean_retention"] = float(np.mean(vals)) if vals else None
     return point
-
-
-def _routes(cfg, tasks, points, random_points, merge) -> dict[str, Any]:
-    from moeguard.studies.merge_route import stronger_route
-
-    calibration = {k: v for c in merge["calibration"] for k, v in c.items()}
-    merge = {"points": merge["points"], "random": merge["random"], "calibration": calibration}
-    return {"merge": merge, "routes": stronger_route(cfg, tasks, points, random_points, merge)}
 
 
 def merge_sweeps(docs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
+from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES
 from moeguard.trace.features import ROWS, Sketch
 from moeguard.trace.weights import LayerCounts
 
 CHUNK = 1 << 20              # bytes per read: its float temporaries stay small, so glibc's
                              # heap reuses them (8 MB chunks raised peak RSS by 100-250 MB)
 GAP = 256 << 10              # rows closer than this are read through (``_rows``)
-_FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,8 @@ class StreamedCheckpoint(LayerCounts):
             raise MoeguardError(f"{r.path} has no tensor {embed_key} (the token embeddings)",
                                 hint="the checkpoint is incomplete; re-download it")
         hidden = shapes[embed_key][1]
-        unusual = dtypes - _FLOATS
-        if any(k.endswith(("_scale_inv", ".scales", "_scales", "_blocks")) for k in where) or any(
+        unusual = dtypes - FLOAT_DTYPES
+        if any(k.endswith(SCALE_SUFFIXES) for k in where) or any(
                 t.startswith(("F8", "I8", "U8")) for t in unusual):
             raise MoeguardError(f"{r.path} stores quantized weights ({', '.join(sorted(unusual)) or 'with scale tensors'})",
                                 hint="trace streams float checkpoints (F32, F16, BF16); dequantize it first, or "

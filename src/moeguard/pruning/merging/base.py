@@ -35,3 +35,13 @@ def register_merge(method: MergeMethod) -> MergeMethod:
 
 def get_merge_method(name: str) -> MergeMethod:
     return MERGE_METHODS.get(name)
+
+
+def check_merge_methods(names) -> None:
+    """The merge route's methods: at least one, each registered (a one-line error otherwise)."""
+    from moeguard.errors import MoeguardError
+
+    if not names:
+        raise MoeguardError("the merge route has no merge method", hint="pass --merge-methods, e.g. router-weighted")
+    for name in names:
+        get_merge_method(name)

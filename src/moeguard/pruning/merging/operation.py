@@ -45,15 +45,13 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
         if groups is None:
             continue
         check_clusters(layer.index, layer.num_experts, groups)
+        for _, name, t, _ in layer.expert_tensors():
+            if not t.is_floating_point() or t.element_size() == 1:
+                raise MoeguardError(f"layer {layer.index}: {name} is {t.dtype} (quantized); merging averages "
+                                    "expert weights, which quantized storage cannot do",
+                                    hint="load or convert the model to bf16/fp16/fp32 first, then merge it")
         plan[layer.index] = cluster_weights(layer.index, groups, (weights or {}).get(layer.index))
         keep[layer.index] = sorted(g[0] for g in groups)
-    for layer in adapter.layers:
-        if layer.index in plan:
-            for _, name, t, _ in layer.expert_tensors():
-                if not t.is_floating_point() or t.element_size() == 1:
-                    raise MoeguardError(f"layer {layer.index}: {name} is {t.dtype} (quantized); merging averages "
-                                        "expert weights, which quantized storage cannot do",
-                                        hint="load or convert the model to bf16/fp16/fp32 first, then merge it")
     merged, prune_record = prune_model(model, keep)
     with torch.no_grad():
         for old, new in zip(adapter.layers, MoEAdapter(merged).layers):

@@ -59,7 +59,7 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
             raise MoeguardError(f"merge method '{method}' needs calibration data and the plan names no task",
                                 hint="pass --task NAME (see `moeguard tasks`)")
         task_obj = resolve_tasks([name], what="--task")[0]   # unreadable data fails before weights load
-    from moeguard.pruning.apply import checkpoint_dtype, save_checkpoint
+    from moeguard.pruning.apply import checkpoint_dtype, loadable_by, save_checkpoint
     from moeguard.tasks.batches import calibration_batches
 
     model, tokenizer, _ = handle.load(dtype=checkpoint_dtype(ref))
@@ -69,10 +69,7 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
                                  task=task_obj.name if task_obj else None,
                                  scores_method=s.method if s is not None else None, progress=progress)
     del model
-    uniform = len({len(v) for v in record["keep"].values()}) == 1
-    record = {"schema": SCHEMA, "source": ref.name, **record,
-              "loadable_by": "transformers" if uniform else
-              "moeguard.models.loading.load_model (per-layer expert counts; vanilla transformers configs hold one count)",
+    record = {"schema": SCHEMA, "source": ref.name, **record, "loadable_by": loadable_by(record["keep"]),
               "run": run_record(settings or {})}
     save_checkpoint(merged, tokenizer, ref, Path(out), overwrite=overwrite, records={RECORD_NAME: record})
     return record
@@ -80,6 +77,7 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
 
 def _streamed(handle, out: Path, prepared: dict, *, overwrite: bool, progress, settings: dict | None) -> dict:
     """Explicit clusters (and weights, or uniform ones) applied to the safetensors files."""
+    from moeguard.pruning.apply import loadable_by
     from moeguard.pruning.checkpoint import prune_checkpoint
     from moeguard.pruning.merging.operation import cluster_weights, merges_record
     from moeguard.pruning.merging.plan import MergePlan
@@ -87,16 +85,13 @@ def _streamed(handle, out: Path, prepared: dict, *, overwrite: bool, progress, s
 
     clusters = prepared["clusters"]
     plan = {l: cluster_weights(l, gs, (prepared["weights"] or {}).get(l)) for l, gs in clusters.items()}
-    keep = {l: sorted(g[0] for g in gs) for l, gs in clusters.items()}
     weights = {l: [[float(x) for x in w] for _, _, w in p] for l, p in plan.items()}
     merge_plan = MergePlan(clusters=clusters, weights=weights, num_experts=handle.num_experts,
                            method=prepared["method"].name, why="explicit clusters")
-    uniform = len({len(v) for v in keep.values()}) == 1
+    keep = merge_plan.keep
     extra = {"schema": SCHEMA, "source": handle.ref.name,
              "merges": {str(l): merges_record(p, keep[l]) for l, p in sorted(plan.items())},
              "keep": {str(l): v for l, v in sorted(keep.items())}, "plan": merge_plan.to_dict(),
-             "calibration": {"forward_passes": 0},
-             "loadable_by": "transformers" if uniform else
-             "moeguard.models.loading.load_model (per-layer expert counts; vanilla transformers configs hold one count)",
+             "calibration": {"forward_passes": 0}, "loadable_by": loadable_by(keep),
              "run": run_record(settings or {})}
     return prune_checkpoint(handle.ref.path, out, keep, overwrite=overwrite, progress=progress, extra=extra, merge=plan)
