@@ -49,7 +49,7 @@ class LayerStats:
     tokens: int = 0
     counts: torch.Tensor = None           # [E] routing slots received
     gate_mass: torch.Tensor = None        # [E] sum of the (normalized) top-k gate weights
-    raw_gate_mass: torch.Tensor = None    # [E] sum of the router's raw score (before top-k renormalization) where chosen
+    raw_gate_mass: torch.Tensor | None = None  # [E] sum of the raw score (before top-k renormalization) where chosen (raw=True)
     prob_mass: torch.Tensor = None        # [E] sum of the router's full score distribution
     norm_sum: torch.Tensor | None = None  # [E] sum of ||expert output|| over routed tokens
     weighted_norm_sum: torch.Tensor | None = None  # [E] sum of gate x ||expert output||
@@ -92,11 +92,12 @@ class RoutingCapture(contextlib.AbstractContextManager):
     excluded throughout.
     """
 
-    def __init__(self, model: nn.Module, *, norms: bool = False, per_sample: bool = False,
+    def __init__(self, model: nn.Module, *, norms: bool = False, per_sample: bool = False, raw: bool = False,
                  adapter: MoEAdapter | None = None):
         self.adapter = adapter or MoEAdapter(model)
         self.model = model
         self.norms = norms
+        self.raw = raw   # also sum the raw score of the chosen experts (merging's gate mass): off the default path
         self.per_sample = per_sample
         self._handles: list = []
         self._patched: list[tuple[nn.Module, object]] = []
@@ -109,7 +110,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         self.stats = RoutingStats(
             layers=[LayerStats(layer=l.index, counts=torch.zeros(E, dtype=torch.float64),
                                gate_mass=torch.zeros(E, dtype=torch.float64),
-                               raw_gate_mass=torch.zeros(E, dtype=torch.float64),
+                               raw_gate_mass=torch.zeros(E, dtype=torch.float64) if raw else None,
                                prob_mass=torch.zeros(E, dtype=torch.float64),
                                norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None,
                                weighted_norm_sum=torch.zeros(E, dtype=torch.float64) if norms else None,
@@ -163,14 +164,17 @@ class RoutingCapture(contextlib.AbstractContextManager):
                 stats.tokens += int(valid.sum())
                 stats.counts += torch.bincount(sel.reshape(-1), minlength=E).double().cpu()
                 stats.gate_mass += torch.zeros(E, device=w.device).index_add_(0, sel.reshape(-1), w.reshape(-1)).double().cpu()
-                lf = logits.float()
-                every = lf.sigmoid() if spec.score == "sigmoid" else torch.softmax(lf, dim=-1)
-                probs = every[valid]
-                stats.prob_mass += probs.sum(0).double().cpu()
-                if self.norms:
+                score = (lambda x: x.sigmoid()) if spec.score == "sigmoid" else (lambda x: torch.softmax(x, dim=-1))
+                if self.norms:   # every row's raw scores at its chosen experts, for reap-raw's norms
+                    every = score(logits.float())
+                    probs = every[valid]
                     self._raw[slot] = every.gather(1, idx)
-                stats.raw_gate_mass += torch.zeros(E, device=probs.device).index_add_(
-                    0, sel.reshape(-1), probs.gather(1, sel).reshape(-1)).double().cpu()
+                else:
+                    probs = score(logits[valid].float())
+                stats.prob_mass += probs.sum(0).double().cpu()
+                if self.raw:
+                    stats.raw_gate_mass += torch.zeros(E, device=probs.device).index_add_(
+                        0, sel.reshape(-1), probs.gather(1, sel).reshape(-1)).double().cpu()
                 if self.per_sample and self._sample_counts is not None and self._batch_shape is not None:
                     B, T = self._batch_shape
                     if idx.shape[0] == B * T:

@@ -60,7 +60,7 @@ def calibrate(model, adapter: MoEAdapter, batches: list, *, tokens: int = 256, s
     picked: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(len(adapter.layers))}
     seen = 0
     items = track(progress, batches, "merge calibration")
-    with torch.no_grad(), RoutingCapture(model, adapter=adapter) as cap, expert_inputs(adapter) as store:
+    with torch.no_grad(), RoutingCapture(model, adapter=adapter, raw=True) as cap, expert_inputs(adapter) as store:
         for b in items:
             b = b.to(device)
             model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
