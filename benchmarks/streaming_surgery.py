@@ -1,14 +1,14 @@
-"""Streaming expert pruning on a multi-GB synthetic Mixtral checkpoint: speed against ``cp``, peak memory.
+"""Streaming expert pruning on a synthetic Mixtral-8x7B checkpoint (real layer shapes): speed against ``cp``, peak memory.
 
-    .venv/bin/python benchmarks/streaming_surgery.py [--size-gb 2.0] [--workdir DIR] [--out JSON]
+    .venv/bin/python benchmarks/streaming_surgery.py [--size-gb 10] [--source DIR] [--workdir DIR] [--out JSON]
 
-The checkpoint is written shard by shard with ``safetensors.torch.save_file`` (never the whole
-model in memory), with the keys and shapes ``save_pretrained`` gives a Mixtral: they are derived
-from a meta-device model and checked against a saved tiny Mixtral of the same architecture.
-Pruning runs in a child process so its peak RSS (``VmHWM``) is its own; a child that only
-imports the same modules gives the interpreter's share. Prune time is that of the
-``prune_checkpoint`` call with modules already imported; the child's whole wall time (interpreter
-start and imports included) is recorded beside it.
+The checkpoint is written by ``moeguard.models.synthetic`` (tensor by tensor, never the whole
+model in memory) with Mixtral-8x7B's shapes and the keys and shapes ``save_pretrained`` gives
+(``tests/test_synthetic.py``), with as many layers as ``--size-gb`` needs; ``--source`` reuses one
+already written (``benchmarks/scale.py`` writes the same). Pruning runs in a child process so its
+peak RSS (``VmHWM``) is its own; a child that only imports the same modules gives the
+interpreter's share. Prune time is that of the ``prune_checkpoint`` call with modules already
+imported; the child's whole wall time (interpreter start and imports included) is recorded beside it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import struct
@@ -37,6 +36,7 @@ torch.set_num_threads(1)
 
 MB = 1 << 20
 KEEP = [0, 2, 5, 7]
+PRESET = "mixtral-8x7b"
 GOAL_RATIO = 0.5
 GOAL_RSS_SLACK = 300 * MB
 
@@ -67,92 +67,6 @@ else:
 print(json.dumps({"after_imports_rss": ready, "peak_rss": peak_rss(), "seconds": seconds, "cpu_seconds": cpu,
                   "bytes_out": rec and rec["bytes_out"]}))
 """
-
-
-def mixtral_config(num_layers: int, **dims):
-    from transformers import MixtralConfig
-
-    kw = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=num_layers,
-              num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-              tie_word_embeddings=False, max_position_embeddings=4096, dtype="bfloat16")
-    kw.update(dims)
-    return MixtralConfig(**kw)
-
-
-def disk_layout(config) -> list[tuple[str, tuple[int, ...]]]:
-    """(key, shape) as save_pretrained writes a Mixtral: fused experts split per expert."""
-    from moeguard.models.loading import meta_model
-
-    out = []
-    for name, t in meta_model(config).state_dict().items():
-        shape = tuple(t.shape)
-        m = re.match(r"^(model\.layers\.\d+)\.mlp\.(.*)$", name)
-        if m is None:
-            out.append((name, shape))
-        elif m.group(2) == "gate.weight":
-            out.append((f"{m.group(1)}.block_sparse_moe.gate.weight", shape))
-        elif m.group(2) == "experts.gate_up_proj":  # [E, 2I, H] -> w1 (gate) and w3 (up), [I, H] each
-            for e in range(shape[0]):
-                for w in ("w1", "w3"):
-                    out.append((f"{m.group(1)}.block_sparse_moe.experts.{e}.{w}.weight", (shape[1] // 2, shape[2])))
-        elif m.group(2) == "experts.down_proj":     # [E, H, I] -> w2 [H, I]
-            for e in range(shape[0]):
-                out.append((f"{m.group(1)}.block_sparse_moe.experts.{e}.w2.weight", (shape[1], shape[2])))
-        else:
-            raise SystemExit(f"unexpected Mixtral tensor {name}; update disk_layout")
-    return out
-
-
-def sized_config(size_gb: float):
-    """(config, on-disk layout) of the synthetic Mixtral with as many layers as ``size_gb`` needs (bf16)."""
-    per_layer = disk_layout(mixtral_config(1))
-    layer_bytes = sum(torch.Size(s).numel() * 2 for n, s in per_layer if ".layers." in n)
-    other_bytes = sum(torch.Size(s).numel() * 2 for n, s in per_layer if ".layers." not in n)
-    config = mixtral_config(max(1, -(-int(size_gb * 1e9 - other_bytes) // layer_bytes)))
-    return config, disk_layout(config)
-
-
-def verify_layout(tmp: Path) -> None:
-    """The derived layout must be exactly what save_pretrained writes, or the benchmark measures a fiction."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    cfg = mixtral_config(2, vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                         max_position_embeddings=64, dtype="float32")
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
-    with safe_open(tmp / "model.safetensors", framework="pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    if saved != dict(disk_layout(cfg)):
-        raise SystemExit(f"derived layout differs from save_pretrained: {sorted(set(saved) ^ set(dict(disk_layout(cfg))))[:5]}")
-
-
-def write_checkpoint(root: Path, config, layout, shard_bytes: int, seed: int = 0) -> list[Path]:
-    from safetensors.torch import save_file
-
-    root.mkdir(parents=True)
-    config.save_pretrained(root)
-    dtype = torch.bfloat16
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in layout:
-        n = torch.Size(shape).numel() * 2
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += n
-    g = torch.Generator().manual_seed(seed)
-    files, weight_map, total = [], {}, 0
-    for i, group in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: (torch.randn(shape, generator=g) * 0.02).to(dtype) for name, shape in group}
-        save_file(tensors, root / fname, metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update({name: fname for name in tensors})
-        files.append(root / fname)
-        del tensors
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return files
 
 
 def child(mode: str, *args: str) -> dict:
@@ -198,31 +112,42 @@ def _mount_of(path: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-gb", type=float, default=2.0)
-    ap.add_argument("--shard-gb", type=float, default=0.5)
+    ap.add_argument("--size-gb", type=float, default=10.0)
+    ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--source", type=Path, default=None, help="a synthetic Mixtral checkpoint already written (kept)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--workdir", type=Path, default=None, help="default: a new folder under /tmp")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/streaming_surgery.json"))
     args = ap.parse_args(argv)
 
-    config, layout = sized_config(args.size_gb)
+    from moeguard.models.synthetic import disk_layout, layers_for_size, preset_config, write_synthetic
+
+    if args.source is not None:
+        from moeguard.models.loading import ModelRef, load_config
+
+        config = load_config(ModelRef(str(args.source), args.source, None))
+    else:
+        config = preset_config(PRESET, layers=layers_for_size(PRESET, int(args.size_gb * 1e9)))
     num_layers = config.num_hidden_layers
-    expected = sum(torch.Size(s).numel() * 2 for _, s in layout)
+    layout = disk_layout(config)
+    expected = sum(t.nbytes for t in layout)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="moeguard-surgery-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(workdir).free
-    if free < 3 * expected:
-        raise SystemExit(f"{workdir} has {free / 1e9:.1f} GB free; this run needs {3 * expected / 1e9:.1f} GB "
+    needed = (2 if args.source else 3) * expected
+    if free < needed:
+        raise SystemExit(f"{workdir} has {free / 1e9:.1f} GB free; this run needs {needed / 1e9:.1f} GB "
                          "(source, copy, pruned output). Pass --workdir on a larger disk or a smaller --size-gb")
-    src, out = workdir / "src", workdir / "pruned"
+    src, out = args.source or workdir / "src", workdir / "pruned"
     try:
-        verify_layout(workdir / "tiny")
         t = time.perf_counter()
-        files = write_checkpoint(src, config, layout, int(args.shard_gb * 1e9))
+        if args.source is None:
+            write_synthetic(src, config, max_shard_bytes=int(args.shard_gb * 1e9))
         gen_s = time.perf_counter() - t
+        files = sorted(src.glob("*.safetensors"))
         shard_bytes = sum(f.stat().st_size for f in files)
-        largest = max(torch.Size(s).numel() * 2 for _, s in layout)
+        largest = max(t.nbytes for t in layout)
         keep = json.dumps({str(i): KEEP for i in range(num_layers)})
 
         timed_cp(files, workdir / "warm")  # page cache warm for every timed run alike
@@ -243,10 +168,10 @@ def main(argv=None) -> int:
         imports = child("imports")
         load_after = os.getloadavg()
     finally:
-        if args.workdir is None:
+        if args.workdir is None:   # a folder of its own (a --source lies elsewhere and is kept)
             shutil.rmtree(workdir, ignore_errors=True)
         else:
-            for p in (src, out, workdir / "tiny", workdir / "warm", workdir / "copy"):
+            for p in ([] if args.source else [src]) + [out, workdir / "warm", workdir / "copy"]:
                 shutil.rmtree(p, ignore_errors=True)
 
     cp_s, cp_cpu = [w for w, _ in cp_runs], [c for _, c in cp_runs]
@@ -263,11 +188,11 @@ def main(argv=None) -> int:
                     "torch": torch.__version__, "threads": 1,
                     # the machine is shared: a load near the core count means the timings are contended
                     "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)]},
-        "checkpoint": {"family": "mixtral", "dtype": "bfloat16", "hidden_size": config.hidden_size,
+        "checkpoint": {"family": "mixtral", "preset": PRESET, "dtype": "bfloat16", "hidden_size": config.hidden_size,
                        "intermediate_size": config.intermediate_size, "num_hidden_layers": num_layers,
                        "num_local_experts": 8, "vocab_size": config.vocab_size, "shards": len(files),
                        "tensors": len(layout), "bytes": shard_bytes, "largest_tensor_bytes": largest,
-                       "generate_s": round(gen_s, 2)},
+                       "generate_s": round(gen_s, 2) if args.source is None else None},
         "keep": f"{len(KEEP)} of 8 experts per layer ({KEEP})",
         "throughput_definition": "bytes read / wall seconds, median of repeats, page cache warm for both; cp reads "
                                  "the whole checkpoint, prune only the tensors it keeps",

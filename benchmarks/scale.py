@@ -1,0 +1,239 @@
+"""Every stage at real model dimensions: synthetic checkpoints with the layer shapes of Mixtral-8x7B
+(8 experts), OLMoE-1B-7B (64) and Qwen3-30B-A3B (128), a few layers each (``moeguard.models.synthetic``).
+
+    .venv/bin/python benchmarks/scale.py [--workdir /tmp/moeguard-scale] [--presets ...] [--layers 2]
+                                         [--stages write,capture,attribution] [--samples 8] [--out JSON]
+
+- **write**: each preset's checkpoint, bf16, streamed tensor by tensor (its seconds and peak RSS
+  recorded); a checkpoint already there with the same settings is reused.
+- **capture**: ``RoutingCapture`` against a plain forward (batch ``--capture-batch`` x ``--seq``
+  tokens, a quarter of half the rows padding), alternating, ratio of medians (goal <= 1.05).
+- **attribution**: every method on ``--samples`` calibration samples of ``--task``: seconds, forward
+  -pass equivalents (one no-grad forward over the same batches, fastest of 2) and peak RSS, the
+  peak reset before each method (``/proc/self/clear_refs``), against the model's weights (goal:
+  peak <= weights + 2 GB; ``gradient`` <= 3.5 FPE).
+
+Each preset is measured in a child process, so the peak RSS figures are its own. The models
+compute in float32 (moeguard's default): a bf16 checkpoint of W bytes is 2 W in memory. No GPU is
+used; the JSON says so. Weights are random: the numbers are costs, never results about a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import write_result
+
+PRESETS = ("mixtral-8x7b", "olmoe-1b-7b", "qwen3-30b-a3b")
+GB = 1 << 30
+
+
+def vm(field: str) -> int:
+    """VmRSS / VmHWM of this process in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(ckpt: Path, args) -> dict:
+    """The child's work: load, capture overhead, every attribution method."""
+    import torch
+
+    from _common import alternating_medians
+    from moeguard.attribution.base import list_methods
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.hooks import RoutingCapture
+    from moeguard.models.loading import load_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model, tok, _ = load_model(str(ckpt))
+    out: dict = {"load_seconds": round(time.perf_counter() - t, 2)}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    reset_peak()
+    loaded = vm("VmRSS")
+    out.update(weights_bytes=weights, rss_after_load_bytes=loaded, dtype=str(model.dtype).replace("torch.", ""),
+               parameters=sum(p.numel() for p in model.parameters()))
+    from moeguard.models.adapter import MoEAdapter
+
+    adapter = MoEAdapter(model)
+    out.update(experts=adapter.num_experts, top_k=adapter.top_k, moe_layers=len(adapter.layers))
+    if "capture" in args.stages:
+        ids = torch.randint(0, min(4096, model.config.vocab_size), (args.capture_batch, args.seq))
+        mask = torch.ones_like(ids)
+        mask[args.capture_batch // 2:, args.seq * 3 // 4:] = 0
+
+        def fwd():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+        def captured(norms: bool):
+            def run():
+                with RoutingCapture(model, norms=norms):
+                    fwd()
+            return run
+
+        with torch.no_grad():
+            fwd()
+            med = alternating_medians({"plain": fwd, "capture": captured(False), "capture_norms": captured(True)},
+                                      args.repeats)
+        out["capture"] = {"batch": args.capture_batch, "seq": args.seq, "repeats": args.repeats,
+                          "median_seconds": {k: round(v, 4) for k, v in med.items()},
+                          "ratio": round(med["capture"] / med["plain"], 4),
+                          "ratio_norms": round(med["capture_norms"] / med["plain"], 4),
+                          "goal": "<= 1.05", "met": med["capture"] / med["plain"] <= 1.05}
+        print(f"  capture {out['capture']['ratio']:.3f}x (norms {out['capture']['ratio_norms']:.2f}x), "
+              f"plain {med['plain']:.2f} s", file=sys.stderr, flush=True)
+    if "attribution" in args.stages:
+        ctx = make_context(model, tok, args.task, samples=args.samples, batch_size=args.batch)
+        tokens = int(sum(int(b.attention_mask.sum()) for b in ctx.batches))
+
+        def forward_pass():
+            with torch.no_grad():
+                for b in ctx.batches:
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+
+        forward_pass()
+        fwd_s = min(_timed(forward_pass) for _ in range(2))
+        rows = {}
+        names = [m.name for m in list_methods()] if args.methods == "all" else args.methods.split(",")
+        for name in names:
+            ctx.cache.clear()
+            reset_peak()
+            before = vm("VmRSS")
+            t = time.perf_counter()
+            try:
+                score(ctx, name)
+            except MemoryError as e:  # recorded, not hidden: a method that cannot run at this size
+                rows[name] = {"error": f"MemoryError: {e}"}
+                continue
+            s = time.perf_counter() - t
+            peak = vm("VmHWM")
+            rows[name] = {"seconds": round(s, 2), "fpe": round(s / fwd_s, 2), "peak_rss_bytes": peak,
+                          "above_loaded_bytes": peak - before,
+                          "peak_over_weights_plus_2GB": round(peak / (weights + 2 * GB), 3)}
+            print(f"  {name:<15} {s:8.1f} s {s / fwd_s:7.1f} FPE  peak {peak / GB:6.2f} GiB "
+                  f"(+{(peak - before) / GB:.2f} over loaded)", file=sys.stderr, flush=True)
+        out["attribution"] = {"task": args.task, "samples": args.samples, "batch": args.batch, "tokens": tokens,
+                              "forward_seconds": round(fwd_s, 3), "methods": rows,
+                              "goals": {"gradient_fpe_max": 3.5,
+                                        "gradient_met": rows.get("gradient", {}).get("fpe", 1e9) <= 3.5,
+                                        "memory_rule": "peak RSS <= weights + 2 GiB",
+                                        "memory_met": {k: v["peak_over_weights_plus_2GB"] <= 1.0
+                                                       for k, v in rows.items() if "peak_rss_bytes" in v}}}
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def write(preset: str, layers: int, workdir: Path) -> tuple[Path, dict]:
+    """The preset's checkpoint (reused when one with the same settings is there) and its record."""
+    from moeguard.models.synthetic import preset_config, write_synthetic
+
+    ckpt = workdir / f"{preset}-L{layers}"
+    rec_file = ckpt / "moeguard_synthetic.json"
+    if rec_file.exists():
+        rec = json.loads(rec_file.read_text())
+        if rec.get("layers") == layers and rec.get("seed") == 0:
+            return ckpt, {**rec, "reused": True}
+    reset_peak()
+    t = time.perf_counter()
+    rec = write_synthetic(ckpt, preset_config(preset, layers=layers), overwrite=True)
+    s = time.perf_counter() - t
+    return ckpt, {**rec, "seconds": round(s, 1), "MBps": round(rec["bytes"] / s / 1e6, 1), "peak_rss_bytes": vm("VmHWM"),
+                  "reused": False}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeguard-scale"))
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--stages", default="write,capture,attribution")
+    ap.add_argument("--task", default="stdlib-code")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--methods", default="all")
+    ap.add_argument("--capture-batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    args.stages = set(args.stages.split(","))
+    if args.child:
+        print(json.dumps(measure(args.child, args)))
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"gpu": False, "note": "CPU figures only: no GPU was lent to this task", "layers": args.layers,
+                    "settings": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+                                 for k, v in vars(args).items() if k not in ("child", "out")},
+                    "presets": {}}
+    for preset in args.presets.split(","):
+        print(f"{preset}:", file=sys.stderr, flush=True)
+        ckpt, rec = write(preset, args.layers, args.workdir)
+        entry = {"checkpoint": rec}
+        if args.stages & {"capture", "attribution"}:
+            cmd = [sys.executable, __file__, "--child", str(ckpt), *_passed(args)]
+            t = time.perf_counter()
+            res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if res.returncode:
+                entry["error"] = f"child exited {res.returncode}"
+            else:
+                entry.update(json.loads(res.stdout.strip().splitlines()[-1]))
+            entry["child_seconds"] = round(time.perf_counter() - t, 1)
+        result["presets"][preset] = entry
+        path = write_result("scale", result, args.out)   # after every preset: a long run keeps what it measured
+    _summary(result)
+    print(f"written {path}")
+
+
+def _passed(args) -> list[str]:
+    out = []
+    for k in ("task", "samples", "batch", "methods", "capture_batch", "seq", "repeats", "threads"):
+        out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    return out + ["--stages", ",".join(sorted(args.stages))]
+
+
+def _summary(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="real dimensions (CPU, float32 compute)")
+    for col in ("preset", "experts", "GB (bf16)", "capture", "forward s", "gradient FPE", "slowest method", "max peak / (W+2G)"):
+        table.add_column(col)
+    for name, e in result["presets"].items():
+        a = e.get("attribution", {}).get("methods", {})
+        ok = {k: v for k, v in a.items() if "fpe" in v}
+        slow = max(ok, key=lambda k: ok[k]["fpe"], default=None)
+        table.add_row(name, str(e.get("experts", "")), f"{e['checkpoint']['bytes'] / 1e9:.2f}",
+                      f"{e['capture']['ratio']:.3f}x" if "capture" in e else "",
+                      f"{e['attribution']['forward_seconds']:.2f}" if "attribution" in e else "",
+                      f"{ok['gradient']['fpe']:.2f}" if "gradient" in ok else "",
+                      f"{slow} {ok[slow]['fpe']:.0f}" if slow else "",
+                      f"{max(v['peak_over_weights_plus_2GB'] for v in ok.values()):.2f}" if ok else "")
+    Console(stderr=True).print(table)
+
+
+if __name__ == "__main__":
+    main()
