@@ -229,3 +229,38 @@ def test_reprune_budget_model_to_uniform():
     again, _ = prune_model(small, {0: [0, 1], 1: [0, 1]})
     assert not getattr(again.config, PER_LAYER_KEY, None)
     assert [l.num_experts for l in MoEAdapter(again).layers] == [2, 2]
+
+
+def test_reconstruction_gram_error_equals_the_block_replay(fam_model):
+    """The Gram-matrix error (no block re-run) is the masked block's squared output change, on every family."""
+    from moeguard.attribution import reconstruction as R
+
+    family, model = fam_model
+    adapter = MoEAdapter(model)
+    if adapter.family.call == "scaled_input":
+        pytest.skip("input-scaled experts keep the block replay")
+    inputs = R._Inputs(adapter, per_batch=10**6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for b in _batches(0):
+            inputs.add(model, b)
+        layer = adapter.layers[-1]
+        x = inputs.get(layer.index, "block")[None]
+        full = R._block_out(layer.block, x)
+        fast = R._FastError(adapter, layer, inputs.get(layer.index, "router"), inputs.get(layer.index, "experts"))
+        g = torch.Generator().manual_seed(1)
+        for k in (7, 4, 2):
+            kept = sorted(torch.randperm(8, generator=g)[:k].tolist())
+            with mask_experts(model, {layer.index: kept}, adapter=adapter):
+                slow = float((R._block_out(layer.block, x) - full).pow(2).sum(-1).mean())
+            assert fast(kept) == pytest.approx(slow, rel=1e-4, abs=1e-9), (family, kept)
+        assert fast(list(range(8))) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_reconstruction_bounds_its_tokens_and_says_so():
+    ctx = _ctx(tiny_model("mixtral"), reconstruction_memory=8 * 8 * 8 * 5)   # Gram matrices of 5 tokens
+    total = sum(int(b.attention_mask.sum()) for b in ctx.batches)
+    with pytest.warns(UserWarning, match=f"reconstruction: 5 of {total} calibration tokens per layer used "
+                                         r"\(the Gram matrices of 8 experts fill reconstruction_memory\)"):
+        s = score(ctx, "reconstruction")
+    assert s.scores.shape == (2, 8) and bool((s.scores > 0).any())
+    assert all(len(s.subsets[k][layer]) == k for k in s.subsets for layer in s.layers)

@@ -7,20 +7,115 @@ alone is dropped and its tokens re-routed among the rest; and for every keep cou
 subset is searched exhaustively when there are at most ``max_subsets`` candidates per layer,
 greedily (drop the expert whose removal hurts least, repeat) otherwise. The subsets go in the
 scores file and the planner uses them for uniform keeps.
+
+**Cost at real sizes.** Re-running the block for every candidate subset costs one expert pass
+per candidate; greedy at E experts tries about E^2 / 2 subsets per layer (8,128 at E = 128: days
+on a CPU at Qwen3-30B-A3B's width). Where the experts' output is linear in their gate (every
+family but Llama-4's input-scaled experts), the block's output moves only through the routed
+sum, so with ``Y[e, n]`` every expert's output on token n at gate 1,
+
+    error(S) = mean_n || sum_j c_j Y[u_j, n] ||^2 = mean_n c' G_n[u, u] c,
+
+where ``c`` is the subset's routing weights followed by the full routing's negated, ``u`` their
+experts, and ``G_n[e, f] = <Y[e, n], Y[f, n]>`` the per-token Gram matrix of expert outputs. ``G`` is
+built once per layer (every expert on every token: E / k times a normal forward's expert work)
+and a candidate then costs a routing and a (2k x 2k) form per token, with nothing re-run. Its
+size (tokens x E^2 floats) is bounded by ``reconstruction_memory`` (1 GiB by default): at large
+E the calibration tokens are subsampled further, and the tokens used are reported. The routing
+of a subset is the masked model's (``pruned_router_params``, as ``mask_experts`` uses), and the
+test matrix checks the two errors agree on every family. Llama-4 keeps the block replay.
+
+**Memory.** Calibration inputs are subsampled batch by batch (each batch keeps its share of
+``reconstruction_tokens``), so at most that many tokens per layer are ever held, not every
+layer's whole calibration set (17 GB for fp32 Mixtral at 64 x 512 tokens).
 """
 
 from itertools import combinations
-from math import comb
+from math import ceil, comb
 
 import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
-from moeguard.models.hooks import capture_inputs, mask_experts
+from moeguard.models.hooks import capture_inputs, every_expert_output, mask_experts
+from moeguard.models.routing import pruned_router_params, route_module, router_logits
 
 
 def _block_out(block, x):
     out = block(x)
     return (out[0] if isinstance(out, tuple) else out).float()
+
+
+class _Inputs:
+    """Per MoE layer, the block's input and its router's and experts' inputs on a bounded sample of
+    calibration tokens ([n, H] each, the same rows)."""
+
+    def __init__(self, adapter, *, per_batch: int, generator: torch.Generator):
+        self.adapter, self.per_batch, self.gen = adapter, per_batch, generator
+        self.parts: dict[int, dict[str, list[torch.Tensor]]] = {
+            l.index: {"block": [], "router": [], "experts": []} for l in adapter.layers}
+
+    def add(self, model, batch) -> None:
+        adapter = self.adapter
+        blocks = {l.index: l.block for l in adapter.layers}
+        routers = {l.index: l.router for l in adapter.layers}
+        experts = {l.index: l.experts for l in adapter.layers}
+        with capture_inputs(blocks) as b_in, capture_inputs(routers) as r_in, capture_inputs(experts) as e_in:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        valid = batch.attention_mask.reshape(-1).bool()
+        rows = torch.nonzero(valid.cpu()).squeeze(1)
+        if len(rows) > self.per_batch:          # this batch's share of the token budget
+            rows = rows[torch.randperm(len(rows), generator=self.gen)[:self.per_batch].sort().values]
+        for i, store in self.parts.items():
+            for key, captured in (("block", b_in), ("router", r_in), ("experts", e_in)):
+                if i not in captured:           # a module a family does not call (recorded, not guessed)
+                    continue
+                args, kwargs = captured[i]
+                h = kwargs.get("hidden_states", args[0] if args else None)
+                h = h.reshape(-1, h.shape[-1])
+                store[key].append(h[rows.to(h.device)] if h.shape[0] == valid.numel() else None)
+
+    def get(self, index: int, key: str) -> torch.Tensor | None:
+        parts = self.parts[index][key]
+        return None if not parts or any(p is None for p in parts) else torch.cat(parts)
+
+
+def _gram(adapter, layer, x: torch.Tensor, *, chunk_bytes: int = 256 << 20) -> torch.Tensor:
+    """[N, E, E] per-token Gram matrices of every expert's output at gate 1 (float32)."""
+    E, N, H = layer.num_experts, x.shape[0], x.shape[1]
+    out = torch.empty(N, E, E, dtype=torch.float32, device=x.device)
+    step = max(1, chunk_bytes // max(1, E * H * 4))
+    for a in range(0, N, step):
+        y = every_expert_output(adapter, layer, x[a:a + step]).float()      # [E, n, H]
+        out[a:a + step] = torch.einsum("end,fnd->nef", y, y)
+    return out
+
+
+class _FastError:
+    """error(kept) from the Gram matrices (module docstring); kept lists original expert ids."""
+
+    def __init__(self, adapter, layer, router_in: torch.Tensor, experts_in: torch.Tensor):
+        self.adapter, self.layer = adapter, layer
+        self.E = layer.num_experts
+        self.spec = adapter.family.routing
+        self.logits = router_logits(layer, router_in, self.spec)
+        self.dtype = router_in.dtype
+        self.G = _gram(adapter, layer, experts_in).double()
+        w, idx = self._route(list(range(self.E)))
+        self.full = (-w, idx)
+
+    def _route(self, kept: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        params = pruned_router_params(self.adapter.family, self.adapter.config, kept, self.E)
+        kept_t = torch.tensor(kept, device=self.logits.device)
+        w, sub = route_module(self.layer, self.logits, self.spec, params, kept=kept_t, input_dtype=self.dtype)
+        return w.double(), kept_t[sub]
+
+    def __call__(self, kept) -> float:
+        w, idx = self._route(list(kept))
+        c = torch.cat([w, self.full[0]], dim=1)                                # [N, 2k]
+        u = torch.cat([idx, self.full[1]], dim=1)
+        n = torch.arange(u.shape[0], device=u.device)[:, None, None]
+        g = self.G[n, u[:, :, None], u[:, None, :]]                            # [N, 2k, 2k]
+        return float(torch.einsum("np,npq,nq->n", c, g, c).clamp_min(0).mean())
 
 
 @register_method("reconstruction", "mean squared error of the layer output when the expert is dropped; "
@@ -29,32 +124,43 @@ def reconstruction(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model
     max_subsets = int(ctx.options.get("max_subsets", 256))
     max_tokens = int(ctx.options.get("reconstruction_tokens", 8192))
+    memory = int(ctx.options.get("reconstruction_memory", 1 << 30))
     E, min_keep = adapter.num_experts, max(1, adapter.family.min_experts)
-    blocks = {l.index: l.block for l in adapter.layers}
-    xs: dict[int, list[torch.Tensor]] = {i: [] for i in blocks}
+    fast = adapter.family.call != "scaled_input"
+    gen = torch.Generator().manual_seed(ctx.seed)
+    total = sum(int(b.attention_mask.sum()) for b in ctx.batches)
+    budget = max_tokens if not fast else min(max_tokens, max(1, memory // (E * E * 8)))
+    if total > budget:
+        import warnings
+
+        warnings.warn(f"reconstruction: {budget} of {total} calibration tokens per layer used (the "
+                      f"{'Gram matrices of ' + str(E) + ' experts fill reconstruction_memory' if budget < max_tokens else 'reconstruction_tokens cap'})",
+                      stacklevel=2)
+    # every batch keeps its share: the budget is never exceeded, and nothing is dropped below it
+    inputs = _Inputs(adapter, per_batch=total if total <= budget else ceil(budget / len(ctx.batches)), generator=gen)
     with torch.no_grad():
         for batch in ctx.batches:
-            b = batch.to(ctx.device)
-            with capture_inputs(blocks) as inputs:
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-            valid = b.attention_mask.reshape(-1).bool()
-            for i, (args, kwargs) in inputs.items():
-                h = kwargs.get("hidden_states", args[0] if args else None)
-                xs[i].append(h.reshape(-1, h.shape[-1])[valid])
-    gen = torch.Generator().manual_seed(ctx.seed)
+            inputs.add(model, batch.to(ctx.device))
     scores = torch.zeros(len(adapter.layers), E, dtype=torch.float64)
     subsets: dict[int, dict[int, list[int]]] = {}
     with torch.no_grad():
         for row, layer in enumerate(ctx.track(adapter.layers, "reconstruction")):
-            x = torch.cat(xs[layer.index])
-            if x.shape[0] > max_tokens:
-                x = x[torch.randperm(x.shape[0], generator=gen)[:max_tokens].sort().values.to(x.device)]
-            x = x[None]
-            full = _block_out(layer.block, x)
+            if fast and inputs.get(layer.index, "router") is not None and inputs.get(layer.index, "experts") is not None:
+                r_in, e_in = inputs.get(layer.index, "router"), inputs.get(layer.index, "experts")
+                if r_in.shape[0] > budget:
+                    keep = torch.randperm(r_in.shape[0], generator=gen)[:budget].sort().values.to(r_in.device)
+                    r_in, e_in = r_in[keep], e_in[keep]
+                error = _FastError(adapter, layer, r_in, e_in)
+            else:
+                x = inputs.get(layer.index, "block")
+                if x.shape[0] > budget:
+                    x = x[torch.randperm(x.shape[0], generator=gen)[:budget].sort().values.to(x.device)]
+                x = x[None]
+                full = _block_out(layer.block, x)
 
-            def error(kept):
-                with mask_experts(model, {layer.index: list(kept)}, adapter=adapter):
-                    return float((_block_out(layer.block, x) - full).pow(2).sum(-1).mean())
+                def error(kept, _layer=layer, _x=x, _full=full):
+                    with mask_experts(model, {_layer.index: list(kept)}, adapter=adapter):
+                        return float((_block_out(_layer.block, _x) - _full).pow(2).sum(-1).mean())
 
             for e in range(E):
                 scores[row, e] = error([x_ for x_ in range(E) if x_ != e]) if E - 1 >= min_keep else 0.0
