@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--update", action="store_true",
+                    help="merge this run's stages into the presets of the existing --out file (each stage records its run)")
     ap.add_argument("--out")
     args = ap.parse_args()
     args.stages = set(args.stages.split(","))
@@ -189,10 +191,16 @@ def main() -> None:
                     "settings": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
                                  for k, v in vars(args).items() if k not in ("child", "out")},
                     "presets": {}}
+    previous = {}
+    if args.update:
+        target = Path(args.out) if args.out else Path(__file__).parent / "results" / "scale.json"
+        previous = json.loads(target.read_text()) if target.exists() else {}
+        result["presets"] = previous.get("presets", {})
+        result["runs"] = previous.get("runs", []) + [result["settings"]]
     for preset in args.presets.split(","):
         print(f"{preset}:", file=sys.stderr, flush=True)
         ckpt, rec = write(preset, args.layers, args.workdir)
-        entry = {"checkpoint": rec}
+        entry = {**result["presets"].get(preset, {}), "checkpoint": rec}
         if args.stages & {"capture", "attribution"}:
             cmd = [sys.executable, __file__, "--child", str(ckpt), *_passed(args)]
             t = time.perf_counter()

@@ -157,6 +157,35 @@ def test_reshard_by_size_and_progress(saved, tmp_path):
     assert _tensors(tmp_path / "one").keys() == _tensors(tmp_path / "small").keys()
 
 
+def test_in_kernel_copy_and_its_fallback_write_the_same_bytes(saved, tmp_path, monkeypatch):
+    """Plain row copies go through copy_file_range (no bytes through memory); where the kernel or
+    filesystem refuses, the same tensors are written through memory, byte for byte alike."""
+    import os
+
+    _, root, keep = saved("qwen3_moe")          # per-expert keys and shared tensors
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a) or real(*a))
+    prune_checkpoint(root / "sharded", tmp_path / "kernel", keep)
+    assert len(calls) > 10
+    attempts = []
+
+    def refuse(*a):
+        attempts.append(a)
+        raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    prune_checkpoint(root / "sharded", tmp_path / "memory", keep)
+    assert attempts                              # tried, refused, written through memory instead
+    monkeypatch.delattr(os, "copy_file_range")   # a platform without it
+    prune_checkpoint(root / "sharded", tmp_path / "none", keep)
+    for out in ("kernel", "memory", "none"):
+        files = sorted(p.name for p in (tmp_path / out).glob("*.safetensors"))
+        assert files == sorted(p.name for p in (tmp_path / "kernel").glob("*.safetensors"))
+        for f in files:
+            assert (tmp_path / out / f).read_bytes() == (tmp_path / "kernel" / f).read_bytes(), (out, f)
+            _check_file_format(tmp_path / out / f)
+
+
 def test_pruning_a_pruned_checkpoint_keeps_provenance(saved, tmp_path):
     model, root, keep = saved("gpt_oss")
     first = prune_checkpoint(root / "single", tmp_path / "first", keep)

@@ -72,10 +72,16 @@ def write_safetensors(path: Path, tensors: list[_Tensor], reader: "_Reader", *,
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    ranges_of = getattr(reader, "ranges", None)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors:
+            ranges = ranges_of(t) if ranges_of is not None else None
+            if ranges is not None and _copy_ranges(f, ranges):
+                if advance is not None:
+                    advance(t.nbytes)
+                continue
             written = 0
             for chunk in reader.chunks(t):
                 f.write(chunk)
@@ -90,8 +96,59 @@ def write_safetensors(path: Path, tensors: list[_Tensor], reader: "_Reader", *,
     return size
 
 
+def _copy_ranges(f, ranges: list[tuple[int, int, int]]) -> bool:
+    """Append the source byte ranges ``(fd, offset, length)`` to ``f`` inside the kernel
+    (``copy_file_range``: no copy through this process, as ``cp`` does); False, with ``f`` where it
+    was, where the kernel or filesystem cannot (another filesystem, an old kernel): the caller
+    then writes the tensor through memory."""
+    copy = getattr(os, "copy_file_range", None)
+    if copy is None:
+        return False
+    f.flush()
+    start = pos = f.tell()
+    try:
+        for fd, offset, length in ranges:
+            while length:
+                n = copy(fd, f.fileno(), length, offset, pos)
+                if n <= 0:
+                    raise OSError("copy_file_range copied nothing")
+                offset, pos, length = offset + n, pos + n, length - n
+    except OSError:
+        f.seek(start)
+        return False
+    f.seek(pos)
+    return True
+
+
 class _Reader(ShardReader):
-    """Row chunks of planned tensors, as bytes."""
+    """Row chunks of planned tensors, as bytes; and, for a plain copy of rows, where those bytes
+    lie in the source file (``ranges``), so they can be copied without passing through memory."""
+
+    def __init__(self, headers: dict[Path, dict] | None = None):
+        super().__init__()
+        self.headers = headers or {}
+        self._fds: dict[Path, int] = {}
+        self._starts: dict[Path, int] = {}
+
+    def ranges(self, t: _Tensor) -> list[tuple[int, int, int]] | None:
+        """``(fd, offset, length)`` of ``t``'s kept rows in its source file, or None unless ``t`` is
+        a plain copy of whole rows in the source's own dtype."""
+        entry = self.headers.get(t.file, {}).get(t.name)
+        if t.mix is not None or t.flat or not t.runs or entry is None or entry.get("dtype") != t.dtype:
+            return None
+        if t.file not in self._fds:
+            self._fds[t.file] = os.open(t.file, os.O_RDONLY)
+            with open(t.file, "rb") as h:
+                self._starts[t.file] = 8 + struct.unpack("<Q", h.read(8))[0]
+        base = self._starts[t.file] + int(entry["data_offsets"][0])
+        out = [(self._fds[t.file], base + a * t.row_bytes, (b - a) * t.row_bytes) for a, b in t.runs]
+        return out if sum(n for _, _, n in out) == t.nbytes else None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        super().close()
 
     def chunks(self, t: _Tensor) -> Iterator:
         if t.mix is not None:
@@ -373,7 +430,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     task = progress.add_task(f"writing {'merged' if merge else 'pruned'} shards", total=tensor_bytes) \
         if progress is not None else None
     advance = (lambda n: progress.advance(task, n)) if progress is not None else None
-    reader = _Reader()
+    reader = _Reader(headers)
     bytes_out = 0
     with atomic_dir(out, overwrite=overwrite) as tmp:
         try:
