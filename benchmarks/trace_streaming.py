@@ -1,5 +1,5 @@
-"""Trace at scale: the 2 GB synthetic Mixtral checkpoint of ``streaming_surgery.py`` against a
-derivative pruned from it, streamed; time against reading both checkpoints, and peak memory.
+"""Trace at scale: a 2 GB synthetic Mixtral checkpoint (``moeguard.models.synthetic``, hidden 1024,
+the shapes this benchmark was first run at) against a derivative pruned from it, streamed; time against reading both checkpoints, and peak memory.
 
     .venv/bin/python benchmarks/trace_streaming.py [--size-gb 2.0] [--repeats 3] [--workdir DIR] [--out JSON]
 
@@ -37,11 +37,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from _common import write_result  # noqa: E402
-from streaming_surgery import KEEP, sized_config, write_checkpoint  # noqa: E402
+from streaming_surgery import KEEP  # noqa: E402
 
 torch.set_num_threads(1)
 MB = 1 << 20
 GOAL_RATIO = 2.0
+DIMS = dict(hidden_size=1024, intermediate_size=3584, num_attention_heads=8, num_key_value_heads=2,
+            max_position_embeddings=4096)
 GOAL_RSS_SLACK = 300 * MB
 
 CHILD = r"""
@@ -125,14 +127,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from moeguard.pruning.checkpoint import prune_checkpoint
 
-    config, layout = sized_config(args.size_gb)
+    from moeguard.models.synthetic import disk_layout, layers_for_size, preset_config, write_synthetic
+
+    config = preset_config("mixtral-8x7b", layers=layers_for_size("mixtral-8x7b", int(args.size_gb * 1e9), **DIMS),
+                           **DIMS)
+    layout = disk_layout(config)
     num_layers = config.num_hidden_layers
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="moeguard-trace-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     src, sus, fp = workdir / "original", workdir / "suspect", workdir / "fp"
     try:
         t = time.perf_counter()
-        write_checkpoint(src, config, layout, int(args.shard_gb * 1e9))
+        write_synthetic(src, config, max_shard_bytes=int(args.shard_gb * 1e9))
         write_tokenizer(src, config.vocab_size)
         keep = {i: KEEP for i in range(num_layers)}
         prune_checkpoint(src, sus, keep)
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
         files = sorted(src.glob("*.safetensors")) + sorted(sus.glob("*.safetensors"))
         size = {"original": sum(f.stat().st_size for f in src.glob("*.safetensors")),
                 "suspect": sum(f.stat().st_size for f in sus.glob("*.safetensors"))}
-        largest = max(torch.Size(s).numel() * 2 for _, s in layout)
+        largest = max(t.nbytes for t in layout)
         child("fingerprint", str(src), str(fp))          # the saved fingerprint for trace_fp
         runs: dict[str, dict[str, list]] = {c: {m: [] for m in ("read", "trace", "fingerprint", "trace_fp")}
                                             for c in ("cold", "warm")}
