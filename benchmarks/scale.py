@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/scale.py [--workdir /tmp/moeguard-scale] [--presets ...] [--layers 2]
                                          [--stages write,capture,attribution] [--samples 8] [--out JSON]
 
+A preset ``name@E<n>`` is that preset with n experts per layer and nothing else changed
+(``--presets olmoe-1b-7b@E8,olmoe-1b-7b,olmoe-1b-7b@E128``: growth with E alone).
+
 - **write**: each preset's checkpoint, bf16, streamed tensor by tensor (its seconds and peak RSS
   recorded); a checkpoint already there with the same settings is reused.
 - **capture**: ``RoutingCapture`` against a plain forward (batch ``--capture-batch`` x ``--seq``
@@ -145,9 +148,21 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def preset_of(spec: str):
+    """``name`` or ``name@E<n>`` (the preset with n experts per layer, everything else as is: how a
+    stage's cost grows with E alone) -> its config factory."""
+    from moeguard.models.synthetic import preset_config
+
+    name, _, experts = spec.partition("@E")
+    if not experts:
+        return lambda layers: preset_config(name, layers=layers)
+    key = "num_local_experts" if hasattr(preset_config(name, layers=1), "num_local_experts") else "num_experts"
+    return lambda layers: preset_config(name, layers=layers, **{key: int(experts)})
+
+
 def write(preset: str, layers: int, workdir: Path) -> tuple[Path, dict]:
     """The preset's checkpoint (reused when one with the same settings is there) and its record."""
-    from moeguard.models.synthetic import preset_config, write_synthetic
+    from moeguard.models.synthetic import write_synthetic
 
     ckpt = workdir / f"{preset}-L{layers}"
     rec_file = ckpt / "moeguard_synthetic.json"
@@ -157,7 +172,7 @@ def write(preset: str, layers: int, workdir: Path) -> tuple[Path, dict]:
             return ckpt, {**rec, "reused": True}
     reset_peak()
     t = time.perf_counter()
-    rec = write_synthetic(ckpt, preset_config(preset, layers=layers), overwrite=True)
+    rec = write_synthetic(ckpt, preset_of(preset)(layers), overwrite=True)
     s = time.perf_counter() - t
     return ckpt, {**rec, "seconds": round(s, 1), "MBps": round(rec["bytes"] / s / 1e6, 1), "peak_rss_bytes": vm("VmHWM"),
                   "reused": False}

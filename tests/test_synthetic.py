@@ -118,3 +118,26 @@ def test_layers_for_size():
            for n in (1, 2, 3, 4)}
     n = layers_for_size("olmoe-1b-7b", per[3] - 1, **TINY["olmoe-1b-7b"])
     assert n == 3 and per[n] >= per[3] - 1 > per[n - 1]
+
+
+def test_loading_hands_freed_heap_back_where_the_libc_allows(tmp_path, monkeypatch):
+    import ctypes
+
+    from moeguard.models import loading
+
+    cfg = preset_config("olmoe-1b-7b", **TINY["olmoe-1b-7b"])
+    write_synthetic(tmp_path / "m", cfg)
+    calls = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    loading.load_model(str(tmp_path / "m"))
+    assert calls == [0]
+
+    def missing(name):
+        raise OSError("no libc here")
+    monkeypatch.setattr(ctypes, "CDLL", missing)     # macOS, musl: nothing to trim, loading unaffected
+    model, _, _ = loading.load_model(str(tmp_path / "m"))
+    assert model.config.num_experts == 16

@@ -162,7 +162,24 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoeguardError(f"cannot load weights of {where}: {first}",
                             hint="check the checkpoint files (safetensors only) or your hub access") from None
+    _return_freed_memory()
     return model.eval(), tokenizer, ref
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that loading freed back to the system (glibc's ``malloc_trim``). Converting a
+    bf16 checkpoint to float32 and fusing per-expert tensors leaves the freed copies in the
+    allocator, where they count in RSS: 1.9 GiB of a synthetic two-layer Qwen3-30B-A3B (9.27 ->
+    7.34 GiB, weights 6.96). Elsewhere (macOS, musl) nothing happens."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def kept_in_fp32(name: str, patterns) -> bool:
