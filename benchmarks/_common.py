@@ -46,3 +46,25 @@ def alternating_medians(runs: dict, repeats: int) -> dict[str, float]:
             fn()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def capture_medians(model, ids, mask, *, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of a plain no-grad forward of ``ids``/``mask``, of the same under
+    ``RoutingCapture`` and under ``RoutingCapture(norms=True)`` (REAP's), taking turns."""
+    import torch
+
+    from moeguard.models.hooks import RoutingCapture
+
+    def fwd():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def captured(norms: bool):
+        def run():
+            with RoutingCapture(model, norms=norms):
+                fwd()
+        return run
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            fwd()
+        return alternating_medians({"plain": fwd, "capture": captured(False), "capture_norms": captured(True)}, repeats)

@@ -13,8 +13,7 @@ import argparse
 
 import torch
 
-from _common import alternating_medians, write_result
-from moeguard.models.hooks import RoutingCapture
+from _common import capture_medians, write_result
 from moeguard.models.loading import load_model
 
 
@@ -31,20 +30,7 @@ def main() -> None:
     mask = torch.ones_like(ids)
     mask[args.batch // 2:, args.seq * 3 // 4:] = 0  # padding, so the capture's masking path runs
 
-    def fwd():
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-
-    def captured(norms: bool):
-        def run():
-            with RoutingCapture(model, norms=norms):
-                fwd()
-        return run
-
-    with torch.no_grad():
-        for _ in range(3):
-            fwd()
-        med = alternating_medians({"plain": fwd, "capture": captured(False), "capture_norms": captured(True)},
-                                  args.repeats)
+    med = capture_medians(model, ids, mask, repeats=args.repeats, warmup=3)
     ratio = med["capture"] / med["plain"]
     result = {"model": "embedded", "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
               "median_seconds": med, "ratio_capture_vs_plain": ratio,

@@ -57,10 +57,9 @@ def measure(ckpt: Path, args) -> dict:
     """The child's work: load, capture overhead, every attribution method."""
     import torch
 
-    from _common import alternating_medians
+    from _common import capture_medians
     from moeguard.attribution.base import list_methods
     from moeguard.attribution.run import make_context, score
-    from moeguard.models.hooks import RoutingCapture
     from moeguard.models.loading import load_model
 
     torch.set_num_threads(args.threads)
@@ -82,19 +81,7 @@ def measure(ckpt: Path, args) -> dict:
         mask = torch.ones_like(ids)
         mask[args.capture_batch // 2:, args.seq * 3 // 4:] = 0
 
-        def fwd():
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-
-        def captured(norms: bool):
-            def run():
-                with RoutingCapture(model, norms=norms):
-                    fwd()
-            return run
-
-        with torch.no_grad():
-            fwd()
-            med = alternating_medians({"plain": fwd, "capture": captured(False), "capture_norms": captured(True)},
-                                      args.repeats)
+        med = capture_medians(model, ids, mask, repeats=args.repeats)
         out["capture"] = {"batch": args.capture_batch, "seq": args.seq, "repeats": args.repeats,
                           "median_seconds": {k: round(v, 4) for k, v in med.items()},
                           "ratio": round(med["capture"] / med["plain"], 4),

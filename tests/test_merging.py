@@ -21,7 +21,7 @@ from moeguard.pruning.merging.calibrate import LayerProfile, calibrate
 from moeguard.pruning.merging.merge import merge_model, prepare
 from moeguard.pruning.merging.operation import merge_experts
 from moeguard.tasks.batches import Batch
-from moeguard.testing import tiny_model
+from moeguard.testing import checkpoint_tensors, tiny_model
 
 # centre first; within halves 0-3 and 4-7, so group-limited routers (DeepSeek's n_group=2) can express it
 CLUSTERS = [[0, 1], [2, 3], [5, 4], [7, 6]]
@@ -201,7 +201,7 @@ def test_cli_merge_writes_a_checkpoint_vanilla_transformers_loads(tmp_path, caps
                  "--tokens", "32", "--out", str(again)]) == 0
     # explicit weights need no data: streamed from the safetensors files, equal to the in-memory merge
     assert "explicit clusters, streaming" in capsys.readouterr().out
-    a, b = _tensors(again), _tensors(out)
+    a, b = checkpoint_tensors(again), checkpoint_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((again / "moeguard_merging.json").read_text())["merges"] == record["merges"]
 
@@ -218,16 +218,6 @@ def test_cli_merge_writes_a_checkpoint_vanilla_transformers_loads(tmp_path, caps
     assert main(["merge", "--plan", str(plan), "--method", "average", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "already exists" in err and "--overwrite" in err
-
-
-def _tensors(ckpt) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 @pytest.mark.parametrize("fam", sorted(FAMILIES))
@@ -252,7 +242,7 @@ def test_streamed_merge_equals_the_in_memory_merge_on_every_family(fam, tmp_path
     merged, mem = merge_experts(model, {l: CLUSTERS for l in layers}, weights)
     assert record["merges"] == mem["merges"]
     merged.save_pretrained(tmp_path / "memory")
-    want, got = _tensors(tmp_path / "memory"), _tensors(tmp_path / "out")
+    want, got = checkpoint_tensors(tmp_path / "memory"), checkpoint_tensors(tmp_path / "out")
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

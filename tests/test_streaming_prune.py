@@ -18,7 +18,7 @@ from moeguard.models.adapter import MoEAdapter
 from moeguard.models.families import FAMILIES
 from moeguard.models.prune import prune_model
 from moeguard.pruning.checkpoint import INDEX_NAME, RECORD_NAME, plan_tensors, prune_checkpoint
-from moeguard.testing import tiny_model
+from moeguard.testing import checkpoint_tensors, tiny_model
 
 KEPT = [0, 2, 5, 7]
 
@@ -29,16 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as h:
-            for k in h.keys():
-                assert k not in out, f"{k} stored twice"
-                out[k] = h.get_tensor(k)
-    return out
 
 
 def _digests(d: Path) -> dict[str, str]:
@@ -88,9 +78,9 @@ def test_streaming_equals_in_memory(fam, saved):
     pruned, mem_record = prune_model(model, keep)
     pruned.save_pretrained(root / "memory")
 
-    expected = _tensors(root / "memory")
+    expected = checkpoint_tensors(root / "memory")
     for out in ("stream", "stream_sh"):
-        got = _tensors(root / out)
+        got = checkpoint_tensors(root / out)
         assert got.keys() == expected.keys()
         for k in expected:
             assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), k
@@ -133,7 +123,7 @@ def test_bf16_checkpoint_keeps_dtype(fam, tmp_path):
     keep = {l.index: KEPT for l in MoEAdapter(model).layers}
     prune_checkpoint(tmp_path / "src", tmp_path / "out", keep)
     prune_model(model, keep)[0].save_pretrained(tmp_path / "memory")
-    got, want = _tensors(tmp_path / "out"), _tensors(tmp_path / "memory")
+    got, want = checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(tmp_path / "memory")
     assert got.keys() == want.keys()
     assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in want)
     for f in (tmp_path / "out").glob("*.safetensors"):
@@ -154,7 +144,7 @@ def test_reshard_by_size_and_progress(saved, tmp_path):
     # sharded source, one big shard out: a plain model.safetensors without index
     record = prune_checkpoint(root / "sharded", tmp_path / "one", keep, max_shard_bytes=10**9)
     assert record["shards"] == ["model.safetensors"] and not (tmp_path / "one" / INDEX_NAME).exists()
-    assert _tensors(tmp_path / "one").keys() == _tensors(tmp_path / "small").keys()
+    assert checkpoint_tensors(tmp_path / "one").keys() == checkpoint_tensors(tmp_path / "small").keys()
 
 
 def test_in_kernel_copy_and_its_fallback_write_the_same_bytes(saved, tmp_path, monkeypatch):
@@ -192,7 +182,7 @@ def test_pruning_a_pruned_checkpoint_keeps_provenance(saved, tmp_path):
     second = prune_checkpoint(tmp_path / "first", tmp_path / "second", {l: [1, 3] for l in keep})
     assert second["previous_pruning"] == first and second["num_experts"] == 2
     # experts 1 and 3 of the first output are originals 2 and 7
-    got = _tensors(tmp_path / "second")["model.layers.0.mlp.experts.down_proj"]
+    got = checkpoint_tensors(tmp_path / "second")["model.layers.0.mlp.experts.down_proj"]
     assert torch.equal(got, model.state_dict()["model.layers.0.mlp.experts.down_proj"][[2, 7]])
     assert MoEAdapter(AutoModelForCausalLM.from_pretrained(tmp_path / "second")).num_experts == 2
 
@@ -210,7 +200,7 @@ def test_source_untouched_and_side_files(saved, tmp_path):
     assert not (tmp_path / "out" / "pytorch_model.bin").exists()
     assert record["skipped_files"] == ["pytorch_model.bin"]
     # qwen2's shared expert gate is [1, H] and sits in the block: copied, never sliced
-    got = _tensors(tmp_path / "out")
+    got = checkpoint_tensors(tmp_path / "out")
     gate = "model.layers.0.mlp.shared_expert_gate.weight"
     assert torch.equal(got[gate], model.state_dict()[gate])
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from moeguard.errors import MoeguardError
 from moeguard.models.synthetic import PRESETS, disk_layout, layers_for_size, preset_config, write_synthetic
+from moeguard.testing import checkpoint_tensors
 
 # each preset's dimensions shrunk, its routing (experts, top-k, normalization) kept where small enough
 TINY = {
@@ -33,14 +34,6 @@ def _saved(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             for k in h.keys():
                 s = h.get_slice(k)
                 out[k] = (s.get_dtype(), tuple(s.get_shape()))
-    return out
-
-
-def _tensors(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
     return out
 
 
@@ -65,7 +58,7 @@ def test_writes_deterministic_loadable_checkpoints(tmp_path):
     assert rec["bytes"] == sum(t.nbytes for t in disk_layout(cfg))
     assert json.loads((tmp_path / "a" / "moeguard_synthetic.json").read_text())["seed"] == 3
 
-    a, b, c = (_tensors(tmp_path / x) for x in "abc")
+    a, b, c = (checkpoint_tensors(tmp_path / x) for x in "abc")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)     # sharding and chunking change nothing
     w = "model.layers.0.mlp.experts.3.up_proj.weight"
     assert not torch.equal(a[w], c[w])                                          # the seed does
@@ -91,7 +84,7 @@ def test_streaming_pruner_reads_it(tmp_path):
     assert rec["num_experts"] == 2
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert pruned.config.num_local_experts == 2
-    src, out = _tensors(tmp_path / "src"), _tensors(tmp_path / "pruned")
+    src, out = checkpoint_tensors(tmp_path / "src"), checkpoint_tensors(tmp_path / "pruned")
     key = "model.layers.{}.block_sparse_moe.experts.{}.w1.weight"
     assert torch.equal(out[key.format(0, 1)], src[key.format(0, 6)])
     assert torch.equal(out[key.format(1, 0)], src[key.format(1, 0)]) and key.format(1, 2) not in out

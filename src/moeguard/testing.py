@@ -150,6 +150,22 @@ def kill_cli_when(args: list[str], ready, *, timeout: float = 300.0, poll: float
             proc.kill()
 
 
+def checkpoint_tensors(directory) -> dict:
+    """Every tensor of a checkpoint directory's safetensors files, by name; a name stored in two
+    shards fails."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                assert k not in out, f"{k} stored twice"
+                out[k] = h.get_tensor(k)
+    return out
+
+
 def assert_same_safetensors(a, b) -> None:
     """Two checkpoint directories hold the same tensors under the same names, bit for bit (the
     streamed pruner's output against a pruned model's save_pretrained)."""
