@@ -193,7 +193,6 @@ def main() -> None:
                     "settings": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
                                  for k, v in vars(args).items() if k not in ("child", "out")},
                     "presets": {}}
-    previous = {}
     if args.update:
         target = Path(args.out) if args.out else Path(__file__).parent / "results" / "scale.json"
         previous = json.loads(target.read_text()) if target.exists() else {}

@@ -244,9 +244,10 @@ def test_reconstruction_gram_error_equals_the_block_replay(fam_model):
         for b in _batches(0):
             inputs.add(model, b)
         layer = adapter.layers[-1]
-        x = inputs.get(layer.index, "block")[None]
+        seen = inputs.layer(layer.index)
+        x = seen["block"][None]
         full = R._block_out(layer.block, x)
-        fast = R._FastError(adapter, layer, inputs.get(layer.index, "router"), inputs.get(layer.index, "experts"))
+        fast = R._FastError(adapter, layer, seen["router"], seen["experts"])
         g = torch.Generator().manual_seed(1)
         for k in (7, 4, 2):
             kept = sorted(torch.randperm(8, generator=g)[:k].tolist())

@@ -47,7 +47,8 @@ def _block_out(block, x):
 
 class _Inputs:
     """Per MoE layer, the block's input and its router's and experts' inputs on a bounded sample of
-    calibration tokens ([n, H] each, the same rows)."""
+    calibration tokens ([n, H] each, the same rows). Where two of them are one tensor (most
+    families hand the block's input, flattened, to both), it is kept once."""
 
     def __init__(self, adapter, *, per_batch: int, generator: torch.Generator):
         self.adapter, self.per_batch, self.gen = adapter, per_batch, generator
@@ -66,17 +67,33 @@ class _Inputs:
         if len(rows) > self.per_batch:          # this batch's share of the token budget
             rows = rows[torch.randperm(len(rows), generator=self.gen)[:self.per_batch].sort().values]
         for i, store in self.parts.items():
+            taken: dict[tuple, torch.Tensor] = {}
             for key, captured in (("block", b_in), ("router", r_in), ("experts", e_in)):
                 if i not in captured:           # a module a family does not call (recorded, not guessed)
                     continue
                 args, kwargs = captured[i]
                 h = kwargs.get("hidden_states", args[0] if args else None)
                 h = h.reshape(-1, h.shape[-1])
-                store[key].append(h[rows.to(h.device)] if h.shape[0] == valid.numel() else None)
+                if h.shape[0] != valid.numel():
+                    store[key].append(None)
+                    continue
+                same = (h.data_ptr(), tuple(h.shape), h.stride(), h.dtype)
+                if same not in taken:
+                    taken[same] = h[rows.to(h.device)]
+                store[key].append(taken[same])
 
-    def get(self, index: int, key: str) -> torch.Tensor | None:
-        parts = self.parts[index][key]
-        return None if not parts or any(p is None for p in parts) else torch.cat(parts)
+    def layer(self, index: int) -> dict[str, torch.Tensor | None]:
+        """Each input of MoE layer ``index`` over every batch (None where one was not seen); inputs
+        that were one tensor in every batch are one tensor here too."""
+        out: dict[str, torch.Tensor | None] = {}
+        for key, parts in self.parts[index].items():
+            if not parts or any(p is None for p in parts):
+                out[key] = None
+                continue
+            twin = next((k for k in out if len(parts) == len(self.parts[index][k])
+                         and all(a is b for a, b in zip(parts, self.parts[index][k]))), None)
+            out[key] = out[twin] if twin is not None else torch.cat(parts)
+        return out
 
 
 def _gram(adapter, layer, x: torch.Tensor, *, chunk_bytes: int = 256 << 20) -> torch.Tensor:
@@ -99,7 +116,7 @@ class _FastError:
         self.spec = adapter.family.routing
         self.logits = router_logits(layer, router_in, self.spec)
         self.dtype = router_in.dtype
-        self.G = _gram(adapter, layer, experts_in).double()
+        self.G = _gram(adapter, layer, experts_in)             # float32; each gathered block in float64
         w, idx = self._route(list(range(self.E)))
         self.full = (-w, idx)
 
@@ -114,7 +131,7 @@ class _FastError:
         c = torch.cat([w, self.full[0]], dim=1)                                # [N, 2k]
         u = torch.cat([idx, self.full[1]], dim=1)
         n = torch.arange(u.shape[0], device=u.device)[:, None, None]
-        g = self.G[n, u[:, :, None], u[:, None, :]]                            # [N, 2k, 2k]
+        g = self.G[n, u[:, :, None], u[:, None, :]].double()                   # [N, 2k, 2k]
         return float(torch.einsum("np,npq,nq->n", c, g, c).clamp_min(0).mean())
 
 
@@ -133,9 +150,9 @@ def reconstruction(ctx) -> MethodOutput:
     if total > budget:
         import warnings
 
-        warnings.warn(f"reconstruction: {budget} of {total} calibration tokens per layer used (the "
-                      f"{'Gram matrices of ' + str(E) + ' experts fill reconstruction_memory' if budget < max_tokens else 'reconstruction_tokens cap'})",
-                      stacklevel=2)
+        why = f"the Gram matrices of {E} experts fill reconstruction_memory" if budget < max_tokens \
+            else "reconstruction_tokens cap"
+        warnings.warn(f"reconstruction: {budget} of {total} calibration tokens per layer used ({why})", stacklevel=2)
     # every batch keeps its share: the budget is never exceeded, and nothing is dropped below it
     inputs = _Inputs(adapter, per_batch=total if total <= budget else ceil(budget / len(ctx.batches)), generator=gen)
     with torch.no_grad():
@@ -145,14 +162,17 @@ def reconstruction(ctx) -> MethodOutput:
     subsets: dict[int, dict[int, list[int]]] = {}
     with torch.no_grad():
         for row, layer in enumerate(ctx.track(adapter.layers, "reconstruction")):
-            if fast and inputs.get(layer.index, "router") is not None and inputs.get(layer.index, "experts") is not None:
-                r_in, e_in = inputs.get(layer.index, "router"), inputs.get(layer.index, "experts")
+            seen = inputs.layer(layer.index)
+            r_in, e_in = seen["router"], seen["experts"]
+            if fast and r_in is not None and e_in is not None:
                 if r_in.shape[0] > budget:
                     keep = torch.randperm(r_in.shape[0], generator=gen)[:budget].sort().values.to(r_in.device)
-                    r_in, e_in = r_in[keep], e_in[keep]
+                    e_in = e_in[keep] if e_in is not r_in else None
+                    r_in = r_in[keep]
+                    e_in = r_in if e_in is None else e_in
                 error = _FastError(adapter, layer, r_in, e_in)
             else:
-                x = inputs.get(layer.index, "block")
+                x = seen["block"]
                 if x.shape[0] > budget:
                     x = x[torch.randperm(x.shape[0], generator=gen)[:budget].sort().values.to(x.device)]
                 x = x[None]
@@ -173,5 +193,4 @@ def reconstruction(ctx) -> MethodOutput:
                     best = [x_ for x_ in greedy if x_ != drop]
                 greedy = sorted(best)
                 subsets.setdefault(k, {})[layer.index] = sorted(best)
-    tokens = sum(int(b.attention_mask.sum()) for b in ctx.batches)
-    return MethodOutput(scores=scores, tokens=tokens, subsets=subsets)
+    return MethodOutput(scores=scores, tokens=total, subsets=subsets)

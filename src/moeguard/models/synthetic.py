@@ -22,6 +22,7 @@ dimensions, never what a method *finds*.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -122,11 +123,10 @@ class _Generated:
         kind = "bias" if leaf == "bias" or leaf.endswith("_bias") else \
             "norm" if len(t.shape) == 1 and "norm" in t.name else "normal"
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(t.name.encode())) % (1 << 63))
-        rows = t.shape[0] if t.shape else 1
-        row_numel = max(1, t.nbytes // max(1, rows) // torch.empty((), dtype=dtype).element_size())
-        step = max(1, self.chunk_bytes // max(1, t.nbytes // max(1, rows)))
+        rows, row_numel = (t.shape[0], math.prod(t.shape[1:])) if t.shape else (1, 1)
+        step = max(1, self.chunk_bytes // max(1, row_numel * torch.empty((), dtype=dtype).element_size()))
         for a in range(0, rows, step):
-            n = min(step, rows - a) * row_numel if t.shape else 1
+            n = min(step, rows - a) * row_numel
             if kind == "bias":
                 x = torch.zeros(n, dtype=dtype)
             elif kind == "norm":
@@ -142,7 +142,7 @@ def write_synthetic(out: str | Path, config, *, seed: int = 0, max_shard_bytes: 
     returns its record, also written to ``out/moeguard_synthetic.json``."""
     from moeguard.io import atomic_dir, check_output
     from moeguard.models.loading import EMBEDDED_MODEL_DIR
-    from moeguard.pruning.checkpoint import INDEX_NAME, _check_space, assign_shards, write_safetensors
+    from moeguard.pruning.checkpoint import _check_space, assign_shards, write_index, write_safetensors
 
     out = check_output(out, overwrite=overwrite)
     vocab = json.loads((EMBEDDED_MODEL_DIR / "config.json").read_text())["vocab_size"]
@@ -159,10 +159,7 @@ def write_synthetic(out: str | Path, config, *, seed: int = 0, max_shard_bytes: 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, tensors in shards:
             write_safetensors(tmp / name, tensors, reader, metadata={"format": "pt"}, advance=advance)
-        if shards[0][0] != "model.safetensors":
-            weight_map = {t.name: name for name, tensors in shards for t in tensors}
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
-                                                      "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        write_index(tmp, shards, total)
         config.save_pretrained(tmp)
         for f in TOKENIZER_FILES:
             shutil.copy2(EMBEDDED_MODEL_DIR / f, tmp / f)

@@ -360,6 +360,15 @@ def assign_shards(plan: list[_Tensor], *, sharded: bool, max_shard_bytes: int | 
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
+def write_index(directory: Path, shards: list[tuple[str, list[_Tensor]]], total: int) -> None:
+    """``model.safetensors.index.json`` for ``assign_shards``' files (none for a single file)."""
+    if shards[0][0] == "model.safetensors":
+        return
+    weight_map = {t.out_name: name for name, tensors in shards for t in tensors}
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
 def _check_paths(src: Path, out: Path) -> None:
     s, o = src.resolve(), out.resolve()
     if o == s or s in o.parents or o in s.parents:
@@ -439,10 +448,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
                 bytes_out += write_safetensors(tmp / name, tensors, reader, metadata=meta, advance=advance)
         finally:
             reader.close()
-        if shards[0][0] != "model.safetensors":
-            weight_map = {t.out_name: name for name, tensors in shards for t in tensors}
-            index = {"metadata": {"total_size": tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(tmp, shards, tensor_bytes)
         for p in copies:
             shutil.copy2(p, tmp / p.name)
         with tempfile.TemporaryDirectory(dir=tmp) as cfg_dir:
