@@ -34,3 +34,16 @@ def test_jobs_are_reused_in_their_scope_and_rerun_when_the_weights_change(tmp_pa
     os.utime(weights, (st.st_atime, st.st_mtime + 5))                   # new weights at the same path
     run_jobs(jobs, root=tmp_path / "jobs", runtime=rt, backend=LocalBackend())
     assert CALLS == [2, 3, 2, 3, 2, 3]
+
+
+def test_an_upstream_result_passed_on_names_the_job_by_its_numbers_not_its_timing():
+    # a recovery curve job takes its prepare job's evaluation, which records how long it took:
+    # recomputing the prepare (a resumed run) must not rename the curve job and redo it
+    def curve(initial):
+        return Job(stage="recovery", name="curve", fn="m:f", args={"seed": 0, "initial": initial})
+
+    first = curve({"score": 52.08, "elapsed_s": 0.123, "per_round": [{"labels": 8, "train_s": 1.5}]})
+    again = curve({"score": 52.08, "elapsed_s": 0.1, "per_round": [{"labels": 8, "train_s": 2.0}]})
+    assert first.key == again.key
+    assert curve({"score": 52.09, "elapsed_s": 0.123, "per_round": [{"labels": 8, "train_s": 1.5}]}).key != first.key
+    assert curve({"score": 52.08, "elapsed_s": 0.1, "per_round": [{"labels": 16, "train_s": 2.0}]}).key != first.key

@@ -187,6 +187,24 @@ def test_loglikelihood_matches_a_direct_forward_and_ignores_batching(tok, model)
     assert one[1] == pytest.approx(direct, abs=1e-4)
 
 
+def test_requests_with_the_same_input_share_one_forward_and_keep_their_scores(tok, model):
+    # single-token continuations of one context read the same input: one row, not one per label
+    single = [t for t in ("the", "cat", "dog", "a", "story", "mat", "sat", "positive", "negative") if len(ids(tok, " " + t)) == 1][:3]
+    assert len(single) == 3, "the test tokenizer needs single-token words"
+    contexts = ["Review: great\nSentiment:", "Review: the film was bad\nSentiment:"]
+    requests = [(c, " " + w) for c in contexts for w in single] + [(contexts[0], " the cat sat")]
+    rows = []
+    handle = model.register_forward_hook(lambda m, a, k, out: rows.append(k["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        shared = E.loglikelihoods(model, tok, requests, max_length=64, batch_size=16)
+    finally:
+        handle.remove()
+    assert rows == [3]   # 2 contexts x 3 single-token labels in 2 rows, the multi-token one in its own
+    alone = [E.loglikelihoods(model, tok, [r], max_length=64)[0] for r in requests]
+    assert shared == pytest.approx(alone, abs=1e-5)
+    assert len(set(shared[:3])) == 3   # each label still reads its own token's probability
+
+
 def test_classification_is_the_same_for_any_batch_size(tok, model, cls_dir):
     a = E.evaluate_task(model, tok, cls_task(cls_dir), batch_size=1)
     b = E.evaluate_task(model, tok, cls_task(cls_dir), batch_size=4)

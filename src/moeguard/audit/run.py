@@ -19,7 +19,7 @@ from moeguard.errors import MoeguardError
 from moeguard.models.handle import ModelHandle
 from moeguard.studies import run_studies, run_study
 from moeguard.models.loading import weights_identity
-from moeguard.studies.engine import Backend, Job, Runtime, run_jobs
+from moeguard.studies.engine import TIMING_FIELDS, Backend, Job, Runtime, run_jobs
 
 SCHEMA = "moeguard.audit/1"
 MARKER = "audit.json"  # marks a folder as an audit run: resumed, or emptied with overwrite
@@ -434,8 +434,7 @@ def _collateral(sweep: dict[str, Any], keep: int) -> dict[str, Any]:
 
 
 # what legitimately differs between two runs with the same settings: wall-clock times, the run record
-TIMING_KEYS = frozenset({"seconds", "created_at", "train_s", "select_s", "eval_s", "elapsed_s", "stages", "run",
-                         "backend", "files", "tokens_per_second"})
+TIMING_KEYS = TIMING_FIELDS | {"stages", "run", "backend", "files"}
 
 
 def numbers_only(doc: Any) -> Any:

@@ -33,6 +33,19 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# fields that hold wall-clock measurements: they differ between two runs of the same job
+TIMING_FIELDS = frozenset({"seconds", "created_at", "train_s", "select_s", "eval_s", "elapsed_s", "tokens_per_second"})
+
+
+def untimed(value: Any) -> Any:
+    """``value`` without its :data:`TIMING_FIELDS`, at any depth."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k not in TIMING_FIELDS}
+    if isinstance(value, list | tuple):
+        return [untimed(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class Job:
     stage: str
@@ -42,7 +55,10 @@ class Job:
 
     @property
     def key(self) -> str:
-        text = json.dumps({"fn": self.fn, "args": self.args}, sort_keys=True, default=str)
+        # an upstream job's result passed on as an argument carries its wall-clock time: without
+        # dropping it, recomputing that job (a resumed run, another host) would rename every job
+        # downstream and redo them for a timing difference
+        text = json.dumps({"fn": self.fn, "args": untimed(self.args)}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def path(self, root: Path) -> Path:

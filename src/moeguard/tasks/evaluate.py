@@ -139,6 +139,7 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str
     Context and continuation are tokenized separately and concatenated, trailing context
     whitespace moving to the continuation (lm-evaluation-harness' convention), so a label's
     tokens are the same for every example. Over-long contexts lose tokens on the left.
+    ``ticker`` (optional) gets ``start`` with the number of batches, then ``advance`` per batch.
     """
     bos = T.bos_ids(tokenizer)
     ctx_cache: dict[str, list[int]] = {}
@@ -163,22 +164,32 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str
         full = (ctx + cont)[-(max_length + 1):]
         items.append((full, len(cont)))
 
+    # Requests whose model input is the same token sequence share one row: a classification task's
+    # single-token verbalizers all follow the same context, so its C labels cost one forward, not C
+    # (lm-evaluation-harness groups such requests the same way). The model is causal: the row's
+    # logits are the ones each request would have had on its own.
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, (full, _) in enumerate(items):
+        rows.setdefault(tuple(full[:-1]), []).append(i)
+    inputs = list(rows)
     # Longest first: batches hold similar lengths (less padding) and OOM shows up at once.
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    order = sorted(range(len(inputs)), key=lambda r: -len(inputs[r]))
     scores = [0.0] * len(items)
     device = T.model_device(model)
     pad = T.pad_id(tokenizer)
+    if ticker is not None:
+        ticker.start(math.ceil(len(order) / batch_size))
     for begin in range(0, len(order), batch_size):
-        idx = order[begin:begin + batch_size]
-        inputs = [items[i][0][:-1] for i in idx]
-        ids, mask = T.pad_batch(inputs, pad, left=False, device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        for row, i in enumerate(idx):
-            full, n_cont = items[i]
-            end = len(full) - 1
-            logp = F.log_softmax(logits[row, end - n_cont:end].float(), dim=-1)
-            target = torch.tensor(full[-n_cont:], device=logp.device)
-            scores[i] = logp.gather(-1, target[:, None]).sum().item()
+        batch = [inputs[r] for r in order[begin:begin + batch_size]]
+        ids, mask = T.pad_batch([list(seq) for seq in batch], pad, left=False, device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, S, V]
+        for row, seq in enumerate(batch):
+            end = len(seq)
+            for i in rows[seq]:
+                full, n_cont = items[i]
+                logp = F.log_softmax(logits[row, end - n_cont:end].float(), dim=-1)
+                target = torch.tensor(full[-n_cont:], device=logp.device)
+                scores[i] = logp.gather(-1, target[:, None]).sum().item()
         if ticker is not None:
             ticker.advance()
     return scores

@@ -7,7 +7,6 @@ first label. Baseline: always the most frequent label of the train split.
 
 from __future__ import annotations
 
-import math
 
 from moeguard.errors import MoeguardError
 from moeguard.tasks import metrics as M
@@ -48,7 +47,6 @@ class Classification(TaskKindSpec):
 
         labels = [(str(k), v) for k, v in task.labels.items()]
         requests = [(rec["input"], verbalizer) for rec in records for _, verbalizer in labels]
-        ticker.start(math.ceil(len(requests) / batch_size))
         scores = loglikelihoods(model, tokenizer, requests, max_length=task.max_length,
                                 batch_size=batch_size, ticker=ticker)
         golds = [rec["label"] for rec in records]
