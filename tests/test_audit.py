@@ -178,6 +178,8 @@ def test_a_killed_audit_resumes_on_ray_to_the_numbers_of_an_uninterrupted_local_
     assert {s["stage"]: s["cached"] for s in doc["stages"]}["sweep"] is True
     assert all(p.stat().st_mtime_ns == t for p, t in survived.items())  # finished jobs were not redone
     assert len(list((run / "jobs" / "recovery").glob("*.json"))) > todo   # the resumed run did the rest
+    # ... under the uninterrupted run's job names: a recomputed upstream job's timing renames nothing
+    assert {p.name for p in (run / "jobs").rglob("*.json")} == {p.name for p in (audit_run / "jobs").rglob("*.json")}
     assert doc["backend"]["backend"] == backend
     if backend == "ray":
         assert doc["backend"]["cluster_cpus"] >= 1

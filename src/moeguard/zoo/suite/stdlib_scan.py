@@ -4,6 +4,7 @@ never imported) contributes to the stdlib tasks."""
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import io
 import os
@@ -207,9 +208,21 @@ def read_source(path: Path) -> tuple[bytes, str | None]:
         return data, None
 
 
+# What a file's bytes give, by (path, content hash): a second build in one process (another seed,
+# a test) reads every file again for the fingerprint but parses none of them again
+_SCANNED: dict[tuple[str, str], FileItems | None] = {}
+
+
 def scan_file(root: Path, rel: str) -> FileItems | None:
     data, text = read_source(root / rel)
-    item = FileItems(rel=rel, module=module_name(rel), sha256=hashlib.sha256(data).hexdigest())
+    key = (rel, hashlib.sha256(data).hexdigest())
+    if key not in _SCANNED:
+        _SCANNED[key] = _scan_text(rel, key[1], text)
+    return copy.deepcopy(_SCANNED[key])   # callers may edit what they get
+
+
+def _scan_text(rel: str, sha256: str, text: str | None) -> FileItems | None:
+    item = FileItems(rel=rel, module=module_name(rel), sha256=sha256)
     if text is None:
         return None
     try:
