@@ -5,7 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
-RUNENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# PYTHONDONTWRITEBYTECODE cleared: where the environment sets it, every process (each test's subprocess,
+# each Ray worker) would compile torch and transformers again; cleared, the first import of a module
+# writes its bytecode and later ones read it
+RUNENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONDONTWRITEBYTECODE=
 # the one place the lock's resolution flags live: `make lock` and `make test-latest` read the same extras
 EXTRAS := test,ray
 PIP_TOOLS := pip-tools==7.6.2
@@ -17,11 +20,10 @@ $(STAMP): $(LOCK) pyproject.toml
 	# --require-hashes: every file must match the lock, so a re-run next month installs the same bytes.
 	# torch is locked as 2.13.0+cpu; pip finds that CPU wheel through its find-links or an extra index
 	# (README: Dependencies); a plain PyPI torch would be a multi-GB CUDA build.
+	# --no-compile: of the venv's ~17,500 modules the suite imports ~5,000; compiling them all ahead
+	# (pip one at a time, or compileall) took 40 s of CI's 10 minutes. Imports write the bytecode of
+	# what they use (RUNENV clears PYTHONDONTWRITEBYTECODE).
 	$(BIN)/pip install --disable-pip-version-check -q --no-compile --require-hashes --no-deps -r $(LOCK)
-	# pip compiles bytecode one file at a time (a minute here); compileall uses every core. Compiled
-	# ahead because PYTHONDONTWRITEBYTECODE, where set, stops imports from caching it. Like pip, a
-	# package's file that does not compile (test data, other Python versions) is not an error.
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	# the project itself, built with the locked setuptools: nothing unlocked comes in
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
