@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from moeguard.models.adapter import MoEAdapter
+from moeguard.tasks.tokens import model_device
 from moeguard.models.hooks import RoutingCapture
 from moeguard.tasks.batches import Batch
 
@@ -27,7 +28,7 @@ class Context:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     @property
     def n_targets(self) -> int:

@@ -36,7 +36,7 @@ from math import ceil, comb
 import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
-from moeguard.models.hooks import capture_inputs, every_expert_output, mask_experts
+from moeguard.models.hooks import capture_inputs, every_expert_output, mask_experts, weights_in_place
 from moeguard.models.routing import pruned_router_params, route_module, router_logits
 
 
@@ -114,7 +114,8 @@ class _FastError:
         self.adapter, self.layer = adapter, layer
         self.E = layer.num_experts
         self.spec = adapter.family.routing
-        self.logits = router_logits(layer, router_in, self.spec)
+        with weights_in_place(layer.router):   # read outside the router's forward (offloaded: "meta")
+            self.logits = router_logits(layer, router_in, self.spec)
         self.dtype = router_in.dtype
         self.G = _gram(adapter, layer, experts_in)             # float32; each gathered block in float64
         w, idx = self._route(list(range(self.E)))

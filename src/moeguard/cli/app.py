@@ -29,6 +29,9 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help="checkpoint dir
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed; the same seed gives the same numbers")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="cap on the host memory the weights take, e.g. 8GiB; the layers past it are "
+    "offloaded to disk (accelerate) and read while they run")]
 
 _state = {"debug": False}
 _python_format_warning = warnings.formatwarning

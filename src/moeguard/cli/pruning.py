@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import (JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints, _names,
+from moeguard.cli.app import (JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints, _names,
                               _out, _progress, _run, _run_study, _seed, app)
 
 
@@ -21,21 +21,23 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
               samples: Annotated[int, typer.Option("--samples", min=1, help="calibration samples from the task's train split")] = 64,
               reference: Annotated[Optional[str], typer.Option("--reference", help="contrastive: comma-separated reference tasks; default: the rest of the embedded suite")] = None,
               batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
-              overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+              max_memory: MaxMemoryOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Score every (layer, expert) for a task with one method; higher = more important."""
     from moeguard.attribution.base import get_method
     from moeguard.attribution.run import make_context, score
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output, write_json
+    from moeguard.models.loading import parse_memory
     from moeguard.report.tables import scores_table
 
     check_output(out, overwrite=overwrite)
     get_method(method)
+    cap = parse_memory(max_memory) if max_memory is not None else None
     refs = _names(reference, "--reference") if reference is not None else None
     resolve_tasks([task, *(refs or [])], what="--task")  # unreadable data fails before any weights load
     handle = resolve_model(model)
     _seed(seed)
-    m, tokenizer, ref = handle.load()
+    m, tokenizer, ref = handle.load(max_memory=cap)
     with _progress() as progress:
         ctx = make_context(m, tokenizer, task, samples=samples, batch_size=batch_size, seed=seed,
                            reference=refs, progress=progress)
@@ -43,7 +45,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     doc = s.to_dict()
     doc["model"] = ref.name
     doc["run"] = _run({"model": ref.name, "task": task, "method": method, "samples": samples, "seed": seed,
-                       "reference": refs, "batch_size": batch_size})
+                       "reference": refs, "batch_size": batch_size, "max_memory": cap})
     write_json(out, doc, overwrite=overwrite)
     _console().print(scores_table(doc))
     typer.echo(f"scores written to {out}")

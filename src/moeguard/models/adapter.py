@@ -43,6 +43,14 @@ class MoELayer:
         config turns it off: LFM2's ``use_expert_bias``)."""
         return _get_path(self.block, self.correction_bias_path, None) if self.correction_bias_path else None
 
+    @property
+    def correction_bias_owner(self) -> nn.Module | None:
+        """The module holding :attr:`correction_bias` (ERNIE keeps it in its own ``moe_statics``)."""
+        if not self.correction_bias_path:
+            return None
+        owner_path = self.correction_bias_path.rpartition(".")[0]
+        return _get_path(self.block, owner_path) if owner_path else self.block
+
     def expert_tensors(self) -> list[tuple[nn.Module, str, torch.Tensor, int]]:
         """Every tensor with one slice per expert, as (owner module, name, tensor, expert axis):
         the router's and the experts' parameters and buffers (nested ones too), and a selection

@@ -71,10 +71,10 @@ class ModelHandle:
         E, k_min = self.num_experts, max(self.min_keep, self.top_k)
         return sorted({max(k_min, E // 4), max(k_min, E // 2), max(k_min, 3 * E // 4)} - {E})
 
-    def load(self, *, dtype=None, device_map=None):
+    def load(self, *, dtype=None, device_map=None, max_memory: int | None = None):
         from moeguard.models.loading import load_model
 
-        return load_model(self.arg, dtype=dtype, device_map=device_map)
+        return load_model(self.arg, dtype=dtype, device_map=device_map, max_memory=max_memory)
 
 
 def resolve_model(model: str | None) -> ModelHandle:

@@ -26,19 +26,58 @@ from moeguard.models.routing import (pack_router_output, pruned_router_params, r
 _ABSENT = object()
 
 
-def _set_forward(module: nn.Module, fn) -> object:
-    """Install ``fn`` as the module's instance forward; return what was there (accelerate keeps
-    its device hooks there, and patches nest), for :func:`_restore_forward`."""
+def _set_forward(module: nn.Module, fn, *, replaces: bool = False) -> tuple[str, object]:
+    """Install ``fn`` as the module's instance forward; return what was there, for
+    :func:`_restore_forward` (patches nest).
+
+    A wrapper (``fn`` calls the forward it wraps) goes outside accelerate's device hook, which
+    accelerate keeps in the instance forward. A replacement (``replaces``: ``fn`` computes the
+    output itself from the module's weights) goes inside it, where accelerate's hook calls
+    ``_old_forward``: under CPU or disk offload the weights are in place only around that call."""
+    subs = [sub for sub in module.modules() if sub is not module and hasattr(sub, "_hf_hook")]
+    if replaces and subs:
+        # hooks on submodules that hold weights (HunYuan's router.wg) run only when those are
+        # called: the replacement reads them directly, so it puts them in place itself
+        inner = fn
+
+        def fn(*args, **kwargs):
+            with contextlib.ExitStack() as stack:
+                for sub in subs:
+                    stack.enter_context(weights_in_place(sub, recurse=False))
+                return inner(*args, **kwargs)
+    if replaces and hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__:
+        previous = module.__dict__["_old_forward"]
+        module._old_forward = fn
+        return "_old_forward", previous
     previous = module.__dict__.get("forward", _ABSENT)
     module.forward = fn
-    return previous
+    return "forward", previous
 
 
-def _restore_forward(module: nn.Module, previous: object) -> None:
-    if previous is _ABSENT:
-        module.__dict__.pop("forward", None)  # back to the class's forward
+def _restore_forward(module: nn.Module, previous: tuple[str, object]) -> None:
+    attr, fn = previous
+    if fn is _ABSENT:
+        module.__dict__.pop(attr, None)  # back to the class's forward
     else:
-        module.forward = previous
+        setattr(module, attr, fn)
+
+
+@contextlib.contextmanager
+def weights_in_place(module: nn.Module, *, recurse: bool = True) -> Iterator[None]:
+    """The weights of ``module`` (and of its submodules, with ``recurse``) readable directly,
+    outside a forward call. Under accelerate's CPU or disk offload they sit on "meta" except while
+    their module runs; here its hooks put them in place on entry and take them out in ``finally``."""
+    entered = []
+    try:
+        for sub in (module.modules() if recurse else [module]):
+            hook = getattr(sub, "_hf_hook", None)
+            if hook is not None:
+                hook.pre_forward(sub)
+                entered.append((sub, hook))
+        yield
+    finally:
+        for sub, hook in reversed(entered):
+            hook.post_forward(sub, None)
 
 
 @dataclass
@@ -305,19 +344,21 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
                 continue
             params = pruned_router_params(adapter.family, adapter.config, kept, layer.num_experts)
             router = layer.router
-            kept_t = torch.tensor(kept, device=layer.router_weight.device)
+            # on the logits' device at the call: an offloaded router's weight is on "meta" until then
+            kept_t = torch.tensor(kept)
 
             # *args: a router may take the block's selection bias too (MiniMax-M2, LFM2); the layer
             # reads that same tensor itself
             def forward(hidden_states, *args, _layer=layer, _kept=kept_t, _params=params):
                 logits = router_logits(_layer, hidden_states, spec)
+                _kept = _kept.to(logits.device)
                 weights, sub_idx = route_module(_layer, logits, spec, _params, kept=_kept,
                                                 input_dtype=hidden_states.dtype)
                 masked = torch.full_like(logits, float("-inf"))
                 masked[:, _kept] = logits[:, _kept]
                 return pack_router_output(call, masked, weights, _kept[sub_idx])
 
-            patched.append((router, _set_forward(router, forward)))
+            patched.append((router, _set_forward(router, forward, replaces=True)))
         yield adapter
     finally:
         for router, previous in reversed(patched):
@@ -394,8 +435,7 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
     plans = []
     for e in drops:
         kept = [x for x in range(E) if x != e]
-        plans.append((torch.tensor(kept, device=layer.router_weight.device),
-                      pruned_router_params(adapter.family, adapter.config, kept, E)))
+        plans.append((torch.tensor(kept), pruned_router_params(adapter.family, adapter.config, kept, E)))
 
     def forward(hidden_states, *args):
         logits = router_logits(layer, hidden_states, spec)
@@ -403,6 +443,7 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
             raise RuntimeError(f"expected {rows} x {len(plans)} tokens, got {logits.shape[0]}")
         masked, weights, index = [], [], []
         for c, (kept, params) in enumerate(plans):
+            kept = kept.to(logits.device)
             part = logits[c * rows:(c + 1) * rows]
             w, sub = route_module(layer, part, spec, params, kept=kept, input_dtype=hidden_states.dtype)
             m = torch.full_like(part, float("-inf"))
@@ -410,7 +451,7 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
             masked.append(m), weights.append(w), index.append(kept[sub])
         return pack_router_output(adapter.family.call, torch.cat(masked), torch.cat(weights), torch.cat(index))
 
-    previous = _set_forward(router, forward)
+    previous = _set_forward(router, forward, replaces=True)
     try:
         yield
     finally:

@@ -7,7 +7,11 @@ checked before weights are read. Weights are read only from safetensors.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import struct
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,14 +142,25 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
                             hint=f"{fix}, or re-prune the model with moeguard prune")
 
 
-def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_tokenizer: bool = True):
-    """Return ``(model, tokenizer_or_None, ModelRef)`` with the model in eval mode."""
+def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_tokenizer: bool = True,
+               max_memory: int | None = None, offload_folder: str | Path | None = None):
+    """Return ``(model, tokenizer_or_None, ModelRef)`` with the model in eval mode.
+
+    ``max_memory`` (bytes) caps the host memory the weights take: accelerate places whole decoder
+    layers in memory up to the cap and the rest on disk (``offload_folder``, by default a
+    temporary folder removed with the model), loading each offloaded layer only while it runs.
+    GPUs, where present, keep their own memory. See :func:`offload_settings`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moeguard.models.prune import resized_construction
 
     ref, config, _ = inspect(ref_str)
+    offload, made_folder = {}, None
+    if max_memory is not None:
+        offload, made_folder = offload_settings(max_memory, device_map=device_map, folder=offload_folder)
+        device_map = offload.pop("device_map")
     where = str(ref.path or ref.hub_id)
     tokenizer = None
     if with_tokenizer:  # before the weights: a missing tokenizer should not cost a full load
@@ -157,13 +172,50 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     try:
         with resized_construction(config):  # budget-pruned checkpoints keep different counts per layer
             model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
-                                                         device_map=device_map)
+                                                         device_map=device_map, **offload)
     except (OSError, ValueError) as e:
+        if made_folder is not None:
+            shutil.rmtree(made_folder, ignore_errors=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoeguardError(f"cannot load weights of {where}: {first}",
                             hint="check the checkpoint files (safetensors only) or your hub access") from None
+    if made_folder is not None:   # the offloaded weights live as long as the model
+        weakref.finalize(model, shutil.rmtree, made_folder, True)
     _return_freed_memory()
     return model.eval(), tokenizer, ref
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def parse_memory(text: str, *, what: str = "--max-memory") -> int:
+    """Bytes from a size such as ``8GiB``, ``512MB``, ``1.5G`` (G, M, K alone are binary, as in
+    ``ulimit``) or a plain byte count."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise MoeguardError(f"{what} '{text}' is not a memory size", hint="write a size such as 8GiB, 512MiB or 20GB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 2**20:
+        raise MoeguardError(f"{what} '{text}' is {size} bytes", hint="give at least 1MiB (e.g. 4GiB)")
+    return size
+
+
+def offload_settings(max_memory: int, *, device_map=None, folder=None) -> tuple[dict[str, Any], Path | None]:
+    """``from_pretrained`` arguments that keep the weights in host memory under ``max_memory``
+    bytes, and the temporary offload folder made here (None when ``folder`` was given).
+
+    accelerate's ``auto`` map fills the GPUs first (each with what it has free), then host memory
+    up to the cap, then disk; it never splits a decoder layer."""
+    from accelerate.utils import get_max_memory
+
+    budget = {k: v for k, v in get_max_memory().items() if k not in ("cpu", "disk")}
+    budget["cpu"] = int(max_memory)
+    made = None
+    if folder is None:
+        folder = made = Path(tempfile.mkdtemp(prefix="moeguard-offload-"))
+    return {"device_map": device_map or "auto", "max_memory": budget, "offload_folder": str(folder)}, made
 
 
 def _return_freed_memory() -> None:

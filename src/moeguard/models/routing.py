@@ -136,6 +136,11 @@ def route_module(layer, logits: torch.Tensor, spec: RoutingSpec, params: RouterP
     """:func:`route` with an MoE layer's own extras (correction bias, jitter, train mode), on the
     experts ``kept`` (a tensor of indices into ``logits``' columns) or on all of them."""
     bias = layer.correction_bias
+    if bias is not None and bias.device.type == "meta":   # offloaded: in place only while its module runs
+        from moeguard.models.hooks import weights_in_place
+
+        with weights_in_place(layer.correction_bias_owner, recurse=False):
+            bias = layer.correction_bias.clone()
     if kept is not None:
         logits = logits[:, kept]
         bias = None if bias is None else bias[..., kept]
@@ -148,6 +153,9 @@ def router_logits(layer, hidden: torch.Tensor, spec: RoutingSpec | None = None) 
     """The raw logits every family's router computes from an MoE layer's input: a linear map
     (GPT-OSS adds a bias)."""
     weight = layer.router_weight
+    if weight.device.type == "meta":   # silently computing on an empty tensor gives garbage scores
+        raise RuntimeError("the router's weight is offloaded (meta): read it inside its forward or "
+                           "under hooks.weights_in_place")
     hidden = hidden.reshape(-1, weight.shape[-1])
     if spec is not None and spec.logits_fp32:
         return F.linear(hidden.float(), weight.float())

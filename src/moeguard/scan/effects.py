@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from moeguard.models.hooks import mask_experts
+from moeguard.tasks.tokens import model_device
 
 
 class ContextCache:
@@ -43,7 +44,7 @@ class ContextCache:
 
     def __init__(self, model, ids: list[int], rows: int):
         self.model, self.rows = model, rows
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         with torch.no_grad():
             self.cache = model(input_ids=torch.tensor([ids] * rows, device=self.device), use_cache=True).past_key_values
 

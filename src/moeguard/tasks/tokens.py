@@ -70,13 +70,19 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 def model_device(model) -> "torch.device":
-    """The device of the model's first parameter (CPU for a model without parameters)."""
+    """Where the model's inputs go: the device of its first parameter (CPU for a model without
+    parameters), or, for a model accelerate dispatched with offloaded weights (on "meta" until
+    they run), the device its hooks run it on."""
     import torch
 
+    hook = getattr(model, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
     try:
-        return next(model.parameters()).device
+        device = next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def pad_batch(seqs: Sequence[list[int]], pad: int, *, left: bool,

@@ -22,6 +22,7 @@ import torch
 from moeguard.attribution.context import track
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import RoutingCapture, every_expert_output, expert_inputs
+from moeguard.tasks.tokens import model_device
 
 
 @dataclass(kw_only=True)
@@ -52,7 +53,7 @@ class LayerProfile:
 def calibrate(model, adapter: MoEAdapter, batches: list, *, tokens: int = 256, seed: int = 0,
               progress=None) -> tuple[list[LayerProfile], dict[str, Any]]:
     """Profiles of every MoE layer (in ``adapter.layers`` order) and what the calibration cost."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     valid_total = sum(int(b.attention_mask.sum()) for b in batches)
     n = min(tokens, valid_total)
     # which of the valid tokens (in batch order) are sampled: known before the forward
