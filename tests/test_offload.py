@@ -102,3 +102,26 @@ def test_cli_eval_and_attribute_under_a_cap_write_the_numbers_of_an_uncapped_run
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--max-memory 'lots' is not a memory size" in err and "8GiB" in err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_an_audit_under_a_cap_gives_the_numbers_of_an_uncapped_one_and_refuses_in_memory_stages(tmp_path, capsys):
+    from moeguard.audit.run import numbers_only
+
+    args = ["--tasks", "arith-compare", "--methods", "frequency,gate", "--keeps", "2,4", "--random-seeds", "1",
+            "--eval-limit", "16", "--samples", "8", "--no-recovery", "--threads", "2"]
+    assert main(["audit", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["audit", "--out", str(tmp_path / "b"), *args, "--max-memory", "4MiB"]) == 0
+    a, b = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")
+    assert b["config"]["max_memory"] == "4MiB"
+    for doc in (a, b):
+        doc["config"].pop("max_memory")
+    checks = b.pop("physical_checks")
+    a.pop("physical_checks")
+    assert numbers_only(a) == numbers_only(b)
+    # a physical check prunes a copy in memory: skipped under the cap, and saying why
+    assert checks and all("offloaded (max_memory)" in c["skipped"] for c in checks)
+    capsys.readouterr()
+    assert main(["audit", "--out", str(tmp_path / "c"), "--max-memory", "4MiB", "--scan", *args[:-3]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "recovery, scan stage(s)" in err and "--no-recovery" in err
+    assert not (tmp_path / "c").exists()

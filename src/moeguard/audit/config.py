@@ -78,6 +78,8 @@ class AuditConfig:
     gpus_per_job: float = setting(0.0, min=0, help="GPUs each Ray task asks for")
     dtype: str | None = setting(None, help="weights dtype, e.g. bfloat16 for large checkpoints on GPU")
     device_map: str | None = setting(None, help="accelerate device map, e.g. auto")
+    max_memory: str | None = setting(None, help="cap on the host memory the weights take, e.g. 8GiB (the rest "
+                                     "offloaded to disk); the model, baseline, attribution and sweep stages")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -118,6 +120,18 @@ def check(cfg: AuditConfig) -> None:
     if cfg.defense and cfg.hardened:
         raise MoeguardError("both defense and hardened are set",
                             hint="harden within the audit (--defense NAME) or compare a hardened checkpoint (--hardened PATH)")
+    if cfg.max_memory is not None:
+        from moeguard.models.loading import parse_memory
+
+        parse_memory(cfg.max_memory, what="max_memory")
+        needs = [name for name, on in (("recovery", cfg.recovery), ("defense", cfg.defense or cfg.hardened),
+                                       ("scan", cfg.scan)) if on]
+        if needs:
+            # each fine-tunes or edits a copy of the model in memory, which the cap is there to avoid
+            raise MoeguardError(f"max_memory {cfg.max_memory} is set with the {', '.join(needs)} stage(s), which need "
+                                f"the model or a pruned copy of it in memory",
+                                hint="add --no-recovery (and leave out --defense, --hardened and --scan) to audit a model "
+                                "larger than memory; run those stages where the pruned model fits")
     if "random" not in cfg.strategies:
         raise MoeguardError(f"strategies {cfg.strategies} lack 'random', the baseline every strategy is compared with",
                             hint="add random, e.g. --strategies random,orphan")

@@ -18,7 +18,7 @@ from moeguard.audit.stages import StageResult, StageStore
 from moeguard.errors import MoeguardError
 from moeguard.models.handle import ModelHandle
 from moeguard.studies import run_studies, run_study
-from moeguard.models.loading import weights_identity
+from moeguard.models.loading import parse_memory, weights_identity
 from moeguard.studies.engine import TIMING_FIELDS, Backend, Job, Runtime, run_jobs
 
 SCHEMA = "moeguard.audit/1"
@@ -120,7 +120,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
     store = StageStore(out)
     info = {**model.info, "num_experts": model.num_experts}
     runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads,
-                      tasks=file_tasks(get_task(t) for t in cfg.tasks))
+                      tasks=file_tasks(get_task(t) for t in cfg.tasks),
+                      max_memory=parse_memory(cfg.max_memory) if cfg.max_memory is not None else None)
     ident = {"model": weights_identity(cfg.model), "runtime": runtime.to_dict()}
     n_stages = 5 + bool(cfg.defense or cfg.hardened) + bool(cfg.scan)
     overall = progress.add_task("audit", total=n_stages) if progress is not None else None

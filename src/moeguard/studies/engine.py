@@ -73,6 +73,9 @@ class Runtime:
     dtype: str | None = None
     device_map: str | None = None
     threads: int = 1
+    # bytes of host memory the weights may take (the rest offloaded to disk); where the weights
+    # sit changes no number, so it is in neither a job's scope nor a stage's key
+    max_memory: int | None = None
     # tasks defined in the user's YAML files: jobs name their task, and a worker process (a Ray
     # node included) knows only the built-in names until these are adopted there
     tasks: tuple = ()
@@ -111,14 +114,15 @@ class Context:
         """(model, tokenizer) of ``ref`` (a checkpoint path or hub id; default: the runtime's model).
         Jobs must hand it back unchanged (masking and fine-tuning restore it)."""
         ref = self.runtime.model if ref == "" else ref
-        key = json.dumps({**self.runtime.to_dict(), "model": ref}, sort_keys=True)
+        key = json.dumps({**self.runtime.to_dict(), "model": ref, "max_memory": self.runtime.max_memory}, sort_keys=True)
         if key not in Context._models:
             import torch
 
             from moeguard.models.loading import load_model
 
             dtype = getattr(torch, self.runtime.dtype) if self.runtime.dtype else None
-            m, tok, _ = load_model(ref, dtype=dtype, device_map=self.runtime.device_map)
+            m, tok, _ = load_model(ref, dtype=dtype, device_map=self.runtime.device_map,
+                                   max_memory=self.runtime.max_memory)
             while len(Context._models) >= self.MAX_MODELS:
                 Context._models.pop(next(iter(Context._models)))
             Context._derived.clear()

@@ -290,8 +290,13 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
         step = max(1, len(chosen) // cfg.physical_checks)
         picks = chosen[::step][:cfg.physical_checks]
     out = []
+    offloaded = any(t.is_meta for t in model.parameters())
     for p in picks:
         keep = {int(l): v for l, v in p["plan"].items()}
+        if offloaded:   # the pruned copy would be built in memory, which the cap is there to avoid
+            out.append({"task": p["task"], "method": p["method"], "keep": p["keep"],
+                        "skipped": "the model is offloaded (max_memory): a physical check builds the pruned copy in memory"})
+            continue
         try:
             small, _ = prune_model(model, keep)
         except MoeguardError as exc:  # e.g. DeepSeek groups kept unevenly: masking only, say so
