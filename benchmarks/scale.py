@@ -120,12 +120,26 @@ def measure(ckpt: Path, args) -> dict:
             print(f"  {name:<15} {s:8.1f} s {s / fwd_s:7.1f} FPE  peak {peak / GB:6.2f} GiB "
                   f"(+{(peak - before) / GB:.2f} over loaded)", file=sys.stderr, flush=True)
         out["attribution"] = {"task": args.task, "samples": args.samples, "batch": args.batch, "tokens": tokens,
-                              "forward_seconds": round(fwd_s, 3), "methods": rows,
-                              "goals": {"gradient_fpe_max": 3.5,
-                                        "gradient_met": rows.get("gradient", {}).get("fpe", 1e9) <= 3.5,
-                                        "memory_rule": "peak RSS <= weights + 2 GiB",
-                                        "memory_met": {k: v["peak_over_weights_plus_2GB"] <= 1.0
-                                                       for k, v in rows.items() if "peak_rss_bytes" in v}}}
+                              "forward_seconds": round(fwd_s, 3), "methods": rows, "goals": goals(rows)}
+    return out
+
+
+def goals(rows: dict) -> dict:
+    return {"gradient_fpe_max": 3.5, "gradient_met": rows.get("gradient", {}).get("fpe", 1e9) <= 3.5,
+            "memory_rule": "peak RSS <= weights + 2 GiB",
+            "memory_met": {k: v["peak_over_weights_plus_2GB"] <= 1.0 for k, v in rows.items() if "peak_rss_bytes" in v}}
+
+
+def merged(old: dict, new: dict) -> dict:
+    """A preset's entry from a new run (``--update``) over the old one. Attribution methods are
+    merged, not replaced: each keeps the forward time of the run that measured it, since its FPE
+    is relative to that."""
+    out = {**old, **new}
+    before, now = old.get("attribution"), new.get("attribution")
+    if before and now:
+        methods = {m: {**v, "forward_seconds": v.get("forward_seconds", src["forward_seconds"])}
+                   for src in (before, now) for m, v in src["methods"].items()}
+        out["attribution"] = {**before, **now, "methods": methods, "goals": goals(methods)}
     return out
 
 
@@ -201,7 +215,7 @@ def main() -> None:
     for preset in args.presets.split(","):
         print(f"{preset}:", file=sys.stderr, flush=True)
         ckpt, rec = write(preset, args.layers, args.workdir)
-        entry = {**result["presets"].get(preset, {}), "checkpoint": rec}
+        entry = {"checkpoint": rec}
         if args.stages & {"capture", "attribution"}:
             cmd = [sys.executable, __file__, "--child", str(ckpt), *_passed(args)]
             t = time.perf_counter()
@@ -211,7 +225,7 @@ def main() -> None:
             else:
                 entry.update(json.loads(res.stdout.strip().splitlines()[-1]))
             entry["child_seconds"] = round(time.perf_counter() - t, 1)
-        result["presets"][preset] = entry
+        result["presets"][preset] = merged(result["presets"].get(preset, {}), entry)
         path = write_result("scale", result, args.out)   # after every preset: a long run keeps what it measured
     _summary(result)
     print(f"written {path}")

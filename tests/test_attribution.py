@@ -56,7 +56,7 @@ def fam_model(request):
 
 def test_every_method_is_registered_and_documented():
     assert set(ALL_METHODS) == {"frequency", "gate", "reap", "reap-raw", "reconstruction", "ablation", "gradient",
-                                "contrastive"}
+                                "contrastive", "ablation-screened"}
     assert all(m.description for m in list_methods())
 
 
@@ -177,6 +177,26 @@ def test_contrastive_is_zero_when_task_and_reference_route_alike():
     ctx = _ctx(model)
     ctx.reference = ctx.batches
     assert torch.allclose(score(ctx, "contrastive").scores, torch.zeros(1, dtype=torch.float64), atol=1e-9)
+
+
+@pytest.mark.parametrize("fam", ["mixtral", "deepseek_v3", "qwen3_moe"])
+def test_screened_ablation_is_exact_on_the_experts_gradient_ranks_highest(fam):
+    model = tiny_model(fam)
+    ctx = _ctx(model, masks_per_pass=3)
+    exact = score(ctx, "ablation").scores
+    grad = score(ctx, "gradient").scores
+    ctx.options["screen"] = 8
+    assert torch.equal(score(ctx, "ablation-screened").scores, exact)   # everything screened
+    ctx.options["screen"] = 3
+    s = score(ctx, "ablation-screened").scores
+    for row in range(exact.shape[0]):
+        picked = torch.topk(grad[row], 3).indices
+        rest = [e for e in range(8) if e not in picked.tolist()]
+        # exact up to float32 noise (the masks share batched passes in other groups)
+        assert torch.allclose(s[row, picked], exact[row, picked], rtol=1e-3, atol=1e-6)
+        # the rest: below every screened expert, in gradient's order
+        assert s[row, rest].max() < s[row, picked].min(), (fam, row)
+        assert torch.argsort(s[row, rest]).tolist() == torch.argsort(grad[row, rest]).tolist(), (fam, row)
 
 
 def test_gradient_tracks_ablation_on_the_embedded_model():

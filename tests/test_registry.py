@@ -103,7 +103,7 @@ def test_attribution_methods_keep_their_messages():
     with pytest.raises(MoeguardError) as err:
         get_method("ablaton")
     assert err.value.message == "unknown attribution method 'ablaton'"
-    assert err.value.hint.startswith("did you mean ablation?")
+    assert err.value.hint.startswith("did you mean ablation, ablation-screened?")   # the closest first
 
 
 def test_modes_keep_their_messages():

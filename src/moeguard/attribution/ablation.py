@@ -18,13 +18,20 @@ from moeguard.models.hooks import capture_inputs, drop_one_per_chunk
 @register_method("ablation", "exact increase of the mean target NLL when the expert is masked (its tokens re-routed)",
                  comparable_across_layers=True)
 def ablation(ctx) -> MethodOutput:
+    return MethodOutput(scores=exact_deltas(ctx) / max(1, ctx.n_targets), tokens=ctx.n_targets)
+
+
+def exact_deltas(ctx, experts: dict[int, list[int]] | None = None, *, label: str = "ablation") -> torch.Tensor:
+    """[L, E] summed NLL increase over the calibration targets of masking each expert, for
+    ``experts[row]`` of each MoE layer row (every expert when None); the rest stay 0."""
     adapter, model = ctx.adapter, ctx.model
     E = adapter.num_experts
+    todo = {row: list(range(E)) if experts is None else list(experts[row]) for row in range(len(adapter.layers))}
     deltas = torch.zeros(len(adapter.layers), E, dtype=torch.float64)
     modules = dict(enumerate(adapter.decoder_layers))
     modules[-1] = _get_path(model, adapter.family.final_norm_path)  # its input: the last hidden states
     with torch.no_grad():
-        for batch in ctx.track(ctx.batches, "ablation"):
+        for batch in ctx.track(ctx.batches, label):
             b = batch.to(ctx.device)
             with capture_inputs(modules) as inputs:
                 model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
@@ -33,10 +40,10 @@ def ablation(ctx) -> MethodOutput:
             per_pass = int(ctx.options.get("masks_per_pass") or
                            max(1, min(E, int(ctx.options.get("tokens_per_pass", 2048)) // tokens)))
             for row, layer in enumerate(adapter.layers):
-                for first in range(0, E, per_pass):
-                    drops = list(range(first, min(E, first + per_pass)))
+                for first in range(0, len(todo[row]), per_pass):
+                    drops = todo[row][first:first + per_pass]
                     with drop_one_per_chunk(adapter, layer.index, drops, rows=tokens):
                         hidden = replay_hidden(adapter, inputs, layer.index, copies=len(drops))
                     nll = target_nll(adapter, hidden, b.labels.repeat(len(drops), 1)).double()
                     deltas[row, drops] += nll.view(len(drops), -1).sum(1).cpu() - base
-    return MethodOutput(scores=deltas / max(1, ctx.n_targets), tokens=ctx.n_targets)
+    return deltas

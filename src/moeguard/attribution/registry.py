@@ -2,6 +2,7 @@
 
 from moeguard.attribution import (  # noqa: F401
     ablation,
+    ablation_screened,
     contrastive,
     frequency,
     gate,
