@@ -1,6 +1,10 @@
 """Fine-tuning throughput: moeguard's engine vs a plain ``transformers.Trainer``, same work, one run.
 
-    .venv/bin/python benchmarks/finetune_throughput.py [--steps 60] [--repeats 3] [--modes full,lora]
+    .venv/bin/python benchmarks/finetune_throughput.py [--steps 60] [--repeats 3] [--modes full,lora] [--model DIR]
+
+``--model`` takes any checkpoint, e.g. a real-dimension synthetic one from ``scale.py``
+(``/tmp/moeguard-scale/olmoe-1b-7b@E8-L2``: OLMoE's hidden 2048 and vocabulary 50k, 8 experts so
+that full fine-tuning's copies, gradients and AdamW state fit this machine).
 
 Both sides start from the same weights (a deep copy of one loaded model, wrapped by the same
 ``apply_mode``), see the same batches in the same order and take the same number of AdamW
@@ -83,6 +87,7 @@ def run_trainer(base, batches, cfg: FinetuneConfig, steps: int, optim: str | Non
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="checkpoint directory; default: the embedded model")
     ap.add_argument("--tasks", default="arith-compare,stdlib-code")
     ap.add_argument("--modes", default="full,lora")
     ap.add_argument("--steps", type=int, default=60, help="timed optimizer steps per run")
@@ -102,7 +107,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load = [round(x, 2) for x in os.getloadavg()]  # other processes skew both sides; recorded to judge
     transformers.set_seed(args.seed)
-    base, tokenizer, _ = load_model(None)
+    base, tokenizer, _ = load_model(args.model)
     pad = pad_id(tokenizer)
     rows, optim_used = [], None
     for task in args.tasks.split(","):
@@ -148,7 +153,7 @@ def main() -> None:
                   f"{t['end_to_end_tokens_per_s']:9.0f} tok/s  ratio {row['ratio_engine_vs_trainer']:.3f} "
                   f"(loop {row['ratio_loop']:.3f}; loss {e['mean_loss']:.4f} vs {t['mean_loss']:.4f})", flush=True)
     result = {
-        "model": "embedded", "settings": {**{k: v for k, v in vars(args).items() if k != "out"},
+        "model": args.model or "embedded", "settings": {**{k: v for k, v in vars(args).items() if k != "out"},
                                            "trainer_optim": optim_used, "load_avg_at_start": load},
         "sides": {"engine": "moeguard.realign.engine.finetune: collates each step's examples itself, accelerate "
                             "backward + clip, fused torch AdamW, linear schedule, loss on target positions only",
