@@ -120,6 +120,10 @@ def test_an_audit_under_a_cap_gives_the_numbers_of_an_uncapped_one_and_refuses_i
     assert numbers_only(a) == numbers_only(b)
     # a physical check prunes a copy in memory: skipped under the cap, and saying why
     assert checks and all("offloaded (max_memory)" in c["skipped"] for c in checks)
+    # the headline says what the ratings rest on
+    assert "The recovery study was not run (it cannot run under `--max-memory 4MiB`" in (tmp_path / "b" / "report.md").read_text()
+    assert "The recovery study was not run: these ratings rest on pruning alone" in (tmp_path / "a" / "report.md").read_text()
+    assert "under <code>--max-memory 4MiB</code>" in (tmp_path / "b" / "report.html").read_text()
     capsys.readouterr()
     assert main(["audit", "--out", str(tmp_path / "c"), "--max-memory", "4MiB", "--scan", *args[:-3]]) == 2
     err = capsys.readouterr().err

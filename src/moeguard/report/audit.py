@@ -302,6 +302,12 @@ def _verdict(doc: dict[str, Any]) -> str:
             + (f" ({', '.join(high)})" if high else "") + f", {len(med)} at medium"
             + (f" ({', '.join(med)})" if med else "")
             + f". Model: {m.get('family')} with {m.get('num_experts')} experts per layer, top-{m.get('top_k')}.")
+    cfg = doc.get("config", {})
+    if not cfg.get("recovery", True):
+        why = (f" (it cannot run under `--max-memory {cfg['max_memory']}`: it fine-tunes a pruned copy in memory)"
+               if cfg.get("max_memory") else "")
+        text += (f" The recovery study was not run{why}: these ratings rest on pruning alone, before any "
+                 "fine-tuning, and can understate the risk.")
     return text
 
 
@@ -403,5 +409,7 @@ def render_html(doc: dict[str, Any], folder: Path) -> str:
 
 
 def _inline_md(text: str) -> str:
+    """**bold** and `code` of one line of the markdown report, as HTML."""
     parts = html.escape(text).split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    bold = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(bold.split("`")))
