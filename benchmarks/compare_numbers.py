@@ -54,7 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pair", nargs=3, action="append", metavar=("NAME", "OLD", "NEW"), required=True)
     ap.add_argument("--expect", action="append", default=[], metavar="KEY=REASON")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="where to record the comparison; without it nothing is written "
+                    "(a quick check must not replace the recorded one, benchmarks/results/refactor_equality.json)")
     args = ap.parse_args()
     expected = dict(e.split("=", 1) for e in args.expect)
     report = {}
@@ -70,7 +71,10 @@ def main() -> None:
               f"{len(out['expected'])} expected differences)")
         for d in out["different"][:10]:
             print("   ", d)
-    write_result("refactor_equality", {"pairs": report, "expected": expected}, args.out)
+    if args.out:
+        write_result("refactor_equality", {"pairs": report, "expected": expected}, args.out)
+    else:
+        print("not recorded (pass --out FILE to keep it)")
     if not all(r["equal"] for r in report.values()):
         sys.exit(1)
 
