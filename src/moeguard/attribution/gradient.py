@@ -16,9 +16,9 @@ computed, never weight gradients.
 import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
-from moeguard.models.hooks import expert_outputs, trace_experts
+from moeguard.attribution.replay import target_nll
+from moeguard.models.hooks import expert_outputs, last_hidden, trace_experts
 from moeguard.models.routing import pruned_router_params, route_module
-from moeguard.tasks.batches import token_nll
 
 
 def _drop_one_plans(adapter, E: int, device) -> list:
@@ -84,8 +84,10 @@ def gradient(ctx) -> MethodOutput:
         for batch in ctx.track(ctx.batches, "gradient"):
             b = batch.to(ctx.device)
             with torch.enable_grad(), trace_experts(model, adapter=adapter) as traces:
-                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-                (token_nll(logits, b.labels).sum() / n_targets).backward()
+                # the head only at target positions: full logits were most of the peak at E = 128
+                hidden = last_hidden(model, adapter, input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                     use_cache=False)
+                (target_nll(adapter, hidden, b.labels).sum() / n_targets).backward()
             with torch.no_grad():
                 for row, layer in enumerate(adapter.layers):
                     deltas[row] += _layer_delta(adapter, layer, traces[layer.index], n_targets, plans)

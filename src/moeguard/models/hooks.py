@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moeguard.errors import MoeguardError
-from moeguard.models.adapter import MoEAdapter
+from moeguard.models.adapter import MoEAdapter, _get_path
 from moeguard.models.routing import (pack_router_output, pruned_router_params, route_module, router_logits,
                                      unpack_router_output)
 
@@ -414,6 +414,33 @@ def expert_inputs(adapter: MoEAdapter) -> Iterator[dict[int, torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+class _StopAtHead(Exception):
+    """Raised in the final norm's pre-hook by :func:`last_hidden`: the rest of the forward (the
+    full-vocabulary head) is not computed."""
+
+
+def last_hidden(model: nn.Module, adapter: MoEAdapter, **inputs) -> torch.Tensor:
+    """The last decoder layer's output [B, T, H] (the final norm's input), with its autograd graph,
+    from a forward stopped before the head: the loss can then run the head where there are targets
+    only (``replay.target_nll``), not on [B, T, V] logits (V = 151,936 for Qwen3)."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, kwargs):
+        store["hidden"] = args[0] if args else kwargs["hidden_states"]
+        raise _StopAtHead
+
+    handle = _get_path(model, adapter.family.final_norm_path).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    except _StopAtHead:
+        pass
+    finally:
+        handle.remove()
+    if "hidden" not in store:
+        raise RuntimeError(f"the forward never reached {adapter.family.final_norm_path}")
+    return store["hidden"]
 
 
 def _detach(value):
