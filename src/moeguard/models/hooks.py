@@ -4,8 +4,9 @@
   the routers, statistics reduced as they stream so memory does not grow with tokens).
 - :func:`mask_experts` makes routers route only among kept experts without touching weights.
 
-Just over 400 lines on purpose: the guide's rule is that every hook lives in one room and is
-removed in ``finally``, and splitting the capture from the masking would make two rooms.
+About 600 lines on purpose: the guide's rule is that every hook lives in one room and is removed
+in ``finally``, and splitting the capture from the masking (or from the offload helpers,
+``weights_in_place`` and ``last_hidden``) would make several rooms.
 """
 
 from __future__ import annotations
