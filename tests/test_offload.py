@@ -56,6 +56,17 @@ def test_a_capped_load_keeps_the_weights_off_memory_and_removes_its_folder_with_
     assert not (offload_folders() - before)
 
 
+def test_a_capped_load_that_fails_leaves_no_offload_folder(tmp_path):
+    tiny_model("mixtral").save_pretrained(tmp_path / "m")   # no tokenizer files
+    before = offload_folders()
+    with pytest.raises(MoeguardError, match="cannot load the tokenizer"):
+        load_model(str(tmp_path / "m"), max_memory=1000)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(MoeguardError):
+        load_model(str(tmp_path / "m"), max_memory=1000, with_tokenizer=False)
+    assert not (offload_folders() - before)
+
+
 @pytest.mark.parametrize("method", ["frequency", "gate", "reap", "reap-raw", "contrastive", "ablation", "gradient",
                                     "reconstruction"])
 def test_every_attribution_method_scores_an_offloaded_model_as_the_model_in_memory(pair, method):

@@ -38,7 +38,8 @@ def ablation_screened(ctx) -> MethodOutput:
         denom = float((g * g).sum())
         # gradient's scale in ablation's units; never below 0, which would invert its order
         scale = max(float((g * a).sum()) / denom, 1e-12) if denom > 0 else 1.0
-        rest = [e for e in range(E) if e not in set(idx)]
+        screened = set(idx)
+        rest = [e for e in range(E) if e not in screened]
         if rest:
             # the screen is a candidate filter: every unscreened expert stays below the screened
             # ones (shifted, so gradient's order and differences among them are kept)

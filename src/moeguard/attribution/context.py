@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from moeguard.models.adapter import MoEAdapter
-from moeguard.tasks.tokens import model_device
 from moeguard.models.hooks import RoutingCapture
 from moeguard.tasks.batches import Batch
+from moeguard.tasks.tokens import model_device
 
 
 @dataclass(kw_only=True)

@@ -35,8 +35,8 @@ def _set_forward(module: nn.Module, fn, *, replaces: bool = False) -> tuple[str,
     accelerate keeps in the instance forward. A replacement (``replaces``: ``fn`` computes the
     output itself from the module's weights) goes inside it, where accelerate's hook calls
     ``_old_forward``: under CPU or disk offload the weights are in place only around that call."""
-    subs = [sub for sub in module.modules() if sub is not module and hasattr(sub, "_hf_hook")]
-    if replaces and subs:
+    subs = [sub for sub in module.modules() if sub is not module and hasattr(sub, "_hf_hook")] if replaces else []
+    if subs:
         # hooks on submodules that hold weights (HunYuan's router.wg) run only when those are
         # called: the replacement reads them directly, so it puts them in place itself
         inner = fn

@@ -157,10 +157,6 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     from moeguard.models.prune import resized_construction
 
     ref, config, _ = inspect(ref_str)
-    offload, made_folder = {}, None
-    if max_memory is not None:
-        offload, made_folder = offload_settings(max_memory, device_map=device_map, folder=offload_folder)
-        device_map = offload.pop("device_map")
     where = str(ref.path or ref.hub_id)
     tokenizer = None
     if with_tokenizer:  # before the weights: a missing tokenizer should not cost a full load
@@ -169,13 +165,19 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         except (OSError, ValueError) as e:
             raise MoeguardError(f"cannot load the tokenizer of {where}: {str(e).splitlines()[0]}",
                                 hint="the checkpoint directory needs tokenizer files (tokenizer.json)") from None
+    offload, made_folder = {}, None
+    if max_memory is not None:   # after the tokenizer: a failed load leaves no temporary folder behind
+        offload, made_folder = offload_settings(max_memory, device_map=device_map, folder=offload_folder)
+        device_map = offload.pop("device_map")
     try:
         with resized_construction(config):  # budget-pruned checkpoints keep different counts per layer
             model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
                                                          device_map=device_map, **offload)
-    except (OSError, ValueError) as e:
+    except BaseException as e:
         if made_folder is not None:
             shutil.rmtree(made_folder, ignore_errors=True)
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoeguardError(f"cannot load weights of {where}: {first}",
                             hint="check the checkpoint files (safetensors only) or your hub access") from None

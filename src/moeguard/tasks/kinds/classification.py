@@ -7,7 +7,6 @@ first label. Baseline: always the most frequent label of the train split.
 
 from __future__ import annotations
 
-
 from moeguard.errors import MoeguardError
 from moeguard.tasks import metrics as M
 from moeguard.tasks import tokens as T
