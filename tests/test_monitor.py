@@ -248,3 +248,40 @@ def test_token_surprise_sees_tokens_routed_where_benign_traffic_never_sends_them
     freq = counts.counts[:len(counts.rows)].sum((1, 2))
     top = sorted(np.array(list(counts.rows))[np.argsort(-freq, kind="stable")[:10]].tolist())
     assert small.tokens.tolist() == top
+
+
+def test_one_request_p_values_and_token_scores_equal_the_batch_formulas():
+    """The online hook's per-request shortcuts (bisect over the null, one flat take for token
+    scores) give exactly what the batch path and the docstring's formula give."""
+    import numpy as np
+
+    from moeguard.monitor import tokens as T
+    from moeguard.monitor.profile import STATISTICS, Profile
+
+    rng = np.random.default_rng(1)
+    null = {f"request.{s}": np.sort(rng.standard_normal(50).round(1)) for s in STATISTICS}
+    prof = Profile(meta={}, mean=None, sd=None, topics={}, null=null, space=None, kernel=None, tokens=None)
+    rows = {s: np.concatenate([rng.standard_normal(6), null[f"request.{s}"][[0, 7, -1]], [9.0, -9.0]]) for s in STATISTICS}
+    batch = prof.p_values(rows, "request")
+    for i in range(len(rows["load"])):             # ties with null values, beyond both ends
+        one = prof.p_values({s: v[i:i + 1] for s, v in rows.items()}, "request")
+        assert {k: float(v[0]) for k, v in one.items()} == {k: float(v[i]) for k, v in batch.items()}
+    nan = prof.p_values({s: np.array([np.nan]) for s in STATISTICS}, "request")   # NaN: the batch path's answer
+    assert float(nan["combined"][0]) == float(prof.p_values({s: np.array([np.nan, 0.0]) for s in STATISTICS},
+                                                            "request")["combined"][0])
+
+    L, E, k, V = 3, 8, 2, 40
+    counts = T.TokenRoutingCounts(vocab=V, layers=L, experts=E)
+    ids = rng.integers(0, V - 5, size=200)                 # tokens V-5.. never seen: the fallback row
+    counts.add(ids, rng.integers(0, E, size=(L, 200, k)))
+    table = counts.table(k, bos=None)
+    q = np.concatenate([rng.integers(0, V, size=30), [V + 7]])          # one id past the vocabulary
+    routed = rng.integers(0, E, size=(L, len(q), k))
+    kept = {int(t): i for i, t in enumerate(table.tokens)}
+    prior = (table.marginal + 1e-3 / E) / (1 + 1e-3)
+    expect = []
+    for j, t in enumerate(q.tolist()):
+        c = table.counts[kept[t]] if t in kept else np.zeros((L, E))
+        nll = -np.log((c + k * prior) / (c.sum(-1, keepdims=True) + k))
+        expect.append(sum(nll[l, routed[l, j, i]] for l in range(L) for i in range(k)))
+    assert np.allclose(table.token_scores(q, routed), expect, rtol=1e-12)

@@ -99,7 +99,8 @@ def embed(sums: np.ndarray, tokens: np.ndarray, proj: np.ndarray, centre: np.nda
     x = _pooled(sums, tokens) @ proj
     if centre is not None:
         x = x - centre
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    # np.linalg.norm's own formula for real rows, without its dispatch (the online hook calls this per request)
+    return x / np.maximum(np.sqrt(np.add.reduce(x * x, axis=1, keepdims=True)), 1e-12)
 
 
 class KernelReference:
@@ -113,6 +114,7 @@ class KernelReference:
         self._all = np.concatenate(self.refs)                              # [sum n_t, dim]
         self._sizes = np.array([len(r) for r in self.refs], dtype=np.float64)
         self._starts = np.concatenate([[0], np.cumsum(self._sizes)[:-1]]).astype(np.int64)
+        self._all_sq = (self._all * self._all).sum(1)                      # [sum n_t]: |r|^2, once
         self.K = np.zeros((T, T))
         for a in range(T):
             for b in range(T):
@@ -132,13 +134,13 @@ class KernelReference:
         d = _sq(allr, allr)[np.triu_indices(len(allr), 1)]
         return cls(refs=kept, bandwidth=max(float(np.median(d)), 1e-6))
 
-    def _k(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.exp(-_sq(a, b) / self.bandwidth)
+    def _k(self, a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
+        return np.exp(-_sq(a, b, b_sq) / self.bandwidth)
 
     def means(self, x: np.ndarray) -> np.ndarray:
         """[N, topics]: mean kernel of each embedding to each topic's references (one kernel
         block over every reference: the online hook calls this per request)."""
-        return np.add.reduceat(self._k(x, self._all), self._starts, axis=1) / self._sizes
+        return np.add.reduceat(self._k(x, self._all, self._all_sq), self._starts, axis=1) / self._sizes
 
     def unfamiliar(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(-log density under the nearest topic [N], nearest topic [N])."""
@@ -168,9 +170,10 @@ class KernelReference:
         return cls(refs=refs, bandwidth=bw)
 
 
-def _sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[len(a), len(b)] squared Euclidean distances."""
-    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0.0)
+def _sq(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
+    """[len(a), len(b)] squared Euclidean distances (``b_sq``: ``b``'s squared norms, if known)."""
+    b_sq = (b * b).sum(1) if b_sq is None else b_sq
+    return np.maximum((a * a).sum(1)[:, None] + b_sq[None, :] - 2 * a @ b.T, 0.0)
 
 
 class Embedding:

@@ -65,6 +65,7 @@ class RoutingMonitor:
                                 f"the model {L} x {E}", hint="use the profile made for this model")
         profile.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
         self._E = E
+        self._cell_offsets = (np.arange(L) * E)[:, None, None]    # [L, 1, 1]: layer l's experts at l * E
         self._pooled = PooledHidden(self.adapter)                 # the prompt's final hidden states
         self._pooled.limit, self._pooled.enabled = 1, False
         self._routed = RoutedIds(self.adapter, first_only=True)   # the prompt's top-k ids per layer
@@ -129,9 +130,10 @@ class RoutingMonitor:
             self._active = self._pooled.enabled = self._routed.enabled = False
         if any(x is None for x in self._routed.ids) or not self._pooled.sums:
             return                      # nothing (or not every layer) ran: a failed request
+        import torch
         E = self._E
         # numpy from here: per call it costs a fraction of torch's dispatch on these tiny arrays
-        routed = np.stack([x.cpu().numpy() for x in self._routed.ids])   # [L, rows * T, k]
+        routed = torch.stack(self._routed.ids).cpu().numpy()              # [L, rows * T, k]
         self._routed.reset()
         ids = self._ids.detach().cpu().numpy() if self._ids is not None else None
         mask = self._mask.detach().cpu().numpy().astype(bool) if self._mask is not False and self._mask is not None else None
@@ -142,7 +144,8 @@ class RoutingMonitor:
             valid, mask = None, None
         kept = routed if valid is None else routed[:, valid]
         tokens = float(kept.shape[1])                     # the prompt's tokens (all rows)
-        counts = np.stack([np.bincount(x.ravel(), minlength=E) for x in kept]).astype(np.float64)
+        L = len(kept)                                     # one bincount over (layer, expert) cells
+        counts = np.bincount((kept + self._cell_offsets).ravel(), minlength=L * E).reshape(L, E).astype(np.float64)
         # surprise per row of the prompt's ids (a request is one prompt; several rows: the largest)
         if ids is None or ids.size != routed.shape[1]:
             surprise = 0.0              # called with embeddings, not ids: this statistic has nothing to read

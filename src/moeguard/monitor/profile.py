@@ -34,6 +34,7 @@ A p-value is the smallest of its statistics' p-values times their number (Bonfer
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from dataclasses import dataclass
@@ -174,9 +175,22 @@ class Profile:
         names = STATISTICS if level == "request" else WINDOW_STATISTICS
         return min(1.0, len(names) / (len(self.null[f"{level}.load"]) + 1))
 
+    @cached_property
+    def _null_lists(self) -> dict[str, list[float]]:
+        return {k: v.tolist() for k, v in self.null.items()}
+
     def p_values(self, stats: dict[str, np.ndarray], level: str) -> dict[str, np.ndarray]:
         out = {}
         names = STATISTICS if level == "request" else WINDOW_STATISTICS
+        values = [stats[s] for s in names]
+        if all(len(v) == 1 and v[0] == v[0] for v in values):
+            # one row, no NaN (the online hook, per request): bisect on lists, the same numbers as
+            # searchsorted below at a tenth of the calls
+            for s, v in zip(names, values):
+                null = self._null_lists[f"{level}.{s}"]
+                out[s] = np.array([(1 + len(null) - bisect.bisect_left(null, float(v[0]))) / (len(null) + 1)])
+            out["combined"] = np.array([min(1.0, len(names) * min(float(out[s][0]) for s in names))])
+            return out
         for s in names:
             null = self.null[f"{level}.{s}"]
             above = len(null) - np.searchsorted(null, stats[s], side="left")

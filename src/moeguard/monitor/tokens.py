@@ -91,16 +91,20 @@ class TokenRouting:
         E = self.marginal.shape[1]
         prior = (self.marginal + 1e-3 / E) / (1 + 1e-3)
         nll = -np.log((self.counts + k * prior) / (self.counts.sum(-1, keepdims=True) + k))
-        self._nll = np.concatenate([nll, -np.log(prior)[None]])                             # [N + 1, L, E]
+        # flat [(N + 1) * L * E]: one 1-D take per request (numpy's three-array fancy indexing
+        # cost the online hook ~0.15 ms per request at batch 1)
+        L = self.marginal.shape[0]
+        self._nll = np.concatenate([nll, -np.log(prior)[None]]).reshape(-1)                 # [(N + 1) * L * E]
         self._row = np.full(self.vocab + 1, len(self.tokens), dtype=np.int64)                # unknown -> fallback
         self._row[self.tokens] = np.arange(len(self.tokens))
-        self._layers = np.arange(self.marginal.shape[0])[None, :, None]
+        self._row *= L * E                                                                   # row offsets
+        self._layers = (np.arange(L) * E)[None, :, None]                                     # [1, L, 1] layer offsets
 
     def token_scores(self, ids: np.ndarray, routed: np.ndarray) -> np.ndarray:
         """[T] s(token) for ids [T] and routed [L, T, k]."""
-        rows = self._row[np.clip(ids, 0, self.vocab)]
-        picked = self._nll[rows[:, None, None], self._layers, routed.transpose(1, 0, 2)]     # [T, L, k]
-        return picked.sum((1, 2))
+        rows = self._row[np.minimum(np.maximum(ids, 0), self.vocab)]     # (np.clip's dispatch costs more)
+        flat = rows[:, None, None] + self._layers + routed.transpose(1, 0, 2)                # [T, L, k]
+        return self._nll.take(flat).sum((1, 2))
 
     def surprise(self, ids: np.ndarray, routed: np.ndarray) -> float:
         """The largest mean token score over ``SEGMENT`` consecutive tokens (a leading BOS excluded)."""
