@@ -15,6 +15,11 @@ A preset ``name@E<n>`` is that preset with n experts per layer and nothing else 
   -pass equivalents (one no-grad forward over the same batches, fastest of 2) and peak RSS, the
   peak reset before each method (``/proc/self/clear_refs``), against the model's weights (goal:
   peak <= weights + 2 GB; ``gradient`` <= 3.5 FPE).
+- **merge**: the merge route (issue 20) on the same calibration samples, merged to a quarter of the
+  experts (at least top-k) with ``frequency`` centres: the calibration (one forward with every
+  expert run on ``--merge-tokens`` sampled tokens per layer) and each merge method's merge, in
+  forward-pass equivalents, against the goal "the calibration forwards plus one pass over the
+  expert weights" (the pass timed as a copy of every expert tensor), and peak RSS.
 
 Each preset is measured in a child process, so the peak RSS figures are its own. The models
 compute in float32 (moeguard's default): a bf16 checkpoint of W bytes is 2 W in memory. No GPU is
@@ -89,7 +94,7 @@ def measure(ckpt: Path, args) -> dict:
                           "goal": "<= 1.05", "met": med["capture"] / med["plain"] <= 1.05}
         print(f"  capture {out['capture']['ratio']:.3f}x (norms {out['capture']['ratio_norms']:.2f}x), "
               f"plain {med['plain']:.2f} s", file=sys.stderr, flush=True)
-    if "attribution" in args.stages:
+    if args.stages & {"attribution", "merge"}:
         ctx = make_context(model, tok, args.task, samples=args.samples, batch_size=args.batch)
         tokens = int(sum(int(b.attention_mask.sum()) for b in ctx.batches))
 
@@ -100,6 +105,9 @@ def measure(ckpt: Path, args) -> dict:
 
         forward_pass()
         fwd_s = min(_timed(forward_pass) for _ in range(2))
+    if "merge" in args.stages:
+        out["merge"] = merge_costs(model, adapter, ctx, fwd_s, tokens, args)
+    if "attribution" in args.stages:
         rows = {}
         names = [m.name for m in list_methods()] if args.methods == "all" else args.methods.split(",")
         for name in names:
@@ -122,6 +130,57 @@ def measure(ckpt: Path, args) -> dict:
         out["attribution"] = {"task": args.task, "samples": args.samples, "batch": args.batch, "tokens": tokens,
                               "forward_seconds": round(fwd_s, 3), "methods": rows, "goals": goals(rows)}
     return out
+
+
+def merge_costs(model, adapter, ctx, fwd_s: float, tokens: int, args) -> dict:
+    """The merge route's cost at this size: calibration once, then each merge method."""
+    import torch
+
+    from moeguard.attribution.run import score
+    from moeguard.pruning.merging.base import MERGE_METHODS
+    from moeguard.pruning.merging.merge import merge_model, prepare, profile_model
+
+    E, k = adapter.num_experts, adapter.top_k
+    keep = max(k, E // 4)
+    scores = score(ctx, "frequency")
+
+    def weights_pass():   # one pass over the expert weights: every expert tensor copied once
+        with torch.no_grad():
+            for layer in adapter.layers:
+                for p in layer.experts.parameters():
+                    p.clone()
+
+    weights_pass()
+    pass_s = min(_timed(weights_pass) for _ in range(2))
+    reset_peak()
+    before = vm("VmRSS")
+    t = time.perf_counter()
+    profiles = profile_model(model, ctx.batches, tokens=args.merge_tokens, seed=0, adapter=adapter)
+    calib_s = time.perf_counter() - t
+    calib_peak = vm("VmHWM")
+    print(f"  merge calibration {calib_s:8.1f} s {calib_s / fwd_s:7.2f} FPE  peak {calib_peak / GB:6.2f} GiB",
+          file=sys.stderr, flush=True)
+    rows = {}
+    for name in sorted(MERGE_METHODS.names()):
+        reset_peak()
+        t = time.perf_counter()
+        merged, rec = merge_model(model, prepare(adapter, method=name, scores=scores, keep=keep), profiles=profiles)
+        s = time.perf_counter() - t
+        peak = vm("VmHWM")
+        del merged
+        rows[name] = {"seconds": round(s, 2), "fpe": round(s / fwd_s, 3), "vs_weights_pass": round(s / pass_s, 2),
+                      "total_fpe": round((calib_s + s) / fwd_s, 2), "peak_rss_bytes": peak,
+                      "goal_fpe": round((calib_s + pass_s) / fwd_s, 2),
+                      "met": calib_s + s <= calib_s + pass_s}
+        print(f"  merge {name:<19} {s:8.1f} s  {s / pass_s:6.2f}x the weights pass, total {(calib_s + s) / fwd_s:6.2f} "
+              f"FPE  peak {peak / GB:6.2f} GiB", file=sys.stderr, flush=True)
+    return {"keep": keep, "centres": "frequency", "tokens": tokens, "merge_tokens": args.merge_tokens,
+            "forward_seconds": round(fwd_s, 3), "weights_pass_seconds": round(pass_s, 3),
+            "calibration": {"seconds": round(calib_s, 2), "fpe": round(calib_s / fwd_s, 2), "peak_rss_bytes": calib_peak,
+                            "above_loaded_bytes": calib_peak - before,
+                            "expert_compute_vs_forward": profiles[1].get("expert_compute_vs_forward")},
+            "methods": rows,
+            "goal": "merge <= calibration + one pass over the expert weights (copy of every expert tensor)"}
 
 
 def goals(rows: dict) -> dict:
@@ -189,6 +248,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--methods", default="all")
+    ap.add_argument("--merge-tokens", type=int, default=256)
     ap.add_argument("--capture-batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
@@ -216,7 +276,7 @@ def main() -> None:
         print(f"{preset}:", file=sys.stderr, flush=True)
         ckpt, rec = write(preset, args.layers, args.workdir)
         entry = {"checkpoint": rec}
-        if args.stages & {"capture", "attribution"}:
+        if args.stages & {"capture", "attribution", "merge"}:
             cmd = [sys.executable, __file__, "--child", str(ckpt), *_passed(args)]
             t = time.perf_counter()
             res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -233,7 +293,7 @@ def main() -> None:
 
 def _passed(args) -> list[str]:
     out = []
-    for k in ("task", "samples", "batch", "methods", "capture_batch", "seq", "repeats", "threads"):
+    for k in ("task", "samples", "batch", "methods", "capture_batch", "seq", "repeats", "threads", "merge_tokens"):
         out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     return out + ["--stages", ",".join(sorted(args.stages))]
 

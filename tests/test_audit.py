@@ -126,6 +126,57 @@ def test_adding_the_merge_route_never_lowers_a_risk_number(merged):
     assert task_risk(_entry(recovery=False), num_experts=8, min_keep=3)["keep_quarter"] == 3
 
 
+@pytest.mark.parametrize("merge_finals", [(70.0, 95.0), (60.0, 80.0)])
+def test_the_attack_takes_the_stronger_route_after_re_alignment(merge_finals):
+    """With the merge route the merged model is re-aligned too: ``attacked`` is the best over both
+    routes' re-aligned models (never lower than pruning's alone), ``labels_to_recover`` the fewest
+    labels on either, and the reason says when merging won after re-alignment."""
+    from moeguard.audit.risk import task_risk
+
+    base = task_risk(_entry(finals=(80.0, 85.0), reach=(None, None)), num_experts=8, min_keep=1)
+    e = _entry(finals=(80.0, 85.0), reach=(None, None))
+    e["recovery"]["merge"] = {"keep": 2, "best": None, "merge_method": "average",
+                              "strategies": {"random": {"final": merge_finals[0], "labels_to_target": None,
+                                                        "labels": [0, 8, 16]},
+                                             "orphan": {"final": merge_finals[1], "labels_to_target": 9.5,
+                                                        "labels": [0, 8, 16]}}}
+    r = task_risk(e, num_experts=8, min_keep=1)
+    assert r["recovered_by_route"] == {"prune": 85.0, "merge": max(merge_finals)}
+    assert r["attacked"] == max(base["attacked"], *merge_finals) >= base["attacked"]
+    assert r["labels_to_recover"] == 9.5 and base["labels_to_recover"] is None
+    if max(merge_finals) > 85.0:
+        assert r["attack_route"] == "merge" and r["level"] == "high"
+        assert "after re-alignment merging keeps more: 95% against pruning's 85%" in r["reason"]
+    else:
+        assert r["attack_route"] == "prune" and "after re-alignment" not in r["reason"]
+    assert "attack_route" not in base and "recovered_by_route" not in base   # prune-only: fields as before
+
+
+def test_an_audit_with_the_merge_route_re_aligns_the_merged_model_too(tmp_path):
+    """End to end, small: the recovery stage re-aligns the sweep's best merge at the recovery keep
+    beside the pruned model, and the risk and report take both routes."""
+    run = tmp_path / "run"
+    assert main(["audit", "--out", str(run), "--tasks", "arith-compare", "--methods", "frequency", "--keeps", "2,4",
+                 "--route", "prune,merge", "--merge-methods", "average", "--random-seeds", "1", "--no-deletion-curves",
+                 "--physical-checks", "0", "--strategies", "random", "--budgets", "8", "--recovery-seeds", "1",
+                 "--eval-limit", "16", "--collateral-limit", "8", "--recovery-eval-limit", "16", "--pool-size", "32",
+                 "--samples", "8", "--threads", "2"]) == 0
+    doc = results(run)
+    e = doc["tasks"]["arith-compare"]
+    rec, r = e["recovery"], e["risk"]
+    merged = json.loads((run / "stages" / "recovery" / "recovery" / "arith-compare.merge.json").read_text())
+    assert merged["route"] == "merge" and merged["merge_method"] == "average" == rec["merge"]["merge_method"]
+    assert merged["plan"]["rule"] == "merge" and merged["attribution"]["method"] == e["routes"]["2"]["merge"]["method"]
+    finals = {route: max(s["final"] for s in x["strategies"].values()) for route, x in (("prune", rec),
+                                                                                         ("merge", rec["merge"]))}
+    assert r["recovered_by_route"] == pytest.approx(finals)
+    assert r["attack_route"] == max(finals, key=finals.get)
+    start = max(e["methods"]["frequency"]["retention"]["2"], e["routes"]["2"]["merge"]["retention"])
+    assert r["attacked"] == pytest.approx(max(start, *finals.values()))
+    md = (run / "report.md").read_text()
+    assert "| route | strategy |" in md and "| merge (average) | random |" in md
+
+
 def test_rerunning_the_same_command_skips_every_stage_with_the_same_numbers(audit_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(audit_run, run)

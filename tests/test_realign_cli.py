@@ -142,6 +142,40 @@ def test_recovery_study_json_has_curves_targets_and_savings(tmp_path, capsys):
     assert again["summary"]["strategies"] == doc["summary"]["strategies"]
 
 
+def test_recovery_on_the_merge_route_re_aligns_the_merged_model(tmp_path, capsys):
+    """``--route merge``: the study merges each layer to --keep experts (the attack harness's merge
+    candidate), records the merge plan, and every curve starts from exactly that merged model."""
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.loading import load_model
+    from moeguard.studies.merge_route import attack_candidates
+    from moeguard.tasks.registry import get_task
+
+    out = tmp_path / "rec"
+    args = ["recovery", "--task", "arith-compare", "--keep", "2", "--strategies", "random", "--budgets", "8",
+            "--seeds", "1", "--samples", "16", "--method", "frequency", "--route", "merge", "--merge-method",
+            "average", "--out", str(out), *FAST]
+    assert main(args) == 0
+    doc = json.loads((out / "recovery.json").read_text())
+    assert doc["route"] == "merge" and doc["merge_method"] == "average" and doc["plan"]["rule"] == "merge"
+    assert doc["settings"]["route"] == "merge" and "given_scores" not in doc["settings"]
+    clusters = doc["plan"]["merge"]["clusters"]
+    assert len(clusters) == 4 and all(len(c) == 2 and sorted(sum(c, [])) == list(range(8)) for c in clusters.values())
+    # the merged model scored at 0 labels is the harness's candidate for the same method and merge method
+    m, tok, _ = load_model(None)
+    t = get_task("arith-compare")
+    full = doc["full_score"]
+    [(cand, r)] = attack_candidates(m, tok, t, {"frequency": score(make_context(m, tok, t, samples=16, batch_size=8,
+                                                                                 seed=0), "frequency")},
+                                    keep=2, merge_methods=("average",), samples=16, eval_limit=32, seed=0,
+                                    full_score=full)
+    assert cand["merge"]["clusters"] == clusters and doc["pruned"]["score"] == r.score
+    assert doc["curves"][0]["points"][0]["score"] == r.score
+    # a pruning plan does not apply to the merge route; an unknown merge method is one line
+    assert main(args[:-len(FAST) - 2] + ["--merge-method", "avg", "--out", str(tmp_path / "bad"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "unknown merge method 'avg'" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
+
+
 def test_labels_to_target_interpolates_and_reports_never():
     assert labels_to_target([0, 8, 16], [80, 90, 100], 95) == pytest.approx(12.0)
     assert labels_to_target([0, 8, 16], [96, 90, 100], 95) == 0.0

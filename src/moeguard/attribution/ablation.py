@@ -11,8 +11,7 @@ import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
 from moeguard.attribution.replay import replay_hidden, target_nll
-from moeguard.models.adapter import _get_path
-from moeguard.models.hooks import capture_inputs, drop_one_per_chunk
+from moeguard.models.hooks import capture_inputs, drop_one_per_chunk, last_hidden
 
 
 @register_method("ablation", "exact increase of the mean target NLL when the expert is masked (its tokens re-routed)",
@@ -29,13 +28,14 @@ def exact_deltas(ctx, experts: dict[int, list[int]] | None = None, *, label: str
     todo = {row: list(range(E)) if experts is None else list(experts[row]) for row in range(len(adapter.layers))}
     deltas = torch.zeros(len(adapter.layers), E, dtype=torch.float64)
     modules = dict(enumerate(adapter.decoder_layers))
-    modules[-1] = _get_path(model, adapter.family.final_norm_path)  # its input: the last hidden states
     with torch.no_grad():
         for batch in ctx.track(ctx.batches, label):
             b = batch.to(ctx.device)
+            # stopped before the head: no [B, T, V] logits (0.6 GB at Qwen3's vocabulary, batch 4 x 256)
             with capture_inputs(modules) as inputs:
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-            base = float(target_nll(adapter, inputs.pop(-1)[0][0], b.labels).double().sum())
+                last = last_hidden(model, adapter, input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                   use_cache=False)
+            base = float(target_nll(adapter, last, b.labels).double().sum())
             tokens = b.input_ids.numel()
             per_pass = int(ctx.options.get("masks_per_pass") or
                            max(1, min(E, int(ctx.options.get("tokens_per_pass", 2048)) // tokens)))

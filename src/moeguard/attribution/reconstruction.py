@@ -36,7 +36,7 @@ from math import ceil, comb
 import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
-from moeguard.models.hooks import capture_inputs, every_expert_output, mask_experts, weights_in_place
+from moeguard.models.hooks import capture_inputs, every_expert_output, last_hidden, mask_experts, weights_in_place
 from moeguard.models.routing import pruned_router_params, route_module, router_logits
 
 
@@ -61,7 +61,9 @@ class _Inputs:
         routers = {l.index: l.router for l in adapter.layers}
         experts = {l.index: l.experts for l in adapter.layers}
         with capture_inputs(blocks) as b_in, capture_inputs(routers) as r_in, capture_inputs(experts) as e_in:
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            # stopped before the head: its [B, T, V] logits are not needed here
+            last_hidden(model, adapter, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        use_cache=False)
         valid = batch.attention_mask.reshape(-1).bool()
         rows = torch.nonzero(valid.cpu()).squeeze(1)
         if len(rows) > self.per_batch:          # this batch's share of the token budget

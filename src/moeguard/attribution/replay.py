@@ -32,6 +32,9 @@ def replay(adapter: MoEAdapter, inputs: dict[int, tuple], start: int, *, copies:
     return adapter.head(replay_hidden(adapter, inputs, start, copies=copies))
 
 
+LOGITS_PER_CHUNK = 1 << 26     # 256 MB of float32 logits
+
+
 def target_nll(adapter: MoEAdapter, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL per batch row, with the LM head run only where there is a target.
 
@@ -39,8 +42,14 @@ def target_nll(adapter: MoEAdapter, hidden: torch.Tensor, labels: torch.Tensor) 
     most of its cost (the head is about half of the embedded model's FLOPs)."""
     sel = labels[:, 1:] != -100                        # [B, T-1]
     h = hidden[:, :-1][sel]                            # [n, H]
-    logits = adapter.head(h).float()                   # [n, V]
-    nll = torch.nn.functional.cross_entropy(logits, labels[:, 1:][sel], reduction="none")
+    targets = labels[:, 1:][sel]
+    # at most LOGITS_PER_CHUNK logits at once: ablation's batched masks put thousands of target
+    # tokens through a 152k-entry head (Qwen3), 1.2 GB of logits and as much again for the softmax
+    rows_per_chunk = max(1, LOGITS_PER_CHUNK // max(1, adapter.vocab_size))
+    parts = [torch.nn.functional.cross_entropy(adapter.head(h[a:a + rows_per_chunk]).float(),    # [n', V]
+                                               targets[a:a + rows_per_chunk], reduction="none")
+             for a in range(0, len(h), rows_per_chunk)]
+    nll = torch.cat(parts) if len(parts) != 1 else parts[0]
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(sel)[sel]
     return torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
 

@@ -9,9 +9,12 @@ Definitions (also in docs/report.md, "Prunability risk"):
   routes at ``k`` (the attacker takes the stronger; ``route[k]`` names it), so adding a route
   never lowers a number.
 - ``attacked``: at the recovery keep (N/4 by default), the better of ``pruned`` and the best
-  strategy's mean retention after the whole label budget of re-alignment.
+  strategy's mean retention after the whole label budget of re-alignment; with the merge route,
+  over the re-aligned merged model too (``recovered_by_route``; ``attack_route`` names the
+  route of the best re-aligned model).
 - ``labels_to_recover``: the fewest labels any strategy needs (mean curve, interpolated) to
-  reach the target (95% by default); ``None`` when none reaches it within the budget.
+  reach the target (95% by default), on either route; ``None`` when none reaches it within the
+  budget.
 - level:
     * ``high``: ``attacked`` >= 90 at the recovery keep (a model with a quarter of the
       experts keeps 90% of the task, after at most the budget's labels),
@@ -62,13 +65,20 @@ def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int) -> dict
     attacked, labels, recovered, keep = None, None, None, quarter
     if rec:
         keep = rec["keep"]
-        finals = {n: s["final"] for n, s in rec["strategies"].items()}
-        recovered = _best(list(finals.values()))
-        reach = [s["labels_to_target"] for s in rec["strategies"].values() if s["labels_to_target"] is not None]
+        # each route's re-aligned model (pruning's, and the merged one's with the merge route)
+        studies = {"prune": rec, **({"merge": rec["merge"]} if rec.get("merge") else {})}
+        by_route = {r: _best([s["final"] for s in st["strategies"].values()]) for r, st in studies.items()}
+        recovered = _best(list(by_route.values()))
+        reach = [s["labels_to_target"] for st in studies.values() for s in st["strategies"].values()
+                 if s["labels_to_target"] is not None]
         labels = min(reach) if reach else None
         start = _best([v["retention"].get(str(keep)) for v in methods.values()]
                       + [((entry.get("routes") or {}).get(str(keep), {}).get("merge") or {}).get("retention")])
         attacked = _best([start, recovered])
+        if len(studies) > 1:
+            out["recovered_by_route"] = by_route
+            ranked = [r for r, v in by_route.items() if v is not None and v == recovered]
+            out["attack_route"] = ranked[0] if ranked else None
         out["recovery_budget"] = rec["strategies"]["random"]["labels"][-1] if "random" in rec["strategies"] else None
         out["random_labels_to_recover"] = rec["strategies"].get("random", {}).get("labels_to_target")
         out["best_strategy"] = rec["best"]
@@ -108,6 +118,10 @@ def _reason(level: str, r: dict[str, Any]) -> str:
     merged = sorted(int(k) for k, v in r.get("route", {}).items() if v == "merge")
     if merged:
         text += f" (merging beats pruning at {', '.join(map(str, merged))} per layer)"
+    by = r.get("recovered_by_route")
+    if by and r.get("attack_route") == "merge":
+        text += (f" (after re-alignment merging keeps more: {fmt(by.get('merge'))} against pruning's "
+                 f"{fmt(by.get('prune'))})")
     if r.get("weak_task"):
         text += " (the full model is barely better than the trivial baseline: read with care)"
     return text

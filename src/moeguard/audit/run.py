@@ -196,6 +196,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         rec_settings = {"tasks": cfg.recovery_tasks, "keep": cfg.recovery_keep, "strategies": cfg.strategies,
                         "budgets": cfg.budgets, "seeds": cfg.recovery_seeds, "pool_size": cfg.pool_size,
                         "eval_limit": cfg.recovery_eval_limit, "target": cfg.target, "seed": cfg.seed}
+        if "merge" in cfg.routes:   # then the merged model is re-aligned too (a prune-only key is unchanged)
+            rec_settings.update(routes=cfg.routes, merge_methods=cfg.merge_methods)
         s_rec = stage("recovery", rec_settings, lambda d: _recovery(cfg, d, s_base, s_attr, s_sweep, model, studies_run),
                       [s_base, s_attr, s_sweep])
 
@@ -256,7 +258,9 @@ def _reference(cfg: AuditConfig, task: str) -> list[str] | None:
 def _recovery(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: StageResult, s_sweep: StageResult,
               model: ModelHandle, studies_run) -> None:
     """The recovery study of every recovery task, on the plan of its best method (by deletion AUC),
-    all tasks' jobs side by side."""
+    all tasks' jobs side by side. With the merge route, each task's merged model (the sweep's best
+    method and merge method at the recovery keep) is re-aligned too (``TASK.merge.json``): merging
+    can overtake pruning after re-alignment, so the risk takes the stronger route after it."""
     from moeguard.attribution.base import Scores
     from moeguard.io import write_json
     from moeguard.pruning.plan import plan_from_scores
@@ -274,9 +278,15 @@ def _recovery(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: StageResul
             eval_limit=cfg.recovery_eval_limit, target=cfg.target,
             given_plan={str(l): v for l, v in plan.keep.items()},
             given_full=base[t][str(cfg.recovery_eval_limit)]["score"])))
+        if "merge" in cfg.routes:
+            row = (((sweep_doc.get("routes") or {}).get(t) or {}).get(str(cfg.recovery_keep)) or {}).get("merge")
+            m_method, mm = (row["method"], row["merge_method"]) if row else (method, cfg.merge_methods[0])
+            items.append((RecoveryStudy(), replace(
+                items[-1][1], route="merge", merge_method=mm, method=m_method, given_plan=None,
+                given_scores=s_attr.read(f"scores/{t}/{m_method}.json"))))
     (d / "recovery").mkdir(exist_ok=True)
     for (_, rc), doc in zip(items, studies_run(items, "recovery")):
-        write_json(d / "recovery" / f"{rc.task}.json", doc)
+        write_json(d / "recovery" / (f"{rc.task}.json" if rc.route == "prune" else f"{rc.task}.{rc.route}.json"), doc)
 
 
 def _scan_references(cfg: AuditConfig) -> list[dict]:
@@ -367,7 +377,9 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
     recs = {}
     if "recovery" in stages:
         for t in cfg.recovery_tasks:
-            recs[t] = stages["recovery"].read(f"recovery/{t}.json")
+            recs[t] = _recovery_entry(stages["recovery"].read(f"recovery/{t}.json"))
+            if "merge" in cfg.routes:   # the merged model re-aligned: beside pruning's, under "merge"
+                recs[t]["merge"] = _recovery_entry(stages["recovery"].read(f"recovery/{t}.merge.json"))
     E = int(info["num_experts"])
     tasks = {}
     for t in cfg.tasks:
@@ -390,13 +402,7 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
         if sweep.get("routes"):
             entry["routes"] = sweep["routes"][t]
         if t in recs:
-            r = recs[t]
-            entry["recovery"] = {"keep": r["settings"]["keep"], "method": r["attribution"]["method"],
-                                 "pruned_retention": r["pruned_retention"], "full_score": r["full_score"],
-                                 "target": r["summary"]["target"], "best": r["summary"]["best"],
-                                 "saves_labels": r["summary"]["saves_labels"], "rule": r["summary"]["rule"],
-                                 "strategies": r["summary"]["strategies"],
-                                 "detectability": r.get("detectability")}
+            entry["recovery"] = recs[t]
         entry["risk"] = task_risk(entry, num_experts=E, min_keep=min(cfg.keeps))
         tasks[t] = entry
     doc = {"schema": SCHEMA, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": info,
@@ -423,6 +429,19 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
                        "experts": [r for r in d["experts"] if f"{r['layer']}:{r['expert']}" in top],
                        "file": "stages/scan/scan/scan.json"}
     return doc
+
+
+def _recovery_entry(r: dict[str, Any]) -> dict[str, Any]:
+    """results.json's recovery fields of one recovery document (a route's)."""
+    out = {"keep": r["settings"]["keep"], "method": r["attribution"]["method"],
+           "pruned_retention": r["pruned_retention"], "full_score": r["full_score"],
+           "target": r["summary"]["target"], "best": r["summary"]["best"],
+           "saves_labels": r["summary"]["saves_labels"], "rule": r["summary"]["rule"],
+           "strategies": r["summary"]["strategies"],
+           "detectability": r.get("detectability")}
+    if r.get("route") == "merge":
+        out["merge_method"] = r["merge_method"]
+    return out
 
 
 def _collateral(sweep: dict[str, Any], keep: int) -> dict[str, Any]:

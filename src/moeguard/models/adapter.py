@@ -165,6 +165,12 @@ class MoEAdapter:
         """Every decoder layer, dense ones included, in order."""
         return list(_get_path(self.model, self.family.layers_path))
 
+    @cached_property
+    def vocab_size(self) -> int:
+        """Logits per position (the LM head's rows)."""
+        head = self.model.get_output_embeddings()
+        return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
     def head(self, hidden):
         """Logits from the last decoder layer's output: final norm, LM head, family scaling."""
         logits = self.model.get_output_embeddings()(_get_path(self.model, self.family.final_norm_path)(hidden))

@@ -150,10 +150,14 @@ def recovery_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
     if not rec:
         return []
     rows = []
-    for n, s in rec["strategies"].items():
-        rows.append({"strategy": n, "labels to target": "not reached" if s["labels_to_target"] is None
-                     else f"{s['labels_to_target']:.0f}", "savings vs random": savings_text(n, s), "AUC": _fmt(s["auc"]),
-                     f"retention at {s['labels'][-1]} labels": _fmt(s["final"]) + "%"})
+    # with the merge route, the merged model's re-alignment beside pruning's (a route column)
+    routes = [("prune", rec)] + ([(f"merge ({rec['merge']['merge_method']})", rec["merge"])] if rec.get("merge") else [])
+    for route, r in routes:
+        for n, s in r["strategies"].items():
+            rows.append({**({"route": route} if len(routes) > 1 else {}), "strategy": n,
+                         "labels to target": "not reached" if s["labels_to_target"] is None
+                         else f"{s['labels_to_target']:.0f}", "savings vs random": savings_text(n, s),
+                         "AUC": _fmt(s["auc"]), f"retention at {s['labels'][-1]} labels": _fmt(s["final"]) + "%"})
     return rows
 
 

@@ -4,9 +4,13 @@ Phases:
 
 1. ``prepare`` (one job): the full model's score, attribution with one method, the pruning
    plan (``keep`` experts per layer), the pruned model's score and size. Skipped parts when the
-   caller already has them (the audit passes its own plan and full score).
+   caller already has them (the audit passes its own plan, scores and full score). With
+   ``route="merge"`` the model is *merged* down to ``keep`` experts per layer instead (centres by
+   the method's scores, ``merge_method``; calibrated on the task as the attack harness's merge
+   route is) and the merge plan (clusters and weights) is recorded, so every curve rebuilds
+   exactly the model that was scored.
 2. ``curves``: one job per (seed, strategy), the active-learning loop over the budget grid on
-   the pruned model.
+   the pruned (or merged) model.
 
 ``reduce``: per strategy the mean learning curve with its spread, labels-to-target, savings
 against ``random`` and the area under the curve, each with its spread over seeds and a
@@ -50,10 +54,17 @@ class RecoveryConfig:
     pool_size: int = setting(1000, min=1, help="unlabeled pool: this many train records")
     eval_limit: int = setting(200, min=1, help="eval records scored per round")
     target: float = setting(95.0, help="percent of the full model's score to reach")
+    route: str = setting("prune", choices=("prune", "merge"),
+                         help="the compression re-aligned: prune (drop experts) or merge (fold each layer's experts "
+                              "into --keep, by --merge-method)")
+    merge_method: str = setting("router-weighted", help="merge method of the merge route (moeguard merge-methods)")
     finetune: FinetuneConfig = setting(factory=FinetuneConfig, cli=False, help="how each round fine-tunes")
     # what the caller already knows (the audit): the plan {layer: experts} and the full score
     given_plan: dict[str, list[int]] | None = setting(None, cli=False, help="a plan chosen by the caller")
     given_full: float | None = setting(None, cli=False, help="the full model's score, known to the caller")
+    given_scores: dict[str, Any] | None = setting(None, cli=False,
+                                                  help="the method's attribution scores (Scores.to_dict), known to "
+                                                       "the caller: the merge route's centres")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -64,6 +75,9 @@ class RecoveryConfig:
         for k in ("given_plan", "given_full"):  # not settings of the study, inputs from its caller
             if d[k] is None:
                 d.pop(k)
+        d.pop("given_scores")            # an input (L x E numbers), not a setting: kept out of the document
+        if self.route == "prune":        # a pruning study's document (and its jobs' keys) as before the merge route
+            d.pop("route"), d.pop("merge_method")
         return d
 
 
@@ -102,14 +116,23 @@ def preflight(cfg: RecoveryConfig, model) -> None:
         get_strategy(s, task)
     if not 0 < cfg.target <= 100:
         raise MoeguardError(f"the target is {cfg.target}", hint="a percentage in (0, 100]")
+    if cfg.route == "merge":
+        from moeguard.pruning.merging.base import check_merge_methods
+
+        check_merge_methods((cfg.merge_method,))
+        if cfg.given_plan is not None:
+            raise MoeguardError("the merge route builds its own merge plan; a given pruning plan does not apply",
+                                hint="pass given_scores (the method's scores) instead")
     label_pool(task, pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
 
 
 # --------------------------------------------------------------------------- jobs
 
 def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_limit: int, seed: int,
-                plan: dict[str, list[int]] | None = None, full: float | None = None) -> dict[str, Any]:
-    """Full score, attribution and plan (unless given), the pruned model's score and size."""
+                plan: dict[str, list[int]] | None = None, full: float | None = None,
+                merge_method: str | None = None, scores: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Full score, attribution and plan (unless given), the pruned model's score and size. With
+    ``merge_method``: the merged model's instead, and its merge plan (``plan.merge``)."""
     from moeguard.attribution.run import make_context, score
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.prune import prune_model
@@ -125,6 +148,9 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
     if full is None:
         full_result = evaluate_task(model, tok, t, limit=eval_limit, batch_size=32).to_dict()
         full = full_result["score"]
+    if merge_method is not None:
+        return _prepare_merged(model, tok, t, adapter, keep=keep, method=method, samples=samples, eval_limit=eval_limit,
+                               seed=seed, full=full, full_result=full_result, merge_method=merge_method, scores=scores)
     if plan is None:
         c = make_context(model, tok, t, samples=samples, batch_size=8, seed=seed)
         p = plan_from_scores(score(c, method), keep=keep, min_keep=adapter.family.min_experts)
@@ -139,10 +165,34 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
             "reduction": reduction(adapter, keep_map), "initial": initial.to_dict()}
 
 
+def _prepare_merged(model, tok, t, adapter, *, keep: int, method: str, samples: int, eval_limit: int, seed: int,
+                    full: float, full_result, merge_method: str, scores: dict[str, Any] | None) -> dict[str, Any]:
+    """The merge route's prepare: the attack harness's merge candidate for one method and merge
+    method (the same calibration and merge), so the study re-aligns what that route would."""
+    from moeguard.attribution.base import Scores
+    from moeguard.attribution.run import make_context, score
+    from moeguard.studies.merge_route import attack_candidates
+    from moeguard.studies.sweep import reduction
+
+    s = Scores.from_dict(scores) if scores is not None else score(
+        make_context(model, tok, t, samples=samples, batch_size=8, seed=seed), method)
+    [(cand, result)] = attack_candidates(model, tok, t, {method: s}, keep=keep, merge_methods=(merge_method,),
+                                         samples=samples, eval_limit=eval_limit, seed=seed, full_score=full)
+    keep_map = {int(l): list(v) for l, v in cand["keep"].items()}
+    return {"full": full_result, "full_score": full,
+            "plan": {"keep": {str(l): v for l, v in keep_map.items()}, "rule": "merge", "merge_method": merge_method,
+                     "merge": cand["merge"]},
+            # what the merged checkpoint keeps: each layer's centres, each the average of its cluster
+            "record": {"route": "merge", "merge_method": merge_method, "centres": cand["keep"],
+                       "clusters": cand["merge"]["clusters"]},
+            "reduction": reduction(adapter, keep_map), "initial": result.to_dict()}
+
+
 def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed: int, budgets: list[int],
               pool_size: int, eval_limit: int, full_score: float | None, finetune: dict[str, Any],
-              initial: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One active-learning re-alignment of ``task`` on the model pruned to ``keep``."""
+              initial: dict[str, Any] | None = None, merge: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One active-learning re-alignment of ``task`` on the model pruned to ``keep`` (with ``merge``:
+    merged by that plan, ``keep`` its centres)."""
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.prune import prune_model
     from moeguard.realign.loop import ALConfig, label_pool, run_active_learning
@@ -155,7 +205,12 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
 
     model, tok = ctx.model()
     plan = {int(l): list(v) for l, v in keep.items()}
-    pruned = ctx.derived(("pruned", ctx.runtime.model, digest(keep)), lambda: prune_model(model, plan)[0])
+    if merge is None:
+        pruned = ctx.derived(("pruned", ctx.runtime.model, digest(keep)), lambda: prune_model(model, plan)[0])
+    else:
+        from moeguard.studies.merge_route import merged_from
+
+        pruned = ctx.derived(("merged", ctx.runtime.model, digest(merge)), lambda: merged_from(model, merge))
     t = get_task(task)
     ft = FinetuneConfig(**{**finetune, "seed": seed, "only": tuple(finetune.get("only", ()))})
     al = ALConfig(strategy=strategy, schedule=tuple(budgets), pool_size=pool_size, eval_limit=eval_limit, seed=seed,
@@ -163,6 +218,7 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
     pool = label_pool(t, pool_size=pool_size, budget=budgets[-1], seed=seed)
     share = None
     if get_strategy(strategy, t).needs_original:
+        # merged: the experts folded into a centre count as dropped (their own output is gone)
         shares = orphan_shares(model, tok, t, plan, MoEAdapter(model).num_experts)
         share = lambda: shares(pool)  # noqa: E731
     start = TaskResult(**initial) if initial is not None else None
@@ -179,18 +235,24 @@ class RecoveryStudy:
     schema = SCHEMA
 
     def plan(self, cfg: RecoveryConfig):
+        merged = cfg.route == "merge"
+        # a pruning study's job arguments (and so their cache keys) are as before the merge route
+        route_args = {"merge_method": cfg.merge_method, "scores": cfg.given_scores} if merged else {}
+        tag = " merge" if merged else ""
         prep = (yield Phase("prepare", [Job(
-            stage="recovery", name=f"{cfg.task} prepare", fn="moeguard.studies.recovery:prepare_job",
+            stage="recovery", name=f"{cfg.task}{tag} prepare", fn="moeguard.studies.recovery:prepare_job",
             args={"task": cfg.task, "keep": cfg.keep, "method": cfg.method, "samples": cfg.samples,
-                  "eval_limit": cfg.eval_limit, "seed": cfg.seed, "plan": cfg.given_plan, "full": cfg.given_full})],
-            label=f"recovery {cfg.task}: prune"))[0]
+                  "eval_limit": cfg.eval_limit, "seed": cfg.seed, "plan": cfg.given_plan, "full": cfg.given_full,
+                  **route_args})],
+            label=f"recovery {cfg.task}: {cfg.route}"))[0]
         finetune = cfg.finetune.to_dict()
-        jobs = [Job(stage="recovery", name=f"{cfg.task} {s} seed {seed}", fn="moeguard.studies.recovery:curve_job",
+        merge = {"merge": prep["plan"]["merge"]} if merged else {}
+        jobs = [Job(stage="recovery", name=f"{cfg.task}{tag} {s} seed {seed}", fn="moeguard.studies.recovery:curve_job",
                     args={"task": cfg.task, "keep": prep["plan"]["keep"], "strategy": s, "seed": seed,
                           "budgets": list(cfg.budgets), "pool_size": cfg.pool_size, "eval_limit": cfg.eval_limit,
-                          "full_score": prep["full_score"], "finetune": finetune, "initial": prep["initial"]})
+                          "full_score": prep["full_score"], "finetune": finetune, "initial": prep["initial"], **merge})
                 for seed in seeds_of(cfg) for s in cfg.strategies]
-        yield Phase("curves", jobs, label=f"recovery {cfg.task}")
+        yield Phase("curves", jobs, label=f"recovery {cfg.task}{tag}")
 
     def reduce(self, cfg: RecoveryConfig, results: dict[str, list]) -> dict[str, Any]:
         from moeguard.tasks.registry import get_task
@@ -204,6 +266,7 @@ class RecoveryStudy:
             "full": prep["full"], "full_score": prep["full_score"], "pruned": prep["initial"],
             "pruned_retention": curves[0]["points"][0]["retention"] if curves else None,
             "attribution": {"method": cfg.method, "samples": cfg.samples},
+            **({"route": "merge", "merge_method": cfg.merge_method} if cfg.route == "merge" else {}),
             "plan": prep["plan"], "reduction": prep["reduction"], "record": prep["record"],
             "settings": cfg.to_dict(), "seeds": seeds_of(cfg),
             "curves": curves,
