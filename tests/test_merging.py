@@ -290,3 +290,24 @@ def test_merge_methods_lists_every_method(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == ["average", "frequency-weighted", "hc-smoe", "router-weighted"]
     assert [r["uses_gate"] for r in rows] == [False, False, False, True]
+
+
+def test_weighted_sum_is_bit_identical_to_the_plain_float64_formula():
+    """The buffered average computes exactly sum(w_j * x_j) in float64 in cluster order (signed
+    zeros, bf16 and float32 members included): in-memory and streamed merges rely on it."""
+    from moeguard.pruning.merging.operation import weighted_sum
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, shape in ((torch.float32, (5, 7)), (torch.bfloat16, (300, 500)), (torch.float64, (70000,)),
+                         (torch.float32, (3, 40000, 2))):    # one block, several blocks of rows, 1-D
+        xs = [torch.randn(*shape, generator=g).to(dtype) for _ in range(3)]
+        for x in xs:
+            x.view(-1)[0] = -0.0
+        w = torch.rand(3, generator=g, dtype=torch.float64)
+        w = w / w.sum()
+        plain = sum(float(wk) * x.double() for wk, x in zip(w, xs))
+        got = weighted_sum(iter(xs), w)
+        assert got.dtype == torch.float64 and torch.equal(got, plain)
+        assert torch.equal(torch.signbit(got), torch.signbit(plain))     # -0.0 stays where the formula gives it
+    strided = torch.randn(6, 9, generator=g).t()                           # a transposed (non-contiguous) member
+    assert torch.equal(weighted_sum([strided, strided * 2], [0.25, 0.75]), 0.25 * strided.double() + 0.75 * (strided * 2).double())

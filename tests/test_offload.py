@@ -140,3 +140,38 @@ def test_an_audit_under_a_cap_gives_the_numbers_of_an_uncapped_one_and_refuses_i
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "recovery, scan stage(s)" in err and "--no-recovery" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_capped_merge_calibrates_offloaded_and_streams_the_in_memory_merge(tmp_path, capsys):
+    """``merge --max-memory``: calibration on the model loaded under the cap, the plan it computes
+    streamed onto the safetensors files; the checkpoint equals the in-memory merge's."""
+    from moeguard.testing import checkpoint_tensors
+
+    m, tok, _ = load_model(None)
+    src = tmp_path / "src"
+    m.save_pretrained(src)
+    tok.save_pretrained(src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    scores = tmp_path / "scores.json"
+    assert main(["attribute", "--model", str(src), "--task", "arith-compare", "--method", "frequency", "--samples", "8",
+                 "--out", str(scores)]) == 0
+    common = ["merge", "--model", str(src), "--scores", str(scores), "--keep", "4", "--method", "hc-smoe",
+              "--samples", "8", "--tokens", "32"]
+    assert main([*common, "--in-memory", "--out", str(tmp_path / "mem")]) == 0
+    folders = offload_folders()
+    capsys.readouterr()
+    assert main([*common, "--max-memory", "4MiB", "--out", str(tmp_path / "cap")]) == 0
+    assert "(hc-smoe: hierarchical clustering of expert outputs, streaming)" in capsys.readouterr().out
+    assert not (offload_folders() - folders)                                     # the offload folder is gone
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before             # the input is only read
+    rec = {x: json.loads((tmp_path / x / "moeguard_merging.json").read_text()) for x in ("mem", "cap")}
+    assert rec["cap"]["pruning"]["method"] == "streaming" and rec["cap"]["run"]["settings"]["max_memory"] == 4 * 2**20
+    assert rec["cap"]["plan"] == rec["mem"]["plan"] and rec["cap"]["merges"] == rec["mem"]["merges"]
+    assert rec["cap"]["calibration"] == rec["mem"]["calibration"]
+    a, b = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "cap")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a capped merge always streams: --in-memory with it is one line, before any weights load
+    assert main([*common, "--max-memory", "4MiB", "--in-memory", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-memory streams the merge" in err and "drop --in-memory" in err
+    assert not (tmp_path / "x").exists()

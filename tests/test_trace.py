@@ -148,6 +148,25 @@ def test_merged_experts_name_their_sources(embedded, fp):
         assert found == truth
 
 
+def test_a_checkpoint_written_by_moeguard_merge_is_traced_to_its_merging_record(fp, tmp_path, capsys):
+    """The merge command's own record on disk (``moeguard_merging.json``) is the ground truth the
+    trace of its checkpoint is checked against: which originals each merged expert came from."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"clusters": {str(l): [[1, 0], [2], [5, 3, 4], [6], [7]] for l in range(4)}}))
+    assert main(["merge", "--plan", str(plan), "--method", "average", "--out", str(tmp_path / "suspect")]) == 0
+    fp.save(tmp_path / "fp")
+    assert main(["trace", "--original", str(tmp_path / "fp"), "--suspect", str(tmp_path / "suspect"),
+                 "--out", str(tmp_path / "t")]) == 0
+    assert "verdict: derived" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "t" / "trace.json").read_text())
+    record = json.loads((tmp_path / "suspect" / "moeguard_merging.json").read_text())
+    for layer in doc["layers"]:
+        found = {e["expert"]: sorted(int(i) for i in e["merge"]["weights"]) for e in layer["experts"]
+                 if e["label"] == "merged"}
+        truth = {g["expert"]: sorted(g["from"]) for g in record["merges"][str(layer["layer"])] if len(g["from"]) > 1}
+        assert found == truth and len(truth) == 2, (layer["layer"], found, truth)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_an_independent_model_of_the_same_architecture_is_not_called_derived(embedded, fp, seed):
     m, tok = embedded

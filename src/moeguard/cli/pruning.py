@@ -166,8 +166,10 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
           gate: Annotated[str, typer.Option("--gate", help="router-weighted: 'applied' (the block's weights) or 'raw' (score before renormalization)")] = "applied",
           batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
           streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", help="default: streaming when the plan needs no data and the checkpoint is local")] = None,
+          max_memory: MaxMemoryOpt = None,
           overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
-    """Merge experts instead of dropping them: each layer's experts clustered and averaged into K."""
+    """Merge experts instead of dropping them: each layer's experts clustered and averaged into K.
+    With --max-memory, calibration runs on the model loaded under the cap and the plan streams onto the files."""
     from moeguard.edge import resolve_model
     from moeguard.pruning.merging.write import write_merged
     from moeguard.report.tables import merge_table
@@ -177,10 +179,16 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     settings = {"model": handle.name, "method": method, "scores": str(scores) if scores else None,
                 "plan": str(plan) if plan else None, "keep": keep, "task": task, "samples": samples, "tokens": tokens,
                 "gate": gate, "batch_size": batch_size, "seed": seed}
+    cap = None
+    if max_memory is not None:
+        from moeguard.models.loading import parse_memory
+
+        cap = settings["max_memory"] = parse_memory(max_memory)
     with _progress() as progress:
         record = write_merged(handle, out, method=method, keep=keep, scores=scores, plan=plan, task=task,
                               samples=samples, batch_size=batch_size, tokens=tokens, gate=gate, seed=seed,
-                              overwrite=overwrite, progress=progress, settings=settings, streaming=streaming)
+                              overwrite=overwrite, progress=progress, settings=settings, streaming=streaming,
+                              max_memory=cap)
     _console().print(merge_table(record))
     counts = sorted({len(v) for v in record["keep"].values()})
     how = "streaming" if record["pruning"].get("method") == "streaming" else "in memory"

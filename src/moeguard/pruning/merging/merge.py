@@ -88,6 +88,17 @@ def merge_model(model: nn.Module, prepared: dict[str, Any], *, batches: list | N
                 profiles: tuple[dict[int, Any], dict[str, Any]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The merged model (``model`` untouched) and its record: the plan, the merges and the cost.
     ``profiles``: :func:`profile_model`'s result, when already computed (then ``batches`` is not used)."""
+    plan, cost = plan_merge(model, prepared, batches=batches, tokens=tokens, seed=seed, task=task,
+                            scores_method=scores_method, progress=progress, profiles=profiles)
+    merged, record = merge_experts(model, plan.clusters, plan.weights)
+    return merged, {**record, "plan": plan.to_dict(), "calibration": cost}
+
+
+def plan_merge(model: nn.Module, prepared: dict[str, Any], *, batches: list | None = None, tokens: int = 256,
+               seed: int = 0, task: str | None = None, scores_method: str | None = None, progress=None,
+               profiles: tuple[dict[int, Any], dict[str, Any]] | None = None) -> tuple[MergePlan, dict[str, Any]]:
+    """The merge plan (clusters and weights per layer) and the calibration's cost, without merging:
+    a model loaded under a memory cap is calibrated, and the plan streamed onto its checkpoint."""
     m, gate = prepared["method"], prepared["gate"]
     found, cost = {}, {"forward_passes": 0}
     if prepared["needs_data"]:
@@ -100,11 +111,10 @@ def merge_model(model: nn.Module, prepared: dict[str, Any], *, batches: list | N
     clusters = prepared["clusters"] or {l: m.group(found[l], prepared["rows"][l], k)
                                         for l, k in prepared["counts"].items()}
     weights = prepared["weights"] or {l: [m.weigh(found.get(l), g, gate) for g in gs] for l, gs in clusters.items()}
-    merged, record = merge_experts(model, clusters, weights)
     how = "explicit clusters" if prepared["clusters"] else (
         f"{m.name}: clusters from {scores_method} scores and output similarity" if m.sets_centres and scores_method else
         f"{m.name}: clusters around the plan's centres by output similarity" if m.sets_centres else
         f"{m.name}: hierarchical clustering of expert outputs")
     plan = MergePlan(clusters=clusters, weights=weights, num_experts=MoEAdapter(model).num_experts, method=m.name,
                      gate=gate if m.uses_gate else None, task=task, scores_method=scores_method, why=how)
-    return merged, {**record, "plan": plan.to_dict(), "calibration": cost}
+    return plan, cost

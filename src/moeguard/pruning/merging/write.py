@@ -5,7 +5,10 @@ transformers, and ``moeguard_merging.json`` records which experts went into whic
 
 A plan that needs no data (explicit clusters with explicit weights, or ``average``) is applied by
 streaming surgery on a local checkpoint's safetensors files, the weights never loaded (a
-checkpoint larger than memory); one that needs calibration loads the model and merges in memory.
+checkpoint larger than memory); one that needs calibration loads the model and merges in memory,
+or, with ``max_memory``, loads it under that cap (accelerate's disk offload), calibrates, and
+streams the plan it computed onto the safetensors files: a checkpoint larger than memory merged by
+any method.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ SCHEMA = "moeguard.merging/1"
 def write_merged(handle, out: Path, *, method: str, keep: int | None = None, scores: Path | None = None,
                  plan: Path | None = None, task=None, samples: int = 64, batch_size: int = 8, tokens: int = 256,
                  gate: str = "applied", seed: int = 0, overwrite: bool = False, progress=None,
-                 settings: dict | None = None, streaming: bool | None = None) -> dict[str, Any]:
+                 settings: dict | None = None, streaming: bool | None = None,
+                 max_memory: int | None = None) -> dict[str, Any]:
     """Merge ``handle``'s model (a resolved ModelHandle) into ``out``; returns the record.
-    ``streaming=None``: streaming surgery when the plan needs no data and the checkpoint is local."""
+    ``streaming=None``: streaming surgery when the plan needs no data and the checkpoint is local.
+    ``max_memory`` (bytes): calibrate under that cap and stream the computed plan (local only)."""
     from moeguard.attribution.base import Scores
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import meta_model
@@ -41,14 +46,19 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
     plan_data = read_plan(plan) if plan is not None else None
     prepared = prepare(MoEAdapter(meta_model(handle.config), family=handle.family), method=method, gate=gate,
                        keep=keep, scores=s, plan=plan_data, plan_origin=str(plan))
+    if max_memory is not None and (ref.path is None or streaming is False):
+        why = f"hub id {ref.hub_id} is not a local checkpoint" if ref.path is None else "--in-memory was asked for"
+        raise MoeguardError(f"--max-memory streams the merge onto the checkpoint's files, and {why}",
+                            hint="download the checkpoint and pass its folder" if ref.path is None
+                            else "drop --in-memory (a capped merge always streams)")
     can_stream = not prepared["needs_data"] and ref.path is not None
-    if streaming and not can_stream:
+    if streaming and not can_stream and max_memory is None:
         why = (f"hub id {ref.hub_id} is not a local checkpoint" if ref.path is None else
                f"merge method '{method}' needs calibration data, which loads the model")
         raise MoeguardError(f"--streaming cannot merge here: {why}",
                             hint="give a merge plan with explicit clusters and weights (a record's 'plan') on a local "
                                  "checkpoint, or merge --in-memory")
-    if can_stream if streaming is None else streaming:
+    if can_stream and streaming is not False:
         return _streamed(handle, Path(out), prepared, overwrite=overwrite, progress=progress, settings=settings)
     task_obj = None
     if prepared["needs_data"]:
@@ -62,9 +72,23 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
     from moeguard.pruning.apply import checkpoint_dtype, loadable_by, save_checkpoint
     from moeguard.tasks.batches import calibration_batches
 
-    model, tokenizer, _ = handle.load(dtype=checkpoint_dtype(ref))
+    model, tokenizer, _ = handle.load(dtype=checkpoint_dtype(ref), max_memory=max_memory)
     batches = calibration_batches(tokenizer, task_obj, samples=samples, batch_size=batch_size, seed=seed) \
         if task_obj is not None else None
+    if max_memory is not None:   # calibrated under the cap; the merge itself streams, the weights never held
+        from moeguard.pruning.merging.merge import plan_merge
+
+        merge_plan, cost = plan_merge(model, prepared, batches=batches, tokens=tokens, seed=seed,
+                                      task=task_obj.name if task_obj else None,
+                                      scores_method=s.method if s is not None else None, progress=progress)
+        del model
+        import gc
+
+        gc.collect()   # the offloaded model's folder (its size on disk) goes before the output is written
+        return _streamed(handle, Path(out), {**prepared, "clusters": merge_plan.clusters,
+                                             "weights": merge_plan.to_dict()["weights"]},
+                         overwrite=overwrite, progress=progress, settings=settings, merge_plan=merge_plan,
+                         calibration=cost)
     merged, record = merge_model(model, prepared, batches=batches, tokens=tokens, seed=seed,
                                  task=task_obj.name if task_obj else None,
                                  scores_method=s.method if s is not None else None, progress=progress)
@@ -75,23 +99,27 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
     return record
 
 
-def _streamed(handle, out: Path, prepared: dict, *, overwrite: bool, progress, settings: dict | None) -> dict:
-    """Explicit clusters (and weights, or uniform ones) applied to the safetensors files."""
+def _streamed(handle, out: Path, prepared: dict, *, overwrite: bool, progress, settings: dict | None,
+              merge_plan=None, calibration: dict | None = None) -> dict:
+    """Explicit clusters (and weights, or uniform ones) applied to the safetensors files; with
+    ``merge_plan``, the plan a capped calibration computed (its record keeps how it was chosen)."""
     from moeguard.pruning.apply import loadable_by
     from moeguard.pruning.checkpoint import prune_checkpoint
     from moeguard.pruning.merging.operation import cluster_weights, merges_record
     from moeguard.pruning.merging.plan import MergePlan
     from moeguard.provenance import run_record
 
-    clusters = prepared["clusters"]
-    plan = {l: cluster_weights(l, gs, (prepared["weights"] or {}).get(l)) for l, gs in clusters.items()}
+    clusters = {int(l): gs for l, gs in prepared["clusters"].items()}
+    given = {int(l): w for l, w in (prepared["weights"] or {}).items()}
+    plan = {l: cluster_weights(l, gs, given.get(l)) for l, gs in clusters.items()}
     weights = {l: [[float(x) for x in w] for _, _, w in p] for l, p in plan.items()}
-    merge_plan = MergePlan(clusters=clusters, weights=weights, num_experts=handle.num_experts,
-                           method=prepared["method"].name, why="explicit clusters")
+    if merge_plan is None:
+        merge_plan = MergePlan(clusters=clusters, weights=weights, num_experts=handle.num_experts,
+                               method=prepared["method"].name, why="explicit clusters")
     keep = merge_plan.keep
     extra = {"schema": SCHEMA, "source": handle.ref.name,
              "merges": {str(l): merges_record(p, keep[l]) for l, p in sorted(plan.items())},
              "keep": {str(l): v for l, v in sorted(keep.items())}, "plan": merge_plan.to_dict(),
-             "calibration": {"forward_passes": 0}, "loadable_by": loadable_by(keep),
+             "calibration": calibration or {"forward_passes": 0}, "loadable_by": loadable_by(keep),
              "run": run_record(settings or {})}
     return prune_checkpoint(handle.ref.path, out, keep, overwrite=overwrite, progress=progress, extra=extra, merge=plan)
