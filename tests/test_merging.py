@@ -308,6 +308,8 @@ def test_weighted_sum_is_bit_identical_to_the_plain_float64_formula():
         plain = sum(float(wk) * x.double() for wk, x in zip(w, xs))
         got = weighted_sum(iter(xs), w)
         assert got.dtype == torch.float64 and torch.equal(got, plain)
+        into = torch.full(shape, 7.0, dtype=dtype)                        # written in place, rounded as .to() rounds
+        assert weighted_sum(xs, w, out=into) is into and torch.equal(into, plain.to(dtype))
         assert torch.equal(torch.signbit(got), torch.signbit(plain))     # -0.0 stays where the formula gives it
     strided = torch.randn(6, 9, generator=g).t()                           # a transposed (non-contiguous) member
     assert torch.equal(weighted_sum([strided, strided * 2], [0.25, 0.75]), 0.25 * strided.double() + 0.75 * (strided * 2).double())

@@ -65,7 +65,7 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
                 view = t if axis == 0 else t.movedim(-1, 0)
                 out = nt if axis == 0 else nt.movedim(-1, 0)
                 for centre, g, w in plan[old.index]:
-                    out[order.index(centre)] = weighted_sum([view[e] for e in g], w).to(t.dtype)
+                    weighted_sum([view[e] for e in g], w, out=out[order.index(centre)])
             record[str(old.index)] = merges_record(plan[old.index], order)
     return merged, {"merges": record, "keep": {str(k): v for k, v in keep.items()}, "pruning": prune_record}
 
@@ -83,30 +83,39 @@ def cluster_weights(layer_index: int, groups, given) -> list[tuple[int, list[int
     return out
 
 
-def weighted_sum(slices, w) -> torch.Tensor:
+def weighted_sum(slices, w, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j w_j x_j in float64, members in cluster order (the same float operations wherever it runs).
 
     ((0 + w_1 x_1) + w_2 x_2) + ..., each product rounded before its sum (no fused multiply-add),
     a block of rows at a time: each block's float64 work stays in cache, so the members are read
     about once. (Three fresh full-size float64 tensors per member made the average four to six
-    copies of the expert weights at Qwen3-30B-A3B's and Mixtral-8x7B's dimensions.)"""
+    copies of the expert weights at Qwen3-30B-A3B's and Mixtral-8x7B's dimensions.)
+
+    ``out``: a tensor of the slices' shape, any float dtype, that receives the sum rounded to its
+    dtype block by block (what ``weighted_sum(...).to(out.dtype)`` gives, without the full-size
+    float64 result); returned."""
     slices = list(slices)
     first = slices[0]
-    acc = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
     if first.dim() == 0:
+        acc = torch.zeros((), dtype=torch.float64, device=first.device)
         for wk, x in zip(w, slices):
             acc.add_(x.double() * float(wk))
-        return acc
+        return acc if out is None else out.copy_(acc)
+    if out is None:
+        out = torch.empty(first.shape, dtype=torch.float64, device=first.device)
     rows = max(1, _BLOCK // max(1, first[0].numel()))
-    term = torch.empty((min(rows, len(first)),) + tuple(first.shape[1:]), dtype=torch.float64, device=first.device)
+    n = min(rows, len(first))
+    acc = torch.empty((n,) + tuple(first.shape[1:]), dtype=torch.float64, device=first.device)
+    term = torch.empty_like(acc)
     for a in range(0, len(first), rows):
-        out = acc[a:a + rows]
-        t = term[:len(out)]
+        s, t = acc[:min(rows, len(first) - a)], term[:min(rows, len(first) - a)]
+        s.zero_()
         for wk, x in zip(w, slices):
             t.copy_(x[a:a + rows])    # exact: every float format widens to float64
             t.mul_(float(wk))
-            out.add_(t)
-    return acc
+            s.add_(t)
+        out[a:a + rows].copy_(s)      # rounded to out's dtype as .to() rounds
+    return out
 
 
 _BLOCK = 1 << 16   # float64 elements per block of rows (512 KB)
