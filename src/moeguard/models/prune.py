@@ -104,10 +104,11 @@ def _sliced_state(adapter: MoEAdapter, keep: dict[int, list[int]]) -> dict[str, 
     for name, t in model.state_dict(keep_vars=True).items():
         cut = owners.get(id(t))
         t = t.detach()
-        if cut is not None:
+        if cut is not None:   # index_select makes a new tensor: cloning it again copied the kept experts twice
             kept, axis = cut
-            t = t.index_select(axis, torch.tensor(kept, device=t.device))
-        out[name] = t.clone()
+            out[name] = t.index_select(axis, torch.tensor(kept, device=t.device))
+        else:
+            out[name] = t.clone()
     return out
 
 
