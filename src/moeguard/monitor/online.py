@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile
@@ -130,7 +131,6 @@ class RoutingMonitor:
             self._active = self._pooled.enabled = self._routed.enabled = False
         if any(x is None for x in self._routed.ids) or not self._pooled.sums:
             return                      # nothing (or not every layer) ran: a failed request
-        import torch
         E = self._E
         # numpy from here: per call it costs a fraction of torch's dispatch on these tiny arrays
         routed = torch.stack(self._routed.ids).cpu().numpy()              # [L, rows * T, k]

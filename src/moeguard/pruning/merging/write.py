@@ -86,7 +86,7 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
 
         gc.collect()   # the offloaded model's folder (its size on disk) goes before the output is written
         return _streamed(handle, Path(out), {**prepared, "clusters": merge_plan.clusters,
-                                             "weights": merge_plan.to_dict()["weights"]},
+                                             "weights": merge_plan.weights},
                          overwrite=overwrite, progress=progress, settings=settings, merge_plan=merge_plan,
                          calibration=cost)
     merged, record = merge_model(model, prepared, batches=batches, tokens=tokens, seed=seed,
@@ -109,9 +109,8 @@ def _streamed(handle, out: Path, prepared: dict, *, overwrite: bool, progress, s
     from moeguard.pruning.merging.plan import MergePlan
     from moeguard.provenance import run_record
 
-    clusters = {int(l): gs for l, gs in prepared["clusters"].items()}
-    given = {int(l): w for l, w in (prepared["weights"] or {}).items()}
-    plan = {l: cluster_weights(l, gs, given.get(l)) for l, gs in clusters.items()}
+    clusters = prepared["clusters"]
+    plan = {l: cluster_weights(l, gs, (prepared["weights"] or {}).get(l)) for l, gs in clusters.items()}
     weights = {l: [[float(x) for x in w] for _, _, w in p] for l, p in plan.items()}
     if merge_plan is None:
         merge_plan = MergePlan(clusters=clusters, weights=weights, num_experts=handle.num_experts,
