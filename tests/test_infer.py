@@ -7,13 +7,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from moeguard.cli import main
 from moeguard.models import infer
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import mask_experts
+from moeguard.models.loading import model_class
 from moeguard.models.prune import prune_model
 from moeguard.testing import _COMMON, assert_same_safetensors, tiny_config
 
@@ -26,6 +27,24 @@ TINY_INFERRED = {
     # transposed fused experts [E, d, 2I] (Aria's language model): verified, the gate_up_t layout
     "aria_text": dict(moe_num_experts=8, moe_topk=2, moe_intermediate_size=16, moe_num_shared_experts=1),
 }
+# Multimodal wrappers: no causal-LM class; moeguard builds their image-text-to-text model (an LM
+# head, a forward that takes text alone) and finds the MoE under its language model
+_VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, deepstack_visual_indexes=[])
+TINY_WRAPPERS = {
+    "qwen3_vl_moe": dict(text_config=dict({k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"},
+                                          num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                          decoder_sparse_step=1, norm_topk_prob=True),
+                         vision_config=_VISION, tie_word_embeddings=False),
+    # its checkpoints keep one tensor per expert on disk (transformers' qwen2_moe conversion)
+    "glm4v_moe": dict(text_config=dict({k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"},
+                                       n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                       moe_intermediate_size=16, first_k_dense_replace=0, n_group=1, topk_group=1,
+                                       norm_topk_prob=True, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                       rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                            partial_rotary_factor=0.5, mrope_section=[2, 1, 1])),
+                      vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+                      tie_word_embeddings=False),
+}
 # a routing switch no rule of moeguard's has (Laguna's tanh soft-cap on the logits): unverified
 SOFTCAPPED = dict(TINY_INFERRED["laguna"], moe_router_logit_softcapping=2.0)
 # Built-in families inference cannot re-derive, and why
@@ -37,7 +56,8 @@ INDISTINGUISHABLE = {"renorm_eps": 0.0, "renorm_min_key": None}
 
 def _tiny(model_type, **kw):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**_COMMON, **kw}))
+    config = AutoConfig.for_model(model_type, **(kw if model_type in TINY_WRAPPERS else {**_COMMON, **kw}))
+    model = model_class(config).from_config(config)
     with torch.no_grad():
         # routers and selection biases away from their zero init (the spec even when unverified;
         # none when nothing could be inferred)
@@ -76,11 +96,11 @@ def test_inference_rederives_every_builtin_family(family):
     assert replace(spec.routing, **INDISTINGUISHABLE) == replace(built.routing, **INDISTINGUISHABLE)
 
 
-@pytest.mark.parametrize("model_type", sorted(TINY_INFERRED))
+@pytest.mark.parametrize("model_type", sorted(TINY_INFERRED) + sorted(TINY_WRAPPERS))
 def test_an_inferred_family_masks_prunes_streams_and_reloads_like_a_builtin(model_type, token_batch, tmp_path):
     from moeguard.pruning.checkpoint import prune_checkpoint
 
-    model = _tiny(model_type, **TINY_INFERRED[model_type])
+    model = _tiny(model_type, **{**TINY_INFERRED, **TINY_WRAPPERS}[model_type])
     a = MoEAdapter(model)
     assert a.family.name == model_type and model_type not in FAMILIES.names()
     assert infer.infer_family(model.config).status == "verified"
@@ -97,9 +117,60 @@ def test_an_inferred_family_masks_prunes_streams_and_reloads_like_a_builtin(mode
     pruned.save_pretrained(tmp_path / "mem")
     prune_checkpoint(tmp_path / "src", tmp_path / "streamed", keep)
     assert_same_safetensors(tmp_path / "mem", tmp_path / "streamed")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    # vanilla transformers, through the auto class the model type has (a wrapper's is image-text-to-text)
+    auto = AutoModelForImageTextToText if model_type in TINY_WRAPPERS else AutoModelForCausalLM
+    reloaded = auto.from_pretrained(tmp_path / "streamed").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)
+
+
+def test_a_multimodal_wrapper_is_found_under_its_language_model_and_runs_the_commands(tmp_path, capsys):
+    """Qwen3-VL-MoE has no causal-LM class: the spec is inferred on its image-text-to-text model
+    (the MoE under model.language_model, the keys in its text config) and verified; attribution,
+    pruning and eval run on its checkpoint, and the pruned one keeps its type, its vision tower and
+    the new count in the text config."""
+    from moeguard.models.loading import EMBEDDED_MODEL_DIR
+    from moeguard.models.tokenizer_files import save_tokenizer
+    from transformers import AutoTokenizer
+
+    kw = TINY_WRAPPERS["qwen3_vl_moe"]
+    kw = dict(kw, text_config=dict(kw["text_config"], vocab_size=4096))   # the embedded tokenizer's vocabulary
+    d = tmp_path / "vl"
+    _tiny("qwen3_vl_moe", **kw).save_pretrained(d)
+    save_tokenizer(AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR), d)
+    capsys.readouterr()
+    assert main(["info", "--model", str(d), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["family"] == "qwen3_vl_moe" and data["family_spec"]["status"] == "verified"
+    assert "multimodal wrapper" in data["family_spec"]["note"]
+    assert data["family_spec"]["spec"]["layers_path"] == "model.language_model.layers"
+    assert data["moe_layers"] == [0, 1] and data["top_k"] == 2
+    scores = tmp_path / "scores.json"
+    assert main(["attribute", "--model", str(d), "--task", "arith-compare", "--method", "frequency", "--samples", "8",
+                 "--out", str(scores)]) == 0
+    assert main(["prune", "--model", str(d), "--scores", str(scores), "--keep", "4", "--out", str(tmp_path / "p")]) == 0
+    pruned = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert pruned["model_type"] == "qwen3_vl_moe" and pruned["vision_config"]["depth"] == 1
+    assert AutoConfig.from_pretrained(tmp_path / "p").text_config.num_experts == 4
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "p")
+    assert MoEAdapter(reloaded).num_experts == 4
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "p"), "--tasks", "arith-compare", "--limit", "8",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert "arith-compare" in json.loads((tmp_path / "eval.json").read_text())["tasks"]
+
+
+def test_a_text_sub_config_verifies_on_its_base_model_and_commands_say_to_load_its_wrapper():
+    """qwen3_vl_moe_text has no class with an LM head: its router is verified on the base model,
+    the note says so, and loading such a config names what is missing."""
+    from moeguard.errors import MoeguardError
+    from moeguard.models.loading import model_class
+
+    config = AutoConfig.for_model("qwen3_vl_moe_text", **TINY_WRAPPERS["qwen3_vl_moe"]["text_config"])
+    found = infer.infer_family(config)
+    assert found.status == "verified" and "no class with an LM head" in found.note
+    with pytest.raises(MoeguardError, match="neither a causal-LM nor an image-text-to-text class"):
+        model_class(config)
 
 
 def _saved(tmp_path, model_type, kw):
@@ -165,7 +236,7 @@ def test_families_lists_builtins_and_why_each_type_is_or_is_not_supported(capsys
     assert rows["mixtral"]["status"] == "built-in" and rows["cohere2_moe"]["status"] == "verified"
     assert rows["longcat_flash"]["status"] == "unsupported" and "no config key" in rows["longcat_flash"]["reasons"][0]
     assert rows["jetmoe"]["status"] == "unsupported" and "no fused experts" in rows["jetmoe"]["reasons"][0]
-    assert "no causal-LM class" in rows["switch_transformers"]["reasons"][0]
+    assert "neither a causal-LM nor an image-text-to-text class" in rows["switch_transformers"]["reasons"][0]
     assert data["counts"] == {"built-in": 1, "verified": 1, "unsupported": 3}
     assert main(["families", "--model-types", "cohere2_moe"]) == 0
     out = capsys.readouterr().out
@@ -173,3 +244,47 @@ def test_families_lists_builtins_and_why_each_type_is_or_is_not_supported(capsys
     assert main(["families", "--model-types", "mixtrl"]) == 2
     err = capsys.readouterr().err
     assert "does not know" in err and "did you mean mixtral" in err
+
+
+def test_a_multimodal_wrapper_runs_every_attribution_method_and_fine_tuning_mode():
+    """The shared matrix's other checks on a wrapper: every attribution method scores its layers and
+    leaves it as it was; every fine-tuning mode trains and changes what it computes."""
+    from moeguard.attribution.base import list_methods
+    from moeguard.attribution.context import Context
+    from moeguard.attribution.run import score
+    from moeguard.realign.engine import FinetuneConfig, finetune
+    from moeguard.realign.modes import MODES, apply_mode
+    from moeguard.tasks.batches import IGNORE, Batch, Example
+    from moeguard.tasks.registry import get_task
+
+    model = _tiny("qwen3_vl_moe", **TINY_WRAPPERS["qwen3_vl_moe"])
+    a = MoEAdapter(model)
+    for l in a.layers:
+        with torch.no_grad():
+            l.router_weight.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids = torch.randint(0, 96, (3, 10), generator=g)
+        labels = ids.clone()
+        labels[:, :3] = IGNORE
+        return Batch(ids, torch.ones_like(ids), labels)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = Context(model=model, tokenizer=None, adapter=a, task=get_task("stdlib-code"), batches=[batch(), batch()],
+                  reference=[batch()], options={"max_subsets": 40})
+    for method in list_methods():
+        s = score(ctx, method.name)
+        assert s.scores.shape == (2, 8) and torch.isfinite(s.scores).all(), method.name
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ids = torch.randint(0, 96, (2, 10), generator=g)
+    data = [Example(x, [IGNORE] * 3 + x[3:]) for x in torch.randint(1, 96, (8, 8), generator=g).tolist()]
+    for mode in sorted(MODES):
+        fresh = _tiny("qwen3_vl_moe", **TINY_WRAPPERS["qwen3_vl_moe"])
+        with torch.no_grad():
+            ref = fresh(input_ids=ids).logits
+        t = apply_mode(fresh, mode)
+        r = finetune(t, data, FinetuneConfig(mode=mode, min_steps=2, epochs=1, batch_size=4, lr=1e-2), pad_id=0)
+        assert r.steps == 2 and all(map(torch.isfinite, torch.tensor(r.losses))), mode
+        with torch.no_grad():
+            assert not torch.allclose(t.model(input_ids=ids).logits, ref), f"{mode} changed nothing"

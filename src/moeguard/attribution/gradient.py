@@ -26,7 +26,7 @@ def _drop_one_plans(adapter, E: int, device) -> list:
     plans = []
     for e in range(E):
         kept = [x for x in range(E) if x != e]
-        plans.append((torch.tensor(kept, device=device), pruned_router_params(adapter.family, adapter.config, kept, E)))
+        plans.append((torch.tensor(kept, device=device), pruned_router_params(adapter.family, adapter.moe_config, kept, E)))
     return plans
 
 

@@ -127,7 +127,7 @@ class _FastError:
         self.full = (-w, idx)
 
     def _route(self, kept: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        params = pruned_router_params(self.adapter.family, self.adapter.config, kept, self.E)
+        params = pruned_router_params(self.adapter.family, self.adapter.moe_config, kept, self.E)
         kept_t = torch.tensor(kept, device=self.logits.device)
         w, sub = route_module(self.layer, self.logits, self.spec, params, kept=kept_t, input_dtype=self.dtype)
         return w.double(), kept_t[sub]

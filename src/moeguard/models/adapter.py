@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moeguard.errors import MoeguardError
-from moeguard.models.families import FamilySpec, expert_axis, family_for_config
+from moeguard.models.families import FamilySpec, expert_axis, family_for_config, moe_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +122,8 @@ class MoEAdapter:
 
     def __init__(self, model: nn.Module, *, family: FamilySpec | None = None):
         self.model = model
-        self.config = model.config
+        self.config = model.config                    # the model's own (saved with a checkpoint)
+        self.moe_config = moe_config(model.config)    # where the family's keys live (a wrapper's text config)
         self.family = family or family_for_config(model.config)
 
     @cached_property
@@ -137,7 +138,7 @@ class MoEAdapter:
             shared = tuple(m for m in (_shared(block, layer, a) for a in self.family.shared_attrs) if m is not None)
             weight = _get_path(router, self.family.router_weight_attr)
             out.append(MoELayer(index=i, block=block, router=router, experts=experts, shared=shared,
-                                num_experts=int(weight.shape[0]), top_k=int(getattr(self.config, self.family.top_k_key)),
+                                num_experts=int(weight.shape[0]), top_k=int(getattr(self.moe_config, self.family.top_k_key)),
                                 router_weight_attr=self.family.router_weight_attr,
                                 correction_bias_path=self.family.routing.correction_bias))
         if not out:
@@ -175,7 +176,7 @@ class MoEAdapter:
         """Logits from the last decoder layer's output: final norm, LM head, family scaling."""
         logits = self.model.get_output_embeddings()(_get_path(self.model, self.family.final_norm_path)(hidden))
         if self.family.logits_divisor_key:
-            logits = logits / getattr(self.config, self.family.logits_divisor_key)
+            logits = logits / getattr(self.moe_config, self.family.logits_divisor_key)
         return logits
 
     def parameter_counts(self) -> dict[str, int]:
@@ -198,11 +199,11 @@ class MoEAdapter:
         return {
             "family": self.family.name,
             "model_type": self.config.model_type,
-            "num_layers": int(self.config.num_hidden_layers),
+            "num_layers": int(self.moe_config.num_hidden_layers),
             "moe_layers": [l.index for l in self.layers],
             "experts_per_layer": {str(l.index): l.num_experts for l in self.layers},
             "top_k": self.top_k,
             "shared_experts": shared,
-            "gate_normalization": self.family.routing.describe(self.config),
+            "gate_normalization": self.family.routing.describe(self.moe_config),
             "parameters": counts,
         }

@@ -63,7 +63,6 @@ def _experts(config) -> bool:
 def installed_rows(model_types: list[str] | None = None, *, progress=None) -> list[dict]:
     """Status of each MoE model type (all of the installed transformers', or those named)."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     types = model_types if model_types is not None else moe_model_types()
     task = progress.add_task("inferring family specs", total=len(types)) if progress is not None else None
@@ -72,15 +71,13 @@ def installed_rows(model_types: list[str] | None = None, *, progress=None) -> li
         if model_type in _BY_MODEL_TYPE:
             row = {"model_type": model_type, "status": "built-in", "family": _BY_MODEL_TYPE.get(model_type).name,
                    "reasons": []}
-        elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            row = {"model_type": model_type, "status": "unsupported", "family": None,
-                   "reasons": ["transformers has no causal-LM class for it (a multimodal wrapper or an "
-                               "encoder-decoder model)"]}
-        else:
+        else:   # a causal LM, a multimodal wrapper (image-text-to-text) or a text sub-config (its base model)
             try:
                 found = infer_family(AutoConfig.for_model(model_type))
                 row = {"model_type": model_type, "status": found.status,
                        "family": found.spec.name if found.spec is not None else None, "reasons": list(found.reasons)}
+                if found.note:
+                    row["note"] = found.note
             except Exception as e:   # one type's failure is that type's row, never the whole listing
                 row = {"model_type": model_type, "status": "unsupported", "family": None,
                        "reasons": [f"inference failed ({type(e).__name__}: {str(e).strip()[:160]})"]}

@@ -353,6 +353,18 @@ def trust_inferred_families(trust: bool) -> bool:
     return previous
 
 
+def moe_config(config):
+    """The config that holds the MoE keys (expert count, top-k, routing switches): a multimodal
+    wrapper's language-model config, else the config itself. moeguard reads and writes its family
+    keys there, and its own per-layer counts too."""
+    if hasattr(config, "get_text_config"):
+        try:
+            return config.get_text_config()
+        except ValueError:   # several text configs (an encoder-decoder): the top level holds them
+            return config
+    return config
+
+
 def family_for_config(config) -> FamilySpec:
     """The family of a config: built in, else inferred from the module tree (:mod:`moeguard.models.infer`)
     and used when it reproduces the model's own router, or when the user trusts it; else a clear
@@ -376,7 +388,7 @@ def family_for_config(config) -> FamilySpec:
             f"{why}", hint="pass --trust-inferred-family before the command to use it anyway (`moeguard "
                            "--trust-inferred-family info --model M` shows it), or add a spec (docs/families.md)")
     count_keys = sorted({f.num_experts_key for f in FAMILIES.items()})
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = moe_config(config)
     looks_dense = found.status == "dense" or not any(k in c.to_dict() for c in (config, text) for k in count_keys)
     what = "a dense (non-MoE) model" if looks_dense else f"an unsupported MoE family ({why})"
     raise MoeguardError(

@@ -343,7 +343,7 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
             kept = keep[layer.index]
             if len(kept) == layer.num_experts:
                 continue
-            params = pruned_router_params(adapter.family, adapter.config, kept, layer.num_experts)
+            params = pruned_router_params(adapter.family, adapter.moe_config, kept, layer.num_experts)
             router = layer.router
             # on the logits' device at the call: an offloaded router's weight is on "meta" until then
             kept_t = torch.tensor(kept)
@@ -463,7 +463,7 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
     plans = []
     for e in drops:
         kept = [x for x in range(E) if x != e]
-        plans.append((torch.tensor(kept), pruned_router_params(adapter.family, adapter.config, kept, E)))
+        plans.append((torch.tensor(kept), pruned_router_params(adapter.family, adapter.moe_config, kept, E)))
 
     def forward(hidden_states, *args):
         logits = router_logits(layer, hidden_states, spec)

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from moeguard.models.adapter import _get_path, linear_bias
-from moeguard.models.families import FAMILIES, FamilySpec, RoutingSpec
+from moeguard.models.families import FAMILIES, FamilySpec, RoutingSpec, moe_config
 from moeguard.models.loading import kept_in_fp32, keep_fp32_as_loaded
 
 _COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -46,9 +46,12 @@ class Inference:
     spec: FamilySpec | None = None
     reasons: tuple[str, ...] = ()
     checks: dict = field(default_factory=dict, compare=False)
+    note: str = ""                   # how it was built, where that limits what commands can do
 
     def to_dict(self) -> dict:
         out = {"model_type": self.model_type, "status": self.status, "reasons": list(self.reasons)}
+        if self.note:
+            out["note"] = self.note
         if self.spec is not None:
             out["spec"] = spec_summary(self.spec)
         if self.checks:
@@ -90,24 +93,47 @@ def _infer(config) -> Inference:
         return Inference(model_type, "built-in", _BY_MODEL_TYPE.get(model_type))
     try:
         model = _meta(config)
-    except Exception as e:   # no causal-LM class, or the config cannot build one
-        return Inference(model_type, "unsupported", reasons=(f"transformers cannot build a causal LM from this config "
+    except Exception as e:   # no model class, or the config cannot build one
+        return Inference(model_type, "unsupported", reasons=(f"transformers cannot build a model from this config "
                                                               f"({type(e).__name__}: {_first_line(e)})",))
-    config = model.config   # a multimodal config builds its language model, which holds the text config
+    config = model.config   # a multimodal config may build its language model, which holds the text config
     if config.model_type in _BY_MODEL_TYPE:
         return Inference(model_type, "built-in", _BY_MODEL_TYPE.get(config.model_type),
                          reasons=(f"its language model is {config.model_type}",))
+    # the keys live in the language model's config; a wrapper (image-text-to-text) keeps its own
+    # model type, so the spec is found by the checkpoint's config
+    text = moe_config(config)
+    base = "" if _has_lm_class(config) else (" (read from its base model: transformers has neither a causal-LM nor an "
+                                             "image-text-to-text class for it; an encoder-decoder or a text sub-config)")
     try:
-        found = _structure(model, config)
+        found = _structure(model, text)
     except _NotSkeleton as e:
         status = "unsupported" if _looks_moe(model) else "dense"
-        return Inference(model_type, status, reasons=(str(e),))
+        return Inference(model_type, status, reasons=(str(e) + base,))
+    found.model_type = config.model_type
     try:
-        spec, reasons, checks = _verify(config, found)
+        spec, reasons, checks = _verify(text, found)
     except _NotSkeleton as e:
-        return Inference(model_type, "unsupported", reasons=(str(e),))
+        return Inference(model_type, "unsupported", reasons=(str(e) + base,))
+    note = ""
+    if base:
+        note = ("no class with an LM head in transformers (a text sub-config): the router is checked on its base "
+                "model; commands take the checkpoint of the multimodal model it belongs to")
+    elif text is not config:
+        note = f"a multimodal wrapper ({type(model).__name__}): commands run text through it; its vision tower is idle"
     status = "verified" if not reasons else "unverified"
-    return Inference(model_type, status, spec, tuple(reasons), checks)
+    return Inference(model_type, status, spec, tuple(reasons), checks, note)
+
+
+def _has_lm_class(config) -> bool:
+    from moeguard.errors import MoeguardError
+    from moeguard.models.loading import model_class
+
+    try:
+        model_class(config)
+        return True
+    except MoeguardError:
+        return False
 
 
 def _first_line(e: Exception) -> str:
@@ -116,11 +142,17 @@ def _first_line(e: Exception) -> str:
 
 
 def _meta(config):
+    """The model on the meta device: the class commands load (a causal LM, or a multimodal
+    wrapper's image-text-to-text model); else, for a text sub-config, its base model, enough to
+    check the router."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel
 
+    from moeguard.models.loading import model_class
+
+    cls = model_class(config) if _has_lm_class(config) else AutoModel
     with torch.device("meta"):   # a copy: from_config sets dtype and implementations on the config it gets
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+        return cls.from_config(copy.deepcopy(config))
 
 
 def _looks_moe(model) -> bool:
@@ -150,6 +182,7 @@ class _Found:
     expert_layout: str = "gate_up"
     module_path: str = ""            # the block's full name, for the class's keep-in-float32 patterns
     keep_fp32: tuple[str, ...] = ()
+    model_type: str = ""             # the checkpoint's (a wrapper's, not its text config's)
 
 
 def _structure(model, config) -> _Found:
@@ -472,7 +505,7 @@ def _verify(config, found: _Found) -> tuple[FamilySpec | None, list[str], dict]:
 def _spec(config, found: _Found, rule: RoutingSpec) -> FamilySpec:
     from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
 
-    model_type = config.model_type
+    model_type = found.model_type or config.model_type
     disk = {}
     pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
     like = FAMILIES.get(pattern) if pattern in FAMILIES.names() else None

@@ -14,6 +14,8 @@ def model_info(ref: str | None) -> dict:
 
     found = infer_family(config)
     out["family_spec"] = {"status": found.status, "reasons": list(found.reasons)}
+    if found.note:
+        out["family_spec"]["note"] = found.note
     if found.status != "built-in":
         from moeguard.models.infer import spec_summary
 

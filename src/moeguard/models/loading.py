@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError
-from moeguard.models.families import FamilySpec, family_for_config
+from moeguard.models.families import FamilySpec, family_for_config, moe_config
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "zoo" / "embedded"
 
@@ -122,11 +122,7 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
     from moeguard.models.prune import PER_LAYER_KEY
 
     fix = f"fix {where}/config.json"
-    if hasattr(config, "get_text_config"):   # a multimodal wrapper: its language model's keys
-        try:
-            config = config.get_text_config()
-        except ValueError:   # several text configs (encoder-decoder): keep the top level
-            pass
+    config = moe_config(config)   # a multimodal wrapper: its language model's keys
     E, k = getattr(config, family.num_experts_key, None), getattr(config, family.top_k_key, None)
     for key, value in ((family.num_experts_key, E), (family.top_k_key, k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -152,12 +148,13 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     GPUs, where present, keep their own memory. See :func:`offload_settings`.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from moeguard.models.prune import resized_construction
 
     ref, config, _ = inspect(ref_str)
     where = str(ref.path or ref.hub_id)
+    cls = model_class(config)   # before the tokenizer and the weights: a type with no LM class fails here
     tokenizer = None
     if with_tokenizer:  # before the weights: a missing tokenizer should not cost a full load
         try:
@@ -171,7 +168,7 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         device_map = offload.pop("device_map")
     try:
         with resized_construction(config):  # budget-pruned checkpoints keep different counts per layer
-            model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
+            model = cls.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
                                                          device_map=device_map, **offload)
     except BaseException as e:
         if made_folder is not None:
@@ -259,15 +256,37 @@ def _get_module_tensor(module, name: str):
     return getattr(module.get_submodule(owner) if owner else module, leaf)
 
 
+def model_class(config, *, concrete: bool = False):
+    """The transformers auto class moeguard builds ``config``'s model with (``concrete``: the
+    model class it picks): the causal LM, else the image-text-to-text model. A multimodal wrapper
+    (Qwen3-VL-MoE, GLM-4.5V, Kimi-K2.5...) has an LM head and a forward that takes text alone, so
+    every text task, attribution and re-alignment runs through it unchanged; its vision tower is
+    loaded and never called."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)
+
+    for auto, mapping in ((AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING),
+                          (AutoModelForImageTextToText, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)):
+        try:
+            cls = mapping[type(config)]
+        except KeyError:
+            continue
+        return cls if concrete else auto
+    model_type = getattr(config, "model_type", type(config).__name__)
+    raise MoeguardError(f"model_type '{model_type}' has neither a causal-LM nor an image-text-to-text class in the "
+                        "installed transformers: moeguard needs a model with an LM head",
+                        hint="pass the checkpoint of the full model (a text sub-config is loaded through its wrapper)")
+
+
 def meta_model(config):
     """The model's module tree on the meta device: shapes without memory, for `info`."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from moeguard.models.prune import resize_layers
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config).from_config(config)
     resize_layers(model)
     return model
 

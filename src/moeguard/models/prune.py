@@ -17,6 +17,7 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
+from moeguard.models.families import moe_config
 from moeguard.models.hooks import normalize_keep
 from moeguard.models.routing import pruned_router_params
 
@@ -31,13 +32,14 @@ _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
     """The config of the pruned model, plus a record of every routing change made."""
-    family, cfg = adapter.family, copy.deepcopy(adapter.config)
-    params = {li: pruned_router_params(family, adapter.config, kept, adapter.layer(li).num_experts)
+    family, whole = adapter.family, copy.deepcopy(adapter.config)
+    cfg = moe_config(whole)   # the keys are written where they are read: a wrapper's text config
+    params = {li: pruned_router_params(family, adapter.moe_config, kept, adapter.layer(li).num_experts)
               for li, kept in keep.items()}
     counts = {li: len(v) for li, v in keep.items()}
     n = max(counts.values())
     if len(set(counts.values())) > 1:
-        if family.routing.groups_on(adapter.config):
+        if family.routing.groups_on(adapter.moe_config):
             raise MoeguardError(
                 f"keep counts differ across layers ({counts}); {family.name}'s group-limited routing needs the "
                 "same groups in every layer", hint="keep the same number of experts in every layer for this family")
@@ -45,7 +47,7 @@ def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
         setattr(cfg, family.num_experts_key, n)
         setattr(cfg, family.top_k_key, top_k)
         setattr(cfg, PER_LAYER_KEY, {str(li): c for li, c in sorted(counts.items())})
-        return cfg, {family.num_experts_key: n, family.top_k_key: top_k, PER_LAYER_KEY: getattr(cfg, PER_LAYER_KEY)}
+        return whole, {family.num_experts_key: n, family.top_k_key: top_k, PER_LAYER_KEY: getattr(cfg, PER_LAYER_KEY)}
     cfg.__dict__.pop(PER_LAYER_KEY, None)  # re-pruning a budget checkpoint to a uniform plan
     first = next(iter(params.values()))
     if any(p != first for p in params.values()):
@@ -54,11 +56,11 @@ def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
     setattr(cfg, family.num_experts_key, n)
     setattr(cfg, family.top_k_key, first.top_k)
     changes = {family.num_experts_key: n, family.top_k_key: first.top_k}
-    if family.routing.groups_on(adapter.config):
+    if family.routing.groups_on(adapter.moe_config):
         setattr(cfg, family.routing.n_group_key, first.n_group)
         setattr(cfg, family.routing.topk_group_key, first.topk_group)
         changes.update({family.routing.n_group_key: first.n_group, family.routing.topk_group_key: first.topk_group})
-    return cfg, changes
+    return whole, changes
 
 
 def resize_layers(model: nn.Module) -> None:
@@ -68,11 +70,11 @@ def resize_layers(model: nn.Module) -> None:
     (:meth:`MoELayer.expert_tensors`) is replaced by an empty one with the layer's count on its
     expert axis, and the modules' count and top-k attributes follow (top-k clamped as the pruned
     router clamps it)."""
-    per_layer = getattr(model.config, PER_LAYER_KEY, None)
+    per_layer = getattr(moe_config(model.config), PER_LAYER_KEY, None)
     if not per_layer:
         return
     adapter = MoEAdapter(model)
-    top_k = int(getattr(model.config, adapter.family.top_k_key))
+    top_k = int(getattr(adapter.moe_config, adapter.family.top_k_key))
     for layer in adapter.layers:
         n = int(per_layer.get(str(layer.index), layer.num_experts))
         if n == layer.num_experts:
@@ -158,12 +160,12 @@ def resized_construction(config) -> Iterator[None]:
     """Inside the block, building the config's model class shrinks per-layer-count layers right
     after ``__init__``, so ``from_pretrained`` (with its checkpoint-layout conversions) loads a
     budget-pruned checkpoint. The class is restored in ``finally``; a uniform config is a no-op."""
-    if not getattr(config, PER_LAYER_KEY, None):
+    if not getattr(moe_config(config), PER_LAYER_KEY, None):
         yield
         return
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from moeguard.models.loading import model_class
 
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    cls = model_class(config, concrete=True)
     original = cls.__init__
 
     def init(self, cfg, *args, **kwargs):

@@ -83,12 +83,13 @@ def disk_layout(config) -> list[Planned]:
     """(key, dtype, shape) of every tensor ``save_pretrained`` writes for ``config``, from the
     meta-device model through transformers' own save conversion; tied weights once."""
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
+
+    from moeguard.models.loading import model_class
 
     dtype = getattr(torch, str(getattr(config, "dtype", None) or "float32").replace("torch.", ""))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_class(config).from_config(config, dtype=dtype)
     shared = dict(model.named_parameters(remove_duplicate=False))
     unique = dict(model.named_parameters())
     state = {k: v for k, v in model.state_dict().items() if k in unique or k not in shared}

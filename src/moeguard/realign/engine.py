@@ -215,12 +215,12 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _aux_coef(trainable: Trainable, cfg: FinetuneConfig) -> float:
-    from moeguard.models.families import family_for_config
+    from moeguard.models.families import family_for_config, moe_config
 
     if not cfg.aux_loss:
         return 0.0
-    config = trainable.base.config
-    key = family_for_config(config).aux_loss_key
+    config = moe_config(trainable.base.config)   # a wrapper's keys are in its text config
+    key = family_for_config(trainable.base.config).aux_loss_key
     if key and len({l.num_experts for l in MoEAdapter(trainable.base).layers}) > 1:
         # a budget-pruned model: transformers' load-balancing loss stacks every layer's router
         # logits into one tensor, which needs one expert count; train without it

@@ -23,7 +23,8 @@ def info_table(d: dict) -> Table:
             ("shared experts", "none" if not d["shared_experts"] else f"{d['shared_experts'][0]['modules']} in {len(d['shared_experts'])} layers"),
             ("gate normalization", d["gate_normalization"]),
             ("family spec", d.get("family_spec", {}).get("status", "built-in")
-             + (f": {'; '.join(d['family_spec']['reasons'])}" if d.get("family_spec", {}).get("reasons") else "")),
+             + (f": {'; '.join(d['family_spec']['reasons'])}" if d.get("family_spec", {}).get("reasons") else "")
+             + (f" ({d['family_spec']['note']})" if d.get("family_spec", {}).get("note") else "")),
             ("parameters total / active", f"{p['total']:,} / {p['active']:,}"),
             ("per expert", f"{p['per_expert']:,}"),
             ("path", d.get("path") or d.get("hub_id") or "-")]
@@ -46,7 +47,7 @@ def families_tables(data: dict) -> list[Table]:
         u.add_column(c, overflow="fold")
     order = {"built-in": 0, "verified": 1, "unverified": 2, "unsupported": 3, "dense": 4}
     for r in sorted(data["installed"], key=lambda r: (order.get(r["status"], 9), r["model_type"])):
-        u.add_row(r["model_type"], r["status"], "; ".join(r["reasons"]) or "-")
+        u.add_row(r["model_type"], r["status"], "; ".join(r["reasons"] + ([r["note"]] if r.get("note") else [])) or "-")
     return [t, u]
 
 

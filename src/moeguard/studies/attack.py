@@ -224,9 +224,8 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
                 eval_limit: int) -> dict[str, Any]:
     """One from-scratch setting: the pruned-size architecture from random initialization (seeded
     by ``10000 + seed``, the same for every cell of a seed), trained on the random strategy's labels."""
-    from transformers import AutoModelForCausalLM
-
     from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.loading import model_class
     from moeguard.models.prune import prune_model
     from moeguard.tasks.evaluate import evaluate_task
 
@@ -237,7 +236,7 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
         uniform = {l.index: list(range(keep)) for l in MoEAdapter(m).layers}  # the shape, not which experts
         shaped, _ = prune_model(m, uniform)
         torch.manual_seed(10_000 + seed)
-        fresh = AutoModelForCausalLM.from_config(shaped.config).train()
+        fresh = model_class(shaped.config).from_config(shaped.config).train()
         initial = evaluate_task(fresh, tok, t, limit=eval_limit, batch_size=32, baseline=False)
         return fresh, initial, sum(p.numel() for p in shaped.parameters()), len(uniform)
 
