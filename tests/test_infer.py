@@ -26,6 +26,13 @@ TINY_INFERRED = {
     "cohere2_moe": dict(num_experts=8, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=16),
     # transposed fused experts [E, d, 2I] (Aria's language model): verified, the gate_up_t layout
     "aria_text": dict(moe_num_experts=8, moe_topk=2, moe_intermediate_size=16, moe_num_shared_experts=1),
+    # group-limited softmax run with one group (its default), renormalized in the unsorted choice's
+    # order (top-4: the order of a sum of 3 or more weights shows in the last bit); no causal-LM
+    # class (built as image-text-to-text): verified
+    "mistral4": dict(n_routed_experts=8, num_experts_per_tok=4, n_shared_experts=1, moe_intermediate_size=16,
+                     n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, kv_lora_rank=8,
+                     q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=8,
+                     num_key_value_heads=4),
 }
 # Multimodal wrappers: no causal-LM class; moeguard builds their image-text-to-text model (an LM
 # head, a forward that takes text alone) and finds the MoE under its language model
@@ -118,8 +125,7 @@ def test_an_inferred_family_masks_prunes_streams_and_reloads_like_a_builtin(mode
     prune_checkpoint(tmp_path / "src", tmp_path / "streamed", keep)
     assert_same_safetensors(tmp_path / "mem", tmp_path / "streamed")
     # vanilla transformers, through the auto class the model type has (a wrapper's is image-text-to-text)
-    auto = AutoModelForImageTextToText if model_type in TINY_WRAPPERS else AutoModelForCausalLM
-    reloaded = auto.from_pretrained(tmp_path / "streamed").eval()
+    reloaded = model_class(model.config).from_pretrained(tmp_path / "streamed").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)
 

@@ -109,8 +109,8 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
             return ((_renorm(top, spec, params) if params.renormalize else top) * params.scaling).to(out_dtype), idx
         return F.softmax(top, dim=-1).to(out_dtype), idx
     scores = _scores(logits, spec)                                   # [T, E]
-    if correction_bias is None and params.n_group == 1:   # sorted, as such routers take it (the sum order follows)
-        top, idx = torch.topk(scores, k, dim=-1)
+    if correction_bias is None and params.n_group == 1 and not spec.grouped:
+        top, idx = torch.topk(scores, k, dim=-1)   # sorted, as such routers take it (the sum order follows)
     else:
         choice = scores if correction_bias is None else scores + correction_bias
         if params.n_group > 1:
@@ -120,6 +120,8 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
             else:                         # DeepSeek-V2: scores outside the groups are 0, weights too
                 scores = scores.masked_fill(~inside, 0.0)
                 choice = choice.masked_fill(~inside, 0.0)
+        # a group-limited router runs this path with one group too (Mistral-4's default): its unsorted
+        # choice sets the order the renormalizing sum adds the k weights in
         idx = torch.topk(choice, k=k, dim=-1, sorted=spec.sorted_choice)[1]
         top = scores.gather(1, idx)
     if params.renormalize:
