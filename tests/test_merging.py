@@ -82,6 +82,31 @@ def test_every_family_merges_each_tensor_to_its_weighted_average(fam):
         assert torch.isfinite(merged(torch.randint(0, 96, (2, 7))).logits).all()
 
 
+@pytest.mark.parametrize("fam", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_sharing_the_unchanged_tensors_gives_the_same_merged_model_without_copying_them(fam):
+    """share_unchanged (what `moeguard merge` and the sweep use): every tensor equals the copying
+    merge's; attention, embeddings, norms and shared experts are the source's storage, the merged
+    experts and routers are new; the source is untouched."""
+    model = tiny_model(fam)
+    before = _state(model)
+    adapter = MoEAdapter(model)
+    clusters = {l.index: CLUSTERS for l in adapter.layers}
+    copied, _ = merge_experts(model, clusters)
+    shared, _ = merge_experts(model, clusters, share_unchanged=True)
+    a, b = copied.state_dict(), shared.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    source = {t.data_ptr() for t in model.state_dict().values()}
+    per_expert = {id(t) for l in MoEAdapter(shared).layers for _, _, t, _ in l.expert_tensors()}
+    for name, t in shared.state_dict(keep_vars=True).items():
+        if id(t) in per_expert:
+            assert t.data_ptr() not in source, f"{fam}: merged {name} is the source's storage"
+        elif not name.endswith("inv_freq"):
+            assert t.data_ptr() in source, f"{fam}: {name} was copied"
+    assert not any(t.data_ptr() in source for t in a.values() if t.numel())   # the default copies everything
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_experts_with_equal_weights_and_router_rows_merge_exactly_into_one(embedded):
     m, _ = embedded
     dup = copy.deepcopy(m)

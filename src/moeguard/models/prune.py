@@ -94,36 +94,51 @@ def resize_layers(model: nn.Module) -> None:
                 module.top_k = min(top_k, n)
 
 
-def _sliced_state(adapter: MoEAdapter, keep: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+def _sliced_state(adapter: MoEAdapter, keep: dict[int, list[int]], *, share_unchanged: bool = False,
+                  unfilled: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
     """State dict with every per-expert tensor of an MoE layer cut to the kept experts on its
-    expert axis (:meth:`MoELayer.expert_tensors`)."""
+    expert axis (:meth:`MoELayer.expert_tensors`). ``share_unchanged``: the other tensors are the
+    source's own (no copy); ``unfilled``: layers whose per-expert tensors are allocated, not
+    copied (the caller writes every slice)."""
     model = adapter.model
-    owners: dict[int, tuple[list[int], int]] = {}
+    owners: dict[int, tuple[list[int], int, bool]] = {}
     for layer in adapter.layers:
         for _, _, t, axis in layer.expert_tensors():
-            owners[id(t)] = (keep[layer.index], axis)
+            owners[id(t)] = (keep[layer.index], axis, layer.index in unfilled)
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
         cut = owners.get(id(t))
         t = t.detach()
         if cut is not None:   # index_select makes a new tensor: cloning it again copied the kept experts twice
-            kept, axis = cut
-            out[name] = t.index_select(axis, torch.tensor(kept, device=t.device))
+            kept, axis, empty = cut
+            if empty:
+                shape = list(t.shape)
+                shape[axis] = len(kept)
+                out[name] = torch.empty(shape, dtype=t.dtype, device=t.device)
+            else:
+                out[name] = t.index_select(axis, torch.tensor(kept, device=t.device))
         else:
-            out[name] = t.clone()
+            out[name] = t if share_unchanged else t.clone()
     return out
 
 
-def prune_model(model: nn.Module, keep: Mapping) -> tuple[nn.Module, dict]:
+def prune_model(model: nn.Module, keep: Mapping, *, share_unchanged: bool = False,
+                unfilled: frozenset[int] = frozenset()) -> tuple[nn.Module, dict]:
     """Return ``(pruned_model, record)``; ``model`` itself is left untouched.
 
     ``keep`` maps decoder-layer index -> original expert indices to keep (layers not named keep
     all). The record lists the kept original experts per layer and the config changes.
+
+    ``share_unchanged``: the tensors pruning does not change (attention, embeddings, norms, shared
+    experts) are the source's own, not copies: for a caller that only reads the result (evaluates
+    or saves it) or drops the source. Training either model then changes both.
+    ``unfilled``: layers whose kept per-expert tensors are allocated but not copied, for a caller
+    that overwrites every slice (merging).
     """
     adapter = MoEAdapter(model)
     keep = normalize_keep(adapter, keep)
     cfg, changes = pruned_config(adapter, keep)
-    state = _sliced_state(adapter, keep)
+    state = _sliced_state(adapter, keep, share_unchanged=share_unchanged, unfilled=frozenset(unfilled))
     with torch.device("meta"):
         new = type(model)(cfg)
     resize_layers(new)

@@ -59,7 +59,7 @@ def _in_memory(ref, keep, out: Path, *, overwrite: bool, extra: dict) -> dict[st
     from moeguard.models.prune import prune_model
 
     model, tokenizer, _ = load_model(ref.name, dtype=checkpoint_dtype(ref))
-    small, record = prune_model(model, keep)
+    small, record = prune_model(model, keep, share_unchanged=True)   # the source is dropped: nothing to copy for it
     del model
     record = {**record, "method": "in_memory", "source": ref.name, **extra}
     save_checkpoint(small, tokenizer, ref, out, overwrite=overwrite, records={RECORD: record})

@@ -33,7 +33,7 @@ def merge_points(model, tokenizer, cfg, task, tasks: list, full: dict[str, dict[
         from moeguard.studies.sweep import score_point
 
         merged, record = merge_model(model, prepare(adapter, method=mm, scores=s, keep=k), profiles=profiles,
-                                     task=task.name, scores_method=s.method)
+                                     task=task.name, scores_method=s.method, share_unchanged=True)   # only evaluated
         point = {"merge_method": mm, **score_point(
             cfg, full, task, tasks if with_collateral else None, k,
             lambda t, limit: evaluate_task(merged, tokenizer, t, limit=limit, batch_size=cfg.batch_size))}
@@ -102,7 +102,7 @@ def attack_candidates(model, tokenizer, task, scores: dict, *, keep: int, merge_
     for name, s in scores.items():
         for mm in merge_methods:
             merged, rec = merge_model(model, prepare(adapter, method=mm, scores=s, keep=keep), profiles=profiles,
-                                      task=task.name, scores_method=name)
+                                      task=task.name, scores_method=name, share_unchanged=True)   # only evaluated
             r = evaluate_task(merged, tokenizer, task, limit=eval_limit, batch_size=32, baseline=False)
             out.append(({"route": "merge", "method": name, "merge_method": mm, "plan": "uniform", "keep": rec["keep"],
                          "merge": {"clusters": rec["plan"]["clusters"], "weights": rec["plan"]["weights"]},

@@ -85,12 +85,15 @@ def profile_model(model: nn.Module, batches: list, *, tokens: int = 256, seed: i
 
 def merge_model(model: nn.Module, prepared: dict[str, Any], *, batches: list | None = None, tokens: int = 256,
                 seed: int = 0, task: str | None = None, scores_method: str | None = None, progress=None,
-                profiles: tuple[dict[int, Any], dict[str, Any]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                profiles: tuple[dict[int, Any], dict[str, Any]] | None = None,
+                share_unchanged: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The merged model (``model`` untouched) and its record: the plan, the merges and the cost.
-    ``profiles``: :func:`profile_model`'s result, when already computed (then ``batches`` is not used)."""
+    ``profiles``: :func:`profile_model`'s result, when already computed (then ``batches`` is not used).
+    ``share_unchanged``: the merged model shares the tensors merging leaves as they are with
+    ``model`` (``prune_model``): for a caller that only evaluates or saves it."""
     plan, cost = plan_merge(model, prepared, batches=batches, tokens=tokens, seed=seed, task=task,
                             scores_method=scores_method, progress=progress, profiles=profiles)
-    merged, record = merge_experts(model, plan.clusters, plan.weights)
+    merged, record = merge_experts(model, plan.clusters, plan.weights, share_unchanged=share_unchanged)
     return merged, {**record, "plan": plan.to_dict(), "calibration": cost}
 
 

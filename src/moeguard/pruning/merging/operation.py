@@ -26,14 +26,16 @@ def check_clusters(layer_index: int, num_experts: int, groups) -> None:
 
 
 def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
-                  weights: dict[int, list[list[float]]] | None = None) -> tuple[nn.Module, dict]:
+                  weights: dict[int, list[list[float]]] | None = None, *,
+                  share_unchanged: bool = False) -> tuple[nn.Module, dict]:
     """Merge each named layer's clusters (centre first) into one expert each, weighted by
     ``weights`` (uniform where not given); ``model`` is left untouched. Returns the merged model
     and the record of what went where (``expert``: the merged expert's index in the new model).
 
-    One copy of the weights: the model is pruned to the centres (``prune_model`` slices new
-    tensors), then each centre's slices are overwritten with its cluster's average, read from
-    the untouched original."""
+    One pass over the expert weights: the model is cut to the centres (``prune_model``, the merged
+    layers' expert tensors allocated, not copied), then each centre's slices are written with its
+    cluster's average, read from the untouched original. ``share_unchanged``: see ``prune_model``
+    (the merged model shares what merging does not change with ``model``)."""
     from moeguard.models.prune import prune_model
 
     adapter = MoEAdapter(model)
@@ -52,7 +54,7 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
                                     hint="load or convert the model to bf16/fp16/fp32 first, then merge it")
         plan[layer.index] = cluster_weights(layer.index, groups, (weights or {}).get(layer.index))
         keep[layer.index] = sorted(g[0] for g in groups)
-    merged, prune_record = prune_model(model, keep)
+    merged, prune_record = prune_model(model, keep, share_unchanged=share_unchanged, unfilled=frozenset(plan))
     with torch.no_grad():
         for old, new in zip(adapter.layers, MoEAdapter(merged).layers):
             if old.index not in plan:

@@ -91,7 +91,8 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
                          calibration=cost)
     merged, record = merge_model(model, prepared, batches=batches, tokens=tokens, seed=seed,
                                  task=task_obj.name if task_obj else None,
-                                 scores_method=s.method if s is not None else None, progress=progress)
+                                 scores_method=s.method if s is not None else None, progress=progress,
+                                 share_unchanged=True)   # the source is dropped: nothing to copy for it
     del model
     record = {"schema": SCHEMA, "source": ref.name, **record, "loadable_by": loadable_by(record["keep"]),
               "run": run_record(settings or {})}
