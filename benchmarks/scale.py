@@ -142,6 +142,8 @@ def merge_costs(model, adapter, ctx, fwd_s: float, tokens: int, args) -> dict:
 
     E, k = adapter.num_experts, adapter.top_k
     keep = max(k, E // 4)
+    if keep >= E:   # top-k as many as the experts (OLMoE's top-8 at E = 8): a quarter, top-k clamped to it
+        keep = max(1, E // 4)
     scores = score(ctx, "frequency")
 
     def weights_pass():   # one pass over the expert weights: every expert tensor copied once
@@ -204,6 +206,8 @@ def merged(old: dict, new: dict) -> dict:
     merged, not replaced: each keeps the forward time of the run that measured it, since its FPE
     is relative to that."""
     out = {**old, **new}
+    if "error" not in new:   # this run's child succeeded: an earlier run's failure no longer describes the entry
+        out.pop("error", None)
     before, now = old.get("attribution"), new.get("attribution")
     if before and now:
         methods = {m: {**v, "forward_seconds": v.get("forward_seconds", src["forward_seconds"])}
