@@ -9,6 +9,9 @@ A preset ``name@E<n>`` is that preset with n experts per layer and nothing else 
 
 - **write**: each preset's checkpoint, bf16, streamed tensor by tensor (its seconds and peak RSS
   recorded); a checkpoint already there with the same settings is reused.
+- **surgery**: streaming pruning of the checkpoint's files to a quarter of each layer's experts
+  against ``cp`` of the same files (fastest of 2, alternating), and its peak RSS, in the child
+  before any model is loaded (with the @E presets: how surgery grows with E).
 - **capture**: ``RoutingCapture`` against a plain forward (batch ``--capture-batch`` x ``--seq``
   tokens, a quarter of half the rows padding), alternating, ratio of medians (goal <= 1.05).
 - **attribution**: every method on ``--samples`` calibration samples of ``--task``: seconds, forward
@@ -58,8 +61,54 @@ def reset_peak() -> bool:
         return False
 
 
+def surgery(ckpt: Path) -> dict:
+    """Streaming surgery on the checkpoint's files (before any model is loaded, so the peak RSS is
+    the surgery's own plus the interpreter's): every MoE layer cut to its first quarter of experts,
+    against ``cp`` of the same files, alternating, the fastest of 2 each."""
+    import shutil
+    import tempfile
+
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.loading import inspect, meta_model
+    from moeguard.pruning.checkpoint import prune_checkpoint
+
+    _, config, family = inspect(str(ckpt))
+    layers = MoEAdapter(meta_model(config), family=family).layers
+    keep = {l.index: list(range(max(1, l.num_experts // 4))) for l in layers}
+    files = sorted(ckpt.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    work = Path(tempfile.mkdtemp(prefix="surgery-", dir=ckpt.parent))
+    cp_s, prune_s, peak, written = [], [], 0, 0
+    try:
+        for _ in range(2):
+            dest = work / "cp"
+            dest.mkdir()
+            t = time.perf_counter()
+            for f in files:
+                shutil.copyfile(f, dest / f.name)
+            cp_s.append(time.perf_counter() - t)
+            shutil.rmtree(dest)
+            reset_peak()
+            t = time.perf_counter()
+            prune_checkpoint(ckpt, work / "pruned", keep)
+            prune_s.append(time.perf_counter() - t)
+            peak = max(peak, vm("VmHWM"))
+            written = sum(f.stat().st_size for f in (work / "pruned").glob("*.safetensors"))
+            shutil.rmtree(work / "pruned")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    cp, pr = min(cp_s), min(prune_s)
+    out = {"keep": len(next(iter(keep.values()))), "source_bytes": size, "written_bytes": written,
+           "cp_seconds": round(cp, 2), "prune_seconds": round(pr, 2), "speed_vs_cp": round(cp / pr, 2),
+           "peak_rss_bytes": peak}
+    print(f"  surgery {pr:6.1f} s  cp {cp:6.1f} s  ({cp / pr:.2f}x cp)  peak {peak / GB:5.2f} GiB",
+          file=sys.stderr, flush=True)
+    return out
+
+
 def measure(ckpt: Path, args) -> dict:
-    """The child's work: load, capture overhead, every attribution method."""
+    """The child's work: surgery on the files; then load, capture overhead, every attribution
+    method, the merge route."""
     import torch
 
     from _common import capture_medians
@@ -69,9 +118,12 @@ def measure(ckpt: Path, args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    pre = {"surgery": surgery(ckpt)} if "surgery" in args.stages else {}
+    if not args.stages & {"capture", "attribution", "merge"}:
+        return pre
     t = time.perf_counter()
     model, tok, _ = load_model(str(ckpt))
-    out: dict = {"load_seconds": round(time.perf_counter() - t, 2)}
+    out: dict = {**pre, "load_seconds": round(time.perf_counter() - t, 2)}
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     reset_peak()
     loaded = vm("VmRSS")
@@ -290,7 +342,7 @@ def main() -> None:
         print(f"{preset}:", file=sys.stderr, flush=True)
         ckpt, rec = write(preset, args.layers, args.workdir)
         entry = {"checkpoint": rec}
-        if args.stages & {"capture", "attribution", "merge"}:
+        if args.stages & {"surgery", "capture", "attribution", "merge"}:
             cmd = [sys.executable, __file__, "--child", str(ckpt), *_passed(args)]
             t = time.perf_counter()
             res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
