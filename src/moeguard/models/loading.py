@@ -169,7 +169,7 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     try:
         with resized_construction(config):  # budget-pruned checkpoints keep different counts per layer
             model = cls.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
-                                                         device_map=device_map, **offload)
+                                        device_map=device_map, **offload)
     except BaseException as e:
         if made_folder is not None:
             shutil.rmtree(made_folder, ignore_errors=True)
