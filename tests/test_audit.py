@@ -282,6 +282,25 @@ def test_bad_settings_exit_2_with_one_line_before_any_work(tmp_path, capsys, arg
     assert not out.exists()
 
 
+def test_without_recovery_the_recovery_keep_is_neither_defaulted_nor_checked(tmp_path):
+    """A top-k as large as the experts (OLMoE's top-8 at E = 8) leaves recovery no keep to default
+    to; an audit without recovery must not be refused for it, and one with recovery must be."""
+    from moeguard.audit.config import build
+    from moeguard.audit.run import resolve
+    from moeguard.errors import MoeguardError
+    from moeguard.testing import tiny_model
+
+    tiny_model("mixtral", num_experts_per_tok=8).save_pretrained(tmp_path / "m")
+    flags = {"model": str(tmp_path / "m"), "tasks": ["arith-compare"], "keeps": [2]}
+    cfg, _ = resolve(build({}, {**flags, "recovery": False}))
+    assert cfg.recovery_keep is None and cfg.keeps == [2] and not cfg.recovery
+    with pytest.raises(MoeguardError, match="keep level 8 is impossible for 8 experts per layer"):
+        resolve(build({}, flags))
+    assert resolve(build({}, {**flags, "recovery": False, "recovery_keep": 3}))[0].recovery_keep == 3
+    with pytest.raises(MoeguardError, match="keep level 9 is impossible"):   # given: still checked
+        resolve(build({}, {**flags, "recovery": False, "recovery_keep": 9}))
+
+
 def test_config_file_settings_are_checked_and_flags_win(tmp_path, capsys):
     from moeguard.audit.config import build, load_yaml
 

@@ -52,8 +52,12 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     tasks, methods, keeps = resolve_grid(model, tasks=cfg.tasks, methods=cfg.methods, keeps=cfg.keeps)
     by_name = {t.name: t for t in tasks}
     names = list(by_name)
-    rec_keep = model.check_keep(cfg.recovery_keep if cfg.recovery_keep is not None
-                                else max(model.min_keep, model.top_k, model.num_experts // 4))
+    # the attacker's keep for recovery, defaulted and checked only when recovery runs (or it is
+    # given): OLMoE's top-8 at E = 8 has no default, and --no-recovery must not be refused for it
+    rec_keep = cfg.recovery_keep
+    if cfg.recovery or rec_keep is not None:
+        rec_keep = model.check_keep(rec_keep if rec_keep is not None
+                                    else max(model.min_keep, model.top_k, model.num_experts // 4))
     rec_tasks = [t.name for t in resolve_tasks(cfg.recovery_tasks, check=False)] if cfg.recovery_tasks else names
     missing = [t for t in rec_tasks if t not in by_name]
     if missing:
