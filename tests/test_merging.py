@@ -279,7 +279,11 @@ def test_streamed_merge_equals_the_in_memory_merge_on_every_family(fam, tmp_path
     with torch.no_grad():
         want = (merged if dtype == torch.float32 else
                 AutoModelForCausalLM.from_pretrained(tmp_path / "memory", dtype=dtype)).eval()(ids).logits
-        assert MoEAdapter(loaded).num_experts == 4 and torch.equal(loaded(ids).logits, want)
+        assert MoEAdapter(loaded).num_experts == 4
+        # the tensors are equal (above); weights loaded from disk sit in buffers of another
+        # alignment, and on some CPUs (an AMD EPYC, 2026-12-02) the experts' grouped matmul then
+        # takes another kernel: logits agree to float rounding, not always to the last bit
+        torch.testing.assert_close(loaded(ids).logits, want)
 
 
 def test_quantized_experts_are_refused_before_anything_is_written(tmp_path):
