@@ -6,12 +6,14 @@ with E" for the whole audit, not only its stages).
 
 Each preset's synthetic checkpoint (``scale.py``'s writer: bf16, 2 layers, random weights; reused
 when there) is audited by ``moeguard audit`` in its own process, with a small, fixed workload so
-that only E changes: two tasks (a perplexity task and a classification task), ``--samples`` calibration
-samples, ``gradient`` and ``frequency`` attribution, one keep level (a quarter of the experts),
-``--eval-limit`` records (every preset routes top-8, as OLMoE does), no deletion curves (every keep level from E - 1 down: E levels by
-construction; at E = 64 they made one task's sweep take 21 minutes), no recovery (its keep is passed as the same quarter: the audit checks it
-even when recovery is off) (full fine-tuning at E = 64 does not fit this machine; LoRA
-re-alignment is measured per E in ``finetune_throughput_olmoe_growth.json``).
+that only E changes (every preset routes top-8, as OLMoE does):
+- two tasks (a perplexity task and a classification task), ``--samples`` calibration samples,
+  ``gradient`` and ``frequency`` attribution, one keep level (a quarter of the experts),
+  ``--eval-limit`` records;
+- no deletion curves: every keep level from E - 1 down, E levels by construction (at E = 64 they
+  made one task's sweep take 21 minutes);
+- no recovery: full fine-tuning at E = 64 does not fit this machine; LoRA re-alignment is measured
+  per E in ``finetune_throughput_olmoe_growth.json``.
 
 Recorded per preset: the wall time, the peak RSS of the audit process (``wait4``), the time of
 each stage (from its ``results.json`` stage log). Weights are random: costs only.
@@ -58,15 +60,16 @@ def main() -> None:
         rows = json.loads(target.read_text())["presets"]
     for preset in args.presets.split(","):
         ckpt, rec = write(preset, args.layers, args.workdir)
-        experts = json.loads((ckpt / "config.json").read_text())
-        E = next(experts[k] for k in ("num_experts", "num_local_experts") if k in experts)
+        config = json.loads((ckpt / "config.json").read_text())
+        E = next(config[k] for k in ("num_experts", "num_local_experts") if k in config)
         keep = max(1, E // 4)
         with tempfile.TemporaryDirectory(prefix="audit-growth-", dir=args.workdir) as work:
             out = Path(work) / "audit"
             cmd = [sys.executable, "-m", "moeguard.cli", "audit", "--out", str(out), "--model", str(ckpt),
                    "--tasks", args.tasks, "--samples", str(args.samples), "--methods", "gradient,frequency",
-                   "--keeps", str(keep), "--recovery-keep", str(keep), "--eval-limit", str(args.eval_limit), "--collateral-limit", str(args.eval_limit),
-                   "--random-seeds", "1", "--physical-checks", "1", "--no-deletion-curves", "--no-recovery", "--threads", str(args.threads)]
+                   "--keeps", str(keep), "--eval-limit", str(args.eval_limit), "--collateral-limit", str(args.eval_limit),
+                   "--random-seeds", "1", "--physical-checks", "1", "--no-deletion-curves", "--no-recovery",
+                   "--threads", str(args.threads)]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
             print(f"{preset}: E={E}, keep {keep}", file=sys.stderr, flush=True)
             t = time.perf_counter()
@@ -97,6 +100,7 @@ def _write(rows: dict, args) -> Path:
         r["wall_vs_fewest_experts"] = round(r["wall_seconds"] / base, 2)
     return write_result("audit_growth", {"gpu": False, "note": "CPU figures only: no GPU was lent to this task",
                                          "settings": settings, "presets": rows}, args.out)
+
 
 if __name__ == "__main__":
     main()
