@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.families import FAMILIES
+from moeguard.models.families import FAMILIES, moe_config
 from moeguard.models.hooks import RoutingCapture, mask_experts
 from moeguard.models.prune import prune_model
-from moeguard.models.routing import pruned_router_params, route, route_module, router_logits, unpack_router_output
+from moeguard.models.routing import pruned_router_params, route, route_module, router_logits
 from moeguard.testing import assert_same_safetensors, tiny_model
 
 # family -> (a key of its public checkpoint layout, shared-expert module present)
@@ -53,6 +53,7 @@ FAMILY_LAYOUT = {
     "mimo_v2_flash": ("mlp.experts.0.gate_proj.weight", False),
     "nemotron_h": ("mixer.experts.0.up_proj.weight", True),
     "llama4": ("feed_forward.experts.gate_up_proj", True),
+    "dbrx": ("ffn.experts.mlp.w1", False),
 }
 KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
 # Which equalities are exact (docs/attribution-and-pruning.md, "Exactness"):
@@ -72,8 +73,9 @@ def routed_both_ways(a, h):
     layer = a.layers[0]
     block_bias = "." not in (a.family.routing.correction_bias or ".")   # MiniMax-M2, LFM2: the block passes it
     out = layer.router(h, layer.correction_bias) if block_bias else layer.router(h)
-    _, ref_w, ref_idx = unpack_router_output(a.family.call, out, a.top_k)   # Llama-4's (scores, logits) too
-    params = pruned_router_params(a.family, a.config, list(range(8)), 8)
+    # Llama-4's (scores, logits) too, and DBRX's logits, routed by its block's own method
+    _, ref_w, ref_idx = layer.unpack(out)
+    params = pruned_router_params(a.family, a.moe_config, list(range(8)), 8)
     w, idx = route_module(layer, router_logits(layer, h, a.family.routing), a.family.routing, params,
                           input_dtype=h.dtype)
     order_ref, order = ref_idx.argsort(-1), idx.argsort(-1)
@@ -111,7 +113,7 @@ def test_route_reproduces_transformers_router(family_model):
     torch.testing.assert_close(ref_w.float(), w.float())
     layer = a.layers[0]
     if layer.correction_bias is not None:   # the equality above holds with a bias that moves choices
-        params = pruned_router_params(a.family, model.config, list(range(8)), 8)
+        params = pruned_router_params(a.family, a.moe_config, list(range(8)), 8)
         _, unbiased = route(router_logits(layer, h, a.family.routing), a.family.routing, params)
         assert not torch.equal(unbiased.sort(-1).values, idx), f"{fam}: the selection bias changed no choice"
 
@@ -224,7 +226,7 @@ def test_deepseek_v2_groups_only_in_its_group_limited_mode(method, grouped, toke
     model = tiny_model("deepseek_v2", topk_method=method)
     a = MoEAdapter(model)
     assert ("group-limited" in a.describe()["gate_normalization"]) is grouped
-    assert (pruned_router_params(a.family, a.config, list(range(8)), 8).n_group == 2) is grouped
+    assert (pruned_router_params(a.family, a.moe_config, list(range(8)), 8).n_group == 2) is grouped
     h = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     (ref_idx, ref_w), (idx, w) = routed_both_ways(a, h)
     assert torch.equal(ref_idx, idx)
@@ -310,7 +312,7 @@ def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_bat
     prune_checkpoint(tmp_path / "src", tmp_path / "streamed", keep)
     assert_same_safetensors(tmp_path / "mem", tmp_path / "streamed")
     reloaded, _, _ = load_model(str(tmp_path / "streamed"), with_tokenizer=False)
-    assert getattr(reloaded.config, PER_LAYER_KEY) == {str(layers[0]): 6, str(layers[-1]): 2}
+    assert getattr(moe_config(reloaded.config), PER_LAYER_KEY) == {str(layers[0]): 6, str(layers[-1]): 2}
     assert [l.router_weight.shape[0] for l in MoEAdapter(reloaded).layers] == [6, 2]
     with torch.no_grad():  # same weights, same shapes, same kernels: exact by construction
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)
@@ -364,3 +366,68 @@ def test_llama4_traces_and_captures_what_each_expert_adds(token_batch):
     contrib = (t.slot_out * t.weights[..., None]).norm(dim=-1)                  # [N, k]
     norms.index_add_(0, t.index.reshape(-1), contrib.reshape(-1))
     torch.testing.assert_close(cap.stats.layers[0].weighted_norm_sum.float(), norms, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, None])
+def test_dbrx_routing_follows_its_p_norm_and_pruning_writes_ffn_config(p, token_batch, tmp_path):
+    """DBRX's block divides the k weights by their p-norm (moe_normalize_expert_weights; None: not
+    at all), its router returns logits only, and its MoE keys live in ffn_config: route() follows
+    each p, masking equals pruning, and the pruned checkpoint's ffn_config holds the new counts."""
+    model = tiny_model("dbrx", ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2,
+                                               moe_normalize_expert_weights=p))
+    a = MoEAdapter(model)
+    assert a.moe_config is model.config.ffn_config and a.layers[0].call == "logits"
+    h = torch.randn(40, 32, generator=torch.Generator().manual_seed(4))
+    (ref_idx, ref_w), (idx, w) = routed_both_ways(a, h)
+    assert torch.equal(ref_idx, idx)
+    torch.testing.assert_close(ref_w, w, rtol=0, atol=0)
+    norm = w.norm(p=p, dim=-1) if p is not None else w.sum(-1)
+    if p is None:
+        assert (norm < 1).all()      # softmax shares of the chosen two: never renormalized
+    else:
+        torch.testing.assert_close(norm, torch.ones_like(norm))
+    ids, mask = token_batch
+    keep = {l.index: [0, 3, 4] for l in a.layers}
+    with torch.no_grad(), mask_experts(model, keep):
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    pruned, record = prune_model(model, keep)
+    assert record["config_changes"] == {"moe_num_experts": 3, "moe_top_k": 2}
+    pruned.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["ffn_config"]["moe_num_experts"] == 3 and "moe_num_experts" not in saved
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:   # the public [E*I, d] layout
+        assert f.get_slice("transformer.blocks.0.ffn.experts.mlp.w2").get_shape() == [3 * 16, 32]
+        torch.testing.assert_close(f.get_tensor("transformer.blocks.0.ffn.experts.mlp.w1")[16:32],
+                                   model.transformer.blocks[0].ffn.experts.mlp.w1[48:64].detach(), rtol=0, atol=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, masked, **ACROSS_SHAPES)
+
+
+def test_dbrx_masking_below_top_k_clamps_the_block_and_restores_it(token_batch):
+    """DBRX's block takes its own top-k of the router's logits: kept below it, masking clamps the
+    block's top_k as the pruned model's config does (no dropped expert at weight 0), then restores it."""
+    from moeguard.models.hooks import trace_experts
+
+    model = tiny_model("dbrx")
+    a = MoEAdapter(model)
+    ids, mask = token_batch
+    keep = {l.index: [5] for l in a.layers}
+    with torch.no_grad(), mask_experts(model, keep), trace_experts(model, adapter=a) as traces:
+        masked = model(input_ids=ids, attention_mask=mask).logits
+        assert all(l.block.top_k == 1 for l in a.layers)
+    assert all(l.block.top_k == 2 for l in a.layers)
+    assert all(torch.equal(t.index, torch.full_like(t.index, 5)) for t in traces.values())
+    pruned, _ = prune_model(model, keep)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=ids, attention_mask=mask).logits, masked, **ACROSS_SHAPES)
+
+
+def test_lora_leaves_every_router_out_even_a_linear_inside_it():
+    from moeguard.realign.modes import lora_targets
+
+    for fam, inside in (("dbrx", "router.layer"), ("hunyuan_v1_moe", "gate.wg")):
+        modules, experts = lora_targets(tiny_model(fam))
+        assert modules and not any(inside in m for m in modules), (fam, modules)
+    modules, experts = lora_targets(tiny_model("dbrx"))
+    assert any(m.endswith("attn.Wqkv") for m in modules) and experts == []   # peft cannot wrap DBRX's experts

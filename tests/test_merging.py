@@ -14,7 +14,7 @@ from moeguard.attribution.base import Scores
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.families import FAMILIES
+from moeguard.models.families import FAMILIES, experts_first
 from moeguard.models.prune import prune_model
 from moeguard.pruning.merging.base import MERGE_METHODS
 from moeguard.pruning.merging.calibrate import LayerProfile, calibrate
@@ -70,8 +70,8 @@ def test_every_family_merges_each_tensor_to_its_weighted_average(fam):
         old_t, new_t = old_layer.expert_tensors(), new_layer.expert_tensors()
         assert len(old_t) == len(new_t) > 0
         for (_, name, o, axis), (_, _, n, _) in zip(old_t, new_t):
-            ov = o if axis == 0 else o.movedim(-1, 0)
-            nv = n if axis == 0 else n.movedim(-1, 0)
+            ov = experts_first(o, axis, old_layer.num_experts)   # DBRX's [E*I, d] blocks as [E, I, d]
+            nv = experts_first(n, axis, new_layer.num_experts)
             for g in groups:
                 want = sum(w * ov[e].double() for w, e in zip(g["weights"], g["from"])).to(o.dtype)
                 torch.testing.assert_close(nv[g["expert"]], want, rtol=1e-5, atol=1e-6, msg=f"{fam} {name}")

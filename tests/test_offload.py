@@ -87,10 +87,16 @@ def test_every_attribution_method_scores_an_offloaded_model_as_the_model_in_memo
                                    rtol=1e-6, atol=1e-9)
 
 
+# families whose transformers forward fails under accelerate's offload, with or without moeguard
+_OFFLOAD_BROKEN = {
+    "llama4": "transformers' Llama-4 sends input_ids to embed_tokens.weight.device, 'meta' when offloaded",
+    "dbrx": "transformers' DbrxExperts reads its mlp's w1/v1/w2 outside the mlp's forward, where accelerate's "
+            "per-module hook has them on 'meta'"}
+
+
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(
-    strict=True, raises=NotImplementedError,
-    reason="transformers' Llama-4 sends input_ids to embed_tokens.weight.device, 'meta' when offloaded"))
-    if f == "llama4" else f for f in sorted(FAMILIES)])
+    strict=True, raises=NotImplementedError, reason=_OFFLOAD_BROKEN[f]))
+    if f in _OFFLOAD_BROKEN else f for f in sorted(FAMILIES)])
 def test_masked_routing_runs_inside_accelerates_hooks_on_every_family(family, tmp_path):
     # the masked router replaces the router's forward: offloaded, it must run where the hook has
     # put the weights in place (it used to read "meta")

@@ -163,7 +163,9 @@ def test_on_disk_names_live_in_the_family_specs():
     assert m is not None and m.groups() == ("3", "w1.weight")
     # a checkpoint of unknown family: every family's names (what the streaming pruner used to hard-code)
     every = DiskLayout.union(f.disk_layout() for f in FAMILIES.items())
-    assert set(every.block_names) == {"mlp", "block_sparse_moe", "feed_forward", "mixer"}
+    assert set(every.block_names) == {"mlp", "block_sparse_moe", "feed_forward", "mixer", "ffn"}   # DBRX's ffn
+    # blocks of rows per expert ([E*I, d]) only where the family says so: the union stays strict
+    assert get_family("dbrx").disk_layout().blocked and not every.blocked
     # routers, and selection biases saved beside them on the block (MiniMax-M2, LFM2, EXAONE, ERNIE)
     assert set(every.router_modules) == {"gate", "router", "e_score_correction_bias", "expert_bias", "moe_statics"}
     assert set(every.expert_modules) == {"experts", "input_linear", "output_linear"}

@@ -91,14 +91,22 @@ TINY_FAMILY_KWARGS: dict[str, dict] = {
                           routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
                           layer_types=["full_attention", "sliding_attention", "full_attention"],
                           mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=4),
+    # DBRX names its sizes itself and keeps the MoE keys in ffn_config; transformers 5.24's default
+    # attn_config builds no model (no rope_theta) and clip_qkv=None fails in the forward, so both are given
+    "dbrx": dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=128,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
 }
+# families whose configs name their sizes themselves (no hidden_size, num_hidden_layers... keywords)
+_OWN_SIZES = {"dbrx"}
 
 
 def tiny_config(family: str, **overrides):
     """A tiny config of ``family`` (a family name; its first model type is built)."""
     from moeguard.models.families import FAMILIES
 
-    kwargs = {**_COMMON, **TINY_FAMILY_KWARGS[family], **overrides}
+    common = dict(vocab_size=_COMMON["vocab_size"], tie_word_embeddings=False) if family in _OWN_SIZES else _COMMON
+    kwargs = {**common, **TINY_FAMILY_KWARGS[family], **overrides}
     model_type = FAMILIES.get(family).model_types[0] if family in FAMILIES else family
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -114,7 +122,7 @@ def tiny_model(family: str, *, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if p.dim() >= 1 and p.abs().sum() == 0 and "norm" not in name:
                 p.normal_(0, 0.5)
-            elif name.endswith(("router.weight", "gate.weight", "gate.wg.weight")) and p.dim() == 2:
+            elif name.endswith(("router.weight", "gate.weight", "gate.wg.weight", "router.layer.weight")) and p.dim() == 2:
                 p.normal_(0, 0.5)
         # selection biases start at 0 (buffers); trained ones are not, and routing must honour them
         from moeguard.models.adapter import MoEAdapter

@@ -28,7 +28,6 @@ from torch import nn
 
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import mask_experts
-from moeguard.models.routing import unpack_router_output
 from moeguard.realign.engine import task_loss
 from moeguard.tasks.batches import Batch
 
@@ -48,14 +47,16 @@ def record_routers(model: nn.Module, *, adapter: MoEAdapter | None = None) -> It
     tape = RouterTape()
     handles = []
 
-    def hook(module, args, output):
-        logits, _, index = unpack_router_output(adapter.family.call, output, adapter.top_k)
-        tape.logits.append(logits)
-        tape.index.append(index.detach())
+    def hook_for(layer):
+        def hook(module, args, output):
+            logits, _, index = layer.unpack(output)
+            tape.logits.append(logits)
+            tape.index.append(index.detach())
+        return hook
 
     try:
         for layer in adapter.layers:
-            handles.append(layer.router.register_forward_hook(hook))
+            handles.append(layer.router.register_forward_hook(hook_for(layer)))
         yield tape
     finally:
         for h in handles:

@@ -10,6 +10,7 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.families import FamilySpec, expert_axis, family_for_config, moe_config
+from moeguard.models.routing import unpack_router_output
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +26,18 @@ class MoELayer:
     top_k: int
     router_weight_attr: str = "weight"       # FamilySpec.router_weight_attr
     correction_bias_path: str | None = None  # RoutingSpec.correction_bias, under the block
+    call: str = "standard"                   # FamilySpec.call: what the router returns
+    route_method: str | None = None          # FamilySpec.route_method: the block's logits -> (weights, index)
+    blocked: bool = False                    # FamilySpec.blocked: experts as [E*I, d] blocks of rows
+
+    def unpack(self, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [T, E], weights [T, k], index [T, k]) from what this layer's router returned.
+        A router that returns its logits only (DBRX) is completed by the block's own routing
+        method, so what is recorded is what the block computes."""
+        if self.call == "logits":
+            weights, index = getattr(self.block, self.route_method)(output)
+            return output, weights, index
+        return unpack_router_output(self.call, output, self.top_k)
 
     # Resolved on each access, never cached: moving or re-assigning a module replaces tensors.
     @property
@@ -61,7 +74,7 @@ class MoELayer:
         def add(owner: nn.Module, name: str, t) -> None:
             if t is None or not t.dim() or id(t) in seen:
                 return
-            axis = expert_axis(tuple(t.shape), self.num_experts)
+            axis = expert_axis(tuple(t.shape), self.num_experts, blocked=self.blocked)
             if axis is None:
                 raise MoeguardError(f"layer {self.index}: {type(owner).__name__}.{name} has shape {list(t.shape)}, "
                                     f"with no axis of its {self.num_experts} experts",
@@ -140,7 +153,9 @@ class MoEAdapter:
             out.append(MoELayer(index=i, block=block, router=router, experts=experts, shared=shared,
                                 num_experts=int(weight.shape[0]), top_k=int(getattr(self.moe_config, self.family.top_k_key)),
                                 router_weight_attr=self.family.router_weight_attr,
-                                correction_bias_path=self.family.routing.correction_bias))
+                                correction_bias_path=self.family.routing.correction_bias,
+                                call=self.family.call, route_method=self.family.route_method,
+                                blocked=self.family.blocked))
         if not out:
             raise MoeguardError(f"model of type '{self.config.model_type}' has no sparse MoE layer",
                                 hint="check the config's expert settings (e.g. decoder_sparse_step, mlp_only_layers)")
@@ -199,7 +214,7 @@ class MoEAdapter:
         return {
             "family": self.family.name,
             "model_type": self.config.model_type,
-            "num_layers": int(self.moe_config.num_hidden_layers),
+            "num_layers": len(self.decoder_layers),
             "moe_layers": [l.index for l in self.layers],
             "experts_per_layer": {str(l.index): l.num_experts for l in self.layers},
             "top_k": self.top_k,

@@ -48,6 +48,9 @@ class RoutingSpec:
     # renormalized weights: w / (sum + renorm_eps), or w / max(sum, config[renorm_min_key]) (ERNIE)
     renorm_eps: float = 0.0
     renorm_min_key: str | None = None
+    # renormalized by the p-norm of the k weights, p read from this config key (DBRX's
+    # moe_normalize_expert_weights: 1.0 is a sum, 2.0 the Euclidean norm; None: not renormalized)
+    renorm_p_key: str | None = None
     # dtype of the arithmetic on real (bf16) checkpoints, as each family's own router does it:
     # scores (softmax or sigmoid) in float32 or in the logits' dtype; weights returned in float32,
     # in the logits' dtype or in the router input's dtype
@@ -67,12 +70,20 @@ class RoutingSpec:
         return self.grouped and (self.group_method_key is None
                                  or getattr(config, self.group_method_key, None) == self.group_method)
 
+    def renormalizes(self, config) -> bool:
+        """Whether the k chosen weights are renormalized under this config."""
+        if self.renorm_p_key:
+            return getattr(config, self.renorm_p_key, None) is not None
+        return self.renormalize if isinstance(self.renormalize, bool) else bool(getattr(config, self.renormalize, False))
+
     def describe(self, config) -> str:
-        renorm = self.renormalize if isinstance(self.renormalize, bool) else bool(getattr(config, self.renormalize, False))
+        renorm = self.renormalizes(config)
         if self.score == "sparsemixer":
             return "sparsemixer (PhiMoE): masked softmax per choice, top-2"
         order = f"{self.score} before top-k" if self.select_on == "probs" else f"top-k on logits, {self.score} after top-k"
-        parts = [order, "renormalized top-k" if renorm and self.select_on == "probs" else None]
+        p = getattr(config, self.renorm_p_key, None) if self.renorm_p_key else None
+        parts = [order, (f"top-k renormalized by their {p:g}-norm" if p not in (None, 1.0) else "renormalized top-k")
+                 if renorm and self.select_on == "probs" else None]
         if self.groups_on(config):
             parts.append(f"group-limited ({getattr(config, self.n_group_key, 1)} groups, "
                          f"top {getattr(config, self.topk_group_key, 1)} groups)")
@@ -99,6 +110,8 @@ class DiskLayout:
     shared_modules: tuple[str, ...] = ()
     # ``experts.{e}.<rest>``: one tensor per expert, the expert number in the key
     per_expert: re.Pattern = re.compile(r"^experts\.(\d+)\.(.+)$")
+    # fused tensors may hold E blocks of rows on dim 0 ([E*I, d], DBRX), not E rows
+    blocked: bool = False
 
     @classmethod
     def union(cls, layouts: Iterable["DiskLayout"]) -> "DiskLayout":
@@ -112,14 +125,33 @@ class DiskLayout:
                    per_expert=layouts[0].per_expert)
 
 
-def expert_axis(shape: tuple[int, ...], num_experts: int) -> int | None:
+def expert_axis(shape: tuple[int, ...], num_experts: int, *, blocked: bool = False) -> int | None:
     """The axis of a per-expert tensor of ``shape`` that indexes experts: 0, or the last when
-    every other dim is 1 (ERNIE's [1, E] bias); None when neither holds. In memory and on disk."""
-    if shape and shape[0] == num_experts:
+    every other dim is 1 (ERNIE's [1, E] bias); None when neither holds. In memory and on disk.
+
+    ``blocked`` (DBRX): dim 0 may also hold E equal blocks of rows ([E*I, d], expert e's rows
+    e*I..(e+1)*I-1), which is [E, I, d] in the same bytes: :func:`experts_first` views it so."""
+    if shape and (shape[0] == num_experts or (blocked and shape[0] and shape[0] % num_experts == 0)):
         return 0
     if shape and shape[-1] == num_experts and all(s == 1 for s in shape[:-1]):
         return len(shape) - 1
     return None
+
+
+def experts_first(t, axis: int, num_experts: int):
+    """A view of a per-expert tensor with its E experts on dim 0 (``view[e]`` is expert e's slice):
+    the tensor itself, its last axis moved first (ERNIE's [1, E]), or E blocks of rows ([E*I, d]
+    viewed [E, I, d], DBRX)."""
+    if axis != 0:
+        return t.movedim(-1, 0)
+    return t if t.shape[0] == num_experts else t.view(num_experts, -1, *t.shape[1:])
+
+
+def cut_shape(shape, axis: int, num_experts: int, n: int) -> list[int]:
+    """``shape`` of a per-expert tensor of ``num_experts`` experts, cut to ``n`` of them."""
+    out = list(shape)
+    out[axis] = out[axis] // num_experts * n
+    return out
 
 
 def _unique(names: Iterable[str]) -> tuple[str, ...]:
@@ -155,13 +187,21 @@ class FamilySpec:
     # In memory, fused experts: "gate_up" = gate_up_proj [E, 2I, d] (gate rows, then up rows) and
     # down_proj [E, d, I]; "gate_up_interleaved_t" = gpt-oss's [E, d, 2I] (gate even, up odd) and [E, I, d];
     # "up" = ungated experts (Nemotron-H): up_proj [E, I, d] and down_proj [E, d, I];
-    # "gate_up_t" = Llama-4's [E, d, 2I] (gate columns, then up) and [E, I, d].
+    # "gate_up_t" = Llama-4's [E, d, 2I] (gate columns, then up) and [E, I, d];
+    # "blocked" = DBRX's three [E*I, d] tensors under ``experts.mlp``: w1 (gate), v1 (up) and w2
+    # (down, transposed), expert e in rows e*I..(e+1)*I-1 (:func:`experts_first` views them [E, I, d]).
     expert_layout: str = "gate_up"
     # How the block calls its router and experts. "standard": the router returns (logits, weights,
     # index) and the experts are called as experts(hidden, index, weights), scaling their outputs.
     # "scaled_input" (Llama-4): the router returns (scores [T, E], logits), zero for experts not
     # chosen, and every expert runs on every token's input scaled by its score (experts([E*T, d])).
+    # "logits" (DBRX): the router returns its logits [T, E] only; the block's own ``route_method``
+    # turns them into (weights, index), and the experts are called as in "standard".
     call: str = "standard"
+    route_method: str | None = None
+    # The sub-config holding the MoE keys (expert count, top-k, routing switches) when they are not
+    # on the model's (text) config: DBRX's ``ffn_config``. :func:`moe_config` resolves it.
+    config_attr: str | None = None
     # Where checkpoints keep the decoder layers when not where memory does (Nemotron-H saves its
     # base model as ``backbone``): the prefix of layers_path is swapped for on-disk names.
     disk_layers_path: str | None = None
@@ -171,6 +211,11 @@ class FamilySpec:
     # weight, under its module.
     disk_expert_tensors: tuple[str, ...] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
     disk_router_weight: str = "weight"
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the experts' tensors hold E blocks of rows on dim 0 (:func:`expert_axis`)."""
+        return self.expert_layout == "blocked"
 
     @property
     def disk_layers(self) -> str:
@@ -191,7 +236,8 @@ class FamilySpec:
         return DiskLayout(block_names=_unique(self.block_attrs + self.disk_block_attrs),
                           router_modules=_unique((self.router_attr, *self.disk_router_attrs, *block_held)),
                           expert_modules=_unique((self.experts_attr, *self.disk_expert_attrs)),
-                          shared_modules=self.shared_attrs, per_expert=re.compile(self.disk_per_expert))
+                          shared_modules=self.shared_attrs, per_expert=re.compile(self.disk_per_expert),
+                          blocked=self.blocked)
 
 
 FAMILIES: Registry[FamilySpec] = Registry("model family")
@@ -340,6 +386,19 @@ register_family(FamilySpec(
 register_family(FamilySpec(name="mellum", model_types=("mellum",), block_attrs=("mlp",), router_attr="gate",
                            routing=QWEN2_ROUTING, num_experts_key="num_local_experts"))
 
+# DBRX: the router returns its logits only and the block routes (softmax in the logits' dtype,
+# top-k, divided by the k weights' p-norm, p = moe_normalize_expert_weights); the MoE keys live in
+# the config's ffn_config; the experts hold w1 (gate), v1 (up) and w2 (down, transposed) as
+# [E*I, d] blocks of rows, in memory and on disk
+register_family(FamilySpec(
+    name="dbrx", model_types=("dbrx",), block_attrs=("ffn",), router_attr="router",
+    routing=RoutingSpec(score="softmax", score_dtype="logits", renormalize=True,
+                        renorm_p_key="moe_normalize_expert_weights"),
+    num_experts_key="moe_num_experts", top_k_key="moe_top_k", config_attr="ffn_config",
+    layers_path="transformer.blocks", final_norm_path="transformer.norm_f", aux_loss_key="moe_loss_weight",
+    router_weight_attr="layer.weight", disk_router_weight="layer.weight", call="logits",
+    route_method="route_tokens_to_experts", expert_layout="blocked",
+    disk_expert_tensors=("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2")))
 
 # Whether commands use an inferred spec that moeguard could not verify (the CLI's
 # --trust-inferred-family sets it for one invocation; library users call trust_inferred_families).
@@ -354,14 +413,18 @@ def trust_inferred_families(trust: bool) -> bool:
 
 
 def moe_config(config):
-    """The config that holds the MoE keys (expert count, top-k, routing switches): a multimodal
-    wrapper's language-model config, else the config itself. moeguard reads and writes its family
-    keys there, and its own per-layer counts too."""
+    """The config that holds the MoE keys (expert count, top-k, routing switches): a family's own
+    sub-config (DBRX's ``ffn_config``), a multimodal wrapper's language-model config, else the
+    config itself. moeguard reads and writes its family keys there, and its own per-layer counts too."""
     if hasattr(config, "get_text_config"):
         try:
-            return config.get_text_config()
+            config = config.get_text_config()
         except ValueError:   # several text configs (an encoder-decoder): the top level holds them
-            return config
+            pass
+    model_type = getattr(config, "model_type", None)
+    family = _BY_MODEL_TYPE.get(model_type) if model_type in _BY_MODEL_TYPE else None
+    if family is not None and family.config_attr:
+        return getattr(config, family.config_attr)
     return config
 
 

@@ -20,8 +20,7 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter, _get_path
-from moeguard.models.routing import (pack_router_output, pruned_router_params, route_module, router_logits,
-                                     unpack_router_output)
+from moeguard.models.routing import pack_router_output, pruned_router_params, route_module, router_logits
 
 
 _ABSENT = object()
@@ -190,11 +189,11 @@ class RoutingCapture(contextlib.AbstractContextManager):
 
     # -- router hook -------------------------------------------------------------------------
     def _router_hook(self, slot: int):
-        stats = self.stats.layers[slot]
-        spec, call, top_k = self.adapter.family.routing, self.adapter.family.call, self.adapter.top_k
+        stats, layer = self.stats.layers[slot], self.adapter.layers[slot]
+        spec, call = self.adapter.family.routing, self.adapter.family.call
 
         def hook(module, args, output):
-            logits, weights, idx = unpack_router_output(call, output, top_k)
+            logits, weights, idx = layer.unpack(output)
             if call == "scaled_input" and self.norms:   # for the input-scaled experts patch (Llama-4)
                 self._routed[slot] = (idx.detach(), weights.detach())
             with torch.no_grad():
@@ -251,13 +250,15 @@ class RoutingCapture(contextlib.AbstractContextManager):
             return self._scaled_experts_forward(slot, original)
 
         def forward(hidden_states, top_k_index, top_k_weights):
+            shape = hidden_states.shape   # [N, d], or DBRX's [B, T, d] (its experts flatten it)
+            hidden_states = hidden_states.reshape(-1, shape[-1])
             out = torch.zeros_like(hidden_states)
             valid = self._valid_for(hidden_states.shape[0], hidden_states.device)
             for e in torch.unique(top_k_index).tolist():
                 tok, pos = torch.where(top_k_index == e)
                 one_idx = torch.full((tok.numel(), 1), e, dtype=top_k_index.dtype, device=tok.device)
                 ones = torch.ones((tok.numel(), 1), dtype=top_k_weights.dtype, device=tok.device)
-                y = original(hidden_states[tok], one_idx, ones)  # expert e's unweighted output
+                y = original(hidden_states[tok], one_idx, ones).reshape(-1, shape[-1])  # expert e's unweighted output
                 w = top_k_weights[tok, pos]
                 with torch.no_grad():
                     norm = y.float().norm(dim=-1) * valid[tok]
@@ -265,7 +266,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
                     stats.weighted_norm_sum[e] += float((norm * w.float()).sum())
                     stats.raw_weighted_norm_sum[e] += float((norm * self._raw[slot][tok, pos]).sum())
                 out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
-            return out
+            return out.view(shape)
         return forward
 
     def __enter__(self) -> "RoutingCapture":
@@ -337,7 +338,7 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
     adapter = adapter or MoEAdapter(model)
     keep = normalize_keep(adapter, keep)
     spec, call = adapter.family.routing, adapter.family.call
-    patched = []
+    patched, top_ks = [], []
     try:
         for layer in adapter.layers:
             kept = keep[layer.index]
@@ -360,10 +361,24 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
                 return pack_router_output(call, masked, weights, _kept[sub_idx])
 
             patched.append((router, _set_forward(router, forward, replaces=True)))
+            top_ks.extend(_clamp_block_top_k(layer, params.top_k))
         yield adapter
     finally:
         for router, previous in reversed(patched):
             _restore_forward(router, previous)
+        for block, k in reversed(top_ks):
+            block.top_k = k
+
+
+def _clamp_block_top_k(layer, top_k: int) -> list[tuple[nn.Module, int]]:
+    """A block that routes the router's logits itself (DBRX) picks its own top-k of them: with
+    fewer experts kept than that, it would add dropped experts at weight 0, so its top-k is
+    clamped as the pruned model's. Returns what to restore."""
+    if layer.call != "logits" or getattr(layer.block, "top_k", top_k) == top_k:
+        return []
+    previous = layer.block.top_k
+    layer.block.top_k = top_k
+    return [(layer.block, previous)]
 
 
 # --------------------------------------------------------------------------- attribution hooks
@@ -480,10 +495,13 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
         return pack_router_output(adapter.family.call, torch.cat(masked), torch.cat(weights), torch.cat(index))
 
     previous = _set_forward(router, forward, replaces=True)
+    top_ks = _clamp_block_top_k(layer, min(p.top_k for _, p in plans))
     try:
         yield
     finally:
         _restore_forward(router, previous)
+        for block, k in top_ks:
+            block.top_k = k
 
 
 @dataclass
@@ -507,11 +525,11 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
     traces = {l.index: ExpertTrace() for l in adapter.layers}
     handles, patched = [], []
 
-    call, top_k = adapter.family.call, adapter.top_k
+    call = adapter.family.call
 
-    def router_hook(trace):
+    def router_hook(trace, layer):
         def hook(module, args, output):
-            logits, weights, index = unpack_router_output(call, output, top_k)
+            logits, weights, index = layer.unpack(output)
             trace.logits = logits.detach()
             if call == "scaled_input":   # the experts' patch below sees only their scaled inputs
                 trace.index, trace.weights = index.detach(), weights.detach()
@@ -542,6 +560,8 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
 
     def experts_forward(trace, original):
         def forward(hidden_states, top_k_index, top_k_weights):
+            shape = hidden_states.shape   # [N, d], or DBRX's [B, T, d] (its experts flatten it)
+            hidden_states = hidden_states.reshape(-1, shape[-1])
             N, k = top_k_index.shape
             # every (token, slot) as its own row with weight 1: one call of the experts'
             # own kernel gives each chosen expert's unweighted output, at the usual FLOPs
@@ -557,13 +577,13 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
                     # backward stops here instead of running down to the embeddings for nothing
                     out.requires_grad_(True)
                 out.register_hook(lambda g: setattr(trace, "grad", g.detach()))
-            return out
+            return out.view(shape)
         return forward
 
     try:
         for layer in adapter.layers:
             t = traces[layer.index]
-            handles.append(layer.router.register_forward_hook(router_hook(t)))
+            handles.append(layer.router.register_forward_hook(router_hook(t, layer)))
             original = layer.experts.forward
             if call == "scaled_input":
                 handles.append(layer.block.register_forward_pre_hook(block_hook(t)))
@@ -593,7 +613,8 @@ def expert_outputs(adapter: MoEAdapter, layer, hidden: torch.Tensor, experts: to
     gate 1 and scaled; Llama-4's, which scale their input, run on the scaled input."""
     if adapter.family.call != "scaled_input":
         ones = torch.ones((len(experts), 1), dtype=weights.dtype, device=hidden.device)
-        return layer.experts(hidden, experts[:, None], ones) * weights[:, None].to(hidden.dtype)
+        y = layer.experts(hidden, experts[:, None], ones).reshape(len(experts), -1)   # DBRX returns [n, 1, d]
+        return y * weights[:, None].to(hidden.dtype)
     E, n = layer.num_experts, len(experts)
     routed_in = torch.zeros(E, n, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
     rows = torch.arange(n, device=hidden.device)

@@ -17,7 +17,7 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.families import moe_config
+from moeguard.models.families import cut_shape, experts_first, moe_config
 from moeguard.models.hooks import normalize_keep
 from moeguard.models.routing import pruned_router_params
 
@@ -81,8 +81,7 @@ def resize_layers(model: nn.Module) -> None:
             continue
         E = layer.num_experts
         for owner, name, t, axis in layer.expert_tensors():
-            shape = list(t.shape)
-            shape[axis] = n
+            shape = cut_shape(t.shape, axis, E, n)
             new = torch.empty(shape, dtype=t.dtype, device=t.device)
             store = owner._parameters if name in owner._parameters else owner._buffers
             store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
@@ -101,20 +100,21 @@ def _sliced_state(adapter: MoEAdapter, keep: dict[int, list[int]], *, share_unch
     source's own (no copy); ``unfilled``: layers whose per-expert tensors are allocated, not
     copied (the caller writes every slice)."""
     model = adapter.model
-    owners: dict[int, tuple[list[int], int, bool]] = {}
+    owners: dict[int, tuple[list[int], int, int, bool]] = {}
     for layer in adapter.layers:
         for _, _, t, axis in layer.expert_tensors():
-            owners[id(t)] = (keep[layer.index], axis, layer.index in unfilled)
+            owners[id(t)] = (keep[layer.index], axis, layer.num_experts, layer.index in unfilled)
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
         cut = owners.get(id(t))
         t = t.detach()
         if cut is not None:   # index_select makes a new tensor: cloning it again copied the kept experts twice
-            kept, axis, empty = cut
+            kept, axis, E, empty = cut
             if empty:
-                shape = list(t.shape)
-                shape[axis] = len(kept)
-                out[name] = torch.empty(shape, dtype=t.dtype, device=t.device)
+                out[name] = torch.empty(cut_shape(t.shape, axis, E, len(kept)), dtype=t.dtype, device=t.device)
+            elif axis == 0 and t.shape[0] != E:   # E blocks of rows (DBRX): the kept blocks, in order
+                cut_t = experts_first(t, axis, E).index_select(0, torch.tensor(kept, device=t.device))
+                out[name] = cut_t.reshape(cut_shape(t.shape, axis, E, len(kept)))
             else:
                 out[name] = t.index_select(axis, torch.tensor(kept, device=t.device))
         else:

@@ -25,12 +25,7 @@ class RouterParams:
     topk_group: int = 1
     scaling: float = 1.0
     renorm_min: float = 0.0   # ERNIE divides by max(sum, moe_norm_min)
-
-
-def _renorm_flag(spec: RoutingSpec, config) -> bool:
-    if isinstance(spec.renormalize, bool):
-        return spec.renormalize
-    return bool(getattr(config, spec.renormalize, False))
+    renorm_p: float | None = None   # DBRX divides by the k weights' p-norm
 
 
 def pruned_router_params(family: FamilySpec, config, kept: list[int], num_experts: int) -> RouterParams:
@@ -56,8 +51,10 @@ def pruned_router_params(family: FamilySpec, config, kept: list[int], num_expert
         else:
             n_group, topk_group = 1, 1
     renorm_min = float(getattr(config, spec.renorm_min_key)) if spec.renorm_min_key else 0.0
-    return RouterParams(top_k=top_k, renormalize=_renorm_flag(spec, config), n_group=n_group,
-                        topk_group=topk_group, scaling=scaling, renorm_min=renorm_min)
+    renorm_p = getattr(config, spec.renorm_p_key, None) if spec.renorm_p_key else None
+    return RouterParams(top_k=top_k, renormalize=spec.renormalizes(config), n_group=n_group,
+                        topk_group=topk_group, scaling=scaling, renorm_min=renorm_min,
+                        renorm_p=None if renorm_p is None else float(renorm_p))
 
 
 def _group_mask(scores: torch.Tensor, params: RouterParams, how: str) -> torch.Tensor:
@@ -77,6 +74,8 @@ def _scores(logits: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
 
 
 def _renorm(w: torch.Tensor, spec: RoutingSpec, params: RouterParams) -> torch.Tensor:
+    if params.renorm_p is not None:   # DBRX: torch.norm, as its block computes it (p = 1 too)
+        return w / torch.norm(w, p=params.renorm_p, dim=-1, keepdim=True)
     total = w.sum(dim=-1, keepdim=True)
     if params.renorm_min:
         return w / total.clamp(min=params.renorm_min)
@@ -181,6 +180,8 @@ def unpack_router_output(call: str, output, top_k: int):
 def pack_router_output(call: str, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor):
     """What the family's router returns, from (logits, weights, index): the inverse of
     :func:`unpack_router_output` (Llama-4's scores are 0 for experts not chosen)."""
+    if call == "logits":   # DBRX: the router returns logits; its block routes them
+        return logits
     if call != "scaled_input":
         return logits, weights, index
     return torch.zeros_like(logits).scatter_(1, index, weights.to(logits.dtype)), logits

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from moeguard.errors import MoeguardError
-from moeguard.models.routing import unpack_router_output
 from moeguard.tasks.base import Task
 
 SEPARATOR = "\n"
@@ -65,15 +64,15 @@ class RouterTap:
     ``stop=True`` the forward ends there. The hook is removed on exit, whatever happens."""
 
     def __init__(self, adapter, slot: int, *, stop: bool = True):
-        self.router = adapter.layers[slot].router
-        self.call, self.top_k = adapter.family.call, adapter.top_k
+        self.layer = adapter.layers[slot]
+        self.router = self.layer.router
         self.stop = stop
         self.logits: torch.Tensor | None = None      # [B*T, E]
         self.index: torch.Tensor | None = None       # [B*T, k]
         self._handle = None
 
     def _hook(self, module, args, output):
-        self.logits, _, self.index = unpack_router_output(self.call, output, self.top_k)
+        self.logits, _, self.index = self.layer.unpack(output)
         if self.stop:
             raise _Stop
 

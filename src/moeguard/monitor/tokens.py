@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from moeguard.models.routing import unpack_router_output
 from moeguard.monitor.embed import pack, unpack
 
 SEGMENT = 16            # tokens per stretch the statistic averages over
@@ -156,17 +155,17 @@ class RoutedIds:
     def __enter__(self) -> "RoutedIds":
         try:
             for slot, layer in enumerate(self.adapter.layers):
-                self._handles.append(layer.router.register_forward_hook(self._hook(slot)))
+                self._handles.append(layer.router.register_forward_hook(self._hook(slot, layer)))
         except BaseException:
             self.__exit__()
             raise
         return self
 
-    def _hook(self, slot: int):
+    def _hook(self, slot: int, layer):
         def hook(module, args, output):
             if not self.enabled:
                 return
-            index = unpack_router_output(self.adapter.family.call, output, self.adapter.top_k)[2]
+            index = layer.unpack(output)[2]
             if not self.first_only:
                 self.ids[slot] = index
             elif self.ids[slot] is None:

@@ -58,6 +58,7 @@ class _Tensor:
     # expert ((source expert, weight), ...) of its members. None: a plain copy of ``runs``
     mix: tuple | None = None
     keyed: bool = False                # ``mix`` names member keys (a per-expert layout), not rows of ``name``
+    block: int = 1                     # source rows per expert (DBRX's [E*I, d] blocks: I)
 
 
 def write_safetensors(path: Path, tensors: list[_Tensor], reader: "_Reader", *,
@@ -188,7 +189,7 @@ class _Reader(ShardReader):
                 yield _as_bytes(weighted_sum([flat[e:e + 1] for e, _ in members], [w for _, w in members]).to(flat.dtype))
             return
         for members in t.mix:
-            parts = [self.read(t.file, t.name, slice(e, e + 1)) for e, _ in members]
+            parts = [self.read(t.file, t.name, slice(e * t.block, (e + 1) * t.block)) for e, _ in members]
             yield _as_bytes(weighted_sum(parts, [w for _, w in members]).to(parts[0].dtype))
 
 
@@ -284,13 +285,16 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
                                     nbytes // n_exp * len(kept), _runs(kept), nbytes // n_exp, flat=True,
                                     mix=_rows_mix(mixes.get(li), kept)))
                 continue
-            if not shape or shape[0] != n_exp or nbytes % n_exp:
+            # rows per expert: 1, or a block of rows in a blocked layout ([E*I, d], DBRX)
+            block = shape[0] // n_exp if shape and layout.blocked and shape[0] % n_exp == 0 else 1
+            if not shape or shape[0] != n_exp * block or nbytes % n_exp:
                 raise MoeguardError(f"{file.name}: {name} has shape {list(shape)}; its dim 0 should be the "
                                     f"{n_exp} experts of layer {li}",
                                     hint="the checkpoint's weights do not match its config.json, or its layout is unsupported")
             found[li][role].add(name)
-            plan.append(_Tensor(file, name, name, info["dtype"], (len(kept), *shape[1:]), row_bytes * len(kept),
-                                _runs(kept), row_bytes, mix=_rows_mix(mixes.get(li), kept)))
+            plan.append(_Tensor(file, name, name, info["dtype"], (len(kept) * block, *shape[1:]),
+                                row_bytes * block * len(kept), tuple((a * block, b * block) for a, b in _runs(kept)),
+                                row_bytes, mix=_rows_mix(mixes.get(li), kept), block=block))
     for li, roles in found.items():
         for role, names in roles.items():
             if not names:

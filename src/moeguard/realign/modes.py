@@ -129,10 +129,13 @@ def lora_targets(model: nn.Module, only: Allowed = None) -> tuple[list[str], lis
     those whose weights the protocol authorizes.
 
     Routers stay out: several families' routers are ``nn.Linear`` subclasses returning tuples,
-    which peft's LoRA layer cannot wrap, and a router is ``router`` mode's business. So do the
+    which peft's LoRA layer cannot wrap, and a router is ``router`` mode's business. DBRX's
+    blocked [E*I, d] expert tensors stay out too: peft's parameter LoRA wraps their ``mlp``, and
+    DBRX's experts read ``mlp.w1`` directly, which the wrapper does not have. So do the
     Mamba mixers' projections peft refuses to wrap in the model types it knows as Mamba-based."""
     adapter = MoEAdapter(model)
-    routers = {id(l.router) for l in adapter.layers}
+    # the router and any linear inside it (DBRX's router.layer, HunYuan's gate.wg)
+    routers = {id(m) for l in adapter.layers for m in l.router.modules()}
     head = model.get_output_embeddings()
     ok = only or (lambda name: True)
     mamba = getattr(model.config, "model_type", None) in _PEFT_MAMBA_TYPES

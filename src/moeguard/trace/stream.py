@@ -36,7 +36,8 @@ GAP = 256 << 10              # rows closer than this are read through (``_rows``
 class _Layer:
     index: int
     num_experts: int
-    # per expert (gate, up, down) keys, or one fused (gate_up, down) pair for the whole layer
+    # per expert (gate, up, down) keys, or one fused (gate_up, down) pair for the whole layer, or
+    # one blocked (gate, up, down-transposed) triple of [E*I, d] tensors (DBRX)
     tensors: list[tuple[str, ...]]
     fused: bool
 
@@ -143,6 +144,21 @@ class StreamedCheckpoint(LayerCounts):
         """The layer's expert tensors, with their shapes checked; returns (layer, neurons per expert)."""
         fix = "the checkpoint's weights do not match its config.json, or it is incomplete; re-download it"
         prefixes = [f"{family.disk_layers}.{index}.{b}." for b in blocks]
+        if family.expert_layout == "blocked":   # three [E*I, d] tensors under the block
+            found = [p for p in prefixes if f"{p}{names[0]}" in where]
+            if not found:
+                raise MoeguardError(f"{path}: no expert tensors of MoE layer {index} (looked for "
+                                    f"{prefixes[0]}{names[0]})", hint=fix)
+            keys = tuple(f"{found[0]}{n}" for n in names)
+            missing = [k for k in keys if k not in where]
+            if missing:
+                raise MoeguardError(f"{path} lacks tensor {missing[0]}", hint=fix)
+            rows = shapes[keys[0]][0]
+            for k in keys:
+                if len(shapes[k]) != 2 or shapes[k] != (rows, hidden) or rows % E:
+                    raise MoeguardError(f"{path}: {k} has shape {list(shapes[k])}, expected [{E} x I, {hidden}]",
+                                        hint=fix)
+            return _Layer(index, E, [keys], fused=True), rows // E
         if len(names) == 3:
             found = [p for p in prefixes if f"{p}experts.0.{names[0]}" in where]
             if not found:
@@ -225,11 +241,11 @@ class StreamedCheckpoint(LayerCounts):
 
         layer = self.layers[0]
         key = layer.tensors[0][0]
-        lead = (0,) if layer.fused else ()
+        lead = (0,) if layer.fused and self.layout != "blocked" else ()   # blocked: expert 0's rows come first
         r = min(-(-8192 // self.hidden), self.intermediate)       # gate rows holding 8192 values
         reader = ShardReader()
         try:
-            if layer.fused and self.layout != "gate_up":  # [E, d, 2I]: gate rows G[n, :] are columns here
+            if layer.fused and self.layout not in ("gate_up", "blocked"):  # [E, d, 2I]: gate rows G[n, :] are columns here
                 x = _float(reader.read(self.where[key], key, (0, slice(None), slice(0, 2 * r))))
                 x = (x[:, 0::2] if self.layout == "gate_up_interleaved_t" else x[:, :r]).T  # gpt-oss / Llama-4
             else:  # gate rows [., d] in storage order (a fused gate-up tensor holds its up rows after row I)
@@ -281,14 +297,17 @@ class StreamedCheckpoint(LayerCounts):
             finally:
                 os.close(fd)
 
-    def _chunks(self, reader, key: str, lead: tuple):
-        """(start, stop, rows) over the axis after ``lead`` of tensor ``key``, CHUNK bytes at a time."""
+    def _chunks(self, reader, key: str, lead: tuple, *, span: tuple[int, int] | None = None):
+        """(start, stop, rows) over the axis after ``lead`` of tensor ``key``, CHUNK bytes at a time;
+        ``span``: only rows [a, b) of that axis, numbered from a (one expert's block of a blocked
+        tensor)."""
         shape = self.shapes[key][len(lead):]
         row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * 4)
         step = max(1, CHUNK // row_bytes)
-        for a in range(0, shape[0], step):
-            b = min(a + step, shape[0])
-            yield a, b, reader.read(self.where[key], key, (*lead, slice(a, b)))
+        first, stop = span or (0, shape[0])
+        for a in range(first, stop, step):
+            b = min(a + step, stop)
+            yield a - first, b - first, reader.read(self.where[key], key, (*lead, slice(a, b)))
 
     def _rows(self, reader, key: str, lead: tuple, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` (of the axis after ``lead``) of tensor ``key``, in ``idx``'s order, as
@@ -320,6 +339,18 @@ class StreamedCheckpoint(LayerCounts):
 
         g, u = np.empty((I, len(C))), np.empty((I, len(C)))
         v = np.zeros(self.hidden)
+        if self.layout == "blocked":   # DBRX: expert e is rows [e*I, (e+1)*I) of w1 (gate), v1 (up), w2 (down^T)
+            gk, uk, dk = layer.tensors[0]
+            span = (e * I, (e + 1) * I)
+            for a, b, x in self._chunks(reader, gk, (), span=span):
+                g[a:b] = _columns(x, C)
+                v += _column_sums(x)
+            for a, b, x in self._chunks(reader, uk, (), span=span):
+                u[a:b] = _columns(x, C)
+            d_rows = np.empty((len(C), I))
+            for a, b, x in self._chunks(reader, dk, (), span=span):
+                d_rows[:, a:b] = _columns(x, C).T
+            return g, u, d_rows, v
         if not layer.fused or self.layout == "gate_up":
             if layer.fused:
                 gu, dn = layer.tensors[0]

@@ -95,6 +95,13 @@ def _np(t) -> np.ndarray:
 def split_experts(family, experts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gate [E,I,d], up [E,I,d], down [E,d,I]) of one layer's fused expert module."""
     layout = getattr(family, "expert_layout", "gate_up")
+    if layout == "blocked":   # DBRX: experts.mlp.w1 (gate), v1 (up), w2 (down transposed), each [E*I, d]
+        mlp, E = getattr(experts, "mlp", None), int(getattr(experts, "num_experts", 0) or 0)
+        if mlp is None or not E or any(not hasattr(mlp, n) for n in ("w1", "v1", "w2")):
+            raise MoeguardError(f"the experts of family '{family.name}' are not mlp.w1/v1/w2 blocks",
+                                hint="trace supports DBRX's blocked expert layout of transformers 5; report this model")
+        g, u, w2 = (_np(getattr(mlp, n)).reshape(E, -1, getattr(mlp, n).shape[-1]) for n in ("w1", "v1", "w2"))
+        return g, u, w2.transpose(0, 2, 1)
     if layout == "up":   # ungated experts (Nemotron-H): the up projection stands in for the gate
         up, dn = getattr(experts, "up_proj", None), getattr(experts, "down_proj", None)
         if up is None or dn is None:
@@ -117,7 +124,7 @@ def split_experts(family, experts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         g, u = gu[:, :, ::2], gu[:, :, 1::2]
         return g.transpose(0, 2, 1), u.transpose(0, 2, 1), dn.transpose(0, 2, 1)
     raise MoeguardError(f"unknown expert layout '{layout}' of family '{family.name}'",
-                        hint="use 'gate_up', 'gate_up_t', 'gate_up_interleaved_t' or 'up'")
+                        hint="use 'gate_up', 'gate_up_t', 'gate_up_interleaved_t', 'up' or 'blocked'")
 
 
 def from_model(model, tokenizer, *, name: str) -> ModelWeights:

@@ -16,6 +16,7 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
+from moeguard.models.families import experts_first
 
 
 def check_clusters(layer_index: int, num_experts: int, groups) -> None:
@@ -64,8 +65,8 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
             for (_, name, t, axis), (_, new_name, nt, new_axis) in pairs:
                 if name != new_name or axis != new_axis:
                     raise RuntimeError(f"layer {old.index}: merged tensor {new_name} does not match {name}")
-                view = t if axis == 0 else t.movedim(-1, 0)
-                out = nt if axis == 0 else nt.movedim(-1, 0)
+                view = experts_first(t, axis, old.num_experts)     # [E, ...]: view[e] is expert e's slice
+                out = experts_first(nt, axis, len(order))
                 for centre, g, w in plan[old.index]:
                     weighted_sum([view[e] for e in g], w, out=out[order.index(centre)])
             record[str(old.index)] = merges_record(plan[old.index], order)
