@@ -36,6 +36,12 @@ SCALED = {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 256, 
 
 
 def build(family: str):
+    if family == "dbrx":   # DBRX names its sizes itself, and keeps its MoE sizes in ffn_config
+        return tiny_model(family, vocab_size=SIZES["vocab_size"], d_model=SIZES["hidden_size"],
+                          n_heads=SIZES["num_attention_heads"], max_seq_len=SIZES["max_position_embeddings"],
+                          attn_config=dict(kv_n_heads=SIZES["num_key_value_heads"], rope_theta=10000.0, clip_qkv=8.0),
+                          ffn_config=dict(ffn_hidden_size=SCALED["moe_intermediate_size"], moe_num_experts=8,
+                                          moe_top_k=2, moe_normalize_expert_weights=1.0))
     over = dict(SIZES, **{k: v for k, v in SCALED.items() if k in TINY_FAMILY_KWARGS[family]})
     if "kv_lora_rank" in TINY_FAMILY_KWARGS[family]:   # multi-head latent attention: one kv head per head
         over.update(num_key_value_heads=over["num_attention_heads"], head_dim=SCALED["qk_rope_head_dim"])

@@ -238,6 +238,9 @@ def test_families_lists_builtins_and_why_each_type_is_or_is_not_supported(capsys
     data = json.loads(capsys.readouterr().out)
     assert [r["family"] for r in data["builtin"]] == FAMILIES.names()
     assert all(r["routing"] for r in data["builtin"])
+    # a family's keys are read where it keeps them: DBRX's rule from its ffn_config (p-norm 1.0: renormalized)
+    dbrx = next(r for r in data["builtin"] if r["family"] == "dbrx")
+    assert dbrx["count_key"] == "ffn_config.moe_num_experts" and "renormalized" in dbrx["routing"]
     rows = {r["model_type"]: r for r in data["installed"]}
     assert rows["mixtral"]["status"] == "built-in" and rows["cohere2_moe"]["status"] == "verified"
     assert rows["longcat_flash"]["status"] == "unsupported" and "no config key" in rows["longcat_flash"]["reasons"][0]

@@ -8,7 +8,7 @@ turns on another routing switch (a logit soft-cap, say) is verified again when i
 
 from __future__ import annotations
 
-from moeguard.models.families import FAMILIES, _BY_MODEL_TYPE
+from moeguard.models.families import FAMILIES, _BY_MODEL_TYPE, moe_config
 from moeguard.models.infer import _COUNT_KEYS, infer_family
 
 
@@ -20,13 +20,14 @@ def builtin_rows() -> list[dict]:
     rows = []
     for name in FAMILIES.names():
         f = FAMILIES.get(name)
-        try:
-            rule = f.routing.describe(AutoConfig.for_model(f.model_types[0]))
+        try:   # read where the family keeps its keys (DBRX: ffn_config)
+            rule = f.routing.describe(moe_config(AutoConfig.for_model(f.model_types[0])))
         except Exception:   # a config class that needs arguments: describe the rule alone
             rule = f.routing.describe(object())
+        sub = f"{f.config_attr}." if f.config_attr else ""
         rows.append({"family": name, "model_types": list(f.model_types), "block": "|".join(f.block_attrs),
-                     "router": f"{f.router_attr}.{f.router_weight_attr}", "count_key": f.num_experts_key,
-                     "top_k_key": f.top_k_key, "shared": list(f.shared_attrs), "routing": rule})
+                     "router": f"{f.router_attr}.{f.router_weight_attr}", "count_key": sub + f.num_experts_key,
+                     "top_k_key": sub + f.top_k_key, "shared": list(f.shared_attrs), "routing": rule})
     return rows
 
 
