@@ -12,8 +12,11 @@ that only E changes (every preset routes top-8, as OLMoE does):
   ``--eval-limit`` records;
 - no deletion curves: every keep level from E - 1 down, E levels by construction (at E = 64 they
   made one task's sweep take 21 minutes);
-- no recovery: full fine-tuning at E = 64 does not fit this machine; LoRA re-alignment is measured
-  per E in ``finetune_throughput_olmoe_growth.json``.
+- no recovery by default. ``--recovery`` adds it with a fixed small workload (the
+  classification task, the ``random`` and ``orphan`` strategies, one budget of 8 labels, one seed,
+  a pool of 16, full fine-tuning of the pruned model, which keeps E/4 experts) and writes
+  ``audit_growth_recovery.json``. The recovery trains the *pruned* model, so it fits where full
+  fine-tuning of the whole model does not.
 
 Recorded per preset: the wall time, the peak RSS of the audit process (``wait4``), the time of
 each stage (from its ``results.json`` stage log). Weights are random: costs only.
@@ -51,11 +54,13 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--update", action="store_true", help="merge these presets into the existing result file")
+    ap.add_argument("--recovery", action="store_true", help="run the recovery stage too (audit_growth_recovery.json)")
     ap.add_argument("--out")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = {}
-    target = Path(args.out) if args.out else Path(__file__).parent / "results" / "audit_growth.json"
+    name = "audit_growth_recovery" if args.recovery else "audit_growth"
+    target = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{name}.json"
     if args.update and target.exists():
         rows = json.loads(target.read_text())["presets"]
     for preset in args.presets.split(","):
@@ -68,8 +73,11 @@ def main() -> None:
             cmd = [sys.executable, "-m", "moeguard.cli", "audit", "--out", str(out), "--model", str(ckpt),
                    "--tasks", args.tasks, "--samples", str(args.samples), "--methods", "gradient,frequency",
                    "--keeps", str(keep), "--eval-limit", str(args.eval_limit), "--collateral-limit", str(args.eval_limit),
-                   "--random-seeds", "1", "--physical-checks", "1", "--no-deletion-curves", "--no-recovery",
+                   "--random-seeds", "1", "--physical-checks", "1", "--no-deletion-curves",
                    "--threads", str(args.threads)]
+            cmd += (["--recovery-tasks", "arith-compare", "--strategies", "random,orphan", "--budgets", "8",
+                     "--recovery-seeds", "1", "--pool-size", "16", "--recovery-eval-limit", str(args.eval_limit)]
+                    if args.recovery else ["--no-recovery"])
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
             print(f"{preset}: E={E}, keep {keep}", file=sys.stderr, flush=True)
             t = time.perf_counter()
@@ -98,7 +106,7 @@ def _write(rows: dict, args) -> Path:
     base = ok[0]["wall_seconds"] if ok else 1.0
     for r in rows.values():
         r["wall_vs_fewest_experts"] = round(r["wall_seconds"] / base, 2)
-    return write_result("audit_growth", {"gpu": False, "note": "CPU figures only: no GPU was lent to this task",
+    return write_result("audit_growth_recovery" if args.recovery else "audit_growth", {"gpu": False, "note": "CPU figures only: no GPU was lent to this task",
                                          "settings": settings, "presets": rows}, args.out)
 
 
