@@ -75,7 +75,8 @@ def main() -> None:
                    "--keeps", str(keep), "--eval-limit", str(args.eval_limit), "--collateral-limit", str(args.eval_limit),
                    "--random-seeds", "1", "--physical-checks", "1", "--no-deletion-curves",
                    "--threads", str(args.threads)]
-            cmd += (["--recovery-tasks", "arith-compare", "--strategies", "random,orphan", "--budgets", "8",
+            cmd += (["--recovery-keep", str(keep),   # the sweep's E/4 (the default, max(top-k, E/4), is 8 of 8 at E = 8)
+                     "--recovery-tasks", "arith-compare", "--strategies", "random,orphan", "--budgets", "8",
                      "--recovery-seeds", "1", "--pool-size", "16", "--recovery-eval-limit", str(args.eval_limit)]
                     if args.recovery else ["--no-recovery"])
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -14,6 +14,7 @@ import torch
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.loading import load_model
+from moeguard.models.adapter import MoEAdapter
 from moeguard.models.prune import prune_model
 from moeguard.trace import evasion
 from moeguard.trace.api import trace as run_trace
@@ -44,8 +45,11 @@ def weights(model, tok, name="suspect"):
 
 
 def test_features_ignore_neuron_order_and_up_down_rescaling(embedded):
+    from moeguard.trace.weights import f64
+
     m, tok = embedded
-    layer = weights(m, tok).layers[0]
+    view = weights(m, tok).layers[0]   # views of the model's float32 tensors: widened here, so the moves are exact
+    layer = LayerWeights(index=0, router=view.router, gate=f64(view.gate), up=f64(view.up), down=f64(view.down))
     rng = np.random.default_rng(0)
     perm = rng.permutation(layer.gate.shape[1])
     c = rng.choice([-3.0, -0.5, 0.25, 2.0], size=layer.gate.shape[1])    # any nonzero scale, sign included
@@ -333,3 +337,44 @@ def test_a_suspect_without_tokenizer_or_in_quantized_storage_is_refused_before_t
     assert main(["trace", "--suspect", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "stores quantized weights (F8_E4M3)" in err and "GGUF" in err, err
+
+
+def test_a_study_on_a_model_too_small_to_fingerprint_records_why_instead_of_failing(embedded):
+    """A recovery or attack study traces each re-aligned model; a model whose 1% budget holds no
+    fingerprint (a 2-layer cut of a real model, a toy) used to end the whole audit there. Its
+    runs now carry the reason, and the report says it was not traced."""
+    from moeguard.report.audit import detect_text
+    from moeguard.studies.common import detectability_of
+    from moeguard.testing import tiny_model
+    from moeguard.trace.api import tracer
+
+    _, tok = embedded
+    small = tiny_model("mixtral", vocab_size=len(tok))
+    after = tracer(small, tok, {0: [0, 1], 1: [0, 1]}, key="too-small")(small)
+    assert after["trace"] is None and "too small to fingerprint" in after["trace_skipped"]
+    runs = [{"strategy": "random", "seed": 0, "points": [{"labels": 8, "retention": 50.0}], "after": after}]
+    d = detectability_of(runs, score=lambda r: r["points"][-1]["retention"])
+    assert d == {"skipped": after["trace_skipped"]}
+    assert detect_text({"detectability": d}).startswith("Detectability: not traced (a fingerprint of this model")
+    # a model that fits is traced as before
+    m, _ = embedded
+    traced = tracer(m, tok, {l: list(range(8)) for l in range(4)}, key="embedded-full")(m)["trace"]
+    assert traced["verdict"] == "derived" and traced["kept_identified"] == traced["kept_total"] == 32
+
+
+def test_the_in_memory_source_views_the_models_tensors_and_widens_an_expert_at_a_time(embedded):
+    """from_model used to copy every expert into float64 (8 bytes a parameter: 13 GB at a
+    128-expert OLMoE-width layer pair, which ended an audit's recovery at E = 128 out of memory);
+    it now holds views of the model's own tensors, and the sketch is what it was, to the bit."""
+    m, tok = embedded
+    layer = MoEAdapter(m).layers[0]
+    w = weights(m, tok).layers[0]
+    assert w.gate.untyped_storage().data_ptr() == layer.experts.gate_up_proj.untyped_storage().data_ptr()
+    rng = np.random.default_rng(1)
+    frame = identity(128)
+    H = np.sort(rng.choice(128, 16, replace=False))
+    C = frame.cols[H]
+    g = layer.experts.gate_up_proj.detach().double().numpy()[:, :w.gate.shape[1], :]   # the old whole-layer copy
+    old = np.einsum("eim,ein->emn", g[:, :, C] * frame.signs[H], g[:, :, C] * frame.signs[H])
+    sk = sketch_layer(w, H, frame)
+    assert np.array_equal(sk.ka, old) and np.array_equal(sk.v, g.sum(axis=1)[:, frame.cols] * frame.signs)

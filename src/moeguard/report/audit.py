@@ -166,6 +166,8 @@ def detect_text(rec: dict[str, Any]) -> str | None:
     d = rec.get("detectability")
     if not d:
         return None
+    if "skipped" in d:
+        return f"Detectability: not traced ({d['skipped']})."
     from moeguard.report.trace import p_text
 
     return (f"Detectability: if the attacker's best re-aligned model ({d['strategy']}, {d['labels']} labels, "
@@ -184,6 +186,9 @@ def defense_detect_text(doc: dict[str, Any]) -> list[str]:
         for k, sides in by_keep.items():
             d = sides.get("hardened")
             if not d:
+                continue
+            if "skipped" in d:
+                out.append(f"Detectability, `{t}` at {k} experts: not traced ({d['skipped']}).")
                 continue
             out.append(f"Detectability, `{t}` at {k} experts: if the attacker's best model cut from the hardened "
                        f"release ({d.get('mode', '?')}, {d['labels']} labels) were stolen, `moeguard trace` would "

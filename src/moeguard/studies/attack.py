@@ -197,7 +197,7 @@ def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid:
     from moeguard.studies.engine import digest
     from moeguard.tasks.evaluate import TaskResult
 
-    from moeguard.trace.api import detectability, fingerprint_in_memory
+    from moeguard.trace.api import tracer
 
     m, tok = ctx.model(model)
     t = get_task(task)
@@ -209,14 +209,14 @@ def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid:
 
         pruned = ctx.derived(("merged", model, ctx.runtime.model, digest(merge)), lambda: merged_from(m, merge))
     # the model attacked is the one the attacker stole from (base or hardened): its fingerprint
-    fp = fingerprint_in_memory(m, tok, key=json.dumps([model, ctx.runtime.model, ctx.runtime.dtype]))
+    after = tracer(m, tok, plan, key=json.dumps([model, ctx.runtime.model, ctx.runtime.dtype]))
     pool = label_pool(t, pool_size=pool_size, budget=schedule[-1], seed=seed)
     orphan = None
     if get_strategy(strategy, t).needs_original:
         shares = orphan_shares(m, tok, t, plan, MoEAdapter(m).num_experts)
         orphan = lambda: shares(pool)  # noqa: E731
     cell = _cell(pruned, tok, t, strategy, grid, seed, schedule, pool, pool_size, eval_limit, orphan, full,
-                 TaskResult(**initial), "attack", after=lambda stolen: {"trace": detectability(fp, stolen, tok, plan)})
+                 TaskResult(**initial), "attack", after=after)
     return cell if merge is None else {**cell, "route": "merge"}
 
 
@@ -371,8 +371,8 @@ def attack_detectability(runs: list[dict[str, Any]], higher_is_better: bool) -> 
     sign = 1.0 if higher_is_better else -1.0
     attacks = [r for r in runs if r.get("kind") == "attack"]
     d = detectability_of(attacks, score=lambda r: None if r["points"][-1]["score"] is None else sign * r["points"][-1]["score"])
-    if d is None:
-        return None
+    if d is None or "skipped" in d:
+        return d
     best = attacks[d.pop("run")]
     return {**d, "score": best["points"][-1]["score"], **{k: best[k] for k in ("mode", "lr", "epochs") if k in best}}
 

@@ -30,12 +30,14 @@ def attribution_job(ctx, *, task: str, methods: list[str], samples: int, seed: i
 def detectability_of(runs: list[dict[str, Any]], *, score) -> dict[str, Any] | None:
     """If the attacker's best model (the run with the highest ``score(run)``, its final point)
     were stolen: its trace p-value and how many of its kept experts the trace names
-    (docs/trace.md), with every traced run's verdicts. None when no run was traced (job files
-    cached before trace existed, or every run diverged)."""
+    (docs/trace.md), with every traced run's verdicts. ``{"skipped": why}`` when the model could
+    not be fingerprinted (``trace.api.tracer``); None when no run was traced (job files cached
+    before trace existed, or every run diverged)."""
     traced = [r for r in runs if (r.get("after") or {}).get("trace") is not None and r.get("points")
               and score(r) is not None]
     if not traced:
-        return None
+        why = next((r["after"]["trace_skipped"] for r in runs if (r.get("after") or {}).get("trace_skipped")), None)
+        return {"skipped": why} if why else None
     best = max(traced, key=score)
     return {"run": next(i for i, r in enumerate(runs) if r is best),   # index in ``runs``
             "strategy": best["strategy"], "seed": best["seed"], "labels": best["points"][-1]["labels"],

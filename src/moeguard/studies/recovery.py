@@ -201,7 +201,7 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
     from moeguard.studies.engine import digest
     from moeguard.tasks.evaluate import TaskResult
     from moeguard.tasks.registry import get_task
-    from moeguard.trace.api import detectability, fingerprint_in_memory
+    from moeguard.trace.api import tracer
 
     model, tok = ctx.model()
     plan = {int(l): list(v) for l, v in keep.items()}
@@ -222,9 +222,9 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
         shares = orphan_shares(model, tok, t, plan, MoEAdapter(model).num_experts)
         share = lambda: shares(pool)  # noqa: E731
     start = TaskResult(**initial) if initial is not None else None
-    fp = fingerprint_in_memory(model, tok, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype]))
+    after = tracer(model, tok, plan, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype]))
     curve, _ = run_active_learning(pruned, tok, t, al, pool=pool, orphan_share=share, full_score=full_score,
-                                   initial=start, after=lambda stolen: {"trace": detectability(fp, stolen, tok, plan)})
+                                   initial=start, after=after)
     return curve
 
 
@@ -280,8 +280,8 @@ def detectability_of(curves: list[dict[str, Any]]) -> dict[str, Any] | None:
     from moeguard.studies.common import detectability_of as best_traced
 
     d = best_traced(curves, score=lambda c: c["points"][-1]["retention"])
-    if d is None:
-        return None
+    if d is None or "skipped" in d:
+        return d
     best = curves[d.pop("run")]
     return {**d, "retention": best["points"][-1]["retention"]}
 

@@ -176,6 +176,20 @@ def fingerprint_in_memory(model, tokenizer, *, key: str, seed: int = 0) -> Finge
     return _FINGERPRINTS[key]
 
 
+def tracer(model, tokenizer, keep: dict[int, list[int]], *, key: str):
+    """``after(stolen) -> {"trace": ...}`` for a study's re-aligned models: :func:`detectability`
+    against ``model``'s fingerprint. A model too small to fingerprint (its 1% budget holds no
+    fingerprint: a 2-layer cut of a real model, a toy) is a study without traces, not a failed
+    study: ``{"trace": None, "trace_skipped": why}``."""
+    from moeguard.errors import MoeguardError
+
+    try:
+        fp = fingerprint_in_memory(model, tokenizer, key=key)
+    except MoeguardError as e:
+        return lambda stolen, why=str(e): {"trace": None, "trace_skipped": why}
+    return lambda stolen: {"trace": detectability(fp, stolen, tokenizer, keep)}
+
+
 def detectability(fp: Fingerprint, stolen, tokenizer, keep: dict[int, list[int]]) -> dict[str, Any]:
     """Trace a stolen model whose kept experts are known (``keep``: layer -> original experts, in
     the stolen model's order): the p-value, and how many kept experts the trace names correctly."""

@@ -44,14 +44,26 @@ class Sketch:
 
 
 def sketch_layer(layer, H: np.ndarray, frame) -> Sketch:
-    """The sketch of an in-memory layer (``weights.LayerWeights``), read in ``frame`` (``align.Frame``)."""
+    """The sketch of an in-memory layer (``weights.LayerWeights``), read in ``frame`` (``align.Frame``).
+
+    Only what the sketch reads is widened to float64, an expert at a time: the m columns of gate
+    and up, the m rows of down, and the gate's column sums (the layer whole in float64 is 8 bytes
+    a parameter: 13 GB for a 128-expert OLMoE-width layer pair). The Grams then run on the same
+    values, in the memory order numpy's fancy indexing of the whole layer gave them (m outermost:
+    einsum's sums follow it), so the numbers are bit-identical to the whole-layer computation."""
+    from moeguard.trace.weights import f64
+
     C, s = frame.cols[H], frame.signs[H]
-    g = layer.gate[:, :, C] * s                               # [E, I, m]
-    u = layer.up[:, :, C] * s                                 # [E, I, m]
-    dn = layer.down[:, C, :] * s[None, :, None]               # [E, m, I]
+    E, I, m = int(layer.gate.shape[0]), int(layer.gate.shape[1]), len(C)
+    g, u = np.empty((m, E, I)).transpose(1, 2, 0), np.empty((m, E, I)).transpose(1, 2, 0)   # [E, I, m]
+    dn = np.empty((m, E, I)).transpose(1, 0, 2)                                           # [E, m, I]
+    v = np.empty((E, len(frame.cols)))
+    for e in range(E):
+        g[e], u[e], dn[e] = f64(layer.gate[e][:, C]), f64(layer.up[e][:, C]), f64(layer.down[e][C, :])
+        v[e] = f64(layer.gate[e]).sum(axis=0)[frame.cols]
+    g, u, dn, v = g * s, u * s, dn * s[None, :, None], v * frame.signs
     return Sketch(index=layer.index, ka=np.einsum("eim,ein->emn", g, g), kb=np.einsum("emi,ein->emn", dn, u),
-                  v=layer.gate.sum(axis=1)[:, frame.cols] * frame.signs, rows=g[:, :ROWS, :],
-                  intermediate=int(layer.gate.shape[1]))
+                  v=v, rows=g[:, :ROWS, :], intermediate=int(layer.gate.shape[1]))
 
 
 def _scales(ka: np.ndarray, kb: np.ndarray) -> dict[str, np.ndarray]:

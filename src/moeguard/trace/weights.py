@@ -26,11 +26,15 @@ from moeguard.errors import MoeguardError
 
 @dataclass(frozen=True, kw_only=True)
 class LayerWeights:
+    """One MoE layer's router and experts. The experts are arrays (a GGUF suspect, dequantized) or
+    views of a loaded model's own tensors (:func:`from_model`): a sketch reads them one expert at a
+    time (``features.sketch_layer``), so a model is never copied whole into float64."""
+
     index: int                 # decoder-layer index
     router: np.ndarray         # [E, d]
-    gate: np.ndarray           # [E, I, d]
-    up: np.ndarray             # [E, I, d]
-    down: np.ndarray           # [E, d, I]
+    gate: Any                  # [E, I, d]
+    up: Any                    # [E, I, d]
+    down: Any                  # [E, d, I]
 
     @property
     def num_experts(self) -> int:
@@ -85,44 +89,56 @@ class ModelWeights(LayerCounts):
 
     def quant_sample(self) -> np.ndarray:
         """Stored values of the first expert's gate, for the quantization-grid check."""
-        return self.layers[0].gate[0].reshape(-1)[:8192]
+        return f64(self.layers[0].gate[0].reshape(-1)[:8192])
 
 
 def _np(t) -> np.ndarray:
     return t.detach().float().cpu().numpy().astype(np.float64, copy=False)
 
 
+def f64(x) -> np.ndarray:
+    """A numpy array or a torch tensor (a slice of a model's weights) as a float64 array."""
+    return x.astype(np.float64, copy=False) if isinstance(x, np.ndarray) else _np(x)
+
+
 def split_experts(family, experts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gate [E,I,d], up [E,I,d], down [E,d,I]) of one layer's fused expert module."""
+    """(gate [E,I,d], up [E,I,d], down [E,d,I]) of one layer's fused expert module, as float64
+    arrays (a copy: the GGUF export's input)."""
+    return tuple(_np(x) for x in expert_views(family, experts))
+
+
+def expert_views(family, experts):
+    """(gate [E,I,d], up [E,I,d], down [E,d,I]) of one layer's fused expert module: views of its
+    own tensors (detached; no copy), in each family's layout."""
     layout = getattr(family, "expert_layout", "gate_up")
     if layout == "blocked":   # DBRX: experts.mlp.w1 (gate), v1 (up), w2 (down transposed), each [E*I, d]
         mlp, E = getattr(experts, "mlp", None), int(getattr(experts, "num_experts", 0) or 0)
         if mlp is None or not E or any(not hasattr(mlp, n) for n in ("w1", "v1", "w2")):
             raise MoeguardError(f"the experts of family '{family.name}' are not mlp.w1/v1/w2 blocks",
                                 hint="trace supports DBRX's blocked expert layout of transformers 5; report this model")
-        g, u, w2 = (_np(getattr(mlp, n)).reshape(E, -1, getattr(mlp, n).shape[-1]) for n in ("w1", "v1", "w2"))
-        return g, u, w2.transpose(0, 2, 1)
+        g, u, w2 = (getattr(mlp, n).detach().view(E, -1, getattr(mlp, n).shape[-1]) for n in ("w1", "v1", "w2"))
+        return g, u, w2.transpose(1, 2)
     if layout == "up":   # ungated experts (Nemotron-H): the up projection stands in for the gate
         up, dn = getattr(experts, "up_proj", None), getattr(experts, "down_proj", None)
         if up is None or dn is None:
             raise MoeguardError(f"the experts of family '{family.name}' are not fused up_proj/down_proj tensors",
                                 hint="trace supports the fused expert layout of transformers 5; report this family")
-        return _np(up), _np(up), _np(dn)
+        return up.detach(), up.detach(), dn.detach()
     gu = getattr(experts, "gate_up_proj", None)
     dn = getattr(experts, "down_proj", None)
     if gu is None or dn is None or not hasattr(gu, "shape"):
         raise MoeguardError(f"the experts of family '{family.name}' are not fused gate_up_proj/down_proj tensors",
                             hint="trace supports the fused expert layout of transformers 5; report this family")
-    gu, dn = _np(gu), _np(dn)
+    gu, dn = gu.detach(), dn.detach()
     if layout == "gate_up":
         I = gu.shape[1] // 2
         return gu[:, :I, :], gu[:, I:, :], dn
     if layout == "gate_up_t":  # Llama-4: [E, d, 2I], gate = the first I columns; down [E, I, d]
         I = gu.shape[2] // 2
-        return gu[:, :, :I].transpose(0, 2, 1), gu[:, :, I:].transpose(0, 2, 1), dn.transpose(0, 2, 1)
+        return gu[:, :, :I].transpose(1, 2), gu[:, :, I:].transpose(1, 2), dn.transpose(1, 2)
     if layout == "gate_up_interleaved_t":  # gpt-oss: [E, d, 2I], gate = even columns; down [E, I, d]
         g, u = gu[:, :, ::2], gu[:, :, 1::2]
-        return g.transpose(0, 2, 1), u.transpose(0, 2, 1), dn.transpose(0, 2, 1)
+        return g.transpose(1, 2), u.transpose(1, 2), dn.transpose(1, 2)
     raise MoeguardError(f"unknown expert layout '{layout}' of family '{family.name}'",
                         hint="use 'gate_up', 'gate_up_t', 'gate_up_interleaved_t', 'up' or 'blocked'")
 
@@ -133,8 +149,8 @@ def from_model(model, tokenizer, *, name: str) -> ModelWeights:
 
     adapter = MoEAdapter(model)
     layers = []
-    for layer in adapter.layers:
-        g, u, d = split_experts(adapter.family, layer.experts)
+    for layer in adapter.layers:   # views: read an expert at a time by the sketch, never copied whole
+        g, u, d = expert_views(adapter.family, layer.experts)
         layers.append(LayerWeights(index=layer.index, router=_np(layer.router_weight), gate=g, up=u, down=d))
     embed = _np(model.get_input_embeddings().weight)
     return ModelWeights(name=name, family=adapter.family.name, embed=embed, tokens=token_strings(tokenizer, len(embed)),
