@@ -155,3 +155,16 @@ def test_tasks_lists_embedded_suite_and_presets(capsys):
     kinds = {rows[n]["kind"] for n in rows if rows[n]["source"].startswith("package:")}
     assert kinds == {"language_modeling", "classification", "summarization"}
     assert rows["glue-sst2"]["metric"] == "accuracy" and rows["wikitext-103"]["metric"] == "perplexity"
+
+
+def test_a_sub_config_key_is_named_where_config_json_nests_it(capsys, tmp_path):
+    """DBRX keeps its MoE keys in ffn_config: a bad top-k is refused before the weights, naming
+    the key as the user finds it in config.json."""
+    d = tmp_path / "dbrx"
+    tiny_model("dbrx").save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["ffn_config"]["moe_top_k"] = 9
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes(b"not read")
+    code, _, err = run(["info", "--model", str(d)], capsys)
+    assert_clean_error(code, err, "ffn_config.moe_top_k is 9", "(ffn_config.moe_num_experts)", "at most 8")

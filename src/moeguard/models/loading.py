@@ -122,19 +122,21 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
     from moeguard.models.prune import PER_LAYER_KEY
 
     fix = f"fix {where}/config.json"
-    config = moe_config(config)   # a multimodal wrapper: its language model's keys
+    config = moe_config(config)   # a multimodal wrapper: its language model's keys; DBRX: its ffn_config
+    sub = f"{family.config_attr}." if family.config_attr else ""   # the keys as config.json nests them
+    count_key, top_k_key = sub + family.num_experts_key, sub + family.top_k_key
     E, k = getattr(config, family.num_experts_key, None), getattr(config, family.top_k_key, None)
-    for key, value in ((family.num_experts_key, E), (family.top_k_key, k)):
+    for key, value in ((count_key, E), (top_k_key, k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MoeguardError(f"{where}: config {key} is {value!r}, expected a positive integer", hint=fix)
     if k > E:
-        raise MoeguardError(f"{where}: config {family.top_k_key} is {k}, more than its {E} experts per layer "
-                            f"({family.num_experts_key}); no router can pick {k} of {E}",
-                            hint=f"{fix}: set {family.top_k_key} to at most {E}")
+        raise MoeguardError(f"{where}: config {top_k_key} is {k}, more than its {E} experts per layer "
+                            f"({count_key}); no router can pick {k} of {E}",
+                            hint=f"{fix}: set {top_k_key} to at most {E}")
     per_layer = getattr(config, PER_LAYER_KEY, None) or {}
     bad = {l: n for l, n in dict(per_layer).items() if not isinstance(n, int) or not 1 <= n <= E}
     if bad:
-        raise MoeguardError(f"{where}: config {PER_LAYER_KEY} gives layers {bad} expert counts outside 1..{E}",
+        raise MoeguardError(f"{where}: config {sub}{PER_LAYER_KEY} gives layers {bad} expert counts outside 1..{E}",
                             hint=f"{fix}, or re-prune the model with moeguard prune")
 
 
