@@ -191,7 +191,7 @@ def main() -> None:
     from moeguard.trace import evasion
     from moeguard.trace.fingerprint import build, checkpoint_bytes
     from moeguard.trace.gguf import export_gguf, load_gguf
-    from moeguard.trace.weights import from_model
+    from moeguard.trace.weights import f64, from_model
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -242,7 +242,8 @@ def main() -> None:
                          *_trace(fp, rm, tok, "r"), keep=base_plan.keep, extra={"finetune": info}, order={}))
     # merging
     freq = scores["frequency"].scores.numpy()
-    v = {l.index: l.gate.sum(axis=1) for l in from_model(m, tok, name="e").layers}
+    # float64 gate sums, as when from_model held float64 copies (it now holds views of the model)
+    v = {l.index: f64(l.gate).sum(axis=1) for l in from_model(m, tok, name="e").layers}
     clusters = {li: _clusters(v[li], 4) for li in v}
     for name, weights in (("uniform (HC-SMoE)", None),
                           ("frequency-weighted (M-SMoE)", {li: [[max(float(freq[i][e]), 1e-6) for e in g] for g in gs]

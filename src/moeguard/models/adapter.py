@@ -67,8 +67,9 @@ class MoELayer:
     def expert_tensors(self) -> list[tuple[nn.Module, str, torch.Tensor, int]]:
         """Every tensor with one slice per expert, as (owner module, name, tensor, expert axis):
         the router's and the experts' parameters and buffers (nested ones too), and a selection
-        bias held on the block. The expert axis is 0, or the last when every other dim is 1
-        (ERNIE's [1, E] bias). A tensor with no expert axis there is an unknown layout: an error."""
+        bias held on the block. The expert axis is 0 (E rows, or E blocks of rows in a blocked
+        family: DBRX's [E*I, d], see ``families.experts_first``), or the last when every other dim
+        is 1 (ERNIE's [1, E] bias). A tensor with no expert axis there is an unknown layout: an error."""
         out, seen = [], set()
 
         def add(owner: nn.Module, name: str, t) -> None:

@@ -245,6 +245,9 @@ _BY_MODEL_TYPE: Registry[FamilySpec] = Registry("model_type")
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:
+    if spec.call == "logits" and not spec.route_method:
+        raise ValueError(f"family {spec.name}: call 'logits' needs route_method, the block's logits -> "
+                         "(weights, index) method")
     FAMILIES.add(spec.name, spec)
     for mt in spec.model_types:
         _BY_MODEL_TYPE.add(mt, spec)

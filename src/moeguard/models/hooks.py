@@ -494,9 +494,9 @@ def drop_one_per_chunk(adapter: MoEAdapter, layer_index: int, drops: Sequence[in
             masked.append(m), weights.append(w), index.append(kept[sub])
         return pack_router_output(adapter.family.call, torch.cat(masked), torch.cat(weights), torch.cat(index))
 
-    previous = _set_forward(router, forward, replaces=True)
-    top_ks = _clamp_block_top_k(layer, min(p.top_k for _, p in plans))
+    previous, top_ks = _set_forward(router, forward, replaces=True), []
     try:
+        top_ks = _clamp_block_top_k(layer, min(p.top_k for _, p in plans))
         yield
     finally:
         _restore_forward(router, previous)

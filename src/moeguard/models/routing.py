@@ -4,7 +4,9 @@ Masking experts at run time and physically pruning them must give the same model
 through :func:`pruned_router_params` (what the smaller router's config is) and masking goes
 through :func:`route` (what that smaller router computes), so the equivalence holds by
 construction and ``tests/test_families.py`` checks :func:`route` against transformers' own
-routers with every expert kept.
+routers with every expert kept. A block that routes the router's logits itself (DBRX) gets the
+masked logits (dropped experts at -inf) and the pruned top-k, and routes them with its own rule,
+which the same test checks against :func:`route`.
 """
 
 from __future__ import annotations
@@ -169,6 +171,8 @@ def unpack_router_output(call: str, output, top_k: int):
     """(logits [T, E], weights [T, k], index [T, k]) from what a family's router returns: the
     standard triple, or Llama-4's (scores [T, E], logits) with the chosen experts the top-k logits
     (masked routers give -inf to dropped experts, so k is clamped to the experts left)."""
+    if call == "logits":   # the triple needs the block's own routing: MoELayer.unpack has it
+        raise ValueError("a router that returns logits only is unpacked by MoELayer.unpack, with its block")
     if call != "scaled_input":
         return output[0], output[1], output[2]
     scores, logits = output[0], output[1]

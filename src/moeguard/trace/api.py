@@ -181,11 +181,11 @@ def tracer(model, tokenizer, keep: dict[int, list[int]], *, key: str):
     against ``model``'s fingerprint. A model too small to fingerprint (its 1% budget holds no
     fingerprint: a 2-layer cut of a real model, a toy) is a study without traces, not a failed
     study: ``{"trace": None, "trace_skipped": why}``."""
-    from moeguard.errors import MoeguardError
+    from moeguard.trace.fingerprint import FingerprintTooLarge
 
-    try:
+    try:   # only the budget: any other failure (a layout trace cannot read) stays an error
         fp = fingerprint_in_memory(model, tokenizer, key=key)
-    except MoeguardError as e:
+    except FingerprintTooLarge as e:
         return lambda stolen, why=str(e): {"trace": None, "trace_skipped": why}
     return lambda stolen: {"trace": detectability(fp, stolen, tokenizer, keep)}
 

@@ -124,13 +124,17 @@ def _size(T: int, d: int, m: int, experts: list[int]) -> int:
     return 2 * (T * d + sum(E * per_expert + 2 * m * m for E in experts))
 
 
+class FingerprintTooLarge(MoeguardError):
+    """The model's fingerprint budget (a share of its size) holds no fingerprint."""
+
+
 def choose(d: int, experts: list[int], budget_bytes: float, vocab: int) -> tuple[int, int]:
     """(m, T): the most hidden dimensions (and anchors) the budget allows."""
     T = min(vocab, max(128, 2 * d))
     for m in range(min(M_MAX, d // 2), 7, -1):
         if _size(T, d, m, experts) + 8192 <= budget_bytes:
             return m, T
-    raise MoeguardError(f"a fingerprint of this model does not fit in {BUDGET:.0%} of its size "
+    raise FingerprintTooLarge(f"a fingerprint of this model does not fit in {BUDGET:.0%} of its size "
                         f"({budget_bytes / 1e3:.0f} kB)", hint="the model is too small to fingerprint")
 
 

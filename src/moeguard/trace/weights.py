@@ -2,7 +2,7 @@
 MoE layer the router and every routed expert's gate, up and down projections.
 
 A trace reads a model through four questions (the *source* interface, which
-:class:`ModelWeights` answers from arrays in memory and ``stream.StreamedCheckpoint`` from
+:class:`ModelWeights` answers from memory (arrays, or views of a loaded model's tensors) and ``stream.StreamedCheckpoint`` from
 safetensors files, a tensor at a time): ``tokens``, ``embed_rows(ids)``, ``embed_norms()`` and
 ``sketch(position, H, frame)`` (``features.Sketch``), with ``hidden``, ``intermediate``,
 ``num_layers`` and ``quant_sample()`` beside them.
@@ -103,7 +103,7 @@ def f64(x) -> np.ndarray:
 
 def split_experts(family, experts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gate [E,I,d], up [E,I,d], down [E,d,I]) of one layer's fused expert module, as float64
-    arrays (a copy: the GGUF export's input)."""
+    arrays (a copy: the GGUF export's and the scan's input)."""
     return tuple(_np(x) for x in expert_views(family, experts))
 
 
