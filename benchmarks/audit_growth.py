@@ -59,8 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = {}
-    name = "audit_growth_recovery" if args.recovery else "audit_growth"
-    target = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{name}.json"
+    target = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{_name(args)}.json"
     if args.update and target.exists():
         rows = json.loads(target.read_text())["presets"]
     for preset in args.presets.split(","):
@@ -101,14 +100,18 @@ def main() -> None:
     print(f"written {_write(rows, args)}")
 
 
+def _name(args) -> str:
+    return "audit_growth_recovery" if args.recovery else "audit_growth"
+
+
 def _write(rows: dict, args) -> Path:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "update")}
     ok = sorted((r for r in rows.values() if not r.get("exit")), key=lambda r: r["experts"])
     base = ok[0]["wall_seconds"] if ok else 1.0
     for r in rows.values():
         r["wall_vs_fewest_experts"] = round(r["wall_seconds"] / base, 2)
-    return write_result("audit_growth_recovery" if args.recovery else "audit_growth", {"gpu": False, "note": "CPU figures only: no GPU was lent to this task",
-                                         "settings": settings, "presets": rows}, args.out)
+    return write_result(_name(args), {"gpu": False, "note": "CPU figures only: no GPU was lent to this task",
+                                      "settings": settings, "presets": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,9 @@ def builtin_rows() -> list[dict]:
             rule = f.routing.describe(moe_config(AutoConfig.for_model(f.model_types[0])))
         except Exception:   # a config class that needs arguments: describe the rule alone
             rule = f.routing.describe(object())
-        sub = f"{f.config_attr}." if f.config_attr else ""
         rows.append({"family": name, "model_types": list(f.model_types), "block": "|".join(f.block_attrs),
-                     "router": f"{f.router_attr}.{f.router_weight_attr}", "count_key": sub + f.num_experts_key,
-                     "top_k_key": sub + f.top_k_key, "shared": list(f.shared_attrs), "routing": rule})
+                     "router": f"{f.router_attr}.{f.router_weight_attr}", "count_key": f.config_key(f.num_experts_key),
+                     "top_k_key": f.config_key(f.top_k_key), "shared": list(f.shared_attrs), "routing": rule})
     return rows
 
 

@@ -212,6 +212,10 @@ class FamilySpec:
     disk_expert_tensors: tuple[str, ...] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
     disk_router_weight: str = "weight"
 
+    def config_key(self, key: str) -> str:
+        """``key`` as config.json nests it (DBRX: ``ffn_config.moe_top_k``), for messages and listings."""
+        return f"{self.config_attr}.{key}" if self.config_attr else key
+
     @property
     def blocked(self) -> bool:
         """Whether the experts' tensors hold E blocks of rows on dim 0 (:func:`expert_axis`)."""

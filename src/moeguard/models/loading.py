@@ -123,8 +123,7 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
 
     fix = f"fix {where}/config.json"
     config = moe_config(config)   # a multimodal wrapper: its language model's keys; DBRX: its ffn_config
-    sub = f"{family.config_attr}." if family.config_attr else ""   # the keys as config.json nests them
-    count_key, top_k_key = sub + family.num_experts_key, sub + family.top_k_key
+    count_key, top_k_key = family.config_key(family.num_experts_key), family.config_key(family.top_k_key)
     E, k = getattr(config, family.num_experts_key, None), getattr(config, family.top_k_key, None)
     for key, value in ((count_key, E), (top_k_key, k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -136,7 +135,7 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
     per_layer = getattr(config, PER_LAYER_KEY, None) or {}
     bad = {l: n for l, n in dict(per_layer).items() if not isinstance(n, int) or not 1 <= n <= E}
     if bad:
-        raise MoeguardError(f"{where}: config {sub}{PER_LAYER_KEY} gives layers {bad} expert counts outside 1..{E}",
+        raise MoeguardError(f"{where}: config {family.config_key(PER_LAYER_KEY)} gives layers {bad} expert counts outside 1..{E}",
                             hint=f"{fix}, or re-prune the model with moeguard prune")
 
 

@@ -59,8 +59,9 @@ def sketch_layer(layer, H: np.ndarray, frame) -> Sketch:
     dn = np.empty((m, E, I)).transpose(1, 0, 2)                                           # [E, m, I]
     v = np.empty((E, len(frame.cols)))
     for e in range(E):
-        g[e], u[e], dn[e] = f64(layer.gate[e][:, C]), f64(layer.up[e][:, C]), f64(layer.down[e][C, :])
-        v[e] = f64(layer.gate[e]).sum(axis=0)[frame.cols]
+        gate = f64(layer.gate[e])   # widened once: its m columns and its column sums
+        g[e], u[e], dn[e] = gate[:, C], f64(layer.up[e][:, C]), f64(layer.down[e][C, :])
+        v[e] = gate.sum(axis=0)[frame.cols]
     g, u, dn, v = g * s, u * s, dn * s[None, :, None], v * frame.signs
     return Sketch(index=layer.index, ka=np.einsum("eim,ein->emn", g, g), kb=np.einsum("emi,ein->emn", dn, u),
                   v=v, rows=g[:, :ROWS, :], intermediate=int(layer.gate.shape[1]))

@@ -4,7 +4,8 @@ A trace needs little of a model (``features.Sketch``): the anchors' embedding ro
 expert its gate and up columns on the m sampled hidden dimensions H, its down rows on H, and its
 gate sums. So a checkpoint is never loaded: the gate and up tensors are read once in row chunks
 of ``CHUNK`` bytes (their columns on H, and the gate's row sums), the down tensor only on its m
-rows (DBRX's blocked w2 holds down transposed, so each expert's block is read whole, in chunks), the embedding only on the anchors' rows (the owner's fingerprint also sums its squares in
+rows (DBRX's blocked w2 holds down transposed, so each expert's block is read whole, in chunks),
+the embedding only on the anchors' rows (the owner's fingerprint also sums its squares in
 chunks). Reads go through :class:`moeguard.io.ShardReader`, which unmaps pages every 32 MB, so
 resident memory stays near the interpreter plus one layer's sketch, whatever the model size.
 

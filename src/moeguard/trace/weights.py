@@ -2,10 +2,10 @@
 MoE layer the router and every routed expert's gate, up and down projections.
 
 A trace reads a model through four questions (the *source* interface, which
-:class:`ModelWeights` answers from memory (arrays, or views of a loaded model's tensors) and ``stream.StreamedCheckpoint`` from
-safetensors files, a tensor at a time): ``tokens``, ``embed_rows(ids)``, ``embed_norms()`` and
-``sketch(position, H, frame)`` (``features.Sketch``), with ``hidden``, ``intermediate``,
-``num_layers`` and ``quant_sample()`` beside them.
+:class:`ModelWeights` answers from memory (arrays, or views of a loaded model's tensors) and
+``stream.StreamedCheckpoint`` from safetensors files, a tensor at a time): ``tokens``,
+``embed_rows(ids)``, ``embed_norms()`` and ``sketch(position, H, frame)`` (``features.Sketch``),
+with ``hidden``, ``intermediate``, ``num_layers`` and ``quant_sample()`` beside them.
 
 Each expert is a gated MLP ``down( act(gate x) * (up x) )``: ``gate`` and ``up`` are [I, d]
 (one row per neuron, reading the hidden state), ``down`` is [d, I] (one column per neuron,
