@@ -190,3 +190,70 @@ def test_a_capped_merge_calibrates_offloaded_and_streams_the_in_memory_merge(tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--max-memory streams the merge" in err and "drop --in-memory" in err
     assert not (tmp_path / "x").exists()
+
+
+def _lora_run(model, steps: int = 3):
+    """(losses, adapter tensors) of a short LoRA fine-tune of ``model``; the model is given back."""
+    from moeguard.realign.engine import FinetuneConfig, finetune
+    from moeguard.realign.modes import apply_mode
+    from moeguard.tasks.batches import Example
+
+    g = torch.Generator().manual_seed(0)
+    ex = [Example(ids=torch.randint(3, model.config.vocab_size, (12,), generator=g).tolist(),
+                  labels=[-100] * 10 + [5, 6]) for _ in range(4)]
+    tr = apply_mode(model, "lora", seed=0)
+    try:
+        res = finetune(tr, ex, FinetuneConfig(mode="lora", min_steps=steps, max_steps=steps, batch_size=2), pad_id=0)
+        return res.losses, {n: p.detach().clone() for n, p in tr.params.items()}
+    finally:
+        tr.release()
+
+
+def test_lora_trains_over_offloaded_weights_as_in_memory_and_modes_that_train_them_refuse(pair):
+    from moeguard.realign.modes import apply_mode
+
+    full, off, _ = pair
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = off(input_ids=ids).logits
+    flags = {n: (p.device.type, p.requires_grad) for n, p in off.named_parameters()}
+    want_loss, want = _lora_run(full)
+    got_loss, got = _lora_run(off)
+    assert len(got_loss) == 3 and got_loss == want_loss and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # given back as found: no adapters, no checkpointing, the same weights offloaded, the same outputs
+    assert {n: (p.device.type, p.requires_grad) for n, p in off.named_parameters()} == flags
+    assert not off.is_activation_checkpointing and set(flags.values()) == {("meta", False)}
+    with torch.no_grad():
+        assert torch.equal(off(input_ids=ids).logits, before)
+    # modes that train base weights name how many are offloaded: what they train in memory (full: every
+    # tensor, as accelerate's loader unties lm_head from the embeddings)
+    counts = {"full": len(list(off.named_parameters()))}
+    for mode in ("router", "experts"):
+        tr = apply_mode(full, mode)
+        counts[mode] = len(tr.params)
+        tr.release()
+    assert counts["full"] > counts["experts"] > counts["router"] > 0
+    for mode, count in counts.items():
+        with pytest.raises(MoeguardError, match=f"mode '{mode}' would train {count} tensors that are offloaded") as e:
+            apply_mode(off, mode)
+        assert "--mode lora" in e.value.hint
+    tr = apply_mode(off, "lora", seed=0)
+    try:
+        with pytest.raises(MoeguardError, match="cannot be folded into offloaded base weights"):
+            tr.merged()
+    finally:
+        tr.release()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "granitemoe", "gpt_oss", "nemotron_h", "deepseek_v3"])
+def test_lora_over_offloaded_weights_equals_lora_in_memory_across_expert_layouts(family, tmp_path):
+    # fused 3-D experts (peft's parameter LoRA), shared experts, expert biases, a hybrid mixer
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "m")
+    off, _, _ = load_model(str(tmp_path / "m"), max_memory=1000, with_tokenizer=False)
+    assert all(p.device.type == "meta" for p in off.parameters())
+    want_loss, want = _lora_run(model, steps=2)
+    got_loss, got = _lora_run(off, steps=2)
+    assert got_loss == want_loss and got.keys() == want.keys()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)

@@ -30,6 +30,7 @@ from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.realign.modes import Trainable, get_mode
 from moeguard.tasks.batches import Example, collate
+from moeguard.tasks.tokens import model_device
 
 
 class TrainingDiverged(MoeguardError):
@@ -145,7 +146,7 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     # the fused kernel: the for-loop AdamW costs 6x more per step on small models
     # (benchmarks/finetune_throughput.py), and resumes bitwise all the same
-    device = model.get_input_embeddings().weight.device
+    device = model_device(trainable.base)   # an offloaded model's embeddings sit on "meta" until they run
     fused = device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), fused=fused)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),

@@ -30,6 +30,15 @@ class Trainable:
     mode: str
     params: dict[str, nn.Parameter]
     _flags: dict[str, bool] = field(default_factory=dict, repr=False)
+    # what ``release`` undoes besides the flags (LoRA over offloaded weights: realign/offload.py)
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def offloaded(self) -> bool:
+        """The base weights are offloaded by accelerate (only LoRA trains then)."""
+        from moeguard.realign.offload import offloaded
+
+        return offloaded(self.base)
 
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of every trainable tensor (what a round resets to, what a checkpoint holds)."""
@@ -46,11 +55,16 @@ class Trainable:
 
     def merged(self) -> nn.Module:
         """The model to save: LoRA folded into the base weights (a plain transformers checkpoint)."""
+        if self.offloaded:
+            raise MoeguardError("the adapters cannot be folded into offloaded base weights (--max-memory)",
+                                hint="run without --max-memory where the model fits, or save the adapters only")
         if self.mode == "lora":
             return self.model.merge_and_unload()
         return self.base
 
     def release(self) -> nn.Module:
+        while self._undo:
+            self._undo.pop()()
         if self.mode == "lora" and hasattr(self.model, "unload"):
             self.model.unload()
         for n, p in self.base.named_parameters():
@@ -88,6 +102,14 @@ def matching(patterns) -> Callable[[str], bool]:
 
 
 def _select(model: nn.Module, mode: str, chosen: set[int], only: Allowed = None) -> Trainable:
+    from moeguard.realign.offload import offloaded_names
+
+    on_disk = sorted(n for n in offloaded_names(model) if id(model.get_parameter(n)) in chosen and (only is None or only(n)))
+    if on_disk:   # before any flag changes: accelerate cannot update weights it offloaded
+        raise MoeguardError(f"mode '{mode}' would train {len(on_disk)} tensors that are offloaded to disk (--max-memory), "
+                            f"e.g. {on_disk[0]}; offloaded weights are read-only",
+                            hint="use --mode lora (its adapters train in memory over offloaded weights), or raise "
+                                 "--max-memory so the model fits")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     params = {}
     for n, p in model.named_parameters():
@@ -157,12 +179,31 @@ def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int 
     if not modules and not expert_params:
         raise MoeguardError("LoRA finds no linear module or expert tensor that the protocol authorizes",
                             hint="use a mode the protocol allows")
+    from moeguard.realign import offload
+
     torch.manual_seed(seed)  # peft draws lora_A at random: the same seed gives the same adapters
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=modules or None,
                         target_parameters=expert_params or None, bias="none")
-    wrapped = get_peft_model(model, config)
+    if not offload.offloaded(model):
+        wrapped = get_peft_model(model, config)
+        params = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+        return Trainable(model=wrapped, base=model, mode="lora", params=params, _flags=flags)
+    # weights offloaded by accelerate (--max-memory): adapters in memory, the experts' weights read
+    # in around peft's wrappers, every layer checkpointed (realign/offload.py says why)
+    undo, wrapped = [offload.checkpointed(model)], None
+    try:
+        with offload.weights_unplaced(model):
+            wrapped = get_peft_model(model, config)
+        offload.place_adapters(wrapped, offload.execution_device(model))
+        undo.append(offload.expert_weights_in_place(wrapped))
+    except BaseException:
+        if wrapped is not None:
+            wrapped.unload()
+        while undo:
+            undo.pop()()
+        raise
     params = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
-    return Trainable(model=wrapped, base=model, mode="lora", params=params, _flags=flags)
+    return Trainable(model=wrapped, base=model, mode="lora", params=params, _flags=flags, _undo=undo)
 
 
 register_mode(ModeSpec("full", "every parameter", 2e-4, _full))
