@@ -147,14 +147,58 @@ def test_an_audit_under_a_cap_gives_the_numbers_of_an_uncapped_one_and_refuses_i
     # a physical check prunes a copy in memory: skipped under the cap, and saying why
     assert checks and all("offloaded (max_memory)" in c["skipped"] for c in checks)
     # the headline says what the ratings rest on
-    assert "The recovery study was not run (it cannot run under `--max-memory 4MiB`" in (tmp_path / "b" / "report.md").read_text()
+    assert ("The recovery study was not run (under `--max-memory 4MiB` it runs only with `--recovery-mode lora`"
+            in (tmp_path / "b" / "report.md").read_text())
     assert "The recovery study was not run: these ratings rest on pruning alone" in (tmp_path / "a" / "report.md").read_text()
     assert "under <code>--max-memory 4MiB</code>" in (tmp_path / "b" / "report.html").read_text()
     capsys.readouterr()
-    assert main(["audit", "--out", str(tmp_path / "c"), "--max-memory", "4MiB", "--scan", *args[:-3]]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "recovery, scan stage(s)" in err and "--no-recovery" in err
-    assert not (tmp_path / "c").exists()
+    # stages that need the model in memory refuse before any work, one line each
+    for extra, needles in (
+            (["--scan"], ("with the scan stage(s)", "leave out --defense, --hardened and --scan")),
+            (["--no-recovery", "--defense", "entangle"], ("with the defense stage(s)",)),
+            (["--recovery-mode", "full"], ("recovery mode 'full', which trains weights that are offloaded",
+                                           "add --recovery-mode lora")),
+            (["--recovery-mode", "lora", "--route", "prune,merge"], ("recovery on the merge route",
+                                                                     "use --route prune"))):
+        assert main(["audit", "--out", str(tmp_path / "c"), "--max-memory", "4MiB", *args[:-3], *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(n in err for n in needles), (extra, err)
+        assert not (tmp_path / "c").exists()
+
+
+def test_an_audit_recovers_under_a_cap_with_lora_as_it_does_in_memory(tmp_path):
+    """--recovery-mode lora under --max-memory: the pruned copy is streamed to disk and loaded under
+    the cap, the adapters train over its offloaded weights; the numbers equal an uncapped LoRA
+    audit's, the trace (which reads every weight) is skipped and says why."""
+    import tempfile
+
+    from moeguard.audit.run import numbers_only
+    from moeguard.studies.engine import Context
+
+    pruned_folders = lambda: set(Path(tempfile.gettempdir()).glob("moeguard-pruned-*"))  # noqa: E731
+    before = pruned_folders()
+    args = ["--tasks", "arith-compare", "--methods", "frequency", "--keeps", "2", "--random-seeds", "1",
+            "--eval-limit", "16", "--samples", "8", "--threads", "2", "--recovery-mode", "lora",
+            "--strategies", "random", "--budgets", "4,8", "--recovery-seeds", "1", "--pool-size", "16",
+            "--recovery-eval-limit", "16"]
+    assert main(["audit", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["audit", "--out", str(tmp_path / "b"), *args, "--max-memory", "4MiB"]) == 0
+    a, b = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")
+    ra, rb = a["tasks"]["arith-compare"]["recovery"], b["tasks"]["arith-compare"]["recovery"]
+    assert ra["detectability"]["verdict"] == "derived"
+    assert "offloaded (max_memory)" in rb["detectability"]["skipped"] and set(rb["detectability"]) == {"skipped"}
+    ra.pop("detectability"), rb.pop("detectability")
+    assert b["config"]["recovery_mode"] == "lora" and ra and numbers_only(ra) == numbers_only(rb)
+    assert numbers_only(a["tasks"]) == numbers_only(b["tasks"])
+    # the capped pruned copy was written by streaming surgery, not sliced in memory
+    rec = {x: json.loads((tmp_path / x / "stages" / "recovery" / "recovery" / "arith-compare.json").read_text())["record"]
+           for x in "ab"}
+    assert rec["b"].pop("method") == "streaming" and "method" not in rec["a"] and rec["a"] == rec["b"]
+    # the streamed copy lives as long as the model the study engine caches, no longer
+    Context._derived.clear()
+    Context._models.clear()
+    gc.collect()
+    assert not (pruned_folders() - before)
 
 
 def test_a_capped_merge_calibrates_offloaded_and_streams_the_in_memory_merge(tmp_path, capsys):

@@ -47,6 +47,8 @@ class AuditConfig:
     recovery: bool = setting(True, negative="--no-recovery", help="run the recovery study")
     recovery_tasks: list[str] | None = setting(None, help="tasks for the recovery study; default: all")
     recovery_keep: int | None = setting(None, min=1, help="experts per layer the attacker keeps; default: N/4")
+    recovery_mode: str = setting("full", help="what the attacker's fine-tuning may change: full, lora, router, "
+                                              "experts (under --max-memory: lora, its adapters in memory)")
     # + cluster-uncertainty: stronger, 2x the cost
     strategies: list[str] = setting(factory=lambda: ["random", "orphan"],
                                     help="active-learning strategies (random is the baseline)")
@@ -79,7 +81,8 @@ class AuditConfig:
     dtype: str | None = setting(None, help="weights dtype, e.g. bfloat16 for large checkpoints on GPU")
     device_map: str | None = setting(None, help="accelerate device map, e.g. auto")
     max_memory: str | None = setting(None, help="cap on the host memory the weights take, e.g. 8GiB (the rest "
-                                     "offloaded to disk); the model, baseline, attribution and sweep stages")
+                                     "offloaded to disk); the model, baseline, attribution, sweep and (with "
+                                     "--recovery-mode lora) recovery stages")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -120,18 +123,29 @@ def check(cfg: AuditConfig) -> None:
     if cfg.defense and cfg.hardened:
         raise MoeguardError("both defense and hardened are set",
                             hint="harden within the audit (--defense NAME) or compare a hardened checkpoint (--hardened PATH)")
+    if cfg.recovery:
+        from moeguard.realign.modes import get_mode
+
+        get_mode(cfg.recovery_mode)
     if cfg.max_memory is not None:
         from moeguard.models.loading import parse_memory
 
         parse_memory(cfg.max_memory, what="max_memory")
-        needs = [name for name, on in (("recovery", cfg.recovery), ("defense", cfg.defense or cfg.hardened),
-                                       ("scan", cfg.scan)) if on]
+        needs = [name for name, on in (("defense", cfg.defense or cfg.hardened), ("scan", cfg.scan)) if on]
         if needs:
             # each fine-tunes or edits a copy of the model in memory, which the cap is there to avoid
             raise MoeguardError(f"max_memory {cfg.max_memory} is set with the {', '.join(needs)} stage(s), which need "
-                                f"the model or a pruned copy of it in memory",
-                                hint="add --no-recovery (and leave out --defense, --hardened and --scan) to audit a model "
-                                "larger than memory; run those stages where the pruned model fits")
+                                f"the model or a copy of it in memory",
+                                hint="leave out --defense, --hardened and --scan to audit a model larger than memory; "
+                                "run those stages where the model fits")
+        if cfg.recovery and cfg.recovery_mode != "lora":
+            # full, router and experts train base weights, which accelerate cannot update on disk
+            raise MoeguardError(f"max_memory {cfg.max_memory} is set with recovery mode '{cfg.recovery_mode}', which "
+                                "trains weights that are offloaded to disk",
+                                hint="add --recovery-mode lora (its adapters train in memory), or --no-recovery")
+        if cfg.recovery and "merge" in cfg.routes:
+            raise MoeguardError(f"max_memory {cfg.max_memory} is set with recovery on the merge route, which merges "
+                                "the model in memory", hint="use --route prune, or --no-recovery")
     if "random" not in cfg.strategies:
         raise MoeguardError(f"strategies {cfg.strategies} lack 'random', the baseline every strategy is compared with",
                             hint="add random, e.g. --strategies random,orphan")

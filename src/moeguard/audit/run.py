@@ -202,6 +202,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
                         "eval_limit": cfg.recovery_eval_limit, "target": cfg.target, "seed": cfg.seed}
         if "merge" in cfg.routes:   # then the merged model is re-aligned too (a prune-only key is unchanged)
             rec_settings.update(routes=cfg.routes, merge_methods=cfg.merge_methods)
+        if cfg.recovery_mode != "full":   # likewise: full fine-tuning's key is as before the setting
+            rec_settings["mode"] = cfg.recovery_mode
         s_rec = stage("recovery", rec_settings, lambda d: _recovery(cfg, d, s_base, s_attr, s_sweep, model, studies_run),
                       [s_base, s_attr, s_sweep])
 
@@ -268,6 +270,7 @@ def _recovery(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: StageResul
     from moeguard.attribution.base import Scores
     from moeguard.io import write_json
     from moeguard.pruning.plan import plan_from_scores
+    from moeguard.realign.engine import FinetuneConfig
     from moeguard.studies.recovery import RecoveryConfig, RecoveryStudy, best_method
 
     sweep_doc, base = s_sweep.read("sweep.json"), s_base.read("baseline.json")
@@ -281,7 +284,7 @@ def _recovery(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: StageResul
             seeds=cfg.recovery_seeds, seed=cfg.seed, method=method, samples=cfg.samples, pool_size=cfg.pool_size,
             eval_limit=cfg.recovery_eval_limit, target=cfg.target,
             given_plan={str(l): v for l, v in plan.keep.items()},
-            given_full=base[t][str(cfg.recovery_eval_limit)]["score"])))
+            given_full=base[t][str(cfg.recovery_eval_limit)]["score"], finetune=FinetuneConfig(mode=cfg.recovery_mode))))
         if "merge" in cfg.routes:
             row = (((sweep_doc.get("routes") or {}).get(t) or {}).get(str(cfg.recovery_keep)) or {}).get("merge")
             m_method, mm = (row["method"], row["merge_method"]) if row else (method, cfg.merge_methods[0])

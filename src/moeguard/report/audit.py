@@ -313,8 +313,8 @@ def _verdict(doc: dict[str, Any]) -> str:
             + f". Model: {m.get('family')} with {m.get('num_experts')} experts per layer, top-{m.get('top_k')}.")
     cfg = doc.get("config", {})
     if not cfg.get("recovery", True):
-        why = (f" (it cannot run under `--max-memory {cfg['max_memory']}`: it fine-tunes a pruned copy in memory)"
-               if cfg.get("max_memory") else "")
+        why = (f" (under `--max-memory {cfg['max_memory']}` it runs only with `--recovery-mode lora`: other modes "
+               "train weights that are offloaded)" if cfg.get("max_memory") else "")
         text += (f" The recovery study was not run{why}: these ratings rest on pruning alone, before any "
                  "fine-tuning, and can understate the risk.")
     return text

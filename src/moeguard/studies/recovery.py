@@ -135,7 +135,6 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
     ``merge_method``: the merged model's instead, and its merge plan (``plan.merge``)."""
     from moeguard.attribution.run import make_context, score
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.models.prune import prune_model
     from moeguard.pruning.plan import plan_from_scores
     from moeguard.studies.sweep import reduction
     from moeguard.tasks.evaluate import evaluate_task
@@ -149,6 +148,7 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
         full_result = evaluate_task(model, tok, t, limit=eval_limit, batch_size=32).to_dict()
         full = full_result["score"]
     if merge_method is not None:
+        _refuse_merge_offloaded(model)
         return _prepare_merged(model, tok, t, adapter, keep=keep, method=method, samples=samples, eval_limit=eval_limit,
                                seed=seed, full=full, full_result=full_result, merge_method=merge_method, scores=scores)
     if plan is None:
@@ -159,8 +159,9 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
     else:
         keep_map = {int(l): list(v) for l, v in plan.items()}
         plan_doc = {"keep": {str(l): v for l, v in keep_map.items()}, "rule": "given"}
-    pruned, record = prune_model(model, keep_map)
+    pruned, record = pruned_copy(ctx, model, keep_map)
     initial = evaluate_task(pruned, tok, t, limit=eval_limit, batch_size=32, baseline=False)
+    del pruned   # under a cap, its folder goes before the curves write theirs
     return {"full": full_result, "full_score": full, "plan": plan_doc, "record": record,
             "reduction": reduction(adapter, keep_map), "initial": initial.to_dict()}
 
@@ -194,8 +195,8 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
     """One active-learning re-alignment of ``task`` on the model pruned to ``keep`` (with ``merge``:
     merged by that plan, ``keep`` its centres)."""
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.models.prune import prune_model
     from moeguard.realign.loop import ALConfig, label_pool, run_active_learning
+    from moeguard.realign.offload import offloaded
     from moeguard.realign.strategies.base import get_strategy
     from moeguard.realign.strategies.orphan import orphan_shares
     from moeguard.studies.engine import digest
@@ -206,10 +207,11 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
     model, tok = ctx.model()
     plan = {int(l): list(v) for l, v in keep.items()}
     if merge is None:
-        pruned = ctx.derived(("pruned", ctx.runtime.model, digest(keep)), lambda: prune_model(model, plan)[0])
+        pruned = ctx.derived(("pruned", ctx.runtime.model, digest(keep)), lambda: pruned_copy(ctx, model, plan)[0])
     else:
         from moeguard.studies.merge_route import merged_from
 
+        _refuse_merge_offloaded(model)
         pruned = ctx.derived(("merged", ctx.runtime.model, digest(merge)), lambda: merged_from(model, merge))
     t = get_task(task)
     ft = FinetuneConfig(**{**finetune, "seed": seed, "only": tuple(finetune.get("only", ()))})
@@ -222,10 +224,47 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
         shares = orphan_shares(model, tok, t, plan, MoEAdapter(model).num_experts)
         share = lambda: shares(pool)  # noqa: E731
     start = TaskResult(**initial) if initial is not None else None
-    after = tracer(model, tok, plan, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype]))
+    capped = offloaded(model)
+    # a fingerprint reads every expert's weights, and tracing the re-aligned model would fold its
+    # adapters into base weights that are on disk: under a cap the curves are not traced
+    after = None if capped else tracer(model, tok, plan, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype]))
     curve, _ = run_active_learning(pruned, tok, t, al, pool=pool, orphan_share=share, full_score=full_score,
                                    initial=start, after=after)
+    if capped:
+        curve["after"] = {"trace": None, "trace_skipped": OFFLOADED_TRACE}
     return curve
+
+
+OFFLOADED_TRACE = ("the model is offloaded (max_memory): tracing reads every expert's weights and would fold "
+                   "the adapters into weights on disk")
+
+
+def pruned_copy(ctx, model, plan: dict[int, list[int]]):
+    """``(pruned model, record)``: ``model`` sliced in memory, or, when its weights are offloaded
+    (a memory cap), the checkpoint pruned by streaming surgery and loaded under the same cap
+    (:mod:`moeguard.pruning.capped`)."""
+    from moeguard.realign.offload import offloaded
+
+    if not offloaded(model):
+        from moeguard.models.prune import prune_model
+
+        return prune_model(model, plan)
+    import torch
+
+    from moeguard.pruning.capped import pruned_under_cap
+
+    rt = ctx.runtime
+    return pruned_under_cap(rt.model, plan, max_memory=rt.max_memory, device_map=rt.device_map,
+                            dtype=getattr(torch, rt.dtype) if rt.dtype else None)
+
+
+def _refuse_merge_offloaded(model) -> None:
+    from moeguard.realign.offload import offloaded
+
+    if offloaded(model):
+        raise MoeguardError("the merge route's recovery merges the model in memory, and its weights are offloaded "
+                            "(max_memory)", hint="re-align the pruning route under a cap (route prune), or run "
+                                                 "the merge route where the model fits")
 
 
 # --------------------------------------------------------------------------- the study
