@@ -190,11 +190,18 @@ def test_an_audit_recovers_under_a_cap_with_lora_as_it_does_in_memory(tmp_path):
     ra.pop("detectability"), rb.pop("detectability")
     assert b["config"]["recovery_mode"] == "lora" and ra and numbers_only(ra) == numbers_only(rb)
     assert numbers_only(a["tasks"]) == numbers_only(b["tasks"])
+    # untraced curves have a stage key of their own (the cap is not in the keys): a rerun without
+    # the cap in the same folder recomputes them rather than reporting a skipped trace
+    keys = {x: {s["stage"]: s["key"] for s in d["stages"]} for x, d in (("a", a), ("b", b))}
+    assert keys["a"]["sweep"] == keys["b"]["sweep"] and keys["a"]["recovery"] != keys["b"]["recovery"]
     # the capped pruned copy was written by streaming surgery, not sliced in memory
     rec = {x: json.loads((tmp_path / x / "stages" / "recovery" / "recovery" / "arith-compare.json").read_text())["record"]
            for x in "ab"}
     assert rec["b"].pop("method") == "streaming" and "method" not in rec["a"] and rec["a"] == rec["b"]
-    # the streamed copy lives as long as the model the study engine caches, no longer
+    # the copy the curves trained was offloaded, and lives as long as the study engine caches it
+    from moeguard.realign.offload import offloaded
+
+    assert Context._derived and all(offloaded(m) for m in Context._derived.values())
     Context._derived.clear()
     Context._models.clear()
     gc.collect()
@@ -261,13 +268,15 @@ def test_lora_trains_over_offloaded_weights_as_in_memory_and_modes_that_train_th
     with torch.no_grad():
         before = off(input_ids=ids).logits
     flags = {n: (p.device.type, p.requires_grad) for n, p in off.named_parameters()}
+    hooks = dict(off.get_input_embeddings()._forward_hooks)
     want_loss, want = _lora_run(full)
     got_loss, got = _lora_run(off)
     assert len(got_loss) == 3 and got_loss == want_loss and got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
     # given back as found: no adapters, no checkpointing, the same weights offloaded, the same outputs
     assert {n: (p.device.type, p.requires_grad) for n, p in off.named_parameters()} == flags
-    assert not off.is_activation_checkpointing and set(flags.values()) == {("meta", False)}
+    assert not off.is_activation_checkpointing and {d for d, _ in flags.values()} == {"meta"}
+    assert dict(off.get_input_embeddings()._forward_hooks) == hooks   # checkpointing's input hook is gone too
     with torch.no_grad():
         assert torch.equal(off(input_ids=ids).logits, before)
     # modes that train base weights name how many are offloaded: what they train in memory (full: every
@@ -281,7 +290,7 @@ def test_lora_trains_over_offloaded_weights_as_in_memory_and_modes_that_train_th
     for mode, count in counts.items():
         with pytest.raises(MoeguardError, match=f"mode '{mode}' would train {count} tensors that are offloaded") as e:
             apply_mode(off, mode)
-        assert "--mode lora" in e.value.hint
+        assert "--recovery-mode lora" in e.value.hint
     tr = apply_mode(off, "lora", seed=0)
     try:
         with pytest.raises(MoeguardError, match="cannot be folded into offloaded base weights"):
@@ -301,3 +310,27 @@ def test_lora_over_offloaded_weights_equals_lora_in_memory_across_expert_layouts
     got_loss, got = _lora_run(off, steps=2)
     assert got_loss == want_loss and got.keys() == want.keys()
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
+def test_a_failed_lora_setup_over_offloaded_weights_gives_the_model_back(pair, monkeypatch):
+    from moeguard.realign import offload
+    from moeguard.realign.modes import apply_mode
+
+    _, off, _ = pair
+    before = {n: p.requires_grad for n, p in off.named_parameters()}
+    for p in off.parameters():   # trainable, so peft's freezing shows if it is not undone
+        p.requires_grad_(True)
+    hooks = dict(off.get_input_embeddings()._forward_hooks)
+
+    def fail(*_, **__):
+        raise RuntimeError("placing failed")
+
+    monkeypatch.setattr(offload, "place_adapters", fail)
+    try:
+        with pytest.raises(RuntimeError, match="placing failed"):
+            apply_mode(off, "lora", seed=0)
+        assert all(p.requires_grad for p in off.parameters()) and not any("lora_" in n for n, _ in off.named_parameters())
+        assert not off.is_activation_checkpointing and dict(off.get_input_embeddings()._forward_hooks) == hooks
+    finally:
+        for n, p in off.named_parameters():
+            p.requires_grad_(before[n])

@@ -204,6 +204,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
             rec_settings.update(routes=cfg.routes, merge_methods=cfg.merge_methods)
         if cfg.recovery_mode != "full":   # likewise: full fine-tuning's key is as before the setting
             rec_settings["mode"] = cfg.recovery_mode
+        if cfg.max_memory is not None:    # capped curves are untraced: never reused for an uncapped run
+            rec_settings["traced"] = False
         s_rec = stage("recovery", rec_settings, lambda d: _recovery(cfg, d, s_base, s_attr, s_sweep, model, studies_run),
                       [s_base, s_attr, s_sweep])
 
@@ -284,7 +286,8 @@ def _recovery(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: StageResul
             seeds=cfg.recovery_seeds, seed=cfg.seed, method=method, samples=cfg.samples, pool_size=cfg.pool_size,
             eval_limit=cfg.recovery_eval_limit, target=cfg.target,
             given_plan={str(l): v for l, v in plan.keep.items()},
-            given_full=base[t][str(cfg.recovery_eval_limit)]["score"], finetune=FinetuneConfig(mode=cfg.recovery_mode))))
+            given_full=base[t][str(cfg.recovery_eval_limit)]["score"], finetune=FinetuneConfig(mode=cfg.recovery_mode),
+            traced=cfg.max_memory is None)))
         if "merge" in cfg.routes:
             row = (((sweep_doc.get("routes") or {}).get(t) or {}).get(str(cfg.recovery_keep)) or {}).get("merge")
             m_method, mm = (row["method"], row["merge_method"]) if row else (method, cfg.merge_methods[0])

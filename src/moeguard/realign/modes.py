@@ -57,7 +57,7 @@ class Trainable:
         """The model to save: LoRA folded into the base weights (a plain transformers checkpoint)."""
         if self.offloaded:
             raise MoeguardError("the adapters cannot be folded into offloaded base weights (--max-memory)",
-                                hint="run without --max-memory where the model fits, or save the adapters only")
+                                hint="fine-tune where the model fits in memory (no --max-memory) to save a merged checkpoint")
         if self.mode == "lora":
             return self.model.merge_and_unload()
         return self.base
@@ -108,8 +108,8 @@ def _select(model: nn.Module, mode: str, chosen: set[int], only: Allowed = None)
     if on_disk:   # before any flag changes: accelerate cannot update weights it offloaded
         raise MoeguardError(f"mode '{mode}' would train {len(on_disk)} tensors that are offloaded to disk (--max-memory), "
                             f"e.g. {on_disk[0]}; offloaded weights are read-only",
-                            hint="use --mode lora (its adapters train in memory over offloaded weights), or raise "
-                                 "--max-memory so the model fits")
+                            hint="use the lora mode (the audit's --recovery-mode lora): its adapters train in memory "
+                                 "over offloaded weights; or raise --max-memory so the model fits")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     params = {}
     for n, p in model.named_parameters():
@@ -201,6 +201,8 @@ def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int 
             wrapped.unload()
         while undo:
             undo.pop()()
+        for n, p in model.named_parameters():   # peft froze the base weights
+            p.requires_grad_(flags.get(n, p.requires_grad))
         raise
     params = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
     return Trainable(model=wrapped, base=model, mode="lora", params=params, _flags=flags, _undo=undo)

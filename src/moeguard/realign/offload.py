@@ -146,5 +146,18 @@ def checkpointed(base: nn.Module) -> Callable[[], None]:
     was_on = bool(getattr(base, "is_activation_checkpointing", False))
     if was_on:
         return lambda: None
+    embeddings = base.get_input_embeddings()
+    before = set(embeddings._forward_hooks)
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return base.activation_checkpointing_disable
+
+    def disable() -> None:
+        base.activation_checkpointing_disable()
+        # enabling hooked the input embeddings (their output requires grad), and peft hooks them
+        # again when it wraps a checkpointed model; transformers removes neither for a model that
+        # get_peft_model wrapped, so the hooks added since are removed here
+        for key in set(embeddings._forward_hooks) - before:
+            if getattr(embeddings._forward_hooks[key], "__name__", "") == "make_inputs_require_grads":
+                del embeddings._forward_hooks[key]
+                embeddings._forward_hooks_with_kwargs.pop(key, None)   # as RemovableHandle.remove does
+                embeddings._forward_hooks_always_called.pop(key, None)
+    return disable

@@ -114,7 +114,7 @@ class Context:
         """(model, tokenizer) of ``ref`` (a checkpoint path or hub id; default: the runtime's model).
         Jobs must hand it back unchanged (masking and fine-tuning restore it)."""
         ref = self.runtime.model if ref == "" else ref
-        key = json.dumps({**self.runtime.to_dict(), "model": ref, "max_memory": self.runtime.max_memory}, sort_keys=True)
+        key = self._key(ref)
         if key not in Context._models:
             import torch
 
@@ -129,11 +129,21 @@ class Context:
             Context._models[key] = (m, tok)
         return Context._models[key]
 
+    def _key(self, ref: str | None) -> str:
+        return json.dumps({**self.runtime.to_dict(), "model": ref, "max_memory": self.runtime.max_memory}, sort_keys=True)
+
     def derived(self, tag: tuple, make: Callable[[], Any]):
         """A model derived from one of the study's (a pruned copy), built once per process and
-        ``tag`` (which must name the source model and everything the copy depends on)."""
+        ``tag`` (which must name the source model and everything the copy depends on). The
+        runtime (dtype, device map, memory cap) is part of the tag here: a copy pruned in memory
+        is never handed to a capped run, nor a float32 one to a bfloat16 run."""
+        tag = (self._key(self.runtime.model), *tag)
         if tag not in Context._derived:
-            Context._derived.clear()  # one at a time: pruned copies of a large model are large
+            if Context._derived:   # one at a time: pruned copies of a large model are large
+                Context._derived.clear()
+                import gc
+
+                gc.collect()   # accelerate's hooks hold offloaded copies in cycles; their folders go with them
             Context._derived[tag] = make()
         return Context._derived[tag]
 

@@ -59,6 +59,9 @@ class RecoveryConfig:
                               "into --keep, by --merge-method)")
     merge_method: str = setting("router-weighted", help="merge method of the merge route (moeguard merge-methods)")
     finetune: FinetuneConfig = setting(factory=FinetuneConfig, cli=False, help="how each round fine-tunes")
+    # off under a memory cap, where tracing cannot run; a job argument, so capped curves (untraced)
+    # are never taken for uncapped ones from a shared job cache (their keys leave the cap out)
+    traced: bool = setting(True, cli=False, help="trace the re-aligned models")
     # what the caller already knows (the audit): the plan {layer: experts} and the full score
     given_plan: dict[str, list[int]] | None = setting(None, cli=False, help="a plan chosen by the caller")
     given_full: float | None = setting(None, cli=False, help="the full model's score, known to the caller")
@@ -76,6 +79,8 @@ class RecoveryConfig:
             if d[k] is None:
                 d.pop(k)
         d.pop("given_scores")            # an input (L x E numbers), not a setting: kept out of the document
+        if self.traced:                  # a traced study's document (and its jobs' keys) as before the setting
+            d.pop("traced")
         if self.route == "prune":        # a pruning study's document (and its jobs' keys) as before the merge route
             d.pop("route"), d.pop("merge_method")
         return d
@@ -161,7 +166,11 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
         plan_doc = {"keep": {str(l): v for l, v in keep_map.items()}, "rule": "given"}
     pruned, record = pruned_copy(ctx, model, keep_map)
     initial = evaluate_task(pruned, tok, t, limit=eval_limit, batch_size=32, baseline=False)
-    del pruned   # under a cap, its folder goes before the curves write theirs
+    if record.get("method") == "streaming":   # under a cap: its folders go before the curves write theirs
+        import gc
+
+        del pruned
+        gc.collect()   # accelerate's hooks keep the model in reference cycles
     return {"full": full_result, "full_score": full, "plan": plan_doc, "record": record,
             "reduction": reduction(adapter, keep_map), "initial": initial.to_dict()}
 
@@ -191,7 +200,8 @@ def _prepare_merged(model, tok, t, adapter, *, keep: int, method: str, samples: 
 
 def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed: int, budgets: list[int],
               pool_size: int, eval_limit: int, full_score: float | None, finetune: dict[str, Any],
-              initial: dict[str, Any] | None = None, merge: dict[str, Any] | None = None) -> dict[str, Any]:
+              initial: dict[str, Any] | None = None, merge: dict[str, Any] | None = None,
+              traced: bool = True) -> dict[str, Any]:
     """One active-learning re-alignment of ``task`` on the model pruned to ``keep`` (with ``merge``:
     merged by that plan, ``keep`` its centres)."""
     from moeguard.models.adapter import MoEAdapter
@@ -224,19 +234,19 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
         shares = orphan_shares(model, tok, t, plan, MoEAdapter(model).num_experts)
         share = lambda: shares(pool)  # noqa: E731
     start = TaskResult(**initial) if initial is not None else None
-    capped = offloaded(model)
     # a fingerprint reads every expert's weights, and tracing the re-aligned model would fold its
     # adapters into base weights that are on disk: under a cap the curves are not traced
-    after = None if capped else tracer(model, tok, plan, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype]))
+    traced = traced and not offloaded(model)
+    after = tracer(model, tok, plan, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype])) if traced else None
     curve, _ = run_active_learning(pruned, tok, t, al, pool=pool, orphan_share=share, full_score=full_score,
                                    initial=start, after=after)
-    if capped:
-        curve["after"] = {"trace": None, "trace_skipped": OFFLOADED_TRACE}
+    if not traced:
+        curve["after"] = {"trace": None, "trace_skipped": CAPPED_TRACE}
     return curve
 
 
-OFFLOADED_TRACE = ("the model is offloaded (max_memory): tracing reads every expert's weights and would fold "
-                   "the adapters into weights on disk")
+CAPPED_TRACE = ("the model is offloaded (max_memory): tracing reads every expert's weights and would fold "
+                "the adapters into weights on disk")
 
 
 def pruned_copy(ctx, model, plan: dict[int, list[int]]):
@@ -289,7 +299,8 @@ class RecoveryStudy:
         jobs = [Job(stage="recovery", name=f"{cfg.task}{tag} {s} seed {seed}", fn="moeguard.studies.recovery:curve_job",
                     args={"task": cfg.task, "keep": prep["plan"]["keep"], "strategy": s, "seed": seed,
                           "budgets": list(cfg.budgets), "pool_size": cfg.pool_size, "eval_limit": cfg.eval_limit,
-                          "full_score": prep["full_score"], "finetune": finetune, "initial": prep["initial"], **merge})
+                          "full_score": prep["full_score"], "finetune": finetune, "initial": prep["initial"], **merge,
+                          **({} if cfg.traced else {"traced": False})})
                 for seed in seeds_of(cfg) for s in cfg.strategies]
         yield Phase("curves", jobs, label=f"recovery {cfg.task}{tag}")
 
