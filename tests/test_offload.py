@@ -157,9 +157,9 @@ def test_an_audit_under_a_cap_gives_the_numbers_of_an_uncapped_one_and_refuses_i
             (["--scan"], ("with the scan stage(s)", "leave out --defense, --hardened and --scan")),
             (["--no-recovery", "--defense", "entangle"], ("with the defense stage(s)",)),
             (["--recovery-mode", "full"], ("recovery mode 'full', which trains weights that are offloaded",
-                                           "add --recovery-mode lora")),
+                                           "use --recovery-mode lora", "or --no-recovery")),
             (["--recovery-mode", "lora", "--route", "prune,merge"], ("recovery on the merge route",
-                                                                     "use --route prune"))):
+                                                                     "use --route prune, or --no-recovery"))):
         assert main(["audit", "--out", str(tmp_path / "c"), "--max-memory", "4MiB", *args[:-3], *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and all(n in err for n in needles), (extra, err)
@@ -334,3 +334,42 @@ def test_a_failed_lora_setup_over_offloaded_weights_gives_the_model_back(pair, m
     finally:
         for n, p in off.named_parameters():
             p.requires_grad_(before[n])
+
+
+def test_the_recovery_command_runs_under_a_cap_with_lora_and_refuses_other_modes(tmp_path, capsys):
+    from moeguard.audit.run import numbers_only
+
+    args = ["recovery", "--task", "arith-compare", "--keep", "2", "--strategies", "random", "--budgets", "4,8",
+            "--seeds", "1", "--pool-size", "16", "--eval-limit", "16", "--samples", "8", "--method", "frequency",
+            "--min-steps", "2", "--mode", "lora"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--max-memory", "4MiB"]) == 0
+    a, b = (json.loads((tmp_path / x / "recovery.json").read_text()) for x in "ab")
+    assert a["detectability"]["verdict"] == "derived" and "offloaded (max_memory)" in b["detectability"]["skipped"]
+    assert b["record"].pop("method") == "streaming" and b["settings"].pop("traced") is False
+    assert b["run"]["settings"]["max_memory"] == 4 * 2**20
+    for doc in (a, b):
+        doc.pop("detectability"), doc.pop("run", None)
+        for c in doc["curves"]:
+            c.pop("after")
+    assert numbers_only(a) == numbers_only(b)
+    capsys.readouterr()
+    for extra, needle in ((["--mode", "full"], "recovery mode 'full', which trains weights that are offloaded"),
+                          (["--route", "merge"], "recovery on the merge route")):
+        assert main([*args, *extra, "--out", str(tmp_path / "c"), "--max-memory", "4MiB"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+        assert not (tmp_path / "c").exists()
+
+
+def test_parameter_counts_under_a_cap_count_tied_embeddings_once(pair):
+    # accelerate's offload unties lm_head from the embeddings; the counts (info, the sweep's and the
+    # recovery's reduction) are the in-memory model's all the same
+    from moeguard.models.adapter import MoEAdapter
+
+    full, off, _ = pair
+    with torch.no_grad():   # the offload hooks untie them when they first run
+        off(input_ids=torch.tensor([[5, 6, 7]]))
+    assert full.lm_head.weight is full.get_input_embeddings().weight
+    assert off.lm_head.weight is not off.get_input_embeddings().weight
+    assert MoEAdapter(off).parameter_counts() == MoEAdapter(full).parameter_counts()

@@ -138,14 +138,11 @@ def check(cfg: AuditConfig) -> None:
                                 f"the model or a copy of it in memory",
                                 hint="leave out --defense, --hardened and --scan to audit a model larger than memory; "
                                 "run those stages where the model fits")
-        if cfg.recovery and cfg.recovery_mode != "lora":
-            # full, router and experts train base weights, which accelerate cannot update on disk
-            raise MoeguardError(f"max_memory {cfg.max_memory} is set with recovery mode '{cfg.recovery_mode}', which "
-                                "trains weights that are offloaded to disk",
-                                hint="add --recovery-mode lora (its adapters train in memory), or --no-recovery")
-        if cfg.recovery and "merge" in cfg.routes:
-            raise MoeguardError(f"max_memory {cfg.max_memory} is set with recovery on the merge route, which merges "
-                                "the model in memory", hint="use --route prune, or --no-recovery")
+        if cfg.recovery:
+            from moeguard.studies.recovery import check_capped
+
+            check_capped(cfg.max_memory, mode=cfg.recovery_mode, merge="merge" in cfg.routes,
+                         mode_flag="--recovery-mode", otherwise=", or --no-recovery")
     if "random" not in cfg.strategies:
         raise MoeguardError(f"strategies {cfg.strategies} lack 'random', the baseline every strategy is compared with",
                             hint="add random, e.g. --strategies random,orphan")

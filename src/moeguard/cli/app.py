@@ -112,13 +112,14 @@ def _config_command(params: Callable[[], list]):
 
 
 def _run_study(out: Path, overwrite: bool, settings: dict, model, study, cfg, write, *, backend: str = "local",
-               ray_address: str | None = None, tasks=()) -> dict:
+               ray_address: str | None = None, tasks=(), max_memory: int | None = None) -> dict:
     """:func:`moeguard.studies.run_to_dir` with the command's progress bar."""
     from moeguard.studies import run_to_dir
 
     with _progress() as progress:
         return run_to_dir(study, cfg, out=out, model=model, settings=settings, write=write, backend=backend,
-                          ray_address=ray_address, tasks=tasks, overwrite=overwrite, progress=progress)
+                          ray_address=ray_address, tasks=tasks, overwrite=overwrite, progress=progress,
+                          max_memory=max_memory)
 
 
 def _param(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:

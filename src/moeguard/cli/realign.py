@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import (OverwriteOpt, SeedOpt, _config_command, _console, _names, _progress, _run, _run_study,
-                              _seed, app)
+from moeguard.cli.app import (MaxMemoryOpt, OverwriteOpt, SeedOpt, _config_command, _console, _names, _progress, _run,
+                              _run_study, _seed, app)
 from moeguard.errors import MoeguardError
 
 PoolOpt = Annotated[int, typer.Option("--pool-size", min=1, help="unlabeled pool: this many train records")]
@@ -86,22 +86,33 @@ def _recovery_params():
             *options(RecoveryConfig, exclude=("task", "keep"), overrides={"method": {"default": None}}),
             _param("sweep", Annotated[Optional[Path], typer.Option(
                 "--sweep", help="sweep.json of `moeguard sweep`: picks the best method")], None),
-            *options(FinetuneConfig, only=["mode", "lr", "epochs", "min_steps", "batch_size"])]
+            *options(FinetuneConfig, only=["mode", "lr", "epochs", "min_steps", "batch_size"]),
+            _param("max_memory", MaxMemoryOpt, None)]
 
 
 @app.command()
 @_config_command(_recovery_params)
 def recovery(*, out: Path, model: Optional[str], backend: str, ray_address: Optional[str], overwrite: bool,
-             sweep: Optional[Path], **flags) -> None:
-    """Recovery study: labels each strategy needs to re-align a pruned task, against random."""
+             sweep: Optional[Path], max_memory: Optional[str], **flags) -> None:
+    """Recovery study: labels each strategy needs to re-align a pruned task, against random.
+
+    With --max-memory (and --mode lora), the pruned copy is streamed to disk and loaded under the
+    cap, the adapters train over its offloaded weights, and the re-aligned models are not traced."""
     from moeguard.config import build
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output, read_json
     from moeguard.realign.engine import FinetuneConfig
     from moeguard.report.recovery import recovery_table, write_recovery
-    from moeguard.studies.recovery import DEFAULT_METHOD, RecoveryConfig, RecoveryStudy, best_method, preflight
+    from moeguard.studies.recovery import (DEFAULT_METHOD, RecoveryConfig, RecoveryStudy, best_method, check_capped,
+                                           preflight)
 
     check_output(out, overwrite=overwrite)
+    cap = None
+    if max_memory is not None:
+        from moeguard.models.loading import parse_memory
+
+        cap = parse_memory(max_memory)
+        check_capped(max_memory, mode=flags["mode"], merge=flags.get("route") == "merge")
     method = flags.pop("method")
     if method is not None and sweep is not None:
         raise MoeguardError("give --method or --sweep, not both", hint="--sweep picks the method with the best AUC")
@@ -115,10 +126,11 @@ def recovery(*, out: Path, model: Optional[str], backend: str, ray_address: Opti
     ft = build(FinetuneConfig, {k: flags.pop(k) for k in ("mode", "lr", "epochs", "min_steps", "batch_size")},
                what="fine-tuning", seed=flags["seed"])
     cfg = build(RecoveryConfig, flags, what="recovery", task=the_task.name, strategies=tuple(names),
-                method=method or DEFAULT_METHOD, finetune=ft)
+                method=method or DEFAULT_METHOD, finetune=ft, traced=cap is None)
     preflight(cfg, handle)
-    doc = _run_study(out, overwrite, {"model": handle.name, **cfg.to_dict()}, handle, RecoveryStudy(), cfg,
-                     write_recovery, backend=backend, ray_address=ray_address, tasks=[the_task])
+    settings = {"model": handle.name, **cfg.to_dict(), **({"max_memory": cap} if cap is not None else {})}
+    doc = _run_study(out, overwrite, settings, handle, RecoveryStudy(), cfg, write_recovery, backend=backend,
+                     ray_address=ray_address, tasks=[the_task], max_memory=cap)
     _console().print(recovery_table(doc))
     s = doc["summary"]
     verdict = (f"{s['saves_labels']} saves labels against random (95% interval above zero)" if s["saves_labels"]

@@ -198,6 +198,12 @@ class MoEAdapter:
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters and those active for one token (top-k of the routed experts)."""
         seen: set[int] = set()
+        # accelerate's offload unties tied embeddings (two meta tensors): the output one is not counted
+        inp, out = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        tied = getattr(self.model.config.get_text_config(), "tie_word_embeddings", False)
+        if tied and inp is not None and out is not None and getattr(out, "weight", None) is not None \
+                and out.weight is not inp.weight and out.weight.shape == inp.weight.shape:
+            seen.add(id(out.weight))
         total = 0
         for p in self.model.parameters():  # tied embeddings count once
             if id(p) not in seen:

@@ -131,6 +131,18 @@ def preflight(cfg: RecoveryConfig, model) -> None:
     label_pool(task, pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
 
 
+def check_capped(max_memory: str, *, mode: str, merge: bool, mode_flag: str = "--mode", otherwise: str = "") -> None:
+    """Recovery under a memory cap (``max_memory`` as the user wrote it) trains LoRA adapters over
+    offloaded weights on the pruning route; the rest refuses here, before any work."""
+    if mode != "lora":
+        # full, router and experts train base weights, which accelerate cannot update on disk
+        raise MoeguardError(f"max_memory {max_memory} is set with recovery mode '{mode}', which trains weights that "
+                            "are offloaded to disk", hint=f"use {mode_flag} lora (its adapters train in memory){otherwise}")
+    if merge:
+        raise MoeguardError(f"max_memory {max_memory} is set with recovery on the merge route, which merges the "
+                            "model in memory", hint=f"use --route prune{otherwise}")
+
+
 # --------------------------------------------------------------------------- jobs
 
 def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_limit: int, seed: int,
