@@ -23,7 +23,7 @@ import torch
 from _common import alternating_medians, write_result
 from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import RoutingCapture
-from moeguard.testing import TINY_FAMILY_KWARGS, tiny_model
+from moeguard.testing import TINY_FAMILY_KWARGS, model_inputs, tiny_model
 
 # The tiny test configs, scaled up so a forward does real work: every size key the family's tiny
 # config sets is raised with the hidden size (8 experts, top-2 and the layer pattern are kept).
@@ -42,6 +42,10 @@ def build(family: str):
                           attn_config=dict(kv_n_heads=SIZES["num_key_value_heads"], rope_theta=10000.0, clip_qkv=8.0),
                           ffn_config=dict(ffn_hidden_size=SCALED["moe_intermediate_size"], moe_num_experts=8,
                                           moe_top_k=2, moe_normalize_expert_weights=1.0))
+    if family == "switch_transformers":   # T5-style sizes; Switch's default capacity of 64 tokens per expert
+        return tiny_model(family, vocab_size=SIZES["vocab_size"], d_model=SIZES["hidden_size"],
+                          d_ff=SIZES["intermediate_size"], num_heads=SIZES["num_attention_heads"],
+                          d_kv=SIZES["head_dim"], expert_capacity=64)
     over = dict(SIZES, **{k: v for k, v in SCALED.items() if k in TINY_FAMILY_KWARGS[family]})
     if "kv_lora_rank" in TINY_FAMILY_KWARGS[family]:   # multi-head latent attention: one kv head per head
         over.update(num_key_value_heads=over["num_attention_heads"], head_dim=SCALED["qk_rope_head_dim"])
@@ -66,8 +70,10 @@ def main() -> None:
         try:
             model = build(family)
 
-            def fwd(model=model):
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            inputs = model_inputs(model, ids, mask)   # an encoder-decoder runs both stacks
+
+            def fwd(model=model, inputs=inputs):
+                model(**inputs, use_cache=False)
 
             with torch.no_grad():
                 for _ in range(2):

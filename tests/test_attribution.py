@@ -11,11 +11,10 @@ from moeguard.attribution.replay import replay
 from moeguard.attribution.run import score
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import capture_inputs, mask_experts
 from moeguard.tasks.batches import IGNORE, Batch, token_nll
 from moeguard.tasks.registry import get_task
-from moeguard.testing import tiny_model
+from moeguard.testing import causal_families, tiny_model
 
 ALL_METHODS = sorted(m.name for m in list_methods())
 
@@ -49,7 +48,7 @@ def _loss(model, batches) -> float:
     return total / n
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=causal_families())
 def fam_model(request):
     return request.param, tiny_model(request.param)
 

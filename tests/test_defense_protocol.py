@@ -11,9 +11,8 @@ from moeguard.defense.protocol import Protocol
 from moeguard.errors import MoeguardError
 from moeguard.realign.engine import FinetuneConfig
 from moeguard.realign.modes import apply_mode
-from moeguard.testing import tiny_model
+from moeguard.testing import causal_families, tiny_model
 
-from moeguard.models.families import FAMILIES  # noqa: E402
 
 ATTN = ("*.self_attn.*",)
 
@@ -35,7 +34,7 @@ def test_protocol_round_trips_and_rejects_bad_files(tmp_path):
         p.check_mode("full")
 
 
-@pytest.mark.parametrize("family", FAMILIES.names())
+@pytest.mark.parametrize("family", causal_families())
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_a_protocol_restricts_every_mode_to_the_authorized_parameters(family, mode):
     model = tiny_model(family)

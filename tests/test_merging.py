@@ -14,14 +14,14 @@ from moeguard.attribution.base import Scores
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.families import FAMILIES, experts_first
+from moeguard.models.families import experts_first
 from moeguard.models.prune import prune_model
 from moeguard.pruning.merging.base import MERGE_METHODS
 from moeguard.pruning.merging.calibrate import LayerProfile, calibrate
 from moeguard.pruning.merging.merge import merge_model, prepare
 from moeguard.pruning.merging.operation import merge_experts
 from moeguard.tasks.batches import Batch
-from moeguard.testing import checkpoint_tensors, tiny_model
+from moeguard.testing import causal_families, checkpoint_tensors, tiny_model
 
 # centre first; within halves 0-3 and 4-7, so group-limited routers (DeepSeek's n_group=2) can express it
 CLUSTERS = [[0, 1], [2, 3], [5, 4], [7, 6]]
@@ -50,7 +50,7 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("fam", sorted(FAMILIES))
+@pytest.mark.parametrize("fam", causal_families())
 def test_every_family_merges_each_tensor_to_its_weighted_average(fam):
     model = tiny_model(fam)
     before = _state(model)
@@ -245,7 +245,7 @@ def test_cli_merge_writes_a_checkpoint_vanilla_transformers_loads(tmp_path, caps
     assert len(err.strip().splitlines()) == 1 and "already exists" in err and "--overwrite" in err
 
 
-@pytest.mark.parametrize("fam", sorted(FAMILIES))
+@pytest.mark.parametrize("fam", causal_families())
 def test_streamed_merge_equals_the_in_memory_merge_on_every_family(fam, tmp_path):
     from moeguard.edge import resolve_model
     from moeguard.pruning.merging.write import write_merged

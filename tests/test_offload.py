@@ -15,10 +15,9 @@ from moeguard.attribution.run import make_context, score
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import mask_experts
 from moeguard.models.loading import load_model, parse_memory
-from moeguard.testing import tiny_model
+from moeguard.testing import causal_families, tiny_model
 
 EMBEDDED_BYTES = 15_000_000   # the embedded model in float32, about 15.6 MB
 
@@ -96,7 +95,7 @@ _OFFLOAD_BROKEN = {
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(
     strict=True, raises=NotImplementedError, reason=_OFFLOAD_BROKEN[f]))
-    if f in _OFFLOAD_BROKEN else f for f in sorted(FAMILIES)])
+    if f in _OFFLOAD_BROKEN else f for f in causal_families()])
 def test_masked_routing_runs_inside_accelerates_hooks_on_every_family(family, tmp_path):
     # the masked router replaces the router's forward: offloaded, it must run where the hook has
     # put the weights in place (it used to read "meta")

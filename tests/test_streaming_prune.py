@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.families import FAMILIES
+from moeguard.models.loading import model_class
 from moeguard.models.prune import prune_model
 from moeguard.pruning.checkpoint import INDEX_NAME, RECORD_NAME, plan_tensors, prune_checkpoint
-from moeguard.testing import checkpoint_tensors, tiny_model
+from moeguard.testing import checkpoint_tensors, model_inputs, tiny_model
 
 KEPT = [0, 2, 5, 7]
 
@@ -109,11 +110,17 @@ def test_streaming_equals_in_memory(fam, saved):
 
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = pruned(ids).logits
+        want = pruned(**model_inputs(pruned, ids)).logits
         for out in ("stream", "stream_sh"):
-            loaded = AutoModelForCausalLM.from_pretrained(root / out).eval()
+            loaded = model_class(pruned.config).from_pretrained(root / out).eval()
             assert MoEAdapter(loaded).num_experts == 4
-            assert torch.equal(loaded(ids).logits, want)
+            got = loaded(**model_inputs(loaded, ids)).logits
+            if MoEAdapter(loaded).family.expert_layout == "modules":
+                # one nn.Linear per expert on a few rows: memory-mapped weights take other BLAS paths than
+                # in-memory copies of the same values (1e-6 apart; cloning them gives torch.equal)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("fam", sorted(FAMILIES))

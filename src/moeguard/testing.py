@@ -3,7 +3,7 @@ and benchmarks (not used by the runtime package)."""
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 _COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, head_dim=8,
@@ -96,9 +96,14 @@ TINY_FAMILY_KWARGS: dict[str, dict] = {
     "dbrx": dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=128,
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
+    # encoder-decoder: 2 encoder and 2 decoder blocks, every one sparse; a capacity of 2 tokens per
+    # expert and sequence, so a batch of a few dozen tokens drops some (the rule route() must follow)
+    "switch_transformers": dict(d_model=32, d_ff=32, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+                                num_experts=8, encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=2,
+                                relative_attention_num_buckets=8, decoder_start_token_id=0, dropout_rate=0.0),
 }
 # families whose configs name their sizes themselves (no hidden_size, num_hidden_layers... keywords)
-_OWN_SIZES = {"dbrx"}
+_OWN_SIZES = {"dbrx", "switch_transformers"}
 
 
 def tiny_config(family: str, **overrides):
@@ -115,14 +120,18 @@ def tiny_model(family: str, *, seed: int = 0, **overrides):
     """A randomly initialized tiny model whose routers are not degenerate."""
     import torch
 
+    from moeguard.models.loading import model_class
+
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    config = tiny_config(family, **overrides)
+    model = model_class(config).from_config(config)   # the causal LM, or Switch's seq2seq LM
     # Some families init routers to zeros (all experts tie); spread them so routing is informative.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 1 and p.abs().sum() == 0 and "norm" not in name:
                 p.normal_(0, 0.5)
-            elif name.endswith(("router.weight", "gate.weight", "gate.wg.weight", "router.layer.weight")) and p.dim() == 2:
+            elif name.endswith(("router.weight", "gate.weight", "gate.wg.weight", "router.layer.weight",
+                                "router.classifier.weight")) and p.dim() == 2:
                 p.normal_(0, 0.5)
         # selection biases start at 0 (buffers); trained ones are not, and routing must honour them
         from moeguard.models.adapter import MoEAdapter
@@ -199,4 +208,30 @@ def as_loaded_in(model, dtype):
     out = copy.deepcopy(model).to(dtype)
     # the instance's strict list (merged from its submodules); the plain one applies to fp16 only
     keep_fp32_as_loaded(out, model, getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return out
+
+
+def causal_families() -> list[str]:
+    """The registered families whose tasks run (decoder-only causal LMs), sorted: the matrix rows that
+    score a task (attribution, fine-tuning, defenses, merging, offload). Encoder-decoder families run
+    the model-level rows in ``tests/test_encoder_decoder.py``; their tasks (the seq2seq head) are not built."""
+    from moeguard.models.families import FAMILIES
+
+    return sorted(n for n in FAMILIES.names() if not FAMILIES.get(n).encoder_decoder)
+
+
+def model_inputs(model, ids, mask=None) -> dict:
+    """Keyword inputs that run every layer of ``model`` on token rows ``ids``: an encoder-decoder
+    reads them in both stacks (its decoder from the start token)."""
+    import torch
+
+    from moeguard.tasks.tokens import decoder_start
+
+    out = {"input_ids": ids, **({"attention_mask": mask} if mask is not None else {})}
+    first = decoder_start(model)
+    if first is not None:
+        start = torch.full_like(ids[:, :1], first)
+        out["decoder_input_ids"] = torch.cat([start, ids[:, :-1]], dim=1)
+        if mask is not None:
+            out["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
     return out

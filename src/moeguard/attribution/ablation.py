@@ -15,7 +15,9 @@ from moeguard.models.hooks import capture_inputs, drop_one_per_chunk, last_hidde
 
 
 @register_method("ablation", "exact increase of the mean target NLL when the expert is masked (its tokens re-routed)",
-                 comparable_across_layers=True)
+                 comparable_across_layers=True,
+                 causal_only="replays the decoder layers after each masked one from their cached inputs, which an "
+                             "encoder-decoder's cross-attention does not allow")
 def ablation(ctx) -> MethodOutput:
     return MethodOutput(scores=exact_deltas(ctx) / max(1, ctx.n_targets), tokens=ctx.n_targets)
 

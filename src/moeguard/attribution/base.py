@@ -105,6 +105,8 @@ class Method:
     description: str
     needs_reference: bool = False
     comparable_across_layers: bool = False
+    # why the method cannot score an encoder-decoder (Switch), or None when it can
+    causal_only: str | None = None
 
 
 # importing ``moeguard.attribution.registry`` imports every method file, which registers itself
@@ -112,15 +114,23 @@ METHODS: Registry[Method] = Registry("attribution method", loader="moeguard.attr
 
 
 def register_method(name: str, description: str, *, needs_reference: bool = False,
-                    comparable_across_layers: bool = False):
+                    comparable_across_layers: bool = False, causal_only: str | None = None):
     def wrap(fn):
-        METHODS.add(name, Method(name, fn, description, needs_reference, comparable_across_layers))
+        METHODS.add(name, Method(name, fn, description, needs_reference, comparable_across_layers, causal_only))
         return fn
     return wrap
 
 
 def get_method(name: str) -> Method:
     return METHODS.get(name)
+
+
+def check_method_runs(method: Method, family) -> None:
+    """Refuse, before any weights load, a method that cannot score this family's models."""
+    if family.encoder_decoder and method.causal_only:
+        able = ", ".join(m.name for m in list_methods() if not m.causal_only)
+        raise MoeguardError(f"method '{method.name}' does not score encoder-decoders ({family.name}): it {method.causal_only}",
+                            hint=f"use one of {able}")
 
 
 def list_methods() -> list[Method]:

@@ -42,7 +42,7 @@ class Context:
             with torch.no_grad(), RoutingCapture(self.model, norms=norms, adapter=self.adapter) as cap:
                 for b in self.track(batches, "routing capture"):
                     b = b.to(self.device)
-                    self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+                    self.model(**b.inputs(), use_cache=False)
             self.cache[key] = cap.stats
             if norms:  # norms=True records everything the plain capture does
                 self.cache.setdefault(f"stats:{'ref' if reference else 'task'}:False", cap.stats)

@@ -142,7 +142,8 @@ class _FastError:
 
 
 @register_method("reconstruction", "mean squared error of the layer output when the expert is dropped; "
-                 "best kept subsets searched exhaustively (greedily when too many)")
+                 "best kept subsets searched exhaustively (greedily when too many)",
+                 causal_only="runs every expert on every token through fused expert tensors, which one module per expert lacks")
 def reconstruction(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model
     max_subsets = int(ctx.options.get("max_subsets", 256))

@@ -7,12 +7,13 @@ from typing import Any, Sequence
 
 import torch
 
-from moeguard.attribution.base import Scores, get_method
+from moeguard.attribution.base import Scores, check_method_runs, get_method
 from moeguard.attribution.context import Context
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.tasks.batches import calibration_batches
 from moeguard.tasks.registry import embedded_tasks, get_task
+from moeguard.tasks.tokens import decoder_start
 
 
 def default_reference(task_name: str) -> list[str]:
@@ -24,12 +25,15 @@ def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int =
                  reference: Sequence[str] | None = None, progress: Any = None,
                  options: dict[str, Any] | None = None) -> Context:
     task = get_task(task)
-    batches = calibration_batches(tokenizer, task, samples=samples, batch_size=batch_size, seed=seed)
+    start = decoder_start(model)   # an encoder-decoder: its batches split into encoder and decoder rows
+    batches = calibration_batches(tokenizer, task, samples=samples, batch_size=batch_size, seed=seed,
+                                  decoder_start=start)
     ref_batches = []
     names = list(reference) if reference is not None else default_reference(task.name)
     per = max(1, samples // max(1, len(names))) if names else 0
     for name in names:
-        ref_batches += calibration_batches(tokenizer, name, samples=per, batch_size=batch_size, seed=seed)
+        ref_batches += calibration_batches(tokenizer, name, samples=per, batch_size=batch_size, seed=seed,
+                                           decoder_start=start)
     return Context(model=model, tokenizer=tokenizer, adapter=MoEAdapter(model), task=task, batches=batches,
                    reference=ref_batches, seed=seed, progress=progress, options=dict(options or {}))
 
@@ -37,6 +41,7 @@ def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int =
 def score(ctx: Context, method: str) -> Scores:
     """Run ``method`` on the context's task; the model is left exactly as it was."""
     m = get_method(method)
+    check_method_runs(m, ctx.adapter.family)
     if m.needs_reference and not ctx.reference:
         raise MoeguardError(f"method '{method}' needs a reference corpus and none was given",
                             hint="pass --reference with one or more task names")

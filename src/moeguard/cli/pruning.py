@@ -23,7 +23,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
               batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
               max_memory: MaxMemoryOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Score every (layer, expert) for a task with one method; higher = more important."""
-    from moeguard.attribution.base import get_method
+    from moeguard.attribution.base import check_method_runs, get_method
     from moeguard.attribution.run import make_context, score
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output, write_json
@@ -31,11 +31,12 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     from moeguard.report.tables import scores_table
 
     check_output(out, overwrite=overwrite)
-    get_method(method)
+    the_method = get_method(method)
     cap = parse_memory(max_memory) if max_memory is not None else None
     refs = _names(reference, "--reference") if reference is not None else None
     resolve_tasks([task, *(refs or [])], what="--task")  # unreadable data fails before any weights load
-    handle = resolve_model(model)
+    handle = resolve_model(model, tasks=False)   # an encoder-decoder scores through its seq2seq head
+    check_method_runs(the_method, handle.family)
     _seed(seed)
     m, tokenizer, ref = handle.load(max_memory=cap)
     with _progress() as progress:
@@ -82,7 +83,8 @@ def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     from moeguard.pruning.plan import plan_for
 
     check_output(out, overwrite=overwrite)
-    the_plan = plan_for(resolve_model(model), scores=scores, plan=plan, keep=keep, keep_ratio=keep_ratio, budget=budget)
+    the_plan = plan_for(resolve_model(model, tasks=False), scores=scores, plan=plan, keep=keep, keep_ratio=keep_ratio,
+                        budget=budget)
     if plan_only:
         write_json(out, the_plan.to_dict(), overwrite=overwrite)
         typer.echo(f"plan ({the_plan.kept_total} experts kept, {the_plan.rule}) written to {out}")

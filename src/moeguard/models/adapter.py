@@ -29,6 +29,7 @@ class MoELayer:
     call: str = "standard"                   # FamilySpec.call: what the router returns
     route_method: str | None = None          # FamilySpec.route_method: the block's logits -> (weights, index)
     blocked: bool = False                    # FamilySpec.blocked: experts as [E*I, d] blocks of rows
+    expert_module: str | None = None         # FamilySpec.expert_module when experts are modules ("modules" layout)
 
     def unpack(self, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [T, E], weights [T, k], index [T, k]) from what this layer's router returned.
@@ -38,6 +39,12 @@ class MoELayer:
             weights, index = getattr(self.block, self.route_method)(output)
             return output, weights, index
         return unpack_router_output(self.call, output, self.top_k)
+
+    def expert(self, e: int) -> nn.Module:
+        """Expert ``e``'s own module ("modules" layout only: fused experts have none)."""
+        if self.expert_module is None:
+            raise ValueError("this layer's experts are fused tensors, not modules")
+        return self.experts[self.expert_module.format(e)]
 
     # Resolved on each access, never cached: moving or re-assigning a module replaces tensors.
     @property
@@ -83,7 +90,9 @@ class MoELayer:
             seen.add(id(t))
             out.append((owner, name, t, axis))
 
-        for module in (self.router, self.experts):
+        # one module per expert: only the router's tensors have an expert axis (pruning keeps and
+        # renumbers the experts' modules instead)
+        for module in (self.router,) if self.expert_module else (self.router, self.experts):
             for owner in module.modules():
                 for store in (owner._parameters, owner._buffers):
                     for name, t in store.items():
@@ -106,7 +115,7 @@ class MoELayer:
 
 def _get_path(obj, path: str, *default):
     """``obj.a.b.c`` for ``path`` "a.b.c"; ``default`` (when given) where a part is missing or None."""
-    for part in path.split("."):
+    for part in path.split("."):   # a numeric part indexes a ModuleList (Switch's ``layer.1.mlp``)
         obj = getattr(obj, part, None) if default else getattr(obj, part)
         if obj is None and default:
             return default[0]
@@ -143,8 +152,8 @@ class MoEAdapter:
     @cached_property
     def layers(self) -> list[MoELayer]:
         out = []
-        for i, layer in enumerate(_get_path(self.model, self.family.layers_path)):
-            block = next((getattr(layer, a) for a in self.family.block_attrs if hasattr(layer, a)), None)
+        for i, layer in enumerate(self.decoder_layers):
+            block = next((b for b in (_get_path(layer, a, None) for a in self.family.block_attrs) if b is not None), None)
             router = getattr(block, self.family.router_attr, None) if block is not None else None
             experts = getattr(block, self.family.experts_attr, None) if block is not None else None
             if router is None or experts is None:
@@ -152,11 +161,12 @@ class MoEAdapter:
             shared = tuple(m for m in (_shared(block, layer, a) for a in self.family.shared_attrs) if m is not None)
             weight = _get_path(router, self.family.router_weight_attr)
             out.append(MoELayer(index=i, block=block, router=router, experts=experts, shared=shared,
-                                num_experts=int(weight.shape[0]), top_k=int(getattr(self.moe_config, self.family.top_k_key)),
+                                num_experts=int(weight.shape[0]), top_k=self.family.top_k(self.moe_config),
                                 router_weight_attr=self.family.router_weight_attr,
                                 correction_bias_path=self.family.routing.correction_bias,
                                 call=self.family.call, route_method=self.family.route_method,
-                                blocked=self.family.blocked))
+                                blocked=self.family.blocked,
+                                expert_module=self.family.expert_module if self.family.expert_layout == "modules" else None))
         if not out:
             raise MoeguardError(f"model of type '{self.config.model_type}' has no sparse MoE layer",
                                 hint="check the config's expert settings (e.g. decoder_sparse_step, mlp_only_layers)")
@@ -179,8 +189,18 @@ class MoEAdapter:
 
     @cached_property
     def decoder_layers(self) -> list[nn.Module]:
-        """Every decoder layer, dense ones included, in order."""
-        return list(_get_path(self.model, self.family.layers_path))
+        """Every layer, dense ones included, in index order (an encoder-decoder's encoder layers, then
+        its decoder's)."""
+        return [layer for path in self.family.stacks for layer in _get_path(self.model, path)]
+
+    def stack_of(self, index: int) -> tuple[str, int]:
+        """(the stack's path, the layer's index within it) of layer ``index``."""
+        for path in self.family.stacks:
+            n = len(_get_path(self.model, path))
+            if index < n:
+                return path, index
+            index -= n
+        raise IndexError(index)
 
     @cached_property
     def vocab_size(self) -> int:
@@ -218,9 +238,15 @@ class MoEAdapter:
         counts = self.parameter_counts()
         shared = [{"layer": l.index, "modules": list(self.family.shared_attrs), "params": l.shared_param_count()}
                   for l in self.layers if l.shared]
+        stacks = {}
+        if self.family.encoder_decoder:   # which stack each index is in (indices run on across stacks)
+            for l in self.layers:
+                path, local = self.stack_of(l.index)
+                stacks.setdefault(path, []).append(local)
         return {
             "family": self.family.name,
             "model_type": self.config.model_type,
+            **({"moe_layers_per_stack": stacks} if stacks else {}),
             "num_layers": len(self.decoder_layers),
             "moe_layers": [l.index for l in self.layers],
             "experts_per_layer": {str(l.index): l.num_experts for l in self.layers},

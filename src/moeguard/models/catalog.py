@@ -26,7 +26,7 @@ def builtin_rows() -> list[dict]:
             rule = f.routing.describe(object())
         rows.append({"family": name, "model_types": list(f.model_types), "block": "|".join(f.block_attrs),
                      "router": f"{f.router_attr}.{f.router_weight_attr}", "count_key": f.config_key(f.num_experts_key),
-                     "top_k_key": f.config_key(f.top_k_key), "shared": list(f.shared_attrs), "routing": rule})
+                     "top_k_key": f.config_key(f.top_k_key) if f.top_k_key else f"fixed: {f.fixed_top_k}", "shared": list(f.shared_attrs), "routing": rule})
     return rows
 
 

@@ -64,6 +64,10 @@ class RoutingSpec:
     group_method_key: str | None = None   # DeepSeek-V2: groups apply only when config.topk_method says so
     group_method: str = ""
     sorted_choice: bool = False
+    # Capacity-limited routing (Switch Transformers): each expert takes at most config[capacity_key]
+    # tokens of a sequence, in token order; a token past its expert's capacity is dropped (no expert
+    # output, the residual passes it on), which route() reports as weight 0 in its slot
+    capacity_key: str | None = None
 
     def groups_on(self, config) -> bool:
         """Whether this config routes group-limited (DeepSeek-V2's greedy mode does not)."""
@@ -89,6 +93,9 @@ class RoutingSpec:
                          f"top {getattr(config, self.topk_group_key, 1)} groups)")
         if self.correction_bias:
             parts.append("score-correction bias for selection")
+        if self.capacity_key:
+            parts.append(f"capacity {getattr(config, self.capacity_key, None)} tokens per expert and sequence, "
+                         "the rest dropped")
         if self.scaling_key and getattr(config, self.scaling_key, 1.0) != 1.0:
             parts.append(f"scaled by {getattr(config, self.scaling_key)}")
         return ", ".join(p for p in parts if p)
@@ -112,6 +119,8 @@ class DiskLayout:
     per_expert: re.Pattern = re.compile(r"^experts\.(\d+)\.(.+)$")
     # fused tensors may hold E blocks of rows on dim 0 ([E*I, d], DBRX), not E rows
     blocked: bool = False
+    # the module name of expert e (what ``per_expert`` matches): renumbered kept experts are written so
+    per_expert_name: str = "experts.{}"
 
     @classmethod
     def union(cls, layouts: Iterable["DiskLayout"]) -> "DiskLayout":
@@ -122,7 +131,7 @@ class DiskLayout:
             raise ValueError(f"layouts disagree on the per-expert key pattern: {sorted(patterns)}")
         return cls(**{f: _unique(n for l in layouts for n in getattr(l, f))
                       for f in ("block_names", "router_modules", "expert_modules", "shared_modules")},
-                   per_expert=layouts[0].per_expert)
+                   per_expert=layouts[0].per_expert, per_expert_name=layouts[0].per_expert_name)
 
 
 def expert_axis(shape: tuple[int, ...], num_experts: int, *, blocked: bool = False) -> int | None:
@@ -167,7 +176,13 @@ class FamilySpec:
     routing: RoutingSpec
     num_experts_key: str                  # config key counting routed experts
     experts_attr: str = "experts"
-    top_k_key: str = "num_experts_per_tok"
+    # config key of the experts each token takes; None: the router's fixed rule takes ``fixed_top_k``
+    # (Switch Transformers routes top-1 and has no key)
+    top_k_key: str | None = "num_experts_per_tok"
+    fixed_top_k: int = 1
+    # Further stacks of layers after ``layers_path`` (an encoder-decoder's decoder: "decoder.block").
+    # Layer indices run on across stacks (encoder 0..n-1, decoder n..), in keep maps and reports alike.
+    more_layers_paths: tuple[str, ...] = ()
     shared_attrs: tuple[str, ...] = ()    # always-on experts beside the routed ones (in the block, or on the layer)
     layers_path: str = "model.layers"
     min_experts: int = 1                  # fewest experts a valid router of this family accepts
@@ -190,13 +205,20 @@ class FamilySpec:
     # "gate_up_t" = Llama-4's [E, d, 2I] (gate columns, then up) and [E, I, d];
     # "blocked" = DBRX's three [E*I, d] tensors under ``experts.mlp``: w1 (gate), v1 (up) and w2
     # (down, transposed), expert e in rows e*I..(e+1)*I-1 (:func:`experts_first` views them [E, I, d]).
+    # "modules" = one module per expert in a ModuleDict, named ``expert_module.format(e)`` (Switch
+    # Transformers' ``expert_{e}`` with wi [I, d] and wo [d, I]), in memory and on disk: pruning keeps
+    # and renumbers modules instead of cutting tensors.
     expert_layout: str = "gate_up"
+    expert_module: str = "expert_{}"
     # How the block calls its router and experts. "standard": the router returns (logits, weights,
     # index) and the experts are called as experts(hidden, index, weights), scaling their outputs.
     # "scaled_input" (Llama-4): the router returns (scores [T, E], logits), zero for experts not
     # chosen, and every expert runs on every token's input scaled by its score (experts([E*T, d])).
     # "logits" (DBRX): the router returns its logits [T, E] only; the block's own ``route_method``
     # turns them into (weights, index), and the experts are called as in "standard".
+    # "dispatch" (Switch Transformers): the router takes [B, S, d] and returns (dispatch [B, S, E],
+    # one-hot with capacity-dropped tokens all zero; probabilities [B, S, 1] of the chosen expert;
+    # logits [B, S, E]); the experts are called as experts(hidden [T, d], dispatch [T, 1, E], probs [T, 1]).
     call: str = "standard"
     route_method: str | None = None
     # The sub-config holding the MoE keys (expert count, top-k, routing switches) when they are not
@@ -212,6 +234,19 @@ class FamilySpec:
     disk_expert_tensors: tuple[str, ...] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
     disk_router_weight: str = "weight"
 
+    def top_k(self, config) -> int:
+        """The experts each token takes under ``config`` (the MoE config, :func:`moe_config`)."""
+        return int(getattr(config, self.top_k_key)) if self.top_k_key else self.fixed_top_k
+
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        """Every stack of layers, in index order (one for a decoder-only model)."""
+        return (self.layers_path, *self.more_layers_paths)
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return bool(self.more_layers_paths)
+
     def config_key(self, key: str) -> str:
         """``key`` as config.json nests it (DBRX: ``ffn_config.moe_top_k``), for messages and listings."""
         return f"{self.config_attr}.{key}" if self.config_attr else key
@@ -225,6 +260,11 @@ class FamilySpec:
     def disk_layers(self) -> str:
         """Where checkpoints keep the decoder layers."""
         return self.disk_layers_path or self.layers_path
+
+    @property
+    def disk_stacks(self) -> tuple[str, ...]:
+        """Where checkpoints keep each stack of layers, in index order."""
+        return (self.disk_layers, *self.more_layers_paths)
 
     def disk_name(self, name: str) -> str:
         """The on-disk name of an in-memory parameter name (they differ only in the base-model prefix)."""
@@ -241,7 +281,9 @@ class FamilySpec:
                           router_modules=_unique((self.router_attr, *self.disk_router_attrs, *block_held)),
                           expert_modules=_unique((self.experts_attr, *self.disk_expert_attrs)),
                           shared_modules=self.shared_attrs, per_expert=re.compile(self.disk_per_expert),
-                          blocked=self.blocked)
+                          blocked=self.blocked,
+                          per_expert_name=f"{self.experts_attr}.{self.expert_module}" if self.expert_layout == "modules"
+                          else "experts.{}")
 
 
 FAMILIES: Registry[FamilySpec] = Registry("model family")
@@ -406,6 +448,19 @@ register_family(FamilySpec(
     router_weight_attr="layer.weight", disk_router_weight="layer.weight", call="logits",
     route_method="route_tokens_to_experts", expert_layout="blocked",
     disk_expert_tensors=("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2")))
+
+# Switch Transformers (encoder-decoder, T5-style): a sparse feed-forward in every
+# encoder_sparse_step-th encoder block (``layer.1.mlp``) and decoder block (``layer.2.mlp``, after
+# the cross-attention); top-1 softmax routing in float32 with a per-sequence expert capacity; one
+# module per expert (``experts.expert_{e}``: wi, wo), the same names on disk
+register_family(FamilySpec(
+    name="switch_transformers", model_types=("switch_transformers",), block_attrs=("layer.2.mlp", "layer.1.mlp"),
+    router_attr="router", routing=RoutingSpec(score="softmax", weights_dtype="input", logits_fp32=True,
+                                              capacity_key="expert_capacity"),
+    num_experts_key="num_experts", top_k_key=None, layers_path="encoder.block", more_layers_paths=("decoder.block",),
+    router_weight_attr="classifier.weight", disk_router_weight="classifier.weight",
+    final_norm_path="decoder.final_layer_norm", call="dispatch", expert_layout="modules",
+    disk_per_expert=r"^experts\.expert_(\d+)\.(.+)$", disk_expert_tensors=("wi.weight", "wi.weight", "wo.weight")))
 
 # Whether commands use an inferred spec that moeguard could not verify (the CLI's
 # --trust-inferred-family sets it for one invocation; library users call trust_inferred_families).

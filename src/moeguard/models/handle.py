@@ -27,6 +27,15 @@ def check_keep(keep: int, *, num_experts: int, family: FamilySpec, top_k: int, w
     return keep
 
 
+def require_tasks(family: FamilySpec, name: str) -> None:
+    """Refuse a model whose tasks moeguard cannot score: an encoder-decoder, whose tasks would run
+    through its seq2seq head (not built; docs/families.md)."""
+    if family.encoder_decoder:
+        raise MoeguardError(f"{name} is a {family.name} encoder-decoder, and this command runs tasks through "
+                            "causal-LM heads only (the seq2seq head runs `eval` and `attribute` so far)",
+                            hint="`moeguard info`, `eval`, `attribute`, `prune` and `trace` work on it")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelHandle:
     ref: ModelRef
@@ -77,13 +86,16 @@ class ModelHandle:
         return load_model(self.arg, dtype=dtype, device_map=device_map, max_memory=max_memory)
 
 
-def resolve_model(model: str | None) -> ModelHandle:
+def resolve_model(model: str | None, *, tasks: bool = True) -> ModelHandle:
     """Inspect ``model`` (path, hub id or None for the embedded model) once: config, family and
-    the checks that need no weights."""
+    the checks that need no weights. ``tasks``: the command scores tasks on it, which an
+    encoder-decoder cannot do yet (refused here, before any weights load)."""
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import inspect, meta_model
 
     ref, config, family = inspect(model)
+    if tasks:
+        require_tasks(family, ref.name)
     info = MoEAdapter(meta_model(config), family=family).describe()
     info.update(name=ref.name, path=str(ref.path) if ref.path else None, hub_id=ref.hub_id)
     return ModelHandle(ref=ref, config=config, family=family, info=info)

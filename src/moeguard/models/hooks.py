@@ -141,6 +141,11 @@ class RoutingCapture(contextlib.AbstractContextManager):
         self._handles: list = []
         self._patched: list[tuple[nn.Module, object]] = []
         self._valid: torch.Tensor | None = None   # [B*T] bool for the current forward
+        self._valid_decoder: torch.Tensor | None = None   # an encoder-decoder's decoder tokens
+        # slot -> whether the layer is in an encoder-decoder's decoder (its tokens are the decoder's)
+        first = len(self.adapter.decoder_layers) - sum(
+            len(_get_path(model, p)) for p in self.adapter.family.more_layers_paths)
+        self._in_decoder = [l.index >= first for l in self.adapter.layers]
         self._batch_shape: tuple[int, int] | None = None
         self._sample_counts: torch.Tensor | None = None
         self._routed: dict[int, tuple] = {}
@@ -162,6 +167,12 @@ class RoutingCapture(contextlib.AbstractContextManager):
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
+        self._valid_decoder = None
+        dec = kwargs.get("decoder_input_ids")
+        if dec is not None:   # an encoder-decoder: the decoder's padding is its own mask's
+            dmask = kwargs.get("decoder_attention_mask")
+            self._valid_decoder = (dmask[:, -dec.shape[1]:].bool() if dmask is not None and dmask.dim() == 2
+                                   else torch.ones(dec.shape, dtype=torch.bool, device=dec.device)).reshape(-1)
         if ref is None:
             self._valid = None
             return
@@ -182,7 +193,11 @@ class RoutingCapture(contextlib.AbstractContextManager):
             self.stats.per_sample.extend(list(c / c.sum(dim=-1, keepdim=True).clamp_min(1)))
             self._sample_counts = None
 
-    def _valid_for(self, n: int, device) -> torch.Tensor:
+    def _valid_for(self, n: int, device, slot: int | None = None) -> torch.Tensor:
+        if slot is not None and self._in_decoder[slot]:
+            valid = self._valid_decoder
+            return valid.to(device) if valid is not None and valid.numel() == n else \
+                torch.ones(n, dtype=torch.bool, device=device)
         if self._valid is None or self._valid.numel() != n:
             return torch.ones(n, dtype=torch.bool, device=device)
         return self._valid.to(device)
@@ -197,11 +212,13 @@ class RoutingCapture(contextlib.AbstractContextManager):
             if call == "scaled_input" and self.norms:   # for the input-scaled experts patch (Llama-4)
                 self._routed[slot] = (idx.detach(), weights.detach())
             with torch.no_grad():
-                valid = self._valid_for(idx.shape[0], idx.device)
+                valid = self._valid_for(idx.shape[0], idx.device, slot)
                 sel, w = idx[valid], weights[valid].float()
                 E = stats.counts.numel()
                 stats.tokens += int(valid.sum())
-                stats.counts += torch.bincount(sel.reshape(-1), minlength=E).double().cpu()
+                # capacity-limited routing (Switch): a token dropped past capacity (weight 0) reaches no expert
+                routed = (w != 0).reshape(-1).double() if spec.capacity_key else None
+                stats.counts += torch.bincount(sel.reshape(-1), weights=routed, minlength=E).double().cpu()
                 stats.gate_mass += torch.zeros(E, device=w.device).index_add_(0, sel.reshape(-1), w.reshape(-1)).double().cpu()
                 score = (lambda x: x.sigmoid()) if spec.score == "sigmoid" else (lambda x: torch.softmax(x, dim=-1))
                 if self.norms:   # every row's raw scores at its chosen experts, for reap-raw's norms
@@ -212,13 +229,15 @@ class RoutingCapture(contextlib.AbstractContextManager):
                     probs = score(logits[valid].float())
                 stats.prob_mass += probs.sum(0).double().cpu()
                 if self.raw:
+                    raw = probs.gather(1, sel).reshape(-1)
                     stats.raw_gate_mass += torch.zeros(E, device=probs.device).index_add_(
-                        0, sel.reshape(-1), probs.gather(1, sel).reshape(-1)).double().cpu()
+                        0, sel.reshape(-1), raw if routed is None else raw * routed.to(raw)).double().cpu()
                 if self.per_sample and self._sample_counts is not None and self._batch_shape is not None:
                     B, T = self._batch_shape
                     if idx.shape[0] == B * T:
                         onehot = torch.zeros(idx.shape[0], E, device=idx.device).scatter_add_(
-                            1, idx, torch.ones_like(idx, dtype=torch.float))
+                            1, idx, torch.ones_like(idx, dtype=torch.float) if routed is None
+                            else (weights != 0).float())
                         onehot = onehot * valid[:, None]
                         self._sample_counts[:, slot] += onehot.view(B, T, E).sum(1).double().cpu()
         return hook
@@ -235,7 +254,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
             E = stats.counts.numel()
             with torch.no_grad():
                 slots = chosen_rows(out, idx, E)                                 # [T, k, d]
-                picked = slots.float().norm(dim=-1) * self._valid_for(idx.shape[0], idx.device)[:, None]
+                picked = slots.float().norm(dim=-1) * self._valid_for(idx.shape[0], idx.device, slot)[:, None]
                 add = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.reshape(-1).cpu(),
                                                                      picked.reshape(-1).double().cpu())
                 stats.norm_sum += add
@@ -244,16 +263,39 @@ class RoutingCapture(contextlib.AbstractContextManager):
             return out
         return forward
 
+    def _dispatch_experts_forward(self, slot: int):
+        """Switch: experts(hidden [T, d], dispatch [T, 1, E], probs [T, 1]), one module per expert,
+        run here expert by expert as its block does (output times probability, added per token)."""
+        stats, layer = self.stats.layers[slot], self.adapter.layers[slot]
+
+        def forward(hidden_states, dispatch, probs):
+            out = torch.zeros_like(hidden_states)
+            valid = self._valid_for(hidden_states.shape[0], hidden_states.device, slot)
+            for e in (dispatch.sum(dim=(0, 1)) > 0).nonzero().flatten().tolist():
+                tok = torch.where(dispatch[:, 0, e])[0]
+                y = layer.expert(e)(hidden_states[tok])                      # expert e's unweighted output
+                w = probs[tok, 0]
+                with torch.no_grad():
+                    norm = y.float().norm(dim=-1) * valid[tok]
+                    stats.norm_sum[e] += float(norm.sum())
+                    stats.weighted_norm_sum[e] += float((norm * w.float()).sum())
+                    stats.raw_weighted_norm_sum[e] += float((norm * self._raw[slot][tok, 0]).sum())
+                out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
+            return out
+        return forward
+
     def _experts_forward(self, slot: int, original):
         stats = self.stats.layers[slot]
         if self.adapter.family.call == "scaled_input":
             return self._scaled_experts_forward(slot, original)
+        if self.adapter.family.call == "dispatch":
+            return self._dispatch_experts_forward(slot)
 
         def forward(hidden_states, top_k_index, top_k_weights):
             shape = hidden_states.shape   # [N, d], or DBRX's [B, T, d] (its experts flatten it)
             hidden_states = hidden_states.reshape(-1, shape[-1])
             out = torch.zeros_like(hidden_states)
-            valid = self._valid_for(hidden_states.shape[0], hidden_states.device)
+            valid = self._valid_for(hidden_states.shape[0], hidden_states.device, slot)
             for e in torch.unique(top_k_index).tolist():
                 tok, pos = torch.where(top_k_index == e)
                 one_idx = torch.full((tok.numel(), 1), e, dtype=top_k_index.dtype, device=tok.device)
@@ -352,13 +394,15 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
             # *args: a router may take the block's selection bias too (MiniMax-M2, LFM2); the layer
             # reads that same tensor itself
             def forward(hidden_states, *args, _layer=layer, _kept=kept_t, _params=params):
+                lead = hidden_states.shape[:-1]   # [T], or Switch's [B, S] (capacity counts per sequence)
                 logits = router_logits(_layer, hidden_states, spec)
                 _kept = _kept.to(logits.device)
                 weights, sub_idx = route_module(_layer, logits, spec, _params, kept=_kept,
-                                                input_dtype=hidden_states.dtype)
+                                                input_dtype=hidden_states.dtype,
+                                                sequences=lead[0] if len(lead) == 2 else 1)
                 masked = torch.full_like(logits, float("-inf"))
                 masked[:, _kept] = logits[:, _kept]
-                return pack_router_output(call, masked, weights, _kept[sub_idx])
+                return pack_router_output(call, masked, weights, _kept[sub_idx], shape=lead)
 
             patched.append((router, _set_forward(router, forward, replaces=True)))
             top_ks.extend(_clamp_block_top_k(layer, params.top_k))

@@ -84,6 +84,14 @@ def infer_family(config) -> Inference:
 
 _CACHE: dict[tuple, Inference] = {}
 
+# Model types whose transformers implementation does not compute the model, checked here: auditing
+# one would measure the bug. Each says what is wrong, and goes when a locked transformers fixes it.
+UPSTREAM_BROKEN = {
+    "nllb-moe": "transformers 5.24's NllbMoeExperts picks each expert by the value of the router's 0/1 top-1 mask "
+                "(one_hot of a one-hot), not by its index: only experts 0 and 1 ever run, so the model does not "
+                "compute NLLB-MoE's top-2 mixture (tests/test_encoder_decoder.py reproduces it)",
+}
+
 
 def _infer(config) -> Inference:
     from moeguard.models.families import _BY_MODEL_TYPE
@@ -91,6 +99,8 @@ def _infer(config) -> Inference:
     model_type = getattr(config, "model_type", None)
     if model_type in _BY_MODEL_TYPE:
         return Inference(model_type, "built-in", _BY_MODEL_TYPE.get(model_type))
+    if model_type in UPSTREAM_BROKEN:
+        return Inference(model_type, "unsupported", reasons=(UPSTREAM_BROKEN[model_type],))
     try:
         model = _meta(config)
     except Exception as e:   # no model class, or the config cannot build one
@@ -103,8 +113,9 @@ def _infer(config) -> Inference:
     # the keys live in the language model's config; a wrapper (image-text-to-text) keeps its own
     # model type, so the spec is found by the checkpoint's config
     text = moe_config(config)
-    base = "" if _has_lm_class(config) else (" (read from its base model: transformers has neither a causal-LM nor an "
-                                             "image-text-to-text class for it; an encoder-decoder or a text sub-config)")
+    base = "" if _has_lm_class(config) and not getattr(config, "is_encoder_decoder", False) else (
+        " (read from its base model: transformers has neither a causal-LM nor an image-text-to-text class for it; "
+        "an encoder-decoder or a text sub-config)")
     try:
         found = _structure(model, text)
     except _NotSkeleton as e:

@@ -123,9 +123,15 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
 
     fix = f"fix {where}/config.json"
     config = moe_config(config)   # a multimodal wrapper: its language model's keys; DBRX: its ffn_config
-    count_key, top_k_key = family.config_key(family.num_experts_key), family.config_key(family.top_k_key)
-    E, k = getattr(config, family.num_experts_key, None), getattr(config, family.top_k_key, None)
-    for key, value in ((count_key, E), (top_k_key, k)):
+    count_key = family.config_key(family.num_experts_key)
+    # a fixed rule (Switch's top-1) has no top-k key to check
+    top_k_key = family.config_key(family.top_k_key) if family.top_k_key else "the router's fixed top-k"
+    E, k = getattr(config, family.num_experts_key, None), family.top_k(config) if not family.top_k_key \
+        else getattr(config, family.top_k_key, None)
+    checks = ((count_key, E), (top_k_key, k))
+    if family.routing.capacity_key:
+        checks += ((family.config_key(family.routing.capacity_key), getattr(config, family.routing.capacity_key, None)),)
+    for key, value in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MoeguardError(f"{where}: config {key} is {value!r}, expected a positive integer", hint=fix)
     if k > E:
@@ -259,16 +265,19 @@ def _get_module_tensor(module, name: str):
 
 def model_class(config, *, concrete: bool = False):
     """The transformers auto class moeguard builds ``config``'s model with (``concrete``: the
-    model class it picks): the causal LM, else the image-text-to-text model. A multimodal wrapper
+    model class it picks): the causal LM, else the image-text-to-text model, else the seq2seq LM. A multimodal wrapper
     (Qwen3-VL-MoE, GLM-4.5V, Kimi-K2.5...) has an LM head and a forward that takes text alone, so
     every text task, attribution and re-alignment runs through it unchanged; its vision tower is
     loaded and never called."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING)
 
+    # an encoder-decoder (Switch Transformers) through its seq2seq LM head
     for auto, mapping in ((AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING),
-                          (AutoModelForImageTextToText, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)):
+                          (AutoModelForImageTextToText, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING),
+                          (AutoModelForSeq2SeqLM, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING)):
         try:
             cls = mapping[type(config)]
         except KeyError:

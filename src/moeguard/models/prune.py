@@ -39,28 +39,42 @@ def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
     counts = {li: len(v) for li, v in keep.items()}
     n = max(counts.values())
     if len(set(counts.values())) > 1:
+        if family.expert_layout == "modules":
+            raise MoeguardError(
+                f"keep counts differ across layers ({counts}); {family.name} keeps one module per expert, and "
+                f"transformers builds (and initializes) {family.config_key(family.num_experts_key)} of them in every "
+                "layer", hint="keep the same number of experts in every layer for this family (--keep, not --budget)")
         if family.routing.groups_on(adapter.moe_config):
             raise MoeguardError(
                 f"keep counts differ across layers ({counts}); {family.name}'s group-limited routing needs the "
                 "same groups in every layer", hint="keep the same number of experts in every layer for this family")
         top_k = max(p.top_k for p in params.values())
         setattr(cfg, family.num_experts_key, n)
-        setattr(cfg, family.top_k_key, top_k)
+        _set_top_k(cfg, family, top_k)
         setattr(cfg, PER_LAYER_KEY, {str(li): c for li, c in sorted(counts.items())})
-        return whole, {family.num_experts_key: n, family.top_k_key: top_k, PER_LAYER_KEY: getattr(cfg, PER_LAYER_KEY)}
+        return whole, {family.num_experts_key: n, **_top_k_change(family, top_k), PER_LAYER_KEY: getattr(cfg, PER_LAYER_KEY)}
     cfg.__dict__.pop(PER_LAYER_KEY, None)  # re-pruning a budget checkpoint to a uniform plan
     first = next(iter(params.values()))
     if any(p != first for p in params.values()):
         raise MoeguardError("the kept experts give different router settings per layer (group-limited routing)",
                             hint="keep the same number of experts in each routing group of every layer")
     setattr(cfg, family.num_experts_key, n)
-    setattr(cfg, family.top_k_key, first.top_k)
-    changes = {family.num_experts_key: n, family.top_k_key: first.top_k}
+    _set_top_k(cfg, family, first.top_k)
+    changes = {family.num_experts_key: n, **_top_k_change(family, first.top_k)}
     if family.routing.groups_on(adapter.moe_config):
         setattr(cfg, family.routing.n_group_key, first.n_group)
         setattr(cfg, family.routing.topk_group_key, first.topk_group)
         changes.update({family.routing.n_group_key: first.n_group, family.routing.topk_group_key: first.topk_group})
     return whole, changes
+
+
+def _set_top_k(cfg, family, top_k: int) -> None:
+    if family.top_k_key:   # a fixed rule (Switch's top-1) has no key to write
+        setattr(cfg, family.top_k_key, top_k)
+
+
+def _top_k_change(family, top_k: int) -> dict:
+    return {family.top_k_key: top_k} if family.top_k_key else {}
 
 
 def resize_layers(model: nn.Module) -> None:
@@ -74,7 +88,7 @@ def resize_layers(model: nn.Module) -> None:
     if not per_layer:
         return
     adapter = MoEAdapter(model)
-    top_k = int(getattr(adapter.moe_config, adapter.family.top_k_key))
+    top_k = adapter.family.top_k(adapter.moe_config)
     for layer in adapter.layers:
         n = int(per_layer.get(str(layer.index), layer.num_experts))
         if n == layer.num_experts:
@@ -101,11 +115,27 @@ def _sliced_state(adapter: MoEAdapter, keep: dict[int, list[int]], *, share_unch
     copied (the caller writes every slice)."""
     model = adapter.model
     owners: dict[int, tuple[list[int], int, int, bool]] = {}
+    # "modules" layout: a kept expert's tensors move to its new number, a dropped one's go
+    renamed: dict[str, str | None] = {}
+    names = {id(m): n for n, m in model.named_modules()}
     for layer in adapter.layers:
         for _, _, t, axis in layer.expert_tensors():
             owners[id(t)] = (keep[layer.index], axis, layer.num_experts, layer.index in unfilled)
+        if layer.expert_module:
+            new_number = {e: i for i, e in enumerate(keep[layer.index])}
+            for e in range(layer.num_experts):
+                at = f"{names[id(layer.experts)]}.{layer.expert_module.format(e)}."
+                to = f"{names[id(layer.experts)]}.{layer.expert_module.format(new_number[e])}." if e in new_number else None
+                renamed[at] = to
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
+        if renamed:
+            at = next((p for p in renamed if name.startswith(p)), None)
+            if at is not None:
+                if renamed[at] is not None:
+                    kept_t = t.detach()
+                    out[renamed[at] + name[len(at):]] = kept_t if share_unchanged else kept_t.clone()
+                continue
         cut = owners.get(id(t))
         t = t.detach()
         if cut is not None:   # index_select makes a new tensor: cloning it again copied the kept experts twice

@@ -28,6 +28,7 @@ class RouterParams:
     scaling: float = 1.0
     renorm_min: float = 0.0   # ERNIE divides by max(sum, moe_norm_min)
     renorm_p: float | None = None   # DBRX divides by the k weights' p-norm
+    capacity: int | None = None     # tokens each expert takes per sequence (Switch), the rest dropped
 
 
 def pruned_router_params(family: FamilySpec, config, kept: list[int], num_experts: int) -> RouterParams:
@@ -39,7 +40,7 @@ def pruned_router_params(family: FamilySpec, config, kept: list[int], num_expert
     """
     spec = family.routing
     n = len(kept)
-    top_k = min(int(getattr(config, family.top_k_key)), n)
+    top_k = min(family.top_k(config), n)
     scaling = float(getattr(config, spec.scaling_key, 1.0)) if spec.scaling_key else 1.0
     n_group, topk_group = 1, 1
     if spec.groups_on(config):
@@ -54,9 +55,10 @@ def pruned_router_params(family: FamilySpec, config, kept: list[int], num_expert
             n_group, topk_group = 1, 1
     renorm_min = float(getattr(config, spec.renorm_min_key)) if spec.renorm_min_key else 0.0
     renorm_p = getattr(config, spec.renorm_p_key, None) if spec.renorm_p_key else None
+    capacity = int(getattr(config, spec.capacity_key)) if spec.capacity_key else None
     return RouterParams(top_k=top_k, renormalize=spec.renormalizes(config), n_group=n_group,
                         topk_group=topk_group, scaling=scaling, renorm_min=renorm_min,
-                        renorm_p=None if renorm_p is None else float(renorm_p))
+                        renorm_p=None if renorm_p is None else float(renorm_p), capacity=capacity)
 
 
 def _group_mask(scores: torch.Tensor, params: RouterParams, how: str) -> torch.Tensor:
@@ -84,13 +86,29 @@ def _renorm(w: torch.Tensor, spec: RoutingSpec, params: RouterParams) -> torch.T
     return w / (total + spec.renorm_eps) if spec.renorm_eps else w / total
 
 
+def _capacity_route(logits: torch.Tensor, params: RouterParams, out_dtype: torch.dtype,
+                    sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch Transformers' top-1 with capacity: float32 softmax cast to the router input's dtype,
+    the first best expert of each token (argmax, as its router takes it), and each expert's tokens
+    counted in sequence order within each of ``sequences`` equal runs of rows: past ``capacity``
+    a token is dropped (weight 0)."""
+    probs = F.softmax(logits.float(), dim=-1).to(out_dtype)          # [T, E]
+    idx = probs.argmax(dim=-1, keepdim=True)                         # [T, 1]
+    top = probs.gather(1, idx)
+    onehot = torch.zeros_like(logits, dtype=torch.long).scatter_(1, idx, 1)
+    rank = onehot.view(sequences, -1, onehot.shape[-1]).cumsum(dim=1).view_as(onehot).gather(1, idx)
+    return top * (rank <= params.capacity).to(top.dtype), idx
+
+
 def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
           correction_bias: torch.Tensor | None = None, training: bool = False,
-          jitter_eps: float = 0.0, input_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          jitter_eps: float = 0.0, input_dtype: torch.dtype | None = None,
+          sequences: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k weights and indices for ``logits`` [tokens, experts] (indices into these experts).
 
     ``correction_bias`` (any shape ending in the experts) moves the choice, never the weights;
-    ``input_dtype`` is the router input's dtype (ERNIE returns its weights in it)."""
+    ``input_dtype`` is the router input's dtype (ERNIE returns its weights in it); ``sequences``:
+    how many equal runs of rows (batch rows) the tokens are, for capacity-limited routing."""
     k = params.top_k
     if spec.score == "sparsemixer":
         from transformers.models.phimoe.modeling_phimoe import sparsemixer
@@ -98,6 +116,8 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
         return sparsemixer(logits, jitter_eps=jitter_eps, training=training, top_k=k)
     out_dtype = {"float32": torch.float32, "logits": logits.dtype,
                  "input": input_dtype or logits.dtype}[spec.weights_dtype]
+    if params.capacity is not None:
+        return _capacity_route(logits, params, out_dtype, sequences)
     if spec.select_on == "logits":
         if correction_bias is None:
             top, idx = torch.topk(logits, k, dim=-1)
@@ -134,8 +154,8 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
 
 
 def route_module(layer, logits: torch.Tensor, spec: RoutingSpec, params: RouterParams,
-                 kept: torch.Tensor | None = None, *, input_dtype: torch.dtype | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 kept: torch.Tensor | None = None, *, input_dtype: torch.dtype | None = None,
+                 sequences: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`route` with an MoE layer's own extras (correction bias, jitter, train mode), on the
     experts ``kept`` (a tensor of indices into ``logits``' columns) or on all of them."""
     bias = layer.correction_bias
@@ -149,7 +169,8 @@ def route_module(layer, logits: torch.Tensor, spec: RoutingSpec, params: RouterP
         bias = None if bias is None else bias[..., kept]
     router = layer.router
     return route(logits, spec, params, correction_bias=bias, training=router.training,
-                 jitter_eps=getattr(router, "router_jitter_noise", 0.0), input_dtype=input_dtype)
+                 jitter_eps=getattr(router, "router_jitter_noise", 0.0), input_dtype=input_dtype,
+                 sequences=sequences)
 
 
 def router_logits(layer, hidden: torch.Tensor, spec: RoutingSpec | None = None) -> torch.Tensor:
@@ -173,6 +194,14 @@ def unpack_router_output(call: str, output, top_k: int):
     (masked routers give -inf to dropped experts, so k is clamped to the experts left)."""
     if call == "logits":   # the triple needs the block's own routing: MoELayer.unpack has it
         raise ValueError("a router that returns logits only is unpacked by MoELayer.unpack, with its block")
+    if call == "dispatch":   # Switch: (dispatch [B, S, E], probs [B, S, 1], logits [B, S, E])
+        dispatch, probs, logits = output
+        E = logits.shape[-1]
+        logits, dispatch = logits.reshape(-1, E), dispatch.reshape(-1, E)
+        # the chosen expert as the router chose it (argmax of its probabilities, in their dtype), also
+        # for a token dropped past capacity, whose slot has weight 0
+        idx = F.softmax(logits.float(), dim=-1).to(probs.dtype).argmax(dim=-1, keepdim=True)
+        return logits, probs.reshape(-1, 1) * dispatch.sum(-1, keepdim=True).to(probs.dtype), idx
     if call != "scaled_input":
         return output[0], output[1], output[2]
     scores, logits = output[0], output[1]
@@ -181,11 +210,17 @@ def unpack_router_output(call: str, output, top_k: int):
     return logits, scores.gather(1, idx), idx
 
 
-def pack_router_output(call: str, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor):
+def pack_router_output(call: str, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
+                       shape: tuple[int, ...] | None = None):
     """What the family's router returns, from (logits, weights, index): the inverse of
-    :func:`unpack_router_output` (Llama-4's scores are 0 for experts not chosen)."""
+    :func:`unpack_router_output` (Llama-4's scores are 0 for experts not chosen). ``shape``: the
+    router input's leading dims ([B, S]), which Switch's outputs keep."""
     if call == "logits":   # DBRX: the router returns logits; its block routes them
         return logits
+    if call == "dispatch":   # a dropped token's probability is not used: its dispatch row is zero
+        dispatch = torch.zeros_like(logits, dtype=torch.long).scatter_(1, index, (weights != 0).long())
+        lead = tuple(shape) if shape is not None else (logits.shape[0],)
+        return dispatch.view(*lead, -1), weights.view(*lead, 1), logits.view(*lead, -1)
     if call != "scaled_input":
         return logits, weights, index
     return torch.zeros_like(logits).scatter_(1, index, weights.to(logits.dtype)), logits

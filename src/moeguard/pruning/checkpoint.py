@@ -210,10 +210,39 @@ def _runs(kept: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in out)
 
 
-def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: str,
+class _LayerKeys:
+    """Matches a tensor key inside a sparse block of one of the stacks: group(1) is the layer's
+    index (counted on across stacks: an encoder-decoder's decoder layers follow its encoder's),
+    group(2) the module under the block, group(3) the rest of the key."""
+
+    def __init__(self, stacks: dict[str, int], blocks: str):
+        # stacks: path -> index of its first layer
+        alternation = "|".join(re.escape(s) for s in stacks)
+        self._re = re.compile(rf"^({alternation})\.(\d+)\.(?:{blocks})\.([^.]+)(.*)$")
+        self._offset = stacks
+
+    def match(self, name: str):
+        m = self._re.match(name)
+        return None if m is None else _LayerKey(m, self._offset[m.group(1)])
+
+
+class _LayerKey:
+    def __init__(self, m: re.Match, offset: int):
+        self._m, self._offset = m, offset
+
+    def group(self, i: int) -> str:
+        return str(self._offset + int(self._m.group(2))) if i == 1 else self._m.group(i + 1)
+
+    def start(self, i: int) -> int:
+        return self._m.start(i + 1)
+
+
+def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: str | dict[str, int],
                  experts: dict[int, int], keep: dict[int, list[int]],
                  layout: DiskLayout | None = None, merge: dict[int, list] | None = None) -> list[_Tensor]:
     """Every output tensor, in source order; raises before any write when the layout is not understood.
+
+    ``layers_path``: where the layers are, or each stack's path and the index of its first layer.
 
     ``experts`` maps each MoE decoder layer to its expert count; other layers are copied.
     ``layout``: the family's module names (``FamilySpec.disk_layout()``); None for a checkpoint
@@ -221,10 +250,10 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
     (centre, members, weights) of each cluster (``operation.cluster_weights``); the centres are
     ``keep``, and each kept expert's slice becomes its cluster's weighted average.
     """
-    if layout is None:
-        layout = DiskLayout.union(f.disk_layout() for f in FAMILIES.items())
+    if layout is None:   # the decoder-only families' names (they share the per-expert key pattern)
+        layout = DiskLayout.union(f.disk_layout() for f in FAMILIES.items() if not f.encoder_decoder)
     blocks = "|".join(re.escape(b) for b in layout.block_names)
-    key_re = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.(?:{blocks})\.([^.]+)(.*)$")
+    key_re = _LayerKeys(layers_path if isinstance(layers_path, dict) else {layers_path: 0}, blocks)
     new_index = {li: {e: i for i, e in enumerate(kept)} for li, kept in keep.items()}
     found: dict[int, dict[str, set]] = {li: {"router": set(), "experts": set()} for li in experts}
     per_expert_seen: dict[tuple[int, str], set[int]] = {}
@@ -256,7 +285,7 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
                 per_expert_seen.setdefault((li, per.group(2)), set()).add(e)
                 found[li]["experts"].add(name)
                 if e in new_index[li]:
-                    out_name = name[: m.start(2)] + f"experts.{new_index[li][e]}.{per.group(2)}"
+                    out_name = name[: m.start(2)] + f"{layout.per_expert_name.format(new_index[li][e])}.{per.group(2)}"
                     if li in mixes:   # the centre's key: the weighted sum of its members' keys
                         g, w = mixes[li][e]
                         try:
@@ -407,7 +436,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     output appears only once complete; ``src`` is only read. Returns the pruning record, also
     written to ``out/moeguard_pruning.json``.
     """
-    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.adapter import MoEAdapter, _get_path
     from moeguard.models.hooks import normalize_keep
     from moeguard.models.prune import pruned_config
 
@@ -431,7 +460,11 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     adapter = MoEAdapter(meta_model(config), family=family)
     keep = normalize_keep(adapter, keep)
     new_config, changes = pruned_config(adapter, keep)
-    plan = plan_tensors(files, headers, layers_path=family.disk_layers,
+    stacks, first = {}, 0
+    for path, on_disk in zip(family.stacks, family.disk_stacks):   # each stack's first layer index
+        stacks[on_disk] = first
+        first += len(_get_path(adapter.model, path))
+    plan = plan_tensors(files, headers, layers_path=stacks,
                         experts={l.index: l.num_experts for l in adapter.layers}, keep=keep,
                         layout=family.disk_layout(), merge=merge)
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)

@@ -30,7 +30,7 @@ from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.realign.modes import Trainable, get_mode
 from moeguard.tasks.batches import Example, collate
-from moeguard.tasks.tokens import model_device
+from moeguard.tasks.tokens import decoder_start, model_device
 
 
 class TrainingDiverged(MoeguardError):
@@ -158,14 +158,14 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
     result = FinetuneResult(steps=steps, examples=len(examples), tokens=0, seconds=0.0, resumed_from=start)
     bar = progress.add_task(description, total=steps, completed=start) if progress is not None else None
     was_training = model.training
+    start_token = decoder_start(model)   # an encoder-decoder trains through its seq2seq head
     model.train()
     began = time.perf_counter()
     try:
         for step in range(start, steps):
             # models are placed when loaded (device_map through accelerate); batches follow the embeddings
-            batch = collate([examples[i] for i in order[step]], pad_id).to(device)
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                        **({"output_router_logits": True} if aux_coef else {}))
+            batch = collate([examples[i] for i in order[step]], pad_id, decoder_start=start_token).to(device)
+            out = model(**batch.inputs(), use_cache=False, **({"output_router_logits": True} if aux_coef else {}))
             loss = task_loss(out.logits, batch.labels)
             if aux_coef and getattr(out, "aux_loss", None) is not None:
                 loss = loss + aux_coef * out.aux_loss.to(loss.device)

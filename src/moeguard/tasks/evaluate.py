@@ -163,6 +163,9 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str
         ctx = ctx or [T.pad_id(tokenizer)]
         full = (ctx + cont)[-(max_length + 1):]
         items.append((full, len(cont)))
+    start = T.decoder_start(model)
+    if start is not None:
+        return _seq2seq_loglikelihoods(model, tokenizer, items, start, batch_size=batch_size, ticker=ticker)
 
     # Requests whose model input is the same token sequence share one row: a classification task's
     # single-token verbalizers all follow the same context, so its C labels cost one forward, not C
@@ -190,6 +193,35 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str
                 logp = F.log_softmax(logits[row, end - n_cont:end].float(), dim=-1)
                 target = torch.tensor(full[-n_cont:], device=logp.device)
                 scores[i] = logp.gather(-1, target[:, None]).sum().item()
+        if ticker is not None:
+            ticker.advance()
+    return scores
+
+
+def _seq2seq_loglikelihoods(model: Any, tokenizer: Any, items: list[tuple[list[int], int]], start: int, *,
+                            batch_size: int, ticker: Any) -> list[float]:
+    """An encoder-decoder scores each continuation through its seq2seq head: the encoder reads the
+    context, the decoder the continuation after its start token (each request is its own row: the
+    decoder inputs differ by continuation)."""
+    from moeguard.tasks.batches import Example, collate
+    from moeguard.tasks.kinds.base import IGNORE
+
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    scores = [0.0] * len(items)
+    device, pad = T.model_device(model), T.pad_id(tokenizer)
+    if ticker is not None:
+        ticker.start(math.ceil(len(order) / batch_size))
+    for begin in range(0, len(order), batch_size):
+        idx = order[begin:begin + batch_size]
+        rows = [Example(items[i][0], [IGNORE] * (len(items[i][0]) - items[i][1]) + items[i][0][-items[i][1]:])
+                for i in idx]
+        b = collate(rows, pad, decoder_start=start).to(device)
+        logits = model(**b.inputs()).logits   # [B, 1 + n_cont, V]: position j predicts continuation token j
+        for row, i in enumerate(idx):
+            full, n_cont = items[i]
+            logp = F.log_softmax(logits[row, :n_cont].float(), dim=-1)
+            target = torch.tensor(full[-n_cont:], device=logp.device)
+            scores[i] = logp.gather(-1, target[:, None]).sum().item()
         if ticker is not None:
             ticker.advance()
     return scores

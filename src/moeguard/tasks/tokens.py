@@ -51,6 +51,16 @@ def bos_ids(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
+def decoder_start(model) -> int | None:
+    """An encoder-decoder's decoder start token (its tasks run through the seq2seq head: the
+    encoder reads the prompt, the decoder scores the target); None for a causal LM."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    start = getattr(config, "decoder_start_token_id", None)
+    return int(start if start is not None else config.pad_token_id)
+
+
 def pad_id(tokenizer) -> int:
     """The id that pads a batch: the pad token, else EOS, else 0 (padding is always masked out)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):

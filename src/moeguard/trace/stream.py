@@ -125,9 +125,12 @@ class StreamedCheckpoint(LayerCounts):
         lay = family.disk_layout()
         names = family.disk_expert_tensors
         layers, inter = [], None
+        on_disk = dict(zip(family.stacks, family.disk_stacks))
         for l in adapter.layers:
+            stack, local = adapter.stack_of(l.index)   # an encoder-decoder's decoder layers count on from its encoder's
             layer, I = cls._find_layer(l.index, l.num_experts, family, lay.block_names, names, where, shapes,
-                                       hidden=hidden, path=r.path)
+                                       hidden=hidden, path=r.path, at=f"{on_disk[stack]}.{local}",
+                                       expert=lay.per_expert_name)
             if inter is not None and I != inter:
                 raise MoeguardError(f"{r.path}: layer {l.index}'s experts have {I} neurons, layer "
                                     f"{layers[0].index}'s {inter}", hint="trace reads models with one expert size")
@@ -141,10 +144,12 @@ class StreamedCheckpoint(LayerCounts):
                    source={"format": "safetensors", "streamed": True, "dtypes": sorted(dtypes), "quantization": None})
 
     @staticmethod
-    def _find_layer(index, E, family, blocks, names, where, shapes, *, hidden, path) -> tuple[_Layer, int]:
-        """The layer's expert tensors, with their shapes checked; returns (layer, neurons per expert)."""
+    def _find_layer(index, E, family, blocks, names, where, shapes, *, hidden, path, at: str,
+                    expert: str = "experts.{}") -> tuple[_Layer, int]:
+        """The layer's expert tensors, with their shapes checked; returns (layer, neurons per expert).
+        ``at``: the layer's key prefix on disk; ``expert``: expert e's module name under the block."""
         fix = "the checkpoint's weights do not match its config.json, or it is incomplete; re-download it"
-        prefixes = [f"{family.disk_layers}.{index}.{b}." for b in blocks]
+        prefixes = [f"{at}.{b}." for b in blocks]
         if family.expert_layout == "blocked":   # three [E*I, d] tensors under the block
             found = [p for p in prefixes if f"{p}{names[0]}" in where]
             if not found:
@@ -161,11 +166,11 @@ class StreamedCheckpoint(LayerCounts):
                                         hint=fix)
             return _Layer(index, E, [keys], fused=True), rows // E
         if len(names) == 3:
-            found = [p for p in prefixes if f"{p}experts.0.{names[0]}" in where]
+            found = [p for p in prefixes if f"{p}{expert.format(0)}.{names[0]}" in where]
             if not found:
                 raise MoeguardError(f"{path}: no expert tensors of MoE layer {index} (looked for "
-                                    f"{prefixes[0]}experts.0.{names[0]})", hint=fix)
-            keys = [tuple(f"{found[0]}experts.{e}.{n}" for n in names) for e in range(E)]
+                                    f"{prefixes[0]}{expert.format(0)}.{names[0]})", hint=fix)
+            keys = [tuple(f"{found[0]}{expert.format(e)}.{n}" for n in names) for e in range(E)]
             for ks in keys:
                 missing = [k for k in ks if k not in where]
                 if missing:

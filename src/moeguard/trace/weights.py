@@ -109,7 +109,7 @@ def split_experts(family, experts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def expert_views(family, experts):
     """(gate [E,I,d], up [E,I,d], down [E,d,I]) of one layer's fused expert module: views of its
-    own tensors (detached; no copy), in each family's layout."""
+    own tensors (detached; no copy), in each family's layout (one module per expert: stacked copies)."""
     layout = getattr(family, "expert_layout", "gate_up")
     if layout == "blocked":   # DBRX: experts.mlp.w1 (gate), v1 (up), w2 (down transposed), each [E*I, d]
         mlp, E = getattr(experts, "mlp", None), int(getattr(experts, "num_experts", 0) or 0)
@@ -118,6 +118,16 @@ def expert_views(family, experts):
                                 hint="trace supports DBRX's blocked expert layout of transformers 5; report this model")
         g, u, w2 = (getattr(mlp, n).detach().view(E, -1, getattr(mlp, n).shape[-1]) for n in ("w1", "v1", "w2"))
         return g, u, w2.transpose(1, 2)
+    if layout == "modules":   # one ungated module per expert (Switch: wi [I, d], wo [d, I]): stacked, so copies
+        import torch
+
+        count = sum(1 for n in getattr(experts, "keys", lambda: [])() if n.startswith(family.expert_module.format("")))
+        mods = [experts[family.expert_module.format(e)] for e in range(count)]
+        if not mods or any(not (hasattr(m, "wi") and hasattr(m, "wo")) for m in mods):
+            raise MoeguardError(f"the experts of family '{family.name}' are not modules with wi/wo",
+                                hint="trace supports Switch Transformers' expert modules; report this model")
+        wi = torch.stack([m.wi.weight.detach() for m in mods])
+        return wi, wi, torch.stack([m.wo.weight.detach() for m in mods])
     if layout == "up":   # ungated experts (Nemotron-H): the up projection stands in for the gate
         up, dn = getattr(experts, "up_proj", None), getattr(experts, "down_proj", None)
         if up is None or dn is None:

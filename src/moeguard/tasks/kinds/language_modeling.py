@@ -50,7 +50,8 @@ class LanguageModeling(TaskKindSpec):
         ticker.start(math.ceil(len(windows) / batch_size))
         device, pad = T.model_device(model), T.pad_id(tokenizer)
         nll, n_tokens = 0.0, 0
-        for begin in range(0, len(windows), batch_size):
+        start = T.decoder_start(model)
+        for begin in range(0, len(windows), batch_size) if start is None else ():
             ids, mask = T.pad_batch(windows[begin:begin + batch_size], pad, left=False, device=device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
@@ -59,6 +60,8 @@ class LanguageModeling(TaskKindSpec):
             nll += losses[keep].double().sum().item()
             n_tokens += int(keep.sum().item())
             ticker.advance()
+        if start is not None:   # an encoder-decoder: the same tokens predicted through the seq2seq head
+            nll, n_tokens = _seq2seq_nll(model, windows, start, pad, device, batch_size, ticker)
         metrics = lm_metrics(nll, n_tokens, reference)
         base = None
         if train is not None:
@@ -84,6 +87,24 @@ class LanguageModeling(TaskKindSpec):
 
     def input_ids(self, tokenizer, task, record):
         return (T.bos_ids(tokenizer) + T.encode(tokenizer, record["text"]))[:task.max_length]
+
+
+def _seq2seq_nll(model, windows: list[list[int]], start: int, pad: int, device, batch_size: int,
+                 ticker) -> tuple[float, int]:
+    """Summed NLL and count of every window token but the first, through an encoder-decoder's
+    seq2seq head: the encoder reads the window's first token, the decoder predicts the rest
+    (``tasks.batches.seq2seq_split``), so the tokens scored are a causal model's."""
+    from moeguard.tasks.batches import collate, token_nll
+
+    nll, n_tokens = 0.0, 0
+    for begin in range(0, len(windows), batch_size):
+        b = collate([Example(w, [IGNORE] + w[1:]) for w in windows[begin:begin + batch_size]], pad,
+                    decoder_start=start).to(device)
+        losses = token_nll(model(**b.inputs()).logits, b.labels)
+        nll += losses.double().sum().item()
+        n_tokens += b.n_targets
+        ticker.advance()
+    return nll, n_tokens
 
 
 def lm_metrics(nll: float, n_tokens: int, reference: float | None) -> dict[str, Any]:

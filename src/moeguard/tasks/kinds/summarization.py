@@ -47,13 +47,20 @@ class Summarization(TaskKindSpec):
         device, pad = T.model_device(model), T.pad_id(tokenizer)
         eos = T.eos_ids(model, tokenizer)
         config = T.generation_config(task, pad, eos, tokenizer)
+        seq2seq = T.decoder_start(model)
+        if seq2seq is not None:
+            config.decoder_start_token_id = seq2seq
         outputs = [""] * len(prompts)
         for begin in range(0, len(order), batch_size):
             idx = order[begin:begin + batch_size]
-            ids, mask = T.pad_batch([prompts[i] for i in idx], pad, left=True, device=device)
+            # a causal LM continues after the prompt (left-padded); an encoder reads it right-padded, so
+            # padding never takes a capacity-limited expert's place (Switch counts a sequence's tokens in order)
+            ids, mask = T.pad_batch([prompts[i] for i in idx], pad, left=seq2seq is None, device=device)
             generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            # a causal LM returns prompt + new tokens; an encoder-decoder the decoder's start token + new ones
+            skip = ids.shape[1] if seq2seq is None else 1
             for row, i in enumerate(idx):
-                new = generated[row, ids.shape[1]:].tolist()
+                new = generated[row, skip:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in eos), len(new))
                 outputs[i] = first_line(tokenizer.decode(new[:cut], skip_special_tokens=True))
             ticker.advance()

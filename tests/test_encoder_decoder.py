@@ -1,0 +1,343 @@
+"""The shared family matrix's model-level rows for encoder-decoder families (Switch Transformers):
+route() against the family's router (with capacity dropping, fp32 and bf16), masking == in-memory
+pruning == streamed surgery == vanilla reload, routing capture, and the commands that run on them.
+Their tasks (the seq2seq head) are not built: the commands that score tasks refuse them in one line.
+NLLB-MoE is refused for an upstream bug, reproduced here."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.families import FAMILIES
+from moeguard.models.hooks import RoutingCapture, mask_experts
+from moeguard.models.prune import prune_model
+from moeguard.models.routing import pruned_router_params, route_module, router_logits
+from moeguard.pruning.checkpoint import prune_checkpoint
+from moeguard.testing import as_loaded_in, assert_same_safetensors, causal_families, tiny_model
+
+# family -> a key of its public on-disk layout, and one that pruning to 4 experts removes
+ENCODER_DECODER_LAYOUT = {
+    "switch_transformers": ("decoder.block.1.layer.2.mlp.experts.expert_3.wi.weight",
+                            "encoder.block.0.layer.1.mlp.experts.expert_4.wi.weight"),
+}
+KEEP4 = [0, 2, 5, 7]
+
+
+def test_rows_cover_every_encoder_decoder_family():
+    assert set(ENCODER_DECODER_LAYOUT) == set(FAMILIES.names()) - set(causal_families())
+
+
+@pytest.fixture(scope="module", params=sorted(ENCODER_DECODER_LAYOUT))
+def family_model(request):
+    return request.param, tiny_model(request.param)
+
+
+@pytest.fixture
+def batch():
+    """Encoder rows (the second right-padded) and decoder rows of another length, so a layer's
+    tokens are told apart by stack, not by count."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 96, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    dec = torch.randint(2, 96, (2, 9), generator=g)
+    dec_mask = torch.ones_like(dec)
+    dec_mask[0, 6:] = 0
+    return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+
+
+def routed_both_ways(layer, a, h):
+    """(the family's router, moeguard's route()) on hidden states h [B, S, d]: (weights, index) each."""
+    _, ref_w, ref_idx = layer.unpack(layer.router(h))
+    params = pruned_router_params(a.family, a.moe_config, list(range(8)), 8)
+    w, idx = route_module(layer, router_logits(layer, h, a.family.routing), a.family.routing, params,
+                          input_dtype=h.dtype, sequences=h.shape[0])
+    return (ref_w, ref_idx), (w, idx)
+
+
+def test_adapter_view_spans_both_stacks(family_model):
+    fam, model = family_model
+    a = MoEAdapter(model)
+    assert a.family.name == fam and a.family.encoder_decoder
+    assert [l.index for l in a.layers] == [0, 1, 2, 3] and a.top_k == 1 and a.num_experts == 8
+    info = a.describe()
+    assert info["moe_layers_per_stack"] == {"encoder.block": [0, 1], "decoder.block": [0, 1]}
+    assert "capacity 2 tokens per expert and sequence" in info["gate_normalization"]
+    assert a.layers[2].block is model.decoder.block[0].layer[2].mlp   # after the cross-attention
+    counts = a.parameter_counts()
+    assert counts["total"] - counts["active"] == counts["routed_experts"] * 7 // 8   # top-1 of 8
+
+
+def test_route_reproduces_the_router_with_capacity_dropping(family_model):
+    fam, model = family_model
+    a = MoEAdapter(model)
+    h = torch.randn(3, 16, model.config.d_model, generator=torch.Generator().manual_seed(1))
+    for how, m in (("float32", model), ("cast", copy.deepcopy(model).to(torch.bfloat16)),
+                   ("loaded", as_loaded_in(model, torch.bfloat16))):
+        x = h.to(next(m.parameters()).dtype)
+        for layer in MoEAdapter(m).layers:
+            (ref_w, ref_idx), (w, idx) = routed_both_ways(layer, a, x)
+            assert torch.equal(ref_idx, idx), (how, layer.index)
+            assert ref_w.dtype == w.dtype and torch.equal(ref_w, w), (how, layer.index)
+            # 16 tokens of a sequence over 8 experts at capacity 2: some are dropped (weight 0)
+            assert 0 < int((w == 0).sum()) < w.numel(), (how, layer.index)
+
+
+def test_masking_equals_pruning_streaming_and_vanilla_reload(family_model, batch, tmp_path):
+    fam, model = family_model
+    a = MoEAdapter(model)
+    keep = {l.index: KEEP4 for l in a.layers}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        full = model(**batch).logits
+        with mask_experts(model, keep):
+            masked = model(**batch).logits
+        assert torch.equal(model(**batch).logits, full), "routing not restored"
+        pruned, record = prune_model(model, keep)
+        physical = pruned(**batch).logits
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "input model modified"
+    assert not torch.allclose(full, masked), "masking 4 of 8 experts changed nothing"
+    # the pruned router sees fewer experts, so capacity drops other tokens: still the same model
+    torch.testing.assert_close(masked, physical, rtol=1e-5, atol=1e-5)
+    assert record["config_changes"] == {"num_experts": 4}   # top-1 has no key to change
+    full_n, small_n = a.parameter_counts()["total"], MoEAdapter(pruned).parameter_counts()["total"]
+    per_expert = sum(p.numel() for p in a.layers[0].expert(0).parameters()) + model.config.d_model  # + router row
+    assert full_n - small_n == len(a.layers) * 4 * per_expert
+
+    pruned.save_pretrained(tmp_path / "mem")
+    with safe_open(str(tmp_path / "mem" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    kept_key, gone_key = ENCODER_DECODER_LAYOUT[fam]
+    assert kept_key in keys and gone_key not in keys
+    model.save_pretrained(tmp_path / "src")
+    streamed = prune_checkpoint(tmp_path / "src", tmp_path / "streamed", keep)
+    assert streamed["experts_per_layer"] == {str(i): 4 for i in range(4)}
+    assert_same_safetensors(tmp_path / "mem", tmp_path / "streamed")
+
+    # vanilla transformers reads the streamed checkpoint (moeguard patches nothing outside its own loader)
+    from transformers import AutoModelForSeq2SeqLM
+
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "streamed").eval()
+    with torch.no_grad():
+        got = reloaded(**batch).logits
+    # the same weights; memory-mapped tensors take other BLAS paths than in-memory copies (2e-6 apart)
+    torch.testing.assert_close(got, physical, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_counts_each_stack_without_padding_or_dropped_tokens(family_model, batch):
+    _, model = family_model
+    a = MoEAdapter(model)
+    dispatched = {}
+    handles = [l.router.register_forward_hook(
+        lambda m, args, out, slot=slot: dispatched.__setitem__(slot, out[0].reshape(-1, out[0].shape[-1])))
+        for slot, l in enumerate(a.layers)]
+    try:
+        with torch.no_grad():
+            plain = model(**batch).logits
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad(), RoutingCapture(model, norms=True, per_sample=True) as cap:
+        captured = model(**batch).logits   # the norms run each expert module here, as the block does
+    torch.testing.assert_close(plain, captured, rtol=0, atol=0)
+    masks = [batch["attention_mask"]] * 2 + [batch["decoder_attention_mask"]] * 2   # encoder, then decoder layers
+    for slot, layer in enumerate(cap.stats.layers):
+        valid = masks[slot].reshape(-1).bool()
+        assert layer.tokens == int(valid.sum())
+        # a token past its expert's capacity reaches no expert and is not counted
+        assert torch.equal(layer.counts, dispatched[slot][valid].sum(0).double())
+        assert torch.all(layer.norm_sum[layer.counts > 0] > 0) and torch.all(layer.norm_sum[layer.counts == 0] == 0)
+    assert any(l.counts.sum() < l.tokens for l in cap.stats.layers), "capacity 2 dropped no token"
+    assert len(cap.stats.per_sample) == 2
+
+
+def test_hooks_are_removed_even_on_error(family_model):
+    _, model = family_model
+    a = MoEAdapter(model)
+    with pytest.raises(RuntimeError):
+        with RoutingCapture(model), mask_experts(model, {3: KEEP4}):
+            raise RuntimeError("boom")
+    for layer in a.layers:
+        assert not layer.router._forward_hooks and "forward" not in vars(layer.router)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_per_layer_counts_are_refused_with_the_reason(family_model):
+    _, model = family_model
+    with pytest.raises(MoeguardError, match="keep the same number of experts in every layer") as e:
+        prune_model(model, {0: [0, 1, 2, 5, 6, 7], 3: [3, 4]})
+    assert "one module per expert" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from moeguard.models.loading import EMBEDDED_MODEL_DIR
+    from moeguard.models.tokenizer_files import save_tokenizer
+
+    d = tmp_path_factory.mktemp("switch")
+    tiny_model("switch_transformers", vocab_size=4096).save_pretrained(d)   # the embedded tokenizer's vocabulary
+    save_tokenizer(AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR), d)
+    return d
+
+
+def test_the_attack_chain_runs_through_the_seq2seq_head(checkpoint, tmp_path, capsys):
+    """info, attribute, prune (streamed and in memory, equal) and eval on an encoder-decoder; the
+    methods and commands that cannot run on one refuse in one line, before any weights load."""
+    assert main(["info", "--model", str(checkpoint), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "switch_transformers" and info["moe_layers"] == [0, 1, 2, 3] and info["top_k"] == 1
+    scores = tmp_path / "reap.json"
+    assert main(["attribute", "--model", str(checkpoint), "--task", "arith-compare", "--method", "reap",
+                 "--samples", "8", "--out", str(scores)]) == 0
+    doc = json.loads(scores.read_text())
+    assert doc["layers"] == [0, 1, 2, 3] and all(any(v > 0 for v in row) for row in doc["scores"].values())
+    for flag, out in (("--streaming", "s"), ("--in-memory", "m")):
+        assert main(["prune", "--model", str(checkpoint), "--scores", str(scores), "--keep", "4", flag,
+                     "--out", str(tmp_path / out)]) == 0
+    assert_same_safetensors(tmp_path / "s", tmp_path / "m")
+    capsys.readouterr()
+    for name in ("full", "pruned"):
+        model = checkpoint if name == "full" else tmp_path / "s"
+        assert main(["eval", "--model", str(model), "--tasks", "arith-compare,stdlib-code,code-naming",
+                     "--limit", "4", "--out", str(tmp_path / f"{name}.json")]) == 0
+    full, pruned = (json.loads((tmp_path / f"{n}.json").read_text())["tasks"] for n in ("full", "pruned"))
+    assert full["stdlib-code"]["score"] != pruned["stdlib-code"]["score"]   # the pruned model is another model
+    capsys.readouterr()
+    for args, says in ((["attribute", "--task", "arith-compare", "--method", "gradient", "--out", str(tmp_path / "g.json")],
+                        "does not score encoder-decoders"),
+                       (["audit", "--out", str(tmp_path / "audit")], "switch_transformers encoder-decoder")):
+        assert main([*args, "--model", str(checkpoint)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "g.json").exists() and not (tmp_path / "audit").exists()
+
+
+def test_nllb_moe_upstream_bug_is_reproduced_and_refused(tmp_path, capsys):
+    """transformers 5.24's NLLB-MoE experts index by the top-1 mask's *value*: only experts 0 and 1
+    run. When a locked transformers fixes it, this test fails and the refusal can go."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    cfg = AutoConfig.for_model("nllb-moe", vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
+                               encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=4,
+                               decoder_attention_heads=4, num_experts=4, encoder_sparse_step=1,
+                               decoder_sparse_step=1, max_position_embeddings=64, moe_token_dropout=0.0)
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    mlp = model.model.encoder.layers[0].ffn
+    torch.nn.init.normal_(mlp.router.classifier.weight, 0, 1)
+    h = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = mlp(h[None])[0]
+        top1, combine, _ = mlp.router(h)
+        mixture = torch.stack([sum(mlp.experts[f"expert_{e}"](h[t:t + 1])[0] * combine[t, e]
+                                   for e in range(4) if combine[t, e] != 0) for t in range(6)])
+        by_value = torch.stack([sum(mlp.experts[f"expert_{int(top1[t, c])}"](h[t:t + 1])[0] * combine[t, c]
+                                    for c in range(4)) for t in range(6)])
+    assert set(top1.argmax(-1).tolist()) - {0, 1}, "the check needs a token whose first choice is expert 2 or 3"
+    torch.testing.assert_close(out, by_value)          # what transformers computes
+    assert not torch.allclose(out, mixture, atol=1e-3)  # not the top-2 mixture the router chose
+    model.save_pretrained(tmp_path)
+    assert main(["info", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "only experts 0 and 1 ever run" in err
+
+
+def test_trace_finds_a_pruned_switch_derivative_and_its_kept_experts(tmp_path, capsys):
+    """After theft: a suspect cut from the model is traced back with the experts it kept, and an
+    independent model of the same shape is not."""
+    from transformers import AutoTokenizer
+
+    from moeguard.models.loading import EMBEDDED_MODEL_DIR
+    from moeguard.models.tokenizer_files import save_tokenizer
+
+    shape = dict(d_model=256, d_ff=512, vocab_size=4096, d_kv=64)   # big enough for a fingerprint (1% of the model)
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    original = tiny_model("switch_transformers", **shape)
+    suspects = {"derived": prune_model(original, {i: [1, 3, 4, 6] for i in range(4)})[0],
+                "independent": tiny_model("switch_transformers", seed=5, **shape)}
+    for name, m in (("original", original), *suspects.items()):
+        m.save_pretrained(tmp_path / name)
+        save_tokenizer(tok, tmp_path / name)
+    for name in suspects:
+        assert main(["trace", "--suspect", str(tmp_path / name), "--original", str(tmp_path / "original"),
+                     "--out", str(tmp_path / f"trace-{name}"), "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["verdict"] == name, doc["verdict"]
+        if name == "derived":
+            assert doc["p_value"] < 1e-6
+            assert all(l["kept"] == [1, 3, 4, 6] for l in doc["layers"]), doc["layers"]
+
+
+def test_the_seq2seq_head_scores_what_the_model_computes():
+    """The encoder reads the context, the decoder the target after its start token; batched and
+    padded, every score and loss is the one its example has alone."""
+    from transformers import AutoTokenizer
+
+    from moeguard.models.loading import EMBEDDED_MODEL_DIR
+    from moeguard.realign.engine import task_loss
+    from moeguard.tasks import tokens as T
+    from moeguard.tasks.batches import IGNORE, Example, collate
+    from moeguard.tasks.evaluate import loglikelihoods
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    model = tiny_model("switch_transformers", vocab_size=len(tok))
+    start = T.decoder_start(model)
+    requests = [("2 + 3 =", " 5"), ("def load_json(path): a longer context, so rows pad", " yes it does")]
+
+    def alone(context, continuation):
+        ctx, cont = T.bos_ids(tok) + T.encode(tok, context), T.encode(tok, continuation)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx]), decoder_input_ids=torch.tensor([[start, *cont]])).logits
+        return float(logits[0, :len(cont)].log_softmax(-1).gather(-1, torch.tensor(cont)[:, None]).sum())
+
+    with torch.no_grad():
+        got = loglikelihoods(model, tok, requests, max_length=64, batch_size=2)
+    assert got == pytest.approx([alone(*r) for r in requests], rel=1e-5)
+
+    rows = [Example([5, 6, 7, 8, 9], [IGNORE, IGNORE, 7, 8, 9]), Example([5, 6, 7], [IGNORE, 6, 7])]
+    b = collate(rows, pad_id=0, decoder_start=start)
+    assert b.input_ids.tolist() == [[5, 6], [5, 0]] and b.decoder_input_ids.tolist() == [[start, 7, 8, 9], [start, 6, 7, 0]]
+    assert b.labels.tolist() == [[IGNORE, 7, 8, 9], [IGNORE, 6, 7, IGNORE]] and b.n_targets == 5
+    with torch.no_grad():
+        batched = task_loss(model(**b.inputs()).logits, b.labels)
+        nll = []
+        for r in rows:
+            one = collate([r], pad_id=0, decoder_start=start)
+            nll.append(float(task_loss(model(**one.inputs()).logits, one.labels)) * one.n_targets)
+    assert float(batched) == pytest.approx(sum(nll) / 5, rel=1e-5)
+
+
+def test_every_attribution_method_scores_or_refuses_in_one_line():
+    """The matrix's attribution row for an encoder-decoder: the routing-statistics methods score
+    every layer of both stacks and leave the model as it was; the rest refuse and say why."""
+    from transformers import AutoTokenizer
+
+    from moeguard.attribution.base import list_methods
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.loading import EMBEDDED_MODEL_DIR
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    model = tiny_model("switch_transformers", vocab_size=len(tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = make_context(model, tok, "arith-compare", samples=8, batch_size=4, reference=["stdlib-code"])
+    assert ctx.batches[0].decoder_input_ids is not None   # the verbalizer goes to the decoder
+    ran = []
+    for m in list_methods():
+        if m.causal_only:
+            with pytest.raises(MoeguardError, match="does not score encoder-decoders"):
+                score(ctx, m.name)
+            continue
+        s = score(ctx, m.name)
+        assert s.layers == [0, 1, 2, 3] and s.scores.shape == (4, 8) and torch.isfinite(s.scores).all(), m.name
+        assert (s.scores != 0).any(dim=1).all(), m.name
+        ran.append(m.name)
+    assert set(ran) >= {"frequency", "gate", "reap", "contrastive"}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
