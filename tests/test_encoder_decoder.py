@@ -213,11 +213,16 @@ def test_the_attack_chain_runs_through_the_seq2seq_head(checkpoint, tmp_path, ca
     capsys.readouterr()
     for args, says in ((["attribute", "--task", "arith-compare", "--method", "gradient", "--out", str(tmp_path / "g.json")],
                         "does not score encoder-decoders"),
-                       (["audit", "--out", str(tmp_path / "audit")], "switch_transformers encoder-decoder")):
+                       (["audit", "--scan", "--out", str(tmp_path / "audit")], "--scan not yet"),
+                       (["recovery", "--task", "arith-compare", "--keep", "4", "--out", str(tmp_path / "r")],   # default: ablation
+                        "method 'ablation' does not score encoder-decoders"),
+                       (["sweep", "--tasks", "arith-compare", "--route", "prune,merge", "--out", str(tmp_path / "w")],
+                        "keeps one module per expert"),
+                       (["scan", "--out", str(tmp_path / "sc")], "switch_transformers encoder-decoder")):
         assert main([*args, "--model", str(checkpoint)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
-    assert not (tmp_path / "g.json").exists() and not (tmp_path / "audit").exists()
+    assert not any((tmp_path / p).exists() for p in ("g.json", "audit", "r", "w", "sc"))
 
 
 def test_nllb_moe_upstream_bug_is_reproduced_and_refused(tmp_path, capsys):
@@ -341,3 +346,54 @@ def test_every_attribution_method_scores_or_refuses_in_one_line():
         ran.append(m.name)
     assert set(ran) >= {"frequency", "gate", "reap", "contrastive"}
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_every_active_learning_strategy_reads_an_encoder_decoder():
+    """The recovery's strategies read uncertainty, embeddings and routing through the seq2seq head
+    (generation too, for summarization): each picks k distinct unlabeled samples, deterministically."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from moeguard.models.loading import EMBEDDED_MODEL_DIR
+    from moeguard.realign.features import routing_shares, unlabeled
+    from moeguard.realign.strategies.base import Query, get_strategy, list_strategies
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.registry import get_task
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    model = tiny_model("switch_transformers", vocab_size=len(tok))
+    for name in ("arith-compare", "stdlib-docs", "record-summary"):
+        task = get_task(name)
+        pool = unlabeled(task, load_records(task, "train", limit=8))
+        shares = routing_shares(model, tok, task, pool, batch_size=4)
+        assert shares.shape == (8, 4, 8) and torch.allclose(shares.sum(-1), torch.ones(8, 4, dtype=shares.dtype))
+        for strategy in list_strategies():
+            if task.kind not in strategy.kinds:
+                continue
+
+            def picks():
+                q = Query(model=model, tokenizer=tok, task=task, pool=pool, candidates=list(range(2, 8)),
+                          labeled=[0, 1], k=3, rng=random.Random(0), batch_size=8,
+                          orphan_share=(lambda: torch.linspace(0, 1, 8)) if strategy.needs_original else None)
+                return get_strategy(strategy.name, task).select(q)
+
+            a = picks()
+            assert a == picks() and len(set(a)) == 3 and not set(a) & {0, 1}, (name, strategy.name, a)
+
+
+def test_an_audit_runs_on_an_encoder_decoder(checkpoint, tmp_path):
+    """Baseline, attribution, the sweep with its physical check, recovery (LoRA through the seq2seq
+    head) and the report, on Switch; masked and physically pruned scores agree."""
+    args = ["audit", "--model", str(checkpoint), "--tasks", "arith-compare", "--methods", "frequency,reap",
+            "--keeps", "4", "--recovery-keep", "4", "--random-seeds", "1", "--eval-limit", "4", "--samples", "8",
+            "--physical-checks", "1", "--no-deletion-curves", "--recovery-mode", "lora", "--strategies", "random,orphan",
+            "--budgets", "4", "--recovery-seeds", "1", "--pool-size", "8", "--recovery-eval-limit", "4",
+            "--out", str(tmp_path / "a")]
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "a" / "results.json").read_text())
+    check = doc["physical_checks"][0]
+    assert check["abs_diff"] == 0 and check["params_physical"] == check["params_expected"]
+    rec = doc["tasks"]["arith-compare"]["recovery"]
+    assert set(rec["strategies"]) == {"random", "orphan"} and rec["strategies"]["random"]["labels"] == [0, 4]
+    assert (tmp_path / "a" / "report.html").exists()

@@ -221,17 +221,8 @@ def causal_families() -> list[str]:
 
 
 def model_inputs(model, ids, mask=None) -> dict:
-    """Keyword inputs that run every layer of ``model`` on token rows ``ids``: an encoder-decoder
-    reads them in both stacks (its decoder from the start token)."""
-    import torch
+    """Keyword inputs that run every layer of ``model`` on token rows ``ids`` (an encoder-decoder's
+    decoder too: :func:`moeguard.tasks.tokens.both_stacks`)."""
+    from moeguard.tasks.tokens import both_stacks
 
-    from moeguard.tasks.tokens import decoder_start
-
-    out = {"input_ids": ids, **({"attention_mask": mask} if mask is not None else {})}
-    first = decoder_start(model)
-    if first is not None:
-        start = torch.full_like(ids[:, :1], first)
-        out["decoder_input_ids"] = torch.cat([start, ids[:, :-1]], dim=1)
-        if mask is not None:
-            out["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
-    return out
+    return both_stacks(model, ids, mask)

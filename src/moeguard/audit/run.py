@@ -36,7 +36,9 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     check(cfg)
     if cfg.dtype and not isinstance(getattr(torch, cfg.dtype, None), torch.dtype):
         raise MoeguardError(f"dtype '{cfg.dtype}' is not a torch dtype", hint="e.g. bfloat16, float16, float32")
-    model = resolve_model(cfg.model)
+    model = resolve_model(cfg.model, tasks=False)   # an encoder-decoder's tasks run through its seq2seq head
+    if model.family.encoder_decoder:
+        _check_encoder_decoder(cfg, model)
     if cfg.scan:   # a bad reference fails now, not after the other stages' minutes
         from moeguard.scan.run import SCORES, _reference_null
 
@@ -84,6 +86,21 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     resolved = replace(cfg, tasks=names, methods=methods, keeps=keeps, recovery_keep=rec_keep, recovery_tasks=rec_tasks,
                        defense_tasks=defense_tasks, threads=cfg.threads or torch.get_num_threads())
     return resolved, model
+
+
+def _check_encoder_decoder(cfg: AuditConfig, model) -> None:
+    """The stages an encoder-decoder's audit cannot run yet, refused before any work: the merge
+    route (merging averages fused expert tensors), the scan and the defenses (their passes are
+    decoder-only)."""
+    from moeguard.models.handle import check_merge_route
+
+    check_merge_route(model.family, "merge" in cfg.routes)
+    asked = [what for what, on in (("--scan", cfg.scan),
+                                   ("--defense", bool(cfg.defense)), ("--hardened", bool(cfg.hardened))) if on]
+    if asked:
+        raise MoeguardError(f"{model.name} is a {model.family.name} encoder-decoder, whose audit runs the baseline, "
+                            f"attribution, the pruning sweep, recovery and trace; {', '.join(asked)} not yet",
+                            hint=f"leave out {', '.join(asked)}")
 
 
 def prepare_run_dir(out: Path, *, overwrite: bool) -> None:

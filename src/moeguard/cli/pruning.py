@@ -121,11 +121,12 @@ def sweep(*, out: Path, model: Optional[str], backend: str, ray_address: Optiona
     from moeguard.config import build
     from moeguard.edge import resolve_grid, resolve_model
     from moeguard.io import check_output
+    from moeguard.models.handle import check_merge_route
     from moeguard.report.sweep import sweep_table, write_sweep
     from moeguard.studies.sweep import SweepConfig, SweepStudy, SweepStudyConfig
 
     check_output(out, overwrite=overwrite)
-    handle = resolve_model(model)
+    handle = resolve_model(model, tasks=False)   # an encoder-decoder's tasks run through its seq2seq head
     grid = {k: flags.pop(k) for k in ("tasks", "methods", "keeps")}
     task_list, methods, keeps = resolve_grid(
         handle, tasks=_names(grid["tasks"], "--tasks") if grid["tasks"] else None,
@@ -133,6 +134,7 @@ def sweep(*, out: Path, model: Optional[str], backend: str, ray_address: Optiona
         keeps=_ints(grid["keeps"], "--keep") if grid["keeps"] else None)
     names = [t.name for t in task_list]
     cfg = build(SweepConfig, flags, what="sweep", tasks=names, methods=methods, keeps=keeps)
+    check_merge_route(handle.family, "merge" in cfg.routes)
     settings = {"model": handle.name, **dataclasses.asdict(cfg)}
 
     def write(doc, work):

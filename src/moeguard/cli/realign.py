@@ -60,7 +60,7 @@ def realign(*, model: str, task: str, out: Path, strategy: str, budget: int, que
     if proto is not None:
         proto.check_mode(ft_flags["mode"])
     ft = build(FinetuneConfig, ft_flags, what="fine-tuning", seed=seed, only=proto.patterns if proto else ())
-    handle = resolve_model(model)
+    handle = resolve_model(model, tasks=False)   # an encoder-decoder trains through its seq2seq head
     _seed(seed)
     al = ALConfig(strategy=strategy, schedule=schedule, pool_size=pool_size, eval_limit=eval_limit, seed=seed,
                   finetune=ft)
@@ -122,7 +122,7 @@ def recovery(*, out: Path, model: Optional[str], backend: str, ray_address: Opti
                              the_task.name)
     names = _names(flags.pop("strategies"), "--strategies")
     names = names if "random" in names else ["random", *names]
-    handle = resolve_model(model)
+    handle = resolve_model(model, tasks=False)   # an encoder-decoder trains through its seq2seq head
     ft = build(FinetuneConfig, {k: flags.pop(k) for k in ("mode", "lr", "epochs", "min_steps", "batch_size")},
                what="fine-tuning", seed=flags["seed"])
     cfg = build(RecoveryConfig, flags, what="recovery", task=the_task.name, strategies=tuple(names),

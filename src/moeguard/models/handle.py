@@ -28,12 +28,21 @@ def check_keep(keep: int, *, num_experts: int, family: FamilySpec, top_k: int, w
 
 
 def require_tasks(family: FamilySpec, name: str) -> None:
-    """Refuse a model whose tasks moeguard cannot score: an encoder-decoder, whose tasks would run
-    through its seq2seq head (not built; docs/families.md)."""
+    """Refuse an encoder-decoder in a command whose passes are decoder-only (merge, harden, scan,
+    monitor, serve, route-attack; docs/families.md)."""
     if family.encoder_decoder:
         raise MoeguardError(f"{name} is a {family.name} encoder-decoder, and this command runs tasks through "
-                            "causal-LM heads only (the seq2seq head runs `eval` and `attribute` so far)",
-                            hint="`moeguard info`, `eval`, `attribute`, `prune` and `trace` work on it")
+                            "causal-LM heads only (the seq2seq head runs info, eval, attribute, prune, sweep, "
+                            "realign, recovery, trace and the audit so far)",
+                            hint="run one of those on it")
+
+
+def check_merge_route(family: FamilySpec, merge: bool, *, flag: str = "--route prune") -> None:
+    """Merging averages expert tensors along their expert axis; a family with one module per
+    expert (Switch) has none, so its merge route is refused before any work."""
+    if merge and family.expert_layout == "modules":
+        raise MoeguardError(f"the merge route averages fused expert tensors, and {family.name} keeps one module per "
+                            "expert", hint=f"use the pruning route ({flag})")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -49,7 +49,7 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
                             "has no moeguard_pruning.json", hint="prune with `moeguard prune`, which records both")
     orig = None
     if original is not None:  # an unreadable original fails here, before the pruned model loads
-        orig = resolve_model(None if original == "embedded" else original)
+        orig = resolve_model(None if original == "embedded" else original, tasks=False)
     settings = {"model": model.name, "task": task.name, "original": original, "full_score": full_score, **al.to_dict()}
     m, tokenizer, _ = model.load()
     orphan = None

@@ -68,6 +68,8 @@ def sequence_uncertainty(model, tokenizer, task: Task, records: Sequence[dict[st
     own greedy generation for a kind that ``generates`` (summarization)."""
     if task.kind_spec.generates:
         return _generated_uncertainty(model, tokenizer, task, records, batch_size)
+    if T.decoder_start(model) is not None:
+        return _seq2seq_uncertainty(model, tokenizer, task, records, batch_size)
     parts = []
     for ids, mask in _batches(model, tokenizer, task, records, batch_size):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
@@ -75,15 +77,36 @@ def sequence_uncertainty(model, tokenizer, task: Task, records: Sequence[dict[st
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _seq2seq_uncertainty(model, tokenizer, task, records, batch_size):
+    """The same tokens through an encoder-decoder's seq2seq head: its encoder reads each sample's
+    first token and its decoder predicts the rest (``tasks.batches.seq2seq_split``)."""
+    from moeguard.tasks.batches import IGNORE, Example, collate
+
+    seqs = [input_ids(tokenizer, task, r) for r in records]
+    device, pad, start = T.model_device(model), T.pad_id(tokenizer), T.decoder_start(model)
+    parts = []
+    for begin in range(0, len(seqs), batch_size):
+        b = collate([Example(s, [IGNORE, *s[1:]]) for s in seqs[begin:begin + batch_size]], pad,
+                    decoder_start=start).to(device)
+        logits = model(**b.inputs(), use_cache=False).logits[:, :-1].float()
+        parts.append(_token_means(F.log_softmax(logits, dim=-1), b.decoder_input_ids[:, 1:],
+                                  b.decoder_attention_mask[:, 1:].float()))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def _generated_uncertainty(model, tokenizer, task, records, batch_size):
     eos = T.eos_ids(model, tokenizer)
     gen = T.generation_config(task, T.pad_id(tokenizer), eos, tokenizer)
+    start = T.decoder_start(model)
+    if start is not None:   # an encoder-decoder: the decoder generates after its start token
+        gen.decoder_start_token_id = start
     parts = []
-    for ids, mask in _batches(model, tokenizer, task, records, batch_size, left=True):
+    # an encoder reads its prompt right-padded (summarization.evaluate says why)
+    for ids, mask in _batches(model, tokenizer, task, records, batch_size, left=start is None):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
                              output_scores=True, return_dict_in_generate=True)
         logp = torch.stack([F.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # [B, S, V]
-        new = out.sequences[:, ids.shape[1]:][:, :logp.shape[1]]
+        new = out.sequences[:, ids.shape[1] if start is None else 1:][:, :logp.shape[1]]
         # tokens after the first end-of-sequence are padding the batch carried along
         ended = torch.zeros_like(new, dtype=torch.bool)
         for e in eos:
@@ -98,7 +121,10 @@ def embeddings(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], 
     """[n, hidden] mean of the final hidden state over each sample's input tokens."""
     rows = []
     for ids, mask in _batches(model, tokenizer, task, records, batch_size):
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        if T.decoder_start(model) is not None:   # an encoder-decoder: its encoder's reading of the sample
+            hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
         m = mask[..., None].to(hidden.dtype)
         rows.append(((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float().cpu())
     return torch.cat(rows)
@@ -111,5 +137,5 @@ def routing_shares(model, tokenizer, task: Task, records: Sequence[dict[str, Any
 
     with RoutingCapture(model, per_sample=True) as cap:
         for ids, mask in _batches(model, tokenizer, task, records, batch_size):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            model(**T.both_stacks(model, ids, mask), use_cache=False)
     return torch.stack(cap.stats.per_sample)

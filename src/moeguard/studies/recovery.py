@@ -101,13 +101,15 @@ def best_method(sweep: dict[str, Any], task: str) -> str:
 def preflight(cfg: RecoveryConfig, model) -> None:
     """Everything that can be wrong with the settings, checked before any model work.
     ``model``: the resolved :class:`~moeguard.models.handle.ModelHandle`."""
-    from moeguard.attribution.base import get_method
+    from moeguard.attribution.base import check_method_runs, get_method
+    from moeguard.models.handle import check_merge_route
     from moeguard.realign.loop import check_schedule, label_pool
     from moeguard.realign.strategies.base import get_strategy
     from moeguard.tasks.registry import get_task
 
     task = get_task(cfg.task)
-    get_method(cfg.method)
+    check_method_runs(get_method(cfg.method), model.family)
+    check_merge_route(model.family, cfg.route == "merge")
     check_schedule(cfg.budgets)
     model.check_keep(cfg.keep)
     if cfg.seeds < 1:

@@ -61,6 +61,21 @@ def decoder_start(model) -> int | None:
     return int(start if start is not None else config.pad_token_id)
 
 
+def both_stacks(model, ids, mask=None) -> dict:
+    """Keyword inputs that run every layer of ``model`` on token rows ``ids`` [B, S]: a causal LM
+    reads them; an encoder-decoder's encoder reads them and its decoder reads them too, after its
+    start token (teacher-forced), so routing features see every MoE layer of both stacks."""
+    import torch
+
+    out = {"input_ids": ids, **({"attention_mask": mask} if mask is not None else {})}
+    first = decoder_start(model)
+    if first is not None:
+        out["decoder_input_ids"] = torch.cat([torch.full_like(ids[:, :1], first), ids[:, :-1]], dim=1)
+        if mask is not None:
+            out["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+    return out
+
+
 def pad_id(tokenizer) -> int:
     """The id that pads a batch: the pad token, else EOS, else 0 (padding is always masked out)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
