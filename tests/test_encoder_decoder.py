@@ -87,6 +87,13 @@ def test_route_reproduces_the_router_with_capacity_dropping(family_model):
             assert ref_w.dtype == w.dtype and torch.equal(ref_w, w), (how, layer.index)
             # 16 tokens of a sequence over 8 experts at capacity 2: some are dropped (weight 0)
             assert 0 < int((w == 0).sum()) < w.numel(), (how, layer.index)
+    biased = tiny_model(fam, router_bias=True)   # a router bias is added in float32 too
+    with torch.no_grad():
+        for layer in MoEAdapter(biased).layers:
+            layer.router_bias.normal_(0, 1.0)
+        for layer in MoEAdapter(biased).layers:
+            (ref_w, ref_idx), (w, idx) = routed_both_ways(layer, a, h)
+            assert torch.equal(ref_idx, idx) and torch.equal(ref_w, w), ("bias", layer.index)
 
 
 def test_masking_equals_pruning_streaming_and_vanilla_reload(family_model, batch, tmp_path):
@@ -154,7 +161,14 @@ def test_capture_counts_each_stack_without_padding_or_dropped_tokens(family_mode
         assert torch.equal(layer.counts, dispatched[slot][valid].sum(0).double())
         assert torch.all(layer.norm_sum[layer.counts > 0] > 0) and torch.all(layer.norm_sum[layer.counts == 0] == 0)
     assert any(l.counts.sum() < l.tokens for l in cap.stats.layers), "capacity 2 dropped no token"
+    # per sample, each layer's shares of its dispatched tokens: decoder layers from the decoder's rows
     assert len(cap.stats.per_sample) == 2
+    for row, shares in enumerate(cap.stats.per_sample):
+        for slot in range(4):
+            mask = masks[slot][row].bool()
+            n_rows = masks[slot].shape[1]
+            got = dispatched[slot].view(2, n_rows, -1)[row][mask].sum(0).double()
+            assert torch.allclose(shares[slot], got / got.sum().clamp_min(1)), (row, slot)
 
 
 def test_hooks_are_removed_even_on_error(family_model):
@@ -173,6 +187,10 @@ def test_per_layer_counts_are_refused_with_the_reason(family_model):
     with pytest.raises(MoeguardError, match="keep the same number of experts in every layer") as e:
         prune_model(model, {0: [0, 1, 2, 5, 6, 7], 3: [3, 4]})
     assert "one module per expert" in str(e.value)
+    from moeguard.pruning.merging.operation import merge_experts
+
+    with pytest.raises(MoeguardError, match="keeps one module per expert"):   # no expert axis to average along
+        merge_experts(model, {0: [[0, 1], [2, 3], [4, 5], [6, 7]]})
 
 
 @pytest.fixture(scope="module")

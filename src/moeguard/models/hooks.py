@@ -142,6 +142,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         self._patched: list[tuple[nn.Module, object]] = []
         self._valid: torch.Tensor | None = None   # [B*T] bool for the current forward
         self._valid_decoder: torch.Tensor | None = None   # an encoder-decoder's decoder tokens
+        self._decoder_shape: tuple[int, int] | None = None
         # slot -> whether the layer is in an encoder-decoder's decoder (its tokens are the decoder's)
         first = len(self.adapter.decoder_layers) - sum(
             len(_get_path(model, p)) for p in self.adapter.family.more_layers_paths)
@@ -169,6 +170,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         ref = ids if ids is not None else embeds
         self._valid_decoder = None
         dec = kwargs.get("decoder_input_ids")
+        self._decoder_shape = tuple(dec.shape[:2]) if dec is not None else None
         if dec is not None:   # an encoder-decoder: the decoder's padding is its own mask's
             dmask = kwargs.get("decoder_attention_mask")
             self._valid_decoder = (dmask[:, -dec.shape[1]:].bool() if dmask is not None and dmask.dim() == 2
@@ -232,8 +234,9 @@ class RoutingCapture(contextlib.AbstractContextManager):
                     raw = probs.gather(1, sel).reshape(-1)
                     stats.raw_gate_mass += torch.zeros(E, device=probs.device).index_add_(
                         0, sel.reshape(-1), raw if routed is None else raw * routed.to(raw)).double().cpu()
-                if self.per_sample and self._sample_counts is not None and self._batch_shape is not None:
-                    B, T = self._batch_shape
+                shape = self._decoder_shape if self._in_decoder[slot] else self._batch_shape
+                if self.per_sample and self._sample_counts is not None and shape is not None:
+                    B, T = shape
                     if idx.shape[0] == B * T:
                         onehot = torch.zeros(idx.shape[0], E, device=idx.device).scatter_add_(
                             1, idx, torch.ones_like(idx, dtype=torch.float) if routed is None

@@ -181,8 +181,9 @@ def router_logits(layer, hidden: torch.Tensor, spec: RoutingSpec | None = None) 
         raise RuntimeError("the router's weight is offloaded (meta): read it inside its forward or "
                            "under hooks.weights_in_place")
     hidden = hidden.reshape(-1, weight.shape[-1])
-    if spec is not None and spec.logits_fp32:
-        return F.linear(hidden.float(), weight.float())
+    if spec is not None and spec.logits_fp32:   # a bias (Switch's router_bias) in float32 too
+        bias = layer.router_bias
+        return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     if weight.dtype == torch.float32 and hidden.dtype != torch.float32:
         hidden = hidden.float()  # DeepSeek-V3 and HunYuan keep routers in fp32 and cast the input up
     return F.linear(hidden, weight, layer.router_bias)

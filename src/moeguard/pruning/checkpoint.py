@@ -457,6 +457,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     if sharded:
         _check_index(src, files, headers)
 
+    if merge is not None:   # as merge_experts refuses it: both merge paths give the same model or none
+        from moeguard.models.handle import check_merge_route
+
+        check_merge_route(family, True)
     adapter = MoEAdapter(meta_model(config), family=family)
     keep = normalize_keep(adapter, keep)
     new_config, changes = pruned_config(adapter, keep)

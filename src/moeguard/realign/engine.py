@@ -167,8 +167,9 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
             batch = collate([examples[i] for i in order[step]], pad_id, decoder_start=start_token).to(device)
             out = model(**batch.inputs(), use_cache=False, **({"output_router_logits": True} if aux_coef else {}))
             loss = task_loss(out.logits, batch.labels)
-            if aux_coef and getattr(out, "aux_loss", None) is not None:
-                loss = loss + aux_coef * out.aux_loss.to(loss.device)
+            aux = _aux_loss(out) if aux_coef else None
+            if aux is not None:
+                loss = loss + aux_coef * aux.to(loss.device)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDiverged(f"the training loss became {value} at step {step + 1} of {steps} "
@@ -182,7 +183,8 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            result.tokens += int(batch.attention_mask.sum())
+            result.tokens += int(batch.attention_mask.sum()) + (
+                int(batch.decoder_attention_mask.sum()) if batch.decoder_attention_mask is not None else 0)
             result.losses.append(round(value, 5))
             if bar is not None:
                 progress.update(bar, advance=1, description=f"{description} (loss {value:.3f})")
@@ -213,6 +215,18 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return logits.sum() * 0.0
     picked = logits.reshape(B * T, V).index_select(0, keep.to(logits.device)).float()
     return torch.nn.functional.cross_entropy(picked, target[keep].to(picked.device))
+
+
+def _aux_loss(out):
+    """The model's load-balancing loss, unscaled: a causal LM's ``aux_loss``, or an encoder-decoder's
+    encoder and decoder terms summed, as Switch Transformers adds them to its own loss (transformers
+    5.24 computes them only when a stack's sparse step is above 1; otherwise they are 0: None here)."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None:
+        parts = [p for p in (getattr(out, "encoder_aux_loss", None), getattr(out, "decoder_aux_loss", None))
+                 if isinstance(p, torch.Tensor)]
+        aux = sum(parts) if parts else None
+    return aux
 
 
 def _aux_coef(trainable: Trainable, cfg: FinetuneConfig) -> float:

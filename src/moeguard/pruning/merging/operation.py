@@ -37,9 +37,11 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
     layers' expert tensors allocated, not copied), then each centre's slices are written with its
     cluster's average, read from the untouched original. ``share_unchanged``: see ``prune_model``
     (the merged model shares what merging does not change with ``model``)."""
+    from moeguard.models.handle import check_merge_route
     from moeguard.models.prune import prune_model
 
     adapter = MoEAdapter(model)
+    check_merge_route(adapter.family, True)   # one module per expert: no expert axis to average along
     keep: dict[int, list[int]] = {}
     plan: dict[int, list[tuple[int, list[int], torch.Tensor]]] = {}
     record: dict[str, list[dict]] = {}
