@@ -1,0 +1,118 @@
+"""An encoder-decoder audited on numbers that mean something: a small Switch Transformers model
+(8 experts, top-1 with capacity, MoE blocks in both stacks) trained here through moeguard's
+seq2seq head on the embedded suite's train splits, then evaluated against each task's trivial
+baseline and audited (attribution, the pruning sweep against random rankings, recovery).
+
+No trained Switch checkpoint is reachable offline; this one is small and trained briefly, so its
+numbers say whether the seq2seq path carries the attack, not what it does to google/switch-base-8.
+
+    python benchmarks/switch_audit.py [--steps 3000] [--workdir /tmp/moeguard-switch]
+
+Run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+
+def train(workdir: Path, *, steps: int, seed: int) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from moeguard.models.loading import EMBEDDED_MODEL_DIR
+    from moeguard.models.tokenizer_files import save_tokenizer
+    from moeguard.realign.engine import FinetuneConfig, finetune
+    from moeguard.realign.modes import apply_mode
+    from moeguard.tasks import tokens as T
+    from moeguard.tasks.batches import task_sequences
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.registry import embedded_tasks
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    # Switch's layout at a small size: 4 + 4 blocks, every second one sparse (as switch-base-8),
+    # 8 experts, capacity 64 tokens per expert and sequence (its default)
+    config = AutoConfig.for_model("switch_transformers", vocab_size=len(tok), d_model=128, d_ff=256, d_kv=32,
+                                  num_heads=4, num_layers=4, num_decoder_layers=4, num_experts=8,
+                                  encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=64,
+                                  decoder_start_token_id=T.pad_id(tok), pad_token_id=T.pad_id(tok),
+                                  eos_token_id=tok.eos_token_id, tie_word_embeddings=False, dropout_rate=0.0)
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    examples = [ex for t in embedded_tasks() for ex in task_sequences(tok, t, load_records(t, "train"))]
+    random.Random(seed).shuffle(examples)
+    cfg = FinetuneConfig(mode="full", lr=2e-3, epochs=1, min_steps=steps, max_steps=steps, batch_size=16,
+                         warmup_ratio=0.05, seed=seed)
+    began = time.perf_counter()
+    result = finetune(apply_mode(model, "full"), examples, cfg, pad_id=T.pad_id(tok), description="training switch")
+    seconds = time.perf_counter() - began
+    model.eval()
+    out = workdir / "switch-small"
+    model.save_pretrained(out)
+    save_tokenizer(tok, out)
+    losses = result.losses
+    # the curve in means of 100 steps: enough to see whether training had flattened
+    curve = [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 4) for i in range(0, len(losses), 100)]
+    info = {"path": str(out), "parameters": sum(p.numel() for p in model.parameters()), "examples": len(examples),
+            "steps": result.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "train_seconds": round(seconds, 1),
+            "loss_per_100_steps": curve}
+    (workdir / "train.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeguard-switch"))
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-limit", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--reuse", action="store_true", help="audit the model a previous run trained in --workdir")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    from moeguard.cli import main as cli
+
+    if args.reuse and (args.workdir / "train.json").exists():
+        trained = json.loads((args.workdir / "train.json").read_text())
+    else:
+        trained = train(args.workdir, steps=args.steps, seed=args.seed)
+    audit_dir = args.workdir / "audit"
+    began = time.perf_counter()
+    rc = cli(["audit", "--model", trained["path"], "--eval-limit", str(args.eval_limit), "--samples", "32",
+              "--keeps", "2,4,6", "--random-seeds", "3", "--physical-checks", "1", "--recovery-mode", "lora",
+              "--recovery-tasks", "arith-compare", "--budgets", "8,16,32", "--recovery-seeds", "2",
+              "--strategies", "random,orphan,entropy", "--pool-size", "96", "--recovery-eval-limit", "32",
+              "--seed", str(args.seed), "--out", str(audit_dir), "--overwrite"])
+    audit_seconds = time.perf_counter() - began
+    doc = json.loads((audit_dir / "results.json").read_text()) if rc == 0 else {}
+    tasks = {}
+    for name, t in doc.get("tasks", {}).items():
+        full = t["full"]
+        tasks[name] = {
+            "metric": t["metric"], "full": full.get("score"), "baseline": full.get("baseline"),
+            "baseline_name": full.get("baseline_name"),
+            "retention_by_method": {m: v.get("retention") for m, v in t.get("methods", {}).items()},
+            "random_retention_mean": {k: v.get("mean") for k, v in (t.get("random") or {}).items()},
+            "risk": (t.get("risk") or {}).get("level"),
+            "risk_reason": (t.get("risk") or {}).get("reason"),
+            "recovery": {k: v for k, v in (t.get("recovery") or {}).items() if k in ("keep", "method", "pruned_retention",
+                                                                                     "best", "saves_labels")},
+        }
+    result = {"benchmark": "switch_audit", "model": trained, "audit_rc": rc, "audit_seconds": round(audit_seconds, 1),
+              "physical_checks": doc.get("physical_checks"), "tasks": tasks}
+    path = write_result("switch_audit", result, args.out)
+    print(json.dumps(tasks, indent=1)[:4000])
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
