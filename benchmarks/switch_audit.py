@@ -6,7 +6,7 @@ baseline and audited (attribution, the pruning sweep against random rankings, re
 No trained Switch checkpoint is reachable offline; this one is small and trained briefly, so its
 numbers say whether the seq2seq path carries the attack, not what it does to google/switch-base-8.
 
-    python benchmarks/switch_audit.py [--steps 3000] [--workdir /tmp/moeguard-switch]
+    python benchmarks/switch_audit.py [--steps 6000] [--workdir /tmp/moeguard-switch]
 
 Run it alone.
 """
@@ -71,7 +71,7 @@ def train(workdir: Path, *, steps: int, seed: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeguard-switch"))
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=64)
     ap.add_argument("--out", default=None)
