@@ -244,7 +244,7 @@ def test_families_lists_builtins_and_why_each_type_is_or_is_not_supported(capsys
     rows = {r["model_type"]: r for r in data["installed"]}
     assert rows["mixtral"]["status"] == "built-in" and rows["cohere2_moe"]["status"] == "verified"
     assert rows["longcat_flash"]["status"] == "unsupported" and "no config key" in rows["longcat_flash"]["reasons"][0]
-    assert rows["jetmoe"]["status"] == "unsupported" and "no fused experts" in rows["jetmoe"]["reasons"][0]
+    assert rows["jetmoe"]["status"] == "unsupported" and "its attention is routed too" in rows["jetmoe"]["reasons"][0]
     assert rows["switch_transformers"]["status"] == "built-in"
     assert rows["nllb-moe"]["status"] == "unsupported" and "only experts 0 and 1 ever run" in rows["nllb-moe"]["reasons"][0]
     assert data["counts"] == {"built-in": 2, "verified": 1, "unsupported": 3}
