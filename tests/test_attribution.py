@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from moeguard.attribution.base import METHODS, Scores, get_method, list_methods
+from moeguard.attribution.base import Scores, get_method, list_methods
 from moeguard.attribution.context import Context
 from moeguard.attribution.replay import replay
 from moeguard.attribution.run import score
