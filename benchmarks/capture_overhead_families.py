@@ -23,7 +23,8 @@ import torch
 from _common import alternating_medians, write_result
 from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import RoutingCapture
-from moeguard.testing import TINY_FAMILY_KWARGS, model_inputs, tiny_model
+from moeguard.tasks.tokens import both_stacks
+from moeguard.testing import TINY_FAMILY_KWARGS, tiny_model
 
 # The tiny test configs, scaled up so a forward does real work: every size key the family's tiny
 # config sets is raised with the hidden size (8 experts, top-2 and the layer pattern are kept).
@@ -70,7 +71,7 @@ def main() -> None:
         try:
             model = build(family)
 
-            inputs = model_inputs(model, ids, mask)   # an encoder-decoder runs both stacks
+            inputs = both_stacks(model, ids, mask)   # an encoder-decoder runs both stacks
 
             def fwd(model=model, inputs=inputs):
                 model(**inputs, use_cache=False)

@@ -6,7 +6,6 @@ task, model config).
 A new command must add its row: ``test_matrix_covers_every_command`` fails otherwise.
 """
 
-
 import pytest
 
 from moeguard.cli import app, main

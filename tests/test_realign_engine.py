@@ -7,7 +7,8 @@ from moeguard.models.adapter import MoEAdapter
 from moeguard.realign.engine import FinetuneConfig, TrainingDiverged, finetune
 from moeguard.realign.modes import MODES, apply_mode
 from moeguard.tasks.batches import IGNORE, Example
-from moeguard.testing import model_inputs, tiny_model
+from moeguard.tasks.tokens import both_stacks
+from moeguard.testing import tiny_model
 
 from moeguard.models.families import FAMILIES as FAMILY_REGISTRY  # noqa: E402
 
@@ -44,18 +45,18 @@ def test_every_mode_trains_only_its_parameters_and_releases_the_model(family, mo
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref_logits = model(**model_inputs(model, ids)).logits
+        ref_logits = model(**both_stacks(model, ids)).logits
     t = apply_mode(model, mode)
     assert t.params, "a mode must train something"
     r = finetune(t, examples(), FinetuneConfig(mode=mode, min_steps=4, epochs=1, batch_size=4, lr=1e-2), pad_id=0)
     assert r.steps == 4 and len(r.losses) == 4 and all(map(torch.isfinite, torch.tensor(r.losses)))
     with torch.no_grad():
-        tuned_logits = t.model(**model_inputs(model, ids)).logits
+        tuned_logits = t.model(**both_stacks(model, ids)).logits
     assert not torch.allclose(tuned_logits, ref_logits), "training changed nothing the model computes"
     if mode == "lora":
         merged = t.merged()
         with torch.no_grad():
-            gap = (merged(**model_inputs(merged, ids)).logits - tuned_logits).abs().max()
+            gap = (merged(**both_stacks(merged, ids)).logits - tuned_logits).abs().max()
         # folding B@A into W only reorders float sums: far below what training moved
         assert gap < 0.1 * (tuned_logits - ref_logits).abs().max()
         return

@@ -19,7 +19,8 @@ from moeguard.models.families import FAMILIES
 from moeguard.models.loading import model_class
 from moeguard.models.prune import prune_model
 from moeguard.pruning.checkpoint import INDEX_NAME, RECORD_NAME, plan_tensors, prune_checkpoint
-from moeguard.testing import checkpoint_tensors, model_inputs, tiny_model
+from moeguard.tasks.tokens import both_stacks
+from moeguard.testing import checkpoint_tensors, tiny_model
 
 KEPT = [0, 2, 5, 7]
 
@@ -110,11 +111,11 @@ def test_streaming_equals_in_memory(fam, saved):
 
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = pruned(**model_inputs(pruned, ids)).logits
+        want = pruned(**both_stacks(pruned, ids)).logits
         for out in ("stream", "stream_sh"):
             loaded = model_class(pruned.config).from_pretrained(root / out).eval()
             assert MoEAdapter(loaded).num_experts == 4
-            got = loaded(**model_inputs(loaded, ids)).logits
+            got = loaded(**both_stacks(loaded, ids)).logits
             if MoEAdapter(loaded).family.expert_layout == "modules":
                 # one nn.Linear per expert on a few rows: memory-mapped weights take other BLAS paths than
                 # in-memory copies of the same values (1e-6 apart; cloning them gives torch.equal)

@@ -48,12 +48,11 @@ def resolve_grid(model: ModelHandle, *, tasks: Iterable | None = None, methods: 
     """A study grid of tasks x attribution methods x keep levels, each checked (tasks readable,
     methods registered, keeps within the model's one keep rule). Defaults: the embedded suite,
     every registered method, the model's :meth:`~ModelHandle.default_keeps`."""
-    from moeguard.attribution.base import check_method_runs, get_method, list_methods
+    from moeguard.attribution.base import check_method_runs, get_method, list_methods, runs_on
 
     task_list = embedded_or(tasks)
     # by default every method the model's family can run (an encoder-decoder: the routing-statistics ones)
-    names = list(methods) if methods else [m.name for m in list_methods()
-                                           if not (model.family.encoder_decoder and m.causal_only)]
+    names = list(methods) if methods else [m.name for m in list_methods() if runs_on(m, model.family)]
     for m in names:
         check_method_runs(get_method(m), model.family)
     levels = [model.check_keep(k) for k in keeps] if keeps else model.default_keeps()

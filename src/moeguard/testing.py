@@ -218,11 +218,3 @@ def causal_families() -> list[str]:
     from moeguard.models.families import FAMILIES
 
     return sorted(n for n in FAMILIES.names() if not FAMILIES.get(n).encoder_decoder)
-
-
-def model_inputs(model, ids, mask=None) -> dict:
-    """Keyword inputs that run every layer of ``model`` on token rows ``ids`` (an encoder-decoder's
-    decoder too: :func:`moeguard.tasks.tokens.both_stacks`)."""
-    from moeguard.tasks.tokens import both_stacks
-
-    return both_stacks(model, ids, mask)

@@ -125,10 +125,15 @@ def get_method(name: str) -> Method:
     return METHODS.get(name)
 
 
+def runs_on(method: Method, family) -> bool:
+    """Whether ``method`` can score models of ``family`` (an encoder-decoder: not the causal-only ones)."""
+    return not (family.encoder_decoder and method.causal_only)
+
+
 def check_method_runs(method: Method, family) -> None:
     """Refuse, before any weights load, a method that cannot score this family's models."""
-    if family.encoder_decoder and method.causal_only:
-        able = ", ".join(m.name for m in list_methods() if not m.causal_only)
+    if not runs_on(method, family):
+        able = ", ".join(m.name for m in list_methods() if runs_on(m, family))
         raise MoeguardError(f"method '{method.name}' does not score encoder-decoders ({family.name}): it {method.causal_only}",
                             hint=f"use one of {able}")
 

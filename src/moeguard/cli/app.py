@@ -39,9 +39,9 @@ _python_format_warning = warnings.formatwarning
 
 @app.callback()
 def _global_options(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
-          trust_inferred_family: Annotated[bool, typer.Option(
-              "--trust-inferred-family", help="use a family spec moeguard inferred but could not verify against "
-                                              "the model's own router (see `moeguard families`)")] = False) -> None:
+                    trust_inferred_family: Annotated[bool, typer.Option(
+                        "--trust-inferred-family", help="use a family spec moeguard inferred but could not verify against "
+                                                        "the model's own router (see `moeguard families`)")] = False) -> None:
     from moeguard.models.families import trust_inferred_families
 
     _state["debug"] = debug

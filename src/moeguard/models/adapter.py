@@ -193,13 +193,22 @@ class MoEAdapter:
         its decoder's)."""
         return [layer for path in self.family.stacks for layer in _get_path(self.model, path)]
 
+    @cached_property
+    def stack_starts(self) -> dict[str, int]:
+        """Each stack's path -> the index of its first layer (indices run on across stacks)."""
+        starts, first = {}, 0
+        for path in self.family.stacks:
+            starts[path] = first
+            first += len(_get_path(self.model, path))
+        return starts
+
     def stack_of(self, index: int) -> tuple[str, int]:
         """(the stack's path, the layer's index within it) of layer ``index``."""
-        for path in self.family.stacks:
-            n = len(_get_path(self.model, path))
-            if index < n:
-                return path, index
-            index -= n
+        if not 0 <= index < len(self.decoder_layers):
+            raise IndexError(index)
+        for path, first in reversed(self.stack_starts.items()):   # the last stack starting at or before it
+            if index >= first:
+                return path, index - first
         raise IndexError(index)
 
     @cached_property

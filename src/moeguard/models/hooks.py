@@ -144,9 +144,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
         self._valid_decoder: torch.Tensor | None = None   # an encoder-decoder's decoder tokens
         self._decoder_shape: tuple[int, int] | None = None
         # slot -> whether the layer is in an encoder-decoder's decoder (its tokens are the decoder's)
-        first = len(self.adapter.decoder_layers) - sum(
-            len(_get_path(model, p)) for p in self.adapter.family.more_layers_paths)
-        self._in_decoder = [l.index >= first for l in self.adapter.layers]
+        self._in_decoder = [self.adapter.stack_of(l.index)[0] != self.adapter.family.layers_path
+                            for l in self.adapter.layers]
         self._batch_shape: tuple[int, int] | None = None
         self._sample_counts: torch.Tensor | None = None
         self._routed: dict[int, tuple] = {}

@@ -108,10 +108,9 @@ def _infer(config) -> Inference:
     model_type = getattr(config, "model_type", None)
     if model_type in _BY_MODEL_TYPE:
         return Inference(model_type, "built-in", _BY_MODEL_TYPE.get(model_type))
-    if model_type in UPSTREAM_BROKEN:
-        return Inference(model_type, "unsupported", reasons=(UPSTREAM_BROKEN[model_type],))
-    if model_type in NOT_YET_MODELLED:
-        return Inference(model_type, "unsupported", reasons=(NOT_YET_MODELLED[model_type],))
+    known = UPSTREAM_BROKEN.get(model_type) or NOT_YET_MODELLED.get(model_type)
+    if known:
+        return Inference(model_type, "unsupported", reasons=(known,))
     try:
         model = _meta(config)
     except Exception as e:   # no model class, or the config cannot build one

@@ -126,8 +126,8 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
     count_key = family.config_key(family.num_experts_key)
     # a fixed rule (Switch's top-1) has no top-k key to check
     top_k_key = family.config_key(family.top_k_key) if family.top_k_key else "the router's fixed top-k"
-    E, k = getattr(config, family.num_experts_key, None), family.top_k(config) if not family.top_k_key \
-        else getattr(config, family.top_k_key, None)
+    E = getattr(config, family.num_experts_key, None)
+    k = getattr(config, family.top_k_key, None) if family.top_k_key else family.fixed_top_k
     checks = ((count_key, E), (top_k_key, k))
     if family.routing.capacity_key:
         checks += ((family.config_key(family.routing.capacity_key), getattr(config, family.routing.capacity_key, None)),)

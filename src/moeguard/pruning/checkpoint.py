@@ -436,7 +436,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     output appears only once complete; ``src`` is only read. Returns the pruning record, also
     written to ``out/moeguard_pruning.json``.
     """
-    from moeguard.models.adapter import MoEAdapter, _get_path
+    from moeguard.models.adapter import MoEAdapter
     from moeguard.models.hooks import normalize_keep
     from moeguard.models.prune import pruned_config
 
@@ -464,10 +464,8 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     adapter = MoEAdapter(meta_model(config), family=family)
     keep = normalize_keep(adapter, keep)
     new_config, changes = pruned_config(adapter, keep)
-    stacks, first = {}, 0
-    for path, on_disk in zip(family.stacks, family.disk_stacks):   # each stack's first layer index
-        stacks[on_disk] = first
-        first += len(_get_path(adapter.model, path))
+    # each stack's path on disk -> the index of its first layer
+    stacks = {on_disk: adapter.stack_starts[path] for path, on_disk in zip(family.stacks, family.disk_stacks)}
     plan = plan_tensors(files, headers, layers_path=stacks,
                         experts={l.index: l.num_experts for l in adapter.layers}, keep=keep,
                         layout=family.disk_layout(), merge=merge)

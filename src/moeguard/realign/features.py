@@ -120,8 +120,9 @@ def _generated_uncertainty(model, tokenizer, task, records, batch_size):
 def embeddings(model, tokenizer, task: Task, records: Sequence[dict[str, Any]], *, batch_size: int = 32) -> torch.Tensor:
     """[n, hidden] mean of the final hidden state over each sample's input tokens."""
     rows = []
+    seq2seq = T.decoder_start(model) is not None
     for ids, mask in _batches(model, tokenizer, task, records, batch_size):
-        if T.decoder_start(model) is not None:   # an encoder-decoder: its encoder's reading of the sample
+        if seq2seq:   # an encoder-decoder: its encoder's reading of the sample
             hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         else:
             hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
