@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,10 +91,11 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
     from moeguard.monitor.serve import create_app
 
     m, tok, prof = served
-    mon = RoutingMonitor(m, prof, alpha=0.05)   # 120 calibration requests: the request p floor is 2/121
     alerts = tmp_path / "alerts.jsonl"
+    # 120 calibration requests: the request p floor is 2/121
+    mon = RoutingMonitor(m, prof, alpha=0.05, on_result=_alert_writer(alerts))
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(m, tok, mon, on_result=_alert_writer(alerts)), host="127.0.0.1",
+    server = uvicorn.Server(uvicorn.Config(create_app(m, tok, mon), host="127.0.0.1",
                                            port=port, log_level="warning", access_log=False))
     with mon:
         t = threading.Thread(target=server.run, daemon=True)
@@ -163,3 +165,100 @@ def test_a_damaged_profile_is_one_line_never_a_traceback(served, damage):
     damage(d)
     with pytest.raises(MoeguardError, match=r"P.json is a damaged routing profile"):
         Profile.from_dict(d, where="P.json")
+
+
+def _stream(m, tok, mon, prompts):
+    """Requests of every shape the hook meets: plain, generated, padded, two prompt rows in one
+    request, and one called with embeddings (no ids); returns their RequestResults."""
+    ids = [([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(p, add_special_tokens=False)["input_ids"]
+           for p in prompts]
+    out = []
+    with mon, torch.no_grad():
+        for i, x in enumerate(ids):
+            embeds = m.get_input_embeddings()(torch.tensor([x]))      # before the request: its ids are not seen
+            with mon.request(f"c{i % 3}") as r:
+                if i % 5 == 1:
+                    m.generate(torch.tensor([x]), max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+                elif i % 5 == 2:     # padded to a longer row
+                    m(input_ids=torch.tensor([x + [tok.pad_token_id] * 5]), attention_mask=torch.tensor([[1] * len(x) + [0] * 5]))
+                elif i % 5 == 3:     # two rows of one request, the shorter padded
+                    y = ids[(i + 1) % len(ids)]
+                    w = max(len(x), len(y))
+                    m(input_ids=torch.tensor([x + [tok.pad_token_id] * (w - len(x)), y + [tok.pad_token_id] * (w - len(y))]),
+                      attention_mask=torch.tensor([[1] * len(x) + [0] * (w - len(x)), [1] * len(y) + [0] * (w - len(y))]))
+                elif i % 5 == 4 and i == 4:   # embeddings, no ids: surprise has nothing to read
+                    m(inputs_embeds=embeds)
+                else:
+                    t = torch.tensor([x])
+                    m(input_ids=t)
+                    t.fill_(0)       # the caller reuses its buffer: the request keeps what it routed
+            out.append(r)
+    return out
+
+
+def test_requests_scored_in_batches_get_what_each_scored_at_its_end_gets(served):
+    m, tok, prof = served
+    prompts = [r["input"] for t in ("arith-compare", "docstring-topic")
+               for r in load_records(get_task(t), "eval", limit=150)[130:137]]
+    got = {}
+    for every in (1, 4, 100):
+        mon = RoutingMonitor(m, prof, flush_every=every)
+        with pytest.warns(UserWarning, match="called without input ids"):
+            res = _stream(m, tok, mon, prompts)
+        text = __import__("prometheus_client").generate_latest(mon.registry).decode()
+        got[every] = ([r.result for r in res], mon._assigned.copy(),
+                      [l for l in text.splitlines() if l.startswith(("moeguard_requests_total", "moeguard_client_anomaly{"))])
+    results, assigned, metrics = got[1]
+    assert results[4]["statistics"]["surprise"] == 0.0 and results[3]["statistics"]["surprise"] > 0
+    assert sum(r["window"] is not None for r in results) == 6          # window 2: clients c0, c1, c2 complete 6
+    assert "moeguard_requests_total 14.0" in metrics
+    for every in (4, 100):
+        other, a, met = got[every]
+        assert met == metrics and np.array_equal(a, assigned)
+        for r, o in zip(results, other):
+            assert o["p"] == pytest.approx(r["p"], rel=1e-9) and (o["window"] is None) == (r["window"] is None)
+            for k in r["statistics"]:
+                assert o["statistics"][k] == pytest.approx(r["statistics"][k], rel=1e-9, abs=1e-12), k
+            if r["window"]:
+                assert o["window"]["p"] == pytest.approx(r["window"]["p"], rel=1e-9)
+
+
+def test_a_batch_waits_until_full_a_read_or_a_scrape_and_reports_in_order(served):
+    from prometheus_client import generate_latest
+
+    m, tok, prof = served
+    seen = []
+    mon = RoutingMonitor(m, prof, flush_every=3, on_result=lambda c, r: seen.append((c, r["p"])))
+    ids = torch.tensor([[tok.bos_token_id or 1] + tok("def add(a, b): return a + b", add_special_tokens=False)["input_ids"]])
+    with mon, torch.no_grad():
+        rs = []
+        for c in ("a", "b"):
+            with mon.request(c) as r:
+                m(input_ids=ids)
+            rs.append(r)
+        assert len(mon._pending) == 2 and seen == []                      # waiting: no scores yet
+        assert "moeguard_requests_total 2.0" in generate_latest(mon.registry).decode()   # a scrape scores them
+        assert [c for c, _ in seen] == ["a", "b"] and not mon._pending
+        for c in ("c", "d", "e"):
+            with mon.request(c) as r:
+                m(input_ids=ids)
+            rs.append(r)
+        assert [c for c, _ in seen] == ["a", "b", "c", "d", "e"]           # the third filled the batch
+        with mon.request("f") as r:
+            m(input_ids=ids)
+        assert len(mon._pending) == 1 and r.result["p"] == seen[-1][1] and seen[-1][0] == "f"   # a read scores it
+    with mon.request("g") as failed:    # hooks detached: nothing ran through them, nothing to score
+        pass
+    assert failed.result == {} and len(seen) == 6
+    from moeguard.errors import MoeguardError
+    with pytest.raises(MoeguardError, match="flush_every is 0"):
+        RoutingMonitor(m, prof, flush_every=0)
+
+
+def test_serve_refuses_a_batch_size_below_one_in_one_line(capsys, tmp_path):
+    from moeguard.cli.app import main
+
+    capsys.readouterr()
+    code = main(["serve", "--profile", str(tmp_path / "P.json"), "--flush-every", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "--flush-every is 0" in err and "pass at least 1" in err

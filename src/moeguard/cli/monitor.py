@@ -152,6 +152,8 @@ def serve(
         alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
         alerts: Annotated[Optional[Path], typer.Option("--alerts", help="append alerts here (JSON Lines, no prompts)")] = None,
         max_clients: Annotated[int, typer.Option("--max-clients", help="clients whose windows are tracked (least recent evicted)")] = 1000,
+        flush_every: Annotated[int, typer.Option("--flush-every", help="score requests in batches of this many (and at "
+                                                 "every /metrics scrape); 1: each as it ends")] = 16,
         model: ModelOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
@@ -167,17 +169,19 @@ def serve(
         raise MoeguardError(f"--alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
     if max_clients < 1:
         raise MoeguardError(f"--max-clients is {max_clients}", hint="pass at least 1")
+    if flush_every < 1:
+        raise MoeguardError(f"--flush-every is {flush_every}", hint="pass at least 1 (1 scores each request as it ends)")
     if alerts is not None and not alerts.parent.is_dir():
         raise MoeguardError(f"folder {alerts.parent} for --alerts does not exist", hint=f"create it: mkdir -p {alerts.parent}")
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))
     handle = resolve_model(model)
     m, tok, _ = handle.load()
-    mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients)
-    on_result = _alert_writer(alerts) if alerts is not None else None
+    mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
+                         on_result=_alert_writer(alerts) if alerts is not None else None)
     import uvicorn
 
-    app_ = create_app(m, tok, mon, name=handle.name, on_result=on_result)
+    app_ = create_app(m, tok, mon, name=handle.name)
     typer.echo(f"serving {handle.name} on http://{host}:{port}/v1/completions (metrics: /metrics)")
     with mon:
         uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)

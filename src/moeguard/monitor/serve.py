@@ -27,9 +27,9 @@ MAX_TOKENS = 64
 
 
 def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moeguard", max_prompt_chars: int = 8000,
-               max_body_bytes: int = 64_000, on_result=None):
-    """The FastAPI app. ``on_result(client, result)`` receives each request's monitor result
-    (server side: alerts to a log, a SIEM, ...)."""
+               max_body_bytes: int = 64_000):
+    """The FastAPI app. Each request's monitor result goes to the monitor's ``on_result`` (server
+    side: alerts to a log, a SIEM, ...) when its batch is scored, never into the response."""
     import torch
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
@@ -62,13 +62,11 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
         if not ids:
             return JSONResponse({"error": {"message": "empty prompt"}}, status_code=400)
         with lock, torch.no_grad():
-            with monitor.request(body.user) as r:
+            with monitor.request(body.user):
                 out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                      max_new_tokens=body.max_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         new = out[0, len(ids):].tolist()
-        if on_result is not None:
-            on_result(body.user, r.result)
         eos = tokenizer.eos_token_id
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": 0, "text": tokenizer.decode(new, skip_special_tokens=True),

@@ -101,13 +101,17 @@ class TokenRouting:
 
     def token_scores(self, ids: np.ndarray, routed: np.ndarray) -> np.ndarray:
         """[T] s(token) for ids [T] and routed [L, T, k]."""
-        rows = self._row[np.minimum(np.maximum(ids, 0), self.vocab)]     # (np.clip's dispatch costs more)
-        flat = rows[:, None, None] + self._layers + routed.transpose(1, 0, 2)                # [T, L, k]
-        return self._nll.take(flat).sum((1, 2))
+        return self.scores_flat(ids, routed.transpose(1, 0, 2) + self._layers)
 
-    def surprise(self, ids: np.ndarray, routed: np.ndarray) -> float:
-        """The largest mean token score over ``SEGMENT`` consecutive tokens (a leading BOS excluded)."""
-        s = self.token_scores(ids, routed)
+    def scores_flat(self, ids: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """[T] s(token) for ids [T] and ``cells`` [T, L, k]: the routed experts with layer l's at
+        l * E (the online monitor scores a batch's tokens in one call)."""
+        rows = self._row[np.minimum(np.maximum(ids, 0), self.vocab)]     # (np.clip's dispatch costs more)
+        return self._nll.take(rows[:, None, None] + cells).sum((1, 2))
+
+    def stretch(self, ids: np.ndarray, s: np.ndarray) -> float:
+        """The largest mean of token scores ``s`` [T] over ``SEGMENT`` consecutive tokens (a
+        leading BOS excluded)."""
         if len(ids) and self.bos is not None and int(ids[0]) == self.bos:
             s = s[1:]
         if len(s) == 0:
@@ -116,6 +120,30 @@ class TokenRouting:
             return float(s.mean())
         c = np.concatenate([[0.0], np.cumsum(s)])
         return float(((c[SEGMENT:] - c[:-SEGMENT]) / SEGMENT).max())
+
+    def stretches(self, ids: np.ndarray, s: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """``stretch`` of each of several rows laid end to end: ids and scores [M], ``lengths``
+        [rows] summing to M. One pass over a batch's rows (the online monitor's); equal to
+        ``stretch`` per row up to rounding (the running sum spans the rows)."""
+        starts = np.cumsum(lengths) - lengths
+        if self.bos is not None and len(ids):                   # a row's leading BOS is not the user's text
+            lead = (lengths > 0) & (ids[np.minimum(starts, len(ids) - 1)] == self.bos)
+            starts, lengths = starts + lead, lengths - lead
+        c = np.concatenate([[0.0], np.cumsum(s)])
+        out = np.zeros(len(lengths))
+        short = (lengths > 0) & (lengths <= SEGMENT)
+        out[short] = (c[starts + lengths] - c[starts])[short] / lengths[short]
+        long = lengths > SEGMENT
+        if long.any():
+            n = lengths[long] - SEGMENT + 1                     # windows per long row
+            first = np.cumsum(n) - n                            # each row's first window in the flat list
+            j = np.arange(n.sum()) + np.repeat(starts[long] - first, n)   # every window's first token
+            out[long] = np.maximum.reduceat((c[j + SEGMENT] - c[j]) / SEGMENT, first)
+        return out
+
+    def surprise(self, ids: np.ndarray, routed: np.ndarray) -> float:
+        """``stretch`` of the token scores of ids [T] routed [L, T, k]."""
+        return self.stretch(ids, self.token_scores(ids, routed))
 
     def to_dict(self) -> dict[str, Any]:
         return {"top_k": self.top_k, "vocab": self.vocab, "bos": self.bos, "shape": list(self.counts.shape),
