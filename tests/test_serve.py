@@ -250,6 +250,18 @@ def test_a_batch_waits_until_full_a_read_or_a_scrape_and_reports_in_order(served
     with mon.request("g") as failed:    # hooks detached: nothing ran through them, nothing to score
         pass
     assert failed.result == {} and len(seen) == 6
+    # a callback that raises loses no result: every request of the batch is scored, the error raised once
+
+    def broken(client, result):
+        seen.append(client)
+        raise OSError("disk full")
+    mon = RoutingMonitor(m, prof, flush_every=2, on_result=broken)
+    with mon, torch.no_grad():
+        with mon.request("x") as rx:
+            m(input_ids=ids)
+        with pytest.raises(OSError, match="disk full"), mon.request("y") as ry:
+            m(input_ids=ids)
+    assert seen[-2:] == ["x", "y"] and rx.result["p"] > 0 and ry.result["p"] > 0 and not mon._pending
     from moeguard.errors import MoeguardError
     with pytest.raises(MoeguardError, match="flush_every is 0"):
         RoutingMonitor(m, prof, flush_every=0)

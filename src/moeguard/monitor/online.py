@@ -196,8 +196,16 @@ class RoutingMonitor:
             for i, (out, *_) in enumerate(batch):
                 out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i)
                 out._scored = True
-                if self.on_result is not None:
+            # every result is recorded before any callback runs: one that raises (a full disk under
+            # an alert log) loses no other request's result; the first error is raised after all ran
+            error = None
+            for out, *_ in batch if self.on_result is not None else ():
+                try:
                     self.on_result(out.client, out.result)
+                except Exception as e:  # noqa: BLE001 -- re-raised below, once every callback has run
+                    error = error or e
+            if error is not None:
+                raise error
 
     def _prefills(self, batch: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch's routing counts [N, L, E], embeddings [N, dim] and ``surprise`` [N], padding
