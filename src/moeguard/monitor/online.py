@@ -212,8 +212,9 @@ class RoutingMonitor:
         excluded, with a handful of calls for the whole batch: straight after a forward, each numpy
         or torch call costs ~10x what it does in a loop, so per-request calls are what batching saves."""
         L, E, N = self._layer_offsets.shape[1], self._E, len(batch)
-        # tensors become numpy views at once (torch's per-call dispatch on these tiny arrays is several
-        # times numpy's); the routed ids are joined per layer: L calls, not one per request
+        # tensors become numpy at once (torch's per-call dispatch on these tiny arrays is several times
+        # numpy's; on a GPU server .cpu() copies them, on a CPU it is free); the routed ids are joined
+        # per layer: L calls, not one per request
         toks, masks, hidden, rows_of, lengths = [], [], [], [], []   # per prompt row: its request, tokens kept
         has_ids = np.ones(N, dtype=bool)
         for r, (_, tokens, tids, mask, pooled) in enumerate(batch):
@@ -225,10 +226,10 @@ class RoutingMonitor:
                                   "(no token ids to look up); the other statistics are unaffected")
                 t, has_ids[r] = np.zeros((1, n), dtype=np.int64), False
             else:
-                t = tids.numpy().reshape(-1, tids.shape[-1]) if n else tids.numpy().reshape(1, 0)
+                t = tids.cpu().numpy().reshape(-1, tids.shape[-1]) if n else np.zeros((1, 0), dtype=np.int64)
             toks.append(t.reshape(-1))
             if mask is not None and mask is not False and mask.numel() == n:
-                m = mask.numpy().reshape(t.shape) != 0
+                m = mask.cpu().numpy().reshape(t.shape) != 0
                 masks.append(m.reshape(-1))
                 per_row = m.sum(1).tolist()
             else:
@@ -236,8 +237,8 @@ class RoutingMonitor:
                 per_row = [t.shape[1]] * len(t)
             rows_of += [r] * len(per_row)
             lengths += per_row
-            hidden.append(pooled.numpy())                                   # [rows, hidden] float32
-        cells = torch.stack([torch.cat([b[1][l] for b in batch]) for l in range(L)], 1).numpy()   # [M, L, k]
+            hidden.append(pooled.numpy())                 # [rows, hidden] float32, on the CPU (PooledHidden)
+        cells = torch.stack([torch.cat([b[1][l] for b in batch]) for l in range(L)], 1).cpu().numpy()   # [M, L, k]
         tok = np.concatenate(toks)
         if any(m is not None for m in masks):   # padded positions are not the prompt's
             sel = np.concatenate([m if m is not None else np.ones(len(t), dtype=bool) for m, t in zip(masks, toks)])
@@ -250,9 +251,9 @@ class RoutingMonitor:
         counts = np.bincount(flat.ravel(), minlength=N * L * E).reshape(N, L, E).astype(np.float64)
         ntok = np.bincount(owner, minlength=N).astype(np.float64)
         rows = np.concatenate(hidden).astype(np.float64)                            # [rows, hidden]
-        sums = rows if len(rows) == N else np.add.reduceat(rows, np.searchsorted(np.repeat(
-            np.arange(N), [len(h) for h in hidden]), np.arange(N)), axis=0)         # [N, hidden]: each prompt's rows
-        x = self.profile.space(sums, ntok)                                          # [N, dim]
+        if len(rows) != N:                      # a request of several rows: the sum of its rows
+            rows = np.add.reduceat(rows, np.cumsum([0] + [len(h) for h in hidden[:-1]]), axis=0)
+        x = self.profile.space(rows, ntok)                                          # [N, dim]
         # surprise: every token's score at once, the largest stretch per prompt row, per request the largest row
         table = self.profile.tokens
         per_row = table.stretches(tok, table.scores_flat(tok, cells), lengths)      # [rows]
