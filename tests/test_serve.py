@@ -265,12 +265,41 @@ def test_a_batch_waits_until_full_a_read_or_a_scrape_and_reports_in_order(served
     from moeguard.errors import MoeguardError
     with pytest.raises(MoeguardError, match="flush_every is 0"):
         RoutingMonitor(m, prof, flush_every=0)
+    with pytest.raises(MoeguardError, match="max_delay_s is -1"):
+        RoutingMonitor(m, prof, max_delay_s=-1)
 
 
-def test_serve_refuses_a_batch_size_below_one_in_one_line(capsys, tmp_path):
+def test_a_request_no_batch_fills_is_scored_within_the_delay_bound(served):
+    m, tok, prof = served
+    seen = []
+    mon = RoutingMonitor(m, prof, flush_every=100, max_delay_s=0.2, on_result=lambda c, r: seen.append((c, time.monotonic())))
+    ids = torch.tensor([[tok.bos_token_id or 1] + tok("is 3 less than 4", add_special_tokens=False)["input_ids"]])
+    with mon, torch.no_grad():
+        ticker = mon._ticker
+        with mon.request("quiet"):
+            m(input_ids=ids)
+        done = time.monotonic()
+        while not seen and time.monotonic() - done < 5:
+            time.sleep(0.02)
+        assert seen and seen[0][0] == "quiet" and seen[0][1] - done < 1.0, seen    # no read, no scrape, no full batch
+        assert ticker.is_alive() and not mon._pending
+    assert not ticker.is_alive() and mon._ticker is None                         # stopped with the monitor
+    quiet = RoutingMonitor(m, prof, flush_every=100, max_delay_s=None)
+    with quiet, torch.no_grad():
+        assert quiet._ticker is None
+        with quiet.request("q"):
+            m(input_ids=ids)
+        time.sleep(0.3)
+        assert len(quiet._pending) == 1                                            # unbounded: it waits
+
+
+def test_serve_refuses_a_batch_below_one_or_a_delay_bound_not_above_zero_in_one_line(capsys, tmp_path):
     from moeguard.cli.app import main
 
     capsys.readouterr()
     code = main(["serve", "--profile", str(tmp_path / "P.json"), "--flush-every", "0"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "--flush-every is 0" in err and "pass at least 1" in err
+    code = main(["serve", "--profile", str(tmp_path / "P.json"), "--max-delay", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "--max-delay is 0" in err and "positive number of seconds" in err

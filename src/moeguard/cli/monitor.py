@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -154,6 +155,8 @@ def serve(
         max_clients: Annotated[int, typer.Option("--max-clients", help="clients whose windows are tracked (least recent evicted)")] = 1000,
         flush_every: Annotated[int, typer.Option("--flush-every", help="score requests in batches of this many (and at "
                                                  "every /metrics scrape); 1: each as it ends")] = 16,
+        max_delay: Annotated[float, typer.Option("--max-delay", help="seconds a request may wait to be scored when "
+                                                 "no batch fills")] = 1.0,
         model: ModelOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
@@ -171,13 +174,15 @@ def serve(
         raise MoeguardError(f"--max-clients is {max_clients}", hint="pass at least 1")
     if flush_every < 1:
         raise MoeguardError(f"--flush-every is {flush_every}", hint="pass at least 1 (1 scores each request as it ends)")
+    if not 0 < max_delay < math.inf:
+        raise MoeguardError(f"--max-delay is {max_delay}", hint="pass a positive number of seconds, e.g. 1")
     if alerts is not None and not alerts.parent.is_dir():
         raise MoeguardError(f"folder {alerts.parent} for --alerts does not exist", hint=f"create it: mkdir -p {alerts.parent}")
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))
     handle = resolve_model(model)
     m, tok, _ = handle.load()
-    mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
+    mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
                          on_result=_alert_writer(alerts) if alerts is not None else None)
     import uvicorn
 

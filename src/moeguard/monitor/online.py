@@ -15,9 +15,10 @@ every metrics scrape, and when the monitor is exited; ``on_result(client, result
 each is scored. Straight after a forward, every numpy call costs ~10x what it does in a loop (the
 forward has evicted its code and data), so scoring one request at a time cost 0.6 ms on the
 embedded model, 1.08x its batch-1 forward; in batches, the requests share those first calls.
-``flush_every=1`` scores each request at its exit. Alerts are late by at most ``flush_every - 1``
-requests or one scrape. The waiting requests' token ids stay in memory until their batch is
-scored (at most ``flush_every`` prompts' worth), and are never written anywhere.
+``flush_every=1`` scores each request at its exit. A result is late by at most ``max_delay_s``
+(default 1 s: while the monitor is entered, a daemon thread scores what waited that long), and
+less when traffic fills a batch or a scrape comes. The waiting requests' token ids stay in memory
+until their batch is scored (at most ``flush_every`` prompts' worth), and are never written anywhere.
 
 Only the request's **prefill** is counted (the profile is of prompts; generated tokens would
 shift it). Per client the monitor keeps one running sum of routing histograms ([L, E] floats),
@@ -40,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -75,7 +77,7 @@ class RequestResult:
 
 class RoutingMonitor:
     def __init__(self, model, profile: Profile, *, alpha: float = 0.01, max_clients: int = 1000, registry=None,
-                 flush_every: int = 16, on_result=None):
+                 flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         from moeguard.models.adapter import MoEAdapter
@@ -89,6 +91,13 @@ class RoutingMonitor:
 
             raise MoeguardError(f"flush_every is {flush_every}", hint="score every request (1) or batches of more")
         self.flush_every = int(flush_every)
+        if max_delay_s is not None and not (isinstance(max_delay_s, (int, float)) and 0 < max_delay_s < math.inf):
+            from moeguard.errors import MoeguardError
+
+            raise MoeguardError(f"max_delay_s is {max_delay_s}", hint="pass a positive number of seconds, or None")
+        self.max_delay_s = max_delay_s               # a waiting request is scored at most this late (None: no bound)
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
         self.on_result = on_result                   # (client, result) per scored request: alerts to a log, a SIEM
         self._pending: list = []                     # captured requests not scored yet (at most flush_every)
         self._flush_lock = threading.Lock()          # one flush at a time: windows see requests in order
@@ -147,11 +156,33 @@ class RoutingMonitor:
             stack.callback(self.model.get_input_embeddings().register_forward_pre_hook(self._ids_hook).remove)
             stack.callback(self.model.register_forward_pre_hook(self._mask_hook, with_kwargs=True).remove)
             self._hooks = stack.pop_all()
+        if self.max_delay_s is not None:
+            # quiet traffic fills no batch and a server may go unscraped: a daemon thread scores what
+            # waited max_delay_s. It runs a flush (~1-2 ms) at most once per interval; a forward it
+            # overlaps shares the GIL that long, and back-to-back traffic fills batches before it fires
+            self._stop.clear()
+            self._ticker = threading.Thread(target=self._tick, name="moeguard-monitor-flush", daemon=True)
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.close()
+        if self._ticker is not None:
+            self._stop.set()
+            self._ticker.join()
+            self._ticker = None
         self.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.max_delay_s / 4):
+            with self._lock:
+                due = bool(self._pending) and time.monotonic() - self._pending[0][-1] >= self.max_delay_s
+            if due:
+                try:
+                    self.flush()
+                except Exception as e:  # noqa: BLE001 -- on_result's error; the results are recorded (flush)
+                    warnings.warn(f"the monitor's on_result failed while scoring waiting requests: "
+                                  f"{type(e).__name__}: {e}")
 
     # --- one request ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -175,7 +206,7 @@ class RoutingMonitor:
             out._scored = True          # nothing (or not every layer) ran: a failed request, result {}
             return
         with self._lock:
-            self._pending.append((out, routed, ids, mask, pooled[0]))
+            self._pending.append((out, routed, ids, mask, pooled[0], time.monotonic()))
             full = len(self._pending) >= self.flush_every
         if full:
             self.flush()
@@ -217,7 +248,7 @@ class RoutingMonitor:
         # per layer: L calls, not one per request
         toks, masks, hidden, rows_of, lengths = [], [], [], [], []   # per prompt row: its request, tokens kept
         has_ids = np.ones(N, dtype=bool)
-        for r, (_, tokens, tids, mask, pooled) in enumerate(batch):
+        for r, (_, tokens, tids, mask, pooled, _) in enumerate(batch):
             n = len(tokens[0])
             if tids is None or tids.numel() != n:
                 if not self._warned_ids:
