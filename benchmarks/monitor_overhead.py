@@ -19,7 +19,9 @@ block, so drift hits both alike) and reports per setting:
 
 ``flush_every=1`` (each request scored as it ends, the monitor's behaviour before batching) is
 measured beside the default. Hooks are attached once per block, outside the timing, as a server
-attaches them once. A served request is one prompt, so batch 1 is the case that matters and the
+attaches them once. The default ``max_delay_s`` (1 s) runs as a user gets it: on the wide model a
+block outlasts it, and the delay thread scores part of the block while it runs (that cost lands
+in the forwards it overlaps); what still waits at a block's end is scored inside its timing. A served request is one prompt, so batch 1 is the case that matters and the
 hardest for the ratio (the forward is shortest); batch 8 and a 0.3 B-parameter model are measured too.
 """
 
@@ -80,8 +82,11 @@ def main() -> None:
                             with mon.request(f"client-{i % 4}"):
                                 m(input_ids=ids, use_cache=False)
                             times[kind].append(time.perf_counter() - t)
-                        if mon._pending:
-                            raise RuntimeError("a block ended with requests not scored: the timing missed their cost")
+                        # what still waits (the delay thread may have scored part of a slow block, so the
+                        # block's last request need not fill a batch) is scored inside the timing
+                        t = time.perf_counter()
+                        mon.flush()
+                        times[kind][-1] += time.perf_counter() - t
                     blocks_s[kind].append(sum(times[kind][start:]))
         plain_mean, plain_med = statistics.fmean(times["plain"]), statistics.median(times["plain"])
         plain_block = statistics.median(blocks_s["plain"])
