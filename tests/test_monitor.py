@@ -92,12 +92,23 @@ def test_cli_runs_targets_resumably_and_draws_the_heat_map(tmp_path, capsys, mon
 
 def test_conflicting_or_missing_targets_are_one_line_errors(tmp_path, capsys):
     for extra, needle in ((["--all", "--expert", "1"], "--all and --expert were both given"),
-                          ([], "no target expert"), (["--expert", "12"], "expert 12 does not exist in layer 0")):
+                          ([], "no target expert"), (["--expert", "12"], "expert 12 does not exist in layer 0"),
+                          (["--expert", "1", "--task", "stdlib-code"],
+                           "language_modeling task 'stdlib-code' has running text, no inputs")):
         capsys.readouterr()
         assert main(["route-attack", "--out", str(tmp_path / "x"), "--layer", "0", *extra]) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_default_profile_takes_every_embedded_task_running_text_included(tmp_path, capsys):
+    """No --tasks: the embedded suite, whose language-modeling tasks send their texts as prompts."""
+    prof = tmp_path / "P.json"
+    assert main(["monitor", "profile", "--out", str(prof), "--limit", "8", "--window", "2"]) == 0
+    doc = json.loads(prof.read_text())
+    assert set(doc["tasks"]) >= {"arith-compare", "stdlib-code", "stdlib-docs"} and "stdlib-code" in doc["topics"]
+    assert doc["requests"]["fit"] == 4 * len(doc["tasks"]) and "6 tasks" in capsys.readouterr().out
 
 
 def _log(path, rows):

@@ -80,7 +80,7 @@ def monitor_profile(
     from moeguard.errors import MoeguardError
     from moeguard.io import check_output, write_json
     from moeguard.monitor.profile import build
-    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.loaders import load_records, prompt_text
 
     if limit < 8:
         raise MoeguardError(f"--limit is {limit}", hint="pass --limit of at least 8 inputs per task")
@@ -89,7 +89,8 @@ def monitor_profile(
     check_output(out, overwrite=overwrite)
     handle = resolve_model(model)
     ts = embedded_or(_task_list(tasks), what="--tasks")
-    prompts = {t.name: [r["input"] for r in load_records(t, "eval", limit=limit) if r["input"]] for t in ts}
+    # a running-text task's benign traffic is its texts (a language-modeling task has no inputs)
+    prompts = {t.name: [x for r in load_records(t, "eval", limit=limit) if (x := prompt_text(t, r))] for t in ts}
     _seed(seed)
     m, tok, _ = handle.load()
     prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name)

@@ -44,6 +44,10 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
     from moeguard.models.adapter import MoEAdapter
     from moeguard.provenance import run_record
 
+    if not task.kind_spec.prompted:   # before any output or weights: there is no input to follow the prefix
+        raise MoeguardError(f"route-attack places its prefix before a task's input, and {task.kind} task '{task.name}' "
+                            f"has running text, no inputs",
+                            hint="pass --task with a classification or summarization task, e.g. arith-compare")
     settings = {"model": handle.name, "task": task.name, "config": cfg.to_dict(), "targets": pairs}
     with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
         model, tok, _ = handle.load()

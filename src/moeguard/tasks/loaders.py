@@ -270,6 +270,12 @@ def cell_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def prompt_text(task: Task, record: dict[str, Any]) -> str:
+    """What a user of ``task`` would send for ``record``: its prompted input, or, for a kind whose
+    records are running text (language modeling), the text itself."""
+    return record.get("input" if task.kind_spec.prompted else "text") or ""
+
+
 def render_input(task: Task, row: dict[str, Any], input_col: str) -> str:
     """A row's model input: the task's ``prompt`` filled with the row's (stripped) cells, or
     the ``input_col`` cell as is when the task has no prompt."""
