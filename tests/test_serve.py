@@ -186,7 +186,7 @@ def _stream(m, tok, mon, prompts):
                     w = max(len(x), len(y))
                     m(input_ids=torch.tensor([x + [tok.pad_token_id] * (w - len(x)), y + [tok.pad_token_id] * (w - len(y))]),
                       attention_mask=torch.tensor([[1] * len(x) + [0] * (w - len(x)), [1] * len(y) + [0] * (w - len(y))]))
-                elif i % 5 == 4 and i == 4:   # embeddings, no ids: surprise has nothing to read
+                elif i == 4:         # embeddings, no ids: surprise has nothing to read
                     m(inputs_embeds=embeds)
                 else:
                     t = torch.tensor([x])
@@ -228,7 +228,8 @@ def test_a_batch_waits_until_full_a_read_or_a_scrape_and_reports_in_order(served
 
     m, tok, prof = served
     seen = []
-    mon = RoutingMonitor(m, prof, flush_every=3, on_result=lambda c, r: seen.append((c, r["p"])))
+    # no delay thread: a stalled machine must not score the waiting requests behind the test's back
+    mon = RoutingMonitor(m, prof, flush_every=3, max_delay_s=None, on_result=lambda c, r: seen.append((c, r["p"])))
     ids = torch.tensor([[tok.bos_token_id or 1] + tok("def add(a, b): return a + b", add_special_tokens=False)["input_ids"]])
     with mon, torch.no_grad():
         rs = []
@@ -255,7 +256,7 @@ def test_a_batch_waits_until_full_a_read_or_a_scrape_and_reports_in_order(served
     def broken(client, result):
         seen.append(client)
         raise OSError("disk full")
-    mon = RoutingMonitor(m, prof, flush_every=2, on_result=broken)
+    mon = RoutingMonitor(m, prof, flush_every=2, max_delay_s=None, on_result=broken)
     with mon, torch.no_grad():
         with mon.request("x") as rx:
             m(input_ids=ids)

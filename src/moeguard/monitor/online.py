@@ -17,8 +17,7 @@ forward has evicted its code and data), so scoring one request at a time cost 0.
 embedded model, 1.08x its batch-1 forward; in batches, the requests share those first calls.
 ``flush_every=1`` scores each request at its exit. A result is late by at most 1.25 x ``max_delay_s``
 (default 1 s: while the monitor is entered, a daemon thread looks four times per interval and
-scores what waited that long), and
-less when traffic fills a batch or a scrape comes. The waiting requests' token ids stay in memory
+scores what waited that long), and less when traffic fills a batch or a scrape comes. The waiting requests' token ids stay in memory
 until their batch is scored (at most ``flush_every`` prompts' worth), and are never written anywhere.
 
 Only the request's **prefill** is counted (the profile is of prompts; generated tokens would
@@ -46,11 +45,12 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
+from moeguard.errors import MoeguardError
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile
 from moeguard.monitor.tokens import RoutedIds
@@ -76,6 +76,16 @@ class RequestResult:
         self._result = value
 
 
+class _Captured(NamedTuple):
+    """One request's prefill, kept until its batch is scored."""
+    out: RequestResult
+    routed: list          # per MoE layer, [rows * T, k] top-k ids
+    ids: Any              # [rows, T] token ids, or None (called with embeddings)
+    mask: Any             # [rows, T] attention mask; None or False: none given
+    pooled: Any           # [rows, hidden] float32: the final norm's output summed over real tokens
+    at: float             # time.monotonic() when it ended (the delay bound)
+
+
 class RoutingMonitor:
     def __init__(self, model, profile: Profile, *, alpha: float = 0.01, max_clients: int = 1000, registry=None,
                  flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None):
@@ -88,24 +98,18 @@ class RoutingMonitor:
         self.window = int(profile.meta["window"])
         self.max_clients = max_clients
         if int(flush_every) < 1:
-            from moeguard.errors import MoeguardError
-
             raise MoeguardError(f"flush_every is {flush_every}", hint="score every request (1) or batches of more")
         self.flush_every = int(flush_every)
         if max_delay_s is not None and not (isinstance(max_delay_s, (int, float)) and 0 < max_delay_s < math.inf):
-            from moeguard.errors import MoeguardError
-
             raise MoeguardError(f"max_delay_s is {max_delay_s}", hint="pass a positive number of seconds, or None")
         self.max_delay_s = max_delay_s               # a waiting request is scored at most this late (None: no bound)
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
         self.on_result = on_result                   # (client, result) per scored request: alerts to a log, a SIEM
-        self._pending: list = []                     # captured requests not scored yet (at most flush_every)
+        self._pending: list[_Captured] = []          # requests not scored yet (at most flush_every)
         self._flush_lock = threading.Lock()          # one flush at a time: windows see requests in order
         L, E = len(self.adapter.layers), self.adapter.num_experts
         if (L, E) != profile.mean.shape:
-            from moeguard.errors import MoeguardError
-
             raise MoeguardError(f"the profile has {profile.mean.shape[0]} MoE layers x {profile.mean.shape[1]} experts, "
                                 f"the model {L} x {E}", hint="use the profile made for this model")
         profile.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
@@ -177,7 +181,7 @@ class RoutingMonitor:
     def _tick(self) -> None:
         while not self._stop.wait(self.max_delay_s / 4):
             with self._lock:
-                due = bool(self._pending) and time.monotonic() - self._pending[0][-1] >= self.max_delay_s
+                due = bool(self._pending) and time.monotonic() - self._pending[0].at >= self.max_delay_s
             if due:
                 try:
                     self.flush()
@@ -207,7 +211,7 @@ class RoutingMonitor:
             out._scored = True          # nothing (or not every layer) ran: a failed request, result {}
             return
         with self._lock:
-            self._pending.append((out, routed, ids, mask, pooled[0], time.monotonic()))
+            self._pending.append(_Captured(out, routed, ids, mask, pooled[0], time.monotonic()))
             full = len(self._pending) >= self.flush_every
         if full:
             self.flush()
@@ -225,13 +229,14 @@ class RoutingMonitor:
             h = counts / np.maximum(counts.sum(2, keepdims=True), 1)
             stats = self.profile.statistics(h, x, surprise)
             ps = self.profile.p_values(stats, "request")
-            for i, (out, *_) in enumerate(batch):
+            results = [c.out for c in batch]
+            for i, out in enumerate(results):
                 out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i)
                 out._scored = True
             # every result is recorded before any callback runs: one that raises (a full disk under
             # an alert log) loses no other request's result; the first error is raised after all ran
             error = None
-            for out, *_ in batch if self.on_result is not None else ():
+            for out in results if self.on_result is not None else ():
                 try:
                     self.on_result(out.client, out.result)
                 except Exception as e:  # noqa: BLE001 -- re-raised below, once every callback has run
@@ -239,7 +244,7 @@ class RoutingMonitor:
             if error is not None:
                 raise error
 
-    def _prefills(self, batch: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _prefills(self, batch: list[_Captured]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch's routing counts [N, L, E], embeddings [N, dim] and ``surprise`` [N], padding
         excluded, with a handful of calls for the whole batch: straight after a forward, each numpy
         or torch call costs ~10x what it does in a loop, so per-request calls are what batching saves."""
@@ -249,8 +254,8 @@ class RoutingMonitor:
         # per layer: L calls, not one per request
         toks, masks, hidden, rows_of, lengths = [], [], [], [], []   # per prompt row: its request, tokens kept
         has_ids = np.ones(N, dtype=bool)
-        for r, (_, tokens, tids, mask, pooled, _) in enumerate(batch):
-            n = len(tokens[0])
+        for r, (_, routed, tids, mask, pooled, _) in enumerate(batch):
+            n = len(routed[0])
             if tids is None or tids.numel() != n:
                 if not self._warned_ids:
                     self._warned_ids = True
@@ -270,7 +275,7 @@ class RoutingMonitor:
             rows_of += [r] * len(per_row)
             lengths += per_row
             hidden.append(pooled.numpy())                 # [rows, hidden] float32, on the CPU (PooledHidden)
-        cells = torch.stack([torch.cat([b[1][l] for b in batch]) for l in range(L)], 1).cpu().numpy()   # [M, L, k]
+        cells = torch.stack([torch.cat([c.routed[l] for c in batch]) for l in range(L)], 1).cpu().numpy()   # [M, L, k]
         tok = np.concatenate(toks)
         if any(m is not None for m in masks):   # padded positions are not the prompt's
             sel = np.concatenate([m if m is not None else np.ones(len(t), dtype=bool) for m, t in zip(masks, toks)])
