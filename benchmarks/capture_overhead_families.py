@@ -33,7 +33,7 @@ SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_
 SCALED = {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 256, "shared_intermediate_size": 256,
           "moe_shared_expert_intermediate_size": 256, "kv_lora_rank": 64, "q_lora_rank": 64, "qk_rope_head_dim": 16,
           "qk_nope_head_dim": 16, "v_head_dim": 32, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
-          "mamba_head_dim": 32, "mamba_d_state": 16, "ssm_state_size": 16}
+          "mamba_head_dim": 32, "mamba_d_state": 16, "ssm_state_size": 16, "kv_channels": 32}
 
 
 def build(family: str):

@@ -57,7 +57,7 @@ def test_dense_model_is_refused_with_supported_families(capsys, tmp_path):
 
 
 def test_unsupported_moe_family(capsys, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "jetmoe", "num_local_experts": 8}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "nllb-moe", "num_experts": 8}))
     code, _, err = run(["info", "--model", str(tmp_path)], capsys)
     assert_clean_error(code, err, "unsupported MoE family", "granitemoe")
 

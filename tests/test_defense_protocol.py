@@ -39,9 +39,10 @@ def test_protocol_round_trips_and_rejects_bad_files(tmp_path):
 def test_a_protocol_restricts_every_mode_to_the_authorized_parameters(family, mode):
     model = tiny_model(family)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # Nemotron-H's attention is a mixer; DBRX's is norm_attn_norm.attn (Wqkv, out_proj)
+    # Nemotron-H's attention is a mixer; DBRX's is norm_attn_norm.attn (Wqkv, out_proj); JetMoE's dense
+    # attention part is self_attention.kv_proj (its queries and outputs are experts)
     allowed = FinetuneConfig(mode=mode, only=ATTN + tuple(f"*.mixer.{p}_proj.*" for p in "qkvo")
-                             + ("*.norm_attn_norm.attn.*",)).allowed()
+                             + ("*.norm_attn_norm.attn.*", "*.self_attention.kv_proj.*")).allowed()
     t = apply_mode(model, mode, only=allowed)
     assert t.params and all(_attention(n) for n in t.params)
     with torch.no_grad():
@@ -54,7 +55,8 @@ def test_a_protocol_restricts_every_mode_to_the_authorized_parameters(family, mo
 
 def _attention(name: str) -> bool:
     return ("self_attn" in name or any(f"mixer.{p}_proj" in name for p in "qkvo")   # Nemotron-H: attention is a mixer
-            or "norm_attn_norm.attn." in name)                                     # DBRX
+            or "norm_attn_norm.attn." in name                                      # DBRX
+            or "self_attention.kv_proj." in name)                                  # JetMoE
 
 
 def test_a_protocol_that_authorizes_nothing_a_mode_can_train_is_an_error():

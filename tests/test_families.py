@@ -54,6 +54,7 @@ FAMILY_LAYOUT = {
     "nemotron_h": ("mixer.experts.0.up_proj.weight", True),
     "llama4": ("feed_forward.experts.gate_up_proj", True),
     "dbrx": ("ffn.experts.mlp.w1", False),
+    "jetmoe": ("self_attention.experts.input_linear.weight", False),
 }
 KEEP4 = [0, 2, 5, 7]  # balanced over DeepSeek's two groups of 4
 # Which equalities are exact (docs/attribution-and-pruning.md, "Exactness"):
@@ -175,9 +176,11 @@ def test_masking_equals_physical_pruning_and_vanilla_reload(family_model, token_
     assert pa.num_experts == 4 and all(l.num_experts == 4 for l in pa.layers)
     full, small = a.parameter_counts(), pa.parameter_counts()
     # each dropped expert takes its weights, its router row and any router bias or selection-bias entry
-    per_expert = sum(t.numel() // 8 for _, _, t, _ in a.layers[0].expert_tensors() if isinstance(t, torch.nn.Parameter))
-    assert per_expert >= full["per_expert"] + model.config.hidden_size
-    assert full["total"] - small["total"] == len(a.layers) * 4 * per_expert
+    # (per layer: JetMoE's attention experts are smaller than its MLP experts)
+    per_expert = [sum(t.numel() // 8 for _, _, t, _ in l.expert_tensors() if isinstance(t, torch.nn.Parameter))
+                  for l in a.layers]
+    assert all(p >= l.expert_param_count() // 8 + model.config.hidden_size for p, l in zip(per_expert, a.layers))
+    assert full["total"] - small["total"] == 4 * sum(per_expert)
     pruned.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -283,6 +286,13 @@ def test_info_json_reports_expert_counts(tmp_path, capsys):
         assert set(data["experts_per_layer"].values()) == {4}
         assert data["top_k"] == 2
         assert data["parameters"]["total"] == sum(p.numel() for p in pruned.parameters())
+    # JetMoE's two sparse blocks per layer: which MoE layer is which block of which decoder layer
+    assert main(["info", "--model", str(tmp_path / "jetmoe"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["moe_layers_per_block"] == {"mlp": {"0": 0, "1": 1}, "self_attention.experts": {"2": 0, "3": 1}}
+    assert main(["info", "--model", str(tmp_path / "jetmoe")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "mlp: MoE layers 0, 1 (decoder layers 0, 1); self_attention.experts: MoE layers 2, 3" in out.replace("│ │", "")
 
 
 def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_batch, tmp_path):
@@ -302,7 +312,8 @@ def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_bat
     with torch.no_grad(), mask_experts(model, keep):
         masked = model(input_ids=ids, attention_mask=mask).logits
     small, record = prune_model(model, keep)
-    assert record["experts_per_layer"] == {str(layers[0]): 6, str(layers[-1]): 2}
+    counts = {str(li): len(keep.get(li, range(8))) for li in layers}   # JetMoE: 4 sparse blocks, 2 in the plan
+    assert record["experts_per_layer"] == counts
     with torch.no_grad():
         physical = small(input_ids=ids, attention_mask=mask).logits
     # masked (E experts, routing restricted) vs physical (6 and 2 experts): the same arithmetic on
@@ -314,8 +325,8 @@ def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_bat
     prune_checkpoint(tmp_path / "src", tmp_path / "streamed", keep)
     assert_same_safetensors(tmp_path / "mem", tmp_path / "streamed")
     reloaded, _, _ = load_model(str(tmp_path / "streamed"), with_tokenizer=False)
-    assert getattr(moe_config(reloaded.config), PER_LAYER_KEY) == {str(layers[0]): 6, str(layers[-1]): 2}
-    assert [l.router_weight.shape[0] for l in MoEAdapter(reloaded).layers] == [6, 2]
+    assert getattr(moe_config(reloaded.config), PER_LAYER_KEY) == counts
+    assert [l.router_weight.shape[0] for l in MoEAdapter(reloaded).layers] == list(counts.values())
     with torch.no_grad():  # same weights, same shapes, same kernels: exact by construction
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)
 
@@ -433,3 +444,51 @@ def test_lora_leaves_every_router_out_even_a_linear_inside_it():
         assert modules and not any(inside in m for m in modules), (fam, modules)
     modules, experts = lora_targets(tiny_model("dbrx"))
     assert any(m.endswith("attn.Wqkv") for m in modules) and experts == []   # peft cannot wrap DBRX's experts
+
+
+def test_jetmoe_attention_and_mlp_experts_are_two_blocks_per_layer_pruned_to_one_count(token_batch, tmp_path):
+    """JetMoE: the MLP blocks are MoE layers 0..n-1 and the attention blocks n..2n-1; the router's
+    sorted pairs round-trip through unpack/pack; the experts view computes the block bit for bit;
+    and a plan keeping other experts in each kind of block is masked == pruned == reloaded."""
+    from moeguard.models.routing import pack_router_output, unpack_router_output
+
+    ids, mask = token_batch
+    model = tiny_model("jetmoe")
+    a = MoEAdapter(model)
+    assert [(l.index, l.layer_index, l.standalone) for l in a.layers] == [(0, 0, True), (1, 1, True),
+                                                                         (2, 0, False), (3, 1, False)]
+    assert a.describe()["moe_layers_per_block"] == {"mlp": {"0": 0, "1": 1}, "self_attention.experts": {"2": 0, "3": 1}}
+    h = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0))
+    for layer in (a.layer(0), a.layer(2)):
+        out = layer.router(h.reshape(-1, 32))
+        again = pack_router_output("sorted", *unpack_router_output("sorted", out, 2))
+        assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(out, again))
+    with torch.no_grad():   # the view is the block without its bias, in the block's own order
+        _, w, idx = a.layer(1).unpack(a.layer(1).router(h.reshape(-1, 32)))
+        assert torch.equal(a.layer(1).block(h), a.layer(1).experts(h.reshape(-1, 32), idx, w).view(2, 9, 32)
+                           + a.layer(1).block.bias)
+    with pytest.raises(RuntimeError, match="inside an attention"):
+        a.layer(2).experts(h.reshape(-1, 32), idx, w)
+    keep = {0: [0, 2, 5, 7], 1: [1, 3, 4, 6], 2: [1, 2, 4, 6], 3: [0, 1, 2, 3]}
+    with torch.no_grad(), mask_experts(model, keep):
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    pruned, record = prune_model(model, keep)
+    assert pruned.config.num_local_experts == 4 and record["config_changes"] == {"num_local_experts": 4,
+                                                                                 "num_experts_per_tok": 2}
+    moa = pruned.model.layers[0].self_attention.experts
+    assert torch.equal(moa.input_linear.weight, model.model.layers[0].self_attention.experts.input_linear.weight[[1, 2, 4, 6]])
+    assert torch.equal(moa.router.layer.weight, model.model.layers[0].self_attention.experts.router.layer.weight[[1, 2, 4, 6]])
+    with torch.no_grad():
+        physical = pruned(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(masked, physical, **ACROSS_SHAPES)
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)
+    # averaging along the expert axis (an explicit merge plan) runs; the merge route's calibration does not
+    from moeguard.models.handle import check_merge_route
+
+    check_merge_route(a.family, True)
+    with pytest.raises(MoeguardError, match=r"clusters experts by their outputs .* jetmoe's attention experts "
+                                            r"\(self_attention.experts\) work inside its attention .*--plan"):
+        check_merge_route(a.family, True, calibrated=True)

@@ -56,7 +56,8 @@ TINY_WRAPPERS = {
 SOFTCAPPED = dict(TINY_INFERRED["laguna"], moe_router_logit_softcapping=2.0)
 # Built-in families inference cannot re-derive, and why
 NOT_INFERRED = {"gpt_oss": "has_bias", "phimoe": "none of the", "nemotron_h": "no fused experts",
-                "llama4": "returns 2 value", "dbrx": "no fused experts", "switch_transformers": "no fused experts"}
+                "llama4": "returns 2 value", "dbrx": "no fused experts", "switch_transformers": "no fused experts",
+                "jetmoe": "no fused experts"}
 # constants the checks cannot tell apart (x + 1e-20 == x, max(x, 1e-12) == x for sums of order 1)
 INDISTINGUISHABLE = {"renorm_eps": 0.0, "renorm_min_key": None}
 
@@ -244,10 +245,10 @@ def test_families_lists_builtins_and_why_each_type_is_or_is_not_supported(capsys
     rows = {r["model_type"]: r for r in data["installed"]}
     assert rows["mixtral"]["status"] == "built-in" and rows["cohere2_moe"]["status"] == "verified"
     assert rows["longcat_flash"]["status"] == "unsupported" and "no config key" in rows["longcat_flash"]["reasons"][0]
-    assert rows["jetmoe"]["status"] == "unsupported" and "its attention is routed too" in rows["jetmoe"]["reasons"][0]
+    assert rows["jetmoe"]["status"] == "built-in"
     assert rows["switch_transformers"]["status"] == "built-in"
     assert rows["nllb-moe"]["status"] == "unsupported" and "only experts 0 and 1 ever run" in rows["nllb-moe"]["reasons"][0]
-    assert data["counts"] == {"built-in": 2, "verified": 1, "unsupported": 3}
+    assert data["counts"] == {"built-in": 3, "verified": 1, "unsupported": 2}
     assert main(["families", "--model-types", "cohere2_moe"]) == 0
     out = capsys.readouterr().out
     assert "built-in families" in out and "cohere2_moe" in out and "verified" in out

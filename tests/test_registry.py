@@ -146,8 +146,8 @@ def test_families_and_their_config_lookup():
     assert family_for_config(Config("qwen3_moe")).name == "qwen3_moe"
     with pytest.raises(MoeguardError, match=r"model_type 'llama' is a dense \(non-MoE\) model; .*olmoe"):
         family_for_config(Config("llama"))
-    with pytest.raises(MoeguardError, match="model_type 'jetmoe' is an unsupported MoE family"):
-        family_for_config(Config("jetmoe", num_local_experts=8))
+    with pytest.raises(MoeguardError, match="model_type 'nllb-moe' is an unsupported MoE family .*only experts 0 and 1"):
+        family_for_config(Config("nllb-moe", num_experts=8))
 
 
 def test_on_disk_names_live_in_the_family_specs():
@@ -163,7 +163,8 @@ def test_on_disk_names_live_in_the_family_specs():
     assert m is not None and m.groups() == ("3", "w1.weight")
     # a checkpoint of unknown family: every family's names (what the streaming pruner used to hard-code)
     every = DiskLayout.union(f.disk_layout() for f in FAMILIES.items() if not f.encoder_decoder)
-    assert set(every.block_names) == {"mlp", "block_sparse_moe", "feed_forward", "mixer", "ffn"}   # DBRX's ffn
+    # DBRX's ffn; JetMoE's attention experts, a second block of its layers
+    assert set(every.block_names) == {"mlp", "block_sparse_moe", "feed_forward", "mixer", "ffn", "self_attention.experts"}
     # blocks of rows per expert ([E*I, d]) only where the family says so: the union stays strict
     assert get_family("dbrx").disk_layout().blocked and not every.blocked
     # routers, and selection biases saved beside them on the block (MiniMax-M2, LFM2, EXAONE, ERNIE)

@@ -96,6 +96,8 @@ TINY_FAMILY_KWARGS: dict[str, dict] = {
     "dbrx": dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=128,
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
+    # a mixture of attention heads and of MLP experts in each layer; kv_channels is the head size
+    "jetmoe": dict(num_local_experts=8, num_experts_per_tok=2, kv_channels=8),
     # encoder-decoder: 2 encoder and 2 decoder blocks, every one sparse; a capacity of 2 tokens per
     # expert and sequence, so a batch of a few dozen tokens drops some (the rule route() must follow)
     "switch_transformers": dict(d_model=32, d_ff=32, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,

@@ -45,7 +45,7 @@ def exact_deltas(ctx, experts: dict[int, list[int]] | None = None, *, label: str
                 for first in range(0, len(todo[row]), per_pass):
                     drops = todo[row][first:first + per_pass]
                     with drop_one_per_chunk(adapter, layer.index, drops, rows=tokens):
-                        hidden = replay_hidden(adapter, inputs, layer.index, copies=len(drops))
+                        hidden = replay_hidden(adapter, inputs, layer.layer_index, copies=len(drops))
                     nll = target_nll(adapter, hidden, b.labels.repeat(len(drops), 1)).double()
                     deltas[row, drops] += nll.view(len(drops), -1).sum(1).cpu() - base
     return deltas

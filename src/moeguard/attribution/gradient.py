@@ -70,7 +70,8 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
 
 @register_method("gradient", "gradient x change of layer output plus an empirical-Fisher second-order term: estimate of the ablation loss increase",
                  comparable_across_layers=True,
-                 causal_only="traces each routed slot's output through fused expert tensors, which one module per expert lacks")
+                 causal_only="traces each routed slot's output through fused expert tensors, which one module per expert lacks",
+                 runs_experts_alone="runs on each token the expert it falls back to")
 def gradient(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model
     deltas = torch.zeros(len(adapter.layers), adapter.num_experts, dtype=torch.float64)

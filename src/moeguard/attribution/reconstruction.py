@@ -143,7 +143,8 @@ class _FastError:
 
 @register_method("reconstruction", "mean squared error of the layer output when the expert is dropped; "
                  "best kept subsets searched exhaustively (greedily when too many)",
-                 causal_only="runs every expert on every token through fused expert tensors, which one module per expert lacks")
+                 causal_only="runs every expert on every token through fused expert tensors, which one module per expert lacks",
+                 runs_experts_alone="runs every expert on every token")
 def reconstruction(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model
     max_subsets = int(ctx.options.get("max_subsets", 256))

@@ -30,6 +30,16 @@ class MoELayer:
     route_method: str | None = None          # FamilySpec.route_method: the block's logits -> (weights, index)
     blocked: bool = False                    # FamilySpec.blocked: experts as [E*I, d] blocks of rows
     expert_module: str | None = None         # FamilySpec.expert_module when experts are modules ("modules" layout)
+    decoder_index: int | None = None         # the decoder layer holding the block (None: ``index``)
+    # modules besides the router whose ``top_k`` follows a masked router's clamped top-k (a block that
+    # routes the logits itself, DBRX; JetMoE's attention, whose query heads per token are its top-k)
+    top_k_holders: tuple[nn.Module, ...] = ()
+    standalone: bool = True                  # the experts can be run on chosen tokens (not inside an attention)
+
+    @property
+    def layer_index(self) -> int:
+        """The decoder layer holding this sparse block (``index`` but for a second block per layer)."""
+        return self.index if self.decoder_index is None else self.decoder_index
 
     def unpack(self, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [T, E], weights [T, k], index [T, k]) from what this layer's router returned.
@@ -128,6 +138,44 @@ def linear_bias(router: nn.Module, weight_attr: str):
     return getattr(_get_path(router, owner) if owner else router, "bias", None)
 
 
+class ExpertsView(nn.Module):
+    """A block's two per-expert linear maps (JetMoE's ``input_linear`` and ``output_linear``,
+    ParallelExperts with [E, out, in] weights) as one experts module with the standard call
+    ``experts(hidden [N, d], index [N, k], weights [N, k]) -> [N, d]``: the gated MLP computed as
+    JetMoE's block computes it (pairs sorted by expert, outputs added in that order), without the
+    block's bias. The view holds the model's own modules (nothing is copied), and is not part of
+    the model: saving and loading never see it."""
+
+    def __init__(self, block: nn.Module, names: tuple[str, str], *, gated: bool = True):
+        super().__init__()
+        self.input_linear = getattr(block, names[0])
+        self.output_linear = getattr(block, names[1])
+        self.act = getattr(block, "activation", None)
+        self.gated = gated
+
+    # the fused layout's names (FamilySpec.expert_layout "gate_up"), read by trace and the scan
+    @property
+    def gate_up_proj(self) -> nn.Parameter:
+        return self.input_linear.weight      # [E, 2I, d]: gate rows, then up rows
+
+    @property
+    def down_proj(self) -> nn.Parameter:
+        return self.output_linear.weight     # [E, d, I]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if not self.gated:
+            raise RuntimeError("these experts work inside an attention (queries in, outputs back): "
+                               "nothing runs them alone")
+        k, E = top_k_index.shape[-1], self.input_linear.weight.shape[0]
+        sizes = torch.bincount(top_k_index.reshape(-1), minlength=E).tolist()
+        _, order = top_k_index.reshape(-1).sort(0)
+        rows = order.div(k, rounding_mode="trunc")
+        h = self.input_linear(hidden_states[rows], sizes)                   # [N*k, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = self.output_linear(self.act(gate) * up, sizes) * top_k_weights.reshape(-1)[order][:, None]
+        return torch.zeros_like(hidden_states, dtype=y.dtype).index_add(0, rows, y)
+
+
 def _shared(block, layer, attr: str):
     """An always-on expert module: in the sparse block, or on the decoder layer beside it
     (granitemoehybrid's shared MLP). A module's truth value is not its presence (a ModuleList
@@ -151,22 +199,35 @@ class MoEAdapter:
 
     @cached_property
     def layers(self) -> list[MoELayer]:
-        out = []
-        for i, layer in enumerate(self.decoder_layers):
-            block = next((b for b in (_get_path(layer, a, None) for a in self.family.block_attrs) if b is not None), None)
-            router = getattr(block, self.family.router_attr, None) if block is not None else None
-            experts = getattr(block, self.family.experts_attr, None) if block is not None else None
-            if router is None or experts is None:
-                continue  # a dense layer (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)
-            shared = tuple(m for m in (_shared(block, layer, a) for a in self.family.shared_attrs) if m is not None)
-            weight = _get_path(router, self.family.router_weight_attr)
-            out.append(MoELayer(index=i, block=block, router=router, experts=experts, shared=shared,
-                                num_experts=int(weight.shape[0]), top_k=self.family.top_k(self.moe_config),
-                                router_weight_attr=self.family.router_weight_attr,
-                                correction_bias_path=self.family.routing.correction_bias,
-                                call=self.family.call, route_method=self.family.route_method,
-                                blocked=self.family.blocked,
-                                expert_module=self.family.expert_module if self.family.expert_layout == "modules" else None))
+        out, f = [], self.family
+        n = len(self.decoder_layers)
+        # the main sparse block of every layer, then each further kind of block (JetMoE's attention)
+        kinds = [(0, f.block_attrs, True), *((j + 1, (a,), False) for j, a in enumerate(f.more_block_attrs))]
+        for offset, attrs, main in kinds:
+            for i, layer in enumerate(self.decoder_layers):
+                found = next(((a, b) for a, b in ((a, _get_path(layer, a, None)) for a in attrs) if b is not None), None)
+                if found is None:
+                    continue  # a dense layer (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)
+                path, block = found
+                router = getattr(block, f.router_attr, None)
+                experts = (ExpertsView(block, f.expert_linears, gated=main) if f.expert_linears and router is not None
+                           else getattr(block, f.experts_attr, None))
+                if router is None or experts is None:
+                    continue
+                shared = tuple(m for m in (_shared(block, layer, a) for a in f.shared_attrs) if m is not None) if main else ()
+                weight = _get_path(router, f.router_weight_attr)
+                # every module on the path to the block (the block too) that holds the top-k it routes
+                on_path = [_get_path(layer, ".".join(path.split(".")[:d + 1])) for d in range(path.count(".") + 1)]
+                holders = tuple(m for m in on_path if isinstance(getattr(m, "top_k", None), int)) \
+                    if f.call in ("logits", "sorted") else ()
+                out.append(MoELayer(index=offset * n + i, block=block, router=router, experts=experts, shared=shared,
+                                    num_experts=int(weight.shape[0]), top_k=f.top_k(self.moe_config),
+                                    router_weight_attr=f.router_weight_attr,
+                                    correction_bias_path=f.routing.correction_bias,
+                                    call=f.call, route_method=f.route_method, blocked=f.blocked,
+                                    expert_module=f.expert_module if f.expert_layout == "modules" else None,
+                                    decoder_index=None if offset == 0 else i, top_k_holders=holders,
+                                    standalone=main))
         if not out:
             raise MoeguardError(f"model of type '{self.config.model_type}' has no sparse MoE layer",
                                 hint="check the config's expert settings (e.g. decoder_sparse_step, mlp_only_layers)")
@@ -252,10 +313,17 @@ class MoEAdapter:
             for l in self.layers:
                 path, local = self.stack_of(l.index)
                 stacks.setdefault(path, []).append(local)
+        blocks = {}
+        if self.family.more_block_attrs:   # JetMoE: which decoder layer and block each MoE layer index is
+            for l in self.layers:
+                kind = self.family.block_attrs[0] if l.standalone else self.family.more_block_attrs[
+                    l.index // len(self.decoder_layers) - 1]
+                blocks.setdefault(kind, {})[str(l.index)] = l.layer_index
         return {
             "family": self.family.name,
             "model_type": self.config.model_type,
             **({"moe_layers_per_stack": stacks} if stacks else {}),
+            **({"moe_layers_per_block": blocks} if blocks else {}),
             "num_layers": len(self.decoder_layers),
             "moe_layers": [l.index for l in self.layers],
             "experts_per_layer": {str(l.index): l.num_experts for l in self.layers},

@@ -219,8 +219,21 @@ class FamilySpec:
     # "dispatch" (Switch Transformers): the router takes [B, S, d] and returns (dispatch [B, S, E],
     # one-hot with capacity-dropped tokens all zero; probabilities [B, S, 1] of the chosen expert;
     # logits [B, S, E]); the experts are called as experts(hidden [T, d], dispatch [T, 1, E], probs [T, 1]).
+    # "sorted" (JetMoE): the router returns (sorted pair order, the pairs' tokens, their gates, tokens per
+    # expert, logits [T, E]), the (token, rank) pairs sorted by expert; the block runs its two
+    # ``expert_linears`` on the sorted rows itself (no experts module to call).
     call: str = "standard"
     route_method: str | None = None
+    # Experts held as two per-expert linear maps on the block, not an experts module: JetMoE's
+    # ``input_linear`` [E, 2I, d] (gate rows, then up rows; in the attention, queries [E, H, d]) and
+    # ``output_linear`` [E, d, I]. moeguard views the pair as one experts module (adapter.ExpertsView).
+    expert_linears: tuple[str, str] | None = None
+    # Further sparse blocks in each decoder layer, by path from the layer (JetMoE's mixture of attention
+    # heads, ``self_attention.experts``): the j-th such block of layer i is MoE layer (j + 1) * n + i
+    # (n decoder layers), after every main block. Its experts work inside the attention (queries in,
+    # outputs back), so nothing runs them alone: routing, masking, pruning and tracing treat them as
+    # any experts; methods that run an expert on chosen tokens refuse the family.
+    more_block_attrs: tuple[str, ...] = ()
     # The sub-config holding the MoE keys (expert count, top-k, routing switches) when they are not
     # on the model's (text) config: DBRX's ``ffn_config``. :func:`moe_config` resolves it.
     config_attr: str | None = None
@@ -277,7 +290,7 @@ class FamilySpec:
         """The module names under which this family's checkpoints hold routers and experts."""
         bias = self.routing.correction_bias
         block_held = (bias,) if bias and "." not in bias else ()   # a bias on the block, not in its router
-        return DiskLayout(block_names=_unique(self.block_attrs + self.disk_block_attrs),
+        return DiskLayout(block_names=_unique(self.block_attrs + self.disk_block_attrs + self.more_block_attrs),
                           router_modules=_unique((self.router_attr, *self.disk_router_attrs, *block_held)),
                           expert_modules=_unique((self.experts_attr, *self.disk_expert_attrs)),
                           shared_modules=self.shared_attrs, per_expert=re.compile(self.disk_per_expert),
@@ -461,6 +474,20 @@ register_family(FamilySpec(
     router_weight_attr="classifier.weight", disk_router_weight="classifier.weight",
     final_norm_path="decoder.final_layer_norm", call="dispatch", expert_layout="modules",
     disk_per_expert=r"^experts\.expert_(\d+)\.(.+)$", disk_expert_tensors=("wi.weight", "wi.weight", "wo.weight")))
+
+# JetMoE: a mixture of attention heads (each expert a query and an output projection, top-k per
+# token; ``self_attention.experts``) and a mixture of MLP experts in every layer, both with the same
+# router (top-k on float32 logits, softmax over the k, in the input's dtype) and both counted by
+# num_local_experts and num_experts_per_tok: pruning one prunes the other to the same count. The
+# router hands the block its (token, rank) pairs sorted by expert; the experts are two per-expert
+# linear maps with a bias on the block; the same names on disk.
+register_family(FamilySpec(
+    name="jetmoe", model_types=("jetmoe",), block_attrs=("mlp",), more_block_attrs=("self_attention.experts",),
+    router_attr="router", routing=RoutingSpec(score="softmax", select_on="logits", weights_dtype="input"),
+    num_experts_key="num_local_experts", aux_loss_key="aux_loss_coef", router_weight_attr="layer.weight",
+    disk_router_weight="layer.weight", call="sorted", expert_linears=("input_linear", "output_linear"),
+    disk_expert_attrs=("input_linear", "output_linear"),
+    disk_expert_tensors=("input_linear.weight", "output_linear.weight")))
 
 # Whether commands use an inferred spec that moeguard could not verify (the CLI's
 # --trust-inferred-family sets it for one invocation; library users call trust_inferred_families).

@@ -54,6 +54,29 @@ def _set_forward(module: nn.Module, fn, *, replaces: bool = False) -> tuple[str,
     return "forward", previous
 
 
+def _set_method(module: nn.Module, name: str, fn) -> tuple[str, object]:
+    """Install ``fn`` as the module's instance attribute ``name`` (a method other than forward,
+    JetMoE's attention ``reduce``); return what was there, for :func:`_restore_forward`."""
+    previous = module.__dict__.get(name, _ABSENT)
+    setattr(module, name, fn)
+    return name, previous
+
+
+def through_experts(layer):
+    """A forward for a block that runs its per-expert linear maps itself (JetMoE, call "sorted"):
+    router, then the layer's experts view (``adapter.ExpertsView``), then the block's bias. It
+    computes what the block computes, in the same order, and lets a hook see or replace the
+    experts' call, as for every other family."""
+    block = layer.block
+
+    def forward(layer_input):
+        shape = layer_input.shape
+        x = layer_input.reshape(-1, shape[-1])
+        _, weights, index = layer.unpack(layer.router(x))
+        return layer.experts(x, index, weights).view(shape) + block.bias
+    return forward
+
+
 def _restore_forward(module: nn.Module, previous: tuple[str, object]) -> None:
     attr, fn = previous
     if fn is _ABSENT:
@@ -144,7 +167,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         self._valid_decoder: torch.Tensor | None = None   # an encoder-decoder's decoder tokens
         self._decoder_shape: tuple[int, int] | None = None
         # slot -> whether the layer is in an encoder-decoder's decoder (its tokens are the decoder's)
-        self._in_decoder = [self.adapter.stack_of(l.index)[0] != self.adapter.family.layers_path
+        self._in_decoder = [self.adapter.stack_of(l.layer_index)[0] != self.adapter.family.layers_path
                             for l in self.adapter.layers]
         self._batch_shape: tuple[int, int] | None = None
         self._sample_counts: torch.Tensor | None = None
@@ -286,6 +309,27 @@ class RoutingCapture(contextlib.AbstractContextManager):
             return out
         return forward
 
+    def _attention_reduce(self, slot: int, layer):
+        """JetMoE's attention experts: ``reduce(per-slot attention outputs [B, T, k, H], topology)``
+        runs each chosen expert's output projection on its slot, here with each row's norm recorded
+        (unweighted, and at its gate), computed as the block's own reduce computes it."""
+        stats, block = self.stats.layers[slot], layer.block
+
+        def reduce(layer_input, topo_info):
+            order, rows, gates, sizes = topo_info
+            B, T, k, H = layer_input.shape
+            y = block.output_linear(layer_input.reshape(-1, H)[order], sizes)      # [B*T*k, d], sorted by expert
+            with torch.no_grad():
+                experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes)).to(y.device)
+                norm = y.float().norm(dim=-1) * self._valid_for(B * T, y.device, slot)[rows]
+                raw = self._raw[slot].reshape(-1)[order].float()
+                for total, v in ((stats.norm_sum, norm), (stats.weighted_norm_sum, norm * gates.float()),
+                                 (stats.raw_weighted_norm_sum, norm * raw)):
+                    total += torch.zeros_like(total).index_add_(0, experts.cpu(), v.double().cpu())
+            out = torch.zeros((B * T, y.shape[-1]), dtype=y.dtype, device=y.device).index_add(0, rows, y * gates[:, None])
+            return out.view(B, T, -1) + block.bias
+        return reduce
+
     def _experts_forward(self, slot: int, original):
         stats = self.stats.layers[slot]
         if self.adapter.family.call == "scaled_input":
@@ -319,7 +363,12 @@ class RoutingCapture(contextlib.AbstractContextManager):
             self._handles.append(self.model.register_forward_hook(self._model_post_hook, with_kwargs=True))
             for slot, layer in enumerate(self.adapter.layers):
                 self._handles.append(layer.router.register_forward_hook(self._router_hook(slot)))
-                if self.norms:
+                if self.norms and not layer.standalone:   # JetMoE's attention experts: at their output side
+                    self._patched.append((layer.block, _set_method(layer.block, "reduce",
+                                                                   self._attention_reduce(slot, layer))))
+                elif self.norms:
+                    if layer.call == "sorted":   # the block calls its linear maps itself: route it through the view
+                        self._patched.append((layer.block, _set_forward(layer.block, through_experts(layer))))
                     original = layer.experts.forward
                     previous = _set_forward(layer.experts, self._experts_forward(slot, original))
                     self._patched.append((layer.experts, previous))
@@ -418,13 +467,15 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
 
 def _clamp_block_top_k(layer, top_k: int) -> list[tuple[nn.Module, int]]:
     """A block that routes the router's logits itself (DBRX) picks its own top-k of them: with
-    fewer experts kept than that, it would add dropped experts at weight 0, so its top-k is
-    clamped as the pruned model's. Returns what to restore."""
-    if layer.call != "logits" or getattr(layer.block, "top_k", top_k) == top_k:
-        return []
-    previous = layer.block.top_k
-    layer.block.top_k = top_k
-    return [(layer.block, previous)]
+    fewer experts kept than that, it would add dropped experts at weight 0; JetMoE's attention
+    sizes its query heads by its top-k. So these modules' top-k is clamped as the pruned model's.
+    Returns what to restore."""
+    out = []
+    for module in layer.top_k_holders:
+        if module.top_k != top_k:
+            out.append((module, module.top_k))
+            module.top_k = top_k
+    return out
 
 
 # --------------------------------------------------------------------------- attribution hooks

@@ -95,11 +95,7 @@ UPSTREAM_BROKEN = {
 
 # Model types whose MoE design moeguard's abstractions do not model yet, each said precisely (the
 # structure search could only give a generic reason); docs/families.md, "What the unsupported types need".
-NOT_YET_MODELLED = {
-    "jetmoe": "its attention is routed too: mixture-of-attention experts, run through map() and reduce() rather than "
-              "forward(), share num_local_experts with its MLP experts; moeguard's MoE layer is one routed block per "
-              "decoder layer, and a pruned checkpoint transformers reloads needs one expert count for both",
-}
+NOT_YET_MODELLED: dict[str, str] = {}
 
 
 def _infer(config) -> Inference:

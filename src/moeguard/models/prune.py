@@ -99,7 +99,8 @@ def resize_layers(model: nn.Module) -> None:
             new = torch.empty(shape, dtype=t.dtype, device=t.device)
             store = owner._parameters if name in owner._parameters else owner._buffers
             store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
-        for module in (layer.block, layer.router, layer.experts):
+        # (JetMoE's per-expert linear maps, children of its experts view, count their experts too)
+        for module in (layer.block, layer.router, layer.experts, *layer.experts.children(), *layer.top_k_holders):
             for attr in _COUNT_ATTRS:
                 if getattr(module, attr, None) == E:
                     setattr(module, attr, n)

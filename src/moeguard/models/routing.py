@@ -203,6 +203,17 @@ def unpack_router_output(call: str, output, top_k: int):
         # for a token dropped past capacity, whose slot has weight 0
         idx = F.softmax(logits.float(), dim=-1).to(probs.dtype).argmax(dim=-1, keepdim=True)
         return logits, probs.reshape(-1, 1) * dispatch.sum(-1, keepdim=True).to(probs.dtype), idx
+    if call == "sorted":   # JetMoE: (sorted pair order, their tokens, their gates, per-expert counts, logits)
+        order, _, gates, sizes, logits = output
+        T = logits.shape[0]
+        k = order.numel() // T if T else top_k
+        # pair j of the sorted order is flat slot order[j] (token t, rank r: t*k + r), and belongs to
+        # the expert whose run of sizes it falls in
+        experts = torch.repeat_interleave(torch.arange(len(sizes), device=order.device),
+                                          torch.as_tensor(sizes, device=order.device))
+        index = torch.empty_like(order).scatter_(0, order, experts)
+        weights = torch.empty_like(gates).scatter_(0, order, gates)
+        return logits, weights.view(T, k), index.view(T, k)
     if call != "scaled_input":
         return output[0], output[1], output[2]
     scores, logits = output[0], output[1]
@@ -222,6 +233,11 @@ def pack_router_output(call: str, logits: torch.Tensor, weights: torch.Tensor, i
         dispatch = torch.zeros_like(logits, dtype=torch.long).scatter_(1, index, (weights != 0).long())
         lead = tuple(shape) if shape is not None else (logits.shape[0],)
         return dispatch.view(*lead, -1), weights.view(*lead, 1), logits.view(*lead, -1)
+    if call == "sorted":   # as JetMoE's gating sorts the (token, rank) pairs by expert
+        k, E = index.shape[-1], logits.shape[-1]
+        sizes = torch.bincount(index.reshape(-1), minlength=E).tolist()
+        _, order = index.reshape(-1).sort(0)
+        return order, order.div(k, rounding_mode="trunc"), weights.reshape(-1)[order], sizes, logits.float()
     if call != "scaled_input":
         return logits, weights, index
     return torch.zeros_like(logits).scatter_(1, index, weights.to(logits.dtype)), logits

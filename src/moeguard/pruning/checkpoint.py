@@ -215,15 +215,17 @@ class _LayerKeys:
     index (counted on across stacks: an encoder-decoder's decoder layers follow its encoder's),
     group(2) the module under the block, group(3) the rest of the key."""
 
-    def __init__(self, stacks: dict[str, int], blocks: str):
-        # stacks: path -> index of its first layer
+    def __init__(self, stacks: dict[str, int], blocks: list[str], block_offsets: dict[str, int] | None = None):
+        # stacks: path -> index of its first layer; block_offsets: a further sparse block of each layer
+        # (JetMoE's attention) -> what its MoE layer index adds to its decoder layer's
         alternation = "|".join(re.escape(s) for s in stacks)
-        self._re = re.compile(rf"^({alternation})\.(\d+)\.(?:{blocks})\.([^.]+)(.*)$")
-        self._offset = stacks
+        names = "|".join(re.escape(b) for b in blocks)
+        self._re = re.compile(rf"^({alternation})\.(\d+)\.({names})\.([^.]+)(.*)$")
+        self._offset, self._blocks = stacks, block_offsets or {}
 
     def match(self, name: str):
         m = self._re.match(name)
-        return None if m is None else _LayerKey(m, self._offset[m.group(1)])
+        return None if m is None else _LayerKey(m, self._offset[m.group(1)] + self._blocks.get(m.group(3), 0))
 
 
 class _LayerKey:
@@ -231,15 +233,23 @@ class _LayerKey:
         self._m, self._offset = m, offset
 
     def group(self, i: int) -> str:
-        return str(self._offset + int(self._m.group(2))) if i == 1 else self._m.group(i + 1)
+        return str(self._offset + int(self._m.group(2))) if i == 1 else self._m.group(i + 2)
 
     def start(self, i: int) -> int:
-        return self._m.start(i + 1)
+        return self._m.start(i + 2)
+
+
+def block_offsets(adapter) -> dict[str, int]:
+    """Each further sparse block of a layer (JetMoE's attention) -> what its MoE layer index adds to
+    its decoder layer's (``FamilySpec.more_block_attrs``)."""
+    n = len(adapter.decoder_layers)
+    return {a: (j + 1) * n for j, a in enumerate(adapter.family.more_block_attrs)}
 
 
 def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: str | dict[str, int],
                  experts: dict[int, int], keep: dict[int, list[int]],
-                 layout: DiskLayout | None = None, merge: dict[int, list] | None = None) -> list[_Tensor]:
+                 layout: DiskLayout | None = None, merge: dict[int, list] | None = None,
+                 block_offsets: dict[str, int] | None = None) -> list[_Tensor]:
     """Every output tensor, in source order; raises before any write when the layout is not understood.
 
     ``layers_path``: where the layers are, or each stack's path and the index of its first layer.
@@ -252,8 +262,8 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
     """
     if layout is None:   # the decoder-only families' names (they share the per-expert key pattern)
         layout = DiskLayout.union(f.disk_layout() for f in FAMILIES.items() if not f.encoder_decoder)
-    blocks = "|".join(re.escape(b) for b in layout.block_names)
-    key_re = _LayerKeys(layers_path if isinstance(layers_path, dict) else {layers_path: 0}, blocks)
+    key_re = _LayerKeys(layers_path if isinstance(layers_path, dict) else {layers_path: 0}, list(layout.block_names),
+                        block_offsets)
     new_index = {li: {e: i for i, e in enumerate(kept)} for li, kept in keep.items()}
     found: dict[int, dict[str, set]] = {li: {"router": set(), "experts": set()} for li in experts}
     per_expert_seen: dict[tuple[int, str], set[int]] = {}
@@ -468,7 +478,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     stacks = {on_disk: adapter.stack_starts[path] for path, on_disk in zip(family.stacks, family.disk_stacks)}
     plan = plan_tensors(files, headers, layers_path=stacks,
                         experts={l.index: l.num_experts for l in adapter.layers}, keep=keep,
-                        layout=family.disk_layout(), merge=merge)
+                        layout=family.disk_layout(), merge=merge, block_offsets=block_offsets(adapter))
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)
     copies, skipped = side_files(src, files)
     tensor_bytes = sum(t.nbytes for t in plan)

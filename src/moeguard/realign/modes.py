@@ -165,7 +165,9 @@ def lora_targets(model: nn.Module, only: Allowed = None) -> tuple[list[str], lis
                if isinstance(m, nn.Linear) and id(m) not in routers and m is not head and ok(f"{n}.weight")
                and not (mamba and n.rsplit(".", 1)[-1] in _PEFT_MAMBA_REFUSED)]
     names = {id(p): n for n, p in model.named_parameters()}
-    experts = sorted({n.rsplit(".", 1)[-1] for l in adapter.layers for n, p in l.experts.named_parameters()
+    # named from the experts module, which peft matches as a suffix of the full name: "gate_up_proj", or
+    # JetMoE's "input_linear.weight" (its last part alone would name every linear's weight)
+    experts = sorted({n for l in adapter.layers for n, p in l.experts.named_parameters()
                       if p.dim() == 3 and ok(names[id(p)])})
     return modules, experts
 

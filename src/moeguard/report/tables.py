@@ -28,6 +28,10 @@ def info_table(d: dict) -> Table:
             ("parameters total / active", f"{p['total']:,} / {p['active']:,}"),
             ("per expert", f"{p['per_expert']:,}"),
             ("path", d.get("path") or d.get("hub_id") or "-")]
+    if d.get("moe_layers_per_block"):   # JetMoE: two sparse blocks per decoder layer
+        rows.insert(2, ("MoE blocks", "; ".join(f"{kind}: MoE layers {', '.join(m)} (decoder layers "
+                                                f"{', '.join(str(v) for v in m.values())})"
+                                                for kind, m in d["moe_layers_per_block"].items())))
     for k, v in rows:
         t.add_row(k, v)
     return t

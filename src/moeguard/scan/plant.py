@@ -65,7 +65,7 @@ def _expert_params(adapter, slot: int, p: Plant) -> list[tuple[torch.nn.Paramete
     layer = adapter.layers[slot]
     experts = layer.experts
     out = []
-    for name, param in experts.named_parameters(recurse=False):
+    for name, param in experts.named_parameters():   # (JetMoE's view holds them in its two linear maps)
         if param.dim() == 3 and param.shape[0] == layer.num_experts:   # fused [E, ...] tensors
             out.append((param, p.expert))
     if not out:   # one module per expert

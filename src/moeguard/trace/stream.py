@@ -26,7 +26,7 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES
 from moeguard.trace.features import ROWS, Sketch
-from moeguard.trace.weights import LayerCounts
+from moeguard.trace.weights import LayerCounts, traced_layers
 
 CHUNK = 1 << 20              # bytes per read: its float temporaries stay small, so glibc's
                              # heap reuses them (8 MB chunks raised peak RSS by 100-250 MB)
@@ -126,8 +126,8 @@ class StreamedCheckpoint(LayerCounts):
         names = family.disk_expert_tensors
         layers, inter = [], None
         on_disk = dict(zip(family.stacks, family.disk_stacks))
-        for l in adapter.layers:
-            stack, local = adapter.stack_of(l.index)   # an encoder-decoder's decoder layers count on from its encoder's
+        for l in traced_layers(adapter):
+            stack, local = adapter.stack_of(l.layer_index)   # an encoder-decoder's decoder layers count on from its encoder's
             layer, I = cls._find_layer(l.index, l.num_experts, family, lay.block_names, names, where, shapes,
                                        hidden=hidden, path=r.path, at=f"{on_disk[stack]}.{local}",
                                        expert=lay.per_expert_name)

@@ -111,6 +111,9 @@ def expert_views(family, experts):
     """(gate [E,I,d], up [E,I,d], down [E,d,I]) of one layer's fused expert module: views of its
     own tensors (detached; no copy), in each family's layout (one module per expert: stacked copies)."""
     layout = getattr(family, "expert_layout", "gate_up")
+    if getattr(experts, "gated", True) is False:   # JetMoE's attention experts: queries [E, H, d], outputs [E, d, H]
+        q, o = experts.input_linear.weight.detach(), experts.output_linear.weight.detach()
+        return q, q, o                             # ungated: the query stands in for the gate, as "up" does
     if layout == "blocked":   # DBRX: experts.mlp.w1 (gate), v1 (up), w2 (down transposed), each [E*I, d]
         mlp, E = getattr(experts, "mlp", None), int(getattr(experts, "num_experts", 0) or 0)
         if mlp is None or not E or any(not hasattr(mlp, n) for n in ("w1", "v1", "w2")):
@@ -153,13 +156,20 @@ def expert_views(family, experts):
                         hint="use 'gate_up', 'gate_up_t', 'gate_up_interleaved_t', 'up' or 'blocked'")
 
 
+def traced_layers(adapter) -> list:
+    """The MoE layers trace fingerprints: those whose experts are MLPs. JetMoE's attention experts
+    (a query and an output projection each, a quarter of an MLP expert's weights in JetMoE-8B) are
+    left out: a checkpoint cut from the model keeps its MLP experts' weights, which identify it."""
+    return [l for l in adapter.layers if l.standalone]
+
+
 def from_model(model, tokenizer, *, name: str) -> ModelWeights:
     """The trace's view of a loaded model (any supported family)."""
     from moeguard.models.adapter import MoEAdapter
 
     adapter = MoEAdapter(model)
     layers = []
-    for layer in adapter.layers:   # views: read an expert at a time by the sketch, never copied whole
+    for layer in traced_layers(adapter):   # views: read an expert at a time by the sketch, never copied whole
         g, u, d = expert_views(adapter.family, layer.experts)
         layers.append(LayerWeights(index=layer.index, router=_np(layer.router_weight), gate=g, up=u, down=d))
     embed = _np(model.get_input_embeddings().weight)
