@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from moeguard.attribution.base import Scores, get_method, list_methods, runs_on
+from moeguard.attribution.base import Scores, get_method, list_methods
 from moeguard.attribution.context import Context
 from moeguard.attribution.replay import replay
 from moeguard.attribution.run import score
@@ -67,11 +67,6 @@ def test_unknown_method_suggests_a_name():
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_matrix_every_family_every_method(fam_model, method):
     fam, model = fam_model
-    if not runs_on(get_method(method), MoEAdapter(model).family):   # JetMoE's attention experts: refused first
-        with pytest.raises(MoeguardError, match=rf"method '{method}' does not score {fam}, whose attention experts "
-                                                r"\(self_attention.experts\) work inside its attention: it .* \(use one of ablation, "):
-            score(_ctx(model), method)
-        return
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
     s = score(_ctx(model, max_subsets=40), method)
@@ -267,22 +262,35 @@ def test_reconstruction_gram_error_equals_the_block_replay(fam_model):
     adapter = MoEAdapter(model)
     if adapter.family.call == "scaled_input":
         pytest.skip("input-scaled experts keep the block replay")
-    if not runs_on(get_method("reconstruction"), adapter.family):
-        pytest.skip("refused for experts inside an attention (test_matrix_every_family_every_method)")
     inputs = R._Inputs(adapter, per_batch=10**6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for b in _batches(0):
             inputs.add(model, b)
         layer = adapter.layers[-1]
         seen = inputs.layer(layer.index)
-        x = seen["block"][None]
-        full = R._block_out(layer.block, x)
-        fast = R._FastError(adapter, layer, seen["router"], seen["experts"])
+        if layer.standalone:
+            x = seen["block"][None]
+
+            def run():
+                return R._block_out(layer.block, x)
+            fast = R._FastError(adapter, layer, seen["router"], seen["experts"])
+        else:   # JetMoE's attention experts: the attention around them replayed on each batch's valid tokens
+            calls = []
+            for b in _batches(0):
+                with capture_inputs({0: layer.outer}) as c:
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+                calls.append((c[0], b.attention_mask.reshape(-1).bool()))
+
+            def run():
+                return torch.cat([layer.outer(*a, **kw)[0].reshape(v.numel(), -1)[v] for (a, kw), v in calls]).float()
+            assert seen["experts"] is None and seen["gram"].shape == (seen["router"].shape[0], 8, 8)
+            fast = R._FastError(adapter, layer, seen["router"], None, gram=seen["gram"])
+        full = run()
         g = torch.Generator().manual_seed(1)
         for k in (7, 4, 2):
             kept = sorted(torch.randperm(8, generator=g)[:k].tolist())
             with mask_experts(model, {layer.index: kept}, adapter=adapter):
-                slow = float((R._block_out(layer.block, x) - full).pow(2).sum(-1).mean())
+                slow = float((run() - full).pow(2).sum(-1).mean())
             assert fast(kept) == pytest.approx(slow, rel=1e-4, abs=1e-9), (family, kept)
         assert fast(list(range(8))) == pytest.approx(0.0, abs=1e-9)
 

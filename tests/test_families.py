@@ -485,10 +485,35 @@ def test_jetmoe_attention_and_mlp_experts_are_two_blocks_per_layer_pruned_to_one
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)
-    # averaging along the expert axis (an explicit merge plan) runs; the merge route's calibration does not
-    from moeguard.models.handle import check_merge_route
 
-    check_merge_route(a.family, True)
-    with pytest.raises(MoeguardError, match=r"clusters experts by their outputs .* jetmoe's attention experts "
-                                            r"\(self_attention.experts\) work inside its attention .*--plan"):
-        check_merge_route(a.family, True, calibrated=True)
+
+def test_jetmoe_attention_experts_run_alone_as_the_model_runs_them(token_batch):
+    """What an attention expert adds for a token it was not routed to (gradient's fall-back term) is
+    what the model computes once routing sends the token there: the layer's keys and values do not
+    depend on which experts the queries come from."""
+    from moeguard.models.hooks import expert_outputs, trace_experts
+
+    ids, mask = token_batch
+    model = tiny_model("jetmoe")
+    a = MoEAdapter(model)
+    layer = a.layer(2)                                  # the attention experts of decoder layer 0
+    with torch.no_grad(), trace_experts(model, adapter=a) as traces:
+        model(input_ids=ids, attention_mask=mask)
+    t = traces[2]
+    N = ids.numel()
+    rows = torch.arange(N).repeat_interleave(2)
+    routed = expert_outputs(a, layer, t.hidden[rows], t.index.reshape(-1), torch.ones(2 * N), rows=rows, context=t.context)
+    torch.testing.assert_close(routed.view(N, 2, -1), t.slot_out, rtol=1e-5, atol=1e-7)
+    # experts 3 and 6 only: every token now reaches both; their outputs are what ran alone said
+    elsewhere = torch.tensor([3, 6])
+    alone = expert_outputs(a, layer, t.hidden.repeat_interleave(2, 0), elsewhere.repeat(N), torch.ones(2 * N),
+                           rows=rows, context=t.context).view(N, 2, -1)
+    with torch.no_grad(), mask_experts(model, {2: [3, 6]}), trace_experts(model, adapter=a) as forced:
+        model(input_ids=ids, attention_mask=mask)
+    f = forced[2]
+    order = f.index.argsort(-1)                         # slots in expert order: 3, then 6
+    got = f.slot_out.gather(1, order[..., None].expand_as(f.slot_out))
+    valid = mask.reshape(-1).bool()
+    torch.testing.assert_close(got[valid], alone[valid], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="recorded batch"):
+        expert_outputs(a, layer, t.hidden[:2], elsewhere, torch.ones(2))

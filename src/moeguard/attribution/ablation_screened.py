@@ -22,8 +22,7 @@ from moeguard.attribution.gradient import gradient
 
 @register_method("ablation-screened", "exact ablation of the experts gradient ranks highest (screen per layer, "
                  "default E/4), gradient's estimate scaled to ablation's units for the rest",
-                 comparable_across_layers=True, causal_only="screens with gradient and replays layers as ablation does",
-                 runs_experts_alone="screens with gradient, which runs on each token the expert it falls back to")
+                 comparable_across_layers=True, causal_only="screens with gradient and replays layers as ablation does")
 def ablation_screened(ctx) -> MethodOutput:
     adapter = ctx.adapter
     E = adapter.num_experts

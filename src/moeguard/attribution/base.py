@@ -107,9 +107,6 @@ class Method:
     comparable_across_layers: bool = False
     # why the method cannot score an encoder-decoder (Switch), or None when it can
     causal_only: str | None = None
-    # why the method cannot score experts that work inside an attention (JetMoE's), or None when it can:
-    # it runs an expert on tokens the model did not route to it
-    runs_experts_alone: str | None = None
 
 
 # importing ``moeguard.attribution.registry`` imports every method file, which registers itself
@@ -117,11 +114,9 @@ METHODS: Registry[Method] = Registry("attribution method", loader="moeguard.attr
 
 
 def register_method(name: str, description: str, *, needs_reference: bool = False,
-                    comparable_across_layers: bool = False, causal_only: str | None = None,
-                    runs_experts_alone: str | None = None):
+                    comparable_across_layers: bool = False, causal_only: str | None = None):
     def wrap(fn):
-        METHODS.add(name, Method(name, fn, description, needs_reference, comparable_across_layers, causal_only,
-                                 runs_experts_alone))
+        METHODS.add(name, Method(name, fn, description, needs_reference, comparable_across_layers, causal_only))
         return fn
     return wrap
 
@@ -131,20 +126,16 @@ def get_method(name: str) -> Method:
 
 
 def runs_on(method: Method, family) -> bool:
-    """Whether ``method`` can score models of ``family`` (an encoder-decoder: not the causal-only ones;
-    experts inside an attention, JetMoE's: not those that run an expert alone)."""
-    return not (family.encoder_decoder and method.causal_only) and \
-        not (family.more_block_attrs and method.runs_experts_alone)
+    """Whether ``method`` can score models of ``family`` (an encoder-decoder: not the causal-only ones)."""
+    return not (family.encoder_decoder and method.causal_only)
 
 
 def check_method_runs(method: Method, family) -> None:
     """Refuse, before any weights load, a method that cannot score this family's models."""
     if not runs_on(method, family):
         able = ", ".join(m.name for m in list_methods() if runs_on(m, family))
-        what = (f"encoder-decoders ({family.name}): it {method.causal_only}" if family.encoder_decoder else
-                f"{family.name}, whose attention experts ({', '.join(family.more_block_attrs)}) work inside its "
-                f"attention: it {method.runs_experts_alone}")
-        raise MoeguardError(f"method '{method.name}' does not score {what}", hint=f"use one of {able}")
+        raise MoeguardError(f"method '{method.name}' does not score encoder-decoders ({family.name}): it {method.causal_only}",
+                            hint=f"use one of {able}")
 
 
 def list_methods() -> list[Method]:

@@ -60,7 +60,8 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
             w = gates[tok, ex].clamp_min(torch.finfo(torch.float32).tiny)
         else:   # the gate scales the output: gate 1 (x * 1 and x / 1 are exact)
             w = torch.ones(tok.numel(), dtype=trace.weights.dtype, device=device)
-        y = expert_outputs(adapter, layer, trace.hidden[tok], ex.to(trace.index.dtype), w).float() / w[:, None]
+        y = expert_outputs(adapter, layer, trace.hidden[tok], ex.to(trace.index.dtype), w, rows=tok,
+                           context=trace.context).float() / w[:, None]
         table[tok, ex] = (y * G[tok]).sum(-1)
     for e, (w_new, idx) in enumerate(routed):
         d = ((w_new * table.gather(1, idx)).sum(1) - old).double()  # [N] first-order change per token
@@ -70,8 +71,7 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
 
 @register_method("gradient", "gradient x change of layer output plus an empirical-Fisher second-order term: estimate of the ablation loss increase",
                  comparable_across_layers=True,
-                 causal_only="traces each routed slot's output through fused expert tensors, which one module per expert lacks",
-                 runs_experts_alone="runs on each token the expert it falls back to")
+                 causal_only="traces each routed slot's output through fused expert tensors, which one module per expert lacks")
 def gradient(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model
     deltas = torch.zeros(len(adapter.layers), adapter.num_experts, dtype=torch.float64)

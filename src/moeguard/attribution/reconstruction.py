@@ -36,6 +36,8 @@ from math import ceil, comb
 import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
+from moeguard.models.attention_experts import AttentionContext
+from moeguard.models.attention_experts import every_expert_output as every_attention_expert
 from moeguard.models.hooks import capture_inputs, every_expert_output, last_hidden, mask_experts, weights_in_place
 from moeguard.models.routing import pruned_router_params, route_module, router_logits
 
@@ -52,15 +54,19 @@ class _Inputs:
 
     def __init__(self, adapter, *, per_batch: int, generator: torch.Generator):
         self.adapter, self.per_batch, self.gen = adapter, per_batch, generator
+        # "gram": experts inside an attention (JetMoE's) run alone only on their batch, so their Gram
+        # matrices are taken there, for the sampled rows
         self.parts: dict[int, dict[str, list[torch.Tensor]]] = {
-            l.index: {"block": [], "router": [], "experts": []} for l in adapter.layers}
+            l.index: {"block": [], "router": [], "experts": [], "gram": []} for l in adapter.layers}
 
     def add(self, model, batch) -> None:
         adapter = self.adapter
         blocks = {l.index: l.block for l in adapter.layers}
         routers = {l.index: l.router for l in adapter.layers}
         experts = {l.index: l.experts for l in adapter.layers}
-        with capture_inputs(blocks) as b_in, capture_inputs(routers) as r_in, capture_inputs(experts) as e_in:
+        outers = {l.index: l.outer for l in adapter.layers if not l.standalone}
+        with capture_inputs(blocks) as b_in, capture_inputs(routers) as r_in, capture_inputs(experts) as e_in, \
+                capture_inputs(outers) as o_in:
             # stopped before the head: its [B, T, V] logits are not needed here
             last_hidden(model, adapter, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                         use_cache=False)
@@ -68,9 +74,16 @@ class _Inputs:
         rows = torch.nonzero(valid.cpu()).squeeze(1)
         if len(rows) > self.per_batch:          # this batch's share of the token budget
             rows = rows[torch.randperm(len(rows), generator=self.gen)[:self.per_batch].sort().values]
+        for i, (args, kwargs) in o_in.items():
+            layer = adapter.layer(i)
+            y = every_attention_expert(layer.outer, layer.block, AttentionContext.from_call(args, kwargs))
+            y = y[rows.to(y.device)].float()                                     # [n, E, d]
+            self.parts[i]["gram"].append(torch.einsum("ned,nfd->nef", y, y))
         for i, store in self.parts.items():
             taken: dict[tuple, torch.Tensor] = {}
             for key, captured in (("block", b_in), ("router", r_in), ("experts", e_in)):
+                if key == "experts" and store["gram"]:   # (an attention's experts: their Gram is kept)
+                    continue
                 if i not in captured:           # a module a family does not call (recorded, not guessed)
                     continue
                 args, kwargs = captured[i]
@@ -115,14 +128,16 @@ def _gram(adapter, layer, x: torch.Tensor, *, chunk_bytes: int = 64 << 20) -> to
 class _FastError:
     """error(kept) from the Gram matrices (module docstring); kept lists original expert ids."""
 
-    def __init__(self, adapter, layer, router_in: torch.Tensor, experts_in: torch.Tensor):
+    def __init__(self, adapter, layer, router_in: torch.Tensor, experts_in: torch.Tensor | None,
+                 gram: torch.Tensor | None = None):
         self.adapter, self.layer = adapter, layer
         self.E = layer.num_experts
         self.spec = adapter.family.routing
         with weights_in_place(layer.router):   # read outside the router's forward (offloaded: "meta")
             self.logits = router_logits(layer, router_in, self.spec)
         self.dtype = router_in.dtype
-        self.G = _gram(adapter, layer, experts_in)             # float32; each gathered block in float64
+        # float32; each gathered block in float64. Taken on the batches for experts inside an attention
+        self.G = gram if gram is not None else _gram(adapter, layer, experts_in)
         w, idx = self._route(list(range(self.E)))
         self.full = (-w, idx)
 
@@ -143,8 +158,7 @@ class _FastError:
 
 @register_method("reconstruction", "mean squared error of the layer output when the expert is dropped; "
                  "best kept subsets searched exhaustively (greedily when too many)",
-                 causal_only="runs every expert on every token through fused expert tensors, which one module per expert lacks",
-                 runs_experts_alone="runs every expert on every token")
+                 causal_only="runs every expert on every token through fused expert tensors, which one module per expert lacks")
 def reconstruction(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model
     max_subsets = int(ctx.options.get("max_subsets", 256))
@@ -172,7 +186,13 @@ def reconstruction(ctx) -> MethodOutput:
         for row, layer in enumerate(ctx.track(adapter.layers, "reconstruction")):
             seen = inputs.layer(layer.index)
             r_in, e_in = seen["router"], seen["experts"]
-            if fast and r_in is not None and e_in is not None:
+            if seen["gram"] is not None:   # experts inside an attention (JetMoE's)
+                G = seen["gram"]
+                if r_in.shape[0] > budget:
+                    keep = torch.randperm(r_in.shape[0], generator=gen)[:budget].sort().values.to(r_in.device)
+                    r_in, G = r_in[keep], G[keep]
+                error = _FastError(adapter, layer, r_in, None, gram=G)
+            elif fast and r_in is not None and e_in is not None:
                 if r_in.shape[0] > budget:
                     keep = torch.randperm(r_in.shape[0], generator=gen)[:budget].sort().values.to(r_in.device)
                     e_in = e_in[keep] if e_in is not r_in else None

@@ -134,7 +134,7 @@ def sweep(*, out: Path, model: Optional[str], backend: str, ray_address: Optiona
         keeps=_ints(grid["keeps"], "--keep") if grid["keeps"] else None)
     names = [t.name for t in task_list]
     cfg = build(SweepConfig, flags, what="sweep", tasks=names, methods=methods, keeps=keeps)
-    check_merge_route(handle.family, "merge" in cfg.routes, calibrated=True)
+    check_merge_route(handle.family, "merge" in cfg.routes)
     settings = {"model": handle.name, **dataclasses.asdict(cfg)}
 
     def write(doc, work):

@@ -35,6 +35,7 @@ class MoELayer:
     # routes the logits itself, DBRX; JetMoE's attention, whose query heads per token are its top-k)
     top_k_holders: tuple[nn.Module, ...] = ()
     standalone: bool = True                  # the experts can be run on chosen tokens (not inside an attention)
+    outer: nn.Module | None = None           # the module the block's experts work inside (JetMoE's attention)
 
     @property
     def layer_index(self) -> int:
@@ -227,7 +228,7 @@ class MoEAdapter:
                                     call=f.call, route_method=f.route_method, blocked=f.blocked,
                                     expert_module=f.expert_module if f.expert_layout == "modules" else None,
                                     decoder_index=None if offset == 0 else i, top_k_holders=holders,
-                                    standalone=main))
+                                    standalone=main, outer=None if main or len(on_path) < 2 else on_path[-2]))
         if not out:
             raise MoeguardError(f"model of type '{self.config.model_type}' has no sparse MoE layer",
                                 hint="check the config's expert settings (e.g. decoder_sparse_step, mlp_only_layers)")

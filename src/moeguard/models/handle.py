@@ -37,21 +37,12 @@ def require_tasks(family: FamilySpec, name: str) -> None:
                             hint="run one of those on it")
 
 
-def check_merge_route(family: FamilySpec, merge: bool, *, flag: str = "--route prune",
-                      calibrated: bool = False) -> None:
+def check_merge_route(family: FamilySpec, merge: bool, *, flag: str = "--route prune") -> None:
     """Merging averages expert tensors along their expert axis; a family with one module per
-    expert (Switch) has none, so its merge route is refused before any work. ``calibrated``: the
-    clusters come from calibration (every expert's outputs on the same tokens: the sweep's, the
-    audit's and recovery's merge route), which a family with experts inside an attention (JetMoE)
-    cannot run."""
+    expert (Switch) has none, so its merge route is refused before any work."""
     if merge and family.expert_layout == "modules":
         raise MoeguardError(f"the merge route averages fused expert tensors, and {family.name} keeps one module per "
                             "expert", hint=f"use the pruning route ({flag})")
-    if merge and calibrated and family.more_block_attrs:
-        raise MoeguardError(f"the merge route clusters experts by their outputs on the same tokens, and {family.name}'s "
-                            f"attention experts ({', '.join(family.more_block_attrs)}) work inside its attention",
-                            hint=f"use the pruning route ({flag}), or `moeguard merge --plan` with explicit clusters "
-                                 "and weights")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,8 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter, _get_path
+from moeguard.models.attention_experts import AttentionContext
+from moeguard.models.attention_experts import every_expert_output as every_attention_expert
 from moeguard.models.routing import pack_router_output, pruned_router_params, route_module, router_logits
 
 
@@ -509,7 +511,9 @@ def capture_inputs(modules: Mapping[int, nn.Module]) -> Iterator[dict[int, tuple
 def expert_inputs(adapter: MoEAdapter) -> Iterator[dict[int, torch.Tensor]]:
     """Per MoE layer slot, the [N, H] tokens (N = B*T, flattened) that entered its experts in the
     latest forward: the experts' own input, or the block's input where the experts take a
-    score-scaled input (Llama-4). What running an expert on the layer's real tokens needs."""
+    score-scaled input (Llama-4) or the block runs them itself (JetMoE). What running an expert on
+    the layer's real tokens needs. Experts inside an attention are left out: they run on a batch
+    (``attention_experts.every_expert_output``)."""
     store: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -521,7 +525,11 @@ def expert_inputs(adapter: MoEAdapter) -> Iterator[dict[int, torch.Tensor]]:
 
     try:
         for slot, layer in enumerate(adapter.layers):
-            module = layer.block if adapter.family.call == "scaled_input" else layer.experts
+            if not layer.standalone:   # experts inside an attention take no tokens alone (attention_experts)
+                continue
+            # the block's input where the experts' own call is not made (JetMoE's MLP runs its linear maps)
+            # or takes score-scaled inputs (Llama-4)
+            module = layer.block if adapter.family.call in ("scaled_input", "sorted") else layer.experts
             handles.append(module.register_forward_pre_hook(hook_for(slot), with_kwargs=True))
         yield store
     finally:
@@ -611,6 +619,7 @@ class ExpertTrace:
     logits: torch.Tensor = None   # [N, E] router logits
     slot_out: torch.Tensor = None  # [N, k, H] each chosen expert's unweighted output (detached)
     grad: torch.Tensor = None     # [N, H] d loss / d (weighted experts output), after backward
+    context: AttentionContext | None = None   # experts inside an attention (JetMoE): its inputs, to run them alone
 
 
 @contextlib.contextmanager
@@ -628,9 +637,33 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
         def hook(module, args, output):
             logits, weights, index = layer.unpack(output)
             trace.logits = logits.detach()
-            if call == "scaled_input":   # the experts' patch below sees only their scaled inputs
+            if call == "scaled_input" or not layer.standalone:   # the patches below see neither
                 trace.index, trace.weights = index.detach(), weights.detach()
         return hook
+
+    def context_hook(trace):
+        """JetMoE's attention experts: the attention's inputs (to run its experts alone later)."""
+        def hook(module, args, kwargs):
+            trace.context = AttentionContext.from_call(args, kwargs)
+            trace.hidden = trace.context.hidden.reshape(-1, trace.context.hidden.shape[-1])
+        return hook
+
+    def attention_reduce(trace, block):
+        """JetMoE's attention experts: their output projections on each slot's attention output,
+        computed as the block's reduce computes them, each slot's output and the output's gradient
+        recorded."""
+        def reduce(layer_input, topo_info):
+            order, rows, gates, sizes = topo_info
+            B, T, k, H = layer_input.shape
+            y = block.output_linear(layer_input.reshape(-1, H)[order], sizes)       # [B*T*k, d], sorted by expert
+            trace.slot_out = y.detach().new_empty(y.shape).index_copy_(0, order, y.detach()).view(B * T, k, -1)
+            out = torch.zeros((B * T, y.shape[-1]), dtype=y.dtype, device=y.device).index_add(0, rows, y * gates[:, None])
+            if torch.is_grad_enabled():
+                if not out.requires_grad:
+                    out.requires_grad_(True)
+                out.register_hook(lambda g: setattr(trace, "grad", g.detach()))
+            return out.view(B, T, -1) + block.bias
+        return reduce
 
     def block_hook(trace):
         def hook(module, args):
@@ -681,6 +714,12 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
         for layer in adapter.layers:
             t = traces[layer.index]
             handles.append(layer.router.register_forward_hook(router_hook(t, layer)))
+            if not layer.standalone:
+                handles.append(layer.outer.register_forward_pre_hook(context_hook(t), with_kwargs=True))
+                patched.append((layer.block, _set_method(layer.block, "reduce", attention_reduce(t, layer.block))))
+                continue
+            if call == "sorted":   # the block calls its linear maps itself: route it through the view
+                patched.append((layer.block, _set_forward(layer.block, through_experts(layer))))
             original = layer.experts.forward
             if call == "scaled_input":
                 handles.append(layer.block.register_forward_pre_hook(block_hook(t)))
@@ -704,10 +743,18 @@ def chosen_rows(out: torch.Tensor, index: torch.Tensor, num_experts: int) -> tor
 
 
 def expert_outputs(adapter: MoEAdapter, layer, hidden: torch.Tensor, experts: torch.Tensor,
-                   weights: torch.Tensor) -> torch.Tensor:
+                   weights: torch.Tensor, *, rows: torch.Tensor | None = None,
+                   context: AttentionContext | None = None) -> torch.Tensor:
     """[n, d]: what expert ``experts[j]`` adds for token ``hidden[j]`` at gate ``weights[j]``,
     through the experts' own kernel (one call). Experts that scale their output are run at
-    gate 1 and scaled; Llama-4's, which scale their input, run on the scaled input."""
+    gate 1 and scaled; Llama-4's, which scale their input, run on the scaled input. Experts inside
+    an attention (JetMoE's) need the token's batch row: ``rows`` (the tokens' positions in the
+    recorded batch) and that batch's ``context``."""
+    if not layer.standalone:
+        if context is None or rows is None:
+            raise ValueError("an attention expert runs on a recorded batch: pass its context and the tokens' rows")
+        every = every_attention_expert(layer.outer, layer.block, context)                 # [B*L, E, d]
+        return every[rows, experts] * weights[:, None].to(every.dtype)
     if adapter.family.call != "scaled_input":
         ones = torch.ones((len(experts), 1), dtype=weights.dtype, device=hidden.device)
         y = layer.experts(hidden, experts[:, None], ones).reshape(len(experts), -1)   # DBRX returns [n, 1, d]

@@ -109,7 +109,7 @@ def preflight(cfg: RecoveryConfig, model) -> None:
 
     task = get_task(cfg.task)
     check_method_runs(get_method(cfg.method), model.family)
-    check_merge_route(model.family, cfg.route == "merge", calibrated=True)
+    check_merge_route(model.family, cfg.route == "merge")
     check_schedule(cfg.budgets)
     model.check_keep(cfg.keep)
     if cfg.seeds < 1:

@@ -21,7 +21,9 @@ import torch
 
 from moeguard.attribution.context import track
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.hooks import RoutingCapture, every_expert_output, expert_inputs
+from moeguard.models.attention_experts import AttentionContext
+from moeguard.models.attention_experts import every_expert_output as every_attention_expert
+from moeguard.models.hooks import RoutingCapture, capture_inputs, every_expert_output, expert_inputs
 from moeguard.tasks.tokens import model_device
 
 
@@ -59,9 +61,13 @@ def calibrate(model, adapter: MoEAdapter, batches: list, *, tokens: int = 256, s
     # which of the valid tokens (in batch order) are sampled: known before the forward
     chosen = torch.randperm(valid_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
     picked: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(len(adapter.layers))}
+    # experts inside an attention (JetMoE's) run alone only on their batch: their outputs are taken there
+    outers = {slot: l.outer for slot, l in enumerate(adapter.layers) if not l.standalone}
+    outputs: dict[int, list[torch.Tensor]] = {slot: [] for slot in outers}
     seen = 0
     items = track(progress, batches, "merge calibration")
-    with torch.no_grad(), RoutingCapture(model, adapter=adapter, raw=True) as cap, expert_inputs(adapter) as store:
+    with torch.no_grad(), RoutingCapture(model, adapter=adapter, raw=True) as cap, expert_inputs(adapter) as store, \
+            capture_inputs(outers) as contexts:
         for b in items:
             b = b.to(device)
             model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
@@ -69,6 +75,11 @@ def calibrate(model, adapter: MoEAdapter, batches: list, *, tokens: int = 256, s
             count = int(valid.sum())
             mine = chosen[(chosen >= seen) & (chosen < seen + count)] - seen
             seen += count
+            for slot, (args, kwargs) in contexts.items():
+                layer = adapter.layers[slot]
+                y = every_attention_expert(layer.outer, layer.block, AttentionContext.from_call(args, kwargs))
+                outputs[slot].append(y[valid.to(y.device)][mine.to(y.device)].float().cpu())   # [n, E, d]
+            contexts.clear()
             for slot, hidden in store.items():
                 if hidden.shape[0] != valid.numel():
                     raise RuntimeError(f"MoE layer {adapter.layers[slot].index}: its experts saw {hidden.shape[0]} "
@@ -77,9 +88,12 @@ def calibrate(model, adapter: MoEAdapter, batches: list, *, tokens: int = 256, s
             store.clear()
     profiles = []
     for slot, layer in enumerate(adapter.layers):
-        h = torch.cat(picked[slot])                                        # [N, H]
-        with torch.no_grad():
-            y = every_expert_output(adapter, layer, h).float()             # [E, N, H], one layer at a time
+        if slot in outputs:
+            y = torch.cat(outputs[slot]).transpose(0, 1)                   # [E, N, H]
+        else:
+            h = torch.cat(picked[slot])                                    # [N, H]
+            with torch.no_grad():
+                y = every_expert_output(adapter, layer, h).float()         # [E, N, H], one layer at a time
         s = cap.stats.layers[slot]
         profiles.append(LayerProfile.from_outputs(layer=layer.index, counts=s.counts.clone(),
                                                   gate_mass=s.gate_mass.clone(), raw_gate_mass=s.raw_gate_mass.clone(),

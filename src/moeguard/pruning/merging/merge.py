@@ -63,12 +63,6 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
 
     pruned_config(adapter, {l: list(range(k)) for l, k in counts.items()})  # what the family cannot express
     needs_data = fixed is None or (weights is None and m.weighs_by_data)
-    if needs_data and adapter.family.more_block_attrs:
-        raise MoeguardError(
-            f"merge method '{method}' calibrates on every expert's outputs on the same tokens, and "
-            f"{adapter.family.name}'s attention experts ({', '.join(adapter.family.more_block_attrs)}) work inside its "
-            "attention, where nothing runs them alone", hint="pass a merge plan with explicit clusters and weights "
-                                                             "(--plan), or use the pruning route")
     return {"method": m, "gate": gate, "rows": rows, "counts": counts, "clusters": fixed, "weights": weights,
             "needs_data": needs_data}
 
