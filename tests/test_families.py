@@ -290,9 +290,13 @@ def test_info_json_reports_expert_counts(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path / "jetmoe"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["moe_layers_per_block"] == {"mlp": {"0": 0, "1": 1}, "self_attention.experts": {"2": 0, "3": 1}}
+    # each kind's own expert size (4 kept of 8): an MLP expert is gate, up and down (3 x 32 x 32), an
+    # attention expert a query and an output projection (2 x 16 x 32)
+    assert data["parameters"]["per_expert_by_block"] == {"mlp": 3 * 32 * 32, "self_attention.experts": 2 * 16 * 32}
     assert main(["info", "--model", str(tmp_path / "jetmoe")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "mlp: MoE layers 0, 1 (decoder layers 0, 1); self_attention.experts: MoE layers 2, 3" in out.replace("│ │", "")
+    assert "mlp 3,072; self_attention.experts 1,024" in out
 
 
 def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_batch, tmp_path):

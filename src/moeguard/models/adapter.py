@@ -314,12 +314,14 @@ class MoEAdapter:
             for l in self.layers:
                 path, local = self.stack_of(l.index)
                 stacks.setdefault(path, []).append(local)
-        blocks = {}
+        blocks, sizes = {}, {}
         if self.family.more_block_attrs:   # JetMoE: which decoder layer and block each MoE layer index is
             for l in self.layers:
                 kind = self.family.block_attrs[0] if l.standalone else self.family.more_block_attrs[
                     l.index // len(self.decoder_layers) - 1]
                 blocks.setdefault(kind, {})[str(l.index)] = l.layer_index
+                sizes.setdefault(kind, l.expert_param_count() // l.num_experts)   # its experts' size, not the mean
+            counts["per_expert_by_block"] = sizes
         return {
             "family": self.family.name,
             "model_type": self.config.model_type,

@@ -26,7 +26,8 @@ def info_table(d: dict) -> Table:
              + (f": {'; '.join(d['family_spec']['reasons'])}" if d.get("family_spec", {}).get("reasons") else "")
              + (f" ({d['family_spec']['note']})" if d.get("family_spec", {}).get("note") else "")),
             ("parameters total / active", f"{p['total']:,} / {p['active']:,}"),
-            ("per expert", f"{p['per_expert']:,}"),
+            ("per expert", f"{p['per_expert']:,}" if not p.get("per_expert_by_block") else
+             "; ".join(f"{kind} {n:,}" for kind, n in p["per_expert_by_block"].items())),
             ("path", d.get("path") or d.get("hub_id") or "-")]
     if d.get("moe_layers_per_block"):   # JetMoE: two sparse blocks per decoder layer
         rows.insert(2, ("MoE blocks", "; ".join(f"{kind}: MoE layers {', '.join(m)} (decoder layers "
