@@ -90,14 +90,11 @@ def test_every_attribution_method_scores_an_offloaded_model_as_the_model_in_memo
 _OFFLOAD_BROKEN = {
     "llama4": "transformers' Llama-4 sends input_ids to embed_tokens.weight.device, 'meta' when offloaded",
     "dbrx": "transformers' DbrxExperts reads its mlp's w1/v1/w2 outside the mlp's forward, where accelerate's "
-            "per-module hook has them on 'meta'",
-    "jetmoe": "transformers' JetMoeAttention calls its experts' map and reduce, not their forward, so accelerate's "
-              "hook never puts their weights and bias in place (a plain offloaded forward fails the same way)"}
-_OFFLOAD_RAISES = {"jetmoe": RuntimeError}
+            "per-module hook has them on 'meta'"}
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(
-    strict=True, raises=_OFFLOAD_RAISES.get(f, NotImplementedError), reason=_OFFLOAD_BROKEN[f]))
+    strict=True, raises=NotImplementedError, reason=_OFFLOAD_BROKEN[f]))
     if f in _OFFLOAD_BROKEN else f for f in causal_families()])
 def test_masked_routing_runs_inside_accelerates_hooks_on_every_family(family, tmp_path):
     # the masked router replaces the router's forward: offloaded, it must run where the hook has
@@ -375,3 +372,22 @@ def test_parameter_counts_under_a_cap_count_tied_embeddings_once(pair):
     assert full.lm_head.weight is full.get_input_embeddings().weight
     assert off.lm_head.weight is not off.get_input_embeddings().weight
     assert MoEAdapter(off).parameter_counts() == MoEAdapter(full).parameter_counts()
+
+
+def test_jetmoe_runs_offloaded_and_its_attention_experts_score_as_in_memory(tmp_path):
+    """transformers' own JetMoE forward fails offloaded (its attention reads the experts' bias outside
+    their forward); moeguard's loader puts it in place, and the methods that run attention experts
+    alone read their weights in place too: the scores equal the model's in memory."""
+    from moeguard.models.hooks import place_inner_blocks
+
+    _, tok, _ = load_model(None)
+    model = tiny_model("jetmoe", vocab_size=4096, max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    off, _, _ = load_model(str(tmp_path / "m"), max_memory=1000)
+    assert all(p.device.type == "meta" for p in off.parameters())
+    assert place_inner_blocks(model) == 0                       # nothing offloaded: nothing wrapped
+    for method in ("reap", "gradient", "reconstruction"):
+        scores = [score(make_context(m, tok, "arith-compare", samples=8, batch_size=4, seed=0), method).scores
+                  for m in (model, off)]
+        torch.testing.assert_close(scores[1], scores[0], rtol=1e-6, atol=1e-9, msg=method)

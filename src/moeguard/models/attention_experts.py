@@ -42,6 +42,14 @@ def every_expert_output(attention, block, context: AttentionContext) -> torch.Te
     of the recorded batch, at gate 1 and without the block's bias: what each would add per unit of
     gate. Tokens routed to an expert get what the model computed for them, up to the kernels'
     rounding on other shapes (tested)."""
+    from moeguard.models.hooks import weights_in_place   # (hooks imports this module)
+
+    # read outside their modules' forwards: under accelerate's offload, in place only here
+    with weights_in_place(attention), weights_in_place(block):
+        return _every_expert_output(attention, block, context)
+
+
+def _every_expert_output(attention, block, context: AttentionContext) -> torch.Tensor:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     model_module = sys.modules[type(attention).__module__]   # the family's own rotary and eager kernel

@@ -56,6 +56,25 @@ def _set_forward(module: nn.Module, fn, *, replaces: bool = False) -> tuple[str,
     return "forward", previous
 
 
+def place_inner_blocks(model: nn.Module, adapter: MoEAdapter | None = None) -> int:
+    """Under accelerate's offload, a sparse block whose own weights its outer module reads (JetMoE's
+    attention calls its experts' ``map`` and ``reduce``, never their forward, and ``reduce`` adds the
+    block's bias) would find them on "meta": each such outer module's forward puts them in place for
+    its duration (for the model's life). Returns how many were wrapped; 0 when nothing is offloaded."""
+    adapter = adapter or MoEAdapter(model)
+    wrapped = 0
+    for layer in adapter.layers:
+        if layer.outer is None or not hasattr(layer.block, "_hf_hook"):
+            continue
+
+        def forward(*args, _original=layer.outer.forward, _block=layer.block, **kwargs):
+            with weights_in_place(_block, recurse=False):
+                return _original(*args, **kwargs)
+        _set_forward(layer.outer, forward)
+        wrapped += 1
+    return wrapped
+
+
 def _set_method(module: nn.Module, name: str, fn) -> tuple[str, object]:
     """Install ``fn`` as the module's instance attribute ``name`` (a method other than forward,
     JetMoE's attention ``reduce``); return what was there, for :func:`_restore_forward`."""
@@ -370,7 +389,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
                                                                    self._attention_reduce(slot, layer))))
                 elif self.norms:
                     if layer.call == "sorted":   # the block calls its linear maps itself: route it through the view
-                        self._patched.append((layer.block, _set_forward(layer.block, through_experts(layer))))
+                        self._patched.append((layer.block, _set_forward(layer.block, through_experts(layer), replaces=True)))
                     original = layer.experts.forward
                     previous = _set_forward(layer.experts, self._experts_forward(slot, original))
                     self._patched.append((layer.experts, previous))
@@ -719,7 +738,7 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
                 patched.append((layer.block, _set_method(layer.block, "reduce", attention_reduce(t, layer.block))))
                 continue
             if call == "sorted":   # the block calls its linear maps itself: route it through the view
-                patched.append((layer.block, _set_forward(layer.block, through_experts(layer))))
+                patched.append((layer.block, _set_forward(layer.block, through_experts(layer), replaces=True)))
             original = layer.experts.forward
             if call == "scaled_input":
                 handles.append(layer.block.register_forward_pre_hook(block_hook(t)))
