@@ -1,6 +1,6 @@
 """Cost of each attribution method in forward-pass equivalents (FPE) on the embedded model.
 
-    .venv/bin/python benchmarks/attribution_cost.py [--task stdlib-code] [--samples 64]
+    .venv/bin/python benchmarks/attribution_cost.py [--task stdlib-code] [--samples 64] [--model DIR]
 
 FPE = a method's wall time / the wall time of one plain no-grad forward over the same
 calibration batches, both measured in this run (each method: fastest of 3 after a warm-up; the
@@ -27,9 +27,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="stdlib-code")
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--model", help="a checkpoint directory (default: the embedded model)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    model, tok, _ = load_model(None)
+    model, tok, _ = load_model(args.model)
     ctx = make_context(model, tok, args.task, samples=args.samples, batch_size=8)
 
     def forward_pass():
@@ -59,8 +60,9 @@ def main() -> None:
         rows[name] = {"seconds": best, "fpe": best / fwd}
         print(f"{name:<15} {best:7.2f} s  {best / fwd:6.2f} FPE")
     n_dec = len(ctx.adapter.decoder_layers)
-    ideal_layers = sum(E * (n_dec - l.index) / n_dec for l in ctx.adapter.layers)
-    result = {"task": args.task, "samples": args.samples, "forward_seconds": fwd, "layers": L, "experts": E,
+    ideal_layers = sum(E * (n_dec - l.layer_index) / n_dec for l in ctx.adapter.layers)
+    result = {"model": args.model or "embedded", "family": ctx.adapter.family.name, "task": args.task,
+              "samples": args.samples, "forward_seconds": fwd, "layers": L, "experts": E,
               "methods": rows, "ablation_partial_passes": L * E,
               "ablation_ideal_fpe_body_only": ideal_layers,
               "goals": {"gradient_fpe_max": 3.5, "gradient_met": rows["gradient"]["fpe"] <= 3.5,

@@ -63,7 +63,8 @@ class _Inputs:
         adapter = self.adapter
         blocks = {l.index: l.block for l in adapter.layers}
         routers = {l.index: l.router for l in adapter.layers}
-        experts = {l.index: l.experts for l in adapter.layers}
+        # JetMoE's MLP block runs its linear maps itself: its experts' input is the block's
+        experts = {l.index: l.block if l.call == "sorted" else l.experts for l in adapter.layers}
         outers = {l.index: l.outer for l in adapter.layers if not l.standalone}
         with capture_inputs(blocks) as b_in, capture_inputs(routers) as r_in, capture_inputs(experts) as e_in, \
                 capture_inputs(outers) as o_in:
