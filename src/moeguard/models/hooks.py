@@ -4,7 +4,7 @@
   the routers, statistics reduced as they stream so memory does not grow with tokens).
 - :func:`mask_experts` makes routers route only among kept experts without touching weights.
 
-About 600 lines on purpose: the guide's rule is that every hook lives in one room and is removed
+About 800 lines on purpose: the guide's rule is that every hook lives in one room and is removed
 in ``finally``, and splitting the capture from the masking (or from the offload helpers,
 ``weights_in_place`` and ``last_hidden``) would make several rooms.
 """
@@ -96,6 +96,25 @@ def through_experts(layer):
         _, weights, index = layer.unpack(layer.router(x))
         return layer.experts(x, index, weights).view(shape) + block.bias
     return forward
+
+
+def attention_reduce(block, *, record=None, on_output=None):
+    """A replacement for the ``reduce`` of experts inside an attention (JetMoE's:
+    ``reduce(per-slot attention outputs [B, T, k, H], topology)``) computing what it computes: each
+    chosen expert's output projection on its slot, weighted by its gate, added per token, plus the
+    block's bias. ``record(y, topology, tokens)`` sees each slot's unweighted output ``y``
+    [B*T*k, d], sorted by expert; ``on_output`` may hook the weighted sum [B*T, d] (before the bias)."""
+    def reduce(layer_input, topo_info):
+        order, rows, gates, sizes = topo_info
+        B, T, k, H = layer_input.shape
+        y = block.output_linear(layer_input.reshape(-1, H)[order], sizes)
+        if record is not None:
+            record(y, topo_info, B * T)
+        out = torch.zeros((B * T, y.shape[-1]), dtype=y.dtype, device=y.device).index_add(0, rows, y * gates[:, None])
+        if on_output is not None:
+            out = on_output(out)
+        return out.view(B, T, -1) + block.bias
+    return reduce
 
 
 def _restore_forward(module: nn.Module, previous: tuple[str, object]) -> None:
@@ -330,26 +349,21 @@ class RoutingCapture(contextlib.AbstractContextManager):
             return out
         return forward
 
-    def _attention_reduce(self, slot: int, layer):
-        """JetMoE's attention experts: ``reduce(per-slot attention outputs [B, T, k, H], topology)``
-        runs each chosen expert's output projection on its slot, here with each row's norm recorded
-        (unweighted, and at its gate), computed as the block's own reduce computes it."""
-        stats, block = self.stats.layers[slot], layer.block
+    def _attention_norms(self, slot: int):
+        """JetMoE's attention experts: each slot's output norm, unweighted and at its gate, recorded
+        as :func:`attention_reduce` computes the slots."""
+        stats = self.stats.layers[slot]
 
-        def reduce(layer_input, topo_info):
+        def record(y, topo_info, tokens):
             order, rows, gates, sizes = topo_info
-            B, T, k, H = layer_input.shape
-            y = block.output_linear(layer_input.reshape(-1, H)[order], sizes)      # [B*T*k, d], sorted by expert
             with torch.no_grad():
                 experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes)).to(y.device)
-                norm = y.float().norm(dim=-1) * self._valid_for(B * T, y.device, slot)[rows]
+                norm = y.float().norm(dim=-1) * self._valid_for(tokens, y.device, slot)[rows]
                 raw = self._raw[slot].reshape(-1)[order].float()
                 for total, v in ((stats.norm_sum, norm), (stats.weighted_norm_sum, norm * gates.float()),
                                  (stats.raw_weighted_norm_sum, norm * raw)):
                     total += torch.zeros_like(total).index_add_(0, experts.cpu(), v.double().cpu())
-            out = torch.zeros((B * T, y.shape[-1]), dtype=y.dtype, device=y.device).index_add(0, rows, y * gates[:, None])
-            return out.view(B, T, -1) + block.bias
-        return reduce
+        return record
 
     def _experts_forward(self, slot: int, original):
         stats = self.stats.layers[slot]
@@ -385,8 +399,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
             for slot, layer in enumerate(self.adapter.layers):
                 self._handles.append(layer.router.register_forward_hook(self._router_hook(slot)))
                 if self.norms and not layer.standalone:   # JetMoE's attention experts: at their output side
-                    self._patched.append((layer.block, _set_method(layer.block, "reduce",
-                                                                   self._attention_reduce(slot, layer))))
+                    reduce = attention_reduce(layer.block, record=self._attention_norms(slot))
+                    self._patched.append((layer.block, _set_method(layer.block, "reduce", reduce)))
                 elif self.norms:
                     if layer.call == "sorted":   # the block calls its linear maps itself: route it through the view
                         self._patched.append((layer.block, _set_forward(layer.block, through_experts(layer), replaces=True)))
@@ -667,22 +681,21 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
             trace.hidden = trace.context.hidden.reshape(-1, trace.context.hidden.shape[-1])
         return hook
 
-    def attention_reduce(trace, block):
-        """JetMoE's attention experts: their output projections on each slot's attention output,
-        computed as the block's reduce computes them, each slot's output and the output's gradient
-        recorded."""
-        def reduce(layer_input, topo_info):
-            order, rows, gates, sizes = topo_info
-            B, T, k, H = layer_input.shape
-            y = block.output_linear(layer_input.reshape(-1, H)[order], sizes)       # [B*T*k, d], sorted by expert
-            trace.slot_out = y.detach().new_empty(y.shape).index_copy_(0, order, y.detach()).view(B * T, k, -1)
-            out = torch.zeros((B * T, y.shape[-1]), dtype=y.dtype, device=y.device).index_add(0, rows, y * gates[:, None])
+    def attention_slots(trace):
+        """JetMoE's attention experts: each slot's unweighted output, in (token, rank) order."""
+        def record(y, topo_info, tokens):
+            order = topo_info[0]
+            trace.slot_out = y.detach().new_empty(y.shape).index_copy_(0, order, y.detach()).view(tokens, -1, y.shape[-1])
+        return record
+
+    def output_grad(trace):
+        def on_output(out):
             if torch.is_grad_enabled():
-                if not out.requires_grad:
+                if not out.requires_grad:   # as for the experts below: the graph starts here
                     out.requires_grad_(True)
                 out.register_hook(lambda g: setattr(trace, "grad", g.detach()))
-            return out.view(B, T, -1) + block.bias
-        return reduce
+            return out
+        return on_output
 
     def block_hook(trace):
         def hook(module, args):
@@ -735,7 +748,8 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
             handles.append(layer.router.register_forward_hook(router_hook(t, layer)))
             if not layer.standalone:
                 handles.append(layer.outer.register_forward_pre_hook(context_hook(t), with_kwargs=True))
-                patched.append((layer.block, _set_method(layer.block, "reduce", attention_reduce(t, layer.block))))
+                reduce = attention_reduce(layer.block, record=attention_slots(t), on_output=output_grad(t))
+                patched.append((layer.block, _set_method(layer.block, "reduce", reduce)))
                 continue
             if call == "sorted":   # the block calls its linear maps itself: route it through the view
                 patched.append((layer.block, _set_forward(layer.block, through_experts(layer), replaces=True)))
