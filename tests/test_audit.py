@@ -356,3 +356,14 @@ def test_audit_with_a_defense_compares_base_and_hardened_in_the_report(tmp_path)
     # without recovery the headline falls back to pruning alone
     r = doc["tasks"]["arith-compare"]["risk"]
     assert r["attacked"] == r["pruned"][str(r["keep_quarter"])] and r["labels_to_recover"] is None
+
+
+def test_the_model_card_gives_each_kind_of_experts_its_own_size():
+    """JetMoE's MLP and attention experts differ in size: the card shows each, not their mean."""
+    from moeguard.report.audit import card_rows
+
+    p = {"per_expert": 2048, "per_expert_by_block": {"mlp": 3072, "self_attention.experts": 1024}}
+    rows = {r["fact"]: r["value"] for r in card_rows({"model": {"name": "m", "family": "jetmoe", "parameters": p}})}
+    assert rows["per expert"] == "mlp 3.07K (3,072); self_attention.experts 1.02K (1,024)"
+    rows = {r["fact"]: r["value"] for r in card_rows({"model": {"name": "m", "parameters": {"per_expert": 2048}}})}
+    assert rows["per expert"] == "2.05K (2,048)"

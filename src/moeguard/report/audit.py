@@ -226,7 +226,10 @@ def card_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
              ("experts per layer", m.get("num_experts")), ("experts per token (top-k)", m.get("top_k")),
              ("shared experts", len(m.get("shared_experts") or [])), ("routing", m.get("gate_normalization")),
              ("parameters", _count(p.get("total"))), ("active per token", _count(p.get("active"))),
-             ("routed-expert parameters", _count(p.get("routed_experts"))), ("per expert", _count(p.get("per_expert")))]
+             ("routed-expert parameters", _count(p.get("routed_experts"))),
+             # JetMoE: its MLP and attention experts differ in size, so each kind's, not their mean
+             ("per expert", "; ".join(f"{kind} {_count(n)}" for kind, n in p["per_expert_by_block"].items())
+              if p.get("per_expert_by_block") else _count(p.get("per_expert")))]
     return [{"fact": k, "value": str(v)} for k, v in facts if v is not None]
 
 
