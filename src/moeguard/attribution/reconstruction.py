@@ -63,8 +63,7 @@ class _Inputs:
         adapter = self.adapter
         blocks = {l.index: l.block for l in adapter.layers}
         routers = {l.index: l.router for l in adapter.layers}
-        # JetMoE's MLP block runs its linear maps itself: its experts' input is the block's
-        experts = {l.index: l.block if l.call == "sorted" else l.experts for l in adapter.layers}
+        experts = {l.index: l.experts_input_module for l in adapter.layers}
         outers = {l.index: l.outer for l in adapter.layers if not l.standalone}
         with capture_inputs(blocks) as b_in, capture_inputs(routers) as r_in, capture_inputs(experts) as e_in, \
                 capture_inputs(outers) as o_in:
@@ -83,8 +82,6 @@ class _Inputs:
         for i, store in self.parts.items():
             taken: dict[tuple, torch.Tensor] = {}
             for key, captured in (("block", b_in), ("router", r_in), ("experts", e_in)):
-                if key == "experts" and store["gram"]:   # (an attention's experts: their Gram is kept)
-                    continue
                 if i not in captured:           # a module a family does not call (recorded, not guessed)
                     continue
                 args, kwargs = captured[i]
@@ -124,6 +121,13 @@ def _gram(adapter, layer, x: torch.Tensor, *, chunk_bytes: int = 64 << 20) -> to
         y = every_expert_output(adapter, layer, x[a:a + step]).float()      # [E, n, H]
         out[a:a + step] = torch.einsum("end,fnd->nef", y, y)
     return out
+
+
+def _sample(rows: torch.Tensor, budget: int, gen: torch.Generator) -> torch.Tensor | None:
+    """``budget`` of the rows, at random and in order, or None when there are no more than that."""
+    if rows.shape[0] <= budget:
+        return None
+    return torch.randperm(rows.shape[0], generator=gen)[:budget].sort().values.to(rows.device)
 
 
 class _FastError:
@@ -188,23 +192,21 @@ def reconstruction(ctx) -> MethodOutput:
             seen = inputs.layer(layer.index)
             r_in, e_in = seen["router"], seen["experts"]
             if seen["gram"] is not None:   # experts inside an attention (JetMoE's)
+                keep = _sample(r_in, budget, gen)
                 G = seen["gram"]
-                if r_in.shape[0] > budget:
-                    keep = torch.randperm(r_in.shape[0], generator=gen)[:budget].sort().values.to(r_in.device)
-                    r_in, G = r_in[keep], G[keep]
+                r_in, G = (r_in, G) if keep is None else (r_in[keep], G[keep])
                 error = _FastError(adapter, layer, r_in, None, gram=G)
             elif fast and r_in is not None and e_in is not None:
-                if r_in.shape[0] > budget:
-                    keep = torch.randperm(r_in.shape[0], generator=gen)[:budget].sort().values.to(r_in.device)
+                keep = _sample(r_in, budget, gen)
+                if keep is not None:
                     e_in = e_in[keep] if e_in is not r_in else None
                     r_in = r_in[keep]
                     e_in = r_in if e_in is None else e_in
                 error = _FastError(adapter, layer, r_in, e_in)
             else:
                 x = seen["block"]
-                if x.shape[0] > budget:
-                    x = x[torch.randperm(x.shape[0], generator=gen)[:budget].sort().values.to(x.device)]
-                x = x[None]
+                keep = _sample(x, budget, gen)
+                x = (x if keep is None else x[keep])[None]
                 full = _block_out(layer.block, x)
 
                 def error(kept, _layer=layer, _x=x, _full=full):

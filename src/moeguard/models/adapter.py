@@ -10,7 +10,7 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.families import FamilySpec, expert_axis, family_for_config, moe_config
-from moeguard.models.routing import unpack_router_output
+from moeguard.models.routing import sort_pairs, unpack_router_output
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +36,12 @@ class MoELayer:
     top_k_holders: tuple[nn.Module, ...] = ()
     standalone: bool = True                  # the experts can be run on chosen tokens (not inside an attention)
     outer: nn.Module | None = None           # the module the block's experts work inside (JetMoE's attention)
+
+    @property
+    def experts_input_module(self) -> nn.Module:
+        """The module whose input is the tokens the experts take: the experts, or the block where the
+        block runs its experts' linear maps itself (JetMoE) or scales their inputs (Llama-4)."""
+        return self.block if self.call in ("scaled_input", "sorted") else self.experts
 
     @property
     def layer_index(self) -> int:
@@ -167,10 +173,7 @@ class ExpertsView(nn.Module):
         if not self.gated:
             raise RuntimeError("these experts work inside an attention (queries in, outputs back): "
                                "nothing runs them alone")
-        k, E = top_k_index.shape[-1], self.input_linear.weight.shape[0]
-        sizes = torch.bincount(top_k_index.reshape(-1), minlength=E).tolist()
-        _, order = top_k_index.reshape(-1).sort(0)
-        rows = order.div(k, rounding_mode="trunc")
+        order, rows, sizes = sort_pairs(top_k_index, self.input_linear.weight.shape[0])
         h = self.input_linear(hidden_states[rows], sizes)                   # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)
         y = self.output_linear(self.act(gate) * up, sizes) * top_k_weights.reshape(-1)[order][:, None]

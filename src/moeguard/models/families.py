@@ -231,8 +231,8 @@ class FamilySpec:
     # Further sparse blocks in each decoder layer, by path from the layer (JetMoE's mixture of attention
     # heads, ``self_attention.experts``): the j-th such block of layer i is MoE layer (j + 1) * n + i
     # (n decoder layers), after every main block. Its experts work inside the attention (queries in,
-    # outputs back), so nothing runs them alone: routing, masking, pruning and tracing treat them as
-    # any experts; methods that run an expert on chosen tokens refuse the family.
+    # outputs back): what one adds for a token is computed on the token's recorded batch
+    # (models/attention_experts.py), and trace reads the main blocks' experts only.
     more_block_attrs: tuple[str, ...] = ()
     # The sub-config holding the MoE keys (expert count, top-k, routing switches) when they are not
     # on the model's (text) config: DBRX's ``ffn_config``. :func:`moe_config` resolves it.

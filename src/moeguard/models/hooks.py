@@ -22,7 +22,8 @@ from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter, _get_path
 from moeguard.models.attention_experts import AttentionContext
 from moeguard.models.attention_experts import every_expert_output as every_attention_expert
-from moeguard.models.routing import pack_router_output, pruned_router_params, route_module, router_logits
+from moeguard.models.routing import (pack_router_output, pair_experts, pruned_router_params, route_module,
+                                     router_logits)
 
 
 _ABSENT = object()
@@ -357,7 +358,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         def record(y, topo_info, tokens):
             order, rows, gates, sizes = topo_info
             with torch.no_grad():
-                experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes)).to(y.device)
+                experts = pair_experts(sizes, y.device)
                 norm = y.float().norm(dim=-1) * self._valid_for(tokens, y.device, slot)[rows]
                 raw = self._raw[slot].reshape(-1)[order].float()
                 for total, v in ((stats.norm_sum, norm), (stats.weighted_norm_sum, norm * gates.float()),
@@ -560,10 +561,7 @@ def expert_inputs(adapter: MoEAdapter) -> Iterator[dict[int, torch.Tensor]]:
         for slot, layer in enumerate(adapter.layers):
             if not layer.standalone:   # experts inside an attention take no tokens alone (attention_experts)
                 continue
-            # the block's input where the experts' own call is not made (JetMoE's MLP runs its linear maps)
-            # or takes score-scaled inputs (Llama-4)
-            module = layer.block if adapter.family.call in ("scaled_input", "sorted") else layer.experts
-            handles.append(module.register_forward_pre_hook(hook_for(slot), with_kwargs=True))
+            handles.append(layer.experts_input_module.register_forward_pre_hook(hook_for(slot), with_kwargs=True))
         yield store
     finally:
         for h in handles:

@@ -188,11 +188,9 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     if made_folder is not None:   # the offloaded weights live as long as the model
         weakref.finalize(model, shutil.rmtree, made_folder, True)
     if device_map is not None:   # JetMoE's attention reads its experts' bias outside their forward
-        from moeguard.models.families import family_for_config
         from moeguard.models.hooks import place_inner_blocks
 
-        if family_for_config(config).more_block_attrs:
-            place_inner_blocks(model)
+        place_inner_blocks(model)
     _return_freed_memory()
     return model.eval(), tokenizer, ref
 

@@ -189,6 +189,19 @@ def router_logits(layer, hidden: torch.Tensor, spec: RoutingSpec | None = None) 
     return F.linear(hidden, weight, layer.router_bias)
 
 
+def sort_pairs(index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """JetMoE's grouping of the (token, rank) pairs of ``index`` [T, k] by expert, as its gating
+    does it: (the pairs' flat positions t*k + r in expert order, their tokens, tokens per expert)."""
+    sizes = torch.bincount(index.reshape(-1), minlength=num_experts).tolist()
+    _, order = index.reshape(-1).sort(0)
+    return order, order.div(index.shape[-1], rounding_mode="trunc"), sizes
+
+
+def pair_experts(sizes, device=None) -> torch.Tensor:
+    """The expert of each pair in expert order (expert e repeated ``sizes[e]`` times)."""
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.as_tensor(sizes, device=device))
+
+
 def unpack_router_output(call: str, output, top_k: int):
     """(logits [T, E], weights [T, k], index [T, k]) from what a family's router returns: the
     standard triple, or Llama-4's (scores [T, E], logits) with the chosen experts the top-k logits
@@ -209,9 +222,7 @@ def unpack_router_output(call: str, output, top_k: int):
         k = order.numel() // T if T else top_k
         # pair j of the sorted order is flat slot order[j] (token t, rank r: t*k + r), and belongs to
         # the expert whose run of sizes it falls in
-        experts = torch.repeat_interleave(torch.arange(len(sizes), device=order.device),
-                                          torch.as_tensor(sizes, device=order.device))
-        index = torch.empty_like(order).scatter_(0, order, experts)
+        index = torch.empty_like(order).scatter_(0, order, pair_experts(sizes, order.device))
         weights = torch.empty_like(gates).scatter_(0, order, gates)
         return logits, weights.view(T, k), index.view(T, k)
     if call != "scaled_input":
@@ -234,10 +245,8 @@ def pack_router_output(call: str, logits: torch.Tensor, weights: torch.Tensor, i
         lead = tuple(shape) if shape is not None else (logits.shape[0],)
         return dispatch.view(*lead, -1), weights.view(*lead, 1), logits.view(*lead, -1)
     if call == "sorted":   # as JetMoE's gating sorts the (token, rank) pairs by expert
-        k, E = index.shape[-1], logits.shape[-1]
-        sizes = torch.bincount(index.reshape(-1), minlength=E).tolist()
-        _, order = index.reshape(-1).sort(0)
-        return order, order.div(k, rounding_mode="trunc"), weights.reshape(-1)[order], sizes, logits.float()
+        order, rows, sizes = sort_pairs(index, logits.shape[-1])
+        return order, rows, weights.reshape(-1)[order], sizes, logits.float()
     if call != "scaled_input":
         return logits, weights, index
     return torch.zeros_like(logits).scatter_(1, index, weights.to(logits.dtype)), logits
