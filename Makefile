@@ -34,8 +34,17 @@ demo: $(STAMP)
 	mkdir -p runs
 	$(RUNENV) $(BIN)/moeguard audit --out runs/demo
 
+# The suite runs in TEST_WORKERS pytest-xdist processes (2: CI's two cores; `make test TEST_WORKERS=8` on a
+# bigger machine), each torch, OpenMP and BLAS on one thread. Most tests are Python-bound on tiny models,
+# so two single-thread workers finish in ~55% of the time one two-thread process takes (288 s against
+# 527 s here). The thread caps are set before Python starts: with them left to default, two workers'
+# OpenMP pools spun against each other and the suite took 653 s. worksteal: a few end-to-end tests
+# take 20-40 s each, and an idle worker takes queued tests from a busy one.
+TEST_WORKERS ?= 2
+TESTENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+
 test: $(STAMP)
-	$(RUNENV) $(BIN)/python -m pytest -q
+	$(RUNENV) $(TESTENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Refresh the lock to the newest versions pyproject.toml's ranges allow (needs the package index).
 # Run `make test-latest` first: raise a range or refresh the lock only when that passes.
@@ -53,7 +62,7 @@ test-latest:
 	.venv-latest/bin/pip install --disable-pip-version-check -q torch==2.13.0
 	.venv-latest/bin/pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
 	.venv-latest/bin/python -m moeguard.lockdiff $(LOCK)
-	$(RUNENV) MOEGUARD_UNLOCKED=1 .venv-latest/bin/python -m pytest -q
+	$(RUNENV) $(TESTENV) MOEGUARD_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-tools runs .pytest_cache

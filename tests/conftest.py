@@ -1,3 +1,4 @@
+import fcntl
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,7 +8,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers on CI's two cores) each worker, and every process
+# it starts, gets one thread: two 2-thread workers would oversubscribe the cores
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+THREADS = 1 if WORKER else 2
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """A command that sets torch's threads for its run (audit --threads, a zoo recipe) leaves them
+    set; the next test in this process gets THREADS again."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture
@@ -27,13 +43,24 @@ def token_batch():
 SMALL_AUDIT = ["--tasks", "arith-compare,docstring-topic", "--methods", "frequency,gate",
                "--budgets", "8,16", "--recovery-seeds", "1", "--strategies", "random,orphan", "--random-seeds", "2",
                "--eval-limit", "32", "--recovery-eval-limit", "48", "--pool-size", "96", "--samples", "16",
-               "--threads", "2"]
+               "--threads", str(THREADS)]
 
 
 @pytest.fixture(scope="session")
 def audit_run(tmp_path_factory):
+    """The small audit, run once per test session: under xdist the first worker to need it runs it
+    while the others wait on a lock, then read its folder (the tests only read it)."""
     from moeguard.cli import main
 
-    out = tmp_path_factory.mktemp("audit") / "run"
-    assert main(["audit", "--out", str(out), *SMALL_AUDIT]) == 0
+    if not WORKER:
+        out = tmp_path_factory.mktemp("audit") / "run"
+        assert main(["audit", "--out", str(out), *SMALL_AUDIT]) == 0
+        return out
+    shared = tmp_path_factory.getbasetemp().parent      # every worker's basetemp is a folder of this one
+    out = shared / "shared-audit" / "run"
+    with open(shared / "shared-audit.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "results.json").is_file():
+            out.parent.mkdir(exist_ok=True)
+            assert main(["audit", "--out", str(out), *SMALL_AUDIT]) == 0
     return out

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_AUDIT
+from conftest import SMALL_AUDIT, THREADS
 from moeguard.audit.run import numbers_only
 from moeguard.cli import main
 from moeguard.testing import kill_cli_when
@@ -160,7 +160,7 @@ def test_an_audit_with_the_merge_route_re_aligns_the_merged_model_too(tmp_path):
                  "--route", "prune,merge", "--merge-methods", "average", "--random-seeds", "1", "--no-deletion-curves",
                  "--physical-checks", "0", "--strategies", "random", "--budgets", "8", "--recovery-seeds", "1",
                  "--eval-limit", "16", "--collateral-limit", "8", "--recovery-eval-limit", "16", "--pool-size", "32",
-                 "--samples", "8", "--threads", "2"]) == 0
+                 "--samples", "8", "--threads", str(THREADS)]) == 0
     doc = results(run)
     e = doc["tasks"]["arith-compare"]
     rec, r = e["recovery"], e["risk"]
@@ -332,7 +332,7 @@ def test_audit_with_a_defense_compares_base_and_hardened_in_the_report(tmp_path)
     run = tmp_path / "run"
     args = ["--tasks", "arith-compare", "--methods", "frequency,gate", "--no-recovery", "--random-seeds", "1",
             "--eval-limit", "32", "--recovery-eval-limit", "32", "--pool-size", "64", "--samples", "16",
-            "--hardened", str(hardened), "--defense-budget", "8", "--threads", "2",
+            "--hardened", str(hardened), "--defense-budget", "8", "--threads", str(THREADS),
             "--defense-modes", "full,lora", "--defense-lr-scales", "1", "--defense-epochs", "4"]
     assert main(["audit", "--out", str(run), *args]) == 0
     doc = results(run)

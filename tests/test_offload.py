@@ -18,6 +18,7 @@ from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import mask_experts
 from moeguard.models.loading import load_model, parse_memory
 from moeguard.testing import causal_families, tiny_model
+from conftest import THREADS
 
 EMBEDDED_BYTES = 15_000_000   # the embedded model in float32, about 15.6 MB
 
@@ -133,7 +134,7 @@ def test_an_audit_under_a_cap_gives_the_numbers_of_an_uncapped_one_and_refuses_i
     from moeguard.audit.run import numbers_only
 
     args = ["--tasks", "arith-compare", "--methods", "frequency,gate", "--keeps", "2,4", "--random-seeds", "1",
-            "--eval-limit", "16", "--samples", "8", "--no-recovery", "--threads", "2"]
+            "--eval-limit", "16", "--samples", "8", "--no-recovery", "--threads", str(THREADS)]
     assert main(["audit", "--out", str(tmp_path / "a"), *args]) == 0
     assert main(["audit", "--out", str(tmp_path / "b"), *args, "--max-memory", "4MiB"]) == 0
     a, b = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")
@@ -177,7 +178,7 @@ def test_an_audit_recovers_under_a_cap_with_lora_as_it_does_in_memory(tmp_path):
     pruned_folders = lambda: set(Path(tempfile.gettempdir()).glob("moeguard-pruned-*"))  # noqa: E731
     before = pruned_folders()
     args = ["--tasks", "arith-compare", "--methods", "frequency", "--keeps", "2", "--random-seeds", "1",
-            "--eval-limit", "16", "--samples", "8", "--threads", "2", "--recovery-mode", "lora",
+            "--eval-limit", "16", "--samples", "8", "--threads", str(THREADS), "--recovery-mode", "lora",
             "--strategies", "random", "--budgets", "4,8", "--recovery-seeds", "1", "--pool-size", "16",
             "--recovery-eval-limit", "16"]
     assert main(["audit", "--out", str(tmp_path / "a"), *args]) == 0

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from moeguard.cli import main
+from conftest import THREADS
 
 NAME = "my-compare"
 ATTACK = ["--budget", "8", "--budgets", "4,8", "--methods", "gate", "--plans", "uniform", "--modes", "lora",
@@ -36,7 +37,7 @@ COMMANDS = {
     "monitor profile": ["monitor", "profile", "--tasks", "Y,arith-compare", "--limit", "8", "--window", "2", "--out", "O"],
     "audit": ["audit", "--tasks", "Y,arith-compare", "--methods", "gate", "--keeps", "4", "--budgets", "4,8",
               "--recovery-seeds", "1", "--strategies", "random", "--random-seeds", "1", "--eval-limit", "8",
-              "--recovery-eval-limit", "8", "--pool-size", "32", "--samples", "4", "--threads", "2", "--out", "O"],
+              "--recovery-eval-limit", "8", "--pool-size", "32", "--samples", "4", "--threads", str(THREADS), "--out", "O"],
 }
 
 
