@@ -36,6 +36,7 @@ class MoELayer:
     top_k_holders: tuple[nn.Module, ...] = ()
     standalone: bool = True                  # the experts can be run on chosen tokens (not inside an attention)
     outer: nn.Module | None = None           # the module the block's experts work inside (JetMoE's attention)
+    block_path: str = ""                     # the block's path in its decoder layer ("mlp", "self_attention.experts")
 
     @property
     def experts_input_module(self) -> nn.Module:
@@ -231,7 +232,8 @@ class MoEAdapter:
                                     call=f.call, route_method=f.route_method, blocked=f.blocked,
                                     expert_module=f.expert_module if f.expert_layout == "modules" else None,
                                     decoder_index=None if offset == 0 else i, top_k_holders=holders,
-                                    standalone=main, outer=None if main or len(on_path) < 2 else on_path[-2]))
+                                    standalone=main, outer=None if main or len(on_path) < 2 else on_path[-2],
+                                    block_path=path))
         if not out:
             raise MoeguardError(f"model of type '{self.config.model_type}' has no sparse MoE layer",
                                 hint="check the config's expert settings (e.g. decoder_sparse_step, mlp_only_layers)")
@@ -320,10 +322,8 @@ class MoEAdapter:
         blocks, sizes = {}, {}
         if self.family.more_block_attrs:   # JetMoE: which decoder layer and block each MoE layer index is
             for l in self.layers:
-                kind = self.family.block_attrs[0] if l.standalone else self.family.more_block_attrs[
-                    l.index // len(self.decoder_layers) - 1]
-                blocks.setdefault(kind, {})[str(l.index)] = l.layer_index
-                sizes.setdefault(kind, l.expert_param_count() // l.num_experts)   # its experts' size, not the mean
+                blocks.setdefault(l.block_path, {})[str(l.index)] = l.layer_index
+                sizes.setdefault(l.block_path, l.expert_param_count() // l.num_experts)   # its experts' size, not the mean
             counts["per_expert_by_block"] = sizes
         return {
             "family": self.family.name,
