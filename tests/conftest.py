@@ -1,4 +1,3 @@
-import fcntl
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,6 +55,8 @@ def audit_run(tmp_path_factory):
         out = tmp_path_factory.mktemp("audit") / "run"
         assert main(["audit", "--out", str(out), *SMALL_AUDIT]) == 0
         return out
+    import fcntl   # (POSIX; xdist workers only: a serial run never takes the lock)
+
     shared = tmp_path_factory.getbasetemp().parent      # every worker's basetemp is a folder of this one
     out = shared / "shared-audit" / "run"
     with open(shared / "shared-audit.lock", "w") as lock:
