@@ -36,10 +36,10 @@ demo: $(STAMP)
 
 # The suite runs in TEST_WORKERS pytest-xdist processes (2: CI's two cores; `make test TEST_WORKERS=8` on a
 # bigger machine), each torch, OpenMP and BLAS on one thread. Most tests are Python-bound on tiny models,
-# so two single-thread workers finish in ~55% of the time one two-thread process takes (288 s against
-# 527 s here). The thread caps are set before Python starts: with them left to default, two workers'
-# OpenMP pools spun against each other and the suite took 653 s. worksteal: a few end-to-end tests
-# take 20-40 s each, and an idle worker takes queued tests from a busy one.
+# so two single-thread workers finish in ~60% of the time one two-thread process takes (273-285 s against
+# 459-561 s side by side here, benchmarks/suite_workers.py). The thread caps are set before Python
+# starts: left to their defaults, two workers' OpenMP pools spun against each other (653 s).
+# worksteal: a few end-to-end tests take 20-40 s each; an idle worker takes queued tests from a busy one.
 TEST_WORKERS ?= 2
 TESTENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 
