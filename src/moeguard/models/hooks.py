@@ -687,9 +687,12 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
         return record
 
     def output_grad(trace):
+        """Keep d loss / d out in ``trace.grad`` after the caller's backward."""
         def on_output(out):
             if torch.is_grad_enabled():
-                if not out.requires_grad:   # as for the experts below: the graph starts here
+                if not out.requires_grad:
+                    # frozen weights and no grad upstream: this output starts the graph, so the
+                    # backward stops here instead of running down to the embeddings for nothing
                     out.requires_grad_(True)
                 out.register_hook(lambda g: setattr(trace, "grad", g.detach()))
             return out
@@ -731,13 +734,7 @@ def trace_experts(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Ite
             out = (slots * top_k_weights[..., None].to(slots.dtype)).sum(1)
             trace.hidden, trace.index = hidden_states.detach(), top_k_index.detach()
             trace.weights, trace.slot_out = top_k_weights.detach(), slots.detach()
-            if torch.is_grad_enabled():
-                if not out.requires_grad:
-                    # frozen weights and no grad upstream: this output starts the graph, so the
-                    # backward stops here instead of running down to the embeddings for nothing
-                    out.requires_grad_(True)
-                out.register_hook(lambda g: setattr(trace, "grad", g.detach()))
-            return out.view(shape)
+            return output_grad(trace)(out).view(shape)
         return forward
 
     try:
