@@ -280,7 +280,7 @@ def test_lora_trains_over_offloaded_weights_as_in_memory_and_modes_that_train_th
     with torch.no_grad():
         assert torch.equal(off(input_ids=ids).logits, before)
     # modes that train base weights name how many are offloaded: what they train in memory (full: every
-    # tensor, as accelerate's loader unties lm_head from the embeddings)
+    # tensor; the head stays tied to the embeddings through LoRA's release)
     counts = {"full": len(list(off.named_parameters()))}
     for mode in ("router", "experts"):
         tr = apply_mode(full, mode)

@@ -32,6 +32,8 @@ class Trainable:
     _flags: dict[str, bool] = field(default_factory=dict, repr=False)
     # what ``release`` undoes besides the flags (LoRA over offloaded weights: realign/offload.py)
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    # after LoRA's unload: the base's own parameters back in their modules (offload.parameter_bindings)
+    _rebind: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def offloaded(self) -> bool:
@@ -67,6 +69,8 @@ class Trainable:
             self._undo.pop()()
         if self.mode == "lora" and hasattr(self.model, "unload"):
             self.model.unload()
+            if self._rebind is not None:
+                self._rebind()
         for n, p in self.base.named_parameters():
             p.requires_grad_(self._flags.get(n, p.requires_grad))
         return self.base
@@ -192,6 +196,7 @@ def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int 
         return Trainable(model=wrapped, base=model, mode="lora", params=params, _flags=flags)
     # weights offloaded by accelerate (--max-memory): adapters in memory, the experts' weights read
     # in around peft's wrappers, every layer checkpointed (realign/offload.py says why)
+    rebind = offload.parameter_bindings(model)
     undo, wrapped = [offload.checkpointed(model)], None
     try:
         with offload.weights_unplaced(model):
@@ -201,13 +206,15 @@ def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int 
     except BaseException:
         if wrapped is not None:
             wrapped.unload()
+            rebind()
         while undo:
             undo.pop()()
         for n, p in model.named_parameters():   # peft froze the base weights
             p.requires_grad_(flags.get(n, p.requires_grad))
         raise
     params = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
-    return Trainable(model=wrapped, base=model, mode="lora", params=params, _flags=flags, _undo=undo)
+    return Trainable(model=wrapped, base=model, mode="lora", params=params, _flags=flags, _undo=undo,
+                     _rebind=rebind)
 
 
 register_mode(ModeSpec("full", "every parameter", 2e-4, _full))

@@ -79,6 +79,20 @@ def weights_unplaced(model: nn.Module) -> Iterator[None]:
             module._parameters[name] = p.requires_grad_(module._parameters[name].requires_grad)
 
 
+def parameter_bindings(model: nn.Module) -> Callable[[], None]:
+    """Which parameter each module of ``model`` holds (tied ones: one object in two modules); the
+    returned function puts them back. peft's ``unload`` of an offloaded model gives a tied output
+    head a "meta" parameter of its own (the embedding's tie broken); after it, this restores the
+    model as it was given."""
+    held = [(m, n, p) for m in model.modules() for n, p in m._parameters.items() if p is not None]
+
+    def restore() -> None:
+        for module, name, p in held:
+            if module._parameters.get(name) is not p:
+                module._parameters[name] = p
+    return restore
+
+
 def place_adapters(wrapped: nn.Module, device: torch.device) -> None:
     """Adapters of offloaded base weights onto ``device`` (the hooks' execution device), in their
     base weight's dtype, as peft does for a base weight in memory."""
