@@ -28,8 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-BASE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def make_env(name: str) -> dict[str, str]:
+    """The Makefile's ``NAME := K=V ...`` environment: what `make test` sets, read rather than copied."""
+    m = re.search(rf"^{name} := (.*)$", (ROOT / "Makefile").read_text(), re.M)
+    if m is None:
+        raise SystemExit(f"suite_workers: the Makefile has no '{name} :=' line (expected K=V pairs)")
+    return dict(kv.split("=", 1) for kv in m.group(1).split())
+
+
+CAPS = make_env("TESTENV")   # the thread caps
+BASE = make_env("RUNENV")    # offline, and bytecode written
 
 
 def settings(workers: int, uncapped: bool) -> dict[str, tuple[list[str], dict[str, str]]]:
@@ -48,7 +58,7 @@ def summary(text: str) -> dict[str, int]:
 
 def one(python: str, args: list[str], env: dict[str, str]) -> dict:
     full = {k: v for k, v in os.environ.items() if k not in CAPS}
-    full.update(BASE, **env, PYTHONDONTWRITEBYTECODE="")
+    full.update(BASE, **env)
     t0 = time.perf_counter()
     p = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=ROOT, env=full,
                        capture_output=True, text=True)
