@@ -47,6 +47,12 @@ def build(family: str):
         return tiny_model(family, vocab_size=SIZES["vocab_size"], d_model=SIZES["hidden_size"],
                           d_ff=SIZES["intermediate_size"], num_heads=SIZES["num_attention_heads"],
                           d_kv=SIZES["head_dim"], expert_capacity=64)
+    if family == "nllb_moe":   # fairseq-style sizes; NLLB-MoE's released eval capacity (the whole batch)
+        return tiny_model(family, vocab_size=SIZES["vocab_size"], d_model=SIZES["hidden_size"],
+                          encoder_ffn_dim=SIZES["intermediate_size"], decoder_ffn_dim=SIZES["intermediate_size"],
+                          encoder_attention_heads=SIZES["num_attention_heads"],
+                          decoder_attention_heads=SIZES["num_attention_heads"],
+                          max_position_embeddings=SIZES["max_position_embeddings"], moe_eval_capacity_token_fraction=1.0)
     over = dict(SIZES, **{k: v for k, v in SCALED.items() if k in TINY_FAMILY_KWARGS[family]})
     if "kv_lora_rank" in TINY_FAMILY_KWARGS[family]:   # multi-head latent attention: one kv head per head
         over.update(num_key_value_heads=over["num_attention_heads"], head_dim=SCALED["qk_rope_head_dim"])

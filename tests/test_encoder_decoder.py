@@ -1,8 +1,8 @@
-"""The shared family matrix's model-level rows for encoder-decoder families (Switch Transformers):
-route() against the family's router (with capacity dropping, fp32 and bf16), masking == in-memory
-pruning == streamed surgery == vanilla reload, routing capture, and the commands that run on them.
-Their tasks (the seq2seq head) are not built: the commands that score tasks refuse them in one line.
-NLLB-MoE is refused for an upstream bug, reproduced here."""
+"""The shared family matrix's model-level rows for encoder-decoder families (Switch Transformers,
+NLLB-MoE): route() against the family's router (with capacity dropping and padding, fp32 and bf16),
+masking == in-memory pruning == streamed surgery == vanilla reload, routing capture, and the
+commands that run on them through the seq2seq head. transformers 5.24 runs NLLB-MoE's experts
+wrongly: the bug is reproduced here, and moeguard's repair (models/upstream.py) checked."""
 
 import copy
 import json
@@ -18,14 +18,29 @@ from moeguard.models.families import FAMILIES
 from moeguard.models.hooks import RoutingCapture, mask_experts
 from moeguard.models.prune import prune_model
 from moeguard.models.routing import pruned_router_params, route_module, router_logits
+from moeguard.models.upstream import known_repair, repair
 from moeguard.pruning.checkpoint import prune_checkpoint
-from moeguard.testing import as_loaded_in, assert_same_safetensors, causal_families, tiny_model
+from moeguard.testing import as_loaded_in, assert_same_safetensors, causal_families, tiny_config, tiny_model
 
 # family -> a key of its public on-disk layout, and one that pruning to 4 experts removes
 ENCODER_DECODER_LAYOUT = {
     "switch_transformers": ("decoder.block.1.layer.2.mlp.experts.expert_3.wi.weight",
                             "encoder.block.0.layer.1.mlp.experts.expert_4.wi.weight"),
+    "nllb_moe": ("model.decoder.layers.1.ffn.experts.expert_3.fc1.weight",
+                 "model.encoder.layers.0.ffn.experts.expert_4.fc1.weight"),
 }
+# family -> what describe() says of its capacity, and decoder layer 0's sparse block
+CAPACITY_TEXT = {"switch_transformers": "capacity 2 tokens per expert and sequence",
+                 "nllb_moe": "capacity per expert and batch ceil(0.25 x the batch's tokens) in eval"}
+
+
+def decoder_block(model, fam):
+    return model.decoder.block[0].layer[2].mlp if fam == "switch_transformers" else model.model.decoder.layers[0].ffn
+
+
+def router_input(fam, h):
+    """What the family's block hands its router: Switch's [B, S, d]; NLLB-MoE's flattened [T, d]."""
+    return h if fam == "switch_transformers" else h.reshape(-1, h.shape[-1])
 KEEP4 = [0, 2, 5, 7]
 
 
@@ -52,12 +67,13 @@ def batch():
     return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
 
 
-def routed_both_ways(layer, a, h):
+def routed_both_ways(layer, a, h, padding_mask=None):
     """(the family's router, moeguard's route()) on hidden states h [B, S, d]: (weights, index) each."""
-    _, ref_w, ref_idx = layer.unpack(layer.router(h))
+    x = router_input(a.family.name, h)
+    _, ref_w, ref_idx = layer.unpack(layer.router(x) if padding_mask is None else layer.router(x, padding_mask))
     params = pruned_router_params(a.family, a.moe_config, list(range(8)), 8)
-    w, idx = route_module(layer, router_logits(layer, h, a.family.routing), a.family.routing, params,
-                          input_dtype=h.dtype, sequences=h.shape[0])
+    w, idx = route_module(layer, router_logits(layer, x, a.family.routing), a.family.routing, params,
+                          input_dtype=h.dtype, sequences=h.shape[0], padding_mask=padding_mask)
     return (ref_w, ref_idx), (w, idx)
 
 
@@ -65,13 +81,14 @@ def test_adapter_view_spans_both_stacks(family_model):
     fam, model = family_model
     a = MoEAdapter(model)
     assert a.family.name == fam and a.family.encoder_decoder
-    assert [l.index for l in a.layers] == [0, 1, 2, 3] and a.top_k == 1 and a.num_experts == 8
+    k = {"switch_transformers": 1, "nllb_moe": 2}[fam]
+    assert [l.index for l in a.layers] == [0, 1, 2, 3] and a.top_k == k and a.num_experts == 8
     info = a.describe()
-    assert info["moe_layers_per_stack"] == {"encoder.block": [0, 1], "decoder.block": [0, 1]}
-    assert "capacity 2 tokens per expert and sequence" in info["gate_normalization"]
-    assert a.layers[2].block is model.decoder.block[0].layer[2].mlp   # after the cross-attention
+    assert info["moe_layers_per_stack"] == dict.fromkeys(a.family.stacks, [0, 1])
+    assert CAPACITY_TEXT[fam] in info["gate_normalization"]
+    assert a.layers[2].block is decoder_block(model, fam)   # after the cross-attention
     counts = a.parameter_counts()
-    assert counts["total"] - counts["active"] == counts["routed_experts"] * 7 // 8   # top-1 of 8
+    assert counts["total"] - counts["active"] == counts["routed_experts"] * (8 - k) // 8   # top-k of 8
 
 
 def test_route_reproduces_the_router_with_capacity_dropping(family_model):
@@ -85,7 +102,8 @@ def test_route_reproduces_the_router_with_capacity_dropping(family_model):
             (ref_w, ref_idx), (w, idx) = routed_both_ways(layer, a, x)
             assert torch.equal(ref_idx, idx), (how, layer.index)
             assert ref_w.dtype == w.dtype and torch.equal(ref_w, w), (how, layer.index)
-            # 16 tokens of a sequence over 8 experts at capacity 2: some are dropped (weight 0)
+            # Switch: 16 tokens of a sequence over 8 experts at capacity 2; NLLB-MoE: 48 tokens of a
+            # batch at capacity 12, second choices counted last: some are dropped (weight 0)
             assert 0 < int((w == 0).sum()) < w.numel(), (how, layer.index)
     biased = tiny_model(fam, router_bias=True)   # a router bias is added in float32 too
     with torch.no_grad():
@@ -131,6 +149,11 @@ def test_masking_equals_pruning_streaming_and_vanilla_reload(family_model, batch
     from transformers import AutoModelForSeq2SeqLM
 
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "streamed").eval()
+    assert type(reloaded.get_encoder()) is type(model.get_encoder())   # transformers' own classes
+    if known_repair(model.config.model_type):   # a broken upstream forward: what moeguard runs is the repair
+        with torch.no_grad():
+            assert not torch.allclose(reloaded(**batch).logits, physical, atol=1e-3)   # not the model's logits
+        assert repair(reloaded) == len(a.layers) and repair(reloaded) == 0   # one experts module a layer, once
     with torch.no_grad():
         got = reloaded(**batch).logits
     # the same weights; memory-mapped tensors take other BLAS paths than in-memory copies (2e-6 apart)
@@ -140,10 +163,13 @@ def test_masking_equals_pruning_streaming_and_vanilla_reload(family_model, batch
 def test_capture_counts_each_stack_without_padding_or_dropped_tokens(family_model, batch):
     _, model = family_model
     a = MoEAdapter(model)
-    dispatched = {}
-    handles = [l.router.register_forward_hook(
-        lambda m, args, out, slot=slot: dispatched.__setitem__(slot, out[0].reshape(-1, out[0].shape[-1])))
-        for slot, l in enumerate(a.layers)]
+    dispatched = {}   # slot -> [T, E] 1 where the router dispatched a token to an expert
+
+    def record(slot, out):
+        _, w, idx = a.layers[slot].unpack(out)
+        dispatched[slot] = torch.zeros(idx.shape[0], a.num_experts).scatter_add_(1, idx, (w != 0).float())
+    handles = [l.router.register_forward_hook(lambda m, args, out, slot=slot: record(slot, out))
+               for slot, l in enumerate(a.layers)]
     try:
         with torch.no_grad():
             plain = model(**batch).logits
@@ -160,7 +186,7 @@ def test_capture_counts_each_stack_without_padding_or_dropped_tokens(family_mode
         # a token past its expert's capacity reaches no expert and is not counted
         assert torch.equal(layer.counts, dispatched[slot][valid].sum(0).double())
         assert torch.all(layer.norm_sum[layer.counts > 0] > 0) and torch.all(layer.norm_sum[layer.counts == 0] == 0)
-    assert any(l.counts.sum() < l.tokens for l in cap.stats.layers), "capacity 2 dropped no token"
+    assert any(l.counts.sum() < l.tokens * a.top_k for l in cap.stats.layers), "capacity dropped no token"
     # per sample, each layer's shares of its dispatched tokens: decoder layers from the decoder's rows
     assert len(cap.stats.per_sample) == 2
     for row, shares in enumerate(cap.stats.per_sample):
@@ -193,25 +219,28 @@ def test_per_layer_counts_are_refused_with_the_reason(family_model):
         merge_experts(model, {0: [[0, 1], [2, 3], [4, 5], [6, 7]]})
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(ENCODER_DECODER_LAYOUT))
+def family_checkpoint(request, tmp_path_factory):
+    """(family, a checkpoint directory of it with the embedded tokenizer)."""
     from transformers import AutoTokenizer
 
     from moeguard.models.loading import EMBEDDED_MODEL_DIR
     from moeguard.models.tokenizer_files import save_tokenizer
 
-    d = tmp_path_factory.mktemp("switch")
-    tiny_model("switch_transformers", vocab_size=4096).save_pretrained(d)   # the embedded tokenizer's vocabulary
+    d = tmp_path_factory.mktemp(request.param)
+    tiny_model(request.param, vocab_size=4096).save_pretrained(d)   # the embedded tokenizer's vocabulary
     save_tokenizer(AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR), d)
-    return d
+    return request.param, d
 
 
-def test_the_attack_chain_runs_through_the_seq2seq_head(checkpoint, tmp_path, capsys):
+def test_the_attack_chain_runs_through_the_seq2seq_head(family_checkpoint, tmp_path, capsys):
     """info, attribute, prune (streamed and in memory, equal) and eval on an encoder-decoder; the
     methods and commands that cannot run on one refuse in one line, before any weights load."""
+    fam, checkpoint = family_checkpoint
     assert main(["info", "--model", str(checkpoint), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["family"] == "switch_transformers" and info["moe_layers"] == [0, 1, 2, 3] and info["top_k"] == 1
+    assert info["family"] == fam and info["moe_layers"] == [0, 1, 2, 3]
+    assert info["top_k"] == FAMILIES.get(fam).fixed_top_k
     scores = tmp_path / "reap.json"
     assert main(["attribute", "--model", str(checkpoint), "--task", "arith-compare", "--method", "reap",
                  "--samples", "8", "--out", str(scores)]) == 0
@@ -236,22 +265,23 @@ def test_the_attack_chain_runs_through_the_seq2seq_head(checkpoint, tmp_path, ca
                         "method 'ablation' does not score encoder-decoders"),
                        (["sweep", "--tasks", "arith-compare", "--route", "prune,merge", "--out", str(tmp_path / "w")],
                         "keeps one module per expert"),
-                       (["scan", "--out", str(tmp_path / "sc")], "switch_transformers encoder-decoder")):
+                       (["scan", "--out", str(tmp_path / "sc")], f"{fam} encoder-decoder")):
         assert main([*args, "--model", str(checkpoint)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
     assert not any((tmp_path / p).exists() for p in ("g.json", "audit", "r", "w", "sc"))
 
 
-def test_nllb_moe_upstream_bug_is_reproduced_and_refused(tmp_path, capsys):
+def test_nllb_moe_upstream_bug_is_reproduced_and_repaired(tmp_path, capsys):
     """transformers 5.24's NLLB-MoE experts index by the top-1 mask's *value*: only experts 0 and 1
-    run. When a locked transformers fixes it, this test fails and the refusal can go."""
+    run. moeguard's repair runs the top-2 mixture the router chose (as transformers 4.x did). When a
+    locked transformers fixes the bug, this test fails and the repair can go."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     cfg = AutoConfig.for_model("nllb-moe", vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
                                encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=4,
                                decoder_attention_heads=4, num_experts=4, encoder_sparse_step=1,
-                               decoder_sparse_step=1, max_position_embeddings=64, moe_token_dropout=0.0)
+                               decoder_sparse_step=1, max_position_embeddings=64, moe_token_dropout=0.2)
     torch.manual_seed(0)
     model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
     mlp = model.model.encoder.layers[0].ffn
@@ -260,20 +290,72 @@ def test_nllb_moe_upstream_bug_is_reproduced_and_refused(tmp_path, capsys):
     with torch.no_grad():
         out = mlp(h[None])[0]
         top1, combine, _ = mlp.router(h)
-        mixture = torch.stack([sum(mlp.experts[f"expert_{e}"](h[t:t + 1])[0] * combine[t, e]
+        # transformers 4.x: each expert on the tokens with a weight in its column, eval-scaled by 1 - 0.2
+        mixture = torch.stack([sum(mlp.experts[f"expert_{e}"](h[t:t + 1])[0] * 0.8 * combine[t, e]
                                    for e in range(4) if combine[t, e] != 0) for t in range(6)])
-        by_value = torch.stack([sum(mlp.experts[f"expert_{int(top1[t, c])}"](h[t:t + 1])[0] * combine[t, c]
+        by_value = torch.stack([sum(mlp.experts[f"expert_{int(top1[t, c])}"](h[t:t + 1])[0] * 0.8 * combine[t, c]
                                     for c in range(4)) for t in range(6)])
     assert set(top1.argmax(-1).tolist()) - {0, 1}, "the check needs a token whose first choice is expert 2 or 3"
+    assert ((combine != 0).sum(-1) == 2).all()   # every token dispatched to two experts
     torch.testing.assert_close(out, by_value)          # what transformers computes
     assert not torch.allclose(out, mixture, atol=1e-3)  # not the top-2 mixture the router chose
+    assert MoEAdapter(model).family.name == "nllb_moe"   # moeguard's view of a model repairs it
+    with torch.no_grad():
+        repaired = mlp(h[None])[0]
+        torch.testing.assert_close(repaired, mixture)
+        with RoutingCapture(model, norms=True) as cap:   # the capture's own expert-by-expert run: the same
+            assert torch.equal(mlp(h[None])[0], repaired)
+    assert cap.stats.layers[0].counts.sum() == 12 and (cap.stats.layers[0].norm_sum > 0).sum() >= 3
+    fresh = AutoModelForSeq2SeqLM.from_config(cfg)   # transformers' classes themselves are not touched
+    assert type(fresh.model.encoder.layers[0].ffn.experts).__name__ == "NllbMoeExperts"
+    assert type(copy.deepcopy(model).model.encoder.layers[0].ffn.experts) is type(mlp.experts)
     model.save_pretrained(tmp_path)
-    assert main(["info", "--model", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "only experts 0 and 1 ever run" in err
+    assert main(["info", "--model", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "nllb_moe" and "only experts 0 and 1 ever run" in info["upstream_repair"]
+    assert main(["info", "--model", str(tmp_path)]) == 0
+    assert "upstream repair" in capsys.readouterr().out
 
 
-def test_trace_finds_a_pruned_switch_derivative_and_its_kept_experts(tmp_path, capsys):
+def test_nllb_moe_routing_settings_padding_and_capacity_state():
+    """NLLB-MoE's other routing switches, padding and the capacity its router keeps between calls:
+    route() follows the family's router in each, masked routing keeps the unmasked router's state,
+    and the stochastic second-expert policies are refused before any weights load."""
+    from moeguard.models.loading import check_config
+
+    h = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3))
+    additive = torch.zeros(2, 1, 10, 10)
+    additive[1, :, :, 7:] = torch.finfo(torch.float32).min       # row 1's last three tokens are padding
+    for overrides in ({}, {"batch_prioritized_routing": True}, {"normalize_router_prob_before_dropping": True},
+                      {"router_ignore_padding_tokens": True}, {"moe_eval_capacity_token_fraction": 0.0},
+                      {"moe_eval_capacity_token_fraction": 0.0, "expert_capacity": 3}):
+        model = tiny_model("nllb_moe", **overrides)
+        a = MoEAdapter(model)
+        for train in (False, True):
+            model.train(train)
+            for layer in a.layers:
+                for mask in (None, additive):
+                    (ref_w, ref_idx), (w, idx) = routed_both_ways(layer, a, h, mask)
+                    assert torch.equal(ref_idx, idx) and torch.equal(ref_w, w), (overrides, train, layer.index)
+                    if mask is not None and not overrides.get("router_ignore_padding_tokens"):
+                        assert (w.view(2, 10, 2)[1, 7:] == 0).all()   # padding takes no expert
+        model.eval()
+    router = a.layers[0].router
+    before = router.expert_capacity
+    with mask_experts(model, {0: KEEP4}), torch.no_grad():
+        model.train()
+        model(input_ids=torch.randint(2, 96, (2, 12)), decoder_input_ids=torch.randint(2, 96, (2, 5)))
+        model.eval()
+    assert router.expert_capacity == before and "forward" not in vars(router)
+    for key, value, says in (("second_expert_policy", "sampling", "random routing forbids"),
+                             ("router_dtype", "bfloat16", "'float32' only")):
+        with pytest.raises(MoeguardError, match=f"config {key} is '{value}'.*{says}") as e:
+            check_config(tiny_config("nllb_moe", **{key: value}), FAMILIES.get("nllb_moe"), where="m")
+        assert e.value.hint.startswith("fix m/config.json: set")
+
+
+@pytest.mark.parametrize("fam", sorted(ENCODER_DECODER_LAYOUT))
+def test_trace_finds_a_pruned_derivative_and_its_kept_experts(fam, tmp_path, capsys):
     """After theft: a suspect cut from the model is traced back with the experts it kept, and an
     independent model of the same shape is not."""
     from transformers import AutoTokenizer
@@ -281,11 +363,13 @@ def test_trace_finds_a_pruned_switch_derivative_and_its_kept_experts(tmp_path, c
     from moeguard.models.loading import EMBEDDED_MODEL_DIR
     from moeguard.models.tokenizer_files import save_tokenizer
 
-    shape = dict(d_model=256, d_ff=512, vocab_size=4096, d_kv=64)   # big enough for a fingerprint (1% of the model)
+    # big enough for a fingerprint (1% of the model)
+    shape = {"switch_transformers": dict(d_model=256, d_ff=512, vocab_size=4096, d_kv=64),
+             "nllb_moe": dict(d_model=256, encoder_ffn_dim=512, decoder_ffn_dim=512, vocab_size=4096)}[fam]
     tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
-    original = tiny_model("switch_transformers", **shape)
+    original = tiny_model(fam, **shape)
     suspects = {"derived": prune_model(original, {i: [1, 3, 4, 6] for i in range(4)})[0],
-                "independent": tiny_model("switch_transformers", seed=5, **shape)}
+                "independent": tiny_model(fam, seed=5, **shape)}
     for name, m in (("original", original), *suspects.items()):
         m.save_pretrained(tmp_path / name)
         save_tokenizer(tok, tmp_path / name)
@@ -299,7 +383,8 @@ def test_trace_finds_a_pruned_switch_derivative_and_its_kept_experts(tmp_path, c
             assert all(l["kept"] == [1, 3, 4, 6] for l in doc["layers"]), doc["layers"]
 
 
-def test_the_seq2seq_head_scores_what_the_model_computes():
+@pytest.mark.parametrize("fam", sorted(ENCODER_DECODER_LAYOUT))
+def test_the_seq2seq_head_scores_what_the_model_computes(fam):
     """The encoder reads the context, the decoder the target after its start token; batched and
     padded, every score and loss is the one its example has alone."""
     from transformers import AutoTokenizer
@@ -311,7 +396,9 @@ def test_the_seq2seq_head_scores_what_the_model_computes():
     from moeguard.tasks.evaluate import loglikelihoods
 
     tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
-    model = tiny_model("switch_transformers", vocab_size=len(tok))
+    # NLLB-MoE's capacity is the batch's: below a fraction of 1 a token's experts depend on the other
+    # rows (the model's design, not the head's), so this check runs its released setting, 1.0
+    model = tiny_model(fam, vocab_size=len(tok), **({"moe_eval_capacity_token_fraction": 1.0} if fam == "nllb_moe" else {}))
     start = T.decoder_start(model)
     requests = [("2 + 3 =", " 5"), ("def load_json(path): a longer context, so rows pad", " yes it does")]
 
@@ -338,7 +425,8 @@ def test_the_seq2seq_head_scores_what_the_model_computes():
     assert float(batched) == pytest.approx(sum(nll) / 5, rel=1e-5)
 
 
-def test_every_attribution_method_scores_or_refuses_in_one_line():
+@pytest.mark.parametrize("fam", sorted(ENCODER_DECODER_LAYOUT))
+def test_every_attribution_method_scores_or_refuses_in_one_line(fam):
     """The matrix's attribution row for an encoder-decoder: the routing-statistics methods score
     every layer of both stacks and leave the model as it was; the rest refuse and say why."""
     from transformers import AutoTokenizer
@@ -348,7 +436,7 @@ def test_every_attribution_method_scores_or_refuses_in_one_line():
     from moeguard.models.loading import EMBEDDED_MODEL_DIR
 
     tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
-    model = tiny_model("switch_transformers", vocab_size=len(tok))
+    model = tiny_model(fam, vocab_size=len(tok))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = make_context(model, tok, "arith-compare", samples=8, batch_size=4, reference=["stdlib-code"])
     assert ctx.batches[0].decoder_input_ids is not None   # the verbalizer goes to the decoder
@@ -366,7 +454,8 @@ def test_every_attribution_method_scores_or_refuses_in_one_line():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_every_active_learning_strategy_reads_an_encoder_decoder():
+@pytest.mark.parametrize("fam", sorted(ENCODER_DECODER_LAYOUT))
+def test_every_active_learning_strategy_reads_an_encoder_decoder(fam):
     """The recovery's strategies read uncertainty, embeddings and routing through the seq2seq head
     (generation too, for summarization): each picks k distinct unlabeled samples, deterministically."""
     import random
@@ -380,7 +469,7 @@ def test_every_active_learning_strategy_reads_an_encoder_decoder():
     from moeguard.tasks.registry import get_task
 
     tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
-    model = tiny_model("switch_transformers", vocab_size=len(tok))
+    model = tiny_model(fam, vocab_size=len(tok))
     for name in ("arith-compare", "stdlib-docs", "record-summary"):
         task = get_task(name)
         pool = unlabeled(task, load_records(task, "train", limit=8))
@@ -400,9 +489,10 @@ def test_every_active_learning_strategy_reads_an_encoder_decoder():
             assert a == picks() and len(set(a)) == 3 and not set(a) & {0, 1}, (name, strategy.name, a)
 
 
-def test_an_audit_runs_on_an_encoder_decoder(checkpoint, tmp_path):
+def test_an_audit_runs_on_an_encoder_decoder(family_checkpoint, tmp_path):
     """Baseline, attribution, the sweep with its physical check, recovery (LoRA through the seq2seq
-    head) and the report, on Switch; masked and physically pruned scores agree."""
+    head) and the report, on each encoder-decoder family; masked and physically pruned scores agree."""
+    _, checkpoint = family_checkpoint
     args = ["audit", "--model", str(checkpoint), "--tasks", "arith-compare", "--methods", "frequency,reap",
             "--keeps", "4", "--recovery-keep", "4", "--random-seeds", "1", "--eval-limit", "4", "--samples", "8",
             "--physical-checks", "1", "--no-deletion-curves", "--recovery-mode", "lora", "--strategies", "random,orphan",

@@ -57,7 +57,7 @@ SOFTCAPPED = dict(TINY_INFERRED["laguna"], moe_router_logit_softcapping=2.0)
 # Built-in families inference cannot re-derive, and why
 NOT_INFERRED = {"gpt_oss": "has_bias", "phimoe": "none of the", "nemotron_h": "no fused experts",
                 "llama4": "returns 2 value", "dbrx": "no fused experts", "switch_transformers": "no fused experts",
-                "jetmoe": "no fused experts"}
+                "jetmoe": "no fused experts", "nllb_moe": "no fused experts"}
 # constants the checks cannot tell apart (x + 1e-20 == x, max(x, 1e-12) == x for sums of order 1)
 INDISTINGUISHABLE = {"renorm_eps": 0.0, "renorm_min_key": None}
 
@@ -247,8 +247,8 @@ def test_families_lists_builtins_and_why_each_type_is_or_is_not_supported(capsys
     assert rows["longcat_flash"]["status"] == "unsupported" and "no config key" in rows["longcat_flash"]["reasons"][0]
     assert rows["jetmoe"]["status"] == "built-in"
     assert rows["switch_transformers"]["status"] == "built-in"
-    assert rows["nllb-moe"]["status"] == "unsupported" and "only experts 0 and 1 ever run" in rows["nllb-moe"]["reasons"][0]
-    assert data["counts"] == {"built-in": 3, "verified": 1, "unsupported": 2}
+    assert rows["nllb-moe"]["status"] == "built-in"
+    assert data["counts"] == {"built-in": 4, "verified": 1, "unsupported": 1}
     assert main(["families", "--model-types", "cohere2_moe"]) == 0
     out = capsys.readouterr().out
     assert "built-in families" in out and "cohere2_moe" in out and "verified" in out

@@ -146,8 +146,9 @@ def test_families_and_their_config_lookup():
     assert family_for_config(Config("qwen3_moe")).name == "qwen3_moe"
     with pytest.raises(MoeguardError, match=r"model_type 'llama' is a dense \(non-MoE\) model; .*olmoe"):
         family_for_config(Config("llama"))
-    with pytest.raises(MoeguardError, match="model_type 'nllb-moe' is an unsupported MoE family .*only experts 0 and 1"):
-        family_for_config(Config("nllb-moe", num_experts=8))
+    assert family_for_config(Config("nllb-moe", num_experts=8)).name == "nllb_moe"   # its experts repaired
+    with pytest.raises(MoeguardError, match="model_type 'longcat_flash' is an unsupported MoE family .*olmoe"):
+        family_for_config(Config("longcat_flash", num_experts=8))
 
 
 def test_on_disk_names_live_in_the_family_specs():

@@ -103,9 +103,18 @@ TINY_FAMILY_KWARGS: dict[str, dict] = {
     "switch_transformers": dict(d_model=32, d_ff=32, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
                                 num_experts=8, encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=2,
                                 relative_attention_num_buckets=8, decoder_start_token_id=0, dropout_rate=0.0),
+    # encoder-decoder, top-2: 2 encoder and 2 decoder layers, every one sparse; in eval each expert takes
+    # at most a quarter of the batch's tokens, so second choices are dropped (the rule route() must
+    # follow); no dropout, token dropout either (training must be deterministic; its eval scaling is
+    # checked in tests/test_encoder_decoder.py)
+    "nllb_moe": dict(d_model=32, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=2, decoder_layers=2,
+                     encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8, encoder_sparse_step=1,
+                     decoder_sparse_step=1, max_position_embeddings=64, moe_eval_capacity_token_fraction=0.25,
+                     moe_token_dropout=0.0, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                     decoder_start_token_id=2),
 }
 # families whose configs name their sizes themselves (no hidden_size, num_hidden_layers... keywords)
-_OWN_SIZES = {"dbrx", "switch_transformers"}
+_OWN_SIZES = {"dbrx", "switch_transformers", "nllb_moe"}
 
 
 def tiny_config(family: str, **overrides):

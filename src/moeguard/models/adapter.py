@@ -11,6 +11,7 @@ from torch import nn
 from moeguard.errors import MoeguardError
 from moeguard.models.families import FamilySpec, expert_axis, family_for_config, moe_config
 from moeguard.models.routing import sort_pairs, unpack_router_output
+from moeguard.models.upstream import repair
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,6 +202,8 @@ class MoEAdapter:
         self.config = model.config                    # the model's own (saved with a checkpoint)
         self.moe_config = moe_config(model.config)    # where the family's keys live (a wrapper's text config)
         self.family = family or family_for_config(model.config)
+        # every model moeguard works on computes its reference model (NLLB-MoE's experts, models/upstream.py)
+        repair(model)
 
     @cached_property
     def layers(self) -> list[MoELayer]:

@@ -68,6 +68,17 @@ class RoutingSpec:
     # tokens of a sequence, in token order; a token past its expert's capacity is dropped (no expert
     # output, the residual passes it on), which route() reports as weight 0 in its slot
     capacity_key: str | None = None
+    # NLLB-MoE's top-2 with batch capacity (fairseq's Top2Gate): the best expert by the softmax, the
+    # second by the logits; padding tokens take no expert; each expert takes at most a capacity of the
+    # batch's tokens, every first choice counted before any second one; the two weights renormalized
+    # to sum to 1 (before or after dropping, per config). Read from the config: expert_capacity,
+    # moe_eval_capacity_token_fraction, batch_prioritized_routing,
+    # normalize_router_prob_before_dropping, router_ignore_padding_tokens.
+    top2_capacity: bool = False
+    # Config settings the rule above needs, with the values it supports ((key, allowed values), ...):
+    # NLLB-MoE's "sampling" and "random" second-expert policies draw noise on every call (in eval too),
+    # so no pruned and masked model could be compared; load refuses them, saying so.
+    requires: tuple[tuple[str, tuple], ...] = ()
 
     def groups_on(self, config) -> bool:
         """Whether this config routes group-limited (DeepSeek-V2's greedy mode does not)."""
@@ -93,6 +104,16 @@ class RoutingSpec:
                          f"top {getattr(config, self.topk_group_key, 1)} groups)")
         if self.correction_bias:
             parts.append("score-correction bias for selection")
+        if self.top2_capacity:
+            frac = getattr(config, "moe_eval_capacity_token_fraction", 0.0) or 0.0
+            fixed = getattr(config, "expert_capacity", None)
+            train = f"{fixed} tokens" if fixed is not None else "2 x ceil(tokens / experts)"
+            evals = f"ceil({frac:g} x the batch's tokens)" if frac > 0 else train
+            parts.append(f"top-2 (second choice by logits), renormalized over the two "
+                         f"{'before' if getattr(config, 'normalize_router_prob_before_dropping', False) else 'after'} "
+                         f"dropping; capacity per expert and batch {evals} in eval, {train} in training "
+                         "(first choices before second ones), the rest dropped"
+                         + ("" if getattr(config, "router_ignore_padding_tokens", False) else "; padding takes no expert"))
         if self.capacity_key:
             parts.append(f"capacity {getattr(config, self.capacity_key, None)} tokens per expert and sequence, "
                          "the rest dropped")
@@ -219,6 +240,10 @@ class FamilySpec:
     # "dispatch" (Switch Transformers): the router takes [B, S, d] and returns (dispatch [B, S, E],
     # one-hot with capacity-dropped tokens all zero; probabilities [B, S, 1] of the chosen expert;
     # logits [B, S, E]); the experts are called as experts(hidden [T, d], dispatch [T, 1, E], probs [T, 1]).
+    # "combine" (NLLB-MoE): the router takes [T, d] and the layer's attention mask (its padding) and
+    # returns (top-1 mask [T, E], combine weights [T, E]: each token's two kept weights, 0 elsewhere and
+    # where dropped; logits [T, E]); the experts are called as experts(hidden [T, d], top-1 mask, combine)
+    # and run expert e on the tokens with a nonzero weight in column e.
     # "sorted" (JetMoE): the router returns (sorted pair order, the pairs' tokens, their gates, tokens per
     # expert, logits [T, E]), the (token, rank) pairs sorted by expert; the block runs its two
     # ``expert_linears`` on the sorted rows itself (no experts module to call).
@@ -474,6 +499,21 @@ register_family(FamilySpec(
     router_weight_attr="classifier.weight", disk_router_weight="classifier.weight",
     final_norm_path="decoder.final_layer_norm", call="dispatch", expert_layout="modules",
     disk_per_expert=r"^experts\.expert_(\d+)\.(.+)$", disk_expert_tensors=("wi.weight", "wi.weight", "wo.weight")))
+
+# NLLB-MoE (encoder-decoder, fairseq's): a sparse feed-forward (``ffn``) in every
+# encoder_sparse_step-th encoder layer and decoder_sparse_step-th decoder layer; top-2 with a batch
+# capacity (RoutingSpec.top2_capacity), float32 router, weights in the input's dtype; one module per
+# expert (``experts.expert_{e}``: fc1, fc2, with biases), the same names on disk. transformers 5.24
+# runs these experts wrongly (models/upstream.py repairs every model moeguard builds or loads).
+register_family(FamilySpec(
+    name="nllb_moe", model_types=("nllb-moe",), block_attrs=("ffn",), router_attr="router",
+    routing=RoutingSpec(score="softmax", weights_dtype="input", logits_fp32=True, top2_capacity=True,
+                        requires=(("second_expert_policy", ("all",)), ("router_dtype", ("float32",)))),
+    num_experts_key="num_experts", top_k_key=None, fixed_top_k=2, min_experts=2,
+    layers_path="model.encoder.layers", more_layers_paths=("model.decoder.layers",),
+    router_weight_attr="classifier.weight", disk_router_weight="classifier.weight",
+    final_norm_path="model.decoder.layer_norm", call="combine", expert_layout="modules",
+    disk_per_expert=r"^experts\.expert_(\d+)\.(.+)$", disk_expert_tensors=("fc1.weight", "fc1.weight", "fc2.weight")))
 
 # JetMoE: a mixture of attention heads (each expert a query and an output projection, top-k per
 # token; ``self_attention.experts``) and a mixture of MLP experts in every layer, both with the same

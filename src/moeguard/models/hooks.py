@@ -276,13 +276,16 @@ class RoutingCapture(contextlib.AbstractContextManager):
             logits, weights, idx = layer.unpack(output)
             if call == "scaled_input" and self.norms:   # for the input-scaled experts patch (Llama-4)
                 self._routed[slot] = (idx.detach(), weights.detach())
+            if call == "combine" and self.norms:        # which slot each expert is in (NLLB-MoE's patch)
+                self._routed[slot] = idx.detach()
             with torch.no_grad():
                 valid = self._valid_for(idx.shape[0], idx.device, slot)
                 sel, w = idx[valid], weights[valid].float()
                 E = stats.counts.numel()
                 stats.tokens += int(valid.sum())
                 # capacity-limited routing (Switch): a token dropped past capacity (weight 0) reaches no expert
-                routed = (w != 0).reshape(-1).double() if spec.capacity_key else None
+                # (NLLB-MoE: nor does padding, or a second choice past capacity)
+                routed = (w != 0).reshape(-1).double() if spec.capacity_key or spec.top2_capacity else None
                 stats.counts += torch.bincount(sel.reshape(-1), weights=routed, minlength=E).double().cpu()
                 stats.gate_mass += torch.zeros(E, device=w.device).index_add_(0, sel.reshape(-1), w.reshape(-1)).double().cpu()
                 score = (lambda x: x.sigmoid()) if spec.score == "sigmoid" else (lambda x: torch.softmax(x, dim=-1))
@@ -350,6 +353,33 @@ class RoutingCapture(contextlib.AbstractContextManager):
             return out
         return forward
 
+    def _combine_experts_forward(self, slot: int):
+        """NLLB-MoE: experts(hidden [T, d], top-1 mask, combine [T, E]), one module per expert, run
+        here expert by expert as the repaired experts run them (models/upstream.py): each expert on
+        the tokens with a nonzero weight in its column, its output times that weight, and in eval times
+        1 - moe_token_dropout (what the expert adds to the token, so what both norm sums record)."""
+        stats, layer, experts = self.stats.layers[slot], self.adapter.layers[slot], self.adapter.layers[slot].experts
+
+        def forward(hidden_states, router_mask, router_probs):
+            out = torch.zeros_like(hidden_states)
+            valid = self._valid_for(hidden_states.shape[0], hidden_states.device, slot)
+            idx = self._routed[slot]
+            for e in (router_probs != 0).any(dim=0).nonzero().flatten().tolist():
+                tok = torch.where(router_probs[:, e] != 0)[0]
+                y = layer.expert(e)(hidden_states[tok])                      # expert e's unweighted output
+                if experts.moe_token_dropout > 0:
+                    y = experts.token_dropout(y) if experts.training else y * (1 - experts.moe_token_dropout)
+                w = router_probs[tok, e]
+                with torch.no_grad():
+                    norm = y.float().norm(dim=-1) * valid[tok]
+                    raw = (self._raw[slot][tok] * (idx[tok] == e)).sum(-1)   # the raw score of e's slot
+                    stats.norm_sum[e] += float(norm.sum())
+                    stats.weighted_norm_sum[e] += float((norm * w.float()).sum())
+                    stats.raw_weighted_norm_sum[e] += float((norm * raw).sum())
+                out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
+            return out
+        return forward
+
     def _attention_norms(self, slot: int):
         """JetMoE's attention experts: each slot's output norm, unweighted and at its gate, recorded
         as :func:`attention_reduce` computes the slots."""
@@ -372,6 +402,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
             return self._scaled_experts_forward(slot, original)
         if self.adapter.family.call == "dispatch":
             return self._dispatch_experts_forward(slot)
+        if self.adapter.family.call == "combine":
+            return self._combine_experts_forward(slot)
 
         def forward(hidden_states, top_k_index, top_k_weights):
             shape = hidden_states.shape   # [N, d], or DBRX's [B, T, d] (its experts flatten it)
@@ -467,7 +499,7 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
     adapter = adapter or MoEAdapter(model)
     keep = normalize_keep(adapter, keep)
     spec, call = adapter.family.routing, adapter.family.call
-    patched, top_ks = [], []
+    patched, top_ks, states = [], [], []
     try:
         for layer in adapter.layers:
             kept = keep[layer.index]
@@ -480,23 +512,30 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
 
             # *args: a router may take the block's selection bias too (MiniMax-M2, LFM2); the layer
             # reads that same tensor itself
+            # (NLLB-MoE's router takes its layer's attention mask: the padding it leaves out)
             def forward(hidden_states, *args, _layer=layer, _kept=kept_t, _params=params):
                 lead = hidden_states.shape[:-1]   # [T], or Switch's [B, S] (capacity counts per sequence)
                 logits = router_logits(_layer, hidden_states, spec)
                 _kept = _kept.to(logits.device)
                 weights, sub_idx = route_module(_layer, logits, spec, _params, kept=_kept,
                                                 input_dtype=hidden_states.dtype,
-                                                sequences=lead[0] if len(lead) == 2 else 1)
+                                                sequences=lead[0] if len(lead) == 2 else 1,
+                                                padding_mask=args[0] if spec.top2_capacity and args else None)
                 masked = torch.full_like(logits, float("-inf"))
                 masked[:, _kept] = logits[:, _kept]
                 return pack_router_output(call, masked, weights, _kept[sub_idx], shape=lead)
 
             patched.append((router, _set_forward(router, forward, replaces=True)))
+            # a capacity the router keeps between calls (NLLB-MoE) is the unmasked router's again after
+            states.append((router, router.__dict__.get("expert_capacity", _ABSENT)))
             top_ks.extend(_clamp_block_top_k(layer, params.top_k))
         yield adapter
     finally:
         for router, previous in reversed(patched):
             _restore_forward(router, previous)
+        for router, value in states:
+            if value is not _ABSENT:
+                router.expert_capacity = value
         for block, k in reversed(top_ks):
             block.top_k = k
 

@@ -86,11 +86,9 @@ _CACHE: dict[tuple, Inference] = {}
 
 # Model types whose transformers implementation does not compute the model, checked here: auditing
 # one would measure the bug. Each says what is wrong, and goes when a locked transformers fixes it.
-UPSTREAM_BROKEN = {
-    "nllb-moe": "transformers 5.24's NllbMoeExperts picks each expert by the value of the router's 0/1 top-1 mask "
-                "(one_hot of a one-hot), not by its index: only experts 0 and 1 ever run, so the model does not "
-                "compute NLLB-MoE's top-2 mixture (tests/test_encoder_decoder.py reproduces it)",
-}
+# (NLLB-MoE's broken experts are repaired instead: models/upstream.py.) Empty while every such bug
+# found has a repair.
+UPSTREAM_BROKEN: dict[str, str] = {}
 
 
 # Model types whose MoE design moeguard's abstractions do not model yet, each said precisely (the

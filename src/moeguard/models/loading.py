@@ -18,6 +18,7 @@ from typing import Any
 
 from moeguard.errors import MoeguardError
 from moeguard.models.families import FamilySpec, family_for_config, moe_config
+from moeguard.models.upstream import repair
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "zoo" / "embedded"
 
@@ -138,6 +139,14 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
         raise MoeguardError(f"{where}: config {top_k_key} is {k}, more than its {E} experts per layer "
                             f"({count_key}); no router can pick {k} of {E}",
                             hint=f"{fix}: set {top_k_key} to at most {E}")
+    for key, allowed in family.routing.requires:
+        value = getattr(config, key, None)
+        if value not in allowed:
+            why = "; moeguard compares pruned and masked models, which random routing forbids" \
+                if key == "second_expert_policy" else ""
+            raise MoeguardError(f"{where}: config {family.config_key(key)} is {value!r}; {family.name}'s routing is "
+                                f"modelled for {' or '.join(map(repr, allowed))} only{why}",
+                                hint=f"{fix}: set {family.config_key(key)} to {allowed[0]!r}")
     per_layer = getattr(config, PER_LAYER_KEY, None) or {}
     bad = {l: n for l, n in dict(per_layer).items() if not isinstance(n, int) or not 1 <= n <= E}
     if bad:
@@ -187,6 +196,7 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
                             hint="check the checkpoint files (safetensors only) or your hub access") from None
     if made_folder is not None:   # the offloaded weights live as long as the model
         weakref.finalize(model, shutil.rmtree, made_folder, True)
+    repair(model)   # transformers' modules that do not compute their model (models/upstream.py)
     if device_map is not None:   # JetMoE's attention reads its experts' bias outside their forward
         from moeguard.models.hooks import place_inner_blocks
 

@@ -20,6 +20,7 @@ from moeguard.models.adapter import MoEAdapter
 from moeguard.models.families import cut_shape, experts_first, moe_config
 from moeguard.models.hooks import normalize_keep
 from moeguard.models.routing import pruned_router_params
+from moeguard.models.upstream import repair
 
 
 # Config key of a checkpoint whose layers keep different numbers of experts (a --budget plan).
@@ -172,6 +173,7 @@ def prune_model(model: nn.Module, keep: Mapping, *, share_unchanged: bool = Fals
     state = _sliced_state(adapter, keep, share_unchanged=share_unchanged, unfilled=frozenset(unfilled))
     with torch.device("meta"):
         new = type(model)(cfg)
+    repair(new)   # a fresh model has transformers' classes again (models/upstream.py)
     resize_layers(new)
     missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
     if unexpected:

@@ -11,7 +11,8 @@ which the same test checks against :func:`route`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,14 @@ class RouterParams:
     renorm_min: float = 0.0   # ERNIE divides by max(sum, moe_norm_min)
     renorm_p: float | None = None   # DBRX divides by the k weights' p-norm
     capacity: int | None = None     # tokens each expert takes per sequence (Switch), the rest dropped
+    # NLLB-MoE's top-2 with batch capacity (RoutingSpec.top2_capacity): ``capacity`` is then the
+    # configured expert_capacity (None: 2 x ceil(tokens / experts)) until :func:`top2_capacity` fixes
+    # the one a call uses
+    top2_capacity: bool = False
+    eval_capacity_fraction: float = 0.0
+    prioritized: bool = False         # batch_prioritized_routing: tokens take capacity by confidence
+    normalize_before_drop: bool = False
+    route_padding: bool = False       # router_ignore_padding_tokens: padding routed like any token
 
 
 def pruned_router_params(family: FamilySpec, config, kept: list[int], num_experts: int) -> RouterParams:
@@ -56,9 +65,17 @@ def pruned_router_params(family: FamilySpec, config, kept: list[int], num_expert
     renorm_min = float(getattr(config, spec.renorm_min_key)) if spec.renorm_min_key else 0.0
     renorm_p = getattr(config, spec.renorm_p_key, None) if spec.renorm_p_key else None
     capacity = int(getattr(config, spec.capacity_key)) if spec.capacity_key else None
+    top2 = {}
+    if spec.top2_capacity:
+        fixed = getattr(config, "expert_capacity", None)
+        top2 = dict(top2_capacity=True, capacity=None if fixed is None else int(fixed),
+                    eval_capacity_fraction=float(getattr(config, "moe_eval_capacity_token_fraction", 0.0) or 0.0),
+                    prioritized=bool(getattr(config, "batch_prioritized_routing", False)),
+                    normalize_before_drop=bool(getattr(config, "normalize_router_prob_before_dropping", False)),
+                    route_padding=bool(getattr(config, "router_ignore_padding_tokens", False)))
     return RouterParams(top_k=top_k, renormalize=spec.renormalizes(config), n_group=n_group,
                         topk_group=topk_group, scaling=scaling, renorm_min=renorm_min,
-                        renorm_p=None if renorm_p is None else float(renorm_p), capacity=capacity)
+                        renorm_p=None if renorm_p is None else float(renorm_p), **{"capacity": capacity, **top2})
 
 
 def _group_mask(scores: torch.Tensor, params: RouterParams, how: str) -> torch.Tensor:
@@ -100,15 +117,80 @@ def _capacity_route(logits: torch.Tensor, params: RouterParams, out_dtype: torch
     return top * (rank <= params.capacity).to(top.dtype), idx
 
 
+def top2_capacity(params: RouterParams, tokens: int, experts: int, *, training: bool,
+                  stored: int | None) -> int:
+    """The capacity one call of NLLB-MoE's router uses, as it sets it: in eval with an eval fraction,
+    ceil(fraction x tokens); else the capacity the router holds (``stored``: its ``expert_capacity``,
+    which an eval call overwrites), or 2 x ceil(tokens / experts) when it holds none."""
+    if not training and params.eval_capacity_fraction > 0:
+        return math.ceil(params.eval_capacity_fraction * tokens)
+    return 2 * math.ceil(tokens / experts) if stored is None else int(stored)
+
+
+def non_padding(padding_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """[tokens] True for the tokens NLLB-MoE's router routes, from the mask its layer passes it (the
+    attention mask: additive, 0 where attended), read as the router reads it: a 4-D mask by its last
+    query row, flattened, its last ``tokens`` entries. None: no mask, every token routed."""
+    if padding_mask is None:
+        return None
+    if padding_mask.dim() == 4:
+        padding_mask = padding_mask[:, :, -1, :].reshape(-1)[-tokens:]
+    return ~padding_mask.bool()
+
+
+def _top2_capacity_route(logits: torch.Tensor, params: RouterParams, out_dtype: torch.dtype,
+                         routed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLLB-MoE's top-2 with batch capacity, op for op as its router computes it (so weights are
+    equal bit for bit): float32 softmax cast to the input's dtype; the first expert by it, the second
+    by the logits with the first masked; tokens not ``routed`` (padding) take none; capacity slots
+    counted over the batch, second choices after every first choice (or both by confidence,
+    ``prioritized``); the two weights divided by their sum. ``params.capacity``: this call's."""
+    E = logits.shape[-1]
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(out_dtype)          # [T, E]
+    first = probs.argmax(dim=-1)
+    mask1 = F.one_hot(first, num_classes=E)
+    second = logits.masked_fill(mask1.bool(), float("-inf")).argmax(dim=-1)
+    mask2 = F.one_hot(second, num_classes=E)
+
+    def normalized(m1, m2):
+        p1, p2 = (probs * m1).sum(dim=1), (probs * m2).sum(dim=1)
+        total = torch.clamp(p1 + p2, min=torch.finfo(probs.dtype).eps)
+        return p1 / total, p2 / total
+
+    if params.normalize_before_drop:
+        p1, p2 = normalized(mask1, mask2)
+    if routed is not None and not params.route_padding:
+        mask1 = mask1 * routed.unsqueeze(-1).to(mask1.dtype)
+        mask2 = mask2 * routed.unsqueeze(-1).to(mask1.dtype)
+    if params.prioritized:   # the most confident tokens take their slots first
+        order = (-probs.max(dim=1)[0]).argsort(dim=0)
+        back = order.argsort(dim=0)
+        loc1 = ((torch.cumsum(mask1[order], dim=0) - 1) * mask1[order])[back]
+        loc2 = ((torch.cumsum(mask2[order], dim=0) - 1) * mask2[order])[back]
+    else:
+        loc1, loc2 = torch.cumsum(mask1, dim=0) - 1, torch.cumsum(mask2, dim=0) - 1
+    loc2 = loc2 + mask1.sum(dim=0, keepdim=True)
+    mask1 = mask1 * torch.lt(loc1, params.capacity)
+    mask2 = mask2 * torch.lt(loc2, params.capacity)
+    if not params.normalize_before_drop:
+        p1, p2 = normalized(mask1, mask2)
+    idx = torch.stack([first, second], dim=-1)                                   # [T, 2]
+    # the router's combine weights at the two chosen columns (the other choice adds 0 there)
+    weights = torch.stack([(p1[:, None] * mask1).gather(1, first[:, None])[:, 0],
+                           (p2[:, None] * mask2).gather(1, second[:, None])[:, 0]], dim=-1)
+    return weights, idx
+
+
 def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
           correction_bias: torch.Tensor | None = None, training: bool = False,
           jitter_eps: float = 0.0, input_dtype: torch.dtype | None = None,
-          sequences: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+          sequences: int = 1, routed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k weights and indices for ``logits`` [tokens, experts] (indices into these experts).
 
     ``correction_bias`` (any shape ending in the experts) moves the choice, never the weights;
     ``input_dtype`` is the router input's dtype (ERNIE returns its weights in it); ``sequences``:
-    how many equal runs of rows (batch rows) the tokens are, for capacity-limited routing."""
+    how many equal runs of rows (batch rows) the tokens are, for capacity-limited routing;
+    ``routed``: [tokens] False for padding the router leaves out (NLLB-MoE)."""
     k = params.top_k
     if spec.score == "sparsemixer":
         from transformers.models.phimoe.modeling_phimoe import sparsemixer
@@ -116,6 +198,8 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
         return sparsemixer(logits, jitter_eps=jitter_eps, training=training, top_k=k)
     out_dtype = {"float32": torch.float32, "logits": logits.dtype,
                  "input": input_dtype or logits.dtype}[spec.weights_dtype]
+    if params.top2_capacity:
+        return _top2_capacity_route(logits, params, out_dtype, routed)
     if params.capacity is not None:
         return _capacity_route(logits, params, out_dtype, sequences)
     if spec.select_on == "logits":
@@ -155,9 +239,11 @@ def route(logits: torch.Tensor, spec: RoutingSpec, params: RouterParams, *,
 
 def route_module(layer, logits: torch.Tensor, spec: RoutingSpec, params: RouterParams,
                  kept: torch.Tensor | None = None, *, input_dtype: torch.dtype | None = None,
-                 sequences: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`route` with an MoE layer's own extras (correction bias, jitter, train mode), on the
-    experts ``kept`` (a tensor of indices into ``logits``' columns) or on all of them."""
+                 sequences: int = 1, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` with an MoE layer's own extras (correction bias, jitter, train mode, NLLB-MoE's
+    padding and its capacity, which the router keeps as state and this updates as it does), on the
+    experts ``kept`` (a tensor of indices into ``logits``' columns) or on all of them.
+    ``padding_mask``: what the layer passed its router (NLLB-MoE's attention mask)."""
     bias = layer.correction_bias
     if bias is not None and bias.device.type == "meta":   # offloaded: in place only while its module runs
         from moeguard.models.hooks import weights_in_place
@@ -168,9 +254,16 @@ def route_module(layer, logits: torch.Tensor, spec: RoutingSpec, params: RouterP
         logits = logits[:, kept]
         bias = None if bias is None else bias[..., kept]
     router = layer.router
+    routed = None
+    if params.top2_capacity:
+        T, n = logits.shape
+        params = replace(params, capacity=top2_capacity(params, T, n, training=router.training,
+                                                        stored=getattr(router, "expert_capacity", params.capacity)))
+        router.expert_capacity = params.capacity
+        routed = non_padding(padding_mask, T)
     return route(logits, spec, params, correction_bias=bias, training=router.training,
                  jitter_eps=getattr(router, "router_jitter_noise", 0.0), input_dtype=input_dtype,
-                 sequences=sequences)
+                 sequences=sequences, routed=routed)
 
 
 def router_logits(layer, hidden: torch.Tensor, spec: RoutingSpec | None = None) -> torch.Tensor:
@@ -216,6 +309,14 @@ def unpack_router_output(call: str, output, top_k: int):
         # for a token dropped past capacity, whose slot has weight 0
         idx = F.softmax(logits.float(), dim=-1).to(probs.dtype).argmax(dim=-1, keepdim=True)
         return logits, probs.reshape(-1, 1) * dispatch.sum(-1, keepdim=True).to(probs.dtype), idx
+    if call == "combine":   # NLLB-MoE: (top-1 mask [T, E], combine weights [T, E], logits [T, E])
+        _, combine, logits = output
+        # the two experts as the router chose them (the first by its probabilities in their dtype, the
+        # second by the logits), also where capacity or padding dropped them (weight 0)
+        first = F.softmax(logits, dim=-1, dtype=torch.float32).to(combine.dtype).argmax(dim=-1)
+        second = logits.masked_fill(F.one_hot(first, logits.shape[-1]).bool(), float("-inf")).argmax(dim=-1)
+        idx = torch.stack([first, second], dim=-1)
+        return logits, combine.gather(1, idx), idx
     if call == "sorted":   # JetMoE: (sorted pair order, their tokens, their gates, per-expert counts, logits)
         order, _, gates, sizes, logits = output
         T = logits.shape[0]
@@ -244,6 +345,10 @@ def pack_router_output(call: str, logits: torch.Tensor, weights: torch.Tensor, i
         dispatch = torch.zeros_like(logits, dtype=torch.long).scatter_(1, index, (weights != 0).long())
         lead = tuple(shape) if shape is not None else (logits.shape[0],)
         return dispatch.view(*lead, -1), weights.view(*lead, 1), logits.view(*lead, -1)
+    if call == "combine":   # each token's kept weights in their columns; the top-1 mask without dropped tokens
+        combine = torch.zeros_like(logits, dtype=weights.dtype).scatter(1, index, weights)
+        top1 = torch.zeros_like(logits, dtype=torch.long).scatter(1, index[:, :1], (weights[:, :1] != 0).long())
+        return top1, combine, logits
     if call == "sorted":   # as JetMoE's gating sorts the (token, rank) pairs by expert
         order, rows, sizes = sort_pairs(index, logits.shape[-1])
         return order, rows, weights.reshape(-1)[order], sizes, logits.float()

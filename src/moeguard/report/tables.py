@@ -29,6 +29,8 @@ def info_table(d: dict) -> Table:
             ("per expert", f"{p['per_expert']:,}" if not p.get("per_expert_by_block") else
              "; ".join(f"{kind} {n:,}" for kind, n in p["per_expert_by_block"].items())),
             ("path", d.get("path") or d.get("hub_id") or "-")]
+    if d.get("upstream_repair"):   # NLLB-MoE: transformers' forward is wrong, moeguard runs the model's
+        rows.insert(-1, ("upstream repair", d["upstream_repair"]))
     if d.get("moe_layers_per_block"):   # JetMoE: two sparse blocks per decoder layer
         rows.insert(2, ("MoE blocks", "; ".join(f"{kind}: MoE layers {', '.join(m)} (decoder layers "
                                                 f"{', '.join(str(v) for v in m.values())})"

@@ -121,16 +121,25 @@ def expert_views(family, experts):
                                 hint="trace supports DBRX's blocked expert layout of transformers 5; report this model")
         g, u, w2 = (getattr(mlp, n).detach().view(E, -1, getattr(mlp, n).shape[-1]) for n in ("w1", "v1", "w2"))
         return g, u, w2.transpose(1, 2)
-    if layout == "modules":   # one ungated module per expert (Switch: wi [I, d], wo [d, I]): stacked, so copies
+    if layout == "modules":   # one ungated module per expert (Switch: wi [I, d], wo [d, I]; NLLB-MoE: fc1, fc2): stacked, so copies
         import torch
 
         count = sum(1 for n in getattr(experts, "keys", lambda: [])() if n.startswith(family.expert_module.format("")))
         mods = [experts[family.expert_module.format(e)] for e in range(count)]
-        if not mods or any(not (hasattr(m, "wi") and hasattr(m, "wo")) for m in mods):
-            raise MoeguardError(f"the experts of family '{family.name}' are not modules with wi/wo",
-                                hint="trace supports Switch Transformers' expert modules; report this model")
-        wi = torch.stack([m.wi.weight.detach() for m in mods])
-        return wi, wi, torch.stack([m.wo.weight.detach() for m in mods])
+        # the tensors' names under an expert module are the family's on-disk ones (up twice: no gate)
+        up_name, _, down_name = family.disk_expert_tensors
+
+        def stacked(name):
+            try:
+                return torch.stack([m.get_parameter(name).detach() for m in mods])
+            except AttributeError:
+                return None
+        up, down = (stacked(n) for n in (up_name, down_name)) if mods else (None, None)
+        if up is None or down is None:
+            raise MoeguardError(f"the experts of family '{family.name}' are not modules with {up_name} and {down_name}",
+                                hint="trace supports the expert modules of transformers 5's Switch Transformers "
+                                     "and NLLB-MoE; report this model")
+        return up, up, down
     if layout == "up":   # ungated experts (Nemotron-H): the up projection stands in for the gate
         up, dn = getattr(experts, "up_proj", None), getattr(experts, "down_proj", None)
         if up is None or dn is None:
