@@ -144,13 +144,14 @@ def test_nan_guard_stops_and_names_the_step():
         finetune(t, examples(), FinetuneConfig(mode="full", min_steps=5, epochs=1, batch_size=4), pad_id=0)
 
 
-def test_load_balancing_loss_is_used_where_the_family_has_one():
+@pytest.mark.parametrize("family", ["mixtral", "nllb_moe"])   # NLLB-MoE computes its terms only given labels
+def test_load_balancing_loss_is_used_where_the_family_has_one(family):
     from moeguard.realign.engine import _aux_coef
 
     cfg = FinetuneConfig(mode="router", min_steps=5, epochs=1, batch_size=4, lr=1e-2)
 
     def router_after(aux):
-        model = tiny_model("mixtral", router_aux_loss_coef=1.0)
+        model = tiny_model(family, router_aux_loss_coef=1.0)
         t = apply_mode(model, "router")
         assert _aux_coef(t, FinetuneConfig(aux_loss=aux)) == (1.0 if aux else 0.0)
         finetune(t, examples(), FinetuneConfig(**{**cfg.__dict__, "aux_loss": aux}), pad_id=0)

@@ -208,6 +208,9 @@ class FamilySpec:
     layers_path: str = "model.layers"
     min_experts: int = 1                  # fewest experts a valid router of this family accepts
     aux_loss_key: str | None = "router_aux_loss_coef"
+    # the model's forward computes its load-balancing terms only when given labels (NLLB-MoE):
+    # fine-tuning passes them (and reads the terms, not the model's own loss)
+    aux_loss_needs_labels: bool = False
     # the router's [E, d] weight under the router module (HunYuan nests it in a Linear: ``wg.weight``);
     # a bias beside it (GPT-OSS) is read from the same module
     router_weight_attr: str = "weight"
@@ -509,7 +512,7 @@ register_family(FamilySpec(
     name="nllb_moe", model_types=("nllb-moe",), block_attrs=("ffn",), router_attr="router",
     routing=RoutingSpec(score="softmax", weights_dtype="input", logits_fp32=True, top2_capacity=True,
                         requires=(("second_expert_policy", ("all",)), ("router_dtype", ("float32",)))),
-    num_experts_key="num_experts", top_k_key=None, fixed_top_k=2, min_experts=2,
+    num_experts_key="num_experts", top_k_key=None, fixed_top_k=2, min_experts=2, aux_loss_needs_labels=True,
     layers_path="model.encoder.layers", more_layers_paths=("model.decoder.layers",),
     router_weight_attr="classifier.weight", disk_router_weight="classifier.weight",
     final_norm_path="model.decoder.layer_norm", call="combine", expert_layout="modules",

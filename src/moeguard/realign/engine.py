@@ -152,6 +152,7 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
     aux_coef = _aux_coef(trainable, cfg)
+    aux_labels = MoEAdapter(trainable.base).family.aux_loss_needs_labels   # NLLB-MoE's terms need labels
     ckpt = Path(checkpoint) if checkpoint is not None else None
     tag = fingerprint(cfg, examples) if ckpt is not None else None
     start = _resume(ckpt, tag, trainable, optimizer, scheduler) if ckpt is not None else 0
@@ -165,7 +166,9 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
         for step in range(start, steps):
             # models are placed when loaded (device_map through accelerate); batches follow the embeddings
             batch = collate([examples[i] for i in order[step]], pad_id, decoder_start=start_token).to(device)
-            out = model(**batch.inputs(), use_cache=False, **({"output_router_logits": True} if aux_coef else {}))
+            aux_args = ({"output_router_logits": True, **({"labels": batch.labels} if aux_labels else {})}
+                        if aux_coef else {})
+            out = model(**batch.inputs(), use_cache=False, **aux_args)
             loss = task_loss(out.logits, batch.labels)
             aux = _aux_loss(out) if aux_coef else None
             if aux is not None:
