@@ -4,6 +4,7 @@ masking == in-memory pruning == streamed surgery == vanilla reload, routing capt
 commands that run on them through the seq2seq head. transformers 5.24 runs NLLB-MoE's experts
 wrongly: the bug is reproduced here, and moeguard's repair (models/upstream.py) checked."""
 
+import contextlib
 import copy
 import json
 
@@ -505,3 +506,23 @@ def test_an_audit_runs_on_an_encoder_decoder(family_checkpoint, tmp_path):
     rec = doc["tasks"]["arith-compare"]["recovery"]
     assert set(rec["strategies"]) == {"random", "orphan"} and rec["strategies"]["random"]["labels"] == [0, 4]
     assert (tmp_path / "a" / "report.html").exists()
+
+
+@pytest.mark.parametrize("fam", sorted(ENCODER_DECODER_LAYOUT))
+def test_masked_routing_runs_offloaded_as_in_memory(fam, batch, tmp_path):
+    """Under accelerate's offload (--max-memory) the masked router runs where the hooks put the
+    weights, and NLLB-MoE's repaired experts run inside their hooks: the logits are the in-memory ones."""
+    from moeguard.models.loading import load_model
+
+    model = tiny_model(fam)
+    model.save_pretrained(tmp_path / "m")
+    off, _, _ = load_model(str(tmp_path / "m"), max_memory=1000, with_tokenizer=False)
+    assert all(p.device.type == "meta" for p in off.parameters())
+    keep = {layer.index: KEEP4 for layer in MoEAdapter(model).layers}
+    with torch.no_grad():
+        for masked in (False, True):
+            with mask_experts(model, keep) if masked else contextlib.nullcontext():
+                want = model(**batch).logits
+            with mask_experts(off, keep) if masked else contextlib.nullcontext():
+                got = off(**batch).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
