@@ -41,12 +41,14 @@ def small_config(family: str, tok):
     if family == "nllb_moe":
         # top-2; in eval every expert may take the whole batch (the released fraction, 1.0); in training
         # 256 tokens per expert and batch (twice a batch's ~1,000 tokens over 8 experts: few dropped; the
-        # router would otherwise freeze the first batch's 2 x ceil(T / E) as its capacity); no dropout
+        # router would otherwise freeze the first batch's 2 x ceil(T / E) as its capacity); no dropout,
+        # no layerdrop
         return AutoConfig.for_model("nllb-moe", d_model=128, encoder_ffn_dim=256, decoder_ffn_dim=256,
                                     encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
                                     decoder_attention_heads=4, max_position_embeddings=1024, expert_capacity=256,
                                     moe_eval_capacity_token_fraction=1.0, moe_token_dropout=0.0, dropout=0.0,
-                                    attention_dropout=0.0, activation_dropout=0.0, **common)
+                                    attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
+                                    decoder_layerdrop=0.0, **common)
     # capacity 64 tokens per expert and sequence (Switch's default)
     return AutoConfig.for_model("switch_transformers", d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=4,
                                 num_decoder_layers=4, expert_capacity=64, dropout_rate=0.0, **common)

@@ -7,6 +7,7 @@ wrongly: the bug is reproduced here, and moeguard's repair (models/upstream.py) 
 import contextlib
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -71,7 +72,10 @@ def batch():
 def routed_both_ways(layer, a, h, padding_mask=None):
     """(the family's router, moeguard's route()) on hidden states h [B, S, d]: (weights, index) each."""
     x = router_input(a.family.name, h)
+    # NLLB-MoE's router keeps the capacity of its last call: route_module starts from what it held before
+    held = vars(layer.router).get("expert_capacity")
     _, ref_w, ref_idx = layer.unpack(layer.router(x) if padding_mask is None else layer.router(x, padding_mask))
+    layer.router.expert_capacity = held
     params = pruned_router_params(a.family, a.moe_config, list(range(8)), 8)
     w, idx = route_module(layer, router_logits(layer, x, a.family.routing), a.family.routing, params,
                           input_dtype=h.dtype, sequences=h.shape[0], padding_mask=padding_mask)
@@ -129,7 +133,7 @@ def test_masking_equals_pruning_streaming_and_vanilla_reload(family_model, batch
         physical = pruned(**batch).logits
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "input model modified"
     assert not torch.allclose(full, masked), "masking 4 of 8 experts changed nothing"
-    # the pruned router sees fewer experts, so capacity drops other tokens: still the same model
+    # (Switch: the pruned router sees fewer experts, so capacity drops other tokens) still the same model
     torch.testing.assert_close(masked, physical, rtol=1e-5, atol=1e-5)
     assert record["config_changes"] == {"num_experts": 4}   # top-1 has no key to change
     full_n, small_n = a.parameter_counts()["total"], MoEAdapter(pruned).parameter_counts()["total"]
@@ -310,12 +314,39 @@ def test_nllb_moe_upstream_bug_is_reproduced_and_repaired(tmp_path, capsys):
     fresh = AutoModelForSeq2SeqLM.from_config(cfg)   # transformers' classes themselves are not touched
     assert type(fresh.model.encoder.layers[0].ffn.experts).__name__ == "NllbMoeExperts"
     assert type(copy.deepcopy(model).model.encoder.layers[0].ffn.experts) is type(mlp.experts)
+    again = pickle.loads(pickle.dumps(model))   # the repaired class is importable by name
+    with torch.no_grad():
+        assert torch.equal(again.model.encoder.layers[0].ffn(h[None])[0], repaired)
     model.save_pretrained(tmp_path)
     assert main(["info", "--model", str(tmp_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "nllb_moe" and "only experts 0 and 1 ever run" in info["upstream_repair"]
     assert main(["info", "--model", str(tmp_path)]) == 0
     assert "upstream repair" in capsys.readouterr().out
+
+
+def test_nllb_moe_masking_equals_a_fresh_pruned_model_whatever_the_routers_history(batch):
+    """NLLB-MoE's router keeps the capacity of its last call: an eval call writes ceil(fraction x T),
+    and a training call then uses it instead of expert_capacity. A masked model starts from the
+    config's, as a freshly pruned one does, in eval and in training, and the unmasked routers get
+    their own back."""
+    model = tiny_model("nllb_moe")   # eval fraction 0.25, expert_capacity 64
+    layers = MoEAdapter(model).layers
+    keep = {l.index: KEEP4 for l in layers}
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"][:, :3], decoder_input_ids=batch["decoder_input_ids"][:, :2])
+        held = [l.router.expert_capacity for l in layers]
+        assert held == [2, 2, 1, 1]   # ceil(0.25 x 6) in the encoder, ceil(0.25 x 4) in the decoder
+        for train in (False, True):
+            model.train(train)
+            pruned, _ = prune_model(model, keep)   # built from the config: its routers hold no capacity yet
+            with mask_experts(model, keep):
+                masked = model(**batch).logits
+            torch.testing.assert_close(masked, pruned(**batch).logits, rtol=1e-5, atol=1e-5)
+            assert [l.router.expert_capacity for l in layers] == held
+        model.eval()
+        full = model(**batch).logits
+    assert not torch.allclose(full, masked)
 
 
 def test_nllb_moe_routing_settings_padding_and_capacity_state():
@@ -340,14 +371,13 @@ def test_nllb_moe_routing_settings_padding_and_capacity_state():
                     assert torch.equal(ref_idx, idx) and torch.equal(ref_w, w), (overrides, train, layer.index)
                     if mask is not None and not overrides.get("router_ignore_padding_tokens"):
                         assert (w.view(2, 10, 2)[1, 7:] == 0).all()   # padding takes no expert
+                    if "expert_capacity" in overrides and mask is None:   # 3 of 20 tokens' 40 choices: drops
+                        assert int((w == 0).sum()) > 0, (overrides, train, layer.index)
         model.eval()
-    router = a.layers[0].router
-    before = router.expert_capacity
-    with mask_experts(model, {0: KEEP4}), torch.no_grad():
-        model.train()
-        model(input_ids=torch.randint(2, 96, (2, 12)), decoder_input_ids=torch.randint(2, 96, (2, 5)))
-        model.eval()
-    assert router.expert_capacity == before and "forward" not in vars(router)
+    sampling = tiny_model("nllb_moe")
+    sampling.config.second_expert_policy = "sampling"   # a model built, not loaded, is refused all the same
+    with pytest.raises(MoeguardError, match="second_expert_policy is 'sampling'"):
+        MoEAdapter(sampling)
     for key, value, says in (("second_expert_policy", "sampling", "random routing forbids"),
                              ("router_dtype", "bfloat16", "'float32' only")):
         with pytest.raises(MoeguardError, match=f"config {key} is '{value}'.*{says}") as e:

@@ -111,6 +111,7 @@ TINY_FAMILY_KWARGS: dict[str, dict] = {
                      encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8, encoder_sparse_step=1,
                      decoder_sparse_step=1, max_position_embeddings=64, moe_eval_capacity_token_fraction=0.25,
                      moe_token_dropout=0.0, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                     encoder_layerdrop=0.0, decoder_layerdrop=0.0,
                      decoder_start_token_id=2),
 }
 # families whose configs name their sizes themselves (no hidden_size, num_hidden_layers... keywords)

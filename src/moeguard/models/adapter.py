@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moeguard.errors import MoeguardError
-from moeguard.models.families import FamilySpec, expert_axis, family_for_config, moe_config
+from moeguard.models.families import FamilySpec, expert_axis, family_for_config, moe_config, unsupported_setting
 from moeguard.models.routing import sort_pairs, unpack_router_output
 from moeguard.models.upstream import repair
 
@@ -202,6 +202,10 @@ class MoEAdapter:
         self.config = model.config                    # the model's own (saved with a checkpoint)
         self.moe_config = moe_config(model.config)    # where the family's keys live (a wrapper's text config)
         self.family = family or family_for_config(model.config)
+        unsupported = unsupported_setting(self.family, self.moe_config)   # a model built, not loaded
+        if unsupported:
+            raise MoeguardError(f"model of type '{self.config.model_type}': {unsupported[0]}",
+                                hint=f"{unsupported[1]} in its config")
         # every model moeguard works on computes its reference model (NLLB-MoE's experts, models/upstream.py)
         repair(model)
 

@@ -107,12 +107,13 @@ class RoutingSpec:
         if self.top2_capacity:
             frac = getattr(config, "moe_eval_capacity_token_fraction", 0.0) or 0.0
             fixed = getattr(config, "expert_capacity", None)
-            train = f"{fixed} tokens" if fixed is not None else "2 x ceil(tokens / experts)"
+            train = f"{fixed} tokens" if fixed is not None else "2 x ceil(tokens / experts) of its first call"
             evals = f"ceil({frac:g} x the batch's tokens)" if frac > 0 else train
             parts.append(f"top-2 (second choice by logits), renormalized over the two "
                          f"{'before' if getattr(config, 'normalize_router_prob_before_dropping', False) else 'after'} "
                          f"dropping; capacity per expert and batch {evals} in eval, {train} in training "
-                         "(first choices before second ones), the rest dropped"
+                         "(the router keeps its last call's, an eval call's too; first choices before second "
+                         "ones), the rest dropped"
                          + ("" if getattr(config, "router_ignore_padding_tokens", False) else "; padding takes no expert"))
         if self.capacity_key:
             parts.append(f"capacity {getattr(config, self.capacity_key, None)} tokens per expert and sequence, "
@@ -208,9 +209,10 @@ class FamilySpec:
     layers_path: str = "model.layers"
     min_experts: int = 1                  # fewest experts a valid router of this family accepts
     aux_loss_key: str | None = "router_aux_loss_coef"
-    # the model's forward computes its load-balancing terms only when given labels (NLLB-MoE):
-    # fine-tuning passes them (and reads the terms, not the model's own loss)
-    aux_loss_needs_labels: bool = False
+    # "module:function" computing one stack's load-balancing term from its router logits, for a model
+    # whose forward computes it only when given labels (NLLB-MoE's, which also fails when layerdrop
+    # skipped every sparse layer of a stack): fine-tuning calls it on each stack's recorded logits
+    aux_loss_from_logits: str | None = None
     # the router's [E, d] weight under the router module (HunYuan nests it in a Linear: ``wg.weight``);
     # a bias beside it (GPT-OSS) is read from the same module
     router_weight_attr: str = "weight"
@@ -325,6 +327,19 @@ class FamilySpec:
                           blocked=self.blocked,
                           per_expert_name=f"{self.experts_attr}.{self.expert_module}" if self.expert_layout == "modules"
                           else "experts.{}")
+
+
+def unsupported_setting(family: FamilySpec, config) -> tuple[str, str] | None:
+    """(a message, the setting to use) for a config setting the family's routing is not modelled
+    for (``RoutingSpec.requires``: NLLB-MoE's random second-expert policies), or None."""
+    for key, allowed in family.routing.requires:
+        value = getattr(config, key, None)
+        if value not in allowed:
+            why = "; moeguard compares pruned and masked models, which random routing forbids" \
+                if key == "second_expert_policy" else ""
+            return (f"config {family.config_key(key)} is {value!r}; {family.name}'s routing is modelled for "
+                    f"{' or '.join(map(repr, allowed))} only{why}", f"set {family.config_key(key)} to {allowed[0]!r}")
+    return None
 
 
 FAMILIES: Registry[FamilySpec] = Registry("model family")
@@ -512,7 +527,8 @@ register_family(FamilySpec(
     name="nllb_moe", model_types=("nllb-moe",), block_attrs=("ffn",), router_attr="router",
     routing=RoutingSpec(score="softmax", weights_dtype="input", logits_fp32=True, top2_capacity=True,
                         requires=(("second_expert_policy", ("all",)), ("router_dtype", ("float32",)))),
-    num_experts_key="num_experts", top_k_key=None, fixed_top_k=2, min_experts=2, aux_loss_needs_labels=True,
+    num_experts_key="num_experts", top_k_key=None, fixed_top_k=2, min_experts=2,
+    aux_loss_from_logits="transformers.models.nllb_moe.modeling_nllb_moe:load_balancing_loss_func",
     layers_path="model.encoder.layers", more_layers_paths=("model.decoder.layers",),
     router_weight_attr="classifier.weight", disk_router_weight="classifier.weight",
     final_norm_path="model.decoder.layer_norm", call="combine", expert_layout="modules",

@@ -526,15 +526,20 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
                 return pack_router_output(call, masked, weights, _kept[sub_idx], shape=lead)
 
             patched.append((router, _set_forward(router, forward, replaces=True)))
-            # a capacity the router keeps between calls (NLLB-MoE) is the unmasked router's again after
-            states.append((router, router.__dict__.get("expert_capacity", _ABSENT)))
+            # a capacity the router keeps between calls (NLLB-MoE): the masked router starts from the
+            # config's, as a freshly pruned router does, and the unmasked router gets its own back after
+            if params.top2_capacity:
+                states.append((router, router.__dict__.get("expert_capacity", _ABSENT)))
+                router.expert_capacity = params.capacity
             top_ks.extend(_clamp_block_top_k(layer, params.top_k))
         yield adapter
     finally:
         for router, previous in reversed(patched):
             _restore_forward(router, previous)
         for router, value in states:
-            if value is not _ABSENT:
+            if value is _ABSENT:
+                router.__dict__.pop("expert_capacity", None)
+            else:
                 router.expert_capacity = value
         for block, k in reversed(top_ks):
             block.top_k = k

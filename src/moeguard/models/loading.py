@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError
-from moeguard.models.families import FamilySpec, family_for_config, moe_config
+from moeguard.models.families import FamilySpec, family_for_config, moe_config, unsupported_setting
 from moeguard.models.upstream import repair
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "zoo" / "embedded"
@@ -139,14 +139,9 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
         raise MoeguardError(f"{where}: config {top_k_key} is {k}, more than its {E} experts per layer "
                             f"({count_key}); no router can pick {k} of {E}",
                             hint=f"{fix}: set {top_k_key} to at most {E}")
-    for key, allowed in family.routing.requires:
-        value = getattr(config, key, None)
-        if value not in allowed:
-            why = "; moeguard compares pruned and masked models, which random routing forbids" \
-                if key == "second_expert_policy" else ""
-            raise MoeguardError(f"{where}: config {family.config_key(key)} is {value!r}; {family.name}'s routing is "
-                                f"modelled for {' or '.join(map(repr, allowed))} only{why}",
-                                hint=f"{fix}: set {family.config_key(key)} to {allowed[0]!r}")
+    unsupported = unsupported_setting(family, config)
+    if unsupported:
+        raise MoeguardError(f"{where}: {unsupported[0]}", hint=f"{fix}: {unsupported[1]}")
     per_layer = getattr(config, PER_LAYER_KEY, None) or {}
     bad = {l: n for l, n in dict(per_layer).items() if not isinstance(n, int) or not 1 <= n <= E}
     if bad:

@@ -312,10 +312,16 @@ def unpack_router_output(call: str, output, top_k: int):
     if call == "combine":   # NLLB-MoE: (top-1 mask [T, E], combine weights [T, E], logits [T, E])
         _, combine, logits = output
         # the two experts as the router chose them (the first by its probabilities in their dtype, the
-        # second by the logits), also where capacity or padding dropped them (weight 0)
-        first = F.softmax(logits, dim=-1, dtype=torch.float32).to(combine.dtype).argmax(dim=-1)
-        second = logits.masked_fill(F.one_hot(first, logits.shape[-1]).bool(), float("-inf")).argmax(dim=-1)
+        # second by the logits), also where capacity or padding dropped them (weight 0). A masked
+        # router's logits are -inf at dropped experts: the softmax is taken over the kept columns only,
+        # as the pruned router takes it (a longer sum may round the other way and flip a near-tie)
+        kept = torch.isfinite(logits).all(dim=0).nonzero().flatten() if logits.shape[0] else None
+        sub = logits if kept is None or kept.numel() == logits.shape[-1] else logits[:, kept]
+        first = F.softmax(sub, dim=-1, dtype=torch.float32).to(combine.dtype).argmax(dim=-1)
+        second = sub.masked_fill(F.one_hot(first, sub.shape[-1]).bool(), float("-inf")).argmax(dim=-1)
         idx = torch.stack([first, second], dim=-1)
+        if sub is not logits:
+            idx = kept[idx]
         return logits, combine.gather(1, idx), idx
     if call == "sorted":   # JetMoE: (sorted pair order, their tokens, their gates, per-expert counts, logits)
         order, _, gates, sizes, logits = output

@@ -152,7 +152,7 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
     aux_coef = _aux_coef(trainable, cfg)
-    aux_labels = MoEAdapter(trainable.base).family.aux_loss_needs_labels   # NLLB-MoE's terms need labels
+    aux_from_logits = _stack_aux_loss(MoEAdapter(trainable.base)) if aux_coef else None
     ckpt = Path(checkpoint) if checkpoint is not None else None
     tag = fingerprint(cfg, examples) if ckpt is not None else None
     start = _resume(ckpt, tag, trainable, optimizer, scheduler) if ckpt is not None else 0
@@ -166,11 +166,9 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
         for step in range(start, steps):
             # models are placed when loaded (device_map through accelerate); batches follow the embeddings
             batch = collate([examples[i] for i in order[step]], pad_id, decoder_start=start_token).to(device)
-            aux_args = ({"output_router_logits": True, **({"labels": batch.labels} if aux_labels else {})}
-                        if aux_coef else {})
-            out = model(**batch.inputs(), use_cache=False, **aux_args)
+            out = model(**batch.inputs(), use_cache=False, **({"output_router_logits": True} if aux_coef else {}))
             loss = task_loss(out.logits, batch.labels)
-            aux = _aux_loss(out) if aux_coef else None
+            aux = (aux_from_logits(out, batch) if aux_from_logits else _aux_loss(out)) if aux_coef else None
             if aux is not None:
                 loss = loss + aux_coef * aux.to(loss.device)
             value = float(loss.detach())
@@ -229,6 +227,29 @@ def _aux_loss(out):
         parts = [p for p in (getattr(out, "encoder_aux_loss", None), getattr(out, "decoder_aux_loss", None))
                  if isinstance(p, torch.Tensor)]
         aux = sum(parts) if parts else None
+    return aux
+
+
+def _stack_aux_loss(adapter: MoEAdapter):
+    """For a family whose forward computes its load-balancing terms only given labels
+    (``FamilySpec.aux_loss_from_logits``, NLLB-MoE): ``(out, batch) -> the encoder's and the decoder's
+    terms summed``, each by the family's own function on that stack's router logits and padding mask,
+    as its forward would add them; a stack whose sparse layers layerdrop skipped adds nothing (the
+    forward would fail). None for every other family."""
+    path = adapter.family.aux_loss_from_logits
+    if not path:
+        return None
+    import importlib
+
+    module, _, name = path.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    experts, k = adapter.num_experts, adapter.top_k
+
+    def aux(out, batch):
+        stacks = ((getattr(out, "encoder_router_logits", None), batch.attention_mask),
+                  (getattr(out, "decoder_router_logits", None), batch.decoder_attention_mask))
+        parts = [fn(tuple(logits), experts, top_k=k, attention_mask=mask) for logits, mask in stacks if logits]
+        return sum(parts) if parts else None
     return aux
 
 

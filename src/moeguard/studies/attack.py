@@ -227,6 +227,7 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import model_class
     from moeguard.models.prune import prune_model
+    from moeguard.models.upstream import repair
     from moeguard.tasks.evaluate import evaluate_task
 
     m, tok = ctx.model()
@@ -237,6 +238,7 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
         shaped, _ = prune_model(m, uniform)
         torch.manual_seed(10_000 + seed)
         fresh = model_class(shaped.config).from_config(shaped.config).train()
+        repair(fresh)   # transformers' modules that do not compute their model (models/upstream.py)
         initial = evaluate_task(fresh, tok, t, limit=eval_limit, batch_size=32, baseline=False)
         return fresh, initial, sum(p.numel() for p in shaped.parameters()), len(uniform)
 
