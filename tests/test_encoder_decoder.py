@@ -523,7 +523,7 @@ def test_every_active_learning_strategy_reads_an_encoder_decoder(fam):
 def test_an_audit_runs_on_an_encoder_decoder(family_checkpoint, tmp_path):
     """Baseline, attribution, the sweep with its physical check, recovery (LoRA through the seq2seq
     head) and the report, on each encoder-decoder family; masked and physically pruned scores agree."""
-    _, checkpoint = family_checkpoint
+    fam, checkpoint = family_checkpoint
     args = ["audit", "--model", str(checkpoint), "--tasks", "arith-compare", "--methods", "frequency,reap",
             "--keeps", "4", "--recovery-keep", "4", "--random-seeds", "1", "--eval-limit", "4", "--samples", "8",
             "--physical-checks", "1", "--no-deletion-curves", "--recovery-mode", "lora", "--strategies", "random,orphan",
@@ -531,6 +531,9 @@ def test_an_audit_runs_on_an_encoder_decoder(family_checkpoint, tmp_path):
             "--out", str(tmp_path / "a")]
     assert main(args) == 0
     doc = json.loads((tmp_path / "a" / "results.json").read_text())
+    # what the audit measured is recorded: NLLB-MoE's repaired experts, on its card too
+    assert ("upstream_repair" in doc["model"]) == (fam == "nllb_moe")
+    assert ("upstream repair" in (tmp_path / "a" / "report.html").read_text()) == (fam == "nllb_moe")
     check = doc["physical_checks"][0]
     assert check["abs_diff"] == 0 and check["params_physical"] == check["params_expected"]
     rec = doc["tasks"]["arith-compare"]["recovery"]

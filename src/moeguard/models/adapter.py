@@ -11,7 +11,7 @@ from torch import nn
 from moeguard.errors import MoeguardError
 from moeguard.models.families import FamilySpec, expert_axis, family_for_config, moe_config, unsupported_setting
 from moeguard.models.routing import sort_pairs, unpack_router_output
-from moeguard.models.upstream import repair
+from moeguard.models.upstream import known_repair, repair
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,4 +344,6 @@ class MoEAdapter:
             "shared_experts": shared,
             "gate_normalization": self.family.routing.describe(self.moe_config),
             "parameters": counts,
+            # what transformers gets wrong in this model, and that moeguard computes the model itself
+            **({"upstream_repair": repaired} if (repaired := known_repair(self.config.model_type)) else {}),
         }

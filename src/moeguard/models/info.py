@@ -20,11 +20,6 @@ def model_info(ref: str | None) -> dict:
         from moeguard.models.infer import spec_summary
 
         out["family_spec"]["spec"] = spec_summary(family)
-    from moeguard.models.upstream import known_repair
-
-    repaired = known_repair(getattr(config, "model_type", None))
-    if repaired:   # what transformers gets wrong, and that moeguard computes the model itself
-        out["upstream_repair"] = repaired
     out["name"] = model_ref.name
     out["path"] = str(model_ref.path) if model_ref.path else None
     out["hub_id"] = model_ref.hub_id

@@ -229,7 +229,9 @@ def card_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
              ("routed-expert parameters", _count(p.get("routed_experts"))),
              # JetMoE: its MLP and attention experts differ in size, so each kind's, not their mean
              ("per expert", "; ".join(f"{kind} {_count(n)}" for kind, n in p["per_expert_by_block"].items())
-              if p.get("per_expert_by_block") else _count(p.get("per_expert")))]
+              if p.get("per_expert_by_block") else _count(p.get("per_expert"))),
+             # NLLB-MoE: transformers' forward is wrong, and the audit measured the repaired model
+             ("upstream repair", m.get("upstream_repair"))]
     return [{"fact": k, "value": str(v)} for k, v in facts if v is not None]
 
 
