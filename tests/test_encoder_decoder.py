@@ -327,26 +327,34 @@ def test_nllb_moe_upstream_bug_is_reproduced_and_repaired(tmp_path, capsys):
 
 def test_nllb_moe_masking_equals_a_fresh_pruned_model_whatever_the_routers_history(batch):
     """NLLB-MoE's router keeps the capacity of its last call: an eval call writes ceil(fraction x T),
-    and a training call then uses it instead of expert_capacity. A masked model starts from the
-    config's, as a freshly pruned one does, in eval and in training, and the unmasked routers get
-    their own back."""
+    and a training call then uses it instead of expert_capacity. Every router of a masked model, a
+    full layer's too, starts from the config's, as a freshly pruned model's do, in eval and in
+    training, and the unmasked routers get their own back."""
     model = tiny_model("nllb_moe")   # eval fraction 0.25, expert_capacity 64
     layers = MoEAdapter(model).layers
-    keep = {l.index: KEEP4 for l in layers}
+    every, but_last = {l.index: KEEP4 for l in layers}, {0: KEEP4, 1: KEEP4, 2: KEEP4}   # layer 3 kept whole
     with torch.no_grad():
         model(input_ids=batch["input_ids"][:, :3], decoder_input_ids=batch["decoder_input_ids"][:, :2])
-        held = [l.router.expert_capacity for l in layers]
-        assert held == [2, 2, 1, 1]   # ceil(0.25 x 6) in the encoder, ceil(0.25 x 4) in the decoder
+        assert [l.router.expert_capacity for l in layers] == [2, 2, 1, 1]   # ceil(0.25 x 6), ceil(0.25 x 4)
         for train in (False, True):
             model.train(train)
-            pruned, _ = prune_model(model, keep)   # built from the config: its routers hold no capacity yet
-            with mask_experts(model, keep):
-                masked = model(**batch).logits
-            torch.testing.assert_close(masked, pruned(**batch).logits, rtol=1e-5, atol=1e-5)
-            assert [l.router.expert_capacity for l in layers] == held
+            for keep in (every, but_last):
+                held = [l.router.expert_capacity for l in layers]
+                with mask_experts(model, keep):
+                    masked = model(**batch).logits
+                if keep is every:   # a pruned model is built from the config: its routers hold expert_capacity
+                    want = prune_model(model, keep)[0](**batch).logits
+                else:   # a layer kept whole has no pruned model (one module per expert): a fresh load's routers
+                    fresh = copy.deepcopy(model)
+                    for l in MoEAdapter(fresh).layers:
+                        l.router.expert_capacity = fresh.config.expert_capacity
+                    with mask_experts(fresh, keep):
+                        want = fresh(**batch).logits
+                torch.testing.assert_close(masked, want, rtol=1e-5, atol=1e-5)
+                assert [l.router.expert_capacity for l in layers] == held
+                assert not any("forward" in vars(l.router) for l in layers)
+                assert not torch.allclose(model(**batch).logits, masked)   # the full model, in the same mode
         model.eval()
-        full = model(**batch).logits
-    assert not torch.allclose(full, masked)
 
 
 def test_nllb_moe_routing_settings_padding_and_capacity_state():

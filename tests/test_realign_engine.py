@@ -159,8 +159,24 @@ def test_load_balancing_loss_is_used_where_the_family_has_one(family):
 
     with_aux, without = router_after(True), router_after(False)
     assert any(not torch.allclose(with_aux[n], without[n]) for n in with_aux)
-    if family == "nllb_moe":   # layerdrop skipping every decoder layer leaves that stack no term, and no failure
-        model = tiny_model(family, router_aux_loss_coef=1.0, decoder_layerdrop=1.0)
+    if family == "nllb_moe":
+        from moeguard.realign.engine import _stack_aux_loss
+        from moeguard.tasks.batches import collate
+
+        # the terms moeguard adds are the ones the model's forward adds when given labels
+        model = tiny_model(family, router_aux_loss_coef=1.0).train()
+        batch = collate(examples()[:4], pad_id=0, decoder_start=model.config.decoder_start_token_id)
+        aux = _stack_aux_loss(MoEAdapter(model))
+        with torch.no_grad():
+            own = model(**batch.inputs(), labels=batch.labels, output_router_logits=True)
+            mine = aux(model(**batch.inputs(), output_router_logits=True), batch)
+        torch.testing.assert_close(mine, own.encoder_aux_loss + own.decoder_aux_loss, rtol=0, atol=0)
+        # layerdrop skipping every decoder layer leaves that stack no term (the forward's own would fail)
+        model = tiny_model(family, router_aux_loss_coef=1.0, decoder_layerdrop=1.0).train()
+        with torch.no_grad():
+            out = model(**batch.inputs(), output_router_logits=True)
+            assert out.decoder_router_logits == () and len(out.encoder_router_logits) == 2
+            assert float(aux(out, batch)) > 0   # the encoder's term
         r = finetune(apply_mode(model, "router"), examples(), cfg, pad_id=0)
         assert r.steps == 5 and all(map(torch.isfinite, torch.tensor(r.losses)))
     deepseek = apply_mode(tiny_model("deepseek_v3"), "full")

@@ -503,10 +503,16 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
     try:
         for layer in adapter.layers:
             kept = keep[layer.index]
-            if len(kept) == layer.num_experts:
-                continue
             params = pruned_router_params(adapter.family, adapter.moe_config, kept, layer.num_experts)
             router = layer.router
+            # a capacity the router keeps between calls (NLLB-MoE): every router of the masked model, a
+            # full one too, starts from the config's, as a freshly pruned model's do, and the unmasked
+            # routers get their own back after
+            if params.top2_capacity:
+                states.append((router, router.__dict__.get("expert_capacity", _ABSENT)))
+                router.expert_capacity = params.capacity
+            if len(kept) == layer.num_experts:
+                continue
             # on the logits' device at the call: an offloaded router's weight is on "meta" until then
             kept_t = torch.tensor(kept)
 
@@ -526,11 +532,6 @@ def mask_experts(model: nn.Module, keep: Mapping, *, adapter: MoEAdapter | None 
                 return pack_router_output(call, masked, weights, _kept[sub_idx], shape=lead)
 
             patched.append((router, _set_forward(router, forward, replaces=True)))
-            # a capacity the router keeps between calls (NLLB-MoE): the masked router starts from the
-            # config's, as a freshly pruned router does, and the unmasked router gets its own back after
-            if params.top2_capacity:
-                states.append((router, router.__dict__.get("expert_capacity", _ABSENT)))
-                router.expert_capacity = params.capacity
             top_ks.extend(_clamp_block_top_k(layer, params.top_k))
         yield adapter
     finally:

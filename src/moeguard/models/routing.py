@@ -315,7 +315,8 @@ def unpack_router_output(call: str, output, top_k: int):
         # second by the logits), also where capacity or padding dropped them (weight 0). A masked
         # router's logits are -inf at dropped experts: the softmax is taken over the kept columns only,
         # as the pruned router takes it (a longer sum may round the other way and flip a near-tie)
-        kept = torch.isfinite(logits).all(dim=0).nonzero().flatten() if logits.shape[0] else None
+        # (only whole -inf columns are dropped experts: a NaN or +inf of one token drops nothing)
+        kept = (~torch.isneginf(logits).all(dim=0)).nonzero().flatten() if logits.shape[0] else None
         sub = logits if kept is None or kept.numel() == logits.shape[-1] else logits[:, kept]
         first = F.softmax(sub, dim=-1, dtype=torch.float32).to(combine.dtype).argmax(dim=-1)
         second = sub.masked_fill(F.one_hot(first, sub.shape[-1]).bool(), float("-inf")).argmax(dim=-1)

@@ -81,6 +81,8 @@ def repair(model: nn.Module) -> int:
         if type(module).__name__ != broken:   # the broken class itself only: a repaired one is its subclass
             continue
         fixed = __getattr__(made_name)
+        if type(module) is not fixed.__bases__[0]:   # a same-named class of other code: not ours to repair
+            continue
         module.__class__ = fixed
         if "_old_forward" in module.__dict__:   # accelerate's device hook kept the broken forward to call
             module._old_forward = types.MethodType(fixed.forward, module)

@@ -249,7 +249,7 @@ def _stack_aux_loss(adapter: MoEAdapter):
         stacks = ((getattr(out, "encoder_router_logits", None), batch.attention_mask),
                   (getattr(out, "decoder_router_logits", None), batch.decoder_attention_mask))
         parts = [fn(tuple(logits), experts, top_k=k, attention_mask=mask) for logits, mask in stacks if logits]
-        return sum(parts) if parts else None
+        return sum(p.to(parts[0].device) for p in parts) if parts else None   # stacks may sit on two devices
     return aux
 
 
