@@ -96,6 +96,8 @@ class RoutingSpec:
         if self.score == "sparsemixer":
             return "sparsemixer (PhiMoE): masked softmax per choice, top-2"
         order = f"{self.score} before top-k" if self.select_on == "probs" else f"top-k on logits, {self.score} after top-k"
+        if self.top2_capacity:   # its own choice of the two, said below
+            order = self.score
         p = getattr(config, self.renorm_p_key, None) if self.renorm_p_key else None
         parts = [order, (f"top-k renormalized by their {p:g}-norm" if p not in (None, 1.0) else "renormalized top-k")
                  if renorm and self.select_on == "probs" else None]
