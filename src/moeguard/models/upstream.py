@@ -47,7 +47,8 @@ _REPAIRS: dict[str, tuple[str, str, str, object]] = {
         "NllbMoeExperts", "NllbMoeExpertsRepaired",
         "transformers 5.24's NllbMoeExperts picks each expert by the value of the router's 0/1 top-1 mask (a "
         "one_hot of a one-hot), not by its index: only experts 0 and 1 ever run. moeguard runs NLLB-MoE's "
-        "top-2 mixture as fairseq and transformers 4.x do (models/upstream.py)",
+        "top-2 mixture as fairseq and transformers 4.x do; a server running transformers 5.24 serves the bug "
+        "unless it calls moeguard.models.upstream.repair(model) after loading",
         _nllb_moe_experts),
 }
 _MADE: dict[str, type] = {}
