@@ -322,7 +322,8 @@ def test_nllb_moe_upstream_bug_is_reproduced_and_repaired(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "nllb_moe" and "only experts 0 and 1 ever run" in info["upstream_repair"]
     assert main(["info", "--model", str(tmp_path)]) == 0
-    assert "upstream repair" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "upstream repair" in table and "model.encoder.layers: 0; model.decoder.layers: 0" in table
 
 
 def test_nllb_moe_masking_equals_a_fresh_pruned_model_whatever_the_routers_history(batch):

@@ -29,6 +29,9 @@ def info_table(d: dict) -> Table:
             ("per expert", f"{p['per_expert']:,}" if not p.get("per_expert_by_block") else
              "; ".join(f"{kind} {n:,}" for kind, n in p["per_expert_by_block"].items())),
             ("path", d.get("path") or d.get("hub_id") or "-")]
+    if d.get("moe_layers_per_stack"):   # an encoder-decoder: indices run on across the stacks
+        rows.insert(2, ("MoE layers per stack", "; ".join(f"{stack}: {', '.join(map(str, local))}"
+                                                          for stack, local in d["moe_layers_per_stack"].items())))
     if d.get("upstream_repair"):   # NLLB-MoE: transformers' forward is wrong, moeguard runs the model's
         rows.insert(-1, ("upstream repair", d["upstream_repair"]))
     if d.get("moe_layers_per_block"):   # JetMoE: two sparse blocks per decoder layer
