@@ -353,12 +353,12 @@ class RoutingCapture(contextlib.AbstractContextManager):
             return out
         return forward
 
-    def _combine_experts_forward(self, slot: int):
-        """NLLB-MoE: experts(hidden [T, d], top-1 mask, combine [T, E]), one module per expert, run
-        here expert by expert as the repaired experts run them (models/upstream.py): each expert on
-        the tokens with a nonzero weight in its column, its output times that weight, and in eval times
-        1 - moe_token_dropout (what the expert adds to the token, so what both norm sums record)."""
-        stats, layer, experts = self.stats.layers[slot], self.adapter.layers[slot], self.adapter.layers[slot].experts
+    def _combine_experts_forward(self, slot: int, original):
+        """NLLB-MoE: experts(hidden [T, d], top-1 mask, combine [T, E]). Each expert runs through the
+        experts' own (repaired, models/upstream.py) forward on the tokens with a nonzero weight in its
+        column, at weight 1: its output with the eval token-dropout scaling, what it adds to a token
+        before its weight, so what both norm sums record; then weighted as that forward weights it."""
+        stats = self.stats.layers[slot]
 
         def forward(hidden_states, router_mask, router_probs):
             out = torch.zeros_like(hidden_states)
@@ -366,9 +366,10 @@ class RoutingCapture(contextlib.AbstractContextManager):
             idx = self._routed[slot]
             for e in (router_probs != 0).any(dim=0).nonzero().flatten().tolist():
                 tok = torch.where(router_probs[:, e] != 0)[0]
-                y = layer.expert(e)(hidden_states[tok])                      # expert e's unweighted output
-                if experts.moe_token_dropout > 0:
-                    y = experts.token_dropout(y) if experts.training else y * (1 - experts.moe_token_dropout)
+                alone = torch.zeros((tok.numel(), router_probs.shape[1]), dtype=router_probs.dtype,
+                                    device=router_probs.device)
+                alone[:, e] = 1
+                y = original(hidden_states[tok], None, alone)                # expert e's unweighted output
                 w = router_probs[tok, e]
                 with torch.no_grad():
                     norm = y.float().norm(dim=-1) * valid[tok]
@@ -403,7 +404,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         if self.adapter.family.call == "dispatch":
             return self._dispatch_experts_forward(slot)
         if self.adapter.family.call == "combine":
-            return self._combine_experts_forward(slot)
+            return self._combine_experts_forward(slot, original)
 
         def forward(hidden_states, top_k_index, top_k_weights):
             shape = hidden_states.shape   # [N, d], or DBRX's [B, T, d] (its experts flatten it)

@@ -84,13 +84,6 @@ def infer_family(config) -> Inference:
 
 _CACHE: dict[tuple, Inference] = {}
 
-# Model types whose transformers implementation does not compute the model, checked here: auditing
-# one would measure the bug. Each says what is wrong, and goes when a locked transformers fixes it.
-# (NLLB-MoE's broken experts are repaired instead: models/upstream.py.) Empty while every such bug
-# found has a repair.
-UPSTREAM_BROKEN: dict[str, str] = {}
-
-
 # Model types whose MoE design moeguard's abstractions do not model yet, each said precisely (the
 # structure search could only give a generic reason); docs/families.md, "What the unsupported types need".
 NOT_YET_MODELLED: dict[str, str] = {}
@@ -102,7 +95,7 @@ def _infer(config) -> Inference:
     model_type = getattr(config, "model_type", None)
     if model_type in _BY_MODEL_TYPE:
         return Inference(model_type, "built-in", _BY_MODEL_TYPE.get(model_type))
-    known = UPSTREAM_BROKEN.get(model_type) or NOT_YET_MODELLED.get(model_type)
+    known = NOT_YET_MODELLED.get(model_type)
     if known:
         return Inference(model_type, "unsupported", reasons=(known,))
     try:

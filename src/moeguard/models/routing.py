@@ -68,14 +68,15 @@ def pruned_router_params(family: FamilySpec, config, kept: list[int], num_expert
     top2 = {}
     if spec.top2_capacity:
         fixed = getattr(config, "expert_capacity", None)
-        top2 = dict(top2_capacity=True, capacity=None if fixed is None else int(fixed),
+        capacity = None if fixed is None else int(fixed)
+        top2 = dict(top2_capacity=True,
                     eval_capacity_fraction=float(getattr(config, "moe_eval_capacity_token_fraction", 0.0) or 0.0),
                     prioritized=bool(getattr(config, "batch_prioritized_routing", False)),
                     normalize_before_drop=bool(getattr(config, "normalize_router_prob_before_dropping", False)),
                     route_padding=bool(getattr(config, "router_ignore_padding_tokens", False)))
     return RouterParams(top_k=top_k, renormalize=spec.renormalizes(config), n_group=n_group,
                         topk_group=topk_group, scaling=scaling, renorm_min=renorm_min,
-                        renorm_p=None if renorm_p is None else float(renorm_p), **{"capacity": capacity, **top2})
+                        renorm_p=None if renorm_p is None else float(renorm_p), capacity=capacity, **top2)
 
 
 def _group_mask(scores: torch.Tensor, params: RouterParams, how: str) -> torch.Tensor:
@@ -138,6 +139,15 @@ def non_padding(padding_mask: torch.Tensor | None, tokens: int) -> torch.Tensor 
     return ~padding_mask.bool()
 
 
+def _top2_choice(logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NLLB-MoE's two choices as its router takes them: (probabilities [T, E], a float32 softmax cast to
+    ``dtype``; the first expert [T], by them; the second [T], by the logits with the first masked)."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(dtype)
+    first = probs.argmax(dim=-1)
+    second = logits.masked_fill(F.one_hot(first, num_classes=logits.shape[-1]).bool(), float("-inf")).argmax(dim=-1)
+    return probs, first, second
+
+
 def _top2_capacity_route(logits: torch.Tensor, params: RouterParams, out_dtype: torch.dtype,
                          routed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """NLLB-MoE's top-2 with batch capacity, op for op as its router computes it (so weights are
@@ -146,11 +156,8 @@ def _top2_capacity_route(logits: torch.Tensor, params: RouterParams, out_dtype: 
     counted over the batch, second choices after every first choice (or both by confidence,
     ``prioritized``); the two weights divided by their sum. ``params.capacity``: this call's."""
     E = logits.shape[-1]
-    probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(out_dtype)          # [T, E]
-    first = probs.argmax(dim=-1)
-    mask1 = F.one_hot(first, num_classes=E)
-    second = logits.masked_fill(mask1.bool(), float("-inf")).argmax(dim=-1)
-    mask2 = F.one_hot(second, num_classes=E)
+    probs, first, second = _top2_choice(logits, out_dtype)                       # [T, E], [T], [T]
+    mask1, mask2 = F.one_hot(first, num_classes=E), F.one_hot(second, num_classes=E)
 
     def normalized(m1, m2):
         p1, p2 = (probs * m1).sum(dim=1), (probs * m2).sum(dim=1)
@@ -318,8 +325,7 @@ def unpack_router_output(call: str, output, top_k: int):
         # (only whole -inf columns are dropped experts: a NaN or +inf of one token drops nothing)
         kept = (~torch.isneginf(logits).all(dim=0)).nonzero().flatten() if logits.shape[0] else None
         sub = logits if kept is None or kept.numel() == logits.shape[-1] else logits[:, kept]
-        first = F.softmax(sub, dim=-1, dtype=torch.float32).to(combine.dtype).argmax(dim=-1)
-        second = sub.masked_fill(F.one_hot(first, sub.shape[-1]).bool(), float("-inf")).argmax(dim=-1)
+        _, first, second = _top2_choice(sub, combine.dtype)
         idx = torch.stack([first, second], dim=-1)
         if sub is not logits:
             idx = kept[idx]

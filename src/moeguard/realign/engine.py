@@ -152,7 +152,8 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
     aux_coef = _aux_coef(trainable, cfg)
-    aux_from_logits = _stack_aux_loss(MoEAdapter(trainable.base)) if aux_coef else None
+    # the model's load-balancing loss: what its forward returns, or (NLLB-MoE) computed from its router logits
+    aux_of = (_stack_aux_loss(MoEAdapter(trainable.base)) or (lambda out, batch: _aux_loss(out))) if aux_coef else None
     ckpt = Path(checkpoint) if checkpoint is not None else None
     tag = fingerprint(cfg, examples) if ckpt is not None else None
     start = _resume(ckpt, tag, trainable, optimizer, scheduler) if ckpt is not None else 0
@@ -168,7 +169,7 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
             batch = collate([examples[i] for i in order[step]], pad_id, decoder_start=start_token).to(device)
             out = model(**batch.inputs(), use_cache=False, **({"output_router_logits": True} if aux_coef else {}))
             loss = task_loss(out.logits, batch.labels)
-            aux = (aux_from_logits(out, batch) if aux_from_logits else _aux_loss(out)) if aux_coef else None
+            aux = aux_of(out, batch) if aux_of else None
             if aux is not None:
                 loss = loss + aux_coef * aux.to(loss.device)
             value = float(loss.detach())
