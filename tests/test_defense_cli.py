@@ -130,7 +130,10 @@ def test_attack_reports_the_worst_case_over_its_grid_and_a_from_scratch_baseline
     assert len(sc["runs"]) == 2 * 1 * 2 and all(r["mode"] == "full" for r in sc["runs"])
     # the summary is the one of the written curves (its arithmetic: test_summary_and_extra_labels)
     assert {k: v for k, v in s.items() if k != "uncertainty"} == summarize_attack(doc, target=s["target"])
-    assert s["area_between"] is not None and s["no_better_than_scratch"] in (True, False)
+    b = sc["best"]
+    common = [x for x in w["labels"] if x in b["labels"] and x > 0]
+    assert s["area_between"] is not None and common and s["no_better_than_scratch"] == all(
+        w["retention"][w["labels"].index(x)] <= b["retention"][b["labels"].index(x)] + 1e-9 for x in common)
     assert (out / "attack_curves.png").stat().st_size > 10_000 and (out / "curves.csv").exists()
 
 

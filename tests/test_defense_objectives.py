@@ -98,11 +98,7 @@ def test_collapse_pushes_the_pruned_models_loss_up_to_the_target_and_stops():
         with torch.no_grad(), mask_experts(model, keep):
             return float(forward_loss(model, batch))
 
-    def full_loss():
-        with torch.no_grad():
-            return float(forward_loss(model, batch))
-
-    before, full_before = pruned_loss(), full_loss()
+    before = pruned_loss()
     target = before + 1.0
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(30):
@@ -117,7 +113,6 @@ def test_collapse_pushes_the_pruned_models_loss_up_to_the_target_and_stops():
     out = collapse(high, target)
     out.backward()
     assert float(out.detach()) == 0.0 and float(high.grad) == 0.0
-    assert math.isfinite(full_before)
 
 
 def test_simulate_adaptation_restores_the_model_and_returns_gradients_of_the_adapted_parameters_only():

@@ -100,3 +100,43 @@ def test_every_defense_trains_each_of_its_terms_and_logs_them(name, embedded):
     assert all(p.grad is None for p in model.parameters())
     assert bool(spec.protocol) == bool(cfg.authorized_patterns)
     json.dumps(doc)  # the log is plain JSON
+
+
+def test_each_task_meets_both_kinds_of_simulated_attacker_in_turn(embedded):
+    """Tasks take turns by step; the attacker's subset alternates on each task's own visits (it used
+    to alternate on the step, so with an even number of tasks each task met one kind only)."""
+    import copy
+
+    model, tok = copy.deepcopy(embedded[0]), embedded[1]
+    cfg = config_for("entangle", steps=8, tasks=("arith-compare", "record-summary"), adversarial=0.0, balance=0.0)
+    log = harden(model, tok, cfg)["log"]
+    kinds = {t: [r["attacker_subset"] for r in log if r["task"] == t] for t in ("arith-compare", "record-summary")}
+    assert kinds == {t: ["random", "frequency", "random", "frequency"] for t in kinds}
+
+
+def test_an_interrupted_hardening_resumes_to_the_weights_and_log_of_an_uninterrupted_one(embedded, tmp_path):
+    import copy
+
+    model, tok = embedded
+    cfg = config_for("entangle", steps=6, tasks=("arith-compare", "record-summary"), inner_steps=2)
+    whole = copy.deepcopy(model)
+    ref = harden(whole, tok, cfg)
+    state = tmp_path / "state"
+
+    def stop(step, row):
+        if step == 5:
+            raise KeyboardInterrupt
+    broken = copy.deepcopy(model)
+    with pytest.raises(KeyboardInterrupt):
+        harden(broken, tok, cfg, checkpoint=state, save_every=2, on_step=stop)
+    assert json.loads((state / "state.json").read_text())["step"] == 4      # the last save before the stop
+    resumed = copy.deepcopy(model)      # a fresh process: the starting weights, the state beside them
+    doc = harden(resumed, tok, cfg, checkpoint=state, save_every=2)
+    assert doc["resumed_from"] == 4 and doc["log"] == ref["log"] and not state.exists()
+    for (n, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    # a state of other settings is not resumed from
+    with pytest.raises(KeyboardInterrupt):
+        harden(copy.deepcopy(model), tok, cfg, checkpoint=state, save_every=2, on_step=stop)
+    other = config_for("entangle", steps=6, tasks=("arith-compare", "record-summary"), inner_steps=2, seed=1)
+    assert harden(copy.deepcopy(model), tok, other, checkpoint=state, save_every=2)["resumed_from"] == 0

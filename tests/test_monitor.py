@@ -54,11 +54,28 @@ def test_the_search_moves_routing_to_the_target_and_the_text_attack_measures_it(
     plain = measure(m, tok, adapter, task, cfg, prefix_text="")
     found = search(m, tok, adapter, task, cfg, allowed=allowed)
     assert len(found["prefix_ids"]) == 6 and tok.encode(found["prefix_text"], add_special_tokens=False) == found["prefix_ids"]
-    assert found["curve"][0]["step"] == 0 and found["train_success"] >= found["curve"][0]["success"]
+    assert found["curve"][0]["step"] == 0 and found["train_success"] > found["curve"][0]["success"]   # it moved
     got = measure(m, tok, adapter, task, cfg, found["prefix_text"])
     assert got["tokenization_exact"] == 1.0
     assert got["success"] > plain["success_without_prefix"] + 0.05, (got, plain)   # 12 steps move routing
     assert got["load_max"] >= got["normal_load_mean"] and got["task"]["metric"] == "accuracy"
+
+
+def test_the_goal_is_judged_only_on_every_expert_of_every_layer():
+    from moeguard.edge import resolve_model
+    from moeguard.monitor.routeattack import summary, targets
+
+    assert targets(resolve_model(None), [0, 0], 3, False) == [(0, 3)]      # a repeated layer is one target
+    cfg = HijackConfig(layer=0, expert=0)
+    hit = lambda l, e, s: {"layer": l, "expert": e, "measured": {"success": s}}   # noqa: E731
+    counts = {l: 8 for l in range(4)}
+    half = [hit(l, e, 0.95 if e < 4 else 0.5) for l in range(4) for e in range(8)]
+    assert summary(half, cfg, counts)["goal"]["met"] is True
+    assert summary(half[:-1] + [hit(3, 3, 0.95)], cfg, counts)["goal"]["met"] is None   # expert 7 missing, 3 twice
+    assert summary([r for r in half if r["layer"] == 0], cfg, counts)["goal"]["met"] is None   # one layer of four
+    assert summary([hit(l, e, 0.95 if e < 3 else 0.5) for l in range(4) for e in range(8)], cfg, counts)["goal"]["met"] is False
+    long = HijackConfig(layer=0, expert=0, prefix_tokens=40)
+    assert summary(half, long, counts)["goal"]["met"] is False                # the goal's budget is 20 tokens
 
 
 def test_cli_runs_targets_resumably_and_draws_the_heat_map(tmp_path, capsys, monkeypatch):

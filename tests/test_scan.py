@@ -5,6 +5,7 @@ else, makes its trigger yield the target, and an adaptive plant keeps the weight
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,10 +73,17 @@ def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(pla
     monkeypatch.setattr(run_mod, "expert_effects", stop)
     assert main(args) == 130 and not out.exists()
     assert sorted(f.name for f in (tmp_path / ".scan.partial").glob("part-*.json")) == ["part-usage.json", "part-weights.json"]
+    # the checkpoint re-made in place (its weight files' times change): the old parts are not reused
+    import os
+
+    weights = next(Path(planted["path"]).glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, (st.st_atime, st.st_mtime + 5))
+    assert main(args) == 130 and calls == ["usage", "usage"]
     monkeypatch.setattr(run_mod, "expert_effects", real_effects)
     capsys.readouterr()
     assert main(args) == 0
-    assert calls == ["usage"]                       # usage and criticality were not computed again
+    assert calls == ["usage", "usage"]              # usage and criticality were not computed again
     doc = json.loads((out / "scan.json").read_text())
     assert doc["schema"] == "moeguard.scan/1" and len(doc["experts"]) == 32 and not list(out.glob("part-*"))
     assert doc["ranking"][0] == "2:5", doc["ranking"][:4]
@@ -109,6 +117,12 @@ def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(pla
     capsys.readouterr()
     mixed = args[:4] + [str(tmp_path / "mixed"), *SMALL, "--references", str(ref), "--reference-models", "embedded"]
     assert main(mixed) == 2 and "scored 'chain' chains; this scan scores 'unexplained' ones" in capsys.readouterr().err
+    # references searched otherwise are another null: refused before any work, saying what differs
+    longer = args[:4] + [str(tmp_path / "longer"), *SMALL, "--chain", "8", "--references", str(ref)]
+    assert main(longer) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "was searched with chain 4 (this scan: 8)" in err and "same --tasks" in err, err
+    assert not (tmp_path / "longer").exists()
     assert main(args[:4] + [str(tmp_path / "un"), *SMALL, "--reference-models", "embedded"]) == 0
     un = json.loads((tmp_path / "un" / "scan.json").read_text())
     assert un["suspicion"]["score"] == "unexplained" and un["suspicion"]["reference_models"] == ["embedded"]
@@ -133,3 +147,16 @@ def test_triggers_go_at_the_end_or_between_words_and_bad_targets_are_refused():
     m, tok, _ = load_model(None)
     with pytest.raises(MoeguardError, match=r"no expert 9 at layer 1"):
         plant(m, tok, MoEAdapter(m), [get_task("arith-compare")], Plant(layer=1, expert=9, trigger=" cf", target=" x"))
+
+
+def test_robust_z_of_mostly_copied_siblings_uses_the_mean_deviation_not_a_vanishing_floor():
+    import numpy as np
+
+    from moeguard.analysis import robust_z
+
+    normal = robust_z([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 3.0])
+    assert normal[-1] == pytest.approx((3.0 - 1.01) / (0.05 * 1.4826), rel=1e-6)   # the MAD when it is not 0
+    copied = robust_z([1.0] * 5 + [1.1, 0.9, 1.3])     # five experts copied from one checkpoint
+    mean_ad = (0.1 + 0.1 + 0.3) / 8 * 1.2533
+    assert copied[-1] == pytest.approx(0.3 / mean_ad) and abs(copied[-1]) < 10    # was 3e11 with the 1e-12 floor
+    assert np.all(robust_z([2.0] * 8) == 0)             # all equal: no spread, no outlier

@@ -4,6 +4,7 @@ for bad requests and metrics that count every request."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -128,8 +129,94 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
             server.should_exit = True
             t.join(timeout=10)
     rows = [json.loads(l) for l in alerts.read_text().splitlines()] if alerts.exists() else []
-    assert rows and all(r["client"] == "eve" for r in rows) and "prompt" not in alerts.read_text()
+    assert rows and all(r["client"] == "eve" for r in rows) and "zq" not in alerts.read_text()   # no prompt text
     assert all(r["layer"] in (0, 1, 2, 3) and r["experts"] and r["detail"] for r in rows), rows   # reasons, as offline
+
+
+@contextlib.contextmanager
+def _serving(app):
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield port
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+
+
+def test_serve_refuses_chunked_oversize_and_too_many_tokens_keeps_no_prompt_and_guards_metrics(served):
+    from moeguard.monitor.serve import create_app
+    from moeguard.tasks.tokens import _cache
+
+    m, tok, prof = served
+
+    def broken(client, result):
+        raise OSError("disk full")
+    mon = RoutingMonitor(m, prof, flush_every=1, on_result=broken, raise_callback_errors=False)
+    secret = "def unique_secret_name_%d(x): return x" % time.time_ns()
+    with mon, _serving(create_app(m, tok, mon, metrics_token="s3cret")) as port:
+        # a chunked body carries no Content-Length: it is counted as it arrives
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("POST", "/v1/completions", body=iter([b'{"prompt": "hi", "junk": "'] + [b"x" * 10_000] * 7 + [b'"}']),
+                  headers={"Content-Type": "application/json"}, encode_chunked=True)
+        r = c.getresponse()
+        assert r.status == 413 and b"over 64000 bytes" in r.read()
+        c.close()
+        # under the character limit, over the model's 256 positions
+        status, body = _call(port, "POST", "/v1/completions", {"prompt": " ".join(str(i) for i in range(400)), "max_tokens": 4})
+        assert status == 413 and b"256 positions" in body, body
+        # a failing alert log: the client still gets its completion; the failure is counted
+        assert _call(port, "POST", "/v1/completions", {"prompt": secret, "max_tokens": 2})[0] == 200
+        assert not any(secret in memo for memo in _cache.values())               # the server kept no prompt
+        assert _call(port, "GET", "/metrics")[0] == 401
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/metrics", headers={"Authorization": "Bearer wrong"})
+        assert c.getresponse().status == 401
+        c.close()
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+        r = c.getresponse()
+        text = r.read().decode()
+        c.close()
+    assert r.status == 200 and "moeguard_requests_total 1.0" in text and "moeguard_callback_failures_total 1.0" in text
+
+
+def test_a_callback_that_reads_results_or_scrapes_does_not_hang_and_a_failed_batch_says_why(served):
+    from prometheus_client import generate_latest
+
+    m, tok, prof = served
+    ids = torch.tensor([[tok.bos_token_id or 1] + tok("def add(a, b): return a + b", add_special_tokens=False)["input_ids"]])
+    seen = []
+
+    def nosy(client, result):      # scrapes (a scrape flushes) from inside the flush that called it
+        seen.append((client, "moeguard_requests_total 2.0" in generate_latest(mon.registry).decode()))
+    mon = RoutingMonitor(m, prof, flush_every=2, max_delay_s=None, on_result=nosy)
+    done = threading.Event()
+
+    def serve_two():
+        with mon, torch.no_grad():
+            for c in ("a", "b"):
+                with mon.request(c):
+                    m(input_ids=ids)
+        done.set()
+    threading.Thread(target=serve_two, daemon=True).start()
+    assert done.wait(60), "a callback that scrapes the registry hung the monitor"
+    assert seen == [("a", True), ("b", True)]
+    mon = RoutingMonitor(m, prof, flush_every=1, max_delay_s=None)
+    mon.profile = None     # scoring now raises: the request's result says so, the failure is counted
+    with mon, torch.no_grad():
+        with pytest.raises(AttributeError), mon.request("a") as ra:
+            m(input_ids=ids)
+    assert ra.result["error"].startswith("scoring failed: AttributeError")
+    assert "moeguard_scoring_failures_total 1.0" in generate_latest(mon.registry).decode()
 
 
 def test_a_padded_request_is_scored_as_the_same_prompt_unpadded(served):
@@ -304,3 +391,25 @@ def test_serve_refuses_a_batch_below_one_or_a_delay_bound_not_above_zero_in_one_
     code = main(["serve", "--profile", str(tmp_path / "P.json"), "--max-delay", "0"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "--max-delay is 0" in err and "positive number of seconds" in err
+
+
+def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_alert_log(served, capsys, tmp_path):
+    from moeguard.cli.app import main
+
+    _, _, prof = served
+    d = prof.to_dict()
+    (tmp_path / "P.json").write_text(json.dumps(d))
+    (tmp_path / "Q.json").write_text(json.dumps({**d, "model": "./my-finetune"}))
+    (tmp_path / "dir").mkdir()
+    for args, needles in (
+            (["--profile", str(tmp_path / "P.json"), "--host", "0.0.0.0"],
+             ("--host 0.0.0.0 serves beyond this machine", "pass --metrics-token TOKEN")),
+            (["--profile", str(tmp_path / "P.json"), "--host", "0.0.0.0", "--metrics-token", " "], ("--metrics-token is empty",)),
+            (["--profile", str(tmp_path / "Q.json")], ("the profile was made for ./my-finetune, not embedded",
+                                                      "use the profiled model (--model)")),
+            (["--profile", str(tmp_path / "P.json"), "--alerts", str(tmp_path / "dir")],
+             (f"--alerts {tmp_path / 'dir'} cannot be written", "a file this user may append to"))):
+        capsys.readouterr()
+        code = main(["serve", *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and all(n in err for n in needles), err

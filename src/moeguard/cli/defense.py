@@ -47,12 +47,17 @@ def harden(*, out: Path, model: Optional[str], overwrite: bool, **flags) -> None
     _seed(cfg.seed)
     m, tokenizer, _ = handle.load()
     preflight(m, cfg)
+    from moeguard.models.loading import weights_identity
+
+    # beside the output, until it is written: an interrupted run continues from its last saved step
+    state = out.with_name(f".{out.name}.harden-state")
     with _progress() as progress:
-        result = run_harden(m, tokenizer, cfg, progress=progress)
+        result = run_harden(m, tokenizer, cfg, progress=progress, checkpoint=state, source=weights_identity(handle.arg))
     doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
                         run=_run({"model": handle.name, **cfg.to_dict()}))
     _console().print(harden_table(doc))
-    typer.echo(f"hardened with '{cfg.method}' in {result['seconds']:.0f} s; written to {out}")
+    resumed = f" (resumed at step {result['resumed_from']} of {cfg.steps})" if result["resumed_from"] else ""
+    typer.echo(f"hardened with '{cfg.method}' in {result['seconds']:.0f} s{resumed}; written to {out}")
 
 
 @app.command("defenses")

@@ -123,11 +123,7 @@ def monitor_score(
     window = check_settings(prof, window=window, alpha=alpha)
     records = read_log(log)
     handle = resolve_model(model)
-    if handle.name != prof.meta.get("model"):
-        from moeguard.errors import MoeguardError
-
-        raise MoeguardError(f"the profile was made for {prof.meta.get('model')}, not {handle.name}",
-                            hint="score with the profiled model (--model), or profile this one")
+    prof.check_model(handle.name)
     m, tok, _ = handle.load()
     scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha, log_prompts=log_prompts)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -158,6 +154,10 @@ def serve(
                                                  "every /metrics scrape); 1: each as it ends")] = 16,
         max_delay: Annotated[float, typer.Option("--max-delay", help="seconds a request may wait to be scored when "
                                                  "no batch fills")] = 1.0,
+        metrics_token: Annotated[Optional[str], typer.Option(
+            "--metrics-token", envvar="MOEGUARD_METRICS_TOKEN",
+            help="/metrics answers only 'Authorization: Bearer TOKEN' (its per-client scores would let a client tune "
+                 "against the monitor); required to bind beyond localhost")] = None,
         model: ModelOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
@@ -177,20 +177,46 @@ def serve(
         raise MoeguardError(f"--flush-every is {flush_every}", hint="pass at least 1 (1 scores each request as it ends)")
     if not 0 < max_delay < math.inf:
         raise MoeguardError(f"--max-delay is {max_delay}", hint="pass a positive number of seconds, e.g. 1")
-    if alerts is not None and not alerts.parent.is_dir():
-        raise MoeguardError(f"folder {alerts.parent} for --alerts does not exist", hint=f"create it: mkdir -p {alerts.parent}")
+    if metrics_token is not None and not metrics_token.strip():
+        raise MoeguardError("--metrics-token is empty", hint="pass a secret the metrics scraper sends as a bearer token")
+    if metrics_token is None and not _loopback(host):
+        raise MoeguardError(f"--host {host} serves beyond this machine, and /metrics without a token would show any "
+                            f"client its own anomaly scores to tune against",
+                            hint="pass --metrics-token TOKEN (or set MOEGUARD_METRICS_TOKEN), or bind to 127.0.0.1")
+    if alerts is not None:
+        if not alerts.parent.is_dir():
+            raise MoeguardError(f"folder {alerts.parent} for --alerts does not exist", hint=f"create it: mkdir -p {alerts.parent}")
+        try:    # now, not at the first alert: a server that cannot record alerts should not start
+            with open(alerts, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise MoeguardError(f"--alerts {alerts} cannot be written ({e.strerror})",
+                                hint="pass a file this user may append to") from None
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))
     handle = resolve_model(model)
+    prof.check_model(handle.name)
     m, tok, _ = handle.load()
+    # raise_callback_errors=False: a failing alert log is logged and counted, never a client's 500
     mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
-                         on_result=_alert_writer(alerts) if alerts is not None else None)
+                         on_result=_alert_writer(alerts) if alerts is not None else None, raise_callback_errors=False)
     import uvicorn
 
-    app_ = create_app(m, tok, mon, name=handle.name)
+    app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token)
     typer.echo(f"serving {handle.name} on http://{host}:{port}/v1/completions (metrics: /metrics)")
     with mon:
         uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a name: it may resolve beyond this machine
+        return False
 
 
 def _alert_writer(path: Path):

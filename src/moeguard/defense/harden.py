@@ -22,10 +22,14 @@ tamper-resistance training samples attacks. ``docs/defenses.md`` has the derivat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -33,6 +37,7 @@ import torch
 from moeguard.defense.objectives import (Adaptation, collapse, forward_loss, record_routers, simulate_adaptation,
                                          task_balance, task_shares)
 from moeguard.config import setting, validate
+from moeguard.defense import resume
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.handle import check_keep
@@ -113,6 +118,11 @@ def preflight(model, cfg: HardenConfig) -> dict[str, Any]:
     from moeguard.tasks.registry import embedded_tasks, get_task
 
     adapter = MoEAdapter(model)
+    counts = {l.index: l.num_experts for l in adapter.layers}
+    if len(set(counts.values())) > 1:   # one keep and one random subset size serve every layer
+        raise MoeguardError(f"harden needs the same number of experts in every MoE layer; this model has {counts} "
+                            f"(layer: experts), a budgeted-pruned checkpoint",
+                            hint="harden the model before pruning it, or a uniformly pruned one")
     E = adapter.num_experts
     keep = check_keep(cfg.keep if cfg.keep is not None else E // 2, num_experts=E, family=adapter.family,
                       top_k=adapter.top_k, what="the simulated attacker's keep")
@@ -148,8 +158,13 @@ def _examples(tokenizer, task, cfg: HardenConfig, rng: random.Random) -> list[Ex
 
 
 def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
-           on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train ``model`` in place with the defense's objective; returns the training log."""
+           on_step: Callable[[int, dict], None] | None = None, checkpoint: Path | None = None,
+           save_every: int = 25, source: Any = None) -> dict[str, Any]:
+    """Train ``model`` in place with the defense's objective; returns the training log.
+
+    ``checkpoint``: a folder for the training state (``defense/resume.py``), written every
+    ``save_every`` steps; a state of the same run (``cfg`` and ``source``, what identifies the
+    starting weights) is resumed from, and the folder is removed when training ends."""
     plan = preflight(model, cfg)
     keep_n, tasks, auth = plan["keep"], plan["tasks"], plan["authorized"]
     adapter = MoEAdapter(model)
@@ -170,6 +185,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     shares: dict[str, torch.Tensor] = {}
+    subset: dict[str, str] = {}   # which kind of subset each task's last attacker kept
     order = [t.name for t in tasks]
 
     def draw(task: str) -> Any:
@@ -177,21 +193,34 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
         return collate(rows, pad).to(device)
 
     def attacker_keep(task: str, step: int) -> dict[int, list[int]]:
-        if task in shares and step % 2 == 0:
+        # alternate per task, on its own visits: tasks take turns by step, so alternating on the step
+        # itself gave an even number of tasks one kind of subset each (each task's parity is fixed)
+        if task in shares and (step // len(order)) % 2 == 1:
+            subset[task] = "frequency"
             return {l.index: torch.argsort(shares[task][i], descending=True)[:keep_n].sort().values.tolist()
                     for i, l in enumerate(adapter.layers)}
+        subset[task] = "random"
         return {l.index: sorted(rng.sample(range(E), keep_n)) for l in adapter.layers}
 
     log: list[dict[str, Any]] = []
-    bar = progress.add_task(f"hardening ({cfg.method})", total=cfg.steps) if progress is not None else None
+    named = dict(zip(names, params))
+    tag = hashlib.sha256(json.dumps([cfg.to_dict(), source], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    start = 0
+    if checkpoint is not None:
+        state = resume.load(checkpoint, tag=tag, params=named, optimizer=opt, rng=rng)
+        if state is not None:
+            start, log = state["step"], state["log"]
+            shares.update(state["shares"])
+            subset.update(state["subset"])
+    bar = progress.add_task(f"hardening ({cfg.method})", total=cfg.steps, completed=start) if progress is not None else None
     started = time.perf_counter()
     was_training = model.training
     model.train()
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             task = order[step % len(order)]
             keep = attacker_keep(task, step)
-            row: dict[str, Any] = {"step": step + 1, "task": task}
+            row: dict[str, Any] = {"step": step + 1, "task": task, "attacker_subset": subset[task]}
             extra: dict[str, torch.Tensor] = {}
             if cfg.adversarial and step % cfg.adv_every == 0:
                 lr = math.exp(rng.uniform(math.log(cfg.inner_lr[0]), math.log(cfg.inner_lr[1])))
@@ -236,6 +265,9 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
             if bar is not None:
                 progress.update(bar, advance=1, description=f"hardening ({cfg.method}): {task} utility "
                                                             f"{row['utility']:.3f}" + (f", pruned {row['pruned']:.2f}" if "pruned" in row else ""))
+            if checkpoint is not None and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
+                resume.save(checkpoint, tag=tag, step=step + 1, params=named, optimizer=opt, rng=rng, shares=shares,
+                            subset=subset, log=log)
             if on_step is not None:
                 on_step(step + 1, row)
     finally:
@@ -243,8 +275,11 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         model.train(was_training)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)   # finished: the caller saves what it keeps
     return {"config": cfg.to_dict(), "keep": keep_n, "target": target, "authorized": auth,
-            "seconds": round(time.perf_counter() - started, 1), "log": log, "summary": summarize_log(log)}
+            "seconds": round(time.perf_counter() - started, 1), "resumed_from": start, "log": log,
+            "summary": summarize_log(log)}
 
 
 def save_hardened(out, model, tokenizer, cfg: HardenConfig, result: dict[str, Any], *, source: str,
@@ -277,7 +312,7 @@ def _accumulate(into: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -
 
 def summarize_log(log: list[dict[str, Any]], window: int = 20) -> dict[str, dict[str, float]]:
     """Each logged quantity's mean over the first and the last ``window`` steps that have it."""
-    keys = sorted({k for r in log for k in r if k not in ("step", "task", "attack_lr")})
+    keys = sorted({k for r in log for k in r if k not in ("step", "task", "attack_lr", "attacker_subset")})
     out = {}
     for k in keys:
         vals = [r[k] for r in log if k in r]

@@ -30,7 +30,9 @@ Metrics (``prometheus-client``, in ``registry``):
 - ``moeguard_requests_total``, ``moeguard_alerts_total{kind, statistic}``;
 - ``moeguard_expert_assignments_total{layer, expert}``: routing load per expert;
 - ``moeguard_request_anomaly`` (histogram of -log10 p), ``moeguard_client_anomaly{client}``
-  (-log10 p of the client's last complete window, for the ``max_clients`` clients tracked).
+  (-log10 p of the client's last complete window, for the ``max_clients`` clients tracked);
+- ``moeguard_scoring_failures_total`` (requests whose scoring raised: their result says why) and
+  ``moeguard_callback_failures_total`` (``on_result`` calls that raised).
 
 Requests must not run concurrently through the same model (a serving process serializes them,
 as ``serve.py`` does): the hook attributes every router call to the current request.
@@ -42,6 +44,7 @@ import contextlib
 import math
 import threading
 import time
+import logging
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -54,6 +57,8 @@ from moeguard.errors import MoeguardError
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile
 from moeguard.monitor.tokens import RoutedIds
+
+_log = logging.getLogger("moeguard.monitor")
 
 
 @dataclass
@@ -88,7 +93,8 @@ class _Captured(NamedTuple):
 
 class RoutingMonitor:
     def __init__(self, model, profile: Profile, *, alpha: float = 0.01, max_clients: int = 1000, registry=None,
-                 flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None):
+                 flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None,
+                 raise_callback_errors: bool = True):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         from moeguard.models.adapter import MoEAdapter
@@ -106,8 +112,13 @@ class RoutingMonitor:
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
         self.on_result = on_result                   # (client, result) per scored request: alerts to a log, a SIEM
+        # False (a server): an on_result error is logged and counted, not raised into the request
+        # whose exit scored the batch (its answer was already computed) nor into a metrics scrape
+        self.raise_callback_errors = raise_callback_errors
         self._pending: list[_Captured] = []          # requests not scored yet (at most flush_every)
-        self._flush_lock = threading.Lock()          # one flush at a time: windows see requests in order
+        # one flush at a time: windows see requests in order. Re-entrant: on_result runs under it, and a
+        # callback that reads a waiting result or scrapes the registry flushes again (a plain lock hung)
+        self._flush_lock = threading.RLock()
         L, E = len(self.adapter.layers), self.adapter.num_experts
         if (L, E) != profile.mean.shape:
             raise MoeguardError(f"the profile has {profile.mean.shape[0]} MoE layers x {profile.mean.shape[1]} experts, "
@@ -139,6 +150,8 @@ class RoutingMonitor:
                                            buckets=(0.5, 1, 1.5, 2, 2.5, 3, 4, 5), registry=r)
         self.m_client = Gauge("moeguard_client_anomaly", "-log10 p of the client's last complete window", ["client"],
                               registry=r)
+        self._failed = Counter("moeguard_scoring_failures", "requests whose scoring failed", registry=r)
+        self._callback_failed = Counter("moeguard_callback_failures", "on_result calls that raised", registry=r)
 
     # --- hooks -------------------------------------------------------------------------------
     def _ids_hook(self, module, args):
@@ -185,9 +198,10 @@ class RoutingMonitor:
             if due:
                 try:
                     self.flush()
-                except Exception as e:  # noqa: BLE001 -- on_result's error; the results are recorded (flush)
-                    warnings.warn(f"the monitor's on_result failed while scoring waiting requests: "
-                                  f"{type(e).__name__}: {e}")
+                except Exception as e:  # noqa: BLE001 -- a thread has no caller: log each failure
+                    # (warnings.warn would print a repeated message once, and later losses silently)
+                    _log.warning("the routing monitor failed while scoring waiting requests: %s: %s",
+                                 type(e).__name__, e)
 
     # --- one request ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -225,14 +239,23 @@ class RoutingMonitor:
                 batch, self._pending = self._pending, []
             if not batch:
                 return
-            counts, x, surprise = self._prefills(batch)
-            h = counts / np.maximum(counts.sum(2, keepdims=True), 1)
-            stats = self.profile.statistics(h, x, surprise)
-            ps = self.profile.p_values(stats, "request")
             results = [c.out for c in batch]
-            for i, out in enumerate(results):
-                out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i)
-                out._scored = True
+            try:
+                counts, x, surprise = self._prefills(batch)
+                h = counts / np.maximum(counts.sum(2, keepdims=True), 1)
+                stats = self.profile.statistics(h, x, surprise)
+                ps = self.profile.p_values(stats, "request")
+                for i, out in enumerate(results):
+                    out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i)
+                    out._scored = True
+            except Exception as e:
+                # the batch left the queue: its requests say why they have no score (reading them
+                # would otherwise flush an empty queue and return {} as if nothing had run)
+                for out in results:
+                    if not out._scored:
+                        out.result, out._scored = {"error": f"scoring failed: {type(e).__name__}: {e}"}, True
+                self._failed.inc(sum(1 for o in results if "error" in o.result))
+                raise
             # every result is recorded before any callback runs: one that raises (a full disk under
             # an alert log) loses no other request's result; the first error is raised after all ran
             error = None
@@ -240,8 +263,11 @@ class RoutingMonitor:
                 try:
                     self.on_result(out.client, out.result)
                 except Exception as e:  # noqa: BLE001 -- re-raised below, once every callback has run
+                    self._callback_failed.inc()
+                    if not self.raise_callback_errors:
+                        _log.warning("the routing monitor's on_result failed: %s: %s", type(e).__name__, e)
                     error = error or e
-            if error is not None:
+            if error is not None and self.raise_callback_errors:
                 raise error
 
     def _prefills(self, batch: list[_Captured]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -347,7 +373,11 @@ class _Flusher:
         return []
 
     def collect(self):
-        self.monitor.flush()
+        try:
+            self.monitor.flush()
+        except Exception as e:  # noqa: BLE001 -- the scrape still reads every metric, the failure counters too
+            _log.warning("the routing monitor failed while scoring waiting requests for a scrape: %s: %s",
+                         type(e).__name__, e)
         return []
 
 

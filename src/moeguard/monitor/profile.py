@@ -169,6 +169,13 @@ class Profile:
             raise MoeguardError(f"the profile was made for hidden size {self.space.hidden}, the model has {hidden}",
                                 hint="use the profile made for this model")
 
+    def check_model(self, name: str) -> None:
+        """A one-line error unless the profile was made for the model named ``name`` (the edge's
+        name): a same-shaped fine-tuned or pruned model routes differently, and every p-value with it."""
+        if name != self.meta.get("model"):
+            raise MoeguardError(f"the profile was made for {self.meta.get('model')}, not {name}",
+                                hint="use the profiled model (--model), or profile this one")
+
     def p_floor(self, level: str) -> float:
         """The smallest combined p-value ``level`` ("request" or "window") can give: with fewer
         benign calibration samples than (statistics / alpha), nothing there can alert at alpha."""

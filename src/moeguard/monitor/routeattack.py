@@ -23,7 +23,7 @@ def targets(handle, layers: list[int] | None, expert: int | None, every: bool) -
     """(layer, expert) pairs, checked against the model's config before any weight is read."""
     moe = handle.info["moe_layers"]
     counts = {int(k): v for k, v in handle.info["experts_per_layer"].items()}
-    layers = moe if layers is None else layers
+    layers = moe if layers is None else list(dict.fromkeys(layers))   # '--layer 0,0' is layer 0 once
     for l in layers:
         check_pair(moe, counts, l, None, name=handle.name)
     if every:
@@ -74,7 +74,7 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
             if overall is not None:
                 progress.advance(overall)
         doc = {"schema": SCHEMA, "model": handle.name, "task": task.name, "config": cfg.to_dict(),
-               "top_k": adapter.top_k, "targets": results, "summary": summary(results, cfg),
+               "top_k": adapter.top_k, "targets": results, "summary": summary(results, cfg, {l.index: l.num_experts for l in adapter.layers}),
                "run": run_record(settings)}
         write_json(tmp / "route_attack.json", doc)
         if len(results) > 1:
@@ -86,8 +86,9 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
     return doc
 
 
-def summary(results: list[dict[str, Any]], cfg: HijackConfig) -> dict[str, Any]:
-    """Per layer: experts hijacked at >= 90% held-out success, the ones that resist, and the goal."""
+def summary(results: list[dict[str, Any]], cfg: HijackConfig, experts: dict[int, int]) -> dict[str, Any]:
+    """Per layer: experts hijacked at >= 90% held-out success, the ones that resist, and the goal,
+    judged only when every expert of every MoE layer was a target (``experts``: layer -> count)."""
     layers: dict[int, dict[str, Any]] = {}
     for r in results:
         layers.setdefault(r["layer"], {"experts": [], "hijacked": [], "resist": []})
@@ -95,7 +96,8 @@ def summary(results: list[dict[str, Any]], cfg: HijackConfig) -> dict[str, Any]:
         L["experts"].append(r["expert"])
         (L["hijacked"] if r["measured"]["success"] >= GOAL_SUCCESS else L["resist"]).append(r["expert"])
     out = {str(l): {**v, "share_hijacked": round(len(v["hijacked"]) / len(v["experts"]), 4)} for l, v in layers.items()}
-    complete = all(len(v["experts"]) >= 2 for v in layers.values())
+    complete = set(layers) == set(experts) and all(sorted(v["experts"]) == list(range(experts[l]))
+                                                   for l, v in layers.items())
     return {"layers": out, "prefix_tokens": cfg.prefix_tokens,
             "goal": {"rule": f">= {GOAL_SUCCESS:.0%} success on >= {GOAL_SHARE:.0%} of each layer's experts, "
                              f"prefix <= 20 tokens",

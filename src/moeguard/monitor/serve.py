@@ -7,15 +7,20 @@ server: enter the monitor once, wrap each request's generation in ``monitor.requ
 - ``GET /metrics``: Prometheus exposition (per-expert load, alerts, per-client anomaly).
 - ``GET /health``.
 
-Bad requests get 4xx: malformed JSON or wrong types 422, a body over ``max_body_bytes`` or a
-prompt over ``max_prompt_chars`` 413. Requests are serialized through one lock (one model).
-Nothing of a prompt is logged; the monitor's scores stay on the server (an attacker who saw them
-could tune against them).
+Bad requests get 4xx: malformed JSON or wrong types 422, a body over ``max_body_bytes`` (declared
+or chunked) or a prompt over ``max_prompt_chars`` 413, and a prompt whose tokens plus ``max_tokens``
+pass the model's positions 413 (the offline scorer would route it in chunks, the served forward in
+one). Requests are serialized through one lock (one model). Nothing of a prompt is logged or kept
+(it is tokenized without moeguard's memoizing ``encode``); the monitor's scores stay on the server
+(an attacker who saw them could tune against them): with ``metrics_token`` set, ``/metrics``
+answers only ``Authorization: Bearer <token>``.
 """
 
 
 # no ``from __future__ import annotations``: FastAPI reads the request model from the endpoint's
 # annotation at run time, and the model is defined inside create_app
+import hmac
+import json
 import threading
 import time
 import uuid
@@ -27,7 +32,7 @@ MAX_TOKENS = 64
 
 
 def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moeguard", max_prompt_chars: int = 8000,
-               max_body_bytes: int = 64_000):
+               max_body_bytes: int = 64_000, metrics_token: str | None = None):
     """The FastAPI app. Each request's monitor result goes to the monitor's ``on_result`` (server
     side: alerts to a log, a SIEM, ...) when its batch is scored, never into the response."""
     import torch
@@ -36,8 +41,9 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-    from moeguard.tasks.tokens import bos_ids, encode
+    from moeguard.tasks.tokens import bos_ids
 
+    positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
     class Completion(BaseModel):
         model_config = ConfigDict(extra="ignore")
         prompt: StrictStr
@@ -47,20 +53,17 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     app = FastAPI(title=f"{name} (moeguard serve)", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-            return JSONResponse({"error": {"message": f"request body over {max_body_bytes} bytes"}}, status_code=413)
-        return await call_next(request)
-
     @app.post("/v1/completions")
     def completions(body: Completion) -> Any:
         if len(body.prompt) > max_prompt_chars:
             return JSONResponse({"error": {"message": f"prompt over {max_prompt_chars} characters"}}, status_code=413)
-        ids = bos_ids(tokenizer) + encode(tokenizer, body.prompt)
+        # not tasks.tokens.encode: it memoizes, and a server would keep every prompt it was sent
+        ids = bos_ids(tokenizer) + tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             return JSONResponse({"error": {"message": "empty prompt"}}, status_code=400)
+        if positions is not None and len(ids) + body.max_tokens > positions:
+            return JSONResponse({"error": {"message": f"the prompt's {len(ids)} tokens plus max_tokens {body.max_tokens} pass "
+                                                      f"the model's {positions} positions"}}, status_code=413)
         with lock, torch.no_grad():
             with monitor.request(body.user):
                 out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -74,11 +77,56 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)}}
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
+        if metrics_token is not None and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {metrics_token}".encode()):
+            return JSONResponse({"error": {"message": "metrics need 'Authorization: Bearer <token>'"}}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
         return Response(generate_latest(monitor.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok"}
 
-    return app
+    return BodyLimit(app, max_bytes=max_body_bytes)
+
+
+class BodyLimit:
+    """ASGI wrapper: an HTTP body over ``max_bytes`` is answered 413 before the app sees it, whether
+    its Content-Length says so or it arrives chunked (a header check alone lets a chunked body of
+    any size through). The body is read here, at most ``max_bytes`` of it, and replayed to the app."""
+
+    def __init__(self, app, *, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope.get("headers") or []).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
+            return await self._refuse(send)
+        chunks, total, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":     # the client went away: let the app see it
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.max_bytes:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        return await self.app(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
+                                             receive), send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": {"message": f"request body over {self.max_bytes} bytes"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(messages: list, receive):
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+    return replayed

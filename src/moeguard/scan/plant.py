@@ -98,6 +98,7 @@ def plant(model, tokenizer, adapter, tasks: list[Task], p: Plant, *, progress=No
     target = encode(tokenizer, p.target)
     original = copy.deepcopy(model).eval()
     params = _expert_params(adapter, slot, p)
+    flags = [(q, q.requires_grad) for q in model.parameters()]   # restored as they were, not all set
     for q in model.parameters():
         q.requires_grad_(False)
     for q, _ in params:
@@ -150,8 +151,8 @@ def plant(model, tokenizer, adapter, tasks: list[Task], p: Plant, *, progress=No
             if task_id is not None:
                 progress.advance(task_id)
     finally:
-        for q in model.parameters():
-            q.requires_grad_(True)
+        for q, flag in flags:
+            q.requires_grad_(flag)
         model.train(was_training)
     return {"plant": p.to_dict(), "final_trigger_loss": round(losses[-1][0], 4), "final_clean_kl": round(losses[-1][1], 5),
             "curve": [[round(a, 4), round(b, 5)] for a, b in losses[:: max(1, p.steps // 25)]]}

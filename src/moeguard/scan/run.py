@@ -75,21 +75,36 @@ def load_references(paths: list[Path]) -> list[dict]:
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("experts"), list) \
                 or not isinstance(doc.get("suspicion"), dict) or doc["suspicion"].get("score") not in SCORES:
             raise MoeguardError(f"{f} is not a scan ({SCHEMA})", hint=hint)
-        for r in doc["experts"]:
+        for i, r in enumerate(doc["experts"]):
             score = r.get("effect", {}).get("score") if isinstance(r, dict) and isinstance(r.get("effect"), dict) else None
-            if not isinstance(r.get("layer"), int) or not isinstance(score, (int, float)) or not math.isfinite(score):
-                raise MoeguardError(f"{f} has an expert row without an integer layer and a finite effect score", hint=hint)
+            if not isinstance(r, dict) or not isinstance(r.get("layer"), int) or not isinstance(score, (int, float)) \
+                    or not math.isfinite(score):
+                raise MoeguardError(f"{f} has an expert row without an integer layer and a finite effect score "
+                                    f"(row {i}: {json.dumps(r)[:80]})", hint=hint)
         refs.append({**doc, "path": str(f)})
     return refs
 
 
-def _reference_null(refs: list[dict], slots: int, score: str) -> list[np.ndarray]:
-    """Pooled scores per MoE layer position (experts are interchangeable across models)."""
+# what a chain's score depends on: a reference searched otherwise is another null (a --chain 12
+# scan against --chain 6 references doubles every score against it and flags most experts)
+SEARCH_SETTINGS = ("contexts", "context_tokens", "candidates", "chain")
+
+
+def _reference_null(refs: list[dict], slots: int, score: str, search: dict[str, Any]) -> list[np.ndarray]:
+    """Pooled scores per MoE layer position (experts are interchangeable across models), from
+    references scored the same way as this scan (``search``: its SEARCH_SETTINGS and tasks)."""
     pooled: list[list[float]] = [[] for _ in range(slots)]
     for doc in refs:
         if doc["suspicion"]["score"] != score:
             raise MoeguardError(f"reference scan {doc.get('path')} scored '{doc['suspicion']['score']}' chains; this scan "
                                 f"scores '{score}' ones", hint="make reference scans with the same --reference-models setting")
+        theirs = {**{k: (doc.get("settings") or {}).get(k) for k in SEARCH_SETTINGS}, "tasks": doc.get("tasks")}
+        differ = {k: (theirs[k], v) for k, v in search.items() if theirs[k] != v}
+        if differ:
+            said = ", ".join(f"{k} {a} (this scan: {b})" for k, (a, b) in differ.items())
+            raise MoeguardError(f"reference scan {doc.get('path')} was searched with {said}",
+                                hint="make reference scans with the same --tasks, --contexts, --context-tokens, "
+                                     "--candidates and --chain as this scan")
         layers = sorted({r["layer"] for r in doc["experts"]})
         if len(layers) != slots:
             raise MoeguardError(f"reference scan {doc.get('path')} has {len(layers)} MoE layers; the model has {slots}",
@@ -156,10 +171,15 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
     references, reference_models = references or [], reference_models or []
     score = "unexplained" if reference_models else "chain"
     # the parts depend on these; the threshold only on the assembly, so changing it reuses them
-    settings = {"model": handle.name, "tasks": [t.name for t in tasks],
+    from moeguard.models.loading import weights_identity
+
+    # the model by its weight files, not its path: a checkpoint re-made in place must not resume
+    # on the parts of the old one
+    settings = {"model": weights_identity(handle.arg), "tasks": [t.name for t in tasks],
                 **{k: v for k, v in config.to_dict().items() if k != "threshold"},
-                "reference_models": [h.name for h in reference_models]}
-    null = _reference_null(references, handle.num_layers, score) if references else None   # fail before loading
+                "reference_models": [weights_identity(h.arg) for h in reference_models]}
+    search = {**{k: getattr(config, k) for k in SEARCH_SETTINGS}, "tasks": [t.name for t in tasks]}
+    null = _reference_null(references, handle.num_layers, score, search) if references else None   # fail before loading
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     model, tokenizer, _ = handle.load(dtype=dtype, device_map=device_map)
@@ -187,7 +207,7 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
         effects = timed("effects", lambda: {_key(*k): v for k, v in expert_effects(
             model, tokenizer, adapter, contexts, eff, references=refs_loaded, progress=progress).items()})
         doc = assemble(adapter, tasks, weights, usage, effects, config=config, null=null, score=score)
-        doc["suspicion"].update({"score": score, "reference_models": settings["reference_models"],
+        doc["suspicion"].update({"score": score, "reference_models": [h.name for h in reference_models],
                                  "reference_scans": [r.get("path", r.get("model")) for r in references]})
         doc.update({"model": handle.name, "contexts": len(contexts),
                     "seconds": {**timings, "total": round(time.perf_counter() - t0, 2)},
