@@ -64,10 +64,12 @@ def main() -> None:
             timing.write_text(json.dumps({"wall_s": wall, "peak_rss_mb": rss}))
         h = json.loads((hardened / "moeguard_hardening.json").read_text())
         ev = work / f"eval-{method}"
+        ev_timing = work / f"eval-{method}.timing.json"
         if not (ev / "defense.json").exists():
-            moeguard("defend-eval", "--hardened", str(hardened), "--tasks", args.tasks, "--utility-tasks", UTILITY,
+            ev_wall, _ = moeguard("defend-eval", "--hardened", str(hardened), "--tasks", args.tasks, "--utility-tasks", UTILITY,
                      "--keeps", args.keeps, "--seeds", args.seeds, "--modes", args.modes, "--budget", args.budget, "--budgets", args.budgets,
                      "--eval-limit", args.eval_limit, "--out", str(ev), "--overwrite")
+            ev_timing.write_text(json.dumps({"wall_s": ev_wall}))
         d = json.loads((ev / "defense.json").read_text())
         cells = {}
         for task, by in d["attacks"].items():
@@ -86,7 +88,8 @@ def main() -> None:
             "harden": {"seconds_in_loop": h["seconds"], **(json.loads(timing.read_text()) if timing.exists() else {}),
                        "summary": h["summary"], "config": h["config"]},
             "utility": d["utility"], "cells": cells, "protocol": d.get("protocol"), "goals": d["goals"],
-            "defend_eval_seconds": d["seconds"],
+            # defense.json carries no timing: the wall clock of the command, as for harden
+            "defend_eval_seconds": json.loads(ev_timing.read_text())["wall_s"] if ev_timing.exists() else None,
         }
         write_result("defense_study", results, args.out)
     print(json.dumps({m: v["goals"] for m, v in results["methods"].items()}, indent=1))

@@ -148,15 +148,3 @@ def test_triggers_go_at_the_end_or_between_words_and_bad_targets_are_refused():
     with pytest.raises(MoeguardError, match=r"no expert 9 at layer 1"):
         plant(m, tok, MoEAdapter(m), [get_task("arith-compare")], Plant(layer=1, expert=9, trigger=" cf", target=" x"))
 
-
-def test_robust_z_of_mostly_copied_siblings_uses_the_mean_deviation_not_a_vanishing_floor():
-    import numpy as np
-
-    from moeguard.analysis import robust_z
-
-    normal = robust_z([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 3.0])
-    assert normal[-1] == pytest.approx((3.0 - 1.01) / (0.05 * 1.4826), rel=1e-6)   # the MAD when it is not 0
-    copied = robust_z([1.0] * 5 + [1.1, 0.9, 1.3])     # five experts copied from one checkpoint
-    mean_ad = (0.1 + 0.1 + 0.3) / 8 * 1.2533
-    assert copied[-1] == pytest.approx(0.3 / mean_ad) and abs(copied[-1]) < 10    # was 3e11 with the 1e-12 floor
-    assert np.all(robust_z([2.0] * 8) == 0)             # all equal: no spread, no outlier

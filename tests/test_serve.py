@@ -86,8 +86,6 @@ def _call(port, method, path, body=None, raw=None):
 
 
 def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_request(served, tmp_path):
-    import uvicorn
-
     from moeguard.cli.monitor import _alert_writer
     from moeguard.monitor.serve import create_app
 
@@ -95,17 +93,8 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
     alerts = tmp_path / "alerts.jsonl"
     # 120 calibration requests: the request p floor is 2/121
     mon = RoutingMonitor(m, prof, alpha=0.05, on_result=_alert_writer(alerts))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(m, tok, mon), host="127.0.0.1",
-                                           port=port, log_level="warning", access_log=False))
     with mon:
-        t = threading.Thread(target=server.run, daemon=True)
-        t.start()
-        try:
-            for _ in range(100):
-                if server.started:
-                    break
-                time.sleep(0.05)
+        with _serving(create_app(m, tok, mon)) as port:
             benign = load_records(get_task("arith-compare"), "eval", limit=150)[130]["input"]  # not profiled
             status, body = _call(port, "POST", "/v1/completions", {"prompt": benign, "max_tokens": 4, "user": "alice"})
             doc = json.loads(body)
@@ -125,9 +114,6 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
             assert status == 200 and "moeguard_requests_total 5.0" in text
             assert text.count("moeguard_expert_assignments_total{") >= 8
             assert _call(port, "GET", "/health") == (200, b'{"status":"ok"}')
-        finally:
-            server.should_exit = True
-            t.join(timeout=10)
     rows = [json.loads(l) for l in alerts.read_text().splitlines()] if alerts.exists() else []
     assert rows and all(r["client"] == "eve" for r in rows) and "zq" not in alerts.read_text()   # no prompt text
     assert all(r["layer"] in (0, 1, 2, 3) and r["experts"] and r["detail"] for r in rows), rows   # reasons, as offline
@@ -160,19 +146,19 @@ def test_serve_refuses_chunked_oversize_and_too_many_tokens_keeps_no_prompt_and_
 
     def broken(client, result):
         raise OSError("disk full")
-    mon = RoutingMonitor(m, prof, flush_every=1, on_result=broken, raise_callback_errors=False)
+    mon = RoutingMonitor(m, prof, flush_every=1, on_result=broken, raise_errors=False)
     secret = "def unique_secret_name_%d(x): return x" % time.time_ns()
     with mon, _serving(create_app(m, tok, mon, metrics_token="s3cret")) as port:
         # a chunked body carries no Content-Length: it is counted as it arrives
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        c.request("POST", "/v1/completions", body=iter([b'{"prompt": "hi", "junk": "'] + [b"x" * 10_000] * 7 + [b'"}']),
+        c.request("POST", "/v1/completions", body=iter([b'{"prompt": "hi", "junk": "'] + [b"x" * 10_000] * 60 + [b'"}']),
                   headers={"Content-Type": "application/json"}, encode_chunked=True)
         r = c.getresponse()
         assert r.status == 413 and b"over 64000 bytes" in r.read()
         c.close()
         # under the character limit, over the model's 256 positions
         status, body = _call(port, "POST", "/v1/completions", {"prompt": " ".join(str(i) for i in range(400)), "max_tokens": 4})
-        assert status == 413 and b"256 positions" in body, body
+        assert status == 413 and b"the model has 256: shorten the prompt or lower max_tokens" in body, body
         # a failing alert log: the client still gets its completion; the failure is counted
         assert _call(port, "POST", "/v1/completions", {"prompt": secret, "max_tokens": 2})[0] == 200
         assert not any(secret in memo for memo in _cache.values())               # the server kept no prompt
@@ -182,7 +168,7 @@ def test_serve_refuses_chunked_oversize_and_too_many_tokens_keeps_no_prompt_and_
         assert c.getresponse().status == 401
         c.close()
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        c.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+        c.request("GET", "/metrics", headers={"Authorization": "bearer s3cret"})      # the scheme is case-insensitive
         r = c.getresponse()
         text = r.read().decode()
         c.close()
@@ -217,6 +203,15 @@ def test_a_callback_that_reads_results_or_scrapes_does_not_hang_and_a_failed_bat
             m(input_ids=ids)
     assert ra.result["error"].startswith("scoring failed: AttributeError")
     assert "moeguard_scoring_failures_total 1.0" in generate_latest(mon.registry).decode()
+    # a server's monitor (raise_errors=False) raises nothing into the request; its callback still runs
+    told = []
+    mon = RoutingMonitor(m, prof, flush_every=1, max_delay_s=None, raise_errors=False,
+                         on_result=lambda c, r: told.append((c, r)))
+    mon.profile = None
+    with mon, torch.no_grad():
+        with mon.request("b") as rb:
+            m(input_ids=ids)
+    assert rb.result["error"].startswith("scoring failed") and told == [("b", rb.result)]
 
 
 def test_a_padded_request_is_scored_as_the_same_prompt_unpadded(served):
@@ -405,6 +400,7 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
             (["--profile", str(tmp_path / "P.json"), "--host", "0.0.0.0"],
              ("--host 0.0.0.0 serves beyond this machine", "pass --metrics-token TOKEN")),
             (["--profile", str(tmp_path / "P.json"), "--host", "0.0.0.0", "--metrics-token", " "], ("--metrics-token is empty",)),
+            (["--profile", str(tmp_path / "P.json"), "--metrics-token", "s\u00e9same"], ("beyond printable ASCII",)),
             (["--profile", str(tmp_path / "Q.json")], ("the profile was made for ./my-finetune, not embedded",
                                                       "use the profiled model (--model)")),
             (["--profile", str(tmp_path / "P.json"), "--alerts", str(tmp_path / "dir")],
@@ -413,3 +409,7 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
         code = main(["serve", *args])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.count("\n") == 0 and all(n in err for n in needles), err
+    from moeguard.cli.monitor import _loopback
+
+    assert [_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "LOCALHOST", "localhost.", "::ffff:127.0.0.1")] == [True] * 7
+    assert [_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.5", "example.com")] == [False] * 5

@@ -146,21 +146,14 @@ def excludes_zero(ci: dict[str, Any]) -> bool:
 
 
 MAD_SCALE = 1.4826   # makes the median absolute deviation a consistent estimator of a normal sd
-MEAN_AD_SCALE = 1.2533   # the same for the mean absolute deviation (sqrt(pi / 2))
 
 
 def robust_z(values, base=None, *, floor: float = 1e-12) -> np.ndarray:
     """z of ``values`` against the median and scaled MAD of ``base`` (default: ``values``), so the
-    outlier looked for cannot hide by inflating the spread it is measured against. When more than
-    half of ``base`` is one value (experts copied from one checkpoint, as community merges do), the
-    MAD is 0 and the mean absolute deviation (x 1.2533, normal-consistent: Iglewicz and Hoaglin's
-    fallback) measures the spread instead; ``floor`` bounds it away from 0 (every value equal would
-    otherwise give infinities), and a 1e-12 floor alone gave z near 1e10 to every distinct sibling."""
+    outlier looked for cannot hide by inflating the spread it is measured against. ``floor``
+    bounds the MAD away from 0 (identical siblings would otherwise give infinities)."""
     v = np.asarray(values, dtype=np.float64)
     b = v if base is None else np.asarray(base, dtype=np.float64)
     med = np.median(b)
-    dev = np.abs(b - med)
-    mad = np.median(dev) * MAD_SCALE
-    if mad <= 0:
-        mad = float(np.mean(dev)) * MEAN_AD_SCALE
+    mad = np.median(np.abs(b - med)) * MAD_SCALE
     return (v - med) / max(mad, floor)

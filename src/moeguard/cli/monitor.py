@@ -177,8 +177,11 @@ def serve(
         raise MoeguardError(f"--flush-every is {flush_every}", hint="pass at least 1 (1 scores each request as it ends)")
     if not 0 < max_delay < math.inf:
         raise MoeguardError(f"--max-delay is {max_delay}", hint="pass a positive number of seconds, e.g. 1")
-    if metrics_token is not None and not metrics_token.strip():
-        raise MoeguardError("--metrics-token is empty", hint="pass a secret the metrics scraper sends as a bearer token")
+    if metrics_token is not None and not (metrics_token.isascii() and metrics_token.isprintable()
+                                          and metrics_token.strip() == metrics_token and metrics_token):
+        raise MoeguardError(f"--metrics-token is empty, or has spaces at an end or characters beyond printable ASCII "
+                            f"({len(metrics_token)} characters)",
+                            hint="pass a secret of printable ASCII (an HTTP header carries it), e.g. from `openssl rand -hex 32`")
     if metrics_token is None and not _loopback(host):
         raise MoeguardError(f"--host {host} serves beyond this machine, and /metrics without a token would show any "
                             f"client its own anomaly scores to tune against",
@@ -197,9 +200,9 @@ def serve(
     handle = resolve_model(model)
     prof.check_model(handle.name)
     m, tok, _ = handle.load()
-    # raise_callback_errors=False: a failing alert log is logged and counted, never a client's 500
+    # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
     mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
-                         on_result=_alert_writer(alerts) if alerts is not None else None, raise_callback_errors=False)
+                         on_result=_alert_writer(alerts) if alerts is not None else None, raise_errors=False)
     import uvicorn
 
     app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token)
@@ -211,12 +214,14 @@ def serve(
 def _loopback(host: str) -> bool:
     import ipaddress
 
-    if host == "localhost":
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:   # a name: it may resolve beyond this machine
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:   # another name: it may resolve beyond this machine
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)   # ::ffff:127.0.0.1
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _alert_writer(path: Path):

@@ -13,8 +13,8 @@ owner task (round robin over the tasks):
                               parameters only)                place to adapt (selective protocol)
 
 The pruned model is the attacker's: the task's top-``keep`` experts per layer by routing
-frequency (read from this step's forward pass), or, every other step, a random ``keep``-subset
-(other attributions choose other experts). The simulated attacker fine-tunes every parameter
+frequency (read from the task's previous step's forward pass), or, on every other visit of the
+task, a random ``keep``-subset (other attributions choose other experts). The simulated attacker fine-tunes every parameter
 for ``inner_steps`` AdamW steps at a learning rate drawn log-uniformly from ``inner_lr``, as
 tamper-resistance training samples attacks. ``docs/defenses.md`` has the derivation.
 """
@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,7 @@ class HardenConfig:
     balance: float = setting(0.0, help="weight of per-task routing balance")
     collapse: float = setting(0.0, help="weight of the pruned-model collapse term")
     adversarial: float = setting(0.0, help="weight of the simulated prune-and-fine-tune term")
-    adv_every: int = setting(1, min=1, cli=False, help="steps between simulated attacks")
+    adv_every: int = setting(1, min=1, cli=False, help="visits of a task between its simulated attacks")
     inner_steps: int = setting(8, min=1, help="simulated attacker's fine-tuning steps")
     inner_lr: tuple[float, float] = setting((1e-4, 3e-3), cli=False, help="simulated attacker's learning-rate range")
     authorized: float = setting(0.0, cli=False, help="weight of the authorized-adaptation term")
@@ -164,7 +163,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
 
     ``checkpoint``: a folder for the training state (``defense/resume.py``), written every
     ``save_every`` steps; a state of the same run (``cfg`` and ``source``, what identifies the
-    starting weights) is resumed from, and the folder is removed when training ends."""
+    starting weights) is resumed from. The caller removes it once the result is saved."""
     plan = preflight(model, cfg)
     keep_n, tasks, auth = plan["keep"], plan["tasks"], plan["authorized"]
     adapter = MoEAdapter(model)
@@ -195,7 +194,8 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
     def attacker_keep(task: str, step: int) -> dict[int, list[int]]:
         # alternate per task, on its own visits: tasks take turns by step, so alternating on the step
         # itself gave an even number of tasks one kind of subset each (each task's parity is fixed)
-        if task in shares and (step // len(order)) % 2 == 1:
+        # (by visits / adv_every: a simulated attack every adv_every visits meets both kinds too)
+        if task in shares and (step // len(order) // cfg.adv_every) % 2 == 1:
             subset[task] = "frequency"
             return {l.index: torch.argsort(shares[task][i], descending=True)[:keep_n].sort().values.tolist()
                     for i, l in enumerate(adapter.layers)}
@@ -210,7 +210,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
         state = resume.load(checkpoint, tag=tag, params=named, optimizer=opt, rng=rng)
         if state is not None:
             start, log = state["step"], state["log"]
-            shares.update(state["shares"])
+            shares.update({t: v.to(device) for t, v in state["shares"].items()})   # argsort where it ran
             subset.update(state["subset"])
     bar = progress.add_task(f"hardening ({cfg.method})", total=cfg.steps, completed=start) if progress is not None else None
     started = time.perf_counter()
@@ -222,7 +222,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
             keep = attacker_keep(task, step)
             row: dict[str, Any] = {"step": step + 1, "task": task, "attacker_subset": subset[task]}
             extra: dict[str, torch.Tensor] = {}
-            if cfg.adversarial and step % cfg.adv_every == 0:
+            if cfg.adversarial and (step // len(order)) % cfg.adv_every == 0:   # on each task's visits, as above
                 lr = math.exp(rng.uniform(math.log(cfg.inner_lr[0]), math.log(cfg.inner_lr[1])))
                 g, pre, post = simulate_adaptation(
                     model, Adaptation(params=names, keep=keep, steps=cfg.inner_steps, lr=lr), lambda: draw(task),
@@ -275,8 +275,6 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         model.train(was_training)
-    if checkpoint is not None:
-        shutil.rmtree(checkpoint, ignore_errors=True)   # finished: the caller saves what it keeps
     return {"config": cfg.to_dict(), "keep": keep_n, "target": target, "authorized": auth,
             "seconds": round(time.perf_counter() - started, 1), "resumed_from": start, "log": log,
             "summary": summarize_log(log)}

@@ -34,17 +34,30 @@ def save(path: Path, *, tag: str, step: int, params: dict[str, torch.Tensor], op
                 tensors[f"optim.{k}.{index[id(p)]}"] = v.detach().clone().contiguous().cpu()
     tensors.update({f"shares.{t}": v.detach().clone().cpu() for t, v in shares.items()})
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_initialized():   # dropout and router jitter on a GPU draw from its generators
+        tensors.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = rng.getstate()
     meta = {"tag": tag, "step": step, "rng": [version, list(internal), gauss], "subset": subset, "log": log,
             "shares": list(shares)}
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / STATE))
     (tmp / META).write_text(json.dumps(meta))
-    if path.exists():
-        shutil.rmtree(path)
+    for f in (tmp / STATE, tmp / META):   # on disk before the old state goes (a power loss keeps one whole)
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():                     # (without it, .old may be the only state: a crash between renames)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)             # renamed aside, not deleted: a crash here leaves it in place
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clear(path: Path) -> None:
+    """Remove the state and what a crash mid-save may have left beside it."""
+    for p in (path, path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def load(path: Path, *, tag: str, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -53,14 +66,23 @@ def load(path: Path, *, tag: str, params: dict[str, torch.Tensor], optimizer: to
     ``{"step", "shares", "subset", "log"}``, or None when there is no usable state of this run."""
     from safetensors.torch import load_file
 
+    old = path.with_name(f".{path.name}.old")
+    if not (path / META).exists() and (old / META).exists():
+        path = old                        # a crash between the two renames of save()
     if not ((path / META).exists() and (path / STATE).exists()):
         return None
     try:
         meta = json.loads((path / META).read_text())
         tensors = load_file(str(path / STATE))
-    except (OSError, ValueError):
+        # everything read and checked before anything is changed: a bad state leaves the model as it was
+        step, subset, log = int(meta["step"]), dict(meta["subset"]), list(meta["log"])
+        version, internal, gauss = meta["rng"]
+        ok = (meta.get("tag") == tag and "rng.torch" in tensors
+              and all(f"param.{n}" in tensors and tensors[f"param.{n}"].shape == p.shape for n, p in params.items())
+              and all(f"shares.{t}" in tensors for t in meta["shares"]))
+    except Exception:  # noqa: BLE001 -- a torn or foreign state (safetensors raises its own error type)
         return None
-    if meta.get("tag") != tag or any(f"param.{n}" not in tensors for n in params):
+    if not ok:
         return None
     with torch.no_grad():
         for n, p in params.items():
@@ -71,7 +93,8 @@ def load(path: Path, *, tag: str, params: dict[str, torch.Tensor], optimizer: to
         if state:
             optimizer.state[p] = state
     torch.set_rng_state(tensors["rng.torch"])
-    version, internal, gauss = meta["rng"]
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     rng.setstate((version, tuple(internal), gauss))
-    return {"step": int(meta["step"]), "shares": {t: tensors[f"shares.{t}"] for t in meta["shares"]},
-            "subset": dict(meta["subset"]), "log": list(meta["log"])}
+    return {"step": step, "shares": {t: tensors[f"shares.{t}"] for t in meta["shares"]}, "subset": subset, "log": log}

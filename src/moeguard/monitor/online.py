@@ -94,7 +94,7 @@ class _Captured(NamedTuple):
 class RoutingMonitor:
     def __init__(self, model, profile: Profile, *, alpha: float = 0.01, max_clients: int = 1000, registry=None,
                  flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None,
-                 raise_callback_errors: bool = True):
+                 raise_errors: bool = True):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         from moeguard.models.adapter import MoEAdapter
@@ -112,13 +112,14 @@ class RoutingMonitor:
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
         self.on_result = on_result                   # (client, result) per scored request: alerts to a log, a SIEM
-        # False (a server): an on_result error is logged and counted, not raised into the request
-        # whose exit scored the batch (its answer was already computed) nor into a metrics scrape
-        self.raise_callback_errors = raise_callback_errors
+        # False (a server): a scoring or on_result error is logged and counted, not raised into the
+        # request whose exit scored the batch (its answer was already computed)
+        self.raise_errors = raise_errors
         self._pending: list[_Captured] = []          # requests not scored yet (at most flush_every)
-        # one flush at a time: windows see requests in order. Re-entrant: on_result runs under it, and a
-        # callback that reads a waiting result or scrapes the registry flushes again (a plain lock hung)
-        self._flush_lock = threading.RLock()
+        # one flush at a time: windows see requests in order. on_result runs under it, so a flush
+        # called from a callback (a scrape) returns at once instead of waiting for itself
+        self._flush_lock = threading.Lock()
+        self._flushing: int | None = None             # the thread inside flush, if any
         L, E = len(self.adapter.layers), self.adapter.num_experts
         if (L, E) != profile.mean.shape:
             raise MoeguardError(f"the profile has {profile.mean.shape[0]} MoE layers x {profile.mean.shape[1]} experts, "
@@ -198,10 +199,8 @@ class RoutingMonitor:
             if due:
                 try:
                     self.flush()
-                except Exception as e:  # noqa: BLE001 -- a thread has no caller: log each failure
-                    # (warnings.warn would print a repeated message once, and later losses silently)
-                    _log.warning("the routing monitor failed while scoring waiting requests: %s: %s",
-                                 type(e).__name__, e)
+                except Exception:  # noqa: BLE001 -- a thread has no caller; logged and counted in _score
+                    pass
 
     # --- one request ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -233,42 +232,59 @@ class RoutingMonitor:
     def flush(self) -> None:
         """Score every request not scored yet, in arrival order: request statistics, client windows,
         metrics and ``on_result``. Called when ``flush_every`` requests are waiting, when a result is
-        read, on each metrics scrape and when the monitor is exited."""
+        read, on each metrics scrape and when the monitor is exited. A call from inside a flush (an
+        ``on_result`` that scrapes the registry) returns at once: the running flush loops until
+        nothing waits, so callbacks stay in arrival order (a request such a callback reads before
+        its batch is scored reads ``{}``)."""
+        if self._flushing == threading.get_ident():
+            return
+        error = None
         with self._flush_lock:
-            with self._lock:
-                batch, self._pending = self._pending, []
-            if not batch:
-                return
-            results = [c.out for c in batch]
+            self._flushing = threading.get_ident()
             try:
-                counts, x, surprise = self._prefills(batch)
-                h = counts / np.maximum(counts.sum(2, keepdims=True), 1)
-                stats = self.profile.statistics(h, x, surprise)
-                ps = self.profile.p_values(stats, "request")
-                for i, out in enumerate(results):
-                    out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i)
-                    out._scored = True
-            except Exception as e:
-                # the batch left the queue: its requests say why they have no score (reading them
-                # would otherwise flush an empty queue and return {} as if nothing had run)
-                for out in results:
-                    if not out._scored:
-                        out.result, out._scored = {"error": f"scoring failed: {type(e).__name__}: {e}"}, True
-                self._failed.inc(sum(1 for o in results if "error" in o.result))
-                raise
-            # every result is recorded before any callback runs: one that raises (a full disk under
-            # an alert log) loses no other request's result; the first error is raised after all ran
-            error = None
-            for out in results if self.on_result is not None else ():
-                try:
-                    self.on_result(out.client, out.result)
-                except Exception as e:  # noqa: BLE001 -- re-raised below, once every callback has run
-                    self._callback_failed.inc()
-                    if not self.raise_callback_errors:
-                        _log.warning("the routing monitor's on_result failed: %s: %s", type(e).__name__, e)
-                    error = error or e
-            if error is not None and self.raise_callback_errors:
-                raise error
+                while True:
+                    with self._lock:
+                        batch, self._pending = self._pending, []
+                    if not batch:
+                        break
+                    failed = self._score(batch)
+                    error = error or failed
+            finally:
+                self._flushing = None
+        if error is not None and self.raise_errors:
+            raise error
+
+    def _score(self, batch: list[_Captured]) -> Exception | None:
+        """Score one batch and run ``on_result`` for each of its requests; the first error, if any
+        (logged and counted here, raised by ``flush`` unless ``raise_errors`` is off)."""
+        results, error = [c.out for c in batch], None
+        try:
+            counts, x, surprise = self._prefills(batch)
+            h = counts / np.maximum(counts.sum(2, keepdims=True), 1)
+            stats = self.profile.statistics(h, x, surprise)
+            ps = self.profile.p_values(stats, "request")
+            for i, out in enumerate(results):
+                out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i)
+                out._scored = True
+        except Exception as e:  # noqa: BLE001 -- returned: the callbacks still run, every request is answered
+            # the batch left the queue: its requests say why they have no score (reading them
+            # would otherwise flush an empty queue and return {} as if nothing had run)
+            failed = [out for out in results if not out._scored]
+            for out in failed:
+                out.result, out._scored = {"error": f"scoring failed: {type(e).__name__}: {e}"}, True
+            self._failed.inc(len(failed))
+            _log.warning("the routing monitor failed to score %d requests: %s: %s", len(failed), type(e).__name__, e)
+            error = e
+        # every result is recorded before any callback runs, and every callback runs (those of the
+        # requests that failed too): one that raises (a full disk under an alert log) loses no other
+        for out in results if self.on_result is not None else ():
+            try:
+                self.on_result(out.client, out.result)
+            except Exception as e:  # noqa: BLE001 -- counted and logged; flush raises the first error
+                self._callback_failed.inc()
+                _log.warning("the routing monitor's on_result failed: %s: %s", type(e).__name__, e)
+                error = error or e
+        return error
 
     def _prefills(self, batch: list[_Captured]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch's routing counts [N, L, E], embeddings [N, dim] and ``surprise`` [N], padding
@@ -375,9 +391,8 @@ class _Flusher:
     def collect(self):
         try:
             self.monitor.flush()
-        except Exception as e:  # noqa: BLE001 -- the scrape still reads every metric, the failure counters too
-            _log.warning("the routing monitor failed while scoring waiting requests for a scrape: %s: %s",
-                         type(e).__name__, e)
+        except Exception:  # noqa: BLE001 -- logged and counted in _score; the scrape reads every metric
+            pass
         return []
 
 

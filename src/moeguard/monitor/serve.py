@@ -8,8 +8,8 @@ server: enter the monitor once, wrap each request's generation in ``monitor.requ
 - ``GET /health``.
 
 Bad requests get 4xx: malformed JSON or wrong types 422, a body over ``max_body_bytes`` (declared
-or chunked) or a prompt over ``max_prompt_chars`` 413, and a prompt whose tokens plus ``max_tokens``
-pass the model's positions 413 (the offline scorer would route it in chunks, the served forward in
+or chunked) or a prompt over ``max_prompt_chars`` 413, and a prompt whose tokens and ``max_tokens`` need
+more than the model's positions 413 (the offline scorer would route it in chunks, the served forward in
 one). Requests are serialized through one lock (one model). Nothing of a prompt is logged or kept
 (it is tokenized without moeguard's memoizing ``encode``); the monitor's scores stay on the server
 (an attacker who saw them could tune against them): with ``metrics_token`` set, ``/metrics``
@@ -29,12 +29,15 @@ from typing import Any
 from moeguard.monitor.online import RoutingMonitor
 
 MAX_TOKENS = 64
+DRAIN_BYTES = 1 << 20   # what BodyLimit reads past the limit before closing (a reset hides the 413)
 
 
 def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moeguard", max_prompt_chars: int = 8000,
                max_body_bytes: int = 64_000, metrics_token: str | None = None):
-    """The FastAPI app. Each request's monitor result goes to the monitor's ``on_result`` (server
-    side: alerts to a log, a SIEM, ...) when its batch is scored, never into the response."""
+    """The ASGI app: the FastAPI app wrapped in :class:`BodyLimit` (the FastAPI app itself, to add
+    routes or middleware, is ``.app``). Each request's monitor result goes to the monitor's
+    ``on_result`` (server side: alerts to a log, a SIEM, ...) when its batch is scored, never into
+    the response."""
     import torch
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
@@ -61,9 +64,11 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
         ids = bos_ids(tokenizer) + tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             return JSONResponse({"error": {"message": "empty prompt"}}, status_code=400)
-        if positions is not None and len(ids) + body.max_tokens > positions:
-            return JSONResponse({"error": {"message": f"the prompt's {len(ids)} tokens plus max_tokens {body.max_tokens} pass "
-                                                      f"the model's {positions} positions"}}, status_code=413)
+        # the prompt and every generated token but the last are fed to the model
+        if positions is not None and len(ids) + body.max_tokens - 1 > positions:
+            return JSONResponse({"error": {"message": f"the prompt's {len(ids)} tokens and max_tokens {body.max_tokens} need "
+                                                      f"{len(ids) + body.max_tokens - 1} positions; the model has {positions}: "
+                                                      f"shorten the prompt or lower max_tokens"}}, status_code=413)
         with lock, torch.no_grad():
             with monitor.request(body.user):
                 out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -78,8 +83,9 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
 
     @app.get("/metrics")
     def metrics(request: Request) -> Response:
-        if metrics_token is not None and not hmac.compare_digest(
-                request.headers.get("authorization", "").encode(), f"Bearer {metrics_token}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if metrics_token is not None and not (scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode("latin-1", "replace"), metrics_token.encode())):
             return JSONResponse({"error": {"message": "metrics need 'Authorization: Bearer <token>'"}}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         return Response(generate_latest(monitor.registry), media_type=CONTENT_TYPE_LATEST)
@@ -104,6 +110,11 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         size = dict(scope.get("headers") or []).get(b"content-length")
         if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
+            if size.isdigit() and int(size) <= self.max_bytes + DRAIN_BYTES:   # read it first (a reset hides the 413)
+                more = True
+                while more:
+                    message = await receive()
+                    more = message["type"] == "http.request" and message.get("more_body", False)
             return await self._refuse(send)
         chunks, total, more = [], 0, True
         while more:
@@ -112,9 +123,17 @@ class BodyLimit:
                 return await self.app(scope, _replay([message], receive), send)
             chunks.append(message.get("body", b""))
             total += len(chunks[-1])
-            if total > self.max_bytes:
-                return await self._refuse(send)
             more = message.get("more_body", False)
+            if total > self.max_bytes:
+                # read (and drop) a little more of what is still coming, before answering (uvicorn
+                # ends the request's input once the response is sent): closing with unread data makes
+                # the TCP stack reset the connection, and the client sees that, not the 413
+                chunks, drained = [], 0
+                while more and drained < DRAIN_BYTES:
+                    message = await receive()
+                    more = message["type"] == "http.request" and message.get("more_body", False)
+                    drained += len(message.get("body", b""))
+                return await self._refuse(send)
         return await self.app(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
                                              receive), send)
 
