@@ -367,3 +367,29 @@ def test_the_model_card_gives_each_kind_of_experts_its_own_size():
     assert rows["per expert"] == "mlp 3.07K (3,072); self_attention.experts 1.02K (1,024)"
     rows = {r["fact"]: r["value"] for r in card_rows({"model": {"name": "m", "parameters": {"per_expert": 2048}}})}
     assert rows["per expert"] == "2.05K (2,048)"
+
+
+def test_an_audit_interrupted_while_hardening_resumes_the_hardening(tmp_path, monkeypatch):
+    from moeguard.defense import resume
+
+    real, saves = resume.save, []
+
+    def save_then_stop(*a, **k):       # the process dies right after the first state is on disk
+        real(*a, **k)
+        saves.append(k["step"])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(resume, "save", save_then_stop)
+    run = tmp_path / "run"
+    args = ["audit", "--out", str(run), "--tasks", "arith-compare", "--methods", "frequency", "--no-recovery",
+            "--random-seeds", "1", "--eval-limit", "16", "--recovery-eval-limit", "16", "--pool-size", "32",
+            "--samples", "8", "--defense", "entangle", "--harden-steps", "27", "--defense-budget", "4",
+            "--threads", str(THREADS), "--defense-modes", "lora", "--defense-lr-scales", "1", "--defense-epochs", "1",
+            "--defense-seeds", "1"]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 130 and saves == [25] and (run / "jobs" / "harden-state" / "state.json").exists()
+    monkeypatch.setattr(resume, "save", real)
+    assert main(args) == 0
+    log = json.loads((run / "stages" / "defense" / "hardening.json").read_text())
+    assert log["resumed_from"] == 25 and [r["step"] for r in log["log"]] == list(range(1, 28))
+    assert not (run / "jobs" / "harden-state").exists()

@@ -236,7 +236,10 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
                         "methods": cfg.methods, "samples": cfg.samples, "pool_size": cfg.pool_size,
                         "utility_tasks": cfg.tasks, "utility_limit": cfg.eval_limit, "target": cfg.target,
                         "runtime": runtime.to_dict()}
-        s_def = stage("defense", def_settings, lambda d: _defense(cfg, d, runtime, model, study_run, progress),
+        # the hardening's training state outlives the stage's folder (removed when a stage fails), so an
+        # interrupted audit resumes the hardening where it stopped (keyed on its settings and weights)
+        s_def = stage("defense", def_settings, lambda d: _defense(cfg, d, runtime, model, study_run, progress,
+                                                                  state=store.jobs / "harden-state"),
                       [s_model])
 
     s_scan = None
@@ -342,7 +345,8 @@ def _scan(d: Path, work: Path, model: ModelHandle, cfg: AuditConfig, scan_cfg, r
     shutil.copytree(work, d / "scan")
 
 
-def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, study_run, progress) -> None:
+def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, study_run, progress, *,
+             state: Path | None = None) -> None:
     """Harden (or take ``cfg.hardened``) in this process, then the defend-eval study on the
     audit's backend: base and hardened under the same attack harness."""
     import torch
@@ -362,7 +366,7 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, st
         torch.manual_seed(cfg.seed)
         hardened, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
         hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
-        log = harden(hardened, tok, hcfg, progress=progress)
+        log = harden(hardened, tok, hcfg, progress=progress, checkpoint=state, source=weights_identity(cfg.model))
         hardened.save_pretrained(d / "hardened")
         save_tokenizer(tok, d / "hardened")
         del hardened
@@ -392,6 +396,10 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, st
     doc = study_run(DefendEvalStudy(), dcfg)
     doc["base"], doc["hardened"] = model.name, cfg.defense or cfg.hardened
     write_json(d / "defense.json", doc)
+    if state is not None:   # the stage is complete: nothing to resume
+        from moeguard.defense import resume
+
+        resume.clear(state)
 
 
 def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResult], *,

@@ -51,8 +51,16 @@ def harden(*, out: Path, model: Optional[str], overwrite: bool, **flags) -> None
 
     # beside the output, until it is written: an interrupted run continues from its last saved step
     state = out.with_name(f".{out.name}.harden-state")
-    with _progress() as progress:
-        result = run_harden(m, tokenizer, cfg, progress=progress, checkpoint=state, source=weights_identity(handle.arg))
+    try:
+        with _progress() as progress:
+            result = run_harden(m, tokenizer, cfg, progress=progress, checkpoint=state,
+                                source=weights_identity(handle.arg))
+    except KeyboardInterrupt:
+        import sys
+
+        print(f"moeguard: interrupted; the training state is kept in {state} (every 25 steps): run the same "
+              "command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
     doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
                         run=_run({"model": handle.name, **cfg.to_dict()}))
     from moeguard.defense import resume
