@@ -173,3 +173,11 @@ def test_a_state_survives_a_crash_between_its_two_renames_and_a_bad_one_changes_
     assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
     resume.clear(state)
     assert not list(tmp_path.iterdir())
+
+
+def test_harden_refuses_layers_with_different_expert_counts_before_training():
+    from moeguard.models.prune import prune_model
+
+    small, _ = prune_model(tiny_model("mixtral"), {0: [0, 1, 2, 3], 1: [0, 1, 2, 3, 4, 5]})
+    with pytest.raises(MoeguardError, match=r"same number of experts in every MoE layer; this model has \{0: 4, 1: 6\}"):
+        harden(small, None, config_for("entangle", steps=1, tasks=("arith-compare",)))

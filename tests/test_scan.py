@@ -148,3 +148,12 @@ def test_triggers_go_at_the_end_or_between_words_and_bad_targets_are_refused():
     with pytest.raises(MoeguardError, match=r"no expert 9 at layer 1"):
         plant(m, tok, MoEAdapter(m), [get_task("arith-compare")], Plant(layer=1, expert=9, trigger=" cf", target=" x"))
 
+
+
+def test_plant_gives_back_the_trainable_flags_it_found():
+    m, tok, _ = load_model(None)
+    m.get_input_embeddings().weight.requires_grad_(False)      # a caller's frozen embeddings
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    plant(m, tok, MoEAdapter(m), [get_task("arith-compare")], Plant(layer=1, expert=2, trigger=" cf", target=" x", steps=1,
+                                                                    batch_size=2))
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
