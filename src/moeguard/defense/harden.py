@@ -22,8 +22,6 @@ tamper-resistance training samples attacks. ``docs/defenses.md`` has the derivat
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import random
 import time
@@ -204,7 +202,9 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
 
     log: list[dict[str, Any]] = []
     named = dict(zip(names, params))
-    tag = hashlib.sha256(json.dumps([cfg.to_dict(), source], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from moeguard.studies.engine import digest
+
+    tag = digest([cfg.to_dict(), source])
     start = 0
     if checkpoint is not None:
         state = resume.load(checkpoint, tag=tag, params=named, optimizer=opt, rng=rng)
