@@ -370,15 +370,15 @@ def test_the_model_card_gives_each_kind_of_experts_its_own_size():
 
 
 def test_an_audit_interrupted_while_hardening_resumes_the_hardening(tmp_path, monkeypatch):
-    from moeguard.defense import resume
+    from moeguard import trainstate
 
-    real, saves = resume.save, []
+    real, saves = trainstate.save, []
 
     def save_then_stop(*a, **k):       # the process dies right after the first state is on disk
         real(*a, **k)
         saves.append(k["step"])
         raise KeyboardInterrupt
-    monkeypatch.setattr(resume, "save", save_then_stop)
+    monkeypatch.setattr(trainstate, "save", save_then_stop)
     run = tmp_path / "run"
     args = ["audit", "--out", str(run), "--tasks", "arith-compare", "--methods", "frequency", "--no-recovery",
             "--random-seeds", "1", "--eval-limit", "16", "--recovery-eval-limit", "16", "--pool-size", "32",
@@ -388,7 +388,7 @@ def test_an_audit_interrupted_while_hardening_resumes_the_hardening(tmp_path, mo
     with pytest.raises(SystemExit) as stop:
         main(args)
     assert stop.value.code == 130 and saves == [25] and (run / "jobs" / "harden-state" / "state.json").exists()
-    monkeypatch.setattr(resume, "save", real)
+    monkeypatch.setattr(trainstate, "save", real)
     assert main(args) == 0
     log = json.loads((run / "stages" / "defense" / "hardening.json").read_text())
     assert log["resumed_from"] == 25 and [r["step"] for r in log["log"]] == list(range(1, 28))

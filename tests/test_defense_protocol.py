@@ -144,37 +144,6 @@ def test_an_interrupted_hardening_resumes_to_the_weights_and_log_of_an_uninterru
     assert harden(copy.deepcopy(model), tok, other, checkpoint=state, save_every=2)["resumed_from"] == 0
 
 
-def test_a_state_survives_a_crash_between_its_two_renames_and_a_bad_one_changes_nothing(tmp_path):
-    import random
-
-    from moeguard.defense import resume
-
-    torch.manual_seed(0)
-    net = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
-    net(torch.ones(1, 3)).sum().backward()
-    opt.step()
-    params, rng = dict(net.named_parameters()), random.Random(5)
-    state = tmp_path / "state"
-    resume.save(state, tag="t", step=3, params=params, optimizer=opt, rng=rng, shares={"a": torch.ones(2)},
-                subset={"a": "random"}, log=[{"step": 1}])
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    state.rename(tmp_path / ".state.old")           # the crash: set aside, the new one not in place yet
-    with torch.no_grad():
-        for p in params.values():
-            p.add_(1.0)
-    got = resume.load(state, tag="t", params=params, optimizer=torch.optim.AdamW(net.parameters()), rng=random.Random(0))
-    assert got["step"] == 3 and got["subset"] == {"a": "random"} and all(torch.equal(p, saved[n]) for n, p in params.items())
-    # a foreign state (other shapes) is refused before anything is written into the model
-    other = torch.nn.Linear(4, 2)
-    before = {n: p.detach().clone() for n, p in other.named_parameters()}
-    assert resume.load(state, tag="t", params=dict(other.named_parameters()), optimizer=torch.optim.AdamW(other.parameters()),
-                       rng=random.Random(0)) is None
-    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
-    resume.clear(state)
-    assert not list(tmp_path.iterdir())
-
-
 def test_harden_refuses_layers_with_different_expert_counts_before_training():
     from moeguard.models.prune import prune_model
 

@@ -36,6 +36,40 @@ def test_jobs_are_reused_in_their_scope_and_rerun_when_the_weights_change(tmp_pa
     assert CALLS == [2, 3, 2, 3, 2, 3]
 
 
+def test_the_weights_identity_sees_a_rewrite_within_the_second_a_time_keeping_copy_and_the_config(tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moeguard.models.loading import weights_identity
+    from moeguard.testing import tiny_model
+
+    model = tmp_path / "m"
+    tiny_model("mixtral").save_pretrained(model)
+    weights = model / "model.safetensors"
+    first = weights_identity(str(model))
+    assert weights_identity(str(model)) == first                        # nothing changed: the same identity
+    st = weights.stat()
+    # other weights of the same shapes (the same size), written within the same second
+    tensors = {k: v + 1.0 for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == st.st_size
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))          # 1 ns later: seconds saw no change
+    assert int(weights.stat().st_mtime) == int(st.st_mtime) and weights_identity(str(model)) != first
+    # a copy that keeps the original's time (cp -p, rsync -a): the sampled bytes differ
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights_identity(str(model)) != first
+    # the same weights, another top-k in config.json
+    other = tmp_path / "k1"
+    shutil.copytree(model, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 1
+    (other / "config.json").write_text(json.dumps(cfg))
+    a, b = weights_identity(str(model)), weights_identity(str(other))
+    assert a["files"] == b["files"] and a["config"] != b["config"]
+
+
 def test_an_upstream_result_passed_on_names_the_job_by_its_numbers_not_its_timing():
     # a recovery curve job takes its prepare job's evaluation, which records how long it took:
     # recomputing the prepare (a resumed run) must not rename the curve job and redo it

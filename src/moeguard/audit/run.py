@@ -397,9 +397,9 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, st
     doc["base"], doc["hardened"] = model.name, cfg.defense or cfg.hardened
     write_json(d / "defense.json", doc)
     if state is not None:   # the stage is complete: nothing to resume
-        from moeguard.defense import resume
+        from moeguard import trainstate
 
-        resume.clear(state)
+        trainstate.clear(state)
 
 
 def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResult], *,

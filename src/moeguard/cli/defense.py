@@ -63,9 +63,9 @@ def harden(*, out: Path, model: Optional[str], overwrite: bool, **flags) -> None
         raise SystemExit(130) from None
     doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
                         run=_run({"model": handle.name, **cfg.to_dict()}))
-    from moeguard.defense import resume
+    from moeguard import trainstate
 
-    resume.clear(state)   # only now: a failed save keeps what training did
+    trainstate.clear(state)   # only now: a failed save keeps what training did
     _console().print(harden_table(doc))
     resumed = f" (resumed at step {result['resumed_from']} of {cfg.steps})" if result["resumed_from"] else ""
     typer.echo(f"hardened with '{cfg.method}' in {result['seconds']:.0f} s{resumed}; written to {out}")

@@ -31,10 +31,10 @@ from typing import Any, Callable
 
 import torch
 
+from moeguard import trainstate
 from moeguard.defense.objectives import (Adaptation, collapse, forward_loss, record_routers, simulate_adaptation,
                                          task_balance, task_shares)
 from moeguard.config import setting, validate
-from moeguard.defense import resume
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.handle import check_keep
@@ -159,7 +159,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
            save_every: int = 25, source: Any = None) -> dict[str, Any]:
     """Train ``model`` in place with the defense's objective; returns the training log.
 
-    ``checkpoint``: a folder for the training state (``defense/resume.py``), written every
+    ``checkpoint``: a folder for the training state (``moeguard/trainstate.py``), written every
     ``save_every`` steps; a state of the same run (``cfg`` and ``source``, what identifies the
     starting weights) is resumed from. The caller removes it once the result is saved."""
     plan = preflight(model, cfg)
@@ -207,11 +207,13 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
     tag = digest([cfg.to_dict(), source])
     start = 0
     if checkpoint is not None:
-        state = resume.load(checkpoint, tag=tag, params=named, optimizer=opt, rng=rng)
-        if state is not None:
-            start, log = state["step"], state["log"]
-            shares.update({t: v.to(device) for t, v in state["shares"].items()})   # argsort where it ran
-            subset.update(state["subset"])
+        state = trainstate.load(checkpoint, tag=tag, params=named)
+        if (state is not None and {"shares", "subset", "log"} <= set(state.meta)
+                and set(state.meta["shares"]) == set(state.tensors)):
+            state.restore(named, opt, pyrng=rng)
+            start, log = state.step, list(state.meta["log"])
+            shares.update({t: state.tensors[t].to(device) for t in state.meta["shares"]})   # argsort where it ran
+            subset.update(state.meta["subset"])
     bar = progress.add_task(f"hardening ({cfg.method})", total=cfg.steps, completed=start) if progress is not None else None
     started = time.perf_counter()
     was_training = model.training
@@ -266,8 +268,8 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
                 progress.update(bar, advance=1, description=f"hardening ({cfg.method}): {task} utility "
                                                             f"{row['utility']:.3f}" + (f", pruned {row['pruned']:.2f}" if "pruned" in row else ""))
             if checkpoint is not None and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
-                resume.save(checkpoint, tag=tag, step=step + 1, params=named, optimizer=opt, rng=rng, shares=shares,
-                            subset=subset, log=log)
+                trainstate.save(checkpoint, tag=tag, step=step + 1, params=named, optimizer=opt, pyrng=rng,
+                                tensors=shares, meta={"shares": list(shares), "subset": subset, "log": log})
             if on_step is not None:
                 on_step(step + 1, row)
     finally:

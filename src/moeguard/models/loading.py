@@ -311,11 +311,34 @@ def meta_model(config):
 
 
 def weights_identity(ref_str: str | None) -> dict[str, Any]:
-    """What notices a changed checkpoint without reading it: the weight files' names, sizes and times."""
+    """What notices a changed checkpoint without reading all of it, for resumed runs and cached jobs.
+
+    Per weight file: its name, size, modification time in nanoseconds (whole seconds missed a file
+    rewritten within the second: same-architecture weights have the same size) and a digest of
+    ``_SAMPLES`` blocks spread over it, header included (a copy that keeps times, ``cp -p`` or
+    ``rsync -a``, of other weights still differs there: retrained weights differ everywhere).
+    ``config.json`` whole: a changed top-k or router setting changes every number with the same
+    weights. A hub id not downloaded to a path is its name only: its files are unknown before the
+    download (pin a revision by passing the local snapshot folder)."""
+    import hashlib
+
     ref = resolve(ref_str)
-    files = []
-    if ref.path is not None and ref.path.is_dir():
-        for f in sorted(ref.path.glob("*.safetensors")):
-            st = f.stat()
-            files.append([f.name, st.st_size, int(st.st_mtime)])
-    return {"name": ref.name, "files": files}
+    files: list[list[Any]] = []
+    out: dict[str, Any] = {"name": ref.name, "files": files}
+    if ref.path is None or not ref.path.is_dir():
+        return out
+    config = ref.path / "config.json"
+    if config.exists():
+        out["config"] = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
+    for f in sorted(ref.path.glob("*.safetensors")):
+        st = f.stat()
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for i in range(_SAMPLES):
+                fh.seek(st.st_size * i // _SAMPLES)
+                h.update(fh.read(_BLOCK))
+        files.append([f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]])
+    return out
+
+
+_SAMPLES, _BLOCK = 16, 4096   # 64 KiB read per weight file, whatever its size

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from moeguard import trainstate
 from moeguard.config import setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
@@ -198,8 +198,8 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
     result.seconds = time.perf_counter() - began
-    if ckpt is not None and ckpt.exists():
-        shutil.rmtree(ckpt, ignore_errors=True)  # finished: the caller saves what it keeps
+    if ckpt is not None:
+        trainstate.clear(ckpt)  # finished: the caller saves what it keeps
     return result
 
 
@@ -271,50 +271,16 @@ def _aux_coef(trainable: Trainable, cfg: FinetuneConfig) -> float:
 # --------------------------------------------------------------------------- checkpoints
 
 def _save(ckpt: Path, tag: str, step: int, trainable: Trainable, optimizer, scheduler) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in trainable.params.items()}
-    index = {id(p): n for n, p in trainable.params.items()}
-    for p, state in optimizer.state.items():
-        for k, v in state.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{index[id(p)]}.{k}"] = v.detach().contiguous().cpu()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"tag": tag, "step": step, "scheduler": scheduler.state_dict()}))
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    os.replace(tmp, ckpt)
+    trainstate.save(ckpt, tag=tag, step=step, params=trainable.params, optimizer=optimizer,
+                    meta={"scheduler": scheduler.state_dict()})
 
 
 def _resume(ckpt: Path, tag: str, trainable: Trainable, optimizer, scheduler) -> int:
-    from safetensors.torch import load_file
-
-    meta_file, state_file = ckpt / "state.json", ckpt / "state.safetensors"
-    if not (meta_file.exists() and state_file.exists()):
-        return 0
-    try:
-        meta = json.loads(meta_file.read_text())
-        tensors = load_file(str(state_file))
-    except (OSError, ValueError):
-        return 0  # a torn checkpoint: start over rather than trust it
-    if meta.get("tag") != tag:
-        return 0
-    trainable.load({n[len("param."):]: t for n, t in tensors.items() if n.startswith("param.")})
-    for n, p in trainable.params.items():
-        state = {k.rsplit(".", 1)[-1]: t.to(p.device) for k, t in tensors.items()
-                 if k.startswith(f"optim.{n}.") and k.count(".") == n.count(".") + 2}
-        if state:
-            optimizer.state[p] = state
-    scheduler.load_state_dict(meta["scheduler"])
+    state = trainstate.load(ckpt, tag=tag, params=trainable.params)
+    if state is None or "scheduler" not in state.meta:
+        return 0  # none, another run's, or torn: start over rather than trust it
+    state.restore(trainable.params, optimizer)
+    scheduler.load_state_dict(state.meta["scheduler"])
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr  # the scheduler set these at the step the checkpoint was taken
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return int(meta["step"])
+    return state.step

@@ -88,7 +88,7 @@ class Runtime:
 
     def scope(self) -> str:
         """What a finished job's result depends on besides its arguments: the model (and its weight
-        files' sizes and times), dtype, device map and the user's task definitions. A job file
+        files and config), dtype, device map and the user's task definitions. A job file
         from another scope is not reused (a resumed folder pointed at other weights re-runs)."""
         from moeguard.models.loading import weights_identity
 

@@ -1,0 +1,147 @@
+"""Resumable training state, one format for every trainer (``realign``'s fine-tune, ``defense``'s
+``harden``): a folder of safetensors and JSON, never a pickle, so an interrupted run continues where
+it stopped and ends with the weights an uninterrupted run would have.
+
+What every trainer needs is here; what is its own rides along (``tensors``, ``meta``):
+
+- the step, the trained parameters, the optimizer's per-parameter tensors (AdamW's moments and step
+  counts), torch's CPU generator, every CUDA generator when CUDA ran, and optionally a Python
+  ``random.Random``;
+- **written atomically and durably**: into a temporary folder, fsynced, the old state renamed aside
+  (not deleted: a crash between the two renames leaves it, and ``load`` falls back to it), then the
+  new one renamed into place;
+- **read, then checked, then applied**: ``load`` reads and checks everything (format, the run's
+  ``tag``, every parameter's name and shape, the optimizer's keys) without touching the model; a
+  state of other settings, of an older format, or torn by a crash is ignored (None) and the run
+  starts over rather than trust it. ``State.restore`` then writes it into the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "moeguard.train-state/1"
+STATE, META = "state.safetensors", "state.json"
+
+
+def _aside(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class State:
+    """A state read and checked by ``load``; nothing of it is in the model until ``restore``."""
+
+    step: int
+    meta: dict[str, Any]                        # the trainer's own JSON
+    tensors: dict[str, torch.Tensor]            # the trainer's own tensors (CPU)
+    params: dict[str, torch.Tensor] = field(repr=False)
+    optim: dict[str, dict[str, torch.Tensor]] = field(repr=False)   # param name -> {key: tensor}
+    rng: dict[str, Any] = field(repr=False)
+
+    def restore(self, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, *,
+                pyrng: random.Random | None = None) -> None:
+        """Parameters, optimizer state and generators back as they were at ``step``."""
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.params[n].to(p.device, p.dtype))
+        for n, p in params.items():
+            if n in self.optim:
+                optimizer.state[p] = {k: t.to(p.device) for k, t in self.optim[n].items()}
+        torch.set_rng_state(self.rng["torch"])
+        cuda = self.rng["cuda"]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        if pyrng is not None and self.rng["python"] is not None:
+            version, internal, gauss = self.rng["python"]
+            pyrng.setstate((version, tuple(internal), gauss))
+
+
+def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torch.Tensor],
+         optimizer: torch.optim.Optimizer, pyrng: random.Random | None = None,
+         tensors: dict[str, torch.Tensor] | None = None, meta: dict[str, Any] | None = None) -> None:
+    """Write the state of a run (``tag``: a digest of its settings) after ``step`` steps."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    # clones: tied parameters share storage, which safetensors refuses to write twice
+    out = {f"param.{n}": p.detach().clone().contiguous().cpu() for n, p in params.items()}
+    index = {id(p): n for n, p in params.items()}
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                out[f"optim.{k}.{index[id(p)]}"] = v.detach().clone().contiguous().cpu()
+    out.update({f"extra.{k}": v.detach().clone().contiguous().cpu() for k, v in (tensors or {}).items()})
+    out["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_initialized():   # dropout and router jitter on a GPU draw from its generators
+        out.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    python = None
+    if pyrng is not None:
+        version, internal, gauss = pyrng.getstate()
+        python = [version, list(internal), gauss]
+    doc = {"format": FORMAT, "tag": tag, "step": int(step), "rng": python, "meta": meta or {}}
+    tmp, old = _aside(path, "tmp"), _aside(path, "old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(out, str(tmp / STATE))
+    (tmp / META).write_text(json.dumps(doc))
+    for f in (tmp / STATE, tmp / META):   # on disk before the old state goes (a power loss keeps one whole)
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():                     # (without it, .old may be the only state: a crash between renames)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)             # renamed aside, not deleted: a crash here leaves it in place
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) -> State | None:
+    """The state of this run (``tag``) for these ``params``, read and checked; None when there is
+    none usable. Nothing is changed: ``State.restore`` applies it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    old = _aside(path, "old")
+    if not (path / META).exists() and (old / META).exists():
+        path = old                        # a crash between the two renames of save()
+    if not ((path / META).exists() and (path / STATE).exists()):
+        return None
+    try:
+        doc = json.loads((path / META).read_text())
+        if doc.get("format") != FORMAT or doc.get("tag") != tag:
+            return None
+        raw = load_file(str(path / STATE))
+        saved = {k[len("param."):]: t for k, t in raw.items() if k.startswith("param.")}
+        optim: dict[str, dict[str, torch.Tensor]] = {}
+        for k, t in raw.items():
+            if k.startswith("optim."):
+                _, key, name = k.split(".", 2)
+                optim.setdefault(name, {})[key] = t
+        cuda = sorted((k for k in raw if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+        state = State(step=int(doc["step"]), meta=dict(doc["meta"]),
+                      tensors={k[len("extra."):]: t for k, t in raw.items() if k.startswith("extra.")},
+                      params=saved, optim=optim,
+                      rng={"torch": raw["rng.torch"], "cuda": [raw[k] for k in cuda], "python": doc["rng"]})
+        if doc["rng"] is not None:
+            version, internal, gauss = doc["rng"]
+            random.Random().setstate((version, tuple(internal), gauss))   # a malformed one fails here, not mid-restore
+    except Exception:  # noqa: BLE001 -- a torn or foreign state (safetensors raises its own error type)
+        return None
+    fits = (state.step >= 0 and set(saved) == set(params) and set(optim) <= set(params)
+            and all(saved[n].shape == p.shape for n, p in params.items()))
+    return state if fits else None
+
+
+def clear(path: str | os.PathLike) -> None:
+    """Remove the state and what a crash mid-save may have left beside it."""
+    path = Path(path)
+    for p in (path, _aside(path, "tmp"), _aside(path, "old")):
+        shutil.rmtree(p, ignore_errors=True)
