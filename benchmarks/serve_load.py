@@ -46,7 +46,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(m, tok, mon), host="127.0.0.1", port=port, log_level="error",
+    # the 8 clients share one loopback address: keyed on their 'user' field, as before --client-id existed
+    server = uvicorn.Server(uvicorn.Config(create_app(m, tok, mon, client_id="user"), host="127.0.0.1", port=port, log_level="error",
                                            access_log=False))
     statuses: Counter = Counter()
     errors: list[str] = []

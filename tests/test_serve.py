@@ -75,10 +75,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _call(port, method, path, body=None, raw=None):
+def _call(port, method, path, body=None, raw=None, headers=None):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    c.request(method, path, body=data, headers={"Content-Type": "application/json"} if data is not None else {})
+    c.request(method, path, body=data, headers={**({"Content-Type": "application/json"} if data is not None else {}),
+                                                **(headers or {})})
     r = c.getresponse()
     out = r.status, r.read()
     c.close()
@@ -94,7 +95,7 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
     # 120 calibration requests: the request p floor is 2/121
     mon = RoutingMonitor(m, prof, alpha=0.05, on_result=_alert_writer(alerts))
     with mon:
-        with _serving(create_app(m, tok, mon)) as port:
+        with _serving(create_app(m, tok, mon, client_id="user")) as port:
             benign = load_records(get_task("arith-compare"), "eval", limit=150)[130]["input"]  # not profiled
             status, body = _call(port, "POST", "/v1/completions", {"prompt": benign, "max_tokens": 4, "user": "alice"})
             doc = json.loads(body)
@@ -117,6 +118,35 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
     rows = [json.loads(l) for l in alerts.read_text().splitlines()] if alerts.exists() else []
     assert rows and all(r["client"] == "eve" for r in rows) and "zq" not in alerts.read_text()   # no prompt text
     assert all(r["layer"] in (0, 1, 2, 3) and r["experts"] and r["detail"] for r in rows), rows   # reasons, as offline
+
+
+def test_windows_follow_the_address_not_the_user_a_client_picks_or_the_gateways_header(served):
+    from moeguard.monitor.serve import _address, create_app
+
+    m, tok, prof = served
+    seen: list[str] = []
+    mon = RoutingMonitor(m, prof, flush_every=1, on_result=lambda client, result: seen.append(client))
+    prompt = load_records(get_task("arith-compare"), "eval", limit=150)[131]["input"]
+    with mon:
+        with _serving(create_app(m, tok, mon)) as port:        # the default: by address
+            for i in range(3):   # a new name each time: under 'user' no window would ever fill
+                assert _call(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1, "user": f"u{i}"})[0] == 200
+            _call(port, "GET", "/metrics")
+    assert seen == ["127.0.0.1"] * 3
+    seen.clear()
+    with mon:
+        with _serving(create_app(m, tok, mon, client_id="header:X-User-Id")) as port:
+            status, body = _call(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+            assert status == 400 and "header x-user-id names the client" in json.loads(body)["error"]["message"]
+            status, _ = _call(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1, "user": "mallory"},
+                              headers={"X-User-Id": "team-7"})
+            assert status == 200
+            _call(port, "GET", "/metrics")
+    assert seen == ["team-7"]
+    # IPv6: one subscriber's /64 is one client; an IPv4-mapped address is its IPv4 one
+    assert _address("2001:db8:1:2::1") == _address("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert _address("2001:db8:1:3::1") != _address("2001:db8:1:2::1")
+    assert _address("::ffff:10.0.0.7") == "10.0.0.7" and _address(None) == "unknown"
 
 
 @contextlib.contextmanager
@@ -401,6 +431,9 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
              ("--host 0.0.0.0 serves beyond this machine", "pass --metrics-token TOKEN")),
             (["--profile", str(tmp_path / "P.json"), "--host", "0.0.0.0", "--metrics-token", " "], ("--metrics-token is empty",)),
             (["--profile", str(tmp_path / "P.json"), "--metrics-token", "s\u00e9same"], ("beyond printable ASCII",)),
+            (["--profile", str(tmp_path / "P.json"), "--client-id", "cookie"],
+             ("--client-id is 'cookie'; expected 'address', 'user' or 'header:NAME'", "header:X-User-Id behind a gateway")),
+            (["--profile", str(tmp_path / "P.json"), "--client-id", "header:"], ("--client-id is 'header:'",)),
             (["--profile", str(tmp_path / "Q.json")], ("the profile was made for ./my-finetune, not embedded",
                                                       "use the profiled model (--model)")),
             (["--profile", str(tmp_path / "P.json"), "--alerts", str(tmp_path / "dir")],

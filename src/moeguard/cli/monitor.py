@@ -158,6 +158,10 @@ def serve(
             "--metrics-token", envvar="MOEGUARD_METRICS_TOKEN",
             help="/metrics answers only 'Authorization: Bearer TOKEN' (its per-client scores would let a client tune "
                  "against the monitor); required to bind beyond localhost")] = None,
+        client_id: Annotated[str, typer.Option(
+            "--client-id", help="whose window a request joins: 'address' (the connection's; an IPv6 one by its /64), "
+                                "'user' (the body's field: the client picks it, so only behind a gateway that sets "
+                                "it) or 'header:NAME' (an identity your authenticating gateway sets)")] = "address",
         model: ModelOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
@@ -165,8 +169,9 @@ def serve(
     from moeguard.io import read_json
     from moeguard.monitor.online import RoutingMonitor
     from moeguard.monitor.profile import Profile
-    from moeguard.monitor.serve import create_app
+    from moeguard.monitor.serve import client_source, create_app
 
+    client_source(client_id)   # a bad spec fails before the model loads
     if not 0 < port < 65536:
         raise MoeguardError(f"--port is {port}", hint="pass a TCP port between 1 and 65535")
     if not 0 < alpha < 1:
@@ -205,8 +210,9 @@ def serve(
                          on_result=_alert_writer(alerts) if alerts is not None else None, raise_errors=False)
     import uvicorn
 
-    app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token)
-    typer.echo(f"serving {handle.name} on http://{host}:{port}/v1/completions (metrics: /metrics)")
+    app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token, client_id=client_id)
+    typer.echo(f"serving {handle.name} on http://{host}:{port}/v1/completions (metrics: /metrics; "
+               f"clients by {client_id})")
     with mon:
         uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
 

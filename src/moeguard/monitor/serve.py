@@ -3,7 +3,10 @@ attached, and ``/metrics``. It is also the example of wiring :class:`RoutingMoni
 server: enter the monitor once, wrap each request's generation in ``monitor.request(client)``.
 
 - ``POST /v1/completions`` ``{"prompt": str, "max_tokens": int, "user": str}``: greedy
-  completion. ``user`` names the client whose windows are scored (default ``anonymous``).
+  completion. Whose window a request joins is ``client_id``'s choice (:func:`client_source`): by
+  default the connection's address (an IPv6 one by its /64, what one subscriber is given), which a
+  client cannot pick per request as it can the body's ``user``; behind an authenticating gateway,
+  ``header:NAME`` (the identity the gateway set) or ``user`` (when the gateway sets it).
 - ``GET /metrics``: Prometheus exposition (per-expert load, alerts, per-client anomaly).
 - ``GET /health``.
 
@@ -20,6 +23,7 @@ answers only ``Authorization: Bearer <token>``.
 # no ``from __future__ import annotations``: FastAPI reads the request model from the endpoint's
 # annotation at run time, and the model is defined inside create_app
 import hmac
+import ipaddress
 import json
 import threading
 import time
@@ -29,11 +33,42 @@ from typing import Any
 from moeguard.monitor.online import RoutingMonitor
 
 MAX_TOKENS = 64
+MAX_CLIENT_CHARS = 128
+CLIENT_SOURCES = "'address', 'user' or 'header:NAME'"
 DRAIN_BYTES = 1 << 20   # what BodyLimit reads past the limit before closing (a reset hides the 413)
 
 
+def client_source(spec: str) -> tuple[str, str | None]:
+    """``client_id`` parsed: ("address", None), ("user", None) or ("header", NAME), or a one-line error."""
+    from moeguard.errors import MoeguardError
+
+    kind, _, header = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind in ("address", "user") and not header:
+        return kind, None
+    if kind == "header" and header.strip() and all(c.isalnum() or c in "-_" for c in header.strip()):
+        return "header", header.strip().lower()
+    raise MoeguardError(f"--client-id is '{spec}'; expected {CLIENT_SOURCES}",
+                        hint="pass --client-id address (the default), or header:X-User-Id behind a gateway that sets it")
+
+
+def _address(host: str | None) -> str:
+    if not host:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:       # a unix socket or a test client's name
+        return host[:MAX_CLIENT_CHARS]
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        return str(mapped)
+    if ip.version == 6:      # a subscriber gets a /64: one address per request would never fill a window
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moeguard", max_prompt_chars: int = 8000,
-               max_body_bytes: int = 64_000, metrics_token: str | None = None):
+               max_body_bytes: int = 64_000, metrics_token: str | None = None, client_id: str = "address"):
     """The ASGI app: the FastAPI app wrapped in :class:`BodyLimit` (the FastAPI app itself, to add
     routes or middleware, is ``.app``). Each request's monitor result goes to the monitor's
     ``on_result`` (server side: alerts to a log, a SIEM, ...) when its batch is scored, never into
@@ -46,7 +81,9 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
 
     from moeguard.tasks.tokens import bos_ids
 
+    source, header = client_source(client_id)
     positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+
     class Completion(BaseModel):
         model_config = ConfigDict(extra="ignore")
         prompt: StrictStr
@@ -56,8 +93,20 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     app = FastAPI(title=f"{name} (moeguard serve)", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
 
+    def client_of(request: Request, body: Completion) -> str | None:
+        if source == "address":
+            return _address(request.client.host if request.client else None)
+        if source == "user":
+            return body.user
+        value = request.headers.get(header, "").strip()
+        return value if value and len(value) <= MAX_CLIENT_CHARS and value.isprintable() else None
+
     @app.post("/v1/completions")
-    def completions(body: Completion) -> Any:
+    def completions(body: Completion, request: Request) -> Any:
+        client = client_of(request, body)
+        if client is None:
+            return JSONResponse({"error": {"message": f"header {header} names the client (1 to {MAX_CLIENT_CHARS} printable "
+                                                      f"characters); this request has none usable"}}, status_code=400)
         if len(body.prompt) > max_prompt_chars:
             return JSONResponse({"error": {"message": f"prompt over {max_prompt_chars} characters"}}, status_code=413)
         # not tasks.tokens.encode: it memoizes, and a server would keep every prompt it was sent
@@ -70,7 +119,7 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
                                                       f"{len(ids) + body.max_tokens - 1} positions; the model has {positions}: "
                                                       f"shorten the prompt or lower max_tokens"}}, status_code=413)
         with lock, torch.no_grad():
-            with monitor.request(body.user):
+            with monitor.request(client):
                 out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                      max_new_tokens=body.max_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
