@@ -129,8 +129,9 @@ def test_windows_follow_the_address_not_the_user_a_client_picks_or_the_gateways_
     prompt = load_records(get_task("arith-compare"), "eval", limit=150)[131]["input"]
     with mon:
         with _serving(create_app(m, tok, mon)) as port:        # the default: by address
-            for i in range(3):   # a new name each time: under 'user' no window would ever fill
-                assert _call(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1, "user": f"u{i}"})[0] == 200
+            for i in range(3):   # a new name, and a new claimed address, each time: neither is believed
+                assert _call(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1, "user": f"u{i}"},
+                             headers={"X-Forwarded-For": f"203.0.113.{i}", "Forwarded": f"for=198.51.100.{i}"})[0] == 200
             _call(port, "GET", "/metrics")
     assert seen == ["127.0.0.1"] * 3
     seen.clear()
@@ -141,11 +142,25 @@ def test_windows_follow_the_address_not_the_user_a_client_picks_or_the_gateways_
             status, _ = _call(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1, "user": "mallory"},
                               headers={"X-User-Id": "team-7"})
             assert status == 200
+            # sent twice (a gateway that appends its header to the client's own): refused, not the first believed
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            c.putrequest("POST", "/v1/completions")
+            payload = json.dumps({"prompt": prompt, "max_tokens": 1}).encode()
+            for k, v in (("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+                         ("X-User-Id", "admin"), ("X-User-Id", "team-7")):
+                c.putheader(k, v)
+            c.endheaders(payload)
+            r = c.getresponse()
+            assert r.status == 400 and "once" in json.loads(r.read())["error"]["message"]
+            c.close()
             _call(port, "GET", "/metrics")
     assert seen == ["team-7"]
-    # IPv6: one subscriber's /64 is one client; an IPv4-mapped address is its IPv4 one
-    assert _address("2001:db8:1:2::1") == _address("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
-    assert _address("2001:db8:1:3::1") != _address("2001:db8:1:2::1")
+    # IPv6: one subscriber's /56 (its delegated prefix) is one client, whichever /64 it sends from;
+    # link-local addresses stay whole with their zone; an IPv4-mapped address is its IPv4 one
+    assert _address("2001:db8:1:2::1") == _address("2001:db8:1:ff:ffff::9") == "2001:db8:1::/56"
+    assert _address("2001:db8:1:100::1") != _address("2001:db8:1:2::1")
+    assert _address("2001:db8:1:2::1", 64) == "2001:db8:1:2::/64"
+    assert _address("fe80::1%eth0") == "fe80::1%eth0" != _address("fe80::1%eth1")
     assert _address("::ffff:10.0.0.7") == "10.0.0.7" and _address(None) == "unknown"
 
 
@@ -154,7 +169,9 @@ def _serving(app):
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False))
+    from moeguard.monitor.serve import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="critical"))   # as `serve` runs it
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     try:
@@ -432,8 +449,12 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
             (["--profile", str(tmp_path / "P.json"), "--host", "0.0.0.0", "--metrics-token", " "], ("--metrics-token is empty",)),
             (["--profile", str(tmp_path / "P.json"), "--metrics-token", "s\u00e9same"], ("beyond printable ASCII",)),
             (["--profile", str(tmp_path / "P.json"), "--client-id", "cookie"],
-             ("--client-id is 'cookie'; expected 'address', 'user' or 'header:NAME'", "header:X-User-Id behind a gateway")),
+             ("--client-id is 'cookie'; expected 'address' (or 'address/N': IPv6 clients by their /N), 'user' or 'header:NAME'",
+              "header:X-User-Id behind a gateway")),
             (["--profile", str(tmp_path / "P.json"), "--client-id", "header:"], ("--client-id is 'header:'",)),
+            (["--profile", str(tmp_path / "P.json"), "--client-id", "user:"], ("--client-id is 'user:'",)),
+            (["--profile", str(tmp_path / "P.json"), "--client-id", "address/16"], ("--client-id is 'address/16'",)),
+            (["--profile", str(tmp_path / "P.json"), "--client-id", "header:X-Us\u00e9r"], ("--client-id is 'header:X-Us\u00e9r'",)),
             (["--profile", str(tmp_path / "Q.json")], ("the profile was made for ./my-finetune, not embedded",
                                                       "use the profiled model (--model)")),
             (["--profile", str(tmp_path / "P.json"), "--alerts", str(tmp_path / "dir")],

@@ -159,7 +159,8 @@ def serve(
             help="/metrics answers only 'Authorization: Bearer TOKEN' (its per-client scores would let a client tune "
                  "against the monitor); required to bind beyond localhost")] = None,
         client_id: Annotated[str, typer.Option(
-            "--client-id", help="whose window a request joins: 'address' (the connection's; an IPv6 one by its /64), "
+            "--client-id", help="whose window a request joins: 'address' (the connection's, never a claimed X-Forwarded-For; an "
+                                "IPv6 one by its /56, 'address/N' for another prefix), "
                                 "'user' (the body's field: the client picks it, so only behind a gateway that sets "
                                 "it) or 'header:NAME' (an identity your authenticating gateway sets)")] = "address",
         model: ModelOpt = None) -> None:
@@ -210,11 +211,13 @@ def serve(
                          on_result=_alert_writer(alerts) if alerts is not None else None, raise_errors=False)
     import uvicorn
 
+    from moeguard.monitor.serve import uvicorn_config
+
     app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token, client_id=client_id)
     typer.echo(f"serving {handle.name} on http://{host}:{port}/v1/completions (metrics: /metrics; "
                f"clients by {client_id})")
     with mon:
-        uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.Server(uvicorn_config(app_, host=host, port=port)).run()
 
 
 def _loopback(host: str) -> bool:

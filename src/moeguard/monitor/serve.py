@@ -4,7 +4,7 @@ server: enter the monitor once, wrap each request's generation in ``monitor.requ
 
 - ``POST /v1/completions`` ``{"prompt": str, "max_tokens": int, "user": str}``: greedy
   completion. Whose window a request joins is ``client_id``'s choice (:func:`client_source`): by
-  default the connection's address (an IPv6 one by its /64, what one subscriber is given), which a
+  default the connection's address (an IPv6 one by its /56, what one subscriber is given), which a
   client cannot pick per request as it can the body's ``user``; behind an authenticating gateway,
   ``header:NAME`` (the identity the gateway set) or ``user`` (when the gateway sets it).
 - ``GET /metrics``: Prometheus exposition (per-expert load, alerts, per-client anomaly).
@@ -28,31 +28,46 @@ import json
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from moeguard.monitor.online import RoutingMonitor
 
 MAX_TOKENS = 64
 MAX_CLIENT_CHARS = 128
-CLIENT_SOURCES = "'address', 'user' or 'header:NAME'"
+CLIENT_SOURCES = "'address' (or 'address/N': IPv6 clients by their /N), 'user' or 'header:NAME'"
 DRAIN_BYTES = 1 << 20   # what BodyLimit reads past the limit before closing (a reset hides the 413)
 
 
-def client_source(spec: str) -> tuple[str, str | None]:
-    """``client_id`` parsed: ("address", None), ("user", None) or ("header", NAME), or a one-line error."""
+@dataclass(frozen=True)
+class ClientSource:
+    """Whose window a request joins (``client_id``; module docstring)."""
+
+    kind: str                   # "address", "user" or "header"
+    header: str | None = None   # lower-case header name (kind "header")
+    v6_prefix: int = 56         # an IPv6 client's network (kind "address")
+
+
+def client_source(spec: str) -> ClientSource:
+    """``client_id`` parsed (``address``, ``address/N``, ``user``, ``header:NAME``), or a one-line error."""
     from moeguard.errors import MoeguardError
 
-    kind, _, header = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind in ("address", "user") and not header:
-        return kind, None
-    if kind == "header" and header.strip() and all(c.isalnum() or c in "-_" for c in header.strip()):
-        return "header", header.strip().lower()
+    s = spec.strip()
+    low = s.lower()
+    if low in ("address", "user"):
+        return ClientSource(low)
+    if low.startswith("address/") and low[8:].isdigit() and 32 <= int(low[8:]) <= 128:
+        return ClientSource("address", v6_prefix=int(low[8:]))
+    kind, sep, header = s.partition(":")
+    # a header name is an HTTP token: ASCII only (the server encodes names as latin-1)
+    if kind.strip().lower() == "header" and header.strip() and all(c.isascii() and (c.isalnum() or c in "-_")
+                                                                    for c in header.strip()):
+        return ClientSource("header", header=header.strip().lower())
     raise MoeguardError(f"--client-id is '{spec}'; expected {CLIENT_SOURCES}",
                         hint="pass --client-id address (the default), or header:X-User-Id behind a gateway that sets it")
 
 
-def _address(host: str | None) -> str:
+def _address(host: str | None, v6_prefix: int = 56) -> str:
     if not host:
         return "unknown"
     try:
@@ -62,9 +77,22 @@ def _address(host: str | None) -> str:
     mapped = getattr(ip, "ipv4_mapped", None)
     if mapped is not None:
         return str(mapped)
-    if ip.version == 6:      # a subscriber gets a /64: one address per request would never fill a window
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    if ip.version == 6 and not ip.is_link_local:
+        # a subscriber is delegated a /56 (RFC 6177) or more: one address, or one /64, per request
+        # would never fill a window. Link-local ones stay whole (with their zone): they share fe80::/64
+        return str(ipaddress.ip_network(f"{ip}/{v6_prefix}", strict=False))
     return str(ip)
+
+
+def uvicorn_config(app, *, host: str, port: int, log_level: str = "warning"):
+    """How ``moeguard serve`` runs the app: the connection's own address, never one a request
+    claims. uvicorn trusts ``X-Forwarded-For`` from loopback peers by default, and with a
+    server on 127.0.0.1 every client is one: a new claimed address per request would never fill
+    a window. Behind a proxy, key clients with ``header:NAME`` instead."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False,
+                          server_header=False)
 
 
 def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moeguard", max_prompt_chars: int = 8000,
@@ -81,7 +109,7 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
 
     from moeguard.tasks.tokens import bos_ids
 
-    source, header = client_source(client_id)
+    source = client_source(client_id)
     positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
 
     class Completion(BaseModel):
@@ -94,19 +122,22 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     lock = threading.Lock()
 
     def client_of(request: Request, body: Completion) -> str | None:
-        if source == "address":
-            return _address(request.client.host if request.client else None)
-        if source == "user":
+        if source.kind == "address":
+            return _address(request.client.host if request.client else None, source.v6_prefix)
+        if source.kind == "user":
             return body.user
-        value = request.headers.get(header, "").strip()
+        values = request.headers.getlist(source.header)
+        if len(values) != 1:   # a gateway that appends instead of replacing would let the client's own copy win
+            return None
+        value = values[0].strip()
         return value if value and len(value) <= MAX_CLIENT_CHARS and value.isprintable() else None
 
     @app.post("/v1/completions")
     def completions(body: Completion, request: Request) -> Any:
         client = client_of(request, body)
         if client is None:
-            return JSONResponse({"error": {"message": f"header {header} names the client (1 to {MAX_CLIENT_CHARS} printable "
-                                                      f"characters); this request has none usable"}}, status_code=400)
+            return JSONResponse({"error": {"message": f"header {source.header} names the client (once, 1 to {MAX_CLIENT_CHARS} "
+                                                      f"printable characters); this request has none usable"}}, status_code=400)
         if len(body.prompt) > max_prompt_chars:
             return JSONResponse({"error": {"message": f"prompt over {max_prompt_chars} characters"}}, status_code=413)
         # not tasks.tokens.encode: it memoizes, and a server would keep every prompt it was sent
