@@ -51,13 +51,17 @@ def test_the_weights_identity_sees_a_rewrite_within_the_second_a_time_keeping_co
     first = weights_identity(str(model))
     assert weights_identity(str(model)) == first                        # nothing changed: the same identity
     st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))          # the same bytes, rewritten 1 ns later
+    assert weights_identity(str(model)) != first
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights_identity(str(model)) == first
     # other weights of the same shapes (the same size), written within the same second
     tensors = {k: v + 1.0 for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights), metadata={"format": "pt"})
     assert weights.stat().st_size == st.st_size
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))          # 1 ns later: seconds saw no change
     assert int(weights.stat().st_mtime) == int(st.st_mtime) and weights_identity(str(model)) != first
-    # a copy that keeps the original's time (cp -p, rsync -a): the sampled bytes differ
+    # a copy that keeps the original's time (cp -p, rsync -a): the bytes differ
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert weights_identity(str(model)) != first
     # the same weights, another top-k in config.json

@@ -79,7 +79,31 @@ def test_torn_states_and_states_of_an_older_format_are_ignored(tmp_path):
     (state / trainstate.META).write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
     assert trainstate.load(state, tag="t", params=params) is None
     (state / trainstate.META).write_text(json.dumps(meta))
+    good = (state / trainstate.STATE).read_bytes()
     (state / trainstate.STATE).write_bytes(b"torn")
     assert trainstate.load(state, tag="t", params=params) is None
+    (state / trainstate.STATE).write_bytes(good)
+    assert trainstate.load(state, tag="t", params=params) is not None
     (state / trainstate.META).write_text("{not json")
     assert trainstate.load(state, tag="t", params=params) is None
+
+
+def test_a_state_whose_optimizer_or_generator_does_not_fit_is_refused_before_anything_is_applied(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    net, opt = _trained()
+    params = dict(net.named_parameters())
+    state = tmp_path / "state"
+    trainstate.save(state, tag="t", step=2, params=params, optimizer=opt)
+    raw = load_file(str(state / trainstate.STATE))
+    for key, bad in (("optim.exp_avg.weight", torch.zeros(5)), ("rng.torch", torch.zeros(3, dtype=torch.uint8))):
+        save_file({**raw, key: bad}, str(state / trainstate.STATE))
+        assert trainstate.load(state, tag="t", params=params) is None, key
+    save_file(raw, str(state / trainstate.STATE))
+    assert trainstate.load(state, tag="t", params=params) is not None
+    # the current state lost a file (a crash mid-save on a filesystem that reorders): the set-aside one is used
+    (tmp_path / ".state.old").mkdir()
+    for f in (trainstate.STATE, trainstate.META):
+        (tmp_path / ".state.old" / f).write_bytes((state / f).read_bytes())
+    (state / trainstate.STATE).unlink()
+    assert trainstate.load(state, tag="t", params=params).step == 2

@@ -60,6 +60,12 @@ class State:
         cuda = self.rng["cuda"]
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+        elif cuda:
+            import warnings
+
+            warnings.warn(f"the state was saved with {len(cuda)} CUDA generators and this process has "
+                          f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} devices: GPU randomness "
+                          f"(dropout, router jitter) will not continue as it would have", stacklevel=2)
         if pyrng is not None and self.rng["python"] is not None:
             version, internal, gauss = self.rng["python"]
             pyrng.setstate((version, tuple(internal), gauss))
@@ -93,14 +99,29 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
     tmp.mkdir(parents=True)
     save_file(out, str(tmp / STATE))
     (tmp / META).write_text(json.dumps(doc))
-    for f in (tmp / STATE, tmp / META):   # on disk before the old state goes (a power loss keeps one whole)
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in (tmp / STATE, tmp / META, tmp):   # on disk before the old state goes (a power loss keeps one whole)
+        _fsync(f)
     if path.exists():                     # (without it, .old may be the only state: a crash between renames)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)             # renamed aside, not deleted: a crash here leaves it in place
     os.replace(tmp, path)
+    _fsync(path.parent)                   # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:   # some filesystems refuse fsync on a folder; the files themselves are synced
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _whole(path: Path) -> bool:
+    return (path / META).exists() and (path / STATE).exists()
 
 
 def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) -> State | None:
@@ -110,9 +131,9 @@ def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) 
 
     path = Path(path)
     old = _aside(path, "old")
-    if not (path / META).exists() and (old / META).exists():
+    if not _whole(path) and _whole(old):
         path = old                        # a crash between the two renames of save()
-    if not ((path / META).exists() and (path / STATE).exists()):
+    if not _whole(path):
         return None
     try:
         doc = json.loads((path / META).read_text())
@@ -135,8 +156,13 @@ def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) 
             random.Random().setstate((version, tuple(internal), gauss))   # a malformed one fails here, not mid-restore
     except Exception:  # noqa: BLE001 -- a torn or foreign state (safetensors raises its own error type)
         return None
+    # everything restore() will use, checked here: a state that passes cannot fail half-way through
+    rng = state.rng["torch"]
     fits = (state.step >= 0 and set(saved) == set(params) and set(optim) <= set(params)
-            and all(saved[n].shape == p.shape for n, p in params.items()))
+            and all(saved[n].shape == p.shape for n, p in params.items())
+            and all(t.dim() == 0 or t.shape == params[n].shape for n, kv in optim.items() for t in kv.values())
+            and rng.dtype == torch.uint8 and rng.dim() == 1 and rng.shape == torch.get_rng_state().shape
+            and all(t.dtype == torch.uint8 and t.dim() == 1 for t in state.rng["cuda"]))
     return state if fits else None
 
 

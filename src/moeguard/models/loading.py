@@ -311,15 +311,18 @@ def meta_model(config):
 
 
 def weights_identity(ref_str: str | None) -> dict[str, Any]:
-    """What notices a changed checkpoint without reading all of it, for resumed runs and cached jobs.
+    """What notices a changed checkpoint, for resumed runs and cached jobs, without reading a large
+    one whole.
 
     Per weight file: its name, size, modification time in nanoseconds (whole seconds missed a file
-    rewritten within the second: same-architecture weights have the same size) and a digest of
-    ``_SAMPLES`` blocks spread over it, header included (a copy that keeps times, ``cp -p`` or
-    ``rsync -a``, of other weights still differs there: retrained weights differ everywhere).
-    ``config.json`` whole: a changed top-k or router setting changes every number with the same
-    weights. A hub id not downloaded to a path is its name only: its files are unknown before the
-    download (pin a revision by passing the local snapshot folder)."""
+    rewritten within the second: same-architecture weights have the same size), and a digest of
+    its bytes: all of them up to ``_WHOLE`` bytes (the embedded and test models; any edit), beyond
+    that ``_SAMPLES`` blocks spread over it, header included. Sampled, a copy that keeps times
+    (``cp -p``, ``rsync -a``) of weights that differ only in a few tensors (router-only or LoRA
+    fine-tuning) can go unseen; the time catches every ordinary write. ``config.json`` whole: a
+    changed top-k or router setting changes every number with the same weights. A hub id not
+    downloaded to a path is its name only: its files are unknown before the download (pin a
+    revision by passing the local snapshot folder)."""
     import hashlib
 
     ref = resolve(ref_str)
@@ -334,11 +337,16 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
         st = f.stat()
         h = hashlib.sha256()
         with open(f, "rb") as fh:
-            for i in range(_SAMPLES):
-                fh.seek(st.st_size * i // _SAMPLES)
-                h.update(fh.read(_BLOCK))
+            if st.st_size <= _WHOLE:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                for i in range(_SAMPLES):
+                    fh.seek(st.st_size * i // _SAMPLES)
+                    h.update(fh.read(_BLOCK))
         files.append([f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]])
     return out
 
 
-_SAMPLES, _BLOCK = 16, 4096   # 64 KiB read per weight file, whatever its size
+_WHOLE = 256 << 20            # files up to this size are hashed whole (about 0.2 s each)
+_SAMPLES, _BLOCK = 16, 4096   # beyond it, 64 KiB read per weight file, whatever its size
