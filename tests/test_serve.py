@@ -153,6 +153,9 @@ def test_windows_follow_the_address_not_the_user_a_client_picks_or_the_gateways_
             r = c.getresponse()
             assert r.status == 400 and "once" in json.loads(r.read())["error"]["message"]
             c.close()
+            status, body = _call(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1},
+                                 headers={"X-User-Id": "admin, team-7"})     # the same, joined on one line
+            assert status == 400 and "no comma" in json.loads(body)["error"]["message"]
             _call(port, "GET", "/metrics")
     assert seen == ["team-7"]
     # IPv6: one subscriber's /56 (its delegated prefix) is one client, whichever /64 it sends from;
@@ -454,6 +457,7 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
             (["--profile", str(tmp_path / "P.json"), "--client-id", "header:"], ("--client-id is 'header:'",)),
             (["--profile", str(tmp_path / "P.json"), "--client-id", "user:"], ("--client-id is 'user:'",)),
             (["--profile", str(tmp_path / "P.json"), "--client-id", "address/16"], ("--client-id is 'address/16'",)),
+            (["--profile", str(tmp_path / "P.json"), "--client-id", "address/\u00b2"], ("--client-id is 'address/\u00b2'",)),
             (["--profile", str(tmp_path / "P.json"), "--client-id", "header:X-Us\u00e9r"], ("--client-id is 'header:X-Us\u00e9r'",)),
             (["--profile", str(tmp_path / "Q.json")], ("the profile was made for ./my-finetune, not embedded",
                                                       "use the profiled model (--model)")),

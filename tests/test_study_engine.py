@@ -74,6 +74,33 @@ def test_the_weights_identity_sees_a_rewrite_within_the_second_a_time_keeping_co
     assert a["files"] == b["files"] and a["config"] != b["config"]
 
 
+def test_a_one_byte_edit_in_a_time_keeping_copy_is_seen_whole_and_can_be_missed_sampled(tmp_path, monkeypatch):
+    import struct
+
+    from moeguard.models import loading
+    from moeguard.models.loading import weights_identity
+    from moeguard.testing import tiny_model
+
+    model = tmp_path / "m"
+    tiny_model("mixtral").save_pretrained(model)
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    size, start = len(data), 8 + struct.unpack("<Q", data[:8])[0]
+    blocks = [(size * i // loading._SAMPLES, size * i // loading._SAMPLES + loading._BLOCK) for i in range(loading._SAMPLES)]
+    # the first weight byte outside every sampled block (a small tuned tensor, as router-only training leaves)
+    at = next(o for o in range(start, size) if not any(a <= o < b for a, b in blocks))
+    st = weights.stat()
+    whole_before = weights_identity(str(model))
+    monkeypatch.setattr(loading, "_WHOLE", 0)
+    sampled_before = weights_identity(str(model))
+    data[at] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))             # a copy that kept the time
+    assert weights_identity(str(model)) == sampled_before               # sampled: unseen (documented)
+    monkeypatch.setattr(loading, "_WHOLE", 256 << 20)
+    assert weights_identity(str(model)) != whole_before                 # whole, as for any checkpoint <= 256 MiB: seen
+
+
 def test_an_upstream_result_passed_on_names_the_job_by_its_numbers_not_its_timing():
     # a recovery curve job takes its prepare job's evaluation, which records how long it took:
     # recomputing the prepare (a resumed run) must not rename the curve job and redo it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 
 from moeguard import trainstate
@@ -107,3 +108,40 @@ def test_a_state_whose_optimizer_or_generator_does_not_fit_is_refused_before_any
         (tmp_path / ".state.old" / f).write_bytes((state / f).read_bytes())
     (state / trainstate.STATE).unlink()
     assert trainstate.load(state, tag="t", params=params).step == 2
+
+
+def test_a_crash_while_replacing_a_broken_state_keeps_the_whole_one_set_aside(tmp_path, monkeypatch):
+    net, opt = _trained()
+    params = dict(net.named_parameters())
+    state = tmp_path / "state"
+    trainstate.save(state, tag="t", step=2, params=params, optimizer=opt)
+    state.rename(tmp_path / ".state.old")              # the whole state, set aside
+    state.mkdir()
+    (state / trainstate.META).write_text("{}")          # and a broken one in its place
+    real = trainstate.os.replace
+
+    def crash(src, dst):
+        if str(src).endswith(".tmp"):                   # the new state never reaches its place
+            raise OSError("power loss")
+        return real(src, dst)
+    monkeypatch.setattr(trainstate.os, "replace", crash)
+    with pytest.raises(OSError):
+        trainstate.save(state, tag="t", step=4, params=params, optimizer=opt)
+    monkeypatch.setattr(trainstate.os, "replace", real)
+    assert trainstate.load(state, tag="t", params=params).step == 2
+
+
+def test_generators_of_a_gpu_run_that_cannot_be_restored_are_named_in_a_warning(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    net, opt = _trained()
+    params = dict(net.named_parameters())
+    state = tmp_path / "state"
+    trainstate.save(state, tag="t", step=1, params=params, optimizer=opt)
+    raw = load_file(str(state / trainstate.STATE))
+    save_file({**raw, "rng.cuda.0": torch.zeros(16, dtype=torch.uint8)}, str(state / trainstate.STATE))
+    got = trainstate.load(state, tag="t", params=params)
+    if torch.cuda.is_available() and torch.cuda.device_count() == 1:
+        pytest.skip("one CUDA device here: the generator is restored")
+    with pytest.warns(UserWarning, match="saved with 1 CUDA generators"):
+        got.restore(params, opt)

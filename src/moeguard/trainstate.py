@@ -11,7 +11,8 @@ What every trainer needs is here; what is its own rides along (``tensors``, ``me
   (not deleted: a crash between the two renames leaves it, and ``load`` falls back to it), then the
   new one renamed into place;
 - **read, then checked, then applied**: ``load`` reads and checks everything (format, the run's
-  ``tag``, every parameter's name and shape, the optimizer's keys) without touching the model; a
+  ``tag``, every parameter's name and shape, the optimizer's tensors' owners and shapes, the
+  generators' states) without touching the model; a
   state of other settings, of an older format, or torn by a crash is ignored (None) and the run
   starts over rather than trust it. ``State.restore`` then writes it into the model.
 """
@@ -101,6 +102,8 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
     (tmp / META).write_text(json.dumps(doc))
     for f in (tmp / STATE, tmp / META, tmp):   # on disk before the old state goes (a power loss keeps one whole)
         _fsync(f)
+    if path.exists() and not _whole(path) and _whole(old):
+        shutil.rmtree(path)               # a broken state beside a whole set-aside one: keep the whole one
     if path.exists():                     # (without it, .old may be the only state: a crash between renames)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)             # renamed aside, not deleted: a crash here leaves it in place
@@ -110,7 +113,12 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:   # Windows does not open folders this way (nor need it: renames are journaled there)
+        if path.is_dir():
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:   # some filesystems refuse fsync on a folder; the files themselves are synced
@@ -160,9 +168,10 @@ def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) 
     rng = state.rng["torch"]
     fits = (state.step >= 0 and set(saved) == set(params) and set(optim) <= set(params)
             and all(saved[n].shape == p.shape for n, p in params.items())
-            and all(t.dim() == 0 or t.shape == params[n].shape for n, kv in optim.items() for t in kv.values())
+            and all(t.shape == params[n].shape or (k == "step" and t.dim() == 0)
+                    for n, kv in optim.items() for k, t in kv.items())
             and rng.dtype == torch.uint8 and rng.dim() == 1 and rng.shape == torch.get_rng_state().shape
-            and all(t.dtype == torch.uint8 and t.dim() == 1 for t in state.rng["cuda"]))
+            and all(t.dtype == torch.uint8 and t.shape == (16,) for t in state.rng["cuda"]))   # Philox: seed, offset
     return state if fits else None
 
 

@@ -316,8 +316,9 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
 
     Per weight file: its name, size, modification time in nanoseconds (whole seconds missed a file
     rewritten within the second: same-architecture weights have the same size), and a digest of
-    its bytes: all of them up to ``_WHOLE`` bytes (the embedded and test models; any edit), beyond
-    that ``_SAMPLES`` blocks spread over it, header included. Sampled, a copy that keeps times
+    its bytes: all of them when the checkpoint's weights total at most ``_WHOLE`` bytes (the
+    embedded and test models; any edit), beyond that ``_SAMPLES`` blocks spread over each file,
+    header included. Sampled, a copy that keeps times
     (``cp -p``, ``rsync -a``) of weights that differ only in a few tensors (router-only or LoRA
     fine-tuning) can go unseen; the time catches every ordinary write. ``config.json`` whole: a
     changed top-k or router setting changes every number with the same weights. A hub id not
@@ -333,11 +334,13 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     config = ref.path / "config.json"
     if config.exists():
         out["config"] = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
-    for f in sorted(ref.path.glob("*.safetensors")):
+    weights = sorted(ref.path.glob("*.safetensors"))
+    whole = sum(f.stat().st_size for f in weights) <= _WHOLE   # the checkpoint's total: many shards cost the same
+    for f in weights:
         st = f.stat()
         h = hashlib.sha256()
         with open(f, "rb") as fh:
-            if st.st_size <= _WHOLE:
+            if whole:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
             else:
@@ -348,5 +351,5 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     return out
 
 
-_WHOLE = 256 << 20            # files up to this size are hashed whole (about 0.2 s each)
+_WHOLE = 256 << 20            # checkpoints up to this size are hashed whole (about 0.2 s)
 _SAMPLES, _BLOCK = 16, 4096   # beyond it, 64 KiB read per weight file, whatever its size

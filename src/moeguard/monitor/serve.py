@@ -25,6 +25,7 @@ answers only ``Authorization: Bearer <token>``.
 import hmac
 import ipaddress
 import json
+import re
 import threading
 import time
 import uuid
@@ -56,8 +57,9 @@ def client_source(spec: str) -> ClientSource:
     low = s.lower()
     if low in ("address", "user"):
         return ClientSource(low)
-    if low.startswith("address/") and low[8:].isdigit() and 32 <= int(low[8:]) <= 128:
-        return ClientSource("address", v6_prefix=int(low[8:]))
+    m = re.fullmatch(r"address/([0-9]{1,3})", low)
+    if m and 32 <= int(m.group(1)) <= 128:
+        return ClientSource("address", v6_prefix=int(m.group(1)))
     kind, sep, header = s.partition(":")
     # a header name is an HTTP token: ASCII only (the server encodes names as latin-1)
     if kind.strip().lower() == "header" and header.strip() and all(c.isascii() and (c.isalnum() or c in "-_")
@@ -130,14 +132,15 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
         if len(values) != 1:   # a gateway that appends instead of replacing would let the client's own copy win
             return None
         value = values[0].strip()
-        return value if value and len(value) <= MAX_CLIENT_CHARS and value.isprintable() else None
+        # a comma: the same appending gateway, joining the values on one line (RFC 9110 allows it)
+        return value if value and len(value) <= MAX_CLIENT_CHARS and value.isprintable() and "," not in value else None
 
     @app.post("/v1/completions")
     def completions(body: Completion, request: Request) -> Any:
         client = client_of(request, body)
         if client is None:
             return JSONResponse({"error": {"message": f"header {source.header} names the client (once, 1 to {MAX_CLIENT_CHARS} "
-                                                      f"printable characters); this request has none usable"}}, status_code=400)
+                                                      f"printable characters, no comma); this request has none usable"}}, status_code=400)
         if len(body.prompt) > max_prompt_chars:
             return JSONResponse({"error": {"message": f"prompt over {max_prompt_chars} characters"}}, status_code=413)
         # not tasks.tokens.encode: it memoizes, and a server would keep every prompt it was sent
