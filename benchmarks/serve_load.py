@@ -34,7 +34,7 @@ def main() -> None:
     from moeguard.models.loading import load_model
     from moeguard.monitor.online import RoutingMonitor
     from moeguard.monitor.profile import build
-    from moeguard.monitor.serve import create_app
+    from moeguard.monitor.serve import create_app, uvicorn_config
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import get_task
 
@@ -47,8 +47,8 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # the 8 clients share one loopback address: keyed on their 'user' field, as before --client-id existed
-    server = uvicorn.Server(uvicorn.Config(create_app(m, tok, mon, client_id="user"), host="127.0.0.1", port=port, log_level="error",
-                                           access_log=False))
+    server = uvicorn.Server(uvicorn_config(create_app(m, tok, mon, client_id="user"), host="127.0.0.1", port=port,
+                                           log_level="error"))   # as `moeguard serve` runs it
     statuses: Counter = Counter()
     errors: list[str] = []
     lock = threading.Lock()

@@ -21,6 +21,15 @@ def _trained(seed: int = 0):
     return net, opt
 
 
+def _saved(tmp_path, *, step: int):
+    """A trained layer, its parameters, its optimizer, and its state saved at ``step`` in tmp_path/state."""
+    net, opt = _trained()
+    params = dict(net.named_parameters())
+    state = tmp_path / "state"
+    trainstate.save(state, tag="t", step=step, params=params, optimizer=opt)
+    return net, opt, params, state
+
+
 def test_a_restored_state_continues_exactly_as_the_run_it_was_saved_from(tmp_path):
     net, opt = _trained()
     pyrng = random.Random(5)
@@ -46,10 +55,7 @@ def test_a_restored_state_continues_exactly_as_the_run_it_was_saved_from(tmp_pat
 
 
 def test_a_state_survives_a_crash_between_its_two_renames_and_a_bad_one_changes_nothing(tmp_path):
-    net, opt = _trained()
-    params = dict(net.named_parameters())
-    state = tmp_path / "state"
-    trainstate.save(state, tag="t", step=3, params=params, optimizer=opt)
+    net, opt, params, state = _saved(tmp_path, step=3)
     saved = {n: p.detach().clone() for n, p in params.items()}
     state.rename(tmp_path / ".state.old")           # the crash: set aside, the new one not in place yet
     with torch.no_grad():
@@ -69,10 +75,7 @@ def test_a_state_survives_a_crash_between_its_two_renames_and_a_bad_one_changes_
 
 
 def test_torn_states_and_states_of_an_older_format_are_ignored(tmp_path):
-    net, opt = _trained()
-    params = dict(net.named_parameters())
-    state = tmp_path / "state"
-    trainstate.save(state, tag="t", step=2, params=params, optimizer=opt)
+    net, opt, params, state = _saved(tmp_path, step=2)
     assert trainstate.load(state, tag="t", params=params) is not None
     meta = json.loads((state / trainstate.META).read_text())
     # before one format served every trainer, fine-tuning wrote optim.<param>.<key>: that key order
@@ -92,10 +95,7 @@ def test_torn_states_and_states_of_an_older_format_are_ignored(tmp_path):
 def test_a_state_whose_optimizer_or_generator_does_not_fit_is_refused_before_anything_is_applied(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    net, opt = _trained()
-    params = dict(net.named_parameters())
-    state = tmp_path / "state"
-    trainstate.save(state, tag="t", step=2, params=params, optimizer=opt)
+    net, opt, params, state = _saved(tmp_path, step=2)
     raw = load_file(str(state / trainstate.STATE))
     for key, bad in (("optim.exp_avg.weight", torch.zeros(5)), ("rng.torch", torch.zeros(3, dtype=torch.uint8))):
         save_file({**raw, key: bad}, str(state / trainstate.STATE))
@@ -111,10 +111,7 @@ def test_a_state_whose_optimizer_or_generator_does_not_fit_is_refused_before_any
 
 
 def test_a_crash_while_replacing_a_broken_state_keeps_the_whole_one_set_aside(tmp_path, monkeypatch):
-    net, opt = _trained()
-    params = dict(net.named_parameters())
-    state = tmp_path / "state"
-    trainstate.save(state, tag="t", step=2, params=params, optimizer=opt)
+    net, opt, params, state = _saved(tmp_path, step=2)
     state.rename(tmp_path / ".state.old")              # the whole state, set aside
     state.mkdir()
     (state / trainstate.META).write_text("{}")          # and a broken one in its place
@@ -134,10 +131,7 @@ def test_a_crash_while_replacing_a_broken_state_keeps_the_whole_one_set_aside(tm
 def test_generators_of_a_gpu_run_that_cannot_be_restored_are_named_in_a_warning(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    net, opt = _trained()
-    params = dict(net.named_parameters())
-    state = tmp_path / "state"
-    trainstate.save(state, tag="t", step=1, params=params, optimizer=opt)
+    net, opt, params, state = _saved(tmp_path, step=1)
     raw = load_file(str(state / trainstate.STATE))
     save_file({**raw, "rng.cuda.0": torch.zeros(16, dtype=torch.uint8)}, str(state / trainstate.STATE))
     got = trainstate.load(state, tag="t", params=params)

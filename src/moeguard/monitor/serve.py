@@ -36,6 +36,7 @@ from moeguard.monitor.online import RoutingMonitor
 
 MAX_TOKENS = 64
 MAX_CLIENT_CHARS = 128
+V6_PREFIX = 56          # a subscriber is delegated a /56 (RFC 6177) or more
 CLIENT_SOURCES = "'address' (or 'address/N': IPv6 clients by their /N), 'user' or 'header:NAME'"
 DRAIN_BYTES = 1 << 20   # what BodyLimit reads past the limit before closing (a reset hides the 413)
 
@@ -46,7 +47,7 @@ class ClientSource:
 
     kind: str                   # "address", "user" or "header"
     header: str | None = None   # lower-case header name (kind "header")
-    v6_prefix: int = 56         # an IPv6 client's network (kind "address")
+    v6_prefix: int = V6_PREFIX  # an IPv6 client's network (kind "address")
 
 
 def client_source(spec: str) -> ClientSource:
@@ -69,7 +70,7 @@ def client_source(spec: str) -> ClientSource:
                         hint="pass --client-id address (the default), or header:X-User-Id behind a gateway that sets it")
 
 
-def _address(host: str | None, v6_prefix: int = 56) -> str:
+def _address(host: str | None, v6_prefix: int = V6_PREFIX) -> str:
     if not host:
         return "unknown"
     try:
@@ -80,8 +81,8 @@ def _address(host: str | None, v6_prefix: int = 56) -> str:
     if mapped is not None:
         return str(mapped)
     if ip.version == 6 and not ip.is_link_local:
-        # a subscriber is delegated a /56 (RFC 6177) or more: one address, or one /64, per request
-        # would never fill a window. Link-local ones stay whole (with their zone): they share fe80::/64
+        # one address, or one /64, of a subscriber's prefix per request would never fill a window;
+        # link-local ones stay whole (with their zone): they all share fe80::/64
         return str(ipaddress.ip_network(f"{ip}/{v6_prefix}", strict=False))
     return str(ip)
 
