@@ -112,3 +112,28 @@ def test_an_upstream_result_passed_on_names_the_job_by_its_numbers_not_its_timin
     assert first.key == again.key
     assert curve({"score": 52.09, "elapsed_s": 0.123, "per_round": [{"labels": 8, "train_s": 1.5}]}).key != first.key
     assert curve({"score": 52.08, "elapsed_s": 0.1, "per_round": [{"labels": 16, "train_s": 2.0}]}).key != first.key
+
+
+def test_a_hub_ids_identity_is_the_commit_its_cached_config_resolves_to(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from moeguard.models.loading import weights_identity
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert weights_identity("org/moe") == {"name": "org/moe", "files": []}    # not cached: the name only
+    repo = tmp_path / "models--org--moe"
+
+    def publish(commit: str, config: str) -> None:         # what a download leaves: a snapshot, main -> it
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text(config)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    publish("a" * 40, '{"num_experts_per_tok": 2}')
+    first = weights_identity("org/moe")
+    assert first["revision"] == "a" * 40 and first["config"] and weights_identity("org/moe") == first
+    # main moved to a new commit (the same config, new weights): the key changes, so stages re-run
+    publish("b" * 40, '{"num_experts_per_tok": 2}')
+    moved = weights_identity("org/moe")
+    assert moved["revision"] == "b" * 40 and moved != first and moved["config"] == first["config"]
+    assert weights_identity("org/other") == {"name": "org/other", "files": []}

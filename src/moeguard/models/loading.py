@@ -321,15 +321,24 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     header included. Sampled, a copy that keeps times
     (``cp -p``, ``rsync -a``) of weights that differ only in a few tensors (router-only or LoRA
     fine-tuning) can go unseen; the time catches every ordinary write. ``config.json`` whole: a
-    changed top-k or router setting changes every number with the same weights. A hub id not
-    downloaded to a path is its name only: its files are unknown before the download (pin a
-    revision by passing the local snapshot folder)."""
+    changed top-k or router setting changes every number with the same weights.
+
+    A hub id is its name and the commit its cached ``config.json`` resolves to (``revision``; the
+    edge has read the config, so it is cached by then): files under a commit are immutable, and
+    the weights, fetched later, come from the same commit. A new commit on the hub (``main``
+    moved) changes it; the cache is read, never the network."""
     import hashlib
 
     ref = resolve(ref_str)
     files: list[list[Any]] = []
     out: dict[str, Any] = {"name": ref.name, "files": files}
-    if ref.path is None or not ref.path.is_dir():
+    if ref.path is None:
+        snapshot = _hub_snapshot(ref.hub_id)
+        if snapshot is not None:
+            out["revision"] = snapshot.name
+            out["config"] = hashlib.sha256((snapshot / "config.json").read_bytes()).hexdigest()[:16]
+        return out
+    if not ref.path.is_dir():
         return out
     config = ref.path / "config.json"
     if config.exists():
@@ -349,6 +358,15 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
                     h.update(fh.read(_BLOCK))
         files.append([f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]])
     return out
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder (named by its commit) that ``repo_id``'s ``main`` resolves to in the
+    Hugging Face cache, or ``None`` when its config is not cached. Reads the cache only."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
 _WHOLE = 256 << 20            # checkpoints up to this size are hashed whole (about 0.2 s)
