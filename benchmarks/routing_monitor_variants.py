@@ -10,10 +10,13 @@ session, side by side.
 - ``spread``: one-sided dispersion, ``c'Kc - mean_{i != j} k(x_i, x_j)``: positive when a window's
   prompts are more spread out than benign users of the same topics (what a k-center coreset
   selection should look like);
-- ``narrow``: the MMD with a quarter of the bandwidth (more weight on local structure).
+- ``narrow``: the MMD with a quarter of the bandwidth (more weight on local structure);
+- ``fitted``: the MMD against the best-fitting mix of benign topics, not the nearest-topic shares
+  (``_fitted_mix.py``).
 
 Reported per variant and attack type: the window AUROC of the statistic alone and of the combined
-p-value, and the false-positive rate at 90% detection.
+p-value, and the false-positive rate at 90% detection; per variant, the share of benign windows
+alerting at 0.01.
 """
 
 from __future__ import annotations
@@ -59,10 +62,12 @@ def child(variant: str, out: str) -> None:
 
     from moeguard.monitor import embed
 
+    from _fitted_mix import fitted_drift
+
     global _DRIFT
     _DRIFT = embed.KernelReference.drift
     if variant != "drift":
-        embed.KernelReference.drift = {"spread": _spread, "narrow": _narrow}[variant]
+        embed.KernelReference.drift = {"spread": _spread, "narrow": _narrow, "fitted": fitted_drift}[variant]
     sys.argv = ["routing_monitor.py", "--out", out]
     runpy.run_path(str(HERE / "routing_monitor.py"), run_name="__main__")
 
@@ -76,10 +81,10 @@ def main() -> None:
     if args.child:
         return child(*args.child)
     variants = args.variants.split(",")
-    unknown = sorted(set(variants) - {"drift", "spread", "narrow"})
+    unknown = sorted(set(variants) - {"drift", "spread", "narrow", "fitted"})
     if unknown:
-        sys.exit(f"routing_monitor_variants.py: unknown variants {unknown}; expected drift, spread, narrow")
-    results, seconds = {}, {}
+        sys.exit(f"routing_monitor_variants.py: unknown variants {unknown}; expected drift, spread, narrow, fitted")
+    results, seconds, benign = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:       # one at a time: two torch jobs on 2 cores slow each other
             began = time.perf_counter()
@@ -89,10 +94,13 @@ def main() -> None:
             w = json.loads(Path(out).read_text())["results"]["per_window"]
             results[v] = {a: {"statistic_auroc": w[a]["auroc_by_statistic"]["drift"], "combined_auroc": w[a]["auroc"],
                               "fpr_at_90pct_detection": w[a]["fpr_at_90pct_detection"]} for a in ATTACKS}
+            benign[v] = w["benign_alert_rate_at_0.01"]
     for a in ATTACKS:
         print(f"{a:20s} " + "  ".join(f"{v}: {results[v][a]['statistic_auroc']:.3f}/{results[v][a]['combined_auroc']:.3f}"
                                       for v in variants))
+    print("benign windows alerting at 0.01: " + "  ".join(f"{v}: {benign[v]:.3f}" for v in variants))
     path = write_result("routing_monitor_variants", {"variants": variants, "per_window": results, "seconds": seconds,
+                                                     "benign_window_alert_rate_at_0.01": benign,
                                                      "note": "statistic_auroc: the variant alone (below 0.5: attack "
                                                              "windows score lower than benign ones); combined_auroc: "
                                                              "the window p-value with it in drift's place"}, args.out)
