@@ -108,6 +108,30 @@ def test_corrupt_safetensors(capsys, tmp_path, mixtral_dir, damage):
     assert_clean_error(code, err, "not a valid safetensors file")
 
 
+@pytest.mark.parametrize("edit,needle", [
+    (lambda h: list(h), "header is a JSON list"),
+    (lambda h: {k: ({kk: vv for kk, vv in v.items() if kk != "shape"} if k != "__metadata__" else v) for k, v in h.items()},
+     "lacks dtype, shape or data_offsets"),
+    (lambda h: {k: ({**v, "dtype": "F16"} if k != "__metadata__" and v["dtype"] == "F32" else v) for k, v in h.items()},
+     "bytes, its F16 shape"),                     # the dtype changed, the offsets not: a reader would misread
+    (lambda h: {k: ({**v, "shape": [-1]} if k != "__metadata__" else v) for k, v in h.items()}, "expected a list of sizes"),
+    (lambda h: {k: ({**v, "dtype": "Q9"} if k != "__metadata__" else v) for k, v in h.items()}, "unknown dtype 'Q9'"),
+])
+def test_a_safetensors_header_that_lies_is_one_line(capsys, tmp_path, mixtral_dir, edit, needle):
+    import shutil
+    import struct
+
+    d = tmp_path / "m"
+    shutil.copytree(mixtral_dir, d)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    head = json.dumps(edit(json.loads(data[8:8 + n]))).encode()
+    f.write_bytes(struct.pack("<Q", len(head)) + head + data[8 + n:])
+    code, _, err = run(["info", "--model", str(d)], capsys)
+    assert_clean_error(code, err, "not a valid safetensors file", needle)
+
+
 def test_pickle_only_checkpoint_is_refused(capsys, tmp_path, mixtral_dir):
     import shutil
 

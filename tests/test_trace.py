@@ -237,6 +237,85 @@ def test_a_damaged_fingerprint_or_gguf_is_a_one_line_error(fp, tmp_path):
         load_gguf(tmp_path / "bad.gguf")
 
 
+@pytest.mark.parametrize("damage,needle", [
+    (lambda meta, t: meta.update(layers=[1, 3, 5, 7]), "'layers' must list distinct"),
+    (lambda meta, t: meta.update(anchor_tokens=[["x"]] + meta["anchor_tokens"][1:]), "'anchor_tokens' must be token strings"),
+    (lambda meta, t: meta.update(H=meta["H"][:8]), "does not fit"),           # the tensors were built with more
+    (lambda meta, t: t.update({"0.rows": t["0.rows"][:, :, :3]}), "0.rows has shape"),
+])
+def test_a_fingerprint_whose_parts_disagree_is_one_line(fp, tmp_path, damage, needle):
+    from safetensors.numpy import load_file, save_file
+
+    from moeguard.trace.fingerprint import Fingerprint
+
+    fp.save(tmp_path / "fp")
+    meta = json.loads((tmp_path / "fp" / "fingerprint.json").read_text())
+    tensors = load_file(str(tmp_path / "fp" / "fingerprint.safetensors"))
+    damage(meta, tensors)
+    (tmp_path / "fp" / "fingerprint.json").write_text(json.dumps(meta))
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp_path / "fp" / "fingerprint.safetensors"))
+    with pytest.raises(MoeguardError, match=needle):
+        Fingerprint.load(tmp_path / "fp")
+
+
+def test_a_suspect_with_nan_weights_is_refused_not_given_a_p_value_of_zero(embedded, fp):
+    import copy
+
+    m, tok = embedded
+    broken = copy.deepcopy(m)
+    with torch.no_grad():
+        next(p for n, p in broken.named_parameters() if "experts" in n).view(-1)[:7] = float("nan")
+    with pytest.raises(MoeguardError, match="MoE layer 0 holds NaN or infinite weights"):
+        run_trace(fp, weights(broken, tok))
+
+
+def test_a_streamed_suspect_whose_embedding_disagrees_with_its_config_is_one_line(embedded, tmp_path):
+    import struct
+
+    from moeguard.testing import tiny_model
+    from moeguard.trace import stream
+
+    _, tok = embedded
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    head = json.loads(data[8:8 + n])
+    e = head["model.embed_tokens.weight"]
+    e["shape"] = [e["shape"][0] * e["shape"][1]]          # a valid tensor, the wrong rank
+    raw = json.dumps(head).encode()
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    with pytest.raises(MoeguardError, match=r"model.embed_tokens.weight has shape \[\d+\], expected \[vocab, \d+\]"):
+        stream.StreamedCheckpoint.open(str(tmp_path))
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"blk.0.ffn_down_exps.weight": (4, 16)}, r"blk.0.ffn_down_exps.weight has shape \[4, 16\], expected \[4, 8, 16\]"),
+    ({"blk.0.ffn_gate_inp.weight": (3, 8)}, r"ffn_gate_inp.weight has shape \[3, 8\], expected \[4, 8\]"),
+    ({"tokens": 40}, "lists 40 tokens for 32 embedding rows"),
+])
+def test_a_gguf_whose_shapes_disagree_is_one_line(tmp_path, bad, needle):
+    import gguf
+
+    from moeguard.trace.gguf import load_gguf
+
+    shapes = {"token_embd.weight": (32, 8), "blk.0.attn_norm.weight": (8,), "blk.0.ffn_gate_inp.weight": (4, 8),
+              "blk.0.ffn_gate_exps.weight": (4, 16, 8), "blk.0.ffn_up_exps.weight": (4, 16, 8),
+              "blk.0.ffn_down_exps.weight": (4, 8, 16)}
+    shapes.update({k: v for k, v in bad.items() if k != "tokens"})
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "llama")
+    w.add_token_list([f"t{i}" for i in range(bad.get("tokens", 32))])
+    for name, shape in shapes.items():
+        w.add_tensor(name, np.ones(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(MoeguardError, match=needle):
+        load_gguf(tmp_path / "x.gguf")
+
+
 def test_a_gguf_export_traces_to_its_source_and_says_how_it_was_quantized(embedded, fp, tmp_path):
     from moeguard.trace.gguf import export_gguf, load_gguf
 
@@ -329,6 +408,11 @@ def test_a_suspect_without_tokenizer_or_in_quantized_storage_is_refused_before_t
     assert main(["trace", "--suspect", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "cannot load the tokenizer" in err and "token strings" in err, err
+    (tmp_path / "s" / "tokenizer.json").write_text('{"model": 5}')     # damaged: tokenizers raises a KeyError
+    assert main(["trace", "--suspect", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "cannot load the tokenizer" in err and "token strings" in err, err
+    (tmp_path / "s" / "tokenizer.json").unlink()
     tok.save_pretrained(tmp_path / "s")
     sd = load_file(tmp_path / "s" / "model.safetensors")
     key = next(k for k in sd if "experts" in k)

@@ -88,8 +88,16 @@ def safetensors_files(path: Path) -> list[Path]:
                         hint="pass a checkpoint directory saved with safe_serialization")
 
 
+# bits per element of every dtype the safetensors format names (sub-byte floats are packed)
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+               "F8_E8M0": 8, "E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16,
+               "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
+
+
 def check_safetensors(file: Path) -> None:
-    """Validate a safetensors file's header against its size (catches truncation and corruption)."""
+    """Validate a safetensors file's header (every entry's dtype, shape and byte span, which must
+    tile the data exactly) against its size: catches truncation and corruption before any reader
+    trusts a field."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -97,10 +105,36 @@ def check_safetensors(file: Path) -> None:
             if n <= 0 or 8 + n > size:
                 raise ValueError("header length beyond end of file")
             header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+        spans = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+                raise ValueError(f"tensor {name!r} lacks dtype, shape or data_offsets")
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if dtype not in _DTYPE_BITS:
+                raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise ValueError(f"tensor {name!r} has shape {shape!r}, expected a list of sizes")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1]):
+                raise ValueError(f"tensor {name!r} has data_offsets {offsets!r}")
+            count = 1
+            for d in shape:
+                count *= d
+            if offsets[1] - offsets[0] != -(-count * _DTYPE_BITS[dtype] // 8):
+                raise ValueError(f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its {dtype} shape "
+                                 f"{shape} needs {-(-count * _DTYPE_BITS[dtype] // 8)}")
+            spans.append(offsets)
+        spans.sort()
+        if any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or (spans and spans[0][0] != 0):
+            raise ValueError("its tensors' byte spans overlap or leave gaps")
+        end = spans[-1][1] if spans else 0
         if 8 + n + end != size:
             raise ValueError(f"file has {size} bytes, its header describes {8 + n + end}")
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise MoeguardError(f"{file} is not a valid safetensors file ({e})",
                             hint="the file is truncated or corrupt; re-download or re-save it") from None
 
@@ -115,6 +149,18 @@ def inspect(ref_str: str | None) -> tuple[ModelRef, object, FamilySpec]:
         for f in safetensors_files(ref.path):
             check_safetensors(f)
     return ref, config, family
+
+
+def load_tokenizer(where: str, *, hint: str = "the checkpoint directory needs tokenizer files (tokenizer.json)"):
+    """``AutoTokenizer.from_pretrained(where)``, or a one-line error: a damaged tokenizer.json raises
+    KeyError, TypeError or the tokenizers library's bare Exception, not only OSError/ValueError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except Exception as e:  # noqa: BLE001 -- any failure to read the files is the user's input, one line
+        first = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise MoeguardError(f"cannot load the tokenizer of {where}: {first}", hint=hint) from None
 
 
 def check_config(config, family: FamilySpec, *, where: str) -> None:
@@ -159,7 +205,6 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     GPUs, where present, keep their own memory. See :func:`offload_settings`.
     """
     import torch
-    from transformers import AutoTokenizer
 
     from moeguard.models.prune import resized_construction
 
@@ -168,11 +213,7 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     cls = model_class(config)   # before the tokenizer and the weights: a type with no LM class fails here
     tokenizer = None
     if with_tokenizer:  # before the weights: a missing tokenizer should not cost a full load
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where)
-        except (OSError, ValueError) as e:
-            raise MoeguardError(f"cannot load the tokenizer of {where}: {str(e).splitlines()[0]}",
-                                hint="the checkpoint directory needs tokenizer files (tokenizer.json)") from None
+        tokenizer = load_tokenizer(where)
     offload, made_folder = {}, None
     if max_memory is not None:   # after the tokenizer: a failed load leaves no temporary folder behind
         offload, made_folder = offload_settings(max_memory, device_map=device_map, folder=offload_folder)

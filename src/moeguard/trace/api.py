@@ -105,6 +105,10 @@ def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None) -> dict[str
     for position, own_index in enumerate(own_layers):
         own = fp.layer(own_index)
         sk = suspect.sketch(position, H, frame)
+        if not all(np.isfinite(x).all() for x in (sk.ka, sk.kb, sk.v)):
+            # a NaN similarity is never >= the observed one: the test's count would be 0, a p-value of 0
+            raise MoeguardError(f"the suspect's MoE layer {sk.index} holds NaN or infinite weights",
+                                hint="the checkpoint is damaged (or was saved from a diverged run); trace a sound copy")
         f = features(sk)
         s_a, s_b = cosine(own["a"], f["a"], own["mu_a"]), cosine(own["b"], f["b"], own["mu_b"])
         test = layer_test(s_a, s_b, rng=rng)

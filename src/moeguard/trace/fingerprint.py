@@ -103,13 +103,32 @@ def _check(meta: Any, tensors: dict[str, np.ndarray], path: Path) -> None:
     d, m = meta["hidden"], len(meta["H"])
     if not all(isinstance(h, int) and 0 <= h < d for h in meta["H"]) or m < 8:
         raise MoeguardError(f"{path / META}: 'H' must list at least 8 hidden dimensions below {d}", hint=fix)
-    need = ["anchors"] + [f"{l.get('index')}.{k}" for l in meta["layers"] for k in _PER_LAYER]
+    layers = meta["layers"]
+    if not layers or not all(isinstance(l, dict) and type(l.get("index")) is int and l["index"] >= 0
+                             and type(l.get("experts")) is int and l["experts"] >= 1 for l in layers) \
+            or len({l["index"] for l in layers}) != len(layers):
+        raise MoeguardError(f"{path / META}: 'layers' must list distinct {{index, experts}} entries of whole numbers",
+                            hint=fix)
+    if not all(isinstance(t, str) for t in meta["anchor_tokens"]):
+        raise MoeguardError(f"{path / META}: 'anchor_tokens' must be token strings", hint=fix)
+    need = ["anchors"] + [f"{l['index']}.{k}" for l in layers for k in _PER_LAYER]
     missing = [n for n in need if n not in tensors]
     if missing:
         raise MoeguardError(f"{path / TENSORS} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}", hint=fix)
     if tensors["anchors"].shape != (len(meta["anchor_tokens"]), d):
         raise MoeguardError(f"{path / TENSORS}: anchors have shape {list(tensors['anchors'].shape)}, expected "
                             f"[{len(meta['anchor_tokens'])}, {d}]", hint=fix)
+    for l in layers:      # each layer's tensors as `fingerprint` writes them for its E experts and m dimensions
+        E, i = l["experts"], l["index"]
+        want = {"a": (E, m * m), "b": (E, m * m), "v": (E, d), "mu_a": (m * m,), "mu_b": (m * m,)}
+        wrong = [k for k, shape in want.items() if tensors[f"{i}.{k}"].shape != shape]
+        rows = tensors[f"{i}.rows"]
+        if rows.ndim != 3 or rows.shape[0] != E or rows.shape[2] != m:
+            wrong.append("rows")
+        if wrong:
+            k = wrong[0]
+            raise MoeguardError(f"{path / TENSORS}: {i}.{k} has shape {list(tensors[f'{i}.{k}'].shape)}, which does not "
+                                f"fit {E} experts and {m} dimensions in H", hint=fix)
     bad = [n for n in need if not np.isfinite(tensors[n]).all()]
     if bad:
         raise MoeguardError(f"{path / TENSORS}: {bad[0]} holds NaN or infinite values", hint=fix)

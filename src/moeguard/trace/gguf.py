@@ -132,7 +132,29 @@ def load_gguf(path: Path) -> ModelWeights:
     if not tokens:
         raise MoeguardError(f"{path} has no token list (tokenizer.ggml.tokens)",
                             hint="trace aligns hidden dimensions through token strings; use a GGUF with its tokenizer")
+    _check_shapes(path, embed, tokens, layers)
     arch = reader.get_field("general.architecture")
     family = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else "gguf"
     return ModelWeights(name=str(path), family=family, embed=embed, tokens=tokens, layers=layers,
                         source={"format": "gguf", "quantization": sorted(types - {"F32"}) or None})
+
+
+def _check_shapes(path: Path, embed: np.ndarray, tokens: list[str], layers: list[LayerWeights]) -> None:
+    """The tensors' shapes agree with each other (d hidden, E experts, I intermediate per layer), or a
+    one-line error: a GGUF written by another tool can hold anything."""
+    fix = "the file is damaged or not an MoE in llama.cpp's layout; export it again"
+    if embed.ndim != 2:
+        raise MoeguardError(f"{path}: token_embd.weight has shape {list(embed.shape)}, expected [vocab, hidden]", hint=fix)
+    if len(tokens) > embed.shape[0]:
+        raise MoeguardError(f"{path} lists {len(tokens)} tokens for {embed.shape[0]} embedding rows", hint=fix)
+    d = embed.shape[1]
+    for layer in layers:
+        g = layer.gate.shape
+        E, I = (g[0], g[1]) if len(g) == 3 else (None, None)
+        want = {"ffn_gate_exps": (layer.gate, (E, I, d)), "ffn_up_exps": (layer.up, (E, I, d)),
+                "ffn_down_exps": (layer.down, (E, d, I)), "ffn_gate_inp": (layer.router, (E, d))}
+        for name, (t, shape) in want.items():
+            if E is None or t.shape != shape:
+                expected = "[experts, intermediate, hidden]" if E is None else list(shape)
+                raise MoeguardError(f"{path}: blk.{layer.index}.{name}.weight has shape {list(t.shape)}, expected "
+                                    f"{expected}", hint=fix)

@@ -115,6 +115,10 @@ class StreamedCheckpoint(LayerCounts):
         if embed_key not in where:
             raise MoeguardError(f"{r.path} has no tensor {embed_key} (the token embeddings)",
                                 hint="the checkpoint is incomplete; re-download it")
+        if len(shapes[embed_key]) != 2 or shapes[embed_key][1] != emb.shape[1]:
+            raise MoeguardError(f"{r.path}: {embed_key} has shape {list(shapes[embed_key])}, expected [vocab, "
+                                f"{emb.shape[1]}] (the config's hidden size)",
+                                hint="the checkpoint's weights and config.json disagree; re-download it")
         hidden = shapes[embed_key][1]
         unusual = dtypes - FLOAT_DTYPES
         if any(k.endswith(SCALE_SUFFIXES) for k in where) or any(
@@ -202,16 +206,11 @@ class StreamedCheckpoint(LayerCounts):
 
     @staticmethod
     def _tokens(path: Path, vocab: int) -> list[str]:
-        from transformers import AutoTokenizer
-
+        from moeguard.models.loading import load_tokenizer
         from moeguard.trace.weights import token_strings
 
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as e:
-            raise MoeguardError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}",
-                                hint="trace aligns hidden dimensions through token strings; the checkpoint "
-                                     "directory needs its tokenizer files (tokenizer.json)") from None
+        tok = load_tokenizer(str(path), hint="trace aligns hidden dimensions through token strings; the checkpoint "
+                                              "directory needs its tokenizer files (tokenizer.json)")
         return token_strings(tok, vocab)
 
     # --- the source interface -----------------------------------------------------------------
