@@ -202,3 +202,31 @@ def test_moeguard_warnings_are_one_line_and_others_keep_their_source():
     assert mine == "moeguard: warning: task 'x' gives only 3 training block(s)\n"
     theirs = _format_warning("deprecated", FutureWarning, "/site-packages/transformers/x.py", 5, "")
     assert "transformers/x.py:5" in theirs and "FutureWarning" in theirs
+
+
+def _leaves(group=None):
+    """(name, click command) of every leaf command."""
+    import typer
+
+    cmd = typer.main.get_command(app) if group is None else group
+    for name, sub in getattr(cmd, "commands", {}).items():
+        if getattr(sub, "commands", None):
+            yield from ((f"{name} {n}", c) for n, c in _leaves(sub))
+        else:
+            yield name, sub
+
+
+def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
+    from moeguard.config import SEED_MAX
+
+    seeded = {name: p for name, c in _leaves() for p in c.params if "--seed" in getattr(p, "opts", [])}
+    assert {"audit", "route-attack", "monitor profile", "harden", "recovery", "attack"} <= set(seeded), sorted(seeded)
+    for name, p in seeded.items():
+        # numpy refuses a negative seed and torch overflows past 2**64, both after a model has loaded
+        bounds = p if hasattr(p, "min") else getattr(p, "type", None)    # typer's own option, or click's IntRange
+        assert (getattr(bounds, "min", None), getattr(bounds, "max", None)) == (0, SEED_MAX), name
+    out = tmp_path / "ra"
+    for seed, needle in (("-1", "greater than or equal to 0"), (str(2**64), "less than or equal to 4294967295")):
+        code = main(["route-attack", "--out", str(out), "--layer", "0", "--expert", "0", "--seed", seed])
+        assert_one_line(code, capsys.readouterr().err, "--seed", needle)
+        assert not out.exists() and not list(tmp_path.glob(".ra*")), "a refused seed left output behind"

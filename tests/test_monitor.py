@@ -4,6 +4,7 @@ them on held-out inputs sent as text, resumes, and refuses bad targets with one 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -313,3 +314,19 @@ def test_one_request_p_values_and_token_scores_equal_the_batch_formulas():
         nll = -np.log((c + k * prior) / (c.sum(-1, keepdims=True) + k))
         expect.append(sum(nll[l, routed[l, j, i]] for l in range(L) for i in range(k)))
     assert np.allclose(table.token_scores(q, routed), expect, rtol=1e-12)
+
+
+@pytest.mark.parametrize("line,needle", [
+    (b'{"id": 1, "client": "a", "time": 1' + b"0" * 400 + b', "prompt": "x"}', "time 10000000000000000000 is not a finite number"),
+    (b'{"id": 1, "client": "a", "time": NaN, "prompt": "x"}', "time nan is not a finite number"),
+    (b'{"id": 1, "client": "a", "time": -Infinity, "prompt": "x"}', "time -inf is not a finite number"),
+    (b'{"id": 1' + b"0" * 5000 + b', "client": "a", "time": 1, "prompt": "x"}', "is not usable JSON"),
+    (b'{"id": 1, "client": "a", "time": 1, "prompt": "caf\xe9"}', "is not UTF-8 (byte"),
+])
+def test_a_log_line_python_cannot_take_as_it_is_is_one_error_naming_it(tmp_path, line, needle):
+    from moeguard.monitor.score import read_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"id": 0, "client": "a", "time": 0, "prompt": "fine"}\n' + line + b"\n")
+    with pytest.raises(MoeguardError, match=re.escape(f"{log}:2") + ".*" + re.escape(needle)):
+        read_log(log)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from moeguard.errors import MoeguardError
+from moeguard.models.adapter import MoEAdapter
 from moeguard.models.loading import load_model
 from moeguard.monitor.online import RoutingMonitor
 from moeguard.monitor.profile import build
@@ -106,6 +108,13 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
             for b, code in bad:
                 assert _call(port, "POST", "/v1/completions", b)[0] == code, b
             assert _call(port, "POST", "/v1/completions", raw=b"{not json")[0] == 422
+            # what JSON can say and Python cannot render or tokenize: answered 4xx, not 500
+            for raw, code in ((rb'{"prompt": "ab\ud800"}', 400), (rb'{"prompt": "hi", "user": "\ud800"}', 422),
+                              (b'{"prompt": "hi", "max_tokens": 1e400}', 422)):
+                status, reply = _call(port, "POST", "/v1/completions", raw=raw)
+                assert status == code and b"error" in reply, (raw, status, reply)
+            status, reply = _call(port, "POST", "/v1/completions", {"prompt": "x", "max_tokens": "zz-secret"})
+            assert status == 422 and b"max_tokens" in reply and b"zz-secret" not in reply   # where, never the value
             assert _call(port, "POST", "/v1/completions", raw=b"{" + b" " * 70_000 + b"}")[0] == 413
             junk = " ".join(["zq ~~ %%"] * 30)
             for i in range(4):
@@ -471,3 +480,17 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
 
     assert [_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "LOCALHOST", "localhost.", "::ffff:127.0.0.1")] == [True] * 7
     assert [_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.5", "example.com")] == [False] * 5
+
+
+def test_a_profile_of_other_routing_is_refused_before_a_log_is_replayed_or_a_hook_attached(served):
+    from moeguard.testing import tiny_model
+
+    _, tok, prof = served
+    other = tiny_model("mixtral")                       # another layers x experts, the same name at the edge
+    shape = (len(MoEAdapter(other).layers), MoEAdapter(other).num_experts)
+    assert shape != prof.mean.shape
+    want = rf"the profile has 4 MoE layers x 8 experts, the model {shape[0]} x {shape[1]}"
+    with pytest.raises(MoeguardError, match=want):
+        score(other, tok, prof, [{"id": 1, "client": "a", "time": 0, "prompt": "hi", "_t": 0.0}])
+    with pytest.raises(MoeguardError, match=want):
+        RoutingMonitor(other, prof)

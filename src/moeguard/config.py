@@ -27,6 +27,11 @@ from moeguard.errors import MoeguardError, suggest
 KEY = "moeguard"
 
 
+# a seed's range: numpy's generators refuse negative seeds and torch's overflow past 2**64; derived
+# seeds (seed * 1000 + i, seed + k) stay far inside both
+SEED_MAX = 2**32 - 1
+
+
 def setting(default: Any = MISSING, *, help: str, flag: str | None = None, min: float | None = None,
             max: float | None = None, choices: tuple | None = None, factory: Callable[[], Any] | None = None,
             cli: bool = True, negative: str | None = None) -> Any:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeguard.config import build as config_build, like, setting, validate
+from moeguard.config import SEED_MAX, build as config_build, like, setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.studies.attack import AttackConfig
 from moeguard.studies.sweep import SweepConfig
@@ -29,7 +29,7 @@ class AuditConfig:
 
     model: str | None = setting(None, help="checkpoint directory or hub id; default: the embedded model")
     tasks: list[str] | None = setting(None, help="comma-separated tasks or YAML paths; default: the embedded suite")
-    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
+    seed: int = setting(0, min=0, max=SEED_MAX, help="random seed; the same seed gives the same numbers")
     # attribution + pruning sweep
     methods: list[str] | None = setting(None, help="attribution methods; default: all")
     samples: int = like(SweepConfig, "samples")

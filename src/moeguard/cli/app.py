@@ -18,6 +18,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from moeguard.config import SEED_MAX
 from moeguard.errors import MoeguardError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,7 +27,7 @@ zoo_app = typer.Typer(no_args_is_help=True, help="Build the embedded model and s
 app.add_typer(zoo_app, name="zoo")
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="checkpoint directory or hub id; default: the embedded model")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="random seed; the same seed gives the same numbers")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="random seed; the same seed gives the same numbers")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(

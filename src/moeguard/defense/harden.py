@@ -34,7 +34,7 @@ import torch
 from moeguard import trainstate
 from moeguard.defense.objectives import (Adaptation, collapse, forward_loss, record_routers, simulate_adaptation,
                                          task_balance, task_shares)
-from moeguard.config import setting, validate
+from moeguard.config import SEED_MAX, setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.handle import check_keep
@@ -66,7 +66,7 @@ class HardenConfig:
                                                    help="selective: comma-separated parameter globs users may adapt")
     authorized_lr: float = setting(1e-3, cli=False, help="learning rate of the authorized adaptation")
     records_per_task: int = setting(1000, min=1, cli=False, help="train records read per task")
-    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
+    seed: int = setting(0, min=0, max=SEED_MAX, help="random seed; the same seed gives the same numbers")
 
     def __post_init__(self) -> None:
         validate(self)

@@ -121,9 +121,7 @@ class RoutingMonitor:
         self._flush_lock = threading.Lock()
         self._flushing: int | None = None             # the thread inside flush, if any
         L, E = len(self.adapter.layers), self.adapter.num_experts
-        if (L, E) != profile.mean.shape:
-            raise MoeguardError(f"the profile has {profile.mean.shape[0]} MoE layers x {profile.mean.shape[1]} experts, "
-                                f"the model {L} x {E}", hint="use the profile made for this model")
+        profile.check_routing(self.adapter)
         profile.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
         self._E = E
         self._layer_offsets = (np.arange(L) * E)[None, :, None]   # [1, L, 1]: layer l's experts at l * E

@@ -169,6 +169,14 @@ class Profile:
             raise MoeguardError(f"the profile was made for hidden size {self.space.hidden}, the model has {hidden}",
                                 hint="use the profile made for this model")
 
+    def check_routing(self, adapter) -> None:
+        """A one-line error unless the model (its ``MoEAdapter``) has the profile's MoE layers x experts:
+        a checkpoint pruned or re-made at the same path keeps its name."""
+        L, E = len(adapter.layers), adapter.num_experts
+        if (L, E) != self.mean.shape:
+            raise MoeguardError(f"the profile has {self.mean.shape[0]} MoE layers x {self.mean.shape[1]} experts, "
+                                f"the model {L} x {E}", hint="use the profile made for this model, or profile it")
+
     def check_model(self, name: str) -> None:
         """A one-line error unless the profile was made for the model named ``name`` (the edge's
         name): a same-shaped fine-tuned or pruned model routes differently, and every p-value with it."""

@@ -12,6 +12,7 @@ experts it points at, the value and the calibrated p-value. Prompts are never wr
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,21 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise MoeguardError(f"request log {path} does not exist", hint="pass a JSON Lines file of {id, client, time, prompt}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MoeguardError(f"{where} is not UTF-8 (byte {e.start})", hint="write the log as UTF-8 JSON Lines") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise MoeguardError(f"{where} is not valid JSON ({e.msg})", hint="one JSON object per line") from None
+            except ValueError as e:   # an integer of more digits than Python converts
+                raise MoeguardError(f"{where} is not usable JSON ({e})", hint="fix or drop that record") from None
             if not isinstance(r, dict):
                 raise MoeguardError(f"{where} holds a {type(r).__name__}, expected an object", hint="one JSON object per line")
             missing = [k for k in ("id", "client", "time", "prompt") if k not in r]
@@ -58,11 +65,17 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 def _time(t: Any, where: str) -> float:
     if isinstance(t, (int, float)) and not isinstance(t, bool):
-        return float(t)
+        try:
+            value = float(t)
+        except OverflowError:
+            value = math.inf
+        if math.isfinite(value):
+            return value
+        raise MoeguardError(f"{where}: time {str(t)[:20]} is not a finite number", hint="fix that record")
     if isinstance(t, str):
         try:
             return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
-        except ValueError:
+        except (ValueError, OverflowError, OSError):   # OverflowError/OSError: a date the platform cannot place
             pass
     raise MoeguardError(f"{where}: time {t!r} is neither a number nor an ISO-8601 string", hint="fix that record")
 
@@ -91,8 +104,13 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
           alpha: float = 0.01, log_prompts: bool = False) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """(per-request scores, per-window scores, alerts, summary)."""
     window = check_settings(prof, window=window, alpha=alpha)
-    prof.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))   # before replaying the log
-    H, sums, tokens, surprise = observe(model, tokenizer, [r["prompt"] for r in records], tokens=prof.tokens)
+    from moeguard.models.adapter import MoEAdapter
+
+    adapter = MoEAdapter(model)
+    prof.check_routing(adapter)                   # before replaying the log
+    prof.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
+    H, sums, tokens, surprise = observe(model, tokenizer, [r["prompt"] for r in records], tokens=prof.tokens,
+                                        adapter=adapter)
     prof.check_hidden(sums.shape[1])
     X = prof.space(sums, tokens)
     stats = prof.statistics(H, X, surprise)

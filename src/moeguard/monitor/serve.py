@@ -106,6 +106,7 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     the response."""
     import torch
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
@@ -124,6 +125,15 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     app = FastAPI(title=f"{name} (moeguard serve)", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 echoes the offending input, and rendering an inf or a lone surrogate
+        # from it failed (a 500): say where and what, never the value
+        def clean(x: Any) -> str:
+            return str(x).encode("utf-8", "replace").decode("utf-8")[:200]
+        details = [{"loc": [clean(part) for part in e.get("loc", ())], "msg": clean(e.get("msg", ""))} for e in exc.errors()]
+        return JSONResponse({"error": {"message": "invalid request body", "details": details}}, status_code=422)
+
     def client_of(request: Request, body: Completion) -> str | None:
         if source.kind == "address":
             return _address(request.client.host if request.client else None, source.v6_prefix)
@@ -138,6 +148,11 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
 
     @app.post("/v1/completions")
     def completions(body: Completion, request: Request) -> Any:
+        for field, text in (("prompt", body.prompt), ("user", body.user)):
+            try:                   # JSON can carry a lone surrogate (\ud800), which no tokenizer or label takes
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return JSONResponse({"error": {"message": f"{field} is not valid Unicode (a lone surrogate)"}}, status_code=400)
         client = client_of(request, body)
         if client is None:
             return JSONResponse({"error": {"message": f"header {source.header} names the client (once, 1 to {MAX_CLIENT_CHARS} "

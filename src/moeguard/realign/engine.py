@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from moeguard import trainstate
-from moeguard.config import setting, validate
+from moeguard.config import SEED_MAX, setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.realign.modes import Trainable, get_mode
@@ -54,7 +54,7 @@ class FinetuneConfig:
     lora_alpha: int = setting(16, min=1, help="LoRA alpha")
     save_every: int = setting(0, min=0, help="checkpoint the running fine-tune every N steps (0: never)")
     only: tuple[str, ...] = setting((), cli=False, help="a protocol's authorized parameter globs (empty: all)")
-    seed: int = setting(0, help="random seed")
+    seed: int = setting(0, min=0, max=SEED_MAX, help="random seed")
 
     def __post_init__(self) -> None:
         validate(self)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from moeguard.analysis import above_baseline, auc, bootstrap, labels_to_target, mean_ci, retention, spread
-from moeguard.config import setting, validate
+from moeguard.config import SEED_MAX, setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.realign.engine import FinetuneConfig, TrainingDiverged
 from moeguard.realign.loop import ALConfig, check_schedule, label_pool
@@ -61,7 +61,7 @@ class AttackConfig:
     lr_scales: tuple[float, ...] = setting((0.1, 1.0, 10.0), help="learning rates tried, as multiples of each mode's default")
     epochs: tuple[float, ...] = setting((4.0, 16.0), help="passes over the labels tried (the attacker's steps)")
     seeds: int = setting(3, min=1, help="seeds per setting (label draws and training)")
-    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
+    seed: int = setting(0, min=0, max=SEED_MAX, help="random seed; the same seed gives the same numbers")
     samples: int = setting(64, min=1, help="attribution samples")
     pool_size: int = setting(1000, min=1, help="unlabeled pool: this many train records")
     eval_limit: int = setting(200, min=1, help="eval records per score")

@@ -29,7 +29,7 @@ import numpy as np
 
 from moeguard.analysis import (auc, bootstrap, censored_savings, excludes_zero, labels_to_target, mean_ci, savings,
                                spread)
-from moeguard.config import setting, validate
+from moeguard.config import SEED_MAX, setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.realign.engine import FinetuneConfig
 from moeguard.studies import Phase
@@ -47,7 +47,7 @@ class RecoveryConfig:
                                           help="comma-separated strategies; random is added as the baseline")
     budgets: tuple[int, ...] = setting((4, 8, 16, 32, 64, 128, 256), min=1, help="label counts on the learning curve")
     seeds: int = setting(3, min=1, help="runs per strategy (seeds --seed, --seed+1, ...)")
-    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
+    seed: int = setting(0, min=0, max=SEED_MAX, help="random seed; the same seed gives the same numbers")
     method: str = setting(DEFAULT_METHOD, help="attribution method; default: the best for the task in --sweep, "
                                                "else ablation")
     samples: int = setting(64, min=1, help="attribution samples")

@@ -27,7 +27,7 @@ from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.prune import prune_model
 from moeguard.analysis import above_baseline, auc, bootstrap, mean_ci, retention, spearman
-from moeguard.config import setting, validate
+from moeguard.config import SEED_MAX, setting, validate
 from moeguard.pruning.evaluate import MaskedEvaluator
 from moeguard.studies import Phase
 from moeguard.studies.engine import Job
@@ -54,7 +54,7 @@ class SweepConfig:
                                     help="also every keep level from N-1 down to top-k")
     physical_checks: int = setting(2, min=0, help="points of each task re-scored on physically pruned copies")
     batch_size: int = setting(32, min=1, cli=False, help="eval batch size")
-    seed: int = setting(0, help="random seed; the same seed gives the same numbers")
+    seed: int = setting(0, min=0, max=SEED_MAX, help="random seed; the same seed gives the same numbers")
     reference: list[str] | None = setting(None, cli=False, help="contrastive's reference tasks (default: the rest of the suite)")
     routes: list[str] = setting(factory=lambda: ["prune"], flag="--route", choices=ROUTES,
                                 help="compression routes: prune, or prune,merge (merging at the --keep levels)")
