@@ -166,6 +166,8 @@ MALFORMED = [
     ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", '{"modes": 5}', "protocol.json"),
     ("scan --out O --references F", "scan.json", "{broken", "scan.json"),
     ("scan --out O --references F", "scan.json", '{"schema": "moeguard.audit/1"}', "is not a scan"),
+    ("scan --out O --references F", "scan.json",   # settings of the wrong type: AttributeError once
+     '{"schema": "moeguard.scan/1", "experts": [], "suspicion": {"score": "chain"}, "settings": ["x"]}', "is not a scan"),
     ("info --model D", "config.json", "{broken", "config.json"),
     ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", "{broken", "moeguard_pruning.json"),
 ]
@@ -230,3 +232,21 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
         code = main(["route-attack", "--out", str(out), "--layer", "0", "--expert", "0", "--seed", seed])
         assert_one_line(code, capsys.readouterr().err, "--seed", needle)
         assert not out.exists() and not list(tmp_path.glob(".ra*")), "a refused seed left output behind"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["scan", "--out", "{O}", "--threshold", "nan"], "--threshold is nan; expected a finite suspicion level"),
+    (["scan", "--out", "{O}", "--threshold", "inf"], "--threshold is inf"),
+    (["trace", "--suspect", "{F}"], "model path {F} is a file, not a checkpoint directory"),     # not "--model"
+    (["trace", "--suspect", "{D}/MODEL.GGUF"], "GGUF file {D}/MODEL.GGUF does not exist"),     # the suffix in any case
+    (["trace", "--suspect", "{D}/model"], "model path {D}/model does not exist (the folder {D} does)"),   # not a hub id
+])
+def test_values_that_parse_but_cannot_work(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                  # relative paths, as typed: "d/model" has the shape of a hub id
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f.txt").write_text("x")
+    paths = {"O": "out", "F": "f.txt", "D": "d"}
+    capsys.readouterr()
+    code = main([a.format(**paths) for a in argv])
+    assert_one_line(code, capsys.readouterr().err, needle.format(**paths))
+    assert not (tmp_path / "out").exists()

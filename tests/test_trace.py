@@ -192,6 +192,10 @@ def test_cli_fingerprint_then_trace_writes_the_report(embedded, tmp_path, capsys
     assert "verdict: derived" in capsys.readouterr().out
     doc = json.loads((tmp_path / "t" / "trace.json").read_text())
     assert doc["schema"] == "moeguard.trace/1" and {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
+    run = doc["run"]                       # what was compared, with which seed, by which moeguard
+    assert run["settings"] == {"original": str(tmp_path / "fp"), "original_is_fingerprint": True,
+                               "suspect": str(tmp_path / "suspect"), "seed": 0}
+    assert run["versions"]["torch"] and "git_commit" in run
     assert (tmp_path / "t" / "trace_mapping.png").stat().st_size > 0 and "Verdict: derived" in \
         (tmp_path / "t" / "trace.md").read_text()
 

@@ -38,12 +38,17 @@ def resolve(ref: str | None) -> ModelRef:
         return ModelRef("embedded", EMBEDDED_MODEL_DIR, None)
     p = Path(ref).expanduser()
     if p.exists():
-        if not p.is_dir():
-            raise MoeguardError(f"--model {ref} is a file", hint="pass the checkpoint directory holding config.json")
+        if not p.is_dir():   # said without an option's name: --model, --suspect, --original all come here
+            raise MoeguardError(f"model path {ref} is a file, not a checkpoint directory",
+                                hint="pass the checkpoint directory holding config.json")
         return ModelRef(ref, p.resolve(), None)
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:  # hub ids are exactly org/name
         raise MoeguardError(f"model path {ref} does not exist",
                             hint="pass an existing checkpoint directory or a hub id like org/name")
+    if p.parent.is_dir():
+        # a mistyped file in an existing folder, not a hub id: the hub would be asked (and retried) for nothing
+        raise MoeguardError(f"model path {ref} does not exist (the folder {p.parent} does)",
+                            hint="check the name; a hub id org/name is looked up only when no folder org is here")
     return ModelRef(ref, None, ref)
 
 

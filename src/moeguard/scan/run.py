@@ -8,6 +8,7 @@ output folder as it finishes, under a stamp of the settings.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +52,10 @@ class ScanConfig:
             if getattr(self, name) < low:
                 raise MoeguardError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected at least {low}",
                                     hint=f"pass --{name.replace('_', '-')} {max(low, getattr(ScanConfig, name))}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            # nan flags nothing (every comparison is false) and is written as invalid JSON
+            raise MoeguardError(f"--threshold is {self.threshold}; expected a finite suspicion level",
+                                hint="leave it out for the calibrated default, or pass a number such as 3")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +78,8 @@ def load_references(paths: list[Path]) -> list[dict]:
         f = p if p.suffix == ".json" else p / "scan.json"
         doc = read_json(f, what="reference scan", hint=hint)
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("experts"), list) \
-                or not isinstance(doc.get("suspicion"), dict) or doc["suspicion"].get("score") not in SCORES:
+                or not isinstance(doc.get("suspicion"), dict) or doc["suspicion"].get("score") not in SCORES \
+                or not isinstance(doc.get("settings") or {}, dict) or not isinstance(doc.get("tasks") or [], list):
             raise MoeguardError(f"{f} is not a scan ({SCHEMA})", hint=hint)
         for i, r in enumerate(doc["experts"]):
             score = r.get("effect", {}).get("score") if isinstance(r, dict) and isinstance(r.get("effect"), dict) else None

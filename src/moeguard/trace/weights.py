@@ -201,7 +201,7 @@ def load(ref: str | None):
     id or None (the embedded model), streamed from its safetensors files."""
     from pathlib import Path
 
-    if ref is not None and str(ref).endswith(".gguf"):
+    if ref is not None and str(ref).lower().endswith(".gguf"):
         from moeguard.trace.gguf import load_gguf
 
         return load_gguf(Path(ref))
