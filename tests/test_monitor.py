@@ -330,3 +330,12 @@ def test_a_log_line_python_cannot_take_as_it_is_is_one_error_naming_it(tmp_path,
     log.write_bytes(b'{"id": 0, "client": "a", "time": 0, "prompt": "fine"}\n' + line + b"\n")
     with pytest.raises(MoeguardError, match=re.escape(f"{log}:2") + ".*" + re.escape(needle)):
         read_log(log)
+
+
+def test_route_attack_json_is_the_document_alone_on_stdout(tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["route-attack", "--out", str(tmp_path / "ra"), "--layer", "0", "--expert", "0", "--steps", "0",
+                 "--prefix-tokens", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)                       # the progress bars went to stderr
+    assert doc["targets"][0]["layer"] == 0 and "route-attack" in captured.err

@@ -455,6 +455,10 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
     (tmp_path / "P.json").write_text(json.dumps(d))
     (tmp_path / "Q.json").write_text(json.dumps({**d, "model": "./my-finetune"}))
     (tmp_path / "dir").mkdir()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    free = _free_port()
     for args, needles in (
             (["--profile", str(tmp_path / "P.json"), "--host", "0.0.0.0"],
              ("--host 0.0.0.0 serves beyond this machine", "pass --metrics-token TOKEN")),
@@ -468,14 +472,19 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
             (["--profile", str(tmp_path / "P.json"), "--client-id", "address/16"], ("--client-id is 'address/16'",)),
             (["--profile", str(tmp_path / "P.json"), "--client-id", "address/\u00b2"], ("--client-id is 'address/\u00b2'",)),
             (["--profile", str(tmp_path / "P.json"), "--client-id", "header:X-Us\u00e9r"], ("--client-id is 'header:X-Us\u00e9r'",)),
-            (["--profile", str(tmp_path / "Q.json")], ("the profile was made for ./my-finetune, not embedded",
-                                                      "use the profiled model (--model)")),
+            (["--profile", str(tmp_path / "Q.json"), "--port", str(free)],
+             ("the profile was made for ./my-finetune, not embedded", "use the profiled model (--model)")),
+            (["--profile", str(tmp_path / "P.json"), "--port", str(taken.getsockname()[1])],   # before the model loads
+             (f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}", "pass another --port")),
             (["--profile", str(tmp_path / "P.json"), "--alerts", str(tmp_path / "dir")],
              (f"--alerts {tmp_path / 'dir'} cannot be written", "a file this user may append to"))):
         capsys.readouterr()
         code = main(["serve", *args])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.count("\n") == 0 and all(n in err for n in needles), err
+    taken.close()
+    with socket.socket() as again:               # the refused start (Q.json) closed its socket: the port binds again
+        again.bind(("127.0.0.1", free))
     from moeguard.cli.monitor import _loopback
 
     assert [_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "LOCALHOST", "localhost.", "::ffff:127.0.0.1")] == [True] * 7

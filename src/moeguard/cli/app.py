@@ -49,18 +49,21 @@ def _global_options(debug: Annotated[bool, typer.Option("--debug", help="show tr
     trust_inferred_families(trust_inferred_family)
 
 
-def _console():
+def _console(*, stderr: bool = False):
     from rich.console import Console
 
     # pipes and CI logs get a readable width instead of rich's 80-column fallback
-    return Console(stderr=False, width=None if sys.stdout.isatty() else 120)
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, width=None if tty else 120)
 
 
-def _progress():
+def _progress(*, stderr: bool = False):
+    """Progress bars, on stdout beside the summary table; ``stderr=True`` under ``--json``, whose
+    stdout is the JSON document alone."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), transient=False, console=_console())
+                    TimeRemainingColumn(), transient=False, console=_console(stderr=stderr))
 
 
 def _seed(seed: int) -> None:

@@ -42,7 +42,7 @@ def route_attack(
     _seed(seed)
     cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=prefix_tokens, steps=steps,
                        candidates=candidates, seed=seed)
-    with _progress() as progress:
+    with _progress(stderr=as_json) as progress:
         doc = run(handle, t, pairs, cfg, out=out, overwrite=overwrite, progress=progress)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
@@ -201,23 +201,51 @@ def serve(
         except OSError as e:
             raise MoeguardError(f"--alerts {alerts} cannot be written ({e.strerror})",
                                 hint="pass a file this user may append to") from None
-    prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
-                             where=str(profile))
-    handle = resolve_model(model)
-    prof.check_model(handle.name)
-    m, tok, _ = handle.load()
-    # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
-    mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
-                         on_result=_alert_writer(alerts) if alerts is not None else None, raise_errors=False)
-    import uvicorn
+    # the socket first: a port already taken is one line now, not uvicorn's error after the model loaded
+    # (and no other process can take it between a check and the bind)
+    sock = _listen(host, port)
+    try:
+        prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
+                                 where=str(profile))
+        handle = resolve_model(model)
+        prof.check_model(handle.name)
+        m, tok, _ = handle.load()
+        # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
+        mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
+                             on_result=_alert_writer(alerts) if alerts is not None else None, raise_errors=False)
+        import uvicorn
 
-    from moeguard.monitor.serve import uvicorn_config
+        from moeguard.monitor.serve import uvicorn_config
 
-    app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token, client_id=client_id)
-    typer.echo(f"serving {handle.name} on http://{host}:{port}/v1/completions (metrics: /metrics; "
-               f"clients by {client_id})")
-    with mon:
-        uvicorn.Server(uvicorn_config(app_, host=host, port=port)).run()
+        app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token, client_id=client_id)
+        typer.echo(f"serving {handle.name} on http://{host}:{port}/v1/completions (metrics: /metrics; "
+                   f"clients by {client_id})")
+        with mon:
+            uvicorn.Server(uvicorn_config(app_, host=host, port=port)).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int):
+    """A bound TCP socket for ``host:port`` (uvicorn listens on it), or a one-line error."""
+    import socket
+
+    from moeguard.errors import MoeguardError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise MoeguardError(f"--host {host} does not resolve ({e})", hint="pass an address such as 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does: a restart need not wait
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise MoeguardError(f"cannot listen on {host}:{port} ({e.strerror or e})",
+                            hint="pass another --port, or stop the process that holds it") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _loopback(host: str) -> bool:

@@ -39,7 +39,7 @@ def scan(
     ref_models = [resolve_model(m) for m in _names(reference_models, "--reference-models")] if reference_models is not None else []
     task_list = embedded_or(_task_names(tasks, "--tasks") if tasks is not None else None, what="--tasks")
     _seed(seed)
-    with _progress() as progress:
+    with _progress(stderr=as_json) as progress:
         doc = run_scan(handle, task_list, out, config=config, references=refs, reference_models=ref_models,
                        overwrite=overwrite, progress=progress)
     if as_json:
