@@ -236,6 +236,8 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, needle", [
     (["scan", "--out", "{O}", "--threshold", "nan"], "--threshold is nan; expected a finite suspicion level"),
+    (["monitor", "profile", "--out", "{O}", "--window", "1000000000000"],     # failed at the end, allocating 7 TiB
+     "--window is 1000000000000; benign windows are drawn from at most 600 calibration requests"),
     (["scan", "--out", "{O}", "--threshold", "inf"], "--threshold is inf"),
     (["trace", "--suspect", "{F}"], "model path {F} is a file, not a checkpoint directory"),     # not "--model"
     (["trace", "--suspect", "{D}/MODEL.GGUF"], "GGUF file {D}/MODEL.GGUF does not exist"),     # the suffix in any case

@@ -145,6 +145,8 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     assert "windows of 8" in capsys.readouterr().out
     doc = json.loads(prof.read_text())
     assert doc["schema"] == "moeguard.routing-profile/2" and doc["requests"] == {"fit": 100, "calibration": 100}
+    assert doc["run"]["settings"] == {"model": "embedded", "tasks": ["arith-compare", "docstring-topic"], "limit": 100,
+                                      "window": 8, "seed": 0} and doc["run"]["versions"]["torch"]
     # benign: later eval records of the profiled tasks, two single-topic clients; probing: random tokens
     rows, rng = [], random.Random(0)
     for c, t in (("alice", "arith-compare"), ("bob", "docstring-topic")):
@@ -161,7 +163,10 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     alerts = [json.loads(l) for l in (out / "alerts.jsonl").read_text().splitlines()]
     benign = [s["p"] for s in scores if s["client"] != "eve"]
     probing = [s["p"] for s in scores if s["client"] == "eve"]
-    floor = json.loads((out / "summary.json").read_text())["p_floor"]["request"]
+    summary = json.loads((out / "summary.json").read_text())
+    floor = summary["p_floor"]["request"]
+    assert summary["run"]["settings"] == {"profile": str(prof), "log": str(log), "model": "embedded", "window": 8,
+                                          "alpha": 0.01, "log_prompts": False} and "git_commit" in summary["run"]
     assert floor == 4 / 101 and all(p == floor for p in probing) and sorted(benign)[16] > 0.1, (probing, benign)
     windows = [json.loads(l) for l in (out / "windows.jsonl").read_text().splitlines()]
     assert len(windows) == 6 and all((w["p"] <= 0.01) == (w["client"] == "eve") for w in windows), windows

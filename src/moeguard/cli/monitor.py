@@ -89,12 +89,21 @@ def monitor_profile(
     check_output(out, overwrite=overwrite)
     handle = resolve_model(model)
     ts = embedded_or(_task_list(tasks), what="--tasks")
+    held = (limit - limit // 2) * len(ts)    # calibration requests at most: a window is drawn from them
+    if window > held:
+        raise MoeguardError(f"--window is {window}; benign windows are drawn from at most {held} calibration requests "
+                            f"(half of --limit {limit} per task, {len(ts)} tasks)",
+                            hint=f"pass --window of at most {held}, or raise --limit")
     # a running-text task's benign traffic is its texts (a language-modeling task has no inputs)
     prompts = {t.name: [x for r in load_records(t, "eval", limit=limit) if (x := prompt_text(t, r))] for t in ts}
     _seed(seed)
     m, tok, _ = handle.load()
     prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name)
-    write_json(out, prof.to_dict(), overwrite=overwrite)
+    from moeguard.provenance import run_record
+
+    doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "tasks": list(prompts), "limit": limit,
+                                                "window": window, "seed": seed})}
+    write_json(out, doc, overwrite=overwrite)
     r = prof.meta["requests"]
     typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
                f"calibrating, windows of {window}; written to {out}")
@@ -126,6 +135,10 @@ def monitor_score(
     prof.check_model(handle.name)
     m, tok, _ = handle.load()
     scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha, log_prompts=log_prompts)
+    from moeguard.provenance import run_record
+
+    summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
+                                 "alpha": alpha, "log_prompts": log_prompts})
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(json.dumps(w) + "\n" for w in windows))
