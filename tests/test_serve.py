@@ -503,3 +503,49 @@ def test_a_profile_of_other_routing_is_refused_before_a_log_is_replayed_or_a_hoo
         score(other, tok, prof, [{"id": 1, "client": "a", "time": 0, "prompt": "hi", "_t": 0.0}])
     with pytest.raises(MoeguardError, match=want):
         RoutingMonitor(other, prof)
+
+
+def test_an_interrupted_score_resumes_from_the_requests_it_replayed(served, tmp_path, monkeypatch, capsys):
+    from moeguard.cli.app import main
+    from moeguard.monitor import score as S
+
+    _, _, prof = served
+    P = tmp_path / "P.json"
+    P.write_text(json.dumps(prof.to_dict()))
+    prompts = [r["input"] for r in load_records(get_task("arith-compare"), "eval", limit=200)[120:168]]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"id": i, "client": f"c{i % 3}", "time": i, "prompt": p}) + "\n"
+                           for i, p in enumerate(prompts)))
+    monkeypatch.setattr(S, "CHUNK", 16)                  # 48 requests: three steps
+    args = ["monitor", "score", "--profile", str(P), "--log", str(log)]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    calls, real, stop_at = [], S.observe, [3]
+
+    def interrupted_at_the_third(*a, **k):
+        calls.append(len(a[2]))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "observe", interrupted_at_the_third)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--out", str(tmp_path / "cut")])
+    assert stop.value.code == 130 and "run the same command again to resume" in capsys.readouterr().err
+    assert not (tmp_path / "cut").exists() and len(list((tmp_path / ".cut.partial").glob(".replay-*.npz"))) == 2
+    calls.clear()
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    assert calls == [16]                                 # only the step not replayed before
+    for name in ("scores.jsonl", "windows.jsonl", "alerts.jsonl"):
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    assert not list((tmp_path / "cut").glob(".replay-*")) and not (tmp_path / ".cut.partial").exists()
+    # a partial replay of another log is not reused
+    calls.clear()
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "again")])
+    assert len(list((tmp_path / ".again.partial").glob(".replay-*.npz"))) == 2
+    log.write_text(log.read_text().replace('"c0"', '"c9"'))
+    calls.clear()
+    stop_at[0] = 0                                       # no interruption now
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    assert calls == [16, 16, 16], calls

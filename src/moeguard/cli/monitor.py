@@ -120,7 +120,7 @@ def monitor_score(
         model: ModelOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile."""
     from moeguard.edge import resolve_model
-    from moeguard.io import atomic_dir, check_output, read_json
+    from moeguard.io import check_output, read_json, resumable_dir
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.score import read_log, score
 
@@ -133,20 +133,44 @@ def monitor_score(
     records = read_log(log)
     handle = resolve_model(model)
     prof.check_model(handle.name)
-    m, tok, _ = handle.load()
-    scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha, log_prompts=log_prompts)
+    from moeguard.models.loading import weights_identity
     from moeguard.provenance import run_record
 
-    summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
-                                 "alpha": alpha, "log_prompts": log_prompts})
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    # what the replayed arrays depend on: an interrupted run resumes only on the same profile, log and weights
+    resume = {"profile": _sha256(profile), "log": _sha256(log), "model": weights_identity(handle.arg)}
+    with resumable_dir(out, overwrite=overwrite, settings=resume) as tmp:
+        m, tok, _ = handle.load()
+        try:
+            with _progress() as progress:
+                scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha,
+                                                         log_prompts=log_prompts, cache=tmp, progress=progress)
+        except KeyboardInterrupt:
+            import sys
+
+            print(f"moeguard: interrupted; the requests replayed so far are kept in {tmp}: run the same command "
+                  f"again to resume", file=sys.stderr)
+            raise SystemExit(130) from None
+        summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
+                                     "alpha": alpha, "log_prompts": log_prompts})
         (tmp / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(json.dumps(w) + "\n" for w in windows))
         (tmp / "alerts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alerts))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for f in tmp.glob(".replay-*.npz"):    # scratch: the folder becomes the output as it is
+            f.unlink()
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
                f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts "
                f"(p <= {alpha}); written to {out}")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _task_list(value: str | None) -> list[str] | None:

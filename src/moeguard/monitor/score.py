@@ -100,17 +100,47 @@ def check_settings(prof: Profile, *, window: int | None, alpha: float) -> int:
     return window
 
 
+CHUNK = 512   # requests replayed per step: a multiple of observe's batch of 16, so the batches are the same
+
+
+def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cache: Path | None = None,
+           progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``observe`` over ``prompts`` in steps of ``CHUNK``. With ``cache`` (a resumable output folder),
+    each step's arrays are kept there as it finishes (``.replay-N.npz``, no prompt text), and a
+    step already there is read instead of replayed: an interrupted replay of a large log resumes.
+    The same numbers as one ``observe`` call when no prompt is longer than the model's positions
+    (a longer one is routed as several rows, which shifts the batches by a row)."""
+    parts = []
+    task = progress.add_task("replaying requests", total=len(prompts)) if progress is not None else None
+    for n, a in enumerate(range(0, len(prompts), CHUNK)):
+        f = cache / f".replay-{n}.npz" if cache is not None else None
+        if f is not None and f.exists():
+            with np.load(f, allow_pickle=False) as z:
+                part = (z["h"], z["sums"], z["tokens"], z["surprise"])
+        else:
+            part = observe(model, tokenizer, prompts[a:a + CHUNK], tokens=prof.tokens, adapter=adapter)
+            if f is not None:
+                tmp = f.with_name(f.name + ".tmp.npz")
+                np.savez(tmp, h=part[0], sums=part[1], tokens=part[2], surprise=part[3])
+                tmp.replace(f)
+        parts.append(part)
+        if task is not None:
+            progress.advance(task, len(part[0]))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
+
+
 def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
-          alpha: float = 0.01, log_prompts: bool = False) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
-    """(per-request scores, per-window scores, alerts, summary)."""
+          alpha: float = 0.01, log_prompts: bool = False, cache: Path | None = None,
+          progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+    """(per-request scores, per-window scores, alerts, summary). ``cache``/``progress``: ``replay``'s."""
     window = check_settings(prof, window=window, alpha=alpha)
     from moeguard.models.adapter import MoEAdapter
 
     adapter = MoEAdapter(model)
     prof.check_routing(adapter)                   # before replaying the log
     prof.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
-    H, sums, tokens, surprise = observe(model, tokenizer, [r["prompt"] for r in records], tokens=prof.tokens,
-                                        adapter=adapter)
+    H, sums, tokens, surprise = replay(model, tokenizer, prof, [r["prompt"] for r in records], adapter=adapter,
+                                       cache=cache, progress=progress)
     prof.check_hidden(sums.shape[1])
     X = prof.space(sums, tokens)
     stats = prof.statistics(H, X, surprise)
