@@ -112,3 +112,23 @@ def test_budget_prune_writes_a_per_layer_checkpoint_moeguard_loads(tmp_path, sco
     with mask_experts(full, keep):
         masked = evaluate_task(full, tok_full, "arith-compare", limit=24, baseline=False)
     assert physical.score == masked.score
+
+
+@pytest.mark.parametrize("command", ["prune", "merge"])
+def test_in_memory_output_inside_or_around_the_input_is_refused_and_the_input_kept(command, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "par" / "model"
+    shutil.copytree(EMBEDDED_MODEL_DIR, model)
+    before = _digest(model)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {str(l): [0, 1] for l in range(4)}} if command == "prune"
+                               else {"clusters": {str(l): [[0, 1], [2]] for l in range(4)}}))
+    extra = ["--method", "average"] if command == "merge" else []
+    # inside it, and around it with --overwrite (whose swap deleted the folder holding the input)
+    for out, flags in ((model / "sub", []), (tmp_path / "par", ["--overwrite"])):
+        capsys.readouterr()
+        code = main([command, "--model", str(model), "--plan", str(plan), *extra, "--out", str(out), "--in-memory", *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and "overlaps the source checkpoint" in err and len(err.strip().splitlines()) == 1, err
+    assert _digest(model) == before and not (model / "sub").exists()

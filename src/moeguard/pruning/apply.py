@@ -18,7 +18,7 @@ from moeguard.models.loading import inspect, meta_model
 from moeguard.pruning.plan import PrunePlan, check_plan
 from moeguard.provenance import run_record
 
-from moeguard.pruning.checkpoint import RECORD_NAME as RECORD
+from moeguard.pruning.checkpoint import check_apart, RECORD_NAME as RECORD
 from moeguard.pruning.checkpoint import side_files
 
 
@@ -26,8 +26,8 @@ def preflight(model_ref: str | None, plan: PrunePlan, out: str | Path, *, overwr
     """Validate everything before any weights are read; returns (ref, config, adapter, keep)."""
     check_output(out, overwrite=overwrite)
     ref, config, family = inspect(model_ref)
-    if ref.path is not None and Path(out).resolve() == ref.path.resolve():
-        raise MoeguardError(f"--out {out} is the input checkpoint", hint="write the pruned model to a new directory")
+    if ref.path is not None:
+        check_apart(ref.path, Path(out))     # before anything is read or written: the input is never touched
     adapter = MoEAdapter(meta_model(config))
     keep = check_plan(plan, adapter)
     from moeguard.models.prune import pruned_config

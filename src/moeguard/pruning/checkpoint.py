@@ -412,7 +412,9 @@ def write_index(directory: Path, shards: list[tuple[str, list[_Tensor]]], total:
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _check_paths(src: Path, out: Path) -> None:
+def check_apart(src: Path, out: Path) -> None:
+    """Refuse an output that is, holds or lies inside the source checkpoint: writing there (and
+    --overwrite's swap, which deletes what it replaces) would change or delete the input."""
     s, o = src.resolve(), out.resolve()
     if o == s or s in o.parents or o in s.parents:
         raise MoeguardError(f"output {out} overlaps the source checkpoint {src}",
@@ -455,7 +457,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
         raise MoeguardError(f"source checkpoint {src} is not a directory", hint="pass a checkpoint directory holding config.json")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise MoeguardError(f"max_shard_bytes is {max_shard_bytes}", hint="pass a positive size in bytes, or None")
-    _check_paths(src, out)
+    check_apart(src, out)
     check_output(out, overwrite=overwrite)
     config = load_config(ModelRef(str(src), src, None))
     family = family_for_config(config)

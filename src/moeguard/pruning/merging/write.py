@@ -40,8 +40,10 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
 
     check_output(out, overwrite=overwrite)
     ref = handle.ref
-    if ref.path is not None and Path(out).resolve() == ref.path.resolve():
-        raise MoeguardError(f"--out {out} is the input checkpoint", hint="write the merged model to a new directory")
+    if ref.path is not None:
+        from moeguard.pruning.checkpoint import check_apart
+
+        check_apart(ref.path, Path(out))     # before anything is read or written: the input is never touched
     s = Scores.load(scores) if scores is not None else None
     plan_data = read_plan(plan) if plan is not None else None
     prepared = prepare(MoEAdapter(meta_model(handle.config), family=handle.family), method=method, gate=gate,
