@@ -393,3 +393,17 @@ def test_an_audit_interrupted_while_hardening_resumes_the_hardening(tmp_path, mo
     log = json.loads((run / "stages" / "defense" / "hardening.json").read_text())
     assert log["resumed_from"] == 25 and [r["step"] for r in log["log"]] == list(range(1, 28))
     assert not (run / "jobs" / "harden-state").exists()
+
+
+def test_overwrite_empties_an_old_run_only_once_the_new_inputs_are_good(tmp_path, capsys):
+    from moeguard.cli import main
+
+    run = tmp_path / "run"
+    (run / "stages" / "baseline").mkdir(parents=True)
+    (run / "stages" / "baseline" / "done.json").write_text("{}")
+    (run / "audit.json").write_text('{"schema": "moeguard.audit-run/1", "config": {}}')
+    capsys.readouterr()
+    assert main(["audit", "--out", str(run), "--overwrite", "--model", str(tmp_path / "nosuch")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # the mistyped model lost nothing: the old run is still there to resume or inspect
+    assert (run / "stages" / "baseline" / "done.json").exists() and (run / "audit.json").exists()

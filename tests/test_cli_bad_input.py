@@ -162,6 +162,9 @@ MALFORMED = [
     ("audit --out O --config F", "audit.yaml", "- just\n- a list\n", "expected a mapping"),
     ("eval --tasks F", "task.yaml", "name: x\nkind: [\n", "task.yaml"),
     ("eval --tasks F", "task.yaml", "just a string\n", "task.yaml"),
+    ("eval --tasks F", "task.yaml",   # a name is a file name in every output: this one wrote outside --out
+     'name: ../../escaped\nkind: classification\nsource: {type: local, path: x.jsonl}\nfields: {input: t, label: l}\n',
+     "task name '../../escaped' is not a plain name"),
     ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", "{oops", "protocol.json"),
     ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", '{"modes": 5}', "protocol.json"),
     ("scan --out O --references F", "scan.json", "{broken", "scan.json"),

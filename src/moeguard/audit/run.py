@@ -103,8 +103,10 @@ def _check_encoder_decoder(cfg: AuditConfig, model) -> None:
                             hint=f"leave out {', '.join(asked)}")
 
 
-def prepare_run_dir(out: Path, *, overwrite: bool) -> None:
-    """A new folder, or an audit run folder (resumed, or emptied with --overwrite); nothing else."""
+def prepare_run_dir(out: Path, *, overwrite: bool, clear: bool = True) -> None:
+    """A new folder, or an audit run folder (resumed, or emptied with --overwrite); nothing else.
+    ``clear=False`` only checks: the CLI checks first and empties the old run only once every other
+    input (model, tasks, backend) has been resolved, so a mistyped option loses nothing."""
     if not out.parent.exists():
         raise MoeguardError(f"output folder {out.parent} does not exist", hint=f"create it: mkdir -p {out.parent}")
     if not out.exists():
@@ -115,7 +117,7 @@ def prepare_run_dir(out: Path, *, overwrite: bool) -> None:
     if not is_run and any(out.iterdir()):
         raise MoeguardError(f"output {out} exists and is not an audit run directory",
                             hint="choose a new folder; moeguard only resumes or replaces its own runs")
-    if is_run and overwrite:
+    if is_run and overwrite and clear:
         for name in ("stages", "jobs", "plots"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("results.json", "report.md", "report.html", MARKER):

@@ -44,9 +44,14 @@ def run(*, out: Path, config: Optional[Path], overwrite: bool, flags: dict) -> N
     from moeguard.studies.engine import make_backend
 
     cfg = build(load_yaml(config) if config is not None else {}, flags)
-    prepare_run_dir(out, overwrite=overwrite)
+    prepare_run_dir(out, overwrite=overwrite, clear=False)
     cfg, handle = resolve(cfg)
     runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job)
+    try:
+        prepare_run_dir(out, overwrite=overwrite)     # now that nothing else can fail on bad input
+    except BaseException:
+        runner.close()
+        raise
     mark_run_dir(out, cfg)
     command = " ".join(["moeguard", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moeguard") else None
     try:

@@ -7,6 +7,7 @@ records come from; the task's kind (``task.kind_spec``, see ``moeguard.tasks.kin
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,9 @@ class SourceSpec:
     columns: tuple[str, ...] | None = None
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Task:
     """One evaluation/training task.
@@ -118,6 +122,12 @@ class Task:
     provenance: str = ""
 
     def __post_init__(self) -> None:
+        # a task's name becomes file names in every output (scores/NAME.json, plots/NAME.png): one that
+        # is not a plain file name ('../x', 'a/b') wrote outside the output folder
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise MoeguardError(f"task name {self.name!r} is not a plain name",
+                                hint="use letters, digits, '.', '_' and '-' (starting with a letter or digit), "
+                                     "at most 100 characters")
         object.__setattr__(self, "kind", TaskKind(self.kind))
         spec = self.kind_spec
         missing = [f for f in spec.required_fields if f not in self.fields]
