@@ -407,3 +407,39 @@ def test_overwrite_empties_an_old_run_only_once_the_new_inputs_are_good(tmp_path
     assert "does not exist" in capsys.readouterr().err
     # the mistyped model lost nothing: the old run is still there to resume or inspect
     assert (run / "stages" / "baseline" / "done.json").exists() and (run / "audit.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["marker-list", "marker-bytes", "file-cut", "file-gone"])
+def test_a_damaged_finished_stage_runs_again_instead_of_failing_the_resume(tmp_path, damage):
+    from moeguard.audit.stages import StageStore
+
+    runs = []
+
+    def stage(folder):
+        runs.append(1)
+        (folder / "baseline.json").write_text('{"accuracy": 0.5}')
+
+    StageStore(tmp_path).run("baseline", {"a": 1}, stage)
+    folder = tmp_path / "stages" / "baseline"
+    if damage == "marker-list":
+        (folder / "done.json").write_text("[]")
+    elif damage == "marker-bytes":
+        (folder / "done.json").write_bytes(b"\xff\xfe{")
+    elif damage == "file-cut":
+        (folder / "baseline.json").write_text('{"accu')
+    else:
+        (folder / "baseline.json").unlink()
+    again = StageStore(tmp_path).run("baseline", {"a": 1}, stage)
+    assert len(runs) == 2 and not again.cached and again.read("baseline.json") == {"accuracy": 0.5}
+    assert StageStore(tmp_path).run("baseline", {"a": 1}, stage).cached and len(runs) == 2   # whole again: reused
+
+
+@pytest.mark.parametrize("content", [b"[]", b'{"job": "x"}', b"\xff{", b'{"job": {"key": "K"}, "scope": null}'])
+def test_a_damaged_job_file_is_run_again(tmp_path, content):
+    from moeguard.studies.engine import Job, load_done
+
+    job = Job(stage="s", name="n", fn="m:f", args={})
+    path = job.path(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.replace(b"K", job.key.encode()))
+    assert load_done(job, tmp_path) is None

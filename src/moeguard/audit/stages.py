@@ -55,22 +55,34 @@ class StageStore:
         return digest({"stage": name, "settings": settings, "upstream": {u.name: u.key for u in upstream}})
 
     def done(self, name: str, key: str) -> bool:
-        marker = self.stages / name / DONE
-        if not marker.is_file():
-            return False
+        """Whether stage ``name`` finished with ``key``, its files as it left them. Anything damaged
+        (a marker that is not a JSON object, a stage file deleted or cut short) means not done: the
+        stage runs again instead of the resumed run failing on it."""
+        return self._info(name, key) is not None
+
+    def _info(self, name: str, key: str) -> dict[str, Any] | None:
+        folder = self.stages / name
         try:
-            return json.loads(marker.read_text()).get("key") == key
-        except json.JSONDecodeError:
-            return False
+            info = json.loads((folder / DONE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):         # missing, unreadable, not UTF-8, not JSON
+            return None
+        if not isinstance(info, dict) or info.get("key") != key:
+            return None
+        files = info.get("files", {})         # absent in stages finished before 2026-12-04
+        if not isinstance(files, dict) or any(not isinstance(size, int) or not (folder / rel).is_file()
+                                              or (folder / rel).stat().st_size != size for rel, size in files.items()):
+            return None
+        return info
 
     def run(self, name: str, settings: Any, fn: Callable[[Path], None], *,
             upstream: list[StageResult] = ()) -> StageResult:
         """``fn(folder)`` writes the stage's files into ``folder``; skipped when already done."""
         key = self.key(name, settings, list(upstream))
         final = self.stages / name
-        if self.done(name, key):
-            info = json.loads((final / DONE).read_text())
-            result = StageResult(name, key, final, True, info.get("seconds", 0.0))
+        info = self._info(name, key)
+        if info is not None:
+            seconds = info.get("seconds", 0.0)
+            result = StageResult(name, key, final, True, seconds if isinstance(seconds, (int, float)) else 0.0)
         else:
             tmp = self.stages / f".{name}.tmp-{key}"
             if tmp.exists():
@@ -80,8 +92,9 @@ class StageStore:
             try:
                 fn(tmp)
                 seconds = round(time.perf_counter() - started, 2)
+                files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
                 write_json(tmp / DONE, {"stage": name, "key": key, "settings": settings, "seconds": seconds,
-                                        "upstream": {u.name: u.key for u in upstream},
+                                        "upstream": {u.name: u.key for u in upstream}, "files": files,
                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
                 _move_into_place(tmp, final)
             finally:

@@ -178,10 +178,11 @@ def load_done(job: Job, root: Path, scope: str | None = None) -> dict[str, Any] 
     if not path.is_file():
         return None
     try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError:  # a file is only ever renamed into place whole; be safe anyway
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a file is only ever renamed into place whole; a damaged one runs again
         return None
-    if saved.get("job", {}).get("key") != job.key or saved.get("scope") != scope:
+    if not isinstance(saved, dict) or not isinstance(saved.get("job"), dict) or "result" not in saved \
+            or saved["job"].get("key") != job.key or saved.get("scope") != scope:
         return None
     return saved["result"]
 
