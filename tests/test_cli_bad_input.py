@@ -160,6 +160,8 @@ MALFORMED = [
     ("merge --out O --method average --plan F", "plan.json", '{"clusters": null, "keep": {"0": [0]}}', "plan.json"),
     ("audit --out O --config F", "audit.yaml", "tasks: [a, b\n", "not valid YAML"),
     ("audit --out O --config F", "audit.yaml", "- just\n- a list\n", "expected a mapping"),
+    ("audit --out O --config F", "audit.yaml", "gpus_per_job: .nan\n", "gpus_per_job is nan; it must be a finite number"),
+    ("audit --out O --config F", "audit.yaml", "seed: 99999999999\n", "set seed to 4294967295 or less"),
     ("eval --tasks F", "task.yaml", "name: x\nkind: [\n", "task.yaml"),
     ("eval --tasks F", "task.yaml", "just a string\n", "task.yaml"),
     ("eval --tasks F", "task.yaml",   # a name is a file name in every output: this one wrote outside --out
@@ -239,6 +241,12 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, needle", [
     (["scan", "--out", "{O}", "--threshold", "nan"], "--threshold is nan; expected a finite suspicion level"),
+    (["attack", "--task", "arith-compare", "--keep", "2", "--out", "{O}", "--epochs", "inf"],   # OverflowError after the picks
+     "epochs is (inf,); it must be a finite number"),
+    (["attack", "--task", "arith-compare", "--keep", "2", "--out", "{O}", "--target", "nan"],   # wrote invalid JSON
+     "target is nan; it must be a finite number"),
+    (["harden", "--out", "{O}", "--lr", "-1"], "--lr"),                                        # Adam refused it after the load
+    (["audit", "--out", "{O}", "--threads", "99999999999"], "--threads"),                      # overflowed in a job
     (["monitor", "profile", "--out", "{O}", "--window", "1000000000000"],     # failed at the end, allocating 7 TiB
      "--window is 1000000000000; benign windows are drawn from at most 600 calibration requests"),
     (["scan", "--out", "{O}", "--threshold", "inf"], "--threshold is inf"),
@@ -254,4 +262,13 @@ def test_values_that_parse_but_cannot_work(argv, needle, capsys, tmp_path, monke
     capsys.readouterr()
     code = main([a.format(**paths) for a in argv])
     assert_one_line(code, capsys.readouterr().err, needle.format(**paths))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_that_is_not_utf8_is_one_line(capsys, tmp_path):
+    f = tmp_path / "audit.yaml"
+    f.write_bytes("# r\u00e9sum\u00e9\nsamples: 2\n".encode("latin-1"))
+    capsys.readouterr()
+    code = main(["audit", "--out", str(tmp_path / "out"), "--config", str(f)])
+    assert_one_line(code, capsys.readouterr().err, "is not UTF-8")
     assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import MISSING, field, fields
@@ -152,6 +153,10 @@ def from_mapping(cls: type, values: dict[str, Any], *, what: str) -> dict[str, A
     return out
 
 
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def validate(obj: Any) -> None:
     """Bounds and choices declared with :func:`setting`; call from ``__post_init__``."""
     for f in fields(obj):
@@ -160,12 +165,14 @@ def validate(obj: Any) -> None:
             continue
         items = value if isinstance(value, (list, tuple)) else [value]
         for v in items:
+            if isinstance(v, float) and not math.isfinite(v):   # nan passes every bound: nan < min is False
+                raise MoeguardError(f"{f.name} is {value!r}; it must be a finite number", hint=f"give {f.name} a number")
             if m.get("min") is not None and isinstance(v, (int, float)) and v < m["min"]:
-                raise MoeguardError(f"{f.name} is {value!r}; it must be at least {m['min']:g}",
-                                    hint=f"set {f.name} to {m['min']:g} or more")
+                raise MoeguardError(f"{f.name} is {value!r}; it must be at least {_num(m['min'])}",
+                                    hint=f"set {f.name} to {_num(m['min'])} or more")
             if m.get("max") is not None and isinstance(v, (int, float)) and v > m["max"]:
-                raise MoeguardError(f"{f.name} is {value!r}; it must be at most {m['max']:g}",
-                                    hint=f"set {f.name} to {m['max']:g} or less")
+                raise MoeguardError(f"{f.name} is {value!r}; it must be at most {_num(m['max'])}",
+                                    hint=f"set {f.name} to {_num(m['max'])} or less")
             if m.get("choices") and v not in m["choices"]:
                 raise MoeguardError(f"{f.name} is {v!r}", hint=suggest(str(v), list(m["choices"])))
 

@@ -76,7 +76,7 @@ class AuditConfig:
     # execution
     backend: str = setting("local", help="where jobs run: local or ray")
     ray_address: str | None = setting(None, help="an existing Ray cluster; default: a local Ray")
-    threads: int | None = setting(None, min=1, help="torch threads per job (and CPUs per Ray task); default: this machine's")
+    threads: int | None = setting(None, min=1, max=4096, help="torch threads per job (and CPUs per Ray task); default: this machine's")
     gpus_per_job: float = setting(0.0, min=0, help="GPUs each Ray task asks for")
     dtype: str | None = setting(None, help="weights dtype, e.g. bfloat16 for large checkpoints on GPU")
     device_map: str | None = setting(None, help="accelerate device map, e.g. auto")
@@ -101,7 +101,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MoeguardError(f"audit config {path} does not exist", hint="pass a YAML file, e.g. --config audit.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise MoeguardError(f"audit config {path} is not UTF-8 (byte {exc.start})", hint="save the file as UTF-8") from None
     except yaml.YAMLError as exc:
         raise MoeguardError(f"audit config {path} is not valid YAML: {str(exc).splitlines()[0]}",
                             hint="fix the file; keys are the audit's option names with underscores") from None

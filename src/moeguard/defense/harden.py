@@ -52,7 +52,7 @@ class HardenConfig:
     steps: int = setting(500, min=1, help="training steps")
     batch_size: int = setting(8, min=1, cli=False, help="sequences per training step")
     context: int = setting(128, min=8, cli=False, help="tokens per training sequence (longer ones are cut)")
-    lr: float = setting(2e-4, help="learning rate")
+    lr: float = setting(2e-4, min=1e-12, max=10, help="learning rate")
     keep: int | None = setting(None, min=1, help="experts per layer the simulated attacker keeps; default: half")
     target: float | None = setting(None, cli=False, help="collapse target loss; default: 0.75 * ln(vocab)")
     balance: float = setting(0.0, help="weight of per-task routing balance")
@@ -64,7 +64,7 @@ class HardenConfig:
     authorized: float = setting(0.0, cli=False, help="weight of the authorized-adaptation term")
     authorized_patterns: tuple[str, ...] = setting((), flag="--authorized",
                                                    help="selective: comma-separated parameter globs users may adapt")
-    authorized_lr: float = setting(1e-3, cli=False, help="learning rate of the authorized adaptation")
+    authorized_lr: float = setting(1e-3, min=1e-12, max=10, cli=False, help="learning rate of the authorized adaptation")
     records_per_task: int = setting(1000, min=1, cli=False, help="train records read per task")
     seed: int = setting(0, min=0, max=SEED_MAX, help="random seed; the same seed gives the same numbers")
 
