@@ -6,6 +6,8 @@ task, model config).
 A new command must add its row: ``test_matrix_covers_every_command`` fails otherwise.
 """
 
+import json
+
 import pytest
 
 from moeguard.cli import app, main
@@ -272,3 +274,41 @@ def test_a_config_that_is_not_utf8_is_one_line(capsys, tmp_path):
     code = main(["audit", "--out", str(tmp_path / "out"), "--config", str(f)])
     assert_one_line(code, capsys.readouterr().err, "is not UTF-8")
     assert not (tmp_path / "out").exists()
+
+
+def _scores_doc(**change):
+    from moeguard.attribution.base import SCHEMA
+
+    doc = {"schema": SCHEMA, "method": "gate", "task": "arith-compare", "samples": 8, "num_experts": 8, "top_k": 2,
+           "scores": {str(l): [float(e) for e in range(8)] for l in range(4)}}
+    return json.dumps({**doc, **change})
+
+
+KEEP2 = {str(l): [0, 1] for l in range(1, 4)}
+
+
+@pytest.mark.parametrize("cmd, content, needle", [
+    # a plan's experts are whole numbers: 0.9/1.7 became [0, 1], the string "01" too, 1e400 a traceback
+    ("prune --out O --plan F", json.dumps({"keep": {"0": [0.9, 1.7], **KEEP2}}), "is not a list of expert indices"),
+    ("prune --out O --plan F", json.dumps({"keep": {"0": "01", **KEEP2}}), "is not a list of expert indices"),
+    ("prune --out O --plan F", '{"keep": {"0": [1e400, 1]}}', "is not a list of expert indices"),
+    ("prune --out O --plan F", json.dumps({"keep": {"0": [0, 1], **KEEP2}, "num_experts": "eight"}), "num_experts is 'eight'"),
+    ("merge --out O --method average --plan F", json.dumps({"clusters": {"0": [[0.5, 1]]}}), "is not a list of expert clusters"),
+    # --plan-only writes only what a prune would accept
+    ("prune --out O --plan F --plan-only", json.dumps({"keep": {"0": [-1, 1], **KEEP2}}), "is not a list of expert indices"),
+    ("prune --out O --plan F --plan-only", json.dumps({"keep": {"9": [0, 1], "0": [0, 1], **KEEP2}}), "not an MoE layer"),
+    ("prune --out O --scores F --keep 2", _scores_doc(subsets=[1]), "is malformed"),
+    ("prune --out O --scores F --keep 2", _scores_doc(subsets={"2": {"0": [0, 1, 2, 3]}}), "subsets are not 2 distinct"),
+    ("prune --out O --scores F --keep 2", _scores_doc(samples="many"), "is malformed"),
+    ("prune --out O --scores F --keep 2", _scores_doc(method=None) .replace('"method": null, ', ""), "is malformed"),
+    ("merge --out O --method average --scores F --keep 2",
+     _scores_doc(scores={str(l): [None] * 8 for l in range(4)}), "NaN or infinite"),       # prune refused them, merge did not
+])
+def test_plans_and_scores_that_parse_but_do_not_say_what_they_seem(cmd, content, needle, capsys, tmp_path):
+    f = tmp_path / "in.json"
+    f.write_text(content)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main([{"O": str(out), "F": str(f)}.get(a, a) for a in cmd.split()])
+    assert_one_line(code, capsys.readouterr().err, needle)
+    assert not out.exists()

@@ -67,17 +67,25 @@ class Scores:
             layers = [int(k) for k in data["scores"]]
             rows = [[float("nan") if v is None else float(v) for v in data["scores"][str(k)]] for k in layers]
             E = int(data["num_experts"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MoeguardError(f"{origin} is malformed ({exc})", hint="re-run moeguard attribute") from None
+            subsets = {int(k): {int(l): [_whole(e) for e in v] for l, v in m.items()}
+                       for k, m in (data.get("subsets") or {}).items()}
+            fields = dict(method=str(data["method"]), task=str(data["task"]), model=str(data.get("model", "")),
+                          samples=int(data["samples"]), tokens=int(data.get("tokens", 0)), top_k=int(data["top_k"]),
+                          settings=dict(data.get("settings") or {}), seconds=float(data.get("seconds", 0.0)),
+                          description=str(data.get("description", "")))
+        # any wrong type or value inside (a list for subsets, 'many' samples, a 400-digit score) is one line
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise MoeguardError(f"{origin} is malformed ({type(exc).__name__}: {str(exc)[:80]})",
+                                hint="re-run moeguard attribute") from None
         if any(len(r) != E for r in rows):
             raise MoeguardError(f"{origin}: a layer's score list does not have {E} entries", hint="re-run moeguard attribute")
-        subsets = {int(k): {int(l): [int(e) for e in v] for l, v in m.items()} for k, m in (data.get("subsets") or {}).items()}
-        return cls(method=data["method"], task=data["task"], model=data.get("model", ""), samples=int(data["samples"]),
-                   tokens=int(data.get("tokens", 0)), layers=layers, num_experts=E, top_k=int(data["top_k"]),
-                   scores=torch.tensor(rows, dtype=torch.float64), subsets=subsets,
-                   settings=dict(data.get("settings") or {}), seconds=float(data.get("seconds", 0.0)),
-                   description=data.get("description", ""),
-                   comparable_across_layers=bool(data.get("comparable_across_layers", False)))
+        # a subset is a best-k choice per layer: of k distinct experts of this model, for a layer it scores
+        for k, m in subsets.items():
+            if any(l not in layers or len(set(v)) != k or len(v) != k or not all(0 <= e < E for e in v) for l, v in m.items()):
+                raise MoeguardError(f"{origin}: its {k}-expert subsets are not {k} distinct experts of the scored layers",
+                                    hint="re-run moeguard attribute")
+        return cls(layers=layers, num_experts=E, scores=torch.tensor(rows, dtype=torch.float64), subsets=subsets,
+                   comparable_across_layers=bool(data.get("comparable_across_layers", False)), **fields)
 
     @classmethod
     def load(cls, path: str | Path) -> "Scores":
@@ -85,6 +93,12 @@ class Scores:
         data = read_json(path, what="scores file",
                          hint="make one with: moeguard attribute --model M --task T --method NAME --out scores.json")
         return cls.from_dict(data, origin=str(path))
+
+
+def _whole(e: Any) -> int:
+    if type(e) is not int:
+        raise ValueError(f"expert {str(e)[:20]} is not a whole number")
+    return e
 
 
 def _num(v: float):

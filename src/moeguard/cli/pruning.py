@@ -83,10 +83,19 @@ def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     from moeguard.pruning.plan import plan_for
 
     check_output(out, overwrite=overwrite)
-    the_plan = plan_for(resolve_model(model, tasks=False), scores=scores, plan=plan, keep=keep, keep_ratio=keep_ratio,
-                        budget=budget)
+    handle = resolve_model(model, tasks=False)
+    the_plan = plan_for(handle, scores=scores, plan=plan, keep=keep, keep_ratio=keep_ratio, budget=budget)
     if plan_only:
-        write_json(out, the_plan.to_dict(), overwrite=overwrite)
+        from moeguard.models.adapter import MoEAdapter
+        from moeguard.models.loading import meta_model
+        from moeguard.pruning.plan import check_plan
+        from moeguard.provenance import run_record
+
+        check_plan(the_plan, MoEAdapter(meta_model(handle.config), family=handle.family))   # as a prune would
+        doc = {**the_plan.to_dict(), "run": run_record({"model": model or "embedded", "scores": str(scores) if scores else None,
+                                                        "plan": str(plan) if plan else None, "keep": keep,
+                                                        "keep_ratio": keep_ratio, "budget": budget})}
+        write_json(out, doc, overwrite=overwrite)
         typer.echo(f"plan ({the_plan.kept_total} experts kept, {the_plan.rule}) written to {out}")
         return
     _seed(seed)

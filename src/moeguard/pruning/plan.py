@@ -54,15 +54,20 @@ class PrunePlan:
                                 hint='write {"keep": {"<layer index>": [expert indices]}}, or the moeguard_pruning.json of an earlier prune')
         keep: dict[int, list[int]] = {}
         for layer, experts in data["keep"].items():
-            try:
-                keep[int(layer)] = [int(e) for e in experts]
-            except (TypeError, ValueError):
-                raise MoeguardError(f"{origin}: layer {layer!r} -> {experts!r} is not a list of expert indices",
-                                    hint='write {"keep": {"0": [0, 3, 5, 6]}}') from None
-            if not keep[int(layer)]:
+            # whole numbers only: 0.9 and 1.7 became experts 0 and 1, and the string "01" experts 0 and 1
+            if not str(layer).isdigit() or not isinstance(experts, list) \
+                    or not all(type(e) is int and e >= 0 for e in experts):
+                raise MoeguardError(f"{origin}: layer {str(layer)[:20]!r} -> {str(experts)[:60]} is not a list of expert "
+                                    f"indices", hint='write {"keep": {"0": [0, 3, 5, 6]}}: whole numbers from 0')
+            keep[int(layer)] = experts
+            if not experts:
                 raise MoeguardError(f"{origin}: layer {layer} keeps no expert", hint="keep at least one expert per layer")
-        n = data.get("original_num_experts") or data.get("num_experts") or (max(max(v) for v in keep.values()) + 1)
-        return cls(keep=keep, num_experts=int(n), rule=data.get("rule", "explicit"), method=data.get("method"),
+        n = data.get("original_num_experts") or data.get("num_experts")
+        if n is not None and (type(n) is not int or n < 1):
+            raise MoeguardError(f"{origin}: num_experts is {str(n)[:20]!r}", hint="a whole number, or leave it out")
+        # without one, a guess: the model's own count replaces it when the plan is checked (check_plan)
+        n = n if n is not None else max(max(v) for v in keep.values()) + 1
+        return cls(keep=keep, num_experts=n, rule=data.get("rule", "explicit"), method=data.get("method"),
                    task=data.get("task"), why=data.get("why", "named explicitly"))
 
     @classmethod
@@ -165,4 +170,8 @@ def check_plan(plan: PrunePlan, adapter) -> dict[int, list[int]]:
     if missing:
         raise MoeguardError(f"the plan does not name MoE layers {missing}",
                             hint=f"name every MoE layer {sorted(names)} (list all experts to keep a layer whole)")
-    return normalize_keep(adapter, plan.keep)
+    keep = normalize_keep(adapter, plan.keep)
+    if plan.num_experts != adapter.num_experts:
+        # the model's count, not the plan's guess or claim: the record's dropped experts are computed from it
+        plan.num_experts = adapter.num_experts
+    return keep

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from moeguard.errors import MoeguardError
@@ -53,6 +54,9 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
             raise MoeguardError(f"the scores cover layers {scores.layers} x {scores.num_experts} experts; the model has "
                                 f"layers {sorted(layers)} x {adapter.num_experts}",
                                 hint="attribute this model: moeguard attribute --model ... --out scores.json")
+        if not torch.isfinite(scores.scores).all():   # as prune refuses them: NaN ranks as anything
+            raise MoeguardError(f"scores of method '{scores.method}' contain NaN or infinite values",
+                                hint="re-run moeguard attribute (more --samples)")
         rows = {l: scores.scores[i].tolist() for i, l in enumerate(scores.layers)}
         counts = {l: keep for l in layers}
     for l, k in counts.items():

@@ -56,12 +56,12 @@ def explicit_clusters(data: dict[str, Any], *, origin: str, layers: dict[int, in
     (MoE layer index -> expert count)."""
     clusters: dict[int, list[list[int]]] = {}
     for layer, groups in data["clusters"].items():
-        try:
-            li = int(layer)
-            clusters[li] = [[int(e) for e in g] for g in groups]
-        except (TypeError, ValueError):
-            raise MoeguardError(f"{origin}: layer {layer!r} -> {groups!r} is not a list of expert clusters",
-                                hint='write {"clusters": {"0": [[0, 1], [2, 3]]}}, centre first') from None
+        # whole numbers only: 0.9 was expert 0, and a string's characters were experts
+        if not str(layer).isdigit() or not isinstance(groups, list) or not all(
+                isinstance(g, list) and all(type(e) is int for e in g) for g in groups):
+            raise MoeguardError(f"{origin}: layer {str(layer)[:20]!r} -> {str(groups)[:60]} is not a list of expert clusters",
+                                hint='write {"clusters": {"0": [[0, 1], [2, 3]]}} (whole numbers), centre first')
+        clusters[int(layer)] = groups
     _check_layers(clusters, layers, origin)
     for li, groups in clusters.items():
         check_clusters(li, layers[li], groups)
