@@ -252,6 +252,9 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["monitor", "profile", "--out", "{O}", "--window", "1000000000000"],     # failed at the end, allocating 7 TiB
      "--window is 1000000000000; benign windows are drawn from at most 600 calibration requests"),
     (["scan", "--out", "{O}", "--threshold", "inf"], "--threshold is inf"),
+    (["eval", "--tasks", "arith-compare", "--limit", "2", "--out", "{D}", "--overwrite"],   # failed at the rename, after the work
+     "output d is a folder; this command writes a file"),
+    (["fingerprint", "--out", "{F}", "--overwrite"], "output f.txt is a file; this command writes a folder"),
     (["trace", "--suspect", "{F}"], "model path {F} is a file, not a checkpoint directory"),     # not "--model"
     (["trace", "--suspect", "{D}/MODEL.GGUF"], "GGUF file {D}/MODEL.GGUF does not exist"),     # the suffix in any case
     (["trace", "--suspect", "{D}/model"], "model path {D}/model does not exist (the folder {D} does)"),   # not a hub id

@@ -19,11 +19,16 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 SCALE_SUFFIXES = ("_scale_inv", ".scales", "_scales", "_blocks")
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Fail before any work if ``path`` exists and may not be replaced."""
+def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None = None) -> Path:
+    """Fail before any work if ``path`` exists and may not be replaced, or (``kind`` "file" or
+    "folder": what the command writes) is of the other kind: --overwrite swaps like for like, and a
+    file over a folder failed only at the rename, after all the work."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise MoeguardError(f"output {path} already exists", hint="choose another path or pass --overwrite")
+    if kind is not None and path.exists() and path.is_dir() != (kind == "folder"):
+        raise MoeguardError(f"output {path} is a {'folder' if path.is_dir() else 'file'}; this command writes a {kind}",
+                            hint=f"pass a {kind} path for --out")
     if not path.parent.exists():
         raise MoeguardError(f"output folder {path.parent} does not exist", hint=f"create it: mkdir -p {path.parent}")
     return path
@@ -32,7 +37,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` only if the block completes."""
-    path = check_output(path, overwrite=overwrite)
+    path = check_output(path, overwrite=overwrite, kind="folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -60,7 +65,7 @@ def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True) ->
 
 def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """Write via a temporary sibling and a rename, with the permissions a plain open() would give."""
-    path = check_output(path, overwrite=overwrite)
+    path = check_output(path, overwrite=overwrite, kind="file")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
@@ -85,7 +90,7 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
     a kill, so running the same command again continues from what it holds. A partial run
     started with other ``settings`` is discarded. The block should delete its own scratch
     files before it ends; everything left in the folder becomes ``path``."""
-    path = check_output(path, overwrite=overwrite)
+    path = check_output(path, overwrite=overwrite, kind="folder")
     partial = path.with_name(f".{path.name}.partial")
     stamp = partial / ".moeguard-settings.json"
     wanted = json.dumps(settings, sort_keys=True, default=str)

@@ -98,7 +98,7 @@ def eval_(model: ModelOpt = None,
     from moeguard.tasks.evaluate import evaluate_suite
 
     if out is not None:
-        check_output(out, overwrite=overwrite)
+        check_output(out, overwrite=overwrite, kind="file")
     cap = parse_memory(max_memory) if max_memory is not None else None
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if names == []:

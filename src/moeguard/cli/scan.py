@@ -34,7 +34,7 @@ def scan(
     config = ScanConfig(samples=samples, contexts=contexts, context_tokens=context_tokens, candidates=candidates,
                         chain=chain, threshold=threshold, seed=seed)
     refs = load_references([Path(p) for p in _names(references, "--references")]) if references is not None else []
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, kind="folder")
     handle = resolve_model(model)
     ref_models = [resolve_model(m) for m in _names(reference_models, "--reference-models")] if reference_models is not None else []
     task_list = embedded_or(_task_names(tasks, "--tasks") if tasks is not None else None, what="--tasks")

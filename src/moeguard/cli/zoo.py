@@ -21,7 +21,7 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
     from moeguard.zoo.recipe import EMBEDDED_RECIPE, Recipe
     from moeguard.zoo.train import train_embedded
 
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, kind="folder")
     # rebuilding the embedded model keeps the recipe its shipped weights were made with
     recipe = replace(EMBEDDED_RECIPE if tasks is None else Recipe(), seed=seed, steps=steps)
     with _progress() as progress:
