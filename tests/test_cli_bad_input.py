@@ -176,7 +176,19 @@ MALFORMED = [
     ("scan --out O --references F", "scan.json",   # settings of the wrong type: AttributeError once
      '{"schema": "moeguard.scan/1", "experts": [], "suspicion": {"score": "chain"}, "settings": ["x"]}', "is not a scan"),
     ("info --model D", "config.json", "{broken", "config.json"),
+    ("info --model D", "model.safetensors.index.json", '{"weight_map": [1]}', "not a valid safetensors index"),
+    ("info --model D", "model.safetensors.index.json", '{"weight_map": {"a": 5}}', "not a valid safetensors index"),
+    ("info --model D", "model.safetensors.index.json", '{"weight_map": {"a": ""}}', "not a valid safetensors index"),
+    ("info --model D", "model.safetensors.index.json", '[1]', "not a valid safetensors index"),
     ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", "{broken", "moeguard_pruning.json"),
+    ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", "[1]", "is not a pruning record"),
+    ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", '{"source": 5}', "is not a pruning record"),
+    ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", '{"original_num_experts": "x"}',
+     "is not a pruning record"),
+    ("recovery --task arith-compare --keep 2 --out O --sweep F", "sweep.json", "[1, 2]", "no 'faithfulness' map"),
+    ("recovery --task arith-compare --keep 2 --out O --sweep F", "sweep.json", '{"faithfulness": []}', "no 'faithfulness' map"),
+    ("recovery --task arith-compare --keep 2 --out O --sweep F", "sweep.json",
+     '{"faithfulness": {"arith-compare": {"gate": {"auc": "high"}}}}', "no method AUCs"),
 ]
 
 
@@ -185,7 +197,7 @@ def test_malformed_files(cmd, name, content, needle, capsys, tmp_path):
     from moeguard.models.loading import resolve
 
     d = tmp_path / "model"
-    if name in ("config.json", "moeguard_pruning.json"):  # a copy of the embedded model with one bad file
+    if name in ("config.json", "moeguard_pruning.json", "model.safetensors.index.json"):  # the embedded model, one bad file
         import shutil
 
         shutil.copytree(resolve(None).path, d)

@@ -74,9 +74,15 @@ def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError):
-            raise MoeguardError(f"{index} is not a valid safetensors index", hint="re-download or re-save the checkpoint") from None
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            names = None
+        # each shard a plain file name beside the index ('' named the folder itself, 5 was a TypeError)
+        if not names or not all(isinstance(n, str) and n and Path(n).name == n and n.endswith(".safetensors")
+                                for n in names):
+            raise MoeguardError(f"{index} is not a valid safetensors index (a weight_map of tensor -> shard file names)",
+                                hint="re-download or re-save the checkpoint") from None
         files = [path / n for n in names]
         missing = [f.name for f in files if not f.exists()]
         if missing:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,11 +89,16 @@ class RecoveryConfig:
 
 def best_method(sweep: dict[str, Any], task: str) -> str:
     """The method with the highest deletion-curve AUC for ``task`` in a sweep document."""
-    faith = sweep.get("faithfulness", {}).get(task)
-    if not faith:
-        raise MoeguardError(f"the sweep has no results for task '{task}' (it has {sorted(sweep.get('faithfulness', {}))})",
+    every = sweep.get("faithfulness") if isinstance(sweep, dict) else None
+    if not isinstance(every, dict):
+        raise MoeguardError("the sweep document has no 'faithfulness' map", hint="pass the sweep.json of `moeguard sweep`")
+    faith = every.get(task)
+    if not faith or not isinstance(faith, dict):
+        raise MoeguardError(f"the sweep has no results for task '{task}' (it has {sorted(map(str, every))})",
                             hint="run the sweep on this task, or pass --method")
-    ranked = sorted(((v["auc"], m) for m, v in faith.items() if m != "random" and v.get("auc") is not None), reverse=True)
+    ranked = sorted(((float(v["auc"]), m) for m, v in faith.items() if m != "random" and isinstance(v, dict)
+                     and isinstance(v.get("auc"), (int, float)) and not isinstance(v.get("auc"), bool)
+                     and math.isfinite(v["auc"])), reverse=True)
     if not ranked:
         raise MoeguardError(f"the sweep has no method AUCs for task '{task}'", hint="pass --method")
     return ranked[0][1]
