@@ -163,6 +163,9 @@ MALFORMED = [
     ("audit --out O --config F", "audit.yaml", "tasks: [a, b\n", "not valid YAML"),
     ("audit --out O --config F", "audit.yaml", "- just\n- a list\n", "expected a mapping"),
     ("audit --out O --config F", "audit.yaml", "gpus_per_job: .nan\n", "gpus_per_job is nan; it must be a finite number"),
+    # the defense stage's attack grid is checked with everything else, not after the other stages ran
+    ("audit --out O --config F", "audit.yaml", "defense: entangle\ndefense_modes: [bogus]\n", "unknown fine-tuning mode 'bogus'"),
+    ("audit --out O --config F", "audit.yaml", "defense: entangle\ndefense_lr_scales: [-1]\n", "use positive values"),
     ("audit --out O --config F", "audit.yaml", "seed: 99999999999\n", "set seed to 4294967295 or less"),
     ("eval --tasks F", "task.yaml", "name: x\nkind: [\n", "task.yaml"),
     ("eval --tasks F", "task.yaml", "just a string\n", "task.yaml"),

@@ -85,7 +85,26 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
                             hint="add them to --tasks, or compare on audited tasks")
     resolved = replace(cfg, tasks=names, methods=methods, keeps=keeps, recovery_keep=rec_keep, recovery_tasks=rec_tasks,
                        defense_tasks=defense_tasks, threads=cfg.threads or torch.get_num_threads())
+    if cfg.defense or cfg.hardened:
+        # the harness's grid now, as `moeguard attack` checks it: a bad mode failed only at the defense
+        # stage, after every other stage had run
+        from moeguard.studies.attack import preflight
+
+        preflight(_defense_attack(resolved, model.num_experts), model)
     return resolved, model
+
+
+def _defense_attack(cfg: AuditConfig, E: int):
+    """The attack harness the defense stage runs against base and hardened (one place: resolve checks it)."""
+    from moeguard.studies.attack import AttackConfig
+
+    return AttackConfig(task=cfg.defense_tasks[0], keep=E // 2, budget=cfg.defense_budget, seeds=cfg.defense_seeds,
+                        methods=tuple(cfg.methods), modes=tuple(cfg.defense_modes),
+                        lr_scales=tuple(cfg.defense_lr_scales), epochs=tuple(cfg.defense_epochs),
+                        seed=cfg.seed, samples=cfg.samples, pool_size=cfg.pool_size,
+                        eval_limit=cfg.recovery_eval_limit, target=cfg.target,
+                        # the audit's routes: with merging, the harness attacks base and hardened by both
+                        routes=tuple(cfg.routes), merge_methods=tuple(cfg.merge_methods))
 
 
 def _check_encoder_decoder(cfg: AuditConfig, model) -> None:
@@ -358,7 +377,6 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, st
     from moeguard.io import write_json
     from moeguard.models.loading import load_model
     from moeguard.models.tokenizer_files import save_tokenizer
-    from moeguard.studies.attack import AttackConfig
     from moeguard.studies.defend import DefendEvalConfig, DefendEvalStudy
 
     torch.set_num_threads(runtime.threads)
@@ -385,13 +403,7 @@ def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, st
             proto = {"modes": list(p.modes), "patterns": list(p.patterns)}
         hardened_ref = cfg.hardened
     E = model.num_experts
-    attack = AttackConfig(task=cfg.defense_tasks[0], keep=E // 2, budget=cfg.defense_budget, seeds=cfg.defense_seeds,
-                          methods=tuple(cfg.methods), modes=tuple(cfg.defense_modes),
-                          lr_scales=tuple(cfg.defense_lr_scales), epochs=tuple(cfg.defense_epochs),
-                          seed=cfg.seed, samples=cfg.samples, pool_size=cfg.pool_size,
-                          eval_limit=cfg.recovery_eval_limit, target=cfg.target,
-                          # the audit's routes: with merging, the harness attacks base and hardened by both
-                          routes=tuple(cfg.routes), merge_methods=tuple(cfg.merge_methods))
+    attack = _defense_attack(cfg, E)
     dcfg = DefendEvalConfig(tasks=tuple(cfg.defense_tasks), keeps=(E // 2,), attack=attack,
                             utility_tasks=tuple(cfg.tasks), utility_limit=cfg.eval_limit, base=cfg.model,
                             hardened=hardened_ref, protocol=proto, num_experts=E)
