@@ -191,3 +191,13 @@ def test_a_sub_config_key_is_named_where_config_json_nests_it(capsys, tmp_path):
     (d / "model.safetensors").write_bytes(b"not read")
     code, _, err = run(["info", "--model", str(d)], capsys)
     assert_clean_error(code, err, "ffn_config.moe_top_k is 9", "(ffn_config.moe_num_experts)", "at most 8")
+
+
+def test_a_config_transformers_cannot_build_is_one_line(capsys, tmp_path):
+    m = tiny_model("qwen2_moe")
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["decoder_sparse_step"] = 0                     # a modulo by zero inside transformers' constructor
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(["info", "--model", str(tmp_path)], capsys)
+    assert_clean_error(code, err, "cannot build qwen2_moe from its config", "ZeroDivisionError")

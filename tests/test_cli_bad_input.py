@@ -179,6 +179,8 @@ MALFORMED = [
     ("scan --out O --references F", "scan.json",   # settings of the wrong type: AttributeError once
      '{"schema": "moeguard.scan/1", "experts": [], "suspicion": {"score": "chain"}, "settings": ["x"]}', "is not a scan"),
     ("info --model D", "config.json", "{broken", "config.json"),
+    ("info --model D", "config.json", "CONFIG:moeguard_experts_per_layer=abc", "expected a map of layer index"),
+    ("info --model D", "config.json", "CONFIG:moeguard_experts_per_layer={\"0\": true}", "expert counts outside"),
     ("info --model D", "model.safetensors.index.json", '{"weight_map": [1]}', "not a valid safetensors index"),
     ("info --model D", "model.safetensors.index.json", '{"weight_map": {"a": 5}}', "not a valid safetensors index"),
     ("info --model D", "model.safetensors.index.json", '{"weight_map": {"a": ""}}', "not a valid safetensors index"),
@@ -204,6 +206,14 @@ def test_malformed_files(cmd, name, content, needle, capsys, tmp_path):
         import shutil
 
         shutil.copytree(resolve(None).path, d)
+        if content.startswith("CONFIG:"):   # the embedded config with one key set
+            key, _, value = content[len("CONFIG:"):].partition("=")
+            doc = json.loads((d / name).read_text())
+            try:
+                doc[key] = json.loads(value)
+            except ValueError:
+                doc[key] = value
+            content = json.dumps(doc)
         (d / name).write_text(content)
         f = d / name
     else:

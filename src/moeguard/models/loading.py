@@ -200,7 +200,11 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
     if unsupported:
         raise MoeguardError(f"{where}: {unsupported[0]}", hint=f"{fix}: {unsupported[1]}")
     per_layer = getattr(config, PER_LAYER_KEY, None) or {}
-    bad = {l: n for l, n in dict(per_layer).items() if not isinstance(n, int) or not 1 <= n <= E}
+    if not isinstance(per_layer, dict):    # "abc" or [4, 4] failed in dict() with a traceback
+        raise MoeguardError(f"{where}: config {family.config_key(PER_LAYER_KEY)} is {str(per_layer)[:40]!r}, expected "
+                            f"a map of layer index -> expert count", hint=f"{fix}, or re-prune the model with moeguard prune")
+    # a bool is an int to Python: true was read as one expert
+    bad = {l: n for l, n in per_layer.items() if type(n) is not int or not 1 <= n <= E or not str(l).isdigit()}
     if bad:
         raise MoeguardError(f"{where}: config {family.config_key(PER_LAYER_KEY)} gives layers {bad} expert counts outside 1..{E}",
                             hint=f"{fix}, or re-prune the model with moeguard prune")
@@ -356,8 +360,13 @@ def meta_model(config):
 
     from moeguard.models.prune import resize_layers
 
-    with torch.device("meta"):
-        model = model_class(config).from_config(config)
+    try:
+        with torch.device("meta"):
+            model = model_class(config).from_config(config)
+    except (ZeroDivisionError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        # a value transformers' own constructor cannot use (decoder_sparse_step 0: a modulo by zero)
+        raise MoeguardError(f"cannot build {getattr(config, 'model_type', 'the model')} from its config "
+                            f"({type(e).__name__}: {str(e)[:100]})", hint="fix config.json") from None
     resize_layers(model)
     return model
 
