@@ -192,3 +192,32 @@ def test_savings_are_exact_bounded_or_losing():
               for s, ys in [("random", [80, 85, 96]), ("orphan", [80, 96, 97]), ("coreset", [80, 81, 82])]]
     summary = summarize(curves, ["random", "orphan", "coreset"], target=95)
     assert summary["best"] == "orphan" and summary["strategies"]["coreset"]["savings_vs_random"]["bound"] == "loses"
+
+
+def test_a_partial_run_of_other_weights_at_the_same_path_is_not_resumed(pruned, tmp_path, monkeypatch):
+    import shutil
+
+    from moeguard.realign import loop
+
+    model = tmp_path / "m"
+    shutil.copytree(pruned, model)
+    out = tmp_path / "out"
+
+    def stop(*a, **k):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(loop, "run_active_learning", stop)
+    with pytest.raises(RuntimeError):
+        main(realign_args(model, out))
+    partial = tmp_path / ".out.partial"
+    (partial / "left-by-the-first-run").write_text("x")
+    with pytest.raises(RuntimeError):                 # the same weights: the partial run is kept for resuming
+        main(realign_args(model, out))
+    assert (partial / "left-by-the-first-run").exists()
+    weights = model / "model.safetensors"             # re-pruned in place: same path, other weights
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError):
+        main(realign_args(model, out))
+    assert not (partial / "left-by-the-first-run").exists()

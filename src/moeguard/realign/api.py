@@ -61,7 +61,11 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     orig = None
     if original is not None:  # an unreadable original fails here, before the pruned model loads
         orig = resolve_model(None if original == "embedded" else original, tasks=False)
-    settings = {"model": model.name, "task": task.name, "original": original, "full_score": full_score, **al.to_dict()}
+    from moeguard.models.loading import weights_identity
+
+    # the weights, not only the path: a checkpoint re-pruned in place after a kill must not resume the old run
+    settings = {"model": model.name, "weights": weights_identity(model.arg), "task": task.name, "original": original,
+                "full_score": full_score, **al.to_dict()}
     m, tokenizer, _ = model.load()
     orphan = None
     if orig is not None and (full_score is None or strat.needs_original):
