@@ -137,3 +137,16 @@ def test_a_hub_ids_identity_is_the_commit_its_cached_config_resolves_to(tmp_path
     moved = weights_identity("org/moe")
     assert moved["revision"] == "b" * 40 and moved != first and moved["config"] == first["config"]
     assert weights_identity("org/other") == {"name": "org/other", "files": []}
+
+
+def test_a_hardened_models_protocol_file_is_part_of_its_identity(tmp_path):
+    from moeguard.models.loading import weights_identity
+    from moeguard.testing import tiny_model
+
+    model = tmp_path / "hardened"
+    tiny_model("mixtral").save_pretrained(model)
+    plain = weights_identity(str(model))
+    (model / "moeguard_protocol.json").write_text('{"modes": ["full"]}')
+    first = weights_identity(str(model))
+    (model / "moeguard_protocol.json").write_text('{"modes": ["lora"]}')   # an edited protocol: stages re-run
+    assert "protocol" not in plain and first != plain and weights_identity(str(model)) != first

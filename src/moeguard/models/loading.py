@@ -404,6 +404,9 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     config = ref.path / "config.json"
     if config.exists():
         out["config"] = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
+    protocol = ref.path / "moeguard_protocol.json"    # a hardened model's fine-tuning protocol changes its numbers
+    if protocol.exists():
+        out["protocol"] = hashlib.sha256(protocol.read_bytes()).hexdigest()[:16]
     weights = sorted(ref.path.glob("*.safetensors"))
     whole = sum(f.stat().st_size for f in weights) <= _WHOLE   # the checkpoint's total: many shards cost the same
     for f in weights:
