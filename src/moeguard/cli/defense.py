@@ -170,12 +170,13 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
     cfg, proto_path = resolve(base=b, hardened=h, tasks=task_list, utility_tasks=extra,
                               keeps=_ints(keeps, "--keeps") if keeps else None,
                               attack=_attack_config(flags, task=task_list[0].name, keep=1), protocol=protocol)
+    from moeguard.io import file_sha256
     from moeguard.models.loading import weights_identity
 
     # both models' weights (the jobs' scope covers only the hardened one's), and the protocol's bytes
     settings = {"base": b.name, "hardened": h.name, "protocol": str(proto_path) if proto_path else None,
                 "weights": {"base": weights_identity(b.arg), "hardened": weights_identity(h.arg)},
-                "protocol_sha256": _sha256(proto_path) if proto_path else None, **cfg.to_dict()}
+                "protocol_sha256": file_sha256(proto_path) if proto_path else None, **cfg.to_dict()}
 
     def write(doc, work):
         doc["base"], doc["hardened"] = b.name, h.name
@@ -187,8 +188,3 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
     met = {k: v["met"] for k, v in doc["goals"].items() if isinstance(v, dict)}
     typer.echo("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()) + f"; written to {out}")
 
-
-def _sha256(path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

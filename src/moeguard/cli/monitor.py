@@ -120,7 +120,7 @@ def monitor_score(
         model: ModelOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile."""
     from moeguard.edge import resolve_model
-    from moeguard.io import check_output, read_json, resumable_dir
+    from moeguard.io import check_output, file_sha256, read_json, resumable_dir
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.score import read_log, score
 
@@ -137,7 +137,7 @@ def monitor_score(
     from moeguard.provenance import run_record
 
     # what the replayed arrays depend on: an interrupted run resumes only on the same profile, log and weights
-    resume = {"profile": _sha256(profile), "log": _sha256(log), "model": weights_identity(handle.arg)}
+    resume = {"profile": file_sha256(profile), "log": file_sha256(log), "model": weights_identity(handle.arg)}
     with resumable_dir(out, overwrite=overwrite, settings=resume) as tmp:
         m, tok, _ = handle.load()
         try:
@@ -161,16 +161,6 @@ def monitor_score(
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
                f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts "
                f"(p <= {alpha}); written to {out}")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _task_list(value: str | None) -> list[str] | None:
