@@ -132,3 +132,18 @@ def test_in_memory_output_inside_or_around_the_input_is_refused_and_the_input_ke
         err = capsys.readouterr().err
         assert code == 2 and "overlaps the source checkpoint" in err and len(err.strip().splitlines()) == 1, err
     assert _digest(model) == before and not (model / "sub").exists()
+
+
+def test_attribute_refuses_a_budget_pruned_checkpoint_before_loading_it(tmp_path, capsys, monkeypatch):
+    from moeguard.models.handle import ModelHandle
+
+    out = tmp_path / "budget"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {"0": [0, 1, 2], "1": [0, 1, 2, 3, 4], "2": [0, 1], "3": [0, 1, 2, 3]}}))
+    assert main(["prune", "--plan", str(plan), "--out", str(out)]) == 0
+    monkeypatch.setattr(ModelHandle, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
+    capsys.readouterr()
+    assert main(["attribute", "--model", str(out), "--task", "arith-compare", "--method", "gate",
+                 "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "different expert counts [2, 3, 4, 5]" in err and len(err.strip().splitlines()) == 1, err

@@ -37,6 +37,12 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     resolve_tasks([task, *(refs or [])], what="--task")  # unreadable data fails before any weights load
     handle = resolve_model(model, tasks=False)   # an encoder-decoder scores through its seq2seq head
     check_method_runs(the_method, handle.family)
+    counts = sorted({int(v) for v in handle.info["experts_per_layer"].values()})
+    if len(counts) > 1:   # as attribution refuses it, before the weights load
+        from moeguard.errors import MoeguardError
+
+        raise MoeguardError(f"the model's MoE layers have different expert counts {counts} (a budget-pruned "
+                            "checkpoint); attribution scores one count per layer", hint="attribute the unpruned model")
     _seed(seed)
     m, tokenizer, ref = handle.load(max_memory=cap)
     with _progress() as progress:
