@@ -187,4 +187,3 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
     _console().print(defense_table(doc))
     met = {k: v["met"] for k, v in doc["goals"].items() if isinstance(v, dict)}
     typer.echo("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()) + f"; written to {out}")
-

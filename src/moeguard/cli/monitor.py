@@ -122,7 +122,7 @@ def monitor_score(
     from moeguard.edge import resolve_model
     from moeguard.io import check_output, file_sha256, read_json, resumable_dir
     from moeguard.monitor.profile import Profile
-    from moeguard.monitor.score import read_log, score
+    from moeguard.monitor.score import drop_replay, read_log, score
 
     check_output(out, overwrite=overwrite, kind="folder")
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
@@ -156,8 +156,7 @@ def monitor_score(
         (tmp / "windows.jsonl").write_text("".join(json.dumps(w) + "\n" for w in windows))
         (tmp / "alerts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alerts))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for f in tmp.glob(".replay-*.npz"):    # scratch: the folder becomes the output as it is
-            f.unlink()
+        drop_replay(tmp)
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
                f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts "
                f"(p <= {alpha}); written to {out}")

@@ -7,6 +7,7 @@ checked before weights are read. Weights are read only from safetensors.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import struct
@@ -132,12 +133,10 @@ def check_safetensors(file: Path) -> None:
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                     and 0 <= offsets[0] <= offsets[1]):
                 raise ValueError(f"tensor {name!r} has data_offsets {offsets!r}")
-            count = 1
-            for d in shape:
-                count *= d
-            if offsets[1] - offsets[0] != -(-count * _DTYPE_BITS[dtype] // 8):
+            needs = -(-math.prod(shape) * _DTYPE_BITS[dtype] // 8)     # whole bytes (sub-byte dtypes packed)
+            if offsets[1] - offsets[0] != needs:
                 raise ValueError(f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its {dtype} shape "
-                                 f"{shape} needs {-(-count * _DTYPE_BITS[dtype] // 8)}")
+                                 f"{shape} needs {needs}")
             spans.append(offsets)
         spans.sort()
         if any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or (spans and spans[0][0] != 0):
@@ -390,6 +389,8 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     moved) changes it; the cache is read, never the network."""
     import hashlib
 
+    from moeguard.io import file_sha256
+
     ref = resolve(ref_str)
     files: list[list[Any]] = []
     out: dict[str, Any] = {"name": ref.name, "files": files}
@@ -397,16 +398,16 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
         snapshot = _hub_snapshot(ref.hub_id)
         if snapshot is not None:
             out["revision"] = snapshot.name
-            out["config"] = hashlib.sha256((snapshot / "config.json").read_bytes()).hexdigest()[:16]
+            out["config"] = file_sha256(snapshot / "config.json")[:16]
         return out
     if not ref.path.is_dir():
         return out
     config = ref.path / "config.json"
     if config.exists():
-        out["config"] = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
+        out["config"] = file_sha256(config)[:16]
     protocol = ref.path / "moeguard_protocol.json"    # a hardened model's fine-tuning protocol changes its numbers
     if protocol.exists():
-        out["protocol"] = hashlib.sha256(protocol.read_bytes()).hexdigest()[:16]
+        out["protocol"] = file_sha256(protocol)[:16]
     weights = sorted(ref.path.glob("*.safetensors"))
     whole = sum(f.stat().st_size for f in weights) <= _WHOLE   # the checkpoint's total: many shards cost the same
     for f in weights:

@@ -129,6 +129,13 @@ def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cach
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
 
 
+def drop_replay(cache: Path) -> None:
+    """Delete ``replay``'s kept steps from ``cache`` once the outputs are complete (scratch: the
+    resumable folder becomes the output as it is)."""
+    for f in cache.glob(".replay-*.npz"):
+        f.unlink()
+
+
 def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
           alpha: float = 0.01, log_prompts: bool = False, cache: Path | None = None,
           progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:

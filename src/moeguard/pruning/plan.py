@@ -55,8 +55,7 @@ class PrunePlan:
         keep: dict[int, list[int]] = {}
         for layer, experts in data["keep"].items():
             # whole numbers only: 0.9 and 1.7 became experts 0 and 1, and the string "01" experts 0 and 1
-            if not str(layer).isdigit() or not isinstance(experts, list) \
-                    or not all(type(e) is int and e >= 0 for e in experts):
+            if not str(layer).isdigit() or not expert_indices(experts):
                 raise MoeguardError(f"{origin}: layer {str(layer)[:20]!r} -> {str(experts)[:60]} is not a list of expert "
                                     f"indices", hint='write {"keep": {"0": [0, 3, 5, 6]}}: whole numbers from 0')
             keep[int(layer)] = experts
@@ -75,6 +74,12 @@ class PrunePlan:
         path = Path(path)
         data = read_json(path, what="plan file", hint='write {"keep": {"<layer>": [experts]}} to it')
         return cls.from_dict(data, origin=str(path))
+
+
+def expert_indices(value: Any) -> bool:
+    """Whether ``value`` is a list of expert indices as JSON gives them: whole numbers from 0 (a bool,
+    a float or a string's characters are not)."""
+    return isinstance(value, list) and all(type(e) is int and e >= 0 for e in value)
 
 
 def _check_count(what: str, value: int, E: int, min_keep: int) -> None:

@@ -21,13 +21,15 @@ def pruning_record(path: Path | None) -> dict | None:
     f = path / "moeguard_pruning.json" if path is not None else None
     if f is None or not f.exists():
         return None
+    from moeguard.pruning.plan import expert_indices
+
     hint = "re-run moeguard prune, or delete the file to re-align without it"
     record = read_json(f, what="pruning record", hint=hint)
     # what re-alignment reads of it: the source model, and for the orphan strategy the keep map and expert count
     keep = record.get("keep") if isinstance(record, dict) else None
     if not isinstance(record, dict) or not isinstance(record.get("source", ""), (str, type(None))) \
             or (keep is not None and not (isinstance(keep, dict) and all(
-                str(k).isdigit() and isinstance(v, list) and all(type(e) is int and e >= 0 for e in v) for k, v in keep.items()))) \
+                str(k).isdigit() and expert_indices(v) for k, v in keep.items()))) \
             or not (record.get("original_num_experts") is None or (type(record["original_num_experts"]) is int
                                                                    and record["original_num_experts"] >= 1)):
         raise MoeguardError(f"{f} is not a pruning record (source, keep map of whole numbers, original_num_experts)",

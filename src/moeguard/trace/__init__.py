@@ -41,12 +41,12 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
     from moeguard.trace.weights import load
 
     weights = load(suspect)  # opening checks config, headers, layout and tokenizer; reads no tensor
-    fp = Fingerprint.load(Path(original)) if is_fingerprint(original) else fingerprint(original, seed=seed,
-                                                                                      progress=progress)
+    given = is_fingerprint(original)
+    fp = Fingerprint.load(Path(original)) if given else fingerprint(original, seed=seed, progress=progress)
     doc = run(fp, weights, seed=seed, progress=progress)
     from moeguard.provenance import run_record
 
     # what was compared, with which seed, by which moeguard: a result meant to be shown to others
-    doc["run"] = run_record({"original": original or "embedded", "original_is_fingerprint": is_fingerprint(original),
+    doc["run"] = run_record({"original": original or "embedded", "original_is_fingerprint": given,
                              "suspect": suspect, "seed": seed})
     return doc
