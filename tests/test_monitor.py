@@ -129,6 +129,46 @@ def test_the_default_profile_takes_every_embedded_task_running_text_included(tmp
     assert doc["requests"]["fit"] == 4 * len(doc["tasks"]) and "6 tasks" in capsys.readouterr().out
 
 
+def test_an_interrupted_profile_resumes_from_the_tasks_it_observed(tmp_path, monkeypatch, capsys):
+    """Each task's half is kept as it finishes; the resumed profile equals an uninterrupted one,
+    and a partial profile of other inputs is not reused."""
+    from moeguard.monitor import profile as P
+
+    args = ["monitor", "profile", "--tasks", "arith-compare,docstring-topic,stdlib-docs", "--limit", "8", "--window", "2"]
+    assert main([*args, "--out", str(tmp_path / "whole.json")]) == 0
+    calls, real, stop_at = [], P.observe, [3]
+
+    def interrupted(*a, **k):
+        calls.append(len(a[2]))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "observe", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--out", str(tmp_path / "cut.json")])
+    assert stop.value.code == 130 and "run the same command again to resume" in capsys.readouterr().err
+    kept = tmp_path / ".cut.json.partial"
+    assert not (tmp_path / "cut.json").exists() and sorted(f.name for f in kept.glob(".*.npz")) == [".fit-0.npz", ".fit-1.npz"]
+    calls.clear()
+    stop_at[0] = 0                                    # no interruption now
+    assert main([*args, "--out", str(tmp_path / "cut.json")]) == 0
+    assert calls == [4, 4, 4, 4]                      # the third task's fit half, then the calibration halves
+    whole, cut = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "cut.json"))
+    assert whole.pop("run")["settings"] == cut.pop("run")["settings"] and whole == cut
+    assert not kept.exists()
+    # another seed draws other halves: its partial is not reused
+    stop_at[0] = 2
+    calls.clear()
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "other.json"), "--seed", "1"])
+    stop_at[0] = 0
+    calls.clear()
+    assert main([*args, "--out", str(tmp_path / "other.json"), "--seed", "2"]) == 0
+    assert len(calls) == 6, calls
+
+
 def _log(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

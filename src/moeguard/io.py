@@ -102,16 +102,54 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
     started with other ``settings`` is discarded. The block should delete its own scratch
     files before it ends; everything left in the folder becomes ``path``."""
     path = check_output(path, overwrite=overwrite, kind="folder")
+    partial = _partial(path, settings)
+    yield partial
+    (partial / STAMP).unlink(missing_ok=True)
+    _move_into_place(partial, path)
+
+
+@contextlib.contextmanager
+def resumable_scratch(path: str | os.PathLike, *, overwrite: bool = False, settings: Any = None) -> Iterator[Path]:
+    """For a command whose output is one file: the scratch folder ``.NAME.partial`` beside
+    ``path`` keeps finished steps (``kept_arrays``) across a failure or a kill, as
+    :func:`resumable_dir` does, and is deleted when the block completes. The block writes
+    ``path`` itself (``write_json``)."""
+    path = check_output(path, overwrite=overwrite, kind="file")
+    partial = _partial(path, settings)
+    yield partial
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+STAMP = ".moeguard-settings.json"
+
+
+def _partial(path: Path, settings: Any) -> Path:
+    """``.NAME.partial`` beside ``path``, emptied unless it was started with the same ``settings``."""
     partial = path.with_name(f".{path.name}.partial")
-    stamp = partial / ".moeguard-settings.json"
+    stamp = partial / STAMP
     wanted = json.dumps(settings, sort_keys=True, default=str)
-    if partial.exists() and (not stamp.exists() or stamp.read_text() != wanted):
-        shutil.rmtree(partial)
+    if partial.exists() and (not partial.is_dir() or not stamp.exists() or stamp.read_text() != wanted):
+        shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
     partial.mkdir(exist_ok=True)
     stamp.write_text(wanted)
-    yield partial
-    stamp.unlink(missing_ok=True)
-    _move_into_place(partial, path)
+    return partial
+
+
+def kept_arrays(folder: Path | None, name: str, compute) -> dict[str, Any]:
+    """The arrays ``compute()`` returns (a dict of numpy arrays), kept as ``folder/.NAME.npz`` once
+    computed and read from there on a resumed run (never unpickled). ``folder`` None: computed."""
+    import numpy as np
+
+    f = folder / f".{name}.npz" if folder is not None else None
+    if f is not None and f.exists():
+        with np.load(f, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    out = compute()
+    if f is not None:
+        tmp = f.with_name(f.name + ".tmp.npz")
+        np.savez(tmp, **out)
+        tmp.replace(f)
+    return out
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:

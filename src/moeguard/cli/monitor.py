@@ -96,14 +96,31 @@ def monitor_profile(
                             hint=f"pass --window of at most {held}, or raise --limit")
     # a running-text task's benign traffic is its texts (a language-modeling task has no inputs)
     prompts = {t.name: [x for r in load_records(t, "eval", limit=limit) if (x := prompt_text(t, r))] for t in ts}
-    _seed(seed)
-    m, tok, _ = handle.load()
-    prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name)
+    import hashlib
+
+    from moeguard.io import resumable_scratch
+    from moeguard.models.loading import weights_identity
     from moeguard.provenance import run_record
 
-    doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "tasks": list(prompts), "limit": limit,
-                                                "window": window, "seed": seed})}
-    write_json(out, doc, overwrite=overwrite)
+    # what the kept per-task arrays depend on: an interrupted run resumes only on the same inputs,
+    # seed (the halves) and weights
+    resume = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "seed": seed,
+              "model": weights_identity(handle.arg)}
+    with resumable_scratch(out, overwrite=overwrite, settings=resume) as tmp:
+        _seed(seed)
+        m, tok, _ = handle.load()
+        try:
+            with _progress() as progress:
+                prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=progress)
+        except KeyboardInterrupt:
+            import sys
+
+            print(f"moeguard: interrupted; the tasks profiled so far are kept in {tmp}: run the same command "
+                  f"again to resume", file=sys.stderr)
+            raise SystemExit(130) from None
+        doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "tasks": list(prompts), "limit": limit,
+                                                    "window": window, "seed": seed})}
+        write_json(out, doc, overwrite=overwrite)
     r = prof.meta["requests"]
     typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
                f"calibrating, windows of {window}; written to {out}")

@@ -39,11 +39,13 @@ import math
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moeguard.errors import MoeguardError
+from moeguard.io import kept_arrays
 from moeguard.monitor.embed import Embedding, KernelReference
 from moeguard.monitor.tokens import SEGMENT, RoutedIds, TokenRouting, TokenRoutingCounts
 
@@ -296,37 +298,55 @@ class Profile:
 
 
 def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int = 400,
-          seed: int = 0, name: str = "") -> Profile:
-    """The profile of benign ``prompts`` (task -> inputs); see the module docstring."""
+          seed: int = 0, name: str = "", cache: Path | None = None, progress=None) -> Profile:
+    """The profile of benign ``prompts`` (task -> inputs); see the module docstring. With ``cache``
+    (``io.resumable_scratch``), each task's observed arrays are kept there as they finish and read
+    back on a resumed run: the same numbers as one uninterrupted build."""
     from moeguard.models.adapter import MoEAdapter
 
     if window < 1:
         raise MoeguardError(f"window is {window}", hint="pass a window of at least 1 request")
+    for t, ps in prompts.items():             # before any forward
+        if len(ps) < 4:
+            raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
     rng = np.random.default_rng(seed)
     adapter = MoEAdapter(model)
     fit, cal, cal_topic = [], [], []
     fit_hidden, cal_hidden = [], []           # (hidden sums, token counts) of each half
     topics, held = {}, {}
-    counts = TokenRoutingCounts(vocab=int(model.get_input_embeddings().weight.shape[0]), layers=len(adapter.layers),
-                                experts=adapter.num_experts)
-    for t, ps in prompts.items():             # the fit half: statistics' parameters, and the token table
-        if len(ps) < 4:
-            raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    counts = TokenRoutingCounts(vocab=vocab, layers=len(adapter.layers), experts=adapter.num_experts)
+    bar = progress.add_task("profiling benign requests", total=sum(map(len, prompts.values()))) if progress else None
+
+    def fit_part(ps: list[str]) -> dict[str, np.ndarray]:
+        # each task's token counts apart, merged in task order (TokenRoutingCounts.merge): a
+        # resumed build reads a finished task's counts instead of observing it again
+        own = TokenRoutingCounts(vocab=vocab, layers=len(adapter.layers), experts=adapter.num_experts)
+        h, sums, ntok, _ = observe(model, tokenizer, ps, adapter=adapter, tokens=own)
+        return {"h": h, "sums": sums, "ntok": ntok, **own.arrays()}
+
+    for i, (t, ps) in enumerate(prompts.items()):   # the fit half: statistics' parameters, and the token table
         order = rng.permutation(len(ps))
         half = len(ps) // 2
-        h, sums, ntok, _ = observe(model, tokenizer, [ps[i] for i in order[:half]], adapter=adapter, tokens=counts)
-        fit.append(h)
-        fit_hidden.append((sums, ntok))
-        topics[t] = h.mean(0)
-        held[t] = [ps[i] for i in order[half:]]
+        z = kept_arrays(cache, f"fit-{i}", lambda: fit_part([ps[j] for j in order[:half]]))
+        counts.merge(z["count_tokens"], z["counts"])
+        fit.append(z["h"])
+        fit_hidden.append((z["sums"], z["ntok"]))
+        topics[t] = z["h"].mean(0)
+        held[t] = [ps[j] for j in order[half:]]
+        if bar is not None:
+            progress.advance(bar, half)
     table = counts.table(adapter.top_k, getattr(tokenizer, "bos_token_id", None))
     cal_surprise = []
-    for t, ps in held.items():                # the calibration half: every statistic's null
-        h, sums, ntok, sp = observe(model, tokenizer, ps, adapter=adapter, tokens=table)
-        cal.append(h)
-        cal_hidden.append((sums, ntok))
-        cal_surprise.append(sp)
+    for i, (t, ps) in enumerate(held.items()):   # the calibration half: every statistic's null
+        z = kept_arrays(cache, f"calibration-{i}", lambda: dict(zip(
+            ("h", "sums", "ntok", "surprise"), observe(model, tokenizer, ps, adapter=adapter, tokens=table))))
+        cal.append(z["h"])
+        cal_hidden.append((z["sums"], z["ntok"]))
+        cal_surprise.append(z["surprise"])
         cal_topic += [t] * len(ps)
+        if bar is not None:
+            progress.advance(bar, len(ps))
     F = np.concatenate(fit)
     C = np.concatenate(cal)
     mean = F.mean(0)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
+from moeguard.io import kept_arrays
 from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile, observe
 
 MAX_PROMPT_CHARS = 100_000
@@ -113,16 +114,10 @@ def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cach
     parts = []
     task = progress.add_task("replaying requests", total=len(prompts)) if progress is not None else None
     for n, a in enumerate(range(0, len(prompts), CHUNK)):
-        f = cache / f".replay-{n}.npz" if cache is not None else None
-        if f is not None and f.exists():
-            with np.load(f, allow_pickle=False) as z:
-                part = (z["h"], z["sums"], z["tokens"], z["surprise"])
-        else:
-            part = observe(model, tokenizer, prompts[a:a + CHUNK], tokens=prof.tokens, adapter=adapter)
-            if f is not None:
-                tmp = f.with_name(f.name + ".tmp.npz")
-                np.savez(tmp, h=part[0], sums=part[1], tokens=part[2], surprise=part[3])
-                tmp.replace(f)
+        z = kept_arrays(cache, f"replay-{n}", lambda: dict(zip(
+            ("h", "sums", "tokens", "surprise"),
+            observe(model, tokenizer, prompts[a:a + CHUNK], tokens=prof.tokens, adapter=adapter))))
+        part = (z["h"], z["sums"], z["tokens"], z["surprise"])
         parts.append(part)
         if task is not None:
             progress.advance(task, len(part[0]))

@@ -42,8 +42,10 @@ class TokenRoutingCounts:
         self.rows: dict[int, int] = {}
         self.counts = np.zeros((256, layers, experts), dtype=np.float32)
 
-    def _rows(self, ids: np.ndarray) -> np.ndarray:
-        for t in np.unique(ids).tolist():
+    def _rows(self, ids: np.ndarray, *, first_seen: bool = False) -> np.ndarray:
+        """Each id's row, new ids taking the next rows (in sorted order, or with ``first_seen``
+        in the order given)."""
+        for t in (ids.tolist() if first_seen else np.unique(ids).tolist()):
             if t not in self.rows:
                 self.rows[t] = len(self.rows)
         if len(self.rows) > len(self.counts):       # grow by doubling
@@ -51,6 +53,18 @@ class TokenRoutingCounts:
             grown[:len(self.counts)] = self.counts
             self.counts = grown
         return np.array([self.rows[t] for t in ids.tolist()], dtype=np.int64)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The counts as arrays (token ids in row order, counts [N, L, E]): for a resumable profile."""
+        return {"count_tokens": np.fromiter(self.rows, dtype=np.int64, count=len(self.rows)),
+                "counts": self.counts[:len(self.rows)]}
+
+    def merge(self, tokens: np.ndarray, counts: np.ndarray) -> None:
+        """Add another table's ``arrays()``. Tokens new here take rows in the other's order, so
+        counting tasks apart and merging them in turn gives the rows and counts of one pass over
+        all (the counts are whole numbers, which float32 adds exactly below 2**24)."""
+        rows = self._rows(np.asarray(tokens, dtype=np.int64), first_seen=True)
+        self.counts[rows] += counts
 
     def add(self, ids: np.ndarray, routed: np.ndarray) -> None:
         """ids [T] token ids; routed [L, T, k] the experts each token went to."""
