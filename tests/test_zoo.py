@@ -75,3 +75,42 @@ def test_zoo_recipe_trains_on_named_tasks(tmp_path):
     card = train_embedded(tmp_path / "m", recipe=small, tasks=[str(tmp_path / "toy.yaml")])
     assert card["name"] == "moeguard-zoo-mixtral" and list(card["tasks"]) == ["toy-sentiment"]
     assert "toy-sentiment" in (tmp_path / "m" / "README.md").read_text()
+
+
+def test_an_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """The state is saved every ``save_every`` steps; a run stopped after its second save continues
+    from step 4 and ends byte-identical (weights, loss curve) to one that never stopped."""
+    import json
+
+    from moeguard import trainstate
+    from moeguard.zoo import train as T
+
+    small = Recipe(steps=6, hidden_size=32, intermediate_size=32, num_layers=2, batch_size=4, context=64,
+                   vocab_size=600)
+    whole = T.train_embedded(tmp_path / "whole", recipe=small)
+    state, real, saved = tmp_path / ".cut.zoo-state", trainstate.save, []
+
+    def save_then_stop(path, **kw):
+        real(path, **kw)
+        saved.append(kw["step"])
+        if kw["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainstate, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_embedded(tmp_path / "cut", recipe=small, checkpoint=state, save_every=2)
+    assert saved == [2, 4] and not (tmp_path / "cut").exists()
+    saved.clear()
+    cut = T.train_embedded(tmp_path / "cut", recipe=small, checkpoint=state, save_every=2)
+    assert cut["resumed_from"] == 4 and saved == []          # steps 5 and 6 only; no save at the end
+    assert cut["loss_curve"] == whole["loss_curve"] and "resumed_from" not in whole
+
+    def weights(name):
+        return hashlib.sha256((tmp_path / name / "model.safetensors").read_bytes()).hexdigest()
+
+    assert weights("cut") == weights("whole")
+    card = json.loads((tmp_path / "cut" / "moeguard_card.json").read_text())
+    assert card["settings"]["tasks"] == [t.name for t in T.embedded_tasks()] and card["settings"]["training_texts"]
+    # a state of another run (another seed) is not resumed from
+    other = T.train_embedded(tmp_path / "other", recipe=Recipe(**{**small.to_dict(), "seed": 1}), checkpoint=state)
+    assert "resumed_from" not in other

@@ -24,11 +24,25 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
     check_output(out, overwrite=overwrite, kind="folder")
     # rebuilding the embedded model keeps the recipe its shipped weights were made with
     recipe = replace(EMBEDDED_RECIPE if tasks is None else Recipe(), seed=seed, steps=steps)
-    with _progress() as progress:
-        card = train_embedded(out, recipe=recipe, overwrite=overwrite, progress=progress,
-                              tasks=_task_names(tasks, "--tasks") if tasks else None)
+    names = _task_names(tasks, "--tasks") if tasks else None
+    # beside the output, until it is written: an interrupted run continues from its last saved step
+    state = out.with_name(f".{out.name}.zoo-state")
+    try:
+        with _progress() as progress:
+            card = train_embedded(out, recipe=recipe, overwrite=overwrite, progress=progress, tasks=names,
+                                  checkpoint=state)
+    except KeyboardInterrupt:
+        import sys
+
+        print(f"moeguard: interrupted; the training state is kept in {state} (every 50 steps): run the same "
+              "command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    from moeguard import trainstate
+
+    trainstate.clear(state)   # only now: a failed save keeps what training did
     spec = card["specialization"]
-    typer.echo(f"trained in {card['train_seconds']:.0f} s; final loss {card['loss_curve'][-1]}; "
+    resumed = f" (resumed at step {card['resumed_from']} of {steps})" if card.get("resumed_from") else ""
+    typer.echo(f"trained in {card['train_seconds']:.0f} s{resumed}; final loss {card['loss_curve'][-1]}; "
                f"specialization (normalized task-expert MI) {spec['mean']:.3f} "
                f"vs {card['specialization_at_init']['mean']:.3f} at init; written to {out}")
 

@@ -24,11 +24,17 @@ def _lr_at(step: int, r: Recipe) -> float:
 
 
 def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: bool = False, progress=None,
-                   tasks: list | None = None) -> dict:
+                   tasks: list | None = None, checkpoint: Path | None = None, save_every: int = 50) -> dict:
     """Train the recipe's model on ``tasks`` (default: the embedded suite) and save it to ``out``.
 
     Other tasks (for example the local-file definitions of real data sets) give a zoo model of
-    the same architecture trained on that data, which is how benchmarks study real data offline."""
+    the same architecture trained on that data, which is how benchmarks study real data offline.
+
+    ``checkpoint``: a folder for the training state (``moeguard/trainstate.py``), written every
+    ``save_every`` steps; a state of the same run (recipe and training texts) is resumed from, and
+    ends with the weights an uninterrupted run has. The caller removes it once ``out`` is written."""
+    from moeguard import trainstate
+    from moeguard.studies.engine import digest
     from transformers import AutoModelForCausalLM
 
     from moeguard.models.specialization import routing_profile, specialization_summary
@@ -64,10 +70,19 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
-    losses = []
+    losses: list[float] = []
+    # the run: its recipe and every training text (the tokenizer and the data order follow from them)
+    tag = digest([recipe.to_dict(), {name: digest(texts[name]) for name in sorted(texts)}])
+    named = dict(model.named_parameters())
+    start, before = 0, 0.0      # the step resumed at, and the seconds trained before it
+    state = trainstate.load(checkpoint, tag=tag, params=named) if checkpoint is not None else None
+    if state is not None and isinstance(state.meta.get("losses"), list) and len(state.meta["losses"]) == state.step:
+        state.restore(named, opt)
+        start, losses, before = state.step, list(state.meta["losses"]), float(state.meta.get("seconds", 0.0))
     what = "embedded model" if embedded else "zoo model"
-    bar = progress.add_task(f"training {what}", total=recipe.steps) if progress else None
-    for step in range(recipe.steps):
+    bar = progress.add_task(f"training {what}", total=recipe.steps, completed=start) if progress else None
+    resumed = time.time()
+    for step in range(start, recipe.steps):
         batch = [blocks[name][i] for name, i in order[step * recipe.batch_size:(step + 1) * recipe.batch_size]]
         width = max(len(b) for b in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
@@ -88,8 +103,12 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
         losses.append(round(out_.loss.item(), 4))
         if bar is not None:
             progress.update(bar, advance=1, description=f"training {what} (loss {losses[-1]:.3f})")
+        if checkpoint is not None and (step + 1) % save_every == 0 and step + 1 < recipe.steps:
+            trainstate.save(checkpoint, tag=tag, step=step + 1, params=named, optimizer=opt,
+                            meta={"losses": losses, "seconds": before + time.time() - resumed})
     model.eval()
-    train_seconds = time.time() - started
+    # this process's time, plus the training time of the run it resumed (not the pause between)
+    train_seconds = time.time() - started + before
     profile = routing_profile(model, tokenizer, tasks)
     card = {
         "name": "moeguard-embedded-mixtral" if embedded else "moeguard-zoo-mixtral",
@@ -102,7 +121,9 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
         "specialization": specialization_summary(profile),
         "specialization_at_init": {k: v for k, v in specialization_summary(init_profile).items() if k != "routing"},
         "parameters": sum(p.numel() for p in model.parameters()),
-        **run_record({"command": "zoo train", **recipe.to_dict()}),
+        **({"resumed_from": start} if start else {}),
+        **run_record({"command": "zoo train", **recipe.to_dict(), "tasks": [t.name for t in tasks],
+                      "training_texts": {name: digest(texts[name]) for name in sorted(texts)}}),
     }
     model.config.output_router_logits = False
     with atomic_dir(out, overwrite=overwrite) as tmp:
