@@ -304,3 +304,20 @@ def test_record_summary_names_the_maximum(built: Path) -> None:
                   for item in r["record"].split(": ", 1)[1].rstrip(".").split(", ")]
         assert f" {max(values)} " in f" {r['summary']} "
         assert r["record"].split()[1].rstrip(":") in r["summary"]
+
+
+def test_a_stripped_or_wrong_stdlib_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    """No os.py: refused before the scan; a stdlib without most of its packages: the short task
+    and what to install, not a traceback; either way nothing is written."""
+    from moeguard.cli import main
+
+    assert main(["zoo", "suite", "--out", str(tmp_path / "a"), "--python-stdlib", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "no os.py in it" in err and "--python-stdlib" in err, err
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "os.py").write_text('"""Operating system interfaces, a stand-in."""\n\ndef f(x):\n    """Return x."""\n    return x\n')
+    assert main(["zoo", "suite", "--out", str(tmp_path / "b"), "--python-stdlib", str(lib)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "this standard library gives" in err and "python3-tk" in err, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -49,13 +49,27 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
 
 @zoo_app.command("suite")
 def zoo_suite(out: Annotated[Path, typer.Option("--out", help="output folder for the suite's data")],
+              python_stdlib: Annotated[Optional[Path], typer.Option("--python-stdlib", help="standard-library folder to read (default: this interpreter's)")] = None,
               seed: SeedOpt = 0, overwrite: OverwriteOpt = False) -> None:
-    """Rebuild the embedded suite's data from this interpreter's standard library."""
-    from moeguard.io import atomic_dir
+    """Rebuild the embedded suite's data from a Python standard library (``python -m moeguard.zoo.suite`` too)."""
+    from moeguard.cli.app import _console
+    from moeguard.io import atomic_dir, check_output
     from moeguard.zoo.suite import build_suite
+    from moeguard.zoo.suite.builder import check_stdlib
 
+    check_output(out, overwrite=overwrite, kind="folder")
+    check_stdlib(python_stdlib)            # before the scan
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        manifest = build_suite(tmp, seed=seed)
-    typer.echo(f"suite with {len(manifest.get('tasks', manifest))} tasks written to {out}")
+        manifest = build_suite(tmp, seed=seed, python_stdlib=python_stdlib)
+    from rich.table import Table
 
+    from moeguard.zoo.suite.common import SPLITS
 
+    table = Table("task", *SPLITS, "KiB")
+    total = 0
+    for task, info in manifest["tasks"].items():
+        size = sum(v["bytes"] for v in info["splits"].values())
+        total += size
+        table.add_row(task, *(str(info["splits"][sp]["records"]) for sp in SPLITS), f"{size / 1024:.0f}")
+    _console().print(table)
+    typer.echo(f"suite with {len(manifest['tasks'])} tasks ({total / 1024:.0f} KiB) written to {out}")

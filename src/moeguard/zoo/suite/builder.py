@@ -35,6 +35,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from moeguard.errors import MoeguardError
 from moeguard.zoo.suite.common import (CODE_MAX_CHARS, CODE_MIN_CHARS, DOC_MAX_CHARS, DOC_MIN_CHARS, FORMAT_VERSION,
                                        GENERATED_NOTE, NAMING_PER_NAME, PSF_NOTE, SPLITS, TOPICS)
 from moeguard.zoo.suite.generated import build_arith_compare, build_record_summary
@@ -85,6 +86,16 @@ TASK_NOTES = {
 TASKS = tuple(TASK_NOTES)
 
 
+def check_stdlib(python_stdlib: str | os.PathLike[str] | None) -> Path:
+    """The standard-library folder to read (default: this interpreter's), refused in one line
+    unless it holds ``os.py``."""
+    root = Path(python_stdlib) if python_stdlib is not None else default_stdlib()
+    if not (root / "os.py").is_file():
+        raise MoeguardError(f"{root} does not look like a Python standard library (no os.py in it)",
+                            hint="pass --python-stdlib with the folder holding os.py, e.g. /usr/lib/python3.11")
+    return root
+
+
 def build_suite(out_dir: str | os.PathLike[str], *, seed: int = 0,
                 python_stdlib: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Build every task into ``out_dir/<task>/<split>.jsonl.gz`` and write ``MANIFEST.json``.
@@ -93,9 +104,7 @@ def build_suite(out_dir: str | os.PathLike[str], *, seed: int = 0,
     (default: the running interpreter's).
     """
     out = Path(out_dir)
-    root = Path(python_stdlib) if python_stdlib is not None else default_stdlib()
-    if not (root / "os.py").is_file():
-        raise FileNotFoundError(f"'{root}' does not look like a Python standard library (no os.py)")
+    root = check_stdlib(python_stdlib)
     items, failed, fingerprint = scan_stdlib(root)
     assignment = assign_files(items, seed)
 

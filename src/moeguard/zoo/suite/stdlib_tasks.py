@@ -7,9 +7,15 @@ import random
 from collections import Counter, defaultdict
 from typing import Any
 
+from moeguard.errors import MoeguardError
 from moeguard.zoo.suite.common import (EVAL_SIZE, EVAL_SPLITS, NAMING_PER_NAME, SPLITS, TOPICS, TRAIN_CAP, _order,
                                        _sample)
 from moeguard.zoo.suite.stdlib_scan import FileItems
+
+# a distribution's Python may ship the standard library without some packages (Debian and Ubuntu
+# split tkinter and idlelib out), which leaves a topic or a task short
+STRIPPED = ("read a complete CPython standard library: install the missing parts (e.g. python3-tk, idle) or pass "
+            "--python-stdlib with a full one (the shipped data was built from one)")
 
 
 # --------------------------------------------------------------------------- split by file
@@ -102,9 +108,10 @@ def select_stdlib_task(task: str, by_split: dict[str, list[dict[str, Any]]], see
                 per = min(min(len(g) for g in groups.values()), TRAIN_CAP[task] // len(labels))
             else:
                 per = EVAL_SIZE // len(labels)
-            short = {lab: len(g) for lab, g in groups.items() if len(g) < per}
+            short = {lab: len(g) for lab, g in groups.items() if len(g) < max(per, 1)}
             if short:
-                raise RuntimeError(f"{task}/{split}: too few records for labels {short} (need {per})")
+                raise MoeguardError(f"{task}/{split}: this standard library gives too few docstrings for topics {short} "
+                                    f"(need {max(per, 1)} each)", hint=STRIPPED)
             chosen = [r for lab in labels for r in _sample(rng, groups[lab], per)]
             out[split] = _order(rng, chosen, split, "label", labels)
         return out
@@ -118,6 +125,7 @@ def select_stdlib_task(task: str, by_split: dict[str, list[dict[str, Any]]], see
             records = _cap_per_value(records, "target", NAMING_PER_NAME)
         n = TRAIN_CAP[task] if split == "train" else EVAL_SIZE
         if split != "train" and len(records) < n:
-            raise RuntimeError(f"{task}/{split}: only {len(records)} records (need {n})")
+            raise MoeguardError(f"{task}/{split}: this standard library gives only {len(records)} records (need {n})",
+                                hint=STRIPPED)
         out[split] = records[:n]
     return out
