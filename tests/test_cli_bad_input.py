@@ -194,6 +194,9 @@ MALFORMED = [
     ("recovery --task arith-compare --keep 2 --out O --sweep F", "sweep.json", '{"faithfulness": []}', "no 'faithfulness' map"),
     ("recovery --task arith-compare --keep 2 --out O --sweep F", "sweep.json",
      '{"faithfulness": {"arith-compare": {"gate": {"auc": "high"}}}}', "no method AUCs"),
+    ("recovery --task arith-compare --keep 2 --out O --sweep F", "sweep.json",    # another model's ranking
+     '{"faithfulness": {"arith-compare": {"gate": {"auc": 0.9}}}, "run": {"settings": {"model": "org/other-moe"}}}',
+     "the sweep ranks methods on model 'org/other-moe'; this study is on 'embedded'"),
 ]
 
 

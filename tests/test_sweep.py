@@ -148,4 +148,6 @@ def test_sweep_takes_task_files(tmp_path):
                  "--no-deletion-curves", "--physical-checks", "2", "--out", str(out)]) == 0
     doc = json.loads((out / "sweep.json").read_text())
     assert set(doc["full"]) == {"local-compare", "arith-compare"}
+    # 2 points re-scored on physically pruned copies, one per task (an empty list would pass the next line)
+    assert sorted(c["task"] for c in doc["physical_checks"]) == ["arith-compare", "local-compare"]
     assert all(c["abs_diff"] < 1e-9 for c in doc["physical_checks"])

@@ -117,18 +117,22 @@ def recovery(*, out: Path, model: Optional[str], backend: str, ray_address: Opti
     if method is not None and sweep is not None:
         raise MoeguardError("give --method or --sweep, not both", hint="--sweep picks the method with the best AUC")
     the_task = resolve_tasks([flags.pop("task")], what="--task")[0]
-    if sweep is not None:
-        method = best_method(read_json(sweep, what="sweep", hint="pass the sweep.json of `moeguard sweep`"),
-                             the_task.name)
     names = _names(flags.pop("strategies"), "--strategies")
     names = names if "random" in names else ["random", *names]
     handle = resolve_model(model, tasks=False)   # an encoder-decoder trains through its seq2seq head
+    chosen = {}
+    if sweep is not None:
+        from moeguard.io import file_sha256
+
+        method = best_method(read_json(sweep, what="sweep", hint="pass the sweep.json of `moeguard sweep`"),
+                             the_task.name, model=handle.name)
+        chosen = {"method_from": {"sweep": str(sweep), "sha256": file_sha256(sweep)}}   # which sweep chose it
     ft = build(FinetuneConfig, {k: flags.pop(k) for k in ("mode", "lr", "epochs", "min_steps", "batch_size")},
                what="fine-tuning", seed=flags["seed"])
     cfg = build(RecoveryConfig, flags, what="recovery", task=the_task.name, strategies=tuple(names),
                 method=method or DEFAULT_METHOD, finetune=ft, traced=cap is None)
     preflight(cfg, handle)
-    settings = {"model": handle.name, **cfg.to_dict(), **({"max_memory": cap} if cap is not None else {})}
+    settings = {"model": handle.name, **cfg.to_dict(), **chosen, **({"max_memory": cap} if cap is not None else {})}
     doc = _run_study(out, overwrite, settings, handle, RecoveryStudy(), cfg, write_recovery, backend=backend,
                      ray_address=ray_address, tasks=[the_task], max_memory=cap)
     _console().print(recovery_table(doc))

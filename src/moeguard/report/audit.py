@@ -199,6 +199,8 @@ def defense_detect_text(doc: dict[str, Any]) -> list[str]:
 
 
 def defense_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    from moeguard.report.defense import extra_labels_text
+
     d = doc.get("defense")
     if not d:
         return []
@@ -206,16 +208,18 @@ def defense_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
     for t, by_keep in d["summaries"].items():
         for k, v in by_keep.items():
             b, h = v["base"], v["hardened"]
-            ex = d["extra_labels"][t][k] or {}
             rows.append({"task": t, "keep": k, "pruned base → hardened": f"{_fmt(b['pruned_retention'])} → {_fmt(h['pruned_retention'])}%",
                          "after attack base → hardened": f"{_fmt(b['realigned_retention'])} → {_fmt(h['realigned_retention'])}%",
-                         "extra labels": ("" if ex.get("bound") in (None, "exact") else ex["bound"] + " ")
-                         + _fmt(ex.get("labels"), ".1f"),
+                         "extra labels": extra_labels_text(d["extra_labels"][t][k], ".1f"),
                          "from scratch": _fmt(h.get("scratch_retention")) + "%"})
-    for t, u in d["utility"].items():
-        rows.append({"task": t, "keep": "full model", "pruned base → hardened": f"utility {_fmt(u['base'], '.4g')} → {_fmt(u['hardened'], '.4g')}",
-                     "after attack base → hardened": f"cost {_fmt(u['cost_percent'])}%", "extra labels": "", "from scratch": ""})
     return rows
+
+
+def defense_utility_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """The defense's cost to the full model, a table of its own (not under the attack's columns)."""
+    d = doc.get("defense")
+    return [{"task": t, "metric": u.get("metric", ""), "base": _fmt(u["base"], ".4g"), "hardened": _fmt(u["hardened"], ".4g"),
+             "utility cost": _fmt(u["cost_percent"]) + "%"} for t, u in (d or {}).get("utility", {}).items()]
 
 
 def card_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
@@ -291,7 +295,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         parts += ["\n## Expert scan\n", scan_text(doc) + "\n", _md_table(suspect_rows(doc["scan"])),
                   "\n", _md_table(flag_rows(doc["scan"]))]
     if doc.get("defense"):
-        parts += ["\n## Defense comparison\n", _md_table(defense_rows(doc))]
+        parts += ["\n## Defense comparison\n", _md_table(defense_rows(doc)),
+                  "\nThe defense's cost to the full model:\n", _md_table(defense_utility_rows(doc))]
         parts += [f"\n![defense](plots/{p})\n" for p in f["defense"]]
         parts += ["\n" + line + "\n" for line in defense_detect_text(doc)]
         parts += ["\nGoals: " + ", ".join(f"{k}: {'met' if v['met'] else 'missed'}" for k, v in doc["defense"]["goals"].items()
@@ -408,7 +413,8 @@ def render_html(doc: dict[str, Any], folder: Path) -> str:
         out += ['<h2 id="scan">Expert scan</h2>', f"<p>{html.escape(scan_text(doc))}</p>",
                 _html_table(suspect_rows(doc["scan"]), cls="scan"), _html_table(flag_rows(doc["scan"]), cls="scan-flags")]
     if doc.get("defense"):
-        out += ['<h2 id="defense">Defense comparison</h2>', _html_table(defense_rows(doc), cls="defense")]
+        out += ['<h2 id="defense">Defense comparison</h2>', _html_table(defense_rows(doc), cls="defense"),
+                "<p>The defense's cost to the full model:</p>", _html_table(defense_utility_rows(doc), cls="defense-utility")]
         out += [_img(folder, p, "Defense: base against hardened") for p in f["defense"]]
         out += [f'<p class="detect">{html.escape(line)}</p>' for line in defense_detect_text(doc)]
         goals = doc["defense"]["goals"]

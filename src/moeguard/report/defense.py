@@ -191,10 +191,18 @@ def defense_table(doc: dict[str, Any]):
     for task, by in doc["attacks"].items():
         for k, v in by.items():
             b, h = v["base"]["summary"], v["hardened"]["summary"]
-            x = v["extra_labels"]
-            extra = "-" if x["labels"] is None else f"{'≥ ' if x['bound'] == 'at least' else ''}{x['labels']:.0f}"
+            extra = extra_labels_text(v["extra_labels"])
             t.add_row(task, k, _fmt(doc["utility"][task]["cost_percent"]),
                       f"{_fmt(b['pruned_retention'])} -> {_fmt(b['realigned_retention'])}",
                       f"{_fmt(h['pruned_retention'])} -> {_fmt(h['realigned_retention'])}",
                       _fmt(h.get("realigned_above_baseline")), _fmt(h.get("scratch_retention")), extra)
     return t
+
+
+def extra_labels_text(x: dict[str, Any] | None, spec: str = ".0f") -> str:
+    """``studies.defend.extra_labels`` as text: '≥ 120' when the hardened model never reaches the
+    target (a lower bound), '≤ -80' when the base model never does (an upper bound: the defense
+    made the attack easier by at least that much), 'neither' when neither does."""
+    if not x or x.get("labels") is None:
+        return "neither" if x and x.get("bound") == "neither" else "–"
+    return {"at least": "≥ ", "at most": "≤ "}.get(x.get("bound"), "") + format(x["labels"], spec)

@@ -95,8 +95,15 @@ def savings_text(name: str, summary: dict[str, Any]) -> str:
     interval = (f" [{ci['low']:.0f}, {ci['high']:.0f}]" if ci.get("low") is not None and not ci.get("degenerate")
                 else "")
     if sv["percent"] is not None:
-        return f"{'≥ ' if sv['bound'] == 'at least' else ''}{sv['percent']:.0f}%{interval}"
+        return f"{'≥ ' if sv['bound'] == 'at least' else ''}{_percent(sv['percent'])}%{interval}"
+    if sv["bound"] == "exact":      # random needs no label: the pruned model already meets the target
+        return "– (already at target)"
     return sv["bound"] + (interval if sv["bound"] == "loses" else "")
+
+
+def _percent(x: float) -> str:
+    """Whole percent, except that a saving short of 100% is never printed as 100% (no labels at all)."""
+    return f"{x:.1f}" if 99.5 <= x < 100 else f"{x:.0f}"
 
 
 def realign_table(curve: dict[str, Any]):

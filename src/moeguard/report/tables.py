@@ -99,10 +99,17 @@ def merge_table(record: dict) -> Table:
 
 def scores_table(doc: dict) -> Table:
     """Per layer: the experts from most to least important, with their scores."""
-    t = Table(title=f"{doc['method']} scores for '{doc['task']}' ({doc['samples']} samples, {doc['seconds']:.1f} s)")
+    # a score that was NaN or infinite is stored as null (Scores.to_dict): shown as n/a, ranked last
+    missing = sum(x is None for row in doc["scores"].values() for x in row)
+    t = Table(title=f"{doc['method']} scores for '{doc['task']}' ({doc['samples']} samples, {doc['seconds']:.1f} s)"
+                    + (f"; {missing} scores not finite (n/a)" if missing else ""))
     t.add_column("layer", justify="right")
     t.add_column("experts, most important first (score)")
+
+    def cell(x):
+        return "n/a" if x is None else _fmt(x) if abs(x) >= 0.01 else f"{x:.2e}"
+
     for layer, row in doc["scores"].items():
         order = sorted(range(len(row)), key=lambda e: (-(row[e] if row[e] is not None else float("-inf")), e))
-        t.add_row(layer, "  ".join(f"{e} ({_fmt(row[e]) if abs(row[e] or 0) >= 0.01 else f'{row[e]:.2e}'})" for e in order))
+        t.add_row(layer, "  ".join(f"{e} ({cell(row[e])})" for e in order))
     return t

@@ -87,11 +87,18 @@ class RecoveryConfig:
         return d
 
 
-def best_method(sweep: dict[str, Any], task: str) -> str:
-    """The method with the highest deletion-curve AUC for ``task`` in a sweep document."""
+def best_method(sweep: dict[str, Any], task: str, *, model: str | None = None) -> str:
+    """The method with the highest deletion-curve AUC for ``task`` in a sweep document; with
+    ``model``, a sweep whose run record names another model is refused (its ranking is that
+    model's)."""
     every = sweep.get("faithfulness") if isinstance(sweep, dict) else None
     if not isinstance(every, dict):
         raise MoeguardError("the sweep document has no 'faithfulness' map", hint="pass the sweep.json of `moeguard sweep`")
+    run = sweep.get("run")
+    swept = run.get("settings", {}).get("model") if isinstance(run, dict) and isinstance(run.get("settings"), dict) else None
+    if model is not None and swept is not None and swept != model:
+        raise MoeguardError(f"the sweep ranks methods on model '{swept}'; this study is on '{model}'",
+                            hint="pass the sweep of this model, or --method")
     faith = every.get(task)
     if not faith or not isinstance(faith, dict):
         raise MoeguardError(f"the sweep has no results for task '{task}' (it has {sorted(map(str, every))})",
