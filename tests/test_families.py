@@ -308,7 +308,7 @@ def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_bat
     fam, model = family_model
     ids, mask = token_batch
     layers = [l.index for l in MoEAdapter(model).layers]
-    keep = {layers[0]: [0, 1, 2, 5, 6, 7], layers[-1]: [3, 4]}
+    keep = {layers[0]: [3, 4], layers[-1]: [0, 1, 2, 5, 6, 7]}   # the first layer narrowest: arrays sized by it fail
     if MoEAdapter(model).family.routing.grouped:  # DeepSeek's groups must match across layers
         with pytest.raises(MoeguardError, match="group-limited routing"):
             prune_model(model, keep)
@@ -333,6 +333,16 @@ def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_bat
     assert [l.router_weight.shape[0] for l in MoEAdapter(reloaded).layers] == list(counts.values())
     with torch.no_grad():  # same weights, same shapes, same kernels: exact by construction
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, physical)
+    # the routing capture sizes every layer's statistics to the widest layer, zero past a layer's own experts
+    from moeguard.models.hooks import RoutingCapture
+
+    with torch.no_grad(), RoutingCapture(reloaded, per_sample=True) as cap:
+        reloaded(input_ids=ids, attention_mask=mask)
+    widest = max(counts.values())
+    for stats, n in zip(cap.stats.layers, counts.values()):
+        assert stats.counts.numel() == stats.prob_mass.numel() == widest and stats.counts[:n].sum() > 0
+        assert not stats.counts[n:].any() and not stats.prob_mass[n:].any(), (fam, stats.layer)
+    assert cap.stats.per_sample[0].shape == (len(counts), widest)
 
 
 def test_route_matches_transformers_router_in_bf16(family_model):

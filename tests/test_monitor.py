@@ -384,3 +384,14 @@ def test_route_attack_json_is_the_document_alone_on_stdout(tmp_path, capsys):
     captured = capsys.readouterr()
     doc = json.loads(captured.out)                       # the progress bars went to stderr
     assert doc["targets"][0]["layer"] == 0 and "route-attack" in captured.err
+
+
+def test_the_monitor_refuses_a_model_with_different_expert_counts_per_layer(embedded):
+    """A budget-pruned checkpoint: a request's histogram is one [layers, experts] array."""
+    from moeguard.models.prune import prune_model
+    from moeguard.monitor.profile import build
+
+    m, tok, adapter = embedded
+    small, _ = prune_model(m, {adapter.layers[0].index: [0, 1, 2, 3]})
+    with pytest.raises(MoeguardError, match=r"same number of experts in every MoE layer; this model has \{0: 4, 1: 8"):
+        build(small, tok, {"a": ["x y", "y z", "z w", "w x"]}, window=2)

@@ -233,7 +233,9 @@ class MoEAdapter:
                 holders = tuple(m for m in on_path if isinstance(getattr(m, "top_k", None), int)) \
                     if f.call in ("logits", "sorted") else ()
                 out.append(MoELayer(index=offset * n + i, block=block, router=router, experts=experts, shared=shared,
-                                    num_experts=int(weight.shape[0]), top_k=f.top_k(self.moe_config),
+                                    num_experts=int(weight.shape[0]),
+                                    # a budget checkpoint's layer may keep fewer experts than the config's top-k
+                                    top_k=min(f.top_k(self.moe_config), int(weight.shape[0])),
                                     router_weight_attr=f.router_weight_attr,
                                     correction_bias_path=f.routing.correction_bias,
                                     call=f.call, route_method=f.route_method, blocked=f.blocked,

@@ -80,10 +80,17 @@ class RoutingSpec:
     # so no pruned and masked model could be compared; load refuses them, saying so.
     requires: tuple[tuple[str, tuple], ...] = ()
 
-    def groups_on(self, config) -> bool:
-        """Whether this config routes group-limited (DeepSeek-V2's greedy mode does not)."""
+    def group_rule_on(self, config) -> bool:
+        """Whether this config's router runs the group-limited code (DeepSeek-V2's greedy mode does
+        not), whatever its number of groups: what ``check_config`` validates."""
         return self.grouped and (self.group_method_key is None
                                  or getattr(config, self.group_method_key, None) == self.group_method)
+
+    def groups_on(self, config) -> bool:
+        """Whether this config routes group-limited: the rule on, with more than one group (one
+        group, GLM-4.5's and dots1's default, limits nothing)."""
+        n = getattr(config, self.n_group_key, 1)
+        return self.group_rule_on(config) and type(n) is int and n > 1
 
     def renormalizes(self, config) -> bool:
         """Whether the k chosen weights are renormalized under this config."""

@@ -214,7 +214,9 @@ class RoutingCapture(contextlib.AbstractContextManager):
         self._sample_counts: torch.Tensor | None = None
         self._routed: dict[int, tuple] = {}
         self._raw: dict[int, torch.Tensor] = {}    # slot -> [N, k] raw scores of the chosen experts (norms)
-        E = self.adapter.num_experts
+        # every layer's statistics are as long as the widest layer's: a budget-pruned checkpoint keeps
+        # different counts per layer, and a layer's entries past its own experts stay 0
+        E = max(l.num_experts for l in self.adapter.layers)
         self.stats = RoutingStats(
             layers=[LayerStats(layer=l.index, counts=torch.zeros(E, dtype=torch.float64),
                                gate_mass=torch.zeros(E, dtype=torch.float64),
@@ -295,7 +297,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
                     self._raw[slot] = every.gather(1, idx)
                 else:
                     probs = score(logits[valid].float())
-                stats.prob_mass += probs.sum(0).double().cpu()
+                stats.prob_mass[:probs.shape[-1]] += probs.sum(0).double().cpu()
                 if self.raw:
                     raw = probs.gather(1, sel).reshape(-1)
                     stats.raw_gate_mass += torch.zeros(E, device=probs.device).index_add_(
@@ -320,7 +322,7 @@ class RoutingCapture(contextlib.AbstractContextManager):
         def forward(routed_in):
             out = original(routed_in)
             idx, _ = self._routed[slot]
-            E = stats.counts.numel()
+            E = self.adapter.layers[slot].num_experts     # the rows out holds (stats may be wider)
             with torch.no_grad():
                 slots = chosen_rows(out, idx, E)                                 # [T, k, d]
                 picked = slots.float().norm(dim=-1) * self._valid_for(idx.shape[0], idx.device, slot)[:, None]

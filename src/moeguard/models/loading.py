@@ -59,7 +59,7 @@ def load_config(ref: ModelRef):
     if ref.path is not None and not (ref.path / "config.json").exists():
         raise MoeguardError(f"{ref.path} has no config.json", hint="pass a Hugging Face checkpoint directory")
     try:
-        return AutoConfig.from_pretrained(str(ref.path or ref.hub_id))
+        return AutoConfig.from_pretrained(str(ref.path or ref.hub_id), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001  OSError/ValueError, and huggingface_hub's strict-dataclass errors
         # (a field of the wrong type), which derive from Exception only
         if not isinstance(e, (OSError, ValueError, TypeError)) and "StrictDataclass" not in type(e).__name__:
@@ -72,6 +72,11 @@ def load_config(ref: ModelRef):
 
 
 def safetensors_files(path: Path) -> list[Path]:
+    """The weight files transformers will read, in its own order (``model.safetensors`` before an
+    index beside it): the files checked are the files loaded."""
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -89,9 +94,6 @@ def safetensors_files(path: Path) -> list[Path]:
         if missing:
             raise MoeguardError(f"{path} lacks shards {missing} named in its index", hint="re-download the checkpoint")
         return files
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise MoeguardError(f"{path} holds only pickle weights (.bin/.pt); moeguard loads safetensors only, "
                             "because unpickling untrusted files can run code",
@@ -167,7 +169,7 @@ def load_tokenizer(where: str, *, hint: str = "the checkpoint directory needs to
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(where)
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 -- any failure to read the files is the user's input, one line
         first = (str(e).splitlines() or [""])[0] or type(e).__name__
         raise MoeguardError(f"cannot load the tokenizer of {where}: {first}", hint=hint) from None
@@ -179,6 +181,11 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
     from moeguard.models.prune import PER_LAYER_KEY
 
     fix = f"fix {where}/config.json"
+    named = getattr(config, "transformers_weights", None)
+    if named is not None:   # transformers would load that file instead of the ones checked (a .bin: unpickled)
+        raise MoeguardError(f"{where}: config transformers_weights names {str(named)[:60]!r}; moeguard loads "
+                            "model.safetensors or model.safetensors.index.json only, the files it checks",
+                            hint=f"{fix}: remove transformers_weights (and save the weights as model.safetensors)")
     config = moe_config(config)   # a multimodal wrapper: its language model's keys; DBRX: its ffn_config
     count_key = family.config_key(family.num_experts_key)
     # a fixed rule (Switch's top-1) has no top-k key to check
@@ -195,6 +202,8 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
         raise MoeguardError(f"{where}: config {top_k_key} is {k}, more than its {E} experts per layer "
                             f"({count_key}); no router can pick {k} of {E}",
                             hint=f"{fix}: set {top_k_key} to at most {E}")
+    if family.routing.group_rule_on(config):
+        check_groups(config, family, E, k, where=where, fix=fix)
     unsupported = unsupported_setting(family, config)
     if unsupported:
         raise MoeguardError(f"{where}: {unsupported[0]}", hint=f"{fix}: {unsupported[1]}")
@@ -207,6 +216,56 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
     if bad:
         raise MoeguardError(f"{where}: config {family.config_key(PER_LAYER_KEY)} gives layers {bad} expert counts outside 1..{E}",
                             hint=f"{fix}, or re-prune the model with moeguard prune")
+
+
+def check_loaded(info: dict[str, Any], where: str) -> None:
+    """A one-line error when the checkpoint lacks weights the model has: transformers initializes
+    them at random with only a logged warning, and every number after would be of a partly random
+    model. Keys the checkpoint has and the model does not are ignored by transformers; they are
+    said (a config that describes less than the weights hold), not refused."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise MoeguardError(f"{where} lacks {len(missing)} weights the model needs ({', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}): they would be random",
+                            hint="re-download or re-save the checkpoint; check that config.json is the weights' own")
+    bad = sorted(info.get("mismatched_keys") or [], key=str)
+    if bad:
+        first = bad[0]
+        said = (f"{first[0]}: {tuple(first[1])} in the file, {tuple(first[2])} by the config"
+                if isinstance(first, (tuple, list)) and len(first) == 3 else str(first))
+        raise MoeguardError(f"{where} holds {len(bad)} weights of other shapes than its config.json builds ({said})",
+                            hint="fix config.json to match the weights (the expert count, sizes), or re-prune with "
+                                 "moeguard prune")
+    extra = sorted(info.get("unexpected_keys") or [])
+    if extra:
+        import warnings
+
+        warnings.warn(f"{where}: {len(extra)} weights in the checkpoint are not part of the model and were ignored "
+                      f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})", stacklevel=3)
+
+
+def check_groups(config, family: FamilySpec, E: int, k: int, *, where: str, fix: str) -> None:
+    """Group-limited routing's own rules (DeepSeek-V2/V3's routers): transformers builds any
+    config and fails in the first forward (a view or a top-2 within a group), or, with more experts
+    to pick than the chosen groups hold, routes to masked-out experts without a word."""
+    r = family.routing
+    n_key, g_key = family.config_key(r.n_group_key), family.config_key(r.topk_group_key)
+    n, g = getattr(config, r.n_group_key, None), getattr(config, r.topk_group_key, None)
+    for key, value in ((n_key, n), (g_key, g)):
+        if type(value) is not int or value < 1:
+            raise MoeguardError(f"{where}: config {key} is {value!r}, expected a positive integer", hint=fix)
+    least = 2 if r.group_score == "top2_sum" else 1        # V3 scores a group by its two best experts
+    if E % n or E // n < least:
+        raise MoeguardError(f"{where}: config {n_key} is {n}; {E} experts per layer do not split into {n} groups of "
+                            f"at least {least} experts", hint=f"{fix}: set {n_key} to a divisor of {E} leaving "
+                                                              f"{least}+ experts per group")
+    if g > n:
+        raise MoeguardError(f"{where}: config {g_key} is {g}, more than its {n} groups ({n_key})",
+                            hint=f"{fix}: set {g_key} to at most {n}")
+    if k > g * (E // n):
+        raise MoeguardError(f"{where}: config {family.config_key(family.top_k_key)} is {k}, more than the {g * (E // n)} "
+                            f"experts its {g} chosen groups hold ({E // n} each): the router would pick masked-out experts",
+                            hint=f"{fix}: raise {g_key} or lower {family.config_key(family.top_k_key)}")
 
 
 def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_tokenizer: bool = True,
@@ -234,16 +293,26 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         device_map = offload.pop("device_map")
     try:
         with resized_construction(config):  # budget-pruned checkpoints keep different counts per layer
-            model = cls.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
-                                        device_map=device_map, **offload)
+            model, info = cls.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
+                                              device_map=device_map, trust_remote_code=False,
+                                              # mismatched tensors are reported (and refused below, naming
+                                              # them) rather than raised as "look at the above report"
+                                              ignore_mismatched_sizes=True, output_loading_info=True, **offload)
+        check_loaded(info, where)
     except BaseException as e:
         if made_folder is not None:
             shutil.rmtree(made_folder, ignore_errors=True)
-        if not isinstance(e, (OSError, ValueError)):
+        # the checkpoint's own faults: unreadable or missing files (OSError, ValueError), weights of
+        # other shapes than its config says (RuntimeError: a pruner that did not update the config),
+        # a corrupt file (safetensors' own error type)
+        if not isinstance(e, (OSError, ValueError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise
+        if isinstance(e, MoeguardError):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MoeguardError(f"cannot load weights of {where}: {first}",
-                            hint="check the checkpoint files (safetensors only) or your hub access") from None
+        hint = ("fix config.json to match the weights (the expert count, sizes), or re-prune with moeguard prune"
+                if isinstance(e, RuntimeError) else "check the checkpoint files (safetensors only) or your hub access")
+        raise MoeguardError(f"cannot load weights of {where}: {first[:300]}", hint=hint) from None
     if made_folder is not None:   # the offloaded weights live as long as the model
         weakref.finalize(model, shutil.rmtree, made_folder, True)
     repair(model)   # transformers' modules that do not compute their model (models/upstream.py)

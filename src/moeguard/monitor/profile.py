@@ -174,6 +174,7 @@ class Profile:
     def check_routing(self, adapter) -> None:
         """A one-line error unless the model (its ``MoEAdapter``) has the profile's MoE layers x experts:
         a checkpoint pruned or re-made at the same path keeps its name."""
+        check_uniform(adapter)
         L, E = len(adapter.layers), adapter.num_experts
         if (L, E) != self.mean.shape:
             raise MoeguardError(f"the profile has {self.mean.shape[0]} MoE layers x {self.mean.shape[1]} experts, "
@@ -297,6 +298,16 @@ class Profile:
         return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=tokens)
 
 
+def check_uniform(adapter) -> None:
+    """A one-line error unless every MoE layer has the same number of experts: a request's
+    histogram is one [layers, experts] array (a budget-pruned checkpoint keeps counts per layer)."""
+    counts = {l.index: l.num_experts for l in adapter.layers}
+    if len(set(counts.values())) > 1:
+        raise MoeguardError(f"the routing monitor needs the same number of experts in every MoE layer; this model "
+                            f"has {counts} (a budget-pruned checkpoint)",
+                            hint="monitor the model as served before budget pruning, or prune it with --keep")
+
+
 def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int = 400,
           seed: int = 0, name: str = "", cache: Path | None = None, progress=None) -> Profile:
     """The profile of benign ``prompts`` (task -> inputs); see the module docstring. With ``cache``
@@ -311,6 +322,7 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
             raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
     rng = np.random.default_rng(seed)
     adapter = MoEAdapter(model)
+    check_uniform(adapter)
     fit, cal, cal_topic = [], [], []
     fit_hidden, cal_hidden = [], []           # (hidden sums, token counts) of each half
     topics, held = {}, {}
