@@ -326,5 +326,5 @@ def test_user_errors(tok, model, lm_dir, cls_dir):
         E.evaluate_task(model, tok, Task(**{**lm_task(lm_dir).__dict__, "metric": "normalized_perplexity"}))
     with pytest.raises(MoeguardError, match="not evaluated"):
         E.evaluate_suite(model, tok, [lm_task(lm_dir)], references={"wikitext": 1.0})
-    with pytest.raises(MoeguardError, match="tokenizes to nothing"):
+    with pytest.raises(MoeguardError, match="verbalizer '' for label 0, not non-empty text"):   # when the task is made
         E.evaluate_task(model, tok, cls_task(cls_dir, labels={0: "", 1: " positive"}))

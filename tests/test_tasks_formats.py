@@ -377,3 +377,77 @@ def test_cli_zoo_train_on_a_one_sentence_per_line_corpus_beats_the_unigram_basel
           f"{time.time() - started:.0f} s")
     assert result["baseline"]["name"] == "unigram"
     assert result["score"] < 0.5 * result["baseline"]["score"]  # measured: 3.9 vs 39 (40 steps)
+
+
+def _jsonl_task(folder: Path, name: str) -> Task:
+    return Task(name="j", kind=TaskKind.CLASSIFICATION, fields={"input": "q", "label": "l"}, splits={"eval": "test"},
+                labels={0: " no", 1: " yes"}, source=SourceSpec(type="local", path=str(folder), files={"test": name}))
+
+
+def test_a_later_row_without_a_needed_key_names_its_row(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"q": "a", "l": 0}\n{"q": "b"}\n')
+    with pytest.raises(MoeguardError, match=r"row 2 of split 'test' of task 'j' .* has no column\(s\) \['l'\]"):
+        load_records(_jsonl_task(tmp_path, "t.jsonl"), "eval")
+    assert len(load_records(_jsonl_task(tmp_path, "t.jsonl"), "eval", limit=1)) == 1   # the rows read are whole
+
+
+def test_a_gzip_corrupt_in_the_middle_is_one_line(tmp_path):
+    data = bytearray(gzip.compress(("".join(f'{{"q": "row {i}", "l": {i % 2}}}\n' for i in range(2000))).encode()))
+    data[len(data) // 2:len(data) // 2 + 64] = b"\x00" * 64
+    (tmp_path / "t.jsonl.gz").write_bytes(bytes(data))
+    with pytest.raises(MoeguardError, match=r"could not read data file .*t\.jsonl\.gz"):
+        load_records(_jsonl_task(tmp_path, "t.jsonl.gz"), "eval")
+
+
+def test_a_csv_cell_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
+    long = "word " * 40_000                                     # 200 KB in one cell (a whole article)
+    (tmp_path / "t.csv").write_text(f'q,l\n"{long}",1\n')
+    task = dataclasses.replace(_jsonl_task(tmp_path, "t.csv"), source=SourceSpec(type="local", path=str(tmp_path),
+                                                                                   files={"test": "t.csv"}))
+    assert load_records(task, "eval")[0]["input"] == long.strip()
+
+
+@pytest.mark.parametrize("splits, files, shared", [
+    ({"train": "train", "eval": "test"}, {"train": "a.jsonl", "test": "b.jsonl"}, None),
+    ({"train": "validation", "eval": "validation"}, {"validation": "v.jsonl"}, "train 'validation' and eval 'validation'"),
+    ({"train": "train", "eval": "test"}, {"train": "d.jsonl", "test": "d.jsonl"}, "read 'd.jsonl'"),     # one file twice
+    ({"train": "train[:95%]", "eval": "train[90%:]"}, {"train": "t.jsonl"}, "overlapping slices"),
+    ({"train": "train[:90%]", "eval": "train[90%:]"}, {"train": "t.jsonl"}, None),
+    ({"train": "train[:-200]", "eval": "train[-200:]"}, {"train": "t.jsonl"}, None),
+    ({"train": "train[:-100]", "eval": "train[-200:]"}, {"train": "t.jsonl"}, "overlapping slices"),
+    ({"train": "train[:90%]", "eval": "train[-200:]"}, {"train": "t.jsonl"}, "different units"),
+])
+def test_train_and_eval_on_the_same_records_is_found(splits, files, shared):
+    from moeguard.tasks.loaders import shared_data
+
+    task = Task(name="s", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "text"}, splits=splits,
+                source=SourceSpec(type="local", path="d", files=files))
+    why = shared_data(task)
+    assert (why is None) if shared is None else (shared in why), why
+
+
+def test_a_task_that_trains_on_its_eval_records_is_warned_about_at_the_edge(tmp_path, capsys):
+    (tmp_path / "v.jsonl").write_text('{"text": "a b c"}\n' * 4)
+    (tmp_path / "t.yaml").write_text(f"name: leaky\nkind: language_modeling\nsource: {{type: local, path: {tmp_path}, "
+                                     "files: {validation: v.jsonl}}\nfields: {text: text}\n"
+                                     "splits: {train: validation, eval: validation}\n")
+    from moeguard.edge import resolve_tasks
+
+    with pytest.warns(UserWarning, match="task 'leaky' trains and evaluates on the same records"):
+        resolve_tasks([str(tmp_path / "t.yaml")])
+
+
+def test_a_tasks_identity_changes_with_its_definition_and_its_data(tmp_path):
+    """Resume keys (realign, studies) hold it: an edited verbalizer or data file is another run."""
+    import os
+
+    from moeguard.tasks.loaders import task_identity
+
+    (tmp_path / "t.jsonl").write_text('{"q": "a", "l": 0}\n')
+    task = _jsonl_task(tmp_path, "t.jsonl")
+    first = task_identity(task)
+    assert first == task_identity(_jsonl_task(tmp_path, "t.jsonl")) and first["files"]["eval"] is not None
+    assert task_identity(dataclasses.replace(task, labels={0: " No", 1: " Yes"})) != first
+    (tmp_path / "t.jsonl").write_text('{"q": "a", "l": 1}\n{"q": "b", "l": 0}\n')
+    os.utime(tmp_path / "t.jsonl", ns=(1, 1))
+    assert task_identity(task)["files"] != first["files"]

@@ -237,3 +237,28 @@ def test_a_removed_kind_is_unknown_again(next_token):
     with pytest.raises(MoeguardError, match="unknown task kind 'next_token'"):
         TaskKind("next_token")
     register_kind(NextToken())  # the fixture removes it again
+
+
+def test_a_model_with_nan_scores_is_wrong_and_said_not_scored_as_its_first_label():
+    """NaN log-likelihoods made max() pick the first label (chance-looking accuracy) and a NaN loss
+    read as an overflowing perplexity (inf)."""
+    import copy
+    import math
+
+    import torch
+
+    from moeguard.models.loading import load_model
+    from moeguard.tasks.evaluate import evaluate_task
+    from moeguard.tasks.metrics import macro_f1
+
+    m, tok, _ = load_model(None)
+    broken = copy.deepcopy(m)
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    with pytest.warns(UserWarning, match=r"not finite on 16 of 16 records"):
+        r = evaluate_task(broken, tok, "arith-compare", limit=16, baseline=False)
+    assert r.metrics["accuracy"] == 0.0 and r.metrics["macro_f1"] == 0.0
+    with pytest.warns(UserWarning, match="perplexity is NaN"):
+        lm = evaluate_task(broken, tok, "stdlib-docs", limit=4, baseline=False)
+    assert math.isnan(lm.metrics["perplexity"])
+    assert macro_f1([None, "a"], ["a", "a"]) == pytest.approx(100 * 2 / 3)   # None is no class of its own

@@ -106,10 +106,12 @@ def test_txt_packs_paragraphs_into_chunks_of_about_max_length_times_4(tmp_path):
 
 
 def test_split_slicing_on_local_files(tmp_path):
-    (tmp_path / "a.txt").write_text("\n\n".join(f"par{i}" for i in range(10)))
-    task = lm_task(tmp_path, {"train": "a.txt"}, max_length=1, splits={"train": "train[:80%]", "eval": "train[8:]"})
-    assert [r["text"] for r in load_records(task, "train")] == [f"par{i}" for i in range(8)]
-    assert [r["text"] for r in load_records(task, "eval")] == ["par8", "par9"]
+    # each paragraph fills a chunk (max_length 10: 40 characters), so each is one record
+    paras = [f"para{i} " + "w" * 34 for i in range(10)]
+    (tmp_path / "a.txt").write_text("\n\n".join(paras))
+    task = lm_task(tmp_path, {"train": "a.txt"}, max_length=10, splits={"train": "train[:80%]", "eval": "train[8:]"})
+    assert [r["text"] for r in load_records(task, "train")] == paras[:8]
+    assert [r["text"] for r in load_records(task, "eval")] == paras[8:]
 
 
 def test_package_source_reads_embedded_data(tmp_path, monkeypatch):

@@ -33,6 +33,15 @@ def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None,
     if check:
         for t in tasks:
             load_records(t, "eval", limit=1)
+    import warnings
+
+    from moeguard.tasks.loaders import shared_data
+
+    for t in tasks:
+        if (why := shared_data(t)) is not None:
+            warnings.warn(f"task '{t.name}' trains and evaluates on the same records ({why}): attack labels, calibration "
+                          f"and baselines drawn from train would have seen the eval records, inflating recovery; "
+                          f"point 'splits: train:' at other data", stacklevel=2)
     return tasks
 
 

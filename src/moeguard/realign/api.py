@@ -66,7 +66,11 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     from moeguard.models.loading import weights_identity
 
     # the weights, not only the path: a checkpoint re-pruned in place after a kill must not resume the old run
-    settings = {"model": model.name, "weights": weights_identity(model.arg), "task": task.name, "original": original,
+    from moeguard.tasks.loaders import task_identity
+
+    # and the task's definition and data: an edited YAML or data file must not resume rounds made on the old one
+    settings = {"model": model.name, "weights": weights_identity(model.arg), "task": task.name,
+                "task_identity": task_identity(task), "original": original,
                 "full_score": full_score, **al.to_dict()}
     m, tokenizer, _ = model.load()
     orphan = None

@@ -13,7 +13,6 @@ the same settings produce the same numbers.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -82,8 +81,10 @@ class Runtime:
 
     def to_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "dtype": self.dtype, "device_map": self.device_map, "threads": self.threads}
-        if self.tasks:  # in the model stage's key, so an edited task file re-runs the stages
-            d["tasks"] = [dataclasses.asdict(t) for t in self.tasks]
+        if self.tasks:  # in the model stage's key, so an edited task file (or its data) re-runs the stages
+            from moeguard.tasks.loaders import task_identity
+
+            d["tasks"] = [task_identity(t) for t in self.tasks]
         return d
 
     def scope(self) -> str:

@@ -130,6 +130,7 @@ class Task:
                                      "at most 100 characters")
         object.__setattr__(self, "kind", TaskKind(self.kind))
         spec = self.kind_spec
+        _check_settings(self)
         missing = [f for f in spec.required_fields if f not in self.fields]
         if missing:
             raise MoeguardError(
@@ -160,6 +161,9 @@ class Task:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, origin: str = "<dict>") -> "Task":
+        if not isinstance(data, dict):
+            raise MoeguardError(f"task definition {origin} is a {type(data).__name__}, not a mapping of keys",
+                                hint="see docs/tasks.md for the YAML schema")
         if "kind" not in data:
             raise MoeguardError(f"task definition {origin} has no 'kind'",
                                 hint=f"set kind to one of {KINDS.names()}")
@@ -167,11 +171,15 @@ class Task:
             kind = TaskKind(data["kind"])
         except MoeguardError as err:
             raise MoeguardError(f"task definition {origin} has kind '{data['kind']}'", hint=err.hint) from None
-        src = dict(data.get("source") or {})
-        hub = src.pop("hub", None) or {}
         if "name" not in data or "source" not in data or "fields" not in data:
             raise MoeguardError(f"task definition {origin} lacks one of name/source/fields",
                                 hint="see docs/tasks.md for the YAML schema")
+        src = _mapping(data, "source", origin, "source: {type: local, path: data, format: jsonl}")
+        hub = _mapping(src, "hub", origin, "hub: {name: nyu-mll/glue, config: sst2}", where="source.")
+        src.pop("hub", None)
+        for key, example in (("files", "files: {train: train.jsonl, test: test.jsonl}"),):
+            _mapping(src, key, origin, example, where="source.")
+        gen = _mapping(data, "generation", origin, "generation: {max_new_tokens: 64}")
         source = SourceSpec(
             type=src.get("type", "local"), path=src.get("path"), format=src.get("format"),
             files=dict(src.get("files") or {}), hub_name=hub.get("name"), hub_config=hub.get("config"),
@@ -179,14 +187,64 @@ class Task:
             # kept as given so the check in __post_init__ can say what it received
             columns=tuple(src["columns"]) if isinstance(src.get("columns"), list) else src.get("columns"),
         )
-        gen = data.get("generation") or {}
         return cls(
-            name=data["name"], kind=kind, source=source, fields=dict(data["fields"]),
-            splits=dict(data.get("splits") or {"train": "train", "eval": "validation"}),
-            prompt=data.get("prompt"), labels=dict(data.get("labels") or {}), metric=data.get("metric"),
-            max_length=int(data.get("max_length", 256)), max_new_tokens=int(gen.get("max_new_tokens", 32)),
+            name=data["name"], kind=kind, source=source,
+            fields=_mapping(data, "fields", origin, "fields: {input: sentence, label: label}"),
+            splits=_mapping(data, "splits", origin, "splits: {train: train, eval: validation}")
+            or {"train": "train", "eval": "validation"},
+            prompt=data.get("prompt"), labels=_mapping(data, "labels", origin, "labels: {0: ' no', 1: ' yes'}"),
+            metric=data.get("metric"),
+            max_length=data.get("max_length", 256), max_new_tokens=gen.get("max_new_tokens", 32),
             description=data.get("description", ""), provenance=data.get("provenance", ""),
         )
+
+
+def _mapping(data: dict[str, Any], key: str, origin: str, example: str, *, where: str = "") -> dict[str, Any]:
+    """``data[key]`` as a dict (absent or null: empty); anything else is a one-line error."""
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MoeguardError(f"task definition {origin} has {where}{key} {str(value)[:60]!r}, a "
+                            f"{type(value).__name__}, not a mapping", hint=f"write it as a mapping, e.g. '{example}'")
+    return dict(value)
+
+
+def _check_settings(task: "Task") -> None:
+    """What every kind needs of the settings, refused when the task is made (not after the model
+    loads): a max_length of 0 looped forever chunking a txt file; a bad prompt or verbalizer
+    failed on the first record."""
+    import string
+
+    name = task.name
+    for key, value, least in (("max_length", task.max_length, 2), ("generation.max_new_tokens", task.max_new_tokens, 1)):
+        if type(value) is not int or value < least:
+            raise MoeguardError(f"task '{name}' has {key} {value!r}, expected a whole number of tokens, at least {least}",
+                                hint=f"set {key} to a whole number (written without quotes or a decimal point)")
+    if task.metric is not None and task.metric not in task.kind_spec.metrics:
+        raise MoeguardError(f"task '{name}' asks for metric {task.metric!r}",
+                            hint=f"a {task.kind} task reports {', '.join(task.kind_spec.metrics)}")
+    if task.prompt is not None:
+        if not isinstance(task.prompt, str):
+            raise MoeguardError(f"task '{name}' has prompt {task.prompt!r}, not text",
+                                hint="write the prompt as a quoted string with {column} placeholders")
+        try:
+            list(string.Formatter().parse(task.prompt))
+        except ValueError as exc:
+            raise MoeguardError(f"task '{name}' has a prompt that is not a template ({exc}): {task.prompt[:60]!r}",
+                                hint="double a literal brace ({{ or }}); {column} names a source column") from None
+    for key, verbalizer in task.labels.items():
+        if isinstance(key, bool):   # YAML 1.1 reads unquoted yes/no/on/off as booleans
+            raise MoeguardError(f"task '{name}' has label key {key!r}, which YAML read from an unquoted yes/no/true/on",
+                                hint="quote the label keys: labels: {'yes': ' yes', 'no': ' no'}")
+        if not isinstance(verbalizer, str) or not verbalizer:
+            raise MoeguardError(f"task '{name}' has verbalizer {verbalizer!r} for label {key!r}, not non-empty text",
+                                hint="give every label the text the model should continue with, e.g. ' positive'")
+    for key, mapping in (("fields", task.fields), ("splits", task.splits)):
+        bad = {k: v for k, v in mapping.items() if not isinstance(v, str) or not v}
+        if bad:
+            raise MoeguardError(f"task '{name}' has {key} {bad!r}: each must name a column or split",
+                                hint=f"write {key} as name -> name, quoting names YAML would read as numbers")
 
 
 def _check_columns(task: str, source: SourceSpec) -> None:

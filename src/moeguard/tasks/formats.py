@@ -13,6 +13,8 @@ import gzip
 import io
 import json
 import re
+import sys
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,8 @@ def read_file(file: Any, fmt: str | None, chunk_chars: int,
         raise MoeguardError(f"source.columns is set, but data file '{file}' is read as {fmt}",
                             hint=f"columns only apply to header-less {'/'.join(TABLE_FORMATS)} files: drop them, "
                                  "or set source.format if the file is a table with another extension")
+    # a cell may be a whole article (the csv module's default limit is 128 KiB)
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     try:
         with open_text(file) as handle:
             if fmt == "txt":
@@ -77,9 +81,12 @@ def read_file(file: Any, fmt: str | None, chunk_chars: int,
     except UnicodeDecodeError as exc:
         raise MoeguardError(f"data file '{file}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
                             hint="re-encode it as UTF-8") from None
-    except (OSError, EOFError) as exc:  # e.g. a truncated or mislabelled .gz
+    except (OSError, EOFError, zlib.error) as exc:  # e.g. a truncated, corrupt or mislabelled .gz
         raise MoeguardError(f"could not read data file '{file}': {_first_line(exc)}",
                             hint="check the file is complete and matches its extension") from None
+    except csv.Error as exc:
+        raise MoeguardError(f"data file '{file}' is not a valid {fmt} table ({_first_line(exc)})",
+                            hint="check its quoting and delimiter (source.format), or convert it to jsonl") from None
 
 
 def _headerless(reader: Any, columns: Sequence[str], file: Any) -> Iterator[dict[str, Any]]:

@@ -206,6 +206,51 @@ def _parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]
     return match["split"], (match["start"], match["stop"])
 
 
+def task_identity(task: Task) -> dict[str, Any]:
+    """What a task's records depend on, for resume keys: its whole definition, and per role the
+    stamp of its data (a local file's size and modification time, a save_to_disk folder's time:
+    an edited YAML or data file must not resume work done on the old one; contents are not
+    hashed, a data set can be gigabytes)."""
+    import dataclasses
+
+    files = {}
+    for role, split in sorted(task.splits.items()):
+        try:
+            files[role] = _stamp(task, split)
+        except (OSError, MoeguardError):   # unreadable now: said when the records are read
+            files[role] = None
+    return {"definition": dataclasses.asdict(task), "files": files}
+
+
+def shared_data(task: Task) -> str | None:
+    """Why ``task``'s train and eval roles may hold the same records (the same split, or file,
+    with slices that overlap), or None. Everything fit on train (an attacker's labels, calibration
+    batches, the baselines) would then have seen the eval records."""
+    if "train" not in task.splits or "eval" not in task.splits:
+        return None
+    (a, sa), (b, sb) = _parse_split(task.splits["train"]), _parse_split(task.splits["eval"])
+    if task.source.type in ("local", "package"):
+        a, b = task.source.files.get(a, a), task.source.files.get(b, b)
+    if a != b:
+        return None
+    said = f"train '{task.splits['train']}' and eval '{task.splits['eval']}' read {a!r}"
+    if sa is None or sb is None:
+        return said
+    units = {x.endswith("%") for x in (*sa, *sb) if x is not None}
+    if len(units) > 1:
+        return said + " with slices in different units, which may overlap"
+
+    n = 100 if units == {True} else 10**12     # the split's size: any size above every bound orders them alike
+
+    def interval(sl):
+        lo, hi = (None if x is None else int(x.rstrip("%")) for x in sl)
+        lo, hi = (0 if lo is None else lo), (n if hi is None else hi)
+        return (lo + n if lo < 0 else lo), (hi + n if hi < 0 else hi)
+
+    (a0, a1), (b0, b1) = interval(sa), interval(sb)
+    return said + " with overlapping slices" if max(a0, b0) < min(a1, b1) else None
+
+
 def _bounds(sliced: tuple[str | None, str | None] | None, n: int) -> tuple[int | None, int | None]:
     def index(bound: str | None) -> int | None:
         if bound is None:
@@ -228,11 +273,12 @@ def _normalize(task: Task, rows: Iterable[dict[str, Any]], split: str, where: st
                limit: int | None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     normalize = task.kind_spec.record
+    needed = _needed_columns(task)
     for i, row in enumerate(rows):
-        if i == 0:
-            _check_columns(task, row, split, where)
         if limit is not None and len(out) >= limit:
             break
+        # every row (a JSONL row without a key failed deep in the kind's reader with a KeyError)
+        _check_columns(task, row, split, where, needed=needed, row_number=i + 1)
         record = normalize(task, row, split, where)
         if record is not None:
             out.append(record)
@@ -252,11 +298,13 @@ def _needed_columns(task: Task) -> list[str]:
     return list(dict.fromkeys(n for n in needed if n))
 
 
-def _check_columns(task: Task, row: dict[str, Any], split: str, where: str) -> None:
-    missing = [c for c in _needed_columns(task) if c not in row]
+def _check_columns(task: Task, row: dict[str, Any], split: str, where: str, *, needed: list[str],
+                   row_number: int = 1) -> None:
+    missing = [c for c in needed if c not in row]
     if missing:
+        which = "" if row_number == 1 else f"row {row_number} of "
         raise MoeguardError(
-            f"split '{split}' of task '{task.name}' ({where}) has no column(s) {missing}; "
+            f"{which}split '{split}' of task '{task.name}' ({where}) has no column(s) {missing}; "
             f"its columns are {sorted(map(str, row))}",
             hint="fix 'fields:'/'prompt:' to use existing columns" +
                  (" (txt files have the single column 'text')" if "text" in row and len(row) == 1 else ""),

@@ -26,6 +26,12 @@ def mean_nll(nll_sum: float, n_tokens: int) -> float:
 def perplexity(nll_sum: float, n_tokens: int) -> float:
     """``exp(summed NLL / tokens)``; ``inf`` instead of an overflow for hopeless models."""
     loss = mean_nll(nll_sum, n_tokens)
+    if math.isnan(loss):   # a broken model, not a merely hopeless one (inf): said, not hidden as overflow
+        import warnings
+
+        warnings.warn("the model's token losses are NaN (broken weights or an overflowing dtype): perplexity is NaN",
+                      stacklevel=2)
+        return math.nan
     return math.exp(loss) if loss < 700 else math.inf
 
 
@@ -64,7 +70,8 @@ def macro_f1(predictions: Sequence[str], golds: Sequence[str],
     class with no true, predicted or gold instance has F1 0 rather than being undefined.
     """
     _same_length(predictions, golds)
-    classes = list(labels) if labels is not None else sorted(set(golds) | set(predictions))
+    # a None prediction (no finite score) is wrong for its gold class and is no class of its own
+    classes = list(labels) if labels is not None else sorted(set(golds) | (set(predictions) - {None}))
     scores = []
     for c in classes:
         tp = sum(p == c and g == c for p, g in zip(predictions, golds))

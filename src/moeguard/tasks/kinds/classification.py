@@ -7,6 +7,8 @@ first label. Baseline: always the most frequent label of the train split.
 
 from __future__ import annotations
 
+import math
+
 from moeguard.errors import MoeguardError
 from moeguard.tasks import metrics as M
 from moeguard.tasks import tokens as T
@@ -49,10 +51,21 @@ class Classification(TaskKindSpec):
         scores = loglikelihoods(model, tokenizer, requests, max_length=task.max_length,
                                 batch_size=batch_size, ticker=ticker)
         golds = [rec["label"] for rec in records]
-        preds = []
+        preds: list[str | None] = []
         for i in range(len(records)):
             row = scores[i * len(labels):(i + 1) * len(labels)]
+            if not all(math.isfinite(x) for x in row):
+                # a NaN never compares greater: max() picked the first label, which read as chance
+                # accuracy; no prediction counts as wrong, and is said
+                preds.append(None)
+                continue
             preds.append(labels[max(range(len(labels)), key=row.__getitem__)][0])  # ties: first label
+        if (bad := preds.count(None)):
+            import warnings
+
+            warnings.warn(f"task '{task.name}': the model's label log-likelihoods are not finite on {bad} of "
+                          f"{len(preds)} records (NaN or inf: broken weights or an overflowing dtype); they count "
+                          f"as wrong", stacklevel=2)
         metrics = {"accuracy": M.accuracy(preds, golds), "macro_f1": M.macro_f1(preds, golds)}
         base = None
         if train is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from moeguard.errors import MoeguardError
 from moeguard.tasks import metrics as M
 from moeguard.tasks import tokens as T
 from moeguard.tasks.kinds.base import IGNORE, Example, TaskKindSpec, register_kind
@@ -25,6 +26,16 @@ class Summarization(TaskKindSpec):
     baseline = "lead_k"
     reads_raw_input = True
     generates = True
+    MIN_INPUT = 16     # tokens the prompt keeps for the input beside the generated ones
+
+    def validate(self, task):
+        room = task.max_length - task.max_new_tokens
+        if room < self.MIN_INPUT:   # the prompt is cut to the room (evaluate): the article would be dropped
+            raise MoeguardError(
+                f"summarization task '{task.name}' generates {task.max_new_tokens} of its max_length "
+                f"{task.max_length} tokens, leaving {room} for the input",
+                hint=f"raise max_length or lower generation.max_new_tokens so at least {self.MIN_INPUT} tokens "
+                     f"remain for the input")
 
     def record(self, task, row, split, where):
         fields = task.fields
