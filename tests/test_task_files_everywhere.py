@@ -64,8 +64,15 @@ def files(tmp_path_factory):
 
 
 def _mentions(out, text):
+    """The JSON outputs that name ``text`` outside their run records (which echo the command's
+    settings, so they name the task whether or not its file was used)."""
+    def work(doc):
+        if isinstance(doc, dict):
+            return {k: work(v) for k, v in doc.items() if k not in ("run", "settings")}
+        return [work(v) for v in doc] if isinstance(doc, list) else doc
+
     found = [out] if out.is_file() else [f for f in out.rglob("*.json")]
-    return [f for f in found if text in f.read_text()]
+    return [f for f in found if text in json.dumps(work(json.loads(f.read_text())))]
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -78,6 +85,9 @@ def test_yaml_task_path_works(command, files, tmp_path, monkeypatch, capsys):
     code = main([subs.get(a, a) for a in COMMANDS[command]])
     assert code == 0, capsys.readouterr().err
     assert _mentions(out, NAME), f"{command} wrote nothing that names the task {NAME}"
+    if command == "attribute":   # the scores are the file's task's, and the run names the file it came from
+        doc = json.loads(out.read_text())
+        assert doc["task"] == NAME and doc["run"]["settings"]["task_file"] == str(files / "task.yaml")
     if command == "audit":
         doc = json.loads((out / "results.json").read_text())
         assert set(doc["tasks"]) == {NAME, "arith-compare"}

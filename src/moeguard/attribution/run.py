@@ -22,13 +22,14 @@ def default_reference(task_name: str) -> list[str]:
 
 
 def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int = 8, seed: int = 0,
-                 reference: Sequence[str] | None = None, progress: Any = None,
+                 reference: Sequence[Any] | None = None, progress: Any = None,
                  options: dict[str, Any] | None = None) -> Context:
     task = get_task(task)
     start = decoder_start(model)   # an encoder-decoder: its batches split into encoder and decoder rows
     batches = calibration_batches(tokenizer, task, samples=samples, batch_size=batch_size, seed=seed,
                                   decoder_start=start)
     ref_batches = []
+    # Task objects (resolved at the edge) or names
     names = list(reference) if reference is not None else default_reference(task.name)
     per = max(1, samples // max(1, len(names))) if names else 0
     for name in names:

@@ -34,7 +34,8 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     the_method = get_method(method)
     cap = parse_memory(max_memory) if max_memory is not None else None
     refs = _names(reference, "--reference") if reference is not None else None
-    resolve_tasks([task, *(refs or [])], what="--task")  # unreadable data fails before any weights load
+    # resolved once here (a YAML path is read once), and unreadable data fails before any weights load
+    the_task, *ref_tasks = resolve_tasks([task, *(refs or [])], what="--task")
     handle = resolve_model(model, tasks=False)   # an encoder-decoder scores through its seq2seq head
     check_method_runs(the_method, handle.family)
     counts = sorted({int(v) for v in handle.info["experts_per_layer"].values()})
@@ -46,12 +47,13 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     _seed(seed)
     m, tokenizer, ref = handle.load(max_memory=cap)
     with _progress() as progress:
-        ctx = make_context(m, tokenizer, task, samples=samples, batch_size=batch_size, seed=seed,
-                           reference=refs, progress=progress)
+        ctx = make_context(m, tokenizer, the_task, samples=samples, batch_size=batch_size, seed=seed,
+                           reference=ref_tasks if refs is not None else None, progress=progress)
         s = score(ctx, method)
     doc = s.to_dict()
     doc["model"] = ref.name
-    doc["run"] = _run({"model": ref.name, "task": task, "method": method, "samples": samples, "seed": seed,
+    doc["run"] = _run({"model": ref.name, "task": the_task.name, "task_file": task if task != the_task.name else None,
+                       "method": method, "samples": samples, "seed": seed,
                        "reference": refs, "batch_size": batch_size, "max_memory": cap})
     write_json(out, doc, overwrite=overwrite)
     _console().print(scores_table(doc))
