@@ -266,3 +266,30 @@ def test_records_are_read_once_per_limit_and_again_when_the_file_changes(sst, mo
     f.write_text("sentence\tlabel\nnew row\t0\n", encoding="utf-8")
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # a coarse clock still sees the edit
     assert [r["label"] for r in load_records(task, "train", limit=2)] == ["0"] and len(reads) == 3
+
+
+@pytest.mark.parametrize("raised, offline, needle", [
+    ("missing", False, "does not exist on the hub, or your account cannot see it"),
+    ("gated", False, "is gated: your account has not been granted access"),
+    ("missing", True, "offline mode is on"),                      # not asked: not cached, as before
+    ("network", False, "the hub is unreachable and it is not cached"),
+])
+def test_hub_failures_say_which_they_are(raised, offline, needle, monkeypatch):
+    """A mistyped name online was reported as 'the hub is unreachable', with a save_to_disk hint."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def fail(*a, **k):
+        if raised == "missing":
+            raise DatasetNotFoundError("Dataset 'nyu-mll/gleu' doesn't exist on the Hub or cannot be accessed.")
+        if raised == "gated":
+            raise DatasetNotFoundError("Dataset 'org/x' is a gated dataset on the Hub. You must be authenticated.")
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1" if offline else "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    task = Task(name="h", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "text"},
+                source=SourceSpec(type="hub", hub_name="nyu-mll/gleu"))
+    with pytest.raises(MoeguardError, match=needle):
+        load_records(task, "eval")

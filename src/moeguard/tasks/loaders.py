@@ -143,6 +143,17 @@ def _hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
                             hint="check source.hub.name and source.hub.config") from None
     except Exception as exc:  # noqa: BLE001 - network, auth and cache errors share no base class
         offline = _offline()
+        from datasets.exceptions import DatasetNotFoundError
+        from huggingface_hub.errors import GatedRepoError
+
+        if isinstance(exc, GatedRepoError) or (isinstance(exc, DatasetNotFoundError) and "gated" in str(exc).lower()):
+            raise MoeguardError(f"{where} (task '{task.name}') is gated: your account has not been granted access",
+                                hint="accept its terms on the hub and log in (`hf auth login`), or use a local copy") from None
+        if isinstance(exc, DatasetNotFoundError) and not offline:   # the hub answered: no such dataset
+            raise MoeguardError(f"{where} (task '{task.name}') does not exist on the hub, or your account cannot see it "
+                                f"[{_first_line(exc)}]",
+                                hint="check source.hub.name (org/name, as on huggingface.co/datasets), and log in "
+                                     "for a private one (`hf auth login`)") from None
         cause = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else "the hub is unreachable"
         raise MoeguardError(
             f"could not load {where} for task '{task.name}': {cause} and it is not cached "
