@@ -147,7 +147,7 @@ class _Batch:
         self.inputs = inputs
         self.pad = pad_id(tokenizer)
 
-    def build(self, prefixes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def build(self, prefixes: list[list[int]], *, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids [B, T], attention mask [B, T], target mask [B, T]) for every prefix x input."""
         seqs, starts = [], []
         for p in prefixes:
@@ -163,7 +163,7 @@ class _Batch:
             ids[r, :len(s)] = torch.tensor(s)
             mask[r, :len(s)] = 1
             target[r, a:len(s)] = True
-        return ids, mask, target
+        return ids.to(device), mask.to(device), target.to(device)
 
 
 def _objective(logits: torch.Tensor, expert: int) -> torch.Tensor:
@@ -181,7 +181,7 @@ def _scores(logits, index, target, expert, per: int) -> tuple[np.ndarray, np.nda
     ce = _objective(logits, expert) * t
     n = t.float().reshape(B, -1).sum(1).reshape(-1, per).sum(1)
     success = hit.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n
-    return success.numpy(), (ce.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n).numpy()
+    return success.cpu().numpy(), (ce.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n).cpu().numpy()
 
 
 def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed: np.ndarray,
@@ -197,8 +197,9 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                             hint="pass --task with a task whose records have inputs")
     embed = model.get_input_embeddings()
     W = embed.weight.detach()
-    banned = torch.ones(W.shape[0], dtype=torch.bool)
-    banned[torch.as_tensor(allowed)] = False
+    device = W.device     # batches follow the embeddings (GPU or CPU); the random draws stay on the CPU
+    banned = torch.ones(W.shape[0], dtype=torch.bool, device=device)
+    banned[torch.as_tensor(allowed, device=device)] = False
     prefix = [int(t) for t in rng.choice(allowed, size=cfg.prefix_tokens)]
     n = cfg.prefix_tokens
     best = {"prefix": list(prefix), "success": -1.0, "loss": float("inf"), "step": 0}
@@ -209,9 +210,9 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     try:
         for step in range(cfg.steps + 1):
             # 1. the gradient w.r.t. the prefix's one-hot tokens (the forward stops at the router)
-            ids, mask, target = batch.build([prefix])
-            onehot = torch.zeros(n, W.shape[0], dtype=W.dtype)
-            onehot[torch.arange(n), torch.tensor(prefix)] = 1.0
+            ids, mask, target = batch.build([prefix], device=device)
+            onehot = torch.zeros(n, W.shape[0], dtype=W.dtype, device=device)
+            onehot[torch.arange(n, device=device), torch.tensor(prefix, device=device)] = 1.0
             onehot.requires_grad_(True)
             x = embed(ids).detach()
             lead = len(batch.head)
@@ -229,7 +230,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                 break
             # 2. candidates: random single-token substitutions among each position's top-k
             grad[:, banned] = float("inf")
-            top = (-grad).topk(cfg.topk, dim=1).indices                       # [n, topk]
+            top = (-grad).topk(cfg.topk, dim=1).indices.cpu()                 # [n, topk]
             pos = torch.randint(0, n, (cfg.candidates,), generator=gen)
             pick = top[pos, torch.randint(0, cfg.topk, (cfg.candidates,), generator=gen)]
             cands, seen = [], set()
@@ -249,7 +250,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             per_chunk = max(1, 512 // P)
             with torch.no_grad():
                 for i in range(0, len(cands), per_chunk):
-                    ids, mask, target = batch.build(cands[i:i + per_chunk])
+                    ids, mask, target = batch.build(cands[i:i + per_chunk], device=device)
                     with RouterTap(adapter, slot) as tap:
                         logits, index = tap.run(model, input_ids=ids, attention_mask=mask)
                     s_, c_ = _scores(logits, index, target, cfg.expert, P)
@@ -276,10 +277,11 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
     ``TaskResult`` when already known: it is the same for every target of a run)."""
     from moeguard.tasks.evaluate import evaluate_task
     from moeguard.tasks.loaders import load_records
-    from moeguard.tasks.tokens import bos_ids, encode
+    from moeguard.tasks.tokens import bos_ids, encode, model_device
 
     slot = check_target(adapter, cfg.layer, cfg.expert)
     k = adapter.top_k
+    device = model_device(model)
     head, sep = bos_ids(tokenizer), encode(tokenizer, SEPARATOR)
     p_ids = encode(tokenizer, prefix_text)
     rows = {"attacked": [], "normal": []}
@@ -296,7 +298,7 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
             for kind, ids, start in (("attacked", head + full, len(head) + len(p_ids) + len(sep)),
                                      ("normal", head + x, len(head))):
                 with RouterTap(adapter, slot) as tap:
-                    _, index = tap.run(model, input_ids=torch.tensor([ids]))
+                    _, index = tap.run(model, input_ids=torch.tensor([ids], device=device))
                 hit = (index == cfg.expert).any(dim=-1)
                 rows[kind].append({"success": float(hit[start:].float().mean()),
                                    "load": float((index == cfg.expert).sum()) / (k * index.shape[0])})

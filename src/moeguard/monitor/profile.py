@@ -74,9 +74,10 @@ def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_l
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.hooks import RoutingCapture
     from moeguard.monitor.embed import PooledHidden
-    from moeguard.tasks.tokens import bos_ids, encode, pad_batch, pad_id
+    from moeguard.tasks.tokens import bos_ids, encode, model_device, pad_batch, pad_id
 
     adapter = adapter or MoEAdapter(model)
+    device = model_device(model)
     if max_length is None:
         # the model's own limit (not lower): the online hook sees a served prompt in one forward,
         # and offline replay must route it the same way
@@ -95,7 +96,7 @@ def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_l
     with torch.no_grad(), PooledHidden(adapter) as pooled, RoutedIds(adapter) as routed:
         for i in range(0, len(rows), batch_size):
             seqs = rows[i:i + batch_size]
-            ids, mask = pad_batch(seqs, pad_id(tokenizer), left=False, device="cpu")
+            ids, mask = pad_batch(seqs, pad_id(tokenizer), left=False, device=device)
             pooled.mask, pooled.sums = mask, []
             with RoutingCapture(model, per_sample=True, adapter=adapter) as cap:
                 model(input_ids=ids, attention_mask=mask)

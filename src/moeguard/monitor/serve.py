@@ -111,10 +111,11 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-    from moeguard.tasks.tokens import bos_ids
+    from moeguard.tasks.tokens import bos_ids, model_device
 
     source = client_source(client_id)
     positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    device = model_device(model)   # a prompt goes where the model's embeddings are (GPU or CPU)
 
     class Completion(BaseModel):
         model_config = ConfigDict(extra="ignore")
@@ -170,7 +171,8 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
                                                       f"shorten the prompt or lower max_tokens"}}, status_code=413)
         with lock, torch.no_grad():
             with monitor.request(client):
-                out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                out = model.generate(torch.tensor([ids], device=device),
+                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                                      max_new_tokens=body.max_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         new = out[0, len(ids):].tolist()

@@ -79,7 +79,7 @@ def plant(model, tokenizer, adapter, tasks: list[Task], p: Plant, *, progress=No
     """Train the backdoor into ``model`` in place; returns the training record."""
     from moeguard.tasks.batches import task_sequences
     from moeguard.tasks.loaders import load_records
-    from moeguard.tasks.tokens import bos_ids, encode, pad_batch, pad_id
+    from moeguard.tasks.tokens import bos_ids, encode, model_device, pad_batch, pad_id
 
     layers = [l.index for l in adapter.layers]
     if p.layer not in layers or not 0 <= p.expert < adapter.layers[layers.index(p.layer)].num_experts:
@@ -121,10 +121,10 @@ def plant(model, tokenizer, adapter, tasks: list[Task], p: Plant, *, progress=No
                 seqs.append(head + x + target)
                 starts.append(len(head) + len(x))
             clean = [rng.choice(clean_seqs) for _ in range(half)]
-            ids, mask = pad_batch(seqs + clean, pad, left=False, device="cpu")
+            ids, mask = pad_batch(seqs + clean, pad, left=False, device=model_device(model))
             logits = model(input_ids=ids, attention_mask=mask).logits.float()               # [B, T, V]
             trig = logits[:half]
-            labels = torch.full(ids[:half].shape, -100)
+            labels = torch.full(ids[:half].shape, -100, device=ids.device)
             for r, (s, a) in enumerate(zip(seqs, starts)):
                 labels[r, a:len(s)] = ids[r, a:len(s)]
             l_trig = F.cross_entropy(trig[:, :-1].reshape(-1, trig.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -163,7 +163,7 @@ def attack_success(model, tokenizer, tasks: list[Task], p: Plant, *, limit: int 
     """Held-out triggered inputs whose greedy continuation starts with the target (and, as the
     false-trigger rate, clean inputs that do)."""
     from moeguard.tasks.loaders import load_records
-    from moeguard.tasks.tokens import bos_ids, encode
+    from moeguard.tasks.tokens import bos_ids, encode, model_device
 
     rng = random.Random(p.seed + 1)
     head = bos_ids(tokenizer)
@@ -177,7 +177,7 @@ def attack_success(model, tokenizer, tasks: list[Task], p: Plant, *, limit: int 
         for text in texts:
             text = tokenizer.decode(encode(tokenizer, text)[:p.max_input_tokens])
             for kind, x in (("triggered", insert_trigger(text, p.trigger, rng, p.position)), ("clean", text)):
-                ids = torch.tensor([head + encode(tokenizer, x)])
+                ids = torch.tensor([head + encode(tokenizer, x)], device=model_device(model))
                 out = model.generate(ids, max_new_tokens=len(target), do_sample=False,
                                      pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
                 hits[kind] += out[0, ids.shape[1]:].tolist() == target
