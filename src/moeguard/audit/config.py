@@ -129,6 +129,10 @@ def check(cfg: AuditConfig) -> None:
         from moeguard.realign.modes import get_mode
 
         get_mode(cfg.recovery_mode)
+    if cfg.device_map is not None:
+        from moeguard.models.loading import check_device_map
+
+        check_device_map(cfg.device_map, what="device_map")
     if cfg.max_memory is not None:
         from moeguard.models.loading import parse_memory
 

@@ -30,6 +30,9 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help="checkpoint dir
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="random seed; the same seed gives the same numbers")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(
+    "--device-map", help="where the weights go: auto (over the visible GPUs, then the CPU), cuda, cuda:N, cpu; "
+    "default: the CPU")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     "--max-memory", help="cap on the host memory the weights take, e.g. 8GiB; the layers past it are "
     "offloaded to disk (accelerate) and read while they run")]
@@ -131,11 +134,17 @@ def _param(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Pa
 
 
 def _common(*, model: bool = True, backend: bool = True) -> list[inspect.Parameter]:
-    """Options every study command has beside its config's: model, backend, overwrite."""
+    """Options every study command has beside its config's: model, device map, backend, overwrite."""
     ps = [_param("model", ModelOpt, None)] if model else []
+    ps += [_param("device_map", DeviceMapOpt, None)]
     if backend:
         ps += [_param("backend", BackendOpt, "local"), _param("ray_address", RayAddressOpt, None)]
     return ps + [_param("overwrite", OverwriteOpt, False)]
+
+
+def _placement(handle) -> dict:
+    """The run record's ``device_map`` entry, when one was given (absent: the CPU, as before)."""
+    return {"device_map": handle.device_map} if handle.device_map is not None else {}
 
 
 def _out(help_text: str) -> inspect.Parameter:

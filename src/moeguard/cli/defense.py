@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import (ModelOpt, OverwriteOpt, _config_command, _console, _ints, _names, _progress, _run,
-                              _run_study, _seed, app)
+from moeguard.cli.app import (DeviceMapOpt, ModelOpt, OverwriteOpt, _config_command, _console, _ints, _names, _progress, _run,
+                              _placement, _run_study, _seed, app)
 
 
 def _harden_params():
@@ -25,12 +25,13 @@ def _harden_params():
     return [_out("output directory for the hardened checkpoint"), _param("model", ModelOpt, None),
             *options(HardenConfig, only=["method"]),
             *options(HardenConfig, exclude=("method", "seed"), unset=True, overrides=theirs),
-            _param("overwrite", OverwriteOpt, False), *options(HardenConfig, only=["seed"])]
+            _param("device_map", DeviceMapOpt, None), _param("overwrite", OverwriteOpt, False),
+            *options(HardenConfig, only=["seed"])]
 
 
 @app.command()
 @_config_command(_harden_params)
-def harden(*, out: Path, model: Optional[str], overwrite: bool, **flags) -> None:
+def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwrite: bool, **flags) -> None:
     """Continue training a model so that pruning its experts, then fine-tuning, recovers poorly."""
     from moeguard.config import coerce
     from moeguard.defense.harden import HardenConfig, config_for, harden as run_harden, preflight, save_hardened
@@ -41,7 +42,7 @@ def harden(*, out: Path, model: Optional[str], overwrite: bool, **flags) -> None
     check_output(out, overwrite=overwrite, kind="folder")
     given = {k: coerce(HardenConfig, k, v) for k, v in flags.items() if v is not None}
     cfg = config_for(given.pop("method"), **given)
-    handle = resolve_model(model)
+    handle = resolve_model(model, device_map=device_map)
     if cfg.keep is not None:  # before the weights load
         handle.check_keep(cfg.keep, what="--keep")
     _seed(cfg.seed)
@@ -62,7 +63,7 @@ def harden(*, out: Path, model: Optional[str], overwrite: bool, **flags) -> None
               "command again to resume", file=sys.stderr)
         raise SystemExit(130) from None
     doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
-                        run=_run({"model": handle.name, **cfg.to_dict()}))
+                        run=_run({"model": handle.name, **cfg.to_dict(), **_placement(handle)}))
     from moeguard import trainstate
 
     trainstate.clear(state)   # only now: a failed save keeps what training did
@@ -113,8 +114,8 @@ def _attack_params():
 
 @app.command()
 @_config_command(_attack_params)
-def attack(*, out: Path, model: Optional[str], backend: str, ray_address: Optional[str], overwrite: bool,
-           **flags) -> None:
+def attack(*, out: Path, model: Optional[str], device_map: Optional[str], backend: str, ray_address: Optional[str],
+           overwrite: bool, **flags) -> None:
     """The strongest prune-and-re-align attacker: worst case over its settings, and a from-scratch baseline."""
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output
@@ -123,10 +124,10 @@ def attack(*, out: Path, model: Optional[str], backend: str, ray_address: Option
 
     check_output(out, overwrite=overwrite, kind="folder")
     the_task = resolve_tasks([flags["task"]], what="--task")[0]
-    handle = resolve_model(model)
+    handle = resolve_model(model, device_map=device_map)
     cfg = _attack_config(flags, task=the_task.name, keep=flags["keep"])
     preflight(cfg, handle)
-    doc = _run_study(out, overwrite, {"model": handle.name, **cfg.to_dict()}, handle, AttackStudy(), cfg, write_attack,
+    doc = _run_study(out, overwrite, {"model": handle.name, **cfg.to_dict(), **_placement(handle)}, handle, AttackStudy(), cfg, write_attack,
                      backend=backend, ray_address=ray_address, tasks=[the_task])
     _console().print(attack_table(doc))
     s = doc["summary"]
@@ -155,8 +156,8 @@ def _defend_params():
 @app.command("defend-eval")
 @_config_command(_defend_params)
 def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, utility_tasks: Optional[str],
-                keeps: Optional[str], protocol: Optional[Path], backend: str, ray_address: Optional[str],
-                overwrite: bool, **flags) -> None:
+                keeps: Optional[str], protocol: Optional[Path], device_map: Optional[str], backend: str,
+                ray_address: Optional[str], overwrite: bool, **flags) -> None:
     """Utility cost of a defense and the attacker's cost against it, base vs hardened, with plots."""
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output
@@ -166,7 +167,7 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
     check_output(out, overwrite=overwrite, kind="folder")
     task_list = resolve_tasks(_names(tasks, "--tasks"), what="--tasks")
     extra = resolve_tasks(_names(utility_tasks, "--utility-tasks"), what="--utility-tasks") if utility_tasks else []
-    b, h = resolve_model(base), resolve_model(hardened)
+    b, h = resolve_model(base, device_map=device_map), resolve_model(hardened, device_map=device_map)
     cfg, proto_path = resolve(base=b, hardened=h, tasks=task_list, utility_tasks=extra,
                               keeps=_ints(keeps, "--keeps") if keeps else None,
                               attack=_attack_config(flags, task=task_list[0].name, keep=1), protocol=protocol)
@@ -176,7 +177,7 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
     # both models' weights (the jobs' scope covers only the hardened one's), and the protocol's bytes
     settings = {"base": b.name, "hardened": h.name, "protocol": str(proto_path) if proto_path else None,
                 "weights": {"base": weights_identity(b.arg), "hardened": weights_identity(h.arg)},
-                "protocol_sha256": file_sha256(proto_path) if proto_path else None, **cfg.to_dict()}
+                "protocol_sha256": file_sha256(proto_path) if proto_path else None, **cfg.to_dict(), **_placement(h)}
 
     def write(doc, work):
         doc["base"], doc["hardened"] = b.name, h.name

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, _seed, app
+from moeguard.cli.app import DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, _seed, app
 from moeguard.errors import MoeguardError
 
 
@@ -88,11 +88,12 @@ def eval_(model: ModelOpt = None,
           limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="evaluate at most N samples per task")] = None,
           batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
           out: Annotated[Optional[Path], typer.Option("--out", help="write results JSON here")] = None,
-          max_memory: MaxMemoryOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+          device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, overwrite: OverwriteOpt = False,
+          seed: SeedOpt = 0) -> None:
     """Per-task metrics with the trivial baseline beside each."""
     from moeguard.edge import embedded_or
     from moeguard.io import check_output, write_json
-    from moeguard.models.loading import load_model, parse_memory
+    from moeguard.models.loading import check_device_map, load_model, parse_memory
     from moeguard.provenance import run_record
     from moeguard.report.tables import eval_table
     from moeguard.tasks.evaluate import evaluate_suite
@@ -100,17 +101,19 @@ def eval_(model: ModelOpt = None,
     if out is not None:
         check_output(out, overwrite=overwrite, kind="file")
     cap = parse_memory(max_memory) if max_memory is not None else None
+    device_map = check_device_map(device_map)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if names == []:
         raise MoeguardError(f"--tasks '{tasks}' names no task", hint="see `moeguard tasks` for names")
     task_list = embedded_or(names, what="--tasks")  # fails on unreadable or empty data before any weights load
     _seed(seed)
-    m, tokenizer, ref = load_model(model, max_memory=cap)
+    m, tokenizer, ref = load_model(model, max_memory=cap, device_map=device_map)
     with _progress() as progress:
         results = evaluate_suite(m, tokenizer, task_list, limit=limit, batch_size=batch_size,
                                  progress=progress, model_name=ref.name)
     results["run"] = run_record({"model": ref.name, "tasks": [t.name for t in task_list], "limit": limit,
-                                 "batch_size": batch_size, "seed": seed, "max_memory": cap})
+                                 "batch_size": batch_size, "seed": seed, "max_memory": cap,
+                                 **({"device_map": device_map} if device_map is not None else {})})
     _console().print(eval_table(results))
     if out is not None:
         write_json(out, results, overwrite=overwrite)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, app
+from moeguard.cli.app import DeviceMapOpt, JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _placement, _progress, app
 
 
 @app.command("route-attack")
@@ -22,7 +22,8 @@ def route_attack(
         prefix_tokens: Annotated[int, typer.Option("--prefix-tokens", help="length of the crafted prefix, in tokens")] = 20,
         steps: Annotated[int, typer.Option("--steps", help="GCG steps per target")] = 80,
         candidates: Annotated[int, typer.Option("--candidates", help="substitutions evaluated per step")] = 96,
-        model: ModelOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
+        model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0,
+        as_json: JsonOpt = False) -> None:
     """Craft a prefix that makes a layer's router send the following tokens to a chosen expert (GCG)."""
     from moeguard.cli.app import _ints, _seed
     from moeguard.edge import embedded_or, resolve_model
@@ -35,7 +36,7 @@ def route_attack(
         if value < least:
             raise MoeguardError(f"{name} is {value}", hint=f"pass {name} of at least {least}")
     check_output(out, overwrite=overwrite, kind="folder")
-    handle = resolve_model(model)
+    handle = resolve_model(model, device_map=device_map)
     layers = None if layer in (None, "all") else _ints(layer, "--layer")
     pairs = targets(handle, layers, expert, every)
     t = embedded_or([task] if task else None, what="--task")[0]
@@ -73,7 +74,7 @@ def monitor_profile(
         tasks: Annotated[Optional[str], typer.Option("--tasks", help="benign traffic: comma-separated tasks; default: the embedded suite")] = None,
         limit: Annotated[int, typer.Option("--limit", help="inputs per task (eval split), half to fit, half to calibrate")] = 200,
         window: Annotated[int, typer.Option("--window", help="requests per client window the profile calibrates")] = 16,
-        model: ModelOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+        model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """The reference routing profile of benign traffic, with calibrated null distributions."""
     from moeguard.cli.app import _seed
     from moeguard.edge import embedded_or, resolve_model
@@ -87,7 +88,7 @@ def monitor_profile(
     if window < 1:
         raise MoeguardError(f"--window is {window}", hint="pass --window of at least 1 request")
     check_output(out, overwrite=overwrite, kind="file")
-    handle = resolve_model(model)
+    handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks")
     held = (limit - limit // 2) * len(ts)    # calibration requests at most: a window is drawn from them
     if window > held:
@@ -105,7 +106,7 @@ def monitor_profile(
     # what the kept per-task arrays depend on: an interrupted run resumes only on the same inputs,
     # seed (the halves) and weights
     resume = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "seed": seed,
-              "model": weights_identity(handle.arg)}
+              "model": weights_identity(handle.arg), **_placement(handle)}
     with resumable_scratch(out, overwrite=overwrite, settings=resume) as tmp:
         _seed(seed)
         m, tok, _ = handle.load()
@@ -119,7 +120,7 @@ def monitor_profile(
                   f"again to resume", file=sys.stderr)
             raise SystemExit(130) from None
         doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "tasks": list(prompts), "limit": limit,
-                                                    "window": window, "seed": seed})}
+                                                    "window": window, "seed": seed, **_placement(handle)})}
         write_json(out, doc, overwrite=overwrite)
     r = prof.meta["requests"]
     typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
@@ -134,7 +135,7 @@ def monitor_score(
         window: Annotated[Optional[int], typer.Option("--window", help="requests per client window; default: the profile's")] = None,
         alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
         log_prompts: Annotated[bool, typer.Option("--log-prompts", help="write prompts into the outputs (off: routing can reveal what users typed)")] = False,
-        model: ModelOpt = None, overwrite: OverwriteOpt = False) -> None:
+        model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile."""
     from moeguard.edge import resolve_model
     from moeguard.io import check_output, file_sha256, read_json, resumable_dir
@@ -142,19 +143,20 @@ def monitor_score(
     from moeguard.monitor.score import drop_replay, read_log, score
 
     check_output(out, overwrite=overwrite, kind="folder")
+    handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))
     from moeguard.monitor.score import check_settings
 
     window = check_settings(prof, window=window, alpha=alpha)
     records = read_log(log)
-    handle = resolve_model(model)
     prof.check_model(handle.name)
     from moeguard.models.loading import weights_identity
     from moeguard.provenance import run_record
 
     # what the replayed arrays depend on: an interrupted run resumes only on the same profile, log and weights
-    resume = {"profile": file_sha256(profile), "log": file_sha256(log), "model": weights_identity(handle.arg)}
+    resume = {"profile": file_sha256(profile), "log": file_sha256(log), "model": weights_identity(handle.arg),
+              **_placement(handle)}
     with resumable_dir(out, overwrite=overwrite, settings=resume) as tmp:
         m, tok, _ = handle.load()
         try:
@@ -168,7 +170,7 @@ def monitor_score(
                   f"again to resume", file=sys.stderr)
             raise SystemExit(130) from None
         summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
-                                     "alpha": alpha, "log_prompts": log_prompts})
+                                     "alpha": alpha, "log_prompts": log_prompts, **_placement(handle)})
         (tmp / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(json.dumps(w) + "\n" for w in windows))
         (tmp / "alerts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alerts))
@@ -206,7 +208,7 @@ def serve(
                                 "IPv6 one by its /56, 'address/N' for another prefix), "
                                 "'user' (the body's field: the client picks it, so only behind a gateway that sets "
                                 "it) or 'header:NAME' (an identity your authenticating gateway sets)")] = "address",
-        model: ModelOpt = None) -> None:
+        model: ModelOpt = None, device_map: DeviceMapOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
     from moeguard.errors import MoeguardError
@@ -248,9 +250,9 @@ def serve(
     # (and no other process can take it between a check and the bind)
     sock = _listen(host, port)
     try:
+        handle = resolve_model(model, device_map=device_map)
         prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                                  where=str(profile))
-        handle = resolve_model(model)
         prof.check_model(handle.name)
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500

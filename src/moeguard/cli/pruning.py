@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import (JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints, _names,
-                              _out, _progress, _run, _run_study, _seed, app)
+from moeguard.cli.app import (DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints, _names,
+                              _out, _placement, _progress, _run, _run_study, _seed, app)
 
 
 @app.command()
@@ -21,7 +21,8 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
               samples: Annotated[int, typer.Option("--samples", min=1, help="calibration samples from the task's train split")] = 64,
               reference: Annotated[Optional[str], typer.Option("--reference", help="contrastive: comma-separated reference tasks; default: the rest of the embedded suite")] = None,
               batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
-              max_memory: MaxMemoryOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+              device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, overwrite: OverwriteOpt = False,
+              seed: SeedOpt = 0) -> None:
     """Score every (layer, expert) for a task with one method; higher = more important."""
     from moeguard.attribution.base import check_method_runs, get_method
     from moeguard.attribution.run import make_context, score
@@ -36,7 +37,8 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     refs = _names(reference, "--reference") if reference is not None else None
     # resolved once here (a YAML path is read once), and unreadable data fails before any weights load
     the_task, *ref_tasks = resolve_tasks([task, *(refs or [])], what="--task")
-    handle = resolve_model(model, tasks=False)   # an encoder-decoder scores through its seq2seq head
+    # an encoder-decoder scores through its seq2seq head
+    handle = resolve_model(model, tasks=False, device_map=device_map)
     check_method_runs(the_method, handle.family)
     counts = sorted({int(v) for v in handle.info["experts_per_layer"].values()})
     if len(counts) > 1:   # as attribution refuses it, before the weights load
@@ -54,7 +56,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     doc["model"] = ref.name
     doc["run"] = _run({"model": ref.name, "task": the_task.name, "task_file": task if task != the_task.name else None,
                        "method": method, "samples": samples, "seed": seed,
-                       "reference": refs, "batch_size": batch_size, "max_memory": cap})
+                       "reference": refs, "batch_size": batch_size, "max_memory": cap, **_placement(handle)})
     write_json(out, doc, overwrite=overwrite)
     _console().print(scores_table(doc))
     typer.echo(f"scores written to {out}")
@@ -132,8 +134,8 @@ def _sweep_params():
 
 @app.command()
 @_config_command(_sweep_params)
-def sweep(*, out: Path, model: Optional[str], backend: str, ray_address: Optional[str], overwrite: bool,
-          **flags) -> None:
+def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend: str, ray_address: Optional[str],
+          overwrite: bool, **flags) -> None:
     """Knowledge-loss study: retention per task, method and keep level, against random rankings."""
     from moeguard.config import build
     from moeguard.edge import resolve_grid, resolve_model
@@ -143,7 +145,8 @@ def sweep(*, out: Path, model: Optional[str], backend: str, ray_address: Optiona
     from moeguard.studies.sweep import SweepConfig, SweepStudy, SweepStudyConfig
 
     check_output(out, overwrite=overwrite, kind="folder")
-    handle = resolve_model(model, tasks=False)   # an encoder-decoder's tasks run through its seq2seq head
+    # an encoder-decoder's tasks run through its seq2seq head
+    handle = resolve_model(model, tasks=False, device_map=device_map)
     grid = {k: flags.pop(k) for k in ("tasks", "methods", "keeps")}
     task_list, methods, keeps = resolve_grid(
         handle, tasks=_names(grid["tasks"], "--tasks") if grid["tasks"] else None,
@@ -152,7 +155,7 @@ def sweep(*, out: Path, model: Optional[str], backend: str, ray_address: Optiona
     names = [t.name for t in task_list]
     cfg = build(SweepConfig, flags, what="sweep", tasks=names, methods=methods, keeps=keeps)
     check_merge_route(handle.family, "merge" in cfg.routes)
-    settings = {"model": handle.name, **dataclasses.asdict(cfg)}
+    settings = {"model": handle.name, **dataclasses.asdict(cfg), **_placement(handle)}
 
     def write(doc, work):
         write_sweep(doc, doc.pop("scores"), work)
@@ -187,7 +190,7 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
           gate: Annotated[str, typer.Option("--gate", help="router-weighted: 'applied' (the block's weights) or 'raw' (score before renormalization)")] = "applied",
           batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
           streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", help="default: streaming when the plan needs no data and the checkpoint is local")] = None,
-          max_memory: MaxMemoryOpt = None,
+          device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
           overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """Merge experts instead of dropping them: each layer's experts clustered and averaged into K.
     With --max-memory, calibration runs on the model loaded under the cap and the plan streams onto the files."""
@@ -195,9 +198,9 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     from moeguard.pruning.merging.write import write_merged
     from moeguard.report.tables import merge_table
 
-    handle = resolve_model(model)
+    handle = resolve_model(model, device_map=device_map)
     _seed(seed)
-    settings = {"model": handle.name, "method": method, "scores": str(scores) if scores else None,
+    settings = {"model": handle.name, **_placement(handle), "method": method, "scores": str(scores) if scores else None,
                 "plan": str(plan) if plan else None, "keep": keep, "task": task, "samples": samples, "tokens": tokens,
                 "gate": gate, "batch_size": batch_size, "seed": seed}
     cap = None

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import (MaxMemoryOpt, OverwriteOpt, SeedOpt, _config_command, _console, _names, _progress, _run,
-                              _run_study, _seed, app)
+from moeguard.cli.app import (DeviceMapOpt, MaxMemoryOpt, OverwriteOpt, SeedOpt, _config_command, _console, _names, _progress, _run,
+                              _placement, _run_study, _seed, app)
 from moeguard.errors import MoeguardError
 
 PoolOpt = Annotated[int, typer.Option("--pool-size", min=1, help="unlabeled pool: this many train records")]
@@ -33,14 +33,14 @@ def _realign_params():
             _param("original", Annotated[Optional[str], typer.Option("--original", help="the unpruned model (orphan strategy, retention); default: the source in the pruning record")], None),
             _param("full_score", Annotated[Optional[float], typer.Option("--full-score", help="the original model's score on the task (skips evaluating the original)")], None),
             _param("protocol", Annotated[Optional[Path], typer.Option("--protocol", help="a selective fine-tuning protocol (moeguard_protocol.json): only its modes and parameters are trained")], None),
-            _param("overwrite", OverwriteOpt, False), _param("seed", SeedOpt, 0)]
+            _param("device_map", DeviceMapOpt, None), _param("overwrite", OverwriteOpt, False), _param("seed", SeedOpt, 0)]
 
 
 @app.command()
 @_config_command(_realign_params)
 def realign(*, model: str, task: str, out: Path, strategy: str, budget: int, query_size: int, pool_size: int,
             eval_limit: int, original: Optional[str], full_score: Optional[float], protocol: Optional[Path],
-            overwrite: bool, seed: int, **ft_flags) -> None:
+            device_map: Optional[str], overwrite: bool, seed: int, **ft_flags) -> None:
     """Fine-tune a pruned model on actively chosen labels; writes the checkpoint and its learning curve.
 
     A killed run continues from its last checkpoint when started again with the same settings."""
@@ -60,12 +60,12 @@ def realign(*, model: str, task: str, out: Path, strategy: str, budget: int, que
     if proto is not None:
         proto.check_mode(ft_flags["mode"])
     ft = build(FinetuneConfig, ft_flags, what="fine-tuning", seed=seed, only=proto.patterns if proto else ())
-    handle = resolve_model(model, tasks=False)   # an encoder-decoder trains through its seq2seq head
+    handle = resolve_model(model, tasks=False, device_map=device_map)   # an encoder-decoder trains through its seq2seq head
     _seed(seed)
     al = ALConfig(strategy=strategy, schedule=schedule, pool_size=pool_size, eval_limit=eval_limit, seed=seed,
                   finetune=ft)
     settings = {"model": handle.name, "task": the_task.name, "original": original, "full_score": full_score,
-                **al.to_dict()}
+                **al.to_dict(), **_placement(handle)}
     with _progress() as progress:
         curve = realign_checkpoint(model=handle, task=the_task, out=out, al=al, original=original,
                                    full_score=full_score, overwrite=overwrite, progress=progress, run=_run(settings))
@@ -92,8 +92,8 @@ def _recovery_params():
 
 @app.command()
 @_config_command(_recovery_params)
-def recovery(*, out: Path, model: Optional[str], backend: str, ray_address: Optional[str], overwrite: bool,
-             sweep: Optional[Path], max_memory: Optional[str], **flags) -> None:
+def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], backend: str, ray_address: Optional[str],
+             overwrite: bool, sweep: Optional[Path], max_memory: Optional[str], **flags) -> None:
     """Recovery study: labels each strategy needs to re-align a pruned task, against random.
 
     With --max-memory (and --mode lora), the pruned copy is streamed to disk and loaded under the
@@ -119,7 +119,7 @@ def recovery(*, out: Path, model: Optional[str], backend: str, ray_address: Opti
     the_task = resolve_tasks([flags.pop("task")], what="--task")[0]
     names = _names(flags.pop("strategies"), "--strategies")
     names = names if "random" in names else ["random", *names]
-    handle = resolve_model(model, tasks=False)   # an encoder-decoder trains through its seq2seq head
+    handle = resolve_model(model, tasks=False, device_map=device_map)   # an encoder-decoder trains through its seq2seq head
     chosen = {}
     if sweep is not None:
         from moeguard.io import file_sha256
@@ -132,7 +132,8 @@ def recovery(*, out: Path, model: Optional[str], backend: str, ray_address: Opti
     cfg = build(RecoveryConfig, flags, what="recovery", task=the_task.name, strategies=tuple(names),
                 method=method or DEFAULT_METHOD, finetune=ft, traced=cap is None)
     preflight(cfg, handle)
-    settings = {"model": handle.name, **cfg.to_dict(), **chosen, **({"max_memory": cap} if cap is not None else {})}
+    settings = {"model": handle.name, **cfg.to_dict(), **chosen, **({"max_memory": cap} if cap is not None else {}),
+                **_placement(handle)}
     doc = _run_study(out, overwrite, settings, handle, RecoveryStudy(), cfg, write_recovery, backend=backend,
                      ray_address=ray_address, tasks=[the_task], max_memory=cap)
     _console().print(recovery_table(doc))

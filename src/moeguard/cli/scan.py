@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, app
+from moeguard.cli.app import DeviceMapOpt, JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, app
 
 
 @app.command("scan")
@@ -23,7 +23,8 @@ def scan(
         chain: Annotated[int, typer.Option("--chain", help="tokens generated per chain")] = 6,
         reference_models: Annotated[Optional[str], typer.Option("--reference-models", help="comma-separated clean models sharing the tokenizer (the base model of a fine-tune, or other seeds): what they predict anyway does not count as evidence")] = None,
         threshold: Annotated[Optional[float], typer.Option("--threshold", help="suspicion that raises the backdoor flag; default: the calibrated one")] = None,
-        model: ModelOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
+        model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0,
+        as_json: JsonOpt = False) -> None:
     """Scan every expert: usage, criticality, weights against siblings, and backdoor suspicion without the trigger."""
     from moeguard.cli.app import _names, _seed, _task_names
     from moeguard.edge import embedded_or, resolve_model
@@ -35,8 +36,8 @@ def scan(
                         chain=chain, threshold=threshold, seed=seed)
     refs = load_references([Path(p) for p in _names(references, "--references")]) if references is not None else []
     check_output(out, overwrite=overwrite, kind="folder")
-    handle = resolve_model(model)
-    ref_models = [resolve_model(m) for m in _names(reference_models, "--reference-models")] if reference_models is not None else []
+    handle = resolve_model(model, device_map=device_map)
+    ref_models = [resolve_model(m, device_map=device_map) for m in _names(reference_models, "--reference-models")] if reference_models is not None else []
     task_list = embedded_or(_task_names(tasks, "--tasks") if tasks is not None else None, what="--tasks")
     _seed(seed)
     with _progress(stderr=as_json) as progress:

@@ -51,6 +51,8 @@ class ModelHandle:
     config: Any
     family: FamilySpec
     info: dict[str, Any] = field(repr=False)   # the `moeguard info` facts (from the meta model)
+    # where the weights go when loaded (--device-map, checked at the edge): None is the CPU
+    device_map: str | None = None
 
     @property
     def name(self) -> str:
@@ -90,21 +92,25 @@ class ModelHandle:
         return sorted({max(k_min, E // 4), max(k_min, E // 2), max(k_min, 3 * E // 4)} - {E})
 
     def load(self, *, dtype=None, device_map=None, max_memory: int | None = None):
+        """The model, its tokenizer and reference; ``device_map`` defaults to the handle's."""
         from moeguard.models.loading import load_model
 
-        return load_model(self.arg, dtype=dtype, device_map=device_map, max_memory=max_memory)
+        return load_model(self.arg, dtype=dtype, device_map=device_map if device_map is not None else self.device_map,
+                          max_memory=max_memory)
 
 
-def resolve_model(model: str | None, *, tasks: bool = True) -> ModelHandle:
+def resolve_model(model: str | None, *, tasks: bool = True, device_map: str | None = None) -> ModelHandle:
     """Inspect ``model`` (path, hub id or None for the embedded model) once: config, family and
     the checks that need no weights. ``tasks``: the command scores tasks on it, which an
-    encoder-decoder cannot do yet (refused here, before any weights load)."""
+    encoder-decoder cannot do yet (refused here, before any weights load). ``device_map``: where
+    its weights go when loaded (checked here against the devices this machine has)."""
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.models.loading import inspect, meta_model
+    from moeguard.models.loading import check_device_map, inspect, meta_model
 
+    device_map = check_device_map(device_map)
     ref, config, family = inspect(model)
     if tasks:
         require_tasks(family, ref.name)
     info = MoEAdapter(meta_model(config), family=family).describe()
     info.update(name=ref.name, path=str(ref.path) if ref.path else None, hub_id=ref.hub_id)
-    return ModelHandle(ref=ref, config=config, family=family, info=info)
+    return ModelHandle(ref=ref, config=config, family=family, info=info, device_map=device_map)

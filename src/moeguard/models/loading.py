@@ -281,6 +281,8 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
 
     from moeguard.models.prune import resized_construction
 
+    if isinstance(device_map, str):   # a library caller's too: a device this machine lacks, before any work
+        device_map = check_device_map(device_map, what="device_map")
     ref, config, _ = inspect(ref_str)
     where = str(ref.path or ref.hub_id)
     cls = model_class(config)   # before the tokenizer and the weights: a type with no LM class fails here
@@ -322,6 +324,42 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         place_inner_blocks(model)
     _return_freed_memory()
     return model.eval(), tokenizer, ref
+
+
+PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's strategies
+
+
+def check_device_map(value: str | None, *, what: str = "--device-map") -> str | None:
+    """``value`` as ``from_pretrained`` takes it, or a one-line error before any weights load: one of
+    accelerate's strategies (:data:`PLACEMENTS`: auto spreads the layers over the visible GPUs,
+    then the CPU) or one device this machine has (cpu, cuda, cuda:N, mps, xpu...). None: the CPU."""
+    if value is None:
+        return None
+    import torch
+
+    v = str(value).strip()
+    if v in PLACEMENTS:
+        return v
+    hint = f"pass one of {', '.join(PLACEMENTS)}, or a device: cpu, cuda, cuda:N"
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, ValueError):
+        raise MoeguardError(f"{what} {value!r} is neither a placement nor a device", hint=hint) from None
+    if dev.type == "cpu":
+        return v
+    backend = getattr(torch, dev.type, None)
+    try:
+        n = int(backend.device_count()) if backend is not None and backend.is_available() else 0
+    except Exception:  # noqa: BLE001 -- a backend torch names but cannot query (no driver) has no devices
+        n = 0
+    if n == 0:
+        build = f"torch {torch.__version__}" + (", a CPU build" if dev.type == "cuda" and torch.version.cuda is None else "")
+        raise MoeguardError(f"{what} {v}: no {dev.type} device is visible ({build})",
+                            hint=f"run on a machine with one (and a torch built for it), or drop {what} to use the CPU")
+    if dev.index is not None and dev.index >= n:
+        raise MoeguardError(f"{what} {v}: this machine has {n} {dev.type} device(s), {dev.type}:0..{n - 1}",
+                            hint=f"pass one of them, or {what} auto to spread the model over all")
+    return v
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,

@@ -48,7 +48,8 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
         raise MoeguardError(f"route-attack places its prefix before a task's input, and {task.kind} task '{task.name}' "
                             f"has running text, no inputs",
                             hint="pass --task with a classification or summarization task, e.g. arith-compare")
-    settings = {"model": handle.name, "task": task.name, "config": cfg.to_dict(), "targets": pairs}
+    settings = {"model": handle.name, "task": task.name, "config": cfg.to_dict(), "targets": pairs,
+                **({"device_map": handle.device_map} if handle.device_map is not None else {})}
     with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
         model, tok, _ = handle.load()
         adapter = MoEAdapter(model)

@@ -184,6 +184,9 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
     settings = {"model": weights_identity(handle.arg), "tasks": [t.name for t in tasks],
                 **{k: v for k, v in config.to_dict().items() if k != "threshold"},
                 "reference_models": [weights_identity(h.arg) for h in reference_models]}
+    placed = device_map if device_map is not None else handle.device_map
+    if placed is not None:   # recorded when given (the numbers may differ in the last digits on another device)
+        settings["device_map"] = placed
     search = {**{k: getattr(config, k) for k in SEARCH_SETTINGS}, "tasks": [t.name for t in tasks]}
     null = _reference_null(references, handle.num_layers, score, search) if references else None   # fail before loading
     t0 = time.perf_counter()

@@ -123,7 +123,8 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
     from moeguard.studies.engine import make_backend
 
     runner = make_backend(backend, address=ray_address)
-    runtime = Runtime(model=model.arg, threads=torch.get_num_threads(), tasks=file_tasks(tasks), max_memory=max_memory)
+    runtime = Runtime(model=model.arg, threads=torch.get_num_threads(), tasks=file_tasks(tasks), max_memory=max_memory,
+                      device_map=model.device_map)
     try:
         with resumable_dir(out, overwrite=overwrite, settings=settings) as work:
             doc = run_study(study, cfg, jobs=work / "jobs", runtime=runtime, backend=runner, progress=progress)

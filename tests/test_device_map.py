@@ -1,0 +1,113 @@
+"""--device-map on every command that loads a model: checked at the edge against the devices this
+machine has (one line, nothing written), carried by the model handle to every load, and saved in
+the run record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.models.loading import check_device_map, resolve
+
+# a device no machine here has: on a CPU-only torch "no cuda device is visible", on a GPU server
+# "this machine has N cuda device(s)"; both name the flag and the value
+MISSING = "cuda:99"
+
+COMMANDS = [
+    "eval",
+    "attribute --task arith-compare --method frequency --out O",
+    "merge --out O --method average --keep 2",
+    "realign --model E --task arith-compare --out O",
+    "route-attack --out O --layer 0 --expert 1",
+    "monitor profile --out O",
+    "monitor score --profile P --log L --out O",
+    "serve --profile P --port 0",
+    "scan --out O",
+    "harden --out O",
+    "sweep --out O",
+    "recovery --task arith-compare --keep 2 --out O",
+    "attack --task arith-compare --keep 2 --out O",
+    "defend-eval --hardened E --out O",
+    "audit --out O",
+]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.split(" --")[0] for c in COMMANDS])
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(cmd, tmp_path, capsys):
+    out = tmp_path / "out"
+    subs = {"O": str(out), "E": str(resolve(None).path), "P": str(tmp_path / "profile.json"),
+            "L": str(tmp_path / "log.jsonl")}
+    if cmd.startswith("serve"):   # a free port, bound before the model is resolved
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            subs["0"] = str(s.getsockname()[1])
+    code = main([subs.get(a, a) for a in cmd.split()] + ["--device-map", MISSING])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    flag = "device_map" if cmd.startswith("audit") else "--device-map"
+    assert f"{flag} {MISSING}: " in err and ("no cuda device is visible" in err or "cuda device(s)" in err), err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_the_device_map_values_accepted_and_refused():
+    assert check_device_map(None) is None
+    for v in ("auto", "balanced", "balanced_low_0", "sequential", "cpu", " cpu "):
+        assert check_device_map(v) == v.strip()
+    with pytest.raises(MoeguardError, match=r"--device-map 'gpu' is neither a placement nor a device") as e:
+        check_device_map("gpu")
+    assert "auto, balanced, balanced_low_0, sequential" in e.value.hint
+    if not torch.cuda.is_available():
+        with pytest.raises(MoeguardError, match=r"--device-map cuda: no cuda device is visible \(torch .*\)") as e:
+            check_device_map("cuda")
+        assert "drop --device-map to use the CPU" in e.value.hint
+        if torch.version.cuda is None:
+            assert "a CPU build" in str(e.value)
+    else:
+        n = torch.cuda.device_count()
+        assert check_device_map("cuda") == "cuda" and check_device_map(f"cuda:{n - 1}") == f"cuda:{n - 1}"
+        with pytest.raises(MoeguardError, match=rf"this machine has {n} cuda device\(s\)"):
+            check_device_map(f"cuda:{n}")
+
+
+def test_the_handle_places_every_load_and_an_explicit_map_wins(monkeypatch):
+    from moeguard.edge import resolve_model
+    from moeguard.models import loading
+
+    seen = []
+    monkeypatch.setattr(loading, "load_model", lambda arg, **kw: seen.append(kw["device_map"]))
+    h = resolve_model(None, device_map="cpu")
+    h.load()
+    h.load(device_map="auto")
+    resolve_model(None).load()
+    assert h.device_map == "cpu" and seen == ["cpu", "auto", None]
+
+
+def test_eval_on_a_device_map_gives_the_same_scores_and_records_it(tmp_path, capsys):
+    plain, placed = tmp_path / "plain.json", tmp_path / "placed.json"
+    assert main(["eval", "--tasks", "arith-compare", "--limit", "8", "--out", str(plain)]) == 0
+    assert main(["eval", "--tasks", "arith-compare", "--limit", "8", "--out", str(placed), "--device-map", "cpu"]) == 0
+    a, b = json.loads(plain.read_text()), json.loads(placed.read_text())
+    assert a["tasks"]["arith-compare"]["metrics"] == b["tasks"]["arith-compare"]["metrics"]
+    assert b["run"]["settings"]["device_map"] == "cpu" and "device_map" not in a["run"]["settings"]
+
+
+def test_a_study_command_hands_its_device_map_to_the_jobs(monkeypatch, tmp_path):
+    """sweep -> run_to_dir -> the Runtime every job loads with (and its key)."""
+    from moeguard import studies
+
+    seen = {}
+
+    def fake_run_study(study, cfg, *, jobs, runtime, backend, progress):
+        seen["runtime"] = runtime
+        raise MoeguardError("stopped by the test")   # one line, exit 2: nothing of the study runs
+
+    monkeypatch.setattr(studies, "run_study", fake_run_study)
+    assert main(["sweep", "--out", str(tmp_path / "o"), "--tasks", "arith-compare", "--methods", "frequency",
+                 "--keep", "2", "--device-map", "cpu"]) == 2
+    assert seen["runtime"].device_map == "cpu" and seen["runtime"].to_dict()["device_map"] == "cpu"
