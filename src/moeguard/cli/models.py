@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -106,17 +107,38 @@ def eval_(model: ModelOpt = None,
     if names == []:
         raise MoeguardError(f"--tasks '{tasks}' names no task", hint="see `moeguard tasks` for names")
     task_list = embedded_or(names, what="--tasks")  # fails on unreadable or empty data before any weights load
-    _seed(seed)
-    m, tokenizer, ref = load_model(model, max_memory=cap, device_map=device_map)
-    with _progress() as progress:
-        results = evaluate_suite(m, tokenizer, task_list, limit=limit, batch_size=batch_size,
-                                 progress=progress, model_name=ref.name)
-    results["run"] = run_record({"model": ref.name, "tasks": [t.name for t in task_list], "limit": limit,
-                                 "batch_size": batch_size, "seed": seed, "max_memory": cap,
-                                 **({"device_map": device_map} if device_map is not None else {})})
+    settings = {"tasks": [t.name for t in task_list], "limit": limit, "batch_size": batch_size, "seed": seed,
+                "max_memory": cap, **({"device_map": device_map} if device_map is not None else {})}
+    with contextlib.ExitStack() as stack:
+        cache = None
+        if out is not None:
+            from moeguard.io import resumable_scratch
+            from moeguard.models.loading import weights_identity
+            from moeguard.tasks.loaders import task_identity
+
+            # each task's result is kept beside --out as it finishes: the same command resumes after a
+            # kill, on the same weights, task definitions and data, and settings
+            cache = stack.enter_context(resumable_scratch(out, overwrite=overwrite, settings={
+                **settings, "model": weights_identity(model), "task_identity": [task_identity(t) for t in task_list]}))
+        _seed(seed)
+        m, tokenizer, ref = load_model(model, max_memory=cap, device_map=device_map)
+        try:
+            with _progress() as progress:
+                results = evaluate_suite(m, tokenizer, task_list, limit=limit, batch_size=batch_size,
+                                         progress=progress, model_name=ref.name, cache=cache)
+        except KeyboardInterrupt:
+            if cache is None:
+                raise
+            import sys
+
+            print(f"moeguard: interrupted; the tasks evaluated so far are kept in {cache}: run the same command "
+                  f"again to resume", file=sys.stderr)
+            raise SystemExit(130) from None
+        results["run"] = run_record({"model": ref.name, **settings})
+        if out is not None:
+            write_json(out, results, overwrite=overwrite)
     _console().print(eval_table(results))
     if out is not None:
-        write_json(out, results, overwrite=overwrite)
         typer.echo(f"results written to {out}")
 
 

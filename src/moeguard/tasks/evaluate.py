@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import math
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,10 +107,12 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task | str, *, limit: int | 
 
 def evaluate_suite(model: Any, tokenizer: Any, tasks: Iterable[Task | str], *, limit: int | None = None,
                    batch_size: int = 16, references: dict[str, float] | None = None, progress: Any = None,
-                   model_name: str | None = None, baseline: bool = True) -> dict[str, Any]:
+                   model_name: str | None = None, baseline: bool = True, cache: Path | None = None) -> dict[str, Any]:
     """Evaluate every task and return the results document (schema: docs/tasks.md).
 
-    ``references`` maps a language-modeling task name to its reference perplexity.
+    ``references`` maps a language-modeling task name to its reference perplexity. ``cache``: a
+    folder where each task's result is kept as it finishes and read back on a resumed run (the
+    caller keys the folder by everything the results depend on: ``io.resumable_scratch``).
     """
     resolved = [get_task(t) for t in tasks]
     names = [t.name for t in resolved]
@@ -119,9 +123,19 @@ def evaluate_suite(model: Any, tokenizer: Any, tasks: Iterable[Task | str], *, l
     if unknown:
         raise MoeguardError(f"reference perplexities given for tasks not evaluated: {unknown}",
                             hint=f"use names from {names}")
-    results = {t.name: evaluate_task(model, tokenizer, t, limit=limit, batch_size=batch_size,
-                                     reference=references.get(t.name), progress=progress,
-                                     baseline=baseline).to_dict() for t in resolved}
+    results = {}
+    for t in resolved:
+        kept = cache / f"task-{t.name}.json" if cache is not None else None   # a task name is a plain name
+        if kept is not None and kept.exists():
+            results[t.name] = json.loads(kept.read_text(encoding="utf-8"))
+            continue
+        results[t.name] = evaluate_task(model, tokenizer, t, limit=limit, batch_size=batch_size,
+                                        reference=references.get(t.name), progress=progress,
+                                        baseline=baseline).to_dict()
+        if kept is not None:
+            from moeguard.io import write_json
+
+            write_json(kept, results[t.name], overwrite=True)
     return {
         "schema_version": SCHEMA_VERSION,
         "model": model_name or _model_name(model),
