@@ -255,8 +255,8 @@ def test_records_are_read_once_per_limit_and_again_when_the_file_changes(sst, mo
 
     task = cls_task(sst, "tsv", {"train": "train.tsv", "test": "test.tsv"})
     reads = []
-    real = loaders.read_file
-    monkeypatch.setattr(loaders, "read_file", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    real = loaders.iter_file
+    monkeypatch.setattr(loaders, "iter_file", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
     first = load_records(task, "train", limit=2)
     first[0]["label"] = "mutated"  # a caller's change does not reach the memo
     again = load_records(task, "train", limit=2)
@@ -266,6 +266,25 @@ def test_records_are_read_once_per_limit_and_again_when_the_file_changes(sst, mo
     f.write_text("sentence\tlabel\nnew row\t0\n", encoding="utf-8")
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # a coarse clock still sees the edit
     assert [r["label"] for r in load_records(task, "train", limit=2)] == ["0"] and len(reads) == 3
+
+
+def test_a_limited_read_stops_early_in_a_large_file_and_slices_still_hold(tmp_path):
+    """The edge's one-record check and a --limit read only the rows they need (a bad row past them
+    is not reached); a percentage or negative slice reads the whole file, as it must."""
+    d = tmp_path / "d"
+    d.mkdir()
+    rows = [json.dumps({"q": f"q{i}", "l": str(i % 2)}) for i in range(10)]
+    (d / "train.jsonl").write_text("\n".join(rows + ["{not json"]) + "\n", encoding="utf-8")
+    def task(split):
+        return Task(name="t", kind=TaskKind.CLASSIFICATION, fields={"input": "q", "label": "l"},
+                    labels={"0": " no", "1": " yes"}, splits={"train": split, "eval": split},
+                    source=SourceSpec(type="local", path=str(d), format="jsonl", files={"train": "train.jsonl"}))
+    assert [r["input"] for r in load_records(task("train"), "eval", limit=3)] == ["q0", "q1", "q2"]
+    assert [r["input"] for r in load_records(task("train[2:5]"), "eval")] == ["q2", "q3", "q4"]
+    assert [r["input"] for r in load_records(task("train[4:]"), "eval", limit=2)] == ["q4", "q5"]
+    for whole in ("train", "train[:50%]", "train[-3:]"):   # every row is read: the bad line is found
+        with pytest.raises(MoeguardError, match=r"line 11 of .*train.jsonl"):
+            load_records(task(whole), "eval")
 
 
 @pytest.mark.parametrize("raised, offline, needle", [

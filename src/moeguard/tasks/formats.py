@@ -56,28 +56,43 @@ def open_text(file: Any) -> io.TextIOBase:
 def read_file(file: Any, fmt: str | None, chunk_chars: int,
               columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The rows of one data file; ``columns`` names the cells of a csv/tsv without a header row."""
+    return list(iter_file(file, fmt, chunk_chars, columns))
+
+
+def iter_file(file: Any, fmt: str | None, chunk_chars: int,
+              columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """:func:`read_file` row by row: a reader that needs the first records (the edge's check, a
+    ``--limit``) reads no further into a large jsonl/csv/tsv file (a txt file is chunked whole).
+    The format is checked at once; read errors are raised where the row is read, as one line."""
     fmt = format_of(str(file.name), fmt)
     if columns is not None and fmt not in TABLE_FORMATS:
         raise MoeguardError(f"source.columns is set, but data file '{file}' is read as {fmt}",
                             hint=f"columns only apply to header-less {'/'.join(TABLE_FORMATS)} files: drop them, "
                                  "or set source.format if the file is a table with another extension")
+    return _rows(file, fmt, chunk_chars, columns)
+
+
+def _rows(file: Any, fmt: str, chunk_chars: int, columns: Sequence[str] | None) -> Iterator[dict[str, Any]]:
     # a cell may be a whole article (the csv module's default limit is 128 KiB)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     try:
         with open_text(file) as handle:
             if fmt == "txt":
-                return [{"text": t} for t in chunk_text(handle.read(), chunk_chars)]
+                yield from ({"text": t} for t in chunk_text(handle.read(), chunk_chars))
+                return
             if fmt == "jsonl":
-                return list(_jsonl(handle, file))
+                yield from _jsonl(handle, file)
+                return
             delimiter = "\t" if fmt == "tsv" else ","
             # SST-2's TSV has unbalanced double quotes: QUOTE_NONE keeps them as text.
             quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
             if columns is not None:
-                return list(_headerless(csv.reader(handle, delimiter=delimiter, quoting=quoting), columns, file))
+                yield from _headerless(csv.reader(handle, delimiter=delimiter, quoting=quoting), columns, file)
+                return
             reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
             if not reader.fieldnames:
-                return []
-            return [_check_width(row, file, reader.line_num) for row in reader]
+                return
+            yield from (_check_width(row, file, reader.line_num) for row in reader)
     except UnicodeDecodeError as exc:
         raise MoeguardError(f"data file '{file}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
                             hint="re-encode it as UTF-8") from None

@@ -13,6 +13,7 @@ chunking) is in ``formats.py``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import string
@@ -23,7 +24,7 @@ from typing import Any
 
 from moeguard.errors import MoeguardError
 from moeguard.tasks.base import Task
-from moeguard.tasks.formats import read_file
+from moeguard.tasks.formats import iter_file
 
 ROLES = ("train", "eval")
 # ``train[:90%]``, ``train[100:200]``: the datasets split-slicing syntax, also for local files.
@@ -75,8 +76,12 @@ def _rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
     if src.type == "disk":
         return _disk_rows(task, split)
     file, label, sliced = _data_file(task, split)
-    rows = read_file(file, src.format, task.max_length * _CHARS_PER_TOKEN, src.columns)
-    return _slice(rows, sliced), label
+    rows = iter_file(file, src.format, task.max_length * _CHARS_PER_TOKEN, src.columns)
+    if sliced is None or all(b is None or (not b.endswith("%") and not b.startswith("-")) for b in sliced):
+        # read lazily: the edge's one-record check and a --limit stop early in a large file
+        start, stop = _bounds(sliced, 0)
+        return itertools.islice(rows, start, stop), label
+    return _slice(list(rows), sliced), label   # a percentage or a negative bound needs the row count
 
 
 def _data_file(task: Task, split: str) -> tuple[Any, str, tuple]:
