@@ -302,7 +302,9 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
      "epochs is (inf,); it must be a finite number"),
     (["attack", "--task", "arith-compare", "--keep", "2", "--out", "{O}", "--target", "nan"],   # wrote invalid JSON
      "target is nan; it must be a finite number"),
-    (["harden", "--out", "{O}", "--lr", "-1"], "--lr"),                                        # Adam refused it after the load
+    (["harden", "--out", "{O}", "--lr", "-1"], "lr is -1.0; it must be at least 1e-12"),      # Adam refused it after the load
+    (["harden", "--out", "{O}", "--lr", "nan"], "lr is nan; it must be a finite number"),      # read "should be at most 10"
+    (["audit", "--out", "{O}", "--target", "nan"], "target is nan; it must be a finite number"),
     (["audit", "--out", "{O}", "--threads", "99999999999"], "--threads"),                      # overflowed in a job
     (["monitor", "profile", "--out", "{O}", "--window", "1000000000000"],     # failed at the end, allocating 7 TiB
      "--window is 1000000000000; benign windows are drawn from at most 600 calibration requests"),

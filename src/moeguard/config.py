@@ -210,11 +210,17 @@ def options(cls: type, *, only: list[str] | None = None, exclude: tuple[str, ...
                 shown = ",".join(str(x) for x in shown)
             help_text += f" (default: {shown})"
         opt_kw: dict[str, Any] = {"help": help_text, "show_default": False}
-        if not is_seq and tp in (int, float):
+        if not is_seq and tp is int:
             if m.get("min") is not None:
                 opt_kw["min"] = m["min"]
             if m.get("max") is not None:
                 opt_kw["max"] = m["max"]
+        elif not is_seq and tp is float and (m.get("min") is not None or m.get("max") is not None):
+            # the bounds are checked by validate(), not typer: nan fails typer's range as "should be at
+            # most 10", where validate says it is not a number
+            lo, hi = m.get("min"), m.get("max")
+            opt_kw["help"] = help_text + " [" + (f"{_num(lo)}<=" if lo is not None else "") + "x" \
+                + (f"<={_num(hi)}" if hi is not None else "") + "]"
         if unset:
             annotation, value = typing.Optional[cli_tp], None
         elif default is MISSING:
