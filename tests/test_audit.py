@@ -122,8 +122,26 @@ def test_adding_the_merge_route_never_lowers_a_risk_number(merged):
                   num_experts=8, min_keep=1)
     assert r["level"] == "medium" and r["best_method"]["4"] == "b + hc-smoe merge"
     assert "merging beats pruning at 4 per layer" in r["reason"]
-    # the family's minimum raises N/4: with min_keep 3 the quarter level is 3
-    assert task_risk(_entry(recovery=False), num_experts=8, min_keep=3)["keep_quarter"] == 3
+    # the family's minimum raises N/4: with min_keep 3 the quarter level is 3, or the next level measured (4)
+    assert task_risk(_entry(recovery=False), num_experts=8, min_keep=3)["keep_quarter"] == 4
+
+
+def test_the_risk_levels_are_the_models_whatever_keeps_the_run_swept():
+    """N/4 and N/2 of 64 experts are 16 and 32 when the sweep measured them (deletion curves);
+    only a level it did not measure moves to the next one it did."""
+    from moeguard.audit.risk import task_risk
+
+    def entry(levels):
+        e = _entry(recovery=False)
+        for v in e["methods"].values():
+            v["retention"] = {str(k): 95.0 for k in levels}
+            v["retention_above_baseline"] = {str(k): 90.0 for k in levels}
+        return e
+    every = task_risk(entry(range(2, 64)), num_experts=64)
+    assert (every["keep_quarter"], every["keep_half"]) == (16, 32)
+    assert task_risk(entry([16, 32, 48]), num_experts=64)["keep_quarter"] == 16
+    sparse = task_risk(entry([32, 48]), num_experts=64)   # no deletion curves, N/4 not swept
+    assert (sparse["keep_quarter"], sparse["keep_half"]) == (32, 32)
 
 
 @pytest.mark.parametrize("merge_finals", [(70.0, 95.0), (60.0, 80.0)])

@@ -190,10 +190,12 @@ def test_an_audit_recovers_under_a_cap_with_lora_as_it_does_in_memory(tmp_path):
     ra.pop("detectability"), rb.pop("detectability")
     assert b["config"]["recovery_mode"] == "lora" and ra and numbers_only(ra) == numbers_only(rb)
     assert numbers_only(a["tasks"]) == numbers_only(b["tasks"])
-    # untraced curves have a stage key of their own (the cap is not in the keys): a rerun without
-    # the cap in the same folder recomputes them rather than reporting a skipped trace
+    # untraced curves and a sweep with skipped physical checks have stage keys of their own (the cap
+    # is in no other key): a rerun without the cap in the same folder recomputes them rather than
+    # reporting a skipped trace or skipped checks; the stages the cap changes nothing in are shared
     keys = {x: {s["stage"]: s["key"] for s in d["stages"]} for x, d in (("a", a), ("b", b))}
-    assert keys["a"]["sweep"] == keys["b"]["sweep"] and keys["a"]["recovery"] != keys["b"]["recovery"]
+    assert keys["a"]["sweep"] != keys["b"]["sweep"] and keys["a"]["recovery"] != keys["b"]["recovery"]
+    assert keys["a"]["baseline"] == keys["b"]["baseline"] and keys["a"]["attribution"] == keys["b"]["attribution"]
     # the capped pruned copy was written by streaming surgery, not sliced in memory
     rec = {x: json.loads((tmp_path / x / "stages" / "recovery" / "recovery" / "arith-compare.json").read_text())["record"]
            for x in "ab"}

@@ -32,13 +32,22 @@ def retention(score: float | None, full: float | None, *, higher_is_better: bool
 
 def above_baseline(score: float | None, full: float | None, base: float | None, *, higher_is_better: bool) -> float | None:
     """Share of the full model's margin over the trivial baseline that survives, in percent
-    (0 = no better than "knows nothing about the input"; can go negative)."""
-    if score is None or full is None or base is None or full == base:
+    (0 = no better than "knows nothing about the input"; can go negative). None when the full
+    model has no margin: at or below its baseline, the share's sign would flip (a better pruned
+    score reading as a larger loss)."""
+    if score is None or full is None or base is None:
+        return None
+    if (full <= base) if higher_is_better else (full >= base):
         return None
     if higher_is_better:
         return 100.0 * (score - base) / (full - base)
     lf, lb, ls = math.log(full), math.log(base), math.log(score)  # perplexities compare in log space
     return 100.0 * (lb - ls) / (lb - lf)
+
+
+def _missing(y) -> bool:
+    """No value: None, or NaN (a numpy row of a study's matrix marks a gap with NaN)."""
+    return y is None or (isinstance(y, float) and math.isnan(y))
 
 
 def auc(xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
@@ -47,7 +56,7 @@ def auc(xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
     One definition for deletion curves (retention vs keep level) and learning curves
     (retention vs labels): points with no value are dropped; a single point is its own mean;
     no point gives None."""
-    pts = sorted((x, y) for x, y in zip(xs, ys) if y is not None)
+    pts = sorted((x, y) for x, y in zip(xs, ys) if not _missing(y))
     if len(pts) < 2:
         return float(pts[0][1]) if pts else None
     x = np.array([p[0] for p in pts], float)
@@ -60,6 +69,7 @@ def labels_to_target(labels: Sequence[int], values: Sequence[float | None], targ
     budgets that bracket the crossing; 0 when the pruned model already meets it; None if never."""
     prev = None
     for x, y in zip(labels, values):
+        y = None if _missing(y) else y
         if y is not None and y >= target:
             if prev is None or prev[1] is None:
                 return float(x)

@@ -59,6 +59,11 @@ def resolve_grid(model: ModelHandle, *, tasks: Iterable | None = None, methods: 
     every registered method, the model's :meth:`~ModelHandle.default_keeps`."""
     from moeguard.attribution.base import check_method_runs, get_method, list_methods, runs_on
 
+    counts = sorted({int(v) for v in model.info["experts_per_layer"].values()})
+    if len(counts) > 1:   # as attribution refuses it, before the baseline's evaluations (not after)
+        raise MoeguardError(f"the model's MoE layers have different expert counts {counts} (a budget-pruned "
+                            "checkpoint); attribution and the sweep score one count per layer",
+                            hint="sweep the unpruned model")
     task_list = embedded_or(tasks)
     # by default every method the model's family can run (an encoder-decoder: the routing-statistics ones)
     names = list(methods) if methods else [m.name for m in list_methods() if runs_on(m, model.family)]

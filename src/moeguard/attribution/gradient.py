@@ -44,6 +44,7 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
     table = torch.full((N, E), float("nan"), device=device).scatter_(1, trace.index, s)
     routed = []
     for kept_t, params in plans:
+        kept_t = kept_t.to(device)   # the layer's device: under a multi-GPU device map not the first parameter's
         w_new, sub = route_module(layer, trace.logits, adapter.family.routing, params, kept=kept_t)
         routed.append((w_new.float(), kept_t[sub]))
     need = torch.zeros(N, E, dtype=torch.bool, device=device)

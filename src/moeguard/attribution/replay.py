@@ -40,17 +40,20 @@ def target_nll(adapter: MoEAdapter, hidden: torch.Tensor, labels: torch.Tensor) 
 
     A classification prompt has one or two target tokens, so skipping the head elsewhere removes
     most of its cost (the head is about half of the embedded model's FLOPs)."""
+    labels = labels.to(hidden.device)   # the last layer's device (a multi-GPU map puts the batch on the first)
     sel = labels[:, 1:] != -100                        # [B, T-1]
     h = hidden[:, :-1][sel]                            # [n, H]
     targets = labels[:, 1:][sel]
     # at most LOGITS_PER_CHUNK logits at once: ablation's batched masks put thousands of target
     # tokens through a 152k-entry head (Qwen3), 1.2 GB of logits and as much again for the softmax
     rows_per_chunk = max(1, LOGITS_PER_CHUNK // max(1, adapter.vocab_size))
-    parts = [torch.nn.functional.cross_entropy(adapter.head(h[a:a + rows_per_chunk]).float(),    # [n', V]
-                                               targets[a:a + rows_per_chunk], reduction="none")
-             for a in range(0, len(h), rows_per_chunk)]
+    parts = []
+    for a in range(0, len(h), rows_per_chunk):
+        logits = adapter.head(h[a:a + rows_per_chunk]).float()                                 # [n', V]
+        parts.append(torch.nn.functional.cross_entropy(logits, targets[a:a + rows_per_chunk].to(logits.device),
+                                                       reduction="none"))
     nll = torch.cat(parts) if len(parts) != 1 else parts[0]
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(sel)[sel]
+    rows = torch.arange(labels.shape[0], device=nll.device)[:, None].expand_as(sel)[sel.to(nll.device)]
     return torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
 
 

@@ -31,6 +31,10 @@ def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int =
     ref_batches = []
     # Task objects (resolved at the edge) or names
     names = list(reference) if reference is not None else default_reference(task.name)
+    if any(getattr(n, "name", n) == task.name for n in names):
+        # the same seed and sample count draw the same batches: p = q, every contrastive score 0
+        raise MoeguardError(f"the reference corpus includes the task '{task.name}' itself",
+                            hint="name other tasks as the reference (the default is the rest of the embedded suite)")
     per = max(1, samples // max(1, len(names))) if names else 0
     for name in names:
         ref_batches += calibration_batches(tokenizer, name, samples=per, batch_size=batch_size, seed=seed,

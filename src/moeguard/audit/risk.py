@@ -39,9 +39,17 @@ def _best(values: list[float | None]) -> float | None:
     return max(vals) if vals else None
 
 
-def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int) -> dict[str, Any]:
-    quarter = max(min_keep, num_experts // 4)
-    half = max(min_keep, num_experts // 2)
+def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int = 1) -> dict[str, Any]:
+    """``min_keep``: the fewest experts per layer the model's routing allows. The quarter and half
+    levels are N/4 and N/2 (at least ``min_keep``), or the next level the sweep measured above when
+    it did not measure them: the model fixes them, not the --keeps a run chose."""
+    measured = sorted({int(k) for v in entry["methods"].values() for k in v["retention"]})
+
+    def level(want: int) -> int:
+        return next((k for k in measured if k >= want), want)
+
+    quarter = level(max(min_keep, num_experts // 4))
+    half = level(max(min_keep, num_experts // 2))
     methods = entry["methods"]
     pruned = {}
     best_method = {}

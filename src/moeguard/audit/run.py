@@ -77,8 +77,20 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
         from moeguard.defense.harden import get_defense
 
         get_defense(cfg.defense)
+        # the hardening trains on every audited task's train split: an eval-only task failed only at
+        # the defense stage, after the other stages had run
+        from moeguard.tasks.loaders import load_records
+
+        for t in tasks:
+            if "train" not in t.splits:
+                raise MoeguardError(f"task '{t.name}' has no train split, and the defense stage hardens on every "
+                                    "audited task's training data",
+                                    hint="audit tasks with a train split, or drop --defense")
+            load_records(t, "train", limit=1)
     if cfg.hardened:
-        resolve_model(cfg.hardened)
+        from moeguard.studies.defend import check_pair
+
+        check_pair(model, resolve_model(cfg.hardened))   # as defend-eval refuses it
     missing = [t for t in defense_tasks if t not in by_name]
     if (cfg.defense or cfg.hardened) and missing:
         raise MoeguardError(f"defense_tasks {missing} are not among the audited tasks {names}",
@@ -218,6 +230,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
                       "physical_checks": cfg.physical_checks, "seed": cfg.seed}
     if "merge" in cfg.routes:   # only then: a prune-only audit keeps its stage key (and its cached sweep)
         sweep_settings.update(routes=cfg.routes, merge_methods=cfg.merge_methods)
+    capped = runtime.max_memory is not None   # offloaded, the physical checks are skipped: uncapped re-does them
+    sweep_key = {**sweep_settings, "capped": True} if capped else sweep_settings
 
     def sweep(d: Path) -> None:
         from moeguard.studies.sweep import full_scores
@@ -225,13 +239,14 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         base = s_base.read("baseline.json")
         full = {t: full_scores(base[t][str(cfg.eval_limit)], base[t][str(cfg.collateral_limit)]) for t in cfg.tasks}
         scores = {t: {m: s_attr.read(f"scores/{t}/{m}.json") for m in cfg.methods} for t in cfg.tasks}
-        study = SweepStudyConfig(sweep=SweepConfig(**sweep_settings), references={}, full=full, scores=scores)
+        study = SweepStudyConfig(sweep=SweepConfig(**sweep_settings), references={}, full=full, scores=scores,
+                                 capped=capped)
         doc = study_run(SweepStudy(), study)
         doc.pop("scores")  # the attribution stage holds them
         doc["model"]["name"] = info["name"]
         write_json(d / "sweep.json", doc)
 
-    s_sweep = stage("sweep", sweep_settings, sweep, [s_base, s_attr])
+    s_sweep = stage("sweep", sweep_key, sweep, [s_base, s_attr])
 
     s_rec = None
     if cfg.recovery:
@@ -276,7 +291,10 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
                          # by content: a reference scan re-made in place changes the null
                          "references": [hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest() for r in refs],
                          "reference_models": [weights_identity(m) for m in cfg.scan_reference_models or []]}
-        key = hashlib.sha256(json.dumps(scan_settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        # the work folder by the weights too (the stage key has them through the model stage): a checkpoint
+        # re-made at the same path must not find the old model's scan.json there
+        key = hashlib.sha256(json.dumps({**scan_settings, "model": ident["model"]}, sort_keys=True,
+                                        default=str).encode()).hexdigest()[:16]
         s_scan = stage("scan", scan_settings,
                        lambda d: _scan(d, store.jobs / f"scan-{key}", model, cfg, scan_cfg, refs, runtime, progress), [s_model])
 
@@ -452,7 +470,9 @@ def assemble(cfg: AuditConfig, info: dict[str, Any], stages: dict[str, StageResu
             entry["routes"] = sweep["routes"][t]
         if t in recs:
             entry["recovery"] = recs[t]
-        entry["risk"] = task_risk(entry, num_experts=E, min_keep=min(cfg.keeps))
+        # the model's levels, not the run's --keeps (keeps [32, 48] of 64 experts made N/4 read 32); the
+        # sweep measures no level below the family's minimum, so the levels it measured bound them
+        entry["risk"] = task_risk(entry, num_experts=E)
         tasks[t] = entry
     doc = {"schema": SCHEMA, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": info,
            "config": cfg.to_dict(), "backend": backend, "tasks": tasks,

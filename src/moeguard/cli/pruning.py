@@ -35,8 +35,18 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     the_method = get_method(method)
     cap = parse_memory(max_memory) if max_memory is not None else None
     refs = _names(reference, "--reference") if reference is not None else None
+    if refs is not None and not the_method.needs_reference:   # it was recorded (and its data read) for nothing
+        from moeguard.errors import MoeguardError
+
+        raise MoeguardError(f"--reference is read only by methods that compare with a reference corpus, and "
+                            f"'{method}' does not", hint="drop --reference, or use --method contrastive")
     # resolved once here (a YAML path is read once), and unreadable data fails before any weights load
     the_task, *ref_tasks = resolve_tasks([task, *(refs or [])], what="--task")
+    if any(r.name == the_task.name for r in ref_tasks):   # before the weights load (make_context refuses it too)
+        from moeguard.errors import MoeguardError
+
+        raise MoeguardError(f"the reference corpus includes the task '{the_task.name}' itself",
+                            hint="name other tasks as the reference (the default is the rest of the embedded suite)")
     # an encoder-decoder scores through its seq2seq head
     handle = resolve_model(model, tasks=False, device_map=device_map)
     check_method_runs(the_method, handle.family)

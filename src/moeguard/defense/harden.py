@@ -204,7 +204,8 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
     named = dict(zip(names, params))
     from moeguard.studies.engine import digest
 
-    tag = digest([cfg.to_dict(), source])
+    # the weights' dtype and device too: a float32 state must not resume into a bfloat16 (or GPU) run
+    tag = digest([cfg.to_dict(), source, sorted({str(p.dtype) for p in params}), str(named[names[0]].device.type)])
     start = 0
     if checkpoint is not None:
         state = trainstate.load(checkpoint, tag=tag, params=named)

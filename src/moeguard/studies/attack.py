@@ -445,6 +445,7 @@ def summarize_attack(doc: dict[str, Any], *, target: float) -> dict[str, Any]:
         s["scratch_labels_to_target"] = labels_to_target(b["labels"], b["retention"], target)
         # the experts' worth to the attacker: mean retention gained over training from scratch
         s["area_between"] = None if s["auc"] is None or s["scratch_auc"] is None else s["auc"] - s["scratch_auc"]
-        common = [x for x in w["labels"] if x in b["labels"] and x > 0]
+        # budgets where both have a retention (a full score of 0 leaves none: no comparison, not a crash)
+        common = [x for x in w["labels"] if x in b["labels"] and x > 0 and at(w, x) is not None and at(b, x) is not None]
         s["no_better_than_scratch"] = all(at(w, x) <= at(b, x) + 1e-9 for x in common) if common else None
     return s

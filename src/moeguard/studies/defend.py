@@ -55,6 +55,16 @@ class DefendEvalConfig:
                 "protocol": self.protocol}
 
 
+def check_pair(base: Any, hardened: Any) -> None:
+    """The hardened model is the base's architecture (handles): one line before any work."""
+    from moeguard.errors import MoeguardError
+
+    if (hardened.num_experts, hardened.num_layers) != (base.num_experts, base.num_layers):
+        raise MoeguardError(f"the hardened model has {hardened.num_layers} MoE layers of {hardened.num_experts} "
+                            f"experts, the base {base.num_layers} of {base.num_experts}",
+                            hint="compare a model with its own hardened version")
+
+
 def resolve(*, base: Any, hardened: Any, tasks: list, utility_tasks: list, keeps: list[int] | None,
             attack: AttackConfig, protocol: Any = None) -> tuple[DefendEvalConfig, Any]:
     """The study's config from resolved inputs (model handles, Task objects), checked before any
@@ -62,13 +72,9 @@ def resolve(*, base: Any, hardened: Any, tasks: list, utility_tasks: list, keeps
     ``protocol``: a protocol file, default: the hardened checkpoint's own, if it ships one.
     Returns the config and the protocol file used (or None)."""
     from moeguard.defense.protocol import FILENAME, Protocol
-    from moeguard.errors import MoeguardError
     from moeguard.studies.attack import preflight
 
-    if (hardened.num_experts, hardened.num_layers) != (base.num_experts, base.num_layers):
-        raise MoeguardError(f"the hardened model has {hardened.num_layers} MoE layers of {hardened.num_experts} "
-                            f"experts, the base {base.num_layers} of {base.num_experts}",
-                            hint="compare a model with its own hardened version")
+    check_pair(base, hardened)
     levels = [base.check_keep(k) for k in keeps] if keeps else [base.check_keep(base.num_experts // 2)]
     for t in tasks:
         for k in levels:

@@ -188,15 +188,33 @@ def load_done(job: Job, root: Path, scope: str | None = None) -> dict[str, Any] 
     return saved["result"]
 
 
+def _scopes(runtime: Runtime) -> Callable[[Job], str]:
+    """Each job's scope: the runtime's, and the weights of another model a job loads by its path
+    (``args["model"]``: defend-eval's base or hardened side, an attack's other model), so a
+    checkpoint re-made at the same path re-runs its jobs instead of serving the old results."""
+    from moeguard.models.loading import weights_identity
+
+    base, memo = runtime.scope(), {}
+
+    def scope(job: Job) -> str:
+        other = job.args.get("model")
+        if not isinstance(other, str) or other == runtime.model:
+            return base
+        if other not in memo:
+            memo[other] = digest([base, weights_identity(other)])
+        return memo[other]
+    return scope
+
+
 def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend", progress: Any = None,
              label: str = "jobs") -> list[dict[str, Any]]:
     """Results of ``jobs`` in their order; finished ones are read from ``root``, the rest run
     on ``backend`` and are saved as each completes (a kill loses only the running ones)."""
     results: dict[str, dict[str, Any]] = {}
     todo = []
-    scope = runtime.scope()
+    scope = _scopes(runtime)
     for j in jobs:
-        done = load_done(j, root, scope)
+        done = load_done(j, root, scope(j))
         if done is None:
             todo.append(j)
         else:
@@ -208,7 +226,7 @@ def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend
     def finished(job: Job, result: dict[str, Any]) -> None:
         path = job.path(root)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, _record(job, result, scope))
+        write_json(path, _record(job, result, scope(job)))
         results[job.key] = result  # already as JSON holds it (execute round-trips it)
         if bar is not None:
             progress.update(bar, advance=sum(1 for j in todo if j.key == job.key), description=f"{label}: {job.name}")

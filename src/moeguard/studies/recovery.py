@@ -370,7 +370,14 @@ def seeds_of(cfg: RecoveryConfig) -> list[int]:
 # --------------------------------------------------------------------------- summaries
 
 def _matrix(runs: list[dict[str, Any]]) -> np.ndarray:
-    return np.array([[np.nan if p["retention"] is None else p["retention"] for p in c["points"]] for c in runs])
+    """[seeds, budgets] retention; a round whose fine-tuning diverged (a NaN or infinite score: its
+    retention is not a finite number) retains nothing and counts 0, not a gap the other seeds'
+    mean would close over; a point with no retention at all (None) is a gap."""
+    def value(r):
+        if r is None:
+            return np.nan
+        return float(r) if math.isfinite(r) else 0.0
+    return np.array([[value(p["retention"]) for p in c["points"]] for c in runs])
 
 
 def _mean_curve(vals: np.ndarray) -> list[float]:

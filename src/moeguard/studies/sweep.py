@@ -262,7 +262,14 @@ def _summaries(cfg, tasks, levels, points, random_points, all_scores) -> dict[st
                     beats[str(p["keep"])] = p["retention"] > r["mean"]
             rho = None
             if abl is not None:
-                rho = spearman(abl.scores.flatten().tolist(), all_scores[t.name][m].scores.flatten().tolist())
+                # within each layer, then averaged: a plan keeps k experts per layer, so only the order
+                # inside a layer matters, and methods whose units differ across layers (frequency, gate,
+                # REAP) would otherwise be judged by the layers' scales (rho 0.81 -> -0.01 when one
+                # method's layers were rescaled by 10^layer: the same plans)
+                per_layer = [spearman(a.tolist(), b.tolist())
+                             for a, b in zip(abl.scores, all_scores[t.name][m].scores)]
+                known = [r for r in per_layer if r is not None]
+                rho = float(np.mean(known)) if known else None
             m_auc = auc([p["keep"] for p in ps], [p["retention"] for p in ps])
             faith[t.name][m] = {"auc": m_auc, "spearman_vs_ablation": rho, "beats_random_mean": beats,
                                 "auc_vs_random": _against_random(m_auc, ra, cfg.seed)}
@@ -320,12 +327,15 @@ class SweepStudyConfig:
     references: dict[str, list[str] | None]        # contrastive's reference tasks, per task
     full: dict[str, dict[str, Any]] | None = None   # given by the audit's baseline stage
     scores: dict[str, dict[str, Any]] | None = None  # {task: {method: Scores dict}}, given by the audit
+    # the jobs load the model offloaded (max_memory), which skips the physical checks: their results
+    # must not be reused by an uncapped run (the runtime's scope leaves the cap out)
+    capped: bool = False
 
 
 def target_job(ctx, *, target: str, settings: dict[str, Any], scores: dict[str, Any], full: dict[str, Any],
-               seed: int) -> dict[str, Any]:
+               seed: int, capped: bool = False) -> dict[str, Any]:
     """The knowledge-loss sweep of one task (collateral damage measured on all of them);
-    ``full``: every task's full-model scores from the baseline phase."""
+    ``full``: every task's full-model scores from the baseline phase; ``capped`` only keys the job."""
     model, tok = ctx.model()
     cfg = SweepConfig(**settings)
     given = {target: {m: Scores.from_dict(d) for m, d in scores.items()}}
@@ -364,7 +374,8 @@ class SweepStudy:
                 settings.pop(k)
         yield Phase("sweep", [Job(stage="sweep", name=t, fn="moeguard.studies.sweep:target_job",
                                   args={"target": t, "settings": settings, "seed": s.seed, "full": full,
-                                        "scores": scores[t]}) for t in s.tasks], label="pruning sweep")
+                                        "scores": scores[t], **({"capped": True} if c.capped else {})})
+                              for t in s.tasks], label="pruning sweep")
 
     def reduce(self, c: SweepStudyConfig, results: dict[str, list]) -> dict[str, Any]:
         """The merged sweep; ``scores`` ({task: {method: Scores dict}}) are written beside it as

@@ -1,0 +1,60 @@
+"""Review of attribution/: a reference corpus that is the task itself, --reference for a method that
+reads none, a budget-pruned model in the sweep, and the sweep's rank correlation with ablation."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+from moeguard.cli import main
+
+
+def _one_line(code, err, needle):
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_a_reference_that_is_the_task_itself_is_refused(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    code = main(["attribute", "--task", "arith-compare", "--method", "contrastive", "--reference",
+                 "arith-compare,stdlib-code", "--samples", "4", "--out", str(out)])
+    # every contrastive score was 0 (p = q), and the plan kept experts 0..k-1 by index
+    _one_line(code, capsys.readouterr().err, "the reference corpus includes the task 'arith-compare' itself")
+    assert not out.exists()
+
+
+def test_reference_for_a_method_that_reads_none_is_refused(tmp_path, capsys):
+    code = main(["attribute", "--task", "arith-compare", "--method", "frequency", "--reference", "stdlib-code",
+                 "--out", str(tmp_path / "s.json")])
+    _one_line(code, capsys.readouterr().err, "--reference is read only by methods that compare with a reference corpus")
+
+
+def test_the_sweep_refuses_a_budget_pruned_model_before_the_baseline(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {"0": [0, 1, 2, 3], "1": [0, 1, 2, 3, 4, 5], "2": [0, 1, 2, 3], "3": [0, 1, 2, 3]}}))
+    assert main(["prune", "--plan", str(plan), "--out", str(tmp_path / "bp")]) == 0
+    capsys.readouterr()
+    code = main(["sweep", "--model", str(tmp_path / "bp"), "--tasks", "arith-compare", "--methods", "frequency",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    _one_line(code, err, "different expert counts [4, 6]")
+    assert "baseline" not in err and not (tmp_path / "run").exists()
+
+
+def test_the_rank_correlation_with_ablation_is_within_layers():
+    """Rescaling one method's layers changes no plan, so it must change no correlation."""
+    from moeguard.studies.sweep import SweepConfig, _summaries
+
+    g = torch.Generator().manual_seed(0)
+    abl = torch.rand(4, 8, generator=g, dtype=torch.float64)
+    noisy = abl + 0.3 * torch.rand(4, 8, generator=g, dtype=torch.float64)
+    scaled = noisy * torch.tensor([1.0, 10.0, 100.0, 1000.0], dtype=torch.float64)[:, None]
+    cfg = SweepConfig(tasks=["t"], methods=["ablation", "reap"], keeps=[2], random_seeds=1)
+    task = SimpleNamespace(name="t")
+
+    def rho(reap):
+        scores = {"t": {"ablation": SimpleNamespace(scores=abl), "reap": SimpleNamespace(scores=reap)}}
+        return _summaries(cfg, [task], [2], [], [], scores)["faithfulness"]["t"]["reap"]["spearman_vs_ablation"]
+
+    assert rho(noisy) == rho(scaled) and 0.5 < rho(noisy) < 1.0

@@ -1,0 +1,61 @@
+"""Review of audit/ and studies/: settings that failed only at the defense stage fail first, and a
+job that loads another model by its path is re-run when that checkpoint is re-made in place."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from moeguard.cli import main
+from moeguard.models.loading import resolve
+
+
+def _one_line(code, err, needle):
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_a_hardened_model_of_another_architecture_is_refused_before_any_stage(tmp_path, capsys):
+    small = tmp_path / "small"
+    assert main(["prune", "--plan", str(_plan(tmp_path)), "--out", str(small)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    code = main(["audit", "--out", str(out), "--hardened", str(small), "--tasks", "arith-compare", "--no-recovery"])
+    _one_line(code, capsys.readouterr().err, "the hardened model has 4 MoE layers of 4 experts, the base 4 of 8")
+    assert not out.exists()
+
+
+def _plan(tmp_path):
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps({"keep": {str(l): [0, 1, 2, 3] for l in range(4)}}))
+    return p
+
+
+def test_a_defense_on_a_task_without_training_data_is_refused_before_any_stage(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "v.jsonl").write_text('{"q": "a", "y": "p"}\n{"q": "b", "y": "n"}\n')
+    task = tmp_path / "evalonly.yaml"
+    task.write_text(f"name: evalonly\nkind: classification\nsource: {{type: local, path: {data}, files: {{validation: v.jsonl}}}}\n"
+                    "splits: {eval: validation}\nfields: {input: q, label: y}\nlabels: {p: ' yes', n: ' no'}\n")
+    out = tmp_path / "run"
+    code = main(["audit", "--out", str(out), "--tasks", f"arith-compare,{task}", "--recovery-tasks", "arith-compare",
+                 "--defense", "entangle"])
+    _one_line(code, capsys.readouterr().err, "task 'evalonly' has no train split, and the defense stage hardens")
+    assert not out.exists()
+
+
+def test_a_job_loading_another_model_by_path_is_scoped_by_its_weights(tmp_path):
+    from moeguard.studies.engine import Job, Runtime, _scopes
+
+    other = tmp_path / "hardened"
+    shutil.copytree(resolve(None).path, other)
+    scope = _scopes(Runtime(model=None))
+    own, theirs = Job(stage="s", name="a", fn="m:f"), Job(stage="s", name="b", fn="m:f", args={"model": str(other)})
+    before = scope(theirs)
+    assert scope(own) == Runtime(model=None).scope() != before
+    weights = other / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())          # re-made in place: same path, new file
+    import os
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert _scopes(Runtime(model=None))(theirs) != before
