@@ -312,6 +312,11 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["eval", "--tasks", "arith-compare", "--limit", "2", "--out", "{D}", "--overwrite"],   # failed at the rename, after the work
      "output d is a folder; this command writes a file"),
     (["fingerprint", "--out", "{F}", "--overwrite"], "output f.txt is a file; this command writes a folder"),
+    # an output that is, or holds, an input: --overwrite's swap deleted it
+    (["monitor", "score", "--profile", "{F}", "--log", "{F}", "--out", ".", "--overwrite"],
+     "output . is (or holds) the input f.txt: writing it would replace the input"),
+    (["harden", "--model", "{D}", "--out", "{D}", "--overwrite"], "output d is (or holds) the input d"),
+    (["route-attack", "--model", "{D}", "--out", "{D}", "--overwrite", "--expert", "1"], "output d is (or holds) the input d"),
     (["trace", "--suspect", "{F}"], "model path {F} is a file, not a checkpoint directory"),     # not "--model"
     (["trace", "--suspect", "{D}/MODEL.GGUF"], "GGUF file {D}/MODEL.GGUF does not exist"),     # the suffix in any case
     (["trace", "--suspect", "{D}/model"], "model path {D}/model does not exist (the folder {D} does)"),   # not a hub id

@@ -466,3 +466,114 @@ def test_the_in_memory_source_views_the_models_tensors_and_widens_an_expert_at_a
     old = np.einsum("eim,ein->emn", g[:, :, C] * frame.signs[H], g[:, :, C] * frame.signs[H])
     sk = sketch_layer(w, H, frame)
     assert np.array_equal(sk.ka, old) and np.array_equal(sk.v, g.sum(axis=1)[:, frame.cols] * frame.signs)
+
+
+def test_a_gguf_is_read_one_expert_at_a_time_and_float_storage_is_not_quantization(embedded, fp, tmp_path):
+    """Review of trace/: the experts stay in the memory-mapped file until an expert is read (a whole
+    MoE widened to float64 took ~15x the file), with the same trace as before; F16 storage is not
+    reported as quantized."""
+    from moeguard.trace.gguf import _Experts, export_gguf, load_gguf
+
+    m, tok = embedded
+    pruned, _ = prune_model(m, KEEP)
+    export_gguf(pruned, tok, tmp_path / "h.gguf", qtype="F16")
+    w = load_gguf(tmp_path / "h.gguf")
+    assert isinstance(w.layers[0].gate, _Experts) and w.layers[0].gate.shape == (2, 256, 128)
+    doc = run_trace(fp, w)
+    assert doc["p_value"] <= 1e-4 and {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
+    assert doc["transformations"]["quantization"]["stored"] is None
+
+
+def test_a_split_gguf_part_and_a_router_without_experts_are_one_line(tmp_path):
+    import gguf
+
+    from moeguard.trace.gguf import load_gguf
+
+    def write(name, shapes, **fields):
+        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        w.add_token_list([f"t{i}" for i in range(32)])
+        w.add_block_count(2)
+        for k, v in fields.items():
+            w.add_uint16(k.replace("_", "."), v)
+        for n, shape in shapes.items():
+            w.add_tensor(n, np.ones(shape, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return tmp_path / name
+
+    layer = {"blk.{i}.attn_norm.weight": (8,), "blk.{i}.ffn_gate_inp.weight": (4, 8),
+             "blk.{i}.ffn_gate_exps.weight": (4, 16, 8), "blk.{i}.ffn_up_exps.weight": (4, 16, 8),
+             "blk.{i}.ffn_down_exps.weight": (4, 8, 16)}
+    full = {"token_embd.weight": (32, 8), **{k.format(i=i): v for i in (0, 1) for k, v in layer.items()}}
+    with pytest.raises(MoeguardError, match="one part of a GGUF split into 2 files"):
+        load_gguf(write("part.gguf", full, split_count=2))
+    cut = {k: v for k, v in full.items() if not k.startswith("blk.1.ffn_") or "gate_inp" in k}
+    with pytest.raises(MoeguardError, match="block 1 has a router \\(ffn_gate_inp\\) but no ffn_gate_exps"):
+        load_gguf(write("cut.gguf", cut))
+
+
+def test_nan_embeddings_are_one_line_for_a_suspect_and_an_original(embedded, fp):
+    import copy
+
+    m, tok = embedded
+    broken = copy.deepcopy(m)
+    with torch.no_grad():
+        broken.get_input_embeddings().weight[:, 5] = float("nan")
+    with pytest.raises(MoeguardError, match="the suspect's token embeddings hold NaN or infinite values"):
+        run_trace(fp, weights(broken, tok))
+    with pytest.raises(MoeguardError, match="token embeddings hold NaN or infinite values"):
+        build(weights(broken, tok, name="nan"), checkpoint_bytes=checkpoint_bytes(None), seed=0)
+
+
+def test_an_original_of_another_shape_is_refused_before_its_fingerprint_is_built(embedded, tmp_path, monkeypatch):
+    import importlib
+
+    from moeguard.trace import trace as trace_cmd
+
+    F = importlib.import_module("moeguard.trace.fingerprint")   # the module, not the package's function
+
+    m, tok = embedded
+    narrow = tmp_path / "narrow"
+    pruned, _ = prune_model(m, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3], 2: [0, 1, 2, 3], 3: [0, 1, 2, 3]})
+    pruned.save_pretrained(narrow)
+    tok.save_pretrained(narrow)
+    from moeguard.testing import tiny_model
+
+    other = tmp_path / "other"
+    tiny_model("mixtral").save_pretrained(other)   # hidden size 16: another architecture
+    tok.save_pretrained(other)
+    monkeypatch.setattr(F, "build", lambda *a, **k: pytest.fail("the original was fingerprinted first"))
+    with pytest.raises(MoeguardError, match="hidden size"):
+        trace_cmd(str(other), str(narrow))
+
+
+def test_an_output_that_is_an_input_is_refused(fp, tmp_path, capsys):
+    fpdir = tmp_path / "fp"
+    fp.save(fpdir, overwrite=False)
+    capsys.readouterr()
+    code = main(["trace", "--original", str(fpdir), "--suspect", str(fpdir), "--out", str(fpdir), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is (or holds) the input" in err and len(err.strip().splitlines()) == 1, err
+    assert (fpdir / "fingerprint.safetensors").exists() or any(fpdir.iterdir())
+    code = main(["fingerprint", "--model", str(tmp_path), "--out", str(tmp_path), "--overwrite"])
+    assert code == 2 and "is (or holds) the input" in capsys.readouterr().err and fpdir.exists()
+
+
+def test_a_checkpoint_whose_config_says_it_is_quantized_is_refused_as_such(tmp_path):
+    """llm-compressor's packed layout (weight_packed + weight_scale) reached 'no expert tensors ...
+    re-download it'; a config with a quantization_config is refused for what it is."""
+    import shutil
+
+    from moeguard.models.loading import resolve
+    from moeguard.trace import stream
+
+    d = tmp_path / "q"
+    shutil.copytree(resolve(None).path, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoeguardError, match="stores quantized weights") as e:
+        stream.StreamedCheckpoint.open(str(d))
+    assert "dequantize it first, or pass its GGUF export" in e.value.hint

@@ -9,21 +9,34 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from moeguard.errors import MoeguardError
 
 # safetensors dtypes that hold plain float values, and the key suffixes of quantization scales and
 # packed blocks: what readers that need real numbers (trace, merging) refuse otherwise
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-SCALE_SUFFIXES = ("_scale_inv", ".scales", "_scales", "_blocks")
+# quantized layouts' companion tensors: FP8 block scales, bitsandbytes/GPTQ-like scales, MXFP4 blocks, and
+# llm-compressor's packed int weights with their scales and zero points
+SCALE_SUFFIXES = ("_scale_inv", ".scales", "_scales", "_blocks", "weight_packed", "weight_scale", "weight_zero_point")
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None = None) -> Path:
+def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None = None,
+                 inputs: Iterable[Any] = ()) -> Path:
     """Fail before any work if ``path`` exists and may not be replaced, or (``kind`` "file" or
     "folder": what the command writes) is of the other kind: --overwrite swaps like for like, and a
-    file over a folder failed only at the rename, after all the work."""
+    file over a folder failed only at the rename, after all the work. ``inputs``: the command's
+    local input paths (others, hub ids and None, are skipped); an output that is one of them, or
+    a folder holding one, would destroy it when replaced."""
     path = Path(path)
+    out = path.resolve()
+    for given in inputs:
+        if given is None or not Path(str(given)).expanduser().exists():
+            continue
+        inp = Path(str(given)).expanduser().resolve()
+        if out == inp or out in inp.parents:
+            raise MoeguardError(f"output {path} is (or holds) the input {given}: writing it would replace the input",
+                                hint="choose another path for --out")
     if path.exists() and not overwrite:
         raise MoeguardError(f"output {path} already exists", hint="choose another path or pass --overwrite")
     if kind is not None and path.exists() and path.is_dir() != (kind == "folder"):

@@ -39,7 +39,7 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
     from moeguard.io import check_output
     from moeguard.report.defense import harden_table
 
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     given = {k: coerce(HardenConfig, k, v) for k, v in flags.items() if v is not None}
     cfg = config_for(given.pop("method"), **given)
     handle = resolve_model(model, device_map=device_map)
@@ -122,7 +122,7 @@ def attack(*, out: Path, model: Optional[str], device_map: Optional[str], backen
     from moeguard.report.defense import attack_table, write_attack
     from moeguard.studies.attack import AttackStudy, preflight
 
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     the_task = resolve_tasks([flags["task"]], what="--task")[0]
     handle = resolve_model(model, device_map=device_map)
     cfg = _attack_config(flags, task=the_task.name, keep=flags["keep"])
@@ -164,7 +164,7 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
     from moeguard.report.defense import defense_table, write_defense
     from moeguard.studies.defend import DefendEvalStudy, resolve
 
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(base, hardened,), kind="folder")
     task_list = resolve_tasks(_names(tasks, "--tasks"), what="--tasks")
     extra = resolve_tasks(_names(utility_tasks, "--utility-tasks"), what="--utility-tasks") if utility_tasks else []
     b, h = resolve_model(base, device_map=device_map), resolve_model(hardened, device_map=device_map)

@@ -35,7 +35,7 @@ def route_attack(
     for name, value, least in (("--prefix-tokens", prefix_tokens, 1), ("--steps", steps, 0), ("--candidates", candidates, 1)):
         if value < least:
             raise MoeguardError(f"{name} is {value}", hint=f"pass {name} of at least {least}")
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     layers = None if layer in (None, "all") else _ints(layer, "--layer")
     pairs = targets(handle, layers, expert, every)
@@ -87,7 +87,7 @@ def monitor_profile(
         raise MoeguardError(f"--limit is {limit}", hint="pass --limit of at least 8 inputs per task")
     if window < 1:
         raise MoeguardError(f"--window is {window}", hint="pass --window of at least 1 request")
-    check_output(out, overwrite=overwrite, kind="file")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks")
     held = (limit - limit // 2) * len(ts)    # calibration requests at most: a window is drawn from them
@@ -142,7 +142,7 @@ def monitor_score(
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.score import drop_replay, read_log, score
 
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model, profile, log,), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))

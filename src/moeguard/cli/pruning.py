@@ -31,7 +31,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     from moeguard.models.loading import parse_memory
     from moeguard.report.tables import scores_table
 
-    check_output(out, overwrite=overwrite, kind="file")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     the_method = get_method(method)
     cap = parse_memory(max_memory) if max_memory is not None else None
     refs = _names(reference, "--reference") if reference is not None else None
@@ -102,7 +102,7 @@ def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     from moeguard.pruning.apply import write_pruned
     from moeguard.pruning.plan import plan_for
 
-    check_output(out, overwrite=overwrite, kind="file" if plan_only else "folder")
+    check_output(out, overwrite=overwrite, inputs=(scores, plan), kind="file" if plan_only else "folder")   # the model: check_apart
     handle = resolve_model(model, tasks=False)
     the_plan = plan_for(handle, scores=scores, plan=plan, keep=keep, keep_ratio=keep_ratio, budget=budget)
     if plan_only:
@@ -154,7 +154,7 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
     from moeguard.report.sweep import sweep_table, write_sweep
     from moeguard.studies.sweep import SweepConfig, SweepStudy, SweepStudyConfig
 
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     # an encoder-decoder's tasks run through its seq2seq head
     handle = resolve_model(model, tasks=False, device_map=device_map)
     grid = {k: flags.pop(k) for k in ("tasks", "methods", "keeps")}

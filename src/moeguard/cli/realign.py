@@ -53,7 +53,7 @@ def realign(*, model: str, task: str, out: Path, strategy: str, budget: int, que
     from moeguard.realign.loop import ALConfig, schedule_for
     from moeguard.report.recovery import realign_table
 
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     the_task = resolve_tasks([task], what="--task", check=False)[0]
     schedule = schedule_for(budget=budget, query_size=query_size)
     proto = Protocol.load(protocol) if protocol is not None else None
@@ -106,7 +106,7 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
     from moeguard.studies.recovery import (DEFAULT_METHOD, RecoveryConfig, RecoveryStudy, best_method, check_capped,
                                            preflight)
 
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     cap = None
     if max_memory is not None:
         from moeguard.models.loading import parse_memory

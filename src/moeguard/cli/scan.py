@@ -35,7 +35,7 @@ def scan(
     config = ScanConfig(samples=samples, contexts=contexts, context_tokens=context_tokens, candidates=candidates,
                         chain=chain, threshold=threshold, seed=seed)
     refs = load_references([Path(p) for p in _names(references, "--references")]) if references is not None else []
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     ref_models = [resolve_model(m, device_map=device_map) for m in _names(reference_models, "--reference-models")] if reference_models is not None else []
     task_list = embedded_or(_task_names(tasks, "--tasks") if tasks is not None else None, what="--tasks")

@@ -19,7 +19,7 @@ def fingerprint(out: Annotated[Path, typer.Option("--out", help="fingerprint fol
     from moeguard.trace import fingerprint as make
     from moeguard.trace.fingerprint import digest
 
-    check_output(out, overwrite=overwrite, kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     with _progress() as progress:
         fp = make(model, seed=seed, progress=progress)
     fp.save(out, overwrite=overwrite)
@@ -40,7 +40,7 @@ def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkp
     from moeguard.trace import trace as run
 
     if out is not None:
-        check_output(out, overwrite=overwrite, kind="folder")
+        check_output(out, overwrite=overwrite, inputs=(original, suspect,), kind="folder")
     if as_json:  # stdout is the JSON document alone
         doc = run(original, suspect, seed=seed)
     else:

@@ -42,7 +42,19 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
 
     weights = load(suspect)  # opening checks config, headers, layout and tokenizer; reads no tensor
     given = is_fingerprint(original)
-    fp = Fingerprint.load(Path(original)) if given else fingerprint(original, seed=seed, progress=progress)
+    if given:
+        fp = Fingerprint.load(Path(original))
+    else:
+        from moeguard.provenance import run_record
+        from moeguard.trace.api import check_shape
+        from moeguard.trace.fingerprint import build, checkpoint_bytes
+
+        # the original's shape against the suspect's before its fingerprint reads every expert
+        own = load(original)
+        check_shape({"hidden": own.hidden, "layers": [None] * own.num_layers, "intermediate": own.intermediate},
+                    hidden=weights.hidden, layers=weights.num_layers, intermediate=weights.intermediate)
+        fp = build(own, checkpoint_bytes=checkpoint_bytes(original), seed=seed, progress=progress,
+                   source={"run": run_record({"model": own.name, "seed": seed})})
     doc = run(fp, weights, seed=seed, progress=progress)
     from moeguard.provenance import run_record
 

@@ -84,6 +84,9 @@ def align(anchor_rows: np.ndarray, anchor_tokens: list[str], suspect) -> Frame:
                             f"(at least {MIN_ANCHORS} anchors)")
     own = anchor_rows[[k for k, _ in pairs]]
     sus = suspect.embed_rows([i for _, i in pairs])
+    if not np.isfinite(sus).all():   # the assignment below fails on them with a traceback
+        raise MoeguardError("the suspect's token embeddings hold NaN or infinite values",
+                            hint="the checkpoint is damaged (or was saved from a diverged run); trace a sound copy")
     c = columns_cosine(own, sus)                                  # [d owner, d suspect]
     rows, cols = linear_sum_assignment(-np.abs(c))
     order = np.argsort(rows)

@@ -179,11 +179,17 @@ def build(w, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None
         T = len(named)
     anchors = np.sort(rng.choice(named, size=T, replace=False))
     tensors: dict[str, np.ndarray] = {"anchors": w.embed_rows(anchors)}
+    if not np.isfinite(tensors["anchors"]).all():   # a fingerprint of them is unusable by every later trace
+        raise MoeguardError(f"{w.name}'s token embeddings hold NaN or infinite values",
+                            hint="fingerprint a sound copy of the checkpoint")
     frame = identity(d)
     task = progress.add_task("fingerprinting MoE layers", total=w.num_layers) if progress is not None else None
     layers = []
     for position in range(w.num_layers):
         sk = w.sketch(position, H, frame)
+        if not all(np.isfinite(x).all() for x in (sk.ka, sk.kb, sk.v)):
+            raise MoeguardError(f"{w.name}'s MoE layer {sk.index} holds NaN or infinite weights",
+                                hint="fingerprint a sound copy of the checkpoint")
         f = features(sk)
         tensors.update({f"{sk.index}.a": f["a"], f"{sk.index}.b": f["b"], f"{sk.index}.v": f["v"],
                         f"{sk.index}.mu_a": common(f["a"]), f"{sk.index}.mu_b": common(f["b"]),

@@ -121,9 +121,14 @@ class StreamedCheckpoint(LayerCounts):
                                 hint="the checkpoint's weights and config.json disagree; re-download it")
         hidden = shapes[embed_key][1]
         unusual = dtypes - FLOAT_DTYPES
-        if any(k.endswith(SCALE_SUFFIXES) for k in where) or any(
-                t.startswith(("F8", "I8", "U8")) for t in unusual):
-            raise MoeguardError(f"{r.path} stores quantized weights ({', '.join(sorted(unusual)) or 'with scale tensors'})",
+        # llm-compressor's packed layouts (int32 weight_packed + weight_scale) and a config that says it is
+        # quantized too: they reached "no expert tensors ... re-download it"
+        quantized = getattr(config, "quantization_config", None)
+        if quantized or any(k.endswith(SCALE_SUFFIXES) for k in where) or any(
+                t.startswith(("F8", "I8", "U8", "I32", "I64")) for t in unusual):
+            what = ", ".join(sorted(unusual)) or (f"quantization_config {dict(quantized).get('quant_method', '?')}"
+                                                  if isinstance(quantized, dict) else "with scale tensors")
+            raise MoeguardError(f"{r.path} stores quantized weights ({what})",
                                 hint="trace streams float checkpoints (F32, F16, BF16); dequantize it first, or "
                                      "pass its GGUF export")
         lay = family.disk_layout()

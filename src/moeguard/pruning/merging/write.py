@@ -38,7 +38,7 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
     from moeguard.pruning.merging.plan import read_plan
     from moeguard.provenance import run_record
 
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, inputs=(scores, plan))   # the model: check_apart below
     ref = handle.ref
     if ref.path is not None:
         from moeguard.pruning.checkpoint import check_apart
