@@ -577,3 +577,21 @@ def test_a_checkpoint_whose_config_says_it_is_quantized_is_refused_as_such(tmp_p
     with pytest.raises(MoeguardError, match="stores quantized weights") as e:
         stream.StreamedCheckpoint.open(str(d))
     assert "dequantize it first, or pass its GGUF export" in e.value.hint
+
+
+@pytest.mark.parametrize("signs", [False, True])
+def test_a_norm_gain_rescaled_with_flipped_signs_is_still_traced(embedded, fp, signs):
+    """Review of trace/: a norm gain's sign per dimension is free (its readers' columns flip with
+    it). Flipped, the views' rows and columns flipped with it and trace called the copy independent
+    (p 0.85); the signs are now undone from the layer's mean view. A pruned, shuffled copy too."""
+    m, tok = embedded
+    s = evasion.rescale_norms(m, seed=3, signs=signs)           # same logits: checked inside
+    doc = run_trace(fp, weights(s, tok))
+    assert doc["verdict"] == "derived" and doc["p_value"] <= 1e-10
+    assert all(len(l["kept"]) == 8 for l in doc["layers"])
+    flipped = [l["norm_signs_flipped"] for l in doc["layers"]]
+    assert all(f > 0 for f in flipped) if signs else flipped == [0, 0, 0, 0]
+    pruned, _ = prune_model(evasion.rescale_norms(m, seed=4, signs=True), KEEP)
+    shuffled, _ = evasion.shuffle_experts(pruned, seed=5)
+    doc = run_trace(fp, weights(shuffled, tok))
+    assert doc["p_value"] <= 1e-4 and {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP

@@ -92,6 +92,31 @@ def check_shape(meta: dict, *, hidden: int, layers: int, intermediate: int | Non
                             hint="trace compares experts of the same size")
 
 
+def _signs(x: np.ndarray) -> np.ndarray:
+    t = np.sign(x)
+    t[t == 0] = 1.0
+    return t
+
+
+def _unflip(sk, f: dict[str, np.ndarray], own: dict[str, np.ndarray]):
+    """Undo sign flips of the gain of the norm in front of the block: a gain's sign per dimension
+    is free (its readers' columns flip with it), and a flipped input dimension flips view A's rows
+    and columns and view B's columns. Each of the suspect's input dimensions on H takes the sign
+    under which its column of the layer's mean view B agrees with the owner's common direction.
+    The signs come from the mean over experts, the same under every relabeling, so the relabeling
+    test stays exact. Returns the sketch and features (unchanged when no sign is flipped) and the
+    number of dimensions flipped."""
+    from dataclasses import replace
+
+    m = sk.ka.shape[1]
+    t = _signs((own["mu_b"].reshape(m, m) * f["b"].mean(axis=0).reshape(m, m)).sum(axis=0))
+    if (t > 0).all():
+        return sk, f, 0
+    sk = replace(sk, ka=sk.ka * t[None, :, None] * t[None, None, :], kb=sk.kb * t[None, None, :],
+                 rows=sk.rows * t[None, None, :])
+    return sk, features(sk), int((t < 0).sum())
+
+
 def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None) -> dict[str, Any]:
     """Test ``suspect`` (a trace source, ``weights.py``) against ``fp``. ``progress``: a rich
     Progress to advance once per MoE layer."""
@@ -110,8 +135,11 @@ def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None) -> dict[str
             raise MoeguardError(f"the suspect's MoE layer {sk.index} holds NaN or infinite weights",
                                 hint="the checkpoint is damaged (or was saved from a diverged run); trace a sound copy")
         f = features(sk)
+        sk, f, flipped = _unflip(sk, f, own)
         s_a, s_b = cosine(own["a"], f["a"], own["mu_a"]), cosine(own["b"], f["b"], own["mu_b"])
         test = layer_test(s_a, s_b, rng=rng)
+        if flipped:   # the gate sums over every hidden dimension, signed by the matched experts' agreement
+            f = {**f, "v": f["v"] * _signs(sum(own["v"][i] * f["v"][j] for j, i in enumerate(test["sigma"])))}
         ps.append(test["p"])
         grids.append(test["N"])
         S = (s_a + s_b) / 2
@@ -139,6 +167,7 @@ def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None) -> dict[str
                        "experts_suspect": sk.num_experts, "p": test["p"], "null_size": test["N"],
                        "exact": test["exact"], "statistic": round(test["statistic"], 4),
                        "null_mean": round(test["null_mean"], 4), "null_sd": round(test["null_sd"], 4),
+                       "norm_signs_flipped": flipped,
                        "kept": sorted(kept), "experts": experts})
     p, method = product_tail(ps, grids)
     return {"schema": SCHEMA, "original": meta["model"], "suspect": suspect.name,

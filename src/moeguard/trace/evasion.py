@@ -78,6 +78,36 @@ def permute_neurons(model: nn.Module, *, seed: int) -> nn.Module:
     return new
 
 
+def rescale_norms(model: nn.Module, *, seed: int, signs: bool = True, spread: float = 1.0) -> nn.Module:
+    """Multiply the gain of the norm in front of each MoE block by s per dimension and divide the
+    block's readers' columns (router, experts' gate and up, any other linear of the block) by s:
+    the same function. ``s`` = exp(N(0, spread)), with a random half of the signs flipped when
+    ``signs`` (a gain's sign is free: the norm's output is only ever read through those columns)."""
+    new = copy.deepcopy(model)
+    d = new.config.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    adapter = _experts(new)
+    moe_layers = {l.layer_index for l in adapter.layers}
+    with torch.no_grad():
+        for i, layer in enumerate(new.model.layers):
+            norm, block = getattr(layer, "post_attention_layernorm", None), getattr(layer, "mlp", None)
+            if i not in moe_layers:
+                continue
+            if norm is None or block is None or tuple(norm.weight.shape) != (d,):
+                raise MoeguardError(f"rescaling norms needs a post_attention_layernorm in front of each MoE block; "
+                                    f"{adapter.family.name}'s layer {i} has none", hint="use a Mixtral-like family")
+            s = torch.exp(torch.randn(d, generator=gen, dtype=torch.float64) * spread)
+            if signs:
+                s = s * torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0).double()
+            norm.weight.copy_((norm.weight.double() * s).to(norm.weight.dtype))
+            for name, p in block.named_parameters():
+                # what reads the normed input: its last axis is the hidden size (down projections write it)
+                if p.dim() >= 2 and p.shape[-1] == d and "down" not in name:
+                    p.copy_((p.double() / s).to(p.dtype))
+    _check_same_function(model, new, "rescaling norms")
+    return new
+
+
 def permute_hidden(model: nn.Module, *, seed: int, flip_signs: bool = False) -> nn.Module:
     """Permute the hidden (residual-stream) dimension consistently through the whole model, and
     optionally flip the sign of a random half of the dimensions (RMS norms are sign-blind)."""
@@ -125,4 +155,4 @@ def permute_hidden(model: nn.Module, *, seed: int, flip_signs: bool = False) -> 
 
 from moeguard.pruning.merging.operation import merge_experts  # noqa: E402  (the benchmark's merges; one copy, in pruning/)
 
-__all__ = ["shuffle_experts", "permute_neurons", "permute_hidden", "merge_experts"]
+__all__ = ["shuffle_experts", "permute_neurons", "permute_hidden", "rescale_norms", "merge_experts"]
