@@ -205,6 +205,17 @@ def test_rerunning_the_same_command_skips_every_stage_with_the_same_numbers(audi
     assert numbers_only(after) == numbers_only(before)
 
 
+def test_another_thread_count_or_no_recovery_reuses_every_stage_it_computes_the_same(audit_run, tmp_path):
+    """How many cores is not what is computed: --threads (or another machine's core count) re-ran
+    every stage, and --no-recovery every baseline evaluation."""
+    run = tmp_path / "run"
+    shutil.copytree(audit_run, run)
+    args = list(SMALL_AUDIT)
+    args[args.index("--threads") + 1] = str(THREADS + 1)
+    assert main(["audit", "--out", str(run), *args, "--no-recovery"]) == 0
+    assert all(s["cached"] for s in results(run)["stages"])
+
+
 def test_a_config_change_reruns_only_the_stages_it_affects(audit_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(audit_run, run)

@@ -59,3 +59,25 @@ def test_a_job_loading_another_model_by_path_is_scoped_by_its_weights(tmp_path):
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert _scopes(Runtime(model=None))(theirs) != before
+
+
+def test_a_ray_job_bigger_than_any_node_is_refused_not_queued_forever():
+    import pytest
+
+    from moeguard.errors import MoeguardError
+    from moeguard.studies.engine import RayBackend
+
+    class FakeRay:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}},
+                    {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}]
+
+    backend = RayBackend.__new__(RayBackend)     # no Ray started: only the check
+    backend.ray, backend.gpus = FakeRay(), 0.0
+    backend.check_fits(4)                        # the 4-CPU node takes it
+    with pytest.raises(MoeguardError, match=r"each job asks Ray for 8 CPUs \(threads\), and the largest node has 4"):
+        backend.check_fits(8)
+    backend.gpus = 2.0
+    with pytest.raises(MoeguardError, match="asks Ray for 2 GPUs"):
+        backend.check_fits(1)

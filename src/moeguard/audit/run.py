@@ -176,7 +176,10 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
     runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads,
                       tasks=file_tasks(get_task(t) for t in cfg.tasks),
                       max_memory=parse_memory(cfg.max_memory) if cfg.max_memory is not None else None)
-    ident = {"model": weights_identity(cfg.model), "runtime": runtime.to_dict()}
+    # the thread count is how many cores, not what is computed: in no stage key, as in no job's scope
+    # (with it, --threads or another machine's core count re-ran the hardening and the scan)
+    placed = {k: v for k, v in runtime.to_dict().items() if k != "threads"}
+    ident = {"model": weights_identity(cfg.model), "runtime": placed}
     n_stages = 5 + bool(cfg.defense or cfg.hardened) + bool(cfg.scan)
     overall = progress.add_task("audit", total=n_stages) if progress is not None else None
 
@@ -201,7 +204,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
 
     s_model = stage("model", ident, lambda d: write_json(d / "model.json", info))
 
-    limits = sorted({cfg.eval_limit, cfg.collateral_limit} | ({cfg.recovery_eval_limit} if cfg.recovery else set()))
+    # the recovery's limit whether or not recovery runs: --no-recovery re-ran every baseline evaluation
+    limits = sorted({cfg.eval_limit, cfg.collateral_limit, cfg.recovery_eval_limit})
     base_settings = {"tasks": cfg.tasks, "limits": limits, "seed": cfg.seed}
 
     from moeguard.studies.sweep import SweepConfig, SweepStudy, SweepStudyConfig, attribution_phase, baseline_phase
@@ -271,7 +275,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
                         **({"routes": cfg.routes, "merge_methods": cfg.merge_methods} if "merge" in cfg.routes else {}),
                         "methods": cfg.methods, "samples": cfg.samples, "pool_size": cfg.pool_size,
                         "utility_tasks": cfg.tasks, "utility_limit": cfg.eval_limit, "target": cfg.target,
-                        "runtime": runtime.to_dict()}
+                        "runtime": placed}
         # the hardening's training state outlives the stage's folder (removed when a stage fails), so an
         # interrupted audit resumes the hardening where it stopped (keyed on its settings and weights)
         s_def = stage("defense", def_settings, lambda d: _defense(cfg, d, runtime, model, study_run, progress,
@@ -287,7 +291,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
 
         refs = _scan_references(cfg)
         scan_cfg = ScanConfig(samples=cfg.samples, contexts=cfg.scan_contexts, seed=cfg.seed)
-        scan_settings = {**scan_cfg.to_dict(), "tasks": cfg.tasks, "runtime": runtime.to_dict(),
+        scan_settings = {**scan_cfg.to_dict(), "tasks": cfg.tasks, "runtime": placed,
                          # by content: a reference scan re-made in place changes the null
                          "references": [hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest() for r in refs],
                          "reference_models": [weights_identity(m) for m in cfg.scan_reference_models or []]}

@@ -297,10 +297,27 @@ class RayBackend(Backend):
         return {"backend": self.name, "address": self.address or "local",
                 "cluster_cpus": resources.get("CPU"), "cluster_gpus": resources.get("GPU", 0)}
 
+    def check_fits(self, threads: int) -> None:
+        """A task asking for more CPUs (or GPUs) than any node has waits forever in Ray's queue:
+        refuse it in one line, naming what the largest node offers. An autoscaling cluster may
+        add bigger nodes; its nodes' sizes are not known here, so only the nodes alive are used."""
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive", True)]
+        if not nodes:
+            return
+        cpus = max(float(n.get("CPU", 0)) for n in nodes)
+        gpus = max(float(n.get("GPU", 0)) for n in nodes)
+        if threads > cpus:
+            raise MoeguardError(f"each job asks Ray for {threads} CPUs (threads), and the largest node has {cpus:g}",
+                                hint=f"pass --threads {int(cpus)} or fewer (the default is this machine's cores)")
+        if self.gpus > gpus:
+            raise MoeguardError(f"each job asks Ray for {self.gpus:g} GPUs (gpus_per_job), and the largest node has "
+                                f"{gpus:g}", hint=f"pass --gpus-per-job {gpus:g} or fewer")
+
     def run(self, jobs, runtime, finished):
         if not jobs:
             return
         ray = self.ray
+        self.check_fits(runtime.threads)
         remote = ray.remote(num_cpus=runtime.threads, num_gpus=self.gpus, max_retries=0)(execute)
         pending = {remote.remote(j, runtime): j for j in jobs}
         try:
