@@ -58,3 +58,38 @@ def test_the_rank_correlation_with_ablation_is_within_layers():
         return _summaries(cfg, [task], [2], [], [], scores)["faithfulness"]["t"]["reap"]["spearman_vs_ablation"]
 
     assert rho(noisy) == rho(scaled) and 0.5 < rho(noisy) < 1.0
+
+
+def test_reconstruction_uses_its_whole_token_budget_and_reports_what_it_used():
+    """Equal shares per batch left the short batches' unused share out (564 of 600 used, 1226
+    reported); shares in proportion to each batch's tokens use the budget whole."""
+    import warnings
+
+    from moeguard.attribution.reconstruction import _shares
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.loading import load_model
+
+    assert _shares([662, 283, 167, 114], 600) == [324, 138, 82, 56] and sum(_shares([5, 5, 5], 7)) == 7
+    m, tok, _ = load_model(None)
+    ctx = make_context(m, tok, "stdlib-code", samples=16, options={"reconstruction_tokens": 600})
+    total = sum(int(b.attention_mask.sum()) for b in ctx.batches)
+    assert total > 600
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = score(ctx, "reconstruction")
+    assert s.tokens == 600
+    assert any(f"600 of {total} calibration tokens per layer used" in str(w.message) for w in caught)
+
+
+def test_the_routing_statistics_methods_run_the_head_on_one_position_only():
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.loading import load_model
+
+    m, tok, _ = load_model(None)
+    seen = []
+    handle = m.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    try:
+        s = score(make_context(m, tok, "arith-compare", samples=8), "frequency")
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {1} and s.scores.sum() > 0

@@ -39,10 +39,16 @@ class Context:
         key = f"stats:{'ref' if reference else 'task'}:{norms}"
         if key not in self.cache:
             batches = self.reference if reference else self.batches
+            # the head's [B, T, V] logits are never read here (1.2 GB per batch at Qwen3's vocabulary):
+            # a causal LM computes the last position's only
+            import inspect
+
+            light = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+                type(self.model).forward).parameters else {}
             with torch.no_grad(), RoutingCapture(self.model, norms=norms, adapter=self.adapter) as cap:
                 for b in self.track(batches, "routing capture"):
                     b = b.to(self.device)
-                    self.model(**b.inputs(), use_cache=False)
+                    self.model(**b.inputs(), use_cache=False, **light)
             self.cache[key] = cap.stats
             if norms:  # norms=True records everything the plain capture does
                 self.cache.setdefault(f"stats:{'ref' if reference else 'task'}:False", cap.stats)

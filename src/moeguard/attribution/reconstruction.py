@@ -31,7 +31,7 @@ layer's whole calibration set (17 GB for fp32 Mixtral at 64 x 512 tokens).
 """
 
 from itertools import combinations
-from math import ceil, comb
+from math import comb
 
 import torch
 
@@ -179,11 +179,17 @@ def reconstruction(ctx) -> MethodOutput:
 
         why = f"the Gram matrices of {E} experts fill reconstruction_memory" if budget < max_tokens \
             else "reconstruction_tokens cap"
-        warnings.warn(f"reconstruction: {budget} of {total} calibration tokens per layer used ({why})", stacklevel=2)
-    # every batch keeps its share: the budget is never exceeded, and nothing is dropped below it
-    inputs = _Inputs(adapter, per_batch=total if total <= budget else ceil(budget / len(ctx.batches)), generator=gen)
+        warnings.warn(f"reconstruction: {min(budget, total)} of {total} calibration tokens per layer used ({why})",
+                      stacklevel=2)
+    # every batch keeps a share in proportion to its tokens: the budget is never exceeded and is used
+    # whole (equal shares left short batches' unused share out: 564 of a 600-token budget used)
+    sizes = [int(b.attention_mask.sum()) for b in ctx.batches]
+    shares = sizes if total <= budget else _shares(sizes, budget)
+    used = sum(min(n, k) for n, k in zip(sizes, shares))
+    inputs = _Inputs(adapter, per_batch=shares[0] if shares else 0, generator=gen)
     with torch.no_grad():
-        for batch in ctx.batches:
+        for batch, share in zip(ctx.batches, shares):
+            inputs.per_batch = share
             inputs.add(model, batch.to(ctx.device))
     scores = torch.zeros(len(adapter.layers), E, dtype=torch.float64)
     subsets: dict[int, dict[int, list[int]]] = {}
@@ -224,4 +230,15 @@ def reconstruction(ctx) -> MethodOutput:
                     best = [x_ for x_ in greedy if x_ != drop]
                 greedy = sorted(best)
                 subsets.setdefault(k, {})[layer.index] = sorted(best)
-    return MethodOutput(scores=scores, tokens=total, subsets=subsets)
+    return MethodOutput(scores=scores, tokens=used, subsets=subsets)
+
+
+def _shares(sizes: list[int], budget: int) -> list[int]:
+    """Per-batch token shares in proportion to each batch's tokens, summing to ``budget`` (largest
+    remainders first; ties to the earlier batch)."""
+    total = sum(sizes)
+    exact = [budget * n / total for n in sizes]
+    shares = [int(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: (shares[i] - exact[i], i))[:budget - sum(shares)]:
+        shares[i] += 1
+    return shares
