@@ -39,12 +39,7 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     model = resolve_model(cfg.model, tasks=False)   # an encoder-decoder's tasks run through its seq2seq head
     if model.family.encoder_decoder:
         _check_encoder_decoder(cfg, model)
-    if cfg.scan:   # a bad reference fails now, not after the other stages' minutes
-        from moeguard.scan.run import SCORES, _reference_null
-
-        refs = _scan_references(cfg)
-        if refs:
-            _reference_null(refs, model.num_layers, SCORES[bool(cfg.scan_reference_models)])
+    if cfg.scan:
         for m in cfg.scan_reference_models or []:
             resolve_model(m)
     elif cfg.scan_references or cfg.scan_reference_models:
@@ -54,6 +49,15 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     tasks, methods, keeps = resolve_grid(model, tasks=cfg.tasks, methods=cfg.methods, keeps=cfg.keeps)
     by_name = {t.name: t for t in tasks}
     names = list(by_name)
+    if cfg.scan:   # a bad reference fails now, not after the other stages' minutes
+        from moeguard.scan.run import SCORES, SEARCH_SETTINGS, ScanConfig, _reference_null
+
+        refs = _scan_references(cfg)
+        if refs:   # searched as the audit's scan will search (its config, as _scan makes it)
+            scan_cfg = ScanConfig(samples=cfg.samples, contexts=cfg.scan_contexts, seed=cfg.seed)
+            search = {**{k: getattr(scan_cfg, k) for k in SEARCH_SETTINGS}, "tasks": names}
+            per_layer = [int(v) for _, v in sorted(model.info["experts_per_layer"].items(), key=lambda kv: int(kv[0]))]
+            _reference_null(refs, model.num_layers, SCORES[bool(cfg.scan_reference_models)], search, per_layer)
     # the attacker's keep for recovery, defaulted and checked only when recovery runs (or it is
     # given): OLMoE's top-8 at E = 8 has no default, and --no-recovery must not be refused for it
     rec_keep = cfg.recovery_keep

@@ -45,6 +45,9 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
     handle = resolve_model(model, device_map=device_map)
     if cfg.keep is not None:  # before the weights load
         handle.check_keep(cfg.keep, what="--keep")
+    from moeguard.models.loading import meta_model
+
+    preflight(meta_model(handle.config), cfg)   # before the weights load: names and shapes are enough
     _seed(cfg.seed)
     m, tokenizer, _ = handle.load()
     preflight(m, cfg)

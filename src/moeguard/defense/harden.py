@@ -101,6 +101,10 @@ def config_for(method: str, **overrides: Any) -> HardenConfig:
     """The defense's defaults, then the caller's overrides (None means 'keep the default')."""
     spec = get_defense(method)
     given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("authorized_patterns") and not spec.protocol:   # it trained nothing and wrote no protocol, silently
+        with_protocol = [n for n in DEFENSES.names() if get_defense(n).protocol]
+        raise MoeguardError(f"--authorized is used by defenses that write a protocol, and '{method}' does not",
+                            hint=f"use --method {' or '.join(with_protocol) or 'selective'}, or drop --authorized")
     return HardenConfig(method=method, **{**spec.defaults, **given})
 
 
@@ -138,6 +142,16 @@ def preflight(model, cfg: HardenConfig) -> dict[str, Any]:
     if cfg.authorized and not names:
         raise MoeguardError(f"authorized patterns {list(cfg.authorized_patterns)} match no parameter",
                             hint="patterns are fnmatch globs over parameter names, e.g. '*.self_attn.*'")
+    if cfg.authorized and get_defense(cfg.method).protocol:
+        # the protocol written says LoRA: patterns LoRA cannot adapt (routers, norms, embeddings) made a
+        # protocol `realign --protocol` refuses, after every hardening step had run
+        from moeguard.realign.modes import lora_targets, matching
+
+        modules, experts = lora_targets(model, matching(cfg.authorized_patterns))
+        if not modules and not experts:
+            raise MoeguardError(f"authorized patterns {list(cfg.authorized_patterns)} match no module LoRA can adapt "
+                                f"(they match {names[:3]}{' ...' if len(names) > 3 else ''})",
+                                hint="authorize linear layers or expert tensors, e.g. '*.self_attn.q_proj.*'")
     return {"keep": keep, "tasks": tasks, "authorized": names}
 
 
@@ -205,7 +219,11 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
     from moeguard.studies.engine import digest
 
     # the weights' dtype and device too: a float32 state must not resume into a bfloat16 (or GPU) run
-    tag = digest([cfg.to_dict(), source, sorted({str(p.dtype) for p in params}), str(named[names[0]].device.type)])
+    from moeguard.tasks.loaders import task_identity
+
+    # the tasks' definitions and data stamps too: an edited task file resumed state made on the old data
+    tag = digest([cfg.to_dict(), source, sorted({str(p.dtype) for p in params}), str(named[names[0]].device.type),
+                  [task_identity(t) for t in tasks]])
     start = 0
     if checkpoint is not None:
         state = trainstate.load(checkpoint, tag=tag, params=named)

@@ -60,6 +60,10 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     if strat.needs_original and record is None:
         raise MoeguardError(f"strategy '{al.strategy}' needs the pruning plan and the original model; {model.name} "
                             "has no moeguard_pruning.json", hint="prune with `moeguard prune`, which records both")
+    lacking = [k for k in ("keep", "original_num_experts") if strat.needs_original and k not in record]
+    if lacking:   # a KeyError traceback after both models had loaded
+        raise MoeguardError(f"strategy '{al.strategy}' needs the pruning plan, and {model.name}'s moeguard_pruning.json "
+                            f"has no {' or '.join(lacking)}", hint="prune again with `moeguard prune`, which records both")
     orig = None
     if original is not None:  # an unreadable original fails here, before the pruned model loads
         orig = resolve_model(None if original == "embedded" else original, tasks=False, device_map=model.device_map)

@@ -129,7 +129,23 @@ def finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCon
     ``checkpoint`` is a folder for resumable state: an existing checkpoint of the same run
     (same settings and examples) is resumed; one of another run is ignored and replaced.
     ``on_step(step, loss)`` is called after every optimizer step (tests interrupt through it).
+
+    Dropout and router jitter draw from torch's global generator: it is seeded with ``cfg.seed``
+    here, inside a fork that gives the caller's state back, so a run resumed at a round boundary
+    draws what an uninterrupted one does (they drew from whatever state the caller had reached).
     """
+    import torch
+
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.seed)
+        return _finetune(trainable, examples, cfg, pad_id=pad_id, checkpoint=checkpoint, progress=progress,
+                         on_step=on_step, description=description)
+
+
+def _finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneConfig, *, pad_id: int,
+              checkpoint: str | os.PathLike | None, progress: Any, on_step: Callable[[int, float], None] | None,
+              description: str) -> FinetuneResult:
     from accelerate import Accelerator
     from transformers import get_scheduler
 

@@ -52,6 +52,13 @@ class ALConfig:
         return {**dataclasses.asdict(self), "schedule": list(self.schedule), "finetune": self.finetune.to_dict()}
 
 
+def round_seed(seed: int, r: int) -> int:
+    """Round r's fine-tuning seed: distinct per round, and within the seeds every setting accepts (a
+    --seed above ~4.26 million made seed * 1009 + r overflow SEED_MAX in round 1, after the work)."""
+    from moeguard.config import SEED_MAX
+
+    return (seed * 1009 + r) % (SEED_MAX + 1)
+
 def schedule_for(*, budget: int, query_size: int) -> tuple[int, ...]:
     """Rounds of ``query_size`` labels up to ``budget`` (the last round takes the remainder)."""
     if query_size < 1:
@@ -150,7 +157,7 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
             times.setdefault("select_s", state["pending"].get("select_s", 0.0))
             trainable.load(init)
             examples = task_sequences(tokenizer, task, [pool[i] for i in labeled + chosen])
-            ft = finetune(trainable, examples, dataclasses.replace(cfg.finetune, seed=cfg.finetune.seed * 1009 + r),
+            ft = finetune(trainable, examples, dataclasses.replace(cfg.finetune, seed=round_seed(cfg.finetune.seed, r)),
                           pad_id=pad, checkpoint=state_dir / "finetune" if state_dir else None, progress=None)
             t0 = time.perf_counter()
             result = _evaluate(trainable.model, tokenizer, task, cfg)

@@ -173,6 +173,11 @@ def lora_targets(model: nn.Module, only: Allowed = None) -> tuple[list[str], lis
     # JetMoE's "input_linear.weight" (its last part alone would name every linear's weight)
     experts = sorted({n for l in adapter.layers for n, p in l.experts.named_parameters()
                       if p.dim() == 3 and ok(names[id(p)])})
+    if only is not None:
+        # a protocol may authorize some layers' experts: their full names, or peft's suffix match on the
+        # short one adapted every layer's experts (an authorized "model.layers.0.mlp.experts.*" trained all)
+        experts = sorted(names[id(p)] for l in adapter.layers for _, p in l.experts.named_parameters()
+                         if p.dim() == 3 and ok(names[id(p)]))
     return modules, experts
 
 

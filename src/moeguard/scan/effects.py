@@ -47,6 +47,9 @@ class ContextCache:
         self.device = model_device(model)
         with torch.no_grad():
             self.cache = model(input_ids=torch.tensor([ids] * rows, device=self.device), use_cache=True).past_key_values
+            # hybrid and linear-attention caches (Jamba, Qwen3-Next, MiniMax...) and a sliding window
+            # past its length cannot be cropped back: each call then runs on a copy of the context's
+            self.copies = not _croppable(model, self.cache, rows, ids[-1], self.device)
 
     @torch.no_grad()
     def logits(self, suffix: torch.Tensor) -> torch.Tensor:
@@ -56,11 +59,30 @@ class ContextCache:
             raise ValueError(f"{b} rows for a cache of {self.rows}")
         if b < self.rows:   # padding rows are discarded; the cache needs its full batch
             suffix = torch.cat([suffix, suffix[:1].expand(self.rows - b, -1)])
+        if self.copies:
+            import copy
+
+            out = self.model(input_ids=suffix.to(self.device), past_key_values=copy.deepcopy(self.cache),
+                             use_cache=True).logits
+            return out[:b].float().cpu()
         try:
             out = self.model(input_ids=suffix.to(self.device), past_key_values=self.cache, use_cache=True).logits
         finally:
             self.cache.crop(-suffix.shape[1])
         return out[:b].float().cpu()
+
+
+def _croppable(model, cache, rows: int, token: int, device) -> bool:
+    """Whether ``cache`` takes a one-token step and crops back (tried on a copy)."""
+    import copy
+
+    probe = copy.deepcopy(cache)
+    try:
+        model(input_ids=torch.full((rows, 1), token, device=device), past_key_values=probe, use_cache=True)
+        probe.crop(-1)
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -96,7 +96,8 @@ def load_references(paths: list[Path]) -> list[dict]:
 SEARCH_SETTINGS = ("contexts", "context_tokens", "candidates", "chain")
 
 
-def _reference_null(refs: list[dict], slots: int, score: str, search: dict[str, Any]) -> list[np.ndarray]:
+def _reference_null(refs: list[dict], slots: int, score: str, search: dict[str, Any],
+                    experts: list[int] | None = None) -> list[np.ndarray]:
     """Pooled scores per MoE layer position (experts are interchangeable across models), from
     references scored the same way as this scan (``search``: its SEARCH_SETTINGS and tasks)."""
     pooled: list[list[float]] = [[] for _ in range(slots)]
@@ -115,6 +116,10 @@ def _reference_null(refs: list[dict], slots: int, score: str, search: dict[str, 
         if len(layers) != slots:
             raise MoeguardError(f"reference scan {doc.get('path')} has {len(layers)} MoE layers; the model has {slots}",
                                 hint="references must be clean models of the same architecture")
+        counts = [sum(1 for r in doc["experts"] if r["layer"] == l) for l in layers]
+        if experts is not None and counts != list(experts):   # a 64-expert null pooled for an 8-expert model
+            raise MoeguardError(f"reference scan {doc.get('path')} has {counts} experts per MoE layer; the model has "
+                                f"{list(experts)}", hint="references must be clean models of the same architecture")
         for r in doc["experts"]:
             pooled[layers.index(r["layer"])].append(float(r["effect"]["score"]))
     return [np.asarray(p) for p in pooled]
@@ -181,14 +186,19 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
 
     # the model by its weight files, not its path: a checkpoint re-made in place must not resume
     # on the parts of the old one
+    from moeguard.tasks.loaders import task_identity
+
+    # the tasks' definitions and data stamps: an edited task file must not resume parts made on its old data
     settings = {"model": weights_identity(handle.arg), "tasks": [t.name for t in tasks],
+                "task_identity": [task_identity(t) for t in tasks],
                 **{k: v for k, v in config.to_dict().items() if k != "threshold"},
                 "reference_models": [weights_identity(h.arg) for h in reference_models]}
     placed = device_map if device_map is not None else handle.device_map
     if placed is not None:   # recorded when given (the numbers may differ in the last digits on another device)
         settings["device_map"] = placed
     search = {**{k: getattr(config, k) for k in SEARCH_SETTINGS}, "tasks": [t.name for t in tasks]}
-    null = _reference_null(references, handle.num_layers, score, search) if references else None   # fail before loading
+    per_layer = [int(v) for _, v in sorted(handle.info["experts_per_layer"].items(), key=lambda kv: int(kv[0]))]
+    null = _reference_null(references, handle.num_layers, score, search, per_layer) if references else None   # fail before loading
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     model, tokenizer, _ = handle.load(dtype=dtype, device_map=device_map)

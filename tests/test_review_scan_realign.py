@@ -1,0 +1,135 @@
+"""Review of scan/, realign/ and defense/ (helpers): audit scan references checked as the scan
+checks them, caches that cannot be cropped, protocols that authorize some experts, seeds, and
+dropout under a resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+
+
+def _one_line(code, err, needle):
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+@pytest.fixture(scope="module")
+def ref_scan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "scan"
+    assert main(["scan", "--out", str(out), "--tasks", "arith-compare", "--samples", "4", "--contexts", "2",
+                 "--candidates", "2", "--chain", "2"]) == 0
+    return out
+
+
+def test_audit_scan_references_are_checked_as_the_scan_checks_them(ref_scan, tmp_path, capsys):
+    """`audit --scan --scan-references` raised TypeError (a missing argument) on every run."""
+    capsys.readouterr()
+    code = main(["audit", "--out", str(tmp_path / "a"), "--tasks", "arith-compare", "--scan",
+                 "--scan-references", str(ref_scan), "--no-recovery"])
+    _one_line(code, capsys.readouterr().err, "was searched with contexts 2 (this scan: 4)")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_reference_scan_of_other_expert_counts_is_refused(ref_scan, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(ref_scan, other)
+    doc = json.loads((other / "scan.json").read_text())
+    doc["experts"] = [r for r in doc["experts"] if not (r["layer"] == doc["experts"][0]["layer"] and r["expert"] == 0)]
+    (other / "scan.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    code = main(["scan", "--out", str(tmp_path / "s"), "--tasks", "arith-compare", "--samples", "4", "--contexts", "2",
+                 "--candidates", "2", "--chain", "2", "--references", str(other)])
+    _one_line(code, capsys.readouterr().err, "has [7, 8, 8, 8] experts per MoE layer; the model has [8, 8, 8, 8]")
+
+
+@pytest.mark.parametrize("family, mode", [("mixtral", "crop"), ("jamba", "copies")])
+def test_the_context_cache_answers_for_caches_that_cannot_be_cropped(family, mode):
+    """A hybrid (Mamba) cache cannot be cropped back: the scan's screen crashed on 7 families."""
+    from moeguard.scan.effects import ContextCache
+    from moeguard.testing import tiny_model
+
+    m = tiny_model(family).eval()
+    ids = list(range(5, 15))
+    c = ContextCache(m, ids, rows=2)
+    suffix = torch.tensor([[20, 21], [22, 23]])
+    first, again = c.logits(suffix), c.logits(suffix)
+    with torch.no_grad():
+        full = m(input_ids=torch.cat([torch.tensor([ids] * 2), suffix], 1)).logits[:, -2:].float()
+    assert ("copies" if c.copies else "crop") == mode and torch.equal(first, again)
+    assert torch.allclose(first, full, atol=2e-2)
+
+
+def test_lora_under_a_protocol_adapts_only_the_authorized_experts():
+    from moeguard.models.loading import load_model
+    from moeguard.realign.modes import apply_mode, lora_targets, matching
+
+    m, _, _ = load_model(None)
+    only = matching(["model.layers.0.mlp.experts.*"])
+    assert lora_targets(m, only)[1] == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    t = apply_mode(m, "lora", only=only)
+    assert {n.split(".layers.")[1].split(".")[0] for n in t.params} == {"0"}   # every layer's experts were adapted
+    t.release()
+
+
+def test_a_defense_setting_that_cannot_work_is_refused_before_training(tmp_path, capsys):
+    from moeguard.defense.harden import config_for
+
+    with pytest.raises(MoeguardError, match="--authorized is used by defenses that write a protocol, and 'entangle'"):
+        config_for("entangle", authorized_patterns=("*.q_proj.*",))
+    capsys.readouterr()
+    code = main(["harden", "--method", "selective", "--authorized", "*.mlp.gate.*", "--steps", "1",
+                 "--out", str(tmp_path / "h")])
+    _one_line(code, capsys.readouterr().err, "match no module LoRA can adapt")
+    assert not (tmp_path / "h").exists()
+
+
+def test_round_seeds_stay_within_the_seeds_every_setting_accepts():
+    from moeguard.config import SEED_MAX
+    from moeguard.realign.loop import round_seed
+
+    assert round_seed(0, 3) == 3 and round_seed(7, 1) == 7 * 1009 + 1
+    big = [round_seed(5_000_000, r) for r in range(4)]
+    assert all(0 <= s <= SEED_MAX for s in big) and len(set(big)) == 4
+
+
+def test_fine_tuning_with_dropout_draws_the_same_whatever_the_callers_generator():
+    from moeguard.realign.engine import FinetuneConfig, finetune
+    from moeguard.realign.modes import apply_mode
+    from moeguard.tasks.batches import IGNORE, Example
+    from moeguard.testing import tiny_model
+
+    g = torch.Generator().manual_seed(0)
+    data = [Example(ids := torch.randint(1, 96, (8,), generator=g).tolist(), [IGNORE] * 3 + ids[3:]) for _ in range(8)]
+    losses = []
+    for outer in (1, 2):
+        model = tiny_model("mixtral")
+        for mod in model.modules():
+            if hasattr(mod, "attention_dropout"):
+                mod.attention_dropout = 0.3
+        torch.manual_seed(outer)                     # the state a resumed run's caller happens to be in
+        t = apply_mode(model, "full")
+        losses.append(finetune(t, data, FinetuneConfig(mode="full", min_steps=3, epochs=1, batch_size=4, lr=1e-2),
+                               pad_id=0).losses)
+        after = torch.rand(1)
+    assert losses[0] == losses[1]
+    torch.manual_seed(2)
+    assert torch.equal(after, torch.rand(1))         # the caller's generator is given back untouched
+
+
+def test_orphan_on_a_pruning_record_without_its_plan_is_one_line_before_any_load(tmp_path, capsys):
+    pruned = tmp_path / "p"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {str(l): [0, 1, 2, 3] for l in range(4)}}))
+    assert main(["prune", "--plan", str(plan), "--out", str(pruned)]) == 0
+    rec = json.loads((pruned / "moeguard_pruning.json").read_text())
+    rec.pop("keep")
+    (pruned / "moeguard_pruning.json").write_text(json.dumps(rec))
+    capsys.readouterr()
+    code = main(["realign", "--model", str(pruned), "--task", "arith-compare", "--strategy", "orphan",
+                 "--budget", "8", "--out", str(tmp_path / "r")])
+    _one_line(code, capsys.readouterr().err, "moeguard_pruning.json has no keep")   # a KeyError traceback
