@@ -133,3 +133,35 @@ def test_orphan_on_a_pruning_record_without_its_plan_is_one_line_before_any_load
     code = main(["realign", "--model", str(pruned), "--task", "arith-compare", "--strategy", "orphan",
                  "--budget", "8", "--out", str(tmp_path / "r")])
     _one_line(code, capsys.readouterr().err, "moeguard_pruning.json has no keep")   # a KeyError traceback
+
+
+def test_a_protocol_that_leaves_lora_nothing_is_one_line_before_any_load(tmp_path, capsys):
+    pruned = tmp_path / "p"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {str(l): [0, 1, 2, 3] for l in range(4)}}))
+    assert main(["prune", "--plan", str(plan), "--out", str(pruned)]) == 0
+    proto = tmp_path / "moeguard_protocol.json"
+    proto.write_text(json.dumps({"schema": "moeguard.protocol/1", "modes": ["lora"], "authorized_parameters": ["*.attn.*"]}))
+    capsys.readouterr()
+    code = main(["realign", "--model", str(pruned), "--task", "arith-compare", "--mode", "lora", "--budget", "8",
+                 "--protocol", str(proto), "--out", str(tmp_path / "r")])
+    # found after the original had been scored, with "use a mode the protocol allows" (lora was allowed)
+    _one_line(code, capsys.readouterr().err, "the protocol's patterns ['*.attn.*'] leave lora nothing to train")
+
+
+def test_a_scan_of_a_budget_pruned_model_is_refused_before_it_loads(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {"0": [0, 1, 2, 3, 4, 5, 6, 7], "1": [0, 1, 2, 3, 4, 5], "2": list(range(8)),
+                                         "3": list(range(8))}}))
+    assert main(["prune", "--plan", str(plan), "--out", str(tmp_path / "bp")]) == 0
+    capsys.readouterr()
+    code = main(["scan", "--model", str(tmp_path / "bp"), "--out", str(tmp_path / "s")])
+    _one_line(code, capsys.readouterr().err, "different expert counts [8, 6, 8, 8]")
+
+
+def test_the_scan_says_where_its_threshold_comes_from(ref_scan):
+    from moeguard.scan.run import CALIBRATED, THRESHOLDS
+
+    doc = json.loads((ref_scan / "scan.json").read_text())
+    assert doc["suspicion"]["threshold_source"] == "calibrated" and doc["suspicion"]["threshold"] == 12.1
+    assert ("unexplained", "references") in THRESHOLDS and ("unexplained", "references") not in CALIBRATED

@@ -595,3 +595,15 @@ def test_a_norm_gain_rescaled_with_flipped_signs_is_still_traced(embedded, fp, s
     shuffled, _ = evasion.shuffle_experts(pruned, seed=5)
     doc = run_trace(fp, weights(shuffled, tok))
     assert doc["p_value"] <= 1e-4 and {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
+
+
+def test_the_combined_p_value_keeps_its_log10_where_it_underflows():
+    from moeguard.trace.stats import log10_product_tail
+
+    ps, grids = [1e-4] * 94, [10_000] * 94
+    p, how = product_tail(ps, grids)
+    assert p == 0.0                                   # under float64's smallest value
+    lp = log10_product_tail(ps, grids)
+    assert lp == pytest.approx(-376.0)                # every layer at its grid's floor: one tuple of 10^376
+    small, grid = [1 / 56] * 4, [56] * 4
+    assert log10_product_tail(small, grid) == pytest.approx(math.log10(product_tail(small, grid)[0]))

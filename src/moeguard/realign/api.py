@@ -37,6 +37,23 @@ def pruning_record(path: Path | None) -> dict | None:
     return record
 
 
+def check_protocol_covers(model, ft) -> None:
+    """A protocol's patterns leave the mode something to train on ``model`` (a handle), or one line
+    naming the patterns and what they match (found on the meta model, before any weights load)."""
+    from moeguard.defense.harden import authorized_names
+    from moeguard.models.loading import meta_model
+    from moeguard.realign.modes import lora_targets, matching
+
+    meta = meta_model(model.config)
+    names = authorized_names(meta, ft.only)
+    ok = bool(any(lora_targets(meta, matching(ft.only)))) if ft.mode == "lora" else bool(names)
+    if not ok:
+        sample = [n for n, _ in meta.named_parameters()][:3]
+        what = f"they match {names[:3]}, which {ft.mode} cannot adapt" if names else "they match no parameter"
+        raise MoeguardError(f"the protocol's patterns {list(ft.only)} leave {ft.mode} nothing to train on {model.name}: "
+                            f"{what}", hint=f"check the protocol against the model's parameter names (e.g. {sample})")
+
+
 def realign_checkpoint(*, model, task, out: Path, al, original: str | None = None, full_score: float | None = None,
                        overwrite: bool = False, progress: Any = None, run: dict | None = None) -> dict[str, Any]:
     """Re-align ``model`` (a resolved :class:`~moeguard.models.handle.ModelHandle` of a pruned
@@ -76,6 +93,8 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     settings = {"model": model.name, "weights": weights_identity(model.arg), "task": task.name,
                 "task_identity": task_identity(task), "original": original,
                 "full_score": full_score, **al.to_dict()}
+    if al.finetune.only:
+        check_protocol_covers(model, al.finetune)   # before both models load and the original is scored
     m, tokenizer, _ = model.load()
     orphan = None
     if orig is not None and (full_score is None or strat.needs_original):

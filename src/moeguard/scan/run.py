@@ -31,6 +31,7 @@ SCORES = ("chain", "unexplained")   # without and with clean reference models
 THRESHOLDS = {("chain", "siblings"): 12.1, ("chain", "references"): 8.6,
               ("unexplained", "siblings"): 5.8, ("unexplained", "references"): 5.8}
 THRESHOLD_SIBLINGS = THRESHOLDS[("chain", "siblings")]
+CALIBRATED = {("chain", "siblings"), ("chain", "references"), ("unexplained", "siblings")}   # the rest: copied
 CHAIN_FLOOR = 1.0         # nats: spreads below this are noise (layers where no expert chains)
 DORMANT_SHARE = 0.1       # of a uniform share (1/E): a dormant expert gets less on every task
 SUPER_NATS = 0.5          # loss increase per token on *every* task: a "super expert"
@@ -198,6 +199,10 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
         settings["device_map"] = placed
     search = {**{k: getattr(config, k) for k in SEARCH_SETTINGS}, "tasks": [t.name for t in tasks]}
     per_layer = [int(v) for _, v in sorted(handle.info["experts_per_layer"].items(), key=lambda kv: int(kv[0]))]
+    if len(set(per_layer)) > 1:   # criticality runs attribution, which refused it after the load (with its own hint)
+        raise MoeguardError(f"the model's MoE layers have different expert counts {per_layer} (a budget-pruned "
+                            "checkpoint); the scan's criticality scores one count per layer",
+                            hint="scan the model before it was pruned, or a uniformly pruned copy")
     null = _reference_null(references, handle.num_layers, score, search, per_layer) if references else None   # fail before loading
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -297,6 +302,11 @@ def assemble(adapter, tasks, weights: dict, usage: dict, effects: dict, *, confi
     return {
         "schema": SCHEMA, "tasks": names, "settings": config.to_dict(),
         "suspicion": {"null": "references" if null is not None else "siblings", "threshold": threshold,
+                      # the default for unexplained scores against reference scans was never measured (the
+                      # siblings' value): a user reading the flag should know
+                      "threshold_source": "given" if config.threshold is not None else (
+                          "calibrated" if (score, "references" if null is not None else "siblings") in CALIBRATED
+                          else "not calibrated (the siblings' value)"),
                       "reference_experts": int(sum(len(n) for n in null)) if null is not None else 0},
         "ranking": [_key(rows[i]["layer"], rows[i]["expert"]) for i in order],
         "flagged": flagged,

@@ -178,8 +178,13 @@ def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None) -> dict[str
                        "norm_signs_flipped": flipped,
                        "kept": sorted(kept), "experts": experts})
     p, method = product_tail(ps, grids)
+    from moeguard.trace.stats import log10_product_tail
+
+    # p can underflow to 0.0 with many layers at their grid's floor; its log10 stays exact
+    log10_p = log10_product_tail(ps, grids) if p < 1e-300 else (math.log10(p) if p > 0 else None)
     return {"schema": SCHEMA, "original": meta["model"], "suspect": suspect.name,
-            "verdict": "derived" if p <= ALPHA else "independent", "p_value": p, "alpha": ALPHA,
+            "verdict": "derived" if p <= ALPHA else "independent", "p_value": p,
+            "log10_p_value": None if log10_p is None else round(log10_p, 4), "alpha": ALPHA,
             "combination": method, "p_any_dependence": min(1.0, len(ps) * min(ps)), "test": "expert relabeling (view A chooses, view B scores), layers combined "
             "by the exact product-of-uniforms tail", "frame": frame.to_dict(),
             "transformations": _transformations(layers, frame, suspect), "layers": layers}
