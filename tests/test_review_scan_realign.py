@@ -165,3 +165,15 @@ def test_the_scan_says_where_its_threshold_comes_from(ref_scan):
     doc = json.loads((ref_scan / "scan.json").read_text())
     assert doc["suspicion"]["threshold_source"] == "calibrated" and doc["suspicion"]["threshold"] == 12.1
     assert ("unexplained", "references") in THRESHOLDS and ("unexplained", "references") not in CALIBRATED
+
+
+def test_defend_eval_checks_the_protocol_before_its_attack_grid(tmp_path, capsys):
+    from moeguard.models.loading import resolve
+
+    proto = tmp_path / "moeguard_protocol.json"
+    proto.write_text(json.dumps({"schema": "moeguard.protocol/1", "modes": ["lora"], "authorized_parameters": ["*.attn.*"]}))
+    capsys.readouterr()
+    code = main(["defend-eval", "--hardened", str(resolve(None).path), "--protocol", str(proto), "--tasks", "arith-compare",
+                 "--out", str(tmp_path / "d")])
+    _one_line(code, capsys.readouterr().err, "the protocol's patterns ['*.attn.*'] leave lora nothing to train")
+    assert not (tmp_path / "d").exists()

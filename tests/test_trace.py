@@ -607,3 +607,12 @@ def test_the_combined_p_value_keeps_its_log10_where_it_underflows():
     assert lp == pytest.approx(-376.0)                # every layer at its grid's floor: one tuple of 10^376
     small, grid = [1 / 56] * 4, [56] * 4
     assert log10_product_tail(small, grid) == pytest.approx(math.log10(product_tail(small, grid)[0]))
+
+
+def test_a_fingerprint_beyond_float16_is_refused_not_saved_as_inf(fp, tmp_path):
+    import dataclasses
+
+    big = dataclasses.replace(fp, tensors={**fp.tensors, "anchors": fp.tensors["anchors"] * 1e6})
+    with pytest.raises(MoeguardError, match="beyond float16's range"):
+        big.save(tmp_path / "fp", overwrite=False)
+    assert not (tmp_path / "fp").exists()

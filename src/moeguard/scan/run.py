@@ -204,18 +204,21 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
                             "checkpoint); the scan's criticality scores one count per layer",
                             hint="scan the model before it was pruned, or a uniformly pruned copy")
     null = _reference_null(references, handle.num_layers, score, search, per_layer) if references else None   # fail before loading
+    # the tokenizers alone first: another reference tokenizer, or tasks too short for the contexts, failed
+    # only after every model's weights had loaded
+    from moeguard.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(handle.ref.path or handle.ref.hub_id))
+    for h in reference_models:
+        if load_tokenizer(str(h.ref.path or h.ref.hub_id)).get_vocab() != tokenizer.get_vocab():
+            raise MoeguardError(f"reference model {h.name} has another tokenizer than {handle.name}",
+                                hint="reference models must share the scanned model's tokenizer (the base model does)")
+    contexts = contexts_for(tokenizer, tasks, config.contexts, config.context_tokens, config.seed)
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     model, tokenizer, _ = handle.load(dtype=dtype, device_map=device_map)
-    refs_loaded = []
-    for h in reference_models:
-        m, tok, _ = h.load(dtype=dtype, device_map=device_map)
-        if tok.get_vocab() != tokenizer.get_vocab():
-            raise MoeguardError(f"reference model {h.name} has another tokenizer than {handle.name}",
-                                hint="reference models must share the scanned model's tokenizer (the base model does)")
-        refs_loaded.append(m)
+    refs_loaded = [h.load(dtype=dtype, device_map=device_map)[0] for h in reference_models]
     adapter = MoEAdapter(model)
-    contexts = contexts_for(tokenizer, tasks, config.contexts, config.context_tokens, config.seed)
     timings: dict[str, float] = {}
     with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
         def timed(name, make):

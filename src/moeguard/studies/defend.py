@@ -82,6 +82,11 @@ def resolve(*, base: Any, hardened: Any, tasks: list, utility_tasks: list, keeps
     own = hardened.ref.path / FILENAME if hardened.ref.path is not None else None
     path = protocol or (own if own is not None and own.exists() else None)
     proto = Protocol.load(path) if path is not None else None
+    if proto is not None:   # the protocol phase runs last: patterns that leave its mode nothing failed after the grid
+        from moeguard.realign.api import check_protocol_covers
+        from moeguard.realign.engine import FinetuneConfig
+
+        check_protocol_covers(hardened, FinetuneConfig(mode=proto.modes[0], only=tuple(proto.patterns)))
     cfg = DefendEvalConfig(tasks=tuple(t.name for t in tasks), keeps=tuple(levels),
                            attack=dataclasses.replace(attack, task=tasks[0].name, keep=levels[0]),
                            utility_tasks=tuple(t.name for t in utility_tasks), base=base.arg, hardened=hardened.arg,

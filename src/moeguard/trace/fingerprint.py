@@ -29,6 +29,7 @@ from moeguard.analysis import robust_z
 from moeguard.errors import MoeguardError
 from moeguard.trace.features import ROWS, common, features
 
+F16_MAX = float(np.finfo(np.float16).max)   # fingerprints are stored in float16
 SCHEMA = "moeguard.fingerprint/1"
 META = "fingerprint.json"
 TENSORS = "fingerprint.safetensors"
@@ -54,10 +55,16 @@ class Fingerprint:
                 if k.startswith(f"{index}.")}
 
     def save(self, out: Path, *, overwrite: bool = False) -> None:
+        """Written in float16 (the fingerprint's size budget), values beyond its range refused."""
         from safetensors.numpy import save_file
 
         from moeguard.io import atomic_dir
 
+        big = {k: float(np.abs(v).max()) for k, v in self.tensors.items() if v.size and np.abs(v).max() > F16_MAX}
+        if big:   # float16 would store inf: every later trace would refuse the fingerprint as damaged
+            k, v = next(iter(big.items()))
+            raise MoeguardError(f"the fingerprint's {k} holds {v:.3g}, beyond float16's range ({F16_MAX:g})",
+                                hint="the checkpoint's weights are unusually large; fingerprint a sound copy")
         with atomic_dir(out, overwrite=overwrite) as tmp:
             save_file({k: np.ascontiguousarray(v.astype(np.float16)) for k, v in self.tensors.items()},
                       str(tmp / TENSORS))
