@@ -72,7 +72,8 @@ def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(pla
     monkeypatch.setattr(run_mod, "usage_and_criticality", lambda *a, **k: (calls.append("usage"), real_usage(*a, **k))[1])
     monkeypatch.setattr(run_mod, "expert_effects", stop)
     assert main(args) == 130 and not out.exists()
-    assert sorted(f.name for f in (tmp_path / ".scan.partial").glob("part-*.json")) == ["part-usage.json", "part-weights.json"]
+    assert sorted(f.name.rsplit("-", 1)[0] for f in (tmp_path / ".scan.partial").glob("part-*.json")) == \
+        ["part-usage", "part-weights"]
     # the checkpoint re-made in place (its weight files' times change): the old parts are not reused
     import os
 
@@ -80,6 +81,9 @@ def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(pla
     st = weights.stat()
     os.utime(weights, (st.st_atime, st.st_mtime + 5))
     assert main(args) == 130 and calls == ["usage", "usage"]
+    # another setting of the effects part alone (--candidates): the usage part (the ablation) is reused
+    other = [a if a != "4" or args[i - 1] != "--candidates" else "3" for i, a in enumerate(args)]
+    assert other != args and main(other) == 130 and calls == ["usage", "usage"]
     monkeypatch.setattr(run_mod, "expert_effects", real_effects)
     capsys.readouterr()
     assert main(args) == 0

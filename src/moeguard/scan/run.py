@@ -154,11 +154,13 @@ def contexts_for(tokenizer, tasks, n: int, length: int, seed: int) -> list[list[
     return out
 
 
-def _part(tmp: Path, name: str, make):
-    """A resumable part: computed once, kept as JSON in the partial folder."""
+def _part(tmp: Path, name: str, make, key: dict[str, Any]):
+    """A resumable part: computed once, kept as JSON in the partial folder under a digest of what
+    it depends on (``key``), so a run with other settings for one part reuses the others."""
     from moeguard.io import write_json
+    from moeguard.studies.engine import digest
 
-    f = tmp / f"part-{name}.json"
+    f = tmp / f"part-{name}-{digest(key)}.json"
     if f.exists():
         return json.loads(f.read_text())
     value = make()
@@ -220,10 +222,18 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
     refs_loaded = [h.load(dtype=dtype, device_map=device_map)[0] for h in reference_models]
     adapter = MoEAdapter(model)
     timings: dict[str, float] = {}
-    with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
+    # the folder by the weights and placement; each part by the settings it depends on: a run resumed
+    # with another --candidates re-does the effects alone (the usage part is the ablation: the costly one)
+    stamp = {k: settings[k] for k in ("model", "device_map") if k in settings}
+    tasks_key = {"tasks": settings["tasks"], "task_identity": settings["task_identity"], "seed": config.seed}
+    keys = {"weights": {},
+            "usage": {**tasks_key, "samples": config.samples},
+            "effects": {**tasks_key, **{k: getattr(config, k) for k in SEARCH_SETTINGS},
+                        "reference_models": settings["reference_models"]}}
+    with resumable_dir(out, overwrite=overwrite, settings=stamp) as tmp:
         def timed(name, make):
             s = time.perf_counter()
-            value = _part(tmp, name, make)
+            value = _part(tmp, name, make, keys[name])
             timings[name] = round(time.perf_counter() - s, 2)
             return value
 
