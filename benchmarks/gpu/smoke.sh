@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device smoke (no CI): every command on the embedded model with its weights on the GPU, then the
-# audit through its own --device-map. Each step's exit status, seconds and stderr tail go to
-# $OUT/smoke.log and $OUT/steps.jsonl; the runs' JSON outputs to $OUT/runs.tgz.
+# Device smoke (no CI): every command on the embedded model with its weights on the GPU through its
+# own --device-map (the first run, before the commands had it, forced the map in through a
+# sitecustomize), then the audit with the defense and scan stages. Each step's exit status, seconds
+# and stderr tail go to $OUT/smoke.log and $OUT/steps.jsonl; the runs' JSON outputs to $OUT/runs.tgz.
 #   benchmarks/gpu/smoke.sh [DEVICE_MAP] [BIG_ROUTE_SECONDS]     (needs $OUT; .whl carried)
 set -u
 MAP=${1:-cuda}; BIG=${2:-0}
@@ -13,14 +14,11 @@ fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
 { nvidia-smi -L 2>&1; $PY -c "import torch,transformers;print('torch',torch.__version__,'cuda',torch.cuda.is_available(),'transformers',transformers.__version__)"; } | tee "$OUT/smoke.log"
-step() {   # step NAME SECONDS FORCE(1: weights on $MAP through sitecustomize) ARGS...
-  local name=$1 secs=$2 force=$3; shift 3
+step() {   # step NAME SECONDS PLACE(1: --device-map $MAP appended) ARGS...
+  local name=$1 secs=$2 place=$3; shift 3
   local t0=$(date +%s%N) rc
-  if [ "$force" = 1 ]; then
-    PYTHONPATH=$PWD/benchmarks/gpu:$PYTHONPATH MOEGUARD_SMOKE_DEVICE_MAP=$MAP timeout "$secs" $PY -m moeguard.cli "$@" >"$R/$name.out" 2>"$R/$name.err"; rc=$?
-  else
-    timeout "$secs" $PY -m moeguard.cli "$@" >"$R/$name.out" 2>"$R/$name.err"; rc=$?
-  fi
+  if [ "$place" = 1 ]; then set -- "$@" --device-map "$MAP"; fi
+  timeout "$secs" $PY -m moeguard.cli "$@" >"$R/$name.out" 2>"$R/$name.err"; rc=$?
   local ms=$(( ($(date +%s%N) - t0) / 1000000 )); local dt=$((ms / 1000)).$(( (ms % 1000) / 100 ))
   printf '== %s rc=%s %ss\n' "$name" "$rc" "$dt" | tee -a "$OUT/smoke.log"
   [ "$rc" = 0 ] || tail -n 25 "$R/$name.err" | tee -a "$OUT/smoke.log"
@@ -51,7 +49,7 @@ PYEOF
 step score 90 1 monitor score --profile "$R/profile.json" --log "$R/log.jsonl" --window 4 --out "$R/score"
 step scan 120 1 scan --samples 8 --contexts 2 --out "$R/scan"
 step harden 120 1 harden --steps 5 --out "$R/hardened"
-step trace 120 1 trace --suspect "$R/pruned" --out "$R/trace"
+step trace 120 0 trace --suspect "$R/pruned" --out "$R/trace"
 step audit 240 0 audit --device-map "$MAP" --tasks $T --methods reap,gradient --keeps 2,4 --budgets 8,32 \
   --recovery-seeds 1 --pool-size 64 --recovery-eval-limit 32 --defense entangle --harden-steps 5 --scan --out "$R/audit"
 if [ "$BIG" -gt 0 ]; then   # issue 16: does a far larger search hijack more experts with 20 tokens?
