@@ -300,24 +300,34 @@ def test_a_streamed_suspect_whose_embedding_disagrees_with_its_config_is_one_lin
     ({"tokens": 40}, "lists 40 tokens for 32 embedding rows"),
 ])
 def test_a_gguf_whose_shapes_disagree_is_one_line(tmp_path, bad, needle):
-    import gguf
-
     from moeguard.trace.gguf import load_gguf
 
     shapes = {"token_embd.weight": (32, 8), "blk.0.attn_norm.weight": (8,), "blk.0.ffn_gate_inp.weight": (4, 8),
               "blk.0.ffn_gate_exps.weight": (4, 16, 8), "blk.0.ffn_up_exps.weight": (4, 16, 8),
               "blk.0.ffn_down_exps.weight": (4, 8, 16)}
     shapes.update({k: v for k, v in bad.items() if k != "tokens"})
-    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "llama")
-    w.add_token_list([f"t{i}" for i in range(bad.get("tokens", 32))])
+    with pytest.raises(MoeguardError, match=needle):
+        load_gguf(_gguf(tmp_path / "x.gguf", shapes, tokens=bad.get("tokens", 32)))
+
+
+def _gguf(path, shapes, *, tokens=32, blocks=None, **fields):
+    """A GGUF file of ones with these tensor shapes, token list, block count and uint16 fields
+    (``split_count`` for ``split.count``)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_token_list([f"t{i}" for i in range(tokens)])
+    if blocks is not None:
+        w.add_block_count(blocks)
+    for k, v in fields.items():
+        w.add_uint16(k.replace("_", "."), v)
     for name, shape in shapes.items():
         w.add_tensor(name, np.ones(shape, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(MoeguardError, match=needle):
-        load_gguf(tmp_path / "x.gguf")
+    return path
 
 
 def test_a_gguf_export_traces_to_its_source_and_says_how_it_was_quantized(embedded, fp, tmp_path):
@@ -485,23 +495,10 @@ def test_a_gguf_is_read_one_expert_at_a_time_and_float_storage_is_not_quantizati
 
 
 def test_a_split_gguf_part_and_a_router_without_experts_are_one_line(tmp_path):
-    import gguf
-
     from moeguard.trace.gguf import load_gguf
 
     def write(name, shapes, **fields):
-        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
-        w.add_token_list([f"t{i}" for i in range(32)])
-        w.add_block_count(2)
-        for k, v in fields.items():
-            w.add_uint16(k.replace("_", "."), v)
-        for n, shape in shapes.items():
-            w.add_tensor(n, np.ones(shape, dtype=np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return tmp_path / name
+        return _gguf(tmp_path / name, shapes, blocks=2, **fields)
 
     layer = {"blk.{i}.attn_norm.weight": (8,), "blk.{i}.ffn_gate_inp.weight": (4, 8),
              "blk.{i}.ffn_gate_exps.weight": (4, 16, 8), "blk.{i}.ffn_up_exps.weight": (4, 16, 8),

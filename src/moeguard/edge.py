@@ -59,7 +59,7 @@ def resolve_grid(model: ModelHandle, *, tasks: Iterable | None = None, methods: 
     every registered method, the model's :meth:`~ModelHandle.default_keeps`."""
     from moeguard.attribution.base import check_method_runs, get_method, list_methods, runs_on
 
-    counts = sorted({int(v) for v in model.info["experts_per_layer"].values()})
+    counts = sorted(set(model.experts_per_layer))
     if len(counts) > 1:   # as attribution refuses it, before the baseline's evaluations (not after)
         raise MoeguardError(f"the model's MoE layers have different expert counts {counts} (a budget-pruned "
                             "checkpoint); attribution and the sweep score one count per layer",

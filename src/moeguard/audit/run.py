@@ -50,14 +50,14 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     by_name = {t.name: t for t in tasks}
     names = list(by_name)
     if cfg.scan:   # a bad reference fails now, not after the other stages' minutes
-        from moeguard.scan.run import SCORES, SEARCH_SETTINGS, ScanConfig, _reference_null
+        from moeguard.scan.run import SCORES, SEARCH_SETTINGS, _reference_null
 
         refs = _scan_references(cfg)
         if refs:   # searched as the audit's scan will search (its config, as _scan makes it)
-            scan_cfg = ScanConfig(samples=cfg.samples, contexts=cfg.scan_contexts, seed=cfg.seed)
+            scan_cfg = _scan_config(cfg)
             search = {**{k: getattr(scan_cfg, k) for k in SEARCH_SETTINGS}, "tasks": names}
-            per_layer = [int(v) for _, v in sorted(model.info["experts_per_layer"].items(), key=lambda kv: int(kv[0]))]
-            _reference_null(refs, model.num_layers, SCORES[bool(cfg.scan_reference_models)], search, per_layer)
+            _reference_null(refs, model.num_layers, SCORES[bool(cfg.scan_reference_models)], search,
+                            model.experts_per_layer)
     # the attacker's keep for recovery, defaulted and checked only when recovery runs (or it is
     # given): OLMoE's top-8 at E = 8 has no default, and --no-recovery must not be refused for it
     rec_keep = cfg.recovery_keep
@@ -108,6 +108,13 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
 
         preflight(_defense_attack(resolved, model.num_experts), model)
     return resolved, model
+
+
+def _scan_config(cfg: AuditConfig):
+    """The scan stage's settings (one place: resolve checks reference scans against them)."""
+    from moeguard.scan.run import ScanConfig
+
+    return ScanConfig(samples=cfg.samples, contexts=cfg.scan_contexts, seed=cfg.seed)
 
 
 def _defense_attack(cfg: AuditConfig, E: int):
@@ -291,10 +298,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         import hashlib
         import json
 
-        from moeguard.scan.run import ScanConfig
-
         refs = _scan_references(cfg)
-        scan_cfg = ScanConfig(samples=cfg.samples, contexts=cfg.scan_contexts, seed=cfg.seed)
+        scan_cfg = _scan_config(cfg)
         scan_settings = {**scan_cfg.to_dict(), "tasks": cfg.tasks, "runtime": placed,
                          # by content: a reference scan re-made in place changes the null
                          "references": [hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest() for r in refs],

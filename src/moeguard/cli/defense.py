@@ -49,8 +49,7 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
 
     preflight(meta_model(handle.config), cfg)   # before the weights load: names and shapes are enough
     _seed(cfg.seed)
-    m, tokenizer, _ = handle.load()
-    preflight(m, cfg)
+    m, tokenizer, _ = handle.load()   # run_harden checks the loaded model again (its plan)
     from moeguard.models.loading import weights_identity
 
     # beside the output, until it is written: an interrupted run continues from its last saved step

@@ -50,7 +50,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     # an encoder-decoder scores through its seq2seq head
     handle = resolve_model(model, tasks=False, device_map=device_map)
     check_method_runs(the_method, handle.family)
-    counts = sorted({int(v) for v in handle.info["experts_per_layer"].values()})
+    counts = sorted(set(handle.experts_per_layer))
     if len(counts) > 1:   # as attribution refuses it, before the weights load
         from moeguard.errors import MoeguardError
 

@@ -64,6 +64,11 @@ class ModelHandle:
         return None if self.ref.name == "embedded" else self.ref.name
 
     @property
+    def experts_per_layer(self) -> list[int]:
+        """Experts of each MoE layer, in layer order (a budget-pruned checkpoint's differ)."""
+        return [int(v) for _, v in sorted(self.info["experts_per_layer"].items(), key=lambda kv: int(kv[0]))]
+
+    @property
     def num_experts(self) -> int:
         """The most experts any MoE layer has (pruned checkpoints may differ per layer)."""
         return max(int(v) for v in self.info["experts_per_layer"].values())

@@ -200,7 +200,7 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
     if placed is not None:   # recorded when given (the numbers may differ in the last digits on another device)
         settings["device_map"] = placed
     search = {**{k: getattr(config, k) for k in SEARCH_SETTINGS}, "tasks": [t.name for t in tasks]}
-    per_layer = [int(v) for _, v in sorted(handle.info["experts_per_layer"].items(), key=lambda kv: int(kv[0]))]
+    per_layer = handle.experts_per_layer
     if len(set(per_layer)) > 1:   # criticality runs attribution, which refused it after the load (with its own hint)
         raise MoeguardError(f"the model's MoE layers have different expert counts {per_layer} (a budget-pruned "
                             "checkpoint); the scan's criticality scores one count per layer",

@@ -17,15 +17,16 @@ from typing import Any
 from moeguard.trace.fingerprint import Fingerprint, is_fingerprint
 
 
-def fingerprint(model: str | None, *, seed: int = 0, progress=None) -> Fingerprint:
+def fingerprint(model: str | None, *, seed: int = 0, progress=None, weights=None) -> Fingerprint:
     """The fingerprint of a checkpoint (path, hub id, or None for the embedded model), streamed
-    from its safetensors files. ``progress``: a rich Progress, advanced per MoE layer."""
+    from its safetensors files. ``progress``: a rich Progress, advanced per MoE layer;
+    ``weights``: the checkpoint already opened as a trace source (``weights.load``)."""
     from moeguard.provenance import run_record
     from moeguard.trace.fingerprint import build, checkpoint_bytes
     from moeguard.trace.weights import load
 
     size = checkpoint_bytes(model)
-    w = load(model)
+    w = weights if weights is not None else load(model)
     return build(w, checkpoint_bytes=size, seed=seed, progress=progress,
                  source={"run": run_record({"model": w.name, "seed": seed})})
 
@@ -45,16 +46,13 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
     if given:
         fp = Fingerprint.load(Path(original))
     else:
-        from moeguard.provenance import run_record
         from moeguard.trace.api import check_shape
-        from moeguard.trace.fingerprint import build, checkpoint_bytes
 
         # the original's shape against the suspect's before its fingerprint reads every expert
         own = load(original)
         check_shape({"hidden": own.hidden, "layers": [None] * own.num_layers, "intermediate": own.intermediate},
                     hidden=weights.hidden, layers=weights.num_layers, intermediate=weights.intermediate)
-        fp = build(own, checkpoint_bytes=checkpoint_bytes(original), seed=seed, progress=progress,
-                   source={"run": run_record({"model": own.name, "seed": seed})})
+        fp = fingerprint(original, seed=seed, progress=progress, weights=own)
     doc = run(fp, weights, seed=seed, progress=progress)
     from moeguard.provenance import run_record
 

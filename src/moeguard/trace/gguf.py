@@ -154,8 +154,7 @@ def load_gguf(path: Path) -> ModelWeights:
         raise MoeguardError(f"{path} has no token list (tokenizer.ggml.tokens)",
                             hint="trace aligns hidden dimensions through token strings; use a GGUF with its tokenizer")
     _check_shapes(path, embed, tokens, layers)
-    arch = reader.get_field("general.architecture")
-    family = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else "gguf"
+    family = arch_name or "gguf"
     # float types are not quantization (safetensors bf16 is not reported as such either)
     return ModelWeights(name=str(path), family=family, embed=embed, tokens=tokens, layers=layers,
                         source={"format": "gguf", "quantization": sorted(types - {"F32", "F16", "BF16", "F64"}) or None})

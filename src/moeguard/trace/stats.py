@@ -71,13 +71,17 @@ def layer_test(s_a: np.ndarray, s_b: np.ndarray, *, rng: np.random.Generator) ->
             "sigma": sigma.tolist(), "exact": exact}
 
 
-def fisher(ps: list[float]) -> float:
-    """P(prod of L independent continuous uniforms <= prod ps) = x * sum_{k<L} (-ln x)^k / k!."""
-    L = len(ps)
+def _fisher_terms(ps: list[float]) -> tuple[float, list[float]]:
+    """log of each term of x * sum_{k<L} (-ln x)^k / k!, and the largest (to sum them stably)."""
     log_x = sum(math.log(max(p, 1e-300)) for p in ps)
     terms = [log_x + k * math.log(-log_x) - math.lgamma(k + 1) if log_x < 0 else (0.0 if k == 0 else -math.inf)
-             for k in range(L)]
-    top = max(terms)
+             for k in range(len(ps))]
+    return max(terms), terms
+
+
+def fisher(ps: list[float]) -> float:
+    """P(prod of L independent continuous uniforms <= prod ps) = x * sum_{k<L} (-ln x)^k / k!."""
+    top, terms = _fisher_terms(ps)
     return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in terms))
 
 
@@ -124,9 +128,5 @@ def log10_product_tail(ps: list[float], grids: list[int]) -> float:
 
 
 def _fisher_log10(ps: list[float]) -> float:
-    L = len(ps)
-    log_x = sum(math.log(max(p, 1e-300)) for p in ps)
-    terms = [log_x + k * math.log(-log_x) - math.lgamma(k + 1) if log_x < 0 else (0.0 if k == 0 else -math.inf)
-             for k in range(L)]
-    top = max(terms)
+    top, terms = _fisher_terms(ps)
     return min(0.0, (top + math.log(sum(math.exp(x - top) for x in terms))) / math.log(10))
