@@ -317,6 +317,28 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
      "output . is (or holds) the input f.txt: writing it would replace the input"),
     (["harden", "--model", "{D}", "--out", "{D}", "--overwrite"], "output d is (or holds) the input d"),
     (["route-attack", "--model", "{D}", "--out", "{D}", "--overwrite", "--expert", "1"], "output d is (or holds) the input d"),
+    (["realign", "--model", "{D}", "--task", "arith-compare", "--original", "{F}", "--out", "{F}", "--overwrite"],
+     "output f.txt is (or holds) the input f.txt"),                        # --original was deleted after training
+    (["recovery", "--task", "arith-compare", "--keep", "2", "--sweep", "{F}", "--out", "{F}", "--overwrite"],
+     "output f.txt is (or holds) the input f.txt"),
+    (["scan", "--reference-models", "{D}", "--out", "{D}", "--overwrite"], "output d is (or holds) the input d"),
+    (["defend-eval", "--hardened", "{D}", "--protocol", "{F}", "--out", "{F}", "--overwrite"],
+     "output f.txt is (or holds) the input f.txt"),
+    # a parent that is a file failed in mkstemp, after the work
+    (["eval", "--tasks", "arith-compare", "--out", "{F}/x.json"], "output f.txt/x.json is inside f.txt, which is a file"),
+    (["attribute", "--task", "arith-compare", "--method", "gate", "--out", "{F}/s.json"], "which is a file, not a folder"),
+    (["merge", "--out", "{F}", "--overwrite", "--method", "average", "--scores", "S", "--keep", "2"],   # after the merge
+     "output f.txt is a file; this command writes a folder"),
+    # an empty list meant "the default" (the whole suite, every method, half the experts)
+    (["eval", "--tasks", "", "--out", "{O}"], "--tasks '' names no task"),
+    (["sweep", "--tasks", "", "--out", "{O}"], "--tasks '' names nothing"),
+    (["sweep", "--keep", " ", "--out", "{O}"], "--keep ' ' names nothing"),
+    (["zoo", "train", "--tasks", "", "--out", "{O}"], "--tasks '' names nothing"),
+    (["route-attack", "--task", "", "--expert", "1", "--out", "{O}"], "task ''"),
+    # transformers applies a memory cap only to a placement strategy: the whole model went to the one device
+    (["eval", "--tasks", "arith-compare", "--max-memory", "8GiB", "--device-map", "cpu", "--out", "{O}"],
+     "--device-map cpu puts every layer on one device"),
+    (["audit", "--max-memory", "8GiB", "--device-map", "cpu", "--out", "{O}"], "device_map cpu puts every layer on one device"),
     (["trace", "--suspect", "{F}"], "model path {F} is a file, not a checkpoint directory"),     # not "--model"
     (["trace", "--suspect", "{D}/MODEL.GGUF"], "GGUF file {D}/MODEL.GGUF does not exist"),     # the suffix in any case
     (["trace", "--suspect", "{D}/model"], "model path {D}/model does not exist (the folder {D} does)"),   # not a hub id
@@ -368,6 +390,25 @@ KEEP2 = {str(l): [0, 1] for l in range(1, 4)}
     ("prune --out O --scores F --keep 2", _scores_doc(method=None) .replace('"method": null, ', ""), "is malformed"),
     ("merge --out O --method average --scores F --keep 2",
      _scores_doc(scores={str(l): [None] * 8 for l in range(4)}), "NaN or infinite"),       # prune refused them, merge did not
+    # another model's plan: its count was replaced by the model's, and its indices pruned other experts
+    ("prune --out O --plan F", json.dumps({"keep": {"0": [0, 1], **KEEP2}, "original_num_experts": 64}),
+     "was made for a model with 64 experts per layer; this model has 8"),
+    ("prune --out O --plan F --plan-only", json.dumps({"keep": {"0": [0, 1], **KEEP2}, "num_experts": 16}),
+     "was made for a model with 16 experts per layer"),
+    ("merge --out O --method frequency-weighted --plan F", json.dumps({"keep": {"0": [0, 1], **KEEP2}, "num_experts": 64}),
+     "was made for a model with 64 experts per layer"),
+    # "0" and "00" are both layer 0: the last one won
+    ("prune --out O --plan F", '{"keep": {"0": [0, 1], "00": [2, 3], "1": [0, 1], "2": [0, 1], "3": [0, 1]}}',
+     "layer 0 is named twice"),
+    ("merge --out O --method average --plan F",
+     '{"clusters": {"0": [[0, 1], [2, 3], [4, 5], [6, 7]], "00": [[0, 1], [2, 3], [4, 5], [6, 7]]}}', "layer 0 is named twice"),
+    # options that change nothing were recorded as if they had
+    ("prune --out O --plan F --plan-only --in-memory", json.dumps({"keep": {"0": [0, 1], **KEEP2}}),
+     "--plan-only writes only the plan"),
+    ("merge --out O --method average --scores F --keep 2 --gate raw", _scores_doc(), "--gate raw changes only methods"),
+    ("merge --out O --method average --plan F --task arith-compare",
+     json.dumps({"clusters": {str(l): [[0, 1], [2, 3], [4, 5], [6, 7]] for l in range(4)},
+                 "weights": {str(l): [[0.5, 0.5]] * 4 for l in range(4)}}), "--task calibrates merges that need data"),
 ])
 def test_plans_and_scores_that_parse_but_do_not_say_what_they_seem(cmd, content, needle, capsys, tmp_path):
     f = tmp_path / "in.json"
@@ -377,3 +418,51 @@ def test_plans_and_scores_that_parse_but_do_not_say_what_they_seem(cmd, content,
     code = main([{"O": str(out), "F": str(f)}.get(a, a) for a in cmd.split()])
     assert_one_line(code, capsys.readouterr().err, needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", ["eval", "attribute", "sweep", "monitor profile"])
+def test_an_output_that_is_a_task_file_or_its_data_is_refused(cmd, capsys, tmp_path):
+    """--overwrite's swap deleted the task's YAML, or the folder holding its data."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"input": f"{i} > {i + 1}?", "label": i % 2} for i in range(40)]
+    for split in ("train", "eval"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = tmp_path / "mine.yaml"
+    task.write_text("name: mine-" + cmd.replace(" ", "-") + "\nkind: classification\nsource: {type: local, path: data, format: jsonl}\n"
+                    "fields: {input: input, label: label}\nsplits: {train: train, eval: eval}\n"
+                    "labels: {0: ' no', 1: ' yes'}\nprompt: '{input} Answer:'\n")
+    before = task.read_text()
+    opt = {"eval": "--tasks", "attribute": "--task", "sweep": "--tasks", "monitor profile": "--tasks"}[cmd]
+    extra = {"attribute": ["--method", "gate"]}.get(cmd, [])
+    for out, needle in ((task, "is (or holds) the input"), (tmp_path / "data", "is (or holds) the input")):
+        if cmd in ("eval", "attribute", "monitor profile") and out.is_dir():
+            continue   # they write a file: a folder --out is refused for its kind first (test above)
+        if cmd == "sweep" and not out.is_dir():
+            continue
+        capsys.readouterr()
+        code = main([*cmd.split(), opt, str(task), *extra, "--out", str(out), "--overwrite"])
+        assert_one_line(code, capsys.readouterr().err, needle)
+    assert task.read_text() == before and sorted(p.name for p in data.iterdir()) == ["eval.jsonl", "train.jsonl"]
+
+
+def test_an_interrupt_names_the_progress_a_resumable_command_kept(capsys, tmp_path, monkeypatch):
+    from moeguard.monitor import routeattack
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(routeattack, "search", interrupted)
+    out = tmp_path / "ra"
+    code = main(["route-attack", "--layer", "0", "--expert", "1", "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert f"interrupted; the work done so far is kept in {tmp_path / '.ra.partial'}: run the same command again" in err
+    assert (tmp_path / ".ra.partial").is_dir() and not out.exists()
+    # a command that keeps nothing says so (the partial above, from the earlier call, is not named)
+    from moeguard.attribution import run as attribution_run
+
+    monkeypatch.setattr(attribution_run, "make_context", interrupted)
+    code = main(["attribute", "--task", "arith-compare", "--method", "gate", "--out", str(tmp_path / "s.json")])
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "moeguard: interrupted; no output was written"

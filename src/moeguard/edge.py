@@ -73,6 +73,16 @@ def resolve_grid(model: ModelHandle, *, tasks: Iterable | None = None, methods: 
     return task_list, names, levels
 
 
+def task_inputs(tasks: Iterable) -> list[str]:
+    """The local paths the tasks read, for ``check_output(inputs=...)``: each task's YAML file and,
+    for a local or disk task, its data folder. An ``--out`` that is or holds one would replace it
+    under --overwrite."""
+    from moeguard.tasks.registry import origin_file
+
+    paths = [f for t in tasks if (f := origin_file(t.name)) is not None]
+    return paths + [t.source.path for t in tasks if t.source.type in ("local", "disk") and t.source.path]
+
+
 def file_tasks(tasks: Iterable) -> tuple:
     """The tasks a worker process cannot know by name (they came from the user's files)."""
     from moeguard.tasks.registry import is_builtin
@@ -80,4 +90,4 @@ def file_tasks(tasks: Iterable) -> tuple:
     return tuple(t for t in tasks if not is_builtin(t.name))
 
 
-__all__ = ["ModelHandle", "resolve_model", "resolve_tasks", "embedded_or", "resolve_grid", "file_tasks"]
+__all__ = ["ModelHandle", "resolve_model", "resolve_tasks", "embedded_or", "resolve_grid", "file_tasks", "task_inputs"]

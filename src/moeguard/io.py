@@ -42,8 +42,16 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
     if kind is not None and path.exists() and path.is_dir() != (kind == "folder"):
         raise MoeguardError(f"output {path} is a {'folder' if path.is_dir() else 'file'}; this command writes a {kind}",
                             hint=f"pass a {kind} path for --out")
-    if not path.parent.exists():
-        raise MoeguardError(f"output folder {path.parent} does not exist", hint=f"create it: mkdir -p {path.parent}")
+    parent = path.parent
+    if not parent.exists():
+        raise MoeguardError(f"output folder {parent} does not exist", hint=f"create it: mkdir -p {parent}")
+    # a parent that is a file, or one this user cannot write, failed in mkstemp after all the work
+    if not parent.is_dir():
+        raise MoeguardError(f"output {path} is inside {parent}, which is a file, not a folder",
+                            hint="choose an --out inside a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MoeguardError(f"output folder {parent} is not writable by this user",
+                            hint="choose an --out in a folder you can write, or fix its permissions")
     return path
 
 
@@ -116,7 +124,9 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
     files before it ends; everything left in the folder becomes ``path``."""
     path = check_output(path, overwrite=overwrite, kind="folder")
     partial = _partial(path, settings)
+    _open_partials.append(partial)   # left listed when the block fails: the interrupt's message names it
     yield partial
+    _open_partials.remove(partial)
     (partial / STAMP).unlink(missing_ok=True)
     _move_into_place(partial, path)
 
@@ -129,8 +139,25 @@ def resumable_scratch(path: str | os.PathLike, *, overwrite: bool = False, setti
     ``path`` itself (``write_json``)."""
     path = check_output(path, overwrite=overwrite, kind="file")
     partial = _partial(path, settings)
+    _open_partials.append(partial)   # left listed when the block fails: the interrupt's message names it
     yield partial
+    _open_partials.remove(partial)
     shutil.rmtree(partial, ignore_errors=True)
+
+
+# the partial folders of resumable blocks that started and have not completed (running, or left by
+# a failure): an interrupt's message names the latest one still on disk
+_open_partials: list[Path] = []
+
+
+def forget_progress() -> None:
+    """Start a new command: the partial folders listed so far belong to earlier ones."""
+    _open_partials.clear()
+
+
+def kept_progress() -> Path | None:
+    """The partial folder of the latest resumable block an interrupt left (None: no such block)."""
+    return next((p for p in reversed(_open_partials) if p.exists()), None)
 
 
 STAMP = ".moeguard-settings.json"

@@ -136,7 +136,7 @@ def check(cfg: AuditConfig) -> None:
     if cfg.max_memory is not None:
         from moeguard.models.loading import parse_memory
 
-        parse_memory(cfg.max_memory, what="max_memory")
+        parse_memory(cfg.max_memory, what="max_memory", device_map=cfg.device_map, map_flag="device_map")
         needs = [name for name, on in (("defense", cfg.defense or cfg.hardened), ("scan", cfg.scan)) if on]
         if needs:
             # each fine-tunes or edits a copy of the model in memory, which the cap is there to avoid

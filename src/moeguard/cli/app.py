@@ -121,7 +121,12 @@ def _config_command(params: Callable[[], list]):
 def _run_study(out: Path, overwrite: bool, settings: dict, model, study, cfg, write, *, backend: str = "local",
                ray_address: str | None = None, tasks=(), max_memory: int | None = None) -> dict:
     """:func:`moeguard.studies.run_to_dir` with the command's progress bar."""
+    from moeguard.edge import task_inputs
+    from moeguard.io import check_output
     from moeguard.studies import run_to_dir
+
+    # the tasks are resolved now: a task file or data folder as --out would be replaced by the run
+    check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs(tasks))
 
     with _progress() as progress:
         return run_to_dir(study, cfg, out=out, model=model, settings=settings, write=write, backend=backend,
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from moeguard.io import forget_progress
+
+    forget_progress()   # an earlier call's left partial (a library caller's process) is not this call's
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="moeguard")
     except MoeguardError as e:
@@ -187,13 +195,23 @@ def _main(argv: list[str] | None) -> int:
         print(f"moeguard: error: {e.one_line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("moeguard: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return _interrupted()
     except Exception as e:
         if _state["debug"] or not _is_usage_error(e):
             raise
         return _report_usage_error(e)
+    if rv == 130:   # typer turns a KeyboardInterrupt inside a command into this exit code, silently
+        return _interrupted()
     return rv if isinstance(rv, int) else 0
+
+
+def _interrupted() -> int:
+    from moeguard.io import kept_progress
+
+    kept = kept_progress()   # a resumable command's finished steps survive the interrupt
+    print(f"moeguard: interrupted; the work done so far is kept in {kept}: run the same command again to resume"
+          if kept is not None else "moeguard: interrupted; no output was written", file=sys.stderr)
+    return 130
 
 
 def _click_names(e: Exception) -> set[str]:

@@ -166,12 +166,12 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
     from moeguard.report.defense import defense_table, write_defense
     from moeguard.studies.defend import DefendEvalStudy, resolve
 
-    check_output(out, overwrite=overwrite, inputs=(base, hardened,), kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(base, hardened, protocol), kind="folder")
     task_list = resolve_tasks(_names(tasks, "--tasks"), what="--tasks")
-    extra = resolve_tasks(_names(utility_tasks, "--utility-tasks"), what="--utility-tasks") if utility_tasks else []
+    extra = resolve_tasks(_names(utility_tasks, "--utility-tasks"), what="--utility-tasks") if utility_tasks is not None else []
     b, h = resolve_model(base, device_map=device_map), resolve_model(hardened, device_map=device_map)
     cfg, proto_path = resolve(base=b, hardened=h, tasks=task_list, utility_tasks=extra,
-                              keeps=_ints(keeps, "--keeps") if keeps else None,
+                              keeps=_ints(keeps, "--keeps") if keeps is not None else None,
                               attack=_attack_config(flags, task=task_list[0].name, keep=1), protocol=protocol)
     from moeguard.io import file_sha256
     from moeguard.models.loading import weights_identity

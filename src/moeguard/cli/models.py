@@ -92,21 +92,26 @@ def eval_(model: ModelOpt = None,
           device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, overwrite: OverwriteOpt = False,
           seed: SeedOpt = 0) -> None:
     """Per-task metrics with the trivial baseline beside each."""
-    from moeguard.edge import embedded_or
+    from moeguard.edge import embedded_or, resolve_model, task_inputs
     from moeguard.io import check_output, write_json
-    from moeguard.models.loading import check_device_map, load_model, parse_memory
+    from moeguard.models.loading import parse_memory
     from moeguard.provenance import run_record
     from moeguard.report.tables import eval_table
     from moeguard.tasks.evaluate import evaluate_suite
 
     if out is not None:
-        check_output(out, overwrite=overwrite, kind="file")
-    cap = parse_memory(max_memory) if max_memory is not None else None
-    device_map = check_device_map(device_map)
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+        check_output(out, overwrite=overwrite, kind="file", inputs=(model,))
+    cap = parse_memory(max_memory, device_map=device_map) if max_memory is not None else None
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
     if names == []:
         raise MoeguardError(f"--tasks '{tasks}' names no task", hint="see `moeguard tasks` for names")
     task_list = embedded_or(names, what="--tasks")  # fails on unreadable or empty data before any weights load
+    if out is not None:   # a task file or data folder as --out would be replaced by the results
+        check_output(out, overwrite=overwrite, kind="file", inputs=task_inputs(task_list))
+    # inspected before the resumable folder exists: a model that is no MoE, or has no config, leaves nothing
+    # behind (an encoder-decoder evaluates through its seq2seq head)
+    handle = resolve_model(model, tasks=False, device_map=device_map)
+    device_map = handle.device_map
     settings = {"tasks": [t.name for t in task_list], "limit": limit, "batch_size": batch_size, "seed": seed,
                 "max_memory": cap, **({"device_map": device_map} if device_map is not None else {})}
     with contextlib.ExitStack() as stack:
@@ -121,7 +126,7 @@ def eval_(model: ModelOpt = None,
             cache = stack.enter_context(resumable_scratch(out, overwrite=overwrite, settings={
                 **settings, "model": weights_identity(model), "task_identity": [task_identity(t) for t in task_list]}))
         _seed(seed)
-        m, tokenizer, ref = load_model(model, max_memory=cap, device_map=device_map)
+        m, tokenizer, ref = handle.load(max_memory=cap)
         try:
             with _progress() as progress:
                 results = evaluate_suite(m, tokenizer, task_list, limit=limit, batch_size=batch_size,

@@ -39,7 +39,7 @@ def route_attack(
     handle = resolve_model(model, device_map=device_map)
     layers = None if layer in (None, "all") else _ints(layer, "--layer")
     pairs = targets(handle, layers, expert, every)
-    t = embedded_or([task] if task else None, what="--task")[0]
+    t = embedded_or([task] if task is not None else None, what="--task")[0]   # "" is refused, not the default
     _seed(seed)
     cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=prefix_tokens, steps=steps,
                        candidates=candidates, seed=seed)
@@ -77,7 +77,7 @@ def monitor_profile(
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """The reference routing profile of benign traffic, with calibrated null distributions."""
     from moeguard.cli.app import _seed
-    from moeguard.edge import embedded_or, resolve_model
+    from moeguard.edge import embedded_or, resolve_model, task_inputs
     from moeguard.errors import MoeguardError
     from moeguard.io import check_output, write_json
     from moeguard.monitor.profile import build
@@ -90,6 +90,7 @@ def monitor_profile(
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks")
+    check_output(out, overwrite=overwrite, inputs=task_inputs(ts), kind="file")
     held = (limit - limit // 2) * len(ts)    # calibration requests at most: a window is drawn from them
     if window > held:
         raise MoeguardError(f"--window is {window}; benign windows are drawn from at most {held} calibration requests "

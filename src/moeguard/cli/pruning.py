@@ -11,6 +11,7 @@ import typer
 
 from moeguard.cli.app import (DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints, _names,
                               _out, _placement, _progress, _run, _run_study, _seed, app)
+from moeguard.errors import MoeguardError
 
 
 @app.command()
@@ -26,14 +27,14 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     """Score every (layer, expert) for a task with one method; higher = more important."""
     from moeguard.attribution.base import check_method_runs, get_method
     from moeguard.attribution.run import make_context, score
-    from moeguard.edge import resolve_model, resolve_tasks
+    from moeguard.edge import resolve_model, resolve_tasks, task_inputs
     from moeguard.io import check_output, write_json
     from moeguard.models.loading import parse_memory
     from moeguard.report.tables import scores_table
 
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     the_method = get_method(method)
-    cap = parse_memory(max_memory) if max_memory is not None else None
+    cap = parse_memory(max_memory, device_map=device_map) if max_memory is not None else None
     refs = _names(reference, "--reference") if reference is not None else None
     if refs is not None and not the_method.needs_reference:   # it was recorded (and its data read) for nothing
         from moeguard.errors import MoeguardError
@@ -42,6 +43,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
                             f"'{method}' does not", hint="drop --reference, or use --method contrastive")
     # resolved once here (a YAML path is read once), and unreadable data fails before any weights load
     the_task, *ref_tasks = resolve_tasks([task, *(refs or [])], what="--task")
+    check_output(out, overwrite=overwrite, kind="file", inputs=task_inputs([the_task, *ref_tasks]))
     if any(r.name == the_task.name for r in ref_tasks):   # before the weights load (make_context refuses it too)
         from moeguard.errors import MoeguardError
 
@@ -108,10 +110,17 @@ def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     if plan_only:
         from moeguard.models.adapter import MoEAdapter
         from moeguard.models.loading import meta_model
+        from moeguard.models.prune import pruned_config
         from moeguard.pruning.plan import check_plan
         from moeguard.provenance import run_record
 
-        check_plan(the_plan, MoEAdapter(meta_model(handle.config), family=handle.family))   # as a prune would
+        if streaming is not None:   # nothing is written but the plan: the option would be ignored
+            raise MoeguardError("--streaming/--in-memory choose how a checkpoint is written, and --plan-only writes "
+                                "only the plan", hint="drop --streaming/--in-memory, or --plan-only")
+        adapter = MoEAdapter(meta_model(handle.config), family=handle.family)
+        # as a prune would: the plan's layers and experts, then what the family's config can express
+        # (group-limited routing, one count per layer), so a written plan is one `prune --plan` accepts
+        pruned_config(adapter, check_plan(the_plan, adapter))
         doc = {**the_plan.to_dict(), "run": run_record({"model": model or "embedded", "scores": str(scores) if scores else None,
                                                         "plan": str(plan) if plan else None, "keep": keep,
                                                         "keep_ratio": keep_ratio, "budget": budget})}
@@ -159,9 +168,9 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
     handle = resolve_model(model, tasks=False, device_map=device_map)
     grid = {k: flags.pop(k) for k in ("tasks", "methods", "keeps")}
     task_list, methods, keeps = resolve_grid(
-        handle, tasks=_names(grid["tasks"], "--tasks") if grid["tasks"] else None,
-        methods=_names(grid["methods"], "--methods") if grid["methods"] else None,
-        keeps=_ints(grid["keeps"], "--keep") if grid["keeps"] else None)
+        handle, tasks=_names(grid["tasks"], "--tasks") if grid["tasks"] is not None else None,
+        methods=_names(grid["methods"], "--methods") if grid["methods"] is not None else None,
+        keeps=_ints(grid["keeps"], "--keep") if grid["keeps"] is not None else None)
     names = [t.name for t in task_list]
     cfg = build(SweepConfig, flags, what="sweep", tasks=names, methods=methods, keeps=keeps)
     check_merge_route(handle.family, "merge" in cfg.routes)
@@ -217,7 +226,7 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     if max_memory is not None:
         from moeguard.models.loading import parse_memory
 
-        cap = settings["max_memory"] = parse_memory(max_memory)
+        cap = settings["max_memory"] = parse_memory(max_memory, device_map=device_map)
     with _progress() as progress:
         record = write_merged(handle, out, method=method, keep=keep, scores=scores, plan=plan, task=task,
                               samples=samples, batch_size=batch_size, tokens=tokens, gate=gate, seed=seed,

@@ -46,15 +46,16 @@ def realign(*, model: str, task: str, out: Path, strategy: str, budget: int, que
     A killed run continues from its last checkpoint when started again with the same settings."""
     from moeguard.config import build
     from moeguard.defense.protocol import Protocol
-    from moeguard.edge import resolve_model, resolve_tasks
+    from moeguard.edge import resolve_model, resolve_tasks, task_inputs
     from moeguard.io import check_output
     from moeguard.realign.api import realign_checkpoint
     from moeguard.realign.engine import FinetuneConfig
     from moeguard.realign.loop import ALConfig, schedule_for
     from moeguard.report.recovery import realign_table
 
-    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
-    the_task = resolve_tasks([task], what="--task", check=False)[0]
+    check_output(out, overwrite=overwrite, inputs=(model, original, protocol), kind="folder")
+    the_task = resolve_tasks([task], what="--task")[0]   # its eval split is read too, before any weights load
+    check_output(out, overwrite=overwrite, inputs=task_inputs([the_task]), kind="folder")
     schedule = schedule_for(budget=budget, query_size=query_size)
     proto = Protocol.load(protocol) if protocol is not None else None
     if proto is not None:
@@ -99,19 +100,19 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
     With --max-memory (and --mode lora), the pruned copy is streamed to disk and loaded under the
     cap, the adapters train over its offloaded weights, and the re-aligned models are not traced."""
     from moeguard.config import build
-    from moeguard.edge import resolve_model, resolve_tasks
+    from moeguard.edge import resolve_model, resolve_tasks, task_inputs
     from moeguard.io import check_output, read_json
     from moeguard.realign.engine import FinetuneConfig
     from moeguard.report.recovery import recovery_table, write_recovery
     from moeguard.studies.recovery import (DEFAULT_METHOD, RecoveryConfig, RecoveryStudy, best_method, check_capped,
                                            preflight)
 
-    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model, sweep), kind="folder")
     cap = None
     if max_memory is not None:
         from moeguard.models.loading import parse_memory
 
-        cap = parse_memory(max_memory)
+        cap = parse_memory(max_memory, device_map=device_map)
         check_capped(max_memory, mode=flags["mode"], merge=flags.get("route") == "merge")
     method = flags.pop("method")
     if method is not None and sweep is not None:

@@ -27,7 +27,7 @@ def scan(
         as_json: JsonOpt = False) -> None:
     """Scan every expert: usage, criticality, weights against siblings, and backdoor suspicion without the trigger."""
     from moeguard.cli.app import _names, _seed, _task_names
-    from moeguard.edge import embedded_or, resolve_model
+    from moeguard.edge import embedded_or, resolve_model, task_inputs
     from moeguard.io import check_output
     from moeguard.scan.run import ScanConfig, load_references
     from moeguard.scan.run import scan as run_scan
@@ -35,10 +35,13 @@ def scan(
     config = ScanConfig(samples=samples, contexts=contexts, context_tokens=context_tokens, candidates=candidates,
                         chain=chain, threshold=threshold, seed=seed)
     refs = load_references([Path(p) for p in _names(references, "--references")]) if references is not None else []
-    check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
+    ref_paths = _names(references, "--references") if references is not None else []
+    ref_model_names = _names(reference_models, "--reference-models") if reference_models is not None else []
+    check_output(out, overwrite=overwrite, inputs=(model, *ref_paths, *ref_model_names), kind="folder")
     handle = resolve_model(model, device_map=device_map)
-    ref_models = [resolve_model(m, device_map=device_map) for m in _names(reference_models, "--reference-models")] if reference_models is not None else []
+    ref_models = [resolve_model(m, device_map=device_map) for m in ref_model_names]
     task_list = embedded_or(_task_names(tasks, "--tasks") if tasks is not None else None, what="--tasks")
+    check_output(out, overwrite=overwrite, inputs=task_inputs(task_list), kind="folder")
     _seed(seed)
     with _progress(stderr=as_json) as progress:
         doc = run_scan(handle, task_list, out, config=config, references=refs, reference_models=ref_models,

@@ -9,8 +9,11 @@ from moeguard.cli.app import OverwriteOpt, SeedOpt, _progress, _task_names, zoo_
 import typer
 
 
+DEFAULT_OUT = Path("runs/embedded-model")
+
+
 @zoo_app.command("train")
-def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint directory")] = Path("runs/embedded-model"),
+def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint directory")] = DEFAULT_OUT,
               steps: Annotated[int, typer.Option("--steps", min=1)] = 1000,
               tasks: Annotated[Optional[str], typer.Option("--tasks", help="train on these tasks instead of the embedded suite (names or YAML paths)")] = None,
               seed: SeedOpt = 0, overwrite: OverwriteOpt = False) -> None:
@@ -21,10 +24,12 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
     from moeguard.zoo.recipe import EMBEDDED_RECIPE, Recipe
     from moeguard.zoo.train import train_embedded
 
+    if out == DEFAULT_OUT:   # the default's folder (git-ignored) is absent in a fresh clone
+        out.parent.mkdir(exist_ok=True)
     check_output(out, overwrite=overwrite, kind="folder")
     # rebuilding the embedded model keeps the recipe its shipped weights were made with
     recipe = replace(EMBEDDED_RECIPE if tasks is None else Recipe(), seed=seed, steps=steps)
-    names = _task_names(tasks, "--tasks") if tasks else None
+    names = _task_names(tasks, "--tasks") if tasks is not None else None   # "" is refused, not the suite
     # beside the output, until it is written: an interrupted run continues from its last saved step
     state = out.with_name(f".{out.name}.zoo-state")
     try:

@@ -366,9 +366,16 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib
           "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
 
 
-def parse_memory(text: str, *, what: str = "--max-memory") -> int:
+def parse_memory(text: str, *, what: str = "--max-memory", device_map: str | None = None,
+                 map_flag: str = "--device-map") -> int:
     """Bytes from a size such as ``8GiB``, ``512MB``, ``1.5G`` (G, M, K alone are binary, as in
-    ``ulimit``) or a plain byte count."""
+    ``ulimit``) or a plain byte count. ``device_map``: the placement asked beside the cap; one
+    device (cpu, cuda:0) is refused, since transformers applies the cap only to a strategy (auto...)
+    and would load the whole model there without a word."""
+    if device_map is not None and str(device_map).strip() not in PLACEMENTS:
+        raise MoeguardError(f"{what} places layers across devices and disk itself, and {map_flag} {device_map} puts "
+                            "every layer on one device (the cap would be ignored)",
+                            hint=f"drop {map_flag}, or pass {map_flag} auto to fill the GPUs first")
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:

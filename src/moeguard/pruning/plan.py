@@ -31,6 +31,16 @@ class PrunePlan:
     task: str | None = None
     scores: dict[int, list[float]] = field(default_factory=dict)   # the scores the choice was made on
     why: str = ""
+    # the expert count the plan's file states (None: it states none); another model's plan is refused
+    declared_num_experts: int | None = field(default=None, repr=False)
+
+    def check_model(self, num_experts: int, *, origin: str = "the plan") -> None:
+        """Refuse a plan whose file says it was made for a model with another expert count: its
+        indices name other experts (a layer's own range is checked by the caller)."""
+        if self.declared_num_experts is not None and self.declared_num_experts != num_experts:
+            raise MoeguardError(f"{origin} was made for a model with {self.declared_num_experts} experts per layer; "
+                                f"this model has {num_experts}",
+                                hint="make the plan on this model (moeguard attribute, then prune --plan-only)")
 
     @property
     def uniform(self) -> bool:
@@ -58,16 +68,19 @@ class PrunePlan:
             if not str(layer).isdigit() or not expert_indices(experts):
                 raise MoeguardError(f"{origin}: layer {str(layer)[:20]!r} -> {str(experts)[:60]} is not a list of expert "
                                     f"indices", hint='write {"keep": {"0": [0, 3, 5, 6]}}: whole numbers from 0')
+            if int(layer) in keep:   # "0" and "00": the last one silently won
+                raise MoeguardError(f"{origin}: layer {int(layer)} is named twice", hint="name each layer once")
             keep[int(layer)] = experts
             if not experts:
                 raise MoeguardError(f"{origin}: layer {layer} keeps no expert", hint="keep at least one expert per layer")
         n = data.get("original_num_experts") or data.get("num_experts")
         if n is not None and (type(n) is not int or n < 1):
             raise MoeguardError(f"{origin}: num_experts is {str(n)[:20]!r}", hint="a whole number, or leave it out")
+        declared = n
         # without one, a guess: the model's own count replaces it when the plan is checked (check_plan)
         n = n if n is not None else max(max(v) for v in keep.values()) + 1
         return cls(keep=keep, num_experts=n, rule=data.get("rule", "explicit"), method=data.get("method"),
-                   task=data.get("task"), why=data.get("why", "named explicitly"))
+                   task=data.get("task"), why=data.get("why", "named explicitly"), declared_num_experts=declared)
 
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":
@@ -175,6 +188,7 @@ def check_plan(plan: PrunePlan, adapter) -> dict[int, list[int]]:
     if missing:
         raise MoeguardError(f"the plan does not name MoE layers {missing}",
                             hint=f"name every MoE layer {sorted(names)} (list all experts to keep a layer whole)")
+    plan.check_model(max(l.num_experts for l in adapter.layers))
     keep = normalize_keep(adapter, plan.keep)
     if plan.num_experts != adapter.num_experts:
         # the model's count, not the plan's guess or claim: the record's dropped experts are computed from it

@@ -67,6 +67,16 @@ def adopt(task: Task, *, origin: str = "<file>") -> Task:
     return task
 
 
+def origin_file(name: str) -> str | None:
+    """The file a registered task was read from (a ``#name`` selector dropped); None for a task
+    registered from Python."""
+    _ensure_builtins()
+    origin = _origins.get(name)
+    if origin is None or origin.startswith("<"):
+        return None
+    return origin.split(_SELECT, 1)[0]
+
+
 def is_builtin(name: str) -> bool:
     """Whether ``name`` is a task shipped with moeguard (every process knows it by name)."""
     _ensure_builtins()

@@ -28,6 +28,9 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
     if gate not in GATES:
         raise MoeguardError(f"--gate {gate!r} is not one of {list(GATES)}",
                             hint="applied: the weights the block uses; raw: the router's score before renormalization")
+    if gate != "applied" and not m.uses_gate:   # it was recorded as asked while changing nothing
+        raise MoeguardError(f"--gate {gate} changes only methods that weigh by the router, and '{method}' does not",
+                            hint="drop --gate, or use --method router-weighted")
     layers = {l.index: l.num_experts for l in adapter.layers}
     if (scores is None) == (plan is None):
         raise MoeguardError("give exactly one of --scores or --plan", hint="e.g. --scores scores.json --keep 4")
@@ -64,8 +67,17 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
             check_keep(k, num_experts=layers[l], family=adapter.family, top_k=adapter.top_k,
                        what=f"layer {l}: merging to")
     from moeguard.models.prune import pruned_config
+    from moeguard.pruning.merging.cluster import _by_score
 
-    pruned_config(adapter, {l: list(range(k)) for l, k in counts.items()})  # what the family cannot express
+    # what the family cannot express, on the centres the merge will keep where they are known now (a
+    # group-routed family refuses unbalanced centres; hc-smoe finds its centres only by calibrating)
+    if fixed is not None:
+        kept = {l: sorted(g[0] for g in gs) for l, gs in fixed.items()}
+    elif m.sets_centres:
+        kept = {l: sorted(_by_score(r)[:counts[l]]) for l, r in rows.items()}
+    else:
+        kept = {l: list(range(k)) for l, k in counts.items()}
+    pruned_config(adapter, kept)
     needs_data = fixed is None or (weights is None and m.weighs_by_data)
     return {"method": m, "gate": gate, "rows": rows, "counts": counts, "clusters": fixed, "weights": weights,
             "needs_data": needs_data}

@@ -61,6 +61,8 @@ def explicit_clusters(data: dict[str, Any], *, origin: str, layers: dict[int, in
                 isinstance(g, list) and all(type(e) is int for e in g) for g in groups):
             raise MoeguardError(f"{origin}: layer {str(layer)[:20]!r} -> {str(groups)[:60]} is not a list of expert clusters",
                                 hint='write {"clusters": {"0": [[0, 1], [2, 3]]}} (whole numbers), centre first')
+        if int(layer) in clusters:   # "0" and "00": the last one silently won
+            raise MoeguardError(f"{origin}: layer {int(layer)} is named twice", hint="name each layer once")
         clusters[int(layer)] = groups
     _check_layers(clusters, layers, origin)
     for li, groups in clusters.items():
@@ -94,7 +96,9 @@ def centres_from_keep(data: dict[str, Any], *, origin: str, layers: dict[int, in
     """A pruning plan's kept experts, as the centres to merge around."""
     from moeguard.pruning.plan import PrunePlan
 
-    keep = PrunePlan.from_dict(data, origin=origin).keep
+    plan = PrunePlan.from_dict(data, origin=origin)
+    plan.check_model(max(layers.values()), origin=origin)
+    keep = plan.keep
     _check_layers(keep, layers, origin)
     for li, experts in keep.items():
         if len(set(experts)) != len(experts) or not all(0 <= e < layers[li] for e in experts):

@@ -38,7 +38,8 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
     from moeguard.pruning.merging.plan import read_plan
     from moeguard.provenance import run_record
 
-    check_output(out, overwrite=overwrite, inputs=(scores, plan))   # the model: check_apart below
+    # the model: check_apart below; a file at --out is refused here, not after the merge
+    check_output(out, overwrite=overwrite, kind="folder", inputs=(scores, plan, task if isinstance(task, str) else None))
     ref = handle.ref
     if ref.path is not None:
         from moeguard.pruning.checkpoint import check_apart
@@ -60,6 +61,9 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
         raise MoeguardError(f"--streaming cannot merge here: {why}",
                             hint="give a merge plan with explicit clusters and weights (a record's 'plan') on a local "
                                  "checkpoint, or merge --in-memory")
+    if task is not None and not prepared["needs_data"]:   # it would be recorded while nothing reads it
+        raise MoeguardError(f"--task calibrates merges that need data, and this plan ({'explicit clusters and weights' if prepared['clusters'] else method}) needs none",
+                            hint="drop --task")
     if can_stream and streaming is not False:
         return _streamed(handle, Path(out), prepared, overwrite=overwrite, progress=progress, settings=settings)
     task_obj = None
@@ -71,6 +75,9 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
             raise MoeguardError(f"merge method '{method}' needs calibration data and the plan names no task",
                                 hint="pass --task NAME (see `moeguard tasks`)")
         task_obj = resolve_tasks([name], what="--task")[0]   # unreadable data fails before weights load
+        from moeguard.edge import task_inputs
+
+        check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs([task_obj]))
     from moeguard.pruning.apply import checkpoint_dtype, loadable_by, save_checkpoint
     from moeguard.tasks.batches import calibration_batches
 
