@@ -342,3 +342,22 @@ def test_weighted_sum_is_bit_identical_to_the_plain_float64_formula():
         assert torch.equal(torch.signbit(got), torch.signbit(plain))     # -0.0 stays where the formula gives it
     strided = torch.randn(6, 9, generator=g).t()                           # a transposed (non-contiguous) member
     assert torch.equal(weighted_sum([strided, strided * 2], [0.25, 0.75]), 0.25 * strided.double() + 0.75 * (strided * 2).double())
+
+
+def test_a_merge_plan_is_checked_for_group_routing_on_its_own_centres_before_any_weights_load():
+    """DeepSeek's group-limited router (2 groups of 4) takes one setting for every layer: centres
+    balanced across the groups in one layer and not in another cannot be expressed. The check ran
+    on experts 0..K-1 of every layer, so it passed, and the merge was refused only after the load and
+    calibration; prune refused the same plan at once."""
+    from moeguard.errors import MoeguardError
+    from moeguard.models.loading import meta_model
+    from moeguard.pruning.merging.merge import prepare
+    from moeguard.testing import tiny_config
+
+    adapter = MoEAdapter(meta_model(tiny_config("deepseek_v3")))
+    a, b = [l.index for l in adapter.layers][:2]
+    rest = {str(l.index): [0, 1, 4, 5] for l in adapter.layers}
+    with pytest.raises(MoeguardError, match="different router settings per layer"):
+        prepare(adapter, method="frequency-weighted", plan={"keep": {**rest, str(b): [0, 1, 2, 4]}})
+    balanced = prepare(adapter, method="frequency-weighted", plan={"keep": {**rest, str(a): [0, 1, 4, 5]}})
+    assert balanced["counts"] == {l.index: 4 for l in adapter.layers}

@@ -367,6 +367,8 @@ def test_one_request_p_values_and_token_scores_equal_the_batch_formulas():
     (b'{"id": 1, "client": "a", "time": -Infinity, "prompt": "x"}', "time -inf is not a finite number"),
     (b'{"id": 1' + b"0" * 5000 + b', "client": "a", "time": 1, "prompt": "x"}', "is not usable JSON"),
     (b'{"id": 1, "client": "a", "time": 1, "prompt": "caf\xe9"}', "is not UTF-8 (byte"),
+    # valid JSON no tokenizer takes: it failed in the replay, after the model loaded
+    (b'{"id": 1, "client": "a", "time": 1, "prompt": "hi \\ud800"}', "prompt is not valid Unicode (a lone surrogate)"),
 ])
 def test_a_log_line_python_cannot_take_as_it_is_is_one_error_naming_it(tmp_path, line, needle):
     from moeguard.monitor.score import read_log
@@ -395,3 +397,87 @@ def test_the_monitor_refuses_a_model_with_different_expert_counts_per_layer(embe
     small, _ = prune_model(m, {adapter.layers[0].index: [0, 1, 2, 3]})
     with pytest.raises(MoeguardError, match=r"same number of experts in every MoE layer; this model has \{0: 4, 1: 8"):
         build(small, tok, {"a": ["x y", "y z", "z w", "w x"]}, window=2)
+
+
+def _cmp_task(folder, name: str, n: int):
+    """A local arith task of ``n`` records per split, its YAML in ``folder``."""
+    data = folder / f"{name}-data"
+    data.mkdir()
+    for split in ("train", "eval"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"input": f"Is {i} greater than {i % 7}?", "label": int(i > i % 7)}) + "\n"
+                                                     for i in range(n)))
+    f = folder / f"{name}.yaml"
+    f.write_text(f"name: {name}\nkind: classification\nsource: {{type: local, path: {name}-data, format: jsonl}}\n"
+                 "fields: {input: input, label: label}\nsplits: {train: train, eval: eval}\n"
+                 "labels: {0: ' no', 1: ' yes'}\nprompt: '{input} Answer:'\n")
+    return f, data
+
+
+def test_a_window_larger_than_the_calibration_requests_there_are_is_refused_before_the_load(tmp_path, capsys, monkeypatch):
+    """The check counted --limit's half, not the inputs the task has: a 10-record task passed with
+    --window 16, and every benign window repeated its 5 calibration requests."""
+    import moeguard.models.handle as handle
+
+    f, _ = _cmp_task(tmp_path, "ten-cmp", 10)
+    monkeypatch.setattr(handle.ModelHandle, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["monitor", "profile", "--tasks", str(f), "--window", "16", "--out", str(tmp_path / "P.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--window is 16; benign windows are drawn from at most 5 calibration requests" in err and len(err.splitlines()) == 1
+
+
+def test_a_profile_matches_the_same_weights_however_named_and_refuses_other_routing(embedded, tmp_path, monkeypatch):
+    from moeguard.models.loading import weights_digest
+    from moeguard.monitor.profile import build
+
+    m, tok, adapter = embedded
+    ckpt = tmp_path / "ckpt"
+    m.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    prompts = {"a": [f"Is {i} greater than 3?" for i in range(8)], "b": [f"def f{i}(x): return x" for i in range(8)]}
+    prof = build(m, tok, prompts, window=2, windows=20, seed=0, name="./ckpt")
+    prof.meta["weights"] = weights_digest(str(ckpt))
+    monkeypatch.chdir(tmp_path)
+    prof.check_model("ckpt/", weights_digest("ckpt/"))          # the name typed differs: the same weights
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "copy")
+    prof.check_model("copy", weights_digest("copy"))           # a copy (other times) is the same weights
+    with torch.no_grad():
+        m.get_input_embeddings().weight[0, 0] += 1.0
+    try:
+        m.save_pretrained(ckpt)                                # re-saved at the same path: other weights
+        with pytest.raises(MoeguardError, match=r"the profile was made for other weights \(\./ckpt\) than \./ckpt's"):
+            prof.check_model("./ckpt", weights_digest("./ckpt"))
+    finally:
+        with torch.no_grad():
+            m.get_input_embeddings().weight[0, 0] -= 1.0
+    old = type(prof)(**{**prof.__dict__, "meta": {k: v for k, v in prof.meta.items() if k != "weights"}})
+    with pytest.raises(MoeguardError, match=r"the profile was made for \./ckpt, not ckpt"):   # no digest: the name
+        old.check_model("ckpt", weights_digest("ckpt"))
+    prof.meta["top_k"] = 3
+    with pytest.raises(MoeguardError, match="the profile was made with top-3 routing, the model routes top-2"):
+        prof.check_routing(adapter)
+
+
+def test_a_route_attack_resumed_after_its_task_file_changed_starts_over(tmp_path, monkeypatch):
+    import moeguard.monitor.routeattack as ra
+
+    f, data = _cmp_task(tmp_path, "ra-cmp", 40)
+    out = tmp_path / "ra"
+    args = ["route-attack", "--out", str(out), "--task", str(f), "--layer", "0", "--all", "--prefix-tokens", "2",
+            "--steps", "0", "--candidates", "2"]
+    calls, real = [], ra.measure
+
+    def flaky(*a, **k):
+        calls.append(a[4].expert)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ra, "measure", flaky)
+    assert main(args) == 130 and len(list((tmp_path / ".ra.partial").glob("target-*.json"))) == 1
+    rows = (data / "eval.jsonl").read_text().splitlines()
+    (data / "eval.jsonl").write_text("\n".join(rows[1:]) + "\n")   # another held-out set: other measurements
+    monkeypatch.setattr(ra, "measure", lambda *a, **k: (calls.append(a[4].expert), real(*a, **k))[1])
+    assert main(args) == 0
+    assert calls[2:] == list(range(8))     # expert 0's target, measured on the old inputs, was not kept

@@ -549,3 +549,40 @@ def test_an_interrupted_score_resumes_from_the_requests_it_replayed(served, tmp_
     stop_at[0] = 0                                       # no interruption now
     assert main([*args, "--out", str(tmp_path / "again")]) == 0
     assert calls == [16, 16, 16], calls
+
+
+def test_requests_waiting_for_the_model_hold_no_worker_thread_so_health_and_metrics_answer(served, monkeypatch):
+    """Each waiting completion held one of the thread pool's 40 threads while it waited for the
+    lock: 40 queued requests left /health and /metrics hanging behind the model. They now wait on
+    the event loop; blank prompts get 400 as `monitor score` refuses them in a log."""
+    from moeguard.monitor.serve import create_app
+
+    m, tok, prof = served
+    release, real = threading.Event(), m.generate
+
+    def slow(*a, **k):
+        release.wait(60)
+        return real(*a, **k)
+
+    monkeypatch.setattr(m, "generate", slow)
+    results = []
+    with RoutingMonitor(m, prof) as mon:
+        with _serving(create_app(m, tok, mon, client_id="user")) as port:
+            assert _call(port, "POST", "/v1/completions", {"prompt": "   \n", "user": "a"})[0] == 400
+            workers = [threading.Thread(target=lambda i=i: results.append(_call(
+                port, "POST", "/v1/completions", {"prompt": f"{i} > 3?", "max_tokens": 1, "user": f"c{i % 4}"})[0]))
+                for i in range(48)]
+            for w in workers:
+                w.start()
+            time.sleep(1.0)   # every request has arrived and waits: one in generate, 47 for the model
+            t0 = time.perf_counter()
+            health = _call(port, "GET", "/health")
+            status, metrics = _call(port, "GET", "/metrics")
+            waited = time.perf_counter() - t0
+            assert health == (200, b'{"status":"ok"}') and status == 200 and waited < 5, waited
+            assert not results, "a request finished while the model was held"
+            release.set()
+            for w in workers:
+                w.join(60)
+            assert results == [200] * 48
+            assert "moeguard_requests_total 48.0" in _call(port, "GET", "/metrics")[1].decode()

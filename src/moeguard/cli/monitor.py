@@ -91,17 +91,19 @@ def monitor_profile(
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks")
     check_output(out, overwrite=overwrite, inputs=task_inputs(ts), kind="file")
-    held = (limit - limit // 2) * len(ts)    # calibration requests at most: a window is drawn from them
-    if window > held:
-        raise MoeguardError(f"--window is {window}; benign windows are drawn from at most {held} calibration requests "
-                            f"(half of --limit {limit} per task, {len(ts)} tasks)",
-                            hint=f"pass --window of at most {held}, or raise --limit")
     # a running-text task's benign traffic is its texts (a language-modeling task has no inputs)
     prompts = {t.name: [x for r in load_records(t, "eval", limit=limit) if (x := prompt_text(t, r))] for t in ts}
+    # the calibration requests there are (half of each task's inputs, which may be fewer than --limit):
+    # a window is drawn from them, before any weights load
+    held = sum(len(p) - len(p) // 2 for p in prompts.values())
+    if window > held:
+        raise MoeguardError(f"--window is {window}; benign windows are drawn from at most {held} calibration requests "
+                            f"(half of each task's inputs: --limit {limit}, {len(ts)} tasks)",
+                            hint=f"pass --window of at most {held}, or raise --limit (or give tasks with more inputs)")
     import hashlib
 
     from moeguard.io import resumable_scratch
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.loading import weights_digest, weights_identity
     from moeguard.provenance import run_record
 
     # what the kept per-task arrays depend on: an interrupted run resumes only on the same inputs,
@@ -114,6 +116,7 @@ def monitor_profile(
         try:
             with _progress() as progress:
                 prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=progress)
+            prof.meta["weights"] = weights_digest(handle.arg)   # what score and serve compare, not the name typed
         except KeyboardInterrupt:
             import sys
 
@@ -151,8 +154,9 @@ def monitor_score(
 
     window = check_settings(prof, window=window, alpha=alpha)
     records = read_log(log)
-    prof.check_model(handle.name)
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.loading import weights_digest, weights_identity
+
+    prof.check_model(handle.name, weights_digest(handle.arg))
     from moeguard.provenance import run_record
 
     # what the replayed arrays depend on: an interrupted run resumes only on the same profile, log and weights
@@ -251,10 +255,12 @@ def serve(
     # (and no other process can take it between a check and the bind)
     sock = _listen(host, port)
     try:
+        from moeguard.models.loading import weights_digest
+
         handle = resolve_model(model, device_map=device_map)
         prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                                  where=str(profile))
-        prof.check_model(handle.name)
+        prof.check_model(handle.name, weights_digest(handle.arg))
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
         mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,

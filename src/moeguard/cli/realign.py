@@ -100,7 +100,7 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
     With --max-memory (and --mode lora), the pruned copy is streamed to disk and loaded under the
     cap, the adapters train over its offloaded weights, and the re-aligned models are not traced."""
     from moeguard.config import build
-    from moeguard.edge import resolve_model, resolve_tasks, task_inputs
+    from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output, read_json
     from moeguard.realign.engine import FinetuneConfig
     from moeguard.report.recovery import recovery_table, write_recovery

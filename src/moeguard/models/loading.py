@@ -539,6 +539,16 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     return out
 
 
+def weights_digest(ref_str: str | None) -> dict[str, Any]:
+    """:func:`weights_identity` without the name and the modification times: what the weights are,
+    not where or when they were written (the same checkpoint given as ./ckpt or ckpt/, or copied,
+    gives the same digest)."""
+    out = weights_identity(ref_str)
+    out.pop("name", None)
+    out["files"] = [[name, size, digest] for name, size, _, digest in out["files"]]
+    return out
+
+
 def _hub_snapshot(repo_id: str) -> Path | None:
     """The local snapshot folder (named by its commit) that ``repo_id``'s ``main`` resolves to in the
     Hugging Face cache, or ``None`` when its config is not cached. Reads the cache only."""

@@ -78,7 +78,8 @@ class PooledHidden:
             return
         h = output[0] if isinstance(output, tuple) else output        # [B, T, D]
         if self.mask is not None and self.mask.shape == h.shape[:2]:   # padding: zero, even if inf/NaN there
-            h = h.masked_fill(~self.mask.bool()[..., None], 0)
+            # the mask is where the embeddings are; the final norm, on a model spread over GPUs, on the last one
+            h = h.masked_fill(~self.mask.to(h.device).bool()[..., None], 0)
         self.sums.append(h.detach().float().sum(1).cpu())       # [B, D] tensor; numpy at the end
 
     def __enter__(self) -> "PooledHidden":

@@ -176,7 +176,7 @@ def _objective(logits: torch.Tensor, expert: int) -> torch.Tensor:
 def _scores(logits, index, target, expert, per: int) -> tuple[np.ndarray, np.ndarray]:
     """Per group of ``per`` rows (one prefix): (success share, mean objective)."""
     B = target.shape[0]
-    t = target.reshape(-1)
+    t = target.reshape(-1).to(logits.device)   # the router's layer may sit on another GPU than the embeddings
     hit = (index == expert).any(dim=-1).float() * t
     ce = _objective(logits, expert) * t
     n = t.float().reshape(B, -1).sum(1).reshape(-1, per).sum(1)
@@ -220,7 +220,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             with RouterTap(adapter, slot) as tap:
                 logits, index = tap.run(model, inputs_embeds=x, attention_mask=mask)
             succ, ce = _scores(logits.detach(), index, target, cfg.expert, P)
-            t = target.reshape(-1)
+            t = target.reshape(-1).to(logits.device)
             loss = (_objective(logits, cfg.expert) * t).sum() / t.sum()
             (grad,) = torch.autograd.grad(loss, onehot)
             curve.append({"step": step, "success": round(float(succ[0]), 4), "loss": round(float(ce[0]), 4)})

@@ -315,7 +315,8 @@ class RoutingMonitor:
             rows_of += [r] * len(per_row)
             lengths += per_row
             hidden.append(pooled.numpy())                 # [rows, hidden] float32, on the CPU (PooledHidden)
-        cells = torch.stack([torch.cat([c.routed[l] for c in batch]) for l in range(L)], 1).cpu().numpy()   # [M, L, k]
+        # each layer's ids on the CPU before stacking: a model spread over GPUs routes each layer on its own
+        cells = np.stack([torch.cat([c.routed[l] for c in batch]).cpu().numpy() for l in range(L)], 1)   # [M, L, k]
         tok = np.concatenate(toks)
         if any(m is not None for m in masks):   # padded positions are not the prompt's
             sel = np.concatenate([m if m is not None else np.ones(len(t), dtype=bool) for m, t in zip(masks, toks)])
@@ -356,7 +357,7 @@ class RoutingMonitor:
             state = self._clients.pop(client, None) or [np.zeros_like(h), [], []]
             state[0] += h
             state[1].append(p)
-            state[2].append(x)
+            state[2].append(x.copy())   # a view would keep its whole batch's array alive per client
             if len(state[1]) == self.window:     # a complete window: score it as `score` does, start the next
                 w = state[0] / self.window
                 ws = self.profile.window_statistics(w[None], [np.array(state[1])], [np.stack(state[2])])

@@ -180,10 +180,24 @@ class Profile:
         if (L, E) != self.mean.shape:
             raise MoeguardError(f"the profile has {self.mean.shape[0]} MoE layers x {self.mean.shape[1]} experts, "
                                 f"the model {L} x {E}", hint="use the profile made for this model, or profile it")
+        k = self.meta.get("top_k", adapter.top_k)
+        if k != adapter.top_k:   # every histogram and token-routing cell counts top-k choices
+            raise MoeguardError(f"the profile was made with top-{k} routing, the model routes top-{adapter.top_k}",
+                                hint="use the profile made for this model, or profile it")
 
-    def check_model(self, name: str) -> None:
-        """A one-line error unless the profile was made for the model named ``name`` (the edge's
-        name): a same-shaped fine-tuned or pruned model routes differently, and every p-value with it."""
+    def check_model(self, name: str, weights: dict | None = None) -> None:
+        """A one-line error unless the profile was made for this model: a same-shaped fine-tuned or
+        pruned model routes differently, and every p-value with it. ``weights``: the model's
+        ``weights_digest``; where the profile has one too (and either says something: a local
+        checkpoint's files, a cached hub commit) the weights are compared, so the same checkpoint
+        named another way (./ckpt, ckpt/) matches and one re-saved at the same path does not.
+        Otherwise the names are (a profile made before the digest was kept)."""
+        mine = self.meta.get("weights")
+        if mine and weights and (mine.get("files") or mine.get("revision")):
+            if mine != weights:
+                raise MoeguardError(f"the profile was made for other weights ({self.meta.get('model')}) than {name}'s",
+                                    hint="use the profiled model (--model), or profile this one")
+            return
         if name != self.meta.get("model"):
             raise MoeguardError(f"the profile was made for {self.meta.get('model')}, not {name}",
                                 hint="use the profiled model (--model), or profile this one")
@@ -322,6 +336,10 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         if len(ps) < 4:
             raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
     rng = np.random.default_rng(seed)
+    held_out = sum(len(ps) - len(ps) // 2 for ps in prompts.values())
+    if held_out < window:   # every benign window would repeat requests, inflating drift's null and every spread
+        raise MoeguardError(f"a window of {window} requests is larger than the {held_out} benign calibration requests "
+                            "(half of each task's inputs)", hint=f"pass --window of at most {held_out}, or profile more inputs")
     adapter = MoEAdapter(model)
     check_uniform(adapter)
     fit, cal, cal_topic = [], [], []

@@ -48,7 +48,13 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
         raise MoeguardError(f"route-attack places its prefix before a task's input, and {task.kind} task '{task.name}' "
                             f"has running text, no inputs",
                             hint="pass --task with a classification or summarization task, e.g. arith-compare")
+    from moeguard.models.loading import weights_identity
+    from moeguard.tasks.loaders import task_identity
+
+    # what the kept targets depend on: a checkpoint re-saved or a task file edited at the same name
+    # starts over instead of mixing old targets with new ones
     settings = {"model": handle.name, "task": task.name, "config": cfg.to_dict(), "targets": pairs,
+                "weights": weights_identity(handle.arg), "task_identity": task_identity(task),
                 **({"device_map": handle.device_map} if handle.device_map is not None else {})}
     with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
         model, tok, _ = handle.load()

@@ -54,6 +54,11 @@ def read_log(path: Path) -> list[dict[str, Any]]:
             if not isinstance(r["prompt"], str) or not r["prompt"].strip() or len(r["prompt"]) > MAX_PROMPT_CHARS:
                 raise MoeguardError(f"{where}: prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters",
                                     hint="fix or drop that record")
+            try:   # JSON can carry a lone surrogate (\ud800), which the tokenizer refused after the model loaded
+                r["prompt"].encode("utf-8")
+            except UnicodeEncodeError:
+                raise MoeguardError(f"{where}: prompt is not valid Unicode (a lone surrogate)",
+                                    hint="fix or drop that record") from None
             for k in ("id", "client"):
                 if isinstance(r[k], bool) or not isinstance(r[k], (str, int)):
                     raise MoeguardError(f"{where}: {k} is {type(r[k]).__name__}, expected a string or integer",

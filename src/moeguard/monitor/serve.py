@@ -104,8 +104,11 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     routes or middleware, is ``.app``). Each request's monitor result goes to the monitor's
     ``on_result`` (server side: alerts to a log, a SIEM, ...) when its batch is scored, never into
     the response."""
+    import asyncio
+
     import torch
     from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -147,8 +150,12 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
         # a comma: the same appending gateway, joining the values on one line (RFC 9110 allows it)
         return value if value and len(value) <= MAX_CLIENT_CHARS and value.isprintable() and "," not in value else None
 
+    # Queued requests wait for the model here, on the event loop, not in a worker thread each: with a
+    # thread per waiting request, 40 of them (the thread pool's size) left /metrics and /health hanging
+    gate = asyncio.Lock()
+
     @app.post("/v1/completions")
-    def completions(body: Completion, request: Request) -> Any:
+    async def completions(body: Completion, request: Request) -> Any:
         for field, text in (("prompt", body.prompt), ("user", body.user)):
             try:                   # JSON can carry a lone surrogate (\ud800), which no tokenizer or label takes
                 text.encode("utf-8")
@@ -160,20 +167,26 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
                                                       f"printable characters, no comma); this request has none usable"}}, status_code=400)
         if len(body.prompt) > max_prompt_chars:
             return JSONResponse({"error": {"message": f"prompt over {max_prompt_chars} characters"}}, status_code=413)
+        if not body.prompt.strip():   # as `monitor score` refuses it in a log (a BOS alone would join the window)
+            return JSONResponse({"error": {"message": "empty prompt"}}, status_code=400)
+        async with gate:
+            return await run_in_threadpool(complete, body.prompt, body.max_tokens, client)
+
+    def complete(prompt: str, max_tokens: int, client: str) -> Any:
         # not tasks.tokens.encode: it memoizes, and a server would keep every prompt it was sent
-        ids = bos_ids(tokenizer) + tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        ids = bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             return JSONResponse({"error": {"message": "empty prompt"}}, status_code=400)
         # the prompt and every generated token but the last are fed to the model
-        if positions is not None and len(ids) + body.max_tokens - 1 > positions:
-            return JSONResponse({"error": {"message": f"the prompt's {len(ids)} tokens and max_tokens {body.max_tokens} need "
-                                                      f"{len(ids) + body.max_tokens - 1} positions; the model has {positions}: "
+        if positions is not None and len(ids) + max_tokens - 1 > positions:
+            return JSONResponse({"error": {"message": f"the prompt's {len(ids)} tokens and max_tokens {max_tokens} need "
+                                                      f"{len(ids) + max_tokens - 1} positions; the model has {positions}: "
                                                       f"shorten the prompt or lower max_tokens"}}, status_code=413)
         with lock, torch.no_grad():
             with monitor.request(client):
                 out = model.generate(torch.tensor([ids], device=device),
                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                     max_new_tokens=body.max_tokens, do_sample=False,
+                                     max_new_tokens=max_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         new = out[0, len(ids):].tolist()
         eos = tokenizer.eos_token_id
@@ -192,7 +205,7 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
         return Response(generate_latest(monitor.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:   # on the event loop: a probe never waits for a worker thread
         return {"status": "ok"}
 
     return BodyLimit(app, max_bytes=max_body_bytes)
