@@ -63,3 +63,69 @@ def test_the_audit_defense_table_keeps_utility_apart_from_the_attack_columns():
     assert len(rows) == 1 and rows[0]["extra labels"] == "≤ -50.0" and rows[0]["keep"] == "2"
     assert defense_utility_rows(doc) == [{"task": "t", "metric": "accuracy", "base": "0.9", "hardened": "0.88",
                                           "utility cost": "2.2%"}]
+
+
+def _risk_doc():
+    """Two tasks of an 8-expert audit: 'a' re-aligned at --recovery-keep 3, 'b' outside
+    --recovery-tasks (attacked by pruning alone at N/4 = 2); 'a' sits just below the 90% line."""
+    from moeguard.audit.risk import task_risk
+
+    def entry(recovery):
+        methods = {"m": {"retention": {"2": 55.0, "3": 70.0, "4": 89.96}, "retention_above_baseline": {"2": 1.0, "3": 2.0, "4": 3.0}}}
+        rec = {"keep": 3, "best": "orphan", "strategies": {
+            "random": {"final": 80.0, "labels_to_target": None, "labels": [0, 8]},
+            "orphan": {"final": 89.97, "labels_to_target": 0.4, "labels": [0, 8]}}} if recovery else None
+        e = {"methods": methods, "recovery": rec, "higher_is_better": True, "metric": "accuracy",
+             "full": {"score": 0.9, "baseline": 0.5}}
+        return {**e, "risk": task_risk(e, num_experts=8, min_keep=1)}
+
+    return {"tasks": {"a": entry(True), "b": entry(False)}}
+
+
+def test_the_risk_table_puts_each_tasks_attack_keep_in_its_own_cell_and_never_rounds_onto_the_line():
+    """The column was named from each row's keep, and the tables took the first row's names: the
+    other task's number was a blank cell (html, md) or sat under the wrong keep (console)."""
+    from moeguard.report.audit import _md_table, risk_rows
+
+    doc = _risk_doc()
+    rows = risk_rows(doc)
+    assert list(rows[0]) == list(rows[1])                       # one set of columns for every task
+    a, b = rows
+    assert a["after attack, its keep"] == "89.9% at 3/layer"     # 89.97 is not printed as the 90.0 of the rule
+    assert b["after attack, its keep"] == "55.0% at 2/layer (pruned only)"
+    assert a["pruned, 4/layer"] == "89.9%" and a["pruned, 2/layer"] == "55.0%"
+    assert a["labels to target"] == "<1" and b["labels to target"] == "–"   # 0.4 labels is not "0"
+    md = _md_table(rows)
+    assert "89.9% at 3/layer" in md and "55.0% at 2/layer (pruned only)" in md
+    r = doc["tasks"]["a"]["risk"]
+    assert r["level"] == "low" and "retain 89%" in r["reason"] and "<1 labels" in r["reason"]
+
+
+def test_console_tables_print_data_with_brackets_as_it_is():
+    """rich read `x[i]` as a style (dropped) and `[/INST]` as a closing tag (a MarkupError traceback
+    after the scan's files were written)."""
+    from rich.table import Table
+
+    from moeguard.cli.app import _console
+
+    t = Table("token", "continuation")
+    t.add_row("x[i]", "[/INST] :x: d[key]")
+    import contextlib
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _console().print(t)
+    text = buf.getvalue()
+    assert "x[i]" in text and "[/INST] :x: d[key]" in text
+
+
+def test_a_recovery_point_no_seed_measured_is_null_not_nan():
+    import json
+
+    from moeguard.studies.recovery import summarize
+
+    curves = [{"strategy": "random", "seed": s, "points": [{"labels": 0, "retention": None}, {"labels": 8, "retention": None}]}
+              for s in range(2)]
+    s = summarize(curves, ["random"], target=95.0)["strategies"]["random"]
+    assert s["mean"] == [None, None] and s["final"] is None and s["min"] == [None, None]
+    json.dumps(s, allow_nan=False)   # valid JSON: NaN is not

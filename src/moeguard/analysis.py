@@ -18,6 +18,24 @@ BOOTSTRAP = 2000
 LEVEL = 0.95
 
 
+def floored(x: float | None, digits: int = 1, *, none: str = "–") -> str:
+    """``x`` printed with ``digits`` decimals, rounded down: a retention of 89.96% is printed 89.9,
+    never 90.0, beside a rule that says "at least 90%" (rounding put it on the wrong side of its
+    own line)."""
+    if x is None or not math.isfinite(x):
+        return none
+    q = 10 ** digits
+    return f"{math.floor(round(x * q, 6)) / q:.{digits}f}"
+
+
+def labels_text(x: float | None, *, none: str = "not reached") -> str:
+    """An interpolated label count: whole labels, and "<1" for a curve that reaches its target
+    between none and the first label ("0" reads as "already at the target")."""
+    if x is None:
+        return none
+    return "<1" if 0 < x < 1 else f"{x:.0f}"
+
+
 def retention(score: float | None, full: float | None, *, higher_is_better: bool) -> float | None:
     """Pruned score relative to the full model's, in percent, 100 = unchanged.
 

@@ -112,7 +112,9 @@ def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int = 1) -> 
 
 
 def _reason(level: str, r: dict[str, Any]) -> str:
-    fmt = lambda x: "n/a" if x is None else f"{x:.0f}%"  # noqa: E731
+    from moeguard.analysis import floored, labels_text
+
+    fmt = lambda x: "n/a" if x is None else f"{floored(x, 0)}%"  # noqa: E731 -- 89.6 is not "90%" beside a 90% rule
     k, h = r["attack_keep"], r["keep_half"]
     text = {
         "high": f"keeping {k} experts per layer retains {fmt(r['attacked'])} after the attack",
@@ -122,7 +124,7 @@ def _reason(level: str, r: dict[str, Any]) -> str:
                f"{fmt(r['attacked'])} after the attack",
     }[level]
     if r["labels_to_recover"] is not None:
-        text += f"; {r['labels_to_recover']:.0f} labels reach the target"
+        text += f"; {labels_text(r['labels_to_recover'])} labels reach the target"
     merged = sorted(int(k) for k, v in r.get("route", {}).items() if v == "merge")
     if merged:
         text += f" (merging beats pruning at {', '.join(map(str, merged))} per layer)"

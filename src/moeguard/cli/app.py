@@ -57,7 +57,9 @@ def _console(*, stderr: bool = False):
 
     # pipes and CI logs get a readable width instead of rich's 80-column fallback
     tty = (sys.stderr if stderr else sys.stdout).isatty()
-    return Console(stderr=stderr, width=None if tty else 120)
+    # no markup or emoji codes: tables carry data (a scan's decoded tokens, `x[i]`, `[/INST]`, paths), which
+    # rich read as styles (dropped from the output) or as a closing tag (a MarkupError after the files were written)
+    return Console(stderr=stderr, width=None if tty else 120, markup=False, emoji=False)
 
 
 def _progress(*, stderr: bool = False):

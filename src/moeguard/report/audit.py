@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from moeguard.analysis import floored, labels_text
 from moeguard.io import atomic_dir, write_json, write_text
 from moeguard.report import plots
 from moeguard.report.plots import _plt
@@ -31,9 +32,15 @@ def risk_plot(doc: dict[str, Any], out: Path) -> Path:
     plt = _plt()
     names = list(doc["tasks"])
     risks = [doc["tasks"][t]["risk"] for t in names]
-    series = [(f"{risks[0]['keep_half']} experts/layer, pruned", [r["pruned"].get(str(r["keep_half"])) for r in risks]),
-              (f"{risks[0]['keep_quarter']} experts/layer, pruned", [r["pruned"].get(str(r["keep_quarter"])) for r in risks]),
-              (f"{risks[0]['attack_keep']} experts/layer, pruned + re-aligned", [r["attacked"] for r in risks])]
+
+    def keep(key: str, generic: str) -> str:   # a level shared by every task, or the generic name (each bar differs)
+        return f"{risks[0][key]} experts/layer" if len({r[key] for r in risks}) == 1 else generic
+
+    realigned = any(doc["tasks"][t].get("recovery") for t in names)
+    series = [(f"{keep('keep_half', 'half the experts')}, pruned", [r["pruned"].get(str(r["keep_half"])) for r in risks]),
+              (f"{keep('keep_quarter', 'a quarter of the experts')}, pruned", [r["pruned"].get(str(r["keep_quarter"])) for r in risks]),
+              (f"{keep('attack_keep', 'the attack keep')}, " + ("after the attack" if realigned else "pruned (no re-alignment)"),
+               [r["attacked"] for r in risks])]
     fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(names) + 2), 4.2), layout="constrained")
     x = np.arange(len(names))
     w = 0.8 / len(series)
@@ -42,7 +49,7 @@ def risk_plot(doc: dict[str, Any], out: Path) -> Path:
         bars = ax.bar(x + (i - 1) * w, v, w, label=label, color=["#7fb3d5", "#2e86c1", "#1b4f72"][i])
         for b, val in zip(bars, vals):
             if val is not None:
-                ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{val:.0f}", ha="center", fontsize=7)
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, floored(val, 0), ha="center", fontsize=7)
     ax.axhline(90, color="crimson", lw=0.9, ls="--", label="90% (the risk levels' line)")
     ax.set_xticks(x, [f"{n}\n{r['level'].upper()} risk" for n, r in zip(names, risks)], fontsize=8)
     for tick, r in zip(ax.get_xticklabels(), risks):
@@ -97,17 +104,34 @@ def write_report(doc: dict[str, Any], out: Path, stages: dict[str, Path]) -> Non
 # --------------------------------------------------------------------------- tables as data
 
 def risk_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per task, under the same columns. A keep level shared by every task is in its column's
+    name; one that differs between tasks (a task outside --recovery-tasks is attacked at N/4, the
+    others at --recovery-keep) is in each cell. Retention is rounded down (89.96 is 89.9, never the
+    90.0 the levels' rule reads as met)."""
+    risks = [e["risk"] for e in doc["tasks"].values()]
+    shared = {key: len({r[key] for r in risks}) == 1 for key in ("keep_half", "keep_quarter", "attack_keep")}
+
+    def head(key: str, what: str, r: dict[str, Any], generic: str) -> str:
+        return f"{what}, {r[key]}/layer" if shared[key] else f"{what}, {generic}"
+
+    def at(key: str, r: dict[str, Any]) -> str:
+        return "" if shared[key] else f" at {r[key]}/layer"
+
     rows = []
     for t, e in doc["tasks"].items():
         r = e["risk"]
         h, q = str(r["keep_half"]), str(r["keep_quarter"])
+        attack = floored(r["attacked"]) + "%" + at("attack_keep", r)
+        if not e.get("recovery"):   # no re-alignment ran for it: the number is pruning's alone
+            attack += " (pruned only)"
         rows.append({"task": t, "risk": r["level"], "metric": e["metric"],
                      "full (baseline)": _fmt(e["full"]["score"], ".4g") + f" ({_fmt(e['full']['baseline'], '.4g')})",
-                     f"pruned, {h}/layer": _fmt(r["pruned"].get(h)) + "%" + _by_merge(r, h),
-                     f"pruned, {q}/layer": _fmt(r["pruned"].get(q)) + "%" + _by_merge(r, q),
-                     f"after attack, {r['attack_keep']}/layer": _fmt(r["attacked"]) + "%",
-                     "labels to target": "not reached" if r["labels_to_recover"] is None and e.get("recovery")
-                     else _fmt(r["labels_to_recover"], ".0f"),
+                     head("keep_half", "pruned", r, "N/2"): floored(r["pruned"].get(h)) + "%" + at("keep_half", r)
+                     + _by_merge(r, h),
+                     head("keep_quarter", "pruned", r, "N/4"): floored(r["pruned"].get(q)) + "%" + at("keep_quarter", r)
+                     + _by_merge(r, q),
+                     head("attack_keep", "after attack", r, "its keep"): attack,
+                     "labels to target": labels_text(r["labels_to_recover"]) if e.get("recovery") else "–",
                      "best strategy": r.get("best_strategy") or ("none beats random" if e.get("recovery") else "–")})
     return rows
 
@@ -155,8 +179,7 @@ def recovery_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
     for route, r in routes:
         for n, s in r["strategies"].items():
             rows.append({**({"route": route} if len(routes) > 1 else {}), "strategy": n,
-                         "labels to target": "not reached" if s["labels_to_target"] is None
-                         else f"{s['labels_to_target']:.0f}", "savings vs random": savings_text(n, s),
+                         "labels to target": labels_text(s["labels_to_target"]), "savings vs random": savings_text(n, s),
                          "AUC": _fmt(s["auc"]), f"retention at {s['labels'][-1]} labels": _fmt(s["final"]) + "%"})
     return rows
 
@@ -384,8 +407,8 @@ def render_html(doc: dict[str, Any], folder: Path) -> str:
            + '<a href="#card">model card</a><a href="#repro">reproduce</a></nav>',
            f'<p class="verdict">{_inline_md(_verdict(doc))}</p>',
            '<h2 id="risk">Prunability risk</h2>',
-           '<p class="note"><b>high</b>: the task keeps ≥ 90% of its score with a quarter of the experts after pruning and '
-           're-alignment within the label budget; <b>medium</b>: ≥ 90% with half of the experts and no fine-tuning; '
+           '<p class="note"><b>high</b>: the task keeps ≥ 90% of its score at the attack\'s keep (a quarter of the experts '
+           'unless the audit\'s recovery keep says otherwise) after pruning and re-alignment within the label budget; <b>medium</b>: ≥ 90% with half of the experts and no fine-tuning; '
            '<b>low</b>: neither. The attacker\'s best attribution method is used throughout.</p>',
            _html_table(risk_rows(doc), cls="risk"),
            _img(folder, f["risk"], "Best retention per task: half and a quarter of the experts kept, and after re-alignment")]

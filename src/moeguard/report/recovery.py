@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moeguard.analysis import labels_text
 from moeguard.io import write_json
 from moeguard.report.plots import _plt
 from moeguard.report.sweep import write_csv
@@ -26,11 +27,12 @@ def learning_curves(doc: dict[str, Any], out: Path) -> Path:
     plt = _plt()
     summary = doc["summary"]
     fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    nan = lambda v: [float("nan") if x is None else x for x in v]  # noqa: E731 -- a point no seed measured
     for i, (name, s) in enumerate(summary["strategies"].items()):
         color = "0.35" if name == "random" else f"C{i}"
-        ax.plot(s["labels"], s["mean"], marker="o", ms=3, color=color, lw=2.2 if name == "random" else 1.6,
+        ax.plot(s["labels"], nan(s["mean"]), marker="o", ms=3, color=color, lw=2.2 if name == "random" else 1.6,
                 ls="--" if name == "random" else "-", label=_legend(name, s))
-        ax.fill_between(s["labels"], s["min"], s["max"], color=color, alpha=0.15, lw=0)
+        ax.fill_between(s["labels"], nan(s["min"]), nan(s["max"]), color=color, alpha=0.15, lw=0)
     ax.axhline(summary["target"], color="crimson", lw=0.8, ls=":")
     ax.text(0.01, summary["target"], f" {summary['target']:g}% of the full model", color="crimson", fontsize=8,
             va="bottom", transform=ax.get_yaxis_transform())
@@ -55,7 +57,7 @@ def learning_curves(doc: dict[str, Any], out: Path) -> Path:
 
 def _legend(name: str, s: dict[str, Any]) -> str:
     reach = s["labels_to_target"]
-    text = f"{name}: {'not reached' if reach is None else f'{reach:.0f} labels'}"
+    text = f"{name}: {'not reached' if reach is None else f'{labels_text(reach)} labels'}"
     sv = s.get("savings_vs_random")
     if sv and sv.get("percent") is not None:
         pct = sv["percent"]
@@ -80,8 +82,8 @@ def recovery_table(doc: dict[str, Any]):
     for col in ["strategy", "labels to target", "per seed", "savings vs random [95% CI]", "AUC", "final"]:
         t.add_column(col, justify="left" if col == "strategy" else "right")
     for name, r in s["strategies"].items():
-        reach = "not reached" if r["labels_to_target"] is None else f"{r['labels_to_target']:.0f}"
-        seeds = ", ".join("-" if x is None else f"{x:.0f}" for x in r["labels_to_target_per_seed"])
+        reach = labels_text(r["labels_to_target"])
+        seeds = ", ".join(labels_text(x, none="-") for x in r["labels_to_target_per_seed"])
         t.add_row(name, reach, seeds, savings_text(name, r), _fmt(r["auc"]), _fmt(r["final"]))
     return t
 

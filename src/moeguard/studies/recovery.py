@@ -380,12 +380,27 @@ def _matrix(runs: list[dict[str, Any]]) -> np.ndarray:
     return np.array([[value(p["retention"]) for p in c["points"]] for c in runs])
 
 
+def _nan_stats(vals: np.ndarray) -> dict[str, np.ndarray]:
+    """Per budget over seeds: mean, std, min, max ignoring gaps; a budget no seed measured is NaN
+    (numpy's "empty slice" warnings for it are the expected answer, not news)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {"mean": np.nanmean(vals, axis=0), "std": np.nanstd(vals, axis=0),
+                "min": np.nanmin(vals, axis=0), "max": np.nanmax(vals, axis=0)}
+
+
 def _mean_curve(vals: np.ndarray) -> list[float]:
-    return np.nanmean(vals, axis=0).tolist()
+    return _nan_stats(vals)["mean"].tolist()
 
 
 def _l2t(labels, vals: np.ndarray, target: float) -> float | None:
     return labels_to_target(labels, _mean_curve(vals), target)
+
+
+def _finite(a) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(a, dtype=float)]
 
 
 def summarize(curves: list[dict[str, Any]], strategies, *, target: float, seed: int = 0) -> dict[str, Any]:
@@ -397,20 +412,21 @@ def summarize(curves: list[dict[str, Any]], strategies, *, target: float, seed: 
             continue
         labels = [p["labels"] for p in runs[0]["points"]]
         vals = mats[name] = _matrix(runs)
-        mean = np.nanmean(vals, axis=0)
+        stats = _nan_stats(vals)
+        mean = stats["mean"]
         per_seed = [labels_to_target(labels, list(v), target) for v in vals]
         reached = [x for x in per_seed if x is not None]
         auc_per_seed = [auc(labels, list(v)) for v in vals]
         out["strategies"][name] = {
             "labels": labels,
-            "mean": mean.tolist(), "std": np.nanstd(vals, axis=0).tolist(),
-            "min": np.nanmin(vals, axis=0).tolist(), "max": np.nanmax(vals, axis=0).tolist(),
+            # a point no seed measured (retention None: a full score of 0) is None, not NaN (invalid JSON)
+            "mean": _finite(mean), "std": _finite(stats["std"]), "min": _finite(stats["min"]), "max": _finite(stats["max"]),
             "labels_to_target": labels_to_target(labels, mean.tolist(), target),
             "labels_to_target_per_seed": per_seed,
             "seeds_reaching_target": len(reached),
             "auc": auc(labels, mean.tolist()),
             "auc_per_seed": auc_per_seed,
-            "final": float(mean[-1]),
+            "final": _finite(mean[-1:])[0],
             # uncertainty: spread over seeds and a bootstrap interval over resampled seeds
             "uncertainty": {
                 "labels_to_target": {**spread(per_seed),
