@@ -301,3 +301,66 @@ def test_layout_rules_on_headers():
     with pytest.raises(MoeguardError, match=r"experts \[3\] have no w1.weight"):
         _plan(_header(**{"model.layers.0.block_sparse_moe.gate.weight": (4, 8)},
                       **{k: v for k, v in per_expert.items() if ".3." not in k}))
+
+
+def test_pruning_a_merged_checkpoint_keeps_its_merge_record_on_both_paths(saved, tmp_path):
+    """The merge record (which originals went into each merged expert: trace's ground truth) was
+    neither copied nor embedded, so a pruned copy of a merged model no longer said where its
+    experts came from."""
+    from moeguard.models.loading import ModelRef
+    from moeguard.pruning.apply import _in_memory
+    from moeguard.pruning.merging.write import RECORD_NAME as MERGE_RECORD
+
+    model, root, keep = saved("mixtral")
+    merged = tmp_path / "merged"
+    shutil.copytree(root / "single", merged)
+    merge_doc = {"schema": "moeguard.merging/1", "keep": {str(l): KEPT for l in keep}, "note": "the merge's record"}
+    (merged / MERGE_RECORD).write_text(json.dumps(merge_doc))
+    import moeguard.zoo
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):   # the in-memory path loads a tokenizer to save it along
+        shutil.copy2(Path(moeguard.zoo.__file__).parent / "embedded" / f, merged / f)
+    streamed = prune_checkpoint(merged, tmp_path / "streamed", {l: [0, 1] for l in keep})
+    assert streamed["previous_merging"] == merge_doc and "previous_pruning" not in streamed
+    in_memory = _in_memory(ModelRef(str(merged), merged, None), {l: [0, 1] for l in keep}, tmp_path / "memory",
+                           overwrite=False, extra={})
+    assert in_memory["previous_merging"] == merge_doc
+    assert json.loads((tmp_path / "memory" / RECORD_NAME).read_text())["previous_merging"] == merge_doc
+
+
+def test_a_stale_index_beside_a_single_file_is_not_the_checkpoint(saved, tmp_path):
+    """transformers reads model.safetensors before an index beside it; the index's shards are not
+    there, and the surgery called the checkpoint corrupt."""
+    model, root, keep = saved("mixtral")
+    src = tmp_path / "src"
+    shutil.copytree(root / "single", src)
+    shutil.copy2(root / "sharded" / INDEX_NAME, src / INDEX_NAME)
+    record = prune_checkpoint(src, tmp_path / "out", keep)
+    assert record["shards"] == ["model.safetensors"] and not (tmp_path / "out" / INDEX_NAME).exists()
+    assert torch.equal(checkpoint_tensors(tmp_path / "out")["model.embed_tokens.weight"], model.state_dict()["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("fam", ["deepseek_v3", "glm4_moe", "mixtral"])
+def test_in_memory_pruning_of_a_bf16_checkpoint_writes_the_streamed_files_dtypes(fam, tmp_path):
+    """Loading a bf16 checkpoint up-casts what a family keeps in float32 (DeepSeek's and GLM's
+    routers: _keep_in_fp32_modules_strict), and save_pretrained wrote those as F32 where streaming
+    keeps BF16."""
+    import moeguard.zoo
+    from moeguard.models.loading import ModelRef
+    from moeguard.pruning.apply import _in_memory
+
+    if fam not in FAMILIES:
+        pytest.skip(f"{fam} is not a family here")
+    model = tiny_model(fam).to(torch.bfloat16)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(Path(moeguard.zoo.__file__).parent / "embedded" / f, src / f)
+    keep = {l.index: KEPT for l in MoEAdapter(model).layers}
+    prune_checkpoint(src, tmp_path / "streamed", keep)
+    _in_memory(ModelRef(str(src), src, None), keep, tmp_path / "memory", overwrite=False, extra={})
+    got, want = checkpoint_tensors(tmp_path / "memory"), checkpoint_tensors(tmp_path / "streamed")
+    assert got.keys() == want.keys()
+    wrong = {k: (got[k].dtype, want[k].dtype) for k in want if got[k].dtype != want[k].dtype}
+    assert not wrong, wrong
+    assert all(torch.equal(got[k], want[k]) for k in want)

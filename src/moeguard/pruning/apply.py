@@ -7,6 +7,8 @@ for a vanilla-loadable config). The output appears only when complete (``atomic_
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from moeguard.pruning.plan import PrunePlan, check_plan
 from moeguard.provenance import run_record
 
 from moeguard.pruning.checkpoint import check_apart, RECORD_NAME as RECORD
-from moeguard.pruning.checkpoint import side_files
+from moeguard.pruning.checkpoint import previous_records, side_files
 
 
 def preflight(model_ref: str | None, plan: PrunePlan, out: str | Path, *, overwrite: bool):
@@ -61,7 +63,7 @@ def _in_memory(ref, keep, out: Path, *, overwrite: bool, extra: dict) -> dict[st
     model, tokenizer, _ = load_model(ref.name, dtype=checkpoint_dtype(ref))
     small, record = prune_model(model, keep, share_unchanged=True)   # the source is dropped: nothing to copy for it
     del model
-    record = {**record, "method": "in_memory", "source": ref.name, **extra}
+    record = {**record, "method": "in_memory", "source": ref.name, **previous_records(ref.path), **extra}
     save_checkpoint(small, tokenizer, ref, out, overwrite=overwrite, records={RECORD: record})
     return record
 
@@ -81,6 +83,8 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
     (file name -> JSON)."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        if ref.path is not None:
+            keep_source_dtypes(tmp, ref.path)
         if tokenizer is not None:
             from moeguard.models.tokenizer_files import save_tokenizer
 
@@ -93,6 +97,49 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
                     shutil.copy2(f, tmp / f.name)
         for name, doc in records.items():
             write_json(tmp / name, doc)
+
+
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def keep_source_dtypes(out: Path, src: Path) -> list[str]:
+    """Cast each float tensor of the checkpoint just written in ``out`` back to the dtype the source
+    stored it in; returns the names cast. Loading a bf16 checkpoint up-casts the parameters a family
+    keeps in float32 (DeepSeek's router and its correction bias: ``_keep_in_fp32_modules_strict``),
+    and ``save_pretrained`` wrote them as F32, where streaming surgery keeps the source's BF16: the
+    two paths gave different files (and merged router rows rounded differently)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moeguard.io import FLOAT_DTYPES, read_header
+    from moeguard.models.loading import safetensors_files
+
+    source = {k: v["dtype"] for f in safetensors_files(src) for k, v in read_header(f).items() if k != "__metadata__"}
+    cast: list[str] = []
+    files = safetensors_files(out)
+    for f in files:
+        header = read_header(f)
+        wrong = {k for k, v in header.items() if k != "__metadata__" and v["dtype"] in FLOAT_DTYPES
+                 and source.get(k) in FLOAT_DTYPES and source[k] != v["dtype"]}
+        if not wrong:
+            continue
+        with safe_open(str(f), "pt") as fh:
+            meta = fh.metadata()
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        for k in wrong:
+            tensors[k] = tensors[k].to(getattr(torch, _TORCH_DTYPES[source[k]]))
+        tmp = f.with_name(f".{f.name}.dtype")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, f)
+        cast += sorted(wrong)
+    index = out / "model.safetensors.index.json"
+    if cast and index.exists():   # its total size counts the bytes the casts changed
+        doc = json.loads(index.read_text())
+        doc.setdefault("metadata", {})["total_size"] = sum(
+            v["data_offsets"][1] - v["data_offsets"][0] for f in files for k, v in read_header(f).items() if k != "__metadata__")
+        index.write_text(json.dumps(doc, indent=2) + "\n")
+    return cast
 
 
 def checkpoint_dtype(ref):

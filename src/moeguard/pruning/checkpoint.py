@@ -465,7 +465,9 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     for f in files:
         check_safetensors(f)
     headers = {f: read_header(f) for f in files}
-    sharded = (src / INDEX_NAME).exists()
+    # transformers reads model.safetensors before an index beside it (safetensors_files): a stale index
+    # next to a single file is not this checkpoint's (and is not copied)
+    sharded = files != [src / "model.safetensors"]
     if sharded:
         _check_index(src, files, headers)
 
@@ -485,7 +487,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     copies, skipped = side_files(src, files)
     tensor_bytes = sum(t.nbytes for t in plan)
     _check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies))
-    previous = _previous_record(src)
+    previous = previous_records(src)
 
     task = progress.add_task(f"writing {'merged' if merge else 'pruned'} shards", total=tensor_bytes) \
         if progress is not None else None
@@ -519,8 +521,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
             "shards": [name for name, _ in shards],
             "skipped_files": skipped,
         }
-        if previous is not None:  # pruning a pruned checkpoint: this record's indices are relative to it
-            record["previous_pruning"] = previous
+        record.update(previous)   # cutting a pruned or merged checkpoint: this record's indices are relative to it
         extra = extra or {}   # the caller's plan and provenance, inside the same atomic write
         if merge:   # the merging record holds this surgery's facts (those the caller does not give) as its "pruning" part
             record = {**extra, "pruning": {k: v for k, v in record.items() if k not in extra}}
@@ -530,13 +531,23 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     return record
 
 
-def _previous_record(src: Path) -> dict | None:
+def _previous_record(src: Path, name: str = RECORD_NAME) -> dict | None:
     try:
-        return json.loads((src / RECORD_NAME).read_text())
+        return json.loads((src / name).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {"unreadable": RECORD_NAME}
+        return {"unreadable": name}
+
+
+def previous_records(src: Path | None) -> dict[str, dict]:
+    """The source's own pruning and merging records, for the record of a checkpoint cut from it:
+    its indices are relative to the source, and a merged source's record says which originals went
+    into each of its experts (what trace needs as ground truth). Neither file is copied as it is."""
+    if src is None:
+        return {}
+    found = {"previous_pruning": _previous_record(src), "previous_merging": _previous_record(src, MERGE_RECORD_NAME)}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _check_index(src: Path, files: list[Path], headers: dict[Path, dict]) -> None:

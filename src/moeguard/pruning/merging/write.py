@@ -103,8 +103,12 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
                                  scores_method=s.method if s is not None else None, progress=progress,
                                  share_unchanged=True)   # the source is dropped: nothing to copy for it
     del model
+    from moeguard.pruning.checkpoint import previous_records
+
+    # as the streamed merge records them (inside its "pruning" part): the source's own records
     record = {"schema": SCHEMA, "source": ref.name, **record, "loadable_by": loadable_by(record["keep"]),
               "run": run_record(settings or {})}
+    record["pruning"] = {**record.get("pruning", {}), **previous_records(ref.path)}
     save_checkpoint(merged, tokenizer, ref, Path(out), overwrite=overwrite, records={RECORD_NAME: record})
     return record
 
