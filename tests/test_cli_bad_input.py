@@ -339,6 +339,13 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["eval", "--tasks", "arith-compare", "--max-memory", "8GiB", "--device-map", "cpu", "--out", "{O}"],
      "--device-map cpu puts every layer on one device"),
     (["audit", "--max-memory", "8GiB", "--device-map", "cpu", "--out", "{O}"], "device_map cpu puts every layer on one device"),
+    # GPUs for Ray tasks: ignored without Ray; without them a GPU map fails in every worker
+    (["sweep", "--gpus-per-job", "1", "--out", "{O}"], "--gpus-per-job 1 reserves GPUs for Ray tasks"),
+    (["audit", "--gpus-per-job", "0.5", "--out", "{O}"], "--gpus-per-job 0.5 reserves GPUs for Ray tasks"),
+    (["attack", "--task", "arith-compare", "--keep", "2", "--gpus-per-job", "-1", "--out", "{O}"], "--gpus-per-job"),
+    # --overwrite without the optional --out it would apply to did nothing
+    (["trace", "--suspect", "{D}", "--overwrite"], "--overwrite replaces an existing --out, and no --out was given"),
+    (["eval", "--tasks", "arith-compare", "--overwrite"], "--overwrite replaces an existing --out, and no --out was given"),
     (["trace", "--suspect", "{F}"], "model path {F} is a file, not a checkpoint directory"),     # not "--model"
     (["trace", "--suspect", "{D}/MODEL.GGUF"], "GGUF file {D}/MODEL.GGUF does not exist"),     # the suffix in any case
     (["trace", "--suspect", "{D}/model"], "model path {D}/model does not exist (the folder {D} does)"),   # not a hub id

@@ -111,3 +111,14 @@ def test_a_study_command_hands_its_device_map_to_the_jobs(monkeypatch, tmp_path)
     assert main(["sweep", "--out", str(tmp_path / "o"), "--tasks", "arith-compare", "--methods", "frequency",
                  "--keep", "2", "--device-map", "cpu"]) == 2
     assert seen["runtime"].device_map == "cpu" and seen["runtime"].to_dict()["device_map"] == "cpu"
+
+
+def test_a_gpu_map_on_ray_needs_gpus_per_job_and_gpus_per_job_needs_ray():
+    from moeguard.studies.engine import make_backend
+
+    with pytest.raises(MoeguardError, match="Ray tasks that ask for no GPU see none"):
+        make_backend("ray", device_map="cuda")
+    with pytest.raises(MoeguardError, match="--gpus-per-job 1 reserves GPUs for Ray tasks"):
+        make_backend("local", gpus=1.0)
+    assert make_backend("local", device_map="cuda").name == "local"      # the edge checks the device itself
+    assert make_backend("ray", device_map="cpu", gpus=0.0).name == "ray"  # nothing started until it runs

@@ -71,7 +71,9 @@ def test_rebuild_in_fresh_process_is_byte_identical(built: Path, tmp_path: Path)
     out = tmp_path / "again"
     subprocess.run([sys.executable, "-m", "moeguard.zoo.suite", "--out", str(out), "--seed", "0"],
                    check=True, env=env, capture_output=True, text=True, timeout=120)
-    assert files_of(out) == files_of(built)
+    again = files_of(out)
+    assert again.pop("run.json")            # the command's run record (time, versions, commit): not the data
+    assert again == files_of(built)
 
 
 def test_shipped_data_matches_a_rebuild(built: Path, shipped_manifest: dict) -> None:
@@ -321,3 +323,20 @@ def test_a_stripped_or_wrong_stdlib_is_refused_in_one_line(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "this standard library gives" in err and "python3-tk" in err, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_cli_records_its_run_beside_the_manifest_not_in_it(tmp_path: Path, monkeypatch) -> None:
+    """Every other output records versions and the git commit; the manifest itself stays the data's
+    (byte-for-byte the same on every rebuild), so the record is run.json beside it."""
+    import moeguard.zoo.suite as suite
+    from moeguard.cli import main
+
+    def fake(out, *, seed, python_stdlib):
+        (Path(out) / "MANIFEST.json").write_text("{}")
+        return {"tasks": {}}
+
+    monkeypatch.setattr(suite, "build_suite", fake)
+    assert main(["zoo", "suite", "--out", str(tmp_path / "s"), "--seed", "3"]) == 0
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert run["settings"]["seed"] == 3 and run["versions"]["torch"] and "git" in json.dumps(run)
+    assert (tmp_path / "s" / "MANIFEST.json").read_text() == "{}"

@@ -394,3 +394,21 @@ def test_jetmoe_runs_offloaded_and_its_attention_experts_score_as_in_memory(tmp_
         scores = [score(make_context(m, tok, "arith-compare", samples=8, batch_size=4, seed=0), method).scores
                   for m in (model, off)]
         torch.testing.assert_close(scores[1], scores[0], rtol=1e-6, atol=1e-9, msg=method)
+
+
+def test_a_sweep_under_a_memory_cap_gives_the_uncapped_numbers_and_skips_the_physical_checks(tmp_path):
+    """The audit's sweep stage took --max-memory; `moeguard sweep` had no such option."""
+    import json
+
+    from moeguard.cli import main
+
+    args = ["sweep", "--tasks", "arith-compare", "--methods", "gate", "--keep", "4", "--random-seeds", "1",
+            "--eval-limit", "16", "--collateral-limit", "8", "--samples", "8"]
+    assert main([*args, "--max-memory", "8MiB", "--out", str(tmp_path / "capped")]) == 0
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    capped, plain = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("capped", "plain"))
+    assert capped["run"]["settings"]["max_memory"] == 8 << 20 and "max_memory" not in plain["run"]["settings"]
+    assert [c.get("skipped") is not None for c in capped["physical_checks"]] == [True]
+    assert not any("skipped" in c for c in plain["physical_checks"])
+    for key in ("full", "points", "random"):
+        assert json.dumps(capped[key], sort_keys=True) == json.dumps(plain[key], sort_keys=True), key

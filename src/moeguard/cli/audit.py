@@ -46,7 +46,7 @@ def run(*, out: Path, config: Optional[Path], overwrite: bool, flags: dict) -> N
     cfg = build(load_yaml(config) if config is not None else {}, flags)
     prepare_run_dir(out, overwrite=overwrite, clear=False)
     cfg, handle = resolve(cfg)
-    runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job)
+    runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job, device_map=cfg.device_map)
     try:
         prepare_run_dir(out, overwrite=overwrite)     # now that nothing else can fail on bad input
     except BaseException:

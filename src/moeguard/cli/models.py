@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, _seed, app
+from moeguard.cli.app import DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _no_out, _progress, _seed, app
 from moeguard.errors import MoeguardError
 
 
@@ -101,6 +101,8 @@ def eval_(model: ModelOpt = None,
 
     if out is not None:
         check_output(out, overwrite=overwrite, kind="file", inputs=(model,))
+    elif overwrite:
+        _no_out()
     cap = parse_memory(max_memory, device_map=device_map) if max_memory is not None else None
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
     if names == []:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from moeguard.cli.app import (DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints, _names,
-                              _out, _placement, _progress, _run, _run_study, _seed, app)
+                              _out, _param, _placement, _progress, _run, _run_study, _seed, app)
 from moeguard.errors import MoeguardError
 
 
@@ -148,14 +148,18 @@ def _sweep_params():
 
     none = {"default": None}
     return [_out("run directory to create"), *_common(),
-            *options(SweepConfig, overrides={"tasks": none, "methods": none, "keeps": none})]
+            *options(SweepConfig, overrides={"tasks": none, "methods": none, "keeps": none}),
+            _param("max_memory", MaxMemoryOpt, None)]
 
 
 @app.command()
 @_config_command(_sweep_params)
-def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend: str, ray_address: Optional[str],
-          overwrite: bool, **flags) -> None:
-    """Knowledge-loss study: retention per task, method and keep level, against random rankings."""
+def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend: str, ray_address: Optional[str], gpus_per_job: float,
+          overwrite: bool, max_memory: Optional[str], **flags) -> None:
+    """Knowledge-loss study: retention per task, method and keep level, against random rankings.
+
+    With --max-memory, each job's model is loaded under the cap (the other layers offloaded to disk),
+    as the audit's sweep stage does; the physical-pruning checks are then skipped."""
     from moeguard.config import build
     from moeguard.edge import resolve_grid, resolve_model
     from moeguard.io import check_output
@@ -164,6 +168,11 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
     from moeguard.studies.sweep import SweepConfig, SweepStudy, SweepStudyConfig
 
     check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
+    cap = None
+    if max_memory is not None:
+        from moeguard.models.loading import parse_memory
+
+        cap = parse_memory(max_memory, device_map=device_map)
     # an encoder-decoder's tasks run through its seq2seq head
     handle = resolve_model(model, tasks=False, device_map=device_map)
     grid = {k: flags.pop(k) for k in ("tasks", "methods", "keeps")}
@@ -179,9 +188,12 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
     def write(doc, work):
         write_sweep(doc, doc.pop("scores"), work)
 
-    study = SweepStudyConfig(sweep=cfg, references={t: None for t in names})
+    if cap is not None:
+        settings["max_memory"] = cap
+    # capped: the physical checks are skipped, so the jobs are keyed apart from an uncapped run's
+    study = SweepStudyConfig(sweep=cfg, references={t: None for t in names}, capped=cap is not None)
     doc = _run_study(out, overwrite, settings, handle, SweepStudy(), study, write, backend=backend,
-                     ray_address=ray_address, tasks=task_list)
+                     ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=task_list, max_memory=cap)
     _console().print(sweep_table(doc))
     if doc.get("routes"):
         from moeguard.report.sweep import routes_table

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, app
+from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _no_out, _progress, app
 
 
 @app.command()
@@ -41,6 +41,8 @@ def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkp
 
     if out is not None:
         check_output(out, overwrite=overwrite, inputs=(original, suspect,), kind="folder")
+    elif overwrite:
+        _no_out()
     if as_json:  # stdout is the JSON document alone
         doc = run(original, suspect, seed=seed)
     else:

@@ -66,6 +66,11 @@ def zoo_suite(out: Annotated[Path, typer.Option("--out", help="output folder for
     check_stdlib(python_stdlib)            # before the scan
     with atomic_dir(out, overwrite=overwrite) as tmp:
         manifest = build_suite(tmp, seed=seed, python_stdlib=python_stdlib)
+        from moeguard.io import write_json
+        from moeguard.provenance import run_record
+
+        # beside MANIFEST.json, not in it: the manifest is the data's, byte-for-byte the same on every rebuild
+        write_json(tmp / "run.json", run_record({"seed": seed, "python_stdlib": str(python_stdlib) if python_stdlib else None}))
     from rich.table import Table
 
     from moeguard.zoo.suite.common import SPLITS

@@ -108,13 +108,14 @@ def run_studies(items: list[tuple[Study, Any]], *, jobs: Path, runtime: Runtime,
 def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[str, Any],
                write: Callable[[dict[str, Any], Path], None], backend: str = "local",
                ray_address: str | None = None, tasks: Iterable = (), overwrite: bool = False,
-               progress: Any = None, max_memory: int | None = None) -> dict[str, Any]:
+               progress: Any = None, max_memory: int | None = None, gpus_per_job: float = 0.0) -> dict[str, Any]:
     """A study run as a command runs it: resumable, into a folder. Its jobs run on ``backend``
     and are kept under ``.OUT.partial/jobs`` (a killed run with the same ``settings`` resumes);
     the document is stamped with the model's name and the run record (``settings``, versions,
     commit), written by ``write(doc, folder)`` and renamed to ``out`` when done.
     ``model``: the resolved :class:`~moeguard.models.handle.ModelHandle`; ``max_memory``: bytes
-    of host memory its weights may take (the rest offloaded)."""
+    of host memory its weights may take (the rest offloaded); ``gpus_per_job``: GPUs each Ray task
+    asks for."""
     import torch
 
     from moeguard.edge import file_tasks
@@ -122,7 +123,7 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
     from moeguard.provenance import run_record
     from moeguard.studies.engine import make_backend
 
-    runner = make_backend(backend, address=ray_address)
+    runner = make_backend(backend, address=ray_address, gpus=gpus_per_job, device_map=model.device_map)
     runtime = Runtime(model=model.arg, threads=torch.get_num_threads(), tasks=file_tasks(tasks), max_memory=max_memory,
                       device_map=model.device_map)
     try:

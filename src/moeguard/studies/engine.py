@@ -342,7 +342,17 @@ class RayBackend(Backend):
             self.ray.shutdown()
 
 
-def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, num_cpus: int | None = None) -> Backend:
+def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, num_cpus: int | None = None,
+                 device_map: str | None = None) -> Backend:
+    """The backend ``name``, with the GPUs each Ray task asks for; ``device_map``: where each job
+    puts its model, checked against them (before any work)."""
+    if gpus and name == "local":   # it was accepted and ignored
+        raise MoeguardError(f"--gpus-per-job {gpus:g} reserves GPUs for Ray tasks, and with --backend local the jobs "
+                            "run in this process", hint="add --backend ray, or drop --gpus-per-job")
+    if name == "ray" and not gpus and device_map is not None and str(device_map).strip() != "cpu":
+        # Ray hides every GPU from a task that asks for none (CUDA_VISIBLE_DEVICES is empty there)
+        raise MoeguardError(f"--device-map {device_map} puts each job's model on a GPU, and Ray tasks that ask for no "
+                            "GPU see none", hint="pass --gpus-per-job 1 (or a fraction, to share a GPU between jobs)")
     if name == "local":
         if address:
             raise MoeguardError("--ray-address goes with --backend ray", hint="add --backend ray, or drop --ray-address")
