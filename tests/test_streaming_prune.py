@@ -364,3 +364,44 @@ def test_in_memory_pruning_of_a_bf16_checkpoint_writes_the_streamed_files_dtypes
     wrong = {k: (got[k].dtype, want[k].dtype) for k in want if got[k].dtype != want[k].dtype}
     assert not wrong, wrong
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_interrupted_surgery_resumes_with_the_shards_it_had_not_finished(saved, tmp_path, monkeypatch):
+    """A killed run left a temporary folder and started again from byte 0 (a 90 GB checkpoint)."""
+    import moeguard.pruning.checkpoint as C
+
+    model, root, keep = saved("mixtral")
+    whole = prune_checkpoint(root / "sharded", tmp_path / "whole", keep)
+    calls, real = [], C.write_safetensors
+
+    def killed(path, *a, **k):
+        calls.append(path.name)
+        if len(calls) == 3:   # killed half-way through a shard
+            path.write_bytes(b"\0" * 64)
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(C, "write_safetensors", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(root / "sharded", tmp_path / "out", keep)
+    partial = tmp_path / ".out.partial"
+    assert not (tmp_path / "out").exists() and len(list(partial.glob("*.safetensors"))) == 2
+    assert list(partial.glob(".*.part"))                       # the shard being written is not taken as finished
+    calls.clear()
+    counted = lambda path, *a, **k: (calls.append(path.name), real(path, *a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(C, "write_safetensors", counted)
+    record = prune_checkpoint(root / "sharded", tmp_path / "out", keep)
+    assert len(calls) == len(whole["shards"]) - 2                # only the shards it had not finished
+    assert _digests(tmp_path / "out") == {**_digests(tmp_path / "whole"), RECORD_NAME: _digests(tmp_path / "out")[RECORD_NAME]}
+    assert {k: v for k, v in record.items() if k != "source"} == {k: v for k, v in whole.items() if k != "source"}
+    assert not partial.exists() and not list((tmp_path / "out").glob(".*"))
+    # another plan does not reuse what an interrupted run of this one kept
+    calls.clear()
+    monkeypatch.setattr(C, "write_safetensors", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(root / "sharded", tmp_path / "other", keep)
+    calls.clear()
+    monkeypatch.setattr(C, "write_safetensors", counted)
+    other = {l: [1, 3, 4, 6] for l in keep}
+    prune_checkpoint(root / "sharded", tmp_path / "other", other)
+    assert len(calls) == len(whole["shards"])

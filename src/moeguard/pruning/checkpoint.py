@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moeguard.errors import MoeguardError
-from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, ShardReader, atomic_dir, check_output, read_header
+from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, ShardReader, check_output, read_header
 from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
 from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
 
@@ -486,7 +486,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)
     copies, skipped = side_files(src, files)
     tensor_bytes = sum(t.nbytes for t in plan)
-    _check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies))
+    # shards an interrupted run finished (kept in .OUT.partial, checked against the stamp below)
+    partial = out.with_name(f".{out.name}.partial")
+    kept = sum((partial / name).stat().st_size for name, _ in shards if (partial / name).is_file())
+    _check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies) - kept)
     previous = previous_records(src)
 
     task = progress.add_task(f"writing {'merged' if merge else 'pruned'} shards", total=tensor_bytes) \
@@ -494,11 +497,27 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     advance = (lambda n: progress.advance(task, n)) if progress is not None else None
     reader = _Reader(headers)
     bytes_out = 0
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    from moeguard.io import resumable_dir
+    from moeguard.models.loading import weights_identity
+
+    # Resumable: each shard is written under a temporary name and renamed when whole, so a killed run
+    # (a 90 GB checkpoint) continues with the shards it had not finished when started again with the
+    # same source weights, plan and sharding; anything else starts over.
+    stamp = {"source": weights_identity(str(src)), "keep": {str(k): v for k, v in sorted(keep.items())},
+             "merge": merge, "max_shard_bytes": max_shard_bytes}
+    with resumable_dir(out, overwrite=overwrite, settings=stamp) as tmp:
         try:
             for name, tensors in shards:
+                if (tmp / name).is_file():   # finished by the interrupted run
+                    size = (tmp / name).stat().st_size
+                    bytes_out += size
+                    if advance is not None:
+                        advance(sum(t.nbytes for t in tensors))
+                    continue
                 meta = {"format": "pt", **headers[tensors[0].file].get("__metadata__", {})} if tensors else {"format": "pt"}
-                bytes_out += write_safetensors(tmp / name, tensors, reader, metadata=meta, advance=advance)
+                part = tmp / f".{name}.part"
+                bytes_out += write_safetensors(part, tensors, reader, metadata=meta, advance=advance)
+                os.replace(part, tmp / name)
         finally:
             reader.close()
         write_index(tmp, shards, tensor_bytes)
