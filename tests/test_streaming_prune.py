@@ -405,3 +405,26 @@ def test_an_interrupted_surgery_resumes_with_the_shards_it_had_not_finished(save
     other = {l: [1, 3, 4, 6] for l in keep}
     prune_checkpoint(root / "sharded", tmp_path / "other", other)
     assert len(calls) == len(whole["shards"])
+
+
+def test_pruning_a_budget_pruned_checkpoint_records_each_layers_own_count(saved, tmp_path):
+    """Layer 0's count was taken as the source's: 'original_num_experts: 2' and layer 1's dropped
+    experts computed over range(2)."""
+    from moeguard.models.loading import meta_model
+    from moeguard.pruning.plan import PrunePlan, check_plan
+
+    model, root, keep = saved("mixtral")
+    layers = sorted(keep)
+    uneven = {l: ([0, 1] if l == layers[0] else [0, 1, 2, 3, 4, 5]) for l in layers}
+    prune_checkpoint(root / "single", tmp_path / "budget", uneven)
+    again = {l: [1] if l == layers[0] else [0, 5] for l in layers}
+    record = prune_checkpoint(tmp_path / "budget", tmp_path / "again", again)
+    assert record["original_num_experts"] == 6
+    assert record["original_experts_per_layer"] == {str(l): len(v) for l, v in uneven.items()}
+    plan = PrunePlan(keep=again, num_experts=2, rule="explicit")
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.loading import ModelRef, load_config
+
+    check_plan(plan, MoEAdapter(meta_model(load_config(ModelRef(str(tmp_path / "budget"), tmp_path / "budget", None)))))
+    dropped = plan.to_dict()["dropped"]
+    assert dropped[str(layers[0])] == [0] and dropped[str(layers[1])] == [1, 2, 3, 4]

@@ -450,7 +450,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     """
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.hooks import normalize_keep
-    from moeguard.models.prune import pruned_config
+    from moeguard.models.prune import original_counts, pruned_config
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -528,7 +528,8 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
             os.replace(Path(cfg_dir) / "config.json", tmp / "config.json")
         record = {
             "family": family.name,
-            "original_num_experts": adapter.num_experts,
+            "original_num_experts": max(l.num_experts for l in adapter.layers),
+            **original_counts(adapter),   # a budget-pruned source's per-layer counts
             "num_experts": max(len(v) for v in keep.values()),
             "experts_per_layer": {str(k): len(v) for k, v in sorted(keep.items())},
             "keep": {str(k): v for k, v in sorted(keep.items())},

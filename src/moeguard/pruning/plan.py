@@ -33,6 +33,8 @@ class PrunePlan:
     why: str = ""
     # the expert count the plan's file states (None: it states none); another model's plan is refused
     declared_num_experts: int | None = field(default=None, repr=False)
+    # each layer's expert count, set by check_plan from the model (a budget-pruned one's differ)
+    layer_experts: dict[int, int] = field(default_factory=dict, repr=False)
 
     def check_model(self, num_experts: int, *, origin: str = "the plan") -> None:
         """Refuse a plan whose file says it was made for a model with another expert count: its
@@ -54,7 +56,8 @@ class PrunePlan:
         return {"schema": SCHEMA, "keep": {str(l): v for l, v in sorted(self.keep.items())},
                 "num_experts": self.num_experts, "rule": self.rule, "method": self.method, "task": self.task,
                 "why": self.why, "kept_total": self.kept_total,
-                "dropped": {str(l): [e for e in range(self.num_experts) if e not in v] for l, v in sorted(self.keep.items())},
+                "dropped": {str(l): [e for e in range(self.layer_experts.get(l, self.num_experts)) if e not in v]
+                            for l, v in sorted(self.keep.items())},
                 "scores": {str(l): [round(x, 9) if math.isfinite(x) else None for x in v] for l, v in sorted(self.scores.items())}}
 
     @classmethod
@@ -190,7 +193,7 @@ def check_plan(plan: PrunePlan, adapter) -> dict[int, list[int]]:
                             hint=f"name every MoE layer {sorted(names)} (list all experts to keep a layer whole)")
     plan.check_model(max(l.num_experts for l in adapter.layers))
     keep = normalize_keep(adapter, plan.keep)
-    if plan.num_experts != adapter.num_experts:
-        # the model's count, not the plan's guess or claim: the record's dropped experts are computed from it
-        plan.num_experts = adapter.num_experts
+    plan.layer_experts = {l.index: l.num_experts for l in adapter.layers}
+    # the model's count (the most any layer has), not the plan's guess or claim
+    plan.num_experts = max(plan.layer_experts.values())
     return keep
