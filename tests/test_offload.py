@@ -75,13 +75,14 @@ def test_every_attribution_method_scores_an_offloaded_model_as_the_model_in_memo
     for m in (full, off):
         ctx = make_context(m, tok, "arith-compare", samples=8, batch_size=4, seed=0)
         scores.append(score(ctx, method).to_dict()["scores"])
-    if method in ("frequency", "gate"):
-        assert scores[0] == scores[1]   # routing shares and router scores: equal to the last bit
+    if method == "frequency":
+        assert scores[0] == scores[1]   # routing shares: the same choices
         return
     # an offloaded layer's weights come back from disk in buffers of another alignment; on some CPUs
     # (an AMD EPYC, 2026-12-02) the experts' grouped matmul then takes another kernel and a layer's
     # output moves in the last bit (1.2e-7), which loss-based scores and REAP's expert-output norms
-    # carry (5e-8 relative at most)
+    # carry (5e-8 relative at most), and so do the router scores of the layers after it (gate: 4e-9 in
+    # the last layer on the calibration sample drawn from the whole split, 2026-12-04; equal on others)
     for layer in scores[0]:
         torch.testing.assert_close(torch.tensor(scores[1][layer]), torch.tensor(scores[0][layer]),
                                    rtol=1e-6, atol=1e-9)

@@ -328,3 +328,22 @@ def test_user_errors(tok, model, lm_dir, cls_dir):
         E.evaluate_suite(model, tok, [lm_task(lm_dir)], references={"wikitext": 1.0})
     with pytest.raises(MoeguardError, match="verbalizer '' for label 0, not non-empty text"):   # when the task is made
         E.evaluate_task(model, tok, cls_task(cls_dir, labels={0: "", 1: " positive"}))
+
+
+def test_summaries_are_greedy_whatever_the_checkpoints_generation_config_says():
+    """generate() filled every field our config left None from the model's generation_config: a
+    checkpoint's repetition penalty or no_repeat_ngram_size changed the summaries, and ROUGE."""
+    from moeguard.models.loading import load_model
+    from moeguard.tasks.registry import get_task
+
+    model, tok, _ = load_model(None)
+    task = get_task("record-summary")
+    plain = E.evaluate_task(model, tok, task, limit=8, baseline=False)
+    own = model.generation_config
+    own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens = 50.0, 1, 6
+    try:
+        shaped = E.evaluate_task(model, tok, task, limit=8, baseline=False)
+    finally:
+        own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens = 1.0, 0, None
+    assert shaped.metrics == plain.metrics
+    assert model.generation_config is own     # the model's own config is back after each call

@@ -312,3 +312,35 @@ def test_hub_failures_say_which_they_are(raised, offline, needle, monkeypatch):
                 source=SourceSpec(type="hub", hub_name="nyu-mll/gleu"))
     with pytest.raises(MoeguardError, match=needle):
         load_records(task, "eval")
+
+
+def test_a_calibration_sample_is_drawn_from_the_whole_split_not_its_first_records(tmp_path):
+    """Calibration took a shuffle of the first 4 x samples records: a train split sorted by label
+    (IMDB's) gave a one-class sample, and attribution chose experts for one class."""
+    from moeguard.tasks.batches import calibration_batches
+    from moeguard.tasks.loaders import sample_records
+
+    rows = [{"sentence": f"review {i}", "label": int(i >= 300)} for i in range(600)]   # sorted by label
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    task = cls_task(tmp_path, "jsonl", {"train": "train.jsonl", "test": "test.jsonl"})
+    drawn = sample_records(task, "train", 16, seed=0)
+    assert len(drawn) == 16 and {r["label"] for r in drawn} == {"0", "1"}
+    assert drawn == sample_records(task, "train", 16, seed=0) != sample_records(task, "train", 16, seed=1)
+    assert len(sample_records(task, "eval", 50, seed=0)) == 10           # fewer than asked: all of them
+    late = [r for r in drawn if int(r["input"].split()[2]) >= 64]       # beyond the old pool of 4 x 16
+    assert late
+
+    class Tok:   # calibration_batches only needs ids for the records it was given
+        pad_token_id, bos_token_id, eos_token_id = 0, None, None
+
+    seen = []
+    import moeguard.tasks.batches as B
+
+    real = B.task_sequences
+    B.task_sequences = lambda tok, t, records: (seen.extend(records), [])[1]
+    try:
+        calibration_batches(Tok(), task, samples=16, seed=0)
+    finally:
+        B.task_sequences = real
+    assert sorted(r["input"] for r in seen) == sorted(r["input"] for r in drawn)

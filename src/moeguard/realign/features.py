@@ -103,8 +103,8 @@ def _generated_uncertainty(model, tokenizer, task, records, batch_size):
     parts = []
     # an encoder reads its prompt right-padded (summarization.evaluate says why)
     for ids, mask in _batches(model, tokenizer, task, records, batch_size, left=start is None):
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
-                             output_scores=True, return_dict_in_generate=True)
+        out = T.greedy_generate(model, gen, input_ids=ids, attention_mask=mask,
+                                output_scores=True, return_dict_in_generate=True)
         logp = torch.stack([F.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # [B, S, V]
         new = out.sequences[:, ids.shape[1] if start is None else 1:][:, :logp.shape[1]]
         # tokens after the first end-of-sequence are padding the batch carried along

@@ -19,7 +19,7 @@ from moeguard.errors import MoeguardError
 from moeguard.tasks import tokens as T
 from moeguard.tasks.base import Task
 from moeguard.tasks.kinds.base import IGNORE, Example
-from moeguard.tasks.loaders import load_records
+from moeguard.tasks.loaders import sample_records
 from moeguard.tasks.registry import get_task
 
 __all__ = ["IGNORE", "Batch", "Example", "calibration_batches", "collate", "next_token_targets", "task_sequences",
@@ -124,11 +124,9 @@ def calibration_batches(tokenizer, task: Task | str, *, samples: int, batch_size
 
         warnings.warn(f"task '{task.name}' has no train split; attribution samples come from its eval split",
                       stacklevel=2)
-    pool = load_records(task, role, limit=max(samples * 4, samples))
-    if not pool:
-        raise MoeguardError(f"task '{task.name}' has no {role} records", hint="check the task's data files")
+    pool = sample_records(task, role, samples, seed=seed)   # a sample of the whole split, not of its first records
     random.Random(seed).shuffle(pool)
-    seqs = task_sequences(tokenizer, task, pool[:samples])
+    seqs = task_sequences(tokenizer, task, pool)
     seqs.sort(key=lambda s: -len(s.ids))
     pad = T.pad_id(tokenizer)
     return [collate(seqs[i:i + batch_size], pad, decoder_start=decoder_start) for i in range(0, len(seqs), batch_size)]

@@ -67,6 +67,40 @@ def load_records(task: Task, role: str, *, limit: int | None = None) -> list[dic
     return [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in records]
 
 
+def sample_records(task: Task, role: str, n: int, *, seed: int) -> list[dict[str, Any]]:
+    """``n`` records drawn uniformly from the whole of ``role``'s split with ``seed`` (all of them
+    when it has fewer), read lazily (reservoir sampling: memory for ``n`` records, one pass). The
+    first records of a split are not a sample of it: a train split sorted by label (IMDB's, a CSV
+    grouped by class) gave calibration sets of one class."""
+    import random
+
+    if role not in task.splits:
+        raise MoeguardError(f"task '{task.name}' maps no split to role '{role}' (splits: {task.splits})",
+                            hint=f"add '{role}: <split name>' under 'splits:'")
+    split = str(task.splits[role])
+    rows, where = _rows(task, split)
+    rng = random.Random(seed)
+    normalize, needed = task.kind_spec.record, _needed_columns(task)
+    chosen: list[dict[str, Any]] = []
+    seen = 0
+    for i, row in enumerate(rows):
+        _check_columns(task, row, split, where, needed=needed, row_number=i + 1)
+        record = normalize(task, row, split, where)
+        if record is None:
+            continue
+        seen += 1
+        if len(chosen) < n:
+            chosen.append(record)
+        else:
+            j = rng.randrange(seen)
+            if j < n:
+                chosen[j] = record
+    if not chosen:
+        raise MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
+                            f"{task.kind_spec.record_needs})", hint="point the split at a file or dataset split with data in it")
+    return chosen
+
+
 # --------------------------------------------------------------------------- sources
 
 def _rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:

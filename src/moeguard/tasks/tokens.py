@@ -147,10 +147,32 @@ def fit_prompt(tokenizer, rec: dict[str, Any], max_length: int) -> list[int]:
     return ids
 
 
-def generation_config(task: "Task", pad: int, eos: list[int], tokenizer) -> Any:
-    """Greedy decoding of at most ``task.max_new_tokens`` tokens, as a fresh ``GenerationConfig``."""
+# what a checkpoint's generation_config may say that is structure, not a decoding choice: kept
+_STRUCTURAL = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
+               "forced_eos_token_id")
+
+
+def greedy_generate(model, config, **kwargs):
+    """``model.generate(generation_config=config, **kwargs)`` with nothing of the checkpoint's own
+    decoding settings. generate() fills every field a passed config leaves None from
+    ``model.generation_config`` (a repetition penalty, no_repeat_ngram_size, min_new_tokens,
+    suppressed or banned tokens: processors applied even in greedy decoding, which made ROUGE depend
+    on the checkpoint's file); for the call, the model's config is one holding only its token ids."""
     from transformers import GenerationConfig
 
-    # A fresh config: a checkpoint's own sampling defaults (temperature, top_p) must not leak in.
+    own = getattr(model, "generation_config", None)
+    ids = {k: getattr(own, k, None) for k in _STRUCTURAL} if own is not None else {}
+    model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        return model.generate(generation_config=config, **kwargs)
+    finally:
+        model.generation_config = own
+
+
+def generation_config(task: "Task", pad: int, eos: list[int], tokenizer) -> Any:
+    """Greedy decoding of at most ``task.max_new_tokens`` tokens, as a fresh ``GenerationConfig``
+    (run it with :func:`greedy_generate`, which keeps the checkpoint's own settings out)."""
+    from transformers import GenerationConfig
+
     return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=task.max_new_tokens,
                             pad_token_id=pad, eos_token_id=eos or None, bos_token_id=tokenizer.bos_token_id)

@@ -67,7 +67,7 @@ class Summarization(TaskKindSpec):
             # a causal LM continues after the prompt (left-padded); an encoder reads it right-padded, so
             # padding never takes a capacity-limited expert's place (Switch counts a sequence's tokens in order)
             ids, mask = T.pad_batch([prompts[i] for i in idx], pad, left=seq2seq is None, device=device)
-            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            generated = T.greedy_generate(model, config, input_ids=ids, attention_mask=mask)
             # a causal LM returns prompt + new tokens; an encoder-decoder the decoder's start token + new ones
             skip = ids.shape[1] if seq2seq is None else 1
             for row, i in enumerate(idx):
