@@ -347,3 +347,35 @@ def test_summaries_are_greedy_whatever_the_checkpoints_generation_config_says():
         own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens = 1.0, 0, None
     assert shaped.metrics == plain.metrics
     assert model.generation_config is own     # the model's own config is back after each call
+
+
+def test_a_max_length_past_the_models_positions_is_cut_to_them_with_a_warning():
+    """wikitext's 512 on the embedded model's 256 positions ran windows past the trained positions,
+    silently (rotary positions extrapolate)."""
+    import dataclasses
+
+    from moeguard.models.loading import load_model
+    from moeguard.tasks.registry import get_task
+
+    model, tok, _ = load_model(None)
+    task = get_task("arith-compare")
+    long = dataclasses.replace(task, max_length=1024)
+    with pytest.warns(UserWarning, match="max_length 1024, and the model has 256 positions: its sequences are cut"):
+        cut = E.evaluate_task(model, tok, long, limit=8, baseline=False)
+    assert cut.metrics == E.evaluate_task(model, tok, task, limit=8, baseline=False).metrics
+
+
+def test_the_encode_memo_holds_a_bounded_amount_of_text(monkeypatch):
+    """It was bounded by entries alone: 100,000 articles of a summarization split held about 1 GB."""
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    monkeypatch.setattr(tokens, "_CACHE_CHARS", 2000)
+    tok = Tok()
+    for i in range(200):
+        assert tokens.encode(tok, f"t{i} " + "w" * 12) == [len(str(i)) + 1, 12]
+    memo = tokens._cache[tok]
+    assert sum(map(len, memo)) <= 2000 and tokens._held[tok] == sum(map(len, memo))
+    assert "t199 " + "w" * 12 in memo and "t0 " + "w" * 12 not in memo      # least recently used went first
+    assert tokens.encode(tok, "x" * 25) == [25] and "x" * 25 not in memo      # longer than 1% of the cap

@@ -416,6 +416,9 @@ def test_a_csv_cell_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
     ({"train": "train[:-200]", "eval": "train[-200:]"}, {"train": "t.jsonl"}, None),
     ({"train": "train[:-100]", "eval": "train[-200:]"}, {"train": "t.jsonl"}, "overlapping slices"),
     ({"train": "train[:90%]", "eval": "train[-200:]"}, {"train": "t.jsonl"}, "different units"),
+    # from the start and from the end: rows 50-99 of a 150-row split are in both (the guard took a huge split)
+    ({"train": "train[:100]", "eval": "train[-100:]"}, {"train": "t.jsonl"}, "overlap unless the split has enough rows"),
+    ({"train": "train[:100]", "eval": "train[100:]"}, {"train": "t.jsonl"}, None),
 ])
 def test_train_and_eval_on_the_same_records_is_found(splits, files, shared):
     from moeguard.tasks.loaders import shared_data

@@ -262,3 +262,25 @@ def test_a_model_with_nan_scores_is_wrong_and_said_not_scored_as_its_first_label
         lm = evaluate_task(broken, tok, "stdlib-docs", limit=4, baseline=False)
     assert math.isnan(lm.metrics["perplexity"])
     assert macro_f1([None, "a"], ["a", "a"]) == pytest.approx(100 * 2 / 3)   # None is no class of its own
+
+
+def test_a_kind_declares_which_of_its_metrics_are_lower_is_better():
+    """The direction was a fixed list of names: a kind scoring an error rate read as higher-is-better,
+    which inverts retention and the risk levels."""
+
+    class Misses(NextToken):
+        name = "next_token_misses"
+        metrics = ("misses", "top1")
+        primary_metric = "misses"
+        lower_is_better = ("misses",)
+
+    register_kind(Misses())
+    try:
+        src = SourceSpec(type="local", path=".", format="jsonl")
+        task = Task(name="m", kind="next_token_misses", fields={"text": "t"}, source=src)
+        assert task.higher_is_better is False
+        assert Task(name="m", kind="next_token_misses", fields={"text": "t"}, source=src, metric="top1").higher_is_better
+    finally:
+        KINDS.remove("next_token_misses")
+    lm = Task(name="w", kind="language_modeling", fields={"text": "t"}, source=SourceSpec(type="local", path="."))
+    assert lm.higher_is_better is False

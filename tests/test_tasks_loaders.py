@@ -344,3 +344,23 @@ def test_a_calibration_sample_is_drawn_from_the_whole_split_not_its_first_record
     finally:
         B.task_sequences = real
     assert sorted(r["input"] for r in seen) == sorted(r["input"] for r in drawn)
+
+
+def test_a_disk_dataset_saved_again_in_place_changes_the_tasks_identity(tmp_path):
+    """save_to_disk rewrites its files in place: the folder's own time, the only stamp, stayed, and
+    a resumed run (and the in-process cache) kept results of the old data."""
+    datasets = pytest.importorskip("datasets")
+    from moeguard.tasks.loaders import task_identity
+
+    folder = str(tmp_path / "dd")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"t": ["a", "b", "c"]})}).save_to_disk(folder)
+    task = Task(name="d", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "t"},
+                source=SourceSpec(type="disk", path=folder), splits={"train": "train", "eval": "train"})
+    before, records = task_identity(task), load_records(task, "eval")
+    import os
+
+    root_time = os.stat(folder).st_mtime_ns
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"t": ["x", "y", "z"]})}).save_to_disk(folder)
+    os.utime(folder, ns=(root_time, root_time))      # as an in-place rewrite leaves it
+    assert task_identity(task) != before
+    assert [r["text"] for r in load_records(task, "eval")] == ["x", "y", "z"] != [r["text"] for r in records]

@@ -103,6 +103,24 @@ def test_multi_task_file_needs_a_selector(isolated, tmp_path):
     ("- just\n- a list\n", "holds a list, not a mapping"),
     ("tasks: 3\n", "not a non-empty list"),
     ("name: x\nkind: translation\nsource: {}\nfields: {}\n", "kind 'translation'"),
+    # misspelled keys and roles were ignored, and their defaults applied
+    ("name: t\nkind: classification\nsource: {type: local, path: d, format: jsonl}\nfields: {input: s, label: y}\nlabels: {0: ' no', 1: ' yes'}\nsplit: {train: a, eval: b}\n", r"unknown key 'split'.*did you mean splits"),
+    ("name: t\nkind: classification\nsource: {type: local, path: d, format: jsonl}\nfields: {input: s, label: y}\nlabels: {0: ' no', 1: ' yes'}\ngeneration: {max_tokens: 64}\n", r"unknown key 'generation.max_tokens'.*max_new_tokens"),
+    ("name: t\nkind: classification\nsource: {type: local, path: d, format: jsonl}\nfields: {input: s, label: y}\nlabels: {0: ' no', 1: ' yes'}\nsplits: {training: a, eval: b}\n", r"maps split role 'training'.*did you mean train"),
+    ("name: t\nkind: classification\nsource: {type: local, pth: d}\nfields: {input: s, label: y}\n", r"unknown key 'source.pth'"),
+    # non-text paths and file names were TypeError tracebacks (Path(2024), Path([...]))
+    ("name: t\nkind: classification\nsource: {type: local, path: 2024}\nfields: {input: s, label: y}\n",
+     r"bad.yaml'.*source.path 2024, not a name"),
+    ("name: t\nkind: classification\nsource: {type: local, path: d, files: {train: [a.jsonl, b.jsonl]}}\n"
+     "fields: {input: s, label: y}\n", r"source.files .*each must name"),
+    # mixed label keys failed every resumable command's sorted-JSON key; {a[0]} took a character
+    ("name: t\nkind: classification\nsource: {type: local, path: d}\nfields: {input: s, label: y}\n"
+     "labels: {0: ' no', unsure: ' maybe'}\n", "label keys .* of different kinds"),
+    ("name: t\nkind: classification\nsource: {type: local, path: d}\nfields: {input: s, label: y}\n"
+     "prompt: '{s[0]} ?'\n", r"placeholder \{s\[0\]\}, which reaches into a column"),
+    # the checks made when a task is built now name the file
+    ("name: t\nkind: classification\nsource: {type: local, path: d}\nfields: {input: s, label: y}\nmax_length: 0\n",
+     r"task definition '.*bad.yaml': task 't' has max_length 0"),
 ])
 def test_bad_task_files_name_the_problem(isolated, tmp_path, content, expected):
     file = _write(tmp_path / "bad.yaml", content)

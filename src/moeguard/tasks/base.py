@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeguard.errors import MoeguardError
+from moeguard.errors import MoeguardError, suggest
 from moeguard.tasks.kinds.base import KINDS, TaskKindSpec
 
 
@@ -95,6 +95,13 @@ class SourceSpec:
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+ROLES = ("train", "eval")   # what a task's splits map: the attacker's data and the scoring data
+# the keys a task file may use: a misspelled one ('split:', 'max_tokens:') was silently ignored, and its
+# default applied (another split scored, summaries cut at 32 tokens)
+_KEYS = {"": ("name", "kind", "source", "fields", "splits", "prompt", "labels", "metric", "max_length", "generation",
+              "description", "provenance"),
+         "source.": ("type", "path", "format", "files", "hub", "columns"), "source.hub.": ("name", "config"),
+         "generation.": ("max_new_tokens",)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,10 +164,23 @@ class Task:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.primary_metric not in ("perplexity", "loss", "normalized_perplexity")
+        """The primary metric's direction, as the kind declares it (a registered kind scoring an
+        error rate was read as higher-is-better: retention and the risk levels inverted)."""
+        return self.primary_metric not in self.kind_spec.lower_is_better
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, origin: str = "<dict>") -> "Task":
+        """A task from its YAML mapping; every error names ``origin`` (the file, and the entry)."""
+        try:
+            return cls._from_dict(data, origin=origin)
+        except MoeguardError as err:
+            if origin in err.message:
+                raise
+            # the checks made when a Task is built name the task, not the file it came from
+            raise MoeguardError(f"task definition {origin}: {err.message}", hint=err.hint) from None
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], *, origin: str) -> "Task":
         if not isinstance(data, dict):
             raise MoeguardError(f"task definition {origin} is a {type(data).__name__}, not a mapping of keys",
                                 hint="see docs/tasks.md for the YAML schema")
@@ -176,6 +196,14 @@ class Task:
                                 hint="see docs/tasks.md for the YAML schema")
         src = _mapping(data, "source", origin, "source: {type: local, path: data, format: jsonl}")
         hub = _mapping(src, "hub", origin, "hub: {name: nyu-mll/glue, config: sst2}", where="source.")
+        gen_keys = _mapping(data, "generation", origin, "generation: {max_new_tokens: 64}")
+        for where, mapping in (("", data), ("source.", src), ("source.hub.", hub), ("generation.", gen_keys)):
+            _known_keys(mapping, where, origin)
+        roles = _mapping(data, "splits", origin, "splits: {train: train, eval: validation}")
+        for role in roles:
+            if role not in ROLES:   # 'training:' left no train role: attribution fell back to the eval split
+                raise MoeguardError(f"task definition {origin} maps split role {str(role)[:40]!r}",
+                                    hint=f"the roles are {', '.join(ROLES)}; {suggest(str(role), list(ROLES))}")
         src.pop("hub", None)
         for key, example in (("files", "files: {train: train.jsonl, test: test.jsonl}"),):
             _mapping(src, key, origin, example, where="source.")
@@ -197,6 +225,14 @@ class Task:
             max_length=data.get("max_length", 256), max_new_tokens=gen.get("max_new_tokens", 32),
             description=data.get("description", ""), provenance=data.get("provenance", ""),
         )
+
+
+def _known_keys(mapping: dict[str, Any], where: str, origin: str) -> None:
+    allowed = _KEYS[where]
+    for key in mapping:
+        if key not in allowed:
+            raise MoeguardError(f"task definition {origin} has an unknown key '{where}{str(key)[:40]}'",
+                                hint=f"{suggest(str(key), list(allowed))} (see docs/tasks.md)")
 
 
 def _mapping(data: dict[str, Any], key: str, origin: str, example: str, *, where: str = "") -> dict[str, Any]:
@@ -229,10 +265,20 @@ def _check_settings(task: "Task") -> None:
             raise MoeguardError(f"task '{name}' has prompt {task.prompt!r}, not text",
                                 hint="write the prompt as a quoted string with {column} placeholders")
         try:
-            list(string.Formatter().parse(task.prompt))
+            parts = list(string.Formatter().parse(task.prompt))
         except ValueError as exc:
             raise MoeguardError(f"task '{name}' has a prompt that is not a template ({exc}): {task.prompt[:60]!r}",
                                 hint="double a literal brace ({{ or }}); {column} names a source column") from None
+        for _, field_name, spec, _ in parts:
+            # a cell is text when the prompt is filled: {source[0]} took its first character, {a.b} failed
+            if field_name is not None and (any(c in field_name for c in ".[") or "{" in (spec or "")):
+                raise MoeguardError(f"task '{name}' has prompt placeholder {{{field_name}}}, which reaches into a column",
+                                    hint="name whole columns only ({column}); a list column is joined into text")
+    kinds = {type(k) for k in task.labels}
+    if type(None) in kinds or len(kinds - {bool}) > 1:
+        # {0: ' no', unsure: ' maybe'}: every resumable command's key (sorted JSON) failed with a TypeError
+        raise MoeguardError(f"task '{name}' has label keys {list(task.labels)[:6]!r} of different kinds (numbers, text, "
+                            "or null)", hint="write the keys one way; quote them all: labels: {'0': ' no', 'unsure': ' maybe'}")
     for key, verbalizer in task.labels.items():
         if isinstance(key, bool):   # YAML 1.1 reads unquoted yes/no/on/off as booleans
             raise MoeguardError(f"task '{name}' has label key {key!r}, which YAML read from an unquoted yes/no/true/on",
@@ -240,11 +286,16 @@ def _check_settings(task: "Task") -> None:
         if not isinstance(verbalizer, str) or not verbalizer:
             raise MoeguardError(f"task '{name}' has verbalizer {verbalizer!r} for label {key!r}, not non-empty text",
                                 hint="give every label the text the model should continue with, e.g. ' positive'")
-    for key, mapping in (("fields", task.fields), ("splits", task.splits)):
-        bad = {k: v for k, v in mapping.items() if not isinstance(v, str) or not v}
+    for key, mapping in (("fields", task.fields), ("splits", task.splits), ("source.files", task.source.files)):
+        bad = {k: v for k, v in mapping.items() if not isinstance(k, str) or not isinstance(v, str) or not v}
         if bad:
-            raise MoeguardError(f"task '{name}' has {key} {bad!r}: each must name a column or split",
-                                hint=f"write {key} as name -> name, quoting names YAML would read as numbers")
+            raise MoeguardError(f"task '{name}' has {key} {bad!r}: each must name a column, split or file",
+                                hint=f"write {key} as name -> name, one file per split, quoting names YAML would read "
+                                     "as numbers")
+    src = task.source
+    for key, value in (("source.path", src.path), ("source.format", src.format), ("source.hub.name", src.hub_name)):
+        if value is not None and (not isinstance(value, str) or not value):   # Path(2024) was a TypeError traceback
+            raise MoeguardError(f"task '{name}' has {key} {value!r}, not a name", hint=f"write {key} as text (quoted)")
 
 
 def _check_columns(task: str, source: SourceSpec) -> None:

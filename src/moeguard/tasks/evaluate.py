@@ -54,6 +54,20 @@ class TaskResult:
         return _json_safe(dataclasses.asdict(self))
 
 
+def _fit_to_model(task: Task, model: Any) -> Task:
+    """``task`` with its max_length cut to the positions the model was trained on: windows, prompts and
+    generation past them (wikitext's 512 on a 256-position model) gave scores without meaning, with no
+    error (rotary positions extrapolate silently). Said once per task and place."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions < 2 or task.max_length <= positions:
+        return task
+    import warnings
+
+    warnings.warn(f"task '{task.name}' has max_length {task.max_length}, and the model has {positions} positions: "
+                  f"its sequences are cut to {positions} tokens", stacklevel=3)
+    return dataclasses.replace(task, max_length=positions)
+
+
 def evaluate_task(model: Any, tokenizer: Any, task: Task | str, *, limit: int | None = None,
                   batch_size: int = 16, reference: float | None = None, progress: Any = None,
                   baseline: bool = True, baseline_limit: int | None = BASELINE_TRAIN_LIMIT,
@@ -67,7 +81,7 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task | str, *, limit: int | 
     ``normalized_perplexity``. ``progress`` is an optional ``rich.progress.Progress``,
     advanced once per batch. The model's train/eval mode is restored afterwards.
     """
-    task = get_task(task)
+    task = _fit_to_model(get_task(task), model)
     if batch_size < 1:
         raise MoeguardError(f"batch size is {batch_size}", hint="pass a batch size of at least 1")
     if reference is not None and not task.kind_spec.takes_reference:

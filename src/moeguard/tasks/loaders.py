@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError
-from moeguard.tasks.base import Task
+from moeguard.tasks.base import ROLES, Task
 from moeguard.tasks.formats import iter_file
 
-ROLES = ("train", "eval")
 # ``train[:90%]``, ``train[100:200]``: the datasets split-slicing syntax, also for local files.
 _SLICE = re.compile(r"^(?P<split>[^\[\]]+)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]$")
 _CHARS_PER_TOKEN = 4
@@ -159,7 +158,12 @@ def _stamp(task: Task, split: str) -> Any:
         st = Path(_data_file(task, split)[0]).stat()
         return st.st_size, st.st_mtime_ns
     if src.type == "disk" and src.path:
-        return Path(src.path).expanduser().stat().st_mtime_ns
+        # save_to_disk rewrites its files in place, which leaves the folder's own time as it was: the
+        # size and time of every file of the folder (a DatasetDict) and of the split's folder
+        root = Path(src.path).expanduser()
+        base = _parse_split(split)[0]
+        files = [p for d in (root, root / base) if d.is_dir() for p in sorted(d.iterdir()) if p.is_file()]
+        return tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     return None
 
 
@@ -290,15 +294,26 @@ def shared_data(task: Task) -> str | None:
     if len(units) > 1:
         return said + " with slices in different units, which may overlap"
 
-    n = 100 if units == {True} else 10**12     # the split's size: any size above every bound orders them alike
+    def overlap(n: int) -> bool:   # on a split of n rows, as Python slices them (clamped to the rows)
+        def interval(sl):
+            lo, hi = (None if x is None else int(x.rstrip("%")) for x in sl)
+            lo, hi = (0 if lo is None else lo), (n if hi is None else hi)
+            lo, hi = (lo + n if lo < 0 else lo), (hi + n if hi < 0 else hi)
+            return min(max(lo, 0), n), min(max(hi, 0), n)
 
-    def interval(sl):
-        lo, hi = (None if x is None else int(x.rstrip("%")) for x in sl)
-        lo, hi = (0 if lo is None else lo), (n if hi is None else hi)
-        return (lo + n if lo < 0 else lo), (hi + n if hi < 0 else hi)
+        (a0, a1), (b0, b1) = interval(sa), interval(sb)
+        return max(a0, b0) < min(a1, b1)
 
-    (a0, a1), (b0, b1) = interval(sa), interval(sb)
-    return said + " with overlapping slices" if max(a0, b0) < min(a1, b1) else None
+    if units == {True}:
+        return said + " with overlapping slices" if overlap(100) else None
+    # rows counted from the start and from the end ('train[:100]', 'train[-100:]') overlap on a small enough
+    # split: the relation changes only where the split's size meets a sum of bounds, so those sizes decide
+    bounds = [abs(int(x)) for x in (*sa, *sb) if x is not None]
+    sizes = {10**12} | {max(1, x + y + d) for x in [0, *bounds] for y in [0, *bounds] for d in (-1, 0, 1)}
+    if not any(overlap(n) for n in sizes):
+        return None
+    return said + (" with overlapping slices" if overlap(10**12) else " with slices that overlap unless the split has "
+                   "enough rows (some count from its end)")
 
 
 def _bounds(sliced: tuple[str | None, str | None] | None, n: int) -> tuple[int | None, int | None]:

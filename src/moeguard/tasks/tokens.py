@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 # Each (tokenizer, text) is tokenized once: a sweep scores the same eval records under dozens of
 # pruning plans, and a recovery study under every round; the ids are a pure function of both.
 _CACHE_SIZE = 100_000
+# and at most this many characters of text held per tokenizer (the ids take about as much again):
+# 100,000 summarization articles of 4,000 characters each held ~1 GB beside a model's memory cap
+_CACHE_CHARS = 64_000_000
 _cache: "weakref.WeakKeyDictionary[Any, OrderedDict[str, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+_held: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()   # characters in each memo
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -38,9 +42,15 @@ def encode(tokenizer, text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     ids = memo.get(text)
     if ids is None:
-        ids = memo[text] = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if len(memo) > _CACHE_SIZE:
-            memo.popitem(last=False)
+        ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(text) > _CACHE_CHARS // 100:   # a whole document: tokenized again when needed, not held
+            return list(ids)
+        memo[text] = ids
+        held = _held.get(tokenizer, 0) + len(text)
+        while len(memo) > _CACHE_SIZE or held > _CACHE_CHARS:
+            old, _ = memo.popitem(last=False)
+            held -= len(old)
+        _held[tokenizer] = held
     else:
         memo.move_to_end(text)
     return list(ids)

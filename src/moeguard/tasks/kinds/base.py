@@ -46,7 +46,9 @@ class TaskKindSpec(ABC):
 
     - ``name``: the value of ``kind:`` in task files.
     - ``required_fields``: normalized field names a task of this kind must map under ``fields:``.
-    - ``metrics``: every metric :meth:`evaluate` reports; ``primary_metric``: the default score.
+    - ``metrics``: every metric :meth:`evaluate` reports; ``primary_metric``: the default score;
+      ``lower_is_better``: those of them where less is better (loss, perplexity, an error rate):
+      retention, the risk levels and the attacker's envelopes read the direction from here.
     - ``baseline``: the name of the trivial baseline :meth:`evaluate` reports next to the model.
     - ``takes_reference``: whether a reference perplexity (``normalized_perplexity``) applies.
     - ``prompted``: whether the task's ``prompt:`` renders the ``input`` field.
@@ -63,6 +65,7 @@ class TaskKindSpec(ABC):
     required_fields: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     primary_metric: str = ""
+    lower_is_better: tuple[str, ...] = ()
     baseline: str = ""
     takes_reference: bool = False
     prompted: bool = True

@@ -23,6 +23,7 @@ class LanguageModeling(TaskKindSpec):
     required_fields = ("text",)
     metrics = ("loss", "perplexity", "normalized_perplexity")
     primary_metric = "perplexity"
+    lower_is_better = ("loss", "perplexity", "normalized_perplexity")
     baseline = "unigram"
     takes_reference = True
     prompted = False
