@@ -116,6 +116,8 @@ def test_corrupt_safetensors(capsys, tmp_path, mixtral_dir, damage):
      "bytes, its F16 shape"),                     # the dtype changed, the offsets not: a reader would misread
     (lambda h: {k: ({**v, "shape": [-1]} if k != "__metadata__" else v) for k, v in h.items()}, "expected a list of sizes"),
     (lambda h: {k: ({**v, "dtype": "Q9"} if k != "__metadata__" else v) for k, v in h.items()}, "unknown dtype 'Q9'"),
+    (lambda h: {k: ({**v, "dtype": ["F32"]} if k != "__metadata__" else v) for k, v in h.items()},   # was a TypeError
+     "unknown dtype ['F32']"),
 ])
 def test_a_safetensors_header_that_lies_is_one_line(capsys, tmp_path, mixtral_dir, edit, needle):
     import shutil

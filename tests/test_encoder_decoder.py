@@ -392,6 +392,10 @@ def test_nllb_moe_routing_settings_padding_and_capacity_state():
         with pytest.raises(MoeguardError, match=f"config {key} is '{value}'.*{says}") as e:
             check_config(tiny_config("nllb_moe", **{key: value}), FAMILIES.get("nllb_moe"), where="m")
         assert e.value.hint.startswith("fix m/config.json: set")
+    # Switch's router computes in router_dtype too, moeguard's in float32: refused as NLLB's
+    with pytest.raises(MoeguardError, match="config router_dtype is 'bfloat16'.*'float32' only"):
+        check_config(tiny_config("switch_transformers", router_dtype="bfloat16"), FAMILIES.get("switch_transformers"),
+                     where="m")
 
 
 @pytest.mark.parametrize("fam", sorted(ENCODER_DECODER_LAYOUT))

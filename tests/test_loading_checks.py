@@ -117,3 +117,16 @@ def test_a_layer_keeping_fewer_experts_than_top_k_routes_them_all():
     assert [l.top_k for l in a.layers] == [1, 2, 2, 2]
     info = a.describe()
     assert info["parameters"]["active"] <= info["parameters"]["total"], info["parameters"]
+
+
+def test_a_safetensors_header_length_beyond_the_librarys_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A corrupt length read the whole shard (GBs) into memory as a 'header' before JSON failed."""
+    import struct
+
+    import moeguard.models.loading as L
+
+    monkeypatch.setattr(L, "_MAX_HEADER", 64)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(struct.pack("<Q", 100) + b"{" + b" " * 99 + b"x" * 16)
+    with pytest.raises(MoeguardError, match="header length 100 is over 64 bytes"):
+        L.check_safetensors(f)

@@ -150,3 +150,28 @@ def test_a_hardened_models_protocol_file_is_part_of_its_identity(tmp_path):
     first = weights_identity(str(model))
     (model / "moeguard_protocol.json").write_text('{"modes": ["lora"]}')   # an edited protocol: stages re-run
     assert "protocol" not in plain and first != plain and weights_identity(str(model)) != first
+
+
+def trusted(ctx, *, seed: int = 0) -> dict:
+    from moeguard.models.families import trusts_inferred_families
+
+    return {"trusted": trusts_inferred_families()}
+
+
+def test_a_worker_holds_the_trust_in_inferred_families_the_command_was_given():
+    """A Ray worker starts with the flag off: --trust-inferred-family was lost there, and the worker
+    refused the model the command had accepted."""
+    from moeguard.models.families import trust_inferred_families
+    from moeguard.studies.engine import execute
+
+    before = trust_inferred_families(True)
+    try:
+        runtime = Runtime(model=None, threads=1)            # made while the flag holds
+        assert runtime.trust_inferred and "trust_inferred" not in runtime.to_dict()   # in no key
+        trust_inferred_families(False)                      # a fresh worker process
+        plain = Runtime(model=None, threads=1)
+        job = Job(stage="s", name="t", fn="test_study_engine:trusted", args={})
+        assert execute(job, runtime) == {"trusted": True}
+        assert execute(job, plain) == {"trusted": False}
+    finally:
+        trust_inferred_families(before)

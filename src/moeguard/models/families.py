@@ -521,7 +521,10 @@ register_family(FamilySpec(
 register_family(FamilySpec(
     name="switch_transformers", model_types=("switch_transformers",), block_attrs=("layer.2.mlp", "layer.1.mlp"),
     router_attr="router", routing=RoutingSpec(score="softmax", weights_dtype="input", logits_fp32=True,
-                                              capacity_key="expert_capacity"),
+                                              capacity_key="expert_capacity",
+                                              # its router computes in router_dtype; moeguard's in float32
+                                              # (near-ties would pick another expert): refused, as NLLB's
+                                              requires=(("router_dtype", ("float32",)),)),
     num_experts_key="num_experts", top_k_key=None, layers_path="encoder.block", more_layers_paths=("decoder.block",),
     router_weight_attr="classifier.weight", disk_router_weight="classifier.weight",
     final_norm_path="decoder.final_layer_norm", call="dispatch", expert_layout="modules",
@@ -562,6 +565,11 @@ register_family(FamilySpec(
 _POLICY = {"trust_inferred": False}
 
 
+def trusts_inferred_families() -> bool:
+    """Whether inferred specs that failed verification are accepted now (see below)."""
+    return _POLICY["trust_inferred"]
+
+
 def trust_inferred_families(trust: bool) -> bool:
     """Accept (or stop accepting) inferred family specs that failed verification; returns the
     setting it replaces."""
@@ -600,12 +608,13 @@ def family_for_config(config) -> FamilySpec:
     supported = ", ".join(_BY_MODEL_TYPE.names())
     why = "; ".join(found.reasons)
     if found.status == "unverified" and found.spec is None:
-        raise MoeguardError(f"model_type '{model_type}' has no built-in spec, and moeguard could not infer one: {why}",
+        raise MoeguardError(f"model_type '{model_type}' has no built-in spec, and moeguard could not infer one: {why}; "
+                            f"the built-in model types are: {supported}",
                             hint="add a spec for it (docs/families.md says how)")
     if found.status == "unverified":
         raise MoeguardError(
             f"model_type '{model_type}' has no built-in spec, and the spec moeguard inferred for it is not verified: "
-            f"{why}", hint="pass --trust-inferred-family before the command to use it anyway (`moeguard "
+            f"{why}; the built-in model types are: {supported}", hint="pass --trust-inferred-family before the command to use it anyway (`moeguard "
                            "--trust-inferred-family info --model M` shows it), or add a spec (docs/families.md)")
     count_keys = sorted({f.num_experts_key for f in FAMILIES.items()})
     text = moe_config(config)

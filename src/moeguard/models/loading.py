@@ -108,6 +108,9 @@ _DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3
                "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
 
 
+_MAX_HEADER = 100_000_000   # the safetensors library refuses larger headers too
+
+
 def check_safetensors(file: Path) -> None:
     """Validate a safetensors file's header (every entry's dtype, shape and byte span, which must
     tile the data exactly) against its size: catches truncation and corruption before any reader
@@ -118,6 +121,8 @@ def check_safetensors(file: Path) -> None:
             (n,) = struct.unpack("<Q", f.read(8))
             if n <= 0 or 8 + n > size:
                 raise ValueError("header length beyond end of file")
+            if n > _MAX_HEADER:   # a corrupt length read the whole shard (GBs) as a "header" first
+                raise ValueError(f"header length {n} is over {_MAX_HEADER} bytes")
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
@@ -128,7 +133,7 @@ def check_safetensors(file: Path) -> None:
             if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
                 raise ValueError(f"tensor {name!r} lacks dtype, shape or data_offsets")
             dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-            if dtype not in _DTYPE_BITS:
+            if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:   # a list or object was a TypeError
                 raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 raise ValueError(f"tensor {name!r} has shape {shape!r}, expected a list of sizes")

@@ -64,6 +64,12 @@ class Job:
         return root / self.stage / f"{self.key}.json"
 
 
+def _trusted() -> bool:
+    from moeguard.models.families import trusts_inferred_families
+
+    return trusts_inferred_families()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Runtime:
     """How jobs load the model and use the machine; the same for every job of an audit."""
@@ -78,6 +84,9 @@ class Runtime:
     # tasks defined in the user's YAML files: jobs name their task, and a worker process (a Ray
     # node included) knows only the built-in names until these are adopted there
     tasks: tuple = ()
+    # --trust-inferred-family as it was when the runtime was made: a Ray worker starts without it, and
+    # refused the model the command had accepted (it changes no number, so it is in no key)
+    trust_inferred: bool = field(default_factory=lambda: _trusted())
 
     def to_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "dtype": self.dtype, "device_map": self.device_map, "threads": self.threads}
@@ -158,6 +167,9 @@ def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
 
     for t in runtime.tasks:
         adopt(t)
+    from moeguard.models.families import trust_inferred_families
+
+    trust_inferred_families(runtime.trust_inferred)   # a worker process holds this job's setting, as the driver did
     torch.set_num_threads(runtime.threads)
     seed = int(job.args.get("seed", 0))
     random.seed(seed)
