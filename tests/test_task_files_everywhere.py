@@ -151,3 +151,19 @@ print(json.dumps(execute(job, carrying)["4"]["task"]))
     without, with_task = [json.loads(line) for line in r.stdout.strip().splitlines()[-2:]]
     assert f"unknown task '{NAME}'" in without
     assert with_task == NAME
+
+
+def test_a_missing_train_file_is_found_at_the_edge_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import json
+
+    from moeguard.cli import main
+    import moeguard.models.handle as handle
+
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"s": f"{i} > 3?", "y": i % 2}) + "\n" for i in range(8)))
+    (tmp_path / "t.yaml").write_text("name: typo-train\nkind: classification\nsource: {type: local, path: ., format: jsonl, "
+                                     "files: {train: trian.jsonl, test: test.jsonl}}\nsplits: {train: train, eval: test}\n"
+                                     "fields: {input: s, label: y}\nlabels: {0: ' no', 1: ' yes'}\n")
+    monkeypatch.setattr(handle.ModelHandle, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["eval", "--tasks", str(tmp_path / "t.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "trian.jsonl" in err

@@ -46,6 +46,8 @@ def test_presets_are_well_formed():
                     "glue-rte": ("sentence1", "sentence2"), "glue-wnli": ("sentence1", "sentence2")}
     for name, columns in pair_columns.items():
         assert all("{" + c + "}" in get_task(name).prompt for c in columns), name
+    # lm-evaluation-harness' glue/sst2 (it was "Review: ...\nSentiment:", while the docs said the harness's)
+    assert get_task("glue-sst2").prompt == "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:"
 
 
 @pytest.mark.parametrize("name", ["glue-sst2", "wikitext-103", "cnn-dailymail"])

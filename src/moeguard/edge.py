@@ -33,6 +33,10 @@ def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None,
     if check:
         for t in tasks:
             load_records(t, "eval", limit=1)
+            # the train split too where reading one record is cheap (a hub split would be downloaded
+            # whole): a typo in its file name failed at the baseline, after the model loaded
+            if "train" in t.splits and t.source.type != "hub":
+                load_records(t, "train", limit=1)
     import warnings
 
     from moeguard.tasks.loaders import shared_data
