@@ -427,7 +427,7 @@ def test_plans_and_scores_that_parse_but_do_not_say_what_they_seem(cmd, content,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("cmd", ["eval", "attribute", "sweep", "monitor profile"])
+@pytest.mark.parametrize("cmd", ["eval", "attribute", "sweep", "monitor profile", "harden", "route-attack", "zoo train"])
 def test_an_output_that_is_a_task_file_or_its_data_is_refused(cmd, capsys, tmp_path):
     """--overwrite's swap deleted the task's YAML, or the folder holding its data."""
     data = tmp_path / "data"
@@ -440,13 +440,13 @@ def test_an_output_that_is_a_task_file_or_its_data_is_refused(cmd, capsys, tmp_p
                     "fields: {input: input, label: label}\nsplits: {train: train, eval: eval}\n"
                     "labels: {0: ' no', 1: ' yes'}\nprompt: '{input} Answer:'\n")
     before = task.read_text()
-    opt = {"eval": "--tasks", "attribute": "--task", "sweep": "--tasks", "monitor profile": "--tasks"}[cmd]
-    extra = {"attribute": ["--method", "gate"]}.get(cmd, [])
+    opt = {"attribute": "--task", "route-attack": "--task"}.get(cmd, "--tasks")
+    extra = {"attribute": ["--method", "gate"], "route-attack": ["--expert", "1"]}.get(cmd, [])
     for out, needle in ((task, "is (or holds) the input"), (tmp_path / "data", "is (or holds) the input")):
         if cmd in ("eval", "attribute", "monitor profile") and out.is_dir():
             continue   # they write a file: a folder --out is refused for its kind first (test above)
-        if cmd == "sweep" and not out.is_dir():
-            continue
+        if cmd in ("sweep", "harden", "route-attack", "zoo train") and not out.is_dir():
+            continue   # they write a folder
         capsys.readouterr()
         code = main([*cmd.split(), opt, str(task), *extra, "--out", str(out), "--overwrite"])
         assert_one_line(code, capsys.readouterr().err, needle)

@@ -122,3 +122,4 @@ def test_a_gpu_map_on_ray_needs_gpus_per_job_and_gpus_per_job_needs_ray():
         make_backend("local", gpus=1.0)
     assert make_backend("local", device_map="cuda").name == "local"      # the edge checks the device itself
     assert make_backend("ray", device_map="cpu", gpus=0.0).name == "ray"  # nothing started until it runs
+    assert make_backend("ray", device_map="auto").name == "ray"           # a placement uses a CPU-only node's CPU

@@ -481,3 +481,13 @@ def test_a_route_attack_resumed_after_its_task_file_changed_starts_over(tmp_path
     monkeypatch.setattr(ra, "measure", lambda *a, **k: (calls.append(a[4].expert), real(*a, **k))[1])
     assert main(args) == 0
     assert calls[2:] == list(range(8))     # expert 0's target, measured on the old inputs, was not kept
+
+
+def test_a_profile_of_a_task_without_a_train_file_is_made(tmp_path, capsys):
+    """The edge read one train record of every local task; benign traffic is eval records only, so a
+    task with no train file is fine here (it was refused)."""
+    f, data = _cmp_task(tmp_path, "evalonly-cmp", 40)
+    (data / "train.jsonl").unlink()
+    out = tmp_path / "P.json"
+    assert main(["monitor", "profile", "--tasks", str(f), "--limit", "40", "--window", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tasks"] == ["evalonly-cmp"]

@@ -172,6 +172,9 @@ def test_a_worker_holds_the_trust_in_inferred_families_the_command_was_given():
         plain = Runtime(model=None, threads=1)
         job = Job(stage="s", name="t", fn="test_study_engine:trusted", args={})
         assert execute(job, runtime) == {"trusted": True}
+        from moeguard.models.families import trusts_inferred_families
+
+        assert not trusts_inferred_families()               # a library caller's own setting is put back
         assert execute(job, plain) == {"trusted": False}
     finally:
         trust_inferred_families(before)

@@ -379,3 +379,34 @@ def test_the_encode_memo_holds_a_bounded_amount_of_text(monkeypatch):
     assert sum(map(len, memo)) <= 2000 and tokens._held[tok] == sum(map(len, memo))
     assert "t199 " + "w" * 12 in memo and "t0 " + "w" * 12 not in memo      # least recently used went first
     assert tokens.encode(tok, "x" * 25) == [25] and "x" * 25 not in memo      # longer than 1% of the cap
+
+
+def test_greedy_generation_keeps_a_peft_models_base_config_out_too():
+    """A LoRA-wrapped model generates through its base model, which reads its own config: the
+    swap on the wrapper left the checkpoint's repetition penalty in place."""
+    from transformers import GenerationConfig
+
+    seen = []
+
+    class Base:
+        generation_config = GenerationConfig(repetition_penalty=5.0, eos_token_id=3)
+
+        def generate(self, *, generation_config, **kw):
+            seen.append((self.generation_config.repetition_penalty, self.generation_config.eos_token_id))
+            return "out"
+
+    class Wrapped:
+        def __init__(self):
+            self.base = Base()
+
+        def get_base_model(self):
+            return self.base
+
+        def generate(self, **kw):
+            return self.base.generate(**kw)
+
+    model = Wrapped()
+    own = model.base.generation_config
+    assert tokens.greedy_generate(model, GenerationConfig(do_sample=False)) == "out"
+    assert seen == [(None, 3)]                # no penalty (None: no processor), the model's eos kept
+    assert model.base.generation_config is own

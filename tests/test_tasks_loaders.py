@@ -364,3 +364,17 @@ def test_a_disk_dataset_saved_again_in_place_changes_the_tasks_identity(tmp_path
     os.utime(folder, ns=(root_time, root_time))      # as an in-place rewrite leaves it
     assert task_identity(task) != before
     assert [r["text"] for r in load_records(task, "eval")] == ["x", "y", "z"] != [r["text"] for r in records]
+
+
+def test_a_dataset_sample_is_drawn_by_index_from_the_whole_split(tmp_path):
+    """hub and disk Datasets: rows drawn by index (a 1.8M-line split is not read whole for 64 samples)."""
+    datasets = pytest.importorskip("datasets")
+    from moeguard.tasks.loaders import sample_records
+
+    rows = {"sentence": [f"review {i}" for i in range(600)], "label": [int(i >= 300) for i in range(600)]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(rows)}) \
+        .save_to_disk(str(tmp_path / "dd"))
+    task = cls_task(tmp_path, None, {}, source=SourceSpec(type="disk", path=str(tmp_path / "dd")))
+    drawn = sample_records(task, "train", 16, seed=0)
+    assert len(drawn) == 16 and {r["label"] for r in drawn} == {"0", "1"} and len({r["input"] for r in drawn}) == 16
+    assert drawn == sample_records(task, "train", 16, seed=0) != sample_records(task, "train", 16, seed=1)

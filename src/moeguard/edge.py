@@ -18,9 +18,11 @@ from moeguard.errors import MoeguardError
 from moeguard.models.handle import ModelHandle, resolve_model
 
 
-def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None, check: bool = True) -> list:
+def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None, check: bool = True,
+                  train: bool = True) -> list:
     """Tasks from names, YAML paths or Task objects (``default``: a callable giving the tasks
-    when ``values`` is None); each is adopted and, with ``check``, its eval data read once."""
+    when ``values`` is None); each is adopted and, with ``check``, its eval data read once, and
+    its train data too unless the command reads none (``train=False``: monitor profile, scan)."""
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import adopt, get_task
 
@@ -35,7 +37,7 @@ def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None,
             load_records(t, "eval", limit=1)
             # the train split too where reading one record is cheap (a hub split would be downloaded
             # whole): a typo in its file name failed at the baseline, after the model loaded
-            if "train" in t.splits and t.source.type != "hub":
+            if train and "train" in t.splits and t.source.type != "hub":
                 load_records(t, "train", limit=1)
     import warnings
 
@@ -49,11 +51,11 @@ def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None,
     return tasks
 
 
-def embedded_or(values: Iterable | None, *, what: str = "tasks", check: bool = True) -> list:
+def embedded_or(values: Iterable | None, *, what: str = "tasks", check: bool = True, train: bool = True) -> list:
     """:func:`resolve_tasks` with the embedded suite as the default."""
     from moeguard.zoo.train import embedded_tasks
 
-    return resolve_tasks(values, what=what, default=embedded_tasks, check=check)
+    return resolve_tasks(values, what=what, default=embedded_tasks, check=check, train=train)
 
 
 def resolve_grid(model: ModelHandle, *, tasks: Iterable | None = None, methods: Iterable[str] | None = None,

@@ -40,6 +40,9 @@ def route_attack(
     layers = None if layer in (None, "all") else _ints(layer, "--layer")
     pairs = targets(handle, layers, expert, every)
     t = embedded_or([task] if task is not None else None, what="--task")[0]   # "" is refused, not the default
+    from moeguard.edge import task_inputs
+
+    check_output(out, overwrite=overwrite, inputs=task_inputs([t]), kind="folder")
     _seed(seed)
     cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=prefix_tokens, steps=steps,
                        candidates=candidates, seed=seed)
@@ -89,7 +92,7 @@ def monitor_profile(
         raise MoeguardError(f"--window is {window}", hint="pass --window of at least 1 request")
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     handle = resolve_model(model, device_map=device_map)
-    ts = embedded_or(_task_list(tasks), what="--tasks")
+    ts = embedded_or(_task_list(tasks), what="--tasks", train=False)   # benign traffic: eval records only
     check_output(out, overwrite=overwrite, inputs=task_inputs(ts), kind="file")
     # a running-text task's benign traffic is its texts (a language-modeling task has no inputs)
     prompts = {t.name: [x for r in load_records(t, "eval", limit=limit) if (x := prompt_text(t, r))] for t in ts}

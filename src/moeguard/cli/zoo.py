@@ -24,12 +24,23 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
     from moeguard.zoo.recipe import EMBEDDED_RECIPE, Recipe
     from moeguard.zoo.train import train_embedded
 
-    if out == DEFAULT_OUT:   # the default's folder (git-ignored) is absent in a fresh clone
-        out.parent.mkdir(exist_ok=True)
+    if out == DEFAULT_OUT and not out.parent.exists():   # the default's folder (git-ignored) is absent in a fresh clone
+        try:
+            out.parent.mkdir()
+        except OSError as e:
+            from moeguard.errors import MoeguardError
+
+            raise MoeguardError(f"cannot create {out.parent} for the default --out ({e.strerror})",
+                                hint="pass --out PATH in a folder you can write") from None
     check_output(out, overwrite=overwrite, kind="folder")
     # rebuilding the embedded model keeps the recipe its shipped weights were made with
     recipe = replace(EMBEDDED_RECIPE if tasks is None else Recipe(), seed=seed, steps=steps)
     names = _task_names(tasks, "--tasks") if tasks is not None else None   # "" is refused, not the suite
+    if names:
+        from moeguard.edge import task_inputs
+        from moeguard.tasks.registry import get_task
+
+        check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs([get_task(n) for n in names]))
     # beside the output, until it is written: an interrupted run continues from its last saved step
     state = out.with_name(f".{out.name}.zoo-state")
     try:

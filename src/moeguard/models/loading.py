@@ -514,7 +514,7 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     files: list[list[Any]] = []
     out: dict[str, Any] = {"name": ref.name, "files": files}
     if ref.path is None:
-        snapshot = _hub_snapshot(ref.hub_id)
+        snapshot = hub_snapshot(ref.hub_id)
         if snapshot is not None:
             out["revision"] = snapshot.name
             out["config"] = file_sha256(snapshot / "config.json")[:16]
@@ -554,7 +554,7 @@ def weights_digest(ref_str: str | None) -> dict[str, Any]:
     return out
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
+def hub_snapshot(repo_id: str) -> Path | None:
     """The local snapshot folder (named by its commit) that ``repo_id``'s ``main`` resolves to in the
     Hugging Face cache, or ``None`` when its config is not cached. Reads the cache only."""
     from huggingface_hub import try_to_load_from_cache

@@ -83,8 +83,12 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
     (file name -> JSON)."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        if ref.path is not None:
-            keep_source_dtypes(tmp, ref.path)
+        from moeguard.models.loading import hub_snapshot
+
+        # a hub id's weights: the cached snapshot the model was loaded from
+        source = ref.path if ref.path is not None else (hub_snapshot(ref.hub_id) if ref.hub_id else None)
+        if source is not None:
+            keep_source_dtypes(tmp, source)
         if tokenizer is not None:
             from moeguard.models.tokenizer_files import save_tokenizer
 

@@ -503,8 +503,11 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     # Resumable: each shard is written under a temporary name and renamed when whole, so a killed run
     # (a 90 GB checkpoint) continues with the shards it had not finished when started again with the
     # same source weights, plan and sharding; anything else starts over.
+    # the merge's weights in full (str() of a tensor keeps four decimals: another merge's shards matched)
+    weights = {str(l): [[float(x) for x in (w.tolist() if hasattr(w, "tolist") else w)] for *_, w in parts]
+               for l, parts in sorted(merge.items())} if merge else None
     stamp = {"source": weights_identity(str(src)), "keep": {str(k): v for k, v in sorted(keep.items())},
-             "merge": merge, "max_shard_bytes": max_shard_bytes}
+             "merge": merge, "merge_weights": weights, "max_shard_bytes": max_shard_bytes}
     with resumable_dir(out, overwrite=overwrite, settings=stamp) as tmp:
         try:
             for name, tensors in shards:

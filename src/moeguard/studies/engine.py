@@ -169,15 +169,19 @@ def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
         adopt(t)
     from moeguard.models.families import trust_inferred_families
 
-    trust_inferred_families(runtime.trust_inferred)   # a worker process holds this job's setting, as the driver did
-    torch.set_num_threads(runtime.threads)
-    seed = int(job.args.get("seed", 0))
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    module, _, name = job.fn.partition(":")
-    fn = getattr(importlib.import_module(module), name)
-    result = fn(Context(runtime), **job.args)
+    # a worker process holds this job's setting, as the driver did; a library caller's own is put back
+    previous = trust_inferred_families(runtime.trust_inferred)
+    try:
+        torch.set_num_threads(runtime.threads)
+        seed = int(job.args.get("seed", 0))
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        module, _, name = job.fn.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        result = fn(Context(runtime), **job.args)
+    finally:
+        trust_inferred_families(previous)
     return json.loads(json.dumps(result))  # exactly what the job file will hold
 
 
@@ -361,7 +365,10 @@ def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, nu
     if gpus and name == "local":   # it was accepted and ignored
         raise MoeguardError(f"--gpus-per-job {gpus:g} reserves GPUs for Ray tasks, and with --backend local the jobs "
                             "run in this process", hint="add --backend ray, or drop --gpus-per-job")
-    if name == "ray" and not gpus and device_map is not None and str(device_map).strip() != "cpu":
+    from moeguard.models.loading import PLACEMENTS
+
+    single = device_map is not None and str(device_map).strip() not in (*PLACEMENTS, "cpu")
+    if name == "ray" and not gpus and single:   # a placement (auto...) uses the CPU where a node has no GPU
         # Ray hides every GPU from a task that asks for none (CUDA_VISIBLE_DEVICES is empty there)
         raise MoeguardError(f"--device-map {device_map} puts each job's model on a GPU, and Ray tasks that ask for no "
                             "GPU see none", hint="pass --gpus-per-job 1 (or a fraction, to share a GPU between jobs)")

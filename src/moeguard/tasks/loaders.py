@@ -81,6 +81,20 @@ def sample_records(task: Task, role: str, n: int, *, seed: int) -> list[dict[str
     rng = random.Random(seed)
     normalize, needed = task.kind_spec.record, _needed_columns(task)
     chosen: list[dict[str, Any]] = []
+    if isinstance(rows, _DatasetRows):   # a hub or disk Dataset: rows drawn by index, the rest never read
+        order = rng.sample(range(len(rows)), len(rows))
+        for begin in range(0, len(order), 2 * n):
+            for row in rows.take(order[begin:begin + 2 * n]):
+                _check_columns(task, row, split, where, needed=needed)
+                record = normalize(task, row, split, where)
+                if record is not None and len(chosen) < n:
+                    chosen.append(record)
+            if len(chosen) >= n:
+                break
+        if not chosen:
+            raise MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
+                                f"{task.kind_spec.record_needs})", hint="point the split at a file or dataset split with data in it")
+        return chosen
     seen = 0
     for i, row in enumerate(rows):
         _check_columns(task, row, split, where, needed=needed, row_number=i + 1)
@@ -205,7 +219,7 @@ def _hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
                  "'source: {type: disk, path: DIR}', or use local files ('source.type: local'; see "
                  "docs/tasks.md)",
         ) from None
-    return _dataset_rows(ds), f"{where} split '{split}'"
+    return _DatasetRows(ds), f"{where} split '{split}'"
 
 
 def _disk_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
@@ -233,14 +247,29 @@ def _disk_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
                             hint=f"fix 'splits:'; splits present: {', '.join(loaded)}")
     ds = loaded[base]
     start, stop, _ = slice(*_bounds(sliced, len(ds))).indices(len(ds))
-    return _dataset_rows(ds.select(range(start, max(start, stop)))), f"{root} split '{split}'"
+    return _DatasetRows(ds.select(range(start, max(start, stop)))), f"{root} split '{split}'"
 
 
-def _dataset_rows(ds: Any, batch: int = 1000) -> Iterator[dict[str, Any]]:
-    # Lazy, in column-wise batches: far faster than row iteration, and a limited read of a
-    # big split (CNN/DailyMail train) never materializes all of it as Python objects.
-    for begin in range(0, len(ds), batch):
-        columns = ds[begin:begin + batch]
+class _DatasetRows:
+    """A Dataset's rows, read lazily in column-wise batches (far faster than row iteration, and a
+    limited read of a big split, CNN/DailyMail's train, never materializes all of it as Python
+    objects), and by index (:meth:`take`: a sample never reads the rest)."""
+
+    def __init__(self, ds: Any, batch: int = 1000):
+        self.ds, self.batch = ds, batch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for begin in range(0, len(self.ds), self.batch):
+            yield from self._rows(self.ds[begin:begin + self.batch])
+
+    def take(self, indices: list[int]) -> list[dict[str, Any]]:
+        return list(self._rows(self.ds.select(indices)[:])) if indices else []
+
+    @staticmethod
+    def _rows(columns: dict[str, list]) -> Iterator[dict[str, Any]]:
         names = list(columns)
         for values in zip(*(columns[n] for n in names)):
             yield dict(zip(names, values))

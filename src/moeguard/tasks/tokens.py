@@ -170,13 +170,15 @@ def greedy_generate(model, config, **kwargs):
     on the checkpoint's file); for the call, the model's config is one holding only its token ids."""
     from transformers import GenerationConfig
 
-    own = getattr(model, "generation_config", None)
+    # a peft wrapper (LoRA re-alignment) generates through its base model, which reads its own config
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = getattr(target, "generation_config", None)
     ids = {k: getattr(own, k, None) for k in _STRUCTURAL} if own is not None else {}
-    model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    target.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
     try:
         return model.generate(generation_config=config, **kwargs)
     finally:
-        model.generation_config = own
+        target.generation_config = own
 
 
 def generation_config(task: "Task", pad: int, eos: list[int], tokenizer) -> Any:
