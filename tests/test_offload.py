@@ -413,3 +413,31 @@ def test_a_sweep_under_a_memory_cap_gives_the_uncapped_numbers_and_skips_the_phy
     assert not any("skipped" in c for c in plain["physical_checks"])
     for key in ("full", "points", "random"):
         assert json.dumps(capped[key], sort_keys=True) == json.dumps(plain[key], sort_keys=True), key
+
+
+def test_a_capped_sweep_interrupted_and_restarted_under_another_cap_reuses_its_jobs(tmp_path, monkeypatch):
+    """The cap's bytes were in the resume stamp: a sweep killed for memory and restarted with a lower
+    --max-memory threw its finished jobs away, though the cap changes no number."""
+    import moeguard.report.sweep as R
+    from moeguard.cli import main
+    from moeguard.studies import engine
+
+    args = ["sweep", "--tasks", "arith-compare", "--methods", "gate", "--keep", "4", "--random-seeds", "1",
+            "--eval-limit", "16", "--collateral-limit", "8", "--samples", "8", "--out", str(tmp_path / "s")]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    real = R.write_sweep
+    monkeypatch.setattr(R, "write_sweep", interrupted)
+    assert main([*args, "--max-memory", "16MiB"]) == 130
+    ran = []
+    real_execute = engine.execute
+    monkeypatch.setattr(engine, "execute", lambda job, rt: (ran.append(job.name), real_execute(job, rt))[1])
+    monkeypatch.setattr(R, "write_sweep", real)
+    assert main([*args, "--max-memory", "8MiB"]) == 0
+    assert ran == []                                     # every job came from the interrupted run
+    import json
+
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert doc["run"]["settings"]["max_memory"] == 8 << 20   # the record says which cap this run had

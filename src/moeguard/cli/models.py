@@ -125,8 +125,10 @@ def eval_(model: ModelOpt = None,
 
             # each task's result is kept beside --out as it finishes: the same command resumes after a
             # kill, on the same weights, task definitions and data, and settings
+            # not the cap's bytes: where the weights sit changes no score, so a run restarted under another cap resumes
             cache = stack.enter_context(resumable_scratch(out, overwrite=overwrite, settings={
-                **settings, "model": weights_identity(model), "task_identity": [task_identity(t) for t in task_list]}))
+                **{k: v for k, v in settings.items() if k != "max_memory"}, "model": weights_identity(model),
+                "task_identity": [task_identity(t) for t in task_list]}))
         _seed(seed)
         m, tokenizer, ref = handle.load(max_memory=cap)
         try:

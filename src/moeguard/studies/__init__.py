@@ -127,7 +127,12 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
     runtime = Runtime(model=model.arg, threads=torch.get_num_threads(), tasks=file_tasks(tasks), max_memory=max_memory,
                       device_map=model.device_map)
     try:
-        with resumable_dir(out, overwrite=overwrite, settings=settings) as work:
+        # the cap changes where weights sit, not a number: a run restarted under another cap resumes
+        # (the run record keeps the bytes); the jobs themselves are keyed apart when capped, where skipped
+        # checks make them differ (SweepStudyConfig.capped)
+        stamp = {**{k: v for k, v in settings.items() if k != "max_memory"},
+                 **({"capped": True} if settings.get("max_memory") is not None else {})}
+        with resumable_dir(out, overwrite=overwrite, settings=stamp) as work:
             doc = run_study(study, cfg, jobs=work / "jobs", runtime=runtime, backend=runner, progress=progress)
             if isinstance(doc.get("model"), dict):  # a sweep's model facts: name them
                 doc["model"]["name"] = model.name
