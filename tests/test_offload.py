@@ -27,6 +27,14 @@ def offload_folders() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("moeguard-offload-*"))
 
 
+@pytest.fixture(autouse=True)
+def own_temp_dir(tmp_path, monkeypatch):
+    """Each test's temporary folders in its own place: the other test worker's capped loads made
+    offload folders in the shared /tmp while a test counted them."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+
+
 @pytest.fixture(scope="module")
 def pair():
     full, tok, _ = load_model(None)
