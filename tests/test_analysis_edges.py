@@ -40,3 +40,19 @@ def test_a_diverged_round_counts_as_nothing_retained_and_no_nan_reaches_the_summ
     assert orp["mean"][2] == 48.5 and orp["final"] == 48.5
     assert all(v is None or math.isfinite(v) for v in rnd["labels_to_target_per_seed"] + rnd["auc_per_seed"])
     json.dumps(s, allow_nan=False)                    # valid JSON: no NaN anywhere
+
+
+def test_a_nan_is_a_gap_for_robust_z_spearman_and_a_flat_auc():
+    """One NaN made every robust z NaN (a damaged expert hid among NaNs), spearman NaN (invalid
+    JSON), and an AUC over one x value was 0/0."""
+    import math
+
+    import numpy as np
+
+    from moeguard.analysis import auc, robust_z, spearman
+
+    z = robust_z([1.0, 1.1, 0.9, float("nan"), 9.0])
+    assert math.isnan(z[3]) and np.isfinite(np.delete(z, 3)).all() and z[4] > 5
+    assert spearman([1, 2, float("nan")], [1, 2, 3]) is None and spearman([1], [1]) is None
+    assert spearman([1, 2, 3], [1, 2, 4]) == 1.0
+    assert auc([4, 4], [80, 90]) == 85.0

@@ -473,3 +473,75 @@ def test_an_interrupt_names_the_progress_a_resumable_command_kept(capsys, tmp_pa
     code = main(["attribute", "--task", "arith-compare", "--method", "gate", "--out", str(tmp_path / "s.json")])
     assert code == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "moeguard: interrupted; no output was written"
+
+
+def test_a_terminated_command_ends_as_an_interrupt_and_names_what_it_kept(tmp_path):
+    """SIGTERM (timeout, a scheduler's limit, docker stop) exited without running a single finally:
+    temporary outputs stayed and nothing said where the resumable work was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ra"
+    proc = subprocess.Popen([sys.executable, "-m", "moeguard.cli", "route-attack", "--layer", "0", "--all",
+                             "--prefix-tokens", "3", "--steps", "2", "--candidates", "4", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / ".ra.partial").glob("target-*.json")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "it ended before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert f"interrupted; the work done so far is kept in {tmp_path / '.ra.partial'}" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_run_records_name_moeguards_own_commit_not_the_repository_around_its_install(tmp_path, monkeypatch):
+    """Installed (not editable) into a virtual environment inside another repository, git answered
+    with that repository's HEAD."""
+    import subprocess
+
+    import moeguard.provenance as P
+
+    repo = tmp_path / "project"
+    site = repo / ".venv" / "lib" / "python3.11" / "site-packages" / "moeguard"
+    site.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=x", "-c", "user.email=x@y", "commit", "-q",
+                    "--allow-empty", "-m", "theirs"], check=True)
+    theirs = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    here = P.git_commit()
+    assert here and here.split("-")[0] != theirs                        # from this checkout: its own commit
+    monkeypatch.setattr(P, "__file__", str(site / "provenance.py"))
+    assert P.git_commit() != theirs and (P.git_commit() or "").split("-")[0] != theirs
+
+
+def test_outputs_that_are_links_are_refused_and_a_replaced_file_keeps_its_mode(tmp_path, capsys):
+    import os
+    import stat
+
+    from moeguard.io import write_json
+
+    target = tmp_path / "real.json"
+    target.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    capsys.readouterr()
+    code = main(["eval", "--tasks", "arith-compare", "--limit", "2", "--out", str(link), "--overwrite"])
+    assert_one_line(code, capsys.readouterr().err, "is a symbolic link (to", "pass the path it points to")
+    assert link.is_symlink() and target.read_text() == "{}"
+    os.chmod(target, 0o600)                               # a private file stays private when replaced
+    write_json(target, {"a": 1})
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_huge_yaml_integer_for_a_float_setting_is_one_line(tmp_path, capsys):
+    f = tmp_path / "audit.yaml"
+    f.write_text("target: 1" + "0" * 400 + "\n")
+    capsys.readouterr()
+    code = main(["audit", "--out", str(tmp_path / "out"), "--config", str(f)])
+    assert_one_line(code, capsys.readouterr().err, "setting 'target' is 1000")

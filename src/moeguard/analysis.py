@@ -79,6 +79,8 @@ def auc(xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
         return float(pts[0][1]) if pts else None
     x = np.array([p[0] for p in pts], float)
     y = np.array([p[1] for p in pts], float)
+    if x[-1] == x[0]:   # every point at one x: the mean of its values (0/0 gave NaN)
+        return float(y.mean())
     return float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum() / (x[-1] - x[0]))
 
 
@@ -127,7 +129,11 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman's rho with average ranks for ties (scipy's definition), without scipy."""
     import pandas as pd
 
-    ra, rb = pd.Series(list(a)).rank().to_numpy(), pd.Series(list(b)).rank().to_numpy()
+    a, b = list(a), list(b)
+    if len(a) < 2 or len(a) != len(b) or not (np.isfinite(np.asarray(a, float)).all()
+                                              and np.isfinite(np.asarray(b, float)).all()):
+        return None   # no correlation to give (a NaN gave NaN, which JSON cannot hold)
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
     if ra.std() == 0 or rb.std() == 0:
         return None
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -182,6 +188,9 @@ def robust_z(values, base=None, *, floor: float = 1e-12) -> np.ndarray:
     bounds the MAD away from 0 (identical siblings would otherwise give infinities)."""
     v = np.asarray(values, dtype=np.float64)
     b = v if base is None else np.asarray(base, dtype=np.float64)
+    b = b[np.isfinite(b)]   # a NaN is a gap (a damaged expert), not a reason every z becomes NaN
+    if b.size == 0:
+        return np.full(v.shape, np.nan)
     med = np.median(b)
     mad = np.median(np.abs(b - med)) * MAD_SCALE
     return (v - med) / max(mad, floor)

@@ -114,8 +114,9 @@ def _scalar(name: str, value: Any, tp: Any) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
-        raise MoeguardError(f"setting '{name}' is {value!r}, expected {noun}",
+    except (TypeError, ValueError, OverflowError):   # OverflowError: a 400-digit YAML integer as a float
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise MoeguardError(f"setting '{name}' is {shown}, expected {noun}",
                             hint=f"give {name} {noun} value(s)") from None
     return value
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -29,6 +30,9 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
     local input paths (others, hub ids and None, are skipped); an output that is one of them, or
     a folder holding one, would destroy it when replaced."""
     path = Path(path)
+    if path.is_symlink():   # the swap would move the link and leave its target stale (or write beside a dangling one)
+        raise MoeguardError(f"output {path} is a symbolic link (to {os.readlink(path)})",
+                            hint="pass the path it points to as --out")
     out = path.resolve()
     for given in inputs:
         if given is None or not Path(str(given)).expanduser().exists():
@@ -98,9 +102,11 @@ def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True) ->
 def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """Write via a temporary sibling and a rename, with the permissions a plain open() would give."""
     path = check_output(path, overwrite=overwrite, kind="file")
+    # a replaced file keeps its mode, as open() would (a chmod 600 alert log stays private)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -186,11 +187,34 @@ def main(argv: list[str] | None = None) -> int:
     _state["debug"] = False  # set by the --debug callback of this call only
     saved, warnings.formatwarning = warnings.formatwarning, _format_warning
     trusted = trust_inferred_families(False)   # the flag holds for this call only
+    handlers = _terminate_as_interrupt()
     try:
         return _main(argv)
     finally:
         warnings.formatwarning = saved
         trust_inferred_families(trusted)   # a library caller's own setting, as it was
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _terminate_as_interrupt() -> dict:
+    """SIGTERM and SIGHUP (timeout, a scheduler's time limit, docker stop, a closed terminal) end the
+    command as Ctrl-C does: temporary outputs are removed and resumable work is kept and named.
+    Python's default for them exits without running a single ``finally``. Returns the handlers
+    replaced (none off the main thread, where signals cannot be set)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    replaced = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            replaced[sig] = signal.signal(sig, interrupt)
+        except ValueError:   # not the main thread
+            break
+    return replaced
 
 
 def _main(argv: list[str] | None) -> int:
