@@ -163,7 +163,9 @@ def test_the_scan_says_where_its_threshold_comes_from(ref_scan):
     from moeguard.scan.run import CALIBRATED, THRESHOLDS
 
     doc = json.loads((ref_scan / "scan.json").read_text())
-    assert doc["suspicion"]["threshold_source"] == "calibrated" and doc["suspicion"]["threshold"] == 12.1
+    # this scan searched with fewer contexts, candidates and chain tokens than the calibration did
+    assert doc["suspicion"]["threshold_source"] == "calibrated at the default search settings, not these"
+    assert doc["suspicion"]["threshold"] == 12.1
     assert ("unexplained", "references") in THRESHOLDS and ("unexplained", "references") not in CALIBRATED
 
 
@@ -177,3 +179,45 @@ def test_defend_eval_checks_the_protocol_before_its_attack_grid(tmp_path, capsys
                  "--out", str(tmp_path / "d")])
     _one_line(code, capsys.readouterr().err, "the protocol's patterns ['*.attn.*'] leave lora nothing to train")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_scan_refuses_itself_as_its_reference_model(tmp_path, capsys):
+    """Every chain token would be the model's own choice: nothing flagged, the flag still 'calibrated'."""
+    capsys.readouterr()
+    code = main(["scan", "--reference-models", "embedded", "--out", str(tmp_path / "s")])
+    _one_line(code, capsys.readouterr().err, "the reference models include the scanned model itself")
+
+
+def test_a_scan_of_nan_weights_names_the_expert_instead_of_reporting_nothing(tmp_path, capsys):
+    import torch
+
+    from moeguard.models.loading import load_model
+
+    m, tok, _ = load_model(None)
+    from moeguard.models.adapter import MoEAdapter
+
+    layer = MoEAdapter(m).layers[1]
+    with torch.no_grad():
+        layer.router_weight[3, 0] = float("nan")
+    m.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    code = main(["scan", "--model", str(tmp_path / "m"), "--tasks", "arith-compare", "--samples", "4", "--contexts", "2",
+                 "--candidates", "2", "--chain", "2", "--out", str(tmp_path / "s")])
+    # found in the loaded weights: transformers' loading bar comes before the one line (a known left-alone item)
+    err = "\n".join(l for l in capsys.readouterr().err.splitlines() if not l.startswith("Loading weights"))
+    _one_line(code, err, f"layer {layer.index} expert 3 has non-finite weights (router row)")
+
+
+def test_one_at_a_time_methods_refuse_layers_left_with_the_routers_minimum(tmp_path, capsys):
+    """On one expert per layer, ablation scored 'the whole MoE layer removed' (k=0), a state pruning
+    never produces; under PhiMoE's sparsemixer at two experts the weights were NaN."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {str(l): [0] for l in range(4)}}))
+    assert main(["prune", "--plan", str(plan), "--out", str(tmp_path / "one")]) == 0
+    for method in ("ablation", "gradient"):
+        capsys.readouterr()
+        code = main(["attribute", "--model", str(tmp_path / "one"), "--task", "arith-compare", "--method", method,
+                     "--samples", "2", "--out", str(tmp_path / f"{method}.json")])
+        err = "\n".join(l for l in capsys.readouterr().err.splitlines() if not l.startswith("Loading weights"))
+        _one_line(code, err, f"method '{method}' removes one expert at a time, and this model's layers have 1")

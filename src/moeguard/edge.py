@@ -22,7 +22,7 @@ def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None,
                   train: bool = True) -> list:
     """Tasks from names, YAML paths or Task objects (``default``: a callable giving the tasks
     when ``values`` is None); each is adopted and, with ``check``, its eval data read once, and
-    its train data too unless the command reads none (``train=False``: monitor profile, scan)."""
+    its train data too unless the command reads none (``train=False``: monitor profile)."""
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import adopt, get_task
 

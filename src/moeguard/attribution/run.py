@@ -54,6 +54,12 @@ def score(ctx: Context, method: str) -> Scores:
     if len(counts) > 1:
         raise MoeguardError(f"the model's MoE layers have different expert counts {sorted(counts)} (a budget-pruned "
                             "checkpoint); attribution scores one count per layer", hint="attribute the unpruned model")
+    E, least = next(iter(counts)), max(1, ctx.adapter.family.min_experts)
+    if method in ("ablation", "ablation-screened", "gradient") and E - 1 < least:
+        # removing one expert would leave fewer than the router can route (k=0 on one expert, NaN weights under
+        # PhiMoE's sparsemixer at two): a state no pruning can reach, scored as if it were one
+        raise MoeguardError(f"method '{method}' removes one expert at a time, and this model's layers have {E}: one "
+                            f"fewer is below the {least} its router needs", hint="use frequency, gate or reap on it")
     torch.manual_seed(ctx.seed)
     started = time.perf_counter()
     was_training = ctx.model.training

@@ -40,8 +40,8 @@ def scan(
     check_output(out, overwrite=overwrite, inputs=(model, *ref_paths, *ref_model_names), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     ref_models = [resolve_model(m, device_map=device_map) for m in ref_model_names]
-    task_list = embedded_or(_task_names(tasks, "--tasks") if tasks is not None else None, what="--tasks",
-                            train=False)   # the scan reads eval records only
+    # its criticality calibrates on the train split (attribution), so that is read at the edge too
+    task_list = embedded_or(_task_names(tasks, "--tasks") if tasks is not None else None, what="--tasks")
     check_output(out, overwrite=overwrite, inputs=task_inputs(task_list), kind="folder")
     _seed(seed)
     with _progress(stderr=as_json) as progress:

@@ -196,6 +196,10 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
                 "task_identity": [task_identity(t) for t in tasks],
                 **{k: v for k, v in config.to_dict().items() if k != "threshold"},
                 "reference_models": [weights_identity(h.arg) for h in reference_models]}
+    if settings["model"] in settings["reference_models"]:
+        # every chain token would be the model's own choice: nothing flagged, the flag still "calibrated"
+        raise MoeguardError(f"the reference models include the scanned model itself ({handle.name}, by its weights)",
+                            hint="name clean models of the same base as references, or leave --reference-models out")
     placed = device_map if device_map is not None else handle.device_map
     if placed is not None:   # recorded when given (the numbers may differ in the last digits on another device)
         settings["device_map"] = placed
@@ -318,7 +322,9 @@ def assemble(adapter, tasks, weights: dict, usage: dict, effects: dict, *, confi
                       # the default for unexplained scores against reference scans was never measured (the
                       # siblings' value): a user reading the flag should know
                       "threshold_source": "given" if config.threshold is not None else (
-                          "calibrated" if (score, "references" if null is not None else "siblings") in CALIBRATED
+                          ("calibrated" if all(getattr(config, k) == getattr(ScanConfig, k) for k in SEARCH_SETTINGS)
+                           else "calibrated at the default search settings, not these")
+                          if (score, "references" if null is not None else "siblings") in CALIBRATED
                           else "not calibrated (the siblings' value)"),
                       "reference_experts": int(sum(len(n) for n in null)) if null is not None else 0},
         "ranking": [_key(rows[i]["layer"], rows[i]["expert"]) for i in order],

@@ -24,6 +24,7 @@ def _stable_rank(w: np.ndarray) -> float:
 def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
     """Per (decoder layer, expert): the statistics in ``WEIGHT_STATS``, each with its robust z
     against the layer's experts, and ``weight_z``, the largest |z|."""
+    from moeguard.errors import MoeguardError
     from moeguard.trace.weights import split_experts
 
     out: dict[tuple[int, int], dict[str, Any]] = {}
@@ -31,6 +32,15 @@ def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
         gate, up, down = split_experts(adapter.family, layer.experts)               # [E, I, d], [E, I, d], [E, d, I]
         router = layer.router_weight.detach().float().cpu().numpy()                  # [E, d]
         E = layer.num_experts
+        for e in range(E):
+            # a NaN or inf (a corrupt shard, an fp16 overflow) failed the SVD with a traceback, or, in a router
+            # row, made every suspicion NaN: nothing flagged, and a damaged model reported clean
+            bad = [name for name, w in (("gate", gate[e]), ("up", up[e]), ("down", down[e]), ("router row", router[e]))
+                   if not np.isfinite(w).all()]
+            if bad:
+                raise MoeguardError(f"layer {layer.index} expert {e} has non-finite weights ({', '.join(bad)}): the "
+                                    "checkpoint is damaged", hint="re-download or re-save it; a scan of NaN weights "
+                                    "would report nothing")
         vals = {
             "gate_norm": [float(np.linalg.norm(gate[e])) for e in range(E)],
             "up_norm": [float(np.linalg.norm(up[e])) for e in range(E)],
