@@ -59,3 +59,9 @@ def test_lock_satisfies_pyproject():
     unmet = [f"{r} (locked: {lock.get(canonical(r.name), 'absent')})" for r in _declared()
              if canonical(r.name) not in lock or not r.specifier.contains(lock[canonical(r.name)], prereleases=True)]
     assert not unmet, f"pyproject.toml asks for what {LOCK.name} does not pin; run `make lock`: {unmet}"
+
+
+def test_a_package_the_lock_does_not_name_is_a_difference():
+    """Only the lock's own entries were compared: a stray `pip install` went unseen."""
+    assert differences({"a": "1"}, {"a": "1", "b": "2", "pip": "24"}) == [("b", None, "2")]
+    assert differences({"a": "1"}, {"a": "2"}) == [("a", "1", "2")]

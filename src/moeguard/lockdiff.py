@@ -33,9 +33,17 @@ def installed() -> dict[str, str]:
     return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
 
 
+# installed beside the locked packages by every venv: the installer itself and the project
+_NOT_LOCKED = {"pip", "setuptools", "wheel", "moeguard"}
+
+
 def differences(lock: dict[str, str], have: dict[str, str]) -> list[tuple[str, str | None, str | None]]:
-    """(package, locked, installed) for every locked package whose installed version differs."""
-    return sorted((n, v, have.get(n)) for n, v in lock.items() if have.get(n) != v)
+    """(package, locked, installed) for every locked package whose installed version differs, and
+    (package, None, installed) for every package installed that the lock does not name (a stray
+    ``pip install``, or a dependency a newer version pulled in)."""
+    changed = [(n, v, have.get(n)) for n, v in lock.items() if have.get(n) != v]
+    extra = [(n, None, v) for n, v in have.items() if n not in lock and n not in _NOT_LOCKED]
+    return sorted(changed + extra)
 
 
 def main(argv: list[str]) -> int:
@@ -46,7 +54,7 @@ def main(argv: list[str]) -> int:
         return 0
     print(f"{len(diff)} of {len(lock)} locked packages differ from the lock (locked -> installed):")
     for name, want, have in diff:
-        print(f"  {name}: {want} -> {have or 'not installed'}")
+        print(f"  {name}: {want or 'not in the lock'} -> {have or 'not installed'}")
     return 0
 
 
