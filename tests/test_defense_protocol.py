@@ -150,3 +150,18 @@ def test_harden_refuses_layers_with_different_expert_counts_before_training():
     small, _ = prune_model(tiny_model("mixtral"), {0: [0, 1, 2, 3], 1: [0, 1, 2, 3, 4, 5]})
     with pytest.raises(MoeguardError, match=r"same number of experts in every MoE layer; this model has \{0: 4, 1: 6\}"):
         harden(small, None, config_for("entangle", steps=1, tasks=("arith-compare",)))
+
+
+def test_a_non_finite_hardening_gradient_stops_before_the_step(tmp_path, monkeypatch, capsys):
+    """Only the outer loss was checked: a diverged simulated attack's meta-gradient went into
+    opt.step(), wrote NaN into every weight, and the state saved next resumed into them."""
+    import torch
+
+    from moeguard.cli import main
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(float("nan")))
+    capsys.readouterr()
+    code = main(["harden", "--method", "entangle", "--tasks", "arith-compare", "--steps", "2", "--out", str(tmp_path / "h")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the hardening gradient became nan at step 1" in err, err
+    assert not (tmp_path / "h").exists()

@@ -221,3 +221,34 @@ def test_one_at_a_time_methods_refuse_layers_left_with_the_routers_minimum(tmp_p
                      "--samples", "2", "--out", str(tmp_path / f"{method}.json")])
         err = "\n".join(l for l in capsys.readouterr().err.splitlines() if not l.startswith("Loading weights"))
         _one_line(code, err, f"method '{method}' removes one expert at a time, and this model's layers have 1")
+
+
+def test_a_router_protocol_whose_patterns_miss_the_routers_is_refused_before_the_loads(tmp_path, capsys):
+    """Only 'matches some parameter' was checked for modes other than lora: attention patterns passed,
+    and router mode failed after the loads (defend-eval: after its whole attack grid)."""
+    from moeguard.models.loading import resolve
+
+    proto = tmp_path / "moeguard_protocol.json"
+    proto.write_text(json.dumps({"schema": "moeguard.protocol/1", "modes": ["router"],
+                                 "authorized_parameters": ["*.self_attn.*"]}))
+    capsys.readouterr()
+    code = main(["defend-eval", "--hardened", str(resolve(None).path), "--protocol", str(proto), "--tasks", "arith-compare",
+                 "--out", str(tmp_path / "d")])
+    _one_line(code, capsys.readouterr().err, "leave router nothing to train")
+    assert not (tmp_path / "d").exists()
+
+
+def test_orphan_without_a_source_in_the_record_is_refused_before_the_load(tmp_path, capsys, monkeypatch):
+    import moeguard.models.handle as handle
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {str(l): [0, 1, 2, 3] for l in range(4)}}))
+    pruned = tmp_path / "p"
+    assert main(["prune", "--plan", str(plan), "--out", str(pruned)]) == 0
+    record = pruned / "moeguard_pruning.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "source": None}))
+    monkeypatch.setattr(handle.ModelHandle, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    capsys.readouterr()
+    code = main(["realign", "--model", str(pruned), "--task", "arith-compare", "--strategy", "orphan", "--budget", "8",
+                 "--out", str(tmp_path / "r")])
+    _one_line(code, capsys.readouterr().err, "strategy 'orphan' needs the original model")

@@ -613,3 +613,23 @@ def test_a_fingerprint_beyond_float16_is_refused_not_saved_as_inf(fp, tmp_path):
     with pytest.raises(MoeguardError, match="beyond float16's range"):
         big.save(tmp_path / "fp", overwrite=False)
     assert not (tmp_path / "fp").exists()
+
+
+def test_an_original_a_fingerprint_cannot_be_made_from_is_refused_before_it_is_loaded(tmp_path, monkeypatch):
+    """A hub id (not a local checkpoint) or a .gguf file as --original was loaded whole, then refused."""
+    import moeguard.trace.weights as W
+    from moeguard.trace import trace
+
+    real = W.load
+    loaded = []
+    monkeypatch.setattr(W, "load", lambda ref, *a, **k: (loaded.append(ref), real(ref, *a, **k))[1])
+    from pathlib import Path
+
+    from moeguard.errors import MoeguardError
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    suspect = str(Path(W.__file__).parents[1] / "zoo" / "embedded")
+    with pytest.raises(MoeguardError, match="is a file, not a checkpoint directory"):
+        trace(str(gguf), suspect)
+    assert loaded == [suspect]          # the suspect was opened (no tensor read), the original never

@@ -280,7 +280,15 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
             for n, p in zip(names, params):
                 if n in extra:
                     p.grad = extra[n] if p.grad is None else p.grad + extra[n]
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if not math.isfinite(float(norm)):
+                # a simulated attack or authorized adaptation diverged (its meta-gradient is not finite): the
+                # step would write NaN into every weight, and the state saved next would resume into them
+                terms = [k for k in ("attack_after", "authorized_after") if k in row and not math.isfinite(row[k])]
+                raise MoeguardError(f"the hardening gradient became {float(norm)} at step {step + 1}"
+                                    + (f" ({', '.join(terms)} not finite)" if terms else ""),
+                                    hint=f"lower the inner learning rates or --lr (now {cfg.lr:g}); the weights are "
+                                         "left as they were before this step")
             opt.step()
             log.append(row)
             if bar is not None:

@@ -46,7 +46,18 @@ def check_protocol_covers(model, ft) -> None:
 
     meta = meta_model(model.config)
     names = authorized_names(meta, ft.only)
-    ok = bool(any(lora_targets(meta, matching(ft.only)))) if ft.mode == "lora" else bool(names)
+    if ft.mode == "lora":
+        ok = bool(any(lora_targets(meta, matching(ft.only))))
+    else:
+        # the mode's own selection (names and ids are enough): patterns matching only attention weights
+        # passed "matches some parameter", and router mode failed after the loads (defend-eval: after its grid)
+        from moeguard.realign.modes import get_mode
+
+        try:
+            get_mode(ft.mode).apply(meta, only=matching(ft.only)).release()
+            ok = True
+        except MoeguardError:
+            ok = False
     if not ok:
         sample = [n for n, _ in meta.named_parameters()][:3]
         what = f"they match {names[:3]}, which {ft.mode} cannot adapt" if names else "they match no parameter"
@@ -81,6 +92,9 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     if lacking:   # a KeyError traceback after both models had loaded
         raise MoeguardError(f"strategy '{al.strategy}' needs the pruning plan, and {model.name}'s moeguard_pruning.json "
                             f"has no {' or '.join(lacking)}", hint="prune again with `moeguard prune`, which records both")
+    if strat.needs_original and original is None:   # a record without 'source': it failed after the pruned model loaded
+        raise MoeguardError(f"strategy '{al.strategy}' needs the original model, and {model.name}'s pruning record names "
+                            "no source", hint="pass --original PATH (the unpruned checkpoint)")
     orig = None
     if original is not None:  # an unreadable original fails here, before the pruned model loads
         orig = resolve_model(None if original == "embedded" else original, tasks=False, device_map=model.device_map)

@@ -47,7 +47,11 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
         fp = Fingerprint.load(Path(original))
     else:
         from moeguard.trace.api import check_shape
+        from moeguard.trace.fingerprint import checkpoint_bytes
 
+        # an original its fingerprint cannot be made from (a hub id not downloaded, a .gguf file) is refused
+        # now: it was loaded whole first, then refused
+        checkpoint_bytes(original)
         # the original's shape against the suspect's before its fingerprint reads every expert
         own = load(original)
         check_shape({"hidden": own.hidden, "layers": [None] * own.num_layers, "intermediate": own.intermediate},
