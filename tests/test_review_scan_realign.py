@@ -252,3 +252,23 @@ def test_orphan_without_a_source_in_the_record_is_refused_before_the_load(tmp_pa
     code = main(["realign", "--model", str(pruned), "--task", "arith-compare", "--strategy", "orphan", "--budget", "8",
                  "--out", str(tmp_path / "r")])
     _one_line(code, capsys.readouterr().err, "strategy 'orphan' needs the original model")
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda doc: doc.update(family="qwen2_moe"), "is of a qwen2_moe model; the model is mixtral"),
+    (lambda doc: [r.update(layer=r["layer"] + 10) for r in doc["experts"]], "has MoE layers [10, 11, 12, 13]"),
+])
+def test_a_reference_scan_of_another_architecture_with_the_same_counts_is_refused(ref_scan, tmp_path, capsys,
+                                                                                   change, needle):
+    """Only the counts were compared: another family's scan, or MoE layers at other decoder indices,
+    was pooled by position into the null."""
+    other = tmp_path / "other"
+    shutil.copytree(ref_scan, other)
+    doc = json.loads((other / "scan.json").read_text())
+    assert doc["family"] == "mixtral"                  # scans now say what they scanned
+    change(doc)
+    (other / "scan.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    code = main(["scan", "--out", str(tmp_path / "s"), "--tasks", "arith-compare", "--samples", "4", "--contexts", "2",
+                 "--candidates", "2", "--chain", "2", "--references", str(other)])
+    _one_line(code, capsys.readouterr().err, needle)
