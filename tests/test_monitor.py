@@ -79,24 +79,30 @@ def test_the_goal_is_judged_only_on_every_expert_of_every_layer():
     assert summary(half, long, counts)["goal"]["met"] is False                # the goal's budget is 20 tokens
 
 
+def _measured(calls: list, real, *, interrupt_at: int | None = None):
+    """route-attack's ``measure``, recording each target's expert in ``calls`` and interrupting (as
+    Ctrl-C does) at call number ``interrupt_at``; the real one is ``.__wrapped__``."""
+    def measure(*a, **k):
+        calls.append(a[4].expert)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    measure.__wrapped__ = real
+    return measure
+
+
 def test_cli_runs_targets_resumably_and_draws_the_heat_map(tmp_path, capsys, monkeypatch):
     import moeguard.monitor.routeattack as ra
 
     out = tmp_path / "ra"
     args = ["route-attack", "--out", str(out), "--layer", "0", "--all", "--prefix-tokens", "3", "--steps", "1",
             "--candidates", "4"]
-    calls, real = [], ra.measure
-
-    def flaky(*a, **k):
-        calls.append(a[4].expert)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(ra, "measure", flaky)
+    calls = []
+    monkeypatch.setattr(ra, "measure", _measured(calls, ra.measure, interrupt_at=3))
     assert main(args) == 130 and not out.exists()
     assert len(list((tmp_path / ".ra.partial").glob("target-*.json"))) == 2
-    monkeypatch.setattr(ra, "measure", lambda *a, **k: (calls.append(a[4].expert), real(*a, **k))[1])
+    monkeypatch.setattr(ra, "measure", _measured(calls, ra.measure.__wrapped__))
     capsys.readouterr()
     assert main(args) == 0
     assert calls[3:] == [2, 3, 4, 5, 6, 7]    # experts 0 and 1 were not searched again
@@ -466,19 +472,12 @@ def test_a_route_attack_resumed_after_its_task_file_changed_starts_over(tmp_path
     out = tmp_path / "ra"
     args = ["route-attack", "--out", str(out), "--task", str(f), "--layer", "0", "--all", "--prefix-tokens", "2",
             "--steps", "0", "--candidates", "2"]
-    calls, real = [], ra.measure
-
-    def flaky(*a, **k):
-        calls.append(a[4].expert)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(ra, "measure", flaky)
+    calls = []
+    monkeypatch.setattr(ra, "measure", _measured(calls, ra.measure, interrupt_at=2))
     assert main(args) == 130 and len(list((tmp_path / ".ra.partial").glob("target-*.json"))) == 1
     rows = (data / "eval.jsonl").read_text().splitlines()
     (data / "eval.jsonl").write_text("\n".join(rows[1:]) + "\n")   # another held-out set: other measurements
-    monkeypatch.setattr(ra, "measure", lambda *a, **k: (calls.append(a[4].expert), real(*a, **k))[1])
+    monkeypatch.setattr(ra, "measure", _measured(calls, ra.measure.__wrapped__))
     assert main(args) == 0
     assert calls[2:] == list(range(8))     # expert 0's target, measured on the old inputs, was not kept
 

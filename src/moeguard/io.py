@@ -130,7 +130,6 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
     files before it ends; everything left in the folder becomes ``path``."""
     path = check_output(path, overwrite=overwrite, kind="folder")
     partial = _partial(path, settings)
-    _open_partials.append(partial)   # left listed when the block fails: the interrupt's message names it
     yield partial
     _open_partials.remove(partial)
     (partial / STAMP).unlink(missing_ok=True)
@@ -145,7 +144,6 @@ def resumable_scratch(path: str | os.PathLike, *, overwrite: bool = False, setti
     ``path`` itself (``write_json``)."""
     path = check_output(path, overwrite=overwrite, kind="file")
     partial = _partial(path, settings)
-    _open_partials.append(partial)   # left listed when the block fails: the interrupt's message names it
     yield partial
     _open_partials.remove(partial)
     shutil.rmtree(partial, ignore_errors=True)
@@ -169,15 +167,23 @@ def kept_progress() -> Path | None:
 STAMP = ".moeguard-settings.json"
 
 
+def partial_path(path: Path) -> Path:
+    """Where a resumable block keeps ``path``'s finished steps: ``.NAME.partial`` beside it."""
+    return path.with_name(f".{path.name}.partial")
+
+
 def _partial(path: Path, settings: Any) -> Path:
-    """``.NAME.partial`` beside ``path``, emptied unless it was started with the same ``settings``."""
-    partial = path.with_name(f".{path.name}.partial")
+    """``.NAME.partial`` beside ``path``, emptied unless it was started with the same ``settings``;
+    listed as open until its block completes (left listed when the block fails: an interrupt's
+    message names it)."""
+    partial = partial_path(path)
     stamp = partial / STAMP
     wanted = json.dumps(settings, sort_keys=True, default=str)
     if partial.exists() and (not partial.is_dir() or not stamp.exists() or stamp.read_text() != wanted):
         shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
     partial.mkdir(exist_ok=True)
     stamp.write_text(wanted)
+    _open_partials.append(partial)
     return partial
 
 

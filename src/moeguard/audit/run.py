@@ -56,8 +56,7 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
         if refs:   # searched as the audit's scan will search (its config, as _scan makes it)
             scan_cfg = _scan_config(cfg)
             search = {**{k: getattr(scan_cfg, k) for k in SEARCH_SETTINGS}, "tasks": names}
-            _reference_null(refs, model.num_layers, SCORES[bool(cfg.scan_reference_models)], search,
-                            model.experts_per_layer, model=model)
+            _reference_null(refs, SCORES[bool(cfg.scan_reference_models)], search, model)
     # the attacker's keep for recovery, defaulted and checked only when recovery runs (or it is
     # given): OLMoE's top-8 at E = 8 has no default, and --no-recovery must not be refused for it
     rec_keep = cfg.recovery_keep

@@ -47,13 +47,11 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
         handle.check_keep(cfg.keep, what="--keep")
     from moeguard.models.loading import meta_model
 
-    preflight(meta_model(handle.config), cfg)   # before the weights load: names and shapes are enough
+    plan = preflight(meta_model(handle.config), cfg)   # before the weights load: names and shapes are enough
     from moeguard.edge import task_inputs
-    from moeguard.tasks.registry import embedded_tasks, get_task
 
     # a task file or its data as --out would be replaced with the hardened model
-    check_output(out, overwrite=overwrite, kind="folder",
-                 inputs=task_inputs([get_task(t) for t in cfg.tasks] if cfg.tasks else embedded_tasks()))
+    check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs(plan["tasks"]))
     _seed(cfg.seed)
     m, tokenizer, _ = handle.load()   # run_harden checks the loaded model again (its plan)
     from moeguard.models.loading import weights_identity

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -31,11 +31,13 @@ PER_LAYER_KEY = "moeguard_experts_per_layer"
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-def original_counts(adapter: MoEAdapter) -> dict[str, dict[str, int]]:
-    """``{"original_experts_per_layer": {layer: n}}`` for a source whose layers have different
-    expert counts (a budget-pruned checkpoint pruned again); nothing for a uniform one."""
+def original_counts(adapter: MoEAdapter) -> dict[str, Any]:
+    """The source's expert counts for a pruning record: ``original_num_experts``, the most any layer
+    has (layer 0's was taken, wrong for a budget-pruned source), and, where the layers differ,
+    ``original_experts_per_layer``."""
     counts = {str(l.index): l.num_experts for l in adapter.layers}
-    return {"original_experts_per_layer": counts} if len(set(counts.values())) > 1 else {}
+    return {"original_num_experts": max(counts.values()),
+            **({"original_experts_per_layer": counts} if len(set(counts.values())) > 1 else {})}
 
 
 def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
@@ -201,9 +203,6 @@ def prune_model(model: nn.Module, keep: Mapping, *, share_unchanged: bool = Fals
     new.eval() if not model.training else new.train()
     record = {
         "family": adapter.family.name,
-        # the most any layer had (a budget-pruned source's layers differ: layer 0's count was taken), and each
-        # layer's own where they differ
-        "original_num_experts": max(l.num_experts for l in adapter.layers),
         **original_counts(adapter),
         "num_experts": max(len(v) for v in keep.values()),
         "experts_per_layer": {str(k): len(v) for k, v in sorted(keep.items())},

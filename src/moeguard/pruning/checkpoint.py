@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moeguard.errors import MoeguardError
-from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, ShardReader, check_output, read_header
+from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, ShardReader, check_output, partial_path, read_header, resumable_dir
 from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
-from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
+from moeguard.models.loading import (ModelRef, check_safetensors, load_config, meta_model, safetensors_files,
+                                     weights_identity)
 
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_NAME = "moeguard_pruning.json"
@@ -487,7 +488,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     copies, skipped = side_files(src, files)
     tensor_bytes = sum(t.nbytes for t in plan)
     # shards an interrupted run finished (kept in .OUT.partial, checked against the stamp below)
-    partial = out.with_name(f".{out.name}.partial")
+    partial = partial_path(out)
     kept = sum((partial / name).stat().st_size for name, _ in shards if (partial / name).is_file())
     _check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies) - kept)
     previous = previous_records(src)
@@ -497,17 +498,14 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     advance = (lambda n: progress.advance(task, n)) if progress is not None else None
     reader = _Reader(headers)
     bytes_out = 0
-    from moeguard.io import resumable_dir
-    from moeguard.models.loading import weights_identity
-
     # Resumable: each shard is written under a temporary name and renamed when whole, so a killed run
     # (a 90 GB checkpoint) continues with the shards it had not finished when started again with the
-    # same source weights, plan and sharding; anything else starts over.
-    # the merge's weights in full (str() of a tensor keeps four decimals: another merge's shards matched)
-    weights = {str(l): [[float(x) for x in (w.tolist() if hasattr(w, "tolist") else w)] for *_, w in parts]
-               for l, parts in sorted(merge.items())} if merge else None
+    # same source weights, plan and sharding; anything else starts over. The merge's weights go in as
+    # full floats (str() of a tensor keeps four decimals: another merge's shards matched).
+    clusters = {str(l): [[centre, list(members), [float(x) for x in (w.tolist() if hasattr(w, "tolist") else w)]]
+                         for centre, members, w in parts] for l, parts in sorted(merge.items())} if merge else None
     stamp = {"source": weights_identity(str(src)), "keep": {str(k): v for k, v in sorted(keep.items())},
-             "merge": merge, "merge_weights": weights, "max_shard_bytes": max_shard_bytes}
+             "merge": clusters, "max_shard_bytes": max_shard_bytes}
     with resumable_dir(out, overwrite=overwrite, settings=stamp) as tmp:
         try:
             for name, tensors in shards:
@@ -531,8 +529,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
             os.replace(Path(cfg_dir) / "config.json", tmp / "config.json")
         record = {
             "family": family.name,
-            "original_num_experts": max(l.num_experts for l in adapter.layers),
-            **original_counts(adapter),   # a budget-pruned source's per-layer counts
+            **original_counts(adapter),
             "num_experts": max(len(v) for v in keep.values()),
             "experts_per_layer": {str(k): len(v) for k, v in sorted(keep.items())},
             "keep": {str(k): v for k, v in sorted(keep.items())},

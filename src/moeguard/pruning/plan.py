@@ -191,9 +191,10 @@ def check_plan(plan: PrunePlan, adapter) -> dict[int, list[int]]:
     if missing:
         raise MoeguardError(f"the plan does not name MoE layers {missing}",
                             hint=f"name every MoE layer {sorted(names)} (list all experts to keep a layer whole)")
-    plan.check_model(max(l.num_experts for l in adapter.layers))
+    layer_experts = {l.index: l.num_experts for l in adapter.layers}
+    plan.check_model(max(layer_experts.values()))
     keep = normalize_keep(adapter, plan.keep)
-    plan.layer_experts = {l.index: l.num_experts for l in adapter.layers}
+    plan.layer_experts = layer_experts
     # the model's count (the most any layer has), not the plan's guess or claim
-    plan.num_experts = max(plan.layer_experts.values())
+    plan.num_experts = max(layer_experts.values())
     return keep

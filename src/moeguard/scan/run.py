@@ -97,10 +97,11 @@ def load_references(paths: list[Path]) -> list[dict]:
 SEARCH_SETTINGS = ("contexts", "context_tokens", "candidates", "chain")
 
 
-def _reference_null(refs: list[dict], slots: int, score: str, search: dict[str, Any],
-                    experts: list[int] | None = None, *, model=None) -> list[np.ndarray]:
+def _reference_null(refs: list[dict], score: str, search: dict[str, Any], model) -> list[np.ndarray]:
     """Pooled scores per MoE layer position (experts are interchangeable across models), from
-    references scored the same way as this scan (``search``: its SEARCH_SETTINGS and tasks)."""
+    references scored the same way as this scan (``search``: its SEARCH_SETTINGS and tasks) of the
+    same architecture as ``model`` (a handle: family, MoE layers, experts per layer)."""
+    slots, experts = model.num_layers, model.experts_per_layer
     pooled: list[list[float]] = [[] for _ in range(slots)]
     for doc in refs:
         if doc["suspicion"]["score"] != score:
@@ -114,21 +115,20 @@ def _reference_null(refs: list[dict], slots: int, score: str, search: dict[str, 
                                 hint="make reference scans with the same --tasks, --contexts, --context-tokens, "
                                      "--candidates and --chain as this scan")
         layers = sorted({r["layer"] for r in doc["experts"]})
-        if model is not None:
-            # same counts are not the same architecture: a scan of another family, or with MoE layers at other
-            # decoder indices, was pooled by position
-            family, moe = doc.get("family"), sorted(int(l) for l in model.info["experts_per_layer"])
-            if family is not None and family != model.family.name:
-                raise MoeguardError(f"reference scan {doc.get('path')} is of a {family} model; the model is {model.family.name}",
-                                    hint="references must be clean models of the same architecture")
-            if len(layers) == len(moe) and layers != moe:
-                raise MoeguardError(f"reference scan {doc.get('path')} has MoE layers {layers}; the model's are {moe}",
-                                    hint="references must be clean models of the same architecture")
+        # same counts are not the same architecture: a scan of another family, or with MoE layers at other
+        # decoder indices, was pooled by position
+        family, moe = doc.get("family"), sorted(int(l) for l in model.info["experts_per_layer"])
+        if family is not None and family != model.family.name:
+            raise MoeguardError(f"reference scan {doc.get('path')} is of a {family} model; the model is {model.family.name}",
+                                hint="references must be clean models of the same architecture")
+        if len(layers) == len(moe) and layers != moe:
+            raise MoeguardError(f"reference scan {doc.get('path')} has MoE layers {layers}; the model's are {moe}",
+                                hint="references must be clean models of the same architecture")
         if len(layers) != slots:
             raise MoeguardError(f"reference scan {doc.get('path')} has {len(layers)} MoE layers; the model has {slots}",
                                 hint="references must be clean models of the same architecture")
         counts = [sum(1 for r in doc["experts"] if r["layer"] == l) for l in layers]
-        if experts is not None and counts != list(experts):   # a 64-expert null pooled for an 8-expert model
+        if counts != list(experts):   # a 64-expert null pooled for an 8-expert model
             raise MoeguardError(f"reference scan {doc.get('path')} has {counts} experts per MoE layer; the model has "
                                 f"{list(experts)}", hint="references must be clean models of the same architecture")
         for r in doc["experts"]:
@@ -219,8 +219,7 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
         raise MoeguardError(f"the model's MoE layers have different expert counts {per_layer} (a budget-pruned "
                             "checkpoint); the scan's criticality scores one count per layer",
                             hint="scan the model before it was pruned, or a uniformly pruned copy")
-    null = _reference_null(references, handle.num_layers, score, search, per_layer, model=handle) \
-        if references else None   # fail before loading
+    null = _reference_null(references, score, search, handle) if references else None   # fail before loading
     # the tokenizers alone first: another reference tokenizer, or tasks too short for the contexts, failed
     # only after every model's weights had loaded
     from moeguard.models.loading import load_tokenizer

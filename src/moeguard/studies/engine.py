@@ -86,7 +86,7 @@ class Runtime:
     tasks: tuple = ()
     # --trust-inferred-family as it was when the runtime was made: a Ray worker starts without it, and
     # refused the model the command had accepted (it changes no number, so it is in no key)
-    trust_inferred: bool = field(default_factory=lambda: _trusted())
+    trust_inferred: bool = field(default_factory=_trusted)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "dtype": self.dtype, "device_map": self.device_map, "threads": self.threads}

@@ -196,18 +196,17 @@ class Task:
                                 hint="see docs/tasks.md for the YAML schema")
         src = _mapping(data, "source", origin, "source: {type: local, path: data, format: jsonl}")
         hub = _mapping(src, "hub", origin, "hub: {name: nyu-mll/glue, config: sst2}", where="source.")
-        gen_keys = _mapping(data, "generation", origin, "generation: {max_new_tokens: 64}")
-        for where, mapping in (("", data), ("source.", src), ("source.hub.", hub), ("generation.", gen_keys)):
+        gen = _mapping(data, "generation", origin, "generation: {max_new_tokens: 64}")
+        for where, mapping in (("", data), ("source.", src), ("source.hub.", hub), ("generation.", gen)):
             _known_keys(mapping, where, origin)
-        roles = _mapping(data, "splits", origin, "splits: {train: train, eval: validation}")
-        for role in roles:
+        splits = _mapping(data, "splits", origin, "splits: {train: train, eval: validation}")
+        for role in splits:
             if role not in ROLES:   # 'training:' left no train role: attribution fell back to the eval split
                 raise MoeguardError(f"task definition {origin} maps split role {str(role)[:40]!r}",
                                     hint=f"the roles are {', '.join(ROLES)}; {suggest(str(role), list(ROLES))}")
         src.pop("hub", None)
         for key, example in (("files", "files: {train: train.jsonl, test: test.jsonl}"),):
             _mapping(src, key, origin, example, where="source.")
-        gen = _mapping(data, "generation", origin, "generation: {max_new_tokens: 64}")
         source = SourceSpec(
             type=src.get("type", "local"), path=src.get("path"), format=src.get("format"),
             files=dict(src.get("files") or {}), hub_name=hub.get("name"), hub_config=hub.get("config"),
@@ -218,8 +217,7 @@ class Task:
         return cls(
             name=data["name"], kind=kind, source=source,
             fields=_mapping(data, "fields", origin, "fields: {input: sentence, label: label}"),
-            splits=_mapping(data, "splits", origin, "splits: {train: train, eval: validation}")
-            or {"train": "train", "eval": "validation"},
+            splits=splits or {"train": "train", "eval": "validation"},
             prompt=data.get("prompt"), labels=_mapping(data, "labels", origin, "labels: {0: ' no', 1: ' yes'}"),
             metric=data.get("metric"),
             max_length=data.get("max_length", 256), max_new_tokens=gen.get("max_new_tokens", 32),

@@ -40,25 +40,18 @@ def load_records(task: Task, role: str, *, limit: int | None = None) -> list[dic
     ``limit`` keeps the first ``limit`` records (the order of the source is kept, so the
     same limit always gives the same records).
     """
-    if role not in ROLES:
-        raise MoeguardError(f"record role '{role}' is not known", hint=f"use one of {', '.join(ROLES)}")
-    if role not in task.splits:
-        raise MoeguardError(f"task '{task.name}' maps no split to role '{role}' (splits: {task.splits})",
-                            hint=f"add '{role}: <split name>' under 'splits:'")
+    split = _split_of(task, role)
     if limit is not None and limit < 1:
         raise MoeguardError(f"record limit is {limit}", hint="pass a positive limit, or none for all records")
-    split = str(task.splits[role])
     # read and normalized once per (task, role, limit) while the data is unchanged: a sweep scores
     # the same eval records for every plan; callers get their own list and dicts
     key = (repr(task), role, limit, _stamp(task, split))
     records = _READ.get(key)
     if records is None:
         rows, where = _rows(task, split)
-        records = _normalize(task, rows, split, where, limit)
+        records = list(itertools.islice(_records(task, rows, split, where), limit))
         if not records:
-            raise MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
-                                f"{task.kind_spec.record_needs})",
-                                hint="point the split at a file or dataset split with data in it")
+            raise _empty(task, split, where)
         if len(records) <= _READ_MAX_RECORDS:  # a whole large corpus is not worth holding
             _READ[key] = records
             while len(_READ) > _READ_MAX:
@@ -73,45 +66,41 @@ def sample_records(task: Task, role: str, n: int, *, seed: int) -> list[dict[str
     grouped by class) gave calibration sets of one class."""
     import random
 
-    if role not in task.splits:
-        raise MoeguardError(f"task '{task.name}' maps no split to role '{role}' (splits: {task.splits})",
-                            hint=f"add '{role}: <split name>' under 'splits:'")
-    split = str(task.splits[role])
+    split = _split_of(task, role)
     rows, where = _rows(task, split)
     rng = random.Random(seed)
-    normalize, needed = task.kind_spec.record, _needed_columns(task)
     chosen: list[dict[str, Any]] = []
     if isinstance(rows, _DatasetRows):   # a hub or disk Dataset: rows drawn by index, the rest never read
         order = rng.sample(range(len(rows)), len(rows))
         for begin in range(0, len(order), 2 * n):
-            for row in rows.take(order[begin:begin + 2 * n]):
-                _check_columns(task, row, split, where, needed=needed)
-                record = normalize(task, row, split, where)
-                if record is not None and len(chosen) < n:
-                    chosen.append(record)
+            chosen += itertools.islice(_records(task, rows.take(order[begin:begin + 2 * n]), split, where,
+                                                numbered=False), n - len(chosen))
             if len(chosen) >= n:
                 break
-        if not chosen:
-            raise MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
-                                f"{task.kind_spec.record_needs})", hint="point the split at a file or dataset split with data in it")
-        return chosen
-    seen = 0
-    for i, row in enumerate(rows):
-        _check_columns(task, row, split, where, needed=needed, row_number=i + 1)
-        record = normalize(task, row, split, where)
-        if record is None:
-            continue
-        seen += 1
-        if len(chosen) < n:
-            chosen.append(record)
-        else:
-            j = rng.randrange(seen)
-            if j < n:
+    else:
+        for seen, record in enumerate(_records(task, rows, split, where), 1):
+            if len(chosen) < n:
+                chosen.append(record)
+            elif (j := rng.randrange(seen)) < n:
                 chosen[j] = record
     if not chosen:
-        raise MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
-                            f"{task.kind_spec.record_needs})", hint="point the split at a file or dataset split with data in it")
+        raise _empty(task, split, where)
     return chosen
+
+
+def _split_of(task: Task, role: str) -> str:
+    """The source split ``task`` maps to ``role``, or one line saying which roles there are."""
+    if role not in ROLES:
+        raise MoeguardError(f"record role '{role}' is not known", hint=f"use one of {', '.join(ROLES)}")
+    if role not in task.splits:
+        raise MoeguardError(f"task '{task.name}' maps no split to role '{role}' (splits: {task.splits})",
+                            hint=f"add '{role}: <split name>' under 'splits:'")
+    return str(task.splits[role])
+
+
+def _empty(task: Task, split: str, where: str) -> MoeguardError:
+    return MoeguardError(f"split '{split}' of task '{task.name}' ({where}) is empty (no rows with "
+                         f"{task.kind_spec.record_needs})", hint="point the split at a file or dataset split with data in it")
 
 
 # --------------------------------------------------------------------------- sources
@@ -363,20 +352,18 @@ def _slice(rows: list[dict[str, Any]], sliced: tuple[str | None, str | None] | N
 
 # --------------------------------------------------------------------------- normalizing
 
-def _normalize(task: Task, rows: Iterable[dict[str, Any]], split: str, where: str,
-               limit: int | None) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def _records(task: Task, rows: Iterable[dict[str, Any]], split: str, where: str, *,
+             numbered: bool = True) -> Iterator[dict[str, Any]]:
+    """The rows as the kind's records, rows that make none skipped. Every row is checked for the
+    columns the task reads (a JSONL row without a key failed deep in the kind's reader with a
+    KeyError); ``numbered``: the error names the row's place in the split (not for sampled rows)."""
     normalize = task.kind_spec.record
     needed = _needed_columns(task)
     for i, row in enumerate(rows):
-        if limit is not None and len(out) >= limit:
-            break
-        # every row (a JSONL row without a key failed deep in the kind's reader with a KeyError)
-        _check_columns(task, row, split, where, needed=needed, row_number=i + 1)
+        _check_columns(task, row, split, where, needed=needed, row_number=i + 1 if numbered else 1)
         record = normalize(task, row, split, where)
         if record is not None:
-            out.append(record)
-    return out
+            yield record
 
 
 def _needed_columns(task: Task) -> list[str]:
