@@ -2,7 +2,7 @@
 at growing budgets on the targets of ``results/route_attack.json`` that stayed under 90% held-out
 success with 20 tokens.
 
-    .venv/bin/python benchmarks/route_attack_budget.py [--budgets 40,80] [--out JSON]
+    .venv/bin/python benchmarks/route_attack_budget.py [--budgets 40,80] [--steps-per-token N] [--out JSON]
 
 Each budget runs ``moeguard.monitor.routeattack.run`` (the same search, steps, candidates, inputs
 and seed as the source run; only ``prefix_tokens`` changes) on the targets still under 90%: a target
@@ -11,6 +11,10 @@ The bounds benchmark (``route_attack_bounds.py``) found continuous prefixes that
 20 positions as broad mixtures of 15-55 tokens each; a longer discrete prefix is the attacker's way to
 spread attention over more tokens. The per-layer table says what the goal's rule would read at each
 budget (the goal itself fixes 20 tokens).
+
+``--steps-per-token N`` sizes the search to the prefix: ``N * budget`` steps instead of the source's
+(80 steps at 20 tokens is 4 per position; at 40 tokens the same 80 steps visit each position half as
+often, which is what the first 40-token run measured).
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ def main() -> None:
     ap.add_argument("--source", default=str(RESULTS / "route_attack.json"))
     ap.add_argument("--budgets", default="40,80")
     ap.add_argument("--work", help="keep each budget's route-attack folder here (resumable); default: a scratch folder")
+    ap.add_argument("--steps-per-token", type=int, help="search steps per prefix position (default: the source's steps)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.steps_per_token is not None and args.steps_per_token < 1:
+        ap.error(f"--steps-per-token must be >= 1, got {args.steps_per_token}")
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.monitor.hijack import HijackConfig
     from moeguard.monitor.routeattack import GOAL_SUCCESS, run
@@ -55,13 +62,14 @@ def main() -> None:
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="moeguard-route-budget-"))
         t0 = time.perf_counter()
         try:   # run()'s folder resumes: a re-run with the same --work continues an interrupted budget
-            doc = run(handle, task, pending, replace(cfg, prefix_tokens=b), out=work / f"budget-{b}",
+            steps = cfg.steps if args.steps_per_token is None else args.steps_per_token * b
+            doc = run(handle, task, pending, replace(cfg, prefix_tokens=b, steps=steps), out=work / f"budget-{b}",
                       overwrite=bool(args.work))
         finally:
             if not args.work:
                 shutil.rmtree(work, ignore_errors=True)
         seconds = time.perf_counter() - t0
-        runs.append({"prefix_tokens": b, "targets": len(pending), "seconds": round(seconds, 1),
+        runs.append({"prefix_tokens": b, "steps": steps, "targets": len(pending), "seconds": round(seconds, 1),
                      "seconds_per_target": round(seconds / len(pending), 1)})
         for t in doc["targets"]:
             entries[(t["layer"], t["expert"])]["budgets"][str(b)] = {**_row(t["measured"]), "prefix_text": t["prefix_text"]}
