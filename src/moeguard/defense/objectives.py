@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.hooks import mask_experts
+from moeguard.models.hooks import Hooks, mask_experts
 from moeguard.realign.engine import task_loss
 from moeguard.tasks.batches import Batch
 
@@ -45,7 +45,6 @@ class RouterTape:
 def record_routers(model: nn.Module, *, adapter: MoEAdapter | None = None) -> Iterator[RouterTape]:
     adapter = adapter or MoEAdapter(model)
     tape = RouterTape()
-    handles = []
 
     def hook_for(layer):
         def hook(module, args, output):
@@ -54,13 +53,10 @@ def record_routers(model: nn.Module, *, adapter: MoEAdapter | None = None) -> It
             tape.index.append(index.detach())
         return hook
 
-    try:
+    with Hooks() as hooks:
         for layer in adapter.layers:
-            handles.append(layer.router.register_forward_hook(hook_for(layer)))
+            hooks.on_output(layer.router, hook_for(layer))
         yield tape
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def routing_probs(logits: torch.Tensor, score: str) -> torch.Tensor:

@@ -65,11 +65,12 @@ class PooledHidden:
 
     def __init__(self, adapter):
         from moeguard.models.adapter import _get_path
+        from moeguard.models.hooks import Hooks
 
         self.module = _get_path(adapter.model, adapter.family.final_norm_path)
         self.mask = None               # [B, T] attention mask of the next forward, set by the caller
         self.sums: list = []           # [B, hidden] float32 tensors, one per call
-        self._handle = None
+        self._hooks = Hooks()
         self.enabled = True
         self.limit: int | None = None   # calls kept (the online monitor keeps the prefill only)
 
@@ -83,11 +84,12 @@ class PooledHidden:
         self.sums.append(h.detach().float().sum(1).cpu())       # [B, D] tensor; numpy at the end
 
     def __enter__(self) -> "PooledHidden":
-        self._handle = self.module.register_forward_hook(self._hook)
+        self._hooks.ensure_empty(self)
+        self._hooks.on_output(self.module, self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
+        self._hooks.close()
 
 
 def _pooled(sums: np.ndarray, tokens: np.ndarray) -> np.ndarray:

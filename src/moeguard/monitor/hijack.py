@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from moeguard.errors import MoeguardError
+from moeguard.models.hooks import Hooks
 from moeguard.tasks.base import Task
 
 SEPARATOR = "\n"
@@ -69,7 +70,7 @@ class RouterTap:
         self.stop = stop
         self.logits: torch.Tensor | None = None      # [B*T, E]
         self.index: torch.Tensor | None = None       # [B*T, k]
-        self._handle = None
+        self._hooks = Hooks()
 
     def _hook(self, module, args, output):
         self.logits, _, self.index = self.layer.unpack(output)
@@ -77,11 +78,12 @@ class RouterTap:
             raise _Stop
 
     def __enter__(self) -> "RouterTap":
-        self._handle = self.router.register_forward_hook(self._hook)
+        self._hooks.ensure_empty(self)
+        self._hooks.on_output(self.router, self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
+        self._hooks.close()
 
     def run(self, model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         try:

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from moeguard.errors import MoeguardError
+from moeguard.models.hooks import Hooks
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile
 from moeguard.monitor.tokens import RoutedIds
@@ -170,8 +171,9 @@ class RoutingMonitor:
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._routed)
             stack.enter_context(self._pooled)
-            stack.callback(self.model.get_input_embeddings().register_forward_pre_hook(self._ids_hook).remove)
-            stack.callback(self.model.register_forward_pre_hook(self._mask_hook, with_kwargs=True).remove)
+            own = stack.enter_context(Hooks())
+            own.on_input(self.model.get_input_embeddings(), self._ids_hook)
+            own.on_input(self.model, self._mask_hook, with_kwargs=True)
             self._hooks = stack.pop_all()
         if self.max_delay_s is not None:
             # quiet traffic fills no batch and a server may go unscraped: a daemon thread scores what

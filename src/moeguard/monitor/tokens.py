@@ -189,17 +189,20 @@ class RoutedIds:
         self.first_only = first_only
         self.enabled = True
         self.ids: list = [None] * len(adapter.layers)
-        self._handles: list = []
+        from moeguard.models.hooks import Hooks   # torch: not for the profile's readers
+
+        self._hooks = Hooks()
 
     def reset(self) -> None:
         self.ids = [None] * len(self.ids)
 
     def __enter__(self) -> "RoutedIds":
+        self._hooks.ensure_empty(self)
         try:
             for slot, layer in enumerate(self.adapter.layers):
-                self._handles.append(layer.router.register_forward_hook(self._hook(slot, layer)))
+                self._hooks.on_output(layer.router, self._hook(slot, layer))
         except BaseException:
-            self.__exit__()
+            self._hooks.close()
             raise
         return self
 
@@ -215,9 +218,7 @@ class RoutedIds:
         return hook
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.close()
 
     def rows(self, B: int) -> np.ndarray:
         """[L, B, T, k] as numpy."""

@@ -119,7 +119,7 @@ def expert_weights_in_place(wrapped: nn.Module) -> Callable[[], None]:
     call; returns the function that removes this again."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    from moeguard.models.hooks import weights_in_place
+    from moeguard.models.hooks import Hooks, weights_in_place
 
     outer: dict[int, nn.Module] = {}
     for module in wrapped.modules():    # pre-order: a wrapper comes before the wrappers it holds
@@ -127,25 +127,20 @@ def expert_weights_in_place(wrapped: nn.Module) -> Callable[[], None]:
             base = module.get_base_layer()
             if any(getattr(h, "offload", False) for h in _hooks(base)):
                 outer.setdefault(id(base), module)
-    restore = []
-    for module in outer.values():
-        base, inner = module.get_base_layer(), module.forward
+    hooks = Hooks()
+    try:
+        for module in outer.values():
+            base, inner = module.get_base_layer(), module.forward
 
-        def forward(*args, _base=base, _inner=inner, **kwargs):
-            with weights_in_place(_base, recurse=False):
-                return _inner(*args, **kwargs)
+            def forward(*args, _base=base, _inner=inner, **kwargs):
+                with weights_in_place(_base, recurse=False):
+                    return _inner(*args, **kwargs)
 
-        previous = module.__dict__.get("forward")
-        module.forward = forward
-        restore.append((module, previous))
-
-    def remove() -> None:
-        for module, previous in restore:
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
-    return remove
+            hooks.replace_forward(module, forward)
+    except BaseException:   # those already patched come off again
+        hooks.close()
+        raise
+    return hooks.close
 
 
 def checkpointed(base: nn.Module) -> Callable[[], None]:
