@@ -489,6 +489,8 @@ def test_a_gguf_is_read_one_expert_at_a_time_and_float_storage_is_not_quantizati
     export_gguf(pruned, tok, tmp_path / "h.gguf", qtype="F16")
     w = load_gguf(tmp_path / "h.gguf")
     assert isinstance(w.layers[0].gate, _Experts) and w.layers[0].gate.shape == (2, 256, 128)
+    # the embedding stays as dequantized (not widened whole to float64); what trace reads of it is float64
+    assert w.embed.dtype != np.float64 and w.embed_rows([3, 1]).dtype == np.float64
     doc = run_trace(fp, w)
     assert doc["p_value"] <= 1e-4 and {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
     assert doc["transformations"]["quantization"]["stored"] is None
@@ -633,3 +635,18 @@ def test_an_original_a_fingerprint_cannot_be_made_from_is_refused_before_it_is_l
     with pytest.raises(MoeguardError, match="is a file, not a checkpoint directory"):
         trace(str(gguf), suspect)
     assert loaded == [suspect]          # the suspect was opened (no tensor read), the original never
+
+
+def test_embedding_norms_are_float64_over_blocks_of_rows():
+    """ModelWeights widens its embedding a block of rows at a time: the norms equal those of the whole
+    embedding widened at once, across block boundaries too."""
+    from moeguard.trace.weights import EMBED_BLOCK, ModelWeights
+
+    embed = np.random.default_rng(0).standard_normal((2 * EMBED_BLOCK + 17, 8)).astype(np.float32)
+    embed[EMBED_BLOCK + 5, 3] = 1e3     # an outsized value past the first block
+    w = ModelWeights(name="x", family="f", embed=embed, tokens=[""] * len(embed), layers=[])
+    whole = np.linalg.norm(embed.astype(np.float64), axis=0)
+    assert w.embed_norms().dtype == np.float64
+    np.testing.assert_allclose(w.embed_norms(), whole, rtol=1e-12)
+    assert w.embed_norms().argmax() == 3
+    assert np.array_equal(w.embed_rows([EMBED_BLOCK + 5]), embed[[EMBED_BLOCK + 5]].astype(np.float64))

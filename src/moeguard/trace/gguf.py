@@ -120,9 +120,10 @@ def load_gguf(path: Path) -> ModelWeights:
         types.add(t.tensor_type.name)
         return t
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str, *, widen: bool = True) -> np.ndarray:
         t = tensor(name)
-        return dequantize(name, t, t.data).astype(np.float64)
+        x = dequantize(name, t, t.data)
+        return x.astype(np.float64) if widen else x
 
     def experts(name: str) -> "_Experts":
         t = tensor(name)
@@ -148,7 +149,7 @@ def load_gguf(path: Path) -> ModelWeights:
     if not layers:
         raise MoeguardError(f"{path} has no MoE layer (no blk.N.ffn_gate_exps tensors)",
                             hint="trace reads MoE models in llama.cpp's naming")
-    embed = get("token_embd.weight")
+    embed = get("token_embd.weight", widen=False)   # float32: ModelWeights widens the rows it reads
     tokens = _tokens(reader)
     if not tokens:
         raise MoeguardError(f"{path} has no token list (tokenizer.ggml.tokens)",

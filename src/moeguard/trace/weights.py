@@ -23,6 +23,8 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 
+EMBED_BLOCK = 4096   # embedding rows widened to float64 at a time
+
 
 @dataclass(frozen=True, kw_only=True)
 class LayerWeights:
@@ -59,7 +61,7 @@ class LayerCounts:
 class ModelWeights(LayerCounts):
     name: str
     family: str
-    embed: np.ndarray          # [V, d]
+    embed: np.ndarray          # [V, d] as read (float32 from a GGUF): widened a block of rows at a time
     tokens: list[str]          # token string of each embedding row (id order)
     layers: list[LayerWeights]
     source: dict[str, Any] = field(default_factory=dict)   # format, quantization as stored, ...
@@ -77,10 +79,16 @@ class ModelWeights(LayerCounts):
         return int(self.embed.shape[0])
 
     def embed_rows(self, ids) -> np.ndarray:
-        return self.embed[np.asarray(ids, dtype=int)]
+        return f64(self.embed[np.asarray(ids, dtype=int)])
 
     def embed_norms(self) -> np.ndarray:
-        return np.linalg.norm(self.embed, axis=0)
+        """[d] norm of each hidden dimension over the vocabulary, in float64 a block of rows at a
+        time: the embedding is not widened whole (DeepSeek-V3's 129k x 7168 would take 7.4 GB)."""
+        sq = np.zeros(self.hidden)
+        for start in range(0, self.vocab, EMBED_BLOCK):
+            x = f64(self.embed[start:start + EMBED_BLOCK])
+            sq += np.add.reduce(x * x, axis=0)
+        return np.sqrt(sq)
 
     def sketch(self, position: int, H: np.ndarray, frame, progress=None):
         from moeguard.trace.features import sketch_layer
@@ -181,7 +189,7 @@ def from_model(model, tokenizer, *, name: str) -> ModelWeights:
     for layer in traced_layers(adapter):   # views: read an expert at a time by the sketch, never copied whole
         g, u, d = expert_views(adapter.family, layer.experts)
         layers.append(LayerWeights(index=layer.index, router=_np(layer.router_weight), gate=g, up=u, down=d))
-    embed = _np(model.get_input_embeddings().weight)
+    embed = model.get_input_embeddings().weight.detach().float().cpu().numpy()   # widened where read
     return ModelWeights(name=name, family=adapter.family.name, embed=embed, tokens=token_strings(tokenizer, len(embed)),
                         layers=layers, source={"format": "safetensors"})
 
