@@ -27,7 +27,7 @@ SMALL = ["--tasks", "arith-compare,docstring-topic,record-summary", "--methods",
          "--recovery-eval-limit", "48", "--pool-size", "128", "--samples", "32"]
 
 
-from moeguard.audit.run import numbers_only  # noqa: E402
+from moeguard.audit.results import numbers_only  # noqa: E402
 
 
 def one(backend: str, args: list[str], work: Path, resume_check: bool) -> dict:

@@ -4,7 +4,7 @@
         --pair sweep OLD/sweep.json NEW/sweep.json ... --out benchmarks/results/refactor_equality.json
 
 For each pair: every value present in both documents must be equal (numbers exactly: the same
-float, not a tolerance), timing fields excluded (``moeguard.audit.run.TIMING_KEYS``). Keys only
+float, not a tolerance), timing fields excluded (``moeguard.audit.results.TIMING_KEYS``). Keys only
 in the new document are listed as additions, keys only in the old one as removals; ``--expect
 KEY=reason`` names a key whose differences are expected and says why (reported, not hidden).
 """
@@ -20,7 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from moeguard.audit.run import TIMING_KEYS  # noqa: E402
+from moeguard.audit.results import TIMING_KEYS  # noqa: E402
 
 
 def compare(old: Any, new: Any, path: str, out: dict[str, list], expected: dict[str, str]) -> None:

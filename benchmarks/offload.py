@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from moeguard.models.loading import parse_memory
+    from moeguard.models.placement import parse_memory
 
     ckpt, rec = write("mixtral-8x7b", args.layers, args.workdir)
     fp32 = rec["bytes"] * 2   # the synthetic checkpoint is bfloat16; commands compute in float32

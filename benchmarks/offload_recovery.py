@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from moeguard.audit.run import numbers_only
+    from moeguard.audit.results import numbers_only
 
     ckpt, rec = write(args.preset, args.layers, args.workdir)
     fp32 = rec["bytes"] * 2   # the synthetic checkpoint is bfloat16; commands compute in float32

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SMALL_AUDIT, THREADS
-from moeguard.audit.run import numbers_only
+from moeguard.audit.results import numbers_only
 from moeguard.cli import main
 from moeguard.testing import kill_cli_when
 

@@ -11,7 +11,8 @@ import torch
 
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
-from moeguard.models.loading import check_device_map, resolve
+from moeguard.models.loading import resolve
+from moeguard.models.placement import check_device_map
 
 # a device no machine here has: on a CPU-only torch "no cuda device is visible", on a GPU server
 # "this machine has N cuda device(s)"; both name the flag and the value

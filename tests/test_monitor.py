@@ -432,7 +432,7 @@ def test_a_window_larger_than_the_calibration_requests_there_are_is_refused_befo
 
 
 def test_a_profile_matches_the_same_weights_however_named_and_refuses_other_routing(embedded, tmp_path, monkeypatch):
-    from moeguard.models.loading import weights_digest
+    from moeguard.models.identity import weights_digest
     from moeguard.monitor.profile import build
 
     m, tok, adapter = embedded

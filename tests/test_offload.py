@@ -16,7 +16,8 @@ from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.hooks import mask_experts
-from moeguard.models.loading import load_model, parse_memory
+from moeguard.models.loading import load_model
+from moeguard.models.placement import parse_memory
 from moeguard.testing import causal_families, tiny_model
 from conftest import THREADS
 
@@ -140,7 +141,7 @@ def test_cli_eval_and_attribute_under_a_cap_write_the_numbers_of_an_uncapped_run
 
 
 def test_an_audit_under_a_cap_gives_the_numbers_of_an_uncapped_one_and_refuses_in_memory_stages(tmp_path, capsys):
-    from moeguard.audit.run import numbers_only
+    from moeguard.audit.results import numbers_only
 
     args = ["--tasks", "arith-compare", "--methods", "frequency,gate", "--keeps", "2,4", "--random-seeds", "1",
             "--eval-limit", "16", "--samples", "8", "--no-recovery", "--threads", str(THREADS)]
@@ -181,7 +182,7 @@ def test_an_audit_recovers_under_a_cap_with_lora_as_it_does_in_memory(tmp_path):
     audit's, the trace (which reads every weight) is skipped and says why."""
     import tempfile
 
-    from moeguard.audit.run import numbers_only
+    from moeguard.audit.results import numbers_only
     from moeguard.studies.engine import Context
 
     pruned_folders = lambda: set(Path(tempfile.gettempdir()).glob("moeguard-pruned-*"))  # noqa: E731
@@ -348,7 +349,7 @@ def test_a_failed_lora_setup_over_offloaded_weights_gives_the_model_back(pair, m
 
 
 def test_the_recovery_command_runs_under_a_cap_with_lora_and_refuses_other_modes(tmp_path, capsys):
-    from moeguard.audit.run import numbers_only
+    from moeguard.audit.results import numbers_only
 
     args = ["recovery", "--task", "arith-compare", "--keep", "2", "--strategies", "random", "--budgets", "4,8",
             "--seeds", "1", "--pool-size", "16", "--eval-limit", "16", "--samples", "8", "--method", "frequency",

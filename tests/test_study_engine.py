@@ -42,7 +42,7 @@ def test_the_weights_identity_sees_a_rewrite_within_the_second_a_time_keeping_co
 
     from safetensors.torch import load_file, save_file
 
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.identity import weights_identity
     from moeguard.testing import tiny_model
 
     model = tmp_path / "m"
@@ -77,8 +77,8 @@ def test_the_weights_identity_sees_a_rewrite_within_the_second_a_time_keeping_co
 def test_a_one_byte_edit_in_a_time_keeping_copy_is_seen_whole_and_can_be_missed_sampled(tmp_path, monkeypatch):
     import struct
 
-    from moeguard.models import loading
-    from moeguard.models.loading import weights_identity
+    from moeguard.models import identity
+    from moeguard.models.identity import weights_identity
     from moeguard.testing import tiny_model
 
     model = tmp_path / "m"
@@ -86,18 +86,19 @@ def test_a_one_byte_edit_in_a_time_keeping_copy_is_seen_whole_and_can_be_missed_
     weights = model / "model.safetensors"
     data = bytearray(weights.read_bytes())
     size, start = len(data), 8 + struct.unpack("<Q", data[:8])[0]
-    blocks = [(size * i // loading._SAMPLES, size * i // loading._SAMPLES + loading._BLOCK) for i in range(loading._SAMPLES)]
+    n, block = identity._SAMPLES, identity._BLOCK
+    blocks = [(size * i // n, size * i // n + block) for i in range(n)]
     # the first weight byte outside every sampled block (a small tuned tensor, as router-only training leaves)
     at = next(o for o in range(start, size) if not any(a <= o < b for a, b in blocks))
     st = weights.stat()
     whole_before = weights_identity(str(model))
-    monkeypatch.setattr(loading, "_WHOLE", 0)
+    monkeypatch.setattr(identity, "_WHOLE", 0)
     sampled_before = weights_identity(str(model))
     data[at] ^= 0x01
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))             # a copy that kept the time
     assert weights_identity(str(model)) == sampled_before               # sampled: unseen (documented)
-    monkeypatch.setattr(loading, "_WHOLE", 256 << 20)
+    monkeypatch.setattr(identity, "_WHOLE", 256 << 20)
     assert weights_identity(str(model)) != whole_before                 # whole, as for any checkpoint <= 256 MiB: seen
 
 
@@ -117,7 +118,7 @@ def test_an_upstream_result_passed_on_names_the_job_by_its_numbers_not_its_timin
 def test_a_hub_ids_identity_is_the_commit_its_cached_config_resolves_to(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.identity import weights_identity
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     assert weights_identity("org/moe") == {"name": "org/moe", "files": []}    # not cached: the name only
@@ -140,7 +141,7 @@ def test_a_hub_ids_identity_is_the_commit_its_cached_config_resolves_to(tmp_path
 
 
 def test_a_hardened_models_protocol_file_is_part_of_its_identity(tmp_path):
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.identity import weights_identity
     from moeguard.testing import tiny_model
 
     model = tmp_path / "hardened"

@@ -130,11 +130,11 @@ def check(cfg: AuditConfig) -> None:
 
         get_mode(cfg.recovery_mode)
     if cfg.device_map is not None:
-        from moeguard.models.loading import check_device_map
+        from moeguard.models.placement import check_device_map
 
         check_device_map(cfg.device_map, what="device_map")
     if cfg.max_memory is not None:
-        from moeguard.models.loading import parse_memory
+        from moeguard.models.placement import parse_memory
 
         parse_memory(cfg.max_memory, what="max_memory", device_map=cfg.device_map, map_flag="device_map")
         needs = [name for name, on in (("defense", cfg.defense or cfg.hardened), ("scan", cfg.scan)) if on]

@@ -54,7 +54,7 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
     check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs(plan["tasks"]))
     _seed(cfg.seed)
     m, tokenizer, _ = handle.load()   # run_harden checks the loaded model again (its plan)
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.identity import weights_identity
 
     # beside the output, until it is written: an interrupted run continues from its last saved step
     state = out.with_name(f".{out.name}.harden-state")
@@ -178,7 +178,7 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
                               keeps=_ints(keeps, "--keeps") if keeps is not None else None,
                               attack=_attack_config(flags, task=task_list[0].name, keep=1), protocol=protocol)
     from moeguard.io import file_sha256
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.identity import weights_identity
 
     # both models' weights (the jobs' scope covers only the hardened one's), and the protocol's bytes
     settings = {"base": b.name, "hardened": h.name, "protocol": str(proto_path) if proto_path else None,

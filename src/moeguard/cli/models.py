@@ -94,7 +94,7 @@ def eval_(model: ModelOpt = None,
     """Per-task metrics with the trivial baseline beside each."""
     from moeguard.edge import embedded_or, resolve_model, task_inputs
     from moeguard.io import check_output, write_json
-    from moeguard.models.loading import parse_memory
+    from moeguard.models.placement import parse_memory
     from moeguard.provenance import run_record
     from moeguard.report.tables import eval_table
     from moeguard.tasks.evaluate import evaluate_suite
@@ -120,7 +120,7 @@ def eval_(model: ModelOpt = None,
         cache = None
         if out is not None:
             from moeguard.io import resumable_scratch
-            from moeguard.models.loading import weights_identity
+            from moeguard.models.identity import weights_identity
             from moeguard.tasks.loaders import task_identity
 
             # each task's result is kept beside --out as it finishes: the same command resumes after a

@@ -106,7 +106,7 @@ def monitor_profile(
     import hashlib
 
     from moeguard.io import resumable_scratch
-    from moeguard.models.loading import weights_digest, weights_identity
+    from moeguard.models.identity import weights_digest, weights_identity
     from moeguard.provenance import run_record
 
     # what the kept per-task arrays depend on: an interrupted run resumes only on the same inputs,
@@ -157,7 +157,7 @@ def monitor_score(
 
     window = check_settings(prof, window=window, alpha=alpha)
     records = read_log(log)
-    from moeguard.models.loading import weights_digest, weights_identity
+    from moeguard.models.identity import weights_digest, weights_identity
 
     prof.check_model(handle.name, weights_digest(handle.arg))
     from moeguard.provenance import run_record
@@ -258,7 +258,7 @@ def serve(
     # (and no other process can take it between a check and the bind)
     sock = _listen(host, port)
     try:
-        from moeguard.models.loading import weights_digest
+        from moeguard.models.identity import weights_digest
 
         handle = resolve_model(model, device_map=device_map)
         prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),

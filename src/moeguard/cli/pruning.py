@@ -29,7 +29,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     from moeguard.attribution.run import make_context, score
     from moeguard.edge import resolve_model, resolve_tasks, task_inputs
     from moeguard.io import check_output, write_json
-    from moeguard.models.loading import parse_memory
+    from moeguard.models.placement import parse_memory
     from moeguard.report.tables import scores_table
 
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
@@ -170,7 +170,7 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
     check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     cap = None
     if max_memory is not None:
-        from moeguard.models.loading import parse_memory
+        from moeguard.models.placement import parse_memory
 
         cap = parse_memory(max_memory, device_map=device_map)
     # an encoder-decoder's tasks run through its seq2seq head
@@ -236,7 +236,7 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
                 "gate": gate, "batch_size": batch_size, "seed": seed}
     cap = None
     if max_memory is not None:
-        from moeguard.models.loading import parse_memory
+        from moeguard.models.placement import parse_memory
 
         cap = settings["max_memory"] = parse_memory(max_memory, device_map=device_map)
     with _progress() as progress:

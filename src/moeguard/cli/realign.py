@@ -110,7 +110,7 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
     check_output(out, overwrite=overwrite, inputs=(model, sweep), kind="folder")
     cap = None
     if max_memory is not None:
-        from moeguard.models.loading import parse_memory
+        from moeguard.models.placement import parse_memory
 
         cap = parse_memory(max_memory, device_map=device_map)
         check_capped(max_memory, mode=flags["mode"], merge=flags.get("route") == "merge")

@@ -110,7 +110,8 @@ def resolve_model(model: str | None, *, tasks: bool = True, device_map: str | No
     encoder-decoder cannot do yet (refused here, before any weights load). ``device_map``: where
     its weights go when loaded (checked here against the devices this machine has)."""
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.models.loading import check_device_map, inspect, meta_model
+    from moeguard.models.loading import inspect, meta_model
+    from moeguard.models.placement import check_device_map
 
     device_map = check_device_map(device_map)
     ref, config, family = inspect(model)

@@ -14,6 +14,9 @@ bias that moves choices. The router is built alone at the config's real sizes (a
 A spec that passes is ``verified``; one whose structure was read but whose rule matched nothing,
 or could not be run, is ``unverified`` with the reason; a model with no such structure is
 ``unsupported`` (or ``dense``).
+
+Past 400 lines on purpose: the structure search and the rule verification share the found
+structure, the config-key tables and the meta model; apart, each would import the other's privates.
 """
 
 from __future__ import annotations

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import struct
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 from moeguard.errors import MoeguardError
 from moeguard.models.families import FamilySpec, family_for_config, moe_config, unsupported_setting
+from moeguard.models.placement import check_device_map, offload_settings
 from moeguard.models.upstream import repair
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "zoo" / "embedded"
@@ -331,82 +330,6 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     return model.eval(), tokenizer, ref
 
 
-PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's strategies
-
-
-def check_device_map(value: str | None, *, what: str = "--device-map") -> str | None:
-    """``value`` as ``from_pretrained`` takes it, or a one-line error before any weights load: one of
-    accelerate's strategies (:data:`PLACEMENTS`: auto spreads the layers over the visible GPUs,
-    then the CPU) or one device this machine has (cpu, cuda, cuda:N, mps, xpu...). None: the CPU."""
-    if value is None:
-        return None
-    import torch
-
-    v = str(value).strip()
-    if v in PLACEMENTS:
-        return v
-    hint = f"pass one of {', '.join(PLACEMENTS)}, or a device: cpu, cuda, cuda:N"
-    try:
-        dev = torch.device(v)
-    except (RuntimeError, ValueError):
-        raise MoeguardError(f"{what} {value!r} is neither a placement nor a device", hint=hint) from None
-    if dev.type == "cpu":
-        return v
-    backend = getattr(torch, dev.type, None)
-    try:
-        n = int(backend.device_count()) if backend is not None and backend.is_available() else 0
-    except Exception:  # noqa: BLE001 -- a backend torch names but cannot query (no driver) has no devices
-        n = 0
-    if n == 0:
-        build = f"torch {torch.__version__}" + (", a CPU build" if dev.type == "cuda" and torch.version.cuda is None else "")
-        raise MoeguardError(f"{what} {v}: no {dev.type} device is visible ({build})",
-                            hint=f"run on a machine with one (and a torch built for it), or drop {what} to use the CPU")
-    if dev.index is not None and dev.index >= n:
-        raise MoeguardError(f"{what} {v}: this machine has {n} {dev.type} device(s), {dev.type}:0..{n - 1}",
-                            hint=f"pass one of them, or {what} auto to spread the model over all")
-    return v
-
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
-          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
-
-
-def parse_memory(text: str, *, what: str = "--max-memory", device_map: str | None = None,
-                 map_flag: str = "--device-map") -> int:
-    """Bytes from a size such as ``8GiB``, ``512MB``, ``1.5G`` (G, M, K alone are binary, as in
-    ``ulimit``) or a plain byte count. ``device_map``: the placement asked beside the cap; one
-    device (cpu, cuda:0) is refused, since transformers applies the cap only to a strategy (auto...)
-    and would load the whole model there without a word."""
-    if device_map is not None and str(device_map).strip() not in PLACEMENTS:
-        raise MoeguardError(f"{what} places layers across devices and disk itself, and {map_flag} {device_map} puts "
-                            "every layer on one device (the cap would be ignored)",
-                            hint=f"drop {map_flag}, or pass {map_flag} auto to fill the GPUs first")
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise MoeguardError(f"{what} '{text}' is not a memory size", hint="write a size such as 8GiB, 512MiB or 20GB")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size < 2**20:
-        raise MoeguardError(f"{what} '{text}' is {size} bytes", hint="give at least 1MiB (e.g. 4GiB)")
-    return size
-
-
-def offload_settings(max_memory: int, *, device_map=None, folder=None) -> tuple[dict[str, Any], Path | None]:
-    """``from_pretrained`` arguments that keep the weights in host memory under ``max_memory``
-    bytes, and the temporary offload folder made here (None when ``folder`` was given).
-
-    accelerate's ``auto`` map fills the GPUs first (each with what it has free), then host memory
-    up to the cap, then disk; it never splits a decoder layer."""
-    from accelerate.utils import get_max_memory
-
-    budget = {k: v for k, v in get_max_memory().items() if k not in ("cpu", "disk")}
-    budget["cpu"] = int(max_memory)
-    made = None
-    if folder is None:
-        folder = made = Path(tempfile.mkdtemp(prefix="moeguard-offload-"))
-    return {"device_map": device_map or "auto", "max_memory": budget, "offload_folder": str(folder)}, made
-
-
 def _return_freed_memory() -> None:
     """Hand the heap that loading freed back to the system (glibc's ``malloc_trim``). Converting a
     bf16 checkpoint to float32 and fusing per-expert tensors leaves the freed copies in the
@@ -487,81 +410,3 @@ def meta_model(config):
                             f"({type(e).__name__}: {str(e)[:100]})", hint="fix config.json") from None
     resize_layers(model)
     return model
-
-
-def weights_identity(ref_str: str | None) -> dict[str, Any]:
-    """What notices a changed checkpoint, for resumed runs and cached jobs, without reading a large
-    one whole.
-
-    Per weight file: its name, size, modification time in nanoseconds (whole seconds missed a file
-    rewritten within the second: same-architecture weights have the same size), and a digest of
-    its bytes: all of them when the checkpoint's weights total at most ``_WHOLE`` bytes (the
-    embedded and test models; any edit), beyond that ``_SAMPLES`` blocks spread over each file,
-    header included. Sampled, a copy that keeps times
-    (``cp -p``, ``rsync -a``) of weights that differ only in a few tensors (router-only or LoRA
-    fine-tuning) can go unseen; the time catches every ordinary write. ``config.json`` whole: a
-    changed top-k or router setting changes every number with the same weights.
-
-    A hub id is its name and the commit its cached ``config.json`` resolves to (``revision``; the
-    edge has read the config, so it is cached by then): files under a commit are immutable, and
-    the weights, fetched later, come from the same commit. A new commit on the hub (``main``
-    moved) changes it; the cache is read, never the network."""
-    import hashlib
-
-    from moeguard.io import file_sha256
-
-    ref = resolve(ref_str)
-    files: list[list[Any]] = []
-    out: dict[str, Any] = {"name": ref.name, "files": files}
-    if ref.path is None:
-        snapshot = hub_snapshot(ref.hub_id)
-        if snapshot is not None:
-            out["revision"] = snapshot.name
-            out["config"] = file_sha256(snapshot / "config.json")[:16]
-        return out
-    if not ref.path.is_dir():
-        return out
-    config = ref.path / "config.json"
-    if config.exists():
-        out["config"] = file_sha256(config)[:16]
-    protocol = ref.path / "moeguard_protocol.json"    # a hardened model's fine-tuning protocol changes its numbers
-    if protocol.exists():
-        out["protocol"] = file_sha256(protocol)[:16]
-    weights = sorted(ref.path.glob("*.safetensors"))
-    whole = sum(f.stat().st_size for f in weights) <= _WHOLE   # the checkpoint's total: many shards cost the same
-    for f in weights:
-        st = f.stat()
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            if whole:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            else:
-                for i in range(_SAMPLES):
-                    fh.seek(st.st_size * i // _SAMPLES)
-                    h.update(fh.read(_BLOCK))
-        files.append([f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]])
-    return out
-
-
-def weights_digest(ref_str: str | None) -> dict[str, Any]:
-    """:func:`weights_identity` without the name and the modification times: what the weights are,
-    not where or when they were written (the same checkpoint given as ./ckpt or ckpt/, or copied,
-    gives the same digest)."""
-    out = weights_identity(ref_str)
-    out.pop("name", None)
-    out["files"] = [[name, size, digest] for name, size, _, digest in out["files"]]
-    return out
-
-
-def hub_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot folder (named by its commit) that ``repo_id``'s ``main`` resolves to in the
-    Hugging Face cache, or ``None`` when its config is not cached. Reads the cache only."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "config.json")
-    return Path(found).parent if isinstance(found, str) else None
-
-
-_WHOLE = 256 << 20            # checkpoints up to this size are hashed whole (about 0.2 s)
-_SAMPLES, _BLOCK = 16, 4096   # beyond it, 64 KiB read per weight file, whatever its size

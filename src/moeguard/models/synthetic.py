@@ -64,7 +64,7 @@ def preset_config(name: str, *, layers: int = 2, dtype: str = "bfloat16", **over
 
 @dataclass(frozen=True)
 class Planned:
-    """One tensor to write (``pruning.checkpoint.write_safetensors`` reads these fields)."""
+    """One tensor to write (``pruning.shards.write_safetensors`` reads these fields)."""
 
     name: str
     dtype: str              # safetensors dtype, e.g. "BF16"
@@ -143,7 +143,7 @@ def write_synthetic(out: str | Path, config, *, seed: int = 0, max_shard_bytes: 
     returns its record, also written to ``out/moeguard_synthetic.json``."""
     from moeguard.io import atomic_dir, check_output
     from moeguard.models.loading import EMBEDDED_MODEL_DIR
-    from moeguard.pruning.checkpoint import _check_space, assign_shards, write_index, write_safetensors
+    from moeguard.pruning.shards import assign_shards, check_space, write_index, write_safetensors
 
     out = check_output(out, overwrite=overwrite)
     vocab = json.loads((EMBEDDED_MODEL_DIR / "config.json").read_text())["vocab_size"]
@@ -152,7 +152,7 @@ def write_synthetic(out: str | Path, config, *, seed: int = 0, max_shard_bytes: 
                             hint=f"give the config a vocab_size of at least {vocab}")
     plan = disk_layout(config)
     total = sum(t.nbytes for t in plan)
-    _check_space(out, total)
+    check_space(out, total)
     shards = assign_shards(plan, sharded=True, max_shard_bytes=max_shard_bytes)
     task = progress.add_task(f"writing synthetic {config.model_type}", total=total) if progress is not None else None
     advance = (lambda n: progress.advance(task, n)) if progress is not None else None

@@ -48,7 +48,7 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
         raise MoeguardError(f"route-attack places its prefix before a task's input, and {task.kind} task '{task.name}' "
                             f"has running text, no inputs",
                             hint="pass --task with a classification or summarization task, e.g. arith-compare")
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.identity import weights_identity
     from moeguard.tasks.loaders import task_identity
 
     # what the kept targets depend on: a checkpoint re-saved or a task file edited at the same name

@@ -83,7 +83,7 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
     (file name -> JSON)."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        from moeguard.models.loading import hub_snapshot
+        from moeguard.models.identity import hub_snapshot
 
         # a hub id's weights: the cached snapshot the model was loaded from
         source = ref.path if ref.path is not None else (hub_snapshot(ref.hub_id) if ref.hub_id else None)

@@ -18,186 +18,20 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
 
 from moeguard.errors import MoeguardError
-from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, ShardReader, check_output, partial_path, read_header, resumable_dir
+from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, check_output, partial_path, read_header, resumable_dir
 from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
-from moeguard.models.loading import (ModelRef, check_safetensors, load_config, meta_model, safetensors_files,
-                                     weights_identity)
+from moeguard.models.identity import weights_identity
+from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
+from moeguard.pruning.shards import (INDEX_NAME, PlannedTensor, PlanReader, assign_shards, check_space, write_index,
+                                     write_safetensors)
 
-INDEX_NAME = "model.safetensors.index.json"
 RECORD_NAME = "moeguard_pruning.json"
 MERGE_RECORD_NAME = "moeguard_merging.json"
-_CHUNK = 8 << 20         # bytes per read, so no single read maps or holds a whole large tensor
-
-
-# Bytes per element of safetensors dtypes; also orders a shard so every tensor is aligned.
-_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
-             "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """One output tensor and where its bytes come from."""
-
-    file: Path                         # source shard
-    name: str                          # source key
-    out_name: str
-    dtype: str
-    shape: tuple[int, ...]             # output shape
-    nbytes: int                        # output bytes
-    runs: tuple[tuple[int, int], ...]  # source dim-0 row ranges, in order; () for a 0-d tensor
-    row_bytes: int
-    flat: bool = False                 # experts on the last axis of a [1, ..., E] tensor: runs index elements
-    # a merge: per-expert keys, ((file, key, weight), ...) of the members; fused or flat, per output
-    # expert ((source expert, weight), ...) of its members. None: a plain copy of ``runs``
-    mix: tuple | None = None
-    keyed: bool = False                # ``mix`` names member keys (a per-expert layout), not rows of ``name``
-    block: int = 1                     # source rows per expert (DBRX's [E*I, d] blocks: I)
-
-
-def write_safetensors(path: Path, tensors: list[_Tensor], reader: "_Reader", *,
-                      metadata: dict[str, str], advance=None) -> int:
-    """Write one shard tensor by tensor; returns the file size."""
-    # Largest items first (as safetensors orders them) keeps every tensor aligned to its dtype.
-    tensors = sorted(tensors, key=lambda t: -_ITEMSIZE.get(t.dtype, 0))
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for t in tensors:
-        header[t.out_name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    ranges_of = getattr(reader, "ranges", None)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors:
-            ranges = ranges_of(t) if ranges_of is not None else None
-            if ranges is not None and _copy_ranges(f, ranges):
-                if advance is not None:
-                    advance(t.nbytes)
-                continue
-            written = 0
-            for chunk in reader.chunks(t):
-                f.write(chunk)
-                written += chunk.nbytes
-                if advance is not None:
-                    advance(chunk.nbytes)
-            if written != t.nbytes:
-                raise RuntimeError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
-        size = f.tell()
-    if size != 8 + len(blob) + offset:
-        raise RuntimeError(f"{path.name}: {size} bytes, header describes {8 + len(blob) + offset}")
-    return size
-
-
-def _copy_ranges(f, ranges: list[tuple[int, int, int]]) -> bool:
-    """Append the source byte ranges ``(fd, offset, length)`` to ``f`` inside the kernel
-    (``copy_file_range``: no copy through this process, as ``cp`` does); False, with ``f`` where it
-    was, where the kernel or filesystem cannot (another filesystem, an old kernel): the caller
-    then writes the tensor through memory."""
-    copy = getattr(os, "copy_file_range", None)
-    if copy is None:
-        return False
-    f.flush()
-    start = pos = f.tell()
-    try:
-        for fd, offset, length in ranges:
-            while length:
-                n = copy(fd, f.fileno(), length, offset, pos)
-                if n <= 0:
-                    raise OSError("copy_file_range copied nothing")
-                offset, pos, length = offset + n, pos + n, length - n
-    except OSError:
-        f.seek(start)
-        return False
-    f.seek(pos)
-    return True
-
-
-class _Reader(ShardReader):
-    """Row chunks of planned tensors, as bytes; and, for a plain copy of rows, where those bytes
-    lie in the source file (``ranges``), so they can be copied without passing through memory."""
-
-    def __init__(self, headers: dict[Path, dict] | None = None):
-        super().__init__()
-        self.headers = headers or {}
-        self._fds: dict[Path, int] = {}
-        self._starts: dict[Path, int] = {}
-
-    def ranges(self, t: _Tensor) -> list[tuple[int, int, int]] | None:
-        """``(fd, offset, length)`` of ``t``'s kept rows in its source file, or None unless ``t`` is
-        a plain copy of whole rows in the source's own dtype."""
-        entry = self.headers.get(t.file, {}).get(t.name)
-        if t.mix is not None or t.flat or not t.runs or entry is None or entry.get("dtype") != t.dtype:
-            return None
-        if t.file not in self._fds:
-            self._fds[t.file] = os.open(t.file, os.O_RDONLY)
-            with open(t.file, "rb") as h:
-                self._starts[t.file] = 8 + struct.unpack("<Q", h.read(8))[0]
-        base = self._starts[t.file] + int(entry["data_offsets"][0])
-        out = [(self._fds[t.file], base + a * t.row_bytes, (b - a) * t.row_bytes) for a, b in t.runs]
-        return out if sum(n for _, _, n in out) == t.nbytes else None
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        super().close()
-
-    def chunks(self, t: _Tensor) -> Iterator:
-        if t.mix is not None:
-            yield from self._mixed(t)
-            return
-        if not t.runs:
-            yield _as_bytes(self.read(t.file, t.name))
-            return
-        if t.flat:   # a [1, ..., E] vector: small, read whole and cut
-            flat = self.read(t.file, t.name).reshape(-1)
-            for start, stop in t.runs:
-                yield _as_bytes(flat[start:stop])
-            return
-        step = max(1, _CHUNK // max(t.row_bytes, 1))
-        for start, stop in t.runs:
-            for a in range(start, stop, step):
-                yield _as_bytes(self.read(t.file, t.name, slice(a, min(a + step, stop))))
-
-
-    def _mixed(self, t: _Tensor) -> Iterator:
-        """A merged tensor's bytes: every merged expert the weighted sum of its members, in
-        float64 and in cluster order as in memory (``weighted_sum``), so the two are bit-identical.
-        Per-expert keys are summed in row chunks; a fused tensor one expert row at a time."""
-        from moeguard.pruning.merging.operation import weighted_sum
-
-        if t.keyed:   # per-expert keys: the members are whole tensors of the same shape
-            rows = t.shape[0] if t.shape else 0
-            step = max(1, _CHUNK // max(t.row_bytes, 1))
-            for a in (range(0, rows, step) if rows else [None]):
-                index = None if a is None else slice(a, min(a + step, rows))
-                parts = [self.read(f, n, index) for f, n, _ in t.mix]
-                yield _as_bytes(weighted_sum(parts, [w for _, _, w in t.mix]).to(parts[0].dtype))
-            return
-        if t.flat:
-            flat = self.read(t.file, t.name).reshape(-1)
-            for members in t.mix:
-                yield _as_bytes(weighted_sum([flat[e:e + 1] for e, _ in members], [w for _, w in members]).to(flat.dtype))
-            return
-        for members in t.mix:
-            parts = [self.read(t.file, t.name, slice(e * t.block, (e + 1) * t.block)) for e, _ in members]
-            yield _as_bytes(weighted_sum(parts, [w for _, w in members]).to(parts[0].dtype))
-
-
-def _as_bytes(tensor):
-    import torch
-
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _runs(kept: list[int]) -> tuple[tuple[int, int], ...]:
@@ -250,7 +84,7 @@ def block_offsets(adapter) -> dict[str, int]:
 def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: str | dict[str, int],
                  experts: dict[int, int], keep: dict[int, list[int]],
                  layout: DiskLayout | None = None, merge: dict[int, list] | None = None,
-                 block_offsets: dict[str, int] | None = None) -> list[_Tensor]:
+                 block_offsets: dict[str, int] | None = None) -> list[PlannedTensor]:
     """Every output tensor, in source order; raises before any write when the layout is not understood.
 
     ``layers_path``: where the layers are, or each stack's path and the index of its first layer.
@@ -272,7 +106,7 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
     if merge:
         _check_mergeable(files, headers, key_re, set(mixes))
     where = _per_expert_keys(files, headers, key_re, layout) if merge else {}
-    plan: list[_Tensor] = []
+    plan: list[PlannedTensor] = []
     for file in files:
         header = headers[file]
         entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
@@ -284,7 +118,7 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
             m = key_re.match(name)
             li = int(m.group(1)) if m else None
             if m is None or li not in experts or m.group(2) in layout.shared_modules:
-                plan.append(_Tensor(file, name, name, info["dtype"], shape, nbytes, whole, row_bytes))
+                plan.append(PlannedTensor(file, name, name, info["dtype"], shape, nbytes, whole, row_bytes))
                 continue
             module, rest, n_exp = m.group(2), m.group(3), experts[li]
             per = layout.per_expert.match(module + rest)
@@ -304,10 +138,10 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
                         except KeyError as exc:
                             raise MoeguardError(f"layer {li}: expert {exc.args[0][2]} has no {per.group(2)} tensor",
                                                 hint="the checkpoint is incomplete; re-download it") from None
-                        plan.append(_Tensor(file, name, out_name, info["dtype"], shape, nbytes, whole, row_bytes,
-                                            mix=mix, keyed=True))
+                        plan.append(PlannedTensor(file, name, out_name, info["dtype"], shape, nbytes, whole, row_bytes,
+                                                  mix=mix, keyed=True))
                     else:
-                        plan.append(_Tensor(file, name, out_name, info["dtype"], shape, nbytes, whole, row_bytes))
+                        plan.append(PlannedTensor(file, name, out_name, info["dtype"], shape, nbytes, whole, row_bytes))
                 continue
             role = "router" if module in layout.router_modules else "experts" if module in layout.expert_modules else None
             if role is None:
@@ -316,14 +150,14 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
                         f"{file.name}: {name} sits in the sparse block of layer {li} with {n_exp} rows, and "
                         "moeguard cannot tell whether they are experts",
                         hint="prune this checkpoint in memory (--in-memory), or report its layout")
-                plan.append(_Tensor(file, name, name, info["dtype"], shape, nbytes, whole, row_bytes))
+                plan.append(PlannedTensor(file, name, name, info["dtype"], shape, nbytes, whole, row_bytes))
                 continue
             kept = keep[li]
             if (expert_axis(shape, n_exp) or 0) > 0:
                 found[li][role].add(name)   # ERNIE's [1, E] selection bias: experts on the last axis
-                plan.append(_Tensor(file, name, name, info["dtype"], (*shape[:-1], len(kept)),
-                                    nbytes // n_exp * len(kept), _runs(kept), nbytes // n_exp, flat=True,
-                                    mix=_rows_mix(mixes.get(li), kept)))
+                plan.append(PlannedTensor(file, name, name, info["dtype"], (*shape[:-1], len(kept)),
+                                          nbytes // n_exp * len(kept), _runs(kept), nbytes // n_exp, flat=True,
+                                          mix=_rows_mix(mixes.get(li), kept)))
                 continue
             # rows per expert: 1, or a block of rows in a blocked layout ([E*I, d], DBRX)
             block = shape[0] // n_exp if shape and layout.blocked and shape[0] % n_exp == 0 else 1
@@ -332,9 +166,9 @@ def plan_tensors(files: list[Path], headers: dict[Path, dict], *, layers_path: s
                                     f"{n_exp} experts of layer {li}",
                                     hint="the checkpoint's weights do not match its config.json, or its layout is unsupported")
             found[li][role].add(name)
-            plan.append(_Tensor(file, name, name, info["dtype"], (len(kept) * block, *shape[1:]),
-                                row_bytes * block * len(kept), tuple((a * block, b * block) for a, b in _runs(kept)),
-                                row_bytes, mix=_rows_mix(mixes.get(li), kept), block=block))
+            plan.append(PlannedTensor(file, name, name, info["dtype"], (len(kept) * block, *shape[1:]),
+                                      row_bytes * block * len(kept), tuple((a * block, b * block) for a, b in _runs(kept)),
+                                      row_bytes, mix=_rows_mix(mixes.get(li), kept), block=block))
     for li, roles in found.items():
         for role, names in roles.items():
             if not names:
@@ -379,38 +213,6 @@ def _per_expert_keys(files, headers, key_re, layout) -> dict[tuple[int, str, int
             if per is not None:
                 out[(int(m.group(1)), per.group(2), int(per.group(1)))] = (file, name)
     return out
-
-
-def assign_shards(plan: list[_Tensor], *, sharded: bool, max_shard_bytes: int | None) -> list[tuple[str, list[_Tensor]]]:
-    """Output files: one per source shard, or greedy packing up to ``max_shard_bytes``."""
-    groups: list[list[_Tensor]] = []
-    if max_shard_bytes is None:
-        by_file: dict[Path, list[_Tensor]] = {}
-        for t in plan:
-            by_file.setdefault(t.file, []).append(t)
-        groups = [g for g in by_file.values() if g]
-    else:
-        size = 0
-        for t in plan:
-            if not groups or (size + t.nbytes > max_shard_bytes and groups[-1]):
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
-        sharded = len(groups) > 1
-    if not sharded:
-        return [("model.safetensors", [t for g in groups for t in g])]
-    n = len(groups)
-    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
-
-
-def write_index(directory: Path, shards: list[tuple[str, list[_Tensor]]], total: int) -> None:
-    """``model.safetensors.index.json`` for ``assign_shards``' files (none for a single file)."""
-    if shards[0][0] == "model.safetensors":
-        return
-    weight_map = {t.out_name: name for name, tensors in shards for t in tensors}
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def check_apart(src: Path, out: Path) -> None:
@@ -490,13 +292,13 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     # shards an interrupted run finished (kept in .OUT.partial, checked against the stamp below)
     partial = partial_path(out)
     kept = sum((partial / name).stat().st_size for name, _ in shards if (partial / name).is_file())
-    _check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies) - kept)
+    check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies) - kept)
     previous = previous_records(src)
 
     task = progress.add_task(f"writing {'merged' if merge else 'pruned'} shards", total=tensor_bytes) \
         if progress is not None else None
     advance = (lambda n: progress.advance(task, n)) if progress is not None else None
-    reader = _Reader(headers)
+    reader = PlanReader(headers)
     bytes_out = 0
     # Resumable: each shard is written under a temporary name and renamed when whole, so a killed run
     # (a 90 GB checkpoint) continues with the shards it had not finished when started again with the
@@ -586,10 +388,3 @@ def _check_index(src: Path, files: list[Path], headers: dict[Path, dict]) -> Non
     if wrong:
         raise MoeguardError(f"{INDEX_NAME} places {len(wrong)} tensors (e.g. {wrong[0]}) in shards that do not hold them",
                             hint="the checkpoint is corrupt; re-download or re-save it")
-
-
-def _check_space(out: Path, needed: int) -> None:
-    free = shutil.disk_usage(out.resolve().parent).free
-    if free < needed:
-        raise MoeguardError(f"the pruned checkpoint needs {needed / 1e9:.2f} GB, but {out.parent} has "
-                            f"{free / 1e9:.2f} GB free", hint="free disk space or write elsewhere")

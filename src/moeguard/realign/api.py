@@ -98,7 +98,7 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     orig = None
     if original is not None:  # an unreadable original fails here, before the pruned model loads
         orig = resolve_model(None if original == "embedded" else original, tasks=False, device_map=model.device_map)
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.identity import weights_identity
 
     # the weights, not only the path: a checkpoint re-pruned in place after a kill must not resume the old run
     from moeguard.tasks.loaders import task_identity

@@ -195,7 +195,7 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
     references, reference_models = references or [], reference_models or []
     score = "unexplained" if reference_models else "chain"
     # the parts depend on these; the threshold only on the assembly, so changing it reuses them
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.identity import weights_identity
 
     # the model by its weight files, not its path: a checkpoint re-made in place must not resume
     # on the parts of the old one

@@ -100,7 +100,7 @@ class Runtime:
         """What a finished job's result depends on besides its arguments: the model (and its weight
         files and config), dtype, device map and the user's task definitions. A job file
         from another scope is not reused (a resumed folder pointed at other weights re-runs)."""
-        from moeguard.models.loading import weights_identity
+        from moeguard.models.identity import weights_identity
 
         d = self.to_dict()
         d.pop("threads")  # how many cores, not what is computed
@@ -208,7 +208,7 @@ def _scopes(runtime: Runtime) -> Callable[[Job], str]:
     """Each job's scope: the runtime's, and the weights of another model a job loads by its path
     (``args["model"]``: defend-eval's base or hardened side, an attack's other model), so a
     checkpoint re-made at the same path re-runs its jobs instead of serving the old results."""
-    from moeguard.models.loading import weights_identity
+    from moeguard.models.identity import weights_identity
 
     base, memo = runtime.scope(), {}
 
@@ -365,7 +365,7 @@ def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, nu
     if gpus and name == "local":   # it was accepted and ignored
         raise MoeguardError(f"--gpus-per-job {gpus:g} reserves GPUs for Ray tasks, and with --backend local the jobs "
                             "run in this process", hint="add --backend ray, or drop --gpus-per-job")
-    from moeguard.models.loading import PLACEMENTS
+    from moeguard.models.placement import PLACEMENTS
 
     single = device_map is not None and str(device_map).strip() not in (*PLACEMENTS, "cpu")
     if name == "ray" and not gpus and single:   # a placement (auto...) uses the CPU where a node has no GPU

@@ -9,7 +9,7 @@ import torch
 from moeguard.pruning.merging.calibrate import LayerProfile
 
 
-def _by_score(scores: list[float]) -> list[int]:
+def by_score(scores: list[float]) -> list[int]:
     """Experts from highest score to lowest (ties: lower index first)."""
     return sorted(range(len(scores)), key=lambda e: (-scores[e], e))
 
@@ -17,7 +17,7 @@ def _by_score(scores: list[float]) -> list[int]:
 def around_centres(profile: LayerProfile, scores: list[float], keep: int) -> list[list[int]]:
     """The ``keep`` best-scored experts are the centres; every other expert joins the centre whose
     outputs on the calibration tokens are most similar to its own (cosine)."""
-    order = _by_score(scores)
+    order = by_score(scores)
     centres = order[:keep]
     sim = profile.similarity
     groups = {c: [c] for c in centres}

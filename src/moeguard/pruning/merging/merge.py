@@ -67,14 +67,14 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
             check_keep(k, num_experts=layers[l], family=adapter.family, top_k=adapter.top_k,
                        what=f"layer {l}: merging to")
     from moeguard.models.prune import pruned_config
-    from moeguard.pruning.merging.cluster import _by_score
+    from moeguard.pruning.merging.cluster import by_score
 
     # what the family cannot express, on the centres the merge will keep where they are known now (a
     # group-routed family refuses unbalanced centres; hc-smoe finds its centres only by calibrating)
     if fixed is not None:
         kept = {l: sorted(g[0] for g in gs) for l, gs in fixed.items()}
     elif m.sets_centres:
-        kept = {l: sorted(_by_score(r)[:counts[l]]) for l, r in rows.items()}
+        kept = {l: sorted(by_score(r)[:counts[l]]) for l, r in rows.items()}
     else:
         kept = {l: list(range(k)) for l, k in counts.items()}
     pruned_config(adapter, kept)

@@ -1,0 +1,87 @@
+"""What a checkpoint is, for resumed runs, cached jobs and monitor profiles: a cheap identity of its
+weight files and config (and, without names and times, a digest of what the weights are)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moeguard.models.loading import resolve
+
+
+def weights_identity(ref_str: str | None) -> dict[str, Any]:
+    """What notices a changed checkpoint, for resumed runs and cached jobs, without reading a large
+    one whole.
+
+    Per weight file: its name, size, modification time in nanoseconds (whole seconds missed a file
+    rewritten within the second: same-architecture weights have the same size), and a digest of
+    its bytes: all of them when the checkpoint's weights total at most ``_WHOLE`` bytes (the
+    embedded and test models; any edit), beyond that ``_SAMPLES`` blocks spread over each file,
+    header included. Sampled, a copy that keeps times
+    (``cp -p``, ``rsync -a``) of weights that differ only in a few tensors (router-only or LoRA
+    fine-tuning) can go unseen; the time catches every ordinary write. ``config.json`` whole: a
+    changed top-k or router setting changes every number with the same weights.
+
+    A hub id is its name and the commit its cached ``config.json`` resolves to (``revision``; the
+    edge has read the config, so it is cached by then): files under a commit are immutable, and
+    the weights, fetched later, come from the same commit. A new commit on the hub (``main``
+    moved) changes it; the cache is read, never the network."""
+    import hashlib
+
+    from moeguard.io import file_sha256
+
+    ref = resolve(ref_str)
+    files: list[list[Any]] = []
+    out: dict[str, Any] = {"name": ref.name, "files": files}
+    if ref.path is None:
+        snapshot = hub_snapshot(ref.hub_id)
+        if snapshot is not None:
+            out["revision"] = snapshot.name
+            out["config"] = file_sha256(snapshot / "config.json")[:16]
+        return out
+    if not ref.path.is_dir():
+        return out
+    config = ref.path / "config.json"
+    if config.exists():
+        out["config"] = file_sha256(config)[:16]
+    protocol = ref.path / "moeguard_protocol.json"    # a hardened model's fine-tuning protocol changes its numbers
+    if protocol.exists():
+        out["protocol"] = file_sha256(protocol)[:16]
+    weights = sorted(ref.path.glob("*.safetensors"))
+    whole = sum(f.stat().st_size for f in weights) <= _WHOLE   # the checkpoint's total: many shards cost the same
+    for f in weights:
+        st = f.stat()
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            if whole:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                for i in range(_SAMPLES):
+                    fh.seek(st.st_size * i // _SAMPLES)
+                    h.update(fh.read(_BLOCK))
+        files.append([f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]])
+    return out
+
+
+def weights_digest(ref_str: str | None) -> dict[str, Any]:
+    """:func:`weights_identity` without the name and the modification times: what the weights are,
+    not where or when they were written (the same checkpoint given as ./ckpt or ckpt/, or copied,
+    gives the same digest)."""
+    out = weights_identity(ref_str)
+    out.pop("name", None)
+    out["files"] = [[name, size, digest] for name, size, _, digest in out["files"]]
+    return out
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder (named by its commit) that ``repo_id``'s ``main`` resolves to in the
+    Hugging Face cache, or ``None`` when its config is not cached. Reads the cache only."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+_WHOLE = 256 << 20            # checkpoints up to this size are hashed whole (about 0.2 s)
+_SAMPLES, _BLOCK = 16, 4096   # beyond it, 64 KiB read per weight file, whatever its size

@@ -1,0 +1,86 @@
+"""Where a model's weights go: ``--device-map`` and ``--max-memory`` checked before any weights load,
+and the ``from_pretrained`` arguments that keep host memory under a cap (accelerate's offload)."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from moeguard.errors import MoeguardError
+
+PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's strategies
+
+
+def check_device_map(value: str | None, *, what: str = "--device-map") -> str | None:
+    """``value`` as ``from_pretrained`` takes it, or a one-line error before any weights load: one of
+    accelerate's strategies (:data:`PLACEMENTS`: auto spreads the layers over the visible GPUs,
+    then the CPU) or one device this machine has (cpu, cuda, cuda:N, mps, xpu...). None: the CPU."""
+    if value is None:
+        return None
+    import torch
+
+    v = str(value).strip()
+    if v in PLACEMENTS:
+        return v
+    hint = f"pass one of {', '.join(PLACEMENTS)}, or a device: cpu, cuda, cuda:N"
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, ValueError):
+        raise MoeguardError(f"{what} {value!r} is neither a placement nor a device", hint=hint) from None
+    if dev.type == "cpu":
+        return v
+    backend = getattr(torch, dev.type, None)
+    try:
+        n = int(backend.device_count()) if backend is not None and backend.is_available() else 0
+    except Exception:  # noqa: BLE001 -- a backend torch names but cannot query (no driver) has no devices
+        n = 0
+    if n == 0:
+        build = f"torch {torch.__version__}" + (", a CPU build" if dev.type == "cuda" and torch.version.cuda is None else "")
+        raise MoeguardError(f"{what} {v}: no {dev.type} device is visible ({build})",
+                            hint=f"run on a machine with one (and a torch built for it), or drop {what} to use the CPU")
+    if dev.index is not None and dev.index >= n:
+        raise MoeguardError(f"{what} {v}: this machine has {n} {dev.type} device(s), {dev.type}:0..{n - 1}",
+                            hint=f"pass one of them, or {what} auto to spread the model over all")
+    return v
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def parse_memory(text: str, *, what: str = "--max-memory", device_map: str | None = None,
+                 map_flag: str = "--device-map") -> int:
+    """Bytes from a size such as ``8GiB``, ``512MB``, ``1.5G`` (G, M, K alone are binary, as in
+    ``ulimit``) or a plain byte count. ``device_map``: the placement asked beside the cap; one
+    device (cpu, cuda:0) is refused, since transformers applies the cap only to a strategy (auto...)
+    and would load the whole model there without a word."""
+    if device_map is not None and str(device_map).strip() not in PLACEMENTS:
+        raise MoeguardError(f"{what} places layers across devices and disk itself, and {map_flag} {device_map} puts "
+                            "every layer on one device (the cap would be ignored)",
+                            hint=f"drop {map_flag}, or pass {map_flag} auto to fill the GPUs first")
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise MoeguardError(f"{what} '{text}' is not a memory size", hint="write a size such as 8GiB, 512MiB or 20GB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 2**20:
+        raise MoeguardError(f"{what} '{text}' is {size} bytes", hint="give at least 1MiB (e.g. 4GiB)")
+    return size
+
+
+def offload_settings(max_memory: int, *, device_map=None, folder=None) -> tuple[dict[str, Any], Path | None]:
+    """``from_pretrained`` arguments that keep the weights in host memory under ``max_memory``
+    bytes, and the temporary offload folder made here (None when ``folder`` was given).
+
+    accelerate's ``auto`` map fills the GPUs first (each with what it has free), then host memory
+    up to the cap, then disk; it never splits a decoder layer."""
+    from accelerate.utils import get_max_memory
+
+    budget = {k: v for k, v in get_max_memory().items() if k not in ("cpu", "disk")}
+    budget["cpu"] = int(max_memory)
+    made = None
+    if folder is None:
+        folder = made = Path(tempfile.mkdtemp(prefix="moeguard-offload-"))
+    return {"device_map": device_map or "auto", "max_memory": budget, "offload_folder": str(folder)}, made
