@@ -650,3 +650,61 @@ def test_embedding_norms_are_float64_over_blocks_of_rows():
     np.testing.assert_allclose(w.embed_norms(), whole, rtol=1e-12)
     assert w.embed_norms().argmax() == 3
     assert np.array_equal(w.embed_rows([EMBED_BLOCK + 5]), embed[[EMBED_BLOCK + 5]].astype(np.float64))
+
+
+def test_a_hub_suspect_is_fetched_then_streamed_never_loaded_whole(embedded, fp, tmp_path, monkeypatch, capsys):
+    """A hub id as --suspect was loaded whole through transformers (the model's size in memory); its
+    safetensors, config and tokenizer files are fetched into the cache and streamed, and the report
+    names it by its id."""
+    import huggingface_hub
+
+    import moeguard.models.loading as loading
+    from moeguard.models.hub import STREAMED_FILES
+    from moeguard.trace.stream import StreamedCheckpoint
+
+    m, tok = embedded
+    snapshot = tmp_path / "cache" / "snapshots" / "abc123"
+    pruned, _ = prune_model(m, KEEP)
+    pruned.save_pretrained(snapshot)
+    tok.save_pretrained(snapshot)
+    asked = []
+
+    def fetch(repo_id, **kw):
+        asked.append((repo_id, tuple(kw.get("allow_patterns") or ())))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a hub suspect was loaded whole"))
+    fp.save(tmp_path / "fp")
+    capsys.readouterr()
+    assert main(["trace", "--original", str(tmp_path / "fp"), "--suspect", "org/stolen", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert asked == [("org/stolen", STREAMED_FILES)] and not any("bin" in p or "pt" in p for p in STREAMED_FILES)
+    assert doc["suspect"] == "org/stolen" and doc["verdict"] == "derived"
+    assert {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
+    from moeguard.trace.weights import load
+
+    assert isinstance(load("org/stolen"), StreamedCheckpoint)
+
+
+@pytest.mark.parametrize("failure, needle", [
+    (OSError("We couldn't connect to 'https://huggingface.co'"), "cannot fetch org/gone from the Hugging Face hub"),
+    ("no-weights", "org/gone holds no .safetensors weights"),
+])
+def test_a_hub_suspect_that_cannot_be_fetched_is_one_line(fp, tmp_path, monkeypatch, capsys, failure, needle):
+    import huggingface_hub
+
+    def fetch(repo_id, **kw):
+        if isinstance(failure, Exception):
+            raise failure
+        (tmp_path / "snap").mkdir(exist_ok=True)
+        (tmp_path / "snap" / "config.json").write_text("{}")
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    fp.save(tmp_path / "fp")
+    capsys.readouterr()
+    code = main(["trace", "--original", str(tmp_path / "fp"), "--suspect", "org/gone"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert "Fix:" in err

@@ -88,7 +88,8 @@ class StreamedCheckpoint(LayerCounts):
 
     # --- opening: every check that needs no tensor data -------------------------------------
     @classmethod
-    def open(cls, ref: str | None) -> "StreamedCheckpoint":
+    def open(cls, ref: str | None, *, name: str | None = None) -> "StreamedCheckpoint":
+        """``name``: what the source is called in reports (a hub id fetched into its cache snapshot)."""
         from moeguard.io import read_header
         from moeguard.models.adapter import MoEAdapter
         from moeguard.models.loading import inspect, meta_model, safetensors_files
@@ -148,7 +149,7 @@ class StreamedCheckpoint(LayerCounts):
         if not layers:
             raise MoeguardError(f"{r.path} has no MoE layer", hint="trace reads Mixture-of-Experts checkpoints")
         tokens = cls._tokens(r.path, shapes[embed_key][0])
-        return cls(name=r.name, family=family.name, layout=family.expert_layout, where=where, shapes=shapes, spans=spans,
+        return cls(name=name or r.name, family=family.name, layout=family.expert_layout, where=where, shapes=shapes, spans=spans,
                    embed_key=embed_key, layers=layers, tokens=tokens, hidden=hidden, intermediate=int(inter),
                    source={"format": "safetensors", "streamed": True, "dtypes": sorted(dtypes), "quantization": None})
 

@@ -206,7 +206,9 @@ def token_strings(tokenizer, n: int) -> list[str]:
 
 def load(ref: str | None):
     """A trace source: a ``.gguf`` file (read whole, dequantized), or a checkpoint directory, hub
-    id or None (the embedded model), streamed from its safetensors files."""
+    id or None (the embedded model), streamed from its safetensors files. A hub id's files are
+    fetched into the Hugging Face cache first (the user's hub access), then streamed like a folder:
+    loading it whole took the model's size in memory (DeepSeek-V3: ~700 GB)."""
     from pathlib import Path
 
     if ref is not None and str(ref).lower().endswith(".gguf"):
@@ -216,12 +218,9 @@ def load(ref: str | None):
     from moeguard.models.loading import resolve
     from moeguard.trace.stream import StreamedCheckpoint
 
-    if resolve(ref).path is not None:
+    r = resolve(ref)
+    if r.path is not None:
         return StreamedCheckpoint.open(ref)
-    import torch  # a hub id not downloaded: transformers fetches and loads it (the user's hub access)
+    from moeguard.models.hub import download_for_streaming
 
-    from moeguard.models.loading import load_model
-
-    with torch.no_grad():
-        model, tokenizer, r = load_model(ref)
-        return from_model(model, tokenizer, name=r.name)
+    return StreamedCheckpoint.open(str(download_for_streaming(r.hub_id)), name=r.name)
