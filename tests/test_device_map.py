@@ -124,3 +124,58 @@ def test_a_gpu_map_on_ray_needs_gpus_per_job_and_gpus_per_job_needs_ray():
     assert make_backend("local", device_map="cuda").name == "local"      # the edge checks the device itself
     assert make_backend("ray", device_map="cpu", gpus=0.0).name == "ray"  # nothing started until it runs
     assert make_backend("ray", device_map="auto").name == "ray"           # a placement uses a CPU-only node's CPU
+
+
+RAY_STUDIES = [
+    "sweep --out O --tasks arith-compare --methods frequency --keep 2",
+    "recovery --task arith-compare --keep 2 --method frequency --out O",
+    "attack --task arith-compare --keep 2 --out O",
+    "defend-eval --hardened E --out O",
+]
+
+
+@pytest.mark.parametrize("cmd", RAY_STUDIES, ids=[c.split(" --")[0] for c in RAY_STUDIES])
+def test_on_ray_the_workers_check_their_own_devices(cmd, monkeypatch, tmp_path, capsys):
+    """A Ray head node often has no GPU: a GPU map was refused there although the workers have one.
+    With --backend ray the edge checks the spelling only and the jobs get the map as given (each
+    worker's load checks its devices); a misspelled map is still one line before any work."""
+    from moeguard import studies
+
+    seen = {}
+
+    def fake_run_study(study, cfg, *, jobs, runtime, backend, progress):
+        seen["runtime"], seen["backend"] = runtime, backend
+        raise MoeguardError("stopped by the test")
+
+    monkeypatch.setattr(studies, "run_study", fake_run_study)
+    subs = {"O": str(tmp_path / "o"), "E": str(resolve(None).path)}
+    args = [subs.get(a, a) for a in cmd.split()] + ["--backend", "ray", "--gpus-per-job", "1"]
+    assert main(args + ["--device-map", MISSING]) == 2
+    assert capsys.readouterr().err.strip() == "moeguard: error: stopped by the test"
+    assert seen["runtime"].device_map == MISSING and seen["backend"].name == "ray"
+    seen.clear()
+    assert main(args + ["--device-map", "gpu-please"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'gpu-please' is neither a placement nor a device" in err and len(err.splitlines()) == 1, err
+    assert not seen   # refused at the edge
+
+
+def test_an_audit_on_ray_leaves_the_device_check_to_the_workers(monkeypatch, tmp_path, capsys):
+    import moeguard.audit.run as audit_run
+
+    seen = {}
+
+    def fake_run_audit(cfg, out, *, backend, model, progress=None, command=None):
+        seen["device_map"], seen["backend"] = cfg.device_map, backend.name
+        raise MoeguardError("stopped by the test")
+
+    monkeypatch.setattr(audit_run, "run_audit", fake_run_audit)
+    base = ["audit", "--out", str(tmp_path / "o"), "--device-map", MISSING]
+    assert main(base + ["--backend", "ray", "--gpus-per-job", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "moeguard: error: stopped by the test"
+    assert seen == {"device_map": MISSING, "backend": "ray"}
+    seen.clear()
+    assert main(base) == 2    # local: this machine's devices, before any work
+    err = capsys.readouterr().err
+    assert f"device_map {MISSING}: " in err and ("no cuda device is visible" in err or "cuda device(s)" in err), err
+    assert not seen

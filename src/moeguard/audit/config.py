@@ -132,7 +132,7 @@ def check(cfg: AuditConfig) -> None:
     if cfg.device_map is not None:
         from moeguard.models.placement import check_device_map
 
-        check_device_map(cfg.device_map, what="device_map")
+        check_device_map(cfg.device_map, what="device_map", on_this_machine=cfg.backend != "ray")
     if cfg.max_memory is not None:
         from moeguard.models.placement import parse_memory
 

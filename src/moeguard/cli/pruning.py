@@ -174,7 +174,7 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
 
         cap = parse_memory(max_memory, device_map=device_map)
     # an encoder-decoder's tasks run through its seq2seq head
-    handle = resolve_model(model, tasks=False, device_map=device_map)
+    handle = resolve_model(model, tasks=False, device_map=device_map, devices_here=backend != "ray")
     grid = {k: flags.pop(k) for k in ("tasks", "methods", "keeps")}
     task_list, methods, keeps = resolve_grid(
         handle, tasks=_names(grid["tasks"], "--tasks") if grid["tasks"] is not None else None,

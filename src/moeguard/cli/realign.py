@@ -120,7 +120,8 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
     the_task = resolve_tasks([flags.pop("task")], what="--task")[0]
     names = _names(flags.pop("strategies"), "--strategies")
     names = names if "random" in names else ["random", *names]
-    handle = resolve_model(model, tasks=False, device_map=device_map)   # an encoder-decoder trains through its seq2seq head
+    # an encoder-decoder trains through its seq2seq head; Ray workers check their own devices
+    handle = resolve_model(model, tasks=False, device_map=device_map, devices_here=backend != "ray")
     chosen = {}
     if sweep is not None:
         from moeguard.io import file_sha256

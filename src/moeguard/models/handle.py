@@ -104,16 +104,18 @@ class ModelHandle:
                           max_memory=max_memory)
 
 
-def resolve_model(model: str | None, *, tasks: bool = True, device_map: str | None = None) -> ModelHandle:
+def resolve_model(model: str | None, *, tasks: bool = True, device_map: str | None = None,
+                  devices_here: bool = True) -> ModelHandle:
     """Inspect ``model`` (path, hub id or None for the embedded model) once: config, family and
     the checks that need no weights. ``tasks``: the command scores tasks on it, which an
     encoder-decoder cannot do yet (refused here, before any weights load). ``device_map``: where
-    its weights go when loaded (checked here against the devices this machine has)."""
+    its weights go when loaded (checked here against the devices this machine has; with
+    ``devices_here=False``, where jobs load the model on other machines, only its spelling)."""
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import inspect, meta_model
     from moeguard.models.placement import check_device_map
 
-    device_map = check_device_map(device_map)
+    device_map = check_device_map(device_map, on_this_machine=devices_here)
     ref, config, family = inspect(model)
     if tasks:
         require_tasks(family, ref.name)

@@ -13,10 +13,13 @@ from moeguard.errors import MoeguardError
 PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's strategies
 
 
-def check_device_map(value: str | None, *, what: str = "--device-map") -> str | None:
+def check_device_map(value: str | None, *, what: str = "--device-map", on_this_machine: bool = True) -> str | None:
     """``value`` as ``from_pretrained`` takes it, or a one-line error before any weights load: one of
     accelerate's strategies (:data:`PLACEMENTS`: auto spreads the layers over the visible GPUs,
-    then the CPU) or one device this machine has (cpu, cuda, cuda:N, mps, xpu...). None: the CPU."""
+    then the CPU) or one device this machine has (cpu, cuda, cuda:N, mps, xpu...). None: the CPU.
+
+    ``on_this_machine=False``: the weights load elsewhere (Ray workers; a head node often has no
+    GPU), so only the spelling is checked here; each worker checks its own devices as it loads."""
     if value is None:
         return None
     import torch
@@ -29,7 +32,7 @@ def check_device_map(value: str | None, *, what: str = "--device-map") -> str | 
         dev = torch.device(v)
     except (RuntimeError, ValueError):
         raise MoeguardError(f"{what} {value!r} is neither a placement nor a device", hint=hint) from None
-    if dev.type == "cpu":
+    if dev.type == "cpu" or not on_this_machine:
         return v
     backend = getattr(torch, dev.type, None)
     try:
