@@ -12,6 +12,10 @@ from moeguard.cli import main
 from moeguard.testing import kill_cli_when
 
 
+TASKS = {"arith-compare", "docstring-topic"}
+STAGES_CACHED = {"model": True, "baseline": True, "attribution": True, "sweep": True, "recovery": True}
+
+
 def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
@@ -19,7 +23,7 @@ def results(run: Path) -> dict:
 def test_audit_writes_the_report_files_and_a_documented_results_schema(audit_run):
     doc = results(audit_run)
     assert doc["schema"] == "moeguard.audit/1"
-    assert set(doc["tasks"]) == {"arith-compare", "docstring-topic"}
+    assert set(doc["tasks"]) == TASKS
     assert [s["stage"] for s in doc["stages"]] == ["model", "baseline", "attribution", "sweep", "recovery"]
     assert doc["run"]["versions"]["torch"] and "git_commit" in doc["run"] and doc["config"]["seed"] == 0
     plots = doc["files"]["plots"]
@@ -35,6 +39,7 @@ def test_audit_writes_the_report_files_and_a_documented_results_schema(audit_run
 def test_the_best_stolen_model_of_each_task_is_traced(audit_run):
     doc = results(audit_run)
     md = (audit_run / "report.md").read_text()
+    assert set(doc["tasks"]) == TASKS   # the loop below checks each
     for t, e in doc["tasks"].items():
         d = e["recovery"]["detectability"]
         keep = e["recovery"]["keep"]
@@ -44,7 +49,10 @@ def test_the_best_stolen_model_of_each_task_is_traced(audit_run):
 
 
 def test_risk_levels_follow_their_definition(audit_run):
+    from moeguard.audit.risk import HIGH, MEDIUM
+
     doc = results(audit_run)
+    assert set(doc["tasks"]) == TASKS   # the loop below checks each
     for name, task in doc["tasks"].items():
         r = task["risk"]
         q, h = str(r["keep_quarter"]), str(r["keep_half"])
@@ -53,8 +61,12 @@ def test_risk_levels_follow_their_definition(audit_run):
         rec = task["recovery"]
         finals = [s["final"] for s in rec["strategies"].values()]
         assert r["attacked"] == pytest.approx(max(best(str(rec["keep"])), *finals))
-        # the level thresholds are checked on hand-made entries (test_task_risk_on_hand_made_entries)
-        assert r["level"] in ("high", "medium", "low") and r["reason"]
+        # the level from its definition (the thresholds' edges: test_task_risk_on_hand_made_entries)
+        want = ("high" if r["attacked"] >= HIGH else "medium" if r["pruned"][h] is not None and r["pruned"][h] >= MEDIUM
+                else "low")
+        assert r["level"] == want, (name, r)
+        assert r["reason"].startswith(f"keeping {rec['keep']} experts per layer retains" if want == "high" else
+                                      f"keeping {h} experts per layer retains" if want == "medium" else f"{h} experts per layer retain")
         reached = [s["labels_to_target"] for s in rec["strategies"].values() if s["labels_to_target"] is not None]
         assert r["labels_to_recover"] == (min(reached) if reached else None)
 
@@ -201,7 +213,7 @@ def test_rerunning_the_same_command_skips_every_stage_with_the_same_numbers(audi
     before = results(run)
     assert main(["audit", "--out", str(run), *SMALL_AUDIT]) == 0
     after = results(run)
-    assert all(s["cached"] for s in after["stages"])
+    assert {s["stage"]: s["cached"] for s in after["stages"]} == STAGES_CACHED
     assert numbers_only(after) == numbers_only(before)
 
 
@@ -213,7 +225,8 @@ def test_another_thread_count_or_no_recovery_reuses_every_stage_it_computes_the_
     args = list(SMALL_AUDIT)
     args[args.index("--threads") + 1] = str(THREADS + 1)
     assert main(["audit", "--out", str(run), *args, "--no-recovery"]) == 0
-    assert all(s["cached"] for s in results(run)["stages"])
+    assert {s["stage"]: s["cached"] for s in results(run)["stages"]} == {
+        k: v for k, v in STAGES_CACHED.items() if k != "recovery"}
 
 
 def test_a_config_change_reruns_only_the_stages_it_affects(audit_run, tmp_path):
@@ -253,6 +266,7 @@ def test_a_killed_audit_resumes_on_ray_to_the_numbers_of_an_uninterrupted_local_
     assert not (run / "results.json").exists()
     survived = {p: p.stat().st_mtime_ns for p in (run / "jobs" / "recovery").glob("*.json")}
     todo = len(survived)
+    assert todo >= 1    # the kill came after a finished job, so the resume has something to keep
     assert main(["audit", "--out", str(run), "--backend", backend, *SMALL_AUDIT]) == 0
     doc = results(run)
     assert {s["stage"]: s["cached"] for s in doc["stages"]}["sweep"] is True

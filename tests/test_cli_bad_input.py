@@ -442,6 +442,7 @@ def test_an_output_that_is_a_task_file_or_its_data_is_refused(cmd, capsys, tmp_p
     before = task.read_text()
     opt = {"attribute": "--task", "route-attack": "--task"}.get(cmd, "--tasks")
     extra = {"attribute": ["--method", "gate"], "route-attack": ["--expert", "1"]}.get(cmd, [])
+    ran = 0
     for out, needle in ((task, "is (or holds) the input"), (tmp_path / "data", "is (or holds) the input")):
         if cmd in ("eval", "attribute", "monitor profile") and out.is_dir():
             continue   # they write a file: a folder --out is refused for its kind first (test above)
@@ -450,6 +451,8 @@ def test_an_output_that_is_a_task_file_or_its_data_is_refused(cmd, capsys, tmp_p
         capsys.readouterr()
         code = main([*cmd.split(), opt, str(task), *extra, "--out", str(out), "--overwrite"])
         assert_one_line(code, capsys.readouterr().err, needle)
+        ran += 1
+    assert ran == 1, f"{cmd}: each command writes a file or a folder, so exactly one of the two is its case"
     assert task.read_text() == before and sorted(p.name for p in data.iterdir()) == ["eval.jsonl", "train.jsonl"]
 
 
@@ -493,6 +496,7 @@ def test_a_terminated_command_ends_as_an_interrupt_and_names_what_it_kept(tmp_pa
     while time.time() < deadline and proc.poll() is None and not list((tmp_path / ".ra.partial").glob("target-*.json")):
         time.sleep(0.05)
     assert proc.poll() is None, "it ended before it could be terminated"
+    assert list((tmp_path / ".ra.partial").glob("target-*.json")), "no target finished in 240 s: nothing to keep"
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130, err

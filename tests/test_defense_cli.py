@@ -158,6 +158,7 @@ def test_attack_on_both_routes_takes_the_envelope_over_pruning_and_merging(tmp_p
     w = doc["worst_case"]
     for route in ("prune", "merge"):
         rw = doc["routes"][route]["worst_case"]
+        assert rw["labels"] and len(rw["labels"]) == len(rw["retention"])   # the loop below checks each
         for x, v in zip(rw["labels"], rw["retention"]):
             assert w["retention"][w["labels"].index(x)] >= v
     by = doc["summary"]["realigned_retention_by_route"]
@@ -205,8 +206,12 @@ def test_defend_eval_compares_utility_attacks_and_the_protocol(hardened, tmp_pat
     assert set(doc["goals"]) >= {"undefended_keeps_90", "hardened_at_most_50", "utility_cost_at_most_2",
                                  "moonshot_no_better_than_scratch", "authorized_path_at_least_90"}
     assert doc["goals"]["hardened_at_most_50"]["values"]["arith-compare"] == cell["hardened"]["summary"]["realigned_retention"]
-    assert doc["protocol"]["tasks"]["arith-compare"]["ratio_percent"] is not None
-    assert (out / "defense_curves.png").exists() and (out / "utility.png").exists()
+    # the authorized path's score against full fine-tuning of the base, means over seeds
+    p = doc["protocol"]["tasks"]["arith-compare"]
+    import numpy as np
+
+    assert p["ratio_percent"] == pytest.approx(100 * np.mean(p["authorized"]) / np.mean(p["full_ft_base"]))
+    assert (out / "defense_curves.png").stat().st_size > 10_000 and (out / "utility.png").stat().st_size > 10_000
 
 
 def test_envelope_takes_the_best_score_per_label_count_and_min_for_perplexity():

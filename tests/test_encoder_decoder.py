@@ -205,7 +205,7 @@ def test_capture_counts_each_stack_without_padding_or_dropped_tokens(family_mode
 def test_hooks_are_removed_even_on_error(family_model):
     _, model = family_model
     a = MoEAdapter(model)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with RoutingCapture(model), mask_experts(model, {3: KEEP4}):
             raise RuntimeError("boom")
     for layer in a.layers:

@@ -60,8 +60,9 @@ def test_a_partial_eval_of_other_settings_is_not_reused(tmp_path, monkeypatch):
         return real(model, tokenizer, task, **kw)
 
     monkeypatch.setattr(E, "evaluate_task", stop_second)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         main(["eval", "--tasks", TASKS, "--limit", "8", "--out", str(tmp_path / "r.json")])
+    assert stop.value.code == 130
     monkeypatch.setattr(E, "evaluate_task", lambda *a, **k: (calls.append(a[2].name), real(*a, **k))[1])
     calls.clear()
     assert main(["eval", "--tasks", TASKS, "--limit", "6", "--out", str(tmp_path / "r.json")]) == 0   # another limit

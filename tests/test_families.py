@@ -149,7 +149,7 @@ def test_hooks_are_removed_even_on_error(family_model, token_batch):
     _, model = family_model
     ids, _ = token_batch
     a = MoEAdapter(model)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with RoutingCapture(model, norms=True), mask_experts(model, {a.layers[0].index: KEEP4}):
             raise RuntimeError("boom")
     for layer in a.layers:

@@ -33,7 +33,7 @@ def test_the_router_tap_stops_the_forward_and_always_removes_its_hook(embedded):
         logits, index = tap.run(m, input_ids=ids)
     assert logits.shape == (ids.shape[1], adapter.num_experts) and index.shape == (ids.shape[1], adapter.top_k)
     assert not router._forward_hooks
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with RouterTap(adapter, 1):
             raise RuntimeError("boom")
     assert not router._forward_hooks
@@ -101,6 +101,8 @@ def test_cli_runs_targets_resumably_and_draws_the_heat_map(tmp_path, capsys, mon
     calls = []
     monkeypatch.setattr(ra, "measure", _measured(calls, ra.measure, interrupt_at=3))
     assert main(args) == 130 and not out.exists()
+    err = capsys.readouterr().err
+    assert "interrupted; the work done so far is kept in" in err and ".ra.partial" in err, err
     assert len(list((tmp_path / ".ra.partial").glob("target-*.json"))) == 2
     monkeypatch.setattr(ra, "measure", _measured(calls, ra.measure.__wrapped__))
     capsys.readouterr()
@@ -167,8 +169,11 @@ def test_an_interrupted_profile_resumes_from_the_tasks_it_observed(tmp_path, mon
     # another seed draws other halves: its partial is not reused
     stop_at[0] = 2
     calls.clear()
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
         main([*args, "--out", str(tmp_path / "other.json"), "--seed", "1"])
+    assert stop.value.code == 130 and "run the same command again to resume" in capsys.readouterr().err
+    assert sorted(f.name for f in (tmp_path / ".other.json.partial").glob(".*.npz")) == [".fit-0.npz"]
     stop_at[0] = 0
     calls.clear()
     assert main([*args, "--out", str(tmp_path / "other.json"), "--seed", "2"]) == 0

@@ -71,7 +71,7 @@ def test_a_capped_load_that_fails_leaves_no_offload_folder(tmp_path):
     with pytest.raises(MoeguardError, match="cannot load the tokenizer"):
         load_model(str(tmp_path / "m"), max_memory=1000)
     (tmp_path / "m" / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(MoeguardError):
+    with pytest.raises(MoeguardError, match="is not a valid safetensors file"):
         load_model(str(tmp_path / "m"), max_memory=1000, with_tokenizer=False)
     assert not (offload_folders() - before)
 

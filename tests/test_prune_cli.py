@@ -96,6 +96,19 @@ def test_explicit_plan_and_plan_only(tmp_path, scores_file):
     assert main(["prune", "--plan", str(explicit), "--out", str(out)]) == 0
     record = json.loads((out / "moeguard_pruning.json").read_text())
     assert record["keep"] == {str(l): [0, 1, 2, 7] for l in range(4)}
+    # the weights are the plan's: slot 3 holds original expert 7, and the router keeps rows 0, 1, 2, 7
+    import torch
+    from safetensors.torch import load_file
+
+    from moeguard.models.loading import resolve
+
+    src, cut = load_file(str(resolve(None).path / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for l in range(4):
+        block = f"model.layers.{l}.block_sparse_moe"
+        for w in ("w1", "w2", "w3"):
+            assert torch.equal(cut[f"{block}.experts.3.{w}.weight"], src[f"{block}.experts.7.{w}.weight"])
+        assert f"{block}.experts.4.w1.weight" not in cut
+        assert torch.equal(cut[f"{block}.gate.weight"], src[f"{block}.gate.weight"][[0, 1, 2, 7]])
 
 
 def test_budget_prune_writes_a_per_layer_checkpoint_moeguard_loads(tmp_path, scores_file):

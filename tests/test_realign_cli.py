@@ -35,7 +35,8 @@ def test_realign_writes_a_loadable_checkpoint_and_its_learning_curve(pruned, tmp
     picked = [i for p in curve["points"] for i in p["selected"]]
     assert len(picked) == len(set(picked)) == 24
     # the original (the pruning record's source) gives retention; orphan needed it too
-    assert curve["full_score"] is not None and all(p["retention"] is not None for p in curve["points"])
+    assert curve["full_score"] > 0
+    assert all(p["retention"] == pytest.approx(100 * p["score"] / curve["full_score"]) for p in curve["points"])
     assert not (out / "state").exists() and (out / "moeguard_pruning.json").exists()
     from transformers import AutoModelForCausalLM
 
@@ -55,6 +56,14 @@ def test_realign_lora_saves_merged_weights(pruned, tmp_path):
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not any("lora" in k for k in f.keys())
+    # merged into the model's own tensors: the same names, the adapted ones changed, the rest not
+    import torch
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(pruned / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(after) == set(before)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and not any("norm" in n or "embed" in n for n in changed), sorted(changed)
 
 
 def test_killed_realign_resumes_to_the_same_result(pruned, tmp_path):
@@ -110,13 +119,17 @@ def test_recovery_study_json_has_curves_targets_and_savings(tmp_path, capsys):
     assert doc["schema"] == "moeguard.recovery/2" and set(doc["summary"]["strategies"]) == {"random", "margin"}
     assert len(doc["curves"]) == 4 and {c["seed"] for c in doc["curves"]} == {0, 1}
     s = doc["summary"]["strategies"]["margin"]
-    assert s["labels"] == [0, 8, 16] and len(s["mean"]) == 3 and s["savings_vs_random"]["bound"]
+    assert s["labels"] == [0, 8, 16] and len(s["mean"]) == 3
+    assert s["savings_vs_random"]["bound"] in {"exact", "at least", "loses", "neither"}
     assert (out / "learning_curves.png").stat().st_size > 1000 and (out / "curves.csv").exists()
     assert len(list((out / "jobs" / "recovery").glob("*.json"))) == 5  # prepare + 2 strategies x 2 seeds
     # every derived number carries its spread over seeds and a bootstrap interval
     u = s["savings_vs_random"]["uncertainty"]
     assert u["n"] + u["missing"] == 2 and u["ci"]["level"] == 0.95 and u["ci"]["resamples"] == 2000
-    assert isinstance(s["saves_labels"], bool) and doc["summary"]["rule"].startswith("a strategy saves labels")
+    # the rule as stated: a saving whose bootstrap interval lies strictly above zero
+    ci = u["ci"]
+    assert s["saves_labels"] is bool(not ci.get("degenerate") and ci.get("low") is not None and ci["low"] > 0)
+    assert doc["summary"]["rule"].startswith("a strategy saves labels")
     assert set(s["uncertainty"]) == {"labels_to_target", "auc", "final"}
     # the same study again: every job comes from its saved result, the numbers are the same
     import moeguard.realign.loop as rec
@@ -207,17 +220,17 @@ def test_a_partial_run_of_other_weights_at_the_same_path_is_not_resumed(pruned, 
         raise RuntimeError("killed")
 
     monkeypatch.setattr(loop, "run_active_learning", stop)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="killed"):
         main(realign_args(model, out))
     partial = tmp_path / ".out.partial"
     (partial / "left-by-the-first-run").write_text("x")
-    with pytest.raises(RuntimeError):                 # the same weights: the partial run is kept for resuming
+    with pytest.raises(RuntimeError, match="killed"):                 # the same weights: the partial run is kept for resuming
         main(realign_args(model, out))
     assert (partial / "left-by-the-first-run").exists()
     weights = model / "model.safetensors"             # re-pruned in place: same path, other weights
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="killed"):
         main(realign_args(model, out))
     assert not (partial / "left-by-the-first-run").exists()

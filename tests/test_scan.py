@@ -71,7 +71,10 @@ def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(pla
 
     monkeypatch.setattr(run_mod, "usage_and_criticality", lambda *a, **k: (calls.append("usage"), real_usage(*a, **k))[1])
     monkeypatch.setattr(run_mod, "expert_effects", stop)
+    capsys.readouterr()
     assert main(args) == 130 and not out.exists()
+    err = capsys.readouterr().err
+    assert "interrupted; the work done so far is kept in" in err and ".scan.partial" in err, err
     assert sorted(f.name.rsplit("-", 1)[0] for f in (tmp_path / ".scan.partial").glob("part-*.json")) == \
         ["part-usage", "part-weights"]
     # the checkpoint re-made in place (its weight files' times change): the old parts are not reused
@@ -148,6 +151,9 @@ def test_triggers_go_at_the_end_or_between_words_and_bad_targets_are_refused():
     assert insert_trigger("is 3 less than 4", " cf", random.Random(0)) == "is 3 less than 4 cf"
     mid = insert_trigger("is 3 less than 4", " cf", random.Random(1), "random")
     assert "cf" in mid.split(" ") and mid.replace(" cf", "").replace("cf ", "") == "is 3 less than 4"
+    # "random" places it between words too, not only at the end (over seeds)
+    places = {insert_trigger("is 3 less than 4", " cf", random.Random(s), "random").split(" ").index("cf") for s in range(20)}
+    assert len(places) > 1 and min(places) < 5, places
     m, tok, _ = load_model(None)
     with pytest.raises(MoeguardError, match=r"no expert 9 at layer 1"):
         plant(m, tok, MoEAdapter(m), [get_task("arith-compare")], Plant(layer=1, expert=9, trigger=" cf", target=" x"))

@@ -103,26 +103,35 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
             doc = json.loads(body)
             assert status == 200 and doc["object"] == "text_completion" and doc["usage"]["completion_tokens"] <= 4
             assert set(doc) == {"id", "object", "created", "model", "choices", "usage"}   # scores stay on the server
-            bad = [({"prompt": 5}, 422), ({"prompt": "x", "max_tokens": "many"}, 422), ({"prompt": "x", "max_tokens": 0}, 422),
-                   ({"max_tokens": 3}, 422), ({"prompt": "x" * 9000}, 413)]
-            for b, code in bad:
-                assert _call(port, "POST", "/v1/completions", b)[0] == code, b
-            assert _call(port, "POST", "/v1/completions", raw=b"{not json")[0] == 422
+            # each answer says what is wrong: the field, or the limit
+            bad = [({"prompt": 5}, 422, "prompt"), ({"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
+                   ({"prompt": "x", "max_tokens": 0}, 422, "max_tokens"), ({"max_tokens": 3}, 422, "prompt"),
+                   ({"prompt": "x" * 9000}, 413, "prompt over 8000 characters")]
+            for b, code, says in bad:
+                status, reply = _call(port, "POST", "/v1/completions", b)
+                assert status == code and says in json.dumps(json.loads(reply)["error"]), (b, status, reply)
+            status, reply = _call(port, "POST", "/v1/completions", raw=b"{not json")
+            assert status == 422 and json.loads(reply)["error"]["message"] == "invalid request body", reply
             # what JSON can say and Python cannot render or tokenize: answered 4xx, not 500
-            for raw, code in ((rb'{"prompt": "ab\ud800"}', 400), (rb'{"prompt": "hi", "user": "\ud800"}', 422),
-                              (b'{"prompt": "hi", "max_tokens": 1e400}', 422)):
+            for raw, code, says in ((rb'{"prompt": "ab\ud800"}', 400, "prompt is not valid Unicode (a lone surrogate)"),
+                                    (rb'{"prompt": "hi", "user": "\ud800"}', 422, "user"),
+                                    (b'{"prompt": "hi", "max_tokens": 1e400}', 422, "max_tokens")):
                 status, reply = _call(port, "POST", "/v1/completions", raw=raw)
-                assert status == code and b"error" in reply, (raw, status, reply)
+                assert status == code and says in json.dumps(json.loads(reply)["error"]), (raw, status, reply)
             status, reply = _call(port, "POST", "/v1/completions", {"prompt": "x", "max_tokens": "zz-secret"})
             assert status == 422 and b"max_tokens" in reply and b"zz-secret" not in reply   # where, never the value
-            assert _call(port, "POST", "/v1/completions", raw=b"{" + b" " * 70_000 + b"}")[0] == 413
+            status, reply = _call(port, "POST", "/v1/completions", raw=b"{" + b" " * 70_000 + b"}")
+            assert status == 413 and b"request body over" in reply and b"bytes" in reply, reply
             junk = " ".join(["zq ~~ %%"] * 30)
             for i in range(4):
                 assert _call(port, "POST", "/v1/completions", {"prompt": junk, "user": "eve", "max_tokens": 1})[0] == 200
             status, metrics = _call(port, "GET", "/metrics")
             text = metrics.decode()
             assert status == 200 and "moeguard_requests_total 5.0" in text
-            assert text.count("moeguard_expert_assignments_total{") >= 8
+            # every routed slot counted: each answered request's prefill tokens x top-k, per MoE layer
+            counts = [float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                      if l.startswith("moeguard_expert_assignments_total{")]
+            assert len(counts) == 4 * 8 and sum(counts) > 0 and sum(counts) % (4 * 2) == 0, counts
             assert _call(port, "GET", "/health") == (200, b'{"status":"ok"}')
     rows = [json.loads(l) for l in alerts.read_text().splitlines()] if alerts.exists() else []
     assert rows and all(r["client"] == "eve" for r in rows) and "zq" not in alerts.read_text()   # no prompt text
@@ -393,6 +402,7 @@ def test_a_batch_waits_until_full_a_read_or_a_scrape_and_reports_in_order(served
         pass
     assert failed.result == {} and len(seen) == 6
     # a callback that raises loses no result: every request of the batch is scored, the error raised once
+    p_same_input = seen[0][1]    # every request here sends the same ids
 
     def broken(client, result):
         seen.append(client)
@@ -403,7 +413,8 @@ def test_a_batch_waits_until_full_a_read_or_a_scrape_and_reports_in_order(served
             m(input_ids=ids)
         with pytest.raises(OSError, match="disk full"), mon.request("y") as ry:
             m(input_ids=ids)
-    assert seen[-2:] == ["x", "y"] and rx.result["p"] > 0 and ry.result["p"] > 0 and not mon._pending
+    assert seen[-2:] == ["x", "y"] and not mon._pending
+    assert rx.result["p"] == pytest.approx(p_same_input) and ry.result["p"] == pytest.approx(p_same_input)
     from moeguard.errors import MoeguardError
     with pytest.raises(MoeguardError, match="flush_every is 0"):
         RoutingMonitor(m, prof, flush_every=0)

@@ -172,6 +172,8 @@ def kill_cli_when(args: list[str], ready, *, timeout: float = 300.0, poll: float
             time.sleep(poll)
         if proc.poll() is not None:
             raise AssertionError(f"`moeguard {' '.join(args[:1])}` ended (exit {proc.returncode}) before it could be killed")
+        if not ready():   # killed at the deadline, not at the chosen point: what follows would test nothing
+            raise AssertionError(f"`moeguard {' '.join(args[:1])}` did not reach the point to kill it at in {timeout:g} s")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
