@@ -175,6 +175,10 @@ def test_an_audit_on_ray_leaves_the_device_check_to_the_workers(monkeypatch, tmp
     assert capsys.readouterr().err.strip() == "moeguard: error: stopped by the test"
     assert seen == {"device_map": MISSING, "backend": "ray"}
     seen.clear()
+    # the scan and defense stages load the model on the driver: its devices are checked there, before any stage
+    assert main(base + ["--backend", "ray", "--gpus-per-job", "1", "--scan"]) == 2
+    err = capsys.readouterr().err
+    assert f"device_map {MISSING}: " in err and len(err.splitlines()) == 1 and not seen, err
     assert main(base) == 2    # local: this machine's devices, before any work
     err = capsys.readouterr().err
     assert f"device_map {MISSING}: " in err and ("no cuda device is visible" in err or "cuda device(s)" in err), err

@@ -120,6 +120,9 @@ def test_fingerprint_fits_one_percent_and_round_trips(fp, tmp_path):
     assert size <= BUDGET * checkpoint_bytes(None), size
     back = type(fp).load(tmp_path / "fp")
     assert back.meta == json.loads(json.dumps(fp.meta)) and set(back.tensors) == set(fp.tensors)
+    for k, v in fp.tensors.items():   # the values, to float16's precision (what save stores)
+        np.testing.assert_allclose(back.tensors[k].astype(np.float64), v, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(v).max()),
+                                   err_msg=k)
 
 
 def test_a_pruned_shuffled_permuted_derivative_is_found_with_its_kept_experts(embedded, fp):
@@ -144,7 +147,7 @@ def test_merged_experts_name_their_sources(embedded, fp):
     clusters = {l: [[0, 1], [2], [3, 4, 5], [6], [7]] for l in range(4)}
     merged, record = evasion.merge_experts(m, clusters)
     doc = run_trace(fp, weights(merged, tok))
-    assert doc["verdict"] == "derived"
+    assert doc["verdict"] == "derived" and len(doc["layers"]) == 4   # the loop below checks each
     for layer in doc["layers"]:
         found = {e["expert"]: sorted(int(i) for i in e["merge"]["weights"]) for e in layer["experts"]
                  if e["label"] == "merged"}
@@ -195,8 +198,8 @@ def test_cli_fingerprint_then_trace_writes_the_report(embedded, tmp_path, capsys
     run = doc["run"]                       # what was compared, with which seed, by which moeguard
     assert run["settings"] == {"original": str(tmp_path / "fp"), "original_is_fingerprint": True,
                                "suspect": str(tmp_path / "suspect"), "seed": 0}
-    assert run["versions"]["torch"] and "git_commit" in run
-    assert (tmp_path / "t" / "trace_mapping.png").stat().st_size > 0 and "Verdict: derived" in \
+    assert run["versions"]["torch"] == torch.__version__ and "git_commit" in run
+    assert (tmp_path / "t" / "trace_mapping.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "Verdict: derived" in \
         (tmp_path / "t" / "trace.md").read_text()
 
 
@@ -549,15 +552,19 @@ def test_an_original_of_another_shape_is_refused_before_its_fingerprint_is_built
 
 
 def test_an_output_that_is_an_input_is_refused(fp, tmp_path, capsys):
+    import hashlib
+
     fpdir = tmp_path / "fp"
     fp.save(fpdir, overwrite=False)
+    digests = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(fpdir.iterdir())}  # noqa: E731
+    before = digests()
     capsys.readouterr()
     code = main(["trace", "--original", str(fpdir), "--suspect", str(fpdir), "--out", str(fpdir), "--overwrite"])
     err = capsys.readouterr().err
     assert code == 2 and "is (or holds) the input" in err and len(err.strip().splitlines()) == 1, err
-    assert (fpdir / "fingerprint.safetensors").exists() or any(fpdir.iterdir())
+    assert digests() == before and set(before) == {"fingerprint.json", "fingerprint.safetensors"}
     code = main(["fingerprint", "--model", str(tmp_path), "--out", str(tmp_path), "--overwrite"])
-    assert code == 2 and "is (or holds) the input" in capsys.readouterr().err and fpdir.exists()
+    assert code == 2 and "is (or holds) the input" in capsys.readouterr().err and digests() == before
 
 
 def test_a_checkpoint_whose_config_says_it_is_quantized_is_refused_as_such(tmp_path):
@@ -586,7 +593,7 @@ def test_a_norm_gain_rescaled_with_flipped_signs_is_still_traced(embedded, fp, s
     m, tok = embedded
     s = evasion.rescale_norms(m, seed=3, signs=signs)           # same logits: checked inside
     doc = run_trace(fp, weights(s, tok))
-    assert doc["verdict"] == "derived" and doc["p_value"] <= 1e-10
+    assert doc["verdict"] == "derived" and doc["p_value"] <= 1e-10 and len(doc["layers"]) == 4
     assert all(len(l["kept"]) == 8 for l in doc["layers"])
     flipped = [l["norm_signs_flipped"] for l in doc["layers"]]
     assert all(f > 0 for f in flipped) if signs else flipped == [0, 0, 0, 0]
@@ -618,7 +625,8 @@ def test_a_fingerprint_beyond_float16_is_refused_not_saved_as_inf(fp, tmp_path):
 
 
 def test_an_original_a_fingerprint_cannot_be_made_from_is_refused_before_it_is_loaded(tmp_path, monkeypatch):
-    """A hub id (not a local checkpoint) or a .gguf file as --original was loaded whole, then refused."""
+    """A .gguf file as --original was loaded whole, then refused; it is refused before anything is
+    opened, the suspect too (a hub suspect would be fetched whole first)."""
     import moeguard.trace.weights as W
     from moeguard.trace import trace
 
@@ -634,7 +642,7 @@ def test_an_original_a_fingerprint_cannot_be_made_from_is_refused_before_it_is_l
     suspect = str(Path(W.__file__).parents[1] / "zoo" / "embedded")
     with pytest.raises(MoeguardError, match="is a file, not a checkpoint directory"):
         trace(str(gguf), suspect)
-    assert loaded == [suspect]          # the suspect was opened (no tensor read), the original never
+    assert loaded == []                 # neither the suspect nor the original was opened
 
 
 def test_embedding_norms_are_float64_over_blocks_of_rows():
@@ -670,7 +678,7 @@ def test_a_hub_suspect_is_fetched_then_streamed_never_loaded_whole(embedded, fp,
     asked = []
 
     def fetch(repo_id, **kw):
-        asked.append((repo_id, tuple(kw.get("allow_patterns") or ())))
+        asked.append((repo_id, tuple(kw.get("allow_patterns") or ()), tuple(kw.get("ignore_patterns") or ())))
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
@@ -679,8 +687,11 @@ def test_a_hub_suspect_is_fetched_then_streamed_never_loaded_whole(embedded, fp,
     capsys.readouterr()
     assert main(["trace", "--original", str(tmp_path / "fp"), "--suspect", "org/stolen", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert asked == [("org/stolen", STREAMED_FILES)] and not any("bin" in p or "pt" in p for p in STREAMED_FILES)
+    # top-level weights, config and tokenizer only: no pickles, no copies in subfolders or Mistral's consolidated file
+    assert asked == [("org/stolen", ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken"), ("*/*", "consolidated*"))]
+    assert STREAMED_FILES == asked[0][1]
     assert doc["suspect"] == "org/stolen" and doc["verdict"] == "derived"
+    assert doc["suspect_snapshot"] == {"hub_id": "org/stolen", "revision": "abc123"}   # the commit traced
     assert {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
     from moeguard.trace.weights import load
 
@@ -708,3 +719,36 @@ def test_a_hub_suspect_that_cannot_be_fetched_is_one_line(fp, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
     assert "Fix:" in err
+
+
+def test_a_hub_original_is_fingerprinted_from_its_fetched_snapshot(tmp_path, monkeypatch, capsys):
+    """`fingerprint --model org/name` said "not downloaded" although the help offers hub ids: it is
+    fetched like a hub suspect and named by its id."""
+    import shutil
+
+    import huggingface_hub
+
+    from moeguard.models.loading import resolve
+
+    snapshot = tmp_path / "snapshots" / "def456"
+    shutil.copytree(resolve(None).path, snapshot)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(snapshot))
+    assert main(["fingerprint", "--model", "owner/released", "--out", str(tmp_path / "fp")]) == 0
+    assert "fingerprint of owner/released (4 MoE layers" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "fp" / "fingerprint.json").read_text())
+    assert meta["model"] == "owner/released" and meta["checkpoint_bytes"] == (snapshot / "model.safetensors").stat().st_size
+
+
+def test_an_offline_partial_snapshot_is_named_as_such(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path / "snap"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code = main(["trace", "--suspect", "org/cached"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "the cached snapshot of org/cached holds no .safetensors weights, and HF_HUB_OFFLINE is set" in err
+    assert "run once with network access" in err

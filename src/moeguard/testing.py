@@ -167,18 +167,23 @@ def kill_cli_when(args: list[str], ready, *, timeout: float = 300.0, poll: float
     proc = subprocess.Popen([sys.executable, "-m", "moeguard.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + timeout
+    reached = False
     try:
-        while time.time() < deadline and proc.poll() is None and not ready():
+        while time.time() < deadline and proc.poll() is None:
+            if ready():   # kept: the point may pass (a state file removed) before a second look
+                reached = True
+                break
             time.sleep(poll)
         if proc.poll() is not None:
             raise AssertionError(f"`moeguard {' '.join(args[:1])}` ended (exit {proc.returncode}) before it could be killed")
-        if not ready():   # killed at the deadline, not at the chosen point: what follows would test nothing
+        if not reached:   # killed at the deadline, not at the chosen point: what follows would test nothing
             raise AssertionError(f"`moeguard {' '.join(args[:1])}` did not reach the point to kill it at in {timeout:g} s")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
 
 
 def checkpoint_tensors(directory) -> dict:

@@ -132,7 +132,9 @@ def check(cfg: AuditConfig) -> None:
     if cfg.device_map is not None:
         from moeguard.models.placement import check_device_map
 
-        check_device_map(cfg.device_map, what="device_map", on_this_machine=cfg.backend != "ray")
+        # on Ray the workers load the model and check their own devices; the defense and scan stages load it here
+        here = cfg.backend != "ray" or bool(cfg.defense or cfg.hardened or cfg.scan)
+        check_device_map(cfg.device_map, what="device_map", on_this_machine=here)
     if cfg.max_memory is not None:
         from moeguard.models.placement import parse_memory
 

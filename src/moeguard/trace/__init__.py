@@ -19,8 +19,9 @@ from moeguard.trace.fingerprint import Fingerprint, is_fingerprint
 
 def fingerprint(model: str | None, *, seed: int = 0, progress=None, weights=None) -> Fingerprint:
     """The fingerprint of a checkpoint (path, hub id, or None for the embedded model), streamed
-    from its safetensors files. ``progress``: a rich Progress, advanced per MoE layer;
-    ``weights``: the checkpoint already opened as a trace source (``weights.load``)."""
+    from its safetensors files (a hub id's fetched into the Hugging Face cache first). ``progress``:
+    a rich Progress, advanced per MoE layer; ``weights``: the checkpoint already opened as a trace
+    source (``weights.load``)."""
     from moeguard.provenance import run_record
     from moeguard.trace.fingerprint import build, checkpoint_bytes
     from moeguard.trace.weights import load
@@ -38,20 +39,21 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
     before any of its tensors is."""
     from pathlib import Path
 
+    from moeguard.models.loading import resolve
     from moeguard.trace.api import trace as run
     from moeguard.trace.weights import load
 
-    weights = load(suspect)  # opening checks config, headers, layout and tokenizer; reads no tensor
     given = is_fingerprint(original)
+    if not given:   # an original no fingerprint can be made from (a .gguf file, a missing folder): refused
+        resolve(original)   # before the suspect is opened, which may fetch a hub suspect whole
+    weights = load(suspect)  # opening checks config, headers, layout and tokenizer; reads no tensor
     if given:
         fp = Fingerprint.load(Path(original))
     else:
         from moeguard.trace.api import check_shape
         from moeguard.trace.fingerprint import checkpoint_bytes
 
-        # an original its fingerprint cannot be made from (a hub id not downloaded, a .gguf file) is refused
-        # now: it was loaded whole first, then refused
-        checkpoint_bytes(original)
+        checkpoint_bytes(original)   # a folder without safetensors refused before the original is opened
         # the original's shape against the suspect's before its fingerprint reads every expert
         own = load(original)
         check_shape({"hidden": own.hidden, "layers": [None] * own.num_layers, "intermediate": own.intermediate},
@@ -63,4 +65,6 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
     # what was compared, with which seed, by which moeguard: a result meant to be shown to others
     doc["run"] = run_record({"original": original or "embedded", "original_is_fingerprint": given,
                              "suspect": suspect, "seed": seed})
+    if weights.source.get("revision"):   # a hub suspect: the commit its traced files come from
+        doc["suspect_snapshot"] = {"hub_id": weights.source["hub_id"], "revision": weights.source["revision"]}
     return doc

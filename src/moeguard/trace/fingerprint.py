@@ -212,12 +212,11 @@ def build(w, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None
 
 
 def checkpoint_bytes(ref: str | None) -> int:
-    """Bytes of a checkpoint's weight files (what the 1% budget is of)."""
+    """Bytes of a checkpoint's weight files (what the 1% budget is of); a hub id's are fetched first."""
+    from moeguard.models.hub import local_checkpoint
     from moeguard.models.loading import resolve
 
-    r = resolve(ref)
-    if r.path is None:
-        raise MoeguardError(f"{r.name} is not downloaded", hint=f"download it first: hf download {r.hub_id} --local-dir DIR")
+    r = resolve(local_checkpoint(ref)[0])
     files = list(r.path.glob("*.safetensors"))
     if not files:
         raise MoeguardError(f"{r.path} holds no .safetensors weights", hint="moeguard reads safetensors only")

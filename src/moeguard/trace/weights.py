@@ -215,12 +215,11 @@ def load(ref: str | None):
         from moeguard.trace.gguf import load_gguf
 
         return load_gguf(Path(ref))
-    from moeguard.models.loading import resolve
+    from moeguard.models.hub import local_checkpoint
     from moeguard.trace.stream import StreamedCheckpoint
 
-    r = resolve(ref)
-    if r.path is not None:
-        return StreamedCheckpoint.open(ref)
-    from moeguard.models.hub import download_for_streaming
-
-    return StreamedCheckpoint.open(str(download_for_streaming(r.hub_id)), name=r.name)
+    where, name = local_checkpoint(ref)
+    w = StreamedCheckpoint.open(where, name=name)
+    if name is not None:   # what was traced: the hub commit the cached snapshot holds (a report is evidence)
+        w.source.update({"hub_id": name, "revision": Path(where).name})
+    return w
