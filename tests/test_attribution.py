@@ -11,7 +11,7 @@ from moeguard.attribution.replay import replay
 from moeguard.attribution.run import score
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.hooks import capture_inputs, mask_experts
+from moeguard.models.hooks import capture_inputs, mask_experts, trace_experts
 from moeguard.tasks.batches import IGNORE, Batch, token_nll
 from moeguard.tasks.registry import get_task
 from moeguard.testing import causal_families, tiny_model
@@ -147,6 +147,21 @@ def test_frequency_and_gate_are_shares():
     g = score(ctx, "gate").scores
     # renormalized top-k weights sum to 1 per token, so the per-token means sum to 1 per layer
     assert torch.allclose(g.sum(1), torch.ones(g.shape[0], dtype=g.dtype), atol=1e-5)
+    # and each share from scratch: the slots each expert got, and its gate weights, over the real tokens
+    a = MoEAdapter(model)
+    slots = torch.zeros(len(a.layers), 8, dtype=torch.float64)
+    mass, tokens = torch.zeros_like(slots), 0
+    for b in ctx.batches:
+        with torch.no_grad(), trace_experts(model, adapter=a) as traces:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+        valid = b.attention_mask.reshape(-1).bool()
+        tokens += int(valid.sum())
+        for row, layer in enumerate(a.layers):
+            t = traces[layer.index]
+            slots[row].index_add_(0, t.index[valid].reshape(-1), torch.ones(t.index[valid].numel(), dtype=torch.float64))
+            mass[row].index_add_(0, t.index[valid].reshape(-1), t.weights[valid].reshape(-1).double())
+    assert torch.allclose(f, slots / slots.sum(1, keepdim=True), atol=1e-9)
+    assert torch.allclose(g, mass / tokens, atol=1e-5) and not torch.allclose(f, torch.full_like(f, 1 / 8))
 
 
 def test_reconstruction_searches_subsets_exhaustively_when_small():

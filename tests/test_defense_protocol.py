@@ -2,6 +2,7 @@
 and the shared matrix every registered defense passes."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -95,10 +96,15 @@ def test_every_defense_trains_each_of_its_terms_and_logs_them(name, embedded):
              "authorized_after": cfg.authorized}
     expect = {"utility"} | {k for k, w in terms.items() if w}
     assert expect <= logged
+    for k in expect:   # each weighted term measured, not only named
+        vals = [r[k] for r in doc["log"] if k in r]
+        assert vals and all(math.isfinite(v) for v in vals) and any(v != 0 for v in vals), (name, k, vals)
     assert {r["task"] for r in doc["log"]} == {"arith-compare", "record-summary"}
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
     assert bool(spec.protocol) == bool(cfg.authorized_patterns)
+    # what harden recorded: the parameters its authorized path may train, there exactly when patterns are set
+    assert bool(doc["authorized"]) == bool(cfg.authorized_patterns), (name, doc["authorized"])
     json.dumps(doc)  # the log is plain JSON
 
 

@@ -132,6 +132,12 @@ def test_cli_eval_and_attribute_under_a_cap_write_the_numbers_of_an_uncapped_run
     assert b["run"]["settings"]["max_memory"] == 4 * 2**20
     assert main(["attribute", "--task", "arith-compare", "--method", "gate", "--samples", "8", "--max-memory", "4MiB",
                  "--out", str(tmp_path / "s.json")]) == 0
+    assert main(["attribute", "--task", "arith-compare", "--method", "gate", "--samples", "8",
+                 "--out", str(tmp_path / "s0.json")]) == 0
+    capped, whole = (json.loads((tmp_path / f).read_text()) for f in ("s.json", "s0.json"))
+    assert capped["scores"].keys() == whole["scores"].keys() and capped["tokens"] == whole["tokens"] > 0
+    for layer, row in whole["scores"].items():   # the same routing read under the cap
+        assert capped["scores"][layer] == pytest.approx(row, rel=1e-6, abs=1e-9), layer
     capsys.readouterr()
     assert main(["attribute", "--task", "arith-compare", "--method", "gate", "--samples", "8", "--max-memory", "lots",
                  "--out", str(tmp_path / "t.json")]) == 2

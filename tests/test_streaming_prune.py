@@ -38,7 +38,9 @@ def _digests(d: Path) -> dict[str, str]:
 
 
 def _leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if ".tmp-" in p.name]
+    """Temporary files and the resumable scratch folder (``.out.partial``): a refusal before any
+    work leaves neither."""
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or p.name.endswith(".partial")]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ def test_jobs_are_reused_in_their_scope_and_rerun_when_the_weights_change(tmp_pa
     rt = Runtime(model=str(model), threads=1)
     CALLS.clear()
     assert [r["y"] for r in run_jobs(jobs, root=tmp_path / "jobs", runtime=rt, backend=LocalBackend())] == [4, 9]
-    assert run_jobs(jobs, root=tmp_path / "jobs", runtime=Runtime(model=str(model), threads=2),
-                    backend=LocalBackend()) and CALLS == [2, 3]          # threads do not change the scope
+    again = run_jobs(jobs, root=tmp_path / "jobs", runtime=Runtime(model=str(model), threads=2), backend=LocalBackend())
+    assert [r["y"] for r in again] == [4, 9] and CALLS == [2, 3]          # threads do not change the scope
     run_jobs(jobs, root=tmp_path / "jobs", runtime=Runtime(model=str(model), dtype="bfloat16", threads=1),
              backend=LocalBackend())
     assert CALLS == [2, 3, 2, 3]                                         # another dtype: run again

@@ -167,6 +167,8 @@ def test_classifier_picks_the_label_the_model_is_made_to_prefer(tok, cls_dir, pr
     assert result.metrics["accuracy"] == pytest.approx(expected_acc)
     assert result.metrics["macro_f1"] == pytest.approx(expected_f1)
     # the majority class of the train split (2 negative, 1 positive) is negative: the second case's numbers
+    assert result.baseline["description"].startswith("always label ") and \
+        result.baseline["description"].endswith("the most frequent in the train split (3 records)")
     assert result.baseline == {"name": "majority_class", "description": result.baseline["description"],
                                "metrics": {"accuracy": 25.0, "macro_f1": pytest.approx(20.0)},
                                "score": 25.0}
@@ -296,7 +298,7 @@ def test_suite_document_schema_and_progress(tok, model, lm_dir, cls_dir, tmp_pat
 
     progress = Progress(console=Console(file=io.StringIO()))
     lm, cls = lm_task(lm_dir), cls_task(cls_dir)
-    doc = E.evaluate_suite(model, tok, [lm, cls], limit=2, batch_size=2, references={"lm": 100.0},
+    doc = E.evaluate_suite(model, tok, [lm, cls], limit=2, batch_size=2, references={"lm": 50.0},
                            progress=progress, model_name="tiny-mixtral")
     json.dumps(doc, allow_nan=False)  # strict JSON
     assert doc["schema_version"] == 1 and doc["model"] == "tiny-mixtral"
@@ -306,8 +308,8 @@ def test_suite_document_schema_and_progress(tok, model, lm_dir, cls_dir, tmp_pat
     assert set(entry) == {"task", "kind", "metric", "score", "higher_is_better", "metrics", "n_samples", "split",
                           "n_tokens", "baseline", "elapsed_s"}
     assert entry["n_samples"] == 2 and entry["n_tokens"] is None and entry["kind"] == "classification"
-    assert doc["tasks"]["lm"]["metrics"]["normalized_perplexity"] == pytest.approx(
-        doc["tasks"]["lm"]["metrics"]["perplexity"])
+    assert doc["tasks"]["lm"]["metrics"]["normalized_perplexity"] == pytest.approx(     # 100 * ppl / reference
+        2 * doc["tasks"]["lm"]["metrics"]["perplexity"])
     assert [t.completed for t in progress.tasks] == [t.total for t in progress.tasks] and len(progress.tasks) == 2
 
 

@@ -17,14 +17,14 @@ def test_perplexity_of_a_uniform_distribution_is_the_vocab_size():
 
 def test_perplexity_overflow_and_empty():
     assert M.perplexity(1e6, 1) == math.inf
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one predicted token"):
         M.perplexity(1.0, 0)
 
 
 def test_normalized_perplexity_is_percent_of_reference():
     assert M.normalized_perplexity(15.0, 10.0) == pytest.approx(150.0)
     assert M.normalized_perplexity(10.0, 10.0) == pytest.approx(100.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive, got 0.0"):
         M.normalized_perplexity(10.0, 0.0)
 
 
@@ -53,9 +53,9 @@ def test_macro_f1_counts_a_never_predicted_class_as_zero():
 
 
 def test_metric_inputs_must_line_up():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 predictions but 2 references"):
         M.accuracy(["a"], ["a", "b"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no predictions to score"):
         M.macro_f1([], [])
 
 

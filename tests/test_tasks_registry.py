@@ -142,7 +142,10 @@ def test_register_task_refuses_silent_overwrite(isolated):
     assert registry.get_task("py-task") is task
     with pytest.raises(MoeguardError, match="already defined"):
         registry.register_task(task)
-    registry.register_task(task, overwrite=True)
+    other = Task(name="py-task", kind=TaskKind.LANGUAGE_MODELING, fields={"text": "body"},
+                 source=SourceSpec(type="local", path="/elsewhere", format="txt"))
+    registry.register_task(other, overwrite=True)
+    assert registry.get_task("py-task") is other
 
 
 def test_duplicate_builtin_names_are_an_error(isolated):

@@ -122,7 +122,7 @@ def test_a_crash_while_replacing_a_broken_state_keeps_the_whole_one_set_aside(tm
             raise OSError("power loss")
         return real(src, dst)
     monkeypatch.setattr(trainstate.os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="power loss"):
         trainstate.save(state, tag="t", step=4, params=params, optimizer=opt)
     monkeypatch.setattr(trainstate.os, "replace", real)
     assert trainstate.load(state, tag="t", params=params).step == 2
