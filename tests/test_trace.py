@@ -732,11 +732,18 @@ def test_a_hub_original_is_fingerprinted_from_its_fetched_snapshot(tmp_path, mon
 
     snapshot = tmp_path / "snapshots" / "def456"
     shutil.copytree(resolve(None).path, snapshot)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(snapshot))
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: (fetched.append(repo_id), str(snapshot))[1])
     assert main(["fingerprint", "--model", "owner/released", "--out", str(tmp_path / "fp")]) == 0
     assert "fingerprint of owner/released (4 MoE layers" in capsys.readouterr().out
     meta = json.loads((tmp_path / "fp" / "fingerprint.json").read_text())
     assert meta["model"] == "owner/released" and meta["checkpoint_bytes"] == (snapshot / "model.safetensors").stat().st_size
+    assert fetched == ["owner/released"]   # made local once: its size and its weights read from one snapshot
+    # as trace's original, made on the fly: fetched once too, and traced against a local derivative of itself
+    fetched.clear()
+    assert main(["trace", "--original", "owner/released", "--suspect", str(snapshot), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert fetched == ["owner/released"] and doc["original"] == "owner/released" and doc["verdict"] == "derived"
 
 
 def test_an_offline_partial_snapshot_is_named_as_such(tmp_path, monkeypatch, capsys):

@@ -17,17 +17,18 @@ from typing import Any
 from moeguard.trace.fingerprint import Fingerprint, is_fingerprint
 
 
-def fingerprint(model: str | None, *, seed: int = 0, progress=None, weights=None) -> Fingerprint:
-    """The fingerprint of a checkpoint (path, hub id, or None for the embedded model), streamed
-    from its safetensors files (a hub id's fetched into the Hugging Face cache first). ``progress``:
-    a rich Progress, advanced per MoE layer; ``weights``: the checkpoint already opened as a trace
-    source (``weights.load``)."""
+def fingerprint(model, *, seed: int = 0, progress=None, weights=None) -> Fingerprint:
+    """The fingerprint of a checkpoint (path, hub id, None for the embedded model, or what
+    ``weights.locate`` made of one), streamed from its safetensors files (a hub id's fetched into the
+    Hugging Face cache once). ``progress``: a rich Progress, advanced per MoE layer; ``weights``: the
+    checkpoint already opened as a trace source (``weights.load``)."""
     from moeguard.provenance import run_record
     from moeguard.trace.fingerprint import build, checkpoint_bytes
-    from moeguard.trace.weights import load
+    from moeguard.trace.weights import load, locate
 
-    size = checkpoint_bytes(model)
-    w = weights if weights is not None else load(model)
+    loc = locate(model)
+    size = checkpoint_bytes(loc.where)
+    w = weights if weights is not None else load(loc)
     return build(w, checkpoint_bytes=size, seed=seed, progress=progress,
                  source={"run": run_record({"model": w.name, "seed": seed})})
 
@@ -41,7 +42,7 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
 
     from moeguard.models.loading import resolve
     from moeguard.trace.api import trace as run
-    from moeguard.trace.weights import load
+    from moeguard.trace.weights import load, locate
 
     given = is_fingerprint(original)
     if not given:   # an original no fingerprint can be made from (a .gguf file, a missing folder): refused
@@ -53,12 +54,13 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
         from moeguard.trace.api import check_shape
         from moeguard.trace.fingerprint import checkpoint_bytes
 
-        checkpoint_bytes(original)   # a folder without safetensors refused before the original is opened
+        loc = locate(original)       # a hub original fetched once, here
+        checkpoint_bytes(loc.where)  # a folder without safetensors refused before the original is opened
         # the original's shape against the suspect's before its fingerprint reads every expert
-        own = load(original)
+        own = load(loc)
         check_shape({"hidden": own.hidden, "layers": [None] * own.num_layers, "intermediate": own.intermediate},
                     hidden=weights.hidden, layers=weights.num_layers, intermediate=weights.intermediate)
-        fp = fingerprint(original, seed=seed, progress=progress, weights=own)
+        fp = fingerprint(loc, seed=seed, progress=progress, weights=own)
     doc = run(fp, weights, seed=seed, progress=progress)
     from moeguard.provenance import run_record
 

@@ -204,22 +204,50 @@ def token_strings(tokenizer, n: int) -> list[str]:
     return out
 
 
-def load(ref: str | None):
+@dataclass(frozen=True)
+class Located:
+    """A checkpoint reference made local once: ``where`` is what to open (a folder, a ``.gguf`` file,
+    or None for the embedded model); a hub id's is its fetched snapshot, reported by ``hub_id``."""
+
+    where: str | None
+    hub_id: str | None = None
+
+    @property
+    def revision(self) -> str | None:
+        """The hub commit a fetched snapshot holds (its folder's name in the cache)."""
+        from pathlib import Path
+
+        return Path(self.where).name if self.hub_id else None
+
+
+def locate(ref: "str | None | Located") -> Located:
+    """``ref`` (a folder, a ``.gguf`` file, a hub id or None) made local: a hub id's safetensors,
+    config and tokenizer files are fetched into the Hugging Face cache (the user's hub access)."""
+    if isinstance(ref, Located):
+        return ref
+    if ref is not None and str(ref).lower().endswith(".gguf"):
+        return Located(where=ref)
+    from moeguard.models.hub import local_checkpoint
+
+    where, hub_id = local_checkpoint(ref)
+    return Located(where=where, hub_id=hub_id)
+
+
+def load(ref: "str | None | Located"):
     """A trace source: a ``.gguf`` file (read whole, dequantized), or a checkpoint directory, hub
-    id or None (the embedded model), streamed from its safetensors files. A hub id's files are
-    fetched into the Hugging Face cache first (the user's hub access), then streamed like a folder:
-    loading it whole took the model's size in memory (DeepSeek-V3: ~700 GB)."""
+    id or None (the embedded model), streamed from its safetensors files. A hub id is fetched, then
+    streamed like a folder: loading it whole took the model's size in memory (DeepSeek-V3: ~700 GB).
+    Pass what :func:`locate` returned to open a reference already made local."""
     from pathlib import Path
 
-    if ref is not None and str(ref).lower().endswith(".gguf"):
+    loc = locate(ref)
+    if loc.where is not None and str(loc.where).lower().endswith(".gguf"):
         from moeguard.trace.gguf import load_gguf
 
-        return load_gguf(Path(ref))
-    from moeguard.models.hub import local_checkpoint
+        return load_gguf(Path(loc.where))
     from moeguard.trace.stream import StreamedCheckpoint
 
-    where, name = local_checkpoint(ref)
-    w = StreamedCheckpoint.open(where, name=name)
-    if name is not None:   # what was traced: the hub commit the cached snapshot holds (a report is evidence)
-        w.source.update({"hub_id": name, "revision": Path(where).name})
+    w = StreamedCheckpoint.open(loc.where, name=loc.hub_id)
+    if loc.hub_id is not None:   # what was traced: the hub commit the cached snapshot holds (a report is evidence)
+        w.source.update({"hub_id": loc.hub_id, "revision": loc.revision})
     return w
