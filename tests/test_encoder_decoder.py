@@ -185,6 +185,7 @@ def test_capture_counts_each_stack_without_padding_or_dropped_tokens(family_mode
         captured = model(**batch).logits   # the norms run each expert module here, as the block does
     torch.testing.assert_close(plain, captured, rtol=0, atol=0)
     masks = [batch["attention_mask"]] * 2 + [batch["decoder_attention_mask"]] * 2   # encoder, then decoder layers
+    assert len(cap.stats.layers) == 4
     for slot, layer in enumerate(cap.stats.layers):
         valid = masks[slot].reshape(-1).bool()
         assert layer.tokens == int(valid.sum())
@@ -250,7 +251,8 @@ def test_the_attack_chain_runs_through_the_seq2seq_head(family_checkpoint, tmp_p
     assert main(["attribute", "--model", str(checkpoint), "--task", "arith-compare", "--method", "reap",
                  "--samples", "8", "--out", str(scores)]) == 0
     doc = json.loads(scores.read_text())
-    assert doc["layers"] == [0, 1, 2, 3] and all(any(v > 0 for v in row) for row in doc["scores"].values())
+    assert doc["layers"] == [0, 1, 2, 3] and set(doc["scores"]) == {"0", "1", "2", "3"}
+    assert all(any(v > 0 for v in row) for row in doc["scores"].values())
     for flag, out in (("--streaming", "s"), ("--in-memory", "m")):
         assert main(["prune", "--model", str(checkpoint), "--scores", str(scores), "--keep", "4", flag,
                      "--out", str(tmp_path / out)]) == 0
@@ -551,7 +553,6 @@ def test_an_audit_runs_on_an_encoder_decoder(family_checkpoint, tmp_path):
     assert check["abs_diff"] == 0 and check["params_physical"] == check["params_expected"]
     rec = doc["tasks"]["arith-compare"]["recovery"]
     assert set(rec["strategies"]) == {"random", "orphan"} and rec["strategies"]["random"]["labels"] == [0, 4]
-    assert (tmp_path / "a" / "report.html").exists()
 
 
 @pytest.mark.parametrize("fam", sorted(ENCODER_DECODER_LAYOUT))

@@ -63,6 +63,8 @@ def test_a_partial_eval_of_other_settings_is_not_reused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         main(["eval", "--tasks", TASKS, "--limit", "8", "--out", str(tmp_path / "r.json")])
     assert stop.value.code == 130
+    first = TASKS.split(",")[0]
+    assert [f.name for f in (tmp_path / ".r.json.partial").glob("task-*.json")] == [f"task-{first}.json"]   # a partial to refuse
     monkeypatch.setattr(E, "evaluate_task", lambda *a, **k: (calls.append(a[2].name), real(*a, **k))[1])
     calls.clear()
     assert main(["eval", "--tasks", TASKS, "--limit", "6", "--out", str(tmp_path / "r.json")]) == 0   # another limit

@@ -142,7 +142,7 @@ def test_capture_counts_exclude_padding_and_change_nothing(family_model, token_b
     with RoutingCapture(model) as padded:
         model(input_ids=ids[1:], attention_mask=mask[1:])
     for a, b in zip(solo.stats.layers, padded.stats.layers):
-        assert torch.equal(a.counts, b.counts)
+        assert a.counts.sum() == 8 * 2 and torch.equal(a.counts, b.counts)   # 8 real tokens, top-2
 
 
 def test_hooks_are_removed_even_on_error(family_model, token_batch):
@@ -201,7 +201,7 @@ def test_masking_one_expert_clamps_top_k(family_model, token_batch):
     with RoutingCapture(model) as cap, mask_experts(model, keep):
         model(input_ids=ids, attention_mask=mask)
     for layer in cap.stats.layers:
-        assert layer.counts[3] == layer.tokens and layer.counts.sum() == layer.tokens
+        assert layer.tokens == int(mask.sum()) and layer.counts[3] == layer.tokens == layer.counts.sum()
 
 
 @pytest.mark.parametrize("keep, message", [

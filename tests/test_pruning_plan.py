@@ -57,9 +57,10 @@ def test_budget_on_comparable_scores_compares_raw_values():
 
 
 def test_budget_respects_the_router_minimum():
-    s = _scores([[10.0, 9.0, 0.1, 0.1], [0.3, 0.2, 0.1, 0.0]])
-    plan = plan_from_scores(s, budget=4, min_keep=2)
-    assert all(len(v) >= 2 for v in plan.keep.values())
+    # by shares alone layer 1 keeps one expert (its first holds 97% of its score); its router needs two
+    s = _scores([[1.0, 1.0, 1.0, 1.0], [10.0, 0.1, 0.1, 0.1]])
+    assert plan_from_scores(s, budget=4, min_keep=1).keep == {0: [0, 1, 2], 1: [0]}
+    assert plan_from_scores(s, budget=4, min_keep=2).keep == {0: [0, 1], 1: [0, 1]}
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -117,11 +117,17 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path):
         if step == 6:
             raise KeyboardInterrupt
 
+    import shutil
+
     with pytest.raises(KeyboardInterrupt):
         finetune(t, examples(), cfg, pad_id=0, checkpoint=tmp_path / "ck", on_step=die)
+    assert (tmp_path / "ck" / "state.safetensors").exists()   # a checkpoint to refuse
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck-copy")
     t.load(init)
     other = FinetuneConfig(mode="full", min_steps=10, epochs=1, batch_size=4, save_every=4, lr=1e-3)
     assert finetune(t, examples(), other, pad_id=0, checkpoint=tmp_path / "ck").resumed_from == 0
+    t.load(init)   # the same checkpoint with its own settings is resumed: the refusal above was the settings'
+    assert finetune(t, examples(), cfg, pad_id=0, checkpoint=tmp_path / "ck-copy").resumed_from > 0
 
 
 def test_same_seed_same_weights_other_seed_other_weights():

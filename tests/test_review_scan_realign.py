@@ -61,7 +61,12 @@ def test_the_context_cache_answers_for_caches_that_cannot_be_cropped(family, mod
     with torch.no_grad():
         full = m(input_ids=torch.cat([torch.tensor([ids] * 2), suffix], 1)).logits[:, -2:].float()
     assert ("copies" if c.copies else "crop") == mode and torch.equal(first, again)
-    assert torch.allclose(first, full, atol=2e-2)
+    # the cached prefix computes what the whole sequence does: to float rounding where the cache is the
+    # attention's own; Mamba's cached path runs its single-step update, another kernel than the whole
+    # sequence's scan (5e-3 apart here, as generation with and without a cache is)
+    err = float((first - full).abs().max())
+    assert err < (1e-4 if mode == "crop" else 1e-2), err
+    assert float(full.abs().max()) > 10 * err   # against logits far larger than the tolerance
 
 
 def test_lora_under_a_protocol_adapts_only_the_authorized_experts():

@@ -98,8 +98,9 @@ def test_refusals_are_one_line(tmp_path):
     cfg = preset_config("olmoe-1b-7b", **TINY["olmoe-1b-7b"])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(MoeguardError, match="exists"):
+    with pytest.raises(MoeguardError, match=r"output .*out already exists"):
         write_synthetic(tmp_path / "out", cfg)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     with pytest.raises(MoeguardError, match="vocabulary has 100 ids, the tokenizer written with it 4096"):
         write_synthetic(tmp_path / "small", preset_config("olmoe-1b-7b", **{**TINY["olmoe-1b-7b"], "vocab_size": 100}))
     assert not (tmp_path / "small").exists()

@@ -116,6 +116,7 @@ def test_a_file_task_may_not_shadow_another_definition(files, tmp_path, capsys):
     code = main(["audit", "--tasks", str(clash), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "differs from the task of that name" in err and "another name" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
 
 
 def test_a_fresh_worker_process_knows_the_file_task_through_the_runtime(files, tmp_path):
