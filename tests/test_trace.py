@@ -640,9 +640,17 @@ def test_an_original_a_fingerprint_cannot_be_made_from_is_refused_before_it_is_l
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     suspect = str(Path(W.__file__).parents[1] / "zoo" / "embedded")
-    with pytest.raises(MoeguardError, match="is a file, not a checkpoint directory"):
+    with pytest.raises(MoeguardError, match="is a GGUF file; a fingerprint is made from the original's safetensors"):
         trace(str(gguf), suspect)
     assert loaded == []                 # neither the suspect nor the original was opened
+    # a .gguf path that does not exist, shaped like a hub id (org/name), is not asked of the hub
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MoeguardError, match="models/m.gguf is a GGUF file"):
+        trace("models/m.gguf", suspect)
+    assert loaded == []
 
 
 def test_embedding_norms_are_float64_over_blocks_of_rows():
@@ -712,13 +720,16 @@ def test_a_hub_suspect_that_cannot_be_fetched_is_one_line(fp, tmp_path, monkeypa
         (tmp_path / "snap" / "config.json").write_text("{}")
         return str(tmp_path / "snap")
 
+    from huggingface_hub import constants
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)   # online (the suite runs offline): the plain refusal
     fp.save(tmp_path / "fp")
     capsys.readouterr()
     code = main(["trace", "--original", str(tmp_path / "fp"), "--suspect", "org/gone"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
-    assert "Fix:" in err
+    assert "Fix:" in err and "cached snapshot" not in err
 
 
 def test_a_hub_original_is_fingerprinted_from_its_fetched_snapshot(tmp_path, monkeypatch, capsys):
@@ -739,6 +750,7 @@ def test_a_hub_original_is_fingerprinted_from_its_fetched_snapshot(tmp_path, mon
     meta = json.loads((tmp_path / "fp" / "fingerprint.json").read_text())
     assert meta["model"] == "owner/released" and meta["checkpoint_bytes"] == (snapshot / "model.safetensors").stat().st_size
     assert fetched == ["owner/released"]   # made local once: its size and its weights read from one snapshot
+    assert meta["source"]["hub"] == {"hub_id": "owner/released", "revision": "def456"}   # the commit fingerprinted
     # as trace's original, made on the fly: fetched once too, and traced against a local derivative of itself
     fetched.clear()
     assert main(["trace", "--original", "owner/released", "--suspect", str(snapshot), "--json"]) == 0

@@ -29,8 +29,10 @@ def fingerprint(model, *, seed: int = 0, progress=None, weights=None) -> Fingerp
     loc = locate(model)
     size = checkpoint_bytes(loc.where)
     w = weights if weights is not None else load(loc)
-    return build(w, checkpoint_bytes=size, seed=seed, progress=progress,
-                 source={"run": run_record({"model": w.name, "seed": seed})})
+    source = {"run": run_record({"model": w.name, "seed": seed})}
+    if loc.revision:   # a hub original: the commit fingerprinted
+        source["hub"] = {"hub_id": loc.hub_id, "revision": loc.revision}
+    return build(w, checkpoint_bytes=size, seed=seed, progress=progress, source=source)
 
 
 def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -> dict[str, Any]:
@@ -44,9 +46,12 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
     from moeguard.trace.api import trace as run
     from moeguard.trace.weights import load, locate
 
+    from moeguard.trace.fingerprint import refuse_gguf
+
     given = is_fingerprint(original)
     if not given:   # an original no fingerprint can be made from (a .gguf file, a missing folder): refused
-        resolve(original)   # before the suspect is opened, which may fetch a hub suspect whole
+        refuse_gguf(original)   # before the suspect is opened, which may fetch a hub suspect whole
+        resolve(original)
     weights = load(suspect)  # opening checks config, headers, layout and tokenizer; reads no tensor
     if given:
         fp = Fingerprint.load(Path(original))

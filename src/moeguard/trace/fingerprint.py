@@ -212,15 +212,23 @@ def build(w, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None
 
 
 def checkpoint_bytes(ref: str | None) -> int:
-    """Bytes of a checkpoint's weight files (what the 1% budget is of); a hub id's are fetched first."""
+    """Bytes of the weight files a checkpoint is read from (what the 1% budget is of; a hub id's are
+    fetched first): those transformers and the streamed read use, so a folder that also holds another
+    copy (Mistral's consolidated.safetensors) budgets as the same model fetched by its hub id does."""
     from moeguard.models.hub import local_checkpoint
-    from moeguard.models.loading import resolve
+    from moeguard.models.loading import resolve, safetensors_files
 
+    refuse_gguf(ref)
     r = resolve(local_checkpoint(ref)[0])
-    files = list(r.path.glob("*.safetensors"))
-    if not files:
-        raise MoeguardError(f"{r.path} holds no .safetensors weights", hint="moeguard reads safetensors only")
-    return sum(f.stat().st_size for f in files)
+    return sum(f.stat().st_size for f in safetensors_files(r.path))
+
+
+def refuse_gguf(ref: str | None) -> None:
+    """A fingerprint is made from safetensors: a .gguf original is refused by name (a path like
+    models/m.gguf would otherwise pass for a hub id, org/name, and be asked of the hub)."""
+    if ref is not None and str(ref).lower().endswith(".gguf"):
+        raise MoeguardError(f"{ref} is a GGUF file; a fingerprint is made from the original's safetensors checkpoint",
+                            hint="pass the original's checkpoint folder (or its fingerprint folder)")
 
 
 def digest(path: Path) -> str:
