@@ -107,18 +107,18 @@ def test_columns_on_jsonl_is_refused(tmp_path):
         load_records(task, "eval")
 
 
-@pytest.mark.parametrize("columns, message", [
-    (["label", "title", "label"], "names ['label'] more than once"),
-    (["label", "", "description"], "'' is not a name"),
-    (["label", 2], "2 is not a name"),
-    ([], "not a non-empty list of names"),
-    ("label,title,description", "not a non-empty list of names"),
+@pytest.mark.parametrize("columns, message, fix", [
+    (["label", "title", "label"], "names ['label'] more than once", "give every column a distinct name"),
+    (["label", "", "description"], "'' is not a name", "give every column a non-empty text name"),
+    (["label", 2], "2 is not a name", "give every column a non-empty text name"),
+    ([], "not a non-empty list of names", "write one name per column of the file"),
+    ("label,title,description", "not a non-empty list of names", "write one name per column of the file"),
 ])
-def test_bad_columns_are_refused(tmp_path, columns, message):
+def test_bad_columns_are_refused(tmp_path, columns, message, fix):
     with pytest.raises(MoeguardError) as err:
         load_task_file(agnews_yaml(tmp_path, columns=columns))
     assert "agnews-mini" in err.value.message and message in err.value.message
-    assert err.value.hint
+    assert err.value.hint.startswith(fix), err.value.hint
 
 
 def test_columns_on_a_hub_source_is_refused():
