@@ -313,10 +313,15 @@ def test_reconstruction_gram_error_equals_the_block_replay(fam_model):
 
 
 def test_reconstruction_bounds_its_tokens_and_says_so():
-    ctx = _ctx(tiny_model("mixtral"), reconstruction_memory=8 * 8 * 8 * 5)   # Gram matrices of 5 tokens
+    model = tiny_model("mixtral")
+    ctx = _ctx(model, reconstruction_memory=8 * 8 * 8 * 5)   # Gram matrices of 5 tokens
     total = sum(int(b.attention_mask.sum()) for b in ctx.batches)
     with pytest.warns(UserWarning, match=f"reconstruction: 5 of {total} calibration tokens per layer used "
                                          r"\(the Gram matrices of 8 experts fill reconstruction_memory\)"):
         s = score(ctx, "reconstruction")
     assert s.scores.shape == (2, 8) and bool((s.scores > 0).any())
+    # the same 5 tokens asked for directly score the same: the bound picks tokens, it does not change the method
+    with pytest.warns(UserWarning, match=f"reconstruction: 5 of {total} calibration tokens per layer used"):
+        direct = score(_ctx(model, reconstruction_tokens=5), "reconstruction")
+    torch.testing.assert_close(s.scores, direct.scores)
     assert all(len(s.subsets[k][layer]) == k for k in s.subsets for layer in s.layers)
