@@ -44,6 +44,16 @@ def test_sweep_json_has_every_point_and_the_random_band(run):
         assert str(p["keep"]) in doc["random_summary"][p["task"]]
     assert len(doc["random"]) == 2 * 2 * 2
     assert doc["faithfulness"]["arith-compare"]["ablation"]["spearman_vs_ablation"] == pytest.approx(1.0)
+    # frequency's agreement, recomputed from the score files written beside sweep.json: the per-layer rank
+    # correlation with ablation, averaged over the layers where it is defined
+    from moeguard.analysis import spearman
+
+    for t in ("arith-compare", "record-summary"):
+        freq, abl = (json.loads((run / "scores" / t / f"{m}.json").read_text())["scores"] for m in ("frequency", "ablation"))
+        per_layer = [spearman(abl[l], freq[l]) for l in abl]
+        known = [r for r in per_layer if r is not None]
+        assert known, t   # some layer ranks its experts differently from a constant
+        assert doc["faithfulness"][t]["frequency"]["spearman_vs_ablation"] == pytest.approx(sum(known) / len(known)), t
     assert doc["run"]["settings"]["seed"] == 0 and doc["run"]["versions"]["transformers"]
 
 
