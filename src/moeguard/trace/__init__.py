@@ -44,9 +44,8 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
 
     from moeguard.models.loading import resolve
     from moeguard.trace.api import trace as run
-    from moeguard.trace.weights import load, locate
-
     from moeguard.trace.fingerprint import refuse_gguf
+    from moeguard.trace.weights import load, locate
 
     given = is_fingerprint(original)
     if not given:   # an original no fingerprint can be made from (a .gguf file, a missing folder): refused
@@ -57,11 +56,10 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
         fp = Fingerprint.load(Path(original))
     else:
         from moeguard.trace.api import check_shape
-        from moeguard.trace.fingerprint import checkpoint_bytes
 
-        loc = locate(original)       # a hub original fetched once, here
-        checkpoint_bytes(loc.where)  # a folder without safetensors refused before the original is opened
-        # the original's shape against the suspect's before its fingerprint reads every expert
+        loc = locate(original)   # a hub original fetched once, here
+        # opening reads no tensor and refuses a folder without safetensors (fingerprint() sizes the same
+        # files); the original's shape is checked against the suspect's before its fingerprint reads every expert
         own = load(loc)
         check_shape({"hidden": own.hidden, "layers": [None] * own.num_layers, "intermediate": own.intermediate},
                     hidden=weights.hidden, layers=weights.num_layers, intermediate=weights.intermediate)

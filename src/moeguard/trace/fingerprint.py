@@ -226,7 +226,9 @@ def checkpoint_bytes(ref: str | None) -> int:
 def refuse_gguf(ref: str | None) -> None:
     """A fingerprint is made from safetensors: a .gguf original is refused by name (a path like
     models/m.gguf would otherwise pass for a hub id, org/name, and be asked of the hub)."""
-    if ref is not None and str(ref).lower().endswith(".gguf"):
+    from moeguard.trace.weights import is_gguf
+
+    if is_gguf(ref):
         raise MoeguardError(f"{ref} is a GGUF file; a fingerprint is made from the original's safetensors checkpoint",
                             hint="pass the original's checkpoint folder (or its fingerprint folder)")
 

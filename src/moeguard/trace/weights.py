@@ -220,12 +220,17 @@ class Located:
         return Path(self.where).name if self.hub_id else None
 
 
+def is_gguf(ref) -> bool:
+    """Whether ``ref`` names a GGUF file (by its name: the one file format trace reads whole)."""
+    return ref is not None and str(ref).lower().endswith(".gguf")
+
+
 def locate(ref: "str | None | Located") -> Located:
     """``ref`` (a folder, a ``.gguf`` file, a hub id or None) made local: a hub id's safetensors,
     config and tokenizer files are fetched into the Hugging Face cache (the user's hub access)."""
     if isinstance(ref, Located):
         return ref
-    if ref is not None and str(ref).lower().endswith(".gguf"):
+    if is_gguf(ref):
         return Located(where=ref)
     from moeguard.models.hub import local_checkpoint
 
@@ -241,7 +246,7 @@ def load(ref: "str | None | Located"):
     from pathlib import Path
 
     loc = locate(ref)
-    if loc.where is not None and str(loc.where).lower().endswith(".gguf"):
+    if is_gguf(loc.where):
         from moeguard.trace.gguf import load_gguf
 
         return load_gguf(Path(loc.where))

@@ -59,9 +59,9 @@ class Hooks(contextlib.AbstractContextManager):
         self._undo.append(lambda: _restore_forward(module, previous))
 
     def replace_method(self, module: nn.Module, name: str, fn) -> None:
-        """``fn`` as the module's method ``name`` (not its forward) until close."""
-        previous = _set_method(module, name, fn)
-        self._undo.append(lambda: _restore_forward(module, previous))
+        """``fn`` as the module's method ``name`` (not its forward; JetMoE's attention ``reduce``)
+        until close: an instance attribute over the class's method, dropped again on close."""
+        self.set_attribute(module, name, fn)
 
     def set_attribute(self, module: nn.Module, name: str, value) -> None:
         """``module.name = value`` until close. An attribute the instance did not hold itself (a
@@ -147,14 +147,6 @@ def place_inner_blocks(model: nn.Module, adapter: MoEAdapter | None = None) -> i
         _set_forward(layer.outer, forward)
         wrapped += 1
     return wrapped
-
-
-def _set_method(module: nn.Module, name: str, fn) -> tuple[str, object]:
-    """Install ``fn`` as the module's instance attribute ``name`` (a method other than forward,
-    JetMoE's attention ``reduce``); return what was there, for :func:`_restore_forward`."""
-    previous = module.__dict__.get(name, _ABSENT)
-    setattr(module, name, fn)
-    return name, previous
 
 
 def _restore_forward(module: nn.Module, previous: tuple[str, object]) -> None:
