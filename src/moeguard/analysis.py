@@ -40,12 +40,30 @@ def retention(score: float | None, full: float | None, *, higher_is_better: bool
     """Pruned score relative to the full model's, in percent, 100 = unchanged.
 
     Higher-is-better metrics: 100 * pruned / full. Perplexity: 100 * full / pruned, so that
-    retention falls as perplexity rises (the study's normalized perplexity read as retention)."""
-    if score is None or full is None:
+    retention falls as perplexity rises (the study's normalized perplexity read as retention).
+
+    A score that is not a number (NaN: broken weights, a diverged fine-tune) retains nothing: 0,
+    not a gap that a mean over seeds would close over, and not a NaN that JSON cannot hold. A full
+    score that is not a finite number gives no reference: None."""
+    if score is None or full is None or not math.isfinite(full):
         return None
+    if math.isnan(score):
+        return 0.0
     if higher_is_better:
         return 100.0 * score / full if full else None
     return 100.0 * full / score if score else None
+
+
+def read_score(score: float | None) -> float:
+    """A measured score read back from JSON, where null is a score that was not a finite number
+    (``io.json_safe``): NaN, which :func:`retention` reads as nothing retained. Only for scores that
+    were measured (an evaluation's result), never for a field whose null means "not measured"."""
+    return math.nan if score is None else float(score)
+
+
+def mean_score(scores: Sequence[float | None]) -> float:
+    """The mean of measured scores read back from JSON (:func:`read_score`): NaN if any was not finite."""
+    return float(np.mean([read_score(s) for s in scores]))
 
 
 def above_baseline(score: float | None, full: float | None, base: float | None, *, higher_is_better: bool) -> float | None:

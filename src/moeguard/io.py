@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -95,8 +96,42 @@ def read_json(path: str | os.PathLike, *, what: str, hint: str) -> Any:
         raise MoeguardError(f"{what} {p} is not valid JSON ({exc})", hint=hint) from None
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every float that is not a finite number (NaN, +-inf; numpy's too) as None.
+
+    JSON has no NaN or Infinity: Python writes them as bare tokens that jq, JavaScript and strict
+    parsers refuse. Where a non-finite number means something (a broken model's NaN perplexity),
+    its producer says so in a field of its own (``analysis.retention``: such a model retains 0);
+    here it is only an unknown number."""
+    if isinstance(value, float):          # numpy's float64 is a float
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind == "f" \
+            and getattr(value, "ndim", None) == 0:
+        return json_safe(float(value))   # float32/float16 scalars (json.dumps refuses them anyway)
+    return value
+
+
+def dumps(data: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`json_safe` (``data``), strict: the text is valid JSON for any reader."""
+    return json.dumps(json_safe(data), allow_nan=False, **kwargs)
+
+
+def strict_loads(text: str) -> Any:
+    """``json.loads`` that refuses NaN and Infinity, which :func:`dumps` never writes (ValueError):
+    a file that holds them was written by something else, or before this rule."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", overwrite=overwrite)
+    return write_text(path, dumps(data, indent=2, sort_keys=False) + "\n", overwrite=overwrite)
 
 
 def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from moeguard.io import dumps
+
 FORMAT = "moeguard.train-state/1"
 STATE, META = "state.safetensors", "state.json"
 
@@ -99,7 +101,7 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(out, str(tmp / STATE))
-    (tmp / META).write_text(json.dumps(doc))
+    (tmp / META).write_text(dumps(doc))
     for f in (tmp / STATE, tmp / META, tmp):   # on disk before the old state goes (a power loss keeps one whole)
         _fsync(f)
     if path.exists() and not _whole(path) and _whole(old):

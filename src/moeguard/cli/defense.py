@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +9,7 @@ import typer
 
 from moeguard.cli.app import (DeviceMapOpt, ModelOpt, OverwriteOpt, _config_command, _console, _ints, _names, _progress, _run,
                               _placement, _run_study, _seed, app)
+from moeguard.io import dumps
 
 
 def _harden_params():
@@ -88,7 +88,7 @@ def defenses_(as_json: Annotated[bool, typer.Option("--json", help="print JSON")
                                                                          for k, v in d.defaults.items()},
              "protocol": d.protocol} for d in DEFENSES.items()]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(dumps(rows, indent=2))
         return
     from rich.table import Table
 

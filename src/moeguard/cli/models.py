@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +10,7 @@ import typer
 
 from moeguard.cli.app import DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _no_out, _progress, _seed, app
 from moeguard.errors import MoeguardError
+from moeguard.io import dumps
 
 
 @app.command()
@@ -20,7 +20,7 @@ def info(model: ModelOpt = None, as_json: JsonOpt = False) -> None:
 
     data = model_info(model)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        typer.echo(dumps(data, indent=2))
         return
     from moeguard.report.tables import info_table
 
@@ -51,7 +51,7 @@ def families(as_json: JsonOpt = False,
                                 hint=(f"did you mean {', '.join(close)}? " if close else "")
                                 + "`moeguard families` lists every MoE model type")
     if as_json:
-        typer.echo(json.dumps(catalog(types), indent=2))
+        typer.echo(dumps(catalog(types), indent=2))
         return
     with _progress() as progress:
         data = catalog(types, progress=progress)
@@ -69,7 +69,7 @@ def tasks(as_json: JsonOpt = False) -> None:
     rows = [{"name": t.name, "kind": t.kind.value, "source": _source_text(t), "metric": t.primary_metric,
              "description": t.description} for t in list_tasks()]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(dumps(rows, indent=2))
         return
     from moeguard.report.tables import tasks_table
 

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from moeguard.cli.app import DeviceMapOpt, JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _placement, _progress, app
+from moeguard.io import dumps
 
 
 @app.command("route-attack")
@@ -49,7 +50,7 @@ def route_attack(
     with _progress(stderr=as_json) as progress:
         doc = run(handle, t, pairs, cfg, out=out, overwrite=overwrite, progress=progress)
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(dumps(doc, indent=2))
         return
     from rich.table import Table
 
@@ -179,10 +180,10 @@ def monitor_score(
             raise SystemExit(130) from None
         summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
                                      "alpha": alpha, "log_prompts": log_prompts, **_placement(handle)})
-        (tmp / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
-        (tmp / "windows.jsonl").write_text("".join(json.dumps(w) + "\n" for w in windows))
-        (tmp / "alerts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alerts))
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
+        (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
+        (tmp / "alerts.jsonl").write_text("".join(dumps(a) + "\n" for a in alerts))
+        (tmp / "summary.json").write_text(dumps(summary, indent=2) + "\n")
         drop_replay(tmp)
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
                f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts "
@@ -327,5 +328,5 @@ def _alert_writer(path: Path):
         if rows:
             with lock, open(path, "a", encoding="utf-8") as f:
                 for a in rows:
-                    f.write(json.dumps({"client": client, **a}) + "\n")
+                    f.write(dumps({"client": client, **a}) + "\n")
     return write

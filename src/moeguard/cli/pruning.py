@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +11,7 @@ import typer
 from moeguard.cli.app import (DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints, _names,
                               _out, _param, _placement, _progress, _run, _run_study, _seed, app)
 from moeguard.errors import MoeguardError
+from moeguard.io import dumps
 
 
 @app.command()
@@ -81,7 +81,7 @@ def methods(as_json: JsonOpt = False) -> None:
 
     rows = [{"name": m.name, "description": m.description, "needs_reference": m.needs_reference} for m in list_methods()]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(dumps(rows, indent=2))
         return
     for r in rows:
         typer.echo(f"{r['name']:<15} {r['description']}")
@@ -200,7 +200,7 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
 
         _console().print(routes_table(doc))
     done = [c for c in doc["physical_checks"] if "skipped" not in c]
-    bad = [c for c in done if c["abs_diff"] > 1e-6 or c["params_physical"] != c["params_expected"]]
+    bad = [c for c in done if c["abs_diff"] is None or c["abs_diff"] > 1e-6 or c["params_physical"] != c["params_expected"]]
     typer.echo(f"{len(done)} physical-pruning checks, {len(bad)} mismatched, "
                f"{len(doc['physical_checks']) - len(done)} skipped; "
                f"{doc['evaluations']['run']} evaluations in {doc['seconds']:.0f} s; written to {out}")
@@ -258,7 +258,7 @@ def merge_methods(as_json: JsonOpt = False) -> None:
 
     rows = [{"name": m.name, "description": m.description, "uses_gate": m.uses_gate} for m in MERGE_METHODS.items()]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(dumps(rows, indent=2))
         return
     for r in rows:
         typer.echo(f"{r['name']:<20} {r['description']}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +10,7 @@ import typer
 from moeguard.cli.app import (DeviceMapOpt, MaxMemoryOpt, OverwriteOpt, SeedOpt, _config_command, _console, _names, _progress, _run,
                               _placement, _run_study, _seed, app)
 from moeguard.errors import MoeguardError
+from moeguard.io import dumps
 
 PoolOpt = Annotated[int, typer.Option("--pool-size", min=1, help="unlabeled pool: this many train records")]
 EvalLimitOpt = Annotated[int, typer.Option("--eval-limit", min=1, help="eval records scored per round")]
@@ -72,7 +72,8 @@ def realign(*, model: str, task: str, out: Path, strategy: str, budget: int, que
                                    full_score=full_score, overwrite=overwrite, progress=progress, run=_run(settings))
     _console().print(realign_table(curve))
     last = curve["points"][-1]
-    typer.echo(f"re-aligned with {last['labels']} labels: {curve['metric']} {last['score']:.4g}"
+    typer.echo(f"re-aligned with {last['labels']} labels: {curve['metric']} "
+               + ("not a finite number" if last["score"] is None else f"{last['score']:.4g}")
                + (f" ({last['retention']:.1f}% of the original)" if last["retention"] is not None else "")
                + f"; written to {out}")
 
@@ -153,7 +154,7 @@ def strategies_(as_json: Annotated[bool, typer.Option("--json", help="print JSON
     rows = [{"name": s.name, "kinds": sorted(k.value for k in s.kinds), "description": s.description}
             for s in list_strategies()]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(dumps(rows, indent=2))
         return
     for r in rows:
         typer.echo(f"{r['name']:<20} {', '.join(r['kinds']):<50} {r['description']}")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from moeguard.cli.app import DeviceMapOpt, JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _progress, app
+from moeguard.io import dumps
 
 
 @app.command("scan")
@@ -48,7 +48,7 @@ def scan(
         doc = run_scan(handle, task_list, out, config=config, references=refs, reference_models=ref_models,
                        overwrite=overwrite, progress=progress)
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(dumps(doc, indent=2))
         return
     from rich.table import Table
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from moeguard.cli.app import JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _no_out, _progress, app
+from moeguard.io import dumps
 
 
 @app.command()
@@ -52,7 +52,7 @@ def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkp
         with atomic_dir(out, overwrite=overwrite) as tmp:
             write_trace(doc, tmp)
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(dumps(doc, indent=2))
         return
     from rich.table import Table
 

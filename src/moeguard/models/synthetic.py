@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError, suggest
+from moeguard.io import dumps
 
 # The real models' text-stack dimensions (their hub config.json), minus the layer count.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -168,5 +169,5 @@ def write_synthetic(out: str | Path, config, *, seed: int = 0, max_shard_bytes: 
                   "tensors": len(plan), "largest_tensor_bytes": max(t.nbytes for t in plan),
                   "shards": [name for name, _ in shards], "layers": config.num_hidden_layers,
                   "note": "synthetic weights: for measuring cost at real dimensions, not for any result about a model"}
-        (tmp / "moeguard_synthetic.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "moeguard_synthetic.json").write_text(dumps(record, indent=2) + "\n")
     return record

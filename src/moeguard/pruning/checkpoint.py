@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from moeguard.errors import MoeguardError
-from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, check_output, partial_path, read_header, resumable_dir
+from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, check_output, dumps, partial_path, read_header, resumable_dir
 from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
 from moeguard.models.identity import weights_identity
 from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
@@ -349,7 +349,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
             record = {**extra, "pruning": {k: v for k, v in record.items() if k not in extra}}
         else:
             record.update(extra)
-        (tmp / (MERGE_RECORD_NAME if merge else RECORD_NAME)).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / (MERGE_RECORD_NAME if merge else RECORD_NAME)).write_text(dumps(record, indent=2) + "\n")
     return record
 
 

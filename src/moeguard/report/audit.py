@@ -148,13 +148,13 @@ def method_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
         row = {"method": m}
         for k in keeps:
             rnd = e["random"].get(k)
-            row[f"keep {k}"] = _fmt(v["retention"].get(k)) + (f" (rand {rnd['mean']:.1f})" if rnd else "")
+            row[f"keep {k}"] = _fmt(v["retention"].get(k)) + (f" (rand {_fmt(rnd['mean'])})" if rnd else "")
         row["AUC"] = _fmt(v["auc"])
         row["ρ vs ablation"] = _fmt(v["spearman_vs_ablation"], ".2f")
         row["seconds"] = _fmt(v["seconds"], ".1f")
         rows.append(row)
     ra = e["random_auc"]
-    rows.append({"method": "random rankings", **{f"keep {k}": (_fmt(e['random'][k]['mean']) + f" ± {e['random'][k]['std']:.1f}")
+    rows.append({"method": "random rankings", **{f"keep {k}": (_fmt(e['random'][k]['mean']) + f" ± {_fmt(e['random'][k]['std'])}")
                                                 if k in e["random"] else "–" for k in keeps},
                  "AUC": _fmt(ra.get("auc_mean")) + (f" ± {ra['auc_std']:.1f}" if ra.get("auc_std") is not None else ""),
                  "ρ vs ablation": "–", "seconds": "–"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moeguard.analysis import retention
+from moeguard.analysis import read_score, retention
 
 
 def harden_table(doc: dict[str, Any]):
@@ -39,7 +39,7 @@ def attack_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
         for p in r["points"]:
             rows.append({"task": doc["task"], "kind": r["kind"], "strategy": r["strategy"], "mode": r["mode"],
                          "lr": r["lr"], "epochs": r["epochs"], "seed": r["seed"], "labels": p["labels"],
-                         "score": p["score"], "retention": retention(p["score"], full, higher_is_better=hib)})
+                         "score": p["score"], "retention": retention(read_score(p["score"]), full, higher_is_better=hib)})
     return rows
 
 
@@ -54,7 +54,7 @@ def draw_attack(ax, doc: dict[str, Any], *, title: str | None = None, runs: bool
         for r in doc["runs"]:
             if r["points"]:
                 ax.plot([p["labels"] for p in r["points"]],
-                        [retention(p["score"], full, higher_is_better=hib) for p in r["points"]],
+                        [retention(read_score(p["score"]), full, higher_is_better=hib) for p in r["points"]],
                         color="C0" if r["mode"] == "full" else "C2", lw=0.6, alpha=0.25)
     w = doc["worst_case"]
     ax.plot(w["labels"], w["retention"], color="crimson", lw=2.2, marker="o", ms=3,

@@ -61,8 +61,8 @@ def retention_curves(doc: dict[str, Any], task: str, out: Path) -> Path:
     rs = doc["random_summary"].get(task, {})
     if rs:
         ks = sorted(int(k) for k in rs)
-        mean = np.array([rs[str(k)]["mean"] for k in ks])
-        std = np.array([rs[str(k)]["std"] for k in ks])
+        mean = np.array([rs[str(k)]["mean"] for k in ks], dtype=float)   # float: a null (not finite) is a gap
+        std = np.array([rs[str(k)]["std"] for k in ks], dtype=float)
         ax.fill_between(ks, mean - std, mean + std, color="grey", alpha=0.25, label="random (mean ± std)")
         ax.plot(ks, [rs[str(k)]["min"] for k in ks], color="grey", ls=":", lw=1)
         ax.plot(ks, [rs[str(k)]["max"] for k in ks], color="grey", ls=":", lw=1, label="random (min, max)")

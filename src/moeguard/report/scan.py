@@ -8,8 +8,8 @@ from typing import Any
 TOP = 8   # suspects shown; scan.json holds every expert
 
 
-def _fmt(x: float, spec: str = ".2f") -> str:
-    return format(x, spec)
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)   # null: a number that was not finite (io.json_safe)
 
 
 def suspect_rows(doc: dict[str, Any], top: int = TOP) -> list[dict[str, str]]:

@@ -82,7 +82,7 @@ def sweep_table(doc: dict[str, Any]):
                 p = next((p for p in doc["points"] if p["task"] == task and p["method"] == m and p["keep"] == k), None)
                 r = rand.get(str(k))
                 cells.append("-" if p is None or p["retention"] is None else
-                             f"{p['retention']:.1f}" + (f" ({r['mean']:.1f})" if r else ""))
+                             f"{p['retention']:.1f}" + (f" ({r['mean']:.1f})" if r and r["mean"] is not None else ""))
             f = faith.get(m, {})
             a, ra = f.get("auc"), faith["random"]["auc_mean"]
             rho = f.get("spearman_vs_ablation")

@@ -284,10 +284,11 @@ def assemble(adapter, tasks, weights: dict, usage: dict, effects: dict, *, confi
     rows = []
     for s, layer in enumerate(adapter.layers):
         E = layer.num_experts
-        share = np.array([usage[n]["share"][s][:E] for n in names])                 # [tasks, E]
-        crit = np.array([usage[n]["criticality"][s][:E] for n in names])           # [tasks, E]
+        # dtype float: a part read back from its kept JSON holds null where a number was not finite
+        share = np.array([usage[n]["share"][s][:E] for n in names], dtype=float)   # [tasks, E]
+        crit = np.array([usage[n]["criticality"][s][:E] for n in names], dtype=float)  # [tasks, E]
         counts = np.array([usage[n]["counts"][s][:E] for n in names]).sum(0)
-        norm = np.array([usage[n]["norm_sum"][s][:E] for n in names]).sum(0) / np.maximum(counts, 1)
+        norm = np.array([usage[n]["norm_sum"][s][:E] for n in names], dtype=float).sum(0) / np.maximum(counts, 1)
         norm_z = robust_z(norm[counts > 0], floor=1e-6) if (counts > 0).any() else np.array([])
         nz = np.zeros(E)
         nz[counts > 0] = norm_z

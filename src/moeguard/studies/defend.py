@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from moeguard.analysis import bootstrap, retention, spread
+from moeguard.analysis import bootstrap, mean_score, read_score, retention, spread
 from moeguard.studies import Phase
 from moeguard.studies.attack import AttackConfig, attack_doc, grid_jobs, pick_phase_job, scratch_jobs
 from moeguard.studies.engine import Job
@@ -160,7 +160,7 @@ class DefendEvalStudy:
         for n, name in enumerate(names):
             t = get_task(name)
             b, h = results["utility"][2 * n], results["utility"][2 * n + 1]
-            r = retention(h["score"], b["score"], higher_is_better=t.higher_is_better)
+            r = retention(read_score(h["score"]), read_score(b["score"]), higher_is_better=t.higher_is_better)
             utility[t.name] = {"metric": t.primary_metric, "base": b["score"], "hardened": h["score"],
                                "baseline": (b.get("baseline") or {}).get("score"),
                                "cost_percent": None if r is None else 100 - r}
@@ -231,7 +231,7 @@ def protocol_summary(cfg: DefendEvalConfig, results: list[dict[str, Any]]) -> di
             for _who in ("authorized", "full_ft_base"):
                 r = next(it)
                 finals[r["who"]].append(r["score"])
-        au, fb = float(np.mean(finals["authorized"])), float(np.mean(finals["full_ft_base"]))
+        au, fb = mean_score(finals["authorized"]), mean_score(finals["full_ft_base"])
         out["tasks"][t.name] = {"metric": t.primary_metric, "labels": a.budget, "authorized": finals["authorized"],
                                 "full_ft_base": finals["full_ft_base"],
                                 "ratio_percent": retention(au, fb, higher_is_better=t.higher_is_better)}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moeguard.errors import MoeguardError, suggest
-from moeguard.io import write_json
+from moeguard.io import dumps, strict_loads, write_json
 
 BACKENDS = ("local", "ray")
 
@@ -182,7 +182,7 @@ def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
         result = fn(Context(runtime), **job.args)
     finally:
         trust_inferred_families(previous)
-    return json.loads(json.dumps(result))  # exactly what the job file will hold
+    return json.loads(dumps(result))  # exactly what the job file will hold (NaN and inf as null)
 
 
 def _record(job: Job, result: dict[str, Any], scope: str | None = None) -> dict[str, Any]:
@@ -195,8 +195,10 @@ def load_done(job: Job, root: Path, scope: str | None = None) -> dict[str, Any] 
     if not path.is_file():
         return None
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # a file is only ever renamed into place whole; a damaged one runs again
+        saved = strict_loads(path.read_text(encoding="utf-8"))
+    # a file is only ever renamed into place whole; a damaged one runs again, as does one that holds
+    # NaN or Infinity (written before every result went through io.dumps: its readers expect null)
+    except (OSError, ValueError):
         return None
     if not isinstance(saved, dict) or not isinstance(saved.get("job"), dict) or "result" not in saved \
             or saved["job"].get("key") != job.key or saved.get("scope") != scope:

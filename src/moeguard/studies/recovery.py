@@ -370,9 +370,10 @@ def seeds_of(cfg: RecoveryConfig) -> list[int]:
 # --------------------------------------------------------------------------- summaries
 
 def _matrix(runs: list[dict[str, Any]]) -> np.ndarray:
-    """[seeds, budgets] retention; a round whose fine-tuning diverged (a NaN or infinite score: its
-    retention is not a finite number) retains nothing and counts 0, not a gap the other seeds'
-    mean would close over; a point with no retention at all (None) is a gap."""
+    """[seeds, budgets] retention; a round whose fine-tuning broke the model (a NaN score) retains
+    nothing and counts 0, not a gap the other seeds' mean would close over: ``analysis.retention``
+    says 0 at the source, and a non-finite retention handed in directly is read the same way. A
+    point with no retention at all (None: no reference score) is a gap."""
     def value(r):
         if r is None:
             return np.nan

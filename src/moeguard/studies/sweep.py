@@ -14,6 +14,7 @@ on all of them); the audit passes the first two from its own stages.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -313,10 +314,20 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
                           baseline=False)
         params = sum(x.numel() for x in {id(q): q for q in small.parameters()}.values())
         out.append({"task": p["task"], "method": p["method"], "keep": p["keep"], "masked_score": p["score"],
-                    "physical_score": r.score, "abs_diff": abs(r.score - p["score"]),
+                    "physical_score": r.score, "abs_diff": _abs_diff(r.score, p["score"]),
                     "params_physical": params, "params_expected": p["params"]})
         del small
     return out
+
+
+def _abs_diff(physical: float, masked: float | None) -> float | None:
+    """How far the physically pruned model's score is from the masked one's. A score that is not a
+    finite number (the masked one is read back as null) agrees only with another such: 0; against a
+    number the two disagree, and the difference is None (mismatched, for every reader)."""
+    known = [x is not None and math.isfinite(x) for x in (physical, masked)]
+    if not any(known):
+        return 0.0
+    return abs(physical - masked) if all(known) else None
 
 
 # --------------------------------------------------------------------------- the study

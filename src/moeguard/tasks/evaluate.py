@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moeguard.errors import MoeguardError
+from moeguard.io import json_safe
 from moeguard.tasks import tokens as T
 from moeguard.tasks.base import Task
 from moeguard.tasks.loaders import load_records
@@ -51,7 +52,7 @@ class TaskResult:
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
 
 def _fit_to_model(task: Task, model: Any) -> Task:
@@ -292,14 +293,3 @@ def _version() -> str:
         return version("moeguard")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _json_safe(value: Any) -> Any:
-    # JSON has no inf/nan: an overflowed perplexity is written as null.
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value

@@ -27,6 +27,7 @@ import numpy as np
 
 from moeguard.analysis import robust_z
 from moeguard.errors import MoeguardError
+from moeguard.io import dumps
 from moeguard.trace.features import ROWS, common, features
 
 F16_MAX = float(np.finfo(np.float16).max)   # fingerprints are stored in float16
@@ -68,7 +69,7 @@ class Fingerprint:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             save_file({k: np.ascontiguousarray(v.astype(np.float16)) for k, v in self.tensors.items()},
                       str(tmp / TENSORS))
-            (tmp / META).write_text(json.dumps(self.meta, indent=1))
+            (tmp / META).write_text(dumps(self.meta, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "Fingerprint":
