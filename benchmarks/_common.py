@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from datetime import datetime, timezone
@@ -19,13 +18,14 @@ def machine() -> dict:
 
 
 def write_result(name: str, data: dict, out: str | None = None) -> Path:
+    from moeguard.io import dumps
     from moeguard.provenance import git_commit
 
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "machine": machine(), **data}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path.write_text(dumps(doc, indent=2) + "\n")   # strict JSON, as every moeguard output
     return path
 
 

@@ -62,6 +62,58 @@ def test_the_search_moves_routing_to_the_target_and_the_text_attack_measures_it(
     assert got["load_max"] >= got["normal_load_mean"] and got["task"]["metric"] == "accuracy"
 
 
+def test_a_suffix_batch_targets_the_positions_that_make_the_reply():
+    from moeguard.monitor.hijack import _Batch
+
+    class Tok:
+        bos_token_id, pad_token_id, eos_token_id = 1, 0, 2
+        all_special_ids = [0, 1, 2]
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [9]}   # the separator
+
+    b = _Batch(Tok(), [[5, 6, 7], [5]], "suffix")
+    b.replies = [[30, 31, 2], [40]]
+    ids, mask, target, starts = b.build([[20, 21]])
+    # bos, input, separator, suffix, then the reply fed back but its last token (it makes nothing)
+    assert ids[0].tolist() == [1, 5, 6, 7, 9, 20, 21, 30, 31] and starts == [5, 3]
+    assert ids[1, :5].tolist() == [1, 5, 9, 20, 21] and mask[1].tolist() == [1] * 5 + [0] * 4
+    assert target[0].nonzero().flatten().tolist() == [6, 7, 8]     # the suffix's last, then the reply's
+    assert target[1].nonzero().flatten().tolist() == [4]
+    p = _Batch(Tok(), [[5, 6, 7]], "prefix")
+    ids, _, target, starts = p.build([[20, 21]])
+    assert ids[0].tolist() == [1, 20, 21, 9, 5, 6, 7] and target[0].nonzero().flatten().tolist() == [4, 5, 6]
+
+
+def test_a_reply_ends_at_its_end_of_text(monkeypatch):
+    import moeguard.tasks.tokens as T
+    from moeguard.monitor.hijack import reply
+
+    class Tok:
+        eos_token_id, pad_token_id = 2, 0
+
+    monkeypatch.setattr(T, "greedy_generate", lambda model, config, input_ids, attention_mask:
+                        torch.tensor([input_ids[0].tolist() + [7, 8, 2, 2, 2]]))
+    assert reply(None, Tok(), [1, 5], 5) == [7, 8, 2]
+    monkeypatch.setattr(T, "greedy_generate", lambda model, config, input_ids, attention_mask:
+                        torch.tensor([input_ids[0].tolist() + [7, 8, 9]]))
+    assert reply(None, Tok(), [1, 5], 3) == [7, 8, 9]
+
+
+def test_a_suffix_search_moves_the_routing_of_the_model_s_reply(embedded):
+    m, tok, adapter = embedded
+    task = get_task("arith-compare")
+    allowed = allowed_tokens(tok, m.get_input_embeddings().weight.shape[0])
+    cfg = HijackConfig(layer=1, expert=2, seed=0, position="suffix", follow_tokens=8, **FAST)
+    found = search(m, tok, adapter, task, cfg, allowed=allowed)
+    assert len(found["prefix_ids"]) == 6 and found["train_success"] > found["curve"][0]["success"]   # it moved
+    got = measure(m, tok, adapter, task, cfg, found["prefix_text"])
+    assert got["tokenization_exact"] == 1.0 and got["inputs"] == 8
+    assert 1 <= got["reply_tokens_mean_without"] <= 8 and 1 <= got["reply_tokens_mean"] <= 8   # follow_tokens bounds them
+    assert got["success"] > got["success_without_prefix"] + 0.05, got
+    assert got["task"]["with_prefix"] != got["task"]["score"]   # the suffix sits between the question and its answer
+
+
 def test_the_goal_is_judged_only_on_every_expert_of_every_layer():
     from moeguard.edge import resolve_model
     from moeguard.monitor.routeattack import summary, targets
@@ -77,6 +129,9 @@ def test_the_goal_is_judged_only_on_every_expert_of_every_layer():
     assert summary([hit(l, e, 0.95 if e < 3 else 0.5) for l in range(4) for e in range(8)], cfg, counts)["goal"]["met"] is False
     long = HijackConfig(layer=0, expert=0, prefix_tokens=40)
     assert summary(half, long, counts)["goal"]["met"] is False                # the goal's budget is 20 tokens
+    suffix = HijackConfig(layer=0, expert=0, position="suffix")
+    assert summary(half, suffix, counts)["goal"]["met"] is None               # the goal is stated for a prefix
+    assert summary(half, suffix, counts)["position"] == "suffix"
 
 
 def _measured(calls: list, real, *, interrupt_at: int | None = None):
@@ -120,7 +175,11 @@ def test_conflicting_or_missing_targets_are_one_line_errors(tmp_path, capsys):
     for extra, needle in ((["--all", "--expert", "1"], "--all and --expert were both given"),
                           ([], "no target expert"), (["--expert", "12"], "expert 12 does not exist in layer 0"),
                           (["--expert", "1", "--task", "stdlib-code"],
-                           "language_modeling task 'stdlib-code' has running text, no inputs")):
+                           "language_modeling task 'stdlib-code' has running text, no inputs"),
+                          (["--expert", "1", "--position", "middle"], "position 'middle' is not one of prefix, suffix"),
+                          (["--expert", "1", "--position", "suffix", "--follow-tokens", "0"], "--follow-tokens is 0"),
+                          (["--expert", "1", "--position", "suffix", "--task", "stdlib-code"],
+                           "route-attack places its suffix after a task's input")):
         capsys.readouterr()
         assert main(["route-attack", "--out", str(tmp_path / "x"), "--layer", "0", *extra]) == 2
         err = capsys.readouterr().err

@@ -19,13 +19,15 @@ def route_attack(
         layer: Annotated[Optional[str], typer.Option("--layer", help="MoE layer index(es), comma-separated, or 'all'; default: all")] = None,
         expert: Annotated[Optional[int], typer.Option("--expert", help="the expert the router should pick")] = None,
         every: Annotated[bool, typer.Option("--all", help="every expert of the layer(s)")] = False,
-        task: Annotated[Optional[str], typer.Option("--task", help="task whose inputs follow the prefix; default: the embedded suite's first")] = None,
-        prefix_tokens: Annotated[int, typer.Option("--prefix-tokens", help="length of the crafted prefix, in tokens")] = 20,
+        task: Annotated[Optional[str], typer.Option("--task", help="task whose inputs the crafted text goes with; default: the embedded suite's first")] = None,
+        position: Annotated[str, typer.Option("--position", help="prefix (the input's tokens follow it) or suffix (the model's reply follows it)")] = "prefix",
+        prefix_tokens: Annotated[int, typer.Option("--prefix-tokens", help="length of the crafted prefix or suffix, in tokens")] = 20,
+        follow_tokens: Annotated[int, typer.Option("--follow-tokens", help="suffix: reply tokens generated after it and measured")] = 16,
         steps: Annotated[int, typer.Option("--steps", help="GCG steps per target")] = 80,
         candidates: Annotated[int, typer.Option("--candidates", help="substitutions evaluated per step")] = 96,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0,
         as_json: JsonOpt = False) -> None:
-    """Craft a prefix that makes a layer's router send the following tokens to a chosen expert (GCG)."""
+    """Craft a prefix (or suffix) that makes a layer's router send the following tokens to a chosen expert (GCG)."""
     from moeguard.cli.app import _ints, _seed
     from moeguard.edge import embedded_or, resolve_model
     from moeguard.errors import MoeguardError
@@ -33,9 +35,11 @@ def route_attack(
     from moeguard.monitor.hijack import HijackConfig
     from moeguard.monitor.routeattack import run, targets
 
-    for name, value, least in (("--prefix-tokens", prefix_tokens, 1), ("--steps", steps, 0), ("--candidates", candidates, 1)):
+    for name, value, least in (("--prefix-tokens", prefix_tokens, 1), ("--steps", steps, 0), ("--candidates", candidates, 1),
+                               ("--follow-tokens", follow_tokens, 1)):
         if value < least:
             raise MoeguardError(f"{name} is {value}", hint=f"pass {name} of at least {least}")
+    HijackConfig(layer=0, expert=0, position=position).check()   # a misspelt --position before the model loads
     check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     layers = None if layer in (None, "all") else _ints(layer, "--layer")
@@ -46,7 +50,7 @@ def route_attack(
     check_output(out, overwrite=overwrite, inputs=task_inputs([t]), kind="folder")
     _seed(seed)
     cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=prefix_tokens, steps=steps,
-                       candidates=candidates, seed=seed)
+                       candidates=candidates, seed=seed, position=position, follow_tokens=follow_tokens)
     with _progress(stderr=as_json) as progress:
         doc = run(handle, t, pairs, cfg, out=out, overwrite=overwrite, progress=progress)
     if as_json:
@@ -54,8 +58,9 @@ def route_attack(
         return
     from rich.table import Table
 
-    tab = Table(title=f"route-attack on {doc['model']} (task {doc['task']}, prefix {prefix_tokens} tokens)")
-    for c in ("layer", "expert", "success", "without prefix", "max load (normal)", "task score with prefix"):
+    tab = Table(title=f"route-attack on {doc['model']} (task {doc['task']}, {position} {prefix_tokens} tokens"
+                      + (f", replies of {follow_tokens} tokens)" if position == "suffix" else ")"))
+    for c in ("layer", "expert", "success", f"without {position}", "max load (normal)", f"task score with {position}"):
         tab.add_column(c, justify="right")
     for r in doc["targets"]:
         m = r["measured"]

@@ -1,5 +1,13 @@
-"""Routing manipulation: a short prefix that makes one MoE layer's router send the tokens after
-it to a chosen expert (``moeguard route-attack``; docs/routing-security.md).
+"""Routing manipulation: a short prefix (or suffix) that makes one MoE layer's router send the
+tokens after it to a chosen expert (``moeguard route-attack``; docs/routing-security.md).
+
+Where the crafted text goes decides which tokens follow it:
+- **prefix**: the crafted tokens, a newline, then the task's input: the input's tokens follow;
+- **suffix**: the task's input, a newline, then the crafted tokens: what follows is the model's
+  own reply (``follow_tokens`` greedy tokens, to its end of text). A hijacked reply is computed by
+  expert E: the reach-a-permissive-expert threat. Its positions are those whose output is a reply
+  token, the suffix's last one included. The search teacher-forces the reply the current suffix
+  gets and generates it again after every step, so each step's success is that of real replies.
 
 The search is GCG (Zou et al., 2023, "Universal and transferable adversarial attacks"), with the
 router's logits as the objective instead of the next-token loss:
@@ -36,13 +44,16 @@ from moeguard.models.hooks import Hooks
 from moeguard.tasks.base import Task
 
 SEPARATOR = "\n"
+POSITIONS = ("prefix", "suffix")
 
 
 @dataclass(frozen=True, kw_only=True)
 class HijackConfig:
     layer: int                   # decoder-layer index of an MoE layer
     expert: int
-    prefix_tokens: int = 20
+    prefix_tokens: int = 20      # the crafted text's length, a prefix's or a suffix's
+    position: str = "prefix"     # POSITIONS: where the crafted text goes
+    follow_tokens: int = 16      # suffix: reply tokens generated after it (the tokens measured)
     steps: int = 80
     candidates: int = 96         # single-token substitutions evaluated per step
     topk: int = 32               # substitutes per position, from the gradient
@@ -54,6 +65,15 @@ class HijackConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self) -> None:
+        """Refuse settings no search can run, before any weight is read."""
+        if self.position not in POSITIONS:
+            raise MoeguardError(f"position '{self.position}' is not one of {', '.join(POSITIONS)}",
+                                hint=f"pass --position {' or '.join(POSITIONS)}")
+        for name, value in (("prefix_tokens", self.prefix_tokens), ("follow_tokens", self.follow_tokens)):
+            if value < 1:
+                raise MoeguardError(f"{name} is {value}", hint=f"pass --{name.replace('_', '-')} of at least 1")
 
 
 class _Stop(Exception):
@@ -139,33 +159,76 @@ def _inputs(task: Task, role: str, n: int, tokenizer, max_tokens: int | None) ->
 
 
 class _Batch:
-    """bos + prefix + separator + input, right-padded; which positions are the input's."""
+    """The rows one search step runs, right-padded: per crafted text and input, either
+    bos + text + separator + input (prefix: the input's positions are the targets), or
+    bos + input + separator + text + reply (suffix: the positions whose output is a reply token,
+    teacher-forced on ``replies``, the reply each input got with the current suffix)."""
 
-    def __init__(self, tokenizer, inputs: list[list[int]]):
+    def __init__(self, tokenizer, inputs: list[list[int]], position: str = "prefix"):
         from moeguard.tasks.tokens import bos_ids, encode, pad_id
 
         self.head = bos_ids(tokenizer)
         self.sep = encode(tokenizer, SEPARATOR)
         self.inputs = inputs
         self.pad = pad_id(tokenizer)
+        self.position = position
+        self.replies: list[list[int]] = [[] for _ in inputs]
 
-    def build(self, prefixes: list[list[int]], *, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids [B, T], attention mask [B, T], target mask [B, T]) for every prefix x input."""
-        seqs, starts = [], []
-        for p in prefixes:
-            for x in self.inputs:
-                lead = self.head + list(p) + self.sep
-                seqs.append(lead + x)
-                starts.append(len(lead))
+    def prompt(self, text: list[int], x: list[int]) -> tuple[list[int], int]:
+        """(the request's ids, where the crafted text starts in them)."""
+        if self.position == "prefix":
+            return self.head + list(text) + self.sep + x, len(self.head)
+        return self.head + x + self.sep + list(text), len(self.head) + len(x) + len(self.sep)
+
+    def build(self, texts: list[list[int]], *, device=None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """(ids [B, T], attention mask [B, T], target mask [B, T], each row's text start) for every
+        crafted text x input."""
+        seqs, spans, starts = [], [], []
+        for p in texts:
+            for x, reply in zip(self.inputs, self.replies):
+                ids, at = self.prompt(p, x)
+                if self.position == "prefix":
+                    spans.append((at + len(p) + len(self.sep), len(ids)))
+                else:   # the prompt's last position makes the first reply token; the reply's last makes none
+                    spans.append((len(ids) - 1, len(ids) - 1 + len(reply)))
+                    ids = ids + reply[:-1] if reply else ids
+                seqs.append(ids)
+                starts.append(at)
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), T), dtype=torch.long)
         target = torch.zeros((len(seqs), T), dtype=torch.bool)
-        for r, (s, a) in enumerate(zip(seqs, starts)):
+        for r, (s, (a, b)) in enumerate(zip(seqs, spans)):
             ids[r, :len(s)] = torch.tensor(s)
             mask[r, :len(s)] = 1
-            target[r, a:len(s)] = True
-        return ids.to(device), mask.to(device), target.to(device)
+            target[r, a:b] = True
+        return ids.to(device), mask.to(device), target.to(device), starts
+
+
+def replies(model, tokenizer, batch: _Batch, text: list[int], n: int) -> list[list[int]]:
+    """Each input's greedy reply to ``text`` placed after it (``batch.position`` "suffix"): at most
+    ``n`` tokens, ending at the tokenizer's end of text when the model says it."""
+    from moeguard.tasks.tokens import model_device
+
+    device = model_device(model)
+    return [reply(model, tokenizer, batch.prompt(text, x)[0], n, device=device) for x in batch.inputs]
+
+
+def reply(model, tokenizer, ids: list[int], n: int, *, device=None) -> list[int]:
+    """The greedy reply (at most ``n`` tokens, its end-of-text token kept) to the prompt ``ids``."""
+    from transformers import GenerationConfig
+
+    from moeguard.tasks.tokens import greedy_generate, pad_id
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, pad_token_id=pad_id(tokenizer),
+                              eos_token_id=eos)
+    with torch.no_grad():
+        out = greedy_generate(model, config, input_ids=torch.tensor([ids], device=device),
+                              attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device))
+    got = out[0, len(ids):].tolist()
+    return got[:got.index(eos) + 1] if eos is not None and eos in got else got
 
 
 def _objective(logits: torch.Tensor, expert: int) -> torch.Tensor:
@@ -192,7 +255,8 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     slot = check_target(adapter, cfg.layer, cfg.expert)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    batch = _Batch(tokenizer, _inputs(task, "train", cfg.train_inputs, tokenizer, cfg.max_input_tokens))
+    cfg.check()
+    batch = _Batch(tokenizer, _inputs(task, "train", cfg.train_inputs, tokenizer, cfg.max_input_tokens), cfg.position)
     P = len(batch.inputs)
     if P == 0:
         raise MoeguardError(f"task '{task.name}' has no non-empty train input to craft a prefix on",
@@ -211,14 +275,19 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     model.eval()
     try:
         for step in range(cfg.steps + 1):
-            # 1. the gradient w.r.t. the prefix's one-hot tokens (the forward stops at the router)
-            ids, mask, target = batch.build([prefix], device=device)
+            if cfg.position == "suffix":   # the reply this suffix gets, which the step's targets follow
+                batch.replies = replies(model, tokenizer, batch, prefix, cfg.follow_tokens)
+            # 1. the gradient w.r.t. the crafted tokens' one-hot (the forward stops at the router)
+            ids, mask, target, starts = batch.build([prefix], device=device)
             onehot = torch.zeros(n, W.shape[0], dtype=W.dtype, device=device)
             onehot[torch.arange(n, device=device), torch.tensor(prefix, device=device)] = 1.0
             onehot.requires_grad_(True)
             x = embed(ids).detach()
-            lead = len(batch.head)
-            x = torch.cat([x[:, :lead], (onehot @ W).expand(P, n, -1), x[:, lead + n:]], dim=1)
+            if cfg.position == "prefix":   # one offset for every row
+                lead = len(batch.head)
+                x = torch.cat([x[:, :lead], (onehot @ W).expand(P, n, -1), x[:, lead + n:]], dim=1)
+            else:                          # after inputs of different lengths
+                x = torch.stack([torch.cat([x[r, :a], onehot @ W, x[r, a + n:]]) for r, a in enumerate(starts)])
             with RouterTap(adapter, slot) as tap:
                 logits, index = tap.run(model, inputs_embeds=x, attention_mask=mask)
             succ, ce = _scores(logits.detach(), index, target, cfg.expert, P)
@@ -252,7 +321,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             per_chunk = max(1, 512 // P)
             with torch.no_grad():
                 for i in range(0, len(cands), per_chunk):
-                    ids, mask, target = batch.build(cands[i:i + per_chunk], device=device)
+                    ids, mask, target, _ = batch.build(cands[i:i + per_chunk], device=device)
                     with RouterTap(adapter, slot) as tap:
                         logits, index = tap.run(model, input_ids=ids, attention_mask=mask)
                     s_, c_ = _scores(logits, index, target, cfg.expert, P)
@@ -274,39 +343,51 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
 
 def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_text: str, *,
             plain=None) -> dict[str, Any]:
-    """Success and load on held-out inputs, sent as text with and without the prefix, and the
-    task's score with the prefix prepended against without (``plain``: that score's
-    ``TaskResult`` when already known: it is the same for every target of a run)."""
+    """Success and load on held-out inputs, sent as text with and without the crafted text, and the
+    task's score with it against without (``plain``: that score's ``TaskResult`` when already known:
+    it is the same for every target of a run). A suffix's success is over the reply each request
+    gets (generated here), the request's load over its prompt and reply."""
     from moeguard.tasks.evaluate import evaluate_task
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.tokens import bos_ids, encode, model_device
 
+    cfg.check()
     slot = check_target(adapter, cfg.layer, cfg.expert)
     k = adapter.top_k
     device = model_device(model)
     head, sep = bos_ids(tokenizer), encode(tokenizer, SEPARATOR)
     p_ids = encode(tokenizer, prefix_text)
+    suffix = cfg.position == "suffix"
     rows = {"attacked": [], "normal": []}
     exact = 0
     recs = [r for r in load_records(task, "eval", limit=cfg.eval_inputs) if r["input"]]
     if not recs:
-        raise MoeguardError(f"task '{task.name}' has no non-empty eval input to measure the prefix on",
+        raise MoeguardError(f"task '{task.name}' has no non-empty eval input to measure the {cfg.position} on",
                             hint="pass --task with a task whose records have inputs")
     with torch.no_grad():
         for r in recs:
             x = encode(tokenizer, r["input"])
-            full = encode(tokenizer, prefix_text + SEPARATOR + r["input"])
-            exact += full == p_ids + sep + x
-            for kind, ids, start in (("attacked", head + full, len(head) + len(p_ids) + len(sep)),
-                                     ("normal", head + x, len(head))):
+            if suffix:
+                full = encode(tokenizer, r["input"] + SEPARATOR + prefix_text)
+                exact += full == x + sep + p_ids
+            else:
+                full = encode(tokenizer, prefix_text + SEPARATOR + r["input"])
+                exact += full == p_ids + sep + x
+            for kind, ids in (("attacked", head + full), ("normal", head + x)):
+                answer = []
+                if suffix:   # the positions that make the reply: the prompt's last, then the reply's
+                    answer = reply(model, tokenizer, ids, cfg.follow_tokens, device=device)
+                    start, ids = len(ids) - 1, ids + answer[:-1]
+                else:
+                    start = len(head) + len(p_ids) + len(sep) if kind == "attacked" else len(head)
                 with RouterTap(adapter, slot) as tap:
                     _, index = tap.run(model, input_ids=torch.tensor([ids], device=device))
                 hit = (index == cfg.expert).any(dim=-1)
-                rows[kind].append({"success": float(hit[start:].float().mean()),
+                rows[kind].append({"success": float(hit[start:].float().mean()), "reply": len(answer),
                                    "load": float((index == cfg.expert).sum()) / (k * index.shape[0])})
+    text = {"input_suffix": SEPARATOR + prefix_text} if suffix else {"input_prefix": prefix_text + SEPARATOR}
     full_score = plain or evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False)
-    hit_score = evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False,
-                              input_prefix=prefix_text + SEPARATOR)
+    hit_score = evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False, **text)
     a, nrm = rows["attacked"], rows["normal"]
     return {"success": round(float(np.mean([r["success"] for r in a])), 4),
             "success_without_prefix": round(float(np.mean([r["success"] for r in nrm])), 4),
@@ -316,5 +397,8 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
             "normal_load_max": round(max(r["load"] for r in nrm), 4),
             "uniform_load": round(1.0 / adapter.layers[slot].num_experts, 4),
             "inputs": len(recs), "tokenization_exact": exact / max(1, len(recs)),
+            # a suffix's success is over this many reply tokens a request (few: a short answer is measured whole)
+            **({"reply_tokens_mean": round(float(np.mean([r["reply"] for r in a])), 2),
+                "reply_tokens_mean_without": round(float(np.mean([r["reply"] for r in nrm])), 2)} if suffix else {}),
             "task": {"metric": full_score.metric, "score": full_score.score, "with_prefix": hit_score.score,
                      "higher_is_better": full_score.higher_is_better, "limit": cfg.eval_limit}}

@@ -1,4 +1,4 @@
-"""``moeguard route-attack``: hijack searches over chosen (layer, expert) targets into one
+"""``moeguard route-attack``: hijack searches (a prefix, or a suffix) over chosen (layer, expert) targets into one
 resumable folder: ``route_attack.json`` (schema ``moeguard.route-attack/1``), one file per target
 as it finishes (so an interrupted run continues where it stopped), and with several targets a
 heat map of how hijackable each expert is.
@@ -44,9 +44,10 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
     from moeguard.models.adapter import MoEAdapter
     from moeguard.provenance import run_record
 
-    if not task.kind_spec.prompted:   # before any output or weights: there is no input to follow the prefix
-        raise MoeguardError(f"route-attack places its prefix before a task's input, and {task.kind} task '{task.name}' "
-                            f"has running text, no inputs",
+    cfg.check()
+    if not task.kind_spec.prompted:   # before any output or weights: there is no input to place the text by
+        raise MoeguardError(f"route-attack places its {cfg.position} {'before' if cfg.position == 'prefix' else 'after'} "
+                            f"a task's input, and {task.kind} task '{task.name}' has running text, no inputs",
                             hint="pass --task with a classification or summarization task, e.g. arith-compare")
     from moeguard.models.identity import weights_identity
     from moeguard.tasks.loaders import task_identity
@@ -105,8 +106,10 @@ def summary(results: list[dict[str, Any]], cfg: HijackConfig, experts: dict[int,
     out = {str(l): {**v, "share_hijacked": round(len(v["hijacked"]) / len(v["experts"]), 4)} for l, v in layers.items()}
     complete = set(layers) == set(experts) and all(sorted(v["experts"]) == list(range(experts[l]))
                                                    for l, v in layers.items())
-    return {"layers": out, "prefix_tokens": cfg.prefix_tokens,
+    # the goal is stated for a prefix: a suffix's numbers are reported beside it, never judged by it
+    judged = complete and cfg.position == "prefix"
+    return {"layers": out, "prefix_tokens": cfg.prefix_tokens, "position": cfg.position,
             "goal": {"rule": f">= {GOAL_SUCCESS:.0%} success on >= {GOAL_SHARE:.0%} of each layer's experts, "
                              f"prefix <= 20 tokens",
-                     "met": (complete and cfg.prefix_tokens <= 20
-                             and all(v["share_hijacked"] >= GOAL_SHARE for v in out.values())) if complete else None}}
+                     "met": (cfg.prefix_tokens <= 20
+                             and all(v["share_hijacked"] >= GOAL_SHARE for v in out.values())) if judged else None}}

@@ -72,11 +72,11 @@ def _fit_to_model(task: Task, model: Any) -> Task:
 def evaluate_task(model: Any, tokenizer: Any, task: Task | str, *, limit: int | None = None,
                   batch_size: int = 16, reference: float | None = None, progress: Any = None,
                   baseline: bool = True, baseline_limit: int | None = BASELINE_TRAIN_LIMIT,
-                  input_prefix: str = "") -> TaskResult:
+                  input_prefix: str = "", input_suffix: str = "") -> TaskResult:
     """Evaluate ``model`` on the first ``limit`` eval records of ``task``.
 
-    ``input_prefix`` is prepended to every record's input (``route-attack`` measures what its
-    hijack prefix does to the task).
+    ``input_prefix`` is prepended to every record's input, ``input_suffix`` appended
+    (``route-attack`` measures what its hijack text does to the task).
 
     ``reference`` is a reference perplexity (language modeling only) that adds
     ``normalized_perplexity``. ``progress`` is an optional ``rich.progress.Progress``,
@@ -95,8 +95,8 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task | str, *, limit: int | 
         raise MoeguardError(f"task '{task.name}' has max_length {task.max_length}",
                             hint="set max_length to at least 2 tokens")
     records = load_records(task, "eval", limit=limit)
-    if input_prefix:
-        records = [{**r, "input": input_prefix + r["input"]} for r in records]
+    if input_prefix or input_suffix:
+        records = [{**r, "input": input_prefix + r["input"] + input_suffix} for r in records]
     train = None
     if baseline and "train" in task.splits:
         train = load_records(task, "train", limit=baseline_limit)
