@@ -81,8 +81,10 @@ def test_the_physical_check_compares_scores_that_were_not_finite():
     from moeguard.studies.sweep import _abs_diff
 
     assert _abs_diff(0.5, 0.5) == 0.0 and _abs_diff(0.5, 0.25) == 0.25
-    assert _abs_diff(math.nan, None) == 0.0 and _abs_diff(math.inf, None) == 0.0   # both not numbers: agree
-    assert _abs_diff(math.nan, 0.5) is None and _abs_diff(0.5, None) is None       # one is: mismatched
+    assert _abs_diff(math.nan, None) == 0.0 and _abs_diff(math.inf, None) == 0.0   # null: an unknown non-number
+    assert _abs_diff(math.nan, math.nan) == 0.0 and _abs_diff(math.inf, math.inf) == 0.0
+    assert _abs_diff(math.nan, math.inf) is None                                     # different non-numbers
+    assert _abs_diff(math.nan, 0.5) is None and _abs_diff(0.5, None) is None       # one is a number: mismatched
     assert json.loads(dumps({"d": _abs_diff(math.inf, 0.5)})) == {"d": None}
 
 
@@ -93,3 +95,57 @@ def test_the_scan_tables_print_a_null_number_as_a_dash():
                         "effect": {"score": None, "start_token": "a", "continuation": "b"}}], "ranking": ["0:1"]}
     row = suspect_rows(doc)[0]
     assert row["suspicion"] == "-" and row["score (nats)"] == "-" and row["expert"] == "0:1"
+
+
+def test_the_edges_of_retention_and_the_margin_over_the_baseline():
+    from moeguard.analysis import above_baseline
+
+    assert retention(math.nan, 0.0, higher_is_better=True) is None          # no reference beats "broken"
+    assert above_baseline(math.nan, 0.8, 0.5, higher_is_better=True) == 0.0  # keeps nothing of the margin
+    assert above_baseline(math.inf, 10.0, 40.0, higher_is_better=False) == 0.0   # was -inf: not JSON
+    assert above_baseline(0.6, math.nan, 0.5, higher_is_better=True) is None
+    assert above_baseline(0.65, 0.8, 0.5, higher_is_better=True) == pytest.approx(50.0)
+
+
+def test_the_worst_case_over_runs_prefers_a_finite_score_and_counts_an_all_broken_label_count_as_zero():
+    from moeguard.studies.attack import envelope
+
+    def run(mode, scores):
+        return {"strategy": "random", "mode": mode, "lr": 1, "epochs": 1, "seed": 0,
+                "points": [{"labels": x, "score": s} for x, s in zip((0, 8, 16), scores)]}
+
+    e = envelope([run("full", [40.0, None, None]), run("lora", [40.0, 60.0, None])], True, 80.0, 20.0)
+    assert e["labels"] == [0, 8, 16] and e["score"] == [40.0, 60.0, None]
+    assert e["retention"] == [50.0, 75.0, 0.0] and e["above_baseline"][2] == 0.0   # not a gap
+    assert e["argbest"][1]["mode"] == "lora" and e["argbest"][2]["mode"] == "full"
+    assert strict_loads(dumps(e)) == json.loads(dumps(e))
+
+
+def test_a_round_scored_from_a_result_read_back_with_null_retains_nothing():
+    from moeguard.realign.loop import _point
+    from moeguard.tasks.evaluate import TaskResult
+
+    r = TaskResult(task="t", kind="language_modeling", metric="perplexity", score=None, higher_is_better=False,
+                   metrics={}, n_samples=4, split="eval")
+    assert _point(0, [], r, 12.0, {})["retention"] == 0.0
+    ok = TaskResult(task="t", kind="language_modeling", metric="perplexity", score=24.0, higher_is_better=False,
+                    metrics={}, n_samples=4, split="eval")
+    assert _point(0, [], ok, 12.0, {})["retention"] == 50.0
+
+
+def test_a_finished_audit_stage_whose_json_holds_nan_runs_again(tmp_path):
+    from moeguard.audit.stages import StageStore
+
+    runs = []
+
+    def stage(text):
+        def write(folder):
+            runs.append(1)
+            (folder / "sweep.json").write_text(text)
+        return write
+
+    assert not StageStore(tmp_path).run("sweep", {"a": 1}, stage('{"r": null}')).cached
+    assert StageStore(tmp_path).run("sweep", {"a": 1}, stage('{"r": null}')).cached and len(runs) == 1
+    StageStore(tmp_path / "old").run("sweep", {"a": 1}, stage('{"r": NaN} '))   # as json.dumps wrote it before
+    again = StageStore(tmp_path / "old").run("sweep", {"a": 1}, stage('{"r": null}'))
+    assert not again.cached and len(runs) == 3 and again.read("sweep.json") == {"r": None}

@@ -45,12 +45,12 @@ def retention(score: float | None, full: float | None, *, higher_is_better: bool
     A score that is not a number (NaN: broken weights, a diverged fine-tune) retains nothing: 0,
     not a gap that a mean over seeds would close over, and not a NaN that JSON cannot hold. A full
     score that is not a finite number gives no reference: None."""
-    if score is None or full is None or not math.isfinite(full):
+    if score is None or full is None or not math.isfinite(full) or (higher_is_better and not full):
         return None
     if math.isnan(score):
         return 0.0
     if higher_is_better:
-        return 100.0 * score / full if full else None
+        return 100.0 * score / full
     return 100.0 * full / score if score else None
 
 
@@ -70,11 +70,15 @@ def above_baseline(score: float | None, full: float | None, base: float | None, 
     """Share of the full model's margin over the trivial baseline that survives, in percent
     (0 = no better than "knows nothing about the input"; can go negative). None when the full
     model has no margin: at or below its baseline, the share's sign would flip (a better pruned
-    score reading as a larger loss)."""
-    if score is None or full is None or base is None:
+    score reading as a larger loss). A score that is not a finite number (NaN, or an infinite
+    perplexity: -inf, which JSON cannot hold) is counted as keeping nothing of the margin: 0, as
+    :func:`retention` counts it."""
+    if score is None or full is None or base is None or not (math.isfinite(full) and math.isfinite(base)):
         return None
     if (full <= base) if higher_is_better else (full >= base):
         return None
+    if not math.isfinite(score):
+        return 0.0
     if higher_is_better:
         return 100.0 * (score - base) / (full - base)
     lf, lb, ls = math.log(full), math.log(base), math.log(score)  # perplexities compare in log space

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from moeguard.io import _move_into_place, write_json
+from moeguard.io import _move_into_place, strict_loads, write_json
 from moeguard.studies.engine import digest
 
 DONE = "done.json"
@@ -71,6 +71,14 @@ class StageStore:
         files = info.get("files", {})         # absent in stages finished before 2026-12-04
         if not isinstance(files, dict) or any(not isinstance(size, int) or not (folder / rel).is_file()
                                               or (folder / rel).stat().st_size != size for rel, size in files.items()):
+            return None
+        # a stage written before every output was strict JSON, whose files hold NaN or Infinity, runs
+        # again: its readers now take null for a number that is not finite (io.dumps)
+        try:
+            for rel in files:
+                if rel.endswith(".json"):
+                    strict_loads((folder / rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return None
         return info
 

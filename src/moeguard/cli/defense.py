@@ -139,7 +139,8 @@ def attack(*, out: Path, model: Optional[str], device_map: Optional[str], backen
     s = doc["summary"]
     u = s["uncertainty"]["realigned_retention"]
     spread = f" (per seed {u['min']:.1f}-{u['max']:.1f}%)" if u.get("n", 0) > 1 else ""
-    typer.echo(f"attacker keeps {s['pruned_retention']:.1f}% after pruning and {s['realigned_retention']:.1f}% after "
+    pct = lambda x: "an unknown share" if x is None else f"{x:.1f}%"   # noqa: E731 -- None: no finite reference score
+    typer.echo(f"attacker keeps {pct(s['pruned_retention'])} after pruning and {pct(s['realigned_retention'])} after "
                f"re-alignment with {cfg.budget} labels (worst case over {len(doc['runs'])} runs{spread}); written to {out}")
 
 

@@ -25,7 +25,7 @@ import torch
 
 from moeguard.errors import MoeguardError
 from moeguard.io import write_json
-from moeguard.analysis import retention
+from moeguard.analysis import read_score, retention
 from moeguard.realign.engine import FinetuneConfig, finetune, fingerprint
 from moeguard.realign.features import unlabeled
 from moeguard.realign.modes import Trainable, apply_mode
@@ -226,8 +226,9 @@ def _evaluate(model, tokenizer, task, cfg: ALConfig) -> TaskResult:
 
 
 def _point(labels: int, selected: list[int], result: TaskResult, full: float | None, extra: dict) -> dict[str, Any]:
+    # a result rebuilt from JSON (the recovery study's round 0) holds null for a score that was not finite
     return {"labels": labels, "selected": list(selected), "score": result.score,
-            "retention": retention(result.score, full, higher_is_better=result.higher_is_better),
+            "retention": retention(read_score(result.score), full, higher_is_better=result.higher_is_better),
             "metrics": result.metrics, **extra}
 
 

@@ -162,7 +162,7 @@ def utility_plot(doc: dict[str, Any], out: Path) -> Path:
     fig, axes = plt.subplots(1, len(names), figsize=(2.4 * len(names) + 1, 3.2), squeeze=False, layout="constrained")
     for ax, n in zip(axes[0], names):
         u = doc["utility"][n]
-        ax.bar([0, 1], [u["base"], u["hardened"]], color=["C0", "crimson"])
+        ax.bar([0, 1], [read_score(u["base"]), read_score(u["hardened"])], color=["C0", "crimson"])   # null: no bar
         if u.get("baseline") is not None:
             ax.axhline(u["baseline"], color="0.3", ls=":", lw=0.8)
         ax.set_xticks([0, 1], ["base", "hardened"], fontsize=8)

@@ -292,7 +292,7 @@ def assemble(adapter, tasks, weights: dict, usage: dict, effects: dict, *, confi
         norm_z = robust_z(norm[counts > 0], floor=1e-6) if (counts > 0).any() else np.array([])
         nz = np.zeros(E)
         nz[counts > 0] = norm_z
-        chain = np.array([effects[_key(layer.index, e)]["score"] for e in range(E)])
+        chain = np.array([effects[_key(layer.index, e)]["score"] for e in range(E)], dtype=float)
         sib = robust_z(chain, floor=CHAIN_FLOOR)
         ref = robust_z(chain, null[s], floor=CHAIN_FLOOR) if null is not None else None
         for e in range(E):

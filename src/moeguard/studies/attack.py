@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeguard.analysis import above_baseline, auc, bootstrap, labels_to_target, mean_ci, retention, spread
+from moeguard.analysis import above_baseline, auc, bootstrap, labels_to_target, mean_ci, read_score, retention, spread
 from moeguard.config import SEED_MAX, setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.realign.engine import FinetuneConfig, TrainingDiverged
@@ -408,19 +408,26 @@ def _mean_or_none(values: list, idx) -> float | None:
 
 
 def envelope(runs: list[dict[str, Any]], higher_is_better: bool, full: float, base: float | None) -> dict[str, Any]:
-    """Per label count, the best score over every run (max, or min for perplexity) and the run that got it."""
+    """Per label count, the best score over every run (max, or min for perplexity) and the run that got it.
+
+    A score that is not a finite number (null once read back) is never the best while another run
+    has one; where no run has one, that label count's best is None and retains 0 (a broken model
+    keeps nothing, as ``analysis.retention`` says), not a gap that a mean over seeds would close over."""
     by: dict[int, list[tuple[float, int]]] = {}
+    broken: dict[int, int] = {}   # label count -> the first run whose score there was not finite
     for i, r in enumerate(runs):
         for p in r["points"]:
             if p["score"] is not None and np.isfinite(p["score"]):
                 by.setdefault(p["labels"], []).append((p["score"], i))
-    labels = sorted(by)
+            else:
+                broken.setdefault(p["labels"], i)
+    labels = sorted(set(by) | set(broken))
     pick = max if higher_is_better else min
-    best = [pick(by[x]) for x in labels]
+    best = [pick(by[x]) if x in by else (None, broken[x]) for x in labels]
     scores = [b[0] for b in best]
     return {"labels": labels, "score": scores,
-            "retention": [retention(s, full, higher_is_better=higher_is_better) for s in scores],
-            "above_baseline": [above_baseline(s, full, base, higher_is_better=higher_is_better) for s in scores],
+            "retention": [retention(read_score(s), full, higher_is_better=higher_is_better) for s in scores],
+            "above_baseline": [above_baseline(read_score(s), full, base, higher_is_better=higher_is_better) for s in scores],
             "argbest": [{k: runs[b[1]][k] for k in ("strategy", "mode", "lr", "epochs", "seed", "route") if k in runs[b[1]]}
                         for b in best]}
 

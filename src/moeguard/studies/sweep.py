@@ -321,13 +321,17 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
 
 
 def _abs_diff(physical: float, masked: float | None) -> float | None:
-    """How far the physically pruned model's score is from the masked one's. A score that is not a
-    finite number (the masked one is read back as null) agrees only with another such: 0; against a
-    number the two disagree, and the difference is None (mismatched, for every reader)."""
-    known = [x is not None and math.isfinite(x) for x in (physical, masked)]
-    if not any(known):
-        return 0.0
-    return abs(physical - masked) if all(known) else None
+    """How far the physically pruned model's score is from the masked one's. Scores that are not
+    finite numbers agree only when they are the same (both NaN, or the same infinity): 0; otherwise
+    the difference is None, which every reader counts as mismatched (JSON cannot hold NaN).
+    (None, a masked score read back from JSON, is an unknown non-finite number: it agrees with one.)"""
+    finite = [x is not None and math.isfinite(x) for x in (physical, masked)]
+    if all(finite):
+        return abs(physical - masked)
+    if any(finite):
+        return None
+    same = masked is None or physical == masked or (math.isnan(physical) and math.isnan(masked))
+    return 0.0 if same else None
 
 
 # --------------------------------------------------------------------------- the study
