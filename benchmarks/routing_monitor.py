@@ -18,7 +18,9 @@ per request and per window, and the false-positive rate at 90% detection.
     as an attacker labelling through the API picks what to send;
   - ``saturation``: 40 tokens drawn from those whose own embedding routes most strongly to one expert
     of layer 0 (the cheapest load attack, needing no search);
-  - ``random``: 40 random vocabulary tokens per request.
+  - ``random``: 40 random vocabulary tokens per request;
+  - ``hijack-suffix``: benign task inputs followed by a route-attack suffix (held-out success >= 90%
+    on the reply, from ``--route-attack-suffix``), one suffix per client.
 - Scores: a request's combined calibrated p-value (lower = more anomalous; ties count half in the
   AUROC), and the same for each client's windows of 16 consecutive requests.
 """
@@ -86,6 +88,8 @@ def fpr_at_detection(benign: list[float], attack: list[float], detection: float 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--route-attack", default=str(Path(__file__).parent / "results" / "route_attack.json"))
+    ap.add_argument("--route-attack-suffix", default=str(Path(__file__).parent / "results" / "route_attack_suffix.json"),
+                    help="route-attack --position suffix results: hijack-suffix clients (skipped if absent)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -160,6 +164,17 @@ def main() -> None:
     for i in range(12):
         clients.append(("random", f"random-{i}", [tok.decode(rng.choices(list(allowed), k=40)) for _ in range(PER_CLIENT)]))
 
+    # suffix hijacks last, so every client above draws what it drew before they existed. The monitor
+    # reads a request's prefill: it sees the suffix's own tokens, not the reply whose routing it moves
+    suffixes = []
+    if Path(args.route_attack_suffix).exists():
+        doc = json.loads(Path(args.route_attack_suffix).read_text())
+        doc = doc.get("route_attack", doc)
+        suffixes = [t for t in doc["targets"] if t["measured"]["success"] >= 0.9]
+    for i, t in enumerate(suffixes):
+        clients.append(("hijack-suffix", f"hijack-suffix-{i}",
+                        [rng.choice(held[rng.choice(task_topics)]) + SEPARATOR + t["prefix_text"] for _ in range(PER_CLIENT)]))
+
     records, kind_of = [], {}
     for kind, cid, prompts in clients:
         kind_of[cid] = kind
@@ -191,6 +206,11 @@ def main() -> None:
              "share_without_prefix": t["measured"]["success_without_prefix"],
              "auroc": round(auroc(b, [r["p"] for r in rows if r["client"] == f"hijack-{i}"]), 4)}
             for i, t in enumerate(hijacks)]
+        result[level]["hijack_suffix_by_target"] = [
+            {"layer": t["layer"], "expert": t["expert"], "success": t["measured"]["success"],
+             "share_without_suffix": t["measured"]["success_without_prefix"],
+             "auroc": round(auroc(b, [r["p"] for r in rows if r["client"] == f"hijack-suffix-{i}"]), 4)}
+            for i, t in enumerate(suffixes)]
     goals = {
         "window_auroc_0.97_each": {k: v["auroc"] >= 0.97 for k, v in result["per_window"].items() if isinstance(v, dict)},
         "window_fpr_1pct_at_90pct": {k: v["fpr_at_90pct_detection"] <= 0.01 for k, v in result["per_window"].items()
@@ -200,7 +220,7 @@ def main() -> None:
         "profile": {"topics": list(topics), "requests": prof.meta["requests"], "window": WINDOW,
                     "real_text": sorted(k for k in topics if k in ("sst2", "wikitext", "shakespeare", "scitldr"))},
         "clients": {k: sum(1 for v in kind_of.values() if v == k) for k in sorted(set(kind_of.values()))},
-        "hijack_prefixes": len(prefixes), "p_floor": summary["p_floor"], "results": result, "goals": goals,
+        "hijack_prefixes": len(prefixes), "hijack_suffixes": len(suffixes), "p_floor": summary["p_floor"], "results": result, "goals": goals,
         "seconds": round(time.perf_counter() - t0, 1)}, args.out)
     for level in ("per_request", "per_window"):
         for k, v in result[level].items():

@@ -94,10 +94,23 @@ def test_a_reply_ends_at_its_end_of_text(monkeypatch):
 
     monkeypatch.setattr(T, "greedy_generate", lambda model, config, input_ids, attention_mask:
                         torch.tensor([input_ids[0].tolist() + [7, 8, 2, 2, 2]]))
-    assert reply(None, Tok(), [1, 5], 5) == [7, 8, 2]
+    assert reply(None, Tok(), [1, 5], 5) == [7, 8]          # the end of text is not a reply token
     monkeypatch.setattr(T, "greedy_generate", lambda model, config, input_ids, attention_mask:
                         torch.tensor([input_ids[0].tolist() + [7, 8, 9]]))
     assert reply(None, Tok(), [1, 5], 3) == [7, 8, 9]
+
+
+def test_a_silenced_reply_hijacks_nothing_and_counts_zero_in_the_search():
+    from moeguard.monitor.hijack import _scores
+
+    # two rows of one suffix: one reply of 2 positions both routed to expert 3, one empty reply
+    target = torch.tensor([[False, True, True], [False, False, False]])
+    index = torch.tensor([[0, 1], [3, 1], [3, 2], [3, 1], [3, 1], [3, 1]])   # [B*T, k]
+    logits = torch.zeros(6, 4)
+    succ, _ = _scores(logits, index, target, 3, 2, per_input=True)
+    assert succ.tolist() == [0.5]                      # 1.0 and 0 (not 1.0 over the one row that replied)
+    succ, _ = _scores(logits, index, target, 3, 2)
+    assert succ.tolist() == [1.0]                      # the prefix's token-weighted share, as before
 
 
 def test_a_suffix_search_moves_the_routing_of_the_model_s_reply(embedded):

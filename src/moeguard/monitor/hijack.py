@@ -4,9 +4,10 @@ tokens after it to a chosen expert (``moeguard route-attack``; docs/routing-secu
 Where the crafted text goes decides which tokens follow it:
 - **prefix**: the crafted tokens, a newline, then the task's input: the input's tokens follow;
 - **suffix**: the task's input, a newline, then the crafted tokens: what follows is the model's
-  own reply (``follow_tokens`` greedy tokens, to its end of text). A hijacked reply is computed by
+  own reply (``follow_tokens`` greedy tokens, up to its end of text). A hijacked reply is computed by
   expert E: the reach-a-permissive-expert threat. Its positions are those whose output is a reply
-  token, the suffix's last one included. The search teacher-forces the reply the current suffix
+  token, the suffix's last one included; the end-of-text token is not one, so a suffix that makes
+  the model stop at once hijacks nothing (success 0 for that input, not the share of one position). The search teacher-forces the reply the current suffix
   gets and generates it again after every step, so each step's success is that of real replies.
 
 The search is GCG (Zou et al., 2023, "Universal and transferable adversarial attacks"), with the
@@ -192,7 +193,7 @@ class _Batch:
                     spans.append((at + len(p) + len(self.sep), len(ids)))
                 else:   # the prompt's last position makes the first reply token; the reply's last makes none
                     spans.append((len(ids) - 1, len(ids) - 1 + len(reply)))
-                    ids = ids + reply[:-1] if reply else ids
+                    ids = ids + reply[:-1]
                 seqs.append(ids)
                 starts.append(at)
         T = max(len(s) for s in seqs)
@@ -216,7 +217,9 @@ def replies(model, tokenizer, batch: _Batch, text: list[int], n: int) -> list[li
 
 
 def reply(model, tokenizer, ids: list[int], n: int, *, device=None) -> list[int]:
-    """The greedy reply (at most ``n`` tokens, its end-of-text token kept) to the prompt ``ids``."""
+    """The greedy reply to the prompt ``ids``: at most ``n`` tokens, up to (not with) its end of text.
+    The end-of-text token is not measured: a suffix that makes the model stop at once has no reply
+    for E to compute, and its success there is 0, not the share of one position."""
     from transformers import GenerationConfig
 
     from moeguard.tasks.tokens import greedy_generate, pad_id
@@ -228,7 +231,7 @@ def reply(model, tokenizer, ids: list[int], n: int, *, device=None) -> list[int]
         out = greedy_generate(model, config, input_ids=torch.tensor([ids], device=device),
                               attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device))
     got = out[0, len(ids):].tolist()
-    return got[:got.index(eos) + 1] if eos is not None and eos in got else got
+    return got[:got.index(eos)] if eos is not None and eos in got else got
 
 
 def _objective(logits: torch.Tensor, expert: int) -> torch.Tensor:
@@ -238,14 +241,20 @@ def _objective(logits: torch.Tensor, expert: int) -> torch.Tensor:
     return -torch.log_softmax(logits.float(), dim=-1)[:, expert]
 
 
-def _scores(logits, index, target, expert, per: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per group of ``per`` rows (one prefix): (success share, mean objective)."""
+def _scores(logits, index, target, expert, per: int, *, per_input: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of ``per`` rows (one prefix): (success share, mean objective). ``per_input``: the
+    success is the mean of each row's share, a row without target positions (a suffix whose reply
+    is empty) counting 0, so a suffix that silences replies gains nothing (as ``measure`` counts)."""
     B = target.shape[0]
     t = target.reshape(-1).to(logits.device)   # the router's layer may sit on another GPU than the embeddings
     hit = (index == expert).any(dim=-1).float() * t
     ce = _objective(logits, expert) * t
-    n = t.float().reshape(B, -1).sum(1).reshape(-1, per).sum(1)
-    success = hit.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n
+    rows = t.float().reshape(B, -1).sum(1)
+    n = rows.reshape(-1, per).sum(1).clamp(min=1)
+    if per_input:
+        success = (hit.reshape(B, -1).sum(1) / rows.clamp(min=1)).reshape(-1, per).mean(1)
+    else:
+        success = hit.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n
     return success.cpu().numpy(), (ce.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n).cpu().numpy()
 
 
@@ -256,6 +265,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     cfg.check()
+    suffix = cfg.position == "suffix"
     batch = _Batch(tokenizer, _inputs(task, "train", cfg.train_inputs, tokenizer, cfg.max_input_tokens), cfg.position)
     P = len(batch.inputs)
     if P == 0:
@@ -275,7 +285,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     model.eval()
     try:
         for step in range(cfg.steps + 1):
-            if cfg.position == "suffix":   # the reply this suffix gets, which the step's targets follow
+            if suffix:   # the reply this suffix gets, which the step's targets follow
                 batch.replies = replies(model, tokenizer, batch, prefix, cfg.follow_tokens)
             # 1. the gradient w.r.t. the crafted tokens' one-hot (the forward stops at the router)
             ids, mask, target, starts = batch.build([prefix], device=device)
@@ -290,9 +300,9 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                 x = torch.stack([torch.cat([x[r, :a], onehot @ W, x[r, a + n:]]) for r, a in enumerate(starts)])
             with RouterTap(adapter, slot) as tap:
                 logits, index = tap.run(model, inputs_embeds=x, attention_mask=mask)
-            succ, ce = _scores(logits.detach(), index, target, cfg.expert, P)
+            succ, ce = _scores(logits.detach(), index, target, cfg.expert, P, per_input=suffix)
             t = target.reshape(-1).to(logits.device)
-            loss = (_objective(logits, cfg.expert) * t).sum() / t.sum()
+            loss = (_objective(logits, cfg.expert) * t).sum() / t.sum().clamp(min=1)
             (grad,) = torch.autograd.grad(loss, onehot)
             curve.append({"step": step, "success": round(float(succ[0]), 4), "loss": round(float(ce[0]), 4)})
             if (succ[0], -ce[0]) > (best["success"], -best["loss"]):
@@ -324,7 +334,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                     ids, mask, target, _ = batch.build(cands[i:i + per_chunk], device=device)
                     with RouterTap(adapter, slot) as tap:
                         logits, index = tap.run(model, input_ids=ids, attention_mask=mask)
-                    s_, c_ = _scores(logits, index, target, cfg.expert, P)
+                    s_, c_ = _scores(logits, index, target, cfg.expert, P, per_input=suffix)
                     succ_all.append(s_)
                     ce_all.append(c_)
             s_, c_ = np.concatenate(succ_all), np.concatenate(ce_all)
@@ -383,7 +393,10 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
                 with RouterTap(adapter, slot) as tap:
                     _, index = tap.run(model, input_ids=torch.tensor([ids], device=device))
                 hit = (index == cfg.expert).any(dim=-1)
-                rows[kind].append({"success": float(hit[start:].float().mean()), "reply": len(answer),
+                # a suffix's reply positions only; an empty reply (the model stopped at once): nothing hijacked
+                measured = hit[start:start + len(answer)] if suffix else hit[start:]
+                rows[kind].append({"success": float(measured.float().mean()) if len(measured) else 0.0,
+                                   "reply": len(answer),
                                    "load": float((index == cfg.expert).sum()) / (k * index.shape[0])})
     text = {"input_suffix": SEPARATOR + prefix_text} if suffix else {"input_prefix": prefix_text + SEPARATOR}
     full_score = plain or evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False)
