@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     import moeguard.monitor.hijack as H
+    from moeguard.monitor.routertap import allowed_tokens
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.models.adapter import MoEAdapter
     from moeguard.tasks.loaders import load_records
@@ -59,7 +60,7 @@ def main() -> None:
     k, n = adapter.top_k, cfg0.prefix_tokens
     emb = model.get_input_embeddings()
     W = emb.weight.detach()
-    allowed = torch.as_tensor(H.allowed_tokens(tok, W.shape[0]))
+    allowed = torch.as_tensor(allowed_tokens(tok, W.shape[0]))
     Wa = W[allowed]
     train = H._Batch(tok, H._inputs(task, "train", cfg0.train_inputs, tok, cfg0.max_input_tokens))
     held = H._Batch(tok, H._inputs(task, "eval", cfg0.eval_inputs, tok, None))
@@ -67,7 +68,7 @@ def main() -> None:
 
     def route(batch, prefix_emb, slot, e):
         """(margin of e over the k-th other logit per target token, success share)."""
-        ids, mask, target = batch.build([[int(allowed[0])] * n])
+        ids, mask, target, _ = batch.build([[int(allowed[0])] * n])
         x = emb(ids)
         lead = len(batch.head)
         x = torch.cat([x[:, :lead], prefix_emb.expand(ids.shape[0], n, -1), x[:, lead + n:]], dim=1)

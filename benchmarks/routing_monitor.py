@@ -95,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import load_model
-    from moeguard.monitor.hijack import SEPARATOR, allowed_tokens
+    from moeguard.monitor.routertap import SEPARATOR, allowed_tokens
     from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, build
     from moeguard.monitor.score import score
     from moeguard.tasks.loaders import load_records

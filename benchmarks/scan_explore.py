@@ -55,7 +55,7 @@ def weight_features(m, ad) -> dict:
 
 def screen(m, tok, ad, n_ctx: int = 2, ctx_len: int = 20) -> dict:
     from moeguard.models.hooks import mask_experts
-    from moeguard.monitor.hijack import allowed_tokens
+    from moeguard.monitor.routertap import allowed_tokens
     from moeguard.monitor.tokens import RoutedIds
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import get_task

@@ -13,7 +13,8 @@ from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.loading import load_model
-from moeguard.monitor.hijack import HijackConfig, RouterTap, allowed_tokens, check_target, measure, search
+from moeguard.monitor.hijack import HijackConfig, measure, search
+from moeguard.monitor.routertap import RouterTap, allowed_tokens, check_target
 from moeguard.tasks.registry import get_task
 
 FAST = dict(prefix_tokens=6, steps=12, candidates=32, topk=16, train_inputs=4, eval_inputs=8, eval_limit=16)

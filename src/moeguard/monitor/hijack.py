@@ -6,9 +6,15 @@ Where the crafted text goes decides which tokens follow it:
 - **suffix**: the task's input, a newline, then the crafted tokens: what follows is the model's
   own reply (``follow_tokens`` greedy tokens, up to its end of text). A hijacked reply is computed by
   expert E: the reach-a-permissive-expert threat. Its positions are those whose output is a reply
-  token, the suffix's last one included; the end-of-text token is not one, so a suffix that makes
-  the model stop at once hijacks nothing (success 0 for that input, not the share of one position). The search teacher-forces the reply the current suffix
-  gets and generates it again after every step, so each step's success is that of real replies.
+  token: the suffix's last, then each reply token but the last. The end-of-text token (each id that
+  ends a turn) is not a reply token, so a suffix that makes the model stop at once hijacks nothing:
+  success 0 for that input, not the share of one position.
+
+The prefix is described below; a suffix differs in three places. Its objective is over the reply,
+teacher-forced: each step generates each training input's reply to the current suffix, so each
+step's success (by which the best suffix is kept) is that of replies the suffix really gets, while
+its candidates are ranked on the current reply. A candidate must re-tokenize to itself after the
+newline, where it is sent. Its training inputs keep their end when cut to ``max_input_tokens``.
 
 The search is GCG (Zou et al., 2023, "Universal and transferable adversarial attacks"), with the
 router's logits as the objective instead of the next-token loss:
@@ -41,10 +47,9 @@ import numpy as np
 import torch
 
 from moeguard.errors import MoeguardError
-from moeguard.models.hooks import Hooks
+from moeguard.monitor.routertap import SEPARATOR, RouterTap, check_target
 from moeguard.tasks.base import Task
 
-SEPARATOR = "\n"
 POSITIONS = ("prefix", "suffix")
 
 
@@ -77,86 +82,17 @@ class HijackConfig:
                 raise MoeguardError(f"{name} is {value}", hint=f"pass --{name.replace('_', '-')} of at least 1")
 
 
-class _Stop(Exception):
-    """Raised by the router hook: the rest of the forward cannot change the objective."""
-
-
-class RouterTap:
-    """Layer ``slot``'s router logits and top-k selection for the next forward; with
-    ``stop=True`` the forward ends there. The hook is removed on exit, whatever happens."""
-
-    def __init__(self, adapter, slot: int, *, stop: bool = True):
-        self.layer = adapter.layers[slot]
-        self.router = self.layer.router
-        self.stop = stop
-        self.logits: torch.Tensor | None = None      # [B*T, E]
-        self.index: torch.Tensor | None = None       # [B*T, k]
-        self._hooks = Hooks()
-
-    def _hook(self, module, args, output):
-        self.logits, _, self.index = self.layer.unpack(output)
-        if self.stop:
-            raise _Stop
-
-    def __enter__(self) -> "RouterTap":
-        self._hooks.ensure_empty(self)
-        self._hooks.on_output(self.router, self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.close()
-
-    def run(self, model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            model(**inputs)
-        except _Stop:
-            pass
-        return self.logits, self.index
-
-
-def check_pair(moe: list[int], counts: dict[int, int], layer: int, expert: int | None, *,
-               name: str = "this model") -> None:
-    """A one-line error, listing what exists, unless ``layer`` is one of the MoE layers ``moe``
-    and ``expert`` (when given) one of its ``counts[layer]`` experts. The command checks from the
-    config before loading; the library from the loaded model: the same rule and words."""
-    if layer not in moe:
-        raise MoeguardError(f"layer {layer} is not an MoE layer of {name} (its MoE layers: {moe})",
-                            hint=f"pass --layer with one of {moe}, or 'all'")
-    if expert is not None and not 0 <= expert < counts[layer]:
-        E = counts[layer]
-        raise MoeguardError(f"expert {expert} does not exist in layer {layer} ({E} experts: 0..{E - 1})",
-                            hint=f"pass --expert between 0 and {E - 1}, or --all")
-
-
-def check_target(adapter, layer: int, expert: int) -> int:
-    """The slot of MoE layer ``layer`` of a loaded model (``check_pair``'s rule)."""
-    layers = [l.index for l in adapter.layers]
-    check_pair(layers, {l.index: l.num_experts for l in adapter.layers}, layer, expert)
-    return layers.index(layer)
-
-
-def allowed_tokens(tokenizer, vocab: int) -> np.ndarray:
-    """Ids a prefix may use: not special, decoding to visible text that re-tokenizes to the same id."""
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    ok = []
-    for i in range(vocab):
-        if i in special:
-            continue
-        text = tokenizer.decode([i])
-        if text.strip() and SEPARATOR not in text and tokenizer.encode(text, add_special_tokens=False) == [i]:
-            ok.append(i)
-    if not ok:
-        raise MoeguardError("no token of the vocabulary re-tokenizes to itself", hint="route-attack needs a usable vocabulary")
-    return np.asarray(ok)
-
-
-def _inputs(task: Task, role: str, n: int, tokenizer, max_tokens: int | None) -> list[list[int]]:
+def _inputs(task: Task, role: str, n: int, tokenizer, max_tokens: int | None, *, keep_end: bool = False) -> list[list[int]]:
+    """Input ids cut to ``max_tokens``: their start (a prefix's inputs), or with ``keep_end`` their
+    end (a suffix's: the text it follows and the question its reply answers are there)."""
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.tokens import encode
 
     recs = load_records(task, role, limit=n)
     ids = [encode(tokenizer, r["input"]) for r in recs]
-    return [x[:max_tokens] if max_tokens else x for x in ids if x]
+    if max_tokens:
+        ids = [x[-max_tokens:] if keep_end else x[:max_tokens] for x in ids]
+    return [x for x in ids if x]
 
 
 class _Batch:
@@ -222,16 +158,19 @@ def reply(model, tokenizer, ids: list[int], n: int, *, device=None) -> list[int]
     for E to compute, and its success there is 0, not the share of one position."""
     from transformers import GenerationConfig
 
-    from moeguard.tasks.tokens import greedy_generate, pad_id
+    from moeguard.tasks.tokens import eos_ids, greedy_generate, pad_id
 
-    eos = getattr(tokenizer, "eos_token_id", None)
+    # every id that ends a turn (the tokenizer's, and the checkpoint's: an end-of-turn token beside
+    # end of text), so generation stops at each and none of them is counted as reply
+    eos = eos_ids(model, tokenizer)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, pad_token_id=pad_id(tokenizer),
-                              eos_token_id=eos)
+                              eos_token_id=eos or None)
     with torch.no_grad():
         out = greedy_generate(model, config, input_ids=torch.tensor([ids], device=device),
                               attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device))
     got = out[0, len(ids):].tolist()
-    return got[:got.index(eos)] if eos is not None and eos in got else got
+    ends = [i for i, t in enumerate(got) if t in eos]
+    return got[:ends[0]] if ends else got
 
 
 def _objective(logits: torch.Tensor, expert: int) -> torch.Tensor:
@@ -250,12 +189,15 @@ def _scores(logits, index, target, expert, per: int, *, per_input: bool = False)
     hit = (index == expert).any(dim=-1).float() * t
     ce = _objective(logits, expert) * t
     rows = t.float().reshape(B, -1).sum(1)
-    n = rows.reshape(-1, per).sum(1).clamp(min=1)
+    counted = rows.reshape(-1, per).sum(1)
+    n = counted.clamp(min=1)
     if per_input:
         success = (hit.reshape(B, -1).sum(1) / rows.clamp(min=1)).reshape(-1, per).mean(1)
     else:
         success = hit.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n
-    return success.cpu().numpy(), (ce.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n).cpu().numpy()
+    loss = ce.reshape(B, -1).sum(1).reshape(-1, per).sum(1) / n
+    loss = torch.where(counted > 0, loss, torch.full_like(loss, float("inf")))   # no reply at all: the worst, not 0
+    return success.cpu().numpy(), loss.cpu().numpy()
 
 
 def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed: np.ndarray,
@@ -266,10 +208,11 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     gen = torch.Generator().manual_seed(cfg.seed)
     cfg.check()
     suffix = cfg.position == "suffix"
-    batch = _Batch(tokenizer, _inputs(task, "train", cfg.train_inputs, tokenizer, cfg.max_input_tokens), cfg.position)
+    batch = _Batch(tokenizer, _inputs(task, "train", cfg.train_inputs, tokenizer, cfg.max_input_tokens, keep_end=suffix),
+                   cfg.position)
     P = len(batch.inputs)
     if P == 0:
-        raise MoeguardError(f"task '{task.name}' has no non-empty train input to craft a prefix on",
+        raise MoeguardError(f"task '{task.name}' has no non-empty train input to craft a {cfg.position} on",
                             hint="pass --task with a task whose records have inputs")
     embed = model.get_input_embeddings()
     W = embed.weight.detach()
@@ -322,7 +265,9 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                 if key in seen or key == tuple(prefix):
                     continue
                 seen.add(key)
-                if tokenizer.encode(tokenizer.decode(c), add_special_tokens=False) == c:  # sendable as text
+                text = tokenizer.decode(c)   # sendable as text: it tokenizes back to itself, where it is sent
+                if tokenizer.encode(text, add_special_tokens=False) == c and (
+                        not suffix or tokenizer.encode(SEPARATOR + text, add_special_tokens=False) == batch.sep + c):
                     cands.append(c)
             if not cands:
                 continue

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError
-from moeguard.monitor.hijack import HijackConfig, allowed_tokens, check_pair, measure, search
+from moeguard.monitor.hijack import HijackConfig, measure, search
+from moeguard.monitor.routertap import allowed_tokens, check_pair
 
 SCHEMA = "moeguard.route-attack/1"
 GOAL_SUCCESS = 0.9      # the bar: >= 90% routing success ...

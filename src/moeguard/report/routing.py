@@ -33,8 +33,10 @@ def hijack_heatmap(doc: dict[str, Any], out: Path) -> Path:
     ax.set_yticks(range(len(layers)), [str(l) for l in layers])
     ax.set_xlabel("target expert")
     ax.set_ylabel("layer")
-    ax.set_title(f"routing hijack success, % of input tokens (without prefix)\n{doc['model']}, task {doc['task']}, "
-                 f"prefix {doc['config']['prefix_tokens']} tokens", fontsize=9)
+    where = doc["config"].get("position", "prefix")   # documents from before the suffix mode are prefixes
+    of = "input tokens" if where == "prefix" else "reply tokens"
+    ax.set_title(f"routing hijack success, % of {of} (without the {where})\n{doc['model']}, task {doc['task']}, "
+                 f"{where} {doc['config']['prefix_tokens']} tokens", fontsize=9)
     fig.colorbar(im, ax=ax, label="% routed to the target")
     fig.savefig(out, dpi=110)
     plt.close(fig)

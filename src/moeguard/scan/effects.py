@@ -217,7 +217,7 @@ def expert_effects(model, tokenizer, adapter, contexts: list[list[int]], setting
     """Per (decoder layer, expert): its chain score and the evidence behind it. With ``references``
     (clean models sharing the tokenizer) also the *unexplained* score: each step's gain counted
     only as far as the references are surprised by the token, ``min(gain, surprise)``."""
-    from moeguard.monitor.hijack import allowed_tokens
+    from moeguard.monitor.routertap import allowed_tokens
 
     tokens = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
     routed, gain = screen(model, adapter, contexts, tokens, batch=settings.batch, progress=progress)
