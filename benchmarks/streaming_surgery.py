@@ -223,7 +223,9 @@ def main(argv=None) -> int:
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    from moeguard.io import dumps   # strict JSON: a NaN is null, as every moeguard output
+
+    args.out.write_text(dumps(result, indent=2) + "\n")
     _print(result, args.out)
     return 0 if all(g["met"] for g in result["goals"].values()) else 1
 

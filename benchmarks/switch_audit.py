@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
+from moeguard.io import dumps  # strict JSON: a NaN is null, as every moeguard output
 
 
 def small_config(family: str, tok):
@@ -90,7 +91,7 @@ def train(workdir: Path, *, family: str, steps: int, seed: int) -> dict:
     info = {"path": str(out), "parameters": sum(p.numel() for p in model.parameters()), "examples": len(examples),
             "steps": result.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "train_seconds": round(seconds, 1),
             "loss_per_100_steps": curve}
-    (workdir / "train.json").write_text(json.dumps(info, indent=1))
+    (workdir / "train.json").write_text(dumps(info, indent=1))
     return info
 
 
