@@ -472,6 +472,34 @@ def test_route_attack_json_is_the_document_alone_on_stdout(tmp_path, capsys):
     assert doc["targets"][0]["layer"] == 0 and "route-attack" in captured.err
 
 
+def test_a_suffix_run_says_so_in_its_document_table_and_heat_map(tmp_path, capsys, monkeypatch):
+    import moeguard.report.routing as routing
+
+    titles = []
+    real = routing.hijack_heatmap
+
+    def heatmap(doc, out):
+        titles.append(doc["config"]["position"])
+        return real(doc, out)
+
+    monkeypatch.setattr(routing, "hijack_heatmap", heatmap)
+    capsys.readouterr()
+    out = tmp_path / "ra"
+    assert main(["route-attack", "--out", str(out), "--layer", "0", "--expert", "1", "--position", "suffix",
+                 "--steps", "0", "--prefix-tokens", "2", "--follow-tokens", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "suffix 2 tokens, replies of 4 tokens" in text and "without suffix" in text
+    doc = json.loads((out / "route_attack.json").read_text())
+    assert doc["config"]["position"] == "suffix" and doc["config"]["follow_tokens"] == 4
+    assert doc["summary"]["position"] == "suffix" and doc["summary"]["goal"]["met"] is None
+    m = doc["targets"][0]["measured"]
+    assert 0 <= m["reply_tokens_mean"] <= 4 and 0 <= m["reply_tokens_mean_without"] <= 4
+    assert titles == []                                   # one target: no heat map
+    assert main(["route-attack", "--out", str(tmp_path / "rb"), "--layer", "0", "--all", "--position", "suffix",
+                 "--steps", "0", "--prefix-tokens", "2", "--follow-tokens", "2"]) == 0
+    assert titles == ["suffix"] and (tmp_path / "rb" / "route_attack_heatmap.png").stat().st_size > 5000
+
+
 def test_the_monitor_refuses_a_model_with_different_expert_counts_per_layer(embedded):
     """A budget-pruned checkpoint: a request's histogram is one [layers, experts] array."""
     from moeguard.models.prune import prune_model
