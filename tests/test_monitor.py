@@ -18,6 +18,7 @@ from moeguard.monitor.routertap import RouterTap, allowed_tokens, check_target
 from moeguard.tasks.registry import get_task
 
 FAST = dict(prefix_tokens=6, steps=12, candidates=32, topk=16, train_inputs=4, eval_inputs=8, eval_limit=16)
+FASTP = HijackConfig(layer=1, expert=2, **FAST)   # a prefix's measurement has no answer field
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,7 @@ def test_a_suffix_search_moves_the_routing_of_the_model_s_reply(embedded):
     got = measure(m, tok, adapter, task, cfg, found["prefix_text"])
     assert got["tokenization_exact"] == 1.0 and got["inputs"] == 8
     assert 1 <= got["reply_tokens_mean_without"] <= 8 and 1 <= got["reply_tokens_mean"] <= 8   # follow_tokens bounds them
+    assert 0 <= got["success_on_answer"] <= 1 and "success_on_answer" not in measure(m, tok, adapter, task, FASTP, "")
     assert got["success"] > got["success_without_prefix"] + 0.05, got
     assert got["task"]["with_prefix"] != got["task"]["score"]   # the suffix sits between the question and its answer
 

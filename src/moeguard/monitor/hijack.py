@@ -328,10 +328,15 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
             else:
                 full = encode(tokenizer, prefix_text + SEPARATOR + r["input"])
                 exact += full == p_ids + sep + x
-            for kind, ids in (("attacked", head + full), ("normal", head + x)):
+            # normal first: a suffix is also measured on the answer the model gives without it
+            cases = [("normal", head + x, None), ("attacked", head + full, None)]
+            if suffix:
+                cases.append(("answer", head + full, "normal"))
+            for kind, ids, forced in cases:
                 answer = []
                 if suffix:   # the positions that make the reply: the prompt's last, then the reply's
-                    answer = reply(model, tokenizer, ids, cfg.follow_tokens, device=device)
+                    answer = rows[forced][-1]["ids"] if forced else reply(model, tokenizer, ids, cfg.follow_tokens,
+                                                                          device=device)
                     start, ids = len(ids) - 1, ids + answer[:-1]
                 else:
                     start = len(head) + len(p_ids) + len(sep) if kind == "attacked" else len(head)
@@ -340,9 +345,9 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
                 hit = (index == cfg.expert).any(dim=-1)
                 # a suffix's reply positions only; an empty reply (the model stopped at once): nothing hijacked
                 measured = hit[start:start + len(answer)] if suffix else hit[start:]
-                rows[kind].append({"success": float(measured.float().mean()) if len(measured) else 0.0,
-                                   "reply": len(answer),
-                                   "load": float((index == cfg.expert).sum()) / (k * index.shape[0])})
+                rows.setdefault(kind, []).append({"success": float(measured.float().mean()) if len(measured) else 0.0,
+                                                  "reply": len(answer), "ids": answer,
+                                                  "load": float((index == cfg.expert).sum()) / (k * index.shape[0])})
     text = {"input_suffix": SEPARATOR + prefix_text} if suffix else {"input_prefix": prefix_text + SEPARATOR}
     full_score = plain or evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False)
     hit_score = evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False, **text)
@@ -357,6 +362,10 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
             "inputs": len(recs), "tokenization_exact": exact / max(1, len(recs)),
             # a suffix's success is over this many reply tokens a request (few: a short answer is measured whole)
             **({"reply_tokens_mean": round(float(np.mean([r["reply"] for r in a])), 2),
-                "reply_tokens_mean_without": round(float(np.mean([r["reply"] for r in nrm])), 2)} if suffix else {}),
+                "reply_tokens_mean_without": round(float(np.mean([r["reply"] for r in nrm])), 2),
+                # the answer the model gives without the suffix, teacher-forced after it: does the suffix
+                # route the model's real answer to E, or only the other text it makes the model write?
+                "success_on_answer": round(float(np.mean([r["success"] for r in rows["answer"]])), 4)}
+               if suffix else {}),
             "task": {"metric": full_score.metric, "score": full_score.score, "with_prefix": hit_score.score,
                      "higher_is_better": full_score.higher_is_better, "limit": cfg.eval_limit}}
