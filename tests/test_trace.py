@@ -114,6 +114,19 @@ def test_product_tail_is_the_counted_probability_and_never_above_fisher():
     assert product_tail([1 / 56] * 4, [56] * 4)[0] == pytest.approx(56.0 ** -4)
 
 
+def test_the_size_the_budget_is_checked_against_is_the_tensors_stored(fp):
+    from moeguard.trace.fingerprint import _size, choose
+
+    tensors = sum(v.size for v in fp.tensors.values())
+    T, d = fp.tensors["anchors"].shape
+    m = len(fp.meta["H"])
+    experts = [l["experts"] for l in fp.meta["layers"]]
+    assert _size(T, d, m, experts) == 2 * tensors            # float16: two bytes a value, nothing counted twice
+    # the largest m whose tensors fit: one more would not (the budget binds on the embedded model)
+    budget = BUDGET * checkpoint_bytes(None)
+    assert choose(d, experts, budget, vocab=10**6)[0] == m and _size(T, d, m + 1, experts) + 8192 > budget
+
+
 def test_fingerprint_fits_one_percent_and_round_trips(fp, tmp_path):
     fp.save(tmp_path / "fp")
     size = sum(f.stat().st_size for f in (tmp_path / "fp").iterdir())

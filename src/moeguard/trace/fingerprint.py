@@ -147,7 +147,10 @@ def is_fingerprint(path: str | None) -> bool:
 
 
 def _size(T: int, d: int, m: int, experts: list[int]) -> int:
-    per_expert = 2 * m * m + 2 * d + ROWS * m
+    """Bytes of the tensors a fingerprint stores (float16): the anchors [T, d]; per expert a and b
+    [m*m] each, v [d] and rows [ROWS, m]; per layer mu_a and mu_b [m*m] each. (v was counted twice
+    until 2026-12-04, which left budget-bound fingerprints a hidden dimension short.)"""
+    per_expert = 2 * m * m + d + ROWS * m
     return 2 * (T * d + sum(E * per_expert + 2 * m * m for E in experts))
 
 
