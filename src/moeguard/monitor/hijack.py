@@ -144,8 +144,8 @@ class _Batch:
 
 
 def replies(model, tokenizer, batch: _Batch, text: list[int], n: int) -> list[list[int]]:
-    """Each input's greedy reply to ``text`` placed after it (``batch.position`` "suffix"): at most
-    ``n`` tokens, ending at the tokenizer's end of text when the model says it."""
+    """Each input's greedy reply to ``text`` placed after it (``batch.position`` "suffix"), as
+    :func:`reply` gives it."""
     from moeguard.tasks.tokens import model_device
 
     device = model_device(model)
@@ -236,7 +236,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             onehot[torch.arange(n, device=device), torch.tensor(prefix, device=device)] = 1.0
             onehot.requires_grad_(True)
             x = embed(ids).detach()
-            if cfg.position == "prefix":   # one offset for every row
+            if not suffix:   # a prefix: one offset for every row
                 lead = len(batch.head)
                 x = torch.cat([x[:, :lead], (onehot @ W).expand(P, n, -1), x[:, lead + n:]], dim=1)
             else:                          # after inputs of different lengths

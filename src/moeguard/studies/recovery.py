@@ -32,6 +32,7 @@ from moeguard.analysis import (auc, bootstrap, censored_savings, excludes_zero, 
                                spread)
 from moeguard.config import SEED_MAX, setting, validate
 from moeguard.errors import MoeguardError
+from moeguard.io import json_safe
 from moeguard.realign.engine import FinetuneConfig
 from moeguard.studies import Phase
 from moeguard.studies.engine import Job
@@ -401,7 +402,7 @@ def _l2t(labels, vals: np.ndarray, target: float) -> float | None:
 
 
 def _finite(a) -> list[float | None]:
-    return [float(v) if np.isfinite(v) else None for v in np.asarray(a, dtype=float)]
+    return json_safe(np.asarray(a, dtype=float).tolist())
 
 
 def summarize(curves: list[dict[str, Any]], strategies, *, target: float, seed: int = 0) -> dict[str, Any]:
