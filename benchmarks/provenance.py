@@ -1,7 +1,8 @@
 """Provenance benchmark: trace the embedded model's derivatives, made by moeguard's own attack
 code, and independently trained models of the same architecture.
 
-    .venv/bin/python benchmarks/provenance.py [--negative-steps 200] [--negatives 5] [--workdir DIR] [--out JSON]
+    .venv/bin/python benchmarks/provenance.py [--negative-steps 200] [--negatives 5] [--workdir DIR]
+        [--fingerprint-seeds 0,1,...,9] [--out JSON]
 
 Derivatives (each traced against the embedded model's fingerprint):
 - pruning: keep 2, 4, 6 per layer (uniform) and a budget of 4 per layer on average, by three
@@ -26,7 +27,12 @@ pruned to 2 and 4 random experts per layer; one trained on other data (the stdli
 only), and a pruned derivative of that one. Pruned copies of one model are not independent
 samples of the null; they test the case of fewer suspect experts than the owner's.
 
-Models are cached under ``--workdir``; a second run only traces.
+Every suspect is traced against the fingerprints of ``--fingerprint-seeds`` (the seed draws the
+hidden dimensions H and the anchors): the first seed's traces are the rows and the summary, and
+``fingerprint_seeds`` gives each seed's headline figures and the rows whose p-value moves with the
+seed. One seed's AUC is one draw; quote the spread.
+
+Models are cached under ``--workdir``; a second run trains only the re-aligned derivatives again.
 """
 
 from __future__ import annotations
@@ -48,16 +54,22 @@ METHODS = ("frequency", "gate", "reap")
 KEEP_REALIGN = 4
 
 
-def _trace(fp, model, tok, name):
+def _trace(fp, suspect):
+    """``suspect``: a callable giving the suspect's weights (read again for each fingerprint)."""
     from moeguard.trace.api import trace
-    from moeguard.trace.weights import from_model
 
     t0 = time.perf_counter()
-    doc = trace(fp, from_model(model, tok, name=name))
+    doc = trace(fp, suspect())
     return doc, time.perf_counter() - t0
 
 
-def _row(name, category, doc, seconds, *, keep=None, merges=None, derived=True, extra=None, order=None):
+def _model(model, tok, name):
+    from moeguard.trace.weights import from_model
+
+    return lambda: from_model(model, tok, name=name)
+
+
+def _row(name, category, doc, seconds, *, keep=None, merges=None, derived=True, extra=None, order=None, quiet=False):
     """``order``: layer -> the position in the sorted keep of each suspect expert ({} when unshuffled)."""
     row = {"name": name, "category": category, "derived": derived, "p_value": doc["p_value"],
            "p_any_dependence": doc.get("p_any_dependence"),
@@ -85,9 +97,10 @@ def _row(name, category, doc, seconds, *, keep=None, merges=None, derived=True, 
                                                         if len(v) > 1)
         row["merges_true_members_over_2pct"] = sum(1 for v in present.values() if len(v) > 1)
         row["merges_spurious"] = sum(1 for k in found if k not in truth)
-    print(f"{name:34s} p={doc['p_value']:.3g} {doc['verdict']}"
-          + (f" kept_exact={row['kept_exact']}" if keep is not None else "")
-          + (f" merges {row['merges_recovered']}/{row['merges_true']}" if merges is not None else ""), flush=True)
+    if not quiet:
+        print(f"{name:34s} p={doc['p_value']:.3g} {doc['verdict']}"
+              + (f" kept_exact={row['kept_exact']}" if keep is not None else "")
+              + (f" merges {row['merges_recovered']}/{row['merges_true']}" if merges is not None else ""), flush=True)
     return row
 
 
@@ -175,138 +188,10 @@ def _train(out: Path, seed: int, steps: int, tasks=None):
     return m, tok
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--negatives", type=int, default=5)
-    ap.add_argument("--negative-steps", type=int, default=200)
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moeguard-provenance")
-    ap.add_argument("--skip-realign", action="store_true", help="leave out the fine-tuned derivatives (quick runs)")
-    ap.add_argument("--out")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    from moeguard.attribution.run import make_context, score
-    from moeguard.models.loading import load_model
-    from moeguard.models.prune import prune_model
-    from moeguard.pruning.plan import plan_from_scores
-    from moeguard.trace import evasion
-    from moeguard.trace.fingerprint import build, checkpoint_bytes
-    from moeguard.trace.gguf import export_gguf, load_gguf
-    from moeguard.trace.weights import f64, from_model
-
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    m, tok, _ = load_model(None)
-    size = checkpoint_bytes(None)
-    t0 = time.perf_counter()
-    fp = build(from_model(m, tok, name="embedded"), checkpoint_bytes=size, seed=0)
-    fp_s = time.perf_counter() - t0
-    fp.save(args.workdir / "fp", overwrite=True)
-    fp_bytes = sum(f.stat().st_size for f in (args.workdir / "fp").iterdir())
-    rows = []
-
-    with torch.no_grad():
-        ctx = make_context(m, tok, TASK, samples=32, batch_size=8, seed=0)
-        scores = {meth: score(ctx, meth) for meth in METHODS}
-    # pruning
-    for meth, s in scores.items():
-        for k in (2, 4, 6):
-            plan = plan_from_scores(s, keep=k, min_keep=1)
-            pm, _ = prune_model(m, plan.keep)
-            rows.append(_row(f"prune {meth} keep {k}", "pruning", *_trace(fp, pm, tok, "p"), keep=plan.keep, order={}))
-        plan = plan_from_scores(s, budget=16, min_keep=1)
-        pm, _ = prune_model(m, plan.keep)
-        rows.append(_row(f"prune {meth} budget 16", "pruning", *_trace(fp, pm, tok, "p"), keep=plan.keep, order={}))
-    base_plan = plan_from_scores(scores["frequency"], keep=KEEP_REALIGN, min_keep=1)
-    pruned, _ = prune_model(m, base_plan.keep)
-    from moeguard.tasks.evaluate import evaluate_task
-
-    scores_ref = {"full": evaluate_task(m, tok, TASK, limit=64, batch_size=32).score,
-                  "pruned_keep_4": evaluate_task(pruned, tok, TASK, limit=64, batch_size=32).score}
-    # pruning + re-alignment: the attack grid (its default modes, learning-rate scales and epochs), each
-    # cell traced; the strongest cell per mode is the one whose fine-tuned model scores best
-    if not args.skip_realign:
-        cells = []
-        for mode in ("full", "lora"):
-            for lr_scale in (0.1, 1.0, 10.0):
-                for epochs in (4.0, 16.0):
-                    rm, info = _realigned(pruned, tok, mode, epochs, lr_scale)
-                    info["mode"], info["lr_scale"] = mode, lr_scale
-                    cells.append(_row(f"prune keep 4 + {mode} x{lr_scale:g} lr, {epochs:g} epochs", "pruning+realign",
-                                      *_trace(fp, rm, tok, "r"), keep=base_plan.keep, extra={"finetune": info}, order={}))
-        for mode in ("full", "lora"):
-            best = max((c for c in cells if c["finetune"]["mode"] == mode), key=lambda c: c["finetune"]["score"])
-            best["strongest_cell"] = True
-        rows.extend(cells)
-        rm, info = _realigned(pruned, tok, "full", 160.0, 10.0)
-        rows.append(_row("prune keep 4 + long full fine-tune (10x the grid's steps, its highest lr)", "pruning+realign",
-                         *_trace(fp, rm, tok, "r"), keep=base_plan.keep, extra={"finetune": info}, order={}))
-    # merging
-    freq = scores["frequency"].scores.numpy()
-    # float64 gate sums, as when from_model held float64 copies (it now holds views of the model)
-    v = {l.index: f64(l.gate).sum(axis=1) for l in from_model(m, tok, name="e").layers}
-    clusters = {li: _clusters(v[li], 4) for li in v}
-    for name, weights in (("uniform (HC-SMoE)", None),
-                          ("frequency-weighted (M-SMoE)", {li: [[max(float(freq[i][e]), 1e-6) for e in g] for g in gs]
-                                                           for i, (li, gs) in enumerate(clusters.items())})):
-        mm, rec = evasion.merge_experts(m, clusters, weights)
-        rows.append(_row(f"merge 8->4 {name}", "merging", *_trace(fp, mm, tok, "m"), merges=rec["merges"],
-                         extra={"clusters": {str(k): v for k, v in clusters.items()}}))
-    # quantization
-    for q in ("Q8_0", "Q4_0"):
-        rows.append(_row(f"quantized {q} (round trip)", "quantization", *_trace(fp, _quantized(m, q), tok, "q")))
-        path = args.workdir / f"pruned4_{q}.gguf"
-        export_gguf(pruned, tok, path, qtype=q)
-        t0 = time.perf_counter()
-        from moeguard.trace.api import trace as run_trace
-
-        doc = run_trace(fp, load_gguf(path))
-        rows.append(_row(f"prune keep 4 -> GGUF {q}", "quantization", doc, time.perf_counter() - t0,
-                         keep=base_plan.keep, extra={"gguf_bytes": path.stat().st_size}, order={}))
-    for bits in (8, 4):
-        what = "int8 per row (torch qint8)" if bits == 8 else "int4 per group of 32 (torch fake-quant)"
-        rows.append(_row(f"prune keep 4 -> {what}", "quantization", *_trace(fp, _torch_quantized(pruned, bits), tok, "q"),
-                         keep=base_plan.keep, order={}))
-    # evasion
-    shuffled, orders = evasion.shuffle_experts(pruned, seed=1)
-    shuffled_keep = {li: base_plan.keep[li] for li in base_plan.keep}
-    rows.append(_row("prune 4 + shuffled experts", "evasion", *_trace(fp, shuffled, tok, "e"), keep=shuffled_keep,
-                     order=orders))
-    rows.append(_row("permuted neurons", "evasion", *_trace(fp, evasion.permute_neurons(m, seed=2), tok, "e"),
-                     keep={l: list(range(8)) for l in range(4)}, order={}))
-    rows.append(_row("permuted hidden + sign flips", "evasion",
-                     *_trace(fp, evasion.permute_hidden(m, seed=3, flip_signs=True), tok, "e"),
-                     keep={l: list(range(8)) for l in range(4)}, order={}))
-    allof = evasion.permute_hidden(evasion.permute_neurons(shuffled, seed=4), seed=5, flip_signs=True)
-    rows.append(_row("prune 4 + all evasions", "evasion", *_trace(fp, allof, tok, "e"), keep=shuffled_keep,
-                     order=orders))
-    q4 = _quantized(allof, "Q4_0")
-    rows.append(_row("prune 4 + all evasions + Q4_0", "evasion", *_trace(fp, q4, tok, "e"), keep=shuffled_keep,
-                     order=orders))
-    # negatives
-    train_s = {}
-    for seed in range(1, args.negatives + 1):
-        t0 = time.perf_counter()
-        nm, ntok = _train(args.workdir / f"zoo-seed{seed}-{args.negative_steps}", seed, args.negative_steps)
-        train_s[f"seed{seed}"] = round(time.perf_counter() - t0, 1)
-        rows.append(_row(f"independent zoo seed {seed} ({args.negative_steps} steps)", "independent",
-                         *_trace(fp, nm, ntok, "n"), derived=False))
-        # the same model pruned: fewer suspect experts than the owner's is where a row effect would show
-        rng = np.random.default_rng(seed)
-        for k in (2, 4):
-            keep = {l: sorted(rng.choice(8, size=k, replace=False).tolist()) for l in range(4)}
-            rows.append(_row(f"independent zoo seed {seed}, pruned to {k}", "independent",
-                             *_trace(fp, prune_model(nm, keep)[0], ntok, "n"), derived=False))
-    other = ["stdlib-docs", "stdlib-code"]
-    om, otok = _train(args.workdir / f"zoo-other-{args.negative_steps}", 11, args.negative_steps, tasks=other)
-    rows.append(_row(f"independent, other data ({'+'.join(other)})", "independent", *_trace(fp, om, otok, "o"),
-                     derived=False))
-    opm, _ = prune_model(om, {l: [0, 2, 4, 6] for l in range(4)})
-    rows.append(_row("pruned derivative of the other-data model", "independent", *_trace(fp, opm, otok, "o"),
-                     derived=False))
-
+def _summary(rows: list[dict]) -> tuple[dict, dict]:
+    """The benchmark's summary and goals over one fingerprint's rows."""
     pos = [r for r in rows if r["derived"]]
     neg = [r for r in rows if not r["derived"]]
-    ranks = sorted([(r["p_value"], r["derived"]) for r in rows])
     # AUC of -log p separating derivatives from independents (ties count half)
     auc = np.mean([1.0 if a["p_value"] < b["p_value"] else 0.5 if a["p_value"] == b["p_value"] else 0.0
                    for a in pos for b in neg]) if pos and neg else None
@@ -326,19 +211,194 @@ def main() -> None:
         "misses": [r["name"] for r in pos if r["p_value"] > 1e-4] + [r["name"] for r in neg if r["p_value"] < 0.01],
         "kept_wrong": [r["name"] for r in kept if not r["kept_exact"]]}
     auc = float(auc) if auc is not None else None
+    summary["auc"] = auc
     goals = {"auc_1": auc == 1.0, "every_derivative_p_le_1e-4": summary["derivatives_p_le_1e-4"] == len(pos),
              "every_independent_p_ge_0.01": summary["independent_p_ge_0.01"] == len(neg),
              "kept_exact_100pct": all(r["kept_exact"] for r in kept),
              "merges_95pct": sum(r["merges_recovered"] for r in merges) >= 0.95 * sum(r["merges_true"] for r in merges)}
-    goals = {k: bool(v) for k, v in goals.items()}
+    return summary, {k: bool(v) for k, v in goals.items()}
+
+
+def _over_seeds(by_seed: dict[int, list[dict]]) -> dict:
+    """Each fingerprint seed's headline figures, and each row's p-value over the seeds."""
+    per_seed = {}
+    for fseed, rows in by_seed.items():
+        summary, _ = _summary(rows)
+        per_seed[str(fseed)] = {k: summary[k] for k in ("auc", "derivatives_p_le_1e-4", "independent_p_ge_0.01",
+                                                       "largest_derivative_p", "smallest_independent_p", "kept_exact",
+                                                       "merges_recovered", "mapping_correct", "misses")}
+    aucs = [v["auc"] for v in per_seed.values()]
+    first = next(iter(by_seed.values()))
+    p_rows = {r["name"]: [rows[i]["p_value"] for rows in by_seed.values()] for i, r in enumerate(first)}
+    hard = {name: {"p_min": min(ps), "p_median": float(np.median(ps)), "p_max": max(ps),
+                   "derived": first[i]["derived"]}
+            for i, (name, ps) in enumerate(p_rows.items())
+            # every row whose p-value is not the same at every seed, or that any seed misses
+            if len(set(ps)) > 1 and (max(ps) > 1e-4 if first[i]["derived"] else min(ps) < 0.05)}
+    return {"seeds": list(by_seed), "per_seed": per_seed,
+            "auc": {"min": min(aucs), "median": float(np.median(aucs)), "max": max(aucs)},
+            "seeds_auc_1": sum(a == 1.0 for a in aucs),
+            "seeds_every_derivative_p_le_1e-4": sum(v["derivatives_p_le_1e-4"] == _count(first, True)
+                                                    for v in per_seed.values()),
+            "seeds_every_independent_p_ge_0.01": sum(v["independent_p_ge_0.01"] == _count(first, False)
+                                                     for v in per_seed.values()),
+            "rows_that_move": hard, "p_by_seed": p_rows}
+
+
+def _count(rows: list[dict], derived: bool) -> int:
+    return sum(r["derived"] == derived for r in rows)
+
+
+def _seed_table(doc: dict) -> str:
+    lines = [f"{'fp seed':>7}  {'AUC':>6}  {'deriv p<=1e-4':>13}  {'indep p>=0.01':>13}  {'largest deriv p':>15}  "
+             f"{'smallest indep p':>16}  merges  mapping"]
+    for fseed, v in doc["per_seed"].items():
+        lines.append(f"{fseed:>7}  {v['auc']:6.3f}  {v['derivatives_p_le_1e-4']:>13}  {v['independent_p_ge_0.01']:>13}  "
+                     f"{v['largest_derivative_p']:15.3g}  {v['smallest_independent_p']:16.3g}  "
+                     f"{v['merges_recovered']:>6}  {v['mapping_correct']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--negatives", type=int, default=5)
+    ap.add_argument("--negative-steps", type=int, default=200)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moeguard-provenance")
+    ap.add_argument("--skip-realign", action="store_true", help="leave out the fine-tuned derivatives (quick runs)")
+    ap.add_argument("--fingerprint-seeds", type=lambda v: [int(x) for x in v.split(",")], default=list(range(10)),
+                    help="comma-separated fingerprint seeds; the first gives the rows, all give the spread")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.loading import load_model
+    from moeguard.models.prune import prune_model
+    from moeguard.pruning.plan import plan_from_scores
+    from moeguard.trace import evasion
+    from moeguard.trace.fingerprint import build, checkpoint_bytes
+    from moeguard.trace.gguf import export_gguf, load_gguf
+    from moeguard.trace.weights import f64, from_model
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    m, tok, _ = load_model(None)
+    size = checkpoint_bytes(None)
+    t0 = time.perf_counter()
+    fp = build(from_model(m, tok, name="embedded"), checkpoint_bytes=size, seed=args.fingerprint_seeds[0])
+    fp_s = time.perf_counter() - t0
+    fp.save(args.workdir / "fp", overwrite=True)
+    fp_bytes = sum(f.stat().st_size for f in (args.workdir / "fp").iterdir())
+    cases = []  # (name, category, suspect, row arguments): every suspect is built once, traced per fingerprint
+
+    with torch.no_grad():
+        ctx = make_context(m, tok, TASK, samples=32, batch_size=8, seed=0)
+        scores = {meth: score(ctx, meth) for meth in METHODS}
+    # pruning
+    for meth, s in scores.items():
+        for k in (2, 4, 6):
+            plan = plan_from_scores(s, keep=k, min_keep=1)
+            pm, _ = prune_model(m, plan.keep)
+            cases.append((f"prune {meth} keep {k}", "pruning", _model(pm, tok, "p"), dict(keep=plan.keep, order={})))
+        plan = plan_from_scores(s, budget=16, min_keep=1)
+        pm, _ = prune_model(m, plan.keep)
+        cases.append((f"prune {meth} budget 16", "pruning", _model(pm, tok, "p"), dict(keep=plan.keep, order={})))
+    base_plan = plan_from_scores(scores["frequency"], keep=KEEP_REALIGN, min_keep=1)
+    pruned, _ = prune_model(m, base_plan.keep)
+    from moeguard.tasks.evaluate import evaluate_task
+
+    scores_ref = {"full": evaluate_task(m, tok, TASK, limit=64, batch_size=32).score,
+                  "pruned_keep_4": evaluate_task(pruned, tok, TASK, limit=64, batch_size=32).score}
+    # pruning + re-alignment: the attack grid (its default modes, learning-rate scales and epochs), each
+    # cell traced; the strongest cell per mode is the one whose fine-tuned model scores best
+    if not args.skip_realign:
+        cells = []
+        for mode in ("full", "lora"):
+            for lr_scale in (0.1, 1.0, 10.0):
+                for epochs in (4.0, 16.0):
+                    rm, info = _realigned(pruned, tok, mode, epochs, lr_scale)
+                    info["mode"], info["lr_scale"] = mode, lr_scale
+                    cells.append((f"prune keep 4 + {mode} x{lr_scale:g} lr, {epochs:g} epochs", "pruning+realign",
+                                  _model(rm, tok, "r"), dict(keep=base_plan.keep, extra={"finetune": info}, order={})))
+        for mode in ("full", "lora"):
+            best = max((c for c in cells if c[3]["extra"]["finetune"]["mode"] == mode),
+                       key=lambda c: c[3]["extra"]["finetune"]["score"])
+            best[3]["extra"]["strongest_cell"] = True
+        cases.extend(cells)
+        rm, info = _realigned(pruned, tok, "full", 160.0, 10.0)
+        cases.append(("prune keep 4 + long full fine-tune (10x the grid's steps, its highest lr)", "pruning+realign", _model(rm, tok, "r"), dict(keep=base_plan.keep, extra={"finetune": info}, order={})))
+    # merging
+    freq = scores["frequency"].scores.numpy()
+    # float64 gate sums, as when from_model held float64 copies (it now holds views of the model)
+    v = {l.index: f64(l.gate).sum(axis=1) for l in from_model(m, tok, name="e").layers}
+    clusters = {li: _clusters(v[li], 4) for li in v}
+    for name, weights in (("uniform (HC-SMoE)", None),
+                          ("frequency-weighted (M-SMoE)", {li: [[max(float(freq[i][e]), 1e-6) for e in g] for g in gs]
+                                                           for i, (li, gs) in enumerate(clusters.items())})):
+        mm, rec = evasion.merge_experts(m, clusters, weights)
+        cases.append((f"merge 8->4 {name}", "merging", _model(mm, tok, "m"), dict(merges=rec["merges"],
+                         extra={"clusters": {str(k): v for k, v in clusters.items()}})))
+    # quantization
+    for q in ("Q8_0", "Q4_0"):
+        cases.append((f"quantized {q} (round trip)", "quantization", _model(_quantized(m, q), tok, "q"), dict()))
+        path = args.workdir / f"pruned4_{q}.gguf"
+        export_gguf(pruned, tok, path, qtype=q)
+        cases.append((f"prune keep 4 -> GGUF {q}", "quantization", lambda path=path: load_gguf(path),
+                      dict(keep=base_plan.keep, extra={"gguf_bytes": path.stat().st_size}, order={})))
+    for bits in (8, 4):
+        what = "int8 per row (torch qint8)" if bits == 8 else "int4 per group of 32 (torch fake-quant)"
+        cases.append((f"prune keep 4 -> {what}", "quantization", _model(_torch_quantized(pruned, bits), tok, "q"),
+                      dict(keep=base_plan.keep, order={})))
+    # evasion
+    shuffled, orders = evasion.shuffle_experts(pruned, seed=1)
+    shuffled_keep = {li: base_plan.keep[li] for li in base_plan.keep}
+    cases.append(("prune 4 + shuffled experts", "evasion", _model(shuffled, tok, "e"), dict(keep=shuffled_keep,
+                     order=orders)))
+    cases.append(("permuted neurons", "evasion", _model(evasion.permute_neurons(m, seed=2), tok, "e"), dict(keep={l: list(range(8)) for l in range(4)}, order={})))
+    cases.append(("permuted hidden + sign flips", "evasion", _model(evasion.permute_hidden(m, seed=3, flip_signs=True), tok, "e"), dict(keep={l: list(range(8)) for l in range(4)}, order={})))
+    allof = evasion.permute_hidden(evasion.permute_neurons(shuffled, seed=4), seed=5, flip_signs=True)
+    cases.append(("prune 4 + all evasions", "evasion", _model(allof, tok, "e"), dict(keep=shuffled_keep,
+                     order=orders)))
+    q4 = _quantized(allof, "Q4_0")
+    cases.append(("prune 4 + all evasions + Q4_0", "evasion", _model(q4, tok, "e"), dict(keep=shuffled_keep,
+                     order=orders)))
+    # negatives
+    train_s = {}
+    for seed in range(1, args.negatives + 1):
+        t0 = time.perf_counter()
+        nm, ntok = _train(args.workdir / f"zoo-seed{seed}-{args.negative_steps}", seed, args.negative_steps)
+        train_s[f"seed{seed}"] = round(time.perf_counter() - t0, 1)
+        cases.append((f"independent zoo seed {seed} ({args.negative_steps} steps)", "independent", _model(nm, ntok, "n"), dict(derived=False)))
+        # the same model pruned: fewer suspect experts than the owner's is where a row effect would show
+        rng = np.random.default_rng(seed)
+        for k in (2, 4):
+            keep = {l: sorted(rng.choice(8, size=k, replace=False).tolist()) for l in range(4)}
+            cases.append((f"independent zoo seed {seed}, pruned to {k}", "independent", _model(prune_model(nm, keep)[0], ntok, "n"), dict(derived=False)))
+    other = ["stdlib-docs", "stdlib-code"]
+    om, otok = _train(args.workdir / f"zoo-other-{args.negative_steps}", 11, args.negative_steps, tasks=other)
+    cases.append((f"independent, other data ({'+'.join(other)})", "independent", _model(om, otok, "o"), dict(derived=False)))
+    opm, _ = prune_model(om, {l: [0, 2, 4, 6] for l in range(4)})
+    cases.append(("pruned derivative of the other-data model", "independent", _model(opm, otok, "o"), dict(derived=False)))
+
+    # every suspect traced against fingerprints of each seed: the first seed's rows are the
+    # benchmark's rows; the others show how much the hard cases depend on which hidden dimensions
+    # the seeded draw put in H (build takes milliseconds, a trace of every suspect seconds)
+    by_seed = {}
+    for i, fseed in enumerate(args.fingerprint_seeds):
+        fps = fp if i == 0 else build(from_model(m, tok, name="embedded"), checkpoint_bytes=size, seed=fseed)
+        by_seed[fseed] = [_row(name, cat, *_trace(fps, suspect), **kw, quiet=i > 0) for name, cat, suspect, kw in cases]
+    rows = by_seed[args.fingerprint_seeds[0]]
+    ranks = sorted([(r["p_value"], r["derived"]) for r in rows])
+    summary, goals = _summary(rows)
+    seeds_doc = _over_seeds(by_seed)
     path = write_result("provenance", {
         "fingerprint": {"bytes": fp_bytes, "checkpoint_bytes": size, "share": fp_bytes / size, "m": int(fp.H.size),
                         "anchors": int(fp.tensors["anchors"].shape[0]), "build_s": round(fp_s, 3)},
         "task_scores": {"task": TASK, "eval_limit": 64, **scores_ref},
         "negative_training": {"steps": args.negative_steps, "embedded_steps": 1000, "seconds": train_s},
-        "summary": summary, "goals": goals, "rows": rows, "ranks": ranks,
+        "summary": summary, "goals": goals, "fingerprint_seeds": seeds_doc, "rows": rows, "ranks": ranks,
         "seconds": round(time.perf_counter() - started, 1)}, args.out)
     print(summary, goals, f"written to {path}")
+    print(_seed_table(seeds_doc))
 
 
 if __name__ == "__main__":
