@@ -272,7 +272,7 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     doc = json.loads(prof.read_text())
     assert doc["schema"] == "moeguard.routing-profile/2" and doc["requests"] == {"fit": 100, "calibration": 100}
     assert doc["run"]["settings"] == {"model": "embedded", "tasks": ["arith-compare", "docstring-topic"], "limit": 100,
-                                      "window": 8, "seed": 0} and doc["run"]["versions"]["torch"]
+                                      "window": 8, "seed": 0, "reply_tokens": 0} and doc["run"]["versions"]["torch"]
     # benign: later eval records of the profiled tasks, two single-topic clients; probing: random tokens
     rows, rng = [], random.Random(0)
     for c, t in (("alice", "arith-compare"), ("bob", "docstring-topic")):

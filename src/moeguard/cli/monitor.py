@@ -83,6 +83,7 @@ def monitor_profile(
         tasks: Annotated[Optional[str], typer.Option("--tasks", help="benign traffic: comma-separated tasks; default: the embedded suite")] = None,
         limit: Annotated[int, typer.Option("--limit", help="inputs per task (eval split), half to fit, half to calibrate")] = 200,
         window: Annotated[int, typer.Option("--window", help="requests per client window the profile calibrates")] = 16,
+        reply_tokens: Annotated[int, typer.Option("--reply-tokens", help="also profile each benign input's greedy reply of at most this many tokens, and score requests' replies (0: prompts only)")] = 0,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """The reference routing profile of benign traffic, with calibrated null distributions."""
     from moeguard.cli.app import _seed
@@ -96,6 +97,8 @@ def monitor_profile(
         raise MoeguardError(f"--limit is {limit}", hint="pass --limit of at least 8 inputs per task")
     if window < 1:
         raise MoeguardError(f"--window is {window}", hint="pass --window of at least 1 request")
+    if not 0 <= reply_tokens <= 256:
+        raise MoeguardError(f"--reply-tokens is {reply_tokens}", hint="pass 0 (prompts only) or 1 to 256 reply tokens")
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks", train=False)   # benign traffic: eval records only
@@ -117,14 +120,15 @@ def monitor_profile(
 
     # what the kept per-task arrays depend on: an interrupted run resumes only on the same inputs,
     # seed (the halves) and weights
-    resume = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "seed": seed,
+    resume = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "seed": seed, "reply_tokens": reply_tokens,
               "model": weights_identity(handle.arg), **_placement(handle)}
     with resumable_scratch(out, overwrite=overwrite, settings=resume) as tmp:
         _seed(seed)
         m, tok, _ = handle.load()
         try:
             with _progress() as progress:
-                prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=progress)
+                prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=progress,
+                             reply_tokens=reply_tokens)
             prof.meta["weights"] = weights_digest(handle.arg)   # what score and serve compare, not the name typed
         except KeyboardInterrupt:
             import sys
@@ -133,17 +137,19 @@ def monitor_profile(
                   f"again to resume", file=sys.stderr)
             raise SystemExit(130) from None
         doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "tasks": list(prompts), "limit": limit,
-                                                    "window": window, "seed": seed, **_placement(handle)})}
+                                                    "window": window, "seed": seed, "reply_tokens": reply_tokens,
+                                                    **_placement(handle)})}
         write_json(out, doc, overwrite=overwrite)
     r = prof.meta["requests"]
+    replies = f", replies of at most {reply_tokens} tokens" if reply_tokens else ""
     typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
-               f"calibrating, windows of {window}; written to {out}")
+               f"calibrating, windows of {window}{replies}; written to {out}")
 
 
 @monitor_app.command("score")
 def monitor_score(
         profile: Annotated[Path, typer.Option("--profile", help="profile from `moeguard monitor profile`")],
-        log: Annotated[Path, typer.Option("--log", help="requests, JSON Lines: {id, client, time, prompt}")],
+        log: Annotated[Path, typer.Option("--log", help="requests, JSON Lines: {id, client, time, prompt[, reply]}")],
         out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, windows.jsonl, alerts.jsonl and summary.json")],
         window: Annotated[Optional[int], typer.Option("--window", help="requests per client window; default: the profile's")] = None,
         alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,

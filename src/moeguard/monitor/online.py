@@ -20,8 +20,12 @@ embedded model, 1.08x its batch-1 forward; in batches, the requests share those 
 scores what waited that long), and less when traffic fills a batch or a scrape comes. The waiting requests' token ids stay in memory
 until their batch is scored (at most ``flush_every`` prompts' worth), and are never written anywhere.
 
-Only the request's **prefill** is counted (the profile is of prompts; generated tokens would
-shift it). Per client the monitor keeps one running sum of routing histograms ([L, E] floats),
+Only the request's **prefill** is counted in the prompt's statistics (the profile is of prompts;
+generated tokens would shift it). With a profile that scores replies (``replies.py``), the decode
+steps' routing is kept too (at most the profile's reply length) and scored as the reply: the
+prefill's last position and each decode step, the first ``r.reply_tokens`` of them when the caller
+sets it (the reply's length without its end of text, as ``serve.py`` does; unset, every decode
+step, which counts the forward that made the end of text as well). Per client the monitor keeps one running sum of routing histograms ([L, E] floats),
 and the current window's p-values and prompt embeddings (``window`` x min(64, hidden) floats, ``embed.py``):
 bounded memory whatever the traffic, and no prompt is stored. Clients beyond
 ``max_clients`` evict the least recently seen (its window restarts when it returns).
@@ -56,7 +60,8 @@ import torch
 from moeguard.errors import MoeguardError
 from moeguard.models.hooks import Hooks
 from moeguard.monitor.embed import PooledHidden
-from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile
+from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
+from moeguard.monitor.replies import ReplyIds, reply_routing
 from moeguard.monitor.tokens import RoutedIds
 
 _log = logging.getLogger("moeguard.monitor")
@@ -67,6 +72,9 @@ class RequestResult:
     """One request's monitor result. Reading ``result`` scores the requests still waiting
     (``RoutingMonitor.flush``) if this one is among them."""
     client: str
+    # the reply's length in tokens, without its end of text (set by a caller that generated, before
+    # the request ends): with a profile that scores replies, its positions are those (replies.py)
+    reply_tokens: int | None = None
     _monitor: Any = field(default=None, repr=False)
     _result: dict[str, Any] = field(default_factory=dict, repr=False)
     _scored: bool = False
@@ -90,6 +98,7 @@ class _Captured(NamedTuple):
     mask: Any             # [rows, T] attention mask; None or False: none given
     pooled: Any           # [rows, hidden] float32: the final norm's output summed over real tokens
     at: float             # time.monotonic() when it ended (the delay bound)
+    reply: Any = None     # (per MoE layer the decode steps' top-k ids, their input ids): a profile of replies
 
 
 class RoutingMonitor:
@@ -130,6 +139,8 @@ class RoutingMonitor:
         self._pooled.limit, self._pooled.enabled = 1, False
         self._routed = RoutedIds(self.adapter, first_only=True)   # the prompt's top-k ids per layer
         self._routed.enabled = False
+        # a profile that scores replies: the decode steps' routing too (none kept otherwise)
+        self._reply = ReplyIds(self.adapter, steps=profile.replies.max_tokens - 1) if profile.replies else None
         self._ids = None                                          # the prompt's token ids (prefill)
         self._mask = None                                         # its attention mask; False: none given
         self._warned_ids = False
@@ -171,6 +182,8 @@ class RoutingMonitor:
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._routed)
             stack.enter_context(self._pooled)
+            if self._reply is not None:
+                stack.enter_context(self._reply)
             own = stack.enter_context(Hooks())
             own.on_input(self.model.get_input_embeddings(), self._ids_hook)
             own.on_input(self.model, self._mask_hook, with_kwargs=True)
@@ -212,19 +225,25 @@ class RoutingMonitor:
         self._ids, self._mask = None, None
         self._pooled.sums, self._pooled.mask = [], None
         self._active = self._pooled.enabled = self._routed.enabled = True
+        if self._reply is not None:
+            self._reply.reset()
+            self._reply.enabled = True
         try:
             yield out
         finally:
             self._active = self._pooled.enabled = self._routed.enabled = False
+            if self._reply is not None:
+                self._reply.enabled = False
         routed, pooled = self._routed.ids, self._pooled.sums
         ids, mask = self._ids, self._mask
+        reply = (self._reply.ids, self._reply.tokens) if self._reply is not None else None
         self._routed.reset()
         self._ids, self._mask, self._pooled.sums = None, None, []
         if any(x is None for x in routed) or not pooled:
             out._scored = True          # nothing (or not every layer) ran: a failed request, result {}
             return
         with self._lock:
-            self._pending.append(_Captured(out, routed, ids, mask, pooled[0], time.monotonic()))
+            self._pending.append(_Captured(out, routed, ids, mask, pooled[0], time.monotonic(), reply))
             full = len(self._pending) >= self.flush_every
         if full:
             self.flush()
@@ -261,10 +280,12 @@ class RoutingMonitor:
         try:
             counts, x, surprise = self._prefills(batch)
             h = counts / np.maximum(counts.sum(2, keepdims=True), 1)
-            stats = self.profile.statistics(h, x, surprise)
+            r, rs = self._replies(batch) if self._reply is not None else (None, None)
+            stats = self.profile.statistics(h, x, surprise, r, rs)
             ps = self.profile.p_values(stats, "request")
             for i, out in enumerate(results):
-                out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i)
+                out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i,
+                                          None if r is None else r[i])
                 out._scored = True
         except Exception as e:  # noqa: BLE001 -- returned: the callbacks still run, every request is answered
             # the batch left the queue: its requests say why they have no score (reading them
@@ -296,7 +317,7 @@ class RoutingMonitor:
         # per layer: L calls, not one per request
         toks, masks, hidden, rows_of, lengths = [], [], [], [], []   # per prompt row: its request, tokens kept
         has_ids = np.ones(N, dtype=bool)
-        for r, (_, routed, tids, mask, pooled, _) in enumerate(batch):
+        for r, (_, routed, tids, mask, pooled, *_) in enumerate(batch):
             n = len(routed[0])
             if tids is None or tids.numel() != n:
                 if not self._warned_ids:
@@ -341,18 +362,29 @@ class RoutingMonitor:
         np.maximum.at(surprise, rows_of, np.where(has_ids[rows_of], per_row, 0.0))
         return counts, x, surprise
 
+    def _replies(self, batch: list[_Captured]) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's reply histograms [N, L, E] (a row of zeros: no reply) and surprise [N]."""
+        out, surprise = np.zeros((len(batch), len(self.adapter.layers), self._E)), np.zeros(len(batch))
+        for i, c in enumerate(batch):
+            n = c.out.reply_tokens
+            got = reply_routing(c.routed, c.ids, *c.reply, self._E, None if n is None else int(n), self.profile.tokens)
+            if got is not None:
+                out[i] = got[0] / np.maximum(got[0].sum(1, keepdims=True), 1)
+                surprise[i] = got[1]
+        return out, surprise
+
     def _record(self, client: str, counts: np.ndarray, h: np.ndarray, x: np.ndarray, stats: dict, ps: dict,
-                i: int) -> dict[str, Any]:
+                i: int, reply: np.ndarray | None = None) -> dict[str, Any]:
         """Row ``i`` of a scored batch: its result, its client's window, the metrics."""
         p = float(ps["combined"][i])
         res: dict[str, Any] = {"p": p, "alert": None, "window": None,
-                               "statistics": {k: float(stats[k][i]) for k in STATISTICS}}
+                               "statistics": {k: float(stats[k][i]) for k in self.profile.request_statistics}}
         with self._lock:
             self.m_requests.inc()
             self.m_request_anomaly.observe(-math.log10(p))
             self._assigned += counts
             if p <= self.alpha:
-                res["alert"] = {"kind": "request", **self.profile.reason(stats, ps, i, h)}
+                res["alert"] = {"kind": "request", **self.profile.reason(stats, ps, i, h, reply)}
                 self.m_alerts.labels("request", res["alert"]["statistic"]).inc()
             # the window so far: sum of h, and its requests' p-values and embeddings (at most
             # `window` of each: bounded, and no prompt)

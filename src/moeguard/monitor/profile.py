@@ -47,6 +47,7 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
 from moeguard.monitor.embed import Embedding, KernelReference
+from moeguard.monitor.replies import REPLY_STATISTICS, ReplyReference
 from moeguard.monitor.tokens import SEGMENT, RoutedIds, TokenRouting, TokenRoutingCounts
 
 SCHEMA = "moeguard.routing-profile/2"      # /2: with the embedding and token statistics
@@ -140,6 +141,12 @@ class Profile:
     space: Embedding                 # hidden sums -> unit embeddings (embed.py)
     kernel: KernelReference          # benign embeddings per topic; unfamiliar and drift
     tokens: TokenRouting             # benign routing per token; surprise
+    replies: ReplyReference | None = None   # benign replies' routing (replies.py); None: prompts only
+
+    @property
+    def request_statistics(self) -> tuple[str, ...]:
+        """The statistics of a request: the prompt's, and its reply's where the profile has replies."""
+        return STATISTICS + (REPLY_STATISTICS if self.replies is not None else ())
 
     @cached_property
     def _topic_stack(self) -> np.ndarray:
@@ -147,14 +154,18 @@ class Profile:
         return np.stack(list(self.topics.values()))
 
     # --- statistics --------------------------------------------------------------------------
-    def statistics(self, h: np.ndarray, x: np.ndarray | None, surprise: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def statistics(self, h: np.ndarray, x: np.ndarray | None, surprise: np.ndarray | None = None,
+                   reply: np.ndarray | None = None, reply_surprise: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``h`` [N, L, E] histograms, ``x`` [N, dim] embeddings (``None``: windows, which use
         ``drift`` instead) and (requests) ``surprise`` [N] from ``observe`` -> each statistic [N],
-        with where ``load`` points ([N] flat (l, e) index) and the nearest topics. Computed in
+        with where ``load`` points ([N] flat (l, e) index) and the nearest topics; ``reply`` [N, L, E]
+        and ``reply_surprise`` [N]: the replies' (``replies.observe``), scored where the profile has
+        replies. Computed in
         blocks of rows: a log of 100k requests never builds [N, topics, L, E] at once."""
         if len(h) > 1024:
-            parts = [self.statistics(h[a:a + 1024], None if x is None else x[a:a + 1024],
-                                     None if surprise is None else surprise[a:a + 1024]) for a in range(0, len(h), 1024)]
+            cut = lambda v, a: None if v is None else v[a:a + 1024]   # noqa: E731
+            parts = [self.statistics(h[a:a + 1024], cut(x, a), cut(surprise, a), cut(reply, a), cut(reply_surprise, a))
+                     for a in range(0, len(h), 1024)]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         z = (h - self.mean) / self.sd
         flat = z.reshape(len(h), -1)
@@ -164,6 +175,11 @@ class Profile:
             out["unfamiliar"], out["nearest_embedded"] = self.kernel.unfamiliar(x)
         if surprise is not None:
             out["surprise"] = np.asarray(surprise, dtype=np.float64)
+        if self.replies is not None and x is not None:
+            if reply is None or reply_surprise is None:   # a silent skip would score against a null calibrated with replies
+                raise MoeguardError("the profile scores replies, and no reply histograms were given",
+                                    hint="pass the requests' replies (replies.histograms), or use a profile without them")
+            out.update(self.replies.statistics(reply, reply_surprise))
         return out
 
     def check_hidden(self, hidden: int | None) -> None:
@@ -205,7 +221,7 @@ class Profile:
     def p_floor(self, level: str) -> float:
         """The smallest combined p-value ``level`` ("request" or "window") can give: with fewer
         benign calibration samples than (statistics / alpha), nothing there can alert at alpha."""
-        names = STATISTICS if level == "request" else WINDOW_STATISTICS
+        names = self.request_statistics if level == "request" else WINDOW_STATISTICS
         return min(1.0, len(names) / (len(self.null[f"{level}.load"]) + 1))
 
     @cached_property
@@ -214,7 +230,7 @@ class Profile:
 
     def p_values(self, stats: dict[str, np.ndarray], level: str) -> dict[str, np.ndarray]:
         out = {}
-        names = STATISTICS if level == "request" else WINDOW_STATISTICS
+        names = self.request_statistics if level == "request" else WINDOW_STATISTICS
         values = [stats[s] for s in names]
         if all(len(v) == 1 and v[0] == v[0] for v in values):
             # one row, no NaN (the online hook, per request): bisect on lists, the same numbers as
@@ -241,12 +257,16 @@ class Profile:
         out["drift"] = np.array([self.kernel.drift(x) for x in xs])
         return out
 
-    def reason(self, stats: dict[str, np.ndarray], ps: dict[str, np.ndarray], i: int, h: np.ndarray) -> dict[str, Any]:
+    def reason(self, stats: dict[str, np.ndarray], ps: dict[str, np.ndarray], i: int, h: np.ndarray,
+               reply: np.ndarray | None = None) -> dict[str, Any]:
         """Row ``i``'s alert reason: the statistic with the smallest p-value, and the layer and
-        experts it points at (``h`` [L, E] its histogram). Offline scoring and the online hook share it."""
+        experts it points at (``h`` [L, E] its histogram, ``reply`` [L, E] its reply's). Offline
+        scoring and the online hook share it."""
         layers, E = self.meta["layers"], self.mean.shape[1]
-        which = min([k for k in ("load", "atypical", "unfamiliar", "surprise", "evidence", "drift") if k in ps],
-                    key=lambda s: ps[s][i])
+        which = min([k for k in ("load", "atypical", "unfamiliar", "surprise", *REPLY_STATISTICS, "evidence", "drift")
+                     if k in ps], key=lambda s: ps[s][i])
+        if which in REPLY_STATISTICS and reply is not None:
+            return self.replies.reason(stats, ps, i, reply, which, layers=layers)
         l, e = divmod(int(stats["load_at"][i]), E)
         experts = [e]
         displaced = f"most displaced: expert {e} at layer {layers[l]}, {100 * h[l, e]:.0f}% (benign {100 * self.mean[l, e]:.0f}%)"
@@ -278,7 +298,8 @@ class Profile:
         return {"schema": SCHEMA, **self.meta, "mean": self.mean.tolist(), "sd": self.sd.tolist(),
                 "topics": {k: v.tolist() for k, v in self.topics.items()},
                 "null": {k: v.tolist() for k, v in self.null.items()},
-                "embedding": self.space.to_dict(), "kernel": self.kernel.to_dict(), "token_routing": self.tokens.to_dict()}
+                "embedding": self.space.to_dict(), "kernel": self.kernel.to_dict(), "token_routing": self.tokens.to_dict(),
+                **({"replies": self.replies.to_dict()} if self.replies is not None else {})}
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str) -> "Profile":
@@ -293,8 +314,9 @@ class Profile:
             null = {k: np.sort(np.asarray(v, dtype=float)) for k, v in d["null"].items()}
             space, kernel = Embedding.from_dict(d["embedding"]), KernelReference.from_dict(d["kernel"])
             tokens = TokenRouting.from_dict(d["token_routing"])
+            replies = ReplyReference.from_dict(d["replies"]) if d.get("replies") is not None else None
             meta = {k: v for k, v in d.items()
-                    if k not in ("schema", "mean", "sd", "topics", "null", "embedding", "kernel", "token_routing")}
+                    if k not in ("schema", "mean", "sd", "topics", "null", "embedding", "kernel", "token_routing", "replies")}
         except Exception as e:  # noqa: BLE001 -- any malformed content (overflow, huge sizes, bad base64) is one line
             raise MoeguardError(f"{where} is a damaged routing profile ({type(e).__name__}: {e})", hint=fix) from None
         finite = all(np.isfinite(a).all() for a in (mean, sd, *topics.values(), *null.values()))
@@ -304,13 +326,16 @@ class Profile:
                 or any(f"window.{s}" not in null for s in WINDOW_STATISTICS) \
                 or space.centre is None or space.centre.shape != (space.dim,) \
                 or any(r.ndim != 2 or r.shape[1] != space.dim or len(r) < 2 for r in kernel.refs) \
-                or tokens.counts.shape[1:] != mean.shape or tokens.marginal.shape != mean.shape:
+                or tokens.counts.shape[1:] != mean.shape or tokens.marginal.shape != mean.shape \
+                or (replies is not None and (replies.mean.shape != mean.shape
+                                             or any(f"request.{s}" not in null for s in REPLY_STATISTICS))):
             raise MoeguardError(f"{where} is a damaged routing profile (shapes, values or null samples wrong or missing)",
                                 hint=fix)
         if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
                 or len(meta["layers"]) != mean.shape[0]:
             raise MoeguardError(f"{where} is a damaged routing profile (window or layers missing)", hint=fix)
-        return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=tokens)
+        return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=tokens,
+                   replies=replies)
 
 
 def check_uniform(adapter) -> None:
@@ -324,14 +349,18 @@ def check_uniform(adapter) -> None:
 
 
 def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int = 400,
-          seed: int = 0, name: str = "", cache: Path | None = None, progress=None) -> Profile:
-    """The profile of benign ``prompts`` (task -> inputs); see the module docstring. With ``cache``
+          seed: int = 0, name: str = "", cache: Path | None = None, progress=None, reply_tokens: int = 0) -> Profile:
+    """The profile of benign ``prompts`` (task -> inputs); see the module docstring. ``reply_tokens``
+    > 0: each benign input's greedy reply of at most that many tokens is routed too, and the profile
+    scores requests' replies (``replies.py``). With ``cache``
     (``io.resumable_scratch``), each task's observed arrays are kept there as they finish and read
     back on a resumed run: the same numbers as one uninterrupted build."""
     from moeguard.models.adapter import MoEAdapter
 
     if window < 1:
         raise MoeguardError(f"window is {window}", hint="pass a window of at least 1 request")
+    if isinstance(reply_tokens, bool) or not isinstance(reply_tokens, int) or not 0 <= reply_tokens <= 256:
+        raise MoeguardError(f"reply_tokens is {reply_tokens!r}", hint="pass 0 (prompts only) or a reply length of 1 to 256 tokens")
     for t, ps in prompts.items():             # before any forward
         if len(ps) < 4:
             raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
@@ -356,10 +385,20 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         h, sums, ntok, _ = observe(model, tokenizer, ps, adapter=adapter, tokens=own)
         return {"h": h, "sums": sums, "ntok": ntok, **own.arrays()}
 
+    def reply_part(ps: list[str]) -> dict[str, np.ndarray]:
+        from moeguard.monitor import replies
+
+        h, surprise = replies.observe(model, tokenizer, ps, replies.generate(model, tokenizer, ps, reply_tokens),
+                                      adapter=adapter, table=table)
+        return {"h": h, "surprise": surprise}
+
+    fit_replies, cal_replies = {}, []
     for i, (t, ps) in enumerate(prompts.items()):   # the fit half: statistics' parameters, and the token table
         order = rng.permutation(len(ps))
         half = len(ps) // 2
         z = kept_arrays(cache, f"fit-{i}", lambda: fit_part([ps[j] for j in order[:half]]))
+        if reply_tokens:   # their routing only: the token table is the prompts' (the fit half's, complete below)
+            fit_replies[t] = [ps[j] for j in order[:half]]
         counts.merge(z["count_tokens"], z["counts"])
         fit.append(z["h"])
         fit_hidden.append((z["sums"], z["ntok"]))
@@ -368,6 +407,9 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         if bar is not None:
             progress.advance(bar, half)
     table = counts.table(adapter.top_k, getattr(tokenizer, "bos_token_id", None))
+    for i, t in enumerate(fit_replies):
+        ps = fit_replies[t]
+        fit_replies[t] = kept_arrays(cache, f"reply-fit-{i}", lambda: reply_part(ps))["h"]
     cal_surprise = []
     for i, (t, ps) in enumerate(held.items()):   # the calibration half: every statistic's null
         z = kept_arrays(cache, f"calibration-{i}", lambda: dict(zip(
@@ -375,6 +417,8 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         cal.append(z["h"])
         cal_hidden.append((z["sums"], z["ntok"]))
         cal_surprise.append(z["surprise"])
+        if reply_tokens:
+            cal_replies.append(kept_arrays(cache, f"reply-calibration-{i}", lambda: reply_part(ps)))
         cal_topic += [t] * len(ps)
         if bar is not None:
             progress.advance(bar, len(ps))
@@ -386,10 +430,13 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     kernel = KernelReference.fit({t: space(a, b) for t, (a, b) in zip(topics, fit_hidden)}, seed=seed)
     XC = space(np.concatenate([a for a, _ in cal_hidden]), np.concatenate([b for _, b in cal_hidden]))
     null: dict[str, np.ndarray] = {}
+    reply_ref = ReplyReference.fit(fit_replies, max_tokens=reply_tokens) if reply_tokens else None
     prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel,
-                   tokens=table)                                          # null: filled below
-    s = prof.statistics(C, XC, np.concatenate(cal_surprise))
-    for k in STATISTICS:
+                   tokens=table, replies=reply_ref)                       # null: filled below
+    s = prof.statistics(C, XC, np.concatenate(cal_surprise),
+                        np.concatenate([z["h"] for z in cal_replies]) if reply_tokens else None,
+                        np.concatenate([z["surprise"] for z in cal_replies]) if reply_tokens else None)
+    for k in prof.request_statistics:
         null[f"request.{k}"] = np.sort(s[k])
     # benign windows: alternately one topic (a single-topic user) and a mix of topics
     # a single-topic window repeats no request: topics with fewer calibration requests than a
@@ -411,5 +458,7 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         null[f"window.{k}"] = np.sort(ws[k])
     meta = {"model": name, "tasks": list(prompts), "requests": {"fit": int(len(F)), "calibration": int(len(C))},
             "window": window, "benign_windows": windows, "seed": seed,
-            "layers": [l.index for l in adapter.layers], "num_experts": adapter.num_experts, "top_k": adapter.top_k}
-    return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=table)
+            "layers": [l.index for l in adapter.layers], "num_experts": adapter.num_experts, "top_k": adapter.top_k,
+            "reply_tokens": reply_tokens}
+    return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=table,
+                   replies=reply_ref)

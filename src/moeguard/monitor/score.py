@@ -1,7 +1,10 @@
 """Score logged requests against a routing profile (``moeguard monitor score``).
 
 A log is JSON Lines, one request per line: ``{"id": ..., "client": ..., "time": ..., "prompt": ...}``
-(``id`` and ``client`` strings or integers, ``time`` a number or an ISO-8601 string). Each request
+(``id`` and ``client`` strings or integers, ``time`` a number or an ISO-8601 string), and, optionally,
+``"reply"``: the text the model answered. With a profile that scores replies (``--reply-tokens``),
+a record's reply is routed after its prompt; a record without one is given the model's greedy
+reply (the profile's reply length), which is the served reply where the server decodes greedily. Each request
 is replayed through the model; its routing histogram is scored (``profile.py``), and so is each
 client's consecutive, non-overlapping window of ``window`` requests (in time order). An alert is
 written for every score with p <= ``alpha``, with its reason: the statistic, the layer and
@@ -21,7 +24,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
-from moeguard.monitor.profile import STATISTICS, WINDOW_STATISTICS, Profile, observe
+from moeguard.monitor.profile import WINDOW_STATISTICS, Profile, observe
 
 MAX_PROMPT_CHARS = 100_000
 
@@ -59,6 +62,10 @@ def read_log(path: Path) -> list[dict[str, Any]]:
             except UnicodeEncodeError:
                 raise MoeguardError(f"{where}: prompt is not valid Unicode (a lone surrogate)",
                                     hint="fix or drop that record") from None
+            if "reply" in r and (not isinstance(r["reply"], str) or len(r["reply"]) > MAX_PROMPT_CHARS
+                                 or not _unicode(r["reply"])):
+                raise MoeguardError(f"{where}: reply must be a string of valid Unicode of at most {MAX_PROMPT_CHARS} "
+                                    "characters (or left out)", hint="fix or drop that record's reply")
             for k in ("id", "client"):
                 if isinstance(r[k], bool) or not isinstance(r[k], (str, int)):
                     raise MoeguardError(f"{where}: {k} is {type(r[k]).__name__}, expected a string or integer",
@@ -67,6 +74,14 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     if not out:
         raise MoeguardError(f"request log {path} holds no request", hint="pass a JSON Lines file of {id, client, time, prompt}")
     return out
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _time(t: Any, where: str) -> float:
@@ -110,23 +125,53 @@ CHUNK = 512   # requests replayed per step: a multiple of observe's batch of 16,
 
 
 def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cache: Path | None = None,
-           progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+           progress=None, replies: list[str | None] | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """``observe`` over ``prompts`` in steps of ``CHUNK``. With ``cache`` (a resumable output folder),
     each step's arrays are kept there as it finishes (``.replay-N.npz``, no prompt text), and a
     step already there is read instead of replayed: an interrupted replay of a large log resumes.
+    Last, with a profile that scores replies, the replies' histograms [N, L, E] and token surprise
+    [N] (``replies``: each request's logged reply text, or None for the model's greedy reply);
+    otherwise None.
     The same numbers as one ``observe`` call when no prompt is longer than the model's positions
     (a longer one is routed as several rows, which shifts the batches by a row)."""
     parts = []
     task = progress.add_task("replaying requests", total=len(prompts)) if progress is not None else None
+    replies = replies if replies is not None else [None] * len(prompts)
+
+    def step(a: int) -> dict[str, np.ndarray]:
+        z = dict(zip(("h", "sums", "tokens", "surprise"),
+                     observe(model, tokenizer, prompts[a:a + CHUNK], tokens=prof.tokens, adapter=adapter)))
+        if prof.replies is not None:
+            z["reply"], z["reply_surprise"] = _reply_routing(model, tokenizer, prof, prompts[a:a + CHUNK],
+                                                             replies[a:a + CHUNK], adapter)
+        return z
+
     for n, a in enumerate(range(0, len(prompts), CHUNK)):
-        z = kept_arrays(cache, f"replay-{n}", lambda: dict(zip(
-            ("h", "sums", "tokens", "surprise"),
-            observe(model, tokenizer, prompts[a:a + CHUNK], tokens=prof.tokens, adapter=adapter))))
-        part = (z["h"], z["sums"], z["tokens"], z["surprise"])
+        # a step kept by a prompt-only replay has no replies: the name tells them apart
+        z = kept_arrays(cache, f"replay-{n}" + ("-replies" if prof.replies is not None else ""), lambda: step(a))
+        part = (z["h"], z["sums"], z["tokens"], z["surprise"], z.get("reply"), z.get("reply_surprise"))
         parts.append(part)
         if task is not None:
             progress.advance(task, len(part[0]))
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
+    out = [np.concatenate([p[i] for p in parts]) for i in range(4)]
+    if prof.replies is None:
+        return (*out, None)  # type: ignore[return-value]
+    return (*out, (np.concatenate([p[4] for p in parts]), np.concatenate([p[5] for p in parts])))  # type: ignore[return-value]
+
+
+def _reply_routing(model, tokenizer, prof: Profile, prompts: list[str], given: list[str | None], adapter
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The replies' histograms and surprise: a logged reply as its tokens (at most the profile's reply length:
+    the null was calibrated on replies that long), otherwise the model's greedy reply."""
+    from moeguard.monitor import replies
+    from moeguard.tasks.tokens import encode
+
+    n = prof.replies.max_tokens
+    missing = [i for i, g in enumerate(given) if g is None]
+    made = dict(zip(missing, replies.generate(model, tokenizer, [prompts[i] for i in missing], n)))
+    toks = [made[i] if g is None else encode(tokenizer, g)[:n] for i, g in enumerate(given)]
+    return replies.observe(model, tokenizer, prompts, toks, adapter=adapter, table=prof.tokens)
 
 
 def drop_replay(cache: Path) -> None:
@@ -146,22 +191,23 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     adapter = MoEAdapter(model)
     prof.check_routing(adapter)                   # before replaying the log
     prof.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
-    H, sums, tokens, surprise = replay(model, tokenizer, prof, [r["prompt"] for r in records], adapter=adapter,
-                                       cache=cache, progress=progress)
+    H, sums, tokens, surprise, R = replay(model, tokenizer, prof, [r["prompt"] for r in records], adapter=adapter,
+                                          cache=cache, progress=progress, replies=[r.get("reply") for r in records])
     prof.check_hidden(sums.shape[1])
     X = prof.space(sums, tokens)
-    stats = prof.statistics(H, X, surprise)
+    stats = prof.statistics(H, X, surprise, *(R or (None, None)))
     ps = prof.p_values(stats, "request")
     scores, alerts = [], []
     for i, r in enumerate(records):
         row = {"id": r["id"], "client": r["client"], "time": r["time"], "p": float(ps["combined"][i]),
-               **{k: round(float(stats[k][i]), 4) for k in STATISTICS}}
+               **{k: round(float(stats[k][i]), 4) for k in prof.request_statistics}}
         if log_prompts:
             row["prompt"] = r["prompt"]
         scores.append(row)
         if ps["combined"][i] <= alpha:
             alerts.append({"kind": "request", "id": r["id"], "client": r["client"], "time": r["time"],
-                           **prof.reason(stats, ps, i, H[i]), **({"prompt": r["prompt"]} if log_prompts else {})})
+                           **prof.reason(stats, ps, i, H[i], None if R is None else R[0][i]),
+                           **({"prompt": r["prompt"]} if log_prompts else {})})
     by_client: dict[Any, list[int]] = {}
     for i, r in enumerate(records):
         by_client.setdefault(r["client"], []).append(i)

@@ -114,10 +114,11 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-    from moeguard.tasks.tokens import bos_ids, model_device
+    from moeguard.tasks.tokens import bos_ids, eos_ids, model_device
 
     source = client_source(client_id)
     positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    ends = set(eos_ids(model, tokenizer))   # every id that ends a turn: not part of the reply
     device = model_device(model)   # a prompt goes where the model's embeddings are (GPU or CPU)
 
     class Completion(BaseModel):
@@ -183,12 +184,14 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
                                                       f"{len(ids) + max_tokens - 1} positions; the model has {positions}: "
                                                       f"shorten the prompt or lower max_tokens"}}, status_code=413)
         with lock, torch.no_grad():
-            with monitor.request(client):
+            with monitor.request(client) as r:
                 out = model.generate(torch.tensor([ids], device=device),
                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                                      max_new_tokens=max_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        new = out[0, len(ids):].tolist()
+                new = out[0, len(ids):].tolist()
+                # the reply's length up to its end of text: the positions a profile of replies scores
+                r.reply_tokens = next((i for i, t in enumerate(new) if t in ends), len(new))
         eos = tokenizer.eos_token_id
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": 0, "text": tokenizer.decode(new, skip_special_tokens=True),

@@ -1,0 +1,251 @@
+"""The routing of a request's reply, scored against benign replies (``monitor profile --reply-tokens N``).
+
+A prompt's statistics (``profile.py``) read the prompt. A suffix hijack (``route-attack --position
+suffix``) moves the routing of the *reply*: its own tokens are few, and what it changes is which
+experts compute the text the model generates after it. A profile built with ``reply_tokens`` > 0
+also holds a reference of benign replies: each benign prompt's greedy reply (at most
+``reply_tokens`` tokens, up to the end of text) and its routing histogram over the reply's
+positions: the prompt's last position and each reply token but the last, the positions whose
+output is a reply token (as route-attack measures a suffix).
+
+Statistics of a request's reply (larger = more anomalous), calibrated on the benign calibration
+half's replies like every other request statistic:
+
+- ``reply_load``: the largest standardized share of the reply's histogram, max over (layer, expert)
+  of (share - mean) / sd against benign replies: one expert made to compute the reply;
+- ``reply_atypical``: the Jensen-Shannon divergence of the reply's histogram from the nearest
+  benign topic's mean reply histogram, averaged over layers;
+- ``reply_surprise``: the profile's token surprise (``tokens.py``) over the reply's positions, each
+  scored for the token fed there: a token routed where benign traffic does not route that token,
+  whatever the reply says. Benign replies to one task route alike every time, so ``reply_load`` and
+  ``reply_atypical`` see a benign reply that happens to use a rare expert as far out as a forced
+  one; ``surprise`` asks whether *this token* goes there.
+
+A request without a reply (the model ended at once) gives no evidence: each is -inf (p = 1;
+written as null). With a reply reference, a request's combined p-value is Bonferroni over the
+prompt's statistics and these two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+
+REPLY_STATISTICS = ("reply_load", "reply_atypical", "reply_surprise")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplyReference:
+    max_tokens: int                  # each reply is at most this many greedy tokens
+    mean: np.ndarray                 # [L, E] mean share of a benign reply
+    sd: np.ndarray                   # [L, E] its spread (floored)
+    topics: dict[str, np.ndarray]    # task -> [L, E] mean reply histogram
+
+    @classmethod
+    def fit(cls, h: dict[str, np.ndarray], *, max_tokens: int) -> "ReplyReference":
+        """From each task's benign reply histograms [N, L, E] (rows of empty replies skipped)."""
+        kept = {t: v[v.sum((1, 2)) > 0] for t, v in h.items()}
+        if any(len(v) == 0 for v in kept.values()):
+            empty = [t for t, v in kept.items() if len(v) == 0]
+            raise MoeguardError(f"the model gave no reply to any benign input of {empty}",
+                                hint="profile without --reply-tokens, or with tasks the model answers")
+        F = np.concatenate(list(kept.values()))
+        mean = F.mean(0)
+        # the prompt profile's floor (profile.build): a share benign replies never vary still has a spread
+        sd = np.maximum(F.std(0), 0.5 / np.sqrt(len(F)) * np.maximum(mean, 1e-3) + 1e-3)
+        return cls(max_tokens=int(max_tokens), mean=mean, sd=sd, topics={t: v.mean(0) for t, v in kept.items()})
+
+    def statistics(self, h: np.ndarray, surprise: np.ndarray) -> dict[str, np.ndarray]:
+        """``h`` [N, L, E] reply histograms (a row of zeros: no reply) and ``surprise`` [N] (``observe``)
+        -> each statistic [N] and where ``reply_load`` points ([N] flat (l, e) index)."""
+        from moeguard.monitor.profile import _js
+
+        some = h.sum((1, 2)) > 0
+        flat = ((h - self.mean) / self.sd).reshape(len(h), -1)
+        js = _js(h[:, None], np.stack(list(self.topics.values()))).min(1) if len(h) else np.zeros(0)
+        return {"reply_load": np.where(some, flat.max(1) if len(h) else flat, -np.inf),
+                "reply_load_at": flat.argmax(1) if len(h) else np.zeros(0, dtype=np.int64),
+                "reply_atypical": np.where(some, js, -np.inf),
+                "reply_surprise": np.where(some, np.asarray(surprise, dtype=np.float64), -np.inf)}
+
+    def reason(self, stats, ps, i: int, reply: np.ndarray, which: str, *, layers: list[int]) -> dict[str, Any]:
+        """``Profile.reason`` where a reply statistic has the smallest p-value: ``reply`` [L, E] is
+        the request's reply histogram."""
+        from moeguard.monitor.profile import _js
+
+        l, e = divmod(int(stats["reply_load_at"][i]), self.mean.shape[1])
+        experts = [e]
+        if which == "reply_load":
+            detail = (f"expert {e} computed {100 * reply[l, e]:.0f}% of the reply at layer {layers[l]} (benign replies "
+                      f"{100 * self.mean[l, e]:.0f}%): the reply's routing was forced, as a crafted suffix does")
+        else:
+            topic = min(self.topics, key=lambda t: float(_js(reply, self.topics[t])))
+            diff = reply - self.topics[topic]
+            l = int(np.abs(diff).sum(1).argmax())
+            experts = [int(x) for x in np.argsort(-diff[l])[:2]]
+            detail = (f"the reply was routed unlike any benign topic's replies (nearest: {topic}); layer {layers[l]} "
+                      f"favours experts {experts}")
+        return {"statistic": which, "layer": layers[l], "experts": experts, "value": round(float(stats[which][i]), 4),
+                "p": float(ps[which][i]), "p_combined": float(ps["combined"][i]), "detail": detail}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens, "mean": self.mean.tolist(), "sd": self.sd.tolist(),
+                "topics": {k: v.tolist() for k, v in self.topics.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ReplyReference":
+        """Raises on anything malformed (``Profile.from_dict`` turns it into its one-line error)."""
+        out = cls(max_tokens=int(d["max_tokens"]), mean=np.asarray(d["mean"], dtype=float),
+                  sd=np.asarray(d["sd"], dtype=float),
+                  topics={k: np.asarray(v, dtype=float) for k, v in d["topics"].items()})
+        arrays = (out.mean, out.sd, *out.topics.values())
+        if out.max_tokens < 1 or out.mean.ndim != 2 or not out.topics or any(a.shape != out.mean.shape for a in arrays) \
+                or not all(np.isfinite(a).all() for a in arrays) or (out.sd <= 0).any():
+            raise ValueError("reply reference shapes or values wrong")
+        return out
+
+
+def generate(model, tokenizer, prompts: list[str], max_tokens: int, *, progress=None) -> list[list[int]]:
+    """Each prompt's greedy reply, at most ``max_tokens`` tokens, up to (not with) the end of text
+    (``hijack.reply``: the same decoding route-attack measures). One prompt at a time: a batch
+    would pad, and padding moves a small model's greedy choices."""
+    from moeguard.monitor.hijack import reply
+    from moeguard.tasks.tokens import bos_ids, encode, model_device
+
+    device, head, out = model_device(model), bos_ids(tokenizer), []
+    task = progress.add_task("generating replies", total=len(prompts)) if progress is not None else None
+    for p in prompts:
+        out.append(reply(model, tokenizer, head + encode(tokenizer, p), max_tokens, device=device))
+        if task is not None:
+            progress.advance(task)
+    return out
+
+
+def observe(model, tokenizer, prompts: list[str], replies: list[list[int]], *, adapter, table,
+            batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Each reply teacher-forced after its prompt: the routing histogram of its positions (module
+    docstring) [N, L, E], a row of zeros for an empty reply, and its token surprise [N] under
+    ``table`` (the profile's ``TokenRouting``; 0 for an empty reply). A prompt too long for the
+    model's positions keeps its end (the part the reply follows)."""
+    import torch
+
+    from moeguard.monitor.tokens import RoutedIds
+    from moeguard.tasks.tokens import bos_ids, encode, model_device, pad_batch, pad_id
+
+    if len(prompts) != len(replies):
+        raise MoeguardError(f"{len(prompts)} prompts but {len(replies)} replies", hint="pass one reply per prompt")
+    L, E = len(adapter.layers), adapter.num_experts
+    limit = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    out = np.zeros((len(prompts), L, E))
+    surprise = np.zeros(len(prompts))
+    rows, spans, owner = [], [], []
+    for n, (p, r) in enumerate(zip(prompts, replies)):
+        if not r:
+            continue
+        ids = bos_ids(tokenizer) + encode(tokenizer, p)
+        ids = ids[-max(1, limit - len(r) + 1):]
+        rows.append(ids + list(r[:-1]))
+        spans.append((len(ids) - 1, len(ids) - 1 + len(r)))
+        owner.append(n)
+    device = model_device(model)
+    with torch.no_grad(), RoutedIds(adapter) as routed:
+        for a in range(0, len(rows), batch_size):
+            seqs = rows[a:a + batch_size]
+            ids, mask = pad_batch(seqs, pad_id(tokenizer), left=False, device=device)
+            model(input_ids=ids, attention_mask=mask)
+            cells = routed.rows(len(seqs))                                  # [L, B, T, k]
+            for j in range(len(seqs)):
+                s, e = spans[a + j]
+                o = owner[a + j]
+                out[o] = counts(cells[:, j, s:e], E)
+                surprise[o] = table.surprise(np.asarray(seqs[j][s:e]), cells[:, j, s:e])
+    return out / np.maximum(out.sum(-1, keepdims=True), 1e-12), surprise
+
+
+def counts(cells: np.ndarray, E: int) -> np.ndarray:
+    """[L, E] counts of routed ids ``cells`` [L, T, k]."""
+    return np.stack([np.bincount(c.ravel(), minlength=E)[:E] for c in cells]).astype(np.float64)
+
+
+class ReplyIds:
+    """Hooks on each MoE layer's router that keep, after a request's first forward (its prefill,
+    which ``RoutedIds`` keeps), each later forward's top-k ids: a generating model's decode steps.
+    At most ``steps`` forwards are kept (the profile's reply length less the prefill's position):
+    the rest of a long reply is not scored, as the null was calibrated on replies that long.
+    Removed on exit whatever happens."""
+
+    def __init__(self, adapter, *, steps: int):
+        from moeguard.models.hooks import Hooks
+
+        self.adapter, self.steps, self.enabled = adapter, int(steps), False
+        self.calls = [0] * len(adapter.layers)
+        self.ids: list[list] = [[] for _ in adapter.layers]
+        self.tokens: list = []         # each decode step's input ids [rows, T'] (None: called with embeddings)
+        self._embedded = 0
+        self._hooks = Hooks()
+
+    def reset(self) -> None:
+        self.calls = [0] * len(self.calls)
+        self.ids = [[] for _ in self.ids]
+        self.tokens, self._embedded = [], 0
+
+    def _tokens_hook(self, module, args):
+        if not self.enabled:
+            return
+        self._embedded += 1
+        if 1 < self._embedded <= self.steps + 1:
+            self.tokens.append(args[0].detach().clone() if args else None)
+
+    def __enter__(self) -> "ReplyIds":
+        self._hooks.ensure_empty(self)
+        try:
+            self._hooks.on_input(self.adapter.model.get_input_embeddings(), self._tokens_hook)
+            for slot, layer in enumerate(self.adapter.layers):
+                self._hooks.on_output(layer.router, self._hook(slot, layer))
+        except BaseException:
+            self._hooks.close()
+            raise
+        return self
+
+    def _hook(self, slot: int, layer):
+        def hook(module, args, output):
+            if not self.enabled:
+                return
+            self.calls[slot] += 1
+            if 1 < self.calls[slot] <= self.steps + 1:   # the first call is the prefill
+                self.ids[slot].append(layer.unpack(output)[2].detach().clone())   # [rows * T, k]
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.close()
+
+
+def reply_routing(prefill: list, prefill_ids, steps: list[list], tokens: list, E: int, n: int | None, table
+                  ) -> tuple[np.ndarray, float] | None:
+    """A generated reply's routing counts [L, E] and token surprise, from the online hook: each
+    row's last prefill position (``prefill``: per layer [rows * T, k]; ``prefill_ids`` [rows, T] or
+    None), then each decode step's last position (``steps``: per layer, its calls' [rows * T', k];
+    ``tokens``: each step's input ids). ``n`` (the reply's length in tokens, if the caller says)
+    keeps the first ``n`` positions, those whose output is a reply token (a reply ended by the end
+    of text ran one forward more, whose output was the end). None: no reply (nothing decoded and
+    no length given, or a length of 0). Without token ids, surprise is 0."""
+    import torch
+
+    if n == 0 or (n is None and not steps[0]):
+        return None
+    rows = int(prefill_ids.shape[0]) if prefill_ids is not None and prefill_ids.dim() == 2 else 1
+    keep = len(steps[0]) + 1 if n is None else min(n, len(steps[0]) + 1)
+    cells = np.stack([torch.cat([first.reshape(rows, -1, first.shape[-1])[:, -1:]]
+                                + [x.reshape(rows, -1, x.shape[-1])[:, -1:] for x in later], dim=1)[:, :keep].cpu().numpy()
+                      for first, later in zip(prefill, steps)])                    # [L, rows, keep, k]
+    out = counts(cells.reshape(cells.shape[0], -1, cells.shape[-1]), E)
+    have = prefill_ids is not None and len(tokens) >= keep - 1 \
+        and all(t is not None and t.numel() == rows * t.shape[-1] for t in tokens)
+    if not have:
+        return out, 0.0
+    ids = torch.cat([prefill_ids[:, -1:]] + [t.reshape(rows, -1)[:, -1:] for t in tokens], dim=1)[:, :keep].cpu().numpy()
+    return out, max(table.surprise(ids[r], cells[:, r]) for r in range(rows))

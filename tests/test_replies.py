@@ -1,0 +1,180 @@
+"""Monitoring replies: a profile built with reply_tokens scores the routing of the model's reply,
+offline (`monitor score`), in the online hook and behind `serve`, alike; a reply forced onto one
+expert is flagged with that layer and expert; a request without a reply gives no evidence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.models.loading import load_model
+from moeguard.monitor import replies
+from moeguard.monitor.online import RoutingMonitor
+from moeguard.monitor.profile import Profile, build
+from moeguard.monitor.score import score
+from moeguard.tasks.loaders import load_records
+from moeguard.tasks.registry import get_task
+from moeguard.tasks.tokens import bos_ids, encode
+
+N = 4   # reply tokens profiled
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    m, tok, _ = load_model(None)
+    prompts = {t: [r["input"] for r in load_records(get_task(t), "eval", limit=48)] for t in ("arith-compare", "docstring-topic")}
+    return m, tok, build(m, tok, prompts, window=2, windows=100, seed=0, name="embedded", reply_tokens=N)
+
+
+def _held_out(n: int = 3) -> list[str]:
+    return [r["input"] for r in load_records(get_task("docstring-topic"), "eval", limit=160)[150:150 + n]]
+
+
+def test_the_profile_holds_benign_replies_and_a_calibrated_null_for_them(profiled):
+    m, tok, prof = profiled
+    assert prof.request_statistics == ("load", "atypical", "unfamiliar", "surprise", "reply_load", "reply_atypical",
+                                       "reply_surprise")
+    assert prof.replies.max_tokens == N and prof.meta["reply_tokens"] == N
+    assert set(prof.replies.topics) == {"arith-compare", "docstring-topic"}
+    assert np.allclose(prof.replies.mean.sum(1), 1.0)            # per layer, a histogram of the reply's routing
+    assert len(prof.null["request.reply_load"]) == 48            # the calibration half's replies
+    assert prof.p_floor("request") == pytest.approx(7 / 49)      # Bonferroni over seven statistics now
+    again = Profile.from_dict(json.loads(json.dumps(prof.to_dict())), where="p.json")
+    assert np.array_equal(again.replies.mean, prof.replies.mean) and again.request_statistics == prof.request_statistics
+    with pytest.raises(MoeguardError, match="no reply histograms were given"):
+        prof.statistics(np.tile(prof.mean, (1, 1, 1)), np.zeros((1, prof.space.dim)), np.zeros(1))
+
+
+def test_a_reply_histogram_counts_the_positions_that_make_the_reply(profiled):
+    m, tok, prof = profiled
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.monitor.tokens import RoutedIds
+
+    a = MoEAdapter(m)
+    prompt, reply = _held_out(1)[0], encode(tok, " the cat sat")
+    ids = bos_ids(tok) + encode(tok, prompt)
+    with torch.no_grad(), RoutedIds(a) as routed:
+        m(input_ids=torch.tensor([ids + reply]))
+    cells = routed.rows(1)[:, 0]                                     # [L, T, k]
+    # the prompt's last position makes the reply's first token; the reply's last token makes nothing
+    want = np.stack([np.bincount(cells[l, len(ids) - 1:len(ids) - 1 + len(reply)].ravel(), minlength=8)
+                     for l in range(len(a.layers))]).astype(float)
+    got, surprise = replies.observe(m, tok, [prompt, prompt], [reply, []], adapter=a, table=prof.tokens)
+    assert np.allclose(got[0], want / want.sum(1, keepdims=True)) and not got[1].any()   # an empty reply: zeros
+    # each position scored for the token fed there: the prompt's last, then the reply's but its last
+    fed = np.array(ids[-1:] + reply[:-1])
+    assert surprise[0] == pytest.approx(prof.tokens.surprise(fed, cells[:, len(ids) - 1:len(ids) - 1 + len(reply)]))
+
+
+def test_offline_score_the_online_hook_and_serve_score_a_reply_alike(profiled, tmp_path):
+    m, tok, prof = profiled
+    prompts = _held_out(3)
+    recs = [{"id": i, "client": "a", "time": i, "prompt": p, "_t": float(i)} for i, p in enumerate(prompts)]
+    offline, _, _, _ = score(m, tok, prof, recs)                     # each reply generated greedily
+    assert all(isinstance(o["reply_load"], float) for o in offline)
+    got = []
+    mon = RoutingMonitor(m, prof, flush_every=1, on_result=lambda c, r: got.append(r))
+    from moeguard.tasks.tokens import eos_ids
+
+    ends = set(eos_ids(m, tok))
+    with mon, torch.no_grad():
+        for p in prompts:
+            ids = bos_ids(tok) + tok(p, add_special_tokens=False)["input_ids"]
+            with mon.request("a") as r:
+                out = m.generate(torch.tensor([ids]), max_new_tokens=N, do_sample=False, pad_token_id=tok.pad_token_id)
+                new = out[0, len(ids):].tolist()
+                r.reply_tokens = next((i for i, t in enumerate(new) if t in ends), len(new))
+    assert all(not l.router._forward_hooks for l in mon.adapter.layers)   # the decode hooks go with the rest
+    for o, g in zip(offline, got):
+        for k in prof.request_statistics:
+            assert g["statistics"][k] == pytest.approx(o[k], abs=1e-3), k
+        assert g["p"] == pytest.approx(o["p"])
+    # behind the endpoint: the same reply statistics for the same prompt (serve sets the reply's length)
+    from test_serve import _call, _serving
+
+    from moeguard.monitor.serve import create_app
+
+    served = []
+    mon2 = RoutingMonitor(m, prof, flush_every=1, on_result=lambda c, r: served.append(r))
+    with mon2, _serving(create_app(m, tok, mon2)) as port:
+        status, body = _call(port, "POST", "/v1/completions", {"prompt": prompts[0], "max_tokens": 12})
+        assert status == 200, body
+    assert served[0]["statistics"]["reply_load"] == pytest.approx(offline[0]["reply_load"], abs=1e-3)
+
+
+def test_a_logged_reply_is_scored_in_place_of_the_greedy_one_and_an_empty_one_gives_no_evidence(profiled):
+    m, tok, prof = profiled
+    p = _held_out(1)[0]
+    greedy = replies.generate(m, tok, [p], N)[0]
+    text = tok.decode(greedy)
+    base = {"id": 0, "client": "a", "time": 0, "prompt": p, "_t": 0.0}
+    (made,), _, _, _ = score(m, tok, prof, [base])
+    if encode(tok, text) == greedy:   # the text is those tokens again: the same reply, the same scores
+        (logged,), _, _, _ = score(m, tok, prof, [{**base, "reply": text}])
+        assert logged["reply_load"] == made["reply_load"] and logged["reply_atypical"] == made["reply_atypical"]
+    (empty,), _, _, _ = score(m, tok, prof, [{**base, "reply": ""}])
+    assert empty["reply_load"] == empty["reply_atypical"] == empty["reply_surprise"] == -np.inf
+    s = prof.statistics(np.zeros((1, *prof.mean.shape)) + prof.mean, np.zeros((1, prof.space.dim)), np.zeros(1),
+                        np.zeros((1, *prof.mean.shape)), np.zeros(1))
+    ps = prof.p_values(s, "request")
+    assert ps["reply_load"][0] == ps["reply_atypical"][0] == ps["reply_surprise"][0] == 1.0
+
+
+def test_a_reply_forced_onto_one_expert_is_flagged_with_its_layer_and_expert(profiled):
+    m, tok, prof = profiled
+    L, E = prof.mean.shape
+    # a reply whose every position picks the expert benign replies use least (top-2: half of each
+    # position's picks); benign replies can be concentrated too (a yes/no answer routes alike every time)
+    l, e = divmod(int(prof.replies.mean.argmin()), E)
+    forced = prof.replies.mean.copy()
+    forced[l] = 0.5 / (E - 1)
+    forced[l, e] = 0.5
+    h = np.stack([prof.mean, prof.mean])
+    r = np.stack([prof.replies.mean, forced])
+    s = prof.statistics(h, prof.kernel.refs[0][:2], np.zeros(2), r, np.zeros(2))
+    ps = prof.p_values(s, "request")
+    # as far out as the most extreme benign reply (this small profile has one that used an expert its
+    # fit half never did), and the benign mean reply is not out at all
+    assert s["reply_load"][1] >= prof.null["request.reply_load"].max() and ps["reply_load"][0] > 0.2, ps["reply_load"]
+    assert ps["reply_load"][1] <= 2 / 49
+    why = prof.reason(s, ps, 1, h[1], r[1])
+    assert why["statistic"] in ("reply_load", "reply_atypical") and why["layer"] == prof.meta["layers"][l], why
+    assert e in why["experts"] and "reply" in why["detail"], why
+    load = prof.replies.reason(s, ps, 1, r[1], "reply_load", layers=prof.meta["layers"])
+    assert load["experts"] == [e] and f"expert {e} computed 50% of the reply" in load["detail"], load
+
+
+def test_the_cli_profiles_replies_scores_them_and_refuses_bad_settings_in_one_line(tmp_path, capsys):
+    prof = tmp_path / "p.json"
+    assert main(["monitor", "profile", "--out", str(prof), "--tasks", "arith-compare", "--limit", "16", "--window", "2",
+                 "--reply-tokens", "3"]) == 0
+    assert "replies of at most 3 tokens" in capsys.readouterr().out
+    doc = json.loads(prof.read_text())
+    assert doc["replies"]["max_tokens"] == 3 and doc["run"]["settings"]["reply_tokens"] == 3
+    log = tmp_path / "log.jsonl"
+    rows = [{"id": i, "client": "c", "time": i, "prompt": "is 7 larger than 3?"} for i in range(2)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**rows[0], "id": 9, "reply": ""}]))
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "s")]) == 0
+    scores = [json.loads(l) for l in (tmp_path / "s" / "scores.jsonl").read_text().splitlines()]
+    assert [type(s["reply_load"]).__name__ for s in scores] == ["float", "float", "NoneType"]   # no reply: null
+    capsys.readouterr()
+    assert main(["monitor", "profile", "--out", str(tmp_path / "q.json"), "--reply-tokens", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "moeguard: --reply-tokens is 300 (pass 0 (prompts only) or 1 to 256 reply tokens)" \
+        or (len(err.strip().splitlines()) == 1 and "--reply-tokens is 300" in err), err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "reply": 5}) + "\n")
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(bad), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{bad}:1: reply must be a string" in err, err
+    # a damaged reply section is the profile's one-line error, not a traceback
+    doc["replies"]["mean"] = [[1.0]]
+    prof.write_text(json.dumps(doc))
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "damaged routing profile" in err, err
