@@ -56,7 +56,7 @@ def test_a_reply_histogram_counts_the_positions_that_make_the_reply(profiled):
     from moeguard.monitor.tokens import RoutedIds
 
     a = MoEAdapter(m)
-    prompt, reply = _held_out(1)[0], encode(tok, " the cat sat")
+    prompt, reply = _held_out(1)[0], encode(tok, " the cat sat")[:N]
     ids = bos_ids(tok) + encode(tok, prompt)
     with torch.no_grad(), RoutedIds(a) as routed:
         m(input_ids=torch.tensor([ids + reply]))
@@ -64,11 +64,17 @@ def test_a_reply_histogram_counts_the_positions_that_make_the_reply(profiled):
     # the prompt's last position makes the reply's first token; the reply's last token makes nothing
     want = np.stack([np.bincount(cells[l, len(ids) - 1:len(ids) - 1 + len(reply)].ravel(), minlength=8)
                      for l in range(len(a.layers))]).astype(float)
-    got, surprise = replies.observe(m, tok, [prompt, prompt], [reply, []], adapter=a, table=prof.tokens)
+    got, surprise = replies.observe(m, tok, [prompt, prompt], [reply, []], adapter=a, table=prof.tokens, max_tokens=N)
     assert np.allclose(got[0], want / want.sum(1, keepdims=True)) and not got[1].any()   # an empty reply: zeros
     # each position scored for the token fed there: the prompt's last, then the reply's but its last
     fed = np.array(ids[-1:] + reply[:-1])
     assert surprise[0] == pytest.approx(prof.tokens.surprise(fed, cells[:, len(ids) - 1:len(ids) - 1 + len(reply)]))
+    # a prompt longer than the model's positions keeps its end, so the prompt and reply fit them
+    long = "one two three four five six seven " * 80
+    cut = replies.context(m, tok, long, N)
+    assert len(cut) == m.config.max_position_embeddings - N + 1 and cut == (bos_ids(tok) + encode(tok, long))[-len(cut):]
+    (made,) = replies.generate(m, tok, [long], N)
+    assert 0 < len(made) <= N and len(cut) + len(made) - 1 <= m.config.max_position_embeddings
 
 
 def test_offline_score_the_online_hook_and_serve_score_a_reply_alike(profiled, tmp_path):

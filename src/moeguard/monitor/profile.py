@@ -389,7 +389,7 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         from moeguard.monitor import replies
 
         h, surprise = replies.observe(model, tokenizer, ps, replies.generate(model, tokenizer, ps, reply_tokens),
-                                      adapter=adapter, table=table)
+                                      adapter=adapter, table=table, max_tokens=reply_tokens)
         return {"h": h, "surprise": surprise}
 
     fit_replies, cal_replies = {}, []

@@ -109,45 +109,54 @@ class ReplyReference:
         return out
 
 
+def context(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """The prompt's token ids a reply of at most ``max_tokens`` follows: a prompt too long for the
+    model's positions with the reply keeps its end (the part the reply follows), the same cut
+    whether the reply is generated here or given."""
+    from moeguard.tasks.tokens import bos_ids, encode
+
+    limit = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    ids = bos_ids(tokenizer) + encode(tokenizer, prompt)
+    return ids[-max(1, limit - max_tokens + 1):]
+
+
 def generate(model, tokenizer, prompts: list[str], max_tokens: int, *, progress=None) -> list[list[int]]:
     """Each prompt's greedy reply, at most ``max_tokens`` tokens, up to (not with) the end of text
-    (``hijack.reply``: the same decoding route-attack measures). One prompt at a time: a batch
-    would pad, and padding moves a small model's greedy choices."""
+    (``hijack.reply``: the same decoding route-attack measures), after its ``context``. One prompt
+    at a time: a batch would pad, and padding moves a small model's greedy choices."""
     from moeguard.monitor.hijack import reply
-    from moeguard.tasks.tokens import bos_ids, encode, model_device
+    from moeguard.tasks.tokens import model_device
 
-    device, head, out = model_device(model), bos_ids(tokenizer), []
+    device, out = model_device(model), []
     task = progress.add_task("generating replies", total=len(prompts)) if progress is not None else None
     for p in prompts:
-        out.append(reply(model, tokenizer, head + encode(tokenizer, p), max_tokens, device=device))
+        out.append(reply(model, tokenizer, context(model, tokenizer, p, max_tokens), max_tokens, device=device))
         if task is not None:
             progress.advance(task)
     return out
 
 
-def observe(model, tokenizer, prompts: list[str], replies: list[list[int]], *, adapter, table,
+def observe(model, tokenizer, prompts: list[str], replies: list[list[int]], *, adapter, table, max_tokens: int,
             batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Each reply teacher-forced after its prompt: the routing histogram of its positions (module
-    docstring) [N, L, E], a row of zeros for an empty reply, and its token surprise [N] under
-    ``table`` (the profile's ``TokenRouting``; 0 for an empty reply). A prompt too long for the
-    model's positions keeps its end (the part the reply follows)."""
+    """Each reply (at most ``max_tokens``) teacher-forced after its prompt's ``context``: the routing
+    histogram of its positions (module docstring) [N, L, E], a row of zeros for an empty reply, and
+    its token surprise [N] under ``table`` (the profile's ``TokenRouting``; 0 for an empty reply)."""
     import torch
 
     from moeguard.monitor.tokens import RoutedIds
-    from moeguard.tasks.tokens import bos_ids, encode, model_device, pad_batch, pad_id
+    from moeguard.tasks.tokens import model_device, pad_batch, pad_id
 
     if len(prompts) != len(replies):
         raise MoeguardError(f"{len(prompts)} prompts but {len(replies)} replies", hint="pass one reply per prompt")
     L, E = len(adapter.layers), adapter.num_experts
-    limit = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
     out = np.zeros((len(prompts), L, E))
     surprise = np.zeros(len(prompts))
     rows, spans, owner = [], [], []
     for n, (p, r) in enumerate(zip(prompts, replies)):
+        r = list(r)[:max_tokens]
         if not r:
             continue
-        ids = bos_ids(tokenizer) + encode(tokenizer, p)
-        ids = ids[-max(1, limit - len(r) + 1):]
+        ids = context(model, tokenizer, p, max_tokens)
         rows.append(ids + list(r[:-1]))
         spans.append((len(ids) - 1, len(ids) - 1 + len(r)))
         owner.append(n)

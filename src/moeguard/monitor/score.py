@@ -171,7 +171,7 @@ def _reply_routing(model, tokenizer, prof: Profile, prompts: list[str], given: l
     missing = [i for i, g in enumerate(given) if g is None]
     made = dict(zip(missing, replies.generate(model, tokenizer, [prompts[i] for i in missing], n)))
     toks = [made[i] if g is None else encode(tokenizer, g)[:n] for i, g in enumerate(given)]
-    return replies.observe(model, tokenizer, prompts, toks, adapter=adapter, table=prof.tokens)
+    return replies.observe(model, tokenizer, prompts, toks, adapter=adapter, table=prof.tokens, max_tokens=n)
 
 
 def drop_replay(cache: Path) -> None:
