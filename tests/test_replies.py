@@ -41,11 +41,12 @@ def test_the_profile_holds_benign_replies_and_a_calibrated_null_for_them(profile
                                        "reply_surprise")
     assert prof.replies.max_tokens == N and prof.meta["reply_tokens"] == N
     assert set(prof.replies.topics) == {"arith-compare", "docstring-topic"}
-    assert np.allclose(prof.replies.mean.sum(1), 1.0)            # per layer, a histogram of the reply's routing
+    assert all(np.allclose(v.sum(1), 1.0) for v in prof.replies.topics.values())   # per layer, a histogram
     assert len(prof.null["request.reply_load"]) == 48            # the calibration half's replies
     assert prof.p_floor("request") == pytest.approx(7 / 49)      # Bonferroni over seven statistics now
     again = Profile.from_dict(json.loads(json.dumps(prof.to_dict())), where="p.json")
-    assert np.array_equal(again.replies.mean, prof.replies.mean) and again.request_statistics == prof.request_statistics
+    assert all(np.array_equal(again.replies.spread[t], prof.replies.spread[t]) for t in prof.topics)
+    assert again.request_statistics == prof.request_statistics
     with pytest.raises(MoeguardError, match="no reply histograms were given"):
         prof.statistics(np.tile(prof.mean, (1, 1, 1)), np.zeros((1, prof.space.dim)), np.zeros(1))
 
@@ -136,12 +137,14 @@ def test_a_reply_forced_onto_one_expert_is_flagged_with_its_layer_and_expert(pro
     L, E = prof.mean.shape
     # a reply whose every position picks the expert benign replies use least (top-2: half of each
     # position's picks); benign replies can be concentrated too (a yes/no answer routes alike every time)
-    l, e = divmod(int(prof.replies.mean.argmin()), E)
-    forced = prof.replies.mean.copy()
+    # (against the replies to prompts of the request's own topic: an arith-compare prompt here)
+    benign = prof.replies.topics["arith-compare"]
+    l, e = divmod(int(benign.argmin()), E)
+    forced = benign.copy()
     forced[l] = 0.5 / (E - 1)
     forced[l, e] = 0.5
-    h = np.stack([prof.mean, prof.mean])
-    r = np.stack([prof.replies.mean, forced])
+    h = np.stack([prof.topics["arith-compare"]] * 2)
+    r = np.stack([benign, forced])
     s = prof.statistics(h, prof.kernel.refs[0][:2], np.zeros(2), r, np.zeros(2))
     ps = prof.p_values(s, "request")
     # as far out as the most extreme benign reply (this small profile has one that used an expert its
@@ -179,7 +182,7 @@ def test_the_cli_profiles_replies_scores_them_and_refuses_bad_settings_in_one_li
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"{bad}:1: reply must be a string" in err, err
     # a damaged reply section is the profile's one-line error, not a traceback
-    doc["replies"]["mean"] = [[1.0]]
+    doc["replies"]["spread"]["arith-compare"] = [[1.0]]
     prof.write_text(json.dumps(doc))
     assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err

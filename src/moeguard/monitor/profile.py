@@ -179,7 +179,7 @@ class Profile:
             if reply is None or reply_surprise is None:   # a silent skip would score against a null calibrated with replies
                 raise MoeguardError("the profile scores replies, and no reply histograms were given",
                                     hint="pass the requests' replies (replies.histograms), or use a profile without them")
-            out.update(self.replies.statistics(reply, reply_surprise))
+            out.update(self.replies.statistics(reply, reply_surprise, out["nearest_topic"]))
         return out
 
     def check_hidden(self, hidden: int | None) -> None:
@@ -327,7 +327,7 @@ class Profile:
                 or space.centre is None or space.centre.shape != (space.dim,) \
                 or any(r.ndim != 2 or r.shape[1] != space.dim or len(r) < 2 for r in kernel.refs) \
                 or tokens.counts.shape[1:] != mean.shape or tokens.marginal.shape != mean.shape \
-                or (replies is not None and (replies.mean.shape != mean.shape
+                or (replies is not None and (replies.shape != mean.shape or list(replies.topics) != list(topics)
                                              or any(f"request.{s}" not in null for s in REPLY_STATISTICS))):
             raise MoeguardError(f"{where} is a damaged routing profile (shapes, values or null samples wrong or missing)",
                                 hint=fix)

@@ -12,9 +12,10 @@ Statistics of a request's reply (larger = more anomalous), calibrated on the ben
 half's replies like every other request statistic:
 
 - ``reply_load``: the largest standardized share of the reply's histogram, max over (layer, expert)
-  of (share - mean) / sd against benign replies: one expert made to compute the reply;
-- ``reply_atypical``: the Jensen-Shannon divergence of the reply's histogram from the nearest
-  benign topic's mean reply histogram, averaged over layers;
+  of (share - mean) / sd against the benign replies *of the prompt's topic* (its nearest benign
+  topic by routing, as ``atypical`` finds it): one expert made to compute the reply;
+- ``reply_atypical``: the Jensen-Shannon divergence of the reply's histogram from the prompt's
+  topic's mean benign reply, averaged over layers: a reply unlike the replies such prompts get;
 - ``reply_surprise``: the profile's token surprise (``tokens.py``) over the reply's positions, each
   scored for the token fed there: a token routed where benign traffic does not route that token,
   whatever the reply says. Benign replies to one task route alike every time, so ``reply_load`` and
@@ -41,9 +42,8 @@ REPLY_STATISTICS = ("reply_load", "reply_atypical", "reply_surprise")
 @dataclass(frozen=True, kw_only=True)
 class ReplyReference:
     max_tokens: int                  # each reply is at most this many greedy tokens
-    mean: np.ndarray                 # [L, E] mean share of a benign reply
-    sd: np.ndarray                   # [L, E] its spread (floored)
-    topics: dict[str, np.ndarray]    # task -> [L, E] mean reply histogram
+    topics: dict[str, np.ndarray]    # task -> [L, E] its benign replies' mean histogram
+    spread: dict[str, np.ndarray]    # task -> [L, E] their spread (floored)
 
     @classmethod
     def fit(cls, h: dict[str, np.ndarray], *, max_tokens: int) -> "ReplyReference":
@@ -53,20 +53,26 @@ class ReplyReference:
             empty = [t for t, v in kept.items() if len(v) == 0]
             raise MoeguardError(f"the model gave no reply to any benign input of {empty}",
                                 hint="profile without --reply-tokens, or with tasks the model answers")
-        F = np.concatenate(list(kept.values()))
-        mean = F.mean(0)
         # the prompt profile's floor (profile.build): a share benign replies never vary still has a spread
-        sd = np.maximum(F.std(0), 0.5 / np.sqrt(len(F)) * np.maximum(mean, 1e-3) + 1e-3)
-        return cls(max_tokens=int(max_tokens), mean=mean, sd=sd, topics={t: v.mean(0) for t, v in kept.items()})
+        spread = {t: np.maximum(v.std(0), 0.5 / np.sqrt(len(v)) * np.maximum(v.mean(0), 1e-3) + 1e-3)
+                  for t, v in kept.items()}
+        return cls(max_tokens=int(max_tokens), topics={t: v.mean(0) for t, v in kept.items()}, spread=spread)
 
-    def statistics(self, h: np.ndarray, surprise: np.ndarray) -> dict[str, np.ndarray]:
-        """``h`` [N, L, E] reply histograms (a row of zeros: no reply) and ``surprise`` [N] (``observe``)
-        -> each statistic [N] and where ``reply_load`` points ([N] flat (l, e) index)."""
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return next(iter(self.topics.values())).shape
+
+    def statistics(self, h: np.ndarray, surprise: np.ndarray, topic: np.ndarray) -> dict[str, np.ndarray]:
+        """``h`` [N, L, E] reply histograms (a row of zeros: no reply), ``surprise`` [N] (``observe``)
+        and ``topic`` [N] each prompt's nearest topic (an index into ``topics``' order, which is the
+        prompt profile's) -> each statistic [N] and where ``reply_load`` points ([N] flat (l, e) index)."""
         from moeguard.monitor.profile import _js
 
+        mean = np.stack(list(self.topics.values()))[topic]                 # [N, L, E]
+        sd = np.stack(list(self.spread.values()))[topic]
         some = h.sum((1, 2)) > 0
-        flat = ((h - self.mean) / self.sd).reshape(len(h), -1)
-        js = _js(h[:, None], np.stack(list(self.topics.values()))).min(1) if len(h) else np.zeros(0)
+        flat = ((h - mean) / sd).reshape(len(h), -1)
+        js = _js(h, mean) if len(h) else np.zeros(0)
         return {"reply_load": np.where(some, flat.max(1) if len(h) else flat, -np.inf),
                 "reply_load_at": flat.argmax(1) if len(h) else np.zeros(0, dtype=np.int64),
                 "reply_atypical": np.where(some, js, -np.inf),
@@ -74,37 +80,39 @@ class ReplyReference:
 
     def reason(self, stats, ps, i: int, reply: np.ndarray, which: str, *, layers: list[int]) -> dict[str, Any]:
         """``Profile.reason`` where a reply statistic has the smallest p-value: ``reply`` [L, E] is
-        the request's reply histogram."""
-        from moeguard.monitor.profile import _js
-
-        l, e = divmod(int(stats["reply_load_at"][i]), self.mean.shape[1])
+        the request's reply histogram, ``stats["nearest_topic"]`` its prompt's topic."""
+        topic = list(self.topics)[int(stats["nearest_topic"][i])]
+        mean = self.topics[topic]
+        l, e = divmod(int(stats["reply_load_at"][i]), mean.shape[1])
         experts = [e]
         if which == "reply_load":
-            detail = (f"expert {e} computed {100 * reply[l, e]:.0f}% of the reply at layer {layers[l]} (benign replies "
-                      f"{100 * self.mean[l, e]:.0f}%): the reply's routing was forced, as a crafted suffix does")
-        else:
-            topic = min(self.topics, key=lambda t: float(_js(reply, self.topics[t])))
-            diff = reply - self.topics[topic]
+            detail = (f"expert {e} computed {100 * reply[l, e]:.0f}% of the reply at layer {layers[l]} (benign replies to "
+                      f"{topic} prompts: {100 * mean[l, e]:.0f}%): the reply's routing was forced, as a crafted suffix does")
+        elif which == "reply_atypical":
+            diff = reply - mean
             l = int(np.abs(diff).sum(1).argmax())
             experts = [int(x) for x in np.argsort(-diff[l])[:2]]
-            detail = (f"the reply was routed unlike any benign topic's replies (nearest: {topic}); layer {layers[l]} "
-                      f"favours experts {experts}")
+            detail = (f"the reply was routed unlike benign replies to {topic} prompts; layer {layers[l]} favours "
+                      f"experts {experts}")
+        else:
+            detail = (f"the reply's tokens were routed where benign traffic does not route those tokens (mean -log p "
+                      f"{stats['reply_surprise'][i]:.2f}); layer {layers[l]} expert {e} is its most displaced share")
         return {"statistic": which, "layer": layers[l], "experts": experts, "value": round(float(stats[which][i]), 4),
                 "p": float(ps[which][i]), "p_combined": float(ps["combined"][i]), "detail": detail}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_tokens": self.max_tokens, "mean": self.mean.tolist(), "sd": self.sd.tolist(),
-                "topics": {k: v.tolist() for k, v in self.topics.items()}}
+        return {"max_tokens": self.max_tokens, "topics": {k: v.tolist() for k, v in self.topics.items()},
+                "spread": {k: v.tolist() for k, v in self.spread.items()}}
 
     @classmethod
     def from_dict(cls, d: Any) -> "ReplyReference":
         """Raises on anything malformed (``Profile.from_dict`` turns it into its one-line error)."""
-        out = cls(max_tokens=int(d["max_tokens"]), mean=np.asarray(d["mean"], dtype=float),
-                  sd=np.asarray(d["sd"], dtype=float),
-                  topics={k: np.asarray(v, dtype=float) for k, v in d["topics"].items()})
-        arrays = (out.mean, out.sd, *out.topics.values())
-        if out.max_tokens < 1 or out.mean.ndim != 2 or not out.topics or any(a.shape != out.mean.shape for a in arrays) \
-                or not all(np.isfinite(a).all() for a in arrays) or (out.sd <= 0).any():
+        out = cls(max_tokens=int(d["max_tokens"]), topics={k: np.asarray(v, dtype=float) for k, v in d["topics"].items()},
+                  spread={k: np.asarray(v, dtype=float) for k, v in d["spread"].items()})
+        arrays = (*out.topics.values(), *out.spread.values())
+        if out.max_tokens < 1 or not out.topics or list(out.spread) != list(out.topics) \
+                or any(a.ndim != 2 or a.shape != out.shape for a in arrays) \
+                or not all(np.isfinite(a).all() for a in arrays) or any((a <= 0).any() for a in out.spread.values()):
             raise ValueError("reply reference shapes or values wrong")
         return out
 
