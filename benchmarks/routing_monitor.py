@@ -219,6 +219,17 @@ def main() -> None:
              "share_without_suffix": t["measured"]["success_without_prefix"],
              "auroc": round(auroc(b, [r["p"] for r in rows if r["client"] == f"hijack-suffix-{i}"]), 4)}
             for i, t in enumerate(suffixes)]
+    # how a request's statistics are combined: Bonferroni's minimum (the monitor's p-value, recomputed
+    # from the rounded statistics) against Fisher's sum of -log p over them (only its ranking matters
+    # to an AUROC, so its own calibration is not needed here)
+    names = prof.request_statistics
+    ps = prof.p_values({n: np.array([r[n] for r in scores], dtype=float) for n in names}, "request")
+    fisher = np.sum([-np.log(ps[n]) for n in names], axis=0)
+    benign_rows = [i for i, r in enumerate(scores) if kind_of[r["client"]] in benign_kinds]
+    result["per_request_combination"] = {
+        k: {"bonferroni_min": round(auroc(ps["combined"][benign_rows], ps["combined"][rows_k]), 4),
+            "fisher": round(auroc(-fisher[benign_rows], -fisher[rows_k]), 4)}
+        for k in attack_kinds if (rows_k := [i for i, r in enumerate(scores) if kind_of[r["client"]] == k])}
     goals = {
         "window_auroc_0.97_each": {k: v["auroc"] >= 0.97 for k, v in result["per_window"].items() if isinstance(v, dict)},
         "window_fpr_1pct_at_90pct": {k: v["fpr_at_90pct_detection"] <= 0.01 for k, v in result["per_window"].items()
