@@ -68,3 +68,11 @@ def capture_medians(model, ids, mask, *, repeats: int, warmup: int = 1) -> dict[
         for _ in range(warmup):
             fwd()
         return alternating_medians({"plain": fwd, "capture": captured(False), "capture_norms": captured(True)}, repeats)
+
+
+def benign_prompts(limit: int = 100, tasks: tuple[str, ...] = ("arith-compare", "docstring-topic")) -> dict[str, list[str]]:
+    """The monitor benchmarks' benign traffic: the first ``limit`` eval inputs of each task."""
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.registry import get_task
+
+    return {t: [r["input"] for r in load_records(get_task(t), "eval", limit=limit)] for t in tasks}

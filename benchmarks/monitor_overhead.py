@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from _common import write_result
+from _common import benign_prompts, write_result
 
 
 def main() -> None:
@@ -46,12 +46,10 @@ def main() -> None:
     from moeguard.models.loading import load_model
     from moeguard.monitor.online import RoutingMonitor
     from moeguard.monitor.profile import build
-    from moeguard.tasks.loaders import load_records
-    from moeguard.tasks.registry import get_task
 
     torch.manual_seed(args.seed)
     model, tok, _ = load_model(None)
-    prompts = {t: [r["input"] for r in load_records(get_task(t), "eval", limit=100)] for t in ("arith-compare", "docstring-topic")}
+    prompts = benign_prompts()
     block = 16
 
     def measure(m, batch: int, blocks: int) -> dict:

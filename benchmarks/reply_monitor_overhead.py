@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from _common import alternating_medians, write_result
+from _common import alternating_medians, benign_prompts, write_result
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     m, tok, _ = load_model(None)
-    prompts = {t: [r["input"] for r in load_records(get_task(t), "eval", limit=100)] for t in ("arith-compare", "docstring-topic")}
+    prompts = benign_prompts()
     plain_profile = build(m, tok, prompts, window=16, seed=args.seed, name="embedded")
     reply_profile = build(m, tok, prompts, window=16, seed=args.seed, name="embedded", reply_tokens=args.tokens)
     held = [r["input"] for t in prompts for r in load_records(get_task(t), "eval", limit=108)[100:108]]   # 16

@@ -218,14 +218,10 @@ class ReplyIds:
             self.tokens.append(args[0].detach().clone() if args else None)
 
     def __enter__(self) -> "ReplyIds":
-        self._hooks.ensure_empty(self)
-        try:
-            self._hooks.on_input(self.adapter.model.get_input_embeddings(), self._tokens_hook)
-            for slot, layer in enumerate(self.adapter.layers):
-                self._hooks.on_output(layer.router, self._hook(slot, layer))
-        except BaseException:
-            self._hooks.close()
-            raise
+        from moeguard.monitor.tokens import attach_routers
+
+        attach_routers(self._hooks, self, self._hook,
+                       extra=lambda h: h.on_input(self.adapter.model.get_input_embeddings(), self._tokens_hook))
         return self
 
     def _hook(self, slot: int, layer):

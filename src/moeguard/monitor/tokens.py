@@ -197,13 +197,7 @@ class RoutedIds:
         self.ids = [None] * len(self.ids)
 
     def __enter__(self) -> "RoutedIds":
-        self._hooks.ensure_empty(self)
-        try:
-            for slot, layer in enumerate(self.adapter.layers):
-                self._hooks.on_output(layer.router, self._hook(slot, layer))
-        except BaseException:
-            self._hooks.close()
-            raise
+        attach_routers(self._hooks, self, self._hook)
         return self
 
     def _hook(self, slot: int, layer):
@@ -223,3 +217,18 @@ class RoutedIds:
     def rows(self, B: int) -> np.ndarray:
         """[L, B, T, k] as numpy."""
         return np.stack([x.detach().cpu().numpy().reshape(B, -1, x.shape[-1]) for x in self.ids])
+
+
+def attach_routers(hooks, owner, make, *, extra=None) -> None:
+    """Attach ``make(slot, layer)`` to every MoE layer's router of ``owner.adapter`` (and ``extra``,
+    a callable given ``hooks``, first), all or none: an error while attaching removes those
+    already attached."""
+    hooks.ensure_empty(owner)
+    try:
+        if extra is not None:
+            extra(hooks)
+        for slot, layer in enumerate(owner.adapter.layers):
+            hooks.on_output(layer.router, make(slot, layer))
+    except BaseException:
+        hooks.close()
+        raise
