@@ -83,7 +83,8 @@ def test_offline_score_the_online_hook_and_serve_score_a_reply_alike(profiled, t
     prompts = _held_out(3)
     recs = [{"id": i, "client": "a", "time": i, "prompt": p, "_t": float(i)} for i, p in enumerate(prompts)]
     offline, _, _, _ = score(m, tok, prof, recs)                     # each reply generated greedily
-    assert all(isinstance(o["reply_load"], float) for o in offline)
+    # every reply here is there to compare (an empty one would compare -inf with -inf)
+    assert all(np.isfinite(o[k]) for o in offline for k in ("reply_load", "reply_atypical", "reply_surprise")), offline
     got = []
     mon = RoutingMonitor(m, prof, flush_every=1, on_result=lambda c, r: got.append(r))
     from moeguard.tasks.tokens import eos_ids
@@ -97,6 +98,7 @@ def test_offline_score_the_online_hook_and_serve_score_a_reply_alike(profiled, t
                 new = out[0, len(ids):].tolist()
                 r.reply_tokens = next((i for i, t in enumerate(new) if t in ends), len(new))
     assert all(not l.router._forward_hooks for l in mon.adapter.layers)   # the decode hooks go with the rest
+    assert not m.get_input_embeddings()._forward_pre_hooks
     for o, g in zip(offline, got):
         for k in prof.request_statistics:
             assert g["statistics"][k] == pytest.approx(o[k], abs=1e-3), k
@@ -111,7 +113,31 @@ def test_offline_score_the_online_hook_and_serve_score_a_reply_alike(profiled, t
     with mon2, _serving(create_app(m, tok, mon2)) as port:
         status, body = _call(port, "POST", "/v1/completions", {"prompt": prompts[0], "max_tokens": 12})
         assert status == 200, body
-    assert served[0]["statistics"]["reply_load"] == pytest.approx(offline[0]["reply_load"], abs=1e-3)
+    for k in prof.request_statistics:
+        assert served[0]["statistics"][k] == pytest.approx(offline[0][k], abs=1e-3), k
+    assert served[0]["p"] == pytest.approx(offline[0]["p"])
+    # a caller that does not say the reply's length: every decode step counts, with one warning; here
+    # no reply ends early (each reply is N tokens), so that is the same reply
+    texts = ["def main():\n    ", "import os\nimport ", "The history of the city", "class Parser:\n    def "]
+    full = [p for p in texts if len(replies.generate(m, tok, [p], N)[0]) == N]
+    assert full, "no prompt here gets a reply of N tokens"
+    expect, _, _, _ = score(m, tok, prof, [{"id": i, "client": "b", "time": i, "prompt": p, "_t": float(i)}
+                                            for i, p in enumerate(full)])
+    unset = []
+    mon3 = RoutingMonitor(m, prof, flush_every=1, on_result=lambda c, r: unset.append(r))
+    with pytest.warns(UserWarning, match="without reply_tokens set") as seen, mon3, torch.no_grad():
+        for p in full:
+            ids = bos_ids(tok) + tok(p, add_special_tokens=False)["input_ids"]
+            with mon3.request("a"):
+                m.generate(torch.tensor([ids]), max_new_tokens=N, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert sum("without reply_tokens" in str(w.message) for w in seen) == 1
+    assert [u["statistics"]["reply_load"] for u in unset] == pytest.approx([e["reply_load"] for e in expect], abs=1e-3)
+    assert [u["statistics"]["reply_surprise"] for u in unset] == pytest.approx([e["reply_surprise"] for e in expect],
+                                                                               abs=1e-3)
+    with pytest.raises(MoeguardError, match="reply_tokens is -1"), mon3, torch.no_grad():
+        with mon3.request("a") as r:
+            m(input_ids=torch.tensor([ids]))
+            r.reply_tokens = -1
 
 
 def test_a_logged_reply_is_scored_in_place_of_the_greedy_one_and_an_empty_one_gives_no_evidence(profiled):
@@ -121,15 +147,38 @@ def test_a_logged_reply_is_scored_in_place_of_the_greedy_one_and_an_empty_one_gi
     text = tok.decode(greedy)
     base = {"id": 0, "client": "a", "time": 0, "prompt": p, "_t": 0.0}
     (made,), _, _, _ = score(m, tok, prof, [base])
-    if encode(tok, text) == greedy:   # the text is those tokens again: the same reply, the same scores
-        (logged,), _, _, _ = score(m, tok, prof, [{**base, "reply": text}])
-        assert logged["reply_load"] == made["reply_load"] and logged["reply_atypical"] == made["reply_atypical"]
+    assert encode(tok, text) == greedy and np.isfinite(made["reply_load"])   # the text is those tokens again
+    (logged,), _, _, _ = score(m, tok, prof, [{**base, "reply": text}])
+    assert all(logged[k] == made[k] for k in prof.request_statistics) and logged["p"] == made["p"]
+    (other,), _, _, _ = score(m, tok, prof, [{**base, "reply": " zq zq zq zq"}])   # another reply: other scores
+    assert other["reply_load"] != made["reply_load"]
     (empty,), _, _, _ = score(m, tok, prof, [{**base, "reply": ""}])
     assert empty["reply_load"] == empty["reply_atypical"] == empty["reply_surprise"] == -np.inf
-    s = prof.statistics(np.zeros((1, *prof.mean.shape)) + prof.mean, np.zeros((1, prof.space.dim)), np.zeros(1),
-                        np.zeros((1, *prof.mean.shape)), np.zeros(1))
-    ps = prof.p_values(s, "request")
-    assert ps["reply_load"][0] == ps["reply_atypical"][0] == ps["reply_surprise"][0] == 1.0
+    # no reply is p = 1 for every reply statistic, one row (the online hook's path) or several
+    for n in (1, 2):
+        reply = np.zeros((n, *prof.mean.shape))
+        reply[1:] = prof.replies.topics["arith-compare"]
+        s = prof.statistics(np.stack([prof.topics["arith-compare"]] * n), np.zeros((n, prof.space.dim)), np.zeros(n),
+                            reply, np.zeros(n))
+        ps = prof.p_values(s, "request")
+        assert ps["reply_load"][0] == ps["reply_atypical"][0] == ps["reply_surprise"][0] == 1.0, n
+
+
+def test_a_calibration_input_without_a_reply_keeps_the_profile_loadable(monkeypatch, tmp_path):
+    from moeguard.io import dumps, strict_loads
+
+    m, tok, _ = load_model(None)
+    real = replies.generate
+
+    def some_silent(model, tokenizer, prompts, n, **kw):   # every third benign input gets no reply
+        return [[] if i % 3 == 0 else r for i, r in enumerate(real(model, tokenizer, prompts, n, **kw))]
+    monkeypatch.setattr(replies, "generate", some_silent)
+    prompts = {"arith-compare": [r["input"] for r in load_records(get_task("arith-compare"), "eval", limit=24)]}
+    prof = build(m, tok, prompts, window=2, windows=20, seed=0, name="embedded", reply_tokens=N)
+    null = prof.null["request.reply_load"]
+    assert np.isfinite(null).all() and (null == -np.finfo(np.float64).max).sum() == 4   # 4 of 12 silent
+    again = Profile.from_dict(strict_loads(dumps(prof.to_dict())), where="p.json")   # as written and read
+    assert np.array_equal(again.null["request.reply_load"], null)
 
 
 def test_a_reply_forced_onto_one_expert_is_flagged_with_its_layer_and_expert(profiled):

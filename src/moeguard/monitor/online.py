@@ -144,6 +144,7 @@ class RoutingMonitor:
         self._ids = None                                          # the prompt's token ids (prefill)
         self._mask = None                                         # its attention mask; False: none given
         self._warned_ids = False
+        self._warned_reply = False
         self._active = False          # inside a request, before its prefill has been counted
         self._clients: OrderedDict[str, list] = OrderedDict()   # client -> [sum [L, E], [p], [embedding]]
         self._lock = threading.Lock()
@@ -234,6 +235,10 @@ class RoutingMonitor:
             self._active = self._pooled.enabled = self._routed.enabled = False
             if self._reply is not None:
                 self._reply.enabled = False
+        n = out.reply_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise MoeguardError(f"reply_tokens is {n!r}", hint="set it to the reply's length in tokens (0 or more), "
+                                                              "or leave it unset")
         routed, pooled = self._routed.ids, self._pooled.sums
         ids, mask = self._ids, self._mask
         reply = (self._reply.ids, self._reply.tokens) if self._reply is not None else None
@@ -367,7 +372,13 @@ class RoutingMonitor:
         out, surprise = np.zeros((len(batch), len(self.adapter.layers), self._E)), np.zeros(len(batch))
         for i, c in enumerate(batch):
             n = c.out.reply_tokens
-            got = reply_routing(c.routed, c.ids, *c.reply, self._E, None if n is None else int(n), self.profile.tokens)
+            if n is None and not self._warned_reply:
+                self._warned_reply = True
+                warnings.warn("a request ended without reply_tokens set: the monitor counts every decode step as its reply "
+                              "(the one that made the end of text too; a 1-token generation counts as none); set "
+                              "r.reply_tokens to the reply's length, as serve does, to score what `monitor score` scores")
+            got = reply_routing(c.routed, c.ids, c.mask, *c.reply, self._E, None if n is None else int(n),
+                                self.profile.tokens)
             if got is not None:
                 out[i] = got[0] / np.maximum(got[0].sum(1, keepdims=True), 1)
                 surprise[i] = got[1]

@@ -328,7 +328,9 @@ class Profile:
                 or any(r.ndim != 2 or r.shape[1] != space.dim or len(r) < 2 for r in kernel.refs) \
                 or tokens.counts.shape[1:] != mean.shape or tokens.marginal.shape != mean.shape \
                 or (replies is not None and (replies.shape != mean.shape or list(replies.topics) != list(topics)
-                                             or any(f"request.{s}" not in null for s in REPLY_STATISTICS))):
+                                             or replies.max_tokens != d.get("reply_tokens")
+                                             or any(len(null.get(f"request.{s}", ())) != len(null["request.load"])
+                                                    for s in REPLY_STATISTICS))):
             raise MoeguardError(f"{where} is a damaged routing profile (shapes, values or null samples wrong or missing)",
                                 hint=fix)
         if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
@@ -437,7 +439,9 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
                         np.concatenate([z["h"] for z in cal_replies]) if reply_tokens else None,
                         np.concatenate([z["surprise"] for z in cal_replies]) if reply_tokens else None)
     for k in prof.request_statistics:
-        null[f"request.{k}"] = np.sort(s[k])
+        # a calibration request without a reply (-inf: no evidence) is kept as the most negative
+        # finite float, which ranks the same and survives strict JSON (which writes -inf as null)
+        null[f"request.{k}"] = np.sort(np.maximum(s[k], -np.finfo(np.float64).max))
     # benign windows: alternately one topic (a single-topic user) and a mix of topics
     # a single-topic window repeats no request: topics with fewer calibration requests than a
     # window give none (repeats would inflate drift's null and every statistic's spread)

@@ -23,8 +23,9 @@ half's replies like every other request statistic:
   one; ``surprise`` asks whether *this token* goes there.
 
 A request without a reply (the model ended at once) gives no evidence: each is -inf (p = 1;
-written as null). With a reply reference, a request's combined p-value is Bonferroni over the
-prompt's statistics and these two.
+written as null; in the profile's null a no-reply sample is stored as the most negative finite
+float, which ranks the same). With a reply reference, a request's combined p-value is Bonferroni
+over the prompt's statistics and these three.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class ReplyReference:
         some = h.sum((1, 2)) > 0
         flat = ((h - mean) / sd).reshape(len(h), -1)
         js = _js(h, mean) if len(h) else np.zeros(0)
-        return {"reply_load": np.where(some, flat.max(1) if len(h) else flat, -np.inf),
+        return {"reply_load": np.where(some, flat.max(1) if len(h) else np.zeros(0), -np.inf),
                 "reply_load_at": flat.argmax(1) if len(h) else np.zeros(0, dtype=np.int64),
                 "reply_atypical": np.where(some, js, -np.inf),
                 "reply_surprise": np.where(some, np.asarray(surprise, dtype=np.float64), -np.inf)}
@@ -107,7 +108,9 @@ class ReplyReference:
     @classmethod
     def from_dict(cls, d: Any) -> "ReplyReference":
         """Raises on anything malformed (``Profile.from_dict`` turns it into its one-line error)."""
-        out = cls(max_tokens=int(d["max_tokens"]), topics={k: np.asarray(v, dtype=float) for k, v in d["topics"].items()},
+        if isinstance(d["max_tokens"], bool) or not isinstance(d["max_tokens"], int) or not 1 <= d["max_tokens"] <= 256:
+            raise ValueError(f"reply length {d['max_tokens']!r}")
+        out = cls(max_tokens=d["max_tokens"], topics={k: np.asarray(v, dtype=float) for k, v in d["topics"].items()},
                   spread={k: np.asarray(v, dtype=float) for k, v in d["spread"].items()})
         arrays = (*out.topics.values(), *out.spread.values())
         if out.max_tokens < 1 or not out.topics or list(out.spread) != list(out.topics) \
@@ -237,28 +240,47 @@ class ReplyIds:
         self._hooks.close()
 
 
-def reply_routing(prefill: list, prefill_ids, steps: list[list], tokens: list, E: int, n: int | None, table
+def reply_routing(prefill: list, prefill_ids, mask, steps: list[list], tokens: list, E: int, n: int | None, table
                   ) -> tuple[np.ndarray, float] | None:
     """A generated reply's routing counts [L, E] and token surprise, from the online hook: each
-    row's last prefill position (``prefill``: per layer [rows * T, k]; ``prefill_ids`` [rows, T] or
-    None), then each decode step's last position (``steps``: per layer, its calls' [rows * T', k];
-    ``tokens``: each step's input ids). ``n`` (the reply's length in tokens, if the caller says)
-    keeps the first ``n`` positions, those whose output is a reply token (a reply ended by the end
-    of text ran one forward more, whose output was the end). None: no reply (nothing decoded and
-    no length given, or a length of 0). Without token ids, surprise is 0."""
-    import torch
-
+    row's last real prefill position (``prefill``: per layer [rows * T, k]; ``prefill_ids`` [rows, T]
+    or None; ``mask`` [rows, T] or None/False), then each decode step's last position (``steps``:
+    per layer, its calls' [rows * T', k]; ``tokens``: each step's input ids). ``n`` (the reply's
+    length in tokens, if the caller says) keeps the first ``n`` positions, those whose output is a
+    reply token (a reply ended by the end of text ran one forward more, whose output was the end);
+    several rows (one request generating for several prompts) share it. None: no reply (nothing
+    decoded and no length given, or a length of 0). Without token ids, surprise is 0."""
+    if n is not None and n < 0:
+        raise MoeguardError(f"reply_tokens is {n}", hint="set the reply's length in tokens (0 or more), or leave it unset")
     if n == 0 or (n is None and not steps[0]):
         return None
-    rows = int(prefill_ids.shape[0]) if prefill_ids is not None and prefill_ids.dim() == 2 else 1
+    if prefill_ids is not None and prefill_ids.dim() == 2:
+        rows = int(prefill_ids.shape[0])
+    elif tokens and tokens[0] is not None and tokens[0].dim() == 2:
+        rows = int(tokens[0].shape[0])
+    else:
+        rows = 1
     keep = len(steps[0]) + 1 if n is None else min(n, len(steps[0]) + 1)
-    cells = np.stack([torch.cat([first.reshape(rows, -1, first.shape[-1])[:, -1:]]
-                                + [x.reshape(rows, -1, x.shape[-1])[:, -1:] for x in later], dim=1)[:, :keep].cpu().numpy()
-                      for first, later in zip(prefill, steps)])                    # [L, rows, keep, k]
+    T = prefill[0].shape[0] // rows
+    # each row's last real prompt position: the last one, unless a mask says the row is padded after it
+    last = np.full(rows, T - 1)
+    if mask is not None and mask is not False and tuple(mask.shape) == (rows, T):
+        m = mask.cpu().numpy() != 0
+        last = np.where(m.any(1), T - 1 - np.argmax(m[:, ::-1], axis=1), T - 1)
+    take = np.arange(rows)
+
+    def cells_of(first, later) -> np.ndarray:                                   # [rows, keep, k]
+        head = first.detach().cpu().numpy().reshape(rows, T, -1)[take, last][:, None]
+        rest = [x.detach().cpu().numpy().reshape(rows, -1, x.shape[-1])[:, -1:] for x in later]
+        return np.concatenate([head, *rest], axis=1)[:, :keep]
+
+    cells = np.stack([cells_of(first, later) for first, later in zip(prefill, steps)])   # [L, rows, keep, k]
     out = counts(cells.reshape(cells.shape[0], -1, cells.shape[-1]), E)
     have = prefill_ids is not None and len(tokens) >= keep - 1 \
         and all(t is not None and t.numel() == rows * t.shape[-1] for t in tokens)
     if not have:
         return out, 0.0
-    ids = torch.cat([prefill_ids[:, -1:]] + [t.reshape(rows, -1)[:, -1:] for t in tokens], dim=1)[:, :keep].cpu().numpy()
+    pid = prefill_ids.detach().cpu().numpy().reshape(rows, T)
+    ids = np.concatenate([pid[take, last][:, None]] + [t.detach().cpu().numpy().reshape(rows, -1)[:, -1:] for t in tokens],
+                         axis=1)[:, :keep]
     return out, max(table.surprise(ids[r], cells[:, r]) for r in range(rows))
