@@ -220,6 +220,8 @@ def test_the_cli_profiles_replies_scores_them_and_refuses_bad_settings_in_one_li
     assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "s")]) == 0
     scores = [json.loads(l) for l in (tmp_path / "s" / "scores.jsonl").read_text().splitlines()]
     assert [type(s["reply_load"]).__name__ for s in scores] == ["float", "float", "NoneType"]   # no reply: null
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["replies"] == {"max_tokens": 3, "logged": 1, "without_reply": 1}
     capsys.readouterr()
     assert main(["monitor", "profile", "--out", str(tmp_path / "q.json"), "--reply-tokens", "300"]) == 2
     err = capsys.readouterr().err

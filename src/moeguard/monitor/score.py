@@ -232,6 +232,10 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                "alpha": alpha, "alerts": {"request": sum(a["kind"] == "request" for a in alerts),
                                           "window": sum(a["kind"] == "window" for a in alerts)},
                "prompts_logged": log_prompts,
+               # with a profile of replies: how long a reply is scored, and how many requests had none
+               "replies": None if R is None else {"max_tokens": prof.replies.max_tokens,
+                                                  "logged": sum("reply" in r for r in records),
+                                                  "without_reply": int((R[0].sum((1, 2)) == 0).sum())},
                # the smallest p-value each level can give: below alpha, or nothing can alert there
                "p_floor": {lv: prof.p_floor(lv) for lv in ("request", "window")}}
     return scores, windows, alerts, summary
