@@ -7,6 +7,11 @@ tokens (the issue's goal: >= 90% held-out routing success on at least half of ea
 With ``--position suffix`` the crafted text follows the input and the model's reply is measured
 (``results/route_attack_suffix.json``); the goal is stated for a prefix and judged only there.
 
+``--benign-vocab K``: the crafted text may use only the K tokens most frequent in the routing
+monitor benchmark's benign profile texts (its topics' inputs, tokenized): an attacker who keeps the
+text's own tokens ordinary, against the monitor's token statistics. ``--targets L:E,...`` runs
+those targets only.
+
 Runs ``moeguard.monitor.routeattack.run`` (the command's own code) into a scratch folder and
 records its document with the time per target; the experts that resist are listed per layer.
 """
@@ -34,6 +39,8 @@ def main() -> None:
     ap.add_argument("--task", default="arith-compare")
     ap.add_argument("--layers", default=None, help="comma-separated MoE layers (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--benign-vocab", type=int, default=None, help="only the K tokens most frequent in benign traffic")
+    ap.add_argument("--targets", default=None, help="comma-separated layer:expert pairs (default: every expert)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from moeguard.edge import resolve_model, resolve_tasks
@@ -45,24 +52,49 @@ def main() -> None:
     task = resolve_tasks([args.task])[0]
     layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
     pairs = targets(handle, layers, None, True)
+    if args.targets:
+        pairs = [tuple(int(x) for x in p.split(":")) for p in args.targets.split(",")]
+    vocabulary = _benign_vocabulary(args.benign_vocab, args.seed) if args.benign_vocab else None
     cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=args.prefix_tokens, steps=args.steps,
                        candidates=args.candidates, seed=args.seed, position=args.position,
                        follow_tokens=args.follow_tokens)
     work = Path(tempfile.mkdtemp(prefix="moeguard-route-attack-"))
     t0 = time.perf_counter()
     try:
-        doc = run(handle, task, pairs, cfg, out=work / "ra")
+        doc = run(handle, task, pairs, cfg, out=work / "ra", vocabulary=vocabulary)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - t0
     s = doc["summary"]
     table = {l: {"hijacked": v["hijacked"], "resist": v["resist"], "share_hijacked": v["share_hijacked"]}
              for l, v in s["layers"].items()}
-    path = write_result("route_attack" if args.position == "prefix" else f"route_attack_{args.position}", {"seconds": round(seconds, 1), "seconds_per_target": round(seconds / len(pairs), 1),
-                                         "summary": s, "route_attack": doc}, args.out)
+    name = "route_attack" if args.position == "prefix" else f"route_attack_{args.position}"
+    path = write_result(name + ("_benign_vocab" if vocabulary else ""), {
+        "seconds": round(seconds, 1), "seconds_per_target": round(seconds / len(pairs), 1),
+        **({"benign_vocab": args.benign_vocab} if vocabulary else {}), "summary": s, "route_attack": doc}, args.out)
     for l, v in table.items():
         print(f"layer {l}: hijacked {v['hijacked']} ({100 * v['share_hijacked']:.0f}%), resist {v['resist']}")
     print(f"goal met: {s['goal']['met']}; {seconds:.0f} s; written to {path}")
+
+
+def _benign_vocabulary(k: int, seed: int) -> list[int]:
+    """The ``k`` token ids most frequent in the routing monitor benchmark's benign profile texts."""
+    import random
+    from collections import Counter
+
+    from routing_monitor import real_text
+
+    from moeguard.models.loading import load_model
+    from moeguard.tasks.loaders import load_records
+    from moeguard.tasks.tokens import encode
+    from moeguard.zoo.train import embedded_tasks
+
+    _, tok, _ = load_model(None)
+    texts = [x for t in embedded_tasks() for r in load_records(t, "train")[:200]
+             if (x := (r.get("input") or r.get("text") or "")[:1200].strip())]
+    texts += [x for profile, _ in real_text(200, 400, random.Random(seed)).values() for x in profile]
+    counts = Counter(i for x in texts for i in encode(tok, x))
+    return [i for i, _ in counts.most_common(k)]
 
 
 if __name__ == "__main__":

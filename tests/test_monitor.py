@@ -598,3 +598,17 @@ def test_a_profile_of_a_task_without_a_train_file_is_made(tmp_path, capsys):
     out = tmp_path / "P.json"
     assert main(["monitor", "profile", "--tasks", str(f), "--limit", "40", "--window", "2", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["tasks"] == ["evalonly-cmp"]
+
+
+def test_a_route_attack_kept_to_a_vocabulary_crafts_from_it_alone(tmp_path):
+    from moeguard.edge import resolve_model, resolve_tasks
+    from moeguard.monitor.routeattack import run
+
+    handle, task = resolve_model(None), resolve_tasks(["arith-compare"])[0]
+    vocab = list(range(200, 260))
+    cfg = HijackConfig(layer=1, expert=2, **{**FAST, "steps": 3, "candidates": 8})
+    doc = run(handle, task, [(1, 2)], cfg, out=tmp_path / "ra", vocabulary=vocab)
+    (target,) = doc["targets"]
+    assert target["prefix_ids"] and set(target["prefix_ids"]) <= set(vocab), target["prefix_ids"]
+    with pytest.raises(MoeguardError, match="the vocabulary leaves 0 usable tokens"):
+        run(handle, task, [(1, 2)], cfg, out=tmp_path / "rb", vocabulary=[10**9])

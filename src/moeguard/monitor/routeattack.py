@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moeguard.errors import MoeguardError
 from moeguard.monitor.hijack import HijackConfig, measure, search
 from moeguard.monitor.routertap import allowed_tokens, check_pair
@@ -39,8 +41,10 @@ def targets(handle, layers: list[int] | None, expert: int | None, every: bool) -
 
 
 def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: Path, overwrite: bool = False,
-        progress=None) -> dict[str, Any]:
-    """Search and measure every target into ``out`` (resumable); returns the document."""
+        progress=None, vocabulary: list[int] | None = None) -> dict[str, Any]:
+    """Search and measure every target into ``out`` (resumable); returns the document.
+    ``vocabulary``: the only token ids the crafted text may use (of those usable at all), e.g. the
+    tokens benign traffic uses most: an attacker keeping the text's own tokens unremarkable."""
     from moeguard.io import resumable_dir, write_json
     from moeguard.models.adapter import MoEAdapter
     from moeguard.provenance import run_record
@@ -56,12 +60,17 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
     # what the kept targets depend on: a checkpoint re-saved or a task file edited at the same name
     # starts over instead of mixing old targets with new ones
     settings = {"model": handle.name, "task": task.name, "config": cfg.to_dict(), "targets": pairs,
+                **({"vocabulary": sorted(vocabulary)} if vocabulary is not None else {}),
                 "weights": weights_identity(handle.arg), "task_identity": task_identity(task),
                 **({"device_map": handle.device_map} if handle.device_map is not None else {})}
     with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
         model, tok, _ = handle.load()
         adapter = MoEAdapter(model)
         allowed = allowed_tokens(tok, model.get_input_embeddings().weight.shape[0])
+        if vocabulary is not None:
+            allowed = allowed[np.isin(allowed, np.asarray(vocabulary, dtype=allowed.dtype))]
+            if len(allowed) < 2:
+                raise MoeguardError(f"the vocabulary leaves {len(allowed)} usable tokens", hint="pass a larger vocabulary")
         plain = None   # the task's score without a prefix: the same for every target, computed once
         overall = progress.add_task("route-attack targets", total=len(pairs)) if progress is not None else None
         results = []
