@@ -12,6 +12,11 @@ monitor benchmark's benign profile texts (its topics' inputs, tokenized): an att
 text's own tokens ordinary, against the monitor's token statistics. ``--targets L:E,...`` runs
 those targets only.
 
+``--evade-p P``: the attacker holds the routing monitor benchmark's own profile (the same topics,
+seed and window, prompt statistics) and keeps each request's monitor p-value at or above P where it
+can (``moeguard.monitor.evasion``): the adaptive attacker, the worst case for the monitor. Written
+with ``_evading`` in the name.
+
 Runs ``moeguard.monitor.routeattack.run`` (the command's own code) into a scratch folder and
 records its document with the time per target; the experts that resist are listed per layer.
 """
@@ -41,6 +46,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--benign-vocab", type=int, default=None, help="only the K tokens most frequent in benign traffic")
     ap.add_argument("--targets", default=None, help="comma-separated layer:expert pairs (default: every expert)")
+    ap.add_argument("--evade-p", type=float, default=0.0, help="screen candidates by the monitor's p-value")
     ap.add_argument("--out")
     args = ap.parse_args()
     from moeguard.edge import resolve_model, resolve_tasks
@@ -57,11 +63,12 @@ def main() -> None:
     vocabulary = _benign_vocabulary(args.benign_vocab, args.seed) if args.benign_vocab else None
     cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=args.prefix_tokens, steps=args.steps,
                        candidates=args.candidates, seed=args.seed, position=args.position,
-                       follow_tokens=args.follow_tokens)
+                       follow_tokens=args.follow_tokens, evade_p=args.evade_p)
+    evade = _monitor_profile(args.seed) if args.evade_p else None
     work = Path(tempfile.mkdtemp(prefix="moeguard-route-attack-"))
     t0 = time.perf_counter()
     try:
-        doc = run(handle, task, pairs, cfg, out=work / "ra", vocabulary=vocabulary)
+        doc = run(handle, task, pairs, cfg, out=work / "ra", vocabulary=vocabulary, evade=evade)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - t0
@@ -69,12 +76,32 @@ def main() -> None:
     table = {l: {"hijacked": v["hijacked"], "resist": v["resist"], "share_hijacked": v["share_hijacked"]}
              for l, v in s["layers"].items()}
     name = "route_attack" if args.position == "prefix" else f"route_attack_{args.position}"
-    path = write_result(name + ("_benign_vocab" if vocabulary else ""), {
+    path = write_result(name + ("_benign_vocab" if vocabulary else "") + ("_evading" if evade else ""), {
         "seconds": round(seconds, 1), "seconds_per_target": round(seconds / len(pairs), 1),
         **({"benign_vocab": args.benign_vocab} if vocabulary else {}), "summary": s, "route_attack": doc}, args.out)
     for l, v in table.items():
         print(f"layer {l}: hijacked {v['hijacked']} ({100 * v['share_hijacked']:.0f}%), resist {v['resist']}")
+    if evade is not None:
+        for r in doc["targets"]:
+            m = r["measured"]
+            print(f"layer {r['layer']} expert {r['expert']}: success {m['success']:.3f}, monitor passes "
+                  f"{m['monitor']['passing']:.2f} at p >= {args.evade_p} (median p {m['monitor']['p_median']:.3f}; "
+                  f"without the text {m['monitor']['p_median_without']:.3f})")
     print(f"goal met: {s['goal']['met']}; {seconds:.0f} s; written to {path}")
+
+
+def _monitor_profile(seed: int):
+    """The routing monitor benchmark's prompt-only profile (``routing_monitor.py``'s topics, window and seed)."""
+    import random
+
+    from routing_monitor import WINDOW, benign_topics
+
+    from moeguard.models.loading import load_model
+    from moeguard.monitor.profile import build
+
+    m, tok, _ = load_model(None)
+    topics = benign_topics(random.Random(seed))
+    return build(m, tok, {k: v[0] for k, v in topics.items()}, window=WINDOW, seed=seed, name="embedded")
 
 
 def _benign_vocabulary(k: int, seed: int) -> list[int]:

@@ -67,6 +67,8 @@ class HijackConfig:
     eval_inputs: int = 32        # held-out inputs it is measured on (eval split)
     max_input_tokens: int = 48   # inputs are cut to this many tokens while searching
     eval_limit: int = 64         # records for the task-effect evaluation
+    evade_p: float = 0.0         # > 0: keep each request's monitor p-value >= this (a screen; evasion.py)
+    screened: int = 32           # with evade_p: the most successful candidates screened per step
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +82,9 @@ class HijackConfig:
         for name, value in (("prefix_tokens", self.prefix_tokens), ("follow_tokens", self.follow_tokens)):
             if value < 1:
                 raise MoeguardError(f"{name} is {value}", hint=f"pass --{name.replace('_', '-')} of at least 1")
+        if not 0.0 <= self.evade_p <= 1.0 or self.screened < 1:
+            raise MoeguardError(f"evade_p is {self.evade_p} and screened {self.screened}",
+                                hint="pass --evade-p in (0, 1] (0: no screen) and screen at least one candidate")
 
 
 def _inputs(task: Task, role: str, n: int, tokenizer, max_tokens: int | None, *, keep_end: bool = False) -> list[list[int]]:
@@ -201,8 +206,11 @@ def _scores(logits, index, target, expert, per: int, *, per_input: bool = False)
 
 
 def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed: np.ndarray,
-           progress=None) -> dict[str, Any]:
-    """The GCG search for one (layer, expert); returns the best prefix and its training curve."""
+           progress=None, screen=None) -> dict[str, Any]:
+    """The GCG search for one (layer, expert); returns the best prefix and its training curve.
+    ``screen`` (``evasion.MonitorScreen``, with ``cfg.evade_p``): an attacker who holds the monitor's
+    profile. Each step screens the ``cfg.screened`` most successful candidates and ranks them by
+    evasion first, then success and objective; the best text kept is ranked the same way."""
     slot = check_target(adapter, cfg.layer, cfg.expert)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -221,7 +229,8 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     banned[torch.as_tensor(allowed, device=device)] = False
     prefix = [int(t) for t in rng.choice(allowed, size=cfg.prefix_tokens)]
     n = cfg.prefix_tokens
-    best = {"prefix": list(prefix), "success": -1.0, "loss": float("inf"), "step": 0}
+    best = {"prefix": list(prefix), "success": -1.0, "loss": float("inf"), "step": 0, "evasion": (-1.0, -1.0)}
+    evasion = (lambda texts: screen.evasion(texts, batch.inputs, cfg.position)) if screen is not None else None
     curve = []
     task_id = progress.add_task(f"hijack layer {cfg.layer} expert {cfg.expert}", total=cfg.steps) if progress else None
     was_training = model.training
@@ -247,10 +256,13 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             t = target.reshape(-1).to(logits.device)
             loss = (_objective(logits, cfg.expert) * t).sum() / t.sum().clamp(min=1)
             (grad,) = torch.autograd.grad(loss, onehot)
-            curve.append({"step": step, "success": round(float(succ[0]), 4), "loss": round(float(ce[0]), 4)})
-            if (succ[0], -ce[0]) > (best["success"], -best["loss"]):
-                best = {"prefix": list(prefix), "success": float(succ[0]), "loss": float(ce[0]), "step": step}
-            if step == cfg.steps or best["success"] >= 1.0:
+            ev = tuple(float(v) for v in evasion([prefix])[0]) if evasion else (1.0, 1.0)   # unscreened: all pass
+            curve.append({"step": step, "success": round(float(succ[0]), 4), "loss": round(float(ce[0]), 4),
+                          **({"evading": round(ev[0], 4), "evasion_mean": round(ev[1], 4)} if evasion else {})})
+            if (*ev, succ[0], -ce[0]) > (*best["evasion"], best["success"], -best["loss"]):
+                best = {"prefix": list(prefix), "success": float(succ[0]), "loss": float(ce[0]), "step": step,
+                        "evasion": ev}
+            if step == cfg.steps or (best["success"] >= 1.0 and best["evasion"][0] >= 1.0):
                 break
             # 2. candidates: random single-token substitutions among each position's top-k
             grad[:, banned] = float("inf")
@@ -283,7 +295,13 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                     succ_all.append(s_)
                     ce_all.append(c_)
             s_, c_ = np.concatenate(succ_all), np.concatenate(ce_all)
-            j = int(np.lexsort((c_, -s_))[0])                                  # most success, then least loss
+            order = np.lexsort((c_, -s_))                                      # most success, then least loss
+            j = int(order[0])
+            if evasion:   # of the most successful, the one the monitor passes most, then by success
+                top = order[:cfg.screened]
+                ev_top = evasion([cands[i] for i in top])
+                j = int(max(range(len(top)), key=lambda i: (*ev_top[i], s_[top[i]], -c_[top[i]])))
+                j = int(top[j])
             prefix = cands[j]
             if task_id is not None:
                 progress.advance(task_id)
@@ -293,15 +311,17 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             progress.update(task_id, completed=cfg.steps)
     return {"prefix_ids": best["prefix"], "prefix_text": tokenizer.decode(best["prefix"]),
             "train_success": round(best["success"], 4), "train_loss": round(best["loss"], 4),
+            **({"train_evading": round(best["evasion"][0], 4)} if evasion else {}),
             "best_step": best["step"], "steps_run": len(curve) - 1, "curve": curve}
 
 
 def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_text: str, *,
-            plain=None) -> dict[str, Any]:
+            plain=None, screen=None) -> dict[str, Any]:
     """Success and load on held-out inputs, sent as text with and without the crafted text, and the
     task's score with it against without (``plain``: that score's ``TaskResult`` when already known:
     it is the same for every target of a run). A suffix's success is over the reply each request
-    gets (generated here), the request's load over its prompt and reply."""
+    gets (generated here), the request's load over its prompt and reply. With ``screen``: the
+    monitor's prompt-only p-values of the held-out requests, with and without the crafted text."""
     from moeguard.tasks.evaluate import evaluate_task
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.tokens import bos_ids, encode, model_device
@@ -352,7 +372,15 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
     full_score = plain or evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False)
     hit_score = evaluate_task(model, tokenizer, task, limit=cfg.eval_limit, batch_size=32, baseline=False, **text)
     a, nrm = rows["attacked"], rows["normal"]
-    return {"success": round(float(np.mean([r["success"] for r in a])), 4),
+    monitor = {}
+    if screen is not None:
+        sent = [r["input"] + SEPARATOR + prefix_text if suffix else prefix_text + SEPARATOR + r["input"] for r in recs]
+        p_hit, p_plain = screen.p_values(sent), screen.p_values([r["input"] for r in recs])
+        monitor = {"monitor": {"p_target": screen.p_target, "passing": round(float((p_hit >= screen.p_target).mean()), 4),
+                               "p_median": round(float(np.median(p_hit)), 4),
+                               "passing_without": round(float((p_plain >= screen.p_target).mean()), 4),
+                               "p_median_without": round(float(np.median(p_plain)), 4)}}
+    return {**monitor, "success": round(float(np.mean([r["success"] for r in a])), 4),
             "success_without_prefix": round(float(np.mean([r["success"] for r in nrm])), 4),
             "success_min": round(float(np.min([r["success"] for r in a])), 4),
             "load_max": round(max(r["load"] for r in a), 4), "load_mean": round(float(np.mean([r["load"] for r in a])), 4),
