@@ -15,7 +15,10 @@ those targets only.
 ``--evade-p P``: the attacker holds the routing monitor benchmark's own profile (the same topics,
 seed and window, prompt statistics) and keeps each request's monitor p-value at or above P where it
 can (``moeguard.monitor.evasion``): the adaptive attacker, the worst case for the monitor. Written
-with ``_evading`` in the name.
+with ``_evading`` in the name. ``--evade-profile-seed S`` (S other than ``--seed``): the attacker
+builds the same kind of profile with its own seed instead (other real-text samples, other
+fit/calibration split, other random projection): an attacker who knows how the monitor works and
+which tasks it serves, but not the owner's profile (``_evading_own_profile`` in the name).
 
 Runs ``moeguard.monitor.routeattack.run`` (the command's own code) into a scratch folder and
 records its document with the time per target; the experts that resist are listed per layer.
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--benign-vocab", type=int, default=None, help="only the K tokens most frequent in benign traffic")
     ap.add_argument("--targets", default=None, help="comma-separated layer:expert pairs (default: every expert)")
     ap.add_argument("--evade-p", type=float, default=0.0, help="screen candidates by the monitor's p-value")
+    ap.add_argument("--evade-profile-seed", type=int, default=None, help="the attacker's own profile seed (default: --seed)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from moeguard.edge import resolve_model, resolve_tasks
@@ -64,7 +68,8 @@ def main() -> None:
     cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=args.prefix_tokens, steps=args.steps,
                        candidates=args.candidates, seed=args.seed, position=args.position,
                        follow_tokens=args.follow_tokens, evade_p=args.evade_p)
-    evade = _monitor_profile(args.seed) if args.evade_p else None
+    own = args.evade_profile_seed is not None and args.evade_profile_seed != args.seed
+    evade = _monitor_profile(args.evade_profile_seed if own else args.seed) if args.evade_p else None
     work = Path(tempfile.mkdtemp(prefix="moeguard-route-attack-"))
     t0 = time.perf_counter()
     try:
@@ -76,9 +81,10 @@ def main() -> None:
     table = {l: {"hijacked": v["hijacked"], "resist": v["resist"], "share_hijacked": v["share_hijacked"]}
              for l, v in s["layers"].items()}
     name = "route_attack" if args.position == "prefix" else f"route_attack_{args.position}"
-    path = write_result(name + ("_benign_vocab" if vocabulary else "") + ("_evading" if evade else ""), {
+    path = write_result(name + ("_benign_vocab" if vocabulary else "") + ("_evading" if evade else "") + ("_own_profile" if evade and own else ""), {
         "seconds": round(seconds, 1), "seconds_per_target": round(seconds / len(pairs), 1),
-        **({"benign_vocab": args.benign_vocab} if vocabulary else {}), "summary": s, "route_attack": doc}, args.out)
+        **({"benign_vocab": args.benign_vocab} if vocabulary else {}),
+        **({"evade_profile_seed": args.evade_profile_seed} if evade and own else {}), "summary": s, "route_attack": doc}, args.out)
     for l, v in table.items():
         print(f"layer {l}: hijacked {v['hijacked']} ({100 * v['share_hijacked']:.0f}%), resist {v['resist']}")
     if evade is not None:
