@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--suffix-min-success", type=float, default=0.9,
                     help="suffix clients: targets at this held-out success or more (0: every target, e.g. an "
                          "evading attacker's partial hijacks, each reported apart)")
+    ap.add_argument("--window", type=int, default=WINDOW, help="requests per client window (the profile calibrates it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reply-tokens", type=int, default=0, help="also profile and score replies of at most N tokens")
     ap.add_argument("--out")
@@ -136,7 +137,7 @@ def main() -> None:
     m, tok, _ = load_model(None)
     adapter = MoEAdapter(m)
     topics = benign_topics(rng)
-    prof = build(m, tok, {k: v[0] for k, v in topics.items()}, window=WINDOW, seed=args.seed, name="embedded",
+    prof = build(m, tok, {k: v[0] for k, v in topics.items()}, window=args.window, seed=args.seed, name="embedded",
                  reply_tokens=args.reply_tokens)
     profile_s = time.perf_counter() - t0
     held = {k: v[1] for k, v in topics.items()}
@@ -259,7 +260,7 @@ def main() -> None:
                  "profile_s": round(profile_s, 1)}
     path = write_result("routing_monitor_replies" if args.reply_tokens else "routing_monitor", {
         **extra,
-        "profile": {"topics": list(topics), "requests": prof.meta["requests"], "window": WINDOW,
+        "profile": {"topics": list(topics), "requests": prof.meta["requests"], "window": args.window,
                     "real_text": sorted(k for k in topics if k in ("sst2", "wikitext", "shakespeare", "scitldr"))},
         "clients": {k: sum(1 for v in kind_of.values() if v == k) for k in sorted(set(kind_of.values()))},
         "hijack_prefixes": len(prefixes), "hijack_suffixes": len(suffixes), "p_floor": summary["p_floor"], "results": result, "goals": goals,
