@@ -301,8 +301,16 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     assert not [a for a in alerts if a["kind"] == "window" and a["client"] != "eve"]   # single-topic users pass
     assert "prompt" not in (out / "scores.jsonl").read_text() and "lorem" not in (out / "alerts.jsonl").read_text()
     # prompts only on request; a broken line is one error naming it
-    assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "p"),
+    assert summary["unwindowed"] == {"requests": 0, "clients": 0}
+    # a client short of a window (and alice's 3 more) is counted as unseen by the windows
+    more = [{"id": f"carol-{i}", "client": "carol", "time": i, "prompt": rows[i]["prompt"]} for i in range(5)]
+    more += [{"id": f"alice-x{i}", "client": "alice", "time": 100 + i, "prompt": rows[i]["prompt"]} for i in range(3)]
+    log2 = _log(tmp_path / "log2.jsonl", rows + more)
+    capsys.readouterr()
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(log2), "--out", str(tmp_path / "p"),
                  "--log-prompts"]) == 0
+    assert "8 requests are in no window (1 client sent fewer than 8)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["unwindowed"] == {"requests": 8, "clients": 1}
     assert "lorem" in (tmp_path / "p" / "scores.jsonl").read_text()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n{not json\n")

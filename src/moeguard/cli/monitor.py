@@ -218,6 +218,9 @@ def monitor_score(
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
                f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts "
                f"(p <= {alpha}); written to {out}")
+    u = summary["unwindowed"]
+    if u["requests"]:   # scored one at a time only: a client sending fewer than a window is never seen as a stream
+        typer.echo(f"{u['requests']} requests are in no window ({u['clients']} client{'' if u['clients'] == 1 else 's'} sent fewer than {summary['window']})")
 
 
 def _task_list(value: str | None) -> list[str] | None:

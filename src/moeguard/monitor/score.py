@@ -228,7 +228,11 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
             if wp["combined"][j] <= alpha:
                 alerts.append({"kind": "window", "client": c, "requests": [records[i]["id"] for i in idx],
                                "time": records[idx[-1]]["time"], **prof.reason(ws, wp, j, W[j])})
+    # what the windows did not see: a client's trailing requests short of a window, and clients that
+    # never sent one (an attacker spread over identities stays there)
+    short = [len(idx) % window for idx in by_client.values()]
     summary = {"requests": len(records), "clients": len(by_client), "windows": len(wins), "window": window,
+               "unwindowed": {"requests": sum(short), "clients": sum(len(idx) < window for idx in by_client.values())},
                "alpha": alpha, "alerts": {"request": sum(a["kind"] == "request" for a in alerts),
                                           "window": sum(a["kind"] == "window" for a in alerts)},
                "prompts_logged": log_prompts,
