@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--targets", default=None, help="comma-separated layer:expert pairs (default: every expert)")
     ap.add_argument("--evade-p", type=float, default=0.0, help="screen candidates by the monitor's p-value")
     ap.add_argument("--evade-profile-seed", type=int, default=None, help="the attacker's own profile seed (default: --seed)")
+    ap.add_argument("--evade-order", default="evasion", help="evasion (first) or hijack (routing success up to 90% first)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from moeguard.edge import resolve_model, resolve_tasks
@@ -67,7 +68,7 @@ def main() -> None:
     vocabulary = _benign_vocabulary(args.benign_vocab, args.seed) if args.benign_vocab else None
     cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=args.prefix_tokens, steps=args.steps,
                        candidates=args.candidates, seed=args.seed, position=args.position,
-                       follow_tokens=args.follow_tokens, evade_p=args.evade_p)
+                       follow_tokens=args.follow_tokens, evade_p=args.evade_p, evade_order=args.evade_order)
     own = args.evade_profile_seed is not None and args.evade_profile_seed != args.seed
     evade = _monitor_profile(args.evade_profile_seed if own else args.seed) if args.evade_p else None
     work = Path(tempfile.mkdtemp(prefix="moeguard-route-attack-"))
@@ -81,7 +82,7 @@ def main() -> None:
     table = {l: {"hijacked": v["hijacked"], "resist": v["resist"], "share_hijacked": v["share_hijacked"]}
              for l, v in s["layers"].items()}
     name = "route_attack" if args.position == "prefix" else f"route_attack_{args.position}"
-    path = write_result(name + ("_benign_vocab" if vocabulary else "") + ("_evading" if evade else "") + ("_own_profile" if evade and own else ""), {
+    path = write_result(name + ("_benign_vocab" if vocabulary else "") + ("_evading" if evade else "") + ("_own_profile" if evade and own else "") + ("_hijack_first" if evade and args.evade_order == "hijack" else ""), {
         "seconds": round(seconds, 1), "seconds_per_target": round(seconds / len(pairs), 1),
         **({"benign_vocab": args.benign_vocab} if vocabulary else {}),
         **({"evade_profile_seed": args.evade_profile_seed} if evade and own else {}), "summary": s, "route_attack": doc}, args.out)

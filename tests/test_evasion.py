@@ -77,10 +77,22 @@ def test_a_screened_search_ranks_candidates_by_evasion_first(embedded):
     start = screened["curve"][0]["evasion_mean"]
     assert start < 1.0 and screened["train_evading"] == 1.0, screened["curve"]
     assert all(t % 2 == 0 for t in screened["prefix_ids"]) and not all(t % 2 == 0 for t in plain["prefix_ids"])
-    # the curve's evasion never falls while it is below the bar: each step takes the candidate it passes most
-    means = [c["evasion_mean"] for c in screened["curve"]]
-    first = means.index(1.0)
-    assert means[:first + 1] == sorted(means[:first + 1]) and first > 0
+    assert screened["curve"][screened["best_step"]]["evading"] == 1.0
+
+
+def test_the_two_orders_rank_evasion_or_the_hijack_first():
+    from moeguard.monitor.evasion import rank
+
+    hidden, loud = (1.0, 1.0), (0.0, 0.2)
+    # evasion first: a hidden weak hijack beats a loud strong one
+    assert rank("evasion", hidden, 0.3, 1.0) > rank("evasion", loud, 1.0, 0.1)
+    # hijack first: up to the 90% bar routing wins; at the bar, the hidden one; beyond it, success breaks ties
+    assert rank("hijack", loud, 0.8, 0.1) > rank("hijack", hidden, 0.3, 1.0)
+    assert rank("hijack", hidden, 0.9, 1.0) > rank("hijack", loud, 1.0, 0.1)
+    assert rank("hijack", hidden, 0.95, 1.0) > rank("hijack", hidden, 0.92, 0.5)
+    # without a screen every text passes: both orders rank as the unscreened search did (success, then loss)
+    for order in ("evasion", "hijack"):
+        assert rank(order, (1.0, 1.0), 0.5, 2.0) > rank(order, (1.0, 1.0), 0.5, 3.0) > rank(order, (1.0, 1.0), 0.4, 0.1)
 
 
 def test_route_attack_against_a_profile_reports_what_the_monitor_passes(embedded, profile, tmp_path, capsys):
@@ -101,6 +113,9 @@ def test_route_attack_against_a_profile_reports_what_the_monitor_passes(embedded
     assert 0 <= m["passing"] <= 1 and 0 < m["p_median"] <= 1
     assert "train_evading" in doc["targets"][0] and "evading" in doc["targets"][0]["curve"][0]
     assert doc["run"]["settings"]["evade_profile"] and len(doc["run"]["settings"]["evade_profile"]) == 64
+    t = doc["targets"][0]
+    passing = t["measured"]["success"] >= 0.9 and m["passing"] >= 0.9
+    assert doc["summary"]["evasion"]["hijacked_passing"] == ([[0, 1]] if passing else [])
 
 
 def test_bad_evasion_settings_are_one_line_errors(profile, tmp_path, capsys):
@@ -113,6 +128,8 @@ def test_bad_evasion_settings_are_one_line_errors(profile, tmp_path, capsys):
     for extra, needle in ((["--evade", str(P), "--evade-p", "0"], "--evade-p is 0.0"),
                           (["--evade", str(P), "--evade-p", "1.5"], "--evade-p is 1.5"),
                           (["--evade", str(tmp_path / "none.json")], "none.json"),
+                          (["--evade-p", "0.5"], "--evade-p and --evade-order need the monitor's profile"),
+                          (["--evade", str(P), "--evade-order", "stealth"], "evade order 'stealth' is not one of evasion, hijack"),
                           (["--evade", str(tmp_path)], "routing profile")):
         capsys.readouterr()
         assert main([*base, *extra]) == 2
@@ -125,7 +142,13 @@ def test_bad_evasion_settings_are_one_line_errors(profile, tmp_path, capsys):
     assert main([*base, "--evade", str(tmp_path / "Q.json")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "the profile was made for" in err, err
-    assert not (tmp_path / "x").exists()
+    other = json.loads(P.read_text())
+    other["top_k"] = 3     # this model's name, other routing: refused from its config, before the model loads
+    (tmp_path / "R.json").write_text(json.dumps(other))
+    assert main([*base, "--evade", str(tmp_path / "R.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "the profile was made with top-3 routing, the model routes top-2" in err, err
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))   # no partial folder either
     with pytest.raises(MoeguardError, match="evade_p is 1.5"):
         HijackConfig(layer=0, expert=0, evade_p=1.5).check()
     with pytest.raises(MoeguardError, match="an evasion target needs the monitor's profile"):

@@ -309,7 +309,8 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     capsys.readouterr()
     assert main(["monitor", "score", "--profile", str(prof), "--log", str(log2), "--out", str(tmp_path / "p"),
                  "--log-prompts"]) == 0
-    assert "8 requests are in no window (1 client sent fewer than 8)" in capsys.readouterr().out
+    assert "8 requests are in no window (each client's requests after its last full window; 1 client sent fewer than 8)" \
+        in capsys.readouterr().out
     assert json.loads((tmp_path / "p" / "summary.json").read_text())["unwindowed"] == {"requests": 8, "clients": 1}
     assert "lorem" in (tmp_path / "p" / "scores.jsonl").read_text()
     bad = tmp_path / "bad.jsonl"

@@ -26,7 +26,8 @@ def route_attack(
         steps: Annotated[int, typer.Option("--steps", help="GCG steps per target")] = 80,
         candidates: Annotated[int, typer.Option("--candidates", help="substitutions evaluated per step")] = 96,
         evade: Annotated[Optional[Path], typer.Option("--evade", help="a monitor profile the attacker holds: keep the crafted requests' monitor p-values high (an adaptive attacker)")] = None,
-        evade_p: Annotated[float, typer.Option("--evade-p", help="with --evade: the monitor p-value each request should keep")] = 0.5,
+        evade_p: Annotated[Optional[float], typer.Option("--evade-p", help="with --evade: the monitor p-value each request should keep (default 0.5)")] = None,
+        evade_order: Annotated[str, typer.Option("--evade-order", help="with --evade: rank candidates by 'evasion' first, or by 'hijack' (routing success up to 90%) first")] = "evasion",
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0,
         as_json: JsonOpt = False) -> None:
     """Craft a prefix (or suffix) that makes a layer's router send the following tokens to a chosen expert (GCG)."""
@@ -41,21 +42,24 @@ def route_attack(
                                ("--follow-tokens", follow_tokens, 1)):
         if value < least:
             raise MoeguardError(f"{name} is {value}", hint=f"pass {name} of at least {least}")
-    if evade is not None and not 0.0 < evade_p <= 1.0:
+    if evade is None and (evade_p is not None or evade_order != "evasion"):
+        raise MoeguardError("--evade-p and --evade-order need the monitor's profile", hint="pass --evade P.json")
+    if evade is not None and evade_p is not None and not 0.0 < evade_p <= 1.0:
         raise MoeguardError(f"--evade-p is {evade_p}", hint="pass --evade-p in (0, 1], e.g. 0.5")
-    evade_p = evade_p if evade is not None else 0.0
-    HijackConfig(layer=0, expert=0, position=position, evade_p=evade_p).check()   # a misspelt --position before the model loads
+    evade_p = (0.5 if evade_p is None else evade_p) if evade is not None else 0.0
+    # a misspelt --position or --evade-order before the model loads
+    HijackConfig(layer=0, expert=0, position=position, evade_p=evade_p, evade_order=evade_order).check()
     check_output(out, overwrite=overwrite, inputs=(model, evade), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     prof = None
     if evade is not None:   # the profile is the model's, before any search
         from moeguard.io import read_json
-        from moeguard.models.identity import weights_digest
+        from moeguard.monitor.evasion import check_profile
         from moeguard.monitor.profile import Profile
 
         prof = Profile.from_dict(read_json(evade, what="routing profile", hint="make it with `moeguard monitor profile`"),
                                  where=str(evade))
-        prof.check_model(handle.name, weights_digest(handle.arg))
+        check_profile(prof, handle)
     layers = None if layer in (None, "all") else _ints(layer, "--layer")
     pairs = targets(handle, layers, expert, every)
     t = embedded_or([task] if task is not None else None, what="--task")[0]   # "" is refused, not the default
@@ -64,7 +68,8 @@ def route_attack(
     check_output(out, overwrite=overwrite, inputs=task_inputs([t]), kind="folder")
     _seed(seed)
     cfg = HijackConfig(layer=pairs[0][0], expert=pairs[0][1], prefix_tokens=prefix_tokens, steps=steps,
-                       candidates=candidates, seed=seed, position=position, follow_tokens=follow_tokens, evade_p=evade_p)
+                       candidates=candidates, seed=seed, position=position, follow_tokens=follow_tokens, evade_p=evade_p,
+                       evade_order=evade_order)
     with _progress(stderr=as_json) as progress:
         doc = run(handle, t, pairs, cfg, out=out, overwrite=overwrite, progress=progress, evade=prof)
     if as_json:
@@ -220,7 +225,9 @@ def monitor_score(
                f"(p <= {alpha}); written to {out}")
     u = summary["unwindowed"]
     if u["requests"]:   # scored one at a time only: a client sending fewer than a window is never seen as a stream
-        typer.echo(f"{u['requests']} requests are in no window ({u['clients']} client{'' if u['clients'] == 1 else 's'} sent fewer than {summary['window']})")
+        short = f"; {u['clients']} client{'' if u['clients'] == 1 else 's'} sent fewer than {summary['window']}" \
+            if u["clients"] else ""
+        typer.echo(f"{u['requests']} requests are in no window (each client's requests after its last full window{short})")
 
 
 def _task_list(value: str | None) -> list[str] | None:

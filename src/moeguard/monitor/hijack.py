@@ -68,6 +68,7 @@ class HijackConfig:
     max_input_tokens: int = 48   # inputs are cut to this many tokens while searching
     eval_limit: int = 64         # records for the task-effect evaluation
     evade_p: float = 0.0         # > 0: keep each request's monitor p-value >= this (a screen; evasion.py)
+    evade_order: str = "evasion"  # with evade_p: evasion.ORDERS, what the screened candidates are ranked by first
     screened: int = 32           # with evade_p: the most successful candidates screened per step
     seed: int = 0
 
@@ -84,7 +85,12 @@ class HijackConfig:
                 raise MoeguardError(f"{name} is {value}", hint=f"pass --{name.replace('_', '-')} of at least 1")
         if not 0.0 <= self.evade_p <= 1.0 or self.screened < 1:
             raise MoeguardError(f"evade_p is {self.evade_p} and screened {self.screened}",
-                                hint="pass --evade-p in (0, 1] (0: no screen) and screen at least one candidate")
+                                hint="pass --evade-p in (0, 1] (0: no screen); screened is at least 1")
+        from moeguard.monitor.evasion import ORDERS
+
+        if self.evade_order not in ORDERS:
+            raise MoeguardError(f"evade order '{self.evade_order}' is not one of {', '.join(ORDERS)}",
+                                hint=f"pass --evade-order {' or '.join(ORDERS)}")
 
 
 def _inputs(task: Task, role: str, n: int, tokenizer, max_tokens: int | None, *, keep_end: bool = False) -> list[list[int]]:
@@ -210,7 +216,8 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     """The GCG search for one (layer, expert); returns the best prefix and its training curve.
     ``screen`` (``evasion.MonitorScreen``, with ``cfg.evade_p``): an attacker who holds the monitor's
     profile. Each step screens the ``cfg.screened`` most successful candidates and ranks them by
-    evasion first, then success and objective; the best text kept is ranked the same way."""
+    ``evasion.rank`` in ``cfg.evade_order``; the best text kept is ranked the same way. Without a
+    screen every text passes and the ranking is success, then objective, as it always was."""
     slot = check_target(adapter, cfg.layer, cfg.expert)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -231,6 +238,10 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     n = cfg.prefix_tokens
     best = {"prefix": list(prefix), "success": -1.0, "loss": float("inf"), "step": 0, "evasion": (-1.0, -1.0)}
     evasion = (lambda texts: screen.evasion(texts, batch.inputs, cfg.position)) if screen is not None else None
+    from moeguard.monitor.evasion import rank
+
+    def ranked(ev, s, c) -> tuple:
+        return rank(cfg.evade_order, ev, s, c)
     curve = []
     task_id = progress.add_task(f"hijack layer {cfg.layer} expert {cfg.expert}", total=cfg.steps) if progress else None
     was_training = model.training
@@ -259,7 +270,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             ev = tuple(float(v) for v in evasion([prefix])[0]) if evasion else (1.0, 1.0)   # unscreened: all pass
             curve.append({"step": step, "success": round(float(succ[0]), 4), "loss": round(float(ce[0]), 4),
                           **({"evading": round(ev[0], 4), "evasion_mean": round(ev[1], 4)} if evasion else {})})
-            if (*ev, succ[0], -ce[0]) > (*best["evasion"], best["success"], -best["loss"]):
+            if ranked(ev, succ[0], ce[0]) > ranked(best["evasion"], best["success"], best["loss"]):
                 best = {"prefix": list(prefix), "success": float(succ[0]), "loss": float(ce[0]), "step": step,
                         "evasion": ev}
             if step == cfg.steps or (best["success"] >= 1.0 and best["evasion"][0] >= 1.0):
@@ -297,10 +308,10 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             s_, c_ = np.concatenate(succ_all), np.concatenate(ce_all)
             order = np.lexsort((c_, -s_))                                      # most success, then least loss
             j = int(order[0])
-            if evasion:   # of the most successful, the one the monitor passes most, then by success
+            if evasion:   # of the most successful, the best by the attacker's order
                 top = order[:cfg.screened]
                 ev_top = evasion([cands[i] for i in top])
-                j = int(max(range(len(top)), key=lambda i: (*ev_top[i], s_[top[i]], -c_[top[i]])))
+                j = int(max(range(len(top)), key=lambda i: ranked(ev_top[i], s_[top[i]], c_[top[i]])))
                 j = int(top[j])
             prefix = cands[j]
             if task_id is not None:
