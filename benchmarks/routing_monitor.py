@@ -223,6 +223,8 @@ def main() -> None:
             result[level][k] = {"n_attack": len(a), "n_benign": len(b), "auroc": round(auroc(b, a), 4),
                                 "auroc_vs_single_topic": round(auroc(b_single, a), 4),
                                 "fpr_at_90pct_detection": round(fpr_at_detection(b, a), 4),
+                                # the monitor's own operating point: the share of these that alert
+                                "alert_rate_at_0.01": round(float(np.mean(np.asarray(a) <= 0.01)), 4),
                                 "auroc_by_statistic": by_stat}
         result[level]["benign_alert_rate_at_0.01"] = round(float(np.mean(np.asarray(b) <= 0.01)), 4)
         # each hijack client apart: which targets the monitor sees, against how much benign traffic already goes there
