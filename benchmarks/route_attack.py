@@ -82,7 +82,9 @@ def main() -> None:
     table = {l: {"hijacked": v["hijacked"], "resist": v["resist"], "share_hijacked": v["share_hijacked"]}
              for l, v in s["layers"].items()}
     name = "route_attack" if args.position == "prefix" else f"route_attack_{args.position}"
-    path = write_result(name + ("_benign_vocab" if vocabulary else "") + ("_evading" if evade else "") + ("_own_profile" if evade and own else "") + ("_hijack_first" if evade and args.evade_order == "hijack" else ""), {
+    tags = [("_benign_vocab", vocabulary is not None), ("_evading", evade is not None),
+            ("_own_profile", evade is not None and own), ("_hijack_first", evade is not None and args.evade_order == "hijack")]
+    path = write_result(name + "".join(t for t, on in tags if on), {
         "seconds": round(seconds, 1), "seconds_per_target": round(seconds / len(pairs), 1),
         **({"benign_vocab": args.benign_vocab} if vocabulary else {}),
         **({"evade_profile_seed": args.evade_profile_seed} if evade and own else {}), "summary": s, "route_attack": doc}, args.out)
@@ -116,17 +118,13 @@ def _benign_vocabulary(k: int, seed: int) -> list[int]:
     import random
     from collections import Counter
 
-    from routing_monitor import real_text
+    from routing_monitor import benign_topics
 
     from moeguard.models.loading import load_model
-    from moeguard.tasks.loaders import load_records
     from moeguard.tasks.tokens import encode
-    from moeguard.zoo.train import embedded_tasks
 
     _, tok, _ = load_model(None)
-    texts = [x for t in embedded_tasks() for r in load_records(t, "train")[:200]
-             if (x := (r.get("input") or r.get("text") or "")[:1200].strip())]
-    texts += [x for profile, _ in real_text(200, 400, random.Random(seed)).values() for x in profile]
+    texts = [x for profile, _ in benign_topics(random.Random(seed)).values() for x in profile]
     counts = Counter(i for x in texts for i in encode(tok, x))
     return [i for i, _ in counts.most_common(k)]
 

@@ -311,8 +311,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             if evasion:   # of the most successful, the best by the attacker's order
                 top = order[:cfg.screened]
                 ev_top = evasion([cands[i] for i in top])
-                j = int(max(range(len(top)), key=lambda i: ranked(ev_top[i], s_[top[i]], c_[top[i]])))
-                j = int(top[j])
+                j = int(top[max(range(len(top)), key=lambda i: ranked(ev_top[i], s_[top[i]], c_[top[i]]))])
             prefix = cands[j]
             if task_id is not None:
                 progress.advance(task_id)
