@@ -108,6 +108,7 @@ def monitor_profile(
         limit: Annotated[int, typer.Option("--limit", help="inputs per task (eval split), half to fit, half to calibrate")] = 200,
         window: Annotated[int, typer.Option("--window", help="requests per client window the profile calibrates")] = 16,
         reply_tokens: Annotated[int, typer.Option("--reply-tokens", help="also profile each benign input's greedy reply of at most this many tokens, and score requests' replies (0: prompts only)")] = 0,
+        early: Annotated[Optional[str], typer.Option("--early", help="also score each client's window as it grows, at these lengths (e.g. 4,8): a client is seen from its 4th request, not only its --window-th")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """The reference routing profile of benign traffic, with calibrated null distributions."""
     from moeguard.cli.app import _seed
@@ -123,6 +124,10 @@ def monitor_profile(
         raise MoeguardError(f"--window is {window}", hint="pass --window of at least 1 request")
     if not 0 <= reply_tokens <= 256:
         raise MoeguardError(f"--reply-tokens is {reply_tokens}", hint="pass 0 (prompts only) or 1 to 256 reply tokens")
+    from moeguard.cli.app import _ints
+    from moeguard.monitor.ladder import check_early
+
+    looks = check_early(_ints(early, "--early"), window) if early is not None else ()
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks", train=False)   # benign traffic: eval records only
@@ -152,7 +157,7 @@ def monitor_profile(
         try:
             with _progress() as progress:
                 prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=progress,
-                             reply_tokens=reply_tokens)
+                             reply_tokens=reply_tokens, early=looks)
             prof.meta["weights"] = weights_digest(handle.arg)   # what score and serve compare, not the name typed
         except KeyboardInterrupt:
             import sys
@@ -162,12 +167,13 @@ def monitor_profile(
             raise SystemExit(130) from None
         doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "tasks": list(prompts), "limit": limit,
                                                     "window": window, "seed": seed, "reply_tokens": reply_tokens,
-                                                    **_placement(handle)})}
+                                                    **({"early": list(looks)} if looks else {}), **_placement(handle)})}
         write_json(out, doc, overwrite=overwrite)
     r = prof.meta["requests"]
     replies = f", replies of at most {reply_tokens} tokens" if reply_tokens else ""
+    early_at = f" (looked at early after {', '.join(map(str, looks))} requests)" if looks else ""
     typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
-               f"calibrating, windows of {window}{replies}; written to {out}")
+               f"calibrating, windows of {window}{early_at}{replies}; written to {out}")
 
 
 @monitor_app.command("score")
@@ -225,9 +231,11 @@ def monitor_score(
                f"(p <= {alpha}); written to {out}")
     u = summary["unwindowed"]
     if u["requests"]:   # scored one at a time only: a client sending fewer than a window is never seen as a stream
-        short = f"; {u['clients']} client{'' if u['clients'] == 1 else 's'} sent fewer than {summary['window']}" \
+        first = (summary.get("early") or [summary["window"]])[0]
+        short = f"; {u['clients']} client{'' if u['clients'] == 1 else 's'} sent fewer than {first}" \
             if u["clients"] else ""
-        typer.echo(f"{u['requests']} requests are in no window (each client's requests after its last full window{short})")
+        last = "its last window or early look" if summary.get("early") else "its last full window"
+        typer.echo(f"{u['requests']} requests are in no window (each client's requests after {last}{short})")
 
 
 def _task_list(value: str | None) -> list[str] | None:

@@ -34,7 +34,8 @@ Metrics (``prometheus-client``, in ``registry``):
 - ``moeguard_requests_total``, ``moeguard_alerts_total{kind, statistic}``;
 - ``moeguard_expert_assignments_total{layer, expert}``: routing load per expert;
 - ``moeguard_request_anomaly`` (histogram of -log10 p), ``moeguard_client_anomaly{client}``
-  (-log10 p of the client's last complete window, for the ``max_clients`` clients tracked);
+  (-log10 p of the client's last scored window: a full one, or an early look with ``--early``, for the
+  ``max_clients`` clients tracked);
 - ``moeguard_scoring_failures_total`` (requests whose scoring raised: their result says why) and
   ``moeguard_callback_failures_total`` (``on_result`` calls that raised).
 
@@ -59,6 +60,7 @@ import torch
 
 from moeguard.errors import MoeguardError
 from moeguard.models.hooks import Hooks
+from moeguard.monitor import ladder
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
 from moeguard.monitor.replies import ReplyIds, reply_routing
@@ -112,6 +114,7 @@ class RoutingMonitor:
         self.model, self.profile, self.alpha = model, profile, alpha
         self.adapter = MoEAdapter(model)
         self.window = int(profile.meta["window"])
+        self.looks = frozenset(ladder.lengths(profile.meta))   # when a client's block is scored (ladder.py)
         self.max_clients = max_clients
         if int(flush_every) < 1:
             raise MoeguardError(f"flush_every is {flush_every}", hint="score every request (1) or batches of more")
@@ -160,7 +163,7 @@ class RoutingMonitor:
         r.register(_LoadCollector(self))
         self.m_request_anomaly = Histogram("moeguard_request_anomaly", "-log10 p of each request",
                                            buckets=(0.5, 1, 1.5, 2, 2.5, 3, 4, 5), registry=r)
-        self.m_client = Gauge("moeguard_client_anomaly", "-log10 p of the client's last complete window", ["client"],
+        self.m_client = Gauge("moeguard_client_anomaly", "-log10 p of the client's last scored window", ["client"],
                               registry=r)
         self._failed = Counter("moeguard_scoring_failures", "requests whose scoring failed", registry=r)
         self._callback_failed = Counter("moeguard_callback_failures", "on_result calls that raised", registry=r)
@@ -399,21 +402,24 @@ class RoutingMonitor:
                 self.m_alerts.labels("request", res["alert"]["statistic"]).inc()
             # the window so far: sum of h, and its requests' p-values and embeddings (at most
             # `window` of each: bounded, and no prompt)
-            state = self._clients.pop(client, None) or [np.zeros_like(h), [], []]
+            # ([L, E] sum, p-values, embeddings, whether the block alerted yet)
+            state = self._clients.pop(client, None) or [np.zeros_like(h), [], [], False]
             state[0] += h
             state[1].append(p)
             state[2].append(x.copy())   # a view would keep its whole batch's array alive per client
-            if len(state[1]) == self.window:     # a complete window: score it as `score` does, start the next
-                w = state[0] / self.window
-                ws = self.profile.window_statistics(w[None], [np.array(state[1])], [np.stack(state[2])])
-                wp = self.profile.p_values(ws, "window")
+            n = len(state[1])
+            if n in self.looks:         # a look at the block (the full window, or an early one): as `score` does
+                w = state[0] / n
+                ws, wp = ladder.look(self.profile, n, w[None], [np.array(state[1])], [np.stack(state[2])])
                 pw = float(wp["combined"][0])
-                res["window"] = {"p": pw, "statistics": {k: float(ws[k][0]) for k in WINDOW_STATISTICS}}
+                res["window"] = {"p": pw, "length": n, "statistics": {k: float(ws[k][0]) for k in WINDOW_STATISTICS}}
                 self.m_client.labels(client).set(-math.log10(pw))
-                if pw <= self.alpha:
-                    res["window"]["alert"] = {"kind": "window", **self.profile.reason(ws, wp, 0, w)}
+                if pw <= self.alpha and not state[3]:   # a block alerts once, at its first look there
+                    state[3] = True
+                    res["window"]["alert"] = {"kind": "window", "length": n, **self.profile.reason(ws, wp, 0, w)}
                     self.m_alerts.labels("window", res["window"]["alert"]["statistic"]).inc()
-                state = [np.zeros_like(h), [], []]
+            if n == self.window:        # the block is complete: start the next
+                state = [np.zeros_like(h), [], [], False]
             self._clients[client] = state
             while len(self._clients) > self.max_clients:
                 old, _ = self._clients.popitem(last=False)

@@ -303,6 +303,8 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str) -> "Profile":
+        from moeguard.monitor import ladder
+
         fix = "make it with `moeguard monitor profile --out P`"
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             got = d.get("schema") if isinstance(d, dict) else type(d).__name__
@@ -334,8 +336,8 @@ class Profile:
             raise MoeguardError(f"{where} is a damaged routing profile (shapes, values or null samples wrong or missing)",
                                 hint=fix)
         if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
-                or len(meta["layers"]) != mean.shape[0]:
-            raise MoeguardError(f"{where} is a damaged routing profile (window or layers missing)", hint=fix)
+                or len(meta["layers"]) != mean.shape[0] or not ladder.check_profile(meta, null):
+            raise MoeguardError(f"{where} is a damaged routing profile (window, early looks or layers missing)", hint=fix)
         return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=tokens,
                    replies=replies)
 
@@ -350,17 +352,23 @@ def check_uniform(adapter) -> None:
                             hint="monitor the model as served before budget pruning, or prune it with --keep")
 
 
-def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int = 400,
-          seed: int = 0, name: str = "", cache: Path | None = None, progress=None, reply_tokens: int = 0) -> Profile:
+def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int | None = None,
+          seed: int = 0, name: str = "", cache: Path | None = None, progress=None, reply_tokens: int = 0,
+          early: tuple[int, ...] | None = None) -> Profile:
     """The profile of benign ``prompts`` (task -> inputs); see the module docstring. ``reply_tokens``
     > 0: each benign input's greedy reply of at most that many tokens is routed too, and the profile
     scores requests' replies (``replies.py``). With ``cache``
     (``io.resumable_scratch``), each task's observed arrays are kept there as they finish and read
-    back on a resumed run: the same numbers as one uninterrupted build."""
+    back on a resumed run: the same numbers as one uninterrupted build. ``early``: lengths at which
+    a client's window is also scored as it grows (``ladder.py``); ``windows``: benign windows per
+    calibration set (default 400, or ``ladder.BENIGN_BLOCKS`` with early lengths)."""
     from moeguard.models.adapter import MoEAdapter
+    from moeguard.monitor import ladder
 
     if window < 1:
         raise MoeguardError(f"window is {window}", hint="pass a window of at least 1 request")
+    early = ladder.check_early(early, window)
+    windows = windows if windows is not None else (ladder.BENIGN_BLOCKS if early else 400)
     if isinstance(reply_tokens, bool) or not isinstance(reply_tokens, int) or not 0 <= reply_tokens <= 256:
         raise MoeguardError(f"reply_tokens is {reply_tokens!r}", hint="pass 0 (prompts only) or a reply length of 1 to 256 tokens")
     for t, ps in prompts.items():             # before any forward
@@ -450,19 +458,21 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         warnings.warn(f"no task has {window} calibration inputs (half of its benign inputs): benign windows are all mixed; "
                       f"profile more inputs per task (--limit) for single-topic windows")
     req_p = prof.p_values(s, "request")["combined"]   # the calibration requests' own p-values
-    wins, wps, wxs = [], [], []
-    for i in range(windows):
+
+    def draw(i: int) -> np.ndarray:
         pool = by_topic[list(by_topic)[i // 2 % len(by_topic)]] if i % 2 == 0 and by_topic else np.arange(len(C))
-        pick = rng.choice(pool, size=window, replace=len(pool) < window)
-        wins.append(C[pick].mean(0))
-        wps.append(req_p[pick])
-        wxs.append(XC[pick])
-    ws = prof.window_statistics(np.stack(wins), wps, wxs)
+        return rng.choice(pool, size=window, replace=len(pool) < window)
+
+    picks = [draw(i) for i in range(windows)]
+    ws = prof.window_statistics(np.stack([C[b].mean(0) for b in picks]), [req_p[b] for b in picks], [XC[b] for b in picks])
     for k in WINDOW_STATISTICS:
         null[f"window.{k}"] = np.sort(ws[k])
+    if early:   # drawn after the windows above, which are then the same as without early looks
+        ladder.calibrate(prof, window=window, early=early, fit_blocks=picks,
+                         ladder_blocks=[draw(windows + i) for i in range(windows)], C=C, XC=XC, request_p=req_p)
     meta = {"model": name, "tasks": list(prompts), "requests": {"fit": int(len(F)), "calibration": int(len(C))},
             "window": window, "benign_windows": windows, "seed": seed,
             "layers": [l.index for l in adapter.layers], "num_experts": adapter.num_experts, "top_k": adapter.top_k,
-            "reply_tokens": reply_tokens}
+            "reply_tokens": reply_tokens, **({"early": list(early)} if early else {})}
     return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=table,
                    replies=reply_ref)

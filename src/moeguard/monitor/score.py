@@ -24,6 +24,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
+from moeguard.monitor import ladder
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile, observe
 
 MAX_PROMPT_CHARS = 100_000
@@ -114,7 +115,7 @@ def check_settings(prof: Profile, *, window: int | None, alpha: float) -> int:
     if not 0 < alpha < 1:
         raise MoeguardError(f"alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
     for level in ("request", "window"):
-        floor = prof.p_floor(level)
+        floor = prof.p_floor(level) if level == "request" else ladder.floor(prof)
         if floor > alpha:
             warnings.warn(f"the profile's smallest {level} p-value is {floor:.3g}, above alpha {alpha}: no {level} can "
                           f"alert; profile more benign inputs (--limit) or raise --alpha")
@@ -211,28 +212,31 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     by_client: dict[Any, list[int]] = {}
     for i, r in enumerate(records):
         by_client.setdefault(r["client"], []).append(i)
-    wins, members = [], []
+    blocks = []                                  # (client, its next `window` requests in time order)
     for c, idx in by_client.items():
         idx = sorted(idx, key=lambda i: records[i]["_t"])
-        for a in range(0, len(idx) - window + 1, window):
-            members.append((c, idx[a:a + window]))
-            wins.append(H[idx[a:a + window]].mean(0))
-    windows = []
-    if wins:
-        W = np.stack(wins)
-        ws = prof.window_statistics(W, [ps["combined"][idx] for _, idx in members], [X[idx] for _, idx in members])
-        wp = prof.p_values(ws, "window")
-        for j, (c, idx) in enumerate(members):
-            windows.append({"client": c, "requests": [records[i]["id"] for i in idx], "p": float(wp["combined"][j]),
-                            **{k: round(float(ws[k][j]), 4) for k in WINDOW_STATISTICS}})
-            if wp["combined"][j] <= alpha:
-                alerts.append({"kind": "window", "client": c, "requests": [records[i]["id"] for i in idx],
-                               "time": records[idx[-1]]["time"], **prof.reason(ws, wp, j, W[j])})
-    # what the windows did not see: a client's trailing requests short of a window, and clients that
-    # never sent one (an attacker spread over identities stays there)
-    short = [len(idx) % window for idx in by_client.values()]
-    summary = {"requests": len(records), "clients": len(by_client), "windows": len(wins), "window": window,
-               "unwindowed": {"requests": sum(short), "clients": sum(len(idx) < window for idx in by_client.values())},
+        blocks += [(c, idx[a:a + window]) for a in range(0, len(idx), window)]
+    # every look at each block (one, the full window, unless the profile has early lengths: ladder.py)
+    found = ladder.looks(prof, [np.asarray(b) for _, b in blocks], H, X, ps["combined"])
+    rows = sorted(((j, n, at, ws, wp, W) for n, which, ws, wp, W in found for at, j in enumerate(which)),
+                  key=lambda r: r[:2])   # by block, then look: the order they happen in
+    windows, alerted = [], set()
+    for j, n, at, ws, wp, W in rows:
+        c, idx = blocks[j][0], blocks[j][1][:n]
+        windows.append({"client": c, "requests": [records[i]["id"] for i in idx], "length": n,
+                        "p": float(wp["combined"][at]), **({"p_look": float(wp["look"][at])} if "look" in wp else {}),
+                        **{k: round(float(ws[k][at]), 4) for k in WINDOW_STATISTICS}})
+        if wp["combined"][at] <= alpha and j not in alerted:   # a block alerts once, at its first look there
+            alerted.add(j)
+            alerts.append({"kind": "window", "client": c, "requests": [records[i]["id"] for i in idx], "length": n,
+                           "time": records[idx[-1]]["time"], **prof.reason(ws, wp, at, W[at])})
+    # what the windows did not see: a client's trailing requests after the last look, and clients that
+    # never reached one (an attacker spread over identities stays there)
+    first = ladder.lengths(prof.meta)[0]
+    summary = {"requests": len(records), "clients": len(by_client), "windows": len(windows), "window": window,
+               **({"early": prof.meta["early"]} if prof.meta.get("early") else {}),
+               "unwindowed": {"requests": sum(ladder.unseen(prof.meta, len(b)) for _, b in blocks),
+                              "clients": sum(len(idx) < first for idx in by_client.values())},
                "alpha": alpha, "alerts": {"request": sum(a["kind"] == "request" for a in alerts),
                                           "window": sum(a["kind"] == "window" for a in alerts)},
                "prompts_logged": log_prompts,
@@ -241,5 +245,5 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                                   "logged": sum("reply" in r for r in records),
                                                   "without_reply": int((R[0].sum((1, 2)) == 0).sum())},
                # the smallest p-value each level can give: below alpha, or nothing can alert there
-               "p_floor": {lv: prof.p_floor(lv) for lv in ("request", "window")}}
+               "p_floor": {"request": prof.p_floor("request"), "window": ladder.floor(prof)}}
     return scores, windows, alerts, summary
