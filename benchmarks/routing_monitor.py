@@ -27,6 +27,10 @@ per request and per window, and the false-positive rate at 90% detection.
 - ``--reply-tokens N``: the profile also scores each request's greedy reply of at most N tokens
   (``monitor/replies.py``), every client's replies generated as the monitor's replay does; written to
   ``results/routing_monitor_replies.json`` (the prompt-only run stays ``routing_monitor.json``).
+- ``--early 4,8``: the profile also looks at each client's window as it grows (``monitor/ladder.py``);
+  ``per_window`` is then the full windows' adjusted p-values, ``early_looks`` each shorter look's, and
+  the name gains ``_early``. Every run reports ``clients_alerted_by``: the share of each kind's
+  clients alerted by their n-th request (by a window, or by anything).
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=WINDOW, help="requests per client window (the profile calibrates it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reply-tokens", type=int, default=0, help="also profile and score replies of at most N tokens")
+    ap.add_argument("--early", help="early looks at each client's window, e.g. 4,8 (monitor profile --early)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from moeguard.models.adapter import MoEAdapter
@@ -137,8 +142,9 @@ def main() -> None:
     m, tok, _ = load_model(None)
     adapter = MoEAdapter(m)
     topics = benign_topics(rng)
+    early = tuple(int(x) for x in args.early.split(",")) if args.early else None
     prof = build(m, tok, {k: v[0] for k, v in topics.items()}, window=args.window, seed=args.seed, name="embedded",
-                 reply_tokens=args.reply_tokens)
+                 reply_tokens=args.reply_tokens, early=early)
     profile_s = time.perf_counter() - t0
     held = {k: v[1] for k, v in topics.items()}
     task_topics = [t for t in held if t not in ("sst2", "wikitext", "shakespeare", "scitldr")]
@@ -205,7 +211,8 @@ def main() -> None:
         kind_of[cid] = kind
         for j, p in enumerate(prompts):
             records.append({"id": f"{cid}-{j}", "client": cid, "time": j, "prompt": p, "_t": float(j)})
-    scores, windows, _, summary = score(m, tok, prof, records, alpha=0.01)
+    scores, looks, alerts, summary = score(m, tok, prof, records, alpha=0.01)
+    windows = [w for w in looks if w["length"] == args.window]   # full windows; early looks are reported apart
     benign_kinds = ("benign-mixed", "benign-single-topic")
     attack_kinds = sorted({k for k in kind_of.values() if k not in benign_kinds})
     result = {"per_request": {}, "per_window": {}}
@@ -249,6 +256,30 @@ def main() -> None:
         k: {"bonferroni_min": round(auroc(ps["combined"][benign_rows], ps["combined"][rows_k]), 4),
             "fisher": round(auroc(-fisher[benign_rows], -fisher[rows_k]), 4)}
         for k in attack_kinds if (rows_k := [i for i, r in enumerate(scores) if kind_of[r["client"]] == k])}
+    # how soon each client is seen: the share of a kind's clients with an alert by its n-th request
+    # (a window or early look alerting, or any alert, a request's included), at the monitor's 0.01
+    first: dict[str, dict[str, int]] = {"window": {}, "any": {}}
+    for a in alerts:
+        cid = a["client"]
+        last = max(int(str(x).rsplit("-", 1)[1]) for x in (a["requests"] if a["kind"] == "window" else [a["id"]])) + 1
+        for which in ("window", "any") if a["kind"] == "window" else ("any",):
+            first[which][cid] = min(first[which].get(cid, PER_CLIENT + 1), last)
+    result["clients_alerted_by"] = {
+        which: {k: {f"request_{n}": round(float(np.mean([first[which].get(c, PER_CLIENT + 1) <= n
+                                                         for c, kk in kind_of.items() if kk == k])), 4)
+                    for n in (1, 2, 4, 8, 16, 32)}
+                for k in (*benign_kinds, *attack_kinds)}
+        for which in ("window", "any")}
+    if early:   # each early look apart: AUROC and alert rate against benign looks of the same length
+        result["early_looks"] = {}
+        for n in early:
+            rows = [w for w in looks if w["length"] == n]
+            b = [r["p"] for r in rows if kind_of[r["client"]] in benign_kinds]
+            result["early_looks"][str(n)] = {
+                "benign_alert_rate_at_0.01": round(float(np.mean(np.asarray(b) <= 0.01)), 4),
+                **{k: {"auroc": round(auroc(b, a), 4), "fpr_at_90pct_detection": round(fpr_at_detection(b, a), 4),
+                       "alert_rate_at_0.01": round(float(np.mean(np.asarray(a) <= 0.01)), 4)}
+                   for k in attack_kinds if (a := [r["p"] for r in rows if kind_of[r["client"]] == k])}}
     goals = {
         "window_auroc_0.97_each": {k: v["auroc"] >= 0.97 for k, v in result["per_window"].items() if isinstance(v, dict)},
         "window_fpr_1pct_at_90pct": {k: v["fpr_at_90pct_detection"] <= 0.01 for k, v in result["per_window"].items()
@@ -260,7 +291,10 @@ def main() -> None:
         no_reply = sum(r["reply_load"] == -np.inf for r in scores)
         extra = {**extra, "reply_tokens": args.reply_tokens, "requests_without_reply": no_reply,
                  "profile_s": round(profile_s, 1)}
-    path = write_result("routing_monitor_replies" if args.reply_tokens else "routing_monitor", {
+    if early:
+        extra = {**extra, "early": list(early), "benign_windows": prof.meta["benign_windows"]}
+    name = "routing_monitor" + ("_replies" if args.reply_tokens else "") + ("_early" if early else "")
+    path = write_result(name, {
         **extra,
         "profile": {"topics": list(topics), "requests": prof.meta["requests"], "window": args.window,
                     "real_text": sorted(k for k in topics if k in ("sst2", "wikitext", "shakespeare", "scitldr"))},

@@ -113,6 +113,10 @@ def test_the_online_hook_looks_early_as_the_offline_scorer_does(setting):
     assert mon._clients["eve"][1] == []                               # the block completed: the next one starts
 
 
+def test_the_default_early_looks_are_a_quarter_and_a_half_of_the_window():
+    assert [ladder.default_early(w) for w in (2, 3, 4, 8, 16, 32)] == [(), (), (2,), (2, 4), (4, 8), (8, 16)]
+
+
 def test_profiles_with_early_looks_round_trip_and_damaged_ones_are_refused(setting):
     _, _, early, plain = setting
     back = Profile.from_dict(json.loads(json.dumps(early.to_dict())), where="P.json")
@@ -142,15 +146,14 @@ def test_bad_early_lengths_are_one_line_errors_before_any_work(tmp_path, capsys,
 
 def test_the_cli_profiles_early_looks_and_score_says_what_no_look_saw(tmp_path, capsys):
     prof = tmp_path / "P.json"
-    assert main(["monitor", "profile", "--out", str(prof), "--tasks", ",".join(TASKS), "--limit", "60",
-                 "--window", "8", "--early", "4"]) == 0
-    assert "windows of 8 (looked at early after 4 requests)" in capsys.readouterr().out
+    assert main(["monitor", "profile", "--out", str(prof), "--tasks", ",".join(TASKS), "--limit", "60"]) == 0
+    assert "windows of 16 (looked at early after 4, 8 requests)" in capsys.readouterr().out   # the default
     doc = json.loads(prof.read_text())
-    assert doc["early"] == [4] and doc["run"]["settings"]["early"] == [4]
+    assert doc["early"] == [4, 8] and doc["run"]["settings"]["early"] == [4, 8]
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_t"}) + "\n" for r in _records(6, 3)))
     assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
-    assert "9 requests from 2 clients, 1 windows" in out
+    assert "9 requests from 2 clients, 1 windows" in out   # alice's look at 4
     assert "5 requests are in no window (each client's requests after its last window or early look; " \
            "1 client sent fewer than 4)" in out, out

@@ -108,7 +108,7 @@ def monitor_profile(
         limit: Annotated[int, typer.Option("--limit", help="inputs per task (eval split), half to fit, half to calibrate")] = 200,
         window: Annotated[int, typer.Option("--window", help="requests per client window the profile calibrates")] = 16,
         reply_tokens: Annotated[int, typer.Option("--reply-tokens", help="also profile each benign input's greedy reply of at most this many tokens, and score requests' replies (0: prompts only)")] = 0,
-        early: Annotated[Optional[str], typer.Option("--early", help="also score each client's window as it grows, at these lengths (e.g. 4,8): a client is seen from its 4th request, not only its --window-th")] = None,
+        early: Annotated[str, typer.Option("--early", help="also score each client's window as it grows, at these lengths: 'auto' (a quarter and a half of --window: 4,8 of 16), a list such as 4,8, or 'none' (only full windows)")] = "auto",
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """The reference routing profile of benign traffic, with calibrated null distributions."""
     from moeguard.cli.app import _seed
@@ -125,9 +125,9 @@ def monitor_profile(
     if not 0 <= reply_tokens <= 256:
         raise MoeguardError(f"--reply-tokens is {reply_tokens}", hint="pass 0 (prompts only) or 1 to 256 reply tokens")
     from moeguard.cli.app import _ints
-    from moeguard.monitor.ladder import check_early
+    from moeguard.monitor.ladder import check_early, default_early
 
-    looks = check_early(_ints(early, "--early"), window) if early is not None else ()
+    looks = default_early(window) if early == "auto" else () if early == "none" else check_early(_ints(early, "--early"), window)
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks", train=False)   # benign traffic: eval records only

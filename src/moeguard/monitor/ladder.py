@@ -49,6 +49,12 @@ def check_early(early: Any, window: int) -> tuple[int, ...]:
     return tuple(early)
 
 
+def default_early(window: int) -> tuple[int, ...]:
+    """The early looks ``monitor profile`` takes unless told: a quarter and a half of the window (4 and 8
+    of 16), those that are at least 2."""
+    return tuple(sorted({n for n in (window // 4, window // 2) if SHORTEST <= n < window}))
+
+
 def lengths(meta: dict[str, Any]) -> tuple[int, ...]:
     """Every look at a block, ascending: the early lengths, then the full window."""
     return tuple(meta.get("early", ())) + (int(meta["window"]),)
