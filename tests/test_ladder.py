@@ -52,7 +52,7 @@ def test_a_client_is_seen_from_its_first_early_look_and_each_block_alerts_once(s
     assert [(w["client"], w["length"]) for w in wins] == [("alice", 4), ("alice", 8), ("eve", 4)], wins
     eve = [a for a in alerts if a["kind"] == "window"]
     assert [(a["client"], a["length"], a["requests"]) for a in eve] == [("eve", 4, [f"eve-{i}" for i in range(4)])], eve
-    assert eve[0]["p"] <= 0.01 and summary["early"] == [4]
+    assert eve[0]["p_combined"] <= 0.01 and summary["early"] == [4] and summary["blocks"] == 2
     assert summary["unwindowed"] == {"requests": 2, "clients": 0}
     # alice's looks pass; each look reports its own p-value beside the adjusted one, which is larger
     assert all(w["p"] > 0.01 and w["p"] >= w["p_look"] for w in wins if w["client"] == "alice"), wins
@@ -61,33 +61,56 @@ def test_a_client_is_seen_from_its_first_early_look_and_each_block_alerts_once(s
     assert [w["length"] for w in wins] == [4, 8, 4, 8] and all(w["p"] <= 0.01 for w in wins)
     assert [a["requests"][0] for a in alerts if a["kind"] == "window"] == ["eve-0", "eve-8"]
     assert summary["alerts"]["window"] == 2 and summary["unwindowed"] == {"requests": 0, "clients": 0}
-    # a profile without early looks scores exactly as before: one look, the full window, unadjusted
-    _, wins, _, _ = score(m, tok, plain, _records(8, 0))
+    assert summary["windows"] == 4 and summary["blocks"] == 2
+    # a profile without early looks scores as before: one look, the full window, its p-value unadjusted
+    recs = _records(8, 0)
+    scores, wins, _, _ = score(m, tok, plain, recs)
     assert len(wins) == 1 and wins[0]["length"] == 8 and "p_look" not in wins[0]
-
-
-def test_the_adjusted_p_value_holds_a_benign_block_to_alpha_over_all_its_looks(setting):
-    m, tok, early, _ = setting
-    ref = early.null["window.ladder"]
-    assert len(ref) == ladder.BENIGN_BLOCKS and early.meta["benign_windows"] == ladder.BENIGN_BLOCKS
-    raw = np.array([ref[0], ref[19], 0.5, 1.0])
-    want = [(1 + np.sum(ref <= r)) / (len(ref) + 1) for r in raw]
-    assert np.allclose(ladder.adjust(early.null, raw), want) and np.all(np.diff(ladder.adjust(early.null, raw)) >= 0)
-    # fresh benign blocks (a seed the profile never drew): each block's smallest look p-value
     from moeguard.monitor.profile import observe
 
-    fresh = [r["input"] for t in TASKS for r in load_records(get_task(t), "eval")[120:]]   # never profiled
-    hist, sums, ntok, surprise = observe(m, tok, fresh, tokens=early.tokens)
-    X = early.space(sums, ntok)
-    req_p = early.p_values(early.statistics(hist, X, surprise), "request")["combined"]
+    hist, sums, ntok, surprise = observe(m, tok, [r["prompt"] for r in recs], tokens=plain.tokens)
+    X = plain.space(sums, ntok)
+    req_p = plain.p_values(plain.statistics(hist, X, surprise), "request")["combined"]
+    direct = plain.p_values(plain.window_statistics(hist.mean(0)[None], [req_p], [X]), "window")["combined"][0]
+    assert wins[0]["p"] == pytest.approx(direct) and [s["p"] for s in scores] == pytest.approx(list(req_p))
+
+
+def test_the_adjusted_p_value_holds_a_benign_block_to_alpha_over_all_its_looks():
+    from moeguard.monitor.profile import observe
+
+    m, tok, _ = load_model(None)
+    tasks = ("arith-compare", "docstring-topic", "code-naming", "record-summary")
+    records = {t: [r["input"] for r in load_records(get_task(t), "eval")] for t in tasks}
+    prof = build(m, tok, {t: r[:100] for t, r in records.items()}, seed=0, name="embedded", early=(4, 8))  # 16: the default
+    ref = prof.null["window.ladder"]
+    assert len(ref) == ladder.BENIGN_BLOCKS and prof.meta["benign_windows"] == ladder.BENIGN_BLOCKS
+    # the benign blocks' own minima, adjusted, are (super-)uniform: at most alpha of them at or below
+    # alpha, less only by the blocks tied at one value (look p-values are ranks, so they tie)
+    ties = np.unique(ref, return_counts=True)[1].max() / len(ref)
+    for alpha in (0.01, 0.05, 0.2):
+        share = np.mean(ladder.adjust(prof.null, ref) <= alpha)
+        assert alpha - ties - 1 / len(ref) <= share <= alpha, (alpha, share, ties)
+    # fresh benign blocks of 16 (inputs the profile never saw), alternately one topic and mixed, as
+    # the profile draws them: each block's smallest look p-value over the looks at 4, 8 and 16
+    fresh = [(t, x) for t in tasks for x in records[t][100:]]
+    hist, sums, ntok, surprise = observe(m, tok, [x for _, x in fresh], tokens=prof.tokens)
+    X = prof.space(sums, ntok)
+    req_p = prof.p_values(prof.statistics(hist, X, surprise), "request")["combined"]
     rng = np.random.default_rng(7)
-    blocks = [rng.choice(len(hist), size=8, replace=False) for _ in range(600)]
-    looks = ladder.looks(early, blocks, hist, X, req_p)
+    by_topic = [np.flatnonzero([t == u for t, _ in fresh]) for u in tasks]
+    blocks = [rng.choice(by_topic[i // 2 % 4] if i % 2 == 0 else len(fresh), size=16, replace=False) for i in range(1200)]
+    looks = ladder.looks(prof, blocks, hist, X, req_p)
+    assert [n for n, *_ in looks] == [4, 8, 16]
     adjusted = np.min([wp["combined"] for _, _, _, wp, _ in looks], axis=0)
     unadjusted = np.min([wp["look"] for _, _, _, wp, _ in looks], axis=0)
-    # about alpha of benign blocks alert over both looks; without the adjustment, clearly more
-    assert 0.02 <= np.mean(adjusted <= 0.05) <= 0.08, np.mean(adjusted <= 0.05)
-    assert np.mean(unadjusted <= 0.05) > 1.3 * np.mean(adjusted <= 0.05), (np.mean(unadjusted <= 0.05), np.mean(adjusted <= 0.05))
+    # near alpha of benign blocks alert over their three looks (8.5%: the calibration describes traffic
+    # drawn like the profile's 50 calibration inputs a task, and these are other inputs); without the
+    # adjustment, more
+    assert 0.03 <= np.mean(adjusted <= 0.05) <= 0.10, np.mean(adjusted <= 0.05)
+    assert np.mean(unadjusted <= 0.05) >= 1.3 * np.mean(adjusted <= 0.05), (np.mean(unadjusted <= 0.05), np.mean(adjusted <= 0.05))
+    # `evidence` of full windows: 9.3% at 0.05 with each calibration request left out of its own null
+    # (p_values(own=True)); the in-sample p-values it averaged before gave 12.9%
+    assert np.mean(looks[2][3]["evidence"] <= 0.05) <= 0.10
 
 
 def test_the_online_hook_looks_early_as_the_offline_scorer_does(setting):
@@ -109,7 +132,10 @@ def test_the_online_hook_looks_early_as_the_offline_scorer_does(setting):
     assert [(i, w["length"]) for i, w in looked] == [(3, 4), (7, 8)]
     for (_, w), off in zip(looked, wins):
         assert w["p"] == pytest.approx(off["p"]) and w["statistics"]["drift"] == pytest.approx(off["drift"], abs=1e-3)
-    assert "alert" in looked[0][1] and "alert" not in looked[1][1]   # the block alerted at its first look only
+    for (_, w), off in zip(looked, wins):
+        assert w["p_look"] == pytest.approx(off["p_look"])
+    # both looks are at alpha; the block alerted at its first only
+    assert looked[1][1]["p"] <= 0.01 and "alert" in looked[0][1] and "alert" not in looked[1][1]
     assert mon._clients["eve"][1] == []                               # the block completed: the next one starts
 
 
@@ -122,10 +148,13 @@ def test_profiles_with_early_looks_round_trip_and_damaged_ones_are_refused(setti
     back = Profile.from_dict(json.loads(json.dumps(early.to_dict())), where="P.json")
     assert back.meta["early"] == [4] and ladder.lengths(back.meta) == (4, 8)
     assert "early" not in plain.to_dict() and ladder.lengths(plain.meta) == (8,)
-    d = early.to_dict()
-    del d["null"]["window@4.drift"]
-    with pytest.raises(MoeguardError, match="P.json is a damaged routing profile \\(window, early looks or layers missing"):
-        Profile.from_dict(d, where="P.json")
+    for damage in (lambda n: n.pop("window@4.drift"), lambda n: n.__setitem__("window@4.load", n["window@4.load"][:5]),
+                   lambda n: n.__setitem__("window.ladder", [0.0] + n["window.ladder"][1:]), lambda n: n.pop("window.ladder")):
+        d = early.to_dict()
+        damage(d["null"])
+        with pytest.raises(MoeguardError, match="P.json is a damaged routing profile \\(window, early looks or layers missing"):
+            Profile.from_dict(d, where="P.json")
+    assert ladder.check_early(np.array([2, 4]), 8) == (2, 4)   # numpy integers, from an API caller
     with pytest.raises(MoeguardError, match=r"early window lengths \[8\] are outside 2..7"):
         ladder.check_early([8], 8)
 

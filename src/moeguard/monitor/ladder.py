@@ -9,8 +9,9 @@ against benign windows of its own length.
 
 Several looks at one block are several tests. Each look's p-value is therefore adjusted by the
 min-p method (Westfall & Young): the adjusted p is the share of benign blocks whose *smallest* p over
-all their looks is at most this look's p. Those benign blocks are drawn apart from the ones that
-calibrate each length. A benign block then alerts at ``alpha`` about ``alpha`` of the time, however
+all their looks is at most this look's p. Those benign blocks are a second draw from the same benign
+calibration requests as the blocks that calibrate each length (so the adjustment is as in-sample as
+every window null: it describes traffic drawn like the profile's inputs). A benign block then alerts at ``alpha`` about ``alpha`` of the time, however
 many looks it gets. The full window pays for the early looks with a somewhat larger p-value. The
 looks are nested and strongly correlated, so this costs less than Bonferroni's factor.
 
@@ -21,6 +22,7 @@ at its first look at or below ``alpha``.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -35,10 +37,11 @@ def check_early(early: Any, window: int) -> tuple[int, ...]:
     """``early`` (lengths) checked against ``window``: distinct integers from 2 to window - 1, ascending."""
     if early is None:
         return ()
-    if isinstance(early, (str, bytes)) or not isinstance(early, (list, tuple)) \
-            or any(isinstance(n, bool) or not isinstance(n, int) for n in early):
+    if isinstance(early, (str, bytes)) or not isinstance(early, (list, tuple, np.ndarray)) \
+            or any(isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) for n in early):
         raise MoeguardError(f"early window lengths are {early!r}, expected a list of integers",
                             hint="pass lengths such as 4,8")
+    early = [int(n) for n in early]
     bad = [n for n in early if not SHORTEST <= n < window]
     if bad:
         raise MoeguardError(f"early window lengths {bad} are outside {SHORTEST}..{window - 1} (windows of {window})",
@@ -142,5 +145,8 @@ def check_profile(meta: dict[str, Any], null: dict[str, np.ndarray]) -> bool:
         early = check_early(meta["early"], int(meta["window"]))
     except (MoeguardError, TypeError, ValueError):
         return False
-    return bool(early) and "window.ladder" in null \
-        and all(f"{level(n, meta['window'])}.{k}" in null for n in early for k in WINDOW_STATISTICS)
+    # every look's null as long as the full window's (floor() assumes it), and minima that are p-values
+    names = [f"{level(n, meta['window'])}.{k}" for n in early for k in WINDOW_STATISTICS]
+    ref = null.get("window.ladder")
+    return bool(early) and ref is not None and bool(((ref > 0) & (ref <= 1)).all()) \
+        and all(len(null.get(k, ())) == len(null["window.load"]) for k in names)

@@ -28,7 +28,8 @@ sets it (the reply's length without its end of text, as ``serve.py`` does; unset
 step, which counts the forward that made the end of text as well). Per client the monitor keeps one running sum of routing histograms ([L, E] floats),
 and the current window's p-values and prompt embeddings (``window`` x min(64, hidden) floats, ``embed.py``):
 bounded memory whatever the traffic, and no prompt is stored. Clients beyond
-``max_clients`` evict the least recently seen (its window restarts when it returns).
+``max_clients`` evict the least recently seen (its window restarts when it returns, and its next
+block may alert again: ``score`` continues the block instead).
 
 Metrics (``prometheus-client``, in ``registry``):
 - ``moeguard_requests_total``, ``moeguard_alerts_total{kind, statistic}``;
@@ -149,7 +150,8 @@ class RoutingMonitor:
         self._warned_ids = False
         self._warned_reply = False
         self._active = False          # inside a request, before its prefill has been counted
-        self._clients: OrderedDict[str, list] = OrderedDict()   # client -> [sum [L, E], [p], [embedding]]
+        # client -> [sum [L, E], [p], [embedding], whether its block alerted yet]
+        self._clients: OrderedDict[str, list] = OrderedDict()
         self._lock = threading.Lock()
         self._hooks = contextlib.ExitStack()
         self._assigned = np.zeros((L, E))            # routing assignments per expert, read at scrape time
@@ -412,7 +414,8 @@ class RoutingMonitor:
                 w = state[0] / n
                 ws, wp = ladder.look(self.profile, n, w[None], [np.array(state[1])], [np.stack(state[2])])
                 pw = float(wp["combined"][0])
-                res["window"] = {"p": pw, "length": n, "statistics": {k: float(ws[k][0]) for k in WINDOW_STATISTICS}}
+                res["window"] = {"p": pw, "length": n, **({"p_look": float(wp["look"][0])} if "look" in wp else {}),
+                                 "statistics": {k: float(ws[k][0]) for k in WINDOW_STATISTICS}}
                 self.m_client.labels(client).set(-math.log10(pw))
                 if pw <= self.alpha and not state[3]:   # a block alerts once, at its first look there
                     state[3] = True

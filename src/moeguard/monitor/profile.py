@@ -26,8 +26,9 @@ Statistics (larger = more anomalous), each with where it points:
   ``evidence``, the mean of -log p of their requests, and ``drift``, the MMD between their
   embeddings and benign references of the same topic mix (``embed.py``); all calibrated on benign windows drawn
   from the calibration half: one from a single topic per window (a benign single-topic user,
-  the hard negative) or mixed, alternately. (The calibration requests' own p-values are
-  in-sample, so ``evidence``'s null is slightly optimistic about benign windows.)
+  the hard negative) or mixed, alternately. (Each calibration request's own p-value, which
+  ``evidence`` averages, leaves that request out of its null, as a fresh request is scored: in-sample
+  p-values are larger, and fresh benign windows of 16 exceeded that null at 0.05 on 13%.)
 
 A p-value is the smallest of its statistics' p-values times their number (Bonferroni).
 """
@@ -228,11 +229,13 @@ class Profile:
     def _null_lists(self) -> dict[str, list[float]]:
         return {k: v.tolist() for k, v in self.null.items()}
 
-    def p_values(self, stats: dict[str, np.ndarray], level: str) -> dict[str, np.ndarray]:
+    def p_values(self, stats: dict[str, np.ndarray], level: str, *, own: bool = False) -> dict[str, np.ndarray]:
+        """Each statistic's empirical p-value and their Bonferroni ``combined``. ``own``: the rows are
+        the null's own samples, each left out of its own null (what it would get as a fresh request)."""
         out = {}
         names = self.request_statistics if level == "request" else WINDOW_STATISTICS
         values = [stats[s] for s in names]
-        if all(len(v) == 1 and v[0] == v[0] for v in values):
+        if not own and all(len(v) == 1 and v[0] == v[0] for v in values):
             # one row, no NaN (the online hook, per request): bisect on lists, the same numbers as
             # searchsorted below at a tenth of the calls
             for s, v in zip(names, values):
@@ -243,7 +246,7 @@ class Profile:
         for s in names:
             null = self.null[f"{level}.{s}"]
             above = len(null) - np.searchsorted(null, stats[s], side="left")
-            out[s] = (1 + above) / (len(null) + 1)
+            out[s] = above / len(null) if own else (1 + above) / (len(null) + 1)   # own: 1 + (above - itself)
         out["combined"] = np.minimum(1.0, len(names) * np.min(np.stack([out[s] for s in names]), axis=0))
         return out
 
@@ -457,7 +460,7 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     if not by_topic:
         warnings.warn(f"no task has {window} calibration inputs (half of its benign inputs): benign windows are all mixed; "
                       f"profile more inputs per task (--limit) for single-topic windows")
-    req_p = prof.p_values(s, "request")["combined"]   # the calibration requests' own p-values
+    req_p = prof.p_values(s, "request", own=True)["combined"]   # the calibration requests', each left out of its null
 
     def draw(i: int) -> np.ndarray:
         pool = by_topic[list(by_topic)[i // 2 % len(by_topic)]] if i % 2 == 0 and by_topic else np.arange(len(C))

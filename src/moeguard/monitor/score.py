@@ -6,8 +6,10 @@ A log is JSON Lines, one request per line: ``{"id": ..., "client": ..., "time": 
 a record's reply is routed after its prompt; a record without one is given the model's greedy
 reply (the profile's reply length), which is the served reply where the server decodes greedily. Each request
 is replayed through the model; its routing histogram is scored (``profile.py``), and so is each
-client's consecutive, non-overlapping window of ``window`` requests (in time order). An alert is
-written for every score with p <= ``alpha``, with its reason: the statistic, the layer and
+client's consecutive, non-overlapping window of ``window`` requests (in time order), and, with a
+profile of early looks, each block as it reaches the early lengths (``ladder.py``: each look is a row
+of the windows, and a block alerts once). An alert is written for every score with p <= ``alpha``
+(a window's: its first look there), with its reason: the statistic, the layer and
 experts it points at, the value and the calibrated p-value. Prompts are never written unless
 ``log_prompts`` is set: routing traces can reveal what users typed.
 """
@@ -233,7 +235,8 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     # what the windows did not see: a client's trailing requests after the last look, and clients that
     # never reached one (an attacker spread over identities stays there)
     first = ladder.lengths(prof.meta)[0]
-    summary = {"requests": len(records), "clients": len(by_client), "windows": len(windows), "window": window,
+    summary = {"requests": len(records), "clients": len(by_client), "windows": len(windows),   # looks, with early ones
+               "blocks": len({j for j, *_ in rows}), "window": window,
                **({"early": prof.meta["early"]} if prof.meta.get("early") else {}),
                "unwindowed": {"requests": sum(ladder.unseen(prof.meta, len(b)) for _, b in blocks),
                               "clients": sum(len(idx) < first for idx in by_client.values())},
