@@ -270,16 +270,20 @@ def main() -> None:
                     for n in (1, 2, 4, 8, 16, 32)}
                 for k in (*benign_kinds, *attack_kinds)}
         for which in ("window", "any")}
-    if early:   # each early look apart: AUROC and alert rate against benign looks of the same length
+    if early:   # each early look apart, against benign looks of the same length: AUROC and FPR of the
+        # look's own p-value (the adjusted one is a step function of it, which only adds ties), and the
+        # alert rate at the adjusted one (what the monitor alerts on)
         result["early_looks"] = {}
         for n in early:
             rows = [w for w in looks if w["length"] == n]
-            b = [r["p"] for r in rows if kind_of[r["client"]] in benign_kinds]
+            b = [r["p_look"] for r in rows if kind_of[r["client"]] in benign_kinds]
+            b_adj = [r["p"] for r in rows if kind_of[r["client"]] in benign_kinds]
             result["early_looks"][str(n)] = {
-                "benign_alert_rate_at_0.01": round(float(np.mean(np.asarray(b) <= 0.01)), 4),
-                **{k: {"auroc": round(auroc(b, a), 4), "fpr_at_90pct_detection": round(fpr_at_detection(b, a), 4),
-                       "alert_rate_at_0.01": round(float(np.mean(np.asarray(a) <= 0.01)), 4)}
-                   for k in attack_kinds if (a := [r["p"] for r in rows if kind_of[r["client"]] == k])}}
+                "benign_alert_rate_at_0.01": round(float(np.mean(np.asarray(b_adj) <= 0.01)), 4),
+                **{k: {"auroc": round(auroc(b, [r["p_look"] for r in a]), 4),
+                       "fpr_at_90pct_detection": round(fpr_at_detection(b, [r["p_look"] for r in a]), 4),
+                       "alert_rate_at_0.01": round(float(np.mean([r["p"] <= 0.01 for r in a])), 4)}
+                   for k in attack_kinds if (a := [r for r in rows if kind_of[r["client"]] == k])}}
     goals = {
         "window_auroc_0.97_each": {k: v["auroc"] >= 0.97 for k, v in result["per_window"].items() if isinstance(v, dict)},
         "window_fpr_1pct_at_90pct": {k: v["fpr_at_90pct_detection"] <= 0.01 for k, v in result["per_window"].items()
