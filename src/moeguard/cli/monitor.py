@@ -108,6 +108,7 @@ def monitor_profile(
         limit: Annotated[int, typer.Option("--limit", help="inputs per task (eval split), half to fit, half to calibrate")] = 200,
         window: Annotated[int, typer.Option("--window", help="requests per client window the profile calibrates")] = 16,
         reply_tokens: Annotated[int, typer.Option("--reply-tokens", help="also profile each benign input's greedy reply of at most this many tokens, and score requests' replies (0: prompts only)")] = 0,
+        slice_len: Annotated[int, typer.Option("--slice", help="also score every N consecutive requests of all traffic, whoever sent them (a campaign spread over client identities); 0: off")] = 0,
         early: Annotated[str, typer.Option("--early", help="also score each client's window as it grows, at these lengths: 'auto' (a quarter and a half of --window: 4,8 of 16), a list such as 4,8, or 'none' (only full windows)")] = "auto",
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """The reference routing profile of benign traffic, with calibrated null distributions."""
@@ -128,6 +129,9 @@ def monitor_profile(
     from moeguard.monitor.ladder import check_early, default_early
 
     looks = default_early(window) if early == "auto" else () if early == "none" else check_early(_ints(early, "--early"), window)
+    from moeguard.monitor.slices import check_slice
+
+    check_slice(slice_len)
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks", train=False)   # benign traffic: eval records only
@@ -157,7 +161,7 @@ def monitor_profile(
         try:
             with _progress() as progress:
                 prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=progress,
-                             reply_tokens=reply_tokens, early=looks)
+                             reply_tokens=reply_tokens, early=looks, slice_len=slice_len)
             prof.meta["weights"] = weights_digest(handle.arg)   # what score and serve compare, not the name typed
         except KeyboardInterrupt:
             import sys
@@ -167,11 +171,13 @@ def monitor_profile(
             raise SystemExit(130) from None
         doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "tasks": list(prompts), "limit": limit,
                                                     "window": window, "seed": seed, "reply_tokens": reply_tokens,
-                                                    **({"early": list(looks)} if looks else {}), **_placement(handle)})}
+                                                    **({"early": list(looks)} if looks else {}),
+                                                    **({"slice": slice_len} if slice_len else {}), **_placement(handle)})}
         write_json(out, doc, overwrite=overwrite)
     r = prof.meta["requests"]
     replies = f", replies of at most {reply_tokens} tokens" if reply_tokens else ""
     early_at = f" (looked at early after {', '.join(map(str, looks))} requests)" if looks else ""
+    early_at += f", slices of {slice_len} requests of all traffic" if slice_len else ""
     typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
                f"calibrating, windows of {window}{early_at}{replies}; written to {out}")
 
@@ -223,11 +229,16 @@ def monitor_score(
                                      "alpha": alpha, "log_prompts": log_prompts, **_placement(handle)})
         (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
+        traffic = summary.pop("traffic_slices")
+        if prof.meta.get("slice"):
+            (tmp / "slices.jsonl").write_text("".join(dumps(t) + "\n" for t in traffic))
         (tmp / "alerts.jsonl").write_text("".join(dumps(a) + "\n" for a in alerts))
         (tmp / "summary.json").write_text(dumps(summary, indent=2) + "\n")
         drop_replay(tmp)
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
-               f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts "
+               f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts"
+               + (f", {summary['alerts']['slice']} slice alerts ({summary['slices']} slices of all traffic)"
+                  if "slice" in summary["alerts"] else "") + " "
                f"(p <= {alpha}); written to {out}")
     u = summary["unwindowed"]
     if u["requests"]:   # scored one at a time only: a client sending fewer than a window is never seen as a stream
@@ -372,7 +383,8 @@ def _alert_writer(path: Path):
     lock = threading.Lock()
 
     def write(client, result):
-        rows = [a for a in (result.get("alert"), (result.get("window") or {}).get("alert")) if a]
+        rows = [a for a in (result.get("alert"), (result.get("window") or {}).get("alert"),
+                            (result.get("slice") or {}).get("alert")) if a]
         if rows:
             with lock, open(path, "a", encoding="utf-8") as f:
                 for a in rows:

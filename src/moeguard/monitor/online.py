@@ -61,7 +61,7 @@ import torch
 
 from moeguard.errors import MoeguardError
 from moeguard.models.hooks import Hooks
-from moeguard.monitor import ladder
+from moeguard.monitor import ladder, slices
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
 from moeguard.monitor.replies import ReplyIds, reply_routing
@@ -116,6 +116,8 @@ class RoutingMonitor:
         self.adapter = MoEAdapter(model)
         self.window = int(profile.meta["window"])
         self.looks = frozenset(ladder.lengths(profile.meta))   # when a client's block is scored (ladder.py)
+        self.slice = int(profile.meta.get("slice", 0))        # requests per slice of all traffic (slices.py)
+        self._slice: list[tuple[str, np.ndarray]] = []        # the current slice: (client, embedding), no text
         self.max_clients = max_clients
         if int(flush_every) < 1:
             raise MoeguardError(f"flush_every is {flush_every}", hint="score every request (1) or batches of more")
@@ -167,6 +169,8 @@ class RoutingMonitor:
                                            buckets=(0.5, 1, 1.5, 2, 2.5, 3, 4, 5), registry=r)
         self.m_client = Gauge("moeguard_client_anomaly", "-log10 p of the client's last scored window", ["client"],
                               registry=r)
+        self.m_traffic = Gauge("moeguard_traffic_anomaly", "-log10 p of the last slice of all traffic (profiles with --slice)",
+                               registry=r)
         self._failed = Counter("moeguard_scoring_failures", "requests whose scoring failed", registry=r)
         self._callback_failed = Counter("moeguard_callback_failures", "on_result calls that raised", registry=r)
 
@@ -393,7 +397,7 @@ class RoutingMonitor:
                 i: int, reply: np.ndarray | None = None) -> dict[str, Any]:
         """Row ``i`` of a scored batch: its result, its client's window, the metrics."""
         p = float(ps["combined"][i])
-        res: dict[str, Any] = {"p": p, "alert": None, "window": None,
+        res: dict[str, Any] = {"p": p, "alert": None, "window": None, "slice": None,
                                "statistics": {k: float(stats[k][i]) for k in self.profile.request_statistics}}
         with self._lock:
             self.m_requests.inc()
@@ -424,6 +428,17 @@ class RoutingMonitor:
             if n == self.window:        # the block is complete: start the next
                 state = [np.zeros_like(h), [], [], False]
             self._clients[client] = state
+            if self.slice:   # slices of all traffic (slices.py): this request joins the current one
+                self._slice.append((client, x.copy()))
+                if len(self._slice) == self.slice:
+                    names, xs = zip(*self._slice)
+                    self._slice = []
+                    row = slices.score(self.profile, np.stack(xs), list(names))
+                    res["slice"] = row
+                    self.m_traffic.set(-math.log10(row["p"]))
+                    if row["p"] <= self.alpha:
+                        row["alert"] = {"kind": "slice", "clients": row["top_clients"], **slices.reason(row, self.slice)}
+                        self.m_alerts.labels("slice", "slice_drift").inc()
             while len(self._clients) > self.max_clients:
                 old, _ = self._clients.popitem(last=False)
                 with contextlib.suppress(KeyError):

@@ -306,7 +306,7 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str) -> "Profile":
-        from moeguard.monitor import ladder
+        from moeguard.monitor import ladder, slices
 
         fix = "make it with `moeguard monitor profile --out P`"
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
@@ -339,8 +339,10 @@ class Profile:
             raise MoeguardError(f"{where} is a damaged routing profile (shapes, values or null samples wrong or missing)",
                                 hint=fix)
         if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
-                or len(meta["layers"]) != mean.shape[0] or not ladder.check_profile(meta, null):
-            raise MoeguardError(f"{where} is a damaged routing profile (window, early looks or layers missing)", hint=fix)
+                or len(meta["layers"]) != mean.shape[0] or not ladder.check_profile(meta, null) \
+                or not slices.check_profile(meta, null):
+            raise MoeguardError(f"{where} is a damaged routing profile (window, early looks, slices or layers missing)",
+                                hint=fix)
         return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=tokens,
                    replies=replies)
 
@@ -357,20 +359,22 @@ def check_uniform(adapter) -> None:
 
 def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int | None = None,
           seed: int = 0, name: str = "", cache: Path | None = None, progress=None, reply_tokens: int = 0,
-          early: tuple[int, ...] | None = None) -> Profile:
+          early: tuple[int, ...] | None = None, slice_len: int = 0) -> Profile:
     """The profile of benign ``prompts`` (task -> inputs); see the module docstring. ``reply_tokens``
     > 0: each benign input's greedy reply of at most that many tokens is routed too, and the profile
     scores requests' replies (``replies.py``). With ``cache``
     (``io.resumable_scratch``), each task's observed arrays are kept there as they finish and read
     back on a resumed run: the same numbers as one uninterrupted build. ``early``: lengths at which
     a client's window is also scored as it grows (``ladder.py``); ``windows``: benign windows per
-    calibration set (default 400, or ``ladder.BENIGN_BLOCKS`` with early lengths)."""
+    calibration set (default 400, or ``ladder.BENIGN_BLOCKS`` with early lengths); ``slice_len``: requests
+    per slice of all traffic (``slices.py``; 0: none), as many benign slices calibrated."""
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.monitor import ladder
+    from moeguard.monitor import ladder, slices
 
     if window < 1:
         raise MoeguardError(f"window is {window}", hint="pass a window of at least 1 request")
     early = ladder.check_early(early, window)
+    slice_len = slices.check_slice(slice_len)
     windows = windows if windows is not None else (ladder.BENIGN_BLOCKS if early else 400)
     if isinstance(reply_tokens, bool) or not isinstance(reply_tokens, int) or not 0 <= reply_tokens <= 256:
         raise MoeguardError(f"reply_tokens is {reply_tokens!r}", hint="pass 0 (prompts only) or a reply length of 1 to 256 tokens")
@@ -473,9 +477,13 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     if early:   # drawn after the windows above, which are then the same as without early looks
         ladder.calibrate(prof, window=window, early=early, fit_blocks=picks,
                          ladder_blocks=[draw(windows + i) for i in range(windows)], C=C, XC=XC, request_p=req_p)
+    if slice_len:   # drawn last: every null above is what it is without slices
+        null["slice.drift"] = slices.calibrate(kernel, n=slice_len, XC=XC, cal_topic=cal_topic, topics=list(topics),
+                                               count=windows, rng=rng)
     meta = {"model": name, "tasks": list(prompts), "requests": {"fit": int(len(F)), "calibration": int(len(C))},
             "window": window, "benign_windows": windows, "seed": seed,
             "layers": [l.index for l in adapter.layers], "num_experts": adapter.num_experts, "top_k": adapter.top_k,
-            "reply_tokens": reply_tokens, **({"early": list(early)} if early else {})}
+            "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
+            **({"slice": slice_len} if slice_len else {})}
     return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=table,
                    replies=reply_ref)

@@ -26,7 +26,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
-from moeguard.monitor import ladder
+from moeguard.monitor import ladder, slices
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile, observe
 
 MAX_PROMPT_CHARS = 100_000
@@ -232,6 +232,19 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
             alerted.add(j)
             alerts.append({"kind": "window", "client": c, "requests": [records[i]["id"] for i in idx], "length": n,
                            "time": records[idx[-1]]["time"], **prof.reason(ws, wp, at, W[at])})
+    # slices of all traffic (slices.py): every `slice` consecutive requests in time order, whoever sent them
+    n = int(prof.meta.get("slice", 0))
+    order = sorted(range(len(records)), key=lambda i: records[i]["_t"])
+    cuts = [order[a:a + n] for a in range(0, len(order) - n + 1, n)] if n else []
+    traffic = []
+    for idx in cuts:
+        row = {"requests": [records[i]["id"] for i in (idx[0], idx[-1])],
+               "time": [records[i]["time"] for i in (idx[0], idx[-1])],
+               **slices.score(prof, X[idx], [records[i]["client"] for i in idx])}
+        traffic.append(row)
+        if row["p"] <= alpha:
+            alerts.append({"kind": "slice", "requests": row["requests"], "time": records[idx[-1]]["time"],
+                           "clients": row["top_clients"], **slices.reason(row, n)})
     # what the windows did not see: a client's trailing requests after the last look, and clients that
     # never reached one (an attacker spread over identities stays there)
     first = ladder.lengths(prof.meta)[0]
@@ -240,8 +253,10 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                **({"early": prof.meta["early"]} if prof.meta.get("early") else {}),
                "unwindowed": {"requests": sum(ladder.unseen(prof.meta, len(b)) for _, b in blocks),
                               "clients": sum(len(idx) < first for idx in by_client.values())},
+               **({"slice": n, "slices": len(traffic), "unsliced": len(records) - n * len(traffic)} if n else {}),
                "alpha": alpha, "alerts": {"request": sum(a["kind"] == "request" for a in alerts),
-                                          "window": sum(a["kind"] == "window" for a in alerts)},
+                                          "window": sum(a["kind"] == "window" for a in alerts),
+                                          **({"slice": sum(a["kind"] == "slice" for a in alerts)} if n else {})},
                "prompts_logged": log_prompts,
                # with a profile of replies: how long a reply is scored, and how many requests had none
                "replies": None if R is None else {"max_tokens": prof.replies.max_tokens,
@@ -249,4 +264,5 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                                   "without_reply": int((R[0].sum((1, 2)) == 0).sum())},
                # the smallest p-value each level can give: below alpha, or nothing can alert there
                "p_floor": {"request": prof.p_floor("request"), "window": ladder.floor(prof)}}
+    summary["traffic_slices"] = traffic   # popped by the CLI into slices.jsonl
     return scores, windows, alerts, summary

@@ -1,0 +1,142 @@
+"""Slices of all traffic (``monitor profile --slice N``): a view across client identities.
+
+A client window sees an identity from its first early look (``ladder.py``). An attacker who moves to
+a new identity every few requests is seen by no window; one universal crafted text still moves every
+one of its requests' embeddings the same way. So every ``N`` consecutive requests of *all* traffic
+(in time order, whoever sent them) form a slice, scored by ``drift`` against the best-fitting mix of
+the benign topics: ``min over c on the simplex of MMD^2(slice, sum_t c_t R_t)``. The client windows
+use the nearest-topic shares instead, because under a fitted mix one benign user's habits score high.
+A slice of many users' traffic has no one user's habits, and the fitted mix removes the nearest-topic
+shares' bias, which no slice length averages away (docs/routing-security.md, "A view across
+identities").
+
+**The null** is benign slices drawn from the profile's calibration half. Each has its own topic mix,
+drawn from Dirichlet(0.5) over the topics, because traffic's composition moves over a day and a
+statistic of all traffic must not alert on that. A topic drawn more often than it has calibration
+requests repeats some (which raises a benign slice's ``drift``: the null is then conservative).
+
+**An alert names the clients** whose requests carry the slice's excess: each request's witness, its
+mean kernel to the slice's other requests less its mean kernel to the fitted benign mix, summed per
+client. A campaign spread over identities is where the slice is denser than benign use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+
+CONCENTRATION = 0.5     # Dirichlet concentration of the benign slices' topic mixes
+NAMED = 5               # clients an alert names
+
+
+def mix(K: np.ndarray, m: np.ndarray, start: np.ndarray, tol: float = 1e-12) -> np.ndarray:
+    """``argmin c'Kc - 2 c'm`` on the probability simplex (``K`` a Gram matrix, ``m`` in its span),
+    by the primal active-set method (Nocedal & Wright, 16.5) from the feasible ``start``. A projected
+    gradient needed 50-1,000 steps where topics overlap; this takes a few small solves (0.1-0.4 ms
+    for 10 topics) and matched a 20,000-step projected gradient to 1e-15 on 500 random problems,
+    duplicate topics included.
+
+    Free coordinates F solve ``K_FF c_F + nu = m_F``, ``sum c_F = 1``; the others are 0. A step that
+    would make a free coordinate negative stops there and fixes it at 0; at a stationary point the
+    fixed coordinate with the most negative multiplier ``(Kc - m)_i + nu`` is freed; none: optimal."""
+    T = len(m)
+    c = np.asarray(start, dtype=np.float64).copy()
+    free = c > 0
+    for _ in range(8 * T + 8):                 # each pass frees or fixes one coordinate
+        F = np.flatnonzero(free)
+        A = np.zeros((len(F) + 1, len(F) + 1))
+        A[:-1, :-1], A[:-1, -1], A[-1, :-1] = K[np.ix_(F, F)], 1.0, 1.0
+        sol = np.linalg.lstsq(A, np.append(m[F], 1.0), rcond=None)[0]   # lstsq: duplicate topics make A singular
+        p = sol[:-1] - c[F]
+        if np.abs(p).max() <= 1e-12:
+            g = K @ c - m
+            lam = g - g[F].mean()              # nu = -(Kc - m)_F, equal over F at a stationary point
+            lam[F] = 0.0
+            i = int(lam.argmin())
+            if lam[i] >= -tol:
+                break
+            free[i] = True
+            continue
+        neg = p < 0
+        steps = np.where(neg, c[F] / np.where(neg, -p, 1.0), np.inf)
+        j = int(steps.argmin())
+        alpha = min(1.0, float(steps[j]))
+        c[F] += alpha * p
+        if alpha < 1.0:
+            c[F[j]], free[F[j]] = 0.0, False
+    c = np.maximum(c, 0.0)
+    return c / c.sum()
+
+
+def fit(kernel, x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(squared MMD of ``x`` [n, dim] from the best-fitting topic mix, that mix [topics], each
+    request's witness [n]). Never above the nearest-topic shares' value (both are tried)."""
+    mu = kernel.means(x)                                                  # [n, topics]
+    n = len(x)
+    kx = kernel._k(x, x)
+    np.fill_diagonal(kx, 0.0)
+    within = kx.sum() / max(1, n * (n - 1))
+    m = mu.mean(0)
+    nearest = np.bincount(mu.argmax(1), minlength=len(kernel.refs)) / n
+    c = min((mix(kernel.K, m, nearest), nearest), key=lambda c: c @ kernel.K @ c - 2 * c @ m)
+    witness = kx.sum(1) / max(1, n - 1) - mu @ c
+    return float(within + c @ kernel.K @ c - 2 * c @ m), c, witness
+
+
+def check_slice(n: Any, held_out: int | None = None) -> int:
+    """``--slice`` checked: 0 (no slices) or 2 to 100,000 requests."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not (n == 0 or 2 <= n <= 100_000):
+        raise MoeguardError(f"slice is {n!r} requests", hint="pass 0 (no slices of all traffic) or 2 to 100000 requests")
+    return int(n)
+
+
+def calibrate(kernel, *, n: int, XC: np.ndarray, cal_topic: list[str], topics: list[str], count: int,
+              rng: np.random.Generator) -> np.ndarray:
+    """Sorted ``drift`` of ``count`` benign slices of ``n`` requests (module docstring)."""
+    pools = [np.flatnonzero(np.asarray(cal_topic) == t) for t in topics]
+    pools = [p for p in pools if len(p)]
+    out = np.empty(count)
+    for i in range(count):
+        sizes = rng.multinomial(n, rng.dirichlet(np.full(len(pools), CONCENTRATION)))
+        pick = np.concatenate([rng.choice(p, size=s, replace=s > len(p)) for p, s in zip(pools, sizes) if s])
+        out[i] = fit(kernel, XC[pick])[0]
+    return np.sort(out)
+
+
+def p_value(null: np.ndarray, value: float) -> float:
+    return float((1 + len(null) - np.searchsorted(null, value, side="left")) / (len(null) + 1))
+
+
+def score(prof, x: np.ndarray, clients: list) -> dict[str, Any]:
+    """One slice: its ``drift``, p-value, topic mix and the clients carrying its excess."""
+    value, c, witness = fit(prof.kernel, x)
+    by_client: dict[Any, list[float]] = {}
+    for cl, w in zip(clients, witness):
+        by_client.setdefault(cl, []).append(float(w))
+    top = sorted(by_client, key=lambda cl: -sum(by_client[cl]))[:NAMED]
+    mixture = {t: round(float(v), 3) for t, v in zip(prof.kernel.names, c) if v > 0.005}
+    return {"drift": round(value, 6), "p": p_value(prof.null["slice.drift"], value), "clients": len(by_client),
+            "mix": mixture, "top_clients": [{"client": cl, "requests": len(by_client[cl]),
+                                             "witness": round(sum(by_client[cl]), 4)} for cl in top]}
+
+
+def reason(row: dict[str, Any], n: int) -> dict[str, Any]:
+    """An alert's reason, in the shape of the window and request alerts'."""
+    named = ", ".join(f"{t['client']} ({t['requests']})" for t in row["top_clients"])
+    return {"statistic": "slice_drift", "value": row["drift"], "p": row["p"], "p_combined": row["p"],
+            "detail": (f"{n} requests of all traffic ({row['clients']} clients) are distributed unlike any mix of benign "
+                       f"topics (MMD^2 {row['drift']:.4f} against the best-fitting mix); most of the excess is from: {named}")}
+
+
+def check_profile(meta: dict[str, Any], null: dict[str, np.ndarray]) -> bool:
+    """Whether a loaded profile's slices are whole: a valid length and its null of p-value-able values."""
+    if "slice" not in meta:
+        return True
+    try:
+        n = check_slice(meta["slice"])
+    except MoeguardError:
+        return False
+    return n > 0 and len(null.get("slice.drift", ())) > 0
