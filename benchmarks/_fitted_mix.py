@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moeguard.monitor.slices import fit, mix  # noqa: F401 -- the solver moved into the monitor (slices.py)
+from moeguard.monitor.slices import fit   # the active-set solver (`mix`) moved into the monitor
 
 
 def fitted_drift(kernel, x: np.ndarray) -> float:

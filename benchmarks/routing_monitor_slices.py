@@ -22,8 +22,9 @@ view across identities, a slice of all traffic, see it?
   - ``evidence``: the mean of -log p of its requests (p: the monitor's combined per-request p-value);
   - ``alerts``: the share of its requests at p <= 0.05.
 - **Reported**: per attack share, the AUROC of each statistic, benign slices against attacked ones,
-  over all campaigns and per campaign (min and max). No calibration is needed for an AUROC; a slice
-  alert would calibrate on benign slices as windows are.
+  over all campaigns and per campaign (min and max); and the monitor's own operating point
+  (``monitor profile --slice``: ``drift_fitted`` against the profile's benign slices, p <= 0.01), for
+  attacked slices and for these benign ones (held-out traffic, so its false alarms).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     from moeguard.models.loading import load_model
     from moeguard.monitor.profile import build, observe
+    from moeguard.monitor import slices
     from moeguard.monitor.routertap import SEPARATOR
 
     rng = random.Random(args.seed)
@@ -62,7 +64,9 @@ def main() -> None:
     t0 = time.perf_counter()
     m, tok, _ = load_model(None)
     topics = benign_topics(rng)
-    prof = build(m, tok, {k: v[0] for k, v in topics.items()}, window=16, seed=args.seed, name="embedded")
+    # the profile's own slice null (monitor profile --slice): benign slices of its calibration half
+    prof = build(m, tok, {k: v[0] for k, v in topics.items()}, window=16, seed=args.seed, name="embedded",
+                 slice_len=args.slice)
     held = {k: v[1][:300] for k, v in topics.items()}   # a slice repeats a request only where a topic has fewer
     task_topics = [t for t in held if t not in ("sst2", "wikitext", "shakespeare", "scitldr")]
     doc = json.loads(Path(args.route_attack).read_text())
@@ -107,7 +111,14 @@ def main() -> None:
             each = [auroc(b, [-x[s] for x in per[i]]) for i in per]
             row[s] = {"auroc": round(auroc(b, [-x[s] for i in per for x in per[i]]), 4),
                       "auroc_min": round(min(each), 4), "auroc_max": round(max(each), 4)}
+        # the monitor's operating point: attacked slices at the profile's calibrated p <= 0.01
+        row["monitor_alert_rate_at_0.01"] = round(float(np.mean(
+            [slices.p_value(prof.null["slice.drift"], x["drift_fitted"]) <= 0.01 for i in per for x in per[i]])), 4)
         result[f"share_{f}"] = {"attack_requests_per_slice": k, **row}
+    # benign slices of held-out traffic (the tasks' eval inputs; the profile read their train inputs)
+    # against the profile's null: the monitor's false alarms
+    result["benign_monitor_alert_rate_at_0.01"] = round(float(np.mean(
+        [slices.p_value(prof.null["slice.drift"], x["drift_fitted"]) <= 0.01 for x in base])), 4)
     # the same campaigns per request, for reference: what the monitor sees with no slice at all
     per_request = round(auroc(list(p[:nb]), list(p[nb:])), 4)
     path = write_result("routing_monitor_slices", {
@@ -121,6 +132,8 @@ def main() -> None:
         r = result[f"share_{f}"]
         print(f"{f:6.2f} {r['attack_requests_per_slice']:5d} "
               + " ".join(f"{r[s]['auroc']:.3f} ({r[s]['auroc_min']:.2f}-{r[s]['auroc_max']:.2f})".rjust(22) for s in names))
+    print("monitor (slice p <= 0.01): benign slices", result["benign_monitor_alert_rate_at_0.01"], "attacked:",
+          {f: result[f"share_{f}"]["monitor_alert_rate_at_0.01"] for f in SHARES})
     print(f"written to {path}")
 
 
