@@ -112,6 +112,17 @@ def benign_topics(rng: random.Random) -> dict[str, tuple[list[str], list[str]]]:
     return topics
 
 
+def embedded_and_topics(seed: int):
+    """(the benchmark's random.Random, the embedded model, its tokenizer, ``benign_topics``), seeded:
+    the setup the monitor benchmarks share, in the order that fixes their draws."""
+    from moeguard.models.loading import load_model
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    m, tok, _ = load_model(None)
+    return rng, m, tok, benign_topics(rng)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--route-attack", default=str(Path(__file__).parent / "results" / "route_attack.json"))
@@ -129,19 +140,15 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.models.loading import load_model
     from moeguard.monitor.routertap import SEPARATOR, allowed_tokens
     from moeguard.monitor.profile import WINDOW_STATISTICS, build
     from moeguard.monitor.score import score
     from moeguard.tasks.loaders import load_records
     from moeguard.zoo.train import embedded_tasks
 
-    rng = random.Random(args.seed)
-    torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    m, tok, _ = load_model(None)
+    rng, m, tok, topics = embedded_and_topics(args.seed)
     adapter = MoEAdapter(m)
-    topics = benign_topics(rng)
     early = tuple(int(x) for x in args.early.split(",")) if args.early else None
     prof = build(m, tok, {k: v[0] for k, v in topics.items()}, window=args.window, seed=args.seed, name="embedded",
                  reply_tokens=args.reply_tokens, early=early)

@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from _common import write_result
 from _fitted_mix import fitted_drift
-from routing_monitor import auroc, benign_topics
+from routing_monitor import auroc, embedded_and_topics
 
 SHARES = (0.05, 0.1, 0.25, 0.5)
 
@@ -54,16 +52,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
-    from moeguard.models.loading import load_model
-    from moeguard.monitor.profile import build, observe
     from moeguard.monitor import slices
+    from moeguard.monitor.profile import build, observe
     from moeguard.monitor.routertap import SEPARATOR
 
-    rng = random.Random(args.seed)
-    torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    m, tok, _ = load_model(None)
-    topics = benign_topics(rng)
+    rng, m, tok, topics = embedded_and_topics(args.seed)
     # the profile's own slice null (monitor profile --slice): benign slices of its calibration half
     prof = build(m, tok, {k: v[0] for k, v in topics.items()}, window=16, seed=args.seed, name="embedded",
                  slice_len=args.slice)
