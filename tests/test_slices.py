@@ -33,9 +33,10 @@ def setting():
     return m, tok, prof
 
 
-def _traffic(campaign: int, total: int = 32, seed: int = 0) -> list[dict]:
-    """``total`` requests in time order: benign users (2 requests each, unseen eval inputs) and
-    ``campaign`` requests of one crafted text from identities that send 2 each."""
+def _traffic(campaign: int, total: int = 32, seed: int = 0, heavy: int = 0) -> list[dict]:
+    """``total`` requests in time order: benign users (2 requests each, unseen eval inputs; the first
+    ``heavy`` benign requests from one user, "heavy", all of one task) and ``campaign`` requests of one
+    crafted text from identities that send 2 each."""
     rng = random.Random(seed)
     fresh = [r["input"] for t in TASKS for r in load_records(get_task(t), "eval")[120:]]
     kinds = ["attack"] * campaign + ["benign"] * (total - campaign)
@@ -44,7 +45,10 @@ def _traffic(campaign: int, total: int = 32, seed: int = 0) -> list[dict]:
     for i, k in enumerate(kinds):
         j = counts[k]
         counts[k] += 1
-        client = f"mallory-{j // 2}" if k == "attack" else f"user-{j // 2}"
+        client = f"mallory-{j // 2}" if k == "attack" else "heavy" if j < heavy else f"user-{j // 2}"
+        if client == "heavy":
+            rows.append({"id": f"r{i}", "client": client, "time": i, "prompt": fresh[j], "_t": float(i)})
+            continue
         prompt = CAMPAIGN + SEPARATOR + rng.choice(fresh) if k == "attack" else rng.choice(fresh)
         rows.append({"id": f"r{i}", "client": client, "time": i, "prompt": prompt, "_t": float(i)})
     return rows
@@ -65,6 +69,10 @@ def test_a_campaign_over_many_identities_is_seen_in_a_slice_that_names_them(sett
     _, _, alerts, summary = score(m, tok, prof, _traffic(0, total=70, seed=1))
     assert [t["p"] > 0.05 for t in summary["traffic_slices"]] == [True, True], summary["traffic_slices"]
     assert summary["slices"] == 2 and summary["unsliced"] == 6 and summary["alerts"]["slice"] == 0
+    # a heavy benign user (12 requests of one task) is not named for its volume or self-similarity
+    _, _, _, summary = score(m, tok, prof, _traffic(12, seed=3, heavy=12))
+    named = [t["client"] for t in summary["traffic_slices"][0]["top_clients"]]
+    assert "heavy" not in named and all(c.startswith("mallory-") for c in named), named
     # the campaign is what moves the slice: drift grows with its share
     d = [score(m, tok, prof, _traffic(k, seed=2))[3]["traffic_slices"][0]["drift"] for k in (0, 8, 16)]
     assert d[0] < d[1] < d[2], d
@@ -94,6 +102,29 @@ def test_the_online_hook_scores_slices_as_the_offline_scorer_does(setting):
     assert f"moeguard_traffic_anomaly {-np.log10(offline['p'])}" in text and not mon._slice
 
 
+def test_slices_leave_every_other_null_as_it_was(setting):
+    m, tok, prof = setting
+    prompts = {t: [r["input"] for r in load_records(get_task(t), "eval", limit=120)] for t in TASKS}
+    plain = build(m, tok, prompts, window=8, seed=0, name="embedded")
+    assert set(prof.null) - set(plain.null) == {"slice.drift"}
+    assert all(np.array_equal(plain.null[k], prof.null[k]) for k in plain.null)
+
+
+def test_the_mix_of_real_overlapping_topics_is_found():
+    from moeguard.monitor.embed import KernelReference
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(40, 8))
+    refs = {"a": base, "a-again": base.copy(), "b": base[:20] + 0.05 * rng.normal(size=(20, 8)), "c": rng.normal(size=(30, 8)) + 2}
+    kernel = KernelReference(refs=refs, bandwidth=8.0)
+    assert np.linalg.eigvalsh(kernel.K).min() < 0          # the unbiased matrix is indefinite here
+    x = np.concatenate([base[:10], rng.normal(size=(6, 8)) + 2])
+    value, c, _ = slices.fit(kernel, x)
+    nearest = np.bincount(kernel.means(x).argmax(1), minlength=4) / len(x)
+    f = lambda v: v @ kernel.K @ v - 2 * v @ kernel.means(x).mean(0)   # noqa: E731
+    assert f(c) <= f(nearest) + 1e-12 and c[3] > 0.2, c   # the fitted mix puts weight where the slice is
+
+
 def test_the_mix_is_the_exact_minimum_over_the_simplex():
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -113,9 +144,14 @@ def test_the_mix_is_the_exact_minimum_over_the_simplex():
         assert abs(c.sum() - 1) < 1e-12 and (c >= 0).all() and f(c) <= f(ref) + 1e-9, (f(c), f(ref))
 
 
-def test_bad_slices_are_one_line_errors_and_damaged_profiles_are_refused(setting, tmp_path, capsys):
+def test_bad_slices_are_one_line_errors_and_damaged_profiles_are_refused(setting, tmp_path, capsys, monkeypatch):
     _, _, prof = setting
-    for bad in ("1", "-4"):
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was resolved before --slice was checked")
+
+    monkeypatch.setattr("moeguard.edge.resolve_model", no_model)
+    for bad in ("1", "-4", "5000"):
         out = tmp_path / "P.json"
         assert main(["monitor", "profile", "--out", str(out), "--tasks", "arith-compare", "--limit", "40",
                      "--slice", bad]) == 2
@@ -123,10 +159,12 @@ def test_bad_slices_are_one_line_errors_and_damaged_profiles_are_refused(setting
         assert len(err.strip().splitlines()) == 1 and f"slice is {bad} requests" in err and not out.exists(), err
     back = Profile.from_dict(json.loads(json.dumps(prof.to_dict())), where="P.json")
     assert back.meta["slice"] == 32 and np.array_equal(back.null["slice.drift"], prof.null["slice.drift"])
-    d = prof.to_dict()
-    del d["null"]["slice.drift"]
-    with pytest.raises(MoeguardError, match="damaged routing profile \\(window, early looks, slices or layers"):
-        Profile.from_dict(d, where="P.json")
+    for damage in (lambda d: d["null"].pop("slice.drift"), lambda d: d["null"].__setitem__("slice.drift", [0.1]),
+                   lambda d: d.__setitem__("slice", 1)):
+        d = prof.to_dict()
+        damage(d)
+        with pytest.raises(MoeguardError, match="damaged routing profile \\(window, early looks, slices or layers"):
+            Profile.from_dict(d, where="P.json")
 
 
 def test_the_cli_profiles_slices_and_score_writes_them(tmp_path, capsys):

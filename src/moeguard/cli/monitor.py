@@ -387,6 +387,6 @@ def _alert_writer(path: Path):
                             (result.get("slice") or {}).get("alert")) if a]
         if rows:
             with lock, open(path, "a", encoding="utf-8") as f:
-                for a in rows:
-                    f.write(dumps({"client": client, **a}) + "\n")
+                for a in rows:   # a slice's alert is no one client's: it names its own (a["clients"])
+                    f.write(dumps({"client": None if a["kind"] == "slice" else client, **a}) + "\n")
     return write

@@ -37,6 +37,9 @@ Metrics (``prometheus-client``, in ``registry``):
 - ``moeguard_request_anomaly`` (histogram of -log10 p), ``moeguard_client_anomaly{client}``
   (-log10 p of the client's last scored window: a full one, or an early look with ``--early``, for the
   ``max_clients`` clients tracked);
+- ``moeguard_traffic_anomaly`` (-log10 p of the last slice of all traffic, with a profile of ``--slice``
+  N: the last N requests' embeddings and client names are kept for it, in the order requests are
+  scored, which is the order they complete);
 - ``moeguard_scoring_failures_total`` (requests whose scoring raised: their result says why) and
   ``moeguard_callback_failures_total`` (``on_result`` calls that raised).
 
@@ -428,21 +431,23 @@ class RoutingMonitor:
             if n == self.window:        # the block is complete: start the next
                 state = [np.zeros_like(h), [], [], False]
             self._clients[client] = state
+            ready = None
             if self.slice:   # slices of all traffic (slices.py): this request joins the current one
                 self._slice.append((client, x.copy()))
                 if len(self._slice) == self.slice:
-                    names, xs = zip(*self._slice)
-                    self._slice = []
-                    row = slices.score(self.profile, np.stack(xs), list(names))
-                    res["slice"] = row
-                    self.m_traffic.set(-math.log10(row["p"]))
-                    if row["p"] <= self.alpha:
-                        row["alert"] = {"kind": "slice", "clients": row["top_clients"], **slices.reason(row, self.slice)}
-                        self.m_alerts.labels("slice", "slice_drift").inc()
+                    ready, self._slice = self._slice, []
             while len(self._clients) > self.max_clients:
                 old, _ = self._clients.popitem(last=False)
                 with contextlib.suppress(KeyError):
                     self.m_client.remove(old)
+        if ready is not None:   # outside the lock (a slice's fit is n x n; request exits wait on the lock),
+            names, xs = zip(*ready)   # in order: flushes are serialized
+            row = slices.score(self.profile, np.stack(xs), list(names))
+            res["slice"] = row
+            self.m_traffic.set(-math.log10(row["p"]))
+            if row["p"] <= self.alpha:
+                row["alert"] = {"kind": "slice", "clients": row["top_clients"], **slices.reason(row, self.slice)}
+                self.m_alerts.labels("slice", "slice_drift").inc()
         return res
 
 

@@ -116,8 +116,9 @@ def check_settings(prof: Profile, *, window: int | None, alpha: float) -> int:
                             hint=f"pass --window {prof.meta['window']}, or rebuild the profile with --window {window}")
     if not 0 < alpha < 1:
         raise MoeguardError(f"alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
-    for level in ("request", "window"):
-        floor = prof.p_floor(level) if level == "request" else ladder.floor(prof)
+    for level in ("request", "window") + (("slice",) if prof.meta.get("slice") else ()):
+        floor = prof.p_floor(level) if level == "request" else ladder.floor(prof) if level == "window" \
+            else 1 / (len(prof.null["slice.drift"]) + 1)
         if floor > alpha:
             warnings.warn(f"the profile's smallest {level} p-value is {floor:.3g}, above alpha {alpha}: no {level} can "
                           f"alert; profile more benign inputs (--limit) or raise --alpha")
@@ -263,6 +264,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                                   "logged": sum("reply" in r for r in records),
                                                   "without_reply": int((R[0].sum((1, 2)) == 0).sum())},
                # the smallest p-value each level can give: below alpha, or nothing can alert there
-               "p_floor": {"request": prof.p_floor("request"), "window": ladder.floor(prof)}}
+               "p_floor": {"request": prof.p_floor("request"), "window": ladder.floor(prof),
+                           **({"slice": 1 / (len(prof.null["slice.drift"]) + 1)} if n else {})}}
     summary["traffic_slices"] = traffic   # popped by the CLI into slices.jsonl
     return scores, windows, alerts, summary
