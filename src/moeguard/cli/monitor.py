@@ -186,7 +186,7 @@ def monitor_profile(
 def monitor_score(
         profile: Annotated[Path, typer.Option("--profile", help="profile from `moeguard monitor profile`")],
         log: Annotated[Path, typer.Option("--log", help="requests, JSON Lines: {id, client, time, prompt[, reply]}")],
-        out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, windows.jsonl, alerts.jsonl and summary.json")],
+        out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, windows.jsonl, alerts.jsonl, summary.json (and slices.jsonl with a profile of --slice)")],
         window: Annotated[Optional[int], typer.Option("--window", help="requests per client window; default: the profile's")] = None,
         alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
         log_prompts: Annotated[bool, typer.Option("--log-prompts", help="write prompts into the outputs (off: routing can reveal what users typed)")] = False,
