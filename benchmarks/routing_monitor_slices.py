@@ -52,8 +52,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
-    from moeguard.monitor import slices
-    from moeguard.monitor.profile import build, observe
+    from moeguard.monitor.profile import build, empirical_p, observe
     from moeguard.monitor.routertap import SEPARATOR
 
     t0 = time.perf_counter()
@@ -107,12 +106,12 @@ def main() -> None:
                       "auroc_min": round(min(each), 4), "auroc_max": round(max(each), 4)}
         # the monitor's operating point: attacked slices at the profile's calibrated p <= 0.01
         row["monitor_alert_rate_at_0.01"] = round(float(np.mean(
-            [slices.p_value(prof.null["slice.drift"], x["drift_fitted"]) <= 0.01 for i in per for x in per[i]])), 4)
+            [empirical_p(prof.null["slice.drift"], x["drift_fitted"]) <= 0.01 for i in per for x in per[i]])), 4)
         result[f"share_{f}"] = {"attack_requests_per_slice": k, **row}
     # benign slices of held-out traffic (the tasks' eval inputs; the profile read their train inputs)
     # against the profile's null: the monitor's false alarms
     result["benign_monitor_alert_rate_at_0.01"] = round(float(np.mean(
-        [slices.p_value(prof.null["slice.drift"], x["drift_fitted"]) <= 0.01 for x in base])), 4)
+        [empirical_p(prof.null["slice.drift"], x["drift_fitted"]) <= 0.01 for x in base])), 4)
     # the same campaigns per request, for reference: what the monitor sees with no slice at all
     per_request = round(auroc(list(p[:nb]), list(p[nb:])), 4)
     path = write_result("routing_monitor_slices", {

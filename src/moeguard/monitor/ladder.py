@@ -74,6 +74,14 @@ def adjust(null: dict[str, np.ndarray], raw: np.ndarray) -> np.ndarray:
     return (1 + np.searchsorted(ref, raw, side="right")) / (len(ref) + 1)
 
 
+def first(blocks: list[np.ndarray], n: int, H: np.ndarray, X: np.ndarray, request_p: np.ndarray
+          ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Each block's first ``n`` requests, as ``Profile.window_statistics`` takes them: mean histograms
+    [len(blocks), L, E] (of ``H`` [N, L, E]), and each one's request p-values and embeddings."""
+    return (np.stack([H[b[:n]].mean(0) for b in blocks]), [request_p[b[:n]] for b in blocks],
+            [X[b[:n]] for b in blocks])
+
+
 def look(prof, n: int, h: np.ndarray, request_p: list[np.ndarray], xs: list[np.ndarray]
          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Statistics and p-values of looks at ``n`` requests: ``h`` [W, L, E] their mean histograms,
@@ -97,8 +105,8 @@ def looks(prof, blocks: list[np.ndarray], H: np.ndarray, X: np.ndarray, request_
         which = [j for j, b in enumerate(blocks) if len(b) >= n]
         if not which:
             continue
-        W = np.stack([H[blocks[j][:n]].mean(0) for j in which])
-        ws, wp = look(prof, n, W, [request_p[blocks[j][:n]] for j in which], [X[blocks[j][:n]] for j in which])
+        W, ps, xs = first([blocks[j] for j in which], n, H, X, request_p)
+        ws, wp = look(prof, n, W, ps, xs)
         out.append((n, which, ws, wp, W))
     return out
 
@@ -117,14 +125,12 @@ def calibrate(prof, *, window: int, early: tuple[int, ...], fit_blocks: list[np.
     from moeguard.monitor.profile import WINDOW_STATISTICS
 
     for n in early:
-        ws = prof.window_statistics(np.stack([C[b[:n]].mean(0) for b in fit_blocks]),
-                                    [request_p[b[:n]] for b in fit_blocks], [XC[b[:n]] for b in fit_blocks])
+        ws = prof.window_statistics(*first(fit_blocks, n, C, XC, request_p))
         for k in WINDOW_STATISTICS:
             prof.null[f"{level(n, window)}.{k}"] = np.sort(ws[k])
     smallest = np.ones(len(ladder_blocks))
     for n in early + (window,):
-        ws = prof.window_statistics(np.stack([C[b[:n]].mean(0) for b in ladder_blocks]),
-                                    [request_p[b[:n]] for b in ladder_blocks], [XC[b[:n]] for b in ladder_blocks])
+        ws = prof.window_statistics(*first(ladder_blocks, n, C, XC, request_p))
         smallest = np.minimum(smallest, prof.p_values(ws, level(n, window))["combined"])
     prof.null["window.ladder"] = np.sort(smallest)
 

@@ -56,6 +56,12 @@ STATISTICS = ("load", "atypical", "unfamiliar", "surprise")         # of a reque
 WINDOW_STATISTICS = ("load", "atypical", "evidence", "drift")       # of a client's window
 
 
+def empirical_p(null: np.ndarray, values) -> np.ndarray:
+    """``(1 + #{benign >= s}) / (n + 1)`` for each value ``s`` against a sorted ``null``: the calibrated
+    p-value every statistic (request, window, slice) is given."""
+    return (1 + len(null) - np.searchsorted(null, values, side="left")) / (len(null) + 1)
+
+
 def histograms(model, tokenizer, prompts: list[str], **kw) -> np.ndarray:
     """[N, L, E] routing histograms of ``prompts`` (``observe``'s first part)."""
     return observe(model, tokenizer, prompts, **kw)[0]
@@ -245,8 +251,9 @@ class Profile:
             return out
         for s in names:
             null = self.null[f"{level}.{s}"]
-            above = len(null) - np.searchsorted(null, stats[s], side="left")
-            out[s] = above / len(null) if own else (1 + above) / (len(null) + 1)   # own: 1 + (above - itself)
+            # own: 1 + (#{benign >= s} - itself) of the n - 1 others
+            out[s] = (len(null) - np.searchsorted(null, stats[s], side="left")) / len(null) if own \
+                else empirical_p(null, stats[s])
         out["combined"] = np.minimum(1.0, len(names) * np.min(np.stack([out[s] for s in names]), axis=0))
         return out
 
@@ -471,7 +478,7 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         return rng.choice(pool, size=window, replace=len(pool) < window)
 
     picks = [draw(i) for i in range(windows)]
-    ws = prof.window_statistics(np.stack([C[b].mean(0) for b in picks]), [req_p[b] for b in picks], [XC[b] for b in picks])
+    ws = prof.window_statistics(*ladder.first(picks, window, C, XC, req_p))
     for k in WINDOW_STATISTICS:
         null[f"window.{k}"] = np.sort(ws[k])
     if early:   # drawn after the windows above, which are then the same as without early looks

@@ -118,7 +118,7 @@ def check_settings(prof: Profile, *, window: int | None, alpha: float) -> int:
         raise MoeguardError(f"alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
     for level in ("request", "window") + (("slice",) if prof.meta.get("slice") else ()):
         floor = prof.p_floor(level) if level == "request" else ladder.floor(prof) if level == "window" \
-            else 1 / (len(prof.null["slice.drift"]) + 1)
+            else slices.floor(prof)
         if floor > alpha:
             warnings.warn(f"the profile's smallest {level} p-value is {floor:.3g}, above alpha {alpha}: no {level} can "
                           f"alert; profile more benign inputs (--limit) or raise --alpha")
@@ -235,7 +235,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                            "time": records[idx[-1]]["time"], **prof.reason(ws, wp, at, W[at])})
     # slices of all traffic (slices.py): every `slice` consecutive requests in time order, whoever sent them
     n = int(prof.meta.get("slice", 0))
-    order = sorted(range(len(records)), key=lambda i: records[i]["_t"])
+    order = sorted(range(len(records)), key=lambda i: records[i]["_t"]) if n else []
     cuts = [order[a:a + n] for a in range(0, len(order) - n + 1, n)] if n else []
     traffic = []
     for idx in cuts:
@@ -265,6 +265,6 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                                   "without_reply": int((R[0].sum((1, 2)) == 0).sum())},
                # the smallest p-value each level can give: below alpha, or nothing can alert there
                "p_floor": {"request": prof.p_floor("request"), "window": ladder.floor(prof),
-                           **({"slice": 1 / (len(prof.null["slice.drift"]) + 1)} if n else {})}}
+                           **({"slice": slices.floor(prof)} if n else {})}}
     summary["traffic_slices"] = traffic   # popped by the CLI into slices.jsonl
     return scores, windows, alerts, summary

@@ -128,8 +128,9 @@ def calibrate(kernel, *, n: int, XC: np.ndarray, cal_topic: list[str], topics: l
     return np.sort(out)
 
 
-def p_value(null: np.ndarray, value: float) -> float:
-    return float((1 + len(null) - np.searchsorted(null, value, side="left")) / (len(null) + 1))
+def floor(prof) -> float:
+    """The smallest p-value a slice can get from the profile's null (``ladder.floor``'s twin)."""
+    return 1 / (len(prof.null["slice.drift"]) + 1)
 
 
 def score(prof, x: np.ndarray, clients: list) -> dict[str, Any]:
@@ -141,7 +142,9 @@ def score(prof, x: np.ndarray, clients: list) -> dict[str, Any]:
     # by mean witness: a client sending many requests is not named for its volume
     top = sorted(by_client, key=lambda cl: -float(np.mean(by_client[cl])))[:NAMED]
     mixture = {t: round(float(v), 3) for t, v in zip(prof.kernel.names, c) if v > 0.005}
-    return {"drift": round(value, 6), "p": p_value(prof.null["slice.drift"], value), "clients": len(by_client),
+    from moeguard.monitor.profile import empirical_p
+
+    return {"drift": round(value, 6), "p": float(empirical_p(prof.null["slice.drift"], value)), "clients": len(by_client),
             "mix": mixture, "top_clients": [{"client": cl, "requests": len(by_client[cl]),
                                              "witness": round(float(np.mean(by_client[cl])), 4)} for cl in top]}
 
