@@ -105,7 +105,9 @@ app.add_typer(monitor_app, name="monitor")
 def monitor_profile(
         out: Annotated[Path, typer.Option("--out", help="profile file to write (JSON)")],
         tasks: Annotated[Optional[str], typer.Option("--tasks", help="benign traffic: comma-separated tasks; default: the embedded suite")] = None,
-        limit: Annotated[int, typer.Option("--limit", help="inputs per task (eval split), half to fit, half to calibrate")] = 200,
+        log: Annotated[Optional[Path], typer.Option("--log", help="benign traffic: the deployment's own request log (JSON Lines as `monitor score` reads, optionally with a topic per record) instead of tasks; its clients split in two, half to fit, half to calibrate")] = None,
+        topics: Annotated[str, typer.Option("--topics", help="with --log and no topic in its records: topics are this many clusters of the requests ('auto': about one per 100, at most 8)")] = "auto",
+        limit: Annotated[Optional[int], typer.Option("--limit", help="inputs per task (eval split), half to fit, half to calibrate; default 200 (--tasks only)")] = None,
         window: Annotated[int, typer.Option("--window", help="requests per client window the profile calibrates")] = 16,
         reply_tokens: Annotated[int, typer.Option("--reply-tokens", help="also profile each benign input's greedy reply of at most this many tokens, and score requests' replies (0: prompts only)")] = 0,
         slice_len: Annotated[int, typer.Option("--slice", help="also score every N consecutive requests of all traffic, whoever sent them (a campaign spread over client identities); 0: off")] = 0,
@@ -119,6 +121,16 @@ def monitor_profile(
     from moeguard.monitor.profile import build
     from moeguard.tasks.loaders import load_records, prompt_text
 
+    if log is not None:
+        if tasks is not None or limit is not None:
+            raise MoeguardError(f"--log is given with {'--tasks' if tasks is not None else '--limit'}",
+                                hint="profile either tasks (--tasks, --limit) or a log of benign traffic (--log)")
+        if reply_tokens:
+            raise MoeguardError(f"--reply-tokens {reply_tokens} with --log: replies are profiled from tasks only",
+                                hint="profile the log's prompts (--reply-tokens 0), or replies from --tasks")
+    elif topics != "auto":
+        raise MoeguardError(f"--topics {topics} without --log", hint="--topics clusters a log's requests; tasks are topics")
+    limit = 200 if limit is None else limit
     if limit < 8:
         raise MoeguardError(f"--limit is {limit}", hint="pass --limit of at least 8 inputs per task")
     if window < 1:
@@ -132,7 +144,10 @@ def monitor_profile(
     from moeguard.monitor.slices import check_slice
 
     check_slice(slice_len)
-    check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
+    check_output(out, overwrite=overwrite, inputs=(model, log), kind="file")
+    if log is not None:
+        return _profile_log(out=out, log=log, topics=topics, window=window, early=looks, slice_len=slice_len,
+                            model=model, device_map=device_map, overwrite=overwrite, seed=seed)
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks", train=False)   # benign traffic: eval records only
     check_output(out, overwrite=overwrite, inputs=task_inputs(ts), kind="file")
@@ -180,6 +195,54 @@ def monitor_profile(
     early_at += f", slices of {slice_len} requests of all traffic" if slice_len else ""
     typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
                f"calibrating, windows of {window}{early_at}{replies}; written to {out}")
+
+
+def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[int, ...], slice_len: int, model,
+                 device_map, overwrite: bool, seed: int) -> None:
+    """``monitor profile --log``: the profile of a deployment's own benign traffic (monitor/fromlog.py)."""
+    from moeguard.cli.app import _seed
+    from moeguard.edge import resolve_model
+    from moeguard.io import file_sha256, resumable_scratch, write_json
+    from moeguard.models.identity import weights_digest, weights_identity
+    from moeguard.monitor import fromlog
+    from moeguard.monitor.score import read_log
+    from moeguard.provenance import run_record
+
+    k = fromlog.check_topics(topics)
+    records = read_log(log)
+    fromlog.check(records, window=window, slice_len=slice_len, seed=seed)     # before any weights load
+    handle = resolve_model(model, device_map=device_map)
+    digest = file_sha256(log)
+    resume = {"log": digest, "seed": seed, "topics": k, "model": weights_identity(handle.arg), **_placement(handle)}
+    with resumable_scratch(out, overwrite=overwrite, settings=resume) as tmp:
+        _seed(seed)
+        m, tok, _ = handle.load()
+        try:
+            with _progress() as progress:
+                prof = fromlog.build(m, tok, records, window=window, topics=k, seed=seed, name=handle.name, cache=tmp,
+                                     progress=progress, early=early, slice_len=slice_len,
+                                     log={"log": str(log), "sha256": digest})
+            prof.meta["weights"] = weights_digest(handle.arg)
+        except KeyboardInterrupt:
+            import sys
+
+            print(f"moeguard: interrupted; the requests profiled so far are kept in {tmp}: run the same command "
+                  f"again to resume", file=sys.stderr)
+            raise SystemExit(130) from None
+        doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "log": str(log), "topics": topics,
+                                                    "window": window, "seed": seed,
+                                                    **({"early": list(early)} if early else {}),
+                                                    **({"slice": slice_len} if slice_len else {}), **_placement(handle)})}
+        write_json(out, doc, overwrite=overwrite)
+    r, src = prof.meta["requests"], prof.meta["source"]
+    early_at = f" (looked at early after {', '.join(map(str, early))} requests)" if early else ""
+    early_at += f", slices of {slice_len} requests of all traffic" if slice_len else ""
+    typer.echo(f"profile of {handle.name} from {log}: {len(prof.topics)} topics ({src['topics']}), split by {src['split']}: "
+               f"{r['fit']} requests from {src['clients']['fit']} clients fitted, {r['calibration']} from "
+               f"{src['clients']['calibration']} calibrating; windows of {window} from "
+               + (f"{src['clients']['calibrating_windows']} clients' own blocks" if src["windows"] == "clients"
+                  else "drawn requests (no calibration client sent a full window)")
+               + f"{early_at}; written to {out}")
 
 
 @monitor_app.command("score")

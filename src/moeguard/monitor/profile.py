@@ -446,51 +446,77 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
         cal_topic += [t] * len(ps)
         if bar is not None:
             progress.advance(bar, len(ps))
-    F = np.concatenate(fit)
-    C = np.concatenate(cal)
+    return assemble(adapter=adapter, name=name, seed=seed, rng=rng, window=window, windows=windows, early=early,
+                    slice_len=slice_len, reply_tokens=reply_tokens, table=table, fit_replies=fit_replies,
+                    fit={t: (h, a, b) for t, h, (a, b) in zip(topics, fit, fit_hidden)},
+                    cal=(np.concatenate(cal), np.concatenate([a for a, _ in cal_hidden]),
+                         np.concatenate([b for _, b in cal_hidden]), np.concatenate(cal_surprise)),
+                    cal_topic=cal_topic, cal_replies=cal_replies)
+
+
+def assemble(*, adapter, name: str, seed: int, rng: np.random.Generator, window: int, windows: int,
+             early: tuple[int, ...], slice_len: int, reply_tokens: int, table: TokenRouting,
+             fit: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], cal: tuple[np.ndarray, ...], cal_topic: list[str],
+             fit_replies: dict[str, np.ndarray], cal_replies: list[dict[str, np.ndarray]], space: Embedding | None = None,
+             blocks=None, slice_null=None, source: dict[str, Any] | None = None) -> Profile:
+    """The profile from observed benign requests, whichever way they were drawn (``build``: tasks;
+    ``fromlog.build``: a deployment's own log). ``fit``: topic -> (histograms [n, L, E], hidden sums
+    [n, hidden], token counts [n]) of the fit half; ``cal``: the calibration half's (histograms, hidden
+    sums, token counts, surprise), each request's topic in ``cal_topic``. ``blocks(i)``: benign block
+    ``i`` of ``window`` calibration requests (indices, in order; default: drawn from one topic or
+    mixed, alternately); ``slice_null(kernel, XC)``: the sorted benign slice drifts (default: Dirichlet
+    topic mixes, ``slices.calibrate``); ``space``: an embedding already fitted on the fit half."""
+    from moeguard.monitor import ladder, slices
+
+    topics = {t: h.mean(0) for t, (h, _, _) in fit.items()}
+    F = np.concatenate([h for h, _, _ in fit.values()])
+    C, cal_sums, cal_ntok, cal_surprise = cal
     mean = F.mean(0)
     sd = np.maximum(F.std(0), 0.5 / math.sqrt(max(1, len(F))) * np.maximum(mean, 1e-3) + 1e-3)
-    space = Embedding.fit(np.concatenate([a for a, _ in fit_hidden]), np.concatenate([b for _, b in fit_hidden]), seed=seed)
-    kernel = KernelReference.fit({t: space(a, b) for t, (a, b) in zip(topics, fit_hidden)}, seed=seed)
-    XC = space(np.concatenate([a for a, _ in cal_hidden]), np.concatenate([b for _, b in cal_hidden]))
+    if space is None:
+        space = Embedding.fit(np.concatenate([a for _, a, _ in fit.values()]), np.concatenate([b for _, _, b in fit.values()]),
+                              seed=seed)
+    kernel = KernelReference.fit({t: space(a, b) for t, (_, a, b) in fit.items()}, seed=seed)
+    XC = space(cal_sums, cal_ntok)
     null: dict[str, np.ndarray] = {}
     reply_ref = ReplyReference.fit(fit_replies, max_tokens=reply_tokens) if reply_tokens else None
     prof = Profile(meta={}, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel,
                    tokens=table, replies=reply_ref)                       # null: filled below
-    s = prof.statistics(C, XC, np.concatenate(cal_surprise),
+    s = prof.statistics(C, XC, cal_surprise,
                         np.concatenate([z["h"] for z in cal_replies]) if reply_tokens else None,
                         np.concatenate([z["surprise"] for z in cal_replies]) if reply_tokens else None)
     for k in prof.request_statistics:
         # a calibration request without a reply (-inf: no evidence) is kept as the most negative
         # finite float, which ranks the same and survives strict JSON (which writes -inf as null)
         null[f"request.{k}"] = np.sort(np.maximum(s[k], -np.finfo(np.float64).max))
-    # benign windows: alternately one topic (a single-topic user) and a mix of topics
-    # a single-topic window repeats no request: topics with fewer calibration requests than a
-    # window give none (repeats would inflate drift's null and every statistic's spread)
-    by_topic = {t: ix for t in topics if len(ix := np.flatnonzero(np.asarray(cal_topic) == t)) >= window}
-    if not by_topic:
-        warnings.warn(f"no task has {window} calibration inputs (half of its benign inputs): benign windows are all mixed; "
-                      f"profile more inputs per task (--limit) for single-topic windows")
     req_p = prof.p_values(s, "request", own=True)["combined"]   # the calibration requests', each left out of its null
+    if blocks is None:
+        # benign windows: alternately one topic (a single-topic user) and a mix of topics
+        # a single-topic window repeats no request: topics with fewer calibration requests than a
+        # window give none (repeats would inflate drift's null and every statistic's spread)
+        by_topic = {t: ix for t in topics if len(ix := np.flatnonzero(np.asarray(cal_topic) == t)) >= window}
+        if not by_topic:
+            warnings.warn(f"no task has {window} calibration inputs (half of its benign inputs): benign windows are all "
+                          f"mixed; profile more inputs per task (--limit) for single-topic windows")
 
-    def draw(i: int) -> np.ndarray:
-        pool = by_topic[list(by_topic)[i // 2 % len(by_topic)]] if i % 2 == 0 and by_topic else np.arange(len(C))
-        return rng.choice(pool, size=window, replace=len(pool) < window)
+        def blocks(i: int) -> np.ndarray:
+            pool = by_topic[list(by_topic)[i // 2 % len(by_topic)]] if i % 2 == 0 and by_topic else np.arange(len(C))
+            return rng.choice(pool, size=window, replace=len(pool) < window)
 
-    picks = [draw(i) for i in range(windows)]
+    picks = [blocks(i) for i in range(windows)]
     ws = prof.window_statistics(*ladder.first(picks, window, C, XC, req_p))
     for k in WINDOW_STATISTICS:
         null[f"window.{k}"] = np.sort(ws[k])
     if early:   # drawn after the windows above, which are then the same as without early looks
         ladder.calibrate(prof, window=window, early=early, fit_blocks=picks,
-                         ladder_blocks=[draw(windows + i) for i in range(windows)], C=C, XC=XC, request_p=req_p)
+                         ladder_blocks=[blocks(windows + i) for i in range(windows)], C=C, XC=XC, request_p=req_p)
     if slice_len:   # drawn last: every null above is what it is without slices
-        null["slice.drift"] = slices.calibrate(kernel, n=slice_len, XC=XC, cal_topic=cal_topic, topics=list(topics),
-                                               count=windows, rng=rng)
-    meta = {"model": name, "tasks": list(prompts), "requests": {"fit": int(len(F)), "calibration": int(len(C))},
+        null["slice.drift"] = slice_null(kernel, XC) if slice_null is not None else slices.calibrate(
+            kernel, n=slice_len, XC=XC, cal_topic=cal_topic, topics=list(topics), count=windows, rng=rng)
+    meta = {"model": name, "tasks": list(topics), "requests": {"fit": int(len(F)), "calibration": int(len(C))},
             "window": window, "benign_windows": windows, "seed": seed,
             "layers": [l.index for l in adapter.layers], "num_experts": adapter.num_experts, "top_k": adapter.top_k,
             "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
-            **({"slice": slice_len} if slice_len else {})}
+            **({"slice": slice_len} if slice_len else {}), **({"source": source} if source else {})}
     return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=table,
                    replies=reply_ref)

@@ -121,7 +121,7 @@ def check_settings(prof: Profile, *, window: int | None, alpha: float) -> int:
             else slices.floor(prof)
         if floor > alpha:
             warnings.warn(f"the profile's smallest {level} p-value is {floor:.3g}, above alpha {alpha}: no {level} can "
-                          f"alert; profile more benign inputs (--limit) or raise --alpha")
+                          f"alert; profile more benign inputs (--limit, or a longer --log) or raise --alpha")
     return window
 
 

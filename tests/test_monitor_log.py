@@ -1,0 +1,203 @@
+"""A profile from a deployment's own benign log (``monitor profile --log``): its nulls describe that
+traffic (a wrapper every request carries, users' habits), where a task profile alarms on it; clients
+split in two; topics from the records or clusters; resumed builds; one-line errors before weights."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.models.loading import load_model
+from moeguard.monitor import fromlog
+from moeguard.monitor.profile import Profile, build, observe
+from moeguard.monitor.routertap import SEPARATOR
+from moeguard.monitor.score import score
+from moeguard.tasks.loaders import load_records
+from moeguard.tasks.registry import get_task
+
+TASKS = ("arith-compare", "docstring-topic", "code-naming")
+# what a deployment puts before every user text (a system prompt): nothing a task profile has seen
+WRAPPER = "Request from the support desk. Please answer briefly.\n"
+CAMPAIGN = "zq xv ## }{ 0x9f @@ ~~ %% qqq lorem ipsum"
+
+
+def _pool(role: str = "train") -> dict[str, list[str]]:
+    return {t: [r["input"] for r in load_records(get_task(t), role)] for t in TASKS}
+
+
+def _users(pool, n: int, per: int, seed: int, topic: bool = False) -> list[dict]:
+    """``n`` benign users of ``per`` requests, each with its own Dirichlet(0.5) taste for the tasks,
+    interleaved in time; no item is sent twice (a log of repeated prompts calibrates on familiar ones)."""
+    rng = np.random.default_rng(seed)
+    left = {t: list(rng.permutation(len(v))) for t, v in pool.items()}
+    rows = []
+    for u in range(n):
+        taste = rng.dirichlet([0.5] * len(TASKS))
+        for j in range(per):
+            t = TASKS[rng.choice(len(TASKS), p=taste)]
+            rows.append({"id": f"{seed}-{u}-{j}", "client": f"user-{seed}-{u}", "time": j * 100 + u,
+                         "_t": float(j * 100 + u), "prompt": WRAPPER + pool[t][left[t].pop()],
+                         **({"topic": t} if topic else {})})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setting():
+    m, tok, _ = load_model(None)
+    pool = _pool()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a small log: the few-blocks warning (tested below)
+        own = fromlog.build(m, tok, _users(pool, 30, 16, 1), window=8, seed=0, name="embedded", slice_len=32, early=(2, 4))
+    tasks = build(m, tok, {t: v[-120:] for t, v in pool.items()}, window=8, seed=0, name="embedded", slice_len=32, early=(2, 4))
+    return m, tok, pool, own, tasks
+
+
+def test_a_log_profile_learns_the_deployments_traffic_where_a_task_profile_alarms_on_it(setting):
+    m, tok, pool, own, tasks = setting
+    rng = random.Random(0)
+    fresh = _pool("eval")                                 # items no profile read
+    attack = [{"id": f"a{j}", "client": "mallory", "time": j * 100, "_t": float(j * 100),
+               "prompt": WRAPPER + CAMPAIGN + SEPARATOR + rng.choice(fresh[TASKS[0]])} for j in range(16)]
+    day2 = _users(fresh, 20, 16, 2) + attack           # other users, other items, the same deployment
+    rates = {}
+    for name, prof in (("own", own), ("tasks", tasks)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, looks, alerts, summary = score(m, tok, prof, day2)
+        benign = {a["requests"][0] for a in alerts if a["kind"] == "window" and a["client"] != "mallory"}
+        rates[name] = len(benign) / (summary["blocks"] - 2)    # mallory sent 2 blocks
+        rates[name + "_slices"] = summary["alerts"]["slice"] / summary["slices"]
+        rates[name + "_mallory"] = sum(a["kind"] == "window" and a["client"] == "mallory" for a in alerts)
+    # the task profile never saw the wrapper: nearly every benign user's window is an alarm
+    assert rates["tasks"] >= 0.5 and rates["tasks_slices"] >= 0.5, rates
+    # the log profile calibrated on it (a small log of 15 calibration users: not the nominal 1%)
+    assert rates["own"] <= 0.1 and rates["own_slices"] <= 0.2, rates
+    assert rates["own_mallory"] == 2, rates               # the campaign is still seen, in both its blocks
+    src = own.meta["source"]
+    assert src["split"] == "clients" and src["topics"] == "clusters" and src["windows"] == "clients", src
+    assert src["clients"] == {"fit": 15, "calibration": 15, "calibrating_windows": 15} and src["slices"] == "traffic"
+    assert src["repeated"] == 0 and src["disjoint_blocks"] == 30
+    assert own.meta["requests"] == {"fit": 240, "calibration": 240} and own.meta["early"] == [2, 4]
+
+
+def test_clusters_recover_the_tasks_and_a_topic_field_names_them(setting):
+    m, tok, pool, _, _ = setting
+    log = _users(pool, 30, 16, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clustered = fromlog.build(m, tok, log, window=8, topics=3, seed=0, early=())
+        named = fromlog.build(m, tok, _users(pool, 30, 16, 1, topic=True), window=8, seed=0, early=())
+    assert list(clustered.topics) == ["cluster-0", "cluster-1", "cluster-2"]
+    assert list(named.topics) == sorted(TASKS) and named.meta["source"]["topics"] == "field"
+    # unseen items of each task go to one cluster, and each task to its own
+    nearest = {}
+    for t in TASKS:
+        _, sums, ntok, _ = observe(m, tok, [WRAPPER + x for x in _pool("eval")[t][:40]])
+        got = clustered.kernel.unfamiliar(clustered.space(sums, ntok))[1]
+        nearest[t] = np.bincount(got, minlength=3)
+    majority = {t: int(c.argmax()) for t, c in nearest.items()}
+    assert len(set(majority.values())) == 3, nearest
+    assert all(c.max() / c.sum() >= 0.85 for c in nearest.values()), nearest
+
+
+def test_the_split_is_by_client_or_by_time_where_one_client_dominates():
+    def rec(i, c):
+        return {"id": i, "client": c, "time": i, "_t": float(i), "prompt": "x"}
+
+    balanced = [rec(i, f"c{i % 10}") for i in range(100)]
+    fit, cal, how = fromlog.split(balanced, window=4, rng=np.random.default_rng(0))
+    assert how == "clients" and sorted(fit + cal) == list(range(100))
+    assert not {balanced[i]["client"] for i in fit} & {balanced[i]["client"] for i in cal}
+    assert len(fit) == 50
+    heavy = [rec(i, "gateway" if i % 5 else f"c{i}") for i in range(100)]   # one client sends 80%
+    fit, cal, how = fromlog.split(heavy, window=4, rng=np.random.default_rng(0))
+    assert how == "time" and fit == list(range(50)) and cal == list(range(50, 100))
+    # every run of a client's consecutive requests, at every start
+    assert fromlog._client_blocks(["a", "b", "a", "a", "b", "a"], 2) == [[0, 2], [2, 3], [3, 5], [1, 4]]
+    with pytest.raises(MoeguardError, match="the benign log holds 12 requests"):
+        fromlog.split(balanced[:12], window=4, rng=np.random.default_rng(0))
+
+
+def test_a_log_without_full_client_windows_falls_back_and_says_so(setting):
+    m, tok, pool, _, _ = setting
+    log = _users(pool, 60, 4, 3)                       # nobody sends a window of 8
+    with pytest.warns(UserWarning, match="no calibration client sent 8 requests"):
+        prof = fromlog.build(m, tok, log, window=8, seed=0, early=())
+    assert prof.meta["source"]["windows"] == "drawn" and prof.meta["source"]["disjoint_blocks"] == 0
+    with pytest.warns(UserWarning, match=r"benign windows come from 30 non-overlapping blocks of 15 calibration"):
+        fromlog.build(m, tok, _users(pool, 30, 16, 1), window=8, seed=0, early=())
+
+
+def test_a_resumed_build_reads_its_kept_chunks(setting, tmp_path, monkeypatch):
+    m, tok, pool, _, _ = setting
+    log = _users(pool, 30, 16, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = fromlog.build(m, tok, log, window=8, seed=0, cache=tmp_path, early=())
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".log-calibration-0.npz", ".log-fit-0.npz"]
+
+        def no_forward(*a, **k):
+            raise AssertionError("a kept chunk was observed again")
+
+        monkeypatch.setattr(fromlog, "observe", no_forward)
+        again = fromlog.build(m, tok, log, window=8, seed=0, cache=tmp_path, early=())
+    assert json.dumps(again.to_dict()) == json.dumps(first.to_dict())
+
+
+def _log_file(path, rows):
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_t"}) + "\n" for r in rows))
+    return path
+
+
+def test_bad_log_settings_are_one_line_errors_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model was resolved before the log was checked")
+
+    monkeypatch.setattr("moeguard.edge.resolve_model", no_model)
+    pool = _pool()
+    good = _log_file(tmp_path / "good.jsonl", _users(pool, 30, 16, 1))
+    half = _users(pool, 30, 16, 1)
+    for r in half[:5]:
+        r["topic"] = "billing"
+    cases = [
+        (["--log", str(good), "--tasks", "arith-compare"], "--log is given with --tasks"),
+        (["--log", str(good), "--limit", "50"], "--log is given with --limit"),
+        (["--tasks", "arith-compare", "--topics", "3"], "--topics 3 without --log"),
+        (["--log", str(good), "--reply-tokens", "8"], "--reply-tokens 8 with --log"),
+        (["--log", str(good), "--topics", "99"], "--topics is 99"),
+        (["--log", str(good), "--topics", "many"], "--topics is 'many'"),
+        (["--log", str(good), "--slice", "512"], "--slice 512 needs at least 1024 calibration requests"),
+        (["--log", str(_log_file(tmp_path / "short.jsonl", _users(pool, 2, 5, 1)))], "the benign log holds 10 requests"),
+        (["--log", str(_log_file(tmp_path / "half.jsonl", half))], "5 of the log's 480 records have a topic"),
+        (["--log", str(tmp_path / "absent.jsonl")], "absent.jsonl does not exist"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "P.json"
+        assert main(["monitor", "profile", "--out", str(out), "--window", "8", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err and not out.exists(), (args, err)
+
+
+def test_the_cli_profiles_a_log_and_scores_against_it(tmp_path, capsys):
+    pool = _pool()
+    log = _log_file(tmp_path / "benign.jsonl", _users(pool, 30, 16, 1))
+    before = log.read_bytes()
+    prof = tmp_path / "P.json"
+    assert main(["monitor", "profile", "--out", str(prof), "--log", str(log), "--window", "8", "--early", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "from 15 clients fitted" in out and "split by clients" in out and "15 clients' own blocks" in out, out
+    doc = json.loads(prof.read_text())
+    assert doc["source"]["log"] == str(log) and len(doc["source"]["sha256"]) == 64 and log.read_bytes() == before
+    assert doc["run"]["settings"]["log"] == str(log) and doc["run"]["settings"]["topics"] == "auto"
+    Profile.from_dict(doc, where="P.json")
+    assert main(["monitor", "profile", "--out", str(prof), "--log", str(log), "--window", "8"]) == 2
+    assert "exists" in capsys.readouterr().err
+    day2 = _log_file(tmp_path / "day2.jsonl", _users(_pool("eval"), 10, 8, 2))
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(day2), "--out", str(tmp_path / "s")]) == 0
+    assert "80 requests from 10 clients, 10 windows" in capsys.readouterr().out
