@@ -119,7 +119,7 @@ def test_the_split_is_by_client_or_by_time_where_one_client_dominates():
     fit, cal, how = fromlog.split(heavy, window=4, rng=np.random.default_rng(0))
     assert how == "time" and fit == list(range(50)) and cal == list(range(50, 100))
     # every run of a client's consecutive requests, at every start
-    assert fromlog._client_blocks(["a", "b", "a", "a", "b", "a"], 2) == [[0, 2], [2, 3], [3, 5], [1, 4]]
+    assert fromlog._client_blocks(["a", "b", "a", "a", "b", "a"], 2) == {"a": [[0, 2], [2, 3], [3, 5]], "b": [[1, 4]]}
     with pytest.raises(MoeguardError, match="the benign log holds 12 requests"):
         fromlog.split(balanced[:12], window=4, rng=np.random.default_rng(0))
 

@@ -201,7 +201,8 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
         centres = np.stack([space(a, b).mean(0) for _, a, b in fit.values()])
         cal_topic = [names[j] for j in ((XC[:, None] - centres[None]) ** 2).sum(-1).argmin(1)]
     cal_clients = [records[j]["client"] for j in cal_ix]
-    runs = _client_blocks(cal_clients, window)
+    by_client = _client_blocks(cal_clients, window)
+    runs = [r for rs in by_client.values() for r in rs]
     seen = {prompts[j] for j in fit_ix}
     repeated = sum(prompts[j] in seen for j in cal_ix) / len(cal_ix)
     if repeated > REPEATED:
@@ -236,14 +237,14 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
               "windows": "clients" if runs else "drawn", **({"slices": "traffic"} if slice_len else {})}
     return assemble(adapter=adapter, name=name, seed=seed, rng=rng, window=window, windows=windows, early=early,
                     slice_len=slice_len, reply_tokens=0, table=table, fit=fit, cal=(C, CS, CN, CU), cal_topic=cal_topic,
-                    fit_replies={}, cal_replies=[], space=space, blocks=real_block if runs else None,
+                    fit_replies={}, cal_replies=[], space=space, blocks=real_block if runs else None, sidak=bool(runs),
                     slice_null=real_slices if slice_len else None, source=source)
 
 
-def _client_blocks(clients: list, window: int) -> list[list[int]]:
-    """Every run of ``window`` consecutive requests of one client (indices into ``clients``, in time
-    order), at every start: the benign blocks a window is calibrated on."""
+def _client_blocks(clients: list, window: int) -> dict[Any, list[list[int]]]:
+    """Per client, every run of ``window`` of its consecutive requests (indices into ``clients``, in
+    time order), at every start: the benign blocks a window is calibrated on."""
     by: dict[Any, list[int]] = {}
     for i, c in enumerate(clients):
         by.setdefault(c, []).append(i)
-    return [ix[a:a + window] for ix in by.values() for a in range(len(ix) - window + 1)]
+    return {c: [ix[a:a + window] for a in range(len(ix) - window + 1)] for c, ix in by.items()}

@@ -458,14 +458,15 @@ def assemble(*, adapter, name: str, seed: int, rng: np.random.Generator, window:
              early: tuple[int, ...], slice_len: int, reply_tokens: int, table: TokenRouting,
              fit: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], cal: tuple[np.ndarray, ...], cal_topic: list[str],
              fit_replies: dict[str, np.ndarray], cal_replies: list[dict[str, np.ndarray]], space: Embedding | None = None,
-             blocks=None, slice_null=None, source: dict[str, Any] | None = None) -> Profile:
+             blocks=None, slice_null=None, sidak: bool = False, source: dict[str, Any] | None = None) -> Profile:
     """The profile from observed benign requests, whichever way they were drawn (``build``: tasks;
     ``fromlog.build``: a deployment's own log). ``fit``: topic -> (histograms [n, L, E], hidden sums
     [n, hidden], token counts [n]) of the fit half; ``cal``: the calibration half's (histograms, hidden
     sums, token counts, surprise), each request's topic in ``cal_topic``. ``blocks(i)``: benign block
     ``i`` of ``window`` calibration requests (indices, in order; default: drawn from one topic or
     mixed, alternately); ``slice_null(kernel, XC)``: the sorted benign slice drifts (default: Dirichlet
-    topic mixes, ``slices.calibrate``); ``space``: an embedding already fitted on the fit half."""
+    topic mixes, ``slices.calibrate``); ``space``: an embedding already fitted on the fit half;
+    ``sidak``: early looks adjusted by Sidak's formula instead of benign blocks' min-p (``ladder.calibrate``)."""
     from moeguard.monitor import ladder, slices
 
     topics = {t: h.mean(0) for t, (h, _, _) in fit.items()}
@@ -508,8 +509,9 @@ def assemble(*, adapter, name: str, seed: int, rng: np.random.Generator, window:
     for k in WINDOW_STATISTICS:
         null[f"window.{k}"] = np.sort(ws[k])
     if early:   # drawn after the windows above, which are then the same as without early looks
-        ladder.calibrate(prof, window=window, early=early, fit_blocks=picks,
-                         ladder_blocks=[blocks(windows + i) for i in range(windows)], C=C, XC=XC, request_p=req_p)
+        ladder.calibrate(prof, window=window, early=early, fit_blocks=picks, rng=rng,
+                         ladder_blocks=None if sidak else [blocks(windows + i) for i in range(windows)], C=C, XC=XC,
+                         request_p=req_p)
     if slice_len:   # drawn last: every null above is what it is without slices
         null["slice.drift"] = slice_null(kernel, XC) if slice_null is not None else slices.calibrate(
             kernel, n=slice_len, XC=XC, cal_topic=cal_topic, topics=list(topics), count=windows, rng=rng)
