@@ -169,7 +169,7 @@ def test_bad_log_settings_are_one_line_errors_before_the_model_loads(tmp_path, c
         (["--log", str(good), "--tasks", "arith-compare"], "--log is given with --tasks"),
         (["--log", str(good), "--limit", "50"], "--log is given with --limit"),
         (["--tasks", "arith-compare", "--topics", "3"], "--topics 3 without --log"),
-        (["--log", str(good), "--reply-tokens", "8"], "--reply-tokens 8 with --log"),
+        (["--log", str(good), "--reply-tokens", "300"], "--reply-tokens is 300"),
         (["--log", str(good), "--topics", "99"], "--topics is 99"),
         (["--log", str(good), "--topics", "many"], "--topics is 'many'"),
         (["--log", str(good), "--slice", "512"], "--slice 512 needs at least 1024 calibration requests"),
@@ -201,3 +201,37 @@ def test_the_cli_profiles_a_log_and_scores_against_it(tmp_path, capsys):
     day2 = _log_file(tmp_path / "day2.jsonl", _users(_pool("eval"), 10, 8, 2))
     assert main(["monitor", "score", "--profile", str(prof), "--log", str(day2), "--out", str(tmp_path / "s")]) == 0
     assert "80 requests from 10 clients, 10 windows" in capsys.readouterr().out
+
+
+def test_logged_replies_are_profiled_as_logged_and_missing_ones_generated(setting, monkeypatch):
+    from moeguard.monitor import replies
+
+    m, tok, pool, _, _ = setting
+    log = _users(pool, 30, 16, 1)
+    for r in log:
+        r["reply"] = "The answer is yes."
+    generated = []
+    real = replies.generate
+
+    def counted(model, tokenizer, prompts, n, **kw):
+        generated.extend(prompts)
+        return real(model, tokenizer, prompts, n, **kw)
+
+    monkeypatch.setattr(replies, "generate", counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logged = fromlog.build(m, tok, log, window=8, seed=0, early=(), reply_tokens=4)
+        assert not generated                             # every reply was logged: none made
+        for r in log[::2]:
+            del r["reply"]
+        mixed = fromlog.build(m, tok, log, window=8, seed=0, early=(), reply_tokens=4)
+    assert len(generated) == 240                          # exactly the records without one
+    assert logged.replies is not None and logged.meta["reply_tokens"] == 4 and logged.replies.max_tokens == 4
+    assert "request.reply_load" in logged.null and len(logged.null["request.reply_load"]) == 240
+    # the same text for every reply: its routing varies only with the prompt before it, so the logged
+    # replies' null is narrower than the mixed one's
+    spread = lambda p: float(np.ptp(p.null["request.reply_surprise"]))   # noqa: E731
+    assert spread(logged) < spread(mixed), (spread(logged), spread(mixed))
+    # and it scores: a request with a logged reply against the profile
+    sc, _, _, _ = score(m, tok, logged, [{**log[1], "id": "x", "client": "c"}])
+    assert 0 < sc[0]["p"] <= 1 and "reply_load" in sc[0]

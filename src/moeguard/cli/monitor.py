@@ -109,7 +109,7 @@ def monitor_profile(
         topics: Annotated[str, typer.Option("--topics", help="with --log and no topic in its records: topics are this many clusters of the requests ('auto': about one per 100, at most 8)")] = "auto",
         limit: Annotated[Optional[int], typer.Option("--limit", help="inputs per task (eval split), half to fit, half to calibrate; default 200 (--tasks only)")] = None,
         window: Annotated[int, typer.Option("--window", help="requests per client window the profile calibrates")] = 16,
-        reply_tokens: Annotated[int, typer.Option("--reply-tokens", help="also profile each benign input's greedy reply of at most this many tokens, and score requests' replies (0: prompts only)")] = 0,
+        reply_tokens: Annotated[int, typer.Option("--reply-tokens", help="also profile each benign input's greedy reply of at most this many tokens (with --log: a record's logged reply where it has one), and score requests' replies (0: prompts only)")] = 0,
         slice_len: Annotated[int, typer.Option("--slice", help="also score every N consecutive requests of all traffic, whoever sent them (a campaign spread over client identities); 0: off")] = 0,
         early: Annotated[str, typer.Option("--early", help="also score each client's window as it grows, at these lengths: 'auto' (a quarter and a half of --window: 4,8 of 16), a list such as 4,8, or 'none' (only full windows)")] = "auto",
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
@@ -125,9 +125,6 @@ def monitor_profile(
         if tasks is not None or limit is not None:
             raise MoeguardError(f"--log is given with {'--tasks' if tasks is not None else '--limit'}",
                                 hint="profile either tasks (--tasks, --limit) or a log of benign traffic (--log)")
-        if reply_tokens:
-            raise MoeguardError(f"--reply-tokens {reply_tokens} with --log: replies are profiled from tasks only",
-                                hint="profile the log's prompts (--reply-tokens 0), or replies from --tasks")
     elif topics != "auto":
         raise MoeguardError(f"--topics {topics} without --log", hint="--topics clusters a log's requests; tasks are topics")
     limit = 200 if limit is None else limit
@@ -147,7 +144,7 @@ def monitor_profile(
     check_output(out, overwrite=overwrite, inputs=(model, log), kind="file")
     if log is not None:
         return _profile_log(out=out, log=log, topics=topics, window=window, early=looks, slice_len=slice_len,
-                            model=model, device_map=device_map, overwrite=overwrite, seed=seed)
+                            reply_tokens=reply_tokens, model=model, device_map=device_map, overwrite=overwrite, seed=seed)
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(_task_list(tasks), what="--tasks", train=False)   # benign traffic: eval records only
     check_output(out, overwrite=overwrite, inputs=task_inputs(ts), kind="file")
@@ -197,8 +194,8 @@ def monitor_profile(
                f"calibrating, windows of {window}{early_at}{replies}; written to {out}")
 
 
-def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[int, ...], slice_len: int, model,
-                 device_map, overwrite: bool, seed: int) -> None:
+def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[int, ...], slice_len: int,
+                 reply_tokens: int, model, device_map, overwrite: bool, seed: int) -> None:
     """``monitor profile --log``: the profile of a deployment's own benign traffic (monitor/fromlog.py)."""
     from moeguard.cli.app import _seed
     from moeguard.edge import resolve_model
@@ -213,14 +210,15 @@ def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple
     fromlog.check(records, window=window, slice_len=slice_len, seed=seed)     # before any weights load
     handle = resolve_model(model, device_map=device_map)
     digest = file_sha256(log)
-    resume = {"log": digest, "seed": seed, "topics": k, "model": weights_identity(handle.arg), **_placement(handle)}
+    resume = {"log": digest, "seed": seed, "topics": k, "reply_tokens": reply_tokens, "model": weights_identity(handle.arg),
+              **_placement(handle)}
     with resumable_scratch(out, overwrite=overwrite, settings=resume) as tmp:
         _seed(seed)
         m, tok, _ = handle.load()
         try:
             with _progress() as progress:
                 prof = fromlog.build(m, tok, records, window=window, topics=k, seed=seed, name=handle.name, cache=tmp,
-                                     progress=progress, early=early, slice_len=slice_len,
+                                     progress=progress, early=early, slice_len=slice_len, reply_tokens=reply_tokens,
                                      log={"log": str(log), "sha256": digest})
             prof.meta["weights"] = weights_digest(handle.arg)
         except KeyboardInterrupt:
@@ -230,7 +228,7 @@ def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple
                   f"again to resume", file=sys.stderr)
             raise SystemExit(130) from None
         doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "log": str(log), "topics": topics,
-                                                    "window": window, "seed": seed,
+                                                    "window": window, "seed": seed, "reply_tokens": reply_tokens,
                                                     **({"early": list(early)} if early else {}),
                                                     **({"slice": slice_len} if slice_len else {}), **_placement(handle)})}
         write_json(out, doc, overwrite=overwrite)
@@ -242,7 +240,8 @@ def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple
                f"{src['clients']['calibration']} calibrating; windows of {window} from "
                + (f"{src['clients']['calibrating_windows']} clients' own blocks" if src["windows"] == "clients"
                   else "drawn requests (no calibration client sent a full window)")
-               + f"{early_at}; written to {out}")
+               + f"{early_at}" + (f", replies of at most {reply_tokens} tokens" if reply_tokens else "")
+               + f"; written to {out}")
 
 
 @monitor_app.command("score")

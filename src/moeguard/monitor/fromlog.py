@@ -19,6 +19,9 @@ the deployment's own benign traffic (the ``score`` log format), every null descr
 - **benign slices are real slices** of the calibration half's traffic in time order, each with its
   clients (so a heavy user's own pairs are left out, as when scoring).
 
+With ``reply_tokens``, each request's reply is profiled as ``score`` replays it: the record's logged
+``reply`` where it has one, else the model's greedy reply (``replies.routing``).
+
 Requests' own nulls (``request.*``) are as with tasks: the calibration half's requests. A prompt the
 fit half also holds is more familiar than new traffic (its embedding is a kernel reference), so the
 share of calibration prompts repeating one is reported, with a warning above ``REPEATED``.
@@ -133,17 +136,22 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 50) -> 
 
 def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, topics: int = 0, seed: int = 0,
           name: str = "", cache: Path | None = None, progress=None, early: tuple[int, ...] | None = None,
-          slice_len: int = 0, windows: int | None = None, log: dict[str, Any] | None = None) -> Profile:
+          slice_len: int = 0, windows: int | None = None, reply_tokens: int = 0,
+          log: dict[str, Any] | None = None) -> Profile:
     """The profile of a benign request log (``score.read_log``'s records); see the module docstring.
     ``topics``: clusters (0: auto, about one per 100 fit requests, at most 8) where the records carry
-    no ``topic``. ``cache``: each chunk's observed arrays, kept for a resumed run. ``log``: what the
-    profile records of the log (its path and digest)."""
+    no ``topic``. ``cache``: each chunk's observed arrays, kept for a resumed run. ``reply_tokens`` > 0:
+    each request's reply is profiled too, the record's logged ``reply`` where it has one and the model's
+    greedy reply otherwise (as ``score`` replays it). ``log``: what the profile records of the log (its
+    path and digest)."""
     from moeguard.models.adapter import MoEAdapter
     from moeguard.monitor import ladder, slices
 
     early = ladder.check_early(early, window)
     slice_len = slices.check_slice(slice_len)
     topics = check_topics(topics)
+    if isinstance(reply_tokens, bool) or not isinstance(reply_tokens, int) or not 0 <= reply_tokens <= 256:
+        raise MoeguardError(f"reply_tokens is {reply_tokens!r}", hint="pass 0 (prompts only) or a reply length of 1 to 256 tokens")
     windows = windows if windows is not None else (ladder.BENIGN_BLOCKS if early else 400)
     rng = np.random.default_rng(seed)
     records, fit_ix, cal_ix, how = _plan(records, window=window, slice_len=slice_len, rng=rng)
@@ -186,6 +194,20 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
                             f"than 4 requests in the fit half ({how} split)",
                             hint="drop or merge rare topics in the log, or profile a longer log")
     fit = {t: (H[label == j], S[label == j], N[label == j]) for j, t in enumerate(names)}
+    given = [r.get("reply") for r in records]
+
+    def reply_part(ix: list[int]) -> dict[str, np.ndarray]:
+        from moeguard.monitor import replies
+
+        h, surprise = replies.routing(model, tokenizer, [prompts[j] for j in ix], [given[j] for j in ix],
+                                      adapter=adapter, table=table, max_tokens=reply_tokens)
+        return {"h": h, "surprise": surprise}
+
+    fit_replies: dict[str, np.ndarray] = {}
+    if reply_tokens:
+        RH = np.concatenate([kept_arrays(cache, f"log-reply-fit-{i // CHUNK}", lambda: reply_part(fit_ix[i:i + CHUNK]))["h"]
+                             for i in range(0, len(fit_ix), CHUNK)])
+        fit_replies = {t: RH[label == j] for j, t in enumerate(names)}
     cal = []
     for i in range(0, len(cal_ix), CHUNK):
         cal.append(kept_arrays(cache, f"log-calibration-{i // CHUNK}", lambda: dict(zip(
@@ -194,6 +216,8 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
         if bar is not None:
             progress.advance(bar, len(cal[-1]["h"]))
     C, CS, CN, CU = (np.concatenate([z[k] for z in cal]) for k in ("h", "sums", "ntok", "surprise"))
+    cal_replies = [kept_arrays(cache, f"log-reply-calibration-{i // CHUNK}", lambda: reply_part(cal_ix[i:i + CHUNK]))
+                   for i in range(0, len(cal_ix), CHUNK)] if reply_tokens else []
     if labelled:
         cal_topic = [records[j]["topic"] for j in cal_ix]
     else:   # the nearest cluster centre: only a fallback draw (no full client window) reads these
@@ -236,8 +260,8 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
               "disjoint_blocks": disjoint, "repeated": round(repeated, 4),
               "windows": "clients" if runs else "drawn", **({"slices": "traffic"} if slice_len else {})}
     return assemble(adapter=adapter, name=name, seed=seed, rng=rng, window=window, windows=windows, early=early,
-                    slice_len=slice_len, reply_tokens=0, table=table, fit=fit, cal=(C, CS, CN, CU), cal_topic=cal_topic,
-                    fit_replies={}, cal_replies=[], space=space, blocks=real_block if runs else None, sidak=bool(runs),
+                    slice_len=slice_len, reply_tokens=reply_tokens, table=table, fit=fit, cal=(C, CS, CN, CU),
+                    cal_topic=cal_topic, fit_replies=fit_replies, cal_replies=cal_replies, space=space, blocks=real_block if runs else None, sidak=bool(runs),
                     slice_null=real_slices if slice_len else None, source=source)
 
 

@@ -13,7 +13,9 @@ all their looks is at most this look's p. Those benign blocks are a second draw 
 calibration requests as the blocks that calibrate each length (so the adjustment is as in-sample as
 every window null: it describes traffic drawn like the profile's inputs). A benign block then alerts at ``alpha`` about ``alpha`` of the time, however
 many looks it gets. The full window pays for the early looks with a somewhat larger p-value. The
-looks are nested and strongly correlated, so this costs less than Bonferroni's factor.
+looks are nested and strongly correlated, so this costs less than Bonferroni's factor. A profile of
+a deployment's own log (``fromlog.py``) adjusts by Sidak's formula instead: its benign blocks are
+overlapping runs of a few dozen users, too few to estimate the min-p distribution's tail.
 
 A look at a block's first ``n`` requests uses the same statistics as a full window (``load``,
 ``atypical``, ``evidence``, ``drift``; ``profile.Profile.window_statistics``). A block alerts once,

@@ -147,6 +147,19 @@ def generate(model, tokenizer, prompts: list[str], max_tokens: int, *, progress=
     return out
 
 
+def routing(model, tokenizer, prompts: list[str], given: list[str | None], *, adapter, table, max_tokens: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """``observe`` of each prompt's reply: a logged reply (``given``) as its tokens, at most ``max_tokens``
+    (the null was calibrated on replies that long), otherwise (None) the model's greedy reply. What
+    ``score`` replays and a log's profile (``fromlog.py``) observes."""
+    from moeguard.tasks.tokens import encode
+
+    missing = [i for i, g in enumerate(given) if g is None]
+    made = dict(zip(missing, generate(model, tokenizer, [prompts[i] for i in missing], max_tokens)))
+    toks = [made[i] if g is None else encode(tokenizer, g)[:max_tokens] for i, g in enumerate(given)]
+    return observe(model, tokenizer, prompts, toks, adapter=adapter, table=table, max_tokens=max_tokens)
+
+
 def observe(model, tokenizer, prompts: list[str], replies: list[list[int]], *, adapter, table, max_tokens: int,
             batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Each reply (at most ``max_tokens``) teacher-forced after its prompt's ``context``: the routing

@@ -166,16 +166,11 @@ def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cach
 
 def _reply_routing(model, tokenizer, prof: Profile, prompts: list[str], given: list[str | None], adapter
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """The replies' histograms and surprise: a logged reply as its tokens (at most the profile's reply length:
-    the null was calibrated on replies that long), otherwise the model's greedy reply."""
+    """The replies' histograms and surprise (``replies.routing``, at the profile's reply length)."""
     from moeguard.monitor import replies
-    from moeguard.tasks.tokens import encode
 
-    n = prof.replies.max_tokens
-    missing = [i for i, g in enumerate(given) if g is None]
-    made = dict(zip(missing, replies.generate(model, tokenizer, [prompts[i] for i in missing], n)))
-    toks = [made[i] if g is None else encode(tokenizer, g)[:n] for i, g in enumerate(given)]
-    return replies.observe(model, tokenizer, prompts, toks, adapter=adapter, table=prof.tokens, max_tokens=n)
+    return replies.routing(model, tokenizer, prompts, given, adapter=adapter, table=prof.tokens,
+                           max_tokens=prof.replies.max_tokens)
 
 
 def drop_replay(cache: Path) -> None:
