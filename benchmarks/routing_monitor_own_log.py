@@ -8,10 +8,10 @@ each sees of the attacks.
   ``../shared/data`` is present, real text). Topics are unequally popular (Zipf: the i-th of a
   seeded order has weight 1/i). Each user has their own taste (Dirichlet with the popularity times
   the number of topics as its parameters), keeps to a topic for a while (a session: the next
-  request stays on it with probability 0.7), and sends 16, 32 or 48 requests. Users are interleaved
-  in time. No text is sent twice.
+  request stays on it with probability 0.7), and sends 16, 32 or 48 requests within its own stretch
+  of the day (``interleave``), so the traffic's composition moves over the day. No text is sent twice.
 - **Day 1** (the benign log the owner profiles): ``--users`` users over the topics' first items.
-  **Day 2**: 48 new users over held-out items, and attack clients of 32 requests each. Both days
+  **Day 2**: ``--test-users`` (96) new users over held-out items, and attack clients of 32 requests each. Both days
   draw from one population: a seeded split of each embedded task's train and eval inputs together
   (1,500 / 600) and of real text (1,200 / 400). (A first run drew day 2 from the eval inputs only, a
   known shift from the train inputs: the own-log profile then alerted on 15.8% of benign blocks at
@@ -20,15 +20,16 @@ each sees of the attacks.
   held-out success >= 90% before task inputs), ``saturation`` and ``random`` (as ``routing_monitor.py``).
 - **Two deployments**: ``raw`` (users' texts as they are) and ``wrapped`` (the deployment puts a
   system prompt before every request, attacks included: what a served model sees).
-- **Profiles**, each windows of 16 with early looks at 4 and 8 (no slices: attack clients are in every
-  slice of this timeline, so it has no benign slices to count):
+- **Profiles**, each windows of 16 with early looks at 4 and 8, and slices of ``--slice`` requests
+  (benign slices are counted on a second timeline of day 2's benign users only: attack clients are in
+  every slice of the first):
   - ``tasks``: ``profile.build`` on 200 items of every topic (the first of day 1's pool), as
     ``routing_monitor.py``: an owner who knows every topic (real text cannot be named with --tasks,
     so this is the best case for task profiles). In the wrapped deployment: ``tasks`` on the bare
     items, and ``tasks_wrapped`` on them wrapped (an owner who knows the wrapper);
   - ``own_log``: ``fromlog.build`` on day 1, topics clustered.
-- **Reported** per profile, on day 2: the share of benign requests and of benign blocks of 16 (over
-  all their looks: family-wise) alerting at p <= 0.01 and 0.05; per attack kind
+- **Reported** per profile, on day 2: the share of benign requests, of benign blocks of 16 (over
+  all their looks: family-wise) and of benign slices alerting at p <= 0.01 and 0.05; per attack kind
   the full windows' AUROC against benign windows, the share of its blocks alerting at 0.01, and of
   its clients alerted by their 16th request (window or request alerts).
 """
@@ -88,13 +89,18 @@ def users(texts: dict[str, list[str]], n: int, rng: np.random.Generator, prefix:
 
 
 def interleave(clients: list[tuple[str, list[str]]], rng: np.random.Generator, wrap: str) -> list[dict]:
-    """Log records of all clients' requests in one timeline: each client's in order, clients
-    interleaved at random."""
-    slots = [c for c, (_, ps) in enumerate(clients) for _ in ps]
-    rng.shuffle(slots)
+    """Log records of all clients' requests in one timeline. Each client is active for a stretch of the
+    day (a start uniform over it, a span of 10-30% of it) and sends its requests, in order, at uniform
+    times within it: at any hour a different fifth of the users is active, so the traffic's
+    composition moves over the day (what slices must not alert on)."""
+    when = []
+    for c, (_, ps) in enumerate(clients):
+        start, span = rng.random(), rng.uniform(0.1, 0.3)
+        when += [(t, c) for t in np.sort(start + span * rng.random(len(ps)))]
+    when.sort()
     nxt = [0] * len(clients)
     rows = []
-    for i, c in enumerate(slots):
+    for i, (_, c) in enumerate(when):
         cid, ps = clients[c]
         rows.append({"id": f"{cid}-{nxt[c]}", "client": cid, "time": i, "_t": float(i), "prompt": wrap + ps[nxt[c]]})
         nxt[c] += 1
@@ -106,8 +112,12 @@ def _n(request_id: str) -> int:
     return int(str(request_id).rsplit("-", 1)[1])
 
 
-def measure(m, tok, prof, records: list[dict], kind_of: dict[str, str]) -> dict:
+def measure(m, tok, prof, records: list[dict], kind_of: dict[str, str], benign_only: list[dict]) -> dict:
     from moeguard.monitor.score import score
+
+    with warnings.catch_warnings():   # slices of a timeline of benign users only: their false alarms
+        warnings.simplefilter("ignore")
+        sl = np.array([t["p"] for t in score(m, tok, prof, benign_only, alpha=max(ALPHAS))[3]["traffic_slices"]])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -124,6 +134,8 @@ def measure(m, tok, prof, records: list[dict], kind_of: dict[str, str]) -> dict:
         out["requests"][f"benign_alert_rate_at_{a}"] = round(float(np.mean(req <= a)), 4)
         out["blocks"][f"benign_alert_rate_at_{a}"] = round(float(np.mean(bp <= a)), 4)
     out["requests"]["benign"], out["blocks"]["benign"] = len(req), len(bp)
+    out["slices"] = {**{f"benign_alert_rate_at_{a}": round(float(np.mean(sl <= a)), 4) for a in ALPHAS},
+                     "benign": len(sl), "slice": prof.meta["slice"]}
     full = [w for w in looks if w["length"] == 16]
     bw = [w["p"] for w in full if benign(w["client"])]
     out["attacks"] = {}
@@ -144,7 +156,8 @@ def measure(m, tok, prof, records: list[dict], kind_of: dict[str, str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=240, help="day-1 users (the benign log profiled)")
-    ap.add_argument("--test-users", type=int, default=48)
+    ap.add_argument("--test-users", type=int, default=96)
+    ap.add_argument("--slice", type=int, default=64, help="requests per slice of all traffic")
     ap.add_argument("--route-attack", default=str(Path(__file__).parent / "results" / "route_attack.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
@@ -191,10 +204,11 @@ def main() -> None:
     kind_of = {c: "benign" for c, _ in benign2} | {c: k for k, c, _ in attacks}
     day2 = benign2 + [(c, ps) for _, c, ps in attacks]
     results = {}
-    kw = dict(window=16, early=(4, 8), seed=args.seed, name="embedded")
+    kw = dict(window=16, early=(4, 8), slice_len=args.slice, seed=args.seed, name="embedded")
     for deployment, wrap in (("raw", ""), ("wrapped", WRAPPER)):
         log1 = interleave(day1, np.random.default_rng(args.seed + 2), wrap)
         log2 = interleave(day2, np.random.default_rng(args.seed + 1), wrap)   # the same timeline in both
+        alone = interleave(benign2, np.random.default_rng(args.seed + 3), wrap)
         first = {t: v[:200] for t, v in day1_texts.items()}
         made = {"tasks": lambda: build(m, tok, first, **kw)}
         if wrap:
@@ -208,17 +222,17 @@ def main() -> None:
                 prof = make()
             results[deployment][name] = {"profile": {"requests": prof.meta["requests"], "topics": len(prof.topics),
                                                      **({"source": prof.meta["source"]} if "source" in prof.meta else {})},
-                                         **measure(m, tok, prof, log2, kind_of),
+                                         **measure(m, tok, prof, log2, kind_of, alone),
                                          "seconds": round(time.perf_counter() - t1, 1)}
             r = results[deployment][name]
             print(f"{deployment:8s} {name:14s} benign alerts at 0.01: requests {r['requests']['benign_alert_rate_at_0.01']:.3f} "
-                  f"blocks {r['blocks']['benign_alert_rate_at_0.01']:.3f} | "
+                  f"blocks {r['blocks']['benign_alert_rate_at_0.01']:.3f} slices {r['slices']['benign_alert_rate_at_0.01']:.3f} | "
                   + " ".join(f"{k} {v['window_auroc']:.3f}" for k, v in r["attacks"].items()), flush=True)
     path = write_result("routing_monitor_own_log", {
         "setting": {"topics": list(topics), "day1_users": args.users, "day1_requests": sum(len(p) for _, p in day1),
                     "day2_benign_users": args.test_users, "day2_requests": sum(len(p) for _, p in day2),
                     "attack_clients": {k: sum(1 for kk, *_ in attacks if kk == k) for k in sorted({a[0] for a in attacks})},
-                    "wrapper": WRAPPER, "window": 16, "early": [4, 8], "seed": args.seed},
+                    "wrapper": WRAPPER, "window": 16, "early": [4, 8], "slice": args.slice, "seed": args.seed},
         "results": results, "seconds": round(time.perf_counter() - t0, 1)}, args.out)
     print(f"written to {path}")
 
