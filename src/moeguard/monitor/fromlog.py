@@ -46,7 +46,10 @@ CHUNK = 256          # requests observed (and kept for a resumed run) at a time
 MIN_TOPIC = 8        # smallest cluster kept as a topic: its mean histogram and kernel references need a few
 MAX_TOPICS = 16
 REPEATED = 0.1           # share of calibration prompts also in the fit half above which build warns
-INDEPENDENT_BLOCKS = 100   # below this many non-overlapping benign client blocks, a 0.01 window p-value is extrapolation
+# below this many non-overlapping benign client blocks a 0.01 window p-value is extrapolation: fresh
+# benign blocks alerted at 2-4x nominal from 230 (benchmarks/routing_monitor_own_log.py), at about
+# nominal from 380
+INDEPENDENT_BLOCKS = 300
 
 
 def check_topics(value: Any) -> int:
@@ -240,9 +243,9 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
         warnings.warn(f"no calibration client sent {window} requests: benign windows are drawn from the log's requests "
                       "(one topic or mixed), not real clients' blocks; profile a longer log")
     elif disjoint < INDEPENDENT_BLOCKS:
-        warnings.warn(f"benign windows come from {disjoint} non-overlapping blocks of {distinct} calibration client(s): "
-                      f"window p-values below about {1 / (disjoint + 1):.2g} rest on too few users to be calibrated; "
-                      "profile a longer log (more clients)")
+        warnings.warn(f"benign windows come from {disjoint} non-overlapping blocks of {distinct} calibration client(s), "
+                      f"fewer than {INDEPENDENT_BLOCKS}: window p-values near 0.01 rest on too few users to be calibrated "
+                      "(fresh benign blocks alerted at 2-4x alpha from 230); profile a longer log (more clients)")
 
     def real_block(i: int) -> np.ndarray:        # a run of one client's requests, every start equally likely
         return np.asarray(runs[int(rng.integers(len(runs)))])
