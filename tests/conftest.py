@@ -65,3 +65,21 @@ def audit_run(tmp_path_factory):
             out.parent.mkdir(exist_ok=True)
             assert main(["audit", "--out", str(out), *SMALL_AUDIT]) == 0
     return out
+
+
+@pytest.fixture
+def through_hook():
+    """``run(monitor, model, tokenizer, records, client=None)``: each record's prompt sent through the
+    model as one forward inside ``monitor.request`` (a ``RoutingMonitor``), as a server does; the
+    hook's result of each request, read once the monitor has flushed (on leaving it)."""
+    def run(mon, model, tokenizer, records, client=None):
+        handles = []
+        with mon:
+            for r in records:
+                with mon.request(client if client is not None else r["client"]) as res:
+                    ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) \
+                        + tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+                    model(input_ids=torch.tensor([ids]))
+                handles.append(res)
+        return [h.result for h in handles]
+    return run

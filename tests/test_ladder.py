@@ -10,7 +10,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
@@ -113,21 +112,14 @@ def test_the_adjusted_p_value_holds_a_benign_block_to_alpha_over_all_its_looks()
     assert np.mean(looks[2][3]["evidence"] <= 0.05) <= 0.10
 
 
-def test_the_online_hook_looks_early_as_the_offline_scorer_does(setting):
+def test_the_online_hook_looks_early_as_the_offline_scorer_does(setting, through_hook):
     from moeguard.monitor.online import RoutingMonitor
 
     m, tok, early, _ = setting
     recs = _records(0, 8)
     _, wins, _, _ = score(m, tok, early, recs)
     mon = RoutingMonitor(m, early, flush_every=1)
-    results = []
-    with mon:
-        for r in recs:
-            with mon.request("eve") as res:
-                ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) \
-                    + tok(r["prompt"], add_special_tokens=False)["input_ids"]
-                m(input_ids=torch.tensor([ids]))
-            results.append(res.result)
+    results = through_hook(mon, m, tok, recs, client="eve")
     looked = [(i, x["window"]) for i, x in enumerate(results) if x["window"] is not None]
     assert [(i, w["length"]) for i, w in looked] == [(3, 4), (7, 8)]
     for (_, w), off in zip(looked, wins):

@@ -237,9 +237,7 @@ def test_logged_replies_are_profiled_as_logged_and_missing_ones_generated(settin
     assert 0 < sc[0]["p"] <= 1 and "reply_load" in sc[0]
 
 
-def test_the_online_hook_scores_a_log_profile_as_the_offline_scorer_does(setting):
-    import torch
-
+def test_the_online_hook_scores_a_log_profile_as_the_offline_scorer_does(setting, through_hook):
     from moeguard.monitor.online import RoutingMonitor
 
     m, tok, _, own, _ = setting                       # early looks at 2 and 4 of 8 (Sidak), slices of 32
@@ -248,15 +246,7 @@ def test_the_online_hook_scores_a_log_profile_as_the_offline_scorer_does(setting
              "prompt": WRAPPER + CAMPAIGN + SEPARATOR + rng.choice(_pool("eval")[TASKS[1]])} for j in range(8)]
     recs += [{**r, "_t": float(8 + i), "time": 8 + i} for i, r in enumerate(_users(_pool("eval"), 3, 8, 5))]
     _, wins, _, summary = score(m, tok, own, recs)
-    mon = RoutingMonitor(m, own, flush_every=1)
-    results = []
-    with mon:
-        for r in recs:
-            with mon.request(r["client"]) as res:
-                ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) \
-                    + tok(r["prompt"], add_special_tokens=False)["input_ids"]
-                m(input_ids=torch.tensor([ids]))
-            results.append(res.result)
+    results = through_hook(RoutingMonitor(m, own, flush_every=1), m, tok, recs)
     looked = [x["window"] for x in results if x["window"] is not None]
     assert [w["length"] for w in looked] == [w["length"] for w in wins] and len(looked) == 12
     for w, off in zip(looked, wins):

@@ -9,7 +9,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
@@ -78,22 +77,14 @@ def test_a_campaign_over_many_identities_is_seen_in_a_slice_that_names_them(sett
     assert d[0] < d[1] < d[2], d
 
 
-def test_the_online_hook_scores_slices_as_the_offline_scorer_does(setting):
+def test_the_online_hook_scores_slices_as_the_offline_scorer_does(setting, through_hook):
     from moeguard.monitor.online import RoutingMonitor
 
     m, tok, prof = setting
     recs = _traffic(16)
     offline = score(m, tok, prof, recs)[3]["traffic_slices"][0]
     mon = RoutingMonitor(m, prof, flush_every=8)
-    results = []
-    with mon:
-        for r in recs:
-            with mon.request(r["client"]) as res:
-                ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) \
-                    + tok(r["prompt"], add_special_tokens=False)["input_ids"]
-                m(input_ids=torch.tensor([ids]))
-            results.append(res)
-    got = [r.result["slice"] for r in results]
+    got = [r["slice"] for r in through_hook(mon, m, tok, recs)]
     assert all(g is None for g in got[:-1]) and got[-1]["p"] == pytest.approx(offline["p"])
     assert got[-1]["drift"] == pytest.approx(offline["drift"], abs=1e-5) and got[-1]["alert"]["kind"] == "slice"
     assert [t["client"] for t in got[-1]["top_clients"]] == [t["client"] for t in offline["top_clients"]]

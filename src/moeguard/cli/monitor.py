@@ -114,10 +114,9 @@ def monitor_profile(
         early: Annotated[str, typer.Option("--early", help="also score each client's window as it grows, at these lengths: 'auto' (a quarter and a half of --window: 4,8 of 16), a list such as 4,8, or 'none' (only full windows)")] = "auto",
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """The reference routing profile of benign traffic, with calibrated null distributions."""
-    from moeguard.cli.app import _seed
     from moeguard.edge import embedded_or, resolve_model, task_inputs
     from moeguard.errors import MoeguardError
-    from moeguard.io import check_output, write_json
+    from moeguard.io import check_output
     from moeguard.monitor.profile import build
     from moeguard.tasks.loaders import load_records, prompt_text
 
@@ -159,51 +158,64 @@ def monitor_profile(
                             hint=f"pass --window of at most {held}, or raise --limit (or give tasks with more inputs)")
     import hashlib
 
-    from moeguard.io import resumable_scratch
-    from moeguard.models.identity import weights_digest, weights_identity
-    from moeguard.provenance import run_record
+    from moeguard.models.identity import weights_identity
 
     # what the kept per-task arrays depend on: an interrupted run resumes only on the same inputs,
     # seed (the halves) and weights
     resume = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "seed": seed, "reply_tokens": reply_tokens,
               "model": weights_identity(handle.arg), **_placement(handle)}
+    settings = {"model": handle.name, "tasks": list(prompts), "limit": limit, "window": window, "seed": seed,
+                "reply_tokens": reply_tokens, **({"early": list(looks)} if looks else {}),
+                **({"slice": slice_len} if slice_len else {})}
+    prof = _make_profile(out=out, overwrite=overwrite, resume=resume, handle=handle, seed=seed, settings=settings,
+                         kept="tasks", make=lambda m, tok, tmp, progress: build(
+                             m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=progress,
+                             reply_tokens=reply_tokens, early=looks, slice_len=slice_len))
+    r = prof.meta["requests"]
+    replies = f", replies of at most {reply_tokens} tokens" if reply_tokens else ""
+    early_at = _early_at(looks, slice_len)
+    typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
+               f"calibrating, windows of {window}{early_at}{replies}; written to {out}")
+
+
+def _make_profile(*, out: Path, overwrite: bool, resume: dict, handle, seed: int, settings: dict, kept: str, make):
+    """Load the model and build the profile (``make(model, tokenizer, scratch, progress)``) in a resumable
+    scratch folder, then write it with its run record. Ctrl-C keeps what was observed for a rerun."""
+    from moeguard.cli.app import _seed
+    from moeguard.io import resumable_scratch, write_json
+    from moeguard.models.identity import weights_digest
+    from moeguard.provenance import run_record
+
     with resumable_scratch(out, overwrite=overwrite, settings=resume) as tmp:
         _seed(seed)
         m, tok, _ = handle.load()
         try:
             with _progress() as progress:
-                prof = build(m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=progress,
-                             reply_tokens=reply_tokens, early=looks, slice_len=slice_len)
+                prof = make(m, tok, tmp, progress)
             prof.meta["weights"] = weights_digest(handle.arg)   # what score and serve compare, not the name typed
         except KeyboardInterrupt:
             import sys
 
-            print(f"moeguard: interrupted; the tasks profiled so far are kept in {tmp}: run the same command "
+            print(f"moeguard: interrupted; the {kept} profiled so far are kept in {tmp}: run the same command "
                   f"again to resume", file=sys.stderr)
             raise SystemExit(130) from None
-        doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "tasks": list(prompts), "limit": limit,
-                                                    "window": window, "seed": seed, "reply_tokens": reply_tokens,
-                                                    **({"early": list(looks)} if looks else {}),
-                                                    **({"slice": slice_len} if slice_len else {}), **_placement(handle)})}
-        write_json(out, doc, overwrite=overwrite)
-    r = prof.meta["requests"]
-    replies = f", replies of at most {reply_tokens} tokens" if reply_tokens else ""
-    early_at = f" (looked at early after {', '.join(map(str, looks))} requests)" if looks else ""
-    early_at += f", slices of {slice_len} requests of all traffic" if slice_len else ""
-    typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
-               f"calibrating, windows of {window}{early_at}{replies}; written to {out}")
+        write_json(out, {**prof.to_dict(), "run": run_record({**settings, **_placement(handle)})}, overwrite=overwrite)
+    return prof
+
+
+def _early_at(looks: tuple[int, ...], slice_len: int) -> str:
+    at = f" (looked at early after {', '.join(map(str, looks))} requests)" if looks else ""
+    return at + (f", slices of {slice_len} requests of all traffic" if slice_len else "")
 
 
 def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[int, ...], slice_len: int,
                  reply_tokens: int, model, device_map, overwrite: bool, seed: int) -> None:
     """``monitor profile --log``: the profile of a deployment's own benign traffic (monitor/fromlog.py)."""
-    from moeguard.cli.app import _seed
     from moeguard.edge import resolve_model
-    from moeguard.io import file_sha256, resumable_scratch, write_json
-    from moeguard.models.identity import weights_digest, weights_identity
+    from moeguard.io import file_sha256
+    from moeguard.models.identity import weights_identity
     from moeguard.monitor import fromlog
     from moeguard.monitor.score import read_log
-    from moeguard.provenance import run_record
 
     k = fromlog.check_topics(topics)
     records = read_log(log)
@@ -212,29 +224,16 @@ def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple
     digest = file_sha256(log)
     resume = {"log": digest, "seed": seed, "topics": k, "reply_tokens": reply_tokens, "model": weights_identity(handle.arg),
               **_placement(handle)}
-    with resumable_scratch(out, overwrite=overwrite, settings=resume) as tmp:
-        _seed(seed)
-        m, tok, _ = handle.load()
-        try:
-            with _progress() as progress:
-                prof = fromlog.build(m, tok, records, window=window, topics=k, seed=seed, name=handle.name, cache=tmp,
-                                     progress=progress, early=early, slice_len=slice_len, reply_tokens=reply_tokens,
-                                     log={"log": str(log), "sha256": digest})
-            prof.meta["weights"] = weights_digest(handle.arg)
-        except KeyboardInterrupt:
-            import sys
-
-            print(f"moeguard: interrupted; the requests profiled so far are kept in {tmp}: run the same command "
-                  f"again to resume", file=sys.stderr)
-            raise SystemExit(130) from None
-        doc = {**prof.to_dict(), "run": run_record({"model": handle.name, "log": str(log), "topics": topics,
-                                                    "window": window, "seed": seed, "reply_tokens": reply_tokens,
-                                                    **({"early": list(early)} if early else {}),
-                                                    **({"slice": slice_len} if slice_len else {}), **_placement(handle)})}
-        write_json(out, doc, overwrite=overwrite)
+    settings = {"model": handle.name, "log": str(log), "topics": topics, "window": window, "seed": seed,
+                "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
+                **({"slice": slice_len} if slice_len else {})}
+    prof = _make_profile(out=out, overwrite=overwrite, resume=resume, handle=handle, seed=seed, settings=settings,
+                         kept="requests", make=lambda m, tok, tmp, progress: fromlog.build(
+                             m, tok, records, window=window, topics=k, seed=seed, name=handle.name, cache=tmp,
+                             progress=progress, early=early, slice_len=slice_len, reply_tokens=reply_tokens,
+                             log={"log": str(log), "sha256": digest}))
     r, src = prof.meta["requests"], prof.meta["source"]
-    early_at = f" (looked at early after {', '.join(map(str, early))} requests)" if early else ""
-    early_at += f", slices of {slice_len} requests of all traffic" if slice_len else ""
+    early_at = _early_at(early, slice_len)
     typer.echo(f"profile of {handle.name} from {log}: {len(prof.topics)} topics ({src['topics']}), split by {src['split']}: "
                f"{r['fit']} requests from {src['clients']['fit']} clients fitted, {r['calibration']} from "
                f"{src['clients']['calibration']} calibrating; windows of {window} from "
