@@ -77,13 +77,17 @@ def test_a_log_profile_learns_the_deployments_traffic_where_a_task_profile_alarm
     # the task profile never saw the wrapper: nearly every benign user's window is an alarm
     assert rates["tasks"] >= 0.5 and rates["tasks_slices"] >= 0.5, rates
     # the log profile calibrated on it (a small log of 15 calibration users: not the nominal 1%)
-    assert rates["own"] <= 0.1 and rates["own_slices"] <= 0.2, rates
+    assert rates["own"] <= 0.1 and rates["own_slices"] <= 0.1, rates
     assert rates["own_mallory"] == 2, rates               # the campaign is still seen, in both its blocks
     src = own.meta["source"]
     assert src["split"] == "clients" and src["topics"] == "clusters" and src["windows"] == "clients", src
     assert src["clients"] == {"fit": 15, "calibration": 15, "calibrating_windows": 15} and src["slices"] == "traffic"
     assert src["repeated"] == 0 and src["disjoint_blocks"] == 30
     assert own.meta["requests"] == {"fit": 240, "calibration": 240} and own.meta["early"] == [2, 4]
+    # early looks adjusted by Sidak over three looks (windows are real users' runs), not by min-p
+    u = np.arange(1, 2001) / 2001
+    assert np.allclose(own.null["window.ladder"], 1 - (1 - u) ** (1 / 3))
+    assert not np.allclose(tasks.null["window.ladder"], 1 - (1 - u) ** (1 / 3))
 
 
 def test_clusters_recover_the_tasks_and_a_topic_field_names_them(setting):
@@ -139,8 +143,15 @@ def test_a_resumed_build_reads_its_kept_chunks(setting, tmp_path, monkeypatch):
     log = _users(pool, 30, 16, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        whole = fromlog.build(m, tok, log, window=8, seed=0, early=())            # one chunk a half
+        monkeypatch.setattr(fromlog, "CHUNK", 64)
         first = fromlog.build(m, tok, log, window=8, seed=0, cache=tmp_path, early=())
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".log-calibration-0.npz", ".log-fit-0.npz"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == \
+            [f".log-calibration-{i}.npz" for i in range(4)] + [f".log-fit-{i}.npz" for i in range(4)]
+        # chunks change no number beyond float noise (a pooled hidden sum moved by 1e-5 in two rows of
+        # 240: the same batches, run in another sequence of forwards)
+        assert np.array_equal(first.mean, whole.mean) and set(first.null) == set(whole.null)
+        assert all(np.allclose(first.null[k], whole.null[k], rtol=1e-5, atol=1e-8) for k in whole.null)
 
         def no_forward(*a, **k):
             raise AssertionError("a kept chunk was observed again")
@@ -165,6 +176,8 @@ def test_bad_log_settings_are_one_line_errors_before_the_model_loads(tmp_path, c
     half = _users(pool, 30, 16, 1)
     for r in half[:5]:
         r["topic"] = "billing"
+    named = [{**r, "topic": "general"} for r in _users(pool, 30, 16, 1)]
+    rare = [{**r, "topic": "billing" if i < 2 else "general"} for i, r in enumerate(_users(pool, 30, 16, 1))]
     cases = [
         (["--log", str(good), "--tasks", "arith-compare"], "--log is given with --tasks"),
         (["--log", str(good), "--limit", "50"], "--log is given with --limit"),
@@ -176,6 +189,10 @@ def test_bad_log_settings_are_one_line_errors_before_the_model_loads(tmp_path, c
         (["--log", str(_log_file(tmp_path / "short.jsonl", _users(pool, 2, 5, 1)))], "the benign log holds 10 requests"),
         (["--log", str(_log_file(tmp_path / "half.jsonl", half))], "5 of the log's 480 records have a topic"),
         (["--log", str(tmp_path / "absent.jsonl")], "absent.jsonl does not exist"),
+        (["--log", str(_log_file(tmp_path / "named.jsonl", named)), "--topics", "3"],
+         "--topics 3 with a log whose records name their topics"),
+        (["--log", str(_log_file(tmp_path / "rare.jsonl", rare))], "topic ['billing'] has fewer than 4 requests"),
+        (["--log", str(good), "--topics", "\u00b2"], "--topics is '\u00b2'"),
     ]
     for args, message in cases:
         out = tmp_path / "P.json"

@@ -211,6 +211,8 @@ def _early_at(looks: tuple[int, ...], slice_len: int) -> str:
 def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[int, ...], slice_len: int,
                  reply_tokens: int, model, device_map, overwrite: bool, seed: int) -> None:
     """``monitor profile --log``: the profile of a deployment's own benign traffic (monitor/fromlog.py)."""
+    import hashlib
+
     from moeguard.edge import resolve_model
     from moeguard.io import file_sha256
     from moeguard.models.identity import weights_identity
@@ -219,10 +221,14 @@ def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple
 
     k = fromlog.check_topics(topics)
     records = read_log(log)
-    fromlog.check(records, window=window, slice_len=slice_len, seed=seed)     # before any weights load
+    fromlog.check(records, window=window, slice_len=slice_len, seed=seed, topics=k)     # before any weights load
     handle = resolve_model(model, device_map=device_map)
     digest = file_sha256(log)
-    resume = {"log": digest, "seed": seed, "topics": k, "reply_tokens": reply_tokens, "model": weights_identity(handle.arg),
+    # what the kept chunks depend on: the records as read (a log appended to since, or read with another
+    # time zone for naive ISO times, splits differently), the seed (the split) and the weights
+    read = hashlib.sha256(json.dumps([[r["client"], r["_t"], r["prompt"], r.get("reply"), r.get("topic")]
+                                      for r in records]).encode()).hexdigest()
+    resume = {"records": read, "seed": seed, "reply_tokens": reply_tokens, "model": weights_identity(handle.arg),
               **_placement(handle)}
     settings = {"model": handle.name, "log": str(log), "topics": topics, "window": window, "seed": seed,
                 "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),

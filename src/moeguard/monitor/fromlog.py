@@ -55,7 +55,7 @@ INDEPENDENT_BLOCKS = 300
 def check_topics(value: Any) -> int:
     """``--topics``: 0 (auto) or 1 to ``MAX_TOPICS`` clusters."""
     if isinstance(value, str):
-        value = 0 if value == "auto" else int(value) if value.strip().isdigit() else value
+        value = 0 if value == "auto" else int(value) if value.strip().isascii() and value.strip().isdecimal() else value
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOPICS:
         raise MoeguardError(f"--topics is {value!r}", hint=f"pass 'auto' or 1 to {MAX_TOPICS} clusters")
     return value
@@ -73,10 +73,10 @@ def split(records: list[dict[str, Any]], *, window: int, rng: np.random.Generato
     for i, r in enumerate(records):
         by[r["client"]].append(i)
     fit: list[int] = []
-    for j in rng.permutation(len(clients)):
-        if len(fit) >= n / 2:
-            break
-        fit += by[clients[j]]
+    for j in rng.permutation(len(clients)):   # a client joins the fit half where that brings it nearer n / 2:
+        ix = by[clients[j]]                     # one large client drawn late is skipped, not a reason to split by time
+        if abs(len(fit) + len(ix) - n / 2) < abs(len(fit) - n / 2):
+            fit += ix
     how = "clients"
     if min(len(fit), n - len(fit)) < n / 3:
         fit, how = list(range(n // 2)), "time"
@@ -84,21 +84,39 @@ def split(records: list[dict[str, Any]], *, window: int, rng: np.random.Generato
     return sorted(fit), [i for i in range(n) if i not in chosen], how
 
 
-def check(records: list[dict[str, Any]], *, window: int, slice_len: int, seed: int) -> None:
+def check(records: list[dict[str, Any]], *, window: int, slice_len: int, seed: int, topics: int = 0) -> None:
     """``build``'s one-line errors on the log (sizes, topics, the split), before any weights load."""
-    _plan(records, window=window, slice_len=slice_len, rng=np.random.default_rng(seed))
+    _plan(records, window=window, slice_len=slice_len, rng=np.random.default_rng(seed), topics=topics)
 
 
-def _plan(records: list[dict[str, Any]], *, window: int, slice_len: int, rng: np.random.Generator):
+def _plan(records: list[dict[str, Any]], *, window: int, slice_len: int, rng: np.random.Generator, topics: int = 0):
     """(records in time order, fit indices, calibration indices, how they were split), checked."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise MoeguardError(f"window is {window!r}", hint="pass a window of at least 1 request")
     records = sorted(records, key=lambda r: r["_t"])          # stable: equal times keep the log's order
     labelled = [r for r in records if "topic" in r]
-    if labelled and (len(labelled) < len(records) or any(not isinstance(r["topic"], str) or not r["topic"].strip()
-                                                         for r in labelled)):
+    bad = next((r for r in labelled if not isinstance(r["topic"], str) or not r["topic"].strip()), None)
+    if labelled and (len(labelled) < len(records) or bad is not None):
+        which = f"record {bad['id']!r} has topic {bad['topic']!r}" if bad is not None else \
+            f"record {next(r for r in records if 'topic' not in r)['id']!r} has none"
         raise MoeguardError(f"{len(labelled)} of the log's {len(records)} records have a topic, and every topic must be "
-                            "a non-empty string", hint="give every record a topic (an endpoint, an app), or none "
-                            "(topics are then clusters)")
+                            f"a non-empty string ({which})", hint="give every record a topic (an endpoint, an app), or "
+                            "none (topics are then clusters)")
+    if labelled and topics:
+        raise MoeguardError(f"--topics {topics} with a log whose records name their topics",
+                            hint="drop --topics (the records' topics are used), or the records' topic fields")
     fit_ix, cal_ix, how = split(records, window=window, rng=rng)
+    if len(cal_ix) < window:   # every benign window would repeat requests (as profile.build refuses)
+        raise MoeguardError(f"the calibration half of the log ({how} split) holds {len(cal_ix)} requests, fewer than "
+                            f"--window {window}", hint="pass a smaller --window, or a longer log")
+    if labelled:   # a topic needs a few fit requests for its mean histogram and kernel references
+        fitted = Counter(records[j]["topic"] for j in fit_ix)
+        rare = sorted(t for t in {r["topic"] for r in records} if fitted[t] < 4)
+        if rare:
+            raise MoeguardError(f"topic{'s' if len(rare) > 1 else ''} {rare} {'have' if len(rare) > 1 else 'has'} fewer "
+                                f"than 4 requests in the fit half ({how} split: their clients fell mostly in the "
+                                "calibration half)", hint="drop or merge rare topics in the log, pass another --seed, "
+                                "or profile a longer log")
     if slice_len and len(cal_ix) < 2 * slice_len:
         raise MoeguardError(f"--slice {slice_len} needs at least {2 * slice_len} calibration requests; the log gives "
                             f"{len(cal_ix)} (half of its {len(records)})", hint="pass a smaller --slice, or a longer log")
@@ -157,7 +175,7 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
         raise MoeguardError(f"reply_tokens is {reply_tokens!r}", hint="pass 0 (prompts only) or a reply length of 1 to 256 tokens")
     windows = windows if windows is not None else (ladder.BENIGN_BLOCKS if early else 400)
     rng = np.random.default_rng(seed)
-    records, fit_ix, cal_ix, how = _plan(records, window=window, slice_len=slice_len, rng=rng)
+    records, fit_ix, cal_ix, how = _plan(records, window=window, slice_len=slice_len, rng=rng, topics=topics)
     labelled = "topic" in records[0]
     adapter = MoEAdapter(model)
     check_uniform(adapter)

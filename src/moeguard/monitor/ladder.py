@@ -120,23 +120,22 @@ def unseen(meta: dict[str, Any], block: int) -> int:
 
 
 def calibrate(prof, *, window: int, early: tuple[int, ...], fit_blocks: list[np.ndarray],
-              ladder_blocks: list[np.ndarray] | None, C: np.ndarray, XC: np.ndarray, request_p: np.ndarray,
-              rng: np.random.Generator | None = None) -> None:
+              ladder_blocks: list[np.ndarray] | None, C: np.ndarray, XC: np.ndarray, request_p: np.ndarray) -> None:
     """Fill ``prof.null`` for early looks: each length's statistics on the first ``n`` requests of
     ``fit_blocks`` (benign blocks, whose full windows calibrated ``window``), and ``window.ladder``:
     the smallest look p-value of each of ``ladder_blocks`` (other benign blocks). ``ladder_blocks``
-    None: the smallest of independent uniform p-values, one per look, for as many blocks as
-    ``fit_blocks`` (drawn with ``rng``): Sidak's adjustment, conservative for looks that are
-    positively correlated, where benign blocks are too few users to estimate their min-p
-    (``fromlog.py``)."""
+    None: the quantiles of the smallest of independent uniform p-values, one per look, at as many
+    points as ``fit_blocks``: Sidak's adjustment, conservative for looks that are positively
+    correlated, where benign blocks are too few users to estimate their min-p (``fromlog.py``)."""
     from moeguard.monitor.profile import WINDOW_STATISTICS
 
     for n in early:
         ws = prof.window_statistics(*first(fit_blocks, n, C, XC, request_p))
         for k in WINDOW_STATISTICS:
             prof.null[f"{level(n, window)}.{k}"] = np.sort(ws[k])
-    if ladder_blocks is None:
-        prof.null["window.ladder"] = np.sort(rng.random((len(fit_blocks), len(early) + 1)).min(1))
+    if ladder_blocks is None:   # exact quantiles of the smallest of m uniforms: no draw, no Monte Carlo noise
+        u = np.arange(1, len(fit_blocks) + 1) / (len(fit_blocks) + 1)
+        prof.null["window.ladder"] = 1 - (1 - u) ** (1 / (len(early) + 1))
         return
     smallest = np.ones(len(ladder_blocks))
     for n in early + (window,):

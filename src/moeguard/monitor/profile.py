@@ -497,8 +497,8 @@ def assemble(*, adapter, name: str, seed: int, rng: np.random.Generator, window:
         # window give none (repeats would inflate drift's null and every statistic's spread)
         by_topic = {t: ix for t in topics if len(ix := np.flatnonzero(np.asarray(cal_topic) == t)) >= window}
         if not by_topic:
-            warnings.warn(f"no task has {window} calibration inputs (half of its benign inputs): benign windows are all "
-                          f"mixed; profile more inputs per task (--limit) for single-topic windows")
+            warnings.warn(f"no topic has {window} calibration inputs (half of its benign inputs): benign windows are all "
+                          f"mixed; profile more inputs per topic (--limit, or a longer --log) for single-topic windows")
 
         def blocks(i: int) -> np.ndarray:
             pool = by_topic[list(by_topic)[i // 2 % len(by_topic)]] if i % 2 == 0 and by_topic else np.arange(len(C))
@@ -509,7 +509,7 @@ def assemble(*, adapter, name: str, seed: int, rng: np.random.Generator, window:
     for k in WINDOW_STATISTICS:
         null[f"window.{k}"] = np.sort(ws[k])
     if early:   # drawn after the windows above, which are then the same as without early looks
-        ladder.calibrate(prof, window=window, early=early, fit_blocks=picks, rng=rng,
+        ladder.calibrate(prof, window=window, early=early, fit_blocks=picks,
                          ladder_blocks=None if sidak else [blocks(windows + i) for i in range(windows)], C=C, XC=XC,
                          request_p=req_p)
     if slice_len:   # drawn last: every null above is what it is without slices

@@ -53,7 +53,7 @@ class ReplyReference:
         if any(len(v) == 0 for v in kept.values()):
             empty = [t for t, v in kept.items() if len(v) == 0]
             raise MoeguardError(f"the model gave no reply to any benign input of {empty}",
-                                hint="profile without --reply-tokens, or with tasks the model answers")
+                                hint="profile without --reply-tokens, or with inputs the model answers")
         # the prompt profile's floor (profile.build): a share benign replies never vary still has a spread
         spread = {t: np.maximum(v.std(0), 0.5 / np.sqrt(len(v)) * np.maximum(v.mean(0), 1e-3) + 1e-3)
                   for t, v in kept.items()}
