@@ -47,8 +47,8 @@ MIN_TOPIC = 8        # smallest cluster kept as a topic: its mean histogram and 
 MAX_TOPICS = 16
 REPEATED = 0.1           # share of calibration prompts also in the fit half above which build warns
 # below this many non-overlapping benign client blocks a 0.01 window p-value is extrapolation: fresh
-# benign blocks alerted at 2-4x nominal from 230 (benchmarks/routing_monitor_own_log.py), at about
-# nominal from 380
+# benign blocks alerted at 0.5-3.8% at 0.01 from 230, depending on which users calibrated
+# (benchmarks/routing_monitor_own_log.py), at about nominal from 389
 INDEPENDENT_BLOCKS = 300
 
 
@@ -263,7 +263,7 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
     elif disjoint < INDEPENDENT_BLOCKS:
         warnings.warn(f"benign windows come from {disjoint} non-overlapping blocks of {distinct} calibration client(s), "
                       f"fewer than {INDEPENDENT_BLOCKS}: window p-values near 0.01 rest on too few users to be calibrated "
-                      "(fresh benign blocks alerted at 2-4x alpha from 230); profile a longer log (more clients)")
+                      "(fresh benign blocks alerted at up to 4x alpha from 230); profile a longer log (more clients)")
 
     def real_block(i: int) -> np.ndarray:        # a run of one client's requests, every start equally likely
         return np.asarray(runs[int(rng.integers(len(runs)))])
