@@ -271,3 +271,13 @@ def test_the_online_hook_scores_a_log_profile_as_the_offline_scorer_does(setting
     (sl,) = [x["slice"] for x in results if x["slice"] is not None]
     assert sl["p"] == pytest.approx(summary["traffic_slices"][0]["p"])
     assert wins[0]["p"] <= 0.01 or wins[1]["p"] <= 0.01      # eve's crafted block is seen by a look
+
+
+def test_a_gateway_log_of_one_client_splits_by_time_and_says_how_few_users_calibrate(setting):
+    m, tok, pool, _, _ = setting
+    log = [{**r, "client": "gateway"} for r in _users(pool, 30, 16, 1)]   # no per-user identity
+    with pytest.warns(UserWarning, match="non-overlapping blocks of 1 calibration client"):
+        prof = fromlog.build(m, tok, log, window=8, seed=0, early=(2, 4))
+    src = prof.meta["source"]
+    assert src["split"] == "time" and src["clients"] == {"fit": 1, "calibration": 1, "calibrating_windows": 1}
+    assert prof.meta["requests"] == {"fit": 240, "calibration": 240} and src["windows"] == "clients"
