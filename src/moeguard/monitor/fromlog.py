@@ -166,13 +166,12 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
     greedy reply otherwise (as ``score`` replays it). ``log``: what the profile records of the log (its
     path and digest)."""
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.monitor import ladder, slices
+    from moeguard.monitor import ladder, replies, slices
 
     early = ladder.check_early(early, window)
     slice_len = slices.check_slice(slice_len)
     topics = check_topics(topics)
-    if isinstance(reply_tokens, bool) or not isinstance(reply_tokens, int) or not 0 <= reply_tokens <= 256:
-        raise MoeguardError(f"reply_tokens is {reply_tokens!r}", hint="pass 0 (prompts only) or a reply length of 1 to 256 tokens")
+    reply_tokens = replies.check_length(reply_tokens)
     windows = windows if windows is not None else (ladder.BENIGN_BLOCKS if early else 400)
     rng = np.random.default_rng(seed)
     records, fit_ix, cal_ix, how = _plan(records, window=window, slice_len=slice_len, rng=rng, topics=topics)
@@ -206,20 +205,14 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
         kind = "field"
     else:
         k = topics or min(8, max(1, len(fit_ix) // 100))
-        label, kind = kmeans(space(S, N), k, rng), "clusters"
+        X = space(S, N)
+        label, kind = kmeans(X, k, rng), "clusters"
         names = [f"cluster-{j}" for j in range(int(max(label)) + 1)]
-    label = np.asarray(label)
-    missing = [t for j, t in enumerate(names) if (label == j).sum() < 4]
-    if missing:
-        raise MoeguardError(f"topic{'s' if len(missing) > 1 else ''} {missing} {'have' if len(missing) > 1 else 'has'} fewer "
-                            f"than 4 requests in the fit half ({how} split)",
-                            hint="drop or merge rare topics in the log, or profile a longer log")
+    label = np.asarray(label)   # every topic has 4 fit requests or more: _plan checked a field's, kmeans keeps 8
     fit = {t: (H[label == j], S[label == j], N[label == j]) for j, t in enumerate(names)}
     given = [r.get("reply") for r in records]
 
     def reply_part(ix: list[int]) -> dict[str, np.ndarray]:
-        from moeguard.monitor import replies
-
         h, surprise = replies.routing(model, tokenizer, [prompts[j] for j in ix], [given[j] for j in ix],
                                       adapter=adapter, table=table, max_tokens=reply_tokens)
         return {"h": h, "surprise": surprise}
@@ -239,15 +232,18 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
     C, CS, CN, CU = (np.concatenate([z[k] for z in cal]) for k in ("h", "sums", "ntok", "surprise"))
     cal_replies = [kept_arrays(cache, f"log-reply-calibration-{i // CHUNK}", lambda: reply_part(cal_ix[i:i + CHUNK]))
                    for i in range(0, len(cal_ix), CHUNK)] if reply_tokens else []
-    if labelled:
-        cal_topic = [records[j]["topic"] for j in cal_ix]
-    else:   # the nearest cluster centre: only a fallback draw (no full client window) reads these
-        XC = space(CS, CN)
-        centres = np.stack([space(a, b).mean(0) for _, a, b in fit.values()])
-        cal_topic = [names[j] for j in ((XC[:, None] - centres[None]) ** 2).sum(-1).argmin(1)]
     cal_clients = [records[j]["client"] for j in cal_ix]
     by_client = _client_blocks(cal_clients, window)
     runs = [r for rs in by_client.values() for r in rs]
+    # each calibration request's topic: read only by drawn windows (no client sent a full one); a log's
+    # slices are its own traffic
+    cal_topic: list[str] = []
+    if not runs and labelled:
+        cal_topic = [records[j]["topic"] for j in cal_ix]
+    elif not runs:   # the nearest cluster centre
+        XC = space(CS, CN)
+        centres = np.stack([X[label == j].mean(0) for j in range(len(names))])
+        cal_topic = [names[j] for j in ((XC[:, None] - centres[None]) ** 2).sum(-1).argmin(1)]
     seen = {prompts[j] for j in fit_ix}
     repeated = sum(prompts[j] in seen for j in cal_ix) / len(cal_ix)
     if repeated > REPEATED:

@@ -376,15 +376,14 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     calibration set (default 400, or ``ladder.BENIGN_BLOCKS`` with early lengths); ``slice_len``: requests
     per slice of all traffic (``slices.py``; 0: none), as many benign slices calibrated."""
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.monitor import ladder, slices
+    from moeguard.monitor import ladder, replies, slices
 
     if window < 1:
         raise MoeguardError(f"window is {window}", hint="pass a window of at least 1 request")
     early = ladder.check_early(early, window)
     slice_len = slices.check_slice(slice_len)
     windows = windows if windows is not None else (ladder.BENIGN_BLOCKS if early else 400)
-    if isinstance(reply_tokens, bool) or not isinstance(reply_tokens, int) or not 0 <= reply_tokens <= 256:
-        raise MoeguardError(f"reply_tokens is {reply_tokens!r}", hint="pass 0 (prompts only) or a reply length of 1 to 256 tokens")
+    reply_tokens = replies.check_length(reply_tokens)
     for t, ps in prompts.items():             # before any forward
         if len(ps) < 4:
             raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
@@ -462,7 +461,8 @@ def assemble(*, adapter, name: str, seed: int, rng: np.random.Generator, window:
     """The profile from observed benign requests, whichever way they were drawn (``build``: tasks;
     ``fromlog.build``: a deployment's own log). ``fit``: topic -> (histograms [n, L, E], hidden sums
     [n, hidden], token counts [n]) of the fit half; ``cal``: the calibration half's (histograms, hidden
-    sums, token counts, surprise), each request's topic in ``cal_topic``. ``blocks(i)``: benign block
+    sums, token counts, surprise), each request's topic in ``cal_topic`` (read only by the default
+    ``blocks`` and ``slice_null``; a log with its own blocks and slices passes none). ``blocks(i)``: benign block
     ``i`` of ``window`` calibration requests (indices, in order; default: drawn from one topic or
     mixed, alternately); ``slice_null(kernel, XC)``: the sorted benign slice drifts (default: Dirichlet
     topic mixes, ``slices.calibrate``); ``space``: an embedding already fitted on the fit half;

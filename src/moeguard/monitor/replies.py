@@ -147,6 +147,16 @@ def generate(model, tokenizer, prompts: list[str], max_tokens: int, *, progress=
     return out
 
 
+LONGEST = 256   # reply tokens a profile routes at most
+
+
+def check_length(n: Any) -> int:
+    """A profile's reply length (``--reply-tokens``): 0 (prompts only) or 1 to ``LONGEST`` tokens."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= LONGEST:
+        raise MoeguardError(f"reply_tokens is {n!r}", hint=f"pass 0 (prompts only) or a reply length of 1 to {LONGEST} tokens")
+    return n
+
+
 def routing(model, tokenizer, prompts: list[str], given: list[str | None], *, adapter, table, max_tokens: int
             ) -> tuple[np.ndarray, np.ndarray]:
     """``observe`` of each prompt's reply: a logged reply (``given``) as its tokens, at most ``max_tokens``

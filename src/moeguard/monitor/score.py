@@ -139,6 +139,8 @@ def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cach
     otherwise None.
     The same numbers as one ``observe`` call when no prompt is longer than the model's positions
     (a longer one is routed as several rows, which shifts the batches by a row)."""
+    from moeguard.monitor.replies import routing as reply_routing   # `replies` here: the logged texts
+
     parts = []
     task = progress.add_task("replaying requests", total=len(prompts)) if progress is not None else None
     replies = replies if replies is not None else [None] * len(prompts)
@@ -147,8 +149,9 @@ def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cach
         z = dict(zip(("h", "sums", "tokens", "surprise"),
                      observe(model, tokenizer, prompts[a:a + CHUNK], tokens=prof.tokens, adapter=adapter)))
         if prof.replies is not None:
-            z["reply"], z["reply_surprise"] = _reply_routing(model, tokenizer, prof, prompts[a:a + CHUNK],
-                                                             replies[a:a + CHUNK], adapter)
+            z["reply"], z["reply_surprise"] = reply_routing(model, tokenizer, prompts[a:a + CHUNK], replies[a:a + CHUNK],
+                                                            adapter=adapter, table=prof.tokens,
+                                                            max_tokens=prof.replies.max_tokens)
         return z
 
     for n, a in enumerate(range(0, len(prompts), CHUNK)):
@@ -162,15 +165,6 @@ def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cach
     if prof.replies is None:
         return (*out, None)  # type: ignore[return-value]
     return (*out, (np.concatenate([p[4] for p in parts]), np.concatenate([p[5] for p in parts])))  # type: ignore[return-value]
-
-
-def _reply_routing(model, tokenizer, prof: Profile, prompts: list[str], given: list[str | None], adapter
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The replies' histograms and surprise (``replies.routing``, at the profile's reply length)."""
-    from moeguard.monitor import replies
-
-    return replies.routing(model, tokenizer, prompts, given, adapter=adapter, table=prof.tokens,
-                           max_tokens=prof.replies.max_tokens)
 
 
 def drop_replay(cache: Path) -> None:
