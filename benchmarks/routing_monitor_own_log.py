@@ -115,12 +115,11 @@ def _n(request_id: str) -> int:
 def measure(m, tok, prof, records: list[dict], kind_of: dict[str, str], benign_only: list[dict]) -> dict:
     from moeguard.monitor.score import score
 
-    with warnings.catch_warnings():   # slices of a timeline of benign users only: their false alarms
-        warnings.simplefilter("ignore")
-        sl = np.array([t["p"] for t in score(m, tok, prof, benign_only, alpha=max(ALPHAS))[3]["traffic_slices"]])
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # slices of a timeline of benign users only: their false alarms (attack clients are in every
+        # slice of `records`). The benign requests are replayed twice: `score` returns no embeddings
+        sl = np.array([t["p"] for t in score(m, tok, prof, benign_only, alpha=max(ALPHAS))[3]["traffic_slices"]])
         scores, looks, _, summary = score(m, tok, prof, records, alpha=max(ALPHAS))
     benign = lambda c: kind_of[c] == "benign"   # noqa: E731
     out = {"requests": {}, "blocks": {}}
