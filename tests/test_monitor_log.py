@@ -281,3 +281,22 @@ def test_a_gateway_log_of_one_client_splits_by_time_and_says_how_few_users_calib
     src = prof.meta["source"]
     assert src["split"] == "time" and src["clients"] == {"fit": 1, "calibration": 1, "calibrating_windows": 1}
     assert prof.meta["requests"] == {"fit": 240, "calibration": 240} and src["windows"] == "clients"
+
+
+def test_a_client_is_its_ids_text_in_the_split_and_in_score(setting):
+    """``1`` and ``"1"`` are one client, as the online hook and slices count it: the split keeps its
+    requests on one side, and ``score`` makes one window of them, not two short ones."""
+    rows = [{"id": i, "client": (i % 5 if i % 2 else str(i % 5)), "time": i, "_t": float(i), "prompt": f"p{i}"}
+            for i in range(60)]
+    fit, cal, how = fromlog.split(rows, window=4, rng=np.random.default_rng(0))
+    side = {}
+    for i in fit + cal:
+        side.setdefault(str(rows[i]["client"]), set()).add(i in fit)
+    assert how == "clients" and len(side) == 5 and all(len(s) == 1 for s in side.values()), side
+    m, tok, pool, own, _ = setting
+    log = [{"id": j, "client": 7 if j % 2 else "7", "time": j, "_t": float(j), "prompt": WRAPPER + pool["arith-compare"][j]}
+           for j in range(8)]
+    _, looks, _, summary = score(m, tok, own, log)
+    full = [w for w in looks if w["length"] == 8]
+    assert summary["clients"] == 1 and summary["unwindowed"] == {"requests": 0, "clients": 0}, summary
+    assert len(full) == 1 and full[0]["client"] == "7" and full[0]["requests"] == list(range(8)), full

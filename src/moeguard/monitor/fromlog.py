@@ -68,10 +68,10 @@ def split(records: list[dict[str, Any]], *, window: int, rng: np.random.Generato
     if n < max(16, 2 * window):
         raise MoeguardError(f"the benign log holds {n} requests", hint=f"profile a log of at least {max(16, 2 * window)} "
                             f"requests (twice --window {window}, and at least 16)")
-    clients = list(dict.fromkeys(r["client"] for r in records))
+    clients = list(dict.fromkeys(str(r["client"]) for r in records))   # 1 and "1" are one client, as in score
     by = {c: [] for c in clients}
     for i, r in enumerate(records):
-        by[r["client"]].append(i)
+        by[str(r["client"])].append(i)
     fit: list[int] = []
     for j in rng.permutation(len(clients)):   # a client joins the fit half where that brings it nearer n / 2:
         ix = by[clients[j]]                     # one large client drawn late is skipped, not a reason to split by time
@@ -232,7 +232,7 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
     C, CS, CN, CU = (np.concatenate([z[k] for z in cal]) for k in ("h", "sums", "ntok", "surprise"))
     cal_replies = [kept_arrays(cache, f"log-reply-calibration-{i // CHUNK}", lambda: reply_part(cal_ix[i:i + CHUNK]))
                    for i in range(0, len(cal_ix), CHUNK)] if reply_tokens else []
-    cal_clients = [records[j]["client"] for j in cal_ix]
+    cal_clients = [str(records[j]["client"]) for j in cal_ix]
     by_client = _client_blocks(cal_clients, window)
     runs = [r for rs in by_client.values() for r in rs]
     # each calibration request's topic: read only by drawn windows (no client sent a full one); a log's
@@ -272,7 +272,7 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
         return np.sort(out)
 
     source = {**(log or {}), "split": how,
-              "topics": kind, "clients": {"fit": len({records[j]["client"] for j in fit_ix}),
+              "topics": kind, "clients": {"fit": len({str(records[j]["client"]) for j in fit_ix}),
                                           "calibration": len(set(cal_clients)), "calibrating_windows": distinct},
               "disjoint_blocks": disjoint, "repeated": round(repeated, 4),
               "windows": "clients" if runs else "drawn", **({"slices": "traffic"} if slice_len else {})}

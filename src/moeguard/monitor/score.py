@@ -1,7 +1,8 @@
 """Score logged requests against a routing profile (``moeguard monitor score``).
 
 A log is JSON Lines, one request per line: ``{"id": ..., "client": ..., "time": ..., "prompt": ...}``
-(``id`` and ``client`` strings or integers, ``time`` a number or an ISO-8601 string), and, optionally,
+(``id`` and ``client`` strings or integers, ``time`` a number or an ISO-8601 string; a client is its id's
+text, so ``1`` and ``"1"`` are one client, as the online hook counts them), and, optionally,
 ``"reply"``: the text the model answered. With a profile that scores replies (``--reply-tokens``),
 a record's reply is routed after its prompt; a record without one is given the model's greedy
 reply (the profile's reply length), which is the served reply where the server decodes greedily. Each request
@@ -201,13 +202,13 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
             alerts.append({"kind": "request", "id": r["id"], "client": r["client"], "time": r["time"],
                            **prof.reason(stats, ps, i, H[i], None if R is None else R[0][i]),
                            **({"prompt": r["prompt"]} if log_prompts else {})})
-    by_client: dict[Any, list[int]] = {}
-    for i, r in enumerate(records):
-        by_client.setdefault(r["client"], []).append(i)
-    blocks = []                                  # (client, its next `window` requests in time order)
-    for c, idx in by_client.items():
+    by_client: dict[str, list[int]] = {}
+    for i, r in enumerate(records):   # a client is its id's text, as the online hook and slices count it: 1 and "1" are one
+        by_client.setdefault(str(r["client"]), []).append(i)
+    blocks = []                                  # (client as its first record names it, its next `window` requests in time order)
+    for idx in by_client.values():
         idx = sorted(idx, key=lambda i: records[i]["_t"])
-        blocks += [(c, idx[a:a + window]) for a in range(0, len(idx), window)]
+        blocks += [(records[idx[0]]["client"], idx[a:a + window]) for a in range(0, len(idx), window)]
     # every look at each block (one, the full window, unless the profile has early lengths: ladder.py)
     found = ladder.looks(prof, [np.asarray(b) for _, b in blocks], H, X, ps["combined"])
     rows = sorted(((j, n, at, ws, wp, W) for n, which, ws, wp, W in found for at, j in enumerate(which)),
