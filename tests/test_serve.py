@@ -69,6 +69,10 @@ def test_the_hook_scores_a_request_as_the_offline_scorer_does_and_is_removed(ser
     text = __import__("prometheus_client").generate_latest(mon.registry).decode()
     assert 'moeguard_client_anomaly{client="b"}' in text and 'client="a"' not in text
     assert "moeguard_requests_total 7.0" in text
+    # what the windows lost: a's one request (evicted before its window of 2), and c's one waiting
+    for metric, value in (("moeguard_clients_evicted_total", 1), ("moeguard_unwindowed_requests_total", 1),
+                          ("moeguard_clients_tracked", 2), ("moeguard_requests_awaiting_look", 1)):
+        assert f"{metric} {value}.0" in text, (metric, text)
 
 
 def _free_port() -> int:

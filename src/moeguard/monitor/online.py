@@ -40,6 +40,10 @@ Metrics (``prometheus-client``, in ``registry``):
 - ``moeguard_traffic_anomaly`` (-log10 p of the last slice of all traffic, with a profile of ``--slice``
   N: the last N requests' embeddings and client names are kept for it, in the order requests are
   scored, which is the order they complete);
+- what the windows do not see, as ``score``'s summary counts it: ``moeguard_clients_tracked``,
+  ``moeguard_requests_awaiting_look`` (requests of tracked clients after their block's last look:
+  identities that each stop short of a look pile up here), ``moeguard_clients_evicted_total`` and
+  ``moeguard_unwindowed_requests_total`` (an evicted client's requests that no look covered);
 - ``moeguard_scoring_failures_total`` (requests whose scoring raised: their result says why) and
   ``moeguard_callback_failures_total`` (``on_result`` calls that raised).
 
@@ -174,6 +178,16 @@ class RoutingMonitor:
                               registry=r)
         self.m_traffic = Gauge("moeguard_traffic_anomaly", "-log10 p of the last slice of all traffic (profiles with --slice)",
                                registry=r)
+        # what the windows do not see (``score``'s "unwindowed"): a client evicted before a look covered
+        # its latest requests loses them to the windows, and identities that each stop short of a
+        # look (an attacker spread over many) leave requests awaiting one
+        Gauge("moeguard_clients_tracked", "clients whose window is kept (at most max_clients)",
+              registry=r).set_function(lambda: len(self._clients))
+        Gauge("moeguard_requests_awaiting_look", "requests of tracked clients that no window look has covered yet",
+              registry=r).set_function(self._awaiting)
+        self.m_evicted = Counter("moeguard_clients_evicted", "clients evicted beyond max_clients", registry=r)
+        self.m_unwindowed = Counter("moeguard_unwindowed_requests",
+                                    "requests of evicted clients that no window look covered", registry=r)
         self._failed = Counter("moeguard_scoring_failures", "requests whose scoring failed", registry=r)
         self._callback_failed = Counter("moeguard_callback_failures", "on_result calls that raised", registry=r)
 
@@ -437,7 +451,9 @@ class RoutingMonitor:
                 if len(self._slice) == self.slice:
                     ready, self._slice = self._slice, []
             while len(self._clients) > self.max_clients:
-                old, _ = self._clients.popitem(last=False)
+                old, gone = self._clients.popitem(last=False)
+                self.m_evicted.inc()
+                self.m_unwindowed.inc(ladder.unseen(self.profile.meta, len(gone[1])))
                 with contextlib.suppress(KeyError):
                     self.m_client.remove(old)
         if ready is not None:   # outside the lock (a slice's fit is n x n; request exits wait on the lock),
@@ -449,6 +465,12 @@ class RoutingMonitor:
                 row["alert"] = {"kind": "slice", "clients": row["top_clients"], **slices.reason(row, self.slice)}
                 self.m_alerts.labels("slice", "slice_drift").inc()
         return res
+
+
+    def _awaiting(self) -> int:
+        """Requests of the tracked clients after their block's last look (read at scrape time)."""
+        with self._lock:
+            return sum(ladder.unseen(self.profile.meta, len(state[1])) for state in self._clients.values())
 
 
 class _Flusher:
