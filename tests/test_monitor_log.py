@@ -300,3 +300,20 @@ def test_a_client_is_its_ids_text_in_the_split_and_in_score(setting):
     full = [w for w in looks if w["length"] == 8]
     assert summary["clients"] == 1 and summary["unwindowed"] == {"requests": 0, "clients": 0}, summary
     assert len(full) == 1 and full[0]["client"] == "7" and full[0]["requests"] == list(range(8)), full
+
+
+def test_rare_field_topics_are_merged_into_other_with_a_warning(setting):
+    """A long tail of rare apps: topics under 4 fit requests each, 4 or more together, become 'other'
+    (the log's records are not changed); one that stays too rare is still an error (the bad-input test)."""
+    m, tok, pool, _, _ = setting
+    log = sorted(_users(pool, 30, 16, 1, topic=True), key=lambda r: r["_t"])
+    fit, _, _ = fromlog.split(log, window=8, rng=np.random.default_rng(0))
+    first = list(dict.fromkeys(log[i]["client"] for i in fit))[:2]      # two clients of the fit half
+    for client, topic in zip(first, ("billing", "refunds")):
+        for r in [r for r in log if r["client"] == client][:3]:
+            r["topic"] = topic
+    with pytest.warns(UserWarning, match=r"topics \['billing', 'refunds'\] had fewer than 4 requests in the fit half "
+                                         r"and are merged into 'other'"):
+        prof = fromlog.build(m, tok, log, window=8, seed=0, early=())
+    assert list(prof.topics) == sorted([*TASKS, "other"]) and prof.meta["source"]["merged_topics"] == ["billing", "refunds"]
+    assert sum(r["topic"] in ("billing", "refunds") for r in log) == 6       # the log itself is unchanged

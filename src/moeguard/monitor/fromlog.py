@@ -12,7 +12,9 @@ the deployment's own benign traffic (the ``score`` log format), every null descr
   deployment would get. Where that puts under a third of the requests in either half (one client
   dominates), the split is by time instead: the log's first half fits, the second calibrates.
 - **topics** are the records' ``topic`` field where every record has one (an endpoint, an app, a
-  product); otherwise clusters of the fit half's embeddings (k-means, seeded).
+  product); otherwise clusters of the fit half's embeddings (k-means, seeded). Topics with fewer
+  than ``MIN_FIELD_TOPIC`` fit requests (a long tail of rare apps) are merged into ``OTHER``, with
+  a warning naming them, where together they have that many.
 - **benign windows are real clients' blocks**: ``window`` consecutive requests of one calibration
   client (every start, drawn at random), as ``score`` sees a client; early looks are their first
   requests. A log where no calibration client sent a full window falls back to drawn windows.
@@ -45,6 +47,8 @@ from moeguard.monitor.tokens import TokenRoutingCounts
 CHUNK = 256          # requests observed (and kept for a resumed run) at a time
 MIN_TOPIC = 8        # smallest cluster kept as a topic: its mean histogram and kernel references need a few
 MAX_TOPICS = 16
+MIN_FIELD_TOPIC = 4  # fit requests a topic of the records' field needs (its mean histogram, kernel references)
+OTHER = "other"      # where rare field topics are merged (a topic of that name already there takes them)
 REPEATED = 0.1           # share of calibration prompts also in the fit half above which build warns
 # below this many non-overlapping benign client blocks a 0.01 window p-value is extrapolation: fresh
 # benign blocks alerted at 0.5-3.8% at 0.01 from 230, depending on which users calibrated
@@ -90,7 +94,9 @@ def check(records: list[dict[str, Any]], *, window: int, slice_len: int, seed: i
 
 
 def _plan(records: list[dict[str, Any]], *, window: int, slice_len: int, rng: np.random.Generator, topics: int = 0):
-    """(records in time order, fit indices, calibration indices, how they were split), checked."""
+    """(records in time order, fit indices, calibration indices, how they were split, the rare field
+    topics merged into ``OTHER``), checked. Records whose topic is merged are copies: the log's are
+    never changed."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise MoeguardError(f"window is {window!r}", hint="pass a window of at least 1 request")
     records = sorted(records, key=lambda r: r["_t"])          # stable: equal times keep the log's order
@@ -109,18 +115,23 @@ def _plan(records: list[dict[str, Any]], *, window: int, slice_len: int, rng: np
     if len(cal_ix) < window:   # every benign window would repeat requests (as profile.build refuses)
         raise MoeguardError(f"the calibration half of the log ({how} split) holds {len(cal_ix)} requests, fewer than "
                             f"--window {window}", hint="pass a smaller --window, or a longer log")
+    merged: list[str] = []
     if labelled:   # a topic needs a few fit requests for its mean histogram and kernel references
         fitted = Counter(records[j]["topic"] for j in fit_ix)
-        rare = sorted(t for t in {r["topic"] for r in records} if fitted[t] < 4)
-        if rare:
+        rare = sorted(t for t in {r["topic"] for r in records} if fitted[t] < MIN_FIELD_TOPIC)
+        pooled = sum(fitted[t] for t in set(rare) | {OTHER})
+        if rare and pooled < MIN_FIELD_TOPIC:
             raise MoeguardError(f"topic{'s' if len(rare) > 1 else ''} {rare} {'have' if len(rare) > 1 else 'has'} fewer "
-                                f"than 4 requests in the fit half ({how} split: their clients fell mostly in the "
-                                "calibration half)", hint="drop or merge rare topics in the log, pass another --seed, "
-                                "or profile a longer log")
+                                f"than {MIN_FIELD_TOPIC} requests in the fit half ({how} split: their clients fell mostly "
+                                f"in the calibration half), and {pooled} together in '{OTHER}'",
+                                hint="drop or merge rare topics in the log, pass another --seed, or profile a longer log")
+        if rare:
+            merged = [t for t in rare if t != OTHER]
+            records = [{**r, "topic": OTHER} if r["topic"] in merged else r for r in records]
     if slice_len and len(cal_ix) < 2 * slice_len:
         raise MoeguardError(f"--slice {slice_len} needs at least {2 * slice_len} calibration requests; the log gives "
                             f"{len(cal_ix)} (half of its {len(records)})", hint="pass a smaller --slice, or a longer log")
-    return records, fit_ix, cal_ix, how
+    return records, fit_ix, cal_ix, how, merged
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 50) -> np.ndarray:
@@ -174,7 +185,10 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
     reply_tokens = replies.check_length(reply_tokens)
     windows = windows if windows is not None else (ladder.BENIGN_BLOCKS if early else 400)
     rng = np.random.default_rng(seed)
-    records, fit_ix, cal_ix, how = _plan(records, window=window, slice_len=slice_len, rng=rng, topics=topics)
+    records, fit_ix, cal_ix, how, merged = _plan(records, window=window, slice_len=slice_len, rng=rng, topics=topics)
+    if merged:
+        warnings.warn(f"topic{'s' if len(merged) > 1 else ''} {merged} had fewer than {MIN_FIELD_TOPIC} requests in the "
+                      f"fit half and {'are' if len(merged) > 1 else 'is'} merged into '{OTHER}'")
     labelled = "topic" in records[0]
     adapter = MoEAdapter(model)
     check_uniform(adapter)
@@ -274,7 +288,7 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
     source = {**(log or {}), "split": how,
               "topics": kind, "clients": {"fit": len({str(records[j]["client"]) for j in fit_ix}),
                                           "calibration": len(set(cal_clients)), "calibrating_windows": distinct},
-              "disjoint_blocks": disjoint, "repeated": round(repeated, 4),
+              **({"merged_topics": merged} if merged else {}), "disjoint_blocks": disjoint, "repeated": round(repeated, 4),
               "windows": "clients" if runs else "drawn", **({"slices": "traffic"} if slice_len else {})}
     return assemble(adapter=adapter, name=name, seed=seed, rng=rng, window=window, windows=windows, early=early,
                     slice_len=slice_len, reply_tokens=reply_tokens, table=table, fit=fit, cal=(C, CS, CN, CU),
