@@ -209,7 +209,11 @@ def test_the_default_profile_takes_every_embedded_task_running_text_included(tmp
     assert main(["monitor", "profile", "--out", str(prof), "--limit", "8", "--window", "2"]) == 0
     doc = json.loads(prof.read_text())
     assert set(doc["tasks"]) >= {"arith-compare", "stdlib-code", "stdlib-docs"} and "stdlib-code" in doc["topics"]
-    assert doc["requests"]["fit"] == 4 * len(doc["tasks"]) and "6 tasks" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert doc["requests"]["fit"] == 4 * len(doc["tasks"]) and "6 tasks" in out
+    assert "seed 0 (the default): anyone with this model and these tasks can rebuild this profile" in out
+    assert main(["monitor", "profile", "--out", str(tmp_path / "Q.json"), "--limit", "8", "--window", "2", "--seed", "7"]) == 0
+    assert "profile of" in (out := capsys.readouterr().out) and "seed 0" not in out   # a seed of one's own: no note
 
 
 def test_an_interrupted_profile_resumes_from_the_tasks_it_observed(tmp_path, monkeypatch, capsys):

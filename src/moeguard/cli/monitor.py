@@ -176,6 +176,9 @@ def monitor_profile(
     early_at = _early_at(looks, slice_len)
     typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
                f"calibrating, windows of {window}{early_at}{replies}; written to {out}")
+    if seed == 0:   # the profile is a key (docs/routing-security.md): tasks and the default seed rebuild it exactly
+        typer.echo("note: seed 0 (the default): anyone with this model and these tasks can rebuild this profile and "
+                   "screen attacks against it; for a deployed profile pass a secret --seed and keep the file secret")
 
 
 def _make_profile(*, out: Path, overwrite: bool, resume: dict, handle, seed: int, settings: dict, kept: str, make):
