@@ -317,3 +317,36 @@ def test_rare_field_topics_are_merged_into_other_with_a_warning(setting):
         prof = fromlog.build(m, tok, log, window=8, seed=0, early=())
     assert list(prof.topics) == sorted([*TASKS, "other"]) and prof.meta["source"]["merged_topics"] == ["billing", "refunds"]
     assert sum(r["topic"] in ("billing", "refunds") for r in log) == 6       # the log itself is unchanged
+
+
+def test_merging_rare_topics_before_any_weights_load():
+    """A topic already named 'other' takes the rare ones; rare topics too few even together are an
+    error that says how many they had (``_plan``, which ``check`` runs before the model loads)."""
+    def rec(i, topic):
+        return {"id": i, "client": f"c{i % 10}", "time": i, "_t": float(i), "prompt": f"p{i}", "topic": topic}
+
+    log = [rec(i, "general" if i % 10 < 6 else "other") for i in range(200)]
+    fit, _, _ = fromlog.split(sorted(log, key=lambda r: r["_t"]), window=4, rng=np.random.default_rng(0))
+    fit_clients = list(dict.fromkeys(f"c{i % 10}" for i in fit))
+    for r in [r for r in log if r["client"] == fit_clients[0]][:2]:
+        r["topic"] = "billing"
+    for r in [r for r in log if r["client"] == fit_clients[1]][:2]:
+        r["topic"] = "refunds"
+    records, *_, merged = fromlog._plan(log, window=4, slice_len=0, rng=np.random.default_rng(0))
+    assert merged == ["billing", "refunds"] and {r["topic"] for r in records} == {"general", "other"}
+    assert sum(r["topic"] == "billing" for r in log) == 2                    # copies: the log is unchanged
+    alone = [{**r, "topic": "general"} for r in log]
+    for r in [r for r in alone if r["client"] == fit_clients[0]][:1] + [r for r in alone if r["client"] == fit_clients[1]][:1]:
+        r["topic"] = r["client"]                                              # two topics of 1 fit request each
+    with pytest.raises(MoeguardError, match=r"have fewer than 4 requests in the fit half .*and 2 together in 'other'"):
+        fromlog._plan(alone, window=4, slice_len=0, rng=np.random.default_rng(0))
+
+
+def test_a_slice_counts_a_client_by_its_ids_text(setting):
+    from moeguard.monitor import slices
+
+    own = setting[3]
+    x = own.kernel.refs[0][:6]
+    row = slices.score(own, x, [1, "1", 1, "1", "a", "a"])
+    assert row["clients"] == 2 and sorted(str(t["client"]) for t in row["top_clients"]) == ["1", "a"], row
+    assert {t["client"]: t["requests"] for t in row["top_clients"]}[1] == 4, row     # named as first seen

@@ -182,7 +182,7 @@ class RoutingMonitor:
         # its latest requests loses them to the windows, and identities that each stop short of a
         # look (an attacker spread over many) leave requests awaiting one
         Gauge("moeguard_clients_tracked", "clients whose window is kept (at most max_clients)",
-              registry=r).set_function(lambda: len(self._clients))
+              registry=r).set_function(self._tracked)
         Gauge("moeguard_requests_awaiting_look", "requests of tracked clients that no window look has covered yet",
               registry=r).set_function(self._awaiting)
         self.m_evicted = Counter("moeguard_clients_evicted", "clients evicted beyond max_clients", registry=r)
@@ -466,6 +466,10 @@ class RoutingMonitor:
                 self.m_alerts.labels("slice", "slice_drift").inc()
         return res
 
+
+    def _tracked(self) -> int:
+        with self._lock:   # _record pops and re-inserts a client: unlocked, a scrape could read one short
+            return len(self._clients)
 
     def _awaiting(self) -> int:
         """Requests of the tracked clients after their block's last look (read at scrape time)."""

@@ -136,16 +136,18 @@ def floor(prof) -> float:
 def score(prof, x: np.ndarray, clients: list) -> dict[str, Any]:
     """One slice: its ``drift``, p-value, topic mix and the clients carrying its excess."""
     value, c, witness = fit(prof.kernel, x, clients)
-    by_client: dict[Any, list[float]] = {}
+    by_client: dict[str, list[float]] = {}
+    named: dict[str, Any] = {}   # a client is its id's text, as fit pairs them (1 and "1" are one), named as first seen
     for cl, w in zip(clients, witness):
-        by_client.setdefault(cl, []).append(float(w))
+        by_client.setdefault(str(cl), []).append(float(w))
+        named.setdefault(str(cl), cl)
     # by mean witness: a client sending many requests is not named for its volume
     top = sorted(by_client, key=lambda cl: -float(np.mean(by_client[cl])))[:NAMED]
     mixture = {t: round(float(v), 3) for t, v in zip(prof.kernel.names, c) if v > 0.005}
     from moeguard.monitor.profile import empirical_p
 
     return {"drift": round(value, 6), "p": float(empirical_p(prof.null["slice.drift"], value)), "clients": len(by_client),
-            "mix": mixture, "top_clients": [{"client": cl, "requests": len(by_client[cl]),
+            "mix": mixture, "top_clients": [{"client": named[cl], "requests": len(by_client[cl]),
                                              "witness": round(float(np.mean(by_client[cl])), 4)} for cl in top]}
 
 
