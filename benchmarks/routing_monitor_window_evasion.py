@@ -26,8 +26,11 @@ is exact). Candidates: ``--candidates`` (8) hijacked and as many filler per requ
 - **Dilution without screening**, for comparison: each block has a fixed number of hijacked
   requests (1, 2, 4, 8, 16) at random places, the rest random filler.
 - **Truth**: every stream is scored by ``monitor score`` on the owner's profile at 0.01: the share of
-  blocks with an alert (a window look, or a request of the block), and the hijacked share of the
-  requests sent. 48 benign users (24 mixed, 24 single-topic, two blocks each) give the benign rate.
+  blocks with an alert (a window look, or a request of the block), the hijacked requests per block
+  and their routing success. Each is reported over every client and over the clients that sent a
+  hijacked request at all (``among_sending``): a prefix none of whose candidates passes the request
+  screen sends filler only. 48 benign users (24 mixed, 24 single-topic, two blocks each) give the
+  benign rate. Only prefixes at >= 90% held-out success in their run are used.
 """
 
 from __future__ import annotations
@@ -118,9 +121,10 @@ def screened_stream(prof, hij: "Observed", fill: "Observed", blocks: int, rng: n
                 else:
                     h_order[:0] = hc
             if sent is None:
-                fc = [f_order.pop() for _ in range(candidates)]
-                lp = look_p(prof, block, [(fill, i) for i in fc])
-                j = int(lp.argmax())
+                fc = [f_order.pop() for _ in range(min(candidates, len(f_order)))]
+                # the block-screening attacker sends the filler that looks most benign; one that
+                # screens requests alone sends any (the first)
+                j = int(look_p(prof, block, [(fill, i) for i in fc]).argmax()) if windows else 0
                 sent = ("filler", fc[j])
                 f_order[:0] = [i for k, i in enumerate(fc) if k != j]
             block.append((hij if sent[0] == "hijack" else fill, sent[1]))
@@ -232,7 +236,9 @@ def main() -> None:
 
     def summary(cids: list[str]) -> dict:
         rows = [r for c in cids for r in per_block[c]]
-        return {"blocks": len(rows), "clients": len(cids),
+        sending = [c for c in cids if any(r["hijacked"] for r in per_block[c])]
+        return {"blocks": len(rows), "clients": len(cids), "clients_sending": len(sending),
+                **({"among_sending": summary(sending)} if 0 < len(sending) < len(cids) else {}),
                 "clients_with_any_alert": round(float(np.mean([any(r["any_alert"] for r in per_block[c]) for c in cids])), 4), "hijacked_per_block": round(float(np.mean([r["hijacked"] for r in rows])), 3),
                 "blocks_with_window_alert": round(float(np.mean([r["window_alert"] for r in rows])), 4),
                 "blocks_with_any_alert": round(float(np.mean([r["any_alert"] for r in rows])), 4),
@@ -251,7 +257,11 @@ def main() -> None:
         result["by_target"].append({**{k: t[k] for k in ("run", "layer", "expert", "success")},
                                     "pool_success": round(float(np.mean([success_of[p] for p in t["pool"]])), 4),
                                     **{who: summary([f"{t['client']}:{who}"]) for who in ("owner", "surrogate", "request-only")}})
-    path = write_result("routing_monitor_window_evasion" + ("_mixed" if args.inputs == "mixed" else ""), {
+    # a run with other settings gets its own file (unless --out names one): the defaults' stays as it is
+    tag = "".join(f"_{k}{v}" for k, v, d in (("mixed", "", None), ("p", args.window_p, 0.05), ("r", args.request_p, 0.05),
+                                              ("c", args.candidates, 8), ("b", args.blocks, 3), ("s", args.seed, 0))
+                  if (k == "mixed" and args.inputs == "mixed") or (k != "mixed" and v != d))
+    path = write_result("routing_monitor_window_evasion" + tag, {
         "setting": {"window": WINDOW, "early": list(EARLY), "blocks_per_client": args.blocks, "candidates": args.candidates,
                     "pool": POOL, "inputs": args.inputs, "window_p": args.window_p, "request_p": args.request_p, "alpha": 0.01,
                     "route_attack": [Path(p).name for p in args.route_attack], "targets": len(targets), "seed": args.seed},
