@@ -296,8 +296,9 @@ def test_a_client_is_its_ids_text_in_the_split_and_in_score(setting):
     m, tok, pool, own, _ = setting
     log = [{"id": j, "client": 7 if j % 2 else "7", "time": j, "_t": float(j), "prompt": WRAPPER + pool["arith-compare"][j]}
            for j in range(8)]
-    _, looks, _, summary = score(m, tok, own, log)
+    scores, looks, _, summary = score(m, tok, own, log)
     full = [w for w in looks if w["length"] == 8]
+    assert {s["client"] for s in scores} == {"7"}, scores     # every output names it as its first request does
     assert summary["clients"] == 1 and summary["unwindowed"] == {"requests": 0, "clients": 0}, summary
     assert len(full) == 1 and full[0]["client"] == "7" and full[0]["requests"] == list(range(8)), full
 

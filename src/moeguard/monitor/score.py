@@ -191,24 +191,29 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     X = prof.space(sums, tokens)
     stats = prof.statistics(H, X, surprise, *(R or (None, None)))
     ps = prof.p_values(stats, "request")
+    # a client is its id's text (1 and "1" are one, as the online hook counts them), named in every
+    # output as its first request in time names it
+    named: dict[str, Any] = {}
+    for r in sorted(records, key=lambda r: r["_t"]):
+        named.setdefault(str(r["client"]), r["client"])
     scores, alerts = [], []
     for i, r in enumerate(records):
-        row = {"id": r["id"], "client": r["client"], "time": r["time"], "p": float(ps["combined"][i]),
+        row = {"id": r["id"], "client": named[str(r["client"])], "time": r["time"], "p": float(ps["combined"][i]),
                **{k: round(float(stats[k][i]), 4) for k in prof.request_statistics}}
         if log_prompts:
             row["prompt"] = r["prompt"]
         scores.append(row)
         if ps["combined"][i] <= alpha:
-            alerts.append({"kind": "request", "id": r["id"], "client": r["client"], "time": r["time"],
+            alerts.append({"kind": "request", "id": r["id"], "client": named[str(r["client"])], "time": r["time"],
                            **prof.reason(stats, ps, i, H[i], None if R is None else R[0][i]),
                            **({"prompt": r["prompt"]} if log_prompts else {})})
     by_client: dict[str, list[int]] = {}
-    for i, r in enumerate(records):   # a client is its id's text, as the online hook and slices count it: 1 and "1" are one
+    for i, r in enumerate(records):
         by_client.setdefault(str(r["client"]), []).append(i)
-    blocks = []                                  # (client as its first record names it, its next `window` requests in time order)
-    for idx in by_client.values():
+    blocks = []                                  # (client, its next `window` requests in time order)
+    for c, idx in by_client.items():
         idx = sorted(idx, key=lambda i: records[i]["_t"])
-        blocks += [(records[idx[0]]["client"], idx[a:a + window]) for a in range(0, len(idx), window)]
+        blocks += [(named[c], idx[a:a + window]) for a in range(0, len(idx), window)]
     # every look at each block (one, the full window, unless the profile has early lengths: ladder.py)
     found = ladder.looks(prof, [np.asarray(b) for _, b in blocks], H, X, ps["combined"])
     rows = sorted(((j, n, at, ws, wp, W) for n, which, ws, wp, W in found for at, j in enumerate(which)),
@@ -231,7 +236,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     for idx in cuts:
         row = {"requests": [records[i]["id"] for i in (idx[0], idx[-1])],
                "time": [records[i]["time"] for i in (idx[0], idx[-1])],
-               **slices.score(prof, X[idx], [records[i]["client"] for i in idx])}
+               **slices.score(prof, X[idx], [named[str(records[i]["client"])] for i in idx])}
         traffic.append(row)
         if row["p"] <= alpha:
             alerts.append({"kind": "slice", "requests": row["requests"], "time": records[idx[-1]]["time"],
