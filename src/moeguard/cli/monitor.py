@@ -231,8 +231,10 @@ def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple
     # time zone for naive ISO times, splits differently), the seed (the split) and the weights
     read = hashlib.sha256(json.dumps([[r["client"], r["_t"], r["prompt"], r.get("reply"), r.get("topic")]
                                       for r in records]).encode()).hexdigest()
+    # "clients": how a client is keyed (its id's text since 2026-12-05: 1 and "1" one client); chunks kept
+    # by an earlier version split a mixed-id log otherwise, and are not reused
     resume = {"records": read, "seed": seed, "reply_tokens": reply_tokens, "model": weights_identity(handle.arg),
-              **_placement(handle)}
+              "clients": "text", **_placement(handle)}
     settings = {"model": handle.name, "log": str(log), "topics": topics, "window": window, "seed": seed,
                 "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
                 **({"slice": slice_len} if slice_len else {})}
