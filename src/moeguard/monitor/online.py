@@ -466,7 +466,6 @@ class RoutingMonitor:
                 self.m_alerts.labels("slice", "slice_drift").inc()
         return res
 
-
     def _tracked(self) -> int:
         with self._lock:   # _record pops and re-inserts a client: unlocked, a scrape could read one short
             return len(self._clients)

@@ -191,11 +191,13 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     X = prof.space(sums, tokens)
     stats = prof.statistics(H, X, surprise, *(R or (None, None)))
     ps = prof.p_values(stats, "request")
-    # a client is its id's text (1 and "1" are one, as the online hook counts them), named in every
-    # output as its first request in time names it
-    named: dict[str, Any] = {}
-    for r in sorted(records, key=lambda r: r["_t"]):
-        named.setdefault(str(r["client"]), r["client"])
+    # a client is its id's text (1 and "1" are one, as the online hook counts them), its requests in
+    # time order, named in every output as its first request names it
+    by_client: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_client.setdefault(str(r["client"]), []).append(i)
+    by_client = {c: sorted(idx, key=lambda i: records[i]["_t"]) for c, idx in by_client.items()}
+    named = {c: records[idx[0]]["client"] for c, idx in by_client.items()}
     scores, alerts = [], []
     for i, r in enumerate(records):
         row = {"id": r["id"], "client": named[str(r["client"])], "time": r["time"], "p": float(ps["combined"][i]),
@@ -207,12 +209,8 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
             alerts.append({"kind": "request", "id": r["id"], "client": named[str(r["client"])], "time": r["time"],
                            **prof.reason(stats, ps, i, H[i], None if R is None else R[0][i]),
                            **({"prompt": r["prompt"]} if log_prompts else {})})
-    by_client: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        by_client.setdefault(str(r["client"]), []).append(i)
     blocks = []                                  # (client, its next `window` requests in time order)
     for c, idx in by_client.items():
-        idx = sorted(idx, key=lambda i: records[i]["_t"])
         blocks += [(named[c], idx[a:a + window]) for a in range(0, len(idx), window)]
     # every look at each block (one, the full window, unless the profile has early lengths: ladder.py)
     found = ladder.looks(prof, [np.asarray(b) for _, b in blocks], H, X, ps["combined"])
