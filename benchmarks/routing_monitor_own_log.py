@@ -88,14 +88,17 @@ def users(texts: dict[str, list[str]], n: int, rng: np.random.Generator, prefix:
     return out
 
 
-def interleave(clients: list[tuple[str, list[str]]], rng: np.random.Generator, wrap: str) -> list[dict]:
+def interleave(clients: list[tuple[str, list[str]]], rng: np.random.Generator, wrap: str,
+               at: dict[str, tuple[float, float]] | None = None) -> list[dict]:
     """Log records of all clients' requests in one timeline. Each client is active for a stretch of the
     day (a start uniform over it, a span of 10-30% of it) and sends its requests, in order, at uniform
     times within it: at any hour a different fifth of the users is active, so the traffic's
-    composition moves over the day (what slices must not alert on)."""
+    composition moves over the day (what slices must not alert on). ``at``: (start, span) of the clients
+    named, in place of their drawn stretch (the draws are made all the same: the others' are unchanged)."""
     when = []
-    for c, (_, ps) in enumerate(clients):
+    for c, (cid, ps) in enumerate(clients):
         start, span = rng.random(), rng.uniform(0.1, 0.3)
+        start, span = (at or {}).get(cid, (start, span))
         when += [(t, c) for t in np.sort(start + span * rng.random(len(ps)))]
     when.sort()
     nxt = [0] * len(clients)
