@@ -50,7 +50,7 @@ def main() -> None:
     early = tuple(int(x) for x in args.early.split(",")) if args.early else None
     from moeguard.models.loading import load_model
     from moeguard.monitor.online import RoutingMonitor
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
 
     torch.manual_seed(args.seed)
     model, tok, _ = load_model(None)

@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     from moeguard.models.loading import load_model
     from moeguard.monitor.online import RoutingMonitor
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import get_task
     from moeguard.tasks.tokens import bos_ids

@@ -106,7 +106,7 @@ def _monitor_profile(seed: int):
     from routing_monitor import WINDOW, benign_topics
 
     from moeguard.models.loading import load_model
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
 
     m, tok, _ = load_model(None)
     topics = benign_topics(random.Random(seed))

@@ -5,7 +5,7 @@ per request and per window, and the false-positive rate at 90% detection.
     .venv/bin/python benchmarks/routing_monitor.py [--route-attack benchmarks/results/route_attack.json]
         [--reply-tokens 16] [--out JSON]
 
-- **Profile**: ``moeguard.monitor.profile.build`` on 200 inputs per topic (the embedded tasks' train
+- **Profile**: ``moeguard.monitor.fit.build`` on 200 inputs per topic (the embedded tasks' train
   records; 200 items of each real-text source), window 16.
 - **Benign test clients** (held-out items only): 24 mixed users (each request from a random topic)
   and 24 single-topic users (the hard negatives), 32 requests each.
@@ -141,7 +141,8 @@ def main() -> None:
     args = ap.parse_args()
     from moeguard.models.adapter import MoEAdapter
     from moeguard.monitor.routertap import SEPARATOR, allowed_tokens
-    from moeguard.monitor.profile import WINDOW_STATISTICS, build
+    from moeguard.monitor.fit import build
+    from moeguard.monitor.profile import WINDOW_STATISTICS
     from moeguard.monitor.score import score
     from moeguard.tasks.loaders import load_records
     from moeguard.zoo.train import embedded_tasks

@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     from moeguard.models.loading import load_model
-    from moeguard.monitor.profile import build, observe
+    from moeguard.monitor.fit import build, observe
     from moeguard.realign.strategies.base import Query, get_strategy
     from moeguard.tasks.loaders import load_records
     from moeguard.zoo.train import embedded_tasks

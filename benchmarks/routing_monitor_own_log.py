@@ -23,7 +23,7 @@ each sees of the attacks.
 - **Profiles**, each windows of 16 with early looks at 4 and 8, and slices of ``--slice`` requests
   (benign slices are counted on a second timeline of day 2's benign users only: attack clients are in
   every slice of the first):
-  - ``tasks``: ``profile.build`` on 200 items of every topic (the first of day 1's pool), as
+  - ``tasks``: ``fit.build`` on 200 items of every topic (the first of day 1's pool), as
     ``routing_monitor.py``: an owner who knows every topic (real text cannot be named with --tasks,
     so this is the best case for task profiles). In the wrapped deployment: ``tasks`` on the bare
     items, and ``tasks_wrapped`` on them wrapped (an owner who knows the wrapper);
@@ -169,7 +169,7 @@ def main() -> None:
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import load_model
     from moeguard.monitor import fromlog
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
     from moeguard.monitor.routertap import SEPARATOR, allowed_tokens
 
     t0 = time.perf_counter()

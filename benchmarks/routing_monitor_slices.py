@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
-    from moeguard.monitor.profile import build, empirical_p, observe
+    from moeguard.monitor.fit import build, observe
+    from moeguard.monitor.profile import empirical_p
     from moeguard.monitor.routertap import SEPARATOR
 
     t0 = time.perf_counter()

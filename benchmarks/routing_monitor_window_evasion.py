@@ -81,7 +81,7 @@ class Observed:
     """Per-request arrays of a pool of prompts under one profile: histogram, embedding, combined p."""
 
     def __init__(self, m, tok, prof, prompts: list[str], adapter):
-        from moeguard.monitor.profile import observe
+        from moeguard.monitor.fit import observe
 
         h, sums, ntok, surprise = observe(m, tok, prompts, tokens=prof.tokens, adapter=adapter, batch_size=64)
         self.h, self.x = h, prof.space(sums, ntok)
@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
     from moeguard.monitor.routertap import SEPARATOR
     from moeguard.monitor.score import score
 

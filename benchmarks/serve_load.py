@@ -33,7 +33,7 @@ def main() -> None:
 
     from moeguard.models.loading import load_model
     from moeguard.monitor.online import RoutingMonitor
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
     from moeguard.monitor.serve import create_app, uvicorn_config
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import get_task

@@ -44,7 +44,7 @@ def test_the_hijack_search_and_measure_run_on_the_gpu_as_on_the_cpu(both):
 
 
 def test_the_monitor_observes_on_the_gpu_as_on_the_cpu(both):
-    from moeguard.monitor.profile import observe
+    from moeguard.monitor.fit import observe
 
     (c, ca), (g, ga), tok = both
     prompts = ["Is 41 greater than 17?", "def add(a, b):\n    return a + b"]
@@ -59,7 +59,7 @@ def test_a_profile_builds_and_serve_answers_with_the_model_on_the_gpu(both):
     from test_serve import _call, _serving   # the serve tests' real-HTTP helpers
 
     from moeguard.monitor.online import RoutingMonitor
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
     from moeguard.monitor.serve import create_app
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import get_task

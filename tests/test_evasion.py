@@ -28,7 +28,7 @@ def embedded():
 
 @pytest.fixture(scope="module")
 def profile(embedded):
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
 
     m, tok, _ = embedded
     prompts = {"cmp": [f"Is {i} greater than {3 * i % 17}?" for i in range(80)],

@@ -15,7 +15,8 @@ from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.loading import load_model
 from moeguard.monitor import ladder
-from moeguard.monitor.profile import Profile, build
+from moeguard.monitor.fit import build
+from moeguard.monitor.profile import Profile
 from moeguard.monitor.score import score
 from moeguard.tasks.loaders import load_records
 from moeguard.tasks.registry import get_task
@@ -65,7 +66,7 @@ def test_a_client_is_seen_from_its_first_early_look_and_each_block_alerts_once(s
     recs = _records(8, 0)
     scores, wins, _, _ = score(m, tok, plain, recs)
     assert len(wins) == 1 and wins[0]["length"] == 8 and "p_look" not in wins[0]
-    from moeguard.monitor.profile import observe
+    from moeguard.monitor.fit import observe
 
     hist, sums, ntok, surprise = observe(m, tok, [r["prompt"] for r in recs], tokens=plain.tokens)
     X = plain.space(sums, ntok)
@@ -75,7 +76,7 @@ def test_a_client_is_seen_from_its_first_early_look_and_each_block_alerts_once(s
 
 
 def test_the_adjusted_p_value_holds_a_benign_block_to_alpha_over_all_its_looks():
-    from moeguard.monitor.profile import observe
+    from moeguard.monitor.fit import observe
 
     m, tok, _ = load_model(None)
     tasks = ("arith-compare", "docstring-topic", "code-naming", "record-summary")

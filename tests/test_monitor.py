@@ -219,7 +219,7 @@ def test_the_default_profile_takes_every_embedded_task_running_text_included(tmp
 def test_an_interrupted_profile_resumes_from_the_tasks_it_observed(tmp_path, monkeypatch, capsys):
     """Each task's half is kept as it finishes; the resumed profile equals an uninterrupted one,
     and a partial profile of other inputs is not reused."""
-    from moeguard.monitor import profile as P
+    from moeguard.monitor import fit as P
 
     args = ["monitor", "profile", "--tasks", "arith-compare,docstring-topic,stdlib-docs", "--limit", "8", "--window", "2"]
     assert main([*args, "--out", str(tmp_path / "whole.json")]) == 0
@@ -331,7 +331,7 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
 def test_a_payload_after_the_model_positions_is_still_routed_and_counted(embedded):
     import numpy as np
 
-    from moeguard.monitor.profile import histograms
+    from moeguard.monitor.fit import histograms
 
     m, tok, adapter = embedded
     benign = " ".join(["Is 41 greater than 17?"] * 60)            # well over 256 tokens
@@ -372,7 +372,7 @@ def test_drift_stays_near_zero_for_benign_topic_mixes_and_rises_for_a_selected_s
 def test_a_prompt_embeds_the_same_alone_or_padded_in_a_batch(embedded):
     import numpy as np
 
-    from moeguard.monitor.profile import observe
+    from moeguard.monitor.fit import observe
 
     m, tok, adapter = embedded
     prompts = ["Is 41 greater than 17?", "def add(a, b):\n    return a + b  # a longer prompt, so the first is padded"]
@@ -518,7 +518,7 @@ def test_a_suffix_run_says_so_in_its_document_table_and_heat_map(tmp_path, capsy
 def test_the_monitor_refuses_a_model_with_different_expert_counts_per_layer(embedded):
     """A budget-pruned checkpoint: a request's histogram is one [layers, experts] array."""
     from moeguard.models.prune import prune_model
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
 
     m, tok, adapter = embedded
     small, _ = prune_model(m, {adapter.layers[0].index: [0, 1, 2, 3]})
@@ -554,7 +554,7 @@ def test_a_window_larger_than_the_calibration_requests_there_are_is_refused_befo
 
 def test_a_profile_matches_the_same_weights_however_named_and_refuses_other_routing(embedded, tmp_path, monkeypatch):
     from moeguard.models.identity import weights_digest
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
 
     m, tok, adapter = embedded
     ckpt = tmp_path / "ckpt"

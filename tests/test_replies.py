@@ -15,7 +15,8 @@ from moeguard.errors import MoeguardError
 from moeguard.models.loading import load_model
 from moeguard.monitor import replies
 from moeguard.monitor.online import RoutingMonitor
-from moeguard.monitor.profile import Profile, build
+from moeguard.monitor.fit import build
+from moeguard.monitor.profile import Profile
 from moeguard.monitor.score import score
 from moeguard.tasks.loaders import load_records
 from moeguard.tasks.registry import get_task

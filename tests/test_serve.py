@@ -19,7 +19,7 @@ from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.loading import load_model
 from moeguard.monitor.online import RoutingMonitor
-from moeguard.monitor.profile import build
+from moeguard.monitor.fit import build
 from moeguard.monitor.score import score
 from moeguard.tasks.loaders import load_records
 from moeguard.tasks.registry import get_task

@@ -14,7 +14,8 @@ from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.loading import load_model
 from moeguard.monitor import slices
-from moeguard.monitor.profile import Profile, build
+from moeguard.monitor.fit import build
+from moeguard.monitor.profile import Profile
 from moeguard.monitor.routertap import SEPARATOR
 from moeguard.monitor.score import score
 from moeguard.tasks.loaders import load_records

@@ -117,7 +117,7 @@ def monitor_profile(
     from moeguard.edge import embedded_or, resolve_model, task_inputs
     from moeguard.errors import MoeguardError
     from moeguard.io import check_output
-    from moeguard.monitor.profile import build
+    from moeguard.monitor.fit import build
     from moeguard.tasks.loaders import load_records, prompt_text
 
     if log is not None:

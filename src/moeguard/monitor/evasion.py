@@ -72,7 +72,7 @@ class MonitorScreen:
 
     def p_values(self, prompts: list[str]) -> np.ndarray:
         """[N] each request's combined prompt-only p-value, as ``monitor score`` computes it."""
-        from moeguard.monitor.profile import observe
+        from moeguard.monitor.fit import observe
 
         h, sums, ntok, surprise = observe(self.model, self.tokenizer, prompts, tokens=self.profile.tokens,
                                           adapter=self.adapter, batch_size=64)

@@ -41,7 +41,8 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
 from moeguard.monitor.embed import Embedding
-from moeguard.monitor.profile import Profile, assemble, check_uniform, observe
+from moeguard.monitor.fit import assemble, observe
+from moeguard.monitor.profile import Profile, check_uniform
 from moeguard.monitor.tokens import TokenRoutingCounts
 
 CHUNK = 256          # requests observed (and kept for a resumed run) at a time
@@ -112,7 +113,7 @@ def _plan(records: list[dict[str, Any]], *, window: int, slice_len: int, rng: np
         raise MoeguardError(f"--topics {topics} with a log whose records name their topics",
                             hint="drop --topics (the records' topics are used), or the records' topic fields")
     fit_ix, cal_ix, how = split(records, window=window, rng=rng)
-    if len(cal_ix) < window:   # every benign window would repeat requests (as profile.build refuses)
+    if len(cal_ix) < window:   # every benign window would repeat requests (as fit.build refuses)
         raise MoeguardError(f"the calibration half of the log ({how} split) holds {len(cal_ix)} requests, fewer than "
                             f"--window {window}", hint="pass a smaller --window, or a longer log")
     merged: list[str] = []

@@ -54,7 +54,7 @@ class ReplyReference:
             empty = [t for t, v in kept.items() if len(v) == 0]
             raise MoeguardError(f"the model gave no reply to any benign input of {empty}",
                                 hint="profile without --reply-tokens, or with inputs the model answers")
-        # the prompt profile's floor (profile.build): a share benign replies never vary still has a spread
+        # the prompt profile's floor (fit.build): a share benign replies never vary still has a spread
         spread = {t: np.maximum(v.std(0), 0.5 / np.sqrt(len(v)) * np.maximum(v.mean(0), 1e-3) + 1e-3)
                   for t, v in kept.items()}
         return cls(max_tokens=int(max_tokens), topics={t: v.mean(0) for t, v in kept.items()}, spread=spread)

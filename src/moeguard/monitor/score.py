@@ -28,7 +28,8 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
 from moeguard.monitor import ladder, slices
-from moeguard.monitor.profile import WINDOW_STATISTICS, Profile, observe
+from moeguard.monitor.fit import observe
+from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
 
 MAX_PROMPT_CHARS = 100_000
 
