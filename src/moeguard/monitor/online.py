@@ -31,21 +31,7 @@ bounded memory whatever the traffic, and no prompt is stored. Clients beyond
 ``max_clients`` evict the least recently seen (its window restarts when it returns, and its next
 block may alert again: ``score`` continues the block instead).
 
-Metrics (``prometheus-client``, in ``registry``):
-- ``moeguard_requests_total``, ``moeguard_alerts_total{kind, statistic}``;
-- ``moeguard_expert_assignments_total{layer, expert}``: routing load per expert;
-- ``moeguard_request_anomaly`` (histogram of -log10 p), ``moeguard_client_anomaly{client}``
-  (-log10 p of the client's last scored window: a full one, or an early look with ``--early``, for the
-  ``max_clients`` clients tracked);
-- ``moeguard_traffic_anomaly`` (-log10 p of the last slice of all traffic, with a profile of ``--slice``
-  N: the last N requests' embeddings and client names are kept for it, in the order requests are
-  scored, which is the order they complete);
-- what the windows do not see, as ``score``'s summary counts it: ``moeguard_clients_tracked``,
-  ``moeguard_requests_awaiting_look`` (requests of tracked clients after their block's last look:
-  identities that each stop short of a look pile up here), ``moeguard_clients_evicted_total`` and
-  ``moeguard_unwindowed_requests_total`` (an evicted client's requests that no look covered);
-- ``moeguard_scoring_failures_total`` (requests whose scoring raised: their result says why) and
-  ``moeguard_callback_failures_total`` (``on_result`` calls that raised).
+Metrics (``prometheus-client``, in ``registry``): ``metrics.py``.
 
 Requests must not run concurrently through the same model (a serving process serializes them,
 as ``serve.py`` does): the hook attributes every router call to the current request.
@@ -70,6 +56,7 @@ from moeguard.errors import MoeguardError
 from moeguard.models.hooks import Hooks
 from moeguard.monitor import ladder, slices
 from moeguard.monitor.embed import PooledHidden
+from moeguard.monitor.metrics import MonitorMetrics
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
 from moeguard.monitor.replies import ReplyIds, reply_routing
 from moeguard.monitor.tokens import RoutedIds
@@ -115,7 +102,7 @@ class RoutingMonitor:
     def __init__(self, model, profile: Profile, *, alpha: float = 0.01, max_clients: int = 1000, registry=None,
                  flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None,
                  raise_errors: bool = True):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
 
         from moeguard.models.adapter import MoEAdapter
 
@@ -165,31 +152,7 @@ class RoutingMonitor:
         self._hooks = contextlib.ExitStack()
         self._assigned = np.zeros((L, E))            # routing assignments per expert, read at scrape time
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        r.register(_Flusher(self))      # first: a scrape scores the waiting requests before any metric is read
-        self.m_requests = Counter("moeguard_requests", "requests scored", registry=r)
-        self.m_alerts = Counter("moeguard_alerts", "alerts raised", ["kind", "statistic"], registry=r)
-        # per-expert load is exported by a collector over one array: incrementing L x E labelled
-        # counters per request was most of the monitor's own cost at batch 1
-        r.register(_LoadCollector(self))
-        self.m_request_anomaly = Histogram("moeguard_request_anomaly", "-log10 p of each request",
-                                           buckets=(0.5, 1, 1.5, 2, 2.5, 3, 4, 5), registry=r)
-        self.m_client = Gauge("moeguard_client_anomaly", "-log10 p of the client's last scored window", ["client"],
-                              registry=r)
-        self.m_traffic = Gauge("moeguard_traffic_anomaly", "-log10 p of the last slice of all traffic (profiles with --slice)",
-                               registry=r)
-        # what the windows do not see (``score``'s "unwindowed"): a client evicted before a look covered
-        # its latest requests loses them to the windows, and identities that each stop short of a
-        # look (an attacker spread over many) leave requests awaiting one
-        Gauge("moeguard_clients_tracked", "clients whose window is kept (at most max_clients)",
-              registry=r).set_function(self._tracked)
-        Gauge("moeguard_requests_awaiting_look", "requests of tracked clients that no window look has covered yet",
-              registry=r).set_function(self._awaiting)
-        self.m_evicted = Counter("moeguard_clients_evicted", "clients evicted beyond max_clients", registry=r)
-        self.m_unwindowed = Counter("moeguard_unwindowed_requests",
-                                    "requests of evicted clients that no window look covered", registry=r)
-        self._failed = Counter("moeguard_scoring_failures", "requests whose scoring failed", registry=r)
-        self._callback_failed = Counter("moeguard_callback_failures", "on_result calls that raised", registry=r)
+        self.metrics = MonitorMetrics(self, self.registry)
 
     # --- hooks -------------------------------------------------------------------------------
     def _ids_hook(self, module, args):
@@ -324,7 +287,7 @@ class RoutingMonitor:
             failed = [out for out in results if not out._scored]
             for out in failed:
                 out.result, out._scored = {"error": f"scoring failed: {type(e).__name__}: {e}"}, True
-            self._failed.inc(len(failed))
+            self.metrics.failed.inc(len(failed))
             _log.warning("the routing monitor failed to score %d requests: %s: %s", len(failed), type(e).__name__, e)
             error = e
         # every result is recorded before any callback runs, and every callback runs (those of the
@@ -333,7 +296,7 @@ class RoutingMonitor:
             try:
                 self.on_result(out.client, out.result)
             except Exception as e:  # noqa: BLE001 -- counted and logged; flush raises the first error
-                self._callback_failed.inc()
+                self.metrics.callback_failed.inc()
                 _log.warning("the routing monitor's on_result failed: %s: %s", type(e).__name__, e)
                 error = error or e
         return error
@@ -417,12 +380,12 @@ class RoutingMonitor:
         res: dict[str, Any] = {"p": p, "alert": None, "window": None, "slice": None,
                                "statistics": {k: float(stats[k][i]) for k in self.profile.request_statistics}}
         with self._lock:
-            self.m_requests.inc()
-            self.m_request_anomaly.observe(-math.log10(p))
+            self.metrics.requests.inc()
+            self.metrics.request_anomaly.observe(-math.log10(p))
             self._assigned += counts
             if p <= self.alpha:
                 res["alert"] = {"kind": "request", **self.profile.reason(stats, ps, i, h, reply)}
-                self.m_alerts.labels("request", res["alert"]["statistic"]).inc()
+                self.metrics.alerts.labels("request", res["alert"]["statistic"]).inc()
             # the window so far: sum of h, and its requests' p-values and embeddings (at most
             # `window` of each: bounded, and no prompt)
             # ([L, E] sum, p-values, embeddings, whether the block alerted yet)
@@ -437,11 +400,11 @@ class RoutingMonitor:
                 pw = float(wp["combined"][0])
                 res["window"] = {"p": pw, "length": n, **({"p_look": float(wp["look"][0])} if "look" in wp else {}),
                                  "statistics": {k: float(ws[k][0]) for k in WINDOW_STATISTICS}}
-                self.m_client.labels(client).set(-math.log10(pw))
+                self.metrics.client.labels(client).set(-math.log10(pw))
                 if pw <= self.alpha and not state[3]:   # a block alerts once, at its first look there
                     state[3] = True
                     res["window"]["alert"] = {"kind": "window", "length": n, **self.profile.reason(ws, wp, 0, w)}
-                    self.m_alerts.labels("window", res["window"]["alert"]["statistic"]).inc()
+                    self.metrics.alerts.labels("window", res["window"]["alert"]["statistic"]).inc()
             if n == self.window:        # the block is complete: start the next
                 state = [np.zeros_like(h), [], [], False]
             self._clients[client] = state
@@ -452,18 +415,18 @@ class RoutingMonitor:
                     ready, self._slice = self._slice, []
             while len(self._clients) > self.max_clients:
                 old, gone = self._clients.popitem(last=False)
-                self.m_evicted.inc()
-                self.m_unwindowed.inc(ladder.unseen(self.profile.meta, len(gone[1])))
+                self.metrics.evicted.inc()
+                self.metrics.unwindowed.inc(ladder.unseen(self.profile.meta, len(gone[1])))
                 with contextlib.suppress(KeyError):
-                    self.m_client.remove(old)
+                    self.metrics.client.remove(old)
         if ready is not None:   # outside the lock (a slice's fit is n x n; request exits wait on the lock),
             names, xs = zip(*ready)   # in order: flushes are serialized
             row = slices.score(self.profile, np.stack(xs), list(names))
             res["slice"] = row
-            self.m_traffic.set(-math.log10(row["p"]))
+            self.metrics.traffic.set(-math.log10(row["p"]))
             if row["p"] <= self.alpha:
                 row["alert"] = {"kind": "slice", "clients": row["top_clients"], **slices.reason(row, self.slice)}
-                self.m_alerts.labels("slice", "slice_drift").inc()
+                self.metrics.alerts.labels("slice", "slice_drift").inc()
         return res
 
     def _tracked(self) -> int:
@@ -474,48 +437,3 @@ class RoutingMonitor:
         """Requests of the tracked clients after their block's last look (read at scrape time)."""
         with self._lock:
             return sum(ladder.unseen(self.profile.meta, len(state[1])) for state in self._clients.values())
-
-
-class _Flusher:
-    """Registered first in the monitor's registry: a scrape scores the requests still waiting, so
-    every metric it reads counts them. It exports nothing."""
-
-    def __init__(self, monitor: RoutingMonitor):
-        self.monitor = monitor
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        try:
-            self.monitor.flush()
-        except Exception:  # noqa: BLE001 -- logged and counted in _score; the scrape reads every metric
-            pass
-        return []
-
-
-class _LoadCollector:
-    """``moeguard_expert_assignments_total{layer, expert}`` from the monitor's running array."""
-
-    def __init__(self, monitor: RoutingMonitor):
-        self.monitor = monitor
-
-    def describe(self):
-        # declared up front, so a second monitor registering the same series in one registry is refused
-        from prometheus_client.core import CounterMetricFamily
-
-        yield CounterMetricFamily("moeguard_expert_assignments", "routing assignments per expert (prefill tokens x top-k)",
-                                  labels=["layer", "expert"])
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily
-
-        m = self.monitor
-        fam = CounterMetricFamily("moeguard_expert_assignments", "routing assignments per expert (prefill tokens x top-k)",
-                                  labels=["layer", "expert"])
-        with m._lock:
-            a = m._assigned.copy()
-        for slot, layer in enumerate(m.adapter.layers):
-            for e in range(a.shape[1]):
-                fam.add_metric([str(layer.index), str(e)], float(a[slot, e]))
-        yield fam
