@@ -372,7 +372,7 @@ def main() -> None:
                                               ("c", args.candidates, 8), ("b", args.blocks, 3), ("s", args.seed, 0),
                                               ("log", "", None), ("u", args.log_users, 240), ("sl", args.slice, 64))
                   if (k == "mixed" and args.inputs == "mixed") or (k == "log" and args.owner == "log")
-                  or (k not in ("mixed", "log") and v != d))
+                  or (k not in ("mixed", "log") and v != d and (k not in ("u", "sl") or args.owner == "log")))
     path = write_result("routing_monitor_window_evasion" + tag, {
         "setting": {"window": WINDOW, "early": list(EARLY), "blocks_per_client": args.blocks, "candidates": args.candidates,
                     "pool": POOL, "inputs": args.inputs, "owner": args.owner,

@@ -90,9 +90,9 @@ def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_l
 def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int | None = None,
           seed: int = 0, name: str = "", cache: Path | None = None, progress=None, reply_tokens: int = 0,
           early: tuple[int, ...] | None = None, slice_len: int = 0) -> Profile:
-    """The profile of benign ``prompts`` (task -> inputs); see the module docstring. ``reply_tokens``
-    > 0: each benign input's greedy reply of at most that many tokens is routed too, and the profile
-    scores requests' replies (``replies.py``). With ``cache``
+    """The profile of benign ``prompts`` (task -> inputs); see ``profile.py``'s module docstring.
+    ``reply_tokens`` > 0: each benign input's greedy reply of at most that many tokens is routed too,
+    and the profile scores requests' replies (``replies.py``). With ``cache``
     (``io.resumable_scratch``), each task's observed arrays are kept there as they finish and read
     back on a resumed run: the same numbers as one uninterrupted build. ``early``: lengths at which
     a client's window is also scored as it grows (``ladder.py``); ``windows``: benign windows per
