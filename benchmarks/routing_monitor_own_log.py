@@ -80,6 +80,9 @@ def users(texts: dict[str, list[str]], n: int, rng: np.random.Generator, prefix:
         t, prompts = None, []
         for _ in range(16 * int(rng.integers(1, 4))):
             if t is None or rng.random() > 0.7 or not left[t]:
+                if not any(left.values()):   # no text is sent twice: the pool bounds the users
+                    raise SystemExit(f"{n} users need more texts than the pool's {sum(map(len, texts.values()))} "
+                                     f"(they ran out at user {u}); pass fewer users")
                 t = names[rng.choice(len(names), p=taste)]
                 while not left[t]:
                     t = names[rng.choice(len(names), p=pop)]
