@@ -148,6 +148,24 @@ def fisher(ps: list[float]) -> float:
     return math.exp(-x) * sum(x ** i / math.factorial(i) for i in range(len(ps)))
 
 
+def log_deployment(m, tok, seed: int, log_users: int, slice_len: int):
+    """``routing_monitor_own_log.py``'s raw deployment: the owner profiles day 1's benign log of
+    ``log_users`` users; day 2's 96 users (habits: a taste, sessions, 1-3 blocks each) are the benign
+    clients, and its held-out items the inputs. (topics {name: (day-1 texts, day-2 texts)}, the day-1
+    log's records, the day-2 users, the owner's profile of the log.)"""
+    from routing_monitor_own_log import interleave, pools, users
+
+    from moeguard.monitor import fromlog
+
+    topics = pools(random.Random(seed))
+    urng = np.random.default_rng(seed)
+    day1 = users({k: v[0] for k, v in topics.items()}, log_users, urng, "day1")
+    day2 = users({k: v[1] for k, v in topics.items()}, 96, urng, "user")
+    log = interleave(day1, np.random.default_rng(seed + 2), "")
+    owner = fromlog.build(m, tok, log, window=WINDOW, seed=seed, name="embedded", early=EARLY, slice_len=slice_len)
+    return topics, log, day2, owner
+
+
 def slice_rows(m, tok, prof, recs: list[dict], flags: dict[str, list[bool]]) -> list[tuple[float, float, float, float]]:
     """(p, campaign share, hijacked share, campaign share of the clients the slice names) of each slice of
     ``recs`` (one timeline, in time order) scored on ``prof``; ``flags``: the campaign's clients -> which
@@ -231,18 +249,7 @@ def main() -> None:
     adapter = MoEAdapter(m)
     log_users: list[tuple[str, list[str]]] = []
     if args.owner == "log":
-        # routing_monitor_own_log.py's deployment: the owner profiles day 1's benign log; day 2's users
-        # (habits: a taste, sessions, 1-3 blocks each) are the benign clients, its held-out items the inputs
-        from routing_monitor_own_log import interleave, pools, users
-
-        from moeguard.monitor import fromlog
-
-        topics = pools(random.Random(args.seed))
-        urng = np.random.default_rng(args.seed)
-        day1 = users({k: v[0] for k, v in topics.items()}, args.log_users, urng, "day1")
-        log_users = users({k: v[1] for k, v in topics.items()}, 96, urng, "user")
-        owner = fromlog.build(m, tok, interleave(day1, np.random.default_rng(args.seed + 2), ""), window=WINDOW,
-                              seed=args.seed, name="embedded", early=EARLY, slice_len=args.slice)
+        topics, _, log_users, owner = log_deployment(m, tok, args.seed, args.log_users, args.slice)
         # the attacker cannot have the log: it rebuilds what it can, a profile of the topics' public data
         first = {k: v[0][:200] for k, v in topics.items()}
     else:
