@@ -139,15 +139,6 @@ def screened_stream(prof, hij: "Observed", fill: "Observed", blocks: int, rng: n
     return out
 
 
-def fisher(ps: list[float]) -> float:
-    """Fisher's combined p-value of independent p-values: P(chi2 with 2k degrees >= -2 sum log p),
-    in closed form for even degrees."""
-    import math
-
-    x = -sum(math.log(p) for p in ps)
-    return math.exp(-x) * sum(x ** i / math.factorial(i) for i in range(len(ps)))
-
-
 def log_deployment(m, tok, seed: int, log_users: int, slice_len: int):
     """``routing_monitor_own_log.py``'s raw deployment: the owner profiles day 1's benign log of
     ``log_users`` users; day 2's 96 users (habits: a taste, sessions, 1-3 blocks each) are the benign
@@ -170,6 +161,8 @@ def slice_rows(m, tok, prof, recs: list[dict], flags: dict[str, list[bool]]) -> 
     """(p, campaign share, hijacked share, campaign share of the clients the slice names) of each slice of
     ``recs`` (one timeline, in time order) scored on ``prof``; ``flags``: the campaign's clients -> which
     of their requests are hijacked."""
+    from routing_monitor_own_log import _n
+
     from moeguard.monitor.score import score
 
     n = int(prof.meta["slice"])
@@ -177,7 +170,7 @@ def slice_rows(m, tok, prof, recs: list[dict], flags: dict[str, list[bool]]) -> 
     out = []
     for k, row in enumerate(summ["traffic_slices"]):   # records are in time order: slice k is recs[k n: (k+1) n]
         ours = [r for r in recs[k * n:(k + 1) * n] if r["client"] in flags]
-        out.append((row["p"], len(ours) / n, sum(flags[r["client"]][int(r["id"].rsplit("-", 1)[1])] for r in ours) / n,
+        out.append((row["p"], len(ours) / n, sum(flags[r["client"]][_n(r["id"])] for r in ours) / n,
                     float(np.mean([t["client"] in flags for t in row["top_clients"]]))))
     return out
 
@@ -200,9 +193,9 @@ def campaign_slices(m, tok, prof, benign: list[tuple[str, list[str]]], campaign:
     from routing_monitor_own_log import interleave
 
     flags = {c: f for c, _, f in campaign}
-    out = {"identities": len(campaign), "requests": sum(len(ps) for _, ps, _ in campaign),
-           "share_of_traffic": round(sum(len(ps) for _, ps, _ in campaign) / (sum(len(ps) for _, ps in benign)
-                                     + sum(len(ps) for _, ps, _ in campaign)), 4)}
+    sent = sum(len(ps) for _, ps, _ in campaign)
+    out = {"identities": len(campaign), "requests": sent,
+           "share_of_traffic": round(sent / (sent + sum(len(ps) for _, ps in benign)), 4)}
     for name, at in (("spread", None), ("coordinated", {c: (0.4, 0.2) for c in flags})):
         rows = slice_rows(m, tok, prof, interleave(benign + [(c, ps) for c, ps, _ in campaign],
                                                    np.random.default_rng(seed + 1), "", at), flags)
@@ -243,6 +236,7 @@ def main() -> None:
     from moeguard.monitor.fit import build
     from moeguard.monitor.routertap import SEPARATOR
     from moeguard.monitor.score import score
+    from moeguard.trace.stats import fisher
 
     t0 = time.perf_counter()
     rng, m, tok, topics = embedded_and_topics(args.seed)
@@ -316,7 +310,7 @@ def main() -> None:
         key = block_of(w["requests"][0])
         block_p[key] = min(block_p.get(key, 1.0), w["p"])
         if w["p"] <= 0.01:
-            alerted.setdefault(block_of(w["requests"][0]), set()).add("window")
+            alerted.setdefault(key, set()).add("window")
     for s in scores:
         if s["p"] <= 0.01:
             alerted.setdefault(block_of(s["id"]), set()).add("request")
@@ -375,11 +369,12 @@ def main() -> None:
                                                              args.seed)
             print(f"campaign of {who} screening: {result['campaign_slices'][who]}", flush=True)
     # a run with other settings gets its own file (unless --out names one): the defaults' stays as it is
-    tag = "".join(f"_{k}{v}" for k, v, d in (("mixed", "", None), ("p", args.window_p, 0.05), ("r", args.request_p, 0.05),
-                                              ("c", args.candidates, 8), ("b", args.blocks, 3), ("s", args.seed, 0),
-                                              ("log", "", None), ("u", args.log_users, 240), ("sl", args.slice, 64))
-                  if (k == "mixed" and args.inputs == "mixed") or (k == "log" and args.owner == "log")
-                  or (k not in ("mixed", "log") and v != d and (k not in ("u", "sl") or args.owner == "log")))
+    tag = "".join(part for part, on in (
+        ("_mixed", args.inputs == "mixed"), (f"_p{args.window_p}", args.window_p != 0.05),
+        (f"_r{args.request_p}", args.request_p != 0.05), (f"_c{args.candidates}", args.candidates != 8),
+        (f"_b{args.blocks}", args.blocks != 3), (f"_s{args.seed}", args.seed != 0), ("_log", args.owner == "log"),
+        (f"_u{args.log_users}", args.owner == "log" and args.log_users != 240),
+        (f"_sl{args.slice}", args.owner == "log" and args.slice != 64)) if on)
     path = write_result("routing_monitor_window_evasion" + tag, {
         "setting": {"window": WINDOW, "early": list(EARLY), "blocks_per_client": args.blocks, "candidates": args.candidates,
                     "pool": POOL, "inputs": args.inputs, "owner": args.owner,

@@ -199,15 +199,16 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
         by_client.setdefault(str(r["client"]), []).append(i)
     by_client = {c: sorted(idx, key=lambda i: records[i]["_t"]) for c, idx in by_client.items()}
     named = {c: records[idx[0]]["client"] for c, idx in by_client.items()}
+    client_of = [named[str(r["client"])] for r in records]   # each request's client, as outputs name it
     scores, alerts = [], []
     for i, r in enumerate(records):
-        row = {"id": r["id"], "client": named[str(r["client"])], "time": r["time"], "p": float(ps["combined"][i]),
+        row = {"id": r["id"], "client": client_of[i], "time": r["time"], "p": float(ps["combined"][i]),
                **{k: round(float(stats[k][i]), 4) for k in prof.request_statistics}}
         if log_prompts:
             row["prompt"] = r["prompt"]
         scores.append(row)
         if ps["combined"][i] <= alpha:
-            alerts.append({"kind": "request", "id": r["id"], "client": named[str(r["client"])], "time": r["time"],
+            alerts.append({"kind": "request", "id": r["id"], "client": client_of[i], "time": r["time"],
                            **prof.reason(stats, ps, i, H[i], None if R is None else R[0][i]),
                            **({"prompt": r["prompt"]} if log_prompts else {})})
     blocks = []                                  # (client, its next `window` requests in time order)
@@ -235,7 +236,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     for idx in cuts:
         row = {"requests": [records[i]["id"] for i in (idx[0], idx[-1])],
                "time": [records[i]["time"] for i in (idx[0], idx[-1])],
-               **slices.score(prof, X[idx], [named[str(records[i]["client"])] for i in idx])}
+               **slices.score(prof, X[idx], [client_of[i] for i in idx])}
         traffic.append(row)
         if row["p"] <= alpha:
             alerts.append({"kind": "slice", "requests": row["requests"], "time": records[idx[-1]]["time"],
