@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -80,9 +81,10 @@ def users(texts: dict[str, list[str]], n: int, rng: np.random.Generator, prefix:
         t, prompts = None, []
         for _ in range(16 * int(rng.integers(1, 4))):
             if t is None or rng.random() > 0.7 or not left[t]:
-                if not any(left.values()):   # no text is sent twice: the pool bounds the users
-                    raise SystemExit(f"{n} users need more texts than the pool's {sum(map(len, texts.values()))} "
-                                     f"(they ran out at user {u}); pass fewer users")
+                if not any(left.values()):   # no text is sent twice: the pool bounds the users (bad input: exit 2)
+                    print(f"{n} users need more texts than the pool's {sum(map(len, texts.values()))} (they ran out "
+                          f"at user {u}); pass fewer users", file=sys.stderr)
+                    raise SystemExit(2)
                 t = names[rng.choice(len(names), p=taste)]
                 while not left[t]:
                     t = names[rng.choice(len(names), p=pop)]
