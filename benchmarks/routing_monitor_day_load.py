@@ -2,7 +2,7 @@
 over the day as users are: does the campaign's pull on its expert show where no window and no slice
 sees it?
 
-    .venv/bin/python benchmarks/routing_monitor_day_load.py [--identities 8] [--days 20] [--out JSON]
+    .venv/bin/python benchmarks/routing_monitor_day_load.py [--identities 8] [--days 20] [--campaign-days 5] [--out JSON]
 
 The attacker's goal is to move load to its expert. Each of its identities keeps its windows
 benign-looking (``routing_monitor_window_evasion.py``'s attacker, screening with a task profile it
@@ -19,9 +19,20 @@ built, at p >= 0.05), but every hijacked request pushes the same expert, all day
   window-evasion benchmark's; the others are new users, drawn with seeds 100, 101, ...).
 - **Campaigns**: for each evasion-trained prefix (``route_attack_evading*.json``, >= 90% held-out
   success) that gets a hijacked request through, ``--identities`` identities with that prefix, each
-  3 blocks of 16, added to each of the first ``--campaign-days`` benign days (each identity over its
-  own stretch of the day, as a user). Reported: each day's ``max_S`` and ``max_S_raw``, the hijacked
-  expert's own sum, and the share of the campaign's days above the largest benign day.
+  3 blocks of 16, added to a benign day (each identity over its own stretch of the day, as a user).
+  Its **control** is the same identities sending the same inputs without the prefix: a benign day
+  heavy in the attacked task, which a day statistic must not alert on.
+- **Day statistics**, each the largest over the 32 (layer, expert) cells:
+  - ``max_S`` / ``max_S_raw``: the slice sums above, with the topic mix / raw (campaigns on the
+    first ``--campaign-days`` days);
+  - ``max_Z``: each cell's day mean of the fitted-mix residual, standardized by its spread over the
+    *other* benign days (leave one out) instead of one day's slices;
+  - ``max_K``: the same for each request's residual from its 16 nearest neighbours in the profile's
+    neighbour references (``periods.Neighbours``);
+  - ``monitor``: the monitor's own test (``monitor score --period``, ``periods.score_periods``): the
+    days in sequence, each against the 14 days before it that did not alert; a campaign (and, apart,
+    its control) on each of the last ``--campaign-days`` days in turn. p-values, the cell and how many
+    of the 5 named clients are campaign identities.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ def main() -> None:
     from routing_monitor_own_log import interleave, users
 
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.monitor import slices
+    from moeguard.monitor import periods, slices
     from moeguard.monitor.fit import build, observe
     from moeguard.monitor.routertap import SEPARATOR
 
@@ -77,25 +88,34 @@ def main() -> None:
             if tg["measured"]["success"] < 0.9:
                 continue
             own = held.get(doc.get("task"), task_inputs)
-            hp = [tg["prefix_text"] + SEPARATOR + own[i] for i in nrng.choice(len(own), size=POOL, replace=False)]
+            ix = nrng.choice(len(own), size=POOL, replace=False)
+            hp = [tg["prefix_text"] + SEPARATOR + own[i] for i in ix]
             hij = Observed(m, tok, surrogate, hp, adapter)
-            clients = []
+            clients, control = [], []
             for i in range(args.identities):
                 stream = screened_stream(surrogate, hij, fill, 3, np.random.default_rng(nrng.integers(2**32)), 0.05, 0.05)
-                clients.append((f"{f[:-5]}:{tg['layer']}.{tg['expert']}:{i}",
-                                [hp[j] if k == "hijack" else fill_prompts[j] for k, j in stream], sum(k == "hijack" for k, _ in stream)))
+                cid = f"{f[:-5]}:{tg['layer']}.{tg['expert']}:{i}"
+                clients.append((cid, [hp[j] if k == "hijack" else fill_prompts[j] for k, j in stream], sum(k == "hijack" for k, _ in stream)))
+                # The control: the same identities sending the same inputs without the prefix, so that
+                # what the day statistic sees is the hijack and not the campaign's topic mix.
+                control.append((cid, [own[ix[j]] if k == "hijack" else fill_prompts[j] for k, j in stream], 0))
             if any(n for *_, n in clients):   # a prefix none of whose candidates passes sends filler only
-                campaigns.append({"run": f[:-5], "layer": tg["layer"], "expert": tg["expert"], "clients": clients})
+                campaigns.append({"run": f[:-5], "layer": tg["layer"], "expert": tg["expert"], "clients": clients,
+                                  "control": control})
     print(f"{len(campaigns)} campaigns of {args.identities} identities ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     days = [day2] + [users(held, 96, np.random.default_rng(100 + d), "user") for d in range(args.days - 1)]
     prompts = sorted({r["prompt"] for r in log1} | {p for day in days for _, ps in day for p in ps}
-                     | {p for c in campaigns for _, ps, _ in c["clients"] for p in ps})
+                     | {p for c in campaigns for k in ("clients", "control") for _, ps, _ in c[k] for p in ps})
     h, sums, ntok, _ = observe(m, tok, prompts, tokens=owner.tokens, adapter=adapter, batch_size=64)   # each text once
     X, at = owner.space(sums, ntok), {p: i for i, p in enumerate(prompts)}
     T = {t: np.asarray(v) for t, v in owner.topics.items()}
     slot = {l.index: i for i, l in enumerate(adapter.layers)}
     print(f"{len(prompts)} texts observed ({time.perf_counter() - t0:.0f} s)", flush=True)
+    # Each request's routing less that of its nearest benign requests in the profile's embedding space
+    # (the profile's neighbour references, periods.py): what a request's own content predicts, finer
+    # than a slice's fitted mix of the profile's topics (a log profile's topics are a few clusters).
+    resid = owner.neighbours.residual(X, h)
 
     def per_slice(recs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """[slices, L, E]: each slice's mean routing share less its fitted topic mix's; and the share itself."""
@@ -107,38 +127,115 @@ def main() -> None:
             fitted.append(raw[-1] - sum(v * T[t] for t, v in mix.items()) / sum(mix.values()))
         return np.array(fitted), np.array(raw)
 
-    ref = per_slice(log1)                                     # the owner's day-1 log standardizes each cell
-    norm = [(a.mean(0), a.std(0) + 1e-9) for a in ref]
+    cal = per_slice(log1)                                     # the owner's day-1 log standardizes each cell
+    norm = [(a.mean(0), a.std(0) + 1e-9) for a in cal]
 
-    def day(recs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        """[L, E] each: the day's standardized sum over its slices, with the topic mix and raw."""
-        return tuple(((a - mu) / sd).sum(0) / np.sqrt(len(a)) for a, (mu, sd) in zip(per_slice(recs), norm))
+    def day(recs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[L, E] each: the day's standardized sum over its slices, with the topic mix and raw; and the
+        day's mean residual (with the topic mix), for the day-to-day standardization."""
+        parts = per_slice(recs)
+        return tuple(((a - mu) / sd).sum(0) / np.sqrt(len(a)) for a, (mu, sd) in zip(parts, norm)) + (
+            np.stack([parts[0].mean(0), resid[[at[r["prompt"]] for r in recs]].mean(0)]),)
 
-    benign = [day(interleave(d, np.random.default_rng(args.seed + 1 + i), "")) for i, d in enumerate(days)]
-    top, top_raw = max(float(S.max()) for S, _ in benign), max(float(R.max()) for _, R in benign)
+    day_recs = [interleave(d, np.random.default_rng(args.seed + 1 + i), "") for i, d in enumerate(days)]
+    benign = [day(recs) for recs in day_recs]
+    top, top_raw = max(float(S.max()) for S, *_ in benign), max(float(R.max()) for _, R, _ in benign)
+    # Standardizing each cell by its slice-to-slice spread on one day treats a day's slices as
+    # independent draws; benign days differ by more than that (their users differ), so Z instead
+    # standardizes each cell's day mean by its spread across the owner's other days. Each day is
+    # scored against the other benign days only (leave one out), a campaign day against the benign
+    # days but the one it was added to.
+    M = np.array([m for *_, m in benign])                    # [days, 2 (fitted mix, neighbours), L, E]
+
+    def day_z(m: np.ndarray, leave: int) -> list[tuple[float, str]]:
+        """Per residual: the largest cell's z against the benign days but ``leave``, and that cell as
+        "layer.expert"."""
+        ref = np.delete(M, leave, 0)
+        z = (m - ref.mean(0)) / (ref.std(0, ddof=1) + 1e-12)
+        out = []
+        for v in z:
+            k, e = np.unravel_index(int(v.argmax()), v.shape)
+            out.append((float(v.max()), f"{adapter.layers[k].index}.{e}"))
+        return out
+
+    benign_z = [[z for z, _ in day_z(M[i], i)] for i in range(len(M))]
+    top_z = [max(b[v] for b in benign_z) for v in range(2)]
+    VARIANTS = ("Z", "K")      # the day's mean residual of the fitted topic mix / of the neighbours, z across days
     rows = []
     for c in campaigns:
         row = {k: c[k] for k in ("run", "layer", "expert")}
         row.update(hijacked=int(sum(n for *_, n in c["clients"])), requests=int(sum(len(ps) for _, ps, _ in c["clients"])),
                    max_S=[], max_S_raw=[], S_target=[])
+        row.update({f"{w}{v}": [] for v in VARIANTS for w in ("max_", "cell_", "p_", "control_max_", "control_cell_")})
         for i in range(min(args.campaign_days, len(days))):
-            S, R = day(interleave(days[i] + [(cid, ps) for cid, ps, _ in c["clients"]], np.random.default_rng(args.seed + 1 + i), ""))
+            S, R, mean = day(interleave(days[i] + [(cid, ps) for cid, ps, _ in c["clients"]], np.random.default_rng(args.seed + 1 + i), ""))
             row["max_S"].append(round(float(S.max()), 2))
             row["max_S_raw"].append(round(float(R.max()), 2))
             row["S_target"].append(round(float(S[slot[c["layer"]], c["expert"]]), 2))
+            *_, control = day(interleave(days[i] + [(cid, ps) for cid, ps, _ in c["control"]], np.random.default_rng(args.seed + 1 + i), ""))
+            for v, (z, cell), (cz, ccell) in zip(range(2), day_z(mean, i), day_z(control, i)):
+                n = VARIANTS[v]
+                row[f"max_{n}"].append(round(z, 2))
+                row[f"cell_{n}"].append(cell)
+                # p: the campaign day's rank among the other benign days' leave-one-out statistics
+                row[f"p_{n}"].append(round((1 + sum(b[v] >= z for j, b in enumerate(benign_z) if j != i)) / len(benign_z), 4))
+                row[f"control_max_{n}"].append(round(cz, 2))
+                row[f"control_cell_{n}"].append(ccell)
         row["days_above_benign_max"] = round(float(np.mean(np.array(row["max_S"]) > top)), 4)
         row["days_above_benign_max_raw"] = round(float(np.mean(np.array(row["max_S_raw"]) > top_raw)), 4)
+        for v, n in enumerate(VARIANTS):
+            row[f"days_above_benign_max_{n}"] = round(float(np.mean(np.array(row[f"max_{n}"]) > top_z[v])), 4)
+            row[f"control_days_above_benign_max_{n}"] = round(float(np.mean(np.array(row[f"control_max_{n}"]) > top_z[v])), 4)
         rows.append(row)
         print(f"{row['run']}:{row['layer']}.{row['expert']}: {row['hijacked']} hijacked of {row['requests']}; max_S "
-              f"{row['max_S']} (benign max {top:.2f}); own expert {row['S_target']}", flush=True)
+              f"{row['max_S']} (benign max {top:.2f}); own expert {row['S_target']}; "
+              + "; ".join(f"max_{n} {row[f'max_{n}']} control {row[f'control_max_{n}']} (benign max {top_z[v]:.2f})"
+                          for v, n in enumerate(VARIANTS)), flush=True)
+    # The monitor's own test (`monitor score --period`, periods.score_periods): the days in sequence,
+    # each against the BASELINE days before it that did not alert; a campaign on each of the last
+    # --campaign-days days in turn (and its control), the other days benign.
+    def sequence(recs_by_day: list[list[dict]]) -> list[dict]:
+        t = np.concatenate([d + np.arange(len(rs)) / len(rs) for d, rs in enumerate(recs_by_day)])
+        flat = [r for rs in recs_by_day for r in rs]
+        return periods.score_periods(t, resid[[at[r["prompt"]] for r in flat]], [r["client"] for r in flat],
+                                     period=1.0, baseline=periods.BASELINE, alpha=0.01, layers=list(slot))
+
+    benign_p = [r["p"] for r in sequence(day_recs) if r["p"] is not None]
+    last = range(len(days) - min(args.campaign_days, len(days)), len(days))
+    for c, row in zip(campaigns, rows):
+        row.update(monitor_p=[], monitor_cell=[], monitor_named_campaign=[], control_monitor_p=[])
+        for i in last:
+            for kind in ("clients", "control"):
+                recs = interleave(days[i] + [(cid, ps) for cid, ps, _ in c[kind]], np.random.default_rng(args.seed + 1 + i), "")
+                got = sequence(day_recs[:i] + [recs] + day_recs[i + 1:])[i]
+                if kind == "control":
+                    row["control_monitor_p"].append(got["p"])
+                    continue
+                row["monitor_p"].append(got["p"])
+                row["monitor_cell"].append(f"{got['layer']}.{got['expert']}")
+                ids = {cid for cid, _, _ in c["clients"]}
+                row["monitor_named_campaign"].append(sum(t["client"] in ids for t in got["top_clients"]))
+        print(f"{row['run']}:{row['layer']}.{row['expert']}: monitor p {[f'{p:.2g}' for p in row['monitor_p']]} "
+              f"(control {[f'{p:.2g}' for p in row['control_monitor_p']]})", flush=True)
+    monitor = {"baseline": periods.BASELINE, "benign_days_tested": len(benign_p),
+               "benign_p": sorted(round(p, 4) for p in benign_p),
+               **{f"{w}_days_alerting_at_{a}": round(float(np.mean([p <= a for r in rows for p in r[k]])), 4)
+                  for a in (0.01, 0.05) for w, k in (("campaign", "monitor_p"), ("control", "control_monitor_p"))},
+               **{f"benign_days_alerting_at_{a}": round(float(np.mean([p <= a for p in benign_p])), 4) for a in (0.01, 0.05)}}
+    print(f"monitor --period: {monitor}", flush=True)
     path = write_result("routing_monitor_day_load" + (f"_i{args.identities}" if args.identities != 8 else ""), {
         "setting": {"identities": args.identities, "days": args.days, "campaign_days": args.campaign_days, "slice": SLICE,
-                    "log_users": 240, "day_users": 96, "calibration_slices": len(ref[0]), "route_attack": list(FILES),
-                    "screen": "surrogate task profile, p >= 0.05", "seed": args.seed},
-        "results": {"benign_days": {"max_S": sorted(round(float(S.max()), 2) for S, _ in benign),
-                                    "max_S_raw": sorted(round(float(R.max()), 2) for _, R in benign)},
-                    "campaigns": rows,
-                    "campaign_days_above_benign_max": round(float(np.mean([r["days_above_benign_max"] for r in rows])), 4)},
+                    "log_users": 240, "day_users": 96, "calibration_slices": len(cal[0]),
+                    "route_attack": list(FILES), "screen": "surrogate task profile, p >= 0.05",
+                    "neighbours": {"count": len(owner.neighbours.x), "k": owner.neighbours.k},
+                    "seed": args.seed},
+        "results": {"benign_days": {"max_S": sorted(round(float(S.max()), 2) for S, *_ in benign),
+                                    "max_S_raw": sorted(round(float(R.max()), 2) for _, R, _ in benign),
+                                    **{f"max_{n}": sorted(round(b[v], 2) for b in benign_z) for v, n in enumerate(VARIANTS)}},
+                    "campaigns": rows, "monitor": monitor,
+                    "campaign_days_above_benign_max": round(float(np.mean([r["days_above_benign_max"] for r in rows])), 4),
+                    **{f"{w}_days_above_benign_max_{n}": round(float(np.mean([r[f"{k}days_above_benign_max_{n}"] for r in rows])), 4)
+                       for n in VARIANTS for w, k in (("campaign", ""), ("control", "control_"))}},
         "seconds": round(time.perf_counter() - t0, 1)}, args.out)
     print(f"written to {path} in {time.perf_counter() - t0:.0f} s")
 

@@ -258,24 +258,32 @@ def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple
 def monitor_score(
         profile: Annotated[Path, typer.Option("--profile", help="profile from `moeguard monitor profile`")],
         log: Annotated[Path, typer.Option("--log", help="requests, JSON Lines: {id, client, time, prompt[, reply]}")],
-        out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, windows.jsonl, alerts.jsonl, summary.json (and slices.jsonl with a profile of --slice)")],
+        out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, windows.jsonl, alerts.jsonl, summary.json (and slices.jsonl with a profile of --slice, periods.jsonl with --period)")],
         window: Annotated[Optional[int], typer.Option("--window", help="requests per client window; default: the profile's")] = None,
         alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
         log_prompts: Annotated[bool, typer.Option("--log-prompts", help="write prompts into the outputs (off: routing can reveal what users typed)")] = False,
+        period: Annotated[Optional[str], typer.Option("--period", help="also test each period of all traffic (24h, 30m, 7d, seconds) for load moved to one expert beyond what its requests' content predicts, against the --baseline periods before it; writes periods.jsonl")] = None,
+        baseline: Annotated[int, typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period")] = 14,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
-    """Replay logged requests through the model; alert on requests and client windows unlike the profile."""
+    """Replay logged requests through the model; alert on requests and client windows unlike the profile
+    (and, with --period, on days whose routing load moved)."""
     from moeguard.edge import resolve_model
     from moeguard.io import check_output, file_sha256, read_json, resumable_dir
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.score import drop_replay, read_log, score
 
+    from moeguard.monitor.periods import check_baseline, parse_period
+
+    seconds = parse_period(period) if period is not None else None
+    if seconds is not None:
+        check_baseline(baseline)
     check_output(out, overwrite=overwrite, inputs=(model, profile, log,), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))
     from moeguard.monitor.score import check_settings
 
-    window = check_settings(prof, window=window, alpha=alpha)
+    window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
     records = read_log(log)
     from moeguard.models.identity import weights_digest, weights_identity
 
@@ -290,7 +298,8 @@ def monitor_score(
         try:
             with _progress() as progress:
                 scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha,
-                                                         log_prompts=log_prompts, cache=tmp, progress=progress)
+                                                         log_prompts=log_prompts, cache=tmp, period=seconds,
+                                                         baseline=baseline, progress=progress)
         except KeyboardInterrupt:
             import sys
 
@@ -298,19 +307,25 @@ def monitor_score(
                   f"again to resume", file=sys.stderr)
             raise SystemExit(130) from None
         summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
-                                     "alpha": alpha, "log_prompts": log_prompts, **_placement(handle)})
+                                     "alpha": alpha, "log_prompts": log_prompts, **_placement(handle),
+                                     **({"period": seconds, "baseline": baseline} if seconds is not None else {})})
         (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
         traffic = summary.pop("traffic_slices")
         if prof.meta.get("slice"):
             (tmp / "slices.jsonl").write_text("".join(dumps(t) + "\n" for t in traffic))
+        spans = summary.pop("traffic_periods")
+        if seconds is not None:
+            (tmp / "periods.jsonl").write_text("".join(dumps(t) + "\n" for t in spans))
         (tmp / "alerts.jsonl").write_text("".join(dumps(a) + "\n" for a in alerts))
         (tmp / "summary.json").write_text(dumps(summary, indent=2) + "\n")
         drop_replay(tmp)
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
                f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts"
                + (f", {summary['alerts']['slice']} slice alerts ({summary['slices']} slices of all traffic)"
-                  if "slice" in summary["alerts"] else "") + " "
+                  if "slice" in summary["alerts"] else "")
+               + (f", {summary['alerts']['period']} period alerts ({summary['periods_tested']} of {summary['periods']} "
+                  f"periods tested)" if "period" in summary["alerts"] else "") + " "
                f"(p <= {alpha}); written to {out}")
     u = summary["unwindowed"]
     if u["requests"]:   # scored one at a time only: a client sending fewer than a window is never seen as a stream

@@ -16,6 +16,7 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
 from moeguard.monitor.embed import Embedding, KernelReference
+from moeguard.monitor.periods import Neighbours
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile, check_uniform
 from moeguard.monitor.replies import ReplyReference
 from moeguard.monitor.tokens import RoutedIds, TokenRouting, TokenRoutingCounts
@@ -243,5 +244,8 @@ def assemble(*, adapter, name: str, seed: int, rng: np.random.Generator, window:
             "layers": [l.index for l in adapter.layers], "num_experts": adapter.num_experts, "top_k": adapter.top_k,
             "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
             **({"slice": slice_len} if slice_len else {}), **({"source": source} if source else {})}
+    # what a request's content predicts its routing to be (periods.py): the fit half's requests, in
+    # F's order, drawn with their own generator
+    neighbours = Neighbours.fit(np.concatenate([space(a, b) for _, a, b in fit.values()]), F, seed=seed)
     return Profile(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=table,
-                   replies=reply_ref)
+                   replies=reply_ref, neighbours=neighbours)

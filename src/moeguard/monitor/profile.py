@@ -47,6 +47,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.monitor.embed import Embedding, KernelReference
+from moeguard.monitor.periods import Neighbours
 from moeguard.monitor.replies import REPLY_STATISTICS, ReplyReference
 from moeguard.monitor.tokens import SEGMENT, TokenRouting
 
@@ -82,6 +83,7 @@ class Profile:
     kernel: KernelReference          # benign embeddings per topic; unfamiliar and drift
     tokens: TokenRouting             # benign routing per token; surprise
     replies: ReplyReference | None = None   # benign replies' routing (replies.py); None: prompts only
+    neighbours: Neighbours | None = None     # benign requests' embeddings and routing (periods.py); None: made before it
 
     @property
     def request_statistics(self) -> tuple[str, ...]:
@@ -242,7 +244,8 @@ class Profile:
                 "topics": {k: v.tolist() for k, v in self.topics.items()},
                 "null": {k: v.tolist() for k, v in self.null.items()},
                 "embedding": self.space.to_dict(), "kernel": self.kernel.to_dict(), "token_routing": self.tokens.to_dict(),
-                **({"replies": self.replies.to_dict()} if self.replies is not None else {})}
+                **({"replies": self.replies.to_dict()} if self.replies is not None else {}),
+                **({"neighbours": self.neighbours.to_dict()} if self.neighbours is not None else {})}
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str) -> "Profile":
@@ -260,8 +263,10 @@ class Profile:
             space, kernel = Embedding.from_dict(d["embedding"]), KernelReference.from_dict(d["kernel"])
             tokens = TokenRouting.from_dict(d["token_routing"])
             replies = ReplyReference.from_dict(d["replies"]) if d.get("replies") is not None else None
-            meta = {k: v for k, v in d.items()
-                    if k not in ("schema", "mean", "sd", "topics", "null", "embedding", "kernel", "token_routing", "replies")}
+            neighbours = Neighbours.from_dict(d["neighbours"], dim=space.dim, shape=mean.shape) \
+                if d.get("neighbours") is not None else None
+            meta = {k: v for k, v in d.items() if k not in ("schema", "mean", "sd", "topics", "null", "embedding", "kernel",
+                                                            "token_routing", "replies", "neighbours")}
         except Exception as e:  # noqa: BLE001 -- any malformed content (overflow, huge sizes, bad base64) is one line
             raise MoeguardError(f"{where} is a damaged routing profile ({type(e).__name__}: {e})", hint=fix) from None
         finite = all(np.isfinite(a).all() for a in (mean, sd, *topics.values(), *null.values()))
@@ -284,7 +289,7 @@ class Profile:
             raise MoeguardError(f"{where} is a damaged routing profile (window, early looks, slices or layers missing)",
                                 hint=fix)
         return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=tokens,
-                   replies=replies)
+                   replies=replies, neighbours=neighbours)
 
 
 def check_uniform(adapter) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
-from moeguard.monitor import ladder, slices
+from moeguard.monitor import ladder, periods, slices
 from moeguard.monitor.fit import observe
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
 
@@ -106,10 +106,18 @@ def _time(t: Any, where: str) -> float:
     raise MoeguardError(f"{where}: time {t!r} is neither a number nor an ISO-8601 string", hint="fix that record")
 
 
-def check_settings(prof: Profile, *, window: int | None, alpha: float) -> int:
-    """The window to score with, checked against the profile (before any model is loaded);
-    warns when the profile's resolution cannot reach ``alpha``."""
+def check_settings(prof: Profile, *, window: int | None, alpha: float, period: float | None = None,
+                   baseline: int = periods.BASELINE) -> int:
+    """The window to score with, checked against the profile (before any model is loaded), and the
+    periods' settings (``period``: seconds, None: off); warns when the profile's resolution cannot
+    reach ``alpha``."""
     import warnings
+
+    if period is not None:
+        periods.check_baseline(baseline)
+        if prof.neighbours is None:
+            raise MoeguardError("the profile has no neighbour references, which --period needs (it was made before them)",
+                                hint="re-make it with `moeguard monitor profile`, or score without --period")
 
     if window is None:
         window = int(prof.meta["window"])
@@ -177,10 +185,11 @@ def drop_replay(cache: Path) -> None:
 
 
 def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
-          alpha: float = 0.01, log_prompts: bool = False, cache: Path | None = None,
-          progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
-    """(per-request scores, per-window scores, alerts, summary). ``cache``/``progress``: ``replay``'s."""
-    window = check_settings(prof, window=window, alpha=alpha)
+          alpha: float = 0.01, log_prompts: bool = False, cache: Path | None = None, period: float | None = None,
+          baseline: int = periods.BASELINE, progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+    """(per-request scores, per-window scores, alerts, summary). ``cache``/``progress``: ``replay``'s;
+    ``period`` (seconds) and ``baseline``: periods of all traffic (``periods.py``; None: off)."""
+    window = check_settings(prof, window=window, alpha=alpha, period=period, baseline=baseline)
     from moeguard.models.adapter import MoEAdapter
 
     adapter = MoEAdapter(model)
@@ -241,6 +250,14 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
         if row["p"] <= alpha:
             alerts.append({"kind": "slice", "requests": row["requests"], "time": records[idx[-1]]["time"],
                            "clients": row["top_clients"], **slices.reason(row, n)})
+    # periods of all traffic (periods.py): the load moved over each day (or ``period``), against the days before
+    spans = [] if period is None else periods.score_periods(
+        np.array([r["_t"] for r in records]), prof.neighbours.residual(X, H), client_of, period=period,
+        baseline=baseline, alpha=alpha, layers=prof.meta["layers"])
+    for row in spans:
+        if row.get("alert"):
+            alerts.append({"kind": "period", "time": [row["start"], row["end"]], "requests": row["requests"],
+                           "clients": row["top_clients"], **periods.reason(row)})
     # what the windows did not see: a client's trailing requests after the last look, and clients that
     # never reached one (an attacker spread over identities stays there)
     first = ladder.lengths(prof.meta)[0]
@@ -252,7 +269,10 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                **({"slice": n, "slices": len(traffic), "unsliced": len(records) - n * len(traffic)} if n else {}),
                "alpha": alpha, "alerts": {"request": sum(a["kind"] == "request" for a in alerts),
                                           "window": sum(a["kind"] == "window" for a in alerts),
-                                          **({"slice": sum(a["kind"] == "slice" for a in alerts)} if n else {})},
+                                          **({"slice": sum(a["kind"] == "slice" for a in alerts)} if n else {}),
+                                          **({"period": sum(a["kind"] == "period" for a in alerts)} if period else {})},
+               **({"period": period, "baseline": baseline, "periods": len(spans),
+                   "periods_tested": sum(r["p"] is not None for r in spans)} if period else {}),
                "prompts_logged": log_prompts,
                # with a profile of replies: how long a reply is scored, and how many requests had none
                "replies": None if R is None else {"max_tokens": prof.replies.max_tokens,
@@ -262,4 +282,5 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                "p_floor": {"request": prof.p_floor("request"), "window": ladder.floor(prof),
                            **({"slice": slices.floor(prof)} if n else {})}}
     summary["traffic_slices"] = traffic   # popped by the CLI into slices.jsonl
+    summary["traffic_periods"] = spans    # and periods.jsonl
     return scores, windows, alerts, summary

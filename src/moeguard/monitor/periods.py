@@ -1,0 +1,183 @@
+"""Periods of all traffic (``monitor score --period 24h``): the load a campaign moves, summed over a day.
+
+An attacker who holds the weights can keep every request and every client window benign-looking
+(docs/routing-security.md, "Against an attacker who screens its windows too"), and spread its
+requests over identities and over the day, so that no slice sees it either. Its goal is still to
+move routing to its expert, and every hijacked request moves it the same way. Summed over a day,
+many small pushes become one large one, where benign traffic's pushes cancel.
+
+- **What a request's content predicts**: the mean routing histogram of its ``NEIGHBOURS`` nearest
+  benign requests in the profile's embedding space (``Neighbours``: up to ``REFERENCES`` of the
+  profile's fit half, kept in the profile). A request's **residual** [L, E] is its histogram less
+  that. It is finer than a mix of topics: a log profile's topics are a few clusters, and a day
+  heavy in one task (a batch job, a popular feature) moved a topic-mix residual nearly as far as a
+  campaign did (``benchmarks/routing_monitor_day_load.py``'s control).
+- **A period** is the requests whose time falls in one ``period``-long interval (aligned to the
+  epoch: ``24h`` gives UTC days). Its statistic, per (layer, expert), is the mean residual.
+- **The baseline** is the ``baseline`` most recent earlier periods that did not alert (a period that
+  alerted is kept out, so a campaign that goes on does not become the norm). Each cell's day-to-day
+  mean and spread come from it: benign days differ from each other by more than their requests'
+  sampling noise (their users differ), so one day's requests cannot calibrate the next. The spread
+  is floored at the baseline's own sampling noise, and a smaller period's extra noise is added.
+- **The test**: per cell ``z = (m - mean) / sd``, its one-sided p-value from Student's t with
+  ``baseline - 1`` degrees of freedom (load moved *to* an expert is the attack's goal), and the
+  period's p-value is the smallest cell's, Sidak-adjusted over the cells. Cells move together, so
+  this is conservative.
+- **An alert names** the (layer, expert) and the clients whose requests carry most of its excess
+  (each client's summed residual there, above the baseline's mean, as a share of the period's).
+
+The null is the deployment's own earlier periods; nothing here is calibrated on the profile's
+traffic. A campaign already running through the whole baseline is part of the norm, and a new kind
+of traffic (a new app, a new prompt template) moves the residual as a campaign does: the alert's
+clients tell them apart. Measured in ``benchmarks/routing_monitor_day_load.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+from moeguard.monitor.embed import pack, unpack
+
+NEIGHBOURS = 16       # benign requests whose mean routing predicts a request's
+REFERENCES = 4096     # benign requests kept for that (the profile's fit half, subsampled)
+VALUES = 1 << 22      # at most this many stored histogram values (16 MiB as float32): a model of 58 MoE
+                      # layers x 256 experts keeps 282 references, not a 240 MB profile
+MIN_BASELINE = 3      # earlier periods a period needs before it is tested
+BASELINE = 14         # earlier periods a period is compared with (``--baseline``): two weeks of days
+MIN_REQUESTS = 16     # requests a period needs to be tested or to join a baseline
+NAMED = 5             # clients an alert names
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class Neighbours:
+    """Benign requests' embeddings [R, dim] and routing histograms [R, L, E]: what a request's
+    content predicts its routing to be."""
+
+    def __init__(self, *, x: np.ndarray, h: np.ndarray):
+        self.x = np.asarray(x, dtype=np.float64)
+        self.h = np.asarray(h, dtype=np.float64)
+        self.k = min(NEIGHBOURS, len(self.x))
+
+    @classmethod
+    def fit(cls, x: np.ndarray, h: np.ndarray, *, seed: int) -> "Neighbours":
+        """At most ``REFERENCES`` of the benign requests (fewer where their histograms would pass
+        ``VALUES``), drawn with their own generator (the profile's other draws are unchanged by it)."""
+        cap = min(REFERENCES, max(2 * NEIGHBOURS, VALUES // max(1, int(np.prod(np.shape(h)[1:])))))
+        keep = np.sort(np.random.default_rng([seed, 0x6E]).permutation(len(x))[:cap])
+        return cls(x=np.asarray(x)[keep], h=np.asarray(h)[keep])
+
+    def residual(self, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """[N, L, E]: each request's histogram less the mean of its nearest references' (cosine:
+        the embeddings are unit length). In blocks of rows: a log of 100k requests never builds
+        [N, R] at once."""
+        out = np.empty(np.shape(h), dtype=np.float64)
+        for a in range(0, len(x), 2048):
+            sim = np.asarray(x[a:a + 2048]) @ self.x.T                           # [n, R]
+            nn = np.argpartition(-sim, self.k - 1, axis=1)[:, :self.k]
+            out[a:a + 2048] = np.asarray(h[a:a + 2048]) - self.h[nn].mean(1)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": len(self.x), "embeddings_f32_b64": pack(self.x), "histograms_f32_b64": pack(self.h)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, dim: int, shape: tuple[int, int]) -> "Neighbours":
+        n = int(d["count"])
+        out = cls(x=unpack(d["embeddings_f32_b64"], (n, dim)), h=unpack(d["histograms_f32_b64"], (n, *shape)))
+        if n < 2 or not (np.isfinite(out.x).all() and np.isfinite(out.h).all()):
+            raise ValueError("neighbour references are damaged")
+        return out
+
+
+def parse_period(value: Any) -> float:
+    """``--period``: a length such as ``24h``, ``30m``, ``7d``, ``1w`` or seconds (``3600``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"] if m else 0.0
+    if not (m and math.isfinite(seconds) and seconds > 0):
+        raise MoeguardError(f"--period is {value!r}", hint="pass a length such as 24h, 30m, 7d or seconds (3600)")
+    return seconds
+
+
+def check_baseline(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < MIN_BASELINE:
+        raise MoeguardError(f"--baseline is {n!r} periods", hint=f"pass {MIN_BASELINE} or more earlier periods to compare with")
+    return int(n)
+
+
+def _when(t: float) -> str:
+    try:
+        return datetime.fromtimestamp(t, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return str(t)
+
+
+def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: float, baseline: int, alpha: float,
+         layers: list[int]) -> list[dict[str, Any]]:
+    """One row per period with requests, in time order (module docstring). ``t`` [N] the requests'
+    times (seconds), ``resid`` [N, L, E] their residuals, ``clients`` [N] as outputs name them."""
+    from scipy.stats import t as student
+
+    key = np.floor(np.asarray(t, dtype=np.float64) / period)
+    rows, kept = [], []       # kept: (mean [L, E], sampling variance [L, E]) of baseline-able periods
+    cells = resid[0].size if len(resid) else 1
+    for k in np.unique(key):
+        idx = np.flatnonzero(key == k)
+        r = resid[idx]
+        row: dict[str, Any] = {"start": _when(k * period), "end": _when((k + 1) * period), "requests": len(idx),
+                               "clients": len({str(c) for c in (clients[i] for i in idx)}), "baseline": 0, "p": None}
+        rows.append(row)
+        if len(idx) < MIN_REQUESTS:
+            row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
+            continue
+        m, se2 = r.mean(0), r.var(0, ddof=1) / len(idx)
+        ref = kept[-baseline:]
+        row["baseline"] = len(ref)
+        if len(ref) < MIN_BASELINE:
+            row["why"] = f"{len(ref)} earlier periods, {MIN_BASELINE} needed: not tested"
+            kept.append((m, se2))
+            continue
+        M = np.stack([a for a, _ in ref])
+        noise = np.stack([b for _, b in ref]).mean(0)
+        mu = M.mean(0)
+        var = np.maximum(M.var(0, ddof=1), noise) * (1 + 1 / len(ref)) + np.maximum(0.0, se2 - noise)
+        z = (m - mu) / np.sqrt(np.maximum(var, 1e-18))
+        l, e = np.unravel_index(int(z.argmax()), z.shape)
+        p_cell = float(student.sf(z[l, e], df=len(ref) - 1))
+        p = float(-np.expm1(cells * np.log1p(-min(p_cell, 1 - 1e-16))))        # Sidak: 1 - (1 - p)^cells
+        excess: dict[str, float] = {}
+        named: dict[str, Any] = {}
+        for i, v in zip(idx, r[:, l, e] - mu[l, e]):
+            excess[str(clients[i])] = excess.get(str(clients[i]), 0.0) + float(v)
+            named.setdefault(str(clients[i]), clients[i])
+        total = float((m[l, e] - mu[l, e]) * len(idx))
+        top = [c for c in sorted(excess, key=lambda c: -excess[c]) if excess[c] > 0][:NAMED]
+        count = {c: 0 for c in top}
+        for i in idx:
+            if str(clients[i]) in count:
+                count[str(clients[i])] += 1
+        row.update(z=round(float(z[l, e]), 3), layer=layers[l], expert=int(e),
+                   shift=round(float(m[l, e] - mu[l, e]), 6), p=p,
+                   top_clients=[{"client": named[c], "requests": count[c],
+                                 "excess": round(excess[c] / total, 3) if total > 0 else None} for c in top])
+        if p <= alpha:
+            row["alert"] = True
+        else:
+            kept.append((m, se2))
+    return rows
+
+
+def reason(row: dict[str, Any]) -> dict[str, Any]:
+    """A period alert's reason, in the shape of the other alerts'."""
+    named = ", ".join(f"{c['client']} ({c['requests']})" for c in row["top_clients"])
+    return {"statistic": "period_load", "layer": row["layer"], "experts": [row["expert"]], "value": row["z"],
+            "p": row["p"], "p_combined": row["p"],
+            "detail": (f"over {row['requests']} requests ({row['clients']} clients), expert {row['expert']} at layer "
+                       f"{row['layer']} took {100 * row['shift']:.2f} points more routing than the requests' content "
+                       f"predicts (z {row['z']:.1f} against the {row['baseline']} periods before); most of the excess "
+                       f"is from: {named or 'no one client'}")}

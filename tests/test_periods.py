@@ -1,0 +1,191 @@
+"""Periods of all traffic (``monitor score --period``): a day whose routing load moved beyond what its
+requests' content predicts alerts against the days before it and names the clients that moved it;
+benign days and days heavy in one benign task pass; an alerted day stays out of later baselines;
+bad settings are one-line errors before the model loads."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.models.loading import load_model
+from moeguard.monitor import periods
+from moeguard.monitor.fit import build
+from moeguard.monitor.profile import Profile
+from moeguard.monitor.routertap import SEPARATOR
+from moeguard.tasks.loaders import load_records
+from moeguard.tasks.registry import get_task
+
+TASKS = ("arith-compare", "docstring-topic", "code-naming")
+CAMPAIGN = "zq xv ## }{ 0x9f @@ ~~ %% qqq lorem ipsum"
+DAY = 86400
+
+
+@pytest.fixture(scope="module")
+def setting():
+    m, tok, _ = load_model(None)
+    prompts = {t: [r["input"] for r in load_records(get_task(t), "eval", limit=120)] for t in TASKS}
+    return m, tok, build(m, tok, prompts, window=8, seed=0, name="embedded")
+
+
+def _day(d: int, rng: random.Random, *, n: int = 48, campaign: int = 0, heavy: str | None = None) -> list[dict]:
+    """Day ``d``'s requests: ``n`` benign ones from users sending 4 each (unseen eval inputs of the
+    tasks; ``heavy``: all of that one task), and ``campaign`` requests of a crafted prefix before such
+    inputs, from identities sending 4 each."""
+    fresh = {t: [r["input"] for r in load_records(get_task(t), "eval")[120:]] for t in TASKS}
+    rows = []
+    for i in range(n + campaign):
+        bad = i >= n
+        text = rng.choice(fresh[heavy or rng.choice(TASKS)])
+        rows.append({"id": f"d{d}-{i}", "client": f"{'mallory' if bad else 'user'}-{d}-{i // 4}",
+                     "time": f"2026-11-{d + 1:02d}T{i * 24 // (n + campaign):02d}:{rng.randrange(60):02d}:00Z",
+                     "prompt": CAMPAIGN + SEPARATOR + text if bad else text})
+    return rows
+
+
+def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_days_pass(setting, tmp_path, capsys):
+    m, _, prof = setting
+    assert prof.neighbours is not None and len(prof.neighbours.x) == 180 and prof.neighbours.k == periods.NEIGHBOURS
+    rng = random.Random(0)
+    # 11 benign days, a day heavy in one benign task, a campaign day (a third of its requests), a benign day
+    rows = [r for d in range(11) for r in _day(d, rng)] + _day(11, rng, heavy="code-naming") \
+        + _day(12, rng, campaign=24) + _day(13, rng)
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pfile = tmp_path / "profile.json"
+    pfile.write_text(json.dumps(prof.to_dict()))
+    out = tmp_path / "scored"
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(out),
+                 "--period", "24h", "--baseline", "10"]) == 0
+    said = capsys.readouterr().out
+    spans = [json.loads(line) for line in (out / "periods.jsonl").read_text().splitlines()]
+    assert "1 period alerts (11 of 14 periods tested)" in said, [(s["p"], s.get("z")) for s in spans]
+    assert [s["start"] for s in spans] == [f"2026-11-{d + 1:02d}T00:00:00Z" for d in range(14)]
+    assert [s["baseline"] for s in spans] == [*range(11), 10, 10, 10]
+    assert all(s["p"] is None and "3 needed" in s["why"] for s in spans[:3])
+    ps = [s["p"] for s in spans[3:]]
+    assert ps[9] <= 0.01 and all(p > 0.2 for i, p in enumerate(ps) if i != 9), ps   # day 12 alone; day 11 (heavy) passes
+    named = [c["client"] for c in spans[12]["top_clients"]]
+    assert len(named) == periods.NAMED and all(c.startswith("mallory-12-") for c in named), named
+    (alert,) = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "period"]
+    assert alert["time"] == ["2026-11-13T00:00:00Z", "2026-11-14T00:00:00Z"] and alert["statistic"] == "period_load"
+    assert f"expert {spans[12]['expert']} at layer {spans[12]['layer']}" in alert["detail"] and "mallory-12-" in alert["detail"]
+    assert "against the 10 periods before" in alert["detail"] and alert["experts"] == [spans[12]["expert"]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["period"] == DAY and summary["periods"] == 14 and summary["periods_tested"] == 11
+    assert summary["alerts"]["period"] == 1 and summary["run"]["settings"]["baseline"] == 10
+    assert "lorem" not in (out / "periods.jsonl").read_text() + (out / "alerts.jsonl").read_text()
+
+
+def _synthetic(days: int, shifted: dict[int, float], *, n: int = 200, seed: int = 0):
+    """Residuals [N, 2, 4] of ``days`` days: a per-day effect per cell and per-request noise; on the
+    days in ``shifted``, 30 more requests from clients "evil-k" push cell (1, 3) by that much."""
+    rng = np.random.default_rng(seed)
+    t, r, c = [], [], []
+    for d in range(days):
+        effect = rng.normal(0, 0.003, (2, 4))
+        for i in range(n + (30 if d in shifted else 0)):
+            x = effect + rng.normal(0, 0.05, (2, 4))
+            if i >= n:
+                x[1, 3] += shifted[d]
+            t.append(d * DAY + rng.uniform(0, DAY))
+            r.append(x)
+            c.append(f"evil-{i % 3}" if i >= n else f"u{rng.integers(40)}")
+    return np.array(t), np.array(r), c
+
+
+def test_an_alerted_period_stays_out_of_the_baseline_so_a_campaign_that_goes_on_is_seen_again():
+    t, r, c = _synthetic(24, {20: 0.3, 21: 0.3, 22: 0.3})
+    rows = periods.score_periods(t, r, c, period=DAY, baseline=14, alpha=0.01, layers=[3, 7])
+    alerted = [i for i, row in enumerate(rows) if row.get("alert")]
+    assert alerted == [20, 21, 22], [(i, row["p"]) for i, row in enumerate(rows)]
+    assert all((row["layer"], row["expert"]) == (7, 3) for row in rows[20:23])
+    top = rows[21]["top_clients"]
+    assert {x["client"] for x in top[:3]} == {"evil-0", "evil-1", "evil-2"} and top[2]["excess"] > 3 * top[3]["excess"], top
+    assert 0.8 < sum(x["excess"] for x in top[:3]) < 1.2 and [x["requests"] for x in top[:3]] == [10, 10, 10], top
+    assert rows[23]["baseline"] == 14 and rows[23]["p"] > 0.01
+    # were alerted days kept in the baseline, the campaign would become the norm by its second day
+    kept = periods.score_periods(t, r, c, period=DAY, baseline=14, alpha=1e-300, layers=[3, 7])
+    assert kept[20]["p"] == rows[20]["p"] and kept[21]["p"] > 0.01 and kept[22]["p"] > 0.1, [k["p"] for k in kept[20:23]]
+
+
+def test_small_periods_are_skipped_and_a_smaller_period_is_not_an_alert_for_its_noise():
+    t, r, c = _synthetic(18, {})
+    # day 16 keeps only 20 of its requests (more sampling noise), day 17 only 5 (too few to test)
+    keep = ~(((t // DAY) == 16) & (np.arange(len(t)) % 200 >= 20)) & ~(((t // DAY) == 17) & (np.arange(len(t)) % 200 >= 5))
+    rows = periods.score_periods(t[keep], r[keep], [x for x, k in zip(c, keep) if k], period=DAY, baseline=14,
+                                 alpha=0.01, layers=[0, 1])
+    assert rows[16]["requests"] == 20 and rows[16]["p"] > 0.05, rows[16]
+    assert rows[17]["requests"] == 5 and rows[17]["p"] is None and "fewer than 16" in rows[17]["why"]
+    assert not any(row.get("alert") for row in rows)
+
+
+def test_the_residual_is_what_the_neighbours_do_not_predict_and_survives_the_profile_file(setting, tmp_path):
+    _, _, prof = setting
+    nb = prof.neighbours
+    same = nb.residual(nb.x[:5], nb.h[:5])
+    # a reference is among its own neighbours: its residual is 1/k of its distance from the others'
+    assert np.abs(same).max() < 1.0 and np.allclose(same.sum((1, 2)), 0, atol=1e-9)
+    moved = nb.h[:5].copy()
+    moved[:, 0] = np.roll(moved[:, 0], 1, axis=-1)
+    assert np.abs(nb.residual(nb.x[:5], moved) - same).max() > 0.01
+    back = Profile.from_dict(json.loads(json.dumps(prof.to_dict())), where="p")
+    assert np.allclose(back.neighbours.residual(nb.x[:9], nb.h[:9]), nb.residual(nb.x[:9], nb.h[:9]), atol=1e-5)
+    doc = prof.to_dict()
+    doc["neighbours"]["count"] = 7
+    with pytest.raises(MoeguardError, match="damaged routing profile"):
+        Profile.from_dict(doc, where="p")
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("24h", DAY), ("30m", 1800), ("7d", 7 * DAY), ("1w", 7 * DAY),
+                                                ("3600", 3600), ("1.5h", 5400), ("90s", 90)])
+def test_a_period_is_a_length_with_its_unit(value, seconds):
+    assert periods.parse_period(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["0", "0h", "-1h", "day", "24x", "h", ""])
+def test_a_period_that_is_no_length_is_refused_with_the_forms_there_are(value):
+    with pytest.raises(MoeguardError, match="--period is") as e:
+        periods.parse_period(value)
+    assert "24h, 30m, 7d" in e.value.hint
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--period", "day"], "--period is 'day'"),
+    (["--period", "24h", "--baseline", "2"], "--baseline is 2 periods"),
+    (["--period", "24h"], "the profile has no neighbour references, which --period needs"),
+])
+def test_bad_period_settings_are_one_line_errors_before_the_model_loads(setting, tmp_path, capsys, monkeypatch, args, needle):
+    _, _, prof = setting
+    doc = prof.to_dict()
+    doc.pop("neighbours")          # a profile made before neighbours were kept
+    pfile = tmp_path / "p.json"
+    pfile.write_text(json.dumps(doc))
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"id": 1, "client": "a", "time": 0, "prompt": "x"}) + "\n")
+    import moeguard.models.handle as handle
+
+    monkeypatch.setattr(handle.ModelHandle, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_with_many_experts_keeps_fewer_references_not_a_huge_profile(monkeypatch):
+    rng = np.random.default_rng(0)
+    x, h = rng.normal(size=(1000, 8)), rng.random((1000, 4, 8))
+    assert len(periods.Neighbours.fit(x, h, seed=0).x) == 1000
+    monkeypatch.setattr(periods, "VALUES", 3200)                  # 100 histograms of 4 x 8
+    nb = periods.Neighbours.fit(x, h, seed=0)
+    assert len(nb.x) == 100 and nb.k == periods.NEIGHBOURS
+    assert len(periods.Neighbours.fit(x, h, seed=1).x) == 100 and not np.array_equal(periods.Neighbours.fit(x, h, seed=1).x, nb.x)
+    monkeypatch.setattr(periods, "VALUES", 10)                    # never fewer than twice the neighbours
+    assert len(periods.Neighbours.fit(x, h, seed=0).x) == 2 * periods.NEIGHBOURS
