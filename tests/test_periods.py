@@ -160,6 +160,7 @@ def test_a_period_that_is_no_length_is_refused_with_the_forms_there_are(value):
     (["--period", "day"], "--period is 'day'"),
     (["--period", "24h", "--baseline", "2"], "--baseline is 2 periods"),
     (["--period", "24h"], "the profile has no neighbour references, which --period needs"),
+    (["--baseline", "7"], "--baseline 7 without --period"),
 ])
 def test_bad_period_settings_are_one_line_errors_before_the_model_loads(setting, tmp_path, capsys, monkeypatch, args, needle):
     _, _, prof = setting

@@ -263,7 +263,7 @@ def monitor_score(
         alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
         log_prompts: Annotated[bool, typer.Option("--log-prompts", help="write prompts into the outputs (off: routing can reveal what users typed)")] = False,
         period: Annotated[Optional[str], typer.Option("--period", help="also test each period of all traffic (24h, 30m, 7d, seconds) for load moved to one expert beyond what its requests' content predicts, against the --baseline periods before it; writes periods.jsonl")] = None,
-        baseline: Annotated[int, typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period")] = 14,
+        baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
     (and, with --period, on days whose routing load moved)."""
@@ -272,11 +272,13 @@ def monitor_score(
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.score import drop_replay, read_log, score
 
-    from moeguard.monitor.periods import check_baseline, parse_period
+    from moeguard.errors import MoeguardError
+    from moeguard.monitor.periods import BASELINE, check_baseline, parse_period
 
     seconds = parse_period(period) if period is not None else None
-    if seconds is not None:
-        check_baseline(baseline)
+    if seconds is None and baseline is not None:
+        raise MoeguardError(f"--baseline {baseline} without --period", hint="pass --period (e.g. 24h) to test periods of all traffic, or drop --baseline")
+    baseline = check_baseline(BASELINE if baseline is None else baseline)
     check_output(out, overwrite=overwrite, inputs=(model, profile, log,), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
