@@ -81,6 +81,22 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert summary["period"] == DAY and summary["periods"] == 14 and summary["periods_tested"] == 11
     assert summary["alerts"]["period"] == 1 and summary["run"]["settings"]["baseline"] == 10
     assert "lorem" not in (out / "periods.jsonl").read_text() + (out / "alerts.jsonl").read_text()
+    # a daily run: days 0-9, then days 10-13 with the first run's periods as its history, give the
+    # one run's periods line for line
+    for name, part, extra in (("first", rows[:480], []), ("then", rows[480:], ["--history", str(tmp_path / "first" / "periods.jsonl")])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+        assert main(["monitor", "score", "--profile", str(pfile), "--log", str(tmp_path / f"{name}.jsonl"), "--out",
+                     str(tmp_path / name), "--period", "24h", "--baseline", "10", *extra]) == 0
+    assert (tmp_path / "then" / "periods.jsonl").read_text() == (out / "periods.jsonl").read_text()
+    then = json.loads((tmp_path / "then" / "summary.json").read_text())
+    assert (then["history"], then["periods"], then["periods_tested"], then["alerts"]["period"]) == (10, 4, 4, 1)
+    assert "1 period alerts (4 of 4 periods tested)" in capsys.readouterr().out
+    # the history's days are not in the log: the second run is given only the new days'
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "again"),
+                 "--period", "24h", "--history", str(tmp_path / "first" / "periods.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "the log has requests from 2026-11-01T00:00:00Z, in or before the history's " \
+        "last period (2026-11-10T00:00:00Z)" in err, err
 
 
 def _synthetic(days: int, shifted: dict[int, float], *, n: int = 200, seed: int = 0):
@@ -190,3 +206,33 @@ def test_a_model_with_many_experts_keeps_fewer_references_not_a_huge_profile(mon
     assert len(periods.Neighbours.fit(x, h, seed=1).x) == 100 and not np.array_equal(periods.Neighbours.fit(x, h, seed=1).x, nb.x)
     monkeypatch.setattr(periods, "VALUES", 10)                    # never fewer than twice the neighbours
     assert len(periods.Neighbours.fit(x, h, seed=0).x) == 2 * periods.NEIGHBOURS
+
+
+def _history(tmp_path, prof, lines):
+    rng = np.random.default_rng(0)
+    rows = periods.score_periods(np.repeat(np.arange(5) * DAY, 40) + 1.0, rng.normal(0, 0.05, (200, *prof.mean.shape)),
+                                 [f"u{i % 9}" for i in range(200)], period=DAY, baseline=14, alpha=0.01,
+                                 layers=prof.meta["layers"], digest=prof.neighbours.digest)
+    path = tmp_path / "periods.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines(rows)))
+    return path
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda rows: rows, None),
+    (lambda rows: [{**rows[0], "seconds": 3600}], "is a period of 3600 s, this run's are 86400 s"),
+    (lambda rows: [{**rows[0], "neighbours": "0" * 16}], "scored with another profile's neighbour references"),
+    (lambda rows: rows[1:3][::-1], ":2 is not after the line before it"),
+    (lambda rows: [{**rows[0], "state": {"mean": "AAAA", "noise": "AAAA"}}], ":1 is not a period of `monitor score --period`"),
+    (lambda rows: [{k: v for k, v in rows[0].items() if k != "index"}], ":1 is not a period of `monitor score --period` (KeyError"),
+])
+def test_a_history_is_checked_line_by_line_against_this_run(setting, tmp_path, edit, needle):
+    _, _, prof = setting
+    path = _history(tmp_path, prof, edit)
+    if needle is None:
+        got = periods.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape)
+        assert [g["index"] for g in got] == [0, 1, 2, 3, 4] and all(g["_state"][0].shape == (4, 8) for g in got)
+        return
+    with pytest.raises(MoeguardError, match="") as e:
+        periods.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape)
+    assert needle in e.value.message, e.value.message

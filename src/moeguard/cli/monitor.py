@@ -264,6 +264,7 @@ def monitor_score(
         log_prompts: Annotated[bool, typer.Option("--log-prompts", help="write prompts into the outputs (off: routing can reveal what users typed)")] = False,
         period: Annotated[Optional[str], typer.Option("--period", help="also test each period of all traffic (24h, 30m, 7d, seconds) for load moved to one expert beyond what its requests' content predicts, against the --baseline periods before it; writes periods.jsonl")] = None,
         baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
+        history: Annotated[Optional[Path], typer.Option("--history", help="an earlier run's periods.jsonl: its periods are the baseline's first, so a daily run replays only the new day's log; with --period")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
     (and, with --period, on days whose routing load moved)."""
@@ -273,20 +274,27 @@ def monitor_score(
     from moeguard.monitor.score import drop_replay, read_log, score
 
     from moeguard.errors import MoeguardError
-    from moeguard.monitor.periods import BASELINE, check_baseline, parse_period
+    from moeguard.monitor.periods import BASELINE, check_baseline, parse_period, read_history
 
     seconds = parse_period(period) if period is not None else None
-    if seconds is None and baseline is not None:
-        raise MoeguardError(f"--baseline {baseline} without --period", hint="pass --period (e.g. 24h) to test periods of all traffic, or drop --baseline")
+    if seconds is None and (baseline is not None or history is not None):
+        given = f"--baseline {baseline}" if baseline is not None else f"--history {history}"
+        raise MoeguardError(f"{given} without --period", hint="pass --period (e.g. 24h) to test periods of all traffic, or drop it")
     baseline = check_baseline(BASELINE if baseline is None else baseline)
-    check_output(out, overwrite=overwrite, inputs=(model, profile, log,), kind="folder")
+    check_output(out, overwrite=overwrite, inputs=(model, profile, log, history), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))
     from moeguard.monitor.score import check_settings
 
     window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
+    earlier = read_history(history, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape) \
+        if history is not None else None
     records = read_log(log)
+    if earlier:
+        from moeguard.monitor.periods import check_after
+
+        check_after([r["_t"] for r in records], period=seconds, history=earlier)
     from moeguard.models.identity import weights_digest, weights_identity
 
     prof.check_model(handle.name, weights_digest(handle.arg))
@@ -301,7 +309,7 @@ def monitor_score(
             with _progress() as progress:
                 scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha,
                                                          log_prompts=log_prompts, cache=tmp, period=seconds,
-                                                         baseline=baseline, progress=progress)
+                                                         baseline=baseline, history=earlier, progress=progress)
         except KeyboardInterrupt:
             import sys
 
@@ -310,7 +318,8 @@ def monitor_score(
             raise SystemExit(130) from None
         summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
                                      "alpha": alpha, "log_prompts": log_prompts, **_placement(handle),
-                                     **({"period": seconds, "baseline": baseline} if seconds is not None else {})})
+                                     **({"period": seconds, "baseline": baseline, "history": None if history is None else str(history)}
+                                        if seconds is not None else {})})
         (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
         traffic = summary.pop("traffic_slices")

@@ -34,9 +34,12 @@ clients tell them apart. Measured in ``benchmarks/routing_monitor_day_load.py``.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import re
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +86,13 @@ class Neighbours:
             out[a:a + 2048] = np.asarray(h[a:a + 2048]) - self.h[nn].mean(1)
         return out
 
+    @property
+    def digest(self) -> str:
+        """What a period's residuals depend on, so that a history made with other references is refused."""
+        import hashlib
+
+        return hashlib.sha256(pack(self.x).encode() + pack(self.h).encode()).hexdigest()[:16]
+
     def to_dict(self) -> dict[str, Any]:
         return {"count": len(self.x), "embeddings_f32_b64": pack(self.x), "histograms_f32_b64": pack(self.h)}
 
@@ -117,25 +127,86 @@ def _when(t: float) -> str:
         return str(t)
 
 
+def _pack(a: np.ndarray) -> str:
+    """float64, exactly: a period scored with a history gets the numbers it gets in one run."""
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f8").tobytes()).decode()
+
+
+def _unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
+    a = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f8")
+    if a.size != int(np.prod(shape)) or not np.isfinite(a).all():
+        raise ValueError(f"{a.size} stored values for shape {shape}")
+    return a.reshape(shape).copy()
+
+
+def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, int]) -> list[dict[str, Any]]:
+    """``--history``: an earlier run's ``periods.jsonl``, checked line by line (one-line errors
+    naming the line): the same period length and neighbour references, periods in time order."""
+    if not path.is_file():
+        raise MoeguardError(f"period history {path} does not exist", hint="pass the periods.jsonl of an earlier `monitor score --period` run")
+    rows, last = [], None
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+            index, seconds, state = int(row["index"]), float(row["seconds"]), row.get("state")
+            if state is not None:
+                row["_state"] = (_unpack(state["mean"], shape), _unpack(state["noise"], shape))
+        except (ValueError, KeyError, TypeError) as e:
+            raise MoeguardError(f"{where} is not a period of `monitor score --period` ({type(e).__name__}: {e})",
+                                hint="pass the periods.jsonl an earlier run wrote, unedited") from None
+        if seconds != period:
+            raise MoeguardError(f"{where} is a period of {seconds:g} s, this run's are {period:g} s",
+                                hint="pass the same --period as the run that wrote the history")
+        if row.get("neighbours") != digest:
+            raise MoeguardError(f"{where} was scored with another profile's neighbour references",
+                                hint="score with the profile that wrote the history, or start without --history")
+        if last is not None and index <= last:
+            raise MoeguardError(f"{where} is not after the line before it", hint="pass the periods.jsonl an earlier run wrote, unedited")
+        rows.append(row)
+        last = index
+    return rows
+
+
+def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> None:
+    """A one-line error unless every request ``t`` (seconds) falls after the history's last period
+    (before the model loads: a daily run is given the new day's log)."""
+    if history and len(t) and math.floor(min(t) / period) <= history[-1]["index"]:
+        raise MoeguardError(f"the log has requests from {_when(math.floor(min(t) / period) * period)}, in or before the "
+                            f"history's last period ({history[-1]['start']})",
+                            hint="score only the requests after the history's last period, or drop --history")
+
+
 def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: float, baseline: int, alpha: float,
-         layers: list[int]) -> list[dict[str, Any]]:
-    """One row per period with requests, in time order (module docstring). ``t`` [N] the requests'
-    times (seconds), ``resid`` [N, L, E] their residuals, ``clients`` [N] as outputs name them."""
+                  layers: list[int], digest: str = "", history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per period, in time order: the ``history``'s (``read_history``: earlier periods, which
+    join the baseline as they did then) and then one per period of these requests (module docstring).
+    ``t`` [N] the requests' times (seconds), ``resid`` [N, L, E] their residuals, ``clients`` [N] as
+    outputs name them, ``digest``: the neighbour references' (written with each row)."""
     from scipy.stats import t as student
 
     key = np.floor(np.asarray(t, dtype=np.float64) / period)
     rows, kept = [], []       # kept: (mean [L, E], sampling variance [L, E]) of baseline-able periods
+    for old in history or []:
+        rows.append({k: v for k, v in old.items() if k != "_state"})
+        if "_state" in old and not old.get("alert"):
+            kept.append(old["_state"])
+    check_after(t, period=period, history=history)
     cells = resid[0].size if len(resid) else 1
     for k in np.unique(key):
         idx = np.flatnonzero(key == k)
         r = resid[idx]
         row: dict[str, Any] = {"start": _when(k * period), "end": _when((k + 1) * period), "requests": len(idx),
-                               "clients": len({str(c) for c in (clients[i] for i in idx)}), "baseline": 0, "p": None}
+                               "clients": len({str(c) for c in (clients[i] for i in idx)}), "baseline": 0, "p": None,
+                               "index": int(k), "seconds": period, "neighbours": digest}
         rows.append(row)
         if len(idx) < MIN_REQUESTS:
             row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
             continue
         m, se2 = r.mean(0), r.var(0, ddof=1) / len(idx)
+        row["state"] = {"mean": _pack(m), "noise": _pack(se2)}      # what a later run's baseline reads (--history)
         ref = kept[-baseline:]
         row["baseline"] = len(ref)
         if len(ref) < MIN_BASELINE:

@@ -186,9 +186,11 @@ def drop_replay(cache: Path) -> None:
 
 def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
           alpha: float = 0.01, log_prompts: bool = False, cache: Path | None = None, period: float | None = None,
-          baseline: int = periods.BASELINE, progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+          baseline: int = periods.BASELINE, history: list[dict] | None = None,
+          progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """(per-request scores, per-window scores, alerts, summary). ``cache``/``progress``: ``replay``'s;
-    ``period`` (seconds) and ``baseline``: periods of all traffic (``periods.py``; None: off)."""
+    ``period`` (seconds) and ``baseline``: periods of all traffic (``periods.py``; None: off), after
+    the earlier periods in ``history`` (``periods.read_history``)."""
     window = check_settings(prof, window=window, alpha=alpha, period=period, baseline=baseline)
     from moeguard.models.adapter import MoEAdapter
 
@@ -253,8 +255,8 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     # periods of all traffic (periods.py): the load moved over each day (or ``period``), against the days before
     spans = [] if period is None else periods.score_periods(
         np.array([r["_t"] for r in records]), prof.neighbours.residual(X, H), client_of, period=period,
-        baseline=baseline, alpha=alpha, layers=prof.meta["layers"])
-    for row in spans:
+        baseline=baseline, alpha=alpha, layers=prof.meta["layers"], digest=prof.neighbours.digest, history=history)
+    for row in spans[len(history or ()):]:   # the history's alerts were raised by its own run
         if row.get("alert"):
             alerts.append({"kind": "period", "time": [row["start"], row["end"]], "requests": row["requests"],
                            "clients": row["top_clients"], **periods.reason(row)})
@@ -271,8 +273,9 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                           "window": sum(a["kind"] == "window" for a in alerts),
                                           **({"slice": sum(a["kind"] == "slice" for a in alerts)} if n else {}),
                                           **({"period": sum(a["kind"] == "period" for a in alerts)} if period else {})},
-               **({"period": period, "baseline": baseline, "periods": len(spans),
-                   "periods_tested": sum(r["p"] is not None for r in spans)} if period else {}),
+               **({"period": period, "baseline": baseline, "history": len(history or ()),
+                   "periods": len(spans) - len(history or ()),
+                   "periods_tested": sum(r["p"] is not None for r in spans[len(history or ()):])} if period else {}),
                "prompts_logged": log_prompts,
                # with a profile of replies: how long a reply is scored, and how many requests had none
                "replies": None if R is None else {"max_tokens": prof.replies.max_tokens,
