@@ -93,7 +93,7 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert "1 period alerts (4 of 4 periods tested)" in capsys.readouterr().out
     # the history's days are not in the log: the second run is given only the new days'
     assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "again"),
-                 "--period", "24h", "--history", str(tmp_path / "first" / "periods.jsonl")]) == 2
+                 "--period", "24h", "--baseline", "10", "--history", str(tmp_path / "first" / "periods.jsonl")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "the log has requests from 2026-11-01T00:00:00Z, in or before the history's " \
         "last period (2026-11-10T00:00:00Z)" in err, err
@@ -213,8 +213,9 @@ def _history(tmp_path, prof, lines):
     rows = periods.score_periods(np.repeat(np.arange(5) * DAY, 40) + 1.0, rng.normal(0, 0.05, (200, *prof.mean.shape)),
                                  [f"u{i % 9}" for i in range(200)], period=DAY, baseline=14, alpha=0.01,
                                  layers=prof.meta["layers"], digest=prof.neighbours.digest)
+    lines = lines(rows)
     path = tmp_path / "periods.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines(rows)))
+    path.write_text("".join(x if isinstance(x, str) else json.dumps(x) + "\n" for x in lines))
     return path
 
 
@@ -222,7 +223,12 @@ def _history(tmp_path, prof, lines):
     (lambda rows: rows, None),
     (lambda rows: [{**rows[0], "seconds": 3600}], "is a period of 3600 s, this run's are 86400 s"),
     (lambda rows: [{**rows[0], "neighbours": "0" * 16}], "scored with another profile's neighbour references"),
-    (lambda rows: rows[1:3][::-1], ":2 is not after the line before it"),
+    (lambda rows: rows[1:3][::-1], ":2 is period 1, not after the line before it (2)"),
+    (lambda rows: [{**rows[0], "settings": {"baseline": 10, "alpha": 0.01}}],
+     ":1 was scored with --baseline 10 --alpha 0.01, this run with --baseline 14 --alpha 0.01"),
+    (lambda rows: [json.dumps(rows[0]).replace('"index": 0', '"index": 1e999') + "\n"], ":1 is not a period"),
+    (lambda rows: [json.dumps(rows[0]).replace('"index": 0', '"index": NaN') + "\n"], ":1 is not a period"),
+    (lambda rows: [{k: v for k, v in rows[0].items() if k != "start"}], ":1 is not a period of `monitor score --period` (KeyError"),
     (lambda rows: [{**rows[0], "state": {"mean": "AAAA", "noise": "AAAA"}}], ":1 is not a period of `monitor score --period`"),
     (lambda rows: [{k: v for k, v in rows[0].items() if k != "index"}], ":1 is not a period of `monitor score --period` (KeyError"),
 ])
@@ -230,9 +236,28 @@ def test_a_history_is_checked_line_by_line_against_this_run(setting, tmp_path, e
     _, _, prof = setting
     path = _history(tmp_path, prof, edit)
     if needle is None:
-        got = periods.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape)
+        got = periods.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
+                                   alpha=0.01)
         assert [g["index"] for g in got] == [0, 1, 2, 3, 4] and all(g["_state"][0].shape == (4, 8) for g in got)
         return
     with pytest.raises(MoeguardError, match="") as e:
-        periods.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape)
+        periods.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
+                             alpha=0.01)
     assert needle in e.value.message, e.value.message
+    with pytest.raises(MoeguardError, match="is a folder"):
+        periods.read_history(tmp_path, period=DAY, digest="", shape=(4, 8), baseline=14, alpha=0.01)
+
+
+def test_a_time_without_a_zone_is_utc_wherever_the_log_is_scored(monkeypatch):
+    import time
+
+    from moeguard.monitor.score import _time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert _time("2026-11-01T00:00:00", "w") == _time("2026-11-01T00:00:00Z", "w") == 1793491200.0
+        assert _time("2026-11-01T00:00:00+01:00", "w") == 1793491200.0 - 3600
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -288,8 +288,8 @@ def monitor_score(
     from moeguard.monitor.score import check_settings
 
     window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
-    earlier = read_history(history, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape) \
-        if history is not None else None
+    earlier = read_history(history, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
+                           baseline=baseline, alpha=alpha) if history is not None else None
     records = read_log(log)
     if earlier:
         from moeguard.monitor.periods import check_after

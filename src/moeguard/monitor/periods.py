@@ -35,7 +35,6 @@ clients tell them apart. Measured in ``benchmarks/routing_monitor_day_load.py``.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from datetime import datetime, timezone
@@ -80,10 +79,11 @@ class Neighbours:
         the embeddings are unit length). In blocks of rows: a log of 100k requests never builds
         [N, R] at once."""
         out = np.empty(np.shape(h), dtype=np.float64)
-        for a in range(0, len(x), 2048):
-            sim = np.asarray(x[a:a + 2048]) @ self.x.T                           # [n, R]
+        step = max(1, min(2048, VALUES // max(1, self.k * int(np.prod(self.h.shape[1:])))))   # [step, k, L, E] at most VALUES
+        for a in range(0, len(x), step):
+            sim = np.asarray(x[a:a + step]) @ self.x.T                           # [n, R]
             nn = np.argpartition(-sim, self.k - 1, axis=1)[:, :self.k]
-            out[a:a + 2048] = np.asarray(h[a:a + 2048]) - self.h[nn].mean(1)
+            out[a:a + step] = np.asarray(h[a:a + step]) - self.h[nn].mean(1)
         return out
 
     @property
@@ -139,32 +139,48 @@ def _unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
     return a.reshape(shape).copy()
 
 
-def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, int]) -> list[dict[str, Any]]:
+def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, int], baseline: int,
+                 alpha: float) -> list[dict[str, Any]]:
     """``--history``: an earlier run's ``periods.jsonl``, checked line by line (one-line errors
-    naming the line): the same period length and neighbour references, periods in time order."""
+    naming the line): the same period length, neighbour references, baseline and alpha (which
+    decided which of its periods alerted and so joins a baseline), periods in time order."""
+    from moeguard.io import strict_loads
+
+    unedited = "pass the periods.jsonl an earlier run wrote, unedited"
     if not path.is_file():
-        raise MoeguardError(f"period history {path} does not exist", hint="pass the periods.jsonl of an earlier `monitor score --period` run")
+        raise MoeguardError(f"period history {path} " + ("is a folder" if path.is_dir() else "does not exist"),
+                            hint="pass the periods.jsonl of an earlier `monitor score --period` run")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise MoeguardError(f"period history {path} cannot be read ({e.strerror})", hint="check its permissions") from None
     rows, last = [], None
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
         try:
-            row = json.loads(line)
+            row = strict_loads(line)
             index, seconds, state = int(row["index"]), float(row["seconds"]), row.get("state")
+            settings = (int(row["settings"]["baseline"]), float(row["settings"]["alpha"]))
+            str(row["start"])
             if state is not None:
                 row["_state"] = (_unpack(state["mean"], shape), _unpack(state["noise"], shape))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError) as e:   # OverflowError: an index of 1e999
             raise MoeguardError(f"{where} is not a period of `monitor score --period` ({type(e).__name__}: {e})",
-                                hint="pass the periods.jsonl an earlier run wrote, unedited") from None
+                                hint=unedited) from None
         if seconds != period:
             raise MoeguardError(f"{where} is a period of {seconds:g} s, this run's are {period:g} s",
                                 hint="pass the same --period as the run that wrote the history")
         if row.get("neighbours") != digest:
             raise MoeguardError(f"{where} was scored with another profile's neighbour references",
                                 hint="score with the profile that wrote the history, or start without --history")
+        if settings != (baseline, alpha):
+            raise MoeguardError(f"{where} was scored with --baseline {settings[0]} --alpha {settings[1]:g}, this run "
+                                f"with --baseline {baseline} --alpha {alpha:g}",
+                                hint="pass the history's settings: they decided which of its periods join a baseline")
         if last is not None and index <= last:
-            raise MoeguardError(f"{where} is not after the line before it", hint="pass the periods.jsonl an earlier run wrote, unedited")
+            raise MoeguardError(f"{where} is period {index}, not after the line before it ({last})", hint=unedited)
         rows.append(row)
         last = index
     return rows
@@ -173,7 +189,7 @@ def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, in
 def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> None:
     """A one-line error unless every request ``t`` (seconds) falls after the history's last period
     (before the model loads: a daily run is given the new day's log)."""
-    if history and len(t) and math.floor(min(t) / period) <= history[-1]["index"]:
+    if history and len(t) and math.floor(min(t) / period) <= int(history[-1]["index"]):
         raise MoeguardError(f"the log has requests from {_when(math.floor(min(t) / period) * period)}, in or before the "
                             f"history's last period ({history[-1]['start']})",
                             hint="score only the requests after the history's last period, or drop --history")
@@ -187,31 +203,35 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     outputs name them, ``digest``: the neighbour references' (written with each row)."""
     from scipy.stats import t as student
 
-    key = np.floor(np.asarray(t, dtype=np.float64) / period)
+    keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
+    members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
     rows, kept = [], []       # kept: (mean [L, E], sampling variance [L, E]) of baseline-able periods
     for old in history or []:
         rows.append({k: v for k, v in old.items() if k != "_state"})
         if "_state" in old and not old.get("alert"):
-            kept.append(old["_state"])
+            kept = (kept + [old["_state"]])[-baseline:]
     check_after(t, period=period, history=history)
     cells = resid[0].size if len(resid) else 1
-    for k in np.unique(key):
-        idx = np.flatnonzero(key == k)
+    for k, idx in zip(keys, members):
         r = resid[idx]
         row: dict[str, Any] = {"start": _when(k * period), "end": _when((k + 1) * period), "requests": len(idx),
                                "clients": len({str(c) for c in (clients[i] for i in idx)}), "baseline": 0, "p": None,
-                               "index": int(k), "seconds": period, "neighbours": digest}
+                               "index": int(k), "seconds": period, "neighbours": digest,
+                               "settings": {"baseline": baseline, "alpha": alpha}}
         rows.append(row)
         if len(idx) < MIN_REQUESTS:
             row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
             continue
         m, se2 = r.mean(0), r.var(0, ddof=1) / len(idx)
+        if not (np.isfinite(m).all() and np.isfinite(se2).all()):   # a model that routed NaN: in no baseline
+            row["why"] = "non-finite routing: not tested, and in no baseline"
+            continue
         row["state"] = {"mean": _pack(m), "noise": _pack(se2)}      # what a later run's baseline reads (--history)
         ref = kept[-baseline:]
         row["baseline"] = len(ref)
         if len(ref) < MIN_BASELINE:
             row["why"] = f"{len(ref)} earlier periods, {MIN_BASELINE} needed: not tested"
-            kept.append((m, se2))
+            kept = (kept + [(m, se2)])[-baseline:]
             continue
         M = np.stack([a for a, _ in ref])
         noise = np.stack([b for _, b in ref]).mean(0)
@@ -239,7 +259,7 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         if p <= alpha:
             row["alert"] = True
         else:
-            kept.append((m, se2))
+            kept = (kept + [(m, se2)])[-baseline:]
     return rows
 
 

@@ -1,7 +1,7 @@
 """Score logged requests against a routing profile (``moeguard monitor score``).
 
 A log is JSON Lines, one request per line: ``{"id": ..., "client": ..., "time": ..., "prompt": ...}``
-(``id`` and ``client`` strings or integers, ``time`` a number or an ISO-8601 string; a client is its id's
+(``id`` and ``client`` strings or integers, ``time`` a number or an ISO-8601 string, UTC where it names no zone; a client is its id's
 text, so ``1`` and ``"1"`` are one client, as the online hook counts them), and, optionally,
 ``"reply"``: the text the model answered. With a profile that scores replies (``--reply-tokens``),
 a record's reply is routed after its prompt; a record without one is given the model's greedy
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,10 @@ def _time(t: Any, where: str) -> float:
         raise MoeguardError(f"{where}: time {str(t)[:20]} is not a finite number", hint="fix that record")
     if isinstance(t, str):
         try:
-            return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+            when = datetime.fromisoformat(t.replace("Z", "+00:00"))
+            # a time without a zone is UTC, not this machine's local time: periods (24h: UTC days) and
+            # the order of a log must not depend on where it is scored
+            return (when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)).timestamp()
         except (ValueError, OverflowError, OSError):   # OverflowError/OSError: a date the platform cannot place
             pass
     raise MoeguardError(f"{where}: time {t!r} is neither a number nor an ISO-8601 string", hint="fix that record")
