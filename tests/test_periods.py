@@ -6,6 +6,7 @@ bad settings are one-line errors before the model loads."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -261,3 +262,59 @@ def test_a_time_without_a_zone_is_utc_wherever_the_log_is_scored(monkeypatch):
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_the_online_hook_tests_each_period_as_score_does_and_its_log_is_a_history(setting, tmp_path):
+    import torch
+
+    from moeguard.cli.monitor import _alert_writer
+    from moeguard.monitor.online import RoutingMonitor
+    from moeguard.monitor.score import _time, score
+
+    m, tok, prof = setting
+    rng = random.Random(0)
+    rows = [r for d in range(11) for r in _day(d, rng)] + _day(11, rng, heavy="code-naming") \
+        + _day(12, rng, campaign=24) + _day(13, rng)
+    now = [0.0]
+    log, alerts = tmp_path / "periods.jsonl", tmp_path / "alerts.jsonl"
+    mon = RoutingMonitor(m, prof, flush_every=8, max_delay_s=None, period=DAY, baseline=10, clock=lambda: now[0],
+                         on_result=_alert_writer(alerts, log))
+    handles = []
+    with mon:
+        for r in rows:
+            now[0] = _time(r["time"], "")
+            with mon.request(r["client"]) as res:
+                bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+                m(input_ids=torch.tensor([bos + tok(r["prompt"], add_special_tokens=False)["input_ids"]]))
+            handles.append(res)
+    online = [h.result["period"] for h in handles if h.result["period"] is not None]
+    offline = score(m, tok, prof, [{**r, "_t": _time(r["time"], "")} for r in rows], period=DAY, baseline=10)[3]["traffic_periods"]
+    # day 13 has no request after it: still open. The others close at the next day's first request
+    assert len(online) == 13 and [o["start"] for o in online] == [o["start"] for o in offline[:13]]
+    assert [o["p"] is None for o in online] == [o["p"] is None for o in offline[:13]]
+    assert all(a["p"] is None or (math.isclose(a["p"], b["p"], rel_tol=1e-6) and (a["layer"], a["expert"]) == (b["layer"], b["expert"]))
+               for a, b in zip(online, offline)), [(a["p"], b["p"]) for a, b in zip(online, offline)]
+    assert [bool(o.get("alert")) for o in online] == [d == 12 for d in range(13)]
+    (alert,) = [json.loads(line) for line in alerts.read_text().splitlines() if json.loads(line)["kind"] == "period"]
+    assert alert["client"] is None and alert["period"] == ["2026-11-13T00:00:00Z", "2026-11-14T00:00:00Z"]
+    assert "not named online" in alert["detail"] and "`moeguard monitor score --period`" in alert["detail"]
+    assert mon.registry.get_sample_value("moeguard_alerts_total", {"kind": "period", "statistic": "period_load"}) == 1
+    assert mon.registry.get_sample_value("moeguard_period_anomaly") == pytest.approx(-math.log10(online[-1]["p"]))
+    # the server's log is a history: a restart takes its baseline from it, and `score --history` reads it
+    history = periods.read_history(log, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=10,
+                                   alpha=0.01)
+    assert [h["index"] for h in history] == [o["index"] for o in online] and history[12]["alert"] is True
+    watch = periods.PeriodWatch(prof.neighbours, period=DAY, baseline=10, alpha=0.01, layers=prof.meta["layers"],
+                                history=history)
+    assert [len(s) for s in (watch._base.kept,)] == [10] and watch._floor == online[-1]["index"] + 1
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--period-log", "x.jsonl"], "--period-log x.jsonl without --period"),
+    (["--period", "1d", "--baseline", "1"], "--baseline is 1 periods"),
+    (["--period", "soon"], "--period is 'soon'"),
+])
+def test_bad_serve_period_settings_are_one_line_errors_before_anything_starts(tmp_path, capsys, args, needle):
+    assert main(["serve", "--profile", str(tmp_path / "p.json"), "--port", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and needle in err, err

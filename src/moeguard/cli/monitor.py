@@ -374,6 +374,9 @@ def serve(
                                 "IPv6 one by its /56, 'address/N' for another prefix), "
                                 "'user' (the body's field: the client picks it, so only behind a gateway that sets "
                                 "it) or 'header:NAME' (an identity your authenticating gateway sets)")] = "address",
+        period: Annotated[Optional[str], typer.Option("--period", help="also test each period of all traffic (24h, 30m, 7d, seconds) for routing load moved beyond what its requests' content predicts, against the --baseline periods before it")] = None,
+        baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
+        period_log: Annotated[Optional[Path], typer.Option("--period-log", help="with --period: each closed period is appended here (JSON Lines, no text), and read back at start as the baseline's history; `monitor score --history` reads it too")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
@@ -383,7 +386,14 @@ def serve(
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.serve import client_source, create_app
 
+    from moeguard.monitor.periods import BASELINE, check_baseline, parse_period, read_history
+
     client_source(client_id)   # a bad spec fails before the model loads
+    seconds = parse_period(period) if period is not None else None
+    if seconds is None and (baseline is not None or period_log is not None):
+        given = f"--baseline {baseline}" if baseline is not None else f"--period-log {period_log}"
+        raise MoeguardError(f"{given} without --period", hint="pass --period (e.g. 24h) to test periods of all traffic, or drop it")
+    baseline = check_baseline(BASELINE if baseline is None else baseline)
     if not 0 < port < 65536:
         raise MoeguardError(f"--port is {port}", hint="pass a TCP port between 1 and 65535")
     if not 0 < alpha < 1:
@@ -403,14 +413,16 @@ def serve(
         raise MoeguardError(f"--host {host} serves beyond this machine, and /metrics without a token would show any "
                             f"client its own anomaly scores to tune against",
                             hint="pass --metrics-token TOKEN (or set MOEGUARD_METRICS_TOKEN), or bind to 127.0.0.1")
-    if alerts is not None:
-        if not alerts.parent.is_dir():
-            raise MoeguardError(f"folder {alerts.parent} for --alerts does not exist", hint=f"create it: mkdir -p {alerts.parent}")
+    for flag, path in (("--alerts", alerts), ("--period-log", period_log)):
+        if path is None:
+            continue
+        if not path.parent.is_dir():
+            raise MoeguardError(f"folder {path.parent} for {flag} does not exist", hint=f"create it: mkdir -p {path.parent}")
         try:    # now, not at the first alert: a server that cannot record alerts should not start
-            with open(alerts, "a", encoding="utf-8"):
+            with open(path, "a", encoding="utf-8"):
                 pass
         except OSError as e:
-            raise MoeguardError(f"--alerts {alerts} cannot be written ({e.strerror})",
+            raise MoeguardError(f"{flag} {path} cannot be written ({e.strerror})",
                                 hint="pass a file this user may append to") from None
     # the socket first: a port already taken is one line now, not uvicorn's error after the model loaded
     # (and no other process can take it between a check and the bind)
@@ -422,10 +434,16 @@ def serve(
         prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                                  where=str(profile))
         prof.check_model(handle.name, weights_digest(handle.arg))
+        if seconds is not None and prof.neighbours is None:
+            raise MoeguardError("the profile has no neighbour references, which --period needs (it was made before them)",
+                                hint="re-make it with `moeguard monitor profile`, or serve without --period")
+        history = read_history(period_log, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
+                               baseline=baseline, alpha=alpha) if period_log is not None else None
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
         mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
-                             on_result=_alert_writer(alerts) if alerts is not None else None, raise_errors=False)
+                             on_result=_alert_writer(alerts, period_log), raise_errors=False, period=seconds,
+                             baseline=baseline, period_history=history)
         import uvicorn
 
         from moeguard.monitor.serve import uvicorn_config
@@ -474,17 +492,24 @@ def _loopback(host: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def _alert_writer(path: Path):
-    """Append each request's and window's alert to ``path`` (JSON Lines; never the prompt)."""
+def _alert_writer(path: Path | None, period_log: Path | None = None):
+    """Append each request's, window's, slice's and period's alert to ``path`` (JSON Lines; never the
+    prompt), and each closed period to ``period_log`` (the row ``monitor score --history`` reads)."""
     import threading
 
+    if path is None and period_log is None:
+        return None
     lock = threading.Lock()
 
     def write(client, result):
         rows = [a for a in (result.get("alert"), (result.get("window") or {}).get("alert"),
-                            (result.get("slice") or {}).get("alert")) if a]
-        if rows:
+                            (result.get("slice") or {}).get("alert"), (result.get("period") or {}).get("alert")) if a]
+        if rows and path is not None:
             with lock, open(path, "a", encoding="utf-8") as f:
-                for a in rows:   # a slice's alert is no one client's: it names its own (a["clients"])
-                    f.write(dumps({"client": None if a["kind"] == "slice" else client, **a}) + "\n")
+                for a in rows:   # a slice's or period's alert is no one client's
+                    f.write(dumps({"client": None if a["kind"] in ("slice", "period") else client, **a}) + "\n")
+        if result.get("period") and period_log is not None:
+            row = result["period"]
+            with lock, open(period_log, "a", encoding="utf-8") as f:
+                f.write(dumps({**row, **({"alert": True} if row.get("alert") else {})}) + "\n")
     return write

@@ -9,6 +9,8 @@ Metrics (``prometheus-client``, in the monitor's ``registry``):
 - ``moeguard_traffic_anomaly`` (-log10 p of the last slice of all traffic, with a profile of ``--slice``
   N: the last N requests' embeddings and client names are kept for it, in the order requests are
   scored, which is the order they complete);
+- ``moeguard_period_anomaly`` (-log10 p of the last period of all traffic tested, with ``period``:
+  the routing load moved beyond what the requests' content predicts, ``periods.PeriodWatch``);
 - what the windows do not see, as ``score``'s summary counts it: ``moeguard_clients_tracked``,
   ``moeguard_requests_awaiting_look`` (requests of tracked clients after their block's last look:
   identities that each stop short of a look pile up here), ``moeguard_clients_evicted_total`` and
@@ -45,6 +47,8 @@ class MonitorMetrics:
                             registry=r)
         self.traffic = Gauge("moeguard_traffic_anomaly", "-log10 p of the last slice of all traffic (profiles with --slice)",
                              registry=r)
+        self.period = Gauge("moeguard_period_anomaly", "-log10 p of the last period of all traffic tested (--period)",
+                            registry=r)
         # what the windows do not see (``score``'s "unwindowed"): a client evicted before a look covered
         # its latest requests loses them to the windows, and identities that each stop short of a
         # look (an attacker spread over many) leave requests awaiting one

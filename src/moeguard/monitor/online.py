@@ -54,7 +54,7 @@ import torch
 
 from moeguard.errors import MoeguardError
 from moeguard.models.hooks import Hooks
-from moeguard.monitor import ladder, slices
+from moeguard.monitor import ladder, periods, slices
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.metrics import MonitorMetrics
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
@@ -96,12 +96,14 @@ class _Captured(NamedTuple):
     pooled: Any           # [rows, hidden] float32: the final norm's output summed over real tokens
     at: float             # time.monotonic() when it ended (the delay bound)
     reply: Any = None     # (per MoE layer the decode steps' top-k ids, their input ids): a profile of replies
+    served: float = 0.0   # the monitor's clock (wall time) when it ended: its period of all traffic
 
 
 class RoutingMonitor:
     def __init__(self, model, profile: Profile, *, alpha: float = 0.01, max_clients: int = 1000, registry=None,
                  flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None,
-                 raise_errors: bool = True):
+                 raise_errors: bool = True, period: float | None = None, baseline: int = periods.BASELINE,
+                 period_history: list[dict] | None = None, clock=time.time):
         from prometheus_client import CollectorRegistry
 
         from moeguard.models.adapter import MoEAdapter
@@ -112,6 +114,14 @@ class RoutingMonitor:
         self.looks = frozenset(ladder.lengths(profile.meta))   # when a client's block is scored (ladder.py)
         self.slice = int(profile.meta.get("slice", 0))        # requests per slice of all traffic (slices.py)
         self._slice: list[tuple[str, np.ndarray]] = []        # the current slice: (client, embedding), no text
+        # periods of all traffic (periods.py): a request counts by when it was served (``clock``)
+        if period is not None and profile.neighbours is None:
+            raise MoeguardError("the profile has no neighbour references, which periods need (it was made before them)",
+                                hint="re-make it with `moeguard monitor profile`, or serve without --period")
+        self._periods = None if period is None else periods.PeriodWatch(
+            profile.neighbours, period=period, baseline=baseline, alpha=alpha, layers=profile.meta["layers"],
+            history=period_history)
+        self.clock = clock
         self.max_clients = max_clients
         if int(flush_every) < 1:
             raise MoeguardError(f"flush_every is {flush_every}", hint="score every request (1) or batches of more")
@@ -237,7 +247,7 @@ class RoutingMonitor:
             out._scored = True          # nothing (or not every layer) ran: a failed request, result {}
             return
         with self._lock:
-            self._pending.append(_Captured(out, routed, ids, mask, pooled[0], time.monotonic(), reply))
+            self._pending.append(_Captured(out, routed, ids, mask, pooled[0], time.monotonic(), reply, self.clock()))
             full = len(self._pending) >= self.flush_every
         if full:
             self.flush()
@@ -279,7 +289,7 @@ class RoutingMonitor:
             ps = self.profile.p_values(stats, "request")
             for i, out in enumerate(results):
                 out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i,
-                                          None if r is None else r[i])
+                                          None if r is None else r[i], served=batch[i].served)
                 out._scored = True
         except Exception as e:  # noqa: BLE001 -- returned: the callbacks still run, every request is answered
             # the batch left the queue: its requests say why they have no score (reading them
@@ -374,10 +384,10 @@ class RoutingMonitor:
         return out, surprise
 
     def _record(self, client: str, counts: np.ndarray, h: np.ndarray, x: np.ndarray, stats: dict, ps: dict,
-                i: int, reply: np.ndarray | None = None) -> dict[str, Any]:
+                i: int, reply: np.ndarray | None = None, served: float = 0.0) -> dict[str, Any]:
         """Row ``i`` of a scored batch: its result, its client's window, the metrics."""
         p = float(ps["combined"][i])
-        res: dict[str, Any] = {"p": p, "alert": None, "window": None, "slice": None,
+        res: dict[str, Any] = {"p": p, "alert": None, "window": None, "slice": None, "period": None,
                                "statistics": {k: float(stats[k][i]) for k in self.profile.request_statistics}}
         with self._lock:
             self.metrics.requests.inc()
@@ -427,6 +437,16 @@ class RoutingMonitor:
             if row["p"] <= self.alpha:
                 row["alert"] = {"kind": "slice", "clients": row["top_clients"], **slices.reason(row, self.slice)}
                 self.metrics.alerts.labels("slice", "slice_drift").inc()
+        if self._periods is not None:   # in order (flushes are serialized); a period closes at its next request
+            row = self._periods.add(served, x, h)
+            if row is not None:
+                res["period"] = row
+                if row["p"] is not None:
+                    self.metrics.period.set(-math.log10(row["p"]))
+                if row.get("alert"):
+                    row["alert"] = {"kind": "period", "period": [row["start"], row["end"]], "requests": row["requests"],
+                                    **periods.reason(row)}
+                    self.metrics.alerts.labels("period", "period_load").inc()
         return res
 
     def _tracked(self) -> int:

@@ -195,44 +195,36 @@ def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> No
                             hint="score only the requests after the history's last period, or drop --history")
 
 
-def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: float, baseline: int, alpha: float,
-                  layers: list[int], digest: str = "", history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per period, in time order: the ``history``'s (``read_history``: earlier periods, which
-    join the baseline as they did then) and then one per period of these requests (module docstring).
-    ``t`` [N] the requests' times (seconds), ``resid`` [N, L, E] their residuals, ``clients`` [N] as
-    outputs name them, ``digest``: the neighbour references' (written with each row)."""
-    from scipy.stats import t as student
+class Baseline:
+    """The last ``baseline`` periods that did not alert (their mean residual and sampling noise), and
+    the test of a period against them (module docstring). ``score_periods`` and ``PeriodWatch`` share it."""
 
-    keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
-    members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
-    rows, kept = [], []       # kept: (mean [L, E], sampling variance [L, E]) of baseline-able periods
-    for old in history or []:
-        rows.append({k: v for k, v in old.items() if k != "_state"})
-        if "_state" in old and not old.get("alert"):
-            kept = (kept + [old["_state"]])[-baseline:]
-    check_after(t, period=period, history=history)
-    cells = resid[0].size if len(resid) else 1
-    for k, idx in zip(keys, members):
-        r = resid[idx]
-        row: dict[str, Any] = {"start": _when(k * period), "end": _when((k + 1) * period), "requests": len(idx),
-                               "clients": len({str(c) for c in (clients[i] for i in idx)}), "baseline": 0, "p": None,
-                               "index": int(k), "seconds": period, "neighbours": digest,
-                               "settings": {"baseline": baseline, "alpha": alpha}}
-        rows.append(row)
-        if len(idx) < MIN_REQUESTS:
-            row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
-            continue
-        m, se2 = r.mean(0), r.var(0, ddof=1) / len(idx)
+    def __init__(self, *, baseline: int, alpha: float, layers: list[int], history: list[dict[str, Any]] | None = None):
+        self.baseline, self.alpha, self.layers = baseline, alpha, layers
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
+        for old in history or []:   # the history's periods join as they did in their own run
+            if "_state" in old and not old.get("alert"):
+                self._keep(old["_state"])
+
+    def _keep(self, state: tuple[np.ndarray, np.ndarray]) -> None:
+        self.kept = (self.kept + [state])[-self.baseline:]
+
+    def judge(self, row: dict[str, Any], m: np.ndarray, se2: np.ndarray) -> tuple[np.ndarray, int, int] | None:
+        """Test a period of mean residual ``m`` [L, E] and sampling variance ``se2``: fills ``row``
+        (its state, baseline size, z, cell, shift, p, alert) and keeps the period for later baselines
+        unless it alerts. The baseline's mean and the cell, for naming clients; None where not tested."""
+        from scipy.stats import t as student
+
         if not (np.isfinite(m).all() and np.isfinite(se2).all()):   # a model that routed NaN: in no baseline
             row["why"] = "non-finite routing: not tested, and in no baseline"
-            continue
+            return None
         row["state"] = {"mean": _pack(m), "noise": _pack(se2)}      # what a later run's baseline reads (--history)
-        ref = kept[-baseline:]
+        ref = self.kept
         row["baseline"] = len(ref)
         if len(ref) < MIN_BASELINE:
             row["why"] = f"{len(ref)} earlier periods, {MIN_BASELINE} needed: not tested"
-            kept = (kept + [(m, se2)])[-baseline:]
-            continue
+            self._keep((m, se2))
+            return None
         M = np.stack([a for a, _ in ref])
         noise = np.stack([b for _, b in ref]).mean(0)
         mu = M.mean(0)
@@ -240,7 +232,45 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         z = (m - mu) / np.sqrt(np.maximum(var, 1e-18))
         l, e = np.unravel_index(int(z.argmax()), z.shape)
         p_cell = float(student.sf(z[l, e], df=len(ref) - 1))
-        p = float(-np.expm1(cells * np.log1p(-min(p_cell, 1 - 1e-16))))        # Sidak: 1 - (1 - p)^cells
+        p = float(-np.expm1(m.size * np.log1p(-min(p_cell, 1 - 1e-16))))        # Sidak: 1 - (1 - p)^cells
+        row.update(z=round(float(z[l, e]), 3), layer=self.layers[l], expert=int(e),
+                   shift=round(float(m[l, e] - mu[l, e]), 6), p=p)
+        if p <= self.alpha:
+            row["alert"] = True
+        else:
+            self._keep((m, se2))
+        return mu, int(l), int(e)
+
+
+def _row(k: float, period: float, n: int, clients: int | None, *, digest: str, baseline: int, alpha: float) -> dict[str, Any]:
+    return {"start": _when(k * period), "end": _when((k + 1) * period), "requests": n, "clients": clients,
+            "baseline": 0, "p": None, "index": int(k), "seconds": period, "neighbours": digest,
+            "settings": {"baseline": baseline, "alpha": alpha}}
+
+
+def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: float, baseline: int, alpha: float,
+                  layers: list[int], digest: str = "", history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per period, in time order: the ``history``'s (``read_history``: earlier periods, which
+    join the baseline as they did then) and then one per period of these requests (module docstring).
+    ``t`` [N] the requests' times (seconds), ``resid`` [N, L, E] their residuals, ``clients`` [N] as
+    outputs name them, ``digest``: the neighbour references' (written with each row)."""
+    keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
+    members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
+    rows = [{k: v for k, v in old.items() if k != "_state"} for old in history or []]
+    base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history)
+    check_after(t, period=period, history=history)
+    for k, idx in zip(keys, members):
+        r = resid[idx]
+        row = _row(k, period, len(idx), len({str(clients[i]) for i in idx}), digest=digest, baseline=baseline, alpha=alpha)
+        rows.append(row)
+        if len(idx) < MIN_REQUESTS:
+            row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
+            continue
+        m = r.mean(0)
+        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx))
+        if tested is None:
+            continue
+        mu, l, e = tested
         excess: dict[str, float] = {}
         named: dict[str, Any] = {}
         for i, v in zip(idx, r[:, l, e] - mu[l, e]):
@@ -252,23 +282,69 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         for i in idx:
             if str(clients[i]) in count:
                 count[str(clients[i])] += 1
-        row.update(z=round(float(z[l, e]), 3), layer=layers[l], expert=int(e),
-                   shift=round(float(m[l, e] - mu[l, e]), 6), p=p,
-                   top_clients=[{"client": named[c], "requests": count[c],
-                                 "excess": round(excess[c] / total, 3) if total > 0 else None} for c in top])
-        if p <= alpha:
-            row["alert"] = True
-        else:
-            kept = (kept + [(m, se2)])[-baseline:]
+        row["top_clients"] = [{"client": named[c], "requests": count[c],
+                               "excess": round(excess[c] / total, 3) if total > 0 else None} for c in top]
     return rows
+
+
+class PeriodWatch:
+    """Periods of all traffic as a server sees them (``RoutingMonitor(period=...)``, ``serve
+    --period``). Bounded: the current period's request count and each cell's sum and sum of squares
+    of residuals, and the baseline's periods; no text and no client names (an alert says to score
+    that period's log to name them). A period is tested when the first request after it is counted,
+    by the time the request was served; a request counted late (its batch scored after the period
+    turned) joins the current period. A restart loses the current period's counts: ``history`` (the
+    rows written so far) restores the baseline."""
+
+    def __init__(self, neighbours: Neighbours, *, period: float, baseline: int, alpha: float, layers: list[int],
+                 history: list[dict[str, Any]] | None = None):
+        self.neighbours, self.period, self.alpha = neighbours, float(period), alpha
+        self.baseline = check_baseline(baseline)
+        self.digest, self.layers = neighbours.digest, layers
+        self._base = Baseline(baseline=self.baseline, alpha=alpha, layers=layers, history=history)
+        self._floor = int(history[-1]["index"]) + 1 if history else None   # no period of the history again
+        self._k: int | None = None
+        self._n, self._sum, self._sq = 0, 0.0, 0.0
+
+    def add(self, t: float, x: np.ndarray, h: np.ndarray) -> dict[str, Any] | None:
+        """Count one request (served at ``t`` seconds; its embedding [dim] and histogram [L, E]); the
+        row of the period it closes, if any."""
+        k = math.floor(t / self.period)
+        if self._floor is not None:
+            k = max(k, self._floor)
+        row = None
+        if self._k is None or k > self._k:
+            row = self.close()
+            self._k, self._n, self._sum, self._sq = k, 0, 0.0, 0.0
+        r = self.neighbours.residual(np.asarray(x)[None], np.asarray(h)[None])[0]
+        self._n += 1
+        self._sum = self._sum + r
+        self._sq = self._sq + r * r
+        return row
+
+    def close(self) -> dict[str, Any] | None:
+        """The current period's row (tested where it can be), or None where it has no request."""
+        if self._k is None or not self._n:
+            return None
+        n, row = self._n, _row(self._k, self.period, self._n, None, digest=self.digest, baseline=self.baseline,
+                               alpha=self.alpha)
+        self._n = 0
+        if n < MIN_REQUESTS:
+            row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
+            return row
+        m = self._sum / n
+        self._base.judge(row, m, np.maximum(self._sq - n * m * m, 0.0) / (n - 1) / n)
+        return row
 
 
 def reason(row: dict[str, Any]) -> dict[str, Any]:
     """A period alert's reason, in the shape of the other alerts'."""
-    named = ", ".join(f"{c['client']} ({c['requests']})" for c in row["top_clients"])
+    named = ", ".join(f"{c['client']} ({c['requests']})" for c in row["top_clients"]) if "top_clients" in row \
+        else "not named online (score the period's log with `moeguard monitor score --period` to name them)"
     return {"statistic": "period_load", "layer": row["layer"], "experts": [row["expert"]], "value": row["z"],
             "p": row["p"], "p_combined": row["p"],
-            "detail": (f"over {row['requests']} requests ({row['clients']} clients), expert {row['expert']} at layer "
+            "detail": (f"over {row['requests']} requests" + (f" ({row['clients']} clients)" if row["clients"] is not None else "")
+                       + f", expert {row['expert']} at layer "
                        f"{row['layer']} took {100 * row['shift']:.2f} points more routing than the requests' content "
                        f"predicts (z {row['z']:.1f} against the {row['baseline']} periods before); most of the excess "
                        f"is from: {named or 'no one client'}")}
