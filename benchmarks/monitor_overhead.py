@@ -25,6 +25,8 @@ in the forwards it overlaps); what still waits at a block's end is scored inside
 hardest for the ratio (the forward is shortest); batch 8 and a 0.3 B-parameter model are measured too.
 ``--early 4,8`` profiles with early looks at client windows (``monitor profile``'s default; each of the
 block's 4 clients is then looked at once per block) and writes ``monitor_overhead_early.json``.
+``--period`` turns periods of all traffic on (a day: every request's residual is counted, no period
+closes within the run) and writes ``monitor_overhead_period.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--early", help="profile with early looks, e.g. 4,8 (monitor profile's default): "
                                     "written to monitor_overhead_early.json")
+    ap.add_argument("--period", action="store_true", help="with periods of all traffic on (RoutingMonitor(period=1 day)): "
+                                                          "each request's residual is counted; written to monitor_overhead_period.json")
     ap.add_argument("--out")
     args = ap.parse_args()
     early = tuple(int(x) for x in args.early.split(",")) if args.early else None
@@ -61,7 +65,8 @@ def main() -> None:
         """Blocks of plain forwards against blocks of monitored requests, per flush setting."""
         prof = build(m, tok, prompts, window=16, seed=args.seed, name="embedded", early=early)
         ids = torch.randint(0, m.config.vocab_size, (batch, args.seq))
-        mons = {f"flush_every_{f}": RoutingMonitor(m, prof, flush_every=f) for f in (block, 1)}
+        mons = {f"flush_every_{f}": RoutingMonitor(m, prof, flush_every=f, period=86400.0 if args.period else None)
+                for f in (block, 1)}
         times: dict[str, list[float]] = {"plain": [], **{k: [] for k in mons}}
         blocks_s: dict[str, list[float]] = {k: [] for k in times}
         kinds = list(times)
@@ -114,8 +119,9 @@ def main() -> None:
     out["wide_model"] = {"hidden_size": 1024, "parameters": sum(p.numel() for p in wide.parameters()),
                          "batch_1": measure(wide, 1, max(4, args.blocks // 10))}
     ratio = out["batch_1"][f"flush_every_{block}"]["ratio_block"]
-    path = write_result("monitor_overhead_early" if early else "monitor_overhead", {
-        **({"early": list(early)} if early else {}), "model": "embedded", "seq": args.seq, "blocks": args.blocks, "block": block, "seed": args.seed, **out,
+    name = "monitor_overhead" + ("_early" if early else "") + ("_period" if args.period else "")
+    path = write_result(name, {
+        **({"early": list(early)} if early else {}), **({"period": 86400.0} if args.period else {}), "model": "embedded", "seq": args.seq, "blocks": args.blocks, "block": block, "seed": args.seed, **out,
         "goal": f"monitored <= 1.05x plain (batch 1, median over rounds of a block of {block} requests against the "
                 f"plain block beside it, default flush_every={block})",
         "goal_met": ratio <= 1.05}, args.out)
