@@ -6,7 +6,7 @@ exports Prometheus metrics.
     with monitor:                                  # hooks attached; removed on exit
         with monitor.request(client="alice") as r: # one request: its prompt's forward pass(es)
             model.generate(...)
-        r.result                                   # {"p", "alert": {...} | None, "window": {...} | None, "statistics"}
+        r.result                                   # {"p", "alert", "window", "slice", "period", "statistics"}
 
 **Scored in batches.** A request's exit only keeps its prefill's routed ids, token ids and pooled
 hidden state (small arrays, no text). The statistics, windows and metrics run for ``flush_every``
@@ -29,7 +29,9 @@ step, which counts the forward that made the end of text as well). Per client th
 and the current window's p-values and prompt embeddings (``window`` x min(64, hidden) floats, ``embed.py``):
 bounded memory whatever the traffic, and no prompt is stored. Clients beyond
 ``max_clients`` evict the least recently seen (its window restarts when it returns, and its next
-block may alert again: ``score`` continues the block instead).
+block may alert again: ``score`` continues the block instead). With ``period`` (``periods.py``), the
+current period's count and per-cell sums of residuals, tested when the next period's first request
+is counted (``r.result["period"]``: the closed period's row).
 
 Metrics (``prometheus-client``, in ``registry``): ``metrics.py``.
 
