@@ -306,11 +306,17 @@ def test_the_online_hook_tests_each_period_as_score_does_and_its_log_is_a_histor
     assert [h["index"] for h in history] == [o["index"] for o in online] and history[12]["alert"] is True
     watch = periods.PeriodWatch(prof.neighbours, period=DAY, baseline=10, alpha=0.01, layers=prof.meta["layers"],
                                 history=history)
-    assert [len(s) for s in (watch._base.kept,)] == [10] and watch._floor == online[-1]["index"] + 1
+    assert len(watch._base.kept) == 10 and watch._floor == online[-1]["index"] + 1
+    # the baseline is days 2-11 (the last 10 before it): the campaign day (12) alerted and stays out
+    state = lambda d: periods._unpack(history[d]["state"]["mean"], prof.mean.shape)   # noqa: E731
+    assert np.array_equal(watch._base.kept[-1][0], state(11)) and np.array_equal(watch._base.kept[0][0], state(2))
+    with pytest.raises(MoeguardError, match="period is 0 seconds"):
+        periods.PeriodWatch(prof.neighbours, period=0, baseline=10, alpha=0.01, layers=prof.meta["layers"])
 
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--period-log", "x.jsonl"], "--period-log x.jsonl without --period"),
+    (["--period", "1d", "--alerts", "a.jsonl", "--period-log", "a.jsonl"], "--alerts and --period-log are both a.jsonl"),
     (["--period", "1d", "--baseline", "1"], "--baseline is 1 periods"),
     (["--period", "soon"], "--period is 'soon'"),
 ])
@@ -318,3 +324,26 @@ def test_bad_serve_period_settings_are_one_line_errors_before_anything_starts(tm
     assert main(["serve", "--profile", str(tmp_path / "p.json"), "--port", "1", *args]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_serve_refuses_a_period_log_whose_last_period_is_not_over(setting, tmp_path, capsys, monkeypatch):
+    import socket
+
+    import moeguard.models.handle as handle
+
+    _, _, prof = setting
+    pfile = tmp_path / "p.json"
+    pfile.write_text(json.dumps(prof.to_dict()))
+    rng = np.random.default_rng(0)
+    rows = periods.score_periods(np.full(20, 4e9), rng.normal(0, 0.05, (20, *prof.mean.shape)), ["u"] * 20,   # in 2096
+                                 period=DAY, baseline=14, alpha=0.01, layers=prof.meta["layers"], digest=prof.neighbours.digest)
+    log = tmp_path / "periods.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(handle.ModelHandle, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    capsys.readouterr()
+    assert main(["serve", "--profile", str(pfile), "--port", str(port), "--period", "1d", "--period-log", str(log)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "last period (2096-10-02T00:00:00Z) is not over yet" in err, err

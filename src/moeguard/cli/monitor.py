@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -413,6 +414,8 @@ def serve(
         raise MoeguardError(f"--host {host} serves beyond this machine, and /metrics without a token would show any "
                             f"client its own anomaly scores to tune against",
                             hint="pass --metrics-token TOKEN (or set MOEGUARD_METRICS_TOKEN), or bind to 127.0.0.1")
+    if alerts is not None and period_log is not None and alerts.resolve() == period_log.resolve():
+        raise MoeguardError(f"--alerts and --period-log are both {alerts}", hint="pass two files: the period log is read back at start")
     for flag, path in (("--alerts", alerts), ("--period-log", period_log)):
         if path is None:
             continue
@@ -439,6 +442,9 @@ def serve(
                                 hint="re-make it with `moeguard monitor profile`, or serve without --period")
         history = read_history(period_log, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
                                baseline=baseline, alpha=alpha) if period_log is not None else None
+        if history and int(history[-1]["index"]) >= math.floor(time.time() / seconds):
+            raise MoeguardError(f"{period_log}'s last period ({history[-1]['start']}) is not over yet: no request could be "
+                                f"counted before it ends", hint="check this machine's clock, or pass another --period-log")
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
         mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
@@ -502,14 +508,15 @@ def _alert_writer(path: Path | None, period_log: Path | None = None):
     lock = threading.Lock()
 
     def write(client, result):
+        # the period log first: it is the next start's baseline, and a failing alert log must not lose it
+        if result.get("period") and period_log is not None:
+            row = result["period"]
+            with lock, open(period_log, "a", encoding="utf-8") as f:
+                f.write(dumps({**row, **({"alert": True} if row.get("alert") else {})}) + "\n")
         rows = [a for a in (result.get("alert"), (result.get("window") or {}).get("alert"),
                             (result.get("slice") or {}).get("alert"), (result.get("period") or {}).get("alert")) if a]
         if rows and path is not None:
             with lock, open(path, "a", encoding="utf-8") as f:
                 for a in rows:   # a slice's or period's alert is no one client's
                     f.write(dumps({"client": None if a["kind"] in ("slice", "period") else client, **a}) + "\n")
-        if result.get("period") and period_log is not None:
-            row = result["period"]
-            with lock, open(period_log, "a", encoding="utf-8") as f:
-                f.write(dumps({**row, **({"alert": True} if row.get("alert") else {})}) + "\n")
     return write

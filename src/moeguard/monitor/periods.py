@@ -291,13 +291,21 @@ class PeriodWatch:
     """Periods of all traffic as a server sees them (``RoutingMonitor(period=...)``, ``serve
     --period``). Bounded: the current period's request count and each cell's sum and sum of squares
     of residuals, and the baseline's periods; no text and no client names (an alert says to score
-    that period's log to name them). A period is tested when the first request after it is counted,
-    by the time the request was served; a request counted late (its batch scored after the period
-    turned) joins the current period. A restart loses the current period's counts: ``history`` (the
-    rows written so far) restores the baseline."""
+    that period's log to name them). A period is tested when the first request after it is counted
+    (a quiet weekend's Friday is tested on Monday), by the time the request was served (its end,
+    generation included: near a boundary, ``score`` may put it in the other period by its logged
+    time); a request served before the current period (a wall clock stepped back) joins the current
+    period. A restart loses the current period's counts: ``history`` (the rows written so far)
+    restores the baseline."""
 
     def __init__(self, neighbours: Neighbours, *, period: float, baseline: int, alpha: float, layers: list[int],
                  history: list[dict[str, Any]] | None = None):
+        import importlib
+
+        importlib.import_module("scipy.stats")   # now, not inside the first period's flush (a request's exit)
+
+        if not (isinstance(period, (int, float)) and math.isfinite(period) and period > 0):
+            raise MoeguardError(f"period is {period!r} seconds", hint="pass a positive number of seconds, e.g. 86400")
         self.neighbours, self.period, self.alpha = neighbours, float(period), alpha
         self.baseline = check_baseline(baseline)
         self.digest, self.layers = neighbours.digest, layers
@@ -306,9 +314,9 @@ class PeriodWatch:
         self._k: int | None = None
         self._n, self._sum, self._sq = 0, 0.0, 0.0
 
-    def add(self, t: float, x: np.ndarray, h: np.ndarray) -> dict[str, Any] | None:
-        """Count one request (served at ``t`` seconds; its embedding [dim] and histogram [L, E]); the
-        row of the period it closes, if any."""
+    def add(self, t: float, r: np.ndarray) -> dict[str, Any] | None:
+        """Count one request (served at ``t`` seconds; its residual [L, E], ``Neighbours.residual``,
+        computed per batch by the caller); the row of the period it closes, if any."""
         k = math.floor(t / self.period)
         if self._floor is not None:
             k = max(k, self._floor)
@@ -316,7 +324,6 @@ class PeriodWatch:
         if self._k is None or k > self._k:
             row = self.close()
             self._k, self._n, self._sum, self._sq = k, 0, 0.0, 0.0
-        r = self.neighbours.residual(np.asarray(x)[None], np.asarray(h)[None])[0]
         self._n += 1
         self._sum = self._sum + r
         self._sq = self._sq + r * r
