@@ -267,7 +267,7 @@ def test_a_time_without_a_zone_is_utc_wherever_the_log_is_scored(monkeypatch):
 def test_the_online_hook_tests_each_period_as_score_does_and_its_log_is_a_history(setting, tmp_path):
     import torch
 
-    from moeguard.cli.monitor import _alert_writer
+    from moeguard.monitor.serve import alert_writer as _alert_writer
     from moeguard.monitor.online import RoutingMonitor
     from moeguard.monitor.score import _time, score
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -381,55 +379,18 @@ def serve(
         model: ModelOpt = None, device_map: DeviceMapOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
-    from moeguard.errors import MoeguardError
     from moeguard.io import read_json
     from moeguard.monitor.online import RoutingMonitor
     from moeguard.monitor.profile import Profile
-    from moeguard.monitor.serve import client_source, create_app
-
-    from moeguard.monitor.periods import BASELINE, check_baseline, parse_period, read_history
+    from moeguard.monitor.serve import alert_writer, check_options, client_source, create_app, listen, period_history
 
     client_source(client_id)   # a bad spec fails before the model loads
-    seconds = parse_period(period) if period is not None else None
-    if seconds is None and (baseline is not None or period_log is not None):
-        given = f"--baseline {baseline}" if baseline is not None else f"--period-log {period_log}"
-        raise MoeguardError(f"{given} without --period", hint="pass --period (e.g. 24h) to test periods of all traffic, or drop it")
-    baseline = check_baseline(BASELINE if baseline is None else baseline)
-    if not 0 < port < 65536:
-        raise MoeguardError(f"--port is {port}", hint="pass a TCP port between 1 and 65535")
-    if not 0 < alpha < 1:
-        raise MoeguardError(f"--alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
-    if max_clients < 1:
-        raise MoeguardError(f"--max-clients is {max_clients}", hint="pass at least 1")
-    if flush_every < 1:
-        raise MoeguardError(f"--flush-every is {flush_every}", hint="pass at least 1 (1 scores each request as it ends)")
-    if not 0 < max_delay < math.inf:
-        raise MoeguardError(f"--max-delay is {max_delay}", hint="pass a positive number of seconds, e.g. 1")
-    if metrics_token is not None and not (metrics_token.isascii() and metrics_token.isprintable()
-                                          and metrics_token.strip() == metrics_token and metrics_token):
-        raise MoeguardError(f"--metrics-token is empty, or has spaces at an end or characters beyond printable ASCII "
-                            f"({len(metrics_token)} characters)",
-                            hint="pass a secret of printable ASCII (an HTTP header carries it), e.g. from `openssl rand -hex 32`")
-    if metrics_token is None and not _loopback(host):
-        raise MoeguardError(f"--host {host} serves beyond this machine, and /metrics without a token would show any "
-                            f"client its own anomaly scores to tune against",
-                            hint="pass --metrics-token TOKEN (or set MOEGUARD_METRICS_TOKEN), or bind to 127.0.0.1")
-    if alerts is not None and period_log is not None and alerts.resolve() == period_log.resolve():
-        raise MoeguardError(f"--alerts and --period-log are both {alerts}", hint="pass two files: the period log is read back at start")
-    for flag, path in (("--alerts", alerts), ("--period-log", period_log)):
-        if path is None:
-            continue
-        if not path.parent.is_dir():
-            raise MoeguardError(f"folder {path.parent} for {flag} does not exist", hint=f"create it: mkdir -p {path.parent}")
-        try:    # now, not at the first alert: a server that cannot record alerts should not start
-            with open(path, "a", encoding="utf-8"):
-                pass
-        except OSError as e:
-            raise MoeguardError(f"{flag} {path} cannot be written ({e.strerror})",
-                                hint="pass a file this user may append to") from None
+    seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
+                                      max_delay=max_delay, metrics_token=metrics_token, alerts=alerts, period=period,
+                                      baseline=baseline, period_log=period_log)
     # the socket first: a port already taken is one line now, not uvicorn's error after the model loaded
     # (and no other process can take it between a check and the bind)
-    sock = _listen(host, port)
+    sock = listen(host, port)
     try:
         from moeguard.models.identity import weights_digest
 
@@ -437,18 +398,11 @@ def serve(
         prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                                  where=str(profile))
         prof.check_model(handle.name, weights_digest(handle.arg))
-        if seconds is not None and prof.neighbours is None:
-            raise MoeguardError("the profile has no neighbour references, which --period needs (it was made before them)",
-                                hint="re-make it with `moeguard monitor profile`, or serve without --period")
-        history = read_history(period_log, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
-                               baseline=baseline, alpha=alpha) if period_log is not None else None
-        if history and int(history[-1]["index"]) >= math.floor(time.time() / seconds):
-            raise MoeguardError(f"{period_log}'s last period ({history[-1]['start']}) is not over yet: no request could be "
-                                f"counted before it ends", hint="check this machine's clock, or pass another --period-log")
+        history = period_history(prof, period_log, period=seconds, baseline=baseline, alpha=alpha)
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
         mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
-                             on_result=_alert_writer(alerts, period_log), raise_errors=False, period=seconds,
+                             on_result=alert_writer(alerts, period_log), raise_errors=False, period=seconds,
                              baseline=baseline, period_history=history)
         import uvicorn
 
@@ -461,62 +415,3 @@ def serve(
             uvicorn.Server(uvicorn_config(app_, host=host, port=port)).run(sockets=[sock])
     finally:
         sock.close()
-
-
-def _listen(host: str, port: int):
-    """A bound TCP socket for ``host:port`` (uvicorn listens on it), or a one-line error."""
-    import socket
-
-    from moeguard.errors import MoeguardError
-
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise MoeguardError(f"--host {host} does not resolve ({e})", hint="pass an address such as 127.0.0.1") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does: a restart need not wait
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise MoeguardError(f"cannot listen on {host}:{port} ({e.strerror or e})",
-                            hint="pass another --port, or stop the process that holds it") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:   # another name: it may resolve beyond this machine
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)   # ::ffff:127.0.0.1
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-def _alert_writer(path: Path | None, period_log: Path | None = None):
-    """Append each request's, window's, slice's and period's alert to ``path`` (JSON Lines; never the
-    prompt), and each closed period to ``period_log`` (the row ``monitor score --history`` reads)."""
-    import threading
-
-    if path is None and period_log is None:
-        return None
-    lock = threading.Lock()
-
-    def write(client, result):
-        # the period log first: it is the next start's baseline, and a failing alert log must not lose it
-        if result.get("period") and period_log is not None:
-            row = result["period"]
-            with lock, open(period_log, "a", encoding="utf-8") as f:
-                f.write(dumps({**row, **({"alert": True} if row.get("alert") else {})}) + "\n")
-        rows = [a for a in (result.get("alert"), (result.get("window") or {}).get("alert"),
-                            (result.get("slice") or {}).get("alert"), (result.get("period") or {}).get("alert")) if a]
-        if rows and path is not None:
-            with lock, open(path, "a", encoding="utf-8") as f:
-                for a in rows:   # a slice's or period's alert is no one client's
-                    f.write(dumps({"client": None if a["kind"] in ("slice", "period") else client, **a}) + "\n")
-    return write
