@@ -347,3 +347,22 @@ def test_serve_refuses_a_period_log_whose_last_period_is_not_over(setting, tmp_p
     assert main(["serve", "--profile", str(pfile), "--port", str(port), "--period", "1d", "--period-log", str(log)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "last period (2096-10-02T00:00:00Z) is not over yet" in err, err
+
+
+def test_a_period_p_that_underflows_to_zero_is_still_reported_online(setting, monkeypatch):
+    """A long baseline and a strong campaign can make Student t's tail 0.0: -log10(0) raised inside
+    the flush and lost the batch's results and the period's alert."""
+    import torch
+
+    from moeguard.monitor.online import RoutingMonitor
+
+    m, tok, prof = setting
+    row = {"start": "s", "end": "e", "requests": 99, "clients": None, "baseline": 14, "p": 0.0, "z": 40.0, "layer": 1,
+           "expert": 2, "shift": 0.3, "alert": True}
+    monkeypatch.setattr(periods.PeriodWatch, "add", lambda self, t, r: dict(row))
+    mon = RoutingMonitor(m, prof, flush_every=1, max_delay_s=None, period=DAY)
+    with mon, mon.request("a") as res:
+        m(input_ids=torch.tensor([tok("hello there", add_special_tokens=False)["input_ids"]]))
+    got = res.result
+    assert "error" not in got and got["period"]["alert"]["kind"] == "period" and got["period"]["alert"]["p"] == 0.0
+    assert mon.registry.get_sample_value("moeguard_period_anomaly") == 300.0
