@@ -272,14 +272,9 @@ def monitor_score(
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.score import drop_replay, read_log, score
 
-    from moeguard.errors import MoeguardError
-    from moeguard.monitor.periods import BASELINE, check_baseline, parse_period, read_history
+    from moeguard.monitor.periods import check_period, read_history
 
-    seconds = parse_period(period) if period is not None else None
-    if seconds is None and (baseline is not None or history is not None):
-        given = f"--baseline {baseline}" if baseline is not None else f"--history {history}"
-        raise MoeguardError(f"{given} without --period", hint="pass --period (e.g. 24h) to test periods of all traffic, or drop it")
-    baseline = check_baseline(BASELINE if baseline is None else baseline)
+    seconds, baseline = check_period(period, baseline, history=history)
     check_output(out, overwrite=overwrite, inputs=(model, profile, log, history), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),

@@ -46,13 +46,13 @@ def projection(hidden: int, dim: int, seed: int) -> np.ndarray:
     return (g.standard_normal((hidden, dim)) / math.sqrt(dim)).astype(np.float32).astype(np.float64)
 
 
-def pack(a: np.ndarray) -> str:
-    """An array as base64 little-endian float32 (profiles are JSON)."""
-    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
+def pack(a: np.ndarray, dtype: str = "<f4") -> str:
+    """An array as base64 little-endian float32 (profiles are JSON; ``"<f8"`` where exact numbers matter)."""
+    return base64.b64encode(np.ascontiguousarray(a, dtype=dtype).tobytes()).decode()
 
 
-def unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
-    a = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4").astype(np.float64)
+def unpack(text: str, shape: tuple[int, ...], dtype: str = "<f4") -> np.ndarray:
+    a = np.frombuffer(base64.b64decode(text, validate=True), dtype=dtype).astype(np.float64)
     if a.size != int(np.prod(shape)):
         raise ValueError(f"{a.size} stored values for shape {shape}")
     return a.reshape(shape)

@@ -117,11 +117,8 @@ class RoutingMonitor:
         self.slice = int(profile.meta.get("slice", 0))        # requests per slice of all traffic (slices.py)
         self._slice: list[tuple[str, np.ndarray]] = []        # the current slice: (client, embedding), no text
         # periods of all traffic (periods.py): a request counts by when it was served (``clock``)
-        if period is not None and profile.neighbours is None:
-            raise MoeguardError("the profile has no neighbour references, which periods need (it was made before them)",
-                                hint="re-make it with `moeguard monitor profile`, or serve without --period")
         self._periods = None if period is None else periods.PeriodWatch(
-            profile.neighbours, period=period, baseline=baseline, alpha=alpha, layers=profile.meta["layers"],
+            periods.neighbours_of(profile, "serve"), period=period, baseline=baseline, alpha=alpha, layers=profile.meta["layers"],
             history=period_history)
         self.clock = clock
         self.max_clients = max_clients

@@ -34,7 +34,6 @@ clients tell them apart. Measured in ``benchmarks/routing_monitor_day_load.py``.
 
 from __future__ import annotations
 
-import base64
 import math
 import re
 from datetime import datetime, timezone
@@ -114,6 +113,26 @@ def parse_period(value: Any) -> float:
     return seconds
 
 
+def check_period(period: Any, baseline: int | None, **needs_period: Any) -> tuple[float | None, int]:
+    """``--period`` and ``--baseline`` as ``score`` and ``serve`` take them (one-line errors before any
+    work): the period in seconds (None: off) and the baseline. ``needs_period``: the command's other
+    options that mean nothing without a period (name: value, None where not given)."""
+    seconds = parse_period(period) if period is not None else None
+    given = ([f"--baseline {baseline}"] if baseline is not None else []) \
+        + [f"--{k.replace('_', '-')} {v}" for k, v in needs_period.items() if v is not None]
+    if seconds is None and given:
+        raise MoeguardError(f"{given[0]} without --period", hint="pass --period (e.g. 24h) to test periods of all traffic, or drop it")
+    return seconds, check_baseline(BASELINE if baseline is None else baseline)
+
+
+def neighbours_of(profile, command: str) -> Neighbours:
+    """The profile's neighbour references, or a one-line error: a profile made before them cannot test periods."""
+    if profile.neighbours is None:
+        raise MoeguardError("the profile has no neighbour references, which --period needs (it was made before them)",
+                            hint=f"re-make it with `moeguard monitor profile`, or {command} without --period")
+    return profile.neighbours
+
+
 def check_baseline(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < MIN_BASELINE:
         raise MoeguardError(f"--baseline is {n!r} periods", hint=f"pass {MIN_BASELINE} or more earlier periods to compare with")
@@ -127,16 +146,13 @@ def _when(t: float) -> str:
         return str(t)
 
 
-def _pack(a: np.ndarray) -> str:
-    """float64, exactly: a period scored with a history gets the numbers it gets in one run."""
-    return base64.b64encode(np.ascontiguousarray(a, dtype="<f8").tobytes()).decode()
-
-
 def _unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
-    a = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f8")
-    if a.size != int(np.prod(shape)) or not np.isfinite(a).all():
-        raise ValueError(f"{a.size} stored values for shape {shape}")
-    return a.reshape(shape).copy()
+    """A period's stored state: float64, exactly (a period scored with a history gets the numbers it
+    gets in one run), and finite."""
+    a = unpack(text, shape, "<f8")
+    if not np.isfinite(a).all():
+        raise ValueError("a stored value is not finite")
+    return a
 
 
 def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, int], baseline: int,
@@ -218,7 +234,7 @@ class Baseline:
         if not (np.isfinite(m).all() and np.isfinite(se2).all()):   # a model that routed NaN: in no baseline
             row["why"] = "non-finite routing: not tested, and in no baseline"
             return None
-        row["state"] = {"mean": _pack(m), "noise": _pack(se2)}      # what a later run's baseline reads (--history)
+        row["state"] = {"mean": pack(m, "<f8"), "noise": pack(se2, "<f8")}      # what a later run's baseline reads (--history)
         ref = self.kept
         row["baseline"] = len(ref)
         if len(ref) < MIN_BASELINE:

@@ -118,9 +118,7 @@ def check_settings(prof: Profile, *, window: int | None, alpha: float, period: f
 
     if period is not None:
         periods.check_baseline(baseline)
-        if prof.neighbours is None:
-            raise MoeguardError("the profile has no neighbour references, which --period needs (it was made before them)",
-                                hint="re-make it with `moeguard monitor profile`, or score without --period")
+        periods.neighbours_of(prof, "score")
 
     if window is None:
         window = int(prof.meta["window"])
@@ -259,7 +257,8 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     spans = [] if period is None else periods.score_periods(
         np.array([r["_t"] for r in records]), prof.neighbours.residual(X, H), client_of, period=period,
         baseline=baseline, alpha=alpha, layers=prof.meta["layers"], digest=prof.neighbours.digest, history=history)
-    for row in spans[len(history or ()):]:   # the history's alerts were raised by its own run
+    new = spans[len(history or ()):]   # the history's rows (and alerts) are its own run's
+    for row in new:
         if row.get("alert"):
             alerts.append({"kind": "period", "time": [row["start"], row["end"]], "requests": row["requests"],
                            "clients": row["top_clients"], **periods.reason(row)})
@@ -277,8 +276,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                           **({"slice": sum(a["kind"] == "slice" for a in alerts)} if n else {}),
                                           **({"period": sum(a["kind"] == "period" for a in alerts)} if period else {})},
                **({"period": period, "baseline": baseline, "history": len(history or ()),
-                   "periods": len(spans) - len(history or ()),
-                   "periods_tested": sum(r["p"] is not None for r in spans[len(history or ()):])} if period else {}),
+                   "periods": len(new), "periods_tested": sum(r["p"] is not None for r in new)} if period else {}),
                "prompts_logged": log_prompts,
                # with a profile of replies: how long a reply is scored, and how many requests had none
                "replies": None if R is None else {"max_tokens": prof.replies.max_tokens,

@@ -277,13 +277,9 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
                   period_log: Path | None) -> tuple[float | None, int]:
     """``serve``'s options checked before the socket is bound and the model loads (one-line errors);
     the period in seconds (None: off) and the baseline."""
-    from moeguard.monitor.periods import BASELINE, check_baseline, parse_period
+    from moeguard.monitor.periods import check_period
 
-    seconds = parse_period(period) if period is not None else None
-    if seconds is None and (baseline is not None or period_log is not None):
-        given = f"--baseline {baseline}" if baseline is not None else f"--period-log {period_log}"
-        raise MoeguardError(f"{given} without --period", hint="pass --period (e.g. 24h) to test periods of all traffic, or drop it")
-    baseline = check_baseline(BASELINE if baseline is None else baseline)
+    seconds, baseline = check_period(period, baseline, period_log=period_log)
     if not 0 < port < 65536:
         raise MoeguardError(f"--port is {port}", hint="pass a TCP port between 1 and 65535")
     if not 0 < alpha < 1:
@@ -322,14 +318,14 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
 def period_history(prof, period_log: Path | None, *, period: float | None, baseline: int, alpha: float) -> list | None:
     """``--period-log``'s rows as the baseline's history (``periods.read_history``), checked against
     the profile and the clock, before the model loads."""
-    from moeguard.monitor.periods import read_history
+    from moeguard.monitor.periods import neighbours_of, read_history
 
-    if period is not None and prof.neighbours is None:
-        raise MoeguardError("the profile has no neighbour references, which --period needs (it was made before them)",
-                            hint="re-make it with `moeguard monitor profile`, or serve without --period")
+    if period is None:
+        return None
+    digest = neighbours_of(prof, "serve").digest      # a profile without references fails here, log or not
     if period_log is None:
         return None
-    history = read_history(period_log, period=period, digest=prof.neighbours.digest, shape=prof.mean.shape,
+    history = read_history(period_log, period=period, digest=digest, shape=prof.mean.shape,
                            baseline=baseline, alpha=alpha)
     if history and int(history[-1]["index"]) >= math.floor(time.time() / period):
         raise MoeguardError(f"{period_log}'s last period ({history[-1]['start']}) is not over yet: no request could be "
