@@ -32,7 +32,7 @@ built, at p >= 0.05), but every hijacked request pushes the same expert, all day
   - ``monitor``: the monitor's own test (``monitor score --period``, ``periods.score_periods``): the
     days in sequence, each against the 14 days before it that did not alert; a campaign (and, apart,
     its control) on each of the last ``--campaign-days`` days in turn. p-values, the cell and how many
-    of the 5 named clients are campaign identities.
+    of the 5 named clients are campaign identities; the share of days alerting at 0.001, 0.01, 0.05.
 """
 
 from __future__ import annotations
@@ -220,8 +220,8 @@ def main() -> None:
     monitor = {"baseline": periods.BASELINE, "benign_days_tested": len(benign_p),
                "benign_p": sorted(round(p, 4) for p in benign_p),
                **{f"{w}_days_alerting_at_{a}": round(float(np.mean([p <= a for r in rows for p in r[k]])), 4)
-                  for a in (0.01, 0.05) for w, k in (("campaign", "monitor_p"), ("control", "control_monitor_p"))},
-               **{f"benign_days_alerting_at_{a}": round(float(np.mean([p <= a for p in benign_p])), 4) for a in (0.01, 0.05)}}
+                  for a in (0.001, 0.01, 0.05) for w, k in (("campaign", "monitor_p"), ("control", "control_monitor_p"))},
+               **{f"benign_days_alerting_at_{a}": round(float(np.mean([p <= a for p in benign_p])), 4) for a in (0.001, 0.01, 0.05)}}
     print(f"monitor --period: {monitor}", flush=True)
     path = write_result("routing_monitor_day_load" + (f"_i{args.identities}" if args.identities != 8 else ""), {
         "setting": {"identities": args.identities, "days": args.days, "campaign_days": args.campaign_days, "slice": SLICE,

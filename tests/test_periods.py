@@ -15,7 +15,7 @@ import pytest
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.loading import load_model
-from moeguard.monitor import periods
+from moeguard.monitor import periods, periodwatch
 from moeguard.monitor.fit import build
 from moeguard.monitor.profile import Profile
 from moeguard.monitor.routertap import SEPARATOR
@@ -70,7 +70,9 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert [s["baseline"] for s in spans] == [*range(11), 10, 10, 10]
     assert all(s["p"] is None and "3 needed" in s["why"] for s in spans[:3])
     ps = [s["p"] for s in spans[3:]]
-    assert ps[9] <= 0.01 and all(p > 0.2 for i, p in enumerate(ps) if i != 9), ps   # day 12 alone; day 11 (heavy) passes
+    # day 12 alone, by orders of magnitude; day 11 (heavy in one task) passes. Benign p-values are
+    # nominal (the first test's were all above 0.2), so only "none alerts" is asserted of them
+    assert ps[9] <= 1e-4 and all(p > 0.01 for i, p in enumerate(ps) if i != 9), ps
     named = [c["client"] for c in spans[12]["top_clients"]]
     assert len(named) == periods.NAMED and all(c.startswith("mallory-12-") for c in named), named
     (alert,) = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()
@@ -125,11 +127,44 @@ def test_an_alerted_period_stays_out_of_the_baseline_so_a_campaign_that_goes_on_
     assert all((row["layer"], row["expert"]) == (7, 3) for row in rows[20:23])
     top = rows[21]["top_clients"]
     assert {x["client"] for x in top[:3]} == {"evil-0", "evil-1", "evil-2"} and top[2]["excess"] > 3 * top[3]["excess"], top
-    assert 0.8 < sum(x["excess"] for x in top[:3]) < 1.2 and [x["requests"] for x in top[:3]] == [10, 10, 10], top
+    assert 0.8 < sum(x["excess"] for x in top[:3]) < 1.3 and [x["requests"] for x in top[:3]] == [10, 10, 10], top
     assert rows[23]["baseline"] == 14 and rows[23]["p"] > 0.01
     # were alerted days kept in the baseline, the campaign would become the norm by its second day
     kept = periods.score_periods(t, r, c, period=DAY, baseline=14, alpha=1e-300, layers=[3, 7])
-    assert kept[20]["p"] == rows[20]["p"] and kept[21]["p"] > 0.01 and kept[22]["p"] > 0.1, [k["p"] for k in kept[20:23]]
+    assert kept[20]["p"] == rows[20]["p"] and kept[21]["p"] > 0.01 and kept[22]["p"] > 0.01, [k["p"] for k in kept[20:23]]
+
+
+def _mixed_days(rng, days: int, shift: float = 0.0):
+    """Day means [days, 4, 8] whose cells move together: each day's share of two kinds of users moves
+    every cell along one pattern (about ten times a cell's own day-to-day spread), as composition does
+    on real days; the last day's cell (2, 5) is pushed by ``shift``. With their sampling noise and count."""
+    pattern = rng.normal(0, 0.04, (4, 8))
+    m = (2 * rng.uniform(0, 1, (days, 1, 1)) - 1) * pattern + rng.normal(0, 0.002, (days, 4, 8))
+    m[-1, 2, 5] += shift
+    return m, np.full((4, 8), 0.05 ** 2 / 3000), 3000
+
+
+def _test_last(m, se2, n, alpha=0.01):
+    base = periods.Baseline(baseline=14, alpha=alpha, layers=[0, 1, 2, 3])
+    for d in range(len(m) - 1):
+        base.judge({}, m[d], se2, n)
+    row: dict = {}
+    base.judge(row, m[-1], se2, n)
+    return row
+
+
+def test_days_that_differ_by_their_mix_of_users_keep_nominal_false_alarms_and_hide_no_shift():
+    """The test removes the baseline's main directions of day-to-day variation (the mix of users),
+    which the first test (Sidak over the raw cells) did not. Its p-values are nominal on benign days, and
+    a shift of 8 times a cell's own day-to-day spread, in days whose mix moves each cell about ten times
+    that spread, is seen on 93 of 100 days (the first test: 11, at 0.01)."""
+    rng = np.random.default_rng(0)
+    benign = [_test_last(*_mixed_days(rng, 15))["p"] for _ in range(400)]
+    assert 0.025 <= np.mean(np.array(benign) <= 0.05) <= 0.08, np.mean(np.array(benign) <= 0.05)
+    shifted = [_test_last(*_mixed_days(rng, 15, shift=0.016)) for _ in range(100)]
+    assert np.mean([r["p"] <= 0.01 for r in shifted]) >= 0.8, sorted(r["p"] for r in shifted)[:50]
+    assert np.mean([(r["layer"], r["expert"]) == (2, 5) for r in shifted]) >= 0.8
+    assert all(r["factors"] == 1 for r in shifted)   # one direction stands above noise, and only it is removed
 
 
 def test_small_periods_are_skipped_and_a_smaller_period_is_not_an_alert_for_its_noise():
@@ -225,8 +260,11 @@ def _history(tmp_path, prof, lines):
     (lambda rows: [{**rows[0], "seconds": 3600}], "is a period of 3600 s, this run's are 86400 s"),
     (lambda rows: [{**rows[0], "neighbours": "0" * 16}], "scored with another profile's neighbour references"),
     (lambda rows: rows[1:3][::-1], ":2 is period 1, not after the line before it (2)"),
-    (lambda rows: [{**rows[0], "settings": {"baseline": 10, "alpha": 0.01}}],
+    (lambda rows: [{**rows[0], "settings": {**rows[0]["settings"], "baseline": 10}}],
      ":1 was scored with --baseline 10 --alpha 0.01, this run with --baseline 14 --alpha 0.01"),
+    (lambda rows: [{**rows[0], "settings": {"baseline": 14, "alpha": 0.01}}],
+     f":1 was tested by another version of the period test (the first; this one is {periods.TEST})"),
+    (lambda rows: [{k: v for k, v in rows[0].items() if k != "requests"}], ":1 is not a period of `monitor score --period` (KeyError"),
     (lambda rows: [json.dumps(rows[0]).replace('"index": 0', '"index": 1e999') + "\n"], ":1 is not a period"),
     (lambda rows: [json.dumps(rows[0]).replace('"index": 0', '"index": NaN') + "\n"], ":1 is not a period"),
     (lambda rows: [{k: v for k, v in rows[0].items() if k != "start"}], ":1 is not a period of `monitor score --period` (KeyError"),
@@ -304,14 +342,14 @@ def test_the_online_hook_tests_each_period_as_score_does_and_its_log_is_a_histor
     history = periods.read_history(log, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=10,
                                    alpha=0.01)
     assert [h["index"] for h in history] == [o["index"] for o in online] and history[12]["alert"] is True
-    watch = periods.PeriodWatch(prof.neighbours, period=DAY, baseline=10, alpha=0.01, layers=prof.meta["layers"],
+    watch = periodwatch.PeriodWatch(prof.neighbours, period=DAY, baseline=10, alpha=0.01, layers=prof.meta["layers"],
                                 history=history)
     assert len(watch._base.kept) == 10 and watch._floor == online[-1]["index"] + 1
     # the baseline is days 2-11 (the last 10 before it): the campaign day (12) alerted and stays out
     state = lambda d: periods._unpack(history[d]["state"]["mean"], prof.mean.shape)   # noqa: E731
     assert np.array_equal(watch._base.kept[-1][0], state(11)) and np.array_equal(watch._base.kept[0][0], state(2))
     with pytest.raises(MoeguardError, match="period is 0 seconds"):
-        periods.PeriodWatch(prof.neighbours, period=0, baseline=10, alpha=0.01, layers=prof.meta["layers"])
+        periodwatch.PeriodWatch(prof.neighbours, period=0, baseline=10, alpha=0.01, layers=prof.meta["layers"])
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -359,7 +397,7 @@ def test_a_period_p_that_underflows_to_zero_is_still_reported_online(setting, mo
     m, tok, prof = setting
     row = {"start": "s", "end": "e", "requests": 99, "clients": None, "baseline": 14, "p": 0.0, "z": 40.0, "layer": 1,
            "expert": 2, "shift": 0.3, "alert": True}
-    monkeypatch.setattr(periods.PeriodWatch, "add", lambda self, t, r: dict(row))
+    monkeypatch.setattr(periodwatch.PeriodWatch, "add", lambda self, t, r: dict(row))
     mon = RoutingMonitor(m, prof, flush_every=1, max_delay_s=None, period=DAY)
     with mon, mon.request("a") as res:
         m(input_ids=torch.tensor([tok("hello there", add_special_tokens=False)["input_ids"]]))

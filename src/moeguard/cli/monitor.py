@@ -370,14 +370,15 @@ def serve(
                                 "it) or 'header:NAME' (an identity your authenticating gateway sets)")] = "address",
         period: Annotated[Optional[str], typer.Option("--period", help="also test each period of all traffic (24h, 30m, 7d, seconds) for routing load moved beyond what its requests' content predicts, against the --baseline periods before it")] = None,
         baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
-        period_log: Annotated[Optional[Path], typer.Option("--period-log", help="with --period: each closed period is appended here (JSON Lines, no text), and read back at start as the baseline's history; `monitor score --history` reads it too")] = None,
+        period_log: Annotated[Optional[Path], typer.Option("--period-log", help="with --period: each closed period is appended here (JSON Lines, no text), and read back at start as the baseline's history (`monitor score --history` reads it too); the open period's counts are kept in FILE.open, every minute and at shutdown, so a restart keeps them")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
     from moeguard.io import read_json
     from moeguard.monitor.online import RoutingMonitor
     from moeguard.monitor.profile import Profile
-    from moeguard.monitor.serve import alert_writer, check_options, client_source, create_app, listen, period_history
+    from moeguard.monitor.serve import (alert_writer, check_options, client_source, create_app, listen, open_period,
+                                        period_history, state_writer)
 
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
@@ -394,11 +395,13 @@ def serve(
                                  where=str(profile))
         prof.check_model(handle.name, weights_digest(handle.arg))
         history = period_history(prof, period_log, period=seconds, baseline=baseline, alpha=alpha)
+        saved = open_period(prof, period_log, period=seconds, baseline=baseline, alpha=alpha, history=history)
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
         mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
                              on_result=alert_writer(alerts, period_log), raise_errors=False, period=seconds,
-                             baseline=baseline, period_history=history)
+                             baseline=baseline, period_history=history, period_open=saved,
+                             on_period_state=state_writer(period_log))
         import uvicorn
 
         from moeguard.monitor.serve import uvicorn_config

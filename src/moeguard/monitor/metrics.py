@@ -10,7 +10,7 @@ Metrics (``prometheus-client``, in the monitor's ``registry``):
   N: the last N requests' embeddings and client names are kept for it, in the order requests are
   scored, which is the order they complete);
 - ``moeguard_period_anomaly`` (-log10 p of the last period of all traffic tested, with ``period``:
-  the routing load moved beyond what the requests' content predicts, ``periods.PeriodWatch``);
+  the routing load moved beyond what the requests' content predicts, ``periodwatch.PeriodWatch``);
 - what the windows do not see, as ``score``'s summary counts it: ``moeguard_clients_tracked``,
   ``moeguard_requests_awaiting_look`` (requests of tracked clients after their block's last look:
   identities that each stop short of a look pile up here), ``moeguard_clients_evicted_total`` and

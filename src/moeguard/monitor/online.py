@@ -29,9 +29,12 @@ step, which counts the forward that made the end of text as well). Per client th
 and the current window's p-values and prompt embeddings (``window`` x min(64, hidden) floats, ``embed.py``):
 bounded memory whatever the traffic, and no prompt is stored. Clients beyond
 ``max_clients`` evict the least recently seen (its window restarts when it returns, and its next
-block may alert again: ``score`` continues the block instead). With ``period`` (``periods.py``), the
-current period's count and per-cell sums of residuals, tested when the next period's first request
-is counted (``r.result["period"]``: the closed period's row).
+block may alert again: ``score`` continues the block instead). With ``period`` (``periods.py``,
+``periodwatch.py``), the current period's count and per-cell sums of residuals, tested when the next
+period's first request is counted (``r.result["period"]``: the closed period's row) or, with a
+ticker, once its end has passed (``on_result(None, {"period": row})``: no request closed it).
+``period_open`` restores a saved open period, and ``on_period_state(state)`` is given the open
+period's counts at most every ``periodwatch.CHECKPOINT_S`` seconds (with a ticker) and on exit.
 
 Metrics (``prometheus-client``, in ``registry``): ``metrics.py``.
 
@@ -56,7 +59,7 @@ import torch
 
 from moeguard.errors import MoeguardError
 from moeguard.models.hooks import Hooks
-from moeguard.monitor import ladder, periods, slices
+from moeguard.monitor import ladder, periods, periodwatch, slices
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.metrics import MonitorMetrics
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
@@ -105,7 +108,8 @@ class RoutingMonitor:
     def __init__(self, model, profile: Profile, *, alpha: float = 0.01, max_clients: int = 1000, registry=None,
                  flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None,
                  raise_errors: bool = True, period: float | None = None, baseline: int = periods.BASELINE,
-                 period_history: list[dict] | None = None, clock=time.time):
+                 period_history: list[dict] | None = None, period_open: dict | None = None,
+                 on_period_state=None, clock=time.time):
         from prometheus_client import CollectorRegistry
 
         from moeguard.models.adapter import MoEAdapter
@@ -117,9 +121,11 @@ class RoutingMonitor:
         self.slice = int(profile.meta.get("slice", 0))        # requests per slice of all traffic (slices.py)
         self._slice: list[tuple[str, np.ndarray]] = []        # the current slice: (client, embedding), no text
         # periods of all traffic (periods.py): a request counts by when it was served (``clock``)
-        self._periods = None if period is None else periods.PeriodWatch(
+        self._periods = None if period is None else periodwatch.PeriodWatch(
             periods.neighbours_of(profile, "serve"), period=period, baseline=baseline, alpha=alpha, layers=profile.meta["layers"],
-            history=period_history)
+            history=period_history, open_period=period_open)
+        self.on_period_state = on_period_state       # (the open period's counts, or None) -> saved where a restart reads them
+        self._saved_at = time.monotonic()
         self.clock = clock
         self.max_clients = max_clients
         if int(flush_every) < 1:
@@ -203,6 +209,9 @@ class RoutingMonitor:
             self._ticker.join()
             self._ticker = None
         self.flush()
+        if self._periods is not None and self.on_period_state is not None:
+            with self._flush_lock:
+                self.on_period_state(self._periods.state())
 
     def _tick(self) -> None:
         while not self._stop.wait(self.max_delay_s / 4):
@@ -213,6 +222,33 @@ class RoutingMonitor:
                     self.flush()
                 except Exception:  # noqa: BLE001 -- a thread has no caller; logged and counted in _score
                     pass
+            if self._periods is not None:
+                try:
+                    self._period_tick()
+                except Exception as e:  # noqa: BLE001 -- a thread has no caller: logged and counted
+                    self.metrics.callback_failed.inc()
+                    _log.warning("the routing monitor's period bookkeeping failed: %s: %s", type(e).__name__, e)
+
+    def _period_tick(self) -> None:
+        """Close the current period once its end has passed (what waits is counted first), and hand
+        the open period's counts to ``on_period_state`` at most every ``CHECKPOINT_S``."""
+        if self._periods.ended(self.clock()):
+            self.flush()
+            with self._flush_lock:
+                row = self._periods.close_over(self.clock())
+                if row is not None:
+                    self._flushing = threading.get_ident()   # an on_result that scrapes must not wait for itself
+                    try:
+                        res = {"period": self._period_row(row)}
+                        if self.on_result is not None:
+                            self.on_result(None, res)
+                    finally:
+                        self._flushing = None
+        if self.on_period_state is not None and time.monotonic() - self._saved_at >= periodwatch.CHECKPOINT_S:
+            with self._flush_lock:
+                state = self._periods.state()
+                self.on_period_state(state)
+            self._saved_at = time.monotonic()
 
     # --- one request ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -443,14 +479,18 @@ class RoutingMonitor:
         if self._periods is not None:   # in order (flushes are serialized); a period closes at its next request
             row = self._periods.add(served, resid)
             if row is not None:
-                res["period"] = row
-                if row["p"] is not None:   # a p that underflowed to 0 (a long baseline, a strong campaign) is 1e-300
-                    self.metrics.period.set(-math.log10(max(row["p"], 1e-300)))
-                if row.get("alert"):
-                    row["alert"] = {"kind": "period", "period": [row["start"], row["end"]], "requests": row["requests"],
-                                    **periods.reason(row)}
-                    self.metrics.alerts.labels("period", "period_load").inc()
+                res["period"] = self._period_row(row)
         return res
+
+    def _period_row(self, row: dict) -> dict:
+        """A closed period's row, with its metric set and its alert counted and given its reason."""
+        if row["p"] is not None:   # a p that underflowed to 0 (a long baseline, a strong campaign) is 1e-300
+            self.metrics.period.set(-math.log10(max(row["p"], 1e-300)))
+        if row.get("alert"):
+            row["alert"] = {"kind": "period", "period": [row["start"], row["end"]], "requests": row["requests"],
+                            **periods.reason(row)}
+            self.metrics.alerts.labels("period", "period_load").inc()
+        return row
 
     def _tracked(self) -> int:
         with self._lock:   # _record pops and re-inserts a client: unlocked, a scrape could read one short

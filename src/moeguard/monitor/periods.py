@@ -17,14 +17,21 @@ many small pushes become one large one, where benign traffic's pushes cancel.
 - **The baseline** is the ``baseline`` most recent earlier periods that did not alert (a period that
   alerted is kept out, so a campaign that goes on does not become the norm). Each cell's day-to-day
   mean and spread come from it: benign days differ from each other by more than their requests'
-  sampling noise (their users differ), so one day's requests cannot calibrate the next. The spread
-  is floored at the baseline's own sampling noise, and a smaller period's extra noise is added.
-- **The test**: per cell ``z = (m - mean) / sd``, its one-sided p-value from Student's t with
-  ``baseline - 1`` degrees of freedom (load moved *to* an expert is the attack's goal), and the
-  period's p-value is the smallest cell's, Sidak-adjusted over the cells. Cells move together, so
-  this is conservative.
+  sampling noise (their users differ), so one day's requests cannot calibrate the next.
+- **The test.** Days differ mostly by their mix of users, which moves many cells together: over 20
+  benign days of the day-load benchmark, three directions carry 83% of the cells' standardized
+  variance. So a period's standardized deviation ``(m - mean) / sd`` is tested after removing its
+  part along the baseline's main directions, per cell against that remainder's out-of-sample spread:
+  each baseline period's remainder when mean, spread and directions are fitted without it (floored
+  at ``FLOOR`` of the sampling noise, against a baseline that agrees by chance). The directions
+  removed are those that stand above noise (``_directions``, at most ``FACTORS``). A period of fewer requests than the baseline's adds its extra
+  sampling noise (from the count: a campaign's own spread must not widen its test). One-sided
+  Student t with ``baseline - 1`` degrees of freedom (load moved *to* an expert is the attack's
+  goal); the period's p-value is the most deviant cell's, Sidak-adjusted over the cells. The first
+  version (the raw deviation, its spread floored at the sampling noise) gave benign days p >= 0.33
+  where this is nominal (``TEST`` names the version; a history of another is refused).
 - **An alert names** the (layer, expert) and the clients whose requests carry most of its excess
-  (each client's summed residual there, above the baseline's mean, as a share of the period's).
+  (each client's summed residual there, above what the baseline predicts, as a share of the period's).
 
 The null is the deployment's own earlier periods; nothing here is calibrated on the profile's
 traffic. A campaign already running through the whole baseline is part of the norm, and a new kind
@@ -52,6 +59,9 @@ VALUES = 1 << 22      # at most this many stored histogram values (16 MiB as flo
 MIN_BASELINE = 3      # earlier periods a period needs before it is tested
 BASELINE = 14         # earlier periods a period is compared with (``--baseline``): two weeks of days
 MIN_REQUESTS = 16     # requests a period needs to be tested or to join a baseline
+FACTORS = 3           # at most this many directions of the baseline's day-to-day variation are removed
+FLOOR = 0.25          # a cell's out-of-sample spread is at least this share of its sampling noise
+TEST = "factors"      # the period test's version, in each row's settings: a history of another is refused
 NAMED = 5             # clients an alert names
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -178,6 +188,7 @@ def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, in
         try:
             row = strict_loads(line)
             index, seconds, state = int(row["index"]), float(row["seconds"]), row.get("state")
+            int(row["requests"])
             settings = (int(row["settings"]["baseline"]), float(row["settings"]["alpha"]))
             str(row["start"])
             if state is not None:
@@ -191,6 +202,11 @@ def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, in
         if row.get("neighbours") != digest:
             raise MoeguardError(f"{where} was scored with another profile's neighbour references",
                                 hint="score with the profile that wrote the history, or start without --history")
+        if row["settings"].get("test") != TEST:
+            raise MoeguardError(f"{where} was tested by another version of the period test "
+                                f"({row['settings'].get('test') or 'the first'}; this one is {TEST})",
+                                hint="score the history's logs again with this version, or start without --history: "
+                                     "the test decided which of its periods join a baseline")
         if settings != (baseline, alpha):
             raise MoeguardError(f"{where} was scored with --baseline {settings[0]} --alpha {settings[1]:g}, this run "
                                 f"with --baseline {baseline} --alpha {alpha:g}",
@@ -212,23 +228,25 @@ def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> No
 
 
 class Baseline:
-    """The last ``baseline`` periods that did not alert (their mean residual and sampling noise), and
-    the test of a period against them (module docstring). ``score_periods`` and ``PeriodWatch`` share it."""
+    """The last ``baseline`` periods that did not alert (their mean residual, sampling noise and
+    request count), and the test of a period against them (module docstring). ``score_periods`` and
+    ``PeriodWatch`` share it."""
 
     def __init__(self, *, baseline: int, alpha: float, layers: list[int], history: list[dict[str, Any]] | None = None):
         self.baseline, self.alpha, self.layers = baseline, alpha, layers
-        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
+        self.kept: list[tuple[np.ndarray, np.ndarray, int]] = []
         for old in history or []:   # the history's periods join as they did in their own run
             if "_state" in old and not old.get("alert"):
-                self._keep(old["_state"])
+                self._keep(old["_state"] + (int(old["requests"]),))
 
-    def _keep(self, state: tuple[np.ndarray, np.ndarray]) -> None:
+    def _keep(self, state: tuple[np.ndarray, np.ndarray, int]) -> None:
         self.kept = (self.kept + [state])[-self.baseline:]
 
-    def judge(self, row: dict[str, Any], m: np.ndarray, se2: np.ndarray) -> tuple[np.ndarray, int, int] | None:
-        """Test a period of mean residual ``m`` [L, E] and sampling variance ``se2``: fills ``row``
-        (its state, baseline size, z, cell, shift, p, alert) and keeps the period for later baselines
-        unless it alerts. The baseline's mean and the cell, for naming clients; None where not tested."""
+    def judge(self, row: dict[str, Any], m: np.ndarray, se2: np.ndarray, n: int) -> tuple[np.ndarray, int, int] | None:
+        """Test a period of ``n`` requests, mean residual ``m`` [L, E] and sampling variance ``se2``:
+        fills ``row`` (its state, baseline size, z, cell, shift, p, alert) and keeps the period for
+        later baselines unless it alerts. What the baseline predicts for the period [L, E] and the
+        cell, for naming clients; None where not tested."""
         from scipy.stats import t as student
 
         if not (np.isfinite(m).all() and np.isfinite(se2).all()):   # a model that routed NaN: in no baseline
@@ -239,29 +257,68 @@ class Baseline:
         row["baseline"] = len(ref)
         if len(ref) < MIN_BASELINE:
             row["why"] = f"{len(ref)} earlier periods, {MIN_BASELINE} needed: not tested"
-            self._keep((m, se2))
+            self._keep((m, se2, n))
             return None
-        M = np.stack([a for a, _ in ref])
-        noise = np.stack([b for _, b in ref]).mean(0)
-        mu = M.mean(0)
-        var = np.maximum(M.var(0, ddof=1), noise) * (1 + 1 / len(ref)) + np.maximum(0.0, se2 - noise)
-        z = (m - mu) / np.sqrt(np.maximum(var, 1e-18))
-        l, e = np.unravel_index(int(z.argmax()), z.shape)
-        p_cell = float(student.sf(z[l, e], df=len(ref) - 1))
+        M = np.stack([a.ravel() for a, _, _ in ref])                     # [periods, cells]
+        noise = np.stack([b.ravel() for _, b, _ in ref]).mean(0)
+        per_request = np.mean([b.ravel() * c for _, b, c in ref], axis=0)
+        mu, sd, V = _factors(M, noise, _directions(M, noise))
+        k = V.shape[1]
+        # each baseline period's error when predicted by the others (mean, spread and as many directions,
+        # fitted without it): a new period's spread, out of sample
+        loo = [_deviation(M[i], *_factors(np.delete(M, i, 0), noise, k)) for i in range(len(ref))]
+        scale = np.maximum(np.mean(np.square(loo), axis=0), FLOOR * noise / sd**2)
+        extra = np.maximum(0.0, per_request / n - noise) / sd**2          # fewer requests than the baseline's: more noise
+        d = (m.ravel() - mu) / sd
+        z = _deviation(m.ravel(), mu, sd, V) / np.sqrt(scale + extra)
+        c = int(z.argmax())
+        l, e = np.unravel_index(c, m.shape)
+        p_cell = float(student.sf(z[c], df=len(ref) - 1))
         p = float(-np.expm1(m.size * np.log1p(-min(p_cell, 1 - 1e-16))))        # Sidak: 1 - (1 - p)^cells
-        row.update(z=round(float(z[l, e]), 3), layer=self.layers[l], expert=int(e),
-                   shift=round(float(m[l, e] - mu[l, e]), 6), p=p)
+        expected = (mu + sd * (V @ (V.T @ d))).reshape(m.shape)            # the baseline's mean, moved along the factors
+        row.update(z=round(float(z[c]), 3), layer=self.layers[l], expert=int(e),
+                   shift=round(float(m[l, e] - expected[l, e]), 6), p=p, factors=k)
         if p <= self.alpha:
             row["alert"] = True
         else:
-            self._keep((m, se2))
-        return mu, int(l), int(e)
+            self._keep((m, se2, n))
+        return expected, int(l), int(e)
+
+
+def _factors(M: np.ndarray, noise: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Periods' mean [cells], spread [cells] (floored at their sampling noise) and the ``k`` directions
+    [cells, k] along which their standardized values vary most (the day's mix of users)."""
+    mu = M.mean(0)
+    sd = np.sqrt(np.maximum(M.var(0, ddof=1), noise))
+    if k <= 0:
+        return mu, sd, np.zeros((M.shape[1], 0))
+    return mu, sd, np.linalg.svd((M - mu) / sd, full_matrices=False)[2][:k].T
+
+
+def _directions(M: np.ndarray, noise: np.ndarray) -> int:
+    """How many of the periods' main directions stand above noise: those whose variance passes the
+    largest that independent cells would show (the Marchenko-Pastur edge, (1 + sqrt(cells / (n - 1)))^2
+    in units of a cell's variance), at most ``FACTORS`` and the periods' number less 3. A direction
+    fitted to noise would take part of a shift's cell with it (a synthetic day mix of one direction
+    was seen at 54% with 3 removed, 73% with 1)."""
+    n, cells = M.shape
+    top = max(0, min(FACTORS, n - 3))
+    if not top:
+        return 0
+    sv = np.linalg.svd((M - M.mean(0)) / np.sqrt(np.maximum(M.var(0, ddof=1), noise)), compute_uv=False)
+    return int(min(top, np.sum(sv**2 / (n - 1) > (1 + math.sqrt(cells / (n - 1))) ** 2)))
+
+
+def _deviation(m: np.ndarray, mu: np.ndarray, sd: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """A period's standardized deviation [cells] with its part along the factors removed."""
+    d = (m - mu) / sd
+    return d - V @ (V.T @ d)
 
 
 def _row(k: float, period: float, n: int, clients: int | None, *, digest: str, baseline: int, alpha: float) -> dict[str, Any]:
     return {"start": _when(k * period), "end": _when((k + 1) * period), "requests": n, "clients": clients,
             "baseline": 0, "p": None, "index": int(k), "seconds": period, "neighbours": digest,
-            "settings": {"baseline": baseline, "alpha": alpha}}
+            "settings": {"baseline": baseline, "alpha": alpha, "test": TEST}}
 
 
 def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: float, baseline: int, alpha: float,
@@ -283,16 +340,16 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
             row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
             continue
         m = r.mean(0)
-        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx))
+        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx))
         if tested is None:
             continue
-        mu, l, e = tested
+        expected, l, e = tested
         excess: dict[str, float] = {}
         named: dict[str, Any] = {}
-        for i, v in zip(idx, r[:, l, e] - mu[l, e]):
+        for i, v in zip(idx, r[:, l, e] - expected[l, e]):
             excess[str(clients[i])] = excess.get(str(clients[i]), 0.0) + float(v)
             named.setdefault(str(clients[i]), clients[i])
-        total = float((m[l, e] - mu[l, e]) * len(idx))
+        total = float((m[l, e] - expected[l, e]) * len(idx))
         top = [c for c in sorted(excess, key=lambda c: -excess[c]) if excess[c] > 0][:NAMED]
         count = {c: 0 for c in top}
         for i in idx:
@@ -301,63 +358,6 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         row["top_clients"] = [{"client": named[c], "requests": count[c],
                                "excess": round(excess[c] / total, 3) if total > 0 else None} for c in top]
     return rows
-
-
-class PeriodWatch:
-    """Periods of all traffic as a server sees them (``RoutingMonitor(period=...)``, ``serve
-    --period``). Bounded: the current period's request count and each cell's sum and sum of squares
-    of residuals, and the baseline's periods; no text and no client names (an alert says to score
-    that period's log to name them). A period is tested when the first request after it is counted
-    (a quiet weekend's Friday is tested on Monday), by the time the request was served (its end,
-    generation included: near a boundary, ``score`` may put it in the other period by its logged
-    time); a request served before the current period (a wall clock stepped back) joins the current
-    period. A restart loses the current period's counts: ``history`` (the rows written so far)
-    restores the baseline."""
-
-    def __init__(self, neighbours: Neighbours, *, period: float, baseline: int, alpha: float, layers: list[int],
-                 history: list[dict[str, Any]] | None = None):
-        import importlib
-
-        importlib.import_module("scipy.stats")   # now, not inside the first period's flush (a request's exit)
-
-        if not (isinstance(period, (int, float)) and math.isfinite(period) and period > 0):
-            raise MoeguardError(f"period is {period!r} seconds", hint="pass a positive number of seconds, e.g. 86400")
-        self.neighbours, self.period, self.alpha = neighbours, float(period), alpha
-        self.baseline = check_baseline(baseline)
-        self.digest, self.layers = neighbours.digest, layers
-        self._base = Baseline(baseline=self.baseline, alpha=alpha, layers=layers, history=history)
-        self._floor = int(history[-1]["index"]) + 1 if history else None   # no period of the history again
-        self._k: int | None = None
-        self._n, self._sum, self._sq = 0, 0.0, 0.0
-
-    def add(self, t: float, r: np.ndarray) -> dict[str, Any] | None:
-        """Count one request (served at ``t`` seconds; its residual [L, E], ``Neighbours.residual``,
-        computed per batch by the caller); the row of the period it closes, if any."""
-        k = math.floor(t / self.period)
-        if self._floor is not None:
-            k = max(k, self._floor)
-        row = None
-        if self._k is None or k > self._k:
-            row = self.close()
-            self._k, self._n, self._sum, self._sq = k, 0, 0.0, 0.0
-        self._n += 1
-        self._sum = self._sum + r
-        self._sq = self._sq + r * r
-        return row
-
-    def close(self) -> dict[str, Any] | None:
-        """The current period's row (tested where it can be), or None where it has no request."""
-        if self._k is None or not self._n:
-            return None
-        n, row = self._n, _row(self._k, self.period, self._n, None, digest=self.digest, baseline=self.baseline,
-                               alpha=self.alpha)
-        self._n = 0
-        if n < MIN_REQUESTS:
-            row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
-            return row
-        m = self._sum / n
-        self._base.judge(row, m, np.maximum(self._sq - n * m * m, 0.0) / (n - 1) / n)
-        return row
 
 
 def reason(row: dict[str, Any]) -> dict[str, Any]:

@@ -333,6 +333,37 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
     return history
 
 
+def open_period(prof, period_log: Path | None, *, period: float | None, baseline: int, alpha: float,
+                history: list | None) -> dict | None:
+    """The open period ``serve`` saved beside ``--period-log`` before it stopped (``periodwatch.read_open``),
+    checked before the model loads; None where there is none."""
+    from moeguard.monitor.periodwatch import open_path, read_open
+
+    if period is None or period_log is None:
+        return None
+    return read_open(open_path(period_log), period=period, digest=prof.neighbours.digest, shape=prof.mean.shape,
+                     baseline=baseline, alpha=alpha, history=history, now=time.time())
+
+
+def state_writer(period_log: Path | None):
+    """``on_period_state``: the open period's counts to ``periodwatch.open_path(period_log)``, replaced
+    whole (a temporary sibling and a rename: a crash mid-write leaves the last save); removed when
+    the open period has no request."""
+    from moeguard.io import write_json
+    from moeguard.monitor.periodwatch import open_path
+
+    if period_log is None:
+        return None
+    path = open_path(period_log)
+
+    def save(state):
+        if state is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_json(path, state)
+    return save
+
+
 def listen(host: str, port: int):
     """A bound TCP socket for ``host:port`` (uvicorn listens on it), or a one-line error."""
     import socket

@@ -1,0 +1,162 @@
+"""Periods of all traffic in service (``periodwatch.py``): a served period closes once its end has
+passed, without waiting for the next request; a restart keeps the open period's counts (saved beside
+the period log) and gives the periods an uninterrupted server gives; a saved open period that does
+not fit is a one-line error before the model loads."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from moeguard.cli import main
+from moeguard.errors import MoeguardError
+from moeguard.monitor import periods, periodwatch
+from moeguard.monitor.online import RoutingMonitor
+from moeguard.monitor.score import _time
+from moeguard.monitor.serve import alert_writer, state_writer
+
+from test_periods import DAY, _day, setting  # noqa: F401 -- the module's fixture, built once here
+
+HOUR = 3600.0
+
+
+def _forward(m, tok, prompt):
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    m(input_ids=torch.tensor([bos + tok(prompt, add_special_tokens=False)["input_ids"]]))
+
+
+def _send(mon, m, tok, rows, now):
+    for r in rows:
+        now[0] = _time(r["time"], "")
+        with mon.request(r["client"]):
+            _forward(m, tok, r["prompt"])
+
+
+def _periods(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_restart_keeps_the_open_period_and_gives_the_periods_of_an_uninterrupted_server(setting, tmp_path):  # noqa: F811
+    m, tok, prof = setting
+    rng = random.Random(0)
+    rows = [r for d in range(6) for r in _day(d, rng)] + _day(6, rng, campaign=24) + _day(7, rng)
+    rows.sort(key=lambda r: r["time"])
+    cut = next(i for i, r in enumerate(rows) if r["time"] >= "2026-11-07T12")   # the campaign day's second half
+
+    def serve(log, parts):
+        """One monitor per part, each restarted from the period log and its saved open period."""
+        now = [0.0]
+        for part in parts:
+            history = periods.read_history(log, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape,
+                                           baseline=4, alpha=0.01) if log.exists() else None
+            saved = periodwatch.read_open(periodwatch.open_path(log), period=DAY, digest=prof.neighbours.digest,
+                                          shape=prof.mean.shape, baseline=4, alpha=0.01, history=history,
+                                          now=_time(part[0]["time"], ""))
+            mon = RoutingMonitor(m, prof, flush_every=8, max_delay_s=None, period=DAY, baseline=4, clock=lambda: now[0],
+                                 period_history=history, period_open=saved, on_result=alert_writer(None, log),
+                                 on_period_state=state_writer(log))
+            with mon:
+                _send(mon, m, tok, part, now)
+        return _periods(log)
+
+    once = serve(tmp_path / "once.jsonl", [rows])
+    twice = serve(tmp_path / "twice.jsonl", [rows[:cut], rows[cut:]])
+    assert json.loads(periodwatch.open_path(tmp_path / "twice.jsonl").read_text())["index"] == once[-1]["index"] + 1
+    assert [r["index"] for r in once] == list(range(int(once[0]["index"]), int(once[0]["index"]) + 7))
+    assert twice == once, [(a["requests"], b["requests"], a["p"], b["p"]) for a, b in zip(twice, once)]
+    assert [r["p"] is None for r in once] == [True] * 3 + [False] * 4
+    # without the saved counts, the campaign day's first half is lost: the rows differ
+    lost = serve(tmp_path / "lost.jsonl", [rows[:cut]])
+    periodwatch.open_path(tmp_path / "lost.jsonl").unlink()
+    lost = serve(tmp_path / "lost.jsonl", [rows[cut:]])
+    assert lost[6]["requests"] < once[6]["requests"] and lost[:6] == once[:6]
+
+
+def test_a_served_period_closes_once_its_end_has_passed_and_the_open_one_is_saved(setting, tmp_path, monkeypatch):  # noqa: F811
+    m, tok, prof = setting
+    monkeypatch.setattr(periodwatch, "CHECKPOINT_S", 0.0)
+    now, got, states = [100 * DAY + HOUR], [], []
+    log = tmp_path / "periods.jsonl"
+    write = alert_writer(None, log)
+    mon = RoutingMonitor(m, prof, flush_every=64, max_delay_s=0.02, period=DAY, clock=lambda: now[0],
+                         on_result=lambda c, r: (got.append((c, r)), write(c, r)),
+                         on_period_state=lambda s: states.append(s))
+    rows = _day(0, random.Random(1), n=20)
+    with mon:
+        for r in rows:
+            with mon.request(r["client"]):
+                _forward(m, tok, r["prompt"])
+        deadline = time.monotonic() + 10
+        while not (states and states[-1] and states[-1]["requests"] == 20) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert states[-1]["index"] == 100 and states[-1]["requests"] == 20 and not log.exists()
+        now[0] = 101 * DAY + 60          # a minute into the next day, and no request comes
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        while not (states and states[-1] is None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    (row,) = _periods(log)
+    assert row["index"] == 100 and row["requests"] == 20 and "3 needed" in row["why"]
+    assert [c for c, r in got if "period" in r and r["period"]] == [None]      # closed by no request
+    assert states[-1] is None     # the next period is empty: nothing to keep
+
+
+def _saved(prof, **change):
+    doc = {"schema": periodwatch.SCHEMA, "index": 100, "start": "x", "seconds": DAY, "requests": 20,
+           "neighbours": prof.neighbours.digest, "settings": {"baseline": 14, "alpha": 0.01, "test": periods.TEST},
+           "sum": periods.pack(np.zeros(prof.mean.shape), "<f8"), "sumsq": periods.pack(np.ones(prof.mean.shape), "<f8")}
+    return {**doc, **change}
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({}, None),
+    ({"schema": "other"}, "is not an open period saved by `moeguard serve`"),
+    ({"sum": "AAAA"}, "is not an open period saved by `moeguard serve`"),
+    ({"seconds": 3600}, "was saved with another --period, profile, --baseline or --alpha (3600 s"),
+    ({"settings": {"baseline": 7, "alpha": 0.01, "test": periods.TEST}}, "baseline 7"),
+    ({"settings": {"baseline": 14, "alpha": 0.01}}, "was saved with another"),
+    ({"neighbours": "0" * 16}, "was saved with another"),
+    ({"index": 10**6}, "has not started yet"),
+    ({"requests": 0}, "holds 0 requests"),
+])
+def test_a_saved_open_period_is_checked(setting, tmp_path, change, needle):  # noqa: F811
+    _, _, prof = setting
+    path = tmp_path / "periods.jsonl.open"
+    path.write_text(json.dumps(_saved(prof, **change)))
+    kw = dict(period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14, alpha=0.01, now=101 * DAY)
+    if needle is None:
+        got = periodwatch.read_open(path, history=None, **kw)
+        assert got["index"] == 100 and got["requests"] == 20 and got["_sq"].shape == prof.mean.shape
+        # the period log already holds it (closed after the last save): not restored
+        assert periodwatch.read_open(path, history=[{"index": 100}], **kw) is None
+        assert periodwatch.read_open(tmp_path / "none", history=None, **kw) is None
+        return
+    with pytest.raises(MoeguardError) as e:
+        periodwatch.read_open(path, history=None, **kw)
+    assert needle in e.value.message and f"delete {path}" in e.value.message + e.value.hint, e.value.message
+
+
+def test_serve_refuses_a_damaged_open_period_before_the_model_loads(setting, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import socket
+
+    import moeguard.models.handle as handle
+
+    _, _, prof = setting
+    pfile = tmp_path / "p.json"
+    pfile.write_text(json.dumps(prof.to_dict()))
+    log = tmp_path / "periods.jsonl"
+    periodwatch.open_path(log).write_text("{not json")
+    monkeypatch.setattr(handle.ModelHandle, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    capsys.readouterr()
+    assert main(["serve", "--profile", str(pfile), "--port", str(port), "--period", "1d", "--period-log", str(log)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "periods.jsonl.open is not an open period saved by `moeguard serve`" in err, err
+    assert f"delete {periodwatch.open_path(log)}" in err
