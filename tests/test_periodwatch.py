@@ -70,6 +70,12 @@ def test_a_restart_keeps_the_open_period_and_gives_the_periods_of_an_uninterrupt
     assert [r["index"] for r in once] == list(range(int(once[0]["index"]), int(once[0]["index"]) + 7))
     assert twice == once, [(a["requests"], b["requests"], a["p"], b["p"]) for a, b in zip(twice, once)]
     assert [r["p"] is None for r in once] == [True] * 3 + [False] * 4
+    # down from the campaign day's middle to the next day: the saved half-day is closed (and logged,
+    # in order) by the first request after the restart, as one server over the same requests does
+    skip = next(i for i, r in enumerate(rows) if r["time"] >= "2026-11-08")
+    gap = serve(tmp_path / "gap.jsonl", [rows[:cut], rows[skip:]])
+    assert gap == serve(tmp_path / "gap1.jsonl", [rows[:cut] + rows[skip:]])
+    assert gap[6]["requests"] == cut - sum(r["time"] < "2026-11-07" for r in rows) and len(gap) == 7
     # without the saved counts, the campaign day's first half is lost: the rows differ
     lost = serve(tmp_path / "lost.jsonl", [rows[:cut]])
     periodwatch.open_path(tmp_path / "lost.jsonl").unlink()
@@ -106,6 +112,21 @@ def test_a_served_period_closes_once_its_end_has_passed_and_the_open_one_is_save
     assert states[-1] is None     # the next period is empty: nothing to keep
 
 
+def test_a_failing_save_is_counted_and_does_not_fail_a_clean_stop(setting):  # noqa: F811
+    m, tok, prof = setting
+
+    def full(state):
+        raise OSError(28, "No space left on device")
+
+    now = [100 * DAY]
+    mon = RoutingMonitor(m, prof, flush_every=4, max_delay_s=None, period=DAY, clock=lambda: now[0], on_period_state=full)
+    with mon:
+        for r in _day(0, random.Random(2), n=8):
+            with mon.request(r["client"]):
+                _forward(m, tok, r["prompt"])
+    assert mon.registry.get_sample_value("moeguard_callback_failures_total") == 1
+
+
 def _saved(prof, **change):
     doc = {"schema": periodwatch.SCHEMA, "index": 100, "start": "x", "seconds": DAY, "requests": 20,
            "neighbours": prof.neighbours.digest, "settings": {"baseline": 14, "alpha": 0.01, "test": periods.TEST},
@@ -123,6 +144,12 @@ def _saved(prof, **change):
     ({"neighbours": "0" * 16}, "was saved with another"),
     ({"index": 10**6}, "has not started yet"),
     ({"requests": 0}, "holds 0 requests"),
+    ({"requests": 10**13}, "holds 10000000000000 requests"),
+    ({"index": 100.7}, "index is 100.7, not a whole number"),
+    ({"index": "100"}, "index is '100', not a whole number"),
+    ({"requests": True}, "requests is True, not a whole number"),
+    ({"index": -5}, "index is -5, not a whole number of 0 or more"),
+    ({"index": 10**400}, "has not started yet"),
 ])
 def test_a_saved_open_period_is_checked(setting, tmp_path, change, needle):  # noqa: F811
     _, _, prof = setting

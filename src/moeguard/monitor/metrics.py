@@ -16,7 +16,7 @@ Metrics (``prometheus-client``, in the monitor's ``registry``):
   identities that each stop short of a look pile up here), ``moeguard_clients_evicted_total`` and
   ``moeguard_unwindowed_requests_total`` (an evicted client's requests that no look covered);
 - ``moeguard_scoring_failures_total`` (requests whose scoring raised: their result says why) and
-  ``moeguard_callback_failures_total`` (``on_result`` calls that raised).
+  ``moeguard_callback_failures_total`` (``on_result`` and ``on_period_state`` calls that raised).
 
 A scrape first scores the requests still waiting (``_Flusher``, registered before any series), so
 every series it reads counts them.
@@ -60,7 +60,7 @@ class MonitorMetrics:
         self.unwindowed = Counter("moeguard_unwindowed_requests",
                                   "requests of evicted clients that no window look covered", registry=r)
         self.failed = Counter("moeguard_scoring_failures", "requests whose scoring failed", registry=r)
-        self.callback_failed = Counter("moeguard_callback_failures", "on_result calls that raised", registry=r)
+        self.callback_failed = Counter("moeguard_callback_failures", "on_result and on_period_state calls that raised", registry=r)
 
 
 class _Flusher:

@@ -210,8 +210,11 @@ class RoutingMonitor:
             self._ticker = None
         self.flush()
         if self._periods is not None and self.on_period_state is not None:
-            with self._flush_lock:
-                self.on_period_state(self._periods.state())
+            try:
+                self._save_period()
+            except Exception as e:  # noqa: BLE001 -- a failed save must not turn a clean stop into a traceback
+                self.metrics.callback_failed.inc()
+                _log.warning("the routing monitor could not save the open period: %s: %s", type(e).__name__, e)
 
     def _tick(self) -> None:
         while not self._stop.wait(self.max_delay_s / 4):
@@ -233,7 +236,10 @@ class RoutingMonitor:
         """Close the current period once its end has passed (what waits is counted first), and hand
         the open period's counts to ``on_period_state`` at most every ``CHECKPOINT_S``."""
         if self._periods.ended(self.clock()):
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 -- counted and logged where it was scored (_score)
+                pass
             with self._flush_lock:
                 row = self._periods.close_over(self.clock())
                 if row is not None:
@@ -245,10 +251,17 @@ class RoutingMonitor:
                     finally:
                         self._flushing = None
         if self.on_period_state is not None and time.monotonic() - self._saved_at >= periodwatch.CHECKPOINT_S:
-            with self._flush_lock:
-                state = self._periods.state()
-                self.on_period_state(state)
-            self._saved_at = time.monotonic()
+            try:
+                self._save_period()
+            finally:          # a failing save is retried at the next interval, not at every look
+                self._saved_at = time.monotonic()
+
+    def _save_period(self) -> None:
+        """``on_period_state`` with the open period's counts (read under the flush lock, saved outside
+        it: a callback that scrapes the metrics flushes, and must not wait for itself)."""
+        with self._flush_lock:
+            state = self._periods.state()
+        self.on_period_state(state)
 
     # --- one request ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -476,7 +489,7 @@ class RoutingMonitor:
             if row["p"] <= self.alpha:
                 row["alert"] = {"kind": "slice", "clients": row["top_clients"], **slices.reason(row, self.slice)}
                 self.metrics.alerts.labels("slice", "slice_drift").inc()
-        if self._periods is not None:   # in order (flushes are serialized); a period closes at its next request
+        if self._periods is not None:   # in order (flushes are serialized); a period closes at its next request or on time
             row = self._periods.add(served, resid)
             if row is not None:
                 res["period"] = self._period_row(row)

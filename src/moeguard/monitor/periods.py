@@ -22,12 +22,14 @@ many small pushes become one large one, where benign traffic's pushes cancel.
   benign days of the day-load benchmark, three directions carry 83% of the cells' standardized
   variance. So a period's standardized deviation ``(m - mean) / sd`` is tested after removing its
   part along the baseline's main directions, per cell against that remainder's out-of-sample spread:
-  each baseline period's remainder when mean, spread and directions are fitted without it (floored
-  at ``FLOOR`` of the sampling noise, against a baseline that agrees by chance). The directions
-  removed are those that stand above noise (``_directions``, at most ``FACTORS``). A period of fewer requests than the baseline's adds its extra
-  sampling noise (from the count: a campaign's own spread must not widen its test). One-sided
-  Student t with ``baseline - 1`` degrees of freedom (load moved *to* an expert is the attack's
-  goal); the period's p-value is the most deviant cell's, Sidak-adjusted over the cells. The first
+  each baseline period's remainder when mean, spread and as many directions are fitted without it
+  (floored at ``FLOOR`` of the sampling noise, against a baseline that agrees by chance). The
+  directions removed are those that stand above noise (``_directions``, at most ``FACTORS``); their
+  number and the noise floor are the whole baseline's. A period of fewer requests than the
+  baseline's adds its extra sampling noise (from the count: a campaign's own spread must not widen
+  its test). One-sided Student t with ``baseline - 1 - directions`` degrees of freedom (load moved
+  *to* an expert is the attack's goal; with ``baseline - 1``, 8 synthetic baseline days whose cells
+  move along one direction gave 10.5% of benign days p <= 0.05); the period's p-value is the most deviant cell's, Sidak-adjusted over the cells. The first
   version (the raw deviation, its spread floored at the sampling noise) gave benign days p >= 0.33
   where this is nominal (``TEST`` names the version; a history of another is refused).
 - **An alert names** the (layer, expert) and the clients whose requests carry most of its excess
@@ -61,6 +63,7 @@ BASELINE = 14         # earlier periods a period is compared with (``--baseline`
 MIN_REQUESTS = 16     # requests a period needs to be tested or to join a baseline
 FACTORS = 3           # at most this many directions of the baseline's day-to-day variation are removed
 FLOOR = 0.25          # a cell's out-of-sample spread is at least this share of its sampling noise
+TINY = 1e-18         # a floor on variances: a cell no baseline period routes to (0 / 0) is not NaN
 TEST = "factors"      # the period test's version, in each row's settings: a history of another is refused
 NAMED = 5             # clients an alert names
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -267,13 +270,13 @@ class Baseline:
         # each baseline period's error when predicted by the others (mean, spread and as many directions,
         # fitted without it): a new period's spread, out of sample
         loo = [_deviation(M[i], *_factors(np.delete(M, i, 0), noise, k)) for i in range(len(ref))]
-        scale = np.maximum(np.mean(np.square(loo), axis=0), FLOOR * noise / sd**2)
+        scale = np.maximum(np.mean(np.square(loo), axis=0), np.maximum(FLOOR * noise / sd**2, TINY))
         extra = np.maximum(0.0, per_request / n - noise) / sd**2          # fewer requests than the baseline's: more noise
         d = (m.ravel() - mu) / sd
         z = _deviation(m.ravel(), mu, sd, V) / np.sqrt(scale + extra)
         c = int(z.argmax())
         l, e = np.unravel_index(c, m.shape)
-        p_cell = float(student.sf(z[c], df=len(ref) - 1))
+        p_cell = float(student.sf(z[c], df=len(ref) - 1 - k))   # each direction removed costs a degree of freedom
         p = float(-np.expm1(m.size * np.log1p(-min(p_cell, 1 - 1e-16))))        # Sidak: 1 - (1 - p)^cells
         expected = (mu + sd * (V @ (V.T @ d))).reshape(m.shape)            # the baseline's mean, moved along the factors
         row.update(z=round(float(z[c]), 3), layer=self.layers[l], expert=int(e),
@@ -288,11 +291,15 @@ class Baseline:
 def _factors(M: np.ndarray, noise: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Periods' mean [cells], spread [cells] (floored at their sampling noise) and the ``k`` directions
     [cells, k] along which their standardized values vary most (the day's mix of users)."""
-    mu = M.mean(0)
-    sd = np.sqrt(np.maximum(M.var(0, ddof=1), noise))
+    mu, sd = M.mean(0), _spread(M, noise)
     if k <= 0:
         return mu, sd, np.zeros((M.shape[1], 0))
     return mu, sd, np.linalg.svd((M - mu) / sd, full_matrices=False)[2][:k].T
+
+
+def _spread(M: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Periods' spread per cell, floored at their sampling noise and at TINY (an expert nothing routes to)."""
+    return np.sqrt(np.maximum(np.maximum(M.var(0, ddof=1), noise), TINY))
 
 
 def _directions(M: np.ndarray, noise: np.ndarray) -> int:
@@ -305,7 +312,7 @@ def _directions(M: np.ndarray, noise: np.ndarray) -> int:
     top = max(0, min(FACTORS, n - 3))
     if not top:
         return 0
-    sv = np.linalg.svd((M - M.mean(0)) / np.sqrt(np.maximum(M.var(0, ddof=1), noise)), compute_uv=False)
+    sv = np.linalg.svd((M - M.mean(0)) / _spread(M, noise), compute_uv=False)
     return int(min(top, np.sum(sv**2 / (n - 1) > (1 + math.sqrt(cells / (n - 1))) ** 2)))
 
 

@@ -31,6 +31,15 @@ from moeguard.monitor.periods import (MIN_REQUESTS, TEST, Baseline, Neighbours, 
 
 CHECKPOINT_S = 60.0   # the open period's counts are saved at most this often (and at shutdown)
 SCHEMA = "moeguard.open-period/1"
+MAX_REQUESTS = 10**12  # more than any period serves: a larger count is a damaged file
+LAST = 253402300799.0  # 9999-12-31T23:59:59Z: the last time a period's row can name
+
+
+def _count(value: Any, name: str) -> int:
+    """A non-negative whole number as JSON writes one (not 100.7, "100" or true)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} is {value!r}, not a whole number of 0 or more")
+    return value
 
 
 def open_path(period_log: Path) -> Path:
@@ -132,7 +141,7 @@ def read_open(path: Path, *, period: float, digest: str, shape: tuple[int, int],
         doc = strict_loads(path.read_text(encoding="utf-8"))
         if doc.get("schema") != SCHEMA:
             raise ValueError(f"schema {doc.get('schema')!r}")
-        k, n, seconds = int(doc["index"]), int(doc["requests"]), float(doc["seconds"])
+        k, n, seconds = _count(doc["index"], "index"), _count(doc["requests"], "requests"), float(doc["seconds"])
         settings = dict(doc["settings"])
         state = {"index": k, "requests": n, "_sum": _unpack(doc["sum"], shape), "_sq": _unpack(doc["sumsq"], shape)}
     except OSError as e:
@@ -144,9 +153,9 @@ def read_open(path: Path, *, period: float, digest: str, shape: tuple[int, int],
         raise MoeguardError(f"{path} was saved with another --period, profile, --baseline or --alpha "
                             f"({seconds:g} s, baseline {settings.get('baseline')}, alpha {settings.get('alpha')})",
                             hint=f"serve with the settings that saved it, or {fix}")
-    if n < 1 or (state["_sq"] < 0).any():
+    if n < 1 or n > MAX_REQUESTS or (state["_sq"] < 0).any():
         raise MoeguardError(f"{path} holds {n} requests", hint=fix)
-    if k > math.floor(now / period):
+    if k > math.floor(now / period) or k * period > LAST:
         raise MoeguardError(f"{path}'s period ({doc.get('start')}) has not started yet",
                             hint=f"check this machine's clock, or {fix}")
     if history and k <= int(history[-1]["index"]):

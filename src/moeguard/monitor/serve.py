@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -278,6 +279,7 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
     """``serve``'s options checked before the socket is bound and the model loads (one-line errors);
     the period in seconds (None: off) and the baseline."""
     from moeguard.monitor.periods import check_period
+    from moeguard.monitor.periodwatch import open_path
 
     seconds, baseline = check_period(period, baseline, period_log=period_log)
     if not 0 < port < 65536:
@@ -301,6 +303,9 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
                             hint="pass --metrics-token TOKEN (or set MOEGUARD_METRICS_TOKEN), or bind to 127.0.0.1")
     if alerts is not None and period_log is not None and alerts.resolve() == period_log.resolve():
         raise MoeguardError(f"--alerts and --period-log are both {alerts}", hint="pass two files: the period log is read back at start")
+    if alerts is not None and period_log is not None and alerts.resolve() == open_path(period_log).resolve():
+        raise MoeguardError(f"--alerts {alerts} is where --period-log keeps the open period",
+                            hint="pass another file for the alerts")
     for flag, path in (("--alerts", alerts), ("--period-log", period_log)):
         if path is None:
             continue
@@ -312,6 +317,9 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
         except OSError as e:
             raise MoeguardError(f"{flag} {path} cannot be written ({e.strerror})",
                                 hint="pass a file this user may append to") from None
+    if period_log is not None and not os.access(period_log.parent, os.W_OK):   # the open period is saved beside it
+        raise MoeguardError(f"folder {period_log.parent} of --period-log cannot be written",
+                            hint="pass a --period-log in a folder this user may create files in")
     return seconds, baseline
 
 
