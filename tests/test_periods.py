@@ -389,19 +389,14 @@ def test_bad_serve_period_settings_are_one_line_errors_before_anything_starts(tm
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
-def test_serve_refuses_a_period_log_whose_last_period_is_not_over(setting, tmp_path, capsys, monkeypatch):
+def serve_refuses(prof, tmp_path, capsys, monkeypatch, log) -> str:
+    """``serve --period 1d --period-log log``'s one-line error, asserted to come before the model loads."""
     import socket
 
     import moeguard.models.handle as handle
 
-    _, _, prof = setting
     pfile = tmp_path / "p.json"
     pfile.write_text(json.dumps(prof.to_dict()))
-    rng = np.random.default_rng(0)
-    rows = periods.score_periods(np.full(20, 4e9), rng.normal(0, 0.05, (20, *prof.mean.shape)), ["u"] * 20,   # in 2096
-                                 period=DAY, baseline=14, alpha=0.01, layers=prof.meta["layers"], digest=prof.neighbours.digest)
-    log = tmp_path / "periods.jsonl"
-    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(handle.ModelHandle, "load", lambda *a, **k: pytest.fail("the model loaded"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -409,7 +404,19 @@ def test_serve_refuses_a_period_log_whose_last_period_is_not_over(setting, tmp_p
     capsys.readouterr()
     assert main(["serve", "--profile", str(pfile), "--port", str(port), "--period", "1d", "--period-log", str(log)]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "last period (2096-10-02T00:00:00Z) is not over yet" in err, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_serve_refuses_a_period_log_whose_last_period_is_not_over(setting, tmp_path, capsys, monkeypatch):
+    _, _, prof = setting
+    rng = np.random.default_rng(0)
+    rows = periods.score_periods(np.full(20, 4e9), rng.normal(0, 0.05, (20, *prof.mean.shape)), ["u"] * 20,   # in 2096
+                                 period=DAY, baseline=14, alpha=0.01, layers=prof.meta["layers"], digest=prof.neighbours.digest)
+    log = tmp_path / "periods.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    err = serve_refuses(prof, tmp_path, capsys, monkeypatch, log)
+    assert "last period (2096-10-02T00:00:00Z) is not over yet" in err, err
 
 
 def test_a_period_p_that_underflows_to_zero_is_still_reported_online(setting, monkeypatch):

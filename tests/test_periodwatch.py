@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.monitor import periods, periodwatch
 from moeguard.monitor.online import RoutingMonitor
 from moeguard.monitor.score import _time
 from moeguard.monitor.serve import alert_writer, state_writer
 
-from test_periods import DAY, _day, setting  # noqa: F401 -- the module's fixture, built once here
+from test_periods import DAY, _day, serve_refuses, setting  # noqa: F401 -- the module's fixture, built once here
 
 HOUR = 3600.0
 
@@ -169,21 +168,9 @@ def test_a_saved_open_period_is_checked(setting, tmp_path, change, needle):  # n
 
 
 def test_serve_refuses_a_damaged_open_period_before_the_model_loads(setting, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import socket
-
-    import moeguard.models.handle as handle
-
     _, _, prof = setting
-    pfile = tmp_path / "p.json"
-    pfile.write_text(json.dumps(prof.to_dict()))
     log = tmp_path / "periods.jsonl"
     periodwatch.open_path(log).write_text("{not json")
-    monkeypatch.setattr(handle.ModelHandle, "load", lambda *a, **k: pytest.fail("the model loaded"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    capsys.readouterr()
-    assert main(["serve", "--profile", str(pfile), "--port", str(port), "--period", "1d", "--period-log", str(log)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "periods.jsonl.open is not an open period saved by `moeguard serve`" in err, err
+    err = serve_refuses(prof, tmp_path, capsys, monkeypatch, log)
+    assert "periods.jsonl.open is not an open period saved by `moeguard serve`" in err, err
     assert f"delete {periodwatch.open_path(log)}" in err
