@@ -174,3 +174,54 @@ def test_serve_refuses_a_damaged_open_period_before_the_model_loads(setting, tmp
     err = serve_refuses(prof, tmp_path, capsys, monkeypatch, log)
     assert "periods.jsonl.open is not an open period saved by `moeguard serve`" in err, err
     assert f"delete {periodwatch.open_path(log)}" in err
+
+
+def test_serve_keeps_the_open_period_across_a_stop_and_a_start(setting, tmp_path):  # noqa: F811
+    """The command, end to end: `serve --period 1d --period-log F` stopped by SIGTERM saves the open
+    period to F.open, and the next start counts on from it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from test_serve import _call
+
+    _, _, prof = setting
+    pfile, log = tmp_path / "p.json", tmp_path / "periods.jsonl"
+    pfile.write_text(json.dumps(prof.to_dict()))
+    day = int(time.time() // DAY)
+
+    def serve_and_stop(n: int) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "moeguard.cli", "serve", "--profile", str(pfile), "--port", str(port),
+                                 "--period", "1d", "--period-log", str(log), "--max-delay", "0.2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    if _call(port, "GET", "/health")[0] == 200:
+                        break
+                except OSError:
+                    time.sleep(0.2)
+            for i in range(n):
+                status, body = _call(port, "POST", "/v1/completions", {"prompt": f"def add_{i}(a, b):", "max_tokens": 2})
+                assert status == 200, body
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            err = proc.communicate(timeout=60)[1]
+        assert "Traceback" not in err, err
+        return err
+
+    serve_and_stop(3)
+    first = json.loads(periodwatch.open_path(log).read_text())
+    serve_and_stop(2)
+    second = json.loads(periodwatch.open_path(log).read_text())
+    if int(time.time() // DAY) != day:
+        pytest.skip("the test ran across a UTC midnight: its period closed between the starts")
+    assert (first["index"], first["requests"]) == (day, 3) and (second["index"], second["requests"]) == (day, 5)
+    assert not log.read_text()      # no period closed: the log (created at start) is still empty
