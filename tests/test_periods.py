@@ -94,6 +94,13 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     then = json.loads((tmp_path / "then" / "summary.json").read_text())
     assert (then["history"], then["periods"], then["periods_tested"], then["alerts"]["period"]) == (10, 4, 4, 1)
     assert "1 period alerts (4 of 4 periods tested)" in capsys.readouterr().out
+    # --period-alpha sets the period test's level apart from --alpha: the campaign day (p < 1e-4) passes at 1e-12
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "strict"),
+                 "--period", "24h", "--baseline", "10", "--period-alpha", "1e-12"]) == 0
+    strict = json.loads((tmp_path / "strict" / "summary.json").read_text())
+    assert (strict["alerts"]["period"], strict["period_alpha"], strict["alpha"]) == (0, 1e-12, 0.01)
+    assert all(json.loads(x)["settings"]["alpha"] == 1e-12 for x in (tmp_path / "strict" / "periods.jsonl").read_text().splitlines())
+    assert "0 period alerts (11 of 14 periods tested)" in capsys.readouterr().out
     # the history's days are not in the log: the second run is given only the new days'
     assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "again"),
                  "--period", "24h", "--baseline", "10", "--history", str(tmp_path / "first" / "periods.jsonl")]) == 2
@@ -236,6 +243,8 @@ def test_a_period_that_is_no_length_is_refused_with_the_forms_there_are(value):
     (["--period", "24h", "--baseline", "2"], "--baseline is 2 periods"),
     (["--period", "24h"], "the profile has no neighbour references, which --period needs"),
     (["--baseline", "7"], "--baseline 7 without --period"),
+    (["--period-alpha", "0.001"], "--period-alpha 0.001 without --period"),
+    (["--period", "24h", "--period-alpha", "2"], "--period-alpha is 2.0"),
 ])
 def test_bad_period_settings_are_one_line_errors_before_the_model_loads(setting, tmp_path, capsys, monkeypatch, args, needle):
     _, _, prof = setting
@@ -284,7 +293,7 @@ def _history(tmp_path, prof, lines):
     (lambda rows: [{**rows[0], "neighbours": "0" * 16}], "scored with another profile's neighbour references"),
     (lambda rows: rows[1:3][::-1], ":2 is period 1, not after the line before it (2)"),
     (lambda rows: [{**rows[0], "settings": {**rows[0]["settings"], "baseline": 10}}],
-     ":1 was scored with --baseline 10 --alpha 0.01, this run with --baseline 14 --alpha 0.01"),
+     ":1 was scored with --baseline 10 --period-alpha 0.01, this run with --baseline 14 --period-alpha 0.01"),
     (lambda rows: [{**rows[0], "settings": {"baseline": 14, "alpha": 0.01}}],
      f":1 was tested by another version of the period test (the first; this one is {periods.TEST})"),
     (lambda rows: [{k: v for k, v in rows[0].items() if k != "requests"}], ":1 is not a period of `monitor score --period` (KeyError"),
@@ -379,6 +388,8 @@ def test_the_online_hook_tests_each_period_as_score_does_and_its_log_is_a_histor
     (["--period-log", "x.jsonl"], "--period-log x.jsonl without --period"),
     (["--period", "1d", "--alerts", "a.jsonl", "--period-log", "a.jsonl"], "--alerts and --period-log are both a.jsonl"),
     (["--period", "1d", "--baseline", "1"], "--baseline is 1 periods"),
+    (["--period-alpha", "0.001"], "--period-alpha 0.001 without --period"),
+    (["--period", "1d", "--period-alpha", "0"], "--period-alpha is 0.0"),
     (["--period", "soon"], "--period is 'soon'"),
     (["--period", "1d", "--alerts", "x.jsonl.open", "--period-log", "x.jsonl"],
      "--alerts x.jsonl.open is where --period-log keeps the open period"),

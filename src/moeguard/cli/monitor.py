@@ -264,6 +264,7 @@ def monitor_score(
         period: Annotated[Optional[str], typer.Option("--period", help="also test each period of all traffic (24h, 30m, 7d, seconds) for load moved to one expert beyond what its requests' content predicts, against the --baseline periods before it; writes periods.jsonl")] = None,
         baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
         history: Annotated[Optional[Path], typer.Option("--history", help="an earlier run's periods.jsonl: its periods are the baseline's first, so a daily run replays only the new day's log; with --period")] = None,
+        period_alpha: Annotated[Optional[float], typer.Option("--period-alpha", help="alert on a period when its p-value is at most this; with --period (default: --alpha)")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
     (and, with --period, on days whose routing load moved)."""
@@ -273,8 +274,10 @@ def monitor_score(
     from moeguard.monitor.score import drop_replay, read_log, score
 
     from moeguard.monitor.periods import check_period, read_history
+    from moeguard.monitor.periods import period_alpha as level
 
-    seconds, baseline = check_period(period, baseline, history=history)
+    seconds, baseline = check_period(period, baseline, history=history, period_alpha=period_alpha)
+    alpha_p = level(alpha, period_alpha)
     check_output(out, overwrite=overwrite, inputs=(model, profile, log, history), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
@@ -283,7 +286,7 @@ def monitor_score(
 
     window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
     earlier = read_history(history, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
-                           baseline=baseline, alpha=alpha) if history is not None else None
+                           baseline=baseline, alpha=alpha_p) if history is not None else None
     records = read_log(log)
     if earlier:
         from moeguard.monitor.periods import check_after
@@ -303,7 +306,8 @@ def monitor_score(
             with _progress() as progress:
                 scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha,
                                                          log_prompts=log_prompts, cache=tmp, period=seconds,
-                                                         baseline=baseline, history=earlier, progress=progress)
+                                                         baseline=baseline, history=earlier, period_alpha=alpha_p,
+                                                         progress=progress)
         except KeyboardInterrupt:
             import sys
 
@@ -312,7 +316,8 @@ def monitor_score(
             raise SystemExit(130) from None
         summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
                                      "alpha": alpha, "log_prompts": log_prompts, **_placement(handle),
-                                     **({"period": seconds, "baseline": baseline, "history": None if history is None else str(history)}
+                                     **({"period": seconds, "baseline": baseline, "period_alpha": alpha_p,
+                                         "history": None if history is None else str(history)}
                                         if seconds is not None else {})})
         (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
@@ -371,6 +376,7 @@ def serve(
         period: Annotated[Optional[str], typer.Option("--period", help="also test each period of all traffic (24h, 30m, 7d, seconds) for routing load moved beyond what its requests' content predicts, against the --baseline periods before it")] = None,
         baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
         period_log: Annotated[Optional[Path], typer.Option("--period-log", help="with --period: each closed period is appended here (JSON Lines, no text), and read back at start as the baseline's history (`monitor score --history` reads it too); the open period's counts are kept in FILE.open, every minute and at shutdown, so a restart keeps them")] = None,
+        period_alpha: Annotated[Optional[float], typer.Option("--period-alpha", help="alert on a period when its p-value is at most this; with --period (default: --alpha)")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
@@ -383,7 +389,10 @@ def serve(
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
                                       max_delay=max_delay, metrics_token=metrics_token, alerts=alerts, period=period,
-                                      baseline=baseline, period_log=period_log)
+                                      baseline=baseline, period_log=period_log, period_alpha=period_alpha)
+    from moeguard.monitor.periods import period_alpha as level
+
+    alpha_p = level(alpha, period_alpha)
     # the socket first: a port already taken is one line now, not uvicorn's error after the model loaded
     # (and no other process can take it between a check and the bind)
     sock = listen(host, port)
@@ -394,13 +403,13 @@ def serve(
         prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                                  where=str(profile))
         prof.check_model(handle.name, weights_digest(handle.arg))
-        history = period_history(prof, period_log, period=seconds, baseline=baseline, alpha=alpha)
-        saved = open_period(prof, period_log, period=seconds, baseline=baseline, alpha=alpha, history=history)
+        history = period_history(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p)
+        saved = open_period(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p, history=history)
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
         mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
                              on_result=alert_writer(alerts, period_log), raise_errors=False, period=seconds,
-                             baseline=baseline, period_history=history, period_open=saved,
+                             baseline=baseline, period_history=history, period_open=saved, period_alpha=alpha_p,
                              on_period_state=state_writer(period_log))
         import uvicorn
 

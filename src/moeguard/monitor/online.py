@@ -109,7 +109,7 @@ class RoutingMonitor:
                  flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None,
                  raise_errors: bool = True, period: float | None = None, baseline: int = periods.BASELINE,
                  period_history: list[dict] | None = None, period_open: dict | None = None,
-                 on_period_state=None, clock=time.time):
+                 on_period_state=None, period_alpha: float | None = None, clock=time.time):
         from prometheus_client import CollectorRegistry
 
         from moeguard.models.adapter import MoEAdapter
@@ -122,7 +122,8 @@ class RoutingMonitor:
         self._slice: list[tuple[str, np.ndarray]] = []        # the current slice: (client, embedding), no text
         # periods of all traffic (periods.py): a request counts by when it was served (``clock``)
         self._periods = None if period is None else periodwatch.PeriodWatch(
-            periods.neighbours_of(profile, "serve"), period=period, baseline=baseline, alpha=alpha, layers=profile.meta["layers"],
+            periods.neighbours_of(profile, "serve"), period=period, baseline=baseline,
+            alpha=periods.period_alpha(alpha, period_alpha), layers=profile.meta["layers"],
             history=period_history, open_period=period_open)
         self.on_period_state = on_period_state       # (the open period's counts, or None) -> saved where a restart reads them
         self._saved_at = time.monotonic()

@@ -138,6 +138,16 @@ def check_period(period: Any, baseline: int | None, **needs_period: Any) -> tupl
     return seconds, check_baseline(BASELINE if baseline is None else baseline)
 
 
+def period_alpha(alpha: float, period_alpha: float | None) -> float:
+    """``--period-alpha`` resolved: the level of the period test, ``alpha`` where not given (a period
+    is one test a day, where a request is thousands: an owner may want it stricter or looser)."""
+    if period_alpha is None:
+        return alpha
+    if isinstance(period_alpha, bool) or not isinstance(period_alpha, (int, float)) or not 0 < period_alpha < 1:
+        raise MoeguardError(f"--period-alpha is {period_alpha!r}", hint="pass a level between 0 and 1, e.g. 0.001")
+    return float(period_alpha)
+
+
 def neighbours_of(profile, command: str) -> Neighbours:
     """The profile's neighbour references, or a one-line error: a profile made before them cannot test periods."""
     if profile.neighbours is None:
@@ -211,9 +221,10 @@ def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, in
                                 hint="score the history's logs again with this version, or start without --history: "
                                      "the test decided which of its periods join a baseline")
         if settings != (baseline, alpha):
-            raise MoeguardError(f"{where} was scored with --baseline {settings[0]} --alpha {settings[1]:g}, this run "
-                                f"with --baseline {baseline} --alpha {alpha:g}",
-                                hint="pass the history's settings: they decided which of its periods join a baseline")
+            raise MoeguardError(f"{where} was scored with --baseline {settings[0]} --period-alpha {settings[1]:g}, this "
+                                f"run with --baseline {baseline} --period-alpha {alpha:g}",
+                                hint="pass the history's settings (--period-alpha is --alpha where not given): they "
+                                     "decided which of its periods join a baseline")
         if last is not None and index <= last:
             raise MoeguardError(f"{where} is period {index}, not after the line before it ({last})", hint=unedited)
         rows.append(row)

@@ -187,11 +187,12 @@ def drop_replay(cache: Path) -> None:
 
 def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
           alpha: float = 0.01, log_prompts: bool = False, cache: Path | None = None, period: float | None = None,
-          baseline: int = periods.BASELINE, history: list[dict] | None = None,
+          baseline: int = periods.BASELINE, history: list[dict] | None = None, period_alpha: float | None = None,
           progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """(per-request scores, per-window scores, alerts, summary). ``cache``/``progress``: ``replay``'s;
     ``period`` (seconds) and ``baseline``: periods of all traffic (``periods.py``; None: off), after
-    the earlier periods in ``history`` (``periods.read_history``)."""
+    the earlier periods in ``history`` (``periods.read_history``), tested at ``period_alpha`` (None:
+    ``alpha``)."""
     window = check_settings(prof, window=window, alpha=alpha, period=period, baseline=baseline)
     from moeguard.models.adapter import MoEAdapter
 
@@ -256,7 +257,8 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     # periods of all traffic (periods.py): the load moved over each day (or ``period``), against the days before
     spans = [] if period is None else periods.score_periods(
         np.array([r["_t"] for r in records]), prof.neighbours.residual(X, H), client_of, period=period,
-        baseline=baseline, alpha=alpha, layers=prof.meta["layers"], digest=prof.neighbours.digest, history=history)
+        baseline=baseline, alpha=periods.period_alpha(alpha, period_alpha), layers=prof.meta["layers"],
+        digest=prof.neighbours.digest, history=history)
     new = spans[len(history or ()):]   # the history's rows (and alerts) are its own run's
     for row in new:
         if row.get("alert"):
@@ -275,7 +277,8 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                           "window": sum(a["kind"] == "window" for a in alerts),
                                           **({"slice": sum(a["kind"] == "slice" for a in alerts)} if n else {}),
                                           **({"period": sum(a["kind"] == "period" for a in alerts)} if period else {})},
-               **({"period": period, "baseline": baseline, "history": len(history or ()),
+               **({"period": period, "baseline": baseline, "period_alpha": periods.period_alpha(alpha, period_alpha),
+                   "history": len(history or ()),
                    "periods": len(new), "periods_tested": sum(r["p"] is not None for r in new)} if period else {}),
                "prompts_logged": log_prompts,
                # with a profile of replies: how long a reply is scored, and how many requests had none

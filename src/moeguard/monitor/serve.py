@@ -275,13 +275,13 @@ def _replay(messages: list, receive):
 
 def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush_every: int, max_delay: float,
                   metrics_token: str | None, alerts: Path | None, period: str | None, baseline: int | None,
-                  period_log: Path | None) -> tuple[float | None, int]:
+                  period_log: Path | None, period_alpha: float | None = None) -> tuple[float | None, int]:
     """``serve``'s options checked before the socket is bound and the model loads (one-line errors);
     the period in seconds (None: off) and the baseline."""
     from moeguard.monitor.periods import check_period
     from moeguard.monitor.periodwatch import open_path
 
-    seconds, baseline = check_period(period, baseline, period_log=period_log)
+    seconds, baseline = check_period(period, baseline, period_log=period_log, period_alpha=period_alpha)
     if not 0 < port < 65536:
         raise MoeguardError(f"--port is {port}", hint="pass a TCP port between 1 and 65535")
     if not 0 < alpha < 1:
