@@ -1,0 +1,109 @@
+"""The period test's false alarms and power on resampled days: is its p-value a p-value?
+
+    .venv/bin/python benchmarks/routing_monitor_day_load.py --identities 24 --out /tmp/x.json --dump /tmp/days.npz
+    .venv/bin/python benchmarks/routing_monitor_day_resample.py --dump /tmp/days.npz [--draws 3000] [--out JSON]
+
+``routing_monitor_day_load.py`` tests 17 benign days in sequence: too few to tell a 1% level from a
+0.1% one. Here each draw makes ``--baseline`` days and a test day from the benchmark's benign users
+(its days' users pooled, drawn without replacement, as many per day as the benchmark's days have),
+and tests the day with the monitor's own test (``periods.Baseline.judge``) against them. The test
+day is tested as it is (benign), and with a campaign's identities added (the first 2, 8 and all of
+one campaign, cycling over the campaigns), and with their controls (the same identities' inputs
+without the prefix: a day heavy in one task). The first version of the test (2026-12-05, before its
+directions and out-of-sample scale) is run on the same draws for comparison.
+
+Reported per version and kind: the share of draws alerting at 0.001, 0.01 and 0.05. Benign rates
+are the test's false alarms (nominal: the level); the campaigns' are its power; the controls' are
+what a heavy one-task day costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from _common import write_result
+
+LEVELS = (0.001, 0.01, 0.05)
+
+
+def first_version(M: np.ndarray, S: np.ndarray, m: np.ndarray, se2: np.ndarray) -> float:
+    """The first period test, for comparison: each cell's raw deviation, its spread floored at the
+    baseline's sampling noise, Student t with baseline - 1 degrees of freedom, Sidak over the cells."""
+    from scipy.stats import t as student
+
+    n, noise, mu = len(M), S.mean(0), M.mean(0)
+    var = np.maximum(M.var(0, ddof=1), noise) * (1 + 1 / n) + np.maximum(0.0, se2 - noise)
+    z = (m - mu) / np.sqrt(np.maximum(var, 1e-18))
+    p_cell = float(student.sf(z.max(), df=n - 1))
+    return float(-np.expm1(m.size * np.log1p(-min(p_cell, 1 - 1e-16))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dump", required=True, help="routing_monitor_day_load.py --dump's file")
+    ap.add_argument("--draws", type=int, default=3000)
+    ap.add_argument("--baseline", type=int, default=14)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    from moeguard.monitor import periods
+
+    t0 = time.perf_counter()
+    z = np.load(args.dump, allow_pickle=False)
+    R = z["resid"].astype(np.float64)                                    # [texts, L, E]
+    users: dict[tuple[int, str], list[int]] = {}
+    for d, c, i in zip(z["day"], z["client"], z["text"]):
+        users.setdefault((int(d), str(c)), []).append(int(i))
+    pool = [np.array(v) for v in users.values()]
+    per_day = round(len(pool) / (int(z["day"].max()) + 1))
+    campaign_of = z["campaign_of"]
+    campaigns, controls = ([[z[f"{k}_{i}"] for i in np.flatnonzero(campaign_of == c)] for c in range(campaign_of.max() + 1)]
+                           for k in ("clients", "control"))
+    sizes = sorted({min(2, len(campaigns[0])), min(8, len(campaigns[0])), len(campaigns[0])})
+    if (args.baseline + 1) * per_day > len(pool):
+        raise SystemExit(f"{args.baseline + 1} days of {per_day} users need more than the {len(pool)} users dumped")
+
+    def day(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        r = R[idx]
+        return r.mean(0), r.var(0, ddof=1) / len(idx), len(idx)
+
+    kinds = ["benign"] + [f"{w}_{n}" for n in sizes for w in ("campaign", "control")]
+    got = {v: {k: [] for k in kinds} for v in ("monitor", "first_version")}
+    rng = np.random.default_rng(args.seed)
+    for draw in range(args.draws):
+        perm = rng.permutation(len(pool))
+        days = [day(np.concatenate([pool[j] for j in perm[per_day * i:per_day * (i + 1)]])) for i in range(args.baseline)]
+        test = np.concatenate([pool[j] for j in perm[per_day * args.baseline:per_day * (args.baseline + 1)]])
+        M, S = np.stack([m.ravel() for m, _, _ in days]), np.stack([s.ravel() for _, s, _ in days])
+        c = draw % len(campaigns)
+        for kind in kinds:
+            idx = test
+            if kind != "benign":
+                w, n = kind.split("_")
+                idx = np.concatenate([test, *(campaigns if w == "campaign" else controls)[c][:int(n)]])
+            m, se2, n_req = day(idx)
+            base = periods.Baseline(baseline=args.baseline, alpha=0.5, layers=list(range(R.shape[1])))
+            base.kept = list(days)
+            row: dict = {}
+            base.judge(row, m, se2, n_req)
+            got["monitor"][kind].append(row["p"])
+            got["first_version"][kind].append(first_version(M, S, m.ravel(), se2.ravel()))
+        if (draw + 1) % 100 == 0:
+            print(f"{draw + 1} draws ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rates = {v: {k: {str(a): round(float(np.mean(np.array(ps) <= a)), 4) for a in LEVELS} for k, ps in by.items()}
+             for v, by in got.items()}
+    for v, by in rates.items():
+        for k, r in by.items():
+            print(f"{v:14s} {k:12s} " + "  ".join(f"{a}: {r[a]:.3f}" for a in r), flush=True)
+    path = write_result("routing_monitor_day_resample", {
+        "setting": {"draws": args.draws, "baseline": args.baseline, "users_per_day": per_day, "users": len(pool),
+                    "campaigns": len(campaigns), "identities": sizes, "seed": args.seed},
+        "rates": rates, "seconds": round(time.perf_counter() - t0, 1)}, args.out)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
