@@ -241,21 +241,28 @@ class RoutingMonitor:
                 self.flush()
             except Exception:  # noqa: BLE001 -- counted and logged where it was scored (_score)
                 pass
-            with self._flush_lock:
+            with self._serialized():
                 row = self._periods.close_over(self.clock())
                 if row is not None:
-                    self._flushing = threading.get_ident()   # an on_result that scrapes must not wait for itself
-                    try:
-                        res = {"period": self._period_row(row)}
-                        if self.on_result is not None:
-                            self.on_result(None, res)
-                    finally:
-                        self._flushing = None
+                    res = {"period": self._period_row(row)}
+                    if self.on_result is not None:
+                        self.on_result(None, res)
         if self.on_period_state is not None and time.monotonic() - self._saved_at >= periodwatch.CHECKPOINT_S:
             try:
                 self._save_period()
             finally:          # a failing save is retried at the next interval, not at every look
                 self._saved_at = time.monotonic()
+
+    @contextlib.contextmanager
+    def _serialized(self) -> Iterator[None]:
+        """The flush lock, marked as this thread's: a callback run under it (an ``on_result`` that
+        scrapes the registry) that flushes returns at once instead of waiting for itself."""
+        with self._flush_lock:
+            self._flushing = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._flushing = None
 
     def _save_period(self) -> None:
         """``on_period_state`` with the open period's counts (read under the flush lock, saved outside
@@ -311,18 +318,14 @@ class RoutingMonitor:
         if self._flushing == threading.get_ident():
             return
         error = None
-        with self._flush_lock:
-            self._flushing = threading.get_ident()
-            try:
-                while True:
-                    with self._lock:
-                        batch, self._pending = self._pending, []
-                    if not batch:
-                        break
-                    failed = self._score(batch)
-                    error = error or failed
-            finally:
-                self._flushing = None
+        with self._serialized():
+            while True:
+                with self._lock:
+                    batch, self._pending = self._pending, []
+                if not batch:
+                    break
+                failed = self._score(batch)
+                error = error or failed
         if error is not None and self.raise_errors:
             raise error
 

@@ -24,14 +24,14 @@ many small pushes become one large one, where benign traffic's pushes cancel.
   part along the baseline's main directions, per cell against that remainder's out-of-sample spread:
   each baseline period's remainder when mean, spread and as many directions are fitted without it
   (floored at ``FLOOR`` of the sampling noise, against a baseline that agrees by chance). The
-  directions removed are those that stand above noise (``_directions``, at most ``FACTORS``); their
+  directions removed are those that stand above noise (``_factors``, at most ``FACTORS``); their
   number and the noise floor are the whole baseline's. A period of fewer requests than the
   baseline's adds its extra sampling noise (from the count: a campaign's own spread must not widen
   its test). One-sided Student t with ``baseline - 1 - directions`` degrees of freedom (load moved
   *to* an expert is the attack's goal; with ``baseline - 1``, 8 synthetic baseline days whose cells
-  move along one direction gave 10.5% of benign days p <= 0.05); the period's p-value is the most deviant cell's, Sidak-adjusted over the cells. The first
-  version (the raw deviation, its spread floored at the sampling noise) gave benign days p >= 0.33
-  where this is nominal (``TEST`` names the version; a history of another is refused).
+  move along one direction gave 10.5% of benign days p <= 0.05); the period's p-value is the most
+  deviant cell's, Sidak-adjusted over the cells. The first version (the raw deviation, its spread
+  floored at the sampling noise) gave benign days p >= 0.33 where this is nominal (``TEST`` names the version; a history of another is refused).
 - **An alert names** the (layer, expert) and the clients whose requests carry most of its excess
   (each client's summed residual there, above what the baseline predicts, as a share of the period's).
 
@@ -276,7 +276,7 @@ class Baseline:
         M = np.stack([a.ravel() for a, _, _ in ref])                     # [periods, cells]
         noise = np.stack([b.ravel() for _, b, _ in ref]).mean(0)
         per_request = np.mean([b.ravel() * c for _, b, c in ref], axis=0)
-        mu, sd, V = _factors(M, noise, _directions(M, noise))
+        mu, sd, V = _factors(M, noise)
         k = V.shape[1]
         # each baseline period's error when predicted by the others (mean, spread and as many directions,
         # fitted without it): a new period's spread, out of sample
@@ -284,12 +284,13 @@ class Baseline:
         scale = np.maximum(np.mean(np.square(loo), axis=0), np.maximum(FLOOR * noise / sd**2, TINY))
         extra = np.maximum(0.0, per_request / n - noise) / sd**2          # fewer requests than the baseline's: more noise
         d = (m.ravel() - mu) / sd
-        z = _deviation(m.ravel(), mu, sd, V) / np.sqrt(scale + extra)
+        along = V @ (V.T @ d)                                              # the part the day's mix explains
+        z = (d - along) / np.sqrt(scale + extra)
         c = int(z.argmax())
         l, e = np.unravel_index(c, m.shape)
         p_cell = float(student.sf(z[c], df=len(ref) - 1 - k))   # each direction removed costs a degree of freedom
         p = float(-np.expm1(m.size * np.log1p(-min(p_cell, 1 - 1e-16))))        # Sidak: 1 - (1 - p)^cells
-        expected = (mu + sd * (V @ (V.T @ d))).reshape(m.shape)            # the baseline's mean, moved along the factors
+        expected = (mu + sd * along).reshape(m.shape)                      # the baseline's mean, moved along the factors
         row.update(z=round(float(z[c]), 3), layer=self.layers[l], expert=int(e),
                    shift=round(float(m[l, e] - expected[l, e]), 6), p=p, factors=k)
         if p <= self.alpha:
@@ -299,32 +300,28 @@ class Baseline:
         return expected, int(l), int(e)
 
 
-def _factors(M: np.ndarray, noise: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Periods' mean [cells], spread [cells] (floored at their sampling noise) and the ``k`` directions
-    [cells, k] along which their standardized values vary most (the day's mix of users)."""
+def _factors(M: np.ndarray, noise: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Periods' mean [cells], spread [cells] (``_spread``) and the ``k`` directions [cells, k] along
+    which their standardized values vary most (the day's mix of users). ``k`` None: as many as stand
+    above noise, from the same decomposition: those whose variance passes the largest that independent
+    cells would show (the Marchenko-Pastur edge, (1 + sqrt(cells / (n - 1)))^2 in units of a cell's
+    variance), at most ``FACTORS`` and the periods' number less 3. A direction fitted to noise would
+    take part of a shift's cell with it (a synthetic day mix of one direction was seen at 54% with 3
+    removed, 73% with 1)."""
+    n, cells = M.shape
     mu, sd = M.mean(0), _spread(M, noise)
-    if k <= 0:
-        return mu, sd, np.zeros((M.shape[1], 0))
-    return mu, sd, np.linalg.svd((M - mu) / sd, full_matrices=False)[2][:k].T
+    top = max(0, min(FACTORS, n - 3)) if k is None else k
+    if top <= 0:
+        return mu, sd, np.zeros((cells, 0))
+    _, sv, vt = np.linalg.svd((M - mu) / sd, full_matrices=False)
+    if k is None:
+        k = int(min(top, np.sum(sv**2 / (n - 1) > (1 + math.sqrt(cells / (n - 1))) ** 2)))
+    return mu, sd, vt[:k].T
 
 
 def _spread(M: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """Periods' spread per cell, floored at their sampling noise and at TINY (an expert nothing routes to)."""
     return np.sqrt(np.maximum(np.maximum(M.var(0, ddof=1), noise), TINY))
-
-
-def _directions(M: np.ndarray, noise: np.ndarray) -> int:
-    """How many of the periods' main directions stand above noise: those whose variance passes the
-    largest that independent cells would show (the Marchenko-Pastur edge, (1 + sqrt(cells / (n - 1)))^2
-    in units of a cell's variance), at most ``FACTORS`` and the periods' number less 3. A direction
-    fitted to noise would take part of a shift's cell with it (a synthetic day mix of one direction
-    was seen at 54% with 3 removed, 73% with 1)."""
-    n, cells = M.shape
-    top = max(0, min(FACTORS, n - 3))
-    if not top:
-        return 0
-    sv = np.linalg.svd((M - M.mean(0)) / _spread(M, noise), compute_uv=False)
-    return int(min(top, np.sum(sv**2 / (n - 1) > (1 + math.sqrt(cells / (n - 1))) ** 2)))
 
 
 def _deviation(m: np.ndarray, mu: np.ndarray, sd: np.ndarray, V: np.ndarray) -> np.ndarray:

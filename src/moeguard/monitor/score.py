@@ -194,6 +194,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     the earlier periods in ``history`` (``periods.read_history``), tested at ``period_alpha`` (None:
     ``alpha``)."""
     window = check_settings(prof, window=window, alpha=alpha, period=period, baseline=baseline)
+    period_alpha = periods.period_alpha(alpha, period_alpha)
     from moeguard.models.adapter import MoEAdapter
 
     adapter = MoEAdapter(model)
@@ -257,7 +258,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     # periods of all traffic (periods.py): the load moved over each day (or ``period``), against the days before
     spans = [] if period is None else periods.score_periods(
         np.array([r["_t"] for r in records]), prof.neighbours.residual(X, H), client_of, period=period,
-        baseline=baseline, alpha=periods.period_alpha(alpha, period_alpha), layers=prof.meta["layers"],
+        baseline=baseline, alpha=period_alpha, layers=prof.meta["layers"],
         digest=prof.neighbours.digest, history=history)
     new = spans[len(history or ()):]   # the history's rows (and alerts) are its own run's
     for row in new:
@@ -277,7 +278,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                           "window": sum(a["kind"] == "window" for a in alerts),
                                           **({"slice": sum(a["kind"] == "slice" for a in alerts)} if n else {}),
                                           **({"period": sum(a["kind"] == "period" for a in alerts)} if period else {})},
-               **({"period": period, "baseline": baseline, "period_alpha": periods.period_alpha(alpha, period_alpha),
+               **({"period": period, "baseline": baseline, "period_alpha": period_alpha,
                    "history": len(history or ()),
                    "periods": len(new), "periods_tested": sum(r["p"] is not None for r in new)} if period else {}),
                "prompts_logged": log_prompts,

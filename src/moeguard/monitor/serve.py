@@ -376,8 +376,6 @@ def listen(host: str, port: int):
     """A bound TCP socket for ``host:port`` (uvicorn listens on it), or a one-line error."""
     import socket
 
-    from moeguard.errors import MoeguardError
-
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as e:
