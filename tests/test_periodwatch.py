@@ -137,7 +137,7 @@ def _saved(prof, **change):
     ({}, None),
     ({"schema": "other"}, "is not an open period saved by `moeguard serve`"),
     ({"sum": "AAAA"}, "is not an open period saved by `moeguard serve`"),
-    ({"seconds": 3600}, "was saved with another --period, profile, --baseline or --alpha (3600 s"),
+    ({"seconds": 3600}, "was saved with another --period, profile, --baseline or --period-alpha (3600 s"),
     ({"settings": {"baseline": 7, "alpha": 0.01, "test": periods.TEST}}, "baseline 7"),
     ({"settings": {"baseline": 14, "alpha": 0.01}}, "was saved with another"),
     ({"neighbours": "0" * 16}, "was saved with another"),

@@ -150,8 +150,8 @@ def read_open(path: Path, *, period: float, digest: str, shape: tuple[int, int],
         raise MoeguardError(f"{path} is not an open period saved by `moeguard serve` ({type(e).__name__}: {e})",
                             hint=fix) from None
     if seconds != period or doc.get("neighbours") != digest or settings != {"baseline": baseline, "alpha": alpha, "test": TEST}:
-        raise MoeguardError(f"{path} was saved with another --period, profile, --baseline or --alpha "
-                            f"({seconds:g} s, baseline {settings.get('baseline')}, alpha {settings.get('alpha')})",
+        raise MoeguardError(f"{path} was saved with another --period, profile, --baseline or --period-alpha "
+                            f"({seconds:g} s, baseline {settings.get('baseline')}, period alpha {settings.get('alpha')})",
                             hint=f"serve with the settings that saved it, or {fix}")
     if n < 1 or n > MAX_REQUESTS or (state["_sq"] < 0).any():
         raise MoeguardError(f"{path} holds {n} requests", hint=fix)
