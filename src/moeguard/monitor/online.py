@@ -9,10 +9,10 @@ exports Prometheus metrics.
         r.result                                   # {"p", "alert", "window", "slice", "period", "statistics"}
 
 **Scored in batches.** A request's exit only keeps its prefill's routed ids, token ids and pooled
-hidden state (small arrays, no text). The statistics, windows and metrics run for ``flush_every``
-requests at once (default 16), when a result is read (``r.result`` scores what is waiting), on
-every metrics scrape, and when the monitor is exited; ``on_result(client, result)`` is called as
-each is scored. Straight after a forward, every numpy call costs ~10x what it does in a loop (the
+hidden state (small arrays, no text; ``batch.py`` reads a batch of them). The statistics, windows
+and metrics run for ``flush_every`` requests at once (default 16), when a result is read
+(``r.result`` scores what is waiting), on every metrics scrape, and when the monitor is exited;
+``on_result(client, result)`` is called as each is scored. Straight after a forward, every numpy call costs ~10x what it does in a loop (the
 forward has evicted its code and data), so scoring one request at a time cost 0.6 ms on the
 embedded model, 1.08x its batch-1 forward; in batches, the requests share those first calls.
 ``flush_every=1`` scores each request at its exit. A result is late by at most 1.25 x ``max_delay_s``
@@ -49,21 +49,20 @@ import math
 import threading
 import time
 import logging
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from moeguard.errors import MoeguardError
 from moeguard.models.hooks import Hooks
 from moeguard.monitor import ladder, periods, periodwatch, slices
+from moeguard.monitor.batch import BatchReader, Captured
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.metrics import MonitorMetrics
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
-from moeguard.monitor.replies import ReplyIds, reply_routing
+from moeguard.monitor.replies import ReplyIds
 from moeguard.monitor.tokens import RoutedIds
 
 _log = logging.getLogger("moeguard.monitor")
@@ -92,18 +91,6 @@ class RequestResult:
         self._result = value
 
 
-class _Captured(NamedTuple):
-    """One request's prefill, kept until its batch is scored."""
-    out: RequestResult
-    routed: list          # per MoE layer, [rows * T, k] top-k ids
-    ids: Any              # [rows, T] token ids, or None (called with embeddings)
-    mask: Any             # [rows, T] attention mask; None or False: none given
-    pooled: Any           # [rows, hidden] float32: the final norm's output summed over real tokens
-    at: float             # time.monotonic() when it ended (the delay bound)
-    reply: Any = None     # (per MoE layer the decode steps' top-k ids, their input ids): a profile of replies
-    served: float = 0.0   # the monitor's clock (wall time) when it ended: its period of all traffic
-
-
 class RoutingMonitor:
     def __init__(self, model, profile: Profile, *, alpha: float = 0.01, max_clients: int = 1000, registry=None,
                  flush_every: int = 16, max_delay_s: float | None = 1.0, on_result=None,
@@ -121,12 +108,10 @@ class RoutingMonitor:
         self.slice = int(profile.meta.get("slice", 0))        # requests per slice of all traffic (slices.py)
         self._slice: list[tuple[str, np.ndarray]] = []        # the current slice: (client, embedding), no text
         # periods of all traffic (periods.py): a request counts by when it was served (``clock``)
-        self._periods = None if period is None else periodwatch.PeriodWatch(
+        watch = None if period is None else periodwatch.PeriodWatch(
             periods.neighbours_of(profile, "serve"), period=period, baseline=baseline,
             alpha=periods.period_alpha(alpha, period_alpha), layers=profile.meta["layers"],
             history=period_history, open_period=period_open)
-        self.on_period_state = on_period_state       # (the open period's counts, or None) -> saved where a restart reads them
-        self._saved_at = time.monotonic()
         self.clock = clock
         self.max_clients = max_clients
         if int(flush_every) < 1:
@@ -141,7 +126,7 @@ class RoutingMonitor:
         # False (a server): a scoring or on_result error is logged and counted, not raised into the
         # request whose exit scored the batch (its answer was already computed)
         self.raise_errors = raise_errors
-        self._pending: list[_Captured] = []          # requests not scored yet (at most flush_every)
+        self._pending: list[Captured] = []          # requests not scored yet (at most flush_every)
         # one flush at a time: windows see requests in order. on_result runs under it, so a flush
         # called from a callback (a scrape) returns at once instead of waiting for itself
         self._flush_lock = threading.Lock()
@@ -149,8 +134,7 @@ class RoutingMonitor:
         L, E = len(self.adapter.layers), self.adapter.num_experts
         profile.check_routing(self.adapter)
         profile.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
-        self._E = E
-        self._layer_offsets = (np.arange(L) * E)[None, :, None]   # [1, L, 1]: layer l's experts at l * E
+        self._read = BatchReader(profile, layers=L, experts=E)
         self._pooled = PooledHidden(self.adapter)                 # the prompt's final hidden states
         self._pooled.limit, self._pooled.enabled = 1, False
         self._routed = RoutedIds(self.adapter, first_only=True)   # the prompt's top-k ids per layer
@@ -159,8 +143,6 @@ class RoutingMonitor:
         self._reply = ReplyIds(self.adapter, steps=profile.replies.max_tokens - 1) if profile.replies else None
         self._ids = None                                          # the prompt's token ids (prefill)
         self._mask = None                                         # its attention mask; False: none given
-        self._warned_ids = False
-        self._warned_reply = False
         self._active = False          # inside a request, before its prefill has been counted
         # client -> [sum [L, E], [p], [embedding], whether its block alerted yet]
         self._clients: OrderedDict[str, list] = OrderedDict()
@@ -169,6 +151,9 @@ class RoutingMonitor:
         self._assigned = np.zeros((L, E))            # routing assignments per expert, read at scrape time
         self.registry = registry or CollectorRegistry()
         self.metrics = MonitorMetrics(self, self.registry)
+        # on_period_state: (the open period's counts, or None) -> saved where a restart reads them
+        self._periods = None if watch is None else periodwatch.PeriodService(
+            watch, metrics=self.metrics, clock=clock, serialized=self._serialized, on_state=on_period_state)
 
     # --- hooks -------------------------------------------------------------------------------
     def _ids_hook(self, module, args):
@@ -210,12 +195,8 @@ class RoutingMonitor:
             self._ticker.join()
             self._ticker = None
         self.flush()
-        if self._periods is not None and self.on_period_state is not None:
-            try:
-                self._save_period()
-            except Exception as e:  # noqa: BLE001 -- a failed save must not turn a clean stop into a traceback
-                self.metrics.callback_failed.inc()
-                _log.warning("the routing monitor could not save the open period: %s: %s", type(e).__name__, e)
+        if self._periods is not None:
+            self._periods.stop()
 
     def _tick(self) -> None:
         while not self._stop.wait(self.max_delay_s / 4):
@@ -228,30 +209,10 @@ class RoutingMonitor:
                     pass
             if self._periods is not None:
                 try:
-                    self._period_tick()
+                    self._periods.tick(flush=self.flush, on_result=self.on_result)
                 except Exception as e:  # noqa: BLE001 -- a thread has no caller: logged and counted
                     self.metrics.callback_failed.inc()
                     _log.warning("the routing monitor's period bookkeeping failed: %s: %s", type(e).__name__, e)
-
-    def _period_tick(self) -> None:
-        """Close the current period once its end has passed (what waits is counted first), and hand
-        the open period's counts to ``on_period_state`` at most every ``CHECKPOINT_S``."""
-        if self._periods.ended(self.clock()):
-            try:
-                self.flush()
-            except Exception:  # noqa: BLE001 -- counted and logged where it was scored (_score)
-                pass
-            with self._serialized():
-                row = self._periods.close_over(self.clock())
-                if row is not None:
-                    res = {"period": self._period_row(row)}
-                    if self.on_result is not None:
-                        self.on_result(None, res)
-        if self.on_period_state is not None and time.monotonic() - self._saved_at >= periodwatch.CHECKPOINT_S:
-            try:
-                self._save_period()
-            finally:          # a failing save is retried at the next interval, not at every look
-                self._saved_at = time.monotonic()
 
     @contextlib.contextmanager
     def _serialized(self) -> Iterator[None]:
@@ -263,13 +224,6 @@ class RoutingMonitor:
                 yield
             finally:
                 self._flushing = None
-
-    def _save_period(self) -> None:
-        """``on_period_state`` with the open period's counts (read under the flush lock, saved outside
-        it: a callback that scrapes the metrics flushes, and must not wait for itself)."""
-        with self._flush_lock:
-            state = self._periods.state()
-        self.on_period_state(state)
 
     # --- one request ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -303,7 +257,7 @@ class RoutingMonitor:
             out._scored = True          # nothing (or not every layer) ran: a failed request, result {}
             return
         with self._lock:
-            self._pending.append(_Captured(out, routed, ids, mask, pooled[0], time.monotonic(), reply, self.clock()))
+            self._pending.append(Captured(out, routed, ids, mask, pooled[0], time.monotonic(), reply, self.clock()))
             full = len(self._pending) >= self.flush_every
         if full:
             self.flush()
@@ -329,14 +283,14 @@ class RoutingMonitor:
         if error is not None and self.raise_errors:
             raise error
 
-    def _score(self, batch: list[_Captured]) -> Exception | None:
+    def _score(self, batch: list[Captured]) -> Exception | None:
         """Score one batch and run ``on_result`` for each of its requests; the first error, if any
         (logged and counted here, raised by ``flush`` unless ``raise_errors`` is off)."""
         results, error = [c.out for c in batch], None
         try:
-            counts, x, surprise = self._prefills(batch)
+            counts, x, surprise = self._read.prefills(batch)
             h = counts / np.maximum(counts.sum(2, keepdims=True), 1)
-            r, rs = self._replies(batch) if self._reply is not None else (None, None)
+            r, rs = self._read.replies(batch) if self._reply is not None else (None, None)
             stats = self.profile.statistics(h, x, surprise, r, rs)
             ps = self.profile.p_values(stats, "request")
             # periods: the batch's residuals in one call (per request, it cost 1.05x a batch-8 forward)
@@ -365,78 +319,6 @@ class RoutingMonitor:
                 _log.warning("the routing monitor's on_result failed: %s: %s", type(e).__name__, e)
                 error = error or e
         return error
-
-    def _prefills(self, batch: list[_Captured]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The batch's routing counts [N, L, E], embeddings [N, dim] and ``surprise`` [N], padding
-        excluded, with a handful of calls for the whole batch: straight after a forward, each numpy
-        or torch call costs ~10x what it does in a loop, so per-request calls are what batching saves."""
-        L, E, N = self._layer_offsets.shape[1], self._E, len(batch)
-        # tensors become numpy at once (torch's per-call dispatch on these tiny arrays is several times
-        # numpy's; on a GPU server .cpu() copies them, on a CPU it is free); the routed ids are joined
-        # per layer: L calls, not one per request
-        toks, masks, hidden, rows_of, lengths = [], [], [], [], []   # per prompt row: its request, tokens kept
-        has_ids = np.ones(N, dtype=bool)
-        for r, (_, routed, tids, mask, pooled, *_) in enumerate(batch):
-            n = len(routed[0])
-            if tids is None or tids.numel() != n:
-                if not self._warned_ids:
-                    self._warned_ids = True
-                    warnings.warn("the model was called without input ids: the monitor scores 'surprise' as 0 "
-                                  "(no token ids to look up); the other statistics are unaffected")
-                t, has_ids[r] = np.zeros((1, n), dtype=np.int64), False
-            else:
-                t = tids.cpu().numpy().reshape(-1, tids.shape[-1]) if n else np.zeros((1, 0), dtype=np.int64)
-            toks.append(t.reshape(-1))
-            if mask is not None and mask is not False and mask.numel() == n:
-                m = mask.cpu().numpy().reshape(t.shape) != 0
-                masks.append(m.reshape(-1))
-                per_row = m.sum(1).tolist()
-            else:
-                masks.append(None)
-                per_row = [t.shape[1]] * len(t)
-            rows_of += [r] * len(per_row)
-            lengths += per_row
-            hidden.append(pooled.numpy())                 # [rows, hidden] float32, on the CPU (PooledHidden)
-        # each layer's ids on the CPU before stacking: a model spread over GPUs routes each layer on its own
-        cells = np.stack([torch.cat([c.routed[l] for c in batch]).cpu().numpy() for l in range(L)], 1)   # [M, L, k]
-        tok = np.concatenate(toks)
-        if any(m is not None for m in masks):   # padded positions are not the prompt's
-            sel = np.concatenate([m if m is not None else np.ones(len(t), dtype=bool) for m, t in zip(masks, toks)])
-            cells, tok = cells[sel], tok[sel]
-        rows_of, lengths = np.array(rows_of, dtype=np.int64), np.array(lengths, dtype=np.int64)
-        owner = np.repeat(rows_of, lengths)                          # [M]: the request of each kept token
-        # one bincount over (request, layer, expert) cells
-        cells = cells + self._layer_offsets                                         # [M, L, k]: layer l's experts at l * E
-        flat = cells + (owner * (L * E))[:, None, None]
-        counts = np.bincount(flat.ravel(), minlength=N * L * E).reshape(N, L, E).astype(np.float64)
-        ntok = np.bincount(owner, minlength=N).astype(np.float64)
-        rows = np.concatenate(hidden).astype(np.float64)                            # [rows, hidden]
-        if len(rows) != N:                      # a request of several rows: the sum of its rows
-            rows = np.add.reduceat(rows, np.cumsum([0] + [len(h) for h in hidden[:-1]]), axis=0)
-        x = self.profile.space(rows, ntok)                                          # [N, dim]
-        # surprise: every token's score at once, the largest stretch per prompt row, per request the largest row
-        table = self.profile.tokens
-        per_row = table.stretches(tok, table.scores_flat(tok, cells), lengths)      # [rows]
-        surprise = np.zeros(N)
-        np.maximum.at(surprise, rows_of, np.where(has_ids[rows_of], per_row, 0.0))
-        return counts, x, surprise
-
-    def _replies(self, batch: list[_Captured]) -> tuple[np.ndarray, np.ndarray]:
-        """The batch's reply histograms [N, L, E] (a row of zeros: no reply) and surprise [N]."""
-        out, surprise = np.zeros((len(batch), len(self.adapter.layers), self._E)), np.zeros(len(batch))
-        for i, c in enumerate(batch):
-            n = c.out.reply_tokens
-            if n is None and not self._warned_reply:
-                self._warned_reply = True
-                warnings.warn("a request ended without reply_tokens set: the monitor counts every decode step as its reply "
-                              "(the one that made the end of text too; a 1-token generation counts as none); set "
-                              "r.reply_tokens to the reply's length, as serve does, to score what `monitor score` scores")
-            got = reply_routing(c.routed, c.ids, c.mask, *c.reply, self._E, None if n is None else int(n),
-                                self.profile.tokens)
-            if got is not None:
-                out[i] = got[0] / np.maximum(got[0].sum(1, keepdims=True), 1)
-                surprise[i] = got[1]
-        return out, surprise
 
     def _record(self, client: str, counts: np.ndarray, h: np.ndarray, x: np.ndarray, stats: dict, ps: dict,
                 i: int, reply: np.ndarray | None = None, served: float = 0.0,
@@ -494,20 +376,8 @@ class RoutingMonitor:
                 row["alert"] = {"kind": "slice", "clients": row["top_clients"], **slices.reason(row, self.slice)}
                 self.metrics.alerts.labels("slice", "slice_drift").inc()
         if self._periods is not None:   # in order (flushes are serialized); a period closes at its next request or on time
-            row = self._periods.add(served, resid)
-            if row is not None:
-                res["period"] = self._period_row(row)
+            res["period"] = self._periods.count(served, resid)
         return res
-
-    def _period_row(self, row: dict) -> dict:
-        """A closed period's row, with its metric set and its alert counted and given its reason."""
-        if row["p"] is not None:   # a p that underflowed to 0 (a long baseline, a strong campaign) is 1e-300
-            self.metrics.period.set(-math.log10(max(row["p"], 1e-300)))
-        if row.get("alert"):
-            row["alert"] = {"kind": "period", "period": [row["start"], row["end"]], "requests": row["requests"],
-                            **periods.reason(row)}
-            self.metrics.alerts.labels("period", "period_load").inc()
-        return row
 
     def _tracked(self) -> int:
         with self._lock:   # _record pops and re-inserts a client: unlocked, a scrape could read one short

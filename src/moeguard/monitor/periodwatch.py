@@ -18,7 +18,10 @@ client names (an alert says to score that period's log to name them).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,9 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.monitor.embed import pack
 from moeguard.monitor.periods import (MIN_REQUESTS, TEST, Baseline, Neighbours, _row, _unpack, _when,
-                                      check_baseline)
+                                      check_baseline, reason)
+
+_log = logging.getLogger("moeguard.monitor")
 
 CHECKPOINT_S = 60.0   # the open period's counts are saved at most this often (and at shutdown)
 SCHEMA = "moeguard.open-period/1"
@@ -126,6 +131,69 @@ class PeriodWatch:
                 "settings": {"baseline": self.baseline, "alpha": self.alpha, "test": TEST},
                 "sum": pack(self._sum, "<f8"), "sumsq": pack(self._sq, "<f8")}
 
+
+class PeriodService:
+    """A ``PeriodWatch`` in the online monitor (``online.py``): each scored request counted into its
+    period, a period closed once its end has passed (the monitor's ticker calls ``tick``), and the open
+    period's counts handed to ``on_state`` at most every ``CHECKPOINT_S`` and at ``stop``. A closed
+    period's row gets its metric, and an alert its reason. ``serialized`` is the monitor's flush lock
+    (a context): it orders the watch with scoring. ``on_state`` runs outside it (a callback that
+    scrapes the metrics flushes, and must not wait for itself)."""
+
+    def __init__(self, watch: PeriodWatch, *, metrics, clock, serialized, on_state=None):
+        self.watch, self.metrics, self.clock, self.on_state = watch, metrics, clock, on_state
+        self.serialized = serialized
+        self._saved_at = time.monotonic()
+
+    def count(self, served: float, resid: np.ndarray) -> dict[str, Any] | None:
+        """One scored request (inside the flush, in order); the row of the period it closed, if any."""
+        row = self.watch.add(served, resid)
+        return None if row is None else self.row(row)
+
+    def row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A closed period's row, with its metric set and its alert counted and given its reason."""
+        if row["p"] is not None:   # a p that underflowed to 0 (a long baseline, a strong campaign) is 1e-300
+            self.metrics.period.set(-math.log10(max(row["p"], 1e-300)))
+        if row.get("alert"):
+            row["alert"] = {"kind": "period", "period": [row["start"], row["end"]], "requests": row["requests"],
+                            **reason(row)}
+            self.metrics.alerts.labels("period", "period_load").inc()
+        return row
+
+    def tick(self, *, flush, on_result) -> None:
+        """The ticker's look: once the current period's end has passed, count what waits (``flush``),
+        close the period and give its row to ``on_result(None, ...)``; and save the open period when
+        ``CHECKPOINT_S`` has passed since the last save."""
+        if self.watch.ended(self.clock()):
+            with contextlib.suppress(Exception):   # counted and logged where it was scored
+                flush()
+            with self.serialized():
+                row = self.watch.close_over(self.clock())
+                if row is not None:
+                    res = {"period": self.row(row)}
+                    if on_result is not None:
+                        on_result(None, res)
+        if self.on_state is not None and time.monotonic() - self._saved_at >= CHECKPOINT_S:
+            try:
+                self.save()
+            finally:          # a failing save is retried at the next interval, not at every look
+                self._saved_at = time.monotonic()
+
+    def save(self) -> None:
+        """``on_state`` with the open period's counts (read under the flush lock, saved outside it)."""
+        with self.serialized():
+            state = self.watch.state()
+        self.on_state(state)
+
+    def stop(self) -> None:
+        """The last save, at the monitor's exit: a failure is logged and counted, never raised."""
+        if self.on_state is None:
+            return
+        try:
+            self.save()
+        except Exception as e:  # noqa: BLE001 -- a failed save must not turn a clean stop into a traceback
+            self.metrics.callback_failed.inc()
+            _log.warning("the routing monitor could not save the open period: %s: %s", type(e).__name__, e)
 
 def read_open(path: Path, *, period: float, digest: str, shape: tuple[int, int], baseline: int, alpha: float,
               history: list[dict[str, Any]] | None, now: float) -> dict[str, Any] | None:
