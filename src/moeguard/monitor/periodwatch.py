@@ -1,6 +1,7 @@
 """Periods of all traffic as a server sees them (``RoutingMonitor(period=...)``, ``serve --period``).
 
-``periods.py`` is the test; this is its bookkeeping in service. Bounded: the current period's request
+``periods.py`` is the test; this is its bookkeeping in service: ``PeriodWatch`` the counts and the
+baseline, ``PeriodService`` their place in the online monitor (its ticker, saves and metrics). Bounded: the current period's request
 count and each cell's sum and sum of squares of residuals, and the baseline's periods; no text and no
 client names (an alert says to score that period's log to name them).
 
