@@ -1,9 +1,10 @@
 """Periods of all traffic as a server sees them (``RoutingMonitor(period=...)``, ``serve --period``).
 
 ``periods.py`` is the test; this is its bookkeeping in service: ``PeriodWatch`` the counts and the
-baseline, ``PeriodService`` their place in the online monitor (its ticker, saves and metrics). Bounded: the current period's request
-count and each cell's sum and sum of squares of residuals, and the baseline's periods; no text and no
-client names (an alert says to score that period's log to name them).
+baseline, ``PeriodService`` their place in the online monitor (its ticker, saves and metrics).
+Bounded: the current period's request count and each cell's sum and sum of squares of residuals, and
+the baseline's periods; no text and no client names (an alert says to score that period's log to
+name them).
 
 - **When a period is tested**: at the first request counted after it, or, where the monitor has a
   ticker (``max_delay_s``), as soon as its end has passed (``close_over``): a quiet night's period is
