@@ -59,8 +59,8 @@ def main() -> None:
     ap.add_argument("--campaign-days", type=int, default=5, help="benign days each campaign is added to")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
-    ap.add_argument("--dump", help="also save each request's residual and who sent it (.npz) for "
-                                   "routing_monitor_day_resample.py")
+    ap.add_argument("--dump", help="also save each request's residual, embedding and who sent it (.npz) "
+                                   "for routing_monitor_day_resample.py")
     args = ap.parse_args()
     from routing_monitor_own_log import interleave, users
 
@@ -205,7 +205,7 @@ def main() -> None:
     if args.dump:   # the benign days' requests (day, client, text) and each campaign's and control's
         rec = [(d, r["client"], at[r["prompt"]]) for d, rs in enumerate(day_recs) for r in rs]
         sent = {k: [np.array([at[p] for p in ps]) for c in campaigns for _, ps, _ in c[k]] for k in ("clients", "control")}
-        np.savez_compressed(args.dump, resid=resid.astype(np.float32), day=np.array([d for d, _, _ in rec]),
+        np.savez_compressed(args.dump, resid=resid.astype(np.float32), x=X.astype(np.float32), day=np.array([d for d, _, _ in rec]),
                             client=np.array([c for _, c, _ in rec]), text=np.array([i for *_, i in rec]),
                             campaign_of=np.repeat(np.arange(len(campaigns)), args.identities),
                             **{f"{k}_{i}": a for k, v in sent.items() for i, a in enumerate(v)})

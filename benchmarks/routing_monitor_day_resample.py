@@ -47,9 +47,12 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=3000)
     ap.add_argument("--baseline", type=int, default=14)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cause-draws", type=int, default=0,
+                    help="on the first N draws, also each day's cause (periodclients.py: its clients' routing or the "
+                         "mix), in the cell the test picked; needs a dump with embeddings (x)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    from moeguard.monitor import periods
+    from moeguard.monitor import periodclients, periods
 
     t0 = time.perf_counter()
     z = np.load(args.dump, allow_pickle=False)
@@ -72,6 +75,9 @@ def main() -> None:
 
     kinds = ["benign"] + [f"{w}_{n}" for n in sizes for w in ("campaign", "control")]
     got = {v: {k: [] for k in kinds} for v in ("monitor", "first_version")}
+    causes: dict[str, list] = {k: [] for k in kinds}       # per draw: (the test's p, p_routing)
+    X = z["x"].astype(np.float64) if args.cause_draws else None
+    user = [f"{d}:{c}" for d, c in users]                   # a benign user's name: its day and client
     rng = np.random.default_rng(args.seed)
     for draw in range(args.draws):
         perm = rng.permutation(len(pool))
@@ -79,6 +85,14 @@ def main() -> None:
         test = np.concatenate([pool[j] for j in perm[per_day * args.baseline:per_day * (args.baseline + 1)]])
         M, S = np.stack([m.ravel() for m, _, _ in days]), np.stack([s.ravel() for _, s, _ in days])
         c = draw % len(campaigns)
+        if draw < args.cause_draws:   # the baseline days' requests as matches; the test day's and identities' matched once
+            base_idx = [np.concatenate([pool[j] for j in perm[per_day * i:per_day * (i + 1)]]) for i in range(args.baseline)]
+            base_who = [[user[j] for j in perm[per_day * i:per_day * (i + 1)] for _ in pool[j]] for i in range(args.baseline)]
+            before = periodclients.Earlier([X[i] for i in base_idx], base_who)
+            at = np.concatenate(base_idx)
+            test_who = [user[j] for j in perm[per_day * args.baseline:per_day * (args.baseline + 1)] for _ in pool[j]]
+            sent = {w: [np.asarray(a) for a in (campaigns if w == "campaign" else controls)[c]] for w in ("campaign", "control")}
+            nn = {"test": before.match(X[test]), **{w: [before.match(X[a]) for a in v] for w, v in sent.items()}}
         for kind in kinds:
             idx = test
             if kind != "benign":
@@ -88,9 +102,16 @@ def main() -> None:
             base = periods.Baseline(baseline=args.baseline, alpha=0.5, layers=list(range(R.shape[1])))
             base.kept = list(days)
             row: dict = {}
-            base.judge(row, m, se2, n_req)
+            _, l, e = base.judge(row, m, se2, n_req)
             got["monitor"][kind].append(row["p"])
             got["first_version"][kind].append(first_version(M, S, m.ravel(), se2.ravel()))
+            if draw < args.cause_draws:
+                who, matches = list(test_who), [nn["test"]]
+                if kind != "benign":
+                    who += [f"identity-{i}" for i in range(int(n)) for _ in sent[w][i]]
+                    matches += nn[w][:int(n)]
+                before.cause(row, r=R[idx, l, e], clients=who, pool_r=R[at, l, e], alpha=0.01, nn=np.concatenate(matches))
+                causes[kind].append((row["p"], row["p_routing"]))
         if (draw + 1) % 100 == 0:
             print(f"{draw + 1} draws ({time.perf_counter() - t0:.0f} s)", flush=True)
     rates = {v: {k: {str(a): round(float(np.mean(np.array(ps) <= a)), 4) for a in LEVELS} for k, ps in by.items()}
@@ -98,10 +119,24 @@ def main() -> None:
     for v, by in rates.items():
         for k, r in by.items():
             print(f"{v:14s} {k:12s} " + "  ".join(f"{a}: {r[a]:.3f}" for a in r), flush=True)
+    # the cause, on the first --cause-draws draws: at each level, the share of draws alerting and put down
+    # to routing (p_routing <= the level) or to the mix; and p_routing alone, alerting or not (its calibration)
+    cause = {k: {"draws": len(v), **{str(a): {
+        "alert": round(float(np.mean([p <= a for p, _ in v])), 4),
+        "alert_routing": round(float(np.mean([p <= a and q <= a for p, q in v])), 4),
+        "alert_mix": round(float(np.mean([p <= a and q > a for p, q in v])), 4),
+        "routing_any_day": round(float(np.mean([q <= a for _, q in v])), 4)} for a in LEVELS}}
+        for k, v in causes.items() if v}
+    for k, by in cause.items():
+        print(f"cause {k:12s} " + "  ".join(f"{a}: alert {r['alert']:.3f} routing {r['alert_routing']:.3f} mix "
+                                            f"{r['alert_mix']:.3f} (any day {r['routing_any_day']:.3f})"
+                                            for a, r in by.items() if a != "draws"), flush=True)
     path = write_result("routing_monitor_day_resample", {
         "setting": {"draws": args.draws, "baseline": args.baseline, "users_per_day": per_day, "users": len(pool),
-                    "campaigns": len(campaigns), "identities": sizes, "seed": args.seed},
-        "rates": rates, "seconds": round(time.perf_counter() - t0, 1)}, args.out)
+                    "campaigns": len(campaigns), "identities": sizes, "seed": args.seed,
+                    **({"cause_draws": args.cause_draws, "cause_k": periodclients.K,
+                        "cause_null_clients": periodclients.NULL_CLIENTS} if args.cause_draws else {})},
+        "rates": rates, **({"cause": cause} if cause else {}), "seconds": round(time.perf_counter() - t0, 1)}, args.out)
     print(f"written to {path}")
 
 

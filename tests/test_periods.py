@@ -15,7 +15,7 @@ import pytest
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.loading import load_model
-from moeguard.monitor import periods, periodwatch
+from moeguard.monitor import periodclients, periods, periodwatch
 from moeguard.monitor.fit import build
 from moeguard.monitor.profile import Profile
 from moeguard.monitor.routertap import SEPARATOR
@@ -65,7 +65,7 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
                  "--period", "24h", "--baseline", "10"]) == 0
     said = capsys.readouterr().out
     spans = [json.loads(line) for line in (out / "periods.jsonl").read_text().splitlines()]
-    assert "1 period alerts (11 of 14 periods tested)" in said, [(s["p"], s.get("z")) for s in spans]
+    assert "1 period alerts (11 of 14 periods tested; 1 put down to routing)" in said, [(s["p"], s.get("z")) for s in spans]
     assert [s["start"] for s in spans] == [f"2026-11-{d + 1:02d}T00:00:00Z" for d in range(14)]
     assert [s["baseline"] for s in spans] == [*range(11), 10, 10, 10]
     assert all(s["p"] is None and "3 needed" in s["why"] for s in spans[:3])
@@ -74,26 +74,40 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     # nominal (the first test's were all above 0.2), so only "none alerts" is asserted of them
     assert ps[9] <= 1e-4 and all(p > 0.01 for i, p in enumerate(ps) if i != 9), ps
     named = [c["client"] for c in spans[12]["top_clients"]]
-    assert len(named) == periods.NAMED and all(c.startswith("mallory-12-") for c in named), named
+    assert len(named) == periodclients.NAMED and all(c.startswith("mallory-12-") for c in named), named
+    # its cause: the named clients' routing went beyond what the same content got on the days before
+    assert spans[12]["cause"] == "routing" and spans[12]["p_routing"] < 1e-3, spans[12]
+    assert all(c["p_routing"] < 0.01 for c in spans[12]["top_clients"][:3]), spans[12]["top_clients"]
     (alert,) = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()
                 if json.loads(line)["kind"] == "period"]
     assert alert["time"] == ["2026-11-13T00:00:00Z", "2026-11-14T00:00:00Z"] and alert["statistic"] == "period_load"
     assert f"expert {spans[12]['expert']} at layer {spans[12]['layer']}" in alert["detail"] and "mallory-12-" in alert["detail"]
     assert "against the 10 periods before" in alert["detail"] and alert["experts"] == [spans[12]["expert"]]
+    assert alert["cause"] == "routing" and "routing beyond content" in alert["detail"], alert
     summary = json.loads((out / "summary.json").read_text())
     assert summary["period"] == DAY and summary["periods"] == 14 and summary["periods_tested"] == 11
     assert summary["alerts"]["period"] == 1 and summary["run"]["settings"]["baseline"] == 10
     assert "lorem" not in (out / "periods.jsonl").read_text() + (out / "alerts.jsonl").read_text()
     # a daily run: days 0-9, then days 10-13 with the first run's periods as its history, give the
-    # one run's periods line for line
+    # one run's periods line for line, but for the alert's cause: the history carries no requests
     for name, part, extra in (("first", rows[:480], []), ("then", rows[480:], ["--history", str(tmp_path / "first" / "periods.jsonl")])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
         assert main(["monitor", "score", "--profile", str(pfile), "--log", str(tmp_path / f"{name}.jsonl"), "--out",
                      str(tmp_path / name), "--period", "24h", "--baseline", "10", *extra]) == 0
-    assert (tmp_path / "then" / "periods.jsonl").read_text() == (out / "periods.jsonl").read_text()
+    daily = [json.loads(line) for line in (tmp_path / "then" / "periods.jsonl").read_text().splitlines()]
+    assert daily[12]["cause"] is None and daily[12]["p_routing"] is None, daily[12]
+    assert daily[12]["cause_why"] == ("2 baseline periods (96 requests) in this run; 2 and 256 needed (periods read "
+                                      "from --history carry no requests)")
+
+    def without_cause(rows):
+        return [{k: ([{a: b for a, b in c.items() if a != "p_routing"} for c in v] if k == "top_clients" else v)
+                 for k, v in row.items() if k not in ("cause", "p_routing", "cause_why")} for row in rows]
+
+    assert without_cause(daily) == without_cause(spans)
+    assert (tmp_path / "then" / "periods.jsonl").read_text().splitlines()[:12] == (out / "periods.jsonl").read_text().splitlines()[:12]
     then = json.loads((tmp_path / "then" / "summary.json").read_text())
     assert (then["history"], then["periods"], then["periods_tested"], then["alerts"]["period"]) == (10, 4, 4, 1)
-    assert "1 period alerts (4 of 4 periods tested)" in capsys.readouterr().out
+    assert "1 period alerts (4 of 4 periods tested; 1 with no cause given)" in capsys.readouterr().out
     # --period-alpha sets the period test's level apart from --alpha: the campaign day (p < 1e-4) passes at 1e-12
     assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "strict"),
                  "--period", "24h", "--baseline", "10", "--period-alpha", "1e-12"]) == 0
@@ -311,7 +325,7 @@ def test_a_history_is_checked_line_by_line_against_this_run(setting, tmp_path, e
                                    alpha=0.01)
         assert [g["index"] for g in got] == [0, 1, 2, 3, 4] and all(g["_state"][0].shape == (4, 8) for g in got)
         return
-    with pytest.raises(MoeguardError, match="") as e:
+    with pytest.raises(MoeguardError) as e:
         periods.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
                              alpha=0.01)
     assert needle in e.value.message, e.value.message

@@ -335,7 +335,10 @@ def monitor_score(
                + (f", {summary['alerts']['slice']} slice alerts ({summary['slices']} slices of all traffic)"
                   if "slice" in summary["alerts"] else "")
                + (f", {summary['alerts']['period']} period alerts ({summary['periods_tested']} of {summary['periods']} "
-                  f"periods tested)" if "period" in summary["alerts"] else "") + " "
+                  f"periods tested" + "".join(f"; {n} {said}" for c, said in (("routing", "put down to routing"),
+                                                                             ("mix", "to the mix"), ("none", "with no cause given"))
+                                             if (n := summary["period_causes"][c]))
+                  + ")" if "period" in summary["alerts"] else "") + " "
                f"(p <= {alpha}); written to {out}")
     u = summary["unwindowed"]
     if u["requests"]:   # scored one at a time only: a client sending fewer than a window is never seen as a stream

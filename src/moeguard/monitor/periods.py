@@ -33,7 +33,9 @@ many small pushes become one large one, where benign traffic's pushes cancel.
   deviant cell's, Sidak-adjusted over the cells. The first version (the raw deviation, its spread
   floored at the sampling noise) gave benign days p >= 0.33 where this is nominal (``TEST`` names the version; a history of another is refused).
 - **An alert names** the (layer, expert) and the clients whose requests carry most of its excess
-  (each client's summed residual there, above what the baseline predicts, as a share of the period's).
+  (each client's summed residual there, above what the baseline predicts, as a share of the period's),
+  and, where the baseline periods' requests are in the run, its cause: the clients' routing beyond
+  their content's, or the period's mix of content (``periodclients.py``).
 
 The null is the deployment's own earlier periods; nothing here is calibrated on the profile's
 traffic. A campaign already running through the whole baseline is part of the norm, and a new kind
@@ -52,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
+from moeguard.monitor import periodclients
 from moeguard.monitor.embed import pack, unpack
 
 NEIGHBOURS = 16       # benign requests whose mean routing predicts a request's
@@ -65,7 +68,6 @@ FACTORS = 3           # at most this many directions of the baseline's day-to-da
 FLOOR = 0.25          # a cell's out-of-sample spread is at least this share of its sampling noise
 TINY = 1e-18         # a floor on variances: a cell no baseline period routes to (0 / 0) is not NaN
 TEST = "factors"      # the period test's version, in each row's settings: a history of another is refused
-NAMED = 5             # clients an alert names
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -337,15 +339,19 @@ def _row(k: float, period: float, n: int, clients: int | None, *, digest: str, b
 
 
 def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: float, baseline: int, alpha: float,
-                  layers: list[int], digest: str = "", history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                  layers: list[int], digest: str = "", history: list[dict[str, Any]] | None = None,
+                  x: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One row per period, in time order: the ``history``'s (``read_history``: earlier periods, which
     join the baseline as they did then) and then one per period of these requests (module docstring).
     ``t`` [N] the requests' times (seconds), ``resid`` [N, L, E] their residuals, ``clients`` [N] as
-    outputs name them, ``digest``: the neighbour references' (written with each row)."""
+    outputs name them, ``digest``: the neighbour references' (written with each row). With ``x`` [N,
+    dim], the requests' embeddings, an alert's cause: its clients' routing or the period's mix
+    (``periodclients.py``)."""
     keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
     members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
     rows = [{k: v for k, v in old.items() if k != "_state"} for old in history or []]
     base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history)
+    kept: list[np.ndarray | None] = [None] * len(base.kept)   # beside base.kept: its periods' requests in this run
     check_after(t, period=period, history=history)
     for k, idx in zip(keys, members):
         r = resid[idx]
@@ -355,34 +361,41 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
             row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
             continue
         m = r.mean(0)
+        earlier = [i for i in kept if i is not None]
         tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx))
+        if "state" in row and not row.get("alert"):   # as judge keeps it
+            kept = (kept + [idx])[-baseline:]
         if tested is None:
             continue
         expected, l, e = tested
-        excess: dict[str, float] = {}
-        named: dict[str, Any] = {}
-        for i, v in zip(idx, r[:, l, e] - expected[l, e]):
-            excess[str(clients[i])] = excess.get(str(clients[i]), 0.0) + float(v)
-            named.setdefault(str(clients[i]), clients[i])
-        total = float((m[l, e] - expected[l, e]) * len(idx))
-        top = [c for c in sorted(excess, key=lambda c: -excess[c]) if excess[c] > 0][:NAMED]
-        count = {c: 0 for c in top}
-        for i in idx:
-            if str(clients[i]) in count:
-                count[str(clients[i])] += 1
-        row["top_clients"] = [{"client": named[c], "requests": count[c],
-                               "excess": round(excess[c] / total, 3) if total > 0 else None} for c in top]
+        who = [clients[i] for i in idx]
+        row["top_clients"] = periodclients.name_clients(r[:, l, e], who, expected[l, e], m[l, e])
+        if row.get("alert") and x is not None:   # the routing of its clients, or the mix of the period?
+            before = periodclients.Earlier([x[j] for j in earlier], [[clients[i] for i in j] for j in earlier])
+            at = np.concatenate(earlier) if earlier else np.zeros(0, dtype=np.int64)
+            ps = before.cause(row, r=r[:, l, e], clients=who, pool_r=resid[at, l, e], alpha=alpha,
+                              nn=before.match(x[idx]) if before.why is None else None)
+            for c in row["top_clients"]:
+                c["p_routing"] = ps.get(str(c["client"]))
     return rows
 
 
 def reason(row: dict[str, Any]) -> dict[str, Any]:
     """A period alert's reason, in the shape of the other alerts'."""
     named = ", ".join(f"{c['client']} ({c['requests']})" for c in row["top_clients"]) if "top_clients" in row \
-        else "not named online (score the period's log with `moeguard monitor score --period` to name them)"
+        else ("not named online (score the period's log with `moeguard monitor score --period` to name them; with "
+              "the baseline periods' logs too, it says whether their routing or the mix of traffic moved)")
+    how = ""
+    if row.get("cause") == "routing":
+        how = (f"; routing beyond content (p {row['p_routing']:.2g}): clients' requests went to the expert more than "
+               "requests of the same content did in the baseline periods (a hijack)")
+    elif row.get("cause") == "mix":
+        how = (f"; no client's routing goes beyond its content's (p {row['p_routing']:.2g}): the period's mix moved "
+               "(more of one kind of content: a launch, a batch job, or a distributed extraction)")
     return {"statistic": "period_load", "layer": row["layer"], "experts": [row["expert"]], "value": row["z"],
-            "p": row["p"], "p_combined": row["p"],
+            "p": row["p"], "p_combined": row["p"], **({"cause": row["cause"]} if row.get("cause") else {}),
             "detail": (f"over {row['requests']} requests" + (f" ({row['clients']} clients)" if row["clients"] is not None else "")
                        + f", expert {row['expert']} at layer "
                        f"{row['layer']} took {100 * row['shift']:.2f} points more routing than the requests' content "
                        f"predicts (z {row['z']:.1f} against the {row['baseline']} periods before); most of the excess "
-                       f"is from: {named or 'no one client'}")}
+                       f"is from: {named or 'no one client'}" + how)}

@@ -259,7 +259,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     spans = [] if period is None else periods.score_periods(
         np.array([r["_t"] for r in records]), prof.neighbours.residual(X, H), client_of, period=period,
         baseline=baseline, alpha=period_alpha, layers=prof.meta["layers"],
-        digest=prof.neighbours.digest, history=history)
+        digest=prof.neighbours.digest, history=history, x=X)
     new = spans[len(history or ()):]   # the history's rows (and alerts) are its own run's
     for row in new:
         if row.get("alert"):
@@ -280,7 +280,11 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                           **({"period": sum(a["kind"] == "period" for a in alerts)} if period else {})},
                **({"period": period, "baseline": baseline, "period_alpha": period_alpha,
                    "history": len(history or ()),
-                   "periods": len(new), "periods_tested": sum(r["p"] is not None for r in new)} if period else {}),
+                   "periods": len(new), "periods_tested": sum(r["p"] is not None for r in new),
+                   # an alert's cause (periodclients.py): its clients' routing, the mix, or not given (no baseline requests)
+                   "period_causes": {c: sum(bool(r.get("alert")) and r.get("cause") == k for r in new)
+                                     for c, k in (("routing", "routing"), ("mix", "mix"), ("none", None))}}
+                 if period else {}),
                "prompts_logged": log_prompts,
                # with a profile of replies: how long a reply is scored, and how many requests had none
                "replies": None if R is None else {"max_tokens": prof.replies.max_tokens,

@@ -1,0 +1,179 @@
+"""Who moved a period's load, and how (``monitor score --period``): the clients a period alert names,
+and whether it is their *routing* that moved or the period's *mix* of traffic.
+
+A period alerts when its mean residual in one (layer, expert) cell leaves what the baseline days
+predict (``periods.py``). Two kinds of day do that:
+- **routing**: some clients' requests are routed to the expert more than requests of the same content
+  were on earlier days (a hijack campaign: each of its requests moved, whatever identity sent it);
+- **mix**: no client's routing is unusual for its content, but the day holds more of one kind of
+  content than the baseline days did (a launch, a batch job, or a distributed extraction campaign:
+  many requests of one task). The neighbours' prediction is not exact in every region of content,
+  so a heavy region moves the mean residual too.
+
+**The test** (``Earlier.cause``). In the alerted cell, each request's residual is compared with the
+mean residual of its ``K`` nearest requests (in the profile's embedding) among the baseline periods'
+requests in this run: the same content, routed on days that passed. A verbatim repeat of the
+request is not its own match (a campaign that repeats one prompt must not be matched by its earlier
+copies). Per client of at least ``MIN_REQUESTS`` requests, a moderated one-sample t of those
+differences (``moderated_z``). Benign clients' z's are wider than N(0, 1) (a client's requests share
+neighbours, and users have habits), so the null is made of the baseline periods' own clients, each
+period's matched against the others: up to ``NULL_CLIENTS`` of them, their median and scaled median
+absolute deviation (an empirical null, as in Efron's large-scale testing). The period's own clients
+are not the null: a campaign of many identities would widen it. A client's p is its upper tail
+against that null, Bonferroni-adjusted over the period's clients tested; the period's cause is
+``routing`` where the smallest is at most the period's level, else ``mix``.
+
+Measured in ``benchmarks/routing_monitor_day_resample.py`` (docs/routing-security.md). The test
+needs the baseline periods' requests: periods read from ``--history`` carry none, and with fewer
+than 2 periods or ``MIN_MATCHED`` requests in this run, or fewer than ``MIN_NULL`` clients in them,
+the cause is not given (``cause_why`` says why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+K = 32               # earlier requests of the same content each request is compared with
+MIN_REQUESTS = 4     # requests a client needs to be tested (a t needs a spread)
+PRIOR_DF = 8         # the moderated t's prior degrees of freedom (``moderated_z``)
+MIN_MATCHED = 256    # baseline requests in this run the test needs
+NULL_CLIENTS = 128   # baseline clients (at most) whose z's are the null
+MIN_NULL = 32        # and at least
+NAMED = 5            # clients an alert names
+
+
+def name_clients(r: np.ndarray, clients: list, expected: float, mean: float) -> list[dict[str, Any]]:
+    """The ``NAMED`` clients whose requests carry most of a cell's excess over ``expected``: ``r`` [n]
+    the period's residuals in the cell (``mean`` their mean, as the test computed it), ``clients`` [n]
+    who sent each. Each with its request count and its share of the period's excess."""
+    excess: dict[str, float] = {}
+    named: dict[str, Any] = {}
+    count: dict[str, int] = {}
+    for c, v in zip(clients, r - expected):
+        key = str(c)
+        excess[key] = excess.get(key, 0.0) + float(v)
+        named.setdefault(key, c)
+        count[key] = count.get(key, 0) + 1
+    total = float((mean - expected) * len(r))
+    top = [c for c in sorted(excess, key=lambda c: -excess[c]) if excess[c] > 0][:NAMED]
+    return [{"client": named[c], "requests": count[c],
+             "excess": round(excess[c] / total, 3) if total > 0 else None} for c in top]
+
+
+def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
+    """[len(x), k] indices into ``pool`` of each row's ``k`` nearest rows (Euclidean), a row equal to
+    it excluded (to a relative 1e-9: the same prompt embedded in another batch); in chunks (a period
+    against two weeks of requests is a large matrix)."""
+    k = min(k, len(pool) - 1)
+    out = np.empty((len(x), k), dtype=np.int64)
+    pn = (pool**2).sum(1)
+    for s in range(0, len(x), 512):
+        q = x[s:s + 512]
+        qn = (q**2).sum(1)[:, None]
+        d2 = q @ pool.T                                                     # [chunk, pool]
+        d2 *= -2
+        d2 += pn                                                            # |q - p|^2 less |q|^2: the same order
+        d2[d2 + qn <= 1e-9 * (qn + pn)] = np.inf                            # a verbatim repeat is not its own match
+        out[s:s + 512] = np.argpartition(d2, k - 1, axis=1)[:, :k]
+    return out
+
+
+def moderated_z(d: np.ndarray, owner: np.ndarray, s0: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per client (``owner`` [n] indexes them): its differences ``d`` [n] as the z of a moderated
+    one-sample t, NaN for clients of fewer than ``MIN_REQUESTS``; their variances and the tested mask.
+
+    Moderated as in Smyth's limma: a client's variance is shrunk toward ``s0`` (default: the tested
+    clients' mean variance) with ``PRIOR_DF`` degrees of freedom, so a client of 4 requests that
+    happen to agree is not read as certain. On resampled days, with each client's own variance alone,
+    benign clients of 4 requests reached the t's of a campaign's; with the pooled variance alone,
+    days heavy in one task were put down to routing on 10% of draws (0% moderated)."""
+    from scipy.stats import norm
+    from scipy.stats import t as student
+
+    G = int(owner.max()) + 1
+    n = np.bincount(owner, minlength=G).astype(float)
+    tested = n >= MIN_REQUESTS
+    mean = np.bincount(owner, weights=d, minlength=G) / np.maximum(n, 1)
+    var = np.maximum(np.bincount(owner, weights=d * d, minlength=G) - n * mean**2, 0.0) / np.maximum(n - 1, 1)
+    s0 = float(var[tested].mean()) if s0 is None else s0
+    shrunk = (PRIOR_DF * s0 + (n - 1) * var) / (PRIOR_DF + n - 1)
+    t = mean / np.sqrt(np.maximum(shrunk, 1e-30) / np.maximum(n, 1))
+    z = np.full(G, np.nan)
+    z[tested] = norm.isf(student.sf(t[tested], df=PRIOR_DF + n[tested] - 1))        # the t as a z, by its df
+    return z, var, tested
+
+
+def _owners(clients: list) -> tuple[np.ndarray, np.ndarray]:
+    """Client names (sorted) and each request's index into them."""
+    return np.unique(np.array([str(c) for c in clients]), return_inverse=True)
+
+
+class Earlier:
+    """The baseline periods' requests in this run, as matches for a period's: each period's embeddings
+    [m_j, dim] and clients [m_j]. The null's matches (a sample of each period's clients, matched
+    against the other periods) are found once, whatever the cell tested."""
+
+    def __init__(self, x: list[np.ndarray], clients: list[list]):
+        self.sizes = [len(a) for a in x]
+        self.pool = np.concatenate(x) if x else np.zeros((0, 0))
+        self.matched = len(self.pool)
+        self.periods = len(x)
+        self.why = None
+        if self.periods < 2 or self.matched < MIN_MATCHED:
+            self.why = (f"{self.periods} baseline periods ({self.matched} requests) in this run; 2 and {MIN_MATCHED} "
+                        "needed (periods read from --history carry no requests)")
+            return
+        starts = np.cumsum([0] + self.sizes[:-1])
+        quota = -(-NULL_CLIENTS // self.periods)
+        rows, owners, nn, offset = [], [], [], 0
+        for j, (xj, cj) in enumerate(zip(x, clients)):
+            names, owner = _owners(cj)
+            n = np.bincount(owner, minlength=len(names))
+            ok = sorted((g for g in range(len(names)) if n[g] >= MIN_REQUESTS),   # by a hash: not by how names sort
+                        key=lambda g: hashlib.sha256(str(names[g]).encode()).digest())[:quota]
+            keep = np.flatnonzero(np.isin(owner, ok))
+            if not len(keep):
+                continue
+            others = np.concatenate([np.arange(a, a + m) for i, (a, m) in enumerate(zip(starts, self.sizes)) if i != j])
+            nn.append(others[nearest(xj[keep], self.pool[others], K)])
+            rows.append(starts[j] + keep)
+            owners.append(offset + np.unique(owner[keep], return_inverse=True)[1])
+            offset += len(ok)
+        self._rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)     # null requests, into the pool
+        self._nn = np.concatenate(nn) if nn else np.zeros((0, K), dtype=np.int64)
+        self._owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+        if offset < MIN_NULL:
+            self.why = f"{offset} clients of {MIN_REQUESTS} or more requests in the baseline periods, {MIN_NULL} needed"
+
+    def match(self, x: np.ndarray) -> np.ndarray:
+        """[len(x), K] indices into the pool of each request's nearest earlier requests."""
+        return nearest(x, self.pool, K)
+
+    def cause(self, row: dict[str, Any], *, r: np.ndarray, clients: list, pool_r: np.ndarray, alpha: float,
+              nn: np.ndarray) -> dict[str, float | None]:
+        """Fill an alerted period's ``cause`` (``routing`` or ``mix``) and ``p_routing``, or ``cause_why``:
+        its requests' residuals in the alerted cell ``r`` [n], ``clients`` [n] and matches ``nn``
+        (``match``); ``pool_r`` [m] the earlier requests' residuals in that cell. Each of the period's
+        clients' adjusted p (None: too few requests), by client name."""
+        from scipy.stats import norm
+
+        row["cause"], row["p_routing"] = None, None
+        if self.why is not None:
+            row["cause_why"] = self.why
+            return {}
+        zn, varn, tn = moderated_z(pool_r[self._rows] - pool_r[self._nn].mean(1), self._owner)
+        null = zn[tn]
+        names, owner = _owners(clients)
+        z, _, tested = moderated_z(r - pool_r[nn].mean(1), owner, s0=float(varn[tn].mean()))
+        if not tested.any():
+            row["cause_why"] = f"no client of {MIN_REQUESTS} or more requests in the period"
+            return {}
+        med = float(np.median(null))
+        mad = 1.4826 * float(np.median(np.abs(null - med)))
+        adjusted = np.minimum(1.0, norm.sf((z - med) / max(mad, 1e-12)) * int(tested.sum()))
+        row["p_routing"] = float(np.nanmin(adjusted))
+        row["cause"] = "routing" if row["p_routing"] <= alpha else "mix"
+        return {str(names[g]): (float(adjusted[g]) if tested[g] else None) for g in range(len(names))}

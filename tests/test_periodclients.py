@@ -1,0 +1,141 @@
+"""An alerted period's cause (``periodclients.py``): a day whose clients' routing went beyond what
+the same content got on the baseline days is put down to routing and its clients are the ones with
+small p's; a day that only holds more of one region of content (whose residual the neighbours'
+prediction gets wrong) is put down to the mix; benign days' p_routing is a p-value; a verbatim
+repeat is not its own match; without the baseline's requests (--history) no cause is given, and
+says why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moeguard.monitor import periodclients, periods
+
+DAY = 86400.0
+REGIONS = 12
+
+
+def _world(seed: int = 0):
+    """Region centres in 8 dimensions and each region's bias in one cell (the neighbours' prediction
+    is off by that much there): region 0 is off by +0.06, the others by small amounts."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (REGIONS, 8))
+    bias = rng.normal(0, 0.005, REGIONS)
+    bias[0] = 0.06
+    return centres, bias
+
+
+def _requests(rng, centres, bias, regions, shift: float = 0.0):
+    """One client's requests in the given regions: embeddings near the centres, residual in the cell."""
+    x = centres[regions] + rng.normal(0, 0.5, (len(regions), 8))
+    r = bias[regions] + rng.normal(0, 0.04, len(regions)) + shift
+    return x, r
+
+
+def _day(rng, centres, bias, *, users: int = 40, heavy: int = 0, campaign: int = 0, shift: float = 0.05):
+    """A day's requests: ``users`` benign users of 8 requests, each keeping to 2 regions (habits;
+    region 0 as often as any); ``heavy`` identities of 24 requests of region 0 only (a batch job);
+    ``campaign`` identities of 24 requests in ordinary regions whose routing is moved by ``shift``."""
+    xs, rs, who = [], [], []
+    for u in range(users):
+        x, r = _requests(rng, centres, bias, rng.choice(rng.choice(REGIONS, 2, replace=False), 8))
+        xs.append(x), rs.append(r), who.extend([f"user-{u}"] * 8)
+    for h in range(heavy):
+        x, r = _requests(rng, centres, bias, np.zeros(24, dtype=int))
+        xs.append(x), rs.append(r), who.extend([f"batch-{h}"] * 24)
+    for c in range(campaign):
+        x, r = _requests(rng, centres, bias, rng.integers(1, REGIONS, 24), shift)
+        xs.append(x), rs.append(r), who.extend([f"mallory-{c}"] * 24)
+    return np.concatenate(xs), np.concatenate(rs), who
+
+
+def _cause(rng, centres, bias, **day):
+    """The cause of a day (its clients' p's too) against 10 benign baseline days."""
+    base = [_day(rng, centres, bias) for _ in range(10)]
+    before = periodclients.Earlier([b[0] for b in base], [[f"{i}:{c}" for c in b[2]] for i, b in enumerate(base)])
+    x, r, who = _day(rng, centres, bias, **day)
+    row: dict = {}
+    ps = before.cause(row, r=r, clients=who, pool_r=np.concatenate([b[1] for b in base]), alpha=0.01,
+                      nn=before.match(x))
+    return row, ps
+
+
+def test_a_campaign_is_put_down_to_routing_and_a_heavy_region_to_the_mix():
+    centres, bias = _world()
+    rng = np.random.default_rng(1)
+    row, ps = _cause(rng, centres, bias, campaign=3, shift=0.08)
+    assert row["cause"] == "routing" and row["p_routing"] < 1e-4, row
+    assert {c for c in ps if ps[c] <= 0.01} == {"mallory-0", "mallory-1", "mallory-2"}, ps
+    # six batch identities sending region 0 only: their residuals are high (region 0's bias), and as
+    # high as region 0's requests were on the baseline days
+    row, ps = _cause(rng, centres, bias, heavy=6)
+    assert row["cause"] == "mix" and row["p_routing"] > 0.01, row
+    assert np.mean(_day(rng, centres, bias, users=0, heavy=6)[1]) > 0.05     # a high cell, as an alert's
+    # the same identities with their routing moved too: routing
+    row, _ = _cause(rng, centres, bias, heavy=6, campaign=2)
+    assert row["cause"] == "routing", row
+
+
+def test_benign_days_p_routing_is_a_p_value():
+    centres, bias = _world(2)
+    rng = np.random.default_rng(3)
+    ps = [_cause(rng, centres, bias)[0]["p_routing"] for _ in range(40)]
+    assert np.mean(np.array(ps) <= 0.05) <= 0.1 and np.mean(np.array(ps) <= 0.5) >= 0.2, sorted(ps)[:10]
+
+
+def test_a_verbatim_repeat_is_not_its_own_match():
+    rng = np.random.default_rng(4)
+    pool = rng.normal(size=(50, 4))
+    q = np.concatenate([pool[:3], pool[:3] + 1e-3])
+    nn = periodclients.nearest(q, pool, 4)
+    assert all(i not in row for i, row in zip(range(3), nn[:3])), nn       # the copies are excluded
+    assert all(i in row for i, row in zip(range(3), nn[3:])), nn           # a near one is still the nearest
+
+
+def test_without_the_baseline_periods_requests_no_cause_is_given_and_the_row_says_why():
+    centres, bias = _world()
+    rng = np.random.default_rng(5)
+    one = _day(rng, centres, bias)
+    before = periodclients.Earlier([one[0]], [one[2]])
+    row: dict = {}
+    assert before.cause(row, r=one[1], clients=one[2], pool_r=one[1], alpha=0.01, nn=None) == {}
+    assert row["cause"] is None and "1 baseline periods" in row["cause_why"] and "--history" in row["cause_why"], row
+    few = [_day(rng, centres, bias, users=2) for _ in range(4)]       # 2 users a period: 16 requests
+    assert "2 baseline periods (32 requests) in this run; 2 and 256 needed" in \
+        periodclients.Earlier([f[0] for f in few[:2]], [f[2] for f in few[:2]]).why
+    repeated = periodclients.Earlier([np.concatenate([f[0]] * 5) for f in few],      # enough requests, 8 clients
+                                     [[f"{i}:{c}" for c in f[2]] * 5 for i, f in enumerate(few)])
+    assert repeated.why == "8 clients of 4 or more requests in the baseline periods, 32 needed", repeated.why
+
+
+def test_score_periods_gives_an_alert_its_cause_and_each_named_client_its_p():
+    centres, bias = _world()
+    rng = np.random.default_rng(6)
+    days = [_day(rng, centres, bias) for _ in range(12)] + [_day(rng, centres, bias, campaign=3, shift=0.15)]
+    t = np.concatenate([d * DAY + np.linspace(0, DAY - 1, len(x)) for d, (x, _, _) in enumerate(days)])
+    x = np.concatenate([d[0] for d in days])
+    r = np.zeros((len(x), 2, 3))
+    r[:, 1, 2] = np.concatenate([d[1] for d in days])
+    r += np.random.default_rng(7).normal(0, 0.01, r.shape) * np.array([1, 1, 0])   # other cells: noise
+    who = [c if not c.startswith("user") else f"{d}:{c}" for d, (_, _, cs) in enumerate(days) for c in cs]
+    rows = periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0, 1], x=x)
+    last = rows[-1]
+    assert last.get("alert") and (last["layer"], last["expert"]) == (1, 2), (last["p"], last["layer"], last["expert"])
+    assert last["cause"] == "routing" and last["p_routing"] < 1e-4, last
+    named = {c["client"]: c["p_routing"] for c in last["top_clients"]}
+    assert {c for c in named if c.startswith("mallory")} == {"mallory-0", "mallory-1", "mallory-2"}, named
+    assert all(named[c] < 1e-3 for c in named if c.startswith("mallory")), named
+    assert "routing beyond content" in periods.reason(last)["detail"] and periods.reason(last)["cause"] == "routing"
+    assert not any("cause" in row for row in rows[:-1])       # only an alert is given a cause
+    without = periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0, 1])
+    assert "cause" not in without[-1] and without[-1]["p"] == last["p"]
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_nearest_returns_the_k_nearest_other_rows(k):
+    rng = np.random.default_rng(8)
+    pool, q = rng.normal(size=(40, 3)), rng.normal(size=(7, 3))
+    got = periodclients.nearest(q, pool, k)
+    want = np.argsort(((q[:, None] - pool[None]) ** 2).sum(-1), axis=1)[:, :k]
+    assert [set(a) for a in got] == [set(b) for b in want]
