@@ -15,6 +15,13 @@ directions and out-of-sample scale) is run on the same draws for comparison.
 Reported per version and kind: the share of draws alerting at 0.001, 0.01 and 0.05. Benign rates
 are the test's false alarms (nominal: the level); the campaigns' are its power; the controls' are
 what a heavy one-task day costs.
+
+``--cause-draws N`` (about 8 s a draw): on the first N draws, also each day's cause
+(``periodclients.py``: its clients' routing beyond their content's, or the mix), in the cell the test
+picked, with the draw's baseline days' requests as the matches and the null; reported as the share
+of draws alerting and put down to routing or to the mix at each level, and of ``p_routing`` at most
+the level alerting or not (its calibration on benign days). Written as
+``results/routing_monitor_day_resample_cause.json`` with ``--draws 200 --cause-draws 200``.
 """
 
 from __future__ import annotations
