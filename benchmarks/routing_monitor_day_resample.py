@@ -118,6 +118,8 @@ def main() -> None:
                     who += [f"identity-{i}" for i in range(int(n)) for _ in sent[w][i]]
                     matches += nn[w][:int(n)]
                 before.cause(row, r=R[idx, l, e], clients=who, pool_r=R[at, l, e], alpha=0.01, nn=np.concatenate(matches))
+                if row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
+                    raise SystemExit(f"draw {draw}, {kind}: no cause given ({row['cause_why']})")
                 causes[kind].append((row["p"], row["p_routing"]))
         if (draw + 1) % 100 == 0:
             print(f"{draw + 1} draws ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -33,10 +33,13 @@ def _requests(rng, centres, bias, regions, shift: float = 0.0):
     return x, r
 
 
-def _day(rng, centres, bias, *, users: int = 40, heavy: int = 0, campaign: int = 0, shift: float = 0.05):
+def _day(rng, centres, bias, *, users: int = 40, heavy: int = 0, campaign: int = 0, shift: float = 0.05,
+         away: float = 0.0, region: int | None = None):
     """A day's requests: ``users`` benign users of 8 requests, each keeping to 2 regions (habits;
     region 0 as often as any); ``heavy`` identities of 24 requests of region 0 only (a batch job);
-    ``campaign`` identities of 24 requests in ordinary regions whose routing is moved by ``shift``."""
+    ``campaign`` identities of 24 requests in ordinary regions whose routing is moved by ``shift``
+    (and their embeddings by ``away`` along one axis: a prefix moves them too; ``region``: all in
+    that one)."""
     xs, rs, who = [], [], []
     for u in range(users):
         x, r = _requests(rng, centres, bias, rng.choice(rng.choice(REGIONS, 2, replace=False), 8))
@@ -45,7 +48,8 @@ def _day(rng, centres, bias, *, users: int = 40, heavy: int = 0, campaign: int =
         x, r = _requests(rng, centres, bias, np.zeros(24, dtype=int))
         xs.append(x), rs.append(r), who.extend([f"batch-{h}"] * 24)
     for c in range(campaign):
-        x, r = _requests(rng, centres, bias, rng.integers(1, REGIONS, 24), shift)
+        x, r = _requests(rng, centres, bias, rng.integers(1, REGIONS, 24) if region is None else np.full(24, region), shift)
+        x[:, 0] += away
         xs.append(x), rs.append(r), who.extend([f"mallory-{c}"] * 24)
     return np.concatenate(xs), np.concatenate(rs), who
 
@@ -84,13 +88,24 @@ def test_benign_days_p_routing_is_a_p_value():
     assert np.mean(np.array(ps) <= 0.05) <= 0.1 and np.mean(np.array(ps) <= 0.5) >= 0.2, sorted(ps)[:10]
 
 
-def test_a_verbatim_repeat_is_not_its_own_match():
+def test_a_verbatim_repeat_is_not_its_own_match_and_a_request_left_without_matches_counts_for_nothing():
     rng = np.random.default_rng(4)
     pool = rng.normal(size=(50, 4))
     q = np.concatenate([pool[:3], pool[:3] + 1e-3])
     nn = periodclients.nearest(q, pool, 4)
     assert all(i not in row for i, row in zip(range(3), nn[:3])), nn       # the copies are excluded
     assert all(i in row for i, row in zip(range(3), nn[3:])), nn           # a near one is still the nearest
+    # a pool of 5 rows, 4 of them copies of the query: one match is left, the rest are -1
+    copies = np.concatenate([np.repeat(pool[:1], 4, 0), pool[1:2]])
+    nn = periodclients.nearest(pool[:1], copies, 3)
+    assert sorted(nn[0].tolist()) == [-1, -1, 4], nn
+    v = np.array([9.0, 9.0, 9.0, 9.0, 2.0])
+    assert periodclients.matched_mean(v, nn).tolist() == [2.0]
+    assert np.isnan(periodclients.matched_mean(v, periodclients.nearest(pool[:1], copies[:4], 3))).all()
+    # such a request is left out of its client's t, not turned into NaN for the client
+    z, _, tested = periodclients.moderated_z(np.array([0.1, np.nan, 0.2, 0.1, 0.3, 0.0, 0.1, 0.2, 0.1]),
+                                             np.array([0, 0, 0, 0, 0, 1, 1, 1, 1]))
+    assert tested.tolist() == [True, True] and np.isfinite(z).all(), z
 
 
 def test_without_the_baseline_periods_requests_no_cause_is_given_and_the_row_says_why():
@@ -132,10 +147,47 @@ def test_score_periods_gives_an_alert_its_cause_and_each_named_client_its_p():
     assert "cause" not in without[-1] and without[-1]["p"] == last["p"]
 
 
-@pytest.mark.parametrize("k", [1, 5])
-def test_nearest_returns_the_k_nearest_other_rows(k):
+@pytest.mark.parametrize(("k", "queries"), [(1, 7), (5, 7), (5, 1100)])
+def test_nearest_returns_the_k_nearest_other_rows(k, queries):
     rng = np.random.default_rng(8)
-    pool, q = rng.normal(size=(40, 3)), rng.normal(size=(7, 3))
+    pool, q = rng.normal(size=(40, 3)), rng.normal(size=(queries, 3))    # 1,100 queries: three chunks
     got = periodclients.nearest(q, pool, k)
     want = np.argsort(((q[:, None] - pool[None]) ** 2).sum(-1), axis=1)[:, :k]
     assert [set(a) for a in got] == [set(b) for b in want]
+    assert periodclients.nearest(q, pool[:0], k).shape == (queries, 0)   # no pool: no match, no error
+
+
+def test_the_null_takes_other_clients_each_period_where_names_recur():
+    centres, bias = _world()
+    rng = np.random.default_rng(9)
+    days = [_day(rng, centres, bias) for _ in range(10)]      # the same 40 names every day (API keys)
+    before = periodclients.Earlier([d[0] for d in days], [d[2] for d in days])
+    assert len(before.sampled) == periodclients.NULL_CLIENTS and before.why is None
+    assert len({name for _, name in before.sampled}) > 30, before.sampled    # not 13 names, 10 times each
+
+
+def test_a_campaign_on_consecutive_days_is_put_down_to_routing_each_day():
+    # an alerting day stays out of the next day's matches: its campaign does not become its content's norm
+    centres, bias = _world(1)
+    rng = np.random.default_rng(10)
+    days = [_day(rng, centres, bias) for _ in range(10)] + [_day(rng, centres, bias, campaign=3, shift=0.15, away=4.0,
+                                                                 region=1) for _ in range(2)]
+    t = np.concatenate([d * DAY + np.linspace(0, DAY - 1, len(x)) for d, (x, _, _) in enumerate(days)])
+    r = np.zeros((len(t), 1, 2))
+    r[:, 0, 1] = np.concatenate([d[1] for d in days])
+    who = [c if c.startswith("mallory") else f"{d}:{c}" for d, (_, _, cs) in enumerate(days) for c in cs]
+    rows = periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0],
+                                 x=np.concatenate([d[0] for d in days]))
+    assert [bool(row.get("alert")) for row in rows[-2:]] == [True, True], [row["p"] for row in rows]
+    assert [row["cause"] for row in rows[-2:]] == ["routing", "routing"], rows[-2:]
+    assert rows[-1]["p_routing"] < 1e-4, rows[-1]
+
+
+def test_an_alert_without_a_cause_says_why_in_its_detail():
+    row = {"layer": 1, "expert": 2, "z": 5.0, "p": 1e-6, "requests": 300, "clients": 40, "shift": 0.01, "baseline": 14,
+           "cause": None, "p_routing": None, "cause_why": "1 baseline periods (300 requests) in this run; 2 and 256 "
+                                                       "needed (periods read from --history carry no requests)"}
+    detail = periods.reason(row)["detail"]
+    assert detail.endswith("; no cause given (1 baseline periods (300 requests) in this run; 2 and 256 needed "
+                           "(periods read from --history carry no requests))"), detail
+    assert "cause" not in periods.reason(row)

@@ -17,7 +17,7 @@ request is not its own match (a campaign that repeats one prompt must not be mat
 copies). Per client of at least ``MIN_REQUESTS`` requests, a moderated one-sample t of those
 differences (``moderated_z``). Benign clients' z's are wider than N(0, 1) (a client's requests share
 neighbours, and users have habits), so the null is made of the baseline periods' own clients, each
-period's matched against the others: up to ``NULL_CLIENTS`` of them, their median and scaled median
+period's matched against the others: ``NULL_CLIENTS`` of them, their median and scaled median
 absolute deviation (an empirical null, as in Efron's large-scale testing). The period's own clients
 are not the null: a campaign of many identities would widen it. A client's p is its upper tail
 against that null, Bonferroni-adjusted over the period's clients tested; the period's cause is
@@ -64,11 +64,14 @@ def name_clients(r: np.ndarray, clients: list, expected: float, mean: float) -> 
 
 
 def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
-    """[len(x), k] indices into ``pool`` of each row's ``k`` nearest rows (Euclidean), a row equal to
-    it excluded (to a relative 1e-9: the same prompt embedded in another batch); in chunks (a period
-    against two weeks of requests is a large matrix)."""
-    k = min(k, len(pool) - 1)
-    out = np.empty((len(x), k), dtype=np.int64)
+    """[len(x), k] indices into ``pool`` of each row's ``k`` nearest rows (Euclidean), in chunks (a
+    period against two weeks of requests is a large matrix). A row equal to the query (to a relative
+    1e-9: a verbatim repeat) is not its match; where fewer than ``k`` others are left, the missing
+    matches are -1 (``matched_mean`` skips them)."""
+    k = min(k, len(pool))
+    out = np.full((len(x), k), -1, dtype=np.int64)
+    if k < 1:
+        return out
     pn = (pool**2).sum(1)
     for s in range(0, len(x), 512):
         q = x[s:s + 512]
@@ -77,8 +80,18 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
         d2 *= -2
         d2 += pn                                                            # |q - p|^2 less |q|^2: the same order
         d2[d2 + qn <= 1e-9 * (qn + pn)] = np.inf                            # a verbatim repeat is not its own match
-        out[s:s + 512] = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        idx = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        idx[np.isinf(np.take_along_axis(d2, idx, 1))] = -1
+        out[s:s + 512] = idx
     return out
+
+
+def matched_mean(v: np.ndarray, nn: np.ndarray) -> np.ndarray:
+    """[len(nn)]: the mean of ``v`` [pool] over each row's matches (``nearest``), NaN where it has none."""
+    ok = nn >= 0
+    total = np.where(ok, v[np.maximum(nn, 0)], 0.0).sum(1)
+    count = ok.sum(1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def moderated_z(d: np.ndarray, owner: np.ndarray, s0: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,7 +99,7 @@ def moderated_z(d: np.ndarray, owner: np.ndarray, s0: float | None = None) -> tu
     one-sample t, NaN for clients of fewer than ``MIN_REQUESTS``; their variances and the tested mask.
 
     Moderated as in Smyth's limma: a client's variance is shrunk toward ``s0`` (default: the tested
-    clients' mean variance) with ``PRIOR_DF`` degrees of freedom, so a client of 4 requests that
+    clients' mean variance; ``Earlier.cause`` gives the null clients') with ``PRIOR_DF`` degrees of freedom, so a client of 4 requests that
     happen to agree is not read as certain. On resampled days, with each client's own variance alone,
     benign clients of 4 requests reached the t's of a campaign's; with the pooled variance alone,
     days heavy in one task were put down to routing on 10% of draws (0% moderated)."""
@@ -94,6 +107,8 @@ def moderated_z(d: np.ndarray, owner: np.ndarray, s0: float | None = None) -> tu
     from scipy.stats import t as student
 
     G = int(owner.max()) + 1
+    ok = np.isfinite(d)                    # a request with no match counts for nothing
+    owner, d = owner[ok], d[ok]
     n = np.bincount(owner, minlength=G).astype(float)
     tested = n >= MIN_REQUESTS
     mean = np.bincount(owner, weights=d, minlength=G) / np.maximum(n, 1)
@@ -113,8 +128,8 @@ def _owners(clients: list) -> tuple[np.ndarray, np.ndarray]:
 
 class Earlier:
     """The baseline periods' requests in this run, as matches for a period's: each period's embeddings
-    [m_j, dim] and clients [m_j]. The null's matches (a sample of each period's clients, matched
-    against the other periods) are found once, whatever the cell tested."""
+    [m_j, dim] and clients [m_j]. The null's matches (``NULL_CLIENTS`` clients of the periods, as many
+    from each, each period's matched against the others) are found once, whatever the cell tested."""
 
     def __init__(self, x: list[np.ndarray], clients: list[list]):
         self.sizes = [len(a) for a in x]
@@ -122,34 +137,41 @@ class Earlier:
         self.matched = len(self.pool)
         self.periods = len(x)
         self.why = None
+        self.sampled: list[tuple[int, str]] = []   # the null's clients: (period, name)
         if self.periods < 2 or self.matched < MIN_MATCHED:
             self.why = (f"{self.periods} baseline periods ({self.matched} requests) in this run; 2 and {MIN_MATCHED} "
                         "needed (periods read from --history carry no requests)")
             return
         starts = np.cumsum([0] + self.sizes[:-1])
-        quota = -(-NULL_CLIENTS // self.periods)
-        rows, owners, nn, offset = [], [], [], 0
+        rows, owners, nn = [], [], []
         for j, (xj, cj) in enumerate(zip(x, clients)):
+            others = np.concatenate([np.arange(a, a + m) for i, (a, m) in enumerate(zip(starts, self.sizes)) if i != j])
+            if len(others) <= K:             # too few to be its nearest: this period gives the null no client
+                continue
             names, owner = _owners(cj)
             n = np.bincount(owner, minlength=len(names))
-            ok = sorted((g for g in range(len(names)) if n[g] >= MIN_REQUESTS),   # by a hash: not by how names sort
-                        key=lambda g: hashlib.sha256(str(names[g]).encode()).digest())[:quota]
+            quota = NULL_CLIENTS // self.periods + (j < NULL_CLIENTS % self.periods)
+            # chosen by a hash of the period and the name: not by how names sort, and not the same
+            # clients every period where names recur (API keys)
+            ok = sorted((g for g in range(len(names)) if n[g] >= MIN_REQUESTS),
+                        key=lambda g: hashlib.sha256(f"{j}\0{names[g]}".encode()).digest())[:quota]
             keep = np.flatnonzero(np.isin(owner, ok))
             if not len(keep):
                 continue
-            others = np.concatenate([np.arange(a, a + m) for i, (a, m) in enumerate(zip(starts, self.sizes)) if i != j])
-            nn.append(others[nearest(xj[keep], self.pool[others], K)])
+            found = nearest(xj[keep], self.pool[others], K)
+            nn.append(np.where(found >= 0, others[np.maximum(found, 0)], -1))
             rows.append(starts[j] + keep)
-            owners.append(offset + np.unique(owner[keep], return_inverse=True)[1])
-            offset += len(ok)
+            owners.append(len(self.sampled) + np.unique(owner[keep], return_inverse=True)[1])
+            self.sampled += [(j, str(names[g])) for g in sorted(ok)]
         self._rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)     # null requests, into the pool
         self._nn = np.concatenate(nn) if nn else np.zeros((0, K), dtype=np.int64)
         self._owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
-        if offset < MIN_NULL:
-            self.why = f"{offset} clients of {MIN_REQUESTS} or more requests in the baseline periods, {MIN_NULL} needed"
+        if len(self.sampled) < MIN_NULL:
+            self.why = (f"{len(self.sampled)} clients of {MIN_REQUESTS} or more requests in the baseline periods, "
+                        f"{MIN_NULL} needed")
 
     def match(self, x: np.ndarray) -> np.ndarray:
-        """[len(x), K] indices into the pool of each request's nearest earlier requests."""
+        """[len(x), K] indices into the pool of each request's nearest earlier requests (``nearest``)."""
         return nearest(x, self.pool, K)
 
     def cause(self, row: dict[str, Any], *, r: np.ndarray, clients: list, pool_r: np.ndarray, alpha: float,
@@ -164,16 +186,17 @@ class Earlier:
         if self.why is not None:
             row["cause_why"] = self.why
             return {}
-        zn, varn, tn = moderated_z(pool_r[self._rows] - pool_r[self._nn].mean(1), self._owner)
+        zn, varn, tn = moderated_z(pool_r[self._rows] - matched_mean(pool_r, self._nn), self._owner)
         null = zn[tn]
         names, owner = _owners(clients)
-        z, _, tested = moderated_z(r - pool_r[nn].mean(1), owner, s0=float(varn[tn].mean()))
-        if not tested.any():
-            row["cause_why"] = f"no client of {MIN_REQUESTS} or more requests in the period"
+        z, _, tested = moderated_z(r - matched_mean(pool_r, nn), owner, s0=float(varn[tn].mean()) if tn.any() else None)
+        med = float(np.median(null)) if len(null) else 0.0
+        mad = 1.4826 * float(np.median(np.abs(null - med))) if len(null) else 0.0
+        if not tested.any() or not mad > 0:
+            row["cause_why"] = (f"no client of {MIN_REQUESTS} or more requests in the period" if not tested.any() else
+                                "the baseline clients' differences do not vary in this cell: no null to test against")
             return {}
-        med = float(np.median(null))
-        mad = 1.4826 * float(np.median(np.abs(null - med)))
-        adjusted = np.minimum(1.0, norm.sf((z - med) / max(mad, 1e-12)) * int(tested.sum()))
+        adjusted = np.minimum(1.0, norm.sf((z - med) / mad) * int(tested.sum()))
         row["p_routing"] = float(np.nanmin(adjusted))
         row["cause"] = "routing" if row["p_routing"] <= alpha else "mix"
         return {str(names[g]): (float(adjusted[g]) if tested[g] else None) for g in range(len(names))}

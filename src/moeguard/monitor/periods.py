@@ -352,6 +352,7 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     rows = [{k: v for k, v in old.items() if k != "_state"} for old in history or []]
     base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history)
     kept: list[np.ndarray | None] = [None] * len(base.kept)   # beside base.kept: its periods' requests in this run
+    before, before_key = None, None                            # the last alert's baseline requests (periodclients)
     check_after(t, period=period, history=history)
     for k, idx in zip(keys, members):
         r = resid[idx]
@@ -371,7 +372,9 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         who = [clients[i] for i in idx]
         row["top_clients"] = periodclients.name_clients(r[:, l, e], who, expected[l, e], m[l, e])
         if row.get("alert") and x is not None:   # the routing of its clients, or the mix of the period?
-            before = periodclients.Earlier([x[j] for j in earlier], [[clients[i] for i in j] for j in earlier])
+            key = tuple((int(j[0]), len(j)) for j in earlier)   # consecutive alerts share their baseline
+            if before is None or before_key != key:
+                before, before_key = periodclients.Earlier([x[j] for j in earlier], [[clients[i] for i in j] for j in earlier]), key
             at = np.concatenate(earlier) if earlier else np.zeros(0, dtype=np.int64)
             ps = before.cause(row, r=r[:, l, e], clients=who, pool_r=resid[at, l, e], alpha=alpha,
                               nn=before.match(x[idx]) if before.why is None else None)
@@ -392,6 +395,8 @@ def reason(row: dict[str, Any]) -> dict[str, Any]:
     elif row.get("cause") == "mix":
         how = (f"; no client's routing goes beyond its content's (p {row['p_routing']:.2g}): the period's mix moved "
                "(more of one kind of content: a launch, a batch job, or a distributed extraction)")
+    elif row.get("cause_why"):
+        how = f"; no cause given ({row['cause_why']})"
     return {"statistic": "period_load", "layer": row["layer"], "experts": [row["expert"]], "value": row["z"],
             "p": row["p"], "p_combined": row["p"], **({"cause": row["cause"]} if row.get("cause") else {}),
             "detail": (f"over {row['requests']} requests" + (f" ({row['clients']} clients)" if row["clients"] is not None else "")
