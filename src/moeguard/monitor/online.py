@@ -12,9 +12,10 @@ exports Prometheus metrics.
 hidden state (small arrays, no text; ``batch.py`` reads a batch of them). The statistics, windows
 and metrics run for ``flush_every`` requests at once (default 16), when a result is read
 (``r.result`` scores what is waiting), on every metrics scrape, and when the monitor is exited;
-``on_result(client, result)`` is called as each is scored. Straight after a forward, every numpy call costs ~10x what it does in a loop (the
-forward has evicted its code and data), so scoring one request at a time cost 0.6 ms on the
-embedded model, 1.08x its batch-1 forward; in batches, the requests share those first calls.
+``on_result(client, result)`` is called as each is scored. Straight after a forward, every numpy
+call costs ~10x what it does in a loop (the forward has evicted its code and data), so scoring one
+request at a time cost 0.6 ms on the embedded model, 1.08x its batch-1 forward; in batches, the
+requests share those first calls.
 ``flush_every=1`` scores each request at its exit. A result is late by at most 1.25 x ``max_delay_s``
 (default 1 s: while the monitor is entered, a daemon thread looks four times per interval and
 scores what waited that long), and less when traffic fills a batch or a scrape comes. The waiting requests' token ids stay in memory

@@ -99,8 +99,8 @@ def moderated_z(d: np.ndarray, owner: np.ndarray, s0: float | None = None) -> tu
     one-sample t, NaN for clients of fewer than ``MIN_REQUESTS``; their variances and the tested mask.
 
     Moderated as in Smyth's limma: a client's variance is shrunk toward ``s0`` (default: the tested
-    clients' mean variance; ``Earlier.cause`` gives the null clients') with ``PRIOR_DF`` degrees of freedom, so a client of 4 requests that
-    happen to agree is not read as certain. On resampled days, with each client's own variance alone,
+    clients' mean variance; ``Earlier.cause`` gives the null clients') with ``PRIOR_DF`` degrees of
+    freedom, so a client of 4 requests that happen to agree is not read as certain. On resampled days, with each client's own variance alone,
     benign clients of 4 requests reached the t's of a campaign's; with the pooled variance alone,
     days heavy in one task were put down to routing on 10% of draws (0% moderated)."""
     from scipy.stats import norm
@@ -132,25 +132,23 @@ class Earlier:
     from each, each period's matched against the others) are found once, whatever the cell tested."""
 
     def __init__(self, x: list[np.ndarray], clients: list[list]):
-        self.sizes = [len(a) for a in x]
+        sizes = [len(a) for a in x]
         self.pool = np.concatenate(x) if x else np.zeros((0, 0))
-        self.matched = len(self.pool)
-        self.periods = len(x)
         self.why = None
         self.sampled: list[tuple[int, str]] = []   # the null's clients: (period, name)
-        if self.periods < 2 or self.matched < MIN_MATCHED:
-            self.why = (f"{self.periods} baseline periods ({self.matched} requests) in this run; 2 and {MIN_MATCHED} "
+        if len(x) < 2 or len(self.pool) < MIN_MATCHED:
+            self.why = (f"{len(x)} baseline periods ({len(self.pool)} requests) in this run; 2 and {MIN_MATCHED} "
                         "needed (periods read from --history carry no requests)")
             return
-        starts = np.cumsum([0] + self.sizes[:-1])
+        starts = np.cumsum([0] + sizes[:-1])
         rows, owners, nn = [], [], []
         for j, (xj, cj) in enumerate(zip(x, clients)):
-            others = np.concatenate([np.arange(a, a + m) for i, (a, m) in enumerate(zip(starts, self.sizes)) if i != j])
+            others = np.concatenate([np.arange(a, a + m) for i, (a, m) in enumerate(zip(starts, sizes)) if i != j])
             if len(others) <= K:             # too few to be its nearest: this period gives the null no client
                 continue
             names, owner = _owners(cj)
             n = np.bincount(owner, minlength=len(names))
-            quota = NULL_CLIENTS // self.periods + (j < NULL_CLIENTS % self.periods)
+            quota = NULL_CLIENTS // len(x) + (j < NULL_CLIENTS % len(x))
             # chosen by a hash of the period and the name: not by how names sort, and not the same
             # clients every period where names recur (API keys)
             ok = sorted((g for g in range(len(names)) if n[g] >= MIN_REQUESTS),

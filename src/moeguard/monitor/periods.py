@@ -246,23 +246,27 @@ def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> No
 class Baseline:
     """The last ``baseline`` periods that did not alert (their mean residual, sampling noise and
     request count), and the test of a period against them (module docstring). ``score_periods`` and
-    ``PeriodWatch`` share it."""
+    ``PeriodWatch`` share it. ``requests``, beside ``kept``: what the caller gave ``judge`` of each
+    kept period (``score_periods``: its requests' indices, for an alert's cause; None: not held)."""
 
     def __init__(self, *, baseline: int, alpha: float, layers: list[int], history: list[dict[str, Any]] | None = None):
         self.baseline, self.alpha, self.layers = baseline, alpha, layers
         self.kept: list[tuple[np.ndarray, np.ndarray, int]] = []
+        self.requests: list[Any] = []
         for old in history or []:   # the history's periods join as they did in their own run
             if "_state" in old and not old.get("alert"):
                 self._keep(old["_state"] + (int(old["requests"]),))
 
-    def _keep(self, state: tuple[np.ndarray, np.ndarray, int]) -> None:
+    def _keep(self, state: tuple[np.ndarray, np.ndarray, int], requests: Any = None) -> None:
         self.kept = (self.kept + [state])[-self.baseline:]
+        self.requests = (self.requests + [requests])[-self.baseline:]
 
-    def judge(self, row: dict[str, Any], m: np.ndarray, se2: np.ndarray, n: int) -> tuple[np.ndarray, int, int] | None:
+    def judge(self, row: dict[str, Any], m: np.ndarray, se2: np.ndarray, n: int,
+              requests: Any = None) -> tuple[np.ndarray, int, int] | None:
         """Test a period of ``n`` requests, mean residual ``m`` [L, E] and sampling variance ``se2``:
-        fills ``row`` (its state, baseline size, z, cell, shift, p, alert) and keeps the period for
-        later baselines unless it alerts. What the baseline predicts for the period [L, E] and the
-        cell, for naming clients; None where not tested."""
+        fills ``row`` (its state, baseline size, z, cell, shift, p, alert) and keeps the period (and
+        ``requests``, in ``self.requests``) for later baselines unless it alerts. What the baseline
+        predicts for the period [L, E] and the cell, for naming clients; None where not tested."""
         from scipy.stats import t as student
 
         if not (np.isfinite(m).all() and np.isfinite(se2).all()):   # a model that routed NaN: in no baseline
@@ -273,7 +277,7 @@ class Baseline:
         row["baseline"] = len(ref)
         if len(ref) < MIN_BASELINE:
             row["why"] = f"{len(ref)} earlier periods, {MIN_BASELINE} needed: not tested"
-            self._keep((m, se2, n))
+            self._keep((m, se2, n), requests)
             return None
         M = np.stack([a.ravel() for a, _, _ in ref])                     # [periods, cells]
         noise = np.stack([b.ravel() for _, b, _ in ref]).mean(0)
@@ -298,7 +302,7 @@ class Baseline:
         if p <= self.alpha:
             row["alert"] = True
         else:
-            self._keep((m, se2, n))
+            self._keep((m, se2, n), requests)
         return expected, int(l), int(e)
 
 
@@ -351,7 +355,6 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
     rows = [{k: v for k, v in old.items() if k != "_state"} for old in history or []]
     base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history)
-    kept: list[np.ndarray | None] = [None] * len(base.kept)   # beside base.kept: its periods' requests in this run
     before, before_key = None, None                            # the last alert's baseline requests (periodclients)
     check_after(t, period=period, history=history)
     for k, idx in zip(keys, members):
@@ -362,10 +365,8 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
             row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
             continue
         m = r.mean(0)
-        earlier = [i for i in kept if i is not None]
-        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx))
-        if "state" in row and not row.get("alert"):   # as judge keeps it
-            kept = (kept + [idx])[-baseline:]
+        earlier = [i for i in base.requests if i is not None]   # the baseline's periods held in this run
+        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx)
         if tested is None:
             continue
         expected, l, e = tested
