@@ -17,7 +17,7 @@ from moeguard.errors import MoeguardError
 from moeguard.monitor import periods, periodwatch
 from moeguard.monitor.online import RoutingMonitor
 from moeguard.monitor.score import _time
-from moeguard.monitor.serve import alert_writer, state_writer
+from moeguard.monitor.servesetup import alert_writer, state_writer
 
 from test_periods import DAY, _day, serve_refuses, setting  # noqa: F401 -- the module's fixture, built once here
 

@@ -93,7 +93,7 @@ def _call(port, method, path, body=None, raw=None, headers=None):
 
 
 def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_request(served, tmp_path):
-    from moeguard.monitor.serve import alert_writer as _alert_writer
+    from moeguard.monitor.servesetup import alert_writer as _alert_writer
     from moeguard.monitor.serve import create_app
 
     m, tok, prof = served
@@ -500,7 +500,7 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
     taken.close()
     with socket.socket() as again:               # the refused start (Q.json) closed its socket: the port binds again
         again.bind(("127.0.0.1", free))
-    from moeguard.monitor.serve import is_loopback as _loopback
+    from moeguard.monitor.servesetup import is_loopback as _loopback
 
     assert [_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "LOCALHOST", "localhost.", "::ffff:127.0.0.1")] == [True] * 7
     assert [_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.5", "example.com")] == [False] * 5

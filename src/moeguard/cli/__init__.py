@@ -6,6 +6,6 @@ on the app.
 """
 
 from moeguard.cli.app import _format_warning, app, main
-from moeguard.cli import audit, defense, models, monitor, pruning, realign, scan, trace, zoo  # noqa: E402,F401  (register commands)
+from moeguard.cli import audit, defense, models, routeattack, monitor, pruning, realign, scan, trace, zoo  # noqa: E402,F401  (register commands)
 
-__all__ = ["app", "main", "_format_warning", "audit", "defense", "models", "monitor", "pruning", "realign", "scan", "trace", "zoo"]
+__all__ = ["app", "main", "_format_warning", "audit", "defense", "models", "routeattack", "monitor", "pruning", "realign", "scan", "trace", "zoo"]

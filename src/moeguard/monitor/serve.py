@@ -25,18 +25,14 @@ answers only ``Authorization: Bearer <token>``.
 import hmac
 import ipaddress
 import json
-import math
-import os
 import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from moeguard.errors import MoeguardError
-from moeguard.io import dumps
 from moeguard.monitor.online import RoutingMonitor
 
 MAX_TOKENS = 64
@@ -57,8 +53,6 @@ class ClientSource:
 
 def client_source(spec: str) -> ClientSource:
     """``client_id`` parsed (``address``, ``address/N``, ``user``, ``header:NAME``), or a one-line error."""
-    from moeguard.errors import MoeguardError
-
     s = spec.strip()
     low = s.lower()
     if low in ("address", "user"):
@@ -271,159 +265,3 @@ def _replay(messages: list, receive):
     async def replayed():
         return messages.pop(0) if messages else await receive()
     return replayed
-
-
-def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush_every: int, max_delay: float,
-                  metrics_token: str | None, alerts: Path | None, period: str | None, baseline: int | None,
-                  period_log: Path | None, period_alpha: float | None = None) -> tuple[float | None, int]:
-    """``serve``'s options checked before the socket is bound and the model loads (one-line errors);
-    the period in seconds (None: off) and the baseline."""
-    from moeguard.monitor.periods import check_period
-    from moeguard.monitor.periodwatch import open_path
-
-    seconds, baseline = check_period(period, baseline, period_log=period_log, period_alpha=period_alpha)
-    if not 0 < port < 65536:
-        raise MoeguardError(f"--port is {port}", hint="pass a TCP port between 1 and 65535")
-    if not 0 < alpha < 1:
-        raise MoeguardError(f"--alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
-    if max_clients < 1:
-        raise MoeguardError(f"--max-clients is {max_clients}", hint="pass at least 1")
-    if flush_every < 1:
-        raise MoeguardError(f"--flush-every is {flush_every}", hint="pass at least 1 (1 scores each request as it ends)")
-    if not 0 < max_delay < math.inf:
-        raise MoeguardError(f"--max-delay is {max_delay}", hint="pass a positive number of seconds, e.g. 1")
-    if metrics_token is not None and not (metrics_token.isascii() and metrics_token.isprintable()
-                                          and metrics_token.strip() == metrics_token and metrics_token):
-        raise MoeguardError(f"--metrics-token is empty, or has spaces at an end or characters beyond printable ASCII "
-                            f"({len(metrics_token)} characters)",
-                            hint="pass a secret of printable ASCII (an HTTP header carries it), e.g. from `openssl rand -hex 32`")
-    if metrics_token is None and not is_loopback(host):
-        raise MoeguardError(f"--host {host} serves beyond this machine, and /metrics without a token would show any "
-                            f"client its own anomaly scores to tune against",
-                            hint="pass --metrics-token TOKEN (or set MOEGUARD_METRICS_TOKEN), or bind to 127.0.0.1")
-    if alerts is not None and period_log is not None and alerts.resolve() == period_log.resolve():
-        raise MoeguardError(f"--alerts and --period-log are both {alerts}", hint="pass two files: the period log is read back at start")
-    if alerts is not None and period_log is not None and alerts.resolve() == open_path(period_log).resolve():
-        raise MoeguardError(f"--alerts {alerts} is where --period-log keeps the open period",
-                            hint="pass another file for the alerts")
-    for flag, path in (("--alerts", alerts), ("--period-log", period_log)):
-        if path is None:
-            continue
-        if not path.parent.is_dir():
-            raise MoeguardError(f"folder {path.parent} for {flag} does not exist", hint=f"create it: mkdir -p {path.parent}")
-        try:    # now, not at the first alert: a server that cannot record alerts should not start
-            with open(path, "a", encoding="utf-8"):
-                pass
-        except OSError as e:
-            raise MoeguardError(f"{flag} {path} cannot be written ({e.strerror})",
-                                hint="pass a file this user may append to") from None
-    if period_log is not None and not os.access(period_log.parent, os.W_OK):   # the open period is saved beside it
-        raise MoeguardError(f"folder {period_log.parent} of --period-log cannot be written",
-                            hint="pass a --period-log in a folder this user may create files in")
-    return seconds, baseline
-
-
-def period_history(prof, period_log: Path | None, *, period: float | None, baseline: int, alpha: float) -> list | None:
-    """``--period-log``'s rows as the baseline's history (``periods.read_history``), checked against
-    the profile and the clock, before the model loads."""
-    from moeguard.monitor.periods import neighbours_of, read_history
-
-    if period is None:
-        return None
-    digest = neighbours_of(prof, "serve").digest      # a profile without references fails here, log or not
-    if period_log is None:
-        return None
-    history = read_history(period_log, period=period, digest=digest, shape=prof.mean.shape,
-                           baseline=baseline, alpha=alpha)
-    if history and int(history[-1]["index"]) >= math.floor(time.time() / period):
-        raise MoeguardError(f"{period_log}'s last period ({history[-1]['start']}) is not over yet: no request could be "
-                            f"counted before it ends", hint="check this machine's clock, or pass another --period-log")
-    return history
-
-
-def open_period(prof, period_log: Path | None, *, period: float | None, baseline: int, alpha: float,
-                history: list | None) -> dict | None:
-    """The open period ``serve`` saved beside ``--period-log`` before it stopped (``periodwatch.read_open``),
-    checked before the model loads; None where there is none."""
-    from moeguard.monitor.periodwatch import open_path, read_open
-
-    if period is None or period_log is None:
-        return None
-    return read_open(open_path(period_log), period=period, digest=prof.neighbours.digest, shape=prof.mean.shape,
-                     baseline=baseline, alpha=alpha, history=history, now=time.time())
-
-
-def state_writer(period_log: Path | None):
-    """``on_period_state``: the open period's counts to ``periodwatch.open_path(period_log)``, replaced
-    whole (a temporary sibling and a rename: a crash mid-write leaves the last save); removed when
-    the open period has no request."""
-    from moeguard.io import write_json
-    from moeguard.monitor.periodwatch import open_path
-
-    if period_log is None:
-        return None
-    path = open_path(period_log)
-
-    def save(state):
-        if state is None:
-            path.unlink(missing_ok=True)
-        else:
-            write_json(path, state)
-    return save
-
-
-def listen(host: str, port: int):
-    """A bound TCP socket for ``host:port`` (uvicorn listens on it), or a one-line error."""
-    import socket
-
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise MoeguardError(f"--host {host} does not resolve ({e})", hint="pass an address such as 127.0.0.1") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does: a restart need not wait
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise MoeguardError(f"cannot listen on {host}:{port} ({e.strerror or e})",
-                            hint="pass another --port, or stop the process that holds it") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:   # another name: it may resolve beyond this machine
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)   # ::ffff:127.0.0.1
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-def alert_writer(path: Path | None, period_log: Path | None = None):
-    """Append each request's, window's, slice's and period's alert to ``path`` (JSON Lines; never the
-    prompt), and each closed period to ``period_log`` (the row ``monitor score --history`` reads)."""
-    import threading
-
-    if path is None and period_log is None:
-        return None
-    lock = threading.Lock()
-
-    def write(client, result):
-        # the period log first: it is the next start's baseline, and a failing alert log must not lose it
-        if result.get("period") and period_log is not None:
-            row = result["period"]
-            with lock, open(period_log, "a", encoding="utf-8") as f:
-                f.write(dumps({**row, **({"alert": True} if row.get("alert") else {})}) + "\n")
-        rows = [a for a in (result.get("alert"), (result.get("window") or {}).get("alert"),
-                            (result.get("slice") or {}).get("alert"), (result.get("period") or {}).get("alert")) if a]
-        if rows and path is not None:
-            with lock, open(path, "a", encoding="utf-8") as f:
-                for a in rows:   # a slice's or period's alert is no one client's
-                    f.write(dumps({"client": None if a["kind"] in ("slice", "period") else client, **a}) + "\n")
-    return write
