@@ -28,11 +28,14 @@ built, at p >= 0.05), but every hijacked request pushes the same expert, all day
   - ``max_Z``: each cell's day mean of the fitted-mix residual, standardized by its spread over the
     *other* benign days (leave one out) instead of one day's slices;
   - ``max_K``: the same for each request's residual from its 16 nearest neighbours in the profile's
-    neighbour references (``periods.Neighbours``);
+    neighbour references (``neighbours.Neighbours``);
   - ``monitor``: the monitor's own test (``monitor score --period``, ``periods.score_periods``): the
     days in sequence, each against the 14 days before it that did not alert; a campaign (and, apart,
     its control) on each of the last ``--campaign-days`` days in turn. p-values, the cell and how many
     of the 5 named clients are campaign identities; the share of days alerting at 0.001, 0.01, 0.05.
+    With ``--cause``, each alerting day's cause too (``periodclients.py``: the clients' routing or the
+    day's mix, in the cells that alert), its ``p_routing``, and how many of the clients it finds
+    routing-moved among the named are the campaign's; ``monitor.causes_at_0.01`` counts them.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def main() -> None:
     ap.add_argument("--campaign-days", type=int, default=5, help="benign days each campaign is added to")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
+    ap.add_argument("--cause", action="store_true",
+                    help="also give each alerting day of the monitor's test its cause (periodclients: the clients' "
+                         "routing or the day's mix), with the embeddings: about 10 s an alert")
     ap.add_argument("--dump", help="also save each request's residual, embedding and who sent it (.npz) "
                                    "for routing_monitor_day_resample.py")
     args = ap.parse_args()
@@ -199,8 +205,9 @@ def main() -> None:
     def sequence(recs_by_day: list[list[dict]]) -> list[dict]:
         t = np.concatenate([d + np.arange(len(rs)) / len(rs) for d, rs in enumerate(recs_by_day)])
         flat = [r for rs in recs_by_day for r in rs]
-        return periods.score_periods(t, resid[[at[r["prompt"]] for r in flat]], [r["client"] for r in flat],
-                                     period=1.0, baseline=periods.BASELINE, alpha=0.01, layers=list(slot))
+        ix = [at[r["prompt"]] for r in flat]
+        return periods.score_periods(t, resid[ix], [r["client"] for r in flat], period=1.0, baseline=periods.BASELINE,
+                                     alpha=0.01, layers=list(slot), x=X[ix] if args.cause else None)
 
     if args.dump:   # the benign days' requests (day, client, text) and each campaign's and control's
         rec = [(d, r["client"], at[r["prompt"]]) for d, rs in enumerate(day_recs) for r in rs]
@@ -209,14 +216,22 @@ def main() -> None:
                             client=np.array([c for _, c, _ in rec]), text=np.array([i for *_, i in rec]),
                             campaign_of=np.repeat(np.arange(len(campaigns)), args.identities),
                             **{f"{k}_{i}": a for k, v in sent.items() for i, a in enumerate(v)})
-    benign_p = [r["p"] for r in sequence(day_recs) if r["p"] is not None]
+    benign_rows = sequence(day_recs)
+    benign_p = [r["p"] for r in benign_rows if r["p"] is not None]
     last = range(len(days) - min(args.campaign_days, len(days)), len(days))
     for c, row in zip(campaigns, rows):
         row.update(monitor_p=[], monitor_cell=[], monitor_named_campaign=[], control_monitor_p=[])
+        if args.cause:   # per alerting day (None where the day did not alert at 0.01)
+            row.update(monitor_cause=[], monitor_p_routing=[], monitor_routing_named=[], monitor_routing_named_campaign=[],
+                       control_monitor_cause=[], control_monitor_p_routing=[])
         for i in last:
             for kind in ("clients", "control"):
                 recs = interleave(days[i] + [(cid, ps) for cid, ps, _ in c[kind]], np.random.default_rng(args.seed + 1 + i), "")
                 got = sequence(day_recs[:i] + [recs] + day_recs[i + 1:])[i]
+                if args.cause:
+                    pre = "control_" if kind == "control" else ""
+                    row[f"{pre}monitor_cause"].append(got.get("cause"))
+                    row[f"{pre}monitor_p_routing"].append(got.get("p_routing"))
                 if kind == "control":
                     row["control_monitor_p"].append(got["p"])
                     continue
@@ -224,6 +239,10 @@ def main() -> None:
                 row["monitor_cell"].append(f"{got['layer']}.{got['expert']}")
                 ids = {cid for cid, _, _ in c["clients"]}
                 row["monitor_named_campaign"].append(sum(t["client"] in ids for t in got["top_clients"]))
+                if args.cause:   # the named clients whose own routing is beyond their content's, and how many are the campaign's
+                    small = [t["client"] for t in got["top_clients"] if t.get("p_routing") is not None and t["p_routing"] <= 0.01]
+                    row["monitor_routing_named"].append(len(small) if got.get("alert") else None)
+                    row["monitor_routing_named_campaign"].append(sum(c in ids for c in small) if got.get("alert") else None)
         print(f"{row['run']}:{row['layer']}.{row['expert']}: monitor p {[f'{p:.2g}' for p in row['monitor_p']]} "
               f"(control {[f'{p:.2g}' for p in row['control_monitor_p']]})", flush=True)
     monitor = {"baseline": periods.BASELINE, "benign_days_tested": len(benign_p),
@@ -231,13 +250,21 @@ def main() -> None:
                **{f"{w}_days_alerting_at_{a}": round(float(np.mean([p <= a for r in rows for p in r[k]])), 4)
                   for a in (0.001, 0.01, 0.05) for w, k in (("campaign", "monitor_p"), ("control", "control_monitor_p"))},
                **{f"benign_days_alerting_at_{a}": round(float(np.mean([p <= a for p in benign_p])), 4) for a in (0.001, 0.01, 0.05)}}
+    if args.cause:
+        def causes(values: list) -> dict[str, int]:
+            return {k: sum(v == k for v in values) for k in ("routing", "mix")} | {"none": sum(v is None for v in values)}
+        monitor["causes_at_0.01"] = {
+            "campaign": causes([c for r in rows for c, p in zip(r["monitor_cause"], r["monitor_p"]) if p is not None and p <= 0.01]),
+            "control": causes([c for r in rows for c, p in zip(r["control_monitor_cause"], r["control_monitor_p"]) if p is not None and p <= 0.01]),
+            "benign": causes([r.get("cause") for r in benign_rows if r.get("alert")]),
+            "benign_p_routing": sorted(round(r["p_routing"], 4) for r in benign_rows if r.get("p_routing") is not None)}
     print(f"monitor --period: {monitor}", flush=True)
     path = write_result("routing_monitor_day_load" + (f"_i{args.identities}" if args.identities != 8 else ""), {
         "setting": {"identities": args.identities, "days": args.days, "campaign_days": args.campaign_days, "slice": SLICE,
                     "log_users": 240, "day_users": 96, "calibration_slices": len(cal[0]),
                     "route_attack": list(FILES), "screen": "surrogate task profile, p >= 0.05",
                     "neighbours": {"count": len(owner.neighbours.x), "k": owner.neighbours.k},
-                    "seed": args.seed},
+                    "seed": args.seed, **({"cause": True} if args.cause else {})},
         "results": {"benign_days": {"max_S": sorted(round(float(S.max()), 2) for S, *_ in benign),
                                     "max_S_raw": sorted(round(float(R.max()), 2) for _, R, _ in benign),
                                     **{f"max_{n}": sorted(round(b[v], 2) for b in benign_z) for v, n in enumerate(VARIANTS)}},

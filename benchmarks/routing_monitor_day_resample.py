@@ -16,11 +16,15 @@ Reported per version and kind: the share of draws alerting at 0.001, 0.01 and 0.
 are the test's false alarms (nominal: the level); the campaigns' are its power; the controls' are
 what a heavy one-task day costs.
 
-``--cause-draws N`` (about 8 s a draw): on the first N draws, also each day's cause
-(``periodclients.py``: its clients' routing beyond their content's, or the mix), in the cell the test
-picked, with the draw's baseline days' requests as the matches and the null; reported as the share
-of draws alerting and put down to routing or to the mix at each level, and of ``p_routing`` at most
-the level alerting or not (its calibration on benign days). Written as
+``--cause-draws N`` (about 9 s a draw): on the first N draws, also each day's cause
+(``periodclients.py``: its clients' routing beyond their content's, or the mix), in the cells that
+alert at each level (at most ``periods.CAUSE_CELLS``, as ``score --period`` seeks it) and, apart, in
+the test's top cell alone (``_top``: the cause as first built), with the draw's baseline days'
+requests as the matches and the null; reported as the share of draws alerting and put down to
+routing or to the mix at each level, and of ``p_routing`` at most the level alerting or not (its
+calibration on benign days). Those draws also test a campaign behind a decoy (``decoy_N``): its
+first N identities and, beside them, all of the next campaign's control identities (a heavy load of
+plain task inputs, which moves a cell of its own). Written as
 ``results/routing_monitor_day_resample_cause.json`` with ``--draws 200 --cause-draws 200``.
 """
 
@@ -56,7 +60,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cause-draws", type=int, default=0,
                     help="on the first N draws, also each day's cause (periodclients.py: its clients' routing or the "
-                         "mix), in the cell the test picked; needs a dump with embeddings (x)")
+                         "mix), in the cells that alert, and a campaign behind a decoy; needs a dump with embeddings (x)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from moeguard.monitor import periodclients, periods
@@ -81,8 +85,11 @@ def main() -> None:
         return r.mean(0), r.var(0, ddof=1) / len(idx), len(idx)
 
     kinds = ["benign"] + [f"{w}_{n}" for n in sizes for w in ("campaign", "control")]
+    # a campaign that hides behind a decoy: its first n identities and, beside them, every identity of the
+    # next campaign's control (a heavy load of plain task inputs, which moves its own cell), on the cause draws
+    decoys = [f"decoy_{n}" for n in sizes if n < sizes[-1]] if args.cause_draws else []
     got = {v: {k: [] for k in kinds} for v in ("monitor", "first_version")}
-    causes: dict[str, list] = {k: [] for k in kinds}       # per draw: (the test's p, p_routing)
+    causes: dict[str, list] = {k: [] for k in kinds + decoys}   # per draw: (the test's p, {level or "top": p_routing})
     X = z["x"].astype(np.float64) if args.cause_draws else None
     user = [f"{d}:{c}" for d, c in users]                   # a benign user's name: its day and client
     rng = np.random.default_rng(args.seed)
@@ -99,28 +106,47 @@ def main() -> None:
             at = np.concatenate(base_idx)
             test_who = [user[j] for j in perm[per_day * args.baseline:per_day * (args.baseline + 1)] for _ in pool[j]]
             sent = {w: [np.asarray(a) for a in (campaigns if w == "campaign" else controls)[c]] for w in ("campaign", "control")}
+            sent["decoy"] = [np.asarray(a) for a in controls[(c + 1) % len(campaigns)]]
             nn = {"test": before.match(X[test]), **{w: [before.match(X[a]) for a in v] for w, v in sent.items()}}
-        for kind in kinds:
+        for kind in kinds + (decoys if draw < args.cause_draws else []):
             idx = test
-            if kind != "benign":
+            if kind.startswith("decoy"):
+                n = kind.split("_")[1]
+                idx = np.concatenate([test, *campaigns[c][:int(n)], *sent["decoy"]])
+            elif kind != "benign":
                 w, n = kind.split("_")
                 idx = np.concatenate([test, *(campaigns if w == "campaign" else controls)[c][:int(n)]])
             m, se2, n_req = day(idx)
             base = periods.Baseline(baseline=args.baseline, alpha=0.5, layers=list(range(R.shape[1])))
             base.kept = list(days)
             row: dict = {}
-            _, l, e = base.judge(row, m, se2, n_req)
-            got["monitor"][kind].append(row["p"])
-            got["first_version"][kind].append(first_version(M, S, m.ravel(), se2.ravel()))
+            _, l, e, cells = base.judge(row, m, se2, n_req)
+            if kind in got["monitor"]:
+                got["monitor"][kind].append(row["p"])
+                got["first_version"][kind].append(first_version(M, S, m.ravel(), se2.ravel()))
             if draw < args.cause_draws:
                 who, matches = list(test_who), [nn["test"]]
-                if kind != "benign":
+                if kind.startswith("decoy"):
+                    who += [f"identity-{i}" for i in range(int(n)) for _ in sent["campaign"][i]]
+                    who += [f"decoy-{i}" for i, a in enumerate(sent["decoy"]) for _ in a]
+                    matches += nn["campaign"][:int(n)] + nn["decoy"]
+                elif kind != "benign":
                     who += [f"identity-{i}" for i in range(int(n)) for _ in sent[w][i]]
                     matches += nn[w][:int(n)]
-                before.cause(row, r=R[idx, l, e], clients=who, pool_r=R[at, l, e], alpha=0.01, nn=np.concatenate(matches))
-                if row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
-                    raise SystemExit(f"draw {draw}, {kind}: no cause given ({row['cause_why']})")
-                causes[kind].append((row["p"], row["p_routing"]))
+                # at each level, the cells that alert at that level (periods.score_periods's rule), and the
+                # top cell alone (the first version of the cause) for comparison
+                q = {}
+                for a in LEVELS + ("top",):
+                    use = [(x, y) for x, y, pc in cells if pc <= a] if a != "top" else []
+                    use = use or [(l, e)]
+                    ls, es = [x for x, _ in use], [y for _, y in use]
+                    got_row: dict = {}
+                    before.cause(got_row, r=R[idx][:, ls, es], clients=who, pool_r=R[at[:, None], ls, es],
+                                 alpha=0.01, nn=np.concatenate(matches))
+                    if got_row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
+                        raise SystemExit(f"draw {draw}, {kind}: no cause given ({got_row['cause_why']})")
+                    q[a] = got_row["p_routing"]
+                causes[kind].append((row["p"], q))
         if (draw + 1) % 100 == 0:
             print(f"{draw + 1} draws ({time.perf_counter() - t0:.0f} s)", flush=True)
     rates = {v: {k: {str(a): round(float(np.mean(np.array(ps) <= a)), 4) for a in LEVELS} for k, ps in by.items()}
@@ -130,21 +156,26 @@ def main() -> None:
             print(f"{v:14s} {k:12s} " + "  ".join(f"{a}: {r[a]:.3f}" for a in r), flush=True)
     # the cause, on the first --cause-draws draws: at each level, the share of draws alerting and put down
     # to routing (p_routing <= the level) or to the mix; and p_routing alone, alerting or not (its calibration)
+    # ("_top": the cause sought in the test's top cell alone, as first built)
     cause = {k: {"draws": len(v), **{str(a): {
         "alert": round(float(np.mean([p <= a for p, _ in v])), 4),
-        "alert_routing": round(float(np.mean([p <= a and q <= a for p, q in v])), 4),
-        "alert_mix": round(float(np.mean([p <= a and q > a for p, q in v])), 4),
-        "routing_any_day": round(float(np.mean([q <= a for _, q in v])), 4)} for a in LEVELS}}
+        "alert_routing": round(float(np.mean([p <= a and q[a] <= a for p, q in v])), 4),
+        "alert_mix": round(float(np.mean([p <= a and q[a] > a for p, q in v])), 4),
+        "routing_any_day": round(float(np.mean([q[a] <= a for _, q in v])), 4),
+        "alert_routing_top": round(float(np.mean([p <= a and q["top"] <= a for p, q in v])), 4),
+        "routing_any_day_top": round(float(np.mean([q["top"] <= a for _, q in v])), 4)} for a in LEVELS}}
         for k, v in causes.items() if v}
     for k, by in cause.items():
-        print(f"cause {k:12s} " + "  ".join(f"{a}: alert {r['alert']:.3f} routing {r['alert_routing']:.3f} mix "
-                                            f"{r['alert_mix']:.3f} (any day {r['routing_any_day']:.3f})"
+        print(f"cause {k:12s} " + "  ".join(f"{a}: alert {r['alert']:.3f} routing {r['alert_routing']:.3f} "
+                                            f"(top cell {r['alert_routing_top']:.3f}) mix {r['alert_mix']:.3f} "
+                                            f"(any day {r['routing_any_day']:.3f})"
                                             for a, r in by.items() if a != "draws"), flush=True)
     path = write_result("routing_monitor_day_resample", {
         "setting": {"draws": args.draws, "baseline": args.baseline, "users_per_day": per_day, "users": len(pool),
                     "campaigns": len(campaigns), "identities": sizes, "seed": args.seed,
                     **({"cause_draws": args.cause_draws, "cause_k": periodclients.K,
-                        "cause_null_clients": periodclients.NULL_CLIENTS} if args.cause_draws else {})},
+                        "cause_null_clients": periodclients.NULL_CLIENTS, "cause_cells": periods.CAUSE_CELLS}
+                       if args.cause_draws else {})},
         "rates": rates, **({"cause": cause} if cause else {}), "seconds": round(time.perf_counter() - t0, 1)}, args.out)
     print(f"written to {path}")
 

@@ -191,3 +191,85 @@ def test_an_alert_without_a_cause_says_why_in_its_detail():
     assert detail.endswith("; no cause given (1 baseline periods (300 requests) in this run; 2 and 256 needed "
                            "(periods read from --history carry no requests))"), detail
     assert "cause" not in periods.reason(row)
+
+
+def _two_cells(rng, day, shift: float = 0.0):
+    """A day of ``_day``'s in two cells: its residual in (0, 1), where region 0's bias moves it, and
+    noise in (1, 2), moved by ``shift`` (a campaign's pull)."""
+    x, ra, who = day
+    r = np.zeros((len(x), 2, 3))
+    r[:, 0, 1] = ra
+    r[:, 1, 2] = rng.normal(0, 0.04, len(x)) + shift
+    return x, r, who
+
+
+def test_a_campaign_behind_a_decoy_is_put_down_to_routing_in_its_own_cell(monkeypatch):
+    # a heavy load of region 0 (a decoy: the mix moves cell (0, 1) most) beside a campaign that moves
+    # cell (1, 2): the test's top cell is the decoy's; the campaign is found in the other alerting cell
+    centres, bias = _world()
+    rng = np.random.default_rng(11)
+    days = [_two_cells(rng, _day(rng, centres, bias)) for _ in range(12)]
+    heavy = _two_cells(rng, _day(rng, centres, bias, heavy=12))
+    camp = _two_cells(rng, _day(rng, centres, bias, users=0, campaign=3, shift=0.0), shift=0.15)
+    days.append((np.concatenate([heavy[0], camp[0]]), np.concatenate([heavy[1], camp[1]]), heavy[2] + camp[2]))
+    t = np.concatenate([d * DAY + np.linspace(0, DAY - 1, len(x)) for d, (x, _, _) in enumerate(days)])
+    who = [c if not c.startswith("user") else f"{d}:{c}" for d, (_, _, cs) in enumerate(days) for c in cs]
+    args = (t, np.concatenate([d[1] for d in days]), who)
+    kw = dict(period=DAY, baseline=14, alpha=0.01, layers=[0, 1], x=np.concatenate([d[0] for d in days]))
+    last = periods.score_periods(*args, **kw)[-1]
+    assert last.get("alert") and (last["layer"], last["expert"]) == (0, 1), (last["p"], last["layer"], last["expert"])
+    assert {c["client"] for c in last["top_clients"]} <= {f"batch-{i}" for i in range(12)}, last["top_clients"]
+    assert last["cause"] == "routing" and last["cause_cell"] == [1, 2] and last["p_routing"] < 1e-4, last
+    assert {c["client"] for c in last["routing_clients"]} == {"mallory-0", "mallory-1", "mallory-2"}, last
+    detail = periods.reason(last)["detail"]
+    assert "went to expert 2 at layer 1 (which alerts too)" in detail and "whose: mallory-" in detail, detail
+    # sought in the top cell alone (the cause as first built), the decoy hides the campaign
+    monkeypatch.setattr(periods, "CAUSE_CELLS", 1)
+    alone = periods.score_periods(*args, **kw)[-1]
+    assert alone["cause"] == "mix" and alone["cause_cell"] == [0, 1] and "routing_clients" not in alone, alone
+    # the alert says it too, beyond its detail: where, and whose routing moved
+    alert = periods.reason(last)
+    assert alert["cause_cell"] == [1, 2] and [c["client"] for c in alert["routing_clients"]][0].startswith("mallory-")
+    assert "routing_clients" not in periods.reason(alone)
+
+
+def test_judge_gives_the_top_cell_first_then_the_other_alerting_cells_at_most_cause_cells():
+    rng = np.random.default_rng(12)
+    base = periods.Baseline(baseline=14, alpha=0.01, layers=[0, 1])
+    for _ in range(10):
+        base.judge({}, rng.normal(0, 1, (2, 4)), np.full((2, 4), 1.0), 100)
+    m = rng.normal(0, 1, (2, 4))
+    m[1, 3], m[0, 2], m[1, 0], m[0, 0], m[0, 1] = 1000.0, 300.0, 90.0, 27.0, 8.0   # five cells far out, each 3x the next
+    row: dict = {}
+    _, l, e, cells = base.judge(row, m, np.full((2, 4), 1.0), 100)
+    assert (l, e) == (1, 3) and cells[0] == (1, 3, row["p"]), (cells, row["p"])
+    assert [c[:2] for c in cells] == [(1, 3), (0, 2), (1, 0), (0, 0)] and all(c[2] <= 0.01 for c in cells), cells
+    calm: dict = {}
+    *_, cells = base.judge(calm, rng.normal(0, 0.5, (2, 4)), np.full((2, 4), 1.0), 100)   # no alert: the top cell alone
+    assert not calm.get("alert") and len(cells) == 1 and cells[0][2] == calm["p"], (cells, calm["p"])
+
+
+def test_one_cell_as_a_column_gives_the_same_cause_and_two_cells_cost_a_bonferroni_factor():
+    centres, bias = _world()
+    rng = np.random.default_rng(13)
+    base = [_day(rng, centres, bias) for _ in range(10)]
+    before = periodclients.Earlier([b[0] for b in base], [[f"{i}:{c}" for c in b[2]] for i, b in enumerate(base)])
+    x, r, who = _day(rng, centres, bias, campaign=2, shift=0.05)
+    pool, nn = np.concatenate([b[1] for b in base]), before.match(x)
+    one, col, two = {}, {}, {}
+    p1 = before.cause(one, r=r, clients=who, pool_r=pool, alpha=0.01, nn=nn)
+    assert before.cause(col, r=r[:, None], clients=who, pool_r=pool[:, None], alpha=0.01, nn=nn) == p1 and col == one
+    p2 = before.cause(two, r=np.stack([r, r], 1), clients=who, pool_r=np.stack([pool, pool], 1), alpha=0.01, nn=nn,
+                      cells=[[0, 1], [1, 2]])
+    assert {c: (None if v is None else min(1.0, 2 * v)) for c, v in p1.items() if v is None or v < 0.5} == \
+        {c: v for c, v in p2.items() if p1[c] is None or p1[c] < 0.5}
+    assert two["p_routing"] == pytest.approx(2 * one["p_routing"]) and two["cause_cell"] == [0, 1], (one, two)
+    with pytest.raises(ValueError, match="residuals in 2 cells, the pool's in 1"):
+        before.cause({}, r=np.stack([r, r], 1), clients=who, pool_r=pool, alpha=0.01, nn=nn)
+
+
+def test_routing_clients_are_those_at_or_under_the_level_smallest_first():
+    ps = {"a": 0.5, "b": 1e-6, "c": None, "d": 0.01, "e": 1e-3}
+    got = periodclients.routing_clients(ps, ["a", "b", "b", "d", "e", "e", "e", "c"], 0.01)
+    assert got == [{"client": "b", "requests": 2, "p_routing": 1e-6}, {"client": "e", "requests": 3, "p_routing": 1e-3},
+                   {"client": "d", "requests": 1, "p_routing": 0.01}]

@@ -16,7 +16,7 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
 from moeguard.monitor.embed import Embedding, KernelReference
-from moeguard.monitor.periods import Neighbours
+from moeguard.monitor.neighbours import Neighbours
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile, check_uniform
 from moeguard.monitor.replies import ReplyReference
 from moeguard.monitor.tokens import RoutedIds, TokenRouting, TokenRoutingCounts

@@ -10,9 +10,11 @@ predict (``periods.py``). Two kinds of day do that:
   many requests of one task). The neighbours' prediction is not exact in every region of content,
   so a heavy region moves the mean residual too.
 
-**The test** (``Earlier.cause``). In the alerted cell, each request's residual is compared with the
-mean residual of its ``K`` nearest requests (in the profile's embedding) among the baseline periods'
-requests in this run: the same content, routed on days that passed. A verbatim repeat of the
+**The test** (``Earlier.cause``). In each cell the period test found alerting (at most
+``periods.CAUSE_CELLS``, the most deviant first: a heavy load of one task can take the top cell while
+a campaign moves another), each request's residual is compared with the mean residual of its ``K``
+nearest requests (in the profile's embedding) among the baseline periods' requests in this run: the
+same content, routed on days that passed. A verbatim repeat of the
 request is not its own match (a campaign that repeats one prompt must not be matched by its earlier
 copies). Per client of at least ``MIN_REQUESTS`` requests, a moderated one-sample t of those
 differences (``moderated_z``). Benign clients' z's are wider than N(0, 1) (a client's requests share
@@ -20,8 +22,8 @@ neighbours, and users have habits), so the null is made of the baseline periods'
 period's matched against the others: ``NULL_CLIENTS`` of them, their median and scaled median
 absolute deviation (an empirical null, as in Efron's large-scale testing). The period's own clients
 are not the null: a campaign of many identities would widen it. A client's p is its upper tail
-against that null, Bonferroni-adjusted over the period's clients tested; the period's cause is
-``routing`` where the smallest is at most the period's level, else ``mix``.
+against that null, Bonferroni-adjusted over the period's clients tested and the cells; the period's
+cause is ``routing`` where the smallest is at most the period's level, else ``mix``.
 
 Measured in ``benchmarks/routing_monitor_day_resample.py`` (docs/routing-security.md). The test
 needs the baseline periods' requests: periods read from ``--history`` carry none, and with fewer
@@ -61,6 +63,18 @@ def name_clients(r: np.ndarray, clients: list, expected: float, mean: float) -> 
     top = [c for c in sorted(excess, key=lambda c: -excess[c]) if excess[c] > 0][:NAMED]
     return [{"client": named[c], "requests": count[c],
              "excess": round(excess[c] / total, 3) if total > 0 else None} for c in top]
+
+
+def routing_clients(ps: dict[str, float | None], clients: list, alpha: float) -> list[dict[str, Any]]:
+    """The ``NAMED`` clients whose routing went beyond their content's (``Earlier.cause``'s adjusted p at
+    most ``alpha``), the smallest p first: ``ps`` by client name, ``clients`` [n] who sent each request."""
+    count: dict[str, int] = {}
+    named: dict[str, Any] = {}
+    for c in clients:
+        count[str(c)] = count.get(str(c), 0) + 1
+        named.setdefault(str(c), c)
+    small = sorted((p, c) for c, p in ps.items() if p is not None and p <= alpha)[:NAMED]
+    return [{"client": named[c], "requests": count[c], "p_routing": p} for p, c in small]
 
 
 def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
@@ -173,28 +187,50 @@ class Earlier:
         return nearest(x, self.pool, K)
 
     def cause(self, row: dict[str, Any], *, r: np.ndarray, clients: list, pool_r: np.ndarray, alpha: float,
-              nn: np.ndarray) -> dict[str, float | None]:
-        """Fill an alerted period's ``cause`` (``routing`` or ``mix``) and ``p_routing``, or ``cause_why``:
-        its requests' residuals in the alerted cell ``r`` [n], ``clients`` [n] and matches ``nn``
-        (``match``); ``pool_r`` [m] the earlier requests' residuals in that cell. Each of the period's
-        clients' adjusted p (None: too few requests), by client name."""
+              nn: np.ndarray, cells: list[list[int]] | None = None) -> dict[str, float | None]:
+        """Fill an alerted period's ``cause`` (``routing`` or ``mix``), ``p_routing`` and ``cause_cell``, or
+        ``cause_why``: its requests' residuals ``r`` [n, c] in the ``c`` cells tested (``cells``: their
+        [layer, expert], the test's alerting cells, most deviant first; [n]: one), ``clients`` [n] and
+        matches ``nn`` (``match``); ``pool_r`` [m, c] the earlier requests' residuals there. Each of the
+        period's clients' adjusted p (its smallest over the cells; None: too few requests), by name.
+
+        Bonferroni over the clients and the cells. Every alerting cell is tested, not only the most
+        deviant: a day can hold a mix that moves one cell and a campaign that moves another (or an
+        attacker who adds a heavy load of one task to have its alert read as the mix)."""
         from scipy.stats import norm
 
         row["cause"], row["p_routing"] = None, None
         if self.why is not None:
             row["cause_why"] = self.why
             return {}
-        zn, varn, tn = moderated_z(pool_r[self._rows] - matched_mean(pool_r, self._nn), self._owner)
-        null = zn[tn]
+        r, pool_r = np.asarray(r).reshape(len(r), -1), np.asarray(pool_r).reshape(len(pool_r), -1)
+        if pool_r.shape[1] != r.shape[1] or (cells is not None and len(cells) != r.shape[1]):
+            raise ValueError(f"residuals in {r.shape[1]} cells, the pool's in {pool_r.shape[1]}, "
+                             f"{'no' if cells is None else len(cells)} cells named")
         names, owner = _owners(clients)
-        z, _, tested = moderated_z(r - matched_mean(pool_r, nn), owner, s0=float(varn[tn].mean()) if tn.any() else None)
-        med = float(np.median(null)) if len(null) else 0.0
-        mad = 1.4826 * float(np.median(np.abs(null - med))) if len(null) else 0.0
-        if not tested.any() or not mad > 0:
-            row["cause_why"] = (f"no client of {MIN_REQUESTS} or more requests in the period" if not tested.any() else
-                                "the baseline clients' differences do not vary in this cell: no null to test against")
+        best = np.full(len(names), np.inf)                 # each client's smallest adjusted p over the cells
+        tested = np.zeros(len(names), dtype=bool)
+        why, where = None, None
+        for j in range(r.shape[1]):
+            zn, varn, tn = moderated_z(pool_r[self._rows, j] - matched_mean(pool_r[:, j], self._nn), self._owner)
+            null = zn[tn]
+            z, _, tj = moderated_z(r[:, j] - matched_mean(pool_r[:, j], nn), owner,
+                                   s0=float(varn[tn].mean()) if tn.any() else None)
+            med = float(np.median(null)) if len(null) else 0.0
+            mad = 1.4826 * float(np.median(np.abs(null - med))) if len(null) else 0.0
+            if not tj.any() or not mad > 0:
+                why = why or (f"no client of {MIN_REQUESTS} or more requests in the period" if not tj.any() else
+                              "the baseline clients' differences do not vary in this cell: no null to test against")
+                continue
+            adjusted = np.where(tj, np.minimum(1.0, norm.sf((z - med) / mad) * int(tj.sum()) * r.shape[1]), np.inf)
+            if where is None or np.nanmin(adjusted) < np.nanmin(best):
+                where = j
+            best, tested = np.fmin(best, adjusted), tested | tj
+        if where is None:
+            row["cause_why"] = why
             return {}
-        adjusted = np.minimum(1.0, norm.sf((z - med) / mad) * int(tested.sum()))
-        row["p_routing"] = float(np.nanmin(adjusted))
+        row["p_routing"] = float(np.nanmin(best))
         row["cause"] = "routing" if row["p_routing"] <= alpha else "mix"
-        return {str(names[g]): (float(adjusted[g]) if tested[g] else None) for g in range(len(names))}
+        if cells is not None:
+            row["cause_cell"] = list(cells[where])
+        return {str(names[g]): (float(best[g]) if tested[g] else None) for g in range(len(names))}

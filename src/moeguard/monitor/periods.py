@@ -6,12 +6,10 @@ requests over identities and over the day, so that no slice sees it either. Its 
 move routing to its expert, and every hijacked request moves it the same way. Summed over a day,
 many small pushes become one large one, where benign traffic's pushes cancel.
 
-- **What a request's content predicts**: the mean routing histogram of its ``NEIGHBOURS`` nearest
-  benign requests in the profile's embedding space (``Neighbours``: up to ``REFERENCES`` of the
-  profile's fit half, kept in the profile). A request's **residual** [L, E] is its histogram less
-  that. It is finer than a mix of topics: a log profile's topics are a few clusters, and a day
-  heavy in one task (a batch job, a popular feature) moved a topic-mix residual nearly as far as a
-  campaign did (``benchmarks/routing_monitor_day_load.py``'s control).
+- **What a request's content predicts**: the mean routing histogram of its nearest benign requests in
+  the profile's embedding space (``neighbours.py``). A request's **residual** [L, E] is its histogram
+  less that. It is finer than a mix of topics: a day heavy in one task moved a topic-mix residual
+  nearly as far as a campaign did.
 - **A period** is the requests whose time falls in one ``period``-long interval (aligned to the
   epoch: ``24h`` gives UTC days). Its statistic, per (layer, expert), is the mean residual.
 - **The baseline** is the ``baseline`` most recent earlier periods that did not alert (a period that
@@ -56,67 +54,17 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.monitor import periodclients
 from moeguard.monitor.embed import pack, unpack
+from moeguard.monitor.neighbours import Neighbours
 
-NEIGHBOURS = 16       # benign requests whose mean routing predicts a request's
-REFERENCES = 4096     # benign requests kept for that (the profile's fit half, subsampled)
-VALUES = 1 << 22      # at most this many stored histogram values (16 MiB as float32): a model of 58 MoE
-                      # layers x 256 experts keeps 282 references, not a 240 MB profile
 MIN_BASELINE = 3      # earlier periods a period needs before it is tested
 BASELINE = 14         # earlier periods a period is compared with (``--baseline``): two weeks of days
 MIN_REQUESTS = 16     # requests a period needs to be tested or to join a baseline
 FACTORS = 3           # at most this many directions of the baseline's day-to-day variation are removed
 FLOOR = 0.25          # a cell's out-of-sample spread is at least this share of its sampling noise
 TINY = 1e-18         # a floor on variances: a cell no baseline period routes to (0 / 0) is not NaN
+CAUSE_CELLS = 4       # an alert's cause is sought in at most this many of its alerting cells (periodclients)
 TEST = "factors"      # the period test's version, in each row's settings: a history of another is refused
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class Neighbours:
-    """Benign requests' embeddings [R, dim] and routing histograms [R, L, E]: what a request's
-    content predicts its routing to be."""
-
-    def __init__(self, *, x: np.ndarray, h: np.ndarray):
-        self.x = np.asarray(x, dtype=np.float64)
-        self.h = np.asarray(h, dtype=np.float64)
-        self.k = min(NEIGHBOURS, len(self.x))
-
-    @classmethod
-    def fit(cls, x: np.ndarray, h: np.ndarray, *, seed: int) -> "Neighbours":
-        """At most ``REFERENCES`` of the benign requests (fewer where their histograms would pass
-        ``VALUES``), drawn with their own generator (the profile's other draws are unchanged by it)."""
-        cap = min(REFERENCES, max(2 * NEIGHBOURS, VALUES // max(1, int(np.prod(np.shape(h)[1:])))))
-        keep = np.sort(np.random.default_rng([seed, 0x6E]).permutation(len(x))[:cap])
-        return cls(x=np.asarray(x)[keep], h=np.asarray(h)[keep])
-
-    def residual(self, x: np.ndarray, h: np.ndarray) -> np.ndarray:
-        """[N, L, E]: each request's histogram less the mean of its nearest references' (cosine:
-        the embeddings are unit length). In blocks of rows: a log of 100k requests never builds
-        [N, R] at once."""
-        out = np.empty(np.shape(h), dtype=np.float64)
-        step = max(1, min(2048, VALUES // max(1, self.k * int(np.prod(self.h.shape[1:])))))   # [step, k, L, E] at most VALUES
-        for a in range(0, len(x), step):
-            sim = np.asarray(x[a:a + step]) @ self.x.T                           # [n, R]
-            nn = np.argpartition(-sim, self.k - 1, axis=1)[:, :self.k]
-            out[a:a + step] = np.asarray(h[a:a + step]) - self.h[nn].mean(1)
-        return out
-
-    @property
-    def digest(self) -> str:
-        """What a period's residuals depend on, so that a history made with other references is refused."""
-        import hashlib
-
-        return hashlib.sha256(pack(self.x).encode() + pack(self.h).encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"count": len(self.x), "embeddings_f32_b64": pack(self.x), "histograms_f32_b64": pack(self.h)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, dim: int, shape: tuple[int, int]) -> "Neighbours":
-        n = int(d["count"])
-        out = cls(x=unpack(d["embeddings_f32_b64"], (n, dim)), h=unpack(d["histograms_f32_b64"], (n, *shape)))
-        if n < 2 or not (np.isfinite(out.x).all() and np.isfinite(out.h).all()):
-            raise ValueError("neighbour references are damaged")
-        return out
 
 
 def parse_period(value: Any) -> float:
@@ -262,11 +210,13 @@ class Baseline:
         self.requests = (self.requests + [requests])[-self.baseline:]
 
     def judge(self, row: dict[str, Any], m: np.ndarray, se2: np.ndarray, n: int,
-              requests: Any = None) -> tuple[np.ndarray, int, int] | None:
+              requests: Any = None) -> tuple[np.ndarray, int, int, list[tuple[int, int, float]]] | None:
         """Test a period of ``n`` requests, mean residual ``m`` [L, E] and sampling variance ``se2``:
         fills ``row`` (its state, baseline size, z, cell, shift, p, alert) and keeps the period (and
         ``requests``, in ``self.requests``) for later baselines unless it alerts. What the baseline
-        predicts for the period [L, E] and the cell, for naming clients; None where not tested."""
+        predicts for the period [L, E], the cell (for naming clients) and, for its cause, the cells
+        [(layer slot, expert, p)] that alert on their own, the most deviant first, at most
+        ``CAUSE_CELLS`` (the most deviant always); None where not tested."""
         from scipy.stats import t as student
 
         if not (np.isfinite(m).all() and np.isfinite(se2).all()):   # a model that routed NaN: in no baseline
@@ -303,7 +253,14 @@ class Baseline:
             row["alert"] = True
         else:
             self._keep((m, se2, n), requests)
-        return expected, int(l), int(e)
+        # the cells that alert on their own (Sidak), most deviant first, with their p's: where an alert's
+        # cause is sought (the most deviant alone where none does)
+        cells = [(int(l), int(e), p)]
+        for i in [i for i in np.argsort(-z, kind="stable") if i != c][:CAUSE_CELLS - 1]:
+            pi = float(-np.expm1(m.size * np.log1p(-min(float(student.sf(z[i], df=len(ref) - 1 - k)), 1 - 1e-16))))
+            if pi <= self.alpha:
+                cells.append((*(int(v) for v in np.unravel_index(i, m.shape)), pi))
+        return expected, int(l), int(e), cells
 
 
 def _factors(M: np.ndarray, noise: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -369,7 +326,7 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx)
         if tested is None:
             continue
-        expected, l, e = tested
+        expected, l, e, cells = tested
         who = [clients[i] for i in idx]
         row["top_clients"] = periodclients.name_clients(r[:, l, e], who, expected[l, e], m[l, e])
         if row.get("alert") and x is not None:   # the routing of its clients, or the mix of the period?
@@ -377,10 +334,14 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
             if before is None or before_key != key:
                 before, before_key = periodclients.Earlier([x[j] for j in earlier], [[clients[i] for i in j] for j in earlier]), key
             at = np.concatenate(earlier) if earlier else np.zeros(0, dtype=np.int64)
-            ps = before.cause(row, r=r[:, l, e], clients=who, pool_r=resid[at, l, e], alpha=alpha,
-                              nn=before.match(x[idx]) if before.why is None else None)
+            ls, es = [a for a, _, _ in cells], [b for _, b, _ in cells]
+            ps = before.cause(row, r=r[:, ls, es], clients=who, pool_r=resid[at[:, None], ls, es], alpha=alpha,
+                              nn=before.match(x[idx]) if before.why is None else None,
+                              cells=[[layers[a], b] for a, b, _ in cells])
             for c in row["top_clients"]:
                 c["p_routing"] = ps.get(str(c["client"]))
+            if row.get("cause") == "routing":   # whose routing moved: not always those the excess names
+                row["routing_clients"] = periodclients.routing_clients(ps, who, alpha)
     return rows
 
 
@@ -391,8 +352,12 @@ def reason(row: dict[str, Any]) -> dict[str, Any]:
               "the baseline periods' logs too, it says whether their routing or the mix of traffic moved)")
     how = ""
     if row.get("cause") == "routing":
-        how = (f"; routing beyond content (p {row['p_routing']:.2g}): clients' requests went to the expert more than "
-               "requests of the same content did in the baseline periods (a hijack)")
+        cell = row.get("cause_cell")
+        there = ("the expert" if cell in (None, [row["layer"], row["expert"]])
+                 else f"expert {cell[1]} at layer {cell[0]} (which alerts too)")
+        moved = ", ".join(f"{c['client']} ({c['requests']}, p {c['p_routing']:.2g})" for c in row.get("routing_clients", []))
+        how = (f"; routing beyond content (p {row['p_routing']:.2g}): clients' requests went to {there} more than "
+               "requests of the same content did in the baseline periods (a hijack)" + (f"; whose: {moved}" if moved else ""))
     elif row.get("cause") == "mix":
         how = (f"; no client's routing goes beyond its content's (p {row['p_routing']:.2g}): the period's mix moved "
                "(more of one kind of content: a launch, a batch job, or a distributed extraction)")
@@ -400,6 +365,8 @@ def reason(row: dict[str, Any]) -> dict[str, Any]:
         how = f"; no cause given ({row['cause_why']})"
     return {"statistic": "period_load", "layer": row["layer"], "experts": [row["expert"]], "value": row["z"],
             "p": row["p"], "p_combined": row["p"], **({"cause": row["cause"]} if row.get("cause") else {}),
+            # where the cause was found, and whose routing moved (with a decoy, not the clients the excess names)
+            **{k: row[k] for k in ("cause_cell", "routing_clients") if row.get(k)},
             "detail": (f"over {row['requests']} requests" + (f" ({row['clients']} clients)" if row["clients"] is not None else "")
                        + f", expert {row['expert']} at layer "
                        f"{row['layer']} took {100 * row['shift']:.2f} points more routing than the requests' content "

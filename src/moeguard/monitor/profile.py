@@ -47,7 +47,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.monitor.embed import Embedding, KernelReference
-from moeguard.monitor.periods import Neighbours
+from moeguard.monitor.neighbours import Neighbours
 from moeguard.monitor.replies import REPLY_STATISTICS, ReplyReference
 from moeguard.monitor.tokens import SEGMENT, TokenRouting
 
