@@ -403,7 +403,7 @@ def test_audit_with_a_defense_compares_base_and_hardened_in_the_report(tmp_path)
 
 def test_the_model_card_gives_each_kind_of_experts_its_own_size():
     """JetMoE's MLP and attention experts differ in size: the card shows each, not their mean."""
-    from moeguard.report.audit import card_rows
+    from moeguard.report.auditrows import card_rows
 
     p = {"per_expert": 2048, "per_expert_by_block": {"mlp": 3072, "self_attention.experts": 1024}}
     rows = {r["fact"]: r["value"] for r in card_rows({"model": {"name": "m", "family": "jetmoe", "parameters": p}})}

@@ -8,7 +8,7 @@ import io
 from rich.console import Console
 
 from moeguard.analysis import savings
-from moeguard.report.audit import defense_rows, defense_utility_rows
+from moeguard.report.auditrows import defense_rows, defense_utility_rows
 from moeguard.report.defense import extra_labels_text
 from moeguard.report.recovery import savings_text
 from moeguard.report.tables import scores_table
@@ -85,7 +85,8 @@ def _risk_doc():
 def test_the_risk_table_puts_each_tasks_attack_keep_in_its_own_cell_and_never_rounds_onto_the_line():
     """The column was named from each row's keep, and the tables took the first row's names: the
     other task's number was a blank cell (html, md) or sat under the wrong keep (console)."""
-    from moeguard.report.audit import _md_table, risk_rows
+    from moeguard.report.audit import _md_table
+    from moeguard.report.auditrows import risk_rows
 
     doc = _risk_doc()
     rows = risk_rows(doc)

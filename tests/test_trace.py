@@ -457,7 +457,7 @@ def test_a_study_on_a_model_too_small_to_fingerprint_records_why_instead_of_fail
     """A recovery or attack study traces each re-aligned model; a model whose 1% budget holds no
     fingerprint (a 2-layer cut of a real model, a toy) used to end the whole audit there. Its
     runs now carry the reason, and the report says it was not traced."""
-    from moeguard.report.audit import detect_text
+    from moeguard.report.auditrows import detect_text
     from moeguard.studies.common import detectability_of
     from moeguard.testing import tiny_model
     from moeguard.trace.api import tracer
