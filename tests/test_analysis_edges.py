@@ -30,7 +30,7 @@ def _curve(strategy, seed, retentions):
 
 
 def test_a_diverged_round_counts_as_nothing_retained_and_no_nan_reaches_the_summary():
-    from moeguard.studies.recovery import summarize
+    from moeguard.studies.recoverysummary import summarize
 
     curves = [_curve("random", 0, [40.0, float("nan"), 96.0]), _curve("random", 1, [40.0, 70.0, 96.0]),
               _curve("orphan", 0, [40.0, 95.0, 97.0]), _curve("orphan", 1, [40.0, 93.0, math.inf])]

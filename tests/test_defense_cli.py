@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from moeguard.cli import main
-from moeguard.studies.attack import envelope, summarize_attack
+from moeguard.studies.attacksummary import envelope, summarize_attack
 from moeguard.studies.defend import extra_labels
 
 SMALL_ATTACK = ["--budget", "16", "--budgets", "8,16", "--methods", "frequency,gate", "--modes", "full,lora",

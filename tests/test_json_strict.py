@@ -108,7 +108,7 @@ def test_the_edges_of_retention_and_the_margin_over_the_baseline():
 
 
 def test_the_worst_case_over_runs_prefers_a_finite_score_and_counts_an_all_broken_label_count_as_zero():
-    from moeguard.studies.attack import envelope
+    from moeguard.studies.attacksummary import envelope
 
     def run(mode, scores):
         return {"strategy": "random", "mode": mode, "lr": 1, "epochs": 1, "seed": 0,

@@ -7,7 +7,7 @@ import pytest
 from moeguard.cli import main
 from moeguard.testing import kill_cli_when
 from moeguard.analysis import auc as curve_auc, labels_to_target, savings
-from moeguard.studies.recovery import summarize
+from moeguard.studies.recoverysummary import summarize
 
 KEEP2 = {"keep": {str(l): [0, 1] for l in range(4)}}
 FAST = ["--min-steps", "30", "--epochs", "1", "--eval-limit", "32", "--pool-size", "64"]

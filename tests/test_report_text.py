@@ -123,7 +123,7 @@ def test_console_tables_print_data_with_brackets_as_it_is():
 def test_a_recovery_point_no_seed_measured_is_null_not_nan():
     import json
 
-    from moeguard.studies.recovery import summarize
+    from moeguard.studies.recoverysummary import summarize
 
     curves = [{"strategy": "random", "seed": s, "points": [{"labels": 0, "retention": None}, {"labels": 8, "retention": None}]}
               for s in range(2)]
