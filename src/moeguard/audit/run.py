@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.audit.config import AuditConfig, check
+from moeguard.audit.optional import (defense_attack, defense_stage, recovery_stage, scan_config, scan_references,
+                                     scan_stage)
 from moeguard.audit.results import assemble
-from moeguard.audit.stages import StageResult, StageStore
+from moeguard.audit.stages import StageStore
 from moeguard.errors import MoeguardError
 from moeguard.models.handle import ModelHandle
 from moeguard.models.identity import weights_identity
@@ -53,9 +55,9 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     if cfg.scan:   # a bad reference fails now, not after the other stages' minutes
         from moeguard.scan.run import SCORES, SEARCH_SETTINGS, _reference_null
 
-        refs = _scan_references(cfg)
+        refs = scan_references(cfg)
         if refs:   # searched as the audit's scan will search (its config, as _scan makes it)
-            scan_cfg = _scan_config(cfg)
+            scan_cfg = scan_config(cfg)
             search = {**{k: getattr(scan_cfg, k) for k in SEARCH_SETTINGS}, "tasks": names}
             _reference_null(refs, SCORES[bool(cfg.scan_reference_models)], search, model)
     # the attacker's keep for recovery, defaulted and checked only when recovery runs (or it is
@@ -106,28 +108,8 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
         # stage, after every other stage had run
         from moeguard.studies.attack import preflight
 
-        preflight(_defense_attack(resolved, model.num_experts), model)
+        preflight(defense_attack(resolved, model.num_experts), model)
     return resolved, model
-
-
-def _scan_config(cfg: AuditConfig):
-    """The scan stage's settings (one place: resolve checks reference scans against them)."""
-    from moeguard.scan.run import ScanConfig
-
-    return ScanConfig(samples=cfg.samples, contexts=cfg.scan_contexts, seed=cfg.seed)
-
-
-def _defense_attack(cfg: AuditConfig, E: int):
-    """The attack harness the defense stage runs against base and hardened (one place: resolve checks it)."""
-    from moeguard.studies.attack import AttackConfig
-
-    return AttackConfig(task=cfg.defense_tasks[0], keep=E // 2, budget=cfg.defense_budget, seeds=cfg.defense_seeds,
-                        methods=tuple(cfg.methods), modes=tuple(cfg.defense_modes),
-                        lr_scales=tuple(cfg.defense_lr_scales), epochs=tuple(cfg.defense_epochs),
-                        seed=cfg.seed, samples=cfg.samples, pool_size=cfg.pool_size,
-                        eval_limit=cfg.recovery_eval_limit, target=cfg.target,
-                        # the audit's routes: with merging, the harness attacks base and hardened by both
-                        routes=tuple(cfg.routes), merge_methods=tuple(cfg.merge_methods))
 
 
 def _check_encoder_decoder(cfg: AuditConfig, model) -> None:
@@ -274,7 +256,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
             rec_settings["mode"] = cfg.recovery_mode
         if cfg.max_memory is not None:    # capped curves are untraced: never reused for an uncapped run
             rec_settings["traced"] = False
-        s_rec = stage("recovery", rec_settings, lambda d: _recovery(cfg, d, s_base, s_attr, s_sweep, model, studies_run),
+        s_rec = stage("recovery", rec_settings, lambda d: recovery_stage(cfg, d, s_base, s_attr, s_sweep, model, studies_run),
                       [s_base, s_attr, s_sweep])
 
     s_def = None
@@ -289,7 +271,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
                         "runtime": placed}
         # the hardening's training state outlives the stage's folder (removed when a stage fails), so an
         # interrupted audit resumes the hardening where it stopped (keyed on its settings and weights)
-        s_def = stage("defense", def_settings, lambda d: _defense(cfg, d, runtime, model, study_run, progress,
+        s_def = stage("defense", def_settings, lambda d: defense_stage(cfg, d, runtime, model, study_run, progress,
                                                                   state=store.jobs / "harden-state"),
                       [s_model])
 
@@ -298,8 +280,8 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         import hashlib
         import json
 
-        refs = _scan_references(cfg)
-        scan_cfg = _scan_config(cfg)
+        refs = scan_references(cfg)
+        scan_cfg = scan_config(cfg)
         scan_settings = {**scan_cfg.to_dict(), "tasks": cfg.tasks, "runtime": placed,
                          # by content: a reference scan re-made in place changes the null
                          "references": [hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest() for r in refs],
@@ -309,7 +291,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         key = hashlib.sha256(json.dumps({**scan_settings, "model": ident["model"]}, sort_keys=True,
                                         default=str).encode()).hexdigest()[:16]
         s_scan = stage("scan", scan_settings,
-                       lambda d: _scan(d, store.jobs / f"scan-{key}", model, cfg, scan_cfg, refs, runtime, progress), [s_model])
+                       lambda d: scan_stage(d, store.jobs / f"scan-{key}", model, cfg, scan_cfg, refs, runtime, progress), [s_model])
 
     upstream = [s for s in (s_model, s_base, s_attr, s_sweep, s_rec, s_def, s_scan) if s is not None]
     doc = assemble(cfg, info, {s.name: s for s in upstream}, backend=backend.describe())
@@ -333,115 +315,3 @@ def _reference(cfg: AuditConfig, task: str) -> list[str] | None:
     """Contrastive attribution's reference: the other audited tasks (None: the embedded default)."""
     others = [t for t in cfg.tasks if t != task]
     return others or None
-
-
-def _recovery(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: StageResult, s_sweep: StageResult,
-              model: ModelHandle, studies_run) -> None:
-    """The recovery study of every recovery task, on the plan of its best method (by deletion AUC),
-    all tasks' jobs side by side. With the merge route, each task's merged model (the sweep's best
-    method and merge method at the recovery keep) is re-aligned too (``TASK.merge.json``): merging
-    can overtake pruning after re-alignment, so the risk takes the stronger route after it."""
-    from moeguard.attribution.base import Scores
-    from moeguard.io import write_json
-    from moeguard.pruning.plan import plan_from_scores
-    from moeguard.realign.engine import FinetuneConfig
-    from moeguard.studies.recovery import RecoveryConfig, RecoveryStudy, best_method
-
-    sweep_doc, base = s_sweep.read("sweep.json"), s_base.read("baseline.json")
-    items = []
-    for t in cfg.recovery_tasks:
-        method = best_method(sweep_doc, t)
-        plan = plan_from_scores(Scores.from_dict(s_attr.read(f"scores/{t}/{method}.json")), keep=cfg.recovery_keep,
-                                min_keep=model.family.min_experts)
-        items.append((RecoveryStudy(), RecoveryConfig(
-            task=t, keep=cfg.recovery_keep, strategies=tuple(cfg.strategies), budgets=tuple(cfg.budgets),
-            seeds=cfg.recovery_seeds, seed=cfg.seed, method=method, samples=cfg.samples, pool_size=cfg.pool_size,
-            eval_limit=cfg.recovery_eval_limit, target=cfg.target,
-            given_plan={str(l): v for l, v in plan.keep.items()},
-            given_full=base[t][str(cfg.recovery_eval_limit)]["score"], finetune=FinetuneConfig(mode=cfg.recovery_mode),
-            traced=cfg.max_memory is None)))
-        if "merge" in cfg.routes:
-            row = (((sweep_doc.get("routes") or {}).get(t) or {}).get(str(cfg.recovery_keep)) or {}).get("merge")
-            m_method, mm = (row["method"], row["merge_method"]) if row else (method, cfg.merge_methods[0])
-            items.append((RecoveryStudy(), replace(
-                items[-1][1], route="merge", merge_method=mm, method=m_method, given_plan=None,
-                given_scores=s_attr.read(f"scores/{t}/{m_method}.json"))))
-    (d / "recovery").mkdir(exist_ok=True)
-    for (_, rc), doc in zip(items, studies_run(items, "recovery")):
-        write_json(d / "recovery" / (f"{rc.task}.json" if rc.route == "prune" else f"{rc.task}.{rc.route}.json"), doc)
-
-
-def _scan_references(cfg: AuditConfig) -> list[dict]:
-    from moeguard.scan.run import load_references
-
-    return load_references([Path(p) for p in cfg.scan_references or []])
-
-
-def _scan(d: Path, work: Path, model: ModelHandle, cfg: AuditConfig, scan_cfg, refs: list[dict], runtime: Runtime,
-          progress) -> None:
-    """The per-expert scan of the audited model. It runs in ``work`` (under jobs/, which outlives
-    an interrupted stage, so a killed scan resumes from its finished parts), then is copied into
-    the stage folder (``scan/scan.json``)."""
-    import torch
-
-    from moeguard.edge import resolve_model
-    from moeguard.scan.run import scan
-    from moeguard.tasks.registry import get_task
-
-    torch.set_num_threads(runtime.threads)
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    ref_models = [resolve_model(m) for m in cfg.scan_reference_models or []]
-    if not (work / "scan.json").exists():
-        scan(model, [get_task(t) for t in cfg.tasks], work, config=scan_cfg, references=refs, reference_models=ref_models,
-             dtype=dtype, device_map=cfg.device_map, overwrite=True, progress=progress)
-    shutil.copytree(work, d / "scan")
-
-
-def _defense(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, study_run, progress, *,
-             state: Path | None = None) -> None:
-    """Harden (or take ``cfg.hardened``) in this process, then the defend-eval study on the
-    audit's backend: base and hardened under the same attack harness."""
-    import torch
-
-    from moeguard.defense.harden import config_for, get_defense, harden
-    from moeguard.defense.protocol import FILENAME, Protocol
-    from moeguard.io import write_json
-    from moeguard.models.loading import load_model
-    from moeguard.models.tokenizer_files import save_tokenizer
-    from moeguard.studies.defend import DefendEvalConfig, DefendEvalStudy
-
-    torch.set_num_threads(runtime.threads)
-    dtype = getattr(torch, runtime.dtype) if runtime.dtype else None
-    proto = None
-    if cfg.defense:
-        torch.manual_seed(cfg.seed)
-        hardened, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
-        hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
-        log = harden(hardened, tok, hcfg, progress=progress, checkpoint=state, source=weights_identity(cfg.model))
-        hardened.save_pretrained(d / "hardened")
-        save_tokenizer(tok, d / "hardened")
-        del hardened
-        write_json(d / "hardening.json", {"method": cfg.defense, "config": hcfg.to_dict(), **log})
-        if get_defense(cfg.defense).protocol:
-            proto = {"modes": ["lora"], "patterns": list(hcfg.authorized_patterns)}
-        hardened_ref = str(d / "hardened")
-    else:
-        from moeguard.models.loading import resolve as resolve_ref
-
-        ref = resolve_ref(cfg.hardened)
-        if ref.path is not None and (ref.path / FILENAME).exists():
-            p = Protocol.load(ref.path / FILENAME)
-            proto = {"modes": list(p.modes), "patterns": list(p.patterns)}
-        hardened_ref = cfg.hardened
-    E = model.num_experts
-    attack = _defense_attack(cfg, E)
-    dcfg = DefendEvalConfig(tasks=tuple(cfg.defense_tasks), keeps=(E // 2,), attack=attack,
-                            utility_tasks=tuple(cfg.tasks), utility_limit=cfg.eval_limit, base=cfg.model,
-                            hardened=hardened_ref, protocol=proto, num_experts=E)
-    doc = study_run(DefendEvalStudy(), dcfg)
-    doc["base"], doc["hardened"] = model.name, cfg.defense or cfg.hardened
-    write_json(d / "defense.json", doc)
-    if state is not None:   # the stage is complete: nothing to resume
-        from moeguard import trainstate
-
-        trainstate.clear(state)
