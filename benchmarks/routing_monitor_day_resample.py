@@ -134,18 +134,20 @@ def main() -> None:
                     who += [f"identity-{i}" for i in range(int(n)) for _ in sent[w][i]]
                     matches += nn[w][:int(n)]
                 # at each level, the cells that alert at that level (periods.score_periods's rule), and the
-                # top cell alone (the first version of the cause) for comparison
-                q = {}
+                # top cell alone (the first version of the cause) for comparison; levels that test the
+                # same cells (most draws: the top cell at every level) share one call
+                q, by_cells, nn_all = {}, {}, np.concatenate(matches)
                 for a in LEVELS + ("top",):
-                    use = [(x, y) for x, y, pc in cells if pc <= a] if a != "top" else []
-                    use = use or [(l, e)]
-                    ls, es = [x for x, _ in use], [y for _, y in use]
-                    got_row: dict = {}
-                    before.cause(got_row, r=R[idx][:, ls, es], clients=who, pool_r=R[at[:, None], ls, es],
-                                 alpha=0.01, nn=np.concatenate(matches))
-                    if got_row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
-                        raise SystemExit(f"draw {draw}, {kind}: no cause given ({got_row['cause_why']})")
-                    q[a] = got_row["p_routing"]
+                    use = tuple([(x, y) for x, y, pc in cells if pc <= a] if a != "top" else []) or ((l, e),)
+                    if use not in by_cells:
+                        ls, es = [x for x, _ in use], [y for _, y in use]
+                        got_row: dict = {}
+                        before.cause(got_row, r=R[idx[:, None], ls, es], clients=who, pool_r=R[at[:, None], ls, es],
+                                     alpha=0.01, nn=nn_all)
+                        if got_row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
+                            raise SystemExit(f"draw {draw}, {kind}: no cause given ({got_row['cause_why']})")
+                        by_cells[use] = got_row["p_routing"]
+                    q[a] = by_cells[use]
                 causes[kind].append((row["p"], q))
         if (draw + 1) % 100 == 0:
             print(f"{draw + 1} draws ({time.perf_counter() - t0:.0f} s)", flush=True)
