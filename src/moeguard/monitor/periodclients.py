@@ -47,18 +47,25 @@ MIN_NULL = 32        # and at least
 NAMED = 5            # clients an alert names
 
 
+def _tally(clients: list) -> tuple[dict[str, int], dict[str, Any]]:
+    """Each client's request count, and the value it was first given as (outputs name it so), by its
+    ``str``: ``clients`` [n] who sent each request."""
+    count: dict[str, int] = {}
+    named: dict[str, Any] = {}
+    for c in clients:
+        count[str(c)] = count.get(str(c), 0) + 1
+        named.setdefault(str(c), c)
+    return count, named
+
+
 def name_clients(r: np.ndarray, clients: list, expected: float, mean: float) -> list[dict[str, Any]]:
     """The ``NAMED`` clients whose requests carry most of a cell's excess over ``expected``: ``r`` [n]
     the period's residuals in the cell (``mean`` their mean, as the test computed it), ``clients`` [n]
     who sent each. Each with its request count and its share of the period's excess."""
+    count, named = _tally(clients)
     excess: dict[str, float] = {}
-    named: dict[str, Any] = {}
-    count: dict[str, int] = {}
     for c, v in zip(clients, r - expected):
-        key = str(c)
-        excess[key] = excess.get(key, 0.0) + float(v)
-        named.setdefault(key, c)
-        count[key] = count.get(key, 0) + 1
+        excess[str(c)] = excess.get(str(c), 0.0) + float(v)
     total = float((mean - expected) * len(r))
     top = [c for c in sorted(excess, key=lambda c: -excess[c]) if excess[c] > 0][:NAMED]
     return [{"client": named[c], "requests": count[c],
@@ -68,11 +75,7 @@ def name_clients(r: np.ndarray, clients: list, expected: float, mean: float) -> 
 def routing_clients(ps: dict[str, float | None], clients: list, alpha: float) -> list[dict[str, Any]]:
     """The ``NAMED`` clients whose routing went beyond their content's (``Earlier.cause``'s adjusted p at
     most ``alpha``), the smallest p first: ``ps`` by client name, ``clients`` [n] who sent each request."""
-    count: dict[str, int] = {}
-    named: dict[str, Any] = {}
-    for c in clients:
-        count[str(c)] = count.get(str(c), 0) + 1
-        named.setdefault(str(c), c)
+    count, named = _tally(clients)
     small = sorted((p, c) for c, p in ps.items() if p is not None and p <= alpha)[:NAMED]
     return [{"client": named[c], "requests": count[c], "p_routing": p} for p, c in small]
 

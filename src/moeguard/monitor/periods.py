@@ -244,8 +244,13 @@ class Baseline:
         z = (d - along) / np.sqrt(scale + extra)
         c = int(z.argmax())
         l, e = np.unravel_index(c, m.shape)
-        p_cell = float(student.sf(z[c], df=len(ref) - 1 - k))   # each direction removed costs a degree of freedom
-        p = float(-np.expm1(m.size * np.log1p(-min(p_cell, 1 - 1e-16))))        # Sidak: 1 - (1 - p)^cells
+
+        def sidak(i: int) -> float:
+            """Cell ``i``'s one-sided p, Sidak-adjusted over the cells: 1 - (1 - p)^cells."""
+            p_cell = float(student.sf(z[i], df=len(ref) - 1 - k))   # each direction removed costs a degree of freedom
+            return float(-np.expm1(m.size * np.log1p(-min(p_cell, 1 - 1e-16))))
+
+        p = sidak(c)
         expected = (mu + sd * along).reshape(m.shape)                      # the baseline's mean, moved along the factors
         row.update(z=round(float(z[c]), 3), layer=self.layers[l], expert=int(e),
                    shift=round(float(m[l, e] - expected[l, e]), 6), p=p, factors=k)
@@ -257,7 +262,7 @@ class Baseline:
         # cause is sought (the most deviant alone where none does)
         cells = [(int(l), int(e), p)]
         for i in [i for i in np.argsort(-z, kind="stable") if i != c][:CAUSE_CELLS - 1]:
-            pi = float(-np.expm1(m.size * np.log1p(-min(float(student.sf(z[i], df=len(ref) - 1 - k)), 1 - 1e-16))))
+            pi = sidak(i)
             if pi <= self.alpha:
                 cells.append((*(int(v) for v in np.unravel_index(i, m.shape)), pi))
         return expected, int(l), int(e), cells
