@@ -22,7 +22,9 @@ alert at each level (at most ``periods.CAUSE_CELLS``, as ``score --period`` seek
 the test's top cell alone (``_top``: the cause as first built), with the draw's baseline days'
 requests as the matches and the null; reported as the share of draws alerting and put down to
 routing or to the mix at each level, and of ``p_routing`` at most the level alerting or not (its
-calibration on benign days). Those draws also test a campaign behind a decoy (``decoy_N``): its
+calibration on benign days). Each also with the null centred on the baseline clients alone
+(``_baseline_centre``: the cause before 2026-12-06; the test now centres it on the period's own
+clients' median where that is higher, ``Earlier.cause``). Those draws also test a campaign behind a decoy (``decoy_N``): its
 first N identities and, beside them, all of the next campaign's control identities (a heavy load of
 plain task inputs, which moves a cell of its own). Written as
 ``results/routing_monitor_day_resample_cause.json`` with ``--draws 200 --cause-draws 200``.
@@ -136,18 +138,21 @@ def main() -> None:
                 # at each level, the cells that alert at that level (periods.score_periods's rule), and the
                 # top cell alone (the first version of the cause) for comparison; levels that test the
                 # same cells (most draws: the top cell at every level) share one call
+                # each with the null centred as the test does, and (``_b``) on the baseline clients alone (before 2026-12-06)
                 q, by_cells, nn_all = {}, {}, np.concatenate(matches)
                 for a in LEVELS + ("top",):
                     use = tuple([(x, y) for x, y, pc in cells if pc <= a] if a != "top" else []) or ((l, e),)
                     if use not in by_cells:
                         ls, es = [x for x, _ in use], [y for _, y in use]
-                        got_row: dict = {}
-                        before.cause(got_row, r=R[idx[:, None], ls, es], clients=who, pool_r=R[at[:, None], ls, es],
-                                     alpha=0.01, nn=nn_all)
-                        if got_row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
-                            raise SystemExit(f"draw {draw}, {kind}: no cause given ({got_row['cause_why']})")
-                        by_cells[use] = got_row["p_routing"]
-                    q[a] = by_cells[use]
+                        by_cells[use] = {}
+                        for centre in ("period", "baseline"):
+                            got_row: dict = {}
+                            before.cause(got_row, r=R[idx[:, None], ls, es], clients=who, pool_r=R[at[:, None], ls, es],
+                                         alpha=0.01, nn=nn_all, centre=centre)
+                            if got_row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
+                                raise SystemExit(f"draw {draw}, {kind}: no cause given ({got_row['cause_why']})")
+                            by_cells[use][centre] = got_row["p_routing"]
+                    q[a], q[f"{a}_b"] = by_cells[use]["period"], by_cells[use]["baseline"]
                 causes[kind].append((row["p"], q))
         if (draw + 1) % 100 == 0:
             print(f"{draw + 1} draws ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -165,12 +170,18 @@ def main() -> None:
         "alert_mix": round(float(np.mean([p <= a and q[a] > a for p, q in v])), 4),
         "routing_any_day": round(float(np.mean([q[a] <= a for _, q in v])), 4),
         "alert_routing_top": round(float(np.mean([p <= a and q["top"] <= a for p, q in v])), 4),
-        "routing_any_day_top": round(float(np.mean([q["top"] <= a for _, q in v])), 4)} for a in LEVELS}}
+        "routing_any_day_top": round(float(np.mean([q["top"] <= a for _, q in v])), 4),
+        "alert_routing_baseline_centre": round(float(np.mean([p <= a and q[f"{a}_b"] <= a for p, q in v])), 4),
+        "routing_any_day_baseline_centre": round(float(np.mean([q[f"{a}_b"] <= a for _, q in v])), 4),
+        "alert_routing_top_baseline_centre": round(float(np.mean([p <= a and q["top_b"] <= a for p, q in v])), 4),
+        } for a in LEVELS}}
         for k, v in causes.items() if v}
     for k, by in cause.items():
         print(f"cause {k:12s} " + "  ".join(f"{a}: alert {r['alert']:.3f} routing {r['alert_routing']:.3f} "
-                                            f"(top cell {r['alert_routing_top']:.3f}) mix {r['alert_mix']:.3f} "
-                                            f"(any day {r['routing_any_day']:.3f})"
+                                            f"(top cell {r['alert_routing_top']:.3f}; baseline centre "
+                                            f"{r['alert_routing_baseline_centre']:.3f}) mix {r['alert_mix']:.3f} "
+                                            f"(any day {r['routing_any_day']:.3f}; baseline centre "
+                                            f"{r['routing_any_day_baseline_centre']:.3f})"
                                             for a, r in by.items() if a != "draws"), flush=True)
     path = write_result("routing_monitor_day_resample", {
         "setting": {"draws": args.draws, "baseline": args.baseline, "users_per_day": per_day, "users": len(pool),

@@ -273,3 +273,28 @@ def test_routing_clients_are_those_at_or_under_the_level_smallest_first():
     got = periodclients.routing_clients(ps, ["a", "b", "b", "d", "e", "e", "e", "c"], 0.01)
     assert got == [{"client": "b", "requests": 2, "p_routing": 1e-6}, {"client": "e", "requests": 3, "p_routing": 1e-3},
                    {"client": "d", "requests": 1, "p_routing": 0.01}]
+
+
+def test_a_lift_every_client_shares_is_centred_away_and_a_campaign_still_stands_out():
+    """The test's cell was chosen because the period's mean stood out there, which lifts every client's
+    difference a little: the null is centred on the period's own clients' median where that is higher.
+    The baseline's centre alone (``centre="baseline"``, the test before) reads such a lift as routing."""
+    centres, bias = _world()
+    rng = np.random.default_rng(20)
+    base = [_day(rng, centres, bias) for _ in range(10)]
+    before = periodclients.Earlier([b[0] for b in base], [[f"{i}:{c}" for c in b[2]] for i, b in enumerate(base)])
+    pool = np.concatenate([b[1] for b in base])
+    x, r, who = _day(rng, centres, bias)
+    lifted, by_period = {}, {}
+    before.cause(lifted, r=r + 0.05, clients=who, pool_r=pool, alpha=0.01, nn=before.match(x), centre="baseline")
+    before.cause(by_period, r=r + 0.05, clients=who, pool_r=pool, alpha=0.01, nn=before.match(x))
+    assert lifted["cause"] == "routing" and by_period["cause"] == "mix", (lifted, by_period)
+    # two identities whose routing moved further stand out of the lifted day, and only they
+    xc, rc, wc = _day(rng, centres, bias, users=0, campaign=2, shift=0.11)
+    row: dict = {}
+    ps = before.cause(row, r=np.concatenate([r + 0.05, rc]), clients=who + wc, pool_r=pool, alpha=0.01,
+                      nn=before.match(np.concatenate([x, xc])))
+    assert row["cause"] == "routing" and {c for c, p in ps.items() if p is not None and p <= 0.01} == \
+        {"mallory-0", "mallory-1"}, (row, {c: p for c, p in ps.items() if p is not None and p < 0.5})
+    with pytest.raises(ValueError, match="centre is 'median', not 'period' or 'baseline'"):
+        before.cause({}, r=r, clients=who, pool_r=pool, alpha=0.01, nn=before.match(x), centre="median")

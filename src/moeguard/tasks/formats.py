@@ -97,10 +97,10 @@ def _rows(file: Any, fmt: str, chunk_chars: int, columns: Sequence[str] | None) 
         raise MoeguardError(f"data file '{file}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
                             hint="re-encode it as UTF-8") from None
     except (OSError, EOFError, zlib.error) as exc:  # e.g. a truncated, corrupt or mislabelled .gz
-        raise MoeguardError(f"could not read data file '{file}': {_first_line(exc)}",
+        raise MoeguardError(f"could not read data file '{file}': {first_line(exc)}",
                             hint="check the file is complete and matches its extension") from None
     except csv.Error as exc:
-        raise MoeguardError(f"data file '{file}' is not a valid {fmt} table ({_first_line(exc)})",
+        raise MoeguardError(f"data file '{file}' is not a valid {fmt} table ({first_line(exc)})",
                             hint="check its quoting and delimiter (source.format), or convert it to jsonl") from None
 
 
@@ -209,6 +209,6 @@ def _cut_at_space(line: str, room: int) -> tuple[str, str]:
     return (head, line[space.start():].lstrip()) if head else ("", line)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]

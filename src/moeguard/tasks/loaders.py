@@ -8,13 +8,13 @@ the *normalized* records the evaluators consume (each kind's ``record`` method s
 - summarization: ``{"input", "target", "references", "source_text"}``
 
 How each local file format becomes rows (byte-order marks, header-less tables, text
-chunking) is in ``formats.py``.
+chunking) is in ``formats.py``; the hub's and ``save_to_disk`` folders' rows, and split slicing, in
+``hubrows.py``.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import string
 from collections.abc import Iterable, Iterator
@@ -25,9 +25,8 @@ from typing import Any
 from moeguard.errors import MoeguardError
 from moeguard.tasks.base import ROLES, Task
 from moeguard.tasks.formats import iter_file
+from moeguard.tasks.hubrows import DatasetRows, disk_rows, hub_rows, parse_split, slice_bounds
 
-# ``train[:90%]``, ``train[100:200]``: the datasets split-slicing syntax, also for local files.
-_SLICE = re.compile(r"^(?P<split>[^\[\]]+)\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]$")
 _CHARS_PER_TOKEN = 4
 _READ: dict[tuple, list[dict[str, Any]]] = {}   # load_records' memo, oldest first
 _READ_MAX = 64
@@ -70,7 +69,7 @@ def sample_records(task: Task, role: str, n: int, *, seed: int) -> list[dict[str
     rows, where = _rows(task, split)
     rng = random.Random(seed)
     chosen: list[dict[str, Any]] = []
-    if isinstance(rows, _DatasetRows):   # a hub or disk Dataset: rows drawn by index, the rest never read
+    if isinstance(rows, DatasetRows):   # a hub or disk Dataset: rows drawn by index, the rest never read
         order = rng.sample(range(len(rows)), len(rows))
         for begin in range(0, len(order), 2 * n):
             chosen += itertools.islice(_records(task, rows.take(order[begin:begin + 2 * n]), split, where,
@@ -108,14 +107,14 @@ def _empty(task: Task, split: str, where: str) -> MoeguardError:
 def _rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
     src = task.source
     if src.type == "hub":
-        return _hub_rows(task, split)
+        return hub_rows(task, split)
     if src.type == "disk":
-        return _disk_rows(task, split)
+        return disk_rows(task, split)
     file, label, sliced = _data_file(task, split)
     rows = iter_file(file, src.format, task.max_length * _CHARS_PER_TOKEN, src.columns)
     if sliced is None or all(b is None or (not b.endswith("%") and not b.startswith("-")) for b in sliced):
         # read lazily: the edge's one-record check and a --limit stop early in a large file
-        start, stop = _bounds(sliced, 0)
+        start, stop = slice_bounds(sliced, 0)
         return itertools.islice(rows, start, stop), label
     return _slice(list(rows), sliced), label   # a percentage or a negative bound needs the row count
 
@@ -123,7 +122,7 @@ def _rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
 def _data_file(task: Task, split: str) -> tuple[Any, str, tuple]:
     """The file of a local or package task's ``split``, its label for messages, and the slice."""
     src = task.source
-    base, sliced = _parse_split(split)
+    base, sliced = parse_split(split)
     if src.type == "package":
         root: Any = resources.files("moeguard.tasks").joinpath("embedded", "data")
         if src.path:
@@ -164,119 +163,13 @@ def _stamp(task: Task, split: str) -> Any:
         # save_to_disk rewrites its files in place, which leaves the folder's own time as it was: the
         # size and time of every file of the folder (a DatasetDict) and of the split's folder
         root = Path(src.path).expanduser()
-        base = _parse_split(split)[0]
+        base = parse_split(split)[0]
         files = [p for d in (root, root / base) if d.is_dir() for p in sorted(d.iterdir()) if p.is_file()]
         return tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     return None
 
 
-def _hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
-    src = task.source
-    if not src.hub_name:
-        raise MoeguardError(f"task '{task.name}' has a hub source without a dataset name",
-                            hint="set source.hub.name (e.g. nyu-mll/glue)")
-    where = f"hub dataset {src.hub_name}" + (f" ({src.hub_config})" if src.hub_config else "")
-    import datasets  # slow to import: only when a hub task is actually read
-
-    try:
-        config = None if src.hub_config is None else str(src.hub_config)  # YAML may read 1.0 as a float
-        ds = datasets.load_dataset(src.hub_name, config, split=split)
-    except ValueError as exc:
-        if "split" in str(exc).lower():
-            raise MoeguardError(f"{where} has no split '{split}' (task '{task.name}')",
-                                hint=f"fix 'splits:'; the dataset says: {_first_line(exc)}") from None
-        raise MoeguardError(f"could not load {where} for task '{task.name}': {_first_line(exc)}",
-                            hint="check source.hub.name and source.hub.config") from None
-    except Exception as exc:  # noqa: BLE001 - network, auth and cache errors share no base class
-        offline = _offline()
-        from datasets.exceptions import DatasetNotFoundError
-        from huggingface_hub.errors import GatedRepoError
-
-        if isinstance(exc, GatedRepoError) or (isinstance(exc, DatasetNotFoundError) and "gated" in str(exc).lower()):
-            raise MoeguardError(f"{where} (task '{task.name}') is gated: your account has not been granted access",
-                                hint="accept its terms on the hub and log in (`hf auth login`), or use a local copy") from None
-        if isinstance(exc, DatasetNotFoundError) and not offline:   # the hub answered: no such dataset
-            raise MoeguardError(f"{where} (task '{task.name}') does not exist on the hub, or your account cannot see it "
-                                f"[{_first_line(exc)}]",
-                                hint="check source.hub.name (org/name, as on huggingface.co/datasets), and log in "
-                                     "for a private one (`hf auth login`)") from None
-        cause = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else "the hub is unreachable"
-        raise MoeguardError(
-            f"could not load {where} for task '{task.name}': {cause} and it is not cached "
-            f"[{type(exc).__name__}: {_first_line(exc)}]",
-            hint="on a machine with network run datasets.load_dataset(...).save_to_disk(DIR) and use "
-                 "'source: {type: disk, path: DIR}', or use local files ('source.type: local'; see "
-                 "docs/tasks.md)",
-        ) from None
-    return _DatasetRows(ds), f"{where} split '{split}'"
-
-
-def _disk_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
-    src = task.source
-    if not src.path:
-        raise MoeguardError(f"task '{task.name}' has a disk source without 'path'",
-                            hint="set source.path to a folder written by datasets' save_to_disk")
-    root = Path(src.path).expanduser()
-    if not root.is_dir():
-        raise MoeguardError(f"dataset folder '{root}' of task '{task.name}' does not exist",
-                            hint="fix source.path (relative paths resolve against the YAML file's folder)")
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(root))
-    except FileNotFoundError as exc:
-        raise MoeguardError(f"'{root}' is not a folder written by save_to_disk: {_first_line(exc)}",
-                            hint="save it with dataset_dict.save_to_disk(path), or use local files") from None
-    if not isinstance(loaded, datasets.DatasetDict):
-        raise MoeguardError(f"'{root}' holds a single Dataset, not a DatasetDict with splits",
-                            hint="save a DatasetDict({'train': ..., 'validation': ...}) instead")
-    base, sliced = _parse_split(split)
-    if base not in loaded:
-        raise MoeguardError(f"dataset folder '{root}' has no split '{base}' (task '{task.name}')",
-                            hint=f"fix 'splits:'; splits present: {', '.join(loaded)}")
-    ds = loaded[base]
-    start, stop, _ = slice(*_bounds(sliced, len(ds))).indices(len(ds))
-    return _DatasetRows(ds.select(range(start, max(start, stop)))), f"{root} split '{split}'"
-
-
-class _DatasetRows:
-    """A Dataset's rows, read lazily in column-wise batches (far faster than row iteration, and a
-    limited read of a big split, CNN/DailyMail's train, never materializes all of it as Python
-    objects), and by index (:meth:`take`: a sample never reads the rest)."""
-
-    def __init__(self, ds: Any, batch: int = 1000):
-        self.ds, self.batch = ds, batch
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for begin in range(0, len(self.ds), self.batch):
-            yield from self._rows(self.ds[begin:begin + self.batch])
-
-    def take(self, indices: list[int]) -> list[dict[str, Any]]:
-        return list(self._rows(self.ds.select(indices)[:])) if indices else []
-
-    @staticmethod
-    def _rows(columns: dict[str, list]) -> Iterator[dict[str, Any]]:
-        names = list(columns)
-        for values in zip(*(columns[n] for n in names)):
-            yield dict(zip(names, values))
-
-
-def _offline() -> bool:
-    true = ("1", "ON", "YES", "TRUE")
-    return any(os.environ.get(v, "").upper() in true for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 # --------------------------------------------------------------------------- split slicing
-
-def _parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]:
-    match = _SLICE.match(split)
-    if not match:
-        return split, None
-    return match["split"], (match["start"], match["stop"])
-
 
 def task_identity(task: Task) -> dict[str, Any]:
     """What a task's records depend on, for resume keys: its whole definition, and per role the
@@ -300,7 +193,7 @@ def shared_data(task: Task) -> str | None:
     batches, the baselines) would then have seen the eval records."""
     if "train" not in task.splits or "eval" not in task.splits:
         return None
-    (a, sa), (b, sb) = _parse_split(task.splits["train"]), _parse_split(task.splits["eval"])
+    (a, sa), (b, sb) = parse_split(task.splits["train"]), parse_split(task.splits["eval"])
     if task.source.type in ("local", "package"):
         a, b = task.source.files.get(a, a), task.source.files.get(b, b)
     if a != b:
@@ -334,19 +227,8 @@ def shared_data(task: Task) -> str | None:
                    "enough rows (some count from its end)")
 
 
-def _bounds(sliced: tuple[str | None, str | None] | None, n: int) -> tuple[int | None, int | None]:
-    def index(bound: str | None) -> int | None:
-        if bound is None:
-            return None
-        if bound.endswith("%"):
-            return round(n * int(bound[:-1]) / 100)
-        return int(bound)
-
-    return (None, None) if sliced is None else (index(sliced[0]), index(sliced[1]))
-
-
 def _slice(rows: list[dict[str, Any]], sliced: tuple[str | None, str | None] | None) -> list[dict[str, Any]]:
-    start, stop = _bounds(sliced, len(rows))
+    start, stop = slice_bounds(sliced, len(rows))
     return rows[start:stop]
 
 
@@ -418,8 +300,3 @@ def render_input(task: Task, row: dict[str, Any], input_col: str) -> str:
     except (IndexError, ValueError) as exc:
         raise MoeguardError(f"prompt of task '{task.name}' is not a valid format string ({exc})",
                             hint="write columns as {name}; double literal braces as {{ and }}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
