@@ -19,7 +19,8 @@ what a heavy one-task day costs.
 ``--cause-draws N`` (about 9 s a draw): on the first N draws, also each day's cause
 (``periodclients.py``: its clients' routing beyond their content's, or the mix), in the cells that
 alert at each level (at most ``periods.CAUSE_CELLS``, as ``score --period`` seeks it) and, apart, in
-the test's top cell alone (``_top``: the cause as first built), with the draw's baseline days'
+the test's top cell alone (``_top``; with the baseline's centre, ``alert_routing_top_baseline_centre``,
+the cause as first built), with the draw's baseline days'
 requests as the matches and the null; reported as the share of draws alerting and put down to
 routing or to the mix at each level, and of ``p_routing`` at most the level alerting or not (its
 calibration on benign days). Each also with the null centred on the baseline clients alone
@@ -163,7 +164,7 @@ def main() -> None:
             print(f"{v:14s} {k:12s} " + "  ".join(f"{a}: {r[a]:.3f}" for a in r), flush=True)
     # the cause, on the first --cause-draws draws: at each level, the share of draws alerting and put down
     # to routing (p_routing <= the level) or to the mix; and p_routing alone, alerting or not (its calibration)
-    # ("_top": the cause sought in the test's top cell alone, as first built)
+    # ("_top": the cause sought in the test's top cell alone; with "_baseline_centre" too, as first built)
     cause = {k: {"draws": len(v), **{str(a): {
         "alert": round(float(np.mean([p <= a for p, _ in v])), 4),
         "alert_routing": round(float(np.mean([p <= a and q[a] <= a for p, q in v])), 4),

@@ -289,6 +289,10 @@ def test_a_lift_every_client_shares_is_centred_away_and_a_campaign_still_stands_
     before.cause(lifted, r=r + 0.05, clients=who, pool_r=pool, alpha=0.01, nn=before.match(x), centre="baseline")
     before.cause(by_period, r=r + 0.05, clients=who, pool_r=pool, alpha=0.01, nn=before.match(x))
     assert lifted["cause"] == "routing" and by_period["cause"] == "mix", (lifted, by_period)
+    # a period whose clients sit lower than the baseline's keeps the baseline's centre: never more liberal
+    low = {c: before.cause({}, r=r - 0.05, clients=who, pool_r=pool, alpha=0.01, nn=before.match(x), centre=c)
+           for c in ("baseline", "period")}
+    assert low["baseline"] == low["period"], low
     # two identities whose routing moved further stand out of the lifted day, and only they
     xc, rc, wc = _day(rng, centres, bias, users=0, campaign=2, shift=0.11)
     row: dict = {}
