@@ -211,8 +211,8 @@ class Earlier:
         have that lift (on 200 resampled benign days, ``p_routing`` at most 0.01 on 2.0% and at most
         0.05 on 8.5% with the baseline's centre; 1.5% and 6.0% centred so). The median moves little
         with a few clients far out (a campaign); identities that are half the period's tested
-        clients would move it to their own. ``baseline``: the baseline clients' median alone (the test before
-        2026-12-06, kept for the benchmark's comparison)."""
+        clients would move it to their own. ``baseline``: the baseline clients' median alone (the
+        test before 2026-12-06, kept for the benchmark's comparison)."""
         from scipy.stats import norm
 
         if centre not in ("period", "baseline"):

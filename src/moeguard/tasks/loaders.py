@@ -169,7 +169,7 @@ def _stamp(task: Task, split: str) -> Any:
     return None
 
 
-# --------------------------------------------------------------------------- split slicing
+# --------------------------------------------------------------------------- identity, split overlap, slicing
 
 def task_identity(task: Task) -> dict[str, Any]:
     """What a task's records depend on, for resume keys: its whole definition, and per role the
