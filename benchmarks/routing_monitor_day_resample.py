@@ -18,7 +18,8 @@ what a heavy one-task day costs.
 
 ``--cause-draws N`` (about 9 s a draw): on the first N draws, also each day's cause
 (``periodclients.py``: its clients' routing beyond their content's, or the mix), in the cells that
-alert at each level (at most ``periods.CAUSE_CELLS``, as ``score --period`` seeks it) and, apart, in
+alert at each level (every one, as ``score --period`` seeks it since 2026-12-06; ``_cap4``: the first 4
+of them, as it did before) and, apart, in
 the test's top cell alone (``_top``; with the baseline's centre, ``alert_routing_top_baseline_centre``,
 the cause as first built), with the draw's baseline days'
 requests as the matches and the null; reported as the share of draws alerting and put down to
@@ -27,7 +28,10 @@ calibration on benign days). Each also with the null centred on the baseline cli
 (``_baseline_centre``: the cause before 2026-12-06; the test now centres it on the period's own
 clients' median where that is higher, ``Earlier.cause``). Those draws also test a campaign behind a decoy (``decoy_N``): its
 first N identities and, beside them, all of the next campaign's control identities (a heavy load of
-plain task inputs, which moves a cell of its own). Written as
+plain task inputs, which moves a cell of its own); and behind a decoy that moves several cells
+(``wide_N``, ``wide_decoy``: benign content of 5 regions, each of which the neighbours get wrong in a
+cell of its own). ``more_than_4_cells`` and ``cells_mean``: how many cells alert; ``own_cell_past_4th``:
+how often the campaign's own cell alerts past the 4th, where the cap did not seek the cause. Written as
 ``results/routing_monitor_day_resample_cause.json`` with ``--draws 200 --cause-draws 200``.
 """
 
@@ -41,6 +45,44 @@ import numpy as np
 from _common import write_result
 
 LEVELS = (0.001, 0.01, 0.05)
+REGIONS = 12          # k-means regions of content the wide decoy is drawn from
+WIDE_CELLS = 5        # cells the wide decoy moves, one region each
+WIDE_IDENTITIES = 10  # its identities per region, each of
+WIDE_REQUESTS = 48    # requests: 50 identities, 2,400 requests, twice the one-task decoy's load (240 a region
+                      # and 5 identities alerted on 1 of 6 smoke draws)
+
+
+def wide_decoy(X: np.ndarray, R: np.ndarray, z, campaigns: list, seed: int) -> dict:
+    """A decoy that moves several cells: benign content whose routing the neighbours get wrong in a cell.
+    The dumped benign texts are cut into ``REGIONS`` regions of content (k-means on the embedding); each
+    (region, cell) is scored by the region's mean residual there, standardized by the cell's spread over
+    the dumped days' means (what an attacker who holds the model and the neighbour references can
+    estimate). Per campaign, the ``WIDE_CELLS`` best pairs of distinct regions and cells, the campaign's
+    own cell left out: the decoy sends those regions' texts. Regions are fixed; which texts, per draw."""
+    texts = np.unique(z["text"])
+    rng = np.random.default_rng([seed, 11])
+    centres = X[rng.choice(texts, REGIONS, replace=False)]
+    for _ in range(50):                          # Lloyd's k-means
+        label = ((X[texts][:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        centres = np.stack([X[texts[label == k]].mean(0) if (label == k).any() else centres[k] for k in range(REGIONS)])
+    regions = [texts[label == k] for k in range(REGIONS)]
+    day_means = np.stack([R[z["text"][z["day"] == d]].mean(0).ravel() for d in np.unique(z["day"])])
+    mu, sd = day_means.mean(0), day_means.std(0, ddof=1)
+    score = np.stack([(R[t].mean(0).ravel() - mu) / sd if len(t) >= WIDE_REQUESTS else np.full(mu.size, -np.inf)
+                      for t in regions])                                   # [regions, cells]
+    by_campaign, own_cell = [], []
+    for v in campaigns:   # a campaign's own cell: where its requests' residual stands furthest above the texts'
+        own = int(np.argmax(R[np.concatenate(v)].mean(0).ravel() - R[texts].mean(0).ravel()))
+        own_cell.append(own)
+        picked, cells_used = [], {own}
+        for k, j in zip(*np.unravel_index(np.argsort(-score, axis=None, kind="stable"), score.shape)):
+            if k not in picked and j not in cells_used and np.isfinite(score[k, j]):
+                picked.append(int(k)), cells_used.add(int(j))
+            if len(picked) == WIDE_CELLS:
+                break
+        by_campaign.append(picked)
+    return {"regions": regions, "region_sizes": [len(t) for t in regions], "by_campaign": by_campaign, "own_cell": own_cell,
+            "score": [[round(float(score[k, j]), 2) for j in range(score.shape[1])] for k in range(REGIONS)]}
 
 
 def first_version(M: np.ndarray, S: np.ndarray, m: np.ndarray, se2: np.ndarray) -> float:
@@ -89,11 +131,15 @@ def main() -> None:
 
     kinds = ["benign"] + [f"{w}_{n}" for n in sizes for w in ("campaign", "control")]
     # a campaign that hides behind a decoy: its first n identities and, beside them, every identity of the
-    # next campaign's control (a heavy load of plain task inputs, which moves its own cell), on the cause draws
-    decoys = [f"decoy_{n}" for n in sizes if n < sizes[-1]] if args.cause_draws else []
+    # next campaign's control (a heavy load of plain task inputs, which moves its own cell), on the cause draws;
+    # and behind a decoy that moves several cells (``wide_n``, ``wide_decoy``)
+    decoys = [f"{w}_{n}" for w in ("decoy", "wide") for n in sizes if n < sizes[-1]] if args.cause_draws else []
     got = {v: {k: [] for k in kinds} for v in ("monitor", "first_version")}
     causes: dict[str, list] = {k: [] for k in kinds + decoys}   # per draw: (the test's p, {level or "top": p_routing})
     X = z["x"].astype(np.float64) if args.cause_draws else None
+    if args.cause_draws:
+        wide = wide_decoy(X, R, z, campaigns, args.seed)
+        own_cell = wide["own_cell"]
     user = [f"{d}:{c}" for d, c in users]                   # a benign user's name: its day and client
     rng = np.random.default_rng(args.seed)
     for draw in range(args.draws):
@@ -110,12 +156,15 @@ def main() -> None:
             test_who = [user[j] for j in perm[per_day * args.baseline:per_day * (args.baseline + 1)] for _ in pool[j]]
             sent = {w: [np.asarray(a) for a in (campaigns if w == "campaign" else controls)[c]] for w in ("campaign", "control")}
             sent["decoy"] = [np.asarray(a) for a in controls[(c + 1) % len(campaigns)]]
+            wrng = np.random.default_rng([args.seed, draw, 7])   # its own stream: the other kinds' draws are unchanged
+            sent["wide"] = [wrng.choice(wide["regions"][k], size=WIDE_REQUESTS) for k in wide["by_campaign"][c]
+                            for _ in range(WIDE_IDENTITIES)]
             nn = {"test": before.match(X[test]), **{w: [before.match(X[a]) for a in v] for w, v in sent.items()}}
         for kind in kinds + (decoys if draw < args.cause_draws else []):
             idx = test
-            if kind.startswith("decoy"):
-                n = kind.split("_")[1]
-                idx = np.concatenate([test, *campaigns[c][:int(n)], *sent["decoy"]])
+            if kind.startswith(("decoy", "wide")):
+                w, n = kind.split("_")
+                idx = np.concatenate([test, *campaigns[c][:int(n)], *sent[w]])
             elif kind != "benign":
                 w, n = kind.split("_")
                 idx = np.concatenate([test, *(campaigns if w == "campaign" else controls)[c][:int(n)]])
@@ -129,31 +178,44 @@ def main() -> None:
                 got["first_version"][kind].append(first_version(M, S, m.ravel(), se2.ravel()))
             if draw < args.cause_draws:
                 who, matches = list(test_who), [nn["test"]]
-                if kind.startswith("decoy"):
+                if kind.startswith(("decoy", "wide")):
                     who += [f"identity-{i}" for i in range(int(n)) for _ in sent["campaign"][i]]
-                    who += [f"decoy-{i}" for i, a in enumerate(sent["decoy"]) for _ in a]
-                    matches += nn["campaign"][:int(n)] + nn["decoy"]
+                    who += [f"{w}-{i}" for i, a in enumerate(sent[w]) for _ in a]
+                    matches += nn["campaign"][:int(n)] + nn[w]
                 elif kind != "benign":
                     who += [f"identity-{i}" for i in range(int(n)) for _ in sent[w][i]]
                     matches += nn[w][:int(n)]
-                # at each level, the cells that alert at that level (periods.score_periods's rule), and the
-                # top cell alone (the first version of the cause) for comparison; levels that test the
-                # same cells (most draws: the top cell at every level) share one call
-                # each with the null centred as the test does, and (``_b``) on the baseline clients alone (before 2026-12-06)
+                # at each level, the cells that alert at that level (periods.score_periods's rule: every one
+                # since 2026-12-06), the first 4 of them (``_4``: the cap before), and the top cell alone (the
+                # first version of the cause) for comparison; levels that test the same cells (most draws: the
+                # top cell at every level) share one call. Each with the null centred as the test does, and
+                # (``_b``) on the baseline clients alone (before 2026-12-06)
                 q, by_cells, nn_all = {}, {}, np.concatenate(matches)
+
+                def p_routing(use: tuple, centre: str) -> float:
+                    if (use, centre) not in by_cells:
+                        ls, es = [x for x, _ in use], [y for _, y in use]
+                        got_row: dict = {}
+                        before.cause(got_row, r=R[idx[:, None], ls, es], clients=who, pool_r=R[at[:, None], ls, es],
+                                     alpha=0.01, nn=nn_all, centre=centre)
+                        if got_row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
+                            raise SystemExit(f"draw {draw}, {kind}: no cause given ({got_row['cause_why']})")
+                        by_cells[use, centre] = got_row["p_routing"]
+                    return by_cells[use, centre]
+
+                # where the alerting cells miss the campaign's (a decoy's load dilutes it below alerting): the
+                # cause sought in every cell that moved at all (Sidak p <= 0.5, about an unadjusted 0.02 over 32
+                # cells; ``_loose``) and in every cell of the model (``_every``), for comparison
+                q["loose"] = p_routing(tuple((x, y) for x, y, _ in cells), "period")
+                q["every"] = p_routing(tuple((x, y) for x in range(R.shape[1]) for y in range(R.shape[2])), "period")
                 for a in LEVELS + ("top",):
                     use = tuple([(x, y) for x, y, pc in cells if pc <= a] if a != "top" else []) or ((l, e),)
-                    if use not in by_cells:
-                        ls, es = [x for x, _ in use], [y for _, y in use]
-                        by_cells[use] = {}
-                        for centre in ("period", "baseline"):
-                            got_row: dict = {}
-                            before.cause(got_row, r=R[idx[:, None], ls, es], clients=who, pool_r=R[at[:, None], ls, es],
-                                         alpha=0.01, nn=nn_all, centre=centre)
-                            if got_row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
-                                raise SystemExit(f"draw {draw}, {kind}: no cause given ({got_row['cause_why']})")
-                            by_cells[use][centre] = got_row["p_routing"]
-                    q[a], q[f"{a}_b"] = by_cells[use]["period"], by_cells[use]["baseline"]
+                    q[a], q[f"{a}_b"] = p_routing(use, "period"), p_routing(use, "baseline")
+                    if a != "top":
+                        q[f"{a}_4"], q[f"{a}_cells"] = p_routing(use[:4], "period"), len(use)
+                        mine = np.unravel_index(own_cell[c], R.shape[1:])      # the campaign's own cell: past the 4th?
+                        q[f"{a}_past_4th"] = kind != "benign" and not kind.startswith("control") and \
+                            (int(mine[0]), int(mine[1])) in use[4:]
                 causes[kind].append((row["p"], q))
         if (draw + 1) % 100 == 0:
             print(f"{draw + 1} draws ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -175,6 +237,18 @@ def main() -> None:
         "alert_routing_baseline_centre": round(float(np.mean([p <= a and q[f"{a}_b"] <= a for p, q in v])), 4),
         "routing_any_day_baseline_centre": round(float(np.mean([q[f"{a}_b"] <= a for _, q in v])), 4),
         "alert_routing_top_baseline_centre": round(float(np.mean([p <= a and q["top_b"] <= a for p, q in v])), 4),
+        # the cause sought in at most 4 alerting cells (before 2026-12-06), how often more than 4 alert, and how
+        # often a campaign's own cell alerts past the 4th (the cap would not have tested it)
+        "alert_routing_cap4": round(float(np.mean([p <= a and q[f"{a}_4"] <= a for p, q in v])), 4),
+        "alert_mix_cap4": round(float(np.mean([p <= a and q[f"{a}_4"] > a for p, q in v])), 4),
+        "routing_any_day_cap4": round(float(np.mean([q[f"{a}_4"] <= a for _, q in v])), 4),
+        "alert_routing_loose": round(float(np.mean([p <= a and q["loose"] <= a for p, q in v])), 4),
+        "routing_any_day_loose": round(float(np.mean([q["loose"] <= a for _, q in v])), 4),
+        "alert_routing_every_cell": round(float(np.mean([p <= a and q["every"] <= a for p, q in v])), 4),
+        "routing_any_day_every_cell": round(float(np.mean([q["every"] <= a for _, q in v])), 4),
+        "more_than_4_cells": round(float(np.mean([q[f"{a}_cells"] > 4 for _, q in v])), 4),
+        "cells_mean": round(float(np.mean([q[f"{a}_cells"] for _, q in v])), 3),
+        "own_cell_past_4th": round(float(np.mean([q[f"{a}_past_4th"] for _, q in v])), 4),
         } for a in LEVELS}}
         for k, v in causes.items() if v}
     for k, by in cause.items():
@@ -188,7 +262,8 @@ def main() -> None:
         "setting": {"draws": args.draws, "baseline": args.baseline, "users_per_day": per_day, "users": len(pool),
                     "campaigns": len(campaigns), "identities": sizes, "seed": args.seed,
                     **({"cause_draws": args.cause_draws, "cause_k": periodclients.K,
-                        "cause_null_clients": periodclients.NULL_CLIENTS, "cause_cells": periods.CAUSE_CELLS}
+                        "cause_null_clients": periodclients.NULL_CLIENTS, "cause_cells": periods.CAUSE_CELLS,
+                        "wide_decoy": {k: v for k, v in wide.items() if k != "regions"}}
                        if args.cause_draws else {})},
         "rates": rates, **({"cause": cause} if cause else {}), "seconds": round(time.perf_counter() - t0, 1)}, args.out)
     print(f"written to {path}")

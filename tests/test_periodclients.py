@@ -233,7 +233,7 @@ def test_a_campaign_behind_a_decoy_is_put_down_to_routing_in_its_own_cell(monkey
     assert "routing_clients" not in periods.reason(alone)
 
 
-def test_judge_gives_the_top_cell_first_then_the_other_alerting_cells_at_most_cause_cells():
+def test_judge_gives_the_top_cell_first_then_every_other_alerting_cell(monkeypatch):
     rng = np.random.default_rng(12)
     base = periods.Baseline(baseline=14, alpha=0.01, layers=[0, 1])
     for _ in range(10):
@@ -243,7 +243,11 @@ def test_judge_gives_the_top_cell_first_then_the_other_alerting_cells_at_most_ca
     row: dict = {}
     _, l, e, cells = base.judge(row, m, np.full((2, 4), 1.0), 100)
     assert (l, e) == (1, 3) and cells[0] == (1, 3, row["p"]), (cells, row["p"])
-    assert [c[:2] for c in cells] == [(1, 3), (0, 2), (1, 0), (0, 0)] and all(c[2] <= 0.01 for c in cells), cells
+    assert [c[:2] for c in cells] == [(1, 3), (0, 2), (1, 0), (0, 0), (0, 1)] and all(c[2] <= 0.01 for c in cells), cells
+    assert [c[2] for c in cells] == sorted(c[2] for c in cells), cells
+    monkeypatch.setattr(periods, "CAUSE_CELLS", 4)          # a cap keeps the most deviant
+    *_, capped = base.judge({}, m, np.full((2, 4), 1.0), 100)
+    assert capped == cells[:4], (capped, cells)
     calm: dict = {}
     *_, cells = base.judge(calm, rng.normal(0, 0.5, (2, 4)), np.full((2, 4), 1.0), 100)   # no alert: the top cell alone
     assert not calm.get("alert") and len(cells) == 1 and cells[0][2] == calm["p"], (cells, calm["p"])
@@ -302,3 +306,55 @@ def test_a_lift_every_client_shares_is_centred_away_and_a_campaign_still_stands_
         {"mallory-0", "mallory-1"}, (row, {c: p for c, p in ps.items() if p is not None and p < 0.5})
     with pytest.raises(ValueError, match="centre is 'median', not 'period' or 'baseline'"):
         before.cause({}, r=r, clients=who, pool_r=pool, alpha=0.01, nn=before.match(x), centre="median")
+
+
+USERS, BATCHES, SHIFT = 120, 30, 0.24   # a campaign's cell that alerts, less far out than the decoy's four
+
+
+def _batches(rng, centres, region: int, ids: int, name: str):
+    """``ids`` identities of 24 requests in one region each (a batch job), named ``name-i``."""
+    x = centres[np.full(24 * ids, region)] + rng.normal(0, 0.5, (24 * ids, 8))
+    return x, [f"{name}-{i}" for i in range(ids) for _ in range(24)]
+
+
+def test_a_decoy_that_moves_more_cells_than_a_cap_does_not_hide_the_campaign(monkeypatch):
+    # regions 1-4 are each off by +0.2 in a cell of their own (four tasks the neighbours get wrong);
+    # a decoy of heavy loads of all four moves four cells further than a campaign moves its own (1, 1).
+    # With the cause sought in at most 4 cells (the cap before 2026-12-06) the campaign's cell was not
+    # tested and its alert read as the mix; every alerting cell is tested now, at a Bonferroni factor
+    centres, _ = _world()
+    rng = np.random.default_rng(21)
+    bias = np.zeros(REGIONS)
+
+    def cells(x, shift=0.0):
+        """[n, 2, 3]: cells (0, 0)-(1, 0) region 1-4's bias; (1, 1) noise moved by ``shift``; (1, 2) noise."""
+        region = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)   # the nearest centre: its content
+        r = rng.normal(0, 0.04, (len(x), 6))
+        r[:, :4] += 0.2 * (region[:, None] == np.arange(1, 5)[None])
+        r[:, 4] += shift
+        return r.reshape(len(x), 2, 3)
+
+    days = []
+    for _ in range(12):
+        x, _, who = _day(rng, centres, bias, users=USERS)
+        days.append((x, cells(x), who))
+    x, _, who = _day(rng, centres, bias, users=USERS)
+    xs, rs, whos = [x], [cells(x)], [who]
+    for k in range(1, 5):
+        xd, wd = _batches(rng, centres, k, BATCHES, f"batch{k}")
+        xs.append(xd), rs.append(cells(xd)), whos.append(wd)
+    xc, _, wc = _day(rng, centres, bias, users=0, campaign=3, shift=0.0)
+    xs.append(xc), rs.append(cells(xc, shift=SHIFT)), whos.append(wc)
+    days.append((np.concatenate(xs), np.concatenate(rs), sum(whos, [])))
+    t = np.concatenate([d * DAY + np.linspace(0, DAY - 1, len(x)) for d, (x, _, _) in enumerate(days)])
+    who = [c if not c.startswith("user") else f"{d}:{c}" for d, (_, _, cs) in enumerate(days) for c in cs]
+    args = (t, np.concatenate([d[1] for d in days]), who)
+    kw = dict(period=DAY, baseline=14, alpha=0.01, layers=[0, 1], x=np.concatenate([d[0] for d in days]))
+    last = periods.score_periods(*args, **kw)[-1]
+
+    assert last.get("alert") and (last["layer"], last["expert"]) != (1, 1), (last["p"], last["layer"], last["expert"])
+    assert last["cause"] == "routing" and last["cause_cell"] == [1, 1] and last["p_routing"] < 1e-4, last
+    assert {c["client"] for c in last["routing_clients"]} == {"mallory-0", "mallory-1", "mallory-2"}, last
+    monkeypatch.setattr(periods, "CAUSE_CELLS", 4)
+    capped = periods.score_periods(*args, **kw)[-1]
+    assert capped["cause"] == "mix" and capped["cause_cell"] in ([0, 0], [0, 1], [0, 2], [1, 0]), capped

@@ -10,9 +10,9 @@ predict (``periods.py``). Two kinds of day do that:
   many requests of one task). The neighbours' prediction is not exact in every region of content,
   so a heavy region moves the mean residual too.
 
-**The test** (``Earlier.cause``). In each cell the period test found alerting (at most
-``periods.CAUSE_CELLS``, the most deviant first: a heavy load of one task can take the top cell while
-a campaign moves another), each request's residual is compared with the mean residual of its ``K``
+**The test** (``Earlier.cause``). In each cell the period test found alerting (every one: a heavy
+load of one task can take the top cell while a campaign moves another, and a decoy can move several),
+each request's residual is compared with the mean residual of its ``K``
 nearest requests (in the profile's embedding) among the baseline periods' requests in this run: the
 same content, routed on days that passed. A verbatim repeat of the
 request is not its own match (a campaign that repeats one prompt must not be matched by its earlier

@@ -62,7 +62,9 @@ MIN_REQUESTS = 16     # requests a period needs to be tested or to join a baseli
 FACTORS = 3           # at most this many directions of the baseline's day-to-day variation are removed
 FLOOR = 0.25          # a cell's out-of-sample spread is at least this share of its sampling noise
 TINY = 1e-18         # a floor on variances: a cell no baseline period routes to (0 / 0) is not NaN
-CAUSE_CELLS = 4       # an alert's cause is sought in at most this many of its alerting cells (periodclients)
+# an alert's cause is sought in every cell that alerts on its own (periodclients); an int caps them, the most
+# deviant first. A cap of 4 (2026-12-05 to 06) let a decoy that moved 4 cells further hide a campaign's cell
+CAUSE_CELLS: int | None = None
 TEST = "factors"      # the period test's version, in each row's settings: a history of another is refused
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -215,8 +217,8 @@ class Baseline:
         fills ``row`` (its state, baseline size, z, cell, shift, p, alert) and keeps the period (and
         ``requests``, in ``self.requests``) for later baselines unless it alerts. What the baseline
         predicts for the period [L, E], the cell (for naming clients) and, for its cause, the cells
-        [(layer slot, expert, p)] that alert on their own, the most deviant first, at most
-        ``CAUSE_CELLS`` (the most deviant always); None where not tested."""
+        [(layer slot, expert, p)] that alert on their own, the most deviant first (the most deviant
+        always; at most ``CAUSE_CELLS`` where that is set); None where not tested."""
         from scipy.stats import t as student
 
         if not (np.isfinite(m).all() and np.isfinite(se2).all()):   # a model that routed NaN: in no baseline
@@ -261,10 +263,15 @@ class Baseline:
         # the cells that alert on their own (Sidak), most deviant first, with their p's: where an alert's
         # cause is sought (the most deviant alone where none does)
         cells = [(int(l), int(e), p)]
-        for i in [i for i in np.argsort(-z, kind="stable") if i != c][:CAUSE_CELLS - 1]:
-            pi = sidak(i)
-            if pi <= self.alpha:
-                cells.append((*(int(v) for v in np.unravel_index(i, m.shape)), pi))
+        for i in np.argsort(-z, kind="stable"):
+            if CAUSE_CELLS is not None and len(cells) >= CAUSE_CELLS:
+                break
+            if i == c:
+                continue
+            pi = sidak(int(i))
+            if pi > self.alpha:   # most deviant first: no later cell alerts either
+                break
+            cells.append((*(int(v) for v in np.unravel_index(i, m.shape)), pi))
         return expected, int(l), int(e), cells
 
 
