@@ -208,14 +208,13 @@ def main() -> None:
                 # cells; ``_loose``) and in every cell of the model (``_every``), for comparison
                 q["loose"] = p_routing(tuple((x, y) for x, y, _ in cells), "period")
                 q["every"] = p_routing(tuple((x, y) for x in range(R.shape[1]) for y in range(R.shape[2])), "period")
+                mine = tuple(int(v) for v in np.unravel_index(own_cell[c], R.shape[1:]))   # the campaign's own cell
                 for a in LEVELS + ("top",):
                     use = tuple([(x, y) for x, y, pc in cells if pc <= a] if a != "top" else []) or ((l, e),)
                     q[a], q[f"{a}_b"] = p_routing(use, "period"), p_routing(use, "baseline")
                     if a != "top":
                         q[f"{a}_4"], q[f"{a}_cells"] = p_routing(use[:4], "period"), len(use)
-                        mine = np.unravel_index(own_cell[c], R.shape[1:])      # the campaign's own cell: past the 4th?
-                        q[f"{a}_past_4th"] = kind != "benign" and not kind.startswith("control") and \
-                            (int(mine[0]), int(mine[1])) in use[4:]
+                        q[f"{a}_past_4th"] = kind != "benign" and not kind.startswith("control") and mine in use[4:]
                 causes[kind].append((row["p"], q))
         if (draw + 1) % 100 == 0:
             print(f"{draw + 1} draws ({time.perf_counter() - t0:.0f} s)", flush=True)

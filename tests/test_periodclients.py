@@ -312,8 +312,9 @@ USERS, BATCHES, SHIFT = 120, 30, 0.24   # a campaign's cell that alerts, less fa
 
 
 def _batches(rng, centres, region: int, ids: int, name: str):
-    """``ids`` identities of 24 requests in one region each (a batch job), named ``name-i``."""
-    x = centres[np.full(24 * ids, region)] + rng.normal(0, 0.5, (24 * ids, 8))
+    """``ids`` identities of 24 requests in one region each (a batch job), named ``name-i``: ``_requests``'
+    embeddings (the caller gives the residuals)."""
+    x, _ = _requests(rng, centres, np.zeros(REGIONS), np.full(24 * ids, region))
     return x, [f"{name}-{i}" for i in range(ids) for _ in range(24)]
 
 
@@ -351,7 +352,6 @@ def test_a_decoy_that_moves_more_cells_than_a_cap_does_not_hide_the_campaign(mon
     args = (t, np.concatenate([d[1] for d in days]), who)
     kw = dict(period=DAY, baseline=14, alpha=0.01, layers=[0, 1], x=np.concatenate([d[0] for d in days]))
     last = periods.score_periods(*args, **kw)[-1]
-
     assert last.get("alert") and (last["layer"], last["expert"]) != (1, 1), (last["p"], last["layer"], last["expert"])
     assert last["cause"] == "routing" and last["cause_cell"] == [1, 1] and last["p_routing"] < 1e-4, last
     assert {c["client"] for c in last["routing_clients"]} == {"mallory-0", "mallory-1", "mallory-2"}, last
