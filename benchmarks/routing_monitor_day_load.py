@@ -36,6 +36,10 @@ built, at p >= 0.05), but every hijacked request pushes the same expert, all day
     With ``--cause``, each alerting day's cause too (``periodclients.py``: the clients' routing or the
     day's mix, in the cells that alert), its ``p_routing``, and how many of the clients it finds
     routing-moved among the named are the campaign's; ``monitor.causes_at_0.01`` counts them.
+    With ``--period-clients``, the clients' test too (``monitor score --period-clients``): on every
+    benign day and each campaign and control day, its p, and how many of the clients it finds at 0.01
+    are the campaign's (``monitor.clients_test``). Written as ``results/routing_monitor_day_load_i2_clients.json``
+    with ``--identities 2 --period-clients``.
 """
 
 from __future__ import annotations
@@ -65,13 +69,16 @@ def main() -> None:
     ap.add_argument("--cause", action="store_true",
                     help="also give each alerting day of the monitor's test its cause (periodclients: the clients' "
                          "routing or the day's mix), with the embeddings: about 10 s an alert")
+    ap.add_argument("--period-clients", action="store_true",
+                    help="also the clients' test (monitor score --period-clients, periodclients.clients_test) on every "
+                         "benign day and each campaign and control day: about 5 s a day")
     ap.add_argument("--dump", help="also save each request's residual, embedding and who sent it (.npz) "
                                    "for routing_monitor_day_resample.py")
     args = ap.parse_args()
     from routing_monitor_own_log import interleave, users
 
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.monitor import periods, slices
+    from moeguard.monitor import periodclients, periods, slices
     from moeguard.monitor.fit import build, observe
     from moeguard.monitor.routertap import SEPARATOR
 
@@ -202,12 +209,30 @@ def main() -> None:
     # The monitor's own test (`monitor score --period`, periods.score_periods): the days in sequence,
     # each against the BASELINE days before it that did not alert; a campaign on each of the last
     # --campaign-days days in turn (and its control), the other days benign.
-    def sequence(recs_by_day: list[list[dict]]) -> list[dict]:
+    def sequence(recs_by_day: list[list[dict]], clients_test: bool = False) -> list[dict]:
         t = np.concatenate([d + np.arange(len(rs)) / len(rs) for d, rs in enumerate(recs_by_day)])
         flat = [r for rs in recs_by_day for r in rs]
         ix = [at[r["prompt"]] for r in flat]
         return periods.score_periods(t, resid[ix], [r["client"] for r in flat], period=1.0, baseline=periods.BASELINE,
-                                     alpha=0.01, layers=list(slot), x=X[ix] if args.cause else None)
+                                     alpha=0.01, layers=list(slot), x=X[ix] if args.cause or clients_test else None,
+                                     clients_test=clients_test)
+
+    def clients_on(recs_by_day: list[list[dict]], before_rows: list[dict], i: int) -> dict:
+        """Day i's clients' test as ``sequence(..., clients_test=True)`` gives it, computed alone: the days
+        before it are ``before_rows``' (which of them join the baseline: those with a state that alerted
+        on neither test), so each campaign day costs one test, not a sequence of them. Checked equal to
+        the sequence's own on the benign days."""
+        kept = [j for j in range(i) if "state" in before_rows[j] and not before_rows[j].get("alert")
+                and not before_rows[j].get("clients_alert")][-periods.BASELINE:]
+        ix = [[at[r["prompt"]] for r in recs_by_day[j]] for j in kept]
+        before = periodclients.Earlier([X[a] for a in ix], [[r["client"] for r in recs_by_day[j]] for j in kept])
+        day_ix, got = [at[r["prompt"]] for r in recs_by_day[i]], {}
+        pool = np.concatenate(ix) if ix else np.zeros(0, dtype=np.int64)
+        periodclients.clients_test(got, before, before.match(X[day_ix]) if before.why is None else None,
+                                   r=resid[day_ix].reshape(len(day_ix), -1), clients=[r["client"] for r in recs_by_day[i]],
+                                   pool_r=resid.reshape(len(resid), -1)[pool], alpha=0.01,
+                                   cells=[[layer, e] for layer in slot for e in range(resid.shape[2])])
+        return got
 
     if args.dump:   # the benign days' requests (day, client, text) and each campaign's and control's
         rec = [(d, r["client"], at[r["prompt"]]) for d, rs in enumerate(day_recs) for r in rs]
@@ -216,11 +241,26 @@ def main() -> None:
                             client=np.array([c for _, c, _ in rec]), text=np.array([i for *_, i in rec]),
                             campaign_of=np.repeat(np.arange(len(campaigns)), args.identities),
                             **{f"{k}_{i}": a for k, v in sent.items() for i, a in enumerate(v)})
-    benign_rows = sequence(day_recs)
+    benign_rows = sequence(day_recs, clients_test=args.period_clients)
     benign_p = [r["p"] for r in benign_rows if r["p"] is not None]
     last = range(len(days) - min(args.campaign_days, len(days)), len(days))
+    if args.period_clients:   # the shortcut gives the sequence's own numbers (on the days campaigns are added to)
+        for i in last:
+            alone = clients_on(day_recs, benign_rows, i)
+            if alone.get("clients_p") != benign_rows[i].get("clients_p"):
+                raise SystemExit(f"day {i}: the clients' test alone gave {alone.get('clients_p')}, the sequence "
+                                 f"{benign_rows[i].get('clients_p')}")
+        # a benign day held out of a baseline by the clients' test would change later days' load tests, which
+        # the campaign days below take from sequences without it: say so (not seen on the committed runs)
+        held_out = [i for i, r in enumerate(benign_rows) if r.get("clients_alert") and not r.get("alert")]
+        if held_out:
+            print(f"benign days held out of baselines by the clients' test alone: {held_out}; the campaign days' "
+                  f"load p's are from sequences without it", flush=True)
     for c, row in zip(campaigns, rows):
         row.update(monitor_p=[], monitor_cell=[], monitor_named_campaign=[], control_monitor_p=[])
+        if args.period_clients:
+            row.update(monitor_clients_p=[], monitor_clients_campaign=[], monitor_clients_other=[],
+                       control_monitor_clients_p=[])
         if args.cause:   # per alerting day (None where the day did not alert at 0.01)
             row.update(monitor_cause=[], monitor_p_routing=[], monitor_routing_named=[], monitor_routing_named_campaign=[],
                        control_monitor_cause=[], control_monitor_p_routing=[])
@@ -228,6 +268,16 @@ def main() -> None:
             for kind in ("clients", "control"):
                 recs = interleave(days[i] + [(cid, ps) for cid, ps, _ in c[kind]], np.random.default_rng(args.seed + 1 + i), "")
                 got = sequence(day_recs[:i] + [recs] + day_recs[i + 1:])[i]
+                if args.period_clients:   # the clients' p, and whom it finds at 0.01: the campaign's identities or others
+                    cl = clients_on(day_recs[:i] + [recs], benign_rows, i)
+                    ids = {cid for cid, _, _ in c["clients"]}
+                    if kind == "control":
+                        row["control_monitor_clients_p"].append(cl["clients_p"])
+                    else:
+                        found = [t["client"] for t in cl.get("clients_routing", [])]
+                        row["monitor_clients_p"].append(cl["clients_p"])
+                        row["monitor_clients_campaign"].append(sum(f in ids for f in found))
+                        row["monitor_clients_other"].append(sum(f not in ids for f in found))
                 if args.cause:
                     pre = "control_" if kind == "control" else ""
                     row[f"{pre}monitor_cause"].append(got.get("cause"))
@@ -250,6 +300,22 @@ def main() -> None:
                **{f"{w}_days_alerting_at_{a}": round(float(np.mean([p <= a for r in rows for p in r[k]])), 4)
                   for a in (0.001, 0.01, 0.05) for w, k in (("campaign", "monitor_p"), ("control", "control_monitor_p"))},
                **{f"benign_days_alerting_at_{a}": round(float(np.mean([p <= a for p in benign_p])), 4) for a in (0.001, 0.01, 0.05)}}
+    if args.period_clients:   # the clients' test (its p at each level), and either test alerting
+        bc = [r["clients_p"] for r in benign_rows if r.get("clients_p") is not None]
+        both = [(r["p"], r["clients_p"]) for r in benign_rows if r["p"] is not None and r.get("clients_p") is not None]
+        monitor["clients_test"] = {
+            "benign_days_tested": len(bc), "benign_clients_p": sorted(round(p, 4) for p in bc),
+            **{f"{w}_days_alerting_at_{a}": round(float(np.mean([p is not None and p <= a for r in rows for p in r[k]])), 4)
+               for a in (0.001, 0.01, 0.05) for w, k in (("campaign", "monitor_clients_p"), ("control", "control_monitor_clients_p"))},
+            **{f"benign_days_alerting_at_{a}": round(float(np.mean([p <= a for p in bc])), 4) for a in (0.001, 0.01, 0.05)},
+            # the load test or the clients' test, each at the level: what an owner running both sees
+            **{f"{w}_days_either_at_{a}": round(float(np.mean([(p <= a) or (q is not None and q <= a) for r in rows
+                                                                for p, q in zip(r[k], r[f"{pre}monitor_clients_p"])])), 4)
+               for a in (0.001, 0.01, 0.05) for w, k, pre in (("campaign", "monitor_p", ""), ("control", "control_monitor_p", "control_"))},
+            **{f"benign_days_either_at_{a}": round(float(np.mean([p <= a or q <= a for p, q in both])), 4) for a in (0.001, 0.01, 0.05)},
+            "campaign_identities_found_at_0.01": sum(sum(r["monitor_clients_campaign"]) for r in rows),
+            "other_clients_found_at_0.01": sum(sum(r["monitor_clients_other"]) for r in rows),
+            "benign_days_held_out": [i for i, r in enumerate(benign_rows) if r.get("clients_alert") and not r.get("alert")]}
     if args.cause:
         def causes(values: list) -> dict[str, int]:
             return {k: sum(v == k for v in values) for k in ("routing", "mix")} | {"none": sum(v is None for v in values)}
@@ -264,7 +330,8 @@ def main() -> None:
                     "log_users": 240, "day_users": 96, "calibration_slices": len(cal[0]),
                     "route_attack": list(FILES), "screen": "surrogate task profile, p >= 0.05",
                     "neighbours": {"count": len(owner.neighbours.x), "k": owner.neighbours.k},
-                    "seed": args.seed, **({"cause": True} if args.cause else {})},
+                    "seed": args.seed, **({"cause": True} if args.cause else {}),
+                    **({"period_clients": True} if args.period_clients else {})},
         "results": {"benign_days": {"max_S": sorted(round(float(S.max()), 2) for S, *_ in benign),
                                     "max_S_raw": sorted(round(float(R.max()), 2) for _, R, _ in benign),
                                     **{f"max_{n}": sorted(round(b[v], 2) for b in benign_z) for v, n in enumerate(VARIANTS)}},

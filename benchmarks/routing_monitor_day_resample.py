@@ -30,9 +30,14 @@ clients' median where that is higher, ``Earlier.cause``). Those draws also test 
 first N identities and, beside them, all of the next campaign's control identities (a heavy load of
 plain task inputs, which moves a cell of its own); and behind a decoy that moves several cells
 (``wide_N``, ``wide_decoy``: benign content of 5 regions, each of which the neighbours get wrong in a
-cell of its own). ``more_than_4_cells`` and ``cells_mean``: how many cells alert; ``own_cell_past_4th``:
-how often the campaign's own cell alerts past the 4th, where the cap did not seek the cause. Written as
-``results/routing_monitor_day_resample_cause.json`` with ``--draws 200 --cause-draws 200``.
+cell of its own). ``more_than_4_cells`` and ``cells_mean_alerting_days``: how many cells alert (the mean
+over alerting days); ``own_cell_past_4th``: how often the campaign's own cell (``own_cells``: the test's
+top cell on days with the whole campaign) alerts past the 4th, where the cap did not seek the cause.
+``clients_test``: the clients' test as an alarm of its own (``score --period-clients``: every cell, the
+null's scale at least its upper tail's), the share of days with its p at most the level, alerting or not;
+``either_test``: the period test or it. Written as ``results/routing_monitor_day_resample_cause.json``
+with ``--draws 200 --cause-draws 200`` (before the clients' test fields), and
+``results/routing_monitor_day_resample_clients.json`` with ``--draws 200 --cause-draws 100``.
 """
 
 from __future__ import annotations
@@ -48,17 +53,19 @@ LEVELS = (0.001, 0.01, 0.05)
 REGIONS = 12          # k-means regions of content the wide decoy is drawn from
 WIDE_CELLS = 5        # cells the wide decoy moves, one region each
 WIDE_IDENTITIES = 10  # its identities per region, each of
+OWN_DRAWS = 9         # resampled days that name a campaign's own cell (``own_cells``)
 WIDE_REQUESTS = 48    # requests: 50 identities, 2,400 requests, twice the one-task decoy's load (240 a region
                       # and 5 identities alerted on 1 of 6 smoke draws)
 
 
-def wide_decoy(X: np.ndarray, R: np.ndarray, z, campaigns: list, seed: int) -> dict:
+def wide_decoy(X: np.ndarray, R: np.ndarray, z, own_cell: list[int], seed: int) -> dict:
     """A decoy that moves several cells: benign content whose routing the neighbours get wrong in a cell.
     The dumped benign texts are cut into ``REGIONS`` regions of content (k-means on the embedding); each
     (region, cell) is scored by the region's mean residual there, standardized by the cell's spread over
     the dumped days' means (what an attacker who holds the model and the neighbour references can
     estimate). Per campaign, the ``WIDE_CELLS`` best pairs of distinct regions and cells, the campaign's
-    own cell left out: the decoy sends those regions' texts. Regions are fixed; which texts, per draw."""
+    own cell (``own_cells``) left out: the decoy sends those regions' texts. Regions are fixed; which
+    texts, per draw."""
     texts = np.unique(z["text"])
     rng = np.random.default_rng([seed, 11])
     centres = X[rng.choice(texts, REGIONS, replace=False)]
@@ -70,10 +77,8 @@ def wide_decoy(X: np.ndarray, R: np.ndarray, z, campaigns: list, seed: int) -> d
     mu, sd = day_means.mean(0), day_means.std(0, ddof=1)
     score = np.stack([(R[t].mean(0).ravel() - mu) / sd if len(t) >= WIDE_REQUESTS else np.full(mu.size, -np.inf)
                       for t in regions])                                   # [regions, cells]
-    by_campaign, own_cell = [], []
-    for v in campaigns:   # a campaign's own cell: where its requests' residual stands furthest above the texts'
-        own = int(np.argmax(R[np.concatenate(v)].mean(0).ravel() - R[texts].mean(0).ravel()))
-        own_cell.append(own)
+    by_campaign = []
+    for own in own_cell:
         picked, cells_used = [], {own}
         for k, j in zip(*np.unravel_index(np.argsort(-score, axis=None, kind="stable"), score.shape)):
             if k not in picked and j not in cells_used and np.isfinite(score[k, j]):
@@ -83,6 +88,38 @@ def wide_decoy(X: np.ndarray, R: np.ndarray, z, campaigns: list, seed: int) -> d
         by_campaign.append(picked)
     return {"regions": regions, "region_sizes": [len(t) for t in regions], "by_campaign": by_campaign, "own_cell": own_cell,
             "score": [[round(float(score[k, j]), 2) for j in range(score.shape[1])] for k in range(REGIONS)]}
+
+
+def day_stats(R: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """A day's per-cell mean residual, its squared standard error and its request count."""
+    r = R[idx]                                                           # [requests, L, E]
+    return r.mean(0), r.var(0, ddof=1) / len(idx), len(idx)
+
+
+def own_cells(R: np.ndarray, pool: list, per_day: int, campaigns: list, baseline: int, seed: int) -> list[int]:
+    """Each campaign's own cell, as the monitor's test reads it: the top cell of ``periods.Baseline.judge``
+    on ``OWN_DRAWS`` resampled days with all of the campaign's identities added, the most frequent one
+    (flat index over [layers, experts]). Before 2026-12-06 (twelfth session) this was the cell where the
+    campaign's mean residual stood furthest above the texts', raw, not over the cell's spread: it agreed
+    with the test's cell for 3 of 11 campaigns."""
+    from moeguard.monitor import periods
+
+    def day(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        return day_stats(R, idx)
+
+    own = []
+    for c, v in enumerate(campaigns):
+        tops = []
+        for t in range(OWN_DRAWS):
+            perm = np.random.default_rng([seed, 13, c, t]).permutation(len(pool))
+            days = [day(np.concatenate([pool[j] for j in perm[per_day * i:per_day * (i + 1)]])) for i in range(baseline)]
+            test = np.concatenate([pool[j] for j in perm[per_day * baseline:per_day * (baseline + 1)]] + list(v))
+            base = periods.Baseline(baseline=baseline, alpha=0.5, layers=list(range(R.shape[1])))
+            base.kept = list(days)
+            _, l, e, _ = base.judge({}, *day(test))
+            tops.append(int(np.ravel_multi_index((l, e), R.shape[1:])))
+        own.append(max(set(tops), key=lambda x: (tops.count(x), -x)))
+    return own
 
 
 def first_version(M: np.ndarray, S: np.ndarray, m: np.ndarray, se2: np.ndarray) -> float:
@@ -126,8 +163,7 @@ def main() -> None:
         raise SystemExit(f"{args.baseline + 1} days of {per_day} users need more than the {len(pool)} users dumped")
 
     def day(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        r = R[idx]
-        return r.mean(0), r.var(0, ddof=1) / len(idx), len(idx)
+        return day_stats(R, idx)
 
     kinds = ["benign"] + [f"{w}_{n}" for n in sizes for w in ("campaign", "control")]
     # a campaign that hides behind a decoy: its first n identities and, beside them, every identity of the
@@ -138,8 +174,8 @@ def main() -> None:
     causes: dict[str, list] = {k: [] for k in kinds + decoys}   # per draw: (the test's p, {level or "top": p_routing})
     X = z["x"].astype(np.float64) if args.cause_draws else None
     if args.cause_draws:
-        wide = wide_decoy(X, R, z, campaigns, args.seed)
-        own_cell = wide["own_cell"]
+        own_cell = own_cells(R, pool, per_day, campaigns, args.baseline, args.seed)
+        wide = {**wide_decoy(X, R, z, own_cell, args.seed), "own_cell": own_cell}
     user = [f"{d}:{c}" for d, c in users]                   # a benign user's name: its day and client
     rng = np.random.default_rng(args.seed)
     for draw in range(args.draws):
@@ -192,28 +228,31 @@ def main() -> None:
                 # (``_b``) on the baseline clients alone (before 2026-12-06)
                 q, by_cells, nn_all = {}, {}, np.concatenate(matches)
 
-                def p_routing(use: tuple, centre: str) -> float:
-                    if (use, centre) not in by_cells:
+                def p_routing(use: tuple, centre: str, tail: bool = False) -> float:
+                    if (use, centre, tail) not in by_cells:
                         ls, es = [x for x, _ in use], [y for _, y in use]
                         got_row: dict = {}
                         before.cause(got_row, r=R[idx[:, None], ls, es], clients=who, pool_r=R[at[:, None], ls, es],
-                                     alpha=0.01, nn=nn_all, centre=centre)
+                                     alpha=0.01, nn=nn_all, centre=centre, tail=tail)
                         if got_row["p_routing"] is None:   # not expected with days of ~3,000 requests: say so, at once
                             raise SystemExit(f"draw {draw}, {kind}: no cause given ({got_row['cause_why']})")
-                        by_cells[use, centre] = got_row["p_routing"]
-                    return by_cells[use, centre]
+                        by_cells[use, centre, tail] = got_row["p_routing"]
+                    return by_cells[use, centre, tail]
 
                 # where the alerting cells miss the campaign's (a decoy's load dilutes it below alerting): the
                 # cause sought in every cell that moved at all (Sidak p <= 0.5, about an unadjusted 0.02 over 32
                 # cells; ``_loose``) and in every cell of the model (``_every``), for comparison
                 q["loose"] = p_routing(tuple((x, y) for x, y, _ in cells), "period")
                 q["every"] = p_routing(tuple((x, y) for x in range(R.shape[1]) for y in range(R.shape[2])), "period")
+                # the clients' test (score --period-clients): every cell, the null's scale at least its upper tail's
+                q["clients"] = p_routing(tuple((x, y) for x in range(R.shape[1]) for y in range(R.shape[2])), "period", True)
                 mine = tuple(int(v) for v in np.unravel_index(own_cell[c], R.shape[1:]))   # the campaign's own cell
                 for a in LEVELS + ("top",):
                     use = tuple([(x, y) for x, y, pc in cells if pc <= a] if a != "top" else []) or ((l, e),)
                     q[a], q[f"{a}_b"] = p_routing(use, "period"), p_routing(use, "baseline")
                     if a != "top":
-                        q[f"{a}_4"], q[f"{a}_cells"] = p_routing(use[:4], "period"), len(use)
+                        # cells alerting at a: 0 where none does (``use`` then falls back to the top cell)
+                        q[f"{a}_4"], q[f"{a}_cells"] = p_routing(use[:4], "period"), sum(pc <= a for *_, pc in cells)
                         q[f"{a}_past_4th"] = kind != "benign" and not kind.startswith("control") and mine in use[4:]
                 causes[kind].append((row["p"], q))
         if (draw + 1) % 100 == 0:
@@ -245,8 +284,14 @@ def main() -> None:
         "routing_any_day_loose": round(float(np.mean([q["loose"] <= a for _, q in v])), 4),
         "alert_routing_every_cell": round(float(np.mean([p <= a and q["every"] <= a for p, q in v])), 4),
         "routing_any_day_every_cell": round(float(np.mean([q["every"] <= a for _, q in v])), 4),
+        # the clients' test as an alarm of its own (periodclients.clients_test), and either test alerting
+        "clients_test": round(float(np.mean([q["clients"] <= a for _, q in v])), 4),
+        "either_test": round(float(np.mean([p <= a or q["clients"] <= a for p, q in v])), 4),
         "more_than_4_cells": round(float(np.mean([q[f"{a}_cells"] > 4 for _, q in v])), 4),
-        "cells_mean": round(float(np.mean([q[f"{a}_cells"] for _, q in v])), 3),
+        # over the days that alert at a (before 2026-12-06's twelfth session, ``cells_mean`` over every day,
+        # a day with no alerting cell counted as 1)
+        "cells_mean_alerting_days": (round(float(np.mean([q[f"{a}_cells"] for p, q in v if p <= a])), 3)
+                                     if any(p <= a for p, _ in v) else None),
         "own_cell_past_4th": round(float(np.mean([q[f"{a}_past_4th"] for _, q in v])), 4),
         } for a in LEVELS}}
         for k, v in causes.items() if v}

@@ -65,6 +65,17 @@ def _cause(rng, centres, bias, **day):
     return row, ps
 
 
+def _days_in_cells(days: list, seed: int = 7):
+    """``_day``'s days as score_periods' input: times, embeddings, residuals [N, 2, 3] (the days' in
+    cell (1, 2), noise in the others) and clients (benign users named per day)."""
+    t = np.concatenate([d * DAY + np.linspace(0, DAY - 1, len(x)) for d, (x, _, _) in enumerate(days)])
+    r = np.zeros((len(t), 2, 3))
+    r[:, 1, 2] = np.concatenate([d[1] for d in days])
+    r += np.random.default_rng(seed).normal(0, 0.01, r.shape) * np.array([1, 1, 0])
+    who = [c if not c.startswith("user") else f"{d}:{c}" for d, (_, _, cs) in enumerate(days) for c in cs]
+    return t, np.concatenate([d[0] for d in days]), r, who
+
+
 def test_a_campaign_is_put_down_to_routing_and_a_heavy_region_to_the_mix():
     centres, bias = _world()
     rng = np.random.default_rng(1)
@@ -128,12 +139,7 @@ def test_score_periods_gives_an_alert_its_cause_and_each_named_client_its_p():
     centres, bias = _world()
     rng = np.random.default_rng(6)
     days = [_day(rng, centres, bias) for _ in range(12)] + [_day(rng, centres, bias, campaign=3, shift=0.15)]
-    t = np.concatenate([d * DAY + np.linspace(0, DAY - 1, len(x)) for d, (x, _, _) in enumerate(days)])
-    x = np.concatenate([d[0] for d in days])
-    r = np.zeros((len(x), 2, 3))
-    r[:, 1, 2] = np.concatenate([d[1] for d in days])
-    r += np.random.default_rng(7).normal(0, 0.01, r.shape) * np.array([1, 1, 0])   # other cells: noise
-    who = [c if not c.startswith("user") else f"{d}:{c}" for d, (_, _, cs) in enumerate(days) for c in cs]
+    t, x, r, who = _days_in_cells(days)
     rows = periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0, 1], x=x)
     last = rows[-1]
     assert last.get("alert") and (last["layer"], last["expert"]) == (1, 2), (last["p"], last["layer"], last["expert"])
@@ -358,3 +364,46 @@ def test_a_decoy_that_moves_more_cells_than_a_cap_does_not_hide_the_campaign(mon
     monkeypatch.setattr(periods, "CAUSE_CELLS", 4)
     capped = periods.score_periods(*args, **kw)[-1]
     assert capped["cause"] == "mix" and capped["cause_cell"] in ([0, 0], [0, 1], [0, 2], [1, 0]), capped
+
+
+
+def _one_identity_on_day_12():
+    """14 days (``_days_in_cells``): benign but for day 12, where one identity's 24 requests are moved by 0.08."""
+    centres, bias = _world()
+    rng = np.random.default_rng(11)
+    return _days_in_cells([_day(rng, centres, bias) for _ in range(12)] + [_day(rng, centres, bias, campaign=1, shift=0.08)]
+                          + [_day(rng, centres, bias)])
+
+def test_the_clients_test_sees_one_identity_the_load_test_misses_and_holds_its_day_out_of_the_baseline():
+    t, x, r, who = _one_identity_on_day_12()
+    rows = periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0, 1], x=x, clients_test=True)
+    load = periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0, 1], x=x)
+    day = rows[12]
+    # one identity of 24 requests among 344: the period's load does not alert, its routing does
+    assert day["p"] > 0.01 and not day.get("alert") and load[12]["p"] == day["p"], day["p"]
+    assert day["clients_alert"] and day["clients_p"] < 1e-3 and day["clients_cell"] == [1, 2], day
+    assert [c["client"] for c in day["clients_routing"]] == ["mallory-0"], day["clients_routing"]
+    assert not any(row.get("clients_alert") for i, row in enumerate(rows) if i != 12), [row.get("clients_p") for row in rows]
+    assert all(row["clients_p"] is None and "2 and 256 needed" in row["clients_why"] for row in rows[:2])
+    # held out of the next day's baseline, as a load alert is (without the clients' test it joins it)
+    assert (rows[13]["baseline"], load[13]["baseline"]) == (12, 13)
+    assert not any(k.startswith("clients_") for row in load for k in row) and "clients_test" not in load[0]["settings"]
+    got = periodclients.clients_reason(day)
+    assert got["statistic"] == "period_clients" and (got["layer"], got["experts"]) == (1, [2]) and got["p"] == day["clients_p"]
+    assert "mallory-0 (24 requests, p " in got["detail"] and "the period's load did not alert (p " in got["detail"], got
+    with pytest.raises(ValueError, match="embeddings"):
+        periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0, 1], clients_test=True)
+
+
+def test_a_history_scored_with_the_clients_test_keeps_its_held_out_periods_out(tmp_path):
+    import json
+
+    from moeguard.monitor import periodhistory
+
+    t, x, r, who = _one_identity_on_day_12()   # day 12 is held out by the clients' test alone (the test above)
+    rows = periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0, 1], x=x, clients_test=True)
+    path = tmp_path / "periods.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    history = periodhistory.read_history(path, period=DAY, digest="", shape=(2, 3), baseline=14, alpha=0.01, clients_test=True)
+    assert [bool(h.get("clients_alert")) for h in history] == [i == 12 for i in range(14)]
+    assert len(periods.Baseline(baseline=14, alpha=0.01, layers=[0, 1], history=history).kept) == 13   # 14 days less day 12

@@ -15,7 +15,7 @@ import pytest
 from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.loading import load_model
-from moeguard.monitor import neighbours, periodclients, periods, periodwatch
+from moeguard.monitor import neighbours, periodclients, periodhistory, periods, periodwatch
 from moeguard.monitor.fit import build
 from moeguard.monitor.profile import Profile
 from moeguard.monitor.routertap import SEPARATOR
@@ -115,6 +115,32 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert (strict["alerts"]["period"], strict["period_alpha"], strict["alpha"]) == (0, 1e-12, 0.01)
     assert all(json.loads(x)["settings"]["alpha"] == 1e-12 for x in (tmp_path / "strict" / "periods.jsonl").read_text().splitlines())
     assert "0 period alerts (11 of 14 periods tested)" in capsys.readouterr().out
+    # --period-clients: every period's clients in every cell, an alarm of its own, on the campaign day alone;
+    # the load test's numbers are unchanged (no benign day is held out of a baseline by it)
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "clients"),
+                 "--period", "24h", "--baseline", "10", "--period-clients"]) == 0
+    said = capsys.readouterr().out
+    both = [json.loads(line) for line in (tmp_path / "clients" / "periods.jsonl").read_text().splitlines()]
+    tested = [i for i, s in enumerate(both) if s["clients_p"] is not None]
+    assert "1 clients' test alerts" in said and f"({len(tested)} periods tested)" in said, said
+    assert tested == list(range(6, 14)), [(s["clients_p"], s.get("clients_why")) for s in both]   # 6 days of 48: 288 >= 256
+    assert "5 baseline periods (240 requests) in this run; 2 and 256 needed" in both[5]["clients_why"], both[5]
+    assert [i for i, s in enumerate(both) if s.get("clients_alert")] == [12], [s["clients_p"] for s in both]
+    assert both[12]["clients_p"] < 1e-3 and all(both[i]["clients_p"] > 0.01 for i in tested if i != 12)
+    assert {c["client"][:11] for c in both[12]["clients_routing"]} == {"mallory-12-"}, both[12]["clients_routing"]
+    assert all(s["settings"]["clients_test"] is True for s in both)
+    clients_keys = ("clients_p", "clients_why", "clients_cell", "clients_alert", "clients_routing", "settings")
+    assert [{k: v for k, v in s.items() if k not in clients_keys} for s in both] == \
+        [{k: v for k, v in s.items() if k not in clients_keys} for s in spans]
+    (alert,) = [json.loads(line) for line in (tmp_path / "clients" / "alerts.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "period_clients"]
+    assert alert["statistic"] == "period_clients" and alert["time"] == ["2026-11-13T00:00:00Z", "2026-11-14T00:00:00Z"]
+    assert [alert["layer"], alert["experts"][0]] == both[12]["clients_cell"] and "mallory-12-" in alert["detail"]
+    assert "routed beyond what requests of the same content got" in alert["detail"] and "load alerted too" in alert["detail"]
+    summary = json.loads((tmp_path / "clients" / "summary.json").read_text())
+    assert summary["alerts"]["period_clients"] == 1 and summary["periods_clients_tested"] == len(tested)
+    assert summary["run"]["settings"]["period_clients"] is True and "period_clients" not in strict["alerts"]
+    assert "lorem" not in (tmp_path / "clients" / "periods.jsonl").read_text() + (tmp_path / "clients" / "alerts.jsonl").read_text()
     # the history's days are not in the log: the second run is given only the new days'
     assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "again"),
                  "--period", "24h", "--baseline", "10", "--history", str(tmp_path / "first" / "periods.jsonl")]) == 2
@@ -258,6 +284,7 @@ def test_a_period_that_is_no_length_is_refused_with_the_forms_there_are(value):
     (["--period", "24h"], "the profile has no neighbour references, which --period needs"),
     (["--baseline", "7"], "--baseline 7 without --period"),
     (["--period-alpha", "0.001"], "--period-alpha 0.001 without --period"),
+    (["--period-clients"], "--period-clients without --period"),
     (["--period", "24h", "--period-alpha", "2"], "--period-alpha is 2.0"),
 ])
 def test_bad_period_settings_are_one_line_errors_before_the_model_loads(setting, tmp_path, capsys, monkeypatch, args, needle):
@@ -308,6 +335,8 @@ def _history(tmp_path, prof, lines):
     (lambda rows: rows[1:3][::-1], ":2 is period 1, not after the line before it (2)"),
     (lambda rows: [{**rows[0], "settings": {**rows[0]["settings"], "baseline": 10}}],
      ":1 was scored with --baseline 10 --period-alpha 0.01, this run with --baseline 14 --period-alpha 0.01"),
+    (lambda rows: [{**rows[0], "settings": {**rows[0]["settings"], "clients_test": True}}],
+     ":1 was scored with --period-clients, this run without"),
     (lambda rows: [{**rows[0], "settings": {"baseline": 14, "alpha": 0.01}}],
      f":1 was tested by another version of the period test (the first; this one is {periods.TEST})"),
     (lambda rows: [{k: v for k, v in rows[0].items() if k != "requests"}], ":1 is not a period of `monitor score --period` (KeyError"),
@@ -321,16 +350,16 @@ def test_a_history_is_checked_line_by_line_against_this_run(setting, tmp_path, e
     _, _, prof = setting
     path = _history(tmp_path, prof, edit)
     if needle is None:
-        got = periods.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
+        got = periodhistory.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
                                    alpha=0.01)
         assert [g["index"] for g in got] == [0, 1, 2, 3, 4] and all(g["_state"][0].shape == (4, 8) for g in got)
         return
     with pytest.raises(MoeguardError) as e:
-        periods.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
+        periodhistory.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
                              alpha=0.01)
     assert needle in e.value.message, e.value.message
     with pytest.raises(MoeguardError, match="is a folder"):
-        periods.read_history(tmp_path, period=DAY, digest="", shape=(4, 8), baseline=14, alpha=0.01)
+        periodhistory.read_history(tmp_path, period=DAY, digest="", shape=(4, 8), baseline=14, alpha=0.01)
 
 
 def test_a_time_without_a_zone_is_utc_wherever_the_log_is_scored(monkeypatch):
@@ -385,14 +414,14 @@ def test_the_online_hook_tests_each_period_as_score_does_and_its_log_is_a_histor
     assert mon.registry.get_sample_value("moeguard_alerts_total", {"kind": "period", "statistic": "period_load"}) == 1
     assert mon.registry.get_sample_value("moeguard_period_anomaly") == pytest.approx(-math.log10(online[-1]["p"]))
     # the server's log is a history: a restart takes its baseline from it, and `score --history` reads it
-    history = periods.read_history(log, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=10,
+    history = periodhistory.read_history(log, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=10,
                                    alpha=0.01)
     assert [h["index"] for h in history] == [o["index"] for o in online] and history[12]["alert"] is True
     watch = periodwatch.PeriodWatch(prof.neighbours, period=DAY, baseline=10, alpha=0.01, layers=prof.meta["layers"],
                                 history=history)
     assert len(watch._base.kept) == 10 and watch._floor == online[-1]["index"] + 1
     # the baseline is days 2-11 (the last 10 before it): the campaign day (12) alerted and stays out
-    state = lambda d: periods._unpack(history[d]["state"]["mean"], prof.mean.shape)   # noqa: E731
+    state = lambda d: periodhistory._unpack(history[d]["state"]["mean"], prof.mean.shape)   # noqa: E731
     assert np.array_equal(watch._base.kept[-1][0], state(11)) and np.array_equal(watch._base.kept[0][0], state(2))
     with pytest.raises(MoeguardError, match="period is 0 seconds"):
         periodwatch.PeriodWatch(prof.neighbours, period=0, baseline=10, alpha=0.01, layers=prof.meta["layers"])

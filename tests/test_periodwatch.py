@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moeguard.errors import MoeguardError
-from moeguard.monitor import periods, periodwatch
+from moeguard.monitor import periodhistory, periods, periodwatch
 from moeguard.monitor.online import RoutingMonitor
 from moeguard.monitor.score import _time
 from moeguard.monitor.servesetup import alert_writer, state_writer
@@ -51,7 +51,7 @@ def test_a_restart_keeps_the_open_period_and_gives_the_periods_of_an_uninterrupt
         """One monitor per part, each restarted from the period log and its saved open period."""
         now = [0.0]
         for part in parts:
-            history = periods.read_history(log, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape,
+            history = periodhistory.read_history(log, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape,
                                            baseline=4, alpha=0.01) if log.exists() else None
             saved = periodwatch.read_open(periodwatch.open_path(log), period=DAY, digest=prof.neighbours.digest,
                                           shape=prof.mean.shape, baseline=4, alpha=0.01, history=history,

@@ -181,6 +181,7 @@ def monitor_score(
         baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
         history: Annotated[Optional[Path], typer.Option("--history", help="an earlier run's periods.jsonl: its periods are the baseline's first, so a daily run replays only the new day's log; with --period")] = None,
         period_alpha: Annotated[Optional[float], typer.Option("--period-alpha", help="alert on a period when its p-value is at most this; with --period (default: --alpha)")] = None,
+        period_clients: Annotated[bool, typer.Option("--period-clients", help="also test every period's clients in every (layer, expert): routing beyond what the same content got in the baseline periods (an alarm of its own, kind period_clients; about 5-10 s a period). It needs the baseline periods' requests in this log: a --history's periods carry none; with --period")] = False,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
     (and, with --period, on days whose routing load moved)."""
@@ -189,10 +190,12 @@ def monitor_score(
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.score import drop_replay, read_log, score
 
-    from moeguard.monitor.periods import check_period, read_history
+    from moeguard.monitor.periodhistory import read_history
+    from moeguard.monitor.periods import check_period
     from moeguard.monitor.periods import period_alpha as level
 
-    seconds, baseline = check_period(period, baseline, history=history, period_alpha=period_alpha)
+    seconds, baseline = check_period(period, baseline, history=history, period_alpha=period_alpha,
+                                     period_clients=period_clients or None)
     alpha_p = level(alpha, period_alpha)
     check_output(out, overwrite=overwrite, inputs=(model, profile, log, history), kind="folder")
     handle = resolve_model(model, device_map=device_map)
@@ -202,10 +205,10 @@ def monitor_score(
 
     window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
     earlier = read_history(history, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
-                           baseline=baseline, alpha=alpha_p) if history is not None else None
+                           baseline=baseline, alpha=alpha_p, clients_test=period_clients) if history is not None else None
     records = read_log(log)
     if earlier:
-        from moeguard.monitor.periods import check_after
+        from moeguard.monitor.periodhistory import check_after
 
         check_after([r["_t"] for r in records], period=seconds, history=earlier)
     from moeguard.models.identity import weights_digest, weights_identity
@@ -223,7 +226,7 @@ def monitor_score(
                 scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha,
                                                          log_prompts=log_prompts, cache=tmp, period=seconds,
                                                          baseline=baseline, history=earlier, period_alpha=alpha_p,
-                                                         progress=progress)
+                                                         period_clients=period_clients, progress=progress)
         except KeyboardInterrupt:
             import sys
 
@@ -233,7 +236,8 @@ def monitor_score(
         summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
                                      "alpha": alpha, "log_prompts": log_prompts, **_placement(handle),
                                      **({"period": seconds, "baseline": baseline, "period_alpha": alpha_p,
-                                         "history": None if history is None else str(history)}
+                                         "history": None if history is None else str(history),
+                                         "period_clients": period_clients}
                                         if seconds is not None else {})})
         (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
@@ -254,7 +258,9 @@ def monitor_score(
                   f"periods tested" + "".join(f"; {n} {said}" for c, said in (("routing", "put down to routing"),
                                                                              ("mix", "to the mix"), ("none", "with no cause given"))
                                              if (n := summary["period_causes"][c]))
-                  + ")" if "period" in summary["alerts"] else "") + " "
+                  + ")" if "period" in summary["alerts"] else "")
+               + (f", {summary['alerts']['period_clients']} clients' test alerts ({summary['periods_clients_tested']} "
+                  f"periods tested)" if "period_clients" in summary["alerts"] else "") + " "
                f"(p <= {alpha}); written to {out}")
     u = summary["unwindowed"]
     if u["requests"]:   # scored one at a time only: a client sending fewer than a window is never seen as a stream

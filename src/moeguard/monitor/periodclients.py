@@ -48,6 +48,7 @@ MIN_MATCHED = 256    # baseline requests in this run the test needs
 NULL_CLIENTS = 128   # baseline clients (at most) whose z's are the null
 MIN_NULL = 32        # and at least
 NAMED = 5            # clients an alert names
+UPPER = 0.9          # the clients' test's null scale is at least its upper tail's, from this quantile (``Earlier.cause``)
 
 
 def _tally(clients: list) -> tuple[dict[str, int], dict[str, Any]]:
@@ -193,7 +194,8 @@ class Earlier:
         return nearest(x, self.pool, K)
 
     def cause(self, row: dict[str, Any], *, r: np.ndarray, clients: list, pool_r: np.ndarray, alpha: float,
-              nn: np.ndarray, cells: list[list[int]] | None = None, centre: str = "period") -> dict[str, float | None]:
+              nn: np.ndarray, cells: list[list[int]] | None = None, centre: str = "period",
+              tail: bool = False) -> dict[str, float | None]:
         """Fill an alerted period's ``cause`` (``routing`` or ``mix``), ``p_routing`` and ``cause_cell``, or
         ``cause_why``: its requests' residuals ``r`` [n, c] in the ``c`` cells tested (``cells``: their
         [layer, expert], the test's alerting cells, most deviant first; [n]: one), ``clients`` [n] and
@@ -212,7 +214,16 @@ class Earlier:
         0.05 on 8.5% with the baseline's centre; 1.5% and 6.0% centred so). The median moves little
         with a few clients far out (a campaign); identities that are half the period's tested
         clients would move it to their own. ``baseline``: the baseline clients' median alone (the
-        test before 2026-12-06, kept for the benchmark's comparison)."""
+        test before 2026-12-06, kept for the benchmark's comparison).
+
+        ``tail`` (the clients' test, ``clients_test``): the null's scale is at least its upper tail's,
+        ``(quantile UPPER - median) / z_UPPER``. In a cell the model seldom routes to, a client of a few
+        requests has a difference near 0 or, when one request is routed there, a large one: the null's
+        z's are skewed to the right, and its MAD, from the bulk, is narrower than its upper tail. On
+        the embedded model's test days (clients of 4 requests), benign clients were flagged in such a
+        cell on 6 of 7 benign days with the MAD alone (one cell, layer 1 expert 4: the null's 95th
+        percentile 4.3 MADs above its median), and on none with the tail. On a symmetric null it costs
+        a little power: the larger of two estimates of one scale."""
         from scipy.stats import norm
 
         if centre not in ("period", "baseline"):
@@ -237,6 +248,8 @@ class Earlier:
                                    s0=float(varn[tn].mean()) if tn.any() else None)
             med = float(np.median(null)) if len(null) else 0.0
             mad = 1.4826 * float(np.median(np.abs(null - med))) if len(null) else 0.0
+            if tail and len(null):
+                mad = max(mad, (float(np.quantile(null, UPPER)) - med) / float(norm.isf(1 - UPPER)))
             if centre == "period" and tj.any():   # the period's own clients' median, where it is higher (docstring)
                 med = max(med, float(np.median(z[tj])))
             if not tj.any() or not mad > 0:
@@ -255,3 +268,45 @@ class Earlier:
         if cells is not None:
             row["cause_cell"] = list(cells[where])
         return {str(names[g]): (float(best[g]) if tested[g] else None) for g in range(len(names))}
+
+
+def clients_test(row: dict[str, Any], before: Earlier, nn: np.ndarray | None, *, r: np.ndarray, clients: list,
+                 pool_r: np.ndarray, alpha: float, cells: list[list[int]]) -> None:
+    """The clients' test (``monitor score --period-clients``): every period's clients, in every cell of
+    the model, against the same content on the baseline periods (``Earlier.cause``, Bonferroni over the
+    clients and the cells), whether the period's load test alerts or not. ``r`` [n, cells] the period's
+    residuals, ``pool_r`` [m, cells] the baseline requests', ``cells`` their [layer, expert].
+
+    Why a test of its own: the load test sums a period's residual over all its clients, so a few
+    identities are diluted by everyone else's; here each client is a test. On 100 resampled days of the
+    day-load benchmark (``benchmarks/routing_monitor_day_resample.py``, ``clients_test``), 2 identities
+    (3% of the day's requests) were seen on 99% of days at 0.01 (the load test: 25%), benign days and
+    days heavy in one task on none (3% and 2-3% at 0.05). It runs with the null's upper-tail scale
+    (``Earlier.cause``'s ``tail``): in every cell, seldom-routed ones included.
+    Fills ``clients_p`` (None: not tested, ``clients_why`` says why), ``clients_cell`` and, at most
+    ``alpha``, ``clients_alert`` and ``clients_routing`` (the clients, smallest p first)."""
+    got: dict[str, Any] = {}
+    ps = before.cause(got, r=r, clients=clients, pool_r=pool_r, alpha=alpha, nn=nn, cells=cells, tail=True)
+    row["clients_p"] = got["p_routing"]
+    if got["p_routing"] is None:
+        row["clients_why"] = got["cause_why"]
+        return
+    row["clients_cell"] = got["cause_cell"]
+    if got["p_routing"] <= alpha:
+        row["clients_alert"] = True
+        row["clients_routing"] = routing_clients(ps, clients, alpha)
+
+
+def clients_reason(row: dict[str, Any]) -> dict[str, Any]:
+    """A clients' test alert's reason (``clients_test``), in the shape of the other alerts'."""
+    layer, expert = row["clients_cell"]
+    moved = ", ".join(f"{c['client']} ({c['requests']} requests, p {c['p_routing']:.2g})" for c in row["clients_routing"])
+    load = ("the period's load alerted too" if row.get("alert") else
+            "the period's load did not alert" + (f" (p {row['p']:.2g})" if row.get("p") is not None else " (not tested)"))
+    return {"statistic": "period_clients", "layer": layer, "experts": [expert], "value": None,
+            "p": row["clients_p"], "p_combined": row["clients_p"], "cause": "routing",
+            "routing_clients": row["clients_routing"],
+            "detail": (f"over {row['requests']} requests ({row['clients']} clients), some clients' requests were routed "
+                       f"beyond what requests of the same content got in the baseline periods (a hijack), most of all to "
+                       f"expert {expert} at layer {layer} (p {row['clients_p']:.2g} over every client and cell): {moved}; "
+                       f"{load}")}

@@ -46,14 +46,13 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.monitor import periodclients
-from moeguard.monitor.embed import pack, unpack
+from moeguard.monitor.embed import pack
 from moeguard.monitor.neighbours import Neighbours
 
 MIN_BASELINE = 3      # earlier periods a period needs before it is tested
@@ -84,7 +83,7 @@ def check_period(period: Any, baseline: int | None, **needs_period: Any) -> tupl
     options that mean nothing without a period (name: value, None where not given)."""
     seconds = parse_period(period) if period is not None else None
     given = ([f"--baseline {baseline}"] if baseline is not None else []) \
-        + [f"--{k.replace('_', '-')} {v}" for k, v in needs_period.items() if v is not None]
+        + [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in needs_period.items() if v is not None]
     if seconds is None and given:
         raise MoeguardError(f"{given[0]} without --period", hint="pass --period (e.g. 24h) to test periods of all traffic, or drop it")
     return seconds, check_baseline(BASELINE if baseline is None else baseline)
@@ -121,78 +120,6 @@ def _when(t: float) -> str:
         return str(t)
 
 
-def _unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A period's stored state: float64, exactly (a period scored with a history gets the numbers it
-    gets in one run), and finite."""
-    a = unpack(text, shape, "<f8")
-    if not np.isfinite(a).all():
-        raise ValueError("a stored value is not finite")
-    return a
-
-
-def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, int], baseline: int,
-                 alpha: float) -> list[dict[str, Any]]:
-    """``--history``: an earlier run's ``periods.jsonl``, checked line by line (one-line errors
-    naming the line): the same period length, neighbour references, baseline and alpha (which
-    decided which of its periods alerted and so joins a baseline), periods in time order."""
-    from moeguard.io import strict_loads
-
-    unedited = "pass the periods.jsonl an earlier run wrote, unedited"
-    if not path.is_file():
-        raise MoeguardError(f"period history {path} " + ("is a folder" if path.is_dir() else "does not exist"),
-                            hint="pass the periods.jsonl of an earlier `monitor score --period` run")
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise MoeguardError(f"period history {path} cannot be read ({e.strerror})", hint="check its permissions") from None
-    rows, last = [], None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = strict_loads(line)
-            index, seconds, state = int(row["index"]), float(row["seconds"]), row.get("state")
-            int(row["requests"])
-            settings = (int(row["settings"]["baseline"]), float(row["settings"]["alpha"]))
-            str(row["start"])
-            if state is not None:
-                row["_state"] = (_unpack(state["mean"], shape), _unpack(state["noise"], shape))
-        except (ValueError, KeyError, TypeError, OverflowError) as e:   # OverflowError: an index of 1e999
-            raise MoeguardError(f"{where} is not a period of `monitor score --period` ({type(e).__name__}: {e})",
-                                hint=unedited) from None
-        if seconds != period:
-            raise MoeguardError(f"{where} is a period of {seconds:g} s, this run's are {period:g} s",
-                                hint="pass the same --period as the run that wrote the history")
-        if row.get("neighbours") != digest:
-            raise MoeguardError(f"{where} was scored with another profile's neighbour references",
-                                hint="score with the profile that wrote the history, or start without --history")
-        if row["settings"].get("test") != TEST:
-            raise MoeguardError(f"{where} was tested by another version of the period test "
-                                f"({row['settings'].get('test') or 'the first'}; this one is {TEST})",
-                                hint="score the history's logs again with this version, or start without --history: "
-                                     "the test decided which of its periods join a baseline")
-        if settings != (baseline, alpha):
-            raise MoeguardError(f"{where} was scored with --baseline {settings[0]} --period-alpha {settings[1]:g}, this "
-                                f"run with --baseline {baseline} --period-alpha {alpha:g}",
-                                hint="pass the history's settings (--period-alpha is --alpha where not given): they "
-                                     "decided which of its periods join a baseline")
-        if last is not None and index <= last:
-            raise MoeguardError(f"{where} is period {index}, not after the line before it ({last})", hint=unedited)
-        rows.append(row)
-        last = index
-    return rows
-
-
-def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> None:
-    """A one-line error unless every request ``t`` (seconds) falls after the history's last period
-    (before the model loads: a daily run is given the new day's log)."""
-    if history and len(t) and math.floor(min(t) / period) <= int(history[-1]["index"]):
-        raise MoeguardError(f"the log has requests from {_when(math.floor(min(t) / period) * period)}, in or before the "
-                            f"history's last period ({history[-1]['start']})",
-                            hint="score only the requests after the history's last period, or drop --history")
-
-
 class Baseline:
     """The last ``baseline`` periods that did not alert (their mean residual, sampling noise and
     request count), and the test of a period against them (module docstring). ``score_periods`` and
@@ -204,18 +131,19 @@ class Baseline:
         self.kept: list[tuple[np.ndarray, np.ndarray, int]] = []
         self.requests: list[Any] = []
         for old in history or []:   # the history's periods join as they did in their own run
-            if "_state" in old and not old.get("alert"):
+            if "_state" in old and not old.get("alert") and not old.get("clients_alert"):
                 self._keep(old["_state"] + (int(old["requests"]),))
 
     def _keep(self, state: tuple[np.ndarray, np.ndarray, int], requests: Any = None) -> None:
         self.kept = (self.kept + [state])[-self.baseline:]
         self.requests = (self.requests + [requests])[-self.baseline:]
 
-    def judge(self, row: dict[str, Any], m: np.ndarray, se2: np.ndarray, n: int,
-              requests: Any = None) -> tuple[np.ndarray, int, int, list[tuple[int, int, float]]] | None:
+    def judge(self, row: dict[str, Any], m: np.ndarray, se2: np.ndarray, n: int, requests: Any = None,
+              hold: bool = False) -> tuple[np.ndarray, int, int, list[tuple[int, int, float]]] | None:
         """Test a period of ``n`` requests, mean residual ``m`` [L, E] and sampling variance ``se2``:
         fills ``row`` (its state, baseline size, z, cell, shift, p, alert) and keeps the period (and
-        ``requests``, in ``self.requests``) for later baselines unless it alerts. What the baseline
+        ``requests``, in ``self.requests``) for later baselines unless it alerts or ``hold`` (another
+        test alerted on it: ``score_periods``'s clients' test). What the baseline
         predicts for the period [L, E], the cell (for naming clients) and, for its cause, the cells
         [(layer slot, expert, p)] that alert on their own, the most deviant first (the most deviant
         always; at most ``CAUSE_CELLS`` where that is set); None where not tested."""
@@ -229,7 +157,8 @@ class Baseline:
         row["baseline"] = len(ref)
         if len(ref) < MIN_BASELINE:
             row["why"] = f"{len(ref)} earlier periods, {MIN_BASELINE} needed: not tested"
-            self._keep((m, se2, n), requests)
+            if not hold:
+                self._keep((m, se2, n), requests)
             return None
         M = np.stack([a.ravel() for a, _, _ in ref])                     # [periods, cells]
         noise = np.stack([b.ravel() for _, b, _ in ref]).mean(0)
@@ -258,7 +187,7 @@ class Baseline:
                    shift=round(float(m[l, e] - expected[l, e]), 6), p=p, factors=k)
         if p <= self.alpha:
             row["alert"] = True
-        else:
+        elif not hold:
             self._keep((m, se2, n), requests)
         # the cells that alert on their own (Sidak), most deviant first, with their p's: where an alert's
         # cause is sought (the most deviant alone where none does)
@@ -305,51 +234,71 @@ def _deviation(m: np.ndarray, mu: np.ndarray, sd: np.ndarray, V: np.ndarray) -> 
     return d - V @ (V.T @ d)
 
 
-def _row(k: float, period: float, n: int, clients: int | None, *, digest: str, baseline: int, alpha: float) -> dict[str, Any]:
+def _row(k: float, period: float, n: int, clients: int | None, *, digest: str, baseline: int, alpha: float,
+         clients_test: bool = False) -> dict[str, Any]:
     return {"start": _when(k * period), "end": _when((k + 1) * period), "requests": n, "clients": clients,
             "baseline": 0, "p": None, "index": int(k), "seconds": period, "neighbours": digest,
-            "settings": {"baseline": baseline, "alpha": alpha, "test": TEST}}
+            "settings": {"baseline": baseline, "alpha": alpha, "test": TEST, **({"clients_test": True} if clients_test else {})}}
 
 
 def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: float, baseline: int, alpha: float,
                   layers: list[int], digest: str = "", history: list[dict[str, Any]] | None = None,
-                  x: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """One row per period, in time order: the ``history``'s (``read_history``: earlier periods, which
+                  x: np.ndarray | None = None, clients_test: bool = False) -> list[dict[str, Any]]:
+    """One row per period, in time order: the ``history``'s (``periodhistory.read_history``: earlier periods, which
     join the baseline as they did then) and then one per period of these requests (module docstring).
     ``t`` [N] the requests' times (seconds), ``resid`` [N, L, E] their residuals, ``clients`` [N] as
     outputs name them, ``digest``: the neighbour references' (written with each row). With ``x`` [N,
     dim], the requests' embeddings, an alert's cause: its clients' routing or the period's mix
-    (``periodclients.py``)."""
+    (``periodclients.py``); with ``clients_test`` too, every period's clients tested in every cell
+    (``periodclients.clients_test``: an alarm of its own, ``clients_alert``, which also keeps the
+    period out of later baselines)."""
     keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
     members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
     rows = [{k: v for k, v in old.items() if k != "_state"} for old in history or []]
     base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history)
     before, before_key = None, None                            # the last alert's baseline requests (periodclients)
+    from moeguard.monitor.periodhistory import check_after   # here: periodhistory reads this module's TEST
+
     check_after(t, period=period, history=history)
+    if clients_test and x is None:
+        raise ValueError("the clients' test needs the requests' embeddings (x)")
     for k, idx in zip(keys, members):
         r = resid[idx]
-        row = _row(k, period, len(idx), len({str(clients[i]) for i in idx}), digest=digest, baseline=baseline, alpha=alpha)
+        row = _row(k, period, len(idx), len({str(clients[i]) for i in idx}), digest=digest, baseline=baseline, alpha=alpha,
+                   clients_test=clients_test)
         rows.append(row)
         if len(idx) < MIN_REQUESTS:
             row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
             continue
         m = r.mean(0)
         earlier = [i for i in base.requests if i is not None]   # the baseline's periods held in this run
-        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx)
-        if tested is None:
-            continue
-        expected, l, e, cells = tested
-        who = [clients[i] for i in idx]
-        row["top_clients"] = periodclients.name_clients(r[:, l, e], who, expected[l, e], m[l, e])
-        if row.get("alert") and x is not None:   # the routing of its clients, or the mix of the period?
+        at = np.concatenate(earlier) if earlier else np.zeros(0, dtype=np.int64)
+        who, nn = [clients[i] for i in idx], None
+
+        def matched() -> tuple[periodclients.Earlier, np.ndarray | None]:
+            """The baseline's requests as matches, built once per baseline, and this period's matches."""
+            nonlocal before, before_key, nn
             key = tuple((int(j[0]), len(j)) for j in earlier)   # consecutive alerts share their baseline
             if before is None or before_key != key:
                 before, before_key = periodclients.Earlier([x[j] for j in earlier], [[clients[i] for i in j] for j in earlier]), key
-            at = np.concatenate(earlier) if earlier else np.zeros(0, dtype=np.int64)
+            if nn is None and before.why is None:
+                nn = before.match(x[idx])
+            return before, nn
+
+        if clients_test:   # before the load test: an alarm here keeps the period out of later baselines too
+            periodclients.clients_test(row, *matched(), r=r.reshape(len(idx), -1), clients=who,
+                                       pool_r=resid.reshape(len(resid), -1)[at], alpha=alpha,
+                                       cells=[[a, b] for a in layers for b in range(r.shape[2])])
+        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx, hold=bool(row.get("clients_alert")))
+        if tested is None:
+            continue
+        expected, l, e, cells = tested
+        row["top_clients"] = periodclients.name_clients(r[:, l, e], who, expected[l, e], m[l, e])
+        if row.get("alert") and x is not None:   # the routing of its clients, or the mix of the period?
             ls, es = [a for a, _, _ in cells], [b for _, b, _ in cells]
-            ps = before.cause(row, r=r[:, ls, es], clients=who, pool_r=resid[at[:, None], ls, es], alpha=alpha,
-                              nn=before.match(x[idx]) if before.why is None else None,
-                              cells=[[layers[a], b] for a, b, _ in cells])
+            earlier_x, nn_x = matched()
+            ps = earlier_x.cause(row, r=r[:, ls, es], clients=who, pool_r=resid[at[:, None], ls, es], alpha=alpha,
+                                 nn=nn_x, cells=[[layers[a], b] for a, b, _ in cells])
             for c in row["top_clients"]:
                 c["p_routing"] = ps.get(str(c["client"]))
             if row.get("cause") == "routing":   # whose routing moved: not always those the excess names

@@ -32,7 +32,8 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.monitor.embed import pack
 from moeguard.monitor.neighbours import Neighbours
-from moeguard.monitor.periods import MIN_REQUESTS, TEST, Baseline, _row, _unpack, _when, check_baseline, reason
+from moeguard.monitor.periodhistory import _unpack
+from moeguard.monitor.periods import MIN_REQUESTS, TEST, Baseline, _row, _when, check_baseline, reason
 
 _log = logging.getLogger("moeguard.monitor")
 

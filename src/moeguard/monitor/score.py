@@ -27,7 +27,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
-from moeguard.monitor import ladder, periods, slices
+from moeguard.monitor import ladder, periodclients, periods, slices
 from moeguard.monitor.fit import observe
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
 
@@ -188,11 +188,11 @@ def drop_replay(cache: Path) -> None:
 def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
           alpha: float = 0.01, log_prompts: bool = False, cache: Path | None = None, period: float | None = None,
           baseline: int = periods.BASELINE, history: list[dict] | None = None, period_alpha: float | None = None,
-          progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+          period_clients: bool = False, progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """(per-request scores, per-window scores, alerts, summary). ``cache``/``progress``: ``replay``'s;
     ``period`` (seconds) and ``baseline``: periods of all traffic (``periods.py``; None: off), after
-    the earlier periods in ``history`` (``periods.read_history``), tested at ``period_alpha`` (None:
-    ``alpha``)."""
+    the earlier periods in ``history`` (``periodhistory.read_history``), tested at ``period_alpha`` (None:
+    ``alpha``); ``period_clients``: each period's clients too (``periodclients.clients_test``)."""
     window = check_settings(prof, window=window, alpha=alpha, period=period, baseline=baseline)
     period_alpha = periods.period_alpha(alpha, period_alpha)
     from moeguard.models.adapter import MoEAdapter
@@ -259,12 +259,15 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     spans = [] if period is None else periods.score_periods(
         np.array([r["_t"] for r in records]), prof.neighbours.residual(X, H), client_of, period=period,
         baseline=baseline, alpha=period_alpha, layers=prof.meta["layers"],
-        digest=prof.neighbours.digest, history=history, x=X)
+        digest=prof.neighbours.digest, history=history, x=X, clients_test=period_clients)
     new = spans[len(history or ()):]   # the history's rows (and alerts) are its own run's
     for row in new:
         if row.get("alert"):
             alerts.append({"kind": "period", "time": [row["start"], row["end"]], "requests": row["requests"],
                            "clients": row["top_clients"], **periods.reason(row)})
+        if row.get("clients_alert"):
+            alerts.append({"kind": "period_clients", "time": [row["start"], row["end"]], "requests": row["requests"],
+                           "clients": row["clients_routing"], **periodclients.clients_reason(row)})
     # what the windows did not see: a client's trailing requests after the last look, and clients that
     # never reached one (an attacker spread over identities stays there)
     first = ladder.lengths(prof.meta)[0]
@@ -277,13 +280,17 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                "alpha": alpha, "alerts": {"request": sum(a["kind"] == "request" for a in alerts),
                                           "window": sum(a["kind"] == "window" for a in alerts),
                                           **({"slice": sum(a["kind"] == "slice" for a in alerts)} if n else {}),
-                                          **({"period": sum(a["kind"] == "period" for a in alerts)} if period else {})},
+                                          **({"period": sum(a["kind"] == "period" for a in alerts)} if period else {}),
+                                          **({"period_clients": sum(a["kind"] == "period_clients" for a in alerts)}
+                                             if period and period_clients else {})},
                **({"period": period, "baseline": baseline, "period_alpha": period_alpha,
                    "history": len(history or ()),
                    "periods": len(new), "periods_tested": sum(r["p"] is not None for r in new),
                    # an alert's cause (periodclients.py): its clients' routing, the mix, or not given (no baseline requests)
                    "period_causes": {c: sum(bool(r.get("alert")) and r.get("cause") == k for r in new)
-                                     for c, k in (("routing", "routing"), ("mix", "mix"), ("none", None))}}
+                                     for c, k in (("routing", "routing"), ("mix", "mix"), ("none", None))},
+                   # the clients' test: periods it tested (the rest say why in clients_why)
+                   **({"periods_clients_tested": sum(r.get("clients_p") is not None for r in new)} if period_clients else {})}
                  if period else {}),
                "prompts_logged": log_prompts,
                # with a profile of replies: how long a reply is scored, and how many requests had none

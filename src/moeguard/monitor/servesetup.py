@@ -66,9 +66,10 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
 
 
 def period_history(prof, period_log: Path | None, *, period: float | None, baseline: int, alpha: float) -> list | None:
-    """``--period-log``'s rows as the baseline's history (``periods.read_history``), checked against
+    """``--period-log``'s rows as the baseline's history (``periodhistory.read_history``), checked against
     the profile and the clock, before the model loads."""
-    from moeguard.monitor.periods import neighbours_of, read_history
+    from moeguard.monitor.periodhistory import read_history
+    from moeguard.monitor.periods import neighbours_of
 
     if period is None:
         return None

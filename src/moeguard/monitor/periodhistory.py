@@ -1,0 +1,92 @@
+"""A period test's history (``monitor score --history``, ``serve --period-log``): an earlier run's
+``periods.jsonl`` read back as the first periods of the baseline, checked line by line before the
+model loads, so that a daily run replays only the new day and gets the numbers one run over all
+the days gets (``periods.py``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeguard.errors import MoeguardError
+from moeguard.monitor.embed import unpack
+from moeguard.monitor.periods import TEST, _when
+
+
+def _unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A period's stored state: float64, exactly (a period scored with a history gets the numbers it
+    gets in one run), and finite."""
+    a = unpack(text, shape, "<f8")
+    if not np.isfinite(a).all():
+        raise ValueError("a stored value is not finite")
+    return a
+
+
+def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, int], baseline: int,
+                 alpha: float, clients_test: bool = False) -> list[dict[str, Any]]:
+    """``--history``: an earlier run's ``periods.jsonl``, checked line by line (one-line errors
+    naming the line): the same period length, neighbour references, baseline, alpha and clients'
+    test (which decided which of its periods alerted and so joins a baseline), periods in time order."""
+    from moeguard.io import strict_loads
+
+    unedited = "pass the periods.jsonl an earlier run wrote, unedited"
+    if not path.is_file():
+        raise MoeguardError(f"period history {path} " + ("is a folder" if path.is_dir() else "does not exist"),
+                            hint="pass the periods.jsonl of an earlier `monitor score --period` run")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise MoeguardError(f"period history {path} cannot be read ({e.strerror})", hint="check its permissions") from None
+    rows, last = [], None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = strict_loads(line)
+            index, seconds, state = int(row["index"]), float(row["seconds"]), row.get("state")
+            int(row["requests"])
+            settings = (int(row["settings"]["baseline"]), float(row["settings"]["alpha"]))
+            str(row["start"])
+            if state is not None:
+                row["_state"] = (_unpack(state["mean"], shape), _unpack(state["noise"], shape))
+        except (ValueError, KeyError, TypeError, OverflowError) as e:   # OverflowError: an index of 1e999
+            raise MoeguardError(f"{where} is not a period of `monitor score --period` ({type(e).__name__}: {e})",
+                                hint=unedited) from None
+        if seconds != period:
+            raise MoeguardError(f"{where} is a period of {seconds:g} s, this run's are {period:g} s",
+                                hint="pass the same --period as the run that wrote the history")
+        if row.get("neighbours") != digest:
+            raise MoeguardError(f"{where} was scored with another profile's neighbour references",
+                                hint="score with the profile that wrote the history, or start without --history")
+        if row["settings"].get("test") != TEST:
+            raise MoeguardError(f"{where} was tested by another version of the period test "
+                                f"({row['settings'].get('test') or 'the first'}; this one is {TEST})",
+                                hint="score the history's logs again with this version, or start without --history: "
+                                     "the test decided which of its periods join a baseline")
+        if settings != (baseline, alpha):
+            raise MoeguardError(f"{where} was scored with --baseline {settings[0]} --period-alpha {settings[1]:g}, this "
+                                f"run with --baseline {baseline} --period-alpha {alpha:g}",
+                                hint="pass the history's settings (--period-alpha is --alpha where not given): they "
+                                     "decided which of its periods join a baseline")
+        if bool(row["settings"].get("clients_test")) != clients_test:
+            raise MoeguardError(f"{where} was scored {'with' if not clients_test else 'without'} --period-clients, this "
+                                f"run {'with' if clients_test else 'without'}",
+                                hint="pass the history's setting: its clients' test decided which of its periods join a baseline")
+        if last is not None and index <= last:
+            raise MoeguardError(f"{where} is period {index}, not after the line before it ({last})", hint=unedited)
+        rows.append(row)
+        last = index
+    return rows
+
+
+def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> None:
+    """A one-line error unless every request ``t`` (seconds) falls after the history's last period
+    (before the model loads: a daily run is given the new day's log)."""
+    if history and len(t) and math.floor(min(t) / period) <= int(history[-1]["index"]):
+        raise MoeguardError(f"the log has requests from {_when(math.floor(min(t) / period) * period)}, in or before the "
+                            f"history's last period ({history[-1]['start']})",
+                            hint="score only the requests after the history's last period, or drop --history")
