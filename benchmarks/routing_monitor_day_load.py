@@ -39,7 +39,7 @@ built, at p >= 0.05), but every hijacked request pushes the same expert, all day
     With ``--period-clients``, the clients' test too (``monitor score --period-clients``): on every
     benign day and each campaign and control day, its p, and how many of the clients it finds at 0.01
     are the campaign's (``monitor.clients_test``). Written as ``results/routing_monitor_day_load_i2_clients.json``
-    with ``--identities 2 --period-clients``.
+    and ``_i8_clients.json`` with ``--identities 2`` and ``8 --period-clients``.
 """
 
 from __future__ import annotations
