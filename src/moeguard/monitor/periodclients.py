@@ -222,7 +222,7 @@ class Earlier:
         z's are skewed to the right, and its MAD, from the bulk, is narrower than its upper tail. On
         the embedded model's test days (clients of 4 requests), benign clients were flagged in such a
         cell on 6 of 7 benign days with the MAD alone (one cell, layer 1 expert 4: the null's 95th
-        percentile 4.3 MADs above its median), and on none with the tail. On a symmetric null it costs
+        percentile 3.8-4.3 MADs above its median), and on none with the tail. On a symmetric null it costs
         a little power: the larger of two estimates of one scale."""
         from scipy.stats import norm
 
