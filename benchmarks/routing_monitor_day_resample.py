@@ -104,19 +104,16 @@ def own_cells(R: np.ndarray, pool: list, per_day: int, campaigns: list, baseline
     with the test's cell for 3 of 11 campaigns."""
     from moeguard.monitor import periods
 
-    def day(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        return day_stats(R, idx)
-
     own = []
     for c, v in enumerate(campaigns):
         tops = []
         for t in range(OWN_DRAWS):
             perm = np.random.default_rng([seed, 13, c, t]).permutation(len(pool))
-            days = [day(np.concatenate([pool[j] for j in perm[per_day * i:per_day * (i + 1)]])) for i in range(baseline)]
+            days = [day_stats(R, np.concatenate([pool[j] for j in perm[per_day * i:per_day * (i + 1)]])) for i in range(baseline)]
             test = np.concatenate([pool[j] for j in perm[per_day * baseline:per_day * (baseline + 1)]] + list(v))
             base = periods.Baseline(baseline=baseline, alpha=0.5, layers=list(range(R.shape[1])))
             base.kept = list(days)
-            _, l, e, _ = base.judge({}, *day(test))
+            _, l, e, _ = base.judge({}, *day_stats(R, test))
             tops.append(int(np.ravel_multi_index((l, e), R.shape[1:])))
         own.append(max(set(tops), key=lambda x: (tops.count(x), -x)))
     return own
@@ -162,9 +159,6 @@ def main() -> None:
     if (args.baseline + 1) * per_day > len(pool):
         raise SystemExit(f"{args.baseline + 1} days of {per_day} users need more than the {len(pool)} users dumped")
 
-    def day(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        return day_stats(R, idx)
-
     kinds = ["benign"] + [f"{w}_{n}" for n in sizes for w in ("campaign", "control")]
     # a campaign that hides behind a decoy: its first n identities and, beside them, every identity of the
     # next campaign's control (a heavy load of plain task inputs, which moves its own cell), on the cause draws;
@@ -177,10 +171,11 @@ def main() -> None:
         own_cell = own_cells(R, pool, per_day, campaigns, args.baseline, args.seed)
         wide = {**wide_decoy(X, R, z, own_cell, args.seed), "own_cell": own_cell}
     user = [f"{d}:{c}" for d, c in users]                   # a benign user's name: its day and client
+    every_cell = tuple((x, y) for x in range(R.shape[1]) for y in range(R.shape[2]))
     rng = np.random.default_rng(args.seed)
     for draw in range(args.draws):
         perm = rng.permutation(len(pool))
-        days = [day(np.concatenate([pool[j] for j in perm[per_day * i:per_day * (i + 1)]])) for i in range(args.baseline)]
+        days = [day_stats(R, np.concatenate([pool[j] for j in perm[per_day * i:per_day * (i + 1)]])) for i in range(args.baseline)]
         test = np.concatenate([pool[j] for j in perm[per_day * args.baseline:per_day * (args.baseline + 1)]])
         M, S = np.stack([m.ravel() for m, _, _ in days]), np.stack([s.ravel() for _, s, _ in days])
         c = draw % len(campaigns)
@@ -204,7 +199,7 @@ def main() -> None:
             elif kind != "benign":
                 w, n = kind.split("_")
                 idx = np.concatenate([test, *(campaigns if w == "campaign" else controls)[c][:int(n)]])
-            m, se2, n_req = day(idx)
+            m, se2, n_req = day_stats(R, idx)
             base = periods.Baseline(baseline=args.baseline, alpha=0.5, layers=list(range(R.shape[1])))
             base.kept = list(days)
             row: dict = {}
@@ -243,9 +238,9 @@ def main() -> None:
                 # cause sought in every cell that moved at all (Sidak p <= 0.5, about an unadjusted 0.02 over 32
                 # cells; ``_loose``) and in every cell of the model (``_every``), for comparison
                 q["loose"] = p_routing(tuple((x, y) for x, y, _ in cells), "period")
-                q["every"] = p_routing(tuple((x, y) for x in range(R.shape[1]) for y in range(R.shape[2])), "period")
+                q["every"] = p_routing(every_cell, "period")
                 # the clients' test (score --period-clients): every cell, the null's scale at least its upper tail's
-                q["clients"] = p_routing(tuple((x, y) for x in range(R.shape[1]) for y in range(R.shape[2])), "period", True)
+                q["clients"] = p_routing(every_cell, "period", True)
                 mine = tuple(int(v) for v in np.unravel_index(own_cell[c], R.shape[1:]))   # the campaign's own cell
                 for a in LEVELS + ("top",):
                     use = tuple([(x, y) for x, y, pc in cells if pc <= a] if a != "top" else []) or ((l, e),)

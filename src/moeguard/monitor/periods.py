@@ -262,6 +262,8 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     check_after(t, period=period, history=history)
     if clients_test and x is None:
         raise ValueError("the clients' test needs the requests' embeddings (x)")
+    flat = resid.reshape(len(resid), -1)                                 # [N, L * E]: the clients' test's cells
+    every_cell = [[a, b] for a in layers for b in range(resid.shape[2])]   # their [layer, expert], in that order
     for k, idx in zip(keys, members):
         r = resid[idx]
         row = _row(k, period, len(idx), len({str(clients[i]) for i in idx}), digest=digest, baseline=baseline, alpha=alpha,
@@ -286,9 +288,8 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
             return before, nn
 
         if clients_test:   # before the load test: an alarm here keeps the period out of later baselines too
-            periodclients.clients_test(row, *matched(), r=r.reshape(len(idx), -1), clients=who,
-                                       pool_r=resid.reshape(len(resid), -1)[at], alpha=alpha,
-                                       cells=[[a, b] for a in layers for b in range(r.shape[2])])
+            periodclients.clients_test(row, *matched(), r=flat[idx], clients=who, pool_r=flat[at], alpha=alpha,
+                                       cells=every_cell)
         tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx, hold=bool(row.get("clients_alert")))
         if tested is None:
             continue
