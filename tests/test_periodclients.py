@@ -195,7 +195,8 @@ def test_an_alert_without_a_cause_says_why_in_its_detail():
                                                        "needed (periods read from --history carry no requests)"}
     detail = periods.reason(row)["detail"]
     assert detail.endswith("; no cause given (1 baseline periods (300 requests) in this run; 2 and 256 needed "
-                           "(periods read from --history carry no requests))"), detail
+                           "(periods read from --history carry no requests)); if it is benign (a launch, a batch job), "
+                           "accept the period (--accept START) so that later periods are tested against it"), detail
     assert "cause" not in periods.reason(row)
 
 

@@ -84,6 +84,8 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert f"expert {spans[12]['expert']} at layer {spans[12]['layer']}" in alert["detail"] and "mallory-12-" in alert["detail"]
     assert "against the 10 periods before" in alert["detail"] and alert["experts"] == [spans[12]["expert"]]
     assert alert["cause"] == "routing" and "routing beyond content" in alert["detail"], alert
+    assert alert["detail"].endswith("accept the period (--accept 2026-11-13T00:00:00Z) so that later periods are tested "
+                                    "against it") and "a launch's users read the same" in alert["detail"], alert["detail"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["period"] == DAY and summary["periods"] == 14 and summary["periods_tested"] == 11
     assert summary["alerts"]["period"] == 1 and summary["run"]["settings"]["baseline"] == 10
@@ -137,6 +139,7 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert alert["statistic"] == "period_clients" and alert["time"] == ["2026-11-13T00:00:00Z", "2026-11-14T00:00:00Z"]
     assert [alert["layer"], alert["experts"][0]] == both[12]["clients_cell"] and "mallory-12-" in alert["detail"]
     assert "routed beyond what requests of the same content got" in alert["detail"] and "load alerted too" in alert["detail"]
+    assert "a launch's users read the same" in alert["detail"] and "(--accept 2026-11-13T00:00:00Z)" in alert["detail"]
     summary = json.loads((tmp_path / "clients" / "summary.json").read_text())
     assert summary["alerts"]["period_clients"] == 1 and summary["periods_clients_tested"] == len(tested)
     assert summary["run"]["settings"]["period_clients"] is True and "period_clients" not in strict["alerts"]
@@ -147,6 +150,26 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "the log has requests from 2026-11-01T00:00:00Z, in or before the history's " \
         "last period (2026-11-10T00:00:00Z)" in err, err
+    # --accept: the owner reviewed the campaign day and judged it benign (as it would a launch's): it still
+    # alerts and says so, joins the later baselines (day 13 is tested against it), and the row keeps it
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "accepted"),
+                 "--period", "24h", "--baseline", "10", "--accept", "2026-11-13T00:00:00Z"]) == 0
+    assert "1 period accepted into baselines" in capsys.readouterr().out
+    acc = [json.loads(line) for line in (tmp_path / "accepted" / "periods.jsonl").read_text().splitlines()]
+    assert [i for i, s in enumerate(acc) if s.get("accepted")] == [12] and acc[12]["alert"]
+    assert acc[:13] == [dict(s, accepted=True) if i == 12 else s for i, s in enumerate(spans[:13])]
+    assert acc[13]["p"] != spans[13]["p"] and acc[13]["baseline"] == 10
+    (alert,) = [json.loads(line) for line in (tmp_path / "accepted" / "alerts.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "period"]
+    assert alert["accepted"] is True and alert["time"][0] == "2026-11-13T00:00:00Z" and "--accept" not in alert["detail"]
+    summary = json.loads((tmp_path / "accepted" / "summary.json").read_text())
+    assert summary["periods_accepted"] == ["2026-11-13T00:00:00Z"] and summary["run"]["settings"]["accept"] == ["2026-11-13T00:00:00Z"]
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "nothing"),
+                 "--period", "24h", "--baseline", "10", "--accept", "2026-11-13"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--accept 2026-11-13: no period of the history or the log starts then (the " \
+        "first is 2026-11-01T00:00:00Z, the last 2026-11-14T00:00:00Z)" in err, err
+    assert not (tmp_path / "nothing").exists()
 
 
 def _synthetic(days: int, shifted: dict[int, float], *, n: int = 200, seed: int = 0):
@@ -285,6 +308,8 @@ def test_a_period_that_is_no_length_is_refused_with_the_forms_there_are(value):
     (["--baseline", "7"], "--baseline 7 without --period"),
     (["--period-alpha", "0.001"], "--period-alpha 0.001 without --period"),
     (["--period-clients"], "--period-clients without --period"),
+    (["--accept", "2026-11-01T00:00:00Z"], "--accept 2026-11-01T00:00:00Z without --period"),
+    (["--period", "24h", "--accept", " , "], "--accept is ' , '"),
     (["--period", "24h", "--period-alpha", "2"], "--period-alpha is 2.0"),
 ])
 def test_bad_period_settings_are_one_line_errors_before_the_model_loads(setting, tmp_path, capsys, monkeypatch, args, needle):
@@ -436,6 +461,9 @@ def test_the_online_hook_tests_each_period_as_score_does_and_its_log_is_a_histor
     (["--period", "soon"], "--period is 'soon'"),
     (["--period", "1d", "--alerts", "x.jsonl.open", "--period-log", "x.jsonl"],
      "--alerts x.jsonl.open is where --period-log keeps the open period"),
+    (["--accept", "2026-11-01T00:00:00Z"], "--accept 2026-11-01T00:00:00Z without --period"),
+    (["--period", "1d", "--accept", "2026-11-01T00:00:00Z"], "--accept 2026-11-01T00:00:00Z without --period-log"),
+    (["--period", "1d", "--period-log", "x.jsonl", "--accept", ","], "--accept is ','"),
 ])
 def test_bad_serve_period_settings_are_one_line_errors_before_anything_starts(tmp_path, capsys, args, needle):
     assert main(["serve", "--profile", str(tmp_path / "p.json"), "--port", "1", *args]) == 2

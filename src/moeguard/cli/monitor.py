@@ -182,10 +182,12 @@ def monitor_score(
         history: Annotated[Optional[Path], typer.Option("--history", help="an earlier run's periods.jsonl: its periods are the baseline's first, so a daily run replays only the new day's log; with --period")] = None,
         period_alpha: Annotated[Optional[float], typer.Option("--period-alpha", help="alert on a period when its p-value is at most this; with --period (default: --alpha)")] = None,
         period_clients: Annotated[bool, typer.Option("--period-clients", help="also test every period's clients in every (layer, expert): routing beyond what the same content got in the baseline periods (an alarm of its own, kind period_clients; about 5-10 s a period). It needs the baseline periods' requests in this log: a --history's periods carry none; with --period")] = False,
+        accept: Annotated[Optional[str], typer.Option("--accept", help="periods you reviewed and judged benign (a launch, a batch job), comma-separated, each by its start as periods.jsonl writes it: each joins later baselines even though it alerted, so new content stops alerting once accepted (the history's periods or the log's); with --period")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
     (and, with --period, on days whose routing load moved)."""
     from moeguard.edge import resolve_model
+    from moeguard.errors import MoeguardError
     from moeguard.io import check_output, file_sha256, read_json, resumable_dir
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.score import drop_replay, read_log, score
@@ -195,8 +197,13 @@ def monitor_score(
     from moeguard.monitor.periods import period_alpha as level
 
     seconds, baseline = check_period(period, baseline, history=history, period_alpha=period_alpha,
-                                     period_clients=period_clients or None)
+                                     period_clients=period_clients or None, accept=accept)
     alpha_p = level(alpha, period_alpha)
+    from moeguard.monitor.periodhistory import parse_accept
+
+    accepted = parse_accept(accept)
+    if accepted == []:
+        raise MoeguardError(f"--accept is {accept!r}", hint="pass one or more period starts, comma-separated, as periods.jsonl writes them")
     check_output(out, overwrite=overwrite, inputs=(model, profile, log, history), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
@@ -211,6 +218,10 @@ def monitor_score(
         from moeguard.monitor.periodhistory import check_after
 
         check_after([r["_t"] for r in records], period=seconds, history=earlier)
+    if accepted:
+        from moeguard.monitor.periodhistory import check_accept
+
+        check_accept(accepted, [r["_t"] for r in records], period=seconds, history=earlier)
     from moeguard.models.identity import weights_digest, weights_identity
 
     prof.check_model(handle.name, weights_digest(handle.arg))
@@ -226,7 +237,8 @@ def monitor_score(
                 scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha,
                                                          log_prompts=log_prompts, cache=tmp, period=seconds,
                                                          baseline=baseline, history=earlier, period_alpha=alpha_p,
-                                                         period_clients=period_clients, progress=progress)
+                                                         period_clients=period_clients, accept=accepted,
+                                                         progress=progress)
         except KeyboardInterrupt:
             import sys
 
@@ -237,7 +249,7 @@ def monitor_score(
                                      "alpha": alpha, "log_prompts": log_prompts, **_placement(handle),
                                      **({"period": seconds, "baseline": baseline, "period_alpha": alpha_p,
                                          "history": None if history is None else str(history),
-                                         "period_clients": period_clients}
+                                         "period_clients": period_clients, "accept": accepted}
                                         if seconds is not None else {})})
         (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
@@ -260,7 +272,9 @@ def monitor_score(
                                              if (n := summary["period_causes"][c]))
                   + ")" if "period" in summary["alerts"] else "")
                + (f", {summary['alerts']['period_clients']} clients' test alerts ({summary['periods_clients_tested']} "
-                  f"periods tested)" if "period_clients" in summary["alerts"] else "") + " "
+                  f"periods tested)" if "period_clients" in summary["alerts"] else "")
+               + (f", {n} period{'' if n == 1 else 's'} accepted into baselines" if (n := len(summary.get("periods_accepted") or ())) else "")
+               + " "
                f"(p <= {alpha}); written to {out}")
     u = summary["unwindowed"]
     if u["requests"]:   # scored one at a time only: a client sending fewer than a window is never seen as a stream
@@ -302,6 +316,7 @@ def serve(
         baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
         period_log: Annotated[Optional[Path], typer.Option("--period-log", help="with --period: each closed period is appended here (JSON Lines, no text), and read back at start as the baseline's history (`monitor score --history` reads it too); the open period's counts are kept in FILE.open, every minute and at shutdown, so a restart keeps them")] = None,
         period_alpha: Annotated[Optional[float], typer.Option("--period-alpha", help="alert on a period when its p-value is at most this; with --period (default: --alpha)")] = None,
+        accept: Annotated[Optional[str], typer.Option("--accept", help="periods of the --period-log you reviewed and judged benign (a launch, a batch job), comma-separated, each by its start as the log writes it: each joins the baseline even though it alerted (taken at each start, not written to the log)")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model
@@ -309,13 +324,14 @@ def serve(
     from moeguard.monitor.online import RoutingMonitor
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.serve import client_source, create_app
+    from moeguard.monitor.periodhistory import parse_accept
     from moeguard.monitor.servesetup import (alert_writer, check_options, listen, open_period, period_history,
                                              state_writer)
 
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
                                       max_delay=max_delay, metrics_token=metrics_token, alerts=alerts, period=period,
-                                      baseline=baseline, period_log=period_log, period_alpha=period_alpha)
+                                      baseline=baseline, period_log=period_log, period_alpha=period_alpha, accept=accept)
     from moeguard.monitor.periods import period_alpha as level
 
     alpha_p = level(alpha, period_alpha)
@@ -329,7 +345,7 @@ def serve(
         prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                                  where=str(profile))
         prof.check_model(handle.name, weights_digest(handle.arg))
-        history = period_history(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p)
+        history = period_history(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p, accept=parse_accept(accept))
         saved = open_period(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p, history=history)
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500

@@ -307,6 +307,8 @@ def clients_reason(row: dict[str, Any]) -> dict[str, Any]:
             "p": row["clients_p"], "p_combined": row["clients_p"], "cause": "routing",
             "routing_clients": row["clients_routing"],
             "detail": (f"over {row['requests']} requests ({row['clients']} clients), some clients' requests were routed "
-                       f"beyond what requests of the same content got in the baseline periods (a hijack), most of all to "
-                       f"expert {expert} at layer {layer} (p {row['clients_p']:.2g} over every client and cell): {moved}; "
-                       f"{load}")}
+                       f"beyond what requests of the same content got in the baseline periods (a hijack, or content the "
+                       f"baseline periods never held: a launch's users read the same), most of all to expert {expert} at "
+                       f"layer {layer} (p {row['clients_p']:.2g} over every client and cell): {moved}; {load}"
+                       + ("" if row.get("accepted") else "; if their content is new and benign, accept the period "
+                          f"(--accept {row.get('start', 'START')}) so that later periods are tested against it"))}

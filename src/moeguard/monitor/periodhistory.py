@@ -90,3 +90,26 @@ def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> No
         raise MoeguardError(f"the log has requests from {_when(math.floor(min(t) / period) * period)}, in or before the "
                             f"history's last period ({history[-1]['start']})",
                             hint="score only the requests after the history's last period, or drop --history")
+
+
+def parse_accept(accept: str | None) -> list[str] | None:
+    """``--accept``'s period starts (comma-separated), as ``score`` and ``serve`` take them (None: not given)."""
+    return None if accept is None else [a.strip() for a in accept.split(",") if a.strip()]
+
+
+def check_accept(accept: list[str], t, *, period: float, history: list[dict[str, Any]] | None) -> list[str]:
+    """``--accept``: each a period's start as periods.jsonl writes it, of the history's periods or the log's
+    (``t``: its requests' times, seconds); a history period it names must have been tested (it has a state
+    to join a baseline with). One-line errors before the model loads."""
+    starts = [old["start"] for old in history or []] + sorted({_when(math.floor(x / period) * period) for x in t})
+    for a in accept:
+        if a not in starts:
+            near = f"the first is {starts[0]}, the last {starts[-1]}" if starts else "there are none"
+            raise MoeguardError(f"--accept {a}: no period of the history or the log starts then ({near})",
+                                hint="pass a period's start as periods.jsonl writes it (its \"start\"), e.g. "
+                                     + (starts[-1] if starts else "2026-12-01T00:00:00Z"))
+        old = next((o for o in history or [] if o["start"] == a), None)
+        if old is not None and "_state" not in old:
+            raise MoeguardError(f"--accept {a}: that period of the history was not tested ({old.get('why', 'no state')}), "
+                                "so it has nothing to add to a baseline", hint="accept a period that was tested")
+    return list(accept)

@@ -13,7 +13,8 @@ many small pushes become one large one, where benign traffic's pushes cancel.
 - **A period** is the requests whose time falls in one ``period``-long interval (aligned to the
   epoch: ``24h`` gives UTC days). Its statistic, per (layer, expert), is the mean residual.
 - **The baseline** is the ``baseline`` most recent earlier periods that did not alert (a period that
-  alerted is kept out, so a campaign that goes on does not become the norm). Each cell's day-to-day
+  alerted is kept out, so a campaign that goes on does not become the norm), or that the owner
+  reviewed and accepted (``accept``: a launch would alert every day otherwise). Each cell's day-to-day
   mean and spread come from it: benign days differ from each other by more than their requests'
   sampling noise (their users differ), so one day's requests cannot calibrate the next.
 - **The test.** Days differ mostly by their mix of users, which moves many cells together: over 20
@@ -37,14 +38,17 @@ many small pushes become one large one, where benign traffic's pushes cancel.
 
 The null is the deployment's own earlier periods; nothing here is calibrated on the profile's
 traffic. A campaign already running through the whole baseline is part of the norm, and a new kind
-of traffic (a new app, a new prompt template) moves the residual as a campaign does: the alert's
-clients tell them apart. Measured in ``benchmarks/routing_monitor_day_load.py``.
+of traffic (a new app, a new prompt template) moves the residual as a campaign does, and its users'
+routing reads as moved to the cause and the clients' test too: the content has no match on earlier
+days (``benchmarks/routing_monitor_day_novel.py``). The alert's clients and their content are what an
+owner reviews before accepting the period. Measured in ``benchmarks/routing_monitor_day_load.py``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from datetime import datetime, timezone
 from typing import Any
 
@@ -130,8 +134,8 @@ class Baseline:
         self.baseline, self.alpha, self.layers = baseline, alpha, layers
         self.kept: list[tuple[np.ndarray, np.ndarray, int]] = []
         self.requests: list[Any] = []
-        for old in history or []:   # the history's periods join as they did in their own run
-            if "_state" in old and not old.get("alert") and not old.get("clients_alert"):
+        for old in history or []:   # the history's periods join as they did in their own run (or the owner accepted them)
+            if "_state" in old and (old.get("accepted") or (not old.get("alert") and not old.get("clients_alert"))):
                 self._keep(old["_state"] + (int(old["requests"]),))
 
     def _keep(self, state: tuple[np.ndarray, np.ndarray, int], requests: Any = None) -> None:
@@ -139,11 +143,12 @@ class Baseline:
         self.requests = (self.requests + [requests])[-self.baseline:]
 
     def judge(self, row: dict[str, Any], m: np.ndarray, se2: np.ndarray, n: int, requests: Any = None,
-              hold: bool = False) -> tuple[np.ndarray, int, int, list[tuple[int, int, float]]] | None:
+              hold: bool = False, accept: bool = False) -> tuple[np.ndarray, int, int, list[tuple[int, int, float]]] | None:
         """Test a period of ``n`` requests, mean residual ``m`` [L, E] and sampling variance ``se2``:
         fills ``row`` (its state, baseline size, z, cell, shift, p, alert) and keeps the period (and
         ``requests``, in ``self.requests``) for later baselines unless it alerts or ``hold`` (another
-        test alerted on it: ``score_periods``'s clients' test). What the baseline
+        test alerted on it: ``score_periods``'s clients' test), or whatever the tests say where ``accept``
+        (the owner reviewed it and judged it benign: ``score --accept``). What the baseline
         predicts for the period [L, E], the cell (for naming clients) and, for its cause, the cells
         [(layer slot, expert, p)] that alert on their own, the most deviant first (the most deviant
         always; at most ``CAUSE_CELLS`` where that is set); None where not tested."""
@@ -157,7 +162,7 @@ class Baseline:
         row["baseline"] = len(ref)
         if len(ref) < MIN_BASELINE:
             row["why"] = f"{len(ref)} earlier periods, {MIN_BASELINE} needed: not tested"
-            if not hold:
+            if accept or not hold:
                 self._keep((m, se2, n), requests)
             return None
         M = np.stack([a.ravel() for a, _, _ in ref])                     # [periods, cells]
@@ -187,7 +192,7 @@ class Baseline:
                    shift=round(float(m[l, e] - expected[l, e]), 6), p=p, factors=k)
         if p <= self.alpha:
             row["alert"] = True
-        elif not hold:
+        if accept or not (hold or row.get("alert")):
             self._keep((m, se2, n), requests)
         # the cells that alert on their own (Sidak), most deviant first, with their p's: where an alert's
         # cause is sought (the most deviant alone where none does)
@@ -243,7 +248,8 @@ def _row(k: float, period: float, n: int, clients: int | None, *, digest: str, b
 
 def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: float, baseline: int, alpha: float,
                   layers: list[int], digest: str = "", history: list[dict[str, Any]] | None = None,
-                  x: np.ndarray | None = None, clients_test: bool = False) -> list[dict[str, Any]]:
+                  x: np.ndarray | None = None, clients_test: bool = False,
+                  accept: Collection[str] = ()) -> list[dict[str, Any]]:
     """One row per period, in time order: the ``history``'s (``periodhistory.read_history``: earlier periods, which
     join the baseline as they did then) and then one per period of these requests (module docstring).
     ``t`` [N] the requests' times (seconds), ``resid`` [N, L, E] their residuals, ``clients`` [N] as
@@ -251,7 +257,13 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     dim], the requests' embeddings, an alert's cause: its clients' routing or the period's mix
     (``periodclients.py``); with ``clients_test`` too, every period's clients tested in every cell
     (``periodclients.clients_test``: an alarm of its own, ``clients_alert``, which also keeps the
-    period out of later baselines)."""
+    period out of later baselines). ``accept``: the starts (as rows give them) of periods the owner has
+    reviewed and judged benign, the history's or these requests': each joins later baselines whatever
+    its tests say, and its row says ``accepted`` (so a run reading it as history keeps it). Without
+    it, a launch of new content alerts every day after: each alerting day is held out, so no baseline
+    ever holds the new content (``benchmarks/routing_monitor_day_novel.py``)."""
+    accept = set(accept)
+    history = [dict(old, accepted=True) if old["start"] in accept else old for old in history or []]
     keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
     members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
     rows = [{k: v for k, v in old.items() if k != "_state"} for old in history or []]
@@ -268,6 +280,8 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         r = resid[idx]
         row = _row(k, period, len(idx), len({str(clients[i]) for i in idx}), digest=digest, baseline=baseline, alpha=alpha,
                    clients_test=clients_test)
+        if row["start"] in accept:
+            row["accepted"] = True
         rows.append(row)
         if len(idx) < MIN_REQUESTS:
             row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
@@ -290,7 +304,8 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         if clients_test:   # before the load test: an alarm here keeps the period out of later baselines too
             periodclients.clients_test(row, *matched(), r=flat[idx], clients=who, pool_r=flat[at], alpha=alpha,
                                        cells=every_cell)
-        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx, hold=bool(row.get("clients_alert")))
+        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx, hold=bool(row.get("clients_alert")),
+                            accept=bool(row.get("accepted")))
         if tested is None:
             continue
         expected, l, e, cells = tested
@@ -319,7 +334,8 @@ def reason(row: dict[str, Any]) -> dict[str, Any]:
                  else f"expert {cell[1]} at layer {cell[0]} (which alerts too)")
         moved = ", ".join(f"{c['client']} ({c['requests']}, p {c['p_routing']:.2g})" for c in row.get("routing_clients", []))
         how = (f"; routing beyond content (p {row['p_routing']:.2g}): clients' requests went to {there} more than "
-               "requests of the same content did in the baseline periods (a hijack)" + (f"; whose: {moved}" if moved else ""))
+               "requests of the same content did in the baseline periods (a hijack, or content the baseline periods "
+               "never held: a launch's users read the same)" + (f"; whose: {moved}" if moved else ""))
     elif row.get("cause") == "mix":
         how = (f"; no client's routing goes beyond its content's (p {row['p_routing']:.2g}): the period's mix moved "
                "(more of one kind of content: a launch, a batch job, or a distributed extraction)")
@@ -333,4 +349,6 @@ def reason(row: dict[str, Any]) -> dict[str, Any]:
                        + f", expert {row['expert']} at layer "
                        f"{row['layer']} took {100 * row['shift']:.2f} points more routing than the requests' content "
                        f"predicts (z {row['z']:.1f} against the {row['baseline']} periods before); most of the excess "
-                       f"is from: {named or 'no one client'}" + how)}
+                       f"is from: {named or 'no one client'}" + how
+                       + ("" if row.get("accepted") else f"; if it is benign (a launch, a batch job), accept the period "
+                          f"(--accept {row.get('start', 'START')}) so that later periods are tested against it"))}

@@ -188,11 +188,14 @@ def drop_replay(cache: Path) -> None:
 def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
           alpha: float = 0.01, log_prompts: bool = False, cache: Path | None = None, period: float | None = None,
           baseline: int = periods.BASELINE, history: list[dict] | None = None, period_alpha: float | None = None,
-          period_clients: bool = False, progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+          period_clients: bool = False, accept: list[str] | None = None,
+          progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """(per-request scores, per-window scores, alerts, summary). ``cache``/``progress``: ``replay``'s;
     ``period`` (seconds) and ``baseline``: periods of all traffic (``periods.py``; None: off), after
     the earlier periods in ``history`` (``periodhistory.read_history``), tested at ``period_alpha`` (None:
-    ``alpha``); ``period_clients``: each period's clients too (``periodclients.clients_test``)."""
+    ``alpha``); ``period_clients``: each period's clients too (``periodclients.clients_test``);
+    ``accept``: the starts of periods the owner judged benign, which join later baselines whatever
+    their tests say (``periodhistory.check_accept``)."""
     window = check_settings(prof, window=window, alpha=alpha, period=period, baseline=baseline)
     period_alpha = periods.period_alpha(alpha, period_alpha)
     from moeguard.models.adapter import MoEAdapter
@@ -259,15 +262,17 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     spans = [] if period is None else periods.score_periods(
         np.array([r["_t"] for r in records]), prof.neighbours.residual(X, H), client_of, period=period,
         baseline=baseline, alpha=period_alpha, layers=prof.meta["layers"],
-        digest=prof.neighbours.digest, history=history, x=X, clients_test=period_clients)
+        digest=prof.neighbours.digest, history=history, x=X, clients_test=period_clients, accept=accept or ())
     new = spans[len(history or ()):]   # the history's rows (and alerts) are its own run's
     for row in new:
+        # a period the owner accepted still alerts where it is out of line; the alert says it joins later baselines
+        ok = {"accepted": True} if row.get("accepted") else {}
         if row.get("alert"):
             alerts.append({"kind": "period", "time": [row["start"], row["end"]], "requests": row["requests"],
-                           "clients": row["top_clients"], **periods.reason(row)})
+                           "clients": row["top_clients"], **periods.reason(row), **ok})
         if row.get("clients_alert"):
             alerts.append({"kind": "period_clients", "time": [row["start"], row["end"]], "requests": row["requests"],
-                           "clients": row["clients_routing"], **periodclients.clients_reason(row)})
+                           "clients": row["clients_routing"], **periodclients.clients_reason(row), **ok})
     # what the windows did not see: a client's trailing requests after the last look, and clients that
     # never reached one (an attacker spread over identities stays there)
     first = ladder.lengths(prof.meta)[0]
@@ -285,6 +290,8 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                              if period and period_clients else {})},
                **({"period": period, "baseline": baseline, "period_alpha": period_alpha,
                    "history": len(history or ()),
+                   # periods the owner accepted (--accept), the history's included: in later baselines whatever their tests said
+                   "periods_accepted": [r["start"] for r in spans if r.get("accepted")],
                    "periods": len(new), "periods_tested": sum(r["p"] is not None for r in new),
                    # an alert's cause (periodclients.py): its clients' routing, the mix, or not given (no baseline requests)
                    "period_causes": {c: sum(bool(r.get("alert")) and r.get("cause") == k for r in new)

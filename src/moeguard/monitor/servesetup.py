@@ -17,13 +17,20 @@ from moeguard.io import dumps
 
 def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush_every: int, max_delay: float,
                   metrics_token: str | None, alerts: Path | None, period: str | None, baseline: int | None,
-                  period_log: Path | None, period_alpha: float | None = None) -> tuple[float | None, int]:
+                  period_log: Path | None, period_alpha: float | None = None,
+                  accept: str | None = None) -> tuple[float | None, int]:
     """``serve``'s options checked before the socket is bound and the model loads (one-line errors);
     the period in seconds (None: off) and the baseline."""
+    from moeguard.monitor.periodhistory import parse_accept
     from moeguard.monitor.periods import check_period
     from moeguard.monitor.periodwatch import open_path
 
-    seconds, baseline = check_period(period, baseline, period_log=period_log, period_alpha=period_alpha)
+    seconds, baseline = check_period(period, baseline, period_log=period_log, period_alpha=period_alpha, accept=accept)
+    if accept is not None and period_log is None:
+        raise MoeguardError(f"--accept {accept} without --period-log",
+                            hint="pass the --period-log whose periods you accept (serve reads its closed periods at start)")
+    if accept is not None and not parse_accept(accept):
+        raise MoeguardError(f"--accept is {accept!r}", hint="pass one or more period starts, comma-separated, as the period log writes them")
     if not 0 < port < 65536:
         raise MoeguardError(f"--port is {port}", hint="pass a TCP port between 1 and 65535")
     if not 0 < alpha < 1:
@@ -65,10 +72,13 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
     return seconds, baseline
 
 
-def period_history(prof, period_log: Path | None, *, period: float | None, baseline: int, alpha: float) -> list | None:
+def period_history(prof, period_log: Path | None, *, period: float | None, baseline: int, alpha: float,
+                   accept: list[str] | None = None) -> list | None:
     """``--period-log``'s rows as the baseline's history (``periodhistory.read_history``), checked against
-    the profile and the clock, before the model loads."""
-    from moeguard.monitor.periodhistory import read_history
+    the profile and the clock, before the model loads; ``accept``: the starts of its periods the owner
+    judged benign, which join the baseline whatever their tests said (``periodhistory.check_accept``). They
+    are not written back to the log: serve takes them at each start, as its other settings."""
+    from moeguard.monitor.periodhistory import check_accept, read_history
     from moeguard.monitor.periods import neighbours_of
 
     if period is None:
@@ -81,6 +91,9 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
     if history and int(history[-1]["index"]) >= math.floor(time.time() / period):
         raise MoeguardError(f"{period_log}'s last period ({history[-1]['start']}) is not over yet: no request could be "
                             f"counted before it ends", hint="check this machine's clock, or pass another --period-log")
+    if accept:
+        check_accept(accept, [], period=period, history=history)
+        history = [dict(old, accepted=True) if old["start"] in accept else old for old in history]
     return history
 
 
