@@ -471,7 +471,7 @@ def test_bad_serve_period_settings_are_one_line_errors_before_anything_starts(tm
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
-def serve_refuses(prof, tmp_path, capsys, monkeypatch, log) -> str:
+def serve_refuses(prof, tmp_path, capsys, monkeypatch, log, *extra: str) -> str:
     """``serve --period 1d --period-log log``'s one-line error, asserted to come before the model loads."""
     import socket
 
@@ -484,7 +484,7 @@ def serve_refuses(prof, tmp_path, capsys, monkeypatch, log) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     capsys.readouterr()
-    assert main(["serve", "--profile", str(pfile), "--port", str(port), "--period", "1d", "--period-log", str(log)]) == 2
+    assert main(["serve", "--profile", str(pfile), "--port", str(port), "--period", "1d", "--period-log", str(log), *extra]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1, err
     return err
@@ -499,6 +499,18 @@ def test_serve_refuses_a_period_log_whose_last_period_is_not_over(setting, tmp_p
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     err = serve_refuses(prof, tmp_path, capsys, monkeypatch, log)
     assert "last period (2096-10-02T00:00:00Z) is not over yet" in err, err
+
+
+def test_serve_refuses_to_accept_a_period_its_period_log_does_not_hold(setting, tmp_path, capsys, monkeypatch):
+    _, _, prof = setting
+    rng = np.random.default_rng(0)
+    rows = periods.score_periods(np.arange(40) * 3600.0 * 3, rng.normal(0, 0.05, (40, *prof.mean.shape)), ["u"] * 40,
+                                 period=DAY, baseline=14, alpha=0.01, layers=prof.meta["layers"], digest=prof.neighbours.digest)
+    log = tmp_path / "periods.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    err = serve_refuses(prof, tmp_path, capsys, monkeypatch, log, "--accept", "1970-01-09T00:00:00Z")
+    assert "--accept 1970-01-09T00:00:00Z: no period of the history or the log starts then (the first is " \
+           "1970-01-01T00:00:00Z, the last 1970-01-05T00:00:00Z)" in err, err
 
 
 def test_a_period_p_that_underflows_to_zero_is_still_reported_online(setting, monkeypatch):
