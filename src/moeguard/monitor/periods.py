@@ -260,8 +260,8 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     period out of later baselines). ``accept``: the starts (as rows give them) of periods the owner has
     reviewed and judged benign, the history's or these requests': each joins later baselines whatever
     its tests say, and its row says ``accepted`` (so a run reading it as history keeps it). Without
-    it, a launch of new content alerts every day after: each alerting day is held out, so no baseline
-    ever holds the new content (``benchmarks/routing_monitor_day_novel.py``)."""
+    it, a launch of new content goes on alerting: each alerting day is held out, so no baseline ever
+    holds the new content (``benchmarks/routing_monitor_day_novel.py``)."""
     accept = set(accept)
     history = [dict(old, accepted=True) if old["start"] in accept else old for old in history or []]
     keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
