@@ -30,7 +30,8 @@ def main() -> None:
     args = ap.parse_args()
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.models.adapter import MoEAdapter
-    from moeguard.monitor.hijack import HijackConfig, measure
+    from moeguard.monitor.hijack import HijackConfig
+    from moeguard.monitor.hijackmeasure import measure
     from moeguard.tasks.evaluate import evaluate_task
 
     src = json.loads(Path(args.source).read_text())

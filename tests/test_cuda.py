@@ -25,7 +25,8 @@ def both():
 
 
 def test_the_hijack_search_and_measure_run_on_the_gpu_as_on_the_cpu(both):
-    from moeguard.monitor.hijack import HijackConfig, measure, search
+    from moeguard.monitor.hijack import HijackConfig, search
+    from moeguard.monitor.hijackmeasure import measure
     from moeguard.monitor.routertap import allowed_tokens
     from moeguard.tasks.registry import get_task
 

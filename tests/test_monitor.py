@@ -13,7 +13,8 @@ from moeguard.cli import main
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.loading import load_model
-from moeguard.monitor.hijack import HijackConfig, measure, search
+from moeguard.monitor.hijack import HijackConfig, search
+from moeguard.monitor.hijackmeasure import measure
 from moeguard.monitor.routertap import RouterTap, allowed_tokens, check_target
 from moeguard.tasks.registry import get_task
 

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
-from moeguard.monitor.hijack import HijackConfig, measure, search
+from moeguard.monitor.hijack import HijackConfig, search
+from moeguard.monitor.hijackmeasure import measure
 from moeguard.monitor.routertap import allowed_tokens, check_pair
 
 SCHEMA = "moeguard.route-attack/1"
