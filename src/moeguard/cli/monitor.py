@@ -187,7 +187,6 @@ def monitor_score(
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
     (and, with --period, on days whose routing load moved)."""
     from moeguard.edge import resolve_model
-    from moeguard.errors import MoeguardError
     from moeguard.io import check_output, file_sha256, read_json, resumable_dir
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.score import drop_replay, read_log, score
@@ -202,8 +201,6 @@ def monitor_score(
     from moeguard.monitor.periodhistory import parse_accept
 
     accepted = parse_accept(accept)
-    if accepted == []:
-        raise MoeguardError(f"--accept is {accept!r}", hint="pass one or more period starts, comma-separated, as periods.jsonl writes them")
     check_output(out, overwrite=overwrite, inputs=(model, profile, log, history), kind="folder")
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),

@@ -93,8 +93,21 @@ def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> No
 
 
 def parse_accept(accept: str | None) -> list[str] | None:
-    """``--accept``'s period starts (comma-separated), as ``score`` and ``serve`` take them (None: not given)."""
-    return None if accept is None else [a.strip() for a in accept.split(",") if a.strip()]
+    """``--accept``'s period starts (comma-separated), as ``score`` and ``serve`` take them (None: not given);
+    a one-line error where it names none."""
+    if accept is None:
+        return None
+    starts = [a.strip() for a in accept.split(",") if a.strip()]
+    if not starts:
+        raise MoeguardError(f"--accept is {accept!r}", hint="pass one or more period starts, comma-separated, as "
+                                                           "periods.jsonl (or serve's period log) writes them")
+    return starts
+
+
+def mark_accepted(history: list[dict[str, Any]] | None, accept) -> list[dict[str, Any]]:
+    """The history's rows, those whose start is in ``accept`` marked ``accepted`` (copies; the rows
+    given are not changed): ``Baseline`` then keeps them whatever their tests said."""
+    return [dict(old, accepted=True) if old["start"] in accept else old for old in history or []]
 
 
 def check_accept(accept: list[str], t, *, period: float, history: list[dict[str, Any]] | None) -> list[str]:

@@ -262,15 +262,15 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     its tests say, and its row says ``accepted`` (so a run reading it as history keeps it). Without
     it, a launch of new content goes on alerting: each alerting day is held out, so no baseline ever
     holds the new content (``benchmarks/routing_monitor_day_novel.py``)."""
+    from moeguard.monitor.periodhistory import check_after, mark_accepted   # here: periodhistory reads this module's TEST
+
     accept = set(accept)
-    history = [dict(old, accepted=True) if old["start"] in accept else old for old in history or []]
+    history = mark_accepted(history, accept)
     keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
     members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
-    rows = [{k: v for k, v in old.items() if k != "_state"} for old in history or []]
+    rows = [{k: v for k, v in old.items() if k != "_state"} for old in history]
     base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history)
     before, before_key = None, None                            # the last alert's baseline requests (periodclients)
-    from moeguard.monitor.periodhistory import check_after   # here: periodhistory reads this module's TEST
-
     check_after(t, period=period, history=history)
     if clients_test and x is None:
         raise ValueError("the clients' test needs the requests' embeddings (x)")

@@ -29,8 +29,7 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
     if accept is not None and period_log is None:
         raise MoeguardError(f"--accept {accept} without --period-log",
                             hint="pass the --period-log whose periods you accept (serve reads its closed periods at start)")
-    if accept is not None and not parse_accept(accept):
-        raise MoeguardError(f"--accept is {accept!r}", hint="pass one or more period starts, comma-separated, as the period log writes them")
+    parse_accept(accept)
     if not 0 < port < 65536:
         raise MoeguardError(f"--port is {port}", hint="pass a TCP port between 1 and 65535")
     if not 0 < alpha < 1:
@@ -78,7 +77,7 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
     the profile and the clock, before the model loads; ``accept``: the starts of its periods the owner
     judged benign, which join the baseline whatever their tests said (``periodhistory.check_accept``). They
     are not written back to the log: serve takes them at each start, as its other settings."""
-    from moeguard.monitor.periodhistory import check_accept, read_history
+    from moeguard.monitor.periodhistory import check_accept, mark_accepted, read_history
     from moeguard.monitor.periods import neighbours_of
 
     if period is None:
@@ -93,7 +92,7 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
                             f"counted before it ends", hint="check this machine's clock, or pass another --period-log")
     if accept:
         check_accept(accept, [], period=period, history=history)
-        history = [dict(old, accepted=True) if old["start"] in accept else old for old in history]
+        history = mark_accepted(history, accept)
     return history
 
 
