@@ -125,6 +125,7 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     both = [json.loads(line) for line in (tmp_path / "clients" / "periods.jsonl").read_text().splitlines()]
     tested = [i for i, s in enumerate(both) if s["clients_p"] is not None]
     assert "1 clients' test alerts" in said and f"({len(tested)} periods tested)" in said, said
+    assert "0 small clients' test alerts (0 periods tested)" in said, said
     assert tested == list(range(6, 14)), [(s["clients_p"], s.get("clients_why")) for s in both]   # 6 days of 48: 288 >= 256
     assert "5 baseline periods (240 requests) in this run; 2 and 256 needed" in both[5]["clients_why"], both[5]
     assert [i for i, s in enumerate(both) if s.get("clients_alert")] == [12], [s["clients_p"] for s in both]
@@ -132,8 +133,11 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert {c["client"][:11] for c in both[12]["clients_routing"]} == {"mallory-12-"}, both[12]["clients_routing"]
     assert all(s["settings"]["clients_test"] is True for s in both)
     clients_keys = ("clients_p", "clients_why", "clients_cell", "clients_alert", "clients_routing", "settings")
-    assert [{k: v for k, v in s.items() if k not in clients_keys} for s in both] == \
+    assert [{k: v for k, v in s.items() if k not in clients_keys and not k.startswith("small_")} for s in both] == \
         [{k: v for k, v in s.items() if k not in clients_keys} for s in spans]
+    # the small clients' test (periodsmall): every client here sends 4 requests a day, so the first pool that
+    # holds any (clients of fewer than 8) is the whole day, which is the load test's: no pool is tested
+    assert all(s["small_p"] is None and "more than half the period" in s["small_why"] for s in both), both[12]
     (alert,) = [json.loads(line) for line in (tmp_path / "clients" / "alerts.jsonl").read_text().splitlines()
                 if json.loads(line)["kind"] == "period_clients"]
     assert alert["statistic"] == "period_clients" and alert["time"] == ["2026-11-13T00:00:00Z", "2026-11-14T00:00:00Z"]
@@ -142,6 +146,7 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert "a launch's users read the same" in alert["detail"] and "(--accept 2026-11-13T00:00:00Z)" in alert["detail"]
     summary = json.loads((tmp_path / "clients" / "summary.json").read_text())
     assert summary["alerts"]["period_clients"] == 1 and summary["periods_clients_tested"] == len(tested)
+    assert summary["alerts"]["period_small_clients"] == 0 and summary["periods_small_tested"] == 0
     assert summary["run"]["settings"]["period_clients"] is True and "period_clients" not in strict["alerts"]
     assert "lorem" not in (tmp_path / "clients" / "periods.jsonl").read_text() + (tmp_path / "clients" / "alerts.jsonl").read_text()
     # the history's days are not in the log: the second run is given only the new days'

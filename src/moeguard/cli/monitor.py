@@ -181,7 +181,7 @@ def monitor_score(
         baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
         history: Annotated[Optional[Path], typer.Option("--history", help="an earlier run's periods.jsonl: its periods are the baseline's first, so a daily run replays only the new day's log; with --period")] = None,
         period_alpha: Annotated[Optional[float], typer.Option("--period-alpha", help="alert on a period when its p-value is at most this; with --period (default: --alpha)")] = None,
-        period_clients: Annotated[bool, typer.Option("--period-clients", help="also test every period's clients in every (layer, expert): routing beyond what the same content got in the baseline periods (an alarm of its own, kind period_clients; about 5-10 s a period). It needs the baseline periods' requests in this log: a --history's periods carry none; with --period")] = False,
+        period_clients: Annotated[bool, typer.Option("--period-clients", help="also test every period's clients in every (layer, expert): routing beyond what the same content got in the baseline periods (an alarm of its own, kind period_clients; about 5-10 s a period); and its clients of few requests, pooled by size, against the same pools of the baseline periods (kind period_small_clients: a campaign split over many identities). It needs the baseline periods' requests in this log: a --history's periods carry none; with --period")] = False,
         accept: Annotated[Optional[str], typer.Option("--accept", help="periods you reviewed and judged benign (a launch, a batch job), comma-separated, each by its start as periods.jsonl writes it: each joins later baselines even though it alerted, so new content stops alerting once accepted (the history's periods or the log's); with --period")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
@@ -269,7 +269,8 @@ def monitor_score(
                                              if (n := summary["period_causes"][c]))
                   + ")" if "period" in summary["alerts"] else "")
                + (f", {summary['alerts']['period_clients']} clients' test alerts ({summary['periods_clients_tested']} "
-                  f"periods tested)" if "period_clients" in summary["alerts"] else "")
+                  f"periods tested), {summary['alerts']['period_small_clients']} small clients' test alerts "
+                  f"({summary['periods_small_tested']} periods tested)" if "period_clients" in summary["alerts"] else "")
                + (f", {n} period{'' if n == 1 else 's'} accepted into baselines" if (n := len(summary.get("periods_accepted") or ())) else "")
                + " "
                f"(p <= {alpha}); written to {out}")

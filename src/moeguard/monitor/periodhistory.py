@@ -14,6 +14,7 @@ import numpy as np
 from moeguard.errors import MoeguardError
 from moeguard.monitor.embed import unpack
 from moeguard.monitor.periods import TEST, _when
+from moeguard.monitor.periodsmall import SIZES
 
 
 def _unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -53,6 +54,9 @@ def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, in
             str(row["start"])
             if state is not None:
                 row["_state"] = (_unpack(state["mean"], shape), _unpack(state["noise"], shape))
+            if row.get("small_state"):   # the small clients' test's pools (periodsmall), by their size bound
+                row["_small_state"] = {int(u): (_unpack(v["mean"], shape), _unpack(v["noise"], shape), int(v["requests"]))
+                                       for u, v in row["small_state"].items() if int(u) in SIZES}
         except (ValueError, KeyError, TypeError, OverflowError) as e:   # OverflowError: an index of 1e999
             raise MoeguardError(f"{where} is not a period of `monitor score --period` ({type(e).__name__}: {e})",
                                 hint=unedited) from None

@@ -135,10 +135,11 @@ class Baseline:
         self.kept: list[tuple[np.ndarray, np.ndarray, int]] = []
         self.requests: list[Any] = []
         for old in history or []:   # the history's periods join as they did in their own run (or the owner accepted them)
-            if "_state" in old and (old.get("accepted") or (not old.get("alert") and not old.get("clients_alert"))):
-                self._keep(old["_state"] + (int(old["requests"]),))
+            if "_state" in old and joins(old):
+                self.keep(old["_state"] + (int(old["requests"]),))
 
-    def _keep(self, state: tuple[np.ndarray, np.ndarray, int], requests: Any = None) -> None:
+    def keep(self, state: tuple[np.ndarray, np.ndarray, int], requests: Any = None) -> None:
+        """A period (its mean residual, sampling noise and request count) joins the baseline, the oldest leaving."""
         self.kept = (self.kept + [state])[-self.baseline:]
         self.requests = (self.requests + [requests])[-self.baseline:]
 
@@ -163,7 +164,7 @@ class Baseline:
         if len(ref) < MIN_BASELINE:
             row["why"] = f"{len(ref)} earlier periods, {MIN_BASELINE} needed: not tested"
             if accept or not hold:
-                self._keep((m, se2, n), requests)
+                self.keep((m, se2, n), requests)
             return None
         M = np.stack([a.ravel() for a, _, _ in ref])                     # [periods, cells]
         noise = np.stack([b.ravel() for _, b, _ in ref]).mean(0)
@@ -193,7 +194,7 @@ class Baseline:
         if p <= self.alpha:
             row["alert"] = True
         if accept or not (hold or row.get("alert")):
-            self._keep((m, se2, n), requests)
+            self.keep((m, se2, n), requests)
         # the cells that alert on their own (Sidak), most deviant first, with their p's: where an alert's
         # cause is sought (the most deviant alone where none does)
         cells = [(int(l), int(e), p)]
@@ -207,6 +208,12 @@ class Baseline:
                 break
             cells.append((*(int(v) for v in np.unravel_index(i, m.shape)), pi))
         return expected, int(l), int(e), cells
+
+
+def joins(row: dict[str, Any]) -> bool:
+    """Whether a period joins later baselines: the owner accepted it, or none of its tests alerted (the
+    load test, the clients' test, the small clients' test: ``periodclients.py``, ``periodsmall.py``)."""
+    return bool(row.get("accepted")) or not (row.get("alert") or row.get("clients_alert") or row.get("small_alert"))
 
 
 def _factors(M: np.ndarray, noise: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -257,19 +264,22 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     dim], the requests' embeddings, an alert's cause: its clients' routing or the period's mix
     (``periodclients.py``); with ``clients_test`` too, every period's clients tested in every cell
     (``periodclients.clients_test``: an alarm of its own, ``clients_alert``, which also keeps the
-    period out of later baselines). ``accept``: the starts (as rows give them) of periods the owner has
+    period out of later baselines) and its clients of few requests pooled by size (``periodsmall.py``:
+    ``small_alert``, the same). ``accept``: the starts (as rows give them) of periods the owner has
     reviewed and judged benign, the history's or these requests': each joins later baselines whatever
     its tests say, and its row says ``accepted`` (so a run reading it as history keeps it). Without
     it, a launch of new content goes on alerting: each alerting day is held out, so no baseline ever
     holds the new content (``benchmarks/routing_monitor_day_novel.py``)."""
+    from moeguard.monitor import periodsmall   # here: it builds on this module's Baseline
     from moeguard.monitor.periodhistory import check_after, mark_accepted   # here: periodhistory reads this module's TEST
 
     accept = set(accept)
     history = mark_accepted(history, accept)
     keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
     members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
-    rows = [{k: v for k, v in old.items() if k != "_state"} for old in history]
+    rows = [{k: v for k, v in old.items() if not k.startswith("_")} for old in history]   # _state, _small_state: read back
     base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history)
+    small = periodsmall.SmallClients(baseline=baseline, alpha=alpha, layers=layers, history=history) if clients_test else None
     before, before_key = None, None                            # the last alert's baseline requests (periodclients)
     check_after(t, period=period, history=history)
     if clients_test and x is None:
@@ -304,8 +314,11 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         if clients_test:   # before the load test: an alarm here keeps the period out of later baselines too
             periodclients.clients_test(row, *matched(), r=flat[idx], clients=who, pool_r=flat[at], alpha=alpha,
                                        cells=every_cell)
-        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx, hold=bool(row.get("clients_alert")),
-                            accept=bool(row.get("accepted")))
+            pooled = small.test(row, r, who)
+        tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx,
+                            hold=bool(row.get("clients_alert") or row.get("small_alert")), accept=bool(row.get("accepted")))
+        if small is not None:   # after the load test: a period that alerted there joins no pool's baseline either
+            small.keep(row, pooled)
         if tested is None:
             continue
         expected, l, e, cells = tested

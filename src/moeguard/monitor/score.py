@@ -27,7 +27,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.io import kept_arrays
-from moeguard.monitor import ladder, periodclients, periods, slices
+from moeguard.monitor import ladder, periodclients, periods, periodsmall, slices
 from moeguard.monitor.fit import observe
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
 
@@ -273,6 +273,9 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
         if row.get("clients_alert"):
             alerts.append({"kind": "period_clients", "time": [row["start"], row["end"]], "requests": row["requests"],
                            "clients": row["clients_routing"], **periodclients.clients_reason(row), **ok})
+        if row.get("small_alert"):
+            alerts.append({"kind": "period_small_clients", "time": [row["start"], row["end"]], "requests": row["requests"],
+                           "clients": row["small_top_clients"], **periodsmall.small_reason(row), **ok})
     # what the windows did not see: a client's trailing requests after the last look, and clients that
     # never reached one (an attacker spread over identities stays there)
     first = ladder.lengths(prof.meta)[0]
@@ -286,7 +289,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                                           "window": sum(a["kind"] == "window" for a in alerts),
                                           **({"slice": sum(a["kind"] == "slice" for a in alerts)} if n else {}),
                                           **({"period": sum(a["kind"] == "period" for a in alerts)} if period else {}),
-                                          **({"period_clients": sum(a["kind"] == "period_clients" for a in alerts)}
+                                          **({k: sum(a["kind"] == k for a in alerts) for k in ("period_clients", "period_small_clients")}
                                              if period and period_clients else {})},
                **({"period": period, "baseline": baseline, "period_alpha": period_alpha,
                    "history": len(history or ()),
@@ -297,7 +300,9 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                    "period_causes": {c: sum(bool(r.get("alert")) and r.get("cause") == k for r in new)
                                      for c, k in (("routing", "routing"), ("mix", "mix"), ("none", None))},
                    # the clients' test: periods it tested (the rest say why in clients_why)
-                   **({"periods_clients_tested": sum(r.get("clients_p") is not None for r in new)} if period_clients else {})}
+                   **({"periods_clients_tested": sum(r.get("clients_p") is not None for r in new),
+                       # the small clients' test (periodsmall.py): periods with a pool tested (the rest say why in small_why)
+                       "periods_small_tested": sum(r.get("small_p") is not None for r in new)} if period_clients else {})}
                  if period else {}),
                "prompts_logged": log_prompts,
                # with a profile of replies: how long a reply is scored, and how many requests had none
