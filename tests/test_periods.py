@@ -535,3 +535,41 @@ def test_a_period_p_that_underflows_to_zero_is_still_reported_online(setting, mo
     got = res.result
     assert "error" not in got and got["period"]["alert"]["kind"] == "period" and got["period"]["alert"]["p"] == 0.0
     assert mon.registry.get_sample_value("moeguard_period_anomaly") == 300.0
+
+
+def test_a_campaign_split_over_identities_of_two_requests_is_a_small_clients_alert_through_the_cli(setting, tmp_path, capsys):
+    """``--period-clients`` on a log of regular users (8 requests a day) and one-off identities (2): a
+    day on which 8 identities of 2 requests send the crafted prefix alerts the small clients' test,
+    whose alert names them and whose counts reach the summary and the printed line."""
+    _, _, prof = setting
+    rng = random.Random(1)
+    fresh = {t: [r["input"] for r in load_records(get_task(t), "eval")[120:]] for t in TASKS}
+    rows = []
+    for d in range(7):
+        who = [f"user-{i // 8}" for i in range(32)] + [f"once-{d}-{i // 2}" for i in range(16)] \
+            + ([f"sybil-{i // 2}" for i in range(16)] if d == 6 else [])
+        for i, w in enumerate(who):
+            text = rng.choice(fresh[rng.choice(TASKS)])
+            rows.append({"id": f"d{d}-{i}", "client": w, "time": f"2026-11-{d + 1:02d}T{i * 24 // len(who):02d}:00:00Z",
+                         "prompt": CAMPAIGN + SEPARATOR + text if w.startswith("sybil") else text})
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.json").write_text(json.dumps(prof.to_dict()))
+    out = tmp_path / "scored"
+    assert main(["monitor", "score", "--profile", str(tmp_path / "p.json"), "--log", str(tmp_path / "log.jsonl"),
+                 "--out", str(out), "--period", "24h", "--baseline", "10", "--period-clients"]) == 0
+    said = capsys.readouterr().out
+    spans = [json.loads(line) for line in (out / "periods.jsonl").read_text().splitlines()]
+    assert "1 small clients' test alerts (4 periods tested)" in said, [(s["small_p"], s.get("small_why")) for s in spans]
+    assert [i for i, s in enumerate(spans) if s.get("small_alert")] == [6]
+    day = spans[6]
+    assert day["small_under"] == 4 and (day["small_requests"], day["small_clients"]) == (32, 16), day
+    # against 6 earlier days; the benign days' pools, each against the days before it, are far from it
+    assert day["small_p"] < 0.01 and all(s["small_p"] > 0.1 for s in spans[3:6]), [s["small_p"] for s in spans]
+    (alert,) = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "period_small_clients"]
+    assert alert["statistic"] == "period_small_clients" and alert["time"] == ["2026-11-07T00:00:00Z", "2026-11-08T00:00:00Z"]
+    assert {c["client"][:6] for c in alert["clients"]} == {"sybil-"} and len(alert["clients"]) == periodclients.NAMED
+    assert alert["detail"].startswith("the 32 requests of the period's 16 clients of fewer than 4 requests each: "), alert
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["alerts"]["period_small_clients"] == 1 and summary["periods_small_tested"] == 4
+    assert "lorem" not in (out / "periods.jsonl").read_text() + (out / "alerts.jsonl").read_text()
