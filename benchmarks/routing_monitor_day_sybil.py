@@ -19,10 +19,12 @@ attacker with many identities splits its campaign over them. Here, on days resam
   prefix, split the same way (a day heavy in one task, sent by many small identities: a launch
   among one-off users).
 - **Tests**, each at 0.001, 0.01 and 0.05, the share of draws whose p is at most the level:
-  ``load`` (``periods.Baseline.judge``, all traffic), ``small`` (``periodsmall.SmallClients``, the
-  baseline days tested and kept in sequence as ``score_periods`` does), each pool's own p
+  ``load`` (``periods.Baseline.judge``, all traffic, against all 14 baseline days), ``small``
+  (``periodsmall.SmallClients``: the baseline days tested and kept in sequence, a day its own test
+  alerts on held out; unlike ``score_periods``, a baseline day the load test would alert on is kept
+  in the pools), each pool's own p
   (``small_under_U``, unadjusted), ``load_or_small`` (either), and on the first ``--clients-draws`` draws of the first share
-  the clients' test (``periodclients.clients_test``, slow) and ``any`` (any of the three).
+  the clients' test (``periodclients.clients_test``, slow) and ``any_at_level`` (any of the three).
 """
 
 from __future__ import annotations

@@ -14,15 +14,15 @@ period's clients of fewer than ``under`` requests. A campaign split into identit
 is in every pool above ``s``, where it is a larger share than of the whole period (benign traffic
 in a pool is only the clients as small). Each pool is tested as a period is (``periods.Baseline``:
 its mean residual against the same pool of the baseline periods, their day-to-day spread, the mix's
-directions removed), and the test's p is the smallest pool's, Bonferroni-adjusted over the pools
-tested. A pool is tested when it holds at least ``periods.MIN_REQUESTS`` requests, at most
+directions removed), and the test's p is the smallest p over the pools tested, Bonferroni-adjusted
+for their number. A pool is tested when it holds at least ``periods.MIN_REQUESTS`` requests, at most
 ``HALF`` of the period's (a larger pool is nearly the whole period: the load test) and other
 clients than the pool below it (the same requests would be the same test twice).
 
 Measured (``benchmarks/routing_monitor_day_sybil.py``, docs/routing-security.md): with a tenth of
 the day's users one-off identities of 1-3 requests, a campaign of 3% of the day split into
-identities of 1-8 requests is seen on 80-83% of days at 0.01 (the load test: 24%), of 16 or 24 on
-60%; benign days on 1%. What it cannot tell apart: new users of new
+identities of 1-8 requests is seen on 80.5-82.5% of days at 0.01 (the load test: 23.5%), of 16 or
+24 on 60%; benign days on 1%. What it cannot tell apart: new users of new
 content (a launch by one-off users) move a pool as a campaign does; the alert says so, and
 ``--accept`` takes the period into later baselines as it does for the other tests.
 """
@@ -63,8 +63,9 @@ class SmallClients:
 
     def test(self, row: dict[str, Any], r: np.ndarray, clients: list) -> list[tuple[int, tuple]]:
         """Fill ``row``'s ``small_p`` (None: no pool tested, ``small_why`` says why), ``small_pools``
-        (each tested pool's size bound, requests, clients and p), the smallest pool's ``small_under``,
-        ``small_layer``, ``small_expert``, ``small_z``, ``small_shift`` and ``small_top_clients``,
+        (each tested pool's size bound, requests, clients and p), for the pool of smallest p
+        ``small_under``, ``small_requests``, ``small_clients``, ``small_layer``, ``small_expert``,
+        ``small_z``, ``small_shift``, ``small_baseline`` and ``small_top_clients``,
         ``small_alert`` at most ``alpha``, and ``small_state`` (what a later run's baseline reads).
         ``r`` [n, L, E] the period's residuals, ``clients`` [n] who sent each. Returns the states to
         ``keep`` once the period's tests are all done."""
