@@ -128,7 +128,7 @@ def small_reason(row: dict[str, Any]) -> dict[str, Any]:
             "detail": (f"the {row['small_requests']} requests of the period's {row['small_clients']} clients of fewer than "
                        f"{row['small_under']} requests each: expert {row['small_expert']} at layer {row['small_layer']} took "
                        f"{100 * row['small_shift']:.2f} points more routing than their content predicts (z "
-                       f"{row['small_z']:.1f} against the same clients' pool in the {row['small_baseline']} periods before; "
+                       f"{row['small_z']:.1f} against the pools of clients as small in the {row['small_baseline']} periods before; "
                        f"p {row['small_p']:.2g} over {len(row['small_pools'])} pools). A campaign split over many "
                        f"identities reads so, and so do new users of content the baseline periods never held (a "
                        f"launch); most of the excess is from: {named}"
