@@ -123,3 +123,52 @@ def test_serve_takes_accepted_periods_of_its_period_log_at_start_and_refuses_one
                               taken[-1]["_state"][0])
     with pytest.raises(MoeguardError, match="--accept 1970-01-23T00:00:00Z: no period of the history or the log starts then"):
         servesetup.period_history(prof, log, **kw, accept=["1970-01-23T00:00:00Z"])
+
+
+def test_serve_keeps_accepted_periods_beside_its_period_log_and_takes_them_at_every_later_start(tmp_path):
+    """``serve --accept`` once: the acceptance is kept in ``FILE.accepted`` (the log itself is not
+    rewritten), so a restart without ``--accept`` keeps the period in the baseline; a start whose period
+    the log no longer holds is left out; a damaged file is a one-line error saying what to do."""
+    from types import SimpleNamespace
+
+    from moeguard.io import dumps
+    from moeguard.monitor import servesetup
+
+    t, r, c = _launch(22, 20)
+    rows = _score(t, r, c)
+    log = tmp_path / "periods.jsonl"
+    log.write_text("".join(dumps(row) + "\n" for row in rows))
+    prof = SimpleNamespace(neighbours=SimpleNamespace(digest=""), mean=np.zeros((2, 4)))
+    kw = dict(period=DAY, baseline=14, alpha=0.01)
+    side = periodhistory.accepted_path(log)
+    assert side.name == "periods.jsonl.accepted" and not side.exists()
+    assert not any(h.get("accepted") for h in servesetup.period_history(prof, log, **kw))
+    assert not side.exists()                                  # nothing accepted, nothing written
+    servesetup.period_history(prof, log, **kw, accept=["1970-01-21T00:00:00Z"])
+    assert json.loads(side.read_text()) == {"accepted": ["1970-01-21T00:00:00Z"]}
+    assert log.read_text() == "".join(dumps(row) + "\n" for row in rows)
+    # the next start, without --accept: the period is still accepted, and joins the baseline
+    again = servesetup.period_history(prof, log, **kw)
+    assert [i for i, h in enumerate(again) if h.get("accepted")] == [20]
+    # another accepted later adds to the file; its older lines dropped from the log, a kept start is left out
+    servesetup.period_history(prof, log, **kw, accept=["1970-01-22T00:00:00Z"])
+    assert json.loads(side.read_text()) == {"accepted": ["1970-01-21T00:00:00Z", "1970-01-22T00:00:00Z"]}
+    log.write_text("".join(dumps(row) + "\n" for row in rows[21:]))
+    assert [h["start"] for h in servesetup.period_history(prof, log, **kw) if h.get("accepted")] == ["1970-01-22T00:00:00Z"]
+    for bad, said in (("{", "JSONDecodeError"), ('{"accepted": "1970-01-21T00:00:00Z"}', "not a list of period starts"),
+                      ("[]", "TypeError")):
+        side.write_text(bad)
+        with pytest.raises(MoeguardError) as e:
+            servesetup.period_history(prof, log, **kw)
+        assert f"{side} is not a list of accepted periods" in str(e.value) and said in str(e.value), str(e.value)
+        assert "delete it and pass them to --accept again" in e.value.hint
+
+
+def test_serve_refuses_alerts_written_where_the_period_log_keeps_its_accepted_periods(tmp_path):
+    from moeguard.monitor import servesetup
+
+    log = tmp_path / "periods.jsonl"
+    with pytest.raises(MoeguardError, match="is where --period-log keeps the periods you accepted"):
+        servesetup.check_options(host="127.0.0.1", port=8000, alpha=0.01, max_clients=10, flush_every=1, max_delay=1.0,
+                                 metrics_token=None, alerts=periodhistory.accepted_path(log), period="24h", baseline=None,
+                                 period_log=log)

@@ -314,7 +314,7 @@ def serve(
         baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
         period_log: Annotated[Optional[Path], typer.Option("--period-log", help="with --period: each closed period is appended here (JSON Lines, no text), and read back at start as the baseline's history (`monitor score --history` reads it too); the open period's counts are kept in FILE.open, every minute and at shutdown, so a restart keeps them")] = None,
         period_alpha: Annotated[Optional[float], typer.Option("--period-alpha", help="alert on a period when its p-value is at most this; with --period (default: --alpha)")] = None,
-        accept: Annotated[Optional[str], typer.Option("--accept", help="periods of the --period-log you reviewed and judged benign (a launch, a batch job), comma-separated, each by its start as the log writes it: each joins the baseline even though it alerted (taken at each start, not written to the log)")] = None,
+        accept: Annotated[Optional[str], typer.Option("--accept", help="periods of the --period-log you reviewed and judged benign (a launch, a batch job), comma-separated, each by its start as the log writes it: each joins the baseline even though it alerted (kept in FILE.accepted beside the --period-log and taken again at every later start; the log is not rewritten)")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None) -> None:
     """An OpenAI-compatible completions endpoint with the routing monitor attached, and /metrics."""
     from moeguard.edge import resolve_model

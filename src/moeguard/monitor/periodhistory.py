@@ -114,6 +114,42 @@ def mark_accepted(history: list[dict[str, Any]] | None, accept) -> list[dict[str
     return [dict(old, accepted=True) if old["start"] in accept else old for old in history or []]
 
 
+def accepted_path(period_log: Path) -> Path:
+    """Where ``serve`` keeps the periods of ``--period-log`` the owner accepted: ``FILE.accepted`` beside it."""
+    return period_log.with_name(period_log.name + ".accepted")
+
+
+def read_accepted(path: Path) -> list[str]:
+    """The period starts an earlier ``serve --accept`` kept in ``path`` ([] where there is no file); a
+    one-line error where it is not that file, before the model loads."""
+    from moeguard.io import strict_loads
+
+    if not path.exists():
+        return []
+    fix = "it lists the periods accepted at earlier starts: fix it, or delete it and pass them to --accept again"
+    try:
+        got = strict_loads(path.read_text(encoding="utf-8"))
+        starts = got["accepted"]
+        if not (isinstance(starts, list) and all(isinstance(a, str) for a in starts)):
+            raise TypeError("'accepted' is not a list of period starts")
+    except OSError as e:
+        raise MoeguardError(f"{path} cannot be read ({e.strerror})", hint="check its permissions") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise MoeguardError(f"{path} is not a list of accepted periods ({type(e).__name__}: {e})", hint=fix) from None
+    return starts
+
+
+def write_accepted(path: Path, starts: list[str]) -> None:
+    """Keep ``starts`` in ``path`` (sorted, no repeats), whole or not at all: a temporary sibling, then a rename."""
+    import os
+
+    from moeguard.io import dumps
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dumps({"accepted": sorted(set(starts))}) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def check_accept(accept: list[str], t, *, period: float, history: list[dict[str, Any]] | None) -> list[str]:
     """``--accept``: each a period's start as periods.jsonl writes it, of the history's periods or the log's
     (``t``: its requests' times, seconds); a history period it names must have been tested (it has a state

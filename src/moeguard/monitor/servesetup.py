@@ -21,7 +21,7 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
                   accept: str | None = None) -> tuple[float | None, int]:
     """``serve``'s options checked before the socket is bound and the model loads (one-line errors);
     the period in seconds (None: off) and the baseline."""
-    from moeguard.monitor.periodhistory import parse_accept
+    from moeguard.monitor.periodhistory import accepted_path, parse_accept
     from moeguard.monitor.periods import check_period
     from moeguard.monitor.periodwatch import open_path
 
@@ -54,6 +54,9 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
     if alerts is not None and period_log is not None and alerts.resolve() == open_path(period_log).resolve():
         raise MoeguardError(f"--alerts {alerts} is where --period-log keeps the open period",
                             hint="pass another file for the alerts")
+    if alerts is not None and period_log is not None and alerts.resolve() == accepted_path(period_log).resolve():
+        raise MoeguardError(f"--alerts {alerts} is where --period-log keeps the periods you accepted",
+                            hint="pass another file for the alerts")
     for flag, path in (("--alerts", alerts), ("--period-log", period_log)):
         if path is None:
             continue
@@ -75,9 +78,12 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
                    accept: list[str] | None = None) -> list | None:
     """``--period-log``'s rows as the baseline's history (``periodhistory.read_history``), checked against
     the profile and the clock, before the model loads; ``accept``: the starts of its periods the owner
-    judged benign, which join the baseline whatever their tests said (``periodhistory.check_accept``). They
-    are not written back to the log: serve takes them at each start, as its other settings."""
-    from moeguard.monitor.periodhistory import check_accept, mark_accepted, read_history
+    judged benign, which join the baseline whatever their tests said (``periodhistory.check_accept``). The
+    log is not rewritten: they are kept in ``FILE.accepted`` beside it (``periodhistory.accepted_path``)
+    and taken again at every later start, with any new ones. A kept start whose period is no longer in
+    the log (its older lines dropped) is left out."""
+    from moeguard.monitor.periodhistory import (accepted_path, check_accept, mark_accepted, read_accepted, read_history,
+                                                write_accepted)
     from moeguard.monitor.periods import neighbours_of
 
     if period is None:
@@ -90,10 +96,13 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
     if history and int(history[-1]["index"]) >= math.floor(time.time() / period):
         raise MoeguardError(f"{period_log}'s last period ({history[-1]['start']}) is not over yet: no request could be "
                             f"counted before it ends", hint="check this machine's clock, or pass another --period-log")
+    kept = read_accepted(accepted_path(period_log))
     if accept:
         check_accept(accept, [], period=period, history=history)
-        history = mark_accepted(history, accept)
-    return history
+        if not set(accept) <= set(kept):
+            write_accepted(accepted_path(period_log), kept + accept)
+    starts = {h["start"] for h in history}
+    return mark_accepted(history, {a for a in kept + (accept or []) if a in starts})
 
 
 def open_period(prof, period_log: Path | None, *, period: float | None, baseline: int, alpha: float,
