@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -119,6 +120,35 @@ def own_cells(R: np.ndarray, pool: list, per_day: int, campaigns: list, baseline
     return own
 
 
+class Dump(NamedTuple):
+    """``routing_monitor_day_load.py --dump``'s file, read: ``z`` the file, ``R`` each text's residual [texts,
+    L, E] (float64), ``users`` each benign (day, client)'s texts and ``pool`` the same as arrays, ``per_day``
+    users a day, ``campaigns`` and ``controls``: per campaign, each identity's texts (with and without its
+    prefix)."""
+    z: Any
+    R: np.ndarray
+    users: dict[tuple[int, str], list[int]]
+    pool: list[np.ndarray]
+    per_day: int
+    campaigns: list[list[np.ndarray]]
+    controls: list[list[np.ndarray]]
+
+
+def read_dump(path: str) -> Dump:
+    """The dump's benign user-days, campaigns and controls (``Dump``); this benchmark's and
+    ``routing_monitor_day_sybil.py``'s."""
+    z = np.load(path, allow_pickle=False)
+    users: dict[tuple[int, str], list[int]] = {}
+    for d, c, i in zip(z["day"], z["client"], z["text"]):
+        users.setdefault((int(d), str(c)), []).append(int(i))
+    pool = [np.array(v) for v in users.values()]
+    campaign_of = z["campaign_of"]
+    campaigns, controls = ([[z[f"{k}_{i}"] for i in np.flatnonzero(campaign_of == c)] for c in range(campaign_of.max() + 1)]
+                           for k in ("clients", "control"))
+    return Dump(z=z, R=z["resid"].astype(np.float64), users=users, pool=pool,
+                per_day=round(len(pool) / (int(z["day"].max()) + 1)), campaigns=campaigns, controls=controls)
+
+
 def first_version(M: np.ndarray, S: np.ndarray, m: np.ndarray, se2: np.ndarray) -> float:
     """The first period test, for comparison: each cell's raw deviation, its spread floored at the
     baseline's sampling noise, Student t with baseline - 1 degrees of freedom, Sidak over the cells."""
@@ -145,16 +175,7 @@ def main() -> None:
     from moeguard.monitor import periodclients, periods
 
     t0 = time.perf_counter()
-    z = np.load(args.dump, allow_pickle=False)
-    R = z["resid"].astype(np.float64)                                    # [texts, L, E]
-    users: dict[tuple[int, str], list[int]] = {}
-    for d, c, i in zip(z["day"], z["client"], z["text"]):
-        users.setdefault((int(d), str(c)), []).append(int(i))
-    pool = [np.array(v) for v in users.values()]
-    per_day = round(len(pool) / (int(z["day"].max()) + 1))
-    campaign_of = z["campaign_of"]
-    campaigns, controls = ([[z[f"{k}_{i}"] for i in np.flatnonzero(campaign_of == c)] for c in range(campaign_of.max() + 1)]
-                           for k in ("clients", "control"))
+    z, R, users, pool, per_day, campaigns, controls = read_dump(args.dump)             # R: [texts, L, E]
     sizes = sorted({min(2, len(campaigns[0])), min(8, len(campaigns[0])), len(campaigns[0])})
     if (args.baseline + 1) * per_day > len(pool):
         raise SystemExit(f"{args.baseline + 1} days of {per_day} users need more than the {len(pool)} users dumped")

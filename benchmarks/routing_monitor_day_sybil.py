@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from _common import write_result
-from routing_monitor_day_resample import LEVELS, day_stats
+from routing_monitor_day_resample import LEVELS, day_stats, read_dump
 
 SPLITS = ((1, 2, 3), (4,), (8,), (16,), (24,), (48,))
 CONTROL_SPLITS = ((1, 2, 3), (16,))
@@ -65,16 +65,8 @@ def main() -> None:
     from moeguard.monitor import periodclients, periods, periodsmall
 
     t0 = time.perf_counter()
-    z = np.load(args.dump, allow_pickle=False)
-    R = z["resid"].astype(np.float64)                                    # [texts, L, E]
+    z, R, _, pool, per_day, camp, ctrl = read_dump(args.dump)                        # R: [texts, L, E]
     X = z["x"].astype(np.float64)
-    users: dict[tuple[int, str], list[int]] = {}
-    for d, c, i in zip(z["day"], z["client"], z["text"]):
-        users.setdefault((int(d), str(c)), []).append(int(i))
-    pool = [np.array(v) for v in users.values()]
-    per_day = round(len(pool) / (int(z["day"].max()) + 1))
-    co = z["campaign_of"]
-    camp, ctrl = ([[z[f"{k}_{i}"] for i in np.flatnonzero(co == c)] for c in range(co.max() + 1)] for k in ("clients", "control"))
     layers = list(range(R.shape[1]))
     every = [[a, b] for a in layers for b in range(R.shape[2])]
     shares = [float(s) for s in args.one_off.split(",")]

@@ -140,14 +140,11 @@ def read_accepted(path: Path) -> list[str]:
 
 
 def write_accepted(path: Path, starts: list[str]) -> None:
-    """Keep ``starts`` in ``path`` (sorted, no repeats), whole or not at all: a temporary sibling, then a rename."""
-    import os
+    """Keep ``starts`` in ``path`` (sorted, no repeats), whole or not at all (``io.write_text``: a temporary
+    sibling, then a rename)."""
+    from moeguard.io import dumps, write_text
 
-    from moeguard.io import dumps
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps({"accepted": sorted(set(starts))}) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, dumps({"accepted": sorted(set(starts))}) + "\n")
 
 
 def check_accept(accept: list[str], t, *, period: float, history: list[dict[str, Any]] | None) -> list[str]:

@@ -51,12 +51,9 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
                             hint="pass --metrics-token TOKEN (or set MOEGUARD_METRICS_TOKEN), or bind to 127.0.0.1")
     if alerts is not None and period_log is not None and alerts.resolve() == period_log.resolve():
         raise MoeguardError(f"--alerts and --period-log are both {alerts}", hint="pass two files: the period log is read back at start")
-    if alerts is not None and period_log is not None and alerts.resolve() == open_path(period_log).resolve():
-        raise MoeguardError(f"--alerts {alerts} is where --period-log keeps the open period",
-                            hint="pass another file for the alerts")
-    if alerts is not None and period_log is not None and alerts.resolve() == accepted_path(period_log).resolve():
-        raise MoeguardError(f"--alerts {alerts} is where --period-log keeps the periods you accepted",
-                            hint="pass another file for the alerts")
+    for beside, what in ((open_path, "the open period"), (accepted_path, "the periods you accepted")):
+        if alerts is not None and period_log is not None and alerts.resolve() == beside(period_log).resolve():
+            raise MoeguardError(f"--alerts {alerts} is where --period-log keeps {what}", hint="pass another file for the alerts")
     for flag, path in (("--alerts", alerts), ("--period-log", period_log)):
         if path is None:
             continue
