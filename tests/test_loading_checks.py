@@ -126,7 +126,7 @@ def test_a_safetensors_header_length_beyond_the_librarys_limit_is_refused_before
     """A corrupt length read the whole shard (GBs) into memory as a 'header' before JSON failed."""
     import struct
 
-    import moeguard.models.loading as L
+    import moeguard.models.safetensorsfiles as L
 
     monkeypatch.setattr(L, "_MAX_HEADER", 64)
     f = tmp_path / "model.safetensors"

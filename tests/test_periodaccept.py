@@ -96,7 +96,7 @@ def test_an_accept_that_names_no_tested_period_is_a_one_line_error(accept, histo
         periodhistory.check_accept(accept, t, period=DAY, history=history)
     assert needle in e.value.message and "\n" not in e.value.message, e.value.message
     assert "as periods.jsonl writes it" in e.value.hint or "accept a period that was tested" in e.value.hint
-    assert periodhistory.check_accept(["1970-01-03T00:00:00Z"], t, period=DAY, history=history) == ["1970-01-03T00:00:00Z"]
+    periodhistory.check_accept(["1970-01-03T00:00:00Z"], t, period=DAY, history=history)   # a period the log holds: no error
 
 
 def test_serve_takes_accepted_periods_of_its_period_log_at_start_and_refuses_one_it_does_not_hold(tmp_path):

@@ -251,7 +251,7 @@ def _move_into_place(tmp: Path, path: Path) -> None:
 
 
 def read_header(file: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (validate it first with ``models.loading.check_safetensors``)."""
+    """The JSON header of a safetensors file (validate it first with ``models.safetensorsfiles.check_safetensors``)."""
     import struct
 
     with open(file, "rb") as f:

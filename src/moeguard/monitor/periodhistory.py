@@ -147,7 +147,7 @@ def write_accepted(path: Path, starts: list[str]) -> None:
     write_text(path, dumps({"accepted": sorted(set(starts))}) + "\n")
 
 
-def check_accept(accept: list[str], t, *, period: float, history: list[dict[str, Any]] | None) -> list[str]:
+def check_accept(accept: list[str], t, *, period: float, history: list[dict[str, Any]] | None) -> None:
     """``--accept``: each a period's start as periods.jsonl writes it, of the history's periods or the log's
     (``t``: its requests' times, seconds); a history period it names must have been tested (it has a state
     to join a baseline with). One-line errors before the model loads."""
@@ -162,4 +162,3 @@ def check_accept(accept: list[str], t, *, period: float, history: list[dict[str,
         if old is not None and "_state" not in old:
             raise MoeguardError(f"--accept {a}: that period of the history was not tested ({old.get('why', 'no state')}), "
                                 "so it has nothing to add to a baseline", hint="accept a period that was tested")
-    return list(accept)

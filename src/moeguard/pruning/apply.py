@@ -94,7 +94,7 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
 
             save_tokenizer(tokenizer, tmp)
         if ref.path is not None:  # what else the owner shipped (licence, README) goes along, as streaming does
-            from moeguard.models.loading import safetensors_files
+            from moeguard.models.safetensorsfiles import safetensors_files
 
             for f in side_files(ref.path, safetensors_files(ref.path))[0]:
                 if not (tmp / f.name).exists():
@@ -117,7 +117,7 @@ def keep_source_dtypes(out: Path, src: Path) -> list[str]:
     from safetensors.torch import save_file
 
     from moeguard.io import FLOAT_DTYPES, read_header
-    from moeguard.models.loading import safetensors_files
+    from moeguard.models.safetensorsfiles import safetensors_files
 
     source = {k: v["dtype"] for f in safetensors_files(src) for k, v in read_header(f).items() if k != "__metadata__"}
     cast: list[str] = []

@@ -25,7 +25,8 @@ from moeguard.errors import MoeguardError
 from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, check_output, dumps, partial_path, read_header, resumable_dir
 from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
 from moeguard.models.identity import weights_identity
-from moeguard.models.loading import ModelRef, check_safetensors, load_config, meta_model, safetensors_files
+from moeguard.models.loading import ModelRef, load_config, meta_model
+from moeguard.models.safetensorsfiles import check_safetensors, safetensors_files
 from moeguard.pruning.shards import (INDEX_NAME, PlannedTensor, PlanReader, assign_shards, check_space, write_index,
                                      write_safetensors)
 

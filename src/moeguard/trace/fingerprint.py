@@ -220,7 +220,8 @@ def checkpoint_bytes(ref: str | None) -> int:
     fetched first): those transformers and the streamed read use, so a folder that also holds another
     copy (Mistral's consolidated.safetensors) budgets as the same model fetched by its hub id does."""
     from moeguard.models.hub import local_checkpoint
-    from moeguard.models.loading import resolve, safetensors_files
+    from moeguard.models.loading import resolve
+    from moeguard.models.safetensorsfiles import safetensors_files
 
     refuse_gguf(ref)
     r = resolve(local_checkpoint(ref)[0])

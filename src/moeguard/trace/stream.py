@@ -92,7 +92,8 @@ class StreamedCheckpoint(LayerCounts):
         """``name``: what the source is called in reports (a hub id fetched into its cache snapshot)."""
         from moeguard.io import read_header
         from moeguard.models.adapter import MoEAdapter
-        from moeguard.models.loading import inspect, meta_model, safetensors_files
+        from moeguard.models.loading import inspect, meta_model
+        from moeguard.models.safetensorsfiles import safetensors_files
 
         r, config, family = inspect(ref)  # config and family checked, every shard's header validated
         files = safetensors_files(r.path)
