@@ -13,6 +13,8 @@ import pytest
 from moeguard.monitor import periodclients, periods
 
 DAY = 86400.0
+WHY_NO_REQUESTS = ("(a --history's periods bring theirs from the period_requests folder beside it, which "
+                   "`monitor score --period` writes; serve's period log has none)")
 REGIONS = 12
 
 
@@ -128,7 +130,7 @@ def test_without_the_baseline_periods_requests_no_cause_is_given_and_the_row_say
     assert before.cause(row, r=one[1], clients=one[2], pool_r=one[1], alpha=0.01, nn=None) == {}
     assert row["cause"] is None and "1 baseline periods" in row["cause_why"] and "--history" in row["cause_why"], row
     few = [_day(rng, centres, bias, users=2) for _ in range(4)]       # 2 users a period: 16 requests
-    assert "2 baseline periods (32 requests) in this run; 2 and 256 needed" in \
+    assert "2 baseline periods (32 requests) held with their requests; 2 and 256 needed" in \
         periodclients.Earlier([f[0] for f in few[:2]], [f[2] for f in few[:2]]).why
     repeated = periodclients.Earlier([np.concatenate([f[0]] * 5) for f in few],      # enough requests, 8 clients
                                      [[f"{i}:{c}" for c in f[2]] * 5 for i, f in enumerate(few)])
@@ -191,11 +193,11 @@ def test_a_campaign_on_consecutive_days_is_put_down_to_routing_each_day():
 
 def test_an_alert_without_a_cause_says_why_in_its_detail():
     row = {"layer": 1, "expert": 2, "z": 5.0, "p": 1e-6, "requests": 300, "clients": 40, "shift": 0.01, "baseline": 14,
-           "cause": None, "p_routing": None, "cause_why": "1 baseline periods (300 requests) in this run; 2 and 256 "
-                                                       "needed (periods read from --history carry no requests)"}
+           "cause": None, "p_routing": None, "cause_why": "1 baseline periods (300 requests) held with their requests; "
+                                                       "2 and 256 needed " + WHY_NO_REQUESTS}
     detail = periods.reason(row)["detail"]
-    assert detail.endswith("; no cause given (1 baseline periods (300 requests) in this run; 2 and 256 needed "
-                           "(periods read from --history carry no requests)); if it is benign (a launch, a batch job), "
+    assert detail.endswith("; no cause given (1 baseline periods (300 requests) held with their requests; 2 and 256 "
+                           "needed " + WHY_NO_REQUESTS + "); if it is benign (a launch, a batch job), "
                            "accept the period (--accept START) so that later periods are tested against it"), detail
     assert "cause" not in periods.reason(row)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -91,25 +92,55 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert summary["alerts"]["period"] == 1 and summary["run"]["settings"]["baseline"] == 10
     assert "lorem" not in (out / "periods.jsonl").read_text() + (out / "alerts.jsonl").read_text()
     # a daily run: days 0-9, then days 10-13 with the first run's periods as its history, give the
-    # one run's periods line for line, but for the alert's cause: the history carries no requests
+    # one run's periods line for line, the alert's cause included: the first run kept its periods'
+    # requests (period_requests/) and the second takes them as the baseline's
     for name, part, extra in (("first", rows[:480], []), ("then", rows[480:], ["--history", str(tmp_path / "first" / "periods.jsonl")])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
         assert main(["monitor", "score", "--profile", str(pfile), "--log", str(tmp_path / f"{name}.jsonl"), "--out",
                      str(tmp_path / name), "--period", "24h", "--baseline", "10", *extra]) == 0
-    daily = [json.loads(line) for line in (tmp_path / "then" / "periods.jsonl").read_text().splitlines()]
+    assert (tmp_path / "then" / "periods.jsonl").read_text() == (out / "periods.jsonl").read_text()
+    then = json.loads((tmp_path / "then" / "summary.json").read_text())
+    assert (then["history"], then["periods"], then["periods_tested"], then["alerts"]["period"]) == (10, 4, 4, 1)
+    said = capsys.readouterr().out
+    assert "1 period alerts (4 of 4 periods tested; 1 put down to routing)" in said, said
+    # kept: the first run's 10 days (all in the next baseline); the second's from the oldest day of its last
+    # baseline (3) on, the first run's files linked, not copied, and the campaign day (12) among them, which
+    # joins no baseline but which an owner can still accept
+    kept = lambda name: sorted(int(f.stem) for f in (tmp_path / name / "period_requests").iterdir())   # noqa: E731
+    day = spans[0]["index"]
+    assert kept("first") == [day + d for d in range(10)] and kept("then") == [day + d for d in range(3, 14)]
+    assert (tmp_path / "then" / "period_requests" / f"{day + 5}.npz").stat().st_ino == \
+        (tmp_path / "first" / "period_requests" / f"{day + 5}.npz").stat().st_ino
+    assert then["period_requests"]["periods"] == 11 and then["period_requests"]["first"] == day + 3
+    assert "the requests of 11 periods kept for later runs' baselines (" in said, said
+    assert "lorem" not in "".join(f.read_bytes().decode("latin-1") for f in (tmp_path / "then" / "period_requests").iterdir())
+    # without the folder, the history brings no requests: no cause, and the row says why
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "periods.jsonl").write_text((tmp_path / "first" / "periods.jsonl").read_text())
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(tmp_path / "then.jsonl"), "--out",
+                 str(tmp_path / "then-bare"), "--period", "24h", "--baseline", "10", "--history",
+                 str(tmp_path / "bare" / "periods.jsonl")]) == 0
+    daily = [json.loads(line) for line in (tmp_path / "then-bare" / "periods.jsonl").read_text().splitlines()]
     assert daily[12]["cause"] is None and daily[12]["p_routing"] is None, daily[12]
-    assert daily[12]["cause_why"] == ("2 baseline periods (96 requests) in this run; 2 and 256 needed (periods read "
-                                      "from --history carry no requests)")
+    assert daily[12]["cause_why"].startswith("2 baseline periods (96 requests) held with their requests; 2 and 256 "
+                                             "needed (a --history's periods bring theirs from the period_requests folder")
 
     def without_cause(rows):
         return [{k: ([{a: b for a, b in c.items() if a != "p_routing"} for c in v] if k == "top_clients" else v)
                  for k, v in row.items() if k not in ("cause", "p_routing", "cause_why", "cause_cell", "routing_clients")} for row in rows]
 
     assert without_cause(daily) == without_cause(spans)
-    assert (tmp_path / "then" / "periods.jsonl").read_text().splitlines()[:12] == (out / "periods.jsonl").read_text().splitlines()[:12]
-    then = json.loads((tmp_path / "then" / "summary.json").read_text())
-    assert (then["history"], then["periods"], then["periods_tested"], then["alerts"]["period"]) == (10, 4, 4, 1)
     assert "1 period alerts (4 of 4 periods tested; 1 with no cause given)" in capsys.readouterr().out
+    # a damaged file of the folder is a one-line error before the model loads, naming it and the fix
+    shutil.copytree(tmp_path / "first", tmp_path / "damaged")
+    (tmp_path / "damaged" / "period_requests" / f"{day + 9}.npz").write_bytes(b"not a zip")
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(tmp_path / "then.jsonl"), "--out",
+                 str(tmp_path / "then-damaged"), "--period", "24h", "--baseline", "10", "--history",
+                 str(tmp_path / "damaged" / "periods.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"period_requests/{day + 9}.npz is not a period's requests as `monitor score " \
+        "--period` writes them (not numpy's .npz format" in err and "allow_pickle" not in err, err
+    assert f"delete {tmp_path / 'damaged' / 'period_requests' / f'{day + 9}.npz'}" in err and not (tmp_path / "then-damaged").exists()
     # --period-alpha sets the period test's level apart from --alpha: the campaign day (p < 1e-4) passes at 1e-12
     assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "strict"),
                  "--period", "24h", "--baseline", "10", "--period-alpha", "1e-12"]) == 0
@@ -127,7 +158,7 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert "1 clients' test alerts" in said and f"({len(tested)} periods tested)" in said, said
     assert "0 small clients' test alerts (0 periods tested)" in said, said
     assert tested == list(range(6, 14)), [(s["clients_p"], s.get("clients_why")) for s in both]   # 6 days of 48: 288 >= 256
-    assert "5 baseline periods (240 requests) in this run; 2 and 256 needed" in both[5]["clients_why"], both[5]
+    assert "5 baseline periods (240 requests) held with their requests; 2 and 256 needed" in both[5]["clients_why"], both[5]
     assert [i for i, s in enumerate(both) if s.get("clients_alert")] == [12], [s["clients_p"] for s in both]
     assert both[12]["clients_p"] < 1e-3 and all(both[i]["clients_p"] > 0.01 for i in tested if i != 12)
     assert {c["client"][:11] for c in both[12]["clients_routing"]} == {"mallory-12-"}, both[12]["clients_routing"]

@@ -173,15 +173,15 @@ def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple
 def monitor_score(
         profile: Annotated[Path, typer.Option("--profile", help="profile from `moeguard monitor profile`")],
         log: Annotated[Path, typer.Option("--log", help="requests, JSON Lines: {id, client, time, prompt[, reply]}")],
-        out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, windows.jsonl, alerts.jsonl, summary.json (and slices.jsonl with a profile of --slice, periods.jsonl with --period)")],
+        out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, windows.jsonl, alerts.jsonl, summary.json (and slices.jsonl with a profile of --slice, periods.jsonl and period_requests/ with --period)")],
         window: Annotated[Optional[int], typer.Option("--window", help="requests per client window; default: the profile's")] = None,
         alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
         log_prompts: Annotated[bool, typer.Option("--log-prompts", help="write prompts into the outputs (off: routing can reveal what users typed)")] = False,
         period: Annotated[Optional[str], typer.Option("--period", help="also test each period of all traffic (24h, 30m, 7d, seconds) for load moved to one expert beyond what its requests' content predicts, against the --baseline periods before it; writes periods.jsonl")] = None,
         baseline: Annotated[Optional[int], typer.Option("--baseline", help="earlier periods (that did not alert) each period is compared with; with --period (default 14)")] = None,
-        history: Annotated[Optional[Path], typer.Option("--history", help="an earlier run's periods.jsonl: its periods are the baseline's first, so a daily run replays only the new day's log; with --period")] = None,
+        history: Annotated[Optional[Path], typer.Option("--history", help="an earlier run's periods.jsonl: its periods are the baseline's first, so a daily run replays only the new day's log (their requests, for the clients' test and an alert's cause, are read from the period_requests folder beside it); with --period")] = None,
         period_alpha: Annotated[Optional[float], typer.Option("--period-alpha", help="alert on a period when its p-value is at most this; with --period (default: --alpha)")] = None,
-        period_clients: Annotated[bool, typer.Option("--period-clients", help="also test every period's clients in every (layer, expert): routing beyond what the same content got in the baseline periods (an alarm of its own, kind period_clients; about 5-10 s a period); and its clients of few requests, pooled by size, against the same pools of the baseline periods (kind period_small_clients: a campaign split over many identities). The clients' test needs the baseline periods' requests in this log (a --history's periods carry none); the small clients' test does not; with --period")] = False,
+        period_clients: Annotated[bool, typer.Option("--period-clients", help="also test every period's clients in every (layer, expert): routing beyond what the same content got in the baseline periods (an alarm of its own, kind period_clients; about 5-10 s a period); and its clients of few requests, pooled by size, against the same pools of the baseline periods (kind period_small_clients: a campaign split over many identities). The clients' test needs the baseline periods' requests: this log's, or a --history's from the period_requests folder its run wrote beside it; the small clients' test does not; with --period")] = False,
         accept: Annotated[Optional[str], typer.Option("--accept", help="periods you reviewed and judged benign (a launch, a batch job), comma-separated, each by its start as periods.jsonl writes it: each joins later baselines even though it alerted, so new content stops alerting once accepted (the history's periods or the log's); with --period")] = None,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
@@ -210,6 +210,11 @@ def monitor_score(
     window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
     earlier = read_history(history, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
                            baseline=baseline, alpha=alpha_p, clients_test=period_clients) if history is not None else None
+    held = None
+    if earlier:   # the requests its run kept of the history's periods (period_requests beside it)
+        from moeguard.monitor.periodrequests import read as read_held
+
+        held = read_held(history, earlier, dim=prof.neighbours.x.shape[1], shape=prof.mean.shape)
     records = read_log(log)
     if earlier:
         from moeguard.monitor.periodhistory import check_after
@@ -235,7 +240,7 @@ def monitor_score(
                                                          log_prompts=log_prompts, cache=tmp, period=seconds,
                                                          baseline=baseline, history=earlier, period_alpha=alpha_p,
                                                          period_clients=period_clients, accept=accepted,
-                                                         progress=progress)
+                                                         held=held, progress=progress)
         except KeyboardInterrupt:
             import sys
 
@@ -257,6 +262,12 @@ def monitor_score(
         if seconds is not None:
             (tmp / "periods.jsonl").write_text("".join(dumps(t) + "\n" for t in spans))
         (tmp / "alerts.jsonl").write_text("".join(dumps(a) + "\n" for a in alerts))
+        arrays = summary.pop("period_arrays")
+        if seconds is not None:   # each period a later run's baseline can take, with its requests
+            from moeguard.monitor.periodrequests import save
+
+            summary["period_requests"] = save(tmp, spans, **arrays, baseline=baseline, digest=prof.neighbours.digest,
+                                              history=history)
         (tmp / "summary.json").write_text(dumps(summary, indent=2) + "\n")
         drop_replay(tmp)
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
@@ -272,6 +283,8 @@ def monitor_score(
                   f"periods tested), {summary['alerts']['period_small_clients']} small clients' test alerts "
                   f"({summary['periods_small_tested']} periods tested)" if "period_clients" in summary["alerts"] else "")
                + (f", {n} period{'' if n == 1 else 's'} accepted into baselines" if (n := len(summary.get("periods_accepted") or ())) else "")
+               + (f", the requests of {k['periods']} period{'' if k['periods'] == 1 else 's'} kept for later runs' "
+                  f"baselines ({k['mib']:g} MiB)" if (k := summary.get("period_requests")) else "")
                + " "
                f"(p <= {alpha}); written to {out}")
     u = summary["unwindowed"]

@@ -29,7 +29,8 @@ against that null, Bonferroni-adjusted over the period's clients tested and the 
 cause is ``routing`` where the smallest is at most the period's level, else ``mix``.
 
 Measured in ``benchmarks/routing_monitor_day_resample.py`` (docs/routing-security.md). The test
-needs the baseline periods' requests: periods read from ``--history`` carry none, and with fewer
+needs the baseline periods' requests: periods read from ``--history`` bring theirs only from the
+``period_requests`` folder beside it (``periodrequests.py``), and with fewer
 than 2 periods or ``MIN_MATCHED`` requests in this run, or fewer than ``MIN_NULL`` clients in them,
 the cause is not given (``cause_why`` says why).
 """
@@ -49,6 +50,8 @@ NULL_CLIENTS = 128   # baseline clients (at most) whose z's are the null
 MIN_NULL = 32        # and at least
 NAMED = 5            # clients an alert names
 UPPER = 0.9          # the clients' test's null scale is at least its upper tail's, from this quantile (``Earlier.cause``)
+CHUNK_VALUES = 1 << 22   # distances computed at a time by ``nearest`` (32 MiB as float64)
+REQUESTS_FOLDER = "period_requests"   # beside periods.jsonl: each period's requests for later runs (periodrequests.py)
 
 
 def _tally(clients: list) -> tuple[dict[str, int], dict[str, Any]]:
@@ -94,8 +97,12 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
     if k < 1:
         return out
     pn = (pool**2).sum(1)
-    for s in range(0, len(x), 512):
-        q = x[s:s + 512]
+    # rows a chunk: its [rows, pool] distances (and their temporaries) about 32 MiB, not 512 rows whatever
+    # the pool (two weeks of 16,000 requests a day made 0.9 GB a chunk and a 3.7 GB peak); at least 32
+    # rows, so the pool is not read once per row
+    rows = max(32, min(512, CHUNK_VALUES // max(1, len(pool))))
+    for s in range(0, len(x), rows):
+        q = x[s:s + rows]
         qn = (q**2).sum(1)[:, None]
         d2 = q @ pool.T                                                     # [chunk, pool]
         d2 *= -2
@@ -103,7 +110,7 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
         d2[d2 + qn <= 1e-9 * (qn + pn)] = np.inf                            # a verbatim repeat is not its own match
         idx = np.argpartition(d2, k - 1, axis=1)[:, :k]
         idx[np.isinf(np.take_along_axis(d2, idx, 1))] = -1
-        out[s:s + 512] = idx
+        out[s:s + rows] = idx
     return out
 
 
@@ -158,8 +165,9 @@ class Earlier:
         self.why = None
         self.sampled: list[tuple[int, str]] = []   # the null's clients: (period, name)
         if len(x) < 2 or len(self.pool) < MIN_MATCHED:
-            self.why = (f"{len(x)} baseline periods ({len(self.pool)} requests) in this run; 2 and {MIN_MATCHED} "
-                        "needed (periods read from --history carry no requests)")
+            self.why = (f"{len(x)} baseline periods ({len(self.pool)} requests) held with their requests; 2 and "
+                        f"{MIN_MATCHED} needed (a --history's periods bring theirs from the {REQUESTS_FOLDER} folder "
+                        "beside it, which `monitor score --period` writes; serve's period log has none)")
             return
         starts = np.cumsum([0] + sizes[:-1])
         rows, owners, nn = [], [], []

@@ -130,13 +130,14 @@ class Baseline:
     ``PeriodWatch`` share it. ``requests``, beside ``kept``: what the caller gave ``judge`` of each
     kept period (``score_periods``: its requests' indices, for an alert's cause; None: not held)."""
 
-    def __init__(self, *, baseline: int, alpha: float, layers: list[int], history: list[dict[str, Any]] | None = None):
+    def __init__(self, *, baseline: int, alpha: float, layers: list[int], history: list[dict[str, Any]] | None = None,
+                 requests: dict[int, Any] | None = None):
         self.baseline, self.alpha, self.layers = baseline, alpha, layers
         self.kept: list[tuple[np.ndarray, np.ndarray, int]] = []
         self.requests: list[Any] = []
         for old in history or []:   # the history's periods join as they did in their own run (or the owner accepted them)
-            if "_state" in old and joins(old):
-                self.keep(old["_state"] + (int(old["requests"]),))
+            if "_state" in old and joins(old):   # with their requests where the caller holds them (by index)
+                self.keep(old["_state"] + (int(old["requests"]),), (requests or {}).get(int(old["index"])))
 
     def keep(self, state: tuple[np.ndarray, np.ndarray, int], requests: Any = None) -> None:
         """A period (its mean residual, sampling noise and request count) joins the baseline, the oldest leaving."""
@@ -253,10 +254,17 @@ def _row(k: float, period: float, n: int, clients: int | None, *, digest: str, b
             "settings": {"baseline": baseline, "alpha": alpha, "test": TEST, **({"clients_test": True} if clients_test else {})}}
 
 
+def members(t: np.ndarray, period: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The periods the times ``t`` (seconds) fall in (their indices, ascending) and each one's requests
+    (indices into ``t``, in the order given)."""
+    keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
+    return keys, np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
+
+
 def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: float, baseline: int, alpha: float,
                   layers: list[int], digest: str = "", history: list[dict[str, Any]] | None = None,
-                  x: np.ndarray | None = None, clients_test: bool = False,
-                  accept: Collection[str] = ()) -> list[dict[str, Any]]:
+                  x: np.ndarray | None = None, clients_test: bool = False, accept: Collection[str] = (),
+                  held: dict[int, tuple[np.ndarray, np.ndarray, list]] | None = None) -> list[dict[str, Any]]:
     """One row per period, in time order: the ``history``'s (``periodhistory.read_history``: earlier periods, which
     join the baseline as they did then) and then one per period of these requests (module docstring).
     ``t`` [N] the requests' times (seconds), ``resid`` [N, L, E] their residuals, ``clients`` [N] as
@@ -269,16 +277,30 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     reviewed and judged benign, the history's or these requests': each joins later baselines whatever
     its tests say, and its row says ``accepted`` (so a run reading it as history keeps it). Without
     it, a launch of new content goes on alerting: each alerting day is held out, so no baseline ever
-    holds the new content (``benchmarks/routing_monitor_day_novel.py``)."""
+    holds the new content (``benchmarks/routing_monitor_day_novel.py``). ``held``: history periods' requests
+    (``periodrequests.read``), by index: their embeddings [n, dim], residuals [n, L, E] and clients, so
+    that the clients' test and an alert's cause have them as matches in a daily run, as in one run over
+    all the days (the same rows: ``tests/test_periodrequests.py``)."""
     from moeguard.monitor import periodsmall   # here: it builds on this module's Baseline
     from moeguard.monitor.periodhistory import check_after, mark_accepted   # here: periodhistory reads this module's TEST
 
     accept = set(accept)
     history = mark_accepted(history, accept)
-    keys, which = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_inverse=True)
-    members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which, minlength=len(keys)))[:-1])
+    keys, parts = members(t, period)
     rows = [{k: v for k, v in old.items() if not k.startswith("_")} for old in history]   # _state, _small_state: read back
-    base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history)
+    of, offset = {}, 0
+    if held:   # the history's requests go before this run's, in the history's order
+        if x is None:
+            raise ValueError("a history's requests need this run's embeddings (x)")
+        order = [int(old["index"]) for old in history if int(old["index"]) in held]
+        for i in order:
+            of[i] = np.arange(offset, offset + len(held[i][0]))
+            offset += len(held[i][0])
+        x = np.concatenate([held[i][0] for i in order] + [x])
+        resid = np.concatenate([held[i][1] for i in order] + [resid])
+        clients = [c for i in order for c in held[i][2]] + list(clients)
+        parts = [idx + offset for idx in parts]
+    base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history, requests=of)
     small = periodsmall.SmallClients(baseline=baseline, alpha=alpha, layers=layers, history=history) if clients_test else None
     before, before_key = None, None                            # the last alert's baseline requests (periodclients)
     check_after(t, period=period, history=history)
@@ -286,7 +308,7 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         raise ValueError("the clients' test needs the requests' embeddings (x)")
     flat = resid.reshape(len(resid), -1)                                 # [N, L * E]: the clients' test's cells
     every_cell = [[a, b] for a in layers for b in range(resid.shape[2])]   # their [layer, expert], in that order
-    for k, idx in zip(keys, members):
+    for k, idx in zip(keys, parts):
         r = resid[idx]
         row = _row(k, period, len(idx), len({str(clients[i]) for i in idx}), digest=digest, baseline=baseline, alpha=alpha,
                    clients_test=clients_test)

@@ -188,14 +188,15 @@ def drop_replay(cache: Path) -> None:
 def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, window: int | None = None,
           alpha: float = 0.01, log_prompts: bool = False, cache: Path | None = None, period: float | None = None,
           baseline: int = periods.BASELINE, history: list[dict] | None = None, period_alpha: float | None = None,
-          period_clients: bool = False, accept: list[str] | None = None,
+          period_clients: bool = False, accept: list[str] | None = None, held: dict | None = None,
           progress=None) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """(per-request scores, per-window scores, alerts, summary). ``cache``/``progress``: ``replay``'s;
     ``period`` (seconds) and ``baseline``: periods of all traffic (``periods.py``; None: off), after
     the earlier periods in ``history`` (``periodhistory.read_history``), tested at ``period_alpha`` (None:
     ``alpha``); ``period_clients``: each period's clients too (``periodclients.clients_test``);
     ``accept``: the starts of periods the owner judged benign, which join later baselines whatever
-    their tests say (``periodhistory.check_accept``)."""
+    their tests say (``periodhistory.check_accept``); ``held``: the history's periods' requests
+    (``periodrequests.read``)."""
     window = check_settings(prof, window=window, alpha=alpha, period=period, baseline=baseline)
     period_alpha = periods.period_alpha(alpha, period_alpha)
     from moeguard.models.adapter import MoEAdapter
@@ -259,10 +260,11 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
             alerts.append({"kind": "slice", "requests": row["requests"], "time": records[idx[-1]]["time"],
                            "clients": row["top_clients"], **slices.reason(row, n)})
     # periods of all traffic (periods.py): the load moved over each day (or ``period``), against the days before
+    t = np.array([r["_t"] for r in records])
+    resid = None if period is None else prof.neighbours.residual(X, H)
     spans = [] if period is None else periods.score_periods(
-        np.array([r["_t"] for r in records]), prof.neighbours.residual(X, H), client_of, period=period,
-        baseline=baseline, alpha=period_alpha, layers=prof.meta["layers"],
-        digest=prof.neighbours.digest, history=history, x=X, clients_test=period_clients, accept=accept or ())
+        t, resid, client_of, period=period, baseline=baseline, alpha=period_alpha, layers=prof.meta["layers"],
+        digest=prof.neighbours.digest, history=history, x=X, clients_test=period_clients, accept=accept or (), held=held)
     new = spans[len(history or ()):]   # the history's rows (and alerts) are its own run's
     for row in new:
         # a period the owner accepted still alerts where it is out of line; the alert says it joins later baselines
@@ -314,4 +316,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                            **({"slice": slices.floor(prof)} if n else {})}}
     summary["traffic_slices"] = traffic   # popped by the CLI into slices.jsonl
     summary["traffic_periods"] = spans    # and periods.jsonl
+    # and each period's requests, which the CLI keeps for later runs' baselines (periodrequests.save)
+    summary["period_arrays"] = None if period is None else {
+        "x": X, "resid": resid, "clients": client_of, "parts": {int(k): idx for k, idx in zip(*periods.members(t, period))}}
     return scores, windows, alerts, summary

@@ -1,0 +1,103 @@
+"""What the clients' test (``monitor score --period-clients``) costs for one period, by the period's
+size and the model's cells: the time and peak memory of what ``periods.score_periods`` does for a
+period whose baseline holds ``--baseline`` periods of the same size in the run.
+
+    .venv/bin/python benchmarks/period_clients_cost.py [--sizes 1000,4000,16000] [--cells 32,256] [--out JSON]
+
+The inputs are synthetic, made here: the test's cost depends on the sizes of its arrays, not on
+what they hold. Each request has an embedding (``--dim`` values, unit length, around one of 64
+topics, as the profile's space gives them), a residual in every (layer, expert) cell and a client
+(clients of 4-48 requests). The steps timed are ``score_periods``' own calls, in its order:
+
+- ``baseline``: ``periodclients.Earlier`` over the baseline periods (the null clients' matches);
+- ``match``: ``Earlier.match``, each of the period's requests' ``K`` nearest baseline requests;
+- ``pool``: the baseline requests' residuals gathered (``flat[at]``);
+- ``test``: ``periodclients.clients_test`` in every cell.
+
+Peak memory is tracemalloc's (numpy's arrays are traced) over the four steps, above what the inputs
+hold. The model's replay of the requests, which a run also pays (about a forward pass per request),
+is not here. ``pairs``: period requests x baseline requests, what ``match`` grows with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+
+import numpy as np
+
+from _common import write_result
+
+
+def synthetic(n: int, days: int, cells: int, dim: int, rng: np.random.Generator) -> tuple[list, list, np.ndarray]:
+    """``days`` + 1 periods of ``n`` requests: embeddings [n, dim] each, clients [n] each, residuals [(days + 1) n, cells]."""
+    topics = rng.normal(size=(64, dim))
+    xs, who = [], []
+    for d in range(days + 1):
+        x = topics[rng.integers(0, 64, n)] + 0.5 * rng.normal(size=(n, dim))
+        xs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+        sizes = []
+        while sum(sizes) < n:
+            sizes.append(int(rng.integers(4, 49)))
+        who.append([f"d{d}-c{c}" for c, s in enumerate(sizes) for _ in range(s)][:n])
+    return xs, who, 0.05 * rng.normal(size=((days + 1) * n, cells))
+
+
+def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
+    from moeguard.monitor import periodclients
+
+    rng = np.random.default_rng([seed, n, cells])
+    xs, who, flat = synthetic(n, days, cells, dim, rng)
+    at = np.arange(days * n)                                # the baseline's requests, as score_periods holds them
+    idx = np.arange(days * n, (days + 1) * n)               # the period's
+    seconds: dict[str, float] = {}
+    tracemalloc.start()
+    t = time.perf_counter()
+    before = periodclients.Earlier(xs[:days], who[:days])
+    seconds["baseline"] = time.perf_counter() - t
+    t = time.perf_counter()
+    nn = before.match(xs[days])
+    seconds["match"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pool_r = flat[at]
+    seconds["pool"] = time.perf_counter() - t
+    t = time.perf_counter()
+    row: dict = {}
+    periodclients.clients_test(row, before, nn, r=flat[idx], clients=who[days], pool_r=pool_r, alpha=0.01,
+                               cells=[[0, c] for c in range(cells)])
+    seconds["test"] = time.perf_counter() - t
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"requests": n, "baseline_requests": days * n, "cells": cells, "pairs": n * days * n,
+            "seconds": {k: round(v, 2) for k, v in seconds.items()}, "seconds_total": round(sum(seconds.values()), 2),
+            "peak_mib": round(peak / 2**20, 1), "inputs_mib": round((flat.nbytes + sum(x.nbytes for x in xs)) / 2**20, 1),
+            "clients_p": row.get("clients_p"), "nn_sha": __import__("hashlib").sha256(nn.tobytes()).hexdigest()[:16]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1000,4000,16000", help="requests per period")
+    ap.add_argument("--cells", default="32,256", help="(layer, expert) cells: 32 the embedded model's, 256 Mixtral's")
+    ap.add_argument("--baseline", type=int, default=14, help="baseline periods in the run")
+    ap.add_argument("--dim", type=int, default=64, help="the profile's embedding size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        for cells in (int(c) for c in args.cells.split(",")):
+            r = one(n, cells, days=args.baseline, dim=args.dim, seed=args.seed)
+            rows.append(r)
+            print(f"{n:6d} requests, {cells:4d} cells: {r['seconds_total']:7.1f} s {r['seconds']}, peak {r['peak_mib']} MiB "
+                  f"(inputs {r['inputs_mib']} MiB)", flush=True)
+    print("\n| requests a period | cells | seconds | match | test | peak MiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['requests']} | {r['cells']} | {r['seconds_total']} | {r['seconds']['match']} | {r['seconds']['test']} | {r['peak_mib']} |")
+    path = write_result("period_clients_cost", {"setting": {"baseline": args.baseline, "dim": args.dim, "seed": args.seed},
+                                                "rows": rows}, args.out)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
