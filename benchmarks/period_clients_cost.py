@@ -2,7 +2,7 @@
 size and the model's cells: the time and peak memory of what ``periods.score_periods`` does for a
 period whose baseline holds ``--baseline`` periods of the same size in the run.
 
-    .venv/bin/python benchmarks/period_clients_cost.py [--sizes 1000,4000,16000] [--cells 32,256] [--out JSON]
+    .venv/bin/python benchmarks/period_clients_cost.py [--grid 1000:32,4000:256,...] [--out JSON]
 
 The inputs are synthetic, made here: the test's cost depends on the sizes of its arrays, not on
 what they hold. Each request has an embedding (``--dim`` values, unit length, around one of 64
@@ -12,7 +12,9 @@ topics, as the profile's space gives them), a residual in every (layer, expert) 
 - ``baseline``: ``periodclients.Earlier`` over the baseline periods (the null clients' matches);
 - ``match``: ``Earlier.match``, each of the period's requests' ``K`` nearest baseline requests;
 - ``pool``: the baseline requests' residuals gathered (``flat[at]``);
-- ``test``: ``periodclients.clients_test`` in every cell.
+- ``test``: ``periodclients.clients_test`` in every cell;
+- ``keep`` and ``read_back``: the period's requests written to ``period_requests/`` and read back
+  (``periodrequests.save`` and ``read``), what a daily run adds to keep them for the next (``file_mib``).
 
 Peak memory is tracemalloc's (numpy's arrays are traced) over the four steps, above what the inputs
 hold. The model's replay of the requests, which a run also pays (about a forward pass per request),
@@ -69,31 +71,51 @@ def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
     seconds["test"] = time.perf_counter() - t
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    import tempfile
+    from pathlib import Path
+
+    from moeguard.monitor import periodrequests
+
+    shape = (1, cells)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [{"index": 0, "start": "0", "requests": n, "neighbours": "", "state": {}}]
+        t = time.perf_counter()
+        periodrequests.save(Path(tmp), rows, x=xs[days], resid=flat[idx].reshape(n, *shape), clients=who[days],
+                            parts={0: np.arange(n)}, baseline=days, digest="", history=None)
+        seconds["keep"] = time.perf_counter() - t
+        t = time.perf_counter()
+        back = periodrequests.read(Path(tmp) / "periods.jsonl", rows, dim=dim, shape=shape)
+        seconds["read_back"] = time.perf_counter() - t
+        size = (Path(tmp) / periodrequests.REQUESTS_FOLDER / "0.npz").stat().st_size
+        assert np.array_equal(back[0][1].reshape(n, cells), flat[idx])
     return {"requests": n, "baseline_requests": days * n, "cells": cells, "pairs": n * days * n,
-            "seconds": {k: round(v, 2) for k, v in seconds.items()}, "seconds_total": round(sum(seconds.values()), 2),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "seconds_test_total": round(sum(v for k, v in seconds.items() if k not in ("keep", "read_back")), 2),
+            "file_mib": round(size / 2**20, 1),
             "peak_mib": round(peak / 2**20, 1), "inputs_mib": round((flat.nbytes + sum(x.nbytes for x in xs)) / 2**20, 1),
             "clients_p": row.get("clients_p"), "nn_sha": __import__("hashlib").sha256(nn.tobytes()).hexdigest()[:16]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1000,4000,16000", help="requests per period")
-    ap.add_argument("--cells", default="32,256", help="(layer, expert) cells: 32 the embedded model's, 256 Mixtral's")
+    ap.add_argument("--grid", default="1000:32,1000:256,4000:256,16000:32,16000:256,32000:256",
+                    help="requests a period:(layer, expert) cells (32 the embedded model's, 256 Mixtral's), comma-separated")
     ap.add_argument("--baseline", type=int, default=14, help="baseline periods in the run")
     ap.add_argument("--dim", type=int, default=64, help="the profile's embedding size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = []
-    for n in (int(s) for s in args.sizes.split(",")):
-        for cells in (int(c) for c in args.cells.split(",")):
-            r = one(n, cells, days=args.baseline, dim=args.dim, seed=args.seed)
-            rows.append(r)
-            print(f"{n:6d} requests, {cells:4d} cells: {r['seconds_total']:7.1f} s {r['seconds']}, peak {r['peak_mib']} MiB "
-                  f"(inputs {r['inputs_mib']} MiB)", flush=True)
-    print("\n| requests a period | cells | seconds | match | test | peak MiB |\n|---|---|---|---|---|---|")
+    for pair in args.grid.split(","):
+        n, cells = (int(v) for v in pair.split(":"))
+        r = one(n, cells, days=args.baseline, dim=args.dim, seed=args.seed)
+        rows.append(r)
+        print(f"{n:6d} requests, {cells:4d} cells: {r['seconds_test_total']:7.1f} s {r['seconds']}, peak {r['peak_mib']} MiB "
+              f"(inputs {r['inputs_mib']} MiB), file {r['file_mib']} MiB", flush=True)
+    print("\n| requests a period | cells | seconds | match | test | peak MiB | kept file MiB, write / read s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['requests']} | {r['cells']} | {r['seconds_total']} | {r['seconds']['match']} | {r['seconds']['test']} | {r['peak_mib']} |")
+        print(f"| {r['requests']} | {r['cells']} | {r['seconds_test_total']} | {r['seconds']['match']} | {r['seconds']['test']} | "
+              f"{r['peak_mib']} | {r['file_mib']}, {r['seconds']['keep']} / {r['seconds']['read_back']} |")
     path = write_result("period_clients_cost", {"setting": {"baseline": args.baseline, "dim": args.dim, "seed": args.seed},
                                                 "rows": rows}, args.out)
     print(f"written to {path}")
