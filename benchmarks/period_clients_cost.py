@@ -7,16 +7,16 @@ period whose baseline holds ``--baseline`` periods of the same size in the run.
 The inputs are synthetic, made here: the test's cost depends on the sizes of its arrays, not on
 what they hold. Each request has an embedding (``--dim`` values, unit length, around one of 64
 topics, as the profile's space gives them), a residual in every (layer, expert) cell and a client
-(clients of 4-48 requests). The steps timed are ``score_periods``' own calls, in its order:
+(clients of 4-48 requests). The steps timed are ``score_periods``' own calls, in its order (the baseline's residuals gathered
+a cell at a time since 2026-12-06, ``pool_at``; before, ``pool``: copied whole first):
 
 - ``baseline``: ``periodclients.Earlier`` over the baseline periods (the null clients' matches);
 - ``match``: ``Earlier.match``, each of the period's requests' ``K`` nearest baseline requests;
-- ``pool``: the baseline requests' residuals gathered (``flat[at]``);
 - ``test``: ``periodclients.clients_test`` in every cell;
 - ``keep`` and ``read_back``: the period's requests written to ``period_requests/`` and read back
   (``periodrequests.save`` and ``read``), what a daily run adds to keep them for the next (``file_mib``).
 
-Peak memory is tracemalloc's (numpy's arrays are traced) over the four steps, above what the inputs
+Peak memory is tracemalloc's (numpy's arrays are traced) over baseline, match and test, above what the inputs
 hold. The model's replay of the requests, which a run also pays (about a forward pass per request),
 is not here. ``pairs``: period requests x baseline requests, what ``match`` grows with.
 """
@@ -62,11 +62,8 @@ def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
     nn = before.match(xs[days])
     seconds["match"] = time.perf_counter() - t
     t = time.perf_counter()
-    pool_r = flat[at]
-    seconds["pool"] = time.perf_counter() - t
-    t = time.perf_counter()
     row: dict = {}
-    periodclients.clients_test(row, before, nn, r=flat[idx], clients=who[days], pool_r=pool_r, alpha=0.01,
+    periodclients.clients_test(row, before, nn, r=flat[idx], clients=who[days], pool_r=flat, pool_at=at, alpha=0.01,
                                cells=[[0, c] for c in range(cells)])
     seconds["test"] = time.perf_counter() - t
     _, peak = tracemalloc.get_traced_memory()

@@ -203,11 +203,14 @@ class Earlier:
 
     def cause(self, row: dict[str, Any], *, r: np.ndarray, clients: list, pool_r: np.ndarray, alpha: float,
               nn: np.ndarray, cells: list[list[int]] | None = None, centre: str = "period",
-              tail: bool = False) -> dict[str, float | None]:
+              tail: bool = False, pool_at: np.ndarray | None = None) -> dict[str, float | None]:
         """Fill an alerted period's ``cause`` (``routing`` or ``mix``), ``p_routing`` and ``cause_cell``, or
         ``cause_why``: its requests' residuals ``r`` [n, c] in the ``c`` cells tested (``cells``: their
         [layer, expert], the test's alerting cells, most deviant first; [n]: one), ``clients`` [n] and
-        matches ``nn`` (``match``); ``pool_r`` [m, c] the earlier requests' residuals there. Each of the
+        matches ``nn`` (``match``); ``pool_r`` [m, c] the earlier requests' residuals there (or, with
+        ``pool_at`` [m], rows of ``pool_r`` that are: one cell's column is gathered at a time, so the
+        baseline's residuals are not copied whole; a fortnight of Mixtral's 256 cells at 32,000 requests
+        a day was a 0.9 GB copy). Each of the
         period's clients' adjusted p (its smallest over the cells; None: too few requests), by name.
 
         Bonferroni over the clients and the cells. Every alerting cell is tested, not only the most
@@ -242,6 +245,7 @@ class Earlier:
             row["cause_why"] = self.why
             return {}
         r, pool_r = np.asarray(r).reshape(len(r), -1), np.asarray(pool_r).reshape(len(pool_r), -1)
+        rows = slice(None) if pool_at is None else np.asarray(pool_at)     # the pool's requests among pool_r's rows
         if pool_r.shape[1] != r.shape[1] or (cells is not None and len(cells) != r.shape[1]):
             raise ValueError(f"residuals in {r.shape[1]} cells, the pool's in {pool_r.shape[1]}, "
                              f"{'no' if cells is None else len(cells)} cells named")
@@ -250,9 +254,10 @@ class Earlier:
         tested = np.zeros(len(names), dtype=bool)
         why, where = None, None
         for j in range(r.shape[1]):
-            zn, varn, tn = moderated_z(pool_r[self._rows, j] - matched_mean(pool_r[:, j], self._nn), self._owner)
+            col = pool_r[rows, j]                                            # [m]: the baseline's residuals in cell j
+            zn, varn, tn = moderated_z(col[self._rows] - matched_mean(col, self._nn), self._owner)
             null = zn[tn]
-            z, _, tj = moderated_z(r[:, j] - matched_mean(pool_r[:, j], nn), owner,
+            z, _, tj = moderated_z(r[:, j] - matched_mean(col, nn), owner,
                                    s0=float(varn[tn].mean()) if tn.any() else None)
             med = float(np.median(null)) if len(null) else 0.0
             mad = 1.4826 * float(np.median(np.abs(null - med))) if len(null) else 0.0
@@ -279,11 +284,12 @@ class Earlier:
 
 
 def clients_test(row: dict[str, Any], before: Earlier, nn: np.ndarray | None, *, r: np.ndarray, clients: list,
-                 pool_r: np.ndarray, alpha: float, cells: list[list[int]]) -> None:
+                 pool_r: np.ndarray, alpha: float, cells: list[list[int]], pool_at: np.ndarray | None = None) -> None:
     """The clients' test (``monitor score --period-clients``): every period's clients, in every cell of
     the model, against the same content on the baseline periods (``Earlier.cause``, Bonferroni over the
     clients and the cells), whether the period's load test alerts or not. ``r`` [n, cells] the period's
-    residuals, ``pool_r`` [m, cells] the baseline requests', ``cells`` their [layer, expert].
+    residuals, ``pool_r`` [m, cells] the baseline requests' (``pool_at``: ``Earlier.cause``'s), ``cells`` their
+    [layer, expert].
 
     Why a test of its own: the load test sums a period's residual over all its clients, so a few
     identities are diluted by everyone else's; here each client is a test. On 100 resampled days of the
@@ -294,7 +300,8 @@ def clients_test(row: dict[str, Any], before: Earlier, nn: np.ndarray | None, *,
     Fills ``clients_p`` (None: not tested, ``clients_why`` says why), ``clients_cell`` and, at most
     ``alpha``, ``clients_alert`` and ``clients_routing`` (the clients, smallest p first)."""
     got: dict[str, Any] = {}
-    ps = before.cause(got, r=r, clients=clients, pool_r=pool_r, alpha=alpha, nn=nn, cells=cells, tail=True)
+    ps = before.cause(got, r=r, clients=clients, pool_r=pool_r, pool_at=pool_at, alpha=alpha, nn=nn, cells=cells,
+                      tail=True)
     row["clients_p"] = got["p_routing"]
     if got["p_routing"] is None:
         row["clients_why"] = got["cause_why"]

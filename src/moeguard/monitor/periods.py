@@ -334,7 +334,7 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
             return before, nn
 
         if clients_test:   # before the load test: an alarm here keeps the period out of later baselines too
-            periodclients.clients_test(row, *matched(), r=flat[idx], clients=who, pool_r=flat[at], alpha=alpha,
+            periodclients.clients_test(row, *matched(), r=flat[idx], clients=who, pool_r=flat, pool_at=at, alpha=alpha,
                                        cells=every_cell)
             pooled = small.test(row, r, who)
         tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx,
