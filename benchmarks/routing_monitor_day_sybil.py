@@ -3,6 +3,7 @@ small clients' test (``periodsmall.py``) adds.
 
     .venv/bin/python benchmarks/routing_monitor_day_load.py --identities 24 --out /tmp/x.json --dump /tmp/days.npz
     .venv/bin/python benchmarks/routing_monitor_day_sybil.py --dump /tmp/days.npz [--draws 200] [--clients-draws 20] [--out JSON]
+    .venv/bin/python benchmarks/routing_monitor_day_sybil.py --dump /tmp/days.npz --padded [--out JSON]
 
 The clients' test (``score --period-clients``) tests each client alone, so its power falls with the
 client's size, and under ``periodclients.MIN_REQUESTS`` requests a client is not tested at all. An
@@ -25,6 +26,13 @@ attacker with many identities splits its campaign over them. Here, on days resam
   in the pools), each pool's own p
   (``small_under_U``, unadjusted), ``load_or_small`` (either), and on the first ``--clients-draws`` draws of the first share
   the clients' test (``periodclients.clients_test``, slow) and ``any_at_level`` (any of the three).
+- ``--padded`` (the first ``--one-off`` share only): an attacker who pads its identities with benign
+  requests, to lift each into a larger pool of the small clients' test or out of them all (64 or
+  more requests), and to dilute it for the clients' test. ``padded_H_of_S``: the campaign split into
+  identities of ``H`` hijacked requests, each topped up to ``S`` requests with benign requests (of
+  users in none of the draw's days: the same content as benign traffic); ``S / H`` requests sent for
+  each hijacked one. ``control_padded_H_of_S``: the same without the prefix. Written as
+  ``results/routing_monitor_day_sybil_padded.json``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from routing_monitor_day_resample import LEVELS, day_stats, read_dump
 
 SPLITS = ((1, 2, 3), (4,), (8,), (16,), (24,), (48,))
 CONTROL_SPLITS = ((1, 2, 3), (16,))
+PADS = ((2, 16), (4, 32), (8, 32), (2, 64), (4, 64), (8, 64), (16, 64))   # --padded: (hijacked, identity size)
+CONTROL_PADS = ((4, 64),)
 
 
 def split(reqs: np.ndarray, rng: np.random.Generator, sizes: tuple) -> list[np.ndarray]:
@@ -59,6 +69,7 @@ def main() -> None:
                                                                   "the clients' test: about 15 s a draw")
     ap.add_argument("--one-off", default="0.1,0.02,0.25", help="shares of each day's users that are one-off identities")
     ap.add_argument("--baseline", type=int, default=14)
+    ap.add_argument("--padded", action="store_true", help="the padded identities instead of the plain splits (module docstring)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -69,7 +80,7 @@ def main() -> None:
     X = z["x"].astype(np.float64)
     layers = list(range(R.shape[1]))
     every = [[a, b] for a in layers for b in range(R.shape[2])]
-    shares = [float(s) for s in args.one_off.split(",")]
+    shares = [float(s) for s in args.one_off.split(",")][:1 if args.padded else None]
 
     def day(chosen: np.ndarray, rng: np.random.Generator, tag: str, share: float) -> tuple[np.ndarray, list[str]]:
         """A day's requests and who sent each: each user a one-off identity set with probability ``share``."""
@@ -101,8 +112,19 @@ def main() -> None:
                 small.keep(row, small.test(row, R[i], w))
             c = draw % len(camp)
             kinds = {"benign": (tidx, twho)}
+            if args.padded:   # benign requests of the users in none of the draw's days, to pad with
+                spare = drng.permutation(np.concatenate([pool[j] for j in perm[per_day * (args.baseline + 1):]]))
             for what, src, splits in (("campaign", camp, SPLITS), ("control", ctrl, CONTROL_SPLITS)):
                 reqs = np.concatenate(src[c][:2])
+                if args.padded:
+                    for h, size in PADS if what == "campaign" else CONTROL_PADS:
+                        ids = split(reqs, drng, (h,))
+                        if len(ids) * (size - h) > len(spare):
+                            raise SystemExit(f"{len(spare)} spare requests, {len(ids) * (size - h)} needed to pad")
+                        ids = [np.concatenate([i, spare[q * (size - h):(q + 1) * (size - h)]]) for q, i in enumerate(ids)]
+                        kinds[f"{'control_' if what == 'control' else ''}padded_{h}_of_{size}"] = (
+                            np.concatenate([tidx, *ids]), twho + [f"sybil-{q}" for q, part in enumerate(ids) for _ in part])
+                    continue
                 for sz in splits:
                     ids = split(reqs, drng, sz)
                     kinds[f"{what}_{'-'.join(map(str, sz))}"] = (np.concatenate([tidx, *ids]),
@@ -141,10 +163,10 @@ def main() -> None:
         for k, r in rates.items():
             print(f"one-off {share} {k:16s} " + "  ".join(f"{n} {r[n]['0.01']:.3f}" for n in ("load", "small", "load_or_small", "clients", "any_at_level")
                                                        if n in r), flush=True)
-    path = write_result("routing_monitor_day_sybil", {
+    path = write_result("routing_monitor_day_sybil" + ("_padded" if args.padded else ""), {
         "setting": {"draws": args.draws, "clients_draws": args.clients_draws, "baseline": args.baseline, "one_off": shares,
                     "users_per_day": per_day, "campaigns": len(camp), "identities_split": 2, "sizes": list(periodsmall.SIZES),
-                    "half": periodsmall.HALF, "seed": args.seed},
+                    "half": periodsmall.HALF, "seed": args.seed, **({"pads": PADS, "control_pads": CONTROL_PADS} if args.padded else {})},
         "rates": result, "seconds": round(time.perf_counter() - t0, 1)}, args.out)
     print(f"written to {path}")
 
