@@ -111,7 +111,8 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert kept("first") == [day + d for d in range(10)] and kept("then") == [day + d for d in range(3, 14)]
     assert (tmp_path / "then" / "period_requests" / f"{day + 5}.npz").stat().st_ino == \
         (tmp_path / "first" / "period_requests" / f"{day + 5}.npz").stat().st_ino
-    assert then["period_requests"]["periods"] == 11 and then["period_requests"]["first"] == day + 3
+    assert then["period_requests"] == {"periods": 11, "first": day + 3, "mib": then["period_requests"]["mib"], "read": 10,
+                                       "history_baseline": 10}
     assert "the requests of 11 periods kept for later runs' baselines (" in said, said
     assert "lorem" not in "".join(f.read_bytes().decode("latin-1") for f in (tmp_path / "then" / "period_requests").iterdir())
     # without the folder, the history brings no requests: no cause, and the row says why
@@ -130,7 +131,11 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
                  for k, v in row.items() if k not in ("cause", "p_routing", "cause_why", "cause_cell", "routing_clients")} for row in rows]
 
     assert without_cause(daily) == without_cause(spans)
-    assert "1 period alerts (4 of 4 periods tested; 1 with no cause given)" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "1 period alerts (4 of 4 periods tested; 1 with no cause given)" in said.out
+    assert said.err.startswith(f"note: 10 of the 10 baseline periods read from --history have no kept requests (none in "
+                               f"{tmp_path / 'bare' / 'period_requests'}): the clients' test and an alert's cause match "
+                               "among the requests of the other 0"), said.err
     # a damaged file of the folder is a one-line error before the model loads, naming it and the fix
     shutil.copytree(tmp_path / "first", tmp_path / "damaged")
     (tmp_path / "damaged" / "period_requests" / f"{day + 9}.npz").write_bytes(b"not a zip")

@@ -210,11 +210,6 @@ def monitor_score(
     window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
     earlier = read_history(history, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
                            baseline=baseline, alpha=alpha_p, clients_test=period_clients) if history is not None else None
-    held = None
-    if earlier:   # the requests its run kept of the history's periods (period_requests beside it)
-        from moeguard.monitor.periodrequests import read as read_held
-
-        held = read_held(history, earlier, dim=prof.neighbours.x.shape[1], shape=prof.mean.shape)
     records = read_log(log)
     if earlier:
         from moeguard.monitor.periodhistory import check_after
@@ -224,6 +219,18 @@ def monitor_score(
         from moeguard.monitor.periodhistory import check_accept
 
         check_accept(accepted, [r["_t"] for r in records], period=seconds, history=earlier)
+    held, want = None, []
+    if earlier:   # the requests its run kept of the history's baseline periods (period_requests beside it)
+        from moeguard.monitor.periodrequests import read as read_held
+        from moeguard.monitor.periodrequests import wanted
+
+        want = wanted(earlier, baseline=baseline, accept=accepted or ())
+        held = read_held(history, want, dim=prof.neighbours.x.shape[1], shape=prof.mean.shape)
+        if len(held) < len(want):
+            typer.echo(f"note: {len(want) - len(held)} of the {len(want)} baseline periods read from --history have no "
+                       f"kept requests (none in {history.parent / 'period_requests'}): the clients' test and an alert's "
+                       f"cause match among the requests of the other {len(held)}", err=True)
+    brought = len(held or ())   # score_periods empties held as it takes them
     from moeguard.models.identity import weights_digest, weights_identity
 
     prof.check_model(handle.name, weights_digest(handle.arg))
@@ -266,8 +273,8 @@ def monitor_score(
         if seconds is not None:   # each period a later run's baseline can take, with its requests
             from moeguard.monitor.periodrequests import save
 
-            summary["period_requests"] = save(tmp, spans, **arrays, baseline=baseline, digest=prof.neighbours.digest,
-                                              history=history)
+            summary["period_requests"] = {**save(tmp, spans, **arrays, baseline=baseline, digest=prof.neighbours.digest,
+                                                 history=history), "read": brought, "history_baseline": len(want)}
         (tmp / "summary.json").write_text(dumps(summary, indent=2) + "\n")
         drop_replay(tmp)
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
@@ -284,7 +291,7 @@ def monitor_score(
                   f"({summary['periods_small_tested']} periods tested)" if "period_clients" in summary["alerts"] else "")
                + (f", {n} period{'' if n == 1 else 's'} accepted into baselines" if (n := len(summary.get("periods_accepted") or ())) else "")
                + (f", the requests of {k['periods']} period{'' if k['periods'] == 1 else 's'} kept for later runs' "
-                  f"baselines ({k['mib']:g} MiB)" if (k := summary.get("period_requests")) else "")
+                  f"baselines ({k['mib']:g} MiB)" if (k := summary.get("period_requests")) and k["periods"] else "")
                + " "
                f"(p <= {alpha}); written to {out}")
     u = summary["unwindowed"]

@@ -50,7 +50,7 @@ NULL_CLIENTS = 128   # baseline clients (at most) whose z's are the null
 MIN_NULL = 32        # and at least
 NAMED = 5            # clients an alert names
 UPPER = 0.9          # the clients' test's null scale is at least its upper tail's, from this quantile (``Earlier.cause``)
-CHUNK_VALUES = 1 << 22   # distances computed at a time by ``nearest`` (32 MiB as float64)
+CHUNK_VALUES = 1 << 22   # distances ``nearest`` computes at a time (32 MiB as float64; at least 32 rows)
 REQUESTS_FOLDER = "period_requests"   # beside periods.jsonl: each period's requests for later runs (periodrequests.py)
 
 
@@ -99,7 +99,7 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
     pn = (pool**2).sum(1)
     # rows a chunk: its [rows, pool] distances (and their temporaries) about 32 MiB, not 512 rows whatever
     # the pool (two weeks of 16,000 requests a day made 0.9 GB a chunk and a 3.7 GB peak); at least 32
-    # rows, so the pool is not read once per row
+    # rows, so the pool is not read once per row (past a pool of 131,072 a chunk is larger: 115 MiB at 448,000)
     rows = max(32, min(512, CHUNK_VALUES // max(1, len(pool))))
     for s in range(0, len(x), rows):
         q = x[s:s + rows]

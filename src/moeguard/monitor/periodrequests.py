@@ -21,7 +21,7 @@ import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
@@ -48,10 +48,17 @@ def _file(folder: Path, index: int) -> Path:
     return folder / REQUESTS_FOLDER / f"{index}.npz"
 
 
+def wanted(rows: list[dict[str, Any]], *, baseline: int, accept: Collection[str] = ()) -> list[dict[str, Any]]:
+    """The history's periods (``periodhistory.read_history``'s rows) that this run's first baseline takes,
+    as ``periods.Baseline`` takes them: the last ``baseline`` with a state that join (``--accept``
+    included). Only their requests are read: later baselines in the run only drop the oldest."""
+    return [r for r in rows if "_state" in r and (joins(r) or r["start"] in accept)][-baseline:]
+
+
 def read(history: Path, rows: list[dict[str, Any]], *, dim: int, shape: tuple[int, int]) -> dict[int, Held]:
-    """The history's periods' requests that its run kept (``history``: its periods.jsonl; ``rows``:
-    ``periodhistory.read_history``'s), by index, each checked against its row (one-line errors before
-    the model loads). A period without a file brings none."""
+    """The requests its run kept of the history's periods ``rows`` (``wanted``; ``history``: its
+    periods.jsonl), by index, each checked against its row (one-line errors before the model loads).
+    A period without a file brings none."""
     out: dict[int, Held] = {}
     for row in rows:
         path = _file(history.parent, int(row["index"]))
@@ -59,22 +66,25 @@ def read(history: Path, rows: list[dict[str, Any]], *, dim: int, shape: tuple[in
             continue
         fix = (f"delete {path} (that period's requests are then not among the matches) or pass the periods.jsonl "
                "of the run that wrote the folder")
+        n = int(row["requests"])
         try:
             with np.load(path, allow_pickle=False) as z:
                 x, resid, clients = z["x"], z["resid"], z["clients"]
                 start, digest = str(z["start"]), str(z["digest"])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            why = ("its start is " + start if start != row["start"] else
+                   "it was kept with another profile's neighbour references" if digest != row.get("neighbours") else
+                   f"its embeddings are {x.shape}, not {(n, dim)}" if x.shape != (n, dim) else
+                   f"its residuals are {resid.shape}, not {(n, *shape)}" if resid.shape != (n, *shape) else
+                   f"it names {clients.shape} clients, not {n}" if clients.shape != (n,) else
+                   "its embeddings or residuals are not numbers" if x.dtype.kind != "f" or resid.dtype.kind != "f" else
+                   "its clients are not names" if clients.dtype.kind != "U" else
+                   "it holds a value that is not finite" if not (np.isfinite(x).all() and np.isfinite(resid).all()) else None)
+        except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+            # TypeError/AttributeError: a lone .npy under the name (np.load gives an array, not an archive)
             said = ("not numpy's .npz format, and a pickle is never read" if "pickle" in str(e) else
                     f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
             raise MoeguardError(f"{path} is not a period's requests as `monitor score --period` writes them ({said})",
                                 hint=fix) from None
-        n = int(row["requests"])
-        why = ("its start is " + start if start != row["start"] else
-               "it was kept with another profile's neighbour references" if digest != row.get("neighbours") else
-               f"its embeddings are {x.shape}, not {(n, dim)}" if x.shape != (n, dim) else
-               f"its residuals are {resid.shape}, not {(n, *shape)}" if resid.shape != (n, *shape) else
-               f"it names {clients.shape} clients, not {n}" if clients.shape != (n,) else
-               "it holds a value that is not finite" if not (np.isfinite(x).all() and np.isfinite(resid).all()) else None)
         if why is not None:
             raise MoeguardError(f"{path} does not belong to {history}'s period {row['start']} ({why})", hint=fix)
         out[int(row["index"])] = (x.astype(np.float64), resid.astype(np.float64), clients.tolist())
@@ -85,8 +95,11 @@ def save(out: Path, rows: list[dict[str, Any]], *, x: np.ndarray, resid: np.ndar
          parts: dict[int, np.ndarray], baseline: int, digest: str, history: Path | None) -> dict[str, Any]:
     """Write into the run's folder ``out`` the files of the ``carried`` periods: this run's written
     (``parts``: each period's requests by index, into ``x`` [N, dim], ``resid`` [N, L, E] and ``clients``
-    [N]), the history's linked from beside ``history``. What was kept, for the summary."""
+    [N]), the history's linked from beside ``history``. What was kept, for the summary. ``out`` is the
+    run's own partial folder (``io.resumable_dir``): what an interrupted attempt left in it is removed
+    first, so no stale file stays and no link is written through."""
     folder = out / REQUESTS_FOLDER
+    shutil.rmtree(folder, ignore_errors=True)
     kept = []
     for index in carried(rows, baseline):
         path = _file(out, index)

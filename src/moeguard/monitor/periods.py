@@ -278,7 +278,7 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     its tests say, and its row says ``accepted`` (so a run reading it as history keeps it). Without
     it, a launch of new content goes on alerting: each alerting day is held out, so no baseline ever
     holds the new content (``benchmarks/routing_monitor_day_novel.py``). ``held``: history periods' requests
-    (``periodrequests.read``), by index: their embeddings [n, dim], residuals [n, L, E] and clients, so
+    (``periodrequests.read``; emptied as they are taken), by index: their embeddings [n, dim], residuals [n, L, E] and clients, so
     that the clients' test and an alert's cause have them as matches in a daily run, as in one run over
     all the days (the same rows: ``tests/test_periodrequests.py``)."""
     from moeguard.monitor import periodsmall   # here: it builds on this module's Baseline
@@ -296,9 +296,11 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         for i in order:
             of[i] = np.arange(offset, offset + len(held[i][0]))
             offset += len(held[i][0])
-        x = np.concatenate([held[i][0] for i in order] + [x])
-        resid = np.concatenate([held[i][1] for i in order] + [resid])
-        clients = [c for i in order for c in held[i][2]] + list(clients)
+        taken = [held.pop(i) for i in order]   # out of the caller's dict: the arrays are not held twice
+        x = np.concatenate([h[0] for h in taken] + [x])
+        resid = np.concatenate([h[1] for h in taken] + [resid])
+        clients = [c for h in taken for c in h[2]] + list(clients)
+        del taken
         parts = [idx + offset for idx in parts]
     base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history, requests=of)
     small = periodsmall.SmallClients(baseline=baseline, alpha=alpha, layers=layers, history=history) if clients_test else None
