@@ -148,11 +148,15 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert f"delete {tmp_path / 'damaged' / 'period_requests' / f'{day + 9}.npz'}" in err and not (tmp_path / "then-damaged").exists()
     # --period-alpha sets the period test's level apart from --alpha: the campaign day (p < 1e-4) passes at 1e-12
     assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "strict"),
-                 "--period", "24h", "--baseline", "10", "--period-alpha", "1e-12"]) == 0
+                 "--period", "24h", "--baseline", "10", "--period-alpha", "1e-12", "--no-period-requests"]) == 0
     strict = json.loads((tmp_path / "strict" / "summary.json").read_text())
+    # --no-period-requests: no folder, nothing said of it; the settings record it
+    assert not (tmp_path / "strict" / "period_requests").exists() and "period_requests" not in strict
+    assert strict["run"]["settings"]["period_requests"] is False and then["run"]["settings"]["period_requests"] is True
     assert (strict["alerts"]["period"], strict["period_alpha"], strict["alpha"]) == (0, 1e-12, 0.01)
     assert all(json.loads(x)["settings"]["alpha"] == 1e-12 for x in (tmp_path / "strict" / "periods.jsonl").read_text().splitlines())
-    assert "0 period alerts (11 of 14 periods tested)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "0 period alerts (11 of 14 periods tested)" in said and "kept for later runs" not in said, said
     # --period-clients: every period's clients in every cell, an alarm of its own, on the campaign day alone;
     # the load test's numbers are unchanged (no benign day is held out of a baseline by it)
     assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(tmp_path / "clients"),
@@ -350,6 +354,7 @@ def test_a_period_that_is_no_length_is_refused_with_the_forms_there_are(value):
     (["--period-alpha", "0.001"], "--period-alpha 0.001 without --period"),
     (["--period-clients"], "--period-clients without --period"),
     (["--accept", "2026-11-01T00:00:00Z"], "--accept 2026-11-01T00:00:00Z without --period"),
+    (["--no-period-requests"], "--no-period-requests without --period"),
     (["--period", "24h", "--accept", " , "], "--accept is ' , '"),
     (["--period", "24h", "--period-alpha", "2"], "--period-alpha is 2.0"),
 ])

@@ -183,6 +183,7 @@ def monitor_score(
         period_alpha: Annotated[Optional[float], typer.Option("--period-alpha", help="alert on a period when its p-value is at most this; with --period (default: --alpha)")] = None,
         period_clients: Annotated[bool, typer.Option("--period-clients", help="also test every period's clients in every (layer, expert): routing beyond what the same content got in the baseline periods (an alarm of its own, kind period_clients; about 5-10 s a period of 3,000 requests against 14 such, growing with both: 100 s at 16,000); and its clients of few requests, pooled by size, against the same pools of the baseline periods (kind period_small_clients: a campaign split over many identities). The clients' test needs the baseline periods' requests: this log's, or a --history's from the period_requests folder its run wrote beside it; the small clients' test does not; with --period")] = False,
         accept: Annotated[Optional[str], typer.Option("--accept", help="periods you reviewed and judged benign (a launch, a batch job), comma-separated, each by its start as periods.jsonl writes it: each joins later baselines even though it alerted, so new content stops alerting once accepted (the history's periods or the log's); with --period")] = None,
+        no_period_requests: Annotated[bool, typer.Option("--no-period-requests", help="do not keep each period's requests in period_requests/ (embeddings and residuals, no text: (64 + layers x experts) x 8 bytes a request): saves the disk, but a later run given this run's periods.jsonl as --history then has no clients' test and no cause; with --period")] = False,
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
     (and, with --period, on days whose routing load moved)."""
@@ -196,7 +197,8 @@ def monitor_score(
     from moeguard.monitor.periods import period_alpha as level
 
     seconds, baseline = check_period(period, baseline, history=history, period_alpha=period_alpha,
-                                     period_clients=period_clients or None, accept=accept)
+                                     period_clients=period_clients or None, accept=accept,
+                                     no_period_requests=no_period_requests or None)
     alpha_p = level(alpha, period_alpha)
     from moeguard.monitor.periodhistory import parse_accept
 
@@ -258,7 +260,8 @@ def monitor_score(
                                      "alpha": alpha, "log_prompts": log_prompts, **_placement(handle),
                                      **({"period": seconds, "baseline": baseline, "period_alpha": alpha_p,
                                          "history": None if history is None else str(history),
-                                         "period_clients": period_clients, "accept": accepted}
+                                         "period_clients": period_clients, "accept": accepted,
+                                         "period_requests": not no_period_requests}
                                         if seconds is not None else {})})
         (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
@@ -270,7 +273,7 @@ def monitor_score(
             (tmp / "periods.jsonl").write_text("".join(dumps(t) + "\n" for t in spans))
         (tmp / "alerts.jsonl").write_text("".join(dumps(a) + "\n" for a in alerts))
         arrays = summary.pop("period_arrays")
-        if seconds is not None:   # each period a later run's baseline can take, with its requests
+        if seconds is not None and not no_period_requests:   # each period a later baseline can take, with its requests
             from moeguard.monitor.periodrequests import save
 
             summary["period_requests"] = {**save(tmp, spans, **arrays, baseline=baseline, digest=prof.neighbours.digest,
