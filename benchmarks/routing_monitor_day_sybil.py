@@ -4,6 +4,7 @@ small clients' test (``periodsmall.py``) adds.
     .venv/bin/python benchmarks/routing_monitor_day_load.py --identities 24 --out /tmp/x.json --dump /tmp/days.npz
     .venv/bin/python benchmarks/routing_monitor_day_sybil.py --dump /tmp/days.npz [--draws 200] [--clients-draws 20] [--out JSON]
     .venv/bin/python benchmarks/routing_monitor_day_sybil.py --dump /tmp/days.npz --padded [--out JSON]
+    .venv/bin/python benchmarks/routing_monitor_day_sybil.py --dump /tmp/days.npz --mixed [--out JSON]
 
 The clients' test (``score --period-clients``) tests each client alone, so its power falls with the
 client's size, and under ``periodclients.MIN_REQUESTS`` requests a client is not tested at all. An
@@ -33,6 +34,10 @@ attacker with many identities splits its campaign over them. Here, on days resam
   users in none of the draw's days: the same content as benign traffic); ``S / H`` requests sent for
   each hijacked one. ``control_padded_H_of_S``: the same without the prefix. Written as
   ``results/routing_monitor_day_sybil_padded.json``.
+- ``--mixed`` (the first ``--one-off`` share only): an attacker who mixes identity sizes, each
+  identity's size drawn from ``MIXED``'s sets (``campaign_S1-S2-...``), to spread its campaign over
+  the small clients' test's pools; the control as the first set. Written as
+  ``results/routing_monitor_day_sybil_mixed.json``.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ SPLITS = ((1, 2, 3), (4,), (8,), (16,), (24,), (48,))
 CONTROL_SPLITS = ((1, 2, 3), (16,))
 PADS = ((2, 16), (4, 32), (8, 32), (2, 64), (4, 64), (8, 64), (16, 64))   # --padded: (hijacked, identity size)
 CONTROL_PADS = ((4, 64),)
+MIXED = ((1, 2, 4, 8, 16), (2, 4, 8, 16, 24), (4, 8, 16, 24, 48), (8, 16, 24, 48))   # --mixed: identity sizes drawn from
 
 
 def split(reqs: np.ndarray, rng: np.random.Generator, sizes: tuple) -> list[np.ndarray]:
@@ -70,6 +76,7 @@ def main() -> None:
     ap.add_argument("--one-off", default="0.1,0.02,0.25", help="shares of each day's users that are one-off identities")
     ap.add_argument("--baseline", type=int, default=14)
     ap.add_argument("--padded", action="store_true", help="the padded identities instead of the plain splits (module docstring)")
+    ap.add_argument("--mixed", action="store_true", help="identities of mixed sizes instead of the plain splits (module docstring)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -80,7 +87,9 @@ def main() -> None:
     X = z["x"].astype(np.float64)
     layers = list(range(R.shape[1]))
     every = [[a, b] for a in layers for b in range(R.shape[2])]
-    shares = [float(s) for s in args.one_off.split(",")][:1 if args.padded else None]
+    if args.padded and args.mixed:
+        raise SystemExit("--padded or --mixed, not both")
+    shares = [float(s) for s in args.one_off.split(",")][:1 if args.padded or args.mixed else None]
 
     def day(chosen: np.ndarray, rng: np.random.Generator, tag: str, share: float) -> tuple[np.ndarray, list[str]]:
         """A day's requests and who sent each: each user a one-off identity set with probability ``share``."""
@@ -114,7 +123,8 @@ def main() -> None:
             kinds = {"benign": (tidx, twho)}
             if args.padded:   # benign requests of the users in none of the draw's days, to pad with
                 spare = drng.permutation(np.concatenate([pool[j] for j in perm[per_day * (args.baseline + 1):]]))
-            for what, src, splits in (("campaign", camp, SPLITS), ("control", ctrl, CONTROL_SPLITS)):
+            for what, src, splits in (("campaign", camp, MIXED if args.mixed else SPLITS),
+                                      ("control", ctrl, MIXED[:1] if args.mixed else CONTROL_SPLITS)):
                 reqs = np.concatenate(src[c][:2])
                 if args.padded:
                     for h, size in PADS if what == "campaign" else CONTROL_PADS:
@@ -163,10 +173,11 @@ def main() -> None:
         for k, r in rates.items():
             print(f"one-off {share} {k:16s} " + "  ".join(f"{n} {r[n]['0.01']:.3f}" for n in ("load", "small", "load_or_small", "clients", "any_at_level")
                                                        if n in r), flush=True)
-    path = write_result("routing_monitor_day_sybil" + ("_padded" if args.padded else ""), {
+    path = write_result("routing_monitor_day_sybil" + ("_padded" if args.padded else "_mixed" if args.mixed else ""), {
         "setting": {"draws": args.draws, "clients_draws": args.clients_draws, "baseline": args.baseline, "one_off": shares,
                     "users_per_day": per_day, "campaigns": len(camp), "identities_split": 2, "sizes": list(periodsmall.SIZES),
-                    "half": periodsmall.HALF, "seed": args.seed, **({"pads": PADS, "control_pads": CONTROL_PADS} if args.padded else {})},
+                    "half": periodsmall.HALF, "seed": args.seed, **({"pads": PADS, "control_pads": CONTROL_PADS} if args.padded else {}),
+                    **({"mixed": MIXED} if args.mixed else {})},
         "rates": result, "seconds": round(time.perf_counter() - t0, 1)}, args.out)
     print(f"written to {path}")
 
