@@ -31,8 +31,8 @@ cause is ``routing`` where the smallest is at most the period's level, else ``mi
 Measured in ``benchmarks/routing_monitor_day_resample.py`` (docs/routing-security.md). The test
 needs the baseline periods' requests: periods read from ``--history`` bring theirs only from the
 ``period_requests`` folder beside it (``periodrequests.py``), and with fewer
-than 2 periods or ``MIN_MATCHED`` requests in this run, or fewer than ``MIN_NULL`` clients in them,
-the cause is not given (``cause_why`` says why).
+than 2 periods or ``MIN_MATCHED`` requests held, or fewer than ``MIN_NULL`` clients in them, the
+cause is not given (``cause_why`` says why).
 """
 
 from __future__ import annotations
