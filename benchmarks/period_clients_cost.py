@@ -24,6 +24,7 @@ is not here. ``pairs``: period requests x baseline requests, what ``match`` grow
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 import tracemalloc
 
@@ -90,7 +91,7 @@ def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
             "seconds_test_total": round(sum(v for k, v in seconds.items() if k not in ("keep", "read_back")), 2),
             "file_mib": round(size / 2**20, 1),
             "peak_mib": round(peak / 2**20, 1), "inputs_mib": round((flat.nbytes + sum(x.nbytes for x in xs)) / 2**20, 1),
-            "clients_p": row.get("clients_p"), "nn_sha": __import__("hashlib").sha256(nn.tobytes()).hexdigest()[:16]}
+            "clients_p": row.get("clients_p"), "nn_sha": hashlib.sha256(nn.tobytes()).hexdigest()[:16]}
 
 
 def main() -> None:

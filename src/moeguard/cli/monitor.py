@@ -223,6 +223,7 @@ def monitor_score(
         check_accept(accepted, [r["_t"] for r in records], period=seconds, history=earlier)
     held, want = None, []
     if earlier:   # the requests its run kept of the history's baseline periods (period_requests beside it)
+        from moeguard.monitor.periodclients import REQUESTS_FOLDER
         from moeguard.monitor.periodrequests import read as read_held
         from moeguard.monitor.periodrequests import wanted
 
@@ -230,7 +231,7 @@ def monitor_score(
         held = read_held(history, want, dim=prof.neighbours.x.shape[1], shape=prof.mean.shape)
         if len(held) < len(want):
             typer.echo(f"note: {len(want) - len(held)} of the {len(want)} baseline periods read from --history have no "
-                       f"kept requests (none in {history.parent / 'period_requests'}): the clients' test and an alert's "
+                       f"kept requests (none in {history.parent / REQUESTS_FOLDER}): the clients' test and an alert's "
                        f"cause match among the requests of the other {len(held)}", err=True)
     brought = len(held or ())   # score_periods empties held as it takes them
     from moeguard.models.identity import weights_digest, weights_identity

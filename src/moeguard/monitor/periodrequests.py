@@ -27,6 +27,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.monitor.periodclients import REQUESTS_FOLDER
+from moeguard.monitor.periodhistory import mark_accepted
 from moeguard.monitor.periods import joins
 
 Held = tuple[np.ndarray, np.ndarray, list]   # one period's embeddings [n, dim], residuals [n, L, E], clients [n]
@@ -51,8 +52,9 @@ def _file(folder: Path, index: int) -> Path:
 def wanted(rows: list[dict[str, Any]], *, baseline: int, accept: Collection[str] = ()) -> list[dict[str, Any]]:
     """The history's periods (``periodhistory.read_history``'s rows) that this run's first baseline takes,
     as ``periods.Baseline`` takes them: the last ``baseline`` with a state that join (``--accept``
-    included). Only their requests are read: later baselines in the run only drop the oldest."""
-    return [r for r in rows if "_state" in r and (joins(r) or r["start"] in accept)][-baseline:]
+    included, marked as ``score_periods`` marks them). Only their requests are read: later baselines in
+    the run only drop the oldest."""
+    return [r for r in mark_accepted(rows, set(accept)) if "_state" in r and joins(r)][-baseline:]
 
 
 def read(history: Path, rows: list[dict[str, Any]], *, dim: int, shape: tuple[int, int]) -> dict[int, Held]:
@@ -87,7 +89,7 @@ def read(history: Path, rows: list[dict[str, Any]], *, dim: int, shape: tuple[in
                                 hint=fix) from None
         if why is not None:
             raise MoeguardError(f"{path} does not belong to {history}'s period {row['start']} ({why})", hint=fix)
-        out[int(row["index"])] = (x.astype(np.float64), resid.astype(np.float64), clients.tolist())
+        out[int(row["index"])] = (np.asarray(x, dtype=np.float64), np.asarray(resid, dtype=np.float64), clients.tolist())
     return out
 
 

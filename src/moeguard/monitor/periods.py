@@ -293,10 +293,10 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         if x is None:
             raise ValueError("a history's requests need this run's embeddings (x)")
         order = [int(old["index"]) for old in history if int(old["index"]) in held]
-        for i in order:
-            of[i] = np.arange(offset, offset + len(held[i][0]))
-            offset += len(held[i][0])
         taken = [held.pop(i) for i in order]   # out of the caller's dict: the arrays are not held twice
+        for i, h in zip(order, taken):
+            of[i] = np.arange(offset, offset + len(h[0]))
+            offset += len(h[0])
         x = np.concatenate([h[0] for h in taken] + [x])
         resid = np.concatenate([h[1] for h in taken] + [resid])
         clients = [c for h in taken for c in h[2]] + list(clients)
