@@ -13,11 +13,15 @@ a cell at a time since 2026-12-06, ``pool_at``; before, ``pool``: copied whole f
 - ``baseline``: ``periodclients.Earlier`` over the baseline periods (the null clients' matches);
 - ``match``: ``Earlier.match``, each of the period's requests' ``K`` nearest baseline requests;
 - ``test``: ``periodclients.clients_test`` in every cell;
+- ``match_argpartition`` (not in the total): the same matching with numpy's one-core ``argpartition``,
+  as ``nearest`` selected until 2026-12-06, in the same run for the ratio (``match_speedup``); its
+  matches are checked to be the same sets;
 - ``keep`` and ``read_back``: the period's requests written to ``period_requests/`` and read back
   (``periodrequests.save`` and ``read``), what a daily run adds to keep them for the next (``file_mib``).
 
 Peak memory is tracemalloc's (numpy's arrays are traced) over baseline, match and test, above what the inputs
-hold. The model's replay of the requests, which a run also pays (about a forward pass per request),
+hold. It does not see torch's: ``torch.topk`` in ``nearest`` returns [rows, K] indices and keeps a
+buffer of about 16 bytes a pool row per thread (3.4 MiB at a pool of 224,000). The model's replay of the requests, which a run also pays (about a forward pass per request),
 is not here. ``pairs``: period requests x baseline requests, what ``match`` grows with.
 """
 
@@ -47,7 +51,30 @@ def synthetic(n: int, days: int, cells: int, dim: int, rng: np.random.Generator)
     return xs, who, 0.05 * rng.normal(size=((days + 1) * n, cells))
 
 
+def argpartition_nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
+    """``periodclients.nearest`` as it selected before 2026-12-06 (numpy's ``argpartition``, one core),
+    its rows sorted: the reference the ``topk`` selection is timed and checked against."""
+    from moeguard.monitor import periodclients
+
+    pn = (pool**2).sum(1)
+    out = np.full((len(x), k), -1, dtype=np.int64)
+    rows = max(32, min(512, periodclients.CHUNK_VALUES // max(1, len(pool))))
+    for s in range(0, len(x), rows):
+        q = x[s:s + rows]
+        qn = (q**2).sum(1)[:, None]
+        d2 = q @ pool.T
+        d2 *= -2
+        d2 += pn
+        d2[d2 + qn <= 1e-9 * (qn + pn)] = np.inf
+        idx = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        idx[np.isinf(np.take_along_axis(d2, idx, 1))] = -1
+        out[s:s + rows] = idx
+    return np.sort(out, axis=1)
+
+
 def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
+    import torch  # noqa: F401  (``nearest`` selects with it: imported here, not inside the first timed step)
+
     from moeguard.monitor import periodclients
 
     rng = np.random.default_rng([seed, n, cells])
@@ -69,6 +96,11 @@ def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
     seconds["test"] = time.perf_counter() - t
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    t = time.perf_counter()
+    reference = argpartition_nearest(xs[days], before.pool, periodclients.K)
+    seconds["match_argpartition"] = time.perf_counter() - t
+    if not np.array_equal(reference, nn):
+        raise SystemExit(f"{n} requests: topk and argpartition matched different requests")
     import tempfile
     from pathlib import Path
 
@@ -88,7 +120,8 @@ def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
         assert np.array_equal(back[0][1].reshape(n, cells), flat[idx])
     return {"requests": n, "baseline_requests": days * n, "cells": cells, "pairs": n * days * n,
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
-            "seconds_test_total": round(sum(v for k, v in seconds.items() if k not in ("keep", "read_back")), 2),
+            "seconds_test_total": round(sum(v for k, v in seconds.items() if k not in ("keep", "read_back", "match_argpartition")), 2),
+            "match_speedup": round(seconds["match_argpartition"] / seconds["match"], 2),
             "file_mib": round(size / 2**20, 1),
             "peak_mib": round(peak / 2**20, 1), "inputs_mib": round((flat.nbytes + sum(x.nbytes for x in xs)) / 2**20, 1),
             "clients_p": row.get("clients_p"), "nn_sha": hashlib.sha256(nn.tobytes()).hexdigest()[:16]}
@@ -109,10 +142,12 @@ def main() -> None:
         r = one(n, cells, days=args.baseline, dim=args.dim, seed=args.seed)
         rows.append(r)
         print(f"{n:6d} requests, {cells:4d} cells: {r['seconds_test_total']:7.1f} s {r['seconds']}, peak {r['peak_mib']} MiB "
-              f"(inputs {r['inputs_mib']} MiB), file {r['file_mib']} MiB", flush=True)
-    print("\n| requests a period | cells | seconds | match | test | peak MiB | kept file MiB, write / read s |\n|---|---|---|---|---|---|---|")
+              f"(inputs {r['inputs_mib']} MiB), file {r['file_mib']} MiB, match {r['match_speedup']}x argpartition", flush=True)
+    print("\n| requests a period | cells | seconds | match | match by argpartition | test | peak MiB | kept file MiB, write / read s |"
+          "\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['requests']} | {r['cells']} | {r['seconds_test_total']} | {r['seconds']['match']} | {r['seconds']['test']} | "
+        print(f"| {r['requests']} | {r['cells']} | {r['seconds_test_total']} | {r['seconds']['match']} | "
+              f"{r['seconds']['match_argpartition']} | {r['seconds']['test']} | "
               f"{r['peak_mib']} | {r['file_mib']}, {r['seconds']['keep']} / {r['seconds']['read_back']} |")
     path = write_result("period_clients_cost", {"setting": {"baseline": args.baseline, "dim": args.dim, "seed": args.seed},
                                                 "rows": rows}, args.out)

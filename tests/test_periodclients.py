@@ -108,6 +108,12 @@ def test_a_verbatim_repeat_is_not_its_own_match_and_a_request_left_without_match
     nn = periodclients.nearest(q, pool, 4)
     assert all(i not in row for i, row in zip(range(3), nn[:3])), nn       # the copies are excluded
     assert all(i in row for i, row in zip(range(3), nn[3:])), nn           # a near one is still the nearest
+    # more copies than k, beside rows without any, in one chunk: each copy's k are its nearest others
+    many = np.concatenate([pool, np.repeat(pool[:1], 9, 0)])
+    nn = periodclients.nearest(np.concatenate([pool[:1], q[3:]]), many, 4)
+    want = np.argsort(((pool[:1, None] - pool[None, 1:]) ** 2).sum(-1), axis=1)[0, :4] + 1
+    assert sorted(nn[0].tolist()) == sorted(want.tolist()), nn
+    assert set(nn[1].tolist()) <= {0, *range(50, 59)}, nn                # a near one: the copies are its nearest
     # a pool of 5 rows, 4 of them copies of the query: one match is left, the rest are -1
     copies = np.concatenate([np.repeat(pool[:1], 4, 0), pool[1:2]])
     nn = periodclients.nearest(pool[:1], copies, 3)
@@ -162,6 +168,7 @@ def test_nearest_returns_the_k_nearest_other_rows(k, queries):
     got = periodclients.nearest(q, pool, k)
     want = np.argsort(((q[:, None] - pool[None]) ** 2).sum(-1), axis=1)[:, :k]
     assert [set(a) for a in got] == [set(b) for b in want]
+    assert (np.diff(got, axis=1) > 0).all(), got[:3]     # in pool order: means over them sum in one order
     assert periodclients.nearest(q, pool[:0], k).shape == (queries, 0)   # no pool: no match, no error
 
 
