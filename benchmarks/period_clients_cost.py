@@ -2,12 +2,14 @@
 size and the model's cells: the time and peak memory of what ``periods.score_periods`` does for a
 period whose baseline holds ``--baseline`` periods of the same size in the run.
 
-    .venv/bin/python benchmarks/period_clients_cost.py [--grid 1000:32,4000:256,...] [--out JSON]
+    .venv/bin/python benchmarks/period_clients_cost.py [--grid 1000:32,4000:256,16000:32:0.3,...] [--out JSON]
 
 The inputs are synthetic, made here: the test's cost depends on the sizes of its arrays, not on
 what they hold. Each request has an embedding (``--dim`` values, unit length, around one of 64
 topics, as the profile's space gives them), a residual in every (layer, expert) cell and a client
-(clients of 4-48 requests). The steps timed are ``score_periods``' own calls, in its order (the baseline's residuals gathered
+(clients of 4-48 requests). A grid entry's third field, a share, makes that share of the period's
+requests exact copies of baseline requests (a log of templated prompts and retries: ``nearest``
+selects those rows again without their copies). The steps timed are ``score_periods``' own calls, in its order (the baseline's residuals gathered
 a cell at a time since 2026-12-06, ``pool_at``; before, ``pool``: copied whole first):
 
 - ``baseline``: ``periodclients.Earlier`` over the baseline periods (the null clients' matches);
@@ -72,13 +74,15 @@ def argpartition_nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
     return np.sort(out, axis=1)
 
 
-def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
+def one(n: int, cells: int, *, days: int, dim: int, seed: int, repeats: float = 0.0) -> dict:
     import torch  # noqa: F401  (``nearest`` selects with it: imported here, not inside the first timed step)
 
     from moeguard.monitor import periodclients
 
     rng = np.random.default_rng([seed, n, cells])
     xs, who, flat = synthetic(n, days, cells, dim, rng)
+    copies = rng.choice(n, size=int(round(repeats * n)), replace=False)
+    xs[days][copies] = np.concatenate(xs[:days])[rng.integers(0, days * n, len(copies))]
     at = np.arange(days * n)                                # the baseline's requests, as score_periods holds them
     idx = np.arange(days * n, (days + 1) * n)               # the period's
     seconds: dict[str, float] = {}
@@ -99,7 +103,7 @@ def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
     t = time.perf_counter()
     reference = argpartition_nearest(xs[days], before.pool, periodclients.K)
     seconds["match_argpartition"] = time.perf_counter() - t
-    if not np.array_equal(reference, nn):
+    if not np.array_equal(reference, np.sort(nn, axis=1)):   # -1s (no match left) sort first in both
         raise SystemExit(f"{n} requests: topk and argpartition matched different requests")
     import tempfile
     from pathlib import Path
@@ -118,7 +122,7 @@ def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
         seconds["read_back"] = time.perf_counter() - t
         size = (Path(tmp) / periodrequests.REQUESTS_FOLDER / "0.npz").stat().st_size
         assert np.array_equal(back[0][1].reshape(n, cells), flat[idx])
-    return {"requests": n, "baseline_requests": days * n, "cells": cells, "pairs": n * days * n,
+    return {"requests": n, "repeats": repeats, "baseline_requests": days * n, "cells": cells, "pairs": n * days * n,
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "seconds_test_total": round(sum(v for k, v in seconds.items() if k not in ("keep", "read_back", "match_argpartition")), 2),
             "match_speedup": round(seconds["match_argpartition"] / seconds["match"], 2),
@@ -129,8 +133,9 @@ def one(n: int, cells: int, *, days: int, dim: int, seed: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--grid", default="1000:32,1000:256,4000:256,16000:32,16000:256,32000:256",
-                    help="requests a period:(layer, expert) cells (32 the embedded model's, 256 Mixtral's), comma-separated")
+    ap.add_argument("--grid", default="1000:32,1000:256,4000:256,16000:32,16000:32:0.3,16000:256,32000:256",
+                    help="requests a period:(layer, expert) cells (32 the embedded model's, 256 Mixtral's)[:share of "
+                         "the period's requests that repeat a baseline request], comma-separated")
     ap.add_argument("--baseline", type=int, default=14, help="baseline periods in the run")
     ap.add_argument("--dim", type=int, default=64, help="the profile's embedding size")
     ap.add_argument("--seed", type=int, default=0)
@@ -138,15 +143,15 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for pair in args.grid.split(","):
-        n, cells = (int(v) for v in pair.split(":"))
-        r = one(n, cells, days=args.baseline, dim=args.dim, seed=args.seed)
+        n, cells, *share = pair.split(":")
+        r = one(int(n), int(cells), days=args.baseline, dim=args.dim, seed=args.seed, repeats=float(share[0]) if share else 0.0)
         rows.append(r)
-        print(f"{n:6d} requests, {cells:4d} cells: {r['seconds_test_total']:7.1f} s {r['seconds']}, peak {r['peak_mib']} MiB "
+        print(f"{r['requests']:6d} requests ({r['repeats']:.0%} repeats), {r['cells']:4d} cells: {r['seconds_test_total']:7.1f} s {r['seconds']}, peak {r['peak_mib']} MiB "
               f"(inputs {r['inputs_mib']} MiB), file {r['file_mib']} MiB, match {r['match_speedup']}x argpartition", flush=True)
-    print("\n| requests a period | cells | seconds | match | match by argpartition | test | peak MiB | kept file MiB, write / read s |"
-          "\n|---|---|---|---|---|---|---|---|")
+    print("\n| requests a period | repeats | cells | seconds | match | match by argpartition | test | peak MiB | kept file MiB, write / read s |"
+          "\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['requests']} | {r['cells']} | {r['seconds_test_total']} | {r['seconds']['match']} | "
+        print(f"| {r['requests']} | {r['repeats']:.0%} | {r['cells']} | {r['seconds_test_total']} | {r['seconds']['match']} | "
               f"{r['seconds']['match_argpartition']} | {r['seconds']['test']} | "
               f"{r['peak_mib']} | {r['file_mib']}, {r['seconds']['keep']} / {r['seconds']['read_back']} |")
     path = write_result("period_clients_cost", {"setting": {"baseline": args.baseline, "dim": args.dim, "seed": args.seed},

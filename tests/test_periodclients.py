@@ -114,6 +114,14 @@ def test_a_verbatim_repeat_is_not_its_own_match_and_a_request_left_without_match
     want = np.argsort(((pool[:1, None] - pool[None, 1:]) ** 2).sum(-1), axis=1)[0, :4] + 1
     assert sorted(nn[0].tolist()) == sorted(want.tolist()), nn
     assert set(nn[1].tolist()) <= {0, *range(50, 59)}, nn                # a near one: the copies are its nearest
+    # copies in a later chunk (512 rows a chunk at this pool), among rows without: each row's own answer
+    far = rng.normal(size=(700, 4))
+    far[[3, 550, 551, 699]] = pool[[5, 6, 6, 7]]
+    nn = periodclients.nearest(far, pool, 4)
+    d2 = ((far[:, None] - pool[None]) ** 2).sum(-1)
+    d2[d2 <= 1e-12] = np.inf
+    assert [set(a) for a in nn] == [set(b) for b in np.argsort(d2, axis=1)[:, :4]]
+    assert all(i not in nn[r] for r, i in ((3, 5), (550, 6), (551, 6), (699, 7))), nn[[3, 550, 551, 699]]
     # a pool of 5 rows, 4 of them copies of the query: one match is left, the rest are -1
     copies = np.concatenate([np.repeat(pool[:1], 4, 0), pool[1:2]])
     nn = periodclients.nearest(pool[:1], copies, 3)

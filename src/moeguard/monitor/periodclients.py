@@ -91,13 +91,13 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
     """[len(x), k] indices into ``pool`` of each row's ``k`` nearest rows (Euclidean), in chunks (a
     period against two weeks of requests is a large matrix). A row equal to the query (to a relative
     1e-9: a verbatim repeat) is not its match; where fewer than ``k`` others are left, the missing
-    matches are -1 (``matched_mean`` skips them). Each row's matches are in increasing pool index: the
-    same whatever selects them, so the means over them are summed in one order on any machine.
+    matches are -1 (``matched_mean`` skips them). Each row's matches are in increasing pool index, so
+    the mean over them is summed in one order whatever selected them. Where exact copies of one pool
+    row tie at the k-th distance, which copies are taken is the selection's choice (copies of one
+    prompt are routed alike).
 
-    The selection is ``torch.topk`` on numpy's distances (the same values, shared, not copied), on
-    every thread, where numpy's ``argpartition`` ran on one; with the repeats taken out only where
-    they are among the k, matching is about 3x faster than it was, the same matches
-    (``benchmarks/results/period_clients_cost_topk.json``)."""
+    The selection is ``torch.topk`` on numpy's distances (shared, not copied): it runs on every thread,
+    where numpy's ``argpartition`` ran on one (``benchmarks/results/period_clients_cost_topk.json``)."""
     import torch
 
     k = min(k, len(pool))
@@ -118,11 +118,12 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
         # a verbatim repeat is not its own match. Where a row's k hold none, they are its k nearest others
         # as they are; the rows whose k hold one are selected again without their repeats (masking every
         # row's distances first, as until 2026-12-06, cost as much as the selection)
-        repeat = np.take_along_axis(d2, idx, 1) + qn <= 1e-9 * (qn + pn[idx])
-        for r in np.nonzero(repeat.any(1))[0]:
-            row = d2[r]
-            row[row + qn[r] <= 1e-9 * (qn[r] + pn)] = np.inf
-            idx[r] = torch.topk(torch.from_numpy(row), k, largest=False, sorted=False).indices.numpy()
+        redo = np.nonzero((np.take_along_axis(d2, idx, 1) + qn <= 1e-9 * (qn + pn[idx])).any(1))[0]
+        if len(redo):   # together, not a row at a time: a log of templated prompts repeats many of them
+            sub = d2[redo]
+            sub[sub + qn[redo] <= 1e-9 * (qn[redo] + pn)] = np.inf
+            d2[redo] = sub
+            idx[redo] = torch.topk(torch.from_numpy(sub), k, dim=1, largest=False, sorted=False).indices.numpy()
         idx.sort(axis=1)
         idx[np.isinf(np.take_along_axis(d2, idx, 1))] = -1
         out[s:s + rows] = idx
