@@ -178,6 +178,12 @@ def test_nearest_returns_the_k_nearest_other_rows(k, queries):
     assert [set(a) for a in got] == [set(b) for b in want]
     assert (np.diff(got, axis=1) > 0).all(), got[:3]     # in pool order: means over them sum in one order
     assert periodclients.nearest(q, pool[:0], k).shape == (queries, 0)   # no pool: no match, no error
+    # skip: the same as the pool without those rows, as indices into the whole pool
+    others = np.r_[0:10, 25:40]
+    within = periodclients.nearest(q, pool[others], k)
+    assert np.array_equal(periodclients.nearest(q, pool, k, skip=(10, 25)), others[within])
+    left = periodclients.nearest(q[:2], pool, 7, skip=(0, 35))            # 5 rows left for 7 matches
+    assert [sorted(r.tolist()) for r in left] == [[-1, -1, 35, 36, 37, 38, 39]] * 2, left
 
 
 def test_the_null_takes_other_clients_each_period_where_names_recur():

@@ -87,11 +87,12 @@ def routing_clients(ps: dict[str, float | None], clients: list, alpha: float) ->
     return [{"client": named[c], "requests": count[c], "p_routing": p} for p, c in small]
 
 
-def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
+def nearest(x: np.ndarray, pool: np.ndarray, k: int, *, skip: tuple[int, int] | None = None) -> np.ndarray:
     """[len(x), k] indices into ``pool`` of each row's ``k`` nearest rows (Euclidean), in chunks (a
     period against two weeks of requests is a large matrix). A row equal to the query (to a relative
-    1e-9: a verbatim repeat) is not its match; where fewer than ``k`` others are left, the missing
-    matches are -1 (``matched_mean`` skips them). Each row's matches are in increasing pool index, so
+    1e-9: a verbatim repeat) is not its match, nor are the pool's rows ``skip`` = (start, stop) (a
+    period matched against the others: the pool is not copied without it); where fewer than ``k``
+    others are left, the missing matches are -1 (``matched_mean`` skips them). Each row's matches are in increasing pool index, so
     the mean over them is summed in one order whatever selected them. Where exact copies of one pool
     row tie at the k-th distance, which copies are taken is the selection's choice (copies of one
     prompt are routed alike).
@@ -104,7 +105,9 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
     out = np.full((len(x), k), -1, dtype=np.int64)
     if k < 1:
         return out
-    pn = (pool**2).sum(1)
+    # each row's squared norm, a block of rows at a time: the same sums as (pool**2).sum(1), without a
+    # temporary the pool's size
+    pn = np.concatenate([(pool[a:a + 4096] ** 2).sum(1) for a in range(0, len(pool), 4096)])
     # rows a chunk: its [rows, pool] distances (and their temporaries) about 32 MiB, not 512 rows whatever
     # the pool (two weeks of 16,000 requests a day made 0.9 GB a chunk and a 3.7 GB peak); at least 32
     # rows, so the pool is not read once per row (past a pool of 131,072 a chunk is larger: 115 MiB at 448,000)
@@ -114,6 +117,8 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
         qn = (q**2).sum(1)[:, None]
         d2 = (q * -2) @ pool.T                                              # [chunk, pool]: |q - p|^2 less |q|^2
         d2 += pn                                                            # (scaling q by -2 is exact: the same values)
+        if skip is not None:
+            d2[:, skip[0]:skip[1]] = np.inf
         idx = torch.topk(torch.from_numpy(d2), k, dim=1, largest=False, sorted=False).indices.numpy()
         # a verbatim repeat is not its own match. Where a row's k hold none, they are its k nearest others
         # as they are; the rows whose k hold one are selected again without their repeats (masking every
@@ -188,8 +193,7 @@ class Earlier:
         starts = np.cumsum([0] + sizes[:-1])
         rows, owners, nn = [], [], []
         for j, (xj, cj) in enumerate(zip(x, clients)):
-            others = np.concatenate([np.arange(a, a + m) for i, (a, m) in enumerate(zip(starts, sizes)) if i != j])
-            if len(others) <= K:             # too few to be its nearest: this period gives the null no client
+            if len(self.pool) - sizes[j] <= K:   # too few to be its nearest: this period gives the null no client
                 continue
             names, owner = _owners(cj)
             n = np.bincount(owner, minlength=len(names))
@@ -201,8 +205,7 @@ class Earlier:
             keep = np.flatnonzero(np.isin(owner, ok))
             if not len(keep):
                 continue
-            found = nearest(xj[keep], self.pool[others], K)
-            nn.append(np.where(found >= 0, others[np.maximum(found, 0)], -1))
+            nn.append(nearest(xj[keep], self.pool, K, skip=(starts[j], starts[j] + sizes[j])))   # among the others
             rows.append(starts[j] + keep)
             owners.append(len(self.sampled) + np.unique(owner[keep], return_inverse=True)[1])
             self.sampled += [(j, str(names[g])) for g in sorted(ok)]
