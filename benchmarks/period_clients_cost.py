@@ -75,7 +75,11 @@ def argpartition_nearest(x: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
 
 
 def one(n: int, cells: int, *, days: int, dim: int, seed: int, repeats: float = 0.0) -> dict:
-    import torch  # noqa: F401  (``nearest`` selects with it: imported here, not inside the first timed step)
+    # imported here, not inside the first timed step: ``nearest`` selects with torch, and the test's
+    # moderated t imports scipy.stats (about 3 s the first time: the files before 2026-12-06's
+    # period_clients_cost_skip.json carry it in their first row's ``test``)
+    import scipy.stats  # noqa: F401
+    import torch  # noqa: F401
 
     from moeguard.monitor import periodclients
 
