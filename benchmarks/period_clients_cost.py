@@ -132,7 +132,8 @@ def one(n: int, cells: int, *, days: int, dim: int, seed: int, repeats: float = 
             "match_speedup": round(seconds["match_argpartition"] / seconds["match"], 2),
             "file_mib": round(size / 2**20, 1),
             "peak_mib": round(peak / 2**20, 1), "inputs_mib": round((flat.nbytes + sum(x.nbytes for x in xs)) / 2**20, 1),
-            "clients_p": row.get("clients_p"), "nn_sha": hashlib.sha256(nn.tobytes()).hexdigest()[:16]}
+            "clients_p": row.get("clients_p"), "nn_sha": hashlib.sha256(nn.tobytes()).hexdigest()[:16],
+            "null_nn_sha": hashlib.sha256(before._nn.tobytes()).hexdigest()[:16]}   # the null's matches (skip)
 
 
 def main() -> None:

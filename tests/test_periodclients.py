@@ -186,6 +186,25 @@ def test_nearest_returns_the_k_nearest_other_rows(k, queries):
     assert [sorted(r.tolist()) for r in left] == [[-1, -1, 35, 36, 37, 38, 39]] * 2, left
 
 
+def test_the_null_matches_each_period_against_the_others_only():
+    rng = np.random.default_rng(11)
+    sizes = [300, 1, 260, 280]                                 # a period of one request: too few clients
+    x = [rng.normal(size=(m, 3)) for m in sizes]
+    x[2][:40] = x[0][:40]                                      # copies across periods: matches, not repeats
+    x[3][:5] = x[3][5:10]                                      # copies within a period: skipped with it
+    clients = [[f"p{j}-c{i // 4}" for i in range(m)] for j, m in enumerate(sizes)]
+    before = periodclients.Earlier(x, clients)
+    starts = np.cumsum([0] + sizes[:-1])
+    period = np.searchsorted(starts, before._rows, side="right") - 1
+    assert set(period.tolist()) == {0, 2, 3} and len(before._nn) == len(before._rows)
+    for row, j, nn in zip(before._rows, period, before._nn):
+        others = np.concatenate([np.arange(a, a + m) for i, (a, m) in enumerate(zip(starts, sizes)) if i != j])
+        want = others[periodclients.nearest(before.pool[row][None], before.pool[others], periodclients.K)[0]]
+        assert not np.isin(nn, np.arange(starts[j], starts[j] + sizes[j])).any(), (row, j)
+        far = ((before.pool[nn] - before.pool[row]) ** 2).sum(1)         # the same distances: copies tie
+        assert np.array_equal(np.sort(far), np.sort(((before.pool[want] - before.pool[row]) ** 2).sum(1))), (row, j)
+
+
 def test_the_null_takes_other_clients_each_period_where_names_recur():
     centres, bias = _world()
     rng = np.random.default_rng(9)

@@ -92,10 +92,10 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int, *, skip: tuple[int, int] | 
     period against two weeks of requests is a large matrix). A row equal to the query (to a relative
     1e-9: a verbatim repeat) is not its match, nor are the pool's rows ``skip`` = (start, stop) (a
     period matched against the others: the pool is not copied without it); where fewer than ``k``
-    others are left, the missing matches are -1 (``matched_mean`` skips them). Each row's matches are in increasing pool index, so
-    the mean over them is summed in one order whatever selected them. Where exact copies of one pool
-    row tie at the k-th distance, which copies are taken is the selection's choice (copies of one
-    prompt are routed alike).
+    others are left, the missing matches are -1 (``matched_mean`` skips them). Each row is sorted (its
+    -1s first, then its matches in increasing pool index), so the mean over them is summed in one
+    order whatever selected them. Where exact copies of one pool row tie at the k-th distance, which
+    copies are taken is the selection's choice (copies of one prompt are routed alike).
 
     The selection is ``torch.topk`` on numpy's distances (shared, not copied): it runs on every thread,
     where numpy's ``argpartition`` ran on one (``benchmarks/results/period_clients_cost_topk.json``)."""
@@ -124,13 +124,14 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int, *, skip: tuple[int, int] | 
         # as they are; the rows whose k hold one are selected again without their repeats (masking every
         # row's distances first, as until 2026-12-06, cost as much as the selection)
         redo = np.nonzero((np.take_along_axis(d2, idx, 1) + qn <= 1e-9 * (qn + pn[idx])).any(1))[0]
-        if len(redo):   # together, not a row at a time: a log of templated prompts repeats many of them
-            sub = d2[redo]
-            sub[sub + qn[redo] <= 1e-9 * (qn[redo] + pn)] = np.inf
-            d2[redo] = sub
-            idx[redo] = torch.topk(torch.from_numpy(sub), k, dim=1, largest=False, sorted=False).indices.numpy()
-        idx.sort(axis=1)
+        for g in range(0, len(redo), 8):   # 8 rows a topk, not one (a log of templated prompts repeats many
+            r = redo[g:g + 8]              # of them), and not all (their temporaries would be the chunk's, 4 times)
+            sub = d2[r]
+            sub[sub + qn[r] <= 1e-9 * (qn[r] + pn)] = np.inf
+            d2[r] = sub
+            idx[r] = torch.topk(torch.from_numpy(sub), k, dim=1, largest=False, sorted=False).indices.numpy()
         idx[np.isinf(np.take_along_axis(d2, idx, 1))] = -1
+        idx.sort(axis=1)                   # -1s first, then the matches in pool order
         out[s:s + rows] = idx
     return out
 
