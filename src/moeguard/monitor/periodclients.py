@@ -87,6 +87,12 @@ def routing_clients(ps: dict[str, float | None], clients: list, alpha: float) ->
     return [{"client": named[c], "requests": count[c], "p_routing": p} for p, c in small]
 
 
+def _repeats(d2: np.ndarray, qn: np.ndarray, pn: np.ndarray) -> np.ndarray:
+    """Which distances ``d2`` (|q - p|^2 less |q|^2, ``nearest``'s) are a verbatim repeat of the query:
+    |q - p|^2 within a relative 1e-9 of the two norms. ``qn`` and ``pn`` broadcast against ``d2``."""
+    return d2 + qn <= 1e-9 * (qn + pn)
+
+
 def nearest(x: np.ndarray, pool: np.ndarray, k: int, *, skip: tuple[int, int] | None = None) -> np.ndarray:
     """[len(x), k] indices into ``pool`` of each row's ``k`` nearest rows (Euclidean), in chunks (a
     period against two weeks of requests is a large matrix). A row equal to the query (to a relative
@@ -123,11 +129,11 @@ def nearest(x: np.ndarray, pool: np.ndarray, k: int, *, skip: tuple[int, int] | 
         # a verbatim repeat is not its own match. Where a row's k hold none, they are its k nearest others
         # as they are; the rows whose k hold one are selected again without their repeats (masking every
         # row's distances first, as until 2026-12-06, cost as much as the selection)
-        redo = np.nonzero((np.take_along_axis(d2, idx, 1) + qn <= 1e-9 * (qn + pn[idx])).any(1))[0]
+        redo = np.nonzero(_repeats(np.take_along_axis(d2, idx, 1), qn, pn[idx]).any(1))[0]
         for g in range(0, len(redo), 8):   # 8 rows a topk, not one (a log of templated prompts repeats many
             r = redo[g:g + 8]              # of them), and not all (their temporaries would be the chunk's, 4 times)
             sub = d2[r]
-            sub[sub + qn[r] <= 1e-9 * (qn[r] + pn)] = np.inf
+            sub[_repeats(sub, qn[r], pn)] = np.inf
             d2[r] = sub
             idx[r] = torch.topk(torch.from_numpy(sub), k, dim=1, largest=False, sorted=False).indices.numpy()
         idx[np.isinf(np.take_along_axis(d2, idx, 1))] = -1
