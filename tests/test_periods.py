@@ -50,8 +50,30 @@ def _day(d: int, rng: random.Random, *, n: int = 48, campaign: int = 0, heavy: s
     return rows
 
 
-def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_days_pass(setting, tmp_path, capsys):
+def _replay_each_log_once(monkeypatch) -> list[int]:
+    """Make ``score``'s replay (the model's forward over a log's prompts: the same arrays for the same
+    prompts and profile) run once per distinct list of prompts in this test; later runs on that log get
+    copies of the arrays. It was most of this test's time (7 replays); the runs after the first test
+    the period logic, which the replay feeds. Returns the number of prompts each real replay had."""
+    from moeguard.monitor import score as score_mod
+
+    real, done, ran = score_mod.replay, {}, []
+
+    def replay(model, tokenizer, prof, prompts, **kw):
+        key = (tuple(prompts), tuple(kw.get("replies") or ()))    # every run here reads one profile file
+        if key not in done:
+            ran.append(len(prompts))
+            done[key] = real(model, tokenizer, prof, prompts, **kw)
+        return tuple(None if a is None else tuple(x.copy() for x in a) if isinstance(a, tuple) else a.copy()
+                     for a in done[key])
+
+    monkeypatch.setattr(score_mod, "replay", replay)
+    return ran
+
+
+def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_days_pass(setting, tmp_path, capsys, monkeypatch):
     m, _, prof = setting
+    replayed = _replay_each_log_once(monkeypatch)
     assert prof.neighbours is not None and len(prof.neighbours.x) == 180 and prof.neighbours.k == neighbours.NEIGHBOURS
     rng = random.Random(0)
     # 11 benign days, a day heavy in one benign task, a campaign day (a third of its requests), a benign day
@@ -215,6 +237,8 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert len(err.splitlines()) == 1 and "--accept 2026-11-13: no period of the history or the log starts then (the " \
         "first is 2026-11-01T00:00:00Z, the last 2026-11-14T00:00:00Z)" in err, err
     assert not (tmp_path / "nothing").exists()
+    # the whole log, then its first 10 days and its last 4: each replayed once
+    assert replayed == [len(rows), 480, len(rows) - 480], replayed
 
 
 def _synthetic(days: int, shifted: dict[int, float], *, n: int = 200, seed: int = 0):

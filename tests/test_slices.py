@@ -118,22 +118,29 @@ def test_the_mix_of_real_overlapping_topics_is_found():
 
 
 def test_the_mix_is_the_exact_minimum_over_the_simplex():
+    from itertools import combinations
+
     rng = np.random.default_rng(0)
+    f = lambda x: x @ K @ x - 2 * x @ m   # noqa: E731
     for _ in range(50):
         T = int(rng.integers(2, 7))
         A = rng.normal(size=(T, T + 2))
         K = A @ A.T / (T + 2) + 1e-9 * np.eye(T)
         m = K @ rng.dirichlet(np.ones(T)) + rng.normal(scale=0.3, size=T)
         c = slices.mix(K, m, np.full(T, 1 / T))
-        # projected gradient (sort-based simplex projection), many steps: the reference
-        ref, step = np.full(T, 1 / T), 0.5 / np.linalg.eigvalsh(K).max()
-        for _ in range(20000):
-            v = ref - step * 2 * (K @ ref - m)
-            u = np.sort(v)[::-1]
-            k = np.flatnonzero(u - (np.cumsum(u) - 1) / np.arange(1, T + 1) > 0)[-1]
-            ref = np.maximum(v - (np.cumsum(u)[k] - 1) / (k + 1), 0)
-        f = lambda x: x @ K @ x - 2 * x @ m   # noqa: E731
-        assert abs(c.sum() - 1) < 1e-12 and (c >= 0).all() and f(c) <= f(ref) + 1e-9, (f(c), f(ref))
+        # the reference, by enumeration: the minimum lies on some support S, where it solves the
+        # equality-constrained problem on S (KKT: 2 K_S x + lam 1 = 2 m_S, sum x = 1); the best of
+        # the nonnegative solutions over every S is the minimum (K is positive definite: one minimum)
+        best = None
+        for r in range(1, T + 1):
+            for S in map(list, combinations(range(T), r)):
+                kkt = np.block([[2 * K[np.ix_(S, S)], np.ones((r, 1))], [np.ones((1, r)), np.zeros((1, 1))]])
+                x = np.zeros(T)
+                x[S] = np.linalg.solve(kkt, np.r_[2 * m[S], 1.0])[:r]
+                if (x >= -1e-12).all() and (best is None or f(x) < f(best)):
+                    best = x
+        assert abs(c.sum() - 1) < 1e-12 and (c >= 0).all() and f(c) <= f(best) + 1e-9, (f(c), f(best))
+        assert np.abs(c - best).max() < 1e-6, (c, best)
 
 
 def test_bad_slices_are_one_line_errors_and_damaged_profiles_are_refused(setting, tmp_path, capsys, monkeypatch):
