@@ -225,7 +225,7 @@ def test_logged_replies_are_profiled_as_logged_and_missing_ones_generated(settin
     from moeguard.monitor import replies
 
     m, tok, pool, _, _ = setting
-    log = _users(pool, 30, 16, 1)
+    log = _users(pool, 16, 16, 1)       # 16 users of 16: 8 fit the profile, 8 calibrate it (128 requests each)
     for r in log:
         r["reply"] = "The answer is yes."
     generated = []
@@ -243,9 +243,9 @@ def test_logged_replies_are_profiled_as_logged_and_missing_ones_generated(settin
         for r in log[::2]:
             del r["reply"]
         mixed = fromlog.build(m, tok, log, window=8, seed=0, early=(), reply_tokens=4)
-    assert len(generated) == 240                          # exactly the records without one
+    assert len(generated) == 128                          # exactly the records without one
     assert logged.replies is not None and logged.meta["reply_tokens"] == 4 and logged.replies.max_tokens == 4
-    assert "request.reply_load" in logged.null and len(logged.null["request.reply_load"]) == 240
+    assert "request.reply_load" in logged.null and len(logged.null["request.reply_load"]) == 128
     # the same text for every reply: its routing varies only with the prompt before it, so the logged
     # replies' null is narrower than the mixed one's
     spread = lambda p: float(np.ptp(p.null["request.reply_surprise"]))   # noqa: E731

@@ -43,7 +43,9 @@ def _periods(path):
 def test_a_restart_keeps_the_open_period_and_gives_the_periods_of_an_uninterrupted_server(setting, tmp_path):  # noqa: F811
     m, tok, prof = setting
     rng = random.Random(0)
-    rows = [r for d in range(6) for r in _day(d, rng)] + _day(6, rng, campaign=24) + _day(7, rng)
+    # days of 24 requests (at least periods.MIN_REQUESTS each, so every day is tested): what is checked
+    # here is that restarts give one server's rows, which needs no more requests, and each is a forward
+    rows = [r for d in range(6) for r in _day(d, rng, n=24)] + _day(6, rng, n=24, campaign=12) + _day(7, rng, n=24)
     rows.sort(key=lambda r: r["time"])
     cut = next(i for i, r in enumerate(rows) if r["time"] >= "2026-11-07T12")   # the campaign day's second half
 
