@@ -37,11 +37,15 @@ class Neighbours:
         keep = np.sort(np.random.default_rng([seed, 0x6E]).permutation(len(x))[:cap])
         return cls(x=np.asarray(x)[keep], h=np.asarray(h)[keep])
 
-    def residual(self, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    def residual(self, x: np.ndarray, h: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """[N, L, E]: each request's histogram less the mean of its nearest references' (cosine:
         the embeddings are unit length). In blocks of rows: a log of 100k requests never builds
-        [N, R] at once."""
-        out = np.empty(np.shape(h), dtype=np.float64)
+        [N, R] at once. ``out``: a float64 array of ``h``'s shape to write into (``h`` itself: a block
+        is read before it is written, so a caller done with the histograms needs no second array)."""
+        if out is None:
+            out = np.empty(np.shape(h), dtype=np.float64)
+        elif out.shape != np.shape(h) or out.dtype != np.float64:
+            raise ValueError(f"out is {out.dtype} {out.shape}, not float64 {np.shape(h)}")
         step = max(1, min(2048, VALUES // max(1, self.k * int(np.prod(self.h.shape[1:])))))   # [step, k, L, E] at most VALUES
         for a in range(0, len(x), step):
             sim = np.asarray(x[a:a + step]) @ self.x.T                           # [n, R]

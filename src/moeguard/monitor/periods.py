@@ -293,14 +293,21 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         if x is None:
             raise ValueError("a history's requests need this run's embeddings (x)")
         order = [int(old["index"]) for old in history if int(old["index"]) in held]
-        taken = [held.pop(i) for i in order]   # out of the caller's dict: the arrays are not held twice
-        for i, h in zip(order, taken):
-            of[i] = np.arange(offset, offset + len(h[0]))
-            offset += len(h[0])
-        x = np.concatenate([h[0] for h in taken] + [x])
-        resid = np.concatenate([h[1] for h in taken] + [resid])
-        clients = [c for h in taken for c in h[2]] + list(clients)
-        del taken
+        total = sum(len(held[i][0]) for i in order) + len(x)
+        # the joined arrays made whole first, then each period copied in and dropped from the caller's
+        # dict: a period's arrays are never held twice (np.concatenate's values, in its order)
+        all_x = np.empty((total, *x.shape[1:]), dtype=np.result_type(x, *(held[i][0] for i in order)))
+        all_r = np.empty((total, *resid.shape[1:]), dtype=np.result_type(resid, *(held[i][1] for i in order)))
+        all_c: list = []
+        for i in order:
+            hx, hr, hc = held.pop(i)
+            of[i] = np.arange(offset, offset + len(hx))
+            all_x[offset:offset + len(hx)], all_r[offset:offset + len(hx)] = hx, hr
+            all_c += hc
+            offset += len(hx)
+            del hx, hr, hc
+        all_x[offset:], all_r[offset:] = x, resid
+        x, resid, clients = all_x, all_r, all_c + list(clients)
         parts = [idx + offset for idx in parts]
     base = Baseline(baseline=baseline, alpha=alpha, layers=layers, history=history, requests=of)
     small = periodsmall.SmallClients(baseline=baseline, alpha=alpha, layers=layers, history=history) if clients_test else None

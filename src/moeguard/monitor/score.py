@@ -152,7 +152,6 @@ def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cach
     (a longer one is routed as several rows, which shifts the batches by a row)."""
     from moeguard.monitor.replies import routing as reply_routing   # `replies` here: the logged texts
 
-    parts = []
     task = progress.add_task("replaying requests", total=len(prompts)) if progress is not None else None
     replies = replies if replies is not None else [None] * len(prompts)
 
@@ -165,17 +164,24 @@ def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cach
                                                             max_tokens=prof.replies.max_tokens)
         return z
 
+    out: list[np.ndarray] = []
     for n, a in enumerate(range(0, len(prompts), CHUNK)):
         # a step kept by a prompt-only replay has no replies: the name tells them apart
         z = kept_arrays(cache, f"replay-{n}" + ("-replies" if prof.replies is not None else ""), lambda: step(a))
-        part = (z["h"], z["sums"], z["tokens"], z["surprise"], z.get("reply"), z.get("reply_surprise"))
-        parts.append(part)
+        part = [z[k] for k in ("h", "sums", "tokens", "surprise")] + \
+            ([z["reply"], z["reply_surprise"]] if prof.replies is not None else [])
+        # each step's rows go into arrays of the whole log, made at the first step: the log's [N, L, E]
+        # histograms are held once, not twice as steps then joined (the same values)
+        if not out:
+            out = [np.empty((len(prompts), *p.shape[1:]), dtype=p.dtype) for p in part]
+        for o, p in zip(out, part):
+            o[a:a + len(p)] = p
+        del z, part
         if task is not None:
-            progress.advance(task, len(part[0]))
-    out = [np.concatenate([p[i] for p in parts]) for i in range(4)]
-    if prof.replies is None:
-        return (*out, None)  # type: ignore[return-value]
-    return (*out, (np.concatenate([p[4] for p in parts]), np.concatenate([p[5] for p in parts])))  # type: ignore[return-value]
+            progress.advance(task, min(CHUNK, len(prompts) - a))
+    if not out:
+        raise ValueError("no prompts to replay")
+    return (*out[:4], None if prof.replies is None else (out[4], out[5]))  # type: ignore[return-value]
 
 
 def drop_replay(cache: Path) -> None:
@@ -261,7 +267,9 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                            "clients": row["top_clients"], **slices.reason(row, n)})
     # periods of all traffic (periods.py): the load moved over each day (or ``period``), against the days before
     t = np.array([r["_t"] for r in records])
-    resid = None if period is None else prof.neighbours.residual(X, H)
+    # written over H, which nothing reads after this: the log's [N, L, E] arrays are held once here too
+    resid = None if period is None else prof.neighbours.residual(X, H, out=H if H.dtype == np.float64 else None)
+    del H
     spans = [] if period is None else periods.score_periods(
         t, resid, client_of, period=period, baseline=baseline, alpha=period_alpha, layers=prof.meta["layers"],
         digest=prof.neighbours.digest, history=history, x=X, clients_test=period_clients, accept=accept or (), held=held)
