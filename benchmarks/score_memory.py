@@ -18,6 +18,10 @@ profile, the log's records and a --history's requests loaded) and its peak from 
 - ``daily``: the last day alone with the first run's ``periods.jsonl`` as ``--history`` (the
   earlier days' requests read back from ``period_requests/``): a daily run.
 
+``estimate_mib``: what ``monitor/footprint.py`` counts for the scenario (the arrays ``score`` holds, a
+lower bound that the CLI checks against the machine's memory before the model loads), to be read
+beside ``peak_mib`` (the arrays of a --history are resident at the start, in ``at_start_mib``).
+
 A cell's value is 8 bytes a request (float64): ``cells x 8`` bytes a request is the unit the
 arrays grow in (``array_mib``: one [requests, layers, experts] array of the log's).
 """
@@ -140,6 +144,22 @@ def outputs(folder: Path) -> dict[str, str]:
     return out
 
 
+def estimate_mib(prof_path: Path, log: Path, *, period: bool, held: int) -> float:
+    """``footprint.estimate`` (this code's) for a scenario: what it counts as the arrays ``score`` holds."""
+    from collections import Counter
+
+    from moeguard.monitor import footprint
+    from moeguard.monitor.profile import Profile
+
+    prof = Profile.from_dict(json.loads(prof_path.read_text()), where=str(prof_path))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    L, E = prof.mean.shape
+    return round(footprint.estimate(requests=len(rows), cells=L * E, hidden=prof.space.hidden, dim=prof.space.dim,
+                                    replies=prof.replies is not None, held=held,
+                                    largest_period=max(Counter(r["time"][:10] for r in rows).values()) if period else 0)
+                 / 2**20, 1)
+
+
 def scenarios(src: Path, tag: str, work: Path, model: Path, prof: Path, logs: dict[str, Path]) -> dict:
     base = ["monitor", "score", "--model", str(model), "--profile", str(prof)]
     period = ["--period", "24h", "--baseline", "14"]
@@ -150,6 +170,14 @@ def scenarios(src: Path, tag: str, work: Path, model: Path, prof: Path, logs: di
     run(src, [*base, "--log", str(logs["first"]), "--out", str(work / f"{tag}-first"), *period, "--period-clients"], work)
     got["daily"] = run(src, [*base, "--log", str(logs["last"]), "--out", str(work / f"{tag}-daily"), *period,
                              "--period-clients", "--history", str(work / f"{tag}-first" / "periods.jsonl")], work)
+    kept = json.loads((work / f"{tag}-daily" / "summary.json").read_text())["period_requests"]
+    got["daily"]["history_periods_read"] = kept["read"]
+    held = sum(json.loads(line)["requests"] for line in (work / f"{tag}-first" / "periods.jsonl").read_text().splitlines()
+               [-kept["read"]:]) if kept["read"] else 0
+    got["daily"]["history_requests"] = held
+    if tag == "now":   # the estimate exists in this code only
+        for name, log, on, h in (("plain", "all", False, 0), ("period", "all", True, 0), ("daily", "last", True, held)):
+            got[name]["estimate_mib"] = estimate_mib(prof, logs[log], period=on, held=h)
     return got
 
 

@@ -222,12 +222,16 @@ def monitor_score(
 
         check_accept(accepted, [r["_t"] for r in records], period=seconds, history=earlier)
     held, want = None, []
-    if earlier:   # the requests its run kept of the history's baseline periods (period_requests beside it)
+    from moeguard.monitor.footprint import check_score
+    from moeguard.monitor.periodrequests import wanted
+
+    if earlier:   # the history's baseline periods whose requests its run kept (period_requests beside it)
+        want = wanted(earlier, baseline=baseline, accept=accepted or ())
+    check_score(prof, records, period=seconds, history=history, want=want)   # before anything large loads
+    if earlier:
         from moeguard.monitor.periodclients import REQUESTS_FOLDER
         from moeguard.monitor.periodrequests import read as read_held
-        from moeguard.monitor.periodrequests import wanted
 
-        want = wanted(earlier, baseline=baseline, accept=accepted or ())
         held = read_held(history, want, dim=prof.neighbours.x.shape[1], shape=prof.mean.shape)
         if len(held) < len(want):
             typer.echo(f"note: {len(want) - len(held)} of the {len(want)} baseline periods read from --history have no "

@@ -57,6 +57,14 @@ def wanted(rows: list[dict[str, Any]], *, baseline: int, accept: Collection[str]
     return [r for r in mark_accepted(rows, set(accept)) if "_state" in r and joins(r)][-baseline:]
 
 
+def held_requests(history: Path, rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """How many requests ``read`` would bring of the history's periods ``rows`` (those with a file), from
+    the rows' counts, and of how many periods: what the run will hold, known before any file is read
+    (``footprint.check``)."""
+    there = [int(r["requests"]) for r in rows if _file(history.parent, int(r["index"])).is_file()]
+    return sum(there), len(there)
+
+
 def read(history: Path, rows: list[dict[str, Any]], *, dim: int, shape: tuple[int, int]) -> dict[int, Held]:
     """The requests its run kept of the history's periods ``rows`` (``wanted``; ``history``: its
     periods.jsonl), by index, each checked against its row (one-line errors before the model loads).

@@ -318,7 +318,7 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     flat = resid.reshape(len(resid), -1)                                 # [N, L * E]: the clients' test's cells
     every_cell = [[a, b] for a in layers for b in range(resid.shape[2])]   # their [layer, expert], in that order
     for k, idx in zip(keys, parts):
-        r = resid[idx]
+        r = resid[idx]                  # a copy: [n, L, E], viewed as [n, L * E] by the clients' test (not copied again)
         row = _row(k, period, len(idx), len({str(clients[i]) for i in idx}), digest=digest, baseline=baseline, alpha=alpha,
                    clients_test=clients_test)
         if row["start"] in accept:
@@ -343,7 +343,7 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
             return before, nn
 
         if clients_test:   # before the load test: an alarm here keeps the period out of later baselines too
-            periodclients.clients_test(row, *matched(), r=flat[idx], clients=who, pool_r=flat, pool_at=at, alpha=alpha,
+            periodclients.clients_test(row, *matched(), r=r.reshape(len(r), -1), clients=who, pool_r=flat, pool_at=at, alpha=alpha,
                                        cells=every_cell)
             pooled = small.test(row, r, who)
         tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx,

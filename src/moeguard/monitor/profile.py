@@ -62,6 +62,9 @@ def empirical_p(null: np.ndarray, values) -> np.ndarray:
     return (1 + len(null) - np.searchsorted(null, values, side="left")) / (len(null) + 1)
 
 
+BLOCK_VALUES = 1 << 22   # values in one [rows, topics, L, E] temporary of ``Profile.statistics`` (32 MiB as float64)
+
+
 def _js(h: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Jensen-Shannon divergence (nats) of histograms h [..., L, E] from ref [..., L, E] (broadcast),
     mean over layers."""
@@ -111,7 +114,13 @@ class Profile:
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         z = (h - self.mean) / self.sd
         flat = z.reshape(len(h), -1)
-        js = _js(h[:, None], self._topic_stack)                                # [N, topics]
+        # the divergences from every topic in smaller blocks still: their [rows, topics, L, E] temporaries
+        # at most BLOCK_VALUES values each (1,024 rows of 8 topics on DeepSeek-V3's 58 x 256 cells were
+        # 973 MB apiece, and _js makes about five). Each row's is reduced over its own cells, so any block
+        # size gives the same bits (the embedding's kernel, a matrix product, keeps the 1,024-row blocks)
+        step = max(1, BLOCK_VALUES // max(1, self._topic_stack.size))
+        js = _js(h[:, None], self._topic_stack) if len(h) <= step else np.concatenate(
+            [_js(h[a:a + step, None], self._topic_stack) for a in range(0, len(h), step)])   # [N, topics]
         out = {"load": flat.max(1), "load_at": flat.argmax(1), "atypical": js.min(1), "nearest_topic": js.argmin(1)}
         if x is not None:
             out["unfamiliar"], out["nearest_embedded"] = self.kernel.unfamiliar(x)
