@@ -438,6 +438,21 @@ def test_the_clients_test_sees_one_identity_the_load_test_misses_and_holds_its_d
         periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0, 1], clients_test=True)
 
 
+def test_a_cell_almost_nothing_routes_to_flags_no_benign_client_and_hides_no_campaign():
+    """A sparse cell (0, 2): exactly 0 for every request but 1% of them, routed there once (0.0025).
+    Most null clients' differences there are 0 or nearly, so the null's median, MAD and upper tail
+    are too; without a floor on its scale (``SCALE_FLOOR`` where ``SPARSE``), a benign client with one
+    such request stood out at p 1e-18 and 11 of 12 benign days alerted. With it, day 12's identity
+    alone, in its own cell."""
+    t, x, r, who = _one_identity_on_day_12()
+    assert not r[:, 0, 2].any()
+    r[np.random.default_rng(3).random(len(r)) < 0.01, 0, 2] = 0.0025
+    rows = periods.score_periods(t, r, who, period=DAY, baseline=14, alpha=0.01, layers=[0, 1], x=x, clients_test=True)
+    assert [i for i, row in enumerate(rows) if row.get("clients_alert")] == [12], [row["clients_p"] for row in rows]
+    assert rows[12]["clients_cell"] == [1, 2] and rows[12]["clients_p"] < 1e-3
+    assert [c["client"] for c in rows[12]["clients_routing"]] == ["mallory-0"]
+
+
 def test_a_history_scored_with_the_clients_test_keeps_its_held_out_periods_out(tmp_path):
     import json
 

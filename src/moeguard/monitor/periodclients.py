@@ -50,6 +50,8 @@ NULL_CLIENTS = 128   # baseline clients (at most) whose z's are the null
 MIN_NULL = 32        # and at least
 NAMED = 5            # clients an alert names
 UPPER = 0.9          # the clients' test's null scale is at least its upper tail's, from this quantile (``Earlier.cause``)
+SCALE_FLOOR = 1.0    # the null's scale in a sparse cell is at least a z's own (N(0, 1)) (``Earlier.cause``)
+SPARSE = 0.5         # a cell is sparse where at least this share of the baseline's residuals there are exactly 0
 CHUNK_VALUES = 1 << 22   # distances ``nearest`` computes at a time (32 MiB as float64; at least 32 rows)
 REQUESTS_FOLDER = "period_requests"   # beside periods.jsonl: each period's requests for later runs (periodrequests.py)
 
@@ -260,7 +262,17 @@ class Earlier:
         the embedded model's test days (clients of 4 requests), benign clients were flagged in such a
         cell on 6 of 7 benign days with the MAD alone (one cell, layer 1 expert 4: the null's 95th
         percentile 3.8-4.3 MADs above its median), and on none with the tail. On a symmetric null it costs
-        a little power: the larger of two estimates of one scale."""
+        a little power: the larger of two estimates of one scale.
+
+        In a *sparse* cell (at least ``SPARSE`` of the baseline's residuals there exactly 0: an expert
+        that no token of most requests, nor of their references, is routed to), the scale is at least
+        ``SCALE_FLOOR``, a z's own, in both tests. There most null clients' differences are 0 or nearly,
+        so the median, the MAD and the upper tail are too, and a benign client with one request routed
+        there stood that many "scales" out: on a tiny random-weight Mixtral of 8 x 512 cells
+        (``benchmarks/score_memory.py``'s), every benign day from the third alerted the clients' test
+        at p 0.0. A floor on every cell cost the embedded model's clients' test power (its nulls are
+        narrower than N(0, 1) in some cells: a 4-draw smoke lost a quarter to a half of its campaign
+        detections); limited to sparse cells, it changes none of that smoke's numbers."""
         from scipy.stats import norm
 
         if centre not in ("period", "baseline"):
@@ -289,6 +301,8 @@ class Earlier:
             mad = 1.4826 * float(np.median(np.abs(null - med))) if len(null) else 0.0
             if tail and len(null):
                 mad = max(mad, (float(np.quantile(null, UPPER)) - med) / float(norm.isf(1 - UPPER)))
+            if len(null) and np.mean(col == 0) >= SPARSE:   # a sparse cell: no spread to learn (docstring)
+                mad = max(mad, SCALE_FLOOR)
             if centre == "period" and tj.any():   # the period's own clients' median, where it is higher (docstring)
                 med = max(med, float(np.median(z[tj])))
             if not tj.any() or not mad > 0:
