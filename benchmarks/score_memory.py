@@ -5,6 +5,9 @@ one run, with the outputs checked equal.
     .venv/bin/python benchmarks/score_memory.py [--before /tmp/before/src] [--days 15] [--per-day 600]
         [--layers 8] [--experts 256] [--out JSON]
 
+The committed results ran ``--experts 512 --before /tmp/before/src`` (a ``git worktree`` of the parent
+commit, 57361f9; ``score_memory.json``) and ``--experts 512`` (``score_memory_now.json``), each alone.
+
 The model is a tiny Mixtral made here (hidden size 32, top-8 of ``--experts`` in ``--layers``
 layers, the embedded tokenizer's vocabulary), saved as safetensors; its profile is built by
 ``monitor profile`` on three embedded tasks. The log is ``--days`` days of ``--per-day`` requests
@@ -160,6 +163,19 @@ def estimate_mib(prof_path: Path, log: Path, *, period: bool, held: int) -> floa
                  / 2**20, 1)
 
 
+def history_requests(prof_path: Path, history: Path) -> int:
+    """The requests a daily run given ``history`` takes from its ``period_requests/``, as ``monitor score``
+    counts them (``periodrequests.wanted`` and ``held_requests``)."""
+    from moeguard.monitor.periodhistory import read_history
+    from moeguard.monitor.periodrequests import held_requests, wanted
+    from moeguard.monitor.profile import Profile
+
+    prof = Profile.from_dict(json.loads(prof_path.read_text()), where=str(prof_path))
+    rows = read_history(history, period=86400, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
+                        alpha=0.01, clients_test=True)
+    return held_requests(history, wanted(rows, baseline=14))[0]
+
+
 def scenarios(src: Path, tag: str, work: Path, model: Path, prof: Path, logs: dict[str, Path]) -> dict:
     base = ["monitor", "score", "--model", str(model), "--profile", str(prof)]
     period = ["--period", "24h", "--baseline", "14"]
@@ -172,10 +188,9 @@ def scenarios(src: Path, tag: str, work: Path, model: Path, prof: Path, logs: di
                              "--period-clients", "--history", str(work / f"{tag}-first" / "periods.jsonl")], work)
     kept = json.loads((work / f"{tag}-daily" / "summary.json").read_text())["period_requests"]
     got["daily"]["history_periods_read"] = kept["read"]
-    held = sum(json.loads(line)["requests"] for line in (work / f"{tag}-first" / "periods.jsonl").read_text().splitlines()
-               [-kept["read"]:]) if kept["read"] else 0
-    got["daily"]["history_requests"] = held
-    if tag == "now":   # the estimate exists in this code only
+    if tag == "now":   # the estimate, and the history's requests counted as the run counts them, exist in this code only
+        held = history_requests(prof, work / f"{tag}-first" / "periods.jsonl")
+        got["daily"]["history_requests"] = held
         for name, log, on, h in (("plain", "all", False, 0), ("period", "all", True, 0), ("daily", "last", True, held)):
             got[name]["estimate_mib"] = estimate_mib(prof, logs[log], period=on, held=h)
     return got
@@ -204,7 +219,10 @@ def main() -> None:
             logs[name] = work / f"{name}.jsonl"
             logs[name].write_text("".join(json.dumps(r) + "\n" for r in part))
         print(f"model and profile: {time.perf_counter() - t0:.0f} s", flush=True)
-        result = {"settings": vars(a) | {"before": str(a.before) if a.before else None, "cells": a.layers * a.experts},
+        before_commit = subprocess.run(["git", "-C", str(a.before), "rev-parse", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip() or None if a.before else None
+        result = {"settings": vars(a) | {"before": str(a.before) if a.before else None, "cells": a.layers * a.experts,
+                                         "before_commit": before_commit},
                   "requests": len(rows), "array_mib": round(len(rows) * a.layers * a.experts * 8 / 2**20, 1)}
         result["now"] = scenarios(now, "now", work, model, prof, logs)
         print(json.dumps(result["now"]), flush=True)

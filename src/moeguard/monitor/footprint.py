@@ -22,7 +22,9 @@ from pathlib import Path
 
 from moeguard.errors import MoeguardError
 
-# a container's memory limit (cgroup v2, then v1); where it is larger than the machine, or absent, the machine's
+# a container's memory limit (cgroup v2, then v1), as a container sees its own cgroup at the mount's root; where it
+# is larger than the machine, or absent, the machine's. Not read: a cgroup of this process below the root
+# (/proc/self/cgroup), a parent's limit, RLIMIT_AS: the check can pass where those stop the run later
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
@@ -74,8 +76,8 @@ def check(*, requests: int, shape: tuple[int, int], hidden: int, dim: int, repli
             + (f"; and the {held:,} requests of the --history's {held_periods} baseline periods" if held else "")
             + f"), more than {limit[1]} allows: {_size(limit[0])}")
     fix = "score the log a part at a time" + (
-        " (with --period: a day's log a run, each given the run before's periods.jsonl as --history, which then "
-        "holds that day and the baseline periods' kept requests)" if period else "")
+        " (with --period: a period's log a run, each given the run before's periods.jsonl as --history, which then "
+        "holds that period and the baseline periods' kept requests)" if period else "")
     if held:
         fix += "; a smaller --baseline brings fewer requests"
     raise MoeguardError(what, hint=fix)

@@ -267,7 +267,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
                            "clients": row["top_clients"], **slices.reason(row, n)})
     # periods of all traffic (periods.py): the load moved over each day (or ``period``), against the days before
     t = np.array([r["_t"] for r in records])
-    # written over H, which nothing reads after this: the log's [N, L, E] arrays are held once here too
+    # written over H, which nothing reads after this: no second [N, L, E] array for the residuals
     resid = None if period is None else prof.neighbours.residual(X, H, out=H if H.dtype == np.float64 else None)
     del H
     spans = [] if period is None else periods.score_periods(
