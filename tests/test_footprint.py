@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from moeguard.cli import main
 from moeguard.monitor import footprint, periodrequests, periods
