@@ -147,33 +147,21 @@ def outputs(folder: Path) -> dict[str, str]:
     return out
 
 
-def estimate_mib(prof_path: Path, log: Path, *, period: bool, held: int) -> float:
-    """``footprint.estimate`` (this code's) for a scenario: what it counts as the arrays ``score`` holds."""
-    from collections import Counter
-
-    from moeguard.monitor import footprint
-    from moeguard.monitor.profile import Profile
-
-    prof = Profile.from_dict(json.loads(prof_path.read_text()), where=str(prof_path))
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    L, E = prof.mean.shape
-    return round(footprint.estimate(requests=len(rows), cells=L * E, hidden=prof.space.hidden, dim=prof.space.dim,
-                                    replies=prof.replies is not None, held=held,
-                                    largest_period=max(Counter(r["time"][:10] for r in rows).values()) if period else 0)
-                 / 2**20, 1)
-
-
-def history_requests(prof_path: Path, history: Path) -> int:
-    """The requests a daily run given ``history`` takes from its ``period_requests/``, as ``monitor score``
-    counts them (``periodrequests.wanted`` and ``held_requests``)."""
+def counted(prof_path: Path, log: Path, *, period: bool, history: Path | None = None) -> tuple[float, int]:
+    """What ``monitor score`` (this code) counts before the model loads for a scenario: the estimate in
+    MiB (``footprint.check_score``, as the CLI calls it) and the requests the --history brings."""
+    from moeguard.monitor.footprint import check_score
     from moeguard.monitor.periodhistory import read_history
     from moeguard.monitor.periodrequests import held_requests, wanted
     from moeguard.monitor.profile import Profile
+    from moeguard.monitor.score import read_log
 
     prof = Profile.from_dict(json.loads(prof_path.read_text()), where=str(prof_path))
-    rows = read_history(history, period=86400, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
-                        alpha=0.01, clients_test=True)
-    return held_requests(history, wanted(rows, baseline=14))[0]
+    want = [] if history is None else wanted(read_history(history, period=86400, digest=prof.neighbours.digest,
+                                                          shape=prof.mean.shape, baseline=14, alpha=0.01,
+                                                          clients_test=True), baseline=14)
+    need = check_score(prof, read_log(log), period=86400.0 if period else None, history=history, want=want)
+    return round(need / 2**20, 1), (held_requests(history, want)[0] if history is not None else 0)
 
 
 def scenarios(src: Path, tag: str, work: Path, model: Path, prof: Path, logs: dict[str, Path]) -> dict:
@@ -189,10 +177,10 @@ def scenarios(src: Path, tag: str, work: Path, model: Path, prof: Path, logs: di
     kept = json.loads((work / f"{tag}-daily" / "summary.json").read_text())["period_requests"]
     got["daily"]["history_periods_read"] = kept["read"]
     if tag == "now":   # the estimate, and the history's requests counted as the run counts them, exist in this code only
-        held = history_requests(prof, work / f"{tag}-first" / "periods.jsonl")
+        history = work / f"{tag}-first" / "periods.jsonl"
+        for name, log, on, h in (("plain", "all", False, None), ("period", "all", True, None), ("daily", "last", True, history)):
+            got[name]["estimate_mib"], held = counted(prof, logs[log], period=on, history=h)
         got["daily"]["history_requests"] = held
-        for name, log, on, h in (("plain", "all", False, 0), ("period", "all", True, 0), ("daily", "last", True, held)):
-            got[name]["estimate_mib"] = estimate_mib(prof, logs[log], period=on, held=h)
     return got
 
 
