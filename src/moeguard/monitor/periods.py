@@ -23,8 +23,10 @@ many small pushes become one large one, where benign traffic's pushes cancel.
   part along the baseline's main directions, per cell against that remainder's out-of-sample spread:
   each baseline period's remainder when mean, spread and as many directions are fitted without it
   (floored at ``FLOOR`` of the sampling noise, against a baseline that agrees by chance). The
-  directions removed are those that stand above noise (``_factors``, at most ``FACTORS``); their
-  number and the noise floor are the whole baseline's. A period of fewer requests than the
+  directions removed are those that stand above noise (``periodstats.factors``, at most
+  ``periodstats.FACTORS``); their number and the noise floor are the whole baseline's. In a *sparse*
+  cell (most baseline periods' means exactly 0: an expert almost nothing is routed to) the noise
+  is pooled with the period's and the z is at most an exact count test's (``periodstats``). A period of fewer requests than the
   baseline's adds its extra sampling noise (from the count: a campaign's own spread must not widen
   its test). One-sided Student t with ``baseline - 1 - directions`` degrees of freedom (load moved
   *to* an expert is the attack's goal; with ``baseline - 1``, 8 synthetic baseline days whose cells
@@ -58,13 +60,12 @@ from moeguard.errors import MoeguardError
 from moeguard.monitor import periodclients
 from moeguard.monitor.embed import pack
 from moeguard.monitor.neighbours import Neighbours
+from moeguard.monitor.periodstats import SPARSE, TINY, deviation, events_z, factors, pooled
 
 MIN_BASELINE = 3      # earlier periods a period needs before it is tested
 BASELINE = 14         # earlier periods a period is compared with (``--baseline``): two weeks of days
 MIN_REQUESTS = 16     # requests a period needs to be tested or to join a baseline
-FACTORS = 3           # at most this many directions of the baseline's day-to-day variation are removed
 FLOOR = 0.25          # a cell's out-of-sample spread is at least this share of its sampling noise
-TINY = 1e-18         # a floor on variances: a cell no baseline period routes to (0 / 0) is not NaN
 # an alert's cause is sought in every cell that alerts on its own (periodclients); an int caps them, the most
 # deviant first. A cap of 4 (2026-12-05 to 06) let a decoy that moved 4 cells further hide a campaign's cell
 CAUSE_CELLS: int | None = None
@@ -170,22 +171,29 @@ class Baseline:
         M = np.stack([a.ravel() for a, _, _ in ref])                     # [periods, cells]
         noise = np.stack([b.ravel() for _, b, _ in ref]).mean(0)
         per_request = np.mean([b.ravel() * c for _, b, c in ref], axis=0)
-        mu, sd, V = _factors(M, noise)
+        sparse = np.mean(M == 0, axis=0) >= SPARSE                         # [cells] (periodstats' docstring)
+        if sparse.any():
+            noise, per_request = pooled(ref, se2.ravel() * n, n, noise, per_request, sparse)
+        mu, sd, V = factors(M, noise)
         k = V.shape[1]
         # each baseline period's error when predicted by the others (mean, spread and as many directions,
         # fitted without it): a new period's spread, out of sample
-        loo = [_deviation(M[i], *_factors(np.delete(M, i, 0), noise, k)) for i in range(len(ref))]
-        scale = np.maximum(np.mean(np.square(loo), axis=0), np.maximum(FLOOR * noise / sd**2, TINY))
+        loo = [deviation(M[i], *factors(np.delete(M, i, 0), noise, k)) for i in range(len(ref))]
+        floor = np.where(sparse, 1.0, FLOOR)                               # a sparse cell's loo is 0: nothing varied
+        scale = np.maximum(np.mean(np.square(loo), axis=0), np.maximum(floor * noise / sd**2, TINY))
         extra = np.maximum(0.0, per_request / n - noise) / sd**2          # fewer requests than the baseline's: more noise
         d = (m.ravel() - mu) / sd
         along = V @ (V.T @ d)                                              # the part the day's mix explains
         z = (d - along) / np.sqrt(scale + extra)
+        df = len(ref) - 1 - k                                              # each direction removed costs one
+        if sparse.any():
+            z = np.where(sparse, np.minimum(z, events_z(ref, m.ravel(), se2.ravel(), n, df)), z)
         c = int(z.argmax())
         l, e = np.unravel_index(c, m.shape)
 
         def sidak(i: int) -> float:
             """Cell ``i``'s one-sided p, Sidak-adjusted over the cells: 1 - (1 - p)^cells."""
-            p_cell = float(student.sf(z[i], df=len(ref) - 1 - k))   # each direction removed costs a degree of freedom
+            p_cell = float(student.sf(z[i], df=df))
             return float(-np.expm1(m.size * np.log1p(-min(p_cell, 1 - 1e-16))))
 
         p = sidak(c)
@@ -215,36 +223,6 @@ def joins(row: dict[str, Any]) -> bool:
     """Whether a period joins later baselines: the owner accepted it, or none of its tests alerted (the
     load test, the clients' test, the small clients' test: ``periodclients.py``, ``periodsmall.py``)."""
     return bool(row.get("accepted")) or not (row.get("alert") or row.get("clients_alert") or row.get("small_alert"))
-
-
-def _factors(M: np.ndarray, noise: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Periods' mean [cells], spread [cells] (``_spread``) and the ``k`` directions [cells, k] along
-    which their standardized values vary most (the day's mix of users). ``k`` None: as many as stand
-    above noise, from the same decomposition: those whose variance passes the largest that independent
-    cells would show (the Marchenko-Pastur edge, (1 + sqrt(cells / (n - 1)))^2 in units of a cell's
-    variance), at most ``FACTORS`` and the periods' number less 3. A direction fitted to noise would
-    take part of a shift's cell with it (a synthetic day mix of one direction was seen at 54% with 3
-    removed, 73% with 1)."""
-    n, cells = M.shape
-    mu, sd = M.mean(0), _spread(M, noise)
-    top = max(0, min(FACTORS, n - 3)) if k is None else k
-    if top <= 0:
-        return mu, sd, np.zeros((cells, 0))
-    _, sv, vt = np.linalg.svd((M - mu) / sd, full_matrices=False)
-    if k is None:
-        k = int(min(top, np.sum(sv**2 / (n - 1) > (1 + math.sqrt(cells / (n - 1))) ** 2)))
-    return mu, sd, vt[:k].T
-
-
-def _spread(M: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Periods' spread per cell, floored at their sampling noise and at TINY (an expert nothing routes to)."""
-    return np.sqrt(np.maximum(np.maximum(M.var(0, ddof=1), noise), TINY))
-
-
-def _deviation(m: np.ndarray, mu: np.ndarray, sd: np.ndarray, V: np.ndarray) -> np.ndarray:
-    """A period's standardized deviation [cells] with its part along the factors removed."""
-    d = (m - mu) / sd
-    return d - V @ (V.T @ d)
 
 
 def _row(k: float, period: float, n: int, clients: int | None, *, digest: str, baseline: int, alpha: float,

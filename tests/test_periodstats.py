@@ -1,0 +1,88 @@
+"""The period test in a sparse cell (``periodstats``): an expert that almost no request is routed to.
+Benign periods keep nominal false alarms there, where the first test alerted a benign day with one
+request routed there at p 1e-36 and kept alerting (an alerted day stays out of the baseline); load
+moved there by a handful of requests is still seen."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import t as student
+
+from moeguard.monitor import periods, periodstats
+
+CELL = (1, 2)
+
+
+def _period(rng, *, n: int = 200, rate: float = 0.002, hijacked: int = 0, size: float = 0.2):
+    """A period of ``n`` requests' residuals [n, 2, 4] (every cell noisy, but ``CELL``: 0 except in a
+    ``rate`` share of requests, which route 0.002-0.02 there), and ``hijacked`` requests moved there by
+    ``size``: its mean, sampling variance and count, as ``score_periods`` gives ``Baseline.judge``."""
+    r = rng.normal(0, 0.05, (n, 2, 4)) + rng.normal(0, 0.003, (1, 2, 4))
+    r[:, CELL[0], CELL[1]] = np.where(rng.uniform(size=n) < rate, rng.uniform(0.002, 0.02, n), 0.0)
+    r[:hijacked, CELL[0], CELL[1]] += size
+    return r.mean(0), r.var(0, ddof=1) / n, n
+
+
+def _last(rng, days: int = 15, alpha: float = 0.01, **last) -> dict:
+    base = periods.Baseline(baseline=14, alpha=alpha, layers=[0, 1])
+    for _ in range(days - 1):
+        base.judge({}, *_period(rng, rate=last.get("rate", 0.002)))
+    row: dict = {}
+    base.judge(row, *_period(rng, **last))
+    return row
+
+
+def test_benign_periods_keep_nominal_false_alarms_in_a_sparse_cell_and_a_handful_of_hijacks_is_seen():
+    rng = np.random.default_rng(0)
+    benign = [_last(rng) for _ in range(200)]
+    # the first test: 11% of these periods alerted at 0.01, at p down to 1e-172
+    assert np.mean([bool(r.get("alert")) for r in benign]) <= 0.025, sorted(r["p"] for r in benign)[:10]
+    assert np.mean([r["p"] <= 0.05 for r in benign]) <= 0.09
+    seen = [_last(rng, hijacked=5, size=0.05) for _ in range(40)]
+    assert np.mean([bool(r.get("alert")) and (r["layer"], r["expert"]) == CELL for r in seen]) >= 0.9, \
+        sorted(r["p"] for r in seen)[-10:]
+
+
+def test_one_request_routed_where_three_empty_days_routed_nothing_is_no_alert_and_does_not_stay_the_norm():
+    """The first test's failure on a many-expert model, in small: days whose cell is exactly 0, then
+    days with one request routed there. Each was an alert at p 1.6e-25, and none joined the
+    baseline, so every later such day alerted too."""
+    rng = np.random.default_rng(1)
+    base = periods.Baseline(baseline=14, alpha=0.01, layers=[0, 1])
+    for _ in range(3):
+        base.judge({}, *_period(rng, rate=0.0))
+    rows = []
+    for _ in range(4):
+        m, se2, n = _period(rng, rate=0.0)
+        r = np.zeros(n)
+        r[7] = 0.001                                     # one request, a tenth of a percent of its tokens
+        m[CELL], se2[CELL] = r.mean(), r.var(ddof=1) / n
+        rows.append({})
+        base.judge(rows[-1], m, se2, n)
+    assert not any(r.get("alert") for r in rows) and min(r["p"] for r in rows) > 0.05, [r["p"] for r in rows]
+    assert len(base.kept) == 7                           # every day joined: the zeros are not kept the norm
+    # a campaign after them: 20 of 200 requests moved there
+    row: dict = {}
+    base.judge(row, *_period(rng, rate=0.0, hijacked=20, size=0.05))
+    assert row.get("alert") and (row["layer"], row["expert"]) == CELL and row["p"] < 1e-6, row
+
+
+def test_a_period_events_are_its_requests_routed_there_and_one_in_fifteen_periods_is_p_one_fifteenth():
+    r = np.zeros(200)
+    r[[3, 50, 120]] = 0.01
+    assert abs(float(periodstats.events(r.mean(), r.var(ddof=1) / 200, 200)) - 3) < 0.05
+    # every request moved alike (no spread): all of them, not infinitely many
+    assert float(periodstats.events(np.float64(0.01), np.float64(0.0), 200)) == 200
+    # one event in the period, none in 14 earlier periods of as many requests: exactly 1 / 15
+    one = np.zeros(200)
+    one[9] = 0.004
+    empty = (np.zeros(1), np.zeros(1), 200)
+    z = periodstats.events_z([empty] * 14, np.array([one.mean()]), np.array([one.var(ddof=1) / 200]), 200, df=13)
+    assert abs(float(student.sf(z[0], 13)) - 1 / 15) < 2e-3, float(student.sf(z[0], 13))
+    # load moved away from the cell is no event test's business (+inf: the t decides)
+    assert periodstats.events_z([empty] * 14, np.array([-one.mean()]), np.array([one.var(ddof=1) / 200]), 200,
+                                df=13)[0] == np.inf
+    # every request moved: p below what scipy's t inverts at some df (3: -inf at 1e-250), still a huge finite z
+    for df in (2, 3, 13):
+        z = periodstats.events_z([empty] * 14, np.array([0.01]), np.array([0.0]), 3000, df=df)[0]
+        assert np.isfinite(z) and z > 1e6, (df, z)
