@@ -20,11 +20,12 @@ zeros stayed the norm. In a sparse cell now:
   thin: one event in a period after 14 empty ones is z 3.9 (p about 1e-3) by the pooled noise,
   1 in 15 exactly.
 
-Measured in ``tests/test_periodstats.py`` (a cell of 8 routed by 0.05-0.2% of requests: benign
-periods alert at 0.7-1.0% at 0.01, against 7-15% before; 5 hijacked requests of 200 seen on 98-100%
-of periods). What it gives up: magnitude. Events are counted as of one size, so 2 hijacked requests
-that route 10 times what benign ones do to an expert the baseline never saw are not seen (2% of
-periods), where in a cell routed to by 1% of requests they are.
+Measured in ``benchmarks/period_sparse_cells.py`` (one cell of 8 routed to by 0.05-0.2% of requests,
+periods of 200: benign periods alert at 0.7-1.0% at 0.01, against 7-15% before, at p down to 1e-175;
+5 hijacked requests seen on 98-100% of periods, as before). What it gives up: magnitude. Events are
+counted as of one size, so 2 hijacked requests that route 10 times what benign ones do to an expert
+the baseline hardly saw are seen on 0-2% of periods (before: all, beside the false alarms); where
+the cell is routed to by 1% of requests (not sparse), every number is as before.
 """
 
 from __future__ import annotations
