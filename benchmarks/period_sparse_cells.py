@@ -7,7 +7,7 @@ requests, this code beside another commit's (``--before SRC``, in a subprocess o
 Each draw: ``periods.Baseline`` (14 periods) fed 14 benign periods of 200 requests, then one more,
 benign or with ``k`` requests moved to the sparse cell by ``size`` (their share of the layer's tokens
 routed there). Every other cell is Gaussian noise; the sparse cell is 0 except in a ``rate`` share
-of requests, which route 0.002-0.02 there. Alerts at 0.01. About 40 s per tree on 2 cores.
+of requests, which route 0.002-0.02 there. Alerts at 0.01. About 60 s per tree on 2 cores.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from _common import write_result
 
-RATES = (0.0005, 0.002, 0.01)
+RATES = (0.0005, 0.002, 0.004, 0.006, 0.01)   # 0.004-0.006: about 1 event a period, sparse some days
 CAMPAIGNS = ((2, 0.2), (5, 0.05), (5, 0.2), (10, 0.02), (20, 0.01))
 CELL = (1, 2)
 

@@ -174,11 +174,11 @@ class Baseline:
         sparse = np.mean(M == 0, axis=0) >= SPARSE                         # [cells] (periodstats' docstring)
         if sparse.any():
             noise, per_request = pooled(ref, se2.ravel() * n, n, noise, per_request, sparse)
-        mu, sd, V = factors(M, noise)
+        mu, sd, V = factors(M, noise, sparse=sparse)
         k = V.shape[1]
         # each baseline period's error when predicted by the others (mean, spread and as many directions,
         # fitted without it): a new period's spread, out of sample
-        loo = [deviation(M[i], *factors(np.delete(M, i, 0), noise, k)) for i in range(len(ref))]
+        loo = [deviation(M[i], *factors(np.delete(M, i, 0), noise, k, sparse)) for i in range(len(ref))]
         floor = np.where(sparse, 1.0, FLOOR)                               # a sparse cell's loo is 0: nothing varied
         scale = np.maximum(np.mean(np.square(loo), axis=0), np.maximum(floor * noise / sd**2, TINY))
         extra = np.maximum(0.0, per_request / n - noise) / sd**2          # fewer requests than the baseline's: more noise

@@ -39,30 +39,40 @@ SPARSE = 0.5          # a cell is sparse where at least this share of the baseli
 TINY = 1e-18         # a floor on variances: a cell no baseline period routes to (0 / 0) is not NaN
 
 
-def factors(M: np.ndarray, noise: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def factors(M: np.ndarray, noise: np.ndarray, k: int | None = None,
+            sparse: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Periods' mean [cells], spread [cells] (``spread``) and the ``k`` directions [cells, k] along
     which their standardized values vary most (the day's mix of users). ``k`` None: as many as stand
     above noise, from the same decomposition: those whose variance passes the largest that independent
     cells would show (the Marchenko-Pastur edge, (1 + sqrt(cells / (n - 1)))^2 in units of a cell's
     variance), at most ``FACTORS`` and the periods' number less 3. A direction fitted to noise would
     take part of a shift's cell with it (a synthetic day mix of one direction was seen at 54% with 3
-    removed, 73% with 1)."""
+    removed, 73% with 1). The ``sparse`` cells [cells] (bool) take no part in the directions and none
+    is removed from them: their few events are no mix of users, and their spread is pooled with
+    the period's, which must not move the other cells' test."""
     n, cells = M.shape
     mu, sd = M.mean(0), spread(M, noise)
+    use = np.ones(cells, dtype=bool) if sparse is None else ~sparse
     top = max(0, min(FACTORS, n - 3)) if k is None else k
-    if top <= 0:
+    if top <= 0 or not use.any():
         return mu, sd, np.zeros((cells, 0))
-    _, sv, vt = np.linalg.svd((M - mu) / sd, full_matrices=False)
+    X = (M - mu) / sd
+    _, sv, vt = np.linalg.svd(X if use.all() else X[:, use], full_matrices=False)
     if k is None:
-        k = int(min(top, np.sum(sv**2 / (n - 1) > (1 + math.sqrt(cells / (n - 1))) ** 2)))
-    return mu, sd, vt[:k].T
+        k = int(min(top, np.sum(sv**2 / (n - 1) > (1 + math.sqrt(int(use.sum()) / (n - 1))) ** 2)))
+    if use.all():   # no sparse cell: the directions as they always were (the same bits)
+        return mu, sd, vt[:k].T
+    V = np.zeros((cells, k))
+    V[use] = vt[:k].T
+    return mu, sd, V
 
 
 def pooled(ref: list[tuple[np.ndarray, np.ndarray, int]], own: np.ndarray, n: int, noise: np.ndarray,
            per_request: np.ndarray, sparse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """In the ``sparse`` cells, the baseline's sampling noise [cells] and per-request variance [cells] at
     least the per-request variance of the baseline's requests and the period's together (``own`` [cells],
-    of its ``n`` requests): under the null they are one population, as a two-proportion test pools."""
+    of its ``n`` requests): under the null they are one population, as a two-proportion test pools.
+    Within-period variances only: the periods' means differ by a few events' worth at most here."""
     counts = np.array([c for _, _, c in ref], dtype=np.float64)
     total = sum(b.ravel()[sparse] * c * c for _, b, c in ref) + own[sparse] * n
     both = total / (counts.sum() + n)                                   # [sparse cells]: per request
@@ -73,9 +83,12 @@ def pooled(ref: list[tuple[np.ndarray, np.ndarray, int]], own: np.ndarray, n: in
 
 
 def events(m: np.ndarray, se2: np.ndarray, n: int) -> np.ndarray:
-    """A period's routing events per cell [cells]: as many requests of one size as give its mean ``m``
-    and sampling variance ``se2`` (m^2 / se2; every request where none varies; at most ``n``)."""
-    return np.minimum(np.square(m) / np.maximum(se2, TINY), n)
+    """A period's routing events per cell [cells]: as many of its ``n`` requests, routed there alike
+    and the rest not, as give its mean ``m`` > 0 and sampling variance ``se2``. For k such requests
+    m^2 / se2 is r = k (n - 1) / (n - k), so k = r n / (n - 1 + r); every request where none varies
+    (se2 0); none where the mean is not above 0 (load moved away is no event)."""
+    r = np.square(m) / np.maximum(se2, TINY)
+    return np.where(m > 0, np.where(se2 > 0, r * n / (n - 1 + r), n), 0.0)
 
 
 def events_z(ref: list[tuple[np.ndarray, np.ndarray, int]], m: np.ndarray, se2: np.ndarray, n: int,
@@ -91,7 +104,7 @@ def events_z(ref: list[tuple[np.ndarray, np.ndarray, int]], m: np.ndarray, se2: 
     q = n / (n + sum(c for _, _, c in ref))
     # scipy's t.isf gives -inf or a negative z below about 1e-250 at some df (3: 1e-250): 1e-200 is its floor
     p = np.clip(betainc(np.maximum(k, 1e-12), others + 1.0, q), 1e-200, 1 - 1e-16)
-    return np.where((m > 0) & (k > 0), student.isf(p, df), np.inf)
+    return np.where(k > 0, student.isf(p, df), np.inf)
 
 
 def spread(M: np.ndarray, noise: np.ndarray) -> np.ndarray:
