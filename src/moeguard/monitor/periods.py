@@ -26,9 +26,9 @@ many small pushes become one large one, where benign traffic's pushes cancel.
   directions removed are those that stand above noise (``periodstats.factors``, at most
   ``periodstats.FACTORS``); their number and the noise floor are the whole baseline's. In a *sparse*
   cell (most baseline periods' means exactly 0: an expert almost nothing is routed to) the noise
-  is pooled with the period's and the z is at most an exact count test's (``periodstats``). A period of fewer requests than the
-  baseline's adds its extra sampling noise (from the count: a campaign's own spread must not widen
-  its test). One-sided Student t with ``baseline - 1 - directions`` degrees of freedom (load moved
+  is pooled with the period's and the z is at most an exact count test's (``periodstats``). A
+  period of fewer requests than the baseline's adds its extra sampling noise (from the count: a
+  campaign's own spread must not widen its test). One-sided Student t with ``baseline - 1 - directions`` degrees of freedom (load moved
   *to* an expert is the attack's goal; with ``baseline - 1``, 8 synthetic baseline days whose cells
   move along one direction gave 10.5% of benign days p <= 0.05); the period's p-value is the most
   deviant cell's, Sidak-adjusted over the cells. The first version (the raw deviation, its spread
@@ -323,11 +323,11 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         if clients_test:   # before the load test: an alarm here keeps the period out of later baselines too
             periodclients.clients_test(row, *matched(), r=r.reshape(len(r), -1), clients=who, pool_r=flat, pool_at=at, alpha=alpha,
                                        cells=every_cell)
-            pooled = small.test(row, r, who)
+            small_states = small.test(row, r, who)
         tested = base.judge(row, m, r.var(0, ddof=1) / len(idx), len(idx), requests=idx,
                             hold=bool(row.get("clients_alert") or row.get("small_alert")), accept=bool(row.get("accepted")))
         if small is not None:   # after the load test: a period that alerted there joins no pool's baseline either
-            small.keep(row, pooled)
+            small.keep(row, small_states)
         if tested is None:
             continue
         expected, l, e, cells = tested
