@@ -123,6 +123,7 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert (tmp_path / "then" / "periods.jsonl").read_text() == (out / "periods.jsonl").read_text()
     then = json.loads((tmp_path / "then" / "summary.json").read_text())
     assert (then["history"], then["periods"], then["periods_tested"], then["alerts"]["period"]) == (10, 4, 4, 1)
+    assert then["history_stale_alerts"] == []   # this version's history: nothing to judge again
     said = capsys.readouterr().out
     assert "1 period alerts (4 of 4 periods tested; 1 put down to routing)" in said, said
     # kept: the first run's 10 days (all in the next baseline); the second's from the oldest day of its last
@@ -158,6 +159,23 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert said.err.startswith(f"note: 10 of the 10 baseline periods read from --history have no kept requests (none in "
                                f"{tmp_path / 'bare' / 'period_requests'}): the clients' test and an alert's cause match "
                                "among the requests of the other 0"), said.err
+    # a history period that alerted where this test passes it (as the test before sparse cells did): one
+    # warning line naming it, both p's and the --accept that brings it back; the summary lists it
+    forged = [json.loads(line) for line in (tmp_path / "bare" / "periods.jsonl").read_text().splitlines()]
+    forged[9].update(alert=True, p=1e-30)
+    (tmp_path / "bare" / "periods.jsonl").write_text("".join(json.dumps(r) + "\n" for r in forged))
+    with pytest.warns(UserWarning) as said:
+        assert main(["monitor", "score", "--profile", str(pfile), "--log", str(tmp_path / "then.jsonl"), "--out",
+                     str(tmp_path / "then-stale"), "--period", "24h", "--baseline", "10", "--history",
+                     str(tmp_path / "bare" / "periods.jsonl")]) == 0
+    err = [str(w.message) for w in said if "of the history" in str(w.message)]
+    assert len(err) == 1 and err[0].startswith(f"1 period of the history alerted when scored and passes this version of "
+                                               f"the test against the same baseline periods: {forged[9]['start']} (load "
+                                               f"p 1e-30 -> "), err
+    assert err[0].endswith(f"review it, and if it is benign pass --accept {forged[9]['start']}"), err
+    (stale,) = json.loads((tmp_path / "then-stale" / "summary.json").read_text())["history_stale_alerts"]
+    assert stale["start"] == forged[9]["start"] and stale["tests"]["load"]["p_now"] > 0.01, stale
+    capsys.readouterr()
     # a damaged file of the folder is a one-line error before the model loads, naming it and the fix
     shutil.copytree(tmp_path / "first", tmp_path / "damaged")
     (tmp_path / "damaged" / "period_requests" / f"{day + 9}.npz").write_bytes(b"not a zip")

@@ -117,3 +117,98 @@ def test_a_period_events_are_its_requests_routed_there_and_one_in_fifteen_period
     for df in range(1, 121):
         z = periodstats.events_z([empty] * 14, np.array([0.01]), np.array([0.0]), 3000, df=df)[0]
         assert np.isfinite(z) and student.sf(z, df) < 1e-150, (df, z)
+
+
+def _blip_days(days: int, blips: tuple[int, ...], *, campaign: int | None = None, seed: int = 3):
+    """``days`` days of 40 regular users of 10 requests and 40 one-off requests: residuals [N, 2, 4]
+    (noisy, but ``CELL`` exactly 0), embeddings [N, 8]. On each day in ``blips`` one one-off request
+    routes 0.001 to ``CELL`` (benign: the many-expert model's rare expert); on ``campaign``, 30 one-off
+    requests route 0.05 there each."""
+    rng = np.random.default_rng(seed)
+    t, r, c = [], [], []
+    for d in range(days):
+        effect = rng.normal(0, 0.003, (2, 4))
+        for i, w in enumerate([f"u{i % 40}" for i in range(400)] + [f"once-{d}-{i}" for i in range(40)]):
+            x = effect + rng.normal(0, 0.05, (2, 4))
+            x[CELL] = 0.001 * (d in blips and i == 400) + 0.05 * (d == campaign and i >= 410)
+            t.append(d * 86400 + rng.uniform(0, 86400))
+            r.append(x)
+            c.append(w)
+    x = rng.normal(size=(len(r), 8))
+    return np.array(t), np.array(r), c, x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _history(tmp_path, rows, name):
+    import json
+
+    from moeguard.monitor import periodhistory
+
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return periodhistory.read_history(path, period=86400, digest="", shape=(2, 4), baseline=14, alpha=0.01,
+                                      clients_test=True)
+
+
+def test_a_history_s_alerts_that_this_test_passes_are_named_and_its_own_are_not(tmp_path, monkeypatch):
+    """A history scored before sparse cells were handled keeps its false alarms (each alerted day stays
+    out of later baselines): ``periodhistory.stale_alerts`` judges its alerted periods again against the
+    same baseline periods and names those this test passes, with both p's; a history this version wrote
+    gives none, its campaign day included."""
+    import warnings
+
+    from moeguard.monitor import periodhistory
+
+    t, r, c, x = _blip_days(18, (6, 9, 12), campaign=15)
+    kw = dict(period=86400, baseline=14, alpha=0.01, layers=[3, 7], x=x, clients_test=True)
+    with monkeypatch.context() as m:
+        m.setattr(periods, "SPARSE", 2.0)                # no cell is sparse: the test before 2026-12-07
+        old = periods.score_periods(t, r, c, **kw)
+    assert [i for i, row in enumerate(old) if row.get("alert")] == [6, 9, 12, 15], [row["p"] for row in old]
+    assert all(old[i].get("small_alert") for i in (6, 9, 12)) and max(old[i]["p"] for i in (6, 9, 12)) < 1e-6
+    stale = periodhistory.stale_alerts(_history(tmp_path, old, "old.jsonl"), baseline=14, alpha=0.01, shape=(2, 4))
+    assert [s["start"] for s in stale] == [old[i]["start"] for i in (6, 9, 12)], stale   # not the campaign's day
+    for s, i in zip(stale, (6, 9, 12)):
+        assert set(s["tests"]) == {"load", "small_clients"}
+        load = s["tests"]["load"]
+        assert load["p_then"] == old[i]["p"] and load["p_now"] > 0.01 and (load["layer"], load["expert"]) == (7, 2)
+        assert s["tests"]["small_clients"]["p_then"] == old[i]["small_p"] and s["tests"]["small_clients"]["p_now"] > 0.01
+    # the owner accepted one: not named again
+    hist = periodhistory.mark_accepted(_history(tmp_path, old, "old.jsonl"), {old[9]["start"]})
+    assert [s["start"] for s in periodhistory.stale_alerts(hist, baseline=14, alpha=0.01, shape=(2, 4))] == \
+        [old[6]["start"], old[12]["start"]]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        periodhistory.warn_stale(hist, baseline=14, alpha=0.01, shape=(2, 4))
+    assert len(said) == 1, [str(w.message) for w in said]
+    text = str(said[0].message)
+    assert text.startswith("2 periods of the history alerted when scored and pass this version of the test")
+    assert f"{old[6]['start']} (load p {old[6]['p']:.2g} -> " in text and "layer 7 expert 2" in text
+    assert text.endswith(f"--accept {old[6]['start']},{old[12]['start']}")
+    # this version's rows: the blips pass, the campaign alerts, and nothing is named
+    new = periods.score_periods(t, r, c, **kw)
+    assert [i for i, row in enumerate(new) if row.get("alert")] == [15], [row["p"] for row in new]
+    assert periodhistory.stale_alerts(_history(tmp_path, new, "new.jsonl"), baseline=14, alpha=0.01, shape=(2, 4)) == []
+
+
+def test_the_load_test_alone_is_judged_again_against_the_baseline_its_period_had(tmp_path, monkeypatch):
+    """Without the clients' tests, a history's load alerts alone: the campaign's (days 15 and 16) still
+    alert against the baseline they had then, even where the owner later accepted day 16 (in the
+    baseline of the whole history, day 15 would have it)."""
+    from moeguard.monitor import periodhistory
+
+    t, r, c, x = _blip_days(18, (6, 9, 12), campaign=15)
+    later = (t >= 16 * 86400) & (t < 17 * 86400)
+    r[later & (np.arange(len(t)) % 440 >= 410), CELL[0], CELL[1]] = 0.05   # the campaign goes on on day 16
+    kw = dict(period=86400, baseline=14, alpha=0.01, layers=[3, 7])
+    with monkeypatch.context() as m:
+        m.setattr(periods, "SPARSE", 2.0)
+        old = periods.score_periods(t, r, c, **kw)
+        accepted = periods.score_periods(t, r, c, accept=[old[16]["start"]], **kw)
+    assert [i for i, row in enumerate(old) if row.get("alert")] == [6, 9, 12, 15, 16], [row["p"] for row in old]
+    path = tmp_path / "old.jsonl"
+    for rows in (old, accepted):
+        path.write_text("".join(__import__("json").dumps(row) + "\n" for row in rows))
+        hist = periodhistory.read_history(path, period=86400, digest="", shape=(2, 4), baseline=14, alpha=0.01)
+        stale = periodhistory.stale_alerts(hist, baseline=14, alpha=0.01, shape=(2, 4))
+        assert [s["start"] for s in stale] == [old[i]["start"] for i in (6, 9, 12)], stale
+        assert all(set(s["tests"]) == {"load"} for s in stale)

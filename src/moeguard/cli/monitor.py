@@ -212,6 +212,11 @@ def monitor_score(
     window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
     earlier = read_history(history, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
                            baseline=baseline, alpha=alpha_p, clients_test=period_clients) if history is not None else None
+    if earlier:   # alerts an earlier version of the test raised that this one would not: one warning line
+        from moeguard.monitor.periodhistory import mark_accepted, warn_stale
+
+        stale = warn_stale(mark_accepted(earlier, set(accepted or ())), baseline=baseline, alpha=alpha_p,
+                           shape=prof.mean.shape)
     records = read_log(log)
     if earlier:
         from moeguard.monitor.periodhistory import check_after
@@ -283,6 +288,8 @@ def monitor_score(
 
             summary["period_requests"] = {**save(tmp, spans, **arrays, baseline=baseline, digest=prof.neighbours.digest,
                                                  history=history), "read": brought, "history_baseline": len(want)}
+        if earlier:
+            summary["history_stale_alerts"] = stale
         (tmp / "summary.json").write_text(dumps(summary, indent=2) + "\n")
         drop_replay(tmp)
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "

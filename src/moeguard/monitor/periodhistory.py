@@ -87,6 +87,61 @@ def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, in
     return rows
 
 
+def stale_alerts(rows: list[dict[str, Any]], *, baseline: int, alpha: float, shape: tuple[int, int]) -> list[dict[str, Any]]:
+    """The history's periods (``read_history``'s rows) that alerted when they were scored and that this
+    version of the test passes, against the same baseline periods (each judged again from the states the
+    rows keep: the load test, and the small clients' test on the pools it tested then). The rows keep
+    their alerts, and an alerted period stays out of later baselines until the owner accepts it; this
+    says which to review. Versions before 2026-12-07 alerted where most baseline periods routed
+    nothing to an expert (``periodstats``' sparse cells): one benign request routed there was an alert,
+    and every later day like it too, since an alerted day never joins a baseline. A history this version
+    wrote gives none (the same states, the same test). The clients' test needs the requests: not judged."""
+    from moeguard.monitor.periods import Baseline
+    from moeguard.monitor.periodsmall import SmallClients
+
+    layers, out = list(range(shape[0])), []   # slots: the rows name the layers; only the p's are compared
+    for j, row in enumerate(rows):
+        if row.get("accepted") or "_state" not in row or not (row.get("alert") or row.get("small_alert")):
+            continue
+        now: dict[str, Any] = {}
+        if row.get("alert"):
+            got: dict[str, Any] = {}
+            if Baseline(baseline=baseline, alpha=alpha, layers=layers, history=rows[:j]).judge(
+                    got, *row["_state"], int(row["requests"]), hold=True) is not None and not got.get("alert"):
+                now["load"] = (row["p"], got["p"], row["layer"], row["expert"])
+        if row.get("small_alert") and row.get("_small_state"):
+            small, ps = SmallClients(baseline=baseline, alpha=alpha, layers=layers, history=rows[:j]), []
+            for pool in row.get("small_pools") or []:
+                got = {}
+                if small.by_size[int(pool["under"])].judge(got, *row["_small_state"][int(pool["under"])], hold=True):
+                    ps.append(got["p"])
+            if ps and min(1.0, min(ps) * len(ps)) > alpha:
+                now["small_clients"] = (row["small_p"], min(1.0, min(ps) * len(ps)), row["small_layer"], row["small_expert"])
+        # a period is stale only where every test that alerted on it passes now: another alarm keeps it out anyway
+        if now and not (row.get("clients_alert") or (row.get("alert") and "load" not in now)
+                        or (row.get("small_alert") and "small_clients" not in now)):
+            out.append({"start": row["start"], "tests": {k: {"p_then": a, "p_now": b, "layer": c, "expert": d}
+                                                         for k, (a, b, c, d) in now.items()}})
+    return out
+
+
+def warn_stale(rows: list[dict[str, Any]] | None, *, baseline: int, alpha: float, shape: tuple[int, int]) -> list[dict[str, Any]]:
+    """``stale_alerts``, said as one warning line where there are any (what ``score`` and ``serve`` read)."""
+    import warnings
+
+    stale = stale_alerts(rows or [], baseline=baseline, alpha=alpha, shape=shape)
+    if stale:
+        said = "; ".join(f"{s['start']} (" + ", ".join(f"{'load' if k == 'load' else 'small clients'} p {v['p_then']:.2g} -> "
+                                                     f"{v['p_now']:.2g}, layer {v['layer']} expert {v['expert']}"
+                                                     for k, v in s["tests"].items()) + ")" for s in stale)
+        warnings.warn(f"{len(stale)} period{'' if len(stale) == 1 else 's'} of the history alerted when scored and "
+                      f"{'passes' if len(stale) == 1 else 'pass'} this version of the test against the same baseline periods: {said}. Versions before 2026-12-07 "
+                      f"alerted on experts that most baseline periods routed nothing to. Such a period stays out of later "
+                      f"baselines until accepted: review it, and if it is benign pass --accept "
+                      f"{','.join(s['start'] for s in stale)}", stacklevel=2)
+    return stale
+
+
 def check_after(t, *, period: float, history: list[dict[str, Any]] | None) -> None:
     """A one-line error unless every request ``t`` (seconds) falls after the history's last period
     (before the model loads: a daily run is given the new day's log)."""

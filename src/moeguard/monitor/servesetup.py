@@ -80,7 +80,7 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
     and taken again at every later start, with any new ones. A kept start whose period is no longer in
     the log (its older lines dropped) is left out."""
     from moeguard.monitor.periodhistory import (accepted_path, check_accept, mark_accepted, read_accepted, read_history,
-                                                write_accepted)
+                                                warn_stale, write_accepted)
     from moeguard.monitor.periods import neighbours_of
 
     if period is None:
@@ -99,7 +99,9 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
         if not set(accept) <= set(kept):
             write_accepted(accepted_path(period_log), kept + accept)
     starts = {h["start"] for h in history}
-    return mark_accepted(history, {a for a in kept + (accept or []) if a in starts})
+    history = mark_accepted(history, {a for a in kept + (accept or []) if a in starts})
+    warn_stale(history, baseline=baseline, alpha=alpha, shape=prof.mean.shape)   # alerts an earlier test raised
+    return history
 
 
 def open_period(prof, period_log: Path | None, *, period: float | None, baseline: int, alpha: float,
