@@ -530,6 +530,8 @@ def test_the_online_hook_tests_each_period_as_score_does_and_its_log_is_a_histor
     history = periodhistory.read_history(log, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=10,
                                    alpha=0.01)
     assert [h["index"] for h in history] == [o["index"] for o in online] and history[12]["alert"] is True
+    # the server's own alerts are this test's: judged again from the log's states, none is named stale
+    assert periodhistory.stale_alerts(history, baseline=10, alpha=0.01, shape=prof.mean.shape) == []
     watch = periodwatch.PeriodWatch(prof.neighbours, period=DAY, baseline=10, alpha=0.01, layers=prof.meta["layers"],
                                 history=history)
     assert len(watch._base.kept) == 10 and watch._floor == online[-1]["index"] + 1
