@@ -200,6 +200,10 @@ MALFORMED = [
     ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", "{oops", "protocol.json"),
     ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", '{"modes": 5}', "protocol.json"),
     ("scan --out O --references F", "scan.json", "{broken", "scan.json"),
+    ("monitor score --profile F --log F --out O", "profile.json", "[" * 100_000, "is not valid JSON (nested too deeply to read)"),
+    ("eval --tasks F", "task.yaml", "name: t\nkind: classification\nsource: {type: local, path: d, format: jsonl}\n"
+     "fields: {input: q, label: l}\nlabels: {0: \" no\", 1: \" yes\"}\nDATA:" + "[" * 100_000,
+     "is not usable JSON (nested too deeply to read)"),
     ("scan --out O --references F", "scan.json", '{"schema": "moeguard.audit/1"}', "is not a scan"),
     ("scan --out O --references F", "scan.json",   # settings of the wrong type: AttributeError once
      '{"schema": "moeguard.scan/1", "experts": [], "suspicion": {"score": "chain"}, "settings": ["x"]}', "is not a scan"),
@@ -247,6 +251,10 @@ def test_malformed_files(cmd, name, content, needle, capsys, tmp_path):
             (d / "model.safetensors").unlink()
         f = d / name
     else:
+        if "\nDATA:" in content:   # a task file and its data, d/validation.jsonl beside it
+            content, data = content.split("\nDATA:", 1)
+            (tmp_path / "d").mkdir()
+            (tmp_path / "d" / "validation.jsonl").write_text(data + "\n")
         f = tmp_path / name
         f.write_text(content)
     out = tmp_path / "out"

@@ -466,6 +466,7 @@ def test_one_request_p_values_and_token_scores_equal_the_batch_formulas():
     (b'{"id": 1, "client": "a", "time": NaN, "prompt": "x"}', "time nan is not a finite number"),
     (b'{"id": 1, "client": "a", "time": -Infinity, "prompt": "x"}', "time -inf is not a finite number"),
     (b'{"id": 1' + b"0" * 5000 + b', "client": "a", "time": 1, "prompt": "x"}', "is not usable JSON"),
+    (b"[" * 100_000, "is not usable JSON (nested too deeply to read)"),   # RecursionError, a traceback before
     (b'{"id": 1, "client": "a", "time": 1, "prompt": "caf\xe9"}', "is not UTF-8 (byte"),
     # valid JSON no tokenizer takes: it failed in the replay, after the model loaded
     (b'{"id": 1, "client": "a", "time": 1, "prompt": "hi \\ud800"}', "prompt is not valid Unicode (a lone surrogate)"),

@@ -458,6 +458,11 @@ def _history(tmp_path, prof, lines):
     (lambda rows: [{k: v for k, v in rows[0].items() if k != "start"}], ":1 is not a period of `monitor score --period` (KeyError"),
     (lambda rows: [{**rows[0], "state": {"mean": "AAAA", "noise": "AAAA"}}], ":1 is not a period of `monitor score --period`"),
     (lambda rows: [{k: v for k, v in rows[0].items() if k != "index"}], ":1 is not a period of `monitor score --period` (KeyError"),
+    (lambda rows: [{**rows[0], "small_state": [1]}], ":1 is not a period of `monitor score --period` (AttributeError"),
+    (lambda rows: ["[" * 100_000 + "\n"], ":1 is not a period of `monitor score --period` (ValueError: nested too deeply"),
+    (lambda rows: [], "holds no period"),
+    # a row whose append never finished (serve's period log on a full disk): the fix is to drop that line
+    (lambda rows: [rows[0], json.dumps(rows[1])[:50]], ":2, the last line, is cut short (JSONDecodeError"),
 ])
 def test_a_history_is_checked_line_by_line_against_this_run(setting, tmp_path, edit, needle):
     _, _, prof = setting
@@ -471,6 +476,11 @@ def test_a_history_is_checked_line_by_line_against_this_run(setting, tmp_path, e
         periodhistory.read_history(path, period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14,
                              alpha=0.01)
     assert needle in e.value.message, e.value.message
+    if "cut short" in needle:
+        assert e.value.hint == f"remove that line (its period's row is lost), e.g. sed -i '$ d' {path}, and start again"
+    if needle == "holds no period":   # serve's period log is made empty at its first start
+        assert periodhistory.read_history(path, period=DAY, digest="", shape=(4, 8), baseline=14, alpha=0.01,
+                                          empty_ok=True) == []
     with pytest.raises(MoeguardError, match="is a folder"):
         periodhistory.read_history(tmp_path, period=DAY, digest="", shape=(4, 8), baseline=14, alpha=0.01)
 

@@ -94,6 +94,8 @@ def read_json(path: str | os.PathLike, *, what: str, hint: str) -> Any:
         return json.loads(p.read_text(encoding="utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise MoeguardError(f"{what} {p} is not valid JSON ({exc})", hint=hint) from None
+    except RecursionError:   # [[[[... deeper than the parser recurses
+        raise MoeguardError(f"{what} {p} is not valid JSON (nested too deeply to read)", hint=hint) from None
 
 
 def json_safe(value: Any) -> Any:
@@ -123,7 +125,10 @@ def dumps(data: Any, **kwargs: Any) -> str:
 def strict_loads(text: str) -> Any:
     """``json.loads`` that refuses NaN and Infinity, which :func:`dumps` never writes (ValueError):
     a file that holds them was written by something else, or before this rule."""
-    return json.loads(text, parse_constant=_no_constant)
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:   # [[[[... deeper than the parser recurses: damaged, as any other non-JSON
+        raise ValueError("nested too deeply to read") from None
 
 
 def _no_constant(name: str) -> Any:

@@ -27,10 +27,11 @@ def _unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, int], baseline: int,
-                 alpha: float, clients_test: bool = False) -> list[dict[str, Any]]:
+                 alpha: float, clients_test: bool = False, empty_ok: bool = False) -> list[dict[str, Any]]:
     """``--history``: an earlier run's ``periods.jsonl``, checked line by line (one-line errors
     naming the line): the same period length, neighbour references, baseline, alpha and clients'
-    test (which decided which of its periods alerted and so joins a baseline), periods in time order."""
+    test (which decided which of its periods alerted and so joins a baseline), periods in time order.
+    An empty file is an error unless ``empty_ok`` (``serve``'s period log, made at its first start)."""
     from moeguard.io import strict_loads
 
     unedited = "pass the periods.jsonl an earlier run wrote, unedited"
@@ -57,7 +58,12 @@ def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, in
             if row.get("small_state"):   # the small clients' test's pools (periodsmall), by their size bound
                 row["_small_state"] = {int(u): (_unpack(v["mean"], shape), _unpack(v["noise"], shape), int(v["requests"]))
                                        for u, v in row["small_state"].items() if int(u) in SIZES}
-        except (ValueError, KeyError, TypeError, OverflowError) as e:   # OverflowError: an index of 1e999
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:   # OverflowError: an index of 1e999;
+            # AttributeError: a small_state that is not an object
+            if n == len(text.splitlines()) and not text.endswith("\n"):   # a row whose append never finished
+                raise MoeguardError(f"{where}, the last line, is cut short ({type(e).__name__}: {e}): a write that did not "
+                                    "finish (a full disk, a crash)", hint=f"remove that line (its period's row is lost), "
+                                    f"e.g. sed -i '$ d' {path}, and start again") from None
             raise MoeguardError(f"{where} is not a period of `monitor score --period` ({type(e).__name__}: {e})",
                                 hint=unedited) from None
         if seconds != period:
@@ -84,6 +90,8 @@ def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, in
             raise MoeguardError(f"{where} is period {index}, not after the line before it ({last})", hint=unedited)
         rows.append(row)
         last = index
+    if not rows and not empty_ok:   # every score --period run writes a row a period: an empty file is damaged
+        raise MoeguardError(f"period history {path} holds no period", hint=unedited + ", or start without --history")
     return rows
 
 

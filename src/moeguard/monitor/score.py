@@ -54,6 +54,9 @@ def read_log(path: Path) -> list[dict[str, Any]]:
                 raise MoeguardError(f"{where} is not valid JSON ({e.msg})", hint="one JSON object per line") from None
             except ValueError as e:   # an integer of more digits than Python converts
                 raise MoeguardError(f"{where} is not usable JSON ({e})", hint="fix or drop that record") from None
+            except RecursionError:   # [[[[... deeper than the parser recurses
+                raise MoeguardError(f"{where} is not usable JSON (nested too deeply to read)",
+                                    hint="fix or drop that record") from None
             if not isinstance(r, dict):
                 raise MoeguardError(f"{where} holds a {type(r).__name__}, expected an object", hint="one JSON object per line")
             missing = [k for k in ("id", "client", "time", "prompt") if k not in r]

@@ -89,7 +89,7 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
     if period_log is None:
         return None
     history = read_history(period_log, period=period, digest=digest, shape=prof.mean.shape,
-                           baseline=baseline, alpha=alpha)
+                           baseline=baseline, alpha=alpha, empty_ok=True)   # made empty at the first start
     if history and int(history[-1]["index"]) >= math.floor(time.time() / period):
         raise MoeguardError(f"{period_log}'s last period ({history[-1]['start']}) is not over yet: no request could be "
                             f"counted before it ends", hint="check this machine's clock, or pass another --period-log")

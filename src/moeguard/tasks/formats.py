@@ -128,6 +128,10 @@ def _jsonl(handle: Iterable[str], file: Any) -> Iterator[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             raise MoeguardError(f"line {number} of '{file}' is not valid JSON ({exc.msg})",
                                 hint="write one JSON object per line (JSON Lines)") from None
+        except (ValueError, RecursionError) as exc:   # an integer past Python's digit limit; [[[[... too deep
+            said = "nested too deeply to read" if isinstance(exc, RecursionError) else str(exc)
+            raise MoeguardError(f"line {number} of '{file}' is not usable JSON ({said})",
+                                hint="write one JSON object per line (JSON Lines)") from None
         if not isinstance(row, dict):
             raise MoeguardError(f"line {number} of '{file}' is a JSON {type(row).__name__}, not an object",
                                 hint="write one JSON object per line, with one key per column")
