@@ -145,8 +145,12 @@ def test_profiles_with_early_looks_round_trip_and_damaged_ones_are_refused(setti
                    lambda n: n.__setitem__("window.ladder", [0.0] + n["window.ladder"][1:]), lambda n: n.pop("window.ladder")):
         d = early.to_dict()
         damage(d["null"])
-        with pytest.raises(MoeguardError, match="P.json is a damaged routing profile \\(window, early looks, slices or layers missing"):
+        with pytest.raises(MoeguardError, match="P.json is a damaged routing profile \\(window, early looks, slices, layers or weights"):
             Profile.from_dict(d, where="P.json")
+    d = early.to_dict()
+    d["weights"] = "x"   # check_model read it as a mapping: an AttributeError, with a traceback, before
+    with pytest.raises(MoeguardError, match="P.json is a damaged routing profile \\(window, early looks, slices, layers or weights"):
+        Profile.from_dict(d, where="P.json")
     assert ladder.check_early(np.array([2, 4]), 8) == (2, 4)   # numpy integers, from an API caller
     with pytest.raises(MoeguardError, match=r"early window lengths \[8\] are outside 2..7"):
         ladder.check_early([8], 8)

@@ -138,6 +138,14 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
                                        "history_baseline": 10}
     assert "the requests of 11 periods kept for later runs' baselines (" in said, said
     assert "lorem" not in "".join(f.read_bytes().decode("latin-1") for f in (tmp_path / "then" / "period_requests").iterdir())
+    # the history's kept requests are an input: an --out there is refused, --overwrite or not
+    capsys.readouterr()
+    assert main(["monitor", "score", "--profile", str(pfile), "--log", str(tmp_path / "then.jsonl"), "--out",
+                 str(tmp_path / "first" / "period_requests"), "--overwrite", "--period", "24h", "--baseline", "10",
+                 "--history", str(tmp_path / "first" / "periods.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"output {tmp_path / 'first' / 'period_requests'} is (or holds) the input" in err, err
+    assert kept("first") == [day + d for d in range(10)]
     # without the folder, the history brings no requests: no cause, and the row says why
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "periods.jsonl").write_text((tmp_path / "first" / "periods.jsonl").read_text())

@@ -203,7 +203,11 @@ def monitor_score(
     from moeguard.monitor.periodhistory import parse_accept
 
     accepted = parse_accept(accept)
-    check_output(out, overwrite=overwrite, inputs=(model, profile, log, history), kind="folder")
+    from moeguard.monitor.periodclients import REQUESTS_FOLDER
+
+    # the history's kept requests are inputs too: an --out there would replace them with this run's
+    check_output(out, overwrite=overwrite, kind="folder",
+                 inputs=(model, profile, log, history, history and history.parent / REQUESTS_FOLDER))
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))
@@ -234,7 +238,6 @@ def monitor_score(
         want = wanted(earlier, baseline=baseline, accept=accepted or ())
     check_score(prof, records, period=seconds, history=history, want=want)   # before anything large loads
     if earlier:
-        from moeguard.monitor.periodclients import REQUESTS_FOLDER
         from moeguard.monitor.periodrequests import read as read_held
 
         held = read_held(history, want, dim=prof.neighbours.x.shape[1], shape=prof.mean.shape)

@@ -294,8 +294,10 @@ class Profile:
                                 hint=fix)
         if not isinstance(meta.get("window"), int) or meta["window"] < 1 or not isinstance(meta.get("layers"), list) \
                 or len(meta["layers"]) != mean.shape[0] or not ladder.check_profile(meta, null) \
-                or not slices.check_profile(meta, null):
-            raise MoeguardError(f"{where} is a damaged routing profile (window, early looks, slices or layers missing)",
+                or not slices.check_profile(meta, null) or not isinstance(meta.get("weights") or {}, dict):
+            # weights: the model's digest, compared by check_model (a string there was an AttributeError)
+            raise MoeguardError(f"{where} is a damaged routing profile (window, early looks, slices, layers or weights "
+                                "missing or wrong)",
                                 hint=fix)
         return cls(meta=meta, mean=mean, sd=sd, topics=topics, null=null, space=space, kernel=kernel, tokens=tokens,
                    replies=replies, neighbours=neighbours)
