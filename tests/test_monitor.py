@@ -265,7 +265,7 @@ def _log(path, rows):
     return path
 
 
-def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_path, capsys):
+def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_path, capsys, monkeypatch):
     import random
 
     from moeguard.tasks.loaders import load_records
@@ -305,6 +305,25 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     assert len(eve) == 2 and all(a["p"] <= 0.01 and a["layer"] in (0, 1, 2, 3) and a["experts"] for a in eve), eve
     assert not [a for a in alerts if a["kind"] == "window" and a["client"] != "eve"]   # single-topic users pass
     assert "prompt" not in (out / "scores.jsonl").read_text() and "lorem" not in (out / "alerts.jsonl").read_text()
+    # interrupted while writing its outputs; what that attempt (or one with other flags: --period's files)
+    # left is not carried into the resumed run's folder, only the replay's kept steps are
+    from moeguard.monitor import score as scoring
+
+    def cut(cache):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(scoring, "drop_replay", cut)
+        assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "cut")]) == 130
+    partial = tmp_path / ".cut.partial"
+    assert (partial / "scores.jsonl").exists() and list(partial.glob(".replay-*.npz"))
+    (partial / "periods.jsonl").write_text("stale\n")
+    (partial / "period_requests").mkdir()
+    (partial / "period_requests" / "3.npz").write_bytes(b"half a file")
+    capsys.readouterr()
+    assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(tmp_path / "cut")]) == 0
+    assert sorted(f.name for f in (tmp_path / "cut").iterdir()) == sorted(f.name for f in out.iterdir())
+    assert (tmp_path / "cut" / "scores.jsonl").read_text() == (out / "scores.jsonl").read_text()
     # prompts only on request; a broken line is one error naming it
     assert summary["unwindowed"] == {"requests": 0, "clients": 0}
     # a client short of a window (and alice's 3 more) is counted as unseen by the windows

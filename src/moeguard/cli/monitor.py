@@ -190,7 +190,7 @@ def monitor_score(
     from moeguard.edge import resolve_model
     from moeguard.io import check_output, file_sha256, read_json, resumable_dir
     from moeguard.monitor.profile import Profile
-    from moeguard.monitor.score import drop_replay, read_log, score
+    from moeguard.monitor.score import clear_outputs, drop_replay, read_log, score
 
     from moeguard.monitor.periodhistory import read_history
     from moeguard.monitor.periods import check_period
@@ -276,6 +276,7 @@ def monitor_score(
                                          "period_clients": period_clients, "accept": accepted,
                                          "period_requests": not no_period_requests}
                                         if seconds is not None else {})})
+        clear_outputs(tmp)   # an interrupted attempt's outputs (other flags, a half-written file) do not carry over
         (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
         (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
         traffic = summary.pop("traffic_slices")

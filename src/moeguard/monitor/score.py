@@ -195,6 +195,22 @@ def replay(model, tokenizer, prof: Profile, prompts: list[str], *, adapter, cach
     return (*out[:4], None if prof.replies is None else (out[4], out[5]))  # type: ignore[return-value]
 
 
+def clear_outputs(cache: Path) -> None:
+    """Before a run writes its outputs into its resumable folder ``cache``: remove what an earlier,
+    interrupted attempt's writing left there (another attempt's flags may not write the same files,
+    and a ``period_requests`` file half-written would be renamed into --out with the rest). Only the
+    kept replay steps (``.NAME.npz``, whole: ``io.kept_arrays`` renames them into place) and the
+    folder's settings stamp carry over."""
+    import shutil
+
+    from moeguard.io import STAMP
+
+    for f in cache.iterdir():
+        if f.name == STAMP or (f.name.startswith(".") and f.name.endswith(".npz") and not f.name.endswith(".tmp.npz")):
+            continue
+        shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+
+
 def drop_replay(cache: Path) -> None:
     """Delete ``replay``'s kept steps from ``cache`` once the outputs are complete (scratch: the
     resumable folder becomes the output as it is)."""
