@@ -128,6 +128,25 @@ def test_a_failing_save_is_counted_and_does_not_fail_a_clean_stop(setting):  # n
     assert mon.registry.get_sample_value("moeguard_callback_failures_total") == 1
 
 
+def test_a_result_callback_that_raises_in_the_last_flush_still_leaves_the_open_period_saved(setting):  # noqa: F811
+    """The library's default (raise_errors): the exit's flush raises what ``on_result`` raised, and the
+    open period is saved first (it was skipped: a restart lost the day's counts)."""
+    m, tok, prof = setting
+    states = []
+
+    def broken(client, result):
+        raise OSError(28, "No space left on device")
+
+    mon = RoutingMonitor(m, prof, flush_every=64, max_delay_s=None, period=DAY, clock=lambda: 100 * DAY,
+                         on_result=broken, on_period_state=states.append)
+    with pytest.raises(OSError, match="No space left"):
+        with mon:
+            for r in _day(0, random.Random(3), n=6):
+                with mon.request(r["client"]):
+                    _forward(m, tok, r["prompt"])
+    assert states and states[-1]["index"] == 100 and states[-1]["requests"] == 6, states[-1:]
+
+
 def _saved(prof, **change):
     doc = {"schema": periodwatch.SCHEMA, "index": 100, "start": "x", "seconds": DAY, "requests": 20,
            "neighbours": prof.neighbours.digest, "settings": {"baseline": 14, "alpha": 0.01, "test": periods.TEST},

@@ -103,14 +103,20 @@ def test_serve_answers_real_http_with_4xx_for_bad_requests_and_counts_every_requ
     with mon:
         with _serving(create_app(m, tok, mon, client_id="user")) as port:
             benign = load_records(get_task("arith-compare"), "eval", limit=150)[130]["input"]  # not profiled
-            status, body = _call(port, "POST", "/v1/completions", {"prompt": benign, "max_tokens": 4, "user": "alice"})
+            # the options that would change the answer's shape, at their defaults, are taken
+            status, body = _call(port, "POST", "/v1/completions", {"prompt": benign, "max_tokens": 4, "user": "alice",
+                                                                    "n": 1, "stream": False, "echo": False, "logprobs": None})
             doc = json.loads(body)
             assert status == 200 and doc["object"] == "text_completion" and doc["usage"]["completion_tokens"] <= 4
             assert set(doc) == {"id", "object", "created", "model", "choices", "usage"}   # scores stay on the server
             # each answer says what is wrong: the field, or the limit
             bad = [({"prompt": 5}, 422, "prompt"), ({"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
                    ({"prompt": "x", "max_tokens": 0}, 422, "max_tokens"), ({"max_tokens": 3}, 422, "prompt"),
-                   ({"prompt": "x" * 9000}, 413, "prompt over 8000 characters")]
+                   ({"prompt": "x" * 9000}, 413, "prompt over 8000 characters"),
+                   # answered as if absent before: an SDK asking for a stream got one JSON body
+                   ({"prompt": "x", "stream": True}, 400, "stream is not supported: this endpoint answers one whole"),
+                   ({"prompt": "x", "n": 2, "logprobs": 3}, 400, "n, logprobs are not supported"),
+                   ({"prompt": "x", "n": True}, 400, "n is not supported")]
             for b, code, says in bad:
                 status, reply = _call(port, "POST", "/v1/completions", b)
                 assert status == code and says in json.dumps(json.loads(reply)["error"]), (b, status, reply)
@@ -491,6 +497,9 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
              ("the profile was made for ./my-finetune, not embedded", "use the profiled model (--model)")),
             (["--profile", str(tmp_path / "P.json"), "--port", str(taken.getsockname()[1])],   # before the model loads
              (f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}", "pass another --port")),
+            # appended to, the profile would be damaged for the next start
+            (["--profile", str(tmp_path / "P.json"), "--alerts", str(tmp_path / "P.json")],
+             (f"--alerts {tmp_path / 'P.json'} is the input {tmp_path / 'P.json'}: the server would append to it",)),
             (["--profile", str(tmp_path / "P.json"), "--alerts", str(tmp_path / "dir")],
              (f"--alerts {tmp_path / 'dir'} cannot be written", "a file this user may append to"))):
         capsys.readouterr()
@@ -504,6 +513,14 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
 
     assert [_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "LOCALHOST", "localhost.", "::ffff:127.0.0.1")] == [True] * 7
     assert [_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.5", "example.com")] == [False] * 5
+    # [::1], which is_loopback takes, binds too (getaddrinfo refused the brackets), and a URL brackets it
+    from moeguard.monitor.servesetup import listen, url_host
+
+    if socket.has_ipv6:
+        with listen("[::1]", 0) as bound:
+            assert bound.family == socket.AF_INET6 and bound.getsockname()[0] == "::1"
+    assert (url_host("[::1]"), url_host("::1"), url_host("127.0.0.1"), url_host("localhost")) == \
+        ("[::1]", "[::1]", "127.0.0.1", "localhost")
 
 
 def test_a_profile_of_other_routing_is_refused_before_a_log_is_replayed_or_a_hook_attached(served):

@@ -368,7 +368,8 @@ def serve(
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
                                       max_delay=max_delay, metrics_token=metrics_token, alerts=alerts, period=period,
-                                      baseline=baseline, period_log=period_log, period_alpha=period_alpha, accept=accept)
+                                      baseline=baseline, period_log=period_log, period_alpha=period_alpha, accept=accept,
+                                      inputs=(profile, model))
     from moeguard.monitor.periods import period_alpha as level
 
     alpha_p = level(alpha, period_alpha)
@@ -395,7 +396,9 @@ def serve(
         from moeguard.monitor.serve import uvicorn_config
 
         app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token, client_id=client_id)
-        typer.echo(f"serving {handle.name} on http://{host}:{port}/v1/completions (metrics: /metrics; "
+        from moeguard.monitor.servesetup import url_host
+
+        typer.echo(f"serving {handle.name} on http://{url_host(host)}:{port}/v1/completions (metrics: /metrics; "
                    f"clients by {client_id})")
         with mon:
             uvicorn.Server(uvicorn_config(app_, host=host, port=port)).run(sockets=[sock])

@@ -195,9 +195,11 @@ class RoutingMonitor:
             self._stop.set()
             self._ticker.join()
             self._ticker = None
-        self.flush()
-        if self._periods is not None:
-            self._periods.stop()
+        try:
+            self.flush()
+        finally:   # an on_result that raises in the last flush (a full disk) must not lose the open period's counts
+            if self._periods is not None:
+                self._periods.stop()
 
     def _tick(self) -> None:
         while not self._stop.wait(self.max_delay_s / 4):

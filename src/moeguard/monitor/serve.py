@@ -121,10 +121,26 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     device = model_device(model)   # a prompt goes where the model's embeddings are (GPU or CPU)
 
     class Completion(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="ignore")   # temperature, top_p, stop...: greedy decoding, said in the docs
         prompt: StrictStr
         max_tokens: StrictInt = Field(16, ge=1, le=MAX_TOKENS)
         user: StrictStr = Field("anonymous", min_length=1, max_length=128)
+        # what would change the answer's shape, not only its tokens: refused (400), not answered as if absent
+        # (an SDK asking for a stream got one JSON body and failed to parse it)
+        stream: Any = None
+        n: Any = None
+        best_of: Any = None
+        echo: Any = None
+        logprobs: Any = None
+        suffix: Any = None
+
+    def unsupported(body: Completion) -> str | None:
+        asked = [f for f, v, default in (("stream", body.stream, False), ("n", body.n, 1), ("best_of", body.best_of, 1),
+                                         ("echo", body.echo, False), ("logprobs", body.logprobs, None),
+                                         ("suffix", body.suffix, None))
+                 if v is not None and not (v == default and type(v) is type(default))]
+        return (f"{', '.join(asked)} {'is' if len(asked) == 1 else 'are'} not supported: this endpoint answers one whole, "
+                "greedy completion per request (drop them, or send them at their defaults)") if asked else None
 
     app = FastAPI(title=f"{name} (moeguard serve)", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
@@ -161,6 +177,8 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 return JSONResponse({"error": {"message": f"{field} is not valid Unicode (a lone surrogate)"}}, status_code=400)
+        if (said := unsupported(body)) is not None:
+            return JSONResponse({"error": {"message": said}}, status_code=400)
         client = client_of(request, body)
         if client is None:
             return JSONResponse({"error": {"message": f"header {source.header} names the client (once, 1 to {MAX_CLIENT_CHARS} "
@@ -191,10 +209,10 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
                 new = out[0, len(ids):].tolist()
                 # the reply's length up to its end of text: the positions a profile of replies scores
                 r.reply_tokens = next((i for i, t in enumerate(new) if t in ends), len(new))
-        eos = tokenizer.eos_token_id
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": 0, "text": tokenizer.decode(new, skip_special_tokens=True),
-                                            "finish_reason": "stop" if eos is not None and eos in new else "length"}],
+                                            # any id that ends a turn (a chat model's <|im_end|>), not only the EOS
+                                            "finish_reason": "stop" if any(t in ends for t in new) else "length"}],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)}}
 
     @app.get("/metrics")

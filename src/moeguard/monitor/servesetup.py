@@ -18,9 +18,10 @@ from moeguard.io import dumps
 def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush_every: int, max_delay: float,
                   metrics_token: str | None, alerts: Path | None, period: str | None, baseline: int | None,
                   period_log: Path | None, period_alpha: float | None = None,
-                  accept: str | None = None) -> tuple[float | None, int]:
+                  accept: str | None = None, inputs: tuple = ()) -> tuple[float | None, int]:
     """``serve``'s options checked before the socket is bound and the model loads (one-line errors);
-    the period in seconds (None: off) and the baseline."""
+    the period in seconds (None: off) and the baseline. ``inputs``: the files the server reads (the
+    profile, a local model), which --alerts and --period-log, appended to, must not be."""
     from moeguard.monitor.periodhistory import accepted_path, parse_accept
     from moeguard.monitor.periods import check_period
     from moeguard.monitor.periodwatch import open_path
@@ -57,6 +58,10 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
     for flag, path in (("--alerts", alerts), ("--period-log", period_log)):
         if path is None:
             continue
+        for given in inputs:   # appending a line to the profile damaged it for the next start
+            if given is not None and Path(str(given)).expanduser().resolve() == path.resolve():
+                raise MoeguardError(f"{flag} {path} is the input {given}: the server would append to it",
+                                    hint=f"pass another file for {flag}")
         if not path.parent.is_dir():
             raise MoeguardError(f"folder {path.parent} for {flag} does not exist", hint=f"create it: mkdir -p {path.parent}")
         try:    # now, not at the first alert: a server that cannot record alerts should not start
@@ -139,8 +144,8 @@ def listen(host: str, port: int):
     """A bound TCP socket for ``host:port`` (uvicorn listens on it), or a one-line error."""
     import socket
 
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    try:   # [::1], as a URL writes it and is_loopback takes it: getaddrinfo takes the address bare
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as e:
         raise MoeguardError(f"--host {host} does not resolve ({e})", hint="pass an address such as 127.0.0.1") from None
     sock = socket.socket(family, kind, proto)
@@ -153,6 +158,12 @@ def listen(host: str, port: int):
                             hint="pass another --port, or stop the process that holds it") from None
     sock.set_inheritable(True)
     return sock
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``http://[::1]:8000``)."""
+    bare = host.strip("[]")
+    return f"[{bare}]" if ":" in bare else bare
 
 
 def is_loopback(host: str) -> bool:
