@@ -128,3 +128,19 @@ def test_statistics_in_smaller_blocks_are_the_same_to_the_bit(setting, monkeypat
         assert blocks[k].dtype == whole[k].dtype and np.array_equal(blocks[k], whole[k]), k
     monkeypatch.setattr(profile_mod, "BLOCK_VALUES", 1)                   # never fewer than one row
     assert all(np.array_equal(v, whole[k]) for k, v in prof.statistics(h, x, whole["surprise"]).items())
+
+
+def test_a_profile_of_other_routing_is_refused_before_the_model_loads_or_a_history_is_read(setting, tmp_path, capsys,
+                                                                                            monkeypatch):
+    """``monitor score`` checks the profile's routing (layers, experts, top-k) against the model's
+    config before anything loads: it was checked after the model and the history's kept requests."""
+    _, _, prof = setting
+    (tmp_path / "log.jsonl").write_text(json.dumps({"id": 0, "client": "a", "time": 0, "prompt": "hello"}) + "\n")
+    (tmp_path / "p.json").write_text(json.dumps({**prof.to_dict(), "top_k": 3}))
+    _no_replay(monkeypatch)
+    monkeypatch.setattr("moeguard.monitor.periodhistory.read_history", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("the history was read before the profile was checked")))
+    assert main(["monitor", "score", "--profile", str(tmp_path / "p.json"), "--log", str(tmp_path / "log.jsonl"),
+                 "--out", str(tmp_path / "out"), "--period", "24h", "--history", str(tmp_path / "log.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "the profile was made with top-3 routing, the model routes top-2" in err, err

@@ -211,6 +211,9 @@ def monitor_score(
     handle = resolve_model(model, device_map=device_map)
     prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                              where=str(profile))
+    from moeguard.monitor.evasion import check_profile
+
+    check_profile(prof, handle)   # this model's profile (weights, layers, experts, top-k): before any history is read
     from moeguard.monitor.score import check_settings
 
     window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
@@ -246,9 +249,7 @@ def monitor_score(
                        f"kept requests (none in {history.parent / REQUESTS_FOLDER}): the clients' test and an alert's "
                        f"cause match among the requests of the other {len(held)}", err=True)
     brought = len(held or ())   # score_periods empties held as it takes them
-    from moeguard.models.identity import weights_digest, weights_identity
-
-    prof.check_model(handle.name, weights_digest(handle.arg))
+    from moeguard.models.identity import weights_identity
     from moeguard.provenance import run_record
 
     # what the replayed arrays depend on: an interrupted run resumes only on the same profile, log and weights
@@ -377,12 +378,12 @@ def serve(
     # (and no other process can take it between a check and the bind)
     sock = listen(host, port)
     try:
-        from moeguard.models.identity import weights_digest
+        from moeguard.monitor.evasion import check_profile
 
         handle = resolve_model(model, device_map=device_map)
         prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
                                  where=str(profile))
-        prof.check_model(handle.name, weights_digest(handle.arg))
+        check_profile(prof, handle)   # weights, layers, experts and top-k, before the model loads
         history = period_history(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p, accept=parse_accept(accept))
         saved = open_period(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p, history=history)
         m, tok, _ = handle.load()

@@ -13,7 +13,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.monitor.embed import unpack
-from moeguard.monitor.periods import TEST, _when
+from moeguard.monitor.periods import MIN_REQUESTS, TEST, _when
 from moeguard.monitor.periodsmall import SIZES
 
 
@@ -214,7 +214,9 @@ def check_accept(accept: list[str], t, *, period: float, history: list[dict[str,
     """``--accept``: each a period's start as periods.jsonl writes it, of the history's periods or the log's
     (``t``: its requests' times, seconds); a history period it names must have been tested (it has a state
     to join a baseline with). One-line errors before the model loads."""
-    starts = [old["start"] for old in history or []] + sorted({_when(math.floor(x / period) * period) for x in t})
+    keys, sizes = np.unique(np.floor(np.asarray(t, dtype=np.float64) / period), return_counts=True)
+    counts = {_when(k * period): int(c) for k, c in zip(keys, sizes)}   # the log's periods, by start
+    starts = [old["start"] for old in history or []] + sorted(counts)
     for a in accept:
         if a not in starts:
             near = f"the first is {starts[0]}, the last {starts[-1]}" if starts else "there are none"
@@ -222,6 +224,10 @@ def check_accept(accept: list[str], t, *, period: float, history: list[dict[str,
                                 hint="pass a period's start as periods.jsonl writes it (its \"start\"), e.g. "
                                      + (starts[-1] if starts else "2026-12-01T00:00:00Z"))
         old = next((o for o in history or [] if o["start"] == a), None)
+        n = counts.get(a, 0)   # the log's requests in it
+        if old is None and n < MIN_REQUESTS:   # accepted, yet never in a baseline: said now, not silently
+            raise MoeguardError(f"--accept {a}: that period of the log has {n} requests, fewer than the {MIN_REQUESTS} a "
+                                "period needs to be tested or to join a baseline", hint="accept a period with more requests")
         if old is not None and "_state" not in old:
             raise MoeguardError(f"--accept {a}: that period of the history was not tested ({old.get('why', 'no state')}), "
                                 "so it has nothing to add to a baseline", hint="accept a period that was tested")
