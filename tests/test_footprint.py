@@ -144,3 +144,19 @@ def test_a_profile_of_other_routing_is_refused_before_the_model_loads_or_a_histo
                  "--out", str(tmp_path / "out"), "--period", "24h", "--history", str(tmp_path / "log.jsonl")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "the profile was made with top-3 routing, the model routes top-2" in err, err
+
+
+def test_a_profile_of_a_task_too_small_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Each task needs 4 benign inputs (half fit, half calibrate): that was checked after the model
+    loaded, and left an empty partial profile behind."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "validation.jsonl").write_text("".join(json.dumps({"q": f"is {i} odd?", "l": i % 2}) + "\n"
+                                                            for i in range(3)))
+    (tmp_path / "t.yaml").write_text("name: tiny\nkind: classification\nsource: {type: local, path: d, format: jsonl}\n"
+                                     "fields: {input: q, label: l}\nlabels: {0: \" no\", 1: \" yes\"}\n")
+    _no_replay(monkeypatch)
+    assert main(["monitor", "profile", "--out", str(tmp_path / "p.json"), "--tasks", str(tmp_path / "t.yaml"),
+                 "--window", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "task 'tiny' gives 3 benign inputs" in err and "at least 4 per task" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "t.yaml"]   # no partial profile left

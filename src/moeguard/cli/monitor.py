@@ -66,6 +66,9 @@ def monitor_profile(
     prompts = {t.name: [x for r in load_records(t, "eval", limit=limit) if (x := prompt_text(t, r))] for t in ts}
     # the calibration requests there are (half of each task's inputs, which may be fewer than --limit):
     # a window is drawn from them, before any weights load
+    from moeguard.monitor.fit import check_prompts
+
+    check_prompts(prompts)   # before the weights load (and before a partial profile is begun)
     held = sum(len(p) - len(p) // 2 for p in prompts.values())
     if window > held:
         raise MoeguardError(f"--window is {window}; benign windows are drawn from at most {held} calibration requests "

@@ -88,6 +88,14 @@ def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_l
     return counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12), sums, ntok, surprise
 
 
+def check_prompts(prompts: dict[str, list[str]]) -> None:
+    """A one-line error unless every task gives at least 4 benign inputs (half fit, half calibrate):
+    ``monitor profile`` calls it before the model loads, ``build`` again for library callers."""
+    for t, ps in prompts.items():
+        if len(ps) < 4:
+            raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
+
+
 def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, windows: int | None = None,
           seed: int = 0, name: str = "", cache: Path | None = None, progress=None, reply_tokens: int = 0,
           early: tuple[int, ...] | None = None, slice_len: int = 0) -> Profile:
@@ -108,9 +116,7 @@ def build(model, tokenizer, prompts: dict[str, list[str]], *, window: int = 16, 
     slice_len = slices.check_slice(slice_len)
     windows = windows if windows is not None else (ladder.BENIGN_BLOCKS if early else 400)
     reply_tokens = replies.check_length(reply_tokens)
-    for t, ps in prompts.items():             # before any forward
-        if len(ps) < 4:
-            raise MoeguardError(f"task '{t}' gives {len(ps)} benign inputs", hint="a profile needs at least 4 per task")
+    check_prompts(prompts)                    # before any forward
     rng = np.random.default_rng(seed)
     held_out = sum(len(ps) - len(ps) // 2 for ps in prompts.values())
     if held_out < window:   # every benign window would repeat requests, inflating drift's null and every spread
