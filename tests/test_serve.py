@@ -292,6 +292,35 @@ def test_a_callback_that_reads_results_or_scrapes_does_not_hang_and_a_failed_bat
     assert rb.result["error"].startswith("scoring failed") and told == [("b", rb.result)]
 
 
+def test_a_look_that_raises_keeps_the_client_tracked_so_eviction_still_removes_its_gauge(served, monkeypatch):
+    from prometheus_client import generate_latest
+
+    from moeguard.monitor import ladder
+
+    m, tok, prof = served
+    ids = torch.tensor([tok("def add(a, b): return a + b", add_special_tokens=False)["input_ids"]])
+    mon = RoutingMonitor(m, prof, flush_every=1, max_delay_s=None, max_clients=1, raise_errors=False)
+    first, real = min(mon.looks), ladder.look
+    calls = []
+
+    def flaky(*a, **k):   # the second look fails: the client had a gauge from the first
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a scoring bug")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ladder, "look", flaky)
+    with mon, torch.no_grad():
+        for _ in range(first + (sorted(mon.looks)[1] - first if len(mon.looks) > 1 else prof.meta["window"])):
+            with mon.request("a"):
+                m(input_ids=ids)
+        assert len(calls) == 2 and "a" in mon._clients, (calls, list(mon._clients))
+        assert 'client="a"' in generate_latest(mon.registry).decode()
+        with mon.request("b"):          # the one client slot goes to b: a is evicted, its gauge with it
+            m(input_ids=ids)
+    assert list(mon._clients) == ["b"] and 'client="a"' not in generate_latest(mon.registry).decode()
+
+
 def test_a_padded_request_is_scored_as_the_same_prompt_unpadded(served):
     m, tok, prof = served
     prompt = load_records(get_task("docstring-topic"), "eval", limit=150)[142]["input"]

@@ -341,24 +341,26 @@ class RoutingMonitor:
             # `window` of each: bounded, and no prompt)
             # ([L, E] sum, p-values, embeddings, whether the block alerted yet)
             state = self._clients.pop(client, None) or [np.zeros_like(h), [], [], False]
-            state[0] += h
-            state[1].append(p)
-            state[2].append(x.copy())   # a view would keep its whole batch's array alive per client
-            n = len(state[1])
-            if n in self.looks:         # a look at the block (the full window, or an early one): as `score` does
-                w = state[0] / n
-                ws, wp = ladder.look(self.profile, n, w[None], [np.array(state[1])], [np.stack(state[2])])
-                pw = float(wp["combined"][0])
-                res["window"] = {"p": pw, "length": n, **({"p_look": float(wp["look"][0])} if "look" in wp else {}),
-                                 "statistics": {k: float(ws[k][0]) for k in WINDOW_STATISTICS}}
-                self.metrics.client.labels(client).set(-math.log10(pw))
-                if pw <= self.alpha and not state[3]:   # a block alerts once, at its first look there
-                    state[3] = True
-                    res["window"]["alert"] = {"kind": "window", "length": n, **self.profile.reason(ws, wp, 0, w)}
-                    self.metrics.alerts.labels("window", res["window"]["alert"]["statistic"]).inc()
-            if n == self.window:        # the block is complete: start the next
-                state = [np.zeros_like(h), [], [], False]
-            self._clients[client] = state
+            try:   # the client goes back (most recent) even if a look raises: else its gauge label outlived eviction
+                state[0] += h
+                state[1].append(p)
+                state[2].append(x.copy())   # a view would keep its whole batch's array alive per client
+                n = len(state[1])
+                if n in self.looks:         # a look at the block (the full window, or an early one): as `score` does
+                    w = state[0] / n
+                    ws, wp = ladder.look(self.profile, n, w[None], [np.array(state[1])], [np.stack(state[2])])
+                    pw = float(wp["combined"][0])
+                    res["window"] = {"p": pw, "length": n, **({"p_look": float(wp["look"][0])} if "look" in wp else {}),
+                                     "statistics": {k: float(ws[k][0]) for k in WINDOW_STATISTICS}}
+                    self.metrics.client.labels(client).set(-math.log10(pw))
+                    if pw <= self.alpha and not state[3]:   # a block alerts once, at its first look there
+                        state[3] = True
+                        res["window"]["alert"] = {"kind": "window", "length": n, **self.profile.reason(ws, wp, 0, w)}
+                        self.metrics.alerts.labels("window", res["window"]["alert"]["statistic"]).inc()
+                if n == self.window:        # the block is complete: start the next
+                    state = [np.zeros_like(h), [], [], False]
+            finally:
+                self._clients[client] = state
             ready = None
             if self.slice:   # slices of all traffic (slices.py): this request joins the current one
                 self._slice.append((client, x.copy()))
