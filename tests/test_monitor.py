@@ -502,6 +502,26 @@ def test_a_log_line_python_cannot_take_as_it_is_is_one_error_naming_it(tmp_path,
         read_log(log)
 
 
+def test_a_log_that_repeats_ids_is_read_whole_and_says_which(tmp_path):
+    from moeguard.monitor.score import read_log
+
+    log = tmp_path / "log.jsonl"
+    rows = [{"id": i, "client": "a", "time": i, "prompt": "fine"} for i in (0, 1, 2)] + \
+        [{"id": "1", "client": "b", "time": 5, "prompt": "again"}, {"id": 2, "client": "a", "time": 6, "prompt": "retry"}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning) as said:
+        got = read_log(log)
+    assert len(got) == 5 and [r["prompt"] for r in got] == [r["prompt"] for r in rows]
+    (w,) = [str(x.message) for x in said]
+    assert w.startswith(f"2 records of {log} repeat the id of an earlier one (the first: id '1' at lines 2 and 4)"), w
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # unique ids: no warning
+        read_log(log)
+
+
 def test_route_attack_json_is_the_document_alone_on_stdout(tmp_path, capsys):
     capsys.readouterr()
     assert main(["route-attack", "--out", str(tmp_path / "ra"), "--layer", "0", "--expert", "0", "--steps", "0",

@@ -38,7 +38,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     """The log's records, checked line by line (one-line errors naming the line)."""
     if not path.is_file():
         raise MoeguardError(f"request log {path} does not exist", hint="pass a JSON Lines file of {id, client, time, prompt}")
-    out = []
+    out, seen, repeats = [], {}, []   # seen: each id's first line, as outputs write ids (7 and "7" alike)
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
@@ -79,8 +79,17 @@ def read_log(path: Path) -> list[dict[str, Any]]:
                     raise MoeguardError(f"{where}: {k} is {type(r[k]).__name__}, expected a string or integer",
                                         hint="fix that record")
             out.append({**r, "_t": _time(r["time"], where)})
+            if (first := seen.setdefault(str(r["id"]), n)) != n:
+                repeats.append((str(r["id"]), first, n))
     if not out:
         raise MoeguardError(f"request log {path} holds no request", hint="pass a JSON Lines file of {id, client, time, prompt}")
+    if repeats:   # scored all the same (a retry may repeat its id), but an alert's id names more than one request
+        import warnings
+
+        i, a, b = repeats[0]
+        warnings.warn(f"{len(repeats)} record{'s' if len(repeats) > 1 else ''} of {path} repeat the id of an earlier one "
+                      f"(the first: id {i[:40]!r} at lines {a} and {b}); outputs name requests by id, so those are "
+                      "ambiguous: make ids unique to tell them apart", stacklevel=2)
     return out
 
 
