@@ -160,3 +160,23 @@ def test_a_profile_of_a_task_too_small_is_refused_before_the_model_loads(tmp_pat
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "task 'tiny' gives 3 benign inputs" in err and "at least 4 per task" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "t.yaml"]   # no partial profile left
+
+
+def test_a_period_run_refuses_times_no_period_can_place_before_the_model_loads(setting, tmp_path, capsys, monkeypatch):
+    """A log in milliseconds lands in the year 50,000, and 1.7e308 overflowed a period's index after the
+    whole replay: with --period, one line first. Without it a time only orders requests: read as it is."""
+    from moeguard.monitor.score import read_log
+
+    _, _, prof = setting
+    (tmp_path / "p.json").write_text(json.dumps(prof.to_dict()))
+    for t, said in ((1733529600000, "time 1733529600000"), (1.7e308, "time 1.7e+308")):
+        log = tmp_path / "log.jsonl"
+        log.write_text(json.dumps({"id": 0, "client": "a", "time": 5, "prompt": "hello"}) + "\n"
+                       + json.dumps({"id": "r-1", "client": "a", "time": t, "prompt": "hello"}) + "\n")
+        assert [r["_t"] for r in read_log(log)] == [5.0, float(t)]
+        _no_replay(monkeypatch)
+        assert main(["monitor", "score", "--profile", str(tmp_path / "p.json"), "--log", str(log),
+                     "--out", str(tmp_path / "out"), "--period", "24h"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and f"request 'r-1' has {said}, outside the years 1-9999 as seconds since " \
+            "1970: --period cannot place it" in err and "not milliseconds" in err, err

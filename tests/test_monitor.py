@@ -483,9 +483,6 @@ def test_one_request_p_values_and_token_scores_equal_the_batch_formulas():
 @pytest.mark.parametrize("line,needle", [
     (b'{"id": 1, "client": "a", "time": 1' + b"0" * 400 + b', "prompt": "x"}', "time 10000000000000000000 is not a finite number"),
     (b'{"id": 1, "client": "a", "time": NaN, "prompt": "x"}', "time nan is not a finite number"),
-    # a period's index overflowed after the whole replay (--period 0.5); milliseconds land in the year 50,000
-    (b'{"id": 1, "client": "a", "time": 1.7e308, "prompt": "x"}', "time 1.7e+308 is outside the years 1-9999 as seconds"),
-    (b'{"id": 1, "client": "a", "time": 1733529600000, "prompt": "x"}', "time 1733529600000 is outside the years 1-9999"),
     (b'{"id": 1, "client": "a", "time": -Infinity, "prompt": "x"}', "time -inf is not a finite number"),
     (b'{"id": 1' + b"0" * 5000 + b', "client": "a", "time": 1, "prompt": "x"}', "is not usable JSON"),
     (b"[" * 100_000, "is not usable JSON (nested too deeply to read)"),   # RecursionError, a traceback before

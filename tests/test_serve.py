@@ -300,21 +300,22 @@ def test_a_look_that_raises_keeps_the_client_tracked_so_eviction_still_removes_i
     m, tok, prof = served
     ids = torch.tensor([tok("def add(a, b): return a + b", add_special_tokens=False)["input_ids"]])
     mon = RoutingMonitor(m, prof, flush_every=1, max_delay_s=None, max_clients=1, raise_errors=False)
-    first, real = min(mon.looks), ladder.look
+    first, window, real = min(mon.looks), prof.meta["window"], ladder.look
     calls = []
 
-    def flaky(*a, **k):   # the second look fails: the client had a gauge from the first
-        calls.append(1)
-        if len(calls) == 2:
+    def flaky(profile, n, *a, **k):   # the first full window's look fails
+        calls.append(n)
+        if n == window and calls.count(window) == 1:
             raise RuntimeError("a scoring bug")
-        return real(*a, **k)
+        return real(profile, n, *a, **k)
 
     monkeypatch.setattr(ladder, "look", flaky)
     with mon, torch.no_grad():
-        for _ in range(first + (sorted(mon.looks)[1] - first if len(mon.looks) > 1 else prof.meta["window"])):
+        for _ in range(window + first):   # the failed block, then the next block's first look
             with mon.request("a"):
                 m(input_ids=ids)
-        assert len(calls) == 2 and "a" in mon._clients, (calls, list(mon._clients))
+        assert calls == [*sorted(mon.looks), first] and "a" in mon._clients, (calls, list(mon._clients))
+        assert len(mon._clients["a"][1]) == first % window    # the next block began (and was scored)
         assert 'client="a"' in generate_latest(mon.registry).decode()
         with mon.request("b"):          # the one client slot goes to b: a is evicted, its gauge with it
             m(input_ids=ids)
@@ -528,7 +529,9 @@ def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_
              (f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}", "pass another --port")),
             # appended to, the profile would be damaged for the next start
             (["--profile", str(tmp_path / "P.json"), "--alerts", str(tmp_path / "P.json")],
-             (f"--alerts {tmp_path / 'P.json'} is the input {tmp_path / 'P.json'}: the server would append to it",)),
+             (f"--alerts {tmp_path / 'P.json'} is (or is inside) the input {tmp_path / 'P.json'}: the server would write there",)),
+            (["--profile", str(tmp_path / "P.json"), "--model", str(tmp_path / "dir"), "--period-log",
+              str(tmp_path / "dir" / "config.json"), "--period", "1d"], ("--period-log", "is (or is inside) the input")),
             (["--profile", str(tmp_path / "P.json"), "--alerts", str(tmp_path / "dir")],
              (f"--alerts {tmp_path / 'dir'} cannot be written", "a file this user may append to"))):
         capsys.readouterr()

@@ -162,7 +162,7 @@ def test_bad_slices_are_one_line_errors_and_damaged_profiles_are_refused(setting
                    lambda d: d.__setitem__("slice", 1)):
         d = prof.to_dict()
         damage(d)
-        with pytest.raises(MoeguardError, match="damaged routing profile \\(window, early looks, slices or layers"):
+        with pytest.raises(MoeguardError, match="damaged routing profile \\(window, early looks, slices, layers or weights"):
             Profile.from_dict(d, where="P.json")
 
 

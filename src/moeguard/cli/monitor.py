@@ -226,8 +226,12 @@ def monitor_score(
         from moeguard.monitor.periodhistory import mark_accepted, warn_stale
 
         stale = warn_stale(mark_accepted(earlier, set(accepted or ())), baseline=baseline, alpha=alpha_p,
-                           shape=prof.mean.shape)
+                           layers=prof.meta["layers"])
     records = read_log(log)
+    if seconds is not None:
+        from moeguard.monitor.periods import check_times
+
+        check_times(records)
     if earlier:
         from moeguard.monitor.periodhistory import check_after
 

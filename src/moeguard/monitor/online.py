@@ -359,8 +359,8 @@ class RoutingMonitor:
                         self.metrics.alerts.labels("window", res["window"]["alert"]["statistic"]).inc()
                 if n == self.window:        # the block is complete: start the next
                     state = [np.zeros_like(h), [], [], False]
-            finally:
-                self._clients[client] = state
+            finally:   # a full block starts the next one even where its look raised (else no look came again)
+                self._clients[client] = state if len(state[1]) < self.window else [np.zeros_like(h), [], [], False]
             ready = None
             if self.slice:   # slices of all traffic (slices.py): this request joins the current one
                 self._slice.append((client, x.copy()))

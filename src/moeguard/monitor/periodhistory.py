@@ -95,49 +95,91 @@ def read_history(path: Path, *, period: float, digest: str, shape: tuple[int, in
     return rows
 
 
-def stale_alerts(rows: list[dict[str, Any]], *, baseline: int, alpha: float, shape: tuple[int, int]) -> list[dict[str, Any]]:
-    """The history's periods (``read_history``'s rows) that alerted when they were scored and that this
-    version of the test passes, against the same baseline periods (each judged again from the states the
-    rows keep: the load test, and the small clients' test on the pools it tested then). The rows keep
-    their alerts, and an alerted period stays out of later baselines until the owner accepts it; this
-    says which to review. Versions before 2026-12-07 alerted where most baseline periods routed
-    nothing to an expert (``periodstats``' sparse cells): one benign request routed there was an alert,
-    and every later day like it too, since an alerted day never joins a baseline. A history this version
-    wrote gives none (the same states, the same test). The clients' test needs the requests: not judged."""
-    from moeguard.monitor.periods import Baseline
+def stale_alerts(rows: list[dict[str, Any]], *, baseline: int, alpha: float, layers: list[int]) -> list[dict[str, Any]]:
+    """The history's periods (``read_history``'s rows) that alerted when they were scored, in an
+    expert that most of their baseline periods routed nothing to, and that this version of the test
+    passes against the same baseline periods: judged again from the states the rows keep (the load
+    test, and the small clients' test on the pools it tested then). Versions before 2026-12-07 alerted
+    there (``periodstats``' sparse cells): one benign request routed to such an expert was an alert,
+    and every later day like it too, since an alerted period never joins a baseline. The rows keep
+    their alerts; this says which to review and accept. ``layers``: the profile's MoE layers, as the
+    rows name them.
+
+    A history this version wrote gives none: the same states, the same test. The periods accepted may
+    have been accepted after a period was scored, so each is judged against its baselines with them and
+    without, those of the size its row records, and named only where every such one passes it; none
+    of that size (a log whose older lines were dropped): not named. The clients' test needs the requests and is not
+    judged again: a period it alerted on is not named. One pass, the baselines built as the rows go."""
+    from moeguard.monitor.periods import Baseline, joins
     from moeguard.monitor.periodsmall import SmallClients
 
-    layers, out = list(range(shape[0])), []   # slots: the rows name the layers; only the p's are compared
-    for j, row in enumerate(rows):
-        if row.get("accepted") or "_state" not in row or not (row.get("alert") or row.get("small_alert")):
-            continue
-        now: dict[str, Any] = {}
-        if row.get("alert"):
-            got: dict[str, Any] = {}
-            if Baseline(baseline=baseline, alpha=alpha, layers=layers, history=rows[:j]).judge(
-                    got, *row["_state"], int(row["requests"]), hold=True) is not None and not got.get("alert"):
-                now["load"] = (row["p"], got["p"], row["layer"], row["expert"])
-        if row.get("small_alert") and row.get("_small_state"):
-            small, ps = SmallClients(baseline=baseline, alpha=alpha, layers=layers, history=rows[:j]), []
-            for pool in row.get("small_pools") or []:
-                got = {}
-                if small.by_size[int(pool["under"])].judge(got, *row["_small_state"][int(pool["under"])], hold=True):
-                    ps.append(got["p"])
-            if ps and min(1.0, min(ps) * len(ps)) > alpha:
-                now["small_clients"] = (row["small_p"], min(1.0, min(ps) * len(ps)), row["small_layer"], row["small_expert"])
-        # a period is stale only where every test that alerted on it passes now: another alarm keeps it out anyway
-        if now and not (row.get("clients_alert") or (row.get("alert") and "load" not in now)
-                        or (row.get("small_alert") and "small_clients" not in now)):
-            out.append({"start": row["start"], "tests": {k: {"p_then": a, "p_now": b, "layer": c, "expert": d}
-                                                         for k, (a, b, c, d) in now.items()}})
+    # with the periods accepted and without (an acceptance may have come after a period was scored)
+    loads = [Baseline(baseline=baseline, alpha=alpha, layers=layers) for _ in range(2)]
+    smalls = [SmallClients(baseline=baseline, alpha=alpha, layers=layers) for _ in range(2)]
+    out = []
+    for row in rows:
+        if "_state" in row and (row.get("alert") or row.get("small_alert")) and not (row.get("accepted")
+                                                                                       or row.get("clients_alert")):
+            try:   # the baselines of the size the row's test had; each must pass it now
+                now = [got for load, small in zip(loads, smalls)
+                       if (got := _judged_again(row, load, small, alpha=alpha, layers=layers)) is not _OTHER]
+            except (KeyError, TypeError, ValueError, IndexError):   # a field an edited history lacks: only a warning is at stake
+                now = []
+            if now and all(now):
+                out.append({"start": row["start"], "tests": now[0]})
+        for load, small, joined in zip(loads, smalls, (joins(row), joins({**row, "accepted": False}))):
+            if joined and "_state" in row:                        # as Baseline and SmallClients take a history
+                load.keep(row["_state"] + (int(row["requests"]),))
+            if joined and "_small_state" in row:
+                for u, state in row["_small_state"].items():
+                    small.by_size[u].keep(state)
     return out
 
 
-def warn_stale(rows: list[dict[str, Any]] | None, *, baseline: int, alpha: float, shape: tuple[int, int]) -> list[dict[str, Any]]:
+_OTHER = object()   # _judged_again: a baseline of another size than the row's test had
+
+
+def _judged_again(row: dict[str, Any], load, small, *, alpha: float, layers: list[int]) -> Any:
+    """``stale_alerts``' test of one alerted row against the baselines as they stood before it: its
+    tests that alerted, each now passing in a sparse cell; None where one does not; ``_OTHER`` where
+    a baseline is not the size the row's test had."""
+    from moeguard.monitor.periodstats import SPARSE
+
+    def sparse(kept, layer, expert) -> bool:
+        slot = layers.index(int(layer))
+        return bool(kept) and float(np.mean([m[slot, int(expert)] == 0 for m, _, _ in kept])) >= SPARSE
+
+    now: dict[str, Any] = {}
+    if row.get("alert"):
+        got: dict[str, Any] = {}
+        if len(load.kept) != int(row["baseline"]):
+            return _OTHER
+        if load.judge(got, *row["_state"], int(row["requests"]), hold=True) is None or got.get("alert") \
+                or not sparse(load.kept, row["layer"], row["expert"]):
+            return None
+        now["load"] = {"p_then": float(row["p"]), "p_now": got["p"], "layer": row["layer"], "expert": row["expert"]}
+    if row.get("small_alert"):
+        ps, under = [], int(row["small_under"])
+        if len(small.by_size[under].kept) != int(row["small_baseline"]):
+            return _OTHER
+        for pool in row["small_pools"]:
+            got = {}
+            if small.by_size[int(pool["under"])].judge(got, *row["_small_state"][int(pool["under"])], hold=True) is None:
+                return None
+            ps.append(got["p"])
+        p = min(1.0, min(ps) * len(ps)) if ps else 0.0
+        if p <= alpha or not sparse(small.by_size[under].kept, row["small_layer"], row["small_expert"]):
+            return None
+        now["small_clients"] = {"p_then": float(row["small_p"]), "p_now": p, "layer": row["small_layer"],
+                                "expert": row["small_expert"]}
+    return now or None
+
+
+def warn_stale(rows: list[dict[str, Any]] | None, *, baseline: int, alpha: float, layers: list[int]) -> list[dict[str, Any]]:
     """``stale_alerts``, said as one warning line where there are any (what ``score`` and ``serve`` read)."""
     import warnings
 
-    stale = stale_alerts(rows or [], baseline=baseline, alpha=alpha, shape=shape)
+    stale = stale_alerts(rows or [], baseline=baseline, alpha=alpha, layers=layers)
     if stale:
         said = "; ".join(f"{s['start']} (" + ", ".join(f"{'load' if k == 'load' else 'small clients'} p {v['p_then']:.2g} -> "
                                                      f"{v['p_now']:.2g}, layer {v['layer']} expert {v['expert']}"

@@ -112,6 +112,21 @@ def neighbours_of(profile, command: str) -> Neighbours:
     return profile.neighbours
 
 
+EARLIEST, LATEST = -62135596800.0, 253402300799.0   # 0001-01-01 and 9999-12-31T23:59:59, UTC
+
+
+def check_times(records: list[dict[str, Any]]) -> None:
+    """``--period``: every request's time (``_t``, seconds) within the years 1-9999, which a period's start
+    can name; a one-line error naming the first that is not, before the model loads. Beyond, a period's
+    index overflowed after the whole replay; a log in milliseconds lands there, in the year 50,000
+    (without --period a time only orders requests, and any finite one does)."""
+    bad = next((r for r in records if not EARLIEST <= r["_t"] <= LATEST), None)
+    if bad is not None:
+        raise MoeguardError(f"request {str(bad['id'])[:40]!r} has time {str(bad['time'])[:24]}, outside the years 1-9999 "
+                            "as seconds since 1970: --period cannot place it",
+                            hint="write times as seconds since the epoch (not milliseconds) or as ISO-8601 strings")
+
+
 def check_baseline(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < MIN_BASELINE:
         raise MoeguardError(f"--baseline is {n!r} periods", hint=f"pass {MIN_BASELINE} or more earlier periods to compare with")

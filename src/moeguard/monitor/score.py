@@ -101,23 +101,15 @@ def _unicode(text: str) -> bool:
         return False
 
 
-_EARLIEST, _LATEST = -62135596800.0, 253402300799.0   # 0001-01-01 and 9999-12-31T23:59:59, UTC
-
-
 def _time(t: Any, where: str) -> float:
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         try:
             value = float(t)
         except OverflowError:
             value = math.inf
-        if not math.isfinite(value):
-            raise MoeguardError(f"{where}: time {str(t)[:20]} is not a finite number", hint="fix that record")
-        # seconds since the epoch within the years 1-9999 (what a period's start can name): beyond, a period's
-        # index overflowed after the whole replay; a log in milliseconds lands there, in the year 50,000
-        if not _EARLIEST <= value <= _LATEST:
-            raise MoeguardError(f"{where}: time {str(t)[:20]} is outside the years 1-9999 as seconds since 1970",
-                                hint="write times as seconds since the epoch (not milliseconds) or as ISO-8601 strings")
-        return value
+        if math.isfinite(value):
+            return value
+        raise MoeguardError(f"{where}: time {str(t)[:20]} is not a finite number", hint="fix that record")
     if isinstance(t, str):
         try:
             when = datetime.fromisoformat(t.replace("Z", "+00:00"))

@@ -58,9 +58,10 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
     for flag, path in (("--alerts", alerts), ("--period-log", period_log)):
         if path is None:
             continue
-        for given in inputs:   # appending a line to the profile damaged it for the next start
-            if given is not None and Path(str(given)).expanduser().resolve() == path.resolve():
-                raise MoeguardError(f"{flag} {path} is the input {given}: the server would append to it",
+        for given in inputs:   # appending a line to the profile (or a model's file) damaged it for the next start
+            inp = Path(str(given)).expanduser().resolve() if given is not None else None
+            if inp is not None and (inp == path.resolve() or inp in path.resolve().parents):
+                raise MoeguardError(f"{flag} {path} is (or is inside) the input {given}: the server would write there",
                                     hint=f"pass another file for {flag}")
         if not path.parent.is_dir():
             raise MoeguardError(f"folder {path.parent} for {flag} does not exist", hint=f"create it: mkdir -p {path.parent}")
@@ -105,7 +106,7 @@ def period_history(prof, period_log: Path | None, *, period: float | None, basel
             write_accepted(accepted_path(period_log), kept + accept)
     starts = {h["start"] for h in history}
     history = mark_accepted(history, {a for a in kept + (accept or []) if a in starts})
-    warn_stale(history, baseline=baseline, alpha=alpha, shape=prof.mean.shape)   # alerts an earlier test raised
+    warn_stale(history, baseline=baseline, alpha=alpha, layers=prof.meta["layers"])   # alerts an earlier test raised
     return history
 
 
