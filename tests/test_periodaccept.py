@@ -114,7 +114,7 @@ def test_serve_takes_accepted_periods_of_its_period_log_at_start_and_refuses_one
     assert rows[20].get("alert")
     log = tmp_path / "periods.jsonl"
     log.write_text("".join(dumps(row) + "\n" for row in rows))
-    prof = SimpleNamespace(neighbours=SimpleNamespace(digest=""), mean=np.zeros((2, 4)))
+    prof = SimpleNamespace(neighbours=SimpleNamespace(digest=""), mean=np.zeros((2, 4)), meta={"layers": [3, 7]})
     kw = dict(period=DAY, baseline=14, alpha=0.01)
     plain = servesetup.period_history(prof, log, **kw)
     taken = servesetup.period_history(prof, log, **kw, accept=["1970-01-21T00:00:00Z"])
@@ -142,7 +142,7 @@ def test_serve_keeps_accepted_periods_beside_its_period_log_and_takes_them_at_ev
     rows = _score(t, r, c)
     log = tmp_path / "periods.jsonl"
     log.write_text("".join(dumps(row) + "\n" for row in rows))
-    prof = SimpleNamespace(neighbours=SimpleNamespace(digest=""), mean=np.zeros((2, 4)))
+    prof = SimpleNamespace(neighbours=SimpleNamespace(digest=""), mean=np.zeros((2, 4)), meta={"layers": [3, 7]})
     kw = dict(period=DAY, baseline=14, alpha=0.01)
     side = periodhistory.accepted_path(log)
     assert side.name == "periods.jsonl.accepted" and not side.exists()
