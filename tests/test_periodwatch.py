@@ -236,6 +236,10 @@ def test_serve_keeps_the_open_period_across_a_stop_and_a_start(setting, tmp_path
             proc.send_signal(signal.SIGTERM)
             err = proc.communicate(timeout=60)[1]
         assert "Traceback" not in err, err
+        # a service manager's stop is the server's normal end: exit 0, saying what it kept (it was 130,
+        # "interrupted; no output was written")
+        assert proc.returncode == 0 and err.rstrip().endswith(
+            f"moeguard: serve stopped; closed periods in {log}; the open period in {periodwatch.open_path(log)}"), err
         return err
 
     serve_and_stop(3)

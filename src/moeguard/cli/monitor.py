@@ -409,6 +409,15 @@ def serve(
         typer.echo(f"serving {handle.name} on http://{url_host(host)}:{port}/v1/completions (metrics: /metrics; "
                    f"clients by {client_id})")
         with mon:
-            uvicorn.Server(uvicorn_config(app_, host=host, port=port)).run(sockets=[sock])
+            try:
+                uvicorn.Server(uvicorn_config(app_, host=host, port=port)).run(sockets=[sock])
+            except KeyboardInterrupt:   # uvicorn shut down cleanly, then raised the signal it caught again
+                pass                    # a stop (Ctrl-C, SIGTERM from a service manager) is this command's normal end
+        from moeguard.monitor.periodwatch import open_path
+
+        kept = [f"alerts in {alerts}" if alerts is not None else "",
+                f"closed periods in {period_log}" if period_log is not None else "",
+                f"the open period in {open_path(period_log)}" if period_log is not None and open_path(period_log).exists() else ""]
+        typer.echo("moeguard: serve stopped" + "".join(f"; {k}" for k in kept if k), err=True)
     finally:
         sock.close()
