@@ -623,6 +623,24 @@ def test_serve_refuses_to_accept_a_period_its_period_log_does_not_hold(setting, 
            "1970-01-01T00:00:00Z, the last 1970-01-05T00:00:00Z)" in err, err
 
 
+def test_serve_refuses_a_period_log_another_server_holds(setting, tmp_path, capsys, monkeypatch):
+    """Two servers on one period log appended the same period's row and saved over each other's open
+    period: the next start could read neither. The second is refused before the model loads, and the
+    lock goes with the server that held it."""
+    import fcntl
+
+    _, _, prof = setting
+    log = tmp_path / "periods.jsonl"
+    with open(tmp_path / "periods.jsonl.lock", "a") as other:    # a running server's lock
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = serve_refuses(prof, tmp_path, capsys, monkeypatch, log)
+    assert f"another server uses --period-log {log} (it holds {log}.lock)" in err and "its own --period-log" in err, err
+    from moeguard.monitor.servesetup import lock_period_log
+
+    held = lock_period_log(log)                                  # released: a start takes it
+    held.close()
+
+
 def test_a_period_p_that_underflows_to_zero_is_still_reported_online(setting, monkeypatch):
     """A long baseline and a strong campaign can make Student t's tail 0.0: -log10(0) raised inside
     the flush and lost the batch's results and the period's alert."""

@@ -370,8 +370,8 @@ def serve(
     from moeguard.monitor.profile import Profile
     from moeguard.monitor.serve import client_source, create_app
     from moeguard.monitor.periodhistory import parse_accept
-    from moeguard.monitor.servesetup import (alert_writer, check_options, listen, open_period, period_history,
-                                             state_writer)
+    from moeguard.monitor.servesetup import (alert_writer, check_options, listen, lock_period_log, open_period,
+                                             period_history, state_writer)
 
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
@@ -384,7 +384,9 @@ def serve(
     # the socket first: a port already taken is one line now, not uvicorn's error after the model loaded
     # (and no other process can take it between a check and the bind)
     sock = listen(host, port)
+    held = None
     try:
+        held = lock_period_log(period_log)   # before its files are read: one server to a period log
         from moeguard.monitor.evasion import check_profile
 
         handle = resolve_model(model, device_map=device_map)
@@ -421,3 +423,5 @@ def serve(
         typer.echo("moeguard: serve stopped" + "".join(f"; {k}" for k in kept if k), err=True)
     finally:
         sock.close()
+        if held is not None:
+            held.close()

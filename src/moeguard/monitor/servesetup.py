@@ -141,6 +141,26 @@ def state_writer(period_log: Path | None):
     return save
 
 
+def lock_period_log(period_log: Path | None):
+    """An exclusive lock on ``FILE.lock`` beside ``--period-log FILE``, held while the server runs (the
+    open file: close it to release), or a one-line error where another server holds it: two servers
+    appending the same period's row, and saving over each other's open period, left a log no start
+    could read. None without a period log."""
+    import fcntl
+
+    if period_log is None:
+        return None
+    path = period_log.with_name(period_log.name + ".lock")
+    f = open(path, "a")   # noqa: SIM115 -- held open for the server's life
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise MoeguardError(f"another server uses --period-log {period_log} (it holds {path})",
+                            hint="give each server its own --period-log, or stop the other one") from None
+    return f
+
+
 def listen(host: str, port: int):
     """A bound TCP socket for ``host:port`` (uvicorn listens on it), or a one-line error."""
     import socket
