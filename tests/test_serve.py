@@ -496,6 +496,9 @@ def test_serve_refuses_a_batch_below_one_or_a_delay_bound_not_above_zero_in_one_
     code = main(["serve", "--profile", str(tmp_path / "P.json"), "--max-delay", "0"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "--max-delay is 0" in err and "positive number of seconds" in err
+    code = main(["serve", "--profile", str(tmp_path / "P.json"), "--max-waiting", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "--max-waiting is 0" in err and "pass at least 1" in err
 
 
 def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_alert_log(served, capsys, tmp_path):
@@ -650,3 +653,20 @@ def test_requests_waiting_for_the_model_hold_no_worker_thread_so_health_and_metr
                 w.join(60)
             assert results == [200] * 48
             assert "moeguard_requests_total 48.0" in _call(port, "GET", "/metrics")[1].decode()
+        # a bound on them: past max_waiting, 503 with Retry-After, and the count comes back down
+        release.clear()
+        results.clear()
+        with _serving(create_app(m, tok, mon, client_id="user", max_waiting=3)) as port:
+            workers = [threading.Thread(target=lambda i=i: results.append(_call(
+                port, "POST", "/v1/completions", {"prompt": f"{i} > 3?", "max_tokens": 1, "user": "c"})[0]))
+                for i in range(3)]
+            for w in workers:
+                w.start()
+            time.sleep(1.0)
+            status, reply = _call(port, "POST", "/v1/completions", {"prompt": "1 > 3?", "max_tokens": 1})
+            assert status == 503 and b"3 requests are already at the model or waiting for it" in reply, reply
+            release.set()
+            for w in workers:
+                w.join(60)
+            assert results == [200] * 3
+            assert _call(port, "POST", "/v1/completions", {"prompt": "1 > 3?", "max_tokens": 1})[0] == 200

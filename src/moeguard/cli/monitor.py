@@ -348,6 +348,8 @@ def serve(
                                                  "every /metrics scrape); 1: each as it ends")] = 16,
         max_delay: Annotated[float, typer.Option("--max-delay", help="seconds a request may wait to be scored when "
                                                  "no batch fills")] = 1.0,
+        max_waiting: Annotated[int, typer.Option("--max-waiting", help="completions at the model or waiting for it; "
+                                                 "more get 503 with Retry-After (each waiting one holds its body)")] = 256,
         metrics_token: Annotated[Optional[str], typer.Option(
             "--metrics-token", envvar="MOEGUARD_METRICS_TOKEN",
             help="/metrics answers only 'Authorization: Bearer TOKEN' (its per-client scores would let a client tune "
@@ -375,6 +377,7 @@ def serve(
 
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
+                                      max_waiting=max_waiting,
                                       max_delay=max_delay, metrics_token=metrics_token, alerts=alerts, period=period,
                                       baseline=baseline, period_log=period_log, period_alpha=period_alpha, accept=accept,
                                       inputs=(profile, model))
@@ -405,7 +408,8 @@ def serve(
 
         from moeguard.monitor.serve import uvicorn_config
 
-        app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token, client_id=client_id)
+        app_ = create_app(m, tok, mon, name=handle.name, metrics_token=metrics_token, client_id=client_id,
+                          max_waiting=max_waiting)
         from moeguard.monitor.servesetup import url_host
 
         typer.echo(f"serving {handle.name} on http://{url_host(host)}:{port}/v1/completions (metrics: /metrics; "

@@ -98,9 +98,11 @@ def uvicorn_config(app, *, host: str, port: int, log_level: str = "warning"):
 
 
 def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moeguard", max_prompt_chars: int = 8000,
-               max_body_bytes: int = 64_000, metrics_token: str | None = None, client_id: str = "address"):
+               max_body_bytes: int = 64_000, metrics_token: str | None = None, client_id: str = "address",
+               max_waiting: int = 256):
     """The ASGI app: the FastAPI app wrapped in :class:`BodyLimit` (the FastAPI app itself, to add
-    routes or middleware, is ``.app``). Each request's monitor result goes to the monitor's
+    routes or middleware, is ``.app``). ``max_waiting``: completions at the model or waiting for it
+    (each holds its parsed body); more get 503 with Retry-After, so a flood is bounded in memory. Each request's monitor result goes to the monitor's
     ``on_result`` (server side: alerts to a log, a SIEM, ...) when its batch is scored, never into
     the response."""
     import asyncio
@@ -169,6 +171,7 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     # Queued requests wait for the model here, on the event loop, not in a worker thread each: with a
     # thread per waiting request, 40 of them (the thread pool's size) left /metrics and /health hanging
     gate = asyncio.Lock()
+    waiting = [0]   # completions at the model or waiting for it (max_waiting)
 
     @app.post("/v1/completions")
     async def completions(body: Completion, request: Request) -> Any:
@@ -187,8 +190,15 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
             return JSONResponse({"error": {"message": f"prompt over {max_prompt_chars} characters"}}, status_code=413)
         if not body.prompt.strip():   # as `monitor score` refuses it in a log (a BOS alone would join the window)
             return JSONResponse({"error": {"message": "empty prompt"}}, status_code=400)
-        async with gate:
-            return await run_in_threadpool(complete, body.prompt, body.max_tokens, client)
+        if waiting[0] >= max_waiting:   # the event loop's own count: no lock needed
+            return JSONResponse({"error": {"message": f"{max_waiting} requests are already at the model or waiting for "
+                                                      "it: retry later"}}, status_code=503, headers={"Retry-After": "1"})
+        waiting[0] += 1
+        try:
+            async with gate:
+                return await run_in_threadpool(complete, body.prompt, body.max_tokens, client)
+        finally:
+            waiting[0] -= 1
 
     def complete(prompt: str, max_tokens: int, client: str) -> Any:
         # not tasks.tokens.encode: it memoizes, and a server would keep every prompt it was sent

@@ -18,7 +18,7 @@ from moeguard.io import dumps
 def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush_every: int, max_delay: float,
                   metrics_token: str | None, alerts: Path | None, period: str | None, baseline: int | None,
                   period_log: Path | None, period_alpha: float | None = None,
-                  accept: str | None = None, inputs: tuple = ()) -> tuple[float | None, int]:
+                  accept: str | None = None, inputs: tuple = (), max_waiting: int = 256) -> tuple[float | None, int]:
     """``serve``'s options checked before the socket is bound and the model loads (one-line errors);
     the period in seconds (None: off) and the baseline. ``inputs``: the files the server reads (the
     profile, a local model), which --alerts and --period-log, appended to, must not be."""
@@ -37,6 +37,8 @@ def check_options(*, host: str, port: int, alpha: float, max_clients: int, flush
         raise MoeguardError(f"--alpha is {alpha}", hint="pass a level between 0 and 1, e.g. 0.01")
     if max_clients < 1:
         raise MoeguardError(f"--max-clients is {max_clients}", hint="pass at least 1")
+    if max_waiting < 1:
+        raise MoeguardError(f"--max-waiting is {max_waiting}", hint="pass at least 1 (1: one completion at a time, the rest 503)")
     if flush_every < 1:
         raise MoeguardError(f"--flush-every is {flush_every}", hint="pass at least 1 (1 scores each request as it ends)")
     if not 0 < max_delay < math.inf:
