@@ -250,3 +250,19 @@ def test_serve_keeps_the_open_period_across_a_stop_and_a_start(setting, tmp_path
         pytest.skip("the test ran across a UTC midnight: its period closed between the starts")
     assert (first["index"], first["requests"]) == (day, 3) and (second["index"], second["requests"]) == (day, 5)
     assert not log.read_text()      # no period closed: the log (created at start) is still empty
+
+
+def test_the_open_period_and_each_closed_row_reach_the_disk_before_they_count_as_written(tmp_path, monkeypatch):
+    """A rename, or an append, without fsync can leave an empty or short file after a power loss on some
+    file systems; the next start then refused the state or the log."""
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    log = tmp_path / "periods.jsonl"
+    state_writer(log)({"index": 1, "requests": 2})
+    assert len(synced) == 1 and synced[0].startswith(str(tmp_path / ".periods.jsonl.open."))   # the temporary, then renamed
+    assert json.loads(periodwatch.open_path(log).read_text()) == {"index": 1, "requests": 2}
+    alert_writer(None, log)(None, {"period": {"start": "s", "index": 1}})
+    assert synced[1:] == [str(log)] and json.loads(log.read_text()) == {"start": "s", "index": 1}

@@ -135,12 +135,14 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True) -> Path:
-    return write_text(path, dumps(data, indent=2, sort_keys=False) + "\n", overwrite=overwrite)
+def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True, sync: bool = False) -> Path:
+    return write_text(path, dumps(data, indent=2, sort_keys=False) + "\n", overwrite=overwrite, sync=sync)
 
 
-def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
-    """Write via a temporary sibling and a rename, with the permissions a plain open() would give."""
+def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True, sync: bool = False) -> Path:
+    """Write via a temporary sibling and a rename, with the permissions a plain open() would give.
+    ``sync``: the file's bytes reach the disk before the rename (a state a server rewrites every
+    minute: on some file systems a power loss after a rename without it leaves an empty file)."""
     path = check_output(path, overwrite=overwrite, kind="file")
     # a replaced file keeps its mode, as open() would (a chmod 600 alert log stays private)
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
@@ -149,6 +151,9 @@ def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) ->
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

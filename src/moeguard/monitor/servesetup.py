@@ -139,7 +139,7 @@ def state_writer(period_log: Path | None):
         if state is None:
             path.unlink(missing_ok=True)
         else:
-            write_json(path, state)
+            write_json(path, state, sync=True)   # a power loss must not leave an empty file at the next start
     return save
 
 
@@ -217,6 +217,8 @@ def alert_writer(path: Path | None, period_log: Path | None = None):
             row = result["period"]
             with lock, open(period_log, "a", encoding="utf-8") as f:
                 f.write(dumps({**row, **({"alert": True} if row.get("alert") else {})}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())   # once a period: the next start's baseline must be on disk
         rows = [a for a in (result.get("alert"), (result.get("window") or {}).get("alert"),
                             (result.get("slice") or {}).get("alert"), (result.get("period") or {}).get("alert")) if a]
         if rows and path is not None:
