@@ -322,7 +322,14 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["fingerprint", "--out", "{F}", "--overwrite"], "output f.txt is a file; this command writes a folder"),
     # an output that is, or holds, an input: --overwrite's swap deleted it
     (["monitor", "score", "--profile", "{F}", "--log", "{F}", "--out", ".", "--overwrite"],
-     "output . is (or holds) the input f.txt: writing it would replace the input"),
+     "output '.' names no file or folder of its own"),   # held the input; any '.' failed at the rename, after the work
+    (["harden", "--out", ".", "--overwrite"], "output '.' names no file or folder of its own"),
+    (["zoo", "suite", "--out", "d/..", "--overwrite"], "output 'd/..' names no file or folder of its own"),
+    # an output inside an input folder changes it (a model's config.json replaced by scores or a plan)
+    (["attribute", "--model", "{D}", "--task", "arith-compare", "--method", "gate", "--out", "{D}/config.json", "--overwrite"],
+     "output d/config.json is inside the input folder d: writing it would change the input"),
+    (["prune", "--model", "{D}", "--scores", "{F}", "--keep", "2", "--plan-only", "--out", "{D}/plan.json"],
+     "output d/plan.json is inside the input folder d"),
     (["harden", "--model", "{D}", "--out", "{D}", "--overwrite"], "output d is (or holds) the input d"),
     (["route-attack", "--model", "{D}", "--out", "{D}", "--overwrite", "--expert", "1"], "output d is (or holds) the input d"),
     (["realign", "--model", "{D}", "--task", "arith-compare", "--original", "{F}", "--out", "{F}", "--overwrite"],

@@ -171,3 +171,13 @@ def test_a_non_finite_hardening_gradient_stops_before_the_step(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert code == 2 and "the hardening gradient became nan at step 1" in err, err
     assert not (tmp_path / "h").exists()
+
+
+def test_a_resumed_log_s_non_finite_values_summarize_as_the_uninterrupted_run_s():
+    """The saved log goes through JSON, which writes inf as null: summing it raised after a resume."""
+    from moeguard.defense.harden import summarize_log
+
+    straight = [{"step": i, "pruned": float("inf") if i == 1 else 1.0, "task": 0.5} for i in range(4)]
+    resumed = [{**r, "pruned": None} if r["pruned"] == float("inf") else r for r in straight]
+    assert summarize_log(resumed, window=2) == summarize_log(straight, window=2)
+    assert summarize_log(resumed, window=2)["pruned"] == {"first": float("inf"), "last": 1.0}

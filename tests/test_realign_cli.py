@@ -89,6 +89,11 @@ def test_killed_realign_resumes_to_the_same_result(pruned, tmp_path):
     assert [p["score"] for p in b["points"]] == [p["score"] for p in a["points"]]
     assert [p["selected"] for p in b["points"]] == [p["selected"] for p in a["points"]]
     assert any(p.get("finetune", {}).get("resumed_from", 0) > 0 for p in b["points"]), "nothing was resumed"
+    # the weights too, not only the scores a small eval set gives them
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
 
 
 def test_bad_requests_fail_with_one_line_before_work(pruned, tmp_path, capsys):
@@ -234,3 +239,23 @@ def test_a_partial_run_of_other_weights_at_the_same_path_is_not_resumed(pruned, 
     with pytest.raises(RuntimeError, match="killed"):
         main(realign_args(model, out))
     assert not (partial / "left-by-the-first-run").exists()
+
+
+def test_an_out_that_is_the_pruning_record_s_source_is_refused_before_any_load(tmp_path, capsys, monkeypatch):
+    """realign's original defaults to the record's source, an input the command line never named:
+    --out there --overwrite replaced the unpruned checkpoint with the realigned one."""
+    import shutil
+
+    from moeguard.models.loading import resolve
+
+    source = tmp_path / "orig"
+    shutil.copytree(resolve(None).path, source)
+    (tmp_path / "plan.json").write_text(json.dumps(KEEP2))
+    assert main(["prune", "--model", str(source), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "p")]) == 0
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in source.iterdir())
+    monkeypatch.setattr("moeguard.models.handle.ModelHandle.load", lambda *a, **k: pytest.fail("a model loaded"))
+    capsys.readouterr()
+    assert main(realign_args(tmp_path / "p", source, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"output {source} is (or holds) the input {source}" in err, err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in source.iterdir()) == before

@@ -104,7 +104,8 @@ def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     from moeguard.pruning.apply import write_pruned
     from moeguard.pruning.plan import plan_for
 
-    check_output(out, overwrite=overwrite, inputs=(scores, plan), kind="file" if plan_only else "folder")   # the model: check_apart
+    # the model too (a local folder: an --out inside it would change it; write_pruned's check_apart covers the rest)
+    check_output(out, overwrite=overwrite, inputs=(scores, plan, model), kind="file" if plan_only else "folder")
     handle = resolve_model(model, tasks=False)
     the_plan = plan_for(handle, scores=scores, plan=plan, keep=keep, keep_ratio=keep_ratio, budget=budget)
     if plan_only:

@@ -342,7 +342,9 @@ def summarize_log(log: list[dict[str, Any]], window: int = 20) -> dict[str, dict
     keys = sorted({k for r in log for k in r if k not in ("step", "task", "attack_lr", "attacker_subset")})
     out = {}
     for k in keys:
-        vals = [r[k] for r in log if k in r]
+        # None: a non-finite value read back from a resumed run's saved log (JSON has no inf), as the
+        # uninterrupted run's inf (relu(target - inf) is 0: such a row trains on; summing None raised)
+        vals = [float("inf") if r[k] is None else r[k] for r in log if k in r]
         if vals:
             out[k] = {"first": sum(vals[:window]) / len(vals[:window]), "last": sum(vals[-window:]) / len(vals[-window:])}
     return out

@@ -98,14 +98,19 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     orig = None
     if original is not None:  # an unreadable original fails here, before the pruned model loads
         orig = resolve_model(None if original == "embedded" else original, tasks=False, device_map=model.device_map)
+        from moeguard.io import check_output
+
+        # the record's source is an input the command line never named: --out there would replace it
+        check_output(out, overwrite=overwrite, kind="folder", inputs=(orig.ref.path,))
     from moeguard.models.identity import weights_identity
 
     # the weights, not only the path: a checkpoint re-pruned in place after a kill must not resume the old run
     from moeguard.tasks.loaders import task_identity
 
     # and the task's definition and data: an edited YAML or data file must not resume rounds made on the old one
+    # and where it runs: rounds made on a GPU must not resume on the CPU (a curve of neither run)
     settings = {"model": model.name, "weights": weights_identity(model.arg), "task": task.name,
-                "task_identity": task_identity(task), "original": original,
+                "task_identity": task_identity(task), "original": original, "device_map": model.device_map,
                 "full_score": full_score, **al.to_dict()}
     if al.finetune.only:
         check_protocol_covers(model, al.finetune)   # before both models load and the original is scored
