@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -307,6 +308,30 @@ def test_a_streamed_suspect_whose_embedding_disagrees_with_its_config_is_one_lin
     raw = json.dumps(head).encode()
     f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
     with pytest.raises(MoeguardError, match=r"model.embed_tokens.weight has shape \[\d+\], expected \[vocab, \d+\]"):
+        stream.StreamedCheckpoint.open(str(tmp_path))
+
+
+def test_a_streamed_suspect_whose_fused_experts_have_the_wrong_rank_is_one_line(embedded, tmp_path):
+    """gpt-oss's [E, d, 2I] gate_up read as [E * d, 2I] (the same bytes): its size was read before its
+    rank was checked, an IndexError and a traceback."""
+    import struct
+
+    from moeguard.testing import tiny_model
+    from moeguard.trace import stream
+
+    _, tok = embedded
+    tiny_model("gpt_oss").save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    head = json.loads(data[8:8 + n])
+    k = next(k for k in head if k.endswith("experts.gate_up_proj"))
+    E, d, two_i = head[k]["shape"]
+    head[k]["shape"] = [E * d, two_i]
+    raw = json.dumps(head).encode()
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    with pytest.raises(MoeguardError, match=rf"{re.escape(k)} has shape \[{E * d}, {two_i}\], expected 3 dimensions"):
         stream.StreamedCheckpoint.open(str(tmp_path))
 
 

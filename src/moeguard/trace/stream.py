@@ -170,7 +170,7 @@ class StreamedCheckpoint(LayerCounts):
             missing = [k for k in keys if k not in where]
             if missing:
                 raise MoeguardError(f"{path} lacks tensor {missing[0]}", hint=fix)
-            rows = shapes[keys[0]][0]
+            rows = shapes[keys[0]][0] if shapes[keys[0]] else -1   # a scalar: refused below (an IndexError before)
             for k in keys:
                 if len(shapes[k]) != 2 or shapes[k] != (rows, hidden) or rows % E:
                     raise MoeguardError(f"{path}: {k} has shape {list(shapes[k])}, expected [{E} x I, {hidden}]",
@@ -186,7 +186,7 @@ class StreamedCheckpoint(LayerCounts):
                 missing = [k for k in ks if k not in where]
                 if missing:
                     raise MoeguardError(f"{path} lacks tensor {missing[0]}", hint=fix)
-            I = shapes[keys[0][0]][0]
+            I = shapes[keys[0][0]][0] if shapes[keys[0][0]] else -1   # a scalar: refused below
             want = [(I, hidden), (I, hidden), (hidden, I)]
             for ks in keys:
                 for k, w in zip(ks, want):
@@ -200,6 +200,10 @@ class StreamedCheckpoint(LayerCounts):
         gu, dn = (f"{found[0]}{n}" for n in names)
         if dn not in where:
             raise MoeguardError(f"{path} lacks tensor {dn}", hint=fix)
+        for k in (gu, dn):   # [E, ., .]: read before its rank was checked (an IndexError, not one line)
+            if len(shapes[k]) != 3:
+                raise MoeguardError(f"{path}: {k} has shape {list(shapes[k])}, expected 3 dimensions [{E}, ., .] "
+                                    "(the layer's experts stacked)", hint=fix)
         if family.expert_layout == "gate_up":
             I = shapes[gu][1] // 2
             want = [(E, 2 * I, hidden), (E, hidden, I)]
