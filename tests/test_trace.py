@@ -236,6 +236,26 @@ def test_unusable_inputs_are_one_line_errors(embedded, fp, tmp_path, capsys):
     code = main(["trace", "--original", str(tmp_path / "fp"), "--suspect", str(tmp_path / "narrow")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1 and "cannot be read" in err and "truncated" in err, err
+    # ... before the suspect is opened (a hub suspect is fetched whole there)
+    import moeguard.trace.weights as trace_weights
+
+    real = trace_weights.load
+
+    def fetched(where, *a, **k):
+        if where == "org/big-moe":
+            raise AssertionError("the suspect was opened before the original was read")
+        return real(where, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trace_weights, "load", fetched)
+        assert main(["trace", "--original", str(tmp_path / "fp"), "--suspect", "org/big-moe"]) == 2
+        assert "cannot be read" in capsys.readouterr().err
+        # a local original without weights too: it is opened (no tensor read) first
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "config.json").write_text((tmp_path / "narrow" / "config.json").read_text())
+        assert main(["trace", "--original", str(tmp_path / "empty"), "--suspect", "org/big-moe"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "before the original" not in err and "safetensors" in err, err
     with pytest.raises(MoeguardError, match="anchor tokens"):
         w = weights(m, tok)
         run_trace(fp, type(w)(name="x", family=w.family, embed=w.embed, tokens=[""] * len(w.tokens), layers=w.layers))

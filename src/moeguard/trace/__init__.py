@@ -37,9 +37,10 @@ def fingerprint(model, *, seed: int = 0, progress=None, weights=None) -> Fingerp
 
 def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -> dict[str, Any]:
     """Trace ``suspect`` (a checkpoint directory, hub id or ``.gguf`` file) against ``original``
-    (a fingerprint folder, or a checkpoint whose fingerprint is made on the fly). An unusable
-    suspect fails before the original is read, and one of another width, depth or expert size
-    before any of its tensors is."""
+    (a fingerprint folder, or a checkpoint whose fingerprint is made on the fly). A fingerprint or
+    a local original is opened first (reading no expert), so a damaged one fails before a hub suspect
+    is fetched whole; an unusable suspect fails before a hub original is fetched, and one of another
+    width, depth or expert size before any of its tensors is read."""
     from pathlib import Path
 
     from moeguard.models.loading import resolve
@@ -48,19 +49,23 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
     from moeguard.trace.weights import load, locate
 
     given = is_fingerprint(original)
-    if not given:   # an original no fingerprint can be made from (a .gguf file, a missing folder): refused
-        refuse_gguf(original)   # before the suspect is opened, which may fetch a hub suspect whole
-        resolve(original)
-    weights = load(suspect)  # opening checks config, headers, layout and tokenizer; reads no tensor
-    if given:
+    own = loc = fp = None
+    if given:   # tiny and local: a damaged fingerprint fails before a hub suspect is fetched whole
         fp = Fingerprint.load(Path(original))
-    else:
+    else:   # an original no fingerprint can be made from (a .gguf file, a missing folder): refused
+        refuse_gguf(original)   # before the suspect is opened, which may fetch a hub suspect whole
+        if resolve(original).hub_id is None:   # a local checkpoint (or the embedded model): opened now, reading
+            loc = locate(original)             # no tensor, so one without config or safetensors fails first
+            own = load(loc)
+    weights = load(suspect)  # opening checks config, headers, layout and tokenizer; reads no tensor
+    if not given:
         from moeguard.trace.api import check_shape
 
-        loc = locate(original)   # a hub original fetched once, here
-        # opening reads no tensor and refuses a folder without safetensors (fingerprint() sizes the same
-        # files); the original's shape is checked against the suspect's before its fingerprint reads every expert
-        own = load(loc)
+        if own is None:   # a hub original, fetched once, here
+            loc = locate(original)
+            # opening reads no tensor and refuses a folder without safetensors (fingerprint() sizes the same
+            # files); the original's shape is checked against the suspect's before its fingerprint reads every expert
+            own = load(loc)
         check_shape({"hidden": own.hidden, "layers": [None] * own.num_layers, "intermediate": own.intermediate},
                     hidden=weights.hidden, layers=weights.num_layers, intermediate=weights.intermediate)
         fp = fingerprint(loc, seed=seed, progress=progress, weights=own)
