@@ -191,6 +191,15 @@ def test_a_scan_refuses_itself_as_its_reference_model(tmp_path, capsys):
     capsys.readouterr()
     code = main(["scan", "--reference-models", "embedded", "--out", str(tmp_path / "s")])
     _one_line(code, capsys.readouterr().err, "the reference models include the scanned model itself")
+    # a copy of it, or the same folder named another way: the same weights (the path and times differed)
+    import shutil
+
+    from moeguard.models.loading import resolve
+
+    shutil.copytree(resolve(None).path, tmp_path / "copy")
+    code = main(["scan", "--model", str(tmp_path / "copy"), "--reference-models", str(resolve(None).path),
+                 "--out", str(tmp_path / "s")])
+    _one_line(code, capsys.readouterr().err, "the reference models include the scanned model itself")
 
 
 def test_a_scan_of_nan_weights_names_the_expert_instead_of_reporting_nothing(tmp_path, capsys):

@@ -206,7 +206,10 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
                 "task_identity": [task_identity(t) for t in tasks],
                 **{k: v for k, v in config.to_dict().items() if k != "threshold"},
                 "reference_models": [weights_identity(h.arg) for h in reference_models]}
-    if settings["model"] in settings["reference_models"]:
+    from moeguard.models.identity import weights_digest
+
+    # by what the weights are, not where or when written: ./m and m, or a copy, is the same model
+    if weights_digest(handle.arg) in [weights_digest(h.arg) for h in reference_models]:
         # every chain token would be the model's own choice: nothing flagged, the flag still "calibrated"
         raise MoeguardError(f"the reference models include the scanned model itself ({handle.name}, by its weights)",
                             hint="name clean models of the same base as references, or leave --reference-models out")
