@@ -230,8 +230,8 @@ def test_unusable_inputs_are_one_line_errors(embedded, fp, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert err.splitlines() == [
-        "moeguard: error: the suspect's hidden size is 32, the original's 128: an unrelated architecture "
-        "Fix: trace compares models of the same width"]
+        "moeguard: error: the suspect's hidden size is 32, the original's 128: trace has not compared them, so this "
+        "is no evidence either way Fix: trace compares models of the same width (a width-pruned copy is not traced yet)"]
     (tmp_path / "fp" / "fingerprint.safetensors").write_bytes(b"\x00" * 10)   # truncated
     code = main(["trace", "--original", str(tmp_path / "fp"), "--suspect", str(tmp_path / "narrow")])
     err = capsys.readouterr().err
@@ -829,3 +829,19 @@ def test_an_offline_partial_snapshot_is_named_as_such(tmp_path, monkeypatch, cap
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "the cached snapshot of org/cached holds no .safetensors weights, and HF_HUB_OFFLINE is set" in err
     assert "run once with network access" in err
+
+
+@pytest.mark.parametrize(("shape", "said", "fix"), [
+    (dict(hidden=64, layers=4, intermediate=16), "hidden size is 64, the original's 128", "a width-pruned copy"),
+    (dict(hidden=128, layers=3, intermediate=16), "the suspect has 3 MoE layers, the original 4", "layers dropped"),
+    (dict(hidden=128, layers=4, intermediate=8), "experts have 8 neurons, the original's 16", "neurons pruned"),
+])
+def test_a_suspect_of_another_shape_is_not_traced_and_nothing_is_concluded(shape, said, fix):
+    """A copy narrowed or with layers dropped may still be cut from the original: the refusal must not
+    read as a finding ("an unrelated architecture", before)."""
+    from moeguard.trace.api import check_shape
+
+    with pytest.raises(MoeguardError) as e:
+        check_shape({"hidden": 128, "layers": [None] * 4, "intermediate": 16}, **shape)
+    assert said in e.value.message and e.value.message.endswith("no evidence either way"), e.value.message
+    assert fix in e.value.hint and "unrelated" not in str(e.value)

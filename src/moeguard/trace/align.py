@@ -76,8 +76,9 @@ def align(anchor_rows: np.ndarray, anchor_tokens: list[str], suspect) -> Frame:
     pairs = [(k, where[t]) for k, t in enumerate(anchor_tokens) if t in where]
     d, d_s = anchor_rows.shape[1], suspect.hidden
     if d != d_s:
-        raise MoeguardError(f"the suspect's hidden size is {d_s}, the original's {d}: an unrelated architecture",
-                            hint="trace compares models of the same width; a narrower derivative is not supported yet")
+        raise MoeguardError(f"the suspect's hidden size is {d_s}, the original's {d}: trace has not compared them, so "
+                            "this is no evidence either way",
+                            hint="trace compares models of the same width (a width-pruned copy is not traced yet)")
     if len(pairs) < MIN_ANCHORS:
         raise MoeguardError(f"only {len(pairs)} of the original's {len(anchor_tokens)} anchor tokens are in the "
                             "suspect's vocabulary", hint="trace needs a shared vocabulary to align hidden dimensions "

@@ -80,16 +80,20 @@ def quantization(w) -> dict[str, Any]:
 
 
 def check_shape(meta: dict, *, hidden: int, layers: int, intermediate: int | None = None) -> None:
+    """A one-line error unless the suspect has the original's hidden size, MoE layers and expert size:
+    what trace matches. Not a finding: a copy narrowed or with layers dropped (width or depth pruning)
+    may still be cut from the original, and the error says that nothing was concluded."""
+    none = "trace has not compared them, so this is no evidence either way"
     if hidden != meta["hidden"]:
-        raise MoeguardError(f"the suspect's hidden size is {hidden}, the original's {meta['hidden']}: "
-                            "an unrelated architecture", hint="trace compares models of the same width")
+        raise MoeguardError(f"the suspect's hidden size is {hidden}, the original's {meta['hidden']}: {none}",
+                            hint="trace compares models of the same width (a width-pruned copy is not traced yet)")
     if layers != len(meta["layers"]):
-        raise MoeguardError(f"the suspect has {layers} MoE layers, the original {len(meta['layers'])}: "
-                            "an unrelated architecture", hint="trace compares models of the same depth")
+        raise MoeguardError(f"the suspect has {layers} MoE layers, the original {len(meta['layers'])}: {none}",
+                            hint="trace compares models of the same depth (a copy with layers dropped is not traced yet)")
     if intermediate is not None and intermediate != meta["intermediate"]:
         raise MoeguardError(f"the suspect's experts have {intermediate} neurons, the original's "
-                            f"{meta['intermediate']}: an unrelated architecture",
-                            hint="trace compares experts of the same size")
+                            f"{meta['intermediate']}: {none}",
+                            hint="trace compares experts of the same size (a copy with neurons pruned is not traced yet)")
 
 
 FLIP_EVIDENCE = 0.15   # share of a layer's negative agreement that says its norm gains' signs were flipped
