@@ -845,3 +845,18 @@ def test_a_suspect_of_another_shape_is_not_traced_and_nothing_is_concluded(shape
         check_shape({"hidden": 128, "layers": [None] * 4, "intermediate": 16}, **shape)
     assert said in e.value.message and e.value.message.endswith("no evidence either way"), e.value.message
     assert fix in e.value.hint and "unrelated" not in str(e.value)
+
+
+def test_the_report_names_the_combination_it_used(embedded, fp, monkeypatch):
+    """Where the exact count runs past its budget, Fisher's bound combines the layers: the document's
+    description said "the exact product-of-uniforms tail" all the same."""
+    from moeguard.trace import stats
+
+    m, tok = embedded
+    pruned, _ = prune_model(m, KEEP)
+    exact = run_trace(fp, weights(pruned, tok))
+    assert exact["combination"] == "exact" and exact["test"].endswith("the exact product-of-uniforms tail")
+    monkeypatch.setattr(stats, "COUNT_BUDGET", 0)
+    bound = run_trace(fp, weights(pruned, tok))
+    assert bound["combination"] == "fisher" and "Fisher's method" in bound["test"] and "exact product" not in bound["test"]
+    assert bound["p_value"] >= exact["p_value"] and bound["verdict"] == exact["verdict"] == "derived"

@@ -189,8 +189,11 @@ def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None) -> dict[str
     return {"schema": SCHEMA, "original": meta["model"], "suspect": suspect.name,
             "verdict": "derived" if p <= ALPHA else "independent", "p_value": p,
             "log10_p_value": None if log10_p is None else round(log10_p, 4), "alpha": ALPHA,
-            "combination": method, "p_any_dependence": min(1.0, len(ps) * min(ps)), "test": "expert relabeling (view A chooses, view B scores), layers combined "
-            "by the exact product-of-uniforms tail", "frame": frame.to_dict(),
+            "combination": method, "p_any_dependence": min(1.0, len(ps) * min(ps)),
+            # what combined the layers: the exact count, or Fisher's bound where the count ran past its budget
+            "test": "expert relabeling (view A chooses, view B scores), layers combined by "
+            + ("the exact product-of-uniforms tail" if method == "exact" else "Fisher's method (a larger, valid bound: the "
+               "exact count ran past its budget)"), "frame": frame.to_dict(),
             "transformations": _transformations(layers, frame, suspect), "layers": layers}
 
 
