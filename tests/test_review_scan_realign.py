@@ -172,6 +172,15 @@ def test_the_scan_says_where_its_threshold_comes_from(ref_scan):
     assert doc["suspicion"]["threshold_source"] == "calibrated at the default search settings, not these"
     assert doc["suspicion"]["threshold"] == 12.1
     assert ("unexplained", "references") in THRESHOLDS and ("unexplained", "references") not in CALIBRATED
+    from moeguard.scan.run import ScanConfig, threshold_source
+
+    # a model of another shape than the zoo's 4 x 8 the thresholds were measured on: said, not "calibrated"
+    assert threshold_source(ScanConfig(), "chain", "siblings", (4, 8)) == "calibrated"
+    assert threshold_source(ScanConfig(), "chain", "siblings", (48, 128)) == (
+        "calibrated on 4-layer x 8-expert models, not this model's 48 x 128: a clean model's largest score grows with "
+        "its experts")
+    assert threshold_source(ScanConfig(threshold=3.0), "chain", "siblings", (48, 128)) == "given"
+    assert threshold_source(ScanConfig(), "unexplained", "references", (4, 8)) == "not calibrated (the siblings' value)"
 
 
 def test_defend_eval_checks_the_protocol_before_its_attack_grid(tmp_path, capsys):

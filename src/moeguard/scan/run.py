@@ -32,6 +32,7 @@ THRESHOLDS = {("chain", "siblings"): 12.1, ("chain", "references"): 8.6,
               ("unexplained", "siblings"): 5.8, ("unexplained", "references"): 5.8}
 THRESHOLD_SIBLINGS = THRESHOLDS[("chain", "siblings")]
 CALIBRATED = {("chain", "siblings"), ("chain", "references"), ("unexplained", "siblings")}   # the rest: copied
+CALIBRATED_SHAPE = (4, 8)   # MoE layers x experts of the zoo models the thresholds were measured on (docs/scan.md)
 CHAIN_FLOOR = 1.0         # nats: spreads below this are noise (layers where no expert chains)
 DORMANT_SHARE = 0.1       # of a uniform share (1/E): a dormant expert gets less on every task
 SUPER_NATS = 0.5          # loss increase per token on *every* task: a "super expert"
@@ -278,6 +279,21 @@ def _usage_json(per_task: dict) -> dict:
             for name, d in per_task.items()}
 
 
+def threshold_source(config: ScanConfig, score: str, null: str, shape: tuple[int, int]) -> str:
+    """Where the flag's threshold comes from, as the scan document says it: given, or calibrated (on the
+    zoo models' shape, at the default search settings), or the siblings' value copied."""
+    if config.threshold is not None:
+        return "given"
+    if (score, null) not in CALIBRATED:
+        return "not calibrated (the siblings' value)"
+    if not all(getattr(config, k) == getattr(ScanConfig, k) for k in SEARCH_SETTINGS):
+        return "calibrated at the default search settings, not these"
+    if shape != CALIBRATED_SHAPE:   # the largest of a clean model's robust z's grows with the experts it has
+        return (f"calibrated on {CALIBRATED_SHAPE[0]}-layer x {CALIBRATED_SHAPE[1]}-expert models, not this model's "
+                f"{shape[0]} x {shape[1]}: a clean model's largest score grows with its experts")
+    return "calibrated"
+
+
 def assemble(adapter, tasks, weights: dict, usage: dict, effects: dict, *, config: ScanConfig,
              null: list[np.ndarray] | None, score: str = "chain") -> dict[str, Any]:
     """The per-expert table, flags and ranking from the three parts (pure: no model runs)."""
@@ -328,6 +344,7 @@ def assemble(adapter, tasks, weights: dict, usage: dict, effects: dict, *, confi
                 "effect": eff,
             })
     order = sorted(range(len(rows)), key=lambda i: -rows[i]["suspicion"])
+    shape = (len(adapter.layers), max(l.num_experts for l in adapter.layers))
     flagged = {f: [_key(r["layer"], r["expert"]) for r in rows if f in r["flags"]]
                for f in ("backdoor-suspect", "dead", "dormant", "super", "activation-outlier", "weight-outlier")}
     return {
@@ -335,11 +352,8 @@ def assemble(adapter, tasks, weights: dict, usage: dict, effects: dict, *, confi
         "suspicion": {"null": "references" if null is not None else "siblings", "threshold": threshold,
                       # the default for unexplained scores against reference scans was never measured (the
                       # siblings' value): a user reading the flag should know
-                      "threshold_source": "given" if config.threshold is not None else (
-                          ("calibrated" if all(getattr(config, k) == getattr(ScanConfig, k) for k in SEARCH_SETTINGS)
-                           else "calibrated at the default search settings, not these")
-                          if (score, "references" if null is not None else "siblings") in CALIBRATED
-                          else "not calibrated (the siblings' value)"),
+                      "threshold_source": threshold_source(config, score, "references" if null is not None else "siblings",
+                                                           shape),
                       "reference_experts": int(sum(len(n) for n in null)) if null is not None else 0},
         "ranking": [_key(rows[i]["layer"], rows[i]["expert"]) for i in order],
         "flagged": flagged,
