@@ -860,3 +860,26 @@ def test_the_report_names_the_combination_it_used(embedded, fp, monkeypatch):
     bound = run_trace(fp, weights(pruned, tok))
     assert bound["combination"] == "fisher" and "Fisher's method" in bound["test"] and "exact product" not in bound["test"]
     assert bound["p_value"] >= exact["p_value"] and bound["verdict"] == exact["verdict"] == "derived"
+
+
+def test_what_trace_reads_decides_quantized_not_a_buffer_beside_it(tmp_path):
+    """An int64 buffer beside float weights was refused as "quantized"; experts in a dtype outside the
+    list (int16, float4) reached a KeyError traceback in the column gather."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moeguard.models.loading import resolve
+    from moeguard.trace import stream
+
+    d = tmp_path / "c"
+    shutil.copytree(resolve(None).path, d)
+    sd = load_file(d / "model.safetensors")
+    save_file({**sd, "model.position_ids": torch.arange(16, dtype=torch.int64)}, d / "model.safetensors",
+              metadata={"format": "pt"})
+    assert stream.StreamedCheckpoint.open(str(d)).layers      # opens: the buffer is not what trace reads
+    key = next(k for k in sd if "experts" in k)
+    save_file({**sd, key: sd[key].to(torch.int16)}, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MoeguardError, match=r"stores quantized weights \(I16\)") as e:
+        stream.StreamedCheckpoint.open(str(d))
+    assert "dequantize it first" in e.value.hint

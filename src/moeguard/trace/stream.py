@@ -101,6 +101,7 @@ class StreamedCheckpoint(LayerCounts):
         shapes: dict[str, tuple[int, ...]] = {}
         spans: dict[str, tuple[int, int]] = {}
         dtypes: set[str] = set()
+        dtype_of: dict[str, str] = {}
         for f in files:
             header = read_header(f)
             with open(f, "rb") as fh:
@@ -110,6 +111,7 @@ class StreamedCheckpoint(LayerCounts):
                     where[key], shapes[key] = f, tuple(int(s) for s in info["shape"])
                     spans[key] = (base + info["data_offsets"][0], base + info["data_offsets"][1])
                     dtypes.add(info["dtype"])
+                    dtype_of[key] = info["dtype"]
         model = meta_model(config)
         adapter = MoEAdapter(model, family=family)
         emb = model.get_input_embeddings().weight
@@ -122,12 +124,13 @@ class StreamedCheckpoint(LayerCounts):
                                 f"{emb.shape[1]}] (the config's hidden size)",
                                 hint="the checkpoint's weights and config.json disagree; re-download it")
         hidden = shapes[embed_key][1]
-        unusual = dtypes - FLOAT_DTYPES
+        # the dtypes of what trace reads (the embedding, the experts), not of every buffer: an int64 buffer
+        # was refused as "quantized", and F4, E8M0 or I16 experts reached a KeyError in _columns
+        unusual = {dtype_of[k] for k in where if k == embed_key or "expert" in k} - FLOAT_DTYPES
         # llm-compressor's packed layouts (int32 weight_packed + weight_scale) and a config that says it is
         # quantized too: they reached "no expert tensors ... re-download it"
         quantized = getattr(config, "quantization_config", None)
-        if quantized or any(k.endswith(SCALE_SUFFIXES) for k in where) or any(
-                t.startswith(("F8", "I8", "U8", "I32", "I64")) for t in unusual):
+        if quantized or any(k.endswith(SCALE_SUFFIXES) for k in where) or unusual:
             what = ", ".join(sorted(unusual)) or (f"quantization_config {dict(quantized).get('quant_method', '?')}"
                                                   if isinstance(quantized, dict) else "with scale tensors")
             raise MoeguardError(f"{r.path} stores quantized weights ({what})",
@@ -149,6 +152,11 @@ class StreamedCheckpoint(LayerCounts):
             layers.append(layer)
         if not layers:
             raise MoeguardError(f"{r.path} has no MoE layer", hint="trace reads Mixture-of-Experts checkpoints")
+        odd = sorted({dtype_of[k] for layer in layers for ks in layer.tensors for k in ks} - FLOAT_DTYPES)
+        if odd:   # expert tensors named without "expert" (a family's own layout) are checked here
+            raise MoeguardError(f"{r.path} stores its experts as {', '.join(odd)}",
+                                hint="trace streams float checkpoints (F32, F16, BF16); dequantize it first, or "
+                                     "pass its GGUF export")
         tokens = cls._tokens(r.path, shapes[embed_key][0])
         return cls(name=name or r.name, family=family.name, layout=family.expert_layout, where=where, shapes=shapes, spans=spans,
                    embed_key=embed_key, layers=layers, tokens=tokens, hidden=hidden, intermediate=int(inter),
