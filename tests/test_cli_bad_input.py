@@ -327,9 +327,9 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["zoo", "suite", "--out", "d/..", "--overwrite"], "output 'd/..' names no file or folder of its own"),
     # an output inside an input folder changes it (a model's config.json replaced by scores or a plan)
     (["attribute", "--model", "{D}", "--task", "arith-compare", "--method", "gate", "--out", "{D}/config.json", "--overwrite"],
-     "output d/config.json is inside the input folder d: writing it would change the input"),
+     "output d/config.json is inside the model folder d: writing it would change the model"),
     (["prune", "--model", "{D}", "--scores", "{F}", "--keep", "2", "--plan-only", "--out", "{D}/plan.json"],
-     "output d/plan.json is inside the input folder d"),
+     "output d/plan.json is inside the model folder d"),
     (["harden", "--model", "{D}", "--out", "{D}", "--overwrite"], "output d is (or holds) the input d"),
     (["route-attack", "--model", "{D}", "--out", "{D}", "--overwrite", "--expert", "1"], "output d is (or holds) the input d"),
     (["realign", "--model", "{D}", "--task", "arith-compare", "--original", "{F}", "--out", "{F}", "--overwrite"],
@@ -368,6 +368,7 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
 def test_values_that_parse_but_cannot_work(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                  # relative paths, as typed: "d/model" has the shape of a hub id
     (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text("{}")   # a model's folder, as far as an output inside it goes
     (tmp_path / "f.txt").write_text("x")
     paths = {"O": "out", "F": "f.txt", "D": "d"}
     capsys.readouterr()

@@ -125,12 +125,13 @@ def test_bad_evasion_settings_are_one_line_errors(profile, tmp_path, capsys):
     P = tmp_path / "P.json"
     P.write_text(dumps(profile.to_dict()))
     base = ["route-attack", "--out", str(tmp_path / "x"), "--layer", "0", "--expert", "1"]
+    (tmp_path / "dir").mkdir()   # a folder given as the profile
     for extra, needle in ((["--evade", str(P), "--evade-p", "0"], "--evade-p is 0.0"),
                           (["--evade", str(P), "--evade-p", "1.5"], "--evade-p is 1.5"),
                           (["--evade", str(tmp_path / "none.json")], "none.json"),
                           (["--evade-p", "0.5"], "--evade-p and --evade-order need the monitor's profile"),
                           (["--evade", str(P), "--evade-order", "stealth"], "evade order 'stealth' is not one of evasion, hijack"),
-                          (["--evade", str(tmp_path)], "routing profile")):
+                          (["--evade", str(tmp_path / "dir")], "routing profile")):
         capsys.readouterr()
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err

@@ -29,8 +29,8 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
     "folder": what the command writes) is of the other kind: --overwrite swaps like for like, and a
     file over a folder failed only at the rename, after all the work. ``inputs``: the command's
     local input paths (others, hub ids and None, are skipped); an output that is one of them, or
-    a folder holding one, would destroy it when replaced, and one inside an input folder (a model's)
-    would change that input."""
+    a folder holding one, would destroy it when replaced, and one inside an input model's folder
+    would change that model."""
     path = Path(path)
     if path.name in ("", ".", ".."):   # '.', '..': the temporary sibling and the swap need a name (a traceback, after the work)
         raise MoeguardError(f"output {str(path)!r} names no file or folder of its own",
@@ -46,8 +46,10 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
         if out == inp or out in inp.parents:
             raise MoeguardError(f"output {path} is (or holds) the input {given}: writing it would replace the input",
                                 hint="choose another path for --out")
-        if inp.is_dir() and inp in out.parents:
-            raise MoeguardError(f"output {path} is inside the input folder {given}: writing it would change the input",
+        # a checkpoint's folder (its config.json): an output there changes the model (a task's data folder
+        # may take outputs beside the data)
+        if inp.is_dir() and inp in out.parents and (inp / "config.json").is_file():
+            raise MoeguardError(f"output {path} is inside the model folder {given}: writing it would change the model",
                                 hint="choose an --out outside it")
     if path.exists() and not overwrite:
         raise MoeguardError(f"output {path} already exists", hint="choose another path or pass --overwrite")
