@@ -394,6 +394,11 @@ def test_nllb_moe_routing_settings_padding_and_capacity_state():
         with pytest.raises(MoeguardError, match=f"config {key} is '{value}'.*{says}") as e:
             check_config(tiny_config("nllb_moe", **{key: value}), FAMILIES.get("nllb_moe"), where="m")
         assert e.value.hint.startswith("fix m/config.json: set")
+    # DeepSeek-V2's router runs greedy or group_limited_greedy only (another failed at the first forward)
+    with pytest.raises(MoeguardError, match="config topk_method is 'noaux_tc'.*'greedy' or 'group_limited_greedy' only"):
+        check_config(tiny_config("deepseek_v2", topk_method="noaux_tc"), FAMILIES.get("deepseek_v2"), where="m")
+    for ok in ("greedy", "group_limited_greedy"):
+        check_config(tiny_config("deepseek_v2", topk_method=ok), FAMILIES.get("deepseek_v2"), where="m")
     # Switch's router computes in router_dtype too, moeguard's in float32: refused as NLLB's
     with pytest.raises(MoeguardError, match="config router_dtype is 'bfloat16'.*'float32' only"):
         check_config(tiny_config("switch_transformers", router_dtype="bfloat16"), FAMILIES.get("switch_transformers"),

@@ -74,6 +74,26 @@ def test_a_config_naming_another_weights_file_is_refused(embedded_copy, capsys):
     _one_line(capsys, "config transformers_weights names 'adapter_model.bin'", "remove transformers_weights")
 
 
+def test_a_peft_adapter_beside_the_weights_is_refused_before_transformers_loads_it(embedded_copy, capsys, monkeypatch):
+    """from_pretrained(use_safetensors=True) still loads an adapter_config.json's adapter, from
+    adapter_model.bin (a pickle) where there is no safetensors one, merged into every number."""
+    (embedded_copy / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    (embedded_copy / "adapter_model.bin").write_bytes(b"not read")
+    assert main(["info", "--model", str(embedded_copy)]) == 2
+    _one_line(capsys, f"{embedded_copy} holds a PEFT adapter (adapter_config.json) beside the model", "merge the adapter")
+    with pytest.raises(MoeguardError, match="holds a PEFT adapter"):
+        load_model(str(embedded_copy))
+    # a hub repo's too: looked up as from_pretrained would
+    import transformers.utils
+
+    from moeguard.models import loading
+
+    hub = loading.ModelRef("org/model", None, "org/model")
+    assert loading._adapter_config(hub) is None          # offline, nothing cached: no adapter found, no error
+    monkeypatch.setattr(transformers.utils, "find_adapter_config_file", lambda repo: f"/cache/{repo}/adapter_config.json")
+    assert loading._adapter_config(hub) == "/cache/org/model/adapter_config.json"
+
+
 def test_a_custom_code_model_type_is_refused_without_a_prompt(tmp_path, capsys, monkeypatch):
     d = tmp_path / "custom"
     d.mkdir()

@@ -410,7 +410,10 @@ for _name, _count, _shared, _disk_router in (
 register_family(FamilySpec(
     name="deepseek_v2", model_types=("deepseek_v2",), block_attrs=("mlp",), router_attr="gate",
     routing=RoutingSpec(score="softmax", grouped=True, group_score="max", group_method_key="topk_method",
-                        group_method="group_limited_greedy", scaling_key="routed_scaling_factor", logits_fp32=True),
+                        group_method="group_limited_greedy", scaling_key="routed_scaling_factor", logits_fp32=True,
+                        # transformers' router runs these two only: another ("noaux_tc", a typo) left its weights
+                        # unset, an UnboundLocalError at the first forward
+                        requires=(("topk_method", ("greedy", "group_limited_greedy")),)),
     num_experts_key="n_routed_experts", shared_attrs=("shared_experts",), aux_loss_key=None))
 # GraniteMoE, and Granite 4.0 hybrid (Mamba2 and attention layers) and GraniteMoE-Shared, with an
 # always-on MLP on the decoder layer beside the sparse block (the adapter finds it there). On

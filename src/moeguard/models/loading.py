@@ -35,7 +35,11 @@ def resolve(ref: str | None) -> ModelRef:
                                 hint="rebuild it with `moeguard zoo train` or reinstall moeguard")
         return ModelRef("embedded", EMBEDDED_MODEL_DIR, None)
     p = Path(ref).expanduser()
-    if p.exists():
+    try:
+        there = p.exists()
+    except OSError as e:   # EACCES on a folder above it: PermissionError, a traceback before
+        raise MoeguardError(f"model path {ref} cannot be read ({e.strerror})", hint="check its permissions") from None
+    if there:
         if not p.is_dir():   # said without an option's name: --model, --suspect, --original all come here
             raise MoeguardError(f"model path {ref} is a file, not a checkpoint directory",
                                 hint="pass the checkpoint directory holding config.json")
@@ -77,7 +81,25 @@ def inspect(ref_str: str | None) -> tuple[ModelRef, object, FamilySpec]:
     if ref.path is not None:
         for f in safetensors_files(ref.path):
             check_safetensors(f)
+    # transformers loads a PEFT adapter found beside the weights (a folder's or a hub repo's), from
+    # adapter_model.bin (a pickle) where there is no safetensors one, and merges it into every number
+    if _adapter_config(ref) is not None:
+        raise MoeguardError(f"{ref.path or ref.hub_id} holds a PEFT adapter (adapter_config.json) beside the model",
+                            hint="merge the adapter into the weights and save them as safetensors "
+                                 "(peft's merge_and_unload, then save_pretrained), or move the adapter's files out")
     return ref, config, family
+
+
+def _adapter_config(ref: ModelRef) -> str | None:
+    """The adapter config transformers' from_pretrained would find and load (None: none)."""
+    if ref.path is not None:
+        return str(ref.path / "adapter_config.json") if (ref.path / "adapter_config.json").is_file() else None
+    try:   # a hub repo: the user's own hub access (or its cache offline), as from_pretrained would look
+        from transformers.utils import find_adapter_config_file
+
+        return find_adapter_config_file(ref.hub_id)
+    except Exception:  # noqa: BLE001 -- could not look: from_pretrained's own look fails the same way
+        return None
 
 
 def load_tokenizer(where: str, *, hint: str = "the checkpoint directory needs tokenizer files (tokenizer.json)"):
