@@ -191,6 +191,9 @@ MALFORMED = [
      "prompt that is not a template"),
     ("eval --tasks F", "task.yaml", "name: t\nkind: classification\nsource: {type: local, path: d, format: jsonl}\nfields: {input: q, label: l}\nlabels: {yes: \" yes\", no: \" no\"}\n",
      "unquoted yes/no"),
+    # a tie goes to the first label: accuracy was label 0's share, silently
+    ("eval --tasks F", "task.yaml", "name: t\nkind: classification\nsource: {type: local, path: d, format: jsonl}\nfields: {input: q, label: l}\nlabels: {0: \" yes\", 1: \" yes\"}\n",
+     "gives labels 0 and 1 the same verbalizer ' yes': the second could never be predicted"),
     ("eval --tasks F", "task.yaml", "name: t\nkind: classification\nsource: {type: local, path: d, format: jsonl}\nfields: {input: q, label: l}\nlabels: {0: 0, 1: 1}\n",
      "verbalizer 0 for label 0"),
     ("eval --tasks F", "task.yaml", "name: t\nkind: classification\nsource: {type: local, path: d, format: jsonl}\nfields: {input: q, label: l}\nlabels: {0: \" no\", 1: \" yes\"}\nmetric: f1\n",

@@ -378,3 +378,23 @@ def test_a_dataset_sample_is_drawn_by_index_from_the_whole_split(tmp_path):
     drawn = sample_records(task, "train", 16, seed=0)
     assert len(drawn) == 16 and {r["label"] for r in drawn} == {"0", "1"} and len({r["input"] for r in drawn}) == 16
     assert drawn == sample_records(task, "train", 16, seed=0) != sample_records(task, "train", 16, seed=1)
+
+
+def test_a_verbalizer_as_long_as_max_length_is_refused_for_training_examples_as_for_evaluation():
+    """[-(max_length - len(verbalizer)):] is [-0:] at equality: the whole prompt was kept, uncut, for
+    attribution, fine-tuning and hardening, where evaluation refuses such a task."""
+    import dataclasses
+
+    from moeguard.models.loading import load_tokenizer, resolve
+    from moeguard.tasks.registry import get_task
+
+    tok = load_tokenizer(str(resolve(None).path))
+    task = get_task("arith-compare")
+    record = {"input": "Is 7 greater than 3? Answer:", "label": next(iter(str(k) for k in task.labels))}
+    ok = task.kind_spec.examples(tok, task, record)
+    assert len(ok[0].ids) <= task.max_length
+    long = {k: f" {v.strip()} is the answer" for k, v in task.labels.items()}   # several tokens each
+    short = dataclasses.replace(task, labels=long, max_length=2)
+    with pytest.raises(MoeguardError, match=r"task 'arith-compare': the verbalizer after a prompt, .* is \d+ tokens, "
+                                            r"max_length is 2"):
+        short.kind_spec.examples(tok, short, record)

@@ -30,6 +30,14 @@ class Classification(TaskKindSpec):
                 f"classification task '{task.name}' defines {len(task.labels)} label verbalizers",
                 hint="add at least two entries under 'labels:' (label value -> verbalizer text)",
             )
+        seen: dict[str, str] = {}
+        for label, verbalizer in task.labels.items():   # a tie goes to the first: the other is never predicted
+            if str(verbalizer) in seen:
+                raise MoeguardError(
+                    f"classification task '{task.name}' gives labels {seen[str(verbalizer)]} and {label} the same "
+                    f"verbalizer {verbalizer!r}: the second could never be predicted",
+                    hint="give each label its own verbalizer text under 'labels:'")
+            seen[str(verbalizer)] = str(label)
 
     def record(self, task, row, split, where):
         label = row[task.fields["label"]]
@@ -83,6 +91,9 @@ class Classification(TaskKindSpec):
         context = record["input"].rstrip()
         target = record["input"][len(context):] + verbalizers[str(record["label"])]
         cont = T.encode(tokenizer, target)
+        if len(cont) > task.max_length - 1:   # as evaluation refuses it: [-0:] kept the whole prompt, uncut
+            raise MoeguardError(f"task '{task.name}': the verbalizer after a prompt, {target!r}, is {len(cont)} tokens, "
+                                f"max_length is {task.max_length}", hint="shorten the verbalizer or raise max_length")
         ctx = (T.bos_ids(tokenizer) + T.encode(tokenizer, context))[-(task.max_length - len(cont)):]
         return [Example(ctx + cont, [IGNORE] * len(ctx) + cont)]
 
