@@ -325,3 +325,25 @@ def test_reconstruction_bounds_its_tokens_and_says_so():
         direct = score(_ctx(model, reconstruction_tokens=5), "reconstruction")
     torch.testing.assert_close(s.scores, direct.scores)
     assert all(len(s.subsets[k][layer]) == k for k in s.subsets for layer in s.layers)
+
+
+def test_a_task_longer_than_the_model_s_positions_is_attributed_within_them(monkeypatch):
+    """Evaluation cuts a task's sequences to the model's positions; attribution (and realign's and
+    harden's training) took the task's own max_length, past the positions the model was trained on."""
+    import dataclasses
+    import warnings
+
+    from moeguard.attribution.run import make_context
+    from moeguard.models.loading import load_model
+
+    model, tok, _ = load_model(None)
+    positions = model.config.max_position_embeddings
+    long = dataclasses.replace(get_task("stdlib-docs"), max_length=4 * positions)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ctx = make_context(model, tok, long, samples=16, reference=[dataclasses.replace(get_task("stdlib-code"),
+                                                                                         max_length=4 * positions)])
+    assert ctx.task.max_length == positions
+    widths = [b.input_ids.shape[1] for b in ctx.batches + ctx.reference]
+    assert max(widths) <= positions, widths
+    assert any(f"has max_length {4 * positions}, and the model has {positions} positions" in str(w.message) for w in said)
