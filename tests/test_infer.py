@@ -59,7 +59,9 @@ NOT_INFERRED = {"gpt_oss": "has_bias", "phimoe": "none of the", "nemotron_h": "n
                 "llama4": "returns 2 value", "dbrx": "no fused experts", "switch_transformers": "no fused experts",
                 "jetmoe": "no fused experts", "nllb_moe": "no fused experts"}
 # constants the checks cannot tell apart (x + 1e-20 == x, max(x, 1e-12) == x for sums of order 1)
-INDISTINGUISHABLE = {"renorm_eps": 0.0, "renorm_min_key": None}
+# and the config values a built-in's router runs (DeepSeek-V2's topk_method): a rule of the config, which
+# routing cannot show
+INDISTINGUISHABLE = {"renorm_eps": 0.0, "renorm_min_key": None, "requires": ()}
 
 
 def _tiny(model_type, **kw):
