@@ -62,8 +62,8 @@ def test_risk_levels_follow_their_definition(audit_run):
         finals = [s["final"] for s in rec["strategies"].values()]
         assert r["attacked"] == pytest.approx(max(best(str(rec["keep"])), *finals))
         # the level from its definition (the thresholds' edges: test_task_risk_on_hand_made_entries)
-        want = ("high" if r["attacked"] >= HIGH else "medium" if r["pruned"][h] is not None and r["pruned"][h] >= MEDIUM
-                else "low")
+        want = ("high" if r["attacked"] >= HIGH else "unmeasured" if r["pruned"][h] is None
+                else "medium" if r["pruned"][h] >= MEDIUM else "low")
         assert r["level"] == want, (name, r)
         assert r["reason"].startswith(f"keeping {rec['keep']} experts per layer retains" if want == "high" else
                                       f"keeping {h} experts per layer retains" if want == "medium" else f"{h} experts per layer retain")
@@ -110,6 +110,18 @@ def test_task_risk_on_hand_made_entries():
     assert r["margin_over_baseline_pct"] == pytest.approx(200 / 3) and r["weak_task"] is False
     # a task the full model barely beats its baseline on is flagged: (80-75)/80 = 6.25% < 10%
     assert task_risk(_entry(full=(80.0, 75.0)), num_experts=8, min_keep=1)["weak_task"] is True
+    # half the experts never measured (--keeps 2 only): not "low", which nothing measured
+    e = _entry(finals=(80.0, 85.0), reach=(None, None))
+    for m in e["methods"].values():
+        m["retention"].pop("4")
+        m["retention_above_baseline"].pop("4")
+    r = task_risk(e, num_experts=8, min_keep=1)
+    assert r["level"] == "unmeasured" and r["reason"].startswith("4 experts per layer were not measured (add 4 to --keeps)")
+    # the best strategy by its point saving, and whether its interval says it saves labels at all
+    assert task_risk(_entry(), num_experts=8, min_keep=1)["best_strategy_saves_labels"] is False
+    e = _entry()
+    e["recovery"]["saves_labels"] = "orphan"
+    assert task_risk(e, num_experts=8, min_keep=1)["best_strategy_saves_labels"] is True
 
 
 @pytest.mark.parametrize("merged", [(50.0, 92.0), (60.0, 80.0), (95.0, 70.0), (None, None)])
@@ -486,3 +498,36 @@ def test_a_damaged_job_file_is_run_again(tmp_path, content):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content.replace(b"K", job.key.encode()))
     assert load_done(job, tmp_path) is None
+
+
+def test_settings_of_a_stage_that_is_off_are_said_and_harden_steps_without_a_defense_refused():
+    import warnings
+
+    from moeguard.audit.config import AuditConfig, check
+    from moeguard.errors import MoeguardError
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        check(AuditConfig(recovery=False, budgets=[8, 16], scan_contexts=2))
+        check(AuditConfig())                                    # nothing set: nothing said
+    texts = [str(w.message) for w in said]
+    assert texts == ["budgets is set, and the recovery stage is off: it has no effect (drop --no-recovery to run it)",
+                     "scan_contexts is set, and the scan stage is off: it has no effect (pass --scan to run it)"], texts
+    with pytest.raises(MoeguardError, match=r"harden_steps is set without defense \(hardened names a checkpoint"):
+        check(AuditConfig(hardened="x", harden_steps=5))
+    with pytest.raises(MoeguardError, match="harden_steps is set without defense"):
+        check(AuditConfig(harden_steps=5))
+    check(AuditConfig(defense="entangle", harden_steps=5))
+
+
+def test_a_kept_scan_document_is_trusted_only_when_it_reads_whole(tmp_path):
+    """A kill mid-write left a damaged scan.json in the job's folder: every resume copied it into the
+    stage, and the report failed reading it."""
+    from moeguard.audit.optional import _whole_json
+
+    f = tmp_path / "scan.json"
+    assert not _whole_json(f)                     # none yet: scan
+    f.write_text('{"schema": "moeguard.scan/1", "experts": [')
+    assert not _whole_json(f)                     # cut short: scan again
+    f.write_text('{"schema": "moeguard.scan/1", "experts": []}')
+    assert _whole_json(f)

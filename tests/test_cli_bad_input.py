@@ -363,6 +363,12 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["attack", "--task", "arith-compare", "--keep", "2", "--gpus-per-job", "-1", "--out", "{O}"], "--gpus-per-job"),
     # --overwrite without the optional --out it would apply to did nothing
     (["trace", "--suspect", "{D}", "--overwrite"], "--overwrite replaces an existing --out, and no --out was given"),
+    # a repeat doubled the study's jobs, and the savings paired one strategy's seed with another's
+    (["recovery", "--task", "arith-compare", "--keep", "2", "--out", "{O}", "--strategies", "random,orphan,random"],
+     "--strategies 'random,orphan,random' names random more than once"),
+    (["audit", "--out", "{O}", "--strategies", "random,orphan,random"], "setting 'strategies' names random more than once"),
+    (["audit", "--out", "{O}", "--dtype", "int8"], "dtype 'int8' is a torch dtype moeguard cannot compute in"),
+    (["audit", "--out", "{O}", "--dtype", "floaty"], "dtype 'floaty' is not a torch dtype"),
     (["eval", "--tasks", "arith-compare", "--overwrite"], "--overwrite replaces an existing --out, and no --out was given"),
     (["trace", "--suspect", "{F}"], "model path {F} is a file, not a checkpoint directory"),     # not "--model"
     (["trace", "--suspect", "{D}/MODEL.GGUF"], "GGUF file {D}/MODEL.GGUF does not exist"),     # the suffix in any case

@@ -138,7 +138,13 @@ def coerce(cls: type, name: str, value: Any) -> Any:
                                 hint=f"e.g. {name}: [a, b] in YAML, or a comma-separated flag")
         if not value:
             raise MoeguardError(f"setting '{name}' is empty", hint="leave it out for the default")
-        return kind(_scalar(name, v, elem) for v in value)
+        out = kind(_scalar(name, v, elem) for v in value)
+        fixed = kind is tuple and Ellipsis not in typing.get_args(tp)   # (LOW, HIGH): may be equal
+        repeated = sorted({str(v) for i, v in enumerate(out) if v in out[:i]})
+        if repeated and not fixed:   # a grid or a list of names: a repeat doubles jobs and skews every pairing
+            raise MoeguardError(f"setting '{name}' names {', '.join(repeated)} more than once",
+                                hint=f"list each value of {name} once")
+        return out
     return _scalar(name, value, tp)
 
 

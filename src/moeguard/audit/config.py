@@ -118,6 +118,43 @@ def build(file_values: dict[str, Any], flags: dict[str, Any]) -> AuditConfig:
     return config_build(AuditConfig, flags, what="audit", base=file_values)
 
 
+# settings of a stage that is off, with the flag that turns it on: set (other than their defaults) they were
+# ignored in silence. Said, not refused: a stage is switched off by adding its flag to a command that set them
+_STAGE_SETTINGS = {
+    "recovery": (("recovery_tasks", "recovery_keep", "recovery_mode", "budgets", "recovery_seeds", "pool_size",
+                  "recovery_eval_limit"), "recovery", "drop --no-recovery"),
+    "defense": (("defense_tasks", "defense_budget", "defense_seeds", "defense_modes", "defense_lr_scales",
+                 "defense_epochs"), "defense or hardened", "pass --defense NAME or --hardened PATH"),
+    "scan": (("scan_contexts",), "scan", "pass --scan"),
+}
+
+
+def _check_unused(cfg: AuditConfig) -> None:
+    for stage, (names, on, fix) in _STAGE_SETTINGS.items():
+        if any(getattr(cfg, k) for k in on.split(" or ")):
+            continue
+        given = [k for k in names if getattr(cfg, k) != _default(k)]
+        if given:
+            import warnings
+
+            warnings.warn(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, and the {stage} stage is off: "
+                          f"{'it has' if len(given) == 1 else 'they have'} no effect ({fix} to run it)", stacklevel=3)
+    # refused: beside --hardened it did nothing but re-run the whole comparison (it is in the stage's key)
+    if cfg.harden_steps is not None and not cfg.defense:
+        raise MoeguardError("harden_steps is set without defense" + (" (hardened names a checkpoint already "
+                            "hardened)" if cfg.hardened else ""),
+                            hint="pass --defense NAME to harden within the audit, or leave harden_steps out")
+
+
+def _default(name: str) -> Any:
+    from dataclasses import MISSING, fields
+
+    f = next(f for f in fields(AuditConfig) if f.name == name)
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
 def check(cfg: AuditConfig) -> None:
     """Value checks that need no model."""
     if not 0 < cfg.target <= 100:
@@ -151,6 +188,7 @@ def check(cfg: AuditConfig) -> None:
 
             check_capped(cfg.max_memory, mode=cfg.recovery_mode, merge="merge" in cfg.routes,
                          mode_flag="--recovery-mode", otherwise=", or --no-recovery")
+    _check_unused(cfg)
     if "random" not in cfg.strategies:
         raise MoeguardError(f"strategies {cfg.strategies} lack 'random', the baseline every strategy is compared with",
                             hint="add random, e.g. --strategies random,orphan")

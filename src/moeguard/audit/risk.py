@@ -90,12 +90,16 @@ def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int = 1) -> 
         out["recovery_budget"] = rec["strategies"]["random"]["labels"][-1] if "random" in rec["strategies"] else None
         out["random_labels_to_recover"] = rec["strategies"].get("random", {}).get("labels_to_target")
         out["best_strategy"] = rec["best"]
+        # the largest point saving; whether its interval lies above zero (the summary's own rule for a claim)
+        out["best_strategy_saves_labels"] = rec.get("saves_labels") is not None and rec.get("saves_labels") == rec["best"]
     else:
         attacked = pruned.get(str(quarter))
     out.update({"attack_keep": keep, "recovered": recovered, "attacked": attacked, "labels_to_recover": labels})
     if attacked is not None and attacked >= HIGH:
         level = "high"
-    elif pruned.get(str(half)) is not None and pruned[str(half)] >= MEDIUM:
+    elif pruned.get(str(half)) is None:   # half the experts never measured (--keeps without it): medium or low unknown
+        level = "unmeasured"
+    elif pruned[str(half)] >= MEDIUM:
         level = "medium"
     else:
         level = "low"
@@ -122,6 +126,8 @@ def _reason(level: str, r: dict[str, Any]) -> str:
                   f"{k} per layer: {fmt(r['attacked'])} after the attack",
         "low": f"{h} experts per layer retain {fmt(r['pruned'].get(str(h)))}; {k} per layer "
                f"{fmt(r['attacked'])} after the attack",
+        "unmeasured": f"{h} experts per layer were not measured (add {h} to --keeps); {k} per layer "
+                      f"{fmt(r['attacked'])} after the attack",
     }[level]
     if r["labels_to_recover"] is not None:
         text += f"; {labels_text(r['labels_to_recover'])} labels reach the target"

@@ -37,8 +37,11 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     from moeguard.realign.strategies.base import get_strategy
 
     check(cfg)
-    if cfg.dtype and not isinstance(getattr(torch, cfg.dtype, None), torch.dtype):
-        raise MoeguardError(f"dtype '{cfg.dtype}' is not a torch dtype", hint="e.g. bfloat16, float16, float32")
+    if cfg.dtype and cfg.dtype not in ("float16", "bfloat16", "float32", "float64"):
+        # int8 loaded nothing usable, float8 failed at the first matmul: both after the audit began
+        said = "a torch dtype moeguard cannot compute in" if isinstance(getattr(torch, cfg.dtype, None), torch.dtype) \
+            else "not a torch dtype"
+        raise MoeguardError(f"dtype '{cfg.dtype}' is {said}", hint="use bfloat16, float16, float32 or float64")
     model = resolve_model(cfg.model, tasks=False)   # an encoder-decoder's tasks run through its seq2seq head
     if model.family.encoder_decoder:
         _check_encoder_decoder(cfg, model)

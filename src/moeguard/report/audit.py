@@ -21,7 +21,7 @@ from moeguard.report.auditrows import (_fmt, card_rows, defense_detect_text, def
                                        detect_text, method_rows, recovery_rows, repro_rows, risk_rows)
 from moeguard.report.scan import flag_rows, scan_text, suspect_rows
 
-LEVEL_COLORS = {"high": "#c0392b", "medium": "#d68910", "low": "#1e8449"}
+LEVEL_COLORS = {"high": "#c0392b", "medium": "#d68910", "low": "#1e8449", "unmeasured": "#7f8c8d"}
 
 
 def risk_plot(doc: dict[str, Any], out: Path) -> Path:
@@ -158,6 +158,8 @@ def _verdict(doc: dict[str, Any]) -> str:
     text = (f"{len(high)} of {len(levels)} tasks at **high** prunability risk"
             + (f" ({', '.join(high)})" if high else "") + f", {len(med)} at medium"
             + (f" ({', '.join(med)})" if med else "")
+            + ("".join(f", {len(un)} unmeasured ({', '.join(un)}: half the experts per layer never pruned; add N/2 to "
+                       "--keeps)" for un in [[t for t, l in levels.items() if l == "unmeasured"]] if un))
             + f". Model: {m.get('family')} with {m.get('num_experts')} experts per layer, top-{m.get('top_k')}.")
     cfg = doc.get("config", {})
     if not cfg.get("recovery", True):

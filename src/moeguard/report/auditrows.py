@@ -43,7 +43,9 @@ def risk_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
                      + _by_merge(r, q),
                      head("attack_keep", "after attack", r, "its keep"): attack,
                      "labels to target": labels_text(r["labels_to_recover"]) if e.get("recovery") else "–",
-                     "best strategy": r.get("best_strategy") or ("none beats random" if e.get("recovery") else "–")})
+                     "best strategy": (f"{r['best_strategy']}" + ("" if r.get("best_strategy_saves_labels") else
+                                                                     " (not significant)") if r.get("best_strategy") else
+                                       ("none beats random" if e.get("recovery") else "–"))})
     return rows
 
 
