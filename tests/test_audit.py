@@ -523,7 +523,7 @@ def test_settings_of_a_stage_that_is_off_are_said_and_harden_steps_without_a_def
 def test_a_kept_scan_document_is_trusted_only_when_it_reads_whole(tmp_path):
     """A kill mid-write left a damaged scan.json in the job's folder: every resume copied it into the
     stage, and the report failed reading it."""
-    from moeguard.audit.optional import _whole_json
+    from moeguard.io import whole_json as _whole_json
 
     f = tmp_path / "scan.json"
     assert not _whole_json(f)                     # none yet: scan

@@ -310,23 +310,33 @@ def test_a_suspect_with_nan_weights_is_refused_not_given_a_p_value_of_zero(embed
         run_trace(fp, weights(broken, tok))
 
 
-def test_a_streamed_suspect_whose_embedding_disagrees_with_its_config_is_one_line(embedded, tmp_path):
+def _reshaped(folder, tok, family: str, pick, shape) -> tuple[str, list[int]]:
+    """A tiny ``family`` checkpoint saved in ``folder`` whose first tensor named as ``pick`` accepts
+    has the header shape ``shape(old)``, the same bytes: (its key, its old shape)."""
     import struct
 
     from moeguard.testing import tiny_model
-    from moeguard.trace import stream
 
-    _, tok = embedded
-    tiny_model("mixtral").save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    f = tmp_path / "model.safetensors"
+    tiny_model(family).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    f = folder / "model.safetensors"
     data = f.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
     head = json.loads(data[8:8 + n])
-    e = head["model.embed_tokens.weight"]
-    e["shape"] = [e["shape"][0] * e["shape"][1]]          # a valid tensor, the wrong rank
+    k = next(k for k in head if pick(k))
+    old = head[k]["shape"]
+    head[k]["shape"] = shape(old)
     raw = json.dumps(head).encode()
     f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return k, old
+
+
+def test_a_streamed_suspect_whose_embedding_disagrees_with_its_config_is_one_line(embedded, tmp_path):
+    from moeguard.trace import stream
+
+    _, tok = embedded
+    # a valid tensor, the wrong rank
+    _reshaped(tmp_path, tok, "mixtral", lambda k: k == "model.embed_tokens.weight", lambda s: [s[0] * s[1]])
     with pytest.raises(MoeguardError, match=r"model.embed_tokens.weight has shape \[\d+\], expected \[vocab, \d+\]"):
         stream.StreamedCheckpoint.open(str(tmp_path))
 
@@ -334,23 +344,11 @@ def test_a_streamed_suspect_whose_embedding_disagrees_with_its_config_is_one_lin
 def test_a_streamed_suspect_whose_fused_experts_have_the_wrong_rank_is_one_line(embedded, tmp_path):
     """gpt-oss's [E, d, 2I] gate_up read as [E * d, 2I] (the same bytes): its size was read before its
     rank was checked, an IndexError and a traceback."""
-    import struct
-
-    from moeguard.testing import tiny_model
     from moeguard.trace import stream
 
     _, tok = embedded
-    tiny_model("gpt_oss").save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    f = tmp_path / "model.safetensors"
-    data = f.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    head = json.loads(data[8:8 + n])
-    k = next(k for k in head if k.endswith("experts.gate_up_proj"))
-    E, d, two_i = head[k]["shape"]
-    head[k]["shape"] = [E * d, two_i]
-    raw = json.dumps(head).encode()
-    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    k, (E, d, two_i) = _reshaped(tmp_path, tok, "gpt_oss", lambda k: k.endswith("experts.gate_up_proj"),
+                                 lambda s: [s[0] * s[1], s[2]])
     with pytest.raises(MoeguardError, match=rf"{re.escape(k)} has shape \[{E * d}, {two_i}\], expected 3 dimensions"):
         stream.StreamedCheckpoint.open(str(tmp_path))
 

@@ -21,7 +21,7 @@ import math
 import types
 import typing
 from dataclasses import MISSING, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from moeguard.errors import MoeguardError, suggest
 
@@ -121,6 +121,11 @@ def _scalar(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def repeated(values: Sequence[Any]) -> list[str]:
+    """The values ``values`` holds more than once, sorted, as text (a list setting's, a comma flag's)."""
+    return sorted({str(v) for i, v in enumerate(values) if v in values[:i]})
+
+
 def coerce(cls: type, name: str, value: Any) -> Any:
     """``value`` (from YAML or a flag's text) as field ``name`` of ``cls`` holds it."""
     tp, optional = _unwrap(typing.get_type_hints(cls)[name])
@@ -140,9 +145,9 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             raise MoeguardError(f"setting '{name}' is empty", hint="leave it out for the default")
         out = kind(_scalar(name, v, elem) for v in value)
         fixed = kind is tuple and Ellipsis not in typing.get_args(tp)   # (LOW, HIGH): may be equal
-        repeated = sorted({str(v) for i, v in enumerate(out) if v in out[:i]})
-        if repeated and not fixed:   # a grid or a list of names: a repeat doubles jobs and skews every pairing
-            raise MoeguardError(f"setting '{name}' names {', '.join(repeated)} more than once",
+        twice = repeated(out)
+        if twice and not fixed:   # a grid or a list of names: a repeat doubles jobs and skews every pairing
+            raise MoeguardError(f"setting '{name}' names {', '.join(twice)} more than once",
                                 hint=f"list each value of {name} once")
         return out
     return _scalar(name, value, tp)

@@ -140,6 +140,16 @@ def strict_loads(text: str) -> Any:
         raise ValueError("nested too deeply to read") from None
 
 
+def whole_json(path: Path) -> bool:
+    """Whether ``path`` reads as strict JSON (a kept output is trusted only then: a kill mid-write
+    leaves one cut short)."""
+    try:
+        strict_loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):   # UnicodeDecodeError is a ValueError
+        return False
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 

@@ -24,11 +24,11 @@ def default_reference(task_name: str) -> list[str]:
 def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int = 8, seed: int = 0,
                  reference: Sequence[Any] | None = None, progress: Any = None,
                  options: dict[str, Any] | None = None) -> Context:
-    from moeguard.tasks.evaluate import _fit_to_model
+    from moeguard.tasks.evaluate import fit_to_model
 
     # sequences cut to the model's positions, as evaluation cuts them (wikitext's 512 on a 256-position
     # model: attributed past the positions it was trained on, scored within them)
-    task = _fit_to_model(get_task(task), model)
+    task = fit_to_model(get_task(task), model)
     start = decoder_start(model)   # an encoder-decoder: its batches split into encoder and decoder rows
     batches = calibration_batches(tokenizer, task, samples=samples, batch_size=batch_size, seed=seed,
                                   decoder_start=start)
@@ -41,7 +41,7 @@ def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int =
                             hint="name other tasks as the reference (the default is the rest of the embedded suite)")
     per = max(1, samples // max(1, len(names))) if names else 0
     for name in names:
-        ref_batches += calibration_batches(tokenizer, _fit_to_model(get_task(name), model), samples=per,
+        ref_batches += calibration_batches(tokenizer, fit_to_model(get_task(name), model), samples=per,
                                            batch_size=batch_size, seed=seed, decoder_start=start)
     return Context(model=model, tokenizer=tokenizer, adapter=MoEAdapter(model), task=task, batches=batches,
                    reference=ref_batches, seed=seed, progress=progress, options=dict(options or {}))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeguard.config import SEED_MAX, build as config_build, like, setting, validate
+from moeguard.config import SEED_MAX, build as config_build, default_of, like, setting, validate
 from moeguard.errors import MoeguardError
 from moeguard.studies.attack import AttackConfig
 from moeguard.studies.sweep import SweepConfig
@@ -130,10 +130,11 @@ _STAGE_SETTINGS = {
 
 
 def _check_unused(cfg: AuditConfig) -> None:
+    field_of = {f.name: f for f in dataclasses.fields(AuditConfig)}
     for stage, (names, on, fix) in _STAGE_SETTINGS.items():
         if any(getattr(cfg, k) for k in on.split(" or ")):
             continue
-        given = [k for k in names if getattr(cfg, k) != _default(k)]
+        given = [k for k in names if getattr(cfg, k) != default_of(field_of[k])]
         if given:
             import warnings
 
@@ -144,15 +145,6 @@ def _check_unused(cfg: AuditConfig) -> None:
         raise MoeguardError("harden_steps is set without defense" + (" (hardened names a checkpoint already "
                             "hardened)" if cfg.hardened else ""),
                             hint="pass --defense NAME to harden within the audit, or leave harden_steps out")
-
-
-def _default(name: str) -> Any:
-    from dataclasses import MISSING, fields
-
-    f = next(f for f in fields(AuditConfig) if f.name == name)
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not MISSING else None
 
 
 def check(cfg: AuditConfig) -> None:

@@ -92,7 +92,9 @@ def scan_stage(d: Path, work: Path, model: ModelHandle, cfg: AuditConfig, scan_c
     torch.set_num_threads(runtime.threads)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     ref_models = [resolve_model(m) for m in cfg.scan_reference_models or []]
-    if not _whole_json(work / "scan.json"):   # a damaged one (a kill mid-write) is scanned again, not copied on
+    from moeguard.io import whole_json
+
+    if not whole_json(work / "scan.json"):   # a damaged one (a kill mid-write) is scanned again, not copied on
         scan(model, [get_task(t) for t in cfg.tasks], work, config=scan_cfg, references=refs, reference_models=ref_models,
              dtype=dtype, device_map=cfg.device_map, overwrite=True, progress=progress)
     shutil.copytree(work, d / "scan")
@@ -147,13 +149,3 @@ def defense_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandl
 
         trainstate.clear(state)
 
-
-def _whole_json(path) -> bool:
-    """Whether ``path`` is a readable JSON document (a job's kept output is trusted only then)."""
-    from moeguard.io import strict_loads
-
-    try:
-        strict_loads(path.read_text(encoding="utf-8"))
-        return True
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from moeguard.io import _move_into_place, strict_loads, write_json
+from moeguard.io import _move_into_place, whole_json, write_json
 from moeguard.studies.engine import digest
 
 DONE = "done.json"
@@ -74,11 +74,7 @@ class StageStore:
             return None
         # a stage written before every output was strict JSON, whose files hold NaN or Infinity, runs
         # again: its readers now take null for a number that is not finite (io.dumps)
-        try:
-            for rel in files:
-                if rel.endswith(".json"):
-                    strict_loads((folder / rel).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        if not all(whole_json(folder / rel) for rel in files if rel.endswith(".json")):
             return None
         return info
 

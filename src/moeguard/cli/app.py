@@ -85,9 +85,11 @@ def _names(value: str | None, what: str) -> list[str]:
     names = [x.strip() for x in (value or "").split(",") if x.strip()]
     if value is not None and not names:
         raise MoeguardError(f"{what} '{value}' names nothing", hint=f"pass comma-separated {what.lstrip('-')}")
-    repeated = sorted({n for i, n in enumerate(names) if n in names[:i]})
-    if repeated:   # a repeat doubled a study's jobs and paired one seed's rows with another's
-        raise MoeguardError(f"{what} '{value}' names {', '.join(repeated)} more than once",
+    from moeguard.config import repeated
+
+    twice = repeated(names)
+    if twice:   # a repeat doubled a study's jobs and paired one seed's rows with another's
+        raise MoeguardError(f"{what} '{value}' names {', '.join(twice)} more than once",
                             hint=f"list each of {what.lstrip('-')} once")
     return names
 

@@ -132,10 +132,10 @@ def preflight(model, cfg: HardenConfig) -> dict[str, Any]:
                             hint="use at least 1 step, batch size 1 and a context of 8 tokens")
     if min(cfg.inner_lr) <= 0 or cfg.inner_lr[0] > cfg.inner_lr[1]:
         raise MoeguardError(f"inner learning-rate range {list(cfg.inner_lr)}", hint="pass LOW,HIGH with 0 < LOW <= HIGH")
-    from moeguard.tasks.evaluate import _fit_to_model
+    from moeguard.tasks.evaluate import fit_to_model
 
     # trained within the model's positions, as its tasks are scored
-    tasks = [_fit_to_model(get_task(t), model) for t in cfg.tasks] if cfg.tasks else embedded_tasks()
+    tasks = [fit_to_model(get_task(t), model) for t in cfg.tasks] if cfg.tasks else embedded_tasks()
     for t in tasks:
         if "train" not in t.splits:
             raise MoeguardError(f"task '{t.name}' has no train split to harden on",

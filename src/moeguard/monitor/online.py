@@ -357,9 +357,7 @@ class RoutingMonitor:
                         state[3] = True
                         res["window"]["alert"] = {"kind": "window", "length": n, **self.profile.reason(ws, wp, 0, w)}
                         self.metrics.alerts.labels("window", res["window"]["alert"]["statistic"]).inc()
-                if n == self.window:        # the block is complete: start the next
-                    state = [np.zeros_like(h), [], [], False]
-            finally:   # a full block starts the next one even where its look raised (else no look came again)
+            finally:   # a complete block starts the next, even where its look raised (else no look came again)
                 self._clients[client] = state if len(state[1]) < self.window else [np.zeros_like(h), [], [], False]
             ready = None
             if self.slice:   # slices of all traffic (slices.py): this request joins the current one

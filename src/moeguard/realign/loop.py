@@ -109,9 +109,9 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
     returned :class:`Trainable` with the last round's weights and must ``release`` it).
     ``after(trained)``: called with the last round's model (LoRA folded into a copy) before it
     is restored; what it returns is the curve's ``after`` entry (the audit traces it)."""
-    from moeguard.tasks.evaluate import _fit_to_model
+    from moeguard.tasks.evaluate import fit_to_model
 
-    task = _fit_to_model(get_task(task), model)   # fine-tuned within the model's positions, as it is scored
+    task = fit_to_model(get_task(task), model)   # fine-tuned within the model's positions, as it is scored
     schedule = check_schedule(cfg.schedule)
     strategy = get_strategy(cfg.strategy, task)
     if strategy.needs_original and orphan_share is None:

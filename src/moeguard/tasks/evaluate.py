@@ -55,7 +55,7 @@ class TaskResult:
         return json_safe(dataclasses.asdict(self))
 
 
-def _fit_to_model(task: Task, model: Any) -> Task:
+def fit_to_model(task: Task, model: Any) -> Task:
     """``task`` with its max_length cut to the positions the model was trained on: windows, prompts and
     generation past them (wikitext's 512 on a 256-position model) gave scores without meaning, with no
     error (rotary positions extrapolate silently). Said once per task and place."""
@@ -82,7 +82,7 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task | str, *, limit: int | 
     ``normalized_perplexity``. ``progress`` is an optional ``rich.progress.Progress``,
     advanced once per batch. The model's train/eval mode is restored afterwards.
     """
-    task = _fit_to_model(get_task(task), model)
+    task = fit_to_model(get_task(task), model)
     if batch_size < 1:
         raise MoeguardError(f"batch size is {batch_size}", hint="pass a batch size of at least 1")
     if reference is not None and not task.kind_spec.takes_reference:
