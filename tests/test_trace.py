@@ -881,3 +881,98 @@ def test_what_trace_reads_decides_quantized_not_a_buffer_beside_it(tmp_path):
     with pytest.raises(MoeguardError, match=r"stores quantized weights \(I16\)") as e:
         stream.StreamedCheckpoint.open(str(d))
     assert "dequantize it first" in e.value.hint
+
+
+def _counting_sketches(monkeypatch, *, stop_at=None):
+    """Record (side, position) of every layer streamed; raise KeyboardInterrupt at ``stop_at``."""
+    from moeguard.trace.stream import StreamedCheckpoint
+
+    real, calls = StreamedCheckpoint.sketch, []
+
+    def sketch(self, position, H, frame):
+        side = "suspect" if "suspect" in str(self.name) else "original"
+        if (side, position) == stop_at:
+            raise KeyboardInterrupt
+        calls.append((side, position))
+        return real(self, position, H, frame)
+
+    monkeypatch.setattr(StreamedCheckpoint, "sketch", sketch)
+    return calls
+
+
+def _without_run(doc):
+    return {k: v for k, v in doc.items() if k != "run"}
+
+
+def test_an_interrupted_trace_resumes_from_the_layers_it_read(embedded, tmp_path, monkeypatch, capsys):
+    m, tok = embedded
+    for name, keep in (("suspect", KEEP), ("suspect_b", {0: [2, 5], 1: [1, 3], 2: [0, 7], 3: [4, 6]})):
+        pruned, _ = prune_model(m, keep)
+        pruned.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    out, partial = tmp_path / "t", tmp_path / ".t.partial"
+    with monkeypatch.context() as mp:
+        calls = _counting_sketches(mp)
+        assert main(["trace", "--suspect", str(tmp_path / "suspect"), "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "trace.json").read_text())
+    assert calls == [("original", p) for p in range(4)] + [("suspect", p) for p in range(4)]
+    capsys.readouterr()
+
+    with monkeypatch.context() as mp:    # Ctrl-C while the suspect's third MoE layer is read
+        _counting_sketches(mp, stop_at=("suspect", 2))
+        assert main(["trace", "--suspect", str(tmp_path / "suspect"), "--out", str(out)]) == 130
+    assert f"the work done so far is kept in {partial}: run the same command again to resume" in capsys.readouterr().err
+    assert not out.exists() and partial.is_dir()
+    with monkeypatch.context() as mp:    # the rerun reads only what the interrupt left unread
+        calls = _counting_sketches(mp)
+        assert main(["trace", "--suspect", str(tmp_path / "suspect"), "--out", str(out)]) == 0
+    assert calls == [("suspect", 2), ("suspect", 3)]
+    assert _without_run(json.loads((out / "trace.json").read_text())) == _without_run(whole)
+    assert not partial.exists()          # the kept layers go once the report is written
+
+    with monkeypatch.context() as mp:    # interrupted, then run against another suspect: its layers are its own
+        _counting_sketches(mp, stop_at=("suspect", 3))
+        assert main(["trace", "--suspect", str(tmp_path / "suspect"), "--out", str(tmp_path / "u")]) == 130
+    with monkeypatch.context() as mp:
+        calls = _counting_sketches(mp)
+        assert main(["trace", "--suspect", str(tmp_path / "suspect_b"), "--out", str(tmp_path / "u")]) == 0
+    assert calls == [("suspect", p) for p in range(4)]     # the original's layers are still the original's
+    doc = json.loads((tmp_path / "u" / "trace.json").read_text())
+    assert {l["layer"]: l["kept"] for l in doc["layers"]} == {0: [2, 5], 1: [1, 3], 2: [0, 7], 3: [4, 6]}
+    with monkeypatch.context() as mp:    # without --out nothing is kept, nothing is read back
+        calls = _counting_sketches(mp)
+        assert main(["trace", "--suspect", str(tmp_path / "suspect"), "--json"]) == 0
+    assert len(calls) == 8 and not list(tmp_path.glob(".*.partial"))
+
+
+def test_an_interrupted_fingerprint_resumes_and_writes_the_same_bytes(tmp_path, monkeypatch, capsys):
+    from moeguard.trace.fingerprint import digest
+
+    assert main(["fingerprint", "--out", str(tmp_path / "whole")]) == 0
+    with monkeypatch.context() as mp:
+        _counting_sketches(mp, stop_at=("original", 1))
+        assert main(["fingerprint", "--out", str(tmp_path / "fp")]) == 130
+    assert f"kept in {tmp_path / '.fp.partial'}" in capsys.readouterr().err
+    with monkeypatch.context() as mp:
+        calls = _counting_sketches(mp)
+        assert main(["fingerprint", "--out", str(tmp_path / "fp")]) == 0
+    assert calls == [("original", 1), ("original", 2), ("original", 3)]
+    assert digest(tmp_path / "fp") == digest(tmp_path / "whole") and not (tmp_path / ".fp.partial").exists()
+    with monkeypatch.context() as mp:    # another seed reads every layer again, in its own frame
+        _counting_sketches(mp, stop_at=("original", 2))
+        assert main(["fingerprint", "--out", str(tmp_path / "s1"), "--seed", "1"]) == 130
+    with monkeypatch.context() as mp:
+        calls = _counting_sketches(mp)
+        assert main(["fingerprint", "--out", str(tmp_path / "s1"), "--seed", "2"]) == 0
+    assert calls == [("original", p) for p in range(4)]
+
+
+def test_a_gguf_suspects_kept_layers_are_keyed_by_its_bytes(tmp_path):
+    from moeguard.trace.resume import source_identity
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(64))
+    first = source_identity(str(f))
+    assert first["files"][0][:2] == ["m.gguf", 68]
+    f.write_bytes(b"GGUF" + bytes(63) + b"\x01")     # same size, other bytes
+    assert source_identity(str(f))["files"][0][3] != first["files"][0][3]

@@ -201,12 +201,13 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
 
 
 @contextlib.contextmanager
-def resumable_scratch(path: str | os.PathLike, *, overwrite: bool = False, settings: Any = None) -> Iterator[Path]:
-    """For a command whose output is one file: the scratch folder ``.NAME.partial`` beside
-    ``path`` keeps finished steps (``kept_arrays``) across a failure or a kill, as
-    :func:`resumable_dir` does, and is deleted when the block completes. The block writes
-    ``path`` itself (``write_json``)."""
-    path = check_output(path, overwrite=overwrite, kind="file")
+def resumable_scratch(path: str | os.PathLike, *, overwrite: bool = False, settings: Any = None,
+                      kind: str = "file") -> Iterator[Path]:
+    """For a command that writes its output itself (``write_json``, or a folder through
+    :func:`atomic_dir`: ``kind``): the scratch folder ``.NAME.partial`` beside ``path`` keeps
+    finished steps (``kept_arrays``) across a failure or a kill, as :func:`resumable_dir` does,
+    and is deleted when the block completes."""
+    path = check_output(path, overwrite=overwrite, kind=kind)
     partial = _partial(path, settings)
     yield partial
     _open_partials.remove(partial)

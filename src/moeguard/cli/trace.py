@@ -14,15 +14,17 @@ from moeguard.io import dumps
 @app.command()
 def fingerprint(out: Annotated[Path, typer.Option("--out", help="fingerprint folder to create")],
                 model: ModelOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
-    """A compact, permutation-invariant signature of every expert (at most 1% of the checkpoint)."""
-    from moeguard.io import check_output
+    """A compact, permutation-invariant signature of every expert (at most 1% of the checkpoint).
+    Each MoE layer read is kept beside --out until the fingerprint is written: an interrupted run resumes."""
+    from moeguard.io import check_output, resumable_scratch
     from moeguard.trace import fingerprint as make
     from moeguard.trace.fingerprint import digest
 
     check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
-    with _progress() as progress:
-        fp = make(model, seed=seed, progress=progress)
-    fp.save(out, overwrite=overwrite)
+    with resumable_scratch(out, overwrite=overwrite, settings={"command": "fingerprint"}, kind="folder") as keep:
+        with _progress() as progress:
+            fp = make(model, seed=seed, progress=progress, keep=keep)
+        fp.save(out, overwrite=overwrite)
     size = sum(f.stat().st_size for f in out.iterdir())
     typer.echo(f"fingerprint of {fp.meta['model']} ({len(fp.layers)} MoE layers, {fp.H.size} hidden dimensions "
                f"sampled): {size / 1e3:.0f} kB, {100 * size / fp.meta['checkpoint_bytes']:.2f}% of the checkpoint; "
@@ -34,8 +36,11 @@ def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkp
           original: Annotated[Optional[str], typer.Option("--original", help="your fingerprint folder, or your checkpoint; default: the embedded model")] = None,
           out: Annotated[Optional[Path], typer.Option("--out", help="folder for trace.json, trace.md and the mapping plot")] = None,
           overwrite: OverwriteOpt = False, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
-    """Was the suspect cut from the original? A p-value, the experts it kept, and how it was changed."""
-    from moeguard.io import atomic_dir, check_output
+    """Was the suspect cut from the original? A p-value, the experts it kept, and how it was changed.
+    With --out, each MoE layer read is kept beside it until the report is written: an interrupted run resumes."""
+    import contextlib
+
+    from moeguard.io import atomic_dir, check_output, resumable_scratch
     from moeguard.report.trace import p_text, summary_rows, write_trace
     from moeguard.trace import trace as run
 
@@ -43,14 +48,17 @@ def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkp
         check_output(out, overwrite=overwrite, inputs=(original, suspect,), kind="folder")
     elif overwrite:
         _no_out()
-    if as_json:  # stdout is the JSON document alone
-        doc = run(original, suspect, seed=seed)
-    else:
-        with _progress() as progress:
-            doc = run(original, suspect, seed=seed, progress=progress)
-    if out is not None:
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            write_trace(doc, tmp)
+    with contextlib.ExitStack() as stack:
+        keep = None if out is None else stack.enter_context(
+            resumable_scratch(out, overwrite=overwrite, settings={"command": "trace"}, kind="folder"))
+        if as_json:  # stdout is the JSON document alone
+            doc = run(original, suspect, seed=seed, keep=keep)
+        else:
+            with _progress() as progress:
+                doc = run(original, suspect, seed=seed, progress=progress, keep=keep)
+        if out is not None:
+            with atomic_dir(out, overwrite=overwrite) as tmp:
+                write_trace(doc, tmp)
     if as_json:
         typer.echo(dumps(doc, indent=2))
         return

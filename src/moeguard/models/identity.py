@@ -26,8 +26,6 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     edge has read the config, so it is cached by then): files under a commit are immutable, and
     the weights, fetched later, come from the same commit. A new commit on the hub (``main``
     moved) changes it; the cache is read, never the network."""
-    import hashlib
-
     from moeguard.io import file_sha256
 
     ref = resolve(ref_str)
@@ -50,18 +48,30 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     weights = sorted(ref.path.glob("*.safetensors"))
     whole = sum(f.stat().st_size for f in weights) <= _WHOLE   # the checkpoint's total: many shards cost the same
     for f in weights:
-        st = f.stat()
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            if whole:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            else:
-                for i in range(_SAMPLES):
-                    fh.seek(st.st_size * i // _SAMPLES)
-                    h.update(fh.read(_BLOCK))
-        files.append([f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]])
+        files.append(_file_row(f, whole=whole))
     return out
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """:func:`weights_identity` of a checkpoint that is one file (a ``.gguf``): its name, size,
+    time and digest (whole up to ``_WHOLE`` bytes, sampled beyond)."""
+    return {"name": str(path), "files": [_file_row(path, whole=path.stat().st_size <= _WHOLE)]}
+
+
+def _file_row(f: Path, *, whole: bool) -> list[Any]:
+    import hashlib
+
+    st = f.stat()
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        if whole:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            for i in range(_SAMPLES):
+                fh.seek(st.st_size * i // _SAMPLES)
+                h.update(fh.read(_BLOCK))
+    return [f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]]
 
 
 def weights_digest(ref_str: str | None) -> dict[str, Any]:

@@ -17,13 +17,16 @@ from typing import Any
 from moeguard.trace.fingerprint import Fingerprint, is_fingerprint
 
 
-def fingerprint(model, *, seed: int = 0, progress=None, weights=None) -> Fingerprint:
+def fingerprint(model, *, seed: int = 0, progress=None, weights=None, keep=None) -> Fingerprint:
     """The fingerprint of a checkpoint (path, hub id, None for the embedded model, or what
     ``weights.locate`` made of one), streamed from its safetensors files (a hub id's fetched into the
     Hugging Face cache once). ``progress``: a rich Progress, advanced per MoE layer; ``weights``: the
-    checkpoint already opened as a trace source (``weights.load``)."""
+    checkpoint already opened as a trace source (``weights.load``); ``keep``: a scratch folder
+    (``io.resumable_scratch``) where each layer read is kept, so an interrupted run resumes
+    (``resume.py``); None keeps nothing."""
     from moeguard.provenance import run_record
     from moeguard.trace.fingerprint import build, checkpoint_bytes
+    from moeguard.trace.resume import keyed, source_identity
     from moeguard.trace.weights import load, locate
 
     loc = locate(model)
@@ -32,12 +35,15 @@ def fingerprint(model, *, seed: int = 0, progress=None, weights=None) -> Fingerp
     source = {"run": run_record({"model": w.name, "seed": seed})}
     if loc.revision:   # a hub original: the commit fingerprinted
         source["hub"] = {"hub_id": loc.hub_id, "revision": loc.revision}
-    return build(w, checkpoint_bytes=size, seed=seed, progress=progress, source=source)
+    folder = keyed(keep, "original", {"original": source_identity(loc.where), "seed": seed}) if keep is not None else None
+    return build(w, checkpoint_bytes=size, seed=seed, progress=progress, source=source, keep=folder)
 
 
-def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -> dict[str, Any]:
+def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None, keep=None) -> dict[str, Any]:
     """Trace ``suspect`` (a checkpoint directory, hub id or ``.gguf`` file) against ``original``
-    (a fingerprint folder, or a checkpoint whose fingerprint is made on the fly). A fingerprint or
+    (a fingerprint folder, or a checkpoint whose fingerprint is made on the fly). ``keep``: a
+    scratch folder (``io.resumable_scratch``) where each layer read, of the original and of the
+    suspect, is kept, so an interrupted trace resumes (``resume.py``); None keeps nothing. A fingerprint or
     a local original is opened first (reading no expert), so a damaged one fails before a hub suspect
     is fetched whole; an unusable suspect fails before a hub original is fetched, and one of another
     width, depth or expert size before any of its tensors is read."""
@@ -57,7 +63,8 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
         if resolve(original).hub_id is None:   # a local checkpoint (or the embedded model): opened now, reading
             loc = locate(original)             # no tensor, so one without config or safetensors fails first
             own = load(loc)
-    weights = load(suspect)  # opening checks config, headers, layout and tokenizer; reads no tensor
+    sus = locate(suspect)
+    weights = load(sus)  # opening checks config, headers, layout and tokenizer; reads no tensor
     if not given:
         from moeguard.trace.api import check_shape
 
@@ -68,8 +75,15 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None) -
             own = load(loc)
         check_shape({"hidden": own.hidden, "layers": [None] * own.num_layers, "intermediate": own.intermediate},
                     hidden=weights.hidden, layers=weights.num_layers, intermediate=weights.intermediate)
-        fp = fingerprint(loc, seed=seed, progress=progress, weights=own)
-    doc = run(fp, weights, seed=seed, progress=progress)
+        fp = fingerprint(loc, seed=seed, progress=progress, weights=own, keep=keep)
+    from moeguard.trace.fingerprint import digest
+    from moeguard.trace.resume import keyed, source_identity
+
+    # the suspect's layers are read in the fingerprint's frame: keyed by both (a fingerprint made on the fly
+    # is keyed by its checkpoint, whose identity is cheap; the digest would not change with it)
+    made_from = {"fingerprint": digest(Path(original))} if given else {"original": source_identity(loc.where)}
+    folder = keyed(keep, "suspect", {**made_from, "suspect": source_identity(sus.where), "seed": seed}) if keep is not None else None
+    doc = run(fp, weights, seed=seed, progress=progress, keep=folder)
     from moeguard.provenance import run_record
 
     # what was compared, with which seed, by which moeguard: a result meant to be shown to others

@@ -8,6 +8,7 @@ extra test: thresholds named below only decide how each suspect expert is *label
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -129,9 +130,12 @@ def _unflip(sk, f: dict[str, np.ndarray], own: dict[str, np.ndarray]):
     return sk, features(sk), int((t < 0).sum())
 
 
-def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None) -> dict[str, Any]:
+def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None, keep: Path | None = None) -> dict[str, Any]:
     """Test ``suspect`` (a trace source, ``weights.py``) against ``fp``. ``progress``: a rich
-    Progress to advance once per MoE layer."""
+    Progress to advance once per MoE layer; ``keep``: where each layer's sketch of the suspect is
+    kept for a resumed run (``resume.keyed``), None to keep nothing."""
+    from moeguard.trace.resume import kept_sketch
+
     rng = np.random.default_rng(seed)
     meta, H = fp.meta, fp.H
     check_shape(meta, hidden=suspect.hidden, layers=suspect.num_layers, intermediate=suspect.intermediate)
@@ -141,7 +145,7 @@ def trace(fp: Fingerprint, suspect, *, seed: int = 0, progress=None) -> dict[str
     layers, ps, grids = [], [], []
     for position, own_index in enumerate(own_layers):
         own = fp.layer(own_index)
-        sk = suspect.sketch(position, H, frame)
+        sk = kept_sketch(keep, f"suspect-{position}", H, frame, lambda: suspect.sketch(position, H, frame))
         if not all(np.isfinite(x).all() for x in (sk.ka, sk.kb, sk.v)):
             # a NaN similarity is never >= the observed one: the test's count would be 0, a p-value of 0
             raise MoeguardError(f"the suspect's MoE layer {sk.index} holds NaN or infinite weights",

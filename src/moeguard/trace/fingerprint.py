@@ -175,10 +175,13 @@ def _outliers(norms: np.ndarray) -> np.ndarray:
     return robust_z(norms) > 6.0
 
 
-def build(w, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None, progress=None) -> Fingerprint:
+def build(w, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None, progress=None,
+          keep: Path | None = None) -> Fingerprint:
     """The fingerprint of ``w`` (a trace source, ``weights.py``). ``progress``: a rich Progress
-    to advance once per MoE layer."""
+    to advance once per MoE layer; ``keep``: where each layer's sketch is kept for a resumed run
+    (``resume.keyed``: a folder for this checkpoint and seed), None to keep nothing."""
     from moeguard.trace.align import identity
+    from moeguard.trace.resume import kept_sketch
 
     rng = np.random.default_rng(seed)
     d = w.hidden
@@ -197,7 +200,7 @@ def build(w, *, checkpoint_bytes: int, seed: int = 0, source: dict | None = None
     task = progress.add_task("fingerprinting MoE layers", total=w.num_layers) if progress is not None else None
     layers = []
     for position in range(w.num_layers):
-        sk = w.sketch(position, H, frame)
+        sk = kept_sketch(keep, f"original-{position}", H, frame, lambda: w.sketch(position, H, frame))
         if not all(np.isfinite(x).all() for x in (sk.ka, sk.kb, sk.v)):
             raise MoeguardError(f"{w.name}'s MoE layer {sk.index} holds NaN or infinite weights",
                                 hint="fingerprint a sound copy of the checkpoint")

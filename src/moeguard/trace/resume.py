@@ -1,0 +1,74 @@
+"""Resume for ``fingerprint`` and ``trace``: each MoE layer's sketch is kept once it is read.
+
+Reading a checkpoint is what a trace costs (about twice reading both checkpoints from disk:
+``benchmarks/results/trace_streaming.json``), and for a DeepSeek-V3-size model that is tens of
+minutes per side; an interrupt must not start it over. The CLI passes a resumable scratch folder
+(``io.resumable_scratch``, ``.OUT.partial`` beside ``--out``). Here the sketches go into a
+subfolder keyed by what they were read from (each source's ``weights_identity``, the seed and
+moeguard's version), so a rerun against another suspect, a rewritten checkpoint or another seed
+reads afresh; each sketch's file name also carries a digest of the hidden dimensions and frame it
+was read in. A sketch is a few MB (``features.Sketch``): the arrays are kept as ``.npz``, never
+unpickled (``io.kept_arrays``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from moeguard.trace.features import Sketch
+
+def source_identity(where: str | None) -> dict[str, Any]:
+    """What a sketch was read from: a checkpoint folder's (or a fetched hub snapshot's, or the
+    embedded model's) ``weights_identity``; a ``.gguf`` file's size, time and a sampled digest."""
+    from moeguard.trace.weights import is_gguf
+
+    if is_gguf(where):
+        from moeguard.models.identity import file_identity
+
+        return file_identity(Path(str(where)))
+    from moeguard.models.identity import weights_identity
+
+    return weights_identity(where)
+
+
+def keyed(keep: Path | None, role: str, settings: dict[str, Any]) -> Path | None:
+    """``keep``'s subfolder for ``role`` ("original" or "suspect") and these ``settings``; the
+    role's subfolders of other settings (an earlier, interrupted run of another trace) are
+    removed, so one scratch folder holds one run's sketches of each side."""
+    if keep is None:
+        return None
+    from moeguard import __version__
+
+    text = json.dumps({**settings, "moeguard": __version__}, sort_keys=True, default=str)
+    folder = keep / f"{role}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    for old in keep.glob(f"{role}-*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def kept_sketch(folder: Path | None, name: str, H: np.ndarray, frame, compute: Callable[[], Sketch]) -> Sketch:
+    """``compute()``'s sketch, kept in ``folder`` (None: computed) and read back on a resumed run."""
+    from moeguard.io import kept_arrays
+
+    if folder is None:
+        return compute()
+    h = hashlib.sha256()
+    for a in (np.asarray(H, dtype=np.int64), np.asarray(frame.cols, dtype=np.int64), np.asarray(frame.signs, dtype=np.float64)):
+        h.update(a.tobytes())
+
+    def arrays() -> dict[str, np.ndarray]:
+        sk = compute()
+        return {"ka": sk.ka, "kb": sk.kb, "v": sk.v, "rows": sk.rows,
+                "meta": np.array([sk.index, sk.intermediate], dtype=np.int64)}
+
+    a = kept_arrays(folder, f"{name}-{h.hexdigest()[:12]}", arrays)
+    return Sketch(index=int(a["meta"][0]), ka=a["ka"], kb=a["kb"], v=a["v"], rows=a["rows"],
+                  intermediate=int(a["meta"][1]))
