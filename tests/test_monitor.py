@@ -72,8 +72,8 @@ def test_a_suffix_batch_targets_the_positions_that_make_the_reply():
         bos_token_id, pad_token_id, eos_token_id = 1, 0, 2
         all_special_ids = [0, 1, 2]
 
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [9]}   # the separator
+        def encode(self, text, add_special_tokens=False):
+            return [{"a": 3, "\n": 9}[c] for c in text]   # 9: the separator
 
     b = _Batch(Tok(), [[5, 6, 7], [5]], "suffix")
     b.replies = [[30, 31, 2], [40]]
@@ -666,3 +666,36 @@ def test_a_route_attack_kept_to_a_vocabulary_crafts_from_it_alone(tmp_path):
     assert target["prefix_ids"] and set(target["prefix_ids"]) <= set(vocab), target["prefix_ids"]
     with pytest.raises(MoeguardError, match="the vocabulary leaves 0 usable tokens"):
         run(handle, task, [(1, 2)], cfg, out=tmp_path / "rb", vocabulary=[10**9])
+
+
+def test_a_route_attack_task_without_train_inputs_is_refused_before_the_load(tmp_path, capsys, monkeypatch):
+    """It failed after the weights loaded and the vocabulary was scanned, leaving a partial folder."""
+    from moeguard.models.handle import ModelHandle
+
+    f, data = _cmp_task(tmp_path, "notrain-cmp", 20)
+    f.write_text(f.read_text().replace("splits: {train: train, eval: eval}", "splits: {eval: eval}"))
+    monkeypatch.setattr(ModelHandle, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    assert main(["route-attack", "--out", str(tmp_path / "ra"), "--task", str(f), "--layer", "0", "--expert", "0",
+                 "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "train" in err and "notrain-cmp" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / ".ra.partial").exists() and not (tmp_path / "ra").exists()
+
+
+def test_a_route_attack_target_file_cut_short_is_searched_again_and_temporaries_do_not_reach_the_output(tmp_path, monkeypatch):
+    import moeguard.monitor.routeattack as ra
+
+    out, partial = tmp_path / "ra", tmp_path / ".ra.partial"
+    args = ["route-attack", "--out", str(out), "--layer", "0", "--all", "--prefix-tokens", "2", "--steps", "0",
+            "--candidates", "2"]
+    calls = []
+    monkeypatch.setattr(ra, "measure", _measured(calls, ra.measure, interrupt_at=2))
+    assert main(args) == 130
+    (kept,) = partial.glob("target-*.json")
+    kept.write_text(kept.read_text()[:40])                      # a power loss cut it short
+    (partial / ".target-0-5.json.tmp1234").write_text("{")     # a kill inside a write left its temporary
+    monkeypatch.setattr(ra, "measure", _measured(calls, ra.measure.__wrapped__))
+    assert main(args) == 0                                      # before: a JSONDecodeError traceback, every rerun
+    assert calls[2:] == list(range(8))                          # expert 0 was searched and measured again
+    assert sorted(p.name for p in out.iterdir()) == ["route_attack.json", "route_attack_heatmap.png"]

@@ -201,14 +201,29 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
 
 
 @contextlib.contextmanager
-def resumable_scratch(path: str | os.PathLike, *, overwrite: bool = False, settings: Any = None,
-                      kind: str = "file") -> Iterator[Path]:
-    """For a command that writes its output itself (``write_json``, or a folder through
-    :func:`atomic_dir`: ``kind``): the scratch folder ``.NAME.partial`` beside ``path`` keeps
-    finished steps (``kept_arrays``) across a failure or a kill, as :func:`resumable_dir` does,
-    and is deleted when the block completes."""
-    path = check_output(path, overwrite=overwrite, kind=kind)
+def resumable_scratch(path: str | os.PathLike, *, overwrite: bool = False, settings: Any = None) -> Iterator[Path]:
+    """For a command whose output is one file: the scratch folder ``.NAME.partial`` beside
+    ``path`` keeps finished steps (``kept_arrays``) across a failure or a kill, as
+    :func:`resumable_dir` does, and is deleted when the block completes. The block writes
+    ``path`` itself (``write_json``)."""
+    path = check_output(path, overwrite=overwrite, kind="file")
     partial = _partial(path, settings)
+    yield partial
+    _open_partials.remove(partial)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def lazy_scratch(path: str | os.PathLike, *, overwrite: bool = False, kind: str = "file") -> Iterator[Path]:
+    """Like :func:`resumable_scratch`, for a block that creates the scratch folder itself, and only
+    once its inputs have passed their checks (a command refused for bad input leaves nothing
+    behind): ``.NAME.partial`` is yielded, not created. What goes in it is keyed by the block (its
+    settings stamp is not used); it is deleted when the block completes."""
+    path = check_output(path, overwrite=overwrite, kind=kind)
+    partial = partial_path(path)
+    if partial.exists() and not partial.is_dir():
+        partial.unlink()
+    _open_partials.append(partial)
     yield partial
     _open_partials.remove(partial)
     shutil.rmtree(partial, ignore_errors=True)

@@ -85,7 +85,7 @@ def route_attack(
     for r in doc["targets"]:
         m = r["measured"]
         tab.add_row(str(r["layer"]), str(r["expert"]), f"{100 * m['success']:.0f}%", f"{100 * m['success_without_prefix']:.0f}%",
-                    f"{100 * m['load_max']:.0f}% ({100 * m['normal_load_mean']:.0f}%)",
+                    f"{100 * m['load_max']:.0f}% ({100 * m['normal_load_max']:.0f}%)",
                     f"{m['task']['with_prefix']:.4g} ({m['task']['score']:.4g})",
                     *([f"{100 * m['monitor']['passing']:.0f}% ({100 * m['monitor']['passing_without']:.0f}%)"]
                       if prof is not None else []))

@@ -16,12 +16,12 @@ def fingerprint(out: Annotated[Path, typer.Option("--out", help="fingerprint fol
                 model: ModelOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """A compact, permutation-invariant signature of every expert (at most 1% of the checkpoint).
     Each MoE layer read is kept beside --out until the fingerprint is written: an interrupted run resumes."""
-    from moeguard.io import check_output, resumable_scratch
+    from moeguard.io import check_output, lazy_scratch
     from moeguard.trace import fingerprint as make
     from moeguard.trace.fingerprint import digest
 
     check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
-    with resumable_scratch(out, overwrite=overwrite, settings={"command": "fingerprint"}, kind="folder") as keep:
+    with lazy_scratch(out, overwrite=overwrite, kind="folder") as keep:
         with _progress() as progress:
             fp = make(model, seed=seed, progress=progress, keep=keep)
         fp.save(out, overwrite=overwrite)
@@ -40,7 +40,7 @@ def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkp
     With --out, each MoE layer read is kept beside it until the report is written: an interrupted run resumes."""
     import contextlib
 
-    from moeguard.io import atomic_dir, check_output, resumable_scratch
+    from moeguard.io import atomic_dir, check_output, lazy_scratch
     from moeguard.report.trace import p_text, summary_rows, write_trace
     from moeguard.trace import trace as run
 
@@ -50,7 +50,7 @@ def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkp
         _no_out()
     with contextlib.ExitStack() as stack:
         keep = None if out is None else stack.enter_context(
-            resumable_scratch(out, overwrite=overwrite, settings={"command": "trace"}, kind="folder"))
+            lazy_scratch(out, overwrite=overwrite, kind="folder"))
         if as_json:  # stdout is the JSON document alone
             doc = run(original, suspect, seed=seed, keep=keep)
         else:

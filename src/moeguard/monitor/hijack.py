@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from moeguard.errors import MoeguardError
-from moeguard.monitor.routertap import SEPARATOR, RouterTap, check_target
+from moeguard.monitor.routertap import SEPARATOR, RouterTap, check_target, following, separator_ids
 from moeguard.tasks.base import Task
 
 POSITIONS = ("prefix", "suffix")
@@ -94,13 +94,14 @@ class HijackConfig:
 
 
 def _inputs(task: Task, role: str, n: int, tokenizer, max_tokens: int | None, *, keep_end: bool = False) -> list[list[int]]:
-    """Input ids cut to ``max_tokens``: their start (a prefix's inputs), or with ``keep_end`` their
-    end (a suffix's: the text it follows and the question its reply answers are there)."""
+    """Input ids cut to ``max_tokens``: their start (a prefix's inputs, encoded as they follow the
+    separator), or with ``keep_end`` their end (a suffix's, which start the request: the text it
+    follows and the question its reply answers are there)."""
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.tokens import encode
 
     recs = load_records(task, role, limit=n)
-    ids = [encode(tokenizer, r["input"]) for r in recs]
+    ids = [encode(tokenizer, r["input"]) if keep_end else following(tokenizer, r["input"]) for r in recs]
     if max_tokens:
         ids = [x[-max_tokens:] if keep_end else x[:max_tokens] for x in ids]
     return [x for x in ids if x]
@@ -113,10 +114,10 @@ class _Batch:
     teacher-forced on ``replies``, the reply each input got with the current suffix)."""
 
     def __init__(self, tokenizer, inputs: list[list[int]], position: str = "prefix"):
-        from moeguard.tasks.tokens import bos_ids, encode, pad_id
+        from moeguard.tasks.tokens import bos_ids, pad_id
 
         self.head = bos_ids(tokenizer)
-        self.sep = encode(tokenizer, SEPARATOR)
+        self.sep = separator_ids(tokenizer)   # as it is encoded after text, within the request
         self.inputs = inputs
         self.pad = pad_id(tokenizer)
         self.position = position
@@ -212,8 +213,10 @@ def _scores(logits, index, target, expert, per: int, *, per_input: bool = False)
 
 
 def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed: np.ndarray,
-           progress=None, screen=None) -> dict[str, Any]:
+           first: np.ndarray | None = None, progress=None, screen=None) -> dict[str, Any]:
     """The GCG search for one (layer, expert); returns the best prefix and its training curve.
+    ``first``: the ids a suffix's first token may be, as it follows the separator
+    (``allowed_tokens(after_separator=True)``); None: ``allowed``.
     ``screen`` (``evasion.MonitorScreen``, with ``cfg.evade_p``): an attacker who holds the monitor's
     profile. Each step screens the ``cfg.screened`` most successful candidates and ranks them by
     ``evasion.rank`` in ``cfg.evade_order``; the best text kept is ranked the same way. Without a
@@ -236,6 +239,15 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     banned[torch.as_tensor(allowed, device=device)] = False
     prefix = [int(t) for t in rng.choice(allowed, size=cfg.prefix_tokens)]
     n = cfg.prefix_tokens
+    # per position, the ids a candidate may put there: a suffix's first follows the separator
+    banned_at = banned.cpu().numpy()[None].repeat(n, axis=0)
+    if suffix and first is not None:
+        banned_at[0] = True
+        banned_at[0, first] = False
+        if banned_at[0, prefix[0]]:   # drawn after the others: where every token may start a suffix, the same draws
+            prefix[0] = int(rng.choice(first))
+    banned_rows = torch.as_tensor(banned_at, device=device)
+    moved = 0   # steps that found a candidate sendable as text (none: the search never left its start)
     best = {"prefix": list(prefix), "success": -1.0, "loss": float("inf"), "step": 0, "evasion": (-1.0, -1.0)}
     evasion = (lambda texts: screen.evasion(texts, batch.inputs, cfg.position)) if screen is not None else None
     from moeguard.monitor.evasion import rank
@@ -276,12 +288,14 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             if step == cfg.steps or (best["success"] >= 1.0 and best["evasion"][0] >= 1.0):
                 break
             # 2. candidates: random single-token substitutions among each position's top-k
-            grad[:, banned] = float("inf")
+            grad[banned_rows] = float("inf")
             top = (-grad).topk(cfg.topk, dim=1).indices.cpu()                 # [n, topk]
             pos = torch.randint(0, n, (cfg.candidates,), generator=gen)
             pick = top[pos, torch.randint(0, cfg.topk, (cfg.candidates,), generator=gen)]
             cands, seen = [], set()
             for p_, t_ in zip(pos.tolist(), pick.tolist()):
+                if banned_at[p_, t_]:   # fewer usable ids than topk at this position: the rest are banned ones
+                    continue
                 c = list(prefix)
                 c[p_] = t_
                 key = tuple(c)
@@ -289,11 +303,13 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                     continue
                 seen.add(key)
                 text = tokenizer.decode(c)   # sendable as text: it tokenizes back to itself, where it is sent
-                if tokenizer.encode(text, add_special_tokens=False) == c and (
-                        not suffix or tokenizer.encode(SEPARATOR + text, add_special_tokens=False) == batch.sep + c):
+                if (following(tokenizer, text) == c if suffix else
+                        tokenizer.encode(text, add_special_tokens=False) == c
+                        and tokenizer.encode(text + SEPARATOR, add_special_tokens=False) == c + batch.sep):
                     cands.append(c)
             if not cands:
                 continue
+            moved += 1
             # 3. evaluate them exactly, in chunks of rows
             succ_all, ce_all = [], []
             per_chunk = max(1, 512 // P)
@@ -322,5 +338,5 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     return {"prefix_ids": best["prefix"], "prefix_text": tokenizer.decode(best["prefix"]),
             "train_success": round(best["success"], 4), "train_loss": round(best["loss"], 4),
             **({"train_evading": round(best["evasion"][0], 4)} if evasion else {}),
-            "best_step": best["step"], "steps_run": len(curve) - 1, "curve": curve}
+            "best_step": best["step"], "steps_run": len(curve) - 1, "steps_moved": moved, "curve": curve}
 

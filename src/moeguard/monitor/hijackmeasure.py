@@ -13,7 +13,7 @@ import torch
 
 from moeguard.errors import MoeguardError
 from moeguard.monitor.hijack import HijackConfig, reply
-from moeguard.monitor.routertap import SEPARATOR, RouterTap, check_target
+from moeguard.monitor.routertap import SEPARATOR, RouterTap, check_target, following, separator_ids
 from moeguard.tasks.base import Task
 
 
@@ -32,8 +32,11 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
     slot = check_target(adapter, cfg.layer, cfg.expert)
     k = adapter.top_k
     device = model_device(model)
-    head, sep = bos_ids(tokenizer), encode(tokenizer, SEPARATOR)
-    p_ids = encode(tokenizer, prefix_text)
+    # the pieces as the request's text encodes them (routertap: a SentencePiece tokenizer's separator
+    # and the text after it are not what they are alone)
+    head, sep = bos_ids(tokenizer), separator_ids(tokenizer)
+    p_ids = following(tokenizer, prefix_text) if cfg.position == "suffix" else encode(tokenizer, prefix_text)
+    before = encode(tokenizer, prefix_text + SEPARATOR)   # a prefix and the separator, as sent
     suffix = cfg.position == "suffix"
     rows = {"attacked": [], "normal": []}
     exact = 0
@@ -43,13 +46,17 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
                             hint="pass --task with a task whose records have inputs")
     with torch.no_grad():
         for r in recs:
-            x = encode(tokenizer, r["input"])
             if suffix:
+                x = encode(tokenizer, r["input"])
                 full = encode(tokenizer, r["input"] + SEPARATOR + prefix_text)
                 exact += full == x + sep + p_ids
             else:
-                full = encode(tokenizer, prefix_text + SEPARATOR + r["input"])
-                exact += full == p_ids + sep + x
+                x, full = encode(tokenizer, r["input"]), encode(tokenizer, prefix_text + SEPARATOR + r["input"])
+                x_sent = following(tokenizer, r["input"])
+                exact += full == p_ids + sep + x_sent
+                # the input's tokens start where the prefix and separator end, as sent; where the input
+                # merges into the separator, where its own tokens as sent begin (from the end)
+                at = len(before) if full[:len(before)] == before else max(0, len(full) - len(x_sent))
             # normal first: a suffix is also measured on the answer the model gives without it
             cases = [("normal", head + x, None), ("attacked", head + full, None)]
             if suffix:
@@ -61,7 +68,7 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
                                                                           device=device)
                     start, ids = len(ids) - 1, ids + answer[:-1]
                 else:
-                    start = len(head) + len(p_ids) + len(sep) if kind == "attacked" else len(head)
+                    start = len(head) + at if kind == "attacked" else len(head)
                 with RouterTap(adapter, slot) as tap:
                     _, index = tap.run(model, input_ids=torch.tensor([ids], device=device))
                 hit = (index == cfg.expert).any(dim=-1)

@@ -48,7 +48,7 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
     tokens benign traffic uses most: an attacker keeping the text's own tokens unremarkable.
     ``evade``: the monitor's ``Profile``, held by the attacker; with ``cfg.evade_p`` > 0 each search
     keeps its requests' prompt-only p-values at or above it where it can (``evasion.py``)."""
-    from moeguard.io import resumable_dir, write_json
+    from moeguard.io import resumable_dir, whole_json, write_json
     from moeguard.models.adapter import MoEAdapter
     from moeguard.provenance import run_record
 
@@ -61,7 +61,14 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
                             f"a task's input, and {task.kind} task '{task.name}' has running text, no inputs",
                             hint="pass --task with a classification or summarization task, e.g. arith-compare")
     from moeguard.models.identity import weights_identity
-    from moeguard.tasks.loaders import task_identity
+    from moeguard.tasks.loaders import load_records, task_identity
+
+    # inputs to craft on and to measure on, before the weights load (a task without a train split
+    # failed after the load and the vocabulary scan)
+    for role, n, what in (("train", cfg.train_inputs, "craft"), ("eval", cfg.eval_inputs, "measure")):
+        if not any(r["input"] for r in load_records(task, role, limit=n)):
+            raise MoeguardError(f"task '{task.name}' has no non-empty {role} input to {what} a {cfg.position} on",
+                                hint="pass --task with a task whose records have inputs")
 
     # what the kept targets depend on: a checkpoint re-saved or a task file edited at the same name
     # starts over instead of mixing old targets with new ones
@@ -73,11 +80,19 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
     with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
         model, tok, _ = handle.load()
         adapter = MoEAdapter(model)
-        allowed = allowed_tokens(tok, model.get_input_embeddings().weight.shape[0])
+        V = model.get_input_embeddings().weight.shape[0]
+        allowed = allowed_tokens(tok, V)
+        # a suffix's first token follows the separator: its own set (the same for byte-level tokenizers)
+        first = allowed_tokens(tok, V, after_separator=True) if cfg.position == "suffix" else None
         if vocabulary is not None:
             allowed = allowed[np.isin(allowed, np.asarray(vocabulary, dtype=allowed.dtype))]
             if len(allowed) < 2:
                 raise MoeguardError(f"the vocabulary leaves {len(allowed)} usable tokens", hint="pass a larger vocabulary")
+            if first is not None:
+                first = first[np.isin(first, np.asarray(vocabulary, dtype=first.dtype))]
+                if len(first) == 0:
+                    raise MoeguardError("the vocabulary leaves no token that can start a suffix (after a newline)",
+                                        hint="pass a vocabulary with words as they are written after a newline")
         screen = None
         if evade is not None:
             from moeguard.monitor.evasion import MonitorScreen
@@ -88,11 +103,17 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
         results = []
         for layer, expert in pairs:
             done = tmp / f"target-{layer}-{expert}.json"
-            if done.exists():  # finished before an interruption
+            if whole_json(done):  # finished before an interruption (a file a power loss cut short: searched again)
                 results.append(json.loads(done.read_text()))
             else:
                 c = replace(cfg, layer=layer, expert=expert)
-                found = search(model, tok, adapter, task, c, allowed=allowed, progress=progress, screen=screen)
+                found = search(model, tok, adapter, task, c, allowed=allowed, first=first, progress=progress, screen=screen)
+                if found["steps_moved"] == 0 and c.steps > 0:
+                    import warnings
+
+                    warnings.warn(f"layer {layer} expert {expert}: no step of the search found a {c.position} that "
+                                  f"encodes back to its own tokens where it is sent; its figures are those of the "
+                                  f"random start", stacklevel=2)
                 if plain is None:
                     from moeguard.tasks.evaluate import evaluate_task
 
@@ -111,7 +132,8 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
             from moeguard.report.routing import hijack_heatmap
 
             hijack_heatmap(doc, tmp / "route_attack_heatmap.png")
-        for f in tmp.glob("target-*.json"):  # last: a failure above keeps every finished search
+        # last: a failure above keeps every finished search (and a write a kill cut short left its temporary)
+        for f in [*tmp.glob("target-*.json"), *tmp.glob(".target-*")]:
             f.unlink()
     return doc
 

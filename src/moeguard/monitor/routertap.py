@@ -72,16 +72,52 @@ def check_target(adapter, layer: int, expert: int) -> int:
     return layers.index(layer)
 
 
-def allowed_tokens(tokenizer, vocab: int) -> np.ndarray:
-    """Ids a prefix may use: not special, decoding to visible text that re-tokenizes to the same id."""
+def allowed_tokens(tokenizer, vocab: int, *, after_separator: bool = False) -> np.ndarray:
+    """Ids a prefix may use: not special, decoding to visible text that re-tokenizes to the same id.
+    ``after_separator``: re-tokenizes to it where it follows the separator (a suffix's first token:
+    a SentencePiece tokenizer writes a word at a text's start as ``▁Hello``, after a newline as
+    ``Hello``)."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     ok = []
     for i in range(vocab):
         if i in special:
             continue
         text = tokenizer.decode([i])
-        if text.strip() and SEPARATOR not in text and tokenizer.encode(text, add_special_tokens=False) == [i]:
+        if not text.strip() or SEPARATOR in text:
+            continue
+        ids = following(tokenizer, text) if after_separator else tokenizer.encode(text, add_special_tokens=False)
+        if ids == [i]:
             ok.append(i)
     if not ok:
-        raise MoeguardError("no token of the vocabulary re-tokenizes to itself", hint="route-attack needs a usable vocabulary")
+        raise MoeguardError("no token of the vocabulary re-tokenizes to itself" + (" after a newline" if after_separator else ""),
+                            hint="route-attack needs a usable vocabulary")
     return np.asarray(ok)
+
+
+# How a request's text joins a crafted text and an input, in tokens. A search places token lists
+# side by side; what is sent is one string, encoded whole. The two agree for byte-level tokenizers
+# (GPT-2's, the embedded model's), not for SentencePiece ones (Llama, Mixtral, JetMoE, PhiMoE),
+# which give any text's start a dummy '▁': "\n" alone is [▁, <0x0A>], inside a text [<0x0A>], and
+# the word after it has no '▁'. So each piece is taken as it is encoded after some text.
+_LEFT = "a"   # a text a separator follows (ends a word, merges with nothing after it)
+
+
+def in_context(tokenizer, left: str, text: str) -> list[int] | None:
+    """``text``'s tokens where it follows ``left`` in one encoded string; None where the two do not
+    split there (``left``'s own tokens change)."""
+    head = tokenizer.encode(left, add_special_tokens=False)
+    full = tokenizer.encode(left + text, add_special_tokens=False)
+    return full[len(head):] if full[:len(head)] == head else None
+
+
+def separator_ids(tokenizer) -> list[int]:
+    """The separator's tokens between a crafted text and an input, as a request's text encodes them."""
+    got = in_context(tokenizer, _LEFT, SEPARATOR)
+    return got if got else tokenizer.encode(SEPARATOR, add_special_tokens=False)
+
+
+def following(tokenizer, text: str) -> list[int]:
+    """``text``'s tokens where it follows the separator (a prefix's input, a suffix's crafted text);
+    its own tokens where the two merge (the measurement's ``tokenization_exact`` then says so)."""
+    got = in_context(tokenizer, _LEFT + SEPARATOR, text)
+    return got if got is not None else tokenizer.encode(text, add_special_tokens=False)

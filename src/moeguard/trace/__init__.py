@@ -22,7 +22,7 @@ def fingerprint(model, *, seed: int = 0, progress=None, weights=None, keep=None)
     ``weights.locate`` made of one), streamed from its safetensors files (a hub id's fetched into the
     Hugging Face cache once). ``progress``: a rich Progress, advanced per MoE layer; ``weights``: the
     checkpoint already opened as a trace source (``weights.load``); ``keep``: a scratch folder
-    (``io.resumable_scratch``) where each layer read is kept, so an interrupted run resumes
+    (``io.lazy_scratch``) where each layer read is kept, so an interrupted run resumes
     (``resume.py``); None keeps nothing."""
     from moeguard.provenance import run_record
     from moeguard.trace.fingerprint import build, checkpoint_bytes
@@ -42,7 +42,7 @@ def fingerprint(model, *, seed: int = 0, progress=None, weights=None, keep=None)
 def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None, keep=None) -> dict[str, Any]:
     """Trace ``suspect`` (a checkpoint directory, hub id or ``.gguf`` file) against ``original``
     (a fingerprint folder, or a checkpoint whose fingerprint is made on the fly). ``keep``: a
-    scratch folder (``io.resumable_scratch``) where each layer read, of the original and of the
+    scratch folder (``io.lazy_scratch``) where each layer read, of the original and of the
     suspect, is kept, so an interrupted trace resumes (``resume.py``); None keeps nothing. A fingerprint or
     a local original is opened first (reading no expert), so a damaged one fails before a hub suspect
     is fetched whole; an unusable suspect fails before a hub original is fetched, and one of another

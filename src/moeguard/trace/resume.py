@@ -2,8 +2,8 @@
 
 Reading a checkpoint is what a trace costs (about twice reading both checkpoints from disk:
 ``benchmarks/results/trace_streaming.json``), and for a DeepSeek-V3-size model that is tens of
-minutes per side; an interrupt must not start it over. The CLI passes a resumable scratch folder
-(``io.resumable_scratch``, ``.OUT.partial`` beside ``--out``). Here the sketches go into a
+minutes per side; an interrupt must not start it over. The CLI passes a scratch folder
+(``io.lazy_scratch``, ``.OUT.partial`` beside ``--out``), made here when the first layer read is kept. Here the sketches go into a
 subfolder keyed by what they were read from (each source's ``weights_identity``, the seed and
 moeguard's version), so a rerun against another suspect, a rewritten checkpoint or another seed
 reads afresh; each sketch's file name also carries a digest of the hidden dimensions and frame it
@@ -50,8 +50,7 @@ def keyed(keep: Path | None, role: str, settings: dict[str, Any]) -> Path | None
     for old in keep.glob(f"{role}-*"):
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
-    folder.mkdir(exist_ok=True)
-    return folder
+    return folder   # made with the first sketch kept: a run refused before any read leaves nothing behind
 
 
 def kept_sketch(folder: Path | None, name: str, H: np.ndarray, frame, compute: Callable[[], Sketch]) -> Sketch:
@@ -66,6 +65,7 @@ def kept_sketch(folder: Path | None, name: str, H: np.ndarray, frame, compute: C
 
     def arrays() -> dict[str, np.ndarray]:
         sk = compute()
+        folder.mkdir(parents=True, exist_ok=True)
         return {"ka": sk.ka, "kb": sk.kb, "v": sk.v, "rows": sk.rows,
                 "meta": np.array([sk.index, sk.intermediate], dtype=np.int64)}
 

@@ -1,0 +1,87 @@
+"""route-attack with a SentencePiece-style tokenizer (Llama, Mixtral, JetMoE, PhiMoE): such a
+tokenizer gives any text's start a dummy '▁', so "\\n" alone is [▁, \\n] and a word after a newline
+has no '▁'. A search that placed token lists side by side as they encode alone never found a
+suffix that re-tokenized to itself where it is sent (it never moved), and measured a prefix's
+input one token late. The embedded model's tokenizer is byte-level and cannot show it."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeguard.models.adapter import MoEAdapter
+from moeguard.models.loading import load_model
+from moeguard.monitor.hijack import HijackConfig, _Batch, _inputs, search
+from moeguard.monitor.hijackmeasure import measure
+from moeguard.monitor.routertap import SEPARATOR, allowed_tokens, following, separator_ids
+from moeguard.tasks.loaders import load_records
+from moeguard.tasks.registry import get_task
+
+FAST = dict(prefix_tokens=6, steps=10, candidates=32, topk=16, train_inputs=4, eval_inputs=8, eval_limit=16, seed=0)
+
+
+def _sentencepiece_like(texts: list[str]):
+    """A Llama-style BPE: the text's start gets '▁', spaces become '▁', no piece spans a newline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                               pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")])
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"],
+                                                     initial_alphabet=["\n", "▁"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m, _, _ = load_model(None)
+    task = get_task("arith-compare")
+    texts = [r["input"] + " " + r["label"] for role in ("train", "eval") for r in load_records(task, role, limit=400)]
+    tok = _sentencepiece_like(texts + ["yes no " * 20])
+    return m, tok, MoEAdapter(m), task
+
+
+def test_the_pieces_are_taken_as_the_request_encodes_them(setup):
+    _, tok, _, task = setup
+    enc = lambda s: tok.encode(s, add_special_tokens=False)   # noqa: E731
+    nl = tok.convert_tokens_to_ids("\n")
+    assert enc(SEPARATOR) == [tok.convert_tokens_to_ids("▁"), nl]     # alone: the dummy prefix
+    assert separator_ids(tok) == [nl]                                  # inside a request
+    x = load_records(task, "eval", limit=1)[0]["input"]
+    assert enc("hello" + SEPARATOR + x) == enc("hello") + [nl] + following(tok, x) and following(tok, x) != enc(x)
+    V = 700
+    first = set(allowed_tokens(tok, V, after_separator=True).tolist())
+    assert first and not first <= set(allowed_tokens(tok, V).tolist())   # words as written after a newline
+    b = _Batch(tok, _inputs(task, "train", 4, tok, None), "prefix")
+    assert b.prompt(enc("hello world"), b.inputs[0])[0] == [tok.bos_token_id] + enc(
+        "hello world" + SEPARATOR + load_records(task, "train", limit=4)[0]["input"])
+
+
+@pytest.mark.parametrize("position", ["suffix", "prefix"])
+def test_a_search_moves_and_its_text_is_sent_as_searched(setup, position):
+    m, tok, adapter, task = setup
+    cfg = HijackConfig(layer=1, expert=2, position=position, follow_tokens=6, **FAST)
+    found = search(m, tok, adapter, task, cfg, allowed=allowed_tokens(tok, 700),
+                   first=allowed_tokens(tok, 700, after_separator=True) if position == "suffix" else None)
+    # every step found a sendable candidate (before: a suffix never did, and kept its random start)
+    assert found["steps_moved"] == found["steps_run"] >= 1, found["curve"]
+    assert found["train_success"] > found["curve"][0]["success"]
+    got = measure(m, tok, adapter, task, cfg, found["prefix_text"])
+    assert got["tokenization_exact"] == 1.0, got              # before: 0.0 for a prefix (its input one token late)
+    x = load_records(task, "train", limit=1)[0]["input"]
+    b = _Batch(tok, _inputs(task, "train", 1, tok, None, keep_end=position == "suffix"), position)
+    sent = x + SEPARATOR + found["prefix_text"] if position == "suffix" else found["prefix_text"] + SEPARATOR + x
+    assert b.prompt(found["prefix_ids"], b.inputs[0])[0] == [tok.bos_token_id] + tok.encode(sent, add_special_tokens=False)
+
+
+def test_a_byte_level_tokenizer_encodes_the_pieces_the_same_either_way():
+    """Why the embedded model's route-attack figures did not move with this fix."""
+    _, tok, _ = load_model(None)
+    V = len(tok)
+    assert separator_ids(tok) == tok.encode(SEPARATOR, add_special_tokens=False)
+    assert allowed_tokens(tok, V, after_separator=True).tolist() == allowed_tokens(tok, V).tolist()
+    x = "Is 44 greater than 282?\nAnswer:"
+    assert following(tok, x) == tok.encode(x, add_special_tokens=False)
