@@ -106,11 +106,10 @@ def defense_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandl
     audit's backend: base and hardened under the same attack harness."""
     import torch
 
-    from moeguard.defense.harden import config_for, get_defense, harden
+    from moeguard.defense.harden import config_for, get_defense, harden, save_hardened
     from moeguard.defense.protocol import FILENAME, Protocol
     from moeguard.io import write_json
     from moeguard.models.loading import load_model
-    from moeguard.models.tokenizer_files import save_tokenizer
     from moeguard.studies.defend import DefendEvalConfig, DefendEvalStudy
 
     torch.set_num_threads(runtime.threads)
@@ -121,8 +120,9 @@ def defense_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandl
         hardened, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
         hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
         log = harden(hardened, tok, hcfg, progress=progress, checkpoint=state, source=weights_identity(cfg.model))
-        hardened.save_pretrained(d / "hardened")
-        save_tokenizer(tok, d / "hardened")
+        # as `moeguard harden` writes it: with its record and, for a defense with one, the protocol users
+        # adapt under (without it a later defend-eval or realign on this folder skipped the protocol)
+        save_hardened(d / "hardened", hardened, tok, hcfg, log, source=model.name)
         del hardened
         write_json(d / "hardening.json", {"method": cfg.defense, "config": hcfg.to_dict(), **log})
         if get_defense(cfg.defense).protocol:

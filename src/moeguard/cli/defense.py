@@ -47,8 +47,13 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
         handle.check_keep(cfg.keep, what="--keep")
     from moeguard.models.loading import meta_model
 
-    plan = preflight(meta_model(handle.config), cfg)   # before the weights load: names and shapes are enough
-    from moeguard.edge import task_inputs
+    from moeguard.edge import resolve_tasks, task_inputs
+
+    # resolved once, here: a task file is then known as an input (--out must not replace it), and a
+    # task whose train and eval records overlap is said before it is hardened on what is scored
+    tasks = resolve_tasks(cfg.tasks) if cfg.tasks else None
+    # before the weights load: names and shapes are enough
+    plan = preflight(meta_model(handle.config), cfg, tasks=tasks)
 
     # a task file or its data as --out would be replaced with the hardened model
     check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs(plan["tasks"]))
@@ -61,15 +66,17 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
     try:
         with _progress() as progress:
             result = run_harden(m, tokenizer, cfg, progress=progress, checkpoint=state,
-                                source=weights_identity(handle.arg))
+                                source=weights_identity(handle.arg), tasks=tasks)
+        doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
+                            run=_run({"model": handle.name, **cfg.to_dict(), **_placement(handle)}))
     except KeyboardInterrupt:
         import sys
 
-        print(f"moeguard: interrupted; the training state is kept in {state} (every 25 steps): run the same "
-              "command again to resume", file=sys.stderr)
+        # the state is saved every 25 steps: before the first save there is nothing to resume from
+        print(f"moeguard: interrupted; the training state is kept in {state} (saved every 25 steps): run the same "
+              "command again to resume" if state.exists() else "moeguard: interrupted before the first saved "
+              "training state (every 25 steps); no output was written", file=sys.stderr)
         raise SystemExit(130) from None
-    doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
-                        run=_run({"model": handle.name, **cfg.to_dict(), **_placement(handle)}))
     from moeguard import trainstate
 
     trainstate.clear(state)   # only now: a failed save keeps what training did

@@ -54,14 +54,15 @@ class HardenConfig:
     context: int = setting(128, min=8, cli=False, help="tokens per training sequence (longer ones are cut)")
     lr: float = setting(2e-4, min=1e-12, max=10, help="learning rate")
     keep: int | None = setting(None, min=1, help="experts per layer the simulated attacker keeps; default: half")
-    target: float | None = setting(None, cli=False, help="collapse target loss; default: 0.75 * ln(vocab)")
-    balance: float = setting(0.0, help="weight of per-task routing balance")
-    collapse: float = setting(0.0, help="weight of the pruned-model collapse term")
-    adversarial: float = setting(0.0, help="weight of the simulated prune-and-fine-tune term")
+    # a negative weight or target trains the opposite (a model easier to prune) under the defense's name
+    target: float | None = setting(None, min=1e-6, cli=False, help="collapse target loss; default: 0.75 * ln(vocab)")
+    balance: float = setting(0.0, min=0, help="weight of per-task routing balance")
+    collapse: float = setting(0.0, min=0, help="weight of the pruned-model collapse term")
+    adversarial: float = setting(0.0, min=0, help="weight of the simulated prune-and-fine-tune term")
     adv_every: int = setting(1, min=1, cli=False, help="visits of a task between its simulated attacks")
     inner_steps: int = setting(8, min=1, help="simulated attacker's fine-tuning steps")
     inner_lr: tuple[float, float] = setting((1e-4, 3e-3), cli=False, help="simulated attacker's learning-rate range")
-    authorized: float = setting(0.0, cli=False, help="weight of the authorized-adaptation term")
+    authorized: float = setting(0.0, min=0, cli=False, help="weight of the authorized-adaptation term")
     authorized_patterns: tuple[str, ...] = setting((), flag="--authorized",
                                                    help="selective: comma-separated parameter globs users may adapt")
     authorized_lr: float = setting(1e-3, min=1e-12, max=10, cli=False, help="learning rate of the authorized adaptation")
@@ -113,8 +114,10 @@ def authorized_names(model, patterns) -> list[str]:
     return [n for n, _ in model.named_parameters() if ok(n)]
 
 
-def preflight(model, cfg: HardenConfig) -> dict[str, Any]:
-    """Everything checkable before training: tasks, keep, patterns, step counts."""
+def preflight(model, cfg: HardenConfig, *, tasks: list | None = None) -> dict[str, Any]:
+    """Everything checkable before training: tasks, keep, patterns, step counts. ``tasks``: the
+    ``Task`` objects of ``cfg.tasks`` resolved at the edge (``edge.resolve_tasks``); None: resolved
+    here from ``cfg.tasks`` (or the embedded suite)."""
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import embedded_tasks, get_task
 
@@ -134,8 +137,10 @@ def preflight(model, cfg: HardenConfig) -> dict[str, Any]:
         raise MoeguardError(f"inner learning-rate range {list(cfg.inner_lr)}", hint="pass LOW,HIGH with 0 < LOW <= HIGH")
     from moeguard.tasks.evaluate import fit_to_model
 
-    # trained within the model's positions, as its tasks are scored
-    tasks = [fit_to_model(get_task(t), model) for t in cfg.tasks] if cfg.tasks else embedded_tasks()
+    # trained within the model's positions, as its tasks are scored (the embedded suite too), and
+    # within the training context, each kind fitting its own sequences to it (``_examples``)
+    given = tasks if tasks is not None else ([get_task(t) for t in cfg.tasks] if cfg.tasks else embedded_tasks())
+    tasks = [fit_to_model(t, model) for t in given]
     for t in tasks:
         if "train" not in t.splits:
             raise MoeguardError(f"task '{t.name}' has no train split to harden on",
@@ -164,7 +169,12 @@ def _examples(tokenizer, task, cfg: HardenConfig, rng: random.Random) -> list[Ex
     records = load_records(task, "train")
     rng.shuffle(records)
     out = []
-    for ex in task_sequences(tokenizer, task, records[:cfg.records_per_task]):
+    # each kind fits its sequences to the context itself, as to any max_length: a classification
+    # prompt is cut from its start and a summary's source shortened, so the target stays (cutting the
+    # sequence's end instead dropped 13.5% of code-naming's examples on the embedded model and cut 1.2%
+    # mid-target; a language-modeling text is windowed at the context, not cut after its first)
+    fitted = dataclasses.replace(task, max_length=min(task.max_length, cfg.context))
+    for ex in task_sequences(tokenizer, fitted, records[:cfg.records_per_task]):
         ids, labels = ex.ids[:cfg.context], ex.labels[:cfg.context]
         if any(x != -100 for x in labels[1:]):
             out.append(Example(ids, labels))
@@ -173,13 +183,19 @@ def _examples(tokenizer, task, cfg: HardenConfig, rng: random.Random) -> list[Ex
 
 def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
            on_step: Callable[[int, dict], None] | None = None, checkpoint: Path | None = None,
-           save_every: int = 25, source: Any = None) -> dict[str, Any]:
+           save_every: int = 25, source: Any = None, tasks: list | None = None) -> dict[str, Any]:
     """Train ``model`` in place with the defense's objective; returns the training log.
 
     ``checkpoint``: a folder for the training state (``moeguard/trainstate.py``), written every
     ``save_every`` steps; a state of the same run (``cfg`` and ``source``, what identifies the
     starting weights) is resumed from. The caller removes it once the result is saved."""
-    plan = preflight(model, cfg)
+    from moeguard.realign.offload import offloaded
+
+    if offloaded(model):   # accelerate swaps offloaded weights in per forward: their gradients train copies
+        raise MoeguardError("harden trains every weight, and some of this model's are offloaded by accelerate "
+                            "(they would not change, and the first saved state failed on them)",
+                            hint="harden on a device map that holds the whole model (more GPU memory, or --device-map cpu)")
+    plan = preflight(model, cfg, tasks=tasks)
     keep_n, tasks, auth = plan["keep"], plan["tasks"], plan["authorized"]
     adapter = MoEAdapter(model)
     E, score = adapter.num_experts, adapter.family.routing.score
@@ -225,8 +241,9 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
     from moeguard.tasks.loaders import task_identity
 
     # the tasks' definitions and data stamps too: an edited task file resumed state made on the old data
+    # (and how examples are made: a state saved when they were cut at the context's end is not resumed)
     tag = digest([cfg.to_dict(), source, sorted({str(p.dtype) for p in params}), str(named[names[0]].device.type),
-                  [task_identity(t) for t in tasks]])
+                  [task_identity(t) for t in tasks], {"examples": "fitted to the context"}])
     start = 0
     if checkpoint is not None:
         state = trainstate.load(checkpoint, tag=tag, params=named)
