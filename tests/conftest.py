@@ -83,3 +83,19 @@ def through_hook():
                 handles.append(res)
         return [h.result for h in handles]
     return run
+
+
+def sentencepiece_like(texts: list[str]):
+    """A Llama-style BPE: the text's start gets '▁', spaces become '▁', no piece spans a newline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                               pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")])
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"],
+                                                     initial_alphabet=["\n", "▁"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import sentencepiece_like
+
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.loading import load_model
 from moeguard.monitor.hijack import HijackConfig, _Batch, _inputs, search
@@ -19,28 +21,12 @@ from moeguard.tasks.registry import get_task
 FAST = dict(prefix_tokens=6, steps=10, candidates=32, topk=16, train_inputs=4, eval_inputs=8, eval_limit=16, seed=0)
 
 
-def _sentencepiece_like(texts: list[str]):
-    """A Llama-style BPE: the text's start gets '▁', spaces become '▁', no piece spans a newline."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
-                                               pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")])
-    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"],
-                                                     initial_alphabet=["\n", "▁"], show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def setup():
     m, _, _ = load_model(None)
     task = get_task("arith-compare")
     texts = [r["input"] + " " + r["label"] for role in ("train", "eval") for r in load_records(task, role, limit=400)]
-    tok = _sentencepiece_like(texts + ["yes no " * 20])
+    tok = sentencepiece_like(texts + ["yes no " * 20])
     return m, tok, MoEAdapter(m), task
 
 

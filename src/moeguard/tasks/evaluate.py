@@ -165,23 +165,20 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str
                    batch_size: int = 16, ticker: Any = None) -> list[float]:
     """Summed log-probability of each ``continuation`` given its ``context``.
 
-    Context and continuation are tokenized separately and concatenated, trailing context
-    whitespace moving to the continuation (lm-evaluation-harness' convention), so a label's
-    tokens are the same for every example. Over-long contexts lose tokens on the left.
+    The continuation's tokens are those it has after its context in one string (``T.continuation``,
+    lm-evaluation-harness' convention, trailing context whitespace moving to the continuation); the
+    context is tokenized alone. Over-long contexts lose tokens on the left.
     ``ticker`` (optional) gets ``start`` with the number of batches, then ``advance`` per batch.
     """
     bos = T.bos_ids(tokenizer)
     ctx_cache: dict[str, list[int]] = {}
-    cont_cache: dict[str, list[int]] = {}
     items: list[tuple[list[int], int]] = []
     for context, continuation in requests:
         stripped = context.rstrip()
         context, continuation = stripped, context[len(stripped):] + continuation
         if context not in ctx_cache:
             ctx_cache[context] = bos + T.encode(tokenizer, context)
-        if continuation not in cont_cache:
-            cont_cache[continuation] = T.encode(tokenizer, continuation)
-        ctx, cont = ctx_cache[context], cont_cache[continuation]
+        ctx, cont = ctx_cache[context], T.continuation(tokenizer, context, continuation)
         if not cont:
             raise MoeguardError(f"continuation {continuation!r} tokenizes to nothing",
                                 hint="use a non-empty label verbalizer such as ' positive'")

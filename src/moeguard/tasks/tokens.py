@@ -56,6 +56,19 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(ids)
 
 
+def continuation(tokenizer, context: str, text: str) -> list[int]:
+    """``text``'s tokens where it follows ``context`` in one string: the tail of the pair's encoding
+    (lm-evaluation-harness' ``_encode_pair``), so a verbalizer or target is scored and trained on the
+    tokens the model sees after its prompt. A SentencePiece tokenizer (Llama's, Mixtral's, JetMoE's,
+    PhiMoE's) gives any text's start a dummy '▁', so ``" yes"`` alone is ``▁▁yes``, not the ``▁yes``
+    that follows "Answer:"; a byte-level one (GPT-2's, Qwen's, the embedded model's) encodes it the
+    same either way. Where the two do not split there (the context's own tokens change: a word
+    continued without a space), ``text``'s own tokens."""
+    head = encode(tokenizer, context)
+    whole = encode(tokenizer, context + text)
+    return whole[len(head):] if whole[:len(head)] == head and len(whole) > len(head) else encode(tokenizer, text)
+
+
 def bos_ids(tokenizer) -> list[int]:
     """``[bos_token_id]``, or ``[]`` for a tokenizer without a BOS token."""
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

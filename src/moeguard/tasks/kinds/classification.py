@@ -90,7 +90,7 @@ class Classification(TaskKindSpec):
         verbalizers = {str(k): v for k, v in task.labels.items()}
         context = record["input"].rstrip()
         target = record["input"][len(context):] + verbalizers[str(record["label"])]
-        cont = T.encode(tokenizer, target)
+        cont = T.continuation(tokenizer, context, target)   # as it follows the prompt (and is scored)
         if len(cont) > task.max_length - 1:   # as evaluation refuses it: [-0:] kept the whole prompt, uncut
             raise MoeguardError(f"task '{task.name}': the verbalizer after a prompt, {target!r}, is {len(cont)} tokens, "
                                 f"max_length is {task.max_length}", hint="shorten the verbalizer or raise max_length")

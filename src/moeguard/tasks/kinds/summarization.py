@@ -90,7 +90,8 @@ class Summarization(TaskKindSpec):
         # the reference summary (at most max_new_tokens tokens, then EOS) after the fitted prompt
         eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
         target = record["target"] if record["target"][:1].isspace() else " " + record["target"]
-        cont = T.encode(tokenizer, target)[: max(1, task.max_new_tokens)] + eos
+        # as it follows the prompt (a SentencePiece tokenizer's ' ' + target alone starts with a lone '▁')
+        cont = T.continuation(tokenizer, record["input"], target)[: max(1, task.max_new_tokens)] + eos
         ctx = T.fit_prompt(tokenizer, record, max(2, task.max_length - len(cont)))
         return [Example(ctx + cont, [IGNORE] * len(ctx) + cont)]
 
