@@ -90,3 +90,13 @@ def test_an_interrupt_before_the_first_saved_state_says_nothing_was_kept(tmp_pat
     err = capsys.readouterr().err
     assert e.value.code == 130 and "interrupted before the first saved training state" in err
     assert "run the same command again to resume" not in err and not list(tmp_path.iterdir())
+
+
+def test_a_summary_that_generates_more_than_the_context_leaves_is_fitted_not_refused():
+    """cnn-dailymail's preset generates 128 tokens; fitted to a context of 128 its task check failed."""
+    import dataclasses
+
+    _, tok, _ = load_model(None)
+    long = dataclasses.replace(get_task("record-summary"), max_new_tokens=128)
+    ex = _examples(tok, long, HardenConfig(context=128, records_per_task=20), random.Random(0))
+    assert len(ex) == 20 and all(len(e.ids) <= 128 for e in ex)

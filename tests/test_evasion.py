@@ -42,7 +42,9 @@ def test_the_screen_gives_each_request_the_p_value_monitor_score_gives_it(embedd
 
     m, tok, adapter = embedded
     screen = MonitorScreen(profile=profile, model=m, tokenizer=tok, adapter=adapter, p_target=0.5)
-    inputs = [tok.encode(f"Is {i} greater than {3 * i % 17}?", add_special_tokens=False) for i in (81, 90, 95)]
+    questions = [f"Is {i} greater than {3 * i % 17}?" for i in (81, 90, 95)]
+    # a suffix's inputs end with the separator, encoded with it as the request is (hijack._inputs)
+    inputs = [tok.encode(q + "\n", add_special_tokens=False) for q in questions]
     texts = [tok.encode(" the", add_special_tokens=False) * 3, [int(t) for t in np.arange(3000, 3006)]]
     prompts = [p for t in texts for p in screen.texts(t, inputs, "suffix")]
     assert prompts[0].startswith("Is 81 greater than 5?\n") and prompts[0].endswith(tok.decode(texts[0]))
@@ -55,7 +57,7 @@ def test_the_screen_gives_each_request_the_p_value_monitor_score_gives_it(embedd
     assert np.allclose(ev[:, 1], np.minimum(1, p.reshape(2, 3) / 0.5).mean(1))
     # six arbitrary token ids after the question are as far out as the profile can say; the questions alone are not
     assert np.allclose(p[3:], profile.p_floor("request"))
-    assert np.median(screen.p_values([tok.decode(x) for x in inputs])) > 2 * profile.p_floor("request")
+    assert np.median(screen.p_values(questions)) > 2 * profile.p_floor("request")
 
 
 class _EvenScreen:

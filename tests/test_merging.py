@@ -362,3 +362,18 @@ def test_a_merge_plan_is_checked_for_group_routing_on_its_own_centres_before_any
         prepare(adapter, method="frequency-weighted", plan={"keep": {**rest, str(b): [0, 1, 2, 4]}})
     balanced = prepare(adapter, method="frequency-weighted", plan={"keep": {**rest, str(a): [0, 1, 4, 5]}})
     assert balanced["counts"] == {l.index: 4 for l in adapter.layers}
+
+
+def test_ernie_merged_to_one_expert_keeps_its_selection_bias_as_the_weighted_average():
+    """ERNIE's [1, E] selection bias merged to [1, 1] read as axis 0, and the check raised a traceback."""
+    model = tiny_model("ernie4_5_moe")
+    adapter = MoEAdapter(model)
+    E = adapter.num_experts
+    clusters = {l.index: [list(range(E))] for l in adapter.layers}
+    merged, record = merge_experts(model, clusters)
+    for old, new in zip(adapter.layers, MoEAdapter(merged).layers):
+        assert new.num_experts == 1
+        for (_, name, o, axis), (_, _, n, _) in zip(old.expert_tensors(), new.expert_tensors()):
+            want = experts_first(o, axis, E).double().mean(0).to(o.dtype)
+            torch.testing.assert_close(experts_first(n, axis, 1)[0], want, rtol=1e-5, atol=1e-6, msg=name)
+    assert record["keep"] == {str(l.index): [0] for l in adapter.layers}

@@ -75,7 +75,7 @@ def test_a_suffix_batch_targets_the_positions_that_make_the_reply():
         def encode(self, text, add_special_tokens=False):
             return [{"a": 3, "\n": 9}[c] for c in text]   # 9: the separator
 
-    b = _Batch(Tok(), [[5, 6, 7], [5]], "suffix")
+    b = _Batch(Tok(), [[5, 6, 7, 9], [5, 9]], "suffix")   # a suffix's inputs end with the separator (_inputs)
     b.replies = [[30, 31, 2], [40]]
     ids, mask, target, starts = b.build([[20, 21]])
     # bos, input, separator, suffix, then the reply fed back but its last token (it makes nothing)

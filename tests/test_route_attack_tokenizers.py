@@ -71,3 +71,25 @@ def test_a_byte_level_tokenizer_encodes_the_pieces_the_same_either_way():
     assert allowed_tokens(tok, V, after_separator=True).tolist() == allowed_tokens(tok, V).tolist()
     x = "Is 44 greater than 282?\nAnswer:"
     assert following(tok, x) == tok.encode(x, add_special_tokens=False)
+
+
+def test_a_suffix_follows_its_input_and_separator_as_one_text_for_a_qwen_style_tokenizer():
+    """Qwen2's split joins the newline to the punctuation before it: arith-compare's 'Answer:' then the
+    separator is ':\\n', one token, where the search placed ':' and '\\n' side by side."""
+    from conftest import qwen_like
+
+    m, _, _ = load_model(None)
+    task = get_task("arith-compare")
+    recs = load_records(task, "train", limit=300)
+    tok = qwen_like([r["input"] + "\n" + r["label"] for r in recs] + ["yes no " * 20])
+    enc = lambda s: tok.encode(s, add_special_tokens=False)   # noqa: E731
+    x = recs[0]["input"]
+    assert enc(x + SEPARATOR) != enc(x) + separator_ids(tok)       # the case this is about
+    b = _Batch(tok, _inputs(task, "train", 4, tok, None, keep_end=True), "suffix")
+    c = following(tok, "yes it is")
+    assert b.prompt(c, b.inputs[0])[0] == enc(x + SEPARATOR + "yes it is")
+    cfg = HijackConfig(layer=1, expert=2, position="suffix", follow_tokens=6, **FAST)
+    found = search(m, tok, MoEAdapter(m), task, cfg, allowed=allowed_tokens(tok, 700),
+                   first=allowed_tokens(tok, 700, after_separator=True))
+    assert found["steps_moved"] >= 1
+    assert measure(m, tok, MoEAdapter(m), task, cfg, found["prefix_text"])["tokenization_exact"] == 1.0

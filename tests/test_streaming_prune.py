@@ -430,3 +430,65 @@ def test_pruning_a_budget_pruned_checkpoint_records_each_layers_own_count(saved,
     check_plan(plan, MoEAdapter(meta_model(load_config(ModelRef(str(tmp_path / "budget"), tmp_path / "budget", None)))))
     dropped = plan.to_dict()["dropped"]
     assert dropped[str(layers[0])] == [0] and dropped[str(layers[1])] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("fam, extra", [
+    # DeepSeek-V3's multi-token-prediction layer sits past the decoder's (model.layers.61 on the real model)
+    ("deepseek_v3", lambda n: {f"model.layers.{n}.mlp.experts.{e}.gate_proj.weight": torch.ones(4, 8) for e in range(8)}
+     | {f"model.layers.{n}.mlp.gate.weight": torch.ones(8, 8), f"model.layers.{n}.enorm.weight": torch.ones(8)}),
+    # qwen3_next's under mtp.* (the class's _keys_to_ignore_on_load_unexpected)
+    ("qwen3_next", lambda n: {"mtp.fc.weight": torch.ones(8, 16), "mtp.layers.0.mlp.experts.0.up_proj.weight": torch.ones(4, 8)}),
+])
+def test_tensors_transformers_does_not_load_are_not_written_unpruned(fam, extra, saved, tmp_path):
+    """They were copied whole: every expert of the MTP layer beside a config of K experts, and the
+    in-memory path (through transformers, which drops them) never wrote them."""
+    from safetensors.torch import load_file, save_file
+
+    model, root, keep = saved(fam)
+    src = tmp_path / "src"
+    shutil.copytree(root / "single", src)
+    tensors = load_file(src / "model.safetensors")
+    added = extra(model.config.num_hidden_layers)
+    save_file({**tensors, **added}, src / "model.safetensors", metadata={"format": "pt"})
+    record = prune_checkpoint(src, tmp_path / "stream", keep)
+    got = checkpoint_tensors(tmp_path / "stream")
+    assert not set(added) & set(got)
+    pruned, _ = prune_model(model, keep)
+    pruned.save_pretrained(tmp_path / "memory")
+    assert got.keys() == checkpoint_tensors(tmp_path / "memory").keys()     # both paths write the same tensors
+    assert record["dropped_tensors"]["count"] == len(added) and "multi-token-prediction" in record["dropped_tensors"]["why"]
+    assert "dropped_tensors" not in prune_checkpoint(root / "single", tmp_path / "plain", keep)
+
+
+def test_a_bf16_checkpoint_whose_config_names_no_dtype_is_pruned_in_memory_as_bf16(tmp_path):
+    """It was loaded in float32 (twice its size in RAM) and saved with a config saying float32 beside
+    bf16 tensors (the casts back) where the streamed path kept the source's config."""
+    import moeguard.zoo
+    from moeguard.models.loading import ModelRef
+    from moeguard.pruning.apply import _in_memory, checkpoint_dtype
+
+    model = tiny_model("mixtral").to(torch.bfloat16)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps(config))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(Path(moeguard.zoo.__file__).parent / "embedded" / f, src / f)
+    ref = ModelRef(str(src), src, None)
+    assert checkpoint_dtype(ref) == torch.bfloat16               # what the weights are stored in
+    keep = {l.index: KEPT for l in MoEAdapter(model).layers}
+    _in_memory(ref, keep, tmp_path / "memory", overwrite=False, extra={})
+    assert json.loads((tmp_path / "memory" / "config.json").read_text()).get("dtype") == "bfloat16"
+    assert {t.dtype for t in checkpoint_tensors(tmp_path / "memory").values()} == {torch.bfloat16}
+
+
+def test_a_real_layer_a_class_ignore_pattern_names_is_still_written(saved, tmp_path, monkeypatch):
+    """GLM's class lists 'model.layers.46' (GLM-4.5-Air's MTP layer), a real layer of the 92-layer
+    GLM-4.5: transformers ignores only keys the model does not expect, and so must surgery."""
+    model, root, keep = saved("deepseek_v3")
+    cls = type(model)
+    monkeypatch.setattr(cls, "_keys_to_ignore_on_load_unexpected", [r"model\.layers\.1.*"])
+    record = prune_checkpoint(root / "single", tmp_path / "stream", keep)
+    got = checkpoint_tensors(tmp_path / "stream")
+    assert any(k.startswith("model.layers.1.") for k in got) and "dropped_tensors" not in record

@@ -62,3 +62,19 @@ def test_a_label_is_scored_on_the_tokens_the_model_sees_after_the_prompt(sp):
         logp = torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
     want = sum(float(logp[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids)))
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_a_logged_reply_is_replayed_as_the_tokens_it_had_after_its_prompt(sp, monkeypatch):
+    """monitor score and log profiles re-encoded a logged reply alone: a SentencePiece tokenizer gave it
+    a lone '▁' (a reply starting with a newline) the model never generated, unlike the online monitor."""
+    from moeguard.monitor import replies
+
+    seen = {}
+    monkeypatch.setattr(replies, "generate", lambda model, tokenizer, prompts, n: [[] for _ in prompts])
+    monkeypatch.setattr(replies, "observe", lambda model, tokenizer, prompts, toks, **kw: seen.setdefault("toks", toks))
+    prompt = "Is 5 greater than 3?\nAnswer:"
+    generated = sp.encode(prompt + "\nyes it is", add_special_tokens=False)[len(sp.encode(prompt, add_special_tokens=False)):]
+    logged = sp.decode(generated)                                   # what serve returns and a log keeps
+    assert logged == "\nyes it is" and sp.encode(logged, add_special_tokens=False) != generated
+    replies.routing(None, sp, [prompt], [logged], adapter=None, table=None, max_tokens=16)
+    assert seen["toks"] == [generated]

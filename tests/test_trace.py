@@ -967,7 +967,7 @@ def test_an_interrupted_fingerprint_resumes_and_writes_the_same_bytes(tmp_path, 
     assert calls == [("original", p) for p in range(4)]
 
 
-def test_a_gguf_suspects_kept_layers_are_keyed_by_its_bytes(tmp_path):
+def test_a_gguf_suspects_identity_follows_its_bytes(tmp_path):
     from moeguard.trace.resume import source_identity
 
     f = tmp_path / "m.gguf"
@@ -976,3 +976,14 @@ def test_a_gguf_suspects_kept_layers_are_keyed_by_its_bytes(tmp_path):
     assert first["files"][0][:2] == ["m.gguf", 68]
     f.write_bytes(b"GGUF" + bytes(63) + b"\x01")     # same size, other bytes
     assert source_identity(str(f))["files"][0][3] != first["files"][0][3]
+
+
+def test_a_kept_sketch_cut_short_is_read_again_not_a_traceback(tmp_path):
+    """A power loss after the rename can leave a kept .npz empty or cut: np.load raised on every rerun."""
+    from moeguard.io import kept_arrays
+
+    for damaged in (b"", b"PK\x03\x04 cut short"):
+        (tmp_path / ".s.npz").write_bytes(damaged)
+        got = kept_arrays(tmp_path, "s", lambda: {"a": np.arange(3.0)})
+        assert got["a"].tolist() == [0.0, 1.0, 2.0]
+        assert kept_arrays(tmp_path, "s", lambda: pytest.fail("computed again"))["a"].tolist() == [0.0, 1.0, 2.0]

@@ -101,7 +101,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MoeguardError(f"audit config {path} does not exist", hint="pass a YAML file, e.g. --config audit.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        from moeguard.io import strict_yaml
+
+        data = strict_yaml(path.read_text(encoding="utf-8")) or {}   # a repeated key is refused, not the last kept
     except UnicodeDecodeError as exc:
         raise MoeguardError(f"audit config {path} is not UTF-8 (byte {exc.start})", hint="save the file as UTF-8") from None
     except yaml.YAMLError as exc:

@@ -68,7 +68,8 @@ class MonitorScreen:
         """The requests a crafted ``text`` (ids) makes with each input (ids), as sent."""
         t = self.tokenizer.decode(text)
         xs = [self.tokenizer.decode(x) for x in inputs]
-        return [t + SEPARATOR + x if position == "prefix" else x + SEPARATOR + t for x in xs]
+        # a suffix's inputs hold the separator already (``hijack._inputs``)
+        return [t + SEPARATOR + x if position == "prefix" else x + t for x in xs]
 
     def p_values(self, prompts: list[str]) -> np.ndarray:
         """[N] each request's combined prompt-only p-value, as ``monitor score`` computes it."""

@@ -96,22 +96,26 @@ class HijackConfig:
 def _inputs(task: Task, role: str, n: int, tokenizer, max_tokens: int | None, *, keep_end: bool = False) -> list[list[int]]:
     """Input ids cut to ``max_tokens``: their start (a prefix's inputs, encoded as they follow the
     separator), or with ``keep_end`` their end (a suffix's, which start the request: the text it
-    follows and the question its reply answers are there)."""
+    follows and the question its reply answers are there), encoded with the separator after them,
+    as the request is: Qwen's tokenizer joins a newline to the punctuation before it (':\n')."""
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.tokens import encode
 
-    recs = load_records(task, role, limit=n)
-    ids = [encode(tokenizer, r["input"]) if keep_end else following(tokenizer, r["input"]) for r in recs]
-    if max_tokens:
-        ids = [x[-max_tokens:] if keep_end else x[:max_tokens] for x in ids]
-    return [x for x in ids if x]
+    recs = [r for r in load_records(task, role, limit=n) if encode(tokenizer, r["input"])]
+    if not keep_end:
+        ids = [following(tokenizer, r["input"]) for r in recs]
+        return [x[:max_tokens] for x in ids] if max_tokens else ids
+    ids = [encode(tokenizer, r["input"] + SEPARATOR) for r in recs]
+    sep = len(separator_ids(tokenizer))   # max_tokens counts the input's tokens, as before the separator was in
+    return [x[-(max_tokens + sep):] for x in ids] if max_tokens else ids
 
 
 class _Batch:
     """The rows one search step runs, right-padded: per crafted text and input, either
     bos + text + separator + input (prefix: the input's positions are the targets), or
-    bos + input + separator + text + reply (suffix: the positions whose output is a reply token,
-    teacher-forced on ``replies``, the reply each input got with the current suffix)."""
+    bos + input-and-separator + text + reply (suffix: the positions whose output is a reply token,
+    teacher-forced on ``replies``, the reply each input got with the current suffix; a suffix's
+    inputs end with the separator as the request encodes it, ``_inputs``)."""
 
     def __init__(self, tokenizer, inputs: list[list[int]], position: str = "prefix"):
         from moeguard.tasks.tokens import bos_ids, pad_id
@@ -127,7 +131,7 @@ class _Batch:
         """(the request's ids, where the crafted text starts in them)."""
         if self.position == "prefix":
             return self.head + list(text) + self.sep + x, len(self.head)
-        return self.head + x + self.sep + list(text), len(self.head) + len(x) + len(self.sep)
+        return self.head + x + list(text), len(self.head) + len(x)
 
     def build(self, texts: list[list[int]], *, device=None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:

@@ -46,10 +46,10 @@ def measure(model, tokenizer, adapter, task: Task, cfg: HijackConfig, prefix_tex
                             hint="pass --task with a task whose records have inputs")
     with torch.no_grad():
         for r in recs:
-            if suffix:
+            if suffix:   # the input with the separator after it, as one text (Qwen's ':\n' is one token)
                 x = encode(tokenizer, r["input"])
                 full = encode(tokenizer, r["input"] + SEPARATOR + prefix_text)
-                exact += full == x + sep + p_ids
+                exact += full == encode(tokenizer, r["input"] + SEPARATOR) + p_ids
             else:
                 x, full = encode(tokenizer, r["input"]), encode(tokenizer, prefix_text + SEPARATOR + r["input"])
                 x_sent = following(tokenizer, r["input"])

@@ -162,11 +162,14 @@ def routing(model, tokenizer, prompts: list[str], given: list[str | None], *, ad
     """``observe`` of each prompt's reply: a logged reply (``given``) as its tokens, at most ``max_tokens``
     (the null was calibrated on replies that long), otherwise (None) the model's greedy reply. What
     ``score`` replays and a log's profile (``fromlog.py``) observes."""
-    from moeguard.tasks.tokens import encode
+    from moeguard.tasks.tokens import continuation
 
     missing = [i for i, g in enumerate(given) if g is None]
     made = dict(zip(missing, generate(model, tokenizer, [prompts[i] for i in missing], max_tokens)))
-    toks = [made[i] if g is None else encode(tokenizer, g)[:max_tokens] for i, g in enumerate(given)]
+    # a logged reply as the tokens it has after its prompt: encoded alone, a SentencePiece tokenizer
+    # (Llama, Mixtral) gives it a dummy '▁' the model never generated there (a reply starting with a
+    # newline gained a lone ▁, one after a newline became ▁Paris), unlike the online monitor's ids
+    toks = [made[i] if g is None else continuation(tokenizer, prompts[i], g)[:max_tokens] for i, g in enumerate(given)]
     return observe(model, tokenizer, prompts, toks, adapter=adapter, table=table, max_tokens=max_tokens)
 
 

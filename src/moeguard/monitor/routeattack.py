@@ -72,7 +72,10 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
 
     # what the kept targets depend on: a checkpoint re-saved or a task file edited at the same name
     # starts over instead of mixing old targets with new ones
+    # ("tokenization": a target a run before the separator and inputs were taken in context searched on
+    # a SentencePiece or Qwen tokenizer is not resumed beside new ones)
     settings = {"model": handle.name, "task": task.name, "config": cfg.to_dict(), "targets": pairs,
+                "tokenization": "pieces in context",
                 **({"vocabulary": sorted(vocabulary)} if vocabulary is not None else {}),
                 **({"evade_profile": _digest(evade)} if evade is not None else {}),
                 "weights": weights_identity(handle.arg), "task_identity": task_identity(task),

@@ -93,10 +93,10 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
             from moeguard.models.tokenizer_files import save_tokenizer
 
             save_tokenizer(tokenizer, tmp)
-        if ref.path is not None:  # what else the owner shipped (licence, README) goes along, as streaming does
+        if source is not None:  # what else the owner shipped (licence, README) goes along, as streaming does
             from moeguard.models.safetensorsfiles import safetensors_files
 
-            for f in side_files(ref.path, safetensors_files(ref.path))[0]:
+            for f in side_files(source, safetensors_files(source))[0]:   # a hub id's too: its cached snapshot
                 if not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
         for name, doc in records.items():
@@ -164,4 +164,22 @@ def _dtype_of(path: Path):
         name = config.get("dtype") or config.get("torch_dtype")
     except (OSError, ValueError):
         return None
+    if not isinstance(name, str) or name == "auto":   # a config that does not say: what the weights are stored in
+        name = _stored_dtype(path)                     # (float32 loaded a bf16 model at twice its size, saved as float32)
     return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def _stored_dtype(path: Path) -> str | None:
+    """The float dtype most of the checkpoint's bytes are stored in (its safetensors headers), or None."""
+    from moeguard.io import read_header
+    from moeguard.models.safetensorsfiles import safetensors_files
+
+    sizes: dict[str, int] = {}
+    try:
+        for f in safetensors_files(path):
+            for k, v in read_header(f).items():
+                if k != "__metadata__" and v["dtype"] in _TORCH_DTYPES:
+                    sizes[v["dtype"]] = sizes.get(v["dtype"], 0) + v["data_offsets"][1] - v["data_offsets"][0]
+    except (OSError, ValueError, KeyError, MoeguardError):
+        return None
+    return _TORCH_DTYPES[max(sizes, key=sizes.get)] if sizes else None

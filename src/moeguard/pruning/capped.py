@@ -19,7 +19,9 @@ from typing import Any, Mapping
 from moeguard.errors import MoeguardError
 
 # the fields of prune_model's record, so a study's record reads the same in memory and capped
-_RECORD_KEYS = ("family", "original_num_experts", "num_experts", "experts_per_layer", "keep", "config_changes")
+# (a budget-pruned source's own per-layer counts too: prune_model records them where the layers differ)
+_RECORD_KEYS = ("family", "original_num_experts", "original_experts_per_layer", "num_experts", "experts_per_layer",
+                "keep", "config_changes")
 
 
 def checkpoint_folder(ref: str | None) -> Path:
@@ -58,4 +60,4 @@ def pruned_under_cap(ref: str | None, keep: Mapping[int, list[int]], *, max_memo
         shutil.rmtree(folder, ignore_errors=True)
         raise
     weakref.finalize(model, shutil.rmtree, folder, True)
-    return model, {**{k: record[k] for k in _RECORD_KEYS}, "method": "streaming"}
+    return model, {**{k: record[k] for k in _RECORD_KEYS if k in record}, "method": "streaming"}

@@ -287,6 +287,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     plan = plan_tensors(files, headers, layers_path=stacks,
                         experts={l.index: l.num_experts for l in adapter.layers}, keep=keep,
                         layout=family.disk_layout(), merge=merge, block_offsets=block_offsets(adapter))
+    # tensors transformers does not load (DeepSeek-V3's and GLM-4.5's multi-token-prediction layer past the
+    # decoder's, qwen3_next's mtp.*): copied whole they kept every expert beside a config of K, and the
+    # in-memory path, which loads through transformers, never wrote them
+    plan, dropped = _loaded_only(plan, adapter, stacks)
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)
     copies, skipped = side_files(src, files)
     tensor_bytes = sum(t.nbytes for t in plan)
@@ -343,6 +347,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
             "bytes_out": bytes_out,
             "shards": [name for name, _ in shards],
             "skipped_files": skipped,
+            # not written: what transformers does not load (a multi-token-prediction layer: its experts unpruned)
+            **({"dropped_tensors": {"count": len(dropped), "examples": dropped[:5],
+                                    "why": "transformers does not load them (multi-token-prediction layers); "
+                                           "their experts were not pruned, so they are not written"}} if dropped else {}),
         }
         record.update(previous)   # cutting a pruned or merged checkpoint: this record's indices are relative to it
         extra = extra or {}   # the caller's plan and provenance, inside the same atomic write
@@ -352,6 +360,31 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
             record.update(extra)
         (tmp / (MERGE_RECORD_NAME if merge else RECORD_NAME)).write_text(dumps(record, indent=2) + "\n")
     return record
+
+
+def _loaded_only(plan: list, adapter, stacks: dict[str, int]) -> tuple[list, list[str]]:
+    """(the planned tensors transformers loads, the names of those it does not): layers past each
+    stack's length (DeepSeek-V3's model.layers.61, GLM-4.5's 92, GLM-4.5-Air's 46: their
+    multi-token-prediction layers), and, outside the stacks, names the model class's
+    ``_keys_to_ignore_on_load_unexpected`` matches (qwen3_next's ``mtp.*``). The class's patterns
+    are not applied to layer keys: transformers ignores only keys the model does not expect, and
+    GLM's class lists both 'model.layers.92' and 'model.layers.46', the second a real layer of
+    the 92-layer model."""
+    patterns = list(getattr(type(adapter.model), "_keys_to_ignore_on_load_unexpected", None) or [])
+    starts = list(stacks.items())
+    total = len(adapter.decoder_layers)
+    counts = {path: (starts[i + 1][1] if i + 1 < len(starts) else total) - first for i, (path, first) in enumerate(starts)}
+    layer_res = [(re.compile(rf"{re.escape(path)}\.(\d+)\."), n) for path, n in counts.items()]
+
+    def unloaded(name: str) -> bool:
+        for r, n in layer_res:
+            m = r.match(name)
+            if m is not None:
+                return int(m.group(1)) >= n
+        return any(re.search(p, name) for p in patterns)
+
+    out = [t for t in plan if not unloaded(t.name)]
+    return out, [t.name for t in plan if unloaded(t.name)]
 
 
 def _previous_record(src: Path, name: str = RECORD_NAME) -> dict | None:

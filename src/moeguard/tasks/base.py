@@ -291,7 +291,9 @@ def _check_settings(task: "Task") -> None:
                                 hint=f"write {key} as name -> name, one file per split, quoting names YAML would read "
                                      "as numbers")
     src = task.source
-    for key, value in (("source.path", src.path), ("source.format", src.format), ("source.hub.name", src.hub_name)):
+    # hub.config too: YAML reads an unquoted 1.10 as the number 1.1, which was then asked of the hub as '1.1'
+    for key, value in (("source.path", src.path), ("source.format", src.format), ("source.hub.name", src.hub_name),
+                       ("source.hub.config", src.hub_config)):
         if value is not None and (not isinstance(value, str) or not value):   # Path(2024) was a TypeError traceback
             raise MoeguardError(f"task '{name}' has {key} {value!r}, not a name", hint=f"write {key} as text (quoted)")
 

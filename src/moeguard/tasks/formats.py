@@ -89,7 +89,8 @@ def _rows(file: Any, fmt: str, chunk_chars: int, columns: Sequence[str] | None) 
             if columns is not None:
                 yield from _headerless(csv.reader(handle, delimiter=delimiter, quoting=quoting), columns, file)
                 return
-            reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+            # a short row's missing cells get _SHORT, refused: DictReader's None read as an empty text or summary
+            reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting, restval=_SHORT)
             if not reader.fieldnames:
                 return
             yield from (_check_width(row, file, reader.line_num) for row in reader)
@@ -138,11 +139,19 @@ def _jsonl(handle: Iterable[str], file: Any) -> Iterator[dict[str, Any]]:
         yield row
 
 
+_SHORT = object()   # DictReader's value for the cells a short row lacks
+
+
 def _check_width(row: dict[str, Any], file: Any, line: int) -> dict[str, Any]:
     if None in row:  # DictReader files surplus cells under the key None
         raise MoeguardError(f"line {line} of '{file}' has more cells than the header",
                             hint="check the delimiter and quoting, add the missing header names, or, if the "
                                  "file has no header row, name its columns in source.columns")
+    missing = [k for k, v in row.items() if v is _SHORT]
+    if missing:   # a lost cell is as wrong as a surplus one (the header-less path refuses both)
+        raise MoeguardError(f"line {line} of '{file}' has {len(row) - len(missing)} cell(s), fewer than the header's "
+                            f"{len(row)} (no {', '.join(map(repr, missing))})",
+                            hint="check the delimiter and quoting of that line, or fill the missing cells")
     return row
 
 

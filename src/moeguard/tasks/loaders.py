@@ -196,6 +196,14 @@ def shared_data(task: Task) -> str | None:
     (a, sa), (b, sb) = parse_split(task.splits["train"]), parse_split(task.splits["eval"])
     if task.source.type in ("local", "package"):
         a, b = task.source.files.get(a, a), task.source.files.get(b, b)
+        if task.source.type == "local" and a != b:   # one file under two names (./t.jsonl and t.jsonl)
+            try:
+                same = Path(_data_file(task, task.splits["train"])[0]).resolve() == \
+                    Path(_data_file(task, task.splits["eval"])[0]).resolve()
+            except (OSError, MoeguardError):   # a missing file: said when its records are read
+                same = False
+            if same:
+                a = b
     if a != b:
         return None
     said = f"train '{task.splits['train']}' and eval '{task.splits['eval']}' read {a!r}"
@@ -241,11 +249,21 @@ def _records(task: Task, rows: Iterable[dict[str, Any]], split: str, where: str,
     KeyError); ``numbered``: the error names the row's place in the split (not for sampled rows)."""
     normalize = task.kind_spec.record
     needed = _needed_columns(task)
+    skipped = 0
     for i, row in enumerate(rows):
         _check_columns(task, row, split, where, needed=needed, row_number=i + 1 if numbered else 1)
         record = normalize(task, row, split, where)
         if record is not None:
             yield record
+        else:
+            skipped += 1
+    # said: a summarization row whose every reference is blank scored nothing and shrank n_samples silently
+    # (a running text's blank lines are skipped by design, as its docs say)
+    if skipped and task.kind != "language_modeling":
+        import warnings
+
+        warnings.warn(f"task '{task.name}': {skipped} row(s) of split '{split}' ({where}) make no record "
+                      f"(a {task.kind} row needs {task.kind_spec.record_needs}) and are skipped", stacklevel=2)
 
 
 def _needed_columns(task: Task) -> list[str]:

@@ -9,6 +9,7 @@ the pruning study's tables; ``loss`` is mean NLL in nats per token; perplexity i
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -85,7 +86,30 @@ def macro_f1(predictions: Sequence[str], golds: Sequence[str],
 def _scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=_unicode_words())
+
+
+# Han, kana and Hangul: written without spaces, each character is a token (the usual practice for
+# Chinese and Japanese ROUGE)
+_CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af])")
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+@lru_cache(maxsize=1)
+def _unicode_words():
+    """rouge-score's tokenizer (lower case, split on what is not a letter or digit, Porter stems of
+    words over 3 characters) with Unicode letters and digits for its ASCII ones: its own keeps
+    ``[a-z0-9]`` only, so Russian or Greek text had no tokens (ROUGE 0 for every model) and accented
+    words were cut ('résumé' into 'r', 'sum'). On ASCII text the tokens are the same."""
+    from rouge_score import tokenizers
+
+    class UnicodeWords(tokenizers.DefaultTokenizer):
+        def tokenize(self, text):
+            words = [w for w in _NON_WORD.split(_CJK.sub(r" \1 ", text.lower())) if w]
+            stem = self._stemmer
+            return [stem.stem(w) if stem is not None and len(w) > 3 else w for w in words]
+
+    return UnicodeWords(use_stemmer=True)
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from moeguard.errors import MoeguardError, suggest
+from moeguard.io import strict_yaml
 from moeguard.tasks.base import Task
 
 _HERE = Path(__file__).resolve().parent
@@ -113,7 +114,9 @@ def load_task_file(path: str | os.PathLike[str]) -> list[Task]:
         raise MoeguardError(f"task file '{file}' is {what}",
                             hint="pass the path of a .yaml task definition (see docs/tasks.md)")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is not YAML
+        # -sig: a byte-order mark is not YAML; a repeated key is refused (safe_load kept the last silently:
+        # two 'splits:' lines, or labels {0: ' no', 0: ' yes'})
+        data = strict_yaml(file.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

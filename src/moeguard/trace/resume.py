@@ -69,6 +69,8 @@ def kept_sketch(folder: Path | None, name: str, H: np.ndarray, frame, compute: C
         return {"ka": sk.ka, "kb": sk.kb, "v": sk.v, "rows": sk.rows,
                 "meta": np.array([sk.index, sk.intermediate], dtype=np.int64)}
 
-    a = kept_arrays(folder, f"{name}-{h.hexdigest()[:12]}", arrays)
+    # C order as an array read back has, on the first run too (an in-memory or GGUF source's sketch is not:
+    # a norm summed in another memory order differs in the last digits), so a resumed trace equals a whole one
+    a = {k: np.ascontiguousarray(v) for k, v in kept_arrays(folder, f"{name}-{h.hexdigest()[:12]}", arrays).items()}
     return Sketch(index=int(a["meta"][0]), ka=a["ka"], kb=a["kb"], v=a["v"], rows=a["rows"],
                   intermediate=int(a["meta"][1]))

@@ -65,7 +65,10 @@ def merge_experts(model: nn.Module, clusters: dict[int, list[list[int]]],
             order = keep[old.index]
             pairs = list(zip(old.expert_tensors(), new.expert_tensors()))
             for (_, name, t, axis), (_, new_name, nt, new_axis) in pairs:
-                if name != new_name or axis != new_axis:
+                # merged to one expert, ERNIE's [1, E] selection bias is [1, 1], which reads as axis 0: the
+                # source's axis holds when the merged tensor has the kept count there
+                same = axis == new_axis or (nt.dim() == t.dim() and nt.shape[axis] == len(order))
+                if name != new_name or not same:
                     raise RuntimeError(f"layer {old.index}: merged tensor {new_name} does not match {name}")
                 view = experts_first(t, axis, old.num_experts)     # [E, ...]: view[e] is expert e's slice
                 out = experts_first(nt, axis, len(order))

@@ -52,10 +52,12 @@ class Summarization(TaskKindSpec):
         # the prompt leaves room for the generated tokens inside max_length (lm-evaluation-harness'
         # max_length - max_gen_toks), so generation never runs past the model's context
         room = max(2, task.max_length - task.max_new_tokens)
-        prompts = [T.fit_prompt(tokenizer, rec, room) for rec in records]
+        device, pad = T.model_device(model), T.pad_id(tokenizer)
+        # an empty prompt (an empty input, no prompt template, a tokenizer without BOS: Qwen's) generates
+        # from the pad token, as scoring conditions on it (an empty row was a fully masked batch row)
+        prompts = [T.fit_prompt(tokenizer, rec, room) or [pad] for rec in records]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         ticker.start(math.ceil(len(prompts) / batch_size))
-        device, pad = T.model_device(model), T.pad_id(tokenizer)
         eos = T.eos_ids(model, tokenizer)
         config = T.generation_config(task, pad, eos, tokenizer)
         seq2seq = T.decoder_start(model)
