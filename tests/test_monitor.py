@@ -72,8 +72,8 @@ def test_a_suffix_batch_targets_the_positions_that_make_the_reply():
         bos_token_id, pad_token_id, eos_token_id = 1, 0, 2
         all_special_ids = [0, 1, 2]
 
-        def encode(self, text, add_special_tokens=False):
-            return [{"a": 3, "\n": 9}[c] for c in text]   # 9: the separator
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [{"a": 3, "\n": 9}[c] for c in text]}   # 9: the separator
 
     b = _Batch(Tok(), [[5, 6, 7, 9], [5, 9]], "suffix")   # a suffix's inputs end with the separator (_inputs)
     b.replies = [[30, 31, 2], [40]]

@@ -4,6 +4,7 @@ and bounded-memory reads of safetensors shards."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -270,9 +271,9 @@ def _partial(path: Path, settings: Any) -> Path:
 def kept_arrays(folder: Path | None, name: str, compute) -> dict[str, Any]:
     """The arrays ``compute()`` returns (a dict of numpy arrays), kept as ``folder/.NAME.npz`` once
     computed and read from there on a resumed run (never unpickled). ``folder`` None: computed."""
-    import numpy as np
-
     import zipfile
+
+    import numpy as np
 
     f = folder / f".{name}.npz" if folder is not None else None
     if f is not None and f.exists():
@@ -347,36 +348,33 @@ def strict_yaml(text: str) -> Any:
     """``yaml.safe_load`` that refuses a key repeated in one mapping (a task file or an audit config:
     the last of two 'splits:' lines, or of labels {0: ' no', 0: ' yes'}, won silently). Raises
     ``yaml.YAMLError`` (a ``ConstructorError`` with the key's line) as safe_load does."""
-    return _yaml_loader()(text)
-
-
-def _yaml_loader():
     import yaml
 
-    global _STRICT_YAML
-    if _STRICT_YAML is None:
-        class UniqueKeys(yaml.SafeLoader):
-            pass
-
-        def mapping(loader, node, deep=False):
-            seen: set = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":   # '<<: *defaults': flattened by construct_mapping
-                    continue
-                key = loader.construct_object(key_node, deep=True)
-                try:
-                    repeated = key in seen
-                except TypeError:   # an unhashable key: construct_mapping says so
-                    break
-                if repeated:
-                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is repeated in one mapping",
-                                                            key_node.start_mark)
-                seen.add(key)
-            return loader.construct_mapping(node, deep=deep)
-
-        UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-        _STRICT_YAML = lambda text: yaml.load(text, Loader=UniqueKeys)   # noqa: E731
-    return _STRICT_YAML
+    return yaml.load(text, Loader=_unique_keys_loader())
 
 
-_STRICT_YAML = None
+@functools.lru_cache(maxsize=1)
+def _unique_keys_loader():
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # '<<: *defaults': flattened by construct_mapping
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+            except TypeError:   # an unhashable key: construct_mapping says so
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is repeated in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeys

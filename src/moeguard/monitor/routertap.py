@@ -98,26 +98,21 @@ def allowed_tokens(tokenizer, vocab: int, *, after_separator: bool = False) -> n
 # side by side; what is sent is one string, encoded whole. The two agree for byte-level tokenizers
 # (GPT-2's, the embedded model's), not for SentencePiece ones (Llama, Mixtral, JetMoE, PhiMoE),
 # which give any text's start a dummy '▁': "\n" alone is [▁, <0x0A>], inside a text [<0x0A>], and
-# the word after it has no '▁'. So each piece is taken as it is encoded after some text.
+# the word after it has no '▁'. So each piece is taken as it is encoded after some text
+# (``tasks.tokens.continuation``, which task scoring uses for a verbalizer after its prompt).
 _LEFT = "a"   # a text a separator follows (ends a word, merges with nothing after it)
-
-
-def in_context(tokenizer, left: str, text: str) -> list[int] | None:
-    """``text``'s tokens where it follows ``left`` in one encoded string; None where the two do not
-    split there (``left``'s own tokens change)."""
-    head = tokenizer.encode(left, add_special_tokens=False)
-    full = tokenizer.encode(left + text, add_special_tokens=False)
-    return full[len(head):] if full[:len(head)] == head else None
 
 
 def separator_ids(tokenizer) -> list[int]:
     """The separator's tokens between a crafted text and an input, as a request's text encodes them."""
-    got = in_context(tokenizer, _LEFT, SEPARATOR)
-    return got if got else tokenizer.encode(SEPARATOR, add_special_tokens=False)
+    from moeguard.tasks.tokens import continuation
+
+    return continuation(tokenizer, _LEFT, SEPARATOR)
 
 
 def following(tokenizer, text: str) -> list[int]:
     """``text``'s tokens where it follows the separator (a prefix's input, a suffix's crafted text);
     its own tokens where the two merge (the measurement's ``tokenization_exact`` then says so)."""
-    got = in_context(tokenizer, _LEFT + SEPARATOR, text)
-    return got if got is not None else tokenizer.encode(text, add_special_tokens=False)
+    from moeguard.tasks.tokens import continuation
+
+    return continuation(tokenizer, _LEFT + SEPARATOR, text)

@@ -383,8 +383,13 @@ def _loaded_only(plan: list, adapter, stacks: dict[str, int]) -> tuple[list, lis
                 return int(m.group(1)) >= n
         return any(re.search(p, name) for p in patterns)
 
-    out = [t for t in plan if not unloaded(t.name)]
-    return out, [t.name for t in plan if unloaded(t.name)]
+    out, dropped = [], []
+    for t in plan:
+        if unloaded(t.name):
+            dropped.append(t.name)
+        else:
+            out.append(t)
+    return out, dropped
 
 
 def _previous_record(src: Path, name: str = RECORD_NAME) -> dict | None:

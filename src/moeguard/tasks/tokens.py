@@ -61,9 +61,9 @@ def continuation(tokenizer, context: str, text: str) -> list[int]:
     (lm-evaluation-harness' ``_encode_pair``), so a verbalizer or target is scored and trained on the
     tokens the model sees after its prompt. A SentencePiece tokenizer (Llama's, Mixtral's, JetMoE's,
     PhiMoE's) gives any text's start a dummy '▁', so ``" yes"`` alone is ``▁▁yes``, not the ``▁yes``
-    that follows "Answer:"; a byte-level one (GPT-2's, Qwen's, the embedded model's) encodes it the
-    same either way. Where the two do not split there (the context's own tokens change: a word
-    continued without a space), ``text``'s own tokens."""
+    that follows "Answer:"; GPT-2's byte-level one (the embedded model's) encodes it the same either
+    way. Where the two do not split there (the context's own tokens change: a word continued without
+    a space, or Qwen's ':' joined to a newline after it), ``text``'s own tokens."""
     head = encode(tokenizer, context)
     whole = encode(tokenizer, context + text)
     return whole[len(head):] if whole[:len(head)] == head and len(whole) > len(head) else encode(tokenizer, text)
