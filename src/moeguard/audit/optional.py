@@ -122,7 +122,9 @@ def defense_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandl
         log = harden(hardened, tok, hcfg, progress=progress, checkpoint=state, source=weights_identity(cfg.model))
         # as `moeguard harden` writes it: with its record and, for a defense with one, the protocol users
         # adapt under (without it a later defend-eval or realign on this folder skipped the protocol)
-        save_hardened(d / "hardened", hardened, tok, hcfg, log, source=model.name)
+        from moeguard.pruning.apply import weights_folder
+
+        save_hardened(d / "hardened", hardened, tok, hcfg, log, source=model.name, like=weights_folder(model.ref))
         del hardened
         write_json(d / "hardening.json", {"method": cfg.defense, "config": hcfg.to_dict(), **log})
         if get_defense(cfg.defense).protocol:

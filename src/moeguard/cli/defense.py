@@ -67,7 +67,10 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
         with _progress() as progress:
             result = run_harden(m, tokenizer, cfg, progress=progress, checkpoint=state,
                                 source=weights_identity(handle.arg), tasks=tasks)
+        from moeguard.pruning.apply import weights_folder
+
         doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
+                            like=weights_folder(handle.ref),
                             run=_run({"model": handle.name, **cfg.to_dict(), **_placement(handle)}))
     except KeyboardInterrupt:
         import sys

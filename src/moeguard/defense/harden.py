@@ -333,10 +333,11 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
 
 
 def save_hardened(out, model, tokenizer, cfg: HardenConfig, result: dict[str, Any], *, source: str,
-                  overwrite: bool = False, run: dict[str, Any] | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, run: dict[str, Any] | None = None, like: Path | None = None) -> dict[str, Any]:
     """Write the hardened checkpoint atomically: weights, tokenizer, ``moeguard_hardening.json``
     (the training log), and, for a defense with a protocol, the ``moeguard_protocol.json`` users
-    adapt under. Returns the hardening record."""
+    adapt under. Returns the hardening record. ``like``: the folder of the weights it was hardened
+    from, whose dtypes the written weights keep (the owner releases bf16, not the float32 it trained in)."""
     from moeguard.defense.protocol import FILENAME, Protocol
     from moeguard.io import atomic_dir, write_json
     from moeguard.models.tokenizer_files import save_tokenizer
@@ -344,6 +345,10 @@ def save_hardened(out, model, tokenizer, cfg: HardenConfig, result: dict[str, An
     spec = get_defense(cfg.method)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        if like is not None:
+            from moeguard.pruning.apply import keep_source_dtypes
+
+            keep_source_dtypes(tmp, like)
         save_tokenizer(tokenizer, tmp)
         doc = {"schema": "moeguard.hardening/1", "source": source, "method": cfg.method,
                "description": spec.description, **result, "run": run or {}}

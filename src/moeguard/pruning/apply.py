@@ -83,10 +83,7 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
     (file name -> JSON)."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        from moeguard.models.identity import hub_snapshot
-
-        # a hub id's weights: the cached snapshot the model was loaded from
-        source = ref.path if ref.path is not None else (hub_snapshot(ref.hub_id) if ref.hub_id else None)
+        source = weights_folder(ref)
         if source is not None:
             keep_source_dtypes(tmp, source)
         if tokenizer is not None:
@@ -101,6 +98,14 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
                     shutil.copy2(f, tmp / f.name)
         for name, doc in records.items():
             write_json(tmp / name, doc)
+
+
+def weights_folder(ref) -> Path | None:
+    """Where ``ref``'s weights lie on this machine: its folder, or the cached snapshot a hub id was
+    loaded from."""
+    from moeguard.models.identity import hub_snapshot
+
+    return ref.path if ref.path is not None else (hub_snapshot(ref.hub_id) if ref.hub_id else None)
 
 
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -137,6 +142,8 @@ def keep_source_dtypes(out: Path, src: Path) -> list[str]:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, f)
         cast += sorted(wrong)
+    if cast:   # the config says what the weights are now (a float32 run's config said float32)
+        _config_dtype(out, src)
     index = out / "model.safetensors.index.json"
     if cast and index.exists():   # its total size counts the bytes the casts changed
         doc = json.loads(index.read_text())
@@ -183,3 +190,24 @@ def _stored_dtype(path: Path) -> str | None:
     except (OSError, ValueError, KeyError, MoeguardError):
         return None
     return _TORCH_DTYPES[max(sizes, key=sizes.get)] if sizes else None
+
+
+def _config_dtype(out: Path, src: Path) -> None:
+    """Set ``out``'s config dtype to the source's: the one its config declares, else the one most of
+    its weights are stored in."""
+    try:
+        declared = json.loads((src / "config.json").read_text())
+        declared = declared.get("dtype") or declared.get("torch_dtype")
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    name = declared if isinstance(declared, str) and declared != "auto" else _stored_dtype(src)
+    path = out / "config.json"
+    if name is None or not path.exists():
+        return
+    config = json.loads(path.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    if all(config.get(k) == name for k in keys):
+        return
+    for k in keys:
+        config[k] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -128,6 +128,11 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
                                                full_score=full_score, state_dir=work / "state", progress=progress,
                                                keep_trainable=True)
         trainable.merged().save_pretrained(work)
+        from moeguard.pruning.apply import keep_source_dtypes, weights_folder
+
+        source = weights_folder(model.ref)
+        if source is not None:   # trained in float32, written as the pruned checkpoint stores its weights (bf16)
+            keep_source_dtypes(work, source)
         save_tokenizer(tokenizer, work)
         if record is not None:
             write_json(work / "moeguard_pruning.json", record)
