@@ -456,3 +456,15 @@ def test_a_capped_sweep_interrupted_and_restarted_under_another_cap_reuses_its_j
 
     doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert doc["run"]["settings"]["max_memory"] == 8 << 20   # the record says which cap this run had
+
+
+def test_scan_s_weight_statistics_of_an_offloaded_model_are_the_model_in_memory_s(pair):
+    """The weights are read in place, one expert at a time (they sat on "meta": the copy raised
+    NotImplementedError, a traceback, under a --device-map that spills to the CPU or disk)."""
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.scan.weights import weight_stats
+
+    full, off, _ = pair
+    want = weight_stats(full, MoEAdapter(full))
+    assert len(want) == 32 and all(r["gate_norm"] > 0 for r in want.values())
+    assert weight_stats(off, MoEAdapter(off)) == want

@@ -24,31 +24,19 @@ def _stable_rank(w: np.ndarray) -> float:
 def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
     """Per (decoder layer, expert): the statistics in ``WEIGHT_STATS``, each with its robust z
     against the layer's experts, and ``weight_z``, the largest |z|."""
-    from moeguard.errors import MoeguardError
-    from moeguard.trace.weights import split_experts
+    from moeguard.models.hooks import weights_in_place
+    from moeguard.trace.weights import expert_views, f64
 
     out: dict[tuple[int, int], dict[str, Any]] = {}
     for layer in adapter.layers:
-        gate, up, down = split_experts(adapter.family, layer.experts)               # [E, I, d], [E, I, d], [E, d, I]
-        router = layer.router_weight.detach().float().cpu().numpy()                  # [E, d]
         E = layer.num_experts
-        for e in range(E):
-            # a NaN or inf (a corrupt shard, an fp16 overflow) failed the SVD with a traceback, or, in a router
-            # row, made every suspicion NaN: nothing flagged, and a damaged model reported clean
-            bad = [name for name, w in (("gate", gate[e]), ("up", up[e]), ("down", down[e]), ("router row", router[e]))
-                   if not np.isfinite(w).all()]
-            if bad:
-                raise MoeguardError(f"layer {layer.index} expert {e} has non-finite weights ({', '.join(bad)}): the "
-                                    "checkpoint is damaged", hint="re-download or re-save it; a scan of NaN weights "
-                                    "would report nothing")
-        vals = {
-            "gate_norm": [float(np.linalg.norm(gate[e])) for e in range(E)],
-            "up_norm": [float(np.linalg.norm(up[e])) for e in range(E)],
-            "down_norm": [float(np.linalg.norm(down[e])) for e in range(E)],
-            "down_spectral": [float(np.linalg.norm(down[e], 2)) for e in range(E)],
-            "down_stable_rank": [_stable_rank(down[e]) for e in range(E)],
-            "router_norm": [float(np.linalg.norm(router[e])) for e in range(E)],
-        }
+        # one expert at a time in float64 (a whole layer's copy is ~11 GB on Mixtral-8x7B, ~90 GB on
+        # DeepSeek-V3), with offloaded weights put in place while they are read
+        with weights_in_place(layer.experts), weights_in_place(layer.router):
+            gate, up, down = expert_views(adapter.family, layer.experts)          # [E, I, d], [E, I, d], [E, d, I]
+            router = layer.router_weight.detach().float().cpu().numpy()          # [E, d], float32 as before
+            rows = [_expert_stats(layer.index, e, f64(gate[e]), f64(up[e]), f64(down[e]), router[e]) for e in range(E)]
+        vals = {k: [r[k] for r in rows] for k in WEIGHT_STATS}
         zs = {k: robust_z(v) for k, v in vals.items()}
         for e in range(E):
             row = {k: round(vals[k][e], 5) for k in WEIGHT_STATS}
@@ -56,3 +44,20 @@ def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
             row["weight_z"] = round(float(max(abs(zs[k][e]) for k in WEIGHT_STATS)), 3)
             out[(layer.index, e)] = row
     return out
+
+
+def _expert_stats(index: int, e: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                  router: np.ndarray) -> dict[str, float]:
+    from moeguard.errors import MoeguardError
+
+    # a NaN or inf (a corrupt shard, an fp16 overflow) failed the SVD with a traceback, or, in a router
+    # row, made every suspicion NaN: nothing flagged, and a damaged model reported clean
+    bad = [name for name, w in (("gate", gate), ("up", up), ("down", down), ("router row", router))
+           if not np.isfinite(w).all()]
+    if bad:
+        raise MoeguardError(f"layer {index} expert {e} has non-finite weights ({', '.join(bad)}): the "
+                            "checkpoint is damaged", hint="re-download or re-save it; a scan of NaN weights "
+                            "would report nothing")
+    return {"gate_norm": float(np.linalg.norm(gate)), "up_norm": float(np.linalg.norm(up)),
+            "down_norm": float(np.linalg.norm(down)), "down_spectral": float(np.linalg.norm(down, 2)),
+            "down_stable_rank": _stable_rank(down), "router_norm": float(np.linalg.norm(router))}
