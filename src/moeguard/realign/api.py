@@ -65,6 +65,32 @@ def check_protocol_covers(model, ft) -> None:
                             f"{what}", hint=f"check the protocol against the model's parameter names (e.g. {sample})")
 
 
+def check_original(original, record: dict, name: str) -> None:
+    """The original has the experts the pruning record kept from (an --original of another model
+    failed at the first round, after both models loaded, with an IndexError)."""
+    from moeguard.models.adapter import MoEAdapter
+
+    n = int(record["original_num_experts"])
+    layers = {l.index: l.num_experts for l in MoEAdapter(original).layers}
+    keep = {int(k): v for k, v in record["keep"].items()}
+    wrong = sorted(l for l in keep if l not in layers)
+    if wrong or any(c != n for c in layers.values()) or any(not 0 <= e < n for v in keep.values() for e in v):
+        raise MoeguardError(f"{name} is not the model this checkpoint was pruned from: its record kept experts of "
+                            f"{n} per layer in MoE layers {sorted(keep)}, and {name} has "
+                            f"{sorted(set(layers.values()))} experts in MoE layers {sorted(layers)}",
+                            hint="pass --original the unpruned checkpoint named in moeguard_pruning.json's 'source'")
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def realign_checkpoint(*, model, task, out: Path, al, original: str | None = None, full_score: float | None = None,
                        overwrite: bool = False, progress: Any = None, run: dict | None = None) -> dict[str, Any]:
     """Re-align ``model`` (a resolved :class:`~moeguard.models.handle.ModelHandle` of a pruned
@@ -111,18 +137,31 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     # and where it runs: rounds made on a GPU must not resume on the CPU (a curve of neither run)
     settings = {"model": model.name, "weights": weights_identity(model.arg), "task": task.name,
                 "task_identity": task_identity(task), "original": original, "device_map": model.device_map,
-                "full_score": full_score, **al.to_dict()}
+                "full_score": full_score, **al.key()}
     if al.finetune.only:
         check_protocol_covers(model, al.finetune)   # before both models load and the original is scored
-    m, tokenizer, _ = model.load()
     orphan = None
     if orig is not None and (full_score is None or strat.needs_original):
+        # the original first, and gone before the pruned model loads: it is the larger one, and it
+        # stayed in memory (or on the GPU) through the whole fine-tune
         o, otok, _ = orig.load()
         if full_score is None:
             full_score = evaluate_task(o, otok, task, limit=al.eval_limit, batch_size=32, baseline=False).score
         if strat.needs_original:
-            share = orphan_shares(o, otok, task, record["keep"], int(record["original_num_experts"]))
-            orphan = lambda: share(pool)  # noqa: E731
+            check_original(o, record, orig.name)
+            shares = orphan_shares(o, otok, task, record["keep"], int(record["original_num_experts"]))(pool)
+            orphan = lambda: shares  # noqa: E731
+        del o, otok
+        _release_memory()
+    m, tokenizer, _ = model.load()
+    from moeguard.realign.offload import offloaded
+
+    if offloaded(m):   # before any round: LoRA trains over offloaded weights, and the save failed after the last
+        raise MoeguardError(f"{model.name} is placed with weights offloaded to the CPU or disk (device map "
+                            f"{model.device_map or 'auto'}); realign writes the adapters merged into the weights, "
+                            "which cannot be done on offloaded ones", hint="use a device map that holds the whole "
+                            "model on the accelerators (e.g. more GPUs), or the recovery study, which measures "
+                            "without saving")
     with resumable_dir(out, overwrite=overwrite, settings=settings) as work:
         curve, trainable = run_active_learning(m, tokenizer, task, al, pool=pool, orphan_share=orphan,
                                                full_score=full_score, state_dir=work / "state", progress=progress,

@@ -46,7 +46,7 @@ class FinetuneConfig:
     min_steps: int = setting(10, min=0, help="fewest optimizer steps per round")  # a handful of labels still gets a few updates
     max_steps: int | None = setting(None, min=1, help="most optimizer steps per round")
     batch_size: int = setting(8, min=1, help="training batch size")
-    grad_clip: float = setting(1.0, help="gradient norm clip")
+    grad_clip: float = setting(1.0, min=0, help="gradient norm clip (0: none)")   # a negative one climbed the loss
     weight_decay: float = setting(0.0, min=0, help="AdamW weight decay")
     warmup_ratio: float = setting(0.1, min=0, max=1, help="share of steps warming the learning rate up")
     aux_loss: bool = setting(True, help="add the family's load-balancing loss, where it has one")
@@ -64,6 +64,11 @@ class FinetuneConfig:
         if self.batch_size < 1 or self.epochs <= 0 or self.min_steps < 0:
             raise MoeguardError(f"fine-tuning settings batch_size={self.batch_size}, epochs={self.epochs}, "
                                 f"min_steps={self.min_steps}", hint="use a positive batch size and epochs")
+
+    def key(self) -> dict[str, Any]:
+        """The settings the training depends on: how often a running fine-tune is checkpointed
+        changes no number, and a rerun with another --save-every resumes what was done."""
+        return {k: v for k, v in self.to_dict().items() if k != "save_every"}
 
     @property
     def learning_rate(self) -> float:
@@ -114,7 +119,7 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int
 
 
 def fingerprint(cfg: FinetuneConfig, examples: Sequence[Example], extra: Any = None) -> str:
-    h = hashlib.sha256(json.dumps([cfg.to_dict(), extra], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps([cfg.key(), extra], sort_keys=True, default=str).encode())
     for ex in examples:
         h.update(str(ex.ids).encode())
         h.update(str(ex.labels).encode())
@@ -175,7 +180,7 @@ def _finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCo
     start = _resume(ckpt, tag, trainable, optimizer, scheduler) if ckpt is not None else 0
     result = FinetuneResult(steps=steps, examples=len(examples), tokens=0, seconds=0.0, resumed_from=start)
     bar = progress.add_task(description, total=steps, completed=start) if progress is not None else None
-    was_training = model.training
+    was_training = trainable.base.training   # peft's wrapper is made in train mode: the base's own is given back
     start_token = decoder_start(model)   # an encoder-decoder trains through its seq2seq head
     model.train()
     began = time.perf_counter()

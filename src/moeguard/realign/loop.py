@@ -51,6 +51,10 @@ class ALConfig:
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "schedule": list(self.schedule), "finetune": self.finetune.to_dict()}
 
+    def key(self) -> dict[str, Any]:
+        """What the run's numbers depend on (FinetuneConfig.key: not --save-every)."""
+        return {**self.to_dict(), "finetune": self.finetune.key()}
+
 
 def round_seed(seed: int, r: int) -> int:
     """Round r's fine-tuning seed: distinct per round, and within the seeds every setting accepts (a
@@ -124,7 +128,7 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
     visible = unlabeled(task, pool)
     pad = pad_id(tokenizer)
     state_dir = Path(state_dir) if state_dir is not None else None
-    tag = fingerprint(cfg.finetune, [], extra=[cfg.to_dict(), task.name, len(pool), pool[0], pool[-1]])
+    tag = fingerprint(cfg.finetune, [], extra=[cfg.key(), task.name, len(pool), pool[0], pool[-1]])
     state = _load_state(state_dir, tag)
     shares = _cached(orphan_share) if orphan_share is not None else None
 

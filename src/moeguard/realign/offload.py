@@ -40,7 +40,11 @@ def offloaded(model: nn.Module) -> bool:
 
 
 def offloaded_names(model: nn.Module) -> set[str]:
-    """Names of ``model``'s parameters held on "meta" between forwards (offloaded)."""
+    """Names of ``model``'s parameters held on "meta" between forwards (offloaded). A model built
+    on "meta" without accelerate's offload (``meta_model``: names and shapes, to check a protocol
+    before the weights load) has none: its modes' selections are what the check reads."""
+    if not offloaded(model):
+        return set()
     return {n for n, p in model.named_parameters() if p.device.type == "meta"}
 
 

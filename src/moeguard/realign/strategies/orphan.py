@@ -30,6 +30,11 @@ def orphan_shares(original, tokenizer, task, keep, num_experts: int):
     from moeguard.models.adapter import MoEAdapter
     from moeguard.realign.features import routing_shares, unlabeled
 
+    from moeguard.tasks.evaluate import fit_to_model
+
+    # the windows the original was trained on (wikitext's 512 on 256 positions: an IndexError with
+    # absolute positions, shares of meaningless routing with rotary ones)
+    task = fit_to_model(task, original)
     keep = {int(k): v for k, v in keep.items()}
     layers = MoEAdapter(original).layers
     dropped = torch.ones(len(layers), num_experts)

@@ -1,0 +1,146 @@
+"""realign, from a read-only review (2026-12-07): protocols of every mode, the original's memory,
+the orphan strategy's windows, settings that must not restart a run."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moeguard.cli import main
+
+KEEP2 = {"keep": {str(l): [0, 1] for l in range(4)}}
+FAST = ["--task", "arith-compare", "--budget", "8", "--query-size", "8", "--min-steps", "5", "--epochs", "1",
+        "--eval-limit", "16", "--pool-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pruned")
+    (d / "plan.json").write_text(json.dumps(KEEP2))
+    assert main(["prune", "--plan", str(d / "plan.json"), "--out", str(d / "keep2")]) == 0
+    return d / "keep2"
+
+
+@pytest.mark.parametrize("mode, patterns, trained", [
+    ("router", ["*.mlp.gate.*"], "block_sparse_moe.gate."),   # on disk: the checkpoint's own names
+    ("experts", ["model.layers.1.mlp.experts.*"], "layers.1.block_sparse_moe.experts."),
+    ("full", ["*.self_attn.q_proj.*"], "self_attn.q_proj."),
+])
+def test_a_protocol_of_a_mode_other_than_lora_is_checked_and_trains_what_it_authorizes(pruned, tmp_path, mode, patterns,
+                                                                                      trained):
+    """The check ran the mode on the meta model, whose every parameter is on "meta", and read them
+    all as offloaded to disk: every router, experts or full protocol was refused."""
+    proto = tmp_path / "moeguard_protocol.json"
+    proto.write_text(json.dumps({"schema": "moeguard.protocol/1", "modes": [mode], "authorized_parameters": patterns}))
+    out = tmp_path / "run"
+    assert main(["realign", "--model", str(pruned), *FAST, "--mode", mode, "--protocol", str(proto),
+                 "--out", str(out)]) == 0
+    before, after = load_file(str(pruned / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(trained in n for n in changed), sorted(changed)
+
+
+def test_orphan_with_an_original_of_other_experts_is_one_line(pruned, tmp_path, capsys):
+    """An --original that is not the pruned model's source failed at the first round, after both
+    models loaded, with an IndexError traceback."""
+    other = tmp_path / "other"
+    (tmp_path / "p.json").write_text(json.dumps({"keep": {str(l): [0, 1, 2, 3] for l in range(4)}}))
+    assert main(["prune", "--plan", str(tmp_path / "p.json"), "--out", str(other)]) == 0
+    capsys.readouterr()
+    code = main(["realign", "--model", str(pruned), *FAST, "--strategy", "orphan", "--original", str(other),
+                 "--out", str(tmp_path / "run")])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("Loading weights")]
+    assert code == 2 and len(err) == 1, err
+    assert "is not the model this checkpoint was pruned from" in err[0] and "[4] experts" in err[0], err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_orphan_shares_read_the_original_s_positions_only():
+    """The orphan strategy's routing shares were read on the task's windows (wikitext's 512 on the
+    embedded model's 256 positions)."""
+    import dataclasses
+
+    from moeguard.models.loading import load_model
+    from moeguard.realign.loop import label_pool
+    from moeguard.realign.strategies.orphan import orphan_shares
+    from moeguard.tasks.registry import get_task
+
+    model, tok, _ = load_model(None)
+    task = get_task("arith-compare")
+    pool = label_pool(task, pool_size=8, budget=8, seed=0)
+    keep = {str(l): [0, 1] for l in range(4)}
+    want = orphan_shares(model, tok, task, keep, 8)(pool)
+    with pytest.warns(UserWarning, match="has max_length 4096, and the model has 256 positions"):
+        got = orphan_shares(model, tok, dataclasses.replace(task, max_length=4096), keep, 8)(pool)
+    assert torch.equal(got, want) and want.shape == (8,) and bool((want > 0).all())
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("was", [False, True])
+def test_fine_tuning_gives_the_model_back_in_the_mode_it_had(mode, was):
+    """peft's wrapper is made in train mode: LoRA gave the base back training (dropout, router
+    jitter on) to a library caller that had it in eval mode."""
+    from moeguard.realign.engine import FinetuneConfig, finetune
+    from moeguard.realign.modes import apply_mode
+    from moeguard.tasks.batches import IGNORE, Example
+    from moeguard.testing import tiny_model
+
+    model = tiny_model("mixtral").train(was)
+    t = apply_mode(model, mode)
+    ex = [Example(list(range(1, 9)), [IGNORE] * 3 + list(range(4, 9))) for _ in range(4)]
+    finetune(t, ex, FinetuneConfig(mode=mode, min_steps=2, epochs=1, batch_size=2), pad_id=0)
+    base = t.release()
+    assert {m.training for m in base.modules()} == {was}
+
+
+def test_a_negative_gradient_clip_is_refused():
+    from moeguard.errors import MoeguardError
+    from moeguard.realign.engine import FinetuneConfig
+
+    with pytest.raises(MoeguardError, match="grad_clip"):
+        FinetuneConfig(grad_clip=-1.0)
+    assert FinetuneConfig(grad_clip=0.0).grad_clip == 0.0
+
+
+def test_another_save_every_resumes_the_run(pruned, tmp_path):
+    """--save-every (how often a running fine-tune is checkpointed) was in the run's key: a rerun
+    with another value threw every finished round away."""
+    from moeguard.testing import kill_cli_when
+
+    args = ["realign", "--model", str(pruned), "--task", "arith-compare", "--budget", "24", "--query-size", "8",
+            "--min-steps", "30", "--epochs", "1", "--eval-limit", "16", "--pool-size", "64", "--seed", "5"]
+    straight = tmp_path / "straight"
+    assert main([*args, "--save-every", "5", "--out", str(straight)]) == 0
+    out = tmp_path / "killed"
+    state = tmp_path / ".killed.partial" / "state"
+
+    def in_round_two() -> bool:
+        try:
+            return (state / "finetune" / "state.json").exists() and \
+                len(json.loads((state / "loop.json").read_text())["rounds"]) >= 2
+        except (OSError, ValueError):
+            return False
+
+    kill_cli_when([*args, "--save-every", "5", "--out", str(out)], in_round_two)
+    done = json.loads((state / "loop.json").read_text())["rounds"]
+    assert main([*args, "--save-every", "7", "--out", str(out)]) == 0
+    a = json.loads((straight / "learning_curve.json").read_text())
+    b = json.loads((out / "learning_curve.json").read_text())
+    assert [p["score"] for p in b["points"]] == [p["score"] for p in a["points"]]
+    # the killed run's rounds were kept as they were, timings included, and the running one resumed
+    assert b["points"][:len(done)] == done
+    assert any(p.get("finetune", {}).get("resumed_from", 0) > 0 for p in b["points"]), "nothing was resumed"
+
+
+def test_an_offloaded_model_is_refused_before_the_first_round(pruned, tmp_path, capsys, monkeypatch):
+    """Under a device map that spills to the CPU or disk, LoRA trained every round and the merged
+    save then failed, on every rerun too."""
+    import moeguard.realign.offload as offload
+
+    monkeypatch.setattr(offload, "offloaded", lambda model: True)
+    capsys.readouterr()
+    code = main(["realign", "--model", str(pruned), *FAST, "--mode", "lora", "--out", str(tmp_path / "run")])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("Loading weights")]
+    assert code == 2 and len(err) == 1 and "cannot be done on offloaded ones" in err[0], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
