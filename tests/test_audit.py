@@ -445,10 +445,10 @@ def test_an_audit_interrupted_while_hardening_resumes_the_hardening(tmp_path, mo
     assert stop.value.code == 130 and saves == [25] and (run / "jobs" / "harden-state" / "state.json").exists()
     monkeypatch.setattr(trainstate, "save", real)
     assert main(args) == 0
-    log = json.loads((run / "stages" / "defense" / "hardening.json").read_text())
+    log = json.loads((run / "stages" / "harden" / "hardening.json").read_text())
     assert log["resumed_from"] == 25 and [r["step"] for r in log["log"]] == list(range(1, 28))
     # saved as `moeguard harden` saves it, with its record (and a protocol for a defense with one)
-    kept = json.loads((run / "stages" / "defense" / "hardened" / "moeguard_hardening.json").read_text())
+    kept = json.loads((run / "stages" / "harden" / "hardened" / "moeguard_hardening.json").read_text())
     assert kept["method"] == "entangle" and kept["resumed_from"] == 25
     assert not (run / "jobs" / "harden-state").exists()
 

@@ -123,8 +123,11 @@ def build(file_values: dict[str, Any], flags: dict[str, Any]) -> AuditConfig:
 # settings of a stage that is off, with the flag that turns it on: set (other than their defaults) they were
 # ignored in silence. Said, not refused: a stage is switched off by adding its flag to a command that set them
 _STAGE_SETTINGS = {
-    "recovery": (("recovery_tasks", "recovery_keep", "recovery_mode", "budgets", "recovery_seeds", "pool_size",
-                  "recovery_eval_limit"), "recovery", "drop --no-recovery"),
+    "recovery": (("recovery_tasks", "recovery_keep", "recovery_mode", "budgets", "recovery_seeds"), "recovery",
+                 "drop --no-recovery"),
+    # the defense comparison's attacker labels from the same pool, scored on the same eval limit
+    "recovery and defense": (("pool_size", "recovery_eval_limit"), "recovery or defense or hardened",
+                             "drop --no-recovery, or pass --defense NAME or --hardened PATH"),
     "defense": (("defense_tasks", "defense_budget", "defense_seeds", "defense_modes", "defense_lr_scales",
                  "defense_epochs"), "defense or hardened", "pass --defense NAME or --hardened PATH"),
     "scan": (("scan_contexts",), "scan", "pass --scan"),
@@ -140,7 +143,8 @@ def _check_unused(cfg: AuditConfig) -> None:
         if given:
             import warnings
 
-            warnings.warn(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, and the {stage} stage is off: "
+            off = f"the {stage} stages are off" if " and " in stage else f"the {stage} stage is off"
+            warnings.warn(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, and {off}: "
                           f"{'it has' if len(given) == 1 else 'they have'} no effect ({fix} to run it)", stacklevel=3)
     # refused: beside --hardened it did nothing but re-run the whole comparison (it is in the stage's key)
     if cfg.harden_steps is not None and not cfg.defense:

@@ -100,36 +100,48 @@ def scan_stage(d: Path, work: Path, model: ModelHandle, cfg: AuditConfig, scan_c
     shutil.copytree(work, d / "scan")
 
 
-def defense_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, study_run, progress, *,
-             state: Path | None = None) -> None:
-    """Harden (or take ``cfg.hardened``) in this process, then the defend-eval study on the
-    audit's backend: base and hardened under the same attack harness."""
+def harden_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, progress, *, state: Path,
+                 final: Path) -> None:
+    """Harden the audited model with ``cfg.defense`` and save it as `moeguard harden` does, into
+    ``d/hardened``; its protocol names ``final``, where the stage's folder is renamed to.
+
+    A stage of its own: the defense comparison that follows (its jobs keyed by this checkpoint's
+    identity, times included) can fail or change settings without the hardening running again."""
     import torch
 
-    from moeguard.defense.harden import config_for, get_defense, harden, save_hardened
-    from moeguard.defense.protocol import FILENAME, Protocol
+    from moeguard.defense.harden import config_for, harden, save_hardened
     from moeguard.io import write_json
     from moeguard.models.loading import load_model
-    from moeguard.studies.defend import DefendEvalConfig, DefendEvalStudy
+    from moeguard.pruning.apply import weights_folder
 
     torch.set_num_threads(runtime.threads)
     dtype = getattr(torch, runtime.dtype) if runtime.dtype else None
-    proto = None
-    if cfg.defense:
-        torch.manual_seed(cfg.seed)
-        hardened, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
-        hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
-        log = harden(hardened, tok, hcfg, progress=progress, checkpoint=state, source=weights_identity(cfg.model))
-        # as `moeguard harden` writes it: with its record and, for a defense with one, the protocol users
-        # adapt under (without it a later defend-eval or realign on this folder skipped the protocol)
-        from moeguard.pruning.apply import weights_folder
+    torch.manual_seed(cfg.seed)
+    hardened, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
+    hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
+    log = harden(hardened, tok, hcfg, progress=progress, checkpoint=state, source=weights_identity(cfg.model))
+    # as `moeguard harden` writes it: with its record and, for a defense with one, the protocol users
+    # adapt under (without it a later defend-eval or realign on this folder skipped the protocol)
+    save_hardened(d / "hardened", hardened, tok, hcfg, log, source=model.name, like=weights_folder(model.ref),
+                  named=final / "hardened")
+    write_json(d / "hardening.json", {"method": cfg.defense, "config": hcfg.to_dict(), **log})
 
-        save_hardened(d / "hardened", hardened, tok, hcfg, log, source=model.name, like=weights_folder(model.ref))
-        del hardened
-        write_json(d / "hardening.json", {"method": cfg.defense, "config": hcfg.to_dict(), **log})
+
+def defense_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle, study_run, *,
+                  hardened: Path | None = None) -> None:
+    """The defend-eval study on the audit's backend: base and hardened under the same attack
+    harness. ``hardened``: the harden stage's folder (else ``cfg.hardened`` is compared)."""
+    from moeguard.defense.harden import config_for, get_defense
+    from moeguard.defense.protocol import FILENAME, Protocol
+    from moeguard.io import write_json
+    from moeguard.studies.defend import DefendEvalConfig, DefendEvalStudy
+
+    proto = None
+    if hardened is not None:
+        hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
         if get_defense(cfg.defense).protocol:
             proto = {"modes": ["lora"], "patterns": list(hcfg.authorized_patterns)}
-        hardened_ref = str(d / "hardened")
+        hardened_ref = str(hardened / "hardened")
     else:
         from moeguard.models.loading import resolve as resolve_ref
 
@@ -146,8 +158,4 @@ def defense_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandl
     doc = study_run(DefendEvalStudy(), dcfg)
     doc["base"], doc["hardened"] = model.name, cfg.defense or cfg.hardened
     write_json(d / "defense.json", doc)
-    if state is not None:   # the stage is complete: nothing to resume
-        from moeguard import trainstate
-
-        trainstate.clear(state)
 

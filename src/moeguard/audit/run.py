@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.audit.config import AuditConfig, check
-from moeguard.audit.optional import (defense_attack, defense_stage, recovery_stage, scan_config, scan_references,
-                                     scan_stage)
+from moeguard.audit.optional import (defense_attack, defense_stage, harden_stage, recovery_stage, scan_config,
+                                     scan_references, scan_stage)
 from moeguard.audit.results import assemble
 from moeguard.audit.stages import StageStore
 from moeguard.errors import MoeguardError
@@ -176,7 +176,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
     # (with it, --threads or another machine's core count re-ran the hardening and the scan)
     placed = {k: v for k, v in runtime.to_dict().items() if k != "threads"}
     ident = {"model": weights_identity(cfg.model), "runtime": placed}
-    n_stages = 5 + bool(cfg.defense or cfg.hardened) + bool(cfg.scan)
+    n_stages = 5 + bool(cfg.defense) + bool(cfg.defense or cfg.hardened) + bool(cfg.scan)
     overall = progress.add_task("audit", total=n_stages) if progress is not None else None
 
     def stage(name, settings, fn, upstream=()):
@@ -262,21 +262,32 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         s_rec = stage("recovery", rec_settings, lambda d: recovery_stage(cfg, d, s_base, s_attr, s_sweep, model, studies_run),
                       [s_base, s_attr, s_sweep])
 
-    s_def = None
+    s_hard = s_def = None
+    if cfg.defense:
+        # the hardening's training state outlives the stage's folder (removed when a stage fails), so an
+        # interrupted audit resumes the hardening where it stopped (keyed on its settings and weights)
+        harden_state = store.jobs / "harden-state"
+        harden_settings = {"defense": cfg.defense, "harden_steps": cfg.harden_steps, "tasks": cfg.tasks,
+                           "seed": cfg.seed, "runtime": placed}
+        s_hard = stage("harden", harden_settings,
+                       lambda d: harden_stage(cfg, d, runtime, model, progress, state=harden_state,
+                                              final=store.stages / "harden"), [s_model])
+        from moeguard import trainstate
+
+        trainstate.clear(harden_state)   # the stage is complete (or was): nothing to resume
     if cfg.defense or cfg.hardened:
         def_settings = {"defense": cfg.defense, "hardened": weights_identity(cfg.hardened) if cfg.hardened else None,
-                        "harden_steps": cfg.harden_steps, "tasks": cfg.defense_tasks, "budget": cfg.defense_budget,
+                        "tasks": cfg.defense_tasks, "budget": cfg.defense_budget,
                         "seeds": cfg.defense_seeds, "eval_limit": cfg.recovery_eval_limit, "seed": cfg.seed,
                         "grid": [list(cfg.defense_modes), list(cfg.defense_lr_scales), list(cfg.defense_epochs)],
                         **({"routes": cfg.routes, "merge_methods": cfg.merge_methods} if "merge" in cfg.routes else {}),
                         "methods": cfg.methods, "samples": cfg.samples, "pool_size": cfg.pool_size,
                         "utility_tasks": cfg.tasks, "utility_limit": cfg.eval_limit, "target": cfg.target,
                         "runtime": placed}
-        # the hardening's training state outlives the stage's folder (removed when a stage fails), so an
-        # interrupted audit resumes the hardening where it stopped (keyed on its settings and weights)
-        s_def = stage("defense", def_settings, lambda d: defense_stage(cfg, d, runtime, model, study_run, progress,
-                                                                  state=store.jobs / "harden-state"),
-                      [s_model])
+        s_def = stage("defense", def_settings,
+                      lambda d: defense_stage(cfg, d, runtime, model, study_run,
+                                              hardened=s_hard.path if s_hard is not None else None),
+                      [s for s in (s_model, s_hard) if s is not None])
 
     s_scan = None
     if cfg.scan:
@@ -296,7 +307,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         s_scan = stage("scan", scan_settings,
                        lambda d: scan_stage(d, store.jobs / f"scan-{key}", model, cfg, scan_cfg, refs, runtime, progress), [s_model])
 
-    upstream = [s for s in (s_model, s_base, s_attr, s_sweep, s_rec, s_def, s_scan) if s is not None]
+    upstream = [s for s in (s_model, s_base, s_attr, s_sweep, s_rec, s_hard, s_def, s_scan) if s is not None]
     doc = assemble(cfg, info, {s.name: s for s in upstream}, backend=backend.describe())
     doc["stages"] = store.log
     doc["run"] = run_record(cfg.to_dict())

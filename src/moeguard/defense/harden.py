@@ -333,11 +333,13 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
 
 
 def save_hardened(out, model, tokenizer, cfg: HardenConfig, result: dict[str, Any], *, source: str,
-                  overwrite: bool = False, run: dict[str, Any] | None = None, like: Path | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, run: dict[str, Any] | None = None, like: Path | None = None,
+                  named: Path | None = None) -> dict[str, Any]:
     """Write the hardened checkpoint atomically: weights, tokenizer, ``moeguard_hardening.json``
     (the training log), and, for a defense with a protocol, the ``moeguard_protocol.json`` users
     adapt under. Returns the hardening record. ``like``: the folder of the weights it was hardened
-    from, whose dtypes the written weights keep (the owner releases bf16, not the float32 it trained in)."""
+    from, whose dtypes the written weights keep (the owner releases bf16, not the float32 it trained in). ``named``: where the
+    checkpoint will lie, when ``out`` is a temporary folder renamed later (the protocol names it)."""
     from moeguard.defense.protocol import FILENAME, Protocol
     from moeguard.io import atomic_dir, write_json
     from moeguard.models.tokenizer_files import save_tokenizer
@@ -354,7 +356,7 @@ def save_hardened(out, model, tokenizer, cfg: HardenConfig, result: dict[str, An
                "description": spec.description, **result, "run": run or {}}
         write_json(tmp / "moeguard_hardening.json", doc)
         if spec.protocol:
-            Protocol(modes=("lora",), patterns=tuple(cfg.authorized_patterns), model=str(out),
+            Protocol(modes=("lora",), patterns=tuple(cfg.authorized_patterns), model=str(named or out),
                      note=f"issued by moeguard harden --method {cfg.method}: adapt with LoRA on these parameters "
                           "only").save(tmp / FILENAME)
     return doc

@@ -1,0 +1,71 @@
+"""The audit's hardening is a stage of its own (2026-12-07 review): the defense comparison after it
+can fail, or change its settings, without the model being hardened again, and the checkpoint's
+protocol names where it lies, not the stage's temporary folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moeguard.cli import main
+
+
+def test_a_failed_defense_comparison_resumes_without_hardening_again(tmp_path, monkeypatch):
+    import moeguard.defense.harden as harden_module
+    import moeguard.studies.defend as defend
+
+    run = tmp_path / "run"
+    args = ["audit", "--out", str(run), "--tasks", "arith-compare", "--methods", "frequency", "--no-recovery",
+            "--random-seeds", "1", "--eval-limit", "16", "--recovery-eval-limit", "16", "--pool-size", "32",
+            "--samples", "8", "--defense", "selective", "--harden-steps", "2", "--threads", "1",
+            "--defense-modes", "lora", "--defense-lr-scales", "1", "--defense-epochs", "1", "--defense-seeds", "1"]
+    real_study = defend.DefendEvalStudy
+
+    class Killed:
+        def __init__(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(defend, "DefendEvalStudy", Killed)
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--defense-budget", "4"])
+    assert stop.value.code == 130
+    hardened = run / "stages" / "harden" / "hardened"
+    assert (run / "stages" / "harden" / "done.json").exists() and not (run / "stages" / "defense").exists()
+    made = {f.name: f.stat().st_mtime_ns for f in hardened.iterdir()}
+
+    monkeypatch.setattr(defend, "DefendEvalStudy", real_study)
+    calls = []
+    real_harden = harden_module.harden
+    monkeypatch.setattr(harden_module, "harden", lambda *a, **k: calls.append(1) or real_harden(*a, **k))
+    # and with a setting only the comparison reads changed: the hardening is not re-done for it
+    assert main([*args, "--defense-budget", "8"]) == 0
+    assert calls == [], "the model was hardened again"
+    assert {f.name: f.stat().st_mtime_ns for f in hardened.iterdir()} == made   # the jobs' identity of it
+    doc = json.loads((run / "results.json").read_text())
+    assert [s["stage"] for s in doc["stages"]] == ["model", "baseline", "attribution", "sweep", "harden", "defense"]
+    assert [s["cached"] for s in doc["stages"] if s["stage"] == "harden"] == [True]
+    # the protocol names the checkpoint where it lies (it named stages/.defense.tmp-KEY/hardened)
+    proto = json.loads((hardened / "moeguard_protocol.json").read_text())
+    assert proto["model"] == str(hardened) and hardened.is_dir()
+    settings = json.loads((run / "stages" / "defense" / "defense.json").read_text())["settings"]
+    assert settings["hardened"] == str(hardened)
+    assert not (run / "jobs" / "harden-state").exists()
+
+
+def test_the_pool_and_eval_limit_the_defense_reads_are_not_said_to_have_no_effect():
+    """pool_size and recovery_eval_limit set with --no-recovery were said to have no effect, and the
+    defense comparison's attacker reads both."""
+    import warnings
+
+    from moeguard.audit.config import AuditConfig, check
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        check(AuditConfig(recovery=False, defense="entangle", pool_size=32, recovery_eval_limit=16))
+        assert said == []
+        check(AuditConfig(recovery=False, pool_size=32, recovery_eval_limit=16, budgets=[8]))
+    assert [str(w.message) for w in said] == [
+        "budgets is set, and the recovery stage is off: it has no effect (drop --no-recovery to run it)",
+        "pool_size, recovery_eval_limit are set, and the recovery and defense stages are off: they have no effect "
+        "(drop --no-recovery, or pass --defense NAME or --hardened PATH to run it)"]
