@@ -85,6 +85,7 @@ def _recovery_entry(r: dict[str, Any]) -> dict[str, Any]:
            "pruned_retention": r["pruned_retention"], "full_score": r["full_score"],
            "target": r["summary"]["target"], "best": r["summary"]["best"],
            "saves_labels": r["summary"]["saves_labels"], "rule": r["summary"]["rule"],
+           "seeds": r["summary"].get("seeds"), "min_seeds": r["summary"].get("min_seeds"),
            "strategies": r["summary"]["strategies"],
            "detectability": r.get("detectability")}
     if r.get("route") == "merge":

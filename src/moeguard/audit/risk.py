@@ -92,6 +92,10 @@ def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int = 1) -> 
         out["best_strategy"] = rec["best"]
         # the largest point saving; whether its interval lies above zero (the summary's own rule for a claim)
         out["best_strategy_saves_labels"] = rec.get("saves_labels") is not None and rec.get("saves_labels") == rec["best"]
+        # another strategy than the largest point saving may be the one whose claim holds: it is said too
+        out["strategy_saving_labels"] = rec.get("saves_labels")
+        out["recovery_seeds"] = rec.get("seeds")
+        out["min_seeds"] = rec.get("min_seeds")
     else:
         attacked = pruned.get(str(quarter))
     out.update({"attack_keep": keep, "recovered": recovered, "attacked": attacked, "labels_to_recover": labels})

@@ -141,8 +141,13 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
                      ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=[the_task], max_memory=cap)
     _console().print(recovery_table(doc))
     s = doc["summary"]
-    verdict = (f"{s['saves_labels']} saves labels against random (95% interval above zero)" if s["saves_labels"]
-               else "no strategy saves labels against random (no savings interval lies above zero)")
+    if s["saves_labels"]:
+        verdict = f"{s['saves_labels']} saves labels against random (95% interval above zero, {s['seeds']} seeds)"
+    elif (s.get("seeds") or 0) < s["min_seeds"]:
+        verdict = (f"no claim on saving labels from {s.get('seeds') or 0} seeds (a claim needs {s['min_seeds']}: "
+                   f"--seeds {s['min_seeds']})")
+    else:
+        verdict = "no strategy saves labels against random (no savings interval lies above zero)"
     typer.echo(f"{len(doc['curves'])} runs; {verdict}; written to {out}")
 
 

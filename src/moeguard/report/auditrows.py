@@ -43,10 +43,22 @@ def risk_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
                      + _by_merge(r, q),
                      head("attack_keep", "after attack", r, "its keep"): attack,
                      "labels to target": labels_text(r["labels_to_recover"]) if e.get("recovery") else "–",
-                     "best strategy": (f"{r['best_strategy']}" + ("" if r.get("best_strategy_saves_labels") else
-                                                                     " (not significant)") if r.get("best_strategy") else
-                                       ("none beats random" if e.get("recovery") else "–"))})
+                     "best strategy": best_strategy_text(r) if r.get("best_strategy") else
+                                      ("none beats random" if e.get("recovery") else "–")})
     return rows
+
+
+def best_strategy_text(r: dict[str, Any]) -> str:
+    """The largest point saving, whether it is a claim (seeds enough, interval above zero), and the
+    strategy whose claim holds where that is another one."""
+    text = r["best_strategy"]
+    seeds, least = r.get("recovery_seeds"), r.get("min_seeds")
+    if r.get("best_strategy_saves_labels"):
+        return text
+    if isinstance(seeds, int) and isinstance(least, int) and seeds < least:
+        return f"{text} ({seeds} seeds: too few to tell, a claim needs {least})"
+    other = r.get("strategy_saving_labels")
+    return f"{text} (not significant)" + (f"; {other} saves labels" if other else "")
 
 
 def _by_merge(risk: dict[str, Any], k: str) -> str:
