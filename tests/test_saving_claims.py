@@ -43,3 +43,32 @@ def test_the_audit_table_says_why_the_best_strategy_is_no_claim():
     assert best_strategy_text(r) == "orphan"
     # a results.json written before the seeds were recorded reads as before
     assert best_strategy_text({"best_strategy": "orphan", "best_strategy_saves_labels": False}) == "orphan (not significant)"
+
+
+def test_every_retention_of_the_audit_report_is_printed_rounded_down():
+    """docs/report.md: retention is printed rounded down (89.96% is 89.9%, never the 90.0% a 90%
+    rule reads as met); the method, recovery and defense tables rounded to nearest."""
+    from moeguard.report.auditrows import defense_rows, method_rows, recovery_rows
+
+    doc = {"config": {"keeps": [4]}, "tasks": {"t": {
+        "methods": {"gate": {"retention": {"4": 89.96}, "auc": 70.0, "spearman_vs_ablation": 0.5, "seconds": 1.0}},
+        "random": {"4": {"mean": 49.99, "std": 1.0}}, "random_auc": {"auc_mean": 50.0, "auc_std": 1.0},
+        "recovery": {"strategies": {"random": {"labels": [0, 8], "labels_to_target": None, "auc": 80.0,
+                                               "final": 89.96, "savings_vs_random": None}}}}}}
+    row = method_rows(doc, "t")[0]
+    assert row["keep 4"] == "89.9 (rand 49.9)"
+    assert method_rows(doc, "t")[1]["keep 4"].startswith("49.9 ±")
+    assert recovery_rows(doc, "t")[0]["retention at 8 labels"] == "89.9%"
+    side = {"pruned_retention": 50.06, "realigned_retention": 89.96, "scratch_retention": 70.09}
+    d = {"defense": {"summaries": {"t": {"2": {"base": side, "hardened": side}}},
+                     "extra_labels": {"t": {"2": {"mean": 1.0}}}}}
+    row = defense_rows(d)[0]
+    assert row["pruned base → hardened"] == "50.0 → 50.0%" and row["after attack base → hardened"] == "89.9 → 89.9%"
+    assert row["from scratch"] == "70.0%"
+
+
+def test_a_saving_short_of_all_labels_is_not_printed_as_100_percent_in_the_plot_legend():
+    from moeguard.report.recovery import _legend
+
+    s = {"labels_to_target": 0.4, "savings_vs_random": {"percent": 99.6, "bound": "exact"}}
+    assert _legend("orphan", s) == "orphan: <1 labels, 99.6% fewer than random"

@@ -73,20 +73,20 @@ def method_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
         row = {"method": m}
         for k in keeps:
             rnd = e["random"].get(k)
-            row[f"keep {k}"] = _fmt(v["retention"].get(k)) + (f" (rand {_fmt(rnd['mean'])})" if rnd else "")
+            row[f"keep {k}"] = floored(v["retention"].get(k)) + (f" (rand {floored(rnd['mean'])})" if rnd else "")
         row["AUC"] = _fmt(v["auc"])
         row["ρ vs ablation"] = _fmt(v["spearman_vs_ablation"], ".2f")
         row["seconds"] = _fmt(v["seconds"], ".1f")
         rows.append(row)
     ra = e["random_auc"]
-    rows.append({"method": "random rankings", **{f"keep {k}": (_fmt(e['random'][k]['mean']) + f" ± {_fmt(e['random'][k]['std'])}")
+    rows.append({"method": "random rankings", **{f"keep {k}": (floored(e['random'][k]['mean']) + f" ± {_fmt(e['random'][k]['std'])}")
                                                 if k in e["random"] else "–" for k in keeps},
                  "AUC": _fmt(ra.get("auc_mean")) + (f" ± {ra['auc_std']:.1f}" if ra.get("auc_std") is not None else ""),
                  "ρ vs ablation": "–", "seconds": "–"})
     routes = e.get("routes") or {}
     if routes:   # the merge route: its best per keep (which centres and merge method), its own random band
-        cell = lambda r: "–" if not r else (_fmt(r["retention"]) + f" ({r['method']} + {r['merge_method']}"  # noqa: E731
-                                           + (f", rand {r['random_mean']:.1f})" if r.get("random_mean") is not None else ")"))
+        cell = lambda r: "–" if not r else (floored(r["retention"]) + f" ({r['method']} + {r['merge_method']}"  # noqa: E731
+                                           + (f", rand {floored(r['random_mean'])})" if r.get("random_mean") is not None else ")"))
         rows.append({"method": "merge route (best)", **{f"keep {k}": cell((routes.get(k) or {}).get("merge")) for k in keeps},
                      "AUC": "–", "ρ vs ablation": "–", "seconds": "–"})
         rows.append({"method": "stronger route", **{f"keep {k}": (routes.get(k) or {}).get("winner", "–") for k in keeps},
@@ -105,7 +105,7 @@ def recovery_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
         for n, s in r["strategies"].items():
             rows.append({**({"route": route} if len(routes) > 1 else {}), "strategy": n,
                          "labels to target": labels_text(s["labels_to_target"]), "savings vs random": savings_text(n, s),
-                         "AUC": _fmt(s["auc"]), f"retention at {s['labels'][-1]} labels": _fmt(s["final"]) + "%"})
+                         "AUC": _fmt(s["auc"]), f"retention at {s['labels'][-1]} labels": floored(s["final"]) + "%"})
     return rows
 
 
@@ -119,7 +119,7 @@ def detect_text(rec: dict[str, Any]) -> str | None:
     from moeguard.report.trace import p_text
 
     return (f"Detectability: if the attacker's best re-aligned model ({d['strategy']}, {d['labels']} labels, "
-            f"{d['retention']:.1f}% retained) were stolen, `moeguard trace` would find it with p = "
+            f"{floored(d['retention'])}% retained) were stolen, `moeguard trace` would find it with p = "
             f"{p_text(d['p_value'])} ({d['verdict']}), identifying {d['kept_identified']} of {d['kept_total']} "
             f"kept experts; every re-aligned run traced as derived: {'yes' if d['all_derived'] else 'no'} "
             f"(largest p {p_text(d['largest_p'])}).")
@@ -156,10 +156,11 @@ def defense_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
     for t, by_keep in d["summaries"].items():
         for k, v in by_keep.items():
             b, h = v["base"], v["hardened"]
-            rows.append({"task": t, "keep": k, "pruned base → hardened": f"{_fmt(b['pruned_retention'])} → {_fmt(h['pruned_retention'])}%",
-                         "after attack base → hardened": f"{_fmt(b['realigned_retention'])} → {_fmt(h['realigned_retention'])}%",
+            rows.append({"task": t, "keep": k,
+                         "pruned base → hardened": f"{floored(b['pruned_retention'])} → {floored(h['pruned_retention'])}%",
+                         "after attack base → hardened": f"{floored(b['realigned_retention'])} → {floored(h['realigned_retention'])}%",
                          "extra labels": extra_labels_text(d["extra_labels"][t][k], ".1f"),
-                         "from scratch": _fmt(h.get("scratch_retention")) + "%"})
+                         "from scratch": floored(h.get("scratch_retention")) + "%"})
     return rows
 
 

@@ -61,8 +61,8 @@ def _legend(name: str, s: dict[str, Any]) -> str:
     sv = s.get("savings_vs_random")
     if sv and sv.get("percent") is not None:
         pct = sv["percent"]
-        text += (f", {'≥' if sv['bound'] == 'at least' else ''}{pct:.0f}% fewer than random" if pct >= 0
-                 else f", {-pct:.0f}% more than random")
+        text += (f", {'≥' if sv['bound'] == 'at least' else ''}{_percent(pct)}% fewer than random" if pct >= 0
+                 else f", {_percent(-pct)}% more than random")
     return text
 
 
