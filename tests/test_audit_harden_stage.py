@@ -51,6 +51,7 @@ def test_a_failed_defense_comparison_resumes_without_hardening_again(tmp_path, m
     settings = json.loads((run / "stages" / "defense" / "defense.json").read_text())["settings"]
     assert settings["hardened"] == str(hardened)
     assert not (run / "jobs" / "harden-state").exists()
+    assert not (tmp_path / ".run.lock").exists()   # the run's lock goes with it
 
 
 def test_the_pool_and_eval_limit_the_defense_reads_are_not_said_to_have_no_effect():
@@ -69,3 +70,24 @@ def test_the_pool_and_eval_limit_the_defense_reads_are_not_said_to_have_no_effec
         "budgets is set, and the recovery stage is off: it has no effect (drop --no-recovery to run it)",
         "pool_size, recovery_eval_limit are set, and the recovery and defense stages are off: they have no effect "
         "(drop --no-recovery, or pass --defense NAME or --hardened PATH to run it)"]
+
+
+def test_a_second_audit_on_a_running_one_s_folder_is_one_line_and_touches_nothing(tmp_path, capsys):
+    """Two audits on one --out swept each other's temporary stage folders, shared the hardening
+    state and, with --overwrite, emptied the running one's stages under it."""
+    from moeguard.audit.run import lock_run_dir, release_run_dir
+
+    run = tmp_path / "run"
+    (run / "stages" / "baseline").mkdir(parents=True)
+    (run / "audit.json").write_text("{}")
+    held = lock_run_dir(run)            # the running audit
+    try:
+        capsys.readouterr()
+        code = main(["audit", "--out", str(run), "--tasks", "arith-compare", "--no-recovery", "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"another audit is running in {run}" in err[0], err
+        assert "give this run another --out" in err[0]
+        assert (run / "stages" / "baseline").is_dir()     # --overwrite emptied nothing
+    finally:
+        release_run_dir(run, held)
+    assert not (tmp_path / ".run.lock").exists()

@@ -70,6 +70,26 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
     return path
 
 
+def hold_lock(path: Path, *, busy: str, hint: str):
+    """An exclusive lock on the file ``path`` (made if missing), held while the returned open file
+    is: close it to release. ``busy``/``hint``: the one-line error where another process holds it."""
+    import fcntl
+
+    while True:
+        f = open(path, "a")   # noqa: SIM115 -- held open for the locker's life
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise MoeguardError(f"{busy} (it holds {path})", hint=hint) from None
+        try:   # a holder that unlinks the file as it releases it: the lock taken must be on the file there now
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` only if the block completes."""

@@ -148,19 +148,13 @@ def lock_period_log(period_log: Path | None):
     open file: close it to release), or a one-line error where another server holds it: two servers
     appending the same period's row, and saving over each other's open period, left a log no start
     could read. None without a period log."""
-    import fcntl
+    from moeguard.io import hold_lock
 
     if period_log is None:
         return None
-    path = period_log.with_name(period_log.name + ".lock")
-    f = open(path, "a")   # noqa: SIM115 -- held open for the server's life
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise MoeguardError(f"another server uses --period-log {period_log} (it holds {path})",
-                            hint="give each server its own --period-log, or stop the other one") from None
-    return f
+    return hold_lock(period_log.with_name(period_log.name + ".lock"),
+                     busy=f"another server uses --period-log {period_log}",
+                     hint="give each server its own --period-log, or stop the other one")
 
 
 def listen(host: str, port: int):
