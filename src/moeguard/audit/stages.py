@@ -47,7 +47,9 @@ class StageStore:
         self.stages = self.root / "stages"
         self.jobs = self.root / "jobs"
         self.stages.mkdir(parents=True, exist_ok=True)
-        for stale in self.stages.glob(".*.tmp-*"):  # a stage killed before it completed
+        # a stage killed before it completed; a stage swapped out by a rerun killed mid-swap (io's
+        # _move_into_place: a hardened checkpoint of several GB was left behind)
+        for stale in [*self.stages.glob(".*.tmp-*"), *self.stages.glob(".*.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         self.log: list[dict[str, Any]] = []
 

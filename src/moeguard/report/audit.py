@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.analysis import floored
-from moeguard.io import atomic_dir, write_json, write_text
+from moeguard.io import atomic_dir, dumps, write_text
 from moeguard.report import plots
 from moeguard.report.plots import _plt
 from moeguard.report.auditrows import (_fmt, card_rows, defense_detect_text, defense_rows, defense_utility_rows,
@@ -93,9 +93,12 @@ def write_report(doc: dict[str, Any], out: Path, stages: dict[str, Path]) -> Non
         files = make_plots(doc, stages, tmp)
     doc["files"] = {"plots": files, "results": "results.json", "report_md": "report.md",
                     "report_html": "report.html"}
-    write_json(out / "results.json", doc)
-    write_text(out / "report.md", render_markdown(doc))
-    write_text(out / "report.html", render_html(doc, out / "plots"))
+    # rendered whole before any is written: a report that fails to render leaves the three of the
+    # last run as they were, not a new results.json beside an old report
+    texts = {"results.json": dumps(doc, indent=2, sort_keys=False) + "\n", "report.md": render_markdown(doc),
+             "report.html": render_html(doc, out / "plots")}
+    for name, text in texts.items():
+        write_text(out / name, text)
 
 
 # --------------------------------------------------------------------------- markdown
