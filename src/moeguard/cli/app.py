@@ -116,6 +116,8 @@ def _numbers(value: str, what: str, kind, noun: str = "numbers", example: str = 
 BackendOpt = Annotated[str, typer.Option("--backend", help="where jobs run: local (this process) or ray")]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="an existing Ray cluster; default: a local Ray")]
 GpusPerJobOpt = Annotated[float, typer.Option("--gpus-per-job", min=0.0, help="GPUs each Ray task asks for (with --backend ray and a GPU --device-map)")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, max=4096, help="torch threads per job (and CPUs "
+                                                   "per Ray task); default: this machine's cores")]
 
 
 def _config_command(params: Callable[[], list]):
@@ -129,7 +131,8 @@ def _config_command(params: Callable[[], list]):
 
 
 def _run_study(out: Path, overwrite: bool, settings: dict, model, study, cfg, write, *, backend: str = "local",
-               ray_address: str | None = None, tasks=(), max_memory: int | None = None, gpus_per_job: float = 0.0) -> dict:
+               ray_address: str | None = None, tasks=(), max_memory: int | None = None, gpus_per_job: float = 0.0,
+               threads: int | None = None) -> dict:
     """:func:`moeguard.studies.run_to_dir` with the command's progress bar."""
     from moeguard.edge import task_inputs
     from moeguard.io import check_output
@@ -141,7 +144,7 @@ def _run_study(out: Path, overwrite: bool, settings: dict, model, study, cfg, wr
     with _progress() as progress:
         return run_to_dir(study, cfg, out=out, model=model, settings=settings, write=write, backend=backend,
                           ray_address=ray_address, tasks=tasks, overwrite=overwrite, progress=progress,
-                          max_memory=max_memory, gpus_per_job=gpus_per_job)
+                          max_memory=max_memory, gpus_per_job=gpus_per_job, threads=threads)
 
 
 def _param(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
@@ -154,7 +157,7 @@ def _common(*, model: bool = True, backend: bool = True) -> list[inspect.Paramet
     ps += [_param("device_map", DeviceMapOpt, None)]
     if backend:
         ps += [_param("backend", BackendOpt, "local"), _param("ray_address", RayAddressOpt, None),
-               _param("gpus_per_job", GpusPerJobOpt, 0.0)]
+               _param("gpus_per_job", GpusPerJobOpt, 0.0), _param("threads", ThreadsOpt, None)]
     return ps + [_param("overwrite", OverwriteOpt, False)]
 
 

@@ -131,7 +131,7 @@ def _attack_params():
 @app.command()
 @_config_command(_attack_params)
 def attack(*, out: Path, model: Optional[str], device_map: Optional[str], backend: str, ray_address: Optional[str], gpus_per_job: float,
-           overwrite: bool, **flags) -> None:
+           threads: Optional[int], overwrite: bool, **flags) -> None:
     """The strongest prune-and-re-align attacker: worst case over its settings, and a from-scratch baseline."""
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output
@@ -144,7 +144,7 @@ def attack(*, out: Path, model: Optional[str], device_map: Optional[str], backen
     cfg = _attack_config(flags, task=the_task.name, keep=flags["keep"])
     preflight(cfg, handle)
     doc = _run_study(out, overwrite, {"model": handle.name, **cfg.to_dict(), **_placement(handle)}, handle, AttackStudy(), cfg, write_attack,
-                     backend=backend, ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=[the_task])
+                     backend=backend, ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=[the_task], threads=threads)
     _console().print(attack_table(doc))
     s = doc["summary"]
     u = s["uncertainty"]["realigned_retention"]
@@ -174,7 +174,7 @@ def _defend_params():
 @_config_command(_defend_params)
 def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, utility_tasks: Optional[str],
                 keeps: Optional[str], protocol: Optional[Path], device_map: Optional[str], backend: str,
-                ray_address: Optional[str], gpus_per_job: float, overwrite: bool, **flags) -> None:
+                ray_address: Optional[str], gpus_per_job: float, threads: Optional[int], overwrite: bool, **flags) -> None:
     """Utility cost of a defense and the attacker's cost against it, base vs hardened, with plots."""
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.io import check_output
@@ -201,7 +201,7 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
         write_defense(doc, work)
 
     doc = _run_study(out, overwrite, settings, h, DefendEvalStudy(), cfg, write, backend=backend,
-                     ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=[*task_list, *extra])
+                     ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=[*task_list, *extra], threads=threads)
     _console().print(defense_table(doc))
     met = {k: v["met"] for k, v in doc["goals"].items() if isinstance(v, dict)}
     typer.echo("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()) + f"; written to {out}")

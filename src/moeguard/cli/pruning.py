@@ -156,7 +156,7 @@ def _sweep_params():
 @app.command()
 @_config_command(_sweep_params)
 def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend: str, ray_address: Optional[str], gpus_per_job: float,
-          overwrite: bool, max_memory: Optional[str], **flags) -> None:
+          threads: Optional[int], overwrite: bool, max_memory: Optional[str], **flags) -> None:
     """Knowledge-loss study: retention per task, method and keep level, against random rankings.
 
     With --max-memory, each job's model is loaded under the cap (the other layers offloaded to disk),
@@ -194,7 +194,7 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
     # capped: the physical checks are skipped, so the jobs are keyed apart from an uncapped run's
     study = SweepStudyConfig(sweep=cfg, references={t: None for t in names}, capped=cap is not None)
     doc = _run_study(out, overwrite, settings, handle, SweepStudy(), study, write, backend=backend,
-                     ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=task_list, max_memory=cap)
+                     ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=task_list, max_memory=cap, threads=threads)
     _console().print(sweep_table(doc))
     if doc.get("routes"):
         from moeguard.report.sweep import routes_table

@@ -95,7 +95,7 @@ def _recovery_params():
 @app.command()
 @_config_command(_recovery_params)
 def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], backend: str, ray_address: Optional[str], gpus_per_job: float,
-             overwrite: bool, sweep: Optional[Path], max_memory: Optional[str], **flags) -> None:
+             threads: Optional[int], overwrite: bool, sweep: Optional[Path], max_memory: Optional[str], **flags) -> None:
     """Recovery study: labels each strategy needs to re-align a pruned task, against random.
 
     With --max-memory (and --mode lora), the pruned copy is streamed to disk and loaded under the
@@ -138,7 +138,8 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
     settings = {"model": handle.name, **cfg.to_dict(), **chosen, **({"max_memory": cap} if cap is not None else {}),
                 **_placement(handle)}
     doc = _run_study(out, overwrite, settings, handle, RecoveryStudy(), cfg, write_recovery, backend=backend,
-                     ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=[the_task], max_memory=cap)
+                     ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=[the_task], max_memory=cap,
+                     threads=threads)
     _console().print(recovery_table(doc))
     s = doc["summary"]
     if s["saves_labels"]:

@@ -108,14 +108,17 @@ def run_studies(items: list[tuple[Study, Any]], *, jobs: Path, runtime: Runtime,
 def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[str, Any],
                write: Callable[[dict[str, Any], Path], None], backend: str = "local",
                ray_address: str | None = None, tasks: Iterable = (), overwrite: bool = False,
-               progress: Any = None, max_memory: int | None = None, gpus_per_job: float = 0.0) -> dict[str, Any]:
+               progress: Any = None, max_memory: int | None = None, gpus_per_job: float = 0.0,
+               threads: int | None = None) -> dict[str, Any]:
     """A study run as a command runs it: resumable, into a folder. Its jobs run on ``backend``
     and are kept under ``.OUT.partial/jobs`` (a killed run with the same ``settings`` resumes);
     the document is stamped with the model's name and the run record (``settings``, versions,
     commit), written by ``write(doc, folder)`` and renamed to ``out`` when done.
     ``model``: the resolved :class:`~moeguard.models.handle.ModelHandle`; ``max_memory``: bytes
     of host memory its weights may take (the rest offloaded); ``gpus_per_job``: GPUs each Ray task
-    asks for."""
+    asks for; ``threads``: torch threads per job and CPUs per Ray task (default: this machine's cores).
+    The run record names where it ran (threads, backend, Ray address, GPUs per job: the thread count
+    changes CPU float sums), which the resume stamp leaves out, as the audit's keys do."""
     import torch
 
     from moeguard.edge import file_tasks
@@ -124,7 +127,7 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
     from moeguard.studies.engine import make_backend
 
     runner = make_backend(backend, address=ray_address, gpus=gpus_per_job, device_map=model.device_map)
-    runtime = Runtime(model=model.arg, threads=torch.get_num_threads(), tasks=file_tasks(tasks), max_memory=max_memory,
+    runtime = Runtime(model=model.arg, threads=threads or torch.get_num_threads(), tasks=file_tasks(tasks), max_memory=max_memory,
                       device_map=model.device_map)
     try:
         # the cap changes where weights sit, not a number: a run restarted under another cap resumes
@@ -138,7 +141,8 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
                 doc["model"]["name"] = model.name
             else:
                 doc["model"] = model.name
-            doc["run"] = run_record(settings)
+            doc["run"] = run_record({**settings, "runtime": {"threads": runtime.threads, "backend": backend,
+                                                             "ray_address": ray_address, "gpus_per_job": gpus_per_job}})
             write(doc, work)
     finally:
         runner.close()
