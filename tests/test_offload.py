@@ -174,8 +174,10 @@ def test_an_audit_under_a_cap_gives_the_numbers_of_an_uncapped_one_and_refuses_i
             (["--no-recovery", "--defense", "entangle"], ("with the defense stage(s)",)),
             (["--recovery-mode", "full"], ("recovery mode 'full', which trains weights that are offloaded",
                                            "use --recovery-mode lora", "or --no-recovery")),
-            (["--recovery-mode", "lora", "--route", "prune,merge"], ("recovery on the merge route",
-                                                                     "use --route prune, or --no-recovery"))):
+            # --no-recovery was the suggested fix, and the sweep stage merges in memory too
+            (["--recovery-mode", "lora", "--route", "prune,merge"], ("is set with the merge route",
+                                                                     "use --route prune under a cap")),
+            (["--no-recovery", "--route", "prune,merge"], ("is set with the merge route", "use --route prune"))):
         assert main(["audit", "--out", str(tmp_path / "c"), "--max-memory", "4MiB", *args[:-3], *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and all(n in err for n in needles), (extra, err)

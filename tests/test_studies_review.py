@@ -36,3 +36,37 @@ def test_a_sweep_s_run_record_says_where_it_ran(tmp_path):
                  "--collateral-limit", "4", "--threads", "1", "--out", str(out)]) == 0
     run = json.loads((out / "sweep.json").read_text())["run"]
     assert run["settings"]["runtime"] == {"threads": 1, "backend": "local", "ray_address": None, "gpus_per_job": 0.0}
+
+
+def _one_line(code, err, needle):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["sweep", "--tasks", "arith-compare", "--methods", "frequency", "--keep", "2", "--route", "prune,merge",
+      "--max-memory", "8GiB"], "--max-memory 8GiB is set with the merge route"),
+    (["audit", "--route", "prune,merge", "--max-memory", "8GiB", "--no-recovery"],
+     "max_memory 8GiB is set with the merge route"),
+    (["attack", "--task", "arith-compare", "--keep", "2", "--target", "0"], "the attack's target is 0.0"),
+])
+def test_settings_that_failed_after_the_work_are_one_line_before_it(args, needle, tmp_path, capsys):
+    capsys.readouterr()
+    _one_line(main([*args, "--out", str(tmp_path / "o")]), capsys.readouterr().err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_attack_s_merge_route_is_refused_up_front_for_a_family_of_expert_modules():
+    """Switch-style experts (one module each) cannot be merged: attack and defend-eval found out at
+    the first merge, after the full evaluation, every attribution and every pruning plan."""
+    from types import SimpleNamespace
+
+    from moeguard.models.families import FAMILIES
+    from moeguard.studies.attack import AttackConfig, preflight
+
+    model = SimpleNamespace(family=FAMILIES.get("switch_transformers"), check_keep=lambda keep: None)
+    cfg = AttackConfig(task="arith-compare", keep=2, routes=("prune", "merge"))
+    with pytest.raises(MoeguardError, match="keeps one module per expert") as e:
+        preflight(cfg, model)
+    assert e.value.hint == "use the pruning route (--routes prune)"
+    preflight(AttackConfig(task="arith-compare", keep=2, routes=("prune",)), model)   # the pruning route is fine

@@ -181,10 +181,15 @@ def check(cfg: AuditConfig) -> None:
                                 f"the model or a copy of it in memory",
                                 hint="leave out --defense, --hardened and --scan to audit a model larger than memory; "
                                 "run those stages where the model fits")
+        if "merge" in cfg.routes:   # the sweep's merge points too, with recovery or without
+            raise MoeguardError(f"max_memory {cfg.max_memory} is set with the merge route, which merges a copy of the "
+                                "model in memory (the sweep's merge points, the recovery of the merged model)",
+                                hint="use --route prune under a cap; `moeguard merge --max-memory` merges a "
+                                     "checkpoint larger than memory on its own")
         if cfg.recovery:
             from moeguard.studies.recovery import check_capped
 
-            check_capped(cfg.max_memory, mode=cfg.recovery_mode, merge="merge" in cfg.routes,
+            check_capped(cfg.max_memory, mode=cfg.recovery_mode, merge=False,
                          mode_flag="--recovery-mode", otherwise=", or --no-recovery")
     _check_unused(cfg)
     if "random" not in cfg.strategies:

@@ -106,9 +106,15 @@ def preflight(cfg: AttackConfig, model) -> None:
     if not cfg.routes:
         raise MoeguardError("the attack has no route", hint="pass --routes prune, merge or prune,merge")
     if "merge" in cfg.routes:
+        from moeguard.models.handle import check_merge_route
         from moeguard.pruning.merging.base import check_merge_methods
 
         check_merge_methods(cfg.merge_methods)
+        # before the grid: a family with one module per expert failed at its first merge, after the
+        # full evaluation, every attribution and every pruning plan (again at each resume)
+        check_merge_route(model.family, True, flag="--routes prune")
+    if not 0 < cfg.target <= 100:   # --target 0 reported 0 labels needed
+        raise MoeguardError(f"the attack's target is {cfg.target}", hint="a percentage in (0, 100], e.g. 95")
     bad = [p for p in cfg.plans if p not in ("uniform", "budgeted")]
     if bad or not cfg.plans:
         raise MoeguardError(f"attack plans {list(cfg.plans)} are not known", hint="use uniform, budgeted or both")
