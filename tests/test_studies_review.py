@@ -70,3 +70,31 @@ def test_the_attack_s_merge_route_is_refused_up_front_for_a_family_of_expert_mod
         preflight(cfg, model)
     assert e.value.hint == "use the pruning route (--routes prune)"
     preflight(AttackConfig(task="arith-compare", keep=2, routes=("prune",)), model)   # the pruning route is fine
+
+
+def test_zoo_suite_refuses_an_out_that_is_or_holds_the_standard_library_it_reads(tmp_path, capsys):
+    lib = tmp_path / "work" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "os.py").write_text("x = 1\n")
+    for out in (lib, tmp_path / "work"):
+        capsys.readouterr()
+        code = main(["zoo", "suite", "--python-stdlib", str(lib), "--out", str(out), "--overwrite"])
+        _one_line(code, capsys.readouterr().err, "is (or holds) the input")
+        assert (lib / "os.py").read_text() == "x = 1\n"
+
+
+def test_an_attack_job_on_the_runtime_s_own_model_is_scoped_by_it_not_by_the_embedded_model(monkeypatch):
+    """model "" is the runtime's model (Context.model); the scope read it as the embedded model's
+    files, so reinstalling moeguard re-ran every attack job on a user's own checkpoint."""
+    import moeguard.models.identity as identity
+    from moeguard.studies.engine import Job, Runtime, _scopes
+
+    asked = []
+    monkeypatch.setattr(identity, "weights_identity", lambda ref: asked.append(ref) or {"ref": ref})
+    runtime = Runtime(model="/ckpt/mine", threads=1)
+    scope = _scopes(runtime)
+    assert asked == ["/ckpt/mine"]       # the runtime's own scope, once
+    asked.clear()
+    own = scope(Job(stage="s", name="n", fn="m:f", args={"model": ""}))
+    assert own == scope(Job(stage="s", name="n", fn="m:f", args={})) and asked == []
+    assert scope(Job(stage="s", name="n", fn="m:f", args={"model": "/ckpt/other"})) != own and asked == ["/ckpt/other"]

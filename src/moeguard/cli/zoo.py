@@ -73,7 +73,10 @@ def zoo_suite(out: Annotated[Path, typer.Option("--out", help="output folder for
     from moeguard.zoo.suite import build_suite
     from moeguard.zoo.suite.builder import check_stdlib
 
-    check_output(out, overwrite=overwrite, kind="folder")
+    # the standard library read is an input: --out there (or above it) with --overwrite replaced it
+    from moeguard.zoo.suite.stdlib_scan import default_stdlib
+
+    check_output(out, overwrite=overwrite, kind="folder", inputs=(python_stdlib or default_stdlib(),))
     check_stdlib(python_stdlib)            # before the scan
     with atomic_dir(out, overwrite=overwrite) as tmp:
         manifest = build_suite(tmp, seed=seed, python_stdlib=python_stdlib)

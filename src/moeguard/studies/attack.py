@@ -51,7 +51,7 @@ class AttackConfig:
     budget: int = setting(256, min=1, help="labels the attacker may use in total")
     budgets: tuple[int, ...] = setting((), min=1, help="learning-curve points (comma-separated, ending at --budget); "
                                                         "default: budget/64, /16, /4, budget")
-    methods: tuple[str, ...] = setting((), help="attribution methods; default: every registered one")
+    methods: tuple[str, ...] = setting((), help="attribution methods; default: every registered one but random")
     plans: tuple[str, ...] = setting(("uniform", "budgeted"), choices=("uniform", "budgeted"),
                                      help="pruning plans: uniform, budgeted")
     strategies: tuple[str, ...] = setting(("random",), help="active-learning strategies the attacker tries")

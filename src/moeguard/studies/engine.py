@@ -216,7 +216,9 @@ def _scopes(runtime: Runtime) -> Callable[[Job], str]:
 
     def scope(job: Job) -> str:
         other = job.args.get("model")
-        if not isinstance(other, str) or other == runtime.model:
+        # "" is the runtime's model (Context.model): it was read as the embedded model's files, so a
+        # reinstall re-ran every attack job of a user's own checkpoint
+        if not isinstance(other, str) or other in ("", runtime.model):
             return base
         if other not in memo:
             memo[other] = digest([base, weights_identity(other)])

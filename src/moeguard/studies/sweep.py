@@ -44,7 +44,7 @@ ROUTES = ("prune", "merge")
 @dataclass(kw_only=True)
 class SweepConfig:
     tasks: list[str] = setting(help="comma-separated tasks or YAML paths; default: the embedded suite")
-    methods: list[str] = setting(help="comma-separated attribution methods; default: all")
+    methods: list[str] = setting(help="comma-separated attribution methods; default: every one the model's family can run")
     keeps: list[int] = setting(flag="--keep", min=1,
                                help="keep levels with collateral damage, e.g. 2,4,6; default: N/4, N/2, 3N/4")
     samples: int = setting(64, min=1, help="attribution calibration samples per task")
