@@ -81,6 +81,8 @@ def above_baseline(score: float | None, full: float | None, base: float | None, 
         return 0.0
     if higher_is_better:
         return 100.0 * (score - base) / (full - base)
+    if min(full, base, score) <= 0:   # a lower-is-better metric that reaches 0 (an error rate): no log; linear
+        return 100.0 * (base - score) / (base - full)
     lf, lb, ls = math.log(full), math.log(base), math.log(score)  # perplexities compare in log space
     return 100.0 * (lb - ls) / (lb - lf)
 

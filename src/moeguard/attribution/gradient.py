@@ -45,7 +45,10 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
     routed = []
     for kept_t, params in plans:
         kept_t = kept_t.to(device)   # the layer's device: under a multi-GPU device map not the first parameter's
-        w_new, sub = route_module(layer, trace.logits, adapter.family.routing, params, kept=kept_t)
+        # the router input's dtype, as the masked replays pass it (ERNIE returns its weights in it: a bf16
+        # model's pruned weights came back in float32 beside old ones in bf16, a rounding offset on every token)
+        w_new, sub = route_module(layer, trace.logits, adapter.family.routing, params, kept=kept_t,
+                                  input_dtype=trace.hidden.dtype)
         routed.append((w_new.float(), kept_t[sub]))
     need = torch.zeros(N, E, dtype=torch.bool, device=device)
     for _, idx in routed:
