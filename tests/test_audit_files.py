@@ -31,3 +31,26 @@ def test_a_stage_left_swapped_out_by_a_killed_rerun_is_swept_at_the_next_start(t
     kept.mkdir()
     StageStore(tmp_path)
     assert not left.exists() and kept.is_dir()
+
+
+def test_a_library_scan_resumed_in_another_dtype_computes_its_parts_again(tmp_path, monkeypatch):
+    """dtype was in neither the scan's settings nor its resume stamp: parts computed in bf16 were
+    reused beside float32 ones (the CLI has no --dtype; the audit keys its folder by runtime)."""
+    import torch
+
+    import moeguard.scan.run as run_mod
+    from moeguard.edge import resolve_model, resolve_tasks
+
+    calls = []
+    real_usage = run_mod.usage_and_criticality
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_mod, "usage_and_criticality", lambda *a, **k: (calls.append(1), real_usage(*a, **k))[1])
+    monkeypatch.setattr(run_mod, "expert_effects", stop)
+    handle, tasks = resolve_model(None), resolve_tasks(["arith-compare"])
+    cfg = run_mod.ScanConfig(samples=4, contexts=1, candidates=2, chain=2)
+    for dtype in (torch.bfloat16, torch.bfloat16, None):
+        with pytest.raises(KeyboardInterrupt):
+            run_mod.scan(handle, tasks, tmp_path / "scan", config=cfg, dtype=dtype)
+    assert calls == [1, 1]   # the bf16 run resumed its usage part; the float32 one computed its own

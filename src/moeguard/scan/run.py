@@ -217,6 +217,8 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
     placed = device_map if device_map is not None else handle.device_map
     if placed is not None:   # recorded when given (the numbers may differ in the last digits on another device)
         settings["device_map"] = placed
+    if dtype is not None:    # likewise: parts computed in two precisions were mixed on a resume (library callers)
+        settings["dtype"] = str(dtype).removeprefix("torch.")
     search = {**{k: getattr(config, k) for k in SEARCH_SETTINGS}, "tasks": [t.name for t in tasks]}
     per_layer = handle.experts_per_layer
     if len(set(per_layer)) > 1:   # criticality runs attribution, which refused it after the load (with its own hint)
@@ -242,7 +244,7 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
     timings: dict[str, float] = {}
     # the folder by the weights and placement; each part by the settings it depends on: a run resumed
     # with another --candidates re-does the effects alone (the usage part is the ablation: the costly one)
-    stamp = {k: settings[k] for k in ("model", "device_map") if k in settings}
+    stamp = {k: settings[k] for k in ("model", "device_map", "dtype") if k in settings}
     tasks_key = {"tasks": settings["tasks"], "task_identity": settings["task_identity"], "seed": config.seed}
     keys = {"weights": {},
             "usage": {**tasks_key, "samples": config.samples},
