@@ -291,7 +291,12 @@ def test_a_limited_read_stops_early_in_a_large_file_and_slices_still_hold(tmp_pa
     ("missing", False, "does not exist on the hub, or your account cannot see it"),
     ("gated", False, "is gated: your account has not been granted access"),
     ("missing", True, "offline mode is on"),                      # not asked: not cached, as before
-    ("network", False, "the hub is unreachable and it is not cached"),
+    ("network", False, "the hub could not be reached, and it is not in the local cache"),
+    # each read 'the hub is unreachable and it is not cached' (2026-12-07)
+    ("429", False, r"limiting this machine's requests \(HTTP 429\).*\(wait a few minutes"),
+    ("503", False, r"a server error \(HTTP 503\)"),
+    ("script", False, "is defined by a loading script, which the installed datasets no longer runs"),
+    ("other", False, r"the datasets library failed \[KeyError"),
 ])
 def test_hub_failures_say_which_they_are(raised, offline, needle, monkeypatch):
     """A mistyped name online was reported as 'the hub is unreachable', with a save_to_disk hint."""
@@ -303,6 +308,17 @@ def test_hub_failures_say_which_they_are(raised, offline, needle, monkeypatch):
             raise DatasetNotFoundError("Dataset 'nyu-mll/gleu' doesn't exist on the Hub or cannot be accessed.")
         if raised == "gated":
             raise DatasetNotFoundError("Dataset 'org/x' is a gated dataset on the Hub. You must be authenticated.")
+        if raised in ("429", "503"):
+            from types import SimpleNamespace
+
+            from huggingface_hub.errors import HfHubHTTPError
+
+            raise HfHubHTTPError(f"{raised} Client Error", response=SimpleNamespace(headers={}, request=None,
+                                                                                    status_code=int(raised)))
+        if raised == "script":
+            raise RuntimeError("Dataset scripts are no longer supported, but found gleu.py")
+        if raised == "other":
+            raise KeyError("features")
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", fail)

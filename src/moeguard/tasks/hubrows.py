@@ -49,13 +49,26 @@ def hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
                                 f"[{first_line(exc)}]",
                                 hint="check source.hub.name (org/name, as on huggingface.co/datasets), and log in "
                                      "for a private one (`hf auth login`)") from None
-        cause = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else "the hub is unreachable"
+        if isinstance(exc, RuntimeError) and "script" in str(exc).lower():   # datasets 4+: no loading scripts
+            raise MoeguardError(f"{where} (task '{task.name}') is defined by a loading script, which the installed "
+                                f"datasets no longer runs [{first_line(exc)}]",
+                                hint="use a version of the dataset in data files (often its refs/convert/parquet "
+                                     "revision), or local files ('source.type: local'; see docs/tasks.md)") from None
+        from moeguard.models.hub import hub_failure
+
+        known = hub_failure(exc, src.hub_name)
+        if offline:
+            cause = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not cached"
+        elif known is not None:
+            cause = known[0]
+        else:   # not a hub failure moeguard knows: what was raised, not a guess that the hub is unreachable
+            cause = "the datasets library failed"
+        local = ("on a machine with network run datasets.load_dataset(...).save_to_disk(DIR) and use "
+                 "'source: {type: disk, path: DIR}', or use local files ('source.type: local'; see docs/tasks.md)")
         raise MoeguardError(
-            f"could not load {where} for task '{task.name}': {cause} and it is not cached "
+            f"could not load {where} for task '{task.name}': {cause} "
             f"[{type(exc).__name__}: {first_line(exc)}]",
-            hint="on a machine with network run datasets.load_dataset(...).save_to_disk(DIR) and use "
-                 "'source: {type: disk, path: DIR}', or use local files ('source.type: local'; see "
-                 "docs/tasks.md)",
+            hint=local if offline or known is None or "could not be reached" in known[0] else known[1],
         ) from None
     return DatasetRows(ds), f"{where} split '{split}'"
 

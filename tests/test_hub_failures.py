@@ -1,0 +1,69 @@
+"""What the hub said, in one line (2026-12-07 review): a model's config, weights or streamed
+snapshot that failed to come from the hub read 'check your access' whatever the cause."""
+
+import errno
+from types import SimpleNamespace
+
+import pytest
+
+from moeguard.errors import MoeguardError
+from moeguard.models.hub import hub_failure
+
+
+def _http(cls, code: int):
+    return cls(f"{code} error", response=SimpleNamespace(headers={}, request=None, status_code=code))
+
+
+def _errors():
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    return [
+        (_http(GatedRepoError, 403), "it is gated", "accept its terms on huggingface.co/org/m"),
+        (_http(RepositoryNotFoundError, 404), "does not exist on the hub, or it is private", "check the id"),
+        (_http(RevisionNotFoundError, 404), "the revision asked for does not exist", "check the revision"),
+        (_http(HfHubHTTPError, 429), "limiting this machine's requests (HTTP 429)", "wait a few minutes"),
+        (_http(HfHubHTTPError, 502), "a server error (HTTP 502)", "retry later"),
+        (_http(HfHubHTTPError, 401), "refused access (HTTP 401)", "log in"),
+        (OfflineModeIsEnabled("offline"), "offline mode is on", "hf download org/m --local-dir DIR"),
+        (OSError(errno.ENOSPC, "No space left on device"), "the disk is full", "set HF_HOME"),
+        (ConnectionError("Failed to resolve 'huggingface.co'"), "could not be reached", "check this machine's network"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(9))
+def test_each_hub_failure_is_said_with_its_fix_through_the_errors_it_was_raised_as(i):
+    exc, what, fix = _errors()[i]
+    for raised in (exc, _wrapped(exc)):   # transformers re-raises as OSError(...) from the hub's error
+        got = hub_failure(raised, "org/m")
+        assert got is not None and what in got[0] and fix in got[1], got
+    assert hub_failure(KeyError("x"), "org/m") is None
+
+
+def _wrapped(exc):
+    try:
+        try:
+            raise exc
+        except Exception as e:
+            raise OSError("org/m is not a local folder and is not a valid model identifier") from e
+    except OSError as outer:
+        return outer
+
+
+def test_a_hub_model_s_config_and_snapshot_failures_name_the_cause(monkeypatch):
+    import huggingface_hub
+    import transformers
+    from huggingface_hub.errors import GatedRepoError
+
+    from moeguard.models.hub import download_for_streaming
+    from moeguard.models.loading import ModelRef, load_config
+
+    def gated(*a, **k):
+        raise _wrapped(_http(GatedRepoError, 403))
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", gated)
+    with pytest.raises(MoeguardError, match="cannot read the config of org/m: it is gated") as e:
+        load_config(ModelRef("org/m", None, "org/m"))
+    assert "hf auth login" in e.value.hint
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    with pytest.raises(MoeguardError, match="cannot fetch org/m from the Hugging Face hub: it is gated"):
+        download_for_streaming("org/m")
