@@ -54,3 +54,20 @@ def test_a_library_scan_resumed_in_another_dtype_computes_its_parts_again(tmp_pa
         with pytest.raises(KeyboardInterrupt):
             run_mod.scan(handle, tasks, tmp_path / "scan", config=cfg, dtype=dtype)
     assert calls == [1, 1]   # the bf16 run resumed its usage part; the float32 one computed its own
+
+
+def test_experts_kept_quantized_are_refused_by_the_scan_s_weight_statistics():
+    """On a GPU transformers keeps FP8 weights as their raw values beside block scales: the scan's
+    norms and spectra were computed on them, without the scales (on the CPU it dequantizes them)."""
+    import torch
+
+    from moeguard.errors import MoeguardError
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.loading import load_model
+    from moeguard.scan.weights import weight_stats
+
+    model, _, _ = load_model(None, with_tokenizer=False)
+    experts = MoEAdapter(model).layers[1].experts
+    experts.gate_up_proj.data = experts.gate_up_proj.data.to(torch.float8_e4m3fn)
+    with pytest.raises(MoeguardError, match="layer 1's experts are stored as float8_e4m3fn"):
+        weight_stats(model, MoEAdapter(model))

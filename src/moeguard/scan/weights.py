@@ -12,6 +12,7 @@ import numpy as np
 
 from moeguard.analysis import robust_z
 
+_FLOATS = {"float32", "float16", "bfloat16", "float64"}
 WEIGHT_STATS = ("gate_norm", "up_norm", "down_norm", "down_spectral", "down_stable_rank", "router_norm")
 
 
@@ -24,6 +25,7 @@ def _stable_rank(w: np.ndarray) -> float:
 def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
     """Per (decoder layer, expert): the statistics in ``WEIGHT_STATS``, each with its robust z
     against the layer's experts, and ``weight_z``, the largest |z|."""
+    from moeguard.errors import MoeguardError
     from moeguard.models.hooks import weights_in_place
     from moeguard.trace.weights import expert_views, f64
 
@@ -34,6 +36,12 @@ def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
         # DeepSeek-V3), with offloaded weights put in place while they are read
         with weights_in_place(layer.experts), weights_in_place(layer.router):
             gate, up, down = expert_views(adapter.family, layer.experts)          # [E, I, d], [E, I, d], [E, d, I]
+            stored = {str(t.dtype).removeprefix("torch.") for t in (gate, up, down)} - _FLOATS
+            if stored:   # a quantized checkpoint kept quantized (FP8 on a GPU): raw values without their scales
+                raise MoeguardError(f"layer {layer.index}'s experts are stored as {', '.join(sorted(stored))} "
+                                    "(a quantized checkpoint): their norms and spectra would be of the raw values",
+                                    hint="scan the float (bf16) release, or a copy dequantized and saved in bf16; "
+                                         "on the CPU transformers dequantizes FP8 checkpoints as it loads them")
             router = layer.router_weight.detach().float().cpu().numpy()          # [E, d], float32 as before
             rows = [_expert_stats(layer.index, e, f64(gate[e]), f64(up[e]), f64(down[e]), router[e]) for e in range(E)]
         vals = {k: [r[k] for r in rows] for k in WEIGHT_STATS}
