@@ -5,6 +5,7 @@ protocol names where it lies, not the stage's temporary folder."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -90,4 +91,23 @@ def test_a_second_audit_on_a_running_one_s_folder_is_one_line_and_touches_nothin
         assert (run / "stages" / "baseline").is_dir()     # --overwrite emptied nothing
     finally:
         release_run_dir(run, held)
+    assert not (tmp_path / ".run.lock").exists()
+
+
+def test_the_run_lock_is_one_for_every_spelling_of_the_folder(tmp_path, monkeypatch):
+    """--out . raised ValueError (a path with an empty name) building the lock beside it."""
+    from moeguard.audit.run import lock_run_dir, release_run_dir
+    from moeguard.errors import MoeguardError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "link").symlink_to(run)
+    monkeypatch.chdir(run)
+    held = lock_run_dir(Path("."))
+    try:
+        for other in (run, tmp_path / "link", Path("../run")):
+            with pytest.raises(MoeguardError, match="another audit is running in"):
+                lock_run_dir(other)
+    finally:
+        release_run_dir(Path("."), held)
     assert not (tmp_path / ".run.lock").exists()

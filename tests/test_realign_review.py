@@ -144,3 +144,13 @@ def test_an_offloaded_model_is_refused_before_the_first_round(pruned, tmp_path, 
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("Loading weights")]
     assert code == 2 and len(err) == 1 and "cannot be done on offloaded ones" in err[0], err
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
+
+
+def test_an_original_of_other_experts_is_refused_for_retention_too(pruned, tmp_path, capsys):
+    other = tmp_path / "other"
+    (tmp_path / "p.json").write_text(json.dumps({"keep": {str(l): [0, 1, 2, 3] for l in range(4)}}))
+    assert main(["prune", "--plan", str(tmp_path / "p.json"), "--out", str(other)]) == 0
+    capsys.readouterr()
+    code = main(["realign", "--model", str(pruned), *FAST, "--original", str(other), "--out", str(tmp_path / "run")])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("Loading weights")]
+    assert code == 2 and len(err) == 1 and "is not the model this checkpoint was pruned from" in err[0], err

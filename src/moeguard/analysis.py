@@ -81,8 +81,11 @@ def above_baseline(score: float | None, full: float | None, base: float | None, 
         return 0.0
     if higher_is_better:
         return 100.0 * (score - base) / (full - base)
-    if min(full, base, score) <= 0:   # a lower-is-better metric that reaches 0 (an error rate): no log; linear
-        return 100.0 * (base - score) / (base - full)
+    if min(full, base, score) <= 0:
+        # lower-is-better scores compare in log space (perplexity's); a metric that reaches 0 has no
+        # log there (math domain error in the sweep): no share, as at no margin. Such a kind reports
+        # its higher-is-better counterpart (accuracy, not an error rate) for a margin on one scale
+        return None
     lf, lb, ls = math.log(full), math.log(base), math.log(score)  # perplexities compare in log space
     return 100.0 * (lb - ls) / (lb - lf)
 

@@ -182,10 +182,9 @@ def check(cfg: AuditConfig) -> None:
                                 hint="leave out --defense, --hardened and --scan to audit a model larger than memory; "
                                 "run those stages where the model fits")
         if "merge" in cfg.routes:   # the sweep's merge points too, with recovery or without
-            raise MoeguardError(f"max_memory {cfg.max_memory} is set with the merge route, which merges a copy of the "
-                                "model in memory (the sweep's merge points, the recovery of the merged model)",
-                                hint="use --route prune under a cap; `moeguard merge --max-memory` merges a "
-                                     "checkpoint larger than memory on its own")
+            from moeguard.studies.merge_route import refuse_capped_merge
+
+            refuse_capped_merge(cfg.max_memory, flag="max_memory", route_flag="--route")
         if cfg.recovery:
             from moeguard.studies.recovery import check_capped
 

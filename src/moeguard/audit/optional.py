@@ -131,25 +131,18 @@ def defense_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandl
                   hardened: Path | None = None) -> None:
     """The defend-eval study on the audit's backend: base and hardened under the same attack
     harness. ``hardened``: the harden stage's folder (else ``cfg.hardened`` is compared)."""
-    from moeguard.defense.harden import config_for, get_defense
     from moeguard.defense.protocol import FILENAME, Protocol
     from moeguard.io import write_json
+    from moeguard.models.loading import resolve as resolve_ref
     from moeguard.studies.defend import DefendEvalConfig, DefendEvalStudy
 
+    # the harden stage's checkpoint or the one given: the protocol it was saved with, where it has one
+    hardened_ref = str(hardened / "hardened") if hardened is not None else cfg.hardened
+    folder = resolve_ref(hardened_ref).path
     proto = None
-    if hardened is not None:
-        hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
-        if get_defense(cfg.defense).protocol:
-            proto = {"modes": ["lora"], "patterns": list(hcfg.authorized_patterns)}
-        hardened_ref = str(hardened / "hardened")
-    else:
-        from moeguard.models.loading import resolve as resolve_ref
-
-        ref = resolve_ref(cfg.hardened)
-        if ref.path is not None and (ref.path / FILENAME).exists():
-            p = Protocol.load(ref.path / FILENAME)
-            proto = {"modes": list(p.modes), "patterns": list(p.patterns)}
-        hardened_ref = cfg.hardened
+    if folder is not None and (folder / FILENAME).exists():
+        p = Protocol.load(folder / FILENAME)
+        proto = {"modes": list(p.modes), "patterns": list(p.patterns)}
     E = model.num_experts
     attack = defense_attack(cfg, E)
     dcfg = DefendEvalConfig(tasks=tuple(cfg.defense_tasks), keeps=(E // 2,), attack=attack,

@@ -24,6 +24,7 @@ from moeguard.models.identity import weights_identity
 from moeguard.models.placement import parse_memory
 from moeguard.studies import run_studies, run_study
 from moeguard.studies.engine import Backend, Job, Runtime, run_jobs
+from moeguard.studies.recoverysummary import MIN_SEEDS
 
 MARKER = "audit.json"  # marks a folder as an audit run: resumed, or emptied with overwrite
 
@@ -152,7 +153,10 @@ def prepare_run_dir(out: Path, *, overwrite: bool, clear: bool = True) -> None:
 
 
 def _lock_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.lock")   # beside the run: a folder not yet made, or being emptied
+    # beside the run (a folder not yet made, or being emptied), by its real path: --out . and the same
+    # folder through a link take the one lock
+    out = out.resolve()
+    return out.with_name(f".{out.name}.lock")
 
 
 def lock_run_dir(out: Path):
@@ -272,7 +276,10 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
     if cfg.recovery:
         rec_settings = {"tasks": cfg.recovery_tasks, "keep": cfg.recovery_keep, "strategies": cfg.strategies,
                         "budgets": cfg.budgets, "seeds": cfg.recovery_seeds, "pool_size": cfg.pool_size,
-                        "eval_limit": cfg.recovery_eval_limit, "target": cfg.target, "seed": cfg.seed}
+                        "eval_limit": cfg.recovery_eval_limit, "target": cfg.target, "seed": cfg.seed,
+                        # the claim rule: a stage summarized before it (2-seed claims) is summarized again,
+                        # from its cached jobs
+                        "min_seeds": MIN_SEEDS}
         if "merge" in cfg.routes:   # then the merged model is re-aligned too (a prune-only key is unchanged)
             rec_settings.update(routes=cfg.routes, merge_methods=cfg.merge_methods)
         if cfg.recovery_mode != "full":   # likewise: full fine-tuning's key is as before the setting

@@ -184,10 +184,10 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
     names = [t.name for t in task_list]
     cfg = build(SweepConfig, flags, what="sweep", tasks=names, methods=methods, keeps=keeps)
     check_merge_route(handle.family, "merge" in cfg.routes)
-    if cap is not None and "merge" in cfg.routes:   # after the baseline, attribution and prune points, at every resume
-        raise MoeguardError(f"--max-memory {max_memory} is set with the merge route, which merges a copy of the "
-                            "model in memory", hint="use --route prune under a cap; `moeguard merge --max-memory` "
-                                                   "merges a checkpoint larger than memory on its own")
+    if cap is not None and "merge" in cfg.routes:
+        from moeguard.studies.merge_route import refuse_capped_merge
+
+        refuse_capped_merge(max_memory, flag="--max-memory", route_flag="--route")
     settings = {"model": handle.name, **dataclasses.asdict(cfg), **_placement(handle)}
 
     def write(doc, work):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from moeguard.errors import MoeguardError
 
@@ -15,7 +16,13 @@ STREAMED_FILES = ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken")
 SKIPPED_FILES = ("*/*", "consolidated*")
 
 
-def hub_failure(exc: BaseException, name: str) -> tuple[str, str] | None:
+class HubFailure(NamedTuple):
+    what: str                  # what happened, as a clause
+    fix: str                   # the hint
+    unreachable: bool = False  # the hub was not reached: a local copy is the way round
+
+
+def hub_failure(exc: BaseException, name: str) -> HubFailure | None:
     """``(what happened, the fix)`` for an error the hub client raised while fetching ``name``
     (looked for through the exceptions it was raised from: transformers re-raises them as OSError),
     or None for one it is not. Every failure read "unreachable" or "check your access" before."""
@@ -33,35 +40,35 @@ def hub_failure(exc: BaseException, name: str) -> tuple[str, str] | None:
     local = f"or download it where there is network (hf download {name} --local-dir DIR) and pass DIR"
     for e in chain:   # the most specific reading first: a gated repository is also "not found"
         if isinstance(e, GatedRepoError):
-            return ("it is gated, and your account has not been granted access",
-                    f"accept its terms on huggingface.co/{name} and log in (`hf auth login`)")
+            return HubFailure("it is gated, and your account has not been granted access",
+                              f"accept its terms on huggingface.co/{name} and log in (`hf auth login`)")
         if isinstance(e, RevisionNotFoundError):
-            return "the revision asked for does not exist", "check the revision (a branch, tag or commit)"
+            return HubFailure("the revision asked for does not exist", "check the revision (a branch, tag or commit)")
         if isinstance(e, RepositoryNotFoundError):
-            return ("it does not exist on the hub, or it is private and this machine is not logged in",
-                    "check the id (org/name, as on huggingface.co), and log in for a private one (`hf auth login`)")
+            return HubFailure("it does not exist on the hub, or it is private and this machine is not logged in",
+                              "check the id (org/name, as on huggingface.co), and log in for a private one (`hf auth login`)")
         if isinstance(e, OfflineModeIsEnabled) or (isinstance(e, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE):
-            return ("it is not in the local cache, and offline mode is on (HF_HUB_OFFLINE)",
-                    f"run once with network access (HF_HUB_OFFLINE unset), {local}")
+            return HubFailure("it is not in the local cache, and offline mode is on (HF_HUB_OFFLINE)",
+                              f"run once with network access (HF_HUB_OFFLINE unset), {local}")
         if isinstance(e, HfHubHTTPError):
             code = getattr(getattr(e, "response", None), "status_code", None)
             if code == 429:
-                return ("the hub is limiting this machine's requests (HTTP 429)",
+                return HubFailure("the hub is limiting this machine's requests (HTTP 429)",
                         "wait a few minutes and retry; logged in (`hf auth login`), the limit is higher")
             if isinstance(code, int) and code >= 500:
-                return f"the hub answered with a server error (HTTP {code})", "retry later (status.huggingface.co)"
+                return HubFailure(f"the hub answered with a server error (HTTP {code})", "retry later (status.huggingface.co)")
             if code in (401, 403):
-                return (f"the hub refused access (HTTP {code})",
+                return HubFailure(f"the hub refused access (HTTP {code})",
                         "log in with an account that has access (`hf auth login`), or check your token")
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return ("the disk is full", f"free space where the Hugging Face cache is ({constants.HF_HUB_CACHE}), "
-                                        "or set HF_HOME to a larger disk")
+            return HubFailure("the disk is full", f"free space where the Hugging Face cache is "
+                              f"({constants.HF_HUB_CACHE}), or set HF_HOME to a larger disk")
     for e in chain:   # only then "unreachable": a connection that failed, or a file the cache lacks without it
         kind = type(e).__name__
         if isinstance(e, (ConnectionError, TimeoutError, LocalEntryNotFoundError)) or kind.endswith(
                 ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError")):
-            return ("the hub could not be reached, and it is not in the local cache",
-                    f"check this machine's network (or proxy), {local}")
+            return HubFailure("the hub could not be reached, and it is not in the local cache",
+                              f"check this machine's network (or proxy), {local}", unreachable=True)
     return None
 
 

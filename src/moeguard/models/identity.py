@@ -45,11 +45,34 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     protocol = ref.path / "moeguard_protocol.json"    # a hardened model's fine-tuning protocol changes its numbers
     if protocol.exists():
         out["protocol"] = file_sha256(protocol)[:16]
+    tokenizer = tokenizer_digest(ref.path)   # its ids are every task batch, context and profile cell
+    if tokenizer is not None:
+        out["tokenizer"] = tokenizer
     weights = sorted(ref.path.glob("*.safetensors"))
     whole = sum(f.stat().st_size for f in weights) <= _WHOLE   # the checkpoint's total: many shards cost the same
     for f in weights:
         files.append(_file_row(f, whole=whole))
     return out
+
+
+# what a tokenizer is read from (transformers' fast and slow tokenizers, SentencePiece, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.tiktoken",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_digest(folder: Path) -> str | None:
+    """A digest of ``folder``'s tokenizer files, whole (they are small), or None where it has none:
+    a tokenizer fixed in place (add_bos_token, a replaced tokenizer.json) changes every token id."""
+    import hashlib
+
+    h, found = hashlib.sha256(), False
+    for name in TOKENIZER_FILES:
+        f = folder / name
+        if f.is_file():
+            found = True
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16] if found else None
 
 
 def file_identity(path: Path) -> dict[str, Any]:

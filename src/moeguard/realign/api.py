@@ -145,10 +145,11 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
         # the original first, and gone before the pruned model loads: it is the larger one, and it
         # stayed in memory (or on the GPU) through the whole fine-tune
         o, otok, _ = orig.load()
+        if record is not None and all(k in record for k in ("keep", "original_num_experts")):
+            check_original(o, record, orig.name)   # before it is scored: retention against another model too
         if full_score is None:
             full_score = evaluate_task(o, otok, task, limit=al.eval_limit, batch_size=32, baseline=False).score
         if strat.needs_original:
-            check_original(o, record, orig.name)
             shares = orphan_shares(o, otok, task, record["keep"], int(record["original_num_experts"]))(pool)
             orphan = lambda: shares  # noqa: E731
         del o, otok

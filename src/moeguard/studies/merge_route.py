@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.analysis import retention
+from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
 from moeguard.pruning.merging.merge import merge_model, prepare, profile_model
 from moeguard.tasks.batches import calibration_batches
@@ -118,3 +119,12 @@ def merged_from(model, merge: dict[str, Any]):
 
     return merge_experts(model, {int(l): g for l, g in merge["clusters"].items()},
                          {int(l): w for l, w in merge["weights"].items()})[0]
+
+
+def refuse_capped_merge(max_memory: str, *, flag: str, route_flag: str) -> None:
+    """The merge route under a memory cap, refused before any work: the sweep's merge points and the
+    merged model's recovery merge a copy of the model in memory (a traceback after the baseline,
+    attribution and prune points, at every resume)."""
+    raise MoeguardError(f"{flag} {max_memory} is set with the merge route, which merges a copy of the model in memory",
+                        hint=f"use {route_flag} prune under a cap; `moeguard merge --max-memory` merges a checkpoint "
+                             "larger than memory on its own")

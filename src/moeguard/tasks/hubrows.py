@@ -49,7 +49,7 @@ def hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
                                 f"[{first_line(exc)}]",
                                 hint="check source.hub.name (org/name, as on huggingface.co/datasets), and log in "
                                      "for a private one (`hf auth login`)") from None
-        if isinstance(exc, RuntimeError) and "script" in str(exc).lower():   # datasets 4+: no loading scripts
+        if isinstance(exc, RuntimeError) and "dataset scripts are no longer supported" in str(exc).lower():   # datasets 4+
             raise MoeguardError(f"{where} (task '{task.name}') is defined by a loading script, which the installed "
                                 f"datasets no longer runs [{first_line(exc)}]",
                                 hint="use a version of the dataset in data files (often its refs/convert/parquet "
@@ -68,7 +68,7 @@ def hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
         raise MoeguardError(
             f"could not load {where} for task '{task.name}': {cause} "
             f"[{type(exc).__name__}: {first_line(exc)}]",
-            hint=local if offline or known is None or "could not be reached" in known[0] else known[1],
+            hint=local if offline or known is None or known.unreachable else known.fix,
         ) from None
     return DatasetRows(ds), f"{where} split '{split}'"
 

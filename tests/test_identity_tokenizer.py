@@ -1,0 +1,49 @@
+"""A checkpoint's identity includes its tokenizer (2026-12-07 review): an interrupted audit, scan or
+study rerun after the tokenizer was fixed in place reused parts made with the old token ids."""
+
+import json
+import shutil
+
+import pytest
+
+from moeguard.errors import MoeguardError
+from moeguard.models.identity import weights_digest, weights_identity
+from moeguard.models.loading import resolve
+
+
+def test_a_tokenizer_changed_in_place_changes_the_identity_and_the_digest(tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(resolve(None).path, model)
+    before, digest = weights_identity(str(model)), weights_digest(str(model))
+    assert before["tokenizer"]
+    config = model / "tokenizer_config.json"
+    doc = json.loads(config.read_text())
+    doc["add_bos_token"] = not doc.get("add_bos_token", False)
+    config.write_text(json.dumps(doc))
+    after = weights_identity(str(model))
+    assert after["tokenizer"] != before["tokenizer"] and after["files"] == before["files"]
+    assert weights_digest(str(model)) != digest
+
+
+def test_a_profile_made_before_the_tokenizer_was_in_the_digest_still_matches_its_model():
+    from moeguard.monitor.profile import Profile
+
+    digest = weights_digest(None)
+    old = {k: v for k, v in digest.items() if k != "tokenizer"}
+    def profile(meta):   # check_model reads the metadata alone
+        p = Profile.__new__(Profile)
+        object.__setattr__(p, "meta", meta)
+        return p
+    profile({"model": "embedded", "weights": old}).check_model("embedded", digest)   # the rest agrees: accepted
+    with pytest.raises(MoeguardError, match="the profile was made for other weights"):
+        profile({"model": "embedded", "weights": {**digest, "tokenizer": "0" * 16}}).check_model("embedded", digest)
+
+
+def test_a_profile_s_other_identity_fields_still_count_when_one_side_lacks_them():
+    from moeguard.monitor.profile import Profile
+
+    digest = weights_digest(None)
+    p = Profile.__new__(Profile)
+    object.__setattr__(p, "meta", {"model": "embedded", "weights": {**digest, "protocol": "ab" * 8}})
+    with pytest.raises(MoeguardError, match="the profile was made for other weights"):
+        p.check_model("embedded", digest)
