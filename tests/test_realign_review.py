@@ -154,3 +154,28 @@ def test_an_original_of_other_experts_is_refused_for_retention_too(pruned, tmp_p
     code = main(["realign", "--model", str(pruned), *FAST, "--original", str(other), "--out", str(tmp_path / "run")])
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("Loading weights")]
     assert code == 2 and len(err) == 1 and "is not the model this checkpoint was pruned from" in err[0], err
+
+
+def test_an_accelerate_mixed_precision_in_the_environment_is_not_taken(monkeypatch):
+    """ACCELERATE_MIXED_PRECISION=fp16 made accelerate scale the loss by ~65536 for backward while
+    the clip read the scaled gradients: every step clipped (on a GPU; on the CPU it is not applied,
+    so the test reads the precision accelerate was set to)."""
+    import accelerate
+
+    from moeguard.realign.engine import FinetuneConfig, finetune
+    from moeguard.realign.modes import apply_mode
+    from moeguard.tasks.batches import IGNORE, Example
+    from moeguard.testing import tiny_model
+
+    made = []
+
+    class Recording(accelerate.Accelerator):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self.mixed_precision)
+    monkeypatch.setattr(accelerate, "Accelerator", Recording)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    ex = [Example(list(range(1, 9)), [IGNORE] * 3 + list(range(4, 9))) for _ in range(4)]
+    finetune(apply_mode(tiny_model("mixtral"), "full"), ex, FinetuneConfig(mode="full", min_steps=2, epochs=1,
+                                                                          batch_size=2), pad_id=0)
+    assert made == ["no"]

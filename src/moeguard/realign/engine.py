@@ -159,7 +159,13 @@ def _finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCo
     model = trainable.model
     steps = cfg.steps_for(len(examples))
     order = batch_order(len(examples), steps, cfg.batch_size, cfg.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # backward and clipping (mixed precision, DDP)
+    # backward and clipping, in the model's own precision: an ACCELERATE_MIXED_PRECISION=fp16 in the
+    # environment scaled the loss by ~65536 and clipped the scaled gradients (every step clipped)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    if accelerator.num_processes > 1:   # under `accelerate launch`: nothing shares gradients, all write one folder
+        raise MoeguardError(f"fine-tuning runs in one process, and this is one of {accelerator.num_processes} "
+                            "(accelerate launch / torchrun)", hint="run moeguard as a plain command; spread "
+                            "studies over machines with --backend ray")
     params = list(trainable.params.values())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
