@@ -82,13 +82,14 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
 
     path = Path(path)
     # clones: tied parameters share storage, which safetensors refuses to write twice
-    out = {f"param.{n}": p.detach().clone().contiguous().cpu() for n, p in params.items()}
+    # copied straight to the host (a clone on the accelerator first doubled each tensor there)
+    out = {f"param.{n}": p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()}
     index = {id(p): n for n, p in params.items()}
     for p, state in optimizer.state.items():
         for k, v in state.items():
             if torch.is_tensor(v):
-                out[f"optim.{k}.{index[id(p)]}"] = v.detach().clone().contiguous().cpu()
-    out.update({f"extra.{k}": v.detach().clone().contiguous().cpu() for k, v in (tensors or {}).items()})
+                out[f"optim.{k}.{index[id(p)]}"] = v.detach().to("cpu", copy=True).contiguous()
+    out.update({f"extra.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in (tensors or {}).items()})
     out["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_initialized():   # dropout and router jitter on a GPU draw from its generators
         out.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})

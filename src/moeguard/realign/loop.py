@@ -134,7 +134,8 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
 
     trainable = apply_mode(model, cfg.finetune.mode, lora_r=cfg.finetune.lora_r, lora_alpha=cfg.finetune.lora_alpha,
                            seed=cfg.finetune.seed, only=cfg.finetune.allowed())
-    init = trainable.state()
+    # host memory: in full mode a second copy of every weight on the accelerator halved what fits there
+    init = trainable.state(device="cpu")
     bar = progress.add_task(f"{strategy.name} seed {cfg.seed}", total=len(schedule) + 1) if progress else None
     try:
         if state["rounds"]:

@@ -42,9 +42,12 @@ class Trainable:
 
         return offloaded(self.base)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """A copy of every trainable tensor (what a round resets to, what a checkpoint holds)."""
-        return {n: p.detach().clone() for n, p in self.params.items()}
+    def state(self, *, device: str | None = None) -> dict[str, torch.Tensor]:
+        """A copy of every trainable tensor (what a round resets to, what a checkpoint holds), on
+        ``device`` (default: where each is)."""
+        if device is None:
+            return {n: p.detach().clone() for n, p in self.params.items()}
+        return {n: p.detach().to(device, copy=True) for n, p in self.params.items()}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         missing = sorted(set(self.params) - set(state))
