@@ -416,7 +416,10 @@ def serve(
                    f"clients by {client_id})")
         with mon:
             try:
-                uvicorn.Server(uvicorn_config(app_, host=host, port=port)).run(sockets=[sock])
+                from moeguard.monitor.serve import SPARE_CONNECTIONS
+
+                uvicorn.Server(uvicorn_config(app_, host=host, port=port,
+                                              limit_concurrency=max_waiting + SPARE_CONNECTIONS)).run(sockets=[sock])
             except KeyboardInterrupt:   # uvicorn shut down cleanly, then raised the signal it caught again
                 pass                    # a stop (Ctrl-C, SIGTERM from a service manager) is this command's normal end
         from moeguard.monitor.periodwatch import open_path

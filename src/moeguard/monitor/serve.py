@@ -40,6 +40,9 @@ MAX_CLIENT_CHARS = 128
 V6_PREFIX = 56          # a subscriber is delegated a /56 (RFC 6177) or more
 CLIENT_SOURCES = "'address' (or 'address/N': IPv6 clients by their /N), 'user' or 'header:NAME'"
 DRAIN_BYTES = 1 << 20   # what BodyLimit reads past the limit before closing (a reset hides the 413)
+BODY_SECONDS = 30.0     # the most a request body may take to arrive (a trickled one held its buffer forever)
+# connections served at once beyond --max-waiting: /health, /metrics and requests being refused
+SPARE_CONNECTIONS = 32
 
 
 @dataclass(frozen=True)
@@ -86,15 +89,17 @@ def _address(host: str | None, v6_prefix: int = V6_PREFIX) -> str:
     return str(ip)
 
 
-def uvicorn_config(app, *, host: str, port: int, log_level: str = "warning"):
+def uvicorn_config(app, *, host: str, port: int, log_level: str = "warning", limit_concurrency: int | None = None):
     """How ``moeguard serve`` runs the app: the connection's own address, never one a request
     claims. uvicorn trusts ``X-Forwarded-For`` from loopback peers by default, and with a
     server on 127.0.0.1 every client is one: a new claimed address per request would never fill
-    a window. Behind a proxy, key clients with ``header:NAME`` instead."""
+    a window. Behind a proxy, key clients with ``header:NAME`` instead. ``limit_concurrency``: the
+    most connections served at once (uvicorn answers 503 beyond it): every one holds a body of up to
+    the app's limit before the app's own count of waiting completions sees it."""
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False,
-                          server_header=False)
+                          server_header=False, limit_concurrency=limit_concurrency)
 
 
 def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moeguard", max_prompt_chars: int = 8000,
@@ -246,12 +251,35 @@ class BodyLimit:
     its Content-Length says so or it arrives chunked (a header check alone lets a chunked body of
     any size through). The body is read here, at most ``max_bytes`` of it, and replayed to the app."""
 
-    def __init__(self, app, *, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, *, max_bytes: int, body_seconds: float = BODY_SECONDS):
+        self.app, self.max_bytes, self.body_seconds = app, max_bytes, body_seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        import asyncio
+
+        deadline = asyncio.get_running_loop().time() + self.body_seconds
+
+        async def body():   # the whole body within body_seconds: a trickled one held its buffer forever
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                return await asyncio.wait_for(receive(), timeout=left)
+            except TimeoutError:
+                raise _BodyTimeout from None
+        try:
+            # the app gets the server's own receive: it may wait on it (a disconnect) while the model runs
+            return await self._limited(scope, body, receive, send)
+        except _BodyTimeout:
+            text = json.dumps({"error": {"message": f"request body not received within {self.body_seconds:g} s"}}).encode()
+            await send({"type": "http.response.start", "status": 408,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(text)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": text})
+
+    async def _limited(self, scope, receive, rest, send):
         size = dict(scope.get("headers") or []).get(b"content-length")
         if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
             if size.isdigit() and int(size) <= self.max_bytes + DRAIN_BYTES:   # read it first (a reset hides the 413)
@@ -264,7 +292,7 @@ class BodyLimit:
         while more:
             message = await receive()
             if message["type"] != "http.request":     # the client went away: let the app see it
-                return await self.app(scope, _replay([message], receive), send)
+                return await self.app(scope, _replay([message], rest), send)
             chunks.append(message.get("body", b""))
             total += len(chunks[-1])
             more = message.get("more_body", False)
@@ -279,7 +307,7 @@ class BodyLimit:
                     drained += len(message.get("body", b""))
                 return await self._refuse(send)
         return await self.app(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
-                                             receive), send)
+                                             rest), send)
 
     async def _refuse(self, send):
         body = json.dumps({"error": {"message": f"request body over {self.max_bytes} bytes"}}).encode()
@@ -287,6 +315,10 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTimeout(Exception):
+    """A request body that did not arrive within BodyLimit's time (answered 408)."""
 
 
 def _replay(messages: list, receive):

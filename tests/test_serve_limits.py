@@ -1,0 +1,55 @@
+"""serve's memory bound under slow or many connections (2026-12-07 review): a request body must
+arrive within BODY_SECONDS (a trickled one held its buffer forever), and uvicorn serves at most
+--max-waiting plus a margin of connections at once (each held a body before the app counted it)."""
+
+import asyncio
+
+from moeguard.monitor.serve import SPARE_CONNECTIONS, BodyLimit, uvicorn_config
+
+
+def _run(app, messages, *, slow_after: int):
+    """Send ``app`` one request whose body's messages after the first ``slow_after`` never come."""
+    sent = []
+
+    async def go():
+        queue = list(messages)
+
+        async def receive():
+            if len(messages) - len(queue) >= slow_after:
+                await asyncio.sleep(3600)
+            return queue.pop(0)
+
+        async def send(message):
+            sent.append(message)
+        await app({"type": "http", "headers": [(b"content-type", b"application/json")]}, receive, send)
+    asyncio.run(go())
+    return sent
+
+
+def test_a_body_that_does_not_arrive_in_time_is_answered_408_and_the_app_never_sees_it():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(await receive())
+    limited = BodyLimit(app, max_bytes=1000, body_seconds=0.05)
+    parts = [{"type": "http.request", "body": b'{"prompt": ', "more_body": True},
+             {"type": "http.request", "body": b'"x"}', "more_body": False}]
+    sent = _run(limited, parts, slow_after=1)
+    assert seen == [] and sent[0]["status"] == 408 and b"not received within 0.05 s" in sent[1]["body"]
+    # in time: the app gets the whole body, and the server's own receive afterwards: a model that takes
+    # longer than the body's time may still wait on it (for a disconnect)
+
+    async def slow_app(scope, receive, send):
+        seen.append(await receive())
+        await asyncio.sleep(0.1)            # past the body's deadline
+        seen.append(await receive())
+    sent = _run(BodyLimit(slow_app, max_bytes=1000, body_seconds=0.05), [*parts, {"type": "http.disconnect"}],
+                slow_after=3)
+    assert seen == [{"type": "http.request", "body": b'{"prompt": "x"}', "more_body": False},
+                    {"type": "http.disconnect"}] and sent == []
+
+
+def test_uvicorn_serves_max_waiting_and_a_margin_of_connections():
+    config = uvicorn_config(object(), host="127.0.0.1", port=1, limit_concurrency=256 + SPARE_CONNECTIONS)
+    assert config.limit_concurrency == 288
+    assert uvicorn_config(object(), host="127.0.0.1", port=1).limit_concurrency is None
