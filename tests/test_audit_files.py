@@ -71,3 +71,20 @@ def test_experts_kept_quantized_are_refused_by_the_scan_s_weight_statistics():
     experts.gate_up_proj.data = experts.gate_up_proj.data.to(torch.float8_e4m3fn)
     with pytest.raises(MoeguardError, match="layer 1's experts are stored as float8_e4m3fn"):
         weight_stats(model, MoEAdapter(model))
+
+
+@pytest.mark.parametrize("block", ["resumable_dir", "resumable_scratch", "lazy_scratch"])
+def test_a_second_run_writing_the_same_output_is_one_line_and_keeps_the_first_s_steps(block, tmp_path):
+    """Two traces (or studies) to one --out: the second emptied the first's kept steps under it."""
+    import moeguard.io as io
+    from moeguard.errors import MoeguardError
+
+    out = tmp_path / "out"
+    with getattr(io, block)(out) as partial:
+        partial.mkdir(exist_ok=True)
+        (partial / "step.npz").write_bytes(b"kept")
+        with pytest.raises(MoeguardError, match=f"another moeguard run is writing {out}"):
+            with getattr(io, block)(out):
+                pass
+        assert (partial / "step.npz").read_bytes() == b"kept"
+    assert not (tmp_path / ".out.partial.lock").exists()

@@ -987,3 +987,24 @@ def test_a_kept_sketch_cut_short_is_read_again_not_a_traceback(tmp_path):
         got = kept_arrays(tmp_path, "s", lambda: {"a": np.arange(3.0)})
         assert got["a"].tolist() == [0.0, 1.0, 2.0]
         assert kept_arrays(tmp_path, "s", lambda: pytest.fail("computed again"))["a"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_trace_resumed_after_an_upgrade_reads_every_layer_again(embedded, tmp_path, monkeypatch, capsys):
+    """The kept sketches were keyed by moeguard's version string, the same at every commit: a trace
+    interrupted, upgraded and resumed mixed layers sketched by two versions of the code."""
+    import moeguard.provenance as provenance
+
+    m, tok = embedded
+    pruned, _ = prune_model(m, KEEP)
+    pruned.save_pretrained(tmp_path / "suspect")
+    tok.save_pretrained(tmp_path / "suspect")
+    args = ["trace", "--suspect", str(tmp_path / "suspect"), "--out", str(tmp_path / "t")]
+    monkeypatch.setattr(provenance, "git_commit", lambda: "a" * 40)
+    with monkeypatch.context() as mp:
+        _counting_sketches(mp, stop_at=("suspect", 2))
+        assert main(args) == 130
+    monkeypatch.setattr(provenance, "git_commit", lambda: "b" * 40)     # the code changed since
+    with monkeypatch.context() as mp:
+        calls = _counting_sketches(mp)
+        assert main(args) == 0
+    assert calls == [("original", p) for p in range(4)] + [("suspect", p) for p in range(4)]

@@ -214,11 +214,12 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
     started with other ``settings`` is discarded. The block should delete its own scratch
     files before it ends; everything left in the folder becomes ``path``."""
     path = check_output(path, overwrite=overwrite, kind="folder")
-    partial = _partial(path, settings)
-    yield partial
-    _open_partials.remove(partial)
-    (partial / STAMP).unlink(missing_ok=True)
-    _move_into_place(partial, path)
+    with one_run(path):
+        partial = _partial(path, settings)
+        yield partial
+        _open_partials.remove(partial)
+        (partial / STAMP).unlink(missing_ok=True)
+        _move_into_place(partial, path)
 
 
 @contextlib.contextmanager
@@ -228,10 +229,11 @@ def resumable_scratch(path: str | os.PathLike, *, overwrite: bool = False, setti
     :func:`resumable_dir` does, and is deleted when the block completes. The block writes
     ``path`` itself (``write_json``)."""
     path = check_output(path, overwrite=overwrite, kind="file")
-    partial = _partial(path, settings)
-    yield partial
-    _open_partials.remove(partial)
-    shutil.rmtree(partial, ignore_errors=True)
+    with one_run(path):
+        partial = _partial(path, settings)
+        yield partial
+        _open_partials.remove(partial)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -241,13 +243,29 @@ def lazy_scratch(path: str | os.PathLike, *, overwrite: bool = False, kind: str 
     behind): ``.NAME.partial`` is yielded, not created. What goes in it is keyed by the block (its
     settings stamp is not used); it is deleted when the block completes."""
     path = check_output(path, overwrite=overwrite, kind=kind)
-    partial = partial_path(path)
-    if partial.exists() and not partial.is_dir():
-        partial.unlink()
-    _open_partials.append(partial)
-    yield partial
-    _open_partials.remove(partial)
-    shutil.rmtree(partial, ignore_errors=True)
+    with one_run(path):
+        partial = partial_path(path)
+        if partial.exists() and not partial.is_dir():
+            partial.unlink()
+        _open_partials.append(partial)
+        yield partial
+        _open_partials.remove(partial)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def one_run(path: Path) -> Iterator[None]:
+    """One resumable run at a time writing ``path``: an exclusive lock on ``.NAME.partial.lock`` beside
+    it while the block runs (removed after). A second run of the same output (another suspect, other
+    settings) emptied the first's kept steps under it: a traceback, or its progress lost."""
+    lock_file = partial_path(path).with_name(partial_path(path).name + ".lock")
+    held = hold_lock(lock_file, busy=f"another moeguard run is writing {path}",
+                     hint="wait for it to finish (or stop it), or give this run another --out")
+    try:
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)   # while still held: no stray file after the run
+        held.close()
 
 
 # the partial folders of resumable blocks that started and have not completed (running, or left by

@@ -37,15 +37,23 @@ def source_identity(where: str | None) -> dict[str, Any]:
     return weights_identity(where)
 
 
+# bumped whenever features, stream or align change what a layer's sketch holds (an install without a
+# git commit has only this to tell its sketches apart)
+SKETCH_FORMAT = 2
+
+
 def keyed(keep: Path | None, role: str, settings: dict[str, Any]) -> Path | None:
     """``keep``'s subfolder for ``role`` ("original" or "suspect") and these ``settings``; the
     role's subfolders of other settings (an earlier, interrupted run of another trace) are
     removed, so one scratch folder holds one run's sketches of each side."""
     if keep is None:
         return None
-    from moeguard import __version__
+    from moeguard.provenance import git_commit
 
-    text = json.dumps({**settings, "moeguard": __version__}, sort_keys=True, default=str)
+    # the code that computed them: moeguard's version string never changes between commits (0.1.0), so
+    # an interrupted trace resumed after an upgrade mixed layers sketched two ways under the new commit
+    text = json.dumps({**settings, "sketch_format": SKETCH_FORMAT, "commit": git_commit()}, sort_keys=True,
+                      default=str)
     folder = keep / f"{role}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     for old in keep.glob(f"{role}-*"):
         if old != folder:
