@@ -670,3 +670,22 @@ def test_requests_waiting_for_the_model_hold_no_worker_thread_so_health_and_metr
                 w.join(60)
             assert results == [200] * 3
             assert _call(port, "POST", "/v1/completions", {"prompt": "1 > 3?", "max_tokens": 1})[0] == 200
+
+
+def test_a_prompt_token_past_the_model_s_embeddings_is_400_and_the_server_serves_on(served):
+    """A tokenizer whose added tokens lie past the model's embeddings (a checkpoint not resized): the
+    id reached the model (on a GPU a device-side assert, and every later request failed with it)."""
+    import copy
+
+    from moeguard.monitor.serve import create_app
+
+    m, tok, prof = served
+    grown = copy.deepcopy(tok)
+    grown.add_tokens(["<zz_added_past_the_embeddings>"])
+    assert grown.convert_tokens_to_ids("<zz_added_past_the_embeddings>") >= m.get_input_embeddings().num_embeddings
+    mon = RoutingMonitor(m, prof, flush_every=1, raise_errors=False)
+    with mon, _serving(create_app(m, grown, mon)) as port:
+        status, body = _call(port, "POST", "/v1/completions", {"prompt": "x <zz_added_past_the_embeddings>", "max_tokens": 2})
+        assert status == 400 and b"the model has no embedding for (it has 4096)" in body, body
+        status, _ = _call(port, "POST", "/v1/completions", {"prompt": "def f(x):", "max_tokens": 2})
+        assert status == 200

@@ -1008,3 +1008,18 @@ def test_a_trace_resumed_after_an_upgrade_reads_every_layer_again(embedded, tmp_
         calls = _counting_sketches(mp)
         assert main(args) == 0
     assert calls == [("original", p) for p in range(4)] + [("suspect", p) for p in range(4)]
+
+
+def test_a_library_caller_s_original_under_home_is_read_as_its_fingerprint(embedded, tmp_path, monkeypatch):
+    """'~/fp' was not expanded: the fingerprint folder was taken for a checkpoint and refused as
+    having no config.json."""
+    from moeguard.trace import trace
+
+    m, tok = embedded
+    pruned, _ = prune_model(m, KEEP)
+    pruned.save_pretrained(tmp_path / "suspect")
+    tok.save_pretrained(tmp_path / "suspect")
+    assert main(["fingerprint", "--out", str(tmp_path / "fp")]) == 0
+    monkeypatch.setenv("HOME", str(tmp_path))
+    doc = trace("~/fp", str(tmp_path / "suspect"))
+    assert {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP

@@ -54,6 +54,8 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None, k
     from moeguard.trace.fingerprint import refuse_gguf
     from moeguard.trace.weights import load, locate
 
+    if isinstance(original, str) and original.startswith("~"):   # as resolve and check_output read it
+        original = str(Path(original).expanduser())
     given = is_fingerprint(original)
     own = loc = fp = None
     if given:   # tiny and local: a damaged fingerprint fails before a hub suspect is fetched whole
