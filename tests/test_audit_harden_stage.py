@@ -76,38 +76,33 @@ def test_the_pool_and_eval_limit_the_defense_reads_are_not_said_to_have_no_effec
 def test_a_second_audit_on_a_running_one_s_folder_is_one_line_and_touches_nothing(tmp_path, capsys):
     """Two audits on one --out swept each other's temporary stage folders, shared the hardening
     state and, with --overwrite, emptied the running one's stages under it."""
-    from moeguard.audit.run import lock_run_dir, release_run_dir
+    from moeguard.audit.run import lock_run_dir
 
     run = tmp_path / "run"
     (run / "stages" / "baseline").mkdir(parents=True)
     (run / "audit.json").write_text("{}")
-    held = lock_run_dir(run)            # the running audit
-    try:
+    with lock_run_dir(run):             # the running audit
         capsys.readouterr()
         code = main(["audit", "--out", str(run), "--tasks", "arith-compare", "--no-recovery", "--overwrite"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and f"another audit is running in {run}" in err[0], err
         assert "give this run another --out" in err[0]
         assert (run / "stages" / "baseline").is_dir()     # --overwrite emptied nothing
-    finally:
-        release_run_dir(run, held)
     assert not (tmp_path / ".run.lock").exists()
 
 
 def test_the_run_lock_is_one_for_every_spelling_of_the_folder(tmp_path, monkeypatch):
     """--out . raised ValueError (a path with an empty name) building the lock beside it."""
-    from moeguard.audit.run import lock_run_dir, release_run_dir
+    from moeguard.audit.run import lock_run_dir
     from moeguard.errors import MoeguardError
 
     run = tmp_path / "run"
     run.mkdir()
     (tmp_path / "link").symlink_to(run)
     monkeypatch.chdir(run)
-    held = lock_run_dir(Path("."))
-    try:
+    with lock_run_dir(Path(".")):
         for other in (run, tmp_path / "link", Path("../run")):
             with pytest.raises(MoeguardError, match="another audit is running in"):
-                lock_run_dir(other)
-    finally:
-        release_run_dir(Path("."), held)
+                with lock_run_dir(other):
+                    pass
     assert not (tmp_path / ".run.lock").exists()

@@ -253,19 +253,24 @@ def lazy_scratch(path: str | os.PathLike, *, overwrite: bool = False, kind: str 
         shutil.rmtree(partial, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def one_run(path: Path) -> Iterator[None]:
+def one_run(path: Path):
     """One resumable run at a time writing ``path``: an exclusive lock on ``.NAME.partial.lock`` beside
     it while the block runs (removed after). A second run of the same output (another suspect, other
     settings) emptied the first's kept steps under it: a traceback, or its progress lost."""
-    lock_file = partial_path(path).with_name(partial_path(path).name + ".lock")
-    held = hold_lock(lock_file, busy=f"another moeguard run is writing {path}",
-                     hint="wait for it to finish (or stop it), or give this run another --out")
+    return held(partial_path(path).with_name(partial_path(path).name + ".lock"),
+                busy=f"another moeguard run is writing {path}",
+                hint="wait for it to finish (or stop it), or give this run another --out")
+
+
+@contextlib.contextmanager
+def held(lock_file: Path, *, busy: str, hint: str) -> Iterator[None]:
+    """:func:`hold_lock` on ``lock_file`` for the block; the file is removed after it."""
+    f = hold_lock(lock_file, busy=busy, hint=hint)
     try:
         yield
     finally:
         lock_file.unlink(missing_ok=True)   # while still held: no stray file after the run
-        held.close()
+        f.close()
 
 
 # the partial folders of resumable blocks that started and have not completed (running, or left by

@@ -188,8 +188,9 @@ def check(cfg: AuditConfig) -> None:
         if cfg.recovery:
             from moeguard.studies.recovery import check_capped
 
-            check_capped(cfg.max_memory, mode=cfg.recovery_mode, merge=False,
-                         mode_flag="--recovery-mode", otherwise=", or --no-recovery")
+            # (the merge route is refused above, for the sweep's merge points too)
+            check_capped(cfg.max_memory, mode=cfg.recovery_mode, mode_flag="--recovery-mode",
+                         otherwise=", or --no-recovery")
     _check_unused(cfg)
     if "random" not in cfg.strategies:
         raise MoeguardError(f"strategies {cfg.strategies} lack 'random', the baseline every strategy is compared with",

@@ -152,27 +152,15 @@ def prepare_run_dir(out: Path, *, overwrite: bool, clear: bool = True) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def _lock_path(out: Path) -> Path:
-    # beside the run (a folder not yet made, or being emptied), by its real path: --out . and the same
-    # folder through a link take the one lock
-    out = out.resolve()
-    return out.with_name(f".{out.name}.lock")
-
-
 def lock_run_dir(out: Path):
-    """An exclusive lock on the audit run ``out`` (``.OUT.lock`` beside it) while this process runs,
-    or a one-line error where another audit holds it. Release with :func:`release_run_dir`."""
-    from moeguard.io import hold_lock
+    """For the block: an exclusive lock on the audit run ``out`` (``.OUT.lock`` beside it: a folder
+    not yet made, or being emptied), or a one-line error where another audit holds it. By the
+    folder's real path: --out . and the same folder through a link take the one lock."""
+    from moeguard.io import held
 
-    return hold_lock(_lock_path(out), busy=f"another audit is running in {out}",
-                     hint="wait for it to finish (or stop it), or give this run another --out")
-
-
-def release_run_dir(out: Path, lock) -> None:
-    if lock is None:
-        return
-    _lock_path(out).unlink(missing_ok=True)   # while still held: no stray file after the run
-    lock.close()
+    real = out.resolve()
+    return held(real.with_name(f".{real.name}.lock"), busy=f"another audit is running in {out}",
+                hint="wait for it to finish (or stop it), or give this run another --out")
 
 
 def mark_run_dir(out: Path, cfg: AuditConfig) -> None:

@@ -40,35 +40,29 @@ def _audit_command():
 
 def run(*, out: Path, config: Optional[Path], overwrite: bool, flags: dict) -> None:
     from moeguard.audit.config import build, load_yaml
-    from moeguard.audit.run import lock_run_dir, mark_run_dir, prepare_run_dir, release_run_dir, resolve, run_audit
+    from moeguard.audit.run import lock_run_dir, mark_run_dir, prepare_run_dir, resolve, run_audit
     from moeguard.studies.engine import make_backend
 
     cfg = build(load_yaml(config) if config is not None else {}, flags)
     prepare_run_dir(out, overwrite=overwrite, clear=False)
     cfg, handle = resolve(cfg)
     runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job, device_map=cfg.device_map)
-    lock = None
     try:
         # one audit to a run folder: a second one swept the first's temporary stage folders, shared its
         # hardening state, and with --overwrite emptied its stages under it
-        lock = lock_run_dir(out)
-        prepare_run_dir(out, overwrite=overwrite)     # now that nothing else can fail on bad input
-        mark_run_dir(out, cfg)
-    except BaseException:
-        runner.close()
-        release_run_dir(out, lock)
-        raise
-    command = " ".join(["moeguard", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moeguard") else None
-    try:
-        with _progress() as progress:
-            doc = run_audit(cfg, out, backend=runner, model=handle, progress=progress, command=command)
-    except KeyboardInterrupt:
-        print(f"moeguard: interrupted; finished stages and jobs are kept in {out}: "
-              "run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130) from None
+        with lock_run_dir(out):
+            prepare_run_dir(out, overwrite=overwrite)     # now that nothing else can fail on bad input
+            mark_run_dir(out, cfg)
+            command = " ".join(["moeguard", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moeguard") else None
+            try:
+                with _progress() as progress:
+                    doc = run_audit(cfg, out, backend=runner, model=handle, progress=progress, command=command)
+            except KeyboardInterrupt:
+                print(f"moeguard: interrupted; finished stages and jobs are kept in {out}: "
+                      "run the same command again to resume", file=sys.stderr)
+                raise SystemExit(130) from None
     finally:
         runner.close()
-        release_run_dir(out, lock)
     _summary(doc, out)
 
 

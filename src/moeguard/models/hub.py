@@ -23,7 +23,7 @@ class HubFailure(NamedTuple):
 
 
 def hub_failure(exc: BaseException, name: str) -> HubFailure | None:
-    """``(what happened, the fix)`` for an error the hub client raised while fetching ``name``
+    """What happened and the fix (a :class:`HubFailure`) for an error the hub client raised while fetching ``name``
     (looked for through the exceptions it was raised from: transformers re-raises them as OSError),
     or None for one it is not. Every failure read "unreachable" or "check your access" before."""
     import errno
@@ -54,12 +54,12 @@ def hub_failure(exc: BaseException, name: str) -> HubFailure | None:
             code = getattr(getattr(e, "response", None), "status_code", None)
             if code == 429:
                 return HubFailure("the hub is limiting this machine's requests (HTTP 429)",
-                        "wait a few minutes and retry; logged in (`hf auth login`), the limit is higher")
+                                  "wait a few minutes and retry; logged in (`hf auth login`), the limit is higher")
             if isinstance(code, int) and code >= 500:
                 return HubFailure(f"the hub answered with a server error (HTTP {code})", "retry later (status.huggingface.co)")
             if code in (401, 403):
                 return HubFailure(f"the hub refused access (HTTP {code})",
-                        "log in with an account that has access (`hf auth login`), or check your token")
+                                  "log in with an account that has access (`hf auth login`), or check your token")
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             return HubFailure("the disk is full", f"free space where the Hugging Face cache is "
                               f"({constants.HF_HUB_CACHE}), or set HF_HOME to a larger disk")
@@ -83,7 +83,7 @@ def download_for_streaming(hub_id: str) -> Path:
     except Exception as exc:  # noqa: BLE001 -- the hub client raises its own error types, OSError and ValueError
         known = hub_failure(exc, hub_id)
         if known is not None:
-            raise MoeguardError(f"cannot fetch {hub_id} from the Hugging Face hub: {known[0]}", hint=known[1]) from None
+            raise MoeguardError(f"cannot fetch {hub_id} from the Hugging Face hub: {known.what}", hint=known.fix) from None
         first = (str(exc).strip().splitlines() or [""])[0][:200] or type(exc).__name__
         raise MoeguardError(f"cannot fetch {hub_id} from the Hugging Face hub ({type(exc).__name__}: {first})",
                             hint=f"check the id, your access (hf auth login) and free disk space, or {fix}") from None

@@ -71,7 +71,7 @@ def load_config(ref: ModelRef):
 
             known = hub_failure(e, ref.hub_id)
             if known is not None:
-                raise MoeguardError(f"cannot read the config of {where}: {known[0]}", hint=known[1]) from None
+                raise MoeguardError(f"cannot read the config of {where}: {known.what}", hint=known.fix) from None
         first = " ".join(str(e).split()) or type(e).__name__
         hint = (f"fix {ref.path / 'config.json'}" if ref.path is not None
                 else "check the id, or log in / go online for a hub id (`hf auth login`)")
@@ -261,7 +261,7 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
 
             known = hub_failure(e, ref.hub_id)
             if known is not None:
-                raise MoeguardError(f"cannot load weights of {where}: {known[0]}", hint=known[1]) from None
+                raise MoeguardError(f"cannot load weights of {where}: {known.what}", hint=known.fix) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ("fix config.json to match the weights (the expert count, sizes), or re-prune with moeguard prune"
                 if isinstance(e, RuntimeError) else "check the checkpoint files (safetensors only) or your hub access")

@@ -162,18 +162,24 @@ def checkpoint_dtype(ref):
 
 
 def _dtype_of(path: Path):
-    import json
-
     import torch
 
+    name = _dtype_name(path)
+    return getattr(torch, name, None) if name is not None else None
+
+
+def _dtype_name(path: Path) -> str | None:
+    """The dtype checkpoint ``path`` is in: the one its config declares, else the one most of its
+    weights are stored in (float32 loaded a bf16 model at twice its size, saved as float32); None
+    where its config cannot be read."""
     try:
         config = json.loads((path / "config.json").read_text())
         name = config.get("dtype") or config.get("torch_dtype")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(name, str) or name == "auto":   # a config that does not say: what the weights are stored in
-        name = _stored_dtype(path)                     # (float32 loaded a bf16 model at twice its size, saved as float32)
-    return getattr(torch, name, None) if isinstance(name, str) else None
+        name = _stored_dtype(path)
+    return name if isinstance(name, str) else None
 
 
 def _stored_dtype(path: Path) -> str | None:
@@ -193,14 +199,8 @@ def _stored_dtype(path: Path) -> str | None:
 
 
 def _config_dtype(out: Path, src: Path) -> None:
-    """Set ``out``'s config dtype to the source's: the one its config declares, else the one most of
-    its weights are stored in."""
-    try:
-        declared = json.loads((src / "config.json").read_text())
-        declared = declared.get("dtype") or declared.get("torch_dtype")
-    except (OSError, ValueError, AttributeError):
-        declared = None
-    name = declared if isinstance(declared, str) and declared != "auto" else _stored_dtype(src)
+    """Set ``out``'s config dtype to the source's (:func:`_dtype_name`)."""
+    name = _dtype_name(src)
     path = out / "config.json"
     if name is None or not path.exists():
         return

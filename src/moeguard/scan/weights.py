@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.analysis import robust_z
+from moeguard.errors import MoeguardError
 
 _FLOATS = {"float32", "float16", "bfloat16", "float64"}
 WEIGHT_STATS = ("gate_norm", "up_norm", "down_norm", "down_spectral", "down_stable_rank", "router_norm")
@@ -25,7 +26,6 @@ def _stable_rank(w: np.ndarray) -> float:
 def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
     """Per (decoder layer, expert): the statistics in ``WEIGHT_STATS``, each with its robust z
     against the layer's experts, and ``weight_z``, the largest |z|."""
-    from moeguard.errors import MoeguardError
     from moeguard.models.hooks import weights_in_place
     from moeguard.trace.weights import expert_views, f64
 
@@ -56,8 +56,6 @@ def weight_stats(model, adapter) -> dict[tuple[int, int], dict[str, Any]]:
 
 def _expert_stats(index: int, e: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
                   router: np.ndarray) -> dict[str, float]:
-    from moeguard.errors import MoeguardError
-
     # a NaN or inf (a corrupt shard, an fp16 overflow) failed the SVD with a traceback, or, in a router
     # row, made every suspicion NaN: nothing flagged, and a damaged model reported clean
     bad = [name for name, w in (("gate", gate), ("up", up), ("down", down), ("router row", router))

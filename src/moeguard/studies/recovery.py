@@ -143,7 +143,7 @@ def preflight(cfg: RecoveryConfig, model) -> None:
     label_pool(task, pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
 
 
-def check_capped(max_memory: str, *, mode: str, merge: bool, mode_flag: str = "--mode", otherwise: str = "") -> None:
+def check_capped(max_memory: str, *, mode: str, merge: bool = False, mode_flag: str = "--mode", otherwise: str = "") -> None:
     """Recovery under a memory cap (``max_memory`` as the user wrote it) trains LoRA adapters over
     offloaded weights on the pruning route; the rest refuses here, before any work."""
     if mode != "lora":

@@ -60,7 +60,7 @@ def hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
         if offline:
             cause = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not cached"
         elif known is not None:
-            cause = known[0]
+            cause = known.what
         else:   # not a hub failure moeguard knows: what was raised, not a guess that the hub is unreachable
             cause = "the datasets library failed"
         local = ("on a machine with network run datasets.load_dataset(...).save_to_disk(DIR) and use "
