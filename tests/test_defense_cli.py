@@ -111,6 +111,8 @@ def test_attack_reports_the_worst_case_over_its_grid_and_a_from_scratch_baseline
     # every method x plan kind was tried and the attacker kept the best one
     cands = doc["attribution"]["candidates"]
     assert {(c["method"], c["plan"]) for c in cands} == {(m, p) for m in ("frequency", "gate") for p in ("uniform", "budgeted")}
+    # the document names the methods the pick ran (settings keep the user's list as given)
+    assert doc["attribution"]["methods"] == ["frequency", "gate"]
     assert doc["attribution"]["best"]["retention"] == max(c["retention"] for c in cands)
     # 2 modes x 2 lrs x 1 epochs x 2 seeds; lr spans the mode default and 10x
     assert len(doc["runs"]) == 8

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from moeguard.cli import main
 
 TASKS = "arith-compare,docstring-topic,stdlib-docs,record-summary"
@@ -33,10 +31,9 @@ def test_an_interrupted_eval_resumes_from_the_tasks_it_finished(tmp_path, monkey
 
     monkeypatch.setattr(E, "evaluate_task", interrupted)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main([*args, "--out", str(tmp_path / "cut.json")])
+    code = main([*args, "--out", str(tmp_path / "cut.json")])
     err = capsys.readouterr().err
-    assert stop.value.code == 130 and "the tasks evaluated so far are kept in" in err and "run the same command again" in err
+    assert code == 130 and "the tasks evaluated so far are kept in" in err and "run the same command again" in err
     kept = tmp_path / ".cut.json.partial"
     assert not (tmp_path / "cut.json").exists()
     assert sorted(f.name for f in kept.glob("task-*.json")) == ["task-arith-compare.json", "task-docstring-topic.json"]
@@ -60,9 +57,8 @@ def test_a_partial_eval_of_other_settings_is_not_reused(tmp_path, monkeypatch):
         return real(model, tokenizer, task, **kw)
 
     monkeypatch.setattr(E, "evaluate_task", stop_second)
-    with pytest.raises(SystemExit) as stop:
-        main(["eval", "--tasks", TASKS, "--limit", "8", "--out", str(tmp_path / "r.json")])
-    assert stop.value.code == 130
+    code = main(["eval", "--tasks", TASKS, "--limit", "8", "--out", str(tmp_path / "r.json")])
+    assert code == 130
     first = TASKS.split(",")[0]
     assert [f.name for f in (tmp_path / ".r.json.partial").glob("task-*.json")] == [f"task-{first}.json"]   # a partial to refuse
     monkeypatch.setattr(E, "evaluate_task", lambda *a, **k: (calls.append(a[2].name), real(*a, **k))[1])

@@ -234,9 +234,9 @@ def test_an_interrupted_profile_resumes_from_the_tasks_it_observed(tmp_path, mon
 
     monkeypatch.setattr(P, "observe", interrupted)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main([*args, "--out", str(tmp_path / "cut.json")])
-    assert stop.value.code == 130 and "run the same command again to resume" in capsys.readouterr().err
+    code = main([*args, "--out", str(tmp_path / "cut.json")])
+    err = capsys.readouterr().err
+    assert code == 130 and f"the tasks profiled so far are kept in {tmp_path / '.cut.json.partial'}: run the same command again to resume" in err, err
     kept = tmp_path / ".cut.json.partial"
     assert not (tmp_path / "cut.json").exists() and sorted(f.name for f in kept.glob(".*.npz")) == [".fit-0.npz", ".fit-1.npz"]
     calls.clear()
@@ -250,9 +250,8 @@ def test_an_interrupted_profile_resumes_from_the_tasks_it_observed(tmp_path, mon
     stop_at[0] = 2
     calls.clear()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main([*args, "--out", str(tmp_path / "other.json"), "--seed", "1"])
-    assert stop.value.code == 130 and "run the same command again to resume" in capsys.readouterr().err
+    code = main([*args, "--out", str(tmp_path / "other.json"), "--seed", "1"])
+    assert code == 130 and "run the same command again to resume" in capsys.readouterr().err
     assert sorted(f.name for f in (tmp_path / ".other.json.partial").glob(".*.npz")) == [".fit-0.npz"]
     stop_at[0] = 0
     calls.clear()

@@ -9,6 +9,7 @@ the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import signal
@@ -167,6 +168,17 @@ def _no_out() -> None:
                         hint="pass --out PATH, or drop --overwrite")
 
 
+@contextlib.contextmanager
+def _kept_on_interrupt(what: str):
+    """An interrupt inside the block names what its resumable folder kept: "the tasks evaluated so
+    far are kept in ..." (:func:`_interrupted` says it, as for every command)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _state["kept"] = what
+        raise
+
+
 def _placement(handle) -> dict:
     """The run record's ``device_map`` entry, when one was given (absent: the CPU, as before)."""
     return {"device_map": handle.device_map} if handle.device_map is not None else {}
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from moeguard.models.families import trust_inferred_families
 
     _state["debug"] = False  # set by the --debug callback of this call only
+    _state["kept"] = None    # what an interrupt's kept folder holds, said by the command that knows
     saved, warnings.formatwarning = warnings.formatwarning, _format_warning
     trusted = trust_inferred_families(False)   # the flag holds for this call only
     handlers = _terminate_as_interrupt()
@@ -252,8 +265,10 @@ def _interrupted() -> int:
     from moeguard.io import kept_progress
 
     kept = kept_progress()   # a resumable command's finished steps survive the interrupt
-    print(f"moeguard: interrupted; the work done so far is kept in {kept}: run the same command again to resume"
-          if kept is not None else "moeguard: interrupted; no output was written", file=sys.stderr)
+    what = _state.get("kept") or "work done"
+    print(f"moeguard: interrupted; the {what} so far {'is' if what == 'work done' else 'are'} kept in {kept}: run the "
+          f"same command again to resume" if kept is not None else "moeguard: interrupted; no output was written",
+          file=sys.stderr)
     return 130
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _no_out, _progress, _seed, app
+from moeguard.cli.app import DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _kept_on_interrupt, _progress, app
 from moeguard.errors import MoeguardError
 from moeguard.io import dumps
 
@@ -34,22 +33,9 @@ def families(as_json: JsonOpt = False,
                                        "installed transformers")] = None) -> None:
     """Built-in family specs, and whether each MoE model type of the installed transformers is
     built in, inferred and verified against its own router, or unsupported (and why)."""
-    from moeguard.models.catalog import catalog
+    from moeguard.models.catalog import catalog, check_model_types
 
-    types = [t.strip() for t in model_types.split(",") if t.strip()] if model_types is not None else None
-    if types == []:
-        raise MoeguardError(f"--model-types '{model_types}' names no model type", hint="pass e.g. --model-types flint")
-    if types is not None:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-        import difflib
-
-        unknown = [t for t in types if t not in CONFIG_MAPPING_NAMES]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], sorted(CONFIG_MAPPING_NAMES), n=3, cutoff=0.6)
-            raise MoeguardError(f"--model-types names {unknown}, which the installed transformers does not know",
-                                hint=(f"did you mean {', '.join(close)}? " if close else "")
-                                + "`moeguard families` lists every MoE model type")
+    types = check_model_types(model_types) if model_types is not None else None
     if as_json:
         typer.echo(dumps(catalog(types), indent=2))
         return
@@ -92,62 +78,16 @@ def eval_(model: ModelOpt = None,
           device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, overwrite: OverwriteOpt = False,
           seed: SeedOpt = 0) -> None:
     """Per-task metrics with the trivial baseline beside each."""
-    from moeguard.edge import embedded_or, resolve_model, task_inputs
-    from moeguard.io import check_output, write_json
-    from moeguard.models.placement import parse_memory
-    from moeguard.provenance import run_record
     from moeguard.report.tables import eval_table
-    from moeguard.tasks.evaluate import evaluate_suite
+    from moeguard.tasks.evalrun import run_eval
 
-    if out is not None:
-        check_output(out, overwrite=overwrite, kind="file", inputs=(model,))
-    elif overwrite:
-        _no_out()
-    cap = parse_memory(max_memory, device_map=device_map) if max_memory is not None else None
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
     if names == []:
         raise MoeguardError(f"--tasks '{tasks}' names no task", hint="see `moeguard tasks` for names")
-    task_list = embedded_or(names, what="--tasks")  # fails on unreadable or empty data before any weights load
-    if out is not None:   # a task file or data folder as --out would be replaced by the results
-        check_output(out, overwrite=overwrite, kind="file", inputs=task_inputs(task_list))
-    # inspected before the resumable folder exists: a model that is no MoE, or has no config, leaves nothing
-    # behind (an encoder-decoder evaluates through its seq2seq head)
-    handle = resolve_model(model, tasks=False, device_map=device_map)
-    device_map = handle.device_map
-    settings = {"tasks": [t.name for t in task_list], "limit": limit, "batch_size": batch_size, "seed": seed,
-                "max_memory": cap, **({"device_map": device_map} if device_map is not None else {})}
-    with contextlib.ExitStack() as stack:
-        cache = None
-        if out is not None:
-            from moeguard.io import resumable_scratch
-            from moeguard.models.identity import weights_identity
-            from moeguard.tasks.loaders import task_identity
-
-            # each task's result is kept beside --out as it finishes: the same command resumes after a
-            # kill, on the same weights, task definitions and data, and settings
-            # not the cap's bytes: where the weights sit changes no score, so a run restarted under another cap resumes
-            cache = stack.enter_context(resumable_scratch(out, overwrite=overwrite, settings={
-                **{k: v for k, v in settings.items() if k != "max_memory"}, "model": weights_identity(model),
-                "task_identity": [task_identity(t) for t in task_list]}))
-        _seed(seed)
-        m, tokenizer, ref = handle.load(max_memory=cap)
-        try:
-            with _progress() as progress:
-                results = evaluate_suite(m, tokenizer, task_list, limit=limit, batch_size=batch_size,
-                                         progress=progress, model_name=ref.name, cache=cache)
-        except KeyboardInterrupt:
-            if cache is None:
-                raise
-            import sys
-
-            print(f"moeguard: interrupted; the tasks evaluated so far are kept in {cache}: run the same command "
-                  f"again to resume", file=sys.stderr)
-            raise SystemExit(130) from None
-        results["run"] = run_record({"model": ref.name, **settings})
-        if out is not None:
-            write_json(out, results, overwrite=overwrite)
+    with _kept_on_interrupt("tasks evaluated"):
+        results = run_eval(model=model, tasks=names, limit=limit, batch_size=batch_size, out=out,
+                           device_map=device_map, max_memory=max_memory, overwrite=overwrite, seed=seed,
+                           progress=_progress)
     _console().print(eval_table(results))
     if out is not None:
         typer.echo(f"results written to {out}")
-
-

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import DeviceMapOpt, ModelOpt, OverwriteOpt, SeedOpt, _placement, _progress, app
-from moeguard.io import dumps
+from moeguard.cli.app import DeviceMapOpt, ModelOpt, OverwriteOpt, SeedOpt, _kept_on_interrupt, _progress, app
 
 
 monitor_app = typer.Typer(no_args_is_help=True, help="Routing monitor: a benign profile, then score logged traffic.")
@@ -29,69 +27,35 @@ def monitor_profile(
         early: Annotated[str, typer.Option("--early", help="also score each client's window as it grows, at these lengths: 'auto' (a quarter and a half of --window: 4,8 of 16), a list such as 4,8, or 'none' (only full windows)")] = "auto",
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
     """The reference routing profile of benign traffic, with calibrated null distributions."""
-    from moeguard.edge import embedded_or, resolve_model, task_inputs
-    from moeguard.errors import MoeguardError
-    from moeguard.io import check_output
-    from moeguard.monitor.fit import build
-    from moeguard.tasks.loaders import load_records, prompt_text
-
-    if log is not None:
-        if tasks is not None or limit is not None:
-            raise MoeguardError(f"--log is given with {'--tasks' if tasks is not None else '--limit'}",
-                                hint="profile either tasks (--tasks, --limit) or a log of benign traffic (--log)")
-    elif topics != "auto":
-        raise MoeguardError(f"--topics {topics} without --log", hint="--topics clusters a log's requests; tasks are topics")
-    limit = 200 if limit is None else limit
-    if limit < 8:
-        raise MoeguardError(f"--limit is {limit}", hint="pass --limit of at least 8 inputs per task")
-    if window < 1:
-        raise MoeguardError(f"--window is {window}", hint="pass --window of at least 1 request")
-    if not 0 <= reply_tokens <= 256:
-        raise MoeguardError(f"--reply-tokens is {reply_tokens}", hint="pass 0 (prompts only) or 1 to 256 reply tokens")
     from moeguard.cli.app import _ints
+    from moeguard.monitor import commands
     from moeguard.monitor.ladder import check_early, default_early
 
+    limit = commands.check_profile_options(log=log, tasks=tasks, limit=limit, topics=topics, window=window,
+                                           reply_tokens=reply_tokens, slice_len=slice_len)
     looks = default_early(window) if early == "auto" else () if early == "none" else check_early(_ints(early, "--early"), window)
-    from moeguard.monitor.slices import check_slice
-
-    check_slice(slice_len)
-    check_output(out, overwrite=overwrite, inputs=(model, log), kind="file")
-    if log is not None:
-        return _profile_log(out=out, log=log, topics=topics, window=window, early=looks, slice_len=slice_len,
-                            reply_tokens=reply_tokens, model=model, device_map=device_map, overwrite=overwrite, seed=seed)
-    handle = resolve_model(model, device_map=device_map)
-    ts = embedded_or(_task_list(tasks), what="--tasks", train=False)   # benign traffic: eval records only
-    check_output(out, overwrite=overwrite, inputs=task_inputs(ts), kind="file")
-    # a running-text task's benign traffic is its texts (a language-modeling task has no inputs)
-    prompts = {t.name: [x for r in load_records(t, "eval", limit=limit) if (x := prompt_text(t, r))] for t in ts}
-    # the calibration requests there are (half of each task's inputs, which may be fewer than --limit):
-    # a window is drawn from them, before any weights load
-    from moeguard.monitor.fit import check_prompts
-
-    check_prompts(prompts)   # before the weights load (and before a partial profile is begun)
-    held = sum(len(p) - len(p) // 2 for p in prompts.values())
-    if window > held:
-        raise MoeguardError(f"--window is {window}; benign windows are drawn from at most {held} calibration requests "
-                            f"(half of each task's inputs: --limit {limit}, {len(ts)} tasks)",
-                            hint=f"pass --window of at most {held}, or raise --limit (or give tasks with more inputs)")
-    import hashlib
-
-    from moeguard.models.identity import weights_identity
-
-    # what the kept per-task arrays depend on: an interrupted run resumes only on the same inputs,
-    # seed (the halves) and weights
-    resume = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "seed": seed, "reply_tokens": reply_tokens,
-              "model": weights_identity(handle.arg), **_placement(handle)}
-    settings = {"model": handle.name, "tasks": list(prompts), "limit": limit, "window": window, "seed": seed,
-                "reply_tokens": reply_tokens, **({"early": list(looks)} if looks else {}),
-                **({"slice": slice_len} if slice_len else {})}
-    prof = _make_profile(out=out, overwrite=overwrite, resume=resume, handle=handle, seed=seed, settings=settings,
-                         kept="tasks", make=lambda m, tok, tmp, progress: build(
-                             m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=progress,
-                             reply_tokens=reply_tokens, early=looks, slice_len=slice_len))
-    r = prof.meta["requests"]
-    replies = f", replies of at most {reply_tokens} tokens" if reply_tokens else ""
     early_at = _early_at(looks, slice_len)
+    replies = f", replies of at most {reply_tokens} tokens" if reply_tokens else ""
+    if log is not None:
+        with _kept_on_interrupt("requests profiled"):
+            prof, handle = commands.profile_log(out=out, log=log, topics=topics, window=window, early=looks,
+                                                slice_len=slice_len, reply_tokens=reply_tokens, model=model,
+                                                device_map=device_map, overwrite=overwrite, seed=seed,
+                                                progress=_progress)
+        r, src = prof.meta["requests"], prof.meta["source"]
+        typer.echo(f"profile of {handle.name} from {log}: {len(prof.topics)} topics ({src['topics']}), split by {src['split']}: "
+                   f"{r['fit']} requests from {src['clients']['fit']} clients fitted, {r['calibration']} from "
+                   f"{src['clients']['calibration']} calibrating; windows of {window} from "
+                   + (f"{src['clients']['calibrating_windows']} clients' own blocks" if src["windows"] == "clients"
+                      else "drawn requests (no calibration client sent a full window)")
+                   + f"{early_at}{replies}; written to {out}")
+        return
+    with _kept_on_interrupt("tasks profiled"):
+        prof, handle, prompts = commands.profile_tasks(out=out, tasks=_task_list(tasks), limit=limit, window=window,
+                                                       early=looks, slice_len=slice_len, reply_tokens=reply_tokens,
+                                                       model=model, device_map=device_map, overwrite=overwrite,
+                                                       seed=seed, progress=_progress)
+    r = prof.meta["requests"]
     typer.echo(f"profile of {handle.name}: {len(prompts)} tasks, {r['fit']} requests fitted, {r['calibration']} "
                f"calibrating, windows of {window}{early_at}{replies}; written to {out}")
     if seed == 0:   # the profile is a key (docs/routing-security.md): tasks and the default seed rebuild it exactly
@@ -99,77 +63,9 @@ def monitor_profile(
                    "screen attacks against it; for a deployed profile pass a secret --seed and keep the file secret")
 
 
-def _make_profile(*, out: Path, overwrite: bool, resume: dict, handle, seed: int, settings: dict, kept: str, make):
-    """Load the model and build the profile (``make(model, tokenizer, scratch, progress)``) in a resumable
-    scratch folder, then write it with its run record. Ctrl-C keeps what was observed for a rerun."""
-    from moeguard.cli.app import _seed
-    from moeguard.io import resumable_scratch, write_json
-    from moeguard.models.identity import weights_digest
-    from moeguard.provenance import run_record
-
-    with resumable_scratch(out, overwrite=overwrite, settings=resume) as tmp:
-        _seed(seed)
-        m, tok, _ = handle.load()
-        try:
-            with _progress() as progress:
-                prof = make(m, tok, tmp, progress)
-            prof.meta["weights"] = weights_digest(handle.arg)   # what score and serve compare, not the name typed
-        except KeyboardInterrupt:
-            import sys
-
-            print(f"moeguard: interrupted; the {kept} profiled so far are kept in {tmp}: run the same command "
-                  f"again to resume", file=sys.stderr)
-            raise SystemExit(130) from None
-        write_json(out, {**prof.to_dict(), "run": run_record({**settings, **_placement(handle)})}, overwrite=overwrite)
-    return prof
-
-
 def _early_at(looks: tuple[int, ...], slice_len: int) -> str:
     at = f" (looked at early after {', '.join(map(str, looks))} requests)" if looks else ""
     return at + (f", slices of {slice_len} requests of all traffic" if slice_len else "")
-
-
-def _profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[int, ...], slice_len: int,
-                 reply_tokens: int, model, device_map, overwrite: bool, seed: int) -> None:
-    """``monitor profile --log``: the profile of a deployment's own benign traffic (monitor/fromlog.py)."""
-    import hashlib
-
-    from moeguard.edge import resolve_model
-    from moeguard.io import file_sha256
-    from moeguard.models.identity import weights_identity
-    from moeguard.monitor import fromlog
-    from moeguard.monitor.score import read_log
-
-    k = fromlog.check_topics(topics)
-    records = read_log(log)
-    fromlog.check(records, window=window, slice_len=slice_len, seed=seed, topics=k)     # before any weights load
-    handle = resolve_model(model, device_map=device_map)
-    digest = file_sha256(log)
-    # what the kept chunks depend on: the records as read (a log appended to since, or read with another
-    # time zone for naive ISO times, splits differently), the seed (the split) and the weights
-    read = hashlib.sha256(json.dumps([[r["client"], r["_t"], r["prompt"], r.get("reply"), r.get("topic")]
-                                      for r in records]).encode()).hexdigest()
-    # "clients": how a client is keyed (its id's text since 2026-12-05: 1 and "1" one client); chunks kept
-    # by an earlier version split a mixed-id log otherwise, and are not reused
-    resume = {"records": read, "seed": seed, "reply_tokens": reply_tokens, "model": weights_identity(handle.arg),
-              "clients": "text", **_placement(handle)}
-    settings = {"model": handle.name, "log": str(log), "topics": topics, "window": window, "seed": seed,
-                "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
-                **({"slice": slice_len} if slice_len else {})}
-    prof = _make_profile(out=out, overwrite=overwrite, resume=resume, handle=handle, seed=seed, settings=settings,
-                         kept="requests", make=lambda m, tok, tmp, progress: fromlog.build(
-                             m, tok, records, window=window, topics=k, seed=seed, name=handle.name, cache=tmp,
-                             progress=progress, early=early, slice_len=slice_len, reply_tokens=reply_tokens,
-                             log={"log": str(log), "sha256": digest}))
-    r, src = prof.meta["requests"], prof.meta["source"]
-    early_at = _early_at(early, slice_len)
-    typer.echo(f"profile of {handle.name} from {log}: {len(prof.topics)} topics ({src['topics']}), split by {src['split']}: "
-               f"{r['fit']} requests from {src['clients']['fit']} clients fitted, {r['calibration']} from "
-               f"{src['clients']['calibration']} calibrating; windows of {window} from "
-               + (f"{src['clients']['calibrating_windows']} clients' own blocks" if src["windows"] == "clients"
-                  else "drawn requests (no calibration client sent a full window)")
-               + f"{early_at}" + (f", replies of at most {reply_tokens} tokens" if reply_tokens else "")
-               + f"; written to {out}")
 
 
 @monitor_app.command("score")
@@ -190,120 +86,14 @@ def monitor_score(
         model: ModelOpt = None, device_map: DeviceMapOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Replay logged requests through the model; alert on requests and client windows unlike the profile
     (and, with --period, on days whose routing load moved)."""
-    from moeguard.edge import resolve_model
-    from moeguard.io import check_output, file_sha256, read_json, resumable_dir
-    from moeguard.monitor.profile import Profile
-    from moeguard.monitor.score import clear_outputs, drop_replay, read_log, score
+    from moeguard.monitor.commands import score_log
 
-    from moeguard.monitor.periodhistory import read_history
-    from moeguard.monitor.periods import check_period
-    from moeguard.monitor.periods import period_alpha as level
-
-    seconds, baseline = check_period(period, baseline, history=history, period_alpha=period_alpha,
-                                     period_clients=period_clients or None, accept=accept,
-                                     no_period_requests=no_period_requests or None)
-    alpha_p = level(alpha, period_alpha)
-    from moeguard.monitor.periodhistory import parse_accept
-
-    accepted = parse_accept(accept)
-    from moeguard.monitor.periodclients import REQUESTS_FOLDER
-
-    # the history's kept requests are inputs too: an --out there would replace them with this run's
-    check_output(out, overwrite=overwrite, kind="folder",
-                 inputs=(model, profile, log, history, history and history.parent / REQUESTS_FOLDER))
-    handle = resolve_model(model, device_map=device_map)
-    prof = Profile.from_dict(read_json(profile, what="routing profile", hint="make it with `moeguard monitor profile`"),
-                             where=str(profile))
-    from moeguard.monitor.evasion import check_profile
-
-    check_profile(prof, handle)   # this model's profile (weights, layers, experts, top-k): before any history is read
-    from moeguard.monitor.score import check_settings
-
-    window = check_settings(prof, window=window, alpha=alpha, period=seconds, baseline=baseline)
-    earlier = read_history(history, period=seconds, digest=prof.neighbours.digest, shape=prof.mean.shape,
-                           baseline=baseline, alpha=alpha_p, clients_test=period_clients) if history is not None else None
-    if earlier:   # alerts an earlier version of the test raised that this one would not: one warning line
-        from moeguard.monitor.periodhistory import mark_accepted, warn_stale
-
-        stale = warn_stale(mark_accepted(earlier, set(accepted or ())), baseline=baseline, alpha=alpha_p,
-                           layers=prof.meta["layers"])
-    records = read_log(log)
-    if seconds is not None:
-        from moeguard.monitor.periods import check_times
-
-        check_times(records)
-    if earlier:
-        from moeguard.monitor.periodhistory import check_after
-
-        check_after([r["_t"] for r in records], period=seconds, history=earlier)
-    if accepted:
-        from moeguard.monitor.periodhistory import check_accept
-
-        check_accept(accepted, [r["_t"] for r in records], period=seconds, history=earlier)
-    held, want = None, []
-    from moeguard.monitor.footprint import check_score
-    from moeguard.monitor.periodrequests import wanted
-
-    if earlier:   # the history's baseline periods whose requests its run kept (period_requests beside it)
-        want = wanted(earlier, baseline=baseline, accept=accepted or ())
-    check_score(prof, records, period=seconds, history=history, want=want)   # before anything large loads
-    if earlier:
-        from moeguard.monitor.periodrequests import read as read_held
-
-        held = read_held(history, want, dim=prof.neighbours.x.shape[1], shape=prof.mean.shape)
-        if len(held) < len(want):
-            typer.echo(f"note: {len(want) - len(held)} of the {len(want)} baseline periods read from --history have no "
-                       f"kept requests (none in {history.parent / REQUESTS_FOLDER}): the clients' test and an alert's "
-                       f"cause match among the requests of the other {len(held)}", err=True)
-    brought = len(held or ())   # score_periods empties held as it takes them
-    from moeguard.models.identity import weights_identity
-    from moeguard.provenance import run_record
-
-    # what the replayed arrays depend on: an interrupted run resumes only on the same profile, log and weights
-    resume = {"profile": file_sha256(profile), "log": file_sha256(log), "model": weights_identity(handle.arg),
-              **_placement(handle)}
-    with resumable_dir(out, overwrite=overwrite, settings=resume) as tmp:
-        m, tok, _ = handle.load()
-        try:
-            with _progress() as progress:
-                scores, windows, alerts, summary = score(m, tok, prof, records, window=window, alpha=alpha,
-                                                         log_prompts=log_prompts, cache=tmp, period=seconds,
-                                                         baseline=baseline, history=earlier, period_alpha=alpha_p,
-                                                         period_clients=period_clients, accept=accepted,
-                                                         held=held, progress=progress)
-        except KeyboardInterrupt:
-            import sys
-
-            print(f"moeguard: interrupted; the requests replayed so far are kept in {tmp}: run the same command "
-                  f"again to resume", file=sys.stderr)
-            raise SystemExit(130) from None
-        summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
-                                     "alpha": alpha, "log_prompts": log_prompts, **_placement(handle),
-                                     **({"period": seconds, "baseline": baseline, "period_alpha": alpha_p,
-                                         "history": None if history is None else str(history),
-                                         "period_clients": period_clients, "accept": accepted,
-                                         "period_requests": not no_period_requests}
-                                        if seconds is not None else {})})
-        clear_outputs(tmp)   # an interrupted attempt's outputs (other flags, a half-written file) do not carry over
-        (tmp / "scores.jsonl").write_text("".join(dumps(s) + "\n" for s in scores))
-        (tmp / "windows.jsonl").write_text("".join(dumps(w) + "\n" for w in windows))
-        traffic = summary.pop("traffic_slices")
-        if prof.meta.get("slice"):
-            (tmp / "slices.jsonl").write_text("".join(dumps(t) + "\n" for t in traffic))
-        spans = summary.pop("traffic_periods")
-        if seconds is not None:
-            (tmp / "periods.jsonl").write_text("".join(dumps(t) + "\n" for t in spans))
-        (tmp / "alerts.jsonl").write_text("".join(dumps(a) + "\n" for a in alerts))
-        arrays = summary.pop("period_arrays")
-        if seconds is not None and not no_period_requests:   # each period a later baseline can take, with its requests
-            from moeguard.monitor.periodrequests import save
-
-            summary["period_requests"] = {**save(tmp, spans, **arrays, baseline=baseline, digest=prof.neighbours.digest,
-                                                 history=history), "read": brought, "history_baseline": len(want)}
-        if earlier:
-            summary["history_stale_alerts"] = stale
-        (tmp / "summary.json").write_text(dumps(summary, indent=2) + "\n")
-        drop_replay(tmp)
+    with _kept_on_interrupt("requests replayed"):
+        summary, _ = score_log(profile=profile, log=log, out=out, window=window, alpha=alpha, log_prompts=log_prompts,
+                               period=period, baseline=baseline, history=history, period_alpha=period_alpha,
+                               period_clients=period_clients, accept=accept, no_period_requests=no_period_requests,
+                               model=model, device_map=device_map, overwrite=overwrite, progress=_progress,
+                               note=lambda line: typer.echo(line, err=True))
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
                f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts"
                + (f", {summary['alerts']['slice']} slice alerts ({summary['slices']} slices of all traffic)"

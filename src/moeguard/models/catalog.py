@@ -12,6 +12,27 @@ from moeguard.models.families import FAMILIES, _BY_MODEL_TYPE, moe_config
 from moeguard.models.infer import _COUNT_KEYS, infer_family
 
 
+def check_model_types(value: str) -> list[str]:
+    """``--model-types``: comma-separated model types the installed transformers knows (a typo is
+    refused with the nearest names, not reported as "unsupported")."""
+    import difflib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from moeguard.errors import MoeguardError
+
+    types = [t.strip() for t in value.split(",") if t.strip()]
+    if not types:
+        raise MoeguardError(f"--model-types '{value}' names no model type", hint="pass e.g. --model-types flint")
+    unknown = [t for t in types if t not in CONFIG_MAPPING_NAMES]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(CONFIG_MAPPING_NAMES), n=3, cutoff=0.6)
+        raise MoeguardError(f"--model-types names {unknown}, which the installed transformers does not know",
+                            hint=(f"did you mean {', '.join(close)}? " if close else "")
+                            + "`moeguard families` lists every MoE model type")
+    return types
+
+
 def builtin_rows() -> list[dict]:
     """One row per built-in family: model types, where its pieces live and its routing rule
     (described on the family's default config)."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
-from moeguard.io import write_json
+from moeguard.io import write_json, write_text
 from moeguard.report import plots
 
 
@@ -43,11 +44,16 @@ def csv_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    """Through a temporary sibling and a rename, like every other output. No rows (a study whose
+    jobs all skipped) is an empty file, not an IndexError after the run's work is done."""
+    buf = io.StringIO(newline="")
+    if rows:
+        # fields in first-seen order over all rows: a row may add a field the first lacks
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        w = csv.DictWriter(buf, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    return path
+    return write_text(path, buf.getvalue())
 
 
 def write_sweep(doc: dict[str, Any], scores: dict[str, dict[str, dict]], run_dir: Path) -> list[Path]:

@@ -345,7 +345,9 @@ def attack_doc(cfg: AttackConfig, pick: dict[str, Any], runs: list[dict[str, Any
         "schema": SCHEMA, "task": task.name, "kind": task.kind.value, "metric": task.primary_metric,
         "higher_is_better": task.higher_is_better, "keep": cfg.keep, "budget": cfg.budget,
         "full": pick["full"], "baseline_score": base,
-        "attribution": {"candidates": pick["candidates"], "best": pick["best"]},
+        # the methods the pick ran, by name: settings hold the user's list, empty for "every one"
+        "attribution": {"methods": list(dict.fromkeys(c["method"] for c in pick["candidates"])),
+                        "candidates": pick["candidates"], "best": pick["best"]},
         "pruned": pick["best_result"], "record": pick["record"], "settings": cfg.to_dict(), "runs": runs,
     }
     doc["worst_case"] = envelope(runs, task.higher_is_better, full, base)
