@@ -75,13 +75,23 @@ def hold_lock(path: Path, *, busy: str, hint: str):
     is: close it to release. ``busy``/``hint``: the one-line error where another process holds it."""
     import fcntl
 
+    import errno
+
     while True:
-        f = open(path, "a")   # noqa: SIM115 -- held open for the locker's life
+        try:
+            f = open(path, "a")   # noqa: SIM115 -- held open for the locker's life
+        except OSError as e:   # a parent that is a file, or a folder this user cannot write
+            raise MoeguardError(f"cannot make the lock file {path}: {e.strerror}",
+                                hint="choose an output in a folder you can write") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             f.close()
-            raise MoeguardError(f"{busy} (it holds {path})", hint=hint) from None
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MoeguardError(f"{busy} (it holds {path})", hint=hint) from None
+            # NFS without a lock daemon (ENOLCK), Lustre mounted noflock (ENOSYS): no other run holds it
+            raise MoeguardError(f"cannot lock {path}: {e.strerror} (the file system of {path.parent} does not "
+                                f"take file locks)", hint="write the output on a local file system") from None
         try:   # a holder that unlinks the file as it releases it: the lock taken must be on the file there now
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 return f
@@ -119,9 +129,15 @@ def read_json(path: str | os.PathLike, *, what: str, hint: str) -> Any:
     """A JSON file the user handed over: a missing or malformed one is a one-line error naming ``what``."""
     p = Path(path)
     if not p.is_file():
-        raise MoeguardError(f"{what} {p} does not exist", hint=hint)
+        raise MoeguardError(f"{what} {p} {'is a folder' if p.is_dir() else 'does not exist'}", hint=hint)
     try:
-        return json.loads(p.read_text(encoding="utf-8-sig"))
+        text = p.read_text(encoding="utf-8-sig")
+    except OSError as exc:   # unreadable by this user (mode 000), or an I/O error
+        raise MoeguardError(f"{what} {p} cannot be read ({exc.strerror})", hint="check the file's permissions") from None
+    except UnicodeDecodeError as exc:
+        raise MoeguardError(f"{what} {p} is not valid JSON ({exc})", hint=hint) from None
+    try:
+        return json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise MoeguardError(f"{what} {p} is not valid JSON ({exc})", hint=hint) from None
     except RecursionError:   # [[[[... deeper than the parser recurses
@@ -217,9 +233,10 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
     with one_run(path):
         partial = _partial(path, settings)
         yield partial
-        _open_partials.remove(partial)
-        (partial / STAMP).unlink(missing_ok=True)
+        # the stamp goes once the folder is in place: a failed move keeps the kept steps resumable
         _move_into_place(partial, path)
+        _open_partials.remove(partial)
+        (path / STAMP).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -336,7 +353,11 @@ def kept_arrays(folder: Path | None, name: str, compute) -> dict[str, Any]:
 def _move_into_place(tmp: Path, path: Path) -> None:
     """Rename ``tmp`` to ``path``; an existing ``path`` (allowed by --overwrite) is swapped out first."""
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        # a name no earlier swap left (an interrupt during the removal below leaves its copy; in a
+        # container every run is PID 1, and replacing onto that non-empty folder failed after the work)
+        import uuid
+
+        old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
@@ -393,7 +414,10 @@ def strict_yaml(text: str) -> Any:
     ``yaml.YAMLError`` (a ``ConstructorError`` with the key's line) as safe_load does."""
     import yaml
 
-    return yaml.load(text, Loader=_unique_keys_loader())
+    try:
+        return yaml.load(text, Loader=_unique_keys_loader())
+    except RecursionError:   # [[[[... deeper than the composer recurses: not a YAMLError of its own
+        raise yaml.YAMLError("nested too deeply to read") from None
 
 
 @functools.lru_cache(maxsize=1)

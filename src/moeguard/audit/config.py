@@ -106,13 +106,20 @@ def load_yaml(path: Path) -> dict[str, Any]:
         data = strict_yaml(path.read_text(encoding="utf-8")) or {}   # a repeated key is refused, not the last kept
     except UnicodeDecodeError as exc:
         raise MoeguardError(f"audit config {path} is not UTF-8 (byte {exc.start})", hint="save the file as UTF-8") from None
+    except OSError as exc:
+        raise MoeguardError(f"audit config {path} cannot be read ({exc.strerror})", hint="check the file's permissions") from None
     except yaml.YAMLError as exc:
         raise MoeguardError(f"audit config {path} is not valid YAML: {str(exc).splitlines()[0]}",
                             hint="fix the file; keys are the audit's option names with underscores") from None
     if not isinstance(data, dict):
         raise MoeguardError(f"audit config {path} holds a {type(data).__name__}, expected a mapping",
                             hint="write `key: value` lines, e.g. `keeps: [2, 4]`")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    keys = [str(k).replace("-", "_") for k in data]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:   # 'eval-limit:' and 'eval_limit:' are one option: the last would win silently
+        raise MoeguardError(f"audit config {path} sets {twice[0]} twice (with '-' and with '_')",
+                            hint="keep one of the two lines")
+    return dict(zip(keys, data.values()))
 
 
 def build(file_values: dict[str, Any], flags: dict[str, Any]) -> AuditConfig:

@@ -7,6 +7,7 @@ backend; the driver only plans (picks the best method, builds pruning plans) and
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -137,6 +138,13 @@ def prepare_run_dir(out: Path, *, overwrite: bool, clear: bool = True) -> None:
     input (model, tasks, backend) has been resolved, so a mistyped option loses nothing."""
     if not out.parent.exists():
         raise MoeguardError(f"output folder {out.parent} does not exist", hint=f"create it: mkdir -p {out.parent}")
+    # a parent that is a file, or one this user cannot write: a traceback at the lock, after resolving
+    if not out.parent.is_dir():
+        raise MoeguardError(f"output {out} is inside {out.parent}, which is a file, not a folder",
+                            hint="choose an --out inside a folder")
+    if not out.exists() and not os.access(out.parent, os.W_OK | os.X_OK):
+        raise MoeguardError(f"output folder {out.parent} is not writable by this user",
+                            hint="choose an --out in a folder you can write, or fix its permissions")
     if not out.exists():
         return
     if not out.is_dir():

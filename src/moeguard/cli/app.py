@@ -194,10 +194,14 @@ def _run(settings: dict) -> dict:
     return run_record(settings)
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]   # src/moeguard (or site-packages/moeguard)
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """moeguard's own warnings (a task too small to learn from, ...) as one line a user reads;
     other libraries' warnings keep Python's format, which names their source."""
-    if f"{os.sep}moeguard{os.sep}" in str(filename) and issubclass(category, UserWarning):
+    # by the package's own folder: a checkout named moeguard holds the venv's libraries under .../moeguard/ too
+    if _PACKAGE in Path(str(filename)).resolve().parents and issubclass(category, UserWarning):
         return f"moeguard: warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
 

@@ -125,6 +125,9 @@ def load_task_file(path: str | os.PathLike[str]) -> list[Task]:
     except UnicodeDecodeError:
         raise MoeguardError(f"task file '{file}' is not UTF-8 text",
                             hint="save it as UTF-8 YAML") from None
+    except OSError as exc:
+        raise MoeguardError(f"task file '{file}' cannot be read ({exc.strerror})",
+                            hint="check the file's permissions") from None
     if isinstance(data, dict) and "tasks" in data:
         entries = data["tasks"]
         if not isinstance(entries, list) or not entries:

@@ -1,0 +1,151 @@
+"""From a read-only review of the core (io, config readers, the CLI's warnings, provenance): each
+failure is one line naming what happened, and nothing is lost when a swap or a move fails."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from moeguard.errors import MoeguardError
+
+
+def test_a_lock_the_file_system_cannot_take_is_not_reported_as_another_run(tmp_path, monkeypatch):
+    import fcntl
+
+    from moeguard.io import hold_lock
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(MoeguardError) as e:
+        hold_lock(tmp_path / ".x.lock", busy="another moeguard run is writing x", hint="wait")
+    said = e.value.one_line()
+    assert "No locks available" in said and "does not take file locks" in said and "another" not in said, said
+
+    def busy(f, how):
+        raise OSError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", busy)
+    with pytest.raises(MoeguardError, match="another moeguard run is writing x"):
+        hold_lock(tmp_path / ".x.lock", busy="another moeguard run is writing x", hint="wait")
+
+
+def test_a_lock_file_that_cannot_be_made_is_one_line(tmp_path):
+    from moeguard.io import hold_lock
+
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(MoeguardError, match="cannot make the lock file"):
+        hold_lock(tmp_path / "f" / ".x.lock", busy="busy", hint="wait")
+
+
+def test_audit_out_inside_a_file_is_one_line_before_any_work(tmp_path, capsys):
+    from moeguard.cli import main
+
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["audit", "--out", str(tmp_path / "notes.txt" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "which is a file, not a folder" in err and "Traceback" not in err, err
+
+
+def test_an_unreadable_json_yaml_or_task_file_is_one_line(tmp_path, monkeypatch):
+    from moeguard.audit.config import load_yaml
+    from moeguard.io import read_json
+    from moeguard.tasks.registry import load_task_file
+
+    for name in ("a.json", "a.yaml", "t.yaml"):
+        (tmp_path / name).write_text("{}")
+
+    def denied(self, *a, **k):   # what mode 000 gives a user who is not root (these tests may run as root)
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(MoeguardError, match=r"plan .*a.json cannot be read \(Permission denied\)"):
+        read_json(tmp_path / "a.json", what="plan", hint="h")
+    with pytest.raises(MoeguardError, match="cannot be read"):
+        load_yaml(tmp_path / "a.yaml")
+    with pytest.raises(MoeguardError, match="cannot be read"):
+        load_task_file(tmp_path / "t.yaml")
+
+
+def test_deeply_nested_yaml_is_one_line_and_a_folder_is_named(tmp_path):
+    from moeguard.audit.config import load_yaml
+    from moeguard.io import read_json
+    from moeguard.tasks.registry import load_task_file
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(MoeguardError, match="nested too deeply"):
+        load_yaml(deep)
+    with pytest.raises(MoeguardError, match="not valid YAML"):
+        load_task_file(deep)
+    with pytest.raises(MoeguardError, match=f"plan {tmp_path} is a folder"):
+        read_json(tmp_path, what="plan", hint="h")
+
+
+def test_an_audit_config_setting_one_option_twice_is_refused(tmp_path):
+    from moeguard.audit.config import load_yaml
+
+    f = tmp_path / "a.yaml"
+    f.write_text("eval-limit: 8\neval_limit: 16\n")
+    with pytest.raises(MoeguardError, match="sets eval_limit twice"):
+        load_yaml(f)
+    f.write_text("eval-limit: 8\nseed: 1\n")
+    assert load_yaml(f) == {"eval_limit": 8, "seed": 1}
+
+
+def test_a_swap_does_not_collide_with_a_copy_an_interrupted_one_left(tmp_path):
+    from moeguard.io import atomic_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    # what an interrupt during the last swap's removal left, under this process's id
+    stale = tmp_path / f".out.old-{os.getpid()}"
+    stale.mkdir()
+    (stale / "x").write_text("x")
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+
+
+def test_a_resumable_folder_keeps_its_stamp_when_the_move_fails(tmp_path, monkeypatch):
+    from moeguard import io
+
+    out = tmp_path / "out"
+    with pytest.raises(OSError):
+        with io.resumable_dir(out, settings={"a": 1}) as part:
+            (part / "step").write_text("done")
+            monkeypatch.setattr(io.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.undo()
+    # the kept step survives: the same settings resume it
+    with io.resumable_dir(out, settings={"a": 1}) as part:
+        assert (part / "step").read_text() == "done"
+    assert sorted(p.name for p in out.iterdir()) == ["step"]
+
+
+def test_library_warnings_keep_their_source_in_a_checkout_named_moeguard():
+    from moeguard.cli import _format_warning
+
+    theirs = _format_warning("deprecated", UserWarning, "/home/u/moeguard/.venv/lib/python3.11/site-packages/"
+                                                        "transformers/x.py", 5, "")
+    assert "transformers/x.py:5" in theirs and not theirs.startswith("moeguard: warning"), theirs
+    import moeguard.io as mine
+
+    assert _format_warning("kept", UserWarning, mine.__file__, 1) == "moeguard: warning: kept\n"
+
+
+def test_the_commit_pip_recorded_when_git_is_not_installed(monkeypatch):
+    import subprocess
+
+    from moeguard import provenance
+
+    def no_git(*a, **k):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory: 'git'")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.setattr(provenance, "_installed_commit", lambda: "abc123")
+    assert provenance.git_commit() == "abc123"
