@@ -265,3 +265,17 @@ def test_utility_cost_is_the_percent_of_the_base_score_lost():
     goal = doc["goals"]["utility_cost_at_most_2"]
     assert goal["met"] is False and goal["values"] == pytest.approx({"arith-compare": 5.0, "docstring-topic": -5.0,
                                                                      "stdlib-code": 20.0})
+
+
+def test_defend_eval_reads_a_protocol_named_by_its_checkpoint_folder(hardened):
+    """``--protocol DIR`` (the hardened folder, which holds the protocol): the file inside it is what
+    the run hashes and records (hashing the folder was an IsADirectoryError traceback)."""
+    from moeguard.defense.protocol import FILENAME
+    from moeguard.edge import resolve_model, resolve_tasks
+    from moeguard.studies.attack import AttackConfig
+    from moeguard.studies.defend import resolve
+
+    b, h = resolve_model(None), resolve_model(str(hardened))
+    cfg, path = resolve(base=b, hardened=h, tasks=resolve_tasks(["arith-compare"]), utility_tasks=[], keeps=None,
+                        attack=AttackConfig(task="arith-compare", keep=1), protocol=hardened)
+    assert path == hardened / FILENAME and path.is_file() and cfg.protocol["modes"]

@@ -34,10 +34,9 @@ def _harden_params():
 def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwrite: bool, **flags) -> None:
     """Continue training a model so that pruning its experts, then fine-tuning, recovers poorly."""
     from moeguard.config import coerce
-    from moeguard.defense.harden import HardenConfig, config_for, harden as run_harden, preflight, save_hardened
+    from moeguard.defense.harden import HardenConfig, config_for, preflight
     from moeguard.edge import resolve_model
     from moeguard.io import check_output
-    from moeguard.report.defense import harden_table
 
     check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     given = {k: coerce(HardenConfig, k, v) for k, v in flags.items() if v is not None}
@@ -57,6 +56,17 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
 
     # a task file or its data as --out would be replaced with the hardened model
     check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs(plan["tasks"]))
+    from moeguard.io import one_run
+
+    # one run at a time to this --out: a second one's saves replaced the first's training state under it
+    with one_run(out):
+        _harden(out, handle, cfg, tasks, overwrite=overwrite)
+
+
+def _harden(out: Path, handle, cfg, tasks, *, overwrite: bool) -> None:
+    from moeguard.defense.harden import harden as run_harden, save_hardened
+    from moeguard.report.defense import harden_table
+
     _seed(cfg.seed)
     m, tokenizer, _ = handle.load()   # run_harden checks the loaded model again (its plan)
     from moeguard.models.identity import weights_identity
@@ -204,4 +214,5 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
                      ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=[*task_list, *extra], threads=threads)
     _console().print(defense_table(doc))
     met = {k: v["met"] for k, v in doc["goals"].items() if isinstance(v, dict)}
-    typer.echo("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()) + f"; written to {out}")
+    said = {True: "met", False: "MISSED", None: "not measured"}
+    typer.echo("goals: " + ", ".join(f"{k} {said[v]}" for k, v in met.items()) + f"; written to {out}")

@@ -247,7 +247,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
     # (and how examples are made: a state saved when they were cut at the context's end is not resumed)
     tag = digest([cfg.to_dict(), source, sorted({str(p.dtype) for p in params}), str(named[names[0]].device.type),
                   [task_identity(t) for t in tasks], {"examples": "fitted to the context"}])
-    start = 0
+    start, before = 0, 0.0   # the step resumed at, and the seconds trained before it (as zoo train counts)
     if checkpoint is not None:
         state = trainstate.load(checkpoint, tag=tag, params=named)
         if (state is not None and {"shares", "subset", "log"} <= set(state.meta)
@@ -256,6 +256,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
             start, log = state.step, list(state.meta["log"])
             shares.update({t: state.tensors[t].to(device) for t in state.meta["shares"]})   # argsort where it ran
             subset.update(state.meta["subset"])
+            before = float(state.meta.get("seconds", 0.0))
     bar = progress.add_task(f"hardening ({cfg.method})", total=cfg.steps, completed=start) if progress is not None else None
     started = time.perf_counter()
     was_training = model.training
@@ -319,7 +320,8 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
                                                             f"{row['utility']:.3f}" + (f", pruned {row['pruned']:.2f}" if "pruned" in row else ""))
             if checkpoint is not None and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
                 trainstate.save(checkpoint, tag=tag, step=step + 1, params=named, optimizer=opt, pyrng=rng,
-                                tensors=shares, meta={"shares": list(shares), "subset": subset, "log": log})
+                                tensors=shares, meta={"shares": list(shares), "subset": subset, "log": log,
+                                                      "seconds": before + time.perf_counter() - started})
             if on_step is not None:
                 on_step(step + 1, row)
     finally:
@@ -328,7 +330,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
             p.requires_grad_(f)
         model.train(was_training)
     return {"config": cfg.to_dict(), "keep": keep_n, "target": target, "authorized": auth,
-            "seconds": round(time.perf_counter() - started, 1), "resumed_from": start, "log": log,
+            "seconds": round(before + time.perf_counter() - started, 1), "resumed_from": start, "log": log,
             "summary": summarize_log(log)}
 
 

@@ -140,7 +140,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
                   "\nThe defense's cost to the full model:\n", _md_table(defense_utility_rows(doc))]
         parts += [f"\n![defense](plots/{p})\n" for p in f["defense"]]
         parts += ["\n" + line + "\n" for line in defense_detect_text(doc)]
-        parts += ["\nGoals: " + ", ".join(f"{k}: {'met' if v['met'] else 'missed'}" for k, v in doc["defense"]["goals"].items()
+        parts += ["\nGoals: " + ", ".join(f"{k}: {_goal(v['met'])}" for k, v in doc["defense"]["goals"].items()
                                          if isinstance(v, dict)) + "\n"]
     parts += ["\n## Model card\n", _md_table(card_rows(doc)), "\n## Reproduce\n", _md_table(repro_rows(doc)),
               "\n```yaml\n" + _yaml(doc["config"]) + "```\n"]
@@ -262,7 +262,7 @@ def render_html(doc: dict[str, Any], folder: Path) -> str:
         out += [f'<p class="detect">{html.escape(line)}</p>' for line in defense_detect_text(doc)]
         goals = doc["defense"]["goals"]
         out += ['<p class="note">Goals: ' + html.escape(", ".join(
-            f"{k}: {'met' if v['met'] else 'missed'}" for k, v in goals.items() if isinstance(v, dict))) + "</p>"]
+            f"{k}: {_goal(v['met'])}" for k, v in goals.items() if isinstance(v, dict))) + "</p>"]
     out += ['<h2 id="card">Model card</h2>', _html_table(card_rows(doc), cls="card"),
             '<h2 id="repro">Reproduce</h2>', _html_table(repro_rows(doc), cls="repro"),
             f"<pre>{html.escape(_yaml(doc['config']))}</pre>",
@@ -276,3 +276,9 @@ def _inline_md(text: str) -> str:
     parts = html.escape(text).split("**")
     bold = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(bold.split("`")))
+
+
+def _goal(met: bool | None) -> str:
+    """A goal's state: None is a goal that was not measured (a defense compared without the
+    from-scratch baseline), not one it missed."""
+    return "not measured" if met is None else "met" if met else "missed"
