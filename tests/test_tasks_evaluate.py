@@ -412,3 +412,40 @@ def test_greedy_generation_keeps_a_peft_models_base_config_out_too():
     assert tokens.greedy_generate(model, GenerationConfig(do_sample=False)) == "out"
     assert seen == [(None, 3)]                # no penalty (None: no processor), the model's eos kept
     assert model.base.generation_config is own
+
+
+def test_a_baseline_is_fit_on_a_sample_of_a_split_larger_than_its_limit(tok, model, tmp_path):
+    """A train split grouped by label (4 negatives, then 12 positives), with room for 4 records: the
+    first 4 gave 'always negative' (25% on this eval set); a sample of the whole split is mostly
+    positive. A split within the limit is read whole, in its order, as before."""
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "bad\t0\n" * 4 + "great\t1\n" * 12)
+    (tmp_path / "test.tsv").write_text("sentence\tlabel\n" + "great\t1\n" * 3 + "bad\t0\n")
+    r = E.evaluate_task(model, tok, cls_task(tmp_path), batch_size=4, baseline_limit=4)
+    assert r.baseline["description"].startswith("always label '1'") and r.baseline["score"] == 75.0, r.baseline
+    whole = E.evaluate_task(model, tok, cls_task(tmp_path), batch_size=4, baseline_limit=16)
+    assert whole.baseline["score"] == 75.0 and whole.baseline["description"].endswith("(16 records)")
+
+
+def test_a_task_reporting_normalized_perplexity_is_refused_before_any_model_loads(tmp_path):
+    from moeguard.edge import resolve_tasks
+    from moeguard.errors import MoeguardError
+
+    (tmp_path / "t.yaml").write_text(
+        "name: lm-norm\nkind: language_modeling\nmetric: normalized_perplexity\n"
+        "source: {type: local, path: ., format: txt, files: {test: t.txt}}\nsplits: {eval: test}\nfields: {text: text}\n")
+    (tmp_path / "t.txt").write_text("some text to model\n" * 20)
+    with pytest.raises(MoeguardError, match="normalized_perplexity, which needs a reference perplexity"):
+        resolve_tasks([str(tmp_path / "t.yaml")])
+
+
+def test_rouge_keeps_combining_marks_in_their_words():
+    import unicodedata
+
+    from moeguard.tasks.metrics import rouge, _split_words
+
+    assert _split_words("हिन्दी résumé, of_x") == ["हिन्दी", "résumé", "of", "x"]
+    # the same word in NFD and NFC is one word (NFD 'résumé' was 're sume': ROUGE 0 against the NFC one)
+    nfd = unicodedata.normalize("NFD", "le résumé")
+    assert rouge([nfd], [["le résumé"]])["rouge1"] == pytest.approx(100.0)
+    # vowel signs are part of the word: two Hindi words that share only their consonants differ
+    assert rouge(["किताब"], [["कातिब"]])["rouge1"] == 0.0

@@ -32,6 +32,12 @@ def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None,
         tasks = [adopt(get_task(v), origin=str(v)) for v in values]
         if not tasks:
             raise MoeguardError(f"{what} name no task", hint="see `moeguard tasks` for names")
+    for t in tasks:   # before any model loads: no command passes the reference this metric divides by
+        if t.primary_metric == "normalized_perplexity":
+            raise MoeguardError(f"task '{t.name}' reports normalized_perplexity, which needs a reference perplexity "
+                                f"that no moeguard command takes",
+                                hint="set `metric: perplexity` (studies compare with the full model themselves); "
+                                     "library callers pass reference= to evaluate_task")
     if check:
         for t in tasks:
             load_records(t, "eval", limit=1)

@@ -92,7 +92,16 @@ def _scorer():
 # Han, kana and Hangul: written without spaces, each character is a token (the usual practice for
 # Chinese and Japanese ROUGE)
 _CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af])")
-_NON_WORD = re.compile(r"[\W_]+")
+
+
+def _split_words(text: str) -> list[str]:
+    """Words of Unicode letters, digits and combining marks, in NFC: a mark is part of its word
+    (Hindi's vowel signs and virama, an NFD 'résumé'), where splitting on ``[\\W_]+`` cut
+    'हिन्दी' to 'ह न द' and NFD 'résumé' to 're sume'. On ASCII text, the same words."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFC", text)
+    return "".join(c if c.isalnum() or unicodedata.category(c)[0] == "M" else " " for c in text).split()
 
 
 @lru_cache(maxsize=1)
@@ -105,7 +114,7 @@ def _unicode_words():
 
     class UnicodeWords(tokenizers.DefaultTokenizer):
         def tokenize(self, text):
-            words = [w for w in _NON_WORD.split(_CJK.sub(r" \1 ", text.lower())) if w]
+            words = _split_words(_CJK.sub(r" \1 ", text.lower()))
             stem = self._stemmer
             return [stem.stem(w) if stem is not None and len(w) > 3 else w for w in words]
 
