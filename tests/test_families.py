@@ -336,12 +336,14 @@ def test_budget_pruning_keeps_different_counts_per_layer(family_model, token_bat
     # the routing capture sizes every layer's statistics to the widest layer, zero past a layer's own experts
     from moeguard.models.hooks import RoutingCapture
 
-    with torch.no_grad(), RoutingCapture(reloaded, per_sample=True) as cap:
+    # with REAP's expert output norms too (Llama-4's score-scaled experts added a layer-wide sum: a size mismatch)
+    with torch.no_grad(), RoutingCapture(reloaded, per_sample=True, norms=True) as cap:
         reloaded(input_ids=ids, attention_mask=mask)
     widest = max(counts.values())
     for stats, n in zip(cap.stats.layers, counts.values()):
         assert stats.counts.numel() == stats.prob_mass.numel() == widest and stats.counts[:n].sum() > 0
         assert not stats.counts[n:].any() and not stats.prob_mass[n:].any(), (fam, stats.layer)
+        assert stats.norm_sum[:n].sum() > 0 and not stats.norm_sum[n:].any(), (fam, stats.layer)
     assert cap.stats.per_sample[0].shape == (len(counts), widest)
 
 

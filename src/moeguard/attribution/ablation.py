@@ -11,7 +11,7 @@ import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
 from moeguard.attribution.replay import replay_hidden, target_nll
-from moeguard.models.hooks import capture_inputs, drop_one_per_chunk, last_hidden
+from moeguard.models.hooks import capture_inputs, check_head, drop_one_per_chunk, last_hidden
 
 
 @register_method("ablation", "exact increase of the mean target NLL when the expert is masked (its tokens re-routed)",
@@ -33,6 +33,7 @@ def exact_deltas(ctx, experts: dict[int, list[int]] | None = None, *, label: str
     with torch.no_grad():
         for batch in ctx.track(ctx.batches, label):
             b = batch.to(ctx.device)
+            check_head(model, adapter, b.input_ids)   # the NLL below is scored through adapter.head
             # stopped before the head: no [B, T, V] logits (0.6 GB at Qwen3's vocabulary, batch 4 x 256)
             with capture_inputs(modules) as inputs:
                 last = last_hidden(model, adapter, input_ids=b.input_ids, attention_mask=b.attention_mask,

@@ -17,7 +17,7 @@ import torch
 
 from moeguard.attribution.base import MethodOutput, register_method
 from moeguard.attribution.replay import target_nll
-from moeguard.models.hooks import expert_outputs, last_hidden, trace_experts
+from moeguard.models.hooks import check_head, expert_outputs, last_hidden, trace_experts
 from moeguard.models.routing import pruned_router_params, route_module
 
 
@@ -89,6 +89,7 @@ def gradient(ctx) -> MethodOutput:
             p.requires_grad_(False)
         for batch in ctx.track(ctx.batches, "gradient"):
             b = batch.to(ctx.device)
+            check_head(model, adapter, b.input_ids)   # the NLL below is scored through adapter.head
             with torch.enable_grad(), trace_experts(model, adapter=adapter) as traces:
                 # the head only at target positions: full logits were most of the peak at E = 128
                 hidden = last_hidden(model, adapter, input_ids=b.input_ids, attention_mask=b.attention_mask,

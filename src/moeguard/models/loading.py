@@ -263,6 +263,11 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
             if known is not None:
                 raise MoeguardError(f"cannot load weights of {where}: {known.what}", hint=known.fix) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _out_of_memory(e):   # a RuntimeError too, but no fault of the checkpoint's
+            raise MoeguardError(f"cannot load weights of {where}: out of memory ({first[:200]})",
+                                hint="moeguard loads weights in float32 (twice a bf16 checkpoint's size): spread "
+                                     "them with --device-map auto, or cap the device with --max-memory where the "
+                                     "command takes it") from None
         hint = ("fix config.json to match the weights (the expert count, sizes), or re-prune with moeguard prune"
                 if isinstance(e, RuntimeError) else "check the checkpoint files (safetensors only) or your hub access")
         raise MoeguardError(f"cannot load weights of {where}: {first[:300]}", hint=hint) from None
@@ -357,3 +362,12 @@ def meta_model(config):
                             f"({type(e).__name__}: {str(e)[:100]})", hint="fix config.json") from None
     resize_layers(model)
     return model
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """The accelerator's (torch.OutOfMemoryError) or the host allocator's ("DefaultCPUAllocator: not
+    enough memory") failure to allocate."""
+    import torch
+
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "not enough memory" in text

@@ -22,6 +22,8 @@ def safetensors_files(path: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
+        except OSError as e:
+            raise MoeguardError(f"cannot read {index} ({e.strerror})", hint="check the file's permissions") from None
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             names = None
         # each shard a plain file name beside the index ('' named the folder itself, 5 was a TypeError)
@@ -55,8 +57,8 @@ def check_safetensors(file: Path) -> None:
     """Validate a safetensors file's header (every entry's dtype, shape and byte span, which must
     tile the data exactly) against its size: catches truncation and corruption before any reader
     trusts a field."""
-    size = file.stat().st_size
     try:
+        size = file.stat().st_size
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n <= 0 or 8 + n > size:
@@ -94,3 +96,5 @@ def check_safetensors(file: Path) -> None:
     except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise MoeguardError(f"{file} is not a valid safetensors file ({e})",
                             hint="the file is truncated or corrupt; re-download or re-save it") from None
+    except OSError as e:   # unreadable by this user (mode 000), or an I/O error
+        raise MoeguardError(f"cannot read {file} ({e.strerror})", hint="check the file's permissions") from None

@@ -21,9 +21,10 @@ from moeguard.models.hooks.experts import (attention_reduce, chosen_rows, every_
                                            through_experts)
 from moeguard.models.hooks.masking import drop_one_per_chunk, mask_experts, normalize_keep
 from moeguard.models.hooks.registry import Hooks, on_grad, place_inner_blocks, weights_in_place
-from moeguard.models.hooks.tracing import ExpertTrace, capture_inputs, expert_inputs, last_hidden, trace_experts
+from moeguard.models.hooks.tracing import (ExpertTrace, capture_inputs, check_head, expert_inputs, last_hidden,
+                                           trace_experts)
 
 __all__ = ["ExpertTrace", "Hooks", "LayerStats", "RoutingCapture", "RoutingStats", "attention_reduce",
-           "capture_inputs", "chosen_rows", "drop_one_per_chunk", "every_expert_output", "expert_inputs",
+           "capture_inputs", "check_head", "chosen_rows", "drop_one_per_chunk", "every_expert_output", "expert_inputs",
            "expert_outputs", "last_hidden", "mask_experts", "normalize_keep", "on_grad", "place_inner_blocks",
            "through_experts", "trace_experts", "weights_in_place"]

@@ -198,9 +198,10 @@ class RoutingCapture(contextlib.AbstractContextManager):
                 picked = slots.float().norm(dim=-1) * self._valid_for(idx.shape[0], idx.device, slot)[:, None]
                 add = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.reshape(-1).cpu(),
                                                                      picked.reshape(-1).double().cpu())
-                stats.norm_sum += add
-                stats.weighted_norm_sum += add       # the score is inside: raw (sigmoid, not renormalized)
-                stats.raw_weighted_norm_sum += add
+                # this layer's E leading columns: a budget-pruned model's narrower layers (a size mismatch)
+                stats.norm_sum[:E] += add
+                stats.weighted_norm_sum[:E] += add   # the score is inside: raw (sigmoid, not renormalized)
+                stats.raw_weighted_norm_sum[:E] += add
             return out
         return forward
 

@@ -87,6 +87,44 @@ def last_hidden(model: nn.Module, adapter: MoEAdapter, **inputs) -> torch.Tensor
     return store["hidden"]
 
 
+def check_head(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor) -> None:
+    """Refuse, once per adapter, a model whose logits are not ``adapter.head`` of its last hidden
+    state: a forward that scales them further (Cohere2-MoE's logit_scale, a final soft-cap) would
+    have methods that score through the head (ablation, gradient) measure the loss of another
+    function. One short forward on ``input_ids`` [B, T] (its first row's first 8 tokens)."""
+    if getattr(adapter, "_head_checked", False):
+        return
+    from moeguard.errors import MoeguardError
+
+    ids = input_ids[:1, :8]
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, kwargs):
+        store["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    was_training = model.training
+    try:
+        model.eval()   # no dropout between the two
+        with torch.no_grad(), Hooks() as hooks:
+            hooks.on_input(_get_path(model, adapter.family.final_norm_path), hook, with_kwargs=True)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            mine = adapter.head(store["hidden"]).float().to(logits.device)
+    finally:
+        model.train(was_training)
+    scale = float(logits.abs().max()) or 1.0
+    if not torch.allclose(mine, logits, rtol=1e-2, atol=1e-2 * scale):
+        cfg = adapter.moe_config
+        keys = [k for k in ("logit_scale", "final_logit_softcapping", "logits_scaling", "output_multiplier_scale")
+                if getattr(cfg, k, None) not in (None, 1, 1.0)]
+        raise MoeguardError(f"the model's logits are not its final norm and LM head of the last hidden state "
+                            f"(largest difference {float((mine - logits).abs().max()):.3g} at logits up to {scale:.3g}"
+                            + (f"; its config sets {', '.join(keys)}" if keys else "")
+                            + "): methods that score through the head would measure another function",
+                            hint="use a method that reads routing or weights only (frequency, gate, reap, "
+                                 "reconstruction), or describe the family's logit scaling as a built-in family")
+    adapter._head_checked = True
+
+
 def _detach(value):
     if isinstance(value, torch.Tensor):
         return value.detach()
