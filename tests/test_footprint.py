@@ -10,6 +10,7 @@ import numpy as np
 
 from moeguard.cli import main
 from moeguard.monitor import footprint, periodrequests, periods
+from moeguard.monitor.ladder import lengths
 from test_periods import DAY, _day, _history, setting  # noqa: F401 -- the module's fixture, built once here
 
 
@@ -24,6 +25,9 @@ def test_the_estimate_counts_each_array_score_holds():
     # --period with a history: its requests and the log's joined, and one period's residuals copied
     assert footprint.estimate(requests=10, cells=cells, hidden=hidden, dim=dim, held=140, largest_period=7) == \
         8 * (10 * (cells + hidden + dim + 2) + 150 * (dim + cells) + 7 * cells)
+    # the mean histograms of the blocks at each look: at most 100 / 4 + 100 / 8 + 100 / 16 blocks reach them
+    assert footprint.estimate(requests=100, cells=cells, hidden=hidden, dim=dim, looks=(4, 8, 16)) == \
+        8 * (100 * (cells + hidden + dim + 2) + (25 + 12 + 6) * cells)
 
 
 def test_the_limit_is_the_containers_where_it_is_smaller_than_the_machine(tmp_path, monkeypatch):
@@ -55,7 +59,8 @@ def test_a_score_that_cannot_fit_is_a_one_line_error_before_the_model_loads(sett
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "p.json").write_text(json.dumps(prof.to_dict()))
     L, E = prof.mean.shape
-    need = footprint.estimate(requests=len(rows), cells=L * E, hidden=prof.space.hidden, dim=prof.space.dim)
+    need = footprint.estimate(requests=len(rows), cells=L * E, hidden=prof.space.hidden, dim=prof.space.dim,
+                              looks=lengths(prof.meta))
     monkeypatch.setattr(footprint, "memory_limit", lambda: (need - 1, "this machine's memory"))
     _no_replay(monkeypatch)
     args = ["monitor", "score", "--profile", str(tmp_path / "p.json"), "--log", str(tmp_path / "log.jsonl"),
@@ -93,7 +98,7 @@ def test_a_historys_kept_requests_count_before_any_is_read(setting, tmp_path, ca
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     (tmp_path / "p.json").write_text(json.dumps(prof.to_dict()))
     alone = footprint.estimate(requests=len(log), cells=L * E, hidden=prof.space.hidden, dim=prof.space.dim,
-                               largest_period=len(log))
+                               largest_period=len(log), looks=lengths(prof.meta))
     monkeypatch.setattr(footprint, "memory_limit", lambda: (alone, "the container's memory limit (/x)"))
     _no_replay(monkeypatch)
     read = []

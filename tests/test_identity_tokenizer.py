@@ -47,3 +47,36 @@ def test_a_profile_s_other_identity_fields_still_count_when_one_side_lacks_them(
     object.__setattr__(p, "meta", {"model": "embedded", "weights": {**digest, "protocol": "ab" * 8}})
     with pytest.raises(MoeguardError, match="the profile was made for other weights"):
         p.check_model("embedded", digest)
+
+
+def test_a_router_only_fine_tune_changes_the_digest_of_a_sampled_checkpoint(tmp_path, monkeypatch):
+    """Over _WHOLE bytes a checkpoint is hashed by samples, and the digest (no times) missed a
+    router-only fine-tune saved anywhere: a monitor profile of the original then accepted it. The
+    routers are read whole; an expert's tensor is not what this reads."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moeguard.models import identity
+
+    model = tmp_path / "m"
+    shutil.copytree(resolve(None).path, model)
+    monkeypatch.setattr(identity, "_WHOLE", 0)   # the embedded model as if it were large
+    before = weights_digest(str(model))
+    assert before["routers"]
+    f = next(model.glob("*.safetensors"))
+    tensors = load_file(f)
+    routers = [k for k in tensors if k.split(".")[-2] == "gate"]
+    experts = [k for k in tensors if ".experts." in k]
+    assert routers and experts
+    tensors[experts[0]] = tensors[experts[0]] + 1.0
+    save_file(tensors, f, metadata={"format": "pt"})
+    assert weights_digest(str(model))["routers"] == before["routers"]   # an expert is not a router
+    tensors[routers[0]] = tensors[routers[0]] * torch.tensor(1.001, dtype=tensors[routers[0]].dtype)
+    save_file(tensors, f, metadata={"format": "pt"})
+    assert weights_digest(str(model))["routers"] != before["routers"]
+    # a profile made before the routers were in the digest compares the rest
+    from moeguard.monitor.profile import Profile
+
+    p = Profile.__new__(Profile)
+    object.__setattr__(p, "meta", {"model": "m", "weights": {k: v for k, v in before.items() if k != "routers"}})
+    p.check_model("m", before)

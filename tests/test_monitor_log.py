@@ -352,3 +352,17 @@ def test_a_slice_counts_a_client_by_its_ids_text(setting):
     row = slices.score(own, x, [1, "1", 1, "1", "a", "a"])
     assert row["clients"] == 2 and sorted(str(t["client"]) for t in row["top_clients"]) == ["1", "a"], row
     assert {t["client"]: t["requests"] for t in row["top_clients"]}[1] == 4, row     # named as first seen
+
+
+def test_a_logged_prompt_with_a_token_past_the_embeddings_is_one_line_before_the_replay():
+    """A tokenizer whose added tokens lie past the model's embeddings: the replay failed inside the
+    model (an IndexError; a device-side assert on a GPU), at the same chunk on every rerun."""
+    from moeguard.monitor.fit import check_vocab
+
+    m, tok, _ = load_model(None)
+    tok.add_tokens(["<zz_added_past_the_embeddings>"])
+    texts = [("request 'a'", "def f(x):"), ("request 'b'", "x <zz_added_past_the_embeddings>")]
+    with pytest.raises(MoeguardError, match=r"request 'b' holds a token \(id \d+\) the model has no embedding for "
+                                            r"\(it has 4096\)"):
+        check_vocab(m, tok, texts)
+    check_vocab(m, tok, texts[:1])

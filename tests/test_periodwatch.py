@@ -6,6 +6,7 @@ not fit is a one-line error before the model loads."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 
@@ -266,3 +267,31 @@ def test_the_open_period_and_each_closed_row_reach_the_disk_before_they_count_as
     assert json.loads(periodwatch.open_path(log).read_text()) == {"index": 1, "requests": 2}
     alert_writer(None, log)(None, {"period": {"start": "s", "index": 1}})
     assert synced[1:] == [str(log)] and json.loads(log.read_text()) == {"start": "s", "index": 1}
+
+
+def test_a_failed_period_log_append_leaves_no_half_line_and_is_appended_at_the_next_write(tmp_path, monkeypatch):
+    """A full disk while a closed period's row is appended: the bytes written are cut back (the next
+    row was glued to a half line, mid-log, which no later start could read past), the row is kept
+    and written first at the next write, and the alert log is written all the same."""
+    import errno
+
+    log, alerts = tmp_path / "periods.jsonl", tmp_path / "alerts.jsonl"
+    log.write_text('{"start": "a", "index": 0}\n')
+    write = alert_writer(alerts, log)
+    real_write, calls = os.write, []
+
+    def full_disk(fd, data):
+        calls.append(len(data))
+        if os.readlink(f"/proc/self/fd/{fd}") == str(log) and len(calls) == 1:
+            real_write(fd, data[:5])   # part of the row reaches the file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    closed = {"period": {"start": "b", "index": 1, "alert": {"kind": "period", "p": 0.001}}}
+    with pytest.raises(OSError, match="No space left"):
+        write(None, closed)
+    assert log.read_text() == '{"start": "a", "index": 0}\n'              # cut back: no half line
+    assert json.loads(alerts.read_text())["kind"] == "period"               # the alert log still written
+    write(None, {"period": {"start": "c", "index": 2}})
+    assert [json.loads(x)["start"] for x in log.read_text().splitlines()] == ["a", "b", "c"]

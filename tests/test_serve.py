@@ -596,9 +596,10 @@ def test_an_interrupted_score_resumes_from_the_requests_it_replayed(served, tmp_
 
     monkeypatch.setattr(S, "observe", interrupted_at_the_third)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main([*args, "--out", str(tmp_path / "cut")])
-    assert stop.value.code == 130 and "run the same command again to resume" in capsys.readouterr().err
+    code = main([*args, "--out", str(tmp_path / "cut")])
+    err = capsys.readouterr().err
+    assert code == 130 and f"the requests replayed so far are kept in {tmp_path / '.cut.partial'}: run the same " \
+                           "command again to resume" in err, err
     assert not (tmp_path / "cut").exists() and len(list((tmp_path / ".cut.partial").glob(".replay-*.npz"))) == 2
     calls.clear()
     assert main([*args, "--out", str(tmp_path / "cut")]) == 0
@@ -608,8 +609,7 @@ def test_an_interrupted_score_resumes_from_the_requests_it_replayed(served, tmp_
     assert not list((tmp_path / "cut").glob(".replay-*")) and not (tmp_path / ".cut.partial").exists()
     # a partial replay of another log is not reused
     calls.clear()
-    with pytest.raises(SystemExit):
-        main([*args, "--out", str(tmp_path / "again")])
+    assert main([*args, "--out", str(tmp_path / "again")]) == 130
     assert len(list((tmp_path / ".again.partial").glob(".replay-*.npz"))) == 2
     log.write_text(log.read_text().replace('"c0"', '"c9"'))
     calls.clear()
@@ -689,3 +689,29 @@ def test_a_prompt_token_past_the_model_s_embeddings_is_400_and_the_server_serves
         assert status == 400 and b"the model has no embedding for (it has 4096)" in body, body
         status, _ = _call(port, "POST", "/v1/completions", {"prompt": "def f(x):", "max_tokens": 2})
         assert status == 200
+
+
+def test_serve_decodes_greedily_whatever_the_checkpoint_s_generation_config_says(served):
+    """A checkpoint's generation_config.json (repetition penalty, a ban on repeats, a minimum length)
+    is applied by generate() even without sampling: the served reply must be the greedy one the
+    profile's replies are made with (monitor/hijack.reply), not another decoding's."""
+    import json as _json
+
+    from moeguard.monitor.hijack import reply
+    from moeguard.monitor.serve import create_app
+
+    m, tok, prof = served
+    prompt = "def add(a, b):"
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(prompt, add_special_tokens=False)["input_ids"]
+    greedy = reply(m, tok, ids, 12)
+    own = m.generation_config
+    saved = (own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens)
+    own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens = 50.0, 1, 12
+    try:
+        mon = RoutingMonitor(m, prof, flush_every=1, raise_errors=False)
+        with mon, _serving(create_app(m, tok, mon)) as port:
+            status, body = _call(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 12})
+        assert status == 200, body
+        assert _json.loads(body)["choices"][0]["text"] == tok.decode(greedy, skip_special_tokens=True)
+    finally:
+        own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens = saved

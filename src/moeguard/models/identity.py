@@ -100,11 +100,54 @@ def _file_row(f: Path, *, whole: bool) -> list[Any]:
 def weights_digest(ref_str: str | None) -> dict[str, Any]:
     """:func:`weights_identity` without the name and the modification times: what the weights are,
     not where or when they were written (the same checkpoint given as ./ckpt or ckpt/, or copied,
-    gives the same digest)."""
+    gives the same digest). A checkpoint hashed by samples (over ``_WHOLE``) adds ``routers``: its
+    routers' tensors read whole. Without the times, the samples alone missed a router-only fine-tune
+    saved anywhere (a router is ~64 KiB per layer in a multi-GB shard): a profile of the original
+    then scored the tuned model's routing against a null it never saw."""
     out = weights_identity(ref_str)
     out.pop("name", None)
     out["files"] = [[name, size, digest] for name, size, _, digest in out["files"]]
+    ref = resolve(ref_str)
+    if ref.path is not None and ref.path.is_dir():
+        weights = sorted(ref.path.glob("*.safetensors"))
+        if sum(f.stat().st_size for f in weights) > _WHOLE and (routers := router_digest(weights)) is not None:
+            out["routers"] = routers
     return out
+
+
+# a router's tensors on disk, by a segment of their names (families differ in the module's name:
+# Mixtral's, Qwen's, DeepSeek's `gate`; GPT-OSS's, Granite's, DBRX's, Switch's `router`) and
+# DeepSeek's and ERNIE's selection bias; never an expert's (`experts.` in the name)
+_ROUTER_SEGMENTS = frozenset({"gate", "router"})
+_ROUTER_BIAS = "e_score_correction_bias"
+_ROUTER_MAX = 64 << 20   # a router tensor is E x hidden; anything larger is no router
+
+
+def router_digest(files: list[Path]) -> str | None:
+    """A digest of the router tensors of safetensors ``files`` (name, dtype, shape and bytes), or
+    None where none is found by name. Reads their headers and those tensors' bytes only."""
+    import hashlib
+    import struct
+
+    from moeguard.io import read_header
+
+    h, found = hashlib.sha256(), False
+    for f in files:
+        header = read_header(f)
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            for name in sorted(k for k in header if k != "__metadata__"):
+                parts = name.split(".")
+                if "experts" in parts or not (_ROUTER_SEGMENTS & set(parts) or parts[-1] == _ROUTER_BIAS):
+                    continue
+                info = header[name]
+                a, b = info["data_offsets"]
+                if b - a > _ROUTER_MAX:
+                    continue
+                fh.seek(8 + n + a)
+                h.update(f"{name}\0{info['dtype']}\0{info['shape']}\0".encode() + fh.read(b - a))
+                found = True
+    return h.hexdigest()[:16] if found else None
 
 
 def hub_snapshot(repo_id: str) -> Path | None:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from moeguard.errors import MoeguardError
 from moeguard.io import dumps
+from moeguard.monitor.fit import check_vocab
 
 Progress = Callable[[], contextlib.AbstractContextManager]   # a progress bar's factory; nullcontext: none
 
@@ -82,10 +83,13 @@ def profile_tasks(*, out: Path, tasks: list[str] | None, limit: int, window: int
     settings = {"model": handle.name, "tasks": list(prompts), "limit": limit, "window": window, "seed": seed,
                 "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
                 **({"slice": slice_len} if slice_len else {})}
+    def make(m, tok, tmp, bar):
+        check_vocab(m, tok, ((f"task {t}'s input {i + 1}", x) for t, xs in prompts.items() for i, x in enumerate(xs)))
+        return build(m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=bar,
+                     reply_tokens=reply_tokens, early=early, slice_len=slice_len)
+
     prof = make_profile(out=out, overwrite=overwrite, resume=resume, handle=handle, seed=seed, settings=settings,
-                        progress=progress, make=lambda m, tok, tmp, bar: build(
-                            m, tok, prompts, window=window, seed=seed, name=handle.name, cache=tmp, progress=bar,
-                            reply_tokens=reply_tokens, early=early, slice_len=slice_len))
+                        progress=progress, make=make)
     return prof, handle, prompts
 
 
@@ -117,11 +121,14 @@ def profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[
     settings = {"model": handle.name, "log": str(log), "topics": topics, "window": window, "seed": seed,
                 "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
                 **({"slice": slice_len} if slice_len else {})}
+    def make(m, tok, tmp, bar):
+        check_vocab(m, tok, _texts(records))
+        return fromlog.build(m, tok, records, window=window, topics=k, seed=seed, name=handle.name, cache=tmp,
+                             progress=bar, early=early, slice_len=slice_len, reply_tokens=reply_tokens,
+                             log={"log": str(log), "sha256": digest})
+
     prof = make_profile(out=out, overwrite=overwrite, resume=resume, handle=handle, seed=seed, settings=settings,
-                        progress=progress, make=lambda m, tok, tmp, bar: fromlog.build(
-                            m, tok, records, window=window, topics=k, seed=seed, name=handle.name, cache=tmp,
-                            progress=bar, early=early, slice_len=slice_len, reply_tokens=reply_tokens,
-                            log={"log": str(log), "sha256": digest}))
+                        progress=progress, make=make)
     return prof, handle
 
 
@@ -222,6 +229,7 @@ def score_log(*, profile: Path, log: Path, out: Path, window: int | None, alpha:
               **placement(handle)}
     with resumable_dir(out, overwrite=overwrite, settings=resume) as tmp:
         m, tok, _ = handle.load()
+        check_vocab(m, tok, _texts(records))   # before the replay: a token past the embeddings failed inside it
         from moeguard.monitor.score import score
 
         with progress() as bar:
@@ -241,6 +249,14 @@ def score_log(*, profile: Path, log: Path, out: Path, window: int | None, alpha:
                       keep_requests=not no_period_requests, history=history, brought=brought, want=want, stale=stale,
                       earlier=earlier)
     return summary, handle
+
+
+def _texts(records: list[dict]):
+    """(where, text) of a log's prompts and logged replies, for :func:`check_vocab`."""
+    for r in records:
+        yield f"request {r['id']!r}'s prompt", r["prompt"]
+        if isinstance(r.get("reply"), str):
+            yield f"request {r['id']!r}'s reply", r["reply"]
 
 
 def _write_scores(tmp: Path, prof, scores, windows, alerts, summary: dict, *, seconds, baseline, keep_requests: bool,

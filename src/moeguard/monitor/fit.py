@@ -27,6 +27,26 @@ def histograms(model, tokenizer, prompts: list[str], **kw) -> np.ndarray:
     return observe(model, tokenizer, prompts, **kw)[0]
 
 
+def check_vocab(model, tokenizer, texts) -> None:
+    """Before a replay: every text's tokens have a row in the model's embeddings. A tokenizer whose
+    added tokens lie past them (a checkpoint not resized) failed mid-replay with an IndexError (on a
+    GPU, a device-side assert), at the same chunk again on every rerun. ``texts``: (where, text)
+    pairs, ``where`` naming the record in the error."""
+    from moeguard.errors import MoeguardError
+    from moeguard.tasks.tokens import encode
+
+    emb = model.get_input_embeddings()
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is None:
+        return
+    for where, text in texts:
+        ids = encode(tokenizer, text) if text else ()
+        if ids and max(ids) >= vocab:
+            raise MoeguardError(f"{where} holds a token (id {max(ids)}) the model has no embedding for (it has {vocab})",
+                                hint="use the checkpoint's own tokenizer, or resize its embeddings to the tokenizer's "
+                                     "vocabulary; or drop the record")
+
+
 def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_length: int | None = None,
             adapter=None, tokens: TokenRoutingCounts | TokenRouting | None = None,
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:

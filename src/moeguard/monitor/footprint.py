@@ -8,8 +8,9 @@ The run holds float64 values for every request of the log (``score.py``):
 - with a profile of replies, the reply's histogram [L, E] and surprise too;
 - the sum of its final hidden states [hidden], its embedding [DIM], its token count and surprise;
 
-and with ``--period`` and a ``--history`` whose run kept its periods' requests, those requests'
-embeddings and residuals [DIM + L x E] and this log's, joined into one array of each
+the mean histogram [L, E] of every client's block at each look (the window and its early lengths:
+at most requests / n blocks reach a look of n), and with ``--period`` and a ``--history`` whose run
+kept its periods' requests, those requests' embeddings and residuals [DIM + L x E] and this log's, joined into one array of each
 (``periods.score_periods``), and a copy of one period's residuals as it is tested. The estimate is
 those arrays: a lower bound (Python's per-request rows, the model and its activations come on top).
 On DeepSeek-V3's 58 x 256 cells a request's histogram alone is 119 KB: 100,000 requests hold 11 GiB.
@@ -29,15 +30,17 @@ CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limi
 
 
 def estimate(*, requests: int, cells: int, hidden: int, dim: int, replies: bool = False, held: int = 0,
-             largest_period: int = 0) -> int:
+             largest_period: int = 0, looks: tuple[int, ...] = ()) -> int:
     """Bytes of the arrays a ``score`` run holds at its peak (module docstring): ``requests`` in the log,
     ``cells`` = L x E, ``hidden`` the model's hidden size, ``dim`` the profile's embedding size,
     ``replies`` a profile of replies, ``held`` the requests a --history brings with --period (joined
     with the log's: pass 0 without --period), ``largest_period`` the log's largest period's requests
-    (copied as it is tested; 0 without --period)."""
+    (copied as it is tested; 0 without --period), ``looks`` the lengths clients' blocks are looked at
+    (``ladder.lengths``: the early ones and the window)."""
     per_request = cells * (2 if replies else 1) + hidden + dim + (3 if replies else 2)
     joined = (held + requests) * (dim + cells) if held else 0
-    return 8 * (requests * per_request + joined + largest_period * cells)
+    blocks = sum(requests // n for n in looks)   # each look's mean histograms, held to the end (score.py)
+    return 8 * (requests * per_request + joined + largest_period * cells + blocks * cells)
 
 
 def memory_limit() -> tuple[int, str] | None:
@@ -61,12 +64,12 @@ def _size(n: float) -> str:
 
 
 def check(*, requests: int, shape: tuple[int, int], hidden: int, dim: int, replies: bool, held: int,
-          largest_period: int, period: bool, held_periods: int = 0) -> int:
+          largest_period: int, period: bool, held_periods: int = 0, looks: tuple[int, ...] = ()) -> int:
     """A one-line error, before the model loads, where ``estimate`` is over ``memory_limit``; else the
     estimate. ``shape``: the profile's (L, E); ``period``: --period is on; ``held_periods``: the
     periods the ``held`` requests are of."""
     need = estimate(requests=requests, cells=shape[0] * shape[1], hidden=hidden, dim=dim, replies=replies,
-                    held=held, largest_period=largest_period)
+                    held=held, largest_period=largest_period, looks=looks)
     limit = memory_limit()
     if limit is None or need <= limit[0]:
         return need
@@ -93,5 +96,8 @@ def check_score(prof, records: list[dict], *, period: float | None, history: Pat
     on = period is not None
     largest = max(map(len, members([r["_t"] for r in records], period)[1]), default=0) if on and records else 0
     held = held_requests(history, want) if on and want and history is not None else (0, 0)
+    from moeguard.monitor.ladder import lengths
+
     return check(requests=len(records), shape=prof.mean.shape, hidden=prof.space.hidden, dim=prof.space.dim,
-                 replies=prof.replies is not None, held=held[0], held_periods=held[1], largest_period=largest, period=on)
+                 replies=prof.replies is not None, held=held[0], held_periods=held[1], largest_period=largest, period=on,
+                 looks=lengths(prof.meta))

@@ -208,7 +208,9 @@ def build(model, tokenizer, records: list[dict[str, Any]], *, window: int = 16, 
     for i in range(0, len(fit_ix), CHUNK):
         z = kept_arrays(cache, f"log-fit-{i // CHUNK}", lambda: fit_part([prompts[j] for j in fit_ix[i:i + CHUNK]]))
         counts.merge(z["count_tokens"], z["counts"])
-        parts.append(z)
+        # what the fit reads from a chunk, not its token counts (merged above): each chunk's [tokens, L, E]
+        # table kept to the end grew with the log, not with its distinct tokens (GBs at DeepSeek-V3's size)
+        parts.append({k: z[k] for k in ("h", "sums", "ntok")})
         if bar is not None:
             progress.advance(bar, len(z["h"]))
     table = counts.table(adapter.top_k, getattr(tokenizer, "bos_token_id", None))

@@ -161,9 +161,9 @@ class Profile:
         Otherwise the names are (a profile made before the digest was kept)."""
         mine = self.meta.get("weights")
         if mine and weights and (mine.get("files") or mine.get("revision")):
-            # a profile made before the tokenizer was in the digest compares the rest
-            older = "tokenizer" not in mine
-            if mine != ({k: v for k, v in weights.items() if k != "tokenizer"} if older else weights):
+            # a profile made before the tokenizer (or the routers) were in the digest compares the rest
+            later = [k for k in ("tokenizer", "routers") if k not in mine]
+            if mine != {k: v for k, v in weights.items() if k not in later}:
                 raise MoeguardError(f"the profile was made for other weights ({self.meta.get('model')}) than {name}'s",
                                     hint="use the profiled model (--model), or profile this one")
             return

@@ -119,8 +119,9 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+    from transformers import GenerationConfig
 
-    from moeguard.tasks.tokens import bos_ids, eos_ids, model_device
+    from moeguard.tasks.tokens import bos_ids, eos_ids, greedy_generate, model_device, pad_id
 
     source = client_source(client_id)
     positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
@@ -224,10 +225,13 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
                                                       f"shorten the prompt or lower max_tokens"}}, status_code=413)
         with lock, torch.no_grad():
             with monitor.request(client) as r:
-                out = model.generate(torch.tensor([ids], device=device),
-                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                     max_new_tokens=max_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                # greedy, as the profile's replies were made (monitor/hijack.reply): none of the checkpoint's
+                # own decoding settings (a repetition penalty, banned tokens), which generate() applies even
+                # without sampling and which would score served replies against another decoding's null
+                config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_tokens,
+                                          pad_token_id=pad_id(tokenizer), eos_token_id=sorted(ends) or None)
+                out = greedy_generate(model, config, input_ids=torch.tensor([ids], device=device),
+                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device))
                 new = out[0, len(ids):].tolist()
                 # the reply's length up to its end of text: the positions a profile of replies scores
                 r.reply_tokens = next((i for i, t in enumerate(new) if t in ends), len(new))

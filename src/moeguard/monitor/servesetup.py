@@ -198,25 +198,61 @@ def is_loopback(host: str) -> bool:
 
 def alert_writer(path: Path | None, period_log: Path | None = None):
     """Append each request's, window's, slice's and period's alert to ``path`` (JSON Lines; never the
-    prompt), and each closed period to ``period_log`` (the row ``monitor score --history`` reads)."""
+    prompt), and each closed period to ``period_log`` (the row ``monitor score --history`` reads).
+
+    A failed append (a full disk) is cut back to where it began, so no half line is left for the next
+    row to be glued to (a broken line mid-log, which no later start could read past), and its rows are
+    kept and appended again, first, at the next write: the closed period the server's baseline
+    already holds reaches its log once the disk has room. Each file is written whatever the other
+    did; the first failure is raised after both (the monitor counts it)."""
     import threading
 
     if path is None and period_log is None:
         return None
     lock = threading.Lock()
+    pending: dict[Path, list[str]] = {}   # rows a failed append kept, per file, in order
+
+    def append(file: Path, lines: list[str], *, sync: bool) -> None:
+        waiting = pending.setdefault(file, [])
+        waiting += lines
+        data = "".join(waiting).encode("utf-8")
+        # unbuffered: a failed write leaves no buffer that closing would flush after the cut
+        fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+                if sync:
+                    os.fsync(fd)   # once a period: the next start's baseline must be on disk
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
+        waiting.clear()
 
     def write(client, result):
+        failed = None
         # the period log first: it is the next start's baseline, and a failing alert log must not lose it
         if result.get("period") and period_log is not None:
             row = result["period"]
-            with lock, open(period_log, "a", encoding="utf-8") as f:
-                f.write(dumps({**row, **({"alert": True} if row.get("alert") else {})}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())   # once a period: the next start's baseline must be on disk
+            try:
+                with lock:
+                    append(period_log, [dumps({**row, **({"alert": True} if row.get("alert") else {})}) + "\n"],
+                           sync=True)
+            except OSError as e:
+                failed = e
         rows = [a for a in (result.get("alert"), (result.get("window") or {}).get("alert"),
                             (result.get("slice") or {}).get("alert"), (result.get("period") or {}).get("alert")) if a]
         if rows and path is not None:
-            with lock, open(path, "a", encoding="utf-8") as f:
-                for a in rows:   # a slice's or period's alert is no one client's
-                    f.write(dumps({"client": None if a["kind"] in ("slice", "period") else client, **a}) + "\n")
+            try:
+                with lock:   # a slice's or period's alert is no one client's
+                    append(path, [dumps({"client": None if a["kind"] in ("slice", "period") else client, **a}) + "\n"
+                                  for a in rows], sync=False)
+            except OSError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
     return write

@@ -57,7 +57,7 @@ class TokenRoutingCounts:
     def arrays(self) -> dict[str, np.ndarray]:
         """The counts as arrays (token ids in row order, counts [N, L, E]): for a resumable profile."""
         return {"count_tokens": np.fromiter(self.rows, dtype=np.int64, count=len(self.rows)),
-                "counts": self.counts[:len(self.rows)]}
+                "counts": self.counts[:len(self.rows)].copy()}   # a copy: a view held the doubled buffer
 
     def merge(self, tokens: np.ndarray, counts: np.ndarray) -> None:
         """Add another table's ``arrays()``. Tokens new here take rows in the other's order, so
