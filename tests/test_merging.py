@@ -377,3 +377,35 @@ def test_ernie_merged_to_one_expert_keeps_its_selection_bias_as_the_weighted_ave
             want = experts_first(o, axis, E).double().mean(0).to(o.dtype)
             torch.testing.assert_close(experts_first(n, axis, 1)[0], want, rtol=1e-5, atol=1e-6, msg=name)
     assert record["keep"] == {str(l.index): [0] for l in adapter.layers}
+
+
+def test_a_capped_merge_refuses_quantized_experts_before_loading_or_calibrating(tmp_path, monkeypatch):
+    """``merge --max-memory`` writes from the files: an FP8 (or MXFP4) release was refused only when the
+    merged shards were written, after the offloaded load and every calibration forward."""
+    from moeguard.edge import resolve_model
+    from moeguard.models.handle import ModelHandle
+    from moeguard.pruning.checkpoint import check_merge_files
+    from moeguard.pruning.merging.write import write_merged
+
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "float")
+    check_merge_files(tmp_path / "float")   # float experts pass
+    layer = MoEAdapter(model).layers[0]
+    layer.experts.down_proj.data = layer.experts.down_proj.data.to(torch.float8_e4m3fn)
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(MoeguardError, match=r"stored as F8_E4M3 \(quantized\)"):
+        check_merge_files(tmp_path / "src")
+
+    def too_late(*a, **k):
+        raise AssertionError("the model was loaded before the files were checked")
+
+    monkeypatch.setattr(ModelHandle, "load", too_late)
+    layers = [l.index for l in MoEAdapter(model).layers]
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps(Scores(method="frequency", task="arith-compare", model="m", samples=1, tokens=1,
+                                        layers=layers, num_experts=8, top_k=2,
+                                        scores=torch.rand(len(layers), 8, dtype=torch.float64)).to_dict()))
+    with pytest.raises(MoeguardError, match=r"stored as F8_E4M3 \(quantized\)"):   # hc-smoe: calibrates
+        write_merged(resolve_model(str(tmp_path / "src")), tmp_path / "out", method="hc-smoe", scores=scores,
+                     keep=4, task="arith-compare", max_memory=4 << 20)
+    assert not (tmp_path / "out").exists()

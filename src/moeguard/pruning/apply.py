@@ -117,10 +117,6 @@ def keep_source_dtypes(out: Path, src: Path) -> list[str]:
     keeps in float32 (DeepSeek's router and its correction bias: ``_keep_in_fp32_modules_strict``),
     and ``save_pretrained`` wrote them as F32, where streaming surgery keeps the source's BF16: the
     two paths gave different files (and merged router rows rounded differently)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from moeguard.io import FLOAT_DTYPES, read_header
     from moeguard.models.safetensorsfiles import safetensors_files
 
@@ -133,14 +129,7 @@ def keep_source_dtypes(out: Path, src: Path) -> list[str]:
                  and source.get(k) in FLOAT_DTYPES and source[k] != v["dtype"]}
         if not wrong:
             continue
-        with safe_open(str(f), "pt") as fh:
-            meta = fh.metadata()
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        for k in wrong:
-            tensors[k] = tensors[k].to(getattr(torch, _TORCH_DTYPES[source[k]]))
-        tmp = f.with_name(f".{f.name}.dtype")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, f)
+        _rewrite_cast(f, {k: source[k] for k in wrong})
         cast += sorted(wrong)
     if cast:   # the config says what the weights are now (a float32 run's config said float32)
         _config_dtype(out, src)
@@ -151,6 +140,47 @@ def keep_source_dtypes(out: Path, src: Path) -> list[str]:
             v["data_offsets"][1] - v["data_offsets"][0] for f in files for k, v in read_header(f).items() if k != "__metadata__")
         index.write_text(json.dumps(doc, indent=2) + "\n")
     return cast
+
+
+def _rewrite_cast(f: Path, dtypes: dict[str, str]) -> None:
+    """Rewrite the shard ``f`` with the tensors ``dtypes`` names cast to the dtype given, one tensor in
+    memory at a time: a shard read whole (transformers writes up to 50 GB in one) held a second copy
+    of the weights beside the model being saved."""
+    import math
+    import struct
+
+    import torch
+    from safetensors import safe_open
+
+    from moeguard.io import read_header
+    from moeguard.pruning.shards import _ITEMSIZE
+
+    header = read_header(f)
+    meta = header.pop("__metadata__", None)
+    items = sorted(((k, dtypes.get(k, v["dtype"]), v["shape"]) for k, v in header.items()),
+                   key=lambda x: (-_ITEMSIZE[x[1]], x[0]))   # safetensors' order: aligned to each dtype
+    new: dict[str, Any] = {"__metadata__": meta} if meta is not None else {}
+    offset = 0
+    for k, dtype, shape in items:
+        n = math.prod(shape) * _ITEMSIZE[dtype]
+        new[k] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(new, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f.with_name(f".{f.name}.dtype")
+    try:
+        with safe_open(str(f), "pt") as fh, open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            for k, dtype, _ in items:
+                t = fh.get_tensor(k)
+                if k in dtypes:
+                    t = t.to(getattr(torch, _TORCH_DTYPES[dtype]))
+                out.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del t
+        os.replace(tmp, f)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def checkpoint_dtype(ref):

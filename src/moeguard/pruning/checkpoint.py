@@ -241,6 +241,48 @@ def side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[st
     return copy, skipped
 
 
+def _finished(shard: Path, tensors: list) -> bool:
+    """Whether an interrupted run's ``shard`` is whole and holds the planned tensors: its header tiles
+    the file exactly (``check_safetensors``) and names them. Anything else is written again."""
+    if not shard.is_file():
+        return False
+    try:
+        check_safetensors(shard)
+        names = {k for k in read_header(shard) if k != "__metadata__"}
+    except (MoeguardError, OSError, ValueError):
+        return False
+    return names == {t.out_name for t in tensors}
+
+
+def _sync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_merge_files(src: Path) -> None:
+    """Before a capped merge loads and calibrates: the checkpoint's files are valid safetensors, its
+    index names them, and its MoE layers' experts are stored as floats. These were checked when the
+    merged shards were written, after the offloaded load and every calibration forward (an MXFP4 or
+    FP8 release was refused at the end)."""
+    from moeguard.models.adapter import MoEAdapter
+
+    config = load_config(ModelRef(str(src), src, None))
+    family = family_for_config(config)
+    files = safetensors_files(src)
+    for f in files:
+        check_safetensors(f)
+    headers = {f: read_header(f) for f in files}
+    if files != [src / "model.safetensors"]:
+        _check_index(src, files, headers)
+    adapter = MoEAdapter(meta_model(config), family=family)
+    stacks = {on_disk: adapter.stack_starts[path] for path, on_disk in zip(family.stacks, family.disk_stacks)}
+    key_re = _LayerKeys(stacks, list(family.disk_layout().block_names), block_offsets(adapter))
+    _check_mergeable(files, headers, key_re, {l.index for l in adapter.layers})
+
+
 def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwrite: bool = False,
                      progress=None, max_shard_bytes: int | None = None, extra: dict | None = None,
                      merge: dict[int, list] | None = None) -> dict:
@@ -316,7 +358,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     with resumable_dir(out, overwrite=overwrite, settings=stamp) as tmp:
         try:
             for name, tensors in shards:
-                if (tmp / name).is_file():   # finished by the interrupted run
+                if _finished(tmp / name, tensors):   # finished by the interrupted run
                     size = (tmp / name).stat().st_size
                     bytes_out += size
                     if advance is not None:
@@ -325,6 +367,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
                 meta = {"format": "pt", **headers[tensors[0].file].get("__metadata__", {})} if tensors else {"format": "pt"}
                 part = tmp / f".{name}.part"
                 bytes_out += write_safetensors(part, tensors, reader, metadata=meta, advance=advance)
+                _sync(part)   # on disk before it counts as finished: a power loss left an empty "finished" shard
                 os.replace(part, tmp / name)
         finally:
             reader.close()

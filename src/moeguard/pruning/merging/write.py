@@ -81,6 +81,10 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
     from moeguard.pruning.apply import checkpoint_dtype, loadable_by, save_checkpoint
     from moeguard.tasks.batches import calibration_batches
 
+    if max_memory is not None and ref.path is not None:   # the capped merge writes from these files
+        from moeguard.pruning.checkpoint import check_merge_files
+
+        check_merge_files(ref.path)   # before the offloaded load and the calibration, not after both
     model, tokenizer, _ = handle.load(dtype=checkpoint_dtype(ref), max_memory=max_memory)
     batches = calibration_batches(tokenizer, task_obj, samples=samples, batch_size=batch_size, seed=seed) \
         if task_obj is not None else None
