@@ -21,6 +21,10 @@ def test_a_goal_not_measured_is_not_missed():
     assert g["undefended_keeps_90"]["met"] is True and g["hardened_at_most_50"]["met"] is True
     doc["attacks"]["t"]["4"]["hardened"] = cell(40.0, {"no_better_than_scratch": False})
     assert goals(doc, num_experts=8)["moonshot_no_better_than_scratch"]["met"] is False
+    # one task measured and missed, another not measured: missed, not "not measured"
+    doc["attacks"]["u"] = {"4": {"base": cell(95.0, {}), "hardened": cell(40.0, {"no_better_than_scratch": None})}}
+    doc["utility"]["u"] = {"cost_percent": 1.0}
+    assert goals(doc, num_experts=8)["moonshot_no_better_than_scratch"]["met"] is False
     from moeguard.report.audit import _goal
 
     assert [_goal(x) for x in (True, False, None)] == ["met", "missed", "not measured"]

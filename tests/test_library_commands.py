@@ -64,3 +64,19 @@ def test_monitor_profile_and_score_run_from_the_library(tmp_path):
                            overwrite=False, note=notes.append)
     assert summary["requests"] == 16 and summary["windows"] == 2 and notes == []
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["requests"] == 16
+
+
+def test_monitor_library_calls_check_their_options_before_loading(tmp_path, monkeypatch):
+    from moeguard.monitor.commands import profile_log, profile_tasks
+
+    def too_late(*a, **k):
+        raise AssertionError("the model was resolved before the options were checked")
+
+    monkeypatch.setattr("moeguard.edge.resolve_model", too_late)
+    common = dict(out=tmp_path / "p.json", early=(), slice_len=0, model=None, device_map=None, overwrite=False, seed=0)
+    with pytest.raises(MoeguardError, match="--window is 0"):
+        profile_tasks(tasks=None, limit=40, window=0, reply_tokens=0, **common)
+    with pytest.raises(MoeguardError, match="--reply-tokens is 999"):
+        profile_log(log=tmp_path / "log.jsonl", topics="auto", window=8, reply_tokens=999, **common)
+    with pytest.raises(MoeguardError, match="early window lengths"):
+        profile_tasks(tasks=None, limit=40, window=8, reply_tokens=0, **{**common, "early": (9,)})

@@ -293,5 +293,12 @@ def test_a_failed_period_log_append_leaves_no_half_line_and_is_appended_at_the_n
         write(None, closed)
     assert log.read_text() == '{"start": "a", "index": 0}\n'              # cut back: no half line
     assert json.loads(alerts.read_text())["kind"] == "period"               # the alert log still written
+    # tried again every minute (with the open period's state), not only at the next close
+    from moeguard.monitor.servesetup import retrying
+
+    saved = []
+    retrying(saved.append, write)({"index": 2})
+    assert saved == [{"index": 2}] and write.retry() == 0
+    assert [json.loads(x)["start"] for x in log.read_text().splitlines()] == ["a", "b"]
     write(None, {"period": {"start": "c", "index": 2}})
     assert [json.loads(x)["start"] for x in log.read_text().splitlines()] == ["a", "b", "c"]

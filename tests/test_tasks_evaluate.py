@@ -424,6 +424,18 @@ def test_a_baseline_is_fit_on_a_sample_of_a_split_larger_than_its_limit(tok, mod
     assert r.baseline["description"].startswith("always label '1'") and r.baseline["score"] == 75.0, r.baseline
     whole = E.evaluate_task(model, tok, cls_task(tmp_path), batch_size=4, baseline_limit=16)
     assert whole.baseline["score"] == 75.0 and whole.baseline["description"].endswith("(16 records)")
+    # drawn once while the data is unchanged (a sweep fits the same baseline for every plan)
+    from moeguard.tasks import loaders
+
+    def again(*a, **k):
+        raise AssertionError("the split was read and sampled again")
+
+    real = loaders.sample_records
+    loaders.sample_records = again
+    try:
+        assert E.evaluate_task(model, tok, cls_task(tmp_path), batch_size=4, baseline_limit=4).baseline == r.baseline
+    finally:
+        loaders.sample_records = real
 
 
 def test_a_task_reporting_normalized_perplexity_is_refused_before_any_model_loads(tmp_path):
@@ -436,6 +448,8 @@ def test_a_task_reporting_normalized_perplexity_is_refused_before_any_model_load
     (tmp_path / "t.txt").write_text("some text to model\n" * 20)
     with pytest.raises(MoeguardError, match="normalized_perplexity, which needs a reference perplexity"):
         resolve_tasks([str(tmp_path / "t.yaml")])
+    # a command that reads its data only (attribution, merge calibration) takes it
+    assert resolve_tasks([str(tmp_path / "t.yaml")], scored=False)[0].name == "lm-norm"
 
 
 def test_rouge_keeps_combining_marks_in_their_words():
@@ -449,3 +463,5 @@ def test_rouge_keeps_combining_marks_in_their_words():
     assert rouge([nfd], [["le résumé"]])["rouge1"] == pytest.approx(100.0)
     # vowel signs are part of the word: two Hindi words that share only their consonants differ
     assert rouge(["किताब"], [["कातिब"]])["rouge1"] == 0.0
+    # NFD kana: the voicing mark (in the CJK range) stays on its kana, one token as in NFC
+    assert rouge([unicodedata.normalize("NFD", "がく")], [["がく"]])["rouge1"] == pytest.approx(100.0)

@@ -19,10 +19,12 @@ from moeguard.models.handle import ModelHandle, resolve_model
 
 
 def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None, check: bool = True,
-                  train: bool = True) -> list:
+                  train: bool = True, scored: bool = True) -> list:
     """Tasks from names, YAML paths or Task objects (``default``: a callable giving the tasks
     when ``values`` is None); each is adopted and, with ``check``, its eval data read once, and
-    its train data too unless the command reads none (``train=False``: monitor profile)."""
+    its train data too unless the command reads none (``train=False``: monitor profile).
+    ``scored=False``: the command reads the tasks' data only (attribution, merge calibration), so a
+    metric no command can compute is not refused."""
     from moeguard.tasks.loaders import load_records
     from moeguard.tasks.registry import adopt, get_task
 
@@ -32,7 +34,7 @@ def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None,
         tasks = [adopt(get_task(v), origin=str(v)) for v in values]
         if not tasks:
             raise MoeguardError(f"{what} name no task", hint="see `moeguard tasks` for names")
-    for t in tasks:   # before any model loads: no command passes the reference this metric divides by
+    for t in tasks if scored else ():   # before any model loads: no command passes the reference it divides by
         if t.primary_metric == "normalized_perplexity":
             raise MoeguardError(f"task '{t.name}' reports normalized_perplexity, which needs a reference perplexity "
                                 f"that no moeguard command takes",

@@ -163,7 +163,7 @@ def serve(
     from moeguard.monitor.serve import client_source, create_app
     from moeguard.monitor.periodhistory import parse_accept
     from moeguard.monitor.servesetup import (alert_writer, check_options, listen, lock_period_log, open_period,
-                                             period_history, state_writer)
+                                             period_history, retrying, state_writer)
 
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
@@ -190,10 +190,12 @@ def serve(
         saved = open_period(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p, history=history)
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
+        writer = alert_writer(alerts, period_log)
+        save_state = retrying(state_writer(period_log), writer)   # rows a full disk kept: tried every minute
         mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
-                             on_result=alert_writer(alerts, period_log), raise_errors=False, period=seconds,
+                             on_result=writer, raise_errors=False, period=seconds,
                              baseline=baseline, period_history=history, period_open=saved, period_alpha=alpha_p,
-                             on_period_state=state_writer(period_log))
+                             on_period_state=save_state)
         import uvicorn
 
         from moeguard.monitor.serve import uvicorn_config
@@ -214,6 +216,10 @@ def serve(
                 pass                    # a stop (Ctrl-C, SIGTERM from a service manager) is this command's normal end
         from moeguard.monitor.periodwatch import open_path
 
+        lost = writer.retry() if writer is not None else 0
+        if lost:   # a disk still full at the end: say so, not that they are kept
+            typer.echo(f"moeguard: {lost} alert or period row{'' if lost == 1 else 's'} could not be written "
+                       f"(the disk is full or the file unwritable) and are lost", err=True)
         kept = [f"alerts in {alerts}" if alerts is not None else "",
                 f"closed periods in {period_log}" if period_log is not None else "",
                 f"the open period in {open_path(period_log)}" if period_log is not None and open_path(period_log).exists() else ""]

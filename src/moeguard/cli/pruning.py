@@ -42,7 +42,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
         raise MoeguardError(f"--reference is read only by methods that compare with a reference corpus, and "
                             f"'{method}' does not", hint="drop --reference, or use --method contrastive")
     # resolved once here (a YAML path is read once), and unreadable data fails before any weights load
-    the_task, *ref_tasks = resolve_tasks([task, *(refs or [])], what="--task")
+    the_task, *ref_tasks = resolve_tasks([task, *(refs or [])], what="--task", scored=False)   # their data only
     check_output(out, overwrite=overwrite, kind="file", inputs=task_inputs([the_task, *ref_tasks]))
     if any(r.name == the_task.name for r in ref_tasks):   # before the weights load (make_context refuses it too)
         from moeguard.errors import MoeguardError

@@ -265,9 +265,10 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if _out_of_memory(e):   # a RuntimeError too, but no fault of the checkpoint's
             raise MoeguardError(f"cannot load weights of {where}: out of memory ({first[:200]})",
-                                hint="moeguard loads weights in float32 (twice a bf16 checkpoint's size): spread "
-                                     "them with --device-map auto, or cap the device with --max-memory where the "
-                                     "command takes it") from None
+                                hint=("this command loads weights in float32 (twice a bf16 checkpoint's size): "
+                                      if (dtype or torch.float32) == torch.float32 else "")
+                                + "spread them with --device-map auto, or cap the device with --max-memory where "
+                                  "the command takes it") from None
         hint = ("fix config.json to match the weights (the expert count, sizes), or re-prune with moeguard prune"
                 if isinstance(e, RuntimeError) else "check the checkpoint files (safetensors only) or your hub access")
         raise MoeguardError(f"cannot load weights of {where}: {first[:300]}", hint=hint) from None

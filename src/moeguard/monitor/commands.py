@@ -50,6 +50,17 @@ def check_profile_options(*, log: Path | None, tasks: list[str] | None, limit: i
     return limit
 
 
+def _check_options(*, window: int, early: tuple[int, ...], slice_len: int, reply_tokens: int, tasks=None,
+                   limit: int | None = None, log: Path | None = None, topics: str = "auto") -> None:
+    """A library caller's options, checked as the CLI checks them, before anything loads."""
+    from moeguard.monitor.ladder import check_early
+
+    check_profile_options(log=log, tasks=tasks, limit=limit, topics=topics, window=window,
+                          reply_tokens=reply_tokens, slice_len=slice_len)
+    if early:
+        check_early(tuple(early), window)
+
+
 def profile_tasks(*, out: Path, tasks: list[str] | None, limit: int, window: int, early: tuple[int, ...],
                   slice_len: int, reply_tokens: int, model: str | None, device_map: str | None, overwrite: bool,
                   seed: int, progress: Progress = contextlib.nullcontext):
@@ -60,6 +71,7 @@ def profile_tasks(*, out: Path, tasks: list[str] | None, limit: int, window: int
     from moeguard.monitor.fit import build, check_prompts
     from moeguard.tasks.loaders import load_records, prompt_text
 
+    _check_options(tasks=tasks, limit=limit, window=window, early=early, slice_len=slice_len, reply_tokens=reply_tokens)
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     handle = resolve_model(model, device_map=device_map)
     ts = embedded_or(tasks, what="--tasks", train=False)   # benign traffic: eval records only
@@ -104,6 +116,7 @@ def profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[
     from moeguard.monitor import fromlog
     from moeguard.monitor.score import read_log
 
+    _check_options(log=log, topics=topics, window=window, early=early, slice_len=slice_len, reply_tokens=reply_tokens)
     check_output(out, overwrite=overwrite, inputs=(model, log), kind="file")
     k = fromlog.check_topics(topics)
     records = read_log(log)

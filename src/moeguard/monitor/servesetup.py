@@ -196,6 +196,18 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+def retrying(save_state, writer):
+    """``on_period_state`` that first appends the rows ``writer`` (``alert_writer``'s) kept from a
+    failed write: every minute, not only at the next period's close."""
+    if save_state is None or writer is None:
+        return save_state
+
+    def save(state):
+        writer.retry()
+        save_state(state)
+    return save
+
+
 def alert_writer(path: Path | None, period_log: Path | None = None):
     """Append each request's, window's, slice's and period's alert to ``path`` (JSON Lines; never the
     prompt), and each closed period to ``period_log`` (the row ``monitor score --history`` reads).
@@ -255,4 +267,18 @@ def alert_writer(path: Path | None, period_log: Path | None = None):
                 failed = failed or e
         if failed is not None:
             raise failed
+
+    def retry() -> int:
+        """Append the rows a failed write kept (the server calls it every minute and at shutdown);
+        returns how many are still unwritten. Never raises: a disk still full waits for the next try."""
+        with lock:
+            for file, rows in pending.items():
+                if rows:
+                    try:
+                        append(file, [], sync=file == period_log)
+                    except OSError:
+                        pass
+            return sum(len(rows) for rows in pending.values())
+
+    write.retry = retry
     return write

@@ -26,7 +26,7 @@ from moeguard.errors import MoeguardError
 from moeguard.io import json_safe
 from moeguard.tasks import tokens as T
 from moeguard.tasks.base import Task
-from moeguard.tasks.loaders import load_records
+from moeguard.tasks.loaders import baseline_records, load_records
 from moeguard.tasks.registry import get_task
 
 SCHEMA_VERSION = 1
@@ -99,7 +99,7 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task | str, *, limit: int | 
         records = [{**r, "input": input_prefix + r["input"] + input_suffix} for r in records]
     train = None
     if baseline and "train" in task.splits:
-        train = _baseline_records(task, baseline_limit)
+        train = baseline_records(task, baseline_limit)
 
     started = time.perf_counter()
     was_training = getattr(model, "training", False)
@@ -268,18 +268,6 @@ class _Ticker:
     def advance(self) -> None:
         if self.progress is not None and self.id is not None:
             self.progress.advance(self.id)
-
-
-def _baseline_records(task, limit: int | None) -> list[dict[str, Any]]:
-    """The train records a baseline is fit on: the whole split when it holds at most ``limit`` (in its
-    order, as before), else ``limit`` drawn from all of it. The first records of a large split are no
-    sample of it: a CSV grouped by label gave the majority baseline the first label's class."""
-    from moeguard.tasks.loaders import sample_records
-
-    if limit is None:
-        return load_records(task, "train")
-    head = load_records(task, "train", limit=limit + 1)
-    return head if len(head) <= limit else sample_records(task, "train", limit, seed=0)
 
 
 def _check_metric(task: Task, reference: float | None) -> None:

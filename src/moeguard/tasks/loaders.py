@@ -58,6 +58,28 @@ def load_records(task: Task, role: str, *, limit: int | None = None) -> list[dic
     return [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in records]
 
 
+_BASELINE: dict = {}   # baseline_records' results, by task, limit and data stamp (a few, as _READ)
+
+
+def baseline_records(task: Task, limit: int | None) -> list[dict[str, Any]]:
+    """The train records a baseline is fit on: the whole split when it holds at most ``limit`` (in its
+    order), else ``limit`` drawn from all of it (seed 0). The first records of a large split are no
+    sample of it: a CSV grouped by label gave the majority baseline the first label's class. Kept
+    while the data is unchanged: a sweep fits the same baseline for every plan."""
+    if limit is None:
+        return load_records(task, "train")
+    split = _split_of(task, "train")
+    key = (repr(task), limit, _stamp(task, split))
+    records = _BASELINE.get(key)
+    if records is None:
+        head = load_records(task, "train", limit=limit + 1)
+        records = head if len(head) <= limit else sample_records(task, "train", limit, seed=0)
+        _BASELINE[key] = records
+        while len(_BASELINE) > _READ_MAX:
+            _BASELINE.pop(next(iter(_BASELINE)))
+    return [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in records]
+
+
 def sample_records(task: Task, role: str, n: int, *, seed: int) -> list[dict[str, Any]]:
     """``n`` records drawn uniformly from the whole of ``role``'s split with ``seed`` (all of them
     when it has fewer), read lazily (reservoir sampling: memory for ``n`` records, one pass). The

@@ -114,7 +114,10 @@ def _unicode_words():
 
     class UnicodeWords(tokenizers.DefaultTokenizer):
         def tokenize(self, text):
-            words = _split_words(_CJK.sub(r" \1 ", text.lower()))
+            import unicodedata
+
+            # NFC first: an NFD kana's voicing mark (U+3099) is in the CJK range and was split off its kana
+            words = _split_words(_CJK.sub(r" \1 ", unicodedata.normalize("NFC", text).lower()))
             stem = self._stemmer
             return [stem.stem(w) if stem is not None and len(w) > 3 else w for w in words]
 

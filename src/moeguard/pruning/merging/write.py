@@ -74,7 +74,7 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
         if name is None:
             raise MoeguardError(f"merge method '{method}' needs calibration data and the plan names no task",
                                 hint="pass --task NAME (see `moeguard tasks`)")
-        task_obj = resolve_tasks([name], what="--task")[0]   # unreadable data fails before weights load
+        task_obj = resolve_tasks([name], what="--task", scored=False)[0]   # unreadable data fails before weights load
         from moeguard.edge import task_inputs
 
         check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs([task_obj]))
