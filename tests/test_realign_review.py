@@ -179,3 +179,58 @@ def test_an_accelerate_mixed_precision_in_the_environment_is_not_taken(monkeypat
     finetune(apply_mode(tiny_model("mixtral"), "full"), ex, FinetuneConfig(mode="full", min_steps=2, epochs=1,
                                                                           batch_size=2), pad_id=0)
     assert made == ["no"]
+
+
+def test_a_budget_pruned_original_passes_the_original_check():
+    """Pruning an already budget-pruned checkpoint records original_num_experts (the widest layer's)
+    and each layer's own count: the check compared every layer with the widest and refused it."""
+    from moeguard.models.prune import prune_model
+    from moeguard.realign.api import check_original
+    from moeguard.testing import tiny_model
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.errors import MoeguardError
+
+    model = tiny_model("mixtral")
+    layers = [l.index for l in MoEAdapter(model).layers]
+    budget, _ = prune_model(model, {layers[0]: [0, 1], layers[1]: [0, 1, 2, 3, 4, 5]})
+    counts = {str(l.index): l.num_experts for l in MoEAdapter(budget).layers}
+    record = {"original_num_experts": 8, "original_experts_per_layer": counts,
+              "keep": {str(layers[0]): [1], str(layers[1]): [0, 5]}}
+    check_original(budget, record, "again")
+    with pytest.raises(MoeguardError, match="is not the model this checkpoint was pruned from"):
+        check_original(budget, {**record, "keep": {str(layers[0]): [3]}}, "again")   # layer 0 has 2 experts
+
+
+def test_a_recorded_source_missing_here_is_not_needed_with_a_full_score_and_named_when_it_is(pruned, tmp_path, capsys):
+    """A checkpoint copied to another machine names a source path that is not there: with --full-score
+    (and a strategy that does not read the original) it is not needed; orphan says where it came from."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(pruned, moved)
+    rec = json.loads((moved / "moeguard_pruning.json").read_text())
+    rec["source"] = str(tmp_path / "gone")
+    (moved / "moeguard_pruning.json").write_text(json.dumps(rec))
+    capsys.readouterr()
+    assert main(["realign", "--model", str(moved), *FAST, "--full-score", "90", "--strategy", "random",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert main(["realign", "--model", str(moved), *FAST, "--strategy", "orphan", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"moeguard_pruning.json names its source '{tmp_path / 'gone'}', which cannot be used here" in err, err
+    assert "--original PATH" in err
+
+
+def test_kept_state_a_power_loss_left_empty_is_started_over_not_a_traceback(tmp_path):
+    """The round's weights were renamed into place unsynced: after a power loss an empty
+    current.safetensors beside loop.json failed every rerun in load_file (a SafetensorError); a
+    scan part left empty failed in json.loads."""
+    from moeguard.realign.loop import _load_state
+    from moeguard.scan.run import _part
+
+    (tmp_path / "loop.json").write_text(json.dumps({"tag": "t", "rounds": [{"labels": 0}]}))
+    (tmp_path / "current.safetensors").write_bytes(b"")
+    assert _load_state(tmp_path, "t") == {"tag": "t", "rounds": []}
+    from moeguard.studies.engine import digest
+
+    (tmp_path / f"part-x-{digest({'a': 1})}.json").write_text("")
+    assert _part(tmp_path, "x", lambda: {"v": 2}, {"a": 1}) == {"v": 2}

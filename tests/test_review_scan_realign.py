@@ -169,7 +169,7 @@ def test_the_scan_says_where_its_threshold_comes_from(ref_scan):
 
     doc = json.loads((ref_scan / "scan.json").read_text())
     # this scan searched with fewer contexts, candidates and chain tokens than the calibration did
-    assert doc["suspicion"]["threshold_source"] == "calibrated at the default search settings, not these"
+    assert doc["suspicion"]["threshold_source"] == "calibrated at the default search settings and seed, not these"
     assert doc["suspicion"]["threshold"] == 12.1
     assert ("unexplained", "references") in THRESHOLDS and ("unexplained", "references") not in CALIBRATED
     from moeguard.scan.run import ScanConfig, threshold_source
@@ -181,6 +181,15 @@ def test_the_scan_says_where_its_threshold_comes_from(ref_scan):
         "its experts")
     assert threshold_source(ScanConfig(threshold=3.0), "chain", "siblings", (48, 128)) == "given"
     assert threshold_source(ScanConfig(), "unexplained", "references", (4, 8)) == "not calibrated (the siblings' value)"
+    # the chain's contexts come from the tasks and the seed: other ones are said, not "calibrated"
+    from moeguard.tasks.registry import embedded_tasks
+
+    suite = [t.name for t in embedded_tasks()]
+    assert threshold_source(ScanConfig(), "chain", "siblings", (4, 8), suite[::-1]) == "calibrated"
+    assert threshold_source(ScanConfig(), "chain", "siblings", (4, 8), ["arith-compare"]).startswith(
+        "calibrated on the embedded suite's tasks (")
+    assert threshold_source(ScanConfig(seed=3), "chain", "siblings", (4, 8)) == \
+        "calibrated at the default search settings and seed, not these"
 
 
 def test_defend_eval_checks_the_protocol_before_its_attack_grid(tmp_path, capsys):

@@ -71,10 +71,13 @@ def check_original(original, record: dict, name: str) -> None:
     from moeguard.models.adapter import MoEAdapter
 
     n = int(record["original_num_experts"])
+    # a budget-pruned original: each layer's own count (original_num_experts is the widest layer's)
+    per = {int(k): int(v) for k, v in (record.get("original_experts_per_layer") or {}).items()}
     layers = {l.index: l.num_experts for l in MoEAdapter(original).layers}
     keep = {int(k): v for k, v in record["keep"].items()}
     wrong = sorted(l for l in keep if l not in layers)
-    if wrong or any(c != n for c in layers.values()) or any(not 0 <= e < n for v in keep.values() for e in v):
+    if wrong or any(c != per.get(l, n) for l, c in layers.items()) \
+            or any(not 0 <= e < per.get(l, n) for l, v in keep.items() for e in v):
         raise MoeguardError(f"{name} is not the model this checkpoint was pruned from: its record kept experts of "
                             f"{n} per layer in MoE layers {sorted(keep)}, and {name} has "
                             f"{sorted(set(layers.values()))} experts in MoE layers {sorted(layers)}",
@@ -110,6 +113,7 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     strat = get_strategy(al.strategy, task)
     pool = label_pool(task, pool_size=al.pool_size, budget=al.schedule[-1], seed=al.seed)
     record = pruning_record(model.ref.path)
+    from_record = original is None and bool((record or {}).get("source"))
     original = original or (record or {}).get("source")
     if strat.needs_original and record is None:
         raise MoeguardError(f"strategy '{al.strategy}' needs the pruning plan and the original model; {model.name} "
@@ -122,8 +126,19 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
         raise MoeguardError(f"strategy '{al.strategy}' needs the original model, and {model.name}'s pruning record names "
                             "no source", hint="pass --original PATH (the unpruned checkpoint)")
     orig = None
-    if original is not None:  # an unreadable original fails here, before the pruned model loads
-        orig = resolve_model(None if original == "embedded" else original, tasks=False, device_map=model.device_map)
+    needed = full_score is None or strat.needs_original   # with --full-score, only orphan reads the original
+    if original is not None and needed:  # an unreadable original fails here, before the pruned model loads
+        try:
+            orig = resolve_model(None if original == "embedded" else original, tasks=False,
+                                 device_map=model.device_map)
+        except MoeguardError as e:
+            if not from_record:
+                raise
+            # a path the user never typed (recorded where the checkpoint was pruned): say where it came from
+            raise MoeguardError(f"{model.name}'s moeguard_pruning.json names its source {original!r}, which cannot "
+                                f"be used here ({e.message})",
+                                hint="pass --original PATH (the unpruned checkpoint), or --full-score with a "
+                                     "strategy other than orphan") from None
         from moeguard.io import check_output
 
         # the record's source is an input the command line never named: --out there would replace it
@@ -135,9 +150,12 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
 
     # and the task's definition and data: an edited YAML or data file must not resume rounds made on the old one
     # and where it runs: rounds made on a GPU must not resume on the CPU (a curve of neither run)
+    # the original's weights too (it sets full_score, so every retention, and orphan's picks): one updated
+    # in place after a kill must not resume rounds measured against the old one
     settings = {"model": model.name, "weights": weights_identity(model.arg), "task": task.name,
                 "task_identity": task_identity(task), "original": original, "device_map": model.device_map,
-                "full_score": full_score, **al.key()}
+                "full_score": full_score, **al.key(),
+                **({"original_weights": weights_identity(orig.arg)} if orig is not None else {})}
     if al.finetune.only:
         check_protocol_covers(model, al.finetune)   # before both models load and the original is scored
     orphan = None

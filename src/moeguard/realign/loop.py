@@ -261,9 +261,20 @@ def _load_state(state_dir: Path | None, tag: str) -> dict[str, Any]:
         state = json.loads(f.read_text())
     except ValueError:
         return fresh
-    if state.get("tag") != tag or (state["rounds"] and not (state_dir / "current.safetensors").exists()):
-        return fresh
+    if state.get("tag") != tag or (state["rounds"] and not _readable(state_dir / "current.safetensors")):
+        return fresh   # a weights file a power loss left empty or cut short: start over, not a traceback
     return state
+
+
+def _readable(file: Path) -> bool:
+    from moeguard.errors import MoeguardError
+    from moeguard.models.safetensorsfiles import check_safetensors
+
+    try:
+        check_safetensors(file)
+    except (MoeguardError, OSError):
+        return False
+    return True
 
 
 def _save_state(state_dir: Path | None, state: dict, trainable: Trainable, *, save_weights: bool) -> None:
@@ -276,5 +287,10 @@ def _save_state(state_dir: Path | None, state: dict, trainable: Trainable, *, sa
 
         tmp = state_dir / ".current.safetensors.tmp"
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable.params.items()}, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:   # on disk before loop.json says the round is done: a power loss left an empty file behind it
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, state_dir / "current.safetensors")
-    write_json(state_dir / "loop.json", state)
+    write_json(state_dir / "loop.json", state, sync=True)

@@ -173,7 +173,10 @@ def _part(tmp: Path, name: str, make, key: dict[str, Any]):
 
     f = tmp / f"part-{name}-{digest(key)}.json"
     if f.exists():
-        return json.loads(f.read_text())
+        try:
+            return json.loads(f.read_text())
+        except (ValueError, OSError):   # a part a power loss left empty: computed again, not a traceback
+            pass
     value = make()
     write_json(f, value)
     return value
@@ -281,15 +284,23 @@ def _usage_json(per_task: dict) -> dict:
             for name, d in per_task.items()}
 
 
-def threshold_source(config: ScanConfig, score: str, null: str, shape: tuple[int, int]) -> str:
+def threshold_source(config: ScanConfig, score: str, null: str, shape: tuple[int, int],
+                     tasks: list[str] | None = None) -> str:
     """Where the flag's threshold comes from, as the scan document says it: given, or calibrated (on the
-    zoo models' shape, at the default search settings), or the siblings' value copied."""
+    zoo models' shape, at the default search settings and seed, on the embedded suite's tasks), or
+    the siblings' value copied. ``tasks``: the scan's task names (None: not compared)."""
     if config.threshold is not None:
         return "given"
     if (score, null) not in CALIBRATED:
         return "not calibrated (the siblings' value)"
-    if not all(getattr(config, k) == getattr(ScanConfig, k) for k in SEARCH_SETTINGS):
-        return "calibrated at the default search settings, not these"
+    if not all(getattr(config, k) == getattr(ScanConfig, k) for k in (*SEARCH_SETTINGS, "seed")):
+        return "calibrated at the default search settings and seed, not these"
+    if tasks is not None:
+        from moeguard.tasks.registry import embedded_tasks
+
+        suite = [t.name for t in embedded_tasks()]
+        if sorted(tasks) != sorted(suite):   # the chain's contexts come from the tasks
+            return f"calibrated on the embedded suite's tasks ({', '.join(suite)}), not these"
     if shape != CALIBRATED_SHAPE:   # the largest of a clean model's robust z's grows with the experts it has
         return (f"calibrated on {CALIBRATED_SHAPE[0]}-layer x {CALIBRATED_SHAPE[1]}-expert models, not this model's "
                 f"{shape[0]} x {shape[1]}: a clean model's largest score grows with its experts")
@@ -355,7 +366,7 @@ def assemble(adapter, tasks, weights: dict, usage: dict, effects: dict, *, confi
                       # the default for unexplained scores against reference scans was never measured (the
                       # siblings' value): a user reading the flag should know
                       "threshold_source": threshold_source(config, score, "references" if null is not None else "siblings",
-                                                           shape),
+                                                           shape, names),
                       "reference_experts": int(sum(len(n) for n in null)) if null is not None else 0},
         "ranking": [_key(rows[i]["layer"], rows[i]["expert"]) for i in order],
         "flagged": flagged,
