@@ -1023,3 +1023,75 @@ def test_a_library_caller_s_original_under_home_is_read_as_its_fingerprint(embed
     monkeypatch.setenv("HOME", str(tmp_path))
     doc = trace("~/fp", str(tmp_path / "suspect"))
     assert {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
+
+
+def _gguf_fields(path, shapes, *, blocks, uint32=None):
+    """_gguf with uint32 fields named as given (``{"llama.nextn_predict_layers": 1}``)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_token_list([f"t{i}" for i in range(32)])
+    w.add_block_count(blocks)
+    for k, v in (uint32 or {}).items():
+        w.add_uint32(k, v)
+    for name, shape in shapes.items():
+        w.add_tensor(name, np.ones(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+_LAYER_SHAPES = {"blk.{i}.attn_norm.weight": (8,), "blk.{i}.ffn_gate_inp.weight": (4, 8),
+                 "blk.{i}.ffn_gate_exps.weight": (4, 16, 8), "blk.{i}.ffn_up_exps.weight": (4, 16, 8),
+                 "blk.{i}.ffn_down_exps.weight": (4, 8, 16)}
+
+
+def _blocks(*indices):
+    return {"token_embd.weight": (32, 8), **{k.format(i=i): v for i in indices for k, v in _LAYER_SHAPES.items()}}
+
+
+def test_a_gguf_s_multi_token_prediction_block_is_not_a_decoder_layer(tmp_path):
+    """GLM-4.5 in llama.cpp's GGUF: block_count counts the NextN block, written as the last blk.N with a
+    router and experts: read as one more MoE layer, an exact copy was refused as "layers dropped"."""
+    from moeguard.trace.gguf import load_gguf
+
+    shapes = {**_blocks(0, 1, 2), "blk.2.nextn.eh_proj.weight": (8, 16)}
+    w = load_gguf(_gguf_fields(tmp_path / "glm.gguf", shapes, blocks=3, uint32={"llama.nextn_predict_layers": 1}))
+    assert [l.index for l in w.layers] == [0, 1]
+    # the NextN tensors alone say so too (a converter that did not write the field)
+    w = load_gguf(_gguf_fields(tmp_path / "glm2.gguf", shapes, blocks=3))
+    assert [l.index for l in w.layers] == [0, 1]
+
+
+def test_a_gguf_of_one_tensor_per_expert_is_read(tmp_path):
+    """llama.cpp's layout before stacked expert tensors (2024; TheBloke's Mixtral GGUFs): it was refused
+    as "incomplete or split, download it again", which could not help."""
+    from moeguard.trace.gguf import load_gguf
+
+    shapes = {"token_embd.weight": (32, 8)}
+    for i in (0, 1):
+        shapes.update({f"blk.{i}.attn_norm.weight": (8,), f"blk.{i}.ffn_gate_inp.weight": (4, 8)})
+        for e in range(4):
+            shapes.update({f"blk.{i}.ffn_gate.{e}.weight": (16, 8), f"blk.{i}.ffn_up.{e}.weight": (16, 8),
+                           f"blk.{i}.ffn_down.{e}.weight": (8, 16)})
+    w = load_gguf(_gguf_fields(tmp_path / "old.gguf", shapes, blocks=2))
+    assert [l.index for l in w.layers] == [0, 1]
+    assert w.layers[0].gate.shape == (4, 16, 8) and w.layers[1].down.shape == (4, 8, 16)
+    assert w.layers[0].up[3].shape == (16, 8) and w.layers[0].up[3].sum() == 16 * 8
+
+
+def test_a_damaged_gguf_block_count_or_expert_tensor_is_one_line_and_quick(tmp_path):
+    import time
+
+    from moeguard.trace.gguf import load_gguf
+
+    started = time.perf_counter()   # 2^32 - 1 blocks looped for an hour before anything was checked
+    w = load_gguf(_gguf_fields(tmp_path / "huge.gguf", _blocks(0, 1), blocks=2**32 - 1))
+    assert [l.index for l in w.layers] == [0, 1] and time.perf_counter() - started < 10
+    with pytest.raises(MoeguardError, match=r"says it has 1 blocks \(llama.block_count\), and its tensors name 2"):
+        load_gguf(_gguf_fields(tmp_path / "short.gguf", _blocks(0, 1), blocks=1))
+    zero = {**_blocks(0), "blk.0.ffn_gate_exps.weight": (0, 16, 8)}   # an IndexError at data[0]
+    with pytest.raises(MoeguardError, match=r"blk.0.ffn_gate_exps.weight has shape \[0, 16, 8\], expected"):
+        load_gguf(_gguf_fields(tmp_path / "zero.gguf", zero, blocks=1))

@@ -127,82 +127,117 @@ def load_gguf(path: Path) -> ModelWeights:
 
     def experts(name: str) -> "_Experts":
         t = tensor(name)
-        return _Experts(t, lambda data: dequantize(name, t, data))
+        return _Experts([t], lambda data, t=t: dequantize(name, t, data), stacked=True)
+
+    def expert_list(i: int, kind: str) -> "_Experts":
+        # llama.cpp's layout before stacked expert tensors (2024): blk.N.ffn_gate.E.weight, one per expert
+        ts, e = [], 0
+        while (name := f"blk.{i}.ffn_{kind}.{e}.weight") in tensors:
+            ts.append(tensor(name))
+            e += 1
+        return _Experts(ts, lambda data, t: dequantize(f"blk.{i}.ffn_{kind}.*", t, data), stacked=False)
 
     if "token_embd.weight" not in tensors:
         raise MoeguardError(f"{path} has no token_embd.weight", hint="trace needs the token embeddings")
     arch_name = _field_str(reader, "general.architecture")
     blocks = _field_int(reader, f"{arch_name}.block_count") if arch_name else None
+    # the blocks the tensors name: a damaged block_count (2^32 - 1) looped for an hour; a smaller one
+    # dropped the last MoE layers, refused later as "a copy with layers dropped"
+    named = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    present = max(named) + 1 if named else 0
+    if blocks is not None and blocks < present:
+        raise MoeguardError(f"{path} says it has {blocks} blocks ({arch_name}.block_count), and its tensors name "
+                            f"{present}", hint="the file is damaged; download or export it again")
+    # a multi-token-prediction block past the decoder's (GLM-4.5's NextN: llama.cpp counts it in
+    # block_count and writes it as the last blk.N, with a router and experts): not a decoder layer
+    nextn = (_field_int(reader, f"{arch_name}.nextn_predict_layers") or 0) if arch_name else 0
     layers = []
-    for i in range(blocks if blocks is not None else 10_000):
-        if blocks is None and f"blk.{i}.attn_norm.weight" not in tensors and f"blk.{i}.ffn_gate_inp.weight" not in tensors:
-            break
-        if f"blk.{i}.ffn_gate_exps.weight" not in tensors:
-            if f"blk.{i}.ffn_gate_inp.weight" in tensors:   # a router without experts: not a dense layer
-                raise MoeguardError(f"{path}: block {i} has a router (ffn_gate_inp) but no ffn_gate_exps tensor",
-                                    hint="the file is incomplete or split; merge or download it again")
-            continue  # a dense layer
-        layers.append(LayerWeights(index=i, router=get(f"blk.{i}.ffn_gate_inp.weight"),
-                                   gate=experts(f"blk.{i}.ffn_gate_exps.weight"),
-                                   up=experts(f"blk.{i}.ffn_up_exps.weight"),
-                                   down=experts(f"blk.{i}.ffn_down_exps.weight")))
+    for i in range(min(present, (blocks if blocks is not None else present) - nextn)):
+        if any(n.startswith(f"blk.{i}.nextn.") for n in tensors):
+            continue
+        router = f"blk.{i}.ffn_gate_inp.weight"
+        if f"blk.{i}.ffn_gate_exps.weight" in tensors:
+            layers.append(LayerWeights(index=i, router=get(router), gate=experts(f"blk.{i}.ffn_gate_exps.weight"),
+                                       up=experts(f"blk.{i}.ffn_up_exps.weight"),
+                                       down=experts(f"blk.{i}.ffn_down_exps.weight")))
+        elif f"blk.{i}.ffn_gate.0.weight" in tensors and router in tensors:
+            layers.append(LayerWeights(index=i, router=get(router), gate=expert_list(i, "gate"),
+                                       up=expert_list(i, "up"), down=expert_list(i, "down")))
+        elif router in tensors:   # a router without experts: not a dense layer
+            raise MoeguardError(f"{path}: block {i} has a router (ffn_gate_inp) but no ffn_gate_exps tensor",
+                                hint="the file is incomplete or split; merge or download it again")
     if not layers:
         raise MoeguardError(f"{path} has no MoE layer (no blk.N.ffn_gate_exps tensors)",
                             hint="trace reads MoE models in llama.cpp's naming")
-    embed = get("token_embd.weight", widen=False)   # float32: ModelWeights widens the rows it reads
     tokens = _tokens(reader)
     if not tokens:
         raise MoeguardError(f"{path} has no token list (tokenizer.ggml.tokens)",
                             hint="trace aligns hidden dimensions through token strings; use a GGUF with its tokenizer")
-    _check_shapes(path, embed, tokens, layers)
+    # shapes from the header, before anything large is dequantized (a damaged tensor failed inside it)
+    _check_shapes(path, _shape(tensors["token_embd.weight"]), tokens, layers)
+    embed = get("token_embd.weight", widen=False)   # float32: ModelWeights widens the rows it reads
     family = arch_name or "gguf"
     # float types are not quantization (safetensors bf16 is not reported as such either)
     return ModelWeights(name=str(path), family=family, embed=embed, tokens=tokens, layers=layers,
                         source={"format": "gguf", "quantization": sorted(types - {"F32", "F16", "BF16", "F64"}) or None})
 
 
+def _shape(t) -> tuple[int, ...]:
+    """A GGUF tensor's shape in numpy order (the header lists dimensions fastest first)."""
+    return tuple(int(x) for x in reversed(t.shape))
+
+
 class _Experts:
-    """A 3-D expert tensor of a GGUF file, dequantized one expert at a time from the memory-mapped
-    file: a whole MoE widened to float64 took ~15x the file (a 26 GB Q4 Mixtral, ~370 GB)."""
+    """A layer's experts of a GGUF file, dequantized one expert at a time from the memory-mapped file:
+    a whole MoE widened to float64 took ~15x the file (a 26 GB Q4 Mixtral, ~370 GB). ``stacked``: one
+    3-D tensor [E, ...]; else one 2-D tensor per expert (llama.cpp's layout before 2024). The shape
+    comes from the header, so it is checked before any expert is dequantized."""
 
     ndim = 3
 
-    def __init__(self, t, dequantize):
-        self._data, self._dequantize = t.data, dequantize
-        self.shape = (int(self._data.shape[0]), *dequantize(self._data[0]).shape)
+    def __init__(self, ts: list, dequantize, *, stacked: bool):
+        self._ts, self._dequantize, self._stacked = ts, dequantize, stacked
+        self.shape = _shape(ts[0]) if stacked else (len(ts), *(_shape(ts[0]) if ts else ()))
 
     def __getitem__(self, e):
         if isinstance(e, (int, np.integer)):
-            return self._dequantize(self._data[e])
+            if self._stacked:
+                return self._dequantize(self._ts[0].data[e])
+            return self._dequantize(self._ts[e].data, self._ts[e])
         return np.stack([self[i] for i in range(self.shape[0])])[e]
 
 
 def _field_int(reader, key: str) -> int | None:
     f = reader.get_field(key)
-    return int(f.parts[f.data[0]][0]) if f is not None and f.data else None
+    if f is None or not f.data:
+        return None
+    try:
+        return int(f.parts[f.data[0]][0])
+    except (IndexError, ValueError, TypeError):   # a damaged field: an empty value, or not a number
+        raise MoeguardError(f"the GGUF field {key} is damaged", hint="download or export the file again") from None
 
 
 def _field_str(reader, key: str) -> str | None:
     f = reader.get_field(key)
-    return bytes(f.parts[f.data[0]]).decode() if f is not None and f.data else None
+    return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace") if f is not None and f.data else None
 
 
-def _check_shapes(path: Path, embed: np.ndarray, tokens: list[str], layers: list[LayerWeights]) -> None:
+def _check_shapes(path: Path, embed: tuple[int, ...], tokens: list[str], layers: list[LayerWeights]) -> None:
     """The tensors' shapes agree with each other (d hidden, E experts, I intermediate per layer), or a
     one-line error: a GGUF written by another tool can hold anything."""
     fix = "the file is damaged or not an MoE in llama.cpp's layout; export it again"
-    if embed.ndim != 2:
-        raise MoeguardError(f"{path}: token_embd.weight has shape {list(embed.shape)}, expected [vocab, hidden]", hint=fix)
-    if len(tokens) > embed.shape[0]:
-        raise MoeguardError(f"{path} lists {len(tokens)} tokens for {embed.shape[0]} embedding rows", hint=fix)
-    d = embed.shape[1]
+    if len(embed) != 2:
+        raise MoeguardError(f"{path}: token_embd.weight has shape {list(embed)}, expected [vocab, hidden]", hint=fix)
+    if len(tokens) > embed[0]:
+        raise MoeguardError(f"{path} lists {len(tokens)} tokens for {embed[0]} embedding rows", hint=fix)
+    d = embed[1]
     for layer in layers:
         g = layer.gate.shape
-        E, I = (g[0], g[1]) if len(g) == 3 else (None, None)
+        E, I = (g[0], g[1]) if len(g) == 3 and g[0] >= 1 else (None, None)
         want = {"ffn_gate_exps": (layer.gate, (E, I, d)), "ffn_up_exps": (layer.up, (E, I, d)),
                 "ffn_down_exps": (layer.down, (E, d, I)), "ffn_gate_inp": (layer.router, (E, d))}
         for name, (t, shape) in want.items():
-            if E is None or t.shape != shape:
+            if E is None or tuple(t.shape) != shape:
                 expected = "[experts, intermediate, hidden]" if E is None else list(shape)
                 raise MoeguardError(f"{path}: blk.{layer.index}.{name}.weight has shape {list(t.shape)}, expected "
                                     f"{expected}", hint=fix)
