@@ -81,3 +81,46 @@ def test_a_ray_job_bigger_than_any_node_is_refused_not_queued_forever():
     backend.gpus = 2.0
     with pytest.raises(MoeguardError, match="asks Ray for 2 GPUs"):
         backend.check_fits(1)
+
+
+def test_a_job_the_system_took_on_ray_is_retried_and_then_one_line():
+    """Ray's memory monitor or a lost node raised a RayError that is no RayTaskError: a traceback, and
+    max_retries=0 meant no retry of an idempotent job."""
+    import pytest
+    import ray.exceptions
+
+    from moeguard.errors import MoeguardError
+    from moeguard.studies.engine import Job, RayBackend, Runtime
+
+    asked = {}
+
+    class FakeRay:
+        exceptions = ray.exceptions
+
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 8.0}}]
+
+        @staticmethod
+        def remote(**kw):
+            asked.update(kw)
+            return lambda fn: type("R", (), {"remote": staticmethod(lambda *a: "ref")})
+
+        @staticmethod
+        def wait(refs, num_returns):
+            return refs[:1], refs[1:]
+
+        @staticmethod
+        def get(ref):
+            raise ray.exceptions.WorkerCrashedError()
+
+        @staticmethod
+        def cancel(ref, force):
+            pass
+
+    backend = RayBackend.__new__(RayBackend)
+    backend.ray, backend.gpus = FakeRay(), 0.0
+    job = Job(stage="sweep", name="t keep 2", fn="x:y", args={})
+    with pytest.raises(MoeguardError, match=r"job sweep/t keep 2 was lost on Ray after 2 retries \(WorkerCrashedError"):
+        backend.run([job], Runtime(model=None, threads=1), lambda j, r: None)
+    assert asked["max_retries"] == 2

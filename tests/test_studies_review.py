@@ -98,3 +98,34 @@ def test_an_attack_job_on_the_runtime_s_own_model_is_scoped_by_it_not_by_the_emb
     own = scope(Job(stage="s", name="n", fn="m:f", args={"model": ""}))
     assert own == scope(Job(stage="s", name="n", fn="m:f", args={})) and asked == []
     assert scope(Job(stage="s", name="n", fn="m:f", args={"model": "/ckpt/other"})) != own and asked == ["/ckpt/other"]
+
+
+def test_run_seeds_stay_within_the_seeds_every_setting_accepts():
+    """--seed SEED_MAX with 2 seeds gave the second run SEED_MAX + 1, refused by FinetuneConfig after the
+    baseline, attribution and sweep stages (or the attack's pick phase)."""
+    from moeguard.config import SEED_MAX, run_seeds
+    from moeguard.studies.attack import AttackConfig, _seeds
+    from moeguard.studies.recovery import RecoveryConfig, seeds_of
+
+    assert run_seeds(3, 3) == [3, 4, 5] and run_seeds(SEED_MAX, 2) == [SEED_MAX, 0]
+    assert seeds_of(RecoveryConfig(task="arith-compare", keep=2, seed=SEED_MAX, seeds=2)) == [SEED_MAX, 0]
+    assert _seeds(AttackConfig(task="arith-compare", keep=2, seed=SEED_MAX, seeds=2)) == [SEED_MAX, 0]
+
+
+def test_an_audit_task_with_no_method_auc_recovers_with_the_default_method():
+    """A full score of 0 leaves every retention undefined: best_method refused with 'pass --method',
+    which the audit lacks, at every resume."""
+    import warnings
+
+    from moeguard.audit.optional import _recovery_method
+
+    sweep = {"faithfulness": {"t": {"ablation": {"auc": None}, "gate": {"auc": None}, "random": {"auc": None}},
+                              "u": {"gate": {"auc": 0.4}, "frequency": {"auc": 0.7}}}}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert _recovery_method(sweep, "t") == "ablation"
+    assert "no attribution method has a deletion AUC" in str(said[0].message)
+    assert _recovery_method(sweep, "u") == "frequency"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _recovery_method({"faithfulness": {"t": {"gate": {"auc": None}}}}, "t") == "gate"

@@ -269,3 +269,10 @@ def build(cls: type, flags: dict[str, Any], *, what: str, base: dict[str, Any] |
             values[k] = coerce(cls, k, v)
     values.update(fixed)
     return cls(**values)
+
+
+def run_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of ``n`` runs from ``seed``: seed, seed + 1, ... kept within the seeds every setting
+    accepts (``--seed`` at SEED_MAX gave its second run SEED_MAX + 1, refused after the expensive
+    first phase)."""
+    return [(seed + i) % (SEED_MAX + 1) for i in range(n)]

@@ -46,12 +46,12 @@ def recovery_stage(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: Stage
     from moeguard.io import write_json
     from moeguard.pruning.plan import plan_from_scores
     from moeguard.realign.engine import FinetuneConfig
-    from moeguard.studies.recovery import RecoveryConfig, RecoveryStudy, best_method
+    from moeguard.studies.recovery import RecoveryConfig, RecoveryStudy
 
     sweep_doc, base = s_sweep.read("sweep.json"), s_base.read("baseline.json")
     items = []
     for t in cfg.recovery_tasks:
-        method = best_method(sweep_doc, t)
+        method = _recovery_method(sweep_doc, t)
         plan = plan_from_scores(Scores.from_dict(s_attr.read(f"scores/{t}/{method}.json")), keep=cfg.recovery_keep,
                                 min_keep=model.family.min_experts)
         items.append((RecoveryStudy(), RecoveryConfig(
@@ -70,6 +70,28 @@ def recovery_stage(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: Stage
     (d / "recovery").mkdir(exist_ok=True)
     for (_, rc), doc in zip(items, studies_run(items, "recovery")):
         write_json(d / "recovery" / (f"{rc.task}.json" if rc.route == "prune" else f"{rc.task}.{rc.route}.json"), doc)
+
+
+def _recovery_method(sweep_doc: dict, task: str) -> str:
+    """The sweep's best method for ``task`` by deletion AUC; where no method has one (a full score of 0
+    or not finite leaves every retention undefined) the study's default, else the first method the
+    sweep ran, said in a warning. It was refused with a hint to pass --method, which the audit lacks,
+    again at every resume."""
+    from moeguard.errors import MoeguardError
+    from moeguard.studies.recovery import DEFAULT_METHOD, best_method
+
+    try:
+        return best_method(sweep_doc, task)
+    except MoeguardError:
+        ran = sorted(m for m in (sweep_doc.get("faithfulness") or {}).get(task) or {} if m != "random")
+        if not ran:
+            raise
+        method = DEFAULT_METHOD if DEFAULT_METHOD in ran else ran[0]
+        import warnings
+
+        warnings.warn(f"task '{task}': no attribution method has a deletion AUC (its full score is 0 or not finite, so "
+                      f"every retention is undefined); its recovery study uses {method}", stacklevel=2)
+        return method
 
 
 def scan_references(cfg: AuditConfig) -> list[dict]:

@@ -319,7 +319,9 @@ def scratch_jobs(cfg: AttackConfig) -> list[Job]:
 
 
 def _seeds(cfg: AttackConfig) -> list[int]:
-    return [cfg.seed + i for i in range(cfg.seeds)]
+    from moeguard.config import run_seeds
+
+    return run_seeds(cfg.seed, cfg.seeds)
 
 
 class AttackStudy:

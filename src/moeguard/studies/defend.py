@@ -146,11 +146,13 @@ class DefendEvalStudy:
         yield Phase("grid", jobs, label="attacker: re-alignment grid")
         if cfg.protocol is not None:
             a = cfg.attack
+            from moeguard.config import run_seeds
+
             yield Phase("protocol", [
-                Job(stage="protocol", name=f"{t} {who} seed {a.seed + i}", fn="moeguard.studies.defend:protocol_job",
-                    args={"task": t, "who": who, "mode": mode, "only": only, "seed": a.seed + i, "budget": a.budget,
+                Job(stage="protocol", name=f"{t} {who} seed {s}", fn="moeguard.studies.defend:protocol_job",
+                    args={"task": t, "who": who, "mode": mode, "only": only, "seed": s, "budget": a.budget,
                           "pool_size": a.pool_size, "eval_limit": a.eval_limit, "model": models[m]})
-                for t in cfg.tasks for i in range(a.seeds)
+                for t in cfg.tasks for s in run_seeds(a.seed, a.seeds)
                 for who, m, mode, only in (("authorized", "hardened", cfg.protocol["modes"][0],
                                             list(cfg.protocol["patterns"])),
                                            ("full_ft_base", "base", "full", []))], label="selective protocol")

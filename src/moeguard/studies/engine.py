@@ -284,7 +284,10 @@ class RayBackend(Backend):
     """Each job a Ray task: a local Ray started here, or ``address`` of a running cluster.
 
     Each task asks for ``runtime.threads`` CPUs and ``gpus`` GPUs, so Ray packs as many jobs
-    per node as its resources allow; workers keep their loaded model between tasks."""
+    per node as its resources allow. A CPU worker keeps its loaded model between tasks; a task that
+    asks for GPUs runs in a fresh worker (Ray's ``max_calls=1`` for GPU tasks: a reused worker's CUDA
+    context stays on the GPU it first had), so each GPU job loads the model again. A worker lost to
+    the system (killed for memory, a node gone) is retried twice; a job's own error is not."""
 
     name = "ray"
 
@@ -338,7 +341,9 @@ class RayBackend(Backend):
             return
         ray = self.ray
         self.check_fits(runtime.threads)
-        remote = ray.remote(num_cpus=runtime.threads, num_gpus=self.gpus, max_retries=0)(execute)
+        # max_retries: a worker the system took (Ray's memory monitor, a preempted node) runs the job again;
+        # jobs are idempotent (the driver writes every result). retry_exceptions stays off: a job's own error
+        remote = ray.remote(num_cpus=runtime.threads, num_gpus=self.gpus, max_retries=2)(execute)
         pending = {remote.remote(j, runtime): j for j in jobs}
         try:
             while pending:
@@ -352,6 +357,13 @@ class RayBackend(Backend):
                         if isinstance(cause, MoeguardError):
                             raise cause from None
                         raise RuntimeError(f"job {job.stage}/{job.name} failed on Ray: {cause!r}") from exc
+                    except ray.exceptions.RayError as exc:   # the system's: out of memory, a worker or node lost
+                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                        raise MoeguardError(f"job {job.stage}/{job.name} was lost on Ray after 2 retries "
+                                            f"({type(exc).__name__}: {first[:200]})",
+                                            hint="if out of memory, give each job more room (--threads packs fewer "
+                                                 "jobs per node) or use larger nodes; rerun the same command to "
+                                                 "resume with the jobs finished") from None
                     finished(job, result)
         finally:
             for ref in pending:  # interrupted or failed: don't leave work running on the cluster

@@ -262,8 +262,16 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
     # adapters into base weights that are on disk: under a cap the curves are not traced
     traced = traced and not offloaded(model)
     after = tracer(model, tok, plan, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype])) if traced else None
-    curve, _ = run_active_learning(pruned, tok, t, al, pool=pool, orphan_share=share, full_score=full_score,
-                                   initial=start, after=after)
+    from moeguard.realign.engine import TrainingDiverged
+
+    try:
+        curve, _ = run_active_learning(pruned, tok, t, al, pool=pool, orphan_share=share, full_score=full_score,
+                                       initial=start, after=after)
+    except TrainingDiverged as e:   # its hint named --mode, which the audit calls --recovery-mode
+        raise TrainingDiverged(f"recovery of {task} ({strategy}, seed {seed}, {ft.mode} fine-tuning): {e.message}",
+                               hint=f"lower the learning rate (now {ft.learning_rate:g}: `moeguard recovery --lr`) or "
+                                    "fine-tune LoRA adapters (`moeguard recovery --mode lora`; in an audit, "
+                                    "--recovery-mode lora)") from None
     if not traced:
         curve["after"] = {"trace": None, "trace_skipped": CAPPED_TRACE}
     return curve
@@ -361,4 +369,6 @@ def detectability_of(curves: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def seeds_of(cfg: RecoveryConfig) -> list[int]:
-    return [cfg.seed + i for i in range(cfg.seeds)]
+    from moeguard.config import run_seeds
+
+    return run_seeds(cfg.seed, cfg.seeds)
