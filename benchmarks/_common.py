@@ -25,8 +25,11 @@ def write_result(name: str, data: dict, out: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "machine": machine(), **data}
-    path.write_text(dumps(doc, indent=2) + "\n")   # strict JSON, as every moeguard output
-    return path
+    from moeguard.io import write_text
+
+    # strict JSON, as every moeguard output, through a renamed sibling: an interrupted rerun keeps the
+    # committed result whole
+    return write_text(path, dumps(doc, indent=2) + "\n")
 
 
 def alternating_medians(runs: dict, repeats: int) -> dict[str, float]:

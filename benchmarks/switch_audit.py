@@ -134,8 +134,12 @@ def main() -> None:
             "random_retention_mean": {k: v.get("mean") for k, v in (t.get("random") or {}).items()},
             "risk": (t.get("risk") or {}).get("level"),
             "risk_reason": (t.get("risk") or {}).get("reason"),
+            # each strategy's final retention and labels to the target, and every recovered model's trace:
+            # what docs/families.md reports (the run of 2026-11 kept only the pick, and those figures came
+            # from its results.json)
             "recovery": {k: v for k, v in (t.get("recovery") or {}).items() if k in ("keep", "method", "pruned_retention",
-                                                                                     "best", "saves_labels")},
+                                                                                     "best", "saves_labels",
+                                                                                     "strategies", "detectability")},
         }
     name = "switch_audit" if args.family == "switch_transformers" else "nllb_audit"
     result = {"benchmark": name, "family": args.family, "model": trained, "audit_rc": rc, "audit_seconds": round(audit_seconds, 1),
