@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from moeguard.cli import main
@@ -93,3 +94,42 @@ def test_the_routing_statistics_methods_run_the_head_on_one_position_only():
     finally:
         handle.remove()
     assert seen and set(seen) == {1} and s.scores.sum() > 0
+
+
+def test_a_method_removing_one_expert_is_refused_before_the_weights_load(tmp_path, monkeypatch, capsys):
+    """ablation, ablation-screened and gradient on a model whose layers cannot lose an expert: the
+    refusal came in score(), after the weights loaded and the calibration was tokenized."""
+    from moeguard.attribution.run import check_removable
+    from moeguard.cli import main
+    from moeguard.errors import MoeguardError
+    from moeguard.models.families import FAMILIES
+    from moeguard.models.handle import ModelHandle
+    from moeguard.models.loading import load_model
+    from moeguard.testing import tiny_model
+
+    least = FAMILIES.get("phimoe").min_experts
+    check_removable("frequency", least, least)
+    with pytest.raises(MoeguardError, match="one fewer is below"):
+        check_removable("gradient", least, least)
+    model = tiny_model("phimoe", num_local_experts=least)
+    model.save_pretrained(tmp_path / "m")
+    _, tok, _ = load_model(None)
+    tok.save_pretrained(tmp_path / "m")
+
+    def too_late(*a, **k):
+        raise AssertionError("the weights loaded before the refusal")
+
+    monkeypatch.setattr(ModelHandle, "load", too_late)
+    capsys.readouterr()
+    assert main(["attribute", "--model", str(tmp_path / "m"), "--task", "arith-compare", "--method", "ablation",
+                 "--out", str(tmp_path / "s.json")]) == 2
+    assert "removes one expert at a time" in capsys.readouterr().err
+
+
+def test_a_plan_record_keeps_its_scores_digits():
+    """round(x, 9) made a mean-NLL delta of 5e-10 a 0.0 and cut 1e-7 to two digits in the plan a
+    pruned checkpoint records: experts ranked apart looked tied."""
+    from moeguard.pruning.plan import PrunePlan
+
+    plan = PrunePlan(keep={0: [0]}, num_experts=2, rule="uniform", scores={0: [5.123456789e-10, 1.23456789e-7]})
+    assert plan.to_dict()["scores"]["0"] == [5.12345678900e-10, 1.23456789e-7]

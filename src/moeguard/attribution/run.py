@@ -47,6 +47,16 @@ def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int =
                    reference=ref_batches, seed=seed, progress=progress, options=dict(options or {}))
 
 
+def check_removable(method: str, experts: int, min_experts: int) -> None:
+    """Methods that remove one expert at a time need a layer of ``experts`` to route with one fewer:
+    removing one would leave fewer than the router can route (k=0 on one expert, NaN weights under
+    PhiMoE's sparsemixer at two), a state no pruning can reach, scored as if it were one."""
+    least = max(1, min_experts)
+    if method in ("ablation", "ablation-screened", "gradient") and experts - 1 < least:
+        raise MoeguardError(f"method '{method}' removes one expert at a time, and this model's layers have {experts}: "
+                            f"one fewer is below the {least} its router needs", hint="use frequency, gate or reap on it")
+
+
 def score(ctx: Context, method: str) -> Scores:
     """Run ``method`` on the context's task; the model is left exactly as it was."""
     m = get_method(method)
@@ -58,12 +68,7 @@ def score(ctx: Context, method: str) -> Scores:
     if len(counts) > 1:
         raise MoeguardError(f"the model's MoE layers have different expert counts {sorted(counts)} (a budget-pruned "
                             "checkpoint); attribution scores one count per layer", hint="attribute the unpruned model")
-    E, least = next(iter(counts)), max(1, ctx.adapter.family.min_experts)
-    if method in ("ablation", "ablation-screened", "gradient") and E - 1 < least:
-        # removing one expert would leave fewer than the router can route (k=0 on one expert, NaN weights under
-        # PhiMoE's sparsemixer at two): a state no pruning can reach, scored as if it were one
-        raise MoeguardError(f"method '{method}' removes one expert at a time, and this model's layers have {E}: one "
-                            f"fewer is below the {least} its router needs", hint="use frequency, gate or reap on it")
+    check_removable(method, next(iter(counts)), ctx.adapter.family.min_experts)
     torch.manual_seed(ctx.seed)
     started = time.perf_counter()
     was_training = ctx.model.training

@@ -58,6 +58,9 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
 
         raise MoeguardError(f"the model's MoE layers have different expert counts {counts} (a budget-pruned "
                             "checkpoint); attribution scores one count per layer", hint="attribute the unpruned model")
+    from moeguard.attribution.run import check_removable
+
+    check_removable(the_method.name, counts[0], handle.family.min_experts)   # before the weights load too
     _seed(seed)
     m, tokenizer, ref = handle.load(max_memory=cap)
     with _progress() as progress:

@@ -58,7 +58,9 @@ class PrunePlan:
                 "why": self.why, "kept_total": self.kept_total,
                 "dropped": {str(l): [e for e in range(self.layer_experts.get(l, self.num_experts)) if e not in v]
                             for l, v in sorted(self.keep.items())},
-                "scores": {str(l): [round(x, 9) if math.isfinite(x) else None for x in v] for l, v in sorted(self.scores.items())}}
+                # 12 significant digits, as scores files keep them (round(x, 9) made a 5e-10 loss delta 0.0)
+                "scores": {str(l): [float(f"{x:.12g}") if math.isfinite(x) else None for x in v]
+                           for l, v in sorted(self.scores.items())}}
 
     @classmethod
     def from_dict(cls, data: Any, *, origin: str = "<plan>") -> "PrunePlan":
