@@ -348,7 +348,7 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["merge", "--out", "{F}", "--overwrite", "--method", "average", "--scores", "S", "--keep", "2"],   # after the merge
      "output f.txt is a file; this command writes a folder"),
     # an empty list meant "the default" (the whole suite, every method, half the experts)
-    (["eval", "--tasks", "", "--out", "{O}"], "--tasks '' names no task"),
+    (["eval", "--tasks", "", "--out", "{O}"], "--tasks '' names nothing"),
     (["sweep", "--tasks", "", "--out", "{O}"], "--tasks '' names nothing"),
     (["sweep", "--keep", " ", "--out", "{O}"], "--keep ' ' names nothing"),
     (["zoo", "train", "--tasks", "", "--out", "{O}"], "--tasks '' names nothing"),

@@ -80,3 +80,22 @@ def test_a_router_only_fine_tune_changes_the_digest_of_a_sampled_checkpoint(tmp_
     p = Profile.__new__(Profile)
     object.__setattr__(p, "meta", {"model": "m", "weights": {k: v for k, v in before.items() if k != "routers"}})
     p.check_model("m", before)
+
+
+def test_a_generation_config_changed_in_place_changes_the_identity_and_the_digest(tmp_path):
+    """generation_config.json's end-of-output ids cut every generated summary (and ROUGE with it): fixed
+    in place after a kill, resumed runs mixed scores made with both."""
+    model = tmp_path / "m"
+    shutil.copytree(resolve(None).path, model)
+    before, digest = weights_identity(str(model)), weights_digest(str(model))
+    assert before["generation"]
+    doc = json.loads((model / "generation_config.json").read_text())
+    doc["eos_token_id"] = [doc.get("eos_token_id"), 7]
+    (model / "generation_config.json").write_text(json.dumps(doc))
+    assert weights_identity(str(model))["generation"] != before["generation"]
+    assert weights_digest(str(model)) != digest
+    from moeguard.monitor.profile import Profile
+
+    p = Profile.__new__(Profile)   # a profile made before the generation config was in the digest still matches
+    object.__setattr__(p, "meta", {"model": "m", "weights": {k: v for k, v in digest.items() if k != "generation"}})
+    p.check_model("m", digest)

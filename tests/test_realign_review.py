@@ -234,3 +234,33 @@ def test_kept_state_a_power_loss_left_empty_is_started_over_not_a_traceback(tmp_
 
     (tmp_path / f"part-x-{digest({'a': 1})}.json").write_text("")
     assert _part(tmp_path, "x", lambda: {"v": 2}, {"a": 1}) == {"v": 2}
+
+
+def test_an_out_holding_the_recorded_source_is_refused_even_when_it_is_not_read(pruned, tmp_path, capsys):
+    """With --full-score and a strategy that does not read the original, the check that --out is not the
+    recorded source was skipped: --overwrite then replaced the unpruned checkpoint."""
+    import shutil
+
+    moved, source = tmp_path / "moved", tmp_path / "source"
+    shutil.copytree(pruned, moved)
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    rec = json.loads((moved / "moeguard_pruning.json").read_text())
+    rec["source"] = str(source)
+    (moved / "moeguard_pruning.json").write_text(json.dumps(rec))
+    capsys.readouterr()
+    assert main(["realign", "--model", str(moved), *FAST, "--full-score", "90", "--strategy", "random",
+                 "--out", str(source), "--overwrite"]) == 2
+    assert "is (or holds) the input" in capsys.readouterr().err
+    assert (source / "config.json").read_text() == "{}"
+
+
+def test_a_full_score_that_is_no_score_is_refused(pruned, tmp_path, capsys):
+    """--full-score nan, inf or 0 (a higher-is-better metric) made every retention null, written with
+    exit 0, and the original was never evaluated."""
+    for bad in ("nan", "inf", "0"):
+        capsys.readouterr()
+        assert main(["realign", "--model", str(pruned), *FAST, "--full-score", bad, "--out", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err
+        assert "--full-score is" in err and "expected the original's finite score" in err, err
+        assert not (tmp_path / bad).exists()

@@ -414,3 +414,24 @@ def test_a_verbalizer_as_long_as_max_length_is_refused_for_training_examples_as_
     with pytest.raises(MoeguardError, match=r"task 'arith-compare': the verbalizer after a prompt, .* is \d+ tokens, "
                                             r"max_length is 2"):
         short.kind_spec.examples(tok, short, record)
+
+
+def test_a_hub_task_s_identity_holds_its_cached_dataset_commit(tmp_path, monkeypatch):
+    """A hub dataset with a new commit (or a cache downloaded again) resumed work done on the old data:
+    the identity held only the task's definition. The cache is read, never the network."""
+    from huggingface_hub import constants
+
+    from moeguard.tasks.base import SourceSpec, Task, TaskKind
+    from moeguard.tasks.loaders import task_identity
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    task = Task(name="h", kind=TaskKind.CLASSIFICATION, fields={"input": "sentence", "label": "label"},
+                source=SourceSpec(type="hub", hub_name="org/sst"), splits={"train": "train", "eval": "validation"},
+                prompt="{sentence}", labels={0: " no", 1: " yes"})
+    assert task_identity(task)["files"] == {"eval": None, "train": None}     # not cached: as before
+    ref = tmp_path / "datasets--org--sst" / "refs"
+    ref.mkdir(parents=True)
+    (ref / "main").write_text("abc123\n")
+    assert task_identity(task)["files"] == {"eval": "abc123", "train": "abc123"}
+    (ref / "main").write_text("def456\n")
+    assert task_identity(task)["files"]["eval"] == "def456"

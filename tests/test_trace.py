@@ -1095,3 +1095,29 @@ def test_a_damaged_gguf_block_count_or_expert_tensor_is_one_line_and_quick(tmp_p
     zero = {**_blocks(0), "blk.0.ffn_gate_exps.weight": (0, 16, 8)}   # an IndexError at data[0]
     with pytest.raises(MoeguardError, match=r"blk.0.ffn_gate_exps.weight has shape \[0, 16, 8\], expected"):
         load_gguf(_gguf_fields(tmp_path / "zero.gguf", zero, blocks=1))
+
+
+def test_a_crafted_gguf_s_names_and_per_expert_shapes_are_one_line_and_quick(tmp_path):
+    """A suspect's GGUF is the adversary's file: a tensor named blk.4294967294.* looped over every
+    number up to it, 'blk.².*' was an int() ValueError, and one expert of another shape (only expert 0's
+    was checked) broadcast into the sketch or failed inside it."""
+    import time
+
+    from moeguard.trace.gguf import load_gguf
+
+    started = time.perf_counter()
+    far = {**_blocks(0, 1), "blk.4294967294.attn_norm.weight": (8,)}
+    w = load_gguf(_gguf_fields(tmp_path / "far.gguf", far, blocks=2**32 - 1))
+    assert [l.index for l in w.layers] == [0, 1] and time.perf_counter() - started < 10
+    w = load_gguf(_gguf_fields(tmp_path / "sup.gguf", {**_blocks(0, 1), "blk.².attn_norm.weight": (8,)}, blocks=2))
+    assert [l.index for l in w.layers] == [0, 1]
+    shapes = {"token_embd.weight": (32, 8), "blk.0.attn_norm.weight": (8,), "blk.0.ffn_gate_inp.weight": (4, 8)}
+    for e in range(4):
+        shapes.update({f"blk.0.ffn_gate.{e}.weight": (16, 8), f"blk.0.ffn_up.{e}.weight": (1 if e == 2 else 16, 8),
+                       f"blk.0.ffn_down.{e}.weight": (8, 16)})
+    with pytest.raises(MoeguardError, match=r"blk.0.ffn_up.2.weight has shape \[1, 8\] \(F32\), expert 0 of "
+                                            r"blk.0.ffn_up.\*.weight \[16, 8\]"):
+        load_gguf(_gguf_fields(tmp_path / "odd.gguf", shapes, blocks=1))
+    no_up = {k: v for k, v in shapes.items() if ".ffn_up." not in k}
+    with pytest.raises(MoeguardError, match=r"blk.0.ffn_up.\*.weight has shape \[0\], expected \[4, 16, 8\]"):
+        load_gguf(_gguf_fields(tmp_path / "noup.gguf", no_up, blocks=1))

@@ -276,3 +276,9 @@ def run_seeds(seed: int, n: int) -> list[int]:
     accepts (``--seed`` at SEED_MAX gave its second run SEED_MAX + 1, refused after the expensive
     first phase)."""
     return [(seed + i) % (SEED_MAX + 1) for i in range(n)]
+
+
+def is_decimal(text: Any) -> bool:
+    """Whether ``text`` is written in ASCII digits only: ``str.isdigit()`` also takes '²' and other
+    digits ``int()`` refuses (a ValueError and a traceback on a plan's layer key, a 500 on a header)."""
+    return isinstance(text, str) and text.isascii() and text.isdecimal()

@@ -39,19 +39,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
     if path.is_symlink():   # the swap would move the link and leave its target stale (or write beside a dangling one)
         raise MoeguardError(f"output {path} is a symbolic link (to {os.readlink(path)})",
                             hint="pass the path it points to as --out")
-    out = path.resolve()
-    for given in inputs:
-        if given is None or not Path(str(given)).expanduser().exists():
-            continue
-        inp = Path(str(given)).expanduser().resolve()
-        if out == inp or out in inp.parents:
-            raise MoeguardError(f"output {path} is (or holds) the input {given}: writing it would replace the input",
-                                hint="choose another path for --out")
-        # a checkpoint's folder (its config.json): an output there changes the model (a task's data folder
-        # may take outputs beside the data)
-        if inp.is_dir() and inp in out.parents and (inp / "config.json").is_file():
-            raise MoeguardError(f"output {path} is inside the model folder {given}: writing it would change the model",
-                                hint="choose an --out outside it")
+    check_not_inputs(path, inputs)
     if path.exists() and not overwrite:
         raise MoeguardError(f"output {path} already exists", hint="choose another path or pass --overwrite")
     if kind is not None and path.exists() and path.is_dir() != (kind == "folder"):
@@ -68,6 +56,25 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
         raise MoeguardError(f"output folder {parent} is not writable by this user",
                             hint="choose an --out in a folder you can write, or fix its permissions")
     return path
+
+
+def check_not_inputs(path: Path, inputs: Iterable[Any]) -> None:
+    """A one-line error where the output ``path`` is, or holds, one of ``inputs`` (local paths; others,
+    hub ids and None, are skipped), or lies inside an input model's folder: replacing it would destroy
+    the input, and writing in a checkpoint's folder would change that model."""
+    out = Path(path).resolve()
+    for given in inputs:
+        if given is None or not Path(str(given)).expanduser().exists():
+            continue
+        inp = Path(str(given)).expanduser().resolve()
+        if out == inp or out in inp.parents:
+            raise MoeguardError(f"output {path} is (or holds) the input {given}: writing it would replace the input",
+                                hint="choose another path for --out")
+        # a checkpoint's folder (its config.json): an output there changes the model (a task's data folder
+        # may take outputs beside the data)
+        if inp.is_dir() and inp in out.parents and (inp / "config.json").is_file():
+            raise MoeguardError(f"output {path} is inside the model folder {given}: writing it would change the model",
+                                hint="choose an --out outside it")
 
 
 def hold_lock(path: Path, *, busy: str, hint: str):

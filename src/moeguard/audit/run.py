@@ -132,10 +132,24 @@ def _check_encoder_decoder(cfg: AuditConfig, model) -> None:
                             hint=f"leave out {', '.join(asked)}")
 
 
-def prepare_run_dir(out: Path, *, overwrite: bool, clear: bool = True) -> None:
+def audit_inputs(cfg: AuditConfig, config: Path | None = None) -> list:
+    """The audit's local inputs as given: the model, the hardened checkpoint, the scan's references,
+    task files and the config file (names and hub ids are skipped by the check)."""
+    return [cfg.model, cfg.hardened, config, *(cfg.tasks or ()), *(cfg.recovery_tasks or ()),
+            *(cfg.defense_tasks or ()), *(cfg.scan_references or ()), *(cfg.scan_reference_models or ())]
+
+
+def prepare_run_dir(out: Path, *, overwrite: bool, clear: bool = True, inputs=()) -> None:
     """A new folder, or an audit run folder (resumed, or emptied with --overwrite); nothing else.
     ``clear=False`` only checks: the CLI checks first and empties the old run only once every other
-    input (model, tasks, backend) has been resolved, so a mistyped option loses nothing."""
+    input (model, tasks, backend) has been resolved, so a mistyped option loses nothing. ``inputs``
+    (``audit_inputs``): an --out that is or holds one of them, or lies in a model's folder, is refused
+    (--overwrite emptied its stages: a hardened checkpoint an earlier audit wrote there, given back as
+    --hardened, was deleted and the run failed at the defense stage)."""
+    if inputs:
+        from moeguard.io import check_not_inputs
+
+        check_not_inputs(out, inputs)
     if not out.parent.exists():
         raise MoeguardError(f"output folder {out.parent} does not exist", hint=f"create it: mkdir -p {out.parent}")
     # a parent that is a file, or one this user cannot write: a traceback at the lock, after resolving

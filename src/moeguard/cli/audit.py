@@ -40,11 +40,11 @@ def _audit_command():
 
 def run(*, out: Path, config: Optional[Path], overwrite: bool, flags: dict) -> None:
     from moeguard.audit.config import build, load_yaml
-    from moeguard.audit.run import lock_run_dir, mark_run_dir, prepare_run_dir, resolve, run_audit
+    from moeguard.audit.run import audit_inputs, lock_run_dir, mark_run_dir, prepare_run_dir, resolve, run_audit
     from moeguard.studies.engine import make_backend
 
     cfg = build(load_yaml(config) if config is not None else {}, flags)
-    prepare_run_dir(out, overwrite=overwrite, clear=False)
+    prepare_run_dir(out, overwrite=overwrite, clear=False, inputs=audit_inputs(cfg, config))
     cfg, handle = resolve(cfg)
     runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job, device_map=cfg.device_map)
     try:

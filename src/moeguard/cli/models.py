@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from moeguard.cli.app import DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _console, _kept_on_interrupt, _progress, app
-from moeguard.errors import MoeguardError
 from moeguard.io import dumps
 
 
@@ -81,9 +80,9 @@ def eval_(model: ModelOpt = None,
     from moeguard.report.tables import eval_table
     from moeguard.tasks.evalrun import run_eval
 
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
-    if names == []:
-        raise MoeguardError(f"--tasks '{tasks}' names no task", hint="see `moeguard tasks` for names")
+    from moeguard.cli.app import _names
+
+    names = _names(tasks, "--tasks") if tasks is not None else None   # "", or a task named twice: one line
     with _kept_on_interrupt("tasks evaluated"):
         results = run_eval(model=model, tasks=names, limit=limit, batch_size=batch_size, out=out,
                            device_map=device_map, max_memory=max_memory, overwrite=overwrite, seed=seed,

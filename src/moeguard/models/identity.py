@@ -45,6 +45,9 @@ def weights_identity(ref_str: str | None) -> dict[str, Any]:
     protocol = ref.path / "moeguard_protocol.json"    # a hardened model's fine-tuning protocol changes its numbers
     if protocol.exists():
         out["protocol"] = file_sha256(protocol)[:16]
+    generation = ref.path / "generation_config.json"   # its end-of-output ids cut every generated summary
+    if generation.exists():
+        out["generation"] = file_sha256(generation)[:16]
     tokenizer = tokenizer_digest(ref.path)   # its ids are every task batch, context and profile cell
     if tokenizer is not None:
         out["tokenizer"] = tokenizer

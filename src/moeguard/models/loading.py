@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moeguard.config import is_decimal
 from moeguard.errors import MoeguardError
 from moeguard.models.families import FamilySpec, family_for_config, moe_config, unsupported_setting
 from moeguard.models.placement import check_device_map, offload_settings
@@ -157,7 +158,7 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
         raise MoeguardError(f"{where}: config {family.config_key(PER_LAYER_KEY)} is {str(per_layer)[:40]!r}, expected "
                             f"a map of layer index -> expert count", hint=f"{fix}, or re-prune the model with moeguard prune")
     # a bool is an int to Python: true was read as one expert
-    bad = {l: n for l, n in per_layer.items() if type(n) is not int or not 1 <= n <= E or not str(l).isdigit()}
+    bad = {l: n for l, n in per_layer.items() if type(n) is not int or not 1 <= n <= E or not is_decimal(str(l))}
     if bad:
         raise MoeguardError(f"{where}: config {family.config_key(PER_LAYER_KEY)} gives layers {bad} expert counts outside 1..{E}",
                             hint=f"{fix}, or re-prune the model with moeguard prune")

@@ -161,8 +161,8 @@ class Profile:
         Otherwise the names are (a profile made before the digest was kept)."""
         mine = self.meta.get("weights")
         if mine and weights and (mine.get("files") or mine.get("revision")):
-            # a profile made before the tokenizer (or the routers) were in the digest compares the rest
-            later = [k for k in ("tokenizer", "routers") if k not in mine]
+            # a profile made before the tokenizer (routers, generation config) were in the digest compares the rest
+            later = [k for k in ("tokenizer", "routers", "generation") if k not in mine]
             if mine != {k: v for k, v in weights.items() if k not in later}:
                 raise MoeguardError(f"the profile was made for other weights ({self.meta.get('model')}) than {name}'s",
                                     hint="use the profiled model (--model), or profile this one")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moeguard.attribution.base import Scores
+from moeguard.config import is_decimal
 from moeguard.errors import MoeguardError
 from moeguard.io import read_json
 
@@ -70,7 +71,7 @@ class PrunePlan:
         keep: dict[int, list[int]] = {}
         for layer, experts in data["keep"].items():
             # whole numbers only: 0.9 and 1.7 became experts 0 and 1, and the string "01" experts 0 and 1
-            if not str(layer).isdigit() or not expert_indices(experts):
+            if not is_decimal(str(layer)) or not expert_indices(experts):
                 raise MoeguardError(f"{origin}: layer {str(layer)[:20]!r} -> {str(experts)[:60]} is not a list of expert "
                                     f"indices", hint='write {"keep": {"0": [0, 3, 5, 6]}}: whole numbers from 0')
             if int(layer) in keep:   # "0" and "00": the last one silently won

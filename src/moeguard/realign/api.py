@@ -7,10 +7,12 @@ state when called again with the same settings.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
+from moeguard.config import is_decimal
 from moeguard.errors import MoeguardError
 
 
@@ -29,7 +31,7 @@ def pruning_record(path: Path | None) -> dict | None:
     keep = record.get("keep") if isinstance(record, dict) else None
     if not isinstance(record, dict) or not isinstance(record.get("source", ""), (str, type(None))) \
             or (keep is not None and not (isinstance(keep, dict) and all(
-                str(k).isdigit() and expert_indices(v) for k, v in keep.items()))) \
+                is_decimal(str(k)) and expert_indices(v) for k, v in keep.items()))) \
             or not (record.get("original_num_experts") is None or (type(record["original_num_experts"]) is int
                                                                    and record["original_num_experts"] >= 1)):
         raise MoeguardError(f"{f} is not a pruning record (source, keep map of whole numbers, original_num_experts)",
@@ -110,6 +112,11 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     from moeguard.realign.strategies.orphan import orphan_shares
     from moeguard.tasks.evaluate import evaluate_task
 
+    if full_score is not None and (not math.isfinite(full_score) or (task.higher_is_better and full_score <= 0)):
+        # every retention was null (or negative), written with exit 0, and the original never evaluated
+        raise MoeguardError(f"--full-score is {full_score}; expected the original's finite score on {task.name}"
+                            + (" (above 0: its metric is higher-is-better)" if task.higher_is_better else ""),
+                            hint="pass the score `moeguard eval` gives the original, or leave it out to evaluate it")
     strat = get_strategy(al.strategy, task)
     pool = label_pool(task, pool_size=al.pool_size, budget=al.schedule[-1], seed=al.seed)
     record = pruning_record(model.ref.path)
@@ -126,6 +133,10 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
         raise MoeguardError(f"strategy '{al.strategy}' needs the original model, and {model.name}'s pruning record names "
                             "no source", hint="pass --original PATH (the unpruned checkpoint)")
     orig = None
+    if original is not None and original != "embedded":   # read or not, --out there would replace it
+        from moeguard.io import check_output
+
+        check_output(out, overwrite=overwrite, kind="folder", inputs=(original,))
     needed = full_score is None or strat.needs_original   # with --full-score, only orphan reads the original
     if original is not None and needed:  # an unreadable original fails here, before the pruned model loads
         try:

@@ -229,7 +229,8 @@ def render_html(doc: dict[str, Any], folder: Path) -> str:
            '<h2 id="risk">Prunability risk</h2>',
            '<p class="note"><b>high</b>: the task keeps ≥ 90% of its score at the attack\'s keep (a quarter of the experts '
            'unless the audit\'s recovery keep says otherwise) after pruning and re-alignment within the label budget; <b>medium</b>: ≥ 90% with half of the experts and no fine-tuning; '
-           '<b>low</b>: neither. The attacker\'s best attribution method is used throughout.</p>',
+           '<b>low</b>: neither. The attacker\'s best attribution method is used throughout. Where a quarter or half '
+           'of the experts was not measured, the next keep measured above it stands in: the column names it.</p>',
            _html_table(risk_rows(doc), cls="risk"),
            _img(folder, f["risk"], "Best retention per task: half and a quarter of the experts kept, and after re-alignment")]
     for t in tasks:

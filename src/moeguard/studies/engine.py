@@ -280,14 +280,23 @@ class LocalBackend(Backend):
             finished(job, execute(job, runtime))
 
 
+RAY_RETRIES = 2   # a job whose worker the system took is submitted again this many times
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
 class RayBackend(Backend):
     """Each job a Ray task: a local Ray started here, or ``address`` of a running cluster.
 
     Each task asks for ``runtime.threads`` CPUs and ``gpus`` GPUs, so Ray packs as many jobs
     per node as its resources allow. A CPU worker keeps its loaded model between tasks; a task that
     asks for GPUs runs in a fresh worker (Ray's ``max_calls=1`` for GPU tasks: a reused worker's CUDA
-    context stays on the GPU it first had), so each GPU job loads the model again. A worker lost to
-    the system (killed for memory, a node gone) is retried twice; a job's own error is not."""
+    context stays on the GPU it first had), so each GPU job loads the model again. A job whose worker
+    the system took (killed for memory, a node gone) is submitted again twice, here (Ray's own retry
+    of a task its memory monitor killed has no limit); a job's own error is not retried."""
 
     name = "ray"
 
@@ -341,10 +350,13 @@ class RayBackend(Backend):
             return
         ray = self.ray
         self.check_fits(runtime.threads)
-        # max_retries: a worker the system took (Ray's memory monitor, a preempted node) runs the job again;
-        # jobs are idempotent (the driver writes every result). retry_exceptions stays off: a job's own error
-        remote = ray.remote(num_cpus=runtime.threads, num_gpus=self.gpus, max_retries=2)(execute)
+        # max_retries=0, retried here instead: Ray retries a task its memory monitor killed without end
+        # unless max_retries is 0 (reloading the model each time), and counts no other limit for them
+        remote = ray.remote(num_cpus=runtime.threads, num_gpus=self.gpus, max_retries=0)(execute)
+        lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                getattr(ray.exceptions, "OutOfMemoryError", ray.exceptions.WorkerCrashedError))
         pending = {remote.remote(j, runtime): j for j in jobs}
+        tries: dict[int, int] = {}
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -357,13 +369,21 @@ class RayBackend(Backend):
                         if isinstance(cause, MoeguardError):
                             raise cause from None
                         raise RuntimeError(f"job {job.stage}/{job.name} failed on Ray: {cause!r}") from exc
-                    except ray.exceptions.RayError as exc:   # the system's: out of memory, a worker or node lost
-                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                        raise MoeguardError(f"job {job.stage}/{job.name} was lost on Ray after 2 retries "
-                                            f"({type(exc).__name__}: {first[:200]})",
+                    except lost as exc:   # the system took its worker: out of memory, a node gone
+                        n = tries[id(job)] = tries.get(id(job), 0) + 1
+                        if n <= RAY_RETRIES:   # jobs are idempotent: the driver writes every result
+                            pending[remote.remote(job, runtime)] = job
+                            continue
+                        raise MoeguardError(f"job {job.stage}/{job.name} was lost on Ray {n} times "
+                                            f"({type(exc).__name__}: {_first_line(exc)})",
                                             hint="if out of memory, give each job more room (--threads packs fewer "
                                                  "jobs per node) or use larger nodes; rerun the same command to "
                                                  "resume with the jobs finished") from None
+                    except ray.exceptions.RayError as exc:   # Ray's own failure (its runtime environment, store)
+                        raise MoeguardError(f"job {job.stage}/{job.name} could not run on Ray "
+                                            f"({type(exc).__name__}: {_first_line(exc)})",
+                                            hint="check the cluster (ray status); rerun the same command to resume "
+                                                 "with the jobs finished") from None
                     finished(job, result)
         finally:
             for ref in pending:  # interrupted or failed: don't leave work running on the cluster
@@ -378,6 +398,11 @@ def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, nu
                  device_map: str | None = None) -> Backend:
     """The backend ``name``, with the GPUs each Ray task asks for; ``device_map``: where each job
     puts its model, checked against them (before any work)."""
+    import math
+
+    if not math.isfinite(gpus) or gpus < 0 or 0 < gpus < 1e-4:   # NaN passed every comparison, to Ray's ValueError
+        raise MoeguardError(f"--gpus-per-job is {gpus:g}; expected 0 or a number of GPUs from 0.0001 (Ray's "
+                            "resolution)", hint="pass e.g. --gpus-per-job 1, or 0.5 to share a GPU between two jobs")
     if gpus and name == "local":   # it was accepted and ignored
         raise MoeguardError(f"--gpus-per-job {gpus:g} reserves GPUs for Ray tasks, and with --backend local the jobs "
                             "run in this process", hint="add --backend ray, or drop --gpus-per-job")

@@ -268,10 +268,11 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
         curve, _ = run_active_learning(pruned, tok, t, al, pool=pool, orphan_share=share, full_score=full_score,
                                        initial=start, after=after)
     except TrainingDiverged as e:   # its hint named --mode, which the audit calls --recovery-mode
+        lora = "" if ft.mode == "lora" else (" or fine-tune LoRA adapters (`moeguard recovery --mode lora`; in an "
+                                              "audit, --recovery-mode lora)")
         raise TrainingDiverged(f"recovery of {task} ({strategy}, seed {seed}, {ft.mode} fine-tuning): {e.message}",
-                               hint=f"lower the learning rate (now {ft.learning_rate:g}: `moeguard recovery --lr`) or "
-                                    "fine-tune LoRA adapters (`moeguard recovery --mode lora`; in an audit, "
-                                    "--recovery-mode lora)") from None
+                               hint=f"lower the learning rate (now {ft.learning_rate:g}: `moeguard recovery --lr`)"
+                                    + lora) from None
     if not traced:
         curve["after"] = {"trace": None, "trace_skipped": CAPPED_TRACE}
     return curve

@@ -251,6 +251,13 @@ def _check_settings(task: "Task") -> None:
     import string
 
     name = task.name
+    for key in ("description", "provenance"):
+        value = getattr(task, key)
+        if value is not None and not isinstance(value, str):
+            # free text, but the whole value enters every resume key (asdict, json.dumps): a mapping of mixed
+            # keys was a TypeError, and YAML aliases nested nine deep expanded to 387 million items there
+            raise MoeguardError(f"task '{name}' has {key} of type {type(value).__name__}, expected text",
+                                hint=f"write {key} as a quoted string")
     for key, value, least in (("max_length", task.max_length, 2), ("generation.max_new_tokens", task.max_new_tokens, 1)):
         if type(value) is not int or value < least:
             raise MoeguardError(f"task '{name}' has {key} {value!r}, expected a whole number of tokens, at least {least}",

@@ -31,6 +31,11 @@ def run_eval(*, model: str | None, tasks: list[str] | None, limit: int | None, b
                             hint="pass --out PATH, or drop --overwrite")
     cap = parse_memory(max_memory, device_map=device_map) if max_memory is not None else None
     task_list = embedded_or(tasks, what="--tasks")  # fails on unreadable or empty data before any weights load
+    from moeguard.config import repeated
+
+    twice = repeated([t.name for t in task_list])
+    if twice:   # a name and a YAML file of the same task: refused by evaluate_suite, after the weights loaded
+        raise MoeguardError(f"--tasks names the task {twice[0]} twice", hint="list each task once")
     if out is not None:   # a task file or data folder as --out would be replaced by the results
         check_output(out, overwrite=overwrite, kind="file", inputs=task_inputs(task_list))
     # inspected before the resumable folder exists: a model that is no MoE, or has no config, leaves nothing

@@ -175,8 +175,8 @@ def _data_file(task: Task, split: str) -> tuple[Any, str, tuple]:
 
 def _stamp(task: Task, split: str) -> Any:
     """What says a cached read is still current: a local file's size and time, a save_to_disk
-    folder's time; the package's files and a hub dataset (cached by ``datasets`` itself) do not
-    change while moeguard runs."""
+    folder's time, a hub dataset's cached commit; the package's files do not change while
+    moeguard runs."""
     src = task.source
     if src.type == "local":
         st = Path(_data_file(task, split)[0]).stat()
@@ -188,7 +188,22 @@ def _stamp(task: Task, split: str) -> Any:
         base = parse_split(split)[0]
         files = [p for d in (root, root / base) if d.is_dir() for p in sorted(d.iterdir()) if p.is_file()]
         return tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if src.type == "hub" and src.hub_name:
+        return _hub_revision(src.hub_name)
     return None
+
+
+def _hub_revision(name: str) -> str | None:
+    """The commit a hub dataset's ``main`` resolves to in the Hugging Face cache, or None where it is
+    not cached there (read only, never the network): a dataset that got a new commit, or a cache
+    downloaded again, must not resume work done on the old data, as a model's commit does not."""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}" / "refs" / "main"
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------- identity, split overlap, slicing

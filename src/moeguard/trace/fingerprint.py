@@ -18,7 +18,6 @@ an attacker would test evasions against.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 
 from moeguard.analysis import robust_z
 from moeguard.errors import MoeguardError
-from moeguard.io import dumps
+from moeguard.io import dumps, read_json
 from moeguard.trace.features import ROWS, common, features
 
 F16_MAX = float(np.finfo(np.float16).max)   # fingerprints are stored in float16
@@ -79,10 +78,11 @@ class Fingerprint:
         if not meta_file.is_file() or not (path / TENSORS).is_file():
             raise MoeguardError(f"{path} is not a fingerprint folder (no {META} and {TENSORS})",
                                 hint="make one with `moeguard fingerprint --model M --out FP`")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise MoeguardError(f"{meta_file} is not valid JSON ({exc.msg})", hint="re-make the fingerprint") from None
+        # a shared fingerprint is another's file: bad bytes, deep nesting or a list are one line
+        meta = read_json(meta_file, what="fingerprint metadata", hint="re-make the fingerprint")
+        if not isinstance(meta, dict):
+            raise MoeguardError(f"{meta_file} holds a JSON {type(meta).__name__}, expected an object",
+                                hint="re-make the fingerprint")
         if meta.get("schema") != SCHEMA:
             raise MoeguardError(f"{meta_file} has schema {meta.get('schema')!r}, expected {SCHEMA}",
                                 hint="re-make the fingerprint with this moeguard")

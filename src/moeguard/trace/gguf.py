@@ -127,7 +127,7 @@ def load_gguf(path: Path) -> ModelWeights:
 
     def experts(name: str) -> "_Experts":
         t = tensor(name)
-        return _Experts([t], lambda data, t=t: dequantize(name, t, data), stacked=True)
+        return _Experts([t], lambda data, t=t: dequantize(name, t, data), stacked=True, name=name)
 
     def expert_list(i: int, kind: str) -> "_Experts":
         # llama.cpp's layout before stacked expert tensors (2024): blk.N.ffn_gate.E.weight, one per expert
@@ -135,7 +135,14 @@ def load_gguf(path: Path) -> ModelWeights:
         while (name := f"blk.{i}.ffn_{kind}.{e}.weight") in tensors:
             ts.append(tensor(name))
             e += 1
-        return _Experts(ts, lambda data, t: dequantize(f"blk.{i}.ffn_{kind}.*", t, data), stacked=False)
+        label = f"blk.{i}.ffn_{kind}.*.weight"
+        odd = [t.name for t in ts[1:] if _shape(t) != _shape(ts[0]) or t.tensor_type != ts[0].tensor_type]
+        if odd:   # only expert 0's shape is checked below; another's broadcast or failed inside the sketch
+            raise MoeguardError(f"{path}: {odd[0]} has shape {list(_shape(tensors[odd[0]]))} "
+                                f"({tensors[odd[0]].tensor_type.name}), expert 0 of {label} "
+                                f"{list(_shape(ts[0]))} ({ts[0].tensor_type.name})",
+                                hint="the file is damaged or not an MoE in llama.cpp's layout; export it again")
+        return _Experts(ts, lambda data, t: dequantize(label, t, data), stacked=False, name=label)
 
     if "token_embd.weight" not in tensors:
         raise MoeguardError(f"{path} has no token_embd.weight", hint="trace needs the token embeddings")
@@ -143,7 +150,7 @@ def load_gguf(path: Path) -> ModelWeights:
     blocks = _field_int(reader, f"{arch_name}.block_count") if arch_name else None
     # the blocks the tensors name: a damaged block_count (2^32 - 1) looped for an hour; a smaller one
     # dropped the last MoE layers, refused later as "a copy with layers dropped"
-    named = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    named = {int(p) for n in tensors if n.startswith("blk.") and (p := n.split(".")[1]).isascii() and p.isdecimal()}
     present = max(named) + 1 if named else 0
     if blocks is not None and blocks < present:
         raise MoeguardError(f"{path} says it has {blocks} blocks ({arch_name}.block_count), and its tensors name "
@@ -151,9 +158,12 @@ def load_gguf(path: Path) -> ModelWeights:
     # a multi-token-prediction block past the decoder's (GLM-4.5's NextN: llama.cpp counts it in
     # block_count and writes it as the last blk.N, with a router and experts): not a decoder layer
     nextn = (_field_int(reader, f"{arch_name}.nextn_predict_layers") or 0) if arch_name else 0
+    mtp = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and ".nextn." in n
+           and n.split(".")[1].isascii() and n.split(".")[1].isdecimal()}
+    last = min(present, (blocks if blocks is not None else present) - nextn)
     layers = []
-    for i in range(min(present, (blocks if blocks is not None else present) - nextn)):
-        if any(n.startswith(f"blk.{i}.nextn.") for n in tensors):
+    for i in sorted(named):   # the blocks there are, not every number up to the largest (a crafted name)
+        if i >= last or i in mtp:
             continue
         router = f"blk.{i}.ffn_gate_inp.weight"
         if f"blk.{i}.ffn_gate_exps.weight" in tensors:
@@ -195,8 +205,8 @@ class _Experts:
 
     ndim = 3
 
-    def __init__(self, ts: list, dequantize, *, stacked: bool):
-        self._ts, self._dequantize, self._stacked = ts, dequantize, stacked
+    def __init__(self, ts: list, dequantize, *, stacked: bool, name: str = ""):
+        self._ts, self._dequantize, self._stacked, self.name = ts, dequantize, stacked, name
         self.shape = _shape(ts[0]) if stacked else (len(ts), *(_shape(ts[0]) if ts else ()))
 
     def __getitem__(self, e):
@@ -239,5 +249,6 @@ def _check_shapes(path: Path, embed: tuple[int, ...], tokens: list[str], layers:
         for name, (t, shape) in want.items():
             if E is None or tuple(t.shape) != shape:
                 expected = "[experts, intermediate, hidden]" if E is None else list(shape)
-                raise MoeguardError(f"{path}: blk.{layer.index}.{name}.weight has shape {list(t.shape)}, expected "
-                                    f"{expected}", hint=fix)
+                # the tensor as the file names it (one per expert: blk.N.ffn_up.*.weight)
+                label = getattr(t, "name", "") or f"blk.{layer.index}.{name}.weight"
+                raise MoeguardError(f"{path}: {label} has shape {list(t.shape)}, expected {expected}", hint=fix)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moeguard.config import is_decimal
 from moeguard.errors import MoeguardError
 from moeguard.io import read_json
 from moeguard.pruning.merging.operation import check_clusters
@@ -57,7 +58,7 @@ def explicit_clusters(data: dict[str, Any], *, origin: str, layers: dict[int, in
     clusters: dict[int, list[list[int]]] = {}
     for layer, groups in data["clusters"].items():
         # whole numbers only: 0.9 was expert 0, and a string's characters were experts
-        if not str(layer).isdigit() or not isinstance(groups, list) or not all(
+        if not is_decimal(str(layer)) or not isinstance(groups, list) or not all(
                 isinstance(g, list) and all(type(e) is int for e in g) for g in groups):
             raise MoeguardError(f"{origin}: layer {str(layer)[:20]!r} -> {str(groups)[:60]} is not a list of expert clusters",
                                 hint='write {"clusters": {"0": [[0, 1], [2, 3]]}} (whole numbers), centre first')
