@@ -27,8 +27,13 @@ def test_an_audit_out_holding_an_input_is_refused_before_anything_is_cleared(tmp
     (run / ".moeguard-audit").write_text("{}")
     capsys.readouterr()
     _one_line(capsys, main(["audit", "--hardened", str(hardened), "--out", str(run), "--overwrite"]),
-              "is (or holds) the input")
+              "lies in what the run folder")
     assert (hardened / "config.json").exists()
+    # a config file kept beside the run is not what the audit clears: it is not refused for that
+    from moeguard.audit.run import _check_inputs
+
+    (run / "audit.yaml").write_text("seed: 1\n")
+    _check_inputs(run, [str(run / "audit.yaml")])
     model = tmp_path / "ckpt"
     model.mkdir()
     (model / "config.json").write_text("{}")

@@ -149,3 +149,16 @@ def test_the_commit_pip_recorded_when_git_is_not_installed(monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_git)
     monkeypatch.setattr(provenance, "_installed_commit", lambda: "abc123")
     assert provenance.git_commit() == "abc123"
+
+
+def test_an_input_that_cannot_be_looked_at_is_skipped_not_a_traceback(tmp_path, monkeypatch):
+    """A pruning record's source under another user's mode-700 home: Path.exists raised PermissionError
+    (Python 3.11 swallows only a missing path), a traceback where realign should run on --full-score."""
+    from moeguard.io import check_not_inputs
+
+    def denied(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", denied)
+    monkeypatch.setattr(os.path, "exists", lambda p: False)   # what it says for a path it cannot stat
+    check_not_inputs(tmp_path / "out", ["/root/models/Mixtral-8x7B"])

@@ -93,3 +93,60 @@ def test_a_suffix_follows_its_input_and_separator_as_one_text_for_a_qwen_style_t
                    first=allowed_tokens(tok, 700, after_separator=True))
     assert found["steps_moved"] >= 1
     assert measure(m, tok, MoEAdapter(m), task, cfg, found["prefix_text"])["tokenization_exact"] == 1.0
+
+
+def test_added_special_tokens_are_not_usable_in_a_prefix():
+    """all_special_ids lists only the named special tokens: an added one marked special (a chat template's
+    <|im_start|>, <think>) passed the filter, and a prefix of them is a template injection."""
+    from tokenizers import AddedToken
+
+    _, tok, _ = load_model(None)
+    tok.add_tokens([AddedToken("<think>", special=True)])
+    i = tok.convert_tokens_to_ids("<think>")
+    assert i not in tok.all_special_ids and tok.encode("<think>", add_special_tokens=False) == [i]
+    assert i not in set(allowed_tokens(tok, len(tok)).tolist())
+
+
+def test_a_start_that_does_not_round_trip_is_never_reported_as_the_prefix(setup, monkeypatch):
+    """Each random start token round-trips alone, not always joined with its neighbours: a start whose
+    text re-tokenizes otherwise was reported (best at step 0) as ids the sent text does not produce."""
+    import moeguard.monitor.hijack as H
+
+    m, _, adapter, task = setup
+    _, tok, _ = load_model(None)
+    cfg = HijackConfig(layer=0, expert=1, position="prefix", **FAST)
+    allowed = allowed_tokens(tok, m.get_input_embeddings().weight.shape[0])
+    real = tok.encode
+    start: list = []
+
+    def unsendable_start(text, **k):   # the start's text, and only it, re-tokenizes to something else
+        ids = real(text, **k)
+        return ids[::-1] if start and tok.decode(start) in text and len(set(ids)) > 1 else ids
+
+    real_choice = H.np.random.default_rng
+
+    class Rng:   # records the start the search draws
+        def __init__(self, seed):
+            self._r = real_choice(seed)
+
+        def choice(self, a, size=None):
+            got = self._r.choice(a, size=size)
+            if size is not None and not start:
+                start.extend(int(x) for x in got)
+            return got
+
+        def __getattr__(self, name):
+            return getattr(self._r, name)
+
+    real_scores, calls = H._scores, []
+
+    def start_wins(*a, **k):   # the start scores best of all (an expert most tokens take anyway): it stopped there
+        succ, ce = real_scores(*a, **k)
+        calls.append(1)
+        return (succ * 0 + 1.0, ce) if len(calls) == 1 else (succ * 0, ce)
+
+    monkeypatch.setattr(H.np.random, "default_rng", Rng)
+    monkeypatch.setattr(H, "_scores", start_wins)
+    monkeypatch.setattr(tok, "encode", unsendable_start)
+    out = search(m, tok, adapter, task, cfg, allowed=allowed)
+    assert start and out["prefix_ids"] != start and out["best_step"] > 0

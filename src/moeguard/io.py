@@ -64,7 +64,9 @@ def check_not_inputs(path: Path, inputs: Iterable[Any]) -> None:
     the input, and writing in a checkpoint's folder would change that model."""
     out = Path(path).resolve()
     for given in inputs:
-        if given is None or not Path(str(given)).expanduser().exists():
+        # os.path.exists: False where the path cannot even be looked at (a recorded source under another
+        # user's mode-700 home: Path.exists raised PermissionError, a traceback)
+        if given is None or not os.path.exists(Path(str(given)).expanduser()):
             continue
         inp = Path(str(given)).expanduser().resolve()
         if out == inp or out in inp.parents:

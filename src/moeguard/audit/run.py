@@ -147,9 +147,7 @@ def prepare_run_dir(out: Path, *, overwrite: bool, clear: bool = True, inputs=()
     (--overwrite emptied its stages: a hardened checkpoint an earlier audit wrote there, given back as
     --hardened, was deleted and the run failed at the defense stage)."""
     if inputs:
-        from moeguard.io import check_not_inputs
-
-        check_not_inputs(out, inputs)
+        _check_inputs(out, inputs)
     if not out.parent.exists():
         raise MoeguardError(f"output folder {out.parent} does not exist", hint=f"create it: mkdir -p {out.parent}")
     # a parent that is a file, or one this user cannot write: a traceback at the lock, after resolving
@@ -168,10 +166,33 @@ def prepare_run_dir(out: Path, *, overwrite: bool, clear: bool = True, inputs=()
         raise MoeguardError(f"output {out} exists and is not an audit run directory",
                             hint="choose a new folder; moeguard only resumes or replaces its own runs")
     if is_run and overwrite and clear:
-        for name in ("stages", "jobs", "plots"):
+        for name in CLEARED[:3]:
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("results.json", "report.md", "report.html", MARKER):
+        for name in (*CLEARED[3:], MARKER):
             (out / name).unlink(missing_ok=True)
+
+
+# what --overwrite removes from a run folder (the rest, a config or notes beside the run, stays)
+CLEARED = ("stages", "jobs", "plots", "results.json", "report.md", "report.html")
+
+
+def _check_inputs(out: Path, inputs) -> None:
+    """An input that is the run folder, or lies in what the audit clears or writes (a hardened
+    checkpoint an earlier audit left in its stages, given back as --hardened: --overwrite deleted it,
+    and the run failed at the defense stage), or a run folder inside a model's folder: one line."""
+    run = out.resolve()
+    for given in inputs:
+        if given is None or not os.path.exists(Path(str(given)).expanduser()):
+            continue
+        inp = Path(str(given)).expanduser().resolve()
+        held = [run / name for name in CLEARED]
+        if inp == run or any(inp == h or h in inp.parents for h in held):
+            raise MoeguardError(f"the audit's input {given} lies in what the run folder {out} writes (its "
+                                f"{'/'.join(CLEARED[:3])} folders and reports)",
+                                hint="copy the input out of the run folder, or choose another --out")
+        if inp.is_dir() and inp in run.parents and (inp / "config.json").is_file():
+            raise MoeguardError(f"output {out} is inside the model folder {given}: writing it would change the model",
+                                hint="choose an --out outside it")
 
 
 def lock_run_dir(out: Path):

@@ -251,6 +251,16 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
         if banned_at[0, prefix[0]]:   # drawn after the others: where every token may start a suffix, the same draws
             prefix[0] = int(rng.choice(first))
     banned_rows = torch.as_tensor(banned_at, device=device)
+
+    def sendable(c: list[int]) -> bool:   # as text it tokenizes back to itself, where it is sent
+        text = tokenizer.decode(c)
+        return (following(tokenizer, text) == c if suffix else
+                tokenizer.encode(text, add_special_tokens=False) == c
+                and tokenizer.encode(text + SEPARATOR, add_special_tokens=False) == c + batch.sep)
+
+    # the random start's tokens each round-trip alone, not always together (byte-level merges): a start
+    # that does not is searched from but never reported as the prefix (its ids are not what is sent)
+    start_sendable = sendable(prefix)
     moved = 0   # steps that found a candidate sendable as text (none: the search never left its start)
     best = {"prefix": list(prefix), "success": -1.0, "loss": float("inf"), "step": 0, "evasion": (-1.0, -1.0)}
     evasion = (lambda texts: screen.evasion(texts, batch.inputs, cfg.position)) if screen is not None else None
@@ -286,7 +296,8 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             ev = tuple(float(v) for v in evasion([prefix])[0]) if evasion else (1.0, 1.0)   # unscreened: all pass
             curve.append({"step": step, "success": round(float(succ[0]), 4), "loss": round(float(ce[0]), 4),
                           **({"evading": round(ev[0], 4), "evasion_mean": round(ev[1], 4)} if evasion else {})})
-            if ranked(ev, succ[0], ce[0]) > ranked(best["evasion"], best["success"], best["loss"]):
+            if (moved or start_sendable) and ranked(ev, succ[0], ce[0]) > ranked(best["evasion"], best["success"],
+                                                                                 best["loss"]):
                 best = {"prefix": list(prefix), "success": float(succ[0]), "loss": float(ce[0]), "step": step,
                         "evasion": ev}
             if step == cfg.steps or (best["success"] >= 1.0 and best["evasion"][0] >= 1.0):
@@ -306,10 +317,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                 if key in seen or key == tuple(prefix):
                     continue
                 seen.add(key)
-                text = tokenizer.decode(c)   # sendable as text: it tokenizes back to itself, where it is sent
-                if (following(tokenizer, text) == c if suffix else
-                        tokenizer.encode(text, add_special_tokens=False) == c
-                        and tokenizer.encode(text + SEPARATOR, add_special_tokens=False) == c + batch.sep):
+                if sendable(c):
                     cands.append(c)
             if not cands:
                 continue

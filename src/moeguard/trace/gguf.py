@@ -136,11 +136,12 @@ def load_gguf(path: Path) -> ModelWeights:
             ts.append(tensor(name))
             e += 1
         label = f"blk.{i}.ffn_{kind}.*.weight"
-        odd = [t.name for t in ts[1:] if _shape(t) != _shape(ts[0]) or t.tensor_type != ts[0].tensor_type]
-        if odd:   # only expert 0's shape is checked below; another's broadcast or failed inside the sketch
-            raise MoeguardError(f"{path}: {odd[0]} has shape {list(_shape(tensors[odd[0]]))} "
-                                f"({tensors[odd[0]].tensor_type.name}), expert 0 of {label} "
-                                f"{list(_shape(ts[0]))} ({ts[0].tensor_type.name})",
+        # each expert is dequantized with its own type (early 2024 files mixed them in a layer); the shapes
+        # must agree: only expert 0's is checked below, another's broadcast or failed inside the sketch
+        odd = [t.name for t in ts[1:] if _shape(t) != _shape(ts[0])]
+        if odd:
+            raise MoeguardError(f"{path}: {odd[0]} has shape {list(_shape(tensors[odd[0]]))}, expert 0 of {label} "
+                                f"{list(_shape(ts[0]))}",
                                 hint="the file is damaged or not an MoE in llama.cpp's layout; export it again")
         return _Experts(ts, lambda data, t: dequantize(label, t, data), stacked=False, name=label)
 
