@@ -369,9 +369,9 @@ def test_a_gguf_whose_shapes_disagree_is_one_line(tmp_path, bad, needle):
         load_gguf(_gguf(tmp_path / "x.gguf", shapes, tokens=bad.get("tokens", 32)))
 
 
-def _gguf(path, shapes, *, tokens=32, blocks=None, **fields):
-    """A GGUF file of ones with these tensor shapes, token list, block count and uint16 fields
-    (``split_count`` for ``split.count``)."""
+def _gguf(path, shapes, *, tokens=32, blocks=None, uint32=None, **fields):
+    """A GGUF file of ones with these tensor shapes, token list, block count, uint16 fields
+    (``split_count`` for ``split.count``) and uint32 fields named as given."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -380,6 +380,8 @@ def _gguf(path, shapes, *, tokens=32, blocks=None, **fields):
         w.add_block_count(blocks)
     for k, v in fields.items():
         w.add_uint16(k.replace("_", "."), v)
+    for k, v in (uint32 or {}).items():
+        w.add_uint32(k, v)
     for name, shape in shapes.items():
         w.add_tensor(name, np.ones(shape, dtype=np.float32))
     w.write_header_to_file()
@@ -1026,21 +1028,8 @@ def test_a_library_caller_s_original_under_home_is_read_as_its_fingerprint(embed
 
 
 def _gguf_fields(path, shapes, *, blocks, uint32=None):
-    """_gguf with uint32 fields named as given (``{"llama.nextn_predict_layers": 1}``)."""
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_token_list([f"t{i}" for i in range(32)])
-    w.add_block_count(blocks)
-    for k, v in (uint32 or {}).items():
-        w.add_uint32(k, v)
-    for name, shape in shapes.items():
-        w.add_tensor(name, np.ones(shape, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    """_gguf with a block count and uint32 fields named as given (``{"llama.nextn_predict_layers": 1}``)."""
+    return _gguf(path, shapes, blocks=blocks, uint32=uint32)
 
 
 _LAYER_SHAPES = {"blk.{i}.attn_norm.weight": (8,), "blk.{i}.ffn_gate_inp.weight": (4, 8),

@@ -262,6 +262,23 @@ def _sync(file: Path) -> None:
         os.close(fd)
 
 
+def _read_checkpoint(src: Path):
+    """``(config, family, weight files, their headers, sharded)`` of the checkpoint ``src``, each file a
+    valid safetensors file and, sharded, its index naming them."""
+    config = load_config(ModelRef(str(src), src, None))
+    family = family_for_config(config)
+    files = safetensors_files(src)
+    for f in files:
+        check_safetensors(f)
+    headers = {f: read_header(f) for f in files}
+    # transformers reads model.safetensors before an index beside it (safetensors_files): a stale index
+    # next to a single file is not this checkpoint's (and is not copied)
+    sharded = files != [src / "model.safetensors"]
+    if sharded:
+        _check_index(src, files, headers)
+    return config, family, files, headers, sharded
+
+
 def check_merge_files(src: Path) -> None:
     """Before a capped merge loads and calibrates: the checkpoint's files are valid safetensors, its
     index names them, and its MoE layers' experts are stored as floats. These were checked when the
@@ -269,14 +286,7 @@ def check_merge_files(src: Path) -> None:
     FP8 release was refused at the end)."""
     from moeguard.models.adapter import MoEAdapter
 
-    config = load_config(ModelRef(str(src), src, None))
-    family = family_for_config(config)
-    files = safetensors_files(src)
-    for f in files:
-        check_safetensors(f)
-    headers = {f: read_header(f) for f in files}
-    if files != [src / "model.safetensors"]:
-        _check_index(src, files, headers)
+    config, family, files, headers, _ = _read_checkpoint(src)
     adapter = MoEAdapter(meta_model(config), family=family)
     stacks = {on_disk: adapter.stack_starts[path] for path, on_disk in zip(family.stacks, family.disk_stacks)}
     key_re = _LayerKeys(stacks, list(family.disk_layout().block_names), block_offsets(adapter))
@@ -305,17 +315,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
         raise MoeguardError(f"max_shard_bytes is {max_shard_bytes}", hint="pass a positive size in bytes, or None")
     check_apart(src, out)
     check_output(out, overwrite=overwrite)
-    config = load_config(ModelRef(str(src), src, None))
-    family = family_for_config(config)
-    files = safetensors_files(src)
-    for f in files:
-        check_safetensors(f)
-    headers = {f: read_header(f) for f in files}
-    # transformers reads model.safetensors before an index beside it (safetensors_files): a stale index
-    # next to a single file is not this checkpoint's (and is not copied)
-    sharded = files != [src / "model.safetensors"]
-    if sharded:
-        _check_index(src, files, headers)
+    config, family, files, headers, sharded = _read_checkpoint(src)
 
     if merge is not None:   # as merge_experts refuses it: both merge paths give the same model or none
         from moeguard.models.handle import check_merge_route
