@@ -88,3 +88,35 @@ def test_a_fingerprint_whose_metadata_is_not_an_object_is_one_line(tmp_path):
     (tmp_path / META).write_bytes(b"\xff\xfe{")
     with pytest.raises(MoeguardError, match="fingerprint metadata .* is not valid JSON"):
         Fingerprint.load(tmp_path)
+
+
+def test_a_model_routing_to_all_its_experts_has_no_keep_level_and_says_so(tmp_path):
+    """A checkpoint pruned down to its top-k (Mixtral kept 2 of 8, top-2): the default grid was empty
+    and the sweep measured nothing, silently."""
+    from moeguard.edge import resolve_grid, resolve_model
+    from moeguard.models.loading import load_model
+    from moeguard.testing import tiny_model
+
+    tiny_model("mixtral", num_local_experts=2, num_experts_per_tok=2).save_pretrained(tmp_path / "m")
+    load_model(None)[1].save_pretrained(tmp_path / "m")
+    handle = resolve_model(str(tmp_path / "m"))
+    with pytest.raises(MoeguardError, match="routes every token to all of its 2 experts"):
+        resolve_grid(handle, tasks=["arith-compare"], methods=["frequency"], keeps=None)
+
+
+def test_every_embedded_file_is_package_data():
+    """The embedded suite's README (provenance and licences, which the shipped model card points to) was
+    left out of the wheel: package-data matched every other embedded file."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import moeguard
+
+    root = Path(moeguard.__file__).parent
+    patterns = tomllib.loads((root.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["moeguard"]
+    for folder in ("tasks/embedded", "zoo/embedded", "tasks/presets"):
+        for f in (root / folder).rglob("*"):
+            rel = f.relative_to(root).as_posix()
+            if f.is_file() and "__pycache__" not in rel and not rel.endswith(".py"):
+                assert any(fnmatch.fnmatch(rel, p) and rel.count("/") == p.count("/") for p in patterns), rel

@@ -229,6 +229,14 @@ def test_cli_merge_writes_a_checkpoint_vanilla_transformers_loads(tmp_path, caps
     a, b = checkpoint_tensors(again), checkpoint_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((again / "moeguard_merging.json").read_text())["merges"] == record["merges"]
+    # the record itself as --plan replays its plan (its top-level "keep" read it as a pruning plan: merged again
+    # from whatever calibration was given)
+    capsys.readouterr()
+    assert main(["merge", "--plan", str(out / "moeguard_merging.json"), "--method", "router-weighted", "--gate", "raw",
+                 "--out", str(tmp_path / "replay")]) == 0
+    assert "explicit clusters, streaming" in capsys.readouterr().out
+    c = checkpoint_tensors(tmp_path / "replay")
+    assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in c)
 
     # a plan that needs calibration cannot stream: one line, before any weights load
     capsys.readouterr()

@@ -84,6 +84,11 @@ def resolve_grid(model: ModelHandle, *, tasks: Iterable | None = None, methods: 
     for m in names:
         check_method_runs(get_method(m), model.family)
     levels = [model.check_keep(k) for k in keeps] if keeps else model.default_keeps()
+    if not levels:   # top-k = E (a checkpoint pruned to its top-k): the sweep measured nothing, and said nothing
+        raise MoeguardError(f"{model.name} routes every token to all of its {model.num_experts} experts (top-k "
+                            f"{model.top_k}): no keep level below that reaches top-k",
+                            hint="audit the model it was cut from (pruning it further cannot keep fewer experts "
+                                 "than each token uses)")
     return task_list, names, levels
 
 

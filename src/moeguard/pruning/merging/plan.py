@@ -45,6 +45,10 @@ def read_plan(path: str | Path) -> dict[str, Any]:
     """A merge plan's or a pruning plan's JSON (which one is told by its keys)."""
     data = read_json(Path(path), what="plan file",
                      hint='write {"clusters": {"<layer>": [[centre, member, ...], ...]}} or a pruning plan {"keep": ...}')
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict) and isinstance(data["plan"].get("clusters"), dict):
+        # a merge record (moeguard_merging.json): its plan, replayed; its top-level "keep" (the centres) read it
+        # as a pruning plan, and the merge was derived again from whatever calibration was given now
+        data = data["plan"]
     if not isinstance(data, dict) or not (isinstance(data.get("clusters"), dict) or isinstance(data.get("keep"), dict)) \
             or ("clusters" in data and not isinstance(data["clusters"], dict)):
         raise MoeguardError(f"{path} has neither a 'clusters' nor a 'keep' map",
