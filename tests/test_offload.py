@@ -470,3 +470,26 @@ def test_scan_s_weight_statistics_of_an_offloaded_model_are_the_model_in_memory_
     want = weight_stats(full, MoEAdapter(full))
     assert len(want) == 32 and all(r["gate_norm"] > 0 for r in want.values())
     assert weight_stats(off, MoEAdapter(off)) == want
+
+
+def test_lora_adapters_over_offloaded_bf16_weights_keep_peft_s_dtype(tmp_path):
+    """Under a cap the adapters were cast to their base's dtype: a bf16 model trained bf16 adapters
+    offloaded and float32 ones in memory (peft's autocast_adapter_dtype), two curves of one attack."""
+    from moeguard.realign.modes import apply_mode
+
+    tiny_model("mixtral").to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    mem, _, _ = load_model(str(tmp_path / "m"), dtype=torch.bfloat16, with_tokenizer=False)
+    off, _, _ = load_model(str(tmp_path / "m"), dtype=torch.bfloat16, max_memory=1000, with_tokenizer=False)
+    dtypes = {}
+    for name, m in (("memory", mem), ("offloaded", off)):
+        tr = apply_mode(m, "lora", seed=0)
+        try:
+            dtypes[name] = {n: p.dtype for n, p in tr.model.named_parameters() if "lora_" in n}
+        finally:
+            tr.release()
+    assert dtypes["memory"] and dtypes["offloaded"] == dtypes["memory"]
+    assert set(dtypes["memory"].values()) == {torch.float32}
+    # and they train over the offloaded bf16 weights as in memory
+    want_loss, _ = _lora_run(mem, steps=2)
+    got_loss, _ = _lora_run(off, steps=2)
+    assert got_loss == want_loss

@@ -264,3 +264,26 @@ def test_a_full_score_that_is_no_score_is_refused(pruned, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "--full-score is" in err and "expected the original's finite score" in err, err
         assert not (tmp_path / bad).exists()
+
+
+def test_gradient_accumulation_in_the_environment_is_not_taken_and_steps_round_first(monkeypatch):
+    """ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 made backward divide every loss by 4 with nothing
+    accumulated; epochs 1.1 of 50 examples was 55.00000000000001 steps, which ceil made 56."""
+    from moeguard.realign.engine import FinetuneConfig, finetune
+    from moeguard.realign.modes import apply_mode
+    from moeguard.tasks.batches import IGNORE, Example
+    from moeguard.testing import tiny_model
+
+    assert FinetuneConfig(mode="full", epochs=1.1, batch_size=1, min_steps=0).steps_for(50) == 55
+    ex = [Example(list(range(1, 9)), [IGNORE] * 3 + list(range(4, 9))) for _ in range(4)]
+    cfg = FinetuneConfig(mode="full", min_steps=3, epochs=1, batch_size=2)
+
+    def run():
+        m = apply_mode(tiny_model("mixtral"), "full")
+        finetune(m, ex, cfg, pad_id=0)
+        return [p.detach().clone() for p in m.model.parameters()]
+
+    plain = run()
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    accumulated = run()
+    assert all(torch.equal(a, b) for a, b in zip(plain, accumulated))

@@ -75,7 +75,8 @@ class FinetuneConfig:
         return self.lr if self.lr is not None else get_mode(self.mode).default_lr
 
     def steps_for(self, n_examples: int) -> int:
-        steps = max(self.min_steps, math.ceil(self.epochs * n_examples / self.batch_size))
+        # rounded first: 1.1 * 50 / 1 is 55.00000000000001 in floats, which ceil made 56 steps
+        steps = max(self.min_steps, math.ceil(round(self.epochs * n_examples / self.batch_size, 9)))
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +162,12 @@ def _finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCo
     order = batch_order(len(examples), steps, cfg.batch_size, cfg.seed)
     # backward and clipping, in the model's own precision: an ACCELERATE_MIXED_PRECISION=fp16 in the
     # environment scaled the loss by ~65536 and clipped the scaled gradients (every step clipped)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    # and no gradient accumulation whatever ACCELERATE_GRADIENT_ACCUMULATION_STEPS says: backward divided every
+    # loss by it with nothing accumulated (gradients N times smaller, the clip N times looser)
+    from accelerate.utils import GradientAccumulationPlugin
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                              gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
     if accelerator.num_processes > 1:   # under `accelerate launch`: nothing shares gradients, all write one folder
         raise MoeguardError(f"fine-tuning runs in one process, and this is one of {accelerator.num_processes} "
                             "(accelerate launch / torchrun)", hint="run moeguard as a plain command; spread "
@@ -215,6 +221,7 @@ def _finetune(trainable: Trainable, examples: Sequence[Example], cfg: FinetuneCo
             result.tokens += int(batch.attention_mask.sum()) + (
                 int(batch.decoder_attention_mask.sum()) if batch.decoder_attention_mask is not None else 0)
             result.losses.append(round(value, 5))
+            del out, loss, aux   # not alive through the next forward: [B, T, V] logits (GBs at a 152k vocabulary)
             if bar is not None:
                 progress.update(bar, advance=1, description=f"{description} (loss {value:.3f})")
             if ckpt is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:

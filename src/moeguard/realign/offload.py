@@ -98,20 +98,20 @@ def parameter_bindings(model: nn.Module) -> Callable[[], None]:
 
 
 def place_adapters(wrapped: nn.Module, device: torch.device) -> None:
-    """Adapters of offloaded base weights onto ``device`` (the hooks' execution device), in their
-    base weight's dtype, as peft does for a base weight in memory."""
-    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+    """Adapters of offloaded base weights onto ``device`` (the hooks' execution device), in the dtype
+    peft made them (float32 over a bf16 or fp16 base: ``autocast_adapter_dtype``), as for a base weight
+    in memory. Casting them to the base's dtype trained bf16 adapters under a cap and float32 ones
+    without it: two curves of one attack."""
+    from peft.tuners.lora.layer import LoraLayer
 
     for layer in wrapped.modules():
         if not isinstance(layer, LoraLayer) or not _base_on_meta(layer):
             continue
-        base = layer.get_param() if isinstance(layer, ParamWrapper) else layer.get_base_layer().weight
-        dtype = base.dtype if base.dtype.is_floating_point else None
         for attr in layer.adapter_layer_names:
             holder = getattr(layer, attr, None)
             if isinstance(holder, (nn.ModuleDict, nn.ParameterDict)):
                 for name in list(holder.keys()):
-                    holder[name] = holder[name].to(device, dtype=dtype)
+                    holder[name] = holder[name].to(device)
     left = [n for n, p in wrapped.named_parameters() if "lora_" in n and p.device.type == "meta"]
     if left:   # peft changed how it makes adapters: fail now, not with a meta tensor mid-step
         raise RuntimeError(f"{len(left)} LoRA tensors are on 'meta' (e.g. {left[0]}): this peft version makes "
