@@ -282,3 +282,13 @@ def is_decimal(text: Any) -> bool:
     """Whether ``text`` is written in ASCII digits only: ``str.isdigit()`` also takes '²' and other
     digits ``int()`` refuses (a ValueError and a traceback on a plan's layer key, a 500 on a header)."""
     return isinstance(text, str) and text.isascii() and text.isdecimal()
+
+
+def seed_everything(seed: int) -> None:
+    """Python's and torch's generators from ``seed``, before a command's model work (``--seed``)."""
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -62,29 +62,39 @@ def check_not_inputs(path: Path, inputs: Iterable[Any]) -> None:
     """A one-line error where the output ``path`` is, or holds, one of ``inputs`` (local paths; others,
     hub ids and None, are skipped), or lies inside an input model's folder: replacing it would destroy
     the input, and writing in a checkpoint's folder would change that model."""
-    out = Path(path).resolve()
-    for given in inputs:
-        # os.path.exists: False where the path cannot even be looked at (a recorded source under another
-        # user's mode-700 home: Path.exists raised PermissionError, a traceback)
-        if given is None or not os.path.exists(Path(str(given)).expanduser()):
-            continue
-        inp = Path(str(given)).expanduser().resolve()
+    out, inputs = Path(path).resolve(), list(inputs)   # read twice below
+    for given, inp in local_inputs(inputs):
         if out == inp or out in inp.parents:
             raise MoeguardError(f"output {path} is (or holds) the input {given}: writing it would replace the input",
                                 hint="choose another path for --out")
-        # a checkpoint's folder (its config.json): an output there changes the model (a task's data folder
-        # may take outputs beside the data)
+    check_outside_models(path, inputs)
+
+
+def check_outside_models(path: Path, inputs: Iterable[Any]) -> None:
+    """A one-line error where the output ``path`` lies inside an input checkpoint's folder (its
+    config.json): an output there changes the model (a task's data folder may take outputs beside
+    the data)."""
+    out = Path(path).resolve()
+    for given, inp in local_inputs(inputs):
         if inp.is_dir() and inp in out.parents and (inp / "config.json").is_file():
             raise MoeguardError(f"output {path} is inside the model folder {given}: writing it would change the model",
                                 hint="choose an --out outside it")
 
 
+def local_inputs(inputs: Iterable[Any]) -> Iterator[tuple[Any, Path]]:
+    """``(as given, resolved path)`` of each input that is a path on this machine (None, names and hub
+    ids are skipped). os.path.exists: False where the path cannot even be looked at (a recorded source
+    under another user's mode-700 home: Path.exists raised PermissionError, a traceback)."""
+    for given in inputs:
+        if given is not None and os.path.exists(Path(str(given)).expanduser()):
+            yield given, Path(str(given)).expanduser().resolve()
+
+
 def hold_lock(path: Path, *, busy: str, hint: str):
     """An exclusive lock on the file ``path`` (made if missing), held while the returned open file
     is: close it to release. ``busy``/``hint``: the one-line error where another process holds it."""
-    import fcntl
-
     import errno
+    import fcntl
 
     while True:
         try:
@@ -123,6 +133,25 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sync_file(path: str | os.PathLike) -> None:
+    """``path``'s bytes (or a folder's entries: its renames) onto the disk, before a rename or a record
+    says it is done (after a power loss an unsynced file renamed into place can be empty)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:   # Windows does not open folders this way (nor need it: renames are journaled there)
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:   # some filesystems refuse fsync on a folder; the files themselves are synced
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes (read in blocks: a request log can be large)."""
     import hashlib
@@ -147,7 +176,7 @@ def read_json(path: str | os.PathLike, *, what: str, hint: str) -> Any:
         raise MoeguardError(f"{what} {p} is not valid JSON ({exc})", hint=hint) from None
     try:
         return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+    except ValueError as exc:  # JSONDecodeError is a ValueError
         raise MoeguardError(f"{what} {p} is not valid JSON ({exc})", hint=hint) from None
     except RecursionError:   # [[[[... deeper than the parser recurses
         raise MoeguardError(f"{what} {p} is not valid JSON (nested too deeply to read)", hint=hint) from None

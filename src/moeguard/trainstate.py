@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from moeguard.io import dumps
+from moeguard.io import dumps, sync_file
 
 FORMAT = "moeguard.train-state/1"
 STATE, META = "state.safetensors", "state.json"
@@ -104,31 +104,17 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
     save_file(out, str(tmp / STATE))
     (tmp / META).write_text(dumps(doc))
     for f in (tmp / STATE, tmp / META, tmp):   # on disk before the old state goes (a power loss keeps one whole)
-        _fsync(f)
+        sync_file(f)
     if path.exists() and not _whole(path) and _whole(old):
         shutil.rmtree(path)               # a broken state beside a whole set-aside one: keep the whole one
     if path.exists():                     # (without it, .old may be the only state: a crash between renames)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)             # renamed aside, not deleted: a crash here leaves it in place
     os.replace(tmp, path)
-    _fsync(path.parent)                   # the renames themselves
+    sync_file(path.parent)                # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:   # Windows does not open folders this way (nor need it: renames are journaled there)
-        if path.is_dir():
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:   # some filesystems refuse fsync on a folder; the files themselves are synced
-        if not path.is_dir():
-            raise
-    finally:
-        os.close(fd)
 
 
 def _whole(path: Path) -> bool:

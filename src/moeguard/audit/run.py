@@ -180,19 +180,16 @@ def _check_inputs(out: Path, inputs) -> None:
     """An input that is the run folder, or lies in what the audit clears or writes (a hardened
     checkpoint an earlier audit left in its stages, given back as --hardened: --overwrite deleted it,
     and the run failed at the defense stage), or a run folder inside a model's folder: one line."""
-    run = out.resolve()
-    for given in inputs:
-        if given is None or not os.path.exists(Path(str(given)).expanduser()):
-            continue
-        inp = Path(str(given)).expanduser().resolve()
-        held = [run / name for name in CLEARED]
+    from moeguard.io import check_outside_models, local_inputs
+
+    run, inputs = out.resolve(), list(inputs)   # read twice
+    held = [run / name for name in CLEARED]
+    for given, inp in local_inputs(inputs):
         if inp == run or any(inp == h or h in inp.parents for h in held):
             raise MoeguardError(f"the audit's input {given} lies in what the run folder {out} writes (its "
                                 f"{'/'.join(CLEARED[:3])} folders and reports)",
                                 hint="copy the input out of the run folder, or choose another --out")
-        if inp.is_dir() and inp in run.parents and (inp / "config.json").is_file():
-            raise MoeguardError(f"output {out} is inside the model folder {given}: writing it would change the model",
-                                hint="choose an --out outside it")
+    check_outside_models(out, inputs)
 
 
 def lock_run_dir(out: Path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import signal
 import sys
 import warnings
@@ -74,12 +73,9 @@ def _progress(*, stderr: bool = False):
 
 
 def _seed(seed: int) -> None:
-    import random
+    from moeguard.config import seed_everything
 
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
+    seed_everything(seed)
 
 
 def _names(value: str | None, what: str) -> list[str]:
@@ -179,9 +175,31 @@ def _kept_on_interrupt(what: str):
         raise
 
 
+@contextlib.contextmanager
+def _training_state(out: Path, kind: str, every: int):
+    """For a trainer that saves its state beside ``out`` (``.OUT.KIND-state``, every ``every`` steps):
+    one run at a time to ``out``; an interrupt says whether a state was kept and exits 130; the
+    state is removed only once the block completes (a failed save keeps what training did)."""
+    from moeguard import trainstate
+    from moeguard.io import one_run
+
+    state = out.with_name(f".{out.name}.{kind}-state")
+    # one run at a time to this --out: a second one's saves replaced the first's training state under it
+    with one_run(out):
+        try:
+            yield state
+        except KeyboardInterrupt:
+            # before the first save there is nothing to resume from
+            print(f"moeguard: interrupted; the training state is kept in {state} (saved every {every} steps): run the "
+                  "same command again to resume" if state.exists() else "moeguard: interrupted before the first "
+                  f"saved training state (every {every} steps); no output was written", file=sys.stderr)
+            raise SystemExit(130) from None
+        trainstate.clear(state)
+
+
 def _placement(handle) -> dict:
     """The run record's ``device_map`` entry, when one was given (absent: the CPU, as before)."""
-    return {"device_map": handle.device_map} if handle.device_map is not None else {}
+    return handle.placement
 
 
 def _out(help_text: str) -> inspect.Parameter:

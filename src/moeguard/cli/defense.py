@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from moeguard.cli.app import (DeviceMapOpt, ModelOpt, OverwriteOpt, _config_command, _console, _ints, _names, _progress, _run,
-                              _placement, _run_study, _seed, app)
+                              _placement, _run_study, _seed, _training_state, app)
 from moeguard.io import dumps
 
 
@@ -56,43 +56,21 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
 
     # a task file or its data as --out would be replaced with the hardened model
     check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs(plan["tasks"]))
-    from moeguard.io import one_run
-
-    # one run at a time to this --out: a second one's saves replaced the first's training state under it
-    with one_run(out):
-        _harden(out, handle, cfg, tasks, overwrite=overwrite)
-
-
-def _harden(out: Path, handle, cfg, tasks, *, overwrite: bool) -> None:
     from moeguard.defense.harden import harden as run_harden, save_hardened
+    from moeguard.models.identity import weights_identity
+    from moeguard.pruning.apply import weights_folder
     from moeguard.report.defense import harden_table
 
-    _seed(cfg.seed)
-    m, tokenizer, _ = handle.load()   # run_harden checks the loaded model again (its plan)
-    from moeguard.models.identity import weights_identity
-
     # beside the output, until it is written: an interrupted run continues from its last saved step
-    state = out.with_name(f".{out.name}.harden-state")
-    try:
+    with _training_state(out, "harden", every=25) as state:
+        _seed(cfg.seed)
+        m, tokenizer, _ = handle.load()   # run_harden checks the loaded model again (its plan)
         with _progress() as progress:
             result = run_harden(m, tokenizer, cfg, progress=progress, checkpoint=state,
                                 source=weights_identity(handle.arg), tasks=tasks)
-        from moeguard.pruning.apply import weights_folder
-
         doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
                             like=weights_folder(handle.ref),
                             run=_run({"model": handle.name, **cfg.to_dict(), **_placement(handle)}))
-    except KeyboardInterrupt:
-        import sys
-
-        # the state is saved every 25 steps: before the first save there is nothing to resume from
-        print(f"moeguard: interrupted; the training state is kept in {state} (saved every 25 steps): run the same "
-              "command again to resume" if state.exists() else "moeguard: interrupted before the first saved "
-              "training state (every 25 steps); no output was written", file=sys.stderr)
-        raise SystemExit(130) from None
-    from moeguard import trainstate
-
-    trainstate.clear(state)   # only now: a failed save keeps what training did
     _console().print(harden_table(doc))
     resumed = f" (resumed at step {result['resumed_from']} of {cfg.steps})" if result["resumed_from"] else ""
     typer.echo(f"hardened with '{cfg.method}' in {result['seconds']:.0f} s{resumed}; written to {out}")

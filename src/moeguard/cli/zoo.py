@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-from moeguard.cli.app import OverwriteOpt, SeedOpt, _progress, _task_names, zoo_app
+from moeguard.cli.app import OverwriteOpt, SeedOpt, _progress, _task_names, _training_state, zoo_app
 import typer
 
 
@@ -42,25 +42,10 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
 
         check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs([get_task(n) for n in names]))
     # beside the output, until it is written: an interrupted run continues from its last saved step
-    state = out.with_name(f".{out.name}.zoo-state")
-    from moeguard import trainstate
-    from moeguard.io import one_run
-
-    # one run at a time to this --out: a second one's saves replaced the first's training state under it
-    with one_run(out):
-        try:
-            with _progress() as progress:
-                card = train_embedded(out, recipe=recipe, overwrite=overwrite, progress=progress, tasks=names,
-                                      checkpoint=state)
-        except KeyboardInterrupt:
-            import sys
-
-            # saved every 50 steps: before the first save (the tokenizer, the first steps) nothing resumes
-            print(f"moeguard: interrupted; the training state is kept in {state} (saved every 50 steps): run the "
-                  "same command again to resume" if state.exists() else "moeguard: interrupted before the first "
-                  "saved training state (every 50 steps); no output was written", file=sys.stderr)
-            raise SystemExit(130) from None
-        trainstate.clear(state)   # only now: a failed save keeps what training did
+    with _training_state(out, "zoo", every=50) as state:
+        with _progress() as progress:
+            card = train_embedded(out, recipe=recipe, overwrite=overwrite, progress=progress, tasks=names,
+                                  checkpoint=state)
     spec = card["specialization"]
     resumed = f" (resumed at step {card['resumed_from']} of {steps})" if card.get("resumed_from") else ""
     typer.echo(f"trained in {card['train_seconds']:.0f} s{resumed}; final loss {card['loss_curve'][-1]}; "

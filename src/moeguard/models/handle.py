@@ -59,6 +59,11 @@ class ModelHandle:
         return self.ref.name
 
     @property
+    def placement(self) -> dict[str, Any]:
+        """The run record's and resume keys' ``device_map`` entry, when one was given (absent: the CPU)."""
+        return {"device_map": self.device_map} if self.device_map is not None else {}
+
+    @property
     def arg(self) -> str | None:
         """What ``load_model`` and a job's runtime take: the path or hub id, None for the embedded model."""
         return None if self.ref.name == "embedded" else self.ref.name

@@ -98,3 +98,17 @@ def check_safetensors(file: Path) -> None:
                             hint="the file is truncated or corrupt; re-download or re-save it") from None
     except OSError as e:   # unreadable by this user (mode 000), or an I/O error
         raise MoeguardError(f"cannot read {file} ({e.strerror})", hint="check the file's permissions") from None
+
+
+def tensor_names(file: Path) -> set[str] | None:
+    """The tensor names of a whole, valid safetensors ``file`` (its header tiles the file exactly), or
+    None where it is missing, cut short or damaged (a file an interrupted run or a power loss left)."""
+    from moeguard.io import read_header
+
+    if not file.is_file():
+        return None
+    try:
+        check_safetensors(file)
+        return {k for k in read_header(file) if k != "__metadata__"}
+    except (MoeguardError, OSError, ValueError):
+        return None

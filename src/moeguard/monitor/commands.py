@@ -11,21 +11,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import random
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from moeguard.errors import MoeguardError
 from moeguard.io import dumps
 from moeguard.monitor.fit import check_vocab
 
 Progress = Callable[[], contextlib.AbstractContextManager]   # a progress bar's factory; nullcontext: none
-
-
-def placement(handle) -> dict[str, Any]:
-    """The run record's ``device_map`` entry, when one was given (absent: the CPU)."""
-    return {"device_map": handle.device_map} if handle.device_map is not None else {}
 
 
 def check_profile_options(*, log: Path | None, tasks: list[str] | None, limit: int | None, topics: str,
@@ -91,7 +85,7 @@ def profile_tasks(*, out: Path, tasks: list[str] | None, limit: int, window: int
     # what the kept per-task arrays depend on: an interrupted run resumes only on the same inputs,
     # seed (the halves) and weights
     resume = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "seed": seed, "reply_tokens": reply_tokens,
-              "model": weights_identity(handle.arg), **placement(handle)}
+              "model": weights_identity(handle.arg), **handle.placement}
     settings = {"model": handle.name, "tasks": list(prompts), "limit": limit, "window": window, "seed": seed,
                 "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
                 **({"slice": slice_len} if slice_len else {})}
@@ -130,7 +124,7 @@ def profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[
     # "clients": how a client is keyed (its id's text since 2026-12-05: 1 and "1" one client); chunks kept
     # by an earlier version split a mixed-id log otherwise, and are not reused
     resume = {"records": read, "seed": seed, "reply_tokens": reply_tokens, "model": weights_identity(handle.arg),
-              "clients": "text", **placement(handle)}
+              "clients": "text", **handle.placement}
     settings = {"model": handle.name, "log": str(log), "topics": topics, "window": window, "seed": seed,
                 "reply_tokens": reply_tokens, **({"early": list(early)} if early else {}),
                 **({"slice": slice_len} if slice_len else {})}
@@ -149,20 +143,18 @@ def make_profile(*, out: Path, overwrite: bool, resume: dict, handle, seed: int,
                  make: Callable, progress: Progress = contextlib.nullcontext):
     """Load the model and build the profile (``make(model, tokenizer, scratch, progress)``) in a resumable
     scratch folder, then write it with its run record. An interrupt keeps what was observed for a rerun."""
-    import torch
-
+    from moeguard.config import seed_everything
     from moeguard.io import resumable_scratch, write_json
     from moeguard.models.identity import weights_digest
     from moeguard.provenance import run_record
 
     with resumable_scratch(out, overwrite=overwrite, settings=resume) as tmp:
-        random.seed(seed)
-        torch.manual_seed(seed)
+        seed_everything(seed)
         m, tok, _ = handle.load()
         with progress() as bar:
             prof = make(m, tok, tmp, bar)
         prof.meta["weights"] = weights_digest(handle.arg)   # what score and serve compare, not the name typed
-        write_json(out, {**prof.to_dict(), "run": run_record({**settings, **placement(handle)})}, overwrite=overwrite)
+        write_json(out, {**prof.to_dict(), "run": run_record({**settings, **handle.placement})}, overwrite=overwrite)
     return prof
 
 
@@ -239,7 +231,7 @@ def score_log(*, profile: Path, log: Path, out: Path, window: int | None, alpha:
 
     # what the replayed arrays depend on: an interrupted run resumes only on the same profile, log and weights
     resume = {"profile": file_sha256(profile), "log": file_sha256(log), "model": weights_identity(handle.arg),
-              **placement(handle)}
+              **handle.placement}
     with resumable_dir(out, overwrite=overwrite, settings=resume) as tmp:
         m, tok, _ = handle.load()
         check_vocab(m, tok, _texts(records))   # before the replay: a token past the embeddings failed inside it
@@ -252,7 +244,7 @@ def score_log(*, profile: Path, log: Path, out: Path, window: int | None, alpha:
                                                      period_clients=period_clients, accept=accepted,
                                                      held=held, progress=bar)
         summary["run"] = run_record({"profile": str(profile), "log": str(log), "model": handle.name, "window": window,
-                                     "alpha": alpha, "log_prompts": log_prompts, **placement(handle),
+                                     "alpha": alpha, "log_prompts": log_prompts, **handle.placement,
                                      **({"period": seconds, "baseline": baseline, "period_alpha": alpha_p,
                                          "history": None if history is None else str(history),
                                          "period_clients": period_clients, "accept": accepted,

@@ -35,16 +35,29 @@ def check_vocab(model, tokenizer, texts) -> None:
     from moeguard.errors import MoeguardError
     from moeguard.tasks.tokens import encode
 
-    emb = model.get_input_embeddings()
-    vocab = getattr(emb, "num_embeddings", None)
+    vocab = embedding_rows(model)
     if vocab is None:
         return
     for where, text in texts:
-        ids = encode(tokenizer, text) if text else ()
-        if ids and max(ids) >= vocab:
-            raise MoeguardError(f"{where} holds a token (id {max(ids)}) the model has no embedding for (it has {vocab})",
+        said = past_embeddings(encode(tokenizer, text) if text else (), vocab)
+        if said:
+            raise MoeguardError(f"{where} {said}",
                                 hint="use the checkpoint's own tokenizer, or resize its embeddings to the tokenizer's "
                                      "vocabulary; or drop the record")
+
+
+def embedding_rows(model) -> int | None:
+    """The rows of the model's input embeddings (None where it does not say)."""
+    n = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    return int(n) if n is not None else None
+
+
+def past_embeddings(ids, vocab: int | None) -> str | None:
+    """What is wrong with token ``ids`` the model has no embedding row for (a tokenizer whose added
+    tokens lie past them), said as "holds a token (id ...) ..."; None where every id has one."""
+    if vocab is None or not len(ids) or max(ids) < vocab:
+        return None
+    return f"holds a token (id {max(ids)}) the model has no embedding for (it has {vocab})"
 
 
 def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_length: int | None = None,

@@ -79,7 +79,7 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
                 **({"vocabulary": sorted(vocabulary)} if vocabulary is not None else {}),
                 **({"evade_profile": _digest(evade)} if evade is not None else {}),
                 "weights": weights_identity(handle.arg), "task_identity": task_identity(task),
-                **({"device_map": handle.device_map} if handle.device_map is not None else {})}
+                **handle.placement}
     with resumable_dir(out, overwrite=overwrite, settings=settings) as tmp:
         model, tok, _ = handle.load()
         adapter = MoEAdapter(model)

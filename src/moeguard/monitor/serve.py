@@ -125,8 +125,9 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
 
     source = client_source(client_id)
     positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-    embeddings = model.get_input_embeddings()
-    vocab = int(embeddings.num_embeddings) if hasattr(embeddings, "num_embeddings") else None
+    from moeguard.monitor.fit import embedding_rows, past_embeddings
+
+    vocab = embedding_rows(model)
     ends = set(eos_ids(model, tokenizer))   # every id that ends a turn: not part of the reply
     device = model_device(model)   # a prompt goes where the model's embeddings are (GPU or CPU)
 
@@ -213,11 +214,10 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
         ids = bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             return JSONResponse({"error": {"message": "empty prompt"}}, status_code=400)
-        if vocab is not None and max(ids) >= vocab:
+        if said := past_embeddings(ids, vocab):
             # a tokenizer whose added tokens lie past the model's embeddings (a checkpoint not resized): on a
             # GPU an index past them is a device-side assert, and every later request fails with it
-            return JSONResponse({"error": {"message": f"the prompt holds a token (id {max(ids)}) the model has no "
-                                                      f"embedding for (it has {vocab})"}}, status_code=400)
+            return JSONResponse({"error": {"message": f"the prompt {said}"}}, status_code=400)
         # the prompt and every generated token but the last are fed to the model
         if positions is not None and len(ids) + max_tokens - 1 > positions:
             return JSONResponse({"error": {"message": f"the prompt's {len(ids)} tokens and max_tokens {max_tokens} need "

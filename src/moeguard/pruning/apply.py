@@ -147,31 +147,22 @@ def _rewrite_cast(f: Path, dtypes: dict[str, str]) -> None:
     memory at a time: a shard read whole (transformers writes up to 50 GB in one) held a second copy
     of the weights beside the model being saved."""
     import math
-    import struct
 
     import torch
     from safetensors import safe_open
 
     from moeguard.io import read_header
-    from moeguard.pruning.shards import _ITEMSIZE
+    from moeguard.pruning.shards import _ITEMSIZE, header_bytes
 
     header = read_header(f)
     meta = header.pop("__metadata__", None)
     items = sorted(((k, dtypes.get(k, v["dtype"]), v["shape"]) for k, v in header.items()),
                    key=lambda x: (-_ITEMSIZE[x[1]], x[0]))   # safetensors' order: aligned to each dtype
-    new: dict[str, Any] = {"__metadata__": meta} if meta is not None else {}
-    offset = 0
-    for k, dtype, shape in items:
-        n = math.prod(shape) * _ITEMSIZE[dtype]
-        new[k] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(new, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    head, _ = header_bytes([(k, dtype, shape, math.prod(shape) * _ITEMSIZE[dtype]) for k, dtype, shape in items], meta)
     tmp = f.with_name(f".{f.name}.dtype")
     try:
         with safe_open(str(f), "pt") as fh, open(tmp, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
+            out.write(head)
             for k, dtype, _ in items:
                 t = fh.get_tensor(k)
                 if k in dtypes:

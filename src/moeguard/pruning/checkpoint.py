@@ -22,11 +22,12 @@ import tempfile
 from pathlib import Path
 
 from moeguard.errors import MoeguardError
-from moeguard.io import FLOAT_DTYPES, SCALE_SUFFIXES, check_output, dumps, partial_path, read_header, resumable_dir
+from moeguard.io import (FLOAT_DTYPES, SCALE_SUFFIXES, check_output, dumps, partial_path, read_header, resumable_dir,
+                         sync_file)
 from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
 from moeguard.models.identity import weights_identity
 from moeguard.models.loading import ModelRef, load_config, meta_model
-from moeguard.models.safetensorsfiles import check_safetensors, safetensors_files
+from moeguard.models.safetensorsfiles import check_safetensors, safetensors_files, tensor_names
 from moeguard.pruning.shards import (INDEX_NAME, PlannedTensor, PlanReader, assign_shards, check_space, write_index,
                                      write_safetensors)
 
@@ -244,22 +245,7 @@ def side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[st
 def _finished(shard: Path, tensors: list) -> bool:
     """Whether an interrupted run's ``shard`` is whole and holds the planned tensors: its header tiles
     the file exactly (``check_safetensors``) and names them. Anything else is written again."""
-    if not shard.is_file():
-        return False
-    try:
-        check_safetensors(shard)
-        names = {k for k in read_header(shard) if k != "__metadata__"}
-    except (MoeguardError, OSError, ValueError):
-        return False
-    return names == {t.out_name for t in tensors}
-
-
-def _sync(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return tensor_names(shard) == {t.out_name for t in tensors}
 
 
 def _read_checkpoint(src: Path):
@@ -367,7 +353,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
                 meta = {"format": "pt", **headers[tensors[0].file].get("__metadata__", {})} if tensors else {"format": "pt"}
                 part = tmp / f".{name}.part"
                 bytes_out += write_safetensors(part, tensors, reader, metadata=meta, advance=advance)
-                _sync(part)   # on disk before it counts as finished: a power loss left an empty "finished" shard
+                sync_file(part)   # on disk before it counts as finished: a power loss left an empty "finished" shard
                 os.replace(part, tmp / name)
         finally:
             reader.close()

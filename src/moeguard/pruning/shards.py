@@ -50,17 +50,10 @@ def write_safetensors(path: Path, tensors: list[PlannedTensor], reader: "PlanRea
     """Write one shard tensor by tensor; returns the file size."""
     # Largest items first (as safetensors orders them) keeps every tensor aligned to its dtype.
     tensors = sorted(tensors, key=lambda t: -_ITEMSIZE.get(t.dtype, 0))
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for t in tensors:
-        header[t.out_name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    head, offset = header_bytes([(t.out_name, t.dtype, list(t.shape), t.nbytes) for t in tensors], metadata)
     ranges_of = getattr(reader, "ranges", None)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(head)
         for t in tensors:
             ranges = ranges_of(t) if ranges_of is not None else None
             if ranges is not None and _copy_ranges(f, ranges):
@@ -76,9 +69,22 @@ def write_safetensors(path: Path, tensors: list[PlannedTensor], reader: "PlanRea
             if written != t.nbytes:
                 raise RuntimeError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
         size = f.tell()
-    if size != 8 + len(blob) + offset:
-        raise RuntimeError(f"{path.name}: {size} bytes, header describes {8 + len(blob) + offset}")
+    if size != len(head) + offset:
+        raise RuntimeError(f"{path.name}: {size} bytes, header describes {len(head) + offset}")
     return size
+
+
+def header_bytes(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str] | None) -> tuple[bytes, int]:
+    """A safetensors file's head (its 8-byte length and the JSON header, padded to 8 bytes) for tensors
+    ``(name, dtype, shape, nbytes)`` laid out in this order, and the data bytes they take."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata is not None else {}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offset
 
 
 def _copy_ranges(f, ranges: list[tuple[int, int, int]]) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from moeguard.errors import MoeguardError
-from moeguard.io import write_json
+from moeguard.io import sync_file, write_json
 from moeguard.analysis import read_score, retention
 from moeguard.realign.engine import FinetuneConfig, finetune, fingerprint
 from moeguard.realign.features import unlabeled
@@ -261,20 +261,11 @@ def _load_state(state_dir: Path | None, tag: str) -> dict[str, Any]:
         state = json.loads(f.read_text())
     except ValueError:
         return fresh
-    if state.get("tag") != tag or (state["rounds"] and not _readable(state_dir / "current.safetensors")):
+    from moeguard.models.safetensorsfiles import tensor_names
+
+    if state.get("tag") != tag or (state["rounds"] and tensor_names(state_dir / "current.safetensors") is None):
         return fresh   # a weights file a power loss left empty or cut short: start over, not a traceback
     return state
-
-
-def _readable(file: Path) -> bool:
-    from moeguard.errors import MoeguardError
-    from moeguard.models.safetensorsfiles import check_safetensors
-
-    try:
-        check_safetensors(file)
-    except (MoeguardError, OSError):
-        return False
-    return True
 
 
 def _save_state(state_dir: Path | None, state: dict, trainable: Trainable, *, save_weights: bool) -> None:
@@ -287,10 +278,6 @@ def _save_state(state_dir: Path | None, state: dict, trainable: Trainable, *, sa
 
         tmp = state_dir / ".current.safetensors.tmp"
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable.params.items()}, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:   # on disk before loop.json says the round is done: a power loss left an empty file behind it
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_file(tmp)   # on disk before loop.json says the round is done: a power loss left an empty file behind it
         os.replace(tmp, state_dir / "current.safetensors")
     write_json(state_dir / "loop.json", state, sync=True)

@@ -4,7 +4,6 @@ trivial baseline beside each, optionally written to a file, each task's result k
 from __future__ import annotations
 
 import contextlib
-import random
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,8 +15,7 @@ def run_eval(*, model: str | None, tasks: list[str] | None, limit: int | None, b
              progress: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, Any]:
     """Evaluate ``model`` on ``tasks`` (names or YAML paths; None: the embedded suite) and return the
     results document, written to ``out`` when given."""
-    import torch
-
+    from moeguard.config import seed_everything
     from moeguard.edge import embedded_or, resolve_model, task_inputs
     from moeguard.io import check_output, write_json
     from moeguard.models.placement import parse_memory
@@ -41,9 +39,8 @@ def run_eval(*, model: str | None, tasks: list[str] | None, limit: int | None, b
     # inspected before the resumable folder exists: a model that is no MoE, or has no config, leaves nothing
     # behind (an encoder-decoder evaluates through its seq2seq head)
     handle = resolve_model(model, tasks=False, device_map=device_map)
-    device_map = handle.device_map
     settings = {"tasks": [t.name for t in task_list], "limit": limit, "batch_size": batch_size, "seed": seed,
-                "max_memory": cap, **({"device_map": device_map} if device_map is not None else {})}
+                "max_memory": cap, **handle.placement}
     with contextlib.ExitStack() as stack:
         cache = None
         if out is not None:
@@ -57,8 +54,7 @@ def run_eval(*, model: str | None, tasks: list[str] | None, limit: int | None, b
             cache = stack.enter_context(resumable_scratch(out, overwrite=overwrite, settings={
                 **{k: v for k, v in settings.items() if k != "max_memory"}, "model": weights_identity(model),
                 "task_identity": [task_identity(t) for t in task_list]}))
-        random.seed(seed)
-        torch.manual_seed(seed)
+        seed_everything(seed)
         m, tokenizer, ref = handle.load(max_memory=cap)
         with progress() as bar:
             results = evaluate_suite(m, tokenizer, task_list, limit=limit, batch_size=batch_size,

@@ -52,9 +52,19 @@ def load_records(task: Task, role: str, *, limit: int | None = None) -> list[dic
         if not records:
             raise _empty(task, split, where)
         if len(records) <= _READ_MAX_RECORDS:  # a whole large corpus is not worth holding
-            _READ[key] = records
-            while len(_READ) > _READ_MAX:
-                _READ.pop(next(iter(_READ)))
+            _remember(_READ, key, records)
+    return _copies(records)
+
+
+def _remember(store: dict, key: Any, records: list[dict[str, Any]]) -> None:
+    """Keep ``records`` under ``key`` in a cache of at most ``_READ_MAX`` entries (the oldest goes)."""
+    store[key] = records
+    while len(store) > _READ_MAX:
+        store.pop(next(iter(store)))
+
+
+def _copies(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cached records as the caller's own: its own list and dicts (and lists in them)."""
     return [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in records]
 
 
@@ -74,10 +84,8 @@ def baseline_records(task: Task, limit: int | None) -> list[dict[str, Any]]:
     if records is None:
         head = load_records(task, "train", limit=limit + 1)
         records = head if len(head) <= limit else sample_records(task, "train", limit, seed=0)
-        _BASELINE[key] = records
-        while len(_BASELINE) > _READ_MAX:
-            _BASELINE.pop(next(iter(_BASELINE)))
-    return [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in records]
+        _remember(_BASELINE, key, records)
+    return _copies(records)
 
 
 def sample_records(task: Task, role: str, n: int, *, seed: int) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from moeguard.config import is_decimal
 from moeguard.errors import MoeguardError
 from moeguard.trace.weights import LayerWeights, ModelWeights
 
@@ -127,7 +128,7 @@ def load_gguf(path: Path) -> ModelWeights:
 
     def experts(name: str) -> "_Experts":
         t = tensor(name)
-        return _Experts([t], lambda data, t=t: dequantize(name, t, data), stacked=True, name=name)
+        return _Experts([t], lambda data, t: dequantize(name, t, data), stacked=True, name=name)
 
     def expert_list(i: int, kind: str) -> "_Experts":
         # llama.cpp's layout before stacked expert tensors (2024): blk.N.ffn_gate.E.weight, one per expert
@@ -151,7 +152,7 @@ def load_gguf(path: Path) -> ModelWeights:
     blocks = _field_int(reader, f"{arch_name}.block_count") if arch_name else None
     # the blocks the tensors name: a damaged block_count (2^32 - 1) looped for an hour; a smaller one
     # dropped the last MoE layers, refused later as "a copy with layers dropped"
-    named = {int(p) for n in tensors if n.startswith("blk.") and (p := n.split(".")[1]).isascii() and p.isdecimal()}
+    named = {b for n in tensors if (b := _block(n)) is not None}
     present = max(named) + 1 if named else 0
     if blocks is not None and blocks < present:
         raise MoeguardError(f"{path} says it has {blocks} blocks ({arch_name}.block_count), and its tensors name "
@@ -159,8 +160,7 @@ def load_gguf(path: Path) -> ModelWeights:
     # a multi-token-prediction block past the decoder's (GLM-4.5's NextN: llama.cpp counts it in
     # block_count and writes it as the last blk.N, with a router and experts): not a decoder layer
     nextn = (_field_int(reader, f"{arch_name}.nextn_predict_layers") or 0) if arch_name else 0
-    mtp = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and ".nextn." in n
-           and n.split(".")[1].isascii() and n.split(".")[1].isdecimal()}
+    mtp = {b for n in tensors if ".nextn." in n and (b := _block(n)) is not None}
     last = min(present, (blocks if blocks is not None else present) - nextn)
     layers = []
     for i in sorted(named):   # the blocks there are, not every number up to the largest (a crafted name)
@@ -193,6 +193,12 @@ def load_gguf(path: Path) -> ModelWeights:
                         source={"format": "gguf", "quantization": sorted(types - {"F32", "F16", "BF16", "F64"}) or None})
 
 
+def _block(name: str) -> int | None:
+    """N of a tensor named ``blk.N.*``; None for any other name (a '²' is no block number)."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blk" and is_decimal(parts[1]) else None
+
+
 def _shape(t) -> tuple[int, ...]:
     """A GGUF tensor's shape in numpy order (the header lists dimensions fastest first)."""
     return tuple(int(x) for x in reversed(t.shape))
@@ -212,9 +218,8 @@ class _Experts:
 
     def __getitem__(self, e):
         if isinstance(e, (int, np.integer)):
-            if self._stacked:
-                return self._dequantize(self._ts[0].data[e])
-            return self._dequantize(self._ts[e].data, self._ts[e])
+            t = self._ts[0] if self._stacked else self._ts[e]
+            return self._dequantize(t.data[e] if self._stacked else t.data, t)
         return np.stack([self[i] for i in range(self.shape[0])])[e]
 
 
