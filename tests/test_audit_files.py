@@ -8,7 +8,9 @@ def test_a_report_that_fails_to_render_leaves_the_last_run_s_files_as_they_were(
 
     for name in ("results.json", "report.md", "report.html"):
         (tmp_path / name).write_text(f"old {name}")
-    monkeypatch.setattr(report, "make_plots", lambda doc, stages, folder: [])
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "risk.png").write_bytes(b"old plot")
+    monkeypatch.setattr(report, "make_plots", lambda doc, stages, folder: (folder / "risk.png").write_bytes(b"new") and [])
 
     def broken(*a, **k):
         raise RuntimeError("render")
@@ -19,6 +21,10 @@ def test_a_report_that_fails_to_render_leaves_the_last_run_s_files_as_they_were(
     # results.json was new beside the old report.md and report.html
     assert [(tmp_path / n).read_text() for n in ("results.json", "report.md", "report.html")] == \
         ["old results.json", "old report.md", "old report.html"]
+    # and the plots the old report.md links by name are the old run's (they were replaced before the render)
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["risk.png"] and \
+        (tmp_path / "plots" / "risk.png").read_bytes() == b"old plot"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".plots")]   # no temporary left
 
 
 def test_a_stage_left_swapped_out_by_a_killed_rerun_is_swept_at_the_next_start(tmp_path):

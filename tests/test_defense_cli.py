@@ -279,3 +279,39 @@ def test_defend_eval_reads_a_protocol_named_by_its_checkpoint_folder(hardened):
     cfg, path = resolve(base=b, hardened=h, tasks=resolve_tasks(["arith-compare"]), utility_tasks=[], keeps=None,
                         attack=AttackConfig(task="arith-compare", keep=1), protocol=hardened)
     assert path == hardened / FILENAME and path.is_file() and cfg.protocol["modes"]
+
+
+def test_an_attack_plan_the_family_cannot_be_cut_to_is_recorded_and_not_picked(monkeypatch):
+    """DeepSeek's group-limited routing needs the same keep in every layer: a budgeted plan that keeps
+    6 and 2 was picked when it scored best, and pruning it failed after the whole evaluation (at every
+    resume). Now it is recorded as unbuildable, never scored, and the pick is a plan that can be built."""
+    import moeguard.attribution.run as attribution_run
+    from moeguard.attribution.base import Scores
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.loading import load_model
+    from moeguard.studies.attack import pick_job
+    from moeguard.testing import tiny_model
+
+    _, tok, _ = load_model(None)
+    m = tiny_model("deepseek_v3", vocab_size=len(tok))
+    layers = [l.index for l in MoEAdapter(m).layers]
+    # layer 0's scores concentrated on 6 experts, the last layer's on 2: the budget of 8 goes 6 + 2
+    rows = torch.tensor([[9.0] * 6 + [0.1, 0.1], [9.0, 9.0] + [0.1] * 6], dtype=torch.float64)[:len(layers)]
+    monkeypatch.setattr(attribution_run, "score", lambda c, name: Scores(
+        method=name, task="arith-compare", model="tiny", samples=1, tokens=1, layers=layers, num_experts=8, top_k=2,
+        scores=rows))
+
+    class Ctx:
+        def model(self, ref):
+            return m, tok
+
+    out = pick_job(Ctx(), task="arith-compare", keep=4, methods=["frequency"], plans=["uniform", "budgeted"],
+                   samples=4, eval_limit=4, seed=0)
+    by_plan = {c["plan"]: c for c in out["candidates"]}
+    assert by_plan["budgeted"]["keep"] == {str(layers[0]): [0, 1, 2, 3, 4, 5], str(layers[1]): [0, 1]}
+    assert by_plan["budgeted"]["score"] is None and "group-limited routing" in by_plan["budgeted"]["unbuildable"]
+    assert out["best"]["plan"] == "uniform" and out["best"]["score"] is not None
+    with pytest.raises(Exception, match="no pruning plan of the attack can be built") as e:
+        pick_job(Ctx(), task="arith-compare", keep=4, methods=["frequency"], plans=["budgeted"], samples=4,
+                 eval_limit=4, seed=0)
+    assert "--plans uniform" in e.value.hint

@@ -123,6 +123,7 @@ def test_the_online_hook_looks_early_as_the_offline_scorer_does(setting, through
     results = through_hook(mon, m, tok, recs, client="eve")
     looked = [(i, x["window"]) for i, x in enumerate(results) if x["window"] is not None]
     assert [(i, w["length"]) for i, w in looked] == [(3, 4), (7, 8)]
+    assert [w["length"] for w in wins] == [4, 8], wins   # the offline looks the loops below compare
     for (_, w), off in zip(looked, wins):
         assert w["p"] == pytest.approx(off["p"]) and w["statistics"]["drift"] == pytest.approx(off["drift"], abs=1e-3)
     for (_, w), off in zip(looked, wins):

@@ -82,6 +82,25 @@ def test_loader_is_imported_on_first_lookup_only(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "moeguard_test_plugins")
 
 
+def test_a_built_in_replaced_or_removed_before_any_lookup_stays_so(tmp_path, monkeypatch):
+    """overwrite=True before the first lookup: the built-ins' later import refused the name (every lookup
+    failed with "pass overwrite=True", which was passed), and a removed built-in came back."""
+    (tmp_path / "moeguard_test_builtins.py").write_text(
+        "import sys\nREG = sys.modules['__reg__']\nREG.add('average', 'built-in')\nREG.add('other', 'built-in')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for _ in range(2):
+        reg: Registry[str] = Registry("merge method", loader="moeguard_test_builtins")
+        monkeypatch.setitem(sys.modules, "__reg__", reg)
+        monkeypatch.delitem(sys.modules, "moeguard_test_builtins", raising=False)
+        if _ == 0:
+            reg.add("average", "mine", overwrite=True)
+            assert reg.get("average") == "mine" and reg.names() == ["average", "other"]
+        else:
+            reg.remove("other")
+            assert reg.names() == ["average"] and "other" not in reg
+    monkeypatch.delitem(sys.modules, "moeguard_test_builtins", raising=False)
+
+
 def test_a_failing_loader_fails_every_lookup_not_just_the_first(tmp_path, monkeypatch):
     reg: Registry[str] = Registry("plugin", loader="moeguard_broken_plugins")
     (tmp_path / "moeguard_broken_plugins.py").write_text("raise RuntimeError('broken plugin file')\n")

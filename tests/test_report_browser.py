@@ -56,5 +56,4 @@ def test_report_renders_every_plot_and_table_without_console_errors(browser, aud
     shot = tmp_path / "report.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000
-    shutil.copy(shot, audit_run / "report-screenshot.png")  # kept beside the report for a person to look at
     page.close()

@@ -501,6 +501,24 @@ def test_serve_refuses_a_batch_below_one_or_a_delay_bound_not_above_zero_in_one_
     assert code == 2 and err.count("\n") == 0 and "--max-waiting is 0" in err and "pass at least 1" in err
 
 
+def test_serve_hands_uvicorn_max_waiting_and_a_margin_of_connections(served, capsys, tmp_path, monkeypatch):
+    """The CLI computes uvicorn's connection limit (it was checked only through uvicorn_config itself)."""
+    import uvicorn
+
+    from moeguard.cli.app import main
+    from moeguard.monitor.serve import SPARE_CONNECTIONS
+
+    _, _, prof = served
+    (tmp_path / "P.json").write_text(json.dumps(prof.to_dict()))
+    seen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.append(
+        (self.config.limit_concurrency, self.config.host, len(sockets or []))))
+    capsys.readouterr()
+    assert main(["serve", "--profile", str(tmp_path / "P.json"), "--port", str(_free_port()), "--max-waiting", "5"]) == 0
+    assert seen == [(5 + SPARE_CONNECTIONS, "127.0.0.1", 1)], seen
+    assert "moeguard: serve stopped" in capsys.readouterr().err
+
+
 def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_alert_log(served, capsys, tmp_path):
     from moeguard.cli.app import main
 

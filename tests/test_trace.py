@@ -181,6 +181,7 @@ def test_a_checkpoint_written_by_moeguard_merge_is_traced_to_its_merging_record(
     assert "verdict: derived" in capsys.readouterr().out
     doc = json.loads((tmp_path / "t" / "trace.json").read_text())
     record = json.loads((tmp_path / "suspect" / "moeguard_merging.json").read_text())
+    assert len(doc["layers"]) == len(record["merges"]) == 4, doc["layers"]   # the loop below checks each
     for layer in doc["layers"]:
         found = {e["expert"]: sorted(int(i) for i in e["merge"]["weights"]) for e in layer["experts"]
                  if e["label"] == "merged"}

@@ -34,6 +34,8 @@ class Registry(Generic[T]):
                 raise
 
     def add(self, name: str, item: T, *, overwrite: bool = False) -> T:
+        if overwrite:   # a replacement of a built-in: they register first, or their import would refuse it
+            self._load()
         if name in self._items and not overwrite and self._items[name] is not item:
             raise MoeguardError(f"{self.what} '{name}' is already registered",
                                 hint="choose another name, or pass overwrite=True to replace it")
@@ -76,4 +78,5 @@ class Registry(Generic[T]):
         return len(self._items)
 
     def remove(self, name: str) -> None:
+        self._load()   # a built-in removed before any lookup stays removed
         self._items.pop(name, None)

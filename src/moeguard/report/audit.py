@@ -89,14 +89,15 @@ def make_plots(doc: dict[str, Any], stages: dict[str, Path], folder: Path) -> di
 
 
 def write_report(doc: dict[str, Any], out: Path, stages: dict[str, Path]) -> None:
+    # rendered whole before anything is replaced: a report that fails to render leaves the three files and
+    # the plots of the last run as they were (the old report.md links plots/ by name), not new plots or
+    # a new results.json beside an old report. The texts are rendered from the new plots' temporary folder.
     with atomic_dir(out / "plots", overwrite=True) as tmp:
         files = make_plots(doc, stages, tmp)
-    doc["files"] = {"plots": files, "results": "results.json", "report_md": "report.md",
-                    "report_html": "report.html"}
-    # rendered whole before any is written: a report that fails to render leaves the three of the
-    # last run as they were, not a new results.json beside an old report
-    texts = {"results.json": dumps(doc, indent=2, sort_keys=False) + "\n", "report.md": render_markdown(doc),
-             "report.html": render_html(doc, out / "plots")}
+        doc["files"] = {"plots": files, "results": "results.json", "report_md": "report.md",
+                        "report_html": "report.html"}
+        texts = {"results.json": dumps(doc, indent=2, sort_keys=False) + "\n", "report.md": render_markdown(doc),
+                 "report.html": render_html(doc, tmp)}
     for name, text in texts.items():
         write_text(out / name, text)
 

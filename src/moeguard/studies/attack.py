@@ -51,7 +51,7 @@ class AttackConfig:
     budget: int = setting(256, min=1, help="labels the attacker may use in total")
     budgets: tuple[int, ...] = setting((), min=1, help="learning-curve points (comma-separated, ending at --budget); "
                                                         "default: budget/64, /16, /4, budget")
-    methods: tuple[str, ...] = setting((), help="attribution methods; default: every registered one but random")
+    methods: tuple[str, ...] = setting((), help="attribution methods; default: every registered one")
     plans: tuple[str, ...] = setting(("uniform", "budgeted"), choices=("uniform", "budgeted"),
                                      help="pruning plans: uniform, budgeted")
     strategies: tuple[str, ...] = setting(("random",), help="active-learning strategies the attacker tries")
@@ -147,6 +147,7 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
     from moeguard.attribution.base import list_methods
     from moeguard.attribution.run import make_context, score
     from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.prune import pruned_config
     from moeguard.pruning.evaluate import MaskedEvaluator
     from moeguard.pruning.plan import plan_from_scores
 
@@ -155,7 +156,7 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
     adapter = MoEAdapter(m)
     ev = MaskedEvaluator(m, tok, adapter=adapter)
     full = ev(t, None, limit=eval_limit, baseline=True)
-    names = list(methods) or [x.name for x in list_methods() if x.name != "random"]
+    names = list(methods) or [x.name for x in list_methods()]
     c = make_context(m, tok, t, samples=samples, batch_size=8, seed=seed)
     candidates, results, all_scores = [], [], {}
     for name in names:
@@ -163,6 +164,13 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
         for kind in (plans if "prune" in routes else ()):
             args = {"keep": keep} if kind == "uniform" else {"budget": keep * len(adapter.layers)}
             plan = plan_from_scores(s, min_keep=adapter.family.min_experts, **args)
+            try:   # a plan the family cannot be cut to (DeepSeek's groups or one module per expert, kept
+                pruned_config(adapter, plan.keep)   # unevenly) is no attacker's pick: said, never scored
+            except MoeguardError as exc:
+                candidates.append({"method": name, "plan": kind, "keep": {str(k): v for k, v in plan.keep.items()},
+                                   "score": None, "retention": None, "unbuildable": exc.one_line()})
+                results.append(None)
+                continue
             r = ev(t, plan.keep, limit=eval_limit)
             candidates.append({"method": name, "plan": kind, "keep": {str(k): v for k, v in plan.keep.items()},
                                "score": r.score, "retention": retention(r.score, full.score,
@@ -176,7 +184,11 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
             candidates.append(cand)
             results.append(r)
     value = lambda j: -1e9 if candidates[j]["retention"] is None else candidates[j]["retention"]  # noqa: E731
-    i = max(range(len(candidates)), key=value)
+    built = [j for j, cand in enumerate(candidates) if "unbuildable" not in cand]
+    if not built:
+        raise MoeguardError(f"no pruning plan of the attack can be built on {m.config.model_type}: "
+                            f"{candidates[0]['unbuildable']}", hint="attack with --plans uniform")
+    i = max(built, key=value)
     from moeguard.models.prune import prune_model
 
     pruned, record = prune_model(m, {int(k): v for k, v in candidates[i]["keep"].items()})
@@ -186,7 +198,7 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
     if "merge" in routes:
         out["picks"] = {}
         for route in routes:
-            mine = [j for j, cand in enumerate(candidates) if cand.get("route", "prune") == route]
+            mine = [j for j in built if candidates[j].get("route", "prune") == route]
             j = max(mine, key=value)
             out["picks"][route] = {"best": candidates[j], "result": results[j].to_dict()}
     return out
@@ -285,7 +297,7 @@ def pick_phase_job(cfg: AttackConfig, *, model: str | None = "", who: str = "") 
 
     # the methods by name, never "all": a newly registered method changes the job's key, so a cached
     # pick made without it is not reused
-    methods = list(cfg.methods) or [x.name for x in list_methods() if x.name != "random"]
+    methods = list(cfg.methods) or [x.name for x in list_methods()]
     return Job(stage="attack", name=f"{who}{cfg.task} keep {cfg.keep}: attribution and pruning",
                fn="moeguard.studies.attack:pick_job",
                args={"task": cfg.task, "keep": cfg.keep, "methods": methods, "plans": list(cfg.plans),
