@@ -109,7 +109,13 @@ def test_task_risk_on_hand_made_entries():
     assert r["attacked"] == 55.0 and r["level"] == "low" and r["labels_to_recover"] is None
     assert r["margin_over_baseline_pct"] == pytest.approx(200 / 3) and r["weak_task"] is False
     # a task the full model barely beats its baseline on is flagged: (80-75)/80 = 6.25% < 10%
-    assert task_risk(_entry(full=(80.0, 75.0)), num_experts=8, min_keep=1)["weak_task"] is True
+    r = task_risk(_entry(full=(80.0, 75.0)), num_experts=8, min_keep=1)
+    assert r["weak_task"] is True and "barely better than the trivial baseline" in r["reason"], r["reason"]
+    # one the full model does worse than its baseline on (switch_audit's docstring-topic: 20.3 against 25)
+    # is no better, not "barely better": (20.3-25)/20.3 = -23.15%
+    r = task_risk(_entry(full=(20.3, 25.0)), num_experts=8, min_keep=1)
+    assert r["weak_task"] is True and "barely" not in r["reason"], r["reason"]
+    assert "no better than the trivial baseline, by 23.1%: it has not learned this task" in r["reason"], r["reason"]
     # half the experts never measured (--keeps 2 only): not "low", which nothing measured
     e = _entry(finals=(80.0, 85.0), reach=(None, None))
     for m in e["methods"].values():

@@ -82,6 +82,25 @@ def test_a_router_only_fine_tune_changes_the_digest_of_a_sampled_checkpoint(tmp_
     p.check_model("m", before)
 
 
+@pytest.mark.parametrize("bias", ["model.layers.3.feed_forward.expert_bias",              # LFM2-MoE, on the block
+                                  "model.layers.3.mlp.gate.e_score_correction_bias",       # DeepSeek-V3
+                                  "model.layers.3.mlp.moe_statics.e_score_correction_bias"])
+def test_a_selection_bias_the_family_table_names_is_in_the_router_digest(bias, tmp_path):
+    """LFM2's block-held expert_bias moves expert choices, and the router digest skipped it: a checkpoint
+    whose only change was that bias kept the digest of the original."""
+    import torch
+    from safetensors.torch import save_file
+
+    from moeguard.models.identity import router_digest
+
+    f = tmp_path / "model.safetensors"
+    digests = []
+    for shift in (0.0, 0.5):
+        save_file({bias: torch.zeros(8) + shift, "model.layers.3.feed_forward.experts.0.w1.weight": torch.ones(4, 4)}, f)
+        digests.append(router_digest([f]))
+    assert digests[0] is not None and digests[0] != digests[1], digests
+
+
 def test_a_generation_config_changed_in_place_changes_the_identity_and_the_digest(tmp_path):
     """generation_config.json's end-of-output ids cut every generated summary (and ROUGE with it): fixed
     in place after a kill, resumed runs mixed scores made with both."""

@@ -142,6 +142,9 @@ def _reason(level: str, r: dict[str, Any]) -> str:
     if by and r.get("attack_route") == "merge":
         text += (f" (after re-alignment merging keeps more: {fmt(by.get('merge'))} against pruning's "
                  f"{fmt(by.get('prune'))})")
-    if r.get("weak_task"):
+    if r.get("weak_task") and r["margin_over_baseline_pct"] <= 0:   # "barely better" said the opposite of what was measured
+        text += (f" (the full model is no better than the trivial baseline, by {floored(-r['margin_over_baseline_pct'], 1)}%:"
+                 " it has not learned this task, and its retention means little)")
+    elif r.get("weak_task"):
         text += " (the full model is barely better than the trivial baseline: read with care)"
     return text

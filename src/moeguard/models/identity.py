@@ -119,11 +119,17 @@ def weights_digest(ref_str: str | None) -> dict[str, Any]:
 
 
 # a router's tensors on disk, by a segment of their names (families differ in the module's name:
-# Mixtral's, Qwen's, DeepSeek's `gate`; GPT-OSS's, Granite's, DBRX's, Switch's `router`) and
-# DeepSeek's and ERNIE's selection bias; never an expert's (`experts.` in the name)
+# Mixtral's, Qwen's, DeepSeek's `gate`; GPT-OSS's, Granite's, DBRX's, Switch's `router`) and the
+# selection biases the family table names (DeepSeek's and ERNIE's `e_score_correction_bias`, LFM2's
+# block-held `expert_bias`); never an expert's (`experts.` in the name)
 _ROUTER_SEGMENTS = frozenset({"gate", "router"})
-_ROUTER_BIAS = "e_score_correction_bias"
 _ROUTER_MAX = 64 << 20   # a router tensor is E x hidden; anything larger is no router
+
+
+def _router_biases() -> frozenset[str]:
+    from moeguard.models.families import FAMILIES
+
+    return frozenset(f.routing.correction_bias.rsplit(".", 1)[-1] for f in FAMILIES.items() if f.routing.correction_bias)
 
 
 def router_digest(files: list[Path]) -> str | None:
@@ -134,14 +140,14 @@ def router_digest(files: list[Path]) -> str | None:
 
     from moeguard.io import read_header
 
-    h, found = hashlib.sha256(), False
+    h, found, biases = hashlib.sha256(), False, _router_biases()
     for f in files:
         header = read_header(f)
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             for name in sorted(k for k in header if k != "__metadata__"):
                 parts = name.split(".")
-                if "experts" in parts or not (_ROUTER_SEGMENTS & set(parts) or parts[-1] == _ROUTER_BIAS):
+                if "experts" in parts or not (_ROUTER_SEGMENTS & set(parts) or parts[-1] in biases):
                     continue
                 info = header[name]
                 a, b = info["data_offsets"]
