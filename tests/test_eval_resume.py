@@ -37,10 +37,13 @@ def test_an_interrupted_eval_resumes_from_the_tasks_it_finished(tmp_path, monkey
     kept = tmp_path / ".cut.json.partial"
     assert not (tmp_path / "cut.json").exists()
     assert sorted(f.name for f in kept.glob("task-*.json")) == ["task-arith-compare.json", "task-docstring-topic.json"]
+    # a kept result a power loss left empty (written, renamed, its bytes never on disk) is evaluated
+    # again: it was a JSONDecodeError traceback at every rerun
+    (kept / "task-docstring-topic.json").write_text("")
     calls.clear()
     stop_at[0] = 0                                    # no interruption now
     assert main([*args, "--out", str(tmp_path / "cut.json")]) == 0
-    assert calls == ["stdlib-docs", "record-summary"]   # only what was missing
+    assert calls == ["docstring-topic", "stdlib-docs", "record-summary"]   # only what was missing or unreadable
     whole, cut = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "cut.json"))
     assert _numbers(whole) == _numbers(cut) and not kept.exists()
 
@@ -66,3 +69,46 @@ def test_a_partial_eval_of_other_settings_is_not_reused(tmp_path, monkeypatch):
     assert main(["eval", "--tasks", TASKS, "--limit", "6", "--out", str(tmp_path / "r.json")]) == 0   # another limit
     assert calls == TASKS.split(",")
     assert json.loads((tmp_path / "r.json").read_text())["tasks"]["arith-compare"]["n_samples"] == 6
+
+
+def test_a_partial_eval_placed_by_auto_on_another_kind_of_device_is_not_reused(tmp_path, monkeypatch):
+    """--device-map auto keyed by its name alone: a run killed on a GPU resumed on a machine without one
+    (or with CUDA_VISIBLE_DEVICES= set), mixing the two devices' numbers in one result."""
+    from moeguard.models import placement
+    from moeguard.tasks import evaluate as E
+
+    calls, real = [], E.evaluate_task
+
+    def stop_second(model, tokenizer, task, **kw):
+        calls.append(task.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, task, **kw)
+
+    args = ["eval", "--tasks", TASKS, "--limit", "4", "--device-map", "auto", "--out", str(tmp_path / "r.json")]
+    monkeypatch.setattr(placement, "placed_on", lambda device_map: "cuda")   # as on a GPU machine
+    monkeypatch.setattr(E, "evaluate_task", stop_second)
+    assert main(args) == 130
+    monkeypatch.setattr(placement, "placed_on", lambda device_map: "cpu")    # the same command where no GPU is seen
+    monkeypatch.setattr(E, "evaluate_task", lambda *a, **k: (calls.append(a[2].name), real(*a, **k))[1])
+    calls.clear()
+    assert main(args) == 0
+    assert calls == TASKS.split(","), calls   # every task again, the first one's kept result not reused
+    assert json.loads((tmp_path / "r.json").read_text())["run"]["settings"]["placed_on"] == "cpu"
+
+
+def test_placed_on_names_the_device_kind_a_strategy_lands_on(monkeypatch):
+    import torch
+
+    from moeguard.models.handle import resolve_model
+    from moeguard.models.placement import placed_on
+
+    assert (placed_on(None), placed_on("cpu"), placed_on("cuda:1")) == ("cpu", "cpu", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert placed_on("auto") == "cpu" and placed_on("balanced") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert placed_on("auto") == "cuda" and placed_on("sequential") == "cuda"
+    assert resolve_model(None, device_map="auto").placement == {"device_map": "auto", "placed_on": "cuda"}
+    assert resolve_model(None, device_map="cpu").placement == {"device_map": "cpu"}
+    assert resolve_model(None).placement == {}

@@ -179,3 +179,22 @@ def test_a_worker_holds_the_trust_in_inferred_families_the_command_was_given():
         assert execute(job, plain) == {"trusted": False}
     finally:
         trust_inferred_families(before)
+
+
+def test_a_built_in_hub_task_s_dataset_commit_is_in_the_jobs_scope(monkeypatch):
+    """An audit's and a study's keys held the user's task files only: a built-in hub task (glue-sst2) whose
+    dataset moved to a new commit in the cache resumed jobs scored on the old records beside new ones."""
+    from moeguard.edge import data_stamps
+    from moeguard.studies.engine import Runtime
+    from moeguard.tasks import loaders
+    from moeguard.tasks.registry import get_task
+
+    tasks = [get_task("glue-sst2"), get_task("arith-compare")]
+    scopes = []
+    for commit in ("1111", "1111", "2222"):
+        monkeypatch.setattr(loaders, "_hub_revision", lambda name, c=commit: c)
+        stamps = data_stamps(tasks)
+        assert [name for name, _ in stamps] == ["glue-sst2"]   # the embedded task changes only with moeguard
+        scopes.append(Runtime(model=None, task_data=stamps).scope())
+    assert scopes[0] == scopes[1] != scopes[2]
+    assert "task_data" not in Runtime(model=None, task_data=data_stamps(tasks[1:])).to_dict()   # embedded keys as before

@@ -109,4 +109,17 @@ def file_tasks(tasks: Iterable) -> tuple:
     return tuple(t for t in tasks if not is_builtin(t.name))
 
 
-__all__ = ["ModelHandle", "resolve_model", "resolve_tasks", "embedded_or", "resolve_grid", "file_tasks", "task_inputs"]
+def data_stamps(tasks: Iterable) -> tuple:
+    """(name, each role's data stamp) of the built-in tasks whose data can change under the same name
+    (a hub dataset's cached commit, a save_to_disk folder's files), for a study's or an audit's keys:
+    they held only the user's task files, and a hub dataset that moved to a new commit resumed jobs
+    scored on the old records beside new ones. The embedded suite changes only with moeguard."""
+    from moeguard.tasks.loaders import task_identity
+    from moeguard.tasks.registry import is_builtin
+
+    return tuple((t.name, task_identity(t)["files"]) for t in tasks
+                 if is_builtin(t.name) and t.source.type in ("hub", "disk"))
+
+
+__all__ = ["ModelHandle", "resolve_model", "resolve_tasks", "embedded_or", "resolve_grid", "file_tasks", "task_inputs",
+           "data_stamps"]

@@ -218,11 +218,16 @@ def strict_loads(text: str) -> Any:
 def whole_json(path: Path) -> bool:
     """Whether ``path`` reads as strict JSON (a kept output is trusted only then: a kill mid-write
     leaves one cut short)."""
+    return read_kept_json(path) is not None
+
+
+def read_kept_json(path: Path) -> Any:
+    """A kept output's JSON, or None where it does not read whole (cut short by a kill or a power loss:
+    the work is done again, never a traceback at every rerun)."""
     try:
-        strict_loads(path.read_text(encoding="utf-8"))
-        return True
+        return strict_loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):   # UnicodeDecodeError is a ValueError
-        return False
+        return None
 
 
 def _no_constant(name: str) -> Any:

@@ -214,15 +214,16 @@ def mark_run_dir(out: Path, cfg: AuditConfig) -> None:
 def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHandle, progress: Any = None,
               command: str | None = None) -> dict[str, Any]:
     """``cfg`` and ``model`` as :func:`resolve` returns them."""
-    from moeguard.edge import file_tasks
+    from moeguard.edge import data_stamps, file_tasks
     from moeguard.provenance import run_record
     from moeguard.tasks.registry import get_task
 
     started = time.perf_counter()
     store = StageStore(out)
     info = {**model.info, "num_experts": model.num_experts}
+    audited = [get_task(t) for t in cfg.tasks]
     runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads,
-                      tasks=file_tasks(get_task(t) for t in cfg.tasks),
+                      tasks=file_tasks(audited), task_data=data_stamps(audited),
                       max_memory=parse_memory(cfg.max_memory) if cfg.max_memory is not None else None)
     # the thread count is how many cores, not what is computed: in no stage key, as in no job's scope
     # (with it, --threads or another machine's core count re-ran the hardening and the scan)

@@ -60,8 +60,14 @@ class ModelHandle:
 
     @property
     def placement(self) -> dict[str, Any]:
-        """The run record's and resume keys' ``device_map`` entry, when one was given (absent: the CPU)."""
-        return {"device_map": self.device_map} if self.device_map is not None else {}
+        """The run record's and resume keys' ``device_map`` entry, when one was given (absent: the CPU),
+        with the kind of device a strategy (auto...) lands on here: a run on a GPU is not resumed on the CPU."""
+        if self.device_map is None:
+            return {}
+        from moeguard.models.placement import PLACEMENTS, placed_on
+
+        return {"device_map": self.device_map,
+                **({"placed_on": placed_on(self.device_map)} if self.device_map in PLACEMENTS else {})}
 
     @property
     def arg(self) -> str | None:

@@ -49,6 +49,26 @@ def check_device_map(value: str | None, *, what: str = "--device-map", on_this_m
     return v
 
 
+def placed_on(device_map: str | None) -> str:
+    """The kind of device a strategy (:data:`PLACEMENTS`) puts the first weights on here: the first
+    accelerator torch sees, else the CPU. A run keyed by ``auto`` alone resumed a GPU run's kept work on
+    a machine without one, mixing the two's numerics; a device names its own kind."""
+    import torch
+
+    if device_map is None:
+        return "cpu"
+    if device_map not in PLACEMENTS:
+        return torch.device(device_map).type
+    for kind in ("cuda", "xpu", "npu", "mps"):
+        backend = getattr(torch, kind, None)
+        try:
+            if backend is not None and backend.is_available() and (kind == "mps" or backend.device_count() > 0):
+                return kind
+        except Exception:  # noqa: BLE001 -- a backend torch names but cannot query has no devices
+            continue
+    return "cpu"
+
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
           "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
 

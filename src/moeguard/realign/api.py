@@ -164,7 +164,7 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     # the original's weights too (it sets full_score, so every retention, and orphan's picks): one updated
     # in place after a kill must not resume rounds measured against the old one
     settings = {"model": model.name, "weights": weights_identity(model.arg), "task": task.name,
-                "task_identity": task_identity(task), "original": original, "device_map": model.device_map,
+                "task_identity": task_identity(task), "original": original, "device_map": model.device_map, **model.placement,
                 "full_score": full_score, **al.key(),
                 **({"original_weights": weights_identity(orig.arg)} if orig is not None else {})}
     if al.finetune.only:

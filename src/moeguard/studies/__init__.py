@@ -121,13 +121,14 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
     changes CPU float sums), which the resume stamp leaves out, as the audit's keys do."""
     import torch
 
-    from moeguard.edge import file_tasks
+    from moeguard.edge import data_stamps, file_tasks
     from moeguard.io import resumable_dir
     from moeguard.provenance import run_record
     from moeguard.studies.engine import make_backend
 
     runner = make_backend(backend, address=ray_address, gpus=gpus_per_job, device_map=model.device_map)
-    runtime = Runtime(model=model.arg, threads=threads or torch.get_num_threads(), tasks=file_tasks(tasks), max_memory=max_memory,
+    runtime = Runtime(model=model.arg, threads=threads or torch.get_num_threads(), tasks=file_tasks(tasks),
+                      task_data=data_stamps(tasks), max_memory=max_memory,
                       device_map=model.device_map)
     try:
         # the cap changes where weights sit, not a number: a run restarted under another cap resumes

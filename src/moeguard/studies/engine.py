@@ -84,6 +84,9 @@ class Runtime:
     # tasks defined in the user's YAML files: jobs name their task, and a worker process (a Ray
     # node included) knows only the built-in names until these are adopted there
     tasks: tuple = ()
+    # the built-in tasks' data stamps (edge.data_stamps: a hub dataset's commit), in the keys beside the
+    # user's task definitions: a dataset that moved must not resume jobs scored on its old records
+    task_data: tuple = ()
     # --trust-inferred-family as it was when the runtime was made: a Ray worker starts without it, and
     # refused the model the command had accepted (it changes no number, so it is in no key)
     trust_inferred: bool = field(default_factory=_trusted)
@@ -94,6 +97,8 @@ class Runtime:
             from moeguard.tasks.loaders import task_identity
 
             d["tasks"] = [task_identity(t) for t in self.tasks]
+        if self.task_data:
+            d["task_data"] = [list(x) for x in self.task_data]
         return d
 
     def scope(self) -> str:

@@ -142,15 +142,19 @@ def evaluate_suite(model: Any, tokenizer: Any, tasks: Iterable[Task | str], *, l
     for t in resolved:
         kept = cache / f"task-{t.name}.json" if cache is not None else None   # a task name is a plain name
         if kept is not None and kept.exists():
-            results[t.name] = json.loads(kept.read_text(encoding="utf-8"))
-            continue
+            from moeguard.io import read_kept_json
+
+            got = read_kept_json(kept)   # None: cut short by a power loss, evaluated again
+            if isinstance(got, dict):
+                results[t.name] = got
+                continue
         results[t.name] = evaluate_task(model, tokenizer, t, limit=limit, batch_size=batch_size,
                                         reference=references.get(t.name), progress=progress,
                                         baseline=baseline).to_dict()
         if kept is not None:
             from moeguard.io import write_json
 
-            write_json(kept, results[t.name], overwrite=True)
+            write_json(kept, results[t.name], overwrite=True, sync=True)
     return {
         "schema_version": SCHEMA_VERSION,
         "model": model_name or _model_name(model),
