@@ -53,3 +53,65 @@ def test_uvicorn_serves_max_waiting_and_a_margin_of_connections():
     config = uvicorn_config(object(), host="127.0.0.1", port=1, limit_concurrency=256 + SPARE_CONNECTIONS)
     assert config.limit_concurrency == 288
     assert uvicorn_config(object(), host="127.0.0.1", port=1).limit_concurrency is None
+
+
+def test_sockets_that_never_send_their_headers_are_closed_and_health_answers(monkeypatch):
+    """uvicorn counts a connection against limit_concurrency from its opening and times it out only after
+    a response: idle sockets (or headers trickled forever) made /health, /metrics and every completion
+    answer 503 for as long as they stayed open."""
+    import http.client
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    import moeguard.monitor.serve as serve
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    monkeypatch.setattr(serve, "HEADER_SECONDS", 0.5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(serve.uvicorn_config(app, host="127.0.0.1", port=port, log_level="critical", limit_concurrency=5))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        idle[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")   # headers begun, never ended
+        # a request answered, then a next one begun on the same connection and never ended
+        kept = socket.create_connection(("127.0.0.1", port))
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while not first.endswith(b"\r\n\r\nok"):   # the whole response, its body included
+            got = kept.recv(1024)
+            assert got, first
+            first += got
+        assert first.startswith(b"HTTP/1.1 200"), first
+        kept.sendall(b"GET /health HTTP/1.1\r\n")
+        time.sleep(0.3)
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/health")
+        assert c.getresponse().status == 503   # the limit is reached while they stay open (uvicorn's answer)
+        c.close()
+        for sock in [*idle, kept]:   # each closed by the server once its headers are late
+            sock.settimeout(5)
+            assert sock.recv(1024) == b""
+            sock.close()
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/health")
+        r = c.getresponse()
+        assert (r.status, r.read()) == (200, b"ok")
+        c.close()
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)

@@ -43,6 +43,7 @@ DRAIN_BYTES = 1 << 20   # what BodyLimit reads past the limit before closing (a 
 BODY_SECONDS = 30.0     # the most a request body may take to arrive (a trickled one held its buffer forever)
 # connections served at once beyond --max-waiting: /health, /metrics and requests being refused
 SPARE_CONNECTIONS = 32
+HEADER_SECONDS = 10.0   # the most a request's headers may take to arrive (an idle socket held a slot forever)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,62 @@ def uvicorn_config(app, *, host: str, port: int, log_level: str = "warning", lim
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False,
-                          server_header=False, limit_concurrency=limit_concurrency)
+                          server_header=False, limit_concurrency=limit_concurrency, http=header_deadline_protocol())
+
+
+_PROTOCOL: list = []
+
+
+def header_deadline_protocol(seconds: float | None = None):
+    """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived within
+    ``seconds`` of it opening (or of its last response). uvicorn counts a connection against
+    ``limit_concurrency`` from its first byte, and times one out only after a response: a few hundred
+    sockets that never sent a request made /health, /metrics and every completion answer 503, for as
+    long as they stayed open. A body is BodyLimit's to time."""
+    seconds = HEADER_SECONDS if seconds is None else seconds
+    if _PROTOCOL and _PROTOCOL[0].header_seconds == seconds:
+        return _PROTOCOL[0]
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        header_seconds = seconds
+        _deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(self.header_seconds, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _waiting(self) -> bool:   # no request between its headers and its response
+            return self.cycle is None or self.cycle.response_complete
+
+        def data_received(self, data: bytes) -> None:
+            before = self.cycle
+            if self._waiting():        # bytes of a next request: its headers are on the clock
+                self._arm()
+            super().data_received(data)
+            if self.cycle is not before:   # its headers arrived: the app (and BodyLimit) has it now
+                self._disarm()
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self._waiting() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    _PROTOCOL[:] = [HeaderDeadline]
+    return HeaderDeadline
 
 
 def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moeguard", max_prompt_chars: int = 8000,
