@@ -112,6 +112,66 @@ def test_a_swap_does_not_collide_with_a_copy_an_interrupted_one_left(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
 
 
+def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_overwrite(tmp_path, monkeypatch):
+    """Two runs to one --out, neither with --overwrite: both passed the check at their start, and the later
+    to finish swapped the first one's finished output aside and deleted it."""
+    from moeguard import io
+
+    out = tmp_path / "out"
+    with pytest.raises(MoeguardError, match="appeared while this run worked") as e:
+        with io.atomic_dir(out) as tmp:
+            (tmp / "mine.txt").write_text("mine")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")   # the other run finished first
+    assert "--overwrite" in e.value.hint
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with io.atomic_dir(out, overwrite=True) as tmp:   # asked: replaced
+        (tmp / "mine.txt").write_text("mine")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+    f = tmp_path / "r.json"
+    real = io.os.fdopen
+
+    def meanwhile(*a, **k):   # the other run writes the file between the check and the rename
+        f.write_text("theirs")
+        return real(*a, **k)
+    monkeypatch.setattr(io.os, "fdopen", meanwhile)
+    with pytest.raises(MoeguardError, match="appeared while this run worked"):
+        io.write_text(f, "mine", overwrite=False)
+    monkeypatch.undo()
+    assert f.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.json"]
+    io.write_text(tmp_path / "new.json", "mine", overwrite=False)
+    assert (tmp_path / "new.json").read_text() == "mine" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_interrupt_between_the_renames_of_a_swap_waits_for_the_second(tmp_path, monkeypatch):
+    """Ctrl-C (or the SIGTERM the CLI turns into one) after the old output was renamed aside and before the new
+    one was renamed in: the old one stayed hidden as .out.old-*, and atomic_dir's clean-up deleted the new one."""
+    import signal
+
+    from moeguard import io
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real, calls = io.os.replace, []
+
+    def replace(a, b):
+        calls.append(Path(b).name)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)   # lands between the two renames
+        real(a, b)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            monkeypatch.setattr(io.os, "replace", replace)
+    monkeypatch.undo()
+    assert len(calls) == 2 and calls[1] == "out"
+    assert [p.name for p in out.iterdir()] == ["new.txt"]   # the new output is in place
+    # the interrupt is raised once the swap is whole: at most the old copy is left aside, never the new one lost
+    assert all(p.name == "out" or p.name.startswith(".out.old-") for p in tmp_path.iterdir())
+
+
 def test_a_resumable_folder_keeps_its_stamp_when_the_move_fails(tmp_path, monkeypatch):
     from moeguard import io
 

@@ -302,3 +302,36 @@ def test_a_failed_period_log_append_leaves_no_half_line_and_is_appended_at_the_n
     assert [json.loads(x)["start"] for x in log.read_text().splitlines()] == ["a", "b"]
     write(None, {"period": {"start": "c", "index": 2}})
     assert [json.loads(x)["start"] for x in log.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_without_periods_a_thread_retries_the_alert_rows_a_full_disk_kept(tmp_path, monkeypatch):
+    """Only the periods' minute-by-minute state save retried kept rows: a server without --period held an
+    alert a full disk refused until the next alert or its stop, and lost it in a crash."""
+    import errno
+    import time
+
+    from moeguard.monitor.servesetup import retried_every
+
+    alerts = tmp_path / "alerts.jsonl"
+    write = alert_writer(alerts)
+    real_write, full = os.write, [True]
+
+    def disk(fd, data):
+        if full[0] and os.readlink(f"/proc/self/fd/{fd}") == str(alerts):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", disk)
+    with pytest.raises(OSError, match="No space left"):
+        write("eve", {"alert": {"kind": "request", "p": 0.001}})
+    assert alerts.read_text() == ""
+    with retried_every(write, 0.05, periods=False):
+        time.sleep(0.2)
+        assert alerts.read_text() == ""          # still full: kept, tried again
+        full[0] = False
+        deadline = time.time() + 5
+        while not alerts.read_text() and time.time() < deadline:
+            time.sleep(0.05)
+    assert json.loads(alerts.read_text())["client"] == "eve" and write.retry() == 0
+    with retried_every(write, 0.05, periods=True):   # with periods the state save retries: no thread
+        assert not [t for t in __import__("threading").enumerate() if t.name == "moeguard-alert-retry"]

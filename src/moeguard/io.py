@@ -127,7 +127,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        _move_into_place(tmp, path)
+        _move_into_place(tmp, path, overwrite=overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -253,7 +253,17 @@ def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True, sy
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:   # a link fails where another run wrote the file since the check (a rename would replace it)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise _appeared(path) from None
+            except OSError:   # a file system without hard links: the check, then the rename
+                if path.exists():
+                    raise _appeared(path) from None
+                os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -277,7 +287,7 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
         partial = _partial(path, settings)
         yield partial
         # the stamp goes once the folder is in place: a failed move keeps the kept steps resumable
-        _move_into_place(partial, path)
+        _move_into_place(partial, path, overwrite=overwrite)
         _open_partials.remove(partial)
         (path / STAMP).unlink(missing_ok=True)
 
@@ -393,16 +403,45 @@ def kept_arrays(folder: Path | None, name: str, compute) -> dict[str, Any]:
     return out
 
 
-def _move_into_place(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``; an existing ``path`` (allowed by --overwrite) is swapped out first."""
+def _appeared(path: Path) -> MoeguardError:
+    return MoeguardError(f"{path} appeared while this run worked (another run wrote it), and it is not replaced "
+                         "without --overwrite", hint="pass --overwrite to replace it, or another --out")
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends (they are raised right after it): the
+    CLI turns them into an interrupt at any bytecode, and one between the two renames of a swap left
+    the old output hidden aside and the new one deleted by the caller's clean-up."""
+    import signal
+
+    held = {s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None}
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or not held:   # Windows: no signal masks
+        yield
+        return
+    before = mask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, before)
+
+
+def _move_into_place(tmp: Path, path: Path, *, overwrite: bool = True) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` (allowed by --overwrite) is swapped out first.
+    Without ``overwrite`` a ``path`` another run wrote since the start is kept (two runs to one --out:
+    the later one replaced the first's finished output)."""
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise _appeared(path)
     if path.exists():
         # a name no earlier swap left (an interrupt during the removal below leaves its copy; in a
         # container every run is PID 1, and replacing onto that non-empty folder failed after the work)
         import uuid
 
         old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.replace(path, old)
-        os.replace(tmp, path)
+        with signals_held():
+            os.replace(path, old)
+            os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         os.replace(tmp, path)

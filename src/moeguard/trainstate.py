@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from moeguard.io import dumps, sync_file
+from moeguard.io import dumps, signals_held, sync_file
 
 FORMAT = "moeguard.train-state/1"
 STATE, META = "state.safetensors", "state.json"
@@ -109,8 +109,10 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
         shutil.rmtree(path)               # a broken state beside a whole set-aside one: keep the whole one
     if path.exists():                     # (without it, .old may be the only state: a crash between renames)
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)             # renamed aside, not deleted: a crash here leaves it in place
-    os.replace(tmp, path)
+    with signals_held():                  # an interrupt between the renames waits for the second
+        if path.exists():
+            os.replace(path, old)         # renamed aside, not deleted: a crash here leaves it in place
+        os.replace(tmp, path)
     sync_file(path.parent)                # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
 

@@ -163,7 +163,7 @@ def serve(
     from moeguard.monitor.serve import client_source, create_app
     from moeguard.monitor.periodhistory import parse_accept
     from moeguard.monitor.servesetup import (alert_writer, check_options, listen, lock_period_log, open_period,
-                                             period_history, retrying, state_writer)
+                                             period_history, retried_every, retrying, state_writer)
 
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
@@ -206,7 +206,7 @@ def serve(
 
         typer.echo(f"serving {handle.name} on http://{url_host(host)}:{port}/v1/completions (metrics: /metrics; "
                    f"clients by {client_id})")
-        with mon:
+        with mon, retried_every(writer, periods=save_state is not None):
             try:
                 from moeguard.monitor.serve import SPARE_CONNECTIONS
 

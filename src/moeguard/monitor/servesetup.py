@@ -6,8 +6,10 @@ own would copy; this is the command's own plumbing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -206,6 +208,28 @@ def retrying(save_state, writer):
         writer.retry()
         save_state(state)
     return save
+
+
+@contextlib.contextmanager
+def retried_every(writer, seconds: float = 60.0, *, periods: bool):
+    """Without periods (whose minute-by-minute state save retries, ``retrying``) a thread calls
+    ``writer.retry()`` every ``seconds``: alert rows a full disk kept waited for the next alert or the
+    server's stop, and a crash lost them."""
+    if writer is None or periods:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(seconds):
+            writer.retry()
+    t = threading.Thread(target=loop, name="moeguard-alert-retry", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 def alert_writer(path: Path | None, period_log: Path | None = None):

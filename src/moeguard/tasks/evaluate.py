@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
