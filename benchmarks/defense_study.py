@@ -10,14 +10,14 @@ epochs, every attribution method, uniform and budgeted plans, 3 seeds, the from-
 baseline), and records utility, the worst-case retention before and after re-alignment, the
 area between the attacker's and the from-scratch curves, the extra labels, the protocol
 measurement and the issue's goals, as defend-eval judged them. Finished steps are skipped
-when the script is re-run with the same --work.
+when the script is re-run with the same --work and the same arguments for that step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -29,11 +29,22 @@ UTILITY = "arith-compare,docstring-topic,record-summary,code-naming,stdlib-docs,
 
 
 def moeguard(*args: str) -> tuple[float, float]:
-    """Run the CLI; (wall seconds, peak RSS of the children in MB so far)."""
+    """Run the CLI; (wall seconds, this child's own peak RSS in MB). RUSAGE_CHILDREN's maximum is over
+    every child so far: selective's figure would have held entangle's harden and defend-eval peaks."""
     exe = str(Path(sys.executable).with_name("moeguard"))
     t0 = time.perf_counter()
-    subprocess.run([exe, *args], check=True)
-    return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    proc = subprocess.Popen([exe, *args])
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, [exe, *args])
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def reusable(done: Path, stamp: Path, command: list[str]) -> bool:
+    """A finished step is reused only when it ran with these arguments (a re-run with --seeds 10 and the
+    same --work kept the 3-seed numbers and stored them under settings that said 10)."""
+    return done.exists() and stamp.exists() and json.loads(stamp.read_text()).get("command") == command
 
 
 def main() -> None:
@@ -59,17 +70,20 @@ def main() -> None:
     for method in args.methods.split(","):
         hardened = work / method
         timing = work / f"{method}.timing.json"
-        if not (hardened / "moeguard_hardening.json").exists():
-            wall, rss = moeguard("harden", "--method", method, "--out", str(hardened), "--overwrite")
-            timing.write_text(json.dumps({"wall_s": wall, "peak_rss_mb": rss}))
+        harden = ["harden", "--method", method, "--out", str(hardened), "--overwrite"]
+        if not reusable(hardened / "moeguard_hardening.json", timing, harden):
+            wall, rss = moeguard(*harden)
+            timing.write_text(json.dumps({"wall_s": wall, "peak_rss_mb": rss, "command": harden}))
         h = json.loads((hardened / "moeguard_hardening.json").read_text())
         ev = work / f"eval-{method}"
         ev_timing = work / f"eval-{method}.timing.json"
-        if not (ev / "defense.json").exists():
-            ev_wall, _ = moeguard("defend-eval", "--hardened", str(hardened), "--tasks", args.tasks, "--utility-tasks", UTILITY,
-                     "--keeps", args.keeps, "--seeds", args.seeds, "--modes", args.modes, "--budget", args.budget, "--budgets", args.budgets,
-                     "--eval-limit", args.eval_limit, "--out", str(ev), "--overwrite")
-            ev_timing.write_text(json.dumps({"wall_s": ev_wall}))
+        evaluate = ["defend-eval", "--hardened", str(hardened), "--tasks", args.tasks, "--utility-tasks", UTILITY,
+                    "--keeps", args.keeps, "--seeds", args.seeds, "--modes", args.modes, "--budget", args.budget,
+                    "--budgets", args.budgets, "--eval-limit", args.eval_limit, "--out", str(ev), "--overwrite"]
+        # a hardening made again makes its evaluation stale too
+        if not reusable(ev / "defense.json", ev_timing, evaluate) or ev_timing.stat().st_mtime < timing.stat().st_mtime:
+            ev_wall, _ = moeguard(*evaluate)
+            ev_timing.write_text(json.dumps({"wall_s": ev_wall, "command": evaluate}))
         d = json.loads((ev / "defense.json").read_text())
         cells = {}
         for task, by in d["attacks"].items():
@@ -80,6 +94,9 @@ def main() -> None:
                         "auc", "scratch_retention", "scratch_auc", "area_between", "no_better_than_scratch",
                         "diverged_runs")},
                           "attacker_pick": {k: v[who]["attribution"]["best"][k] for k in ("method", "plan")},
+                          # every plan the attacker weighed, so the README's per-plan figures can be checked here
+                          "candidates": [{k: c.get(k) for k in ("method", "plan", "route", "retention", "unbuildable")}
+                                         for c in v[who]["attribution"].get("candidates", [])],
                           "worst_case": {k: v[who]["worst_case"][k] for k in ("labels", "retention", "argbest")},
                           "runs": len(v[who]["runs"])}
                     for who in ("base", "hardened")} | {"extra_labels": v["extra_labels"]}

@@ -134,8 +134,12 @@ def main() -> None:
             optim_used = runs["trainer"][0]["optim"]
             row = {"task": task, "mode": mode, "lr": cfg(1).learning_rate, "examples": len(examples),
                    "mean_seq_len": round(tokens / (args.steps * args.batch), 1), "tokens_per_run": tokens}
-            for side, rs in runs.items():
+            exact = {}   # the ratios, the goal and the loss gap from unrounded medians (3.3 / 3.4 tok/s read 0.97
+            for side, rs in runs.items():   # at E = 128 where the seconds gave 0.999); rounded only for output
                 loop_tok = tokens - step_tokens[0]
+                exact[side] = (statistics.median(tokens / r["wall"] for r in rs),
+                               statistics.median(loop_tok / (r["stamps"][-1] - r["stamps"][0]) for r in rs),
+                               rs[0]["mean_loss"])
                 row[side] = {
                     "end_to_end_tokens_per_s": round(statistics.median(tokens / r["wall"] for r in rs), 1),
                     "loop_tokens_per_s": round(statistics.median(loop_tok / (r["stamps"][-1] - r["stamps"][0])
@@ -144,10 +148,11 @@ def main() -> None:
                     "seconds_per_repeat": [round(r["wall"], 3) for r in rs],
                     "mean_loss": round(rs[0]["mean_loss"], 5)}
             e, t = row["engine"], row["trainer"]
-            row["ratio_engine_vs_trainer"] = round(e["end_to_end_tokens_per_s"] / t["end_to_end_tokens_per_s"], 3)
-            row["ratio_loop"] = round(e["loop_tokens_per_s"] / t["loop_tokens_per_s"], 3)
-            row["loss_rel_diff"] = round(abs(e["mean_loss"] - t["mean_loss"]) / abs(t["mean_loss"]), 6)
-            row["goal"], row["met"] = GOAL, row["ratio_engine_vs_trainer"] >= GOAL
+            (ee, el, eloss), (te, tl, tloss) = exact["engine"], exact["trainer"]
+            row["ratio_engine_vs_trainer"] = round(ee / te, 3)
+            row["ratio_loop"] = round(el / tl, 3)
+            row["loss_rel_diff"] = round(abs(eloss - tloss) / abs(tloss), 6)
+            row["goal"], row["met"] = GOAL, ee / te >= GOAL
             rows.append(row)
             print(f"{task:14s} {mode:5s} engine {e['end_to_end_tokens_per_s']:9.0f} tok/s  trainer "
                   f"{t['end_to_end_tokens_per_s']:9.0f} tok/s  ratio {row['ratio_engine_vs_trainer']:.3f} "

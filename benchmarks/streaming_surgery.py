@@ -223,9 +223,14 @@ def main(argv=None) -> int:
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from moeguard.io import dumps   # strict JSON: a NaN is null, as every moeguard output
+    from moeguard.io import dumps, write_text   # strict JSON: a NaN is null, as every moeguard output
+    from moeguard.provenance import git_commit
 
-    args.out.write_text(dumps(result, indent=2) + "\n")
+    # the commit and version, as _common.write_result records them, through a renamed sibling: an
+    # interrupted rerun keeps the committed result whole
+    result["git_commit"] = git_commit()
+    result["machine"]["moeguard"] = __import__("moeguard").__version__
+    write_text(args.out, dumps(result, indent=2) + "\n")
     _print(result, args.out)
     return 0 if all(g["met"] for g in result["goals"].values()) else 1
 

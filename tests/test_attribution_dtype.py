@@ -19,12 +19,12 @@ from test_attribution import _batches
 
 @pytest.mark.parametrize("family", ["ernie4_5_moe", "granitemoe", "jetmoe", "mixtral", "deepseek_v3"])
 def test_gradient_routes_the_pruned_router_to_weights_in_the_model_s_own_dtype(family, monkeypatch):
-    """Granite's router returns float32 logits and its weights in the input's dtype: its spec said
-    "the logits' dtype", so gradient's pruned weights came back in float32 beside the bf16 ones the
-    model used (ERNIE's offset, in all four Granite families)."""
+    """Granite's router returns float32 logits and its weights in the input's dtype: its spec (which
+    replays its bf16 logits and cannot tell) said "the logits' dtype", so gradient's pruned weights came
+    back in float32 beside the bf16 ones the model used (ERNIE's offset, in all four Granite families)."""
     model = as_loaded_in(tiny_model(family), torch.bfloat16)
     seen, own = [], []
-    real, real_delta = gradient.route_module, gradient._layer_delta
+    real, real_delta = gradient._pruned_weights, gradient._layer_delta
 
     def recording(*a, **k):
         w, sub = real(*a, **k)
@@ -34,7 +34,7 @@ def test_gradient_routes_the_pruned_router_to_weights_in_the_model_s_own_dtype(f
     def delta(adapter, layer, trace, *a, **k):
         own.append(trace.weights.dtype)
         return real_delta(adapter, layer, trace, *a, **k)
-    monkeypatch.setattr(gradient, "route_module", recording)
+    monkeypatch.setattr(gradient, "_pruned_weights", recording)
     monkeypatch.setattr(gradient, "_layer_delta", delta)
     ctx = Context(model=model, tokenizer=None, adapter=MoEAdapter(model), task=get_task("stdlib-code"),
                   batches=_batches(0), reference=[], options={})

@@ -60,9 +60,9 @@ MATRIX = {
     "audit": {"missing": (["--tasks", "arith-compare"], "--out"), "type": (["--out", "O", "--samples", "x"], "--samples"),
               "range": (["--out", "O", "--samples", "0"], "samples")},
     "fingerprint": {"missing": (["--seed", "1"], "--out"), "type": (["--out", "O", "--seed", "x"], "--seed"),
-                    "range": (["--out", "O", "--model", "O"], "does not exist")},
+                    "range": (["--out", "O", "--seed", "-1"], "'--seed': Input should be greater than or equal to 0")},
     "trace": {"missing": (["--seed", "1"], "--suspect"), "type": (["--suspect", "S", "--seed", "x"], "--seed"),
-              "range": (["--suspect", "O", "--out", "O"], "does not exist")},
+              "range": (["--suspect", "S", "--seed", "-1"], "'--seed': Input should be greater than or equal to 0")},
     "route-attack": {"missing": (["--expert", "1"], "--out"), "type": (["--out", "O", "--expert", "x"], "--expert"),
                      "range": (["--out", "O", "--layer", "7", "--expert", "1"], "is not an MoE layer")},
     "monitor profile": {"missing": (["--limit", "10"], "--out"), "type": (["--out", "O", "--limit", "x"], "--limit"),
@@ -152,14 +152,14 @@ def test_help_is_not_an_error(capsys):
 
 # Malformed files wherever one is read: (command, file name, content, needle)
 MALFORMED = [
-    ("prune --out O --plan F", "plan.json", "{not json", "plan.json"),
-    ("prune --out O --plan F", "plan.json", '{"keep": "all"}', "plan.json"),
-    ("prune --out O --scores F --keep 2", "scores.json", "[1, 2", "scores.json"),
-    ("prune --out O --scores F --keep 2", "scores.json", '{"scores": "high"}', "scores.json"),
-    ("merge --out O --method average --plan F", "plan.json", "{not json", "plan.json"),
+    ("prune --out O --plan F", "plan.json", "{not json", "plan.json is not valid JSON"),
+    ("prune --out O --plan F", "plan.json", '{"keep": "all"}', "plan.json has no 'keep' map"),
+    ("prune --out O --scores F --keep 2", "scores.json", "[1, 2", "scores.json is not valid JSON"),
+    ("prune --out O --scores F --keep 2", "scores.json", '{"scores": "high"}', "scores.json is not a moeguard scores file"),
+    ("merge --out O --method average --plan F", "plan.json", "{not json", "plan.json is not valid JSON"),
     ("merge --out O --method average --plan F", "plan.json", '{"clusters": {"0": "all"}}', "not a list of expert clusters"),
-    ("merge --out O --method hc-smoe --scores F --keep 2", "scores.json", '{"scores": "high"}', "scores.json"),
-    ("merge --out O --method average --plan F", "plan.json", '{"clusters": null, "keep": {"0": [0]}}', "plan.json"),
+    ("merge --out O --method hc-smoe --scores F --keep 2", "scores.json", '{"scores": "high"}', "scores.json is not a moeguard scores file"),
+    ("merge --out O --method average --plan F", "plan.json", '{"clusters": null, "keep": {"0": [0]}}', "has neither a 'clusters' nor a 'keep' map"),
     ("audit --out O --config F", "audit.yaml", "tasks: [a, b\n", "not valid YAML"),
     ("audit --out O --config F", "audit.yaml", "- just\n- a list\n", "expected a mapping"),
     ("audit --out O --config F", "audit.yaml", "gpus_per_job: .nan\n", "gpus_per_job is nan; it must be a finite number"),
@@ -167,8 +167,8 @@ MALFORMED = [
     ("audit --out O --config F", "audit.yaml", "defense: entangle\ndefense_modes: [bogus]\n", "unknown fine-tuning mode 'bogus'"),
     ("audit --out O --config F", "audit.yaml", "defense: entangle\ndefense_lr_scales: [-1]\n", "use positive values"),
     ("audit --out O --config F", "audit.yaml", "seed: 99999999999\n", "set seed to 4294967295 or less"),
-    ("eval --tasks F", "task.yaml", "name: x\nkind: [\n", "task.yaml"),
-    ("eval --tasks F", "task.yaml", "just a string\n", "task.yaml"),
+    ("eval --tasks F", "task.yaml", "name: x\nkind: [\n", "task.yaml' is not valid YAML at line 3"),
+    ("eval --tasks F", "task.yaml", "just a string\n", "task.yaml' holds a str, not a mapping"),
     ("eval --tasks F", "task.yaml",   # a name is a file name in every output: this one wrote outside --out
      'name: ../../escaped\nkind: classification\nsource: {type: local, path: x.jsonl}\nfields: {input: t, label: l}\n',
      "task name '../../escaped' is not a plain name"),
@@ -200,9 +200,9 @@ MALFORMED = [
      "asks for metric 'f1'"),
     ("eval --tasks F", "task.yaml", "name: s\nkind: summarization\nsource: {type: local, path: d, format: jsonl}\nfields: {input: a, target: b}\nmax_length: 64\ngeneration: {max_new_tokens: 64}\n",
      "leaving 0 for the input"),
-    ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", "{oops", "protocol.json"),
-    ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", '{"modes": 5}', "protocol.json"),
-    ("scan --out O --references F", "scan.json", "{broken", "scan.json"),
+    ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", "{oops", "protocol.json is not valid JSON"),
+    ("realign --model E --task arith-compare --out O --protocol F", "protocol.json", '{"modes": 5}', "protocol.json is not a moeguard protocol"),
+    ("scan --out O --references F", "scan.json", "{broken", "scan.json is not valid JSON"),
     ("monitor score --profile F --log F --out O", "profile.json", "[" * 100_000, "is not valid JSON (nested too deeply to read)"),
     ("eval --tasks F", "task.yaml", "name: t\nkind: classification\nsource: {type: local, path: d, format: jsonl}\n"
      "fields: {input: q, label: l}\nlabels: {0: \" no\", 1: \" yes\"}\nDATA:" + "[" * 100_000,
@@ -210,14 +210,14 @@ MALFORMED = [
     ("scan --out O --references F", "scan.json", '{"schema": "moeguard.audit/1"}', "is not a scan"),
     ("scan --out O --references F", "scan.json",   # settings of the wrong type: AttributeError once
      '{"schema": "moeguard.scan/1", "experts": [], "suspicion": {"score": "chain"}, "settings": ["x"]}', "is not a scan"),
-    ("info --model D", "config.json", "{broken", "config.json"),
+    ("info --model D", "config.json", "{broken", "config.json' is not a valid JSON file"),
     ("info --model D", "config.json", "CONFIG:moeguard_experts_per_layer=abc", "expected a map of layer index"),
     ("info --model D", "config.json", "CONFIG:moeguard_experts_per_layer={\"0\": true}", "expert counts outside"),
     ("info --model D", "model.safetensors.index.json", '{"weight_map": [1]}', "not a valid safetensors index"),
     ("info --model D", "model.safetensors.index.json", '{"weight_map": {"a": 5}}', "not a valid safetensors index"),
     ("info --model D", "model.safetensors.index.json", '{"weight_map": {"a": ""}}', "not a valid safetensors index"),
     ("info --model D", "model.safetensors.index.json", '[1]', "not a valid safetensors index"),
-    ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", "{broken", "moeguard_pruning.json"),
+    ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", "{broken", "moeguard_pruning.json is not valid JSON"),
     ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", "[1]", "is not a pruning record"),
     ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", '{"source": 5}', "is not a pruning record"),
     ("realign --model D --task arith-compare --out O", "moeguard_pruning.json", '{"original_num_experts": "x"}',
@@ -316,7 +316,7 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["harden", "--out", "{O}", "--lr", "-1"], "lr is -1.0; it must be at least 1e-12"),      # Adam refused it after the load
     (["harden", "--out", "{O}", "--lr", "nan"], "lr is nan; it must be a finite number"),      # read "should be at most 10"
     (["audit", "--out", "{O}", "--target", "nan"], "target is nan; it must be a finite number"),
-    (["audit", "--out", "{O}", "--threads", "99999999999"], "--threads"),                      # overflowed in a job
+    (["audit", "--out", "{O}", "--threads", "99999999999"], "'--threads': Input should be less than or equal to 4096"),                      # overflowed in a job
     (["monitor", "profile", "--out", "{O}", "--window", "1000000000000"],     # failed at the end, allocating 7 TiB
      "--window is 1000000000000; benign windows are drawn from at most 600 calibration requests"),
     (["scan", "--out", "{O}", "--threshold", "inf"], "--threshold is inf"),
@@ -360,7 +360,8 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     # GPUs for Ray tasks: ignored without Ray; without them a GPU map fails in every worker
     (["sweep", "--gpus-per-job", "1", "--out", "{O}"], "--gpus-per-job 1 reserves GPUs for Ray tasks"),
     (["audit", "--gpus-per-job", "0.5", "--out", "{O}"], "--gpus-per-job 0.5 reserves GPUs for Ray tasks"),
-    (["attack", "--task", "arith-compare", "--keep", "2", "--gpus-per-job", "-1", "--out", "{O}"], "--gpus-per-job"),
+    (["attack", "--task", "arith-compare", "--keep", "2", "--gpus-per-job", "-1", "--out", "{O}"],
+     "'--gpus-per-job': Input should be greater than or equal to 0"),
     # --overwrite without the optional --out it would apply to did nothing
     (["trace", "--suspect", "{D}", "--overwrite"], "--overwrite replaces an existing --out, and no --out was given"),
     # a repeat doubled the study's jobs, and the savings paired one strategy's seed with another's

@@ -74,7 +74,7 @@ def test_digit_like_keys_in_plans_are_one_line_not_a_value_error(tmp_path):
     from moeguard.pruning.plan import PrunePlan
 
     assert is_decimal("12") and not is_decimal("²") and not is_decimal("١") and not is_decimal(3)
-    with pytest.raises(MoeguardError):
+    with pytest.raises(MoeguardError, match="layer '²' -> \\[0\\] is not a list of expert indices"):
         PrunePlan.from_dict({"keep": {"²": [0]}}, origin="plan.json")
 
 

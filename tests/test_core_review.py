@@ -144,30 +144,36 @@ def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_overwrite
     assert (tmp_path / "new.json").read_text() == "mine" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_an_interrupt_between_the_renames_of_a_swap_waits_for_the_second(tmp_path, monkeypatch):
+def test_an_interrupt_between_the_renames_of_a_swap_waits_for_the_second(tmp_path):
     """Ctrl-C (or the SIGTERM the CLI turns into one) after the old output was renamed aside and before the new
-    one was renamed in: the old one stayed hidden as .out.old-*, and atomic_dir's clean-up deleted the new one."""
-    import signal
+    one was renamed in: the old one stayed hidden as .out.old-*, and atomic_dir's clean-up deleted the new one.
+    In a process of its own: the CLI's main thread takes the signal (a pytest-xdist worker's may not)."""
+    import subprocess
+    import sys
 
-    from moeguard import io
-
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    real, calls = io.os.replace, []
-
-    def replace(a, b):
-        calls.append(Path(b).name)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)   # lands between the two renames
-        real(a, b)
-    with pytest.raises(KeyboardInterrupt):
-        with io.atomic_dir(out, overwrite=True) as tmp:
-            (tmp / "new.txt").write_text("new")
-            monkeypatch.setattr(io.os, "replace", replace)
-    monkeypatch.undo()
-    assert len(calls) == 2 and calls[1] == "out"
-    assert [p.name for p in out.iterdir()] == ["new.txt"]   # the new output is in place
+    script = """
+import os, signal, sys
+from pathlib import Path
+from moeguard import io
+out = Path(sys.argv[1]) / "out"
+out.mkdir()
+(out / "old.txt").write_text("old")
+real, calls = os.replace, []
+def replace(a, b):
+    calls.append(Path(b).name)
+    if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGINT)   # lands between the two renames
+    real(a, b)
+try:
+    with io.atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        io.os.replace = replace
+except KeyboardInterrupt:
+    print("interrupted after", len(calls), "renames")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "interrupted after 2 renames", (done.stdout, done.stderr)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]   # the new output is in place
     # the interrupt is raised once the swap is whole: at most the old copy is left aside, never the new one lost
     assert all(p.name == "out" or p.name.startswith(".out.old-") for p in tmp_path.iterdir())
 
@@ -216,9 +222,16 @@ def test_an_input_that_cannot_be_looked_at_is_skipped_not_a_traceback(tmp_path, 
     (Python 3.11 swallows only a missing path), a traceback where realign should run on --full-score."""
     from moeguard.io import check_not_inputs
 
-    def denied(self, *a, **k):
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    real_stat, locked = os.stat, "/root/models/Mixtral-8x7B"
 
-    monkeypatch.setattr(Path, "exists", denied)
-    monkeypatch.setattr(os.path, "exists", lambda p: False)   # what it says for a path it cannot stat
-    check_not_inputs(tmp_path / "out", ["/root/models/Mixtral-8x7B"])
+    def stat(p, *a, **k):   # that path alone cannot be looked at; every other check stays real
+        if str(p).startswith(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real_stat(p, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    check_not_inputs(tmp_path / "out", [locked])
+    # and the check still works beside it: an output that is another input is refused
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MoeguardError, match="is \\(or holds\\) the input"):
+        check_not_inputs(tmp_path / "out", [locked, str(tmp_path / "out")])

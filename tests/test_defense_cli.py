@@ -203,7 +203,8 @@ def test_defend_eval_compares_utility_attacks_and_the_protocol(hardened, tmp_pat
     assert (u["cost_percent"] > 0) == (u["hardened"] < u["base"])
     assert doc["goals"]["utility_cost_at_most_2"]["values"]["arith-compare"] == u["cost_percent"]
     cell = doc["attacks"]["arith-compare"]["4"]
-    # one from-scratch baseline shared by both: the same raw scores
+    # one from-scratch baseline shared by both: the same raw scores (and some: two empty lists were equal)
+    assert cell["base"]["scratch"]["runs"], cell["base"]["scratch"]
     assert [r["points"] for r in cell["base"]["scratch"]["runs"]] == [r["points"] for r in cell["hardened"]["scratch"]["runs"]]
     assert set(doc["goals"]) >= {"undefended_keeps_90", "hardened_at_most_50", "utility_cost_at_most_2",
                                  "moonshot_no_better_than_scratch", "authorized_path_at_least_90"}

@@ -55,7 +55,7 @@ def test_a_negative_objective_weight_is_refused(tmp_path, capsys, flag):
     capsys.readouterr()
     line = _one_line(main(["harden", flag, "-1", "--steps", "1", "--out", str(tmp_path / "h")]), capsys.readouterr().err)
     assert "-1" in line and flag.lstrip("-") in line.replace("-", ""), line
-    with pytest.raises(MoeguardError):
+    with pytest.raises(MoeguardError, match="target is 0.0; it must be at least 1e-06"):
         HardenConfig(target=0.0)
     assert not (tmp_path / "h").exists()
 

@@ -152,9 +152,14 @@ def test_each_stdlib_file_feeds_one_split_across_tasks(built: Path) -> None:
             for r in read(built, task, split):
                 assert split_of.setdefault(r["source"], split) == split, (task, r["source"])
     # the eval texts of one task are not training texts of another
-    train_text = {" ".join(r["text"].split()) for r in read(built, "stdlib-docs", "train")}
-    for split in build.EVAL_SPLITS:
-        assert not any(r["text"] in train_text for r in read(built, "docstring-topic", split))
+    # inside any chunk, whitespace normalized: a chunk packs several paragraphs, so an exact match of one
+    # paragraph against the chunks fired only where a chunk was that one paragraph
+    train_text = [" ".join(r["text"].split()) for r in read(built, "stdlib-docs", "train")]
+    leaked = [(split, " ".join(r["text"].split())) for split in build.EVAL_SPLITS for r in read(built, "docstring-topic", split)
+              if any(" ".join(r["text"].split()) in t for t in train_text)]
+    # one of the 400: a one-sentence docstring of wsgiref/headers.py that another module's docstring
+    # repeats word for word (measured 2026-12-07; rebuilding the suite would retrain the embedded model)
+    assert leaked == [("validation", "This will quote the value if needed or if quote is true.")], leaked
 
 
 @pytest.mark.parametrize("task", build.TASKS)
@@ -341,5 +346,7 @@ def test_the_cli_records_its_run_beside_the_manifest_not_in_it(tmp_path: Path, m
     monkeypatch.setattr(suite, "build_suite", fake)
     assert main(["zoo", "suite", "--out", str(tmp_path / "s"), "--seed", "3"]) == 0
     run = json.loads((tmp_path / "s" / "run.json").read_text())
-    assert run["settings"]["seed"] == 3 and run["versions"]["torch"] and "git" in json.dumps(run)
+    from moeguard.provenance import git_commit
+
+    assert run["settings"]["seed"] == 3 and run["versions"]["torch"] and run["git_commit"] == git_commit()
     assert (tmp_path / "s" / "MANIFEST.json").read_text() == "{}"

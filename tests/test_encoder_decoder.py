@@ -431,7 +431,7 @@ def test_trace_finds_a_pruned_derivative_and_its_kept_experts(fam, tmp_path, cap
         assert doc["verdict"] == name, doc["verdict"]
         if name == "derived":
             assert doc["p_value"] < 1e-6
-            assert all(l["kept"] == [1, 3, 4, 6] for l in doc["layers"]), doc["layers"]
+            assert doc["layers"] and all(l["kept"] == [1, 3, 4, 6] for l in doc["layers"]), doc["layers"]
 
 
 @pytest.mark.parametrize("fam", sorted(ENCODER_DECODER_LAYOUT))
@@ -526,9 +526,11 @@ def test_every_active_learning_strategy_reads_an_encoder_decoder(fam):
         pool = unlabeled(task, load_records(task, "train", limit=8))
         shares = routing_shares(model, tok, task, pool, batch_size=4)
         assert shares.shape == (8, 4, 8) and torch.allclose(shares.sum(-1), torch.ones(8, 4, dtype=shares.dtype))
+        ran = 0
         for strategy in list_strategies():
             if task.kind not in strategy.kinds:
                 continue
+            ran += 1
 
             def picks():
                 q = Query(model=model, tokenizer=tok, task=task, pool=pool, candidates=list(range(2, 8)),
@@ -538,6 +540,7 @@ def test_every_active_learning_strategy_reads_an_encoder_decoder(fam):
 
             a = picks()
             assert a == picks() and len(set(a)) == 3 and not set(a) & {0, 1}, (name, strategy.name, a)
+        assert ran >= 2, (name, ran)   # random and at least one selecting strategy for every kind
 
 
 def test_an_audit_runs_on_an_encoder_decoder(family_checkpoint, tmp_path):

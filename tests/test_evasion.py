@@ -130,7 +130,7 @@ def test_bad_evasion_settings_are_one_line_errors(profile, tmp_path, capsys):
     (tmp_path / "dir").mkdir()   # a folder given as the profile
     for extra, needle in ((["--evade", str(P), "--evade-p", "0"], "--evade-p is 0.0"),
                           (["--evade", str(P), "--evade-p", "1.5"], "--evade-p is 1.5"),
-                          (["--evade", str(tmp_path / "none.json")], "none.json"),
+                          (["--evade", str(tmp_path / "none.json")], f"routing profile {tmp_path / 'none.json'} does not exist"),
                           (["--evade-p", "0.5"], "--evade-p and --evade-order need the monitor's profile"),
                           (["--evade", str(P), "--evade-order", "stealth"], "evade order 'stealth' is not one of evasion, hijack"),
                           (["--evade", str(tmp_path / "dir")], "routing profile")):

@@ -33,6 +33,9 @@ def query(embedded, task_name, *, n=20, k=4, labeled=(0, 1), seed=0, orphan=None
 
 
 def test_strategy_matrix_covers_every_registered_strategy():
+    from moeguard.tasks.kinds.base import kind_names
+
+    assert set(KIND_TASK) == set(kind_names()), "a new task kind needs a task in KIND_TASK"   # else its strategies go untested
     names = {s.name for s in list_strategies()}
     assert {"random", "least-confidence", "margin", "entropy", "nll", "coreset", "cluster-uncertainty", "orphan"} <= names
 

@@ -30,6 +30,17 @@ def _drop_one_plans(adapter, E: int, device) -> list:
     return plans
 
 
+def _pruned_weights(adapter, layer, trace, params, kept_t):
+    """The pruned router's (weights, kept slots) from the traced logits, in the dtype the model's own
+    weights came in. Granite's router returns float32 logits (what the trace holds) and its weights in
+    the input's dtype, which a spec replaying its bf16 logits (built or inferred) cannot tell from the
+    logits' dtype: they came back in float32 beside the model's bf16 ones, a rounding offset on every
+    token of every plan. A pruned router returns its weights in the unpruned one's dtype."""
+    w_new, sub = route_module(layer, trace.logits, adapter.family.routing, params, kept=kept_t,
+                              input_dtype=trace.hidden.dtype)
+    return w_new.to(trace.weights.dtype), sub
+
+
 def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Tensor:
     E = layer.num_experts
     out = torch.zeros(E, dtype=torch.float64)
@@ -47,8 +58,7 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
         kept_t = kept_t.to(device)   # the layer's device: under a multi-GPU device map not the first parameter's
         # the router input's dtype, as the masked replays pass it (ERNIE returns its weights in it: a bf16
         # model's pruned weights came back in float32 beside old ones in bf16, a rounding offset on every token)
-        w_new, sub = route_module(layer, trace.logits, adapter.family.routing, params, kept=kept_t,
-                                  input_dtype=trace.hidden.dtype)
+        w_new, sub = _pruned_weights(adapter, layer, trace, params, kept_t)
         routed.append((w_new.float(), kept_t[sub]))
     need = torch.zeros(N, E, dtype=torch.bool, device=device)
     for _, idx in routed:

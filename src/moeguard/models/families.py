@@ -419,8 +419,7 @@ register_family(FamilySpec(
 # always-on MLP on the decoder layer beside the sparse block (the adapter finds it there). On
 # disk: block_sparse_moe.router.layer, fused block_sparse_moe.input_linear / output_linear;
 # GraniteMoE-SWA (sliding-window layers) saves its in-memory names.
-# the router's logits in float32 (F.linear(...).float()), its weights in the input's dtype (type_as)
-GRANITE_ROUTING = RoutingSpec(score="softmax", select_on="logits", weights_dtype="input")
+GRANITE_ROUTING = RoutingSpec(score="softmax", select_on="logits")
 for _name, _shared in (("granitemoe", ()), ("granitemoehybrid", ("shared_mlp",)), ("granitemoeshared", ("shared_mlp",))):
     register_family(FamilySpec(
         name=_name, model_types=(_name,), block_attrs=("block_sparse_moe",), router_attr="router",
