@@ -106,3 +106,30 @@ def test_the_run_lock_is_one_for_every_spelling_of_the_folder(tmp_path, monkeypa
                 with lock_run_dir(other):
                     pass
     assert not (tmp_path / ".run.lock").exists()
+
+
+def test_the_defense_is_checked_on_every_defense_task_and_the_hardening_before_any_stage(tmp_path, monkeypatch):
+    """Only the first defense task's attack pool was checked, and the hardening's own checks (authorized
+    patterns matching no parameter of the family) ran in the harden stage, after every other stage."""
+    from transformers import AutoTokenizer
+
+    from moeguard.audit.config import AuditConfig
+    from moeguard.audit.run import resolve
+    from moeguard.errors import MoeguardError
+    from moeguard.models.loading import EMBEDDED_MODEL_DIR
+    from moeguard.models.tokenizer_files import save_tokenizer
+    from moeguard.testing import tiny_model
+
+    # a defense task whose train split holds fewer records than the attacker's pool and budget ask
+    cfg = AuditConfig(tasks=("arith-compare", "stdlib-code"), defense="entangle",
+                      defense_tasks=("arith-compare", "stdlib-code"), recovery=False, defense_budget=2000, pool_size=2000)
+    with pytest.raises(MoeguardError) as e:
+        resolve(cfg)
+    assert "stdlib-code" in e.value.message, e.value.message   # the second task's pool, before any stage
+    # JetMoE's attention is self_attention.kv_proj: selective's default patterns match none of it
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    model = tmp_path / "jetmoe"
+    tiny_model("jetmoe", vocab_size=len(tok)).save_pretrained(model)
+    save_tokenizer(tok, model)
+    with pytest.raises(MoeguardError, match="match no parameter"):
+        resolve(AuditConfig(model=str(model), tasks=("arith-compare",), defense="selective", recovery=False))

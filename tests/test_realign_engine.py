@@ -80,6 +80,36 @@ def test_lora_release_gives_back_the_untouched_base(family):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_a_new_adapter_mode_is_folded_released_and_capped_as_lora_by_its_spec():
+    """LoRA was named in five places (fold to save, unload to release, the study's fold, the protocol
+    check, the cap): a mode registered with adapters=True (a peft DoRA, say) saved its adapter keys,
+    left its layers in the model and was refused under --max-memory."""
+    import dataclasses
+
+    from moeguard.realign.modes import ModeSpec, get_mode, register_mode
+    from moeguard.studies.recovery import check_capped
+
+    lora = get_mode("lora")
+    register_mode(ModeSpec("adapters-test", "LoRA under another name", lora.default_lr,
+                           lambda model, **o: dataclasses.replace(lora.apply(model, **o), mode="adapters-test"),
+                           adapters=True))
+    try:
+        model = tiny_model("mixtral")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        t = apply_mode(model, "adapters-test")
+        assert t.adapters and t.mode == "adapters-test"
+        check_capped("8MiB", mode="adapters-test")   # trains in memory over offloaded weights, as LoRA
+        finetune(t, examples(), FinetuneConfig(mode="adapters-test", min_steps=2, epochs=1, batch_size=4, lr=1e-2), pad_id=0)
+        base = t.release()
+        assert set(dict(base.named_parameters())) == set(before), "peft layers left behind"
+        folded = apply_mode(base, "adapters-test").merged()   # what is saved: the adapters folded in
+        assert set(dict(folded.named_parameters())) == set(before), "adapter keys saved"
+    finally:
+        MODES.remove("adapters-test")
+    with pytest.raises(Exception, match="use --mode lora"):
+        check_capped("8MiB", mode="full")
+
+
 def test_resume_after_interruption_is_bitwise_identical(tmp_path):
     cfg = FinetuneConfig(mode="full", min_steps=12, epochs=1, batch_size=4, save_every=5, seed=3)
     model = tiny_model("mixtral")

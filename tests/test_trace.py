@@ -169,6 +169,26 @@ def test_merged_experts_name_their_sources(embedded, fp):
         assert found == truth
 
 
+def test_detectability_counts_a_merged_model_s_experts_named_by_their_sources(embedded):
+    """On the merge route the stolen model's merged experts are labelled merged, never kept: detectability
+    counted only kept labels and read 6 of 20 where the trace named every merge's sources."""
+    from moeguard.studies.merge_route import merged_from
+    from moeguard.trace.api import detectability, fingerprint_in_memory
+
+    m, tok = embedded
+    clusters = {l: [[0, 1], [2], [3, 4, 5], [6], [7]] for l in range(4)}
+    stolen = merged_from(m, {"clusters": {str(l): g for l, g in clusters.items()}, "weights": {}})
+    keep = {l: sorted(g[0] for g in gs) for l, gs in clusters.items()}
+    fp_ = fingerprint_in_memory(m, tok, key="embedded-merge-route")
+    d = detectability(fp_, stolen, tok, keep, clusters=clusters)
+    assert d["verdict"] == "derived" and (d["kept_total"], d["merged_total"]) == (20, 8)
+    assert d["kept_identified"] == 20, d
+    assert detectability(fp_, stolen, tok, keep)["kept_identified"] == 12   # counted as pruned: the merges missed
+    from moeguard.report.auditrows import _identified
+
+    assert _identified(d) == "identifying 20 of 20 experts (8 of them merges, each named by its sources)"
+
+
 def test_a_checkpoint_written_by_moeguard_merge_is_traced_to_its_merging_record(fp, tmp_path, capsys):
     """The merge command's own record on disk (``moeguard_merging.json``) is the ground truth the
     trace of its checkpoint is checked against: which originals each merged expert came from."""

@@ -113,7 +113,20 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
         # stage, after every other stage had run
         from moeguard.studies.attack import preflight
 
-        preflight(defense_attack(resolved, model.num_experts), model)
+        # every defense task, as defend-eval checks them: a later one's pool or train split failed only
+        # in the defense stage, after every other stage had run
+        grid = defense_attack(resolved, model.num_experts)
+        for t in defense_tasks:
+            preflight(replace(grid, task=t), model)
+    if cfg.defense:
+        # the hardening's own checks on the meta model, as `moeguard harden` runs them before loading:
+        # authorized patterns that match none of a family's parameters (DBRX's Wqkv, JetMoE's kv_proj)
+        # failed only once the harden stage had loaded the model, after every other stage
+        from moeguard.defense.harden import config_for, preflight as harden_preflight
+        from moeguard.models.loading import meta_model
+
+        harden_preflight(meta_model(model.config), config_for(cfg.defense, tasks=tuple(names), steps=cfg.harden_steps,
+                                                              seed=cfg.seed), tasks=tasks)
     return resolved, model
 
 

@@ -48,13 +48,13 @@ def check_protocol_covers(model, ft) -> None:
 
     meta = meta_model(model.config)
     names = authorized_names(meta, ft.only)
-    if ft.mode == "lora":
+    from moeguard.realign.modes import get_mode
+
+    if get_mode(ft.mode).adapters:   # adapters go where LoRA's targets are
         ok = bool(any(lora_targets(meta, matching(ft.only))))
     else:
         # the mode's own selection (names and ids are enough): patterns matching only attention weights
         # passed "matches some parameter", and router mode failed after the loads (defend-eval: after its grid)
-        from moeguard.realign.modes import get_mode
-
         try:
             get_mode(ft.mode).apply(meta, only=matching(ft.only)).release()
             ok = True

@@ -203,7 +203,7 @@ def _after(after: Callable[[Any], dict[str, Any]], trainable: Trainable) -> dict
     import copy
 
     try:
-        trained = copy.deepcopy(trainable.model).merge_and_unload() if trainable.mode == "lora" else trainable.base
+        trained = copy.deepcopy(trainable.model).merge_and_unload() if trainable.adapters else trainable.base
         return after(trained)
     except Exception as exc:  # noqa: BLE001 - whatever the inspection hits, the curve stands
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}

@@ -36,6 +36,11 @@ class Trainable:
     _rebind: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
+    def adapters(self) -> bool:
+        """The mode trains adapters over frozen base weights (its spec says: LoRA, any later peft mode)."""
+        return get_mode(self.mode).adapters
+
+    @property
     def offloaded(self) -> bool:
         """The base weights are offloaded by accelerate (only LoRA trains then)."""
         from moeguard.realign.offload import offloaded
@@ -63,14 +68,14 @@ class Trainable:
         if self.offloaded:
             raise MoeguardError("the adapters cannot be folded into offloaded base weights (--max-memory)",
                                 hint="fine-tune where the model fits in memory (no --max-memory) to save a merged checkpoint")
-        if self.mode == "lora":
+        if self.adapters:
             return self.model.merge_and_unload()
         return self.base
 
     def release(self) -> nn.Module:
         while self._undo:
             self._undo.pop()()
-        if self.mode == "lora" and hasattr(self.model, "unload"):
+        if self.adapters and hasattr(self.model, "unload"):
             self.model.unload()
             if self._rebind is not None:
                 self._rebind()
@@ -85,6 +90,9 @@ class ModeSpec:
     description: str
     default_lr: float
     apply: Callable[..., Trainable]
+    # trains adapters beside frozen base weights (peft): folded in to save, unloaded to release, and
+    # the one kind that trains over offloaded weights (--max-memory); a new adapter mode sets it
+    adapters: bool = False
 
 
 MODES: Registry[ModeSpec] = Registry("fine-tuning mode")  # the built-ins register at the end of this file
@@ -226,7 +234,8 @@ def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int 
 
 
 register_mode(ModeSpec("full", "every parameter", 2e-4, _full))
-register_mode(ModeSpec("lora", "peft LoRA on attention/dense linears and the fused expert tensors", 3e-3, _lora))
+register_mode(ModeSpec("lora", "peft LoRA on attention/dense linears and the fused expert tensors", 3e-3, _lora,
+                       adapters=True))
 register_mode(ModeSpec("router", "the routers only", 5e-3, _router))
 register_mode(ModeSpec("experts", "the kept routed experts only", 2e-4, _experts))
 

@@ -109,6 +109,13 @@ def recovery_rows(doc: dict[str, Any], task: str) -> list[dict[str, str]]:
     return rows
 
 
+def _identified(d: dict[str, Any]) -> str:
+    """"k of K kept experts", or for a merged model "k of K experts (M merged, named by their sources)"."""
+    merged = d.get("merged_total") or 0
+    return (f"identifying {d['kept_identified']} of {d['kept_total']} "
+            + (f"experts ({merged} of them merges, each named by its sources)" if merged else "kept experts"))
+
+
 def detect_text(rec: dict[str, Any]) -> str | None:
     """The detectability sentence of a task: its best stolen model, traced (docs/trace.md)."""
     d = rec.get("detectability")
@@ -120,8 +127,7 @@ def detect_text(rec: dict[str, Any]) -> str | None:
 
     return (f"Detectability: if the attacker's best re-aligned model ({d['strategy']}, {d['labels']} labels, "
             f"{floored(d['retention'])}% retained) were stolen, `moeguard trace` would find it with p = "
-            f"{p_text(d['p_value'])} ({d['verdict']}), identifying {d['kept_identified']} of {d['kept_total']} "
-            f"kept experts; every re-aligned run traced as derived: {'yes' if d['all_derived'] else 'no'} "
+            f"{p_text(d['p_value'])} ({d['verdict']}), {_identified(d)}; every re-aligned run traced as derived: {'yes' if d['all_derived'] else 'no'} "
             f"(largest p {p_text(d['largest_p'])}).")
 
 
@@ -140,8 +146,8 @@ def defense_detect_text(doc: dict[str, Any]) -> list[str]:
                 continue
             out.append(f"Detectability, `{t}` at {k} experts: if the attacker's best model cut from the hardened "
                        f"release ({d.get('mode', '?')}, {d['labels']} labels) were stolen, `moeguard trace` would "
-                       f"find it with p = {p_text(d['p_value'])} ({d['verdict']}), identifying {d['kept_identified']} "
-                       f"of {d['kept_total']} kept experts; all {d['traced_runs']} attack runs traced as derived: "
+                       f"find it with p = {p_text(d['p_value'])} ({d['verdict']}), {_identified(d)}; all "
+                       f"{d['traced_runs']} attack runs traced as derived: "
                        f"{'yes' if d['all_derived'] else 'no'} (largest p {p_text(d['largest_p'])}).")
     return out
 

@@ -227,7 +227,8 @@ def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid:
 
         pruned = ctx.derived(("merged", model, ctx.runtime.model, digest(merge)), lambda: merged_from(m, merge))
     # the model attacked is the one the attacker stole from (base or hardened): its fingerprint
-    after = tracer(m, tok, plan, key=json.dumps([model, ctx.runtime.model, ctx.runtime.dtype]))
+    after = tracer(m, tok, plan, key=json.dumps([model, ctx.runtime.model, ctx.runtime.dtype]), seed=seed,
+                   clusters=None if merge is None else {int(l): g for l, g in merge["clusters"].items()})
     pool = label_pool(t, pool_size=pool_size, budget=schedule[-1], seed=seed)
     orphan = None
     if get_strategy(strategy, t).needs_original:

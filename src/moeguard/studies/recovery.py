@@ -146,10 +146,14 @@ def preflight(cfg: RecoveryConfig, model) -> None:
 def check_capped(max_memory: str, *, mode: str, merge: bool = False, mode_flag: str = "--mode", otherwise: str = "") -> None:
     """Recovery under a memory cap (``max_memory`` as the user wrote it) trains LoRA adapters over
     offloaded weights on the pruning route; the rest refuses here, before any work."""
-    if mode != "lora":
+    from moeguard.realign.modes import MODES, get_mode
+
+    if not get_mode(mode).adapters:
         # full, router and experts train base weights, which accelerate cannot update on disk
+        with_adapters = " or ".join(n for n in MODES.names() if get_mode(n).adapters)
         raise MoeguardError(f"max_memory {max_memory} is set with recovery mode '{mode}', which trains weights that "
-                            "are offloaded to disk", hint=f"use {mode_flag} lora (its adapters train in memory){otherwise}")
+                            "are offloaded to disk",
+                            hint=f"use {mode_flag} {with_adapters} (its adapters train in memory){otherwise}")
     if merge:
         raise MoeguardError(f"max_memory {max_memory} is set with recovery on the merge route, which merges the "
                             "model in memory", hint=f"use --route prune{otherwise}")
@@ -261,7 +265,9 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
     # a fingerprint reads every expert's weights, and tracing the re-aligned model would fold its
     # adapters into base weights that are on disk: under a cap the curves are not traced
     traced = traced and not offloaded(model)
-    after = tracer(model, tok, plan, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype])) if traced else None
+    after = tracer(model, tok, plan, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype]), seed=seed,
+                   clusters=None if merge is None else {int(l): g for l, g in merge["clusters"].items()}) \
+        if traced else None
     from moeguard.realign.engine import TrainingDiverged
 
     try:

@@ -225,38 +225,54 @@ def fingerprint_in_memory(model, tokenizer, *, key: str, seed: int = 0) -> Finge
     from moeguard.trace.fingerprint import build
     from moeguard.trace.weights import from_model
 
-    if key not in _FINGERPRINTS:
+    cached = (key, seed)   # another seed samples other dimensions
+    if cached not in _FINGERPRINTS:
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         while len(_FINGERPRINTS) >= 2:  # a defense comparison alternates two models: keep both
             _FINGERPRINTS.pop(next(iter(_FINGERPRINTS)))
-        _FINGERPRINTS[key] = build(from_model(model, tokenizer, name=key), checkpoint_bytes=size, seed=seed)
-    return _FINGERPRINTS[key]
+        _FINGERPRINTS[cached] = build(from_model(model, tokenizer, name=key), checkpoint_bytes=size, seed=seed)
+    return _FINGERPRINTS[cached]
 
 
-def tracer(model, tokenizer, keep: dict[int, list[int]], *, key: str):
+def tracer(model, tokenizer, keep: dict[int, list[int]], *, key: str, seed: int = 0,
+           clusters: dict[int, list[list[int]]] | None = None):
     """``after(stolen) -> {"trace": ...}`` for a study's re-aligned models: :func:`detectability`
     against ``model``'s fingerprint. A model too small to fingerprint (its 1% budget holds no
     fingerprint: a 2-layer cut of a real model, a toy) is a study without traces, not a failed
-    study: ``{"trace": None, "trace_skipped": why}``."""
+    study: ``{"trace": None, "trace_skipped": why}``. ``seed``: the study's (the fingerprint's
+    sampled dimensions and the trace's null); ``clusters``: a merged model's groups (merge route)."""
     from moeguard.trace.fingerprint import FingerprintTooLarge
 
     try:   # only the budget: any other failure (a layout trace cannot read) stays an error
-        fp = fingerprint_in_memory(model, tokenizer, key=key)
+        fp = fingerprint_in_memory(model, tokenizer, key=key, seed=seed)
     except FingerprintTooLarge as e:
         return lambda stolen, why=str(e): {"trace": None, "trace_skipped": why}
-    return lambda stolen: {"trace": detectability(fp, stolen, tokenizer, keep)}
+    return lambda stolen: {"trace": detectability(fp, stolen, tokenizer, keep, seed=seed, clusters=clusters)}
 
 
-def detectability(fp: Fingerprint, stolen, tokenizer, keep: dict[int, list[int]]) -> dict[str, Any]:
+def detectability(fp: Fingerprint, stolen, tokenizer, keep: dict[int, list[int]], *, seed: int = 0,
+                  clusters: dict[int, list[list[int]]] | None = None) -> dict[str, Any]:
     """Trace a stolen model whose kept experts are known (``keep``: layer -> original experts, in
-    the stolen model's order): the p-value, and how many kept experts the trace names correctly."""
+    the stolen model's order): the p-value, and how many of its experts the trace names correctly.
+    With ``clusters`` (a merged model: layer -> groups, each its centre first) an expert merged from
+    a group is named correctly when the trace labels it merged from exactly that group (merged
+    experts were never labelled kept, so a merged model read 0 of K); one left alone, when kept."""
     import torch
 
     from moeguard.trace.weights import from_model
 
     with torch.no_grad():
-        doc = trace(fp, from_model(stolen, tokenizer, name="stolen"))
-    right = sum(1 for l in doc["layers"] for e in l["experts"]
-                if e["label"] == "kept" and e["original"] == sorted(keep[l["layer"]])[e["expert"]])
+        doc = trace(fp, from_model(stolen, tokenizer, name="stolen"), seed=seed)
+    groups = {int(l): {g[0]: sorted(g) for g in gs} for l, gs in (clusters or {}).items()}
+
+    def named(layer: int, e: dict) -> bool:
+        centre = sorted(keep[layer])[e["expert"]]
+        group = groups.get(layer, {}).get(centre, [centre])
+        if len(group) == 1:
+            return e["label"] == "kept" and e["original"] == centre
+        return e["label"] == "merged" and sorted(int(i) for i in e["merge"]["weights"]) == group
+
+    right = sum(1 for l in doc["layers"] for e in l["experts"] if named(l["layer"], e))
+    merged = sum(1 for gs in groups.values() for g in gs.values() if len(g) > 1)
     return {"p_value": doc["p_value"], "verdict": doc["verdict"], "kept_identified": right,
-            "kept_total": sum(len(v) for v in keep.values()), "combination": doc["combination"]}
+            "kept_total": sum(len(v) for v in keep.values()), "merged_total": merged, "combination": doc["combination"]}
