@@ -48,8 +48,15 @@ def test_orphan_with_an_original_of_other_experts_is_one_line(pruned, tmp_path, 
     (tmp_path / "p.json").write_text(json.dumps({"keep": {str(l): [0, 1, 2, 3] for l in range(4)}}))
     assert main(["prune", "--plan", str(tmp_path / "p.json"), "--out", str(other)]) == 0
     capsys.readouterr()
-    code = main(["realign", "--model", str(pruned), *FAST, "--strategy", "orphan", "--original", str(other),
-                 "--out", str(tmp_path / "run")])
+    from moeguard.models.handle import ModelHandle
+
+    loads = []
+    real_load = ModelHandle.load
+    with pytest.MonkeyPatch.context() as mp:   # refused from the configs: neither model loads (the original did)
+        mp.setattr(ModelHandle, "load", lambda self, *a, **k: (loads.append(self.name), real_load(self, *a, **k))[1])
+        code = main(["realign", "--model", str(pruned), *FAST, "--strategy", "orphan", "--original", str(other),
+                     "--out", str(tmp_path / "run")])
+    assert loads == [], loads
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and not l.startswith("Loading weights")]
     assert code == 2 and len(err) == 1, err
     assert "is not the model this checkpoint was pruned from" in err[0] and "[4] experts" in err[0], err[0]

@@ -129,3 +129,28 @@ def test_an_audit_task_with_no_method_auc_recovers_with_the_default_method():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert _recovery_method({"faithfulness": {"t": {"gate": {"auc": None}}}}, "t") == "gate"
+
+
+def test_a_budget_pruned_or_one_expert_checkpoint_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """attack, recovery and monitor profile refused a budget-pruned checkpoint only after the load (the
+    attack after scoring the full model), and scan one keeping a single expert per layer after its weights
+    part, with a hint naming methods scan does not have."""
+    from moeguard.models.handle import ModelHandle
+
+    (tmp_path / "b.json").write_text(json.dumps({"keep": {"0": [0, 1, 2, 3], "1": [0, 1, 2, 3, 4, 5, 6, 7],
+                                                          "2": [0, 1, 2, 3, 4, 5, 6, 7], "3": [0, 1, 2, 3, 4, 5, 6, 7]}}))
+    assert main(["prune", "--plan", str(tmp_path / "b.json"), "--out", str(tmp_path / "budget")]) == 0
+    (tmp_path / "one.json").write_text(json.dumps({"keep": {str(l): [3] for l in range(4)}}))
+    assert main(["prune", "--plan", str(tmp_path / "one.json"), "--out", str(tmp_path / "one")]) == 0
+    loads = []
+    monkeypatch.setattr(ModelHandle, "load", lambda self, *a, **k: loads.append(self.name))
+    b = str(tmp_path / "budget")
+    for args, needle in (
+            (["attack", "--model", b, "--task", "arith-compare", "--keep", "2"], "the attack's attribution needs one count"),
+            (["recovery", "--model", b, "--task", "arith-compare", "--keep", "2", "--method", "frequency"],
+             "the recovery study's attribution needs one count"),
+            (["monitor", "profile", "--model", b], "the routing monitor needs one count per layer"),
+            (["scan", "--model", str(tmp_path / "one")], "keeps 1 expert(s) per layer, and the scan's criticality")):
+        capsys.readouterr()
+        _one_line(main([*args, "--out", str(tmp_path / f"o-{args[0]}")]), capsys.readouterr().err, needle)
+    assert loads == []

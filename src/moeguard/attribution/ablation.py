@@ -15,7 +15,7 @@ from moeguard.models.hooks import capture_inputs, check_head, drop_one_per_chunk
 
 
 @register_method("ablation", "exact increase of the mean target NLL when the expert is masked (its tokens re-routed)",
-                 comparable_across_layers=True,
+                 comparable_across_layers=True, removes_one=True,
                  causal_only="replays the decoder layers after each masked one from their cached inputs, which an "
                              "encoder-decoder's cross-attention does not allow")
 def ablation(ctx) -> MethodOutput:

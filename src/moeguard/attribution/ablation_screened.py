@@ -22,7 +22,8 @@ from moeguard.attribution.gradient import gradient
 
 @register_method("ablation-screened", "exact ablation of the experts gradient ranks highest (screen per layer, "
                  "default E/4), gradient's estimate scaled to ablation's units for the rest",
-                 comparable_across_layers=True, causal_only="screens with gradient and replays layers as ablation does")
+                 comparable_across_layers=True, removes_one=True,
+                 causal_only="screens with gradient and replays layers as ablation does")
 def ablation_screened(ctx) -> MethodOutput:
     adapter = ctx.adapter
     E = adapter.num_experts

@@ -121,6 +121,8 @@ class Method:
     comparable_across_layers: bool = False
     # why the method cannot score an encoder-decoder (Switch), or None when it can
     causal_only: str | None = None
+    # it removes one expert at a time (a layer must route with one fewer: attribution.run.check_removable)
+    removes_one: bool = False
 
 
 # importing ``moeguard.attribution.registry`` imports every method file, which registers itself
@@ -128,9 +130,10 @@ METHODS: Registry[Method] = Registry("attribution method", loader="moeguard.attr
 
 
 def register_method(name: str, description: str, *, needs_reference: bool = False,
-                    comparable_across_layers: bool = False, causal_only: str | None = None):
+                    comparable_across_layers: bool = False, causal_only: str | None = None, removes_one: bool = False):
     def wrap(fn):
-        METHODS.add(name, Method(name, fn, description, needs_reference, comparable_across_layers, causal_only))
+        METHODS.add(name, Method(name, fn, description, needs_reference, comparable_across_layers, causal_only,
+                                 removes_one))
         return fn
     return wrap
 

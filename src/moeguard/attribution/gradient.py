@@ -84,7 +84,7 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
 
 
 @register_method("gradient", "gradient x change of layer output plus an empirical-Fisher second-order term: estimate of the ablation loss increase",
-                 comparable_across_layers=True,
+                 comparable_across_layers=True, removes_one=True,
                  causal_only="traces each routed slot's output through fused expert tensors, which one module per expert lacks")
 def gradient(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model

@@ -51,10 +51,13 @@ def check_removable(method: str, experts: int, min_experts: int) -> None:
     """Methods that remove one expert at a time need a layer of ``experts`` to route with one fewer:
     removing one would leave fewer than the router can route (k=0 on one expert, NaN weights under
     PhiMoE's sparsemixer at two), a state no pruning can reach, scored as if it were one."""
+    from moeguard.attribution.base import METHODS
+
     least = max(1, min_experts)
-    if method in ("ablation", "ablation-screened", "gradient") and experts - 1 < least:
+    if get_method(method).removes_one and experts - 1 < least:
+        others = [m.name for m in METHODS.items() if not m.removes_one]
         raise MoeguardError(f"method '{method}' removes one expert at a time, and this model's layers have {experts}: "
-                            f"one fewer is below the {least} its router needs", hint="use frequency, gate or reap on it")
+                            f"one fewer is below the {least} its router needs", hint=f"use {', '.join(others)} on it")
 
 
 def score(ctx: Context, method: str) -> Scores:

@@ -79,6 +79,14 @@ class ModelHandle:
         """Experts of each MoE layer, in layer order (a budget-pruned checkpoint's differ)."""
         return [int(v) for _, v in sorted(self.info["experts_per_layer"].items(), key=lambda kv: int(kv[0]))]
 
+    def check_uniform(self, what: str, *, hint: str) -> None:
+        """A one-line error, from the config, where the MoE layers keep different expert counts (a
+        budget-pruned checkpoint) and ``what`` (the command's work) needs one count per layer."""
+        counts = self.experts_per_layer
+        if len(set(counts)) > 1:
+            raise MoeguardError(f"{self.name}'s MoE layers have different expert counts {counts} (a budget-pruned "
+                                f"checkpoint); {what} needs one count per layer", hint=hint)
+
     @property
     def num_experts(self) -> int:
         """The most experts any MoE layer has (pruned checkpoints may differ per layer)."""

@@ -68,6 +68,8 @@ def profile_tasks(*, out: Path, tasks: list[str] | None, limit: int, window: int
     _check_options(tasks=tasks, limit=limit, window=window, early=early, slice_len=slice_len, reply_tokens=reply_tokens)
     check_output(out, overwrite=overwrite, inputs=(model,), kind="file")
     handle = resolve_model(model, device_map=device_map)
+    # a request's histogram is one [layers, experts] array: refused from the config, not after the load
+    handle.check_uniform("the routing monitor", hint="monitor the model as served before budget pruning, or prune it with --keep")
     ts = embedded_or(tasks, what="--tasks", train=False)   # benign traffic: eval records only
     check_output(out, overwrite=overwrite, inputs=task_inputs(ts), kind="file")
     # a running-text task's benign traffic is its texts (a language-modeling task has no inputs)
@@ -116,6 +118,7 @@ def profile_log(*, out: Path, log: Path, topics: str, window: int, early: tuple[
     records = read_log(log)
     fromlog.check(records, window=window, slice_len=slice_len, seed=seed, topics=k)     # before any weights load
     handle = resolve_model(model, device_map=device_map)
+    handle.check_uniform("the routing monitor", hint="monitor the model as served before budget pruning, or prune it with --keep")
     digest = file_sha256(log)
     # what the kept chunks depend on: the records as read (a log appended to since, or read with another
     # time zone for naive ISO times, splits differently), the seed (the split) and the weights

@@ -69,13 +69,17 @@ def check_protocol_covers(model, ft) -> None:
 
 def check_original(original, record: dict, name: str) -> None:
     """The original has the experts the pruning record kept from (an --original of another model
-    failed at the first round, after both models loaded, with an IndexError)."""
-    from moeguard.models.adapter import MoEAdapter
-
+    failed at the first round, after both models loaded, with an IndexError). ``original``: its
+    :class:`~moeguard.models.handle.ModelHandle` (checked before any weights load) or a loaded model."""
     n = int(record["original_num_experts"])
     # a budget-pruned original: each layer's own count (original_num_experts is the widest layer's)
     per = {int(k): int(v) for k, v in (record.get("original_experts_per_layer") or {}).items()}
-    layers = {l.index: l.num_experts for l in MoEAdapter(original).layers}
+    if hasattr(original, "info"):
+        layers = {int(k): int(v) for k, v in original.info["experts_per_layer"].items()}
+    else:
+        from moeguard.models.adapter import MoEAdapter
+
+        layers = {l.index: l.num_experts for l in MoEAdapter(original).layers}
     keep = {int(k): v for k, v in record["keep"].items()}
     wrong = sorted(l for l in keep if l not in layers)
     if wrong or any(c != per.get(l, n) for l, c in layers.items()) \
@@ -154,6 +158,9 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
 
         # the record's source is an input the command line never named: --out there would replace it
         check_output(out, overwrite=overwrite, kind="folder", inputs=(orig.ref.path,))
+        if record is not None and all(k in record for k in ("keep", "original_num_experts")):
+            # from its config, before either model loads (the original, the larger one, loaded first)
+            check_original(orig, record, orig.name)
     from moeguard.models.identity import weights_identity
 
     # the weights, not only the path: a checkpoint re-pruned in place after a kill must not resume the old run
@@ -174,8 +181,6 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
         # the original first, and gone before the pruned model loads: it is the larger one, and it
         # stayed in memory (or on the GPU) through the whole fine-tune
         o, otok, _ = orig.load()
-        if record is not None and all(k in record for k in ("keep", "original_num_experts")):
-            check_original(o, record, orig.name)   # before it is scored: retention against another model too
         if full_score is None:
             full_score = evaluate_task(o, otok, task, limit=al.eval_limit, batch_size=32, baseline=False).score
         if strat.needs_original:

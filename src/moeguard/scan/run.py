@@ -228,6 +228,10 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
         raise MoeguardError(f"the model's MoE layers have different expert counts {per_layer} (a budget-pruned "
                             "checkpoint); the scan's criticality scores one count per layer",
                             hint="scan the model before it was pruned, or a uniformly pruned copy")
+    if per_layer[0] - 1 < max(1, handle.family.min_experts):   # criticality ablates one expert at a time
+        raise MoeguardError(f"{handle.name} keeps {per_layer[0]} expert(s) per layer, and the scan's criticality "
+                            f"removes one at a time, below the {max(1, handle.family.min_experts)} its router needs",
+                            hint="scan the model it was pruned from")
     null = _reference_null(references, score, search, handle) if references else None   # fail before loading
     # the tokenizers alone first: another reference tokenizer, or tasks too short for the contexts, failed
     # only after every model's weights had loaded

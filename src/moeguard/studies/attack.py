@@ -100,6 +100,8 @@ def preflight(cfg: AttackConfig, model) -> None:
     from moeguard.realign.strategies.base import get_strategy
 
     task = get_task(cfg.task)
+    # attribution scores one count per layer: refused in the pick job after the full model was scored
+    model.check_uniform("the attack's attribution", hint="attack the model before it was budget-pruned")
     model.check_keep(cfg.keep)
     for m in cfg.methods:
         get_method(m)

@@ -118,6 +118,8 @@ def preflight(cfg: RecoveryConfig, model) -> None:
     from moeguard.tasks.registry import get_task
 
     task = get_task(cfg.task)
+    # attribution scores one count per layer: refused in the prepare job after the full model was scored
+    model.check_uniform("the recovery study's attribution", hint="study the model before it was budget-pruned")
     check_method_runs(get_method(cfg.method), model.family)
     check_merge_route(model.family, cfg.route == "merge")
     check_schedule(cfg.budgets)
