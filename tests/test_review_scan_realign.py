@@ -20,10 +20,38 @@ def _one_line(code, err, needle):
 
 @pytest.fixture(scope="module")
 def ref_scan(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "scan"
-    assert main(["scan", "--out", str(out), "--tasks", "arith-compare", "--samples", "4", "--contexts", "2",
-                 "--candidates", "2", "--chain", "2"]) == 0
+    """A scan of another clean model of the embedded model's architecture (a copy with a norm nudged):
+    a scan of the embedded model itself is refused as its own reference."""
+    from safetensors.torch import load_file, save_file
+
+    from moeguard.models.loading import resolve
+
+    root = tmp_path_factory.mktemp("ref")
+    other = root / "other-model"
+    shutil.copytree(resolve(None).path, other)
+    f = next(other.glob("*.safetensors"))
+    tensors = load_file(f)
+    head = next(k for k in tensors if k.endswith("norm.weight"))   # the final norm: another model, same shapes
+    tensors[head] = tensors[head] * 1.001
+    save_file(tensors, f, metadata={"format": "pt"})
+    out = root / "scan"
+    assert main(["scan", "--model", str(other), "--out", str(out), "--tasks", "arith-compare", "--samples", "4",
+                 "--contexts", "2", "--candidates", "2", "--chain", "2"]) == 0
     return out
+
+
+def test_a_scan_of_the_scanned_model_itself_is_refused_as_its_reference(tmp_path, capsys):
+    """Its experts were pooled into their own null (and compared with the references' lower threshold)."""
+    mine = tmp_path / "mine"
+    args = ["--tasks", "arith-compare", "--samples", "4", "--contexts", "2", "--candidates", "2", "--chain", "2"]
+    assert main(["scan", "--out", str(mine), *args]) == 0
+    capsys.readouterr()
+    code = main(["scan", "--out", str(tmp_path / "s"), *args, "--references", str(mine)])
+    _one_line(code, capsys.readouterr().err, "is a scan of the scanned model itself (embedded, by its weights)")
+    code = main(["audit", "--out", str(tmp_path / "a"), "--tasks", "arith-compare", "--scan", "--scan-contexts", "2",
+                 "--scan-references", str(mine), "--no-recovery"])
+    _one_line(code, capsys.readouterr().err, "is a scan of the scanned model itself")
+    assert not (tmp_path / "a").exists()
 
 
 def test_audit_scan_references_are_checked_as_the_scan_checks_them(ref_scan, tmp_path, capsys):

@@ -47,24 +47,19 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     model = resolve_model(cfg.model, tasks=False)   # an encoder-decoder's tasks run through its seq2seq head
     if model.family.encoder_decoder:
         _check_encoder_decoder(cfg, model)
-    if cfg.scan:
-        for m in cfg.scan_reference_models or []:
-            resolve_model(m)
-    elif cfg.scan_references or cfg.scan_reference_models:
+    if not cfg.scan and (cfg.scan_references or cfg.scan_reference_models):
         raise MoeguardError("scan references were given without scan", hint="add --scan, or drop the scan references")
     # names from here on (stages and jobs key results by them); a task from a YAML file is adopted
     # under its name, and reaches every worker through the runtime (run_audit)
     tasks, methods, keeps = resolve_grid(model, tasks=cfg.tasks, methods=cfg.methods, keeps=cfg.keeps)
     by_name = {t.name: t for t in tasks}
     names = list(by_name)
-    if cfg.scan:   # a bad reference fails now, not after the other stages' minutes
-        from moeguard.scan.run import SCORES, SEARCH_SETTINGS, _reference_null
+    if cfg.scan:   # a bad reference, tokenizer or context count fails now, not after the other stages' minutes
+        from moeguard.scan.run import check_inputs
 
-        refs = scan_references(cfg)
-        if refs:   # searched as the audit's scan will search (its config, as _scan makes it)
-            scan_cfg = scan_config(cfg)
-            search = {**{k: getattr(scan_cfg, k) for k in SEARCH_SETTINGS}, "tasks": names}
-            _reference_null(refs, SCORES[bool(cfg.scan_reference_models)], search, model)
+        # searched as the audit's scan will search (its config, as _scan makes it)
+        check_inputs(model, tasks, config=scan_config(cfg), references=scan_references(cfg),
+                     reference_models=[resolve_model(m) for m in cfg.scan_reference_models or []])
     # the attacker's keep for recovery, defaulted and checked only when recovery runs (or it is
     # given): OLMoE's top-8 at E = 8 has no default, and --no-recovery must not be refused for it
     rec_keep = cfg.recovery_keep

@@ -100,6 +100,14 @@ def _file_row(f: Path, *, whole: bool) -> list[Any]:
     return [f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]]
 
 
+def digest_of(identity: dict[str, Any]) -> dict[str, Any]:
+    """A recorded :func:`weights_identity` without its name and times (a run record's ``model``): equal for
+    the same weights anywhere (:func:`weights_digest` without the routers, which records do not hold)."""
+    out = {k: v for k, v in identity.items() if k != "name"}
+    out["files"] = [[row[0], row[1], row[-1]] for row in identity.get("files") or [] if isinstance(row, list) and row]
+    return out
+
+
 def weights_digest(ref_str: str | None) -> dict[str, Any]:
     """:func:`weights_identity` without the name and the modification times: what the weights are,
     not where or when they were written (the same checkpoint given as ./ckpt or ckpt/, or copied,

@@ -182,6 +182,48 @@ def _part(tmp: Path, name: str, make, key: dict[str, Any]):
     return value
 
 
+def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], reference_models: list):
+    """Everything about a scan's inputs that needs no weights, for ``scan`` and the audit's resolve (which
+    checked only the reference scans, so the rest failed in the scan stage, after every other stage):
+    returns (the reference null or None, the tokenizer, the benign contexts)."""
+    from moeguard.models.identity import digest_of, weights_digest, weights_identity
+    from moeguard.models.loading import load_tokenizer
+
+    score = "unexplained" if reference_models else "chain"
+    # by what the weights are, not where or when written: ./m and m, or a copy, is the same model
+    if weights_digest(handle.arg) in [weights_digest(h.arg) for h in reference_models]:
+        # every chain token would be the model's own choice: nothing flagged, the flag still "calibrated"
+        raise MoeguardError(f"the reference models include the scanned model itself ({handle.name}, by its weights)",
+                            hint="name clean models of the same base as references, or leave --reference-models out")
+    mine = digest_of(weights_identity(handle.arg))
+    for doc in references:   # a scan of this very model: its own scores in the null it is measured against
+        theirs = ((doc.get("run") or {}).get("settings") or {}).get("model")
+        if isinstance(theirs, dict) and digest_of(theirs) == mine:
+            raise MoeguardError(f"reference scan {doc.get('path')} is a scan of the scanned model itself ({handle.name}, "
+                                "by its weights): its experts would be in their own null",
+                                hint="references must be scans of other clean models of the same architecture")
+    per_layer = handle.experts_per_layer
+    if len(set(per_layer)) > 1:   # criticality runs attribution, which refused it after the load (with its own hint)
+        raise MoeguardError(f"the model's MoE layers have different expert counts {per_layer} (a budget-pruned "
+                            "checkpoint); the scan's criticality scores one count per layer",
+                            hint="scan the model before it was pruned, or a uniformly pruned copy")
+    if per_layer[0] - 1 < max(1, handle.family.min_experts):   # criticality ablates one expert at a time
+        raise MoeguardError(f"{handle.name} keeps {per_layer[0]} expert(s) per layer, and the scan's criticality "
+                            f"removes one at a time, below the {max(1, handle.family.min_experts)} its router needs",
+                            hint="scan the model it was pruned from")
+    search = {**{k: getattr(config, k) for k in SEARCH_SETTINGS}, "tasks": [t.name for t in tasks]}
+    null = _reference_null(references, score, search, handle) if references else None
+    # the tokenizers alone first: another reference tokenizer, or tasks too short for the contexts, failed
+    # only after every model's weights had loaded
+    tokenizer = load_tokenizer(str(handle.ref.path or handle.ref.hub_id))
+    for h in reference_models:
+        if load_tokenizer(str(h.ref.path or h.ref.hub_id)).get_vocab() != tokenizer.get_vocab():
+            raise MoeguardError(f"reference model {h.name} has another tokenizer than {handle.name}",
+                                hint="reference models must share the scanned model's tokenizer (the base model does)")
+    contexts = contexts_for(tokenizer, tasks, config.contexts, config.context_tokens, config.seed)
+    return null, tokenizer, contexts
+
+
 def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), references: list[dict] | None = None,
          reference_models: list | None = None, dtype=None, device_map=None, overwrite: bool = False,
          progress=None) -> dict[str, Any]:
@@ -210,39 +252,13 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
                 "task_identity": [task_identity(t) for t in tasks],
                 **{k: v for k, v in config.to_dict().items() if k != "threshold"},
                 "reference_models": [weights_identity(h.arg) for h in reference_models]}
-    from moeguard.models.identity import weights_digest
-
-    # by what the weights are, not where or when written: ./m and m, or a copy, is the same model
-    if weights_digest(handle.arg) in [weights_digest(h.arg) for h in reference_models]:
-        # every chain token would be the model's own choice: nothing flagged, the flag still "calibrated"
-        raise MoeguardError(f"the reference models include the scanned model itself ({handle.name}, by its weights)",
-                            hint="name clean models of the same base as references, or leave --reference-models out")
     placed = device_map if device_map is not None else handle.device_map
     if placed is not None:   # recorded when given (the numbers may differ in the last digits on another device)
         settings["device_map"] = placed
     if dtype is not None:    # likewise: parts computed in two precisions were mixed on a resume (library callers)
         settings["dtype"] = str(dtype).removeprefix("torch.")
-    search = {**{k: getattr(config, k) for k in SEARCH_SETTINGS}, "tasks": [t.name for t in tasks]}
-    per_layer = handle.experts_per_layer
-    if len(set(per_layer)) > 1:   # criticality runs attribution, which refused it after the load (with its own hint)
-        raise MoeguardError(f"the model's MoE layers have different expert counts {per_layer} (a budget-pruned "
-                            "checkpoint); the scan's criticality scores one count per layer",
-                            hint="scan the model before it was pruned, or a uniformly pruned copy")
-    if per_layer[0] - 1 < max(1, handle.family.min_experts):   # criticality ablates one expert at a time
-        raise MoeguardError(f"{handle.name} keeps {per_layer[0]} expert(s) per layer, and the scan's criticality "
-                            f"removes one at a time, below the {max(1, handle.family.min_experts)} its router needs",
-                            hint="scan the model it was pruned from")
-    null = _reference_null(references, score, search, handle) if references else None   # fail before loading
-    # the tokenizers alone first: another reference tokenizer, or tasks too short for the contexts, failed
-    # only after every model's weights had loaded
-    from moeguard.models.loading import load_tokenizer
-
-    tokenizer = load_tokenizer(str(handle.ref.path or handle.ref.hub_id))
-    for h in reference_models:
-        if load_tokenizer(str(h.ref.path or h.ref.hub_id)).get_vocab() != tokenizer.get_vocab():
-            raise MoeguardError(f"reference model {h.name} has another tokenizer than {handle.name}",
-                                hint="reference models must share the scanned model's tokenizer (the base model does)")
-    contexts = contexts_for(tokenizer, tasks, config.contexts, config.context_tokens, config.seed)
+    null, tokenizer, contexts = check_inputs(handle, tasks, config=config, references=references,
+                                             reference_models=reference_models)
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     model, tokenizer, _ = handle.load(dtype=dtype, device_map=device_map)
