@@ -34,9 +34,17 @@ def test_lock_pins_torch_cpu_and_every_direct_import():
                     imported |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     imported.add(node.module.split(".")[0])
+                # and the dynamic forms: pytest.importorskip("playwright.sync_api"), __import__, import_module,
+                # find_spec (a package dropped from its extra would only skip its test)
+                elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                        and isinstance(node.args[0].value, str) and not node.args[0].value.startswith(".") \
+                        and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                            "importorskip", "__import__", "import_module", "find_spec"):
+                    imported.add(node.args[0].value.split(".")[0])
     local = {"moeguard"} | {f.stem for folder in ("benchmarks", "tests") for f in (ROOT / folder).glob("*.py")}
     third_party = {canonical(DIST.get(m, m)) for m in imported - stdlib - local}
     assert third_party, "found no imports: the scan is broken"
+    assert "playwright" in third_party, "the dynamic imports were not scanned (importorskip)"
     missing = sorted(third_party - set(lock))
     assert not missing, f"imported but not locked: {missing}"
     declared = {canonical(r.name) for r in _declared()}

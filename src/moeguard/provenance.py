@@ -45,9 +45,10 @@ def versions() -> dict[str, str]:
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     # every package a recorded number can depend on: numpy's generators draw the bootstrap intervals, pandas
-    # ranks for spearman, scipy solves trace's assignment and the merges' least squares, gguf dequantizes
+    # ranks for spearman, scipy solves trace's assignment and the merges' least squares and gives the period
+    # tests' distributions, gguf dequantizes, nltk's Porter stemmer is ROUGE's (its variants differ by release)
     for pkg in ("moeguard", "torch", "transformers", "datasets", "safetensors", "tokenizers", "peft", "accelerate",
-                "rouge-score", "numpy", "scipy", "pandas", "gguf", "huggingface-hub", "ray"):
+                "rouge-score", "nltk", "numpy", "scipy", "pandas", "gguf", "huggingface-hub", "ray"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
