@@ -514,9 +514,21 @@ def test_serve_hands_uvicorn_max_waiting_and_a_margin_of_connections(served, cap
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.append(
         (self.config.limit_concurrency, self.config.host, len(sockets or []))))
     capsys.readouterr()
-    assert main(["serve", "--profile", str(tmp_path / "P.json"), "--port", str(_free_port()), "--max-waiting", "5"]) == 0
-    assert seen == [(5 + SPARE_CONNECTIONS, "127.0.0.1", 1)], seen
+    alerts = tmp_path / "alerts.jsonl"
+    for _ in range(2):
+        assert main(["serve", "--profile", str(tmp_path / "P.json"), "--port", str(_free_port()), "--max-waiting", "5",
+                     "--alerts", str(alerts), "--alpha", "0.005"]) == 0
+    assert seen == [(5 + SPARE_CONNECTIONS, "127.0.0.1", 1)] * 2, seen
     assert "moeguard: serve stopped" in capsys.readouterr().err
+    # each start's settings, profile digest, versions and commit beside the alert log (which holds alerts only)
+    from moeguard.io import file_sha256
+    from moeguard.provenance import git_commit
+
+    starts = [json.loads(l) for l in (tmp_path / "alerts.jsonl.starts.jsonl").read_text().splitlines()]
+    assert len(starts) == 2 and alerts.read_text() == ""
+    assert starts[0]["settings"]["profile_sha256"] == file_sha256(tmp_path / "P.json")
+    assert starts[0]["settings"]["alpha"] == 0.005 and starts[0]["settings"]["client_id"] == "address"
+    assert starts[0]["git_commit"] == git_commit() and starts[0]["versions"]["torch"] and starts[1]["started_at"]
 
 
 def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_alert_log(served, capsys, tmp_path):

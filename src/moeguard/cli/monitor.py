@@ -163,7 +163,8 @@ def serve(
     from moeguard.monitor.serve import client_source, create_app
     from moeguard.monitor.periodhistory import parse_accept
     from moeguard.monitor.servesetup import (alert_writer, check_options, listen, lock_period_log, open_period,
-                                             period_history, retried_every, retrying, state_writer)
+                                             period_history, record_start, retried_every, retrying,
+                                             state_writer)
 
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
@@ -191,6 +192,14 @@ def serve(
         m, tok, _ = handle.load()
         # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
         writer = alert_writer(alerts, period_log)
+        from moeguard.io import file_sha256
+
+        record_start(alerts, {"profile": str(profile), "profile_sha256": file_sha256(profile), "model": handle.name,
+                              "weights": prof.meta.get("weights"), **handle.placement, "alpha": alpha,
+                              "client_id": client_id, "max_clients": max_clients, "flush_every": flush_every,
+                              "max_delay": max_delay, "period": period, "baseline": baseline if period else None,
+                              "period_alpha": alpha_p if period else None,
+                              "period_log": str(period_log) if period_log else None, "accept": accept})
         save_state = retrying(state_writer(period_log), writer)   # rows a full disk kept: tried every minute
         mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
                              on_result=writer, raise_errors=False, period=seconds,

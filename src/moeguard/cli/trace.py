@@ -51,11 +51,8 @@ def trace(suspect: Annotated[str, typer.Option("--suspect", help="suspect checkp
     with contextlib.ExitStack() as stack:
         keep = None if out is None else stack.enter_context(
             lazy_scratch(out, overwrite=overwrite, kind="folder"))
-        if as_json:  # stdout is the JSON document alone
-            doc = run(original, suspect, seed=seed, keep=keep)
-        else:
-            with _progress() as progress:
-                doc = run(original, suspect, seed=seed, progress=progress, keep=keep)
+        with _progress(stderr=as_json) as progress:   # under --json stdout is the JSON document alone
+            doc = run(original, suspect, seed=seed, progress=progress, keep=keep)
         if out is not None:
             with atomic_dir(out, overwrite=overwrite) as tmp:
                 write_trace(doc, tmp)

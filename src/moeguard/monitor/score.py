@@ -300,7 +300,8 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     del H
     spans = [] if period is None else periods.score_periods(
         t, resid, client_of, period=period, baseline=baseline, alpha=period_alpha, layers=prof.meta["layers"],
-        digest=prof.neighbours.digest, history=history, x=X, clients_test=period_clients, accept=accept or (), held=held)
+        digest=prof.neighbours.digest, history=history, x=X, clients_test=period_clients, accept=accept or (), held=held,
+        progress=progress)
     new = spans[len(history or ()):]   # the history's rows (and alerts) are its own run's
     for row in new:
         # a period the owner accepted still alerts where it is out of line; the alert says it joins later baselines

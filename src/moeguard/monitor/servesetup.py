@@ -232,6 +232,29 @@ def retried_every(writer, seconds: float = 60.0, *, periods: bool):
         t.join()
 
 
+def starts_path(alerts: Path) -> Path:
+    return alerts.with_name(alerts.name + ".starts.jsonl")
+
+
+def record_start(alerts: Path | None, settings: dict) -> None:
+    """Append this start's run record (the settings, the profile's digest, versions and commit) beside the
+    alert log, one line per start: alerts gathered over weeks name neither the profile nor the alpha that
+    raised them. The alert log itself holds alerts only (what a SIEM ingests)."""
+    if alerts is None:
+        return
+    import datetime as _dt
+
+    from moeguard.provenance import run_record
+
+    row = {"started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **run_record(settings)}
+    fd = os.open(starts_path(alerts), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (dumps(row) + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def alert_writer(path: Path | None, period_log: Path | None = None):
     """Append each request's, window's, slice's and period's alert to ``path`` (JSON Lines; never the
     prompt), and each closed period to ``period_log`` (the row ``monitor score --history`` reads).
