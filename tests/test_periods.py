@@ -87,6 +87,7 @@ def test_a_day_whose_load_moved_alerts_and_names_its_identities_where_benign_day
     assert main(["monitor", "score", "--profile", str(pfile), "--log", str(log), "--out", str(out),
                  "--period", "24h", "--baseline", "10"]) == 0
     said = capsys.readouterr().out
+    assert "testing periods" in said and "14/14" in said   # a bar over the periods, after the replay's
     spans = [json.loads(line) for line in (out / "periods.jsonl").read_text().splitlines()]
     assert "1 period alerts (11 of 14 periods tested; 1 put down to routing)" in said, [(s["p"], s.get("z")) for s in spans]
     assert [s["start"] for s in spans] == [f"2026-11-{d + 1:02d}T00:00:00Z" for d in range(14)]

@@ -964,8 +964,11 @@ def test_an_interrupted_trace_resumes_from_the_layers_it_read(embedded, tmp_path
     assert {l["layer"]: l["kept"] for l in doc["layers"]} == {0: [2, 5], 1: [1, 3], 2: [0, 7], 3: [4, 6]}
     with monkeypatch.context() as mp:    # without --out nothing is kept, nothing is read back
         calls = _counting_sketches(mp)
+        capsys.readouterr()
         assert main(["trace", "--suspect", str(tmp_path / "suspect"), "--json"]) == 0
     assert len(calls) == 8 and not list(tmp_path.glob(".*.partial"))
+    out, err = capsys.readouterr()
+    assert json.loads(out)["verdict"] and "tracing MoE layers" in err   # --json: the bar on stderr, stdout the JSON
 
 
 def test_an_interrupted_fingerprint_resumes_and_writes_the_same_bytes(tmp_path, monkeypatch, capsys):
