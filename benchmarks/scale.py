@@ -232,7 +232,9 @@ def merge_costs(model, adapter, ctx, fwd_s: float, tokens: int, args) -> dict:
                       "goal_fpe": round((calib_s + pass_s) / fwd_s, 2),
                       "met": calib_s + s <= calib_s + pass_s,
                       "with_copies": {"seconds": round(c, 2), "vs_weights_pass": round(c / pass_s, 2),
-                                      "total_fpe": round((calib_s + c) / fwd_s, 2), "peak_rss_bytes": c_peak}}
+                                      "total_fpe": round((calib_s + c) / fwd_s, 2), "peak_rss_bytes": c_peak,
+                                      # judged as the shared row is, not left to the reader (1.005 passes read 1.00)
+                                      "met": c <= pass_s}}
         print(f"  merge {name:<19} {s:8.1f} s  {s / pass_s:6.2f}x the weights pass (with copies {c / pass_s:5.2f}x), "
               f"total {(calib_s + s) / fwd_s:6.2f} FPE  peak {peak / GB:6.2f} GiB", file=sys.stderr, flush=True)
     return {"keep": keep, "centres": "frequency", "tokens": tokens, "merge_tokens": args.merge_tokens,

@@ -312,7 +312,8 @@ def test_an_attack_plan_the_family_cannot_be_cut_to_is_recorded_and_not_picked(m
     assert by_plan["budgeted"]["keep"] == {str(layers[0]): [0, 1, 2, 3, 4, 5], str(layers[1]): [0, 1]}
     assert by_plan["budgeted"]["score"] is None and "group-limited routing" in by_plan["budgeted"]["unbuildable"]
     assert out["best"]["plan"] == "uniform" and out["best"]["score"] is not None
-    with pytest.raises(Exception, match="no pruning plan of the attack can be built") as e:
-        pick_job(Ctx(), task="arith-compare", keep=4, methods=["frequency"], plans=["budgeted"], samples=4,
-                 eval_limit=4, seed=0)
-    assert "--plans uniform" in e.value.hint
+    for routes in (("prune",), ("prune", "merge")):   # with the merge route's candidates built: a ValueError in its picks
+        with pytest.raises(Exception, match="no pruning plan of the attack can be built") as e:
+            pick_job(Ctx(), task="arith-compare", keep=4, methods=["frequency"], plans=["budgeted"], samples=4,
+                     eval_limit=4, seed=0, routes=routes, merge_methods=("average",))
+        assert type(e.value).__name__ == "MoeguardError" and "--plans uniform" in e.value.hint

@@ -80,6 +80,11 @@ def test_a_router_only_fine_tune_changes_the_digest_of_a_sampled_checkpoint(tmp_
     p = Profile.__new__(Profile)
     object.__setattr__(p, "meta", {"model": "m", "weights": {k: v for k, v in before.items() if k != "routers"}})
     p.check_model("m", before)
+    # one whose routers' digest alone differs says so (re-trained, or made before a bias joined the digest)
+    object.__setattr__(p, "meta", {"model": "m", "weights": before})
+    with pytest.raises(MoeguardError, match="the profile's routers differ from m's") as e:
+        p.check_model("m", weights_digest(str(model)))
+    assert e.value.hint == "profile this model again"
 
 
 @pytest.mark.parametrize("bias", ["model.layers.3.feed_forward.expert_bias",              # LFM2-MoE, on the block

@@ -52,6 +52,31 @@ def test_a_scan_of_the_scanned_model_itself_is_refused_as_its_reference(tmp_path
                  "--scan-references", str(mine), "--no-recovery"])
     _one_line(code, capsys.readouterr().err, "is a scan of the scanned model itself")
     assert not (tmp_path / "a").exists()
+    # weights hashed by samples (over 256 MiB): a base and its fine-tune of a few tensors share the digest, so
+    # only the same files (times and all) are the model itself; a scan of files written at another time passes
+    from moeguard.models import identity
+    from moeguard.scan.run import ScanConfig, check_inputs, load_references
+    from moeguard.edge import resolve_model, resolve_tasks
+
+    def recorded(name: str, ident: dict, later: int) -> list[dict]:   # `mine` as if made of files of other times
+        d = tmp_path / name
+        shutil.copytree(mine, d)
+        doc = json.loads((d / "scan.json").read_text())
+        doc["run"]["settings"]["model"] = {**ident, "files": [[r[0], r[1], r[2] + later, r[3]] for r in ident["files"]]}
+        (d / "scan.json").write_text(json.dumps(doc))
+        return load_references([d])
+
+    config = ScanConfig(samples=4, contexts=2, candidates=2, chain=2)
+    handle, tasks = resolve_model(None), resolve_tasks(["arith-compare"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(identity, "_WHOLE", 0)
+        sampled = identity.weights_identity(None)
+        with pytest.raises(MoeguardError, match="is a scan of the scanned model itself"):
+            check_inputs(handle, tasks, config=config, references=recorded("same", sampled, 0), reference_models=[])
+        assert check_inputs(handle, tasks, config=config, references=recorded("later", sampled, 1), reference_models=[])[0]
+    with pytest.raises(MoeguardError, match="is a scan of the scanned model itself"):   # hashed whole: its digest
+        check_inputs(handle, tasks, config=config, references=recorded("copy", identity.weights_identity(None), 1),
+                     reference_models=[])
 
 
 def test_audit_scan_references_are_checked_as_the_scan_checks_them(ref_scan, tmp_path, capsys):

@@ -529,6 +529,25 @@ def test_serve_hands_uvicorn_max_waiting_and_a_margin_of_connections(served, cap
     assert starts[0]["settings"]["profile_sha256"] == file_sha256(tmp_path / "P.json")
     assert starts[0]["settings"]["alpha"] == 0.005 and starts[0]["settings"]["client_id"] == "address"
     assert starts[0]["git_commit"] == git_commit() and starts[0]["versions"]["torch"] and starts[1]["started_at"]
+    # a start record that cannot be written is one line, before the model loads
+    from moeguard.models.handle import ModelHandle
+
+    bad = tmp_path / "b.jsonl"
+    (tmp_path / "b.jsonl.starts.jsonl").mkdir()
+    monkeypatch.setattr(ModelHandle, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    capsys.readouterr()
+    assert main(["serve", "--profile", str(tmp_path / "P.json"), "--port", str(_free_port()), "--alerts", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot append the start record {bad}.starts.jsonl" in err, err
+    # a device or pipe as the alert log (/dev/stdout in a container): nothing is written beside it
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    from moeguard.monitor.servesetup import record_start
+
+    record_start(fifo, {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("fifo")) == ["fifo"]
 
 
 def test_serve_refuses_exposed_metrics_another_models_profile_and_an_unwritable_alert_log(served, capsys, tmp_path):

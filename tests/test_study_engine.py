@@ -198,3 +198,18 @@ def test_a_built_in_hub_task_s_dataset_commit_is_in_the_jobs_scope(monkeypatch):
         scopes.append(Runtime(model=None, task_data=stamps).scope())
     assert scopes[0] == scopes[1] != scopes[2]
     assert "task_data" not in Runtime(model=None, task_data=data_stamps(tasks[1:])).to_dict()   # embedded keys as before
+
+
+def test_a_study_s_scope_holds_where_a_placement_strategy_lands(monkeypatch):
+    """An audit or study with device_map auto was keyed by the name alone: killed on a GPU host and resumed
+    where none is visible, its stages and jobs mixed the two devices' numbers."""
+    from moeguard.models import placement
+    from moeguard.studies.engine import Runtime
+
+    scopes = []
+    for kind in ("cuda", "cuda", "cpu"):
+        monkeypatch.setattr(placement, "placed_on", lambda device_map, k=kind: k)
+        scopes.append(Runtime(model=None, device_map="auto").scope())
+    assert scopes[0] == scopes[1] != scopes[2]
+    assert "placed_on" not in Runtime(model=None, device_map="cpu").to_dict()   # a device names its own kind
+    assert "placed_on" not in Runtime(model=None).to_dict()                     # keys of runs without one unchanged

@@ -171,7 +171,7 @@ def test_merged_experts_name_their_sources(embedded, fp):
 
 def test_detectability_counts_a_merged_model_s_experts_named_by_their_sources(embedded):
     """On the merge route the stolen model's merged experts are labelled merged, never kept: detectability
-    counted only kept labels and read 6 of 20 where the trace named every merge's sources."""
+    counted only kept labels and read 12 of 20 where the trace named every merge's sources."""
     from moeguard.studies.merge_route import merged_from
     from moeguard.trace.api import detectability, fingerprint_in_memory
 
@@ -187,6 +187,12 @@ def test_detectability_counts_a_merged_model_s_experts_named_by_their_sources(em
     from moeguard.report.auditrows import _identified
 
     assert _identified(d) == "identifying 20 of 20 experts (8 of them merges, each named by its sources)"
+    # uneven weights (router-weighted gives a barely-routed member about 0): the members a trace can see
+    weights = {l: [[1.0, 0.0], [1.0], [0.6, 0.4, 0.0], [1.0], [1.0]] for l in range(4)}
+    stolen = merged_from(m, {"clusters": {str(l): g for l, g in clusters.items()},
+                             "weights": {str(l): w for l, w in weights.items()}})
+    d = detectability(fp_, stolen, tok, keep, clusters=clusters, weights=weights)
+    assert (d["kept_identified"], d["kept_total"], d["merged_total"]) == (20, 20, 4), d
 
 
 def test_a_checkpoint_written_by_moeguard_merge_is_traced_to_its_merging_record(fp, tmp_path, capsys):

@@ -410,21 +410,32 @@ def _appeared(path: Path) -> MoeguardError:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends (they are raised right after it): the
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends (they are raised again right after it): the
     CLI turns them into an interrupt at any bytecode, and one between the two renames of a swap left
-    the old output hidden aside and the new one deleted by the caller's clean-up."""
+    the old output hidden aside and the new one deleted by the clean-up. The main thread's Python
+    handlers are swapped for one that only records the signal: a signal mask is per thread, and torch's,
+    tokenizers' and rich's threads took the signal and had the main thread raise it all the same.
+    Off the main thread (no handler can be set there) the block runs as it is."""
     import signal
+    import threading
 
-    held = {s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None}
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or not held:   # Windows: no signal masks
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = mask(signal.SIG_BLOCK, held)
+    got: list[int] = []
+    before = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None or signal.getsignal(sig) is None:   # absent here, or a handler set outside Python
+            continue
+        before[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
     try:
         yield
     finally:
-        mask(signal.SIG_SETMASK, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(got):   # each once, in the order they came
+            signal.raise_signal(sig)
 
 
 def _move_into_place(tmp: Path, path: Path, *, overwrite: bool = True) -> None:
@@ -439,10 +450,10 @@ def _move_into_place(tmp: Path, path: Path, *, overwrite: bool = True) -> None:
         import uuid
 
         old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        with signals_held():
+        with signals_held():   # the old copy's removal too: an interrupt left it hidden beside the output
             os.replace(path, old)
             os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         os.replace(tmp, path)
 

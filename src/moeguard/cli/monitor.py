@@ -189,9 +189,6 @@ def serve(
         check_profile(prof, handle)   # weights, layers, experts and top-k, before the model loads
         history = period_history(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p, accept=parse_accept(accept))
         saved = open_period(prof, period_log, period=seconds, baseline=baseline, alpha=alpha_p, history=history)
-        m, tok, _ = handle.load()
-        # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
-        writer = alert_writer(alerts, period_log)
         from moeguard.io import file_sha256
 
         record_start(alerts, {"profile": str(profile), "profile_sha256": file_sha256(profile), "model": handle.name,
@@ -200,6 +197,9 @@ def serve(
                               "max_delay": max_delay, "period": period, "baseline": baseline if period else None,
                               "period_alpha": alpha_p if period else None,
                               "period_log": str(period_log) if period_log else None, "accept": accept})
+        m, tok, _ = handle.load()
+        # raise_errors=False: a failing alert log or scoring is logged and counted, never a client's 500
+        writer = alert_writer(alerts, period_log)
         save_state = retrying(state_writer(period_log), writer)   # rows a full disk kept: tried every minute
         mon = RoutingMonitor(m, prof, alpha=alpha, max_clients=max_clients, flush_every=flush_every, max_delay_s=max_delay,
                              on_result=writer, raise_errors=False, period=seconds,

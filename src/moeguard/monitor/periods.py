@@ -313,8 +313,8 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
     every_cell = [[a, b] for a in layers for b in range(resid.shape[2])]   # their [layer, expert], in that order
     # a bar per period: with the clients' test a period of 16,000-32,000 requests takes 40-130 s
     ptask = progress.add_task("testing periods", total=len(keys)) if progress is not None else None
-    for k, idx in zip(keys, parts):
-        if ptask is not None:
+    for i, (k, idx) in enumerate(zip(keys, parts)):
+        if ptask is not None and i:   # the one before is done (each period may end in a `continue`)
             progress.advance(ptask)
         r = resid[idx]                  # a copy: [n, L, E], viewed as [n, L * E] by the clients' test (not copied again)
         row = _row(k, period, len(idx), len({str(clients[i]) for i in idx}), digest=digest, baseline=baseline, alpha=alpha,
@@ -361,6 +361,8 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
                 c["p_routing"] = ps.get(str(c["client"]))
             if row.get("cause") == "routing":   # whose routing moved: not always those the excess names
                 row["routing_clients"] = periodclients.routing_clients(ps, who, alpha)
+    if ptask is not None and len(keys):
+        progress.advance(ptask)   # the last period
     return rows
 
 

@@ -163,7 +163,14 @@ class Profile:
         if mine and weights and (mine.get("files") or mine.get("revision")):
             # a profile made before the tokenizer (routers, generation config) were in the digest compares the rest
             later = [k for k in ("tokenizer", "routers", "generation") if k not in mine]
-            if mine != {k: v for k, v in weights.items() if k not in later}:
+            now = {k: v for k, v in weights.items() if k not in later}
+            if mine != now:
+                differ = {k for k in set(mine) | set(now) if mine.get(k) != now.get(k)}
+                if differ == {"routers"}:   # only the routers' tensors: tuned, or a digest from before a bias joined it
+                    raise MoeguardError(f"the profile's routers differ from {name}'s (the rest of the weights match): "
+                                        "its routers were re-trained, or the profile predates 2026-12-07, when a "
+                                        "block-held selection bias (LFM2's expert_bias) joined the routers' digest",
+                                        hint="profile this model again")
                 raise MoeguardError(f"the profile was made for other weights ({self.meta.get('model')}) than {name}'s",
                                     hint="use the profiled model (--model), or profile this one")
             return

@@ -240,19 +240,24 @@ def record_start(alerts: Path | None, settings: dict) -> None:
     """Append this start's run record (the settings, the profile's digest, versions and commit) beside the
     alert log, one line per start: alerts gathered over weeks name neither the profile nor the alpha that
     raised them. The alert log itself holds alerts only (what a SIEM ingests)."""
-    if alerts is None:
+    if alerts is None or (alerts.exists() and not alerts.is_file()):   # /dev/stdout, a pipe: no folder beside it
         return
     import datetime as _dt
 
     from moeguard.provenance import run_record
 
     row = {"started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **run_record(settings)}
-    fd = os.open(starts_path(alerts), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    path = starts_path(alerts)
     try:
-        os.write(fd, (dumps(row) + "\n").encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, (dumps(row) + "\n").encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:   # before the model loads: a server that cannot record its settings does not start
+        raise MoeguardError(f"cannot append the start record {path} ({e.strerror or e})",
+                            hint="let this user write beside --alerts, or choose another --alerts") from None
 
 
 def alert_writer(path: Path | None, period_log: Path | None = None):

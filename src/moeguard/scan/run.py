@@ -186,7 +186,7 @@ def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], r
     """Everything about a scan's inputs that needs no weights, for ``scan`` and the audit's resolve (which
     checked only the reference scans, so the rest failed in the scan stage, after every other stage):
     returns (the reference null or None, the tokenizer, the benign contexts)."""
-    from moeguard.models.identity import digest_of, weights_digest, weights_identity
+    from moeguard.models.identity import _WHOLE, digest_of, weights_digest, weights_identity
     from moeguard.models.loading import load_tokenizer
 
     score = "unexplained" if reference_models else "chain"
@@ -195,10 +195,16 @@ def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], r
         # every chain token would be the model's own choice: nothing flagged, the flag still "calibrated"
         raise MoeguardError(f"the reference models include the scanned model itself ({handle.name}, by its weights)",
                             hint="name clean models of the same base as references, or leave --reference-models out")
-    mine = digest_of(weights_identity(handle.arg))
+    ident = weights_identity(handle.arg)
+    mine = digest_of(ident)
+    # hashed whole (the checkpoint's weights at most _WHOLE bytes) the digest is the weights; sampled, a
+    # fine-tune of a few tensors (a planted expert) shares it with its base, whose scan is the natural
+    # null: then only the same files, times and all, are the same model
+    whole = sum(int(row[1]) for row in ident.get("files") or []) <= _WHOLE
     for doc in references:   # a scan of this very model: its own scores in the null it is measured against
         theirs = ((doc.get("run") or {}).get("settings") or {}).get("model")
-        if isinstance(theirs, dict) and digest_of(theirs) == mine:
+        if isinstance(theirs, dict) and digest_of(theirs) == mine and (
+                whole or [r[:3] for r in theirs.get("files") or []] == [r[:3] for r in ident.get("files") or []]):
             raise MoeguardError(f"reference scan {doc.get('path')} is a scan of the scanned model itself ({handle.name}, "
                                 "by its weights): its experts would be in their own null",
                                 hint="references must be scans of other clean models of the same architecture")
@@ -254,7 +260,11 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
                 "reference_models": [weights_identity(h.arg) for h in reference_models]}
     placed = device_map if device_map is not None else handle.device_map
     if placed is not None:   # recorded when given (the numbers may differ in the last digits on another device)
+        from moeguard.models.placement import PLACEMENTS, placed_on
+
         settings["device_map"] = placed
+        if placed in PLACEMENTS:   # and where a strategy lands here: a GPU's parts are not resumed on the CPU
+            settings["placed_on"] = placed_on(placed)
     if dtype is not None:    # likewise: parts computed in two precisions were mixed on a resume (library callers)
         settings["dtype"] = str(dtype).removeprefix("torch.")
     null, tokenizer, contexts = check_inputs(handle, tasks, config=config, references=references,
@@ -267,7 +277,7 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
     timings: dict[str, float] = {}
     # the folder by the weights and placement; each part by the settings it depends on: a run resumed
     # with another --candidates re-does the effects alone (the usage part is the ablation: the costly one)
-    stamp = {k: settings[k] for k in ("model", "device_map", "dtype") if k in settings}
+    stamp = {k: settings[k] for k in ("model", "device_map", "placed_on", "dtype") if k in settings}
     tasks_key = {"tasks": settings["tasks"], "task_identity": settings["task_identity"], "seed": config.seed}
     keys = {"weights": {},
             "usage": {**tasks_key, "samples": config.samples},

@@ -187,9 +187,14 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
             results.append(r)
     value = lambda j: -1e9 if candidates[j]["retention"] is None else candidates[j]["retention"]  # noqa: E731
     built = [j for j, cand in enumerate(candidates) if "unbuildable" not in cand]
-    if not built:
+    pruning = [j for j, cand in enumerate(candidates) if cand.get("route", "prune") == "prune"]
+    if "prune" in routes and not set(pruning) & set(built):   # (the merge route's picks needed one per route too)
+        failed = sorted({candidates[j]["plan"] for j in pruning})
+        others = [p for p in ("uniform", "budgeted") if p not in failed]
         raise MoeguardError(f"no pruning plan of the attack can be built on {m.config.model_type}: "
-                            f"{candidates[0]['unbuildable']}", hint="attack with --plans uniform")
+                            f"{candidates[pruning[0]]['unbuildable']}",
+                            hint=f"attack with --plans {others[0]}" if others else
+                            "attack with --routes merge, or another --keep")
     i = max(built, key=value)
     from moeguard.models.prune import prune_model
 
@@ -229,8 +234,7 @@ def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid:
 
         pruned = ctx.derived(("merged", model, ctx.runtime.model, digest(merge)), lambda: merged_from(m, merge))
     # the model attacked is the one the attacker stole from (base or hardened): its fingerprint
-    after = tracer(m, tok, plan, key=json.dumps([model, ctx.runtime.model, ctx.runtime.dtype]), seed=seed,
-                   clusters=None if merge is None else {int(l): g for l, g in merge["clusters"].items()})
+    after = tracer(m, tok, plan, key=json.dumps([model, ctx.runtime.model, ctx.runtime.dtype]), seed=seed, merge=merge)
     pool = label_pool(t, pool_size=pool_size, budget=schedule[-1], seed=seed)
     orphan = None
     if get_strategy(strategy, t).needs_original:

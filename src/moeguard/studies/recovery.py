@@ -268,8 +268,7 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
     # adapters into base weights that are on disk: under a cap the curves are not traced
     traced = traced and not offloaded(model)
     after = tracer(model, tok, plan, key=json.dumps([ctx.runtime.model, ctx.runtime.dtype]), seed=seed,
-                   clusters=None if merge is None else {int(l): g for l, g in merge["clusters"].items()}) \
-        if traced else None
+                   merge=merge) if traced else None
     from moeguard.realign.engine import TrainingDiverged
 
     try:

@@ -234,42 +234,55 @@ def fingerprint_in_memory(model, tokenizer, *, key: str, seed: int = 0) -> Finge
     return _FINGERPRINTS[cached]
 
 
-def tracer(model, tokenizer, keep: dict[int, list[int]], *, key: str, seed: int = 0,
-           clusters: dict[int, list[list[int]]] | None = None):
+def tracer(model, tokenizer, keep: dict[int, list[int]], *, key: str, seed: int = 0, merge: dict | None = None):
     """``after(stolen) -> {"trace": ...}`` for a study's re-aligned models: :func:`detectability`
     against ``model``'s fingerprint. A model too small to fingerprint (its 1% budget holds no
     fingerprint: a 2-layer cut of a real model, a toy) is a study without traces, not a failed
     study: ``{"trace": None, "trace_skipped": why}``. ``seed``: the study's (the fingerprint's
-    sampled dimensions and the trace's null); ``clusters``: a merged model's groups (merge route)."""
+    sampled dimensions and the trace's null); ``merge``: a merged model's plan (``clusters`` and
+    ``weights`` by layer: the merge route)."""
     from moeguard.trace.fingerprint import FingerprintTooLarge
 
     try:   # only the budget: any other failure (a layout trace cannot read) stays an error
         fp = fingerprint_in_memory(model, tokenizer, key=key, seed=seed)
     except FingerprintTooLarge as e:
         return lambda stolen, why=str(e): {"trace": None, "trace_skipped": why}
-    return lambda stolen: {"trace": detectability(fp, stolen, tokenizer, keep, seed=seed, clusters=clusters)}
+    clusters = None if merge is None else {int(l): g for l, g in merge["clusters"].items()}
+    weights = None if merge is None else {int(l): w for l, w in (merge.get("weights") or {}).items()}
+    return lambda stolen: {"trace": detectability(fp, stolen, tokenizer, keep, seed=seed, clusters=clusters,
+                                                  weights=weights)}
 
 
 def detectability(fp: Fingerprint, stolen, tokenizer, keep: dict[int, list[int]], *, seed: int = 0,
-                  clusters: dict[int, list[list[int]]] | None = None) -> dict[str, Any]:
+                  clusters: dict[int, list[list[int]]] | None = None,
+                  weights: dict[int, list[list[float]]] | None = None) -> dict[str, Any]:
     """Trace a stolen model whose kept experts are known (``keep``: layer -> original experts, in
     the stolen model's order): the p-value, and how many of its experts the trace names correctly.
     With ``clusters`` (a merged model: layer -> groups, each its centre first) an expert merged from
-    a group is named correctly when the trace labels it merged from exactly that group (merged
-    experts were never labelled kept, so a merged model read 0 of K); one left alone, when kept."""
+    a group is named correctly when the trace labels it merged from exactly that group's members of
+    at least MERGE_SHARE of its ``weights`` (layer -> per group, as the merge plan gives them; None:
+    equal) (merged experts are never labelled kept: they were counted missed); one left alone, when kept."""
     import torch
 
     from moeguard.trace.weights import from_model
 
     with torch.no_grad():
         doc = trace(fp, from_model(stolen, tokenizer, name="stolen"), seed=seed)
-    groups = {int(l): {g[0]: sorted(g) for g in gs} for l, gs in (clusters or {}).items()}
+    # each group by its centre: the members a trace can see, those of at least MERGE_SHARE of the merge's
+    # weight (router-weighted gives a barely-routed member about 0: the average is then the others')
+    groups = {}
+    for l, gs in (clusters or {}).items():
+        given = (weights or {}).get(l) or [None] * len(gs)
+        groups[int(l)] = {}
+        for g, w in zip(gs, given):
+            share = [1.0 / len(g)] * len(g) if w is None else [float(x) / max(float(sum(w)), 1e-30) for x in w]
+            groups[int(l)][g[0]] = sorted(m for m, x in zip(g, share) if x >= MERGE_SHARE) or [g[0]]
 
     def named(layer: int, e: dict) -> bool:
         centre = sorted(keep[layer])[e["expert"]]
         group = groups.get(layer, {}).get(centre, [centre])
-        if len(group) == 1:
-            return e["label"] == "kept" and e["original"] == centre
+        if len(group) == 1:   # kept, or a merge one member dominates: it reads as that member kept
+            return e["label"] == "kept" and e["original"] == group[0]
         return e["label"] == "merged" and sorted(int(i) for i in e["merge"]["weights"]) == group
 
     right = sum(1 for l in doc["layers"] for e in l["experts"] if named(l["layer"], e))
