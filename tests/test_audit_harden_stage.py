@@ -133,3 +133,24 @@ def test_the_defense_is_checked_on_every_defense_task_and_the_hardening_before_a
     save_tokenizer(tok, model)
     with pytest.raises(MoeguardError, match="match no parameter"):
         resolve(AuditConfig(model=str(model), tasks=("arith-compare",), defense="selective", recovery=False))
+
+
+def test_a_hardened_model_s_protocol_is_read_and_checked_before_any_stage(tmp_path, capsys):
+    """defend-eval reads and checks the hardened checkpoint's protocol first; the audit read it in its defense
+    stage, after every other stage, and a malformed or non-covering one failed there."""
+    import shutil
+
+    from moeguard.models.loading import resolve
+
+    h = tmp_path / "h"
+    shutil.copytree(resolve(None).path, h)
+    for text, needle in (("{broken", "is not valid JSON"),
+                         ('{"schema": "moeguard.protocol/1", "modes": ["full"], "authorized_parameters": ["nothing.*"]}',
+                          "match")):
+        (h / "moeguard_protocol.json").write_text(text)
+        capsys.readouterr()
+        code = main(["audit", "--out", str(tmp_path / "a"), "--tasks", "arith-compare", "--hardened", str(h),
+                     "--no-recovery"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and needle in err, err
+        assert not (tmp_path / "a").exists()

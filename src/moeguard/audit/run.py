@@ -94,9 +94,18 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
                                     hint="audit tasks with a train split, or drop --defense")
             load_records(t, "train", limit=1)
     if cfg.hardened:
+        from moeguard.defense.protocol import FILENAME, Protocol
         from moeguard.studies.defend import check_pair
 
-        check_pair(model, resolve_model(cfg.hardened))   # as defend-eval refuses it
+        hardened = resolve_model(cfg.hardened)
+        check_pair(model, hardened)   # as defend-eval refuses it
+        own = hardened.ref.path / FILENAME if hardened.ref.path is not None else None
+        if own is not None and own.exists():   # read and checked as defend-eval does: it failed after every other stage
+            from moeguard.realign.api import check_protocol_covers
+            from moeguard.realign.engine import FinetuneConfig
+
+            proto = Protocol.load(own)
+            check_protocol_covers(hardened, FinetuneConfig(mode=proto.modes[0], only=tuple(proto.patterns)))
     missing = [t for t in defense_tasks if t not in by_name]
     if (cfg.defense or cfg.hardened) and missing:
         raise MoeguardError(f"defense_tasks {missing} are not among the audited tasks {names}",
