@@ -64,7 +64,8 @@ def test_the_attack_s_merge_route_is_refused_up_front_for_a_family_of_expert_mod
     from moeguard.models.families import FAMILIES
     from moeguard.studies.attack import AttackConfig, preflight
 
-    model = SimpleNamespace(family=FAMILIES.get("switch_transformers"), check_keep=lambda keep: None)
+    model = SimpleNamespace(family=FAMILIES.get("switch_transformers"), check_keep=lambda keep: None,
+                            check_uniform=lambda *a, **k: None)
     cfg = AttackConfig(task="arith-compare", keep=2, routes=("prune", "merge"))
     with pytest.raises(MoeguardError, match="keeps one module per expert") as e:
         preflight(cfg, model)
