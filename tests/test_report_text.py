@@ -130,3 +130,28 @@ def test_a_recovery_point_no_seed_measured_is_null_not_nan():
     s = summarize(curves, ["random"], target=95.0)["strategies"]["random"]
     assert s["mean"] == [None, None] and s["final"] is None and s["min"] == [None, None]
     json.dumps(s, allow_nan=False)   # valid JSON: NaN is not
+
+
+def test_a_scanned_model_s_text_and_a_path_cannot_become_markup_in_the_markdown_reports(tmp_path):
+    """A suspect's continuation reached scan.md and report.md as Markdown/HTML (an <img> fetched by a preview),
+    a path with a newline split the audit's table rows, and a "$" in a model path failed the heat map's
+    savefig (matplotlib read it as math) after every hijack search."""
+    from moeguard.report.scan import render_markdown
+    from moeguard.report.tables import md_table
+
+    doc = {"model": "/ckpts/run|1\nx", "tasks": ["arith-compare"], "ranking": ["0:1"],
+           "suspicion": {"null": "siblings", "threshold": 12.1, "score": "chain"}, "flagged": {},
+           "experts": [{"layer": 0, "expert": 1, "suspicion": 20.0, "flags": ["backdoor-suspect"],
+                        "effect": {"score": 3.0, "start_token": "`x", "continuation": '<img src="https://a/x">![](https://a/p)'}}]}
+    md = render_markdown(doc)
+    assert "# moeguard scan: /ckpts/run\\|1\\nx\n" in md
+    row = next(l for l in md.splitlines() if l.startswith("| 0:1 |"))
+    assert "| ``'`x'`` |" in row and "| `'<img src=\"https://a/x\">![](https://a/p)'` |" in row, row   # code spans
+    assert md_table([{"model": "a\nb", "why": "<1 labels"}]).splitlines()[2] == "| a\\nb | &lt;1 labels |"
+    from moeguard.report.routing import hijack_heatmap
+
+    heat = {"model": "/m/$a^^b$", "task": "arith-compare", "config": {"prefix_tokens": 20},
+            "targets": [{"layer": 0, "expert": e, "measured": {"success": 0.5, "success_without_prefix": 0.1}}
+                        for e in range(2)]}
+    hijack_heatmap(heat, tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 1000

@@ -19,7 +19,8 @@ from moeguard.report import plots
 from moeguard.report.plots import _plt
 from moeguard.report.auditrows import (_fmt, card_rows, defense_detect_text, defense_rows, defense_utility_rows,
                                        detect_text, method_rows, recovery_rows, repro_rows, risk_rows)
-from moeguard.report.scan import flag_rows, scan_text, suspect_rows
+from moeguard.report.scan import UNTRUSTED, flag_rows, scan_text, suspect_rows
+from moeguard.report.tables import md_cell, md_table
 
 LEVEL_COLORS = {"high": "#c0392b", "medium": "#d68910", "low": "#1e8449", "unmeasured": "#7f8c8d"}
 
@@ -105,18 +106,14 @@ def write_report(doc: dict[str, Any], out: Path, stages: dict[str, Path]) -> Non
 # --------------------------------------------------------------------------- markdown
 
 def _md_table(rows: list[dict[str, str]]) -> str:
-    if not rows:
-        return "_none_\n"
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    # the scan's start tokens and continuations are the scanned model's own text: code spans
+    return md_table(rows, code=UNTRUSTED)
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
     f = doc["files"]["plots"]
     m = doc["model"]
-    parts = [f"# moeguard audit: {m.get('name')}\n",
+    parts = [f"# moeguard audit: {md_cell(m.get('name'))}\n",
              _verdict(doc) + "\n",
              "## Prunability risk\n", _md_table(risk_rows(doc)),
              f"\n![risk](plots/{f['risk']})\n",

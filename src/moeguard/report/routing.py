@@ -36,7 +36,8 @@ def hijack_heatmap(doc: dict[str, Any], out: Path) -> Path:
     where = doc["config"].get("position", "prefix")   # documents from before the suffix mode are prefixes
     of = "input tokens" if where == "prefix" else "reply tokens"
     ax.set_title(f"routing hijack success, % of {of} (without the {where})\n{doc['model']}, task {doc['task']}, "
-                 f"{where} {doc['config']['prefix_tokens']} tokens", fontsize=9)
+                 f"{where} {doc['config']['prefix_tokens']} tokens", fontsize=9,
+                 parse_math=False)   # the model's path as written: "$" read as math failed the savefig
     fig.colorbar(im, ax=ax, label="% routed to the target")
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -29,13 +29,14 @@ def flag_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
     return [{"flag": f, "experts": ", ".join(keys) or "-", "count": str(len(keys))} for f, keys in doc["flagged"].items()]
 
 
+# the scanned model's own text (a suspect checkpoint's): code spans in Markdown, never markup
+UNTRUSTED = ("start token", "continuation")
+
+
 def _md(rows: list[dict[str, str]]) -> str:
-    if not rows:
-        return "_none_\n"
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", "\\n") for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    from moeguard.report.tables import md_table
+
+    return md_table(rows, code=UNTRUSTED)
 
 
 def _null_text(s: dict[str, Any]) -> str:
@@ -56,9 +57,15 @@ def scan_text(audit_doc: dict[str, Any]) -> str:
     return f"{verdict} {_null_text(d['suspicion'])} Every expert: {d['file']}; how to read it: docs/scan.md."
 
 
+def _heading(text) -> str:
+    from moeguard.report.tables import md_cell
+
+    return md_cell(text)
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join([
-        f"# moeguard scan: {doc.get('model', '')}\n",
+        f"# moeguard scan: {_heading(doc.get('model', ''))}\n",
         f"Tasks: {', '.join(doc['tasks'])}. {_null_text(doc['suspicion'])}\n",
         "## Most suspicious experts\n", _md(suspect_rows(doc)),
         "## Flags\n", _md(flag_rows(doc)),

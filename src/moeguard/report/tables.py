@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.table import Table
 
 
@@ -113,3 +115,35 @@ def scores_table(doc: dict) -> Table:
         order = sorted(range(len(row)), key=lambda e: (-(row[e] if row[e] is not None else float("-inf")), e))
         t.add_row(layer, "  ".join(f"{e} ({cell(row[e])})" for e in order))
     return t
+
+
+# --------------------------------------------------------------------------- markdown tables
+
+def md_cell(value) -> str:
+    """A value as text in a Markdown table cell: its pipes escaped, its line breaks written as \\n (a
+    path or argument with a newline split the row), and "<" as an entity (a renderer that allows
+    inline HTML took a model's own text for a tag)."""
+    text = str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+    return text.replace("|", "\\|").replace("<", "&lt;")
+
+
+def md_code(value) -> str:
+    """Untrusted text (a scanned model's continuation) as a code span: nothing in it is Markdown or HTML.
+    The fence is one backtick longer than any run inside."""
+    text = str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n").replace("|", "\\|")
+    run = max((len(m) for m in re.findall("`+", text)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_table(rows: list[dict], *, code: tuple[str, ...] = ()) -> str:
+    """A Markdown table of ``rows`` (the first row's keys are the columns); ``code``: columns of
+    untrusted text, written as code spans."""
+    if not rows:
+        return "_none_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(md_cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join((md_code if c in code else md_cell)(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+

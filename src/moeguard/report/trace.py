@@ -47,7 +47,9 @@ def mapping_plot(doc: dict[str, Any], out: Path) -> Path:
 def markdown(doc: dict[str, Any]) -> str:
     t = doc["transformations"]
     q = t["quantization"]
-    lines = [f"# Trace of `{doc['suspect']}` against `{doc['original']}`", "",
+    from moeguard.report.tables import md_code
+
+    lines = [f"# Trace of {md_code(doc['suspect'])} against {md_code(doc['original'])}", "",
              f"**Verdict: {doc['verdict']}** (p = {p_text(doc['p_value'])}; derived when p <= {doc['alpha']}).", "",
              f"Test: {doc['test']} ({doc['combination']}). The null hypothesis is that the suspect's experts "
              "were initialized and trained independently of the original's.", "",
