@@ -182,6 +182,23 @@ except KeyboardInterrupt:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_an_output_that_is_an_input_by_another_case_is_refused(tmp_path, monkeypatch):
+    """On a case-insensitive file system (macOS's APFS) ./OLMoE is ./olmoe: compared by name the check passed,
+    and --overwrite moved the input model aside and deleted it. Faked here by a samefile that ignores case."""
+    from moeguard.io import check_not_inputs
+
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: str(a).lower() == str(b).lower())
+    model = tmp_path / "olmoe"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(MoeguardError, match="is \\(or holds\\) the input"):
+        check_not_inputs(tmp_path / "OLMOE", [str(model)])
+    with pytest.raises(MoeguardError, match="is inside the model folder"):
+        check_not_inputs(tmp_path / "OLMOE" / "run", [str(model)])
+    check_not_inputs(tmp_path / "runs" / "x", [str(model)])   # another folder passes
+
+
 def test_a_resumable_folder_keeps_its_stamp_when_the_move_fails(tmp_path, monkeypatch):
     from moeguard import io
 

@@ -185,3 +185,61 @@ def test_an_audit_on_ray_leaves_the_device_check_to_the_workers(monkeypatch, tmp
     err = capsys.readouterr().err
     assert f"device_map {MISSING}: " in err and ("no cuda device is visible" in err or "cuda device(s)" in err), err
     assert not seen
+
+
+def test_a_pruned_copy_of_a_model_spread_over_gpus_is_dispatched_as_its_source(monkeypatch):
+    """Built on meta and filled, the pruned copy of a model spread over two GPUs had no accelerate hooks: its
+    first layer on the second GPU got the first's hidden states (the sweep's physical check, recovery, attack
+    cells, merges). Faked here: the source's map names two GPUs, and dispatch_model is recorded."""
+    import accelerate
+
+    from moeguard.models.prune import prune_model
+    from moeguard.testing import tiny_model
+
+    model = tiny_model("mixtral")
+    seen = []
+    monkeypatch.setattr(accelerate, "dispatch_model", lambda m, device_map: (seen.append(device_map), m)[1])
+    small, _ = prune_model(model, {0: [0, 1, 2, 3]})
+    assert seen == []                                           # one device: no hooks
+    placed = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    model.hf_device_map = placed
+    small, _ = prune_model(model, {0: [0, 1, 2, 3]})
+    assert seen == [placed]
+    model.hf_device_map = {**placed, "model.layers.1": "cpu"}   # offloaded: never pruned in memory, no dispatch
+    prune_model(model, {0: [0, 1, 2, 3]})
+    assert len(seen) == 1
+    # on one device a model built elsewhere (the from-scratch baseline, initialized on the CPU) is moved there
+    import torch
+
+    import moeguard.tasks.tokens as tokens
+    from moeguard.models.prune import placed_like
+
+    del model.hf_device_map
+    real = tokens.model_device
+    monkeypatch.setattr(tokens, "model_device", lambda m: torch.device("meta") if m is model else real(m))
+    moved = placed_like(tiny_model("mixtral", seed=1), model)
+    assert {p.device.type for p in moved.parameters()} == {"meta"}
+
+
+def test_apple_mps_is_refused_in_one_line_and_left_out_of_a_memory_cap(monkeypatch):
+    """On Apple Silicon accelerate's strategies fill MPS first and --device-map mps was accepted: moeguard's
+    float64 scoring then failed there with a traceback, and --max-memory's cap held nothing (MPS, the host's
+    own memory, was in the budget at all the RAM free)."""
+    import torch
+
+    from moeguard.errors import MoeguardError
+    from moeguard.models import placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "device_count", lambda: 1)
+    for value in ("auto", "mps", "mps:0"):
+        with pytest.raises(MoeguardError, match="Apple's MPS device") as e:
+            placement.check_device_map(value)
+        assert e.value.hint == "drop --device-map to use the CPU"
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {"mps": 64 << 30, "cpu": 64 << 30, "disk": 1 << 40})
+    settings, made = placement.offload_settings(8 << 30)
+    assert settings["max_memory"] == {"cpu": 8 << 30}, settings
+    made.rmdir()

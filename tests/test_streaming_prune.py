@@ -157,6 +157,7 @@ def test_reshard_by_size_and_progress(saved, tmp_path):
     assert checkpoint_tensors(tmp_path / "one").keys() == checkpoint_tensors(tmp_path / "small").keys()
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "copy_file_range"), reason="os.copy_file_range is Linux's")
 def test_in_kernel_copy_and_its_fallback_write_the_same_bytes(saved, tmp_path, monkeypatch):
     """Plain row copies go through copy_file_range (no bytes through memory); where the kernel or
     filesystem refuses, the same tensors are written through memory, byte for byte alike."""

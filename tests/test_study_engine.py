@@ -213,3 +213,29 @@ def test_a_study_s_scope_holds_where_a_placement_strategy_lands(monkeypatch):
     assert scopes[0] == scopes[1] != scopes[2]
     assert "placed_on" not in Runtime(model=None, device_map="cpu").to_dict()   # a device names its own kind
     assert "placed_on" not in Runtime(model=None).to_dict()                     # keys of runs without one unchanged
+
+
+def test_a_process_evicts_a_model_before_loading_another_and_stages_release_them_all(monkeypatch):
+    """Context held up to two models and loaded a third before evicting one, and nothing released them before
+    the audit's harden and scan stages loaded their own full copies (on a GPU: out of memory, or under auto a
+    harden copy pushed to the CPU and refused as offloaded)."""
+    import moeguard.models.loading as loading
+    from moeguard.studies.engine import Context, Runtime
+
+    held_at_load = []
+    monkeypatch.setattr(loading, "load_model", lambda ref, **k: (held_at_load.append(len(Context._models)),
+                                                                (object(), object(), None))[1])
+    monkeypatch.setattr(Context, "_models", {})
+    monkeypatch.setattr(Context, "_derived", {})
+    ctx = Context(Runtime(model=None))
+    for ref in ("a", "b", "c"):
+        ctx.model(ref)
+    assert held_at_load == [0, 1, 1] and len(Context._models) == 2   # the third loaded with one other held
+    Context.release()
+    assert Context._models == {} and Context._derived == {}
+    import inspect
+
+    from moeguard.audit import optional
+
+    for stage in (optional.harden_stage, optional.scan_stage):
+        assert "Context.release()" in inspect.getsource(stage)

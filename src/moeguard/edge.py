@@ -34,6 +34,12 @@ def resolve_tasks(values: Iterable | None, *, what: str = "tasks", default=None,
         tasks = [adopt(get_task(v), origin=str(v)) for v in values]
         if not tasks:
             raise MoeguardError(f"{what} name no task", hint="see `moeguard tasks` for names")
+    folded: dict[str, str] = {}
+    for t in tasks:   # names are file names (task-NAME.json, scores/NAME/): on macOS's APFS Docs and docs are one file
+        other = folded.setdefault(t.name.casefold(), t.name)
+        if other != t.name:
+            raise MoeguardError(f"{what} name tasks '{other}' and '{t.name}', which differ only in case",
+                                hint="rename one (their outputs would share files on a case-insensitive file system)")
     for t in tasks if scored else ():   # before any model loads: no command passes the reference it divides by
         if t.primary_metric == "normalized_perplexity":
             raise MoeguardError(f"task '{t.name}' reports normalized_perplexity, which needs a reference perplexity "

@@ -64,10 +64,19 @@ def check_not_inputs(path: Path, inputs: Iterable[Any]) -> None:
     the input, and writing in a checkpoint's folder would change that model."""
     out, inputs = Path(path).resolve(), list(inputs)   # read twice below
     for given, inp in local_inputs(inputs):
-        if out == inp or out in inp.parents:
+        # by name, and by the file itself where both exist: on a case-insensitive file system (macOS's APFS,
+        # Windows) ./OLMoE is ./olmoe, and --overwrite replaced the model it was cut from
+        if out == inp or out in inp.parents or any(_same_file(out, p) for p in (inp, *inp.parents)):
             raise MoeguardError(f"output {path} is (or holds) the input {given}: writing it would replace the input",
                                 hint="choose another path for --out")
     check_outside_models(path, inputs)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # either missing (an output not made yet), or not to be looked at
+        return False
 
 
 def check_outside_models(path: Path, inputs: Iterable[Any]) -> None:
@@ -76,7 +85,8 @@ def check_outside_models(path: Path, inputs: Iterable[Any]) -> None:
     the data)."""
     out = Path(path).resolve()
     for given, inp in local_inputs(inputs):
-        if inp.is_dir() and inp in out.parents and (inp / "config.json").is_file():
+        if inp.is_dir() and (inp in out.parents or any(_same_file(inp, p) for p in out.parents)) \
+                and (inp / "config.json").is_file():
             raise MoeguardError(f"output {path} is inside the model folder {given}: writing it would change the model",
                                 hint="choose an --out outside it")
 

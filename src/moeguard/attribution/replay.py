@@ -53,8 +53,10 @@ def target_nll(adapter: MoEAdapter, hidden: torch.Tensor, labels: torch.Tensor) 
         parts.append(torch.nn.functional.cross_entropy(logits, targets[a:a + rows_per_chunk].to(logits.device),
                                                        reduction="none"))
     nll = torch.cat(parts) if len(parts) != 1 else parts[0]
-    rows = torch.arange(labels.shape[0], device=nll.device)[:, None].expand_as(sel)[sel.to(nll.device)]
-    return torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
+    rows = torch.arange(labels.shape[0])[:, None].expand_as(sel)[sel.cpu()]
+    # summed on the CPU, in its order: CUDA's index_add_ adds repeated rows with atomics in a varying order,
+    # so ablation's nll - base moved by ~1e-3 nats between runs of one --seed (differentiable all the same)
+    return torch.zeros(labels.shape[0], dtype=nll.dtype).index_add_(0, rows, nll.cpu()).to(nll.device)
 
 
 def replay_hidden(adapter: MoEAdapter, inputs: dict[int, tuple], start: int, *, copies: int = 1) -> torch.Tensor:

@@ -109,7 +109,10 @@ def scan_stage(d: Path, work: Path, model: ModelHandle, cfg: AuditConfig, scan_c
 
     from moeguard.edge import resolve_model
     from moeguard.scan.run import scan
+    from moeguard.studies.engine import Context
     from moeguard.tasks.registry import get_task
+
+    Context.release()   # the studies' models out of memory first: the scan loads its own (and its references)
 
     torch.set_num_threads(runtime.threads)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
@@ -136,6 +139,9 @@ def harden_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle
     from moeguard.models.loading import load_model
     from moeguard.pruning.apply import weights_folder
 
+    from moeguard.studies.engine import Context
+
+    Context.release()   # the studies' models out of memory first: this stage trains a full copy of its own
     torch.set_num_threads(runtime.threads)
     dtype = getattr(torch, runtime.dtype) if runtime.dtype else None
     torch.manual_seed(cfg.seed)

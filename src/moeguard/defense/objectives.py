@@ -73,12 +73,15 @@ def task_balance(tape: RouterTape, valid: torch.Tensor, task_ids: torch.Tensor, 
     ``valid`` [N] marks real tokens, ``task_ids`` [N] the task of each token's sequence."""
     terms = []
     for logits in tape.logits:
-        probs = routing_probs(logits, score)                   # [N, E]
+        probs = routing_probs(logits, score)                   # [N, E], on its layer's device
+        # the masks where each layer's routers ran: over several GPUs a layer on the second one was indexed
+        # with the first one's masks
+        v, ids = valid.to(probs.device), task_ids.to(probs.device)
         E = probs.shape[-1]
-        for t in task_ids[valid].unique():
-            sel = valid & (task_ids == t)
+        for t in ids[v].unique():
+            sel = v & (ids == t)
             pbar = probs[sel].mean(0)                            # [E]
-            terms.append(E * (pbar * pbar).sum() - 1)
+            terms.append((E * (pbar * pbar).sum() - 1).to(valid.device))
     return torch.stack(terms).mean()
 
 
@@ -87,8 +90,8 @@ def task_shares(tape: RouterTape, valid: torch.Tensor, num_experts: int) -> torc
     ``frequency`` attribution, computed for free from the forward pass)."""
     rows = []
     for idx in tape.index:
-        counts = torch.bincount(idx[valid].reshape(-1), minlength=num_experts).float()
-        rows.append(counts / counts.sum().clamp_min(1))
+        counts = torch.bincount(idx[valid.to(idx.device)].reshape(-1), minlength=num_experts).float()
+        rows.append((counts / counts.sum().clamp_min(1)).to(valid.device))   # one device for the stack
     return torch.stack(rows)
 
 

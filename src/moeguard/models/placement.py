@@ -16,7 +16,8 @@ PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate
 def check_device_map(value: str | None, *, what: str = "--device-map", on_this_machine: bool = True) -> str | None:
     """``value`` as ``from_pretrained`` takes it, or a one-line error before any weights load: one of
     accelerate's strategies (:data:`PLACEMENTS`: auto spreads the layers over the visible GPUs,
-    then the CPU) or one device this machine has (cpu, cuda, cuda:N, mps, xpu...). None: the CPU.
+    then the CPU) or one device this machine has (cpu, cuda, cuda:N, xpu...; not Apple's mps, which has no
+    float64, nor a strategy that would fill it). None: the CPU.
 
     ``on_this_machine=False``: the weights load elsewhere (Ray workers; a head node often has no
     GPU), so only the spelling is checked here; each worker checks its own devices as it loads."""
@@ -26,12 +27,18 @@ def check_device_map(value: str | None, *, what: str = "--device-map", on_this_m
 
     v = str(value).strip()
     if v in PLACEMENTS:
+        if on_this_machine and placed_on(v) == "mps":   # accelerate's strategies fill Apple's GPU first
+            raise MoeguardError(f"{what} {v} would place the weights on Apple's MPS device, which has no float64 "
+                                "(moeguard's scores and merges use it)", hint=f"drop {what} to use the CPU")
         return v
     hint = f"pass one of {', '.join(PLACEMENTS)}, or a device: cpu, cuda, cuda:N"
     try:
         dev = torch.device(v)
     except (RuntimeError, ValueError):
         raise MoeguardError(f"{what} {value!r} is neither a placement nor a device", hint=hint) from None
+    if dev.type == "mps":
+        raise MoeguardError(f"{what} {v}: Apple's MPS device has no float64, which moeguard's scores and merges "
+                            "use", hint=f"drop {what} to use the CPU")
     if dev.type == "cpu" or not on_this_machine:
         return v
     backend = getattr(torch, dev.type, None)
@@ -101,7 +108,9 @@ def offload_settings(max_memory: int, *, device_map=None, folder=None) -> tuple[
     up to the cap, then disk; it never splits a decoder layer."""
     from accelerate.utils import get_max_memory
 
-    budget = {k: v for k, v in get_max_memory().items() if k not in ("cpu", "disk")}
+    # mps is Apple's unified memory, the host's own: with it in the budget the cap held nothing (the weights
+    # went there first, up to all the RAM free), and moeguard's float64 scoring does not run on it
+    budget = {k: v for k, v in get_max_memory().items() if k not in ("cpu", "disk", "mps")}
     budget["cpu"] = int(max_memory)
     made = None
     if folder is None:

@@ -163,6 +163,27 @@ def _sliced_state(adapter: MoEAdapter, keep: dict[int, list[int]], *, share_unch
     return out
 
 
+def placed_like(new: nn.Module, model: nn.Module) -> nn.Module:
+    """``new`` (a model of ``model``'s module names: a pruned copy, a fresh one of its shape) placed as
+    ``model`` is. Over several accelerators (``--device-map auto`` on a multi-GPU server) accelerate's
+    hooks move the hidden states between the layers' GPUs: built on meta and filled, a pruned copy had
+    none, and its first layer on the second GPU got the first GPU's hidden states. On one device, moved
+    there (the from-scratch baseline was built, and trained, on the CPU). An offloaded map is not
+    placed in memory (the capped paths stream instead)."""
+    placed = getattr(model, "hf_device_map", None)
+    devices = set(placed.values()) if isinstance(placed, dict) else set()
+    if len(devices) > 1 and not devices & {"cpu", "disk", "meta"}:
+        from accelerate import dispatch_model
+
+        return dispatch_model(new, device_map=dict(placed))
+    if len(devices) > 1:
+        return new
+    from moeguard.tasks.tokens import model_device
+
+    device = model_device(model)
+    return new if model_device(new) == device else new.to(device)
+
+
 def prune_model(model: nn.Module, keep: Mapping, *, share_unchanged: bool = False,
                 unfilled: frozenset[int] = frozenset()) -> tuple[nn.Module, dict]:
     """Return ``(pruned_model, record)``; ``model`` itself is left untouched.
@@ -201,6 +222,7 @@ def prune_model(model: nn.Module, keep: Mapping, *, share_unchanged: bool = Fals
         raise RuntimeError(f"pruned model has parameters without weights: {still_meta[:5]}")
     new.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
     new.eval() if not model.training else new.train()
+    new = placed_like(new, model)
     record = {
         "family": adapter.family.name,
         **original_counts(adapter),

@@ -251,7 +251,7 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
     by ``10000 + seed``, the same for every cell of a seed), trained on the random strategy's labels."""
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import model_class
-    from moeguard.models.prune import prune_model
+    from moeguard.models.prune import placed_like, prune_model
     from moeguard.models.upstream import repair
     from moeguard.tasks.evaluate import evaluate_task
 
@@ -264,6 +264,7 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
         torch.manual_seed(10_000 + seed)
         fresh = model_class(shaped.config).from_config(shaped.config).train()
         repair(fresh)   # transformers' modules that do not compute their model (models/upstream.py)
+        fresh = placed_like(fresh, m)   # initialized on the CPU (seeded as before), trained where the model is
         initial = evaluate_task(fresh, tok, t, limit=eval_limit, batch_size=32, baseline=False)
         return fresh, initial, sum(p.numel() for p in shaped.parameters()), len(uniform)
 

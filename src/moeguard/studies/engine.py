@@ -140,13 +140,26 @@ class Context:
             from moeguard.models.loading import load_model
 
             dtype = getattr(torch, self.runtime.dtype) if self.runtime.dtype else None
+            if len(Context._models) >= self.MAX_MODELS:   # before the load: never three models held at once
+                while len(Context._models) >= self.MAX_MODELS:
+                    Context._models.pop(next(iter(Context._models)))
+                Context._derived.clear()
+                _free_memory()
             m, tok, _ = load_model(ref, dtype=dtype, device_map=self.runtime.device_map,
                                    max_memory=self.runtime.max_memory)
-            while len(Context._models) >= self.MAX_MODELS:
-                Context._models.pop(next(iter(Context._models)))
             Context._derived.clear()
             Context._models[key] = (m, tok)
         return Context._models[key]
+
+    @classmethod
+    def release(cls) -> None:
+        """Drop every model and copy this process holds: a stage that loads its own (the audit's
+        hardening and scan) would otherwise sit beside the studies' models, and accelerate's ``auto``
+        plan counts only the memory the driver reports free (a harden copy went to the CPU and was
+        refused as offloaded; with one device it ran out of memory)."""
+        cls._models.clear()
+        cls._derived.clear()
+        _free_memory()
 
     def _key(self, ref: str | None) -> str:
         return json.dumps({**self.runtime.to_dict(), "model": ref, "max_memory": self.runtime.max_memory}, sort_keys=True)
@@ -165,6 +178,16 @@ class Context:
                 gc.collect()   # accelerate's hooks hold offloaded copies in cycles; their folders go with them
             Context._derived[tag] = make()
         return Context._derived[tag]
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()   # accelerate's hooks hold models in reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def execute(job: Job, runtime: Runtime) -> dict[str, Any]:

@@ -130,8 +130,9 @@ def evaluate_suite(model: Any, tokenizer: Any, tasks: Iterable[Task | str], *, l
     """
     resolved = [get_task(t) for t in tasks]
     names = [t.name for t in resolved]
-    if len(set(names)) != len(names):
-        raise MoeguardError(f"task list {names} names a task twice", hint="list every task once")
+    if len({n.casefold() for n in names}) != len(names):   # a case-insensitive file system shares their kept files
+        raise MoeguardError(f"task list {names} names a task twice (compared ignoring case: names are file names)",
+                            hint="list every task once")
     references = dict(references or {})
     unknown = sorted(set(references) - set(names))
     if unknown:

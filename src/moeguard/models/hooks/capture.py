@@ -159,7 +159,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
                 # (NLLB-MoE: nor does padding, or a second choice past capacity)
                 routed = (w != 0).reshape(-1).double() if spec.capacity_key or spec.top2_capacity else None
                 stats.counts += torch.bincount(sel.reshape(-1), weights=routed, minlength=E).double().cpu()
-                stats.gate_mass += torch.zeros(E, device=w.device).index_add_(0, sel.reshape(-1), w.reshape(-1)).double().cpu()
+                # sums on the CPU (as before there, in one order): CUDA's index_add_ adds with atomics in a varying order
+                stats.gate_mass += torch.zeros(E).index_add_(0, sel.reshape(-1).cpu(), w.reshape(-1).cpu()).double()
                 score = (lambda x: x.sigmoid()) if spec.score == "sigmoid" else (lambda x: torch.softmax(x, dim=-1))
                 if self.norms:   # every row's raw scores at its chosen experts, for reap-raw's norms
                     every = score(logits.float())
@@ -170,8 +171,8 @@ class RoutingCapture(contextlib.AbstractContextManager):
                 stats.prob_mass[:probs.shape[-1]] += probs.sum(0).double().cpu()
                 if self.raw:
                     raw = probs.gather(1, sel).reshape(-1)
-                    stats.raw_gate_mass += torch.zeros(E, device=probs.device).index_add_(
-                        0, sel.reshape(-1), raw if routed is None else raw * routed.to(raw)).double().cpu()
+                    stats.raw_gate_mass += torch.zeros(E).index_add_(
+                        0, sel.reshape(-1).cpu(), (raw if routed is None else raw * routed.to(raw)).cpu()).double()
                 shape = self._decoder_shape if self._in_decoder[slot] else self._batch_shape
                 if self.per_sample and self._sample_counts is not None and shape is not None:
                     B, T = shape
