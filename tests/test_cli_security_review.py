@@ -48,12 +48,13 @@ def test_eval_refuses_a_task_named_twice_before_the_weights_load(tmp_path, monke
     capsys.readouterr()
     _one_line(capsys, main(["eval", "--tasks", "arith-compare,arith-compare"]), "more than once")
     # two task files whose names differ only in case: one kept file on macOS (task-Docs.json is task-docs.json)
-    for name in ("docs", "Docs"):
-        (tmp_path / f"{name}.yaml").write_text(
+    for folder, name in (("a", "docs"), ("b", "Docs")):   # folders apart: on APFS docs.yaml is Docs.yaml
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "t.yaml").write_text(
             f"name: {name}\nkind: language_modeling\nsource: {{type: local, path: d, format: txt}}\nfields: {{text: text}}\n")
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "test.txt").write_text("some text\n" * 20)
-    _one_line(capsys, main(["eval", "--tasks", f"{tmp_path / 'docs.yaml'},{tmp_path / 'Docs.yaml'}"]),
+        (tmp_path / folder / "d").mkdir()
+        (tmp_path / folder / "d" / "test.txt").write_text("some text\n" * 20)
+    _one_line(capsys, main(["eval", "--tasks", f"{tmp_path / 'a' / 't.yaml'},{tmp_path / 'b' / 't.yaml'}"]),
               "name tasks 'docs' and 'Docs', which differ only in case")
 
 

@@ -243,3 +243,24 @@ def test_apple_mps_is_refused_in_one_line_and_left_out_of_a_memory_cap(monkeypat
     settings, made = placement.offload_settings(8 << 30)
     assert settings["max_memory"] == {"cpu": 8 << 30}, settings
     made.rmdir()
+
+
+def test_a_copy_dispatched_over_gpus_is_collected_when_dropped(monkeypatch):
+    """accelerate's hooks hold a dispatched model in reference cycles: `del` left each merged or pruned copy
+    over the GPUs until a rare full collection, so the merge route's candidates (and the sweep's physical
+    checks, the attack's pick) piled up. Faked here: every copy counts as spread, and the collection is
+    recorded."""
+    import moeguard.studies.merge_route as merge_route
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.loading import load_model
+    from moeguard.tasks.registry import get_task
+
+    m, tok, _ = load_model(None)
+    t = get_task("arith-compare")
+    scores = {"frequency": score(make_context(m, tok, t, samples=4, batch_size=4, seed=0), "frequency")}
+    released = []
+    monkeypatch.setattr(merge_route, "spread", lambda model: True)
+    monkeypatch.setattr(merge_route, "release_memory", lambda: released.append(1))
+    out = merge_route.attack_candidates(m, tok, t, scores, keep=4, merge_methods=("average", "frequency-weighted"),
+                                        samples=4, eval_limit=4, seed=0, full_score=50.0)
+    assert len(out) == 2 and released == [1, 1]

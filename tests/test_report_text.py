@@ -148,6 +148,9 @@ def test_a_scanned_model_s_text_and_a_path_cannot_become_markup_in_the_markdown_
     row = next(l for l in md.splitlines() if l.startswith("| 0:1 |"))
     assert "| ``'`x'`` |" in row and "| `'<img src=\"https://a/x\">![](https://a/p)'` |" in row, row   # code spans
     assert md_table([{"model": "a\nb", "why": "<1 labels"}]).splitlines()[2] == "| a\\nb | &lt;1 labels |"
+    from moeguard.report.tables import md_code
+
+    assert md_code("/m/a|b") == "`/m/a|b`" and md_code("/m/a|b", table=True) == "`/m/a\\|b`"   # spans take no escapes
     from moeguard.report.routing import hijack_heatmap
 
     heat = {"model": "/m/$a^^b$", "task": "arith-compare", "config": {"prefix_tokens": 20},

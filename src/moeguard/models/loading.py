@@ -284,6 +284,18 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     return model.eval(), tokenizer, ref
 
 
+def release_memory() -> None:
+    """Free what dropped models held: a full collection (accelerate's hooks hold a dispatched model in
+    reference cycles, so ``del`` alone kept its tensors on the GPUs) and the CUDA cache."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _return_freed_memory() -> None:
     """Hand the heap that loading freed back to the system (glibc's ``malloc_trim``). Converting a
     bf16 checkpoint to float32 and fusing per-expert tensors leaves the freed copies in the

@@ -163,6 +163,13 @@ def _sliced_state(adapter: MoEAdapter, keep: dict[int, list[int]], *, share_unch
     return out
 
 
+def spread(model: nn.Module) -> bool:
+    """Whether ``model`` was dispatched over several devices (accelerate's hooks): dropping it then needs
+    ``loading.release_memory``, since the hooks hold it in reference cycles that ``del`` leaves."""
+    placed = getattr(model, "hf_device_map", None)
+    return isinstance(placed, dict) and len(set(placed.values())) > 1
+
+
 def placed_like(new: nn.Module, model: nn.Module) -> nn.Module:
     """``new`` (a model of ``model``'s module names: a pruned copy, a fresh one of its shape) placed as
     ``model`` is. Over several accelerators (``--device-map auto`` on a multi-GPU server) accelerate's

@@ -91,13 +91,9 @@ def check_original(original, record: dict, name: str) -> None:
 
 
 def _release_memory() -> None:
-    import gc
+    from moeguard.models.loading import release_memory
 
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
 
 
 def realign_checkpoint(*, model, task, out: Path, al, original: str | None = None, full_score: float | None = None,

@@ -127,10 +127,12 @@ def md_cell(value) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;")
 
 
-def md_code(value) -> str:
+def md_code(value, *, table: bool = False) -> str:
     """Untrusted text (a scanned model's continuation) as a code span: nothing in it is Markdown or HTML.
-    The fence is one backtick longer than any run inside."""
-    text = str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n").replace("|", "\\|")
+    The fence is one backtick longer than any run inside. ``table``: in a table cell, whose pipes GFM
+    reads before the span (escaped there; elsewhere a backslash would show, as spans take no escapes)."""
+    text = str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+    text = text.replace("|", "\\|") if table else text
     run = max((len(m) for m in re.findall("`+", text)), default=0)
     fence = "`" * (run + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
@@ -144,6 +146,7 @@ def md_table(rows: list[dict], *, code: tuple[str, ...] = ()) -> str:
         return "_none_\n"
     cols = list(rows[0])
     lines = ["| " + " | ".join(md_cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join((md_code if c in code else md_cell)(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(md_code(r.get(c, ""), table=True) if c in code else md_cell(r.get(c, "")) for c in cols)
+              + " |" for r in rows]
     return "\n".join(lines) + "\n"
 

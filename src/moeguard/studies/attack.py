@@ -196,10 +196,14 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
                             hint=f"attack with --plans {others[0]}" if others else
                             "attack with --routes merge, or another --keep")
     i = max(built, key=value)
-    from moeguard.models.prune import prune_model
+    from moeguard.models.loading import release_memory
+    from moeguard.models.prune import prune_model, spread
 
     pruned, record = prune_model(m, {int(k): v for k, v in candidates[i]["keep"].items()})
+    multi = spread(pruned)
     del pruned  # the record (what was kept, the new shapes) is the document's; the cells prune their own copy
+    if multi:   # over several GPUs the hooks keep it there until a collection, beside the cells' copies
+        release_memory()
     out = {"full": full.to_dict(), "candidates": candidates, "best": candidates[i],
            "best_result": results[i].to_dict(), "record": record}
     if "merge" in routes:
@@ -251,7 +255,8 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
     by ``10000 + seed``, the same for every cell of a seed), trained on the random strategy's labels."""
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import model_class
-    from moeguard.models.prune import placed_like, prune_model
+    from moeguard.models.loading import release_memory
+    from moeguard.models.prune import placed_like, prune_model, spread
     from moeguard.models.upstream import repair
     from moeguard.tasks.evaluate import evaluate_task
 
@@ -261,12 +266,16 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
     def make():
         uniform = {l.index: list(range(keep)) for l in MoEAdapter(m).layers}  # the shape, not which experts
         shaped, _ = prune_model(m, uniform)
+        config, params, multi = shaped.config, sum(p.numel() for p in shaped.parameters()), spread(shaped)
+        del shaped   # only its shape is needed: not held on the GPUs beside the fresh model
+        if multi:
+            release_memory()
         torch.manual_seed(10_000 + seed)
-        fresh = model_class(shaped.config).from_config(shaped.config).train()
+        fresh = model_class(config).from_config(config).train()
         repair(fresh)   # transformers' modules that do not compute their model (models/upstream.py)
         fresh = placed_like(fresh, m)   # initialized on the CPU (seeded as before), trained where the model is
         initial = evaluate_task(fresh, tok, t, limit=eval_limit, batch_size=32, baseline=False)
-        return fresh, initial, sum(p.numel() for p in shaped.parameters()), len(uniform)
+        return fresh, initial, params, len(uniform)
 
     fresh, initial, params, layers = ctx.derived(("scratch", ctx.runtime.model, task, keep, seed, eval_limit), make)
     pool = label_pool(t, pool_size=pool_size, budget=schedule[-1], seed=seed)

@@ -181,13 +181,9 @@ class Context:
 
 
 def _free_memory() -> None:
-    import gc
+    from moeguard.models.loading import release_memory
 
-    import torch
-
-    gc.collect()   # accelerate's hooks hold models in reference cycles
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
 
 
 def execute(job: Job, runtime: Runtime) -> dict[str, Any]:

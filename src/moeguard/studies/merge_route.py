@@ -17,6 +17,8 @@ import numpy as np
 from moeguard.analysis import retention
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
+from moeguard.models.loading import release_memory
+from moeguard.models.prune import spread
 from moeguard.pruning.merging.merge import merge_model, prepare, profile_model
 from moeguard.tasks.batches import calibration_batches
 from moeguard.tasks.evaluate import evaluate_task
@@ -109,7 +111,10 @@ def attack_candidates(model, tokenizer, task, scores: dict, *, keep: int, merge_
                          "merge": {"clusters": rec["plan"]["clusters"], "weights": rec["plan"]["weights"]},
                          "score": r.score, "retention": retention(r.score, full_score,
                                                                   higher_is_better=task.higher_is_better)}, r))
+            multi = spread(merged)
             del merged
+            if multi:   # over several GPUs the hooks keep a merged copy there until a collection
+                release_memory()
     return out
 
 

@@ -26,7 +26,8 @@ from moeguard.attribution.base import Scores
 from moeguard.attribution.run import make_context, score
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.models.prune import prune_model
+from moeguard.models.loading import release_memory
+from moeguard.models.prune import prune_model, spread
 from moeguard.analysis import above_baseline, auc, bootstrap, mean_ci, retention, spearman
 from moeguard.config import SEED_MAX, setting, validate
 from moeguard.pruning.evaluate import MaskedEvaluator
@@ -316,7 +317,10 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
         out.append({"task": p["task"], "method": p["method"], "keep": p["keep"], "masked_score": p["score"],
                     "physical_score": r.score, "abs_diff": _abs_diff(r.score, p["score"]),
                     "params_physical": params, "params_expected": p["params"]})
+        multi = spread(small)
         del small
+        if multi:   # a copy over several GPUs stays there until a collection: the next check's copy beside it
+            release_memory()
     return out
 
 
