@@ -48,18 +48,21 @@ def test_an_interrupted_eval_resumes_from_the_tasks_it_finished(tmp_path, monkey
     assert _numbers(whole) == _numbers(cut) and not kept.exists()
 
 
-def test_a_partial_eval_of_other_settings_is_not_reused(tmp_path, monkeypatch):
-    from moeguard.tasks import evaluate as E
-
-    calls, real = [], E.evaluate_task
-
+def _stopping_at_second(calls: list, real):
+    """evaluate_task that records each task and is interrupted (Ctrl-C) at the second."""
     def stop_second(model, tokenizer, task, **kw):
         calls.append(task.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(model, tokenizer, task, **kw)
+    return stop_second
 
-    monkeypatch.setattr(E, "evaluate_task", stop_second)
+
+def test_a_partial_eval_of_other_settings_is_not_reused(tmp_path, monkeypatch):
+    from moeguard.tasks import evaluate as E
+
+    calls, real = [], E.evaluate_task
+    monkeypatch.setattr(E, "evaluate_task", _stopping_at_second(calls, real))
     code = main(["eval", "--tasks", TASKS, "--limit", "8", "--out", str(tmp_path / "r.json")])
     assert code == 130
     first = TASKS.split(",")[0]
@@ -78,16 +81,9 @@ def test_a_partial_eval_placed_by_auto_on_another_kind_of_device_is_not_reused(t
     from moeguard.tasks import evaluate as E
 
     calls, real = [], E.evaluate_task
-
-    def stop_second(model, tokenizer, task, **kw):
-        calls.append(task.name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(model, tokenizer, task, **kw)
-
     args = ["eval", "--tasks", TASKS, "--limit", "4", "--device-map", "auto", "--out", str(tmp_path / "r.json")]
     monkeypatch.setattr(placement, "placed_on", lambda device_map: "cuda")   # as on a GPU machine
-    monkeypatch.setattr(E, "evaluate_task", stop_second)
+    monkeypatch.setattr(E, "evaluate_task", _stopping_at_second(calls, real))
     assert main(args) == 130
     monkeypatch.setattr(placement, "placed_on", lambda device_map: "cpu")    # the same command where no GPU is seen
     monkeypatch.setattr(E, "evaluate_task", lambda *a, **k: (calls.append(a[2].name), real(*a, **k))[1])

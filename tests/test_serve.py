@@ -196,13 +196,14 @@ def test_windows_follow_the_address_not_the_user_a_client_picks_or_the_gateways_
 
 
 @contextlib.contextmanager
-def _serving(app):
+def _serving(app, **config):
+    """``app`` served as `serve` runs it, on a free port; ``config``: more of ``uvicorn_config``'s settings."""
     import uvicorn
 
     port = _free_port()
     from moeguard.monitor.serve import uvicorn_config
 
-    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="critical"))   # as `serve` runs it
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="critical", **config))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     try:

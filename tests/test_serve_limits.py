@@ -61,10 +61,7 @@ def test_sockets_that_never_send_their_headers_are_closed_and_health_answers(mon
     answer 503 for as long as they stayed open."""
     import http.client
     import socket
-    import threading
     import time
-
-    import uvicorn
 
     import moeguard.monitor.serve as serve
 
@@ -75,17 +72,9 @@ def test_sockets_that_never_send_their_headers_are_closed_and_health_answers(mon
         await send({"type": "http.response.body", "body": b"ok"})
 
     monkeypatch.setattr(serve, "HEADER_SECONDS", 0.5)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(serve.uvicorn_config(app, host="127.0.0.1", port=port, log_level="critical", limit_concurrency=5))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
+    from test_serve import _serving
+
+    with _serving(app, limit_concurrency=5) as port:
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         idle[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")   # headers begun, never ended
         # a request answered, then a next one begun on the same connection and never ended
@@ -112,6 +101,3 @@ def test_sockets_that_never_send_their_headers_are_closed_and_health_answers(mon
         r = c.getresponse()
         assert (r.status, r.read()) == (200, b"ok")
         c.close()
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
