@@ -90,12 +90,6 @@ def check_original(original, record: dict, name: str) -> None:
                             hint="pass --original the unpruned checkpoint named in moeguard_pruning.json's 'source'")
 
 
-def _release_memory() -> None:
-    from moeguard.models.loading import release_memory
-
-    release_memory()
-
-
 def realign_checkpoint(*, model, task, out: Path, al, original: str | None = None, full_score: float | None = None,
                        overwrite: bool = False, progress: Any = None, run: dict | None = None) -> dict[str, Any]:
     """Re-align ``model`` (a resolved :class:`~moeguard.models.handle.ModelHandle` of a pruned
@@ -183,7 +177,9 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
             shares = orphan_shares(o, otok, task, record["keep"], int(record["original_num_experts"]))(pool)
             orphan = lambda: shares  # noqa: E731
         del o, otok
-        _release_memory()
+        from moeguard.models.loading import release_memory
+
+        release_memory()
     m, tokenizer, _ = model.load()
     from moeguard.realign.offload import offloaded
 

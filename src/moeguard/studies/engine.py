@@ -144,7 +144,9 @@ class Context:
                 while len(Context._models) >= self.MAX_MODELS:
                     Context._models.pop(next(iter(Context._models)))
                 Context._derived.clear()
-                _free_memory()
+                from moeguard.models.loading import release_memory
+
+                release_memory()
             m, tok, _ = load_model(ref, dtype=dtype, device_map=self.runtime.device_map,
                                    max_memory=self.runtime.max_memory)
             Context._derived.clear()
@@ -157,9 +159,11 @@ class Context:
         hardening and scan) would otherwise sit beside the studies' models, and accelerate's ``auto``
         plan counts only the memory the driver reports free (a harden copy went to the CPU and was
         refused as offloaded; with one device it ran out of memory)."""
+        from moeguard.models.loading import release_memory
+
         cls._models.clear()
         cls._derived.clear()
-        _free_memory()
+        release_memory()
 
     def _key(self, ref: str | None) -> str:
         return json.dumps({**self.runtime.to_dict(), "model": ref, "max_memory": self.runtime.max_memory}, sort_keys=True)
@@ -178,12 +182,6 @@ class Context:
                 gc.collect()   # accelerate's hooks hold offloaded copies in cycles; their folders go with them
             Context._derived[tag] = make()
         return Context._derived[tag]
-
-
-def _free_memory() -> None:
-    from moeguard.models.loading import release_memory
-
-    release_memory()
 
 
 def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
