@@ -284,3 +284,17 @@ def test_a_kind_declares_which_of_its_metrics_are_lower_is_better():
         KINDS.remove("next_token_misses")
     lm = Task(name="w", kind="language_modeling", fields={"text": "t"}, source=SourceSpec(type="local", path="."))
     assert lm.higher_is_better is False
+
+
+def test_a_multi_line_reference_is_one_line_as_the_generations_it_is_compared_with():
+    """CNN/DailyMail's highlights are 3-4 sentences, one per line; a generation is cut at its first newline.
+    Trained on the lines, a model was scored on its first only (and Lead-k, uncut, against it)."""
+    from moeguard.tasks.registry import get_task
+
+    task = get_task("cnn-dailymail")
+    kind = get_kind(task.kind)
+    rec = kind.record(task, {"article": "Text of the article.", "highlights": "First point .\nSecond point .\n Third ."},
+                      "test", "row 1")
+    assert rec["target"] == rec["references"][0] == "First point . Second point . Third ."
+    one = kind.record(task, {"article": "A.", "highlights": " as is "}, "test", "row 2")
+    assert one["target"] == " as is "   # a one-line reference is kept as it was

@@ -435,3 +435,33 @@ def test_a_hub_task_s_identity_holds_its_cached_dataset_commit(tmp_path, monkeyp
     assert task_identity(task)["files"] == {"eval": "abc123", "train": "abc123"}
     (ref / "main").write_text("def456\n")
     assert task_identity(task)["files"]["eval"] == "def456"
+
+
+def test_a_hub_task_names_a_revision_which_is_loaded_and_keyed(monkeypatch, tmp_path):
+    """XSum is defined by a loading script, which datasets 4+ no longer runs: its preset could never load,
+    and the error's fix (the refs/convert/parquet revision) could not be written in a task file."""
+    import datasets
+    from huggingface_hub import constants
+
+    from moeguard.tasks import loaders
+    from moeguard.tasks.registry import get_task
+
+    xsum = get_task("xsum")
+    assert xsum.source.hub_revision == "refs/convert/parquet"
+    seen = []
+
+    def fake(name, config, split, revision=None):
+        seen.append((name, config, split, revision))
+        return datasets.Dataset.from_list([{"document": "An article.", "summary": "A summary."}] * 3)
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert len(load_records(xsum, "eval")) == 3 and seen == [("EdinburghNLP/xsum", None, "test", "refs/convert/parquet")]
+    # the resume stamp is that branch's commit in the cache, not main's
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    refs = tmp_path / "datasets--EdinburghNLP--xsum" / "refs"   # huggingface_hub keeps refs/<revision>
+    (refs / "refs" / "convert").mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    (refs / "refs" / "convert" / "parquet").write_text("b" * 40)
+    assert loaders._stamp(xsum, "test") == "b" * 40
+    with pytest.raises(MoeguardError, match="source.hub.revision 5"):
+        Task.from_dict({"name": "x", "kind": "summarization", "fields": {"input": "d", "target": "s"},
+                        "source": {"type": "hub", "hub": {"name": "a/b", "revision": 5}}})

@@ -77,7 +77,7 @@ TABLE_FORMATS = ("csv", "tsv")
 class SourceSpec:
     """Where records come from.
 
-    type: ``hub`` (``datasets.load_dataset(hub_name, hub_config)``), ``disk``
+    type: ``hub`` (``datasets.load_dataset(hub_name, hub_config, revision=hub_revision)``), ``disk``
     (``datasets.load_from_disk(path)``), ``local`` (files under ``path``) or ``package``
     (files shipped inside moeguard, ``path`` relative to ``moeguard/tasks/embedded/data``).
     files: split name -> file name, for ``local``/``package``.
@@ -91,6 +91,9 @@ class SourceSpec:
     files: dict[str, str] = field(default_factory=dict)
     hub_name: str | None = None
     hub_config: str | None = None
+    # a branch, tag or commit of the dataset's repository: "refs/convert/parquet" is the hub's data-file
+    # copy of a dataset defined by a loading script, which datasets 4+ no longer runs (XSum)
+    hub_revision: str | None = None
     columns: tuple[str, ...] | None = None
 
 
@@ -100,7 +103,7 @@ ROLES = ("train", "eval")   # what a task's splits map: the attacker's data and 
 # default applied (another split scored, summaries cut at 32 tokens)
 _KEYS = {"": ("name", "kind", "source", "fields", "splits", "prompt", "labels", "metric", "max_length", "generation",
               "description", "provenance"),
-         "source.": ("type", "path", "format", "files", "hub", "columns"), "source.hub.": ("name", "config"),
+         "source.": ("type", "path", "format", "files", "hub", "columns"), "source.hub.": ("name", "config", "revision"),
          "generation.": ("max_new_tokens",)}
 
 
@@ -210,6 +213,7 @@ class Task:
         source = SourceSpec(
             type=src.get("type", "local"), path=src.get("path"), format=src.get("format"),
             files=dict(src.get("files") or {}), hub_name=hub.get("name"), hub_config=hub.get("config"),
+            hub_revision=hub.get("revision"),
             # a YAML list becomes a tuple (the spec is frozen and hashable); anything else is
             # kept as given so the check in __post_init__ can say what it received
             columns=tuple(src["columns"]) if isinstance(src.get("columns"), list) else src.get("columns"),
@@ -300,7 +304,7 @@ def _check_settings(task: "Task") -> None:
     src = task.source
     # hub.config too: YAML reads an unquoted 1.10 as the number 1.1, which was then asked of the hub as '1.1'
     for key, value in (("source.path", src.path), ("source.format", src.format), ("source.hub.name", src.hub_name),
-                       ("source.hub.config", src.hub_config)):
+                       ("source.hub.config", src.hub_config), ("source.hub.revision", src.hub_revision)):
         if value is not None and (not isinstance(value, str) or not value):   # Path(2024) was a TypeError traceback
             raise MoeguardError(f"task '{name}' has {key} {value!r}, not a name", hint=f"write {key} as text (quoted)")
 

@@ -29,7 +29,7 @@ def hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
 
     try:
         config = None if src.hub_config is None else str(src.hub_config)  # YAML may read 1.0 as a float
-        ds = datasets.load_dataset(src.hub_name, config, split=split)
+        ds = datasets.load_dataset(src.hub_name, config, split=split, revision=src.hub_revision)
     except ValueError as exc:
         if "split" in str(exc).lower():
             raise MoeguardError(f"{where} has no split '{split}' (task '{task.name}')",
@@ -53,7 +53,8 @@ def hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
             raise MoeguardError(f"{where} (task '{task.name}') is defined by a loading script, which the installed "
                                 f"datasets no longer runs [{first_line(exc)}]",
                                 hint="use a version of the dataset in data files (often its refs/convert/parquet "
-                                     "revision), or local files ('source.type: local'; see docs/tasks.md)") from None
+                                     "revision: 'source.hub.revision: refs/convert/parquet'), or local files "
+                                     "('source.type: local'; see docs/tasks.md)") from None
         from moeguard.models.hub import hub_failure
 
         known = hub_failure(exc, src.hub_name)

@@ -197,17 +197,19 @@ def _stamp(task: Task, split: str) -> Any:
         files = [p for d in (root, root / base) if d.is_dir() for p in sorted(d.iterdir()) if p.is_file()]
         return tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if src.type == "hub" and src.hub_name:
-        return _hub_revision(src.hub_name)
+        return _hub_revision(src.hub_name, src.hub_revision or "main")
     return None
 
 
-def _hub_revision(name: str) -> str | None:
-    """The commit a hub dataset's ``main`` resolves to in the Hugging Face cache, or None where it is
-    not cached there (read only, never the network): a dataset that got a new commit, or a cache
+def _hub_revision(name: str, revision: str = "main") -> str | None:
+    """The commit a hub dataset's ``revision`` (``main``, a branch such as ``refs/convert/parquet``, a
+    tag; a 40-hex commit is its own) resolves to in the Hugging Face cache, or None where it is not cached there (read only, never the network): a dataset that got a new commit, or a cache
     downloaded again, must not resume work done on the old data, as a model's commit does not."""
     from huggingface_hub import constants
 
-    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}" / "refs" / "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):   # a commit names itself
+        return revision
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}" / "refs" / revision
     try:
         return ref.read_text().strip() or None
     except OSError:
