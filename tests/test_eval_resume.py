@@ -108,3 +108,19 @@ def test_placed_on_names_the_device_kind_a_strategy_lands_on(monkeypatch):
     assert resolve_model(None, device_map="auto").placement == {"device_map": "auto", "placed_on": "cuda"}
     assert resolve_model(None, device_map="cpu").placement == {"device_map": "cpu"}
     assert resolve_model(None).placement == {}
+
+
+def test_a_capped_eval_is_recorded_and_keyed_as_the_auto_map_it_loads_with(tmp_path, monkeypatch):
+    """--max-memory without --device-map loads with accelerate's auto map (visible GPUs first): the record
+    said the CPU, and a capped run killed on a GPU resumed on a machine without one."""
+    from moeguard.models import placement
+
+    monkeypatch.setattr(placement, "placed_on", lambda device_map: "cpu")
+    assert main(["eval", "--tasks", "arith-compare", "--limit", "4", "--max-memory", "64MiB",
+                 "--out", str(tmp_path / "r.json")]) == 0
+    settings = json.loads((tmp_path / "r.json").read_text())["run"]["settings"]
+    assert (settings["device_map"], settings["placed_on"]) == ("auto", "cpu") and settings["max_memory"] == 64 << 20
+    from moeguard.studies.engine import Runtime
+
+    assert Runtime(model=None, max_memory=8 << 20).to_dict()["placed_on"] == "cpu"
+    assert "placed_on" not in Runtime(model=None).to_dict()

@@ -155,3 +155,17 @@ def test_a_budget_pruned_or_one_expert_checkpoint_is_refused_before_any_model_lo
         capsys.readouterr()
         _one_line(main([*args, "--out", str(tmp_path / f"o-{args[0]}")]), capsys.readouterr().err, needle)
     assert loads == []
+
+
+def test_shared_checks_name_the_flags_of_the_command_that_ran_them(tmp_path, capsys):
+    """The label pool's hint said --budget to recovery and the audit (theirs is --budgets), and the scan's
+    said --contexts to the audit (its is --scan-contexts): following the fix was 'No such option'."""
+    for args, needle in ((["recovery", "--task", "arith-compare", "--keep", "2", "--method", "frequency",
+                           "--pool-size", "100"], "or lower --budgets"),
+                         (["audit", "--tasks", "arith-compare", "--pool-size", "100"], "or lower --budgets"),
+                         (["audit", "--tasks", "arith-compare", "--no-recovery", "--scan", "--scan-contexts", "100000"],
+                          "a smaller --scan-contexts")):
+        capsys.readouterr()
+        code = main([*args, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and needle in err, err

@@ -80,9 +80,9 @@ class AuditConfig:
     gpus_per_job: float = setting(0.0, min=0, help="GPUs each Ray task asks for")
     dtype: str | None = setting(None, help="weights dtype, e.g. bfloat16 for large checkpoints on GPU")
     device_map: str | None = setting(None, help="accelerate device map, e.g. auto")
-    max_memory: str | None = setting(None, help="cap on the host memory the weights take, e.g. 8GiB (the rest "
-                                     "offloaded to disk); the model, baseline, attribution, sweep and (with "
-                                     "--recovery-mode lora) recovery stages")
+    max_memory: str | None = setting(None, help="cap on the host memory the weights take, e.g. 8GiB (visible GPUs "
+                                     "first, the rest offloaded to disk); the model, baseline, attribution, sweep "
+                                     "and (with --recovery-mode lora) recovery stages")
 
     def __post_init__(self) -> None:
         validate(self)

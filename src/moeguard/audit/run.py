@@ -59,7 +59,7 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
 
         # searched as the audit's scan will search (its config, as _scan makes it)
         check_inputs(model, tasks, config=scan_config(cfg), references=scan_references(cfg),
-                     reference_models=[resolve_model(m) for m in cfg.scan_reference_models or []])
+                     reference_models=[resolve_model(m) for m in cfg.scan_reference_models or []], flags="--scan-")
     # the attacker's keep for recovery, defaulted and checked only when recovery runs (or it is
     # given): OLMoE's top-8 at E = 8 has no default, and --no-recovery must not be refused for it
     rec_keep = cfg.recovery_keep
@@ -77,7 +77,7 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
         for t in rec_tasks:
             for s in cfg.strategies:
                 get_strategy(s, by_name[t])
-            label_pool(by_name[t], pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
+            label_pool(by_name[t], pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed, budget_flag="--budgets")
     defense_tasks = [t.name for t in resolve_tasks(cfg.defense_tasks, check=False)] if cfg.defense_tasks else names[:1]
     if cfg.defense:
         from moeguard.defense.harden import get_defense
@@ -121,7 +121,7 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
         # in the defense stage, after every other stage had run
         grid = defense_attack(resolved, model.num_experts)
         for t in defense_tasks:
-            preflight(replace(grid, task=t), model)
+            preflight(replace(grid, task=t), model, budget_flag="--defense-budget")
     if cfg.defense:
         # the hardening's own checks on the meta model, as `moeguard harden` runs them before loading:
         # authorized patterns that match none of a family's parameters (DBRX's Wqkv, JetMoE's kv_proj)

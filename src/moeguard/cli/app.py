@@ -33,10 +33,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a t
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
 DeviceMapOpt = Annotated[Optional[str], typer.Option(
     "--device-map", help="where the weights go: auto (over the visible GPUs, then the CPU), cuda, cuda:N, cpu; "
-    "default: the CPU")]
+    "default: the CPU (with --max-memory: auto)")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
-    "--max-memory", help="cap on the host memory the weights take, e.g. 8GiB; the layers past it are "
-    "offloaded to disk (accelerate) and read while they run")]
+    "--max-memory", help="cap on the host memory the weights take, e.g. 8GiB; accelerate's map fills the visible "
+    "GPUs first, then host memory up to the cap, and offloads the layers past it to disk, read while they run")]
 
 _state = {"debug": False}
 _python_format_warning = warnings.formatwarning
@@ -197,9 +197,9 @@ def _training_state(out: Path, kind: str, every: int):
         trainstate.clear(state)
 
 
-def _placement(handle) -> dict:
-    """The run record's ``device_map`` entry, when one was given (absent: the CPU, as before)."""
-    return handle.placement
+def _placement(handle, max_memory: int | None = None) -> dict:
+    """The run record's ``device_map`` entry, when one was given or a cap makes it auto (absent: the CPU)."""
+    return handle.placement_under(max_memory)
 
 
 def _out(help_text: str) -> inspect.Parameter:

@@ -73,7 +73,7 @@ def monitor_score(
         profile: Annotated[Path, typer.Option("--profile", help="profile from `moeguard monitor profile`")],
         log: Annotated[Path, typer.Option("--log", help="requests, JSON Lines: {id, client, time, prompt[, reply]}")],
         out: Annotated[Path, typer.Option("--out", help="folder for scores.jsonl, windows.jsonl, alerts.jsonl, summary.json (and slices.jsonl with a profile of --slice, periods.jsonl and period_requests/ with --period)")],
-        window: Annotated[Optional[int], typer.Option("--window", help="requests per client window; default: the profile's")] = None,
+        window: Annotated[Optional[int], typer.Option("--window", help="requests per client window: must be the profile's (its null is calibrated at it); default: the profile's")] = None,
         alpha: Annotated[float, typer.Option("--alpha", help="alert when a calibrated p-value is at most this")] = 0.01,
         log_prompts: Annotated[bool, typer.Option("--log-prompts", help="write prompts into the outputs (off: routing can reveal what users typed)")] = False,
         period: Annotated[Optional[str], typer.Option("--period", help="also test each period of all traffic (24h, 30m, 7d, seconds) for load moved to one expert beyond what its requests' content predicts, against the --baseline periods before it; writes periods.jsonl")] = None,

@@ -71,7 +71,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     doc["model"] = ref.name
     doc["run"] = _run({"model": ref.name, "task": the_task.name, "task_file": task if task != the_task.name else None,
                        "method": method, "samples": samples, "seed": seed,
-                       "reference": refs, "batch_size": batch_size, "max_memory": cap, **_placement(handle)})
+                       "reference": refs, "batch_size": batch_size, "max_memory": cap, **_placement(handle, cap)})
     write_json(out, doc, overwrite=overwrite)
     _console().print(scores_table(doc))
     typer.echo(f"scores written to {out}")
@@ -191,7 +191,7 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
         from moeguard.studies.merge_route import refuse_capped_merge
 
         refuse_capped_merge(max_memory, flag="--max-memory", route_flag="--route")
-    settings = {"model": handle.name, **dataclasses.asdict(cfg), **_placement(handle)}
+    settings = {"model": handle.name, **dataclasses.asdict(cfg), **_placement(handle, cap)}
 
     def write(doc, work):
         write_sweep(doc, doc.pop("scores"), work)

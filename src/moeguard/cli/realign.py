@@ -136,7 +136,7 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
                 method=method or DEFAULT_METHOD, finetune=ft, traced=cap is None)
     preflight(cfg, handle)
     settings = {"model": handle.name, **cfg.to_dict(), **chosen, **({"max_memory": cap} if cap is not None else {}),
-                **_placement(handle)}
+                **_placement(handle, cap)}
     doc = _run_study(out, overwrite, settings, handle, RecoveryStudy(), cfg, write_recovery, backend=backend,
                      ray_address=ray_address, gpus_per_job=gpus_per_job, tasks=[the_task], max_memory=cap,
                      threads=threads)

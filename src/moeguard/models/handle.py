@@ -62,12 +62,18 @@ class ModelHandle:
     def placement(self) -> dict[str, Any]:
         """The run record's and resume keys' ``device_map`` entry, when one was given (absent: the CPU),
         with the kind of device a strategy (auto...) lands on here: a run on a GPU is not resumed on the CPU."""
-        if self.device_map is None:
+        return self.placement_under(None)
+
+    def placement_under(self, max_memory: int | None) -> dict[str, Any]:
+        """:attr:`placement` for a load under ``max_memory`` bytes: without a device map that load is
+        accelerate's ``auto`` (the visible GPUs first), which the record said was the CPU, and a capped run
+        killed on a GPU resumed on a machine without one."""
+        device_map = self.device_map if self.device_map is not None or max_memory is None else "auto"
+        if device_map is None:
             return {}
         from moeguard.models.placement import PLACEMENTS, placed_on
 
-        return {"device_map": self.device_map,
-                **({"placed_on": placed_on(self.device_map)} if self.device_map in PLACEMENTS else {})}
+        return {"device_map": device_map, **({"placed_on": placed_on(device_map)} if device_map in PLACEMENTS else {})}
 
     @property
     def arg(self) -> str | None:

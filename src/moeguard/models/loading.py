@@ -268,8 +268,9 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
             raise MoeguardError(f"cannot load weights of {where}: out of memory ({first[:200]})",
                                 hint=("this command loads weights in float32 (twice a bf16 checkpoint's size): "
                                       if (dtype or torch.float32) == torch.float32 else "")
-                                + "spread them with --device-map auto, or cap the device with --max-memory where "
-                                  "the command takes it") from None
+                                + "spread them over the GPUs with --device-map auto, or cap host memory with "
+                                  "--max-memory (layers past it go to disk) where the command takes them; prune a "
+                                  "downloaded checkpoint's folder, which streams") from None
         hint = ("fix config.json to match the weights (the expert count, sizes), or re-prune with moeguard prune"
                 if isinstance(e, RuntimeError) else "check the checkpoint files (safetensors only) or your hub access")
         raise MoeguardError(f"cannot load weights of {where}: {first[:300]}", hint=hint) from None

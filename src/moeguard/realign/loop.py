@@ -81,9 +81,11 @@ def check_schedule(schedule: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return s
 
 
-def label_pool(task: Task | str, *, pool_size: int, budget: int, seed: int) -> list[dict[str, Any]]:
+def label_pool(task: Task | str, *, pool_size: int, budget: int, seed: int,
+               budget_flag: str = "--budget") -> list[dict[str, Any]]:
     """The attacker's unlabeled pool: ``pool_size`` train records, shuffled with ``seed``.
-    Fails before any model work when the pool cannot supply ``budget`` labels."""
+    Fails before any model work when the pool cannot supply ``budget`` labels. ``budget_flag``: what the
+    command calls its budget (recovery's and the audit's is --budgets, the audit's harness --defense-budget)."""
     task = get_task(task)
     if "train" not in task.splits:
         raise MoeguardError(f"task '{task.name}' has no train split, so there are no labels to reveal",
@@ -96,8 +98,8 @@ def label_pool(task: Task | str, *, pool_size: int, budget: int, seed: int) -> l
     if budget > len(pool):
         where = (f"the {len(records)} train records of '{task.name}'" if len(pool) == len(records)
                  else f"a pool of {len(pool)} (of {len(records)} train records of '{task.name}')")
-        hint = (f"lower --budget to at most {len(pool)}" if len(pool) == len(records)
-                else f"raise --pool-size to at least {budget}, or lower --budget")
+        hint = (f"lower {budget_flag} to at most {len(pool)}" if len(pool) == len(records)
+                else f"raise --pool-size to at least {budget}, or lower {budget_flag}")
         raise MoeguardError(f"a budget of {budget} labels is larger than {where}", hint=hint)
     return pool
 

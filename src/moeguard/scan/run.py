@@ -137,7 +137,7 @@ def _reference_null(refs: list[dict], score: str, search: dict[str, Any], model)
     return [np.asarray(p) for p in pooled]
 
 
-def contexts_for(tokenizer, tasks, n: int, length: int, seed: int) -> list[list[int]]:
+def contexts_for(tokenizer, tasks, n: int, length: int, seed: int, *, flag: str = "--contexts") -> list[list[int]]:
     """``n`` benign contexts: eval inputs of the tasks in turn, cut to ``length`` tokens."""
     import random
 
@@ -161,7 +161,7 @@ def contexts_for(tokenizer, tasks, n: int, length: int, seed: int) -> list[list[
         i += 1
     if len(out) < n:
         raise MoeguardError(f"the tasks give {len(out)} usable inputs; the scan needs {n} contexts",
-                            hint="pass more tasks or a smaller --contexts")
+                            hint=f"pass more tasks or a smaller {flag}")
     return out
 
 
@@ -182,7 +182,8 @@ def _part(tmp: Path, name: str, make, key: dict[str, Any]):
     return value
 
 
-def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], reference_models: list):
+def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], reference_models: list,
+                 flags: str = "--"):
     """Everything about a scan's inputs that needs no weights, for ``scan`` and the audit's resolve (which
     checked only the reference scans, so the rest failed in the scan stage, after every other stage):
     returns (the reference null or None, the tokenizer, the benign contexts)."""
@@ -194,7 +195,7 @@ def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], r
     if weights_digest(handle.arg) in [weights_digest(h.arg) for h in reference_models]:
         # every chain token would be the model's own choice: nothing flagged, the flag still "calibrated"
         raise MoeguardError(f"the reference models include the scanned model itself ({handle.name}, by its weights)",
-                            hint="name clean models of the same base as references, or leave --reference-models out")
+                            hint=f"name clean models of the same base as references, or leave {flags}reference-models out")
     ident = weights_identity(handle.arg)
     mine = digest_of(ident)
     # hashed whole (the checkpoint's weights at most _WHOLE bytes) the digest is the weights; sampled, a
@@ -226,7 +227,8 @@ def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], r
         if load_tokenizer(str(h.ref.path or h.ref.hub_id)).get_vocab() != tokenizer.get_vocab():
             raise MoeguardError(f"reference model {h.name} has another tokenizer than {handle.name}",
                                 hint="reference models must share the scanned model's tokenizer (the base model does)")
-    contexts = contexts_for(tokenizer, tasks, config.contexts, config.context_tokens, config.seed)
+    contexts = contexts_for(tokenizer, tasks, config.contexts, config.context_tokens, config.seed,
+                            flag=f"{flags}contexts")
     return null, tokenizer, contexts
 
 

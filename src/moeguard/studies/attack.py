@@ -93,7 +93,7 @@ class AttackConfig:
                 for m in self.modes for s in self.lr_scales for e in self.epochs]
 
 
-def preflight(cfg: AttackConfig, model) -> None:
+def preflight(cfg: AttackConfig, model, *, budget_flag: str = "--budget") -> None:
     """Every setting checked before model work; ``model``: the resolved :class:`~moeguard.models.handle.ModelHandle`."""
     from moeguard.attribution.base import get_method
     from moeguard.realign.modes import get_mode
@@ -134,7 +134,7 @@ def preflight(cfg: AttackConfig, model) -> None:
     if cfg.schedule[-1] != cfg.budget:
         raise MoeguardError(f"label budgets {list(cfg.schedule)} do not end at the attack's budget {cfg.budget}",
                             hint=f"end the budgets with {cfg.budget}")
-    label_pool(task, pool_size=cfg.pool_size, budget=cfg.budget, seed=cfg.seed)
+    label_pool(task, pool_size=cfg.pool_size, budget=cfg.budget, seed=cfg.seed, budget_flag=budget_flag)
 
 
 # --------------------------------------------------------------------------- jobs

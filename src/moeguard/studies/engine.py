@@ -95,8 +95,11 @@ class Runtime:
         d = {"model": self.model, "dtype": self.dtype, "device_map": self.device_map, "threads": self.threads}
         from moeguard.models.placement import PLACEMENTS, placed_on
 
-        if self.device_map in PLACEMENTS:   # where auto lands here: GPU jobs and stages must not resume on the CPU
-            d["placed_on"] = placed_on(self.device_map)   # (on Ray, where the driver runs: its workers are not seen)
+        # where auto lands here (a cap without a map is auto too): GPU jobs and stages must not resume on the CPU
+        # (on Ray, where the driver runs: its workers are not seen)
+        effective = self.device_map if self.device_map is not None or self.max_memory is None else "auto"
+        if effective in PLACEMENTS:
+            d["placed_on"] = placed_on(effective)
         if self.tasks:  # in the model stage's key, so an edited task file (or its data) re-runs the stages
             from moeguard.tasks.loaders import task_identity
 

@@ -142,7 +142,7 @@ def preflight(cfg: RecoveryConfig, model) -> None:
         if cfg.given_plan is not None:
             raise MoeguardError("the merge route builds its own merge plan; a given pruning plan does not apply",
                                 hint="pass given_scores (the method's scores) instead")
-    label_pool(task, pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed)
+    label_pool(task, pool_size=cfg.pool_size, budget=cfg.budgets[-1], seed=cfg.seed, budget_flag="--budgets")
 
 
 def check_capped(max_memory: str, *, mode: str, merge: bool = False, mode_flag: str = "--mode", otherwise: str = "") -> None:

@@ -40,7 +40,7 @@ def run_eval(*, model: str | None, tasks: list[str] | None, limit: int | None, b
     # behind (an encoder-decoder evaluates through its seq2seq head)
     handle = resolve_model(model, tasks=False, device_map=device_map)
     settings = {"tasks": [t.name for t in task_list], "limit": limit, "batch_size": batch_size, "seed": seed,
-                "max_memory": cap, **handle.placement}
+                "max_memory": cap, **handle.placement_under(cap)}
     with contextlib.ExitStack() as stack:
         cache = None
         if out is not None:
