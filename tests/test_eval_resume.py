@@ -82,10 +82,10 @@ def test_a_partial_eval_placed_by_auto_on_another_kind_of_device_is_not_reused(t
 
     calls, real = [], E.evaluate_task
     args = ["eval", "--tasks", TASKS, "--limit", "4", "--device-map", "auto", "--out", str(tmp_path / "r.json")]
-    monkeypatch.setattr(placement, "placed_on", lambda device_map: "cuda")   # as on a GPU machine
+    monkeypatch.setattr(placement, "placed_on", lambda device_map, capped=False: "cuda")   # as on a GPU machine
     monkeypatch.setattr(E, "evaluate_task", _stopping_at_second(calls, real))
     assert main(args) == 130
-    monkeypatch.setattr(placement, "placed_on", lambda device_map: "cpu")    # the same command where no GPU is seen
+    monkeypatch.setattr(placement, "placed_on", lambda device_map, capped=False: "cpu")    # the same command where no GPU is seen
     monkeypatch.setattr(E, "evaluate_task", lambda *a, **k: (calls.append(a[2].name), real(*a, **k))[1])
     calls.clear()
     assert main(args) == 0
@@ -112,15 +112,19 @@ def test_placed_on_names_the_device_kind_a_strategy_lands_on(monkeypatch):
 
 def test_a_capped_eval_is_recorded_and_keyed_as_the_auto_map_it_loads_with(tmp_path, monkeypatch):
     """--max-memory without --device-map loads with accelerate's auto map (visible GPUs first): the record
-    said the CPU, and a capped run killed on a GPU resumed on a machine without one."""
+    said the CPU, and a capped run killed on a GPU resumed on a machine without one. Where auto lands on the
+    CPU (and disk) the entries are an uncapped CPU run's, whose stages a capped audit shares."""
     from moeguard.models import placement
+    from moeguard.studies.engine import Runtime
 
-    monkeypatch.setattr(placement, "placed_on", lambda device_map: "cpu")
+    seen = []
+    monkeypatch.setattr(placement, "placed_on", lambda device_map, capped=False: (seen.append(capped), "cuda")[1])
     assert main(["eval", "--tasks", "arith-compare", "--limit", "4", "--max-memory", "64MiB",
                  "--out", str(tmp_path / "r.json")]) == 0
     settings = json.loads((tmp_path / "r.json").read_text())["run"]["settings"]
-    assert (settings["device_map"], settings["placed_on"]) == ("auto", "cpu") and settings["max_memory"] == 64 << 20
-    from moeguard.studies.engine import Runtime
-
-    assert Runtime(model=None, max_memory=8 << 20).to_dict()["placed_on"] == "cpu"
-    assert "placed_on" not in Runtime(model=None).to_dict()
+    assert (settings["device_map"], settings["placed_on"]) == ("auto", "cuda") and settings["max_memory"] == 64 << 20
+    assert seen and all(seen)   # asked without MPS, which a capped budget leaves out
+    assert Runtime(model=None, max_memory=8 << 20).to_dict()["placed_on"] == "cuda"
+    monkeypatch.setattr(placement, "placed_on", lambda device_map, capped=False: "cpu")
+    assert "placed_on" not in Runtime(model=None, max_memory=8 << 20).to_dict()
+    assert placement.capped_placement(None, 8 << 20) == {} and "placed_on" not in Runtime(model=None).to_dict()

@@ -227,7 +227,7 @@ def test_an_audit_recovers_under_a_cap_with_lora_as_it_does_in_memory(tmp_path):
     assert not (pruned_folders() - before)
 
 
-def test_a_capped_merge_calibrates_offloaded_and_streams_the_in_memory_merge(tmp_path, capsys):
+def test_a_capped_merge_calibrates_offloaded_and_streams_the_in_memory_merge(tmp_path, capsys, monkeypatch):
     """``merge --max-memory``: calibration on the model loaded under the cap, the plan it computes
     streamed onto the safetensors files; the checkpoint equals the in-memory merge's."""
     from moeguard.testing import checkpoint_tensors
@@ -245,12 +245,18 @@ def test_a_capped_merge_calibrates_offloaded_and_streams_the_in_memory_merge(tmp
     assert main([*common, "--in-memory", "--out", str(tmp_path / "mem")]) == 0
     folders = offload_folders()
     capsys.readouterr()
+    from moeguard.models import placement
+
+    # as on a GPU machine: a capped load without --device-map is auto, its record says so (it said the CPU)
+    monkeypatch.setattr(placement, "placed_on", lambda device_map, capped=False: "cuda")
     assert main([*common, "--max-memory", "4MiB", "--out", str(tmp_path / "cap")]) == 0
+    monkeypatch.undo()
     assert "(hc-smoe: hierarchical clustering of expert outputs, streaming)" in capsys.readouterr().out
     assert not (offload_folders() - folders)                                     # the offload folder is gone
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before             # the input is only read
     rec = {x: json.loads((tmp_path / x / "moeguard_merging.json").read_text()) for x in ("mem", "cap")}
     assert rec["cap"]["pruning"]["method"] == "streaming" and rec["cap"]["run"]["settings"]["max_memory"] == 4 * 2**20
+    assert (rec["cap"]["run"]["settings"]["device_map"], rec["cap"]["run"]["settings"]["placed_on"]) == ("auto", "cuda")
     assert rec["cap"]["plan"] == rec["mem"]["plan"] and rec["cap"]["merges"] == rec["mem"]["merges"]
     assert rec["cap"]["calibration"] == rec["mem"]["calibration"]
     a, b = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "cap")

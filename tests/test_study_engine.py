@@ -192,7 +192,7 @@ def test_a_built_in_hub_task_s_dataset_commit_is_in_the_jobs_scope(monkeypatch):
     tasks = [get_task("glue-sst2"), get_task("arith-compare")]
     scopes = []
     for commit in ("1111", "1111", "2222"):
-        monkeypatch.setattr(loaders, "_hub_revision", lambda name, c=commit: c)
+        monkeypatch.setattr(loaders, "_hub_revision", lambda name, revision="main", c=commit: c)
         stamps = data_stamps(tasks)
         assert [name for name, _ in stamps] == ["glue-sst2"]   # the embedded task changes only with moeguard
         scopes.append(Runtime(model=None, task_data=stamps).scope())
@@ -208,7 +208,7 @@ def test_a_study_s_scope_holds_where_a_placement_strategy_lands(monkeypatch):
 
     scopes = []
     for kind in ("cuda", "cuda", "cpu"):
-        monkeypatch.setattr(placement, "placed_on", lambda device_map, k=kind: k)
+        monkeypatch.setattr(placement, "placed_on", lambda device_map, capped=False, k=kind: k)
         scopes.append(Runtime(model=None, device_map="auto").scope())
     assert scopes[0] == scopes[1] != scopes[2]
     assert "placed_on" not in Runtime(model=None, device_map="cpu").to_dict()   # a device names its own kind

@@ -465,3 +465,21 @@ def test_a_hub_task_names_a_revision_which_is_loaded_and_keyed(monkeypatch, tmp_
     with pytest.raises(MoeguardError, match="source.hub.revision 5"):
         Task.from_dict({"name": "x", "kind": "summarization", "fields": {"input": "d", "target": "s"},
                         "source": {"type": "hub", "hub": {"name": "a/b", "revision": 5}}})
+
+
+def test_a_hub_revision_that_does_not_exist_says_so(monkeypatch):
+    """datasets turns a missing revision into DatasetNotFoundError: the message said the dataset did not
+    exist and pointed at source.hub.name and a login."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def missing(*a, **k):
+        raise DatasetNotFoundError("Revision 'refs/convert/parquett' doesn't exist for dataset 'EdinburghNLP/xsum' on the Hub.")
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    task = Task(name="x", kind=TaskKind.SUMMARIZATION, fields={"input": "document", "target": "summary"},
+                source=SourceSpec(type="hub", hub_name="EdinburghNLP/xsum", hub_revision="refs/convert/parquett"))
+    with pytest.raises(MoeguardError, match="at revision refs/convert/parquett .*the hub has no such revision") as e:
+        load_records(task, "eval")
+    assert e.value.hint.startswith("check source.hub.revision")

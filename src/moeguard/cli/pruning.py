@@ -239,14 +239,14 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
 
     handle = resolve_model(model, device_map=device_map)
     _seed(seed)
-    settings = {"model": handle.name, **_placement(handle), "method": method, "scores": str(scores) if scores else None,
-                "plan": str(plan) if plan else None, "keep": keep, "task": task, "samples": samples, "tokens": tokens,
-                "gate": gate, "batch_size": batch_size, "seed": seed}
     cap = None
     if max_memory is not None:
         from moeguard.models.placement import parse_memory
 
-        cap = settings["max_memory"] = parse_memory(max_memory, device_map=device_map)
+        cap = parse_memory(max_memory, device_map=device_map)
+    settings = {"model": handle.name, **_placement(handle, cap), "method": method, "scores": str(scores) if scores else None,
+                "plan": str(plan) if plan else None, "keep": keep, "task": task, "samples": samples, "tokens": tokens,
+                "gate": gate, "batch_size": batch_size, "seed": seed, **({"max_memory": cap} if cap is not None else {})}
     with _progress() as progress:
         record = write_merged(handle, out, method=method, keep=keep, scores=scores, plan=plan, task=task,
                               samples=samples, batch_size=batch_size, tokens=tokens, gate=gate, seed=seed,

@@ -68,12 +68,9 @@ class ModelHandle:
         """:attr:`placement` for a load under ``max_memory`` bytes: without a device map that load is
         accelerate's ``auto`` (the visible GPUs first), which the record said was the CPU, and a capped run
         killed on a GPU resumed on a machine without one."""
-        device_map = self.device_map if self.device_map is not None or max_memory is None else "auto"
-        if device_map is None:
-            return {}
-        from moeguard.models.placement import PLACEMENTS, placed_on
+        from moeguard.models.placement import capped_placement
 
-        return {"device_map": device_map, **({"placed_on": placed_on(device_map)} if device_map in PLACEMENTS else {})}
+        return capped_placement(self.device_map, max_memory)
 
     @property
     def arg(self) -> str | None:

@@ -56,17 +56,18 @@ def check_device_map(value: str | None, *, what: str = "--device-map", on_this_m
     return v
 
 
-def placed_on(device_map: str | None) -> str:
+def placed_on(device_map: str | None, *, capped: bool = False) -> str:
     """The kind of device a strategy (:data:`PLACEMENTS`) puts the first weights on here: the first
     accelerator torch sees, else the CPU. A run keyed by ``auto`` alone resumed a GPU run's kept work on
-    a machine without one, mixing the two's numerics; a device names its own kind."""
+    a machine without one, mixing the two's numerics; a device names its own kind. ``capped``: the auto
+    map of a --max-memory load, whose budget leaves Apple's MPS out (offload_settings)."""
     import torch
 
     if device_map is None:
         return "cpu"
     if device_map not in PLACEMENTS:
         return torch.device(device_map).type
-    for kind in ("cuda", "xpu", "npu", "mps"):
+    for kind in ("cuda", "xpu", "npu") if capped else ("cuda", "xpu", "npu", "mps"):
         backend = getattr(torch, kind, None)
         try:
             if backend is not None and backend.is_available() and (kind == "mps" or backend.device_count() > 0):
@@ -74,6 +75,19 @@ def placed_on(device_map: str | None) -> str:
         except Exception:  # noqa: BLE001 -- a backend torch names but cannot query has no devices
             continue
     return "cpu"
+
+
+def capped_placement(device_map: str | None, max_memory: int | None) -> dict[str, str]:
+    """The ``device_map``/``placed_on`` entries of a load (records and resume keys). A --max-memory load
+    without a map is accelerate's auto: where that puts weights on an accelerator it says so (a capped
+    run killed on a GPU resumed on the CPU); on the CPU (and disk) nothing, the same entries as an
+    uncapped CPU run, whose stages a capped one shares."""
+    if device_map is None and max_memory is not None:
+        kind = placed_on("auto", capped=True)
+        return {} if kind == "cpu" else {"device_map": "auto", "placed_on": kind}
+    if device_map is None:
+        return {}
+    return {"device_map": device_map, **({"placed_on": placed_on(device_map)} if device_map in PLACEMENTS else {})}
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,

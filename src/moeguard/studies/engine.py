@@ -93,13 +93,13 @@ class Runtime:
 
     def to_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "dtype": self.dtype, "device_map": self.device_map, "threads": self.threads}
-        from moeguard.models.placement import PLACEMENTS, placed_on
+        from moeguard.models.placement import capped_placement
 
         # where auto lands here (a cap without a map is auto too): GPU jobs and stages must not resume on the CPU
-        # (on Ray, where the driver runs: its workers are not seen)
-        effective = self.device_map if self.device_map is not None or self.max_memory is None else "auto"
-        if effective in PLACEMENTS:
-            d["placed_on"] = placed_on(effective)
+        # (on Ray, where the driver runs: its workers are not seen); the device_map entry stays as given
+        placed = capped_placement(self.device_map, self.max_memory).get("placed_on")
+        if placed is not None:
+            d["placed_on"] = placed
         if self.tasks:  # in the model stage's key, so an edited task file (or its data) re-runs the stages
             from moeguard.tasks.loaders import task_identity
 

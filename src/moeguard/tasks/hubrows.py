@@ -24,7 +24,8 @@ def hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
     if not src.hub_name:
         raise MoeguardError(f"task '{task.name}' has a hub source without a dataset name",
                             hint="set source.hub.name (e.g. nyu-mll/glue)")
-    where = f"hub dataset {src.hub_name}" + (f" ({src.hub_config})" if src.hub_config else "")
+    where = f"hub dataset {src.hub_name}" + (f" ({src.hub_config})" if src.hub_config else "") \
+        + (f" at revision {src.hub_revision}" if src.hub_revision else "")
     import datasets  # slow to import: only when a hub task is actually read
 
     try:
@@ -44,6 +45,10 @@ def hub_rows(task: Task, split: str) -> tuple[Iterable[dict[str, Any]], str]:
         if isinstance(exc, GatedRepoError) or (isinstance(exc, DatasetNotFoundError) and "gated" in str(exc).lower()):
             raise MoeguardError(f"{where} (task '{task.name}') is gated: your account has not been granted access",
                                 hint="accept its terms on the hub and log in (`hf auth login`), or use a local copy") from None
+        if isinstance(exc, DatasetNotFoundError) and src.hub_revision and "revision" in str(exc).lower():
+            raise MoeguardError(f"{where} (task '{task.name}'): the hub has no such revision [{first_line(exc)}]",
+                                hint="check source.hub.revision (a branch such as refs/convert/parquet, a tag or a "
+                                     "commit)") from None
         if isinstance(exc, DatasetNotFoundError) and not offline:   # the hub answered: no such dataset
             raise MoeguardError(f"{where} (task '{task.name}') does not exist on the hub, or your account cannot see it "
                                 f"[{first_line(exc)}]",
