@@ -248,9 +248,9 @@ def test_a_capped_merge_calibrates_offloaded_and_streams_the_in_memory_merge(tmp
     from moeguard.models import placement
 
     # as on a GPU machine: a capped load without --device-map is auto, its record says so (it said the CPU)
-    monkeypatch.setattr(placement, "placed_on", lambda device_map, capped=False: "cuda")
-    assert main([*common, "--max-memory", "4MiB", "--out", str(tmp_path / "cap")]) == 0
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:   # (undo() would also undo own_temp_dir's folder)
+        mp.setattr(placement, "placed_on", lambda device_map, capped=False: "cuda")
+        assert main([*common, "--max-memory", "4MiB", "--out", str(tmp_path / "cap")]) == 0
     assert "(hc-smoe: hierarchical clustering of expert outputs, streaming)" in capsys.readouterr().out
     assert not (offload_folders() - folders)                                     # the offload folder is gone
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before             # the input is only read
