@@ -188,7 +188,7 @@ def test_an_accelerate_mixed_precision_in_the_environment_is_not_taken(monkeypat
     assert made == ["no"]
 
 
-def test_a_budget_pruned_original_passes_the_original_check():
+def test_a_budget_pruned_original_passes_the_original_check(tmp_path):
     """Pruning an already budget-pruned checkpoint records original_num_experts (the widest layer's)
     and each layer's own count: the check compared every layer with the widest and refused it."""
     from moeguard.models.prune import prune_model
@@ -201,6 +201,10 @@ def test_a_budget_pruned_original_passes_the_original_check():
     layers = [l.index for l in MoEAdapter(model).layers]
     budget, _ = prune_model(model, {layers[0]: [0, 1], layers[1]: [0, 1, 2, 3, 4, 5]})
     counts = {str(l.index): l.num_experts for l in MoEAdapter(budget).layers}
+    budget.save_pretrained(tmp_path / "budget")   # checked as realign checks it: by its handle, from the config
+    from moeguard.edge import resolve_model
+
+    budget = resolve_model(str(tmp_path / "budget"), tasks=False)
     record = {"original_num_experts": 8, "original_experts_per_layer": counts,
               "keep": {str(layers[0]): [1], str(layers[1]): [0, 5]}}
     check_original(budget, record, "again")

@@ -117,8 +117,6 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
     shutil.rmtree(old, ignore_errors=True)
 
 
-
-
 def _whole(path: Path) -> bool:
     return (path / META).exists() and (path / STATE).exists()
 

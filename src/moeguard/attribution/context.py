@@ -59,8 +59,9 @@ class Context:
         return track(self.progress, items, description)
 
 
-def track(progress, items, description: str):
-    """Iterate ``items`` with a bar on ``progress`` (a rich Progress, or None for none)."""
+def track(progress, items, description: str, *, keep: bool = False):
+    """Iterate ``items`` with a bar on ``progress`` (a rich Progress, or None for none), each advanced once
+    its turn of the loop is done (a ``continue`` included); ``keep``: the bar stays when done."""
     items = list(items)
     if progress is None:
         yield from items
@@ -71,4 +72,5 @@ def track(progress, items, description: str):
             yield item
             progress.advance(tid)
     finally:
-        progress.remove_task(tid)
+        if not keep:
+            progress.remove_task(tid)

@@ -207,6 +207,7 @@ def prune_model(model: nn.Module, keep: Mapping, *, share_unchanged: bool = Fals
     adapter = MoEAdapter(model)
     keep = normalize_keep(adapter, keep)
     cfg, changes = pruned_config(adapter, keep)
+    record = _record(adapter, keep, changes)
     state = _sliced_state(adapter, keep, share_unchanged=share_unchanged, unfilled=frozenset(unfilled))
     with torch.device("meta"):
         new = type(model)(cfg)
@@ -230,7 +231,19 @@ def prune_model(model: nn.Module, keep: Mapping, *, share_unchanged: bool = Fals
     new.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
     new.eval() if not model.training else new.train()
     new = placed_like(new, model)
-    record = {
+    return new, record
+
+
+def pruning_record(model: nn.Module, keep: Mapping) -> dict:
+    """The record :func:`prune_model` gives for ``keep``, without building the pruned copy (a caller that
+    wants what was kept and the config's changes, not the weights)."""
+    adapter = MoEAdapter(model)
+    keep = normalize_keep(adapter, keep)
+    return _record(adapter, keep, pruned_config(adapter, keep)[1])
+
+
+def _record(adapter: MoEAdapter, keep: dict[int, list[int]], changes: dict) -> dict:
+    return {
         "family": adapter.family.name,
         **original_counts(adapter),
         "num_experts": max(len(v) for v in keep.values()),
@@ -238,7 +251,6 @@ def prune_model(model: nn.Module, keep: Mapping, *, share_unchanged: bool = Fals
         "keep": {str(k): v for k, v in sorted(keep.items())},
         "config_changes": changes,
     }
-    return new, record
 
 
 @contextlib.contextmanager

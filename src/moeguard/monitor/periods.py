@@ -311,11 +311,10 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         raise ValueError("the clients' test needs the requests' embeddings (x)")
     flat = resid.reshape(len(resid), -1)                                 # [N, L * E]: the clients' test's cells
     every_cell = [[a, b] for a in layers for b in range(resid.shape[2])]   # their [layer, expert], in that order
+    from moeguard.attribution.context import track
+
     # a bar per period: with the clients' test a period of 16,000-32,000 requests takes 40-130 s
-    ptask = progress.add_task("testing periods", total=len(keys)) if progress is not None else None
-    for i, (k, idx) in enumerate(zip(keys, parts)):
-        if ptask is not None and i:   # the one before is done (each period may end in a `continue`)
-            progress.advance(ptask)
+    for k, idx in track(progress, zip(keys, parts), "testing periods", keep=True):
         r = resid[idx]                  # a copy: [n, L, E], viewed as [n, L * E] by the clients' test (not copied again)
         row = _row(k, period, len(idx), len({str(clients[i]) for i in idx}), digest=digest, baseline=baseline, alpha=alpha,
                    clients_test=clients_test)
@@ -361,8 +360,6 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
                 c["p_routing"] = ps.get(str(c["client"]))
             if row.get("cause") == "routing":   # whose routing moved: not always those the excess names
                 row["routing_clients"] = periodclients.routing_clients(ps, who, alpha)
-    if ptask is not None and len(keys):
-        progress.advance(ptask)   # the last period
     return rows
 
 

@@ -70,16 +70,11 @@ def check_protocol_covers(model, ft) -> None:
 def check_original(original, record: dict, name: str) -> None:
     """The original has the experts the pruning record kept from (an --original of another model
     failed at the first round, after both models loaded, with an IndexError). ``original``: its
-    :class:`~moeguard.models.handle.ModelHandle` (checked before any weights load) or a loaded model."""
+    :class:`~moeguard.models.handle.ModelHandle`, checked from the config before any weights load."""
     n = int(record["original_num_experts"])
     # a budget-pruned original: each layer's own count (original_num_experts is the widest layer's)
     per = {int(k): int(v) for k, v in (record.get("original_experts_per_layer") or {}).items()}
-    if hasattr(original, "info"):
-        layers = {int(k): int(v) for k, v in original.info["experts_per_layer"].items()}
-    else:
-        from moeguard.models.adapter import MoEAdapter
-
-        layers = {l.index: l.num_experts for l in MoEAdapter(original).layers}
+    layers = {int(k): int(v) for k, v in original.info["experts_per_layer"].items()}
     keep = {int(k): v for k, v in record["keep"].items()}
     wrong = sorted(l for l in keep if l not in layers)
     if wrong or any(c != per.get(l, n) for l, c in layers.items()) \

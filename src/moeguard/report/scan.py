@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeguard.report.tables import md_cell, md_table
+
 TOP = 8   # suspects shown; scan.json holds every expert
 
 
@@ -34,8 +36,6 @@ UNTRUSTED = ("start token", "continuation")
 
 
 def _md(rows: list[dict[str, str]]) -> str:
-    from moeguard.report.tables import md_table
-
     return md_table(rows, code=UNTRUSTED)
 
 
@@ -57,15 +57,9 @@ def scan_text(audit_doc: dict[str, Any]) -> str:
     return f"{verdict} {_null_text(d['suspicion'])} Every expert: {d['file']}; how to read it: docs/scan.md."
 
 
-def _heading(text) -> str:
-    from moeguard.report.tables import md_cell
-
-    return md_cell(text)
-
-
 def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join([
-        f"# moeguard scan: {_heading(doc.get('model', ''))}\n",
+        f"# moeguard scan: {md_cell(doc.get('model', ''))}\n",
         f"Tasks: {', '.join(doc['tasks'])}. {_null_text(doc['suspicion'])}\n",
         "## Most suspicious experts\n", _md(suspect_rows(doc)),
         "## Flags\n", _md(flag_rows(doc)),

@@ -196,11 +196,11 @@ def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], r
         # every chain token would be the model's own choice: nothing flagged, the flag still "calibrated"
         raise MoeguardError(f"the reference models include the scanned model itself ({handle.name}, by its weights)",
                             hint=f"name clean models of the same base as references, or leave {flags}reference-models out")
-    ident = weights_identity(handle.arg)
-    mine = digest_of(ident)
     # hashed whole (the checkpoint's weights at most _WHOLE bytes) the digest is the weights; sampled, a
     # fine-tune of a few tensors (a planted expert) shares it with its base, whose scan is the natural
     # null: then only the same files, times and all, are the same model
+    ident = weights_identity(handle.arg) if references else {}   # (read only where there is a reference to compare)
+    mine = digest_of(ident)
     whole = sum(int(row[1]) for row in ident.get("files") or []) <= _WHOLE
     for doc in references:   # a scan of this very model: its own scores in the null it is measured against
         theirs = ((doc.get("run") or {}).get("settings") or {}).get("model")
@@ -209,11 +209,9 @@ def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], r
             raise MoeguardError(f"reference scan {doc.get('path')} is a scan of the scanned model itself ({handle.name}, "
                                 "by its weights): its experts would be in their own null",
                                 hint="references must be scans of other clean models of the same architecture")
+    # criticality runs attribution, which refused it after the load (with its own hint)
+    handle.check_uniform("the scan's criticality", hint="scan the model before it was pruned, or a uniformly pruned copy")
     per_layer = handle.experts_per_layer
-    if len(set(per_layer)) > 1:   # criticality runs attribution, which refused it after the load (with its own hint)
-        raise MoeguardError(f"the model's MoE layers have different expert counts {per_layer} (a budget-pruned "
-                            "checkpoint); the scan's criticality scores one count per layer",
-                            hint="scan the model before it was pruned, or a uniformly pruned copy")
     if per_layer[0] - 1 < max(1, handle.family.min_experts):   # criticality ablates one expert at a time
         raise MoeguardError(f"{handle.name} keeps {per_layer[0]} expert(s) per layer, and the scan's criticality "
                             f"removes one at a time, below the {max(1, handle.family.min_experts)} its router needs",
@@ -260,13 +258,11 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
                 "task_identity": [task_identity(t) for t in tasks],
                 **{k: v for k, v in config.to_dict().items() if k != "threshold"},
                 "reference_models": [weights_identity(h.arg) for h in reference_models]}
-    placed = device_map if device_map is not None else handle.device_map
-    if placed is not None:   # recorded when given (the numbers may differ in the last digits on another device)
-        from moeguard.models.placement import PLACEMENTS, placed_on
+    from moeguard.models.placement import capped_placement
 
-        settings["device_map"] = placed
-        if placed in PLACEMENTS:   # and where a strategy lands here: a GPU's parts are not resumed on the CPU
-            settings["placed_on"] = placed_on(placed)
+    # recorded when given (the numbers may differ in the last digits on another device), with where a strategy
+    # lands here: a GPU's parts are not resumed on the CPU
+    settings.update(capped_placement(device_map if device_map is not None else handle.device_map, None))
     if dtype is not None:    # likewise: parts computed in two precisions were mixed on a resume (library callers)
         settings["dtype"] = str(dtype).removeprefix("torch.")
     null, tokenizer, contexts = check_inputs(handle, tasks, config=config, references=references,

@@ -196,14 +196,11 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
                             hint=f"attack with --plans {others[0]}" if others else
                             "attack with --routes merge, or another --keep")
     i = max(built, key=value)
-    from moeguard.models.loading import release_memory
-    from moeguard.models.prune import prune_model, spread
+    from moeguard.models.prune import pruning_record
 
-    pruned, record = prune_model(m, {int(k): v for k, v in candidates[i]["keep"].items()})
-    multi = spread(pruned)
-    del pruned  # the record (what was kept, the new shapes) is the document's; the cells prune their own copy
-    if multi:   # over several GPUs the hooks keep it there until a collection, beside the cells' copies
-        release_memory()
+    # the record (what was kept, the new shapes) is the document's; the cells prune their own copy (a full
+    # pruned copy was built here only for its record)
+    record = pruning_record(m, {int(k): v for k, v in candidates[i]["keep"].items()})
     out = {"full": full.to_dict(), "candidates": candidates, "best": candidates[i],
            "best_result": results[i].to_dict(), "record": record}
     if "merge" in routes:
