@@ -455,7 +455,7 @@ def test_a_capped_sweep_interrupted_and_restarted_under_another_cap_reuses_its_j
     assert main([*args, "--max-memory", "16MiB"]) == 130
     ran = []
     real_execute = engine.execute
-    monkeypatch.setattr(engine, "execute", lambda job, rt: (ran.append(job.name), real_execute(job, rt))[1])
+    monkeypatch.setattr(engine, "execute", lambda job, rt, *a: (ran.append(job.name), real_execute(job, rt, *a))[1])
     monkeypatch.setattr(R, "write_sweep", real)
     assert main([*args, "--max-memory", "8MiB"]) == 0
     assert ran == []                                     # every job came from the interrupted run

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +29,10 @@ class Context:
     progress: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)    # shared between methods of one run
+    # a scratch folder keyed by everything the scores depend on (the caller's: ``moeguard attribute``'s
+    # ``.OUT.partial``, a study job's own): each batch's finished term is kept there, and a run resumed
+    # after a kill reads it back instead of computing it again (None: nothing is kept)
+    keep: Path | None = None
 
     @property
     def device(self) -> torch.device:
@@ -53,6 +61,30 @@ class Context:
             if norms:  # norms=True records everything the plain capture does
                 self.cache.setdefault(f"stats:{'ref' if reference else 'task'}:False", cap.stats)
         return self.cache[key]
+
+    def batch_sum(self, label: str, compute: Callable[[Any], torch.Tensor], *, shape: tuple[int, ...],
+                  key: Any = None) -> torch.Tensor:
+        """The sum over the task's batches of ``compute(batch)`` (float64, ``shape``), added in batch
+        order. With :attr:`keep`, each batch's term is kept there as it finishes (``label``, ``key``
+        and the batch's own tokens name it) and read back on a resumed run: the same float64 values
+        added in the same order, so a resumed sum equals an uninterrupted one bit for bit."""
+        total = torch.zeros(shape, dtype=torch.float64)
+        for i, batch in enumerate(self.track(self.batches, label)):
+            total += self._kept_term(label, i, batch, key, compute)
+        return total
+
+    def _kept_term(self, label: str, i: int, batch, key: Any, compute) -> torch.Tensor:
+        if self.keep is None:
+            return compute(batch)
+        from moeguard.io import kept_arrays
+
+        h = hashlib.sha256(json.dumps([label, key, self.options], sort_keys=True, default=str).encode())
+        for t in (batch.input_ids, batch.attention_mask, batch.labels):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}-{i}-{h.hexdigest()[:16]}"
+        self.keep.mkdir(parents=True, exist_ok=True)
+        term = kept_arrays(self.keep, name, lambda: {"term": compute(batch).double().cpu().numpy()})["term"]
+        return torch.from_numpy(term)
 
     def track(self, items, description: str):
         """Iterate with a progress bar when a rich Progress is attached."""

@@ -88,26 +88,31 @@ def _layer_delta(adapter, layer, trace, n_targets: int, plans: list) -> torch.Te
                  causal_only="traces each routed slot's output through fused expert tensors, which one module per expert lacks")
 def gradient(ctx) -> MethodOutput:
     adapter, model = ctx.adapter, ctx.model
-    deltas = torch.zeros(len(adapter.layers), adapter.num_experts, dtype=torch.float64)
     n_targets = max(1, ctx.n_targets)
     plans = _drop_one_plans(adapter, adapter.num_experts, ctx.device)
+
+    def term(batch) -> torch.Tensor:   # this batch's estimates, [L, E]
+        b = batch.to(ctx.device)
+        check_head(model, adapter, b.input_ids)   # the NLL below is scored through adapter.head
+        with torch.enable_grad(), trace_experts(model, adapter=adapter) as traces:
+            # the head only at target positions: full logits were most of the peak at E = 128
+            hidden = last_hidden(model, adapter, input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                 use_cache=False)
+            (target_nll(adapter, hidden, b.labels).sum() / n_targets).backward()
+        out = torch.zeros(len(adapter.layers), adapter.num_experts, dtype=torch.float64)
+        with torch.no_grad():
+            for row, layer in enumerate(adapter.layers):
+                out[row] = _layer_delta(adapter, layer, traces[layer.index], n_targets, plans)
+        return out
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     try:
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        for batch in ctx.track(ctx.batches, "gradient"):
-            b = batch.to(ctx.device)
-            check_head(model, adapter, b.input_ids)   # the NLL below is scored through adapter.head
-            with torch.enable_grad(), trace_experts(model, adapter=adapter) as traces:
-                # the head only at target positions: full logits were most of the peak at E = 128
-                hidden = last_hidden(model, adapter, input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                     use_cache=False)
-                (target_nll(adapter, hidden, b.labels).sum() / n_targets).backward()
-            with torch.no_grad():
-                for row, layer in enumerate(adapter.layers):
-                    deltas[row] += _layer_delta(adapter, layer, traces[layer.index], n_targets, plans)
+        # kept per batch where the caller keeps a scratch folder (ablation-screened's screen reads the same terms)
+        deltas = ctx.batch_sum("gradient", term, shape=(len(adapter.layers), adapter.num_experts))
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -23,7 +23,8 @@ def default_reference(task_name: str) -> list[str]:
 
 def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int = 8, seed: int = 0,
                  reference: Sequence[Any] | None = None, progress: Any = None,
-                 options: dict[str, Any] | None = None) -> Context:
+                 options: dict[str, Any] | None = None, keep: Any = None) -> Context:
+    """``keep``: a scratch folder keyed by everything the scores depend on (:attr:`Context.keep`)."""
     from moeguard.tasks.evaluate import fit_to_model
 
     # sequences cut to the model's positions, as evaluation cuts them (wikitext's 512 on a 256-position
@@ -44,7 +45,7 @@ def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int =
         ref_batches += calibration_batches(tokenizer, fit_to_model(get_task(name), model), samples=per,
                                            batch_size=batch_size, seed=seed, decoder_start=start)
     return Context(model=model, tokenizer=tokenizer, adapter=MoEAdapter(model), task=task, batches=batches,
-                   reference=ref_batches, seed=seed, progress=progress, options=dict(options or {}))
+                   reference=ref_batches, seed=seed, progress=progress, options=dict(options or {}), keep=keep)
 
 
 def check_removable(method: str, experts: int, min_experts: int) -> None:

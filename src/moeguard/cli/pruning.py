@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeguard.cli.app import (DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints, _names,
-                              _out, _param, _placement, _progress, _run, _run_study, _seed, app)
+from moeguard.cli.app import (DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints,
+                              _kept_on_interrupt, _names, _out, _param, _placement, _progress, _run, _run_study, _seed, app)
 from moeguard.errors import MoeguardError
 from moeguard.io import dumps
 
@@ -61,18 +61,32 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
     from moeguard.attribution.run import check_removable
 
     check_removable(the_method.name, counts[0], handle.family.min_experts)   # before the weights load too
-    _seed(seed)
-    m, tokenizer, ref = handle.load(max_memory=cap)
-    with _progress() as progress:
-        ctx = make_context(m, tokenizer, the_task, samples=samples, batch_size=batch_size, seed=seed,
-                           reference=ref_tasks if refs is not None else None, progress=progress)
-        s = score(ctx, method)
-    doc = s.to_dict()
-    doc["model"] = ref.name
-    doc["run"] = _run({"model": ref.name, "task": the_task.name, "task_file": task if task != the_task.name else None,
-                       "method": method, "samples": samples, "seed": seed,
-                       "reference": refs, "batch_size": batch_size, "max_memory": cap, **_placement(handle, cap)})
-    write_json(out, doc, overwrite=overwrite)
+    import torch
+
+    from moeguard.io import resumable_scratch
+    from moeguard.models.identity import weights_identity
+    from moeguard.tasks.loaders import task_identity
+
+    # the costly methods' finished batches are kept beside --out (.OUT.partial), so the same command resumes
+    # after a kill; keyed by all the scores depend on: the weights, the task's definition and data, the
+    # settings, where the weights sit (a GPU's sums are not the CPU's) and the threads (nor are 2 cores' 16's)
+    with resumable_scratch(out, overwrite=overwrite, settings={
+            "command": "attribute", "model": weights_identity(model),
+            "task": task_identity(the_task), "reference": [task_identity(r) for r in ref_tasks] if refs is not None else None,
+            "method": the_method.name, "samples": samples, "batch_size": batch_size, "seed": seed,
+            "threads": torch.get_num_threads(), **_placement(handle, cap)}) as keep, _kept_on_interrupt("batches scored"):
+        _seed(seed)
+        m, tokenizer, ref = handle.load(max_memory=cap)
+        with _progress() as progress:
+            ctx = make_context(m, tokenizer, the_task, samples=samples, batch_size=batch_size, seed=seed,
+                               reference=ref_tasks if refs is not None else None, progress=progress, keep=keep)
+            s = score(ctx, method)
+        doc = s.to_dict()
+        doc["model"] = ref.name
+        doc["run"] = _run({"model": ref.name, "task": the_task.name, "task_file": task if task != the_task.name else None,
+                           "method": method, "samples": samples, "seed": seed,
+                           "reference": refs, "batch_size": batch_size, "max_memory": cap, **_placement(handle, cap)})
+        write_json(out, doc, overwrite=overwrite)
     _console().print(scores_table(doc))
     typer.echo(f"scores written to {out}")
 

@@ -159,7 +159,7 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
     ev = MaskedEvaluator(m, tok, adapter=adapter)
     full = ev(t, None, limit=eval_limit, baseline=True)
     names = list(methods) or [x.name for x in list_methods()]
-    c = make_context(m, tok, t, samples=samples, batch_size=8, seed=seed)
+    c = make_context(m, tok, t, samples=samples, batch_size=8, seed=seed, keep=ctx.scratch)
     candidates, results, all_scores = [], [], {}
     for name in names:
         s = all_scores[name] = score(c, name)

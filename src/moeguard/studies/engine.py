@@ -129,8 +129,12 @@ class Context:
     # two: defend-eval alternates a base model and its hardened version; more would only hold memory
     MAX_MODELS = 2
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, scratch: Path | None = None):
         self.runtime = runtime
+        # the job's own folder for finished pieces of its work (an attribution's batches), kept until
+        # its result is saved: a job cut short by a kill resumes from them (None: where the driver's
+        # folder is not this process's, a Ray cluster's node)
+        self.scratch = scratch
 
     def model(self, ref: str | None = "", /):
         """(model, tokenizer) of ``ref`` (a checkpoint path or hub id; default: the runtime's model).
@@ -187,8 +191,9 @@ class Context:
         return Context._derived[tag]
 
 
-def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
-    """Run one job here. Used by both backends (a Ray worker calls this too)."""
+def execute(job: Job, runtime: Runtime, scratch: str | None = None) -> dict[str, Any]:
+    """Run one job here. Used by both backends (a Ray worker calls this too). ``scratch``: the
+    job's folder for finished pieces of its work (:func:`scratch_path`), where it can be written."""
     import numpy as np
     import torch
 
@@ -208,7 +213,7 @@ def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
         torch.manual_seed(seed)
         module, _, name = job.fn.partition(":")
         fn = getattr(importlib.import_module(module), name)
-        result = fn(Context(runtime), **job.args)
+        result = fn(Context(runtime, Path(scratch) if scratch else None), **job.args)
     finally:
         trust_inferred_families(previous)
     return json.loads(dumps(result))  # exactly what the job file will hold (NaN and inf as null)
@@ -217,6 +222,20 @@ def execute(job: Job, runtime: Runtime) -> dict[str, Any]:
 def _record(job: Job, result: dict[str, Any], scope: str | None = None) -> dict[str, Any]:
     return {"job": {"stage": job.stage, "name": job.name, "fn": job.fn, "key": job.key}, "scope": scope,
             "args": job.args, "result": result}
+
+
+def scratch_path(job: Job, root: Path, scope: str) -> Path:
+    """Where ``job`` keeps finished pieces of its work until its result is saved: beside its result
+    file, named by its key and scope (a resumed folder pointed at other weights starts afresh)."""
+    return root / job.stage / f".{job.key}-{scope}.partial"
+
+
+def _drop_scratch(job: Job, root: Path) -> None:
+    """The job's scratch folders, of every scope: its result is saved (a stale scope's would stay)."""
+    import shutil
+
+    for p in (root / job.stage).glob(f".{job.key}-*.partial"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def load_done(job: Job, root: Path, scope: str | None = None) -> dict[str, Any] | None:
@@ -276,11 +295,12 @@ def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend
         path = job.path(root)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, _record(job, result, scope(job)))
+        _drop_scratch(job, root)
         results[job.key] = result  # already as JSON holds it (execute round-trips it)
         if bar is not None:
             progress.update(bar, advance=sum(1 for j in todo if j.key == job.key), description=f"{label}: {job.name}")
 
-    backend.run(unique, runtime, finished)
+    backend.run(unique, runtime, finished, scratch=lambda j: scratch_path(j, root, scope(j)))
     if bar is not None:
         progress.update(bar, description=label)
     return [results[j.key] for j in jobs]
@@ -289,7 +309,10 @@ def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend
 class Backend:
     name = "base"
 
-    def run(self, jobs: list[Job], runtime: Runtime, finished: Callable[[Job, dict], None]) -> None:
+    def run(self, jobs: list[Job], runtime: Runtime, finished: Callable[[Job, dict], None], *,
+            scratch: Callable[[Job], Path] | None = None) -> None:
+        """Run ``jobs``, calling ``finished`` with each result; ``scratch(job)``: the job's folder for
+        finished pieces of its work, passed on where the job's process shares this one's files."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -304,9 +327,9 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def run(self, jobs, runtime, finished):
+    def run(self, jobs, runtime, finished, *, scratch=None):
         for job in jobs:
-            finished(job, execute(job, runtime))
+            finished(job, execute(job, runtime, str(scratch(job)) if scratch is not None else None))
 
 
 RAY_RETRIES = 2   # a job whose worker the system took is submitted again this many times
@@ -374,17 +397,20 @@ class RayBackend(Backend):
             raise MoeguardError(f"each job asks Ray for {self.gpus:g} GPUs (gpus_per_job), and the largest node has "
                                 f"{gpus:g}", hint=f"pass --gpus-per-job {gpus:g} or fewer")
 
-    def run(self, jobs, runtime, finished):
+    def run(self, jobs, runtime, finished, *, scratch=None):
         if not jobs:
             return
         ray = self.ray
+        # a local Ray's workers share this machine's files; a cluster's nodes may not (a folder made there
+        # would resume nothing and be left on the node)
+        where = (lambda j: str(scratch(j))) if scratch is not None and self._started and not self.address else (lambda j: None)
         self.check_fits(runtime.threads)
         # max_retries=0, retried here instead: Ray retries a task its memory monitor killed without end
         # unless max_retries is 0 (reloading the model each time), and counts no other limit for them
         remote = ray.remote(num_cpus=runtime.threads, num_gpus=self.gpus, max_retries=0)(execute)
         lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                 getattr(ray.exceptions, "OutOfMemoryError", ray.exceptions.WorkerCrashedError))
-        pending = {remote.remote(j, runtime): j for j in jobs}
+        pending = {remote.remote(j, runtime, where(j)): j for j in jobs}
         tries: dict[int, int] = {}
         try:
             while pending:
@@ -401,7 +427,7 @@ class RayBackend(Backend):
                     except lost as exc:   # the system took its worker: out of memory, a node gone
                         n = tries[id(job)] = tries.get(id(job), 0) + 1
                         if n <= RAY_RETRIES:   # jobs are idempotent: the driver writes every result
-                            pending[remote.remote(job, runtime)] = job
+                            pending[remote.remote(job, runtime, where(job))] = job
                             continue
                         raise MoeguardError(f"job {job.stage}/{job.name} was lost on Ray {n} times "
                                             f"({type(exc).__name__}: {_first_line(exc)})",

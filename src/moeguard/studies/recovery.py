@@ -187,7 +187,7 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
         return _prepare_merged(model, tok, t, adapter, keep=keep, method=method, samples=samples, eval_limit=eval_limit,
                                seed=seed, full=full, full_result=full_result, merge_method=merge_method, scores=scores)
     if plan is None:
-        c = make_context(model, tok, t, samples=samples, batch_size=8, seed=seed)
+        c = make_context(model, tok, t, samples=samples, batch_size=8, seed=seed, keep=ctx.scratch)
         p = plan_from_scores(score(c, method), keep=keep, min_keep=adapter.family.min_experts)
         plan_doc = p.to_dict()
         keep_map = p.keep
