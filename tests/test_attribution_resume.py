@@ -75,7 +75,7 @@ def test_a_study_job_resumes_its_attribution_from_its_scratch_folder(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         run_jobs([job], root=tmp_path / "b", runtime=rt, backend=LocalBackend())
     [scratch] = (tmp_path / "b" / "attribution").glob(f".{job.key}-*.partial")
-    assert len(list(scratch.glob("*.npz"))) == 2
+    assert len(list(scratch.glob("attribution/*.npz"))) == 2
     asked, computed = _counting(monkeypatch, stop_at=None)
     resumed = run_jobs([job], root=tmp_path / "b", runtime=rt, backend=LocalBackend())[0]
     assert len(asked) == 3 and len(computed) == 1
@@ -116,3 +116,36 @@ def test_a_job_s_scratch_folder_is_its_scope_s(tmp_path, monkeypatch):
     assert run_jobs([job], root=tmp_path / "jobs", runtime=Runtime(model=str(tmp_path / "m1")),
                     backend=LocalBackend())[0] == {"pieces_seen": 2}
     assert not list((tmp_path / "jobs" / "s").glob(".*.partial"))
+
+
+def test_a_study_curve_killed_mid_curve_resumes_from_its_last_finished_round(tmp_path, monkeypatch, capsys):
+    """A recovery curve job keeps its finished rounds (labels, score, trained weights) in its scratch
+    folder: the rerun fine-tunes only the rounds left, and its curve equals an uninterrupted one."""
+    import moeguard.realign.loop as loop
+    from moeguard.studies.engine import untimed
+
+    fast = ["--min-steps", "10", "--epochs", "1", "--eval-limit", "16", "--pool-size", "32"]
+    args = ["recovery", "--task", "arith-compare", "--keep", "2", "--strategies", "margin", "--budgets", "4,8",
+            "--seeds", "1", "--samples", "16", "--method", "frequency", *fast]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    calls, real = [], loop.finetune
+
+    def counted(*a, **k):
+        calls.append(1)
+        if stop[0] and len(calls) == stop[0]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    stop = [4]   # random's two rounds, then margin's first; margin's second is interrupted
+    monkeypatch.setattr(loop, "finetune", counted)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    [rounds] = (tmp_path / ".cut.partial" / "jobs" / "recovery").glob(".*.partial/rounds")
+    assert len(json.loads((rounds / "loop.json").read_text())["rounds"]) == 2   # round 0 and 4 labels
+    calls.clear()
+    stop[0] = 0
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    assert len(calls) == 1                                         # margin's last round only
+    whole, cut = (json.loads((tmp_path / f / "recovery.json").read_text()) for f in ("whole", "cut"))
+    assert untimed(cut["curves"]) == untimed(whole["curves"]) and len(cut["curves"]) == 2
+    assert not list((tmp_path / "cut" / "jobs" / "recovery").glob(".*.partial"))

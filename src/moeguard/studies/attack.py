@@ -159,7 +159,7 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
     ev = MaskedEvaluator(m, tok, adapter=adapter)
     full = ev(t, None, limit=eval_limit, baseline=True)
     names = list(methods) or [x.name for x in list_methods()]
-    c = make_context(m, tok, t, samples=samples, batch_size=8, seed=seed, keep=ctx.scratch)
+    c = make_context(m, tok, t, samples=samples, batch_size=8, seed=seed, keep=ctx.scratch_for("attribution"))
     candidates, results, all_scores = [], [], {}
     for name in names:
         s = all_scores[name] = score(c, name)
@@ -242,7 +242,7 @@ def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid:
         shares = orphan_shares(m, tok, t, plan, MoEAdapter(m).num_experts)
         orphan = lambda: shares(pool)  # noqa: E731
     cell = _cell(pruned, tok, t, strategy, grid, seed, schedule, pool, pool_size, eval_limit, orphan, full,
-                 TaskResult(**initial), "attack", after=after)
+                 TaskResult(**initial), "attack", after=after, rounds=ctx.scratch_for("rounds"))
     return cell if merge is None else {**cell, "route": "merge"}
 
 
@@ -277,13 +277,14 @@ def scratch_job(ctx, *, task: str, keep: int, grid: dict[str, Any], seed: int, s
     fresh, initial, params, layers = ctx.derived(("scratch", ctx.runtime.model, task, keep, seed, eval_limit), make)
     pool = label_pool(t, pool_size=pool_size, budget=schedule[-1], seed=seed)
     cell = _cell(fresh, tok, t, "random", grid, seed, schedule, pool, pool_size, eval_limit, None, None, initial,
-                 "scratch")
+                 "scratch", rounds=ctx.scratch_for("rounds"))
     return {**cell, "architecture": {"num_experts": keep, "layers": layers, "parameters": params}}
 
 
 def _cell(model, tok, task, strategy, g, seed, schedule, pool, pool_size, eval_limit, orphan, full, initial, kind,
-          after=None):
-    """``after(stolen)``: what to record of the cell's last model (the attack cells trace it)."""
+          after=None, rounds=None):
+    """``after(stolen)``: what to record of the cell's last model (the attack cells trace it);
+    ``rounds``: a folder for the finished rounds (``run_active_learning``'s ``state_dir``)."""
     from moeguard.realign.loop import run_active_learning
 
     ft = FinetuneConfig(mode=g["mode"], lr=g["lr"], epochs=g["epochs"], seed=seed)
@@ -293,7 +294,7 @@ def _cell(model, tok, task, strategy, g, seed, schedule, pool, pool_size, eval_l
     try:
         torch.manual_seed(al.seed)
         curve, _ = run_active_learning(model, tok, task, al, pool=pool, orphan_share=orphan, full_score=full,
-                                       initial=initial, after=after)
+                                       initial=initial, after=after, state_dir=rounds)
     except TrainingDiverged as e:  # a setting that blows up is one the attacker would not use
         return {**cell, "diverged": e.one_line(), "points": []}
     out = {**cell, "points": [{"labels": p["labels"], "score": p["score"]} for p in curve["points"]]}

@@ -23,7 +23,7 @@ def attribution_job(ctx, *, task: str, methods: list[str], samples: int, seed: i
     from moeguard.attribution.run import make_context, score
 
     model, tok = ctx.model()
-    c = make_context(model, tok, task, samples=samples, seed=seed, reference=reference, keep=ctx.scratch)
+    c = make_context(model, tok, task, samples=samples, seed=seed, reference=reference, keep=ctx.scratch_for("attribution"))
     return {m: score(c, m).to_dict() for m in methods}
 
 

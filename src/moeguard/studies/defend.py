@@ -119,7 +119,7 @@ def protocol_job(ctx, *, task: str, who: str, mode: str, only: list[str], seed: 
     ft = FinetuneConfig(mode=mode, only=tuple(only), seed=seed) if only else FinetuneConfig(mode=mode, seed=seed)
     al = ALConfig(strategy="random", schedule=(budget,), pool_size=pool_size, eval_limit=eval_limit, seed=seed,
                   finetune=ft)
-    curve, _ = run_active_learning(m, tok, t, al, pool=pool)
+    curve, _ = run_active_learning(m, tok, t, al, pool=pool, state_dir=ctx.scratch_for("rounds"))
     return {"who": who, "score": curve["points"][-1]["score"]}
 
 

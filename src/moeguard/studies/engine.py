@@ -136,6 +136,12 @@ class Context:
         # folder is not this process's, a Ray cluster's node)
         self.scratch = scratch
 
+    def scratch_for(self, part: str) -> Path | None:
+        """The job's folder for one part of its work (``attribution``: the costly methods' batches;
+        ``rounds``: a re-alignment's finished rounds, its trained weights included), or None where the
+        job has no scratch folder; made by whoever writes in it."""
+        return self.scratch / part if self.scratch is not None else None
+
     def model(self, ref: str | None = "", /):
         """(model, tokenizer) of ``ref`` (a checkpoint path or hub id; default: the runtime's model).
         Jobs must hand it back unchanged (masking and fine-tuning restore it)."""

@@ -187,7 +187,7 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
         return _prepare_merged(model, tok, t, adapter, keep=keep, method=method, samples=samples, eval_limit=eval_limit,
                                seed=seed, full=full, full_result=full_result, merge_method=merge_method, scores=scores)
     if plan is None:
-        c = make_context(model, tok, t, samples=samples, batch_size=8, seed=seed, keep=ctx.scratch)
+        c = make_context(model, tok, t, samples=samples, batch_size=8, seed=seed, keep=ctx.scratch_for("attribution"))
         p = plan_from_scores(score(c, method), keep=keep, min_keep=adapter.family.min_experts)
         plan_doc = p.to_dict()
         keep_map = p.keep
@@ -273,7 +273,7 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
 
     try:
         curve, _ = run_active_learning(pruned, tok, t, al, pool=pool, orphan_share=share, full_score=full_score,
-                                       initial=start, after=after)
+                                       initial=start, after=after, state_dir=ctx.scratch_for("rounds"))
     except TrainingDiverged as e:   # its hint named --mode, which the audit calls --recovery-mode
         lora = "" if ft.mode == "lora" else (" or fine-tune LoRA adapters (`moeguard recovery --mode lora`; in an "
                                               "audit, --recovery-mode lora)")
