@@ -149,3 +149,52 @@ def test_a_study_curve_killed_mid_curve_resumes_from_its_last_finished_round(tmp
     whole, cut = (json.loads((tmp_path / f / "recovery.json").read_text()) for f in ("whole", "cut"))
     assert untimed(cut["curves"]) == untimed(whole["curves"]) and len(cut["curves"]) == 2
     assert not list((tmp_path / "cut" / "jobs" / "recovery").glob(".*.partial"))
+
+
+def test_a_sweep_job_killed_half_way_resumes_from_its_kept_evaluations(tmp_path, monkeypatch, capsys):
+    """The sweep job's masked evaluations are kept in its scratch folder as they finish: the rerun
+    evaluates only those left, and the sweep equals an uninterrupted one (timings aside)."""
+    import moeguard.pruning.evaluate as E
+    from moeguard.studies.engine import untimed
+
+    args = ["sweep", "--tasks", "arith-compare,record-summary", "--methods", "frequency", "--keep", "4",
+            "--samples", "8", "--eval-limit", "8", "--collateral-limit", "8", "--random-seeds", "1",
+            "--no-deletion-curves", "--physical-checks", "0"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    calls, real, stop = [], E.evaluate_task, [6]
+
+    def counted(*a, **k):
+        calls.append(1)
+        if stop[0] and len(calls) == stop[0]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "evaluate_task", counted)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    # 5 evaluations ran: arith-compare's job finished (its 3 in its result file), record-summary's kept 2
+    kept = list((tmp_path / ".cut.partial" / "jobs" / "sweep").glob(".*.partial/evaluations/eval-*.json"))
+    assert len(kept) == 2
+    calls.clear()
+    stop[0] = 0
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    whole, cut = (json.loads((tmp_path / f / "sweep.json").read_text()) for f in ("whole", "cut"))
+    assert whole["evaluations"]["run"] == 6 and len(calls) == 1    # the kept ones were read, not run again
+    assert untimed(cut["points"]) == untimed(whole["points"]) and untimed(cut["random"]) == untimed(whole["random"])
+    assert cut["evaluations"] == whole["evaluations"]
+
+
+def test_only_results_json_holds_exactly_are_kept(tmp_path):
+    """A NaN score is written as null, which a resumed run would read as another value: not kept."""
+    from moeguard.pruning.evaluate import _Kept
+    from moeguard.tasks.evaluate import TaskResult
+
+    r = TaskResult(task="t", kind="classification", metric="accuracy", score=0.1 + 0.2, higher_is_better=True,
+                   metrics={"accuracy": 0.1 + 0.2}, n_samples=3, split="validation", baseline={"majority": 0.5})
+    k = _Kept(tmp_path / "a.json")
+    k.write(r)
+    assert k.read() == r and k.read().score == 0.1 + 0.2
+    bad = _Kept(tmp_path / "b.json")
+    bad.write(TaskResult(**{**r.__dict__, "score": float("nan")}))
+    assert not bad.path.exists() and bad.read() is None
+    (tmp_path / "c.json").write_text('{"task": "t"')                 # cut short: evaluated again
+    assert _Kept(tmp_path / "c.json").read() is None

@@ -2,10 +2,16 @@
 
 Different methods often choose the same experts (at high keep counts almost always), so
 results are keyed by the kept set itself and each distinct (plan, task, limit) runs once.
+With a ``keep`` folder (a study job's scratch), each result is also kept on disk as it finishes,
+and a job resumed after a kill reads it back instead of evaluating again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 from moeguard.models.adapter import MoEAdapter
@@ -14,9 +20,12 @@ from moeguard.tasks.evaluate import TaskResult, evaluate_task
 
 
 class MaskedEvaluator:
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, adapter: MoEAdapter | None = None):
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, adapter: MoEAdapter | None = None,
+                 keep: Path | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.adapter = adapter or MoEAdapter(model)
+        # keyed by the caller with everything else the scores depend on (a job's scratch: its key and scope)
+        self.keep = keep
         self._cache: dict[tuple, TaskResult] = {}
         self.runs = 0
         self.hits = 0
@@ -31,13 +40,49 @@ class MaskedEvaluator:
         if k in self._cache:
             self.hits += 1
             return self._cache[k]
-        self.runs += 1
-        if keep:
-            with mask_experts(self.model, keep, adapter=self.adapter):
+        self.runs += 1   # one read back from an interrupted run's folder counts as run: it was, once
+        kept = self._kept(k)
+        result = kept.read() if kept is not None else None
+        if result is None:
+            if keep:
+                with mask_experts(self.model, keep, adapter=self.adapter):
+                    result = evaluate_task(self.model, self.tokenizer, task, limit=limit, batch_size=self.batch_size,
+                                           baseline=baseline)
+            else:
                 result = evaluate_task(self.model, self.tokenizer, task, limit=limit, batch_size=self.batch_size,
                                        baseline=baseline)
-        else:
-            result = evaluate_task(self.model, self.tokenizer, task, limit=limit, batch_size=self.batch_size,
-                                   baseline=baseline)
+            if kept is not None:
+                kept.write(result)
         self._cache[k] = result
         return result
+
+    def _kept(self, k: tuple) -> "_Kept | None":
+        if self.keep is None:
+            return None
+        name = hashlib.sha256(json.dumps([k, self.batch_size], default=str).encode()).hexdigest()[:24]
+        return _Kept(self.keep / f"eval-{name}.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kept:
+    """One evaluation's result on disk. Only results that JSON holds exactly are kept (a NaN score
+    is written as null, which the caller would read as another value): those are evaluated again."""
+
+    path: Path
+
+    def read(self) -> TaskResult | None:
+        from moeguard.io import strict_loads
+
+        try:
+            return TaskResult(**strict_loads(self.path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):   # absent, or cut short by a power loss: evaluated again
+            return None
+
+    def write(self, result: TaskResult) -> None:
+        from moeguard.io import dumps, write_json
+
+        doc = dataclasses.asdict(result)
+        if json.loads(dumps(doc)) != doc:   # NaN (never equal to itself) or infinity in it
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, doc)

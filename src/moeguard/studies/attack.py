@@ -156,7 +156,7 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
     m, tok = ctx.model(model)
     t = get_task(task)
     adapter = MoEAdapter(m)
-    ev = MaskedEvaluator(m, tok, adapter=adapter)
+    ev = MaskedEvaluator(m, tok, adapter=adapter, keep=ctx.scratch_for("evaluations"))
     full = ev(t, None, limit=eval_limit, baseline=True)
     names = list(methods) or [x.name for x in list_methods()]
     c = make_context(m, tok, t, samples=samples, batch_size=8, seed=seed, keep=ctx.scratch_for("attribution"))

@@ -138,8 +138,8 @@ class Context:
 
     def scratch_for(self, part: str) -> Path | None:
         """The job's folder for one part of its work (``attribution``: the costly methods' batches;
-        ``rounds``: a re-alignment's finished rounds, its trained weights included), or None where the
-        job has no scratch folder; made by whoever writes in it."""
+        ``evaluations``: masked evaluations; ``rounds``: a re-alignment's finished rounds, its trained
+        weights included), or None where the job has no scratch folder; made by whoever writes in it."""
         return self.scratch / part if self.scratch is not None else None
 
     def model(self, ref: str | None = "", /):

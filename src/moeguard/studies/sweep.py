@@ -109,19 +109,20 @@ def full_scores(result: dict[str, Any], collateral: dict[str, Any]) -> dict[str,
 
 
 def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=None, targets: list[str] | None = None,
-              scores: dict[str, dict[str, Scores]] | None = None, full: dict[str, dict[str, Any]] | None = None
-              ) -> dict[str, Any]:
+              scores: dict[str, dict[str, Scores]] | None = None, full: dict[str, dict[str, Any]] | None = None,
+              keep=None) -> dict[str, Any]:
     """``targets``: the tasks whose experts are chosen and pruned (default: every task; the
     others still count for collateral damage), so one target per job splits a sweep into
     independent jobs. ``scores``: attribution already computed, {task: {method: Scores}}.
     ``full``: every task's :func:`full_scores`, already computed (the jobs of a split sweep
-    share them instead of each evaluating the full model on every task)."""
+    share them instead of each evaluating the full model on every task). ``keep``: a folder where
+    each masked evaluation is kept as it finishes (a job's scratch: a killed job resumes from them)."""
     started = time.perf_counter()
     adapter = MoEAdapter(model)
     E, k_min = adapter.num_experts, max(1, adapter.family.min_experts)
     tasks = [get_task(t) for t in cfg.tasks]
     pruned_tasks = tasks if targets is None else [get_task(t) for t in targets]
-    ev = MaskedEvaluator(model, tokenizer, batch_size=cfg.batch_size, adapter=adapter)
+    ev = MaskedEvaluator(model, tokenizer, batch_size=cfg.batch_size, adapter=adapter, keep=keep)
     levels = sorted(set(cfg.keeps) | (set(range(max(k_min, adapter.top_k), E)) if cfg.deletion_curves else set()))
 
     if full is None:
@@ -358,7 +359,7 @@ def target_job(ctx, *, target: str, settings: dict[str, Any], scores: dict[str, 
     model, tok = ctx.model()
     cfg = SweepConfig(**settings)
     given = {target: {m: Scores.from_dict(d) for m, d in scores.items()}}
-    return run_sweep(model, tok, cfg, targets=[target], scores=given, full=full)
+    return run_sweep(model, tok, cfg, targets=[target], scores=given, full=full, keep=ctx.scratch_for("evaluations"))
 
 
 def baseline_phase(tasks: list[str], limits: list[int], seed: int) -> Phase:
