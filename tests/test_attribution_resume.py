@@ -198,3 +198,141 @@ def test_only_results_json_holds_exactly_are_kept(tmp_path):
     assert not bad.path.exists() and bad.read() is None
     (tmp_path / "c.json").write_text('{"task": "t"')                 # cut short: evaluated again
     assert _Kept(tmp_path / "c.json").read() is None
+
+
+def test_the_loop_keeps_trained_weights_only_where_something_reads_them(tmp_path, monkeypatch):
+    """Round 0's weights are the model's own, and after the last round only ``after`` (or a caller
+    keeping the trainable) reads them: a one-round curve wrote a whole model's weights twice, unread.
+    A curve resumed from such a state still equals an uninterrupted one."""
+    import moeguard.realign.loop as loop
+    from moeguard.models.loading import load_model
+    from moeguard.realign.engine import FinetuneConfig
+    from moeguard.studies.engine import untimed
+
+    m, tok, _ = load_model(None)
+    saves, real_save = [], loop._save_state
+    monkeypatch.setattr(loop, "_save_state", lambda d, s, t, *, save_weights: (
+        saves.append(save_weights), real_save(d, s, t, save_weights=save_weights))[1])
+
+    def curve(schedule, state, **kw):
+        cfg = loop.ALConfig(strategy="margin", schedule=schedule, pool_size=32, eval_limit=8, seed=0,
+                            finetune=FinetuneConfig(mode="lora", min_steps=2, epochs=1, seed=0))
+        return loop.run_active_learning(m, tok, "arith-compare", cfg, state_dir=state, **kw)[0]
+
+    whole = curve((4, 8), tmp_path / "a")
+    # round 0; round 1's pick (no weights), round 1; round 2's pick, round 2
+    assert saves == [False, False, True, False, False]
+    saves.clear()
+    curve((4,), tmp_path / "b")
+    assert saves == [False, False, False] and not (tmp_path / "b" / "current.safetensors").exists()
+    saves.clear()
+    curve((4,), tmp_path / "c", after=lambda trained: {"seen": True})
+    assert saves == [False, False, True] and (tmp_path / "c" / "current.safetensors").exists()
+    calls, real_ft = [], loop.finetune
+
+    def stopped(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_ft(*a, **k)
+
+    monkeypatch.setattr(loop, "finetune", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        curve((4, 8), tmp_path / "d")
+    monkeypatch.setattr(loop, "finetune", real_ft)
+    resumed = curve((4, 8), tmp_path / "d")
+    assert untimed(resumed["points"]) == untimed(whole["points"]) and len(resumed["points"]) == 3
+
+
+def test_terms_kept_in_one_folder_are_told_apart_by_method_key_options_and_batch(tmp_path):
+    """A study job's folder holds the terms of every method it runs: each is named by its label,
+    its key (the screened experts), the context's options and the batch's own tokens."""
+    import torch
+
+    from moeguard.attribution.context import Context
+    from moeguard.tasks.batches import Batch
+
+    def batch(v):
+        ids = torch.full((1, 3), v)
+        return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+
+    def ctx(batches, **options):
+        return Context(model=None, tokenizer=None, adapter=None, task=None, batches=batches, keep=tmp_path,
+                       options=options)
+
+    seen = []
+
+    def term(value):
+        return lambda b: (seen.append(value), torch.full((2,), float(value), dtype=torch.float64))[1]
+
+    base = ctx([batch(1), batch(2)])
+    assert base.batch_sum("ablation", term(1), shape=(2,), key={0: [1]}).tolist() == [2.0, 2.0]
+    assert base.batch_sum("ablation", term(9), shape=(2,), key={0: [1]}).tolist() == [2.0, 2.0]   # kept
+    assert base.batch_sum("gradient", term(3), shape=(2,)).tolist() == [6.0, 6.0]
+    assert base.batch_sum("ablation", term(4), shape=(2,), key={0: [2]}).tolist() == [8.0, 8.0]
+    assert ctx([batch(1), batch(2)], masks_per_pass=2).batch_sum("ablation", term(5), shape=(2,),
+                                                                key={0: [1]}).tolist() == [10.0, 10.0]
+    # another batch at the same index is not the kept one
+    assert ctx([batch(1), batch(7)]).batch_sum("ablation", term(6), shape=(2,), key={0: [1]}).tolist() == [7.0, 7.0]
+    assert seen == [1, 1, 3, 3, 4, 4, 5, 5, 6]
+
+
+def test_scratch_folders_no_job_will_finish_are_removed(tmp_path):
+    """A finished job's scratch goes when its result is found (a kill between the two left it), and
+    once a study is done every scratch folder left in its stages goes (a job whose key changed since a
+    killed run: its fine-tuned weights sat in a hidden folder for good)."""
+    from moeguard.studies import Phase, run_studies
+    from moeguard.studies.engine import Job, LocalBackend, Runtime, run_jobs
+
+    job = Job(stage="s", name="x=2", fn="test_study_engine:square", args={"x": 2})
+    rt, root = Runtime(model=None, threads=1), tmp_path / "jobs"
+    run_jobs([job], root=root, runtime=rt, backend=LocalBackend())
+    left = root / "s" / f".{job.key}-0123456789abcdef.partial"
+    left.mkdir()
+    run_jobs([job], root=root, runtime=rt, backend=LocalBackend())      # its result is read: the folder goes
+    assert not left.exists()
+
+    class One:
+        name = "one"
+
+        def plan(self, cfg):
+            yield Phase("p", [job])
+
+        def reduce(self, cfg, results):
+            return results
+
+    stale, other = root / "s" / ".feedfacefeedface-0123456789abcdef.partial", root / "t" / ".x-y.partial"
+    stale.mkdir(parents=True), other.mkdir(parents=True)
+    run_studies([(One(), None)], jobs=root, runtime=rt, backend=LocalBackend())
+    assert not stale.exists() and other.exists()                        # only the stages the study ran
+
+
+def test_a_scan_killed_in_its_ablation_resumes_from_the_finished_batches(tmp_path, monkeypatch):
+    """The scan's usage part is every task's exact ablation, kept whole only at its end: its finished
+    batches are kept in the scan's partial folder, and the resumed scan equals an uninterrupted one."""
+    args = ["scan", "--tasks", "arith-compare,record-summary", "--samples", "16", "--contexts", "2",
+            "--candidates", "2", "--chain", "2"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    _counting(monkeypatch, stop_at=4)   # 2 batches of each task: the second task's second batch
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    asked, computed = _counting(monkeypatch, stop_at=None)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    assert len(asked) == 4 and len(computed) == 1
+    whole, cut = (json.loads((tmp_path / f / "scan.json").read_text()) for f in ("whole", "cut"))
+    from moeguard.studies.engine import untimed
+
+    strip = lambda d: {k: v for k, v in untimed(d).items() if k not in ("run", "seconds")}  # noqa: E731
+    assert strip(cut) == strip(whole) and sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["scan.json", "scan.md"]
+
+
+def test_the_merge_route_s_recovery_keeps_its_ablation_batches(tmp_path, monkeypatch):
+    """``recovery --route merge`` scores its method in the prepare job as the pruning route does,
+    and keeps the finished batches there too (it ran the whole ablation again on a resume)."""
+    args = ["recovery", "--task", "arith-compare", "--keep", "2", "--strategies", "random", "--budgets", "4",
+            "--seeds", "1", "--samples", "16", "--method", "ablation", "--route", "merge", "--merge-method", "average",
+            "--min-steps", "2", "--epochs", "1", "--eval-limit", "8", "--pool-size", "16", "--out", str(tmp_path / "r")]
+    _counting(monkeypatch, stop_at=2)
+    assert main(args) == 130
+    asked, computed = _counting(monkeypatch, stop_at=None)
+    assert main(args) == 0
+    assert len(asked) == 2 and len(computed) == 1

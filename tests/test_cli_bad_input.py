@@ -488,13 +488,27 @@ def test_an_interrupt_names_the_progress_a_resumable_command_kept(capsys, tmp_pa
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(routeattack, "search", interrupted)
+    real, searched = routeattack.search, []
+
+    def second_interrupted(*a, **k):   # the first target is searched and kept, the second interrupted
+        searched.append(1)
+        if len(searched) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(routeattack, "search", second_interrupted)
     out = tmp_path / "ra"
-    code = main(["route-attack", "--layer", "0", "--expert", "1", "--steps", "1", "--out", str(out)])
+    code = main(["route-attack", "--layer", "0", "--all", "--steps", "1", "--candidates", "2", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 130
     assert f"interrupted; the work done so far is kept in {tmp_path / '.ra.partial'}: run the same command again" in err
     assert (tmp_path / ".ra.partial").is_dir() and not out.exists()
+    # one interrupted before its first kept step says nothing was written, and leaves no folder behind
+    monkeypatch.setattr(routeattack, "search", interrupted)
+    code = main(["route-attack", "--layer", "0", "--expert", "1", "--steps", "1", "--out", str(tmp_path / "rb")])
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "moeguard: interrupted; no output was written"
+    assert not (tmp_path / ".rb.partial").exists() and (tmp_path / ".ra.partial").is_dir()
     # a command that keeps nothing says so (the partial above, from the earlier call, is not named)
     from moeguard.attribution import run as attribution_run
 
@@ -502,6 +516,7 @@ def test_an_interrupt_names_the_progress_a_resumable_command_kept(capsys, tmp_pa
     code = main(["attribute", "--task", "arith-compare", "--method", "gate", "--out", str(tmp_path / "s.json")])
     assert code == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "moeguard: interrupted; no output was written"
+    assert not (tmp_path / ".s.json.partial").exists()
 
 
 def test_a_terminated_command_ends_as_an_interrupt_and_names_what_it_kept(tmp_path):

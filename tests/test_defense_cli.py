@@ -306,6 +306,9 @@ def test_an_attack_plan_the_family_cannot_be_cut_to_is_recorded_and_not_picked(m
         def model(self, ref):
             return m, tok
 
+        def scratch_for(self, part):   # no scratch folder: nothing kept
+            return None
+
     out = pick_job(Ctx(), task="arith-compare", keep=4, methods=["frequency"], plans=["uniform", "budgeted"],
                    samples=4, eval_limit=4, seed=0)
     by_plan = {c["plan"]: c for c in out["candidates"]}

@@ -364,8 +364,16 @@ def forget_progress() -> None:
 
 
 def kept_progress() -> Path | None:
-    """The partial folder of the latest resumable block an interrupt left (None: no such block)."""
-    return next((p for p in reversed(_open_partials) if p.exists()), None)
+    """The partial folder of the latest resumable block an interrupt left that holds work (None: no
+    such block). One that holds nothing but its settings stamp (interrupted before its first kept
+    step, or by a method that keeps none) is removed: there is nothing in it to resume from."""
+    for p in reversed(_open_partials):
+        if not p.is_dir():
+            continue
+        if any(f.name != STAMP for f in p.iterdir()):
+            return p
+        shutil.rmtree(p, ignore_errors=True)
+    return None
 
 
 STAMP = ".moeguard-settings.json"

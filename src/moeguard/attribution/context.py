@@ -79,8 +79,9 @@ class Context:
         from moeguard.io import kept_arrays
 
         h = hashlib.sha256(json.dumps([label, key, self.options], sort_keys=True, default=str).encode())
-        for t in (batch.input_ids, batch.attention_mask, batch.labels):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        for t in (batch.input_ids, batch.attention_mask, batch.labels, getattr(batch, "decoder_input_ids", None)):
+            if t is not None:   # an encoder-decoder's decoder rows too
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
         name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}-{i}-{h.hexdigest()[:16]}"
         self.keep.mkdir(parents=True, exist_ok=True)
         term = kept_arrays(self.keep, name, lambda: {"term": compute(batch).double().cpu().numpy()})["term"]

@@ -131,7 +131,12 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
     pad = pad_id(tokenizer)
     state_dir = Path(state_dir) if state_dir is not None else None
     tag = fingerprint(cfg.finetune, [], extra=[cfg.key(), task.name, len(pool), pool[0], pool[-1]])
-    state = _load_state(state_dir, tag)
+    # the trained weights are kept after a round only where something reads them: the next round's
+    # selection, or after the last one ``after`` and a caller keeping the trainable (round 0's are the
+    # model's own, and a one-round curve's weights were written twice, up to a whole model each, unread)
+    rounds = len(schedule) + 1
+    weighed = lambda done: 1 < done < rounds or (done == rounds and (after is not None or keep_trainable))  # noqa: E731
+    state = _load_state(state_dir, tag, weighed)
     shares = _cached(orphan_share) if orphan_share is not None else None
 
     trainable = apply_mode(model, cfg.finetune.mode, lora_r=cfg.finetune.lora_r, lora_alpha=cfg.finetune.lora_alpha,
@@ -140,14 +145,14 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
     init = trainable.state(device="cpu")
     bar = progress.add_task(f"{strategy.name} seed {cfg.seed}", total=len(schedule) + 1) if progress else None
     try:
-        if state["rounds"]:
+        if weighed(len(state["rounds"])):
             from safetensors.torch import load_file
 
             trainable.load(load_file(str(state_dir / "current.safetensors")))
-        else:
+        if not state["rounds"]:
             result = initial or _evaluate(trainable.model, tokenizer, task, cfg)
             state["rounds"].append(_point(0, [], result, full_score, {}))
-            _save_state(state_dir, state, trainable, save_weights=True)
+            _save_state(state_dir, state, trainable, save_weights=False)
         if bar is not None:
             progress.update(bar, completed=len(state["rounds"]))
         for r in range(len(state["rounds"]), len(schedule) + 1):
@@ -174,7 +179,7 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
             times["train_s"] = round(ft.seconds, 3)
             state["rounds"].append(_point(target, chosen, result, full_score, {**times, "finetune": ft.to_dict()}))
             state.pop("pending", None)
-            _save_state(state_dir, state, trainable, save_weights=True)
+            _save_state(state_dir, state, trainable, save_weights=weighed(len(state["rounds"])))
             if bar is not None:
                 progress.update(bar, advance=1, description=f"{strategy.name} seed {cfg.seed}: {target} labels, "
                                                             f"{task.primary_metric} {result.score:.4g}")
@@ -251,7 +256,9 @@ def _cached(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     return get
 
 
-def _load_state(state_dir: Path | None, tag: str) -> dict[str, Any]:
+def _load_state(state_dir: Path | None, tag: str, weighed: Callable[[int], bool]) -> dict[str, Any]:
+    """The loop's kept state of run ``tag``, or a fresh one; ``weighed(rounds done)``: whether the
+    trained weights were kept with that many rounds (and must be there to resume)."""
     fresh = {"tag": tag, "rounds": []}
     if state_dir is None:
         return fresh
@@ -265,7 +272,7 @@ def _load_state(state_dir: Path | None, tag: str) -> dict[str, Any]:
         return fresh
     from moeguard.models.safetensorsfiles import tensor_names
 
-    if state.get("tag") != tag or (state["rounds"] and tensor_names(state_dir / "current.safetensors") is None):
+    if state.get("tag") != tag or (weighed(len(state["rounds"])) and tensor_names(state_dir / "current.safetensors") is None):
         return fresh   # a weights file a power loss left empty or cut short: start over, not a traceback
     return state
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -289,8 +290,12 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
             return value
 
         weights = timed("weights", lambda: {_key(*k): v for k, v in weight_stats(model, adapter).items()})
+        from moeguard.studies.engine import digest
+
+        # the ablation's finished batches, kept under the usage part's key until the part is whole
+        batches = tmp / f"usage-batches-{digest(keys['usage'])}"
         usage = timed("usage", lambda: _usage_json(usage_and_criticality(
-            model, tokenizer, tasks, samples=config.samples, seed=config.seed, progress=progress)))
+            model, tokenizer, tasks, samples=config.samples, seed=config.seed, progress=progress, keep=batches)))
         eff = EffectSettings(candidates=config.candidates, chain=config.chain)
         effects = timed("effects", lambda: {_key(*k): v for k, v in expert_effects(
             model, tokenizer, adapter, contexts, eff, references=refs_loaded, progress=progress).items()})
@@ -304,6 +309,8 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
         write_text(tmp / "scan.md", render_markdown(doc))
         for f in tmp.glob("part-*.json"):
             f.unlink()
+        for d in tmp.glob("usage-batches-*"):
+            shutil.rmtree(d)
     return doc
 
 

@@ -16,17 +16,19 @@ from moeguard.tasks.base import Task
 
 
 def usage_and_criticality(model, tokenizer, tasks: list[Task], *, samples: int, seed: int,
-                          progress=None) -> dict[str, dict[str, Any]]:
+                          progress=None, keep=None) -> dict[str, dict[str, Any]]:
     """Per task: ``share`` [L, E] (slot shares, rows sum to 1), ``tokens`` [L], ``norm_sum`` and
     ``counts`` [L, E] (for output norms over all tasks), ``criticality`` [L, E] (nats per token)
-    and ``layers`` (decoder indices)."""
+    and ``layers`` (decoder indices). ``keep``: a folder keyed by everything else the numbers
+    depend on, where each task's ablation keeps its finished batches (a killed scan resumes there)."""
     from moeguard.attribution.run import make_context, score
 
     out = {}
     bar = progress.add_task("scan: usage and criticality", total=len(tasks)) if progress else None
     for task in tasks:
         # no reference corpus: ablation does not use one, and building it costs forwards
-        ctx = make_context(model, tokenizer, task, samples=samples, batch_size=8, seed=seed, reference=[])
+        ctx = make_context(model, tokenizer, task, samples=samples, batch_size=8, seed=seed, reference=[],
+                           keep=keep / task.name if keep is not None else None)
         stats = ctx.routing_stats(norms=True)
         crit = score(ctx, "ablation")
         out[task.name] = {

@@ -81,6 +81,7 @@ def run_studies(items: list[tuple[Study, Any]], *, jobs: Path, runtime: Runtime,
     plans = [study.plan(cfg) for study, cfg in items]
     results: list[dict[str, list]] = [{} for _ in items]
     current: dict[int, Phase] = {}
+    stages: set[str] = set()
     for i, p in enumerate(plans):
         try:
             current[i] = next(p)
@@ -88,6 +89,7 @@ def run_studies(items: list[tuple[Study, Any]], *, jobs: Path, runtime: Runtime,
             pass
     while current:
         batch = [j for ph in current.values() for j in ph.jobs]
+        stages.update(j.stage for j in batch)
         names = {ph.label or ph.name for ph in current.values()}
         done = run_jobs(batch, root=jobs, runtime=runtime, backend=backend, progress=progress,
                         label=label or ", ".join(sorted(names))) if batch else []
@@ -102,6 +104,9 @@ def run_studies(items: list[tuple[Study, Any]], *, jobs: Path, runtime: Runtime,
                 current[i] = plans[i].send(res)
             except StopIteration:
                 del current[i]
+    from moeguard.studies.engine import drop_stale_scratch
+
+    drop_stale_scratch(jobs, stages)
     return [study.reduce(cfg, r) for (study, cfg), r in zip(items, results)]
 
 

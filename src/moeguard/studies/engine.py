@@ -244,6 +244,17 @@ def _drop_scratch(job: Job, root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def drop_stale_scratch(root: Path, stages) -> None:
+    """Every job scratch folder left in ``stages`` once a study has finished all its jobs there: those
+    of jobs whose key changed since a killed run (another setting), which no job will finish now
+    (a fine-tune's weights, up to a pruned model's size, were left in a hidden folder)."""
+    import shutil
+
+    for stage in stages:
+        for p in (root / stage).glob(".*.partial"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def load_done(job: Job, root: Path, scope: str | None = None) -> dict[str, Any] | None:
     path = job.path(root)
     if not path.is_file():
@@ -293,6 +304,7 @@ def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend
             todo.append(j)
         else:
             results[j.key] = done
+            _drop_scratch(j, root)   # a kill between its result and this left them
     bar = progress.add_task(f"{label} ({len(jobs) - len(todo)} cached)", total=len(jobs),
                             completed=len(jobs) - len(todo)) if progress is not None else None
     unique = list({j.key: j for j in todo}.values())
