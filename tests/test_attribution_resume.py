@@ -317,7 +317,8 @@ def test_a_scan_killed_in_its_ablation_resumes_from_the_finished_batches(tmp_pat
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
     asked, computed = _counting(monkeypatch, stop_at=None)
     assert main([*args, "--out", str(tmp_path / "cut")]) == 0
-    assert len(asked) == 4 and len(computed) == 1
+    ablation = lambda names: [n for n in names if n.startswith("ablation")]  # noqa: E731
+    assert len(ablation(asked)) == 4 and len(ablation(computed)) == 1
     whole, cut = (json.loads((tmp_path / f / "scan.json").read_text()) for f in ("whole", "cut"))
     from moeguard.studies.engine import untimed
 
@@ -336,3 +337,20 @@ def test_the_merge_route_s_recovery_keeps_its_ablation_batches(tmp_path, monkeyp
     asked, computed = _counting(monkeypatch, stop_at=None)
     assert main(args) == 0
     assert len(asked) == 2 and len(computed) == 1
+
+
+def test_a_scan_killed_in_its_effects_resumes_from_the_finished_contexts_and_chains(tmp_path, monkeypatch):
+    args = ["scan", "--tasks", "arith-compare", "--samples", "8", "--contexts", "2", "--candidates", "2", "--chain", "2"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    # 1 ablation batch, the screen's 2 contexts, then one chain per expert: the second chain is interrupted
+    _counting(monkeypatch, stop_at=5)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    asked, computed = _counting(monkeypatch, stop_at=None)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    # the usage part was kept whole; of the effects, both contexts and the first chain are read back
+    assert len(asked) == 2 + 32 and len(computed) == 31
+    whole, cut = (json.loads((tmp_path / f / "scan.json").read_text()) for f in ("whole", "cut"))
+    from moeguard.studies.engine import untimed
+
+    strip = lambda d: {k: v for k, v in untimed(d).items() if k not in ("run", "seconds")}  # noqa: E731
+    assert strip(cut) == strip(whole) and sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["scan.json", "scan.md"]

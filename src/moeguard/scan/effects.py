@@ -27,6 +27,8 @@ re-runs only rows routed to the masked expert and takes the rest as unchanged.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,12 +127,23 @@ def _last_logprobs(caches: list[ContextCache], rows: torch.Tensor) -> torch.Tens
     return torch.cat([F.log_softmax(c.logits(rows[i:j])[:, -1], -1) for c, i, j in _chunks(caches, len(rows))])
 
 
-def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, batch: int,
-           progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """The routed expert ids [S, C, T, k] at the appended position (per MoE layer slot, context and
-    token), and the gain of each of them [S, C, T, k]: memory grows with k, not with E."""
-    from moeguard.monitor.tokens import RoutedIds
+def _kept(keep, name: str, key, compute) -> dict[str, np.ndarray]:
+    """``compute()``'s arrays, kept in ``keep`` under ``name`` and a digest of ``key`` (what they
+    depend on besides the folder's own key) and read back on a resumed scan; ``keep`` None: computed."""
+    if keep is None:
+        return compute()
+    from moeguard.io import kept_arrays
 
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    keep.mkdir(parents=True, exist_ok=True)
+    return kept_arrays(keep, f"{name}-{h}", compute)
+
+
+def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, batch: int,
+           progress=None, keep=None) -> tuple[np.ndarray, np.ndarray]:
+    """The routed expert ids [S, C, T, k] at the appended position (per MoE layer slot, context and
+    token), and the gain of each of them [S, C, T, k]: memory grows with k, not with E. ``keep``: a
+    folder where each context's slice is kept as it finishes (a killed scan resumes from them)."""
     S, C, T = len(adapter.layers), len(contexts), len(tokens)
     k = max(l.top_k for l in adapter.layers)      # a pruned layer may route to fewer
     routed = np.full((S, C, T, k), -1, np.int64)
@@ -139,43 +152,68 @@ def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, bat
     bar = progress.add_task("scan: screen", total=C * (1 + sum(l.num_experts for l in adapter.layers))) if progress else None
     can_mask = {(s, e): maskable(model, adapter, layer, e) for s, layer in enumerate(adapter.layers)
                 for e in range(layer.num_experts)}   # once, not once per context
+    steps = 1 + sum(l.num_experts for l in adapter.layers)
+    tokens_key = hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
     for c, ids in enumerate(contexts):
-        caches = [ContextCache(model, ids, batch), ContextCache(model, ids, min(batch, 64))]
-        top, top_lp = [], []
-        for cache, i, j in _chunks(caches, T):
-            with RoutedIds(adapter) as r:
-                full = F.log_softmax(cache.logits(cand[i:j])[:, -1], -1)           # [b, V]
-                for slot, x in enumerate(r.ids):
-                    x = x.reshape(cache.rows, -1)[:j - i].cpu().numpy()
-                    routed[slot, c, i:j, :x.shape[1]] = x
-            t = full.argmax(-1, keepdim=True)
-            top.append(t)
-            top_lp.append(full.gather(1, t))
-        top, top_lp = torch.cat(top), torch.cat(top_lp)                             # [T, 1]
-        if bar is not None:
-            progress.advance(bar)
-        for s, layer in enumerate(adapter.layers):
-            for e in range(layer.num_experts):
-                hit, slot = np.nonzero(routed[s, c] == e)                                # a token routes to e once
-                if len(hit) and can_mask[(s, e)]:
-                    sel = torch.as_tensor(hit)
-                    with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
-                        lp = _last_logprobs(caches, cand[sel])
-                    gain[s, c, hit, slot] = (top_lp[sel] - lp.gather(1, top[sel])).squeeze(1).cpu().numpy()
-                if bar is not None:
-                    progress.advance(bar)
+        part = _kept(keep, "screen", [list(map(int, ids)), tokens_key, batch, k],
+                     lambda: _screen_context(model, adapter, ids, tokens, cand, batch=batch, k=k, can_mask=can_mask,
+                                             progress=progress, bar=bar))
+        routed[:, c], gain[:, c] = part["routed"], part["gain"]
+        if bar is not None:   # a context read back advances the bar by all it would have
+            progress.update(bar, completed=(c + 1) * steps)
     return routed, gain
 
 
+def _screen_context(model, adapter, ids, tokens, cand, *, batch: int, k: int, can_mask, progress, bar
+                    ) -> dict[str, np.ndarray]:
+    """One context's slice of :func:`screen`: routed [S, T, k] and gain [S, T, k]."""
+    from moeguard.monitor.tokens import RoutedIds
+
+    S, T = len(adapter.layers), len(tokens)
+    routed = np.full((S, T, k), -1, np.int64)
+    gain = np.zeros((S, T, k), np.float32)
+    caches = [ContextCache(model, ids, batch), ContextCache(model, ids, min(batch, 64))]
+    top, top_lp = [], []
+    for cache, i, j in _chunks(caches, T):
+        with RoutedIds(adapter) as r:
+            full = F.log_softmax(cache.logits(cand[i:j])[:, -1], -1)               # [b, V]
+            for slot, x in enumerate(r.ids):
+                x = x.reshape(cache.rows, -1)[:j - i].cpu().numpy()
+                routed[slot, i:j, :x.shape[1]] = x
+        t = full.argmax(-1, keepdim=True)
+        top.append(t)
+        top_lp.append(full.gather(1, t))
+    top, top_lp = torch.cat(top), torch.cat(top_lp)                                 # [T, 1]
+    if bar is not None:
+        progress.advance(bar)
+    for s, layer in enumerate(adapter.layers):
+        for e in range(layer.num_experts):
+            hit, slot = np.nonzero(routed[s] == e)                                     # a token routes to e once
+            if len(hit) and can_mask[(s, e)]:
+                sel = torch.as_tensor(hit)
+                with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
+                    lp = _last_logprobs(caches, cand[sel])
+                gain[s, hit, slot] = (top_lp[sel] - lp.gather(1, top[sel])).squeeze(1).cpu().numpy()
+            if bar is not None:
+                progress.advance(bar)
+    return {"routed": routed, "gain": gain}
+
+
 def chains(model, adapter, contexts: list[list[int]], starts: dict[tuple[int, int], np.ndarray], *, length: int,
-           progress=None) -> dict[tuple[int, int], dict[str, Any]]:
+           progress=None, keep=None) -> dict[tuple[int, int], dict[str, Any]]:
     """For each (slot, expert) and its start tokens [N]: the greedy continuations [C, N, length+1]
-    and the expert's gain at every generated step [C, N, length]."""
+    and the expert's gain at every generated step [C, N, length]. ``keep``: a folder where each
+    expert's chains are kept as they finish (a killed scan resumes from them)."""
     out: dict[tuple[int, int], dict[str, Any]] = {}
     n = max(len(v) for v in starts.values())
-    caches = [ContextCache(model, ids, n) for ids in contexts]
+    caches = None   # built at the first expert not read back
     bar = progress.add_task("scan: chains", total=len(starts)) if progress else None
-    for (s, e), toks in starts.items():
+    contexts_key = hashlib.sha256(json.dumps([list(map(int, c)) for c in contexts]).encode()).hexdigest()
+
+    def run(s: int, e: int, toks: np.ndarray) -> dict[str, np.ndarray]:
+        nonlocal caches
+        if caches is None:
+            caches = [ContextCache(model, ids, n) for ids in contexts]
         layer = adapter.layers[s]
         seqs, gains = [], []
         can_mask = maskable(model, adapter, layer, e)
@@ -191,7 +229,12 @@ def chains(model, adapter, contexts: list[list[int]], starts: dict[tuple[int, in
             y = seq[:, 1:, None]
             gains.append((full.gather(2, y) - masked.gather(2, y)).squeeze(-1).cpu().numpy())
             seqs.append(seq.cpu().numpy())
-        out[(s, e)] = {"sequences": np.stack(seqs), "gains": np.stack(gains)}
+        return {"sequences": np.stack(seqs), "gains": np.stack(gains)}
+
+    for (s, e), toks in starts.items():
+        # the batch of a cache is the longest start list: it is in the key, as the sums may depend on it
+        out[(s, e)] = _kept(keep, f"chain-{s}-{e}", [contexts_key, [int(t) for t in toks], length, n],
+                            lambda: run(s, e, toks))
         if bar is not None:
             progress.advance(bar)
     return out
@@ -213,14 +256,16 @@ def surprise(references, contexts: list[list[int]], found: dict, *, rows: int) -
 
 
 def expert_effects(model, tokenizer, adapter, contexts: list[list[int]], settings: EffectSettings, *,
-                   references=(), progress=None) -> dict[tuple[int, int], dict[str, Any]]:
+                   references=(), progress=None, keep=None) -> dict[tuple[int, int], dict[str, Any]]:
     """Per (decoder layer, expert): its chain score and the evidence behind it. With ``references``
     (clean models sharing the tokenizer) also the *unexplained* score: each step's gain counted
-    only as far as the references are surprised by the token, ``min(gain, surprise)``."""
+    only as far as the references are surprised by the token, ``min(gain, surprise)``. ``keep``: a
+    folder keyed by the model and settings, where the screen's contexts and each expert's chains
+    are kept as they finish (a killed scan resumes from them)."""
     from moeguard.monitor.routertap import allowed_tokens
 
     tokens = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
-    routed, gain = screen(model, adapter, contexts, tokens, batch=settings.batch, progress=progress)
+    routed, gain = screen(model, adapter, contexts, tokens, batch=settings.batch, progress=progress, keep=keep)
     starts, screen_gain, share = {}, {}, {}
     for s, layer in enumerate(adapter.layers):
         for e in range(layer.num_experts):
@@ -228,7 +273,7 @@ def expert_effects(model, tokenizer, adapter, contexts: list[list[int]], setting
             mean = np.where(mine, gain[s], 0.0).sum(-1).mean(0)                     # [T]: a trigger works in every context
             starts[(s, e)] = tokens[np.argsort(-mean, kind="stable")[:settings.candidates]]
             screen_gain[(s, e)], share[(s, e)] = float(mean.max()), float(mine.any(-1).mean())
-    found = chains(model, adapter, contexts, starts, length=settings.chain, progress=progress)
+    found = chains(model, adapter, contexts, starts, length=settings.chain, progress=progress, keep=keep)
     unexplained = surprise(references, contexts, found, rows=settings.candidates) if references else {}
     out = {}
     for (s, e), r in found.items():

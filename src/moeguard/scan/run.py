@@ -298,7 +298,8 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
             model, tokenizer, tasks, samples=config.samples, seed=config.seed, progress=progress, keep=batches)))
         eff = EffectSettings(candidates=config.candidates, chain=config.chain)
         effects = timed("effects", lambda: {_key(*k): v for k, v in expert_effects(
-            model, tokenizer, adapter, contexts, eff, references=refs_loaded, progress=progress).items()})
+            model, tokenizer, adapter, contexts, eff, references=refs_loaded, progress=progress,
+            keep=tmp / f"effects-kept-{digest(keys['effects'])}").items()})
         doc = assemble(adapter, tasks, weights, usage, effects, config=config, null=null, score=score)
         doc["suspicion"].update({"score": score, "reference_models": [h.name for h in reference_models],
                                  "reference_scans": [r.get("path", r.get("model")) for r in references]})
@@ -309,7 +310,7 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
         write_text(tmp / "scan.md", render_markdown(doc))
         for f in tmp.glob("part-*.json"):
             f.unlink()
-        for d in tmp.glob("usage-batches-*"):
+        for d in [*tmp.glob("usage-batches-*"), *tmp.glob("effects-kept-*")]:
             shutil.rmtree(d)
     return doc
 
