@@ -268,6 +268,56 @@ def test_a_capped_merge_calibrates_offloaded_and_streams_the_in_memory_merge(tmp
     assert not (tmp_path / "x").exists()
 
 
+def test_a_capped_merge_killed_while_it_writes_resumes_without_calibrating_again(tmp_path, monkeypatch):
+    """The capped calibration's plan is kept beside --out until the checkpoint is in place: the rerun
+    streams it without loading the model under the cap, and writes the checkpoint an uninterrupted
+    run writes."""
+    from moeguard.edge import ModelHandle
+    from moeguard.pruning import checkpoint
+    from moeguard.testing import checkpoint_tensors
+
+    m, tok, _ = load_model(None)
+    src = tmp_path / "src"
+    m.save_pretrained(src)
+    tok.save_pretrained(src)
+    scores = tmp_path / "scores.json"
+    assert main(["attribute", "--model", str(src), "--task", "arith-compare", "--method", "frequency", "--samples", "8",
+                 "--out", str(scores)]) == 0
+    common = ["merge", "--model", str(src), "--scores", str(scores), "--keep", "4", "--method", "hc-smoe",
+              "--samples", "8", "--tokens", "32", "--max-memory", "4MiB"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / ".whole.merge-plan.json").exists()          # gone once the checkpoint is in place
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "prune_checkpoint", killed)
+        assert main([*common, "--out", str(tmp_path / "cut")]) == 130
+    assert (tmp_path / ".cut.merge-plan.json").is_file() and not (tmp_path / "cut").exists()
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded and calibrated again")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ModelHandle, "load", no_load)
+        assert main([*common, "--out", str(tmp_path / "cut")]) == 0
+    rec = {x: json.loads((tmp_path / x / "moeguard_merging.json").read_text()) for x in ("whole", "cut")}
+    assert rec["cut"]["plan"] == rec["whole"]["plan"] and rec["cut"]["calibration"] == rec["whole"]["calibration"]
+    a, b = checkpoint_tensors(tmp_path / "whole"), checkpoint_tensors(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / ".cut.merge-plan.json").exists()
+    # another setting (the calibration's tokens) does not read the kept plan
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "prune_checkpoint", killed)
+        assert main([*common, "--out", str(tmp_path / "other")]) == 130
+    loads = []
+    with monkeypatch.context() as mp:
+        mp.setattr(ModelHandle, "load", lambda *a, **k: (loads.append(1), killed())[1])
+        assert main([*common[:-4], "--tokens", "16", "--max-memory", "4MiB", "--out", str(tmp_path / "other")]) == 130
+    assert loads == [1]
+
+
 def _lora_run(model, steps: int = 3):
     """(losses, adapter tensors) of a short LoRA fine-tune of ``model``; the model is given back."""
     from moeguard.realign.engine import FinetuneConfig, finetune

@@ -85,6 +85,18 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
         from moeguard.pruning.checkpoint import check_merge_files
 
         check_merge_files(ref.path)   # before the offloaded load and the calibration, not after both
+        kept = _KeptPlan(Path(out), {
+            "weights": _weights_identity(handle.arg), "dtype": str(checkpoint_dtype(ref)), "method": method,
+            "gate": gate, "keep": keep, "scores": s.to_dict() if s is not None else None, "plan": plan_data,
+            "task": _task_identity(task_obj) if task_obj is not None else None, "samples": samples,
+            "batch_size": batch_size, "tokens": tokens, "seed": seed, **handle.placement_under(max_memory)})
+        found = kept.read()
+        if found is not None:   # a capped merge killed while it wrote: its calibration is not redone
+            merge_plan, cost = found
+            return kept.done(_streamed(handle, Path(out), {**prepared, "clusters": merge_plan.clusters,
+                                                           "weights": merge_plan.weights},
+                                       overwrite=overwrite, progress=progress, settings=settings,
+                                       merge_plan=merge_plan, calibration=cost))
     model, tokenizer, _ = handle.load(dtype=checkpoint_dtype(ref), max_memory=max_memory)
     batches = calibration_batches(tokenizer, task_obj, samples=samples, batch_size=batch_size, seed=seed) \
         if task_obj is not None else None
@@ -98,10 +110,11 @@ def write_merged(handle, out: Path, *, method: str, keep: int | None = None, sco
         import gc
 
         gc.collect()   # the offloaded model's folder (its size on disk) goes before the output is written
-        return _streamed(handle, Path(out), {**prepared, "clusters": merge_plan.clusters,
-                                             "weights": merge_plan.weights},
-                         overwrite=overwrite, progress=progress, settings=settings, merge_plan=merge_plan,
-                         calibration=cost)
+        kept.write(merge_plan, cost)
+        return kept.done(_streamed(handle, Path(out), {**prepared, "clusters": merge_plan.clusters,
+                                                       "weights": merge_plan.weights},
+                                   overwrite=overwrite, progress=progress, settings=settings, merge_plan=merge_plan,
+                                   calibration=cost))
     merged, record = merge_model(model, prepared, batches=batches, tokens=tokens, seed=seed,
                                  task=task_obj.name if task_obj else None,
                                  scores_method=s.method if s is not None else None, progress=progress,
@@ -140,3 +153,56 @@ def _streamed(handle, out: Path, prepared: dict, *, overwrite: bool, progress, s
              "calibration": calibration or {"forward_passes": 0}, "loadable_by": loadable_by(keep),
              "run": run_record(settings or {})}
     return prune_checkpoint(handle.ref.path, out, keep, overwrite=overwrite, progress=progress, extra=extra, merge=plan)
+
+
+def _weights_identity(arg):
+    from moeguard.models.identity import weights_identity
+
+    return weights_identity(arg)
+
+
+def _task_identity(task):
+    from moeguard.tasks.loaders import task_identity
+
+    return task_identity(task)
+
+
+class _KeptPlan:
+    """A capped merge's calibrated plan, kept beside ``--out`` (``.OUT.merge-plan.json``) from the end
+    of its calibration until the merged checkpoint is in place: a run killed while it wrote (a
+    DeepSeek-scale checkpoint takes long) streams the kept plan again instead of loading the model
+    under the cap and calibrating anew. Keyed by everything the plan depends on; JSON holds its
+    floats exactly, so the streamed shards' stamps match and the finished shards are kept too."""
+
+    def __init__(self, out: Path, key: dict[str, Any]):
+        from moeguard.studies.engine import digest
+
+        self.path = out.with_name(f".{out.name}.merge-plan.json")
+        self.key = digest(key)
+
+    def read(self):
+        from moeguard.io import strict_loads
+        from moeguard.pruning.merging.plan import MergePlan
+
+        try:
+            doc = strict_loads(self.path.read_text(encoding="utf-8"))
+            if doc.get("key") != self.key:
+                return None
+            p = doc["plan"]
+            plan = MergePlan(clusters={int(l): g for l, g in p["clusters"].items()},
+                             weights=None if p["weights"] is None else {int(l): w for l, w in p["weights"].items()},
+                             num_experts=int(p["num_experts"]), method=p["method"], gate=p["gate"], task=p["task"],
+                             scores_method=p["scores_method"], why=p["why"])
+            return plan, doc["cost"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):   # absent, another run's, or torn
+            return None
+
+    def write(self, plan, cost: dict[str, Any]) -> None:
+        from moeguard.io import write_json
+
+        write_json(self.path, {"key": self.key, "plan": plan.to_dict(), "cost": cost})
+
+    def done(self, record):
+        self.path.unlink(missing_ok=True)
+        return record
+
