@@ -96,6 +96,39 @@ def test_killed_realign_resumes_to_the_same_result(pruned, tmp_path):
     assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
 
 
+def test_a_resumed_realign_does_not_score_the_original_again(pruned, tmp_path, monkeypatch):
+    """The original's score and the orphan strategy's shares are kept beside --out until the run is in
+    place: a rerun after a kill loads the pruned model only (the original is the larger one)."""
+    import moeguard.realign.loop as loop
+    from moeguard.edge import ModelHandle
+
+    args = lambda out: realign_args(pruned, out, "--strategy", "orphan", "--budget", "16")  # noqa: E731
+    assert main(args(tmp_path / "straight")) == 0
+    assert not (tmp_path / ".straight.original").exists()
+    calls, real = [], loop.finetune
+
+    def second_killed(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(loop, "finetune", second_killed)
+        assert main(args(tmp_path / "cut")) == 130
+    kept = tmp_path / ".cut.original"
+    assert (kept / "original.json").is_file() and (kept / "shares.safetensors").is_file()
+    loads, load = [], ModelHandle.load
+    with monkeypatch.context() as mp:
+        mp.setattr(ModelHandle, "load", lambda self, **k: (loads.append(self.name), load(self, **k))[1])
+        assert main(args(tmp_path / "cut")) == 0
+    assert loads == [str(pruned)] and not kept.exists()
+    a, b = (json.loads((tmp_path / x / "learning_curve.json").read_text()) for x in ("straight", "cut"))
+    assert b["full_score"] == a["full_score"]
+    assert [p["selected"] for p in b["points"]] == [p["selected"] for p in a["points"]]
+    assert [p["score"] for p in b["points"]] == [p["score"] for p in a["points"]]
+
+
 def test_bad_requests_fail_with_one_line_before_work(pruned, tmp_path, capsys):
     out = tmp_path / "x"
     assert main(realign_args(pruned, out, "--budget", "100")) == 2

@@ -162,19 +162,26 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     if al.finetune.only:
         check_protocol_covers(model, al.finetune)   # before both models load and the original is scored
     orphan = None
+    kept = _OriginalKept(Path(out), settings) if orig is not None else None
     if orig is not None and (full_score is None or strat.needs_original):
-        # the original first, and gone before the pruned model loads: it is the larger one, and it
-        # stayed in memory (or on the GPU) through the whole fine-tune
-        o, otok, _ = orig.load()
-        if full_score is None:
-            full_score = evaluate_task(o, otok, task, limit=al.eval_limit, batch_size=32, baseline=False).score
-        if strat.needs_original:
-            shares = orphan_shares(o, otok, task, record["keep"], int(record["original_num_experts"]))(pool)
-            orphan = lambda: shares  # noqa: E731
-        del o, otok
-        from moeguard.models.loading import release_memory
+        score_kept, shares = kept.read()
+        if full_score is None and score_kept is not None:   # a rerun after a kill: the original is not scored again
+            full_score = score_kept
+        if full_score is None or (strat.needs_original and shares is None):
+            # the original first, and gone before the pruned model loads: it is the larger one, and it
+            # stayed in memory (or on the GPU) through the whole fine-tune
+            o, otok, _ = orig.load()
+            if full_score is None:
+                full_score = evaluate_task(o, otok, task, limit=al.eval_limit, batch_size=32, baseline=False).score
+            if strat.needs_original and shares is None:
+                shares = orphan_shares(o, otok, task, record["keep"], int(record["original_num_experts"]))(pool)
+            del o, otok
+            from moeguard.models.loading import release_memory
 
-        release_memory()
+            release_memory()
+            kept.write(full_score if settings["full_score"] is None else None, shares)
+        if strat.needs_original:
+            orphan = lambda: shares  # noqa: E731
     m, tokenizer, _ = model.load()
     from moeguard.realign.offload import offloaded
 
@@ -202,4 +209,55 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
             curve["run"] = run
         write_json(work / "learning_curve.json", curve)
         shutil.rmtree(work / "state")
+    if kept is not None:   # the run is in place: nothing is left to resume
+        kept.drop()
     return curve
+
+
+class _OriginalKept:
+    """What a realign run read from the original (its score, which sets every retention, and the
+    orphan strategy's routing shares over the pool), kept beside ``--out`` (``.OUT.original``) until
+    the run is in place: a rerun after a kill (in the rounds, or while the pruned model loads) does
+    not load and score the larger model again. Keyed by the run's settings (the original's weights
+    among them); the score is JSON, the shares safetensors (both exact). A NaN score is written as
+    null and so scored again."""
+
+    def __init__(self, out: Path, settings: dict):
+        from moeguard.studies.engine import digest
+
+        self.folder = out.with_name(f".{out.name}.original")
+        self.key = digest(settings)
+
+    def read(self):
+        from safetensors.torch import load_file
+
+        from moeguard.io import strict_loads
+
+        try:
+            doc = strict_loads((self.folder / "original.json").read_text(encoding="utf-8"))
+            if doc.get("key") != self.key:
+                return None, None
+            shares = load_file(str(self.folder / "shares.safetensors"))["shares"] if doc.get("shares") else None
+            return doc.get("full_score"), shares
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):   # absent, another run's, or torn
+            return None, None
+
+    def write(self, full_score, shares) -> None:
+        import shutil
+
+        from safetensors.torch import save_file
+
+        from moeguard.io import write_json
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        if shares is not None:
+            save_file({"shares": shares.detach().cpu().contiguous()}, str(self.folder / "shares.safetensors"))
+        write_json(self.folder / "original.json", {"key": self.key, "full_score": full_score,
+                                                   "shares": shares is not None})
+
+    def drop(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
