@@ -232,16 +232,19 @@ def test_the_loop_keeps_trained_weights_only_where_something_reads_them(tmp_path
 
     def stopped(*a, **k):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == stop[0]:
             raise KeyboardInterrupt
         return real_ft(*a, **k)
 
-    monkeypatch.setattr(loop, "finetune", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        curve((4, 8), tmp_path / "d")
-    monkeypatch.setattr(loop, "finetune", real_ft)
-    resumed = curve((4, 8), tmp_path / "d")
-    assert untimed(resumed["points"]) == untimed(whole["points"]) and len(resumed["points"]) == 3
+    # killed in round 2 (round 1's weights kept), and in round 1 (round 0 kept, no weights: the model's own)
+    for stop, folder in (([2], "d"), ([1], "e")):
+        calls.clear()
+        monkeypatch.setattr(loop, "finetune", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            curve((4, 8), tmp_path / folder)
+        monkeypatch.setattr(loop, "finetune", real_ft)
+        resumed = curve((4, 8), tmp_path / folder)
+        assert untimed(resumed["points"]) == untimed(whole["points"]) and len(resumed["points"]) == 3
 
 
 def test_terms_kept_in_one_folder_are_told_apart_by_method_key_options_and_batch(tmp_path):
@@ -354,3 +357,21 @@ def test_a_scan_killed_in_its_effects_resumes_from_the_finished_contexts_and_cha
 
     strip = lambda d: {k: v for k, v in untimed(d).items() if k not in ("run", "seconds")}  # noqa: E731
     assert strip(cut) == strip(whole) and sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["scan.json", "scan.md"]
+
+
+def test_a_torn_kept_original_is_scored_again_not_a_traceback(tmp_path):
+    """A power loss can leave the kept shares empty beside the JSON that names them (a SafetensorError
+    at every rerun); a kept plan or score of other settings is not read."""
+    import torch
+
+    from moeguard.realign.api import _OriginalKept
+
+    kept = _OriginalKept(tmp_path / "out", {"a": 1})
+    kept.write(0.75, torch.arange(4, dtype=torch.float32))
+    score, shares = kept.read()
+    assert score == 0.75 and torch.equal(shares, torch.arange(4, dtype=torch.float32))
+    assert _OriginalKept(tmp_path / "out", {"a": 2}).read() == (None, None)
+    (kept.folder / "shares.safetensors").write_bytes(b"")
+    assert kept.read() == (None, None)
+    kept.drop()
+    assert not kept.folder.exists()

@@ -238,9 +238,10 @@ def test_kept_state_a_power_loss_left_empty_is_started_over_not_a_traceback(tmp_
     from moeguard.realign.loop import _load_state
     from moeguard.scan.run import _part
 
-    (tmp_path / "loop.json").write_text(json.dumps({"tag": "t", "rounds": [{"labels": 0}]}))
+    (tmp_path / "loop.json").write_text(json.dumps({"tag": "t", "rounds": [{"labels": 0}, {"labels": 8}]}))
     (tmp_path / "current.safetensors").write_bytes(b"")
-    assert _load_state(tmp_path, "t") == {"tag": "t", "rounds": []}
+    # with two rounds done the next selection reads the trained weights: they must be there
+    assert _load_state(tmp_path, "t", lambda done: done > 1) == {"tag": "t", "rounds": []}
     from moeguard.studies.engine import digest
 
     (tmp_path / f"part-x-{digest({'a': 1})}.json").write_text("")

@@ -209,8 +209,9 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
             curve["run"] = run
         write_json(work / "learning_curve.json", curve)
         shutil.rmtree(work / "state")
-    if kept is not None:   # the run is in place: nothing is left to resume
-        kept.drop()
+    # the run is in place: nothing is left to resume (a folder of an earlier run that needed the original
+    # and this one, with --full-score, does not, included)
+    (kept or _OriginalKept(Path(out), settings)).drop()
     return curve
 
 
@@ -232,12 +233,18 @@ class _OriginalKept:
         from safetensors.torch import load_file
 
         from moeguard.io import strict_loads
+        from moeguard.models.safetensorsfiles import tensor_names
 
         try:
             doc = strict_loads((self.folder / "original.json").read_text(encoding="utf-8"))
             if doc.get("key") != self.key:
                 return None, None
-            shares = load_file(str(self.folder / "shares.safetensors"))["shares"] if doc.get("shares") else None
+            shares = None
+            if doc.get("shares"):
+                f = self.folder / "shares.safetensors"
+                if tensor_names(f) is None:   # a power loss left it empty or cut short: computed again
+                    return None, None
+                shares = load_file(str(f))["shares"]
             return doc.get("full_score"), shares
         except (OSError, ValueError, KeyError, TypeError, AttributeError):   # absent, another run's, or torn
             return None, None
@@ -249,15 +256,24 @@ class _OriginalKept:
 
         from moeguard.io import write_json
 
+        from moeguard.io import _open_partials, sync_file
+
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         if shares is not None:
             save_file({"shares": shares.detach().cpu().contiguous()}, str(self.folder / "shares.safetensors"))
+            sync_file(self.folder / "shares.safetensors")   # on disk before the JSON that names it
         write_json(self.folder / "original.json", {"key": self.key, "full_score": full_score,
-                                                   "shares": shares is not None})
+                                                   "shares": shares is not None}, sync=True)
+        if self.folder not in _open_partials:   # an interrupt from here on names it as kept work
+            _open_partials.append(self.folder)
 
     def drop(self) -> None:
         import shutil
 
+        from moeguard.io import _open_partials
+
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder in _open_partials:
+            _open_partials.remove(self.folder)
 

@@ -293,13 +293,15 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
         from moeguard.studies.engine import digest
 
         # the ablation's finished batches, kept under the usage part's key until the part is whole
-        batches = tmp / f"usage-batches-{digest(keys['usage'])}"
+        # and under torch's thread count: CPU sums differ in their last bits with it (attribute keys it too)
+        threads = {"threads": torch.get_num_threads()}
+        batches = tmp / f"usage-batches-{digest({**keys['usage'], **threads})}"
         usage = timed("usage", lambda: _usage_json(usage_and_criticality(
             model, tokenizer, tasks, samples=config.samples, seed=config.seed, progress=progress, keep=batches)))
         eff = EffectSettings(candidates=config.candidates, chain=config.chain)
         effects = timed("effects", lambda: {_key(*k): v for k, v in expert_effects(
             model, tokenizer, adapter, contexts, eff, references=refs_loaded, progress=progress,
-            keep=tmp / f"effects-kept-{digest(keys['effects'])}").items()})
+            keep=tmp / f"effects-kept-{digest({**keys['effects'], **threads})}").items()})
         doc = assemble(adapter, tasks, weights, usage, effects, config=config, null=null, score=score)
         doc["suspicion"].update({"score": score, "reference_models": [h.name for h in reference_models],
                                  "reference_scans": [r.get("path", r.get("model")) for r in references]})

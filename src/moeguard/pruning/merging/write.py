@@ -23,14 +23,22 @@ RECORD_NAME = "moeguard_merging.json"
 SCHEMA = "moeguard.merging/1"
 
 
-def write_merged(handle, out: Path, *, method: str, keep: int | None = None, scores: Path | None = None,
-                 plan: Path | None = None, task=None, samples: int = 64, batch_size: int = 8, tokens: int = 256,
-                 gate: str = "applied", seed: int = 0, overwrite: bool = False, progress=None,
-                 settings: dict | None = None, streaming: bool | None = None,
-                 max_memory: int | None = None) -> dict[str, Any]:
+def write_merged(handle, out: Path, **kwargs: Any) -> dict[str, Any]:
     """Merge ``handle``'s model (a resolved ModelHandle) into ``out``; returns the record.
     ``streaming=None``: streaming surgery when the plan needs no data and the checkpoint is local.
     ``max_memory`` (bytes): calibrate under that cap and stream the computed plan (local only)."""
+    record = _write_merged(handle, out, **kwargs)
+    # the merged checkpoint is in place: a plan a killed capped run kept for it has no use left (this
+    # run may have taken another path: in memory, or with other settings)
+    Path(out).with_name(f".{Path(out).name}.merge-plan.json").unlink(missing_ok=True)
+    return record
+
+
+def _write_merged(handle, out: Path, *, method: str, keep: int | None = None, scores: Path | None = None,
+                  plan: Path | None = None, task=None, samples: int = 64, batch_size: int = 8, tokens: int = 256,
+                  gate: str = "applied", seed: int = 0, overwrite: bool = False, progress=None,
+                  settings: dict | None = None, streaming: bool | None = None,
+                  max_memory: int | None = None) -> dict[str, Any]:
     from moeguard.attribution.base import Scores
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import meta_model
@@ -177,7 +185,7 @@ class _KeptPlan:
     def __init__(self, out: Path, key: dict[str, Any]):
         from moeguard.studies.engine import digest
 
-        self.path = out.with_name(f".{out.name}.merge-plan.json")
+        self.path = out.with_name(f".{out.name}.merge-plan.json")   # write_merged removes it once out is in place
         self.key = digest(key)
 
     def read(self):
