@@ -288,9 +288,16 @@ def test_monitor_profiles_benign_traffic_and_alerts_on_probing_with_reasons(tmp_
     log = _log(tmp_path / "log.jsonl", rows)
     out = tmp_path / "scored"
     assert main(["monitor", "score", "--profile", str(prof), "--log", str(log), "--out", str(out)]) == 0
-    assert "48 requests from 3 clients, 6 windows" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "48 requests from 3 clients, 6 windows" in text
     scores = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
     alerts = [json.loads(l) for l in (out / "alerts.jsonl").read_text().splitlines()]
+    # the summary table: per level what was tested, how many alerted, and the smallest p-value it gives
+    table = {r[0]: r[1:] for r in ([c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()
+                                   if line.startswith("│"))}
+    n_req = sum(a["kind"] == "request" for a in alerts)
+    assert table["request"] == ["48", str(n_req), f"{4 / 101:.2g}"]
+    assert table["client window (8)"][:2] == ["6 looks, 6 windows", str(sum(a["kind"] == "window" for a in alerts))]
     benign = [s["p"] for s in scores if s["client"] != "eve"]
     probing = [s["p"] for s in scores if s["client"] == "eve"]
     summary = json.loads((out / "summary.json").read_text())

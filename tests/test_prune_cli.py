@@ -161,3 +161,33 @@ def test_attribute_refuses_a_budget_pruned_checkpoint_before_loading_it(tmp_path
                  "--out", str(tmp_path / "s.json")]) == 2
     err = capsys.readouterr().err
     assert "different expert counts [2, 3, 4, 5]" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_prune_ends_with_a_summary_table_of_each_layer(tmp_path, scores_file, capsys):
+    out = tmp_path / "p"
+    capsys.readouterr()
+    assert main(["prune", "--scores", str(scores_file), "--keep", "4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    rec = json.loads((out / "moeguard_pruning.json").read_text())
+    assert "experts kept" in text and "dropped" in text and "loadable by transformers" in text
+    for layer, kept in rec["keep"].items():   # a row per layer: its kept experts, then the rest
+        row = next(line for line in text.splitlines() if line.startswith("│") and line.split("│")[1].strip() == layer)
+        cells = [c.strip() for c in row.split("│")[1:-1]]
+        assert cells == [layer, "4/8", " ".join(map(str, kept)), " ".join(str(e) for e in range(8) if e not in kept)]
+    title = " ".join(text.split())   # the title wraps at the table's width
+    assert f"{rec['bytes_in'] / 2**20:,.1f} MiB -> {rec['bytes_out'] / 2**20:,.1f} MiB" in title
+    assert f"({100 * rec['bytes_out'] / rec['bytes_in']:.0f}%)" in title
+
+
+def test_the_prune_table_abbreviates_hundreds_of_experts():
+    from rich.console import Console
+
+    from moeguard.report.tables import prune_table
+
+    rec = {"original_num_experts": 256, "keep": {"3": list(range(0, 64, 2))}, "plan": {"rule": "keep=32"},
+           "bytes_in": 2**30, "bytes_out": 2**29, "loadable_by": "transformers"}
+    c = Console(width=200, record=True)
+    c.print(prune_table(rec))
+    text = c.export_text()
+    assert "32/256" in text and "0 2 4 6 8 10 12 14 16 18 20 22 24 26 28 30 ... (+16)" in text
+    assert "1 3 5 7 9 11 13 15 17 19 21 23 25 27 29 31 ... (+208)" in text and "1,024.0 MiB -> 512.0 MiB (50%)" in text

@@ -94,6 +94,10 @@ def monitor_score(
                                period_clients=period_clients, accept=accept, no_period_requests=no_period_requests,
                                model=model, device_map=device_map, overwrite=overwrite, progress=_progress,
                                note=lambda line: typer.echo(line, err=True))
+    from moeguard.cli.app import _console
+    from moeguard.report.tables import monitor_score_table
+
+    _console().print(monitor_score_table(summary))
     typer.echo(f"{summary['requests']} requests from {summary['clients']} clients, {summary['windows']} windows: "
                f"{summary['alerts']['request']} request alerts, {summary['alerts']['window']} window alerts"
                + (f", {summary['alerts']['slice']} slice alerts ({summary['slices']} slices of all traffic)"

@@ -151,10 +151,12 @@ def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
                               settings={"model": model or "embedded", "scores": str(scores) if scores else None,
                                         "plan": str(plan) if plan else None, "keep": keep, "keep_ratio": keep_ratio,
                                         "budget": budget, "seed": seed})
-    kept = ", ".join(f"{l}: {v}" for l, v in record["keep"].items())
+    from moeguard.report.tables import prune_table
+
+    _console().print(prune_table(record))
     counts = sorted({len(v) for v in record["keep"].values()})
     typer.echo(f"pruned {record['original_num_experts']} -> {'/'.join(map(str, counts))} experts per layer "
-               f"({record['method']}); kept {kept}; written to {out}")
+               f"({record['method']}); written to {out}")
     if len(counts) > 1:
         typer.echo("note: layers keep different expert counts; load it with moeguard (moeguard.models.loading."
                    "load_model, or any moeguard command's --model); vanilla transformers configs hold one count")

@@ -99,6 +99,58 @@ def merge_table(record: dict) -> Table:
     return t
 
 
+def monitor_score_table(summary: dict) -> Table:
+    """``monitor score``'s summary: per level, what was tested, how many alerted, and the smallest
+    p-value it can give (a floor above alpha means that level cannot alert)."""
+    t = Table(title=f"monitor score: {summary['requests']} requests from {summary['clients']} clients "
+                    f"(alert at p <= {summary['alpha']:g})")
+    for c in ("level", "tested", "alerts", "p floor"):
+        t.add_column(c, justify="left" if c == "level" else "right")
+    a, floor = summary["alerts"], summary.get("p_floor", {})
+
+    def p(level):
+        return f"{floor[level]:.2g}" if isinstance(floor.get(level), (int, float)) else "-"
+
+    t.add_row("request", str(summary["requests"]), str(a["request"]), p("request"))
+    t.add_row(f"client window ({summary['window']})", f"{summary['windows']} looks, {summary['blocks']} windows",
+              str(a["window"]), p("window"))
+    if "slice" in a:
+        t.add_row(f"slice of all traffic ({summary['slice']})", str(summary["slices"]), str(a["slice"]), p("slice"))
+    if "period" in a:
+        t.add_row(f"period ({summary['period']})", f"{summary['periods_tested']} of {summary['periods']}",
+                  str(a["period"]), "-")
+    if "period_clients" in a:
+        t.add_row("period: clients' test", f"{summary['periods_clients_tested']} of {summary['periods']}",
+                  str(a["period_clients"]), "-")
+        t.add_row("period: small clients' test", f"{summary['periods_small_tested']} of {summary['periods']}",
+                  str(a["period_small_clients"]), "-")
+    return t
+
+
+def prune_table(record: dict) -> Table:
+    """Per layer: the experts kept and dropped; the caption: the checkpoint's size before and after."""
+    plan = record.get("plan") or {}
+    size = ""
+    if record.get("bytes_in") and record.get("bytes_out") is not None:
+        size = (f"; {record['bytes_in'] / 2**20:,.1f} MiB -> {record['bytes_out'] / 2**20:,.1f} MiB "
+                f"({100 * record['bytes_out'] / record['bytes_in']:.0f}%)")
+    t = Table(title=f"pruned {record['original_num_experts']} experts per layer ({plan.get('rule', 'plan')}"
+                    f"{', ' + plan['method'] + ' scores' if plan.get('method') else ''}){size}",
+              caption=f"loadable by {record.get('loadable_by', '?')}")
+    t.add_column("layer", justify="right")
+    t.add_column("kept", justify="right")
+    t.add_column("experts kept")
+    t.add_column("dropped")
+    n = record["original_num_experts"]
+
+    def ids(xs: list[int], most: int = 16) -> str:   # DeepSeek's 256 experts: a line per layer, not a page
+        return " ".join(map(str, xs[:most])) + (f" ... (+{len(xs) - most})" if len(xs) > most else "")
+
+    for layer, kept in record["keep"].items():
+        t.add_row(str(layer), f"{len(kept)}/{n}", ids(list(kept)), ids([e for e in range(n) if e not in kept]))
+    return t
+
+
 def scores_table(doc: dict) -> Table:
     """Per layer: the experts from most to least important, with their scores."""
     # a score that was NaN or infinite is stored as null (Scores.to_dict): shown as n/a, ranked last
