@@ -191,3 +191,11 @@ def test_the_prune_table_abbreviates_hundreds_of_experts():
     text = c.export_text()
     assert "32/256" in text and "0 2 4 6 8 10 12 14 16 18 20 22 24 26 28 30 ... (+16)" in text
     assert "1 3 5 7 9 11 13 15 17 19 21 23 25 27 29 31 ... (+208)" in text and "1,024.0 MiB -> 512.0 MiB (50%)" in text
+    # a budget-pruned source: each layer against its own count
+    rec = {"original_num_experts": 8, "original_experts_per_layer": {"0": 8, "1": 4}, "keep": {"0": [0, 5], "1": [1, 3]},
+           "plan": {"rule": "keep=2"}}
+    c = Console(width=200, record=True)
+    c.print(prune_table(rec))
+    rows = {r[0]: r[1:] for r in ([x.strip() for x in line.split("│")[1:-1]] for line in c.export_text().splitlines()
+                                  if line.startswith("│"))}
+    assert rows["0"] == ["2/8", "0 5", "1 2 3 4 6 7"] and rows["1"] == ["2/4", "1 3", "0 2"]

@@ -96,7 +96,7 @@ def test_killed_realign_resumes_to_the_same_result(pruned, tmp_path):
     assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
 
 
-def test_a_resumed_realign_does_not_score_the_original_again(pruned, tmp_path, monkeypatch):
+def test_a_resumed_realign_does_not_score_the_original_again(pruned, tmp_path, monkeypatch, capsys):
     """The original's score and the orphan strategy's shares are kept beside --out until the run is in
     place: a rerun after a kill loads the pruned model only (the original is the larger one)."""
     import moeguard.realign.loop as loop
@@ -117,12 +117,20 @@ def test_a_resumed_realign_does_not_score_the_original_again(pruned, tmp_path, m
         mp.setattr(loop, "finetune", second_killed)
         assert main(args(tmp_path / "cut")) == 130
     kept = tmp_path / ".cut.original"
-    assert (kept / "original.json").is_file() and (kept / "shares.safetensors").is_file()
+    assert len(list(kept.glob(".original-*.npz"))) == 1                  # the score and the shares
     loads, load = [], ModelHandle.load
     with monkeypatch.context() as mp:
         mp.setattr(ModelHandle, "load", lambda self, **k: (loads.append(self.name), load(self, **k))[1])
         assert main(args(tmp_path / "cut")) == 0
     assert loads == [str(pruned)] and not kept.exists()
+    # one run at a time: a second run to the same --out is refused before it reads or replaces what is kept
+    from moeguard.kept import held_for
+
+    capsys.readouterr()
+    with held_for(tmp_path / "cut2"):
+        assert main(args(tmp_path / "cut2")) == 2
+    err = capsys.readouterr().err
+    assert f"another moeguard run is writing {tmp_path / 'cut2'}" in err and err.count("\n") == 1
     a, b = (json.loads((tmp_path / x / "learning_curve.json").read_text()) for x in ("straight", "cut"))
     assert b["full_score"] == a["full_score"]
     assert [p["selected"] for p in b["points"]] == [p["selected"] for p in a["points"]]

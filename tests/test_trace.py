@@ -1012,7 +1012,7 @@ def test_a_gguf_suspects_identity_follows_its_bytes(tmp_path):
 
 def test_a_kept_sketch_cut_short_is_read_again_not_a_traceback(tmp_path):
     """A power loss after the rename can leave a kept .npz empty or cut: np.load raised on every rerun."""
-    from moeguard.io import kept_arrays
+    from moeguard.kept import kept_arrays
 
     for damaged in (b"", b"PK\x03\x04 cut short"):
         (tmp_path / ".s.npz").write_bytes(damaged)

@@ -399,26 +399,11 @@ def _partial(path: Path, settings: Any) -> Path:
     return partial
 
 
-def kept_arrays(folder: Path | None, name: str, compute) -> dict[str, Any]:
-    """The arrays ``compute()`` returns (a dict of numpy arrays), kept as ``folder/.NAME.npz`` once
-    computed and read from there on a resumed run (never unpickled). ``folder`` None: computed."""
-    import zipfile
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value (job keys, stage keys, derived-model tags, kept pieces' names)."""
+    import hashlib
 
-    import numpy as np
-
-    f = folder / f".{name}.npz" if folder is not None else None
-    if f is not None and f.exists():
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):   # cut short (a power loss after the
-            f.unlink(missing_ok=True)                                          # rename): computed again, not a traceback
-    out = compute()
-    if f is not None:
-        tmp = f.with_name(f.name + ".tmp.npz")
-        np.savez(tmp, **out)
-        tmp.replace(f)
-    return out
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _appeared(path: Path) -> MoeguardError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,15 +75,15 @@ class Context:
     def _kept_term(self, label: str, i: int, batch, key: Any, compute) -> torch.Tensor:
         if self.keep is None:
             return compute(batch)
-        from moeguard.io import kept_arrays
+        from moeguard import kept
 
-        h = hashlib.sha256(json.dumps([label, key, self.options], sort_keys=True, default=str).encode())
+        tokens = hashlib.sha256()
         for t in (batch.input_ids, batch.attention_mask, batch.labels, getattr(batch, "decoder_input_ids", None)):
             if t is not None:   # an encoder-decoder's decoder rows too
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}-{i}-{h.hexdigest()[:16]}"
-        self.keep.mkdir(parents=True, exist_ok=True)
-        term = kept_arrays(self.keep, name, lambda: {"term": compute(batch).double().cpu().numpy()})["term"]
+                tokens.update(t.detach().cpu().contiguous().numpy().tobytes())
+        term = kept.arrays(self.keep, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}-{i}",
+                           lambda: {"term": compute(batch).double().cpu().numpy()},
+                           key=[label, key, self.options, tokens.hexdigest()])["term"]
         return torch.from_numpy(term)
 
     def track(self, items, description: str):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moeguard.io import _move_into_place, whole_json, write_json
-from moeguard.studies.engine import digest
+from moeguard.io import digest
 
 DONE = "done.json"
 

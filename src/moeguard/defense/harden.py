@@ -238,7 +238,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
 
     log: list[dict[str, Any]] = []
     named = dict(zip(names, params))
-    from moeguard.studies.engine import digest
+    from moeguard.io import digest
 
     # the weights' dtype and device too: a float32 state must not resume into a bfloat16 (or GPU) run
     from moeguard.tasks.loaders import task_identity

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
-from moeguard.io import kept_arrays
+from moeguard.kept import kept_arrays
 from moeguard.monitor.embed import Embedding, KernelReference
 from moeguard.monitor.neighbours import Neighbours
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile, check_uniform

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
-from moeguard.io import kept_arrays
+from moeguard.kept import kept_arrays
 from moeguard.monitor.embed import Embedding
 from moeguard.monitor.fit import assemble, observe
 from moeguard.monitor.profile import Profile, check_uniform

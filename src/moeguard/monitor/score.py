@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
-from moeguard.io import kept_arrays
+from moeguard.kept import kept_arrays
 from moeguard.monitor import ladder, periodclients, periods, periodsmall, slices
 from moeguard.monitor.fit import observe
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
@@ -200,7 +200,7 @@ def clear_outputs(cache: Path) -> None:
     """Before a run writes its outputs into its resumable folder ``cache``: remove what an earlier,
     interrupted attempt's writing left there (another attempt's flags may not write the same files,
     and a ``period_requests`` file half-written would be renamed into --out with the rest). Only the
-    kept replay steps (``.NAME.npz``, whole: ``io.kept_arrays`` renames them into place) and the
+    kept replay steps (``.NAME.npz``, whole: ``kept.kept_arrays`` renames them into place) and the
     folder's settings stamp carry over."""
     import shutil
 

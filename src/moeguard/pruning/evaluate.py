@@ -9,8 +9,6 @@ and a job resumed after a kill reads it back instead of evaluating again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -57,32 +55,26 @@ class MaskedEvaluator:
         return result
 
     def _kept(self, k: tuple) -> "_Kept | None":
-        if self.keep is None:
-            return None
-        name = hashlib.sha256(json.dumps([k, self.batch_size], default=str).encode()).hexdigest()[:24]
-        return _Kept(self.keep / f"eval-{name}.json")
+        return _Kept(self.keep, [k, self.batch_size]) if self.keep is not None else None
 
 
-@dataclasses.dataclass(frozen=True)
 class _Kept:
-    """One evaluation's result on disk. Only results that JSON holds exactly are kept (a NaN score
-    is written as null, which the caller would read as another value): those are evaluated again."""
+    """One evaluation's result kept on disk (``kept.KeptJSON``, named by its key). Only results that
+    JSON holds exactly are kept (a NaN score is written as null, which the caller would read as
+    another value): those are evaluated again."""
 
-    path: Path
+    def __init__(self, folder: Path, key: Any):
+        from moeguard.io import digest
+        from moeguard.kept import KeptJSON
+
+        self.doc = KeptJSON(folder / f"eval-{digest(key)}.json", key)
 
     def read(self) -> TaskResult | None:
-        from moeguard.io import strict_loads
-
+        value = self.doc.read()
         try:
-            return TaskResult(**strict_loads(self.path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):   # absent, or cut short by a power loss: evaluated again
+            return TaskResult(**value) if isinstance(value, dict) else None
+        except TypeError:   # a result of another moeguard's fields: evaluated again
             return None
 
     def write(self, result: TaskResult) -> None:
-        from moeguard.io import dumps, write_json
-
-        doc = dataclasses.asdict(result)
-        if json.loads(dumps(doc)) != doc:   # NaN (never equal to itself) or infinity in it
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.path, doc)
+        self.doc.write(dataclasses.asdict(result), exact=True)

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moeguard.config import is_decimal
 from moeguard.errors import MoeguardError
 
@@ -162,57 +164,62 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     if al.finetune.only:
         check_protocol_covers(model, al.finetune)   # before both models load and the original is scored
     orphan = None
-    kept = _OriginalKept(Path(out), settings) if orig is not None else None
-    if orig is not None and (full_score is None or strat.needs_original):
-        score_kept, shares = kept.read()
-        if full_score is None and score_kept is not None:   # a rerun after a kill: the original is not scored again
-            full_score = score_kept
-        if full_score is None or (strat.needs_original and shares is None):
-            # the original first, and gone before the pruned model loads: it is the larger one, and it
-            # stayed in memory (or on the GPU) through the whole fine-tune
-            o, otok, _ = orig.load()
-            if full_score is None:
-                full_score = evaluate_task(o, otok, task, limit=al.eval_limit, batch_size=32, baseline=False).score
-            if strat.needs_original and shares is None:
-                shares = orphan_shares(o, otok, task, record["keep"], int(record["original_num_experts"]))(pool)
-            del o, otok
-            from moeguard.models.loading import release_memory
+    from moeguard import kept as kept_pieces
 
-            release_memory()
-            kept.write(full_score if settings["full_score"] is None else None, shares)
-        if strat.needs_original:
-            orphan = lambda: shares  # noqa: E731
-    m, tokenizer, _ = model.load()
-    from moeguard.realign.offload import offloaded
+    # one run at a time from here: what it reads from the original is kept beside --out, which another
+    # run to the same --out would replace under it (before the larger model loads, not after)
+    with kept_pieces.held_for(Path(out)):
+        kept = _OriginalKept(Path(out), settings) if orig is not None else None
+        if orig is not None and (full_score is None or strat.needs_original):
+            score_kept, shares = kept.read()
+            if full_score is None and score_kept is not None:   # a rerun after a kill: the original is not scored again
+                full_score = score_kept
+            if full_score is None or (strat.needs_original and shares is None):
+                # the original first, and gone before the pruned model loads: it is the larger one, and it
+                # stayed in memory (or on the GPU) through the whole fine-tune
+                o, otok, _ = orig.load()
+                if full_score is None:
+                    full_score = evaluate_task(o, otok, task, limit=al.eval_limit, batch_size=32, baseline=False).score
+                if strat.needs_original and shares is None:
+                    shares = orphan_shares(o, otok, task, record["keep"], int(record["original_num_experts"]))(pool)
+                del o, otok
+                from moeguard.models.loading import release_memory
 
-    if offloaded(m):   # before any round: LoRA trains over offloaded weights, and the save failed after the last
-        raise MoeguardError(f"{model.name} is placed with weights offloaded to the CPU or disk (device map "
-                            f"{model.device_map or 'auto'}); realign writes the adapters merged into the weights, "
-                            "which cannot be done on offloaded ones", hint="use a device map that holds the whole "
-                            "model on the accelerators (e.g. more GPUs), or the recovery study, which measures "
-                            "without saving")
-    with resumable_dir(out, overwrite=overwrite, settings=settings) as work:
-        curve, trainable = run_active_learning(m, tokenizer, task, al, pool=pool, orphan_share=orphan,
-                                               full_score=full_score, state_dir=work / "state", progress=progress,
-                                               keep_trainable=True)
-        trainable.merged().save_pretrained(work)
-        from moeguard.pruning.apply import keep_source_dtypes, weights_folder
+                release_memory()
+                kept.write(full_score if settings["full_score"] is None else None, shares)
+            if strat.needs_original:
+                orphan = lambda: shares  # noqa: E731
+        m, tokenizer, _ = model.load()
+        from moeguard.realign.offload import offloaded
 
-        source = weights_folder(model.ref)
-        if source is not None:   # trained in float32, written as the pruned checkpoint stores its weights (bf16)
-            keep_source_dtypes(work, source)
-        save_tokenizer(tokenizer, work)
-        if record is not None:
-            write_json(work / "moeguard_pruning.json", record)
-        curve["model"] = model.name
-        if run is not None:
-            curve["run"] = run
-        write_json(work / "learning_curve.json", curve)
-        shutil.rmtree(work / "state")
-    # the run is in place: nothing is left to resume (a folder of an earlier run that needed the original
-    # and this one, with --full-score, does not, included)
-    (kept or _OriginalKept(Path(out), settings)).drop()
-    return curve
+        if offloaded(m):   # before any round: LoRA trains over offloaded weights, and the save failed after the last
+            raise MoeguardError(f"{model.name} is placed with weights offloaded to the CPU or disk (device map "
+                                f"{model.device_map or 'auto'}); realign writes the adapters merged into the weights, "
+                                "which cannot be done on offloaded ones", hint="use a device map that holds the whole "
+                                "model on the accelerators (e.g. more GPUs), or the recovery study, which measures "
+                                "without saving")
+        with resumable_dir(out, overwrite=overwrite, settings=settings) as work:
+            curve, trainable = run_active_learning(m, tokenizer, task, al, pool=pool, orphan_share=orphan,
+                                                   full_score=full_score, state_dir=work / "state", progress=progress,
+                                                   keep_trainable=True)
+            trainable.merged().save_pretrained(work)
+            from moeguard.pruning.apply import keep_source_dtypes, weights_folder
+
+            source = weights_folder(model.ref)
+            if source is not None:   # trained in float32, written as the pruned checkpoint stores its weights (bf16)
+                keep_source_dtypes(work, source)
+            save_tokenizer(tokenizer, work)
+            if record is not None:
+                write_json(work / "moeguard_pruning.json", record)
+            curve["model"] = model.name
+            if run is not None:
+                curve["run"] = run
+            write_json(work / "learning_curve.json", curve)
+            shutil.rmtree(work / "state")
+        # the run is in place: nothing is left to resume (a folder of an earlier run that needed the original
+        # and this one, with --full-score, does not, included)
+        (kept or _OriginalKept(Path(out), settings)).drop()
+        return curve
 
 
 class _OriginalKept:
@@ -220,60 +227,34 @@ class _OriginalKept:
     orphan strategy's routing shares over the pool), kept beside ``--out`` (``.OUT.original``) until
     the run is in place: a rerun after a kill (in the rounds, or while the pruned model loads) does
     not load and score the larger model again. Keyed by the run's settings (the original's weights
-    among them); the score is JSON, the shares safetensors (both exact). A NaN score is written as
-    null and so scored again."""
+    among them); one ``.npz`` of both (exact; a torn one is scored again). A NaN score is not kept."""
 
     def __init__(self, out: Path, settings: dict):
-        from moeguard.studies.engine import digest
-
         self.folder = out.with_name(f".{out.name}.original")
-        self.key = digest(settings)
+        self.key = settings
 
     def read(self):
-        from safetensors.torch import load_file
+        import torch
 
-        from moeguard.io import strict_loads
-        from moeguard.models.safetensorsfiles import tensor_names
+        from moeguard import kept
 
-        try:
-            doc = strict_loads((self.folder / "original.json").read_text(encoding="utf-8"))
-            if doc.get("key") != self.key:
-                return None, None
-            shares = None
-            if doc.get("shares"):
-                f = self.folder / "shares.safetensors"
-                if tensor_names(f) is None:   # a power loss left it empty or cut short: computed again
-                    return None, None
-                shares = load_file(str(f))["shares"]
-            return doc.get("full_score"), shares
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):   # absent, another run's, or torn
-            return None, None
+        found = kept.read_arrays(self.folder, "original", key=self.key) or {}
+        score = float(found["full_score"]) if "full_score" in found else None
+        return score, torch.from_numpy(found["shares"]) if "shares" in found else None
 
     def write(self, full_score, shares) -> None:
-        import shutil
+        from moeguard import kept
 
-        from safetensors.torch import save_file
-
-        from moeguard.io import write_json
-
-        from moeguard.io import _open_partials, sync_file
-
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        values = {}
+        if full_score is not None and math.isfinite(full_score):
+            values["full_score"] = np.float64(full_score)
         if shares is not None:
-            save_file({"shares": shares.detach().cpu().contiguous()}, str(self.folder / "shares.safetensors"))
-            sync_file(self.folder / "shares.safetensors")   # on disk before the JSON that names it
-        write_json(self.folder / "original.json", {"key": self.key, "full_score": full_score,
-                                                   "shares": shares is not None}, sync=True)
-        if self.folder not in _open_partials:   # an interrupt from here on names it as kept work
-            _open_partials.append(self.folder)
+            values["shares"] = shares.detach().cpu().contiguous().numpy()
+        if values:
+            kept.write_arrays(self.folder, "original", values, key=self.key)
+            kept.note(self.folder)   # an interrupt from here on names it as kept work
 
     def drop(self) -> None:
-        import shutil
+        from moeguard import kept
 
-        from moeguard.io import _open_partials
-
-        shutil.rmtree(self.folder, ignore_errors=True)
-        if self.folder in _open_partials:
-            _open_partials.remove(self.folder)
-
+        kept.forget(self.folder)

@@ -146,8 +146,11 @@ def prune_table(record: dict) -> Table:
     def ids(xs: list[int], most: int = 16) -> str:   # DeepSeek's 256 experts: a line per layer, not a page
         return " ".join(map(str, xs[:most])) + (f" ... (+{len(xs) - most})" if len(xs) > most else "")
 
+    # a budget-pruned source has its own count per layer (one that had 4 experts lists no 4-7 as dropped)
+    per_layer = record.get("original_experts_per_layer") or {}
     for layer, kept in record["keep"].items():
-        t.add_row(str(layer), f"{len(kept)}/{n}", ids(list(kept)), ids([e for e in range(n) if e not in kept]))
+        had = int(per_layer.get(str(layer), n))
+        t.add_row(str(layer), f"{len(kept)}/{had}", ids(list(kept)), ids([e for e in range(had) if e not in kept]))
     return t
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moeguard import kept
 from moeguard.models.hooks import mask_experts
 from moeguard.tasks.tokens import model_device
 
@@ -127,18 +128,6 @@ def _last_logprobs(caches: list[ContextCache], rows: torch.Tensor) -> torch.Tens
     return torch.cat([F.log_softmax(c.logits(rows[i:j])[:, -1], -1) for c, i, j in _chunks(caches, len(rows))])
 
 
-def _kept(keep, name: str, key, compute) -> dict[str, np.ndarray]:
-    """``compute()``'s arrays, kept in ``keep`` under ``name`` and a digest of ``key`` (what they
-    depend on besides the folder's own key) and read back on a resumed scan; ``keep`` None: computed."""
-    if keep is None:
-        return compute()
-    from moeguard.io import kept_arrays
-
-    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    keep.mkdir(parents=True, exist_ok=True)
-    return kept_arrays(keep, f"{name}-{h}", compute)
-
-
 def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, batch: int,
            progress=None, keep=None) -> tuple[np.ndarray, np.ndarray]:
     """The routed expert ids [S, C, T, k] at the appended position (per MoE layer slot, context and
@@ -155,9 +144,9 @@ def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, bat
     steps = 1 + sum(l.num_experts for l in adapter.layers)
     tokens_key = hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
     for c, ids in enumerate(contexts):
-        part = _kept(keep, "screen", [list(map(int, ids)), tokens_key, batch, k],
-                     lambda: _screen_context(model, adapter, ids, tokens, cand, batch=batch, k=k, can_mask=can_mask,
-                                             progress=progress, bar=bar))
+        part = kept.arrays(keep, "screen", lambda: _screen_context(model, adapter, ids, tokens, cand, batch=batch, k=k,
+                                                                   can_mask=can_mask, progress=progress, bar=bar),
+                           key=[list(map(int, ids)), tokens_key, batch, k])
         routed[:, c], gain[:, c] = part["routed"], part["gain"]
         if bar is not None:   # a context read back advances the bar by all it would have
             progress.update(bar, completed=(c + 1) * steps)
@@ -233,8 +222,8 @@ def chains(model, adapter, contexts: list[list[int]], starts: dict[tuple[int, in
 
     for (s, e), toks in starts.items():
         # the batch of a cache is the longest start list: it is in the key, as the sums may depend on it
-        out[(s, e)] = _kept(keep, f"chain-{s}-{e}", [contexts_key, [int(t) for t in toks], length, n],
-                            lambda: run(s, e, toks))
+        out[(s, e)] = kept.arrays(keep, f"chain-{s}-{e}", lambda: run(s, e, toks),
+                                  key=[contexts_key, [int(t) for t in toks], length, n])
         if bar is not None:
             progress.advance(bar)
     return out

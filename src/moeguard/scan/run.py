@@ -170,7 +170,7 @@ def _part(tmp: Path, name: str, make, key: dict[str, Any]):
     """A resumable part: computed once, kept as JSON in the partial folder under a digest of what
     it depends on (``key``), so a run with other settings for one part reuses the others."""
     from moeguard.io import write_json
-    from moeguard.studies.engine import digest
+    from moeguard.io import digest
 
     f = tmp / f"part-{name}-{digest(key)}.json"
     if f.exists():
@@ -290,7 +290,7 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
             return value
 
         weights = timed("weights", lambda: {_key(*k): v for k, v in weight_stats(model, adapter).items()})
-        from moeguard.studies.engine import digest
+        from moeguard.io import digest
 
         # the ablation's finished batches, kept under the usage part's key until the part is whole
         # and under torch's thread count: CPU sums differ in their last bits with it (attribute keys it too)

@@ -220,7 +220,7 @@ def cell_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, grid:
     from moeguard.models.prune import prune_model
     from moeguard.realign.strategies.base import get_strategy
     from moeguard.realign.strategies.orphan import orphan_shares
-    from moeguard.studies.engine import digest
+    from moeguard.io import digest
     from moeguard.tasks.evaluate import TaskResult
 
     from moeguard.trace.api import tracer

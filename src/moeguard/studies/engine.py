@@ -22,14 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moeguard.errors import MoeguardError, suggest
-from moeguard.io import dumps, strict_loads, write_json
+from moeguard.io import digest, dumps, strict_loads, write_json
 
 BACKENDS = ("local", "ray")
-
-
-def digest(value: Any) -> str:
-    """A short stable hash of a JSON-able value (job keys, stage keys, derived-model tags)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # fields that hold wall-clock measurements: they differ between two runs of the same job

@@ -241,7 +241,7 @@ def curve_job(ctx, *, task: str, keep: dict[str, list[int]], strategy: str, seed
     from moeguard.realign.offload import offloaded
     from moeguard.realign.strategies.base import get_strategy
     from moeguard.realign.strategies.orphan import orphan_shares
-    from moeguard.studies.engine import digest
+    from moeguard.io import digest
     from moeguard.tasks.evaluate import TaskResult
     from moeguard.tasks.registry import get_task
     from moeguard.trace.api import tracer

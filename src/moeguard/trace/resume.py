@@ -8,7 +8,7 @@ subfolder keyed by what they were read from (each source's ``weights_identity``,
 moeguard's version), so a rerun against another suspect, a rewritten checkpoint or another seed
 reads afresh; each sketch's file name also carries a digest of the hidden dimensions and frame it
 was read in. A sketch is a few MB (``features.Sketch``): the arrays are kept as ``.npz``, never
-unpickled (``io.kept_arrays``).
+unpickled (``kept.kept_arrays``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def keyed(keep: Path | None, role: str, settings: dict[str, Any]) -> Path | None
 
 def kept_sketch(folder: Path | None, name: str, H: np.ndarray, frame, compute: Callable[[], Sketch]) -> Sketch:
     """``compute()``'s sketch, kept in ``folder`` (None: computed) and read back on a resumed run."""
-    from moeguard.io import kept_arrays
+    from moeguard.kept import kept_arrays
 
     if folder is None:
         return compute()

@@ -34,7 +34,7 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
     ``save_every`` steps; a state of the same run (recipe and training texts) is resumed from, and
     ends with the weights an uninterrupted run has. The caller removes it once ``out`` is written."""
     from moeguard import trainstate
-    from moeguard.studies.engine import digest
+    from moeguard.io import digest
     from transformers import AutoModelForCausalLM
 
     from moeguard.models.specialization import routing_profile, specialization_summary

@@ -27,10 +27,14 @@ def write_merged(handle, out: Path, **kwargs: Any) -> dict[str, Any]:
     """Merge ``handle``'s model (a resolved ModelHandle) into ``out``; returns the record.
     ``streaming=None``: streaming surgery when the plan needs no data and the checkpoint is local.
     ``max_memory`` (bytes): calibrate under that cap and stream the computed plan (local only)."""
-    record = _write_merged(handle, out, **kwargs)
-    # the merged checkpoint is in place: a plan a killed capped run kept for it has no use left (this
-    # run may have taken another path: in memory, or with other settings)
-    Path(out).with_name(f".{Path(out).name}.merge-plan.json").unlink(missing_ok=True)
+    from moeguard.kept import held_for
+
+    # one run at a time: a capped merge's plan is kept beside --out, which another run would replace
+    with held_for(Path(out)):
+        record = _write_merged(handle, out, **kwargs)
+        # the merged checkpoint is in place: a plan a killed capped run kept for it has no use left (this
+        # run may have taken another path: in memory, or with other settings)
+        Path(out).with_name(f".{Path(out).name}.merge-plan.json").unlink(missing_ok=True)
     return record
 
 
@@ -183,34 +187,28 @@ class _KeptPlan:
     floats exactly, so the streamed shards' stamps match and the finished shards are kept too."""
 
     def __init__(self, out: Path, key: dict[str, Any]):
-        from moeguard.studies.engine import digest
+        from moeguard.kept import KeptJSON
 
-        self.path = out.with_name(f".{out.name}.merge-plan.json")   # write_merged removes it once out is in place
-        self.key = digest(key)
+        # write_merged removes it once out is in place
+        self.doc = KeptJSON(out.with_name(f".{out.name}.merge-plan.json"), key)
 
     def read(self):
-        from moeguard.io import strict_loads
         from moeguard.pruning.merging.plan import MergePlan
 
+        doc = self.doc.read()
         try:
-            doc = strict_loads(self.path.read_text(encoding="utf-8"))
-            if doc.get("key") != self.key:
-                return None
             p = doc["plan"]
             plan = MergePlan(clusters={int(l): g for l, g in p["clusters"].items()},
                              weights=None if p["weights"] is None else {int(l): w for l, w in p["weights"].items()},
                              num_experts=int(p["num_experts"]), method=p["method"], gate=p["gate"], task=p["task"],
                              scores_method=p["scores_method"], why=p["why"])
             return plan, doc["cost"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):   # absent, another run's, or torn
+        except (KeyError, TypeError, ValueError, AttributeError):   # absent, another run's, or of another form
             return None
 
     def write(self, plan, cost: dict[str, Any]) -> None:
-        from moeguard.io import write_json
-
-        write_json(self.path, {"key": self.key, "plan": plan.to_dict(), "cost": cost})
+        self.doc.write({"plan": plan.to_dict(), "cost": cost})
 
     def done(self, record):
-        self.path.unlink(missing_ok=True)
+        self.doc.drop()
         return record
-
