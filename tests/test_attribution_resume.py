@@ -306,18 +306,23 @@ def test_scratch_folders_no_job_will_finish_are_removed(tmp_path):
     assert not stale.exists() and other.exists()                        # only the stages the study ran
 
 
-def test_a_scan_killed_in_its_ablation_resumes_from_the_finished_batches(tmp_path, monkeypatch):
-    """The scan's usage part is every task's exact ablation, kept whole only at its end: its finished
-    batches are kept in the scan's partial folder, and the resumed scan equals an uninterrupted one."""
-    args = ["scan", "--tasks", "arith-compare,record-summary", "--samples", "16", "--contexts", "2",
-            "--candidates", "2", "--chain", "2"]
+def test_a_scan_killed_in_its_ablation_then_in_its_effects_resumes_from_the_finished_pieces(tmp_path, monkeypatch):
+    """The scan's usage part is every task's exact ablation, kept whole only at its end, and its effects
+    part the screen of each context and the chains of each expert: their finished pieces are kept in
+    the scan's partial folder, and the scan resumed twice equals an uninterrupted one."""
+    args = ["scan", "--tasks", "arith-compare", "--samples", "16", "--contexts", "2", "--candidates", "2",
+            "--chain", "2"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    _counting(monkeypatch, stop_at=4)   # 2 batches of each task: the second task's second batch
+    _counting(monkeypatch, stop_at=2)   # the ablation's second batch
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    # resumed: the first batch read back, the second scored; the screen's 2 contexts, then the second chain
+    asked, computed = _counting(monkeypatch, stop_at=2 + 2 + 2)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    assert computed[:1] == asked[1:2] and asked[0].startswith("ablation") and asked[2].startswith("screen")
     asked, computed = _counting(monkeypatch, stop_at=None)
     assert main([*args, "--out", str(tmp_path / "cut")]) == 0
-    ablation = lambda names: [n for n in names if n.startswith("ablation")]  # noqa: E731
-    assert len(ablation(asked)) == 4 and len(ablation(computed)) == 1
+    # the usage part was kept whole; of the effects, both contexts and the first chain are read back
+    assert len(asked) == 2 + 32 and len(computed) == 31
     whole, cut = (json.loads((tmp_path / f / "scan.json").read_text()) for f in ("whole", "cut"))
     from moeguard.studies.engine import untimed
 
@@ -337,22 +342,6 @@ def test_the_merge_route_s_recovery_keeps_its_ablation_batches(tmp_path, monkeyp
     assert main(args) == 0
     assert len(asked) == 2 and len(computed) == 1
 
-
-def test_a_scan_killed_in_its_effects_resumes_from_the_finished_contexts_and_chains(tmp_path, monkeypatch):
-    args = ["scan", "--tasks", "arith-compare", "--samples", "8", "--contexts", "2", "--candidates", "2", "--chain", "2"]
-    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    # 1 ablation batch, the screen's 2 contexts, then one chain per expert: the second chain is interrupted
-    _counting(monkeypatch, stop_at=5)
-    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
-    asked, computed = _counting(monkeypatch, stop_at=None)
-    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
-    # the usage part was kept whole; of the effects, both contexts and the first chain are read back
-    assert len(asked) == 2 + 32 and len(computed) == 31
-    whole, cut = (json.loads((tmp_path / f / "scan.json").read_text()) for f in ("whole", "cut"))
-    from moeguard.studies.engine import untimed
-
-    strip = lambda d: {k: v for k, v in untimed(d).items() if k not in ("run", "seconds")}  # noqa: E731
-    assert strip(cut) == strip(whole) and sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["scan.json", "scan.md"]
 
 
 def test_a_torn_kept_original_is_scored_again_not_a_traceback(tmp_path):

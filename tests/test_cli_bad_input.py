@@ -327,6 +327,9 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["monitor", "score", "--profile", "{F}", "--log", "{F}", "--out", ".", "--overwrite"],
      "output '.' names no file or folder of its own"),   # held the input; any '.' failed at the rename, after the work
     (["harden", "--out", ".", "--overwrite"], "output '.' names no file or folder of its own"),
+    (["merge", "--method", "average", "--keep", "4", "--out", "."], "output '.' names no file or folder of its own"),
+    (["merge", "--method", "average", "--keep", "4", "--max-memory", "4MiB", "--out", "."],   # a traceback at the lock
+     "output '.' names no file or folder of its own"),
     (["zoo", "suite", "--out", "d/..", "--overwrite"], "output 'd/..' names no file or folder of its own"),
     # an output inside an input folder changes it (a model's config.json replaced by scores or a plan)
     (["attribute", "--model", "{D}", "--task", "arith-compare", "--method", "gate", "--out", "{D}/config.json", "--overwrite"],

@@ -305,7 +305,7 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
 @contextlib.contextmanager
 def resumable_scratch(path: str | os.PathLike, *, overwrite: bool = False, settings: Any = None) -> Iterator[Path]:
     """For a command whose output is one file: the scratch folder ``.NAME.partial`` beside
-    ``path`` keeps finished steps (``kept_arrays``) across a failure or a kill, as
+    ``path`` keeps finished steps (``kept.kept_arrays``) across a failure or a kill, as
     :func:`resumable_dir` does, and is deleted when the block completes. The block writes
     ``path`` itself (``write_json``)."""
     path = check_output(path, overwrite=overwrite, kind="file")

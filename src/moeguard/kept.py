@@ -129,5 +129,9 @@ def forget(folder: Path) -> None:
 def held_for(out: Path):
     """One run at a time for what is kept beside ``out`` (``.OUT.kept.lock``, removed after): a second
     run to the same output is a one-line error before it reads, replaces or removes the first's."""
+    if not out.name:   # callers check their --out first; "." or "/" has no name to put a lock beside
+        from moeguard.errors import MoeguardError
+
+        raise MoeguardError(f"output '{out}' names no file or folder of its own", hint="pass --out NEW_FOLDER")
     return io.held(out.with_name(f".{out.name}.kept.lock"), busy=f"another moeguard run is writing {out}",
                    hint="wait for it to finish (or stop it), or give this run another --out")

@@ -27,14 +27,27 @@ def write_merged(handle, out: Path, **kwargs: Any) -> dict[str, Any]:
     """Merge ``handle``'s model (a resolved ModelHandle) into ``out``; returns the record.
     ``streaming=None``: streaming surgery when the plan needs no data and the checkpoint is local.
     ``max_memory`` (bytes): calibrate under that cap and stream the computed plan (local only)."""
+    import contextlib
+
     from moeguard.kept import held_for
 
-    # one run at a time: a capped merge's plan is kept beside --out, which another run would replace
-    with held_for(Path(out)):
+    out = Path(out)
+    # the output's own checks first: a bad --out is its one line, not the lock file's, and no lock file
+    # is made inside the model's folder
+    check_output(out, overwrite=kwargs.get("overwrite", False), kind="folder")
+    if handle.ref.path is not None:
+        from moeguard.pruning.checkpoint import check_apart
+
+        check_apart(handle.ref.path, out)
+    plan_file = out.with_name(f".{out.name}.merge-plan.json")
+    # one run at a time where a plan is kept beside --out (a capped merge), which another run would replace;
+    # an in-memory merge keeps nothing there and takes no lock (a file system without locks still serves it)
+    capped = kwargs.get("max_memory") is not None
+    with held_for(out) if capped or plan_file.exists() else contextlib.nullcontext():
         record = _write_merged(handle, out, **kwargs)
         # the merged checkpoint is in place: a plan a killed capped run kept for it has no use left (this
         # run may have taken another path: in memory, or with other settings)
-        Path(out).with_name(f".{Path(out).name}.merge-plan.json").unlink(missing_ok=True)
+        plan_file.unlink(missing_ok=True)
     return record
 
 
