@@ -310,19 +310,19 @@ def test_a_scan_killed_in_its_ablation_then_in_its_effects_resumes_from_the_fini
     """The scan's usage part is every task's exact ablation, kept whole only at its end, and its effects
     part the screen of each context and the chains of each expert: their finished pieces are kept in
     the scan's partial folder, and the scan resumed twice equals an uninterrupted one."""
-    args = ["scan", "--tasks", "arith-compare", "--samples", "16", "--contexts", "2", "--candidates", "2",
+    args = ["scan", "--tasks", "arith-compare", "--samples", "16", "--contexts", "1", "--candidates", "2",
             "--chain", "2"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     _counting(monkeypatch, stop_at=2)   # the ablation's second batch
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
-    # resumed: the first batch read back, the second scored; the screen's 2 contexts, then the second chain
-    asked, computed = _counting(monkeypatch, stop_at=2 + 2 + 2)
+    # resumed: the first batch read back, the second scored; the screen's context, then the second chain
+    asked, computed = _counting(monkeypatch, stop_at=2 + 1 + 2)
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
     assert computed[:1] == asked[1:2] and asked[0].startswith("ablation") and asked[2].startswith("screen")
     asked, computed = _counting(monkeypatch, stop_at=None)
     assert main([*args, "--out", str(tmp_path / "cut")]) == 0
-    # the usage part was kept whole; of the effects, both contexts and the first chain are read back
-    assert len(asked) == 2 + 32 and len(computed) == 31
+    # the usage part was kept whole; of the effects, the context and the first chain are read back
+    assert len(asked) == 1 + 32 and len(computed) == 31
     whole, cut = (json.loads((tmp_path / f / "scan.json").read_text()) for f in ("whole", "cut"))
     from moeguard.studies.engine import untimed
 
