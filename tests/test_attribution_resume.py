@@ -306,28 +306,39 @@ def test_scratch_folders_no_job_will_finish_are_removed(tmp_path):
     assert not stale.exists() and other.exists()                        # only the stages the study ran
 
 
-def test_a_scan_killed_in_its_ablation_then_in_its_effects_resumes_from_the_finished_pieces(tmp_path, monkeypatch):
-    """The scan's usage part is every task's exact ablation, kept whole only at its end, and its effects
-    part the screen of each context and the chains of each expert: their finished pieces are kept in
-    the scan's partial folder, and the scan resumed twice equals an uninterrupted one."""
-    args = ["scan", "--tasks", "arith-compare", "--samples", "16", "--contexts", "1", "--candidates", "2",
-            "--chain", "2"]
-    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    _counting(monkeypatch, stop_at=2)   # the ablation's second batch
-    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
-    # resumed: the first batch read back, the second scored; the screen's context, then the second chain
-    asked, computed = _counting(monkeypatch, stop_at=2 + 1 + 2)
-    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
-    assert computed[:1] == asked[1:2] and asked[0].startswith("ablation") and asked[2].startswith("screen")
-    asked, computed = _counting(monkeypatch, stop_at=None)
-    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
-    # the usage part was kept whole; of the effects, the context and the first chain are read back
-    assert len(asked) == 1 + 32 and len(computed) == 31
-    whole, cut = (json.loads((tmp_path / f / "scan.json").read_text()) for f in ("whole", "cut"))
-    from moeguard.studies.engine import untimed
+def test_the_scan_s_ablation_screen_and_chains_resume_from_their_finished_pieces(tmp_path, monkeypatch):
+    """The scan's usage part (every task's exact ablation) and its effects part (the screen of each benign
+    context, the chains of each expert) keep their finished pieces (run.py gives them its partial folder:
+    docs/scan.md): killed part-way, each resumes from them to the arrays of an uninterrupted run."""
+    import numpy as np
 
-    strip = lambda d: {k: v for k, v in untimed(d).items() if k not in ("run", "seconds")}  # noqa: E731
-    assert strip(cut) == strip(whole) and sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["scan.json", "scan.md"]
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.loading import load_model
+    from moeguard.scan.effects import chains, screen
+    from moeguard.scan.usage import usage_and_criticality
+    from moeguard.tasks.registry import get_task
+
+    m, tok, _ = load_model(None)
+    adapter = MoEAdapter(m)
+    tasks = [get_task("arith-compare")]
+    contexts = [tok("The function returns")["input_ids"], tok("Answer the question")["input_ids"]]
+    tokens = np.arange(100, 140)
+    starts = {(s, e): np.array([101 + e, 120 + s]) for s in range(2) for e in range(8)}
+
+    pieces = {   # each loop, and what an uninterrupted run's arrays are
+        "ablation": lambda keep: usage_and_criticality(m, tok, tasks, samples=16, seed=0, keep=keep)["arith-compare"]
+        ["criticality"],
+        "screen": lambda keep: np.stack(screen(m, adapter, contexts, tokens, batch=16, keep=keep)),
+        "chains": lambda keep: (lambda found: np.stack([found[k]["gains"] for k in starts]))(
+            chains(m, adapter, contexts, starts, length=2, keep=keep))}
+    for name, run in pieces.items():   # killed at its second piece (a batch, a context, an expert's chains)
+        whole = run(None)
+        _counting(monkeypatch, stop_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / name)
+        asked, computed = _counting(monkeypatch, stop_at=None)
+        assert np.array_equal(run(tmp_path / name), whole), name
+        assert len(computed) == len(asked) - 1 and len(asked) == {"ablation": 2, "screen": 2, "chains": 16}[name]
 
 
 def test_the_merge_route_s_recovery_keeps_its_ablation_batches(tmp_path, monkeypatch):

@@ -66,7 +66,10 @@ def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(pla
     calls = []
     real_usage, real_effects = run_mod.usage_and_criticality, run_mod.expert_effects
 
+    effects_keep = []
+
     def stop(*a, **k):
+        effects_keep.append(k.get("keep"))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run_mod, "usage_and_criticality", lambda *a, **k: (calls.append("usage"), real_usage(*a, **k))[1])
@@ -75,8 +78,12 @@ def test_scan_ranks_the_planted_expert_first_without_the_trigger_and_resumes(pla
     assert main(args) == 130 and not out.exists()
     err = capsys.readouterr().err
     assert "interrupted; the work done so far is kept in" in err and ".scan.partial" in err, err
-    assert sorted(f.name.rsplit("-", 1)[0] for f in (tmp_path / ".scan.partial").glob("part-*.json")) == \
-        ["part-usage", "part-weights"]
+    partial = tmp_path / ".scan.partial"
+    assert sorted(f.name.rsplit("-", 1)[0] for f in partial.glob("part-*.json")) == ["part-usage", "part-weights"]
+    # the pieces inside the parts are kept there too (tests/test_attribution_resume.py resumes from them):
+    # each task's ablation batches, and a folder for the effects' contexts and chains
+    assert {p.parent.name for p in partial.glob("usage-batches-*/*/.*.npz")} == {"arith-compare", "docstring-topic"}
+    assert effects_keep[0].parent == partial and effects_keep[0].name.startswith("effects-kept-")
     # the checkpoint re-made in place (its weight files' times change): the old parts are not reused
     import os
 

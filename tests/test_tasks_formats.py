@@ -366,6 +366,12 @@ def test_cli_zoo_train_on_a_one_sentence_per_line_corpus_beats_the_unigram_basel
     assert code == 0, err
     assert "written to" in out
     card = json.loads((tmp_path / "m" / "moeguard_card.json").read_text())
+    # the summary table: per MoE layer the specialization before and after, and each task's top expert
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    spec, init = card["specialization"], card["specialization_at_init"]
+    assert rows == [[str(i), f"{a:.3f}", f"{b:.3f}", str(spec["top_experts"]["ptb-like"][i])]
+                    for i, (a, b) in enumerate(zip(init["per_layer"], spec["per_layer"]))]
+    assert f"for 40 steps (loss {card['loss_curve'][0]:.3f} -> {card['loss_curve'][-1]:.3f})" in " ".join(out.split())
     assert card["tasks"]["ptb-like"]["train_records"] > 100 and card["tasks"]["ptb-like"]["train_blocks"] > 16
     assert card["warnings"] == [] and "gives only" not in err  # enough data: no few-blocks warning
     res = tmp_path / "res.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-from moeguard.cli.app import OverwriteOpt, SeedOpt, _progress, _task_names, _training_state, zoo_app
+from moeguard.cli.app import OverwriteOpt, SeedOpt, _console, _progress, _task_names, _training_state, zoo_app
 import typer
 
 
@@ -47,6 +47,9 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
             card = train_embedded(out, recipe=recipe, overwrite=overwrite, progress=progress, tasks=names,
                                   checkpoint=state)
     spec = card["specialization"]
+    from moeguard.report.tables import zoo_train_table
+
+    _console().print(zoo_train_table(card))
     resumed = f" (resumed at step {card['resumed_from']} of {steps})" if card.get("resumed_from") else ""
     typer.echo(f"trained in {card['train_seconds']:.0f} s{resumed}; final loss {card['loss_curve'][-1]}; "
                f"specialization (normalized task-expert MI) {spec['mean']:.3f} "
@@ -58,7 +61,6 @@ def zoo_suite(out: Annotated[Path, typer.Option("--out", help="output folder for
               python_stdlib: Annotated[Optional[Path], typer.Option("--python-stdlib", help="standard-library folder to read (default: this interpreter's)")] = None,
               seed: SeedOpt = 0, overwrite: OverwriteOpt = False) -> None:
     """Rebuild the embedded suite's data from a Python standard library (``python -m moeguard.zoo.suite`` too)."""
-    from moeguard.cli.app import _console
     from moeguard.io import atomic_dir, check_output
     from moeguard.zoo.suite import build_suite
     from moeguard.zoo.suite.builder import check_stdlib

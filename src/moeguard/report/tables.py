@@ -127,6 +127,24 @@ def monitor_score_table(summary: dict) -> Table:
     return t
 
 
+def zoo_train_table(card: dict) -> Table:
+    """``zoo train``'s summary: per MoE layer, how specialized routing became (the task-expert mutual
+    information at initialization and after training) and each task's most-used expert."""
+    loss = card["loss_curve"]
+    t = Table(title=f"trained {card['parameters']:,} parameters for {card['recipe']['steps']} steps "
+                    f"(loss {loss[0]:.3f} -> {loss[-1]:.3f})")
+    t.add_column("layer", justify="right")
+    t.add_column("I(task; expert) at init", justify="right")
+    t.add_column("trained", justify="right")
+    tops = card["specialization"].get("top_experts", {})
+    for name in tops:
+        t.add_column(f"{name}: top expert", justify="right")
+    spec, init = card["specialization"]["per_layer"], card["specialization_at_init"]["per_layer"]
+    for i, (a, b) in enumerate(zip(init, spec)):
+        t.add_row(str(i), f"{a:.3f}", f"{b:.3f}", *(str(tops[n][i]) for n in tops))
+    return t
+
+
 def prune_table(record: dict) -> Table:
     """Per layer: the experts kept and dropped; the caption: the checkpoint's size before and after."""
     plan = record.get("plan") or {}
