@@ -443,19 +443,20 @@ def test_an_audit_interrupted_while_hardening_resumes_the_hardening(tmp_path, mo
     run = tmp_path / "run"
     args = ["audit", "--out", str(run), "--tasks", "arith-compare", "--methods", "frequency", "--no-recovery",
             "--random-seeds", "1", "--eval-limit", "16", "--recovery-eval-limit", "16", "--pool-size", "32",
-            "--samples", "8", "--defense", "entangle", "--harden-steps", "27", "--defense-budget", "4",
+            "--samples", "8", "--defense", "entangle", "--harden-steps", "3", "--harden-save-every", "2",
+            "--defense-budget", "4",
             "--threads", str(THREADS), "--defense-modes", "lora", "--defense-lr-scales", "1", "--defense-epochs", "1",
             "--defense-seeds", "1"]
     with pytest.raises(SystemExit) as stop:
         main(args)
-    assert stop.value.code == 130 and saves == [25] and (run / "jobs" / "harden-state" / "state.json").exists()
+    assert stop.value.code == 130 and saves == [2] and (run / "jobs" / "harden-state" / "state.json").exists()
     monkeypatch.setattr(trainstate, "save", real)
     assert main(args) == 0
     log = json.loads((run / "stages" / "harden" / "hardening.json").read_text())
-    assert log["resumed_from"] == 25 and [r["step"] for r in log["log"]] == list(range(1, 28))
+    assert log["resumed_from"] == 2 and [r["step"] for r in log["log"]] == list(range(1, 4))
     # saved as `moeguard harden` saves it, with its record (and a protocol for a defense with one)
     kept = json.loads((run / "stages" / "harden" / "hardened" / "moeguard_hardening.json").read_text())
-    assert kept["method"] == "entangle" and kept["resumed_from"] == 25
+    assert kept["method"] == "entangle" and kept["resumed_from"] == 2
     assert not (run / "jobs" / "harden-state").exists()
 
 

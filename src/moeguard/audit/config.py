@@ -61,6 +61,8 @@ class AuditConfig:
     defense: str | None = setting(None, help="also harden with this defense and compare (see `moeguard defenses`)")
     hardened: str | None = setting(None, help="or compare this hardened checkpoint with --model")
     harden_steps: int | None = setting(None, min=1, help="training steps of --defense; default: the defense's")
+    harden_save_every: int = setting(25, min=1, help="save the hardening's training state every N steps, which an "
+                                     "interrupted audit resumes from (changes no number)")
     defense_tasks: list[str] | None = setting(None, help="tasks the defense comparison attacks; default: the first")
     defense_budget: int = setting(64, min=1, help="the attack harness's label budget")
     defense_seeds: int = setting(1, min=1, help="seeds per attacker setting in the harness")
@@ -154,6 +156,9 @@ def _check_unused(cfg: AuditConfig) -> None:
             warnings.warn(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, and {off}: "
                           f"{'it has' if len(given) == 1 else 'they have'} no effect ({fix} to run it)", stacklevel=3)
     # refused: beside --hardened it did nothing but re-run the whole comparison (it is in the stage's key)
+    if cfg.harden_save_every != 25 and not cfg.defense:   # it was accepted and ignored
+        raise MoeguardError("harden_save_every is set without defense", hint="pass --defense NAME to harden within "
+                            "the audit, or leave harden_save_every out")
     if cfg.harden_steps is not None and not cfg.defense:
         raise MoeguardError("harden_steps is set without defense" + (" (hardened names a checkpoint already "
                             "hardened)" if cfg.hardened else ""),

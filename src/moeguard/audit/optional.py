@@ -147,7 +147,8 @@ def harden_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle
     torch.manual_seed(cfg.seed)
     hardened, tok, _ = load_model(cfg.model, dtype=dtype, device_map=runtime.device_map)
     hcfg = config_for(cfg.defense, tasks=tuple(cfg.tasks), steps=cfg.harden_steps, seed=cfg.seed)
-    log = harden(hardened, tok, hcfg, progress=progress, checkpoint=state, source=weights_identity(cfg.model))
+    log = harden(hardened, tok, hcfg, progress=progress, checkpoint=state, source=weights_identity(cfg.model),
+                 save_every=cfg.harden_save_every)
     # as `moeguard harden` writes it: with its record and, for a defense with one, the protocol users
     # adapt under (without it a later defend-eval or realign on this folder skipped the protocol)
     save_hardened(d / "hardened", hardened, tok, hcfg, log, source=model.name, like=weights_folder(model.ref),

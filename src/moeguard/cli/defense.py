@@ -26,12 +26,16 @@ def _harden_params():
             *options(HardenConfig, only=["method"]),
             *options(HardenConfig, exclude=("method", "seed"), unset=True, overrides=theirs),
             _param("device_map", DeviceMapOpt, None), _param("overwrite", OverwriteOpt, False),
+            _param("save_every", Annotated[int, typer.Option("--save-every", min=1, help="save the training state every "
+                                                             "N steps, which an interrupted run resumes from (changes no "
+                                                             "number)")], 25),
             *options(HardenConfig, only=["seed"])]
 
 
 @app.command()
 @_config_command(_harden_params)
-def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwrite: bool, **flags) -> None:
+def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwrite: bool, save_every: int,
+           **flags) -> None:
     """Continue training a model so that pruning its experts, then fine-tuning, recovers poorly."""
     from moeguard.config import coerce
     from moeguard.defense.harden import HardenConfig, config_for, preflight
@@ -62,12 +66,12 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
     from moeguard.report.defense import harden_table
 
     # beside the output, until it is written: an interrupted run continues from its last saved step
-    with _training_state(out, "harden", every=25) as state:
+    with _training_state(out, "harden", every=save_every) as state:
         _seed(cfg.seed)
         m, tokenizer, _ = handle.load()   # run_harden checks the loaded model again (its plan)
         with _progress() as progress:
             result = run_harden(m, tokenizer, cfg, progress=progress, checkpoint=state,
-                                source=weights_identity(handle.arg), tasks=tasks)
+                                source=weights_identity(handle.arg), tasks=tasks, save_every=save_every)
         doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
                             like=weights_folder(handle.ref),
                             run=_run({"model": handle.name, **cfg.to_dict(), **_placement(handle)}))
