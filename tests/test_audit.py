@@ -523,11 +523,14 @@ def test_settings_of_a_stage_that_is_off_are_said_and_harden_steps_without_a_def
     texts = [str(w.message) for w in said]
     assert texts == ["budgets is set, and the recovery stage is off: it has no effect (drop --no-recovery to run it)",
                      "scan_contexts is set, and the scan stage is off: it has no effect (pass --scan to run it)"], texts
-    with pytest.raises(MoeguardError, match=r"harden_steps is set without defense \(hardened names a checkpoint"):
+    with pytest.raises(MoeguardError, match=r"harden_steps 5 sets the hardening, and no --defense hardens in this audit "
+                                            r"\(--hardened names a checkpoint already hardened\)") as e:
         check(AuditConfig(hardened="x", harden_steps=5))
-    with pytest.raises(MoeguardError, match="harden_steps is set without defense"):
-        check(AuditConfig(harden_steps=5))
-    check(AuditConfig(defense="entangle", harden_steps=5))
+    assert e.value.hint == "leave harden_steps out"          # not --defense, which --hardened refuses
+    with pytest.raises(MoeguardError, match="harden_steps 5 and harden_save_every 2 set the hardening, and no") as e:
+        check(AuditConfig(harden_steps=5, harden_save_every=2))
+    assert e.value.hint == "pass --defense NAME to harden within the audit, or leave harden_steps and harden_save_every out"
+    check(AuditConfig(defense="entangle", harden_steps=5, harden_save_every=2))
 
 
 def test_a_kept_scan_document_is_trusted_only_when_it_reads_whole(tmp_path):

@@ -316,7 +316,8 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["harden", "--out", "{O}", "--lr", "-1"], "lr is -1.0; it must be at least 1e-12"),      # Adam refused it after the load
     (["harden", "--out", "{O}", "--lr", "nan"], "lr is nan; it must be a finite number"),      # read "should be at most 10"
     (["audit", "--out", "{O}", "--target", "nan"], "target is nan; it must be a finite number"),
-    (["audit", "--out", "{O}", "--harden-save-every", "5"], "harden_save_every is set without defense"),   # was ignored
+    (["audit", "--out", "{O}", "--harden-save-every", "5"],   # was accepted and ignored
+     "harden_save_every 5 sets the hardening, and no --defense hardens in this audit"),
     (["harden", "--out", "{O}", "--save-every", "0"], "Invalid value for '--save-every'"),
     (["audit", "--out", "{O}", "--threads", "99999999999"], "'--threads': Input should be less than or equal to 4096"),                      # overflowed in a job
     (["monitor", "profile", "--out", "{O}", "--window", "1000000000000"],     # failed at the end, allocating 7 TiB

@@ -19,7 +19,7 @@ SMALL_ATTACK = ["--budget", "16", "--budgets", "8,16", "--methods", "frequency,g
 @pytest.fixture(scope="module")
 def hardened(tmp_path_factory):
     out = tmp_path_factory.mktemp("h") / "selective"
-    assert main(["harden", "--method", "selective", "--steps", "3", "--out", str(out)]) == 0
+    assert main(["harden", "--method", "selective", "--steps", "3", "--save-every", "2", "--out", str(out)]) == 0
     return out
 
 
@@ -31,6 +31,7 @@ def test_harden_writes_a_loadable_checkpoint_its_log_and_a_protocol(hardened):
     # every term of the objective is logged, so its movement can be read from the run
     assert {"utility", "balance", "pruned", "attack_after", "authorized_after"} <= set(doc["log"][0])
     assert doc["run"]["settings"]["steps"] == 3 and "versions" in doc["run"]
+    assert doc["run"]["settings"]["save_every"] == 2 and not hardened.with_name(f".{hardened.name}.harden-state").exists()
     proto = json.loads((hardened / "moeguard_protocol.json").read_text())
     assert proto["modes"] == ["lora"] and all("self_attn" in p for p in proto["authorized_parameters"])
     m = AutoModelForCausalLM.from_pretrained(hardened)

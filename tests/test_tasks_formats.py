@@ -279,8 +279,9 @@ def test_rebuilding_the_embedded_model_keeps_its_recipe(monkeypatch, tmp_path):
 
     seen = []
     monkeypatch.setattr(zoo_train, "train_embedded", lambda out, *, recipe, **kw: seen.append(recipe) or
-                        {"specialization": {"mean": 0}, "specialization_at_init": {"mean": 0},
-                         "train_seconds": 0, "loss_curve": [0]})
+                        {"specialization": {"mean": 0, "per_layer": [0], "top_experts": {"t": [1]}},
+                         "specialization_at_init": {"mean": 0, "per_layer": [0]}, "parameters": 1,
+                         "recipe": recipe.to_dict(), "train_seconds": 0, "loss_curve": [0]})
     assert main(["zoo", "train", "--out", str(tmp_path / "a"), "--steps", "7"]) == 0
     assert main(["zoo", "train", "--tasks", "arith-compare", "--out", str(tmp_path / "b")]) == 0
     assert seen[0].long_examples == "truncate" and seen[0].steps == 7
@@ -369,7 +370,7 @@ def test_cli_zoo_train_on_a_one_sentence_per_line_corpus_beats_the_unigram_basel
     # the summary table: per MoE layer the specialization before and after, and each task's top expert
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
     spec, init = card["specialization"], card["specialization_at_init"]
-    assert rows == [[str(i), f"{a:.3f}", f"{b:.3f}", str(spec["top_experts"]["ptb-like"][i])]
+    assert rows == [[str(i), f"{a:.3f}", f"{b:.3f}", f"ptb-like {spec['top_experts']['ptb-like'][i]}"]
                     for i, (a, b) in enumerate(zip(init["per_layer"], spec["per_layer"]))]
     assert f"for 40 steps (loss {card['loss_curve'][0]:.3f} -> {card['loss_curve'][-1]:.3f})" in " ".join(out.split())
     assert card["tasks"]["ptb-like"]["train_records"] > 100 and card["tasks"]["ptb-like"]["train_blocks"] > 16

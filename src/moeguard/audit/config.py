@@ -155,14 +155,17 @@ def _check_unused(cfg: AuditConfig) -> None:
             off = f"the {stage} stages are off" if " and " in stage else f"the {stage} stage is off"
             warnings.warn(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, and {off}: "
                           f"{'it has' if len(given) == 1 else 'they have'} no effect ({fix} to run it)", stacklevel=3)
-    # refused: beside --hardened it did nothing but re-run the whole comparison (it is in the stage's key)
-    if cfg.harden_save_every != 25 and not cfg.defense:   # it was accepted and ignored
-        raise MoeguardError("harden_save_every is set without defense", hint="pass --defense NAME to harden within "
-                            "the audit, or leave harden_save_every out")
-    if cfg.harden_steps is not None and not cfg.defense:
-        raise MoeguardError("harden_steps is set without defense" + (" (hardened names a checkpoint already "
-                            "hardened)" if cfg.hardened else ""),
-                            hint="pass --defense NAME to harden within the audit, or leave harden_steps out")
+    # refused: nothing hardens without a defense (harden_steps beside --hardened re-ran the whole comparison, as it
+    # is in the stage's key; harden_save_every was accepted and ignored)
+    given = [f"{k} {getattr(cfg, k)}" for k, unset in (("harden_steps", None), ("harden_save_every", 25))
+             if getattr(cfg, k) != unset]
+    if given and not cfg.defense:
+        raise MoeguardError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} the hardening, and no --defense "
+                            "hardens in this audit" + (" (--hardened names a checkpoint already hardened)" if cfg.hardened
+                                                       else ""),
+                            hint=f"leave {' and '.join(g.split()[0] for g in given)} out" if cfg.hardened else
+                            "pass --defense NAME to harden within the audit, or leave "
+                            f"{' and '.join(g.split()[0] for g in given)} out")
 
 
 def check(cfg: AuditConfig) -> None:

@@ -74,7 +74,8 @@ def harden(*, out: Path, model: Optional[str], device_map: Optional[str], overwr
                                 source=weights_identity(handle.arg), tasks=tasks, save_every=save_every)
         doc = save_hardened(out, m, tokenizer, cfg, result, source=handle.name, overwrite=overwrite,
                             like=weights_folder(handle.ref),
-                            run=_run({"model": handle.name, **cfg.to_dict(), **_placement(handle)}))
+                            run=_run({"model": handle.name, **cfg.to_dict(), "save_every": save_every,
+                                      **_placement(handle)}))
     _console().print(harden_table(doc))
     resumed = f" (resumed at step {result['resumed_from']} of {cfg.steps})" if result["resumed_from"] else ""
     typer.echo(f"hardened with '{cfg.method}' in {result['seconds']:.0f} s{resumed}; written to {out}")

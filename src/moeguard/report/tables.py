@@ -136,12 +136,11 @@ def zoo_train_table(card: dict) -> Table:
     t.add_column("layer", justify="right")
     t.add_column("I(task; expert) at init", justify="right")
     t.add_column("trained", justify="right")
+    t.add_column("top expert of each task")   # one column: six tasks' own columns squeezed their names to "stdl…"
     tops = card["specialization"].get("top_experts", {})
-    for name in tops:
-        t.add_column(f"{name}: top expert", justify="right")
     spec, init = card["specialization"]["per_layer"], card["specialization_at_init"]["per_layer"]
     for i, (a, b) in enumerate(zip(init, spec)):
-        t.add_row(str(i), f"{a:.3f}", f"{b:.3f}", *(str(tops[n][i]) for n in tops))
+        t.add_row(str(i), f"{a:.3f}", f"{b:.3f}", ", ".join(f"{n} {tops[n][i]}" for n in tops))
     return t
 
 
