@@ -157,15 +157,15 @@ def _check_unused(cfg: AuditConfig) -> None:
                           f"{'it has' if len(given) == 1 else 'they have'} no effect ({fix} to run it)", stacklevel=3)
     # refused: nothing hardens without a defense (harden_steps beside --hardened re-ran the whole comparison, as it
     # is in the stage's key; harden_save_every was accepted and ignored)
-    given = [f"{k} {getattr(cfg, k)}" for k, unset in (("harden_steps", None), ("harden_save_every", 25))
-             if getattr(cfg, k) != unset]
+    given = {k: getattr(cfg, k) for k, unset in (("harden_steps", None), ("harden_save_every", 25))
+             if getattr(cfg, k) != unset}
     if given and not cfg.defense:
-        raise MoeguardError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} the hardening, and no --defense "
-                            "hardens in this audit" + (" (--hardened names a checkpoint already hardened)" if cfg.hardened
-                                                       else ""),
-                            hint=f"leave {' and '.join(g.split()[0] for g in given)} out" if cfg.hardened else
-                            "pass --defense NAME to harden within the audit, or leave "
-                            f"{' and '.join(g.split()[0] for g in given)} out")
+        names = " and ".join(given)
+        raise MoeguardError(f"{' and '.join(f'{k} {v}' for k, v in given.items())} set{'s' if len(given) == 1 else ''} "
+                            "the hardening, and no --defense hardens in this audit"
+                            + (" (--hardened names a checkpoint already hardened)" if cfg.hardened else ""),
+                            hint=f"leave {names} out" if cfg.hardened else
+                            f"pass --defense NAME to harden within the audit, or leave {names} out")
 
 
 def check(cfg: AuditConfig) -> None:

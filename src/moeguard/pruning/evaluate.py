@@ -8,6 +8,7 @@ and a job resumed after a kill reads it back instead of evaluating again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,7 @@ class MaskedEvaluator:
         kept = self._kept(k)
         result = kept.read() if kept is not None else None
         if result is None:
-            if keep:
-                with mask_experts(self.model, keep, adapter=self.adapter):
-                    result = evaluate_task(self.model, self.tokenizer, task, limit=limit, batch_size=self.batch_size,
-                                           baseline=baseline)
-            else:
+            with mask_experts(self.model, keep, adapter=self.adapter) if keep else contextlib.nullcontext():
                 result = evaluate_task(self.model, self.tokenizer, task, limit=limit, batch_size=self.batch_size,
                                        baseline=baseline)
             if kept is not None:

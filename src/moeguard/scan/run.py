@@ -168,18 +168,16 @@ def contexts_for(tokenizer, tasks, n: int, length: int, seed: int, *, flag: str 
 
 def _part(tmp: Path, name: str, make, key: dict[str, Any]):
     """A resumable part: computed once, kept as JSON in the partial folder under a digest of what
-    it depends on (``key``), so a run with other settings for one part reuses the others."""
-    from moeguard.io import write_json
+    it depends on (``key``), so a run with other settings for one part reuses the others. One a power
+    loss left empty is computed again, not a traceback (``kept.KeptJSON``)."""
     from moeguard.io import digest
+    from moeguard.kept import KeptJSON
 
-    f = tmp / f"part-{name}-{digest(key)}.json"
-    if f.exists():
-        try:
-            return json.loads(f.read_text())
-        except (ValueError, OSError):   # a part a power loss left empty: computed again, not a traceback
-            pass
-    value = make()
-    write_json(f, value)
+    part = KeptJSON(tmp / f"part-{name}-{digest(key)}.json", key)
+    value = part.read()
+    if value is None:
+        value = make()
+        part.write(value)
     return value
 
 

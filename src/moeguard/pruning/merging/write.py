@@ -110,10 +110,13 @@ def _write_merged(handle, out: Path, *, method: str, keep: int | None = None, sc
         from moeguard.pruning.checkpoint import check_merge_files
 
         check_merge_files(ref.path)   # before the offloaded load and the calibration, not after both
+        from moeguard.models.identity import weights_identity
+        from moeguard.tasks.loaders import task_identity
+
         kept = _KeptPlan(Path(out), {
-            "weights": _weights_identity(handle.arg), "dtype": str(checkpoint_dtype(ref)), "method": method,
+            "weights": weights_identity(handle.arg), "dtype": str(checkpoint_dtype(ref)), "method": method,
             "gate": gate, "keep": keep, "scores": s.to_dict() if s is not None else None, "plan": plan_data,
-            "task": _task_identity(task_obj) if task_obj is not None else None, "samples": samples,
+            "task": task_identity(task_obj) if task_obj is not None else None, "samples": samples,
             "batch_size": batch_size, "tokens": tokens, "seed": seed, **handle.placement_under(max_memory)})
         found = kept.read()
         if found is not None:   # a capped merge killed while it wrote: its calibration is not redone
@@ -178,18 +181,6 @@ def _streamed(handle, out: Path, prepared: dict, *, overwrite: bool, progress, s
              "calibration": calibration or {"forward_passes": 0}, "loadable_by": loadable_by(keep),
              "run": run_record(settings or {})}
     return prune_checkpoint(handle.ref.path, out, keep, overwrite=overwrite, progress=progress, extra=extra, merge=plan)
-
-
-def _weights_identity(arg):
-    from moeguard.models.identity import weights_identity
-
-    return weights_identity(arg)
-
-
-def _task_identity(task):
-    from moeguard.tasks.loaders import task_identity
-
-    return task_identity(task)
 
 
 class _KeptPlan:
