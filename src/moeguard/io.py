@@ -300,6 +300,7 @@ def resumable_dir(path: str | os.PathLike, *, overwrite: bool = False, settings:
         _move_into_place(partial, path, overwrite=overwrite)
         _open_partials.remove(partial)
         (path / STAMP).unlink(missing_ok=True)
+        (path / MADE_BY).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -370,13 +371,14 @@ def kept_progress() -> Path | None:
     for p in reversed(_open_partials):
         if not p.is_dir():
             continue
-        if any(f.name != STAMP for f in p.iterdir()):
+        if any(f.name not in (STAMP, MADE_BY) for f in p.iterdir()):
             return p
         shutil.rmtree(p, ignore_errors=True)
     return None
 
 
 STAMP = ".moeguard-settings.json"
+MADE_BY = ".moeguard-made-by.json"   # provenance.mark's: which versions made what a partial folder holds
 
 
 def partial_path(path: Path) -> Path:
@@ -395,6 +397,9 @@ def _partial(path: Path, settings: Any) -> Path:
         shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
     partial.mkdir(exist_ok=True)
     stamp.write_text(wanted)
+    from moeguard.provenance import mark
+
+    mark(partial, fix="delete it")   # what it holds from another moeguard is reused: the run record says so
     _open_partials.append(partial)
     return partial
 

@@ -97,16 +97,24 @@ class KeptJSON:
     def read(self) -> Any | None:
         try:
             doc = strict_loads(self.path.read_text(encoding="utf-8"))
-            return doc["value"] if isinstance(doc, dict) and doc.get("key") == self.key else None
+            if not isinstance(doc, dict) or doc.get("key") != self.key:
+                return None
+            value = doc["value"]
         except (OSError, ValueError, KeyError):   # absent, or a power loss left it cut short
             return None
+        from moeguard.provenance import reusing
+
+        reusing(str(self.path), doc.get("made_by"), fix="delete it")
+        return value
 
     def write(self, value: Any, *, exact: bool = False) -> bool:
         """Keep ``value``; with ``exact``, only when JSON gives it back equal (False: not kept)."""
         if exact and json.loads(dumps(value)) != value:   # NaN (never equal to itself), infinity
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.path, {"key": self.key, "value": value})
+        from moeguard.provenance import maker
+
+        write_json(self.path, {"key": self.key, "value": value, "made_by": maker()})
         return True
 
     def drop(self) -> None:

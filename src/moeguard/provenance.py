@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def git_commit() -> str | None:
@@ -57,5 +59,89 @@ def versions() -> dict[str, str]:
 
 
 def run_record(settings: dict) -> dict:
-    return {"settings": settings, "versions": versions(), "git_commit": git_commit(),
-            "command": " ".join(["moeguard", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moeguard") else None}
+    """The run's settings, versions and commit; with "reused" when it resumed from work another version
+    kept (``reusing``), which the versions and commit here did not make."""
+    record = {"settings": settings, "versions": versions(), "git_commit": git_commit(),
+              "command": " ".join(["moeguard", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moeguard") else None}
+    if _reused:
+        record["reused"] = reused()
+    return record
+
+
+# Work kept by an earlier run (an audit's stages, study jobs, a command's kept folder, a training state)
+# is reused by a resumed one whatever moeguard made it: keys hold no version, so cached work survives a
+# release that moves no number. What a resumed run reuses from another version is listed in its record
+# (``run_record``'s "reused") and warned about once per version, so its numbers are never credited to
+# a commit that did not make them. Cleared at each command's start (``start_command``).
+_reused: list[dict[str, Any]] = []
+
+
+@functools.lru_cache(maxsize=1)
+def maker() -> dict[str, Any]:
+    """What made this process's numbers: the git commit and every version ``versions`` lists, the
+    platform's kernel string aside (it changes with updates that move no number)."""
+    return {"git_commit": git_commit(), **{k: v for k, v in versions().items() if k != "platform"}}
+
+
+def start_command() -> None:
+    """A new command: what earlier ones reused is not its own."""
+    _reused.clear()
+
+
+def reusing(what: str, made_by: Any, *, fix: str) -> None:
+    """``what`` (a path), kept by a run whose :func:`maker` was ``made_by`` (None: one that recorded
+    none, before 2026-12-08), is reused by this run. Another maker than this process's is listed in
+    the run record and, the first time this command meets it, warned about with ``fix``."""
+    here = maker()
+    if made_by == here:
+        return
+    made_by = made_by if isinstance(made_by, dict) else None
+    for group in _reused:
+        if group["made_by"] == made_by:
+            if what not in group["what"]:
+                group["what"].append(what)
+            return
+    differs = None if made_by is None else {k: [made_by.get(k), here.get(k)] for k in sorted({*made_by, *here})
+                                            if made_by.get(k) != here.get(k)}
+    _reused.append({"made_by": made_by, "differs": differs, "what": [what]})
+    import warnings
+
+    warnings.warn(f"{what} was kept by {describe(differs)} and is reused: what it holds is that version's numbers "
+                  f"(the run record's 'reused' lists all such work); to recompute it with this one, {fix}", stacklevel=2)
+
+
+def describe(differs: dict[str, list] | None) -> str:
+    """``reusing``'s ``differs`` in words: "moeguard commit abc (this run: def), torch 2.12.0 (2.13.0)"."""
+    if differs is None:
+        return "a moeguard that recorded no version (before 2026-12-08)"
+    return "another version: " + ", ".join(f"{'commit' if k == 'git_commit' else k} {a} (this run: {b})"
+                                           for k, (a, b) in differs.items())
+
+
+def reused() -> list[dict[str, Any]]:
+    """This command's reused work from other versions so far (copies)."""
+    return [{**g, "what": list(g["what"])} for g in _reused]
+
+
+def mark(folder: Path, *, fix: str) -> None:
+    """``folder`` keeps pieces of work for a resume: the makers of what it already holds (listed in its
+     ``io.MADE_BY`` file; pieces without one are a maker's that recorded none) are :func:`reusing`'s, and
+    this process's maker is added to the list before it keeps anything there (made if missing)."""
+    import json
+
+    from moeguard.io import MADE_BY, STAMP
+
+    f = folder / MADE_BY
+    try:
+        makers = json.loads(f.read_text(encoding="utf-8"))
+        makers = makers if isinstance(makers, list) else [None]
+    except (OSError, ValueError):
+        held = folder.is_dir() and any(p.name not in (STAMP, MADE_BY) for p in folder.iterdir())
+        makers = [None] if held else []
+    for m in makers:
+        reusing(str(folder), m, fix=fix)
+    if maker() not in makers:
+        from moeguard.io import write_json
+
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(f, [*makers, maker()])

@@ -97,7 +97,11 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
     if pyrng is not None:
         version, internal, gauss = pyrng.getstate()
         python = [version, list(internal), gauss]
-    doc = {"format": FORMAT, "tag": tag, "step": int(step), "rng": python, "meta": meta or {}}
+    from moeguard.provenance import maker
+
+    # the makers of every step so far: a run resumed under another moeguard keeps the first's in the list
+    makers = [m for m in _makers(path, tag) if m != maker()] + [maker()]
+    doc = {"format": FORMAT, "tag": tag, "step": int(step), "rng": python, "meta": meta or {}, "made_by": makers}
     tmp, old = _aside(path, "tmp"), _aside(path, "old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -115,6 +119,20 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
         os.replace(tmp, path)
     sync_file(path.parent)                # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _makers(path: Path, tag: str) -> list[Any]:
+    """The makers (``provenance.maker``) of the state of ``tag`` at ``path`` or set aside beside it
+    (a maker that recorded none, before 2026-12-08, is None); [] where there is none of this run."""
+    for p in (path, _aside(path, "old")):
+        try:
+            doc = json.loads((p / META).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("tag") == tag:
+            made = doc.get("made_by")
+            return made if isinstance(made, list) else [None]
+    return []
 
 
 def _whole(path: Path) -> bool:
@@ -161,7 +179,13 @@ def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) 
                     for n, kv in optim.items() for k, t in kv.items())
             and rng.dtype == torch.uint8 and rng.dim() == 1 and rng.shape == torch.get_rng_state().shape
             and all(t.dtype == torch.uint8 and t.shape == (16,) for t in state.rng["cuda"]))   # Philox: seed, offset
-    return state if fits else None
+    if not fits:
+        return None
+    from moeguard.provenance import reusing
+
+    for m in doc.get("made_by") if isinstance(doc.get("made_by"), list) else [None]:
+        reusing(str(path), m, fix="delete it")
+    return state
 
 
 def clear(path: str | os.PathLike) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from moeguard.io import _move_into_place, whole_json, write_json
 from moeguard.io import digest
+from moeguard.provenance import maker
 
 DONE = "done.json"
 
@@ -87,6 +88,9 @@ class StageStore:
         final = self.stages / name
         info = self._info(name, key)
         if info is not None:
+            from moeguard.provenance import reusing
+
+            reusing(str(final), info.get("made_by"), fix="pass --overwrite to start the run over")
             seconds = info.get("seconds", 0.0)
             result = StageResult(name, key, final, True, seconds if isinstance(seconds, (int, float)) else 0.0)
         else:
@@ -101,7 +105,7 @@ class StageStore:
                 files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
                 write_json(tmp / DONE, {"stage": name, "key": key, "settings": settings, "seconds": seconds,
                                         "upstream": {u.name: u.key for u in upstream}, "files": files,
-                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "made_by": maker()})
                 _move_into_place(tmp, final)
             finally:
                 if tmp.exists():

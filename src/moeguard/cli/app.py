@@ -263,8 +263,10 @@ def _terminate_as_interrupt() -> dict:
 
 def _main(argv: list[str] | None) -> int:
     from moeguard.io import forget_progress
+    from moeguard.provenance import start_command
 
     forget_progress()   # an earlier call's left partial (a library caller's process) is not this call's
+    start_command()     # nor the work from other versions an earlier call reused
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="moeguard")
     except MoeguardError as e:

@@ -239,6 +239,10 @@ class _OriginalKept:
         from moeguard import kept
 
         found = kept.read_arrays(self.folder, "original", key=self.key) or {}
+        if found:   # reused: who made it goes in the run record when another version did
+            from moeguard.provenance import mark
+
+            mark(self.folder, fix="delete it")
         score = float(found["full_score"]) if "full_score" in found else None
         return score, torch.from_numpy(found["shares"]) if "shares" in found else None
 
@@ -251,6 +255,9 @@ class _OriginalKept:
         if shares is not None:
             values["shares"] = shares.detach().cpu().contiguous().numpy()
         if values:
+            from moeguard.provenance import mark
+
+            mark(self.folder, fix="delete it")
             kept.write_arrays(self.folder, "original", values, key=self.key)
             kept.note(self.folder)   # an interrupt from here on names it as kept work
 

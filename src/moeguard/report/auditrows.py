@@ -212,4 +212,9 @@ def repro_rows(doc: dict[str, Any]) -> list[dict[str, str]]:
             {"item": "wall time", "value": f"{doc['seconds']:.0f} s (stages: " + ", ".join(
                 s["stage"] + (" cached" if s["cached"] else f" {s['seconds']:.0f} s") for s in doc["stages"]) + ")"}]
     rows += [{"item": k, "value": v} for k, v in run["versions"].items()]
+    from moeguard.provenance import describe
+
+    # a resumed run's numbers from work another version kept: not this commit's (provenance.reusing)
+    rows += [{"item": "reused work", "value": f"{len(g['what'])} kept piece(s) by {describe(g['differs'])}: "
+              + ", ".join(g["what"][:4]) + (", ..." if len(g["what"]) > 4 else "")} for g in run.get("reused", [])]
     return rows

@@ -221,8 +221,11 @@ def execute(job: Job, runtime: Runtime, scratch: str | None = None) -> dict[str,
 
 
 def _record(job: Job, result: dict[str, Any], scope: str | None = None) -> dict[str, Any]:
+    from moeguard.provenance import maker
+
+    # made_by: the driver's versions and commit (a Ray worker's are the cluster's own environment's)
     return {"job": {"stage": job.stage, "name": job.name, "fn": job.fn, "key": job.key}, "scope": scope,
-            "args": job.args, "result": result}
+            "args": job.args, "result": result, "made_by": maker()}
 
 
 def scratch_path(job: Job, root: Path, scope: str) -> Path:
@@ -263,6 +266,9 @@ def load_done(job: Job, root: Path, scope: str | None = None) -> dict[str, Any] 
     if not isinstance(saved, dict) or not isinstance(saved.get("job"), dict) or "result" not in saved \
             or saved["job"].get("key") != job.key or saved.get("scope") != scope:
         return None
+    from moeguard.provenance import reusing
+
+    reusing(str(path), saved.get("made_by"), fix="delete it (or start the run over)")
     return saved["result"]
 
 
@@ -313,7 +319,14 @@ def run_jobs(jobs: list[Job], *, root: Path, runtime: Runtime, backend: "Backend
         if bar is not None:
             progress.update(bar, advance=sum(1 for j in todo if j.key == job.key), description=f"{label}: {job.name}")
 
-    backend.run(unique, runtime, finished, scratch=lambda j: scratch_path(j, root, scope(j)))
+    def scratch(job: Job) -> Path:   # what a killed run of the job kept there is this run's to reuse
+        from moeguard.provenance import mark
+
+        folder = scratch_path(job, root, scope(job))
+        mark(folder, fix="delete it (or start the run over)")
+        return folder
+
+    backend.run(unique, runtime, finished, scratch=scratch)
     if bar is not None:
         progress.update(bar, description=label)
     return [results[j.key] for j in jobs]

@@ -1,0 +1,170 @@
+"""A resumed run reuses the work an earlier run kept, whatever moeguard made it (keys hold no version:
+cached work survives a release that moves no number). Work kept by another version (another commit,
+another torch) or by a moeguard that recorded none is warned about once per version and listed in the
+run record's "reused", so a resumed run's numbers are never credited to a commit that did not make them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moeguard import provenance
+
+OTHER_COMMIT = "0" * 40
+
+
+@pytest.fixture(autouse=True)
+def fresh_ledger():
+    provenance.start_command()
+    yield
+    provenance.start_command()
+
+
+def _other() -> dict:
+    return {**provenance.maker(), "git_commit": OTHER_COMMIT}
+
+
+def test_an_eval_resumed_from_another_commit_s_kept_tasks_says_so_in_a_warning_and_its_record(tmp_path, monkeypatch,
+                                                                                             capsys):
+    from moeguard.cli import main
+    from moeguard.io import MADE_BY
+    from moeguard.tasks import evaluate as E
+
+    args = ["eval", "--tasks", "arith-compare,docstring-topic", "--limit", "4", "--out", str(tmp_path / "r.json")]
+    calls, real = [], E.evaluate_task
+
+    def stop_second(model, tokenizer, task, **kw):
+        calls.append(task.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, task, **kw)
+
+    monkeypatch.setattr(E, "evaluate_task", stop_second)
+    assert main(args) == 130
+    kept = tmp_path / ".r.json.partial"
+    # the folder names who made what it holds: this process alone
+    assert json.loads((kept / MADE_BY).read_text()) == [provenance.maker()]
+    (kept / MADE_BY).write_text(json.dumps([_other()]))    # as if an older commit had been interrupted
+    monkeypatch.setattr(E, "evaluate_task", real)
+    capsys.readouterr()
+    with pytest.warns(UserWarning) as caught:
+        assert main(args) == 0
+    said = [str(w.message) for w in caught if "is reused" in str(w.message)]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{kept} was kept by another version: commit {OTHER_COMMIT} (this run: "
+                              f"{provenance.maker()['git_commit']})"), said
+    assert "to recompute it with this one, delete it" in said[0], said
+    run = json.loads((tmp_path / "r.json").read_text())["run"]
+    assert run["reused"] == [{"made_by": _other(), "what": [str(kept)],
+                              "differs": {"git_commit": [OTHER_COMMIT, provenance.maker()["git_commit"]]}}]
+    # the next command reused nothing: its record says nothing of the last one's
+    assert main([*args[:-1], str(tmp_path / "s.json")]) == 0
+    assert "reused" not in json.loads((tmp_path / "s.json").read_text())["run"]
+
+
+def test_a_finished_stage_of_a_moeguard_that_recorded_no_version_is_reused_and_reported(tmp_path):
+    from moeguard.audit.stages import DONE, StageStore
+    from moeguard.report.auditrows import repro_rows
+
+    def write(d):
+        (d / "out.json").write_text("{}")
+
+    StageStore(tmp_path).run("sweep", {"x": 1}, write)
+    done = tmp_path / "stages" / "sweep" / DONE
+    info = json.loads(done.read_text())
+    assert info["made_by"] == provenance.maker()
+    del info["made_by"]                                             # as stages finished before 2026-12-08
+    done.write_text(json.dumps(info))
+    provenance.start_command()
+    with pytest.warns(UserWarning, match="recorded no version"):
+        assert StageStore(tmp_path).run("sweep", {"x": 1}, lambda d: pytest.fail("ran again")).cached
+    record = provenance.run_record({})
+    assert record["reused"] == [{"made_by": None, "differs": None, "what": [str(done.parent)]}]
+    doc = {"run": record, "backend": {"name": "local"}, "created_at": "now", "seconds": 1.0,
+           "stages": [{"stage": "sweep", "cached": True, "seconds": 0.0}]}
+    row = [r for r in repro_rows(doc) if r["item"] == "reused work"]
+    assert row == [{"item": "reused work", "value": "1 kept piece(s) by a moeguard that recorded no version "
+                                                     f"(before 2026-12-08): {done.parent}"}]
+    # this version's own stage: nothing said
+    provenance.start_command()
+    info["made_by"] = provenance.maker()
+    done.write_text(json.dumps(info))
+    assert StageStore(tmp_path).run("sweep", {"x": 1}, lambda d: pytest.fail("ran again")).cached
+    assert provenance.reused() == [] and "reused" not in provenance.run_record({})
+
+
+def test_jobs_and_job_scratch_of_other_versions_are_listed_once_per_version(tmp_path, recwarn):
+    from moeguard.studies.engine import Job, LocalBackend, Runtime, run_jobs, scratch_path
+
+    rt, root = Runtime(model=None, threads=1), tmp_path / "jobs"
+    jobs = [Job(stage="s", name=f"x={x}", fn="test_study_engine:square", args={"x": x}) for x in (2, 3, 4)]
+    run_jobs(jobs[:2], root=root, runtime=rt, backend=LocalBackend())
+    assert [json.loads(j.path(root).read_text())["made_by"] for j in jobs[:2]] == [provenance.maker()] * 2
+    other = {**provenance.maker(), "torch": "2.12.0"}
+    for j in jobs[:2]:
+        rec = json.loads(j.path(root).read_text())
+        j.path(root).write_text(json.dumps({**rec, "made_by": other}))
+    # the third job was killed half-way by a moeguard that recorded no version: its scratch holds a piece
+    scratch = scratch_path(jobs[2], root, rt.scope())
+    scratch.mkdir(parents=True)
+    (scratch / ".piece.npz").write_bytes(b"")
+    recwarn.clear()
+    assert run_jobs(jobs, root=root, runtime=rt, backend=LocalBackend()) == [{"y": 4}, {"y": 9}, {"y": 16}]
+    got = provenance.reused()
+    assert got == [{"made_by": other, "differs": {"torch": ["2.12.0", provenance.maker()["torch"]]},
+                    "what": [str(jobs[0].path(root)), str(jobs[1].path(root))]},
+                   {"made_by": None, "differs": None, "what": [str(scratch)]}]
+    said = [str(w.message) for w in recwarn if "is reused" in str(w.message)]
+    assert len(said) == 2 and "torch 2.12.0 (this run: " in said[0] and "recorded no version" in said[1], said
+    assert not scratch.exists()   # its job finished: the scratch goes, its marker with it
+
+
+def test_a_training_state_lists_every_version_that_trained_it(tmp_path):
+    import torch
+
+    from moeguard import trainstate
+
+    net = torch.nn.Linear(2, 2)
+    params = dict(net.named_parameters())
+    opt = torch.optim.AdamW(net.parameters())
+    state = tmp_path / "state"
+    trainstate.save(state, tag="t", step=1, params=params, optimizer=opt)
+    meta = json.loads((state / trainstate.META).read_text())
+    assert meta["made_by"] == [provenance.maker()]
+    (state / trainstate.META).write_text(json.dumps({**meta, "made_by": [_other()]}))
+    with pytest.warns(UserWarning, match=f"{state} was kept by another version: commit {OTHER_COMMIT}"):
+        assert trainstate.load(state, tag="t", params=params).step == 1
+    trainstate.save(state, tag="t", step=2, params=params, optimizer=opt)   # the resumed run's next save
+    assert json.loads((state / trainstate.META).read_text())["made_by"] == [_other(), provenance.maker()]
+    # a state of another run (another tag) is not this run's lineage
+    trainstate.save(state, tag="u", step=1, params=params, optimizer=opt)
+    assert json.loads((state / trainstate.META).read_text())["made_by"] == [provenance.maker()]
+
+
+def test_a_kept_document_of_another_version_is_read_and_listed(tmp_path, recwarn):
+    from moeguard.kept import KeptJSON
+
+    doc = KeptJSON(tmp_path / "plan.json", {"k": 1})
+    doc.write({"plan": [1, 2]})
+    assert doc.read() == {"plan": [1, 2]} and provenance.reused() == []
+    raw = json.loads(doc.path.read_text())
+    doc.path.write_text(json.dumps({**raw, "made_by": _other()}))
+    assert doc.read() == {"plan": [1, 2]}
+    assert provenance.reused()[0]["what"] == [str(doc.path)]
+    assert sum("is reused" in str(w.message) for w in recwarn) == 1
+
+
+def test_realign_s_kept_original_names_its_maker(tmp_path, recwarn):
+    from moeguard.io import MADE_BY
+    from moeguard.realign.api import _OriginalKept
+
+    out = tmp_path / "realigned"
+    _OriginalKept(out, {"s": 1}).write(0.75, None)
+    folder = tmp_path / ".realigned.original"
+    assert json.loads((folder / MADE_BY).read_text()) == [provenance.maker()]
+    assert _OriginalKept(out, {"s": 2}).read() == (None, None) and provenance.reused() == []   # other settings: not read
+    (folder / MADE_BY).write_text(json.dumps([_other()]))
+    assert _OriginalKept(out, {"s": 1}).read() == (0.75, None)
+    assert provenance.reused()[0]["what"] == [str(folder)]
+    assert json.loads((folder / MADE_BY).read_text()) == [_other(), provenance.maker()]
