@@ -83,9 +83,19 @@ def test_killed_realign_resumes_to_the_same_result(pruned, tmp_path):
 
     kill_cli_when(realign_args(pruned, out, "--seed", "5"), in_round_two)
     assert not out.exists() and state.exists()
-    assert main(realign_args(pruned, out, "--seed", "5")) == 0
+    # the fine-tune was another commit's: the curve's run record (made before the run) lists its state
+    from moeguard import provenance
+
+    meta = state / "finetune" / "state.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "made_by": [{**provenance.maker(), "git_commit": "0" * 40}]}))
+    try:
+        with pytest.warns(UserWarning, match="finetune was kept by another version: commit 0000"):
+            assert main(realign_args(pruned, out, "--seed", "5")) == 0
+    finally:
+        provenance.start_command()
     a = json.loads((straight / "learning_curve.json").read_text())
     b = json.loads((out / "learning_curve.json").read_text())
+    assert [g["what"] for g in b["run"]["reused"]] == [[str(state / "finetune")]]   # the partial was this version's
     assert [p["score"] for p in b["points"]] == [p["score"] for p in a["points"]]
     assert [p["selected"] for p in b["points"]] == [p["selected"] for p in a["points"]]
     assert any(p.get("finetune", {}).get("resumed_from", 0) > 0 for p in b["points"]), "nothing was resumed"

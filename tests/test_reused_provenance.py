@@ -133,12 +133,22 @@ def test_a_training_state_lists_every_version_that_trained_it(tmp_path):
     meta = json.loads((state / trainstate.META).read_text())
     assert meta["made_by"] == [provenance.maker()]
     (state / trainstate.META).write_text(json.dumps({**meta, "made_by": [_other()]}))
+    loaded = trainstate.load(state, tag="t", params=params)
+    # read is not reused: a trainer may refuse the state (zoo train, harden check its meta) and start over
+    assert loaded.step == 1 and provenance.reused() == []
+    trainstate.save(state, tag="t", step=1, params=params, optimizer=opt)   # started over: this run's alone
+    assert json.loads((state / trainstate.META).read_text())["made_by"] == [provenance.maker()]
+    (state / trainstate.META).write_text(json.dumps({**meta, "made_by": [_other()]}))
     with pytest.warns(UserWarning, match=f"{state} was kept by another version: commit {OTHER_COMMIT}"):
-        assert trainstate.load(state, tag="t", params=params).step == 1
-    trainstate.save(state, tag="t", step=2, params=params, optimizer=opt)   # the resumed run's next save
+        trainstate.load(state, tag="t", params=params).restore(params, opt)
+    trainstate.save(state, tag="t", step=2, params=params, optimizer=opt)   # the resumed run's saves
+    trainstate.save(state, tag="t", step=3, params=params, optimizer=opt)
     assert json.loads((state / trainstate.META).read_text())["made_by"] == [_other(), provenance.maker()]
-    # a state of another run (another tag) is not this run's lineage
+    # a state of another run (another tag) is not this run's lineage, nor a later run's once it is cleared
     trainstate.save(state, tag="u", step=1, params=params, optimizer=opt)
+    assert json.loads((state / trainstate.META).read_text())["made_by"] == [provenance.maker()]
+    trainstate.clear(state)
+    trainstate.save(state, tag="t", step=1, params=params, optimizer=opt)
     assert json.loads((state / trainstate.META).read_text())["made_by"] == [provenance.maker()]
 
 
@@ -155,16 +165,93 @@ def test_a_kept_document_of_another_version_is_read_and_listed(tmp_path, recwarn
     assert sum("is reused" in str(w.message) for w in recwarn) == 1
 
 
-def test_realign_s_kept_original_names_its_maker(tmp_path, recwarn):
-    from moeguard.io import MADE_BY
+def test_realign_s_kept_original_names_its_own_maker(tmp_path, recwarn, monkeypatch):
     from moeguard.realign.api import _OriginalKept
 
     out = tmp_path / "realigned"
-    _OriginalKept(out, {"s": 1}).write(0.75, None)
     folder = tmp_path / ".realigned.original"
-    assert json.loads((folder / MADE_BY).read_text()) == [provenance.maker()]
-    assert _OriginalKept(out, {"s": 2}).read() == (None, None) and provenance.reused() == []   # other settings: not read
+    other = _other()
+    with monkeypatch.context() as m:   # an older commit scored the original under other settings
+        m.setattr(provenance, "maker", lambda: other)
+        _OriginalKept(out, {"s": 2}).write(0.5, None)
+    _OriginalKept(out, {"s": 1}).write(0.75, None)
+    # the folder holds both settings' pieces: each names its own maker
+    assert _OriginalKept(out, {"s": 1}).read() == (0.75, None) and provenance.reused() == []
+    assert _OriginalKept(out, {"s": 2}).read() == (0.5, None)
+    assert provenance.reused() == [{"made_by": _other(), "what": [str(folder)],
+                                    "differs": {"git_commit": [OTHER_COMMIT, provenance.maker()["git_commit"]]}}]
+
+
+def test_a_folder_killed_before_its_first_piece_holds_no_one_s_work(tmp_path):
+    from moeguard.io import MADE_BY, STAMP
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / STAMP).write_text("{}")
     (folder / MADE_BY).write_text(json.dumps([_other()]))
-    assert _OriginalKept(out, {"s": 1}).read() == (0.75, None)
-    assert provenance.reused()[0]["what"] == [str(folder)]
-    assert json.loads((folder / MADE_BY).read_text()) == [_other(), provenance.maker()]
+    provenance.mark(folder, fix="delete it")
+    assert provenance.reused() == [] and json.loads((folder / MADE_BY).read_text()) == [provenance.maker()]
+    (folder / ".piece.npz").write_bytes(b"")
+    provenance.mark(folder, fix="delete it")   # this version's own piece: nothing to say
+    assert provenance.reused() == []
+
+
+def test_where_the_commit_does_not_name_the_code_the_maker_holds_a_digest_of_it(monkeypatch):
+    provenance.maker.cache_clear()
+    try:
+        monkeypatch.setattr(provenance, "git_commit", lambda: None)   # a wheel: no commit, version 0.1.0
+        made = provenance.maker()
+        assert made["git_commit"] is None and made["source"] == provenance.source_digest()
+        assert len(made["source"]) == 16 and provenance.run_record({})["source"] == made["source"]
+        assert provenance.maker_of(provenance.run_record({})) == made
+        provenance.maker.cache_clear()
+        monkeypatch.setattr(provenance, "git_commit", lambda: "a" * 40)
+        assert "source" not in provenance.maker() and "source" not in provenance.run_record({})
+        assert provenance.maker_of(provenance.run_record({})) == provenance.maker()
+    finally:
+        provenance.maker.cache_clear()
+
+
+def scratch_seen(ctx, *, seed: int = 0) -> dict:
+    """A job that says whether it was given a folder to keep pieces in."""
+    return {"scratch": None if ctx.scratch is None else str(ctx.scratch)}
+
+
+def test_a_worker_keeps_pieces_only_where_it_sees_the_driver_s_folder(tmp_path):
+    from moeguard.io import MADE_BY
+    from moeguard.studies.engine import Job, RayBackend, Runtime, execute
+
+    job, rt = Job(stage="s", name="j", fn="test_reused_provenance:scratch_seen", args={}), Runtime(model=None, threads=1)
+    folder = tmp_path / ".k-s.partial"
+    # a cluster node without the run folder: no folder to keep in (one made there would stay behind)
+    assert execute(job, rt, str(folder)) == {"scratch": None} and not folder.exists()
+    provenance.mark(folder, fix="delete it")                  # the driver's mark, seen on a shared filesystem
+    assert (folder / MADE_BY).is_file() and execute(job, rt, str(folder)) == {"scratch": str(folder)}
+    # a cluster (--ray-address) is handed the folder too: the worker decides
+    import ray.exceptions
+
+    sent = []
+
+    class FakeRay:
+        exceptions = ray.exceptions
+
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 8.0}}]
+
+        @staticmethod
+        def remote(**kw):
+            return lambda fn: type("R", (), {"remote": staticmethod(lambda *a: (sent.append(a), "ref")[1])})
+
+        @staticmethod
+        def wait(refs, num_returns):
+            return refs[:1], refs[1:]
+
+        @staticmethod
+        def get(ref):
+            return {"ok": 1}
+
+    backend = RayBackend.__new__(RayBackend)
+    backend.ray, backend.gpus, backend.address, backend._started = FakeRay(), 0.0, "ray://head:10001", False
+    backend.run([job], rt, lambda j, r: None, scratch=lambda j: folder)
+    assert sent == [(job, rt, str(folder))]

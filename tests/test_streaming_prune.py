@@ -396,11 +396,24 @@ def test_an_interrupted_surgery_resumes_with_the_shards_it_had_not_finished(save
     calls.clear()
     counted = lambda path, *a, **k: (calls.append(path.name), real(path, *a, **k))[1]  # noqa: E731
     monkeypatch.setattr(C, "write_safetensors", counted)
-    record = prune_checkpoint(root / "sharded", tmp_path / "out", keep)
+    # the killed run was another commit's: the record, made before the surgery, lists its kept shards
+    from moeguard import provenance
+    from moeguard.io import MADE_BY
+
+    provenance.start_command()
+    (partial / MADE_BY).write_text(json.dumps([{**provenance.maker(), "git_commit": "0" * 40}]))
+    try:
+        with pytest.warns(UserWarning, match=f"{partial} was kept by another version: commit 0000"):
+            record = prune_checkpoint(root / "sharded", tmp_path / "out", keep, extra={"run": provenance.run_record({})})
+    finally:
+        provenance.start_command()
+    assert [g["what"] for g in record["run"]["reused"]] == [[str(partial)]]
+    assert json.loads((tmp_path / "out" / RECORD_NAME).read_text())["run"]["reused"] == record["run"]["reused"]
     assert len(calls) == len(whole["shards"]) - 1                # only the shards it had not (wholly) finished
     assert f".{cut.name}.part" in calls
     assert _digests(tmp_path / "out") == {**_digests(tmp_path / "whole"), RECORD_NAME: _digests(tmp_path / "out")[RECORD_NAME]}
-    assert {k: v for k, v in record.items() if k != "source"} == {k: v for k, v in whole.items() if k != "source"}
+    assert {k: v for k, v in record.items() if k not in ("source", "run")} == \
+        {k: v for k, v in whole.items() if k != "source"}
     assert not partial.exists() and not list((tmp_path / "out").glob(".*"))
     # another plan does not reuse what an interrupted run of this one kept
     calls.clear()

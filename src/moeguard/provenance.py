@@ -63,9 +63,19 @@ def run_record(settings: dict) -> dict:
     kept (``reusing``), which the versions and commit here did not make."""
     record = {"settings": settings, "versions": versions(), "git_commit": git_commit(),
               "command": " ".join(["moeguard", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moeguard") else None}
+    if "source" in maker():   # the commit does not name the code (provenance.maker)
+        record["source"] = maker()["source"]
     if _reused:
         record["reused"] = reused()
     return record
+
+
+def maker_of(record: Any) -> dict[str, Any] | None:
+    """The :func:`maker` of the run whose :func:`run_record` ``record`` is (None: not one)."""
+    if not isinstance(record, dict) or not isinstance(record.get("versions"), dict):
+        return None
+    made = {"git_commit": record.get("git_commit"), **{k: v for k, v in record["versions"].items() if k != "platform"}}
+    return {**made, "source": record["source"]} if "source" in record else made
 
 
 # Work kept by an earlier run (an audit's stages, study jobs, a command's kept folder, a training state)
@@ -79,8 +89,25 @@ _reused: list[dict[str, Any]] = []
 @functools.lru_cache(maxsize=1)
 def maker() -> dict[str, Any]:
     """What made this process's numbers: the git commit and every version ``versions`` lists, the
-    platform's kernel string aside (it changes with updates that move no number)."""
-    return {"git_commit": git_commit(), **{k: v for k, v in versions().items() if k != "platform"}}
+    platform's kernel string aside (it changes with updates that move no number). Where the commit
+    does not name the code (an install from a wheel or a folder has none, and moeguard's version string
+    stays 0.1.0 between commits; a checkout with uncommitted changes is "-dirty" whatever they are),
+    ``source``: a digest of the package's own Python files."""
+    commit = git_commit()
+    made = {"git_commit": commit, **{k: v for k, v in versions().items() if k != "platform"}}
+    if commit is None or commit.endswith("-dirty"):
+        made["source"] = source_digest()
+    return made
+
+
+def source_digest() -> str:
+    """sha256 (16 hex digits) of every .py file of the installed package, by relative path."""
+    import hashlib
+
+    root, h = Path(__file__).resolve().parent, hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def start_command() -> None:
@@ -123,9 +150,18 @@ def reused() -> list[dict[str, Any]]:
     return [{**g, "what": list(g["what"])} for g in _reused]
 
 
+def with_reused(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (a :func:`run_record` made before the run's work) as the run ends: with what it
+    reused from other versions since, which a record made earlier could not list."""
+    out = {k: v for k, v in record.items() if k != "reused"}
+    if _reused:
+        out["reused"] = reused()
+    return out
+
+
 def mark(folder: Path, *, fix: str) -> None:
     """``folder`` keeps pieces of work for a resume: the makers of what it already holds (listed in its
-     ``io.MADE_BY`` file; pieces without one are a maker's that recorded none) are :func:`reusing`'s, and
+ ``io.MADE_BY`` file; pieces without one are a maker's that recorded none) are :func:`reusing`'s, and
     this process's maker is added to the list before it keeps anything there (made if missing)."""
     import json
 
@@ -136,12 +172,14 @@ def mark(folder: Path, *, fix: str) -> None:
         makers = json.loads(f.read_text(encoding="utf-8"))
         makers = makers if isinstance(makers, list) else [None]
     except (OSError, ValueError):
-        held = folder.is_dir() and any(p.name not in (STAMP, MADE_BY) for p in folder.iterdir())
-        makers = [None] if held else []
+        makers = [None]
+    # nothing kept there yet (a run killed before its first piece): no one's work is reused
+    if not (folder.is_dir() and any(p.name not in (STAMP, MADE_BY) for p in folder.iterdir())):
+        makers = []
     for m in makers:
         reusing(str(folder), m, fix=fix)
-    if maker() not in makers:
+    if makers[-1:] != [maker()]:
         from moeguard.io import write_json
 
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(f, [*makers, maker()])
+        write_json(f, [m for m in makers if m != maker()] + [maker()])

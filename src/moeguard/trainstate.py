@@ -44,6 +44,9 @@ class State:
     """A state read and checked by ``load``; nothing of it is in the model until ``restore``."""
 
     step: int
+    where: str                                  # the state's path, as load was given it
+    tag: str
+    made_by: list[Any]                          # provenance.maker of every run that trained it (None: unrecorded)
     meta: dict[str, Any]                        # the trainer's own JSON
     tensors: dict[str, torch.Tensor]            # the trainer's own tensors (CPU)
     params: dict[str, torch.Tensor] = field(repr=False)
@@ -52,7 +55,13 @@ class State:
 
     def restore(self, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, *,
                 pyrng: random.Random | None = None) -> None:
-        """Parameters, optimizer state and generators back as they were at ``step``."""
+        """Parameters, optimizer state and generators back as they were at ``step``; the runs that
+        trained it are this run's lineage (``save`` lists them, ``provenance.reusing`` is told)."""
+        from moeguard.provenance import reusing
+
+        for m in self.made_by:
+            reusing(self.where, m, fix="delete it")
+        _lineage[self.where] = (self.tag, list(self.made_by))
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(self.params[n].to(p.device, p.dtype))
@@ -99,8 +108,9 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
         python = [version, list(internal), gauss]
     from moeguard.provenance import maker
 
-    # the makers of every step so far: a run resumed under another moeguard keeps the first's in the list
-    makers = [m for m in _makers(path, tag) if m != maker()] + [maker()]
+    # the makers of every step so far: a run that restored another version's state lists it first
+    tag_, restored = _lineage.get(str(path), (None, []))
+    makers = [m for m in (restored if tag_ == tag else []) if m != maker()] + [maker()]
     doc = {"format": FORMAT, "tag": tag, "step": int(step), "rng": python, "meta": meta or {}, "made_by": makers}
     tmp, old = _aside(path, "tmp"), _aside(path, "old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -121,18 +131,9 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _makers(path: Path, tag: str) -> list[Any]:
-    """The makers (``provenance.maker``) of the state of ``tag`` at ``path`` or set aside beside it
-    (a maker that recorded none, before 2026-12-08, is None); [] where there is none of this run."""
-    for p in (path, _aside(path, "old")):
-        try:
-            doc = json.loads((p / META).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(doc, dict) and doc.get("tag") == tag:
-            made = doc.get("made_by")
-            return made if isinstance(made, list) else [None]
-    return []
+# path -> (tag, makers) of the state a run restored there: its saves list them (a state loaded and then
+# refused by its trainer, which starts over, is not its lineage)
+_lineage: dict[str, tuple[str, list[Any]]] = {}
 
 
 def _whole(path: Path) -> bool:
@@ -145,7 +146,7 @@ def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) 
     from safetensors.torch import load_file
 
     path = Path(path)
-    old = _aside(path, "old")
+    where, old = str(path), _aside(path, "old")
     if not _whole(path) and _whole(old):
         path = old                        # a crash between the two renames of save()
     if not _whole(path):
@@ -162,7 +163,9 @@ def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) 
                 _, key, name = k.split(".", 2)
                 optim.setdefault(name, {})[key] = t
         cuda = sorted((k for k in raw if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-        state = State(step=int(doc["step"]), meta=dict(doc["meta"]),
+        made = doc.get("made_by")
+        state = State(step=int(doc["step"]), where=where, tag=tag, made_by=made if isinstance(made, list) else [None],
+                      meta=dict(doc["meta"]),
                       tensors={k[len("extra."):]: t for k, t in raw.items() if k.startswith("extra.")},
                       params=saved, optim=optim,
                       rng={"torch": raw["rng.torch"], "cuda": [raw[k] for k in cuda], "python": doc["rng"]})
@@ -179,17 +182,12 @@ def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) 
                     for n, kv in optim.items() for k, t in kv.items())
             and rng.dtype == torch.uint8 and rng.dim() == 1 and rng.shape == torch.get_rng_state().shape
             and all(t.dtype == torch.uint8 and t.shape == (16,) for t in state.rng["cuda"]))   # Philox: seed, offset
-    if not fits:
-        return None
-    from moeguard.provenance import reusing
-
-    for m in doc.get("made_by") if isinstance(doc.get("made_by"), list) else [None]:
-        reusing(str(path), m, fix="delete it")
-    return state
+    return state if fits else None
 
 
 def clear(path: str | os.PathLike) -> None:
     """Remove the state and what a crash mid-save may have left beside it."""
     path = Path(path)
+    _lineage.pop(str(path), None)
     for p in (path, _aside(path, "tmp"), _aside(path, "old")):
         shutil.rmtree(p, ignore_errors=True)

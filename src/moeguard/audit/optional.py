@@ -122,6 +122,13 @@ def scan_stage(d: Path, work: Path, model: ModelHandle, cfg: AuditConfig, scan_c
     if not whole_json(work / "scan.json"):   # a damaged one (a kill mid-write) is scanned again, not copied on
         scan(model, [get_task(t) for t in cfg.tasks], work, config=scan_cfg, references=refs, reference_models=ref_models,
              dtype=dtype, device_map=cfg.device_map, overwrite=True, progress=progress)
+    else:   # a finished scan the stage did not record (a kill before its done.json, or the stage deleted)
+        import json
+
+        from moeguard.provenance import maker_of, reusing
+
+        reusing(str(work / "scan.json"), maker_of(json.loads((work / "scan.json").read_text()).get("run")),
+                fix=f"delete {work}")
     shutil.copytree(work, d / "scan")
 
 

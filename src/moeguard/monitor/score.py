@@ -200,14 +200,14 @@ def clear_outputs(cache: Path) -> None:
     """Before a run writes its outputs into its resumable folder ``cache``: remove what an earlier,
     interrupted attempt's writing left there (another attempt's flags may not write the same files,
     and a ``period_requests`` file half-written would be renamed into --out with the rest). Only the
-    kept replay steps (``.NAME.npz``, whole: ``kept.kept_arrays`` renames them into place) and the
-    folder's settings stamp carry over."""
+    kept replay steps (``.NAME.npz``, whole: ``kept.kept_arrays`` renames them into place), the
+    folder's settings stamp and its makers' list (``provenance.mark``) carry over."""
     import shutil
 
-    from moeguard.io import STAMP
+    from moeguard.io import MADE_BY, STAMP
 
     for f in cache.iterdir():
-        if f.name == STAMP or (f.name.startswith(".") and f.name.endswith(".npz") and not f.name.endswith(".tmp.npz")):
+        if f.name in (STAMP, MADE_BY) or (f.name.startswith(".") and f.name.endswith(".npz") and not f.name.endswith(".tmp.npz")):
             continue
         shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
 

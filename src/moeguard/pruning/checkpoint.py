@@ -383,6 +383,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
         }
         record.update(previous)   # cutting a pruned or merged checkpoint: this record's indices are relative to it
         extra = extra or {}   # the caller's plan and provenance, inside the same atomic write
+        if "run" in extra:    # made before the surgery: what it reused since (kept shards of another version)
+            from moeguard.provenance import with_reused
+
+            extra = {**extra, "run": with_reused(extra["run"])}
         if merge:   # the merging record holds this surgery's facts (those the caller does not give) as its "pruning" part
             record = {**extra, "pruning": {k: v for k, v in record.items() if k not in extra}}
         else:

@@ -7,6 +7,7 @@ state when called again with the same settings.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -212,8 +213,10 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
             if record is not None:
                 write_json(work / "moeguard_pruning.json", record)
             curve["model"] = model.name
-            if run is not None:
-                curve["run"] = run
+            if run is not None:   # made before the run: with what it reused (rounds, state, the original)
+                from moeguard.provenance import with_reused
+
+                curve["run"] = with_reused(run)
             write_json(work / "learning_curve.json", curve)
             shutil.rmtree(work / "state")
         # the run is in place: nothing is left to resume (a folder of an earlier run that needed the original
@@ -239,10 +242,12 @@ class _OriginalKept:
         from moeguard import kept
 
         found = kept.read_arrays(self.folder, "original", key=self.key) or {}
-        if found:   # reused: who made it goes in the run record when another version did
-            from moeguard.provenance import mark
+        if found:   # reused: who made it goes in the run record when another version did (pieces of
+            # other settings share the folder, so the maker is the piece's own)
+            from moeguard.provenance import reusing
 
-            mark(self.folder, fix="delete it")
+            made = json.loads(str(found["made_by"])) if "made_by" in found else None
+            reusing(str(self.folder), made, fix="delete it")
         score = float(found["full_score"]) if "full_score" in found else None
         return score, torch.from_numpy(found["shares"]) if "shares" in found else None
 
@@ -255,9 +260,9 @@ class _OriginalKept:
         if shares is not None:
             values["shares"] = shares.detach().cpu().contiguous().numpy()
         if values:
-            from moeguard.provenance import mark
+            from moeguard.provenance import maker
 
-            mark(self.folder, fix="delete it")
+            values["made_by"] = np.array(json.dumps(maker(), sort_keys=True))   # a string array: no pickle
             kept.write_arrays(self.folder, "original", values, key=self.key)
             kept.note(self.folder)   # an interrupt from here on names it as kept work
 

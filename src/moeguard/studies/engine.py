@@ -194,11 +194,18 @@ class Context:
 
 def execute(job: Job, runtime: Runtime, scratch: str | None = None) -> dict[str, Any]:
     """Run one job here. Used by both backends (a Ray worker calls this too). ``scratch``: the
-    job's folder for finished pieces of its work (:func:`scratch_path`), where it can be written."""
+    job's folder for finished pieces of its work (:func:`scratch_path`), which the driver made with
+    its makers' list (``provenance.mark``). A worker that does not see that list (a Ray cluster's node
+    without the driver's files at the same path) keeps nothing: a folder made there would resume
+    nothing and stay behind on the node."""
     import numpy as np
     import torch
 
+    from moeguard.io import MADE_BY
     from moeguard.tasks.registry import adopt
+
+    if scratch is not None and not (Path(scratch) / MADE_BY).is_file():
+        scratch = None
 
     for t in runtime.tasks:
         adopt(t)
@@ -427,9 +434,9 @@ class RayBackend(Backend):
         if not jobs:
             return
         ray = self.ray
-        # a local Ray's workers share this machine's files; a cluster's nodes may not (a folder made there
-        # would resume nothing and be left on the node)
-        where = (lambda j: str(scratch(j))) if scratch is not None and self._started and not self.address else (lambda j: None)
+        # a cluster's nodes keep pieces where they see the driver's run folder (a shared filesystem, as
+        # docs/audit.md asks for); a node that does not keeps none (execute checks)
+        where = (lambda j: str(scratch(j))) if scratch is not None else (lambda j: None)
         self.check_fits(runtime.threads)
         # max_retries=0, retried here instead: Ray retries a task its memory monitor killed without end
         # unless max_retries is 0 (reloading the model each time), and counts no other limit for them
