@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -705,3 +706,79 @@ def test_a_route_attack_target_file_cut_short_is_searched_again_and_temporaries_
     assert main(args) == 0                                      # before: a JSONDecodeError traceback, every rerun
     assert calls[2:] == list(range(8))                          # expert 0 was searched and measured again
     assert sorted(p.name for p in out.iterdir()) == ["route_attack.json", "route_attack_heatmap.png"]
+
+
+class _KilledProgress:
+    """A progress display whose ``at``-th step advance is a kill (``at`` 0: never); it records the step
+    a search's bar started at."""
+
+    def __init__(self, at: int = 0):
+        self.at, self.advanced, self.started = at, 0, None
+
+    def add_task(self, *a, completed: int = 0, **k):
+        self.started = completed
+        return 0
+
+    def advance(self, *a, **k):
+        self.advanced += 1
+        if self.advanced == self.at:
+            raise KeyboardInterrupt
+
+    def update(self, *a, **k):
+        pass
+
+
+@pytest.mark.parametrize("position, layer, expert", [("prefix", 1, 3), ("suffix", 2, 0)])   # no 100% success within 5 steps
+def test_a_search_killed_after_a_step_resumes_from_it_to_the_uninterrupted_result(embedded, tmp_path, position, layer,
+                                                                                  expert):
+    """A target's search keeps its state as each step ends (the text, the best so far, the curve and the
+    candidates' generator): a kill loses at most a step, not the target's whole search (minutes on a
+    real checkpoint, and `--all` searches every expert of every layer)."""
+    from moeguard.kept import KeptJSON
+
+    m, tok, adapter = embedded
+    task = get_task("arith-compare")
+    allowed = allowed_tokens(tok, m.get_input_embeddings().weight.shape[0])
+    cfg = HijackConfig(layer=layer, expert=expert, seed=1, position=position,
+                       **{**FAST, "steps": 5, "candidates": 12, "train_inputs": 2, "follow_tokens": 4})
+    whole = search(m, tok, adapter, task, cfg, allowed=allowed)
+    assert whole["steps_run"] == 5 and whole["steps_moved"] == 5
+    keep = KeptJSON(tmp_path / ".search.json", cfg.to_dict())
+    with pytest.raises(KeyboardInterrupt):
+        search(m, tok, adapter, task, cfg, allowed=allowed, keep=keep, progress=_KilledProgress(3))
+    assert keep.read()["next"] == 3
+    resumed = _KilledProgress()
+    assert search(m, tok, adapter, task, cfg, allowed=allowed, keep=keep, progress=resumed) == whole
+    assert resumed.started == 3 and resumed.advanced == 2            # steps 3 and 4 only (step 5 ends it)
+    # a state of other settings is not read: searched from the start
+    other = KeptJSON(tmp_path / ".search.json", {**cfg.to_dict(), "candidates": 11})
+    fresh = _KilledProgress()
+    search(m, tok, adapter, task, replace(cfg, candidates=11), allowed=allowed, keep=other, progress=fresh)
+    assert fresh.started == 0
+
+
+def test_route_attack_killed_inside_a_target_s_search_resumes_it_to_the_uninterrupted_targets(tmp_path, monkeypatch):
+    from moeguard.kept import KeptJSON
+
+    args = ["route-attack", "--layer", "0", "--expert", "1", "--prefix-tokens", "4", "--steps", "4", "--candidates", "8"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    real, kept, armed = KeptJSON.write, [], [True]
+
+    def killed_after_the_second_step(self, value, **kw):
+        done = real(self, value, **kw)
+        if self.path.name.startswith(".search-"):
+            kept.append(value["next"])
+            if armed[0] and len(kept) == 2:
+                raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(KeptJSON, "write", killed_after_the_second_step)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    state = tmp_path / ".cut.partial" / ".search-0-1.json"
+    assert json.loads(state.read_text())["value"]["next"] == 2
+    kept.clear()
+    armed[0] = False
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    assert kept == [3, 4]                                           # steps 2 and 3 only (step 4 ends the search)
+    a, b = (json.loads((tmp_path / f / "route_attack.json").read_text()) for f in ("straight", "cut"))
+    assert a["targets"] == b["targets"] and not list((tmp_path / "cut").glob(".*"))

@@ -217,8 +217,11 @@ def _scores(logits, index, target, expert, per: int, *, per_input: bool = False)
 
 
 def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed: np.ndarray,
-           first: np.ndarray | None = None, progress=None, screen=None) -> dict[str, Any]:
+           first: np.ndarray | None = None, progress=None, screen=None, keep=None) -> dict[str, Any]:
     """The GCG search for one (layer, expert); returns the best prefix and its training curve.
+    ``keep`` (a ``kept.KeptJSON`` keyed by everything the search depends on): the search's state is
+    kept there as each step ends (the text, the best so far, the curve, the candidates' generator) and
+    a rerun continues from it, to the result of an uninterrupted search; the caller removes it.
     ``first``: the ids a suffix's first token may be, as it follows the separator
     (``allowed_tokens(after_separator=True)``); None: ``allowed``.
     ``screen`` (``evasion.MonitorScreen``, with ``cfg.evade_p``): an attacker who holds the monitor's
@@ -269,11 +272,26 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     def ranked(ev, s, c) -> tuple:
         return rank(cfg.evade_order, ev, s, c)
     curve = []
-    task_id = progress.add_task(f"hijack layer {cfg.layer} expert {cfg.expert}", total=cfg.steps) if progress else None
+    start = 0
+    state = keep.read() if keep is not None else None
+    if state is not None:   # a search killed after step ``next`` - 1 ended: everything the next step reads
+        start, prefix, moved, curve = state["next"], state["prefix"], state["moved"], state["curve"]
+        start_sendable = state["start_sendable"]
+        best = {**state["best"], "evasion": tuple(state["best"]["evasion"])}
+        gen.set_state(torch.tensor(list(bytes.fromhex(state["generator"])), dtype=torch.uint8))
+
+    def kept(next_step: int) -> None:
+        if keep is not None:
+            keep.write({"next": next_step, "prefix": prefix, "moved": moved, "curve": curve,
+                        "best": {**best, "evasion": list(best["evasion"])},
+                        "start_sendable": start_sendable, "generator": bytes(gen.get_state().tolist()).hex()},
+                       exact=True)   # a best of NaN loss is not kept: searched again from the last one that is
+    task_id = progress.add_task(f"hijack layer {cfg.layer} expert {cfg.expert}", total=cfg.steps,
+                                completed=start) if progress else None
     was_training = model.training
     model.eval()
     try:
-        for step in range(cfg.steps + 1):
+        for step in range(start, cfg.steps + 1):
             if suffix:   # the reply this suffix gets, which the step's targets follow
                 batch.replies = replies(model, tokenizer, batch, prefix, cfg.follow_tokens)
             # 1. the gradient w.r.t. the crafted tokens' one-hot (the forward stops at the router)
@@ -320,6 +338,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                 if sendable(c):
                     cands.append(c)
             if not cands:
+                kept(step + 1)
                 continue
             moved += 1
             # 3. evaluate them exactly, in chunks of rows
@@ -341,6 +360,7 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                 ev_top = evasion([cands[i] for i in top])
                 j = int(top[max(range(len(top)), key=lambda i: ranked(ev_top[i], s_[top[i]], c_[top[i]]))])
             prefix = cands[j]
+            kept(step + 1)
             if task_id is not None:
                 progress.advance(task_id)
     finally:

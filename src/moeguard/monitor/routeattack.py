@@ -1,7 +1,8 @@
 """``moeguard route-attack``: hijack searches (a prefix, or a suffix) over chosen (layer, expert) targets into one
 resumable folder: ``route_attack.json`` (schema ``moeguard.route-attack/1``), one file per target
-as it finishes (so an interrupted run continues where it stopped), and with several targets a
-heat map of how hijackable each expert is.
+as it finishes and the running target's search state as each of its steps ends (so an interrupted
+run continues where it stopped, within a target too), and with several targets a heat map of how
+hijackable each expert is.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
     ``evade``: the monitor's ``Profile``, held by the attacker; with ``cfg.evade_p`` > 0 each search
     keeps its requests' prompt-only p-values at or above it where it can (``evasion.py``)."""
     from moeguard.io import resumable_dir, whole_json, write_json
+    from moeguard.kept import KeptJSON
     from moeguard.models.adapter import MoEAdapter
     from moeguard.provenance import run_record
 
@@ -110,7 +112,10 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
                 results.append(json.loads(done.read_text()))
             else:
                 c = replace(cfg, layer=layer, expert=expert)
-                found = search(model, tok, adapter, task, c, allowed=allowed, first=first, progress=progress, screen=screen)
+                # the search's steps, kept as each ends (the folder's stamp holds the run's other settings)
+                steps = KeptJSON(tmp / f".search-{layer}-{expert}.json", c.to_dict())
+                found = search(model, tok, adapter, task, c, allowed=allowed, first=first, progress=progress,
+                               screen=screen, keep=steps)
                 if found["steps_moved"] == 0 and c.steps > 0:
                     import warnings
 
@@ -124,6 +129,7 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
                 r = {"layer": layer, "expert": expert, **found,
                      "measured": measure(model, tok, adapter, task, c, found["prefix_text"], plain=plain, screen=screen)}
                 write_json(done, r)
+                steps.drop()
                 results.append(r)
             if overall is not None:
                 progress.advance(overall)
@@ -136,7 +142,7 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
 
             hijack_heatmap(doc, tmp / "route_attack_heatmap.png")
         # last: a failure above keeps every finished search (and a write a kill cut short left its temporary)
-        for f in [*tmp.glob("target-*.json"), *tmp.glob(".target-*")]:
+        for f in [*tmp.glob("target-*.json"), *tmp.glob(".target-*"), *tmp.glob(".*search-*")]:
             f.unlink()
     return doc
 
