@@ -782,3 +782,19 @@ def test_route_attack_killed_inside_a_target_s_search_resumes_it_to_the_uninterr
     assert kept == [3, 4]                                           # steps 2 and 3 only (step 4 ends the search)
     a, b = (json.loads((tmp_path / f / "route_attack.json").read_text()) for f in ("straight", "cut"))
     assert a["targets"] == b["targets"] and not list((tmp_path / "cut").glob(".*"))
+
+
+def test_a_search_state_with_a_loss_that_is_no_finite_number_is_kept_and_read_back(tmp_path):
+    """A suffix whose replies all end at once scores an infinite loss; the state of every later step
+    held it in its curve, JSON could not hold it exactly, and no later step was kept."""
+    import math
+
+    from moeguard.kept import KeptJSON
+    from moeguard.monitor.hijack import _decoded, _encoded
+
+    state = {"next": 3, "curve": [{"step": 0, "loss": math.inf}, {"step": 1, "loss": 1.25}],
+             "best": {"loss": -math.inf, "evasion": [1.0, 1.0]}, "prefix": [5, 6]}
+    keep = KeptJSON(tmp_path / ".search.json", "k")
+    assert keep.write(_encoded(state), exact=True)
+    assert _decoded(keep.read()) == state
+    assert math.isnan(_decoded(_encoded({"x": [math.nan]}))["x"][0])

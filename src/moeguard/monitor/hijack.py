@@ -216,6 +216,21 @@ def _scores(logits, index, target, expert, per: int, *, per_input: bool = False)
     return success.cpu().numpy(), loss.cpu().numpy()
 
 
+def _encoded(value: Any) -> Any:
+    """``value`` with each float that is no finite number as ``{"float": "inf"}`` (JSON holds it then)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return {"float": repr(value)}
+    if isinstance(value, dict):
+        return {k: _encoded(v) for k, v in value.items()}
+    return [_encoded(v) for v in value] if isinstance(value, list) else value
+
+
+def _decoded(value: Any) -> Any:
+    if isinstance(value, dict):
+        return float(value["float"]) if set(value) == {"float"} else {k: _decoded(v) for k, v in value.items()}
+    return [_decoded(v) for v in value] if isinstance(value, list) else value
+
+
 def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed: np.ndarray,
            first: np.ndarray | None = None, progress=None, screen=None, keep=None) -> dict[str, Any]:
     """The GCG search for one (layer, expert); returns the best prefix and its training curve.
@@ -275,17 +290,17 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
     start = 0
     state = keep.read() if keep is not None else None
     if state is not None:   # a search killed after step ``next`` - 1 ended: everything the next step reads
+        state = _decoded(state)
         start, prefix, moved, curve = state["next"], state["prefix"], state["moved"], state["curve"]
         start_sendable = state["start_sendable"]
         best = {**state["best"], "evasion": tuple(state["best"]["evasion"])}
         gen.set_state(torch.tensor(list(bytes.fromhex(state["generator"])), dtype=torch.uint8))
 
     def kept(next_step: int) -> None:
-        if keep is not None:
-            keep.write({"next": next_step, "prefix": prefix, "moved": moved, "curve": curve,
-                        "best": {**best, "evasion": list(best["evasion"])},
-                        "start_sendable": start_sendable, "generator": bytes(gen.get_state().tolist()).hex()},
-                       exact=True)   # a best of NaN loss is not kept: searched again from the last one that is
+        if keep is not None:   # a loss that is no finite number (a suffix whose replies all end at once) as text
+            keep.write(_encoded({"next": next_step, "prefix": prefix, "moved": moved, "curve": curve,
+                                 "best": {**best, "evasion": list(best["evasion"])}, "start_sendable": start_sendable,
+                                 "generator": bytes(gen.get_state().tolist()).hex()}), exact=True)
     task_id = progress.add_task(f"hijack layer {cfg.layer} expert {cfg.expert}", total=cfg.steps,
                                 completed=start) if progress else None
     was_training = model.training
@@ -339,6 +354,8 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
                     cands.append(c)
             if not cands:
                 kept(step + 1)
+                if task_id is not None:   # the bar counts every finished step, as a resumed one starts at it
+                    progress.advance(task_id)
                 continue
             moved += 1
             # 3. evaluate them exactly, in chunks of rows

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,7 +437,8 @@ class RayBackend(Backend):
         ray = self.ray
         # a cluster's nodes keep pieces where they see the driver's run folder (a shared filesystem, as
         # docs/audit.md asks for); a node that does not keeps none (execute checks)
-        where = (lambda j: str(scratch(j))) if scratch is not None else (lambda j: None)
+        # absolute: a node's worker runs in its own working directory, not the driver's (a relative --out)
+        where = (lambda j: os.path.abspath(scratch(j))) if scratch is not None else (lambda j: None)
         self.check_fits(runtime.threads)
         # max_retries=0, retried here instead: Ray retries a task its memory monitor killed without end
         # unless max_retries is 0 (reloading the model each time), and counts no other limit for them
