@@ -21,6 +21,8 @@ def _counting(monkeypatch, *, stop_at: int | None):
     asked, computed, real = [], [], kept.kept_arrays
 
     def counting(folder, name, compute):
+        if name.startswith("scores-"):   # a method's whole scores (kept around its terms): not a term
+            return real(folder, name, compute)
         asked.append(name)
         if stop_at is not None and len(asked) == stop_at:
             raise KeyboardInterrupt
@@ -374,3 +376,44 @@ def test_a_torn_kept_original_is_scored_again_not_a_traceback(tmp_path):
     assert kept.read() == (None, None)
     kept.drop()
     assert not kept.folder.exists()
+
+
+def test_a_finished_method_s_scores_are_kept_whole_and_not_scored_again(tmp_path, monkeypatch):
+    """A pick job (or `attribute`) killed in a later method scored the earlier ones again: the cheap
+    ones are a pass over the calibration set each, reconstruction a search."""
+    import dataclasses
+
+    import moeguard.attribution.run as run
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.loading import load_model
+
+    m, tok, _ = load_model(None)
+    # reap first: its capture (norms) is not the plain one frequency reads, which a skipped reap would
+    # have left uncaptured; reconstruction's token cut is said on the resumed run too
+    names, opts = ("reap", "frequency", "reconstruction"), {"reconstruction_tokens": 5}
+    context = lambda **kw: make_context(m, tok, "arith-compare", samples=8, options=opts, **kw)  # noqa: E731
+    with pytest.warns(UserWarning, match="reconstruction: 5 of"):
+        plain, kept = (dict((n, score(c, n)) for n in names) for c in (context(), context(keep=tmp_path)))
+    assert sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob(".scores-*.npz")) == [
+        ".scores-frequency", ".scores-reap", ".scores-reconstruction"]
+    real = run.get_method
+
+    def unrun(name):
+        if name == "frequency" and not list(tmp_path.glob(".scores-frequency-*")):   # killed in it: scored
+            return real(name)
+        return dataclasses.replace(real(name), fn=lambda ctx: pytest.fail(f"{name} was scored again"))
+
+    monkeypatch.setattr(run, "get_method", unrun)
+    [frequency] = tmp_path.glob(".scores-frequency-*")
+    frequency.unlink()                                  # as if killed while scoring frequency
+    with pytest.warns(UserWarning, match="reconstruction: 5 of"):
+        again = {n: score(context(keep=tmp_path), n) for n in names}
+    bare = lambda s: {k: v for k, v in s.to_dict().items() if k != "seconds"}  # noqa: E731
+    for n in names:
+        assert bare(again[n]) == bare(kept[n]) == bare(plain[n]) and again[n].scores.equal(plain[n].scores)
+    for n in ("reap", "reconstruction"):
+        assert again[n].seconds == kept[n].seconds      # the time the method took, not the read's
+    assert plain["reconstruction"].subsets and again["reconstruction"].subsets == plain["reconstruction"].subsets
+    # other calibration batches (another seed): scored afresh
+    with pytest.raises(pytest.fail.Exception, match="reap was scored again"):
+        score(context(seed=1, keep=tmp_path), "reap")

@@ -56,9 +56,11 @@ class Context:
                 for b in self.track(batches, "routing capture"):
                     b = b.to(self.device)
                     self.model(**b.inputs(), use_cache=False, **light)
+            # not shared with the plain statistics: the norms capture runs each expert in a loop of its
+            # own, whose sums differ from the model's own experts' in the last bits (bf16, or top-k >= 3),
+            # and a method whose scores are kept (run.score) skips its capture on a resumed run: frequency
+            # after reap read reap's statistics in one run and its own in the resumed one
             self.cache[key] = cap.stats
-            if norms:  # norms=True records everything the plain capture does
-                self.cache.setdefault(f"stats:{'ref' if reference else 'task'}:False", cap.stats)
         return self.cache[key]
 
     def batch_sum(self, label: str, compute: Callable[[Any], torch.Tensor], *, shape: tuple[int, ...],
@@ -77,18 +79,31 @@ class Context:
             return compute(batch)
         from moeguard import kept
 
-        tokens = hashlib.sha256()
-        for t in (batch.input_ids, batch.attention_mask, batch.labels, getattr(batch, "decoder_input_ids", None)):
-            if t is not None:   # an encoder-decoder's decoder rows too
-                tokens.update(t.detach().cpu().contiguous().numpy().tobytes())
         term = kept.arrays(self.keep, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}-{i}",
                            lambda: {"term": compute(batch).double().cpu().numpy()},
-                           key=[label, key, self.options, tokens.hexdigest()])["term"]
+                           key=[label, key, self.options, _batch_digest(batch)])["term"]
         return torch.from_numpy(term)
+
+    def tokens_digest(self) -> str:
+        """A digest of every calibration and reference batch's tokens (what a kept score was made on)."""
+        if "tokens_digest" not in self.cache:
+            h = hashlib.sha256()
+            for batch in [*self.batches, None, *self.reference]:
+                h.update(b"|" if batch is None else _batch_digest(batch).encode())
+            self.cache["tokens_digest"] = h.hexdigest()
+        return self.cache["tokens_digest"]
 
     def track(self, items, description: str):
         """Iterate with a progress bar when a rich Progress is attached."""
         return track(self.progress, items, description)
+
+
+def _batch_digest(batch) -> str:
+    tokens = hashlib.sha256()
+    for t in (batch.input_ids, batch.attention_mask, batch.labels, getattr(batch, "decoder_input_ids", None)):
+        if t is not None:   # an encoder-decoder's decoder rows too
+            tokens.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return tokens.hexdigest()
 
 
 def track(progress, items, description: str, *, keep: bool = False):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
+import warnings
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from moeguard.attribution.base import Scores, check_method_runs, get_method
@@ -48,6 +52,14 @@ def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int =
                    reference=ref_batches, seed=seed, progress=progress, options=dict(options or {}), keep=keep)
 
 
+def _own(w: warnings.WarningMessage) -> bool:
+    """A warning moeguard itself gave (a UserWarning from its package)."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1]
+    return w.category is UserWarning and package in Path(str(w.filename)).resolve().parents
+
+
 def check_removable(method: str, experts: int, min_experts: int) -> None:
     """Methods that remove one expert at a time need a layer of ``experts`` to route with one fewer:
     removing one would leave fewer than the router can route (k=0 on one expert, NaN weights under
@@ -73,23 +85,52 @@ def score(ctx: Context, method: str) -> Scores:
         raise MoeguardError(f"the model's MoE layers have different expert counts {sorted(counts)} (a budget-pruned "
                             "checkpoint); attribution scores one count per layer", hint="attribute the unpruned model")
     check_removable(method, next(iter(counts)), ctx.adapter.family.min_experts)
-    torch.manual_seed(ctx.seed)
-    started = time.perf_counter()
-    was_training = ctx.model.training
-    ctx.model.eval()  # router jitter, dropout and sparsemixer's training branch would make scores random
-    try:
-        out = m.fn(ctx)
-    finally:
-        ctx.model.train(was_training)
     a = ctx.adapter
-    if tuple(out.scores.shape) != (len(a.layers), a.num_experts):
-        raise RuntimeError(f"method {method} returned scores of shape {tuple(out.scores.shape)}")
+
+    def run() -> dict[str, Any]:
+        torch.manual_seed(ctx.seed)
+        started = time.perf_counter()
+        was_training = ctx.model.training
+        ctx.model.eval()  # router jitter, dropout and sparsemixer's training branch would make scores random
+        try:
+            with warnings.catch_warnings(record=True) as said:   # kept with the scores, said on every run
+                out = m.fn(ctx)
+        finally:
+            ctx.model.train(was_training)
+        if tuple(out.scores.shape) != (len(a.layers), a.num_experts):
+            raise RuntimeError(f"method {method} returned scores of shape {tuple(out.scores.shape)}")
+        for w in said:   # another library's, as it gave it (not kept: a resumed run need not repeat it)
+            if not _own(w):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        return {"scores": out.scores.detach().double().cpu().numpy(), "tokens": np.int64(out.tokens),
+                "subsets": np.array(json.dumps({str(k): {str(l): v for l, v in per.items()}
+                                                for k, per in out.subsets.items()})),
+                "seconds": np.float64(time.perf_counter() - started),
+                "said": np.array(json.dumps([str(w.message) for w in said if _own(w)]))}
+
+    # with a keep folder, a finished method's scores are kept whole (the methods that keep each batch's
+    # term do so too): a job or command killed in a later method does not score this one again. score
+    # seeds torch before each method, nothing after a method draws from the global generators, and no
+    # method reads statistics another one captured (Context.routing_stats), so a skipped one changes
+    # nothing downstream
+    if ctx.keep is None:
+        done = run()
+    else:
+        from moeguard import kept
+
+        done = kept.arrays(ctx.keep, f"scores-{re.sub(r'[^A-Za-z0-9_.-]', '_', method)}", run,
+                           key=[method, ctx.options, ctx.tokens_digest()])
+    subsets = {int(k): {int(l): [int(e) for e in v] for l, v in per.items()}
+               for k, per in json.loads(str(done["subsets"])).items()}
+    for message in json.loads(str(done["said"])):   # moeguard's own (reconstruction's token cut), kept or not
+        warnings.warn(message, stacklevel=2)
     settings = {"samples": sum(b.input_ids.shape[0] for b in ctx.batches), "seed": ctx.seed,
                 "split": "train" if "train" in ctx.task.splits else "eval", **ctx.options}
     if m.needs_reference:
         settings["reference_samples"] = sum(b.input_ids.shape[0] for b in ctx.reference)
     return Scores(method=method, description=m.description, task=ctx.task.name,
                   model=getattr(ctx.model.config, "_name_or_path", "") or type(ctx.model).__name__,
-                  samples=settings["samples"], tokens=out.tokens, layers=[l.index for l in a.layers],
-                  num_experts=a.num_experts, top_k=a.top_k, scores=out.scores.double().cpu(),
-                  subsets=out.subsets, settings=settings, comparable_across_layers=m.comparable_across_layers, seconds=time.perf_counter() - started)
+                  samples=settings["samples"], tokens=int(done["tokens"]), layers=[l.index for l in a.layers],
+                  num_experts=a.num_experts, top_k=a.top_k, scores=torch.from_numpy(done["scores"]),
+                  subsets=subsets, settings=settings, comparable_across_layers=m.comparable_across_layers,
+                  seconds=float(done["seconds"]))
