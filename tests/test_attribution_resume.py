@@ -180,6 +180,79 @@ def test_a_sweep_job_killed_half_way_resumes_from_its_kept_evaluations(tmp_path,
     assert cut["evaluations"] == whole["evaluations"]
 
 
+def test_the_merge_route_keeps_each_merged_point_and_calibrates_only_for_what_is_missing(tmp_path, monkeypatch):
+    """The sweep job's merge route kept nothing: a kill in its evaluations merged, calibrated and
+    evaluated every merged model again (calibration runs every expert on the task's tokens)."""
+    import moeguard.studies.merge_route as R
+    from moeguard.studies.engine import untimed
+
+    args = ["sweep", "--tasks", "arith-compare,record-summary", "--methods", "frequency", "--keep", "4",
+            "--samples", "8", "--eval-limit", "8", "--collateral-limit", "8", "--random-seeds", "1",
+            "--no-deletion-curves", "--physical-checks", "0", "--route", "prune,merge", "--merge-methods", "average",
+            "--merge-tokens", "32"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    evaluated, calibrated, stop = [], [], [3]
+    real_eval, real_profile = R.evaluate_task, R.profile_model
+
+    def evaluate(*a, **k):
+        evaluated.append(1)
+        if stop[0] and len(evaluated) == stop[0]:
+            raise KeyboardInterrupt
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(R, "evaluate_task", evaluate)
+    monkeypatch.setattr(R, "profile_model", lambda *a, **k: (calibrated.append(1), real_profile(*a, **k))[1])
+    # arith-compare's merge route: its point (the task and the collateral task) kept, killed in the random point
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    assert len(list((tmp_path / ".cut.partial" / "jobs" / "sweep").glob(".*.partial/evaluations/merge-*.json"))) == 2
+    evaluated.clear(), calibrated.clear()
+    stop[0] = 0
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    assert len(evaluated) == 1 + 3 and len(calibrated) == 2      # the random point, then record-summary's 3
+    whole, cut = (json.loads((tmp_path / f / "sweep.json").read_text()) for f in ("whole", "cut"))
+    for part in ("points", "random"):
+        assert untimed(cut["merge"][part]) == untimed(whole["merge"][part])
+    assert untimed(cut["merge"]["calibration"]) == untimed(whole["merge"]["calibration"])
+
+
+def test_the_attack_s_merge_candidates_are_kept_and_read_back_as_they_were(tmp_path, monkeypatch):
+    import dataclasses
+
+    import moeguard.studies.merge_route as R
+    from moeguard.attribution.run import make_context, score
+    from moeguard.models.loading import load_model
+    from moeguard.tasks.registry import get_task
+
+    m, tok, _ = load_model(None)
+    t = get_task("arith-compare")
+    scores = {"frequency": score(make_context(m, tok, t, samples=8), "frequency")}
+    args = dict(keep=4, merge_methods=("average", "frequency-weighted"), samples=8, eval_limit=8, seed=0, full_score=0.9)
+    plain = R.attack_candidates(m, tok, t, scores, **args)
+    first = R.attack_candidates(m, tok, t, scores, **args, kept=tmp_path)
+    assert len(list(tmp_path.glob("merge-*.json"))) == 2
+    monkeypatch.setattr(R, "merge_model", lambda *a, **k: pytest.fail("merged again"))
+    monkeypatch.setattr(R, "profile_model", lambda *a, **k: pytest.fail("calibrated again"))
+    again = R.attack_candidates(m, tok, t, scores, **args, kept=tmp_path)
+    from moeguard.studies.engine import untimed
+
+    bare = lambda pairs: [(json.loads(json.dumps(c)), untimed(dataclasses.asdict(r))) for c, r in pairs]  # noqa: E731
+    assert bare(plain) == bare(first) and first == again     # read back with the time it took
+    with pytest.raises(pytest.fail.Exception):   # another keep: merged afresh
+        R.attack_candidates(m, tok, t, scores, **{**args, "keep": 3}, kept=tmp_path)
+
+
+def test_a_kept_calibration_cost_is_read_without_calibrating(tmp_path, monkeypatch):
+    import moeguard.studies.merge_route as R
+
+    monkeypatch.setattr(R, "profile_model", lambda *a, **k: ({}, {"forward_passes": 3}))
+    first = R._Calibration(None, [], adapter=None, tokens=8, seed=0, keep=tmp_path, key=["t"])
+    assert first.profiles() == ({}, {"forward_passes": 3})
+    monkeypatch.setattr(R, "profile_model", lambda *a, **k: pytest.fail("calibrated again"))
+    assert R._Calibration(None, [], adapter=None, tokens=8, seed=0, keep=tmp_path, key=["t"]).cost() == {"forward_passes": 3}
+    with pytest.raises(pytest.fail.Exception):   # other settings: not read
+        R._Calibration(None, [], adapter=None, tokens=9, seed=0, keep=tmp_path, key=["u"]).cost()
+
+
 def test_only_results_json_holds_exactly_are_kept(tmp_path):
     """A NaN score is written as null, which a resumed run would read as another value: not kept."""
     from moeguard.pruning.evaluate import _Kept

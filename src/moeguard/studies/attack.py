@@ -182,7 +182,8 @@ def pick_job(ctx, *, task: str, keep: int, methods: list[str], plans: list[str],
         from moeguard.studies.merge_route import attack_candidates
 
         for cand, r in attack_candidates(m, tok, t, all_scores, keep=keep, merge_methods=merge_methods,
-                                         samples=samples, eval_limit=eval_limit, seed=seed, full_score=full.score):
+                                         samples=samples, eval_limit=eval_limit, seed=seed, full_score=full.score,
+                                         kept=ctx.scratch_for("evaluations")):
             candidates.append(cand)
             results.append(r)
     value = lambda j: -1e9 if candidates[j]["retention"] is None else candidates[j]["retention"]  # noqa: E731

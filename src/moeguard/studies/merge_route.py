@@ -24,24 +24,77 @@ from moeguard.tasks.batches import calibration_batches
 from moeguard.tasks.evaluate import evaluate_task
 
 
+def scores_identity(s) -> str:
+    """What a merge's centres are chosen from: a Scores' method, values and subsets."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(s.method.encode() + b"\0" + s.scores.double().cpu().numpy().tobytes())
+    h.update(json.dumps(s.subsets, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+class _Calibration:
+    """The task's calibration profiles, computed on first use: a rerun whose merges are all kept
+    (``keep``) does not calibrate at all; their cost is kept beside them for the result."""
+
+    def __init__(self, model, batches, *, adapter, tokens: int, seed: int, keep, key):
+        from moeguard.kept import KeptJSON
+
+        self.args = dict(tokens=tokens, seed=seed, adapter=adapter)
+        self.model, self.batches, self._found = model, batches, None
+        self.doc = KeptJSON(keep / "merge-calibration.json", key) if keep is not None else None
+
+    def profiles(self):
+        if self._found is None:
+            self._found = profile_model(self.model, self.batches, **self.args)
+            if self.doc is not None:
+                self.doc.write(self._found[1], exact=True)
+        return self._found
+
+    def cost(self) -> dict[str, Any]:
+        kept = self.doc.read() if self.doc is not None and self._found is None else None
+        return kept if kept is not None else self.profiles()[1]
+
+
+def _kept_merge(keep, key):
+    """The kept result of one merge (``kept.KeptJSON`` named by its key), or None without a folder."""
+    if keep is None:
+        return None
+    from moeguard.io import digest
+    from moeguard.kept import KeptJSON
+
+    return KeptJSON(keep / f"merge-{digest(key)}.json", key)
+
+
 def merge_points(model, tokenizer, cfg, task, tasks: list, full: dict[str, dict[str, Any]], scores: dict,
-                 random_scores, *, progress=None) -> dict[str, Any]:
+                 random_scores, *, progress=None, keep=None) -> dict[str, Any]:
     """``scores``: {method: Scores} of ``task``; ``random_scores(seed)``: a random Scores of the
-    same shape. Returns {"points", "random", "calibration"} for ``task``."""
+    same shape. Returns {"points", "random", "calibration"} for ``task``. ``keep``: a folder keyed
+    by the job (a sweep job's scratch), where each merged model's point is kept as it finishes and
+    read back on a resumed run (the merge and its evaluations, and the calibration once all are)."""
     adapter = MoEAdapter(model)
     batches = calibration_batches(tokenizer, task, samples=cfg.samples, batch_size=8, seed=cfg.seed)
-    profiles = profile_model(model, batches, tokens=cfg.merge_tokens, seed=cfg.seed, adapter=adapter)
+    calibration = _Calibration(model, batches, adapter=adapter, tokens=cfg.merge_tokens, seed=cfg.seed, keep=keep,
+                               key=[task.name, cfg.merge_tokens, cfg.seed, cfg.samples])
 
     def measure(s, mm: str, k: int, with_collateral: bool) -> dict[str, Any]:
         from moeguard.studies.sweep import score_point
 
-        merged, record = merge_model(model, prepare(adapter, method=mm, scores=s, keep=k), profiles=profiles,
-                                     task=task.name, scores_method=s.method, share_unchanged=True)   # only evaluated
+        kept = _kept_merge(keep, [task.name, scores_identity(s), mm, k, with_collateral, full, cfg.batch_size])
+        found = kept.read() if kept is not None else None
+        if found is not None:
+            return found
+        merged, record = merge_model(model, prepare(adapter, method=mm, scores=s, keep=k),
+                                     profiles=calibration.profiles(), task=task.name, scores_method=s.method,
+                                     share_unchanged=True)   # only evaluated
         point = {"merge_method": mm, **score_point(
             cfg, full, task, tasks if with_collateral else None, k,
             lambda t, limit: evaluate_task(merged, tokenizer, t, limit=limit, batch_size=cfg.batch_size))}
         if with_collateral:
             point["merges"] = {li: [g["from"] for g in gs] for li, gs in record["merges"].items()}
+        if kept is not None:   # as JSON gives it back: the job's result goes through JSON too
+            kept.write(point, exact=True)
         return point
 
     jobs = [(m, mm, k) for m in cfg.methods for mm in cfg.merge_methods for k in cfg.keeps]
@@ -56,7 +109,7 @@ def merge_points(model, tokenizer, cfg, task, tasks: list, full: dict[str, dict[
                               **measure(random_scores(cfg.seed * 1000 + seed), mm, k, False)})
         progress and progress.advance(tid)
     progress and progress.remove_task(tid)
-    return {"points": points, "random": random_points, "calibration": {task.name: profiles[1]}}
+    return {"points": points, "random": random_points, "calibration": {task.name: calibration.cost()}}
 
 
 def stronger_route(cfg, tasks: list, prune_points: list[dict], prune_random: list[dict],
@@ -93,24 +146,41 @@ def stronger_route(cfg, tasks: list, prune_points: list[dict], prune_random: lis
 # --------------------------------------------------------------------------- the attack harness's merge route
 
 def attack_candidates(model, tokenizer, task, scores: dict, *, keep: int, merge_methods, samples: int, eval_limit: int,
-                      seed: int, full_score: float) -> list[tuple[dict[str, Any], Any]]:
+                      seed: int, full_score: float, kept=None) -> list[tuple[dict[str, Any], Any]]:
     """The attack harness's merge candidates: every attribution method's scores x merge method,
     merged to ``keep`` per layer and scored on the task; (candidate, TaskResult) pairs. The
     candidate carries its merge plan (clusters and weights), so a cell rebuilds the same model
-    without calibrating again."""
+    without calibrating again. ``kept``: a folder keyed by the job (the pick job's scratch) where
+    each candidate is kept as it finishes and read back on a resumed run (calibrated only if one is
+    missing)."""
+    import dataclasses
+
+    from moeguard.tasks.evaluate import TaskResult
+
     adapter = MoEAdapter(model)
     batches = calibration_batches(tokenizer, task, samples=samples, batch_size=8, seed=seed)
-    profiles = profile_model(model, batches, seed=seed, adapter=adapter)
+    calibration = _Calibration(model, batches, adapter=adapter, tokens=256, seed=seed, keep=None, key=None)
     out = []
     for name, s in scores.items():
         for mm in merge_methods:
-            merged, rec = merge_model(model, prepare(adapter, method=mm, scores=s, keep=keep), profiles=profiles,
-                                      task=task.name, scores_method=name, share_unchanged=True)   # only evaluated
+            doc = _kept_merge(kept, [task.name, scores_identity(s), name, mm, keep, eval_limit, full_score])
+            found = doc.read() if doc is not None else None
+            if found is not None:
+                try:
+                    out.append((found["candidate"], TaskResult(**found["result"])))
+                    continue
+                except TypeError:   # a result of another moeguard's fields: merged and evaluated again
+                    pass
+            merged, rec = merge_model(model, prepare(adapter, method=mm, scores=s, keep=keep),
+                                      profiles=calibration.profiles(), task=task.name, scores_method=name,
+                                      share_unchanged=True)   # only evaluated
             r = evaluate_task(merged, tokenizer, task, limit=eval_limit, batch_size=32, baseline=False)
             out.append(({"route": "merge", "method": name, "merge_method": mm, "plan": "uniform", "keep": rec["keep"],
                          "merge": {"clusters": rec["plan"]["clusters"], "weights": rec["plan"]["weights"]},
                          "score": r.score, "retention": retention(r.score, full_score,
                                                                   higher_is_better=task.higher_is_better)}, r))
+            if doc is not None:   # JSON's view of both, which the job's result holds too
+                doc.write({"candidate": out[-1][0], "result": dataclasses.asdict(r)}, exact=True)
             multi = spread(merged)
             del merged
             if multi:   # over several GPUs the hooks keep a merged copy there until a collection

@@ -186,7 +186,7 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
         _refuse_merge_offloaded(model)
         return _prepare_merged(model, tok, t, adapter, keep=keep, method=method, samples=samples, eval_limit=eval_limit,
                                seed=seed, full=full, full_result=full_result, merge_method=merge_method, scores=scores,
-                               kept=ctx.scratch_for("attribution"))
+                               kept=ctx.scratch_for("attribution"), evaluations=ctx.scratch_for("evaluations"))
     if plan is None:
         c = make_context(model, tok, t, samples=samples, batch_size=8, seed=seed, keep=ctx.scratch_for("attribution"))
         p = plan_from_scores(score(c, method), keep=keep, min_keep=adapter.family.min_experts)
@@ -208,7 +208,7 @@ def prepare_job(ctx, *, task: str, keep: int, method: str, samples: int, eval_li
 
 def _prepare_merged(model, tok, t, adapter, *, keep: int, method: str, samples: int, eval_limit: int, seed: int,
                     full: float, full_result, merge_method: str, scores: dict[str, Any] | None,
-                    kept=None) -> dict[str, Any]:
+                    kept=None, evaluations=None) -> dict[str, Any]:
     """The merge route's prepare: the attack harness's merge candidate for one method and merge
     method (the same calibration and merge), so the study re-aligns what that route would."""
     from moeguard.attribution.base import Scores
@@ -219,7 +219,8 @@ def _prepare_merged(model, tok, t, adapter, *, keep: int, method: str, samples: 
     s = Scores.from_dict(scores) if scores is not None else score(
         make_context(model, tok, t, samples=samples, batch_size=8, seed=seed, keep=kept), method)
     [(cand, result)] = attack_candidates(model, tok, t, {method: s}, keep=keep, merge_methods=(merge_method,),
-                                         samples=samples, eval_limit=eval_limit, seed=seed, full_score=full)
+                                         samples=samples, eval_limit=eval_limit, seed=seed, full_score=full,
+                                         kept=evaluations)
     keep_map = {int(l): list(v) for l, v in cand["keep"].items()}
     return {"full": full_result, "full_score": full,
             "plan": {"keep": {str(l): v for l, v in keep_map.items()}, "rule": "merge", "merge_method": merge_method,

@@ -165,7 +165,8 @@ def run_sweep(model, tokenizer, cfg: SweepConfig, *, progress=None, on_scores=No
         if "merge" in cfg.routes:
 
             found = merge_points(model, tokenizer, cfg, t, tasks, full, all_scores[t.name],
-                                 lambda seed, _t=t.name: random_scores(adapter, seed, _t), progress=progress)
+                                 lambda seed, _t=t.name: random_scores(adapter, seed, _t), progress=progress,
+                                 keep=keep)
             merge["points"] += found["points"]
             merge["random"] += found["random"]
             merge["calibration"].update(found["calibration"])
