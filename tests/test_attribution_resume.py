@@ -253,6 +253,28 @@ def test_a_kept_calibration_cost_is_read_without_calibrating(tmp_path, monkeypat
         R._Calibration(None, [], adapter=None, tokens=9, seed=0, keep=tmp_path, key=["u"]).cost()
 
 
+def test_the_sweep_s_physical_checks_are_kept_as_they_finish(tmp_path, monkeypatch):
+    import moeguard.studies.sweep as S
+    from moeguard.models.loading import load_model
+    from moeguard.pruning.evaluate import MaskedEvaluator
+    from moeguard.tasks.registry import get_task
+
+    m, tok, _ = load_model(None)
+    cfg = S.SweepConfig(tasks=["arith-compare"], methods=["frequency"], keeps=[4], eval_limit=8, physical_checks=2)
+    plans = [{str(l): [0, 1, 2, 3] for l in range(4)}, {str(l): [4, 5, 6, 7] for l in range(4)}]
+    points = [{"task": "arith-compare", "method": f"m{i}", "keep": 4, "plan": plan, "score": 0.5, "params": 1}
+              for i, plan in enumerate(plans)]
+    run = lambda keep: S._physical_checks(m, tok, cfg, [get_task("arith-compare")], points,  # noqa: E731
+                                          MaskedEvaluator(m, tok, keep=keep), None)
+    plain, first = run(None), run(tmp_path)
+    assert len(list(tmp_path.glob("physical-*.json"))) == 2 and plain == first
+    monkeypatch.setattr(S, "prune_model", lambda *a, **k: pytest.fail("pruned again"))
+    assert run(tmp_path) == first
+    points[0]["score"] = 0.25                              # another point: checked afresh
+    with pytest.raises(pytest.fail.Exception):
+        run(tmp_path)
+
+
 def test_only_results_json_holds_exactly_are_kept(tmp_path):
     """A NaN score is written as null, which a resumed run would read as another value: not kept."""
     from moeguard.pruning.evaluate import _Kept

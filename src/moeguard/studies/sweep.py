@@ -32,7 +32,7 @@ from moeguard.analysis import above_baseline, auc, bootstrap, mean_ci, retention
 from moeguard.config import SEED_MAX, setting, validate
 from moeguard.pruning.evaluate import MaskedEvaluator
 from moeguard.studies import Phase
-from moeguard.studies.engine import Job
+from moeguard.studies.engine import Job, untimed
 from moeguard.studies.merge_route import merge_points, stronger_route
 from moeguard.pruning.plan import plan_from_scores
 from moeguard.tasks.evaluate import evaluate_task
@@ -292,7 +292,12 @@ def _against_random(value: float | None, randoms: list[float], seed: int) -> dic
 
 
 def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[dict[str, Any]]:
-    """Re-score a few points on physically pruned copies (the masked numbers must match)."""
+    """Re-score a few points on physically pruned copies (the masked numbers must match). Each check
+    is kept beside the masked evaluations (``ev.keep``, the job's scratch) as it finishes: a rerun
+    does not build and evaluate that copy again."""
+    from moeguard.io import digest
+    from moeguard.kept import KeptJSON
+
     by_name = {t.name: t for t in tasks}
     chosen = [p for p in points if p["keep"] in cfg.keeps]
     chosen = sorted(chosen, key=lambda p: (p["keep"], p["task"], p["method"]))
@@ -308,6 +313,12 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
             out.append({"task": p["task"], "method": p["method"], "keep": p["keep"],
                         "skipped": "the model is offloaded (max_memory): a physical check builds the pruned copy in memory"})
             continue
+        key = ["physical", untimed(p), cfg.eval_limit, cfg.batch_size]
+        kept = KeptJSON(ev.keep / f"physical-{digest(key)}.json", key) if ev.keep is not None else None
+        found = kept.read() if kept is not None else None
+        if found is not None:
+            out.append(found)
+            continue
         try:
             small, _ = prune_model(model, keep)
         except MoeguardError as exc:  # e.g. DeepSeek groups kept unevenly: masking only, say so
@@ -319,6 +330,8 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
         out.append({"task": p["task"], "method": p["method"], "keep": p["keep"], "masked_score": p["score"],
                     "physical_score": r.score, "abs_diff": _abs_diff(r.score, p["score"]),
                     "params_physical": params, "params_expected": p["params"]})
+        if kept is not None:
+            kept.write(out[-1], exact=True)
         multi = spread(small)
         del small
         if multi:   # a copy over several GPUs stays there until a collection: the next check's copy beside it
