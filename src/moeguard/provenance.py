@@ -58,6 +58,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+# Work kept by an earlier run (an audit's stages, study jobs, a command's kept folder, a training state)
+# is reused by a resumed one whatever moeguard made it: keys hold no version, so cached work survives a
+# release that moves no number. What a resumed run reuses from another version is listed in its record
+# (``run_record``'s "reused") and warned about once per version, so its numbers are never credited to
+# a commit that did not make them. Cleared at each command's start (``start_command``).
+_reused: list[dict[str, Any]] = []
+
+
 def run_record(settings: dict) -> dict:
     """The run's settings, versions and commit; with "reused" when it resumed from work another version
     kept (``reusing``), which the versions and commit here did not make."""
@@ -76,14 +84,6 @@ def maker_of(record: Any) -> dict[str, Any] | None:
         return None
     made = {"git_commit": record.get("git_commit"), **{k: v for k, v in record["versions"].items() if k != "platform"}}
     return {**made, "source": record["source"]} if "source" in record else made
-
-
-# Work kept by an earlier run (an audit's stages, study jobs, a command's kept folder, a training state)
-# is reused by a resumed one whatever moeguard made it: keys hold no version, so cached work survives a
-# release that moves no number. What a resumed run reuses from another version is listed in its record
-# (``run_record``'s "reused") and warned about once per version, so its numbers are never credited to
-# a commit that did not make them. Cleared at each command's start (``start_command``).
-_reused: list[dict[str, Any]] = []
 
 
 @functools.lru_cache(maxsize=1)
@@ -161,7 +161,7 @@ def with_reused(record: dict[str, Any]) -> dict[str, Any]:
 
 def mark(folder: Path, *, fix: str) -> None:
     """``folder`` keeps pieces of work for a resume: the makers of what it already holds (listed in its
- ``io.MADE_BY`` file; pieces without one are a maker's that recorded none) are :func:`reusing`'s, and
+    ``io.MADE_BY`` file; pieces without one are a maker's that recorded none) are :func:`reusing`'s, and
     this process's maker is added to the list before it keeps anything there (made if missing)."""
     import json
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from moeguard.io import _move_into_place, whole_json, write_json
 from moeguard.io import digest
-from moeguard.provenance import maker
+from moeguard.provenance import maker, reusing
 
 DONE = "done.json"
 
@@ -88,8 +88,6 @@ class StageStore:
         final = self.stages / name
         info = self._info(name, key)
         if info is not None:
-            from moeguard.provenance import reusing
-
             reusing(str(final), info.get("made_by"), fix="pass --overwrite to start the run over")
             seconds = info.get("seconds", 0.0)
             result = StageResult(name, key, final, True, seconds if isinstance(seconds, (int, float)) else 0.0)
