@@ -119,3 +119,41 @@ def qwen_like(texts: list[str]):
                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                      show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture
+def fake_ray_backend():
+    """``make(submit, answer, asked=None, address=None)``: a RayBackend without Ray started, over a fake
+    ``ray`` whose one 8-CPU node runs each task by ``submit(*args) -> ref`` and gets ``answer(ref)``;
+    the options a task is declared with go into ``asked``."""
+    import ray.exceptions
+
+    from moeguard.studies.engine import RayBackend
+
+    def make(submit, answer, *, asked: dict | None = None, address: str | None = None):
+        class FakeRay:
+            exceptions = ray.exceptions
+
+            @staticmethod
+            def nodes():
+                return [{"Alive": True, "Resources": {"CPU": 8.0}}]
+
+            @staticmethod
+            def remote(**kw):
+                (asked if asked is not None else {}).update(kw)
+                return lambda fn: type("R", (), {"remote": staticmethod(submit)})
+
+            @staticmethod
+            def wait(refs, num_returns):
+                return refs[:1], refs[1:]
+
+            get = staticmethod(answer)
+
+            @staticmethod
+            def cancel(ref, force):
+                pass
+
+        backend = RayBackend.__new__(RayBackend)
+        backend.ray, backend.gpus, backend.address, backend._started = FakeRay(), 0.0, address, False
+        return backend
+    return make

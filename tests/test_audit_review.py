@@ -83,49 +83,27 @@ def test_a_ray_job_bigger_than_any_node_is_refused_not_queued_forever():
         backend.check_fits(1)
 
 
-def test_a_job_the_system_took_on_ray_is_retried_and_then_one_line():
+def test_a_job_the_system_took_on_ray_is_retried_and_then_one_line(fake_ray_backend):
     """Ray's memory monitor or a lost node raised a RayError that is no RayTaskError: a traceback, and
     max_retries=0 meant no retry of an idempotent job."""
     import pytest
     import ray.exceptions
 
     from moeguard.errors import MoeguardError
-    from moeguard.studies.engine import Job, RayBackend, Runtime
+    from moeguard.studies.engine import Job, Runtime
 
     asked, submitted = {}, []
 
-    class FakeRay:
-        exceptions = ray.exceptions
+    def submit(*a):
+        submitted.append(a[0].name)
+        return f"{a[0].name}#{len(submitted)}"
 
-        @staticmethod
-        def nodes():
-            return [{"Alive": True, "Resources": {"CPU": 8.0}}]
+    def get(ref):
+        if ref.startswith("t keep 4"):   # an error of Ray's own, not a lost worker: not retried
+            raise ray.exceptions.RuntimeEnvSetupError()
+        raise ray.exceptions.WorkerCrashedError()
 
-        @staticmethod
-        def remote(**kw):
-            asked.update(kw)
-
-            def submit(*a):
-                submitted.append(a[0].name)
-                return f"{a[0].name}#{len(submitted)}"
-            return lambda fn: type("R", (), {"remote": staticmethod(submit)})
-
-        @staticmethod
-        def wait(refs, num_returns):
-            return refs[:1], refs[1:]
-
-        @staticmethod
-        def get(ref):
-            if ref.startswith("t keep 4"):   # an error of Ray's own, not a lost worker: not retried
-                raise ray.exceptions.RuntimeEnvSetupError()
-            raise ray.exceptions.WorkerCrashedError()
-
-        @staticmethod
-        def cancel(ref, force):
-            pass
-
-    backend = RayBackend.__new__(RayBackend)
-    backend.ray, backend.gpus = FakeRay(), 0.0
+    backend = fake_ray_backend(submit, get, asked=asked)
     job, other = (Job(stage="sweep", name=n, fn="x:y", args={}) for n in ("t keep 2", "t keep 4"))
     submitted = []
     with pytest.raises(MoeguardError, match=r"job sweep/t keep 4 could not run on Ray \(RuntimeEnvSetupError"):

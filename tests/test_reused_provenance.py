@@ -217,9 +217,9 @@ def scratch_seen(ctx, *, seed: int = 0) -> dict:
     return {"scratch": None if ctx.scratch is None else str(ctx.scratch)}
 
 
-def test_a_worker_keeps_pieces_only_where_it_sees_the_driver_s_folder(tmp_path):
+def test_a_worker_keeps_pieces_only_where_it_sees_the_driver_s_folder(tmp_path, fake_ray_backend):
     from moeguard.io import MADE_BY
-    from moeguard.studies.engine import Job, RayBackend, Runtime, execute
+    from moeguard.studies.engine import Job, Runtime, execute
 
     job, rt = Job(stage="s", name="j", fn="test_reused_provenance:scratch_seen", args={}), Runtime(model=None, threads=1)
     folder = tmp_path / ".k-s.partial"
@@ -228,30 +228,7 @@ def test_a_worker_keeps_pieces_only_where_it_sees_the_driver_s_folder(tmp_path):
     provenance.mark(folder, fix="delete it")                  # the driver's mark, seen on a shared filesystem
     assert (folder / MADE_BY).is_file() and execute(job, rt, str(folder)) == {"scratch": str(folder)}
     # a cluster (--ray-address) is handed the folder too: the worker decides
-    import ray.exceptions
-
     sent = []
-
-    class FakeRay:
-        exceptions = ray.exceptions
-
-        @staticmethod
-        def nodes():
-            return [{"Alive": True, "Resources": {"CPU": 8.0}}]
-
-        @staticmethod
-        def remote(**kw):
-            return lambda fn: type("R", (), {"remote": staticmethod(lambda *a: (sent.append(a), "ref")[1])})
-
-        @staticmethod
-        def wait(refs, num_returns):
-            return refs[:1], refs[1:]
-
-        @staticmethod
-        def get(ref):
-            return {"ok": 1}
-
-    backend = RayBackend.__new__(RayBackend)
-    backend.ray, backend.gpus, backend.address, backend._started = FakeRay(), 0.0, "ray://head:10001", False
+    backend = fake_ray_backend(lambda *a: (sent.append(a), "ref")[1], lambda ref: {"ok": 1}, address="ray://head:10001")
     backend.run([job], rt, lambda j, r: None, scratch=lambda j: folder)
     assert sent == [(job, rt, str(folder))]
