@@ -25,6 +25,17 @@ def _threads_restored():
         torch.set_num_threads(THREADS)
 
 
+@pytest.fixture(autouse=True)
+def _reuse_ledger_cleared():
+    """provenance's ledger of work reused from other versions is a command's (cli.main clears it); a
+    test that reuses such work through the library would otherwise leave it to the next test's records."""
+    from moeguard import provenance
+
+    provenance.start_command()
+    yield
+    provenance.start_command()
+
+
 @pytest.fixture
 def token_batch():
     """Two rows, the second right-padded: padding must never count."""

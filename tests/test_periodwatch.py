@@ -189,6 +189,30 @@ def test_a_saved_open_period_is_checked(setting, tmp_path, change, needle):  # n
     assert needle in e.value.message and f"delete {path}" in e.value.message + e.value.hint, e.value.message
 
 
+def test_an_open_period_another_version_saved_is_continued_and_its_row_names_both(setting, tmp_path, recwarn):  # noqa: F811
+    """A server restarted after an upgrade continues the period it saved: the period's row names every
+    version that counted it, and the start's run record lists the saved counts as reused."""
+    from moeguard import provenance
+
+    _, _, prof = setting
+    other = {**provenance.maker(), "git_commit": "0" * 40}
+    both = [other, provenance.maker()]
+    path = tmp_path / "periods.jsonl.open"
+    path.write_text(json.dumps(_saved(prof, made_by=[other])))
+    kw = dict(period=DAY, digest=prof.neighbours.digest, shape=prof.mean.shape, baseline=14, alpha=0.01, now=101 * DAY)
+    got = periodwatch.read_open(path, history=None, **kw)
+    assert got["made_by"] == [other] and provenance.run_record({})["reused"][0]["what"] == [str(path)]
+    watch = periodwatch.PeriodWatch(prof.neighbours, period=DAY, baseline=14, alpha=0.01, layers=prof.meta["layers"],
+                                    open_period=got)
+    assert watch.state()["made_by"] == both                       # saved again: still both
+    assert watch.close_over(102 * DAY)["made_by"] == both
+    watch.add(102 * DAY + 5, np.zeros(prof.mean.shape))           # the next period: this version's alone
+    assert watch.state()["made_by"] == [provenance.maker()] and "made_by" not in watch.close_over(103 * DAY)
+    # a period saved before versions were recorded
+    path.write_text(json.dumps(_saved(prof)))
+    assert periodwatch.read_open(path, history=None, **kw)["made_by"] == [None]
+
+
 def test_serve_refuses_a_damaged_open_period_before_the_model_loads(setting, tmp_path, capsys, monkeypatch):  # noqa: F811
     _, _, prof = setting
     log = tmp_path / "periods.jsonl"

@@ -14,13 +14,6 @@ from moeguard import provenance
 OTHER_COMMIT = "0" * 40
 
 
-@pytest.fixture(autouse=True)
-def fresh_ledger():
-    provenance.start_command()
-    yield
-    provenance.start_command()
-
-
 def _other() -> dict:
     return {**provenance.maker(), "git_commit": OTHER_COMMIT}
 

@@ -74,9 +74,13 @@ class PeriodWatch:
         self._floor = int(history[-1]["index"]) + 1 if history else None   # no period of the history again
         self._k: int | None = None
         self._n, self._sum, self._sq = 0, 0.0, 0.0
+        # who counted the open period's requests (provenance.maker): a server restarted under another
+        # moeguard (an upgrade) continues the period it saved, and its row says both made it
+        self._makers: list[Any] = []
         if open_period is not None:        # read_open's: checked against this run's settings and history
             self._k, self._n = open_period["index"], open_period["requests"]
             self._sum, self._sq = open_period["_sum"], open_period["_sq"]
+            self._makers = list(open_period.get("made_by", []))
 
     def add(self, t: float, r: np.ndarray) -> dict[str, Any] | None:
         """Count one request (served at ``t`` seconds; its residual [L, E], ``Neighbours.residual``,
@@ -109,7 +113,12 @@ class PeriodWatch:
         return row
 
     def _start(self, k: int) -> None:
-        self._k, self._n, self._sum, self._sq = k, 0, 0.0, 0.0
+        self._k, self._n, self._sum, self._sq, self._makers = k, 0, 0.0, 0.0, []
+
+    def _lineage(self) -> list[Any]:
+        from moeguard.provenance import maker
+
+        return [m for m in self._makers if m != maker()] + [maker()]
 
     def close(self) -> dict[str, Any] | None:
         """The current period's row (tested where it can be), or None where it has no request."""
@@ -117,6 +126,8 @@ class PeriodWatch:
             return None
         n, row = self._n, _row(self._k, self.period, self._n, None, digest=self.digest, baseline=self.baseline,
                                alpha=self.alpha)
+        if len(self._lineage()) > 1:   # counted partly before a restart under another version: said, as kept work is
+            row["made_by"] = self._lineage()
         self._n = 0
         if n < MIN_REQUESTS:
             row["why"] = f"fewer than {MIN_REQUESTS} requests: not tested, and in no baseline"
@@ -132,7 +143,7 @@ class PeriodWatch:
         return {"schema": SCHEMA, "index": int(self._k), "start": _when(self._k * self.period),
                 "seconds": self.period, "requests": int(self._n), "neighbours": self.digest,
                 "settings": {"baseline": self.baseline, "alpha": self.alpha, "test": TEST},
-                "sum": pack(self._sum, "<f8"), "sumsq": pack(self._sq, "<f8")}
+                "sum": pack(self._sum, "<f8"), "sumsq": pack(self._sq, "<f8"), "made_by": self._lineage()}
 
 
 class PeriodService:
@@ -214,7 +225,9 @@ def read_open(path: Path, *, period: float, digest: str, shape: tuple[int, int],
             raise ValueError(f"schema {doc.get('schema')!r}")
         k, n, seconds = _count(doc["index"], "index"), _count(doc["requests"], "requests"), float(doc["seconds"])
         settings = dict(doc["settings"])
-        state = {"index": k, "requests": n, "_sum": _unpack(doc["sum"], shape), "_sq": _unpack(doc["sumsq"], shape)}
+        made = doc.get("made_by")   # absent in periods saved before 2026-12-08: counted by an unrecorded version
+        state = {"index": k, "requests": n, "_sum": _unpack(doc["sum"], shape), "_sq": _unpack(doc["sumsq"], shape),
+                 "made_by": made if isinstance(made, list) else [None]}
     except OSError as e:
         raise MoeguardError(f"{path} cannot be read ({e.strerror})", hint=fix) from None
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
@@ -231,4 +244,8 @@ def read_open(path: Path, *, period: float, digest: str, shape: tuple[int, int],
                             hint=f"check this machine's clock, or {fix}")
     if history and k <= int(history[-1]["index"]):
         return None        # closed and logged after it was saved: the log has it
+    from moeguard.provenance import reusing
+
+    for m in state["made_by"]:   # continued: the start's record lists another version's counts
+        reusing(str(path), m, fix=fix)
     return state
