@@ -171,6 +171,8 @@ def _saved(prof, **change):
     ({"requests": True}, "requests is True, not a whole number"),
     ({"index": -5}, "index is -5, not a whole number of 0 or more"),
     ({"index": 10**400}, "has not started yet"),
+    ({"made_by": "x"}, "is not an open period saved by `moeguard serve` (ValueError: made_by 'x')"),
+    ({"made_by": [1]}, "is not an open period saved by `moeguard serve` (ValueError: made_by [1])"),
 ])
 def test_a_saved_open_period_is_checked(setting, tmp_path, change, needle):  # noqa: F811
     _, _, prof = setting
@@ -211,6 +213,11 @@ def test_an_open_period_another_version_saved_is_continued_and_its_row_names_bot
     # a period saved before versions were recorded
     path.write_text(json.dumps(_saved(prof)))
     assert periodwatch.read_open(path, history=None, **kw)["made_by"] == [None]
+    # rolled back to the first version: the versions keep the order in which they counted
+    path.write_text(json.dumps(_saved(prof, made_by=[provenance.maker(), other])))
+    back = periodwatch.PeriodWatch(prof.neighbours, period=DAY, baseline=14, alpha=0.01, layers=prof.meta["layers"],
+                                   open_period=periodwatch.read_open(path, history=None, **kw))
+    assert back.state()["made_by"] == [provenance.maker(), other]
 
 
 def test_serve_refuses_a_damaged_open_period_before_the_model_loads(setting, tmp_path, capsys, monkeypatch):  # noqa: F811

@@ -178,8 +178,8 @@ def mark(folder: Path, *, fix: str) -> None:
         makers = []
     for m in makers:
         reusing(str(folder), m, fix=fix)
-    if makers[-1:] != [maker()]:
+    if maker() not in makers:   # the list keeps the order in which versions first kept pieces there
         from moeguard.io import write_json
 
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(f, [m for m in makers if m != maker()] + [maker()])
+        write_json(f, [*makers, maker()])

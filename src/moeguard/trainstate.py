@@ -110,7 +110,8 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
 
     # the makers of every step so far: a run that restored another version's state lists it first
     tag_, restored = _lineage.get(str(path), (None, []))
-    makers = [m for m in (restored if tag_ == tag else []) if m != maker()] + [maker()]
+    makers = list(restored) if tag_ == tag else []
+    makers += [] if maker() in makers else [maker()]   # in the order they first trained it
     doc = {"format": FORMAT, "tag": tag, "step": int(step), "rng": python, "meta": meta or {}, "made_by": makers}
     tmp, old = _aside(path, "tmp"), _aside(path, "old")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -75,7 +75,12 @@ class PeriodWatch:
         self._k: int | None = None
         self._n, self._sum, self._sq = 0, 0.0, 0.0
         # who counted the open period's requests (provenance.maker): a server restarted under another
-        # moeguard (an upgrade) continues the period it saved, and its row says both made it
+        # moeguard (an upgrade) continues the period it saved, and its row says both made it. This
+        # process's is read now: not under the flush lock, and as the code that started (a pull or an
+        # upgrade while it runs does not change what counts)
+        from moeguard.provenance import maker
+
+        self._me = maker()
         self._makers: list[Any] = []
         if open_period is not None:        # read_open's: checked against this run's settings and history
             self._k, self._n = open_period["index"], open_period["requests"]
@@ -116,9 +121,8 @@ class PeriodWatch:
         self._k, self._n, self._sum, self._sq, self._makers = k, 0, 0.0, 0.0, []
 
     def _lineage(self) -> list[Any]:
-        from moeguard.provenance import maker
-
-        return [m for m in self._makers if m != maker()] + [maker()]
+        """Every version that counted the open period, in the order they first did."""
+        return self._makers if self._me in self._makers else [*self._makers, self._me]
 
     def close(self) -> dict[str, Any] | None:
         """The current period's row (tested where it can be), or None where it has no request."""
@@ -225,9 +229,11 @@ def read_open(path: Path, *, period: float, digest: str, shape: tuple[int, int],
             raise ValueError(f"schema {doc.get('schema')!r}")
         k, n, seconds = _count(doc["index"], "index"), _count(doc["requests"], "requests"), float(doc["seconds"])
         settings = dict(doc["settings"])
-        made = doc.get("made_by")   # absent in periods saved before 2026-12-08: counted by an unrecorded version
+        made = doc.get("made_by", [None])   # absent in periods saved before 2026-12-08: an unrecorded version
+        if not isinstance(made, list) or not all(m is None or isinstance(m, dict) for m in made):
+            raise ValueError(f"made_by {made!r}")
         state = {"index": k, "requests": n, "_sum": _unpack(doc["sum"], shape), "_sq": _unpack(doc["sumsq"], shape),
-                 "made_by": made if isinstance(made, list) else [None]}
+                 "made_by": made}
     except OSError as e:
         raise MoeguardError(f"{path} cannot be read ({e.strerror})", hint=fix) from None
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
