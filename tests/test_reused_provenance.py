@@ -225,3 +225,32 @@ def test_a_worker_keeps_pieces_only_where_it_sees_the_driver_s_folder(tmp_path, 
     backend = fake_ray_backend(lambda *a: (sent.append(a), "ref")[1], lambda ref: {"ok": 1}, address="ray://head:10001")
     backend.run([job], rt, lambda j, r: None, scratch=lambda j: folder)
     assert sent == [(job, rt, str(folder))]
+
+
+def test_trace_sketches_of_other_code_without_a_commit_are_not_read(tmp_path, monkeypatch):
+    """trace keys its kept sketches by the commit: a wheel (no commit) or a -dirty checkout edited
+    between a kill and the rerun read the old code's sketches under the new one's name."""
+    from moeguard.trace.resume import keyed
+
+    first = keyed(tmp_path, "suspect", {"s": 1})
+    monkeypatch.setattr(provenance, "maker", lambda: {"git_commit": None, "source": "1" * 16})
+    one = keyed(tmp_path, "suspect", {"s": 1})
+    monkeypatch.setattr(provenance, "maker", lambda: {"git_commit": None, "source": "2" * 16})
+    assert keyed(tmp_path, "suspect", {"s": 1}) != one and one != first
+
+
+def test_a_training_state_a_trainer_refused_is_not_the_next_save_s_lineage(tmp_path):
+    import torch
+
+    from moeguard import trainstate
+
+    net = torch.nn.Linear(2, 2)
+    params, opt = dict(net.named_parameters()), torch.optim.AdamW(net.parameters())
+    state = tmp_path / "state"
+    trainstate.save(state, tag="t", step=1, params=params, optimizer=opt)
+    meta = json.loads((state / trainstate.META).read_text())
+    (state / trainstate.META).write_text(json.dumps({**meta, "made_by": [_other()]}))
+    trainstate.load(state, tag="t", params=params).restore(params, opt)   # a run resumed it ...
+    trainstate.load(state, tag="t", params=params)                      # ... a later one read it and refused
+    trainstate.save(state, tag="t", step=1, params=params, optimizer=opt)
+    assert json.loads((state / trainstate.META).read_text())["made_by"] == [provenance.maker()]

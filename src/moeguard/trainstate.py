@@ -148,6 +148,7 @@ def load(path: str | os.PathLike, *, tag: str, params: dict[str, torch.Tensor]) 
 
     path = Path(path)
     where, old = str(path), _aside(path, "old")
+    _lineage.pop(where, None)   # a run starts here: its lineage is what it restores, if anything
     if not _whole(path) and _whole(old):
         path = old                        # a crash between the two renames of save()
     if not _whole(path):

@@ -135,7 +135,8 @@ class Context:
     def scratch_for(self, part: str) -> Path | None:
         """The job's folder for one part of its work (``attribution``: the costly methods' batches;
         ``evaluations``: masked evaluations; ``rounds``: a re-alignment's finished rounds, its trained
-        weights included), or None where the job has no scratch folder; made by whoever writes in it."""
+        weights included), or None where the job has no scratch folder (the job's folder is made by the
+        driver, a part's by whoever writes in it)."""
         return self.scratch / part if self.scratch is not None else None
 
     def model(self, ref: str | None = "", /):
@@ -346,7 +347,8 @@ class Backend:
     def run(self, jobs: list[Job], runtime: Runtime, finished: Callable[[Job, dict], None], *,
             scratch: Callable[[Job], Path] | None = None) -> None:
         """Run ``jobs``, calling ``finished`` with each result; ``scratch(job)``: the job's folder for
-        finished pieces of its work, passed on where the job's process shares this one's files."""
+        finished pieces of its work, made here with its makers' list and passed on to every job
+        (``execute`` keeps nothing where its process does not see that list)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

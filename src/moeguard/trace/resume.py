@@ -52,8 +52,12 @@ def keyed(keep: Path | None, role: str, settings: dict[str, Any]) -> Path | None
 
     # the code that computed them: moeguard's version string never changes between commits (0.1.0), so
     # an interrupted trace resumed after an upgrade mixed layers sketched two ways under the new commit
-    text = json.dumps({**settings, "sketch_format": SKETCH_FORMAT, "commit": git_commit()}, sort_keys=True,
-                      default=str)
+    # and where the commit does not name the code (a wheel, a -dirty checkout) the source's digest: an edit
+    # or an upgrade without a commit resumed on sketches the old code made, under the new one's name
+    from moeguard.provenance import maker
+
+    text = json.dumps({**settings, "sketch_format": SKETCH_FORMAT, "commit": git_commit(),
+                       "source": maker().get("source")}, sort_keys=True, default=str)
     folder = keep / f"{role}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     for old in keep.glob(f"{role}-*"):
         if old != folder:
