@@ -32,6 +32,16 @@ def _counting(monkeypatch, *, stop_at: int | None):
     return asked, computed
 
 
+def _stopping(real, calls: list, stop: list):
+    """``real``, counting its calls in ``calls`` and interrupted (Ctrl-C) at the ``stop[0]``-th (0: never)."""
+    def counted(*a, **k):
+        calls.append(1)
+        if stop[0] and len(calls) == stop[0]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    return counted
+
+
 @pytest.mark.parametrize("method, terms", [("ablation", 3), ("gradient", 3), ("ablation-screened", 6)])
 def test_an_interrupted_attribute_resumes_from_its_finished_batches(tmp_path, monkeypatch, capsys, method, terms):
     assert main([*ARGS, "--method", method, "--out", str(tmp_path / "whole.json")]) == 0
@@ -158,15 +168,8 @@ def test_a_sweep_job_killed_half_way_resumes_from_its_kept_evaluations(tmp_path,
             "--samples", "8", "--eval-limit", "8", "--collateral-limit", "8", "--random-seeds", "1",
             "--no-deletion-curves", "--physical-checks", "0"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    calls, real, stop = [], E.evaluate_task, [6]
-
-    def counted(*a, **k):
-        calls.append(1)
-        if stop[0] and len(calls) == stop[0]:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(E, "evaluate_task", counted)
+    calls, stop = [], [6]
+    monkeypatch.setattr(E, "evaluate_task", _stopping(E.evaluate_task, calls, stop))
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
     # 5 evaluations ran: arith-compare's job finished (its 3 in its result file), record-summary's kept 2
     kept = list((tmp_path / ".cut.partial" / "jobs" / "sweep").glob(".*.partial/evaluations/eval-*.json"))
@@ -192,15 +195,8 @@ def test_the_merge_route_keeps_each_merged_point_and_calibrates_only_for_what_is
             "--merge-tokens", "32"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     evaluated, calibrated, stop = [], [], [3]
-    real_eval, real_profile = R.evaluate_task, R.profile_model
-
-    def evaluate(*a, **k):
-        evaluated.append(1)
-        if stop[0] and len(evaluated) == stop[0]:
-            raise KeyboardInterrupt
-        return real_eval(*a, **k)
-
-    monkeypatch.setattr(R, "evaluate_task", evaluate)
+    real_profile = R.profile_model
+    monkeypatch.setattr(R, "evaluate_task", _stopping(R.evaluate_task, evaluated, stop))
     monkeypatch.setattr(R, "profile_model", lambda *a, **k: (calibrated.append(1), real_profile(*a, **k))[1])
     # arith-compare's merge route: its point (the task and the collateral task) kept, killed in the random point
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130

@@ -29,3 +29,14 @@ def suggest(name: str, choices: list[str]) -> str:
     if close:
         return f"did you mean {', '.join(close)}? Known: {known}"
     return f"known: {known}"
+
+
+def own_warning(category: type, filename: str) -> bool:
+    """Whether a warning is moeguard's own: a UserWarning raised from its package's files (the CLI
+    shows those as one line a user reads; attribution keeps them with a method's scores)."""
+    from pathlib import Path
+
+    # by the package's own folder, not a path containing "moeguard": a checkout named moeguard holds the
+    # venv's libraries under .../moeguard/ too
+    package = Path(__file__).resolve().parent   # src/moeguard (or site-packages/moeguard)
+    return issubclass(category, UserWarning) and package in Path(str(filename)).resolve().parents

@@ -121,6 +121,12 @@ class KeptJSON:
         self.path.unlink(missing_ok=True)
 
 
+def document(folder: Path | None, name: str, key: Any) -> KeptJSON | None:
+    """The JSON piece ``folder/NAME-DIGEST.json`` kept under ``key`` (named by its digest, as
+    :func:`arrays` names arrays); None without a folder: nothing is kept."""
+    return KeptJSON(folder / f"{_name(name, key)}.json", key) if folder is not None else None
+
+
 def note(folder: Path) -> None:
     """Name ``folder`` in an interrupt's message as kept work, once it holds some."""
     if folder not in _open_partials:

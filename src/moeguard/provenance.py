@@ -159,6 +159,13 @@ def with_reused(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def joined(makers: list[Any], me: dict[str, Any] | None = None) -> list[Any]:
+    """``makers`` with ``me`` (default: this process's :func:`maker`) added unless listed: versions in
+    the order they first made a piece of the work."""
+    me = maker() if me is None else me
+    return list(makers) if me in makers else [*makers, me]
+
+
 def mark(folder: Path, *, fix: str) -> None:
     """``folder`` keeps pieces of work for a resume: the makers of what it already holds (listed in its
     ``io.MADE_BY`` file; pieces without one are a maker's that recorded none) are :func:`reusing`'s, and
@@ -178,8 +185,8 @@ def mark(folder: Path, *, fix: str) -> None:
         makers = []
     for m in makers:
         reusing(str(folder), m, fix=fix)
-    if maker() not in makers:   # the list keeps the order in which versions first kept pieces there
+    if maker() not in makers:
         from moeguard.io import write_json
 
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(f, [*makers, maker()])
+        write_json(f, joined(makers))

@@ -106,12 +106,11 @@ def save(path: str | os.PathLike, *, tag: str, step: int, params: dict[str, torc
     if pyrng is not None:
         version, internal, gauss = pyrng.getstate()
         python = [version, list(internal), gauss]
-    from moeguard.provenance import maker
+    from moeguard.provenance import joined
 
     # the makers of every step so far: a run that restored another version's state lists it first
     tag_, restored = _lineage.get(str(path), (None, []))
-    makers = list(restored) if tag_ == tag else []
-    makers += [] if maker() in makers else [maker()]   # in the order they first trained it
+    makers = joined(restored if tag_ == tag else [])
     doc = {"format": FORMAT, "tag": tag, "step": int(step), "rng": python, "meta": meta or {}, "made_by": makers}
     tmp, old = _aside(path, "tmp"), _aside(path, "old")
     shutil.rmtree(tmp, ignore_errors=True)

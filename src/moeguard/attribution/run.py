@@ -13,7 +13,7 @@ import torch
 
 from moeguard.attribution.base import Scores, check_method_runs, get_method
 from moeguard.attribution.context import Context
-from moeguard.errors import MoeguardError
+from moeguard.errors import MoeguardError, own_warning
 from moeguard.models.adapter import MoEAdapter
 from moeguard.tasks.batches import calibration_batches
 from moeguard.tasks.registry import embedded_tasks, get_task
@@ -50,14 +50,6 @@ def make_context(model, tokenizer, task, *, samples: int = 64, batch_size: int =
                                            batch_size=batch_size, seed=seed, decoder_start=start)
     return Context(model=model, tokenizer=tokenizer, adapter=MoEAdapter(model), task=task, batches=batches,
                    reference=ref_batches, seed=seed, progress=progress, options=dict(options or {}), keep=keep)
-
-
-def _own(w: warnings.WarningMessage) -> bool:
-    """A warning moeguard itself gave (a UserWarning from its package)."""
-    from pathlib import Path
-
-    package = Path(__file__).resolve().parents[1]
-    return w.category is UserWarning and package in Path(str(w.filename)).resolve().parents
 
 
 def check_removable(method: str, experts: int, min_experts: int) -> None:
@@ -100,13 +92,13 @@ def score(ctx: Context, method: str) -> Scores:
         if tuple(out.scores.shape) != (len(a.layers), a.num_experts):
             raise RuntimeError(f"method {method} returned scores of shape {tuple(out.scores.shape)}")
         for w in said:   # another library's, as it gave it (not kept: a resumed run need not repeat it)
-            if not _own(w):
+            if not own_warning(w.category, w.filename):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         return {"scores": out.scores.detach().double().cpu().numpy(), "tokens": np.int64(out.tokens),
                 "subsets": np.array(json.dumps({str(k): {str(l): v for l, v in per.items()}
                                                 for k, per in out.subsets.items()})),
                 "seconds": np.float64(time.perf_counter() - started),
-                "said": np.array(json.dumps([str(w.message) for w in said if _own(w)]))}
+                "said": np.array(json.dumps([str(w.message) for w in said if own_warning(w.category, w.filename)]))}
 
     # with a keep folder, a finished method's scores are kept whole (the methods that keep each batch's
     # term do so too): a job or command killed in a later method does not score this one again. score

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moeguard.config import SEED_MAX, build as config_build, default_of, like, setting, validate
+from moeguard.defense.harden import SAVE_EVERY
 from moeguard.errors import MoeguardError
 from moeguard.studies.attack import AttackConfig
 from moeguard.studies.sweep import SweepConfig
@@ -61,7 +62,7 @@ class AuditConfig:
     defense: str | None = setting(None, help="also harden with this defense and compare (see `moeguard defenses`)")
     hardened: str | None = setting(None, help="or compare this hardened checkpoint with --model")
     harden_steps: int | None = setting(None, min=1, help="training steps of --defense; default: the defense's")
-    harden_save_every: int = setting(25, min=1, help="save the hardening's training state every N steps, which an "
+    harden_save_every: int = setting(SAVE_EVERY, min=1, help="save the hardening's training state every N steps, which an "
                                      "interrupted audit resumes from (changes no number)")
     defense_tasks: list[str] | None = setting(None, help="tasks the defense comparison attacks; default: the first")
     defense_budget: int = setting(64, min=1, help="the attack harness's label budget")
@@ -157,8 +158,8 @@ def _check_unused(cfg: AuditConfig) -> None:
                           f"{'it has' if len(given) == 1 else 'they have'} no effect ({fix} to run it)", stacklevel=3)
     # refused: nothing hardens without a defense (harden_steps beside --hardened re-ran the whole comparison, as it
     # is in the stage's key; harden_save_every was accepted and ignored)
-    given = {k: getattr(cfg, k) for k, unset in (("harden_steps", None), ("harden_save_every", 25))
-             if getattr(cfg, k) != unset}
+    given = {k: getattr(cfg, k) for k in ("harden_steps", "harden_save_every")
+             if getattr(cfg, k) != default_of(field_of[k])}
     if given and not cfg.defense:
         names = " and ".join(given)
         raise MoeguardError(f"{' and '.join(f'{k} {v}' for k, v in given.items())} set{'s' if len(given) == 1 else ''} "

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from moeguard.io import _move_into_place, whole_json, write_json
-from moeguard.io import digest
+from moeguard.io import _move_into_place, digest, whole_json, write_json
 from moeguard.provenance import maker, reusing
 
 DONE = "done.json"

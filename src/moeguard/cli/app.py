@@ -20,7 +20,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from moeguard.config import SEED_MAX
-from moeguard.errors import MoeguardError
+from moeguard.errors import MoeguardError, own_warning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit and harden Mixture-of-Experts LLMs against unauthorized expert pruning.")
@@ -212,14 +212,10 @@ def _run(settings: dict) -> dict:
     return run_record(settings)
 
 
-_PACKAGE = Path(__file__).resolve().parents[1]   # src/moeguard (or site-packages/moeguard)
-
-
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """moeguard's own warnings (a task too small to learn from, ...) as one line a user reads;
     other libraries' warnings keep Python's format, which names their source."""
-    # by the package's own folder: a checkout named moeguard holds the venv's libraries under .../moeguard/ too
-    if _PACKAGE in Path(str(filename)).resolve().parents and issubclass(category, UserWarning):
+    if own_warning(category, filename):
         return f"moeguard: warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
 

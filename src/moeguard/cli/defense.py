@@ -17,7 +17,7 @@ def _harden_params():
     from dataclasses import fields
 
     from moeguard.config import meta, options
-    from moeguard.defense.harden import HardenConfig
+    from moeguard.defense.harden import SAVE_EVERY, HardenConfig
 
     # None = not given: the defense's own defaults (`moeguard defenses`) decide the weights
     theirs = {f.name: {"default": None, "help": f"{meta(f)['help']}; default: the defense's (see `moeguard defenses`)"}
@@ -28,7 +28,7 @@ def _harden_params():
             _param("device_map", DeviceMapOpt, None), _param("overwrite", OverwriteOpt, False),
             _param("save_every", Annotated[int, typer.Option("--save-every", min=1, help="save the training state every "
                                                              "N steps, which an interrupted run resumes from (changes no "
-                                                             "number)")], 25),
+                                                             "number)")], SAVE_EVERY),
             *options(HardenConfig, only=["seed"])]
 
 

@@ -45,6 +45,8 @@ from moeguard.tasks.batches import Example, collate, task_sequences
 from moeguard.tasks.tokens import pad_id
 
 
+SAVE_EVERY = 25   # steps between saved training states (harden --save-every, audit harden_save_every)
+
 @dataclass(frozen=True, kw_only=True)
 class HardenConfig:
     method: str = setting("entangle", help="defense (see `moeguard defenses`)")
@@ -186,7 +188,7 @@ def _examples(tokenizer, task, cfg: HardenConfig, rng: random.Random) -> list[Ex
 
 def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
            on_step: Callable[[int, dict], None] | None = None, checkpoint: Path | None = None,
-           save_every: int = 25, source: Any = None, tasks: list | None = None) -> dict[str, Any]:
+           save_every: int = SAVE_EVERY, source: Any = None, tasks: list | None = None) -> dict[str, Any]:
     """Train ``model`` in place with the defense's objective; returns the training log.
 
     ``checkpoint``: a folder for the training state (``moeguard/trainstate.py``), written every

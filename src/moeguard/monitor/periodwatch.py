@@ -122,7 +122,9 @@ class PeriodWatch:
 
     def _lineage(self) -> list[Any]:
         """Every version that counted the open period, in the order they first did."""
-        return self._makers if self._me in self._makers else [*self._makers, self._me]
+        from moeguard.provenance import joined
+
+        return joined(self._makers, self._me)
 
     def close(self) -> dict[str, Any] | None:
         """The current period's row (tested where it can be), or None where it has no request."""

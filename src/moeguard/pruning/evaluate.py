@@ -61,10 +61,9 @@ class _Kept:
     another value): those are evaluated again."""
 
     def __init__(self, folder: Path, key: Any):
-        from moeguard.io import digest
-        from moeguard.kept import KeptJSON
+        from moeguard.kept import document
 
-        self.doc = KeptJSON(folder / f"eval-{digest(key)}.json", key)
+        self.doc = document(folder, "eval", key)
 
     def read(self) -> TaskResult | None:
         value = self.doc.read()

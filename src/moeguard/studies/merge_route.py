@@ -16,6 +16,7 @@ import numpy as np
 
 from moeguard.analysis import retention
 from moeguard.errors import MoeguardError
+from moeguard.kept import document
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.loading import release_memory
 from moeguard.models.prune import spread
@@ -57,16 +58,6 @@ class _Calibration:
         return kept if kept is not None else self.profiles()[1]
 
 
-def _kept_merge(keep, key):
-    """The kept result of one merge (``kept.KeptJSON`` named by its key), or None without a folder."""
-    if keep is None:
-        return None
-    from moeguard.io import digest
-    from moeguard.kept import KeptJSON
-
-    return KeptJSON(keep / f"merge-{digest(key)}.json", key)
-
-
 def merge_points(model, tokenizer, cfg, task, tasks: list, full: dict[str, dict[str, Any]], scores: dict,
                  random_scores, *, progress=None, keep=None) -> dict[str, Any]:
     """``scores``: {method: Scores} of ``task``; ``random_scores(seed)``: a random Scores of the
@@ -81,7 +72,7 @@ def merge_points(model, tokenizer, cfg, task, tasks: list, full: dict[str, dict[
     def measure(s, mm: str, k: int, with_collateral: bool) -> dict[str, Any]:
         from moeguard.studies.sweep import score_point
 
-        kept = _kept_merge(keep, [task.name, scores_identity(s), mm, k, with_collateral, full, cfg.batch_size])
+        kept = document(keep, "merge", [task.name, scores_identity(s), mm, k, with_collateral, full, cfg.batch_size])
         found = kept.read() if kept is not None else None
         if found is not None:
             return found
@@ -163,7 +154,7 @@ def attack_candidates(model, tokenizer, task, scores: dict, *, keep: int, merge_
     out = []
     for name, s in scores.items():
         for mm in merge_methods:
-            doc = _kept_merge(kept, [task.name, scores_identity(s), name, mm, keep, eval_limit, full_score])
+            doc = document(kept, "merge", [task.name, scores_identity(s), name, mm, keep, eval_limit, full_score])
             found = doc.read() if doc is not None else None
             if found is not None:
                 try:

@@ -295,8 +295,7 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
     """Re-score a few points on physically pruned copies (the masked numbers must match). Each check
     is kept beside the masked evaluations (``ev.keep``, the job's scratch) as it finishes: a rerun
     does not build and evaluate that copy again."""
-    from moeguard.io import digest
-    from moeguard.kept import KeptJSON
+    from moeguard.kept import document
 
     by_name = {t.name: t for t in tasks}
     chosen = [p for p in points if p["keep"] in cfg.keeps]
@@ -313,8 +312,7 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
             out.append({"task": p["task"], "method": p["method"], "keep": p["keep"],
                         "skipped": "the model is offloaded (max_memory): a physical check builds the pruned copy in memory"})
             continue
-        key = ["physical", untimed(p), cfg.eval_limit, cfg.batch_size]
-        kept = KeptJSON(ev.keep / f"physical-{digest(key)}.json", key) if ev.keep is not None else None
+        kept = document(ev.keep, "physical", ["physical", untimed(p), cfg.eval_limit, cfg.batch_size])
         found = kept.read() if kept is not None else None
         if found is not None:
             out.append(found)
