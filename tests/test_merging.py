@@ -170,6 +170,61 @@ def test_calibration_counts_gate_mass_and_runs_every_expert_on_the_sampled_token
     assert torch.equal(again[0].similarity, profiles[0].similarity)
 
 
+def test_calibration_never_runs_the_head(embedded):
+    # the [B, T, V] logits are never read: at Qwen3's vocabulary they were 2.5 GB a batch of 8 x 1024
+    m, _ = embedded
+    calls = []
+    handle = m.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        profiles, _ = calibrate(m, MoEAdapter(m), _batches(vocab=4096), tokens=16, seed=0)
+    finally:
+        handle.remove()
+    assert calls == [] and len(profiles) == 4 and float(profiles[0].counts.sum()) > 0
+
+
+def test_merge_centres_are_a_searched_subset_where_the_scores_carry_one(embedded):
+    # prune keeps reconstruction's best K-subset; the merge route centres on the same experts
+    m, _ = embedded
+    a = MoEAdapter(m)
+    rows = torch.tensor([[8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]] * 4, dtype=torch.float64)
+    subset = {l: [1, 3, 6, 7] for l in range(4)}
+    kw = dict(method="reconstruction", task="t", model="m", samples=1, tokens=1, layers=[0, 1, 2, 3], num_experts=8,
+              top_k=2, scores=rows)
+    searched = prepare(a, method="router-weighted", scores=Scores(**kw, subsets={4: subset}), keep=4)
+    plain = prepare(a, method="router-weighted", scores=Scores(**kw), keep=4)
+    from moeguard.pruning.merging.cluster import by_score
+
+    assert by_score(searched["rows"][0])[:4] == [1, 3, 6, 7]     # the subset, in its own score order
+    assert by_score(searched["rows"][0])[4:] == [0, 2, 4, 5]
+    assert by_score(plain["rows"][0])[:4] == [0, 1, 2, 3]
+    # another keep count than the subset's: the scores alone
+    assert by_score(prepare(a, method="router-weighted", scores=Scores(**kw, subsets={4: subset}),
+                            keep=3)["rows"][0])[:3] == [0, 1, 2]
+
+
+def test_merge_calibration_is_cut_to_the_models_positions(embedded, monkeypatch):
+    # as attribution and evaluation cut the task: calibrated past 256 positions, rotary extrapolates
+    import dataclasses
+
+    import moeguard.studies.merge_route as route
+    from moeguard.tasks.registry import get_task
+
+    m, tok = embedded
+    long = dataclasses.replace(get_task("arith-compare"), max_length=4096)
+    seen = []
+
+    def stop(tokenizer, task, **kw):
+        seen.append(task.max_length)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(route, "calibration_batches", stop)
+    with pytest.warns(UserWarning, match="max_length 4096, and the model has 256 positions"):
+        with pytest.raises(RuntimeError, match="stop"):
+            route.attack_candidates(m, tok, long, {}, keep=4, merge_methods=("average",), samples=4, eval_limit=4,
+                                   seed=0, full_score=1.0)
+    assert seen == [256] and m.config.max_position_embeddings == 256
+
+
 def test_bad_requests_fail_before_calibration(embedded):
     m, _ = embedded
     a = MoEAdapter(m)

@@ -22,7 +22,7 @@ from moeguard.models.loading import release_memory
 from moeguard.models.prune import spread
 from moeguard.pruning.merging.merge import merge_model, prepare, profile_model
 from moeguard.tasks.batches import calibration_batches
-from moeguard.tasks.evaluate import evaluate_task
+from moeguard.tasks.evaluate import evaluate_task, fit_to_model
 
 
 def scores_identity(s) -> str:
@@ -65,7 +65,7 @@ def merge_points(model, tokenizer, cfg, task, tasks: list, full: dict[str, dict[
     by the job (a sweep job's scratch), where each merged model's point is kept as it finishes and
     read back on a resumed run (the merge and its evaluations, and the calibration once all are)."""
     adapter = MoEAdapter(model)
-    batches = calibration_batches(tokenizer, task, samples=cfg.samples, batch_size=8, seed=cfg.seed)
+    batches = calibration_batches(tokenizer, fit_to_model(task, model), samples=cfg.samples, batch_size=8, seed=cfg.seed)
     calibration = _Calibration(model, batches, adapter=adapter, tokens=cfg.merge_tokens, seed=cfg.seed, keep=keep,
                                key=[task.name, cfg.merge_tokens, cfg.seed, cfg.samples])
 
@@ -149,7 +149,7 @@ def attack_candidates(model, tokenizer, task, scores: dict, *, keep: int, merge_
     from moeguard.tasks.evaluate import TaskResult
 
     adapter = MoEAdapter(model)
-    batches = calibration_batches(tokenizer, task, samples=samples, batch_size=8, seed=seed)
+    batches = calibration_batches(tokenizer, fit_to_model(task, model), samples=samples, batch_size=8, seed=seed)
     calibration = _Calibration(model, batches, adapter=adapter, tokens=256, seed=seed, keep=None, key=None)
     out = []
     for name, s in scores.items():

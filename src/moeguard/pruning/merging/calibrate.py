@@ -6,7 +6,8 @@
   expert is then run; what is kept of those outputs is the [E, E] cosine similarity of the
   experts' outputs (centre assignment) and each expert's mean output [E, H] (HC-SMoE's clusters).
 
-Cost: one plain forward over the calibration batches, plus E x N expert evaluations per layer
+Cost: one forward over the calibration batches, stopped before the head (its [B, T, V] logits,
+2.5 GB a batch of 8 x 1024 at Qwen3's vocabulary, are never read), plus E x N expert evaluations per layer
 (against k x T in the forward: E·N / (k·T) of the forward's expert compute, stated in the record).
 Memory: the sampled inputs (N x H per layer) through the forward, then one layer's E x N x H
 outputs at a time; the profiles keep E x (E + H) numbers per layer.
@@ -23,7 +24,7 @@ from moeguard.attribution.context import track
 from moeguard.models.adapter import MoEAdapter
 from moeguard.models.attention_experts import AttentionContext
 from moeguard.models.attention_experts import every_expert_output as every_attention_expert
-from moeguard.models.hooks import RoutingCapture, capture_inputs, every_expert_output, expert_inputs
+from moeguard.models.hooks import RoutingCapture, capture_inputs, every_expert_output, expert_inputs, last_hidden
 from moeguard.tasks.tokens import model_device
 
 
@@ -70,7 +71,7 @@ def calibrate(model, adapter: MoEAdapter, batches: list, *, tokens: int = 256, s
             capture_inputs(outers) as contexts:
         for b in items:
             b = b.to(device)
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            last_hidden(model, adapter, input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
             valid = b.attention_mask.reshape(-1).bool()
             count = int(valid.sum())
             mine = chosen[(chosen >= seen) & (chosen < seen + count)] - seen

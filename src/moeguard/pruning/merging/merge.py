@@ -61,6 +61,10 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
             raise MoeguardError(f"scores of method '{scores.method}' contain NaN or infinite values",
                                 hint="re-run moeguard attribute (more --samples)")
         rows = {l: scores.scores[i].tolist() for i, l in enumerate(scores.layers)}
+        if keep in scores.subsets and set(scores.subsets[keep]) == set(scores.layers):
+            # a search's best K-subset (reconstruction) is ranked first, as prune keeps it: the routes
+            # table compares the two routes on the same experts (the top K by single-drop error differ)
+            rows = {l: _subset_first(r, scores.subsets[keep][l]) for l, r in rows.items()}
         counts = {l: keep for l in layers}
     for l, k in counts.items():
         if k != layers[l] or scores is not None:   # a plan may keep a layer whole (one cluster per expert)
@@ -81,6 +85,18 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
     needs_data = fixed is None or (weights is None and m.weighs_by_data)
     return {"method": m, "gate": gate, "rows": rows, "counts": counts, "clusters": fixed, "weights": weights,
             "needs_data": needs_data}
+
+
+def _subset_first(scores: list[float], subset: list[int]) -> list[float]:
+    """Ranks standing in for ``scores``: ``subset`` first, each part in its own score order (what
+    the centre choices read is order only)."""
+    from moeguard.pruning.merging.cluster import by_score
+
+    order = sorted(by_score(scores), key=lambda e: e not in subset)   # stable: score order inside each part
+    ranks = [0.0] * len(scores)
+    for r, e in enumerate(order):
+        ranks[e] = float(len(scores) - r)
+    return ranks
 
 
 def profile_model(model: nn.Module, batches: list, *, tokens: int = 256, seed: int = 0, progress=None,

@@ -105,6 +105,7 @@ def _write_merged(handle, out: Path, *, method: str, keep: int | None = None, sc
         check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs([task_obj]))
     from moeguard.pruning.apply import checkpoint_dtype, loadable_by, save_checkpoint
     from moeguard.tasks.batches import calibration_batches
+    from moeguard.tasks.evaluate import fit_to_model
 
     if max_memory is not None and ref.path is not None:   # the capped merge writes from these files
         from moeguard.pruning.checkpoint import check_merge_files
@@ -126,8 +127,9 @@ def _write_merged(handle, out: Path, *, method: str, keep: int | None = None, sc
                                        overwrite=overwrite, progress=progress, settings=settings,
                                        merge_plan=merge_plan, calibration=cost))
     model, tokenizer, _ = handle.load(dtype=checkpoint_dtype(ref), max_memory=max_memory)
-    batches = calibration_batches(tokenizer, task_obj, samples=samples, batch_size=batch_size, seed=seed) \
-        if task_obj is not None else None
+    # calibrated within the model's positions, as attribution and evaluation cut the task
+    batches = calibration_batches(tokenizer, fit_to_model(task_obj, model), samples=samples, batch_size=batch_size,
+                                  seed=seed) if task_obj is not None else None
     if max_memory is not None:   # calibrated under the cap; the merge itself streams, the weights never held
         from moeguard.pruning.merging.merge import plan_merge
 
