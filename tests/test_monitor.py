@@ -496,6 +496,9 @@ def test_one_request_p_values_and_token_scores_equal_the_batch_formulas():
     (b'{"id": 1, "client": "a", "time": 1, "prompt": "caf\xe9"}', "is not UTF-8 (byte"),
     # valid JSON no tokenizer takes: it failed in the replay, after the model loaded
     (b'{"id": 1, "client": "a", "time": 1, "prompt": "hi \\ud800"}', "prompt is not valid Unicode (a lone surrogate)"),
+    # a client name the period tests hash: a traceback after the whole replay
+    (b'{"id": 1, "client": "\\ud800", "time": 1, "prompt": "hi"}', "client is not valid Unicode (a lone surrogate)"),
+    (b'{"id": "\\udfff", "client": "a", "time": 1, "prompt": "hi"}', "id is not valid Unicode (a lone surrogate)"),
 ])
 def test_a_log_line_python_cannot_take_as_it_is_is_one_error_naming_it(tmp_path, line, needle):
     from moeguard.monitor.score import read_log

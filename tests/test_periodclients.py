@@ -319,6 +319,14 @@ def test_one_cell_as_a_column_gives_the_same_cause_and_two_cells_cost_a_bonferro
     assert two["p_routing"] == pytest.approx(2 * one["p_routing"]) and two["cause_cell"] == [0, 1], (one, two)
     with pytest.raises(ValueError, match="residuals in 2 cells, the pool's in 1"):
         before.cause({}, r=np.stack([r, r], 1), clients=who, pool_r=pool, alpha=0.01, nn=nn)
+    # the pool read in place (rows by pool_at, the cells' columns by pool_cols): the same as the copy, no copy made
+    wide = np.stack([rng.normal(size=len(pool) + 5), np.r_[pool, np.zeros(5)], rng.normal(size=len(pool) + 5)], 1)
+    at, placed = rng.permutation(len(pool)), {}
+    wide[:len(pool), 1] = 0.0
+    wide[at, 1] = pool
+    got = before.cause(placed, r=np.stack([r, r], 1), clients=who, pool_r=wide, pool_at=at, pool_cols=[1, 1],
+                       alpha=0.01, nn=nn, cells=[[0, 1], [1, 2]])
+    assert got == p2 and placed == two
 
 
 def test_routing_clients_are_those_at_or_under_the_level_smallest_first():

@@ -103,6 +103,23 @@ def test_a_run_reading_the_rows_as_history_gets_one_runs_small_clients_numbers(t
     assert json.loads(json.dumps(then[:16])) == json.loads(json.dumps(first))
 
 
+def test_a_pool_whose_baseline_is_short_leaves_the_same_clients_to_the_next_pool():
+    # the pools under 4 and 8 hold the same requests today (no client of 4-7), and only the pool under 8
+    # has baseline periods enough: the period is tested there, not left untested as "the same test twice"
+    rng = np.random.default_rng(0)
+    small = periodsmall.SmallClients(baseline=14, alpha=0.01, layers=[3, 7])
+    for _ in range(5):
+        state = (rng.normal(0, 0.003, (2, 4)), np.full((2, 4), 0.05**2 / 40), 40)
+        small.by_size[8].keep(state)
+        small.by_size[16].keep(state)
+    small.by_size[4].keep(state)
+    clients = [f"u{i % 20}" for i in range(200)] + [f"once-{i}" for i in range(40)]   # regulars of 10, one-offs
+    row: dict = {}
+    small.test(row, rng.normal(0, 0.05, (len(clients), 2, 4)), clients)
+    assert [p["under"] for p in row["small_pools"]] == [8] and row["small_p"] is not None, row
+    assert row["small_under"] == 8 and row["small_requests"] == 40
+
+
 @pytest.mark.parametrize("edit, said", [
     (lambda row: row["small_state"]["4"].update(mean="AAAA"), "is not a period of `monitor score --period`"),
     (lambda row: row["small_state"].update({"4": {"mean": row["state"]["mean"]}}), "KeyError: 'noise'"),

@@ -231,14 +231,16 @@ class Earlier:
 
     def cause(self, row: dict[str, Any], *, r: np.ndarray, clients: list, pool_r: np.ndarray, alpha: float,
               nn: np.ndarray, cells: list[list[int]] | None = None, centre: str = "period",
-              tail: bool = False, pool_at: np.ndarray | None = None) -> dict[str, float | None]:
+              tail: bool = False, pool_at: np.ndarray | None = None,
+              pool_cols: list[int] | None = None) -> dict[str, float | None]:
         """Fill an alerted period's ``cause`` (``routing`` or ``mix``), ``p_routing`` and ``cause_cell``, or
         ``cause_why``: its requests' residuals ``r`` [n, c] in the ``c`` cells tested (``cells``: their
         [layer, expert], the test's alerting cells, most deviant first; [n]: one), ``clients`` [n] and
         matches ``nn`` (``match``); ``pool_r`` [m, c] the earlier requests' residuals there (or, with
         ``pool_at`` [m], rows of ``pool_r`` that are: one cell's column is gathered at a time, so the
         baseline's residuals are not copied whole; a fortnight of Mixtral's 256 cells at 32,000 requests
-        a day was a 0.9 GB copy). Each of the
+        a day was a 0.9 GB copy), and with ``pool_cols`` [c] the columns of ``pool_r`` that are the
+        ``c`` cells (the load test's alerting cells among all of them: no copy either). Each of the
         period's clients' adjusted p (its smallest over the cells; None: too few requests), by name.
 
         Bonferroni over the clients and the cells. Every alerting cell is tested, not only the most
@@ -284,15 +286,16 @@ class Earlier:
             return {}
         r, pool_r = np.asarray(r).reshape(len(r), -1), np.asarray(pool_r).reshape(len(pool_r), -1)
         rows = slice(None) if pool_at is None else np.asarray(pool_at)     # the pool's requests among pool_r's rows
-        if pool_r.shape[1] != r.shape[1] or (cells is not None and len(cells) != r.shape[1]):
-            raise ValueError(f"residuals in {r.shape[1]} cells, the pool's in {pool_r.shape[1]}, "
+        cols = list(range(pool_r.shape[1])) if pool_cols is None else list(pool_cols)   # cell j is pool_r's column cols[j]
+        if len(cols) != r.shape[1] or (cells is not None and len(cells) != r.shape[1]):
+            raise ValueError(f"residuals in {r.shape[1]} cells, the pool's in {len(cols)}, "
                              f"{'no' if cells is None else len(cells)} cells named")
         names, owner = _owners(clients)
         best = np.full(len(names), np.inf)                 # each client's smallest adjusted p over the cells
         tested = np.zeros(len(names), dtype=bool)
         why, where = None, None
         for j in range(r.shape[1]):
-            col = pool_r[rows, j]                                            # [m]: the baseline's residuals in cell j
+            col = pool_r[rows, cols[j]]                                      # [m]: the baseline's residuals in cell j
             zn, varn, tn = moderated_z(col[self._rows] - matched_mean(col, self._nn), self._owner)
             null = zn[tn]
             z, _, tj = moderated_z(r[:, j] - matched_mean(col, nn), owner,

@@ -354,7 +354,9 @@ def score_periods(t: np.ndarray, resid: np.ndarray, clients: list, *, period: fl
         if row.get("alert") and x is not None:   # the routing of its clients, or the mix of the period?
             ls, es = [a for a, _, _ in cells], [b for _, b, _ in cells]
             earlier_x, nn_x = matched()
-            ps = earlier_x.cause(row, r=r[:, ls, es], clients=who, pool_r=resid[at[:, None], ls, es], alpha=alpha,
+            # the baseline's residuals read a cell at a time where they lie (flat), as the clients' test reads them
+            ps = earlier_x.cause(row, r=r[:, ls, es], clients=who, pool_r=flat, pool_at=at,
+                                 pool_cols=[a * resid.shape[2] + b for a, b in zip(ls, es)], alpha=alpha,
                                  nn=nn_x, cells=[[layers[a], b] for a, b, _ in cells])
             for c in row["top_clients"]:
                 c["p_routing"] = ps.get(str(c["client"]))

@@ -87,12 +87,12 @@ class SmallClients:
                 continue
             if len(idx) == last:     # pools are nested: the same count is the same clients, the same test
                 continue
-            last = len(idx)
             got: dict[str, Any] = {}
             judged = self.by_size[u].judge(got, m, se2, len(idx), hold=True)   # kept or not in ``keep``
-            if judged is None:
+            if judged is None:   # a larger pool of the same clients may have its baseline already: tested there
                 why = why or f"clients of fewer than {u} requests: {got.get('why', 'not tested')}"
                 continue
+            last = len(idx)
             expected, l, e, _ = judged
             tested.append((got["p"], u, idx, got, expected, l, e))
         row["small_pools"] = [{"under": u, "requests": len(idx), "clients": len({str(clients[i]) for i in idx}),

@@ -78,6 +78,8 @@ def read_log(path: Path) -> list[dict[str, Any]]:
                 if isinstance(r[k], bool) or not isinstance(r[k], (str, int)):
                     raise MoeguardError(f"{where}: {k} is {type(r[k]).__name__}, expected a string or integer",
                                         hint="fix that record")
+                if isinstance(r[k], str) and not _unicode(r[k]):   # the period tests hash client names, after the replay
+                    raise MoeguardError(f"{where}: {k} is not valid Unicode (a lone surrogate)", hint="fix that record")
             out.append({**r, "_t": _time(r["time"], where)})
             if (first := seen.setdefault(str(r["id"]), n)) != n:
                 repeats.append((str(r["id"]), first, n))
