@@ -74,6 +74,14 @@ def test_a_scan_of_the_scanned_model_itself_is_refused_as_its_reference(tmp_path
         with pytest.raises(MoeguardError, match="is a scan of the scanned model itself"):
             check_inputs(handle, tasks, config=config, references=recorded("same", sampled, 0), reference_models=[])
         assert check_inputs(handle, tasks, config=config, references=recorded("later", sampled, 1), reference_models=[])[0]
+        # the same for reference models: the scanned folder itself is refused, a base written at another time (a
+        # fine-tune of a few tensors shares the sampled digest with it) is the natural reference and is taken
+        with pytest.raises(MoeguardError, match="the reference models include the scanned model itself"):
+            check_inputs(handle, tasks, config=config, references=[], reference_models=[resolve_model(None)])
+        base = tmp_path / "base"
+        shutil.copytree(resolve_model(None).ref.path, base, copy_function=shutil.copy)   # new times
+        assert identity.weights_digest(str(base)) == identity.weights_digest(None)
+        assert check_inputs(handle, tasks, config=config, references=[], reference_models=[resolve_model(str(base))])[1]
     with pytest.raises(MoeguardError, match="is a scan of the scanned model itself"):   # hashed whole: its digest
         check_inputs(handle, tasks, config=config, references=recorded("copy", identity.weights_identity(None), 1),
                      reference_models=[])
@@ -357,3 +365,28 @@ def test_a_reference_scan_of_another_architecture_with_the_same_counts_is_refuse
     code = main(["scan", "--out", str(tmp_path / "s"), "--tasks", "arith-compare", "--samples", "4", "--contexts", "2",
                  "--candidates", "2", "--chain", "2", "--references", str(other)])
     _one_line(code, capsys.readouterr().err, needle)
+
+
+def test_a_scan_to_an_output_another_is_writing_is_refused_before_any_weights_load(tmp_path, capsys, monkeypatch):
+    # the model and every reference model loaded in full (minutes at Mixtral's scale) before the lock said no
+    from moeguard.io import one_run
+    from moeguard.models import handle
+
+    loads = []
+    monkeypatch.setattr(handle.ModelHandle, "load", lambda self, **kw: loads.append(self.name))
+    out = tmp_path / "s"
+    capsys.readouterr()
+    from safetensors.torch import load_file, save_file
+
+    from moeguard.models.loading import resolve
+
+    ref = tmp_path / "ref"   # another model of the same architecture (a norm nudged)
+    shutil.copytree(resolve(None).path, ref)
+    f = next(ref.glob("*.safetensors"))
+    tensors = load_file(f)
+    norm = next(k for k in tensors if k.endswith("norm.weight"))
+    save_file({**tensors, norm: tensors[norm] * 1.001}, f, metadata={"format": "pt"})
+    with one_run(out):
+        code = main(["scan", "--samples", "4", "--reference-models", str(ref), "--out", str(out)])
+    _one_line(code, capsys.readouterr().err, f"another moeguard run is writing {out}")
+    assert loads == [] and not out.exists()

@@ -176,3 +176,59 @@ def test_plant_gives_back_the_trainable_flags_it_found():
     plant(m, tok, MoEAdapter(m), [get_task("arith-compare")], Plant(layer=1, expert=2, trigger=" cf", target=" x", steps=1,
                                                                     batch_size=2))
     assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+
+
+def test_the_screens_gain_is_the_log_probability_the_expert_adds_to_the_greedy_token():
+    # each routed (token, expert): log p(top | context + token) of the whole model less the same with the
+    # expert masked at the appended position (docs/scan.md), top the whole model's greedy token; checked
+    # against one-row forwards on a copy of the context's cache (no batching, padding rows or cropping)
+    import copy
+
+    import numpy as np
+
+    from moeguard.models.hooks import mask_experts
+    from moeguard.scan.effects import screen
+
+    m, tok, _ = load_model(None)
+    adapter = MoEAdapter(m)
+    context = tok("The function returns")["input_ids"]
+    tokens = np.arange(200, 206)
+    routed, gain = screen(m, adapter, [context], tokens, batch=4)   # chunks of 4 and 2: both caches
+    assert routed.shape == gain.shape == (4, 1, 6, 2) and (routed >= 0).all()
+
+    with torch.no_grad():
+        cache = m(input_ids=torch.tensor([context]), use_cache=True).past_key_values
+
+    def logprobs(token):
+        with torch.no_grad():
+            out = m(input_ids=torch.tensor([[token]]), past_key_values=copy.deepcopy(cache), use_cache=True)
+        return torch.log_softmax(out.logits[0, -1].float(), -1)
+
+    checked = 0
+    for t, token in enumerate(tokens):
+        full = logprobs(int(token))
+        top = int(full.argmax())
+        for s, layer in enumerate(adapter.layers):
+            for j, e in enumerate(routed[s, 0, t]):
+                with mask_experts(m, {layer.index: [x for x in range(8) if x != e]}, adapter=adapter):
+                    masked = logprobs(int(token))
+                assert gain[s, 0, t, j] == pytest.approx(float(full[top] - masked[top]), abs=2e-4), (s, t, e)
+                checked += 1
+    assert checked == 48 and np.abs(gain).max() > 1e-3
+
+
+def test_a_sliding_window_cache_is_copied_where_a_chains_suffix_would_pass_its_window():
+    # GPT-OSS's window took the context and one token, then could not crop after a chain's suffix (a
+    # traceback): the cache is probed with the longest suffix it will be given
+    from moeguard.scan.effects import ContextCache
+    from moeguard.testing import tiny_model
+
+    m = tiny_model("gpt_oss", sliding_window=8).eval()
+    context, suffix = list(range(10, 16)), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert not ContextCache(m, context, 2).copies                 # 6 + 1 tokens fit the window: cropped in place
+    cache = ContextCache(m, context, 2, longest=4)
+    assert cache.copies
+    with torch.no_grad():
+        plain = m(input_ids=torch.cat([torch.tensor([context] * 2), suffix], 1)).logits[:, -4:].float()
+    for _ in range(2):   # the context's cache is unchanged by a call
+        assert torch.allclose(cache.logits(suffix), plain, atol=1e-5)

@@ -43,16 +43,18 @@ from moeguard.tasks.tokens import model_device
 
 class ContextCache:
     """One benign context's key/value cache, repeated ``rows`` times, so that each forward only
-    computes the appended suffix. The cache is cropped back after every call."""
+    computes the appended suffix (at most ``longest`` tokens). The cache is cropped back after every call."""
 
-    def __init__(self, model, ids: list[int], rows: int):
+    def __init__(self, model, ids: list[int], rows: int, longest: int = 1):
         self.model, self.rows = model, rows
         self.device = model_device(model)
         with torch.no_grad():
             self.cache = model(input_ids=torch.tensor([ids] * rows, device=self.device), use_cache=True).past_key_values
             # hybrid and linear-attention caches (Jamba, Qwen3-Next, MiniMax...) and a sliding window
-            # past its length cannot be cropped back: each call then runs on a copy of the context's
-            self.copies = not _croppable(model, self.cache, rows, ids[-1], self.device)
+            # past its length cannot be cropped back: each call then runs on a copy of the context's. Tried
+            # with the longest suffix a call appends: GPT-OSS's 128-token window took a context of 124 and
+            # one token, then failed to crop after a chain's 6 (a traceback)
+            self.copies = not _croppable(model, self.cache, rows, ids[-1], self.device, longest)
 
     @torch.no_grad()
     def logits(self, suffix: torch.Tensor) -> torch.Tensor:
@@ -75,14 +77,14 @@ class ContextCache:
         return out[:b].float().cpu()
 
 
-def _croppable(model, cache, rows: int, token: int, device) -> bool:
-    """Whether ``cache`` takes a one-token step and crops back (tried on a copy)."""
+def _croppable(model, cache, rows: int, token: int, device, steps: int = 1) -> bool:
+    """Whether ``cache`` takes a ``steps``-token suffix and crops back (tried on a copy)."""
     import copy
 
     probe = copy.deepcopy(cache)
     try:
-        model(input_ids=torch.full((rows, 1), token, device=device), past_key_values=probe, use_cache=True)
-        probe.crop(-1)
+        model(input_ids=torch.full((rows, steps), token, device=device), past_key_values=probe, use_cache=True)
+        probe.crop(-steps)
     except (AttributeError, NotImplementedError, RuntimeError, ValueError):
         return False
     return True
@@ -123,9 +125,11 @@ def _chunks(caches: list[ContextCache], n: int):
         i += cache.rows
 
 
-def _last_logprobs(caches: list[ContextCache], rows: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities [n, V] after one appended token per row [n, 1]."""
-    return torch.cat([F.log_softmax(c.logits(rows[i:j])[:, -1], -1) for c, i, j in _chunks(caches, len(rows))])
+def _last_logprobs(caches: list[ContextCache], rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [n, 1] of ``targets`` [n, 1] after one appended token per row [n, 1]: gathered
+    a chunk at a time (the [n, V] whole, at Qwen3's vocabulary and an expert's 8,700 rows, was 5 GB)."""
+    return torch.cat([F.log_softmax(c.logits(rows[i:j])[:, -1], -1).gather(1, targets[i:j])
+                      for c, i, j in _chunks(caches, len(rows))])
 
 
 def screen(model, adapter, contexts: list[list[int]], tokens: np.ndarray, *, batch: int,
@@ -181,8 +185,8 @@ def _screen_context(model, adapter, ids, tokens, cand, *, batch: int, k: int, ca
             if len(hit) and can_mask[(s, e)]:
                 sel = torch.as_tensor(hit)
                 with mask_experts(model, {layer.index: _others(layer.num_experts, e)}, adapter=adapter):
-                    lp = _last_logprobs(caches, cand[sel])
-                gain[s, hit, slot] = (top_lp[sel] - lp.gather(1, top[sel])).squeeze(1).cpu().numpy()
+                    lp = _last_logprobs(caches, cand[sel], top[sel])
+                gain[s, hit, slot] = (top_lp[sel] - lp).squeeze(1).cpu().numpy()
             if bar is not None:
                 progress.advance(bar)
     return {"routed": routed, "gain": gain}
@@ -202,7 +206,7 @@ def chains(model, adapter, contexts: list[list[int]], starts: dict[tuple[int, in
     def run(s: int, e: int, toks: np.ndarray) -> dict[str, np.ndarray]:
         nonlocal caches
         if caches is None:
-            caches = [ContextCache(model, ids, n) for ids in contexts]
+            caches = [ContextCache(model, ids, n, longest=length) for ids in contexts]
         layer = adapter.layers[s]
         seqs, gains = [], []
         can_mask = maskable(model, adapter, layer, e)
@@ -234,8 +238,9 @@ def surprise(references, contexts: list[list[int]], found: dict, *, rows: int) -
     reference model has for it [C, N, K]. What a clean model of the same data predicts anyway
     (``"(*" -> "args, **kwargs)"``) is not evidence of a plant."""
     out: dict[tuple[int, int], np.ndarray] = {}
+    longest = max([1] + [r["sequences"].shape[-1] - 1 for r in found.values()])   # K tokens a call appends
     for ref in references:
-        caches = [ContextCache(ref, ids, rows) for ids in contexts]
+        caches = [ContextCache(ref, ids, rows, longest=longest) for ids in contexts]
         for key, r in found.items():
             seq = torch.as_tensor(r["sequences"])                                   # [C, N, K+1]
             lp = np.stack([F.log_softmax(cache.logits(seq[c, :, :-1]), -1).gather(2, seq[c, :, 1:, None]).squeeze(-1).cpu().numpy()

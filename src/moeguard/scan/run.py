@@ -190,21 +190,26 @@ def check_inputs(handle, tasks, *, config: ScanConfig, references: list[dict], r
     from moeguard.models.loading import load_tokenizer
 
     score = "unexplained" if reference_models else "chain"
-    # by what the weights are, not where or when written: ./m and m, or a copy, is the same model
-    if weights_digest(handle.arg) in [weights_digest(h.arg) for h in reference_models]:
-        # every chain token would be the model's own choice: nothing flagged, the flag still "calibrated"
-        raise MoeguardError(f"the reference models include the scanned model itself ({handle.name}, by its weights)",
-                            hint=f"name clean models of the same base as references, or leave {flags}reference-models out")
     # hashed whole (the checkpoint's weights at most _WHOLE bytes) the digest is the weights; sampled, a
-    # fine-tune of a few tensors (a planted expert) shares it with its base, whose scan is the natural
-    # null: then only the same files, times and all, are the same model
-    ident = weights_identity(handle.arg) if references else {}   # (read only where there is a reference to compare)
+    # fine-tune of a few tensors (a planted expert) shares it with its base, which is the natural
+    # reference model and whose scan the natural null: then only the same files, times and all, are the
+    # same model (./m and m, or a copy that keeps times)
+    ident = weights_identity(handle.arg) if references or reference_models else {}   # (read only to compare)
     mine = digest_of(ident)
     whole = sum(int(row[1]) for row in ident.get("files") or []) <= _WHOLE
+
+    def same_files(other: dict) -> bool:
+        return whole or [r[:3] for r in other.get("files") or []] == [r[:3] for r in ident.get("files") or []]
+
+    if reference_models:
+        ours = weights_digest(handle.arg)
+        if any(weights_digest(h.arg) == ours and same_files(weights_identity(h.arg)) for h in reference_models):
+            # every chain token would be the model's own choice: nothing flagged, the flag still "calibrated"
+            raise MoeguardError(f"the reference models include the scanned model itself ({handle.name}, by its weights)",
+                                hint=f"name clean models of the same base as references, or leave {flags}reference-models out")
     for doc in references:   # a scan of this very model: its own scores in the null it is measured against
         theirs = ((doc.get("run") or {}).get("settings") or {}).get("model")
-        if isinstance(theirs, dict) and digest_of(theirs) == mine and (
-                whole or [r[:3] for r in theirs.get("files") or []] == [r[:3] for r in ident.get("files") or []]):
+        if isinstance(theirs, dict) and digest_of(theirs) == mine and same_files(theirs):
             raise MoeguardError(f"reference scan {doc.get('path')} is a scan of the scanned model itself ({handle.name}, "
                                 "by its weights): its experts would be in their own null",
                                 hint="references must be scans of other clean models of the same architecture")
@@ -268,9 +273,6 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
                                              reference_models=reference_models)
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
-    model, tokenizer, _ = handle.load(dtype=dtype, device_map=device_map)
-    refs_loaded = [h.load(dtype=dtype, device_map=device_map)[0] for h in reference_models]
-    adapter = MoEAdapter(model)
     timings: dict[str, float] = {}
     # the folder by the weights and placement; each part by the settings it depends on: a run resumed
     # with another --candidates re-does the effects alone (the usage part is the ablation: the costly one)
@@ -280,7 +282,11 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
             "usage": {**tasks_key, "samples": config.samples},
             "effects": {**tasks_key, **{k: getattr(config, k) for k in SEARCH_SETTINGS},
                         "reference_models": settings["reference_models"]}}
+    # the folder (and its one-run lock) before any weights load: a second run writing it fails in a second
     with resumable_dir(out, overwrite=overwrite, settings=stamp) as tmp:
+        model, tokenizer, _ = handle.load(dtype=dtype, device_map=device_map)
+        adapter = MoEAdapter(model)
+
         def timed(name, make):
             s = time.perf_counter()
             value = _part(tmp, name, make, keys[name])
@@ -297,8 +303,9 @@ def scan(handle, tasks, out: Path, *, config: ScanConfig = ScanConfig(), referen
         usage = timed("usage", lambda: _usage_json(usage_and_criticality(
             model, tokenizer, tasks, samples=config.samples, seed=config.seed, progress=progress, keep=batches)))
         eff = EffectSettings(candidates=config.candidates, chain=config.chain)
-        effects = timed("effects", lambda: {_key(*k): v for k, v in expert_effects(
-            model, tokenizer, adapter, contexts, eff, references=refs_loaded, progress=progress,
+        effects = timed("effects", lambda: {_key(*k): v for k, v in expert_effects(   # the references load only here
+            model, tokenizer, adapter, contexts, eff, progress=progress,
+            references=[h.load(dtype=dtype, device_map=device_map)[0] for h in reference_models],
             keep=tmp / f"effects-kept-{digest({**keys['effects'], **threads})}").items()})
         doc = assemble(adapter, tasks, weights, usage, effects, config=config, null=null, score=score)
         doc["suspicion"].update({"score": score, "reference_models": [h.name for h in reference_models],

@@ -17,9 +17,9 @@ _FLOATS = {"float32", "float16", "bfloat16", "float64"}
 WEIGHT_STATS = ("gate_norm", "up_norm", "down_norm", "down_spectral", "down_stable_rank", "router_norm")
 
 
-def _stable_rank(w: np.ndarray) -> float:
-    """||W||_F^2 / ||W||_2^2: how many directions carry the matrix (a low-rank implant lowers it)."""
-    s = np.linalg.svd(w, compute_uv=False)
+def _stable_rank(s: np.ndarray) -> float:
+    """||W||_F^2 / ||W||_2^2 from W's singular values ``s`` (largest first): how many directions carry
+    the matrix (a low-rank implant lowers it)."""
     return float((s ** 2).sum() / max(s[0] ** 2, 1e-30))
 
 
@@ -64,6 +64,7 @@ def _expert_stats(index: int, e: int, gate: np.ndarray, up: np.ndarray, down: np
         raise MoeguardError(f"layer {index} expert {e} has non-finite weights ({', '.join(bad)}): the "
                             "checkpoint is damaged", hint="re-download or re-save it; a scan of NaN weights "
                             "would report nothing")
+    s = np.linalg.svd(down, compute_uv=False)   # once: the spectral norm and the stable rank (two SVDs before)
     return {"gate_norm": float(np.linalg.norm(gate)), "up_norm": float(np.linalg.norm(up)),
-            "down_norm": float(np.linalg.norm(down)), "down_spectral": float(np.linalg.norm(down, 2)),
-            "down_stable_rank": _stable_rank(down), "router_norm": float(np.linalg.norm(router))}
+            "down_norm": float(np.linalg.norm(down)), "down_spectral": float(s.max()),
+            "down_stable_rank": _stable_rank(s), "router_norm": float(np.linalg.norm(router))}
