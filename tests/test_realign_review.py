@@ -276,6 +276,14 @@ def test_a_full_score_that_is_no_score_is_refused(pruned, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "--full-score is" in err and "expected the original's finite score" in err, err
         assert not (tmp_path / bad).exists()
+    # a perplexity (lower is better) of 0 or below: every retention was 0% or negative, with exit 0
+    for bad in ("0", "-5"):
+        capsys.readouterr()
+        assert main(["realign", "--model", str(pruned), *FAST, "--task", "stdlib-docs", "--full-score", bad,
+                     "--out", str(tmp_path / f"lm{bad}")]) == 2
+        err = capsys.readouterr().err
+        assert f"--full-score is {float(bad)}; expected the original's finite score on stdlib-docs, above 0" in err, err
+        assert err.count("\n") == 1 and not (tmp_path / f"lm{bad}").exists()
 
 
 def test_gradient_accumulation_in_the_environment_is_not_taken_and_steps_round_first(monkeypatch):
@@ -299,3 +307,54 @@ def test_gradient_accumulation_in_the_environment_is_not_taken_and_steps_round_f
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     accumulated = run()
     assert all(torch.equal(a, b) for a, b in zip(plain, accumulated))
+
+
+def test_a_model_whose_outputs_are_not_finite_is_one_error_for_every_strategy_that_reads_them(monkeypatch):
+    """cluster-uncertainty's weighted draw raised ValueError (a traceback, on every rerun); the others
+    ranked NaN in an arbitrary order."""
+    import random
+
+    from moeguard.errors import MoeguardError
+    from moeguard.realign import features
+    from moeguard.realign.strategies.base import STRATEGIES, Query
+    from moeguard.tasks.registry import get_task
+
+    task = get_task("arith-compare")
+    n = 12
+    monkeypatch.setattr(features, "embeddings", lambda *a, **k: torch.full((n, 4), float("nan")))
+    monkeypatch.setattr(features, "class_probs", lambda *a, **k: torch.full((n, 2), float("nan")))
+    monkeypatch.setattr(features, "sequence_uncertainty", lambda *a, **k: (torch.full((n,), float("nan")),) * 2)
+    pool = [{"input": f"x{i}"} for i in range(n)]
+    for name in ("least-confidence", "margin", "entropy", "coreset", "cluster-uncertainty"):
+        q = Query(model=None, tokenizer=None, task=task, pool=pool, candidates=list(range(n)), labeled=[], k=4,
+                  rng=random.Random(0))
+        with pytest.raises(MoeguardError, match=r"are not finite \(NaN or inf\): the strategy cannot rank"):
+            STRATEGIES[name].select(q)
+    # random reads no outputs
+    assert len(STRATEGIES["random"].select(Query(model=None, tokenizer=None, task=task, pool=pool,
+                                                 candidates=list(range(n)), labeled=[], k=4, rng=random.Random(0)))) == 4
+
+
+def test_a_token_the_model_rules_out_adds_nothing_to_the_entropy():
+    from moeguard.realign.features import _token_means
+
+    logp = torch.log_softmax(torch.tensor([[[0.0, 0.0, float("-inf")]]]), -1)   # [1, 1, 3]: two tokens at 1/2
+    nll, ent = _token_means(logp, torch.tensor([[0]]), torch.ones(1, 1))
+    assert float(ent) == pytest.approx(float(torch.log(torch.tensor(2.0)))) and float(nll) == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_a_merged_checkpoint_is_re_aligned_against_its_recorded_source_and_keeps_its_record(tmp_path, capsys):
+    """Only moeguard_pruning.json was read: a merged checkpoint had no original (retention silently null),
+    orphan was refused with a hint to prune, and the output carried no record of where it came from."""
+    plan = tmp_path / "clusters.json"
+    plan.write_text(json.dumps({"clusters": {str(l): [[0, 4], [1, 5], [2, 6], [3, 7]] for l in range(4)}}))
+    merged = tmp_path / "merged"
+    assert main(["merge", "--plan", str(plan), "--method", "average", "--out", str(merged)]) == 0
+    written = json.loads((merged / "moeguard_merging.json").read_text())
+    out = tmp_path / "realigned"
+    capsys.readouterr()
+    assert main(["realign", "--model", str(merged), *FAST, "--strategy", "orphan", "--out", str(out)]) == 0
+    curve = json.loads((out / "learning_curve.json").read_text())
+    assert curve["points"] and all(p["retention"] is not None for p in curve["points"]), curve["points"]
+    assert json.loads((out / "moeguard_merging.json").read_text()) == written
+    assert not (out / "moeguard_pruning.json").exists()

@@ -140,6 +140,12 @@ def test_lora_under_a_protocol_adapts_only_the_authorized_experts():
     t = apply_mode(m, "lora", only=only)
     assert {n.split(".layers.")[1].split(".")[0] for n in t.params} == {"0"}   # every layer's experts were adapted
     t.release()
+    # a model type peft has default targets for and no conversion of (qwen2: q_proj and v_proj): target_modules
+    # None took those, attention the protocol forbids
+    m.config.model_type = "qwen2"
+    t = apply_mode(m, "lora", only=only)
+    assert t.params and all(".mlp.experts." in n for n in t.params), sorted(t.params)
+    t.release()
 
 
 def test_a_defense_setting_that_cannot_work_is_refused_before_training(tmp_path, capsys):

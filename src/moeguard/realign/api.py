@@ -19,17 +19,30 @@ from moeguard.config import is_decimal
 from moeguard.errors import MoeguardError
 
 
-def pruning_record(path: Path | None) -> dict | None:
-    """The ``moeguard_pruning.json`` beside a pruned checkpoint, if any."""
+RECORD_FILES = ("moeguard_pruning.json", "moeguard_merging.json")   # prune's, merge's
+
+
+def pruning_record(path: Path | None) -> tuple[str, dict, dict] | None:
+    """The record beside a pruned checkpoint (``moeguard_pruning.json``) or a merged one
+    (``moeguard_merging.json``), if any: (its file name, the record as written, and what
+    re-alignment reads of it: ``source``, ``keep`` and ``original_num_experts``). A merge's centres
+    are its kept experts and the experts folded into them count as dropped, as recovery's merge route
+    counts them (a merged checkpoint was re-aligned with no original: retention null, orphan refused)."""
     from moeguard.io import read_json
 
-    f = path / "moeguard_pruning.json" if path is not None else None
-    if f is None or not f.exists():
+    f = next((path / n for n in RECORD_FILES if (path / n).exists()), None) if path is not None else None
+    if f is None:
         return None
     from moeguard.pruning.plan import expert_indices
 
-    hint = "re-run moeguard prune, or delete the file to re-align without it"
-    record = read_json(f, what="pruning record", hint=hint)
+    merged = f.name == RECORD_FILES[1]
+    hint = f"re-run moeguard {'merge' if merged else 'prune'}, or delete the file to re-align without it"
+    written = read_json(f, what=f"{'merging' if merged else 'pruning'} record", hint=hint)
+    record = written
+    if merged and isinstance(written, dict):   # the surgery's facts (the source's expert counts) are its "pruning" part
+        inner = written.get("pruning") if isinstance(written.get("pruning"), dict) else {}
+        record = {**{k: inner[k] for k in ("original_num_experts", "original_experts_per_layer") if k in inner},
+                  **{k: written[k] for k in ("source", "keep") if k in written}}
     # what re-alignment reads of it: the source model, and for the orphan strategy the keep map and expert count
     keep = record.get("keep") if isinstance(record, dict) else None
     if not isinstance(record, dict) or not isinstance(record.get("source", ""), (str, type(None))) \
@@ -37,9 +50,9 @@ def pruning_record(path: Path | None) -> dict | None:
                 is_decimal(str(k)) and expert_indices(v) for k, v in keep.items()))) \
             or not (record.get("original_num_experts") is None or (type(record["original_num_experts"]) is int
                                                                    and record["original_num_experts"] >= 1)):
-        raise MoeguardError(f"{f} is not a pruning record (source, keep map of whole numbers, original_num_experts)",
-                            hint=hint)
-    return record
+        raise MoeguardError(f"{f} is not a {'merging' if merged else 'pruning'} record (source, keep map of whole "
+                            "numbers, original_num_experts)", hint=hint)
+    return f.name, written, record
 
 
 def check_protocol_covers(model, ft) -> None:
@@ -85,7 +98,7 @@ def check_original(original, record: dict, name: str) -> None:
         raise MoeguardError(f"{name} is not the model this checkpoint was pruned from: its record kept experts of "
                             f"{n} per layer in MoE layers {sorted(keep)}, and {name} has "
                             f"{sorted(set(layers.values()))} experts in MoE layers {sorted(layers)}",
-                            hint="pass --original the unpruned checkpoint named in moeguard_pruning.json's 'source'")
+                            hint="pass --original the unpruned checkpoint named in the pruning (or merging) record's 'source'")
 
 
 def realign_checkpoint(*, model, task, out: Path, al, original: str | None = None, full_score: float | None = None,
@@ -104,22 +117,24 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
     from moeguard.realign.strategies.orphan import orphan_shares
     from moeguard.tasks.evaluate import evaluate_task
 
-    if full_score is not None and (not math.isfinite(full_score) or (task.higher_is_better and full_score <= 0)):
-        # every retention was null (or negative), written with exit 0, and the original never evaluated
-        raise MoeguardError(f"--full-score is {full_score}; expected the original's finite score on {task.name}"
-                            + (" (above 0: its metric is higher-is-better)" if task.higher_is_better else ""),
+    if full_score is not None and (not math.isfinite(full_score) or full_score <= 0):
+        # every retention was null, 0 or negative, written with exit 0, and the original never evaluated
+        # (a perplexity is at least 1; a higher-is-better score of 0 leaves nothing to retain)
+        raise MoeguardError(f"--full-score is {full_score}; expected the original's finite score on {task.name}, above 0",
                             hint="pass the score `moeguard eval` gives the original, or leave it out to evaluate it")
     strat = get_strategy(al.strategy, task)
     pool = label_pool(task, pool_size=al.pool_size, budget=al.schedule[-1], seed=al.seed)
-    record = pruning_record(model.ref.path)
+    found = pruning_record(model.ref.path)
+    record, record_file = (found[2], found[0]) if found is not None else (None, RECORD_FILES[0])
     from_record = original is None and bool((record or {}).get("source"))
     original = original or (record or {}).get("source")
     if strat.needs_original and record is None:
         raise MoeguardError(f"strategy '{al.strategy}' needs the pruning plan and the original model; {model.name} "
-                            "has no moeguard_pruning.json", hint="prune with `moeguard prune`, which records both")
+                            f"has no {' or '.join(RECORD_FILES)}",
+                            hint="prune with `moeguard prune` (or merge with `moeguard merge`), which records both")
     lacking = [k for k in ("keep", "original_num_experts") if strat.needs_original and k not in record]
     if lacking:   # a KeyError traceback after both models had loaded
-        raise MoeguardError(f"strategy '{al.strategy}' needs the pruning plan, and {model.name}'s moeguard_pruning.json "
+        raise MoeguardError(f"strategy '{al.strategy}' needs the pruning plan, and {model.name}'s {record_file} "
                             f"has no {' or '.join(lacking)}", hint="prune again with `moeguard prune`, which records both")
     if strat.needs_original and original is None:   # a record without 'source': it failed after the pruned model loaded
         raise MoeguardError(f"strategy '{al.strategy}' needs the original model, and {model.name}'s pruning record names "
@@ -138,7 +153,7 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
             if not from_record:
                 raise
             # a path the user never typed (recorded where the checkpoint was pruned): say where it came from
-            raise MoeguardError(f"{model.name}'s moeguard_pruning.json names its source {original!r}, which cannot "
+            raise MoeguardError(f"{model.name}'s {record_file} names its source {original!r}, which cannot "
                                 f"be used here ({e.message})",
                                 hint="pass --original PATH (the unpruned checkpoint), or --full-score with a "
                                      "strategy other than orphan") from None
@@ -210,8 +225,8 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
             if source is not None:   # trained in float32, written as the pruned checkpoint stores its weights (bf16)
                 keep_source_dtypes(work, source)
             save_tokenizer(tokenizer, work)
-            if record is not None:
-                write_json(work / "moeguard_pruning.json", record)
+            if found is not None:   # the record as the pruning or merge wrote it: the output's lineage
+                write_json(work / found[0], found[1])
             curve["model"] = model.name
             if run is not None:   # made before the run: with what it reused (rounds, state, the original)
                 from moeguard.provenance import with_reused

@@ -56,7 +56,8 @@ def _token_means(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor)
     """Per row: mean NLL of ``targets`` and mean predictive entropy over the ``valid`` positions.
     logp [B, S, V], targets [B, S], valid [B, S] float."""
     tok_nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
-    tok_ent = -(logp.exp() * logp).sum(-1)
+    # a token the model rules out (a logit of -inf) adds 0, not 0 x -inf = NaN; finite values are unchanged
+    tok_ent = -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
     n = valid.sum(1).clamp_min(1)
     return ((tok_nll * valid).sum(1) / n).double().cpu(), ((tok_ent * valid).sum(1) / n).double().cpu()
 

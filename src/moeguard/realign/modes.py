@@ -204,7 +204,9 @@ def _lora(model: nn.Module, *, lora_r: int = 8, lora_alpha: int = 16, seed: int 
     from moeguard.realign import offload
 
     torch.manual_seed(seed)  # peft draws lora_A at random: the same seed gives the same adapters
-    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=modules or None,
+    # target_modules [] where the protocol authorizes expert tensors only: None makes peft fill in its default
+    # targets for the model type (q_proj and v_proj for most), which would train what the protocol forbids
+    config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=modules,
                         target_parameters=expert_params or None, bias="none")
     if not offload.offloaded(model):
         wrapped = get_peft_model(model, config)

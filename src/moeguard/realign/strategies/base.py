@@ -24,6 +24,17 @@ from moeguard.tasks.base import Task, TaskKind
 from moeguard.tasks.kinds import KINDS, get_kind
 
 
+def _finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    """``values``, refused where a NaN or inf is in them: a model whose outputs are not finite (a pruned
+    or re-aligned copy that diverged) ranked candidates in an arbitrary order, or failed in k-means's
+    weighted draw with a traceback, on every rerun."""
+    if not torch.isfinite(values).all():
+        raise MoeguardError(f"the model's {what} on the pool's inputs are not finite (NaN or inf): the strategy "
+                            "cannot rank candidates by them",
+                            hint="check the model (`moeguard eval --model ...`); --strategy random reads no outputs")
+    return values
+
+
 @dataclass(kw_only=True)
 class Query:
     model: Any
@@ -46,20 +57,22 @@ class Query:
     @cached_property
     def class_probs(self) -> torch.Tensor:
         """[len(candidates), C]"""
-        return F.class_probs(self.model, self.tokenizer, self.task, self._records(self.candidates),
-                             batch_size=self.batch_size)
+        return _finite(F.class_probs(self.model, self.tokenizer, self.task, self._records(self.candidates),
+                                     batch_size=self.batch_size), "label probabilities")
 
     @cached_property
     def sequence_uncertainty(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL, mean entropy), each [len(candidates)]"""
-        return F.sequence_uncertainty(self.model, self.tokenizer, self.task, self._records(self.candidates),
-                                      batch_size=max(1, self.batch_size // 2))
+        nll, entropy = F.sequence_uncertainty(self.model, self.tokenizer, self.task, self._records(self.candidates),
+                                              batch_size=max(1, self.batch_size // 2))
+        return _finite(nll, "token losses"), _finite(entropy, "token entropies")
 
     @cached_property
     def pool_embeddings(self) -> torch.Tensor:
         """[len(pool), H] for candidates and labeled samples (others are zeros, never read)."""
         idx = sorted(set(self.candidates) | set(self.labeled))
-        emb = F.embeddings(self.model, self.tokenizer, self.task, self._records(idx), batch_size=self.batch_size)
+        emb = _finite(F.embeddings(self.model, self.tokenizer, self.task, self._records(idx), batch_size=self.batch_size),
+                      "hidden states")
         out = torch.zeros(len(self.pool), emb.shape[1])
         out[idx] = emb
         return out
