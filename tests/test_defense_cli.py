@@ -168,6 +168,12 @@ def test_attack_on_both_routes_takes_the_envelope_over_pruning_and_merging(tmp_p
     assert doc["summary"]["realigned_retention"] == max(by.values())
     assert doc["summary"]["stronger_route"] == max(by, key=by.get)
     assert doc["attribution"]["best"]["retention"] == max(c["retention"] for c in cands)
+    # curves.csv says which route each row is (the same setting twice, with nothing to tell them apart)
+    import csv
+
+    with open(out / "curves.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["route"] for r in rows} == {"prune", "merge"}
 
 
 def test_attack_bad_inputs_exit_2(tmp_path, capsys):

@@ -158,3 +158,35 @@ def test_a_scanned_model_s_text_and_a_path_cannot_become_markup_in_the_markdown_
                         for e in range(2)]}
     hijack_heatmap(heat, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_an_attack_whose_every_run_diverged_is_drawn_as_such_and_each_mode_and_route_has_its_own_line():
+    """max() of no labels was a ValueError at the end of the run, again on every resume (its jobs cached);
+    every mode but full was drawn in LoRA's colour, and both routes alike."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moeguard.report.defense import draw_attack
+
+    def run(mode, route, points):
+        return {"kind": "attack", "strategy": "random", "mode": mode, "route": route, "lr": 1e-3, "epochs": 1,
+                "seed": 0, "points": points}
+
+    base = {"full": {"score": 0.8}, "higher_is_better": True, "task": "t", "keep": 2, "metric": "accuracy",
+            "summary": {"auc": None, "target": 90.0}}
+    fig, ax = plt.subplots()
+    draw_attack(ax, {**base, "runs": [run("full", "prune", [])] * 3, "worst_case": {"labels": [], "retention": []}})
+    assert [t.get_text() for t in ax.texts] == ["every attacker run diverged (3 runs): no curve"]
+    plt.close(fig)
+    pts = [{"labels": 0, "score": 0.4}, {"labels": 8, "score": 0.6}]
+    doc = {**base, "runs": [run("full", "prune", pts), run("router", "prune", pts), run("router", "merge", pts)],
+           "worst_case": {"labels": [0, 8], "retention": [50.0, 75.0]}}
+    fig, ax = plt.subplots()
+    draw_attack(ax, doc)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:4] == ["one attacker run (full)", "one attacker run (router)", "route: prune", "route: merge"]
+    drawn = [(l.get_color(), l.get_linestyle()) for l in ax.get_lines() if len(l.get_xdata()) == 2][:3]
+    assert drawn == [("C0", "-"), ("C4", "-"), ("C4", "-.")]
+    plt.close(fig)

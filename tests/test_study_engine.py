@@ -215,6 +215,25 @@ def test_a_study_s_scope_holds_where_a_placement_strategy_lands(monkeypatch):
     assert "placed_on" not in Runtime(model=None).to_dict()                     # keys of runs without one unchanged
 
 
+def test_on_ray_a_placement_is_keyed_where_the_tasks_run_not_where_the_driver_is(monkeypatch):
+    """Ray hides every GPU from a task that asks for none: `--device-map auto` without --gpus-per-job ran
+    on the workers' CPUs and was keyed `cuda` from a GPU driver (a local resume reused those jobs as GPU
+    results); a head node without a GPU keyed its GPU workers' jobs `cpu`."""
+    from moeguard.models import placement
+
+    for driver in ("cuda", "cpu"):
+        monkeypatch.setattr(placement, "placed_on", lambda device_map, capped=False, k=driver: k)
+        assert Runtime(model=None, device_map="auto", ray_gpus=0.0).to_dict()["placed_on"] == "cpu"
+        assert Runtime(model=None, device_map="auto", ray_gpus=1.0).to_dict()["placed_on"] == "cuda"
+        assert Runtime(model=None, device_map="auto").to_dict()["placed_on"] == driver   # local: where it runs
+        # a cap without a map (accelerate's auto): on the workers' CPUs keyed as an uncapped CPU run, as locally
+        assert "placed_on" not in Runtime(model=None, max_memory=2**30, ray_gpus=0.0).to_dict()
+        assert Runtime(model=None, max_memory=2**30, ray_gpus=0.5).to_dict()["placed_on"] == "cuda"
+    # a device names its own kind, and a run without a map is unchanged
+    assert "placed_on" not in Runtime(model=None, device_map="cuda:0", ray_gpus=1.0).to_dict()
+    assert Runtime(model=None, ray_gpus=0.0).to_dict() == Runtime(model=None).to_dict()
+
+
 def test_a_process_evicts_a_model_before_loading_another_and_stages_release_them_all(monkeypatch):
     """Context held up to two models and loaded a third before evicting one, and nothing released them before
     the audit's harden and scan stages loaded their own full copies (on a GPU: out of memory, or under auto a

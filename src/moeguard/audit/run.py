@@ -241,10 +241,13 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
     audited = [get_task(t) for t in cfg.tasks]
     runtime = Runtime(model=cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, threads=cfg.threads,
                       tasks=file_tasks(audited), task_data=data_stamps(audited),
-                      max_memory=parse_memory(cfg.max_memory) if cfg.max_memory is not None else None)
+                      max_memory=parse_memory(cfg.max_memory) if cfg.max_memory is not None else None,
+                      ray_gpus=backend.gpus if backend.name == "ray" else None)
     # the thread count is how many cores, not what is computed: in no stage key, as in no job's scope
     # (with it, --threads or another machine's core count re-ran the hardening and the scan)
     placed = {k: v for k, v in runtime.to_dict().items() if k != "threads"}
+    # the hardening and the scan load their own model here, in this process, wherever the jobs run
+    here = {k: v for k, v in replace(runtime, ray_gpus=None).to_dict().items() if k != "threads"}
     ident = {"model": weights_identity(cfg.model), "runtime": placed}
     n_stages = 5 + bool(cfg.defense) + bool(cfg.defense or cfg.hardened) + bool(cfg.scan)
     overall = progress.add_task("audit", total=n_stages) if progress is not None else None
@@ -341,7 +344,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
         # interrupted audit resumes the hardening where it stopped (keyed on its settings and weights)
         harden_state = store.jobs / "harden-state"
         harden_settings = {"defense": cfg.defense, "harden_steps": cfg.harden_steps, "tasks": cfg.tasks,
-                           "seed": cfg.seed, "runtime": placed}
+                           "seed": cfg.seed, "runtime": here}
         s_hard = stage("harden", harden_settings,
                        lambda d: harden_stage(cfg, d, runtime, model, progress, state=harden_state,
                                               final=store.stages / "harden"), [s_model])
@@ -369,7 +372,7 @@ def run_audit(cfg: AuditConfig, out: Path, *, backend: Backend, model: ModelHand
 
         refs = scan_references(cfg)
         scan_cfg = scan_config(cfg)
-        scan_settings = {**scan_cfg.to_dict(), "tasks": cfg.tasks, "runtime": placed,
+        scan_settings = {**scan_cfg.to_dict(), "tasks": cfg.tasks, "runtime": here,
                          # by content: a reference scan re-made in place changes the null
                          "references": [hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest() for r in refs],
                          "reference_models": [weights_identity(m) for m in cfg.scan_reference_models or []]}

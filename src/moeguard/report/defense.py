@@ -37,26 +37,43 @@ def attack_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         for p in r["points"]:
-            rows.append({"task": doc["task"], "kind": r["kind"], "strategy": r["strategy"], "mode": r["mode"],
+            # the route: a prune and a merge run of the same setting were two rows nothing told apart
+            rows.append({"task": doc["task"], "route": r.get("route", "prune"), "kind": r["kind"],
+                         "strategy": r["strategy"], "mode": r["mode"],
                          "lr": r["lr"], "epochs": r["epochs"], "seed": r["seed"], "labels": p["labels"],
                          "score": p["score"], "retention": retention(read_score(p["score"]), full, higher_is_better=hib)})
     return rows
 
 
+MODE_COLORS = {"full": "C0", "lora": "C2", "router": "C4", "experts": "C5"}   # another mode: C7
+ROUTE_STYLES = {"prune": "-", "merge": "-."}
+
+
 def draw_attack(ax, doc: dict[str, Any], *, title: str | None = None, runs: bool = True) -> None:
-    """Retention vs labels: every attacker run (thin), the worst-case envelope (bold), the
-    best from-scratch curve (dashed), the target line."""
+    """Retention vs labels: every attacker run (thin; a colour per mode, a line style per route), the
+    worst-case envelope (bold), the best from-scratch curve (dashed), the target line."""
     full, hib = doc["full"]["score"], doc["higher_is_better"]
+    w = doc["worst_case"]
+    ax.set_title(title or f"'{doc['task']}' pruned to {doc['keep']} experts/layer", fontsize=9)
+    if not w["labels"]:   # every run diverged from its first step: no point to draw (max() of none was a traceback)
+        ax.text(0.5, 0.5, f"every attacker run diverged ({len(doc['runs'])} runs): no curve", ha="center",
+                va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_axis_off()
+        return
     if runs:
-        for mode, color in (("full", "C0"), ("lora", "C2")):
-            if any(r["mode"] == mode for r in doc["runs"]):
-                ax.plot([], [], color=color, lw=0.8, alpha=0.5, label=f"one attacker run ({mode})")
+        modes = list(dict.fromkeys(r["mode"] for r in doc["runs"]))
+        routes = list(dict.fromkeys(r.get("route", "prune") for r in doc["runs"]))
+        for mode in modes:
+            ax.plot([], [], color=MODE_COLORS.get(mode, "C7"), lw=0.8, alpha=0.5, label=f"one attacker run ({mode})")
+        if len(routes) > 1:
+            for route in routes:
+                ax.plot([], [], color="0.4", lw=0.8, ls=ROUTE_STYLES.get(route, ":"), label=f"route: {route}")
         for r in doc["runs"]:
             if r["points"]:
                 ax.plot([p["labels"] for p in r["points"]],
                         [retention(read_score(p["score"]), full, higher_is_better=hib) for p in r["points"]],
-                        color="C0" if r["mode"] == "full" else "C2", lw=0.6, alpha=0.25)
-    w = doc["worst_case"]
+                        color=MODE_COLORS.get(r["mode"], "C7"), ls=ROUTE_STYLES.get(r.get("route", "prune"), ":"),
+                        lw=0.6, alpha=0.25)
     ax.plot(w["labels"], w["retention"], color="crimson", lw=2.2, marker="o", ms=3,
             label=f"attacker, worst case (AUC {_fmt(doc['summary']['auc'])})")
     sc = doc.get("scratch")
@@ -75,7 +92,6 @@ def draw_attack(ax, doc: dict[str, Any], *, title: str | None = None, runs: bool
     ax.set_ylim(bottom=0)
     ax.set_xlabel("labels")
     ax.set_ylabel(f"retention of {doc['metric']} (%)")
-    ax.set_title(title or f"'{doc['task']}' pruned to {doc['keep']} experts/layer", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
 

@@ -134,7 +134,7 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
     runner = make_backend(backend, address=ray_address, gpus=gpus_per_job, device_map=model.device_map)
     runtime = Runtime(model=model.arg, threads=threads or torch.get_num_threads(), tasks=file_tasks(tasks),
                       task_data=data_stamps(tasks), max_memory=max_memory,
-                      device_map=model.device_map)
+                      device_map=model.device_map, ray_gpus=runner.gpus if runner.name == "ray" else None)
     try:
         # the cap changes where weights sit, not a number: a run restarted under another cap resumes
         # (the run record keeps the bytes); the jobs themselves are keyed apart when capped, where skipped

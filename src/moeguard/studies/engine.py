@@ -86,14 +86,20 @@ class Runtime:
     # --trust-inferred-family as it was when the runtime was made: a Ray worker starts without it, and
     # refused the model the command had accepted (it changes no number, so it is in no key)
     trust_inferred: bool = field(default_factory=_trusted)
+    # the GPUs each Ray task asks for (None: the jobs run in this process). A placement (auto...) lands
+    # where the workers run, which the driver does not see: Ray hides every GPU from a task that asks for
+    # none, and a head node without a GPU keyed its GPU workers' results as the CPU's
+    ray_gpus: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "dtype": self.dtype, "device_map": self.device_map, "threads": self.threads}
         from moeguard.models.placement import capped_placement
 
-        # where auto lands here (a cap without a map is auto too): GPU jobs and stages must not resume on the CPU
-        # (on Ray, where the driver runs: its workers are not seen); the device_map entry stays as given
+        # where auto lands (a cap without a map is auto too): GPU jobs and stages must not resume on the CPU
+        # (here; on Ray, where its tasks run); the device_map entry stays as given
         placed = capped_placement(self.device_map, self.max_memory).get("placed_on")
+        if self.ray_gpus is not None and (placed is not None or self.max_memory is not None):
+            placed = "cuda" if self.ray_gpus > 0 else None if self.device_map is None else "cpu"
         if placed is not None:
             d["placed_on"] = placed
         if self.tasks:  # in the model stage's key, so an edited task file (or its data) re-runs the stages
