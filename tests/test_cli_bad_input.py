@@ -475,7 +475,10 @@ def test_an_output_that_is_a_task_file_or_its_data_is_refused(cmd, capsys, tmp_p
     opt = {"attribute": "--task", "route-attack": "--task"}.get(cmd, "--tasks")
     extra = {"attribute": ["--method", "gate"], "route-attack": ["--expert", "1"]}.get(cmd, [])
     ran = 0
-    for out, needle in ((task, "is (or holds) the input"), (tmp_path / "data", "is (or holds) the input")):
+    # the task's YAML, its data folder, and a data file inside the folder (outputs may go beside the data, not
+    # over it: --out data/eval.jsonl replaced the eval records with the results)
+    for out, needle in ((task, "is (or holds) the input"), (tmp_path / "data", "is (or holds) the input"),
+                        (data / "eval.jsonl", "is (or holds) the input")):
         if cmd in ("eval", "attribute", "monitor profile") and out.is_dir():
             continue   # they write a file: a folder --out is refused for its kind first (test above)
         if cmd in ("sweep", "harden", "route-attack", "zoo train") and not out.is_dir():
@@ -484,7 +487,7 @@ def test_an_output_that_is_a_task_file_or_its_data_is_refused(cmd, capsys, tmp_p
         code = main([*cmd.split(), opt, str(task), *extra, "--out", str(out), "--overwrite"])
         assert_one_line(code, capsys.readouterr().err, needle)
         ran += 1
-    assert ran == 1, f"{cmd}: each command writes a file or a folder, so exactly one of the two is its case"
+    assert ran == (2 if cmd in ("eval", "attribute", "monitor profile") else 1), cmd
     assert task.read_text() == before and sorted(p.name for p in data.iterdir()) == ["eval.jsonl", "train.jsonl"]
 
 
@@ -596,3 +599,19 @@ def test_a_huge_yaml_integer_for_a_float_setting_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     code = main(["audit", "--out", str(tmp_path / "out"), "--config", str(f)])
     assert_one_line(code, capsys.readouterr().err, "setting 'target' is 1000")
+
+
+def test_a_checkpoint_folder_this_user_cannot_read_is_one_line(tmp_path, capsys, monkeypatch):
+    """Another user's 0700 folder passed resolve (its parent can be searched) and its config.json's
+    exists() raised PermissionError: a traceback. (Root reads every folder: access is faked.)"""
+    import os
+
+    from moeguard.models import loading
+
+    ckpt = tmp_path / "alice-ckpt"
+    ckpt.mkdir()
+    real = os.access
+    monkeypatch.setattr(loading.os, "access", lambda p, mode: False if str(p) == str(ckpt) else real(p, mode))
+    capsys.readouterr()
+    assert_one_line(main(["info", "--model", str(ckpt)]), capsys.readouterr().err,
+                    f"model path {ckpt} cannot be read (Permission denied)")

@@ -67,3 +67,30 @@ def test_a_hub_model_s_config_and_snapshot_failures_name_the_cause(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(MoeguardError, match="cannot fetch org/m from the Hugging Face hub: it is gated"):
         download_for_streaming("org/m")
+
+
+def test_a_hub_repo_of_pickle_weights_is_refused_not_converted_by_the_hub_s_bot(monkeypatch):
+    """With use_safetensors=True and none on the hub, transformers asked the safetensors-convert Space to
+    unpickle the .bin and open a PR on the repo, then loaded any open PR of the bot's title."""
+    import os
+
+    from moeguard.models import loading
+
+    config = loading.load_config(loading.resolve(None))
+    seen = []
+
+    class Fake:
+        @staticmethod
+        def from_pretrained(where, **kw):
+            seen.append((where, os.environ.get("DISABLE_SAFETENSORS_CONVERSION"), kw["use_safetensors"]))
+            raise OSError("org/m does not appear to have a file named model.safetensors or model.safetensors.index.json "
+                          "and thus cannot be loaded with `safetensors`. Please do not set `use_safetensors=True`.")
+
+    monkeypatch.setattr(loading, "inspect", lambda ref: (loading.ModelRef("org/m", None, "org/m"), config, None))
+    monkeypatch.setattr(loading, "model_class", lambda config: Fake)
+    monkeypatch.setenv("DISABLE_SAFETENSORS_CONVERSION", "0")   # the user's own setting: put back after
+    with pytest.raises(MoeguardError, match="org/m has no model.safetensors or model.safetensors.index.json on the "
+                                            "hub .* moeguard loads safetensors only") as e:
+        loading.load_model("org/m", with_tokenizer=False)
+    assert seen == [("org/m", "1", True)] and "do not set" not in str(e.value)
+    assert os.environ["DISABLE_SAFETENSORS_CONVERSION"] == "0"

@@ -100,12 +100,37 @@ def resolve_grid(model: ModelHandle, *, tasks: Iterable | None = None, methods: 
 
 def task_inputs(tasks: Iterable) -> list[str]:
     """The local paths the tasks read, for ``check_output(inputs=...)``: each task's YAML file and,
-    for a local or disk task, its data folder. An ``--out`` that is or holds one would replace it
-    under --overwrite."""
+    for a local or disk task, its data folder and the files (a disk dataset: the folders) of its
+    splits. An ``--out`` that is or holds one would replace it under --overwrite; the folder alone let
+    an output inside it through (outputs may go beside the data), so ``--out data/validation.jsonl``
+    replaced the eval records with the results."""
     from moeguard.tasks.registry import origin_file
 
+    tasks = list(tasks)
     paths = [f for t in tasks if (f := origin_file(t.name)) is not None]
-    return paths + [t.source.path for t in tasks if t.source.type in ("local", "disk") and t.source.path]
+    for t in tasks:
+        if t.source.type not in ("local", "disk") or not t.source.path:
+            continue
+        paths.append(t.source.path)
+        for split in dict.fromkeys(t.splits.values()):
+            paths += _split_paths(t, split)
+    return paths
+
+
+def _split_paths(task, split: str) -> list[str]:
+    from pathlib import Path
+
+    from moeguard.tasks.hubrows import parse_split
+    from moeguard.tasks.loaders import _data_file
+
+    if task.source.type == "disk":   # save_to_disk's files at its root, and the split's folder
+        root = Path(task.source.path).expanduser()
+        folder = root / parse_split(split)[0]
+        return ([str(p) for p in sorted(root.iterdir()) if p.is_file()] if root.is_dir() else []) + [str(folder)]
+    try:
+        return [str(_data_file(task, split)[0])]
+    except MoeguardError:   # a missing file is the edge's own error to give, with its fix
+        return []
 
 
 def file_tasks(tasks: Iterable) -> tuple:

@@ -6,11 +6,13 @@ checked before weights are read. Weights are read only from safetensors.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from moeguard.config import is_decimal
 from moeguard.errors import MoeguardError
@@ -44,6 +46,8 @@ def resolve(ref: str | None) -> ModelRef:
         if not p.is_dir():   # said without an option's name: --model, --suspect, --original all come here
             raise MoeguardError(f"model path {ref} is a file, not a checkpoint directory",
                                 hint="pass the checkpoint directory holding config.json")
+        if not os.access(p, os.R_OK | os.X_OK):   # another user's 0700 folder: PermissionError further on
+            raise MoeguardError(f"model path {ref} cannot be read (Permission denied)", hint="check its permissions")
         return ModelRef(ref, p.resolve(), None)
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:  # hub ids are exactly org/name
         raise MoeguardError(f"model path {ref} does not exist",
@@ -240,7 +244,8 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         offload, made_folder = offload_settings(max_memory, device_map=device_map, folder=offload_folder)
         device_map = offload.pop("device_map")
     try:
-        with resized_construction(config):  # budget-pruned checkpoints keep different counts per layer
+        # no_conversion: a hub repo of pickle weights only is refused, as a local folder of them is
+        with resized_construction(config), no_conversion():  # budget-pruned checkpoints: per-layer counts
             model, info = cls.from_pretrained(where, use_safetensors=True, dtype=dtype or torch.float32,
                                               device_map=device_map, trust_remote_code=False,
                                               # mismatched tensors are reported (and refused below, naming
@@ -257,6 +262,11 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
             raise
         if isinstance(e, MoeguardError):
             raise
+        if ref.path is None and "cannot be loaded with `safetensors`" in str(e):   # transformers: "do not set use_safetensors"
+            raise MoeguardError(f"{where} has no model.safetensors or model.safetensors.index.json on the hub (or in its "
+                                "cache); moeguard loads safetensors only, because unpickling untrusted files can run code",
+                                hint="use a revision or copy of the model saved as safetensors, converted in a trusted "
+                                     "environment") from None
         if ref.path is None:   # a hub id's weights: what the hub said, not "check your access" for every failure
             from moeguard.models.hub import hub_failure
 
@@ -283,6 +293,24 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         place_inner_blocks(model)
     _return_freed_memory()
     return model.eval(), tokenizer, ref
+
+
+@contextlib.contextmanager
+def no_conversion() -> Iterator[None]:
+    """Inside the block, transformers does not convert a hub repo's pickle weights: with
+    ``use_safetensors=True`` and none on the hub, it asks the safetensors-convert Space to unpickle them
+    and open a pull request on the repo, then loads the weights of any open PR of the bot's title (not
+    the revision the run records, and for a private repo of any author). The setting is put back after."""
+    name = "DISABLE_SAFETENSORS_CONVERSION"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def release_memory() -> None:
