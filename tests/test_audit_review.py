@@ -113,3 +113,29 @@ def test_a_job_the_system_took_on_ray_is_retried_and_then_one_line(fake_ray_back
         backend.run([job], Runtime(model=None, threads=1), lambda j, r: None)
     # Ray's own retries are off (a task its memory monitor killed is otherwise retried without end): retried here
     assert asked["max_retries"] == 0 and submitted == ["t keep 2"] * 3
+
+
+def test_ray_workers_are_sent_model_folders_by_their_absolute_path(fake_ray_backend, tmp_path, monkeypatch):
+    """A node's worker runs in its own working directory: a relative --model (or the audit's hardened copy
+    under a relative --out) was not found there, or, spelled org/name, taken for a hub id and downloaded."""
+    from moeguard.studies.engine import Job, Runtime
+
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    (tmp_path / "runs" / "hardened").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    sent = []
+
+    def submit(job, runtime, scratch):
+        sent.append((job.args.get("model"), runtime.model, job.key))
+        return job.name
+
+    backend = fake_ray_backend(submit, lambda ref: {})
+    jobs = [Job(stage="s", name="a", fn="x:y", args={"model": "runs/hardened"}),
+            Job(stage="s", name="b", fn="x:y", args={"model": "other/hub-id"}), Job(stage="s", name="c", fn="x:y")]
+    keys = [j.key for j in jobs]
+    done = []
+    backend.run(jobs, Runtime(model="org/name", threads=1), lambda j, r: done.append(j.key))
+    assert [(m, r) for m, r, _ in sent] == [(str(tmp_path / "runs" / "hardened"), str(tmp_path / "org" / "name")),
+                                            ("other/hub-id", str(tmp_path / "org" / "name")),
+                                            (None, str(tmp_path / "org" / "name"))]
+    assert sorted(done) == sorted(keys)   # results are filed under the driver's keys

@@ -302,3 +302,24 @@ def test_a_multimodal_wrapper_runs_every_attribution_method_and_fine_tuning_mode
         assert r.steps == 2 and all(map(torch.isfinite, torch.tensor(r.losses))), mode
         with torch.no_grad():
             assert not torch.allclose(t.model(input_ids=ids).logits, ref), f"{mode} changed nothing"
+
+
+def test_a_wrapper_s_positions_and_hidden_size_are_its_language_model_s():
+    """Qwen3-VL-MoE's and GLM-4.5V's top-level config has neither: tasks were not cut to the model's
+    positions, serve's 413 guard was off and the monitor split long prompts at a default 4,096 tokens, and
+    a monitor profile of another hidden size was not refused."""
+    import dataclasses
+
+    from moeguard.models.families import text_config
+    from moeguard.tasks.evaluate import fit_to_model
+    from moeguard.tasks.registry import get_task
+
+    kw = TINY_WRAPPERS["qwen3_vl_moe"]
+    config = AutoConfig.for_model("qwen3_vl_moe", **dict(kw, text_config=dict(kw["text_config"], max_position_embeddings=64)))
+    assert getattr(config, "max_position_embeddings", None) is None and getattr(config, "hidden_size", None) is None
+    assert text_config(config).max_position_embeddings == 64 and text_config(config).hidden_size == _COMMON["hidden_size"]
+    model = type("M", (), {"config": config})()
+    long = dataclasses.replace(get_task("arith-compare"), max_length=512)
+    with pytest.warns(UserWarning, match="the model has 64 positions"):
+        assert fit_to_model(long, model).max_length == 64
+    assert text_config(AutoConfig.for_model("mixtral")).hidden_size == 4096   # a plain config is its own

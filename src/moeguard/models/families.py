@@ -583,15 +583,23 @@ def trust_inferred_families(trust: bool) -> bool:
     return previous
 
 
+def text_config(config):
+    """A multimodal wrapper's language-model config, else the config itself: where the text model's
+    positions and hidden size are (Qwen3-VL-MoE's and GLM-4.5V's top level has neither, and a
+    ``getattr`` with a default read the default)."""
+    if hasattr(config, "get_text_config"):
+        try:
+            return config.get_text_config()
+        except ValueError:   # several text configs (an encoder-decoder): the top level holds them
+            pass
+    return config
+
+
 def moe_config(config):
     """The config that holds the MoE keys (expert count, top-k, routing switches): a family's own
     sub-config (DBRX's ``ffn_config``), a multimodal wrapper's language-model config, else the
     config itself. moeguard reads and writes its family keys there, and its own per-layer counts too."""
-    if hasattr(config, "get_text_config"):
-        try:
-            config = config.get_text_config()
-        except ValueError:   # several text configs (an encoder-decoder): the top level holds them
-            pass
+    config = text_config(config)
     model_type = getattr(config, "model_type", None)
     family = _BY_MODEL_TYPE.get(model_type) if model_type in _BY_MODEL_TYPE else None
     if family is not None and family.config_attr:

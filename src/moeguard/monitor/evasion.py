@@ -23,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from moeguard.errors import MoeguardError
+from moeguard.models.families import text_config
 from moeguard.monitor.profile import Profile
 from moeguard.monitor.routertap import SEPARATOR
 
@@ -58,7 +59,7 @@ class MonitorScreen:
         if not 0.0 < p_target <= 1.0:
             raise MoeguardError(f"the evasion target p-value is {p_target}", hint="pass --evade-p in (0, 1], e.g. 0.5")
         profile.check_routing(adapter)
-        profile.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
+        profile.check_hidden(getattr(text_config(getattr(model, "config", None)), "hidden_size", None))
         # the prompt statistics only (module docstring): the default monitor's p-value
         self.profile = replace(profile, replies=None) if profile.replies is not None else profile
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter

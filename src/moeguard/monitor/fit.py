@@ -15,6 +15,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.kept import kept_arrays
+from moeguard.models.families import text_config
 from moeguard.monitor.embed import Embedding, KernelReference
 from moeguard.monitor.neighbours import Neighbours
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile, check_uniform
@@ -82,7 +83,7 @@ def observe(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_l
     if max_length is None:
         # the model's own limit (not lower): the online hook sees a served prompt in one forward,
         # and offline replay must route it the same way
-        max_length = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+        max_length = int(getattr(text_config(model.config), "max_position_embeddings", 4096) or 4096)
     head = bos_ids(tokenizer)
     rows, owner = [], []                      # token chunks, and the prompt each belongs to
     for n, p in enumerate(prompts):

@@ -57,6 +57,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from moeguard.errors import MoeguardError
+from moeguard.models.families import text_config
 from moeguard.models.hooks import Hooks
 from moeguard.monitor import ladder, periods, periodwatch, slices
 from moeguard.monitor.batch import BatchReader, Captured
@@ -134,7 +135,7 @@ class RoutingMonitor:
         self._flushing: int | None = None             # the thread inside flush, if any
         L, E = len(self.adapter.layers), self.adapter.num_experts
         profile.check_routing(self.adapter)
-        profile.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
+        profile.check_hidden(getattr(text_config(getattr(model, "config", None)), "hidden_size", None))
         self._read = BatchReader(profile, layers=L, experts=E)
         self._pooled = PooledHidden(self.adapter)                 # the prompt's final hidden states
         self._pooled.limit, self._pooled.enabled = 1, False

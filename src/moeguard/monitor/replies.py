@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from moeguard.errors import MoeguardError
+from moeguard.models.families import text_config
 
 REPLY_STATISTICS = ("reply_load", "reply_atypical", "reply_surprise")
 
@@ -126,7 +127,7 @@ def context(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
     whether the reply is generated here or given."""
     from moeguard.tasks.tokens import bos_ids, encode
 
-    limit = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+    limit = int(getattr(text_config(model.config), "max_position_embeddings", 4096) or 4096)
     ids = bos_ids(tokenizer) + encode(tokenizer, prompt)
     return ids[-max(1, limit - max_tokens + 1):]
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from moeguard.errors import MoeguardError
 from moeguard.kept import kept_arrays
+from moeguard.models.families import text_config
 from moeguard.monitor import ladder, periodclients, periods, periodsmall, slices
 from moeguard.monitor.fit import observe
 from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
@@ -239,7 +240,7 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
 
     adapter = MoEAdapter(model)
     prof.check_routing(adapter)                   # before replaying the log
-    prof.check_hidden(getattr(getattr(model, "config", None), "hidden_size", None))
+    prof.check_hidden(getattr(text_config(getattr(model, "config", None)), "hidden_size", None))
     H, sums, tokens, surprise, R = replay(model, tokenizer, prof, [r["prompt"] for r in records], adapter=adapter,
                                           cache=cache, progress=progress, replies=[r.get("reply") for r in records])
     prof.check_hidden(sums.shape[1])

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeguard.errors import MoeguardError
+from moeguard.models.families import text_config
 from moeguard.monitor.online import RoutingMonitor
 
 MAX_TOKENS = 64
@@ -180,7 +181,7 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
     from moeguard.tasks.tokens import bos_ids, eos_ids, greedy_generate, model_device, pad_id
 
     source = client_source(client_id)
-    positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    positions = int(getattr(text_config(model.config), "max_position_embeddings", 0) or 0) or None
     from moeguard.monitor.fit import embedding_rows, past_embeddings
 
     vocab = embedding_rows(model)

@@ -18,7 +18,7 @@ import importlib
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -453,7 +453,10 @@ class RayBackend(Backend):
         remote = ray.remote(num_cpus=runtime.threads, num_gpus=self.gpus, max_retries=0)(execute)
         lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                 getattr(ray.exceptions, "OutOfMemoryError", ray.exceptions.WorkerCrashedError))
-        pending = {remote.remote(j, runtime, where(j)): j for j in jobs}
+        # the model paths too (the runtime's, a job's "model": the audit's hardened copy under a relative --out):
+        # a relative one is not found there, or, spelled org/name, is taken for a hub id and downloaded
+        sent = replace(runtime, model=_for_nodes(runtime.model))
+        pending = {remote.remote(_job_for_nodes(j), sent, where(j)): j for j in jobs}
         tries: dict[int, int] = {}
         try:
             while pending:
@@ -470,7 +473,7 @@ class RayBackend(Backend):
                     except lost as exc:   # the system took its worker: out of memory, a node gone
                         n = tries[id(job)] = tries.get(id(job), 0) + 1
                         if n <= RAY_RETRIES:   # jobs are idempotent: the driver writes every result
-                            pending[remote.remote(job, runtime, where(job))] = job
+                            pending[remote.remote(_job_for_nodes(job), sent, where(job))] = job
                             continue
                         raise MoeguardError(f"job {job.stage}/{job.name} was lost on Ray {n} times "
                                             f"({type(exc).__name__}: {_first_line(exc)})",
@@ -490,6 +493,22 @@ class RayBackend(Backend):
     def close(self):
         if self._started:
             self.ray.shutdown()
+
+
+def _for_nodes(ref: str | None) -> str | None:
+    """A model reference as a Ray node's worker finds it: a folder here by its absolute path (a worker
+    runs in its own working directory, not the driver's); a hub id, or None, as it is."""
+    if ref and not os.path.isabs(ref) and os.path.isdir(os.path.expanduser(ref)):
+        return os.path.abspath(os.path.expanduser(ref))
+    return ref
+
+
+def _job_for_nodes(job: Job) -> Job:
+    """``job`` with its "model" argument as :func:`_for_nodes` gives it (its key, from the driver's
+    arguments, is the driver's to use: only the worker reads this copy)."""
+    if "model" not in job.args or _for_nodes(job.args["model"]) == job.args["model"]:
+        return job
+    return replace(job, args={**job.args, "model": _for_nodes(job.args["model"])})
 
 
 def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, num_cpus: int | None = None,

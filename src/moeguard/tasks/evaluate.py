@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from moeguard.errors import MoeguardError
 from moeguard.io import json_safe
+from moeguard.models.families import text_config
 from moeguard.tasks import tokens as T
 from moeguard.tasks.base import Task
 from moeguard.tasks.loaders import baseline_records, load_records
@@ -58,7 +59,7 @@ def fit_to_model(task: Task, model: Any) -> Task:
     """``task`` with its max_length cut to the positions the model was trained on: windows, prompts and
     generation past them (wikitext's 512 on a 256-position model) gave scores without meaning, with no
     error (rotary positions extrapolate silently). Said once per task and place."""
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    positions = getattr(text_config(getattr(model, "config", None)), "max_position_embeddings", None)
     if not isinstance(positions, int) or positions < 2 or task.max_length <= positions:
         return task
     import warnings

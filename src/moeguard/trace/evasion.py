@@ -22,6 +22,7 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
+from moeguard.models.families import text_config
 
 TOLERANCE = 1e-4
 
@@ -84,7 +85,7 @@ def rescale_norms(model: nn.Module, *, seed: int, signs: bool = True, spread: fl
     the same function. ``s`` = exp(N(0, spread)), with a random half of the signs flipped when
     ``signs`` (a gain's sign is free: the norm's output is only ever read through those columns)."""
     new = copy.deepcopy(model)
-    d = new.config.hidden_size
+    d = text_config(new.config).hidden_size   # a multimodal wrapper's is its language model's
     gen = torch.Generator().manual_seed(seed)
     adapter = _experts(new)
     moe_layers = {l.layer_index for l in adapter.layers}
@@ -112,7 +113,7 @@ def permute_hidden(model: nn.Module, *, seed: int, flip_signs: bool = False) -> 
     """Permute the hidden (residual-stream) dimension consistently through the whole model, and
     optionally flip the sign of a random half of the dimensions (RMS norms are sign-blind)."""
     new = copy.deepcopy(model)
-    d = new.config.hidden_size
+    d = text_config(new.config).hidden_size   # a multimodal wrapper's is its language model's
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(d, generator=gen)
     sign = torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0) if flip_signs else torch.ones(d)
