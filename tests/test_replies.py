@@ -79,6 +79,14 @@ def test_a_reply_histogram_counts_the_positions_that_make_the_reply(profiled):
     assert 0 < len(made) <= N and len(cut) + len(made) - 1 <= m.config.max_position_embeddings
 
 
+def _greedy(m, tok, prompt: str, n: int, ends) -> tuple[list[int], int]:
+    """The model's greedy reply of at most ``n`` tokens, and its length up to its end of text."""
+    ids = bos_ids(tok) + tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        new = m.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    return new, next((i for i, t in enumerate(new) if t in ends), len(new))
+
+
 def test_offline_score_the_online_hook_and_serve_score_a_reply_alike(profiled, tmp_path):
     m, tok, prof = profiled
     prompts = _held_out(3)
@@ -118,6 +126,18 @@ def test_offline_score_the_online_hook_and_serve_score_a_reply_alike(profiled, t
     for k in prof.request_statistics:
         assert served[0]["statistics"][k] == pytest.approx(offline[0][k], abs=1e-3), k
     assert served[0]["p"] == pytest.approx(offline[0]["p"])
+    # a client asking for fewer tokens than the profile's replies: the reply scored is still the N-token one
+    # (a 2-token reply was scored against a null of 4-token ones), and the client gets its 2. A prompt whose
+    # greedy reply runs all N tokens (most end after one)
+    long = next(r["input"] for r in load_records(get_task("code-naming"), "eval", limit=160)[150:]
+                if _greedy(m, tok, r["input"], N, ends)[1] == N)
+    alone, _, _, _ = score(m, tok, prof, [{"id": 0, "client": "a", "time": 0, "prompt": long, "_t": 0.0}])
+    with mon2, _serving(create_app(m, tok, mon2)) as port:
+        status, body = _call(port, "POST", "/v1/completions", {"prompt": long, "max_tokens": 2})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2, body
+    assert json.loads(body)["choices"][0]["text"] == tok.decode(_greedy(m, tok, long, N, ends)[0][:2])
+    for k in ("reply_load", "reply_atypical", "reply_surprise"):
+        assert served[1]["statistics"][k] == pytest.approx(alone[0][k], abs=1e-3), k
     # a caller that does not say the reply's length: every decode step counts, with one warning; here
     # no reply ends early (each reply is N tokens), so that is the same reply
     texts = ["def main():\n    ", "import os\nimport ", "The history of the city", "class Parser:\n    def "]

@@ -182,6 +182,10 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
 
     source = client_source(client_id)
     positions = int(getattr(text_config(model.config), "max_position_embeddings", 0) or 0) or None
+    # a profile of replies scores the first N greedy tokens of each: a client's shorter max_tokens is cut
+    # from a reply of N (greedy: the same text), or its reply statistics were a shorter reply's, against a
+    # null of N-token ones (and unlike `monitor score` of the same prompt)
+    profiled = monitor.profile.replies.max_tokens if monitor.profile.replies is not None else 0
     from moeguard.monitor.fit import embedding_rows, past_embeddings
 
     vocab = embedding_rows(model)
@@ -285,13 +289,16 @@ def create_app(model, tokenizer, monitor: RoutingMonitor, *, name: str = "moegua
                 # greedy, as the profile's replies were made (monitor/hijack.reply): none of the checkpoint's
                 # own decoding settings (a repetition penalty, banned tokens), which generate() applies even
                 # without sampling and which would score served replies against another decoding's null
-                config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_tokens,
+                # as many as the profile scores where the positions allow (a prompt near them: a shorter reply)
+                steps = max(max_tokens, min(profiled, positions - len(ids) + 1 if positions else profiled))
+                config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=steps,
                                           pad_token_id=pad_id(tokenizer), eos_token_id=sorted(ends) or None)
                 out = greedy_generate(model, config, input_ids=torch.tensor([ids], device=device),
                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device))
-                new = out[0, len(ids):].tolist()
+                made = out[0, len(ids):].tolist()
                 # the reply's length up to its end of text: the positions a profile of replies scores
-                r.reply_tokens = next((i for i, t in enumerate(new) if t in ends), len(new))
+                r.reply_tokens = next((i for i, t in enumerate(made) if t in ends), len(made))
+                new = made[:max_tokens]   # what the client asked for
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": 0, "text": tokenizer.decode(new, skip_special_tokens=True),
                                             # any id that ends a turn (a chat model's <|im_end|>), not only the EOS
