@@ -181,3 +181,32 @@ def test_a_resumed_log_s_non_finite_values_summarize_as_the_uninterrupted_run_s(
     resumed = [{**r, "pruned": None} if r["pruned"] == float("inf") else r for r in straight]
     assert summarize_log(resumed, window=2) == summarize_log(straight, window=2)
     assert summarize_log(resumed, window=2)["pruned"] == {"first": float("inf"), "last": 1.0}
+
+
+def test_a_diverged_simulated_attack_adds_nothing_and_the_run_goes_on(embedded, monkeypatch):
+    """Its NaN meta-gradient stopped the run; a resume restored the same random state and stopped at the
+    same step, and the hint named learning rates no flag sets. An attacker would not use a diverged run."""
+    import torch
+
+    from moeguard.defense import harden as H
+
+    real = H.simulate_adaptation
+    calls = []
+
+    def diverging(model, adaptation, draw, loss):
+        g, pre, post = real(model, adaptation, draw, loss)
+        calls.append(1)
+        if len(calls) == 1:   # the first step's simulated attack diverges
+            return {n: torch.full_like(t, float("nan")) for n, t in g.items()}, pre, float("inf")
+        return g, pre, post
+
+    import copy
+
+    monkeypatch.setattr(H, "simulate_adaptation", diverging)
+    model, tok = copy.deepcopy(embedded[0]), embedded[1]
+    with pytest.warns(UserWarning, match="1 of 3 hardening steps had a simulated adaptation that diverged"):
+        out = harden(model, tok, config_for("entangle", steps=3, tasks=("arith-compare",), inner_steps=2))
+    assert out["diverged_steps"] == 1 and out["log"][0]["diverged"] == ["attack"]
+    assert all("diverged" not in r for r in out["log"][1:]) and len(calls) == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "diverged" not in out["summary"]

@@ -56,7 +56,8 @@ class HardenConfig:
     context: int = setting(128, min=8, cli=False, help="tokens per training sequence (longer ones are cut)")
     lr: float = setting(2e-4, min=1e-12, max=10, help="learning rate")
     keep: int | None = setting(None, min=1, help="experts per layer the simulated attacker keeps; default: half")
-    # a negative weight or target trains the opposite (a model easier to prune) under the defense's name
+    # bounded below: a negative weight or target would train the opposite (a model easier to prune) under the
+    # defense's name
     target: float | None = setting(None, min=1e-6, cli=False, help="collapse target loss; default: 0.75 * ln(vocab)")
     balance: float = setting(0.0, min=0, help="weight of per-task routing balance")
     collapse: float = setting(0.0, min=0, help="weight of the pruned-model collapse term")
@@ -274,13 +275,13 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
                 g, pre, post = simulate_adaptation(
                     model, Adaptation(params=names, keep=keep, steps=cfg.inner_steps, lr=lr), lambda: draw(task),
                     lambda l: cfg.adversarial * collapse(l, target))
-                _accumulate(extra, g)
+                _accumulate(extra, g, row, "attack")
                 row.update(attack_lr=lr, attack_before=pre, attack_after=post)
             if cfg.authorized:
                 g, pre, post = simulate_adaptation(
                     model, Adaptation(params=auth, keep=None, steps=cfg.inner_steps, lr=cfg.authorized_lr),
                     lambda: draw(task), lambda l: cfg.authorized * l)
-                _accumulate(extra, g)
+                _accumulate(extra, g, row, "authorized")
                 row.update(authorized_before=pre, authorized_after=post)
             batch = draw(task)
             opt.zero_grad(set_to_none=True)
@@ -308,13 +309,11 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
                     p.grad = extra[n] if p.grad is None else p.grad + extra[n]
             norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             if not math.isfinite(float(norm)):
-                # a simulated attack or authorized adaptation diverged (its meta-gradient is not finite): the
-                # step would write NaN into every weight, and the state saved next would resume into them
-                terms = [k for k in ("attack_after", "authorized_after") if k in row and not math.isfinite(row[k])]
-                raise MoeguardError(f"the hardening gradient became {float(norm)} at step {step + 1}"
-                                    + (f" ({', '.join(terms)} not finite)" if terms else ""),
-                                    hint=f"lower the inner learning rates or --lr (now {cfg.lr:g}); the weights are "
-                                         "left as they were before this step")
+                # the step would write NaN into every weight, and the state saved next would resume into them
+                # (a diverged simulated adaptation adds nothing: _accumulate)
+                raise MoeguardError(f"the hardening gradient became {float(norm)} at step {step + 1}",
+                                    hint=f"lower --lr (now {cfg.lr:g}) or the term weights; the last saved state "
+                                         "resumes with the same settings only")
             opt.step()
             log.append(row)
             if bar is not None:
@@ -331,9 +330,15 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         model.train(was_training)
+    diverged = sum("diverged" in r for r in log)
+    if diverged:
+        import warnings
+
+        warnings.warn(f"{diverged} of {len(log)} hardening steps had a simulated adaptation that diverged and added no "
+                      "gradient (their log rows say which: 'diverged')", stacklevel=2)
     return {"config": cfg.to_dict(), "keep": keep_n, "target": target, "authorized": auth,
             "seconds": round(before + time.perf_counter() - started, 1), "resumed_from": start, "log": log,
-            "summary": summarize_log(log)}
+            "diverged_steps": diverged, "summary": summarize_log(log)}
 
 
 def save_hardened(out, model, tokenizer, cfg: HardenConfig, result: dict[str, Any], *, source: str,
@@ -366,14 +371,22 @@ def save_hardened(out, model, tokenizer, cfg: HardenConfig, result: dict[str, An
     return doc
 
 
-def _accumulate(into: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+def _accumulate(into: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], row: dict[str, Any],
+                term: str) -> None:
+    """Add a simulated adaptation's meta-gradient, or, where it is not finite (the attacker's drawn
+    learning rate diverged: an attacker would not use it, as the attack harness drops a diverged run),
+    nothing, said in the step's ``diverged``. It stopped the run with NaN gradients before, on the same
+    step at every resume (the random state is restored), with a hint to change settings no flag sets."""
+    if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+        row["diverged"] = [*row.get("diverged", []), term]
+        return
     for n, g in grads.items():
         into[n] = into[n] + g if n in into else g
 
 
 def summarize_log(log: list[dict[str, Any]], window: int = 20) -> dict[str, dict[str, float]]:
     """Each logged quantity's mean over the first and the last ``window`` steps that have it."""
-    keys = sorted({k for r in log for k in r if k not in ("step", "task", "attack_lr", "attacker_subset")})
+    keys = sorted({k for r in log for k in r if k not in ("step", "task", "attack_lr", "attacker_subset", "diverged")})
     out = {}
     for k in keys:
         # None: a non-finite value read back from a resumed run's saved log (JSON has no inf), as the
