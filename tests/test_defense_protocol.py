@@ -210,3 +210,21 @@ def test_a_diverged_simulated_attack_adds_nothing_and_the_run_goes_on(embedded, 
     assert all("diverged" not in r for r in out["log"][1:]) and len(calls) == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert "diverged" not in out["summary"]
+
+
+def test_the_authorized_term_adapts_what_lora_adapts_under_the_protocol_and_mla_attention_is_authorized():
+    """Qwen2-MoE's q/k/v biases (and a router a pattern matched) were trained at full rank by the authorized
+    term, a path no user under the LoRA protocol can take; on DeepSeek-V3's latent attention the default
+    patterns matched o_proj alone."""
+    from moeguard.defense.harden import preflight
+
+    qwen = tiny_model("qwen2_moe")
+    got = preflight(qwen, config_for("selective", steps=1, tasks=("arith-compare",)))["authorized"]
+    assert got and all(n.endswith(".weight") for n in got), got
+    assert any(n.endswith("q_proj.bias") for n, _ in qwen.named_parameters())   # matched by '*.q_proj.*', left out
+    with_router = config_for("selective", steps=1, tasks=("arith-compare",),
+                             authorized_patterns=("*.self_attn.q_proj.*", "*.mlp.gate.*"))
+    assert all(".mlp.gate." not in n for n in preflight(qwen, with_router)["authorized"])
+    ds = preflight(tiny_model("deepseek_v3"), config_for("selective", steps=1, tasks=("arith-compare",)))["authorized"]
+    kinds = {n.split(".self_attn.")[1].split(".")[0] for n in ds}
+    assert kinds >= {"kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} and len(kinds) > 1, kinds

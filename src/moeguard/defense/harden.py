@@ -163,6 +163,12 @@ def preflight(model, cfg: HardenConfig, *, tasks: list | None = None) -> dict[st
             raise MoeguardError(f"authorized patterns {list(cfg.authorized_patterns)} match no module LoRA can adapt "
                                 f"(they match {names[:3]}{' ...' if len(names) > 3 else ''})",
                                 hint="authorize linear layers or expert tensors, e.g. '*.self_attn.q_proj.*'")
+        # the authorized term simulates what users may adapt under the protocol: LoRA on those modules'
+        # weights and those expert tensors (bias="none"; no router, no norm). The patterns' other matches (a
+        # q_proj's bias, Qwen3's q_norm, a router under '*.mlp.gate.*') were trained at full rank for a path
+        # no user can take
+        lora = {f"{m}.weight" for m in modules} | set(experts)
+        names = [n for n in names if n in lora]
     return {"keep": keep, "tasks": tasks, "authorized": names}
 
 

@@ -4,7 +4,11 @@ place to adapt; writes ``moeguard_protocol.json`` naming that path. See docs/def
 
 from moeguard.defense.harden import DefenseSpec, register_defense
 
-AUTHORIZED = ("*.self_attn.q_proj.*", "*.self_attn.k_proj.*", "*.self_attn.v_proj.*", "*.self_attn.o_proj.*")
+# the attention projections: q/k/v/o, and multi-head latent attention's (DeepSeek-V2/V3, Kimi-K2: no q, k or v
+# projection, only o_proj matched)
+AUTHORIZED = ("*.self_attn.q_proj.*", "*.self_attn.k_proj.*", "*.self_attn.v_proj.*", "*.self_attn.o_proj.*",
+              "*.self_attn.q_a_proj.*", "*.self_attn.q_b_proj.*", "*.self_attn.kv_a_proj_with_mqa.*",
+              "*.self_attn.kv_b_proj.*")
 
 register_defense(DefenseSpec(
     "selective",
