@@ -43,10 +43,29 @@ def format_of(name: str, given: str | None) -> str:
     return fmt
 
 
-def open_text(file: Any) -> io.TextIOBase:
+class _OwningGzip(gzip.GzipFile):
+    """A GzipFile that closes the file it reads: given a ``fileobj``, GzipFile leaves it open (a
+    ResourceWarning at every read of a .gz task file, a descriptor held until collection)."""
+
+    def __init__(self, raw: Any):
+        super().__init__(fileobj=raw)
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
+def open_bytes(file: Any) -> io.BufferedIOBase:
+    """The file's bytes, a .gz file's decompressed."""
     raw = file.open("rb")
-    if str(file.name).endswith(".gz"):
-        raw = gzip.GzipFile(fileobj=raw)
+    return _OwningGzip(raw) if str(file.name).endswith(".gz") else raw
+
+
+def open_text(file: Any) -> io.TextIOBase:
+    raw = open_bytes(file)
     # utf-8-sig drops a leading byte-order mark (GLUE's MRPC TSV starts with one, which would
     # otherwise glue itself to the first column name: '\ufeffQuality') and reads plain UTF-8
     # unchanged. newline="" lets the csv module see embedded newlines inside quoted cells.
@@ -95,7 +114,10 @@ def _rows(file: Any, fmt: str, chunk_chars: int, columns: Sequence[str] | None) 
                 return
             yield from (_check_width(row, file, reader.line_num) for row in reader)
     except UnicodeDecodeError as exc:
-        raise MoeguardError(f"data file '{file}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
+        # exc.start counts from the chunk being decoded: past the first 8 KiB it named another byte
+        where = _first_bad_byte(file)
+        at = f" at byte {where[0]}, line {where[1]}" if where is not None else ""
+        raise MoeguardError(f"data file '{file}' is not UTF-8 text ({exc.reason}{at})",
                             hint="re-encode it as UTF-8") from None
     except (OSError, EOFError, zlib.error) as exc:  # e.g. a truncated, corrupt or mislabelled .gz
         raise MoeguardError(f"could not read data file '{file}': {first_line(exc)}",
@@ -103,6 +125,26 @@ def _rows(file: Any, fmt: str, chunk_chars: int, columns: Sequence[str] | None) 
     except csv.Error as exc:
         raise MoeguardError(f"data file '{file}' is not a valid {fmt} table ({first_line(exc)})",
                             hint="check its quoting and delimiter (source.format), or convert it to jsonl") from None
+
+
+def _first_bad_byte(file: Any) -> tuple[int, int] | None:
+    """The offset and line (from 1) of the file's first byte that is not UTF-8 (of the decompressed
+    bytes, for a .gz file), read again a megabyte at a time; None if it cannot be read again."""
+    import codecs
+
+    decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    try:
+        with open_bytes(file) as f:
+            while chunk := f.read(1 << 20):
+                pending = len(decoder.getstate()[0])   # the previous chunk's unfinished character
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:   # e.start counts from the pending bytes, then the chunk's
+                    return offset - pending + e.start, line + chunk[:max(0, e.start - pending)].count(b"\n")
+                offset, line = offset + len(chunk), line + chunk.count(b"\n")
+    except (OSError, EOFError, zlib.error):
+        return None
+    return None
 
 
 def _headerless(reader: Any, columns: Sequence[str], file: Any) -> Iterator[dict[str, Any]]:
