@@ -123,6 +123,20 @@ def test_task_risk_on_hand_made_entries():
         m["retention_above_baseline"].pop("4")
     r = task_risk(e, num_experts=8, min_keep=1)
     assert r["level"] == "unmeasured" and r["reason"].startswith("4 experts per layer were not measured (add 4 to --keeps)")
+    # measured, with no retention defined (the full model scores 0): not "unmeasured", whose fix was to add a
+    # keep that was already there
+    e = _entry(finals=(None, None), reach=(None, None), full=(0.0, 50.0))
+    for m in e["methods"].values():
+        m["retention"] = {"2": None, "4": None}
+    r = task_risk(e, num_experts=8, min_keep=1)
+    assert r["level"] == "undefined" and r["reason"].startswith(
+        "no retention is defined: the full model's score on this task is 0.0 (0, or not a finite number)"), r["reason"]
+    assert "--keeps" not in r["reason"]
+    from moeguard.report.audit import _verdict
+
+    doc = {"tasks": {"t": {"risk": r}, "u": {"risk": {"level": "low"}}}, "model": {"family": "mixtral", "num_experts": 8,
+                                                                                 "top_k": 2}}
+    assert "1 undefined (t: the full model scores 0 or not a number there, so no retention is defined)" in _verdict(doc)
     # the best strategy by its point saving, and whether its interval says it saves labels at all
     assert task_risk(_entry(), num_experts=8, min_keep=1)["best_strategy_saves_labels"] is False
     e = _entry()

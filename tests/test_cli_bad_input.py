@@ -316,6 +316,9 @@ def test_every_seed_is_bounded_before_any_work(capsys, tmp_path):
     (["harden", "--out", "{O}", "--lr", "-1"], "lr is -1.0; it must be at least 1e-12"),      # Adam refused it after the load
     (["harden", "--out", "{O}", "--lr", "nan"], "lr is nan; it must be a finite number"),      # read "should be at most 10"
     (["audit", "--out", "{O}", "--target", "nan"], "target is nan; it must be a finite number"),
+    # the merged model re-aligned is the sweep's best at the recovery keep: silently another one without it
+    (["audit", "--out", "{O}", "--route", "prune,merge", "--keeps", "4,6"],
+     "the merge route is swept at --keeps [4, 6], and recovery re-aligns the merged model at 2 experts per layer"),
     (["audit", "--out", "{O}", "--harden-save-every", "5"],   # was accepted and ignored
      "harden_save_every 5 sets the hardening, and no --defense hardens in this audit"),
     (["harden", "--out", "{O}", "--save-every", "0"], "Invalid value for '--save-every'"),

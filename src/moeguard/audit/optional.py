@@ -63,6 +63,8 @@ def recovery_stage(cfg: AuditConfig, d: Path, s_base: StageResult, s_attr: Stage
             traced=cfg.max_memory is None)))
         if "merge" in cfg.routes:
             row = (((sweep_doc.get("routes") or {}).get(t) or {}).get(str(cfg.recovery_keep)) or {}).get("merge")
+            # the sweep's best merge at the recovery keep (resolve refuses a recovery keep the sweep did not
+            # merge at); none where no merge there had a retention (a full score of 0): pruning's method
             m_method, mm = (row["method"], row["merge_method"]) if row else (method, cfg.merge_methods[0])
             items.append((RecoveryStudy(), replace(
                 items[-1][1], route="merge", merge_method=mm, method=m_method, given_plan=None,

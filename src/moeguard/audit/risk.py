@@ -101,6 +101,10 @@ def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int = 1) -> 
     out.update({"attack_keep": keep, "recovered": recovered, "attacked": attacked, "labels_to_recover": labels})
     if attacked is not None and attacked >= HIGH:
         level = "high"
+    elif pruned.get(str(half)) is None and half in measured:
+        # measured, and no retention: the full model's score is 0 or not finite (null in JSON). It read as
+        # "unmeasured" with the fix to add a keep that was already there
+        level = "undefined"
     elif pruned.get(str(half)) is None:   # half the experts never measured (--keeps without it): medium or low unknown
         level = "unmeasured"
     elif pruned[str(half)] >= MEDIUM:
@@ -115,11 +119,11 @@ def task_risk(entry: dict[str, Any], *, num_experts: int, min_keep: int = 1) -> 
         out["weak_task"] = margin < WEAK_MARGIN
     else:
         out["margin_over_baseline_pct"], out["weak_task"] = None, None
-    out["reason"] = _reason(level, out)
+    out["reason"] = _reason(level, out, full)
     return out
 
 
-def _reason(level: str, r: dict[str, Any]) -> str:
+def _reason(level: str, r: dict[str, Any], full: float | None = None) -> str:
     from moeguard.analysis import floored, labels_text
 
     fmt = lambda x: "n/a" if x is None else f"{floored(x, 0)}%"  # noqa: E731 -- 89.6 is not "90%" beside a 90% rule
@@ -132,6 +136,8 @@ def _reason(level: str, r: dict[str, Any]) -> str:
                f"{fmt(r['attacked'])} after the attack",
         "unmeasured": f"{h} experts per layer were not measured (add {h} to --keeps); {k} per layer "
                       f"{fmt(r['attacked'])} after the attack",
+        "undefined": f"no retention is defined: the full model's score on this task is {full} (0, or not a "
+                     "finite number), so no pruned model keeps a share of it; check the task and the model",
     }[level]
     if r["labels_to_recover"] is not None:
         text += f"; {labels_text(r['labels_to_recover'])} labels reach the target"

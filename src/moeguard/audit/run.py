@@ -66,6 +66,12 @@ def resolve(cfg: AuditConfig) -> tuple[AuditConfig, ModelHandle]:
     if cfg.recovery or rec_keep is not None:
         rec_keep = model.check_keep(rec_keep if rec_keep is not None
                                     else max(model.min_keep, model.top_k, model.num_experts // 4))
+    if cfg.recovery and "merge" in cfg.routes and rec_keep not in keeps:
+        # the merged model re-aligned is the sweep's best at the recovery keep: without it there, the recovery
+        # fell back to pruning's method and the first merge method, silently (the stronger one never re-aligned)
+        raise MoeguardError(f"the merge route is swept at --keeps {keeps}, and recovery re-aligns the merged model at "
+                            f"{rec_keep} experts per layer, which the sweep does not merge",
+                            hint=f"add {rec_keep} to --keeps, or set --recovery-keep to one of them")
     rec_tasks = [t.name for t in resolve_tasks(cfg.recovery_tasks, check=False)] if cfg.recovery_tasks else names
     missing = [t for t in rec_tasks if t not in by_name]
     if missing:

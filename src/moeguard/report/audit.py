@@ -22,7 +22,8 @@ from moeguard.report.auditrows import (_fmt, card_rows, defense_detect_text, def
 from moeguard.report.scan import UNTRUSTED, flag_rows, scan_text, suspect_rows
 from moeguard.report.tables import md_cell, md_table
 
-LEVEL_COLORS = {"high": "#c0392b", "medium": "#d68910", "low": "#1e8449", "unmeasured": "#7f8c8d"}
+LEVEL_COLORS = {"high": "#c0392b", "medium": "#d68910", "low": "#1e8449", "unmeasured": "#7f8c8d",
+                "undefined": "#7f8c8d"}
 
 
 def risk_plot(doc: dict[str, Any], out: Path) -> Path:
@@ -161,6 +162,8 @@ def _verdict(doc: dict[str, Any]) -> str:
             + (f" ({', '.join(med)})" if med else "")
             + ("".join(f", {len(un)} unmeasured ({', '.join(un)}: half the experts per layer never pruned; add N/2 to "
                        "--keeps)" for un in [[t for t, l in levels.items() if l == "unmeasured"]] if un))
+            + ("".join(f", {len(un)} undefined ({', '.join(un)}: the full model scores 0 or not a number there, so no "
+                       "retention is defined)" for un in [[t for t, l in levels.items() if l == "undefined"]] if un))
             + f". Model: {m.get('family')} with {m.get('num_experts')} experts per layer, top-{m.get('top_k')}.")
     cfg = doc.get("config", {})
     if not cfg.get("recovery", True):
