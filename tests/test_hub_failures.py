@@ -89,8 +89,47 @@ def test_a_hub_repo_of_pickle_weights_is_refused_not_converted_by_the_hub_s_bot(
     monkeypatch.setattr(loading, "inspect", lambda ref: (loading.ModelRef("org/m", None, "org/m"), config, None))
     monkeypatch.setattr(loading, "model_class", lambda config: Fake)
     monkeypatch.setenv("DISABLE_SAFETENSORS_CONVERSION", "0")   # the user's own setting: put back after
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(MoeguardError, match="org/m has no model.safetensors or model.safetensors.index.json on the "
                                             "hub .* moeguard loads safetensors only") as e:
         loading.load_model("org/m", with_tokenizer=False)
     assert seen == [("org/m", "1", True)] and "do not set" not in str(e.value)
     assert os.environ["DISABLE_SAFETENSORS_CONVERSION"] == "0"
+    # offline, weights missing from the cache read the same: said as offline, with the download to run
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MoeguardError, match="cannot load weights of org/m: .*offline mode is on") as e:
+        loading.load_model("org/m", with_tokenizer=False)
+    assert "hf download org/m --local-dir DIR" in e.value.hint
+
+
+def test_a_hub_tokenizer_that_fails_says_what_the_hub_said(monkeypatch):
+    import transformers
+    from huggingface_hub.errors import GatedRepoError
+
+    from moeguard.models.loading import load_tokenizer
+
+    def gated(*a, **k):
+        raise _wrapped(_http(GatedRepoError, 403))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", gated)
+    with pytest.raises(MoeguardError, match="cannot load the tokenizer of org/m: it is gated") as e:
+        load_tokenizer("org/m")
+    assert "tokenizer.json" not in e.value.hint
+
+
+def test_weights_that_spill_to_disk_without_a_folder_name_the_flag_that_gives_one(monkeypatch):
+    """accelerate's ValueError, cut at 300 characters, lost its 'provide an offload_folder' and got the hint to
+    check the checkpoint files."""
+    from moeguard.models import loading
+
+    class Fake:
+        @staticmethod
+        def from_pretrained(where, **kw):
+            raise ValueError("The current `device_map` had weights offloaded to the disk, which needed to be re-saved. "
+                             + "x" * 300 + " Please provide an `offload_folder` for them.")
+
+    monkeypatch.setattr(loading, "model_class", lambda config: Fake)
+    with pytest.raises(MoeguardError, match="do not fit the GPUs and memory, and the rest would go to disk") as e:
+        loading.load_model(None, with_tokenizer=False)
+    assert "--max-memory" in e.value.hint

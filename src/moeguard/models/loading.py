@@ -121,6 +121,12 @@ def load_tokenizer(where: str, *, hint: str = "the checkpoint directory needs to
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 -- any failure to read the files is the user's input, one line
+        if not Path(where).exists():   # a hub id: what the hub said (offline, gated, 429...), not "needs tokenizer files"
+            from moeguard.models.hub import hub_failure
+
+            known = hub_failure(e, where)
+            if known is not None:
+                raise MoeguardError(f"cannot load the tokenizer of {where}: {known.what}", hint=known.fix) from None
         first = (str(e).splitlines() or [""])[0] or type(e).__name__
         raise MoeguardError(f"cannot load the tokenizer of {where}: {first}", hint=hint) from None
 
@@ -263,6 +269,15 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         if isinstance(e, MoeguardError):
             raise
         if ref.path is None and "cannot be loaded with `safetensors`" in str(e):   # transformers: "do not set use_safetensors"
+            from huggingface_hub import constants
+
+            if constants.HF_HUB_OFFLINE:   # offline, a weight file missing from the cache reads the same
+                from huggingface_hub.errors import OfflineModeIsEnabled
+
+                from moeguard.models.hub import hub_failure
+
+                known = hub_failure(OfflineModeIsEnabled("offline"), ref.hub_id)
+                raise MoeguardError(f"cannot load weights of {where}: {known.what}", hint=known.fix) from None
             raise MoeguardError(f"{where} has no model.safetensors or model.safetensors.index.json on the hub (or in its "
                                 "cache); moeguard loads safetensors only, because unpickling untrusted files can run code",
                                 hint="use a revision or copy of the model saved as safetensors, converted in a trusted "
@@ -274,6 +289,12 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
             if known is not None:
                 raise MoeguardError(f"cannot load weights of {where}: {known.what}", hint=known.fix) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, ValueError) and "offload_folder" in str(e):
+            # accelerate's auto map sent weights past the GPUs and memory to disk, which needs a folder: its
+            # message, cut at 300 characters, lost "Please provide an offload_folder" (a flag moeguard has not)
+            raise MoeguardError(f"cannot load weights of {where}: they do not fit the GPUs and memory, and the rest "
+                                "would go to disk", hint="pass --max-memory (layers past it go to a temporary offload "
+                                                         "folder) where the command takes it, or use more GPUs") from None
         if _out_of_memory(e):   # a RuntimeError too, but no fault of the checkpoint's
             raise MoeguardError(f"cannot load weights of {where}: out of memory ({first[:200]})",
                                 hint=("this command loads weights in float32 (twice a bf16 checkpoint's size): "
