@@ -6,13 +6,12 @@ checked before weights are read. Weights are read only from safetensors.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from moeguard.config import is_decimal
 from moeguard.errors import MoeguardError
@@ -235,6 +234,7 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
     """
     import torch
 
+    from moeguard.models.loadfailure import no_conversion
     from moeguard.models.prune import resized_construction
 
     if isinstance(device_map, str):   # a library caller's too: a device this machine lacks, before any work
@@ -268,43 +268,9 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
             raise
         if isinstance(e, MoeguardError):
             raise
-        if ref.path is None and "cannot be loaded with `safetensors`" in str(e):   # transformers: "do not set use_safetensors"
-            from huggingface_hub import constants
+        from moeguard.models.loadfailure import explain
 
-            if constants.HF_HUB_OFFLINE:   # offline, a weight file missing from the cache reads the same
-                from huggingface_hub.errors import OfflineModeIsEnabled
-
-                from moeguard.models.hub import hub_failure
-
-                known = hub_failure(OfflineModeIsEnabled("offline"), ref.hub_id)
-                raise MoeguardError(f"cannot load weights of {where}: {known.what}", hint=known.fix) from None
-            raise MoeguardError(f"{where} has no model.safetensors or model.safetensors.index.json on the hub (or in its "
-                                "cache); moeguard loads safetensors only, because unpickling untrusted files can run code",
-                                hint="use a revision or copy of the model saved as safetensors, converted in a trusted "
-                                     "environment") from None
-        if ref.path is None:   # a hub id's weights: what the hub said, not "check your access" for every failure
-            from moeguard.models.hub import hub_failure
-
-            known = hub_failure(e, ref.hub_id)
-            if known is not None:
-                raise MoeguardError(f"cannot load weights of {where}: {known.what}", hint=known.fix) from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, ValueError) and "offload_folder" in str(e):
-            # accelerate's auto map sent weights past the GPUs and memory to disk, which needs a folder: its
-            # message, cut at 300 characters, lost "Please provide an offload_folder" (a flag moeguard has not)
-            raise MoeguardError(f"cannot load weights of {where}: they do not fit the GPUs and memory, and the rest "
-                                "would go to disk", hint="pass --max-memory (layers past it go to a temporary offload "
-                                                         "folder) where the command takes it, or use more GPUs") from None
-        if _out_of_memory(e):   # a RuntimeError too, but no fault of the checkpoint's
-            raise MoeguardError(f"cannot load weights of {where}: out of memory ({first[:200]})",
-                                hint=("this command loads weights in float32 (twice a bf16 checkpoint's size): "
-                                      if (dtype or torch.float32) == torch.float32 else "")
-                                + "spread them over the GPUs with --device-map auto, or cap host memory with "
-                                  "--max-memory (layers past it go to disk) where the command takes them; prune a "
-                                  "downloaded checkpoint's folder, which streams") from None
-        hint = ("fix config.json to match the weights (the expert count, sizes), or re-prune with moeguard prune"
-                if isinstance(e, RuntimeError) else "check the checkpoint files (safetensors only) or your hub access")
-        raise MoeguardError(f"cannot load weights of {where}: {first[:300]}", hint=hint) from None
+        raise explain(e, ref, where, float32=(dtype or torch.float32) == torch.float32) from None
     if made_folder is not None:   # the offloaded weights live as long as the model
         weakref.finalize(model, shutil.rmtree, made_folder, True)
     repair(model)   # transformers' modules that do not compute their model (models/upstream.py)
@@ -314,24 +280,6 @@ def load_model(ref_str: str | None = None, *, dtype=None, device_map=None, with_
         place_inner_blocks(model)
     _return_freed_memory()
     return model.eval(), tokenizer, ref
-
-
-@contextlib.contextmanager
-def no_conversion() -> Iterator[None]:
-    """Inside the block, transformers does not convert a hub repo's pickle weights: with
-    ``use_safetensors=True`` and none on the hub, it asks the safetensors-convert Space to unpickle them
-    and open a pull request on the repo, then loads the weights of any open PR of the bot's title (not
-    the revision the run records, and for a private repo of any author). The setting is put back after."""
-    name = "DISABLE_SAFETENSORS_CONVERSION"
-    before = os.environ.get(name)
-    os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 def release_memory() -> None:
@@ -426,12 +374,3 @@ def meta_model(config):
                             f"({type(e).__name__}: {str(e)[:100]})", hint="fix config.json") from None
     resize_layers(model)
     return model
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """The accelerator's (torch.OutOfMemoryError) or the host allocator's ("DefaultCPUAllocator: not
-    enough memory") failure to allocate."""
-    import torch
-
-    text = str(e)
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "not enough memory" in text
