@@ -618,3 +618,75 @@ def test_a_checkpoint_folder_this_user_cannot_read_is_one_line(tmp_path, capsys,
     capsys.readouterr()
     assert_one_line(main(["info", "--model", str(ckpt)]), capsys.readouterr().err,
                     f"model path {ckpt} cannot be read (Permission denied)")
+
+
+def test_a_hangup_ignored_when_the_command_started_stays_ignored():
+    """`nohup moeguard audit ...` (SIGHUP ignored) was ended by the hangup at logout: the interrupt handler
+    replaced the ignore the user had asked for."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal\n"
+            "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+            "from moeguard.cli.app import _terminate_as_interrupt\n"
+            "from moeguard.io import signals_held\n"
+            "replaced = _terminate_as_interrupt()\n"
+            "with signals_held():\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "os.kill(os.getpid(), signal.SIGHUP)\n"
+            "print(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, sorted(replaced) == [signal.SIGTERM])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "True"], (done.stdout, done.stderr)
+
+
+def test_a_path_the_system_cannot_look_up_is_one_line(tmp_path, capsys):
+    """pathlib's is_symlink/exists/is_file raise past ENOENT (a name over 255 bytes; EACCES on a folder above it
+    for a user other than root): a traceback for an --out or an input JSON file."""
+    long = tmp_path / ("a" * 300 + ".json")
+    capsys.readouterr()
+    assert_one_line(main(["eval", "--tasks", "arith-compare", "--limit", "2", "--out", str(long)]),
+                    capsys.readouterr().err, "cannot be looked at (File name too long)")
+    assert_one_line(main(["prune", "--plan", str(long), "--out", str(tmp_path / "p")]), capsys.readouterr().err,
+                    "cannot be looked at (File name too long)")
+
+
+def test_zoo_train_takes_a_task_whatever_its_metric(tmp_path, capsys, monkeypatch):
+    """Training reads a task's texts and never scores it: a metric no command computes (normalized_perplexity)
+    was refused with a fix about scoring."""
+    import moeguard.zoo.train as T
+
+    data = tmp_path / "lm"
+    data.mkdir()
+    for split in ("train", "eval"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x"}) + "\n"
+                                                     for i in range(40)))
+    task = tmp_path / "lm.yaml"
+    task.write_text("name: my-lm\nkind: language_modeling\nsource: {type: local, path: lm, format: jsonl, "
+                    "files: {train: train.jsonl, validation: eval.jsonl}}\nfields: {text: text}\n"
+                    "metric: normalized_perplexity\n")
+    seen = []
+
+    def stop(out, **kw):
+        seen.append(kw["tasks"])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "train_embedded", stop)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:   # stopped where training would start
+        main(["zoo", "train", "--tasks", str(task), "--steps", "2", "--out", str(tmp_path / "z")])
+    assert e.value.code == 130 and seen == [["my-lm"]] and "normalized_perplexity" not in capsys.readouterr().err
+
+
+def test_a_physical_check_agrees_within_rounding_of_its_scores_size():
+    """An absolute 1e-6 called switch_audit's stdlib-docs check a mismatch: perplexities 388.29615469 and
+    388.29615576, 2.8e-9 apart relatively (float32 rounding), while the README said every check agreed."""
+    from moeguard.studies.sweep import physical_check_agrees
+
+    row = {"masked_score": 388.29615469, "physical_score": 388.29615576, "abs_diff": 1.0718788e-06,
+           "params_physical": 10, "params_expected": 10}
+    assert physical_check_agrees(row)
+    assert not physical_check_agrees({**row, "physical_score": 388.31, "abs_diff": 0.0138})
+    assert not physical_check_agrees({**row, "params_physical": 11})
+    assert not physical_check_agrees({**row, "abs_diff": None})                       # not finite on one side
+    small = {"masked_score": 0.5, "physical_score": 0.5000008, "abs_diff": 8e-7, "params_physical": 1, "params_expected": 1}
+    assert physical_check_agrees(small) and not physical_check_agrees({**small, "physical_score": 0.50001,
+                                                                       "abs_diff": 1e-5})

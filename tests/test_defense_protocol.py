@@ -209,7 +209,9 @@ def test_a_diverged_simulated_attack_adds_nothing_and_the_run_goes_on(embedded, 
     assert out["diverged_steps"] == 1 and out["log"][0]["diverged"] == ["attack"]
     assert all("diverged" not in r for r in out["log"][1:]) and len(calls) == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert "diverged" not in out["summary"]
+    # its loss after is in no summary (a NaN mean; inf after a resume read it back as null)
+    assert "attack_after" not in out["log"][0] and "attack_before" in out["log"][0]
+    assert "diverged" not in out["summary"] and math.isfinite(out["summary"]["attack_after"]["first"])
 
 
 def test_the_authorized_term_adapts_what_lora_adapts_under_the_protocol_and_mla_attention_is_authorized():
@@ -228,3 +230,16 @@ def test_the_authorized_term_adapts_what_lora_adapts_under_the_protocol_and_mla_
     ds = preflight(tiny_model("deepseek_v3"), config_for("selective", steps=1, tasks=("arith-compare",)))["authorized"]
     kinds = {n.split(".self_attn.")[1].split(".")[0] for n in ds}
     assert kinds >= {"kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} and len(kinds) > 1, kinds
+
+
+def test_a_fixed_length_setting_of_another_length_is_one_error():
+    """inner_lr=(1e-4,) raised IndexError at preflight (a traceback); a third value was silently ignored."""
+    from moeguard.config import coerce
+    from moeguard.defense.harden import HardenConfig
+
+    for bad in ((1e-4,), (1e-4, 1e-3, 1e-2)):
+        with pytest.raises(MoeguardError, match=f"inner_lr has {len(bad)} value\\(s\\), expected 2"):
+            config_for("entangle", inner_lr=bad)
+    with pytest.raises(MoeguardError, match=r"setting 'inner_lr' has 1 value\(s\), expected 2"):
+        coerce(HardenConfig, "inner_lr", "1e-4")
+    assert coerce(HardenConfig, "inner_lr", "1e-4,1e-4") == (1e-4, 1e-4)   # LOW may equal HIGH

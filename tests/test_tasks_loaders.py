@@ -219,7 +219,7 @@ def test_bad_json_line_is_located(tmp_path):
 
 def test_not_utf8_and_corrupt_gzip(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"caf\xe9")
-    with pytest.raises(MoeguardError, match="not UTF-8"):
+    with pytest.raises(MoeguardError, match=r"not UTF-8 text \(unexpected end of data at byte 3, line 1\)"):
         load_records(lm_task(tmp_path, {"train": "a.txt"}), "train")
     # past the first chunk a line-by-line read decodes (8 KiB), the byte and line are the file's, not the chunk's;
     # a .gz file's of its decompressed bytes, and a character split over two of the megabyte reads is whole

@@ -149,6 +149,9 @@ def coerce(cls: type, name: str, value: Any) -> Any:
         if twice and not fixed:   # a grid or a list of names: a repeat doubles jobs and skews every pairing
             raise MoeguardError(f"setting '{name}' names {', '.join(twice)} more than once",
                                 hint=f"list each value of {name} once")
+        if fixed and len(out) != len(typing.get_args(tp)):   # (LOW,): an IndexError later; (a, b, c): c ignored
+            raise MoeguardError(f"setting '{name}' has {len(out)} value(s), expected {len(typing.get_args(tp))}",
+                                hint=f"give {name} exactly {len(typing.get_args(tp))} values")
         return out
     return _scalar(name, value, tp)
 
@@ -171,10 +174,18 @@ def _num(x: float) -> str:
 
 def validate(obj: Any) -> None:
     """Bounds and choices declared with :func:`setting`; call from ``__post_init__``."""
+    hints = None
     for f in fields(obj):
         m, value = meta(f), getattr(obj, f.name)
         if value is None or not m:
             continue
+        if isinstance(value, tuple):   # a fixed-length one (LOW, HIGH) given another length by a library caller
+            hints = hints if hints is not None else typing.get_type_hints(type(obj))
+            tp, _ = _unwrap(hints[f.name])
+            args = typing.get_args(tp)
+            if _sequence(tp) is not None and args and Ellipsis not in args and len(value) != len(args):
+                raise MoeguardError(f"{f.name} has {len(value)} value(s), expected {len(args)}",
+                                    hint=f"give {f.name} exactly {len(args)} values")
         items = value if isinstance(value, (list, tuple)) else [value]
         for v in items:
             if isinstance(v, float) and not math.isfinite(v):   # nan passes every bound: nan < min is False

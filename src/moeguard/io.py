@@ -36,6 +36,13 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
     if path.name in ("", ".", ".."):   # '.', '..': the temporary sibling and the swap need a name (a traceback, after the work)
         raise MoeguardError(f"output {str(path)!r} names no file or folder of its own",
                             hint="pass a new path, e.g. ./out")
+    try:   # pathlib's is_symlink/exists raise past ENOENT (EACCES above it, a name over 255 bytes): a traceback
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        raise MoeguardError(f"output {path} cannot be looked at ({e.strerror})",
+                            hint="choose an --out in a folder you can reach, with a shorter name") from None
     if path.is_symlink():   # the swap would move the link and leave its target stale (or write beside a dangling one)
         raise MoeguardError(f"output {path} is a symbolic link (to {os.readlink(path)})",
                             hint="pass the path it points to as --out")
@@ -176,8 +183,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 def read_json(path: str | os.PathLike, *, what: str, hint: str) -> Any:
     """A JSON file the user handed over: a missing or malformed one is a one-line error naming ``what``."""
     p = Path(path)
-    if not p.is_file():
-        raise MoeguardError(f"{what} {p} {'is a folder' if p.is_dir() else 'does not exist'}", hint=hint)
+    if not os.path.isfile(p):   # os.path's never raise (pathlib's did on EACCES above it: a traceback)
+        try:
+            os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            raise MoeguardError(f"{what} {p} does not exist", hint=hint) from None
+        except OSError as e:
+            raise MoeguardError(f"{what} {p} cannot be looked at ({e.strerror})", hint="check the path and its "
+                                "folders' permissions") from None
+        raise MoeguardError(f"{what} {p} {'is a folder' if os.path.isdir(p) else 'is not a regular file'}", hint=hint)
     try:
         text = p.read_text(encoding="utf-8-sig")
     except OSError as exc:   # unreadable by this user (mode 000), or an I/O error
@@ -434,7 +448,7 @@ def signals_held() -> Iterator[None]:
     before = {}
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
-        if sig is None or signal.getsignal(sig) is None:   # absent here, or a handler set outside Python
+        if sig is None or signal.getsignal(sig) in (None, signal.SIG_IGN):   # absent, set outside Python, or ignored
             continue
         before[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
     try:

@@ -91,12 +91,13 @@ def _names(value: str | None, what: str) -> list[str]:
     return names
 
 
-def _task_names(value: str | None, what: str) -> list[str]:
+def _task_names(value: str | None, what: str, *, scored: bool = True) -> list[str]:
     """Task names from a comma-separated list of names or YAML paths, resolved once here: a file's
-    task is adopted under its name, so the code below, which carries names, finds it."""
+    task is adopted under its name, so the code below, which carries names, finds it. ``scored``:
+    the command scores them (a metric no command computes is refused); training reads their texts only."""
     from moeguard.edge import resolve_tasks
 
-    return [t.name for t in resolve_tasks(_names(value, what), what=what, check=False)]
+    return [t.name for t in resolve_tasks(_names(value, what), what=what, check=False, scored=scored)]
 
 
 def _ints(value: str, what: str) -> list[int]:
@@ -248,7 +249,9 @@ def _terminate_as_interrupt() -> dict:
     replaced = {}
     for name in ("SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
-        if sig is None:
+        # ignored when the command started (nohup, trap '' HUP): it stays ignored, as asked (a closed
+        # terminal ended a `nohup moeguard audit` or `serve` the user meant to outlive the session)
+        if sig is None or signal.getsignal(sig) == signal.SIG_IGN:
             continue
         try:
             replaced[sig] = signal.signal(sig, interrupt)

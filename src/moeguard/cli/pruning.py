@@ -10,6 +10,7 @@ import typer
 
 from moeguard.cli.app import (DeviceMapOpt, JsonOpt, MaxMemoryOpt, ModelOpt, OverwriteOpt, SeedOpt, _common, _config_command, _console, _ints,
                               _kept_on_interrupt, _names, _out, _param, _placement, _progress, _run, _run_study, _seed, app)
+from moeguard.config import SEED_MAX
 from moeguard.errors import MoeguardError
 from moeguard.io import dumps
 
@@ -114,7 +115,12 @@ def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
           plan: Annotated[Optional[Path], typer.Option("--plan", help='explicit plan JSON {"keep": {"<layer>": [experts]}}')] = None,
           streaming: Annotated[Optional[bool], typer.Option("--streaming/--in-memory", help="default: streaming for a local checkpoint")] = None,
           plan_only: Annotated[bool, typer.Option("--plan-only", help="write only the plan JSON to --out")] = False,
-          overwrite: OverwriteOpt = False, seed: SeedOpt = 0) -> None:
+          overwrite: OverwriteOpt = False,
+          # every command takes --seed; prune draws no random number, which its help says (it read "the same seed
+          # gives the same numbers", a setting that set nothing)
+          seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="recorded in the run record only: prune "
+                                            "draws no random number (a plan gives the same checkpoint whatever the seed)")] = 0
+          ) -> None:
     """Physically remove experts: a smaller checkpoint vanilla transformers loads."""
     from moeguard.edge import resolve_model
     from moeguard.io import check_output, write_json
@@ -224,7 +230,9 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
 
         _console().print(routes_table(doc))
     done = [c for c in doc["physical_checks"] if "skipped" not in c]
-    bad = [c for c in done if c["abs_diff"] is None or c["abs_diff"] > 1e-6 or c["params_physical"] != c["params_expected"]]
+    from moeguard.studies.sweep import physical_check_agrees
+
+    bad = [c for c in done if not physical_check_agrees(c)]
     typer.echo(f"{len(done)} physical-pruning checks, {len(bad)} mismatched, "
                f"{len(doc['physical_checks']) - len(done)} skipped; "
                f"{doc['evaluations']['run']} evaluations in {doc['seconds']:.0f} s; written to {out}")

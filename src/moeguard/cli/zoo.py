@@ -35,7 +35,8 @@ def zoo_train(out: Annotated[Path, typer.Option("--out", help="output checkpoint
     check_output(out, overwrite=overwrite, kind="folder")
     # rebuilding the embedded model keeps the recipe its shipped weights were made with
     recipe = replace(EMBEDDED_RECIPE if tasks is None else Recipe(), seed=seed, steps=steps)
-    names = _task_names(tasks, "--tasks") if tasks is not None else None   # "" is refused, not the suite
+    # "" is refused, not the suite; training never scores: any metric is fine (normalized_perplexity was refused)
+    names = _task_names(tasks, "--tasks", scored=False) if tasks is not None else None
     if names:
         from moeguard.edge import task_inputs
         from moeguard.tasks.registry import get_task

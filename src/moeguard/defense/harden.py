@@ -281,14 +281,16 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
                 g, pre, post = simulate_adaptation(
                     model, Adaptation(params=names, keep=keep, steps=cfg.inner_steps, lr=lr), lambda: draw(task),
                     lambda l: cfg.adversarial * collapse(l, target))
-                _accumulate(extra, g, row, "attack")
-                row.update(attack_lr=lr, attack_before=pre, attack_after=post)
+                # a diverged attack's loss after is in no summary either: it added nothing (a NaN mean, an inf
+                # one after a resume read it back as null)
+                row.update(attack_lr=lr, attack_before=pre,
+                           **({"attack_after": post} if _accumulate(extra, g, row, "attack") else {}))
             if cfg.authorized:
                 g, pre, post = simulate_adaptation(
                     model, Adaptation(params=auth, keep=None, steps=cfg.inner_steps, lr=cfg.authorized_lr),
                     lambda: draw(task), lambda l: cfg.authorized * l)
-                _accumulate(extra, g, row, "authorized")
-                row.update(authorized_before=pre, authorized_after=post)
+                row.update(authorized_before=pre,
+                           **({"authorized_after": post} if _accumulate(extra, g, row, "authorized") else {}))
             batch = draw(task)
             opt.zero_grad(set_to_none=True)
             with record_routers(model, adapter=adapter) as tape:
@@ -378,16 +380,17 @@ def save_hardened(out, model, tokenizer, cfg: HardenConfig, result: dict[str, An
 
 
 def _accumulate(into: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], row: dict[str, Any],
-                term: str) -> None:
+                term: str) -> bool:
     """Add a simulated adaptation's meta-gradient, or, where it is not finite (the attacker's drawn
     learning rate diverged: an attacker would not use it, as the attack harness drops a diverged run),
     nothing, said in the step's ``diverged``. It stopped the run with NaN gradients before, on the same
     step at every resume (the random state is restored), with a hint to change settings no flag sets."""
     if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
         row["diverged"] = [*row.get("diverged", []), term]
-        return
+        return False
     for n, g in grads.items():
         into[n] = into[n] + g if n in into else g
+    return True
 
 
 def summarize_log(log: list[dict[str, Any]], window: int = 20) -> dict[str, dict[str, float]]:

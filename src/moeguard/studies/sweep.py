@@ -337,6 +337,21 @@ def _physical_checks(model, tokenizer, cfg, tasks, points, ev, adapter) -> list[
     return out
 
 
+# how close a physically pruned model's score must be to the masked one's: float rounding of the same
+# function (logits 3e-8 to 9e-8 apart in float32, the tests' rtol 1e-5), relative to the score's size (a
+# perplexity of 388 is 1.07e-6 apart by rounding alone, which an absolute 1e-6 called a mismatch)
+PHYSICAL_RTOL, PHYSICAL_ATOL = 1e-5, 1e-6
+
+
+def physical_check_agrees(check: dict) -> bool:
+    """Whether a physical check (a row of a sweep's ``physical_checks``, not skipped) agrees: its scores
+    within rounding and its parameter count the expected one."""
+    d = check["abs_diff"]
+    scale = max(abs(x) for x in (check["masked_score"], check["physical_score"], 0.0) if x is not None and math.isfinite(x))
+    return d is not None and d <= max(PHYSICAL_ATOL, PHYSICAL_RTOL * scale) \
+        and check["params_physical"] == check["params_expected"]
+
+
 def _abs_diff(physical: float, masked: float | None) -> float | None:
     """How far the physically pruned model's score is from the masked one's. Scores that are not
     finite numbers agree only when they are the same (both NaN, or the same infinity): 0; otherwise

@@ -142,6 +142,11 @@ def _first_bad_byte(file: Any) -> tuple[int, int] | None:
                 except UnicodeDecodeError as e:   # e.start counts from the pending bytes, then the chunk's
                     return offset - pending + e.start, line + chunk[:max(0, e.start - pending)].count(b"\n")
                 offset, line = offset + len(chunk), line + chunk.count(b"\n")
+            pending = len(decoder.getstate()[0])
+            try:   # a file that ends inside a character (cut short, or Latin-1's last é)
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                return offset - pending + e.start, line
     except (OSError, EOFError, zlib.error):
         return None
     return None
