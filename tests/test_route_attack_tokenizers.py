@@ -105,6 +105,11 @@ def test_added_special_tokens_are_not_usable_in_a_prefix():
     i = tok.convert_tokens_to_ids("<think>")
     assert i not in tok.all_special_ids and tok.encode("<think>", add_special_tokens=False) == [i]
     assert i not in set(allowed_tokens(tok, len(tok)).tolist())
+    # and one added with special false, as Qwen3's tokenizer_config.json adds <think> and <tool_call>
+    tok.add_tokens([AddedToken("<tool_call>", special=False)])
+    j = tok.convert_tokens_to_ids("<tool_call>")
+    assert tok.decode([j]) == "<tool_call>" and tok.encode("<tool_call>", add_special_tokens=False) == [j]
+    assert j not in set(allowed_tokens(tok, len(tok)).tolist())
 
 
 def test_a_start_that_does_not_round_trip_is_never_reported_as_the_prefix(setup, monkeypatch):
@@ -150,3 +155,19 @@ def test_a_start_that_does_not_round_trip_is_never_reported_as_the_prefix(setup,
     monkeypatch.setattr(tok, "encode", unsendable_start)
     out = search(m, tok, adapter, task, cfg, allowed=allowed)
     assert start and out["prefix_ids"] != start and out["best_step"] > 0
+
+
+def test_a_start_that_cannot_be_sent_and_is_never_left_gives_no_training_figure(setup, monkeypatch):
+    """--steps 0 (or a search that never found a sendable candidate) from a start whose text encodes to other
+    tokens reported its ids with train_success -1.0, a number nobody measured, and warned only with steps."""
+    import moeguard.monitor.hijack as H
+
+    m, _, adapter, task = setup
+    _, tok, _ = load_model(None)
+    cfg = HijackConfig(layer=0, expert=1, position="prefix", **{**FAST, "steps": 0})
+    allowed = allowed_tokens(tok, m.get_input_embeddings().weight.shape[0])
+    real = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, **k: real(text, **k)[::-1] if len(set(real(text, **k))) > 1
+                        else real(text, **k))
+    out = H.search(m, tok, adapter, task, cfg, allowed=allowed)
+    assert out["start_unsendable"] is True and out["train_success"] is None and out["train_loss"] is None

@@ -384,8 +384,13 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
         model.train(was_training)
         if task_id is not None:
             progress.update(task_id, completed=cfg.steps)
+    # never set: the start could not be sent and no step found a text that can (--steps 0 among them); its
+    # ids and figures are no prefix anyone sends, so none is given as measured (-1.0 was written as success)
+    unsendable = best["success"] < 0
     return {"prefix_ids": best["prefix"], "prefix_text": tokenizer.decode(best["prefix"]),
-            "train_success": round(best["success"], 4), "train_loss": round(best["loss"], 4),
+            "train_success": None if unsendable else round(best["success"], 4),
+            "train_loss": None if unsendable else round(best["loss"], 4),
+            **({"start_unsendable": True} if unsendable else {}),
             **({"train_evading": round(best["evasion"][0], 4)} if evasion else {}),
             "best_step": best["step"], "steps_run": len(curve) - 1, "steps_moved": moved, "curve": curve}
 

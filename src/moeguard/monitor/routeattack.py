@@ -116,12 +116,14 @@ def run(handle, task, pairs: list[tuple[int, int]], cfg: HijackConfig, *, out: P
                 steps = KeptJSON(tmp / f".search-{layer}-{expert}.json", c.to_dict())
                 found = search(model, tok, adapter, task, c, allowed=allowed, first=first, progress=progress,
                                screen=screen, keep=steps)
-                if found["steps_moved"] == 0 and c.steps > 0:
+                if found.get("start_unsendable") or (found["steps_moved"] == 0 and c.steps > 0):
                     import warnings
 
                     warnings.warn(f"layer {layer} expert {expert}: no step of the search found a {c.position} that "
                                   f"encodes back to its own tokens where it is sent; its figures are those of the "
-                                  f"random start", stacklevel=2)
+                                  f"random start" + (", whose own text encodes to other tokens: no training figure "
+                                                     "is given, and the text measured is what it encodes to"
+                                                     if found.get("start_unsendable") else ""), stacklevel=2)
                 if plain is None:
                     from moeguard.tasks.evaluate import evaluate_task
 

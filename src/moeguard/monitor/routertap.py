@@ -78,10 +78,10 @@ def allowed_tokens(tokenizer, vocab: int, *, after_separator: bool = False) -> n
     a SentencePiece tokenizer writes a word at a text's start as ``▁Hello``, after a newline as
     ``Hello``)."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    # and every added token marked special (a chat template's <|im_start|>, <think>, a fill-in-the-middle
-    # marker): all_special_ids lists only the named ones, and a prefix of them is a template injection
-    special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
-                if getattr(t, "special", False)}
+    # and every added token, marked special or not (a chat template's <|im_start|>, a fill-in-the-middle
+    # marker; Qwen3's and DeepSeek-R1's <think>, <tool_call> are added with special false): all_special_ids
+    # lists only the named ones, and a prefix of them is a template injection, not a routing hijack
+    special |= set((getattr(tokenizer, "added_tokens_decoder", None) or {}))
     ok = []
     for i in range(vocab):
         if i in special:
