@@ -428,6 +428,12 @@ def test_a_gguf_export_traces_to_its_source_and_says_how_it_was_quantized(embedd
     assert doc["p_value"] <= 1e-4 and {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
     q = doc["transformations"]["quantization"]
     assert q["stored"] == ["Q4_0"] and q["bits"] == 4
+    # ~ is read as every other path is (--suspect=~/m.gguf: bash leaves it after '='): "does not exist" before
+    from moeguard.trace.weights import locate
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(tmp_path))
+        assert locate("~/s.gguf").where == str(tmp_path / "s.gguf")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES.names()))
@@ -780,15 +786,46 @@ def test_a_hub_suspect_is_fetched_then_streamed_never_loaded_whole(embedded, fp,
     capsys.readouterr()
     assert main(["trace", "--original", str(tmp_path / "fp"), "--suspect", "org/stolen", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    # top-level weights, config and tokenizer only: no pickles, no copies in subfolders or Mistral's consolidated file
-    assert asked == [("org/stolen", ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken"), ("*/*", "consolidated*"))]
-    assert STREAMED_FILES == asked[0][1]
+    # its config first (refusals it can decide come before the weights), then top-level weights, config and
+    # tokenizer only: no pickles, no copies in subfolders or Mistral's consolidated file
+    assert asked == [("org/stolen", ("config.json",), ("*/*", "consolidated*")),
+                     ("org/stolen", ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken"), ("*/*", "consolidated*"))]
+    assert STREAMED_FILES == asked[1][1]
     assert doc["suspect"] == "org/stolen" and doc["verdict"] == "derived"
     assert doc["suspect_snapshot"] == {"hub_id": "org/stolen", "revision": "abc123"}   # the commit traced
     assert {l["layer"]: l["kept"] for l in doc["layers"]} == KEEP
     from moeguard.trace.weights import load
 
     assert isinstance(load("org/stolen"), StreamedCheckpoint)
+
+
+@pytest.mark.parametrize("config, needle", [
+    ({"model_type": "deepseek_v3", "quantization_config": {"quant_method": "fp8"}},
+     "the suspect org/big stores quantized weights (quantization_config fp8), said by its config.json"),
+    ({"model_type": "mixtral", "hidden_size": 4096}, "the suspect's hidden size is 4096, the original's 128"),
+])
+def test_a_hub_suspect_its_config_rules_out_is_refused_before_its_weights_are_fetched(fp, tmp_path, monkeypatch, capsys,
+                                                                                       config, needle):
+    """DeepSeek-V3's FP8 weights (690 GB) were fetched whole, then refused as quantized; another width too."""
+    import huggingface_hub
+
+    asked = []
+
+    def fetch(repo_id, **kw):
+        asked.append(tuple(kw.get("allow_patterns") or ()))
+        if asked[-1] != ("config.json",):
+            pytest.fail("the weights were fetched")
+        (tmp_path / "snap").mkdir(exist_ok=True)
+        (tmp_path / "snap" / "config.json").write_text(json.dumps(config))
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    fp.save(tmp_path / "fp")
+    capsys.readouterr()
+    code = main(["trace", "--original", str(tmp_path / "fp"), "--suspect", "org/big"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert asked == [("config.json",)]
 
 
 @pytest.mark.parametrize("failure, needle", [
@@ -834,13 +871,15 @@ def test_a_hub_original_is_fingerprinted_from_its_fetched_snapshot(tmp_path, mon
     assert "fingerprint of owner/released (4 MoE layers" in capsys.readouterr().out
     meta = json.loads((tmp_path / "fp" / "fingerprint.json").read_text())
     assert meta["model"] == "owner/released" and meta["checkpoint_bytes"] == (snapshot / "model.safetensors").stat().st_size
-    assert fetched == ["owner/released"]   # made local once: its size and its weights read from one snapshot
+    # its config (checked first), then made local once: its size and its weights read from one snapshot
+    assert fetched == ["owner/released"] * 2
     assert meta["source"]["hub"] == {"hub_id": "owner/released", "revision": "def456"}   # the commit fingerprinted
     # as trace's original, made on the fly: fetched once too, and traced against a local derivative of itself
     fetched.clear()
     assert main(["trace", "--original", "owner/released", "--suspect", str(snapshot), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert fetched == ["owner/released"] and doc["original"] == "owner/released" and doc["verdict"] == "derived"
+    # its config, then its files: fetched once
+    assert fetched == ["owner/released"] * 2 and doc["original"] == "owner/released" and doc["verdict"] == "derived"
 
 
 def test_an_offline_partial_snapshot_is_named_as_such(tmp_path, monkeypatch, capsys):

@@ -72,14 +72,13 @@ def hub_failure(exc: BaseException, name: str) -> HubFailure | None:
     return None
 
 
-def download_for_streaming(hub_id: str) -> Path:
-    """The local snapshot of ``hub_id`` holding :data:`STREAMED_FILES`, fetched into the Hugging Face
-    cache (or found there: with ``HF_HUB_OFFLINE=1`` nothing is fetched), or a one-line error."""
-    from huggingface_hub import constants, snapshot_download
+def _snapshot(hub_id: str, allow: list[str], ignore: list[str]) -> Path:
+    """``snapshot_download`` of those files into the Hugging Face cache (or found there), or a one-line error."""
+    from huggingface_hub import snapshot_download
 
     fix = f"download it yourself (hf download {hub_id} --local-dir DIR) and pass DIR"
     try:
-        path = Path(snapshot_download(hub_id, allow_patterns=list(STREAMED_FILES), ignore_patterns=list(SKIPPED_FILES)))
+        return Path(snapshot_download(hub_id, allow_patterns=allow, ignore_patterns=ignore))
     except Exception as exc:  # noqa: BLE001 -- the hub client raises its own error types, OSError and ValueError
         known = hub_failure(exc, hub_id)
         if known is not None:
@@ -87,6 +86,32 @@ def download_for_streaming(hub_id: str) -> Path:
         first = (str(exc).strip().splitlines() or [""])[0][:200] or type(exc).__name__
         raise MoeguardError(f"cannot fetch {hub_id} from the Hugging Face hub ({type(exc).__name__}: {first})",
                             hint=f"check the id, your access (hf auth login) and free disk space, or {fix}") from None
+
+
+def fetch_config(hub_id: str) -> dict:
+    """``hub_id``'s config.json alone, fetched (a few kilobytes) before its weights are: what a command can
+    refuse from it is refused before gigabytes come. {} where the snapshot has none (the weights' fetch
+    then says what is missing)."""
+    import json
+
+    path = _snapshot(hub_id, ["config.json"], list(SKIPPED_FILES)) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise MoeguardError(f"the config.json of {hub_id} cannot be read ({type(exc).__name__})",
+                            hint=f"check the repository, or download it (hf download {hub_id} --local-dir DIR)") from None
+    return data if isinstance(data, dict) else {}
+
+
+def download_for_streaming(hub_id: str) -> Path:
+    """The local snapshot of ``hub_id`` holding :data:`STREAMED_FILES`, fetched into the Hugging Face
+    cache (or found there: with ``HF_HUB_OFFLINE=1`` nothing is fetched), or a one-line error."""
+    from huggingface_hub import constants
+
+    fix = f"download it yourself (hf download {hub_id} --local-dir DIR) and pass DIR"
+    path = _snapshot(hub_id, list(STREAMED_FILES), list(SKIPPED_FILES))
     if not any(path.glob("*.safetensors")):
         if constants.HF_HUB_OFFLINE:   # a partial snapshot (a config fetched earlier), not the repository's content
             raise MoeguardError(f"the cached snapshot of {hub_id} holds no .safetensors weights, and HF_HUB_OFFLINE "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeguard.errors import MoeguardError
 from moeguard.trace.fingerprint import Fingerprint, is_fingerprint
 
 
@@ -29,6 +30,8 @@ def fingerprint(model, *, seed: int = 0, progress=None, weights=None, keep=None)
     from moeguard.trace.resume import keyed, source_identity
     from moeguard.trace.weights import load, locate
 
+    if isinstance(model, str):   # a quantized hub model is refused from its config, before its weights come
+        _config_first(model, "model", hidden=None)
     loc = locate(model)
     size = checkpoint_bytes(loc.where)
     w = weights if weights is not None else load(loc)
@@ -37,6 +40,34 @@ def fingerprint(model, *, seed: int = 0, progress=None, weights=None, keep=None)
         source["hub"] = {"hub_id": loc.hub_id, "revision": loc.revision}
     folder = keyed(keep, "original", {"original": source_identity(loc.where), "seed": seed}) if keep is not None else None
     return build(w, checkpoint_bytes=size, seed=seed, progress=progress, source=source, keep=folder)
+
+
+def _config_first(ref: str, what: str, *, hidden: int | None) -> None:
+    """For a hub id, what its config.json alone says (a small fetch) before its weights are fetched:
+    quantized weights, or a hidden size other than ``hidden`` (the other side's). A local folder is
+    opened instead, reading no tensor."""
+    from moeguard.models.hub import fetch_config
+    from moeguard.models.loading import resolve
+
+    if not isinstance(ref, str) or ref.lower().endswith(".gguf"):
+        return
+    r = resolve(ref)
+    if r.hub_id is None:
+        return
+    config = fetch_config(r.hub_id)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config   # a multimodal wrapper's
+    quantized = config.get("quantization_config") or text.get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise MoeguardError(f"the {what} {ref} stores quantized weights (quantization_config {method}), said by its "
+                            "config.json: its weights were not fetched",
+                            hint="trace streams float checkpoints (F32, F16, BF16); dequantize it first, or pass its "
+                                 "GGUF export")
+    width = text.get("hidden_size")
+    if hidden is not None and type(width) is int and width != hidden:
+        from moeguard.trace.api import check_shape
+
+        check_shape({"hidden": hidden, "layers": [], "intermediate": None}, hidden=width, layers=0)
 
 
 def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None, keep=None) -> dict[str, Any]:
@@ -65,12 +96,16 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None, k
         if resolve(original).hub_id is None:   # a local checkpoint (or the embedded model): opened now, reading
             loc = locate(original)             # no tensor, so one without config or safetensors fails first
             own = load(loc)
+    # a hub suspect's config first (a small fetch): quantized, not an MoE, or another width is refused
+    # before its weights are fetched whole (DeepSeek-V3's FP8 weights: 690 GB, then refused)
+    _config_first(suspect, "suspect", hidden=fp.meta["hidden"] if fp is not None else own.hidden if own is not None else None)
     sus = locate(suspect)
     weights = load(sus)  # opening checks config, headers, layout and tokenizer; reads no tensor
     if not given:
         from moeguard.trace.api import check_shape
 
-        if own is None:   # a hub original, fetched once, here
+        if own is None:   # a hub original, fetched once, here (its config checked against the suspect's first)
+            _config_first(original, "original", hidden=weights.hidden)
             loc = locate(original)
             # opening reads no tensor and refuses a folder without safetensors (fingerprint() sizes the same
             # files); the original's shape is checked against the suspect's before its fingerprint reads every expert

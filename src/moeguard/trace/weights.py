@@ -230,8 +230,10 @@ def locate(ref: "str | None | Located") -> Located:
     config and tokenizer files are fetched into the Hugging Face cache (the user's hub access)."""
     if isinstance(ref, Located):
         return ref
-    if is_gguf(ref):
-        return Located(where=ref)
+    if is_gguf(ref):   # ~ as every other path is read (--suspect=~/m.gguf: bash leaves it after '=')
+        from pathlib import Path
+
+        return Located(where=str(Path(ref).expanduser()))
     from moeguard.models.hub import local_checkpoint
 
     where, hub_id = local_checkpoint(ref)
