@@ -1179,3 +1179,24 @@ def test_a_crafted_gguf_s_names_and_per_expert_shapes_are_one_line_and_quick(tmp
     no_up = {k: v for k, v in shapes.items() if ".ffn_up." not in k}
     with pytest.raises(MoeguardError, match=r"blk.0.ffn_up.\*.weight has shape \[0\], expected \[4, 16, 8\]"):
         load_gguf(_gguf_fields(tmp_path / "noup.gguf", no_up, blocks=1))
+
+
+def test_a_fingerprint_made_on_the_fly_traces_as_the_same_fingerprint_saved(embedded, tmp_path, capsys):
+    """On the fly it was float64 and saved it is float16: similarities differed in the third decimal and p
+    could move where the null ties, so a result from the checkpoint could not be reproduced from the
+    published fingerprint."""
+    from moeguard.models.loading import resolve
+
+    m, tok = embedded
+    pruned, _ = prune_model(m, KEEP)
+    pruned.save_pretrained(tmp_path / "suspect")
+    tok.save_pretrained(tmp_path / "suspect")
+    original = str(resolve(None).path)
+    assert main(["fingerprint", "--model", original, "--out", str(tmp_path / "fp")]) == 0
+    docs = []
+    for given in (original, str(tmp_path / "fp")):
+        capsys.readouterr()
+        assert main(["trace", "--original", given, "--suspect", str(tmp_path / "suspect"), "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        docs.append({k: v for k, v in doc.items() if k not in ("run", "original", "seconds")})
+    assert docs[0] == docs[1]
