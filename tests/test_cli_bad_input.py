@@ -648,6 +648,13 @@ def test_a_path_the_system_cannot_look_up_is_one_line(tmp_path, capsys):
                     capsys.readouterr().err, "cannot be looked at (File name too long)")
     assert_one_line(main(["prune", "--plan", str(long), "--out", str(tmp_path / "p")]), capsys.readouterr().err,
                     "cannot be looked at (File name too long)")
+    # a NUL byte (a name from YAML or a library call; os.stat raises ValueError, which pathlib swallowed)
+    from moeguard.errors import MoeguardError
+    from moeguard.io import check_output, read_json
+
+    for call in (lambda: check_output(tmp_path / "a\x00b", overwrite=False), lambda: read_json("a\x00b", what="plan", hint="")):
+        with pytest.raises(MoeguardError, match="cannot be looked at \\(embedded null byte\\)"):
+            call()
 
 
 def test_zoo_train_takes_a_task_whatever_its_metric(tmp_path, capsys, monkeypatch):

@@ -243,3 +243,7 @@ def test_a_fixed_length_setting_of_another_length_is_one_error():
     with pytest.raises(MoeguardError, match=r"setting 'inner_lr' has 1 value\(s\), expected 2"):
         coerce(HardenConfig, "inner_lr", "1e-4")
     assert coerce(HardenConfig, "inner_lr", "1e-4,1e-4") == (1e-4, 1e-4)   # LOW may equal HIGH
+    # a list setting given as a tuple of any length is not a fixed-length one (AuditConfig(tasks=(a, b)) was refused)
+    from moeguard.audit.config import AuditConfig
+
+    assert AuditConfig(tasks=("arith-compare", "stdlib-code"), keeps=(2, 4)).tasks == ("arith-compare", "stdlib-code")

@@ -828,6 +828,37 @@ def test_a_hub_suspect_its_config_rules_out_is_refused_before_its_weights_are_fe
     assert asked == [("config.json",)]
 
 
+def test_a_hub_original_s_config_is_checked_before_a_hub_suspect_is_fetched(tmp_path, monkeypatch, capsys):
+    """With both on the hub, the suspect's weights came whole before the original's config was read: a
+    quantized original, or another width, was refused after the suspect's download."""
+    import huggingface_hub
+
+    configs = {"org/original": {"model_type": "mixtral", "hidden_size": 4096},
+               "org/suspect": {"model_type": "mixtral", "hidden_size": 128}}
+    asked = []
+
+    def fetch(repo_id, **kw):
+        asked.append((repo_id, tuple(kw.get("allow_patterns") or ())))
+        if asked[-1][1] != ("config.json",):
+            pytest.fail("weights were fetched")
+        d = tmp_path / repo_id.replace("/", "-")
+        d.mkdir(exist_ok=True)
+        (d / "config.json").write_text(json.dumps(configs[repo_id]))
+        return str(d)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    capsys.readouterr()
+    code = main(["trace", "--original", "org/original", "--suspect", "org/suspect"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the suspect's hidden size is 128, the original's 4096" in err, err
+    assert asked == [("org/original", ("config.json",)), ("org/suspect", ("config.json",))]
+    configs["org/original"]["quantization_config"] = {"quant_method": "fp8"}
+    asked.clear()
+    assert main(["trace", "--original", "org/original", "--suspect", "org/suspect"]) == 2
+    assert "the original org/original stores quantized weights (quantization_config fp8)" in capsys.readouterr().err
+    assert asked == [("org/original", ("config.json",))]
+
+
 @pytest.mark.parametrize("failure, needle", [
     (OSError("We couldn't connect to 'https://huggingface.co'"), "cannot fetch org/gone from the Hugging Face hub"),
     ("no-weights", "org/gone holds no .safetensors weights"),

@@ -183,7 +183,7 @@ def validate(obj: Any) -> None:
             hints = hints if hints is not None else typing.get_type_hints(type(obj))
             tp, _ = _unwrap(hints[f.name])
             args = typing.get_args(tp)
-            if _sequence(tp) is not None and args and Ellipsis not in args and len(value) != len(args):
+            if typing.get_origin(tp) is tuple and args and Ellipsis not in args and len(value) != len(args):
                 raise MoeguardError(f"{f.name} has {len(value)} value(s), expected {len(args)}",
                                     hint=f"give {f.name} exactly {len(args)} values")
         items = value if isinstance(value, (list, tuple)) else [value]

@@ -40,8 +40,8 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
         os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         pass
-    except OSError as e:
-        raise MoeguardError(f"output {path} cannot be looked at ({e.strerror})",
+    except (OSError, ValueError) as e:   # ValueError: a NUL byte in a name from YAML or a library call
+        raise MoeguardError(f"output {str(path)!r} cannot be looked at ({getattr(e, 'strerror', None) or e})",
                             hint="choose an --out in a folder you can reach, with a shorter name") from None
     if path.is_symlink():   # the swap would move the link and leave its target stale (or write beside a dangling one)
         raise MoeguardError(f"output {path} is a symbolic link (to {os.readlink(path)})",
@@ -188,9 +188,9 @@ def read_json(path: str | os.PathLike, *, what: str, hint: str) -> Any:
             os.stat(p)
         except (FileNotFoundError, NotADirectoryError):
             raise MoeguardError(f"{what} {p} does not exist", hint=hint) from None
-        except OSError as e:
-            raise MoeguardError(f"{what} {p} cannot be looked at ({e.strerror})", hint="check the path and its "
-                                "folders' permissions") from None
+        except (OSError, ValueError) as e:   # ValueError: a NUL byte in a name from YAML or a library call
+            raise MoeguardError(f"{what} {p} cannot be looked at ({getattr(e, 'strerror', None) or e})",
+                                hint="check the path and its folders' permissions") from None
         raise MoeguardError(f"{what} {p} {'is a folder' if os.path.isdir(p) else 'is not a regular file'}", hint=hint)
     try:
         text = p.read_text(encoding="utf-8-sig")

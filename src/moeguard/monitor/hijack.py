@@ -391,6 +391,6 @@ def search(model, tokenizer, adapter, task: Task, cfg: HijackConfig, *, allowed:
             "train_success": None if unsendable else round(best["success"], 4),
             "train_loss": None if unsendable else round(best["loss"], 4),
             **({"start_unsendable": True} if unsendable else {}),
-            **({"train_evading": round(best["evasion"][0], 4)} if evasion else {}),
+            **({"train_evading": None if unsendable else round(best["evasion"][0], 4)} if evasion else {}),
             "best_step": best["step"], "steps_run": len(curve) - 1, "steps_moved": moved, "curve": curve}
 

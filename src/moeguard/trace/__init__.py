@@ -42,18 +42,19 @@ def fingerprint(model, *, seed: int = 0, progress=None, weights=None, keep=None)
     return build(w, checkpoint_bytes=size, seed=seed, progress=progress, source=source, keep=folder)
 
 
-def _config_first(ref: str, what: str, *, hidden: int | None) -> None:
+def _config_first(ref: str, what: str, *, hidden: int | None) -> int | None:
     """For a hub id, what its config.json alone says (a small fetch) before its weights are fetched:
-    quantized weights, or a hidden size other than ``hidden`` (the other side's). A local folder is
-    opened instead, reading no tensor."""
+    quantized weights, or (``what`` the suspect) a hidden size other than ``hidden``, the original's.
+    Returns its hidden size (None: not a hub id, or not said). A local folder is opened instead,
+    reading no tensor."""
     from moeguard.models.hub import fetch_config
     from moeguard.models.loading import resolve
 
     if not isinstance(ref, str) or ref.lower().endswith(".gguf"):
-        return
+        return None
     r = resolve(ref)
     if r.hub_id is None:
-        return
+        return None
     config = fetch_config(r.hub_id)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config   # a multimodal wrapper's
     quantized = config.get("quantization_config") or text.get("quantization_config")
@@ -64,10 +65,12 @@ def _config_first(ref: str, what: str, *, hidden: int | None) -> None:
                             hint="trace streams float checkpoints (F32, F16, BF16); dequantize it first, or pass its "
                                  "GGUF export")
     width = text.get("hidden_size")
-    if hidden is not None and type(width) is int and width != hidden:
+    width = width if type(width) is int else None
+    if hidden is not None and width is not None and width != hidden:
         from moeguard.trace.api import check_shape
 
         check_shape({"hidden": hidden, "layers": [], "intermediate": None}, hidden=width, layers=0)
+    return width
 
 
 def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None, keep=None) -> dict[str, Any]:
@@ -96,16 +99,17 @@ def trace(original: str | None, suspect: str, *, seed: int = 0, progress=None, k
         if resolve(original).hub_id is None:   # a local checkpoint (or the embedded model): opened now, reading
             loc = locate(original)             # no tensor, so one without config or safetensors fails first
             own = load(loc)
-    # a hub suspect's config first (a small fetch): quantized, not an MoE, or another width is refused
-    # before its weights are fetched whole (DeepSeek-V3's FP8 weights: 690 GB, then refused)
-    _config_first(suspect, "suspect", hidden=fp.meta["hidden"] if fp is not None else own.hidden if own is not None else None)
+    # a hub original's and a hub suspect's configs first (small fetches): quantized weights or another width
+    # are refused before any weights are fetched whole (DeepSeek-V3's FP8 weights: 690 GB, then refused)
+    width = fp.meta["hidden"] if fp is not None else own.hidden if own is not None else \
+        _config_first(original, "original", hidden=None)
+    _config_first(suspect, "suspect", hidden=width)
     sus = locate(suspect)
     weights = load(sus)  # opening checks config, headers, layout and tokenizer; reads no tensor
     if not given:
         from moeguard.trace.api import check_shape
 
-        if own is None:   # a hub original, fetched once, here (its config checked against the suspect's first)
-            _config_first(original, "original", hidden=weights.hidden)
+        if own is None:   # a hub original, fetched once, here (its config was checked above)
             loc = locate(original)
             # opening reads no tensor and refuses a folder without safetensors (fingerprint() sizes the same
             # files); the original's shape is checked against the suspect's before its fingerprint reads every expert
