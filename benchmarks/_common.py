@@ -32,6 +32,15 @@ def write_result(name: str, data: dict, out: str | None = None) -> Path:
     return write_text(path, dumps(doc, indent=2) + "\n")
 
 
+def part_made() -> dict:
+    """When and by which commit one part of a results file was made: a run that adds a part to an existing
+    file (``--cost-only``, ``--realign-only``, one more defense) stamps it on that part, as write_result
+    stamps the file; the file's own stamp is its last writer's."""
+    from moeguard.provenance import git_commit
+
+    return {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit()}
+
+
 def alternating_medians(runs: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each named callable, the callables taking turns ``repeats`` times so
     drift (thermal, other load) hits each alike: timing ratios side by side in one run. The

@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from _common import RESULTS
+    from _common import RESULTS, part_made
 
     previous = Path(args.out) if args.out else RESULTS / "defense_study.json"
     # methods studied in earlier invocations (with other tasks) are kept beside this one's
@@ -101,6 +101,7 @@ def main() -> None:
                           "runs": len(v[who]["runs"])}
                     for who in ("base", "hardened")} | {"extra_labels": v["extra_labels"]}
         results["methods"][method] = {
+            "made": part_made(),   # methods kept from earlier runs keep theirs: the file's stamp is the last run's
             "settings": vars(args),
             "harden": {"seconds_in_loop": h["seconds"], **(json.loads(timing.read_text()) if timing.exists() else {}),
                        "summary": h["summary"], "config": h["config"]},

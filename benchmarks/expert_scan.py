@@ -124,7 +124,15 @@ def _scan(path: Path | None, name: str, workdir: Path, tasks, mode: str, referen
     out = workdir / "scans" / mode / name
     f = out / "scan.json"
     if f.exists():
-        return json.loads(f.read_text())
+        doc = json.loads(f.read_text())
+        # reused only when made by this commit with the settings asked (any scan.json at the path was: a
+        # ScanConfig or code change kept the old scans under the new settings)
+        from moeguard.provenance import git_commit
+
+        settings = ((doc.get("run") or {}).get("settings") or {})
+        wanted = {k: v for k, v in ScanConfig().to_dict().items() if k != "threshold"}
+        if (doc.get("run") or {}).get("git_commit") == git_commit() and all(settings.get(k) == v for k, v in wanted.items()):
+            return doc
     out.parent.mkdir(parents=True, exist_ok=True)
     handle = resolve_model(str(path) if path else None)
     return scan(handle, tasks, out, config=ScanConfig(), references=references, reference_models=ref_models, overwrite=True)

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import alternating_medians, write_result
+from _common import alternating_medians, part_made, write_result
 from knowledge_loss import moeguard, shared_setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,12 +136,18 @@ ATTACK = ["--budget", "64", "--budgets", "16,64", "--methods", "reap,reap-raw,fr
 
 
 def realign(workdir: Path) -> dict:
-    out = {"tasks": REALIGN_TASKS, "keeps": [2, 4], "flags": ATTACK, "runs": {}}
+    out = {"tasks": REALIGN_TASKS, "keeps": [2, 4], "flags": ATTACK, "runs": {}, "made": part_made()}
     for task in REALIGN_TASKS:
         for keep in (2, 4):
             run = workdir / f"attack-{task}-{keep}"
-            if not (run / "attack.json").exists():
-                moeguard("attack", "--task", task, "--keep", str(keep), "--out", str(run), *ATTACK)
+            argv = ["attack", "--task", task, "--keep", str(keep), "--out", str(run), *ATTACK]
+            # reused only when made by the same command and commit (it was any attack.json at that path, recorded
+            # under the current flags)
+            stamp = workdir / f"attack-{task}-{keep}.command.json"
+            wanted = {"argv": argv, "git_commit": part_made()["git_commit"]}
+            if not (run / "attack.json").exists() or not stamp.exists() or json.loads(stamp.read_text()) != wanted:
+                moeguard(*argv, *(["--overwrite"] if run.exists() else []))
+                stamp.write_text(json.dumps(wanted))
             doc = json.loads((run / "attack.json").read_text())
             s = doc["summary"]
             routes = {r: {"pick": {k: v["pick"].get(k) for k in ("method", "merge_method", "retention")},
@@ -170,7 +176,8 @@ def main() -> None:
         path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "prune_vs_merge.json"
         old = json.loads(path.read_text())
         old.setdefault("parts_1_3", {"created_at": old.get("created_at"), "git_commit": old.get("git_commit")})
-        old["cost"] = {"by_tokens": [merge_cost(args.repeats, tokens=n) for n in (64, 256)]}
+        # each part keeps its own maker: the file's stamp is its last writer's
+        old["cost"] = {"by_tokens": [merge_cost(args.repeats, tokens=n) for n in (64, 256)], "made": part_made()}
         for k in ("benchmark", "created_at", "git_commit", "machine"):
             old.pop(k, None)
         write_result("prune_vs_merge", old, args.out)
