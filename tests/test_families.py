@@ -533,3 +533,31 @@ def test_jetmoe_attention_experts_run_alone_as_the_model_runs_them(token_batch):
     torch.testing.assert_close(got[valid], alone[valid], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="recorded batch"):
         expert_outputs(a, layer, t.hidden[:2], elsewhere, torch.ones(2))
+
+
+def test_hunyuan_s_top_k_given_per_layer_is_read_pruned_and_written_back_as_a_list(tmp_path, capsys):
+    """Hunyuan-A13B's config gives moe_topk one value per layer (transformers: int | list): it was refused as
+    'expected a positive integer' (int() of the list elsewhere: a traceback)."""
+    import json
+
+    from moeguard.cli import main
+    from moeguard.models.adapter import MoEAdapter
+    from moeguard.models.prune import prune_model
+
+    m = tiny_model("hunyuan_v1_moe", moe_topk=[2] * 2)
+    assert MoEAdapter(m).top_k == 2
+    small, _ = prune_model(m, {l: [0, 1, 2, 3] for l in range(len(MoEAdapter(m).layers))})
+    assert small.config.moe_topk == [2, 2]
+    src = tmp_path / "hy"
+    m.save_pretrained(src)
+    from moeguard.models.loading import load_model
+
+    _, tok, _ = load_model(None)
+    tok.save_pretrained(src)
+    capsys.readouterr()
+    assert main(["info", "--model", str(src), "--json"]) == 0 and json.loads(capsys.readouterr().out)["top_k"] == 2
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "moe_topk": [2, 1]}))
+    assert main(["info", "--model", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "gives its layers different top-k [2, 1]" in err and len(err.strip().splitlines()) == 1, err

@@ -290,8 +290,15 @@ class FamilySpec:
     disk_router_weight: str = "weight"
 
     def top_k(self, config) -> int:
-        """The experts each token takes under ``config`` (the MoE config, :func:`moe_config`)."""
-        return int(getattr(config, self.top_k_key)) if self.top_k_key else self.fixed_top_k
+        """The experts each token takes under ``config`` (the MoE config, :func:`moe_config`). A key that
+        lists one value per layer (HunYuan's ``moe_topk``, as Hunyuan-A13B's config gives it) reads as its
+        value where every layer has the same (``loading.check_config`` refuses other lists first)."""
+        if not self.top_k_key:
+            return self.fixed_top_k
+        value = getattr(config, self.top_k_key)
+        if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
+            value = value[0]
+        return int(value)
 
     @property
     def stacks(self) -> tuple[str, ...]:

@@ -147,6 +147,11 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
     top_k_key = family.config_key(family.top_k_key) if family.top_k_key else "the router's fixed top-k"
     E = getattr(config, family.num_experts_key, None)
     k = getattr(config, family.top_k_key, None) if family.top_k_key else family.fixed_top_k
+    if isinstance(k, (list, tuple)) and k:   # one value per layer (HunYuan's moe_topk): read where every layer agrees
+        if len(set(map(str, k))) > 1:
+            raise MoeguardError(f"{where}: config {top_k_key} gives its layers different top-k {list(k)}; moeguard routes "
+                                "one top-k for every layer", hint="use a checkpoint whose layers share one top-k")
+        k = k[0]
     checks = ((count_key, E), (top_k_key, k))
     if family.routing.capacity_key:
         checks += ((family.config_key(family.routing.capacity_key), getattr(config, family.routing.capacity_key, None)),)

@@ -80,7 +80,9 @@ def pruned_config(adapter: MoEAdapter, keep: dict[int, list[int]]):
 
 def _set_top_k(cfg, family, top_k: int) -> None:
     if family.top_k_key:   # a fixed rule (Switch's top-1) has no key to write
-        setattr(cfg, family.top_k_key, top_k)
+        now = getattr(cfg, family.top_k_key, None)
+        # a key of one value per layer (HunYuan's moe_topk) stays a list, as transformers reads it per layer
+        setattr(cfg, family.top_k_key, [top_k] * len(now) if isinstance(now, (list, tuple)) else top_k)
 
 
 def _top_k_change(family, top_k: int) -> dict:
