@@ -510,3 +510,26 @@ def test_a_real_layer_a_class_ignore_pattern_names_is_still_written(saved, tmp_p
     record = prune_checkpoint(root / "single", tmp_path / "stream", keep)
     got = checkpoint_tensors(tmp_path / "stream")
     assert any(k.startswith("model.layers.1.") for k in got) and "dropped_tensors" not in record
+
+
+@pytest.mark.parametrize("wrap", [lambda k: "language_model." + k,                                  # Llama-4's release
+                                  lambda k: k.replace("model.", "model.language_model.", 1)])     # Qwen3.5-MoE's
+def test_a_multimodal_release_s_language_model_layers_are_found_under_its_prefix(wrap, saved, tmp_path):
+    """Llama-4 keeps its layers at language_model.model.layers, Qwen3.5-MoE at model.language_model.layers
+    (transformers renames them when it loads): the surgery matched nothing, planned every tensor as a copy
+    and stopped at "no router tensors of MoE layer N"."""
+    from safetensors.torch import load_file, save_file
+
+    model, root, keep = saved("mixtral")
+    src = tmp_path / "src"
+    shutil.copytree(root / "single", src)
+    tensors = load_file(src / "model.safetensors")
+    save_file({(wrap(k) if k.startswith("model.layers.") else k): v for k, v in tensors.items()},
+              src / "model.safetensors", metadata={"format": "pt"})
+    prune_checkpoint(src, tmp_path / "stream", keep)
+    got = checkpoint_tensors(tmp_path / "stream")
+    prune_checkpoint(root / "single", tmp_path / "plain", keep)   # the same surgery under the text model's names
+    want = {(wrap(k) if k.startswith("model.layers.") else k): v for k, v in checkpoint_tensors(tmp_path / "plain").items()}
+    assert got.keys() == want.keys() and any(".experts." in k for k in want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k

@@ -274,7 +274,7 @@ def check_merge_files(src: Path) -> None:
 
     config, family, files, headers, _ = _read_checkpoint(src)
     adapter = MoEAdapter(meta_model(config), family=family)
-    stacks = {on_disk: adapter.stack_starts[path] for path, on_disk in zip(family.stacks, family.disk_stacks)}
+    stacks = disk_stacks(family, adapter, headers)
     key_re = _LayerKeys(stacks, list(family.disk_layout().block_names), block_offsets(adapter))
     _check_mergeable(files, headers, key_re, {l.index for l in adapter.layers})
 
@@ -311,7 +311,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     keep = normalize_keep(adapter, keep)
     new_config, changes = pruned_config(adapter, keep)
     # each stack's path on disk -> the index of its first layer
-    stacks = {on_disk: adapter.stack_starts[path] for path, on_disk in zip(family.stacks, family.disk_stacks)}
+    stacks = disk_stacks(family, adapter, headers)
     plan = plan_tensors(files, headers, layers_path=stacks,
                         experts={l.index: l.num_experts for l in adapter.layers}, keep=keep,
                         layout=family.disk_layout(), merge=merge, block_offsets=block_offsets(adapter))
@@ -378,8 +378,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
             "skipped_files": skipped,
             # not written: what transformers does not load (a multi-token-prediction layer: its experts unpruned)
             **({"dropped_tensors": {"count": len(dropped), "examples": dropped[:5],
-                                    "why": "transformers does not load them (multi-token-prediction layers); "
-                                           "their experts were not pruned, so they are not written"}} if dropped else {}),
+                                    "why": f"{type(adapter.model).__name__}, the class transformers loads this "
+                                           "checkpoint with, does not load them (multi-token-prediction layers past "
+                                           "the decoder's, or a multimodal release's vision tower): they are not "
+                                           "written"}} if dropped else {}),
         }
         record.update(previous)   # cutting a pruned or merged checkpoint: this record's indices are relative to it
         extra = extra or {}   # the caller's plan and provenance, inside the same atomic write
@@ -393,6 +395,26 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
             record.update(extra)
         (tmp / (MERGE_RECORD_NAME if merge else RECORD_NAME)).write_text(dumps(record, indent=2) + "\n")
     return record
+
+
+# where a multimodal release keeps its language model's layers on disk, beside the text model's own path:
+# Llama-4's language_model.model.layers, Qwen3.5-MoE's model.language_model.layers (transformers renames
+# them when it loads; the surgery matched nothing, planned every tensor as a copy and stopped at "no router
+# tensors of MoE layer N")
+_WRAPPED = (lambda p: f"language_model.{p}", lambda p: p.replace("model.", "model.language_model.", 1))
+
+
+def disk_stacks(family, adapter, headers: dict) -> dict[str, int]:
+    """Each stack's path on disk -> the index of its first layer: the family's path where the checkpoint's
+    tensor names use it, else the first of a multimodal release's that they do."""
+    names = [n for h in headers.values() for n in h]
+    out = {}
+    for path, on_disk in zip(family.stacks, family.disk_stacks):
+        found = on_disk
+        if not any(n.startswith(f"{on_disk}.") for n in names):
+            found = next((c for c in (w(on_disk) for w in _WRAPPED) if any(n.startswith(f"{c}.") for n in names)), on_disk)
+        out[found] = adapter.stack_starts[path]
+    return out
 
 
 def _loaded_only(plan: list, adapter, stacks: dict[str, int]) -> tuple[list, list[str]]:
