@@ -533,3 +533,40 @@ def test_a_multimodal_release_s_language_model_layers_are_found_under_its_prefix
     assert got.keys() == want.keys() and any(".experts." in k for k in want)
     for k, v in want.items():
         assert torch.equal(got[k], v), k
+
+
+def test_a_partial_folder_of_other_settings_frees_no_space_and_leaves_no_stray_shard(saved, tmp_path, monkeypatch):
+    """Its shards were subtracted from the space asked for, though the stamp check then deleted them (a
+    90 GB job failing with ENOSPC partway); and one of the same settings but another shard plan (an upgrade
+    that drops other tensors) had its old shards moved into the output beside the new ones."""
+    import moeguard.pruning.checkpoint as C
+    from moeguard.io import STAMP, partial_path
+
+    model, root, keep = saved("mixtral")
+    out = tmp_path / "o"
+    partial = partial_path(out)
+    partial.mkdir()
+    shard = (root / "single" / "model.safetensors").read_bytes()
+    (partial / "model.safetensors").write_bytes(shard)                     # a planned name, of another run
+    (partial / "model-00001-of-00009.safetensors").write_bytes(b"stray")   # a name the plan no longer has
+    (partial / STAMP).write_text(json.dumps({"another": "run"}))
+    asked = []
+    real = C.check_space
+    monkeypatch.setattr(C, "check_space", lambda where, need: (asked.append(need), real(where, need))[1])
+    prune_checkpoint(root / "single", out, keep)
+    plain = tmp_path / "plain"
+    prune_checkpoint(root / "single", plain, keep)
+    assert asked[0] == asked[1] > 0                   # nothing subtracted for the other run's shard
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in plain.iterdir())
+    # the same source, keep and sharding as before the shard plan was in the stamp: started over, not resumed
+    from moeguard.models.identity import weights_identity
+
+    out2 = tmp_path / "o2"
+    partial = partial_path(out2)
+    partial.mkdir()
+    (partial / "model-00001-of-00009.safetensors").write_bytes(b"stray")
+    (partial / STAMP).write_text(json.dumps({"source": weights_identity(str(root / "single")),
+                                             "keep": {str(k): v for k, v in sorted(keep.items())}, "merge": None,
+                                             "max_shard_bytes": None}, sort_keys=True, default=str))
+    prune_checkpoint(root / "single", out2, keep)
+    assert sorted(p.name for p in out2.iterdir()) == sorted(p.name for p in plain.iterdir())

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from moeguard.errors import MoeguardError
-from moeguard.io import (FLOAT_DTYPES, SCALE_SUFFIXES, check_output, dumps, partial_path, read_header, resumable_dir,
+from moeguard.io import (FLOAT_DTYPES, SCALE_SUFFIXES, STAMP, check_output, digest, dumps, partial_path, read_header, resumable_dir,
                          sync_file)
 from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
 from moeguard.models.identity import weights_identity
@@ -322,9 +322,21 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     shards = assign_shards(plan, sharded=sharded, max_shard_bytes=max_shard_bytes)
     copies, skipped = side_files(src, files)
     tensor_bytes = sum(t.nbytes for t in plan)
-    # shards an interrupted run finished (kept in .OUT.partial, checked against the stamp below)
+    # Resumable: each shard is written under a temporary name and renamed when whole, so a killed run
+    # (a 90 GB checkpoint) continues with the shards it had not finished when started again with the
+    # same source weights, plan, sharding and shard plan; anything else starts over. The merge's weights go
+    # in as full floats (str() of a tensor keeps four decimals: another merge's shards matched). The shard
+    # plan's own digest: after an upgrade that changes which tensors are written (a dropped MTP layer) the
+    # old run's shards, of other names, were moved into the output beside the new ones
+    clusters = {str(l): [[centre, list(members), [float(x) for x in (w.tolist() if hasattr(w, "tolist") else w)]]
+                         for centre, members, w in parts] for l, parts in sorted(merge.items())} if merge else None
+    stamp = {"source": weights_identity(str(src)), "keep": {str(k): v for k, v in sorted(keep.items())},
+             "merge": clusters, "max_shard_bytes": max_shard_bytes,
+             "shards": digest([[name, [t.name for t in tensors]] for name, tensors in shards])}
+    # shards an interrupted run of this stamp finished (another stamp's are deleted, so they free no space)
     partial = partial_path(out)
-    kept = sum((partial / name).stat().st_size for name, _ in shards if (partial / name).is_file())
+    same = (partial / STAMP).is_file() and (partial / STAMP).read_text() == json.dumps(stamp, sort_keys=True, default=str)
+    kept = sum((partial / name).stat().st_size for name, _ in shards if same and (partial / name).is_file())
     check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies) - kept)
     previous = previous_records(src)
 
@@ -333,14 +345,6 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
     advance = (lambda n: progress.advance(task, n)) if progress is not None else None
     reader = PlanReader(headers)
     bytes_out = 0
-    # Resumable: each shard is written under a temporary name and renamed when whole, so a killed run
-    # (a 90 GB checkpoint) continues with the shards it had not finished when started again with the
-    # same source weights, plan and sharding; anything else starts over. The merge's weights go in as
-    # full floats (str() of a tensor keeps four decimals: another merge's shards matched).
-    clusters = {str(l): [[centre, list(members), [float(x) for x in (w.tolist() if hasattr(w, "tolist") else w)]]
-                         for centre, members, w in parts] for l, parts in sorted(merge.items())} if merge else None
-    stamp = {"source": weights_identity(str(src)), "keep": {str(k): v for k, v in sorted(keep.items())},
-             "merge": clusters, "max_shard_bytes": max_shard_bytes}
     with resumable_dir(out, overwrite=overwrite, settings=stamp) as tmp:
         try:
             for name, tensors in shards:
