@@ -43,8 +43,15 @@ def moeguard(*args: str) -> tuple[float, float]:
 
 def reusable(done: Path, stamp: Path, command: list[str]) -> bool:
     """A finished step is reused only when it ran with these arguments (a re-run with --seeds 10 and the
-    same --work kept the 3-seed numbers and stored them under settings that said 10)."""
-    return done.exists() and stamp.exists() and json.loads(stamp.read_text()).get("command") == command
+    same --work kept the 3-seed numbers and stored them under settings that said 10) and by this code
+    (provenance.maker: the commit, the versions, and the source's digest where the commit does not name it;
+    a step of another commit was reused and stamped as made now)."""
+    from moeguard.provenance import maker
+
+    if not (done.exists() and stamp.exists()):
+        return False
+    kept = json.loads(stamp.read_text())
+    return kept.get("command") == command and kept.get("maker") == maker()
 
 
 def main() -> None:
@@ -63,6 +70,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from _common import RESULTS, part_made
+    from moeguard.provenance import maker
 
     previous = Path(args.out) if args.out else RESULTS / "defense_study.json"
     # methods studied in earlier invocations (with other tasks) are kept beside this one's
@@ -73,7 +81,8 @@ def main() -> None:
         harden = ["harden", "--method", method, "--out", str(hardened), "--overwrite"]
         if not reusable(hardened / "moeguard_hardening.json", timing, harden):
             wall, rss = moeguard(*harden)
-            timing.write_text(json.dumps({"wall_s": wall, "peak_rss_mb": rss, "command": harden}))
+            timing.write_text(json.dumps({"wall_s": wall, "peak_rss_mb": rss, "command": harden, "maker": maker(),
+                                          "made": part_made()}))
         h = json.loads((hardened / "moeguard_hardening.json").read_text())
         ev = work / f"eval-{method}"
         ev_timing = work / f"eval-{method}.timing.json"
@@ -83,7 +92,7 @@ def main() -> None:
         # a hardening made again makes its evaluation stale too
         if not reusable(ev / "defense.json", ev_timing, evaluate) or ev_timing.stat().st_mtime < timing.stat().st_mtime:
             ev_wall, _ = moeguard(*evaluate)
-            ev_timing.write_text(json.dumps({"wall_s": ev_wall, "command": evaluate}))
+            ev_timing.write_text(json.dumps({"wall_s": ev_wall, "command": evaluate, "maker": maker(), "made": part_made()}))
         d = json.loads((ev / "defense.json").read_text())
         cells = {}
         for task, by in d["attacks"].items():
@@ -101,7 +110,9 @@ def main() -> None:
                           "runs": len(v[who]["runs"])}
                     for who in ("base", "hardened")} | {"extra_labels": v["extra_labels"]}
         results["methods"][method] = {
-            "made": part_made(),   # methods kept from earlier runs keep theirs: the file's stamp is the last run's
+            # when its steps were made (reused ones: by this same code, an earlier run); methods kept from earlier
+            # runs keep theirs: the file's stamp is the last run's
+            "made": {"harden": json.loads(timing.read_text()).get("made"), "evaluate": json.loads(ev_timing.read_text()).get("made")},
             "settings": vars(args),
             "harden": {"seconds_in_loop": h["seconds"], **(json.loads(timing.read_text()) if timing.exists() else {}),
                        "summary": h["summary"], "config": h["config"]},

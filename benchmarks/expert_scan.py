@@ -127,11 +127,12 @@ def _scan(path: Path | None, name: str, workdir: Path, tasks, mode: str, referen
         doc = json.loads(f.read_text())
         # reused only when made by this commit with the settings asked (any scan.json at the path was: a
         # ScanConfig or code change kept the old scans under the new settings)
-        from moeguard.provenance import git_commit
+        from moeguard.provenance import maker, maker_of
 
         settings = ((doc.get("run") or {}).get("settings") or {})
         wanted = {k: v for k, v in ScanConfig().to_dict().items() if k != "threshold"}
-        if (doc.get("run") or {}).get("git_commit") == git_commit() and all(settings.get(k) == v for k, v in wanted.items()):
+        # by this code (the commit, versions and, for a -dirty tree, the source's digest) and these settings
+        if maker_of(doc.get("run")) == maker() and all(settings.get(k) == v for k, v in wanted.items()):
             return doc
     out.parent.mkdir(parents=True, exist_ok=True)
     handle = resolve_model(str(path) if path else None)

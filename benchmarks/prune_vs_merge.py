@@ -144,7 +144,10 @@ def realign(workdir: Path) -> dict:
             # reused only when made by the same command and commit (it was any attack.json at that path, recorded
             # under the current flags)
             stamp = workdir / f"attack-{task}-{keep}.command.json"
-            wanted = {"argv": argv, "git_commit": part_made()["git_commit"]}
+            from moeguard.provenance import maker
+
+            # by this code: the commit, versions and, where the commit does not name it (-dirty), the source's digest
+            wanted = {"argv": argv, "maker": maker()}
             if not (run / "attack.json").exists() or not stamp.exists() or json.loads(stamp.read_text()) != wanted:
                 moeguard(*argv, *(["--overwrite"] if run.exists() else []))
                 stamp.write_text(json.dumps(wanted))

@@ -561,3 +561,7 @@ def test_hunyuan_s_top_k_given_per_layer_is_read_pruned_and_written_back_as_a_li
     assert main(["info", "--model", str(src)]) == 2
     err = capsys.readouterr().err
     assert "gives its layers different top-k [2, 1]" in err and len(err.strip().splitlines()) == 1, err
+    # a list of another length than the layers: transformers indexes it per layer (an IndexError in the load)
+    (src / "config.json").write_text(json.dumps({**cfg, "moe_topk": [2]}))
+    assert main(["info", "--model", str(src)]) == 2
+    assert "lists 1 values for 2 layers" in capsys.readouterr().err

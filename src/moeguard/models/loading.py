@@ -151,6 +151,10 @@ def check_config(config, family: FamilySpec, *, where: str) -> None:
         if len(set(map(str, k))) > 1:
             raise MoeguardError(f"{where}: config {top_k_key} gives its layers different top-k {list(k)}; moeguard routes "
                                 "one top-k for every layer", hint="use a checkpoint whose layers share one top-k")
+        layers = getattr(config, "num_hidden_layers", None)
+        if isinstance(layers, int) and len(k) != layers:   # transformers indexes it by layer: an IndexError in the load
+            raise MoeguardError(f"{where}: config {top_k_key} lists {len(k)} values for {layers} layers",
+                                hint=f"{fix}: give {top_k_key} one value, or one per layer")
         k = k[0]
     checks = ((count_key, E), (top_k_key, k))
     if family.routing.capacity_key:
