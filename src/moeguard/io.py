@@ -36,13 +36,8 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, kind: str | None =
     if path.name in ("", ".", ".."):   # '.', '..': the temporary sibling and the swap need a name (a traceback, after the work)
         raise MoeguardError(f"output {str(path)!r} names no file or folder of its own",
                             hint="pass a new path, e.g. ./out")
-    try:   # pathlib's is_symlink/exists raise past ENOENT (EACCES above it, a name over 255 bytes): a traceback
-        os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    except (OSError, ValueError) as e:   # ValueError: a NUL byte in a name from YAML or a library call
-        raise MoeguardError(f"output {str(path)!r} cannot be looked at ({getattr(e, 'strerror', None) or e})",
-                            hint="choose an --out in a folder you can reach, with a shorter name") from None
+    looked_up(path, said=f"output {str(path)!r}", follow=False,
+              hint="choose an --out in a folder you can reach, with a shorter name")
     if path.is_symlink():   # the swap would move the link and leave its target stale (or write beside a dangling one)
         raise MoeguardError(f"output {path} is a symbolic link (to {os.readlink(path)})",
                             hint="pass the path it points to as --out")
@@ -180,18 +175,28 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def looked_up(path: Path, *, said: str, hint: str, follow: bool = True) -> os.stat_result | None:
+    """``path``'s stat (``follow``: through a link), None where it does not exist, or a one-line error
+    naming it as ``said``: pathlib's is_file/is_symlink/exists raise past ENOENT (EACCES on a folder
+    above it, a name over 255 bytes) and os.stat raises ValueError on a NUL byte (a name from YAML or a
+    library call): tracebacks."""
+    try:
+        return os.stat(path) if follow else os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        raise MoeguardError(f"{said} cannot be looked at ({getattr(e, 'strerror', None) or e})", hint=hint) from None
+
+
 def read_json(path: str | os.PathLike, *, what: str, hint: str) -> Any:
     """A JSON file the user handed over: a missing or malformed one is a one-line error naming ``what``."""
     p = Path(path)
-    if not os.path.isfile(p):   # os.path's never raise (pathlib's did on EACCES above it: a traceback)
-        try:
-            os.stat(p)
-        except (FileNotFoundError, NotADirectoryError):
-            raise MoeguardError(f"{what} {p} does not exist", hint=hint) from None
-        except (OSError, ValueError) as e:   # ValueError: a NUL byte in a name from YAML or a library call
-            raise MoeguardError(f"{what} {p} cannot be looked at ({getattr(e, 'strerror', None) or e})",
-                                hint="check the path and its folders' permissions") from None
-        raise MoeguardError(f"{what} {p} {'is a folder' if os.path.isdir(p) else 'is not a regular file'}", hint=hint)
+    found = looked_up(p, said=f"{what} {p}", hint="check the path and its folders' permissions")
+    if found is None:
+        raise MoeguardError(f"{what} {p} does not exist", hint=hint)
+    if not stat.S_ISREG(found.st_mode):
+        raise MoeguardError(f"{what} {p} {'is a folder' if stat.S_ISDIR(found.st_mode) else 'is not a regular file'}",
+                            hint=hint)
     try:
         text = p.read_text(encoding="utf-8-sig")
     except OSError as exc:   # unreadable by this user (mode 000), or an I/O error
@@ -400,17 +405,22 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def started_with(path: Path, settings: Any) -> bool:
+    """Whether ``path``'s ``.NAME.partial`` folder is one a run with ``settings`` started: what
+    :func:`resumable_dir` keeps; another's is emptied before the block runs."""
+    stamp = partial_path(path) / STAMP
+    return stamp.is_file() and stamp.read_text() == json.dumps(settings, sort_keys=True, default=str)
+
+
 def _partial(path: Path, settings: Any) -> Path:
     """``.NAME.partial`` beside ``path``, emptied unless it was started with the same ``settings``;
     listed as open until its block completes (left listed when the block fails: an interrupt's
     message names it)."""
     partial = partial_path(path)
-    stamp = partial / STAMP
-    wanted = json.dumps(settings, sort_keys=True, default=str)
-    if partial.exists() and (not partial.is_dir() or not stamp.exists() or stamp.read_text() != wanted):
+    if partial.exists() and not started_with(path, settings):
         shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
     partial.mkdir(exist_ok=True)
-    stamp.write_text(wanted)
+    (partial / STAMP).write_text(json.dumps(settings, sort_keys=True, default=str))
     from moeguard.provenance import mark
 
     mark(partial, fix="delete it")   # what it holds from another moeguard is reused: the run record says so

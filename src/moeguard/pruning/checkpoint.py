@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 from moeguard.errors import MoeguardError
-from moeguard.io import (FLOAT_DTYPES, SCALE_SUFFIXES, STAMP, check_output, digest, dumps, partial_path, read_header, resumable_dir,
-                         sync_file)
+from moeguard.io import (FLOAT_DTYPES, SCALE_SUFFIXES, check_output, digest, dumps, partial_path, read_header, resumable_dir,
+                         started_with, sync_file)
 from moeguard.models.families import FAMILIES, DiskLayout, expert_axis, family_for_config
 from moeguard.models.identity import weights_identity
 from moeguard.models.loading import ModelRef, load_config, meta_model
@@ -334,8 +334,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
              "merge": clusters, "max_shard_bytes": max_shard_bytes,
              "shards": digest([[name, [t.name for t in tensors]] for name, tensors in shards])}
     # shards an interrupted run of this stamp finished (another stamp's are deleted, so they free no space)
-    partial = partial_path(out)
-    same = (partial / STAMP).is_file() and (partial / STAMP).read_text() == json.dumps(stamp, sort_keys=True, default=str)
+    partial, same = partial_path(out), started_with(out, stamp)
     kept = sum((partial / name).stat().st_size for name, _ in shards if same and (partial / name).is_file())
     check_space(out, tensor_bytes + sum(p.stat().st_size for p in copies) - kept)
     previous = previous_records(src)

@@ -124,8 +124,7 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
                             hint="pass the score `moeguard eval` gives the original, or leave it out to evaluate it")
     strat = get_strategy(al.strategy, task)
     pool = label_pool(task, pool_size=al.pool_size, budget=al.schedule[-1], seed=al.seed)
-    found = pruning_record(model.ref.path)
-    record, record_file = (found[2], found[0]) if found is not None else (None, RECORD_FILES[0])
+    record_file, written, record = pruning_record(model.ref.path) or (RECORD_FILES[0], None, None)
     from_record = original is None and bool((record or {}).get("source"))
     original = original or (record or {}).get("source")
     if strat.needs_original and record is None:
@@ -225,8 +224,8 @@ def realign_checkpoint(*, model, task, out: Path, al, original: str | None = Non
             if source is not None:   # trained in float32, written as the pruned checkpoint stores its weights (bf16)
                 keep_source_dtypes(work, source)
             save_tokenizer(tokenizer, work)
-            if found is not None:   # the record as the pruning or merge wrote it: the output's lineage
-                write_json(work / found[0], found[1])
+            if written is not None:   # the record as the pruning or merge wrote it: the output's lineage
+                write_json(work / record_file, written)
             curve["model"] = model.name
             if run is not None:   # made before the run: with what it reused (rounds, state, the original)
                 from moeguard.provenance import with_reused

@@ -49,8 +49,9 @@ def _config_first(ref: str, what: str, *, hidden: int | None) -> int | None:
     reading no tensor."""
     from moeguard.models.hub import fetch_config
     from moeguard.models.loading import resolve
+    from moeguard.trace.weights import is_gguf
 
-    if not isinstance(ref, str) or ref.lower().endswith(".gguf"):
+    if not isinstance(ref, str) or is_gguf(ref):
         return None
     r = resolve(ref)
     if r.hub_id is None:
