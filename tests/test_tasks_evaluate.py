@@ -465,3 +465,36 @@ def test_rouge_keeps_combining_marks_in_their_words():
     assert rouge(["किताब"], [["कातिब"]])["rouge1"] == 0.0
     # NFD kana: the voicing mark (in the CJK range) stays on its kana, one token as in NFC
     assert rouge([unicodedata.normalize("NFD", "がく")], [["がく"]])["rouge1"] == pytest.approx(100.0)
+
+
+def test_a_summary_that_does_not_fit_the_models_positions_is_refused_before_the_weights_load(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """Cut to the embedded model's 256 positions, a summary generating 250 tokens leaves 6 for the input:
+    refused inside the work (after the load), as 'raise max_length', which the user had not set to 256."""
+    from moeguard.cli import main
+    from moeguard.models.handle import ModelHandle
+
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src/moeguard/tasks/embedded/record-summary.yaml"
+    text = src.read_text().replace("name: record-summary", "name: long-summary")
+    text = text.replace("max_length: 256", "max_length: 1024").replace("max_new_tokens: 24", "max_new_tokens: 250")
+    (tmp_path / "long.yaml").write_text(text)
+    from moeguard.tasks import registry
+
+    monkeypatch.setattr(ModelHandle, "load", lambda *a, **k: pytest.fail("the weights loaded"))
+    registry.get_task("arith-compare")   # the built-ins in, then the file's task out again after (the suite's
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))   # default tasks are read from it)
+    monkeypatch.setattr(registry, "_origins", dict(registry._origins))
+    y = str(tmp_path / "long.yaml")
+    for argv in (["eval", "--tasks", y], ["attribute", "--task", y, "--method", "frequency", "--out", str(tmp_path / "s.json")],
+                 ["sweep", "--tasks", y, "--methods", "frequency", "--out", str(tmp_path / "sw")],
+                 ["route-attack", "--task", y, "--layer", "0", "--expert", "0", "--out", str(tmp_path / "ra")]):
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (argv, err)
+        assert "task 'long-summary' is cut to the model's 256 positions (max_position_embeddings, below its max_length 1024)" in err
+        assert "leaving 6 for the input" in err and "lower the task's generation.max_new_tokens" in err, err
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "sw").exists()

@@ -298,3 +298,37 @@ def test_a_multi_line_reference_is_one_line_as_the_generations_it_is_compared_wi
     assert rec["target"] == rec["references"][0] == "First point . Second point . Third ."
     one = kind.record(task, {"article": "A.", "highlights": " as is "}, "test", "row 2")
     assert one["target"] == " as is "   # a one-line reference is kept as it was
+
+
+def test_an_empty_input_without_bos_trains_on_what_evaluation_scores():
+    """A tokenizer without BOS (Qwen's) and an empty input: evaluation scores the verbalizer (or
+    generates) from the pad token; the training example had an empty context, so its one target sat
+    at position 0, which no loss predicts (a labelled record trained nothing, and a batch of them
+    stopped attribution with torch.cat of nothing)."""
+    import torch
+    from conftest import qwen_like
+
+    from moeguard.attribution.replay import target_nll
+
+    tok = qwen_like(["Is 3 greater than 2? yes no", "a summary of the record"] * 20)
+    pad = T.pad_id(tok)
+    cls, summ = get_task("arith-compare"), get_task("record-summary")
+    label = next(iter(cls.labels))
+    for task, rec in ((cls, {"input": "", "label": label}),
+                      (summ, {"input": "", "target": "a summary", "source_text": ""})):
+        spec = get_kind(task.kind)
+        [ex] = spec.examples(tok, task, rec)
+        assert ex.ids[0] == pad and ex.labels[0] == IGNORE and all(t != IGNORE for t in ex.labels[1:])
+        assert len(ex.labels) >= 2   # a target after position 0: one a loss predicts
+        assert spec.input_ids(tok, task, rec) == [pad]
+
+    class Head:   # the adapter's head and vocabulary: all target_nll reads
+        vocab_size = 5
+
+        def head(self, h):
+            return h @ torch.ones(h.shape[-1], 5)
+
+    hidden = torch.randn(3, 4, 2, requires_grad=True)
+    nll = target_nll(Head(), hidden, torch.full((3, 4), IGNORE))   # a batch with no target
+    assert nll.tolist() == [0.0, 0.0, 0.0] and nll.requires_grad
+    nll.sum().backward()   # gradient attribution backpropagates every batch's sum

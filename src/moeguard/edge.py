@@ -85,6 +85,7 @@ def resolve_grid(model: ModelHandle, *, tasks: Iterable | None = None, methods: 
                             "checkpoint); attribution and the sweep score one count per layer",
                             hint="sweep the unpruned model")
     task_list = embedded_or(tasks)
+    model.check_fits(task_list)
     # by default every method the model's family can run (an encoder-decoder: the routing-statistics ones)
     names = list(methods) if methods else [m.name for m in list_methods() if runs_on(m, model.family)]
     for m in names:

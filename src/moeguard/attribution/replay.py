@@ -52,6 +52,8 @@ def target_nll(adapter: MoEAdapter, hidden: torch.Tensor, labels: torch.Tensor) 
         logits = adapter.head(h[a:a + rows_per_chunk]).float()                                 # [n', V]
         parts.append(torch.nn.functional.cross_entropy(logits, targets[a:a + rows_per_chunk].to(logits.device),
                                                        reduction="none"))
+    if not parts:   # a batch without targets adds nothing (kept in the graph: gradient's backward runs on it)
+        return hidden[:, :1, :1].float().sum((1, 2)) * 0.0
     nll = torch.cat(parts) if len(parts) != 1 else parts[0]
     rows = torch.arange(labels.shape[0])[:, None].expand_as(sel)[sel.cpu()]
     # summed on the CPU, in its order: CUDA's index_add_ adds repeated rows with atomics in a varying order,

@@ -134,6 +134,7 @@ def attack(*, out: Path, model: Optional[str], device_map: Optional[str], backen
     check_output(out, overwrite=overwrite, inputs=(model,), kind="folder")
     the_task = resolve_tasks([flags["task"]], what="--task")[0]
     handle = resolve_model(model, device_map=device_map, devices_here=backend != "ray")
+    handle.check_fits([the_task])
     cfg = _attack_config(flags, task=the_task.name, keep=flags["keep"])
     preflight(cfg, handle)
     doc = _run_study(out, overwrite, {"model": handle.name, **cfg.to_dict(), **_placement(handle)}, handle, AttackStudy(), cfg, write_attack,
@@ -178,6 +179,8 @@ def defend_eval(*, hardened: str, out: Path, base: Optional[str], tasks: str, ut
     task_list = resolve_tasks(_names(tasks, "--tasks"), what="--tasks")
     extra = resolve_tasks(_names(utility_tasks, "--utility-tasks"), what="--utility-tasks") if utility_tasks is not None else []
     b, h = (resolve_model(m, device_map=device_map, devices_here=backend != "ray") for m in (base, hardened))
+    for handle in (b, h):
+        handle.check_fits([*task_list, *extra])
     cfg, proto_path = resolve(base=b, hardened=h, tasks=task_list, utility_tasks=extra,
                               keeps=_ints(keeps, "--keeps") if keeps is not None else None,
                               attack=_attack_config(flags, task=task_list[0].name, keep=1), protocol=protocol)

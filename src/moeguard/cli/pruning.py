@@ -52,6 +52,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
                             hint="name other tasks as the reference (the default is the rest of the embedded suite)")
     # an encoder-decoder scores through its seq2seq head
     handle = resolve_model(model, tasks=False, device_map=device_map)
+    handle.check_fits([the_task, *ref_tasks])
     check_method_runs(the_method, handle.family)
     counts = sorted(set(handle.experts_per_layer))
     if len(counts) > 1:   # as attribution refuses it, before the weights load

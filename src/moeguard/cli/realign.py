@@ -62,6 +62,7 @@ def realign(*, model: str, task: str, out: Path, strategy: str, budget: int, que
         proto.check_mode(ft_flags["mode"])
     ft = build(FinetuneConfig, ft_flags, what="fine-tuning", seed=seed, only=proto.patterns if proto else ())
     handle = resolve_model(model, tasks=False, device_map=device_map)   # an encoder-decoder trains through its seq2seq head
+    handle.check_fits([the_task])
     _seed(seed)
     al = ALConfig(strategy=strategy, schedule=schedule, pool_size=pool_size, eval_limit=eval_limit, seed=seed,
                   finetune=ft)
@@ -123,6 +124,7 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
     names = names if "random" in names else ["random", *names]
     # an encoder-decoder trains through its seq2seq head; Ray workers check their own devices
     handle = resolve_model(model, tasks=False, device_map=device_map, devices_here=backend != "ray")
+    handle.check_fits([the_task])
     chosen = {}
     if sweep is not None:
         from moeguard.io import file_sha256

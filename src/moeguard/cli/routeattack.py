@@ -61,6 +61,7 @@ def route_attack(
     layers = None if layer in (None, "all") else _ints(layer, "--layer")
     pairs = targets(handle, layers, expert, every)
     t = embedded_or([task] if task is not None else None, what="--task")[0]   # "" is refused, not the default
+    handle.check_fits([t])
     from moeguard.edge import task_inputs
 
     check_output(out, overwrite=overwrite, inputs=task_inputs([t]), kind="folder")

@@ -113,6 +113,20 @@ class ModelHandle:
         """The one keep rule (:func:`check_keep`) for this model."""
         return check_keep(keep, num_experts=self.num_experts, family=self.family, top_k=self.top_k, what=what)
 
+    def check_fits(self, tasks) -> None:
+        """Each task cut to this model's positions as evaluation cuts it (``fit_to_model``), from the
+        config: a summary whose generated tokens leave no room for the input is refused before the
+        weights load, not after (its cut is said where the work runs)."""
+        import types
+        import warnings
+
+        from moeguard.tasks.evaluate import fit_to_model
+
+        with warnings.catch_warnings():   # the cut is warned where it happens
+            warnings.simplefilter("ignore")
+            for t in tasks:
+                fit_to_model(t, types.SimpleNamespace(config=self.config))
+
     def default_keeps(self) -> list[int]:
         """N/4, N/2 and 3N/4 experts per layer, at least top-k (and the family's minimum)."""
         E, k_min = self.num_experts, max(self.min_keep, self.top_k)

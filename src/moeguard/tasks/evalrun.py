@@ -39,6 +39,7 @@ def run_eval(*, model: str | None, tasks: list[str] | None, limit: int | None, b
     # inspected before the resumable folder exists: a model that is no MoE, or has no config, leaves nothing
     # behind (an encoder-decoder evaluates through its seq2seq head)
     handle = resolve_model(model, tasks=False, device_map=device_map)
+    handle.check_fits(task_list)
     settings = {"tasks": [t.name for t in task_list], "limit": limit, "batch_size": batch_size, "seed": seed,
                 "max_memory": cap, **handle.placement_under(cap)}
     with contextlib.ExitStack() as stack:

@@ -62,11 +62,18 @@ def fit_to_model(task: Task, model: Any) -> Task:
     positions = getattr(text_config(getattr(model, "config", None)), "max_position_embeddings", None)
     if not isinstance(positions, int) or positions < 2 or task.max_length <= positions:
         return task
+    try:
+        fitted = dataclasses.replace(task, max_length=positions)   # the kind checks the cut task again
+    except MoeguardError as e:   # a summary's generated tokens leave no room in the model's context
+        raise MoeguardError(f"task '{task.name}' is cut to the model's {positions} positions (max_position_embeddings, "
+                            f"below its max_length {task.max_length}), and then {e.message}",
+                            hint="lower the task's generation.max_new_tokens, or use a model with a longer "
+                                 "context") from None
     import warnings
 
     warnings.warn(f"task '{task.name}' has max_length {task.max_length}, and the model has {positions} positions: "
                   f"its sequences are cut to {positions} tokens", stacklevel=3)
-    return dataclasses.replace(task, max_length=positions)
+    return fitted
 
 
 def evaluate_task(model: Any, tokenizer: Any, task: Task | str, *, limit: int | None = None,

@@ -103,6 +103,7 @@ def _write_merged(handle, out: Path, *, method: str, keep: int | None = None, sc
         from moeguard.edge import task_inputs
 
         check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs([task_obj]))
+        handle.check_fits([task_obj])
     from moeguard.pruning.apply import checkpoint_dtype, loadable_by, save_checkpoint
     from moeguard.tasks.batches import calibration_batches
     from moeguard.tasks.evaluate import fit_to_model

@@ -94,7 +94,10 @@ class Classification(TaskKindSpec):
         if len(cont) > task.max_length - 1:   # as evaluation refuses it: [-0:] kept the whole prompt, uncut
             raise MoeguardError(f"task '{task.name}': the verbalizer after a prompt, {target!r}, is {len(cont)} tokens, "
                                 f"max_length is {task.max_length}", hint="shorten the verbalizer or raise max_length")
-        ctx = (T.bos_ids(tokenizer) + T.encode(tokenizer, context))[-(task.max_length - len(cont)):]
+        # nothing to condition on (an empty input, no prompt, no BOS: Qwen's) is the pad token, as evaluation
+        # scores it: an empty context made the verbalizer position 0, which no loss predicts (no target)
+        ctx = (T.bos_ids(tokenizer) + T.encode(tokenizer, context)) or [T.pad_id(tokenizer)]
+        ctx = ctx[-(task.max_length - len(cont)):]
         return [Example(ctx + cont, [IGNORE] * len(ctx) + cont)]
 
     def training_text(self, task, record):
@@ -102,7 +105,8 @@ class Classification(TaskKindSpec):
         return record["input"] + labels[record["label"]]
 
     def input_ids(self, tokenizer, task, record):
-        return (T.bos_ids(tokenizer) + T.encode(tokenizer, record["input"].rstrip()))[-task.max_length:]
+        ids = (T.bos_ids(tokenizer) + T.encode(tokenizer, record["input"].rstrip())) or [T.pad_id(tokenizer)]
+        return ids[-task.max_length:]
 
     def uncertainty(self, q):
         """The entropy of the model's distribution over the label verbalizers."""

@@ -100,7 +100,9 @@ class Summarization(TaskKindSpec):
         target = record["target"] if record["target"][:1].isspace() else " " + record["target"]
         # as it follows the prompt (a SentencePiece tokenizer's ' ' + target alone starts with a lone '▁')
         cont = T.continuation(tokenizer, record["input"], target)[: max(1, task.max_new_tokens)] + eos
-        ctx = T.fit_prompt(tokenizer, record, max(2, task.max_length - len(cont)))
+        # an empty prompt is the pad token, as evaluation generates from it (the reference's first token was
+        # at position 0, which no loss predicts)
+        ctx = T.fit_prompt(tokenizer, record, max(2, task.max_length - len(cont))) or [T.pad_id(tokenizer)]
         return [Example(ctx + cont, [IGNORE] * len(ctx) + cont)]
 
     def training_text(self, task, record):
@@ -108,7 +110,7 @@ class Summarization(TaskKindSpec):
         return record["input"] + (target if target[:1].isspace() else " " + target)
 
     def input_ids(self, tokenizer, task, record):
-        return T.fit_prompt(tokenizer, record, max(2, task.max_length - task.max_new_tokens))
+        return T.fit_prompt(tokenizer, record, max(2, task.max_length - task.max_new_tokens)) or [T.pad_id(tokenizer)]
 
 
 def first_line(text: str) -> str:
