@@ -131,7 +131,8 @@ def prune(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     # the model too (a local folder: an --out inside it would change it; write_pruned's check_apart covers the rest)
     check_output(out, overwrite=overwrite, inputs=(scores, plan, model), kind="file" if plan_only else "folder")
     handle = resolve_model(model, tasks=False)
-    the_plan = plan_for(handle, scores=scores, plan=plan, keep=keep, keep_ratio=keep_ratio, budget=budget)
+    the_plan = plan_for(handle, scores=scores, plan=plan, keep=keep, keep_ratio=keep_ratio, budget=budget,
+                        model_given=model is not None)
     if plan_only:
         from moeguard.models.adapter import MoEAdapter
         from moeguard.models.loading import meta_model
@@ -263,6 +264,11 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     from moeguard.report.tables import merge_table
 
     handle = resolve_model(model, device_map=device_map)
+    if model is None and scores is not None:   # the embedded model by default: scores of another are refused
+        from moeguard.attribution.base import Scores
+        from moeguard.pruning.plan import check_scores_model
+
+        check_scores_model(Scores.load(scores), scores)
     _seed(seed)
     cap = None
     if max_memory is not None:

@@ -29,6 +29,15 @@ class ModelRef:
     path: Path | None    # local directory, or None for a hub id not yet downloaded
     hub_id: str | None
 
+    @property
+    def recorded(self) -> str:
+        """How a record names this model so that it resolves from any folder (realign reads a pruned or
+        merged checkpoint's source): a local checkpoint by its absolute path, a hub id or the embedded
+        model by name. The name as typed ('ckpt') named another folder's model, or a hub id, elsewhere."""
+        if self.name == "embedded" or self.hub_id is not None or self.path is None:
+            return self.name
+        return str(self.path)
+
 
 def resolve(ref: str | None) -> ModelRef:
     if ref in (None, "", "embedded"):

@@ -63,7 +63,7 @@ def _in_memory(ref, keep, out: Path, *, overwrite: bool, extra: dict) -> dict[st
     model, tokenizer, _ = load_model(ref.name, dtype=checkpoint_dtype(ref))
     small, record = prune_model(model, keep, share_unchanged=True)   # the source is dropped: nothing to copy for it
     del model
-    record = {**record, "method": "in_memory", "source": ref.name, **previous_records(ref.path), **extra}
+    record = {**record, "method": "in_memory", "source": ref.recorded, **previous_records(ref.path), **extra}
     save_checkpoint(small, tokenizer, ref, out, overwrite=overwrite, records={RECORD: record})
     return record
 

@@ -144,8 +144,19 @@ def plan_from_scores(scores: Scores, *, keep: int | None = None, keep_ratio: flo
                      why=_budget_why(scores), **common)
 
 
+def check_scores_model(scores: Any, path: str | Path) -> None:
+    """For a command given scores and no --model (the embedded model by default): scores of another
+    model are refused. A checkpoint of the embedded model's shape (a zoo model, a fine-tune) was cut by
+    its own scores applied to the embedded model, without a word; another shape failed on the count."""
+    if scores.model not in ("", "embedded"):
+        raise MoeguardError(f"{path} scores model '{scores.model}', and no --model was given (the default is the "
+                            "embedded model)", hint=f"pass --model {scores.model} (the checkpoint it scores), as the "
+                                                    "attribute command named it")
+
+
 def plan_for(model: Any, *, scores: str | Path | None = None, plan: str | Path | None = None,
-             keep: int | None = None, keep_ratio: float | None = None, budget: int | None = None) -> PrunePlan:
+             keep: int | None = None, keep_ratio: float | None = None, budget: int | None = None,
+             model_given: bool = True) -> PrunePlan:
     """The plan to prune ``model`` (a resolved :class:`~moeguard.models.handle.ModelHandle`)
     with: an explicit ``plan`` file, or a ``scores`` file (of ``moeguard attribute``) and exactly
     one of ``keep``, ``keep_ratio`` or ``budget``. Checked against the model before any weights
@@ -158,6 +169,8 @@ def plan_for(model: Any, *, scores: str | Path | None = None, plan: str | Path |
                                 hint="an explicit plan already names the kept experts")
         return PrunePlan.load(plan)
     s = Scores.load(scores)
+    if not model_given:
+        check_scores_model(s, scores)
     if s.num_experts != model.num_experts:
         raise MoeguardError(f"{scores} scores {s.num_experts} experts per layer, the model has {model.num_experts}",
                             hint="attribute this model: moeguard attribute --model ... --out scores.json")

@@ -99,7 +99,20 @@ def _write_merged(handle, out: Path, *, method: str, keep: int | None = None, sc
         if name is None:
             raise MoeguardError(f"merge method '{method}' needs calibration data and the plan names no task",
                                 hint="pass --task NAME (see `moeguard tasks`)")
-        task_obj = resolve_tasks([name], what="--task", scored=False)[0]   # unreadable data fails before weights load
+        try:
+            task_obj = resolve_tasks([name], what="--task", scored=False)[0]   # unreadable data fails before weights load
+        except MoeguardError as e:
+            if task is not None or s is None or "unknown task" not in e.message:
+                raise
+            # the scores' task by name: one from a YAML file is registered only in the process that read it
+            from moeguard.io import read_json
+
+            run = read_json(Path(scores), what="--scores", hint="re-run moeguard attribute").get("run")
+            settings = run.get("settings") if isinstance(run, dict) else None
+            made = settings.get("task_file") if isinstance(settings, dict) else None
+            raise MoeguardError(f"{scores} scores task '{name}', which is not a registered task here",
+                                hint=f"pass --task {made} (the task file the scores were made with)" if made else
+                                "pass --task NAME or the task's YAML file") from None
         from moeguard.edge import task_inputs
 
         check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs([task_obj]))
@@ -154,7 +167,7 @@ def _write_merged(handle, out: Path, *, method: str, keep: int | None = None, sc
     from moeguard.pruning.checkpoint import previous_records
 
     # as the streamed merge records them (inside its "pruning" part): the source's own records
-    record = {"schema": SCHEMA, "source": ref.name, **record, "loadable_by": loadable_by(record["keep"]),
+    record = {"schema": SCHEMA, "source": ref.recorded, **record, "loadable_by": loadable_by(record["keep"]),
               "run": run_record(settings or {})}
     record["pruning"] = {**record.get("pruning", {}), **previous_records(ref.path)}
     save_checkpoint(merged, tokenizer, ref, Path(out), overwrite=overwrite, records={RECORD_NAME: record})
@@ -178,7 +191,7 @@ def _streamed(handle, out: Path, prepared: dict, *, overwrite: bool, progress, s
         merge_plan = MergePlan(clusters=clusters, weights=weights, num_experts=handle.num_experts,
                                method=prepared["method"].name, why="explicit clusters")
     keep = merge_plan.keep
-    extra = {"schema": SCHEMA, "source": handle.ref.name,
+    extra = {"schema": SCHEMA, "source": handle.ref.recorded,
              "merges": {str(l): merges_record(p, keep[l]) for l, p in sorted(plan.items())},
              "keep": {str(l): v for l, v in sorted(keep.items())}, "plan": merge_plan.to_dict(),
              "calibration": calibration or {"forward_passes": 0}, "loadable_by": loadable_by(keep),
