@@ -18,7 +18,7 @@ from moeguard.kept import kept_arrays
 from moeguard.models.families import text_config
 from moeguard.monitor.embed import Embedding, KernelReference
 from moeguard.monitor.neighbours import Neighbours
-from moeguard.monitor.profile import WINDOW_STATISTICS, Profile, check_uniform
+from moeguard.monitor.profile import NOT_MEASURED, NOT_MEASURED_FIX, WINDOW_STATISTICS, Profile, check_uniform, unmeasured
 from moeguard.monitor.replies import ReplyReference
 from moeguard.monitor.tokens import RoutedIds, TokenRouting, TokenRoutingCounts
 
@@ -250,6 +250,11 @@ def assemble(*, adapter, name: str, seed: int, rng: np.random.Generator, window:
     s = prof.statistics(C, XC, cal_surprise,
                         np.concatenate([z["h"] for z in cal_replies]) if reply_tokens else None,
                         np.concatenate([z["surprise"] for z in cal_replies]) if reply_tokens else None)
+    bad = np.flatnonzero(unmeasured(s, prof.request_statistics))
+    if len(bad) or not all(np.isfinite(r).all() for r in kernel.refs):   # a null of NaN was written as null values,
+        # and the next score refused the profile as damaged; a NaN reference made every request's unfamiliar NaN
+        raise MoeguardError(f"{max(1, len(bad))} of the profile's benign requests cannot be measured: {NOT_MEASURED}",
+                            hint=NOT_MEASURED_FIX)
     for k in prof.request_statistics:
         # a calibration request without a reply (-inf: no evidence) is kept as the most negative
         # finite float, which ranks the same and survives strict JSON (which writes -inf as null)

@@ -63,7 +63,7 @@ from moeguard.monitor import ladder, periods, periodwatch, slices
 from moeguard.monitor.batch import BatchReader, Captured
 from moeguard.monitor.embed import PooledHidden
 from moeguard.monitor.metrics import MonitorMetrics
-from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
+from moeguard.monitor.profile import NOT_MEASURED, WINDOW_STATISTICS, Profile, unmeasured
 from moeguard.monitor.replies import ReplyIds
 from moeguard.monitor.tokens import RoutedIds
 
@@ -296,10 +296,16 @@ class RoutingMonitor:
             h = counts / np.maximum(counts.sum(2, keepdims=True), 1)
             r, rs = self._read.replies(batch) if self._reply is not None else (None, None)
             stats = self.profile.statistics(h, x, surprise, r, rs)
+            bad = unmeasured(stats, self.profile.request_statistics)
             ps = self.profile.p_values(stats, "request")
             # periods: the batch's residuals in one call (per request, it cost 1.05x a batch-8 forward)
             resid = self.profile.neighbours.residual(x, h) if self._periods is not None else None
             for i, out in enumerate(results):
+                if bad[i]:   # no p-value (it would be the smallest), and nothing into its client's window
+                    out.result, out._scored = {"error": f"scoring failed: {NOT_MEASURED}"}, True
+                    self.metrics.failed.inc()
+                    _log.warning("the routing monitor could not score a request: %s", NOT_MEASURED)
+                    continue
                 out.result = self._record(out.client, counts[i], h[i], x[i], stats, ps, i,
                                           None if r is None else r[i], served=batch[i].served,
                                           resid=None if resid is None else resid[i])

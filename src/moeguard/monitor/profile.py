@@ -62,6 +62,19 @@ def empirical_p(null: np.ndarray, values) -> np.ndarray:
     return (1 + len(null) - np.searchsorted(null, values, side="left")) / (len(null) + 1)
 
 
+def unmeasured(stats: dict[str, np.ndarray], names) -> np.ndarray:
+    """[N] rows with a statistic that is NaN: the model's hidden states or log-probabilities on the
+    request were (a float16 overflow, a damaged tensor). ``empirical_p`` would put NaN past every
+    benign value, the smallest p-value the profile gives: one broken forward alerted as the most
+    anomalous request, with a value of null. (-inf, a request without a reply, is a measurement.)"""
+    return np.any(np.stack([np.isnan(np.asarray(stats[s], dtype=np.float64)) for s in names]), axis=0)
+
+
+NOT_MEASURED = ("the model's hidden states or token log-probabilities on it are NaN (a float16 overflow, or a "
+                "damaged weight its input reaches)")
+NOT_MEASURED_FIX = "load the model in bfloat16 or float32, or check its weights (moeguard scan)"
+
+
 BLOCK_VALUES = 1 << 22   # values in one [rows, topics, L, E] temporary of ``Profile.statistics`` (32 MiB as float64)
 
 

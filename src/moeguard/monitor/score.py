@@ -30,7 +30,7 @@ from moeguard.kept import kept_arrays
 from moeguard.models.families import text_config
 from moeguard.monitor import ladder, periodclients, periods, periodsmall, slices
 from moeguard.monitor.fit import observe
-from moeguard.monitor.profile import WINDOW_STATISTICS, Profile
+from moeguard.monitor.profile import NOT_MEASURED, NOT_MEASURED_FIX, WINDOW_STATISTICS, Profile, unmeasured
 
 MAX_PROMPT_CHARS = 100_000
 
@@ -246,6 +246,11 @@ def score(model, tokenizer, prof: Profile, records: list[dict[str, Any]], *, win
     prof.check_hidden(sums.shape[1])
     X = prof.space(sums, tokens)
     stats = prof.statistics(H, X, surprise, *(R or (None, None)))
+    bad = np.flatnonzero(unmeasured(stats, prof.request_statistics))
+    if len(bad):   # not a p-value: NaN sorted past every benign value, the profile's smallest
+        more = f" (and {len(bad) - 1} other requests)" if len(bad) > 1 else ""
+        raise MoeguardError(f"request {records[bad[0]]['id']!r}{more} cannot be scored: {NOT_MEASURED}",
+                            hint=NOT_MEASURED_FIX)
     ps = prof.p_values(stats, "request")
     # a client is its id's text (1 and "1" are one, as the online hook counts them), its requests in
     # time order, named in every output as its first request names it
