@@ -79,7 +79,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - t0
     s = doc["summary"]
-    table = {l: {"hijacked": v["hijacked"], "resist": v["resist"], "share_hijacked": v["share_hijacked"]}
+    table = {l: {"hijacked": v["hijacked"], "routed_already": v["routed_already"], "resist": v["resist"],
+                 "share_hijacked": v["share_hijacked"]}
              for l, v in s["layers"].items()}
     name = "route_attack" if args.position == "prefix" else f"route_attack_{args.position}"
     tags = [("_benign_vocab", vocabulary is not None), ("_evading", evade is not None),
@@ -89,7 +90,8 @@ def main() -> None:
         **({"benign_vocab": args.benign_vocab} if vocabulary else {}),
         **({"evade_profile_seed": args.evade_profile_seed} if evade and own else {}), "summary": s, "route_attack": doc}, args.out)
     for l, v in table.items():
-        print(f"layer {l}: hijacked {v['hijacked']} ({100 * v['share_hijacked']:.0f}%), resist {v['resist']}")
+        print(f"layer {l}: hijacked {v['hijacked']} ({100 * v['share_hijacked']:.0f}%), routed there already "
+              f"{v['routed_already']}, resist {v['resist']}")
     if evade is not None:
         for r in doc["targets"]:
             m = r["measured"]

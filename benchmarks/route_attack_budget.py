@@ -44,7 +44,7 @@ def main() -> None:
         ap.error(f"--steps-per-token must be >= 1, got {args.steps_per_token}")
     from moeguard.edge import resolve_model, resolve_tasks
     from moeguard.monitor.hijack import HijackConfig
-    from moeguard.monitor.routeattack import GOAL_SUCCESS, run
+    from moeguard.monitor.routeattack import GOAL_SUCCESS, outcome, run
 
     src = json.load(open(args.source))["route_attack"]
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -78,7 +78,8 @@ def main() -> None:
               f"{GOAL_SUCCESS:.0%}; {seconds:.0f} s", flush=True)
     tried = [cfg.prefix_tokens] + [r["prefix_tokens"] for r in runs]
     for e in entries.values():
-        hit = [int(b) for b, r in e["budgets"].items() if r["success"] >= GOAL_SUCCESS]
+        # an expert the inputs reach at >= 90% without the text is not hijacked by it (routeattack.outcome)
+        hit = [int(b) for b, r in e["budgets"].items() if outcome(r) == "hijacked"]
         e["smallest_budget"] = min(hit) if hit else None
     layers = {}
     for (l, _), e in sorted(entries.items()):

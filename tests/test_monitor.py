@@ -138,7 +138,8 @@ def test_the_goal_is_judged_only_on_every_expert_of_every_layer():
 
     assert targets(resolve_model(None), [0, 0], 3, False) == [(0, 3)]      # a repeated layer is one target
     cfg = HijackConfig(layer=0, expert=0)
-    hit = lambda l, e, s: {"layer": l, "expert": e, "measured": {"success": s}}   # noqa: E731
+    hit = lambda l, e, s, without=0.1: {"layer": l, "expert": e,   # noqa: E731
+                                         "measured": {"success": s, "success_without_prefix": without}}
     counts = {l: 8 for l in range(4)}
     half = [hit(l, e, 0.95 if e < 4 else 0.5) for l in range(4) for e in range(8)]
     assert summary(half, cfg, counts)["goal"]["met"] is True
@@ -150,6 +151,16 @@ def test_the_goal_is_judged_only_on_every_expert_of_every_layer():
     suffix = HijackConfig(layer=0, expert=0, position="suffix")
     assert summary(half, suffix, counts)["goal"]["met"] is None               # the goal is stated for a prefix
     assert summary(half, suffix, counts)["position"] == "suffix"
+    # an expert the inputs reach at >= 90% without the text (a model pruned to its top-k: every one) is not
+    # hijacked: the goal was met by texts that changed nothing
+    every = [hit(l, e, 1.0, without=1.0) for l in range(4) for e in range(8)]
+    s = summary(every, cfg, counts)
+    assert s["goal"]["met"] is False and s["layers"]["0"]["hijacked"] == [] and s["layers"]["0"]["share_hijacked"] == 0
+    assert s["layers"]["0"]["routed_already"] == list(range(8)) and s["layers"]["0"]["resist"] == []
+    mixed = summary([hit(0, 0, 0.95, without=0.92), hit(0, 1, 0.95), hit(0, 2, 0.5, without=0.97), hit(0, 3, 0.5)],
+                    cfg, {0: 4})
+    assert {k: mixed["layers"]["0"][k] for k in ("hijacked", "routed_already", "resist")} == \
+        {"hijacked": [1], "routed_already": [0, 2], "resist": [3]}
 
 
 def _measured(calls: list, real, *, interrupt_at: int | None = None):

@@ -92,5 +92,6 @@ def route_attack(
                       if prof is not None else []))
     _console().print(tab)
     for l, s in doc["summary"]["layers"].items():
-        typer.echo(f"layer {l}: hijacked (>= 90%) {s['hijacked']}, resist {s['resist']}")
+        already = f", routed there already without the text {s['routed_already']}" if s.get("routed_already") else ""
+        typer.echo(f"layer {l}: hijacked (>= 90%) {s['hijacked']}{already}, resist {s['resist']}")
     typer.echo(f"written to {out}")
