@@ -124,6 +124,10 @@ def test_a_gpu_map_on_ray_needs_gpus_per_job_and_gpus_per_job_needs_ray():
     assert make_backend("local", device_map="cuda").name == "local"      # the edge checks the device itself
     assert make_backend("ray", device_map="cpu", gpus=0.0).name == "ray"  # nothing started until it runs
     assert make_backend("ray", device_map="auto").name == "ray"           # a placement uses a CPU-only node's CPU
+    for cpu in (None, "cpu"):   # GPUs held by every task, the model on the CPU
+        with pytest.raises(MoeguardError, match=r"--gpus-per-job 1 reserves GPUs for each Ray task, and each job puts "
+                                                r"its model on the CPU \(--device-map (not given|cpu)\)"):
+            make_backend("ray", gpus=1.0, device_map=cpu)
 
 
 RAY_STUDIES = [

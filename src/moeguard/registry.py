@@ -17,10 +17,12 @@ T = TypeVar("T")
 
 class Registry(Generic[T]):
     """``what``: the noun in errors ("attribution method"); ``hint``: where the names are listed
-    (e.g. "see `moeguard methods`")."""
+    (e.g. "see `moeguard methods`"); ``reserved``: names no entry may take, and why (a name the
+    outputs use for something else beside the entries')."""
 
-    def __init__(self, what: str, *, loader: str | None = None, hint: str | None = None):
-        self.what, self.loader, self.hint = what, loader, hint
+    def __init__(self, what: str, *, loader: str | None = None, hint: str | None = None,
+                 reserved: dict[str, str] | None = None):
+        self.what, self.loader, self.hint, self.reserved = what, loader, hint, dict(reserved or {})
         self._items: dict[str, T] = {}
         self._loaded = loader is None
 
@@ -34,11 +36,14 @@ class Registry(Generic[T]):
                 raise
 
     def add(self, name: str, item: T, *, overwrite: bool = False) -> T:
+        if name in self.reserved:
+            raise MoeguardError(f"{self.what} name '{name}' is reserved: {self.reserved[name]}",
+                                hint="register it under another name")
         if overwrite:   # a replacement of a built-in: they register first, or their import would refuse it
             self._load()
         if name in self._items and not overwrite and self._items[name] is not item:
             raise MoeguardError(f"{self.what} '{name}' is already registered",
-                                hint="choose another name, or pass overwrite=True to replace it")
+                                hint="choose another name, or pass overwrite=True (to the register call) to replace it")
         self._items[name] = item
         return item
 

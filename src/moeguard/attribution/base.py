@@ -126,14 +126,20 @@ class Method:
 
 
 # importing ``moeguard.attribution.registry`` imports every method file, which registers itself
-METHODS: Registry[Method] = Registry("attribution method", loader="moeguard.attribution.registry")
+# "random": the sweep's random-rankings baseline sits beside the methods under that name (sweep.json's
+# faithfulness, the audit's random_auc, the CSV's rows): a method of that name overwrote it, and the
+# sweep's table then failed on the missing baseline
+METHODS: Registry[Method] = Registry("attribution method", loader="moeguard.attribution.registry",
+                                     reserved={"random": "the sweep's random-rankings baseline is reported under it "
+                                                         "beside the methods"})
 
 
 def register_method(name: str, description: str, *, needs_reference: bool = False,
-                    comparable_across_layers: bool = False, causal_only: str | None = None, removes_one: bool = False):
+                    comparable_across_layers: bool = False, causal_only: str | None = None, removes_one: bool = False,
+                    overwrite: bool = False):
     def wrap(fn):
         METHODS.add(name, Method(name, fn, description, needs_reference, comparable_across_layers, causal_only,
-                                 removes_one))
+                                 removes_one), overwrite=overwrite)
         return fn
     return wrap
 

@@ -136,8 +136,11 @@ def _run_study(out: Path, overwrite: bool, settings: dict, model, study, cfg, wr
     from moeguard.io import check_output
     from moeguard.studies import run_to_dir
 
-    # the tasks are resolved now: a task file or data folder as --out would be replaced by the run
-    check_output(out, overwrite=overwrite, kind="folder", inputs=task_inputs(tasks))
+    # the tasks are resolved now: a task file or data folder as --out would be replaced by the run; and
+    # the model's folder, here for every study command (a new one need not remember it)
+    ref = getattr(model, "ref", None)
+    own = [str(ref.path)] if getattr(ref, "path", None) is not None else []
+    check_output(out, overwrite=overwrite, kind="folder", inputs=[*task_inputs(tasks), *own])
 
     with _progress() as progress:
         return run_to_dir(study, cfg, out=out, model=model, settings=settings, write=write, backend=backend,

@@ -93,8 +93,8 @@ class DefenseSpec:
 DEFENSES: Registry[DefenseSpec] = Registry("hardening method", loader="moeguard.defense.methods")
 
 
-def register_defense(spec: DefenseSpec) -> DefenseSpec:
-    return DEFENSES.add(spec.name, spec)
+def register_defense(spec: DefenseSpec, *, overwrite: bool = False) -> DefenseSpec:
+    return DEFENSES.add(spec.name, spec, overwrite=overwrite)
 
 
 def get_defense(name: str) -> DefenseSpec:

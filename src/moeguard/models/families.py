@@ -365,13 +365,13 @@ FAMILIES: Registry[FamilySpec] = Registry("model family")
 _BY_MODEL_TYPE: Registry[FamilySpec] = Registry("model_type")
 
 
-def register_family(spec: FamilySpec) -> FamilySpec:
+def register_family(spec: FamilySpec, *, overwrite: bool = False) -> FamilySpec:
     if spec.call == "logits" and not spec.route_method:
         raise ValueError(f"family {spec.name}: call 'logits' needs route_method, the block's logits -> "
                          "(weights, index) method")
-    FAMILIES.add(spec.name, spec)
+    FAMILIES.add(spec.name, spec, overwrite=overwrite)
     for mt in spec.model_types:
-        _BY_MODEL_TYPE.add(mt, spec)
+        _BY_MODEL_TYPE.add(mt, spec, overwrite=overwrite)
     return spec
 
 

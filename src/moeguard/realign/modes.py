@@ -98,8 +98,8 @@ class ModeSpec:
 MODES: Registry[ModeSpec] = Registry("fine-tuning mode")  # the built-ins register at the end of this file
 
 
-def register_mode(spec: ModeSpec) -> ModeSpec:
-    return MODES.add(spec.name, spec)
+def register_mode(spec: ModeSpec, *, overwrite: bool = False) -> ModeSpec:
+    return MODES.add(spec.name, spec, overwrite=overwrite)
 
 
 def get_mode(name: str) -> ModeSpec:

@@ -530,6 +530,12 @@ def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, nu
         # Ray hides every GPU from a task that asks for none (CUDA_VISIBLE_DEVICES is empty there)
         raise MoeguardError(f"--device-map {device_map} puts each job's model on a GPU, and Ray tasks that ask for no "
                             "GPU see none", hint="pass --gpus-per-job 1 (or a fraction, to share a GPU between jobs)")
+    if name == "ray" and gpus and (device_map is None or str(device_map).strip() == "cpu"):
+        # each task held its GPUs and loaded its model on the CPU, without a word (days on a real checkpoint)
+        raise MoeguardError(f"--gpus-per-job {gpus:g} reserves GPUs for each Ray task, and each job puts its model on "
+                            f"the CPU (--device-map {device_map or 'not given'})",
+                            hint="add --device-map cuda (one GPU a job) or auto (spread over the job's GPUs), or drop "
+                                 "--gpus-per-job")
     if name == "local":
         if address:
             raise MoeguardError("--ray-address goes with --backend ray", hint="add --backend ray, or drop --ray-address")

@@ -306,7 +306,7 @@ def _records(task: Task, rows: Iterable[dict[str, Any]], split: str, where: str,
             skipped += 1
     # said: a summarization row whose every reference is blank scored nothing and shrank n_samples silently
     # (a running text's blank lines are skipped by design, as its docs say)
-    if skipped and task.kind != "language_modeling":
+    if skipped and not task.kind_spec.running_text:
         import warnings
 
         warnings.warn(f"task '{task.name}': {skipped} row(s) of split '{split}' ({where}) make no record "

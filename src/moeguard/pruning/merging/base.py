@@ -29,8 +29,8 @@ MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", loader="moeguard
                                                 hint="see `moeguard merge-methods`")
 
 
-def register_merge(method: MergeMethod) -> MergeMethod:
-    return MERGE_METHODS.add(method.name, method)
+def register_merge(method: MergeMethod, *, overwrite: bool = False) -> MergeMethod:
+    return MERGE_METHODS.add(method.name, method, overwrite=overwrite)
 
 
 def get_merge_method(name: str) -> MergeMethod:

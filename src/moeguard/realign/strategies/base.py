@@ -116,13 +116,14 @@ STRATEGIES: Registry[Strategy] = Registry("active-learning strategy", loader="mo
                                           hint="see `moeguard strategies`")
 
 
-def register_strategy(name: str, *, description: str, kinds=None, needs_original: bool = False):
+def register_strategy(name: str, *, description: str, kinds=None, needs_original: bool = False,
+                      overwrite: bool = False):
     """Decorator registering ``select(query)`` as strategy ``name``; ``kinds``: the task kind names
     it is limited to (``None``: every kind)."""
     only = None if kinds is None else frozenset(get_kind(k).name for k in kinds)
 
     def wrap(fn: Callable[[Query], list[int]]):
-        STRATEGIES.add(name, Strategy(name, fn, description, only, needs_original))
+        STRATEGIES.add(name, Strategy(name, fn, description, only, needs_original), overwrite=overwrite)
         return fn
     return wrap
 
