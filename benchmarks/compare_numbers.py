@@ -4,7 +4,7 @@
         --pair sweep OLD/sweep.json NEW/sweep.json ... --out benchmarks/results/refactor_equality.json
 
 For each pair: every value present in both documents must be equal (numbers exactly: the same
-float, not a tolerance), timing fields excluded (``moeguard.audit.results.TIMING_KEYS``). Keys only
+float, not a tolerance), timing fields excluded (``moeguard.audit.results.not_a_number``). Keys only
 in the new document are listed as additions, keys only in the old one as removals; ``--expect
 KEY=reason`` names a key whose differences are expected and says why (reported, not hidden).
 """
@@ -20,10 +20,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from moeguard.audit.results import TIMING_KEYS  # noqa: E402
+from moeguard.audit.results import not_a_number  # noqa: E402
 
 
-def compare(old: Any, new: Any, path: str, out: dict[str, list], expected: dict[str, str]) -> None:
+def compare(old: Any, new: Any, path: str, out: dict[str, list], expected: dict[str, str], *, top: bool = False) -> None:
     key = path.rsplit(".", 1)[-1].split("[")[0]
     if key in expected:
         if old != new:
@@ -31,13 +31,13 @@ def compare(old: Any, new: Any, path: str, out: dict[str, list], expected: dict[
         return
     if isinstance(old, dict) and isinstance(new, dict):
         for k in old:
-            if k in TIMING_KEYS:
+            if not_a_number(k, old[k], top=top):
                 continue
             if k not in new:
                 out["removed"].append(f"{path}.{k}")
             else:
                 compare(old[k], new[k], f"{path}.{k}", out, expected)
-        out["added"] += [f"{path}.{k}" for k in new if k not in old and k not in TIMING_KEYS]
+        out["added"] += [f"{path}.{k}" for k in new if k not in old and not not_a_number(k, new[k], top=top)]
         return
     if isinstance(old, list) and isinstance(new, list):
         if len(old) != len(new):
@@ -61,7 +61,7 @@ def main() -> None:
     report = {}
     for name, a, b in args.pair:
         out: dict[str, list] = {"different": [], "removed": [], "added": [], "expected": []}
-        compare(json.loads(Path(a).read_text()), json.loads(Path(b).read_text()), name, out, expected)
+        compare(json.loads(Path(a).read_text()), json.loads(Path(b).read_text()), name, out, expected, top=True)
         # additions below an added key say nothing new: keep the top ones
         out["added"] = sorted(x for x in out["added"] if not any(x.startswith(y + ".") for y in out["added"] if y != x))
         out["equal"] = not out["different"] and not out["removed"]

@@ -197,6 +197,33 @@ def test_contrastive_is_zero_when_task_and_reference_route_alike():
     assert torch.allclose(score(ctx, "contrastive").scores, torch.zeros(1, dtype=torch.float64), atol=1e-9)
 
 
+def test_contrastive_is_the_task_terms_of_kl_against_a_reference_routed_otherwise():
+    """Its one other test has p = q, where every score is 0: a flipped sign, p and q swapped, or the
+    task read twice give 0 there too (a flipped sign keeps the experts the task uses least)."""
+    model = tiny_model("mixtral")
+    ctx = _ctx(model)   # the reference: other batches, routed otherwise
+    a = MoEAdapter(model)
+
+    def shares(batches):
+        mass = torch.zeros(len(a.layers), 8, dtype=torch.float64)
+        for b in batches:
+            with torch.no_grad(), trace_experts(model, adapter=a) as traces:
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            valid = b.attention_mask.reshape(-1).bool()
+            for row, layer in enumerate(a.layers):
+                t = traces[layer.index]
+                mass[row].index_add_(0, t.index[valid].reshape(-1), t.weights[valid].reshape(-1).double())
+        return mass / mass.sum(1, keepdim=True)
+
+    p, q = shares(ctx.batches), shares(ctx.reference)
+    assert not torch.allclose(p, q, atol=1e-3)
+    s = score(ctx, "contrastive").scores
+    assert torch.allclose(s, p * torch.log((p + 1e-6) / (q + 1e-6)), atol=1e-5)
+    top = s.argmax(1)
+    rows = torch.arange(len(top))
+    assert (p[rows, top] > q[rows, top]).all()   # the top expert is one the task uses more than the reference
+
+
 @pytest.mark.parametrize("fam", ["mixtral", "deepseek_v3", "qwen3_moe"])
 def test_screened_ablation_is_exact_on_the_experts_gradient_ranks_highest(fam):
     model = tiny_model(fam)

@@ -139,3 +139,14 @@ def test_ray_workers_are_sent_model_folders_by_their_absolute_path(fake_ray_back
                                             ("other/hub-id", str(tmp_path / "org" / "name")),
                                             (None, str(tmp_path / "org" / "name"))]
     assert sorted(done) == sorted(keys)   # results are filed under the driver's keys
+
+
+def test_numbers_only_keeps_a_number_named_run_below_the_top():
+    """Detectability's best traced run is a number named 'run': it was dropped from every 'same numbers'
+    comparison with the run records, at any depth."""
+    from moeguard.audit.results import numbers_only
+
+    doc = {"run": {"settings": {}}, "stages": [{"seconds": 1}], "files": {"a": "b"}, "seconds": 3.0,
+           "detectability": {"best": {"run": 2, "auc": 0.9, "seconds": 1.0}, "run": {"settings": {"x": 1}}}}
+    assert numbers_only(doc) == {"detectability": {"best": {"run": 2, "auc": 0.9}}}
+    assert numbers_only({**doc, "detectability": {"best": {"run": 3, "auc": 0.9}}}) != numbers_only(doc)

@@ -128,6 +128,10 @@ def test_a_gpu_map_on_ray_needs_gpus_per_job_and_gpus_per_job_needs_ray():
         with pytest.raises(MoeguardError, match=r"--gpus-per-job 1 reserves GPUs for each Ray task, and each job puts "
                                                 r"its model on the CPU \(--device-map (not given|cpu)\)"):
             make_backend("ray", gpus=1.0, device_map=cpu)
+    # a capped load without a map is accelerate's auto, the GPUs first: accepted
+    assert make_backend("ray", gpus=1.0, max_memory=2**30).name == "ray"
+    with pytest.raises(MoeguardError, match=r"--device-map cpu\)"):
+        make_backend("ray", gpus=1.0, device_map="cpu", max_memory=2**30)
 
 
 RAY_STUDIES = [

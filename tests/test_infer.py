@@ -225,15 +225,18 @@ def test_a_spec_right_in_fp32_only_is_refused_unless_trusted(tmp_path, capsys, m
     data = json.loads(capsys.readouterr().out)
     assert data["family"] == "laguna" and data["family_spec"]["status"] == "unverified"
     assert main(["info", "--model", str(d)]) == 2   # the flag holds for that call only
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not verified" in err[0] and "--trust-inferred-family before the command" in err[0], err
     # a library caller's own setting: not used by a CLI call without the flag, and left as it was
     from moeguard.models.families import _POLICY, trust_inferred_families
 
     trust_inferred_families(True)
     try:
         assert main(["info", "--model", str(d)]) == 2 and _POLICY["trust_inferred"] is True
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not verified" in err[0] and "--trust-inferred-family before the command" in err[0]
     finally:
         trust_inferred_families(False)
-    capsys.readouterr()
 
 
 def test_families_lists_builtins_and_why_each_type_is_or_is_not_supported(capsys):

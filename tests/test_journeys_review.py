@@ -53,6 +53,16 @@ def test_scores_of_another_model_are_refused_without_model(scores, tmp_path, cap
         _one_line(main(argv), capsys.readouterr().err, "scores model 'zoo/my-model', and no --model was given",
                   "pass --model zoo/my-model")
     assert not (tmp_path / "p").exists() and not (tmp_path / "m").exists()
+    # a sweep's or an audit's scores name the embedded model by the folder transformers loaded it from
+    doc["model"] = str(EMBEDDED_MODEL_DIR)
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps(doc))
+    assert main(["prune", "--scores", str(own), "--keep", "4", "--out", str(tmp_path / "plan.json"), "--plan-only"]) == 0
+    # the output's own check comes first (a file where a folder goes), then the scores' model
+    (tmp_path / "f.txt").write_text("x")
+    capsys.readouterr()
+    _one_line(main(["merge", "--scores", str(other), "--keep", "4", "--method", "average", "--out",
+                    str(tmp_path / "f.txt"), "--overwrite"]), capsys.readouterr().err, "is a file; this command writes a folder")
 
 
 def test_merge_on_scores_of_a_file_task_names_the_file_to_pass(tmp_path, monkeypatch, capsys):

@@ -147,22 +147,28 @@ def test_a_resumed_realign_does_not_score_the_original_again(pruned, tmp_path, m
     assert [p["score"] for p in b["points"]] == [p["score"] for p in a["points"]]
 
 
-def test_bad_requests_fail_with_one_line_before_work(pruned, tmp_path, capsys):
+def test_bad_requests_fail_with_one_line_before_work(pruned, tmp_path, capsys, monkeypatch):
+    from moeguard.models.handle import ModelHandle
+
+    monkeypatch.setattr(ModelHandle, "load", lambda *a, **k: pytest.fail("the weights loaded"))   # before work
+
+    def refused(argv, needle):
+        code, err = main(argv), capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("moeguard: error:"), err   # one line
+        assert needle in lines[0], lines[0]
+
     out = tmp_path / "x"
-    assert main(realign_args(pruned, out, "--budget", "100")) == 2
-    assert "larger than a pool of 64" in capsys.readouterr().err
-    assert main(realign_args(pruned, out, "--query-size", "0")) == 2
-    assert "Invalid value for '--query-size'" in capsys.readouterr().err
-    assert main(realign_args(pruned, out, "--strategy", "margin", "--task", "stdlib-docs")) == 2
-    assert "applies to classification" in capsys.readouterr().err
+    refused(realign_args(pruned, out, "--budget", "100"), "larger than a pool of 64")
+    refused(realign_args(pruned, out, "--query-size", "0"), "Invalid value for '--query-size'")
+    refused(realign_args(pruned, out, "--strategy", "margin", "--task", "stdlib-docs"), "applies to classification")
     data = tmp_path / "data"
     data.mkdir()
     (data / "v.jsonl").write_text('{"q": "a", "y": "p"}\n{"q": "b", "y": "n"}\n')
     task = tmp_path / "nolabels.yaml"
     task.write_text(f"name: nolabels\nkind: classification\nsource: {{type: local, path: {data}, files: {{validation: v.jsonl}}}}\n"
                     "splits: {eval: validation}\nfields: {input: q, label: y}\nlabels: {p: ' yes', n: ' no'}\n")
-    assert main(realign_args(pruned, out, "--task", str(task))) == 2
-    assert "no train split, so there are no labels" in capsys.readouterr().err
+    refused(realign_args(pruned, out, "--task", str(task)), "no train split, so there are no labels")
     assert not out.exists()
 
 

@@ -570,3 +570,31 @@ def test_a_partial_folder_of_other_settings_frees_no_space_and_leaves_no_stray_s
                                              "max_shard_bytes": None}, sort_keys=True, default=str))
     prune_checkpoint(root / "single", out2, keep)
     assert sorted(p.name for p in out2.iterdir()) == sorted(p.name for p in plain.iterdir())
+
+
+UNEVEN = ([1, 3, 4, 6, 7], [0, 2, 5], [2, 3, 4, 5, 6, 7], [0, 6])
+
+
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
+def test_streaming_an_uneven_plan_writes_each_layers_own_experts(fam, saved):
+    """A budget plan keeps another count (and other ids) in each layer: only a 24-item accuracy checked
+    the streamed tensors of one; a surgery that sliced experts by position, not by kept id, in one
+    layer would pass there."""
+    model, root, _ = saved(fam)
+    adapter = MoEAdapter(model)
+    keep = {l.index: [e for e in UNEVEN[i % len(UNEVEN)] if e < l.num_experts] for i, l in enumerate(adapter.layers)}
+    keep = {l: v if len(v) >= max(1, adapter.family.min_experts) else list(range(adapter.family.min_experts))
+            for l, v in keep.items()}
+    try:
+        pruned, _ = prune_model(tiny_model(fam), keep)
+    except MoeguardError as e:   # a family that keeps one count (group-limited routing, a module per expert): other ids
+        assert "keep the same number of experts in every layer" in e.hint
+        keep = {l.index: KEPT if i % 2 == 0 else [1, 3, 4, 6] for i, l in enumerate(adapter.layers)}
+        pruned, _ = prune_model(tiny_model(fam), keep)
+    out = root / "uneven_stream"
+    prune_checkpoint(root / "sharded", out, keep)
+    pruned.save_pretrained(root / "uneven_memory")
+    expected, got = checkpoint_tensors(root / "uneven_memory"), checkpoint_tensors(out)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), k

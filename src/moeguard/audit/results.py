@@ -102,14 +102,26 @@ def _collateral(sweep: dict[str, Any], keep: int) -> dict[str, Any]:
     return out
 
 
-# what legitimately differs between two runs with the same settings: wall-clock times, the run record
+# what legitimately differs between two runs with the same settings: wall-clock times anywhere, and
+# results.json's own run record, stage list, backend and file names (at its top only: deeper, "run" is a
+# number, detectability's best traced run, which was dropped from every comparison with them)
 TIMING_KEYS = TIMING_FIELDS | {"stages", "run", "backend", "files"}
+TOP_KEYS = TIMING_KEYS - TIMING_FIELDS
 
 
-def numbers_only(doc: Any) -> Any:
-    """``doc`` without its timing fields: equal for two runs with the same seed and settings."""
+def numbers_only(doc: Any, *, top: bool = True) -> Any:
+    """``doc`` without its timing fields: equal for two runs with the same seed and settings. A run
+    record (``{"settings": ..., "versions": ...}``) is dropped wherever it is."""
     if isinstance(doc, dict):
-        return {k: numbers_only(v) for k, v in doc.items() if k not in TIMING_KEYS}
+        return {k: numbers_only(v, top=False) for k, v in doc.items() if not not_a_number(k, v, top=top)}
     if isinstance(doc, list):
-        return [numbers_only(v) for v in doc]
+        return [numbers_only(v, top=False) for v in doc]
     return doc
+
+
+def not_a_number(key: str, value: Any, *, top: bool) -> bool:
+    """Whether ``key`` of a results document is left out of comparisons: a timing field anywhere; a run
+    record, stage list, backend or file names at the top, and deeper too (the config's backend: local
+    or ray) unless it is a number named like one (detectability's best traced run)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return key in TIMING_FIELDS or (key in TOP_KEYS and (top or not number))

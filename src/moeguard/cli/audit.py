@@ -46,7 +46,8 @@ def run(*, out: Path, config: Optional[Path], overwrite: bool, flags: dict) -> N
     cfg = build(load_yaml(config) if config is not None else {}, flags)
     prepare_run_dir(out, overwrite=overwrite, clear=False, inputs=audit_inputs(cfg, config))
     cfg, handle = resolve(cfg)
-    runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job, device_map=cfg.device_map)
+    runner = make_backend(cfg.backend, address=cfg.ray_address, gpus=cfg.gpus_per_job, device_map=cfg.device_map,
+                          max_memory=cfg.max_memory)   # checked (parsed) in resolve: only whether there is one is read
     try:
         # one audit to a run folder: a second one swept the first's temporary stage folders, shared its
         # hardening state, and with --overwrite emptied its stages under it

@@ -264,11 +264,6 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
     from moeguard.report.tables import merge_table
 
     handle = resolve_model(model, device_map=device_map)
-    if model is None and scores is not None:   # the embedded model by default: scores of another are refused
-        from moeguard.attribution.base import Scores
-        from moeguard.pruning.plan import check_scores_model
-
-        check_scores_model(Scores.load(scores), scores)
     _seed(seed)
     cap = None
     if max_memory is not None:
@@ -282,7 +277,7 @@ def merge(out: Annotated[Path, typer.Option("--out", help="output checkpoint dir
         record = write_merged(handle, out, method=method, keep=keep, scores=scores, plan=plan, task=task,
                               samples=samples, batch_size=batch_size, tokens=tokens, gate=gate, seed=seed,
                               overwrite=overwrite, progress=progress, settings=settings, streaming=streaming,
-                              max_memory=cap)
+                              max_memory=cap, model_given=model is not None)
     _console().print(merge_table(record))
     counts = sorted({len(v) for v in record["keep"].values()})
     how = "streaming" if record["pruning"].get("method") == "streaming" else "in memory"

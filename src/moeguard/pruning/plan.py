@@ -144,14 +144,28 @@ def plan_from_scores(scores: Scores, *, keep: int | None = None, keep_ratio: flo
                      why=_budget_why(scores), **common)
 
 
-def check_scores_model(scores: Any, path: str | Path) -> None:
-    """For a command given scores and no --model (the embedded model by default): scores of another
-    model are refused. A checkpoint of the embedded model's shape (a zoo model, a fine-tune) was cut by
-    its own scores applied to the embedded model, without a word; another shape failed on the count."""
-    if scores.model not in ("", "embedded"):
+def check_scores_model(scores: Any, path: str | Path, model: Any) -> None:
+    """For a command given scores and no --model (``model``: the embedded model, the default): scores of
+    another model are refused. A checkpoint of the embedded model's shape (a zoo model, a fine-tune) was
+    cut by its own scores applied to the embedded model, without a word; another shape failed on the
+    count. The model is named as attribute names it ('embedded') or by its folder (a sweep's or an
+    audit's scores: the path transformers loaded it from)."""
+    if not _names(scores.model, model.ref):
         raise MoeguardError(f"{path} scores model '{scores.model}', and no --model was given (the default is the "
                             "embedded model)", hint=f"pass --model {scores.model} (the checkpoint it scores), as the "
                                                     "attribute command named it")
+
+
+def _names(name: str, ref: Any) -> bool:
+    """Whether ``name`` (a scores file's model) is the model ``ref`` (a ModelRef)."""
+    if name in ("", ref.name, ref.recorded):
+        return True
+    if ref.path is None or not name:
+        return False
+    try:
+        return Path(name).expanduser().resolve() == Path(ref.path).resolve()
+    except (OSError, ValueError, RuntimeError):   # a name no path can be (a NUL byte, a loop)
+        return False
 
 
 def plan_for(model: Any, *, scores: str | Path | None = None, plan: str | Path | None = None,
@@ -170,7 +184,7 @@ def plan_for(model: Any, *, scores: str | Path | None = None, plan: str | Path |
         return PrunePlan.load(plan)
     s = Scores.load(scores)
     if not model_given:
-        check_scores_model(s, scores)
+        check_scores_model(s, scores, model)
     if s.num_experts != model.num_experts:
         raise MoeguardError(f"{scores} scores {s.num_experts} experts per layer, the model has {model.num_experts}",
                             hint="attribute this model: moeguard attribute --model ... --out scores.json")

@@ -131,7 +131,8 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
     from moeguard.provenance import run_record
     from moeguard.studies.engine import make_backend
 
-    runner = make_backend(backend, address=ray_address, gpus=gpus_per_job, device_map=model.device_map)
+    runner = make_backend(backend, address=ray_address, gpus=gpus_per_job, device_map=model.device_map,
+                          max_memory=max_memory)
     runtime = Runtime(model=model.arg, threads=threads or torch.get_num_threads(), tasks=file_tasks(tasks),
                       task_data=data_stamps(tasks), max_memory=max_memory,
                       device_map=model.device_map, ray_gpus=runner.gpus if runner.name == "ray" else None)

@@ -512,9 +512,10 @@ def _job_for_nodes(job: Job) -> Job:
 
 
 def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, num_cpus: int | None = None,
-                 device_map: str | None = None) -> Backend:
+                 device_map: str | None = None, max_memory: int | None = None) -> Backend:
     """The backend ``name``, with the GPUs each Ray task asks for; ``device_map``: where each job
-    puts its model, checked against them (before any work)."""
+    puts its model, checked against them (before any work); ``max_memory``: a capped load, which
+    without a map is accelerate's auto (the GPUs first)."""
     import math
 
     if not math.isfinite(gpus) or gpus < 0 or 0 < gpus < 1e-4:   # NaN passed every comparison, to Ray's ValueError
@@ -530,12 +531,13 @@ def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, nu
         # Ray hides every GPU from a task that asks for none (CUDA_VISIBLE_DEVICES is empty there)
         raise MoeguardError(f"--device-map {device_map} puts each job's model on a GPU, and Ray tasks that ask for no "
                             "GPU see none", hint="pass --gpus-per-job 1 (or a fraction, to share a GPU between jobs)")
-    if name == "ray" and gpus and (device_map is None or str(device_map).strip() == "cpu"):
+    on_cpu = str(device_map).strip() == "cpu" if device_map is not None else max_memory is None
+    if name == "ray" and gpus and on_cpu:
         # each task held its GPUs and loaded its model on the CPU, without a word (days on a real checkpoint)
         raise MoeguardError(f"--gpus-per-job {gpus:g} reserves GPUs for each Ray task, and each job puts its model on "
                             f"the CPU (--device-map {device_map or 'not given'})",
-                            hint="add --device-map cuda (one GPU a job) or auto (spread over the job's GPUs), or drop "
-                                 "--gpus-per-job")
+                            hint="add --device-map auto (spread over the job's GPUs; also with --max-memory) or cuda "
+                                 "(one GPU a job), or drop --gpus-per-job")
     if name == "local":
         if address:
             raise MoeguardError("--ray-address goes with --backend ray", hint="add --backend ray, or drop --ray-address")

@@ -26,7 +26,8 @@ SCHEMA = "moeguard.merging/1"
 def write_merged(handle, out: Path, **kwargs: Any) -> dict[str, Any]:
     """Merge ``handle``'s model (a resolved ModelHandle) into ``out``; returns the record.
     ``streaming=None``: streaming surgery when the plan needs no data and the checkpoint is local.
-    ``max_memory`` (bytes): calibrate under that cap and stream the computed plan (local only)."""
+    ``max_memory`` (bytes): calibrate under that cap and stream the computed plan (local only).
+    ``model_given=False``: the embedded model was the default, and scores of another are refused."""
     import contextlib
 
     from moeguard.kept import held_for
@@ -55,7 +56,7 @@ def _write_merged(handle, out: Path, *, method: str, keep: int | None = None, sc
                   plan: Path | None = None, task=None, samples: int = 64, batch_size: int = 8, tokens: int = 256,
                   gate: str = "applied", seed: int = 0, overwrite: bool = False, progress=None,
                   settings: dict | None = None, streaming: bool | None = None,
-                  max_memory: int | None = None) -> dict[str, Any]:
+                  max_memory: int | None = None, model_given: bool = True) -> dict[str, Any]:
     from moeguard.attribution.base import Scores
     from moeguard.models.adapter import MoEAdapter
     from moeguard.models.loading import meta_model
@@ -71,6 +72,10 @@ def _write_merged(handle, out: Path, *, method: str, keep: int | None = None, sc
 
         check_apart(ref.path, Path(out))     # before anything is read or written: the input is never touched
     s = Scores.load(scores) if scores is not None else None
+    if s is not None and not model_given:   # the embedded model by default: scores of another are refused
+        from moeguard.pruning.plan import check_scores_model
+
+        check_scores_model(s, scores, handle)
     plan_data = read_plan(plan) if plan is not None else None
     prepared = prepare(MoEAdapter(meta_model(handle.config), family=handle.family), method=method, gate=gate,
                        keep=keep, scores=s, plan=plan_data, plan_origin=str(plan))
