@@ -49,6 +49,10 @@ def test_a_failed_defense_comparison_resumes_without_hardening_again(tmp_path, m
     # the protocol names the checkpoint where it lies (it named stages/.defense.tmp-KEY/hardened)
     proto = json.loads((hardened / "moeguard_protocol.json").read_text())
     assert proto["model"] == str(hardened) and hardened.is_dir()
+    # with its run record, as `moeguard harden` writes it (it was {})
+    record = json.loads((hardened / "moeguard_hardening.json").read_text())["run"]
+    assert record["versions"]["torch"] and "git_commit" in record
+    assert record["settings"]["method"] == "selective" and record["settings"]["steps"] == 2
     settings = json.loads((run / "stages" / "defense" / "defense.json").read_text())["settings"]
     assert settings["hardened"] == str(hardened)
     assert not (run / "jobs" / "harden-state").exists()
@@ -71,6 +75,24 @@ def test_the_pool_and_eval_limit_the_defense_reads_are_not_said_to_have_no_effec
         "budgets is set, and the recovery stage is off: it has no effect (drop --no-recovery to run it)",
         "pool_size, recovery_eval_limit are set, and the recovery and defense stages are off: they have no effect "
         "(drop --no-recovery, or pass --defense NAME or --hardened PATH to run it)"]
+
+
+def test_strategies_with_recovery_off_are_said_unused_not_refused():
+    """--no-recovery --strategies orphan was refused for lacking random (a stage that does not run), and
+    --no-recovery --strategies random,hybrid was ignored in silence."""
+    import warnings
+
+    from moeguard.audit.config import AuditConfig, check
+    from moeguard.errors import MoeguardError
+
+    for given in (["orphan"], ["random", "hybrid"]):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            check(AuditConfig(recovery=False, strategies=given))
+        assert [str(w.message) for w in said] == [
+            "strategies is set, and the recovery stage is off: it has no effect (drop --no-recovery to run it)"]
+    with pytest.raises(MoeguardError, match="lack 'random'"):
+        check(AuditConfig(strategies=["orphan"]))
 
 
 def test_a_second_audit_on_a_running_one_s_folder_is_one_line_and_touches_nothing(tmp_path, capsys):

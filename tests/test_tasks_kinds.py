@@ -332,3 +332,24 @@ def test_an_empty_input_without_bos_trains_on_what_evaluation_scores():
     nll = target_nll(Head(), hidden, torch.full((3, 4), IGNORE))   # a batch with no target
     assert nll.tolist() == [0.0, 0.0, 0.0] and nll.requires_grad
     nll.sum().backward()   # gradient attribution backpropagates every batch's sum
+
+
+def test_the_routing_profile_reads_the_text_field_the_kind_names(monkeypatch):
+    """zoo train's profile read r.get('text') or r['input']: a kind of other fields was a KeyError
+    traceback after its tokenizer had trained."""
+    import moeguard.tasks.loaders as loaders
+    from moeguard.models.loading import load_model
+    from moeguard.models.specialization import routing_profile
+
+    model, tok, _ = load_model(None)
+    task = get_task("arith-compare")
+    real = loaders.load_records
+    monkeypatch.setattr(loaders, "load_records", lambda t, split, limit=None: [{"question": "Is 3 > 2?", "label": "yes"}])
+    with pytest.raises(MoeguardError) as e:
+        routing_profile(model, tok, [task])
+    assert e.value.message == ("task 'arith-compare': its classification records have no text field 'input' for the "
+                               "routing profile")
+    monkeypatch.setattr(loaders, "load_records", real)
+    lm = get_task("stdlib-docs")
+    profile = routing_profile(model, tok, [task, lm], limit=8)   # the built-ins as before: input, text
+    assert set(profile) == {"arith-compare", "stdlib-docs"} and profile["stdlib-docs"].shape[1] == 8

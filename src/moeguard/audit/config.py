@@ -133,7 +133,7 @@ def build(file_values: dict[str, Any], flags: dict[str, Any]) -> AuditConfig:
 # settings of a stage that is off, with the flag that turns it on: set (other than their defaults) they were
 # ignored in silence. Said, not refused: a stage is switched off by adding its flag to a command that set them
 _STAGE_SETTINGS = {
-    "recovery": (("recovery_tasks", "recovery_keep", "recovery_mode", "budgets", "recovery_seeds"), "recovery",
+    "recovery": (("recovery_tasks", "recovery_keep", "recovery_mode", "budgets", "recovery_seeds", "strategies"), "recovery",
                  "drop --no-recovery"),
     # the defense comparison's attacker labels from the same pool, scored on the same eval limit
     "recovery and defense": (("pool_size", "recovery_eval_limit"), "recovery or defense or hardened",
@@ -208,7 +208,7 @@ def check(cfg: AuditConfig) -> None:
             check_capped(cfg.max_memory, mode=cfg.recovery_mode, mode_flag="--recovery-mode",
                          otherwise=", or --no-recovery")
     _check_unused(cfg)
-    if "random" not in cfg.strategies:
+    if cfg.recovery and "random" not in cfg.strategies:   # off, they are said unused (_check_unused), not refused
         raise MoeguardError(f"strategies {cfg.strategies} lack 'random', the baseline every strategy is compared with",
                             hint="add random, e.g. --strategies random,orphan")
     if cfg.budgets != sorted(set(cfg.budgets)) or cfg.budgets[0] < 1:

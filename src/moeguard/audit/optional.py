@@ -160,8 +160,15 @@ def harden_stage(cfg: AuditConfig, d: Path, runtime: Runtime, model: ModelHandle
                  save_every=cfg.harden_save_every)
     # as `moeguard harden` writes it: with its record and, for a defense with one, the protocol users
     # adapt under (without it a later defend-eval or realign on this folder skipped the protocol)
+    from moeguard.provenance import run_record
+
+    # with its run record, as `moeguard harden` writes it (it was {}: no versions, commit or settings in a
+    # checkpoint that may be copied out and handed to defend-eval or realign)
     save_hardened(d / "hardened", hardened, tok, hcfg, log, source=model.name, like=weights_folder(model.ref),
-                  named=final / "hardened")
+                  named=final / "hardened",
+                  run=run_record({"model": model.name, **hcfg.to_dict(), "save_every": cfg.harden_save_every,
+                                  "device_map": runtime.device_map, "dtype": runtime.dtype,
+                                  "stage": "the audit's harden stage"}))
     write_json(d / "hardening.json", {"method": cfg.defense, "config": hcfg.to_dict(), **log})
 
 

@@ -41,7 +41,16 @@ def routing_profile(model, tokenizer, tasks, *, limit: int = 64, batch_size: int
     out = {}
     for task in tasks:
         records = load_records(task, "eval", limit=limit)
-        texts = [r.get("text") or r["input"] for r in records]
+        # the text the model reads, as the kind names it (a kind of other fields was a KeyError traceback
+        # in zoo train, after its tokenizer had trained)
+        field = task.kind_spec.unlabeled_fields[0]
+        if any(not isinstance(r.get(field), str) for r in records):
+            from moeguard.errors import MoeguardError
+
+            raise MoeguardError(f"task '{task.name}': its {task.kind} records have no text field '{field}' for the "
+                                "routing profile", hint="set the kind's unlabeled_fields to the record field holding "
+                                                        "the text the model reads")
+        texts = [r[field] for r in records]
         with RoutingCapture(model) as cap, torch.no_grad():
             for i in range(0, len(texts), batch_size):
                 enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
