@@ -84,3 +84,25 @@ def test_merge_on_scores_of_a_file_task_names_the_file_to_pass(tmp_path, monkeyp
               "pass --task mine.yaml")
     assert main(["merge", "--scores", "s.json", "--keep", "4", "--method", "router-weighted", "--task", "mine.yaml",
                  "--samples", "8", "--out", "m"]) == 0
+
+
+def test_recovery_takes_a_sweeps_method_for_the_model_it_names_as_a_path(tmp_path, monkeypatch):
+    """The sweep's model was compared by the name as typed: './ckpt' and 'ckpt' were refused as two
+    models, and another folder's 'ckpt' accepted as this one."""
+    from moeguard.errors import MoeguardError
+    from moeguard.models.loading import resolve
+    from moeguard.studies.recovery import best_method
+
+    for where in ("a", "b"):
+        shutil.copytree(EMBEDDED_MODEL_DIR, tmp_path / where / "ckpt")
+    sweep = lambda name: {"faithfulness": {"t": {"gate": {"auc": 0.9}, "frequency": {"auc": 0.5}}},  # noqa: E731
+                          "run": {"settings": {"model": name}}}
+    monkeypatch.chdir(tmp_path / "a")
+    ref = resolve("./ckpt")
+    assert best_method(sweep("ckpt"), "t", model=ref) == "gate"
+    assert best_method(sweep(str(tmp_path / "a" / "ckpt")), "t", model=resolve("ckpt")) == "gate"
+    with pytest.raises(MoeguardError, match="the sweep ranks methods on model '.*b/ckpt'; this study is on 'ckpt'"):
+        best_method(sweep(str(tmp_path / "b" / "ckpt")), "t", model=resolve("ckpt"))
+    monkeypatch.chdir(tmp_path / "b")   # the sweep's relative 'ckpt' is this folder's: not a's model
+    with pytest.raises(MoeguardError, match="this study is on"):
+        best_method(sweep("ckpt"), "t", model=ref)

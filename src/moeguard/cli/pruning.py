@@ -215,7 +215,8 @@ def sweep(*, out: Path, model: Optional[str], device_map: Optional[str], backend
         from moeguard.studies.merge_route import refuse_capped_merge
 
         refuse_capped_merge(max_memory, flag="--max-memory", route_flag="--route")
-    settings = {"model": handle.name, **dataclasses.asdict(cfg), **_placement(handle, cap)}
+    # the model as recovery --sweep can tell it from another folder (its path, not the name as typed)
+    settings = {"model": handle.ref.recorded, **dataclasses.asdict(cfg), **_placement(handle, cap)}
 
     def write(doc, work):
         write_sweep(doc, doc.pop("scores"), work)

@@ -130,7 +130,7 @@ def recovery(*, out: Path, model: Optional[str], device_map: Optional[str], back
         from moeguard.io import file_sha256
 
         method = best_method(read_json(sweep, what="sweep", hint="pass the sweep.json of `moeguard sweep`"),
-                             the_task.name, model=handle.name)
+                             the_task.name, model=handle.ref)
         chosen = {"method_from": {"sweep": str(sweep), "sha256": file_sha256(sweep)}}   # which sweep chose it
     ft = build(FinetuneConfig, {k: flags.pop(k) for k in ("mode", "lr", "epochs", "min_steps", "batch_size")},
                what="fine-tuning", seed=flags["seed"])

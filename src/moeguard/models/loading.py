@@ -38,6 +38,18 @@ class ModelRef:
             return self.name
         return str(self.path)
 
+    def answers_to(self, name: str) -> bool:
+        """Whether ``name``, as another command recorded this model (as typed, ``recorded``, or the folder
+        transformers loaded it from: a sweep's or an audit's scores), names this model."""
+        if name in (self.name, self.recorded):
+            return True
+        if self.path is None or not name:
+            return False
+        try:
+            return Path(name).expanduser().resolve() == Path(self.path).resolve()
+        except (OSError, ValueError, RuntimeError):   # a name no path can be (a NUL byte, a symlink loop)
+            return False
+
 
 def resolve(ref: str | None) -> ModelRef:
     if ref in (None, "", "embedded"):

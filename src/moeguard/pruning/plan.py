@@ -150,22 +150,10 @@ def check_scores_model(scores: Any, path: str | Path, model: Any) -> None:
     cut by its own scores applied to the embedded model, without a word; another shape failed on the
     count. The model is named as attribute names it ('embedded') or by its folder (a sweep's or an
     audit's scores: the path transformers loaded it from)."""
-    if not _names(scores.model, model.ref):
+    if scores.model and not model.ref.answers_to(scores.model):
         raise MoeguardError(f"{path} scores model '{scores.model}', and no --model was given (the default is the "
                             "embedded model)", hint=f"pass --model {scores.model} (the checkpoint it scores), as the "
                                                     "attribute command named it")
-
-
-def _names(name: str, ref: Any) -> bool:
-    """Whether ``name`` (a scores file's model) is the model ``ref`` (a ModelRef)."""
-    if name in ("", ref.name, ref.recorded):
-        return True
-    if ref.path is None or not name:
-        return False
-    try:
-        return Path(name).expanduser().resolve() == Path(ref.path).resolve()
-    except (OSError, ValueError, RuntimeError):   # a name no path can be (a NUL byte, a loop)
-        return False
 
 
 def plan_for(model: Any, *, scores: str | Path | None = None, plan: str | Path | None = None,

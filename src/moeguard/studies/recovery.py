@@ -84,17 +84,18 @@ class RecoveryConfig:
         return d
 
 
-def best_method(sweep: dict[str, Any], task: str, *, model: str | None = None) -> str:
+def best_method(sweep: dict[str, Any], task: str, *, model: Any = None) -> str:
     """The method with the highest deletion-curve AUC for ``task`` in a sweep document; with
-    ``model``, a sweep whose run record names another model is refused (its ranking is that
-    model's)."""
+    ``model`` (a ModelRef), a sweep whose run record names another model is refused (its ranking is
+    that model's). The names are compared as paths too: './ckpt' and 'ckpt' are one model, and a
+    relative name typed in another folder is not this one."""
     every = sweep.get("faithfulness") if isinstance(sweep, dict) else None
     if not isinstance(every, dict):
         raise MoeguardError("the sweep document has no 'faithfulness' map", hint="pass the sweep.json of `moeguard sweep`")
     run = sweep.get("run")
     swept = run.get("settings", {}).get("model") if isinstance(run, dict) and isinstance(run.get("settings"), dict) else None
-    if model is not None and swept is not None and swept != model:
-        raise MoeguardError(f"the sweep ranks methods on model '{swept}'; this study is on '{model}'",
+    if model is not None and swept is not None and not model.answers_to(str(swept)):
+        raise MoeguardError(f"the sweep ranks methods on model '{swept}'; this study is on '{model.name}'",
                             hint="pass the sweep of this model, or --method")
     faith = every.get(task)
     if not faith or not isinstance(faith, dict):
