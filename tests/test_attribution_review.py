@@ -31,6 +31,26 @@ def test_reference_for_a_method_that_reads_none_is_refused(tmp_path, capsys):
     _one_line(code, capsys.readouterr().err, "--reference is read only by methods that compare with a reference corpus")
 
 
+def test_hints_name_every_registered_method_that_fits(tmp_path, capsys, monkeypatch):
+    """They named one built-in each (contrastive, router-weighted): a registered method with the same
+    flag was never suggested."""
+    import dataclasses
+
+    from moeguard.attribution.base import METHODS, get_method
+    from moeguard.pruning.merging.base import MERGE_METHODS, get_merge_method
+
+    monkeypatch.setitem(METHODS._items, "contrastive-2", dataclasses.replace(get_method("contrastive"), name="contrastive-2"))
+    monkeypatch.setitem(MERGE_METHODS._items, "gate-mine", dataclasses.replace(get_merge_method("router-weighted"),
+                                                                              name="gate-mine"))
+    code = main(["attribute", "--task", "arith-compare", "--method", "frequency", "--reference", "stdlib-code",
+                 "--out", str(tmp_path / "s.json")])
+    _one_line(code, capsys.readouterr().err, "use a method that does: contrastive, contrastive-2")
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"keep": {"0": [0, 1], "1": [0, 1], "2": [0, 1], "3": [0, 1]}}')
+    code = main(["merge", "--plan", str(plan), "--method", "average", "--gate", "raw", "--out", str(tmp_path / "m")])
+    _one_line(code, capsys.readouterr().err, "use a method that does: gate-mine, router-weighted")
+
+
 def test_the_sweep_refuses_a_budget_pruned_model_before_the_baseline(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"keep": {"0": [0, 1, 2, 3], "1": [0, 1, 2, 3, 4, 5], "2": [0, 1, 2, 3], "3": [0, 1, 2, 3]}}))

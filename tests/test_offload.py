@@ -251,7 +251,7 @@ def test_a_capped_merge_calibrates_offloaded_and_streams_the_in_memory_merge(tmp
     with monkeypatch.context() as mp:   # (undo() would also undo own_temp_dir's folder)
         mp.setattr(placement, "placed_on", lambda device_map, capped=False: "cuda")
         assert main([*common, "--max-memory", "4MiB", "--out", str(tmp_path / "cap")]) == 0
-    assert "(hc-smoe: hierarchical clustering of expert outputs, streaming)" in capsys.readouterr().out
+    assert "(hc-smoe: hierarchical clustering (average linkage) on mean expert outputs; frequency-weighted average, streaming)" in capsys.readouterr().out
     assert not (offload_folders() - folders)                                     # the offload folder is gone
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before             # the input is only read
     rec = {x: json.loads((tmp_path / x / "moeguard_merging.json").read_text()) for x in ("mem", "cap")}

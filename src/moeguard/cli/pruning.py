@@ -26,7 +26,7 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
               device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, overwrite: OverwriteOpt = False,
               seed: SeedOpt = 0) -> None:
     """Score every (layer, expert) for a task with one method; higher = more important."""
-    from moeguard.attribution.base import check_method_runs, get_method
+    from moeguard.attribution.base import check_method_runs, get_method, list_methods
     from moeguard.attribution.run import make_context, score
     from moeguard.edge import resolve_model, resolve_tasks, task_inputs
     from moeguard.io import check_output, write_json
@@ -41,7 +41,8 @@ def attribute(task: Annotated[str, typer.Option("--task", help="task name or YAM
         from moeguard.errors import MoeguardError
 
         raise MoeguardError(f"--reference is read only by methods that compare with a reference corpus, and "
-                            f"'{method}' does not", hint="drop --reference, or use --method contrastive")
+                            f"'{method}' does not", hint="drop --reference, or use a method that does: " + ", ".join(
+                                m.name for m in list_methods() if m.needs_reference))
     # resolved once here (a YAML path is read once), and unreadable data fails before any weights load
     the_task, *ref_tasks = resolve_tasks([task, *(refs or [])], what="--task", scored=False)   # their data only
     check_output(out, overwrite=overwrite, kind="file", inputs=task_inputs([the_task, *ref_tasks]))

@@ -15,7 +15,7 @@ from torch import nn
 
 from moeguard.errors import MoeguardError
 from moeguard.models.adapter import MoEAdapter
-from moeguard.pruning.merging.base import GATES, get_merge_method
+from moeguard.pruning.merging.base import GATES, MERGE_METHODS, get_merge_method
 from moeguard.pruning.merging.operation import merge_experts
 from moeguard.pruning.merging.plan import MergePlan, centres_from_keep, explicit_clusters
 
@@ -30,7 +30,8 @@ def prepare(adapter: MoEAdapter, *, method: str, gate: str = "applied", keep: in
                             hint="applied: the weights the block uses; raw: the router's score before renormalization")
     if gate != "applied" and not m.uses_gate:   # it was recorded as asked while changing nothing
         raise MoeguardError(f"--gate {gate} changes only methods that weigh by the router, and '{method}' does not",
-                            hint="drop --gate, or use --method router-weighted")
+                            hint="drop --gate, or use a method that does: "
+                                 + ", ".join(n for n in MERGE_METHODS.names() if MERGE_METHODS[n].uses_gate))
     layers = {l.index: l.num_experts for l in adapter.layers}
     if (scores is None) == (plan is None):
         raise MoeguardError("give exactly one of --scores or --plan", hint="e.g. --scores scores.json --keep 4")
@@ -149,7 +150,7 @@ def plan_merge(model: nn.Module, prepared: dict[str, Any], *, batches: list | No
     how = "explicit clusters" if prepared["clusters"] else (
         f"{m.name}: clusters from {scores_method} scores and output similarity" if m.sets_centres and scores_method else
         f"{m.name}: clusters around the plan's centres by output similarity" if m.sets_centres else
-        f"{m.name}: hierarchical clustering of expert outputs")
+        f"{m.name}: {m.description}")   # a method that clusters freely says how (not always hc-smoe's way)
     plan = MergePlan(clusters=clusters, weights=weights, num_experts=MoEAdapter(model).num_experts, method=m.name,
                      gate=gate if m.uses_gate else None, task=task, scores_method=scores_method, why=how)
     return plan, cost
