@@ -45,3 +45,14 @@ def test_card_reports_task_specialization():
     assert len(spec["per_layer"]) == 4 and all(x > 0.02 for x in spec["per_layer"]) and spec["mean"] > 0.05
     tops = list(spec["top_experts"].values())
     assert any(len({t[layer] for t in tops}) > 1 for layer in range(len(tops[0])))
+
+
+def test_the_cards_specialization_is_what_the_shipped_weights_give(embedded):
+    """The claim above was read from the card alone: weights replaced without the card still passed."""
+    from moeguard.models.specialization import routing_profile, specialization_summary
+
+    model, tokenizer = embedded
+    card = json.loads((EMBEDDED_MODEL_DIR / "moeguard_card.json").read_text())["specialization"]
+    now = specialization_summary(routing_profile(model, tokenizer, embedded_tasks()))
+    assert now["top_experts"] == card["top_experts"]
+    assert all(abs(a - b) <= 0.002 for a, b in zip(now["per_layer"], card["per_layer"])), (now["per_layer"], card)
