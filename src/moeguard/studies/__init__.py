@@ -67,11 +67,16 @@ def run_local(study: Study, cfg: Any, *, model: str | None = None, jobs: Path | 
 
     from moeguard.studies.engine import LocalBackend
 
+    from moeguard.studies.engine import Context
+
     runtime = Runtime(model=model, threads=threads or torch.get_num_threads(), tasks=tuple(tasks))
-    if jobs is not None:
-        return run_study(study, cfg, jobs=Path(jobs), runtime=runtime, backend=LocalBackend(), progress=progress)
-    with tempfile.TemporaryDirectory(prefix="moeguard-jobs-") as tmp:
-        return run_study(study, cfg, jobs=Path(tmp), runtime=runtime, backend=LocalBackend(), progress=progress)
+    try:
+        if jobs is not None:
+            return run_study(study, cfg, jobs=Path(jobs), runtime=runtime, backend=LocalBackend(), progress=progress)
+        with tempfile.TemporaryDirectory(prefix="moeguard-jobs-") as tmp:
+            return run_study(study, cfg, jobs=Path(tmp), runtime=runtime, backend=LocalBackend(), progress=progress)
+    finally:
+        Context.release()   # the caller's process keeps no model of the study's (it held them until exit)
 
 
 def run_studies(items: list[tuple[Study, Any]], *, jobs: Path, runtime: Runtime, backend: Backend,
@@ -153,6 +158,9 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
             write(doc, work)
     finally:
         runner.close()
+        from moeguard.studies.engine import Context
+
+        Context.release()   # the study's models out of memory (and its capped copies' offload folders off disk)
     return doc
 
 

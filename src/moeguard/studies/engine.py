@@ -182,7 +182,10 @@ class Context:
         release_memory()
 
     def _key(self, ref: str | None) -> str:
-        return json.dumps({**self.runtime.to_dict(), "model": ref, "max_memory": self.runtime.max_memory}, sort_keys=True)
+        # the files as they are now, too: a checkpoint rewritten in place (prune --overwrite) between two
+        # studies of one process was handed out as the model cached before
+        return json.dumps({**self.runtime.to_dict(), "model": ref, "max_memory": self.runtime.max_memory,
+                           "files": _on_disk(ref)}, sort_keys=True)
 
     def derived(self, tag: tuple, make: Callable[[], Any]):
         """A model derived from one of the study's (a pruned copy), built once per process and
@@ -509,6 +512,19 @@ def _job_for_nodes(job: Job) -> Job:
     if "model" not in job.args or _for_nodes(job.args["model"]) == job.args["model"]:
         return job
     return replace(job, args={**job.args, "model": _for_nodes(job.args["model"])})
+
+
+def _on_disk(ref: str | None) -> list:
+    """A local checkpoint's weight and config files by name, size and modification time (what a
+    rewrite changes; cheap enough for every job's lookup); [] for a hub id or a missing folder."""
+    from moeguard.models.loading import EMBEDDED_MODEL_DIR
+
+    folder = EMBEDDED_MODEL_DIR if ref in (None, "", "embedded") else Path(str(ref)).expanduser()
+    try:
+        files = sorted([*folder.glob("*.safetensors"), folder / "config.json"])
+        return [[f.name, st.st_size, st.st_mtime_ns] for f in files if f.exists() for st in [f.stat()]]
+    except OSError:
+        return []
 
 
 def make_backend(name: str, *, address: str | None = None, gpus: float = 0.0, num_cpus: int | None = None,
