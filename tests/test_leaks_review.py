@@ -38,3 +38,53 @@ def test_run_local_leaves_no_model_held():
 
     run_local(SweepStudy(), cfg, threads=1)
     assert Context._models == {} and Context._derived == {}
+
+
+def test_a_failure_before_training_puts_the_models_flags_back(monkeypatch, tmp_path):
+    """harden set every requires_grad before restoring its saved state, and realign applied its mode
+    before copying the weights, both outside the try that undoes them: an error there (the moments
+    restored onto a full GPU, host memory for the copy) left a library caller's model changed."""
+    import pytest
+    import torch
+
+    from moeguard import trainstate
+    from moeguard.defense.harden import config_for, harden
+    from moeguard.models.loading import load_model
+    from moeguard.realign import modes
+    from moeguard.realign.engine import FinetuneConfig
+    from moeguard.realign.loop import ALConfig, run_active_learning
+
+    model, tok, _ = load_model(None)
+    for n, p in model.named_parameters():
+        p.requires_grad_("experts" in n)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def fail(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(trainstate, "load", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        harden(model, tok, config_for("selective", steps=1, tasks=("arith-compare",)), checkpoint=tmp_path / "s")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    monkeypatch.setattr(modes.Trainable, "state", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_active_learning(model, tok, "arith-compare", ALConfig(strategy="random", schedule=(8,), pool_size=16,
+                                                                    eval_limit=8, finetune=FinetuneConfig(mode="router")))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not any(isinstance(m, torch.nn.Module) and type(m).__module__.startswith("peft") for m in model.modules())
+
+
+def test_a_refusal_inside_a_resumable_block_leaves_no_stamp_only_folder(tmp_path, monkeypatch, capsys):
+    """kept_progress removed a .OUT.partial holding only its settings stamp on an interrupt, not on a
+    one-line refusal (a load failure, a log monitor score refuses after the block opened)."""
+    from moeguard.cli import main
+    from moeguard.errors import MoeguardError
+    from moeguard.models.handle import ModelHandle
+
+    def refuse(*a, **k):
+        raise MoeguardError("the weights cannot be read", hint="check them")
+
+    monkeypatch.setattr(ModelHandle, "load", refuse)
+    assert main(["eval", "--tasks", "arith-compare", "--limit", "4", "--out", str(tmp_path / "r.json")]) == 2
+    assert "the weights cannot be read" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

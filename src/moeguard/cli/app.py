@@ -274,6 +274,9 @@ def _main(argv: list[str] | None) -> int:
     except MoeguardError as e:
         if _state["debug"]:
             raise
+        from moeguard.io import kept_progress
+
+        kept_progress()   # a refusal inside a resumable block leaves no folder holding only its settings stamp
         print(f"moeguard: error: {e.one_line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -239,5 +239,6 @@ def serve(
         typer.echo("moeguard: serve stopped" + "".join(f"; {k}" for k in kept if k), err=True)
     finally:
         sock.close()
-        if held is not None:
+        if held is not None:   # the lock file goes while still held, as io.held removes every other one
+            period_log.with_name(period_log.name + ".lock").unlink(missing_ok=True)
             held.close()

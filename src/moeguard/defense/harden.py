@@ -222,9 +222,7 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
     device = model.get_input_embeddings().weight.device
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
+    flags = [p.requires_grad for p in params]   # every weight trains: set inside the try below, put back after
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     shares: dict[str, torch.Tensor] = {}
     subset: dict[str, str] = {}   # which kind of subset each task's last attacker kept
@@ -271,6 +269,8 @@ def harden(model, tokenizer, cfg: HardenConfig, *, progress: Any = None,
     was_training = model.training
     model.train()
     try:
+        for p in params:   # here, not before the state's restore: an error there left them all set
+            p.requires_grad_(True)
         for step in range(start, cfg.steps):
             task = order[step % len(order)]
             keep = attacker_keep(task, step)

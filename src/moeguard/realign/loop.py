@@ -141,9 +141,13 @@ def run_active_learning(model, tokenizer, task: Task | str, cfg: ALConfig, *, po
 
     trainable = apply_mode(model, cfg.finetune.mode, lora_r=cfg.finetune.lora_r, lora_alpha=cfg.finetune.lora_alpha,
                            seed=cfg.finetune.seed, only=cfg.finetune.allowed())
-    # host memory: in full mode a second copy of every weight on the accelerator halved what fits there
-    init = trainable.state(device="cpu")
-    bar = progress.add_task(f"{strategy.name} seed {cfg.seed}", total=len(schedule) + 1) if progress else None
+    try:   # the copy below can fail (host memory, an interrupt): the mode's changes are undone then too
+        # host memory: in full mode a second copy of every weight on the accelerator halved what fits there
+        init = trainable.state(device="cpu")
+        bar = progress.add_task(f"{strategy.name} seed {cfg.seed}", total=len(schedule) + 1) if progress else None
+    except BaseException:
+        trainable.release()
+        raise
     try:
         if weighed(len(state["rounds"])):
             from safetensors.torch import load_file

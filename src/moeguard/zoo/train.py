@@ -32,7 +32,27 @@ def train_embedded(out: str | Path, *, recipe: Recipe = Recipe(), overwrite: boo
 
     ``checkpoint``: a folder for the training state (``moeguard/trainstate.py``), written every
     ``save_every`` steps; a state of the same run (recipe and training texts) is resumed from, and
-    ends with the weights an uninterrupted run has. The caller removes it once ``out`` is written."""
+    ends with the weights an uninterrupted run has. The caller removes it once ``out`` is written.
+
+    The thread count, denormal flushing and TOKENIZERS_PARALLELISM it sets for training are put back
+    after it (a benchmark that trained the model first measured with them; a rerun, without)."""
+    import os
+
+    threads, parallel = torch.get_num_threads(), os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        return _train_embedded(out, recipe=recipe, overwrite=overwrite, progress=progress, tasks=tasks,
+                               checkpoint=checkpoint, save_every=save_every)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)   # torch's default (it has no getter to read the setting before)
+        if parallel is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallel
+
+
+def _train_embedded(out: str | Path, *, recipe: Recipe, overwrite: bool, progress, tasks: list | None,
+                    checkpoint: Path | None, save_every: int) -> dict:
     from moeguard import trainstate
     from moeguard.io import digest
     from transformers import AutoModelForCausalLM
