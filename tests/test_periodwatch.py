@@ -272,6 +272,7 @@ def test_serve_keeps_the_open_period_across_a_stop_and_a_start(setting, tmp_path
         # "interrupted; no output was written")
         assert proc.returncode == 0 and err.rstrip().endswith(
             f"moeguard: serve stopped; closed periods in {log}; the open period in {periodwatch.open_path(log)}"), err
+        assert not log.with_name(log.name + ".lock").exists()   # its lock goes with it (it was left behind)
         return err
 
     serve_and_stop(3)
