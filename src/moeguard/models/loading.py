@@ -88,6 +88,13 @@ def load_config(ref: ModelRef):
         return AutoConfig.from_pretrained(str(ref.path or ref.hub_id), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001  OSError/ValueError, and huggingface_hub's strict-dataclass errors
         # (a field of the wrong type), which derive from Exception only
+        # and a dtype that is no torch dtype ("bf16"): transformers reads it with getattr(torch, ...)
+        dtype_typo = isinstance(e, AttributeError) and str(e).startswith("module 'torch' has no attribute")
+        if dtype_typo:
+            named = getattr(e, "name", None) or str(e).rsplit("'", 2)[-2]
+            raise MoeguardError(f"the config of {ref.path or ref.hub_id} names dtype '{named}', which is no torch dtype",
+                                hint="write bfloat16, float16 or float32 in its config.json (torch_dtype / dtype)"
+                                if ref.path is not None else "tell the repository's owner; moeguard cannot load it") from None
         if not isinstance(e, (OSError, ValueError, TypeError)) and "StrictDataclass" not in type(e).__name__:
             raise
         where = ref.path or ref.hub_id

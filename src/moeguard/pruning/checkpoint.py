@@ -227,7 +227,8 @@ def check_apart(src: Path, out: Path) -> None:
 
 
 def side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[str]]:
-    """Top-level files copied unchanged, and entries left out (other weights, folders)."""
+    """Top-level files copied unchanged, and entries left out (other weights, folders, and links that
+    lead out of the checkpoint)."""
     # moeguard_card.json holds the *full* model's measured numbers; they do not describe the copy
     rewritten = {"config.json", INDEX_NAME, RECORD_NAME, MERGE_RECORD_NAME, "moeguard_card.json"} | {f.name for f in weight_files}
     copy, skipped = [], []
@@ -235,11 +236,28 @@ def side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[st
         if p.name in rewritten:
             continue
         # weights in other formats would be unpruned copies that a loader could pick up instead
-        if not p.is_file() or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
+        if not p.is_file() or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith(".") or not _own_file(src, p):
             skipped.append(p.name)
         else:
             copy.append(p)
     return copy, skipped
+
+
+def _own_file(src: Path, p: Path) -> bool:
+    """Whether ``p`` (an entry of the checkpoint folder ``src``) is the checkpoint's own file: a link
+    is followed only into the folder itself, or, in a hub snapshot, into its repository's cache (its
+    files are links to blobs/). A received checkpoint's NOTES.txt -> /proc/self/environ (HF_TOKEN) or
+    -> ~/.ssh/id_rsa was copied into the pruned checkpoint a user then publishes."""
+    if not p.is_symlink():
+        return True
+    try:
+        target, root = p.resolve(strict=True), src.resolve()
+    except (OSError, RuntimeError):   # a dangling link, a loop
+        return False
+    roots = [root]
+    if root.parent.name == "snapshots":   # <cache>/models--org--name/snapshots/<commit>: blobs/ beside it
+        roots.append(root.parents[1])
+    return target.is_file() and any(r == target or r in target.parents for r in roots)
 
 
 def _finished(shard: Path, tensors: list) -> bool:

@@ -86,8 +86,9 @@ def load_references(paths: list[Path]) -> list[dict]:
             raise MoeguardError(f"{f} is not a scan ({SCHEMA})", hint=hint)
         for i, r in enumerate(doc["experts"]):
             score = r.get("effect", {}).get("score") if isinstance(r, dict) and isinstance(r.get("effect"), dict) else None
-            if not isinstance(r, dict) or not isinstance(r.get("layer"), int) or not isinstance(score, (int, float)) \
-                    or not math.isfinite(score):
+            # a bool is no score, and a 400-digit integer overflowed math.isfinite (a traceback)
+            if not isinstance(r, dict) or type(r.get("layer")) is not int or type(score) not in (int, float) \
+                    or not math.isfinite(float(score) if abs(score) < 1e308 else math.inf):
                 raise MoeguardError(f"{f} has an expert row without an integer layer and a finite effect score "
                                     f"(row {i}: {json.dumps(r)[:80]})", hint=hint)
         refs.append({**doc, "path": str(f)})

@@ -278,11 +278,17 @@ def _check_settings(task: "Task") -> None:
         except ValueError as exc:
             raise MoeguardError(f"task '{name}' has a prompt that is not a template ({exc}): {task.prompt[:60]!r}",
                                 hint="double a literal brace ({{ or }}); {column} names a source column") from None
-        for _, field_name, spec, _ in parts:
+        for _, field_name, spec, conversion in parts:
             # a cell is text when the prompt is filled: {source[0]} took its first character, {a.b} failed
             if field_name is not None and (any(c in field_name for c in ".[") or "{" in (spec or "")):
                 raise MoeguardError(f"task '{name}' has prompt placeholder {{{field_name}}}, which reaches into a column",
                                     hint="name whole columns only ({column}); a list column is joined into text")
+            # a width ({text:>999999999}) built a string of that many characters per record (a task file from
+            # someone else: gigabytes, or a MemoryError traceback); a conversion (!r) quoted the cell
+            if field_name is not None and (spec or conversion):
+                shown = field_name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+                raise MoeguardError(f"task '{name}' has prompt placeholder {{{shown}}}, with a format",
+                                    hint=f"write plain {{{field_name}}}: the cell's text goes in as it is")
     kinds = {type(k) for k in task.labels}
     if type(None) in kinds or len(kinds - {bool}) > 1:
         # {0: ' no', unsure: ' maybe'}: every resumable command's key (sorted JSON) failed with a TypeError

@@ -1,0 +1,95 @@
+"""From a read-only review of untrusted inputs: a received checkpoint's links out of its folder are
+not copied into what moeguard writes; a config dtype that is no torch dtype, a prompt placeholder
+with a format spec and a reference scan's unreadable score are one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from moeguard.cli import main
+from moeguard.models.loading import EMBEDDED_MODEL_DIR
+
+
+def _one_line(code, err, *needles):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("moeguard: error:"), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("mode", ["--streaming", "--in-memory"])
+def test_a_link_out_of_the_checkpoint_is_not_copied_into_the_pruned_one(tmp_path, mode):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("HF_TOKEN=hf_abc")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED_MODEL_DIR, ckpt)
+    (ckpt / "NOTES.txt").symlink_to(secret)
+    (ckpt / "notes-here.md").write_text("the owner's notes")
+    (ckpt / "LINK.md").symlink_to(ckpt / "notes-here.md")   # a link inside the folder is its own file
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {str(l): [0, 2, 4, 6] for l in range(4)}}))
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(ckpt), "--plan", str(plan), "--out", str(out), mode]) == 0
+    assert not (out / "NOTES.txt").exists() and (out / "LINK.md").read_text() == "the owner's notes"
+    assert "HF_TOKEN" not in "".join(p.read_text(errors="ignore") for p in out.iterdir() if p.is_file())
+    if mode == "--streaming":
+        assert "NOTES.txt" in json.loads((out / "moeguard_pruning.json").read_text())["skipped_files"]
+
+
+def test_a_hub_snapshots_links_into_its_blobs_are_its_own_files(tmp_path):
+    """The hub cache keeps every file of a snapshot as a link to ../../blobs/: they are copied."""
+    from moeguard.pruning.checkpoint import side_files
+
+    repo = tmp_path / "models--org--m"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for name, text in (("tokenizer.json", "{}"), ("README.md", "card")):
+        (repo / "blobs" / f"sha-{name}").write_text(text)
+        (snap / name).symlink_to(f"../../blobs/sha-{name}")
+    (snap / "stolen.txt").symlink_to(tmp_path / "elsewhere.txt")
+    (tmp_path / "elsewhere.txt").write_text("not the repo's")
+    copy, skipped = side_files(snap, [])
+    assert [p.name for p in copy] == ["README.md", "tokenizer.json"] and skipped == ["stolen.txt"]
+
+
+def test_a_config_dtype_that_is_no_torch_dtype_is_one_line(tmp_path, capsys):
+    """'bf16' (a common typo) was transformers' getattr(torch, 'bf16'): an AttributeError traceback
+    on every command, info included."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED_MODEL_DIR, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(torch_dtype="bf16", dtype="bf16")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    _one_line(main(["info", "--model", str(ckpt)]), capsys.readouterr().err,
+              f"the config of {ckpt.resolve()} names dtype 'bf16', which is no torch dtype", "write bfloat16")
+
+
+@pytest.mark.parametrize("placeholder", ["{question:>999999999}", "{question!r}", "{question:😀>9}"])
+def test_a_prompt_placeholder_with_a_format_is_refused_when_the_task_is_read(tmp_path, placeholder):
+    from moeguard.errors import MoeguardError
+    from moeguard.tasks.registry import load_task_file
+
+    src = EMBEDDED_MODEL_DIR.parent.parent / "tasks" / "embedded" / "arith-compare.yaml"
+    text = src.read_text().replace('prompt: "{question}\\nAnswer:"', f'prompt: "{placeholder}\\nAnswer:"')
+    assert placeholder in text
+    (tmp_path / "t.yaml").write_text(text)
+    with pytest.raises(MoeguardError) as e:
+        load_task_file(tmp_path / "t.yaml")
+    assert e.value.message.endswith("with a format") and "write plain {question}" in e.value.hint
+
+
+@pytest.mark.parametrize("score", ["1" + "0" * 400, "true"])
+def test_a_reference_scan_with_an_unreadable_score_is_one_error(tmp_path, score):
+    """A 400-digit integer overflowed math.isfinite (a traceback); true passed as a score."""
+    from moeguard.errors import MoeguardError
+    from moeguard.scan.run import SCHEMA, load_references
+
+    f = tmp_path / "scan.json"
+    f.write_text('{"schema": "%s", "suspicion": {"score": "chain"}, "experts": [{"layer": 0, "effect": {"score": %s}}]}'
+                 % (SCHEMA, score))
+    with pytest.raises(MoeguardError, match="has an expert row without an integer layer and a finite effect score"):
+        load_references([f])
