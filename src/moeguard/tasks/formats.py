@@ -27,6 +27,7 @@ from moeguard.tasks.base import FILE_FORMATS, TABLE_FORMATS
 EXT_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 _LAST_SPACE = re.compile(r"\s(?=\S*$)")
+_NONSPACE = re.compile(r"\S")
 
 
 def format_of(name: str, given: str | None) -> str:
@@ -235,25 +236,28 @@ def chunk_text(text: str, chunk_chars: int) -> list[str]:
         sep = "\n\n" if buf else ""
         for line in para.split("\n"):
             line = line.rstrip()
-            while line.strip():
+            # the line's unread part is line[at:], read by position: cutting a copy of the rest off at each
+            # chunk (and stripping it to test it) was quadratic, hours for a one-line corpus of 1 GB
+            at = 0
+            while (text := _NONSPACE.search(line, at)) is not None:
                 if not buf:
-                    line, sep = line.lstrip(), ""
+                    at, sep = text.start(), ""
                 room = chunk_chars - len(buf) - len(sep)
-                if len(line) <= room:
-                    buf, sep, line = buf + sep + line, "\n", ""
+                if len(line) - at <= room:
+                    buf, sep, at = buf + sep + line[at:], "\n", len(line)
                     continue
                 if buf and (len(buf) >= chunk_chars / 2 or room <= 1):
                     flush()  # full enough: the line opens the next chunk
                     continue
-                head, rest = _cut_at_space(line, room)
+                head, after = _cut_at_space(line, at, room)
                 if not head and buf:
                     flush()  # no whitespace within the room: the line opens the next chunk
                     continue
                 if not head:  # a single word longer than a chunk
-                    head, rest = line[:room], line[room:]
+                    head, after = line[at:at + room], at + room
                 buf += sep + head
                 flush()
-                line = rest
+                at = after
         size = len(buf)
         if size >= chunk_chars:
             flush()
@@ -261,12 +265,16 @@ def chunk_text(text: str, chunk_chars: int) -> list[str]:
     return chunks
 
 
-def _cut_at_space(line: str, room: int) -> tuple[str, str]:
-    """``line`` cut at its last whitespace that leaves at most ``room`` characters before it;
-    ``("", line)`` when there is none."""
-    space = _LAST_SPACE.search(line[:room + 1])
-    head = line[:space.start()].rstrip() if space else ""
-    return (head, line[space.start():].lstrip()) if head else ("", line)
+def _cut_at_space(line: str, at: int, room: int) -> tuple[str, int]:
+    """``line[at:]`` cut at its last whitespace that leaves at most ``room`` characters before it: the
+    part before it and where the rest's text starts; ``("", at)`` when there is none."""
+    window = line[at:at + room + 1]
+    space = _LAST_SPACE.search(window)
+    head = window[:space.start()].rstrip() if space else ""
+    if not head:
+        return "", at
+    rest = _NONSPACE.search(line, at + space.start())
+    return head, rest.start() if rest is not None else len(line)
 
 
 def first_line(exc: BaseException) -> str:
