@@ -93,3 +93,28 @@ def test_a_reference_scan_with_an_unreadable_score_is_one_error(tmp_path, score)
                  % (SCHEMA, score))
     with pytest.raises(MoeguardError, match="has an expert row without an integer layer and a finite effect score"):
         load_references([f])
+
+
+def test_a_config_declaring_more_layers_than_its_weights_hold_is_refused_before_any_build(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A received checkpoint's num_hidden_layers of 10,000,000 built that many modules on meta (trace,
+    info, prune) before the missing tensors were found."""
+    import moeguard.models.loading as loading
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED_MODEL_DIR, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_hidden_layers"] = 10_000_000
+    (ckpt / "config.json").write_text(json.dumps(config))
+    real = loading.meta_model
+
+    def built(config, *a, **k):
+        assert config.num_hidden_layers < 100, "a model was built from the suspect's config"
+        return real(config, *a, **k)
+
+    monkeypatch.setattr(loading, "meta_model", built)
+    for argv in (["info", "--model", str(ckpt)],
+                 ["trace", "--original", "embedded", "--suspect", str(ckpt), "--out", str(tmp_path / "t")]):
+        capsys.readouterr()
+        _one_line(main(argv), capsys.readouterr().err,
+                  f"{ckpt.resolve()}: config.json declares 10000000 layers, and its weights hold layers 0 to 3")

@@ -7,6 +7,7 @@ checked before weights are read. Weights are read only from safetensors.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import weakref
 from dataclasses import dataclass
@@ -110,6 +111,25 @@ def load_config(ref: ModelRef):
         raise MoeguardError(f"cannot read the config of {where}: {first}", hint=hint) from None
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_layer_count(config, names: list[str], *, where: str) -> None:
+    """A config that declares more decoder layers than its weights hold is refused before anything is
+    built from it: a received checkpoint's num_hidden_layers of 10,000,000 built that many modules on
+    "meta" (trace, info, prune: a hang, then out of memory) before the missing tensors were found.
+    Weights named otherwise (DBRX's blocks, Switch's block) are not counted; extra layers in the
+    weights (multi-token prediction) are the weights' own."""
+    from moeguard.models.families import text_config
+
+    layers = getattr(text_config(config), "num_hidden_layers", None)
+    found = [int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))]
+    if type(layers) is int and found and layers > max(found) + 1:
+        raise MoeguardError(f"{where}: config.json declares {layers} layers, and its weights hold layers 0 to "
+                            f"{max(found)}", hint="the config and the weights disagree: re-download the checkpoint, "
+                                                  "or fix num_hidden_layers in config.json")
+
+
 def inspect(ref_str: str | None) -> tuple[ModelRef, object, FamilySpec]:
     """Everything about a model except its weights: cheap, and fails early."""
     ref = resolve(ref_str)
@@ -117,8 +137,8 @@ def inspect(ref_str: str | None) -> tuple[ModelRef, object, FamilySpec]:
     family = family_for_config(config)
     check_config(config, family, where=str(ref.path or ref.hub_id))
     if ref.path is not None:
-        for f in safetensors_files(ref.path):
-            check_safetensors(f)
+        names = [n for f in safetensors_files(ref.path) for n in check_safetensors(f)]
+        check_layer_count(config, names, where=str(ref.path))
     # transformers loads a PEFT adapter found beside the weights (a folder's or a hub repo's), from
     # adapter_model.bin (a pickle) where there is no safetensors one, and merges it into every number
     if _adapter_config(ref) is not None:

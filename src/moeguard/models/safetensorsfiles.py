@@ -53,10 +53,10 @@ _DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3
 _MAX_HEADER = 100_000_000   # the safetensors library refuses larger headers too
 
 
-def check_safetensors(file: Path) -> None:
+def check_safetensors(file: Path) -> list[str]:
     """Validate a safetensors file's header (every entry's dtype, shape and byte span, which must
     tile the data exactly) against its size: catches truncation and corruption before any reader
-    trusts a field."""
+    trusts a field. Returns the names of its tensors."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -93,6 +93,7 @@ def check_safetensors(file: Path) -> None:
         end = spans[-1][1] if spans else 0
         if 8 + n + end != size:
             raise ValueError(f"file has {size} bytes, its header describes {8 + n + end}")
+        return [name for name in header if name != "__metadata__"]
     except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise MoeguardError(f"{file} is not a valid safetensors file ({e})",
                             hint="the file is truncated or corrupt; re-download or re-save it") from None

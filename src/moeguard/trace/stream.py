@@ -112,6 +112,9 @@ class StreamedCheckpoint(LayerCounts):
                     spans[key] = (base + info["data_offsets"][0], base + info["data_offsets"][1])
                     dtypes.add(info["dtype"])
                     dtype_of[key] = info["dtype"]
+        from moeguard.models.loading import check_layer_count
+
+        check_layer_count(config, list(where), where=str(r.path))   # before a model is built from the config
         model = meta_model(config)
         adapter = MoEAdapter(model, family=family)
         emb = model.get_input_embeddings().weight
