@@ -118,3 +118,44 @@ def test_a_config_declaring_more_layers_than_its_weights_hold_is_refused_before_
         capsys.readouterr()
         _one_line(main(argv), capsys.readouterr().err,
                   f"{ckpt.resolve()}: config.json declares 10000000 layers, and its weights hold layers 0 to 3")
+
+
+def test_a_symlink_farm_of_a_shared_model_keeps_its_tokenizer(tmp_path, recwarn):
+    """Links out of the folder are not copied; a tokenizer and generation config linked from a shared
+    folder (ln -s /shared/model/* ckpt/, an older hub download's local_dir) are written again through
+    transformers: streamed, the output had no tokenizer, and every later command on it failed."""
+    from transformers import AutoTokenizer
+
+    shared = tmp_path / "shared"
+    shutil.copytree(EMBEDDED_MODEL_DIR, shared)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in shared.iterdir():
+        (ckpt / f.name).symlink_to(f)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"keep": {str(l): [0, 2, 4, 6] for l in range(4)}}))
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(ckpt), "--plan", str(plan), "--out", str(out), "--streaming"]) == 0
+    want, got = AutoTokenizer.from_pretrained(shared), AutoTokenizer.from_pretrained(out)
+    assert got("Is 12 greater than 7?")["input_ids"] == want("Is 12 greater than 7?")["input_ids"]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == \
+        json.loads((shared / "generation_config.json").read_text())["eos_token_id"]
+    record = json.loads((out / "moeguard_pruning.json").read_text())
+    left = set(record["skipped_files"])
+    assert "tokenizer.json" not in left and "generation_config.json" not in left
+    said = [str(w.message) for w in recwarn if "link(s) out of the checkpoint" in str(w.message)]
+    assert len(said) == (1 if left - {".gitattributes"} else 0), said
+
+
+def test_a_folder_laid_out_like_a_hub_snapshot_elsewhere_gets_no_allowance(tmp_path):
+    """The hub cache's allowance (links into the repository) was granted to any folder under a
+    'snapshots' folder: an archive unpacked in $HOME as snapshots/x/ reached every file under $HOME."""
+    from moeguard.pruning.checkpoint import side_files
+
+    home = tmp_path / "home"
+    snap = home / "snapshots" / "x"
+    snap.mkdir(parents=True)
+    (home / ".token").write_text("hf_secret")
+    (snap / "NOTES.txt").symlink_to("../../.token")
+    copy, skipped = side_files(snap, [])
+    assert copy == [] and skipped == ["NOTES.txt"]

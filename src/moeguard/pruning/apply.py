@@ -93,9 +93,14 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
         if source is not None:  # what else the owner shipped (licence, README) goes along, as streaming does
             from moeguard.models.safetensorsfiles import safetensors_files
 
-            for f in side_files(source, safetensors_files(source))[0]:   # a hub id's too: its cached snapshot
+            copies, skipped = side_files(source, safetensors_files(source))   # a hub id's too: its cached snapshot
+            for f in copies:
                 if not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
+            from moeguard.pruning.checkpoint import resave_linked
+
+            # the tokenizer is saved above; a link out of the folder otherwise (a NOTES.txt) is said
+            resave_linked(source, tmp, [n for n in skipped if n not in {p.name for p in tmp.iterdir()}])
         for name, doc in records.items():
             write_json(tmp / name, doc)
 

@@ -244,10 +244,12 @@ def side_files(src: Path, weight_files: list[Path]) -> tuple[list[Path], list[st
 
 
 def _own_file(src: Path, p: Path) -> bool:
-    """Whether ``p`` (an entry of the checkpoint folder ``src``) is the checkpoint's own file: a link
-    is followed only into the folder itself, or, in a hub snapshot, into its repository's cache (its
-    files are links to blobs/). A received checkpoint's NOTES.txt -> /proc/self/environ (HF_TOKEN) or
-    -> ~/.ssh/id_rsa was copied into the pruned checkpoint a user then publishes."""
+    """Whether ``p`` (an entry of the checkpoint folder ``src``) is the checkpoint's own file, copied
+    byte for byte: a link is followed only into the folder itself, or, in a hub snapshot, into its
+    repository's blobs/ (every file of a snapshot is such a link). A received checkpoint's NOTES.txt ->
+    /proc/self/environ (HF_TOKEN) or -> ~/.ssh/id_rsa was copied into the pruned checkpoint a user then
+    publishes. Tokenizer and generation files linked from elsewhere (a symlink farm of a shared model,
+    an older hub download's local_dir) are written again from what transformers reads (``resave_linked``)."""
     if not p.is_symlink():
         return True
     try:
@@ -255,9 +257,51 @@ def _own_file(src: Path, p: Path) -> bool:
     except (OSError, RuntimeError):   # a dangling link, a loop
         return False
     roots = [root]
-    if root.parent.name == "snapshots":   # <cache>/models--org--name/snapshots/<commit>: blobs/ beside it
-        roots.append(root.parents[1])
-    return target.is_file() and any(r == target or r in target.parents for r in roots)
+    repo = root.parents[1] if len(root.parents) > 1 else None
+    if root.parent.name == "snapshots" and repo is not None and repo.name.startswith("models--"):
+        roots.append(repo / "blobs")   # <cache>/models--org--name/snapshots/<commit>/x -> ../../blobs/<hash>
+    return target.is_file() and any(r in target.parents for r in roots)
+
+
+# what transformers reads a tokenizer and a generation config from: re-written through it where the
+# checkpoint links them from outside its folder (they are not copied then: _own_file)
+RESAVED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+           "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.tiktoken",
+           "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def resave_linked(src: Path, dst: Path, skipped: list[str]) -> list[str]:
+    """The tokenizer and generation config of ``src`` written to ``dst`` through transformers where
+    ``skipped`` holds them as links out of ``src`` (a link named like one that is no tokenizer, one to a
+    secret, fails to load and stays out, said). Returns the names still left out. Each link left out
+    is said in one warning: a tokenizer missing from the output fails every later command on it."""
+    import warnings
+
+    linked = [n for n in skipped if (src / n).is_symlink() and not n.startswith(".")]
+    redo = [n for n in linked if n in RESAVED]
+    done: set[str] = set()
+    if any(n != "generation_config.json" for n in redo):
+        try:
+            from moeguard.models.loading import load_tokenizer
+            from moeguard.models.tokenizer_files import save_tokenizer
+
+            save_tokenizer(load_tokenizer(str(src)), dst)
+            done |= {n for n in redo if n != "generation_config.json"}
+        except Exception:  # noqa: BLE001 -- not a tokenizer transformers reads: it stays out, said below
+            pass
+    if "generation_config.json" in redo:
+        try:
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_pretrained(str(src)).save_pretrained(dst)
+            done.add("generation_config.json")
+        except Exception:  # noqa: BLE001 -- as above
+            pass
+    left = [n for n in linked if n not in done]
+    if left:
+        warnings.warn(f"{src}: {', '.join(left)} link(s) out of the checkpoint's folder and are not copied (a link "
+                      "could lead to any file of this machine); copy the files into the folder to ship them", stacklevel=2)
+    return [n for n in skipped if n not in done]
 
 
 def _finished(shard: Path, tensors: list) -> bool:
@@ -381,6 +425,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, overwr
         write_index(tmp, shards, tensor_bytes)
         for p in copies:
             shutil.copy2(p, tmp / p.name)
+        skipped = resave_linked(src, tmp, skipped)   # tokenizer files linked from outside: through transformers
         with tempfile.TemporaryDirectory(dir=tmp) as cfg_dir:
             new_config.save_pretrained(cfg_dir)
             os.replace(Path(cfg_dir) / "config.json", tmp / "config.json")
