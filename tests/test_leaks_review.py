@@ -1,6 +1,6 @@
 """From a read-only review of cleanup: the study engine's model cache is keyed by the files as they
 are (a checkpoint rewritten in place between two studies of one process was handed out as cached),
-and a study run from Python or a command leaves no model held after it."""
+and a study run from Python (run_local) leaves no model held after it."""
 
 from __future__ import annotations
 

@@ -158,9 +158,6 @@ def run_to_dir(study: Study, cfg: Any, *, out: Path, model: Any, settings: dict[
             write(doc, work)
     finally:
         runner.close()
-        from moeguard.studies.engine import Context
-
-        Context.release()   # the study's models out of memory (and its capped copies' offload folders off disk)
     return doc
 
 
