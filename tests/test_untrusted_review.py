@@ -159,3 +159,24 @@ def test_a_folder_laid_out_like_a_hub_snapshot_elsewhere_gets_no_allowance(tmp_p
     (snap / "NOTES.txt").symlink_to("../../.token")
     copy, skipped = side_files(snap, [])
     assert copy == [] and skipped == ["NOTES.txt"]
+
+
+def test_only_links_out_of_the_folder_are_said_as_such(tmp_path, recwarn):
+    """A linked weight file of another format, or a linked folder, is left out for what it is, not
+    said to lead out of the checkpoint."""
+    from moeguard.pruning.checkpoint import resave_linked, side_files
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "pytorch_model.bin").write_bytes(b"x")
+    (tmp_path / "elsewhere" / "NOTES.txt").write_text("notes")
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "pytorch_model.bin").symlink_to(tmp_path / "elsewhere" / "pytorch_model.bin")
+    (src / "extra").symlink_to(tmp_path / "elsewhere")
+    (src / "NOTES.txt").symlink_to(tmp_path / "elsewhere" / "NOTES.txt")
+    _, skipped = side_files(src, [])
+    assert sorted(skipped) == ["NOTES.txt", "extra", "pytorch_model.bin"]
+    (tmp_path / "out").mkdir()
+    assert resave_linked(src, tmp_path / "out", skipped) == skipped
+    said = [str(w.message) for w in recwarn if "link(s) out of" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(f"{src}: NOTES.txt link(s)"), said

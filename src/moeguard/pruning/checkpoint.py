@@ -277,7 +277,9 @@ def resave_linked(src: Path, dst: Path, skipped: list[str]) -> list[str]:
     is said in one warning: a tokenizer missing from the output fails every later command on it."""
     import warnings
 
-    linked = [n for n in skipped if (src / n).is_symlink() and not n.startswith(".")]
+    # links left out for leading out of the folder (not those left out as weights, folders or hidden files)
+    linked = [n for n in skipped if (src / n).is_symlink() and not n.startswith(".") and not n.endswith(_WEIGHT_SUFFIXES)
+              and not (src / n).is_dir() and not _own_file(src, src / n)]
     redo = [n for n in linked if n in RESAVED]
     done: set[str] = set()
     if any(n != "generation_config.json" for n in redo):
