@@ -150,3 +150,21 @@ def test_numbers_only_keeps_a_number_named_run_below_the_top():
            "detectability": {"best": {"run": 2, "auc": 0.9, "seconds": 1.0}, "run": {"settings": {"x": 1}}}}
     assert numbers_only(doc) == {"detectability": {"best": {"run": 2, "auc": 0.9}}}
     assert numbers_only({**doc, "detectability": {"best": {"run": 3, "auc": 0.9}}}) != numbers_only(doc)
+
+
+def test_a_scan_the_config_file_turns_on_is_turned_off_by_a_flag(tmp_path, monkeypatch, capsys):
+    """Flags win over the file, and --no-scan did not exist (a usage error)."""
+    import moeguard.audit.run as audit_run
+    from moeguard.cli import main
+    from moeguard.errors import MoeguardError
+
+    seen = {}
+
+    def fake_run_audit(cfg, out, **kw):
+        seen["scan"] = cfg.scan
+        raise MoeguardError("stopped by the test")
+
+    monkeypatch.setattr(audit_run, "run_audit", fake_run_audit)
+    (tmp_path / "a.yaml").write_text("scan: true\n")
+    assert main(["audit", "--config", str(tmp_path / "a.yaml"), "--no-scan", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == "moeguard: error: stopped by the test" and seen == {"scan": False}

@@ -72,7 +72,7 @@ class AuditConfig:
     defense_lr_scales: tuple[float, ...] = like(AttackConfig, "lr_scales")
     defense_epochs: tuple[float, ...] = like(AttackConfig, "epochs")
     # per-expert security scan (optional; `moeguard scan`)
-    scan: bool = setting(False, help="also scan every expert: usage, criticality, weights and backdoor suspicion")
+    scan: bool = setting(False, negative="--no-scan", help="also scan every expert: usage, criticality, weights and backdoor suspicion")
     scan_references: list[str] | None = setting(None, help="scan folders of clean models of the same architecture: the scan's suspicion null; default: siblings")
     scan_reference_models: list[str] | None = setting(None, help="clean models sharing the tokenizer whose predictions the scan discounts (see `moeguard scan`)")
     scan_contexts: int = setting(4, min=1, help="benign contexts the scan's backdoor search appends tokens to")
