@@ -138,8 +138,7 @@ def _run_study(out: Path, overwrite: bool, settings: dict, model, study, cfg, wr
 
     # the tasks are resolved now: a task file or data folder as --out would be replaced by the run; and
     # the model's folder, here for every study command (a new one need not remember it)
-    ref = getattr(model, "ref", None)
-    own = [str(ref.path)] if getattr(ref, "path", None) is not None else []
+    own = [str(model.ref.path)] if model.ref.path is not None else []
     check_output(out, overwrite=overwrite, kind="folder", inputs=[*task_inputs(tasks), *own])
 
     with _progress() as progress:

@@ -167,8 +167,8 @@ def serve(
     from moeguard.monitor.serve import client_source, create_app
     from moeguard.monitor.periodhistory import parse_accept
     from moeguard.monitor.servesetup import (alert_writer, check_options, listen, lock_period_log, open_period,
-                                             period_history, record_start, retried_every, retrying,
-                                             state_writer)
+                                             period_history, record_start, release_period_log, retried_every,
+                                             retrying, state_writer)
 
     client_source(client_id)   # a bad spec fails before the model loads
     seconds, baseline = check_options(host=host, port=port, alpha=alpha, max_clients=max_clients, flush_every=flush_every,
@@ -239,6 +239,5 @@ def serve(
         typer.echo("moeguard: serve stopped" + "".join(f"; {k}" for k in kept if k), err=True)
     finally:
         sock.close()
-        if held is not None:   # the lock file goes while still held, as io.held removes every other one
-            period_log.with_name(period_log.name + ".lock").unlink(missing_ok=True)
-            held.close()
+        if held is not None:
+            release_period_log(period_log, held)

@@ -145,6 +145,17 @@ def state_writer(period_log: Path | None):
     return save
 
 
+def _period_lock(period_log: Path) -> Path:
+    return period_log.with_name(period_log.name + ".lock")
+
+
+def release_period_log(period_log: Path, held) -> None:
+    """Release :func:`lock_period_log`'s lock, its file removed while still held (as ``io.held`` removes
+    every other lock file: a stray FILE.lock was left after every stop)."""
+    _period_lock(period_log).unlink(missing_ok=True)
+    held.close()
+
+
 def lock_period_log(period_log: Path | None):
     """An exclusive lock on ``FILE.lock`` beside ``--period-log FILE``, held while the server runs (the
     open file: close it to release), or a one-line error where another server holds it: two servers
@@ -154,7 +165,7 @@ def lock_period_log(period_log: Path | None):
 
     if period_log is None:
         return None
-    return hold_lock(period_log.with_name(period_log.name + ".lock"),
+    return hold_lock(_period_lock(period_log),
                      busy=f"another server uses --period-log {period_log}",
                      hint="give each server its own --period-log, or stop the other one")
 

@@ -100,7 +100,8 @@ def save_checkpoint(model, tokenizer, ref, out: Path, *, overwrite: bool, record
             from moeguard.pruning.checkpoint import resave_linked
 
             # the tokenizer is saved above; a link out of the folder otherwise (a NOTES.txt) is said
-            resave_linked(source, tmp, [n for n in skipped if n not in {p.name for p in tmp.iterdir()}])
+            written = {p.name for p in tmp.iterdir()}
+            resave_linked(source, tmp, [n for n in skipped if n not in written])
         for name, doc in records.items():
             write_json(tmp / name, doc)
 
